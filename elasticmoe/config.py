@@ -1,0 +1,61 @@
+"""User-written configuration: the args of the Serve application, validated by pydantic."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """Ray resources for one replica."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: int | None = Field(None, ge=0, description="bytes of RAM reserved for the replica")
+
+
+class Limits(_Strict):
+    """Engine limits: KV-cache size, batch size and admission control."""
+
+    max_num_seqs: int = Field(16, ge=1, le=4096, description="sequences in the running batch")
+    max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per sequence")
+    max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
+    expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
+
+
+class Autoscaling(_Strict):
+    """Shard autoscaling and expert rebalancing policy."""
+
+    min_shards: int = Field(1, ge=1)
+    max_shards: int = Field(8, ge=1)
+    target_utilization: float = Field(0.7, gt=0, le=1)
+    rebalance_interval_s: float = Field(10.0, gt=0)
+    slots_per_shard: int | None = Field(None, ge=1, description="expert copies per (shard, layer); default: even split + 25%")
+    max_moves: int = Field(8, ge=0, description="expert copies moved per rebalance")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_shards > self.max_shards:
+            raise ValueError(f"autoscaling.min_shards ({self.min_shards}) > max_shards ({self.max_shards})")
+        return self
+
+
+class AppArgs(_Strict):
+    """Args of `elasticmoe.app:build_app` (the `args:` of a Serve config)."""
+
+    model: str = Field(..., description="checkpoint directory or local HF cache snapshot")
+    num_shards: int = Field(2, ge=1, le=1024)
+    num_gateways: int = Field(1, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    gateway_resources: Resources = Resources()
+    shard_resources: Resources = Resources()
+    limits: Limits = Limits()
+    autoscaling: Autoscaling | None = None
+    expert_metrics: Literal["per_expert", "per_layer", "off"] = "per_expert"

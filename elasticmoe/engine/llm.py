@@ -1,0 +1,75 @@
+"""The offline API, as vLLM users know it: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from elasticmoe.engine.engine import DTYPES, Engine
+from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
+from elasticmoe.model import open_model
+from elasticmoe.model.dispatch import LocalDispatcher
+from elasticmoe.model.experts import ExpertStore
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One finished completion."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "length" | "stop" | "eos" | "abort"
+    logprobs: list[TokenLogprob] | None
+
+
+class LLM:
+    """A whole MoE model in this process: dense half and every expert, joined by a LocalDispatcher."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", *, max_num_seqs: int = 16,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 2048, moe_backend: str = "auto"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
+        self.files = open_model(model)
+        spec = self.files.spec
+        self.store = ExpertStore(self.files.ckpt, self.files.names, spec, DTYPES[dtype], torch.device(device),
+                                 backend=moe_backend)
+        self.store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))
+        self.engine = Engine(self.files, LocalDispatcher(self.store), dtype=dtype, device=device,
+                             max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             max_num_batched_tokens=max_num_batched_tokens, max_queue=1 << 30)
+        self.tokenizer = self.engine.tokenizer
+        self._next_id = 0
+
+    def encode(self, prompt: str) -> list[int]:
+        """Tokenize a prompt as the model's tokenizer does by default (BOS where it adds one)."""
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompts: list[str] | list[list[int]] | str,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Complete every prompt (batched together, continuous batching); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"sampling_params: {len(plist)} given for {len(prompts)} prompts")
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for toks, p in zip(ids, plist):  # validate all before queueing any
+            self.engine.validate(toks, p)
+        seqs = []
+        for toks, p in zip(ids, plist):
+            seqs.append(self.engine.add_request(f"offline-{self._next_id}", toks, p))
+            self._next_id += 1
+        while self.engine.has_work():
+            self.engine.step()
+        return [RequestOutput(s.request_id, s.prompt_ids, s.text, list(s.output_ids), s.finish_reason or "abort",
+                              list(s.logprobs) if s.params.logprobs is not None else None) for s in seqs]
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """One full forward: logits [T, vocab] float32, for parity checks."""
+        return self.engine.logits(token_ids)

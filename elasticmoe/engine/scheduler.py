@@ -1,0 +1,111 @@
+"""Continuous batching: sequences join the running batch at any step and leave when done; bounded admission."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full (mapped to RESOURCE_EXHAUSTED / HTTP 429)."""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state: prompt, outputs, cache slot and progress."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    status: Status = Status.WAITING
+    slot: int = -1
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None  # "length" | "stop" | "eos" | "abort"
+    text: str = ""
+    stop_cut: int | None = None  # where a stop string starts in text
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+class Scheduler:
+    """Picks each step's work: every running decode, unfinished prefills, then new sequences while slots last."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int):
+        self.max_tokens = max_num_batched_tokens
+        self.max_queue = max_queue
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_queue + len(self.free_slots):
+            raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to run this step) pairs; prefills may be chunked to fit the token budget."""
+        budget = self.max_tokens
+        work: list[tuple[Sequence, int]] = []
+        for seq in self.running:  # decodes first: one token each, never starved by prefills
+            if seq.num_cached == seq.num_tokens - 1:
+                work.append((seq, 1))
+                budget -= 1
+        for seq in self.running:  # unfinished (chunked) prefills
+            todo = seq.num_tokens - seq.num_cached
+            if todo > 1 and budget > 0:
+                n = min(todo, budget)
+                work.append((seq, n))
+                budget -= n
+        while self.waiting and self.free_slots and budget > 0:
+            seq = self.waiting.popleft()
+            seq.slot, seq.status = self.free_slots.pop(), Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens, budget)
+            work.append((seq, n))
+            budget -= n
+        return work
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark done and free its cache slot (for a waiting sequence, just drop it)."""
+        if seq.finished:
+            return
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.free_slots)

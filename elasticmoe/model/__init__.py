@@ -1,0 +1,41 @@
+"""Executing Hugging Face MoE checkpoints as a dense half plus an expert half."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+from elasticmoe.model.names import WeightNames
+from elasticmoe.model.spec import ModelSpec, ModelSpecError, spec_from_config
+
+__all__ = ["Checkpoint", "CheckpointError", "ModelFiles", "ModelSpec", "ModelSpecError", "open_model"]
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A checkpoint opened for execution: its files, HF config, generic spec and weight names."""
+
+    ckpt: Checkpoint
+    config: Any
+    spec: ModelSpec
+    names: WeightNames
+
+
+def open_model(model: str) -> ModelFiles:
+    """Open a checkpoint dir (or `tiny:<family>`): index tensors, derive the spec. Reads no weights."""
+    if model.startswith("tiny:"):
+        from elasticmoe.model.tiny import ensure_tiny_model
+
+        model = str(ensure_tiny_model(model[len("tiny:"):]))
+    ckpt = Checkpoint(model)
+    config = ckpt.config()
+    try:
+        spec = spec_from_config(config)
+    except ModelSpecError as e:
+        raise ModelSpecError(f"{ckpt.path / 'config.json'}: {e}") from e
+    names = WeightNames(ckpt, spec.num_layers, spec.moe.num_experts)
+    missing = [i for i in spec.moe.moe_layers if names.layers[i].block is None]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: config says layers {missing} are MoE but no expert tensors exist there")
+    return ModelFiles(ckpt, config, spec, names)

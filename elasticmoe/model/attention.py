@@ -1,0 +1,141 @@
+"""Attention over a slot-based KV cache: grouped-query attention and DeepSeek's multi-head latent attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from elasticmoe.model.batch import StepBatch
+from elasticmoe.model.layers import Rotary, rms_norm
+from elasticmoe.model.spec import AttentionSpec, ModelSpec
+
+
+class KVCache:
+    """Per layer: K and V [slots, max_len, kv_heads, d] (GQA) or the latent [slots, max_len, r + rope] (MLA)."""
+
+    def __init__(self, spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        a = spec.attention
+        self.num_slots, self.max_len = num_slots, max_len
+        if a.kind == "mla":
+            shapes = [(num_slots, max_len, a.kv_lora_rank + a.rope_dim)]
+        else:
+            shapes = [(num_slots, max_len, a.num_kv_heads, a.head_dim), (num_slots, max_len, a.num_kv_heads, a.v_head_dim)]
+        self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(spec.num_layers)]
+
+    @staticmethod
+    def bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
+        return spec.num_layers * spec.attention.cache_width * torch.empty(0, dtype=dtype).element_size()
+
+
+def step_masks(batch: StepBatch, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
+    """Boolean masks [B, 1, 1, Lmax] (True = attend) for the step's decode rows, one per sliding-window size."""
+    if batch.decode_rows.numel() == 0:
+        return {}
+    cols = torch.arange(batch.decode_max, device=batch.decode_lens.device)[None, :]  # [1, L]
+    lens = batch.decode_lens[:, None]  # [B, 1]
+    out = {}
+    for w in windows:
+        m = cols < lens
+        if w is not None:
+            m = m & (cols >= lens - w)
+        out[w] = m[:, None, None, :]
+    return out
+
+
+def _prefill_mask(start: int, length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[length, start+length] causal (optionally windowed) mask; None when plain causal SDPA will do."""
+    if start == 0 and window is None:
+        return None
+    q = torch.arange(start, start + length, device=device)[:, None]
+    k = torch.arange(start + length, device=device)[None, :]
+    m = k <= q
+    if window is not None:
+        m = m & (k > q - window)
+    return m
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, causal: bool) -> torch.Tensor:
+    """q [B, h, Tq, d], k [B, hk, Tk, d], v [B, hk, Tk, dv] -> [B, h, Tq, dv] (GQA by expansion)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+
+
+class Attention:
+    """One layer's attention weights and forward. Weights: a dict of tensors by role (q, k, v, o, norms...)."""
+
+    def __init__(self, spec: AttentionSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
+        self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
+        self.window = spec.sliding_window[layer] if spec.sliding_window else None
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, rotary: Rotary,
+                cos: torch.Tensor, sin: torch.Tensor, masks: dict) -> torch.Tensor:
+        """x [T, H] -> [T, H]; writes this step's keys/values into the cache."""
+        if self.spec.kind == "mla":
+            q, kv_new = self._mla_qkv(x, rotary, cos, sin)
+            cache.layers[self.layer][0][batch.token_slots, batch.positions] = kv_new
+            expand = self._mla_expand
+        else:
+            q, k, v = self._gqa_qkv(x, rotary, cos, sin)
+            kc, vc = cache.layers[self.layer]
+            kc[batch.token_slots, batch.positions] = k
+            vc[batch.token_slots, batch.positions] = v
+            expand = self._gqa_gather
+        out = x.new_empty(x.shape[0], self.spec.num_heads, self.spec.v_head_dim)  # [T, h, dv]
+        for c in batch.prefill:
+            kk, vv = expand(cache, slice(c.slot, c.slot + 1), c.start + c.length)  # [1, hk, L, d]
+            qq = q[c.offset : c.offset + c.length].transpose(0, 1)[None]  # [1, h, t, d]
+            mask = _prefill_mask(c.start, c.length, self.window, x.device)
+            o = _sdpa(qq, kk, vv, mask, self.spec.scaling, causal=True)
+            out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
+        if batch.decode_rows.numel():
+            kk, vv = expand(cache, batch.decode_slots, batch.decode_max)  # [B, hk, L, d]
+            qq = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, d]
+            o = _sdpa(qq, kk, vv, masks[self.window], self.spec.scaling, causal=False)
+            out[batch.decode_rows] = o[:, :, 0, :]
+        o = F.linear(out.reshape(x.shape[0], -1), self.w["o"], self.w.get("o_bias"))
+        return o
+
+    def _gqa_qkv(self, x, rotary, cos, sin):
+        a, w, t = self.spec, self.w, x.shape[0]
+        q = F.linear(x, w["q"], w.get("q_bias"))
+        k = F.linear(x, w["k"], w.get("k_bias"))
+        v = F.linear(x, w["v"], w.get("v_bias")).view(t, a.num_kv_heads, a.v_head_dim)
+        if "q_norm" in w and w["q_norm"].shape[0] != a.head_dim:  # OLMoE: norm over all heads
+            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        q = q.view(t, a.num_heads, a.head_dim)
+        k = k.view(t, a.num_kv_heads, a.head_dim)
+        if "q_norm" in w and w["q_norm"].shape[0] == a.head_dim:  # Qwen3: per-head norm
+            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin), v
+
+    def _gqa_gather(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
+        kc, vc = cache.layers[self.layer]
+        return kc[slots, :length].transpose(1, 2), vc[slots, :length].transpose(1, 2)
+
+    def _mla_qkv(self, x, rotary, cos, sin):
+        a, w, t = self.spec, self.w, x.shape[0]
+        if "q_a" in w:
+            q = F.linear(rms_norm(F.linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], self.eps), w["q_b"])
+        else:
+            q = F.linear(x, w["q"])
+        q = q.view(t, a.num_heads, a.head_dim)
+        q_pass, q_rot = q.split([a.qk_nope_head_dim, a.rope_dim], dim=-1)
+        ckv = F.linear(x, w["kv_a"], w.get("kv_a_bias"))  # [T, r + rope]
+        kv_nope, k_rot = ckv.split([a.kv_lora_rank, a.rope_dim], dim=-1)
+        kv_nope = rms_norm(kv_nope, w["kv_a_norm"], self.eps)
+        q_rot = rotary.apply(q_rot, cos, sin)
+        k_rot = rotary.apply(k_rot[:, None, :], cos, sin)[:, 0]
+        return torch.cat((q_pass, q_rot), dim=-1), torch.cat((kv_nope, k_rot), dim=-1)
+
+    def _mla_expand(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
+        a = self.spec
+        lat = cache.layers[self.layer][0][slots, :length]  # [B, L, r + rope]
+        b, n = lat.shape[0], lat.shape[1]
+        kv = F.linear(lat[..., : a.kv_lora_rank], self.w["kv_b"]).view(b, n, a.num_heads, -1)
+        k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k_rot = lat[..., a.kv_lora_rank :][:, :, None, :].expand(b, n, a.num_heads, a.rope_dim)
+        k = torch.cat((k_nope, k_rot), dim=-1)
+        return k.transpose(1, 2), v.transpose(1, 2)

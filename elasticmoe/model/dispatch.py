@@ -1,0 +1,48 @@
+"""The seam between the dense half and the expert half: route -> dispatch -> experts -> combine."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from elasticmoe.model.experts import ExpertStore
+
+
+class Pending(Protocol):
+    """An expert computation in flight; `wait()` returns the combined output [T, H]."""
+
+    def wait(self) -> torch.Tensor: ...
+
+
+class Dispatcher(Protocol):
+    """Runs a layer's routed experts for the step's tokens, wherever the experts live.
+
+    `dispatch` must return quickly when the work is remote, so the caller can overlap its own work
+    (shared experts) before `wait()`.
+    """
+
+    def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> Pending: ...
+
+
+class _Done:
+    __slots__ = ("out",)
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def wait(self) -> torch.Tensor:
+        return self.out
+
+
+class LocalDispatcher:
+    """All experts in this process: one ExpertStore, computed at dispatch time."""
+
+    def __init__(self, store: ExpertStore):
+        self.store = store
+
+    def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> Pending:
+        """hidden [T, H], topk_ids [T, k] global ids, topk_weights [T, k] -> Pending of [T, H]."""
+        return _Done(self.store.forward(layer, hidden, topk_ids, topk_weights))

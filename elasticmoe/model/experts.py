@@ -1,0 +1,132 @@
+"""The expert half: a set of (layer, expert) weights, loaded lazily from the checkpoint, run with fused_moe."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from elasticmoe.kernels import fused_moe
+from elasticmoe.model.checkpoint import Checkpoint
+from elasticmoe.model.names import WeightNames
+from elasticmoe.model.spec import ModelSpec
+
+
+def read_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, hidden: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's weights as stored: w13 [2I, H] (gate rows then up rows) and w2 [H, I]."""
+    ref = names.expert(layer, expert)
+    if ref.gate_up is not None:
+        w13 = ckpt.read(ref.gate_up, index=ref.index)
+        w2 = ckpt.read(ref.down, index=ref.index)
+        if w13.shape[-1] != hidden:  # stored [H, 2I]
+            w13 = w13.t()
+        if w2.shape[0] != hidden:  # stored [I, H]
+            w2 = w2.t()
+        return w13, w2
+    return torch.cat((ckpt.read(ref.gate), ckpt.read(ref.up)), dim=0), ckpt.read(ref.down)
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    """The experts of one layer held here, stacked. Replaced whole (never mutated) on load/drop."""
+
+    w13: torch.Tensor  # [E_local, 2I, H]
+    w2: torch.Tensor  # [E_local, H, I]
+    global_ids: tuple[int, ...]  # local index -> global expert id
+    to_local: torch.Tensor  # [E + 1] global id -> local index, -1 when absent; entry E maps id -1 to -1
+
+
+class ExpertStore:
+    """Holds any set of (layer, expert) weights and runs a layer's experts for a batch of tokens."""
+
+    def __init__(self, ckpt: Checkpoint, names: WeightNames, spec: ModelSpec, dtype: torch.dtype,
+                 device: torch.device, backend: str = "auto"):
+        self.ckpt, self.names, self.spec = ckpt, names, spec
+        self.dtype, self.device, self.backend = dtype, device, backend
+        self.layers: dict[int, LayerExperts] = {}
+        self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
+        self.tokens_served: dict[tuple[int, int], int] = {}
+        self.compute_s = 0.0
+
+    def held(self) -> list[tuple[int, int]]:
+        return sorted((l, e) for l, le in self.layers.items() for e in le.global_ids)
+
+    def weight_bytes(self) -> int:
+        return sum(le.w13.numel() * le.w13.element_size() + le.w2.numel() * le.w2.element_size()
+                   for le in self.layers.values())
+
+    def load(self, pairs: Iterable[tuple[int, int]]) -> int:
+        """Load (layer, expert) pairs not yet held; returns the bytes read. Safe while forward() runs."""
+        with self._lock:
+            by_layer: dict[int, list[int]] = {}
+            for layer, e in pairs:
+                if not (0 <= e < self.spec.moe.num_experts) or not self.spec.moe.sparse_layers[layer]:
+                    raise ValueError(f"expert ({layer}, {e}) does not exist in this model")
+                if layer not in self.layers or e not in self.layers[layer].global_ids:
+                    by_layer.setdefault(layer, []).append(e)
+            before = self.ckpt.bytes_read
+            for layer, experts in by_layer.items():
+                weights = [read_expert(self.ckpt, self.names, layer, e, self.spec.hidden_size) for e in sorted(set(experts))]
+                self._install(layer, sorted(set(experts)), weights)
+            return self.ckpt.bytes_read - before
+
+    def drop(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Forget (layer, expert) pairs; in-flight forward() calls keep the snapshot they started with."""
+        with self._lock:
+            for layer, e in pairs:
+                le = self.layers.get(layer)
+                if le is None or e not in le.global_ids:
+                    continue
+                keep = [i for i, g in enumerate(le.global_ids) if g != e]
+                if not keep:
+                    del self.layers[layer]
+                    continue
+                idx = torch.tensor(keep, device=self.device)
+                self.layers[layer] = self._stack(layer, [le.global_ids[i] for i in keep],
+                                                 le.w13.index_select(0, idx), le.w2.index_select(0, idx))
+
+    def _install(self, layer: int, experts: list[int], weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        w13 = torch.stack([w[0] for w in weights]).to(device=self.device, dtype=self.dtype)
+        w2 = torch.stack([w[1] for w in weights]).to(device=self.device, dtype=self.dtype)
+        old = self.layers.get(layer)
+        ids = list(experts)
+        if old is not None:
+            ids = list(old.global_ids) + ids
+            w13, w2 = torch.cat((old.w13, w13)), torch.cat((old.w2, w2))
+        self.layers[layer] = self._stack(layer, ids, w13, w2)
+
+    def _stack(self, layer: int, ids: list[int], w13: torch.Tensor, w2: torch.Tensor) -> LayerExperts:
+        to_local = torch.full((self.spec.moe.num_experts + 1,), -1, dtype=torch.int64, device=self.device)
+        to_local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
+        return LayerExperts(w13.contiguous(), w2.contiguous(), tuple(ids), to_local)
+
+    def missing(self, layer: int, topk_ids: torch.Tensor) -> list[int]:
+        """Global expert ids in topk_ids [T, k] that are not held here."""
+        le = self.layers.get(layer)
+        wanted = set(topk_ids[topk_ids >= 0].unique().tolist())
+        return sorted(wanted - set(le.global_ids if le else ()))
+
+    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+                ) -> torch.Tensor:
+        """hidden [T, H], topk_ids [T, k] global ids (-1 = not here), topk_weights [T, k] -> [T, H].
+
+        Every id >= 0 must be held (see `missing`); its contribution is weighted and summed per token.
+        """
+        le = self.layers.get(layer)
+        if le is None or hidden.shape[0] == 0:
+            return torch.zeros_like(hidden)
+        t0 = time.perf_counter()
+        local = le.to_local[topk_ids.long()]  # [T, k]; index E (= -1 wrapped) maps to -1
+        out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend)
+        self.compute_s += time.perf_counter() - t0
+        return out
+
+    def count(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Add this batch's tokens per expert to tokens_served (for stats)."""
+        ids, counts = topk_ids[topk_ids >= 0].unique(return_counts=True)
+        for e, c in zip(ids.tolist(), counts.tolist()):
+            self.tokens_served[(layer, e)] = self.tokens_served.get((layer, e), 0) + c

@@ -1,0 +1,81 @@
+"""Stateless building blocks of the dense half: RMSNorm, rotary embeddings, gated MLP, the router."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from elasticmoe.model.spec import ModelSpec, MoESpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in float32 like the reference models. x [..., D] -> [..., D]."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """silu(x @ w_gate.T) * (x @ w_up.T) @ w_down.T.  x [T, H] -> [T, H]."""
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+class Rotary:
+    """cos/sin tables for every position up to max_len, built once (float32 products, like transformers)."""
+
+    def __init__(self, spec: ModelSpec, max_len: int, dtype: torch.dtype, device: torch.device):
+        pos = torch.arange(max_len, dtype=torch.float32)
+        freqs = pos[:, None] * spec.rope_inv_freq[None, :]  # [L, R/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [L, R]
+        self.cos = (emb.cos() * spec.rope_scaling).to(device=device, dtype=dtype)
+        self.sin = (emb.sin() * spec.rope_scaling).to(device=device, dtype=dtype)
+        self.interleave = spec.attention.rope_interleave
+        self.dim = spec.attention.rope_dim
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, R] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first R dims of every head. x [T, heads, D] -> [T, heads, D]."""
+        rot, rest = (x, None) if x.shape[-1] == self.dim else (x[..., : self.dim], x[..., self.dim :])
+        if self.interleave:  # DeepSeek: pairs (x0, x1), (x2, x3)... rotated, emitted as [evens' ; odds']
+            half = self.dim // 2
+            c, s = cos[..., :half], sin[..., :half]
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return out if rest is None else torch.cat((out, rest), dim=-1)
+
+
+def route(
+    router_logits: torch.Tensor, moe: MoESpec, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick top-k experts per token. router_logits [T, E] float32 -> topk_ids [T, k] int64, topk_weights [T, k] f32.
+
+    softmax or sigmoid scores; optional score-correction bias (affects the choice, not the weights);
+    group-limited routing (keep the best `topk_group` of `n_group` groups); optional renormalisation;
+    the routed scaling factor.
+    """
+    scores = router_logits.softmax(-1) if moe.scoring == "softmax" else router_logits.sigmoid()  # [T, E]
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if moe.n_group > 1:
+        t, e = choice.shape
+        grouped = choice.view(t, moe.n_group, e // moe.n_group)  # [T, G, E/G]
+        if moe.group_score == "max":
+            group_scores = grouped.amax(-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+        keep = group_scores.topk(moe.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(e // moe.n_group, dim=1), float("-inf"))
+    topk_ids = choice.topk(moe.top_k, dim=-1, sorted=False).indices  # [T, k]
+    topk_weights = scores.gather(1, topk_ids)
+    if moe.norm_topk_prob:
+        denom = topk_weights.sum(-1, keepdim=True)
+        topk_weights = topk_weights / (denom + 1e-20 if moe.scoring == "sigmoid" else denom)
+    if moe.routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * moe.routed_scaling_factor
+    return topk_ids, topk_weights

@@ -1,0 +1,230 @@
+"""One generic description of an MoE transformer, derived from a Hugging Face config (no per-model classes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Families whose router scores with a sigmoid (and may carry a score-correction bias) when the config is silent.
+_SIGMOID_FAMILIES = {"deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "longcat_flash", "glm_moe_dsa"}
+# Families whose experts are not gated SiLU MLPs, or whose blocks need code we do not have.
+_UNSUPPORTED = {
+    "gpt_oss": "clamped SwiGLU experts with biases and attention sinks",
+    "jetmoe": "mixture-of-attention heads",
+    "phimoe": "sparsemixer routing and LayerNorm",
+    "nllb_moe": "encoder-decoder",
+    "minimax": "lightning attention",
+    "qwen3_next": "linear attention layers",
+    "granitemoehybrid": "mamba layers",
+    "lfm2_moe": "convolution layers",
+    "llama4": "chunked attention and interleaved experts",
+}
+
+
+class ModelSpecError(ValueError):
+    """The checkpoint's config describes a model elasticmoe cannot run (names the field)."""
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Attention of every layer: grouped-query (optionally q/k-normed, biased, windowed) or DeepSeek MLA."""
+
+    kind: str  # "gqa" | "mla"
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # q/k head dim (gqa); qk_nope + qk_rope (mla)
+    v_head_dim: int
+    scaling: float  # softmax scale
+    rope_dim: int  # rotated dims per head (partial rotary, or qk_rope_head_dim for MLA)
+    rope_interleave: bool = False
+    sliding_window: tuple[int | None, ...] = ()  # per layer, None = full attention
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+
+    @property
+    def cache_width(self) -> int:
+        """Floats cached per token: latent kv + rope key for MLA, K and V heads for GQA."""
+        if self.kind == "mla":
+            return self.kv_lora_rank + self.rope_dim
+        return self.num_kv_heads * (self.head_dim + self.v_head_dim)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The routed-expert half: router semantics and expert shapes."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # I of one routed expert
+    scoring: str  # "softmax" | "sigmoid"
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    n_group: int  # 1 = no group-limited routing
+    topk_group: int
+    group_score: str  # "top2_sum" (DeepSeek-V3) | "max" (DeepSeek-V2)
+    sparse_layers: tuple[bool, ...]  # per layer: MoE (True) or dense MLP (False)
+    hidden_act: str = "silu"
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.sparse_layers) if s]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the engine needs to know about a checkpoint's architecture."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention: AttentionSpec
+    moe: MoESpec
+    rope_inv_freq: torch.Tensor = field(repr=False, compare=False)  # [rope_dim / 2]
+    rope_scaling: float = 1.0  # multiplies cos/sin (attention_factor of YaRN-like ropes)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dense_intermediate_size: int = 0
+
+
+def _get(cfg: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _sparse_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
+    first_dense = _get(cfg, "first_k_dense_replace", default=0)
+    step = _get(cfg, "decoder_sparse_step", "moe_layer_freq", default=1) or 1
+    only_mlp = set(_get(cfg, "mlp_only_layers", default=[]) or [])
+    out = []
+    for i in range(num_layers):
+        sparse = i >= first_dense and (i + 1) % step == 0 and i not in only_mlp
+        out.append(sparse)
+    return tuple(out)
+
+
+def _rope(cfg: Any, rope_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rope_dim/2] and the cos/sin scale, by transformers' own rope initialisers."""
+    params = dict(_get(cfg, "rope_parameters", "rope_scaling", default={}) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        base = params.get("rope_theta", _get(cfg, "rope_theta", default=10000.0))
+        inv = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.int64).float() / rope_dim))
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ModelSpecError(f"config.rope_parameters.rope_type={rope_type!r} is not supported")
+    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+    return inv.float(), float(scale)
+
+
+def _attention(cfg: Any, num_layers: int) -> AttentionSpec:
+    heads = cfg.num_attention_heads
+    kv_heads = _get(cfg, "num_key_value_heads", default=heads)
+    windows = _windows(cfg, num_layers)
+    if _get(cfg, "kv_lora_rank") is not None:
+        nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        scaling = (nope + rope) ** -0.5
+        params = dict(_get(cfg, "rope_parameters", "rope_scaling", default={}) or {})
+        mscale_all_dim = params.get("mscale_all_dim", 0)
+        if params.get("rope_type", "default") != "default" and mscale_all_dim:
+            factor = params["factor"]
+            m = 0.1 * mscale_all_dim * math.log(factor) + 1.0 if factor > 1 else 1.0
+            scaling *= m * m
+        return AttentionSpec(
+            kind="mla", num_heads=heads, num_kv_heads=heads, head_dim=nope + rope, v_head_dim=v,
+            scaling=scaling, rope_dim=rope, rope_interleave=bool(_get(cfg, "rope_interleave", default=False)),
+            sliding_window=windows, q_lora_rank=_get(cfg, "q_lora_rank"), kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=nope,
+        )
+    head_dim = _get(cfg, "head_dim", default=cfg.hidden_size // heads)
+    partial = _get(cfg, "partial_rotary_factor", default=None)
+    params = dict(_get(cfg, "rope_parameters", default={}) or {})
+    partial = params.get("partial_rotary_factor", partial) or 1.0
+    return AttentionSpec(
+        kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
+        scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
+        rope_dim=int(head_dim * partial), sliding_window=windows,
+    )
+
+
+def _windows(cfg: Any, num_layers: int) -> tuple[int | None, ...]:
+    window = _get(cfg, "sliding_window")
+    if window is None or _get(cfg, "use_sliding_window", default=True) is False:
+        return (None,) * num_layers
+    types = _get(cfg, "layer_types")
+    if types:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (window,) * num_layers
+
+
+def _moe(cfg: Any, num_layers: int) -> MoESpec:
+    model_type = cfg.model_type
+    num_experts = _get(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0)
+    if not num_experts:
+        raise ModelSpecError(
+            f"config.json of model_type {model_type!r} has no experts "
+            "(none of n_routed_experts / num_local_experts / num_experts): not a Mixture-of-Experts model"
+        )
+    top_k = _get(cfg, "num_experts_per_tok", "moe_topk", "top_k", default=None)
+    if not top_k:
+        raise ModelSpecError("config.json has no num_experts_per_tok (router top-k)")
+    scoring = _get(cfg, "scoring_func", default="sigmoid" if model_type in _SIGMOID_FAMILIES else "softmax")
+    if scoring not in ("softmax", "sigmoid"):
+        raise ModelSpecError(f"config.scoring_func={scoring!r}: only softmax and sigmoid routers are supported")
+    topk_method = _get(cfg, "topk_method", default="noaux_tc" if scoring == "sigmoid" else "greedy")
+    n_group = _get(cfg, "n_group", default=1) or 1
+    if topk_method == "greedy":
+        n_group = 1
+    act = _get(cfg, "hidden_act", "hidden_activation", default="silu")
+    if act not in ("silu", "swish"):
+        raise ModelSpecError(f"config.hidden_act={act!r}: experts must be gated SiLU MLPs")
+    return MoESpec(
+        num_experts=num_experts,
+        top_k=top_k,
+        intermediate_size=_get(cfg, "moe_intermediate_size", "intermediate_size"),
+        scoring=scoring,
+        norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=True)),
+        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", default=1.0)),
+        n_group=n_group,
+        topk_group=_get(cfg, "topk_group", default=n_group) if n_group > 1 else 1,
+        group_score="max" if topk_method == "group_limited_greedy" else "top2_sum",
+        sparse_layers=_sparse_layers(cfg, num_layers),
+        hidden_act="silu",
+    )
+
+
+def spec_from_config(cfg: Any) -> ModelSpec:
+    """Derive a ModelSpec from a transformers PretrainedConfig; raises ModelSpecError naming the field."""
+    model_type = getattr(cfg, "model_type", None)
+    if model_type in _UNSUPPORTED:
+        raise ModelSpecError(f"model_type {model_type!r} is not supported: {_UNSUPPORTED[model_type]}")
+    num_layers = cfg.num_hidden_layers
+    attn = _attention(cfg, num_layers)
+    moe = _moe(cfg, num_layers)
+    if not any(moe.sparse_layers):
+        raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
+    inv_freq, rope_scale = _rope(cfg, attn.rope_dim)
+    eos = _get(cfg, "eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    return ModelSpec(
+        model_type=model_type, num_layers=num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+        rms_norm_eps=float(_get(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
+        max_position_embeddings=_get(cfg, "max_position_embeddings", default=4096),
+        tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
+        attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale,
+        bos_token_id=_get(cfg, "bos_token_id"), eos_token_ids=eos_ids, pad_token_id=_get(cfg, "pad_token_id"),
+        dense_intermediate_size=_get(cfg, "intermediate_size", default=0),
+    )
