@@ -78,6 +78,9 @@ class Engine:
         work = self.scheduler.schedule()
         if not work:
             return []
+        begin = getattr(self.dispatcher, "begin_step", None)
+        if begin is not None:
+            begin()
         chunks = [(s.slot, s.num_cached, [s.token(i) for i in range(s.num_cached, s.num_cached + n)]) for s, n in work]
         batch = build_batch(chunks, self.device)
         hidden = self.model.forward(batch, self.cache, self.dispatcher)  # [N, H]

@@ -25,7 +25,7 @@ class ModelFiles:
 def open_model(model: str) -> ModelFiles:
     """Open a checkpoint dir (or `tiny:<family>`): index tensors, derive the spec. Reads no weights."""
     if model.startswith("tiny:"):
-        from elasticmoe.model.tiny import ensure_tiny_model
+        from elasticmoe.model.embedded import ensure_tiny_model
 
         model = str(ensure_tiny_model(model[len("tiny:"):]))
     ckpt = Checkpoint(model)

@@ -1,0 +1,57 @@
+# elasticmoe: `make run` (the demo) and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export ELASTICMOE_CACHE ?= $(CURDIR)/.cache/elasticmoe
+# The CPU torch wheel lies here on our machines; pip would otherwise fetch a multi-GB CUDA build.
+export PIP_FIND_LINKS ?= /opt/wheels
+
+.PHONY: setup run test test-fast stop protos check-protos bench-offline bench-serving bench-kernels bench-balance clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: setup            ## tiny model -> local Ray on 127.0.0.1 -> serve deploy deployments/tiny.yaml -> gRPC requests
+	$(BIN)/elasticmoe demo
+
+test: setup           ## the whole suite (CI runs this)
+	$(BIN)/python -m elasticmoe.rpc.generate --check
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup      ## everything but the end-to-end cluster tests
+	$(BIN)/python -m pytest -q -ra -m "not e2e"
+
+stop:                 ## stop the local Ray cluster started by `make run`
+	-$(BIN)/ray stop --force
+
+protos: setup         ## regenerate elasticmoe/rpc/*_pb2*.py from protos/
+	$(BIN)/python -m elasticmoe.rpc.generate
+
+check-protos: setup
+	$(BIN)/python -m elasticmoe.rpc.generate --check
+
+bench-offline: setup
+	$(BIN)/python benchmarks/offline.py
+
+bench-serving: setup
+	$(BIN)/python benchmarks/serving.py
+
+bench-kernels: setup  ## on a GPU machine
+	$(BIN)/python benchmarks/kernels.py
+
+bench-balance: setup
+	$(BIN)/python benchmarks/balance.py
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,1 @@
+"""The controller: shard registry, placement versions, rebalancing and autoscaling policy."""

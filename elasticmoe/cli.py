@@ -1,0 +1,158 @@
+"""The `elasticmoe` command: demo (the README's run command), generate, status, make-tiny-model, offline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_PROMPTS = ["The expert said", "Once upon a time", "Mixture of experts models"]
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1.0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None)
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+def _sampling(ns: argparse.Namespace) -> dict:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
+    return {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    import grpc
+
+    from elasticmoe.client import GenerationClient
+
+    client = GenerationClient(ns.address)
+    try:
+        if ns.stream:
+            for r in client.stream(ns.prompt, stop=ns.stop, **_sampling(ns)):
+                print(r.text, end="", flush=True)
+            print()
+        else:
+            r = client.generate(ns.prompt, stop=ns.stop, **_sampling(ns))
+            print(r.text)
+            from elasticmoe.rpc import generation_pb2 as gen
+
+            print(f"[{r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} completion tokens, "
+                  f"finish: {gen.FinishReason.Name(r.finish_reason)}]", file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _controller_status(address: str) -> dict:
+    import os
+
+    import ray
+    from ray import serve
+
+    from elasticmoe.local_cluster import ray_env
+
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    return serve.get_deployment_handle("Controller", app_name="elasticmoe").status.remote().result(timeout_s=30)
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    st = _controller_status(ns.address)
+    print(f"placement version {st['version']}  shards {len(st['shards'])}/{st['num_shards']}  "
+          f"complete {st['complete']}")
+    print(f"{'position':>8}  {'shard':<34} {'address':<22} {'health':<8} {'experts':>7} {'tokens':>8} {'calls':>6}")
+    for s in st["shards"]:
+        health = "ok" if s["healthy"] and s["ready"] else ("loading" if s["healthy"] else "dead")
+        print(f"{s['position']:>8}  {s['id']:<34} {s['address']:<22} {health:<8} {s['experts']:>7} "
+              f"{s.get('tokens', 0):>8} {s.get('calls', 0):>6}")
+    hot: dict = {}
+    for s in st["shards"]:
+        for layer, expert, n in s.get("expert_tokens", []):
+            hot[(layer, expert)] = hot.get((layer, expert), 0) + n
+    top = sorted(hot.items(), key=lambda kv: -kv[1])[:5]
+    if top:
+        print("hottest experts: " + ", ".join(f"L{l}/E{e}: {n}" for (l, e), n in top))
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from elasticmoe import local_cluster as lc
+    from elasticmoe.client import GenerationClient
+    from elasticmoe.model.embedded import ensure_tiny_model
+
+    print(f"[1/4] tiny model: {ensure_tiny_model('mixtral')}")
+    print("[2/4] starting a local Ray cluster on 127.0.0.1 ...")
+    lc.stop_ray()
+    lc.start_ray(num_cpus=max(4, ns.cpus))
+    config = Path(ns.config)
+    print(f"[3/4] serve deploy {config} ...")
+    lc.serve_deploy(config)
+    lc.wait_running()
+    client = GenerationClient("127.0.0.1:9000")
+    print("[4/4] requests through the gRPC API (greedy):")
+    for prompt in DEMO_PROMPTS:
+        t0 = time.perf_counter()
+        r = client.generate(prompt, max_tokens=24, temperature=0.0)
+        print(f"  {prompt!r} -> {r.text!r}  ({r.usage.completion_tokens} tokens, {time.perf_counter() - t0:.2f}s)")
+    st = _controller_status("auto")
+    for s in st["shards"]:
+        print(f"  shard {s['position']} ({s['address']}): {s.get('held', 0)} experts, served {s.get('tokens', 0)} "
+              f"token-expert pairs in {s.get('calls', 0)} calls")
+    print("\nThe cluster keeps running. Send more with:\n"
+          "  .venv/bin/elasticmoe generate \"Hello\" --max-tokens 32 --temperature 0 --stream\n"
+          "  .venv/bin/elasticmoe status\n"
+          "Stop it with:\n  make stop   (ray stop)")
+    return 0
+
+
+def cmd_offline(ns: argparse.Namespace) -> int:
+    from elasticmoe import LLM, SamplingParams
+
+    llm = LLM(ns.model, device=ns.device, dtype=ns.dtype)
+    for out in llm.generate([ns.prompt], SamplingParams(**{"max_tokens": 32, "temperature": 0.0, **_sampling(ns)})):
+        print(out.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="elasticmoe", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="tiny model -> local Ray -> serve deploy -> gRPC requests")
+    p.add_argument("--config", default=str(REPO / "deployments" / "tiny.yaml"))
+    p.add_argument("--cpus", type=int, default=4, help="logical CPUs for the local Ray node")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("generate", help="send a prompt to a served cluster over gRPC")
+    p.add_argument("prompt")
+    p.add_argument("--address", default="127.0.0.1:9000")
+    p.add_argument("--stream", action="store_true")
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("status", help="placement version, shard health and load, hottest experts")
+    p.add_argument("--address", default="auto", help="Ray cluster address")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("offline", help="complete a prompt in this process (the offline LLM API)")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="tiny:mixtral")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_offline)
+    p = sub.add_parser("make-tiny-model", help="write a random tiny MoE checkpoint with transformers")
+    from elasticmoe.model.tiny import add_cli_arguments, main_from_args
+
+    add_cli_arguments(p)
+    p.set_defaults(fn=main_from_args)
+    ns = parser.parse_args(argv)
+    return int(ns.fn(ns) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

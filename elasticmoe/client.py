@@ -1,0 +1,47 @@
+"""A small gRPC client for the `elasticmoe.v1.Generation` API (through Serve's gRPC proxy)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grpc
+
+from elasticmoe.rpc import generation_pb2 as gen
+from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
+from elasticmoe.rpc.codec import channel_options
+
+_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "logprobs")
+
+
+def make_request(prompt: str | None = None, prompt_token_ids: list[int] | None = None, request_id: str = "",
+                 stop: list[str] | None = None, **sampling) -> gen.GenerateRequest:
+    """A GenerateRequest; sampling fields left as None stay unset (server defaults)."""
+    unknown = set(sampling) - set(_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling fields: {sorted(unknown)}")
+    params = gen.SamplingParams(stop=stop or [], **{k: v for k, v in sampling.items() if v is not None})
+    req = gen.GenerateRequest(request_id=request_id, sampling=params)
+    if prompt is not None:
+        req.prompt = prompt
+    if prompt_token_ids:
+        req.prompt_token_ids.extend(prompt_token_ids)
+    return req
+
+
+class GenerationClient:
+    """`GenerationClient("127.0.0.1:9000").generate("Hello", max_tokens=8, temperature=0)`."""
+
+    def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300):
+        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.stub = gen_grpc.GenerationStub(self.channel)
+        self.metadata = (("application", app),)
+        self.timeout_s = timeout_s
+
+    def generate(self, prompt: str | None = None, **kw) -> gen.GenerateResponse:
+        return self.stub.Generate(make_request(prompt, **kw), metadata=self.metadata, timeout=self.timeout_s)
+
+    def stream(self, prompt: str | None = None, **kw) -> Iterator[gen.GenerateResponse]:
+        return self.stub.GenerateStream(make_request(prompt, **kw), metadata=self.metadata, timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,1 @@
+"""Expert shards: the gRPC server over an ExpertStore and its Serve deployment."""

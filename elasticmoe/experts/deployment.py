@@ -1,0 +1,85 @@
+"""The expert-shard Serve deployment: one replica per GPU, registers with the controller, serves experts over gRPC."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import torch
+from ray import serve
+
+from elasticmoe.config import AppArgs
+
+log = logging.getLogger("elasticmoe.shard")
+
+
+def bind_host() -> str:
+    """127.0.0.1 unless ELASTICMOE_EXPERT_HOST says otherwise ("node_ip" = this Ray node's address)."""
+    host = os.environ.get("ELASTICMOE_EXPERT_HOST", "127.0.0.1")
+    if host == "node_ip":
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    return host
+
+
+@serve.deployment(max_ongoing_requests=100, health_check_period_s=2, health_check_timeout_s=10)
+class ExpertShard:
+    """Holds a share of the experts; the gateway calls its gRPC server directly (not through Serve)."""
+
+    def __init__(self, args: dict, controller):
+        from elasticmoe.engine.engine import DTYPES
+        from elasticmoe.experts.server import start_server
+        from elasticmoe.model import open_model
+        from elasticmoe.model.experts import ExpertStore
+
+        self.args = AppArgs.model_validate(args)
+        threads = max(1, int(self.args.shard_resources.num_cpus))
+        torch.set_num_threads(threads)
+        files = open_model(self.args.model)
+        device = torch.device("cuda" if self.args.device == "cuda" else "cpu")
+        self.store = ExpertStore(files.ckpt, files.names, files.spec, DTYPES[self.args.dtype], device)
+        ctx = serve.get_replica_context()
+        self.shard_id = ctx.replica_id.unique_id if ctx else f"shard-{os.getpid()}"
+        host = bind_host()
+        self.server, self.servicer, port = start_server(self.store, self.shard_id, host=host)
+        self.address = f"{host}:{port}"
+        self.controller = controller
+        self.registered = threading.Event()
+        self.started = time.monotonic()
+        self.error: BaseException | None = None
+        threading.Thread(target=self._register, name="register", daemon=True).start()
+
+    def _register(self) -> None:
+        """Announce to the controller, load the assigned experts, report ready (retrying while it starts)."""
+        for attempt in range(600):
+            try:
+                plan = self.controller.register.remote(self.shard_id, self.address).result(timeout_s=30)
+                t0 = time.perf_counter()
+                nbytes = self.store.load(plan["experts"])
+                log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
+                         nbytes / 1e6, time.perf_counter() - t0)
+                self.servicer.placement_version = plan["version"]
+                self.controller.ready.remote(self.shard_id).result(timeout_s=30)
+                self.registered.set()
+                return
+            except Exception as e:  # noqa: BLE001 - the controller may still be starting
+                self.error = e
+                log.warning("shard %s: registration attempt %d failed: %s", self.shard_id, attempt, e)
+                time.sleep(min(0.2 * (attempt + 1), 2.0))
+
+    def check_health(self) -> None:
+        """Serve restarts the replica when this raises."""
+        if not self.registered.is_set() and time.monotonic() - self.started > 600:
+            raise RuntimeError(f"not registered with the controller after 600 s: {self.error}")
+
+    async def info(self) -> dict:
+        return {"shard_id": self.shard_id, "address": self.address, "held": len(self.store.held()),
+                "registered": self.registered.is_set()}
+
+    def __del__(self):
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop(grace=None)

@@ -1,0 +1,1 @@
+"""The gateway: engine thread, gRPC dispatcher to expert shards, the client APIs."""

@@ -1,0 +1,146 @@
+"""The gateway Serve deployment: ingress of the gRPC API; dense half + engine here, experts over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import AsyncIterator
+
+import grpc
+import torch
+from ray import serve
+
+from elasticmoe.config import AppArgs
+from elasticmoe.engine.sampling import InvalidRequest
+from elasticmoe.engine.scheduler import QueueFull
+from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
+from elasticmoe.gateway.grpc_api import parse_request, response
+from elasticmoe.gateway.runner import EngineRunner
+
+log = logging.getLogger("elasticmoe.gateway")
+
+
+class GatewayCore:
+    """Engine thread + gRPC dispatcher + routing-table poller, independent of the API served on top."""
+
+    def __init__(self, args: dict, controller):
+        from elasticmoe.engine.engine import Engine
+        from elasticmoe.model import open_model
+
+        self.args = AppArgs.model_validate(args)
+        torch.set_num_threads(max(1, int(self.args.gateway_resources.num_cpus)))
+        files = open_model(self.args.model)
+        lim = self.args.limits
+        self.controller = controller
+        self.dispatcher = GrpcDispatcher(lim.expert_timeout_s, on_failure=self._on_failure)
+        engine = Engine(files, self.dispatcher, dtype=self.args.dtype, device=self.args.device,
+                        max_num_seqs=lim.max_num_seqs, max_model_len=lim.max_model_len,
+                        max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue)
+        self.tokenizer = engine.tokenizer
+        self.runner = EngineRunner(engine)
+        self.complete = threading.Event()
+        self.table_version = -1
+        threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
+
+    def _install(self, table: dict | None) -> None:
+        if table is None:
+            return
+        self.dispatcher.set_table(RoutingTable.from_dict(table))
+        self.table_version = table["version"]
+        if table["complete"]:
+            self.complete.set()
+        else:
+            self.complete.clear()
+
+    def _poll_table(self) -> None:
+        while True:
+            try:
+                self._install(self.controller.table.remote(self.table_version).result(timeout_s=10))
+            except Exception as e:  # noqa: BLE001 - controller restarting; keep the last table
+                log.warning("routing-table poll failed: %s", e)
+            time.sleep(0.1 if self.complete.is_set() else 0.05)
+
+    def _on_failure(self, shard_id: str) -> RoutingTable | None:
+        """Called from the engine thread when a shard call fails; returns the controller's updated table."""
+        try:
+            table = self.controller.report_failure.remote(shard_id).result(timeout_s=10)
+        except Exception as e:  # noqa: BLE001
+            log.warning("report_failure(%s) failed: %s", shard_id, e)
+            return None
+        self.table_version = table["version"]
+        return RoutingTable.from_dict(table)
+
+    async def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Wait until every expert has a live copy (shards still loading after a deploy)."""
+        t0 = time.monotonic()
+        while not self.complete.is_set():
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError("expert shards are not ready")
+            await asyncio.sleep(0.05)
+
+    def healthy(self) -> None:
+        if not self.runner._thread.is_alive():
+            raise RuntimeError("engine thread died")
+        if self.runner.engine.has_work() and time.monotonic() - self.runner.last_step_at > 120:
+            raise RuntimeError("engine wedged: no step for 120 s")
+
+
+def _set_error(ctx, code: grpc.StatusCode, message: str) -> None:
+    if ctx is not None:
+        ctx.set_code(code)
+        ctx.set_details(message)
+
+
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=5, health_check_timeout_s=30)
+class Gateway:
+    """Ingress of Serve's gRPC proxy for `elasticmoe.v1.Generation`."""
+
+    def __init__(self, args: dict, controller, shards=None):
+        self.core = GatewayCore(args, controller)
+
+    async def _start(self, request, grpc_context):
+        """Validate and queue; on bad input set INVALID_ARGUMENT / RESOURCE_EXHAUSTED and raise."""
+        try:
+            rid, ids, params = parse_request(request, self.core.tokenizer)
+            await self.core.wait_ready()
+            stream = self.core.runner.generate(rid, ids, params)
+            first = await stream.__anext__()
+            return rid, stream, first
+        except InvalidRequest as e:
+            _set_error(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+        except QueueFull as e:
+            _set_error(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            raise
+        except TimeoutError as e:
+            _set_error(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
+            raise
+
+    async def Generate(self, request, grpc_context=None):
+        rid, stream, u = await self._start(request, grpc_context)
+        tokens, lps = list(u.token_ids), list(u.logprobs)
+        async for u in stream:
+            tokens += u.token_ids
+            lps += u.logprobs
+        return response(rid, u, u.text, tokens, lps)
+
+    async def GenerateStream(self, request, grpc_context=None) -> AsyncIterator:
+        rid, stream, u = await self._start(request, grpc_context)
+        sent = 0
+        try:
+            while True:
+                text = u.text
+                if not u.finished and text.endswith("\ufffd"):  # half a UTF-8 character: hold it back
+                    text = text[:sent] if len(text) <= sent else text[: len(text) - 1]
+                yield response(rid, u, text[sent:], u.token_ids, u.logprobs)
+                sent = max(sent, len(text))
+                if u.finished:
+                    return
+                u = await stream.__anext__()
+        finally:
+            await stream.aclose()
+
+    def check_health(self) -> None:
+        self.core.healthy()

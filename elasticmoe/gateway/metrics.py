@@ -1,0 +1,237 @@
+"""Gateway metrics on Ray's metrics API (exported as `ray_elasticmoe_*`), with cheap hot-path expert counting."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+EXPERT_METRIC_MODES = ("per_expert", "per_layer", "off")
+TTFT_BOUNDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+TPOT_BOUNDS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
+E2E_BOUNDS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]
+FANOUT_BOUNDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+
+
+def _ray_metrics() -> dict[str, Any] | None:
+    """Create the Ray metric objects, or None when Ray isn't initialised (unit tests, offline use)."""
+    try:
+        import ray
+        from ray.util.metrics import Counter, Gauge, Histogram
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return None
+    if not ray.is_initialized():
+        return None
+
+    def hist(name: str, doc: str, bounds: list[float], tags: tuple[str, ...] = ()) -> Histogram:
+        return Histogram(name, doc, boundaries=bounds, tag_keys=tags)
+
+    return {
+        "requests": Counter("elasticmoe_requests_total", "Client requests by API and outcome", ("api", "status")),
+        "errors": Counter("elasticmoe_request_errors_total", "Failed client requests by error code", ("code",)),
+        "ttft": hist("elasticmoe_ttft_seconds", "Time to first token", TTFT_BOUNDS),
+        "tpot": hist("elasticmoe_tpot_seconds", "Time per output token after the first", TPOT_BOUNDS),
+        "e2e": hist("elasticmoe_e2e_latency_seconds", "Request latency, arrival to last token", E2E_BOUNDS),
+        "running": Gauge("elasticmoe_running_seqs", "Sequences in the running batch"),
+        "queued": Gauge("elasticmoe_queued_seqs", "Requests waiting for a KV-cache slot"),
+        "kv": Gauge("elasticmoe_kv_cache_usage", "Used KV-cache slots / total slots"),
+        "expert_tokens": Counter("elasticmoe_expert_tokens_total", "Tokens routed to an expert",
+                                 ("layer", "expert")),
+        "copies": Gauge("elasticmoe_expert_copies", "Live copies of an expert", ("layer", "expert")),
+        "balancedness": Gauge("elasticmoe_balancedness", "Mean / max load over a layer's shards", ("layer",)),
+        "shard_healthy": Gauge("elasticmoe_shard_healthy", "1 if the expert shard answers, else 0", ("shard",)),
+        "fanout": hist("elasticmoe_fanout_latency_seconds", "Expert fan-out overhead per (layer, step)",
+                       FANOUT_BOUNDS),
+        "rebalance_events": Counter("elasticmoe_rebalance_events_total", "Expert rebalances applied"),
+        "rebalance_bytes": Counter("elasticmoe_rebalance_bytes_total", "Expert weight bytes moved by rebalances"),
+    }
+
+
+class GatewayMetrics:
+    """One gateway's metrics. Exports to Ray when it is initialised at construction; always keeps in-process totals.
+
+    `route` and `fanout` run on the engine thread once per MoE layer per step: they only accumulate
+    (a tensor add / a list append under a lock). Exports to Ray happen at most every `flush_interval_s`
+    from a daemon thread (or on `flush()`), so Ray's per-call cost is paid per series, never per token.
+    With expert_metrics="per_layer", `expert_tokens_total` / `expert_copies` carry expert="all";
+    with "off" neither is exported (in-process totals of routed tokens are not kept either).
+    """
+
+    def __init__(self, expert_metrics: str, num_layers: int, num_experts: int, moe_layers: list[int],
+                 flush_interval_s: float = 1.0, use_ray: bool | None = None):
+        if expert_metrics not in EXPERT_METRIC_MODES:
+            raise ValueError(f"expert_metrics: must be one of {EXPERT_METRIC_MODES}, got {expert_metrics!r}")
+        self.mode, self.num_layers, self.num_experts = expert_metrics, num_layers, num_experts
+        self.moe_layers = list(moe_layers)
+        self.flush_interval_s = flush_interval_s
+        self._ray = _ray_metrics() if use_ray is not False else None
+        self._lock = threading.Lock()
+        self._acc: torch.Tensor | None = None  # [layers, experts] int64, on the device of topk_ids
+        self._totals = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self._exported = np.zeros_like(self._totals)  # the part of _totals already sent to Ray
+        self._fanout: list[float] = []
+        self.requests: dict[tuple[str, str], int] = {}
+        self.errors: dict[str, int] = {}
+        self.latency_counts = {"ttft": 0, "tpot": 0, "e2e": 0}
+        self.gauges: dict[str, float] = {}
+        self.expert_copies: dict[tuple[int, int], int] = {}
+        self.shards: dict[str, bool] = {}
+        self.rebalance_events = self.rebalance_bytes = 0
+        self._stop = threading.Event()
+        if self._ray is not None:
+            threading.Thread(target=self._flush_loop, name="metrics-flush", daemon=True).start()
+
+    @property
+    def exporting(self) -> bool:
+        """True when values go to Ray's Prometheus endpoint (Ray was initialised at construction)."""
+        return self._ray is not None
+
+    # --- per request (event loop) -------------------------------------------------------------
+
+    def request(self, api: str, status: str) -> None:
+        """Count a finished request: api grpc|http, status ok|invalid|rejected|error."""
+        self.requests[(api, status)] = self.requests.get((api, status), 0) + 1
+        if self._ray:
+            self._ray["requests"].inc(1, {"api": api, "status": status})
+
+    def error(self, code: str) -> None:
+        """Count a failed request by error code (an HTTP status or gRPC code name)."""
+        self.errors[str(code)] = self.errors.get(str(code), 0) + 1
+        if self._ray:
+            self._ray["errors"].inc(1, {"code": str(code)})
+
+    def _observe(self, name: str, seconds: float) -> None:
+        self.latency_counts[name] += 1
+        if self._ray:
+            self._ray[name].observe(float(seconds))
+
+    def ttft(self, seconds: float) -> None:
+        """Observe a time to first token."""
+        self._observe("ttft", seconds)
+
+    def tpot(self, seconds: float) -> None:
+        """Observe a request's mean time per output token after the first."""
+        self._observe("tpot", seconds)
+
+    def e2e(self, seconds: float) -> None:
+        """Observe a request's end-to-end latency."""
+        self._observe("e2e", seconds)
+
+    # --- engine, control plane -----------------------------------------------------------------
+
+    def engine(self, running: int, queued: int, kv_usage: float) -> None:
+        """Set the batch gauges; kv_usage = used KV-cache slots / total slots."""
+        self.gauges.update(running=running, queued=queued, kv_usage=kv_usage)
+        if self._ray:
+            self._ray["running"].set(running)
+            self._ray["queued"].set(queued)
+            self._ray["kv"].set(float(kv_usage))
+
+    def copies(self, layer: int, expert: int, n: int) -> None:
+        """Set the number of live copies of (layer, expert)."""
+        with self._lock:
+            self.expert_copies[(layer, expert)] = n
+            per_layer = sum(c for (l, _), c in self.expert_copies.items() if l == layer)
+        if not self._ray or self.mode == "off":
+            return
+        if self.mode == "per_expert":
+            self._ray["copies"].set(n, {"layer": str(layer), "expert": str(expert)})
+        else:
+            self._ray["copies"].set(per_layer, {"layer": str(layer), "expert": "all"})
+
+    def balancedness(self, layer: int, value: float) -> None:
+        """Set a layer's balancedness (mean over max shard load; 1 = perfectly even)."""
+        self.gauges[f"balancedness/{layer}"] = value
+        if self._ray:
+            self._ray["balancedness"].set(float(value), {"layer": str(layer)})
+
+    def shard_health(self, shard_id: str, ok: bool) -> None:
+        """Set whether an expert shard is healthy."""
+        self.shards[shard_id] = bool(ok)
+        if self._ray:
+            self._ray["shard_healthy"].set(1.0 if ok else 0.0, {"shard": shard_id})
+
+    def rebalance(self, nbytes: int) -> None:
+        """Count one applied rebalance that moved `nbytes` of expert weights."""
+        self.rebalance_events += 1
+        self.rebalance_bytes += int(nbytes)
+        if self._ray:
+            self._ray["rebalance_events"].inc(1)
+            if nbytes > 0:
+                self._ray["rebalance_bytes"].inc(int(nbytes))
+
+    # --- hot path (engine thread) --------------------------------------------------------------
+
+    def route(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Count a step's routing decisions at `layer`: topk_ids [T, k], ids in [0, num_experts), -1 ignored.
+
+        No host sync and no Ray call: a scatter-add into a [layers, experts] tensor on topk_ids' device.
+        """
+        if self.mode == "off" or topk_ids.numel() == 0:
+            return
+        ids = topk_ids.reshape(-1).long()
+        ones = torch.ones_like(ids)
+        if ids.device.type == "cpu" and bool((ids < 0).any()):
+            ones = ones.masked_fill(ids < 0, 0)
+            ids = ids.clamp(min=0)
+        with self._lock:
+            if self._acc is None or self._acc.device != ids.device:
+                self._drain_locked()
+                self._acc = torch.zeros((self.num_layers, self.num_experts), dtype=torch.int64, device=ids.device)
+            self._acc[layer].scatter_add_(0, ids, ones)
+
+    def fanout(self, seconds: Iterable[float]) -> None:
+        """Record one step's expert fan-out overhead per MoE layer (exported in the next flush)."""
+        with self._lock:
+            if self._ray is not None:
+                self._fanout.extend(float(s) for s in seconds)
+
+    # --- flushing ------------------------------------------------------------------------------
+
+    def _drain_locked(self) -> None:
+        """Move the pending counts into the in-process totals (caller holds the lock)."""
+        if self._acc is not None:
+            self._totals += self._acc.cpu().numpy()
+            self._acc.zero_()
+
+    def flush(self) -> None:
+        """Export pending expert counts and fan-out observations to Ray (no-op without Ray)."""
+        with self._lock:
+            self._drain_locked()
+            delta = self._totals - self._exported
+            self._exported = self._totals.copy()
+            fanout, self._fanout = self._fanout, []
+        if self._ray is None:
+            return
+        counter = self._ray["expert_tokens"]
+        if self.mode == "per_expert":
+            for layer, expert in zip(*np.nonzero(delta)):
+                counter.inc(int(delta[layer, expert]), {"layer": str(layer), "expert": str(expert)})
+        elif self.mode == "per_layer":
+            for layer, n in enumerate(delta.sum(axis=1).tolist()):
+                if n:
+                    counter.inc(int(n), {"layer": str(layer), "expert": "all"})
+        hist = self._ray["fanout"]
+        for s in fanout:
+            hist.observe(s)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - metrics must never take the gateway down
+                pass
+
+    def expert_token_totals(self) -> np.ndarray:
+        """Tokens routed to each expert so far: int64 [num_layers, num_experts] (a copy)."""
+        with self._lock:
+            self._drain_locked()
+            return self._totals.copy()
+
+    def close(self) -> None:
+        """Stop the flush thread after a last flush."""
+        self._stop.set()
+        self.flush()

@@ -1,0 +1,518 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (SSE streaming) and /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
+from elasticmoe.engine.scheduler import QueueFull
+from elasticmoe.gateway.runner import Update
+
+# Engine finish reasons -> OpenAI's. "abort" (the engine dropped the request, e.g. on shutdown) has no
+# OpenAI equivalent; like vLLM we pass it through rather than claim a natural "stop".
+FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop", "abort": "abort"}
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STATUS_OF = {400: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {message, type, param, code}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields common to both endpoints; unknown fields are rejected (400 naming the field)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # any name is accepted: this server serves exactly one model
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension (vLLM's): 0 or -1 = off
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = False  # extension
+    user: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+# Accepted only at their "off" values: field -> values that mean "off".
+_OFF_VALUES: dict[str, tuple] = {
+    "n": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+    "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+}
+
+
+def _reject_unsupported(req: _Request) -> None:
+    """Raise InvalidRequest for a known OpenAI field set to a value this server cannot honour."""
+    for name, off in _OFF_VALUES.items():
+        if name in type(req).model_fields and getattr(req, name) not in off:
+            raise InvalidRequest(name, f"only {off[1]!r} is supported, got {getattr(req, name)!r}")
+    if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("top_logprobs", "requires logprobs: true")
+
+
+def _sampling(req: _Request, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """The engine's SamplingParams (validated: InvalidRequest names the bad field)."""
+    stop = req.stop if req.stop is not None else ()
+    top_k = 0 if req.top_k in (None, -1) else req.top_k
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop), ignore_eos=bool(req.ignore_eos), logprobs=logprobs)
+
+
+def _completion_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """One prompt (text or token ids) as token ids; several prompts -> InvalidRequest."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt) if prompt else []
+    if all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    raise InvalidRequest("prompt", "several prompts in one request are not supported; send one request each")
+
+
+def _chat_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    """Apply the checkpoint's chat template (with the assistant generation prompt) -> token ids."""
+    if not messages:
+        raise InvalidRequest("messages", "at least one message is required")
+    conv = []
+    for i, m in enumerate(messages):
+        content = m.content or ""
+        if isinstance(content, list):
+            if any(p.get("type") != "text" for p in content):
+                raise InvalidRequest(f"messages[{i}].content", "only text content parts are supported")
+            content = "".join(str(p.get("text", "")) for p in content)
+        conv.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    try:
+        out = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
+        raise InvalidRequest("messages", f"the chat template rejected the conversation: {e}") from e
+    ids = out["input_ids"] if not isinstance(out, list) else out  # transformers 5: BatchEncoding
+    return [int(t) for t in (ids[0] if ids and isinstance(ids[0], list) else ids)]
+
+
+class TextDelta:
+    """Turns each update's full text into the new part safe to show: holds back a trailing partial
+    UTF-8 character ("\\ufffd") and any tail that may be the start of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.sent = stops, 0
+
+    def push(self, text: str, finished: bool) -> str:
+        if not finished:
+            text = text.rstrip("\ufffd")
+            text = text[: len(text) - self._stop_prefix(text)]
+        if len(text) <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+    def _stop_prefix(self, text: str) -> int:
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+_BYTE_DECODER: dict[str, int] = {}
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: printable unicode char -> byte."""
+    if not _BYTE_DECODER:
+        bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+        cs, n = list(bs), 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER.update({chr(c): b for b, c in zip(bs, cs)})
+    return _BYTE_DECODER
+
+
+def _token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
+    """The token's raw bytes (a partial UTF-8 character decodes to "\\ufffd", so recover it)."""
+    if "\ufffd" in text:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece or ""):
+            return [int(m.group(1), 16)]
+        dec = _byte_decoder()
+        if piece and all(c in dec for c in piece):
+            return [dec[c] for c in piece]
+    return list(text.encode("utf-8"))
+
+
+def _lp(v: float) -> float:
+    return max(float(v), -9999.0)  # JSON has no -inf
+
+
+def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], offset: int) -> tuple[dict, int]:
+    """OpenAI completions `logprobs` for these tokens (text_offset from `offset`), and the next offset."""
+    tokens = [tokenizer.decode([lp.token_id]) for lp in lps]
+    offsets = list(itertools.accumulate((len(t) for t in tokens), initial=offset))
+    return {"tokens": tokens, "token_logprobs": [_lp(lp.logprob) for lp in lps],
+            "top_logprobs": [{tokenizer.decode([t]): _lp(v) for t, v in lp.top} for lp in lps],
+            "text_offset": offsets[:-1]}, offsets[-1]
+
+
+def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> dict:
+    """OpenAI chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
+    def entry(token_id: int, v: float) -> dict:
+        s = tokenizer.decode([token_id])
+        return {"token": s, "logprob": _lp(v), "bytes": _token_bytes(tokenizer, token_id, s)}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in lps], "refusal": None}
+
+
+def _usage(u: Update) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+def _record(core: Any, http_status: int | None, last: Update | None = None, t0: float = 0.0,
+            t_first: float = 0.0) -> None:
+    """Count one finished request on core.metrics (if any): ok with latencies, or failed with its code."""
+    m = getattr(core, "metrics", None)
+    if m is None:
+        return
+    if http_status is not None:
+        m.request("http", STATUS_OF.get(http_status, "error"))
+        m.error(str(http_status))
+        return
+    m.request("http", "ok")
+    if last is not None:
+        now = time.perf_counter()
+        m.ttft(t_first - t0)
+        m.e2e(now - t0)
+        if last.completion_tokens > 1:
+            m.tpot((now - t_first) / (last.completion_tokens - 1))
+
+
+def _invalid(core: Any, e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
+    """InvalidRequest -> a 400 ApiError whose param (and message) use the API's field name."""
+    param = aliases.get(e.field, e.field)
+    msg = str(e)
+    msg = param + msg[len(e.field):] if msg.startswith(e.field) else msg
+    _record(core, 400)
+    return ApiError(400, msg, param=param)
+
+
+class Generation:
+    """One request in the engine: start (errors -> ApiError), its updates, and its metrics (recorded once)."""
+
+    def __init__(self, core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str]):
+        self.core, self.ids, self.params, self.aliases = core, ids, params, aliases
+        self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), core.args.model
+        self.t0, self.t_first = time.perf_counter(), 0.0
+        self._stream: AsyncIterator[Update] | None = None
+        self._recorded = False
+
+    def record(self, http_status: int | None, last: Update | None = None) -> None:
+        if not self._recorded:
+            self._recorded = True
+            _record(self.core, http_status, last, self.t0, self.t_first)
+
+    def fail(self, err: ApiError) -> ApiError:
+        self.record(err.status)
+        return err
+
+    async def start(self) -> Update:
+        """Wait for the expert shards, queue the request, and return its first update."""
+        try:
+            await self.core.wait_ready()
+        except TimeoutError as e:
+            raise self.fail(ApiError(503, f"the model is not ready: {e}", "service_unavailable")) from e
+        try:
+            self._stream = self.core.runner.generate(self.id, self.ids, self.params)
+            first = await self._stream.__anext__()
+        except InvalidRequest as e:
+            self._recorded = True  # _invalid records it
+            raise _invalid(self.core, e, self.aliases) from e
+        except QueueFull as e:
+            raise self.fail(ApiError(429, str(e), "rate_limit_exceeded")) from e
+        except Exception as e:  # noqa: BLE001 - an engine step failed
+            raise self.fail(ApiError(500, f"generation failed: {e}", "server_error")) from e
+        self.t_first = time.perf_counter()
+        return first
+
+    async def rest(self) -> AsyncIterator[Update]:
+        """The updates after the first one."""
+        assert self._stream is not None
+        try:
+            async for u in self._stream:
+                yield u
+        except Exception as e:  # noqa: BLE001 - an engine step failed mid-generation
+            raise self.fail(ApiError(500, f"generation failed: {e}", "server_error")) from e
+
+    async def close(self) -> None:
+        """Stop the engine stream (aborting the request if it is still running)."""
+        if self._stream is not None:
+            await self._stream.aclose()
+
+
+class Shape:
+    """The OpenAI response shapes of one endpoint (completions or chat)."""
+
+    def __init__(self, chat: bool, tokenizer: Any, logprobs: bool):
+        self.chat, self.tokenizer, self.logprobs, self.offset = chat, tokenizer, logprobs, 0
+
+    def object(self, stream: bool) -> str:
+        return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+
+    def choice(self, text: str, lps: list[TokenLogprob], finish: str | None, stream: bool) -> dict:
+        c: dict[str, Any] = {"index": 0}
+        if not self.chat:
+            c["text"] = text
+        elif stream:
+            c["delta"] = {"content": text} if text else {}
+        else:
+            c["message"] = {"role": "assistant", "content": text}
+        c["logprobs"] = None
+        if self.logprobs and self.chat:
+            c["logprobs"] = chat_logprobs(self.tokenizer, lps)
+        elif self.logprobs:
+            c["logprobs"], self.offset = completion_logprobs(self.tokenizer, lps, self.offset)
+        c["finish_reason"] = finish
+        return c
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _chain(first: Update, rest: AsyncIterator[Update]) -> AsyncIterator[Update]:
+    yield first
+    async for u in rest:
+        yield u
+
+
+async def _sse(gen: Generation, shape: Shape, first: Update, include_usage: bool) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request; closing it (client gone) aborts the request."""
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[dict], **kw: Any) -> str:
+        return _event({"id": gen.id, "object": shape.object(True), "created": gen.created, "model": gen.model,
+                       "choices": choices, **extra, **kw})
+
+    text, last = TextDelta(gen.params.stop), first
+    try:
+        if shape.chat:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for last in _chain(first, gen.rest()):
+            delta = text.push(last.text, last.finished)
+            finish = FINISH_REASONS.get(last.finish_reason or "abort", "abort") if last.finished else None
+            if delta or finish or (shape.logprobs and last.logprobs):
+                yield chunk([shape.choice(delta, list(last.logprobs), finish, stream=True)])
+        gen.record(None, last)
+        if include_usage:
+            yield chunk([], usage=_usage(last))
+    except ApiError as e:
+        yield _event(e.body())
+    finally:
+        gen.record(499)  # no-op unless the client went away mid-stream
+        await gen.close()
+    yield "data: [DONE]\n\n"
+
+
+async def _complete(gen: Generation, shape: Shape) -> dict:
+    """Run a request to the end and build the non-streamed response body."""
+    try:
+        u = await gen.start()
+        lps = list(u.logprobs)
+        async for u in gen.rest():
+            lps += u.logprobs
+    finally:
+        await gen.close()
+    gen.record(None, u)
+    finish = FINISH_REASONS.get(u.finish_reason or "abort", "abort")
+    return {"id": gen.id, "object": shape.object(False), "created": gen.created, "model": gen.model,
+            "choices": [shape.choice(u.text, lps, finish, stream=False)], "usage": _usage(u)}
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, coro: Any, gen: Generation) -> Any:
+    """Await coro, cancelling it (so the engine aborts the request) if the client disconnects first."""
+    task, watch = asyncio.ensure_future(coro), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if not task.cancelled():
+        return task.result()
+    gen.record(499)
+    raise ApiError(499, "the client disconnected", "client_disconnected")
+
+
+async def _serve(request: Request, req: _Request, gen: Generation, shape: Shape) -> Any:
+    if not req.stream:
+        return JSONResponse(await _unless_disconnected(request, _complete(gen, shape), gen))
+    first = await _unless_disconnected(request, gen.start(), gen)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(_sse(gen, shape, first, include_usage), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+async def create_completion(core: Any, req: CompletionRequest, request: Request) -> Any:
+    """POST /v1/completions."""
+    aliases = {"prompt_token_ids": "prompt"}
+    try:
+        _reject_unsupported(req)
+        ids = _completion_ids(core.tokenizer, req.prompt)
+        max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        params = _sampling(req, max_tokens, req.logprobs)
+    except InvalidRequest as e:
+        raise _invalid(core, e, aliases) from e
+    gen = Generation(core, "cmpl", ids, params, aliases)
+    return await _serve(request, req, gen, Shape(False, core.tokenizer, req.logprobs is not None))
+
+
+async def create_chat_completion(core: Any, req: ChatRequest, request: Request) -> Any:
+    """POST /v1/chat/completions."""
+    limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    aliases = {"prompt_token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs", "max_tokens": limit}
+    try:
+        _reject_unsupported(req)
+        ids = _chat_ids(core.tokenizer, req.messages)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:  # OpenAI's default: as much as the context allows
+            context = getattr(core.runner.engine, "max_model_len", len(ids) + COMPLETION_MAX_TOKENS)
+            if len(ids) >= context:
+                raise InvalidRequest("messages", f"the prompt ({len(ids)} tokens) fills the context ({context})")
+            max_tokens = context - len(ids)
+        params = _sampling(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    except InvalidRequest as e:
+        raise _invalid(core, e, aliases) from e
+    gen = Generation(core, "chatcmpl", ids, params, aliases)
+    return await _serve(request, req, gen, Shape(True, core.tokenizer, bool(req.logprobs)))
+
+
+def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
+    """(message, param) of the first pydantic error of a request body."""
+    err = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    param = loc[0] if loc else None
+    if err.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    return f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}", param
+
+
+def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
+    """Add the OpenAI routes and error handlers to `app`; `get_core()` is resolved on every request."""
+    created = int(time.time())
+
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        try:
+            _record(get_core(), 400)
+        except Exception:  # noqa: BLE001 - metrics never turn a 400 into a 500
+            pass
+        return ApiError(400, *_describe(exc)).response()
+
+    async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ApiError, on_api_error)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        model = get_core().args.model
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                            "owned_by": "elasticmoe"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await create_completion(get_core(), body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        return await create_chat_completion(get_core(), body, request)
+
+    return app
+
+
+def build_openai_app(core: Any) -> FastAPI:
+    """A standalone FastAPI app serving `core` (tests, or any ASGI server)."""
+    return register_routes(FastAPI(title="elasticmoe"), lambda: core)
+
+
+def replica_core() -> Any:
+    """`get_core` for a module-level app under `@serve.ingress`: the GatewayCore of this Serve replica."""
+    from ray import serve
+
+    return serve.get_replica_context().servable_object.core

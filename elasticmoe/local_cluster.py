@@ -1,0 +1,94 @@
+"""A real local Ray cluster on 127.0.0.1: `ray start --head`, `serve deploy`, wait for RUNNING, `ray stop`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+DASHBOARD = "http://127.0.0.1:8265"
+
+
+def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every Ray process and client: loopback only, no auth, our venv's binaries first."""
+    env = dict(os.environ)
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"})
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _run(args: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start_ray(num_cpus: int | None = None, port: int = 6379, temp_dir: str | None = None) -> None:
+    """`ray start --head` bound to 127.0.0.1 with the dashboard (needed by `serve deploy`) on 127.0.0.1:8265."""
+    args = [_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats"]
+    if num_cpus is not None:
+        args.append(f"--num-cpus={num_cpus}")
+    if temp_dir:
+        args.append(f"--temp-dir={temp_dir}")
+    _run(args, timeout=180)
+    _wait_dashboard()
+
+
+def _wait_dashboard(timeout: float = 120) -> None:
+    import urllib.request
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(f"{DASHBOARD}/api/version", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("the Ray dashboard did not come up on 127.0.0.1:8265")
+
+
+def stop_ray() -> None:
+    _run([_bin("ray"), "stop", "--force"], timeout=120, check=False)
+
+
+def serve_deploy(config: str | Path) -> None:
+    """`serve deploy CONFIG` against the local dashboard."""
+    _run([_bin("serve"), "deploy", str(config), "-a", DASHBOARD], timeout=120)
+
+
+def serve_status() -> dict:
+    proc = _run([_bin("serve"), "status", "-a", DASHBOARD], timeout=60, check=False)
+    try:
+        return yaml.safe_load(proc.stdout) or {}
+    except yaml.YAMLError:
+        return {}
+
+
+def wait_running(app: str = "elasticmoe", timeout: float = 600) -> dict:
+    """Poll `serve status` until the app is RUNNING; raise with the status on DEPLOY_FAILED or timeout."""
+    t0 = time.monotonic()
+    status: dict = {}
+    while time.monotonic() - t0 < timeout:
+        status = serve_status()
+        state = ((status.get("applications") or {}).get(app) or {}).get("status")
+        if state == "RUNNING":
+            return status
+        if state == "DEPLOY_FAILED":
+            raise RuntimeError(f"serve deploy failed:\n{yaml.safe_dump(status)}")
+        time.sleep(1.0)
+    raise TimeoutError(f"app {app!r} not RUNNING after {timeout:.0f}s:\n{yaml.safe_dump(status)}")

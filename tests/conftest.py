@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny checkpoints written by transformers, and one real local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("ELASTICMOE_CACHE", str(REPO / ".cache" / "elasticmoe"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> checkpoint dir (3 layers, 8 experts), made once per session."""
+    from elasticmoe.model.tiny import TINY_FAMILIES, make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_model(f, root / f, layers=3, experts=8) for f in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real `ray start --head` on 127.0.0.1, stopped at the end of the session."""
+    from elasticmoe import local_cluster as lc
+
+    lc.stop_ray()
+    lc.start_ray(num_cpus=8)
+    yield lc
+    lc.stop_ray()

@@ -1,0 +1,148 @@
+"""The model against transformers: logits, greedy generation, batching, lazy loading, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.model import CheckpointError, ModelSpecError, open_model
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.model.tiny import TINY_FAMILIES, make_tiny_model
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_models):
+    return {f: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval() for f, p in tiny_models.items()}
+
+
+@pytest.fixture(scope="module")
+def llms(tiny_models):
+    return {f: LLM(str(p), dtype="float32") for f, p in tiny_models.items()}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_logits_match_transformers(family, llms, hf_models):
+    llm, ref = llms[family], hf_models[family]
+    ids = llm.encode(PROMPT)
+    ours = llm.logits(ids)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].float()
+    assert ours.shape == theirs.shape
+    assert _rel(ours, theirs) < 1e-4
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_greedy_24_tokens_match_transformers(family, llms, hf_models):
+    llm, ref = llms[family], hf_models[family]
+    ids = llm.encode(PROMPT)
+    out = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
+    with torch.no_grad():
+        g = ref.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                         pad_token_id=ref.config.pad_token_id)
+    assert out.token_ids == g[0, len(ids):].tolist()
+    assert out.finish_reason == "length" and len(out.token_ids) == 24
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_batch_of_different_lengths_equals_alone(family, llms):
+    llm = llms[family]
+    prompts = ["Hi", "A much longer prompt about the mixture of experts", "Once upon a time", "Zebra"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    together = llm.generate(prompts, params)
+    for p, out in zip(prompts, together):
+        alone = llm.generate([p], params)[0]
+        assert out.token_ids == alone.token_ids
+        assert out.text == alone.text
+
+
+def test_sampling_is_seeded_and_stop_strings_cut(llms):
+    llm = llms["mixtral"]
+    p = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, top_k=50, seed=7, ignore_eos=True, logprobs=2)
+    a, b = llm.generate(["Hello"], p)[0], llm.generate(["Hello"], p)[0]
+    assert a.token_ids == b.token_ids and len(a.logprobs) == 16
+    assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in a.logprobs)
+    greedy = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    stop = greedy.text[3:6]
+    if stop.strip():
+        cut = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0, stop=[stop], ignore_eos=True))[0]
+        assert cut.finish_reason == "stop" and stop not in cut.text and greedy.text.startswith(cut.text)
+
+
+def test_subset_of_experts_reads_only_those_tensors(tiny_models):
+    files = open_model(str(tiny_models["qwen3_moe"]))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    before = files.ckpt.tensors_read
+    pairs = [(files.spec.moe.moe_layers[0], 1), (files.spec.moe.moe_layers[-1], 6)]
+    store.load(pairs)
+    assert files.ckpt.tensors_read - before == 3 * len(pairs)  # gate, up, down of each, nothing else
+    assert store.held() == sorted(pairs)
+
+
+def test_packed_layout_loads_and_matches(tmp_path, llms):
+    packed = make_tiny_model("mixtral", tmp_path / "packed", layers=3, experts=8, layout="packed")
+    llm = LLM(str(packed))
+    assert llm.files.names.packed
+    ids = llm.encode(PROMPT)
+    assert _rel(llm.logits(ids), llms["mixtral"].logits(ids)) < 1e-6
+
+
+def test_sharded_checkpoint_with_index(tmp_path, llms):
+    sharded = make_tiny_model("mixtral", tmp_path / "sharded", layers=3, experts=8, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    ids = llms["mixtral"].encode(PROMPT)
+    assert _rel(LLM(str(sharded)).logits(ids), llms["mixtral"].logits(ids)) < 1e-6
+
+
+def test_missing_file_names_it(tmp_path, tiny_models):
+    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="safetensors"):
+        open_model(str(bad))
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        open_model(str(tmp_path / "nowhere"))
+
+
+def test_truncated_safetensors_names_the_file(tmp_path, tiny_models):
+    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        open_model(str(bad))
+
+
+def test_unknown_architecture_names_config(tmp_path, tiny_models):
+    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "not_a_real_moe"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json"):
+        open_model(str(bad))
+
+
+def test_dense_model_is_rejected(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ModelSpecError, match="not a Mixture-of-Experts"):
+        open_model(str(tmp_path / "dense"))
+
+
+def test_bad_sampling_params_name_the_field():
+    for kwargs, field in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
+                          ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
