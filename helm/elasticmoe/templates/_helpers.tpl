@@ -1,0 +1,246 @@
+{{/*
+Names. The RayService is named <fullname>; KubeRay derives <fullname>-head-svc and
+<fullname>-serve-svc from it, so fullname stays short (40 chars: room for KubeRay's
+suffixes within the 63-char limit on Service names and labels).
+*/}}
+{{- define "elasticmoe.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "elasticmoe.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "elasticmoe.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of the chart's own objects (RayService, Services, NetworkPolicy, ...).
+*/}}
+{{- define "elasticmoe.labels" -}}
+helm.sh/chart: {{ include "elasticmoe.chart" . }}
+app.kubernetes.io/name: {{ include "elasticmoe.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: elasticmoe
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels that identify the release's Ray pods (head and workers, of every RayCluster the
+RayService creates, including the new one during an upgrade). KubeRay sets and selects
+app.kubernetes.io/name=kuberay and app.kubernetes.io/created-by on the pods itself, so
+those two keys are never set here.
+*/}}
+{{- define "elasticmoe.podSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: elasticmoe
+elasticmoe.io/release: {{ include "elasticmoe.fullname" . }}
+{{- end }}
+
+{{- define "elasticmoe.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- end }}
+
+{{/*
+Semantic checks that values.schema.json cannot express. Each fails the render with a
+message naming the values at fault.
+*/}}
+{{- define "elasticmoe.validate" -}}
+{{- $v := .Values }}
+{{- if gt (int $v.expertPort.start) (int $v.expertPort.end) }}
+{{- fail (printf "expertPort.start (%v) must be <= expertPort.end (%v)" $v.expertPort.start $v.expertPort.end) }}
+{{- end }}
+{{- range $p := list (int $v.serve.httpPort) (int $v.serve.grpcPort) 6379 8080 8265 10001 52365 }}
+{{- if and (ge $p (int $v.expertPort.start)) (le $p (int $v.expertPort.end)) }}
+{{- fail (printf "expertPort range %v-%v overlaps port %v, which Ray or Serve uses" $v.expertPort.start $v.expertPort.end $p) }}
+{{- end }}
+{{- end }}
+{{- if eq (int $v.serve.httpPort) (int $v.serve.grpcPort) }}
+{{- fail "serve.httpPort and serve.grpcPort must differ" }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- if gt (int $v.autoscaling.minShards) (int $v.autoscaling.maxShards) }}
+{{- fail (printf "autoscaling.minShards (%v) must be <= autoscaling.maxShards (%v)" $v.autoscaling.minShards $v.autoscaling.maxShards) }}
+{{- end }}
+{{- if or (lt (int $v.shards) (int $v.autoscaling.minShards)) (gt (int $v.shards) (int $v.autoscaling.maxShards)) }}
+{{- fail (printf "shards (%v) must lie within autoscaling.minShards..maxShards (%v..%v)" $v.shards $v.autoscaling.minShards $v.autoscaling.maxShards) }}
+{{- end }}
+{{- end }}
+{{- $w := $v.workers }}
+{{- if or (gt (int $w.minReplicas) (int $w.replicas)) (gt (int $w.replicas) (int $w.maxReplicas)) }}
+{{- fail (printf "workers: need minReplicas <= replicas <= maxReplicas (got %v, %v, %v)" $w.minReplicas $w.replicas $w.maxReplicas) }}
+{{- end }}
+{{- if and (eq $v.model.device "cuda") (eq (int $w.gpus) 0) }}
+{{- fail "model.device is cuda but workers.gpus is 0: the worker pods would have no GPU" }}
+{{- end }}
+{{- if and (eq $v.model.device "cuda") (eq (float64 $v.shardResources.numGpus) 0.0) }}
+{{- fail "model.device is cuda but shardResources.numGpus is 0: set it (usually 1: one shard per GPU)" }}
+{{- end }}
+{{- if and (eq $v.model.device "cuda") (eq (float64 $v.gatewayResources.numGpus) 0.0) }}
+{{- fail "model.device is cuda but gatewayResources.numGpus is 0: the gateway runs attention on a GPU" }}
+{{- end }}
+{{- if gt (float64 $v.shardResources.numGpus) (float64 $w.gpus) }}
+{{- fail (printf "shardResources.numGpus (%v) exceeds the GPUs of one worker pod (workers.gpus=%v)" $v.shardResources.numGpus $w.gpus) }}
+{{- end }}
+{{- if gt (float64 $v.gatewayResources.numGpus) (float64 $w.gpus) }}
+{{- fail (printf "gatewayResources.numGpus (%v) exceeds the GPUs of one worker pod (workers.gpus=%v)" $v.gatewayResources.numGpus $w.gpus) }}
+{{- end }}
+{{- $pods := ternary $w.maxReplicas $w.replicas $v.rayAutoscaler.enabled }}
+{{- $have := mulf (float64 $pods) (float64 $w.gpus) }}
+{{- $need := addf (mulf (float64 $v.gateways) (float64 $v.gatewayResources.numGpus)) (mulf (float64 $v.shards) (float64 $v.shardResources.numGpus)) }}
+{{- if gt $need $have }}
+{{- fail (printf "the replicas need %v GPUs (gateways x gatewayResources.numGpus + shards x shardResources.numGpus) but the worker group has %v (%v pods x workers.gpus=%v)" $need $have $pods $w.gpus) }}
+{{- end }}
+{{- if and (eq $v.modelCache.type "existingClaim") (not $v.modelCache.existingClaim) }}
+{{- fail "modelCache.type is existingClaim but modelCache.existingClaim names no PVC" }}
+{{- end }}
+{{- if and (eq $v.upgrade.strategy "NewClusterWithIncrementalUpgrade") (not $v.upgrade.clusterUpgradeOptions.gatewayClassName) }}
+{{- fail "upgrade.strategy NewClusterWithIncrementalUpgrade needs upgrade.clusterUpgradeOptions.gatewayClassName (Gateway API)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
+*/}}
+{{- define "elasticmoe.appArgs" -}}
+{{- $v := .Values }}
+{{- $gw := dict "num_cpus" $v.gatewayResources.numCpus "num_gpus" $v.gatewayResources.numGpus }}
+{{- if not (kindIs "invalid" $v.gatewayResources.memory) }}{{- $_ := set $gw "memory" (int64 $v.gatewayResources.memory) }}{{- end }}
+{{- $sh := dict "num_cpus" $v.shardResources.numCpus "num_gpus" $v.shardResources.numGpus }}
+{{- if not (kindIs "invalid" $v.shardResources.memory) }}{{- $_ := set $sh "memory" (int64 $v.shardResources.memory) }}{{- end }}
+{{- $limits := dict
+      "max_num_seqs" (int $v.limits.maxNumSeqs)
+      "max_model_len" (int $v.limits.maxModelLen)
+      "max_queue" (int $v.limits.maxQueue)
+      "max_num_batched_tokens" (int $v.limits.maxNumBatchedTokens)
+      "expert_timeout_s" $v.limits.expertTimeoutSeconds }}
+{{- $args := dict
+      "model" $v.model.path
+      "num_shards" (int $v.shards)
+      "num_gateways" (int $v.gateways)
+      "dtype" $v.model.dtype
+      "device" $v.model.device
+      "gateway_resources" $gw
+      "shard_resources" $sh
+      "limits" $limits
+      "expert_metrics" $v.expertMetrics }}
+{{- if $v.autoscaling.enabled }}
+{{- $a := $v.autoscaling }}
+{{- $as := dict
+      "min_shards" (int $a.minShards)
+      "max_shards" (int $a.maxShards)
+      "target_utilization" $a.targetUtilization
+      "rebalance_interval_s" $a.rebalanceIntervalSeconds
+      "max_moves" (int $a.maxMoves) }}
+{{- if not (kindIs "invalid" $a.slotsPerShard) }}{{- $_ := set $as "slots_per_shard" (int $a.slotsPerShard) }}{{- end }}
+{{- $_ := set $args "autoscaling" $as }}
+{{- end }}
+{{- toYaml $args }}
+{{- end }}
+
+{{/*
+The Serve config (ServeDeploySchema shape, the same as deployments/*.yaml), as YAML.
+*/}}
+{{- define "elasticmoe.serveConfig" -}}
+{{- $v := .Values }}
+{{- $http := dict "host" "0.0.0.0" "port" (int $v.serve.httpPort) }}
+{{- if not (kindIs "invalid" $v.serve.requestTimeoutSeconds) }}{{- $_ := set $http "request_timeout_s" $v.serve.requestTimeoutSeconds }}{{- end }}
+{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server") }}
+{{- if not (kindIs "invalid" $v.serve.requestTimeoutSeconds) }}{{- $_ := set $grpc "request_timeout_s" $v.serve.requestTimeoutSeconds }}{{- end }}
+{{- $app := dict
+      "name" "elasticmoe"
+      "route_prefix" "/"
+      "import_path" "elasticmoe.app:build_app"
+      "args" (include "elasticmoe.appArgs" . | fromYaml) }}
+{{- $cfg := dict
+      "proxy_location" $v.serve.proxyLocation
+      "http_options" $http
+      "grpc_options" $grpc
+      "logging_config" (dict "encoding" $v.serve.logEncoding "log_level" $v.serve.logLevel)
+      "applications" (list $app) }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+Environment shared by the Ray containers of the head and the workers.
+*/}}
+{{- define "elasticmoe.env" -}}
+- name: HF_HOME
+  value: {{ .Values.modelCache.mountPath | quote }}
+{{- if .Values.modelCache.hfHubOffline }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- if eq .Values.rayAuth.mode "disabled" }}
+- name: RAY_AUTH_MODE
+  value: disabled
+{{- end }}
+# Expert shards serve gRPC on the pod IP (the gateways run in other pods), on a port of
+# this range; the NetworkPolicy admits only the release's own pods to them.
+- name: ELASTICMOE_EXPERT_HOST
+  value: node_ip
+- name: ELASTICMOE_EXPERT_PORT_RANGE
+  value: "{{ int .Values.expertPort.start }}-{{ int .Values.expertPort.end }}"
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volumes and mounts shared by the head and the workers: model cache and /dev/shm.
+*/}}
+{{- define "elasticmoe.volumes" -}}
+- name: model-cache
+{{- $mc := .Values.modelCache }}
+{{- if eq $mc.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ include "elasticmoe.fullname" . }}-models
+    readOnly: {{ $mc.readOnly }}
+{{- else if eq $mc.type "existingClaim" }}
+  persistentVolumeClaim:
+    claimName: {{ $mc.existingClaim }}
+    readOnly: {{ $mc.readOnly }}
+{{- else if eq $mc.type "hostPath" }}
+  hostPath:
+    path: {{ $mc.hostPath.path }}
+    type: {{ $mc.hostPath.type }}
+{{- else }}
+  emptyDir:
+    {{- with $mc.emptyDir.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+{{- end }}
+# Ray's object store lives in shared memory; the container default (64 MiB) is too small.
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shmSize }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "elasticmoe.volumeMounts" -}}
+- name: model-cache
+  mountPath: {{ .Values.modelCache.mountPath }}
+  readOnly: {{ .Values.modelCache.readOnly }}
+- name: dshm
+  mountPath: /dev/shm
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
