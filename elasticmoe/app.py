@@ -28,7 +28,15 @@ def build_app(args: dict[str, Any]):
 
     plain = a.model_dump(mode="json")
     controller = Controller.bind(plain)
-    shards = ExpertShard.options(num_replicas=a.num_shards, ray_actor_options=_options(a.shard_resources)).bind(
-        plain, controller)
+    shard_opts: dict[str, Any] = {"ray_actor_options": _options(a.shard_resources), "graceful_shutdown_timeout_s": 60}
+    if a.autoscaling is None:
+        shard_opts["num_replicas"] = a.num_shards
+    else:
+        shard_opts["autoscaling_config"] = {
+            "min_replicas": a.autoscaling.min_shards, "max_replicas": a.autoscaling.max_shards,
+            "initial_replicas": a.num_shards, "metrics_interval_s": 1.0, "look_back_period_s": 2.0,
+            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+            "policy": {"policy_function": "elasticmoe.autoscaler.policy:shard_autoscaling_policy"}}
+    shards = ExpertShard.options(**shard_opts).bind(plain, controller)
     return Gateway.options(num_replicas=a.num_gateways, ray_actor_options=_options(a.gateway_resources)).bind(
         plain, controller, shards)

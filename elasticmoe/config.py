@@ -59,3 +59,11 @@ class AppArgs(_Strict):
     limits: Limits = Limits()
     autoscaling: Autoscaling | None = None
     expert_metrics: Literal["per_expert", "per_layer", "off"] = "per_expert"
+
+    @model_validator(mode="after")
+    def _shards_in_bounds(self) -> "AppArgs":
+        a = self.autoscaling
+        if a is not None and not a.min_shards <= self.num_shards <= a.max_shards:
+            raise ValueError(f"num_shards ({self.num_shards}) must lie in [autoscaling.min_shards, "
+                             f"autoscaling.max_shards] = [{a.min_shards}, {a.max_shards}]")
+        return self

@@ -66,6 +66,25 @@ class Registry:
             self.version += 1
         return info
 
+    def set_placement(self, placement: Placement) -> None:
+        """Publish a new placement (a new version)."""
+        self.placement = placement
+        self.version += 1
+
+    def retire(self, position: int) -> Placement:
+        """Renumber positions so `position` is last; returns the relabelled placement (ready for scale-in)."""
+        n = self.placement.num_shards
+        order = [p for p in range(n) if p != position] + [position]
+        new_pos = {old: i for i, old in enumerate(order)}
+        for s in self.shards.values():
+            if s.position < n:
+                s.position = new_pos[s.position]
+        self.placement = self.placement.relabel(order)
+        return self.placement
+
+    def by_position(self) -> dict[int, ShardInfo]:
+        return {s.position: s for s in self.shards.values() if s.healthy}
+
     def live(self) -> list[ShardInfo]:
         return [s for s in self.shards.values() if s.ready and s.healthy and s.position < self.placement.num_shards]
 

@@ -12,7 +12,10 @@ class InvalidRequest(ValueError):
 
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        self.field, self.message = field_name, message
+
+    def __reduce__(self):  # picklable across Ray processes
+        return (type(self), (self.field, self.message))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,9 @@ class ExpertShard:
         from elasticmoe.model.experts import ExpertStore
 
         self.args = AppArgs.model_validate(args)
+        from elasticmoe.rpc.codec import tune_malloc
+
+        tune_malloc()
         threads = max(1, int(self.args.shard_resources.num_cpus))
         torch.set_num_threads(threads)
         files = open_model(self.args.model)
@@ -50,6 +53,8 @@ class ExpertShard:
         self.registered = threading.Event()
         self.started = time.monotonic()
         self.error: BaseException | None = None
+        self.desired = float(self.args.num_shards)
+        self.stopping = False
         threading.Thread(target=self._register, name="register", daemon=True).start()
 
     def _register(self) -> None:
@@ -62,13 +67,23 @@ class ExpertShard:
                 log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
                          nbytes / 1e6, time.perf_counter() - t0)
                 self.servicer.placement_version = plan["version"]
-                self.controller.ready.remote(self.shard_id).result(timeout_s=30)
+                self.controller.ready.remote(self.shard_id).result(timeout_s=120)
                 self.registered.set()
-                return
+                break
             except Exception as e:  # noqa: BLE001 - the controller may still be starting
                 self.error = e
                 log.warning("shard %s: registration attempt %d failed: %s", self.shard_id, attempt, e)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
+        while not self.stopping:  # follow the controller's desired shard count (autoscaling metric)
+            try:
+                self.desired = float(self.controller.desired_shards.remote().result(timeout_s=10))
+            except Exception as e:  # noqa: BLE001
+                log.debug("desired_shards poll failed: %s", e)
+            time.sleep(1.0)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics for Serve (see autoscaler.policy.shard_autoscaling_policy)."""
+        return {"desired_shards": self.desired}
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises."""
@@ -76,10 +91,15 @@ class ExpertShard:
             raise RuntimeError(f"not registered with the controller after 600 s: {self.error}")
 
     async def info(self) -> dict:
-        return {"shard_id": self.shard_id, "address": self.address, "held": len(self.store.held()),
+        return {"shard_id": self.shard_id, "address": self.address, "held": len(self.store.held()), "pid": os.getpid(),
                 "registered": self.registered.is_set()}
 
-    def __del__(self):
-        server = getattr(self, "server", None)
-        if server is not None:
-            server.stop(grace=None)
+    async def __del__(self):
+        """Graceful shutdown (scale-in): the controller moves our experts elsewhere before the server stops."""
+        self.stopping = True
+        if self.registered.is_set():
+            try:
+                await self.controller.drain.remote(self.shard_id)
+            except Exception as e:  # noqa: BLE001 - the gateway's failover covers the rest
+                log.warning("drain of %s failed: %s", self.shard_id, e)
+        self.server.stop(grace=2.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent import futures
 
@@ -91,6 +92,15 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version)
 
 
+def _ports(port: int) -> list[int]:
+    """The port to try: `port`, else ELASTICMOE_EXPERT_PORT_RANGE ("20100-20199", for network policies), else any."""
+    span = os.environ.get("ELASTICMOE_EXPERT_PORT_RANGE")
+    if port or not span:
+        return [port]
+    lo, hi = (int(x) for x in span.split("-"))
+    return list(range(lo, hi + 1))
+
+
 def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", port: int = 0,
                  max_workers: int = 8) -> tuple[grpc.Server, ExpertServicer, int]:
     """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port)."""
@@ -98,9 +108,17 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
                          options=server_options(), maximum_concurrent_rpcs=4 * max_workers)
     servicer = ExpertServicer(store, shard_id)
     pb_grpc.add_ExpertShardServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = 0
+    for candidate in _ports(port):
+        try:
+            bound = server.add_insecure_port(f"{host}:{candidate}")
+        except RuntimeError:
+            bound = 0
+        if bound:
+            break
     if bound == 0:
-        raise RuntimeError(f"cannot bind the expert server to {host}:{port}")
+        raise RuntimeError(f"cannot bind the expert server on {host} (port {port}, "
+                           f"ELASTICMOE_EXPERT_PORT_RANGE={os.environ.get('ELASTICMOE_EXPERT_PORT_RANGE')})")
     server.start()
     log.info("expert shard %s serving on %s:%d", shard_id, host, bound)
     return server, servicer, bound

@@ -31,6 +31,9 @@ class GatewayCore:
 
         self.args = AppArgs.model_validate(args)
         torch.set_num_threads(max(1, int(self.args.gateway_resources.num_cpus)))
+        from elasticmoe.rpc.codec import tune_malloc
+
+        tune_malloc()
         files = open_model(self.args.model)
         lim = self.args.limits
         self.controller = controller
@@ -79,6 +82,17 @@ class GatewayCore:
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError("expert shards are not ready")
             await asyncio.sleep(0.05)
+
+    def stats(self) -> dict:
+        import numpy as np
+
+        over = list(self.dispatcher.fanout_overhead_s)
+        pct = (lambda q: float(np.percentile(over, q)) if over else None)
+        st = self.runner.stats()
+        st.update({"table_version": self.table_version, "fanout_overhead_p50_s": pct(50),
+                   "fanout_overhead_p99_s": pct(99), "fanout_samples": len(over),
+                   "failovers": self.dispatcher.failovers, "shard_tokens": dict(self.dispatcher.shard_tokens)})
+        return st
 
     def healthy(self) -> None:
         if not self.runner._thread.is_alive():
@@ -141,6 +155,10 @@ class Gateway:
                 u = await stream.__anext__()
         finally:
             await stream.aclose()
+
+    async def stats(self) -> dict:
+        """Engine occupancy and fan-out figures (for tests, benchmarks and `elasticmoe status`)."""
+        return self.core.stats()
 
     def check_health(self) -> None:
         self.core.healthy()

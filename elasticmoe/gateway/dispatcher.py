@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,6 +97,7 @@ class GrpcDispatcher:
         self.fanout_overhead_s: deque[float] = deque(maxlen=4096)  # wait minus shard compute, per (layer, step)
         self.shard_tokens: dict[str, int] = {}
         self.failovers = 0
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fanout")
 
     def set_table(self, table: RoutingTable, now: bool = False) -> None:
         """Install a new routing table: at the next step boundary, or at once (`now`, for failover)."""
@@ -117,12 +119,19 @@ class GrpcDispatcher:
 
     def _send(self, table: RoutingTable, layer: int, shard: int, hidden: torch.Tensor, rows: torch.Tensor,
               ids: torch.Tensor, weights: torch.Tensor) -> _Call:
-        req = pb.RunExpertsRequest(layer=layer, hidden=encode_tensor(hidden[rows]),
-                                   topk_ids=encode_tensor(ids.to(torch.int32)),
-                                   topk_weights=encode_tensor(weights.float()), placement_version=table.version)
-        fut = self._stub(table.addresses[shard]).RunExperts.future(req, timeout=self.timeout_s)
-        call = _Call(shard, rows, ids, weights, fut)
-        fut.add_done_callback(lambda _f: setattr(call, "done_at", time.perf_counter()))
+        """Issue one shard's call on the fan-out pool (blocking stubs: lowest latency from a sync engine thread)."""
+        stub = self._stub(table.addresses[shard])
+        call = _Call(shard, rows, ids, weights, None)
+
+        def run():
+            req = pb.RunExpertsRequest(layer=layer, hidden=encode_tensor(hidden[rows]),
+                                       topk_ids=encode_tensor(ids.to(torch.int32)),
+                                       topk_weights=encode_tensor(weights.float()), placement_version=table.version)
+            resp = stub.RunExperts(req, timeout=self.timeout_s)
+            call.done_at = time.perf_counter()
+            return resp
+
+        call.future = self._pool.submit(run)
         return call
 
     def _fan_out(self, table: RoutingTable, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,

@@ -173,13 +173,13 @@ class GatewayMetrics:
         if self.mode == "off" or topk_ids.numel() == 0:
             return
         ids = topk_ids.reshape(-1).long()
+        if ids.device.type == "cpu" and int(ids.min()) < 0:  # on GPU, checking would sync: ids must be valid
+            ids = ids[ids >= 0]
         ones = torch.ones_like(ids)
-        if ids.device.type == "cpu" and bool((ids < 0).any()):
-            ones = ones.masked_fill(ids < 0, 0)
-            ids = ids.clamp(min=0)
-        with self._lock:
-            if self._acc is None or self._acc.device != ids.device:
+        with self._lock, torch.inference_mode():  # the engine runs in inference mode: keep _acc an inference tensor
+            if self._acc is not None and self._acc.device != ids.device:
                 self._drain_locked()
+            if self._acc is None:
                 self._acc = torch.zeros((self.num_layers, self.num_experts), dtype=torch.int64, device=ids.device)
             self._acc[layer].scatter_add_(0, ids, ones)
 
@@ -192,10 +192,14 @@ class GatewayMetrics:
     # --- flushing ------------------------------------------------------------------------------
 
     def _drain_locked(self) -> None:
-        """Move the pending counts into the in-process totals (caller holds the lock)."""
+        """Move the pending counts into the in-process totals (caller holds the lock).
+
+        Swaps the accumulator out rather than zeroing it: it is an inference tensor, read-only outside
+        inference mode; route() allocates a fresh one.
+        """
         if self._acc is not None:
             self._totals += self._acc.cpu().numpy()
-            self._acc.zero_()
+            self._acc = None
 
     def flush(self) -> None:
         """Export pending expert counts and fan-out observations to Ray (no-op without Ray)."""

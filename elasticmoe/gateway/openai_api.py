@@ -257,10 +257,8 @@ def _record(core: Any, http_status: int | None, last: Update | None = None, t0: 
 def _invalid(core: Any, e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
     """InvalidRequest -> a 400 ApiError whose param (and message) use the API's field name."""
     param = aliases.get(e.field, e.field)
-    msg = str(e)
-    msg = param + msg[len(e.field):] if msg.startswith(e.field) else msg
     _record(core, 400)
-    return ApiError(400, msg, param=param)
+    return ApiError(400, f"{param}: {getattr(e, 'message', e)}", param=param)
 
 
 class Generation:
@@ -397,8 +395,12 @@ async def _complete(gen: Generation, shape: Shape) -> dict:
 
 
 async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """Return once the client has gone (Serve's receive may raise instead of sending http.disconnect)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - the request was cancelled upstream: the client is gone
+        return
 
 
 async def _unless_disconnected(request: Request, coro: Any, gen: Generation) -> Any:
@@ -406,6 +408,9 @@ async def _unless_disconnected(request: Request, coro: Any, gen: Generation) -> 
     task, watch = asyncio.ensure_future(coro), asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # Serve cancels the call when the client goes away
+        gen.record(499)
+        raise
     finally:
         watch.cancel()
         if not task.done():
@@ -481,7 +486,8 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
             _record(get_core(), 400)
         except Exception:  # noqa: BLE001 - metrics never turn a 400 into a 500
             pass
-        return ApiError(400, *_describe(exc)).response()
+        message, param = _describe(exc)
+        return ApiError(400, message, param=param).response()
 
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()

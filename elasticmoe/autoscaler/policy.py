@@ -1,0 +1,87 @@
+"""Elasticity policy: per-expert load averages, shard-count decisions, and Serve's autoscaling hook."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class LoadTracker:
+    """Moving average of tokens per (MoE layer, expert) per second, from shards' cumulative counters."""
+
+    def __init__(self, num_layers: int, num_experts: int, half_life_s: float = 5.0):
+        self.ema = np.zeros((num_layers, num_experts))
+        self.half_life_s = half_life_s
+        self._last: dict[str, dict[tuple[int, int], int]] = {}
+        self._last_compute: dict[str, float] = {}
+        self._t = time.monotonic()
+        self.utilization: dict[str, float] = {}  # shard id -> busy fraction over the last interval
+
+    def update(self, stats: dict[str, tuple[dict[tuple[int, int], int], float]], layer_index: dict[int, int]) -> None:
+        """stats: shard id -> ({(model layer, expert): cumulative tokens}, cumulative compute seconds)."""
+        now = time.monotonic()
+        dt = max(now - self._t, 1e-3)
+        self._t = now
+        rate = np.zeros_like(self.ema)
+        for shard, (tokens, compute) in stats.items():
+            prev = self._last.get(shard, {})
+            for key, n in tokens.items():
+                if key[0] in layer_index:
+                    rate[layer_index[key[0]], key[1]] += max(0, n - prev.get(key, 0)) / dt
+            self.utilization[shard] = max(0.0, compute - self._last_compute.get(shard, compute)) / dt
+            self._last[shard], self._last_compute[shard] = dict(tokens), compute
+        for gone in set(self._last) - set(stats):
+            self._last.pop(gone)
+            self._last_compute.pop(gone, None)
+            self.utilization.pop(gone, None)
+        alpha = 1 - 0.5 ** (dt / self.half_life_s)
+        self.ema = (1 - alpha) * self.ema + alpha * rate
+
+    def planning_load(self) -> np.ndarray:
+        """The EMA plus a small uniform prior, so an idle cluster still spreads experts evenly. [L, E]"""
+        floor = max(float(self.ema.mean()), 1.0) * 1e-3
+        return self.ema + floor
+
+
+@dataclass
+class ScaleDecider:
+    """Shard count from utilization with hysteresis and a cool-down; an operator override wins."""
+
+    min_shards: int
+    max_shards: int
+    target_utilization: float
+    cooldown_s: float = 30.0
+    override: int | None = None
+    _last_change: float = field(default=0.0)
+
+    def desired(self, current: int, utilization: list[float]) -> int:
+        lo, hi = self.min_shards, self.max_shards
+        if self.override is not None:
+            return max(lo, min(hi, self.override))
+        if not utilization or time.monotonic() - self._last_change < self.cooldown_s:
+            return max(lo, min(hi, current))
+        mean = sum(utilization) / len(utilization)
+        want = current
+        if mean > self.target_utilization:
+            want = math.ceil(current * mean / self.target_utilization)
+        elif mean < self.target_utilization / 2 and current > lo:
+            want = current - 1
+        want = max(lo, min(hi, want))
+        if want != current:
+            self._last_change = time.monotonic()
+        return want
+
+
+def shard_autoscaling_policy(ctx) -> tuple[int, dict]:
+    """Serve autoscaling policy for the ExpertShard deployment: follow the controller's desired count.
+
+    Every shard replica reports the controller's `desired_shards` as a custom metric; the max wins.
+    """
+    metrics = ctx.aggregated_metrics or {}
+    reported = list((metrics.get("desired_shards") or {}).values())
+    want = int(round(max(reported))) if reported else ctx.target_num_replicas
+    want = max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, want))
+    return want, ctx.policy_state

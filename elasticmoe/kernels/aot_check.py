@@ -1,0 +1,138 @@
+"""Compile every Triton MoE kernel ahead of time for a GPU target (sm_90 by default) without a GPU.
+
+The Triton interpreter accepts code that a GPU will not compile; this runs the real compiler (TTIR ->
+TTGIR -> PTX -> cubin with the bundled ptxas), with the argument specialisation the JIT launcher would
+use for real model shapes (16-divisible pointers/sizes, unit strides as constants), for every default
+tile config. It also checks the shared-memory footprint and that the K loops were software-pipelined.
+
+    python -m elasticmoe.kernels.aot_check [--arch 90] [--quick]
+
+Must run without TRITON_INTERPRET (the interpreter replaces the kernels with Python functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import triton_align, triton_gemm
+from .triton_moe import fp32_tiles
+from .tuning import CONFIG_DIR, DEFAULT_FILE, load_table
+
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # bytes per block (opt-in max)
+DIV16 = "div16"  # marker: the launcher would see a 16-divisible value
+TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3):
+    """Compile `fn` for sm_<arch>. args: name -> "type" | ("type", DIV16) | 1 (specialised constant)."""
+    signature, attrs, consts = {}, {}, dict(constexprs)
+    for index, name in enumerate(fn.arg_names):
+        value = constexprs.get(name, args.get(name))
+        if name in constexprs or value == 1:
+            signature[name], consts[name] = "constexpr", value
+            continue
+        kind, hint = (value, None) if isinstance(value, str) else value
+        signature[name] = kind
+        if hint == DIV16:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{"REG": .., "STACK": .., "LOCAL": ..} from the bundled cuobjdump; {} if it is unavailable."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([str(tool), "-res-usage", file.name], capture_output=True, text=True).stdout
+    return {key: int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+
+
+def _ptr(kind: str):
+    return (f"*{kind}", DIV16)
+
+
+def gemm_jobs(config: dict, dtype: str) -> list[tuple]:
+    """(kernel, args, constexprs, num_warps, num_stages) for both grouped GEMMs with one tile config."""
+    t = TRITON_TYPES[dtype]
+    tiles = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    tiles["DOT_PRECISION"] = "ieee" if dtype == "float32" else "tf32"
+    common = dict(sorted_ids_ptr=_ptr("i32"), expert_ids_ptr=_ptr("i32"), num_post_padded_ptr=_ptr("i32"),
+                  num_pairs="i32", hidden_size=("i32", DIV16), inter=("i32", DIV16), num_pid_m="i32",
+                  stride_we=("i32", DIV16), stride_wn=("i32", DIV16), stride_wk=1)
+    gate_up = dict(common, x_ptr=_ptr(t), w13_ptr=_ptr(t), act_ptr=_ptr(t), top_k="i32",
+                   stride_xm=("i32", DIV16), stride_xk=1, stride_am=("i32", DIV16), stride_an=1)
+    down = dict(common, act_ptr=_ptr(t), w2_ptr=_ptr(t), pair_out_ptr=_ptr("fp32"), topk_weights_ptr=_ptr("fp32"),
+                stride_am=("i32", DIV16), stride_ak=1, stride_pm=("i32", DIV16))
+    launch = (config["num_warps"], config["num_stages"])
+    return [(triton_gemm.gate_up_kernel, gate_up, tiles, *launch), (triton_gemm.down_kernel, down, tiles, *launch)]
+
+
+def small_jobs(dtype: str) -> list[tuple]:
+    """Alignment kernel for small / large expert counts and the top-k sum, for int32 and int64 ids."""
+    jobs = []
+    for ids_type, (e_p2, chunk) in (("i64", (16, 256)), ("i32", (128, 32)), ("i64", (1024, 16))):
+        args = dict(topk_ids_ptr=_ptr(ids_type), sorted_ids_ptr=_ptr("i32"), expert_ids_ptr=_ptr("i32"),
+                    num_post_padded_ptr=_ptr("i32"), num_pairs="i32", num_experts="i32", num_blocks="i32")
+        consts = dict(BLOCK_M=16, E_P2=e_p2, CHUNK=chunk, FILL=1024)
+        jobs.append((triton_align._align_kernel, args, consts, 4, 1))
+    for ids_type, (block_t, block_h) in (("i64", (2, 1024)), ("i32", (32, 64))):
+        args = dict(pair_out_ptr=_ptr("fp32"), topk_ids_ptr=_ptr(ids_type), out_ptr=_ptr(TRITON_TYPES[dtype]),
+                    num_tokens="i32", hidden_size=("i32", DIV16), num_experts="i32", stride_om=("i32", DIV16))
+        jobs.append((triton_gemm.topk_sum_kernel, args, dict(TOP_K=8, BLOCK_T=block_t, BLOCK_H=block_h), 4, 1))
+    return jobs
+
+
+def run(arch: int = 90, quick: bool = False) -> list[str]:
+    """Compile everything; return one report line per kernel. Raises on compile or smem failure."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: the AOT check needs the real compiler")
+    configs = list({tuple(c.items()): c for c in load_table(str(CONFIG_DIR / DEFAULT_FILE)).values()}.values())
+    jobs = []
+    for config in configs[:1] if quick else configs:
+        jobs += gemm_jobs(config, "bfloat16")
+    jobs += gemm_jobs(configs[-1], "float16") + gemm_jobs(fp32_tiles(configs[-1]), "float32") + small_jobs("bfloat16")
+    limit, lines = SMEM_LIMIT.get(arch, 101376), []
+    for fn, args, consts, warps, stages in jobs:
+        kernel = compile_kernel(fn, args, consts, arch, warps, stages)
+        shared = kernel.metadata.shared
+        pipelined = kernel.asm["ttgir"].count("async_copy_global_to_local")
+        usage = resource_usage(kernel.asm["cubin"])
+        line = (f"{fn.__name__:<16} {consts} warps={warps} stages={stages}: smem {shared} B, "
+                f"{pipelined} async copies, regs {usage.get('REG', '?')}")
+        if usage.get("STACK", 0) or usage.get("LOCAL", 0):
+            raise RuntimeError(f"{line}: register spills {usage}")
+        if shared > limit:
+            raise RuntimeError(f"{line}: exceeds the {limit} B shared-memory limit of sm_{arch}")
+        if fn.__name__ in ("gate_up_kernel", "down_kernel") and stages > 1 and pipelined == 0:
+            raise RuntimeError(f"{line}: K loop was not pipelined")
+        lines.append(line)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    parser.add_argument("--quick", action="store_true", help="one bf16 tile config instead of all defaults")
+    args = parser.parse_args()
+    for line in run(args.arch, args.quick):
+        print(line)
+    print(f"OK: all Triton MoE kernels compile for sm_{args.arch}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

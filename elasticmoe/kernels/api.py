@@ -1,0 +1,73 @@
+"""Public fused-MoE entry point: validates inputs and dispatches to the torch or Triton backend."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .torch_moe import fused_moe_torch
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "ELASTICMOE_MOE_BACKEND"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map `backend` ("auto" | "torch" | "triton") to a concrete backend for tensors on `device`.
+
+    An explicit "torch"/"triton" argument wins; for "auto" the env var ELASTICMOE_MOE_BACKEND
+    (torch|triton) forces a backend, otherwise CUDA tensors get triton and anything else torch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r}; expected torch, triton or auto")
+        return forced
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights) -> None:
+    """Raise ValueError unless shapes match hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k]."""
+    if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"expected hidden 2-D and weights 3-D, got {hidden.shape}, {w13.shape}, {w2.shape}")
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_i, h13 = w13.shape
+    if two_i % 2 or h13 != hidden_size or tuple(w2.shape) != (num_experts, hidden_size, two_i // 2):
+        raise ValueError(
+            f"weight shapes w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not match "
+            f"w13 [E, 2I, {hidden_size}], w2 [E, {hidden_size}, I]"
+        )
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
+                         f"must both be [{num_tokens}, k]")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Routed-experts forward: out[t] = sum_j topk_weights[t, j] * expert(topk_ids[t, j])(hidden[t]).
+
+    hidden [T, H]; w13 [E, 2I, H] (rows :I gate, I: up); w2 [E, H, I];
+    topk_ids [T, k] int32/int64 (-1 = skip); topk_weights [T, k] fp32 or hidden's dtype.
+    expert e(x) = (silu(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T.
+    Returns [T, H] in hidden's dtype (top-k reduction accumulated in fp32). T may be 0.
+    """
+    check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights)
+    if hidden.shape[0] == 0 or topk_ids.shape[1] == 0:
+        return torch.zeros_like(hidden)  # [T, H]
+    if resolve_backend(backend, hidden.device) == "torch":
+        return fused_moe_torch(hidden, w13, w2, topk_ids, topk_weights)
+    from .triton_moe import fused_moe_triton  # lazy: importing triton must wait for TRITON_INTERPRET
+
+    return fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights)

@@ -1,0 +1,36 @@
+"""Float64 per-token loop reference for the fused MoE contract (tests and benchmark checks only)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def fused_moe_reference(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Slow, obviously-correct MoE forward, computed in float64.
+
+    hidden [T, H]; w13 [E, 2I, H] (rows :I gate, I: up); w2 [E, H, I];
+    topk_ids [T, k] (-1 or any id outside [0, E) contributes nothing); topk_weights [T, k].
+    Returns [T, H] in hidden's dtype.
+    """
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    x64 = hidden.double()  # [T, H]
+    w13_64, w2_64 = w13.double(), w2.double()
+    weights64 = topk_weights.double()  # [T, k]
+    out = torch.zeros_like(x64)  # [T, H]
+    ids = topk_ids.tolist()
+    for t, row in enumerate(ids):
+        for j, e in enumerate(row):
+            if e < 0 or e >= num_experts:
+                continue
+            gate = x64[t] @ w13_64[e, :inter].T  # [I]
+            up = x64[t] @ w13_64[e, inter:].T  # [I]
+            act = torch.nn.functional.silu(gate) * up  # [I]
+            out[t] += weights64[t, j] * (act @ w2_64[e].T)  # [H]
+    return out.to(hidden.dtype)

@@ -1,0 +1,133 @@
+"""Pure-torch fused MoE (the CPU serving path and the CUDA fallback): sort pairs by expert, GEMM per expert.
+
+Three strategies, picked per call by `pick_strategy` (all numerically equivalent):
+  * "bmm":     tiny decode batches with small experts: gather the selected experts' weights and run
+               two batched mat-vecs. No sort, no host sync, ~10 ops whatever the routing; loses as soon
+               as the gathered weight copy costs more than the per-expert Python overhead.
+  * "grouped": `torch.nn.functional.grouped_mm` over expert-sorted rows (CPU only here: on CUDA it is
+               bf16/sm80+ only). No host sync and no per-expert Python loop.
+  * "segment": one `mm` pair per non-empty expert segment; a single `.tolist()` of segment counts is
+               the only host sync. Works everywhere (CPU/CUDA, every float dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+STRATEGIES = ("auto", "bmm", "grouped", "segment")
+# Measured on CPU (see benchmarks/KERNELS.md): bmm wins while the weight gather stays below ~1 MiB.
+BMM_MAX_PAIRS = 64
+BMM_MAX_GATHER_BYTES = 1 << 20
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def pick_strategy(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_pairs: int) -> str:
+    """Choose the cheapest torch strategy for `num_pairs` = T * k (token, slot) pairs."""
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    if num_pairs <= BMM_MAX_PAIRS and num_pairs * expert_bytes <= BMM_MAX_GATHER_BYTES:
+        return "bmm"
+    if hidden.device.type == "cpu" and _HAS_GROUPED_MM:
+        return "grouped"
+    return "segment"
+
+
+def fused_moe_torch(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """MoE forward with torch ops. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H].
+
+    Expert ids outside [0, E) (in particular -1) contribute nothing. Accumulation of the weighted
+    top-k sum is fp32; the result has hidden's dtype.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown torch MoE strategy {strategy!r}; expected one of {STRATEGIES}")
+    x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
+    if strategy == "auto":
+        strategy = pick_strategy(x, w13, w2, topk_ids.numel())
+    if strategy == "bmm":
+        out = _moe_bmm(x, w13, w2, topk_ids, topk_weights)
+    elif strategy == "grouped":
+        out = _moe_grouped(x, w13, w2, topk_ids, topk_weights)
+    else:
+        out = _moe_segment(x, w13, w2, topk_ids, topk_weights)
+    return out.to(hidden.dtype)
+
+
+def _skip_key(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Flattened sort key [N]: the expert id, or E for a skipped slot (-1 or out of range)."""
+    return topk_ids.reshape(-1).clamp(-1, num_experts).remainder_(num_experts + 1)  # [N]
+
+
+def _expert_counts(key: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Histogram [num_bins] of key [N]. bincount on CPU; scatter_add elsewhere (CUDA bincount syncs)."""
+    if key.device.type == "cpu":
+        return torch.bincount(key, minlength=num_bins)
+    ones = torch.ones_like(key, dtype=torch.int64)
+    return torch.zeros(num_bins, dtype=torch.int64, device=key.device).scatter_add_(0, key.long(), ones)
+
+
+def _activate(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+    """silu(gate) * up for gate_up [M, 2I] -> [M, I]."""
+    act = F.silu(gate_up[:, :inter])  # [M, I]
+    return act.mul_(gate_up[:, inter:])
+
+
+def _moe_bmm(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
+    """Gathered batched mat-vec over the T*k selected experts; returns fp32 [T, H]."""
+    num_tokens, hidden_size = x.shape
+    num_experts, top_k, inter = w13.shape[0], topk_ids.shape[1], w2.shape[2]
+    flat = topk_ids.reshape(-1)  # [N]
+    valid = (flat >= 0) & (flat < num_experts)  # [N]
+    experts = torch.where(valid, flat, 0)  # [N]
+    rows = x.unsqueeze(1).expand(num_tokens, top_k, hidden_size).reshape(-1, hidden_size, 1)  # [N, H, 1]
+    gate_up = torch.bmm(w13[experts], rows).squeeze(-1)  # [N, 2I]
+    act = _activate(gate_up, inter).unsqueeze(-1)  # [N, I, 1]
+    y = torch.bmm(w2[experts], act).squeeze(-1)  # [N, H]
+    weights = torch.where(valid, topk_weights.reshape(-1).float(), 0.0)  # [N]
+    return (y.float() * weights[:, None]).view(num_tokens, top_k, hidden_size).sum(1)  # [T, H]
+
+
+def _moe_grouped(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
+    """One `grouped_mm` per projection over expert-sorted rows; returns fp32 [T, H]. No host sync."""
+    num_experts, top_k, inter = w13.shape[0], topk_ids.shape[1], w2.shape[2]
+    key = _skip_key(topk_ids, num_experts)  # [N]
+    order = torch.argsort(key, stable=True)  # [N] pair indices, skipped pairs last
+    counts = _expert_counts(key, num_experts + 1)  # [E + 1]
+    offs = counts[:num_experts].cumsum(0).to(torch.int32)  # [E] segment ends
+    tokens = order // top_k  # [N]
+    gate_up = F.grouped_mm(x[tokens], w13.transpose(1, 2), offs=offs)  # [N, 2I]
+    y = F.grouped_mm(_activate(gate_up, inter), w2.transpose(1, 2), offs=offs)  # [N, H]
+    weights = topk_weights.reshape(-1)[order].float()  # [N]
+    # Rows past offs[-1] (skipped pairs) are left uninitialised by grouped_mm: mask, do not multiply.
+    weighted = torch.where((key[order] < num_experts)[:, None], y.float() * weights[:, None], 0.0)
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    return out.index_add_(0, tokens, weighted)
+
+
+def _moe_segment(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
+    """One mm pair per non-empty expert segment; returns fp32 [T, H]. One host sync (segment counts)."""
+    num_experts, top_k, inter = w13.shape[0], topk_ids.shape[1], w2.shape[2]
+    key = _skip_key(topk_ids, num_experts)  # [N]
+    order = torch.argsort(key, stable=True)  # [N]
+    counts = _expert_counts(key, num_experts + 1).tolist()  # the one host sync
+    order = order[: key.numel() - counts[num_experts]]  # [M] drop skipped pairs
+    tokens = order // top_k  # [M]
+    rows = x[tokens]  # [M, H]
+    y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)  # [M, H]
+    start = 0
+    for expert, count in enumerate(counts[:num_experts]):
+        if count == 0:
+            continue
+        end = start + count
+        gate_up = torch.mm(rows[start:end], w13[expert].t())  # [c, 2I]
+        torch.mm(_activate(gate_up, inter), w2[expert].t(), out=y[start:end])  # [c, H]
+        start = end
+    weights = topk_weights.reshape(-1)[order].float()  # [M]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    return out.index_add_(0, tokens, y.float() * weights[:, None])

@@ -1,0 +1,123 @@
+"""Triton kernels of the fused MoE: grouped gate/up GEMM + SiLU, grouped down GEMM x router weight, top-k sum.
+
+Rows are addressed through sorted_token_ids (see align.py): block pid_m holds BLOCK_M pair slots of
+one expert (expert_ids[pid_m]); slots holding N are padding and are masked everywhere.
+Only sm_90-compilable constructs: constexpr tiles >= 16 for tl.dot, masks for ragged H / I,
+scalar early exit on the device-side padded total.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) ordering of program ids -> (pid_m, pid_n)."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def gate_up_kernel(
+    x_ptr, w13_ptr, act_ptr,  # x [T, H], w13 [E, 2I, H], act [B * BLOCK_M, I] (sorted rows), out
+    sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+    num_pairs, top_k, hidden_size, inter, num_pid_m,
+    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_am, stride_an,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, I + n]) for one [BLOCK_M, BLOCK_N] tile."""
+    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] padded slots
+    pairs = tl.load(sorted_ids_ptr + offs_m)  # [BM]
+    row_ok = pairs < num_pairs
+    tokens = (pairs // top_k).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    col_ok = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    x_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
+    g_ptrs = w13_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
+    u_ptrs = g_ptrs + inter * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(hidden_size, BLOCK_K)):
+        k_ok = offs_k < hidden_size - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+    act = acc_g * tl.sigmoid(acc_g) * acc_u  # [BM, BN] fp32
+    a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :] * stride_an
+    tl.store(a_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def down_kernel(
+    act_ptr, w2_ptr, pair_out_ptr, topk_weights_ptr,  # act [B*BM, I], w2 [E, H, I], pair_out [N, H] fp32
+    sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+    num_pairs, hidden_size, inter, num_pid_m,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_pm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """pair_out[p, n] = topk_weights[p] * (act[slot] . w2[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
+    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    pairs = tl.load(sorted_ids_ptr + offs_m)  # [BM]
+    row_ok = pairs < num_pairs
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    col_ok = offs_n < hidden_size
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
+    b_ptrs = w2_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(inter, BLOCK_K)):
+        k_ok = offs_k < inter - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_wk
+    weight = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
+    acc = acc * weight[:, None]
+    o_ptrs = pair_out_ptr + pairs[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
+    tl.store(o_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def topk_sum_kernel(
+    pair_out_ptr, topk_ids_ptr, out_ptr,  # pair_out [N, H] fp32 (contiguous), topk_ids [N], out [T, H]
+    num_tokens, hidden_size, num_experts, stride_om,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[t] = sum_j pair_out[t * k + j] over slots with a valid expert id, fp32 then cast."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+    row_ok = tokens < num_tokens
+    tokens = tokens.to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pairs = tokens * TOP_K + j  # [BT]
+        expert = tl.load(topk_ids_ptr + pairs, mask=row_ok, other=-1)
+        limit = tl.where((expert >= 0) & (expert < num_experts), hidden_size, 0)  # [BT], 0 skips the slot
+        ptrs = pair_out_ptr + pairs[:, None] * hidden_size + offs[None, :]
+        acc += tl.load(ptrs, mask=offs[None, :] < limit[:, None], other=0.0)
+    o_ptrs = out_ptr + tokens[:, None] * stride_om + offs[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs[None, :] < hidden_size))

@@ -1,0 +1,137 @@
+"""End to end elasticity on a real local Ray: hot-expert replication, surviving a killed shard, scaling 2 -> 3 -> 2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.client import GenerationClient
+from tests.serving_util import GRPC, app_entry, deploy, handle, make_skewed_model
+
+pytestmark = pytest.mark.e2e
+PROMPTS = [f"Request number {i} asks the experts about {w}" for i, w in
+           enumerate(["fish", "the sea", "mountains", "rivers", "a king", "stars", "apples", "the wind"])]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def apps(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("elastic")
+    skew = make_skewed_model(tmp / "skew")
+    auto = {"min_shards": 2, "max_shards": 3, "rebalance_interval_s": 2.0, "max_moves": 8,
+            "target_utilization": 1.0, "slots_per_shard": 6}
+    deploy(ray_cluster, [app_entry("skew", skew, 2, autoscaling={**auto, "max_shards": 2}),
+                         app_entry("elastic", skew, 2, autoscaling=auto)], tmp / "elastic.yaml")
+    llm = LLM(str(skew))
+    reference = {p: o.token_ids for p, o in zip(PROMPTS, llm.generate(
+        PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)))}
+    return reference
+
+
+def _request(app: str, prompt: str, stream: bool = False) -> list[int]:
+    client = GenerationClient(GRPC, app=app)
+    if stream:
+        return [t for r in client.stream(prompt, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+                for t in r.token_ids]
+    return list(client.generate(prompt, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True).token_ids)
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_hot_experts_get_replicated_and_balance_rises(apps):
+    controller = handle("Controller", "skew")
+    first = None
+    failures, outputs = 0, []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        with ThreadPoolExecutor(8) as pool:
+            for p, got in zip(PROMPTS, pool.map(lambda p: _request("skew", p), PROMPTS)):
+                outputs.append(got == apps[p])
+        st = controller.status.remote().result()
+        if first is None and sum(sum(r) for r in st["load"]) > 0:
+            first = st
+        moves = [e for e in st["events"] if e["event"] == "placement" and e["moves"] > 0]
+        if moves and first is not None and min(st["balancedness"]) > min(first["balancedness"]) + 0.05:
+            break
+    assert all(outputs) and failures == 0
+    assert moves, "the controller never re-placed experts"
+    copies = st["copies"]
+    assert max(copies[0][0], copies[0][1]) > 1, f"hot experts not replicated: {copies}"
+    assert min(st["balancedness"]) > min(first["balancedness"])
+
+
+def test_killed_shard_during_streams_loses_nothing(apps):
+    shards = handle("ExpertShard", "elastic")
+    pids: set[int] = set()
+    for _ in range(50):
+        pids.add(shards.info.remote().result()["pid"])
+        if len(pids) >= 2:
+            break
+    assert len(pids) >= 2
+    victim = min(pids)
+    results: dict[str, list[int]] = {}
+
+    def run(p):
+        results[p] = _request("elastic", p, stream=True)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=300)
+    assert results == apps, "a stream failed or diverged after the shard was killed"
+    controller = handle("Controller", "elastic")
+    st = _wait(lambda: (s := controller.status.remote().result())["complete"] and
+               sum(1 for x in s["shards"] if x["ready"] and x["healthy"]) >= 2 and s, 240, "the replica to rejoin")
+    assert any(e["event"] == "removed" for e in st["events"])
+    assert all(_request("elastic", p) == apps[p] for p in PROMPTS[:2])
+
+
+def test_scale_2_3_2_under_load(apps, ray_cluster):
+    controller = handle("Controller", "elastic")
+    stop = threading.Event()
+    bad: list = []
+
+    def load():
+        i = 0
+        while not stop.is_set():
+            p = PROMPTS[i % len(PROMPTS)]
+            try:
+                if _request("elastic", p) != apps[p]:
+                    bad.append(("diverged", p))
+            except Exception as e:  # noqa: BLE001 - counted as a failure
+                bad.append(("failed", repr(e)))
+            i += 1
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        for n in (3, 2):
+            controller.set_target_shards.remote(n).result()
+            _wait(lambda: (s := controller.status.remote().result())["num_shards"] == n and s["complete"]
+                  and sum(1 for x in s["shards"] if x["ready"]) == n, 300, f"{n} shards")
+            status = ray_cluster.serve_status()
+            dep = status["applications"]["elastic"]["deployments"]["ExpertShard"]
+            assert dep["status"] in ("HEALTHY", "UPSCALING", "DOWNSCALING")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=120)
+    assert not bad, bad[:5]

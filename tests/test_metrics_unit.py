@@ -1,0 +1,126 @@
+"""GatewayMetrics without Ray: in-process expert-token counts per mode, request counters, cheap routing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from elasticmoe.gateway.metrics import GatewayMetrics
+
+LAYERS, EXPERTS, MOE_LAYERS = 3, 8, [1, 2]
+
+
+def _metrics(mode: str = "per_expert") -> GatewayMetrics:
+    m = GatewayMetrics(mode, LAYERS, EXPERTS, MOE_LAYERS)
+    assert not m.exporting  # no Ray in unit tests: in-process only
+    return m
+
+
+def test_route_counts_sum_to_tokens_times_k_times_calls():
+    m = _metrics()
+    g = torch.Generator().manual_seed(0)
+    calls, tokens, k = 25, 13, 2
+    expected = np.zeros((LAYERS, EXPERTS), dtype=np.int64)
+    for i in range(calls):
+        layer = MOE_LAYERS[i % 2]
+        ids = torch.stack([torch.randperm(EXPERTS, generator=g)[:k] for _ in range(tokens)])  # [T, k]
+        m.route(layer, ids)
+        np.add.at(expected[layer], ids.reshape(-1).numpy(), 1)
+    totals = m.expert_token_totals()
+    assert totals.shape == (LAYERS, EXPERTS) and totals.dtype == np.int64
+    assert totals.sum() == calls * tokens * k
+    np.testing.assert_array_equal(totals, expected)
+    assert totals[0].sum() == 0  # a dense layer never routes
+
+
+def test_totals_accumulate_across_reads_and_accept_int32_ids():
+    m = _metrics()
+    m.route(1, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32))
+    first = m.expert_token_totals()
+    m.route(1, torch.tensor([[1, 7]]))
+    second = m.expert_token_totals()
+    assert first[1].tolist() == [1, 2, 1, 0, 0, 0, 0, 0]
+    assert second[1].tolist() == [1, 3, 1, 0, 0, 0, 0, 1]
+    first[1, 0] = 99  # a copy: callers can't corrupt the totals
+    assert m.expert_token_totals()[1, 0] == 1
+
+
+def test_routing_inside_inference_mode_reads_outside():
+    m = _metrics()
+    with torch.inference_mode():  # as the engine thread calls it
+        m.route(1, torch.tensor([[2, 3]]))
+    assert m.expert_token_totals()[1].sum() == 2
+    m.route(1, torch.tensor([[2, 4]]))  # and outside inference mode too
+    with torch.inference_mode():
+        m.route(1, torch.tensor([[2, 5]]))
+    assert m.expert_token_totals()[1].tolist() == [0, 0, 3, 1, 1, 1, 0, 0]
+
+
+def test_negative_ids_are_ignored_and_empty_batches_are_fine():
+    m = _metrics()
+    m.route(2, torch.tensor([[3, -1], [-1, 3]]))
+    m.route(2, torch.empty((0, 2), dtype=torch.int64))
+    assert m.expert_token_totals()[2].tolist() == [0, 0, 0, 2, 0, 0, 0, 0]
+
+
+def test_per_layer_mode_keeps_the_same_in_process_totals():
+    m = _metrics("per_layer")
+    m.route(1, torch.tensor([[0, 5], [5, 6]]))
+    assert m.expert_token_totals().sum() == 4 and m.expert_token_totals()[1, 5] == 2
+    m.flush()  # exports nothing without Ray, and must not raise
+
+
+def test_off_mode_records_nothing():
+    m = _metrics("off")
+    m.route(1, torch.tensor([[0, 1]]))
+    assert m.expert_token_totals().sum() == 0
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="expert_metrics"):
+        GatewayMetrics("per_token", LAYERS, EXPERTS, MOE_LAYERS)
+
+
+def test_request_and_control_plane_counters():
+    m = _metrics("per_layer")
+    m.request("http", "ok")
+    m.request("http", "ok")
+    m.request("grpc", "rejected")
+    m.error(429)
+    m.ttft(0.1), m.tpot(0.01), m.e2e(1.0)
+    m.engine(running=3, queued=1, kv_usage=0.75)
+    m.copies(1, 0, 2), m.copies(1, 1, 1), m.copies(1, 0, 3)
+    m.balancedness(1, 0.9), m.shard_health("shard-0", False), m.rebalance(1024), m.fanout([1e-3, 2e-3])
+    assert m.requests == {("http", "ok"): 2, ("grpc", "rejected"): 1} and m.errors == {"429": 1}
+    assert m.latency_counts == {"ttft": 1, "tpot": 1, "e2e": 1}
+    assert m.gauges["running"] == 3 and m.gauges["kv_usage"] == 0.75
+    assert m.expert_copies == {(1, 0): 3, (1, 1): 1} and m.shards == {"shard-0": False}
+    assert (m.rebalance_events, m.rebalance_bytes) == (1, 1024)
+
+
+def test_route_is_cheap_and_thread_safe():
+    m = _metrics()
+    ids = torch.randint(0, EXPERTS, (256, 2))
+    m.route(1, ids)  # warm up
+    t0 = time.perf_counter()
+    for _ in range(200):
+        m.route(1, ids)
+    per_call = (time.perf_counter() - t0) / 200
+    assert per_call < 2e-3, f"route() took {per_call * 1e6:.0f} us per call"
+
+    def worker() -> None:
+        for _ in range(100):
+            m.route(2, ids)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(20):
+        m.expert_token_totals()  # concurrent reads while the "engine" routes
+    for t in threads:
+        t.join()
+    assert m.expert_token_totals()[2].sum() == 2 * 100 * ids.numel()
