@@ -51,7 +51,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _controller_status(address: str) -> dict:
+def _controller_status(address: str, app: str = "elasticmoe") -> dict:
     import os
 
     import ray
@@ -61,13 +61,17 @@ def _controller_status(address: str) -> dict:
 
     os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    return serve.get_deployment_handle("Controller", app_name="elasticmoe").status.remote().result(timeout_s=30)
+    return serve.get_deployment_handle("Controller", app_name=app).status.remote().result(timeout_s=30)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    st = _controller_status(ns.address)
-    print(f"placement version {st['version']}  shards {len(st['shards'])}/{st['num_shards']}  "
-          f"complete {st['complete']}")
+    st = _controller_status(ns.address, ns.app)
+    print(f"placement version {st['version']}  shards {len(st['shards'])}/{st['num_shards']} "
+          f"(desired {st.get('desired_shards')})  every expert placed: {st['complete']}  "
+          f"weights moved: {st.get('bytes_moved', 0) / 1e6:.1f} MB")
+    bal = st.get("balancedness") or []
+    if bal:
+        print("balancedness per MoE layer (mean/max shard load): " + " ".join(f"{b:.2f}" for b in bal))
     print(f"{'position':>8}  {'shard':<34} {'address':<22} {'health':<8} {'experts':>7} {'tokens':>8} {'calls':>6}")
     for s in st["shards"]:
         health = "ok" if s["healthy"] and s["ready"] else ("loading" if s["healthy"] else "dead")
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("status", help="placement version, shard health and load, hottest experts")
     p.add_argument("--address", default="auto", help="Ray cluster address")
+    p.add_argument("--app", default="elasticmoe", help="Serve application name")
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("offline", help="complete a prompt in this process (the offline LLM API)")
     p.add_argument("prompt")

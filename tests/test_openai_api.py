@@ -296,6 +296,7 @@ def test_full_queue_is_a_429(model):
     core = Core(*model, max_num_seqs=1, max_queue=0, max_model_len=256)
     server = Server(build_openai_app(core))
     client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    core.dispatcher.delay_s = 0.005  # the busy request lasts >= 2 s
     try:
         busy = client.completions.create(model="m", prompt=PROMPT, max_tokens=200, stream=True,
                                          extra_body={"ignore_eos": True})
@@ -306,6 +307,7 @@ def test_full_queue_is_a_429(model):
         assert e.value.response.headers["retry-after"] == "1"
         busy.close()
         _wait_idle(core)
+        core.dispatcher.delay_s = 0.0
         assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
         assert core.metrics.requests[("http", "rejected")] == 1 and core.metrics.errors["429"] == 1
     finally:

@@ -5,7 +5,8 @@ Three strategies, picked per call by `pick_strategy` (all numerically equivalent
                two batched mat-vecs. No sort, no host sync, ~10 ops whatever the routing; loses as soon
                as the gathered weight copy costs more than the per-expert Python overhead.
   * "grouped": `torch.nn.functional.grouped_mm` over expert-sorted rows (CPU only here: on CUDA it is
-               bf16/sm80+ only). No host sync and no per-expert Python loop.
+               bf16/sm80+ only). No host sync and no per-expert Python loop; used once there are at
+               least E/4 pairs.
   * "segment": one `mm` pair per non-empty expert segment; a single `.tolist()` of segment counts is
                the only host sync. Works everywhere (CPU/CUDA, every float dtype).
 """
@@ -16,9 +17,12 @@ import torch
 import torch.nn.functional as F
 
 STRATEGIES = ("auto", "bmm", "grouped", "segment")
-# Measured on CPU (see benchmarks/KERNELS.md): bmm wins while the weight gather stays below ~1 MiB.
+# CPU measurements (1 thread, see benchmarks/KERNELS.md): the weight gather of "bmm" costs more than the
+# per-expert overhead it saves beyond ~256 KiB; grouped_mm pays a small cost per expert, hit or not, so
+# the segment loop wins while the pairs are few compared with the experts.
 BMM_MAX_PAIRS = 64
-BMM_MAX_GATHER_BYTES = 1 << 20
+BMM_MAX_GATHER_BYTES = 256 << 10
+GROUPED_MIN_PAIRS_PER_EXPERT = 0.25
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
@@ -27,7 +31,8 @@ def pick_strategy(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num
     expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
     if num_pairs <= BMM_MAX_PAIRS and num_pairs * expert_bytes <= BMM_MAX_GATHER_BYTES:
         return "bmm"
-    if hidden.device.type == "cpu" and _HAS_GROUPED_MM:
+    dense_enough = num_pairs >= GROUPED_MIN_PAIRS_PER_EXPERT * w13.shape[0]
+    if hidden.device.type == "cpu" and _HAS_GROUPED_MM and dense_enough:
         return "grouped"
     return "segment"
 

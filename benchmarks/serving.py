@@ -1,0 +1,181 @@
+"""Serving benchmark: (a) the served cluster over gRPC, (b) LLM.generate in one process, (c) transformers generate.
+
+Output tokens/s, TTFT and TPOT p50/p99 at several concurrencies, plus the gateway's fan-out overhead per
+(layer, step). Starts (and stops) its own local Ray on 127.0.0.1. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+PROMPT = "The mixture of experts model routes every token to a few experts, and the request number"
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
+
+
+def _row(system: str, conc: int, tokens: int, wall: float, ttft: list[float], tpot: list[float]) -> dict:
+    return {"system": system, "concurrency": conc, "tok_s": tokens / wall, "ttft_p50_ms": _pct(ttft, 50),
+            "ttft_p99_ms": _pct(ttft, 99), "tpot_p50_ms": _pct(tpot, 50), "tpot_p99_ms": _pct(tpot, 99)}
+
+
+def bench_offline(llm, conc: int, n: int) -> dict:
+    """(b): all requests queued at once in one process; per-token times from the engine loop."""
+    from elasticmoe import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    seqs = [eng.add_request(f"b{conc}-{i}-{time.time()}", llm.encode(f"{PROMPT} {i}"), params) for i in range(conc)]
+    stamps: dict[str, list[float]] = {s.request_id: [] for s in seqs}
+    while eng.has_work():
+        for s in eng.step():
+            stamps[s.request_id].append(time.perf_counter())
+    wall = time.perf_counter() - t0
+    ttft = [v[0] - t0 for v in stamps.values()]
+    tpot = [(v[-1] - v[0]) / (len(v) - 1) for v in stamps.values()]
+    return _row("LLM.generate (1 process)", conc, conc * n, wall, ttft, tpot)
+
+
+def bench_hf(model, tok, conc: int, n: int) -> dict:
+    """(c): one padded batch through transformers generate; TTFT = a 1-token generate of the same batch."""
+    tok.padding_side = "left"
+    enc = tok([f"{PROMPT} {i}" for i in range(conc)], return_tensors="pt", padding=True)
+
+    def gen(k):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - t
+
+    first, wall = gen(1), gen(n)
+    return _row("transformers generate (padded)", conc, conc * n, wall, [first] * conc,
+                [(wall - first) / (n - 1)] * conc)
+
+
+def bench_served(conc: int, n: int, rounds: int) -> dict:
+    """(a): `conc` client threads, each streaming `rounds` requests through Serve's gRPC proxy."""
+    from elasticmoe.client import GenerationClient
+
+    ttft, tpot, total = [], [], [0]
+    lock = threading.Lock()
+
+    def client(i: int):
+        c = GenerationClient("127.0.0.1:9000", app="bench")
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            stamps = []
+            for msg in c.stream(f"{PROMPT} {i} {r}", max_tokens=n, temperature=0.0, ignore_eos=True):
+                stamps.extend([time.perf_counter()] * len(msg.token_ids))
+            with lock:
+                ttft.append(stamps[0] - t0)
+                tpot.append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1))
+                total[0] += len(stamps)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(conc)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _row("served: gateway + 2 shards (gRPC)", conc, total[0], time.perf_counter() - t0, ttft, tpot)
+
+
+def deploy(model_dir: Path, shards: int) -> None:
+    import yaml
+
+    from elasticmoe import local_cluster as lc
+
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
+           "grpc_options": {"port": 9000, "grpc_servicer_functions": [
+               "elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server"]},
+           "applications": [{"name": "bench", "route_prefix": "/bench", "import_path": "elasticmoe.app:build_app",
+                             "args": {"model": str(model_dir), "num_shards": shards,
+                                      "gateway_resources": {"num_cpus": 1}, "shard_resources": {"num_cpus": 1},
+                                      "limits": {"max_num_seqs": 32, "max_model_len": 512, "max_queue": 256}}}]}
+    path = model_dir.parent / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    lc.stop_ray()
+    lc.start_ray(num_cpus=8)
+    lc.serve_deploy(path)
+    lc.wait_running("bench")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving.json"))
+    a = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from elasticmoe import LLM
+    from elasticmoe import local_cluster as lc
+    from elasticmoe.model.tiny import make_tiny_model
+
+    model_dir = make_tiny_model("mixtral", Path(tempfile.mkdtemp()) / "m", layers=a.layers, experts=a.experts,
+                                hidden=a.hidden, intermediate=a.intermediate, heads=8, kv_heads=4)
+    concs = [int(c) for c in a.concurrency.split(",")]
+    llm = LLM(str(model_dir), max_num_seqs=max(concs))
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    rows = []
+    bench_offline(llm, 2, 4)  # warm-up
+    for c in concs:
+        rows += [bench_offline(llm, c, a.tokens), bench_hf(hf, tok, c, a.tokens)]
+    del llm, hf
+    deploy(model_dir, 2)
+    try:
+        bench_served(2, 4, 1)  # warm-up
+        for c in concs:
+            rows.append(bench_served(c, a.tokens, a.rounds))
+        import ray
+        from ray import serve
+
+        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+        fan = serve.get_deployment_handle("Gateway", app_name="bench").stats.remote().result()
+    finally:
+        lc.stop_ray()
+    _report(a, rows, fan)
+
+
+def _report(a, rows: list[dict], fan: dict) -> None:
+    print(f"\nmodel: mixtral-like {a.layers} layers x {a.experts} experts, hidden {a.hidden}, I {a.intermediate}, "
+          f"fp32 CPU ({os.cpu_count()} vCPUs), {a.tokens} output tokens per request, greedy")
+    print(f"{'system':<36}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  (ms)")
+    for r in sorted(rows, key=lambda r: (r["concurrency"], r["system"])):
+        print(f"{r['system']:<36}{r['concurrency']:>5}{r['tok_s']:>9.1f}{r['ttft_p50_ms']:>10.1f}"
+              f"{r['ttft_p99_ms']:>8.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>8.1f}")
+    for c in sorted({r["concurrency"] for r in rows}):
+        by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}
+        print(f"concurrency {c}: served / transformers = {by['served'] / by['transformers']:.2f}x, "
+              f"served / LLM.generate = {by['served'] / by['LLM.generate']:.2f}x")
+    p50, p99 = fan.get("fanout_overhead_p50_s"), fan.get("fanout_overhead_p99_s")
+    print(f"fan-out overhead per (layer, step) = gateway wait - shard compute: p50 {p50 * 1e3:.3f} ms, "
+          f"p99 {p99 * 1e3:.3f} ms over {fan.get('fanout_samples')} samples")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows, "fanout": fan}, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

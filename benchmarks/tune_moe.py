@@ -1,0 +1,109 @@
+"""Grid-search Triton MoE tile configs on this GPU and write elasticmoe/kernels/configs/E=..,N=..,K=..,...json.
+
+python benchmarks/tune_moe.py --model qwen3-30b-a3b            (bf16, tokens 1..4096)
+python benchmarks/tune_moe.py --shape 64 2048 1408 6 --quick   (E H I k: any other model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from kernels import MODELS, TOKENS, make_case  # noqa: E402  (benchmarks/kernels.py)
+
+SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KiB per block; leave headroom
+MAX_ACC_REGS = 128  # fp32 accumulator registers per thread (gate + up tiles in GEMM 1)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", choices=list(MODELS))
+    group.add_argument("--shape", nargs=4, type=int, metavar=("E", "H", "I", "K"))
+    p.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--quick", action="store_true", help="smaller search space (minutes instead of ~an hour)")
+    p.add_argument("--out-dir", default=None, help="default: elasticmoe/kernels/configs")
+    return p.parse_args()
+
+
+def search_space(tokens: int, elem_bytes: int, quick: bool) -> list[dict]:
+    """Tile configs worth trying at `tokens` tokens: BLOCK_M capped by the batch, smem/register fits."""
+    block_ms = [m for m in (16, 32, 64, 128) if m <= max(16, triton_next_pow2(tokens))]
+    space = itertools.product(
+        block_ms, (64, 128) if quick else (32, 64, 128), (64, 128) if quick else (64, 128, 256),
+        (1, 8) if quick else (1, 8, 16), (4, 8), (3, 4) if quick else (2, 3, 4, 5),
+    )
+    configs = []
+    for bm, bn, bk, group, warps, stages in space:
+        smem = stages * (bm * bk + 2 * bk * bn) * elem_bytes
+        acc_regs = 2 * bm * bn // (warps * 32)
+        if smem <= SMEM_BYTES and acc_regs <= MAX_ACC_REGS:
+            configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group,
+                            "num_warps": warps, "num_stages": stages})
+    return configs
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda")) -> tuple[dict, float]:
+    """Fastest correct config for one token count -> (config, microseconds)."""
+    import triton.testing
+
+    from elasticmoe.kernels.torch_moe import fused_moe_torch
+    from elasticmoe.kernels.triton_moe import fused_moe_triton
+
+    x, w13, w2, ids, weights = make_case(shape, tokens, dtype, device)
+    ref = fused_moe_torch(x, w13, w2, ids, weights, strategy="segment").float()
+    best, best_us = None, float("inf")
+    for cfg in search_space(tokens, w13.element_size(), quick):
+        try:
+            out = fused_moe_triton(x, w13, w2, ids, weights, config=cfg).float()
+            if (out - ref).abs().max() > 2e-2 * ref.abs().max():
+                print(f"  T={tokens} {cfg}: wrong result, skipped", flush=True)
+                continue
+            us = 1e3 * triton.testing.do_bench(
+                lambda: fused_moe_triton(x, w13, w2, ids, weights, config=cfg), warmup=5, rep=25)
+        except Exception as exc:  # noqa: BLE001  out of shared memory / registers on this GPU
+            print(f"  T={tokens} {cfg}: {type(exc).__name__}", flush=True)
+            continue
+        if us < best_us:
+            best, best_us = cfg, us
+    if best is None:
+        raise RuntimeError(f"no config compiled and passed for T={tokens}")
+    return best, best_us
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tune_moe.py needs a CUDA GPU")
+    from elasticmoe.kernels import tuning
+
+    shape = tuple(MODELS[args.model] if args.model else args.shape)
+    num_experts, hidden, inter, _ = shape
+    dtype = getattr(torch, args.dtype)
+    table = {}
+    for tokens in args.tokens:
+        cfg, us = tune_tokens(shape, tokens, dtype, args.quick)
+        table[str(tokens)] = cfg
+        print(f"T={tokens:>5}: {us:9.1f} us  {cfg}", flush=True)
+    name = tuning.config_file_name(num_experts, inter, hidden, dtype, tuning.device_name(torch.device("cuda")))
+    out = Path(args.out_dir or tuning.CONFIG_DIR) / name
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
