@@ -200,7 +200,7 @@ def _measure(fn, x, ids, weights, ref, dtype, device) -> dict:
             if err > TOLERANCE[dtype]:
                 return {"err": err, "note": f"WRONG: rel err {err:.2e} > {TOLERANCE[dtype]:.0e}, not timed"}
             return {"err": err, "us": time_us(lambda: fn(x, ids, weights), device)}
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # OOM, unsupported dtype/arch
+    except Exception as exc:  # noqa: BLE001  OOM, unsupported dtype/arch, Triton out of resources
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return {"note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}

@@ -137,6 +137,8 @@ def test_strategy_choice_by_size():
     assert torch_moe.pick_strategy(small[0], small[1], small[2], 4) == "bmm"
     assert torch_moe.pick_strategy(small[0], small[1], small[2], 4096) in ("grouped", "segment")
     assert torch_moe.pick_strategy(big[0], big[1], big[2], 2) != "bmm"  # 2 x 6 MiB weight gather
+    many = make_inputs(1, 128, 8, hidden=256, inter=128)
+    assert torch_moe.pick_strategy(many[0], many[1], many[2], 8) == "segment"  # 8 pairs over 128 experts
 
 
 @pytest.mark.parametrize("block_m", [16, 64])

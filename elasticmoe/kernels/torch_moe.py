@@ -28,7 +28,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 def pick_strategy(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_pairs: int) -> str:
     """Choose the cheapest torch strategy for `num_pairs` = T * k (token, slot) pairs."""
-    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
     if num_pairs <= BMM_MAX_PAIRS and num_pairs * expert_bytes <= BMM_MAX_GATHER_BYTES:
         return "bmm"
     dense_enough = num_pairs >= GROUPED_MIN_PAIRS_PER_EXPERT * w13.shape[0]

@@ -58,43 +58,61 @@ def fused_moe_triton(
     if hidden.device.type != "cuda" and not _interpreting():
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     num_tokens, hidden_size = hidden.shape
-    num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
-    num_pairs = num_tokens * top_k
+    num_experts, inter = w13.shape[0], w2.shape[2]
     cfg = config or get_config(num_experts, inter, hidden_size, w13.dtype, num_tokens, hidden.device)
     if config is None and w13.dtype == torch.float32:
         cfg = fp32_tiles(cfg)
     x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
     ids = topk_ids.reshape(-1).contiguous()  # [N]
-    weights = topk_weights.reshape(-1).contiguous()  # [N]
-    sorted_ids, expert_ids, num_post = align_block_size(ids, num_experts, cfg["BLOCK_M"])
-    num_pid_m = max_num_blocks(num_pairs, num_experts, cfg["BLOCK_M"])
+    routing = align_block_size(ids, num_experts, cfg["BLOCK_M"])  # sorted_ids, expert_ids, num_post
+    num_pid_m = max_num_blocks(ids.numel(), num_experts, cfg["BLOCK_M"])
     launch = dict(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         DOT_PRECISION="ieee" if w13.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    act = torch.empty(num_pid_m * cfg["BLOCK_M"], inter, dtype=w13.dtype, device=x.device)  # [B*BM, I]
-    grid = (num_pid_m * triton.cdiv(inter, cfg["BLOCK_N"]),)
+    act = _gate_up(x, w13, routing, topk_ids.shape[1], num_pid_m, launch)  # [B * BM, I]
+    pair_out = _down(act, w2, topk_weights.reshape(-1).contiguous(), routing, ids.numel(), num_pid_m, launch)
+    return _topk_sum(pair_out, ids, num_tokens, num_experts, hidden.dtype)  # [T, H]
+
+
+def _gate_up(x, w13, routing, top_k, num_pid_m, launch) -> torch.Tensor:
+    """act [B * BLOCK_M, I] = silu(gate) * up for every sorted slot (padding rows left unwritten)."""
+    inter = w13.shape[1] // 2
+    act = torch.empty(num_pid_m * launch["BLOCK_M"], inter, dtype=w13.dtype, device=x.device)
+    grid = (num_pid_m * triton.cdiv(inter, launch["BLOCK_N"]),)
     gate_up_kernel[grid](
-        x, w13, act, sorted_ids, expert_ids, num_post,
-        num_pairs, top_k, hidden_size, inter, num_pid_m,
+        x, w13, act, *routing,
+        x.shape[0] * top_k, top_k, x.shape[1], inter, num_pid_m,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0), act.stride(1),
         **launch,
     )
-    pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)  # [N, H]
-    grid = (num_pid_m * triton.cdiv(hidden_size, cfg["BLOCK_N"]),)
+    return act
+
+
+def _down(act, w2, weights, routing, num_pairs, num_pid_m, launch) -> torch.Tensor:
+    """pair_out [N, H] fp32 = topk_weight * (act @ w2[e]^T) per (token, slot) pair; -1 pairs unwritten."""
+    hidden_size, inter = w2.shape[1], w2.shape[2]
+    pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=act.device)
+    grid = (num_pid_m * triton.cdiv(hidden_size, launch["BLOCK_N"]),)
     down_kernel[grid](
-        act, w2, pair_out, weights, sorted_ids, expert_ids, num_post,
+        act, w2, pair_out, weights, *routing,
         num_pairs, hidden_size, inter, num_pid_m,
         act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
         **launch,
     )
-    out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=x.device)  # [T, H]
+    return pair_out
+
+
+def _topk_sum(pair_out, ids, num_tokens, num_experts, dtype) -> torch.Tensor:
+    """out [T, H] (dtype) = fp32 sum of pair_out [T * k, H] over each token's valid slots."""
+    hidden_size = pair_out.shape[1]
+    out = torch.empty(num_tokens, hidden_size, dtype=dtype, device=pair_out.device)
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
     block_t = max(2, min(TOPK_SUM_TILE // block_h, triton.next_power_of_2(num_tokens)))
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden_size, block_h))
     topk_sum_kernel[grid](
         pair_out, ids, out, num_tokens, hidden_size, num_experts, out.stride(0),
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+        TOP_K=ids.numel() // num_tokens, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
     )
     return out

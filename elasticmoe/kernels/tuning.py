@@ -68,7 +68,7 @@ def get_config(
         warnings.warn(
             f"elasticmoe.kernels: no tuned MoE config {name} in {CONFIG_DIR}; using default tiles "
             "(run benchmarks/tune_moe.py on this GPU to create one)",
-            stacklevel=3,
+            stacklevel=4,  # the caller of fused_moe
         )
     return nearest(table, num_tokens)
 
