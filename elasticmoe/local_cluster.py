@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 DASHBOARD = "http://127.0.0.1:8265"
+METRICS_PORT = 8080  # Ray's Prometheus endpoint: http://127.0.0.1:8080/metrics
 
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -39,7 +40,8 @@ def _run(args: list[str], timeout: float = 300, check: bool = True) -> subproces
 def start_ray(num_cpus: int | None = None, port: int = 6379, temp_dir: str | None = None) -> None:
     """`ray start --head` bound to 127.0.0.1 with the dashboard (needed by `serve deploy`) on 127.0.0.1:8265."""
     args = [_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-            "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats"]
+            "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats",
+            f"--metrics-export-port={METRICS_PORT}"]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
     if temp_dir:

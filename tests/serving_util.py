@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 GRPC = "127.0.0.1:9000"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def app_entry(name: str, model: str, num_shards: int, **kw) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -155,3 +156,128 @@ def test_full_queue_is_resource_exhausted(served):
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert codes.count("ok") >= 8 + 32 - 8  # what fitted ran to completion
     assert _greedy("mix2", PROMPTS[0]) == _greedy("mix2", PROMPTS[0])  # still serving
+
+
+# ----- the OpenAI-compatible HTTP API and the metrics, against the same served app
+
+def _openai():
+    from openai import OpenAI
+
+    return OpenAI(base_url="http://127.0.0.1:8000/mix2/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_completions_match_grpc(served):
+    client = _openai()
+    grpc_text = GenerationClient(GRPC, app="mix2").generate(PROMPTS[1], max_tokens=12, temperature=0.0,
+                                                            ignore_eos=True).text
+    r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == grpc_text and r.usage.completion_tokens == 12
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        if c.choices)
+    assert streamed == grpc_text
+
+
+def test_openai_chat_matches_grpc(served, tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["mixtral"]))
+    messages = [{"role": "user", "content": "Tell me about experts"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    expected = GenerationClient(GRPC, app="mix2").generate(prompt_token_ids=ids, max_tokens=10, temperature=0.0,
+                                                           ignore_eos=True).text
+    client = _openai()
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == expected
+    chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+@pytest.mark.parametrize("kwargs,param", [({"temperature": -1}, "temperature"), ({"top_p": 2.0}, "top_p"),
+                                          ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n")])
+def test_openai_bad_fields_are_400(kwargs, param, served):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        _openai().completions.create(model="tiny", prompt="hi", **{"max_tokens": 4, **kwargs})
+    body = err.value.body
+    assert err.value.status_code == 400 and body["type"] == "invalid_request_error" and param in body["message"]
+
+
+def _scrape() -> dict[str, float]:
+    import urllib.request
+
+    from elasticmoe.local_cluster import METRICS_PORT
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ray_elasticmoe_"):
+            name = line.split("{")[0].split(" ")[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            if name == "ray_elasticmoe_expert_tokens_total":
+                out["expert_series"] = out.get("expert_series", 0) + 1
+    return out
+
+
+def test_metrics_scraped_from_ray(served, tiny_models):
+    llm_tokens = len(LLM(str(tiny_models["mixtral"])).encode(PROMPTS[0]))
+    key = "ray_elasticmoe_expert_tokens_total"
+
+    def in_process(app: str) -> int:
+        return handle("Gateway", app).stats.remote().result()["expert_tokens_total"]
+
+    def offset() -> float:  # Prometheus total minus what live gateways counted: stale series of deleted apps + lag
+        return _scrape().get(key, 0.0) - (in_process("mix2") + in_process("ds3"))
+
+    settled = _wait_stable(offset, 120)
+    before = in_process("mix2")
+    n_req, max_tokens = 4, 8
+    for _ in range(n_req):
+        GenerationClient(GRPC, app="mix2").generate(PROMPTS[0], max_tokens=max_tokens, temperature=0.0,
+                                                    ignore_eos=True)
+    routed = n_req * (llm_tokens + max_tokens - 1) * 2 * 3  # tokens x top-k x MoE layers
+    assert in_process("mix2") - before == routed
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and offset() != settled:  # the export catches up exactly
+        time.sleep(2)
+    assert offset() == settled
+    scraped = _scrape()
+    assert scraped.get("expert_series", 0) >= 8
+    for name in ("ray_elasticmoe_requests_total", "ray_elasticmoe_ttft_seconds_count",
+                 "ray_elasticmoe_e2e_latency_seconds_count", "ray_elasticmoe_balancedness"):
+        assert scraped.get(name, 0) > 0, name
+
+
+def _wait_stable(fn, timeout: float) -> float:
+    last, deadline = fn(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(8)
+        now = fn()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("metrics never settled")
+
+
+def test_tiny_yaml_deploys_and_status_reports(served, ray_cluster):
+    """The shipped deployments/tiny.yaml, as `make run` deploys it; then `elasticmoe status` (last: replaces the apps)."""
+    import subprocess
+    import sys
+
+    from tests.serving_util import REPO
+
+    ray_cluster.serve_deploy(REPO / "deployments" / "tiny.yaml")
+    ray_cluster.wait_running("elasticmoe")
+    got = GenerationClient(GRPC).generate("The expert said", max_tokens=12, temperature=0.0, ignore_eos=True)
+    ref = LLM("tiny:mixtral").generate(["The expert said"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert list(got.token_ids) == ref[0].token_ids
+    out = subprocess.run([sys.executable, "-m", "elasticmoe.cli", "status"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "placement version" in out.stdout and "balancedness" in out.stdout
+    assert out.stdout.count("127.0.0.1:") >= 2  # both shards listed with their addresses

@@ -52,6 +52,10 @@ class Controller:
         self._lock: asyncio.Lock | None = None
         self.events: list[dict] = []
         self.bytes_moved = 0
+        from elasticmoe.gateway.metrics import GatewayMetrics
+
+        self._exported_version = -1
+        self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, self.num_experts, self.moe_layers)
 
     # ----- plumbing
     def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
@@ -140,6 +144,7 @@ class Controller:
                                          if s in owners))
         moved = sum(results)
         self.bytes_moved += moved
+        self.metrics.rebalance(moved)
         self.registry.set_placement(new)
         self._event("placement", reason=reason, moves=len(added), dropped=len(removed), bytes=moved)
         drops: dict[str, list[tuple[int, int]]] = {}
@@ -248,9 +253,23 @@ class Controller:
                     continue
                 stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in r.tokens}, r.compute_us / 1e6)
             self.load.update(stats, self.layer_index)
+            self._export(stats)
             if self.scale is not None:
                 util = [self.load.utilization.get(s.shard_id, 0.0) for s in self.registry.live()]
                 self.desired = self.scale.desired(self.desired, util)
+
+    def _export(self, stats: dict) -> None:
+        """Placement metrics: balancedness per layer, copies per expert, shard health."""
+        placement = self.registry.placement
+        for i, b in enumerate(placement.balancedness(self.load.planning_load())):
+            self.metrics.balancedness(self.moe_layers[i], float(b))
+        if self._exported_version != self.registry.version:  # copies change only with the placement
+            self._exported_version = self.registry.version
+            for i, row in enumerate(placement.num_copies()):
+                for e, n in enumerate(row):
+                    self.metrics.copies(self.moe_layers[i], e, int(n))
+        for s in self.registry.shards.values():
+            self.metrics.shard_health(s.shard_id, s.shard_id in stats)
 
     async def _rebalance_loop(self) -> None:
         while True:

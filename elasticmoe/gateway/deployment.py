@@ -42,10 +42,28 @@ class GatewayCore:
                         max_num_seqs=lim.max_num_seqs, max_model_len=lim.max_model_len,
                         max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue)
         self.tokenizer = engine.tokenizer
-        self.runner = EngineRunner(engine)
+        from elasticmoe.gateway.metrics import GatewayMetrics
+
+        spec = files.spec
+        self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, spec.moe.num_experts,
+                                      spec.moe.moe_layers)
+        engine.model.route_observer = self.metrics.route
+        self.dispatcher.on_fanout = lambda s: self.metrics.fanout((s,))
+        self._gauges_at = 0.0
+        self.runner = EngineRunner(engine, on_step=self._on_step)
         self.complete = threading.Event()
         self.table_version = -1
         threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
+
+    def _on_step(self, seconds: float, n: int) -> None:
+        """Engine thread, after each step: engine gauges at most twice a second."""
+        now = time.monotonic()
+        if now - self._gauges_at < 0.5:
+            return
+        self._gauges_at = now
+        sched = self.runner.engine.scheduler
+        total = len(sched.free_slots) + len(sched.running)
+        self.metrics.engine(len(sched.running), len(sched.waiting), len(sched.running) / max(1, total))
 
     def _install(self, table: dict | None) -> None:
         if table is None:
@@ -91,7 +109,8 @@ class GatewayCore:
         st = self.runner.stats()
         st.update({"table_version": self.table_version, "fanout_overhead_p50_s": pct(50),
                    "fanout_overhead_p99_s": pct(99), "fanout_samples": len(over),
-                   "failovers": self.dispatcher.failovers, "shard_tokens": dict(self.dispatcher.shard_tokens)})
+                   "failovers": self.dispatcher.failovers, "shard_tokens": dict(self.dispatcher.shard_tokens),
+                   "expert_tokens_total": int(self.metrics.expert_token_totals().sum())})
         return st
 
     def healthy(self) -> None:
@@ -101,34 +120,83 @@ class GatewayCore:
             raise RuntimeError("engine wedged: no step for 120 s")
 
 
+def _count(metrics, status: str, code: str) -> None:
+    metrics.request("grpc", status)
+    metrics.error(code)
+
+
 def _set_error(ctx, code: grpc.StatusCode, message: str) -> None:
     if ctx is not None:
         ctx.set_code(code)
         ctx.set_details(message)
 
 
+class _Timed:
+    """Wraps a request's update stream: records TPOT and end-to-end latency when it finishes."""
+
+    def __init__(self, stream, first, t0: float, metrics):
+        self.stream, self.t0, self.m = stream, t0, metrics
+        self.first_at, self.n, self.done = time.monotonic(), len(first.token_ids), first.finished
+        if self.done:
+            self._finish()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        u = await self.stream.__anext__()
+        self.n += len(u.token_ids)
+        if u.finished and not self.done:
+            self.done = True
+            self._finish()
+        return u
+
+    def _finish(self) -> None:
+        now = time.monotonic()
+        if self.n > 1:
+            self.m.tpot((now - self.first_at) / (self.n - 1))
+        self.m.e2e(now - self.t0)
+        self.m.request("grpc", "ok")
+
+    async def aclose(self):
+        await self.stream.aclose()
+
+
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=5, health_check_timeout_s=30)
+@serve.ingress()
 class Gateway:
-    """Ingress of Serve's gRPC proxy for `elasticmoe.v1.Generation`."""
+    """Ingress of Serve's gRPC proxy for `elasticmoe.v1.Generation` and of HTTP (the OpenAI-compatible API)."""
 
     def __init__(self, args: dict, controller, shards=None):
         self.core = GatewayCore(args, controller)
 
+    def __serve_build_asgi_app__(self):
+        """Serve builds the HTTP app after __init__, once per replica: the OpenAI routes over this core."""
+        from elasticmoe.gateway.openai_api import build_openai_app
+
+        return build_openai_app(self.core)
+
     async def _start(self, request, grpc_context):
         """Validate and queue; on bad input set INVALID_ARGUMENT / RESOURCE_EXHAUSTED and raise."""
+        m = self.core.metrics
         try:
             rid, ids, params = parse_request(request, self.core.tokenizer)
             await self.core.wait_ready()
+            t0 = time.monotonic()
             stream = self.core.runner.generate(rid, ids, params)
             first = await stream.__anext__()
-            return rid, stream, first
+            m.ttft(time.monotonic() - t0)
+            return rid, _Timed(stream, first, t0, m), first
         except InvalidRequest as e:
+            _count(m, "invalid", "INVALID_ARGUMENT")
             _set_error(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
         except QueueFull as e:
+            _count(m, "rejected", "RESOURCE_EXHAUSTED")
             _set_error(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             raise
         except TimeoutError as e:
+            _count(m, "rejected", "UNAVAILABLE")
             _set_error(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
             raise
 

@@ -98,6 +98,7 @@ class GrpcDispatcher:
         self.shard_tokens: dict[str, int] = {}
         self.failovers = 0
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fanout")
+        self.on_fanout: Callable[[float], None] | None = None  # metrics hook, per (layer, step)
 
     def set_table(self, table: RoutingTable, now: bool = False) -> None:
         """Install a new routing table: at the next step boundary, or at once (`now`, for failover)."""
@@ -202,7 +203,10 @@ class _Pending:
             calls = self.d._fan_out(self.table, self.layer, self.cpu_hidden, ids, self.topk_weights, dead)
         else:
             raise NoReplicaError(f"layer {self.layer}: experts unavailable after 4 attempts")
-        self.d.fanout_overhead_s.append(max(0.0, (finished - self.t0) - compute))
+        overhead = max(0.0, (finished - self.t0) - compute)
+        self.d.fanout_overhead_s.append(overhead)
+        if self.d.on_fanout is not None:
+            self.d.on_fanout(overhead)
         return out.to(device=self.hidden.device, dtype=self.hidden.dtype)
 
     def _report(self, shard: int) -> None:

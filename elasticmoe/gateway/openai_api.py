@@ -3,236 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import re
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
 from elasticmoe.engine.scheduler import QueueFull
+from elasticmoe.gateway.openai_protocol import (
+    COMPLETION_MAX_TOKENS, FINISH_REASONS, ApiError, BaseRequest, ChatRequest, CompletionRequest, TextDelta,
+    chat_ids, chat_logprobs, completion_ids, completion_logprobs, reject_unsupported, sampling_params, usage_of)
 from elasticmoe.gateway.runner import Update
 
-# Engine finish reasons -> OpenAI's. "abort" (the engine dropped the request, e.g. on shutdown) has no
-# OpenAI equivalent; like vLLM we pass it through rather than claim a natural "stop".
-FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop", "abort": "abort"}
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATUS_OF = {400: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": {message, type, param, code}}` with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class _Request(BaseModel):
-    """Fields common to both endpoints; unknown fields are rejected (400 naming the field)."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None  # any name is accepted: this server serves exactly one model
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # extension (vLLM's): 0 or -1 = off
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool | None = False  # extension
-    user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-
-
-# Accepted only at their "off" values: field -> values that mean "off".
-_OFF_VALUES: dict[str, tuple] = {
-    "n": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
-    "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
-    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-}
-
-
-def _reject_unsupported(req: _Request) -> None:
-    """Raise InvalidRequest for a known OpenAI field set to a value this server cannot honour."""
-    for name, off in _OFF_VALUES.items():
-        if name in type(req).model_fields and getattr(req, name) not in off:
-            raise InvalidRequest(name, f"only {off[1]!r} is supported, got {getattr(req, name)!r}")
-    if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
-        raise InvalidRequest("top_logprobs", "requires logprobs: true")
-
-
-def _sampling(req: _Request, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """The engine's SamplingParams (validated: InvalidRequest names the bad field)."""
-    stop = req.stop if req.stop is not None else ()
-    top_k = 0 if req.top_k in (None, -1) else req.top_k
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed,
-        stop=(stop,) if isinstance(stop, str) else tuple(stop), ignore_eos=bool(req.ignore_eos), logprobs=logprobs)
-
-
-def _completion_ids(tokenizer: Any, prompt: Any) -> list[int]:
-    """One prompt (text or token ids) as token ids; several prompts -> InvalidRequest."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt) if prompt else []
-    if all(isinstance(t, int) for t in prompt):
-        return list(prompt)
-    raise InvalidRequest("prompt", "several prompts in one request are not supported; send one request each")
-
-
-def _chat_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    """Apply the checkpoint's chat template (with the assistant generation prompt) -> token ids."""
-    if not messages:
-        raise InvalidRequest("messages", "at least one message is required")
-    conv = []
-    for i, m in enumerate(messages):
-        content = m.content or ""
-        if isinstance(content, list):
-            if any(p.get("type") != "text" for p in content):
-                raise InvalidRequest(f"messages[{i}].content", "only text content parts are supported")
-            content = "".join(str(p.get("text", "")) for p in content)
-        conv.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    try:
-        out = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
-    except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
-        raise InvalidRequest("messages", f"the chat template rejected the conversation: {e}") from e
-    ids = out["input_ids"] if not isinstance(out, list) else out  # transformers 5: BatchEncoding
-    return [int(t) for t in (ids[0] if ids and isinstance(ids[0], list) else ids)]
-
-
-class TextDelta:
-    """Turns each update's full text into the new part safe to show: holds back a trailing partial
-    UTF-8 character ("\\ufffd") and any tail that may be the start of a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.sent = stops, 0
-
-    def push(self, text: str, finished: bool) -> str:
-        if not finished:
-            text = text.rstrip("\ufffd")
-            text = text[: len(text) - self._stop_prefix(text)]
-        if len(text) <= self.sent:
-            return ""
-        delta, self.sent = text[self.sent:], len(text)
-        return delta
-
-    def _stop_prefix(self, text: str) -> int:
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-
-_BYTE_DECODER: dict[str, int] = {}
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 byte-level BPE: printable unicode char -> byte."""
-    if not _BYTE_DECODER:
-        bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-        cs, n = list(bs), 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        _BYTE_DECODER.update({chr(c): b for b, c in zip(bs, cs)})
-    return _BYTE_DECODER
-
-
-def _token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
-    """The token's raw bytes (a partial UTF-8 character decodes to "\\ufffd", so recover it)."""
-    if "\ufffd" in text:
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece or ""):
-            return [int(m.group(1), 16)]
-        dec = _byte_decoder()
-        if piece and all(c in dec for c in piece):
-            return [dec[c] for c in piece]
-    return list(text.encode("utf-8"))
-
-
-def _lp(v: float) -> float:
-    return max(float(v), -9999.0)  # JSON has no -inf
-
-
-def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], offset: int) -> tuple[dict, int]:
-    """OpenAI completions `logprobs` for these tokens (text_offset from `offset`), and the next offset."""
-    tokens = [tokenizer.decode([lp.token_id]) for lp in lps]
-    offsets = list(itertools.accumulate((len(t) for t in tokens), initial=offset))
-    return {"tokens": tokens, "token_logprobs": [_lp(lp.logprob) for lp in lps],
-            "top_logprobs": [{tokenizer.decode([t]): _lp(v) for t, v in lp.top} for lp in lps],
-            "text_offset": offsets[:-1]}, offsets[-1]
-
-
-def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> dict:
-    """OpenAI chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
-    def entry(token_id: int, v: float) -> dict:
-        s = tokenizer.decode([token_id])
-        return {"token": s, "logprob": _lp(v), "bytes": _token_bytes(tokenizer, token_id, s)}
-
-    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in lps], "refusal": None}
-
-
-def _usage(u: Update) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
 def _record(core: Any, http_status: int | None, last: Update | None = None, t0: float = 0.0,
@@ -370,7 +158,7 @@ async def _sse(gen: Generation, shape: Shape, first: Update, include_usage: bool
                 yield chunk([shape.choice(delta, list(last.logprobs), finish, stream=True)])
         gen.record(None, last)
         if include_usage:
-            yield chunk([], usage=_usage(last))
+            yield chunk([], usage=usage_of(last))
     except ApiError as e:
         yield _event(e.body())
     finally:
@@ -391,7 +179,7 @@ async def _complete(gen: Generation, shape: Shape) -> dict:
     gen.record(None, u)
     finish = FINISH_REASONS.get(u.finish_reason or "abort", "abort")
     return {"id": gen.id, "object": shape.object(False), "created": gen.created, "model": gen.model,
-            "choices": [shape.choice(u.text, lps, finish, stream=False)], "usage": _usage(u)}
+            "choices": [shape.choice(u.text, lps, finish, stream=False)], "usage": usage_of(u)}
 
 
 async def _disconnected(request: Request) -> None:
@@ -422,7 +210,7 @@ async def _unless_disconnected(request: Request, coro: Any, gen: Generation) -> 
     raise ApiError(499, "the client disconnected", "client_disconnected")
 
 
-async def _serve(request: Request, req: _Request, gen: Generation, shape: Shape) -> Any:
+async def _serve(request: Request, req: BaseRequest, gen: Generation, shape: Shape) -> Any:
     if not req.stream:
         return JSONResponse(await _unless_disconnected(request, _complete(gen, shape), gen))
     first = await _unless_disconnected(request, gen.start(), gen)
@@ -435,10 +223,10 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request)
     """POST /v1/completions."""
     aliases = {"prompt_token_ids": "prompt"}
     try:
-        _reject_unsupported(req)
-        ids = _completion_ids(core.tokenizer, req.prompt)
+        reject_unsupported(req)
+        ids = completion_ids(core.tokenizer, req.prompt)
         max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = _sampling(req, max_tokens, req.logprobs)
+        params = sampling_params(req, max_tokens, req.logprobs)
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
     gen = Generation(core, "cmpl", ids, params, aliases)
@@ -450,15 +238,15 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request) 
     limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     aliases = {"prompt_token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs", "max_tokens": limit}
     try:
-        _reject_unsupported(req)
-        ids = _chat_ids(core.tokenizer, req.messages)
+        reject_unsupported(req)
+        ids = chat_ids(core.tokenizer, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context allows
             context = getattr(core.runner.engine, "max_model_len", len(ids) + COMPLETION_MAX_TOKENS)
             if len(ids) >= context:
                 raise InvalidRequest("messages", f"the prompt ({len(ids)} tokens) fills the context ({context})")
             max_tokens = context - len(ids)
-        params = _sampling(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
     gen = Generation(core, "chatcmpl", ids, params, aliases)
