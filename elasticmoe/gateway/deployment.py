@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from typing import AsyncIterator
 
 import grpc
@@ -50,13 +51,15 @@ class GatewayCore:
         engine.model.route_observer = self.metrics.route
         self.dispatcher.on_fanout = lambda s: self.metrics.fanout((s,))
         self._gauges_at = 0.0
+        self.step_log: deque[tuple[float, float]] = deque(maxlen=200_000)  # (wall time, step seconds)
         self.runner = EngineRunner(engine, on_step=self._on_step)
         self.complete = threading.Event()
         self.table_version = -1
         threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
 
     def _on_step(self, seconds: float, n: int) -> None:
-        """Engine thread, after each step: engine gauges at most twice a second."""
+        """Engine thread, after each step: the step log, and engine gauges at most twice a second."""
+        self.step_log.append((time.time(), seconds))
         now = time.monotonic()
         if now - self._gauges_at < 0.5:
             return
@@ -223,6 +226,10 @@ class Gateway:
                 u = await stream.__anext__()
         finally:
             await stream.aclose()
+
+    async def step_times(self, since: float = 0.0) -> list[tuple[float, float]]:
+        """(wall time, seconds) of every engine step after `since` (for stall measurements)."""
+        return [x for x in list(self.core.step_log) if x[0] >= since]
 
     async def stats(self) -> dict:
         """Engine occupancy and fan-out figures (for tests, benchmarks and `elasticmoe status`)."""
