@@ -32,4 +32,8 @@ def ray_cluster():
     lc.stop_ray()
     lc.start_ray(num_cpus=8)
     yield lc
+    import ray
+
+    if ray.is_initialized():  # tests' driver connection (tests.serving_util.handle)
+        ray.shutdown()
     lc.stop_ray()

@@ -99,7 +99,7 @@ def test_killed_shard_during_streams_loses_nothing(apps):
     controller = handle("Controller", "elastic")
     st = _wait(lambda: (s := controller.status.remote().result())["complete"] and
                sum(1 for x in s["shards"] if x["ready"] and x["healthy"]) >= 2 and s, 240, "the replica to rejoin")
-    assert any(e["event"] == "removed" for e in st["events"])
+    assert st["event_counts"].get("removed", 0) >= 1  # the controller saw the shard die and re-homed it
     assert all(_request("elastic", p) == apps[p] for p in PROMPTS[:2])
 
 

@@ -15,8 +15,8 @@ LAYERS, EXPERTS, MOE_LAYERS = 3, 8, [1, 2]
 
 
 def _metrics(mode: str = "per_expert") -> GatewayMetrics:
-    m = GatewayMetrics(mode, LAYERS, EXPERTS, MOE_LAYERS)
-    assert not m.exporting  # no Ray in unit tests: in-process only
+    m = GatewayMetrics(mode, LAYERS, EXPERTS, MOE_LAYERS, use_ray=False)
+    assert not m.exporting  # in-process only, even when another test initialised Ray in this process
     return m
 
 

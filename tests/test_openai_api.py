@@ -50,7 +50,7 @@ class Core:
         self.tokenizer, self.runner, self.args = engine.tokenizer, EngineRunner(engine), AppArgs(model=path)
         spec = files.spec
         self.metrics = GatewayMetrics("per_expert", len(spec.moe.sparse_layers), spec.moe.num_experts,
-                                      spec.moe.moe_layers)
+                                      spec.moe.moe_layers, use_ray=False)
         self.ready = True
 
     async def wait_ready(self) -> None:

@@ -51,6 +51,7 @@ class Controller:
         self._tasks: list[asyncio.Task] = []
         self._lock: asyncio.Lock | None = None
         self.events: list[dict] = []
+        self.event_counts: dict[str, int] = {}
         self.bytes_moved = 0
         from elasticmoe.gateway.metrics import GatewayMetrics
 
@@ -73,7 +74,9 @@ class Controller:
         return self._lock
 
     def _event(self, kind: str, **kw) -> None:
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
         self.events.append({"t": time.time(), "event": kind, "version": self.registry.version, **kw})
+        del self.events[:-500]
         log.info("%s %s", kind, kw)
 
     # ----- shard lifecycle
@@ -213,6 +216,7 @@ class Controller:
                 "num_shards": self.registry.placement.num_shards, "desired_shards": self.desired,
                 "balancedness": bal, "load": self.load.ema.tolist(), "moe_layers": self.moe_layers,
                 "copies": self.registry.placement.num_copies().tolist(), "bytes_moved": self.bytes_moved,
+                "event_counts": dict(self.event_counts),
                 "events": self.events[-50:]}
 
     # ----- loops

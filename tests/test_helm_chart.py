@@ -1,0 +1,381 @@
+"""The Helm chart (helm/elasticmoe) rendered and linted with Helm's own engine (helm-python-sdk), every
+rendered RayService validated against KubeRay's CRD in ../shared/kuberay-crds/, values.schema.json checked."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import helm_python as helm  # helm-python-sdk (dev dependency): Helm's Go SDK as a shared library
+import jsonschema
+import pytest
+import yaml
+
+from tests.test_deploy_configs import (CHART_DIR, CRD_DIR, IMPORT_PATH, NAMESPACE, RELEASE, SERVICER, _app_args,
+                                       _load, _serve_schema)
+
+# --------------------------------------------------------------------------------------
+# helm/elasticmoe: rendered with Helm's engine, checked against KubeRay's CRD
+# --------------------------------------------------------------------------------------
+
+
+
+@lru_cache(maxsize=None)
+def _chart():
+    return helm.Chart.load(str(CHART_DIR))
+
+
+def _prod_values() -> dict:
+    return helm.values_from_yaml((CHART_DIR / "values-gpu-production.yaml").read_text())
+
+
+def _render(values: dict | None = None) -> dict[str, str]:
+    return _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def _objects(rendered: dict[str, str]) -> list[dict]:
+    objs = []
+    for name, text in rendered.items():
+        if name.endswith("NOTES.txt"):
+            continue
+        objs += [d for d in yaml.safe_load_all(text) if d]
+    return objs
+
+
+def _one(objs: list[dict], kind: str) -> dict:
+    found = [o for o in objs if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def _strict(schema):
+    """OpenAPI v3 (CRD) schema -> JSON Schema that, like `kubectl apply` (server-side
+    field validation Strict), rejects unknown fields, and knows `nullable`."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@lru_cache(maxsize=None)
+def _crd_validator(crd_file: str) -> jsonschema.Draft7Validator:
+    path = CRD_DIR / crd_file
+    assert path.is_file(), f"KubeRay CRD not found at {path} (expected ../shared/kuberay-crds/ beside the repo)"
+    crd = _load(path)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def _check_rayservice(rs: dict):
+    """Validate a rendered RayService (CRD schema, Serve schema, AppArgs); returns its AppArgs."""
+    errors = sorted(_crd_validator("ray.io_rayservices.yaml").iter_errors(rs), key=lambda e: list(e.path))
+    assert not errors, "RayService does not match KubeRay's CRD:\n" + "\n".join(
+        f"  {'/'.join(map(str, e.path))}: {e.message}" for e in errors[:20])
+    assert rs["apiVersion"] == "ray.io/v1"
+    serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    schema = _serve_schema(serve)
+    assert schema.grpc_options.grpc_servicer_functions == [SERVICER]
+    (app,) = schema.applications
+    assert app.import_path == IMPORT_PATH
+    return _app_args(app.args)
+
+
+def _containers(rs: dict) -> list[tuple[dict, dict]]:
+    """(pod spec, container) of the head and every worker group."""
+    cluster = rs["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"]["template"]["spec"]]
+    specs += [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    return [(spec, c) for spec in specs for c in spec["containers"]]
+
+
+@pytest.fixture(scope="module")
+def default_objects():
+    return _objects(_render())
+
+
+@pytest.fixture(scope="module")
+def prod_objects():
+    return _objects(_render(_prod_values()))
+
+
+def test_helm_library_is_bundled():
+    """helm-python-sdk needs no helm binary and downloads nothing: Helm's Go SDK is in the wheel."""
+    assert Path(helm.library_path).is_file()
+    assert Path(helm.__file__).parent in Path(helm.library_path).parents
+    assert helm.helm_sdk_version().startswith("v")
+
+
+def test_chart_metadata():
+    meta = _chart().metadata
+    assert meta["apiVersion"] == "v2" and meta["name"] == "elasticmoe"
+    assert meta.get("kubeVersion")
+    readme = (CHART_DIR / "README.md").read_text()
+    assert "kuberay-operator" in readme and "upgradeStrategy" in readme
+    assert _chart().schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+
+@pytest.mark.parametrize("values_name", ["default", "gpu-production"])
+def test_chart_lints_clean(values_name):
+    values = None if values_name == "default" else _prod_values()
+    report = helm.lint(str(CHART_DIR), values, kube_version="v1.30.0", namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []  # no warnings either
+
+
+def test_default_values_render(default_objects):
+    rs = _one(default_objects, "RayService")
+    args = _check_rayservice(rs)
+    values = _chart().values
+    assert args.model == values["model"]["path"] == "tiny:mixtral"
+    assert (args.num_shards, args.num_gateways, args.device) == (2, 1, "cpu")
+    assert args.autoscaling is None
+    kinds = sorted(o["kind"] for o in default_objects)
+    assert kinds == ["NetworkPolicy", "RayService", "Service", "Service"]
+
+
+def test_production_values_render(prod_objects):
+    rs = _one(prod_objects, "RayService")
+    args = _check_rayservice(rs)
+    prod = _prod_values()
+    assert args.model == prod["model"]["path"]
+    assert (args.device, args.dtype) == ("cuda", "bfloat16")
+    assert (args.num_shards, args.num_gateways) == (prod["shards"], prod["gateways"])
+    assert args.autoscaling.min_shards == prod["autoscaling"]["minShards"]
+    assert args.autoscaling.max_shards == prod["autoscaling"]["maxShards"]
+    assert args.shard_resources.num_gpus == 1 and args.limits.max_model_len == prod["limits"]["maxModelLen"]
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    (workers,) = cluster["workerGroupSpecs"]
+    (worker,) = workers["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == prod["workers"]["gpus"] == 1
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    # A serve-config change rolls out a new cluster in production.
+    assert "elasticmoe.io/serve-config-sha256" in cluster["headGroupSpec"]["template"]["metadata"]["annotations"]
+    assert rs["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    kinds = {o["kind"] for o in prod_objects}
+    assert {"RayService", "Service", "NetworkPolicy", "ServiceMonitor", "ConfigMap"} <= kinds
+
+
+@pytest.mark.parametrize("which", ["default", "gpu-production"])
+def test_pods_run_as_non_root(which, default_objects, prod_objects):
+    rs = _one(default_objects if which == "default" else prod_objects, "RayService")
+    for spec, container in _containers(rs):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        sc = container["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+    autoscaler = rs["spec"]["rayClusterConfig"].get("autoscalerOptions")
+    if autoscaler:
+        assert autoscaler["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_crd_validation_catches_mistakes(default_objects):
+    """The CRD check is not vacuous: a typo'd field or a wrong type is rejected."""
+    validator = _crd_validator("ray.io_rayservices.yaml")
+    rs = copy.deepcopy(_one(default_objects, "RayService"))
+    rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParam"] = {}
+    assert not validator.is_valid(rs)
+    rs = copy.deepcopy(_one(default_objects, "RayService"))
+    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
+    assert not validator.is_valid(rs)
+
+
+def test_services_expose_grpc_and_http(default_objects):
+    rs = _one(default_objects, "RayService")
+    serve_svc = rs["spec"]["serveService"]
+    assert [p["port"] for p in serve_svc["spec"]["ports"]] == [8000]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["serve"] == 8000 and ports["grpc"] == 9000  # KubeRay's -head-svc carries both
+    services = {o["metadata"]["name"]: o for o in default_objects if o["kind"] == "Service"}
+    grpc = services[f"{RELEASE}-elasticmoe-grpc"]
+    assert [p["port"] for p in grpc["spec"]["ports"]] == [9000]
+    assert grpc["spec"]["selector"]["app.kubernetes.io/component"] == "head"
+    metrics = services[f"{RELEASE}-elasticmoe-metrics"]
+    pod_labels = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert metrics["spec"]["selector"].items() <= pod_labels.items()
+    # KubeRay selects its own Services on app.kubernetes.io/name=kuberay: never override it.
+    assert "app.kubernetes.io/name" not in pod_labels
+
+
+def _port_ranges(rule: dict) -> list[tuple[int, int]]:
+    return [(p["port"], p.get("endPort", p["port"])) for p in rule.get("ports", [])]
+
+
+@pytest.mark.parametrize("which", ["default", "gpu-production"])
+def test_network_policy_fences_expert_ports(which, default_objects, prod_objects):
+    objs = default_objects if which == "default" else prod_objects
+    values = _chart().values if which == "default" else _prod_values()
+    policy = _one(objs, "NetworkPolicy")
+    rs = _one(objs, "RayService")
+    own = policy["spec"]["podSelector"]["matchLabels"]
+    for spec_labels in (rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"],
+                        rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"]):
+        assert own.items() <= spec_labels.items(), "the policy must select every Ray pod of the release"
+    lo, hi = values["expertPort"]["start"], values["expertPort"]["end"]
+    serving_open = False
+    for rule in policy["spec"]["ingress"]:
+        peers = rule.get("from", [])
+        internal = peers and all(p.get("podSelector", {}).get("matchLabels") == own and len(p) == 1 for p in peers)
+        if internal:
+            continue
+        ranges = _port_ranges(rule)
+        assert ranges, f"a rule open to other peers must name its ports: {rule}"
+        assert all(b < lo or a > hi for a, b in ranges), f"expert ports {lo}-{hi} reachable from outside: {rule}"
+        serving_open |= {(8000, 8000), (9000, 9000)} <= set(ranges)
+    assert serving_open
+    assert any(_port_ranges(r) == [(lo, hi)] for r in policy["spec"]["ingress"])
+    env = {e["name"]: e.get("value") for _, c in _containers(rs) for e in c["env"]}
+    assert env["ELASTICMOE_EXPERT_PORT_RANGE"] == f"{lo}-{hi}"
+    assert env["ELASTICMOE_EXPERT_HOST"] == "node_ip"  # gateways in other pods call the shards
+
+
+def test_kuberay_operator_reaches_dashboard_and_proxy(prod_objects):
+    """Even with restricted clients, the operator can deploy (8265) and health-check the proxy (8000)."""
+    policy = _one(prod_objects, "NetworkPolicy")
+    operator_peers = _prod_values()["networkPolicy"]["operatorFrom"]
+    rules = [r for r in policy["spec"]["ingress"] if r.get("from") == operator_peers]
+    assert rules and {(8265, 8265), (8000, 8000)} <= set(_port_ranges(rules[0]))
+
+
+def test_serving_ports_open_to_anyone_by_default(default_objects):
+    policy = _one(default_objects, "NetworkPolicy")
+    rule = next(r for r in policy["spec"]["ingress"] if (8000, 8000) in _port_ranges(r))
+    assert "from" not in rule
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_grafana_dashboard_only_when_enabled(enabled):
+    objs = _objects(_render({"grafana": {"dashboard": {"enabled": enabled}}}))
+    maps = [o for o in objs if o["kind"] == "ConfigMap"]
+    assert [o for o in objs if o["kind"] == "ServiceMonitor"] == []
+    if not enabled:
+        assert maps == []
+        return
+    (cm,) = maps
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["elasticmoe.json"]) == json.loads((CHART_DIR / "dashboards" / "elasticmoe.json").read_text())
+
+
+def test_service_monitor_when_enabled():
+    objs = _objects(_render({"serviceMonitor": {"enabled": True}}))
+    sm = _one(objs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    metrics_svc = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"].endswith("-metrics"))
+    assert sm["spec"]["selector"]["matchLabels"].items() <= metrics_svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == metrics_svc["spec"]["ports"][0]["name"]
+
+
+def test_dashboard_json():
+    dash = json.loads((CHART_DIR / "dashboards" / "elasticmoe.json").read_text())
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    text = json.dumps(dash).lower()
+    assert "todo" not in text and "placeholder" not in text
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"\b(?:ray_)?elasticmoe_[a-z0-9_]+", e)}
+    assert used and all(m.startswith("ray_elasticmoe_") for m in used)  # Ray prefixes custom metrics
+    for metric in ["requests_total", "ttft_seconds_bucket", "tpot_seconds_bucket", "running_seqs", "queued_seqs",
+                   "kv_cache_usage", "expert_tokens_total"]:
+        assert f"ray_elasticmoe_{metric}" in used, metric
+    heatmaps = [p for p in dash["panels"] if p["type"] == "heatmap"]
+    expert = [p for p in heatmaps if any("expert_tokens_total" in t["expr"] and "by (expert)" in t["expr"]
+                                         and "$layer" in t["expr"] for t in p["targets"])]
+    assert expert, "no expert-load heatmap"
+    assert any("ttft_seconds_bucket" in t["expr"] for p in heatmaps for t in p["targets"])
+    assert any("tpot_seconds_bucket" in t["expr"] for p in heatmaps for t in p["targets"])
+    assert {v["name"] for v in dash["templating"]["list"]} >= {"datasource", "layer"}
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param({"shards": "eight"}, id="wrong-type"),
+    pytest.param({"shards": 0}, id="shards-below-1"),
+    pytest.param({"gateways": 1.5}, id="fractional-gateways"),
+    pytest.param({"model": {"dtype": "int8"}}, id="unknown-dtype"),
+    pytest.param({"model": {"device": "tpu"}}, id="unknown-device"),
+    pytest.param({"workers": {"resources": {"limits": {"cpu": "-2"}}}}, id="negative-resource"),
+    pytest.param({"shardResources": {"numGpus": -1}}, id="negative-ray-gpus"),
+    pytest.param({"limits": {"maxQueue": -1}}, id="negative-queue"),
+    pytest.param({"autoscaling": {"targetUtilization": 1.5}}, id="utilization-over-1"),
+    pytest.param({"expertPort": {"start": 80}}, id="privileged-expert-port"),
+    pytest.param({"securityContext": {"runAsNonRoot": False}}, id="root"),
+    pytest.param({"shardz": 3}, id="unknown-key"),
+])
+def test_schema_rejects_bad_values(bad):
+    with pytest.raises(helm.HelmValuesError):
+        _chart().validate_schema(bad)
+    with pytest.raises(helm.HelmValuesError):
+        _render(bad)
+    assert helm.lint(str(CHART_DIR), bad)["errors"], "lint must report the bad value"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"autoscaling": {"enabled": True, "minShards": 6, "maxShards": 4}}, "minShards"),
+    ({"autoscaling": {"enabled": True, "minShards": 3, "maxShards": 8}}, "shards (2)"),
+    ({"model": {"device": "cuda"}}, "workers.gpus is 0"),
+    ({"expertPort": {"start": 8990, "end": 9010}}, "overlaps port 9000"),
+    ({"workers": {"replicas": 3, "maxReplicas": 2}}, "minReplicas <= replicas <= maxReplicas"),
+    ({"modelCache": {"type": "existingClaim"}}, "existingClaim"),
+    ({"model": {"device": "cuda"}, "workers": {"gpus": 1}, "shardResources": {"numGpus": 1},
+      "gatewayResources": {"numGpus": 1}}, "need 3 GPUs"),
+])
+def test_semantic_checks_fail_render(bad, message):
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        _render(bad)
+
+
+def test_model_cache_volume_kinds():
+    def volume(values):
+        rs = _one(_objects(_render(values)), "RayService")
+        vols = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["volumes"]
+        return next(v for v in vols if v["name"] == "model-cache")
+    objs = _objects(_render({"modelCache": {"type": "pvc"}}))
+    pvc = _one(objs, "PersistentVolumeClaim")
+    assert volume({"modelCache": {"type": "pvc"}})["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert volume({"modelCache": {"type": "existingClaim", "existingClaim": "weights"}})[
+        "persistentVolumeClaim"]["claimName"] == "weights"
+    assert volume({"modelCache": {"type": "hostPath"}})["hostPath"]["path"]
+    rs = _one(_objects(_render({"modelCache": {"mountPath": "/weights"}})), "RayService")
+    for _, c in _containers(rs):
+        assert {"name": "HF_HOME", "value": "/weights"} in c["env"]
+        assert {"name": "model-cache", "mountPath": "/weights", "readOnly": False} in c["volumeMounts"]
+
+
+def test_serve_config_hash_tracks_the_model():
+    def annotation(path):
+        values = _prod_values()
+        values["model"]["path"] = path
+        rs = _one(_objects(_render(values)), "RayService")
+        return rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["annotations"][
+            "elasticmoe.io/serve-config-sha256"]
+    assert annotation("/models/a") != annotation("/models/b")
+
+
+def test_incremental_upgrade_renders_valid_rayservice():
+    values = {"upgrade": {"strategy": "NewClusterWithIncrementalUpgrade",
+                          "clusterUpgradeOptions": {"gatewayClassName": "istio", "stepSizePercent": 25,
+                                                    "intervalSeconds": 60, "maxSurgePercent": 25}},
+              "rayAutoscaler": {"enabled": True}, "rayAuth": {"mode": "token"}}
+    rs = _one(_objects(_render(values)), "RayService")
+    _check_rayservice(rs)
+    assert rs["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["gatewayClassName"] == "istio"
+    assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+
+
+def test_notes_explain_how_to_call():
+    notes = _render()["elasticmoe/templates/NOTES.txt"]
+    assert "port-forward" in notes
+    assert "elasticmoe generate" in notes and "--address 127.0.0.1:9000" in notes
+    assert "/v1/completions" in notes
