@@ -146,3 +146,29 @@ def test_bad_sampling_params_name_the_field():
                           ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
+
+
+def test_pipelined_micro_batches_equal_one_batch(llms):
+    """The gateway's two-micro-batch pipeline (remote dispatchers) gives the tokens of the single-batch path."""
+    from elasticmoe.engine.engine import Engine
+    from elasticmoe.model.dispatch import LocalDispatcher
+
+    class Deferred(LocalDispatcher):  # like a remote dispatcher: dispatch returns at once, work on wait()
+        remote = True
+
+        def dispatch(self, layer, hidden, topk_ids, topk_weights):
+            outer = self
+
+            class Later:
+                def wait(self):
+                    return outer.store.forward(layer, hidden, topk_ids, topk_weights)
+            return Later()
+
+    llm = llms["deepseek_v3"]
+    prompts = ["Hi", "A much longer prompt about the mixture of experts", "Once upon a time", "Zebra"]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    engine = Engine(llm.files, Deferred(llm.store), max_num_seqs=8, tokenizer=llm.tokenizer, pipeline_min_tokens=2)
+    seqs = [engine.add_request(f"p{i}", llm.encode(p), params) for i, p in enumerate(prompts)]
+    while engine.has_work():
+        engine.step()
+    assert [s.output_ids for s in seqs] == [o.token_ids for o in llm.generate(prompts, params)]

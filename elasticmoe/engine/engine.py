@@ -28,7 +28,7 @@ class Engine:
 
     def __init__(self, files: ModelFiles, dispatcher: Dispatcher, *, dtype: str = "float32", device: str = "cpu",
                  max_num_seqs: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
-                 max_queue: int = 1024, tokenizer: Any = None):
+                 max_queue: int = 1024, tokenizer: Any = None, pipeline_min_tokens: int = 8):
         self.files, self.spec, self.dispatcher = files, files.spec, dispatcher
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -42,6 +42,7 @@ class Engine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
+        self.pipeline_min_tokens = pipeline_min_tokens
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest naming the field for an unusable prompt or parameters."""
@@ -82,8 +83,7 @@ class Engine:
         if begin is not None:
             begin()
         chunks = [(s.slot, s.num_cached, [s.token(i) for i in range(s.num_cached, s.num_cached + n)]) for s, n in work]
-        batch = build_batch(chunks, self.device)
-        hidden = self.model.forward(batch, self.cache, self.dispatcher)  # [N, H]
+        hidden = self._run(chunks)  # [N, H]
         self.steps += 1
         for s, n in work:
             s.num_cached += n
@@ -97,6 +97,20 @@ class Engine:
         for s, tok, lp in zip(seqs, tokens, lps):
             self._append(s, tok, lp)
         return seqs
+
+    def _run(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """Forward the step; with a remote dispatcher and enough tokens, as two pipelined micro-batches."""
+        tokens = sum(len(c[2]) for c in chunks)
+        if not getattr(self.dispatcher, "remote", False) or len(chunks) < 2 or tokens < self.pipeline_min_tokens:
+            return self.model.forward(build_batch(chunks, self.device), self.cache, self.dispatcher)
+        half, acc = 1, 0
+        for i, c in enumerate(chunks):  # split near half of the tokens, at a sequence boundary
+            acc += len(c[2])
+            if acc >= tokens / 2:
+                half = max(1, min(i + 1, len(chunks) - 1))
+                break
+        parts = [build_batch(chunks[:half], self.device), build_batch(chunks[half:], self.device)]
+        return torch.cat(self.model.forward_pipelined(parts, self.cache, self.dispatcher))
 
     def _append(self, seq: Sequence, token: int, logprob) -> None:
         seq.output_ids.append(token)

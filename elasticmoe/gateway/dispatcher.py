@@ -87,6 +87,8 @@ class GrpcDispatcher:
     (shard id) may return a new table (e.g. after the controller re-homed orphaned experts).
     """
 
+    remote = True  # dispatch() returns at once: the engine pipelines micro-batches around it
+
     def __init__(self, timeout_s: float = 5.0, on_failure: Callable[[str], RoutingTable | None] | None = None):
         self.timeout_s = timeout_s
         self.on_failure = on_failure

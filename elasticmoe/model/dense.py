@@ -77,27 +77,46 @@ class DenseModel:
 
         Returns final-normed hidden states [N, H] of each chunk's last token ([T, H] with all_tokens).
         """
-        h = self.embed[batch.token_ids]  # [T, H]
-        cos, sin = self.rotary.tables(batch.positions)
-        masks = step_masks(batch, self.windows)
-        for layer in self.layers:
-            h = self.layer_forward(layer, h, batch, cache, dispatcher, cos, sin, masks)
-        return rms_norm(h if all_tokens else h[batch.last_rows], self.norm, self.spec.rms_norm_eps)
+        return self.forward_pipelined([batch], cache, dispatcher, all_tokens)[0]
 
-    def layer_forward(self, layer: _Layer, h: torch.Tensor, batch: StepBatch, cache: KVCache,
-                      dispatcher: Dispatcher, cos, sin, masks) -> torch.Tensor:
-        """One decoder layer: h [T, H] -> [T, H]."""
+    @torch.inference_mode()
+    def forward_pipelined(self, batches: list[StepBatch], cache: KVCache, dispatcher: Dispatcher,
+                          all_tokens: bool = False) -> list[torch.Tensor]:
+        """Run micro-batches layer by layer, interleaved: while one micro-batch's experts run remotely,
+        the next one's attention runs here. Same math per token as running each alone.
+
+        Returns each batch's final-normed hidden states [N_b, H] (or [T_b, H] with all_tokens).
+        """
+        states = []
+        for b in batches:
+            cos, sin = self.rotary.tables(b.positions)
+            states.append([self.embed[b.token_ids], b, (cos, sin, step_masks(b, self.windows))])  # h [T, H]
+        for layer in self.layers:
+            pending = [self._layer_pre(layer, st[0], st[1], cache, dispatcher, *st[2]) for st in states]
+            for st, (h, x, p) in zip(states, pending):
+                st[0] = self._layer_post(layer, h, x, p)
+        eps = self.spec.rms_norm_eps
+        return [rms_norm(h if all_tokens else h[b.last_rows], self.norm, eps) for h, b, _ in states]
+
+    def _layer_pre(self, layer: _Layer, h: torch.Tensor, batch: StepBatch, cache: KVCache,
+                   dispatcher: Dispatcher, cos, sin, masks):
+        """Attention, norm, router and expert dispatch of one layer: h [T, H] -> (h, x, pending)."""
         eps = self.spec.rms_norm_eps
         h = h + layer.attn.forward(rms_norm(h, layer.ln1, eps), batch, cache, self.rotary, cos, sin, masks)
         x = rms_norm(h, layer.ln2, eps)
         if not layer.sparse:
-            return h + gated_mlp(x, *layer.dense)
+            return h, x, None
         logits = F.linear(x.float(), layer.router)  # [T, E]
         topk_ids, topk_weights = route(logits, self.spec.moe, layer.router_bias)
         if self.route_observer is not None:
             self.route_observer(layer.attn.layer, topk_ids)
-        pending = dispatcher.dispatch(layer.attn.layer, x, topk_ids, topk_weights)
-        if layer.shared is not None:  # overlaps with remote experts
+        return h, x, dispatcher.dispatch(layer.attn.layer, x, topk_ids, topk_weights)
+
+    def _layer_post(self, layer: _Layer, h: torch.Tensor, x: torch.Tensor, pending) -> torch.Tensor:
+        """Dense MLP, or shared experts (overlapping the remote experts) plus the routed experts' output."""
+        if pending is None:
+            return h + gated_mlp(x, *layer.dense)
+        if layer.shared is not None:
             shared = gated_mlp(x, *layer.shared)
             if layer.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(x, layer.shared_gate)) * shared
