@@ -12,7 +12,7 @@ export ELASTICMOE_CACHE ?= $(CURDIR)/.cache/elasticmoe
 # The CPU torch wheel lies here on our machines; pip would otherwise fetch a multi-GB CUDA build.
 export PIP_FIND_LINKS ?= /opt/wheels
 
-.PHONY: setup run test test-fast stop protos check-protos bench-offline bench-serving bench-kernels bench-balance clean
+.PHONY: setup run test test-fast stop protos check-protos bench-offline bench-serving bench-kernels bench-balance bench-stalls clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,9 @@ bench-kernels: setup  ## on a GPU machine
 
 bench-balance: setup
 	$(BIN)/python benchmarks/balance.py
+
+bench-stalls: setup   ## starts its own local Ray: longest stall during a live rebalance and a shard kill
+	$(BIN)/python benchmarks/stalls.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
