@@ -138,7 +138,7 @@ class Controller:
 
     async def _apply(self, current: Placement, new: Placement, reason: str) -> None:
         """Load added copies on their shards while serving, publish the new version, drop old copies later."""
-        added, removed = current.diff(new) if new.num_shards == current.num_shards else _diff_resized(current, new)
+        added, removed = current.diff(new)  # (layer, expert, shard) copies; works across a change of shard count
         owners = self.registry.by_position()
         loads: dict[int, list[tuple[int, int]]] = {}
         for l, e, s in added:
@@ -283,9 +283,3 @@ class Controller:
             except Exception:  # noqa: BLE001 - keep serving on the current placement
                 log.exception("rebalance failed")
 
-
-def _diff_resized(current: Placement, new: Placement):
-    """diff() across a change of shard count: copies are (layer, expert, shard) triples either way."""
-    mine = {(l, e, s) for l, row in enumerate(current.layout) for e, reps in enumerate(row) for s, _ in reps}
-    theirs = {(l, e, s) for l, row in enumerate(new.layout) for e, reps in enumerate(row) for s, _ in reps}
-    return sorted(theirs - mine), sorted(mine - theirs)

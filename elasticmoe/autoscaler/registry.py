@@ -32,9 +32,6 @@ class Registry:
         self.version = 1
         self.shards: dict[str, ShardInfo] = {}
 
-    def position_owner(self, position: int) -> ShardInfo | None:
-        return next((s for s in self.shards.values() if s.position == position and s.healthy), None)
-
     def register(self, shard_id: str, address: str) -> ShardInfo:
         """Give a new replica a free position (or its old one back)."""
         if shard_id in self.shards:

@@ -34,10 +34,9 @@ class ExpertShard:
         from elasticmoe.experts.server import start_server
         from elasticmoe.model import open_model
         from elasticmoe.model.experts import ExpertStore
-
-        self.args = AppArgs.model_validate(args)
         from elasticmoe.rpc.codec import tune_malloc
 
+        self.args = AppArgs.model_validate(args)
         tune_malloc()
         threads = max(1, int(self.args.shard_resources.num_cpus))
         torch.set_num_threads(threads)

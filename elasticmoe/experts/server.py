@@ -50,7 +50,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
     def RunExperts(self, request, context):
         hidden, ids, weights = self._decode(request, context)
         self.calls += 1
-        missing = self.store.missing(request.layer, ids)
+        routed = self.store.routed(ids)  # one pass serves both the holding check and the stats
+        missing = self.store.missing(request.layer, routed)
         if missing:  # the gateway re-sends these tokens elsewhere
             return pb.RunExpertsResponse(missing=missing, placement_version=self.placement_version)
         t0 = time.perf_counter()
@@ -58,7 +59,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         if out.is_cuda:
             torch.cuda.synchronize(out.device)
         us = int((time.perf_counter() - t0) * 1e6)
-        self.store.count(request.layer, ids)
+        self.store.count(request.layer, routed)
         return pb.RunExpertsResponse(output=encode_tensor(out.cpu()), compute_us=us,
                                      placement_version=self.placement_version)
 

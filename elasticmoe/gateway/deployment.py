@@ -28,12 +28,12 @@ class GatewayCore:
 
     def __init__(self, args: dict, controller):
         from elasticmoe.engine.engine import Engine
+        from elasticmoe.gateway.metrics import GatewayMetrics
         from elasticmoe.model import open_model
+        from elasticmoe.rpc.codec import tune_malloc
 
         self.args = AppArgs.model_validate(args)
         torch.set_num_threads(max(1, int(self.args.gateway_resources.num_cpus)))
-        from elasticmoe.rpc.codec import tune_malloc
-
         tune_malloc()
         files = open_model(self.args.model)
         lim = self.args.limits
@@ -43,8 +43,6 @@ class GatewayCore:
                         max_num_seqs=lim.max_num_seqs, max_model_len=lim.max_model_len,
                         max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue)
         self.tokenizer = engine.tokenizer
-        from elasticmoe.gateway.metrics import GatewayMetrics
-
         spec = files.spec
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, spec.moe.num_experts,
                                       spec.moe.moe_layers)

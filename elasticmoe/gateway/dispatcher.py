@@ -156,17 +156,17 @@ class GrpcDispatcher:
         if table is None:
             raise NoReplicaError("no routing table yet: expert shards have not registered")
         t0 = time.perf_counter()
-        ids, weights = topk_ids.cpu(), topk_weights.cpu()
-        return _Pending(self, table, layer, hidden, ids, weights,
-                        self._fan_out(table, layer, hidden.cpu(), ids, weights), t0)
+        cpu_hidden, ids, weights = hidden.cpu(), topk_ids.cpu(), topk_weights.cpu()
+        return _Pending(self, table, layer, hidden, cpu_hidden, ids, weights,
+                        self._fan_out(table, layer, cpu_hidden, ids, weights), t0)
 
 
 class _Pending:
     def __init__(self, d: GrpcDispatcher, table: RoutingTable, layer: int, hidden: torch.Tensor,
-                 topk_ids: torch.Tensor, topk_weights: torch.Tensor, calls: list[_Call], t0: float):
-        self.d, self.table, self.layer, self.hidden = d, table, layer, hidden
+                 cpu_hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, calls: list[_Call],
+                 t0: float):
+        self.d, self.table, self.layer, self.hidden, self.cpu_hidden = d, table, layer, hidden, cpu_hidden
         self.topk_ids, self.topk_weights, self.calls, self.t0 = topk_ids, topk_weights, calls, t0
-        self.cpu_hidden = hidden.cpu()
 
     def wait(self) -> torch.Tensor:
         """Collect every shard's partial output, re-sending failed shards' tokens to surviving copies."""
@@ -174,26 +174,24 @@ class _Pending:
         calls, dead = self.calls, frozenset()
         compute, finished = 0.0, self.t0
         for _attempt in range(4):
-            retry_rows: list[torch.Tensor] = []
+            failed = False
             for c in calls:
                 try:
                     resp = c.future.result()
                 except grpc.RpcError as e:
                     log.warning("shard %s failed at layer %d: %s", self.table.shards[c.shard], self.layer, e.code())
-                    dead = dead | {c.shard}
-                    retry_rows.append(c.rows)
+                    dead, failed = dead | {c.shard}, True
                     self._report(c.shard)
                     continue
                 if resp.missing:  # placement changed under us: ask another copy
-                    dead = dead | {c.shard}
-                    retry_rows.append(c.rows)
+                    dead, failed = dead | {c.shard}, True
                     continue
                 out.index_add_(0, c.rows, decode_tensor(resp.output, "output").float())
                 compute = max(compute, resp.compute_us / 1e6)
                 finished = max(finished, c.done_at or time.perf_counter())
                 self.d.shard_tokens[self.table.shards[c.shard]] = (
                     self.d.shard_tokens.get(self.table.shards[c.shard], 0) + int(c.rows.numel()))
-            if not retry_rows:
+            if not failed:
                 break
             self.d.failovers += 1
             ids = torch.full_like(self.topk_ids, -1)

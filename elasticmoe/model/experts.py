@@ -104,11 +104,16 @@ class ExpertStore:
         to_local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
         return LayerExperts(w13.contiguous(), w2.contiguous(), tuple(ids), to_local)
 
-    def missing(self, layer: int, topk_ids: torch.Tensor) -> list[int]:
-        """Global expert ids in topk_ids [T, k] that are not held here."""
+    @staticmethod
+    def routed(topk_ids: torch.Tensor) -> dict[int, int]:
+        """Tokens per global expert id in topk_ids [T, k] (ids of -1 ignored)."""
+        ids, counts = topk_ids[topk_ids >= 0].unique(return_counts=True)
+        return dict(zip(ids.tolist(), counts.tolist()))
+
+    def missing(self, layer: int, routed: dict[int, int]) -> list[int]:
+        """The expert ids of `routed` (see `routed`) that are not held here."""
         le = self.layers.get(layer)
-        wanted = set(topk_ids[topk_ids >= 0].unique().tolist())
-        return sorted(wanted - set(le.global_ids if le else ()))
+        return sorted(set(routed) - set(le.global_ids if le else ()))
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
                 ) -> torch.Tensor:
@@ -125,8 +130,7 @@ class ExpertStore:
         self.compute_s += time.perf_counter() - t0
         return out
 
-    def count(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Add this batch's tokens per expert to tokens_served (for stats)."""
-        ids, counts = topk_ids[topk_ids >= 0].unique(return_counts=True)
-        for e, c in zip(ids.tolist(), counts.tolist()):
+    def count(self, layer: int, routed: dict[int, int]) -> None:
+        """Add a batch's tokens per expert (see `routed`) to tokens_served (for stats)."""
+        for e, c in routed.items():
             self.tokens_served[(layer, e)] = self.tokens_served.get((layer, e), 0) + c
