@@ -8,13 +8,18 @@ Three strategies, picked per call by `pick_strategy` (all numerically equivalent
                bf16/sm80+ only). No host sync and no per-expert Python loop; used once there are at
                least E/4 pairs.
   * "segment": one `mm` pair per non-empty expert segment; a single `.tolist()` of segment counts is
-               the only host sync. Works everywhere (CPU/CUDA, every float dtype).
+               the only host sync. Works everywhere (CPU/CUDA, every float dtype). On fp32 CPU the
+               segments of <= 16 rows go to the skinny AVX2 kernel (cpu_gemm.c) in one call per projection.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
+
+from . import cpu_gemm
 
 STRATEGIES = ("auto", "bmm", "grouped", "segment")
 # CPU measurements (1 thread, see benchmarks/KERNELS.md): the weight gather of "bmm" costs more than the
@@ -122,28 +127,60 @@ def _moe_grouped(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
 
 def _moe_segment(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     """One mm pair per non-empty expert segment; returns fp32 [T, H]. One host sync (segment counts)."""
-    num_experts, top_k, inter = w13.shape[0], topk_ids.shape[1], w2.shape[2]
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     key = _skip_key(topk_ids, num_experts)  # [N]
     order = torch.argsort(key, stable=True)  # [N]
     counts = _expert_counts(key, num_experts + 1).tolist()  # the one host sync
     order = order[: key.numel() - counts[num_experts]]  # [M] drop skipped pairs
     tokens = order // top_k  # [M]
     rows = x[tokens]  # [M, H]
-    y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)  # [M, H]
+    if cpu_gemm.usable(rows, w13) and w2.is_contiguous():
+        y = _segments_skinny(rows, w13, w2, counts[:num_experts])  # [M, H]
+    else:
+        y = _segments_mm(rows, w13, w2, counts[:num_experts])  # [M, H]
+    weights = topk_weights.reshape(-1)[order].float()  # [M]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    return out.index_add_(0, tokens, y.float() * weights[:, None])
+
+
+def _segments_mm(rows, w13, w2, counts: list[int]) -> torch.Tensor:
+    """Expert-sorted rows [M, H] -> [M, H] with one torch mm pair per non-empty segment."""
+    inter = w2.shape[2]
+    y = torch.empty(rows.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)  # [M, H]
     start = 0
-    for expert, count in enumerate(counts[:num_experts]):
+    for expert, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count
-        if count <= WEIGHT_MAJOR_MAX_ROWS and x.device.type == "cpu":
-            # few rows: weight-major products (W @ x^T) stream the expert's weights faster on CPU BLAS
+        if count <= WEIGHT_MAJOR_MAX_ROWS and rows.device.type == "cpu":
+            # few rows: weight-major products stream the weight faster in MKL, and fastest when the
+            # thin operand is column-major, hence the activation transposed into [c, I] rows
             gate_up = torch.mm(w13[expert], rows[start:end].t())  # [2I, c]
-            act = F.silu(gate_up[:inter]).mul_(gate_up[inter:])  # [I, c]
-            y[start:end] = torch.mm(w2[expert], act).t()  # [c, H]
+            act = F.silu(gate_up[:inter]).mul_(gate_up[inter:]).t().contiguous()  # [c, I]
+            y[start:end] = torch.mm(w2[expert], act.t()).t()  # [c, H]
         else:
             gate_up = torch.mm(rows[start:end], w13[expert].t())  # [c, 2I]
             torch.mm(_activate(gate_up, inter), w2[expert].t(), out=y[start:end])  # [c, H]
         start = end
-    weights = topk_weights.reshape(-1)[order].float()  # [M]
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
-    return out.index_add_(0, tokens, y.float() * weights[:, None])
+    return y
+
+
+def _segments_skinny(rows, w13, w2, counts: list[int]) -> torch.Tensor:
+    """fp32 CPU: segments of <= cpu_gemm.MAX_ROWS rows in the skinny C kernel (one call per projection
+    for all of them), longer ones in MKL's blocked sgemm. rows [M, H] -> [M, H]."""
+    num_rows, inter = rows.shape[0], w2.shape[2]
+    ends = list(itertools.accumulate(counts))
+    small = [c if c <= cpu_gemm.MAX_ROWS else 0 for c in counts]
+    large = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c > cpu_gemm.MAX_ROWS]
+    starts_t = torch.tensor([end - c for c, end in zip(counts, ends)], dtype=torch.int64)  # [E]
+    small_t = torch.tensor(small, dtype=torch.int64)  # [E]
+    gate_up = torch.empty(num_rows, w13.shape[1], dtype=rows.dtype)  # [M, 2I]
+    cpu_gemm.seg_gemm(rows, w13, starts_t, small_t, gate_up)
+    for e, s, t in large:
+        torch.mm(rows[s:t], w13[e].t(), out=gate_up[s:t])
+    act = _activate(gate_up, inter)  # [M, I]
+    y = torch.empty(num_rows, rows.shape[1], dtype=rows.dtype)  # [M, H]
+    cpu_gemm.seg_gemm(act, w2, starts_t, small_t, y)
+    for e, s, t in large:
+        torch.mm(act[s:t], w2[e].t(), out=y[s:t])
+    return y

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
+
 from elasticmoe.model.attention import Attention, KVCache, step_masks
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
@@ -119,10 +121,10 @@ class DenseModel:
         if layer.shared is not None:
             shared = gated_mlp(x, *layer.shared)
             if layer.shared_gate is not None:
-                shared = torch.sigmoid(F.linear(x, layer.shared_gate)) * shared
+                shared = torch.sigmoid(linear(x, layer.shared_gate)) * shared
             return h + (pending.wait() + shared)
         return h + pending.wait()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
+
 from elasticmoe.model.spec import ModelSpec, MoESpec
 
 
@@ -17,7 +19,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """silu(x @ w_gate.T) * (x @ w_up.T) @ w_down.T.  x [T, H] -> [T, H]."""
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+    return linear(F.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
 
 
 class Rotary:

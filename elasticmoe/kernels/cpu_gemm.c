@@ -1,0 +1,86 @@
+/* Skinny fp32 GEMMs for CPU decode: Y[r, n] = sum_k X[r, k] * W[e, n, k] for few rows r per weight.
+ *
+ * MKL's sgemm streams a [N, K] weight at 5-15 GB/s when the other operand has 1-16 rows; this loop
+ * reads each weight row once, keeps the rows of X in L1 and gets close to the memory bandwidth.
+ * Built at first use by cpu_gemm.py (cc -O3 -mavx2 -mfma -fopenmp); loaded with ctypes.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define ROWS_PER_ITEM 16 /* weight rows per work item handed to one thread */
+#ifndef PF_ROWS
+#define PF_ROWS 8 /* software prefetch distance in weight rows: measured best of 2, 4, 8, 16 */
+#endif
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Two weight rows (w0, w1) against JC rows of x; y0/y1 point at column n of the first x row's output. */
+static inline __attribute__((always_inline)) void tile(const float *w0, const float *w1, const float *x,
+                                                       int64_t ldx, float *y, int64_t ldy, int64_t K,
+                                                       int two, const int JC, int64_t pf) {
+    __m256 a0[4], a1[4];
+    for (int j = 0; j < JC; j++) { a0[j] = _mm256_setzero_ps(); a1[j] = _mm256_setzero_ps(); }
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        if (pf) {  /* first pass over these rows: fetch the rows PF_ROWS ahead */
+            _mm_prefetch((const char *)(w0 + pf + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + pf + k), _MM_HINT_T0);
+        }
+        __m256 v0 = _mm256_loadu_ps(w0 + k);
+        __m256 v1 = _mm256_loadu_ps(w1 + k);
+        for (int j = 0; j < JC; j++) {
+            __m256 xv = _mm256_loadu_ps(x + j * ldx + k);
+            a0[j] = _mm256_fmadd_ps(v0, xv, a0[j]);
+            a1[j] = _mm256_fmadd_ps(v1, xv, a1[j]);
+        }
+    }
+    for (int j = 0; j < JC; j++) {
+        float s0 = hsum(a0[j]), s1 = hsum(a1[j]);
+        for (int64_t t = k; t < K; t++) { s0 += w0[t] * x[j * ldx + t]; s1 += w1[t] * x[j * ldx + t]; }
+        y[j * ldy] = s0;
+        if (two) y[j * ldy + 1] = s1;
+    }
+}
+
+/* Rows [n0, n1) of one weight [N, K] (row stride K) against c rows of x (stride ldx) into y (stride ldy). */
+static void block(const float *w, int64_t K, int64_t n0, int64_t n1, const float *x, int64_t ldx,
+                  int64_t c, float *y, int64_t ldy) {
+    for (int64_t n = n0; n < n1; n += 2) {
+        int two = n + 1 < n1;
+        const float *w0 = w + n * K, *w1 = two ? w0 + K : w0;
+        for (int64_t j = 0; j < c; j += 4) {
+            const float *xj = x + j * ldx;
+            int64_t pf = j == 0 ? PF_ROWS * K : 0;
+            float *yj = y + j * ldy + n;
+            switch (c - j < 4 ? c - j : 4) {
+                case 1: tile(w0, w1, xj, ldx, yj, ldy, K, two, 1, pf); break;
+                case 2: tile(w0, w1, xj, ldx, yj, ldy, K, two, 2, pf); break;
+                case 3: tile(w0, w1, xj, ldx, yj, ldy, K, two, 3, pf); break;
+                default: tile(w0, w1, xj, ldx, yj, ldy, K, two, 4, pf); break;
+            }
+        }
+    }
+}
+
+/* Segmented skinny GEMM. x [M, K] rows sorted by weight; w [E, N, K]; starts/counts [E] give each
+ * weight's rows of x (count 0 = skip); y [M, N]. Work items (weight, 16 output columns) are spread
+ * over nthreads OpenMP threads. */
+void seg_gemm_f32(const float *x, const float *w, const int64_t *starts, const int64_t *counts, int64_t E,
+                  int64_t N, int64_t K, float *y, int nthreads) {
+    int64_t per = (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    int64_t hit[E > 0 ? E : 1], nhit = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (counts[e] > 0) hit[nhit++] = e;
+    int64_t items = nhit * per;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && items > 1)
+    for (int64_t it = 0; it < items; it++) {
+        int64_t e = hit[it / per], n0 = (it % per) * ROWS_PER_ITEM;
+        int64_t n1 = n0 + ROWS_PER_ITEM < N ? n0 + ROWS_PER_ITEM : N;
+        block(w + e * N * K, K, n0, n1, x + starts[e] * K, K, counts[e], y + starts[e] * N, N);
+    }
+}

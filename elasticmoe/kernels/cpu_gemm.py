@@ -1,0 +1,123 @@
+"""Skinny fp32 CPU GEMMs (cpu_gemm.c), compiled with the system C compiler at first use and called via ctypes.
+
+Decode multiplies each weight by 1-16 rows; MKL's sgemm streams the weight well below memory bandwidth
+at those shapes (benchmarks/KERNELS.md). The C loop reads each weight row once. Anything it cannot run
+(no compiler, no AVX2/FMA, not x86-64 Linux, ELASTICMOE_CPU_GEMM=0) falls back to torch silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("cpu_gemm.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+ENV_SWITCH = "ELASTICMOE_CPU_GEMM"
+MAX_ROWS = 16  # beyond this many rows per weight, MKL's blocked sgemm is as fast or faster
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ELASTICMOE_CACHE") or os.path.join(Path.home(), ".cache", "elasticmoe")
+    return Path(root) / "cpu_gemm"
+
+
+def _build() -> Path | None:
+    """Compile cpu_gemm.c into the cache (once per source + flags); returns the .so path or None."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = _SRC.read_bytes()
+    tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_gemm-{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC)], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)  # atomic: concurrent builders (several shards on one node) all succeed
+    except (OSError, subprocess.SubprocessError):
+        Path(tmp).unlink(missing_ok=True)
+        return None
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is None:
+        with _lock:
+            if _lib is None:
+                _lib = False
+                ok = os.environ.get(ENV_SWITCH, "1") != "0" and platform.system() == "Linux"
+                if ok and platform.machine() in ("x86_64", "AMD64") and _cpu_has_avx2_fma():
+                    path = _build()
+                    if path is not None:
+                        lib = ctypes.CDLL(str(path))
+                        lib.seg_gemm_f32.restype = None
+                        lib.seg_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
+                            ctypes.c_void_p, ctypes.c_int]
+                        _lib = lib
+    return _lib or None
+
+
+def available() -> bool:
+    """True when the compiled kernel can be used in this process."""
+    return _load() is not None
+
+
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether seg_gemm/linear may take x and w: fp32 CPU tensors, contiguous weight, kernel built."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
+            and w.dtype == torch.float32 and w.is_contiguous() and available())
+
+
+def seg_gemm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+    """out[s:s+c] = x[s:s+c] @ w[e].T for each e with c = counts[e] > 0, s = starts[e].
+
+    x [M, K] fp32 contiguous; w [E, N, K] fp32 contiguous; starts, counts [E] int64 CPU; out [M, N] fp32
+    contiguous (rows of skipped experts are left untouched). Returns out.
+    """
+    lib = _load()
+    assert lib is not None and x.is_contiguous() and out.is_contiguous()
+    num_experts, n, k = w.shape
+    assert x.shape[1] == k and out.shape == (x.shape[0], n) and starts.dtype == counts.dtype == torch.int64
+    lib.seg_gemm_f32(x.data_ptr(), w.data_ptr(), starts.data_ptr(), counts.data_ptr(), num_experts, n, k,
+                     out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T -> [M, N] with the skinny kernel (M small, fp32 CPU; see `usable`)."""
+    x = x.contiguous()
+    rows = torch.tensor([0, x.shape[0]], dtype=torch.int64)
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    return seg_gemm(x, w.unsqueeze(0), rows[:1], rows[1:], out)
+
+
+def maybe_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x [M, K], w [N, K], bias) that takes the skinny kernel for M <= MAX_ROWS fp32 on CPU."""
+    if x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and usable(x, w):
+        out = linear(x, w)  # [M, N]
+        return out if bias is None else out.add_(bias)
+    return torch.nn.functional.linear(x, w, bias)
