@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.layers import Rotary, rms_norm
 from elasticmoe.model.spec import AttentionSpec, ModelSpec
@@ -55,8 +56,17 @@ def _prefill_mask(start: int, length: int, window: int | None, device: torch.dev
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, causal: bool) -> torch.Tensor:
-    """q [B, h, Tq, d], k [B, hk, Tk, d], v [B, hk, Tk, dv] -> [B, h, Tq, dv] (GQA by expansion)."""
-    if k.shape[1] != q.shape[1]:
+    """q [B, h, Tq, d], k [B, hk, Tk, d], v [B, hk, Tk, dv] -> [B, h, Tq, dv].
+
+    GQA: a single query row per sequence (decode) folds the heads sharing a KV head into the query axis,
+    [B, hk, rep, d], so no expanded copy of the cache is made; longer queries expand k and v.
+    """
+    b, h, tq, _ = q.shape
+    if k.shape[1] != h and tq == 1 and not causal:
+        qg = q.reshape(b, k.shape[1], h // k.shape[1], q.shape[3])  # [B, hk, rep, d]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [B, hk, rep, dv]
+        return o.reshape(b, h, 1, v.shape[3])
+    if k.shape[1] != h:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
@@ -95,14 +105,14 @@ class Attention:
             qq = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, d]
             o = _sdpa(qq, kk, vv, masks[self.window], self.spec.scaling, causal=False)
             out[batch.decode_rows] = o[:, :, 0, :]
-        o = F.linear(out.reshape(x.shape[0], -1), self.w["o"], self.w.get("o_bias"))
+        o = linear(out.reshape(x.shape[0], -1), self.w["o"], self.w.get("o_bias"))
         return o
 
     def _gqa_qkv(self, x, rotary, cos, sin):
         a, w, t = self.spec, self.w, x.shape[0]
-        q = F.linear(x, w["q"], w.get("q_bias"))
-        k = F.linear(x, w["k"], w.get("k_bias"))
-        v = F.linear(x, w["v"], w.get("v_bias")).view(t, a.num_kv_heads, a.v_head_dim)
+        q = linear(x, w["q"], w.get("q_bias"))
+        k = linear(x, w["k"], w.get("k_bias"))
+        v = linear(x, w["v"], w.get("v_bias")).view(t, a.num_kv_heads, a.v_head_dim)
         if "q_norm" in w and w["q_norm"].shape[0] != a.head_dim:  # OLMoE: norm over all heads
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
         q = q.view(t, a.num_heads, a.head_dim)
@@ -118,12 +128,12 @@ class Attention:
     def _mla_qkv(self, x, rotary, cos, sin):
         a, w, t = self.spec, self.w, x.shape[0]
         if "q_a" in w:
-            q = F.linear(rms_norm(F.linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], self.eps), w["q_b"])
+            q = linear(rms_norm(linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], self.eps), w["q_b"])
         else:
-            q = F.linear(x, w["q"])
+            q = linear(x, w["q"])
         q = q.view(t, a.num_heads, a.head_dim)
         q_pass, q_rot = q.split([a.qk_nope_head_dim, a.rope_dim], dim=-1)
-        ckv = F.linear(x, w["kv_a"], w.get("kv_a_bias"))  # [T, r + rope]
+        ckv = linear(x, w["kv_a"], w.get("kv_a_bias"))  # [T, r + rope]
         kv_nope, k_rot = ckv.split([a.kv_lora_rank, a.rope_dim], dim=-1)
         kv_nope = rms_norm(kv_nope, w["kv_a_norm"], self.eps)
         q_rot = rotary.apply(q_rot, cos, sin)
@@ -134,7 +144,7 @@ class Attention:
         a = self.spec
         lat = cache.layers[self.layer][0][slots, :length]  # [B, L, r + rope]
         b, n = lat.shape[0], lat.shape[1]
-        kv = F.linear(lat[..., : a.kv_lora_rank], self.w["kv_b"]).view(b, n, a.num_heads, -1)
+        kv = linear(lat[..., : a.kv_lora_rank], self.w["kv_b"]).view(b, n, a.num_heads, -1)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k_rot = lat[..., a.kv_lora_rank :][:, :, None, :].expand(b, n, a.num_heads, a.rope_dim)
         k = torch.cat((k_nope, k_rot), dim=-1)
