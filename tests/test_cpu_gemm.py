@@ -1,0 +1,85 @@
+"""The skinny AVX2 GEMM (kernels/cpu_gemm.c) against float64 torch products, and the MoE/linear paths using it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from elasticmoe.kernels import cpu_gemm, torch_moe
+
+needs_kernel = pytest.mark.skipif(not cpu_gemm.available(), reason="skinny C kernel not built here "
+                                  "(needs Linux x86-64 with AVX2/FMA and a C compiler)")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 9), (33, 64), (130, 77), (256, 513)])
+def test_seg_gemm_matches_float64(n, k):
+    """Odd N (weight-row pairs), K not a multiple of 8 (vector tail), 0..20 rows per expert, empty experts."""
+    torch.manual_seed(n * 1000 + k)
+    counts = [0, 1, 2, 3, 4, 5, 0, 8, 13, 16, 17, 20]  # > MAX_ROWS is allowed in seg_gemm itself
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    x = torch.randn(sum(counts), k)  # [M, K]
+    w = torch.randn(len(counts), n, k)  # [E, N, K]
+    out = torch.full((x.shape[0], n), float("nan"))  # [M, N]
+    cpu_gemm.seg_gemm(x, w, torch.tensor(starts), torch.tensor(counts), out)
+    for e, (s, c) in enumerate(zip(starts, counts)):
+        if c:
+            assert rel_err(out[s:s + c], x[s:s + c].double() @ w[e].double().T) < 1e-5, (e, c)
+
+
+@needs_kernel
+def test_seg_gemm_leaves_skipped_rows_untouched():
+    x, w = torch.randn(6, 24), torch.randn(3, 10, 24)
+    out = torch.full((6, 10), 7.0)
+    cpu_gemm.seg_gemm(x, w, torch.tensor([0, 2, 4]), torch.tensor([2, 0, 2]), out)
+    assert torch.equal(out[2:4], torch.full((2, 10), 7.0))
+    assert rel_err(out[4:], x[4:].double() @ w[2].double().T) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+def test_maybe_linear_matches_torch(rows):
+    x, w, b = torch.randn(rows, 72), torch.randn(50, 72), torch.randn(50)
+    ref = x.double() @ w.double().T + b.double()
+    assert rel_err(cpu_gemm.maybe_linear(x, w, b), ref) < 1e-5
+    assert rel_err(cpu_gemm.maybe_linear(x[:, :64], w[:, :64]), x[:, :64].double() @ w[:, :64].double().T) < 1e-5
+    assert cpu_gemm.maybe_linear(x.unsqueeze(0), w, b).shape == (1, rows, 50)  # 3-D goes to F.linear
+
+
+def test_maybe_linear_falls_back_for_other_dtypes():
+    x, w = torch.randn(4, 32, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)
+    assert torch.allclose(cpu_gemm.maybe_linear(x, w), x @ w.T)
+    assert not cpu_gemm.usable(x, w)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+def test_segment_moe_same_with_and_without_kernel(tokens, monkeypatch):
+    """The segment strategy through the C kernel (segments <= 16 rows) and MKL (longer) equals the torch loop."""
+    torch.manual_seed(tokens)
+    experts, top_k, hidden, inter = 6, 2, 40, 24
+    x = torch.randn(tokens, hidden)
+    w13, w2 = torch.randn(experts, 2 * inter, hidden) / 6, torch.randn(experts, hidden, inter) / 5
+    ids = torch.randint(0, experts, (tokens, top_k))
+    ids[0, 1] = -1  # routed off this shard
+    weights = torch.rand(tokens, top_k)
+    fast = torch_moe.fused_moe_torch(x, w13, w2, ids, weights, strategy="segment")
+    monkeypatch.setattr(cpu_gemm, "_lib", False)
+    assert not cpu_gemm.available()
+    slow = torch_moe.fused_moe_torch(x, w13, w2, ids, weights, strategy="segment")
+    assert rel_err(fast, slow.double()) < 1e-5
+
+
+def test_env_switch_disables_kernel():
+    env = dict(os.environ, ELASTICMOE_CPU_GEMM="0")
+    code = "from elasticmoe.kernels import cpu_gemm; print(cpu_gemm.available())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
