@@ -19,7 +19,8 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Two weight rows (w0, w1) against JC rows of x; y0/y1 point at column n of the first x row's output. */
+/* Two weight rows (w0, w1) against JC rows of x; y points at column n of the first x row's output
+ * (the second column only written when `two`). */
 static inline __attribute__((always_inline)) void tile(const float *w0, const float *w1, const float *x,
                                                        int64_t ldx, float *y, int64_t ldy, int64_t K,
                                                        int two, const int JC, int64_t pf) {

@@ -8,6 +8,7 @@ at those shapes (benchmarks/KERNELS.md). The C loop reads each weight row once. 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -36,8 +37,9 @@ def _cpu_has_avx2_fma() -> bool:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("ELASTICMOE_CACHE") or os.path.join(Path.home(), ".cache", "elasticmoe")
-    return Path(root) / "cpu_gemm"
+    """$ELASTICMOE_CACHE/cpu_gemm: the rule of model.embedded.cache_dir (kernels/ may not import model/)."""
+    root = Path(os.environ.get("ELASTICMOE_CACHE", Path.home() / ".cache" / "elasticmoe")).expanduser()
+    return root / "cpu_gemm"
 
 
 def _build() -> Path | None:
@@ -62,21 +64,27 @@ def _build() -> Path | None:
     return out
 
 
+def _open() -> ctypes.CDLL | None:
+    """Build (if needed) and load the kernel; None where it cannot run here."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or platform.system() != "Linux":
+        return None
+    if platform.machine() not in ("x86_64", "AMD64") or not _cpu_has_avx2_fma():
+        return None
+    path = _build()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.seg_gemm_f32.restype = None
+    lib.seg_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
 def _load() -> ctypes.CDLL | None:
     global _lib
     if _lib is None:
         with _lock:
             if _lib is None:
-                _lib = False
-                ok = os.environ.get(ENV_SWITCH, "1") != "0" and platform.system() == "Linux"
-                if ok and platform.machine() in ("x86_64", "AMD64") and _cpu_has_avx2_fma():
-                    path = _build()
-                    if path is not None:
-                        lib = ctypes.CDLL(str(path))
-                        lib.seg_gemm_f32.restype = None
-                        lib.seg_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
-                            ctypes.c_void_p, ctypes.c_int]
-                        _lib = lib
+                _lib = _open() or False
     return _lib or None
 
 
@@ -110,9 +118,15 @@ def seg_gemm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, counts: tor
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ w[N, K].T -> [M, N] with the skinny kernel (M small, fp32 CPU; see `usable`)."""
     x = x.contiguous()
-    rows = torch.tensor([0, x.shape[0]], dtype=torch.int64)
-    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    return seg_gemm(x, w.unsqueeze(0), rows[:1], rows[1:], out)
+    start, count = _one_segment(x.shape[0])
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)  # [M, N]
+    return seg_gemm(x, w.unsqueeze(0), start, count, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_segment(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, counts) [1] int64 for a single weight over `rows` rows; made once per row count (read-only)."""
+    return torch.zeros(1, dtype=torch.int64), torch.tensor([rows], dtype=torch.int64)
 
 
 def maybe_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -67,7 +67,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [B, hk, rep, dv]
         return o.reshape(b, h, 1, v.shape[3])
     if k.shape[1] != h:
-        rep = q.shape[1] // k.shape[1]
+        rep = h // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
