@@ -13,6 +13,7 @@ from typing import Callable
 import grpc
 import torch
 
+from elasticmoe.model.dispatch import ExpertsUnavailable
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc.codec import channel_options, decode_tensor, encode_tensor
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 _GOLDEN = 0.6180339887498949  # spreads token rows evenly over [0, 1) for splitting a replicated expert
 
 
-class NoReplicaError(RuntimeError):
+class NoReplicaError(ExpertsUnavailable):
     """No live shard holds an expert the step needs."""
 
 

@@ -9,6 +9,14 @@ import torch
 from elasticmoe.model.experts import ExpertStore
 
 
+class ExpertsUnavailable(RuntimeError):
+    """No live copy could run some routed experts this step (all shards holding them failed or timed out).
+
+    Transient: the engine retries the step (KV writes are keyed by position) and ends only the requests that
+    still cannot be served, with UNAVAILABLE on gRPC and 503 on HTTP.
+    """
+
+
 class Pending(Protocol):
     """An expert computation in flight; `wait()` returns the combined output [T, H]."""
 
