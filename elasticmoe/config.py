@@ -17,6 +17,8 @@ class Resources(_Strict):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     memory: int | None = Field(None, ge=0, description="bytes of RAM reserved for the replica")
+    accelerator_type: str | None = Field(None, min_length=1, description="Ray accelerator type the replica needs, "
+                                         "e.g. H100, A100-80G, L40S (ray.util.accelerators)")
 
 
 class Limits(_Strict):
@@ -49,7 +51,9 @@ class Autoscaling(_Strict):
 class AppArgs(_Strict):
     """Args of `elasticmoe.app:build_app` (the `args:` of a Serve config)."""
 
-    model: str = Field(..., description="checkpoint directory or local HF cache snapshot")
+    model: str = Field(..., description="checkpoint directory, HF cache repo/snapshot directory, or hub id (org/name)")
+    revision: str | None = Field(None, min_length=1, description="hub branch, tag or commit of `model`; resolved once "
+                                 "to a snapshot of the local HF cache and passed to every replica")
     num_shards: int = Field(2, ge=1, le=1024)
     num_gateways: int = Field(1, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
