@@ -110,18 +110,23 @@ class ExpertStore:
         ids, counts = topk_ids[topk_ids >= 0].unique(return_counts=True)
         return dict(zip(ids.tolist(), counts.tolist()))
 
-    def missing(self, layer: int, routed: dict[int, int]) -> list[int]:
-        """The expert ids of `routed` (see `routed`) that are not held here."""
-        le = self.layers.get(layer)
+    def snapshot(self, layer: int) -> LayerExperts | None:
+        """The layer's experts as held now; one call uses one snapshot for its check and its compute."""
+        return self.layers.get(layer)
+
+    def missing(self, layer: int, routed: dict[int, int], snap: LayerExperts | None = None) -> list[int]:
+        """The expert ids of `routed` (see `routed`) that are not held here (in `snap`, if given)."""
+        le = snap if snap is not None else self.layers.get(layer)
         return sorted(set(routed) - set(le.global_ids if le else ()))
 
-    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                snap: LayerExperts | None = None) -> torch.Tensor:
         """hidden [T, H], topk_ids [T, k] global ids (-1 = not here), topk_weights [T, k] -> [T, H].
 
-        Every id >= 0 must be held (see `missing`); its contribution is weighted and summed per token.
+        Every id >= 0 must be held (see `missing`; pass the same `snap` to both); its contribution is weighted
+        and summed per token.
         """
-        le = self.layers.get(layer)
+        le = snap if snap is not None else self.layers.get(layer)
         if le is None or hidden.shape[0] == 0:
             return torch.zeros_like(hidden)
         t0 = time.perf_counter()
