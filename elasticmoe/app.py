@@ -13,21 +13,43 @@ def _options(res) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     if res.memory is not None:
         opts["memory"] = res.memory
+    if res.accelerator_type is not None:
+        opts["accelerator_type"] = res.accelerator_type
     return opts
 
 
-def build_app(args: dict[str, Any]):
-    """Controller + expert shards + gateway (the ingress). Raises ValueError naming a bad arg."""
+def resolve_args(args: dict[str, Any]) -> AppArgs:
+    """Validated args with `model` pinned once: a hub id / cache repo dir + `revision` becomes one snapshot
+    directory and its commit, which every replica then loads (no per-process "newest snapshot" guess)."""
     try:
         a = AppArgs.model_validate(args)
     except ValidationError as e:
         raise ValueError(f"elasticmoe app args: {e}") from e
+    if a.model.startswith("tiny:"):
+        return a
+    from elasticmoe.model.hub import HubError, resolve
+
+    try:
+        snap = resolve(a.model, a.revision)
+    except HubError as e:
+        raise ValueError(f"elasticmoe app args: model: {e}") from e
+    return a.model_copy(update={"model": str(snap.path), "revision": snap.commit})
+
+
+def build_app(args: dict[str, Any]):
+    """Controller + expert shards + gateway (the ingress). Raises ValueError naming a bad arg."""
+    a = resolve_args(args)
     from elasticmoe.autoscaler.controller import Controller
     from elasticmoe.experts.deployment import ExpertShard
     from elasticmoe.gateway.deployment import Gateway
 
     plain = a.model_dump(mode="json")
-    controller = Controller.bind(plain)
+    # The controller reads the checkpoint's config and tensor index: with an accelerator type on the shards it
+    # runs on a node of theirs, which holds the weights (a `ray up` head holds only the JSON files).
+    ctl_opts: dict[str, Any] = {"num_cpus": 0}
+    if a.shard_resources.accelerator_type is not None:
+        ctl_opts["accelerator_type"] = a.shard_resources.accelerator_type
+    controller = Controller.options(ray_actor_options=ctl_opts).bind(plain)
     shard_opts: dict[str, Any] = {"ray_actor_options": _options(a.shard_resources), "graceful_shutdown_timeout_s": 60}
     if a.autoscaling is None:
         shard_opts["num_replicas"] = a.num_shards

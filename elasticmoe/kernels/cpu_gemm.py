@@ -47,14 +47,20 @@ def _build() -> Path | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    src = _SRC.read_bytes()
+    try:
+        src = _SRC.read_bytes()  # absent from an install that lost its package data: fall back to torch
+    except OSError:
+        return None
     tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_gemm-{tag}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError:  # read-only or missing cache directory
+        return None
     try:
         subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC)], check=True, capture_output=True, timeout=120)
         os.replace(tmp, out)  # atomic: concurrent builders (several shards on one node) all succeed

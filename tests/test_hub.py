@@ -1,0 +1,135 @@
+"""Hub id + revision -> one pinned snapshot (elasticmoe.model.hub, app.resolve_args), on a Hugging Face cache laid
+out in the test the way `hf download` writes it (blobs, snapshots/<commit>/ symlinks, refs/<branch>); no network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from elasticmoe.app import build_app, resolve_args
+from elasticmoe.model import open_model
+from elasticmoe.model.hub import HubError, resolve
+
+REPO_ID = "acme/tiny-moe"
+OLD, NEW = "a" * 40, "b" * 40  # two commits of the repo; NEW has the newer mtime but `main` points at OLD
+
+
+def _add_snapshot(repo: Path, commit: str, files: dict[str, bytes]) -> Path:
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+    return snap
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory, tiny_models) -> Path:
+    """$HF_HOME with hub/models--acme--tiny-moe: OLD = the tiny Mixtral, NEW = the same with another config."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / ("models--" + REPO_ID.replace("/", "--"))
+    files = {p.name: p.read_bytes() for p in tiny_models["mixtral"].iterdir() if p.is_file()}
+    _add_snapshot(repo, OLD, files)
+    changed = json.loads(files["config.json"]) | {"_elasticmoe_test_revision": "new"}
+    new = _add_snapshot(repo, NEW, files | {"config.json": json.dumps(changed).encode()})
+    os.utime(new, (new.stat().st_mtime + 100, new.stat().st_mtime + 100))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(OLD)
+    (repo / "refs" / "v2").write_text(NEW + "\n")
+    return home
+
+
+@pytest.fixture
+def cache_env(hf_home, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return hf_home / "hub" / ("models--" + REPO_ID.replace("/", "--"))
+
+
+def _resolve_in_subprocess(hf_home: Path, model: str, revision: str) -> str:
+    code = "import sys; from elasticmoe.model.hub import resolve; print(resolve(sys.argv[1], sys.argv[2]).path)"
+    env = {**os.environ, "HF_HOME": str(hf_home)}
+    env.pop("HF_HUB_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", code, model, revision], env=env, capture_output=True, text=True,
+                         check=True, timeout=60)
+    return out.stdout.strip()
+
+
+def test_two_processes_resolve_the_same_snapshot(hf_home, cache_env):
+    """Same id + revision in two processes -> the same snapshot, the one `main` names, not the newest by mtime."""
+    first = _resolve_in_subprocess(hf_home, REPO_ID, "main")
+    second = _resolve_in_subprocess(hf_home, REPO_ID, "main")
+    assert first == second == str(cache_env / "snapshots" / OLD)
+    assert _resolve_in_subprocess(hf_home, REPO_ID, "v2") == str(cache_env / "snapshots" / NEW)
+    assert _resolve_in_subprocess(hf_home, str(cache_env), OLD) == first  # repo dir + commit
+
+
+def test_default_revision_is_main(cache_env):
+    assert resolve(REPO_ID).path == resolve(str(cache_env)).path == cache_env / "snapshots" / OLD
+    assert resolve(REPO_ID).commit == OLD
+
+
+@pytest.mark.parametrize("model, revision, message", [
+    pytest.param("snap:OLD", NEW, "is not revision", id="snapshot-vs-commit"),
+    pytest.param("snap:OLD", "v2", "is not revision 'v2'", id="snapshot-vs-branch"),
+    pytest.param(REPO_ID, "v9", "refs/v9: revision 'v9' was never downloaded", id="unknown-branch"),
+    pytest.param(REPO_ID, "c" * 40, "snapshots/" + "c" * 40, id="commit-not-downloaded"),
+    pytest.param("acme/other-moe", "main", "models--acme--other-moe: acme/other-moe is not in the Hugging Face cache",
+                 id="repo-not-downloaded"),
+])
+def test_mismatch_is_refused(cache_env, model, revision, message):
+    if model == "snap:OLD":
+        model = str(cache_env / "snapshots" / OLD)
+    with pytest.raises(HubError, match=message.replace("(", r"\(")):
+        resolve(model, revision)
+    with pytest.raises(ValueError, match="model:"):
+        resolve_args({"model": model, "revision": revision})
+
+
+def test_matching_snapshot_and_revision_pass(cache_env):
+    snap = cache_env / "snapshots" / NEW
+    assert resolve(str(snap), "v2").path == resolve(str(snap), NEW).path == snap
+
+
+def test_ambiguous_repo_without_main_is_refused(cache_env, tmp_path):
+    repo = tmp_path / "models--acme--nomain"
+    for commit in (OLD, NEW):
+        _add_snapshot(repo, commit, {"config.json": b"{}"})
+    with pytest.raises(HubError, match="2 snapshots and no refs/main"):
+        resolve(str(repo))
+    assert resolve(str(repo), NEW).path == repo / "snapshots" / NEW
+
+
+def test_plain_directory_works_as_before(tiny_models):
+    path = tiny_models["mixtral"]
+    assert resolve(str(path)).path == path and resolve(str(path)).commit is None
+    with pytest.raises(HubError, match="plain checkpoint directory has no revisions"):
+        resolve(str(path), "main")
+
+
+def test_app_pins_one_snapshot_for_every_replica(cache_env):
+    """build_app resolves once; controller, shards and gateways all get the snapshot dir and its commit."""
+    app = build_app({"model": REPO_ID, "revision": "v2", "shard_resources": {"accelerator_type": "H100"}})
+    gateway = app._bound_deployment
+    controller, shards = gateway.init_args[1], gateway.init_args[2]
+    args = [gateway.init_args[0], controller._bound_deployment.init_args[0], shards._bound_deployment.init_args[0]]
+    want = str(cache_env / "snapshots" / NEW)
+    assert [(a["model"], a["revision"]) for a in args] == [(want, NEW)] * 3
+    # The pinned snapshot opens (through the cache's symlinks) and is the v2 config, not main's.
+    assert open_model(want).config._elasticmoe_test_revision == "new"
+    # Accelerator types reach Ray; the controller follows the shards to where the weights are.
+    assert shards._bound_deployment.ray_actor_options["accelerator_type"] == "H100"
+    assert controller._bound_deployment.ray_actor_options == {"num_cpus": 0, "accelerator_type": "H100"}
+    assert "accelerator_type" not in gateway.ray_actor_options
+
+
+def test_tiny_models_are_not_resolved():
+    assert resolve_args({"model": "tiny:mixtral"}).model == "tiny:mixtral"
