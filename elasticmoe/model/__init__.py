@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.names import WeightNames
-from elasticmoe.model.spec import ModelSpec, ModelSpecError, spec_from_config
+from elasticmoe.model.spec import ModelSpec, ModelSpecError, check_config_keys, check_model_type, spec_from_config
 
 __all__ = ["Checkpoint", "CheckpointError", "ModelFiles", "ModelSpec", "ModelSpecError", "open_model"]
 
@@ -29,13 +30,20 @@ def open_model(model: str) -> ModelFiles:
 
         model = str(ensure_tiny_model(model[len("tiny:"):]))
     ckpt = Checkpoint(model)
-    config = ckpt.config()
+    config_file = ckpt.path / "config.json"
     try:
+        raw = json.loads(config_file.read_text())
+        config = ckpt.config()
+        check_model_type(config)  # before any weight is read: hybrids and unverified families fail here, by name
+        check_config_keys(raw, config.model_type)
         spec = spec_from_config(config)
     except ModelSpecError as e:
-        raise ModelSpecError(f"{ckpt.path / 'config.json'}: {e}") from e
-    names = WeightNames(ckpt, spec.num_layers, spec.moe.num_experts)
+        raise ModelSpecError(f"{config_file}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
+    names = WeightNames(ckpt, spec)
     missing = [i for i in spec.moe.moe_layers if names.layers[i].block is None]
     if missing:
         raise CheckpointError(f"{ckpt.path}: config says layers {missing} are MoE but no expert tensors exist there")
+    names.check_all_used()
     return ModelFiles(ckpt, config, spec, names)

@@ -79,6 +79,7 @@ class Attention:
     def __init__(self, spec: AttentionSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
         self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
         self.window = spec.sliding_window[layer] if spec.sliding_window else None
+        self.rope = spec.rope_layers[layer] if spec.rope_layers else True  # False: a NoPE layer
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, rotary: Rotary,
                 cos: torch.Tensor, sin: torch.Tensor, masks: dict) -> torch.Tensor:
@@ -105,8 +106,10 @@ class Attention:
             qq = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, d]
             o = _sdpa(qq, kk, vv, masks[self.window], self.spec.scaling, causal=False)
             out[batch.decode_rows] = o[:, :, 0, :]
-        o = linear(out.reshape(x.shape[0], -1), self.w["o"], self.w.get("o_bias"))
-        return o
+        out = out.reshape(x.shape[0], -1)  # [T, h * dv]
+        if "gate" in self.w:  # AFMoE: sigmoid gate per output feature
+            out = out * torch.sigmoid(linear(x, self.w["gate"]))
+        return linear(out, self.w["o"], self.w.get("o_bias"))
 
     def _gqa_qkv(self, x, rotary, cos, sin):
         a, w, t = self.spec, self.w, x.shape[0]
@@ -119,7 +122,11 @@ class Attention:
         k = k.view(t, a.num_kv_heads, a.head_dim)
         if "q_norm" in w and w["q_norm"].shape[0] == a.head_dim:  # Qwen3: per-head norm
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
-        return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin), v
+        if self.rope:
+            q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        if "q_norm_rope" in w:  # HunYuan: per-head norm after the rotary
+            q, k = rms_norm(q, w["q_norm_rope"], self.eps), rms_norm(k, w["k_norm_rope"], self.eps)
+        return q, k, v
 
     def _gqa_gather(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
         kc, vc = cache.layers[self.layer]
@@ -136,8 +143,9 @@ class Attention:
         ckv = linear(x, w["kv_a"], w.get("kv_a_bias"))  # [T, r + rope]
         kv_nope, k_rot = ckv.split([a.kv_lora_rank, a.rope_dim], dim=-1)
         kv_nope = rms_norm(kv_nope, w["kv_a_norm"], self.eps)
-        q_rot = rotary.apply(q_rot, cos, sin)
-        k_rot = rotary.apply(k_rot[:, None, :], cos, sin)[:, 0]
+        if self.rope:
+            q_rot = rotary.apply(q_rot, cos, sin)
+            k_rot = rotary.apply(k_rot[:, None, :], cos, sin)[:, 0]
         return torch.cat((q_pass, q_rot), dim=-1), torch.cat((kv_nope, k_rot), dim=-1)
 
     def _mla_expand(self, cache: KVCache, slots: torch.Tensor | slice, length: int):

@@ -13,18 +13,9 @@ from elasticmoe.model.attention import Attention, KVCache, step_masks
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.dispatch import Dispatcher
-from elasticmoe.model.layers import Rotary, gated_mlp, rms_norm, route
-from elasticmoe.model.names import LayerNames, WeightNames
+from elasticmoe.model.layers import Rotary, gated_mlp, norm, route
+from elasticmoe.model.names import ATTN, LayerNames, WeightNames
 from elasticmoe.model.spec import ModelSpec
-
-_ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
-    "q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
-    "q_bias": "q_proj.bias", "k_bias": "k_proj.bias", "v_bias": "v_proj.bias", "o_bias": "o_proj.bias",
-    "q_norm": "q_norm.weight", "k_norm": "k_norm.weight",
-    "q_a": "q_a_proj.weight", "q_a_bias": "q_a_proj.bias", "q_a_norm": "q_a_layernorm.weight", "q_b": "q_b_proj.weight",
-    "kv_a": "kv_a_proj_with_mqa.weight", "kv_a_bias": "kv_a_proj_with_mqa.bias",
-    "kv_a_norm": "kv_a_layernorm.weight", "kv_b": "kv_b_proj.weight",
-}
 
 RouteObserver = Callable[[int, torch.Tensor], None]  # (layer, topk_ids [T, k])
 
@@ -34,22 +25,20 @@ class _Layer:
 
     def __init__(self, model: "DenseModel", i: int, names: LayerNames):
         load = model.load
-        attn = {role: load(f"{names.prefix}self_attn.{s}") for role, s in _ATTN.items()
-                if f"{names.prefix}self_attn.{s}" in model.ckpt}
+        attn = {role: load(n) for role, n in names.attn.items()}
         need = ("q_a", "kv_a") if model.spec.attention.kind == "mla" else ("q", "k", "v", "o")
         for role in need:
             if role not in attn:
-                raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{_ATTN[role]}")
+                raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")
         self.attn = Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
-        self.ln1 = load(f"{names.prefix}input_layernorm.weight")
-        self.ln2 = load(f"{names.prefix}post_attention_layernorm.weight")
+        self.norms = {role: load(n) for role, n in names.norms.items()}  # attn_in/attn_out/mlp_in/mlp_out
         self.sparse = names.block is not None
-        self.dense = tuple(load(n) for n in names.dense) if names.dense else None
+        self.dense = {r: load(n) for r, n in names.dense.items()} if names.dense else None
         if not self.sparse and self.dense is None:
             raise CheckpointError(f"{model.ckpt.path}: layer {i} has neither experts nor a dense MLP")
         self.router = load(names.router).float() if names.router else None  # [E, H]
-        self.router_bias = load(names.router_bias).float() if names.router_bias else None  # [E]
-        self.shared = tuple(load(n) for n in names.shared) if names.shared else None
+        self.router_bias = load(names.router_bias).float().flatten() if names.router_bias else None  # [E]
+        self.shared = {r: load(n) for r, n in names.shared.items()} if names.shared else None
         self.shared_gate = load(names.shared_gate) if names.shared_gate else None  # [1, H]
 
 
@@ -59,11 +48,11 @@ class DenseModel:
     def __init__(self, spec: ModelSpec, ckpt: Checkpoint, names: WeightNames, dtype: torch.dtype,
                  device: torch.device, max_len: int):
         self.spec, self.ckpt, self.dtype, self.device = spec, ckpt, dtype, device
-        root = names.root.rsplit("layers", 1)[0]  # "model."
-        self.embed = self.load(f"{root}embed_tokens.weight")  # [V, H]
-        self.norm = self.load(f"{root}norm.weight")
-        head = "lm_head.weight"
-        self.lm_head = self.load(head) if head in ckpt else self.embed  # tied embeddings
+        self.embed = self.load(names.embed)  # [V, H]
+        self.norm = self.load(names.norm)
+        self.norm_bias = self.load(names.norm_bias) if names.norm_bias else None
+        self.lm_head = self.load(names.lm_head) if names.lm_head else self.embed  # tied embeddings
+        self.lm_head_bias = self.load(names.lm_head_bias) if names.lm_head_bias else None
         self.layers = [_Layer(self, i, n) for i, n in enumerate(names.layers)]
         self.rotary = Rotary(spec, max_len, dtype, device)
         self.windows = set(spec.attention.sliding_window) or {None}
@@ -92,24 +81,39 @@ class DenseModel:
         states = []
         for b in batches:
             cos, sin = self.rotary.tables(b.positions)
-            states.append([self.embed[b.token_ids], b, (cos, sin, step_masks(b, self.windows))])  # h [T, H]
+            h = self.embed[b.token_ids]  # [T, H]
+            if self.spec.embed_scale != 1.0:
+                h = h * self.spec.embed_scale
+            states.append([h, b, (cos, sin, step_masks(b, self.windows))])
         for layer in self.layers:
             pending = [self._layer_pre(layer, st[0], st[1], cache, dispatcher, *st[2]) for st in states]
             for st, (h, x, p) in zip(states, pending):
                 st[0] = self._layer_post(layer, h, x, p)
-        eps = self.spec.rms_norm_eps
-        return [rms_norm(h if all_tokens else h[b.last_rows], self.norm, eps) for h, b, _ in states]
+        sp = self.spec
+        return [norm(h if all_tokens else h[b.last_rows], sp.norm, self.norm, self.norm_bias, sp.rms_norm_eps)
+                for h, b, _ in states]
+
+    def _norm(self, layer: _Layer, role: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer's `role` norm (attn_in, attn_out, mlp_in, mlp_out) of x, or x when the block has none."""
+        w = layer.norms.get(role)
+        return x if w is None else norm(x, self.spec.norm, w, layer.norms.get(role + "_bias"), self.spec.rms_norm_eps)
 
     def _layer_pre(self, layer: _Layer, h: torch.Tensor, batch: StepBatch, cache: KVCache,
                    dispatcher: Dispatcher, cos, sin, masks):
-        """Attention, norm, router and expert dispatch of one layer: h [T, H] -> (h, x, pending)."""
-        eps = self.spec.rms_norm_eps
-        h = h + layer.attn.forward(rms_norm(h, layer.ln1, eps), batch, cache, self.rotary, cos, sin, masks)
-        x = rms_norm(h, layer.ln2, eps)
+        """Attention, norms, router and expert dispatch of one layer: h [T, H] -> (h, x, pending).
+
+        Pre-norm h + attn(norm(h)); post-norm h + norm(attn(h)); sandwich both; parallel h + attn(x) + mlp(x).
+        """
+        sp = self.spec
+        x = self._norm(layer, "attn_in", h)
+        a = self._norm(layer, "attn_out", layer.attn.forward(x, batch, cache, self.rotary, cos, sin, masks))
+        h = h + a * sp.residual_scale if sp.residual_scale != 1.0 else h + a
+        if sp.block != "parallel":
+            x = self._norm(layer, "mlp_in", h)
         if not layer.sparse:
             return h, x, None
         logits = F.linear(x.float(), layer.router)  # [T, E]
-        topk_ids, topk_weights = route(logits, self.spec.moe, layer.router_bias)
+        topk_ids, topk_weights = route(logits, sp.moe, layer.router_bias)
         if self.route_observer is not None:
             self.route_observer(layer.attn.layer, topk_ids)
         return h, x, dispatcher.dispatch(layer.attn.layer, x, topk_ids, topk_weights)
@@ -117,14 +121,20 @@ class DenseModel:
     def _layer_post(self, layer: _Layer, h: torch.Tensor, x: torch.Tensor, pending) -> torch.Tensor:
         """Dense MLP, or shared experts (overlapping the remote experts) plus the routed experts' output."""
         if pending is None:
-            return h + gated_mlp(x, *layer.dense)
-        if layer.shared is not None:
-            shared = gated_mlp(x, *layer.shared)
+            out = gated_mlp(x, layer.dense)
+        elif layer.shared is not None:
+            shared = gated_mlp(x, layer.shared)
             if layer.shared_gate is not None:
                 shared = torch.sigmoid(linear(x, layer.shared_gate)) * shared
-            return h + (pending.wait() + shared)
-        return h + pending.wait()
+            out = pending.wait() + shared
+            if self.spec.moe.shared_combine == "average":
+                out = out / 2
+        else:
+            out = pending.wait()
+        out = self._norm(layer, "mlp_out", out)
+        return h + out * self.spec.residual_scale if self.spec.residual_scale != 1.0 else h + out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] float32."""
-        return linear(hidden, self.lm_head).float()
+        out = linear(hidden, self.lm_head, self.lm_head_bias).float()
+        return out * self.spec.logits_scale if self.spec.logits_scale != 1.0 else out

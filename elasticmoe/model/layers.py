@@ -17,9 +17,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """silu(x @ w_gate.T) * (x @ w_up.T) @ w_down.T.  x [T, H] -> [T, H]."""
-    return linear(F.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Mean-subtracted LayerNorm over the last dim, in float32 (Cohere-style when bias is None)."""
+    xf = x.float()
+    xf = xf - xf.mean(-1, keepdim=True)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight.float() * xf
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+def norm(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The model's norm: "rms" or "layer". x [..., D] -> [..., D]."""
+    return rms_norm(x, weight, eps) if kind == "rms" else layer_norm(x, weight, bias, eps)
+
+
+def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """silu(x @ gate.T + b) * (x @ up.T + b) @ down.T + b, from gate/up/down or a packed gate_up [2I, H].
+    x [T, H] -> [T, H]."""
+    if "gate_up" in w:
+        gate, up = linear(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, w["gate"], w.get("gate_bias")), linear(x, w["up"], w.get("up_bias"))
+    return linear(F.silu(gate) * up, w["down"], w.get("down_bias"))
 
 
 class Rotary:

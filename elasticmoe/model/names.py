@@ -1,11 +1,12 @@
-"""Where each weight lives in a checkpoint: per-expert or packed expert tensors, routers, shared experts."""
+"""Where each weight lives in a checkpoint: per-expert or packed expert tensors, routers, shared experts, norms."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+from elasticmoe.model.spec import ModelSpec
 
 _LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 # experts.{e}.{gate_proj|w1}.weight  (Qwen / DeepSeek / OLMoE: gate/up/down; Mixtral: w1=gate, w3=up, w2=down)
@@ -14,8 +15,30 @@ _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_pr
 _PACKED = re.compile(r"^(?P<block>.+)\.(?:experts\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?|"
                      r"(?P<gproj>input_linear|output_linear)\.weight)$")
 _PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
-_ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")
+_ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight")
+_ROUTER_BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "router.e_score_correction_bias",
+                  "expert_bias", "moe_statics.e_score_correction_bias")
 _SHARED = ("shared_expert", "shared_experts", "shared_mlp")
+ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
+    "q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
+    "q_bias": "q_proj.bias", "k_bias": "k_proj.bias", "v_bias": "v_proj.bias", "o_bias": "o_proj.bias",
+    "q_norm": "q_norm.weight", "k_norm": "k_norm.weight",
+    "q_norm_rope": "query_layernorm.weight", "k_norm_rope": "key_layernorm.weight",  # HunYuan: after rotary
+    "gate": "gate_proj.weight",  # AFMoE: sigmoid gate on the attention output
+    "q_a": "q_a_proj.weight", "q_a_bias": "q_a_proj.bias", "q_a_norm": "q_a_layernorm.weight", "q_b": "q_b_proj.weight",
+    "kv_a": "kv_a_proj_with_mqa.weight", "kv_a_bias": "kv_a_proj_with_mqa.bias",
+    "kv_a_norm": "kv_a_layernorm.weight", "kv_b": "kv_b_proj.weight",
+}
+# Norms of one decoder layer by block layout: role -> module name.
+NORMS = {
+    "pre": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
+    "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
+    "sandwich": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
+                 "mlp_in": "pre_mlp_layernorm", "mlp_out": "post_mlp_layernorm"},
+    "parallel": {"attn_in": "input_layernorm"},
+}
+# Buffers that hold no weights (rotary caches): present in some checkpoints, consumed by construction.
+_DERIVED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|rotary_emb\.\w+_cached|inv_freq)$")
 
 
 @dataclass(frozen=True)
@@ -37,22 +60,32 @@ class LayerNames:
     block: str | None  # MoE block prefix ("model.layers.3.mlp."), None for a dense layer
     router: str | None
     router_bias: str | None  # e_score_correction_bias
-    shared: tuple[str, str, str] | None  # shared expert gate/up/down weights
+    shared: dict[str, str] | None  # shared expert MLP: gate/up/down (or gate_up/down) and optional biases
     shared_gate: str | None  # sigmoid gate of the shared expert (Qwen2-MoE)
-    dense: tuple[str, str, str] | None  # dense MLP gate/up/down (dense layers)
+    dense: dict[str, str] | None  # dense MLP of a dense layer, same roles
+    attn: dict[str, str] = field(default_factory=dict)  # role (see ATTN) -> name
+    norms: dict[str, str] = field(default_factory=dict)  # role (see NORMS) -> weight name; "<role>_bias" -> bias
 
 
 class WeightNames:
-    """Indexes a checkpoint's tensor names once: layer prefixes, MoE blocks and every expert's tensors."""
+    """Indexes a checkpoint's tensor names once: layer prefixes, MoE blocks, every expert's tensors, and what
+    is used, so that a tensor the model would silently ignore fails the load (`check_all_used`)."""
 
-    def __init__(self, ckpt: Checkpoint, num_layers: int, num_experts: int):
-        self.ckpt = ckpt
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec):
+        self.ckpt, self.spec = ckpt, spec
         self.root = self._find_root(ckpt)
         self.experts: dict[tuple[int, int], ExpertRef] = {}
         self.blocks: dict[int, str] = {}
-        self._index_experts(num_experts)
-        self.layers = [self._layer(i) for i in range(num_layers)]
+        self.used: set[str] = set()
+        self._index_experts(spec.num_layers, spec.moe.num_experts)
+        self.layers = [self._layer(i) for i in range(spec.num_layers)]
         self.packed = any(r.gate_up is not None for r in self.experts.values())
+        base = self.root.rsplit("layers", 1)[0]  # "model."
+        self.embed = self._need(f"{base}embed_tokens.weight")
+        self.norm = self._need(f"{base}norm.weight")
+        self.norm_bias = self._first(f"{base}norm.bias")
+        self.lm_head = self._first("lm_head.weight")
+        self.lm_head_bias = self._first("lm_head.bias")
 
     @staticmethod
     def _find_root(ckpt: Checkpoint) -> str:
@@ -62,22 +95,29 @@ class WeightNames:
                 return m.group("root")
         raise CheckpointError(f"{ckpt.path}: no tensors named '...layers.<i>...' in the checkpoint")
 
-    def _index_experts(self, num_experts: int) -> None:
+    def _index_experts(self, num_layers: int, num_experts: int) -> None:
         parts: dict[tuple[int, int], dict[str, str]] = {}
         for name in self.ckpt.names():
             m = _LAYER.match(name)
             if not m or m.group("root") != self.root:
                 continue
+            if int(m.group("layer")) >= num_layers:
+                if int(m.group("layer")) >= num_layers + self.spec.mtp_layers:
+                    raise CheckpointError(f"{self.ckpt.path}: {name!r} lies past the config's {num_layers} layers")
+                continue
             layer = int(m.group("layer"))
             if pm := _PER_EXPERT.match(name):
                 parts.setdefault((layer, int(pm.group("e"))), {})[_PROJ[pm.group("proj")]] = name
                 self.blocks[layer] = pm.group("block") + "."
-            elif pk := _PACKED.match(name):
+            elif (pk := _PACKED.match(name)) and len(self.ckpt.shape(name)) == 3:
                 proj = pk.group("proj") or ("gate_up_proj" if pk.group("gproj") == "input_linear" else "down_proj")
                 for e in range(num_experts):
                     parts.setdefault((layer, e), {})[proj] = name
                 self.blocks[layer] = pk.group("block") + "."
         for (layer, e), p in parts.items():
+            if e >= num_experts:
+                raise CheckpointError(f"{self.ckpt.path}: layer {layer} holds expert {e}, but the config has "
+                                      f"{num_experts} experts")
             if "gate_up_proj" in p:
                 if "down_proj" not in p:
                     raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed gate_up_proj but no down_proj")
@@ -88,31 +128,71 @@ class WeightNames:
                     raise CheckpointError(
                         f"{self.ckpt.path}: expert {e} of layer {layer} lacks its {sorted(missing)} weight(s)")
                 self.experts[(layer, e)] = ExpertRef(p["gate"], p["up"], p["down"])
+            self.used.update(p.values())
 
     def _first(self, *names: str) -> str | None:
-        return next((n for n in names if n in self.ckpt), None)
+        name = next((n for n in names if n in self.ckpt), None)
+        if name is not None:
+            self.used.add(name)
+        return name
 
-    def _mlp(self, prefix: str) -> tuple[str, str, str] | None:
-        for gate, up, down in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
-            names = (f"{prefix}{gate}.weight", f"{prefix}{up}.weight", f"{prefix}{down}.weight")
-            if all(n in self.ckpt for n in names):
+    def _need(self, name: str) -> str:
+        if self._first(name) is None:
+            raise CheckpointError(f"{self.ckpt.path}: tensor {name!r} is not in the checkpoint")
+        return name
+
+    def _mlp(self, prefix: str) -> dict[str, str] | None:
+        """A gated MLP under `prefix`: gate/up/down (or packed gate_up/down), with biases where stored."""
+        for roles in ({"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, {"gate": "w1", "up": "w3", "down": "w2"},
+                      {"gate_up": "input_linear", "down": "output_linear"}):
+            names = {r: f"{prefix}{m}.weight" for r, m in roles.items()}
+            if all(n in self.ckpt for n in names.values()):
+                names.update({f"{r}_bias": f"{prefix}{m}.bias" for r, m in roles.items() if f"{prefix}{m}.bias" in self.ckpt})
+                self.used.update(names.values())
                 return names
         return None
 
     def _layer(self, i: int) -> LayerNames:
         prefix = f"{self.root}.{i}."
+        attn = {role: self._first(f"{prefix}self_attn.{s}") for role, s in ATTN.items()}
+        attn = {role: n for role, n in attn.items() if n is not None}
+        norms: dict[str, str] = {}
+        for role, module in NORMS[self.spec.block].items():
+            norms[role] = self._need(f"{prefix}{module}.weight")
+            if bias := self._first(f"{prefix}{module}.bias"):
+                norms[role + "_bias"] = bias
         block = self.blocks.get(i)
         if block is None:
             dense = self._mlp(prefix + "mlp.") or self._mlp(prefix + "feed_forward.")
-            return LayerNames(prefix, None, None, None, None, None, dense)
+            return LayerNames(prefix, None, None, None, None, None, dense, attn, norms)
         router = self._first(*(block + r for r in _ROUTERS))
         if router is None:
             raise CheckpointError(f"{self.ckpt.path}: MoE layer {i} ({block}) has no router weight ({block}gate.weight)")
-        bias = self._first(block + "gate.e_score_correction_bias", block + "e_score_correction_bias",
-                           block + "router.e_score_correction_bias", block + "expert_bias")
+        bias = self._first(*(block + b for b in _ROUTER_BIASES))
         shared = next((s for s in (self._mlp(f"{block}{n}.") for n in _SHARED) if s), None)
+        if shared is None:  # GraniteMoeShared: the shared MLP sits beside the MoE block
+            shared = self._mlp(f"{prefix}shared_mlp.")
         shared_gate = self._first(block + "shared_expert_gate.weight")
-        return LayerNames(prefix, block, router, bias, shared, shared_gate, None)
+        return LayerNames(prefix, block, router, bias, shared, shared_gate, None, attn, norms)
+
+    def unused(self) -> list[str]:
+        """Checkpoint tensors the model does not consume (speculative-decoding layers past the last one excepted)."""
+        out = []
+        for name in self.ckpt.names():
+            m = _LAYER.match(name)
+            mtp = m is not None and int(m.group("layer")) >= self.spec.num_layers  # bounded in _index_experts
+            if name in self.used or _DERIVED.search(name) or mtp:
+                continue
+            out.append(name)
+        return sorted(out)
+
+    def check_all_used(self) -> None:
+        """Fail, naming them, when the checkpoint holds tensors the spec would ignore."""
+        extra = self.unused()
+        if extra:
+            shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+            raise CheckpointError(f"{self.ckpt.path}: {len(extra)} tensor(s) that the {self.spec.model_type!r} spec "
+                                  f"does not use (running without them would be silently wrong): {shown}")
 
     def expert(self, layer: int, expert: int) -> ExpertRef:
         ref = self.experts.get((layer, expert))

@@ -8,20 +8,7 @@ from typing import Any
 
 import torch
 
-# Families whose router scores with a sigmoid (and may carry a score-correction bias) when the config is silent.
-_SIGMOID_FAMILIES = {"deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "longcat_flash", "glm_moe_dsa"}
-# Families whose experts are not gated SiLU MLPs, or whose blocks need code we do not have.
-_UNSUPPORTED = {
-    "gpt_oss": "clamped SwiGLU experts with biases and attention sinks",
-    "jetmoe": "mixture-of-attention heads",
-    "phimoe": "sparsemixer routing and LayerNorm",
-    "nllb_moe": "encoder-decoder",
-    "minimax": "lightning attention",
-    "qwen3_next": "linear attention layers",
-    "granitemoehybrid": "mamba layers",
-    "lfm2_moe": "convolution layers",
-    "llama4": "chunked attention and interleaved experts",
-}
+from elasticmoe.model.families import COMMON_KEYS, FAMILIES, HARMLESS_KEYS, REJECTED, Family
 
 
 class ModelSpecError(ValueError):
@@ -41,6 +28,8 @@ class AttentionSpec:
     rope_dim: int  # rotated dims per head (partial rotary, or qk_rope_head_dim for MLA)
     rope_interleave: bool = False
     sliding_window: tuple[int | None, ...] = ()  # per layer, None = full attention
+    rope_layers: tuple[bool, ...] = ()  # per layer: rotary applied (False = NoPE layer); empty = every layer
+    qk_norm_after_rope: bool = False
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -68,6 +57,7 @@ class MoESpec:
     group_score: str  # "top2_sum" (DeepSeek-V3) | "max" (DeepSeek-V2)
     sparse_layers: tuple[bool, ...]  # per layer: MoE (True) or dense MLP (False)
     hidden_act: str = "silu"
+    shared_combine: str = "sum"  # routed + shared experts: "sum" | "average"
 
     @property
     def moe_layers(self) -> list[int]:
@@ -93,6 +83,12 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     dense_intermediate_size: int = 0
+    block: str = "pre"  # "pre" | "post" | "sandwich" | "parallel" (see model.families.Family)
+    norm: str = "rms"  # "rms" | "layer"
+    embed_scale: float = 1.0  # multiplies the embeddings
+    residual_scale: float = 1.0  # multiplies each sublayer's output before the residual add
+    logits_scale: float = 1.0  # multiplies the LM-head output
+    mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
 
 
 def _get(cfg: Any, *names: str, default: Any = None) -> Any:
@@ -104,14 +100,19 @@ def _get(cfg: Any, *names: str, default: Any = None) -> Any:
 
 
 def _sparse_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
-    first_dense = _get(cfg, "first_k_dense_replace", default=0)
-    step = _get(cfg, "decoder_sparse_step", "moe_layer_freq", default=1) or 1
+    """Per layer: MoE or dense MLP, by whichever layer-placement fields the family's config has."""
+    types = _get(cfg, "mlp_layer_types")
+    if types is not None:
+        if len(types) != num_layers or set(types) - {"dense", "sparse"}:
+            raise ModelSpecError(f"config.mlp_layer_types={types!r}: want {num_layers} of 'dense' / 'sparse'")
+        return tuple(t == "sparse" for t in types)
+    first_dense = _get(cfg, "first_k_dense_replace", "num_dense_layers", default=0)
+    step = _get(cfg, "decoder_sparse_step", "moe_layer_freq", "moe_layer_interval", default=1) or 1
+    start = _get(cfg, "moe_layer_start_index", default=0)
+    end = _get(cfg, "moe_layer_end_index", default=num_layers - 1)
     only_mlp = set(_get(cfg, "mlp_only_layers", default=[]) or [])
-    out = []
-    for i in range(num_layers):
-        sparse = i >= first_dense and (i + 1) % step == 0 and i not in only_mlp
-        out.append(sparse)
-    return tuple(out)
+    return tuple(i >= first_dense and start <= i <= end and (i + 1) % step == 0 and i not in only_mlp
+                 for i in range(num_layers))
 
 
 def _rope(cfg: Any, rope_dim: int) -> tuple[torch.Tensor, float]:
@@ -130,10 +131,11 @@ def _rope(cfg: Any, rope_dim: int) -> tuple[torch.Tensor, float]:
     return inv.float(), float(scale)
 
 
-def _attention(cfg: Any, num_layers: int) -> AttentionSpec:
+def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...]) -> AttentionSpec:
     heads = cfg.num_attention_heads
     kv_heads = _get(cfg, "num_key_value_heads", default=heads)
     windows = _windows(cfg, num_layers)
+    rope_layers = _rope_layers(cfg, fam, windows, sparse)
     if _get(cfg, "kv_lora_rank") is not None:
         nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         scaling = (nope + rope) ** -0.5
@@ -143,10 +145,11 @@ def _attention(cfg: Any, num_layers: int) -> AttentionSpec:
             factor = params["factor"]
             m = 0.1 * mscale_all_dim * math.log(factor) + 1.0 if factor > 1 else 1.0
             scaling *= m * m
+        interleave = fam.rope_interleave if fam.rope_interleave is not None else _get(cfg, "rope_interleave", default=True)
         return AttentionSpec(
             kind="mla", num_heads=heads, num_kv_heads=heads, head_dim=nope + rope, v_head_dim=v,
-            scaling=scaling, rope_dim=rope, rope_interleave=bool(_get(cfg, "rope_interleave", default=False)),
-            sliding_window=windows, q_lora_rank=_get(cfg, "q_lora_rank"), kv_lora_rank=cfg.kv_lora_rank,
+            scaling=scaling, rope_dim=rope, rope_interleave=bool(interleave), sliding_window=windows,
+            rope_layers=rope_layers, q_lora_rank=_get(cfg, "q_lora_rank"), kv_lora_rank=cfg.kv_lora_rank,
             qk_nope_head_dim=nope,
         )
     head_dim = _get(cfg, "head_dim", default=cfg.hidden_size // heads)
@@ -156,7 +159,8 @@ def _attention(cfg: Any, num_layers: int) -> AttentionSpec:
     return AttentionSpec(
         kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
         scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
-        rope_dim=int(head_dim * partial), sliding_window=windows,
+        rope_dim=int(head_dim * partial), rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
+        rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope,
     )
 
 
@@ -170,7 +174,21 @@ def _windows(cfg: Any, num_layers: int) -> tuple[int | None, ...]:
     return (window,) * num_layers
 
 
-def _moe(cfg: Any, num_layers: int) -> MoESpec:
+def _rope_layers(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse: tuple[bool, ...]) -> tuple[bool, ...]:
+    """Per layer: rotary applied. NoPE families rotate only their sliding layers (all layers without a window)."""
+    if not fam.nope_full_layers:
+        return (True,) * len(windows)
+    types = _get(cfg, "layer_types") or ()
+    sliding = [t == "sliding_attention" for t in types] or [w is not None for w in windows]
+    if fam.block == "parallel":  # Cohere2: windowed layers, and dense prefix layers when the prefix pattern is 1
+        force = _get(cfg, "prefix_dense_sliding_window_pattern", default=None) == 1
+        return tuple(w is not None or (force and not sp) for w, sp in zip(windows, sparse))
+    if fam.block == "pre" and _get(cfg, "sliding_window") is None:  # EXAONE: no window, rotary everywhere
+        return (True,) * len(windows)
+    return tuple(sliding)
+
+
+def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
     model_type = cfg.model_type
     num_experts = _get(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0)
     if not num_experts:
@@ -181,44 +199,83 @@ def _moe(cfg: Any, num_layers: int) -> MoESpec:
     top_k = _get(cfg, "num_experts_per_tok", "moe_topk", "top_k", default=None)
     if not top_k:
         raise ModelSpecError("config.json has no num_experts_per_tok (router top-k)")
-    scoring = _get(cfg, "scoring_func", default="sigmoid" if model_type in _SIGMOID_FAMILIES else "softmax")
+    scoring = _get(cfg, "expert_selection_fn", default=fam.scoring)
     if scoring not in ("softmax", "sigmoid"):
-        raise ModelSpecError(f"config.scoring_func={scoring!r}: only softmax and sigmoid routers are supported")
-    topk_method = _get(cfg, "topk_method", default="noaux_tc" if scoring == "sigmoid" else "greedy")
-    n_group = _get(cfg, "n_group", default=1) or 1
-    if topk_method == "greedy":
-        n_group = 1
+        raise ModelSpecError(f"config.expert_selection_fn={scoring!r}: only softmax and sigmoid routers are supported")
+    norm = fam.norm_topk if fam.norm_topk is not None else bool(_get(cfg, "norm_topk_prob", default=True))
+    if model_type == "cohere2_moe" and scoring == "softmax":
+        norm = True  # softmax over the top-k logits
+    n_group, group_score = _get(cfg, "n_group", default=1) or 1, "top2_sum"
+    if model_type == "deepseek_v2":
+        group_score = "max"
+        if _get(cfg, "topk_method", default="greedy") == "greedy":
+            n_group = 1
     act = _get(cfg, "hidden_act", "hidden_activation", default="silu")
     if act not in ("silu", "swish"):
         raise ModelSpecError(f"config.hidden_act={act!r}: experts must be gated SiLU MLPs")
+    combine = _get(cfg, "shared_expert_combination_strategy", default="sum")
+    if combine not in ("sum", "average"):
+        raise ModelSpecError(f"config.shared_expert_combination_strategy={combine!r}: want 'sum' or 'average'")
     return MoESpec(
         num_experts=num_experts,
         top_k=top_k,
         intermediate_size=_get(cfg, "moe_intermediate_size", "intermediate_size"),
         scoring=scoring,
-        norm_topk_prob=bool(_get(cfg, "norm_topk_prob", default=True)),
-        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", default=1.0)),
+        norm_topk_prob=norm,
+        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", "route_scale", default=1.0)),
         n_group=n_group,
         topk_group=_get(cfg, "topk_group", default=n_group) if n_group > 1 else 1,
-        group_score="max" if topk_method == "group_limited_greedy" else "top2_sum",
+        group_score=group_score,
         sparse_layers=_sparse_layers(cfg, num_layers),
         hidden_act="silu",
+        shared_combine=combine,
     )
+
+
+def check_config_keys(raw: dict[str, Any], model_type: str) -> None:
+    """Reject a config.json key that may change the math and that this family's spec does not read."""
+    fam = FAMILIES[model_type]
+    known = HARMLESS_KEYS | COMMON_KEYS | set(fam.keys)
+    unknown = sorted(k for k in raw if k not in known)
+    if unknown:
+        raise ModelSpecError(
+            f"config key(s) {unknown} of model_type {model_type!r} are not understood by elasticmoe "
+            "and may change the math; remove them if they do not")
+    for key, value in fam.neutral:
+        if key in raw and raw[key] != value:
+            raise ModelSpecError(f"config.{key}={raw[key]!r} is not supported for model_type {model_type!r} "
+                                 f"(only {value!r})")
+
+
+def check_model_type(cfg: Any) -> Family:
+    """The family of `cfg.model_type`; a rejected or unverified family raises ModelSpecError naming what it lacks."""
+    model_type = getattr(cfg, "model_type", None)
+    if model_type in REJECTED:
+        raise ModelSpecError(f"model_type {model_type!r} is not supported: {REJECTED[model_type]}")
+    if model_type not in FAMILIES and not _get(cfg, "n_routed_experts", "num_local_experts", "num_experts"):
+        raise ModelSpecError(f"config.json of model_type {model_type!r} has no experts: not a Mixture-of-Experts model")
+    if model_type not in FAMILIES:
+        raise ModelSpecError(f"model_type {model_type!r} is not a verified family (its modeling code was not "
+                             f"checked against transformers); verified: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
 
 
 def spec_from_config(cfg: Any) -> ModelSpec:
     """Derive a ModelSpec from a transformers PretrainedConfig; raises ModelSpecError naming the field."""
     model_type = getattr(cfg, "model_type", None)
-    if model_type in _UNSUPPORTED:
-        raise ModelSpecError(f"model_type {model_type!r} is not supported: {_UNSUPPORTED[model_type]}")
+    fam = check_model_type(cfg)
     num_layers = cfg.num_hidden_layers
-    attn = _attention(cfg, num_layers)
-    moe = _moe(cfg, num_layers)
+    moe = _moe(cfg, num_layers, fam)
+    attn = _attention(cfg, num_layers, fam, moe.sparse_layers)
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
     inv_freq, rope_scale = _rope(cfg, attn.rope_dim)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    embed_scale = float(_get(cfg, "embedding_multiplier", default=1.0))
+    if _get(cfg, "mup_enabled", default=False):
+        embed_scale = cfg.hidden_size**0.5
+    logits_scale = float(_get(cfg, "logit_scale", default=1.0)) / float(_get(cfg, "logits_scaling", default=1.0))
     return ModelSpec(
         model_type=model_type, num_layers=num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
         rms_norm_eps=float(_get(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
@@ -227,4 +284,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale,
         bos_token_id=_get(cfg, "bos_token_id"), eos_token_ids=eos_ids, pad_token_id=_get(cfg, "pad_token_id"),
         dense_intermediate_size=_get(cfg, "intermediate_size", default=0),
+        block=fam.block, norm=fam.norm, embed_scale=embed_scale,
+        residual_scale=float(_get(cfg, "residual_multiplier", default=1.0)), logits_scale=logits_scale,
+        mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
     )

@@ -1,0 +1,110 @@
+"""Per-`model_type` semantics, as transformers' modeling code has them: defaults, block layout, the config keys understood."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Keys of every config.json that never change a forward pass (bookkeeping, training-only, generation defaults).
+HARMLESS_KEYS = frozenset({
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache", "initializer_range",
+    "output_router_logits", "router_aux_loss_coef", "attention_dropout", "hidden_dropout", "bos_token_id",
+    "eos_token_id", "pad_token_id", "sep_token_id", "eod_token_id", "id2label", "label2id", "return_dict",
+    "output_hidden_states", "output_attentions", "torchscript", "chunk_size_feed_forward", "is_encoder_decoder",
+    "problem_type", "tie_encoder_decoder", "_name_or_path", "auto_map", "router_jitter_noise", "input_jitter_noise",
+    "num_nextn_predict_layers", "num_mtp_layers", "aux_loss_alpha", "seq_aux", "moe_norm_min", "max_window_layers",
+    "pretraining_tp", "tokenizer_class", "_attn_implementation_autoset", "use_bfloat16", "finetuning_task",
+    "task_specific_params", "ep_size", "prefix", "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id",
+    "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "tf_legacy_loss",
+    "pruned_heads", "is_decoder", "exponential_decay_length_penalty", "begin_suppress_tokens", "suppress_tokens",
+})
+# Keys every family's spec reads (model shape, norms, rope, sliding windows).
+COMMON_KEYS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
+    "num_experts_per_tok", "attention_bias", "mlp_bias", "qkv_bias", "use_bias",  # biases: taken from the tensors
+})
+_MLA_KEYS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "qk_head_dim",
+             "rope_interleave", "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor",
+             "n_group", "topk_group", "norm_topk_prob", "first_k_dense_replace")
+_DSV3_ROUTER = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor", "n_group",
+                "topk_group", "norm_topk_prob", "first_k_dense_replace")
+_SLIDING = ("sliding_window", "layer_types", "use_sliding_window")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How transformers runs one model_type, where its config is silent or ignored."""
+
+    keys: tuple[str, ...] = ()  # family config keys the spec reads (or that are checked against the tensors)
+    scoring: str = "softmax"  # router score function when the config has no scoring_func
+    norm_topk: bool | None = None  # forced top-k renormalisation (None: config.norm_topk_prob, default True)
+    block: str = "pre"  # "pre" | "post" (norm after each sublayer) | "sandwich" (both) | "parallel" (attn + mlp)
+    norm: str = "rms"  # "rms" | "layer" (mean-subtracted)
+    qk_norm_after_rope: bool = False
+    rope_interleave: bool | None = None  # forced pairwise (complex) rotary layout; None: config.rope_interleave
+    nope_full_layers: bool = False  # rotary only on sliding layers (full-attention layers are NoPE)
+    neutral: tuple[tuple[str, object], ...] = ()  # keys supported only at this value
+
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family(keys=("num_local_experts", *_SLIDING), norm_topk=True),
+    "qwen2_moe": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+                              "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_SLIDING)),
+    "qwen3_moe": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                              "mlp_only_layers", *_SLIDING)),
+    "olmoe": Family(keys=("num_experts", "norm_topk_prob", "clip_qkv"), neutral=(("clip_qkv", None),)),
+    "flex_olmo": Family(keys=("num_experts", "norm_topk_prob"), block="post"),
+    "deepseek_v2": Family(keys=(*_MLA_KEYS, "topk_method", "scoring_func", "moe_layer_freq"), norm_topk=False,
+                          rope_interleave=True, neutral=(("scoring_func", "softmax"), ("moe_layer_freq", 1))),
+    "deepseek_v3": Family(keys=(*_MLA_KEYS, "scoring_func", "topk_method", "moe_layer_freq"), scoring="sigmoid",
+                          neutral=(("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1))),
+    "glm4_moe_lite": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid"),
+    "glm4_moe": Family(keys=(*_DSV3_ROUTER, "use_qk_norm"), scoring="sigmoid"),
+    "dots1": Family(keys=(*_DSV3_ROUTER, *_SLIDING), scoring="sigmoid"),
+    "exaone_moe": Family(keys=(*_DSV3_ROUTER, "num_experts", "num_shared_experts", "mlp_layer_types",
+                               "sliding_window_pattern", *_SLIDING), scoring="sigmoid", nope_full_layers=True),
+    "minimax_m2": Family(keys=("num_local_experts", "use_qk_norm"), scoring="sigmoid", norm_topk=True),
+    "hunyuan_v1_moe": Family(keys=("num_experts", "moe_topk", "use_qk_norm"), norm_topk=True, qk_norm_after_rope=True),
+    "ernie4_5_moe": Family(keys=("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
+                                 "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"),
+                           norm_topk=True, rope_interleave=True),
+    "granitemoe": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier", "logits_scaling",
+                               "attention_multiplier"), norm_topk=True),
+    "granitemoeshared": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier",
+                                     "logits_scaling", "attention_multiplier", "shared_intermediate_size"),
+                               norm_topk=True),
+    "cohere2_moe": Family(keys=("num_experts", "num_shared_experts", "shared_expert_combination_strategy",
+                                "expert_selection_fn", "norm_topk_prob", "logit_scale", "layer_norm_eps",
+                                "mlp_layer_types", "sliding_window_pattern", "prefix_dense_sliding_window_pattern",
+                                "prefix_dense_intermediate_size", *_SLIDING),
+                          block="parallel", norm="layer", rope_interleave=True, nope_full_layers=True),
+    "afmoe": Family(keys=("num_experts", "num_shared_experts", "moe_intermediate_size", "num_dense_layers",
+                          "route_scale", "global_attn_every_n_layers", "mup_enabled", *_SLIDING),
+                    scoring="sigmoid", norm_topk=True, block="sandwich", nope_full_layers=True),
+}
+
+# Families whose decoder layers hold more than attention + MLP/MoE, or whose math is not implemented here.
+REJECTED: dict[str, str] = {
+    "jamba": "Mamba (state-space) layers",
+    "bamba": "Mamba (state-space) layers",
+    "nemotron_h": "Mamba (state-space) layers",
+    "granitemoehybrid": "Mamba (state-space) layers",
+    "qwen3_next": "linear-attention (Gated DeltaNet) layers",
+    "qwen3_5_moe": "linear-attention (Gated DeltaNet) layers",
+    "qwen3_5_moe_text": "linear-attention (Gated DeltaNet) layers",
+    "kimi_linear": "linear-attention (Kimi Delta Attention) layers",
+    "bailing_hybrid": "linear-attention layers",
+    "minimax": "lightning (linear) attention layers",
+    "lfm2_moe": "short-convolution layers",
+    "deepseek_v32": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
+    "glm_moe_dsa": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
+    "gpt_oss": "attention sinks and clamped SwiGLU experts with biases",
+    "phimoe": "sparsemixer routing and LayerNorm with biases",
+    "llama4": "router scores applied to the expert inputs, chunked attention and L2 q/k norms",
+    "llama4_text": "router scores applied to the expert inputs, chunked attention and L2 q/k norms",
+    "longcat_flash": "identity (zero-computation) experts and two attention sublayers per decoder layer",
+    "jetmoe": "mixture-of-attention heads",
+    "nllb_moe": "encoder-decoder layers",
+    "switch_transformers": "encoder-decoder layers",
+}
