@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import torch
 
-from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, sample
-from elasticmoe.engine.scheduler import Scheduler, Sequence
+from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob, sample
+from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence
+from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.attention import KVCache
 from elasticmoe.model.batch import build_batch
 from elasticmoe.model.dense import DenseModel
-from elasticmoe.model.dispatch import Dispatcher
+from elasticmoe.model.dispatch import Dispatcher, ExpertsUnavailable
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts of a step whose experts were unavailable
 
 
 def load_tokenizer(path: Any) -> Any:
@@ -28,7 +33,8 @@ class Engine:
 
     def __init__(self, files: ModelFiles, dispatcher: Dispatcher, *, dtype: str = "float32", device: str = "cpu",
                  max_num_seqs: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
-                 max_queue: int = 1024, tokenizer: Any = None, pipeline_min_tokens: int = 8):
+                 max_queue: int = 1024, tokenizer: Any = None, pipeline_min_tokens: int = 8,
+                 limits: RequestLimits | None = None, retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S):
         self.files, self.spec, self.dispatcher = files, files.spec, dispatcher
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -43,15 +49,18 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.pipeline_min_tokens = pipeline_min_tokens
+        self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
+        self.retry_backoff_s = retry_backoff_s
+        self.step_retries = 0  # attempts repeated after ExpertsUnavailable
+        self.failed_requests = 0  # requests ended by a failure (RequestFailed)
+
+    def set_limits(self, limits: RequestLimits) -> None:
+        """Request size limits (e.g. from `AppArgs.limits`), checked at admission."""
+        self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequest naming the field for an unusable prompt or parameters."""
-        if not prompt_ids:
-            raise InvalidRequest("prompt", "the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise InvalidRequest("prompt_token_ids", f"token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})")
-        params.validate(self.max_model_len, len(prompt_ids))
+        """Raise InvalidRequest naming the field for an unusable prompt or parameters (any thread)."""
+        self.validator.request(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request; raises InvalidRequest or QueueFull (nothing is queued then)."""
@@ -75,28 +84,94 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[Sequence]:
-        """Run one engine step; returns the sequences that got a new token (finished ones included)."""
+        """Run one engine step; returns the sequences that got a new token or ended (finished ones included).
+
+        A failure ends only the requests it belongs to (Sequence.error is set): a step whose experts were
+        unavailable is retried with backoff (KV writes are keyed by position, so a step can be repeated),
+        then each sequence is run alone; a row that cannot be sampled ends its own request.
+        """
         work = self.scheduler.schedule()
         if not work:
             return []
-        begin = getattr(self.dispatcher, "begin_step", None)
-        if begin is not None:
-            begin()
-        chunks = [(s.slot, s.num_cached, [s.token(i) for i in range(s.num_cached, s.num_cached + n)]) for s, n in work]
-        hidden = self._run(chunks)  # [N, H]
+        hidden, work, out = self._forward(work)  # hidden [N, H] for the surviving work
         self.steps += 1
         for s, n in work:
             s.num_cached += n
         ready = [(i, s) for i, (s, n) in enumerate(work) if s.num_cached == s.num_tokens]
-        if not ready:
-            return []
-        rows = torch.tensor([i for i, _ in ready], device=self.device)
-        logits = self.model.logits(hidden[rows])  # [R, V]
-        seqs = [s for _, s in ready]
-        tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for s, tok, lp in zip(seqs, tokens, lps):
-            self._append(s, tok, lp)
-        return seqs
+        if ready:
+            rows = torch.tensor([i for i, _ in ready], device=self.device)
+            seqs = [s for _, s in ready]
+            for s, tok, lp, err in zip(seqs, *self._sample(hidden[rows], seqs)):
+                try:
+                    if err is not None:
+                        raise err
+                    self._append(s, tok, lp)
+                except Exception as e:  # noqa: BLE001 - this row's request only
+                    self.fail(s, e)
+            out += seqs
+        return out
+
+    def _chunks(self, work: list[tuple[Sequence, int]]) -> list[tuple[int, int, list[int]]]:
+        return [(s.slot, s.num_cached, [s.token(i) for i in range(s.num_cached, s.num_cached + n)]) for s, n in work]
+
+    def _begin(self) -> None:
+        begin = getattr(self.dispatcher, "begin_step", None)
+        if begin is not None:
+            begin()
+
+    def _forward(self, work: list[tuple[Sequence, int]]
+                 ) -> tuple[torch.Tensor, list[tuple[Sequence, int]], list[Sequence]]:
+        """(hidden [N, H], the work it is for, the sequences that failed) for this step's work."""
+        chunks, error = self._chunks(work), None
+        for attempt in range(len(self.retry_backoff_s) + 1):
+            self._begin()
+            try:
+                return self._run(chunks), work, []
+            except ExpertsUnavailable as e:  # transient: all copies of some experts failed this step
+                error = e
+                if attempt < len(self.retry_backoff_s):
+                    log.warning("step failed (%s); retry %d in %.2fs", e, attempt + 1, self.retry_backoff_s[attempt])
+                    self.step_retries += 1
+                    time.sleep(self.retry_backoff_s[attempt])
+            except Exception as e:  # noqa: BLE001 - not transient: find the sequences it belongs to
+                log.exception("step failed; running its %d sequences one by one", len(work))
+                error = e
+                break
+        log.warning("step failed after retries (%s); running its %d sequences one by one", error, len(work))
+        return self._isolate(work)
+
+    def _isolate(self, work: list[tuple[Sequence, int]]
+                 ) -> tuple[torch.Tensor, list[tuple[Sequence, int]], list[Sequence]]:
+        """Run each sequence's part of the step alone; end only those that still fail."""
+        kept, rows, failed = [], [], []
+        for s, n in work:
+            self._begin()
+            try:
+                rows.append(self._run(self._chunks([(s, n)])))
+                kept.append((s, n))
+            except Exception as e:  # noqa: BLE001 - this sequence only
+                self.fail(s, e)
+                failed.append(s)
+        hidden = torch.cat(rows) if rows else torch.empty(0, self.spec.hidden_size, device=self.device)
+        return hidden, kept, failed
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]
+                ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
+        """hidden [R, H] of the sequences whose last token ran -> (tokens, logprobs, per-row errors)."""
+        try:
+            return sample(self.model.logits(hidden), [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:  # noqa: BLE001 - find the row it belongs to
+            log.exception("sampling failed; sampling its %d rows one by one", len(seqs))
+        out: tuple[list, list, list] = ([], [], [])
+        for i, s in enumerate(seqs):
+            try:
+                tok, lp, err = sample(self.model.logits(hidden[i:i + 1]), [s.params], [s.generator])
+                row = (tok[0], lp[0], err[0])
+            except Exception as e:  # noqa: BLE001 - this row only
+                row = (None, None, e)
+            for acc, v in zip(out, row):
+                acc.append(v)
+        return out
 
     def _run(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """Forward the step; with a remote dispatcher and enough tokens, as two pipelined micro-batches."""
@@ -117,8 +192,6 @@ class Engine:
         if logprob is not None:
             seq.logprobs.append(logprob)
         if seq.first_token_at is None:
-            import time
-
             seq.first_token_at = time.monotonic()
         p = seq.params
         if p.stop:
@@ -129,6 +202,19 @@ class Engine:
             self._finish(seq, "eos")
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
+
+    def fail(self, seq: Sequence, error: BaseException) -> None:
+        """End this request only: the client gets UNAVAILABLE / HTTP 503, never the raw internal error."""
+        if isinstance(error, ExpertsUnavailable):
+            msg = "some experts are unavailable (every copy failed); retry later"
+        else:
+            msg = "the request could not be served (its part of an engine step failed); retry later"
+            log.error("request %s failed: %r", seq.request_id, error)
+        seq.error = RequestFailed(msg)
+        seq.error.__cause__ = error
+        self.failed_requests += 1
+        self.scheduler.finish(seq, "abort")
+        self.seqs.pop(seq.request_id, None)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

@@ -58,8 +58,11 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"sampling_params: {len(plist)} given for {len(prompts)} prompts")
-        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        check = self.engine.validator
+        ids = [check.encode(self.tokenizer, p) if isinstance(p, str) else check.prompt_ids(p) for p in prompts]
         for toks, p in zip(ids, plist):  # validate all before queueing any
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling_params: expected SamplingParams, got {type(p).__name__}")
             self.engine.validate(toks, p)
         seqs = []
         for toks, p in zip(ids, plist):

@@ -6,21 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from elasticmoe.engine.validation import GREEDY_BELOW, InvalidRequest, check_sampling
 
-class InvalidRequest(ValueError):
-    """A request field is out of range; `field` names it (mapped to INVALID_ARGUMENT / HTTP 400)."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field, self.message = field_name, message
-
-    def __reduce__(self):  # picklable across Ray processes
-        return (type(self), (self.field, self.message))
+__all__ = ["InvalidRequest", "SamplingParams", "TokenLogprob", "sample"]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one completion. temperature 0 means greedy; top_k 0 and top_p 1 mean off."""
+    """How to sample one completion. temperature 0 (or below 1e-5) means greedy; top_k 0 and top_p 1 mean off."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -34,31 +27,22 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        elif not isinstance(self.stop, tuple):
+        elif isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
+        elif not isinstance(self.stop, tuple):
+            raise InvalidRequest("stop", f"must be a string or a list of strings, got {type(self.stop).__name__}")
         self.validate()
 
     def validate(self, max_model_len: int | None = None, prompt_len: int = 0) -> None:
-        """Raise InvalidRequest naming the first bad field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequest("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        """Raise InvalidRequest naming the first bad field (types, ranges, finiteness, the context length)."""
+        check_sampling(self)
         if max_model_len is not None and prompt_len + self.max_tokens > max_model_len:
             raise InvalidRequest("max_tokens", f"prompt ({prompt_len}) + max_tokens ({self.max_tokens}) "
                                                f"exceeds the context length {max_model_len}")
-        if not self.temperature >= 0:
-            raise InvalidRequest("temperature", f"must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise InvalidRequest("logprobs", f"must be in [0, 20], got {self.logprobs}")
-        if any(not s for s in self.stop):
-            raise InvalidRequest("stop", "stop strings must be non-empty")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -83,25 +67,38 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """One non-greedy row of logits [V] -> a token; raises on a row it cannot sample (NaN / inf)."""
+    probs = _filter(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-           ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [N, V] float32 -> one token per row, and its logprobs where asked for."""
+           ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
+    """logits [N, V] float32 -> one token per row, its logprobs where asked for, and per-row errors.
+
+    A row that cannot be sampled gets token None and its exception; the other rows are unaffected
+    (each row has its own generator, so a failed row consumes nothing of another's randomness).
+    """
     greedy = logits.argmax(-1).tolist()
-    tokens: list[int] = []
+    tokens: list[int | None] = []
+    errors: list[Exception | None] = [None] * len(params)
     for i, p in enumerate(params):
         if p.greedy:
             tokens.append(greedy[i])
             continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
-    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        try:
+            tokens.append(_sample_row(logits[i], p, generators[i]))
+        except Exception as e:  # noqa: BLE001 - attributed to this row's request only
+            tokens.append(None)
+            errors[i] = e
+    want = [i for i, p in enumerate(params) if p.logprobs is not None and tokens[i] is not None]
     lps: list[TokenLogprob | None] = [None] * len(params)
     if want:
         logp = logits[want].log_softmax(-1)  # [W, V]
         for j, i in enumerate(want):
             n = params[i].logprobs
-            top = logp[j].topk(n) if n else None
+            top = logp[j].topk(min(n, logp.shape[-1])) if n else None
             alts = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
             lps[i] = TokenLogprob(tokens[i], float(logp[j, tokens[i]]), alts)
-    return tokens, lps
+    return tokens, lps, errors

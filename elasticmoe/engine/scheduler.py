@@ -16,6 +16,11 @@ class QueueFull(RuntimeError):
     """The waiting queue is full (mapped to RESOURCE_EXHAUSTED / HTTP 429)."""
 
 
+class RequestFailed(RuntimeError):
+    """This request could not be served (experts unavailable after retries, or a step failed for its row);
+    only it ends (mapped to UNAVAILABLE / HTTP 503), the others continue."""
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -40,6 +45,7 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    error: RequestFailed | None = None  # set when the engine ended this request on a failure
 
     @property
     def num_tokens(self) -> int:

@@ -14,10 +14,9 @@ import torch
 from ray import serve
 
 from elasticmoe.config import AppArgs
-from elasticmoe.engine.sampling import InvalidRequest
-from elasticmoe.engine.scheduler import QueueFull
+from elasticmoe.engine.validation import RequestLimits
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
-from elasticmoe.gateway.grpc_api import parse_request, response
+from elasticmoe.gateway.grpc_api import parse_request, response, status_of
 from elasticmoe.gateway.runner import EngineRunner
 
 log = logging.getLogger("elasticmoe.gateway")
@@ -38,7 +37,12 @@ class GatewayCore:
         files = open_model(self.args.model)
         lim = self.args.limits
         self.controller = controller
-        self.dispatcher = GrpcDispatcher(lim.expert_timeout_s, on_failure=self._on_failure)
+        self.dispatcher = GrpcDispatcher(lim.expert_timeout_s, on_failure=self._on_failure,
+                                         failover_s=lim.failover_s)
+        try:
+            self.gateway_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve
+            self.gateway_id = f"gateway-{id(self)}"
         engine = Engine(files, self.dispatcher, dtype=self.args.dtype, device=self.args.device,
                         max_num_seqs=lim.max_num_seqs, max_model_len=lim.max_model_len,
                         max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue)
@@ -69,7 +73,7 @@ class GatewayCore:
     def _install(self, table: dict | None) -> None:
         if table is None:
             return
-        self.dispatcher.set_table(RoutingTable.from_dict(table))
+        self.dispatcher.set_table(RoutingTable.from_dict(table), only_newer=False)  # the controller's word
         self.table_version = table["version"]
         if table["complete"]:
             self.complete.set()
@@ -77,21 +81,18 @@ class GatewayCore:
             self.complete.clear()
 
     def _poll_table(self) -> None:
+        """Poll the controller's table, acknowledging the version this gateway has; keep the last on errors."""
         while True:
             try:
-                self._install(self.controller.table.remote(self.table_version).result(timeout_s=10))
-            except Exception as e:  # noqa: BLE001 - controller restarting; keep the last table
+                self._install(self.controller.table.remote(self.table_version, self.gateway_id).result(timeout_s=10))
+            except Exception as e:  # noqa: BLE001 - controller restarting; keep serving on the last table
                 log.warning("routing-table poll failed: %s", e)
+                time.sleep(0.5)
             time.sleep(0.1 if self.complete.is_set() else 0.05)
 
     def _on_failure(self, shard_id: str) -> RoutingTable | None:
-        """Called from the engine thread when a shard call fails; returns the controller's updated table."""
-        try:
-            table = self.controller.report_failure.remote(shard_id).result(timeout_s=10)
-        except Exception as e:  # noqa: BLE001
-            log.warning("report_failure(%s) failed: %s", shard_id, e)
-            return None
-        self.table_version = table["version"]
+        """Called from the dispatcher's report thread when a shard call fails; returns the controller's table."""
+        table = self.controller.report_failure.remote(shard_id).result(timeout_s=10)
         return RoutingTable.from_dict(table)
 
     async def wait_ready(self, timeout_s: float = 300.0) -> None:
@@ -110,7 +111,7 @@ class GatewayCore:
         st = self.runner.stats()
         st.update({"table_version": self.table_version, "fanout_overhead_p50_s": pct(50),
                    "fanout_overhead_p99_s": pct(99), "fanout_samples": len(over),
-                   "failovers": self.dispatcher.failovers, "shard_tokens": dict(self.dispatcher.shard_tokens),
+                   "failovers": self.dispatcher.failovers, "hedges": self.dispatcher.hedges, "shard_tokens": dict(self.dispatcher.shard_tokens),
                    "expert_tokens_total": int(self.metrics.expert_token_totals().sum())})
         return st
 
@@ -121,15 +122,18 @@ class GatewayCore:
             raise RuntimeError("engine wedged: no step for 120 s")
 
 
-def _count(metrics, status: str, code: str) -> None:
+def _fail(metrics, ctx, e: BaseException) -> None:
+    """Count a failed gRPC request and set its status (a cancelled call is left to Serve: CANCELLED)."""
+    if isinstance(e, asyncio.CancelledError) or not isinstance(e, Exception):
+        return
+    code, details, status = status_of(e)
     metrics.request("grpc", status)
-    metrics.error(code)
-
-
-def _set_error(ctx, code: grpc.StatusCode, message: str) -> None:
+    metrics.error(code.name)
     if ctx is not None:
         ctx.set_code(code)
-        ctx.set_details(message)
+        ctx.set_details(details)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            ctx.set_trailing_metadata([("retry-after", "1")])
 
 
 class _Timed:
@@ -170,6 +174,7 @@ class Gateway:
 
     def __init__(self, args: dict, controller, shards=None):
         self.core = GatewayCore(args, controller)
+        self.core.runner.engine.set_limits(RequestLimits.of(self.core.args.limits))
 
     def __serve_build_asgi_app__(self):
         """Serve builds the HTTP app after __init__, once per replica: the OpenAI routes over this core."""
@@ -178,35 +183,38 @@ class Gateway:
         return build_openai_app(self.core)
 
     async def _start(self, request, grpc_context):
-        """Validate and queue; on bad input set INVALID_ARGUMENT / RESOURCE_EXHAUSTED and raise."""
-        m = self.core.metrics
+        """Validate and admit (never waiting for an engine step), then wait for the first update.
+
+        Errors set the gRPC status (see grpc_api.status_of) and raise; a call cancelled or failed at any point
+        aborts its request, so its slot is freed.
+        """
+        m, stream = self.core.metrics, None
         try:
-            rid, ids, params = parse_request(request, self.core.tokenizer)
+            rid, ids, params = parse_request(request, self.core.tokenizer, self.core.runner.engine.validator)
             await self.core.wait_ready()
             t0 = time.monotonic()
             stream = self.core.runner.generate(rid, ids, params)
             first = await stream.__anext__()
             m.ttft(time.monotonic() - t0)
             return rid, _Timed(stream, first, t0, m), first
-        except InvalidRequest as e:
-            _count(m, "invalid", "INVALID_ARGUMENT")
-            _set_error(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            raise
-        except QueueFull as e:
-            _count(m, "rejected", "RESOURCE_EXHAUSTED")
-            _set_error(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-            raise
-        except TimeoutError as e:
-            _count(m, "rejected", "UNAVAILABLE")
-            _set_error(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except BaseException as e:
+            if stream is not None:
+                await stream.aclose()
+            _fail(m, grpc_context, e)
             raise
 
     async def Generate(self, request, grpc_context=None):
         rid, stream, u = await self._start(request, grpc_context)
         tokens, lps = list(u.token_ids), list(u.logprobs)
-        async for u in stream:
-            tokens += u.token_ids
-            lps += u.logprobs
+        try:
+            async for u in stream:
+                tokens += u.token_ids
+                lps += u.logprobs
+        except BaseException as e:
+            _fail(self.core.metrics, grpc_context, e)
+            raise
+        finally:
+            await stream.aclose()
         return response(rid, u, u.text, tokens, lps)
 
     async def GenerateStream(self, request, grpc_context=None) -> AsyncIterator:
@@ -222,6 +230,9 @@ class Gateway:
                 if u.finished:
                     return
                 u = await stream.__anext__()
+        except BaseException as e:
+            _fail(self.core.metrics, grpc_context, e)
+            raise
         finally:
             await stream.aclose()
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
+import grpc
+
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
+from elasticmoe.engine.scheduler import QueueFull, RequestFailed
+from elasticmoe.engine.validation import Validator
 from elasticmoe.gateway.runner import Update
 from elasticmoe.rpc import generation_pb2 as gen
 
+log = logging.getLogger(__name__)
 FINISH = {"length": gen.LENGTH, "stop": gen.STOP, "eos": gen.EOS, "abort": gen.ABORT}
 
 
@@ -23,17 +29,42 @@ def sampling_from_proto(s: gen.SamplingParams) -> SamplingParams:
     )
 
 
-def parse_request(request: gen.GenerateRequest, tokenizer) -> tuple[str, list[int], SamplingParams]:
-    """(request_id, prompt token ids, params); raises InvalidRequest naming the field."""
+def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator | None = None
+                  ) -> tuple[str, list[int], SamplingParams]:
+    """(request_id, prompt token ids, params); raises InvalidRequest naming the field.
+
+    Sizes are checked before any work that grows with them (tokenizing, copying token ids).
+    """
+    check = validator or Validator(1 << 62, 1 << 62)
+    rid = check.request_id(request.request_id)
+    lim = check.limits
+    if len(request.sampling.stop) > lim.max_stop_strings:
+        raise InvalidRequest("stop", f"{len(request.sampling.stop)} stop strings; the limit is {lim.max_stop_strings}")
     has_text = request.HasField("prompt")
     has_ids = len(request.prompt_token_ids) > 0
     if has_text == has_ids:
         raise InvalidRequest("prompt", "give exactly one of prompt or prompt_token_ids")
-    if has_text and not request.prompt:
-        raise InvalidRequest("prompt", "the prompt is empty")
-    ids = tokenizer.encode(request.prompt) if has_text else list(request.prompt_token_ids)
+    ids = check.encode(tokenizer, request.prompt) if has_text else check.prompt_ids(request.prompt_token_ids)
     params = sampling_from_proto(request.sampling)
-    return request.request_id or uuid.uuid4().hex, ids, params
+    check.request(ids, params)
+    return rid or uuid.uuid4().hex, ids, params
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """(gRPC code, details, metrics status) of an exception raised while serving a request.
+
+    A client's mistake is INVALID_ARGUMENT, a full gateway RESOURCE_EXHAUSTED, a request the cluster cannot
+    serve now (shards not ready, experts unavailable) UNAVAILABLE; only a bug in this server is INTERNAL,
+    and its raw message stays in the log.
+    """
+    if isinstance(e, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid"
+    if isinstance(e, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), "rejected"
+    if isinstance(e, (RequestFailed, TimeoutError)):
+        return grpc.StatusCode.UNAVAILABLE, str(e), "rejected"
+    log.error("request failed on a server error", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(e).__name__})", "error"
 
 
 def response(request_id: str, u: Update, text: str, token_ids, logprobs) -> gen.GenerateResponse:

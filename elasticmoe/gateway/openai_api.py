@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -11,16 +12,20 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
-from elasticmoe.engine.scheduler import QueueFull
+from elasticmoe.engine.scheduler import QueueFull, RequestFailed
+from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, FINISH_REASONS, ApiError, BaseRequest, ChatRequest, CompletionRequest, TextDelta,
-    chat_ids, chat_logprobs, completion_ids, completion_logprobs, reject_unsupported, sampling_params, usage_of)
+    chat_ids, chat_logprobs, completion_ids, completion_logprobs, parse_body, reject_unsupported, sampling_params,
+    usage_of)
 from elasticmoe.gateway.runner import Update
 
+log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-STATUS_OF = {400: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
+STATUS_OF = {400: "invalid", 413: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
 
 
 def _record(core: Any, http_status: int | None, last: Update | None = None, t0: float = 0.0,
@@ -47,6 +52,49 @@ def _invalid(core: Any, e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
     param = aliases.get(e.field, e.field)
     _record(core, 400)
     return ApiError(400, f"{param}: {getattr(e, 'message', e)}", param=param)
+
+
+def _server_error(e: Exception) -> ApiError:
+    """A request the engine ended: 503 (retry later) when it could not be served, 500 only for a bug here."""
+    if isinstance(e, RequestFailed):
+        return ApiError(503, str(e), "service_unavailable")
+    log.error("request failed on a server error", exc_info=e)
+    return ApiError(500, f"internal server error ({type(e).__name__})", "server_error")
+
+
+def _validator(core: Any) -> Validator:
+    engine = getattr(core.runner, "engine", None)
+    return getattr(engine, "validator", None) or Validator(1 << 62, 1 << 62, RequestLimits())
+
+
+async def read_request(request: Request, model: type[BaseRequest], core: Any) -> BaseRequest:
+    """The body as `model`: 413 above max_body_bytes (read no further), 400 naming the field otherwise."""
+    try:
+        return await _read(request, model, _validator(core))
+    except InvalidRequest as e:
+        raise _invalid(core, e, {}) from None
+    except ApiError as e:
+        _record(core, e.status)
+        raise
+
+
+async def _read(request: Request, model: type[BaseRequest], check: Validator) -> BaseRequest:
+    cap = check.limits.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > cap):
+        raise ApiError(413, f"the request body is over the limit of {cap} bytes", param=None)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise ApiError(413, f"the request body is over the limit of {cap} bytes", param=None)
+        chunks.append(chunk)
+    obj = parse_body(b"".join(chunks), check.limits.max_json_depth)
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        message, param = _describe(e)
+        raise ApiError(400, message, param=param) from None
 
 
 class Generation:
@@ -82,8 +130,8 @@ class Generation:
             raise _invalid(self.core, e, self.aliases) from e
         except QueueFull as e:
             raise self.fail(ApiError(429, str(e), "rate_limit_exceeded")) from e
-        except Exception as e:  # noqa: BLE001 - an engine step failed
-            raise self.fail(ApiError(500, f"generation failed: {e}", "server_error")) from e
+        except Exception as e:  # noqa: BLE001 - the engine could not serve it
+            raise self.fail(_server_error(e)) from e
         self.t_first = time.perf_counter()
         return first
 
@@ -93,8 +141,8 @@ class Generation:
         try:
             async for u in self._stream:
                 yield u
-        except Exception as e:  # noqa: BLE001 - an engine step failed mid-generation
-            raise self.fail(ApiError(500, f"generation failed: {e}", "server_error")) from e
+        except Exception as e:  # noqa: BLE001 - the engine could not serve it mid-generation
+            raise self.fail(_server_error(e)) from e
 
     async def close(self) -> None:
         """Stop the engine stream (aborting the request if it is still running)."""
@@ -224,7 +272,7 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request)
     aliases = {"prompt_token_ids": "prompt"}
     try:
         reject_unsupported(req)
-        ids = completion_ids(core.tokenizer, req.prompt)
+        ids = completion_ids(core.tokenizer, req.prompt, _validator(core))
         max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         params = sampling_params(req, max_tokens, req.logprobs)
     except InvalidRequest as e:
@@ -239,7 +287,7 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request) 
     aliases = {"prompt_token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs", "max_tokens": limit}
     try:
         reject_unsupported(req)
-        ids = chat_ids(core.tokenizer, req.messages)
+        ids = chat_ids(core.tokenizer, req.messages, _validator(core))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context allows
             context = getattr(core.runner.engine, "max_model_len", len(ids) + COMPLETION_MAX_TOKENS)
@@ -253,7 +301,7 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request) 
     return await _serve(request, req, gen, Shape(True, core.tokenizer, bool(req.logprobs)))
 
 
-def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
+def _describe(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
     """(message, param) of the first pydantic error of a request body."""
     err = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -280,8 +328,13 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error in the HTTP API", exc_info=exc)
+        return ApiError(500, f"internal server error ({type(exc).__name__})", "server_error").response()
+
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(Exception, on_bug)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -290,12 +343,16 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
                                             "owned_by": "elasticmoe"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await create_completion(get_core(), body, request)
+    async def completions(request: Request) -> Any:
+        core = get_core()
+        body = await read_request(request, CompletionRequest, core)
+        return await create_completion(core, body, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        return await create_chat_completion(get_core(), body, request)
+    async def chat_completions(request: Request) -> Any:
+        core = get_core()
+        body = await read_request(request, ChatRequest, core)
+        return await create_chat_completion(core, body, request)
 
     return app
 

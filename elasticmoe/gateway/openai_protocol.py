@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any, Literal
 
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
+from elasticmoe.engine.validation import Validator, check_text, short
 from elasticmoe.gateway.runner import Update
 
 # Engine finish reasons -> OpenAI's. "abort" (the engine dropped the request, e.g. on shutdown) has no
@@ -33,15 +35,49 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+def parse_body(raw: bytes, max_depth: int) -> dict:
+    """A request body -> its JSON object; every string valid Unicode, nesting at most max_depth.
+
+    Raises ApiError 400 for unparsable JSON (huge integers and runaway nesting included) and InvalidRequest
+    naming the top-level field that holds a bad string or nests too deeply.
+    """
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {short(str(e), 120)}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
+    stack: list[tuple[Any, str, str, int]] = [(v, k, k, 1) for k, v in obj.items()]
+    for k in obj:
+        check_text("body key", k, max_chars=256)
+    while stack:
+        v, top, path, depth = stack.pop()
+        if depth > max_depth:
+            raise InvalidRequest(top, f"{path}: nested deeper than {max_depth} levels")
+        try:
+            if isinstance(v, str):
+                check_text(path, v)
+            elif isinstance(v, dict):
+                for k, x in v.items():
+                    check_text(f"{path} key", k)
+                    stack.append((x, top, f"{path}.{k}", depth + 1))
+        except InvalidRequest as e:
+            raise InvalidRequest(top, e.message if e.field == top else f"{e.field} {e.message}") from None
+        if isinstance(v, list):
+            stack.extend((x, top, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+    return obj
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class BaseRequest(BaseModel):
-    """Fields common to both endpoints; unknown fields are rejected (400 naming the field)."""
+    """Fields common to both endpoints; unknown fields are rejected (400 naming the field). Strict: JSON types
+    are not coerced (a string is no number, a bool no integer)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None  # any name is accepted: this server serves exactly one model
     max_tokens: int | None = None
     temperature: float | None = None
@@ -68,7 +104,7 @@ class CompletionRequest(BaseRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -97,7 +133,7 @@ def reject_unsupported(req: BaseRequest) -> None:
     """Raise InvalidRequest for a known OpenAI field set to a value this server cannot honour."""
     for name, off in _OFF_VALUES.items():
         if name in type(req).model_fields and getattr(req, name) not in off:
-            raise InvalidRequest(name, f"only {off[1]!r} is supported, got {getattr(req, name)!r}")
+            raise InvalidRequest(name, f"only {off[1]!r} is supported, got {short(getattr(req, name))}")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs", "requires logprobs: true")
 
@@ -112,35 +148,38 @@ def sampling_params(req: BaseRequest, max_tokens: int, logprobs: int | None) -> 
         stop=(stop,) if isinstance(stop, str) else tuple(stop), ignore_eos=bool(req.ignore_eos), logprobs=logprobs)
 
 
-def completion_ids(tokenizer: Any, prompt: Any) -> list[int]:
+def completion_ids(tokenizer: Any, prompt: Any, check: Validator) -> list[int]:
     """One prompt (text or token ids) as token ids; several prompts -> InvalidRequest."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt) if prompt else []
+        return check.encode(tokenizer, prompt)
     if all(isinstance(t, int) for t in prompt):
-        return list(prompt)
+        return check.prompt_ids(prompt)
     raise InvalidRequest("prompt", "several prompts in one request are not supported; send one request each")
 
 
-def chat_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator) -> list[int]:
     """Apply the checkpoint's chat template (with the assistant generation prompt) -> token ids."""
     if not messages:
         raise InvalidRequest("messages", "at least one message is required")
-    conv = []
+    conv, size = [], 0
     for i, m in enumerate(messages):
         content = m.content or ""
         if isinstance(content, list):
-            if any(p.get("type") != "text" for p in content):
+            if any(p.get("type") != "text" or not isinstance(p.get("text", ""), str) for p in content):
                 raise InvalidRequest(f"messages[{i}].content", "only text content parts are supported")
-            content = "".join(str(p.get("text", "")) for p in content)
+            content = "".join(p.get("text", "") for p in content)
+        size += len(content.encode("utf-8"))
         conv.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    if size > check.limits.max_prompt_bytes:
+        raise InvalidRequest("messages", f"{size} bytes of content; the limit is {check.limits.max_prompt_bytes}")
     try:
         out = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
-        raise InvalidRequest("messages", f"the chat template rejected the conversation: {e}") from e
+        raise InvalidRequest("messages", f"the chat template rejected the conversation: {short(str(e), 200)}") from e
     ids = out["input_ids"] if not isinstance(out, list) else out  # transformers 5: BatchEncoding
-    return [int(t) for t in (ids[0] if ids and isinstance(ids[0], list) else ids)]
+    return check.prompt_ids([int(t) for t in (ids[0] if ids and isinstance(ids[0], list) else ids)], "messages")
 
 
 class TextDelta:

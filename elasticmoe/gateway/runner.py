@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
-from elasticmoe.engine.scheduler import Sequence
+from elasticmoe.engine.scheduler import QueueFull, RequestFailed, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -30,89 +31,136 @@ class Update:
     completion_tokens: int
 
 
-class _Stream:
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.q = loop, asyncio.Queue()
-        self.sent = 0
+def _merge(old: Update, new: Update) -> Update:
+    """Two updates the consumer has not read yet, as one (the stream's buffer never holds more)."""
+    return Update(old.token_ids + new.token_ids, old.logprobs + new.logprobs, new.text, new.finished,
+                  new.finish_reason, new.prompt_tokens, new.completion_tokens)
+
+
+class RequestStream:
+    """One request's updates for an asyncio caller. Bounded: the engine thread merges what the caller has not
+    read yet into one pending Update, so a slow reader costs one buffer, never a queue. `aclose()` aborts."""
+
+    def __init__(self, runner: "EngineRunner", key: str, loop: asyncio.AbstractEventLoop):
+        self.runner, self.key, self.loop = runner, key, loop
+        self._lock = threading.Lock()
+        self._pending: Update | BaseException | None = None
+        self._ready = asyncio.Event()
+        self.done = False  # finished, failed or closed: nothing more will come
+        self.sent = 0  # engine thread: output tokens already pushed
 
     def push(self, item: Update | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+        """Engine thread: hand over an update or the request's error."""
+        with self._lock:
+            wake = self._pending is None
+            old = self._pending
+            self._pending = _merge(old, item) if isinstance(old, Update) and isinstance(item, Update) else item
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the caller's loop is gone; aclose (or the runner) cleans up
+                pass
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> Update:
+        while not self.done:
+            with self._lock:
+                item, self._pending = self._pending, None
+                if item is None:
+                    self._ready.clear()
+            if item is None:
+                await self._ready.wait()
+                continue
+            if isinstance(item, BaseException):
+                self.done = True
+                raise item
+            self.done = item.finished
+            return item
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop the request if it is still running: its KV-cache slot is freed before the next step."""
+        if not self.done:
+            self.done = True
+            self.runner.abort(self.key)
 
 
 class EngineRunner:
-    """Owns an Engine; all engine calls happen on its thread. Thread-safe submit/abort from any event loop."""
+    """Owns an Engine; all engine calls happen on its thread. Admission never waits for the engine: requests are
+    validated and counted on the caller's side and handed over through an inbox the engine drains between steps."""
 
     def __init__(self, engine: Engine, on_step: Callable[[float, int], None] | None = None):
         self.engine = engine
         self.on_step = on_step
-        self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
+        sched = engine.scheduler
+        self.capacity = sched.num_free_slots + len(sched.running) + sched.max_queue  # running + waiting
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._lock = threading.Lock()
+        self._live = 0  # admitted and not yet ended (under _lock)
+        self._ids = itertools.count()
         self._wake = threading.Event()
         self._stop = False
         self.last_step_at = time.monotonic()
-        self.error: BaseException | None = None
+        self.step_errors = 0
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    def _call(self, fn: Callable, *args):
-        """Run fn on the engine thread and return its result (or raise its exception)."""
-        done = threading.Event()
-        box: list = []
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Admit a request and return its update stream, at once (no waiting for a step).
 
-        def job():
-            try:
-                box.append((True, fn(*args)))
-            except BaseException as e:  # noqa: BLE001 - handed back to the caller
-                box.append((False, e))
-            done.set()
+        Raises InvalidRequest (a bad field) or QueueFull (running + waiting at capacity) before anything is
+        queued. `request_id` need not be unique: the engine keys requests by an id of its own. The caller
+        must `aclose()` the stream if it stops reading before the end (that aborts the request).
+        """
+        self.engine.validate(prompt_ids, params)
+        with self._lock:
+            if self._live >= self.capacity:
+                raise QueueFull(f"the gateway is at capacity ({self.capacity} requests running or waiting); "
+                                f"retry later")
+            self._live += 1
+        key = f"{request_id}#{next(self._ids)}"
+        stream = RequestStream(self, key, asyncio.get_running_loop())
+        self._post(lambda: self._add(key, list(prompt_ids), params, stream))
+        return stream
 
+    def _post(self, job: Callable[[], None]) -> None:
         self._inbox.put(job)
         self._wake.set()
-        done.wait()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Update]:
-        """Queue a request and yield its updates. Raises InvalidRequest / QueueFull before yielding.
-
-        If the caller stops iterating (a cancelled call), the request is aborted and its KV cache freed.
-        """
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop)
-        await loop.run_in_executor(None, self._call, self._add, request_id, prompt_ids, params, stream)
-        finished = False
+    def _add(self, key: str, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+        if stream.done:  # closed before the engine saw it
+            self._release()
+            return
         try:
-            while True:
-                item = await stream.q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+            self.engine.add_request(key, prompt_ids, params)
+        except Exception as e:  # noqa: BLE001 - e.g. QueueFull from the scheduler's own bound
+            self._release()
+            stream.push(e)
+            return
+        self._streams[key] = stream
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: _Stream) -> None:
-        self.engine.add_request(request_id, prompt_ids, params)
-        self._streams[request_id] = stream
+    def _release(self) -> None:
+        with self._lock:
+            self._live -= 1
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, key: str) -> None:
         """Abort from any thread; the engine frees the slot before its next step."""
-        self._inbox.put(lambda: self._abort(request_id))
-        self._wake.set()
+        self._post(lambda: self._abort(key))
 
-    def _abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-        self._streams.pop(request_id, None)
+    def _abort(self, key: str) -> None:
+        self.engine.abort(key)
+        if self._streams.pop(key, None) is not None:
+            self._release()
 
     def stats(self) -> dict:
-        return self._call(lambda: {
-            "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
-            "free_slots": self.engine.scheduler.num_free_slots, "steps": self.engine.steps})
+        """Occupancy, read without waiting for the engine thread."""
+        sched = self.engine.scheduler
+        return {"running": len(sched.running), "waiting": len(sched.waiting), "free_slots": sched.num_free_slots,
+                "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity,
+                "step_retries": self.engine.step_retries, "failed_requests": self.engine.failed_requests}
 
     def _drain_inbox(self) -> None:
         while True:
@@ -133,36 +181,53 @@ class EngineRunner:
             t0 = time.perf_counter()
             try:
                 seqs = self.engine.step()
-            except BaseException as e:  # noqa: BLE001 - fail the in-flight requests, keep serving
-                log.exception("engine step failed")
-                self._fail_all(e)
+            except Exception:  # noqa: BLE001 - a bug outside any request's part of the step
+                self._step_error()
                 continue
+            self.step_errors = 0
             self.last_step_at = time.monotonic()
             if self.on_step is not None:
                 self.on_step(time.perf_counter() - t0, len(seqs))
             for seq in seqs:
                 self._publish(seq)
 
+    def _step_error(self) -> None:
+        """Engine.step attributes failures to requests; anything escaping it is retried, and only after
+        three in a row are the running requests ended (UNAVAILABLE), so the loop itself never dies."""
+        log.exception("engine step raised")
+        self.step_errors += 1
+        time.sleep(0.05 * self.step_errors)
+        if self.step_errors < 3:
+            return
+        for seq in list(self.engine.scheduler.running):
+            self.engine.fail(seq, RuntimeError("engine step failed repeatedly"))
+            self._publish(seq)
+        self.step_errors = 0
+
     def _publish(self, seq: Sequence) -> None:
         stream = self._streams.get(seq.request_id)
         if stream is None:
             return
-        new = seq.output_ids[stream.sent:]
-        lps = seq.logprobs[stream.sent:] if seq.params.logprobs is not None else []
-        stream.sent = len(seq.output_ids)
-        text = self.engine.detokenize(seq)
-        stream.push(Update(tuple(new), tuple(lps), text, seq.finished, seq.finish_reason,
-                           len(seq.prompt_ids), len(seq.output_ids)))
+        if seq.error is not None:
+            stream.push(seq.error)
+        else:
+            new = seq.output_ids[stream.sent:]
+            lps = seq.logprobs[stream.sent:] if seq.params.logprobs is not None else []
+            stream.sent = len(seq.output_ids)
+            text = self.engine.detokenize(seq)
+            stream.push(Update(tuple(new), tuple(lps), text, seq.finished, seq.finish_reason,
+                               len(seq.prompt_ids), len(seq.output_ids)))
         if seq.finished:
             self._streams.pop(seq.request_id, None)
-
-    def _fail_all(self, error: BaseException) -> None:
-        for rid, stream in list(self._streams.items()):
-            self.engine.abort(rid)
-            stream.push(error)
-        self._streams.clear()
+            self._release()
 
     def close(self) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)
+        for key, stream in list(self._streams.items()):
+            stream.push(RequestFailed("the gateway is shutting down"))
+            self._streams.pop(key, None)
+
+
+__all__ = ["EngineRunner", "RequestStream", "Update", "QueueFull"]

@@ -1,0 +1,172 @@
+"""One validation layer for every front door (gRPC, HTTP, offline LLM): types, ranges and size limits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
+from typing import Any
+
+GREEDY_BELOW = 1e-5  # a temperature below this means greedy, as in vLLM
+FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32: 0 < temperature below it underflows logits / t
+SEED_RANGE = (-(1 << 63), 1 << 64)  # a seed must fit 64 bits (signed or unsigned)
+INT32_MAX = (1 << 31) - 1
+
+
+class InvalidRequest(ValueError):
+    """A request field is out of range; `field` names it (mapped to INVALID_ARGUMENT / HTTP 400)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field, self.message = field_name, message
+
+    def __reduce__(self):  # picklable across Ray processes
+        return (type(self), (self.field, self.message))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Size limits of one request (from `AppArgs.limits`); every default is safe for a public endpoint."""
+
+    max_stop_strings: int = 16
+    max_stop_len: int = 256  # characters per stop string
+    max_request_id_len: int = 256  # characters
+    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt (checked before tokenizing)
+    max_prompt_tokens: int | None = None  # None: the context length minus one
+    max_logprobs: int = 20
+    max_body_bytes: int = 4 << 20  # HTTP request body (413 above it)
+    max_json_depth: int = 32  # nesting of an HTTP body
+
+    @classmethod
+    def of(cls, limits: Any) -> "RequestLimits":
+        """From any object with same-named attributes (e.g. `AppArgs.limits`); missing ones keep the default."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{n: getattr(limits, n) for n in names if getattr(limits, n, None) is not None})
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """A repr for error messages that never grows with the input (nor recurses through it)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    """An integer (never a bool or float) in [lo, hi]."""
+    if isinstance(v, bool) or not isinstance(v, Integral):
+        raise InvalidRequest(name, f"must be an integer, got {type(v).__name__}")
+    v = int(v)
+    if v < lo or (hi is not None and v > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise InvalidRequest(name, f"must be {'in ' if hi is not None else ''}{bound}, got {short(v)}")
+    return v
+
+
+def check_float(name: str, v: Any) -> float:
+    """A finite real number (an int is fine; bool, inf and NaN are not)."""
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise InvalidRequest(name, f"must be a number, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise InvalidRequest(name, f"must be a finite number, got {short(v)}")
+    return f
+
+
+def check_text(name: str, s: Any, max_chars: int | None = None, max_bytes: int | None = None) -> str:
+    """A string of valid Unicode (no lone surrogates) within the size limits."""
+    if not isinstance(s, str):
+        raise InvalidRequest(name, f"must be a string, got {type(s).__name__}")
+    if max_chars is not None and len(s) > max_chars:
+        raise InvalidRequest(name, f"is {len(s)} characters long; the limit is {max_chars}")
+    try:
+        n = len(s.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(name, f"is not valid Unicode: lone surrogate {s[e.start]!r} at index {e.start}") from None
+    if max_bytes is not None and n > max_bytes:
+        raise InvalidRequest(name, f"is {n} bytes of UTF-8; the limit is {max_bytes}")
+    return s
+
+
+def check_sampling(p: Any) -> None:
+    """Intrinsic checks of a SamplingParams (types, ranges, finiteness); size limits are the Validator's."""
+    check_int("max_tokens", p.max_tokens, 1, INT32_MAX)
+    t = check_float("temperature", p.temperature)
+    if t < 0:
+        raise InvalidRequest("temperature", f"must be >= 0, got {t}")
+    if 0 < t < FLOAT32_TINY:
+        raise InvalidRequest("temperature", f"{t} underflows (below {FLOAT32_TINY:.3g}); use 0 for greedy")
+    top_p = check_float("top_p", p.top_p)
+    if not 0 < top_p <= 1:
+        raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")
+    check_int("top_k", p.top_k, 0, INT32_MAX)
+    if p.seed is not None:
+        check_int("seed", p.seed, SEED_RANGE[0], SEED_RANGE[1] - 1)
+    for i, s in enumerate(p.stop):
+        check_text(f"stop[{i}]" if len(p.stop) > 1 else "stop", s)
+        if not s:
+            raise InvalidRequest("stop", "stop strings must be non-empty")
+    if not isinstance(p.ignore_eos, bool):
+        raise InvalidRequest("ignore_eos", f"must be a boolean, got {type(p.ignore_eos).__name__}")
+    if p.logprobs is not None:
+        check_int("logprobs", p.logprobs, 0, INT32_MAX)
+
+
+class Validator:
+    """Request-level checks against the model and the limits; cheap, thread-safe (reads only constants)."""
+
+    def __init__(self, vocab_size: int, max_model_len: int, limits: RequestLimits | None = None):
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.limits = limits or RequestLimits()
+        lim = self.limits.max_prompt_tokens
+        self.max_prompt_tokens = min(lim, max_model_len - 1) if lim is not None else max_model_len - 1
+
+    def request_id(self, rid: Any) -> str:
+        return check_text("request_id", rid, max_chars=self.limits.max_request_id_len)
+
+    def prompt_text(self, prompt: Any, name: str = "prompt") -> str:
+        """Before tokenizing: a non-empty string of valid Unicode within max_prompt_bytes."""
+        check_text(name, prompt, max_bytes=self.limits.max_prompt_bytes)
+        if not prompt:
+            raise InvalidRequest(name, "the prompt is empty")
+        return prompt
+
+    def encode(self, tokenizer: Any, prompt: Any, name: str = "prompt") -> list[int]:
+        """Check and tokenize a text prompt; a tokenizer failure on this input is the input's fault."""
+        self.prompt_text(prompt, name)
+        try:
+            return list(tokenizer.encode(prompt))
+        except Exception as e:  # noqa: BLE001 - e.g. characters the tokenizer cannot take
+            raise InvalidRequest(name, f"the tokenizer rejected it: {short(str(e), 200)}") from None
+
+    def prompt_ids(self, ids: Any, name: str = "prompt_token_ids") -> list[int]:
+        """Token ids: a non-empty list of ints in [0, vocab_size), at most max_prompt_tokens of them."""
+        if not ids:
+            raise InvalidRequest(name, "the prompt is empty")
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequest(name, f"{len(ids)} tokens; the limit is {self.max_prompt_tokens}")
+        out = list(ids)
+        for t in out:
+            if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < self.vocab_size:
+                raise InvalidRequest(name, f"token id {short(t)} is outside the vocabulary [0, {self.vocab_size})")
+        return out
+
+    def request(self, ids: list[int], params: Any) -> None:
+        """A queued request as a whole: prompt ids, sampling, the limits and the context length."""
+        self.prompt_ids(ids)
+        check_sampling(params)
+        lim = self.limits
+        if len(params.stop) > lim.max_stop_strings:
+            raise InvalidRequest("stop", f"{len(params.stop)} stop strings; the limit is {lim.max_stop_strings}")
+        for s in params.stop:
+            if len(s) > lim.max_stop_len:
+                raise InvalidRequest("stop", f"a stop string of {len(s)} characters; the limit is {lim.max_stop_len}")
+        if params.logprobs is not None and params.logprobs > lim.max_logprobs:
+            raise InvalidRequest("logprobs", f"must be in [0, {lim.max_logprobs}], got {params.logprobs}")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequest("max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) "
+                                               f"exceeds the context length {self.max_model_len}")
