@@ -29,6 +29,14 @@ class Limits(_Strict):
     max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
     expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
+    max_queued_requests: int = Field(256, ge=1, description="requests Serve queues per gateway before rejecting")
+    max_stop_strings: int = Field(16, ge=0, le=1024, description="stop strings per request")
+    max_stop_len: int = Field(256, ge=1, le=65536, description="characters per stop string")
+    max_request_id_len: int = Field(256, ge=1, le=65536, description="characters of a request_id")
+    max_prompt_bytes: int = Field(1 << 20, ge=1, description="UTF-8 bytes of a text prompt")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="prompt tokens; default: max_model_len - 1")
+    max_logprobs: int = Field(20, ge=0, le=1024, description="top logprobs per token")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="HTTP request body (413 above it)")
 
 
 class Autoscaling(_Strict):
