@@ -29,6 +29,8 @@ class Limits(_Strict):
     max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
     expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
+    failover_s: float = Field(30.0, gt=0, description="how long a step waits for a live copy of its experts "
+                              "(failover, re-homing) before its requests end with UNAVAILABLE")
     max_queued_requests: int = Field(256, ge=1, description="requests Serve queues per gateway before rejecting")
     max_stop_strings: int = Field(16, ge=0, le=1024, description="stop strings per request")
     max_stop_len: int = Field(256, ge=1, le=65536, description="characters per stop string")
@@ -71,9 +73,13 @@ class AppArgs(_Strict):
     limits: Limits = Limits()
     autoscaling: Autoscaling | None = None
     expert_metrics: Literal["per_expert", "per_layer", "off"] = "per_expert"
+    expert_copies: int = Field(1, ge=1, description="copies of every expert in the initial placement; 2 survives "
+                               "a shard loss with no weight moved and no wait")
 
     @model_validator(mode="after")
     def _shards_in_bounds(self) -> "AppArgs":
+        if self.expert_copies > self.num_shards:
+            raise ValueError(f"expert_copies ({self.expert_copies}) > num_shards ({self.num_shards})")
         a = self.autoscaling
         if a is not None and not a.min_shards <= self.num_shards <= a.max_shards:
             raise ValueError(f"num_shards ({self.num_shards}) must lie in [autoscaling.min_shards, "

@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
 import time
 
-import grpc
 from ray import serve
 
+from elasticmoe.autoscaler.moves import GATEWAY_TTL_S, Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
-from elasticmoe.autoscaler.registry import Registry
+from elasticmoe.autoscaler.record import GcsRecord
+from elasticmoe.autoscaler.registry import Change, Registry
 from elasticmoe.config import AppArgs
 from elasticmoe.placement import Placement, plan
-from elasticmoe.rpc import experts_pb2 as pb
-from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-from elasticmoe.rpc.codec import channel_options
 
 log = logging.getLogger("elasticmoe.controller")
 
 
-def default_slots(num_experts: int, num_shards: int) -> int:
+def default_slots(num_experts: int, num_shards: int, copies: int = 1) -> int:
     """Expert slots per (shard, layer): an even split plus 25% headroom for hot-expert copies."""
-    even = -(-num_experts // num_shards)
+    even = -(-num_experts * copies // num_shards)
     return min(num_experts, even + max(1, even // 4))
 
 
+def _app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside Serve (tests of the controller's logic)
+        return "default"
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-class Controller:
-    """Owns the placement. Gateways poll `table()`; shards `register()`; loops track load and health."""
+class Controller(Mover):
+    """Owns the placement. Gateways poll `table()`; shards `register()` and `heartbeat()`; loops track load
+    and health. A restarted controller resumes from its GCS record and the shards' own holdings."""
 
     def __init__(self, args: dict):
         from elasticmoe.model import open_model
@@ -40,142 +48,124 @@ class Controller:
         self.layer_index = {l: i for i, l in enumerate(self.moe_layers)}
         self.num_experts = spec.moe.num_experts
         auto = self.args.autoscaling
-        n = self.args.num_shards
-        self.slots = (auto.slots_per_shard if auto else None) or default_slots(self.num_experts, n)
+        n, copies = self.args.num_shards, self.args.expert_copies
+        self.slots = (auto.slots_per_shard if auto else None) or default_slots(self.num_experts, n, copies)
         self.max_moves = auto.max_moves if auto else 8
-        self.registry = Registry(Placement.even(len(self.moe_layers), self.num_experts, n, self.slots), self.moe_layers)
         self.load = LoadTracker(len(self.moe_layers), self.num_experts)
         self.scale = ScaleDecider(auto.min_shards, auto.max_shards, auto.target_utilization) if auto else None
         self.desired = n
-        self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
-        self._tasks: list[asyncio.Task] = []
-        self._lock: asyncio.Lock | None = None
-        self.events: list[dict] = []
-        self.event_counts: dict[str, int] = {}
-        self.bytes_moved = 0
+        self.record = GcsRecord(_app_name())
+        self.args_hash = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        rec = self.record.load()
+        self.recovering = bool(rec and rec.get("args") == self.args_hash)
+        if self.recovering:
+            self.registry = Registry.restore(rec["registry"], self.moe_layers)
+            self.desired = int(rec.get("desired", n))
+        else:
+            even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
+            self.registry = Registry(even, self.moe_layers, version=int(rec["registry"]["version"]) + 1 if rec else 1)
+        Mover.__init__(self)
         from elasticmoe.gateway.metrics import GatewayMetrics
 
-        self._exported_version = -1
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, self.num_experts, self.moe_layers)
+        self._exported_version = -1
+        self._save()
 
     # ----- plumbing
-    def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
-        if address not in self._stubs:
-            self._stubs[address] = pb_grpc.ExpertShardStub(grpc.aio.insecure_channel(address, options=channel_options()))
-        return self._stubs[address]
-
     def _start(self) -> asyncio.Lock:
         if self._lock is None:
             self._lock = asyncio.Lock()
             loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._health_loop()), loop.create_task(self._stats_loop())]
+            loops = [self._health_once, self._stats_once]
             if self.args.autoscaling:
-                self._tasks.append(loop.create_task(self._rebalance_loop()))
+                loops.append(self._rebalance_once)
+            self._tasks = [loop.create_task(self._forever(f)) for f in loops]
+            if self.recovering:
+                self._tasks.append(loop.create_task(self._recover()))
         return self._lock
 
-    def _event(self, kind: str, **kw) -> None:
-        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
-        self.events.append({"t": time.time(), "event": kind, "version": self.registry.version, **kw})
-        del self.events[:-500]
-        log.info("%s %s", kind, kw)
+    async def _forever(self, once) -> None:
+        """Run a loop body forever: an exception is logged and counted, never the end of the loop."""
+        interval = self.args.autoscaling.rebalance_interval_s if once == self._rebalance_once else 1.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await once()
+            except Exception:  # noqa: BLE001 - keep the controller alive; the metric shows it
+                self.loop_errors += 1
+                self._event("loop_error", loop=once.__name__)
+                log.exception("controller loop %s failed", once.__name__)
+
+    def _save(self) -> None:
+        try:
+            self.record.save({"args": self.args_hash, "desired": self.desired, "registry": self.registry.record()})
+        except Exception as e:  # noqa: BLE001 - serving goes on; the next change writes it again
+            log.warning("saving the controller record failed: %s", e)
+
+    def _publish(self) -> None:
+        """A new table version (membership, health or placement changed) and its durable record."""
+        self.registry.bump()
+        self._save()
 
     # ----- shard lifecycle
     async def register(self, shard_id: str, address: str) -> dict:
         """A shard replica announces itself; returns its position and the experts it must load."""
         self._start()
         info = self.registry.register(shard_id, address)
+        self._save()
         return {"position": info.position, "experts": self.registry.assignment(info.position),
                 "version": self.registry.version}
 
     async def ready(self, shard_id: str) -> int:
         """The shard loaded its experts: publish it; a spare replica grows the placement onto itself."""
         lock = self._start()
-        self.registry.mark_ready(shard_id)
-        self._event("ready", shard=shard_id)
-        info = self.registry.shards.get(shard_id)
-        if info is not None and info.position >= self.registry.placement.num_shards:
-            async with lock:
+        async with lock:
+            if not self.registry.mark_ready(shard_id):
+                raise KeyError(f"shard {shard_id} is not registered")
+            self._event("ready", shard=shard_id)
+            self._publish()
+            if self.registry.spares():
                 await self._grow()
         return self.registry.version
 
+    async def heartbeat(self, shard_id: str, address: str) -> dict:
+        """A shard's periodic check-in: `known` False means it was dropped and must be replaced (no zombies)."""
+        self._start()
+        info = self.registry.shards.get(shard_id)
+        if info is not None and info.address != address:
+            info.address = address
+            self._publish()
+        return {"known": info is not None, "desired": self.desired, "version": self.registry.version}
+
     async def drain(self, shard_id: str) -> dict:
-        """Scale-in: move this shard's experts onto the others, publish, then let it go."""
+        """Scale-in: load this shard's experts elsewhere, publish without it, wait for the gateways, let it go."""
         async with self._start():
-            await self._lose(shard_id, "drained")
-        await asyncio.sleep(1.0)  # gateways switch tables between steps
+            version = await self._lose(shard_id, "drained", alive=True)
+        if version is not None:
+            await self._acked(version)
         return self.registry.table()
 
     async def report_failure(self, shard_id: str) -> dict:
-        """A gateway's call to this shard failed: check it now; if dead, re-home its experts; return the table."""
-        async with self._start():
-            info = self.registry.shards.get(shard_id)
-            if info is not None and not await self._alive(info.address):
-                await self._lose(shard_id, "call failed")
+        """A gateway's call to this shard failed: check it soon (not under this call); return the table."""
+        lock = self._start()
+        info = self.registry.shards.get(shard_id)
+        if info is not None and info.healthy:
+            asyncio.get_running_loop().create_task(self._check_one(shard_id, lock))
         return self.registry.table()
 
-    async def _lose(self, shard_id: str, why: str) -> None:
-        info = self.registry.remove(shard_id)
-        if info is None:
+    async def _check_one(self, shard_id: str, lock: asyncio.Lock) -> None:
+        info = self.registry.shards.get(shard_id)
+        if info is None or await self._alive(info.address, shard_id):
             return
-        self._event("removed", shard=shard_id, why=why)
-        n = self.registry.placement.num_shards
-        if info.position >= n or n == 1:
-            return  # a spare, or the last shard: its replacement takes the free position
-        current = self.registry.retire(info.position)
-        slots = max(self.slots, math.ceil(self.num_experts / (n - 1)))
-        new = plan(self.load.planning_load(), n - 1, slots, current=current, max_moves=self.max_moves)
-        await self._apply(current, new, reason=f"re-home after {why}")
-
-    async def _grow(self) -> None:
-        """Give each ready spare replica the next position and move experts onto it (scale out)."""
-        n = self.registry.placement.num_shards
-        for spare in [s for s in self.registry.shards.values() if s.ready and s.position >= n]:
-            cur = self.registry.placement
-            spare.position = cur.num_shards
-            new = plan(self.load.planning_load(), cur.num_shards + 1, self.slots, current=cur,
-                       max_moves=max(self.max_moves, self.slots))
-            await self._apply(cur, new, reason="scale out")
-
-    async def _apply(self, current: Placement, new: Placement, reason: str) -> None:
-        """Load added copies on their shards while serving, publish the new version, drop old copies later."""
-        added, removed = current.diff(new)  # (layer, expert, shard) copies; works across a change of shard count
-        owners = self.registry.by_position()
-        loads: dict[int, list[tuple[int, int]]] = {}
-        for l, e, s in added:
-            loads.setdefault(s, []).append((self.moe_layers[l], e))
-        results = await asyncio.gather(*(self._load(owners[s].address, pairs) for s, pairs in loads.items()
-                                         if s in owners))
-        moved = sum(results)
-        self.bytes_moved += moved
-        self.metrics.rebalance(moved)
-        self.registry.set_placement(new)
-        self._event("placement", reason=reason, moves=len(added), dropped=len(removed), bytes=moved)
-        drops: dict[str, list[tuple[int, int]]] = {}
-        for l, e, s in removed:
-            if s in owners:
-                drops.setdefault(owners[s].address, []).append((self.moe_layers[l], e))
-        if drops:
-            asyncio.get_running_loop().create_task(self._drop_later(drops))
-
-    async def _load(self, address: str, pairs: list[tuple[int, int]]) -> int:
-        req = pb.LoadExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs],
-                                    placement_version=self.registry.version + 1)
-        resp = await self._stub(address).LoadExperts(req, timeout=120)
-        return resp.bytes
-
-    async def _drop_later(self, drops: dict[str, list[tuple[int, int]]], grace_s: float = 3.0) -> None:
-        await asyncio.sleep(grace_s)  # in-flight steps on the old version finish first
-        for address, pairs in drops.items():
-            try:
-                await self._stub(address).DropExperts(
-                    pb.DropExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs]), timeout=30)
-            except grpc.RpcError as e:
-                log.warning("drop on %s failed: %s", address, e.code())
+        async with lock:
+            await self._lose(shard_id, "call failed")
 
     # ----- gateway and operator API
-    async def table(self, known_version: int = -1) -> dict | None:
-        """The routing table, or None when the caller's version is current."""
+    async def table(self, known_version: int = -1, gateway_id: str | None = None) -> dict | None:
+        """The routing table, or None when the caller's version is current. `gateway_id` acknowledges it."""
         self._start()
+        if gateway_id is not None:
+            self.acks[gateway_id] = (known_version, time.monotonic())
         if known_version == self.registry.version:
             return None
         return self.registry.table()
@@ -189,22 +179,23 @@ class Controller:
             raise ValueError("autoscaling is not configured for this app (args.autoscaling)")
         self.scale.override = n
         self.desired = self.scale.desired(self.desired, [])
+        self._save()
         return self.desired
 
     async def rebalance(self) -> dict:
         """Re-plan now from the measured load (bounded moves); returns the event."""
         async with self._start():
-            cur = self.registry.placement
-            new = plan(self.load.planning_load(), cur.num_shards, cur.slots_per_shard, current=cur,
-                       max_moves=self.max_moves)
-            if cur.diff(new)[0]:
-                await self._apply(cur, new, reason="rebalance")
+            if self.registry.complete() and not self.recovering:
+                cur = self.registry.placement
+                new = plan(self.load.planning_load(), cur.num_shards, cur.slots_per_shard, current=cur,
+                           max_moves=self.max_moves)
+                if cur.diff(new)[0]:
+                    await self._apply(Change(cur, new, {p: p for p in range(cur.num_shards)}), "rebalance")
         return self.events[-1] if self.events else {}
 
     async def status(self) -> dict:
         """Placement version, per-shard health and load, balancedness per layer, hottest experts, events."""
         load = self.load.planning_load()
-        bal = self.registry.placement.balancedness(load).tolist()
         shards = []
         for s in sorted(self.registry.shards.values(), key=lambda s: s.position):
             entry = {"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
@@ -212,58 +203,50 @@ class Controller:
                      "utilization": self.load.utilization.get(s.shard_id, 0.0)}
             entry.update(await self._shard_stats(s.address))
             shards.append(entry)
+        p = self.registry.placement
         return {"version": self.registry.version, "complete": self.registry.complete(), "shards": shards,
-                "num_shards": self.registry.placement.num_shards, "desired_shards": self.desired,
-                "balancedness": bal, "load": self.load.ema.tolist(), "moe_layers": self.moe_layers,
-                "copies": self.registry.placement.num_copies().tolist(), "bytes_moved": self.bytes_moved,
-                "event_counts": dict(self.event_counts),
+                "num_shards": p.num_shards, "desired_shards": self.desired, "recovering": self.recovering,
+                "balancedness": p.balancedness(load).tolist(), "load": self.load.ema.tolist(),
+                "moe_layers": self.moe_layers, "copies": p.num_copies().tolist(), "bytes_moved": self.bytes_moved,
+                "event_counts": dict(self.event_counts), "loop_errors": self.loop_errors,
+                "gateways": {g: v for g, (v, t) in self.acks.items() if time.monotonic() - t < GATEWAY_TTL_S},
                 "events": self.events[-50:]}
 
     # ----- loops
-    async def _shard_stats(self, address: str) -> dict:
-        try:
-            r = await self._stub(address).GetStats(pb.GetStatsRequest(), timeout=2.0)
-        except grpc.RpcError as e:
-            return {"stats_error": str(e.code())}
-        return {"tokens": sum(t.tokens for t in r.tokens), "calls": r.calls, "weight_bytes": r.weight_bytes,
-                "compute_s": r.compute_us / 1e6, "held": len(r.held),
-                "expert_tokens": [[t.layer, t.expert, t.tokens] for t in r.tokens]}
+    async def _health_once(self) -> None:
+        """Check every registered shard at once (never under the lock); lose the dead, revive the paused."""
+        infos = list(self.registry.shards.values())
+        alive = await asyncio.gather(*(self._alive(i.address, i.shard_id) for i in infos))
+        for info, ok in zip(infos, alive):
+            if self.registry.shards.get(info.shard_id) is not info:
+                continue
+            if ok and not info.healthy:
+                async with self._lock:
+                    await self._revive(info)
+            elif not ok:
+                async with self._lock:
+                    await self._lose(info.shard_id, "health check failed")
 
-    async def _alive(self, address: str, timeout: float = 2.0) -> bool:
-        for _ in range(2):
-            try:
-                if (await self._stub(address).Health(pb.HealthRequest(), timeout=timeout)).ok:
-                    return True
-            except grpc.RpcError:
-                await asyncio.sleep(0.2)
-        return False
+    async def _stats_once(self) -> None:
+        stats = {}
+        for s in self.registry.live():
+            st = await self._stats(s.address)
+            if st is not None:
+                stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in st.tokens}, st.compute_us / 1e6)
+        self.load.update(stats, self.layer_index)
+        self._export(stats)
+        if self.scale is not None:
+            util = [self.load.utilization.get(s.shard_id, 0.0) for s in self.registry.live()]
+            desired = self.scale.desired(self.desired, util)
+            if desired != self.desired:
+                self.desired = desired
+                self._save()
 
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            for info in list(self.registry.shards.values()):
-                if info.ready and not await self._alive(info.address):
-                    async with self._lock:
-                        await self._lose(info.shard_id, "health check failed")
-
-    async def _stats_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            stats = {}
-            for s in self.registry.live():
-                try:
-                    r = await self._stub(s.address).GetStats(pb.GetStatsRequest(), timeout=2.0)
-                except grpc.RpcError:
-                    continue
-                stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in r.tokens}, r.compute_us / 1e6)
-            self.load.update(stats, self.layer_index)
-            self._export(stats)
-            if self.scale is not None:
-                util = [self.load.utilization.get(s.shard_id, 0.0) for s in self.registry.live()]
-                self.desired = self.scale.desired(self.desired, util)
+    async def _rebalance_once(self) -> None:
+        await self.rebalance()
 
     def _export(self, stats: dict) -> None:
-        """Placement metrics: balancedness per layer, copies per expert, shard health."""
+        """Placement metrics: balancedness per layer, copies per expert, shard health, loop errors."""
         placement = self.registry.placement
         for i, b in enumerate(placement.balancedness(self.load.planning_load())):
             self.metrics.balancedness(self.moe_layers[i], float(b))
@@ -275,11 +258,72 @@ class Controller:
         for s in self.registry.shards.values():
             self.metrics.shard_health(s.shard_id, s.shard_id in stats)
 
-    async def _rebalance_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.args.autoscaling.rebalance_interval_s)
-            try:
-                await self.rebalance()
-            except Exception:  # noqa: BLE001 - keep serving on the current placement
-                log.exception("rebalance failed")
+    # ----- re-placement (make-before-break)
+    async def _lose(self, shard_id: str, why: str, alive: bool = False) -> int | None:
+        """Take a shard out: its experts get live copies elsewhere first; returns the committed version."""
+        info = self.registry.shards.get(shard_id)
+        if info is None:
+            return None
+        if not alive and info.healthy:  # its copies are gone now: the table must not route to it
+            info.healthy = False
+            self._event("unhealthy", shard=shard_id, why=why)
+            self._publish()
+        n = self.registry.placement.num_shards
+        if info.position >= n or not info.ready:
+            self.registry.forget(shard_id)
+            self._event("removed", shard=shard_id, why=why)
+            self._publish()
+            return self.registry.version
+        if n == 1:
+            return None  # nothing to re-home onto: a new replica takes this position over
+        current, relabel = self.registry.retire(shard_id)
+        slots = max(self.slots, math.ceil(self.num_experts / (n - 1)))
+        new = plan(self.load.planning_load(), n - 1, slots, current=current, max_moves=self.max_moves)
+        try:
+            await self._apply(Change(current, new, relabel, remove=(shard_id,)), f"re-home after {why}")
+        except Exception as e:  # noqa: BLE001 - rolled back; the health loop tries again
+            self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:200])
+            return None
+        self._event("removed", shard=shard_id, why=why)
+        return self.registry.version
 
+    async def _revive(self, info) -> None:
+        """A shard marked unhealthy answers again (it was paused) and still holds its position: back in the table."""
+        held = await self._held(info.address, info.shard_id)
+        if held is not None and set(self.registry.assignment(info.position)) <= held:
+            info.healthy = True
+            self._event("revived", shard=info.shard_id)
+            self._publish()
+
+    async def _grow(self) -> None:
+        """Place every ready spare replica (scale out): copies load onto them first, then the table switches."""
+        spares = self.registry.spares()
+        cur = self.registry.placement
+        new = plan(self.load.planning_load(), cur.num_shards + len(spares), self.slots, current=cur,
+                   max_moves=max(self.max_moves, self.slots * len(spares)))
+        change = Change(cur, new, {p: p for p in range(cur.num_shards)}, add=tuple(s.shard_id for s in spares))
+        try:
+            await self._apply(change, "scale out")
+        except Exception as e:  # noqa: BLE001 - the spares stay spares; the next ready() or restart retries
+            self._event("grow_failed", error=str(e)[:200])
+
+    async def _recover(self) -> None:
+        """After a restart: the shards are the truth. Keep what they hold, reload what they lost, lose the dead."""
+        async with self._lock:
+            for info in list(self.registry.shards.values()):
+                held = await self._held(info.address, info.shard_id)
+                if held is None:
+                    info.healthy = False  # the health loop re-homes it (or a new replica takes its position)
+                    continue
+                want = set(self.registry.assignment(info.position)) if info.ready else set()
+                try:
+                    await self._load_many({info.address: sorted(want - held)})
+                except Exception:  # noqa: BLE001
+                    info.healthy = False
+                    continue
+                await self._drop_now({info.address: sorted(held - want)} if info.ready else {})
+            self.recovering = False
+            self._event("recovered", shards=len(self.registry.shards))
+            self._publish()
+            if self.registry.spares():
+                await self._grow()

@@ -14,33 +14,51 @@ class ShardInfo:
 
     shard_id: str
     address: str
-    position: int  # shard index in the placement
-    ready: bool = False
-    healthy: bool = True
+    position: int  # shard index in the placement (>= num_shards: a spare, not yet placed)
+    ready: bool = False  # loaded its assignment
+    healthy: bool = True  # answered its last health check
     registered_at: float = field(default_factory=time.monotonic)
 
 
-class Registry:
-    """Maps placement positions (0..N-1) to live shard replicas. Pure bookkeeping: no Ray, no gRPC.
+@dataclass(frozen=True)
+class Change:
+    """A placement change computed but not yet committed: `relabel` maps old positions to new ones."""
 
-    `moe_layers[i]` is the model layer of placement layer i.
+    current: Placement  # the current placement, renumbered to the new positions
+    new: Placement
+    relabel: dict[int, int]
+    remove: tuple[str, ...] = ()  # shards that leave the placement on commit
+    add: tuple[str, ...] = ()  # spares that join it
+
+
+class Registry:
+    """Maps placement positions (0..N-1) to shard replicas. Pure bookkeeping: no Ray, no gRPC.
+
+    `moe_layers[i]` is the model layer of placement layer i. Changes are computed first (`retire`, `extend`)
+    and committed only after the new copies are loaded (`commit`): make-before-break.
     """
 
-    def __init__(self, placement: Placement, moe_layers: list[int]):
+    def __init__(self, placement: Placement, moe_layers: list[int], version: int = 1):
         self.placement = placement
         self.moe_layers = moe_layers
-        self.version = 1
+        self.version = version
         self.shards: dict[str, ShardInfo] = {}
 
+    # ----- membership
     def register(self, shard_id: str, address: str) -> ShardInfo:
-        """Give a new replica a free position (or its old one back)."""
+        """Give a new replica a free position (or its old one back); a position whose holder is dead is free."""
         if shard_id in self.shards:
             info = self.shards[shard_id]
             info.address, info.healthy = address, True
             return info
-        taken = {s.position for s in self.shards.values() if s.healthy}
-        free = [p for p in range(self.placement.num_shards) if p not in taken]
-        position = free[0] if free else self.placement.num_shards  # surplus replica: a spare position
+        holders = {s.position: s for s in self.shards.values()}
+        free = [p for p in range(self.placement.num_shards) if p not in holders or not holders[p].healthy]
+        if free:
+            position = free[0]
+            if position in holders:  # take over a dead replica's position (its re-homing never finished)
+                del self.shards[holders[position].shard_id]
+        else:
+            position = max([self.placement.num_shards - 1, *holders]) + 1  # a spare
         info = ShardInfo(shard_id, address, position)
         self.shards[shard_id] = info
         return info
@@ -51,60 +69,83 @@ class Registry:
             return []
         return [(self.moe_layers[l], e) for l, e in self.placement.experts_on(position)]
 
-    def mark_ready(self, shard_id: str) -> None:
-        if shard_id in self.shards:
-            self.shards[shard_id].ready = True
-            self.version += 1
+    def mark_ready(self, shard_id: str) -> bool:
+        if shard_id not in self.shards:
+            return False
+        self.shards[shard_id].ready = True
+        return True
 
-    def remove(self, shard_id: str) -> ShardInfo | None:
-        """Forget a dead replica; its position becomes free for the next replica to register."""
-        info = self.shards.pop(shard_id, None)
-        if info is not None:
-            self.version += 1
-        return info
-
-    def set_placement(self, placement: Placement) -> None:
-        """Publish a new placement (a new version)."""
-        self.placement = placement
-        self.version += 1
-
-    def retire(self, position: int) -> Placement:
-        """Renumber positions so `position` is last; returns the relabelled placement (ready for scale-in)."""
-        n = self.placement.num_shards
-        order = [p for p in range(n) if p != position] + [position]
-        new_pos = {old: i for i, old in enumerate(order)}
-        for s in self.shards.values():
-            if s.position < n:
-                s.position = new_pos[s.position]
-        self.placement = self.placement.relabel(order)
-        return self.placement
+    def forget(self, shard_id: str) -> ShardInfo | None:
+        """Drop a replica that holds no position of the placement (a spare, or one never ready)."""
+        return self.shards.pop(shard_id, None)
 
     def by_position(self) -> dict[int, ShardInfo]:
-        return {s.position: s for s in self.shards.values() if s.healthy}
+        return {s.position: s for s in self.shards.values()}
 
     def live(self) -> list[ShardInfo]:
         return [s for s in self.shards.values() if s.ready and s.healthy and s.position < self.placement.num_shards]
 
+    def spares(self) -> list[ShardInfo]:
+        return sorted((s for s in self.shards.values() if s.ready and s.healthy
+                       and s.position >= self.placement.num_shards), key=lambda s: s.position)
+
+    # ----- changes (make-before-break)
+    def retire(self, shard_id: str) -> tuple[Placement, dict[int, int]]:
+        """(current placement renumbered so shard_id's position is last, old -> new positions). No mutation."""
+        n, position = self.placement.num_shards, self.shards[shard_id].position
+        order = [p for p in range(n) if p != position] + [position]
+        return self.placement.relabel(order), {old: i for i, old in enumerate(order)}
+
+    def commit(self, change: Change) -> None:
+        """Publish `change.new`: renumber shards, drop the leaving ones, place the joining spares (a new version)."""
+        for sid in change.remove:
+            self.shards.pop(sid, None)
+        for s in self.shards.values():
+            if s.position in change.relabel and s.shard_id not in change.add:
+                s.position = change.relabel[s.position]
+        for i, sid in enumerate(change.add):
+            if sid in self.shards:
+                self.shards[sid].position = change.current.num_shards + i
+        self.placement = change.new
+        self.version += 1
+
+    def set_placement(self, placement: Placement) -> None:
+        """Publish a new placement over the same positions (a new version)."""
+        self.placement = placement
+        self.version += 1
+
+    def bump(self) -> int:
+        """A new version of the table (membership or health changed)."""
+        self.version += 1
+        return self.version
+
+    # ----- the published view
     def complete(self) -> bool:
         """Every (layer, expert) has at least one ready copy."""
         ready = {s.position for s in self.live()}
         return all(any(s in ready for s, _ in reps) for row in self.placement.layout for reps in row)
 
     def table(self) -> dict:
-        """The routing table for gateways (see RoutingTable.from_dict); copies on non-ready shards are left out."""
+        """The routing table for gateways (see RoutingTable.from_dict); copies on non-live shards are left out."""
         live = sorted(self.live(), key=lambda s: s.position)
         index = {s.position: i for i, s in enumerate(live)}
         layers = {}
         for l, row in enumerate(self.placement.layout):
-            experts = []
-            for reps in row:
-                kept = [(index[p], share) for p, share in reps if p in index]
-                total = sum(sh for _, sh in kept)
-                if kept and total <= 0:
-                    kept = [(i, 1.0 / len(kept)) for i, _ in kept]
-                    total = 1.0
-                experts.append([(i, sh / total) for i, sh in kept])
-            layers[self.moe_layers[l]] = experts
+            layers[self.moe_layers[l]] = [[(index[p], share) for p, share in reps if p in index] for reps in row]
         return {"version": self.version, "complete": self.complete(),
                 "shards": [{"id": s.shard_id, "address": s.address, "position": s.position} for s in live],
                 "layers": layers}
+
+    # ----- persistence (the controller's record in Ray's GCS)
+    def record(self) -> dict:
+        return {"version": self.version, "placement": self.placement.to_dict(),
+                "shards": [{"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready}
+                           for s in self.shards.values()]}
+
+    @classmethod
+    def restore(cls, record: dict, moe_layers: list[int]) -> "Registry":
+        """A registry from `record()`: same placement and shards, a version above the recorded one."""
+        reg = cls(Placement.from_dict(record["placement"]), moe_layers, int(record["version"]) + 1)
+        for s in record["shards"]:
+            reg.shards[s["id"]] = ShardInfo(s["id"], s["address"], int(s["position"]), bool(s["ready"]))
+        return reg

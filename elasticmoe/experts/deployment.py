@@ -30,7 +30,6 @@ class ExpertShard:
     """Holds a share of the experts; the gateway calls its gRPC server directly (not through Serve)."""
 
     def __init__(self, args: dict, controller):
-        from elasticmoe.engine.engine import DTYPES
         from elasticmoe.experts.server import start_server
         from elasticmoe.model import open_model
         from elasticmoe.model.experts import ExpertStore
@@ -42,11 +41,12 @@ class ExpertShard:
         torch.set_num_threads(threads)
         files = open_model(self.args.model)
         device = torch.device("cuda" if self.args.device == "cuda" else "cpu")
-        self.store = ExpertStore(files.ckpt, files.names, files.spec, DTYPES[self.args.dtype], device)
+        self.store = ExpertStore(files.ckpt, files.names, files.spec, getattr(torch, self.args.dtype), device)
         ctx = serve.get_replica_context()
         self.shard_id = ctx.replica_id.unique_id if ctx else f"shard-{os.getpid()}"
         host = bind_host()
-        self.server, self.servicer, port = start_server(self.store, self.shard_id, host=host)
+        self.server, self.servicer, port = start_server(self.store, self.shard_id, host=host,
+                                                        max_rows=self.args.limits.max_num_batched_tokens)
         self.address = f"{host}:{port}"
         self.controller = controller
         self.registered = threading.Event()
@@ -54,6 +54,7 @@ class ExpertShard:
         self.error: BaseException | None = None
         self.desired = float(self.args.num_shards)
         self.stopping = False
+        self.evicted: str | None = None
         threading.Thread(target=self._register, name="register", daemon=True).start()
 
     def _register(self) -> None:
@@ -73,11 +74,21 @@ class ExpertShard:
                 self.error = e
                 log.warning("shard %s: registration attempt %d failed: %s", self.shard_id, attempt, e)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
-        while not self.stopping:  # follow the controller's desired shard count (autoscaling metric)
+        self._heartbeats()
+
+    def _heartbeats(self) -> None:
+        """Check in every second: follow the desired shard count; a controller that no longer knows this shard
+        (it was dropped while paused or cut off) gets it replaced through the health check: no zombies."""
+        while not self.stopping:
             try:
-                self.desired = float(self.controller.desired_shards.remote().result(timeout_s=10))
-            except Exception as e:  # noqa: BLE001
-                log.debug("desired_shards poll failed: %s", e)
+                beat = self.controller.heartbeat.remote(self.shard_id, self.address).result(timeout_s=10)
+                self.desired = float(beat["desired"])
+                if not beat["known"] and self.registered.is_set():
+                    self.evicted = "the controller dropped this shard from the placement"
+                    log.warning("shard %s: %s; failing the health check", self.shard_id, self.evicted)
+                    return
+            except Exception as e:  # noqa: BLE001 - a restarting controller: keep serving, try again
+                log.debug("heartbeat failed: %s", e)
             time.sleep(1.0)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -86,8 +97,17 @@ class ExpertShard:
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises."""
+        if self.evicted:
+            raise RuntimeError(self.evicted)
         if not self.registered.is_set() and time.monotonic() - self.started > 600:
             raise RuntimeError(f"not registered with the controller after 600 s: {self.error}")
+
+    async def inject_faults(self, **faults) -> dict:
+        """Test hook: arm faults of this replica's server (see experts.server.Faults); returns them."""
+        from dataclasses import asdict, replace
+
+        self.servicer.faults = replace(self.servicer.faults, **faults)
+        return {"shard_id": self.shard_id, "pid": os.getpid(), **asdict(self.servicer.faults)}
 
     async def info(self) -> dict:
         return {"shard_id": self.shard_id, "address": self.address, "held": len(self.store.held()), "pid": os.getpid(),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -16,50 +18,99 @@ from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc.codec import decode_tensor, encode_tensor, server_options
 
 log = logging.getLogger(__name__)
+_ID_DTYPES = (torch.int32, torch.int64)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Faults:
+    """Injected faults, for failure tests (`ExpertShard.inject_faults`): each count is spent one call at a time."""
+
+    fail_loads: int = 0  # LoadExperts calls that fail (INTERNAL) after loading, as a crash mid-load would
+    run_delay_s: float = 0.0  # sleep before answering RunExperts (a straggler)
+    malformed_outputs: int = 0  # RunExperts answers with a wrong output shape
 
 
 class ExpertServicer(pb_grpc.ExpertShardServicer):
-    """Serves one ExpertStore. Bad requests get INVALID_ARGUMENT; experts not held come back in `missing`."""
+    """Serves one ExpertStore. Bad requests get INVALID_ARGUMENT; experts not held come back in `missing`.
 
-    def __init__(self, store: ExpertStore, shard_id: str):
+    RunExperts takes at most `run_slots` workers at once (RESOURCE_EXHAUSTED beyond), so Health and the
+    controller's calls always find a free worker of the server's pool, however busy the shard is.
+    """
+
+    def __init__(self, store: ExpertStore, shard_id: str, run_slots: int = 8, max_rows: int = 1 << 16):
         self.store, self.shard_id = store, shard_id
         self.placement_version = 0
         self.started = time.monotonic()
         self.calls = 0
+        self.max_rows = max_rows
+        self.faults = Faults()
+        self._run_slots = threading.BoundedSemaphore(run_slots)
 
     def _decode(self, request: pb.RunExpertsRequest, context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate a RunExperts request: layer, dtypes, shapes, k <= top-k, ids in range, rows <= max_rows."""
         spec = self.store.spec
+
+        def bad(message: str):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        if not (0 <= request.layer < spec.num_layers and spec.moe.sparse_layers[request.layer]):
+            bad(f"layer: {request.layer} is not an MoE layer of this model")
+        for name, msg, ndim in (("hidden", request.hidden, 2), ("topk_ids", request.topk_ids, 2),
+                                ("topk_weights", request.topk_weights, 2)):
+            if len(msg.shape) != ndim:
+                bad(f"{name}: shape {list(msg.shape)} must have {ndim} dimensions")
+        t, k = request.topk_ids.shape
+        if not 1 <= k <= spec.moe.top_k:
+            bad(f"topk_ids: k = {k}, must be in [1, {spec.moe.top_k}] (the model's top-k)")
+        if t > self.max_rows:
+            bad(f"hidden: {t} rows, more than the batched-token limit {self.max_rows}")
         try:
             hidden = decode_tensor(request.hidden, "hidden")
             ids = decode_tensor(request.topk_ids, "topk_ids")
             weights = decode_tensor(request.topk_weights, "topk_weights")
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if not (0 <= request.layer < spec.num_layers and spec.moe.sparse_layers[request.layer]):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layer: {request.layer} is not an MoE layer")
-        if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"hidden: shape {list(hidden.shape)}, want [T, {spec.hidden_size}]")
-        if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != hidden.shape[0]:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"topk_ids {list(ids.shape)} / topk_weights {list(weights.shape)} must both be [T, k], T={hidden.shape[0]}")
+            bad(str(e))
+        if hidden.dtype not in _FLOAT_DTYPES or weights.dtype not in _FLOAT_DTYPES or ids.dtype not in _ID_DTYPES:
+            bad(f"dtypes: hidden {hidden.dtype} and topk_weights {weights.dtype} must be floating point, "
+                f"topk_ids {ids.dtype} int32 or int64")
+        if hidden.shape[1] != spec.hidden_size or hidden.shape[0] != t or weights.shape != ids.shape:
+            bad(f"shapes: hidden {list(hidden.shape)}, topk_ids {list(ids.shape)}, topk_weights "
+                f"{list(weights.shape)}; want [T, {spec.hidden_size}], [T, k], [T, k]")
         if ids.numel() and (int(ids.max()) >= spec.moe.num_experts or int(ids.min()) < -1):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"topk_ids: ids must be in [-1, {spec.moe.num_experts})")
+            bad(f"topk_ids: ids must be in [-1, {spec.moe.num_experts})")
+        if weights.numel() and not bool(torch.isfinite(weights).all()):
+            bad("topk_weights: must be finite")
         dev = self.store.device
         return hidden.to(dev, self.store.dtype), ids.to(dev), weights.to(dev)
 
     def RunExperts(self, request, context):
+        if not self._run_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard busy: all RunExperts workers in use")
+        try:
+            return self._run(request, context)
+        finally:
+            self._run_slots.release()
+
+    def _run(self, request, context):
         hidden, ids, weights = self._decode(request, context)
         self.calls += 1
+        if self.faults.run_delay_s:
+            time.sleep(self.faults.run_delay_s)
+        snap = self.store.snapshot(request.layer)  # one snapshot: a concurrent drop shows up as `missing`
         routed = self.store.routed(ids)  # one pass serves both the holding check and the stats
-        missing = self.store.missing(request.layer, routed)
+        missing = self.store.missing(request.layer, routed, snap)
         if missing:  # the gateway re-sends these tokens elsewhere
             return pb.RunExpertsResponse(missing=missing, placement_version=self.placement_version)
         t0 = time.perf_counter()
-        out = self.store.forward(request.layer, hidden, ids, weights)
+        out = self.store.forward(request.layer, hidden, ids, weights, snap)
         if out.is_cuda:
             torch.cuda.synchronize(out.device)
         us = int((time.perf_counter() - t0) * 1e6)
         self.store.count(request.layer, routed)
+        if self.faults.malformed_outputs > 0:
+            self.faults.malformed_outputs -= 1
+            out = out[:-1] if out.shape[0] else torch.zeros(1, out.shape[1])
         return pb.RunExpertsResponse(output=encode_tensor(out.cpu()), compute_us=us,
                                      placement_version=self.placement_version)
 
@@ -70,6 +121,9 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             nbytes = self.store.load(pairs)
         except (ValueError, RuntimeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.faults.fail_loads > 0:
+            self.faults.fail_loads -= 1
+            context.abort(grpc.StatusCode.INTERNAL, "injected fault: LoadExperts failed")
         self.placement_version = max(self.placement_version, request.placement_version)
         return pb.LoadExpertsResponse(loaded=len(self.store.held()) - n_before, bytes=nbytes,
                                       bytes_held=self.store.weight_bytes(), placement_version=self.placement_version)
@@ -103,11 +157,14 @@ def _ports(port: int) -> list[int]:
 
 
 def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 8) -> tuple[grpc.Server, ExpertServicer, int]:
-    """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="expert-rpc"),
+                 max_workers: int = 8, max_rows: int = 1 << 16) -> tuple[grpc.Server, ExpertServicer, int]:
+    """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port).
+
+    The pool has `max_workers` workers for RunExperts plus 4 kept for Health, stats and loads.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers + 4, thread_name_prefix="expert-rpc"),
                          options=server_options(), maximum_concurrent_rpcs=4 * max_workers)
-    servicer = ExpertServicer(store, shard_id)
+    servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows)
     pb_grpc.add_ExpertShardServicer_to_server(servicer, server)
     bound = 0
     for candidate in _ports(port):

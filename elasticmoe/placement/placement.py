@@ -34,15 +34,19 @@ class Placement:
         return cls(int(holds.shape[2]), int(slots_per_shard), layout, int(version))
 
     @classmethod
-    def even(cls, num_layers: int, num_experts: int, num_shards: int, slots_per_shard: int) -> Placement:
-        """Initial contiguous split: expert e on shard e * num_shards // num_experts, one copy, share 1."""
-        if num_layers < 1 or num_experts < 1 or num_shards < 1 or slots_per_shard < 1:
-            raise ValueError("num_layers, num_experts, num_shards and slots_per_shard must all be >= 1")
-        if num_shards * slots_per_shard < num_experts:
-            raise ValueError(
-                f"num_shards * slots_per_shard = {num_shards * slots_per_shard} < num_experts = {num_experts}"
-            )
-        row = tuple(((e * num_shards // num_experts, 1.0),) for e in range(num_experts))
+    def even(cls, num_layers: int, num_experts: int, num_shards: int, slots_per_shard: int,
+             copies: int = 1) -> Placement:
+        """Initial contiguous split: expert e on shards (e * num_shards // num_experts + j) % num_shards for
+        j < copies, equal shares. copies > 1 survives the loss of copies - 1 shards with no weight move."""
+        if num_layers < 1 or num_experts < 1 or num_shards < 1 or slots_per_shard < 1 or copies < 1:
+            raise ValueError("num_layers, num_experts, num_shards, slots_per_shard and copies must all be >= 1")
+        if copies > num_shards:
+            raise ValueError(f"copies = {copies} > num_shards = {num_shards}")
+        if num_shards * slots_per_shard < num_experts * copies:
+            raise ValueError(f"num_shards * slots_per_shard = {num_shards * slots_per_shard} < num_experts * "
+                             f"copies = {num_experts * copies}")
+        row = tuple(tuple(sorted(((e * num_shards // num_experts + j) % num_shards, 1.0 / copies)
+                                 for j in range(copies))) for e in range(num_experts))
         return cls(num_shards, slots_per_shard, (row,) * num_layers)
 
     # ----- queries

@@ -1,0 +1,166 @@
+"""The controller's shard calls: health, stats, and make-before-break moves (load, publish, ack, then drop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from elasticmoe.autoscaler.registry import Change, Registry
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc.codec import channel_options
+
+log = logging.getLogger("elasticmoe.controller")
+ACK_TIMEOUT_S = 30.0  # old copies are dropped after this even if a gateway never acknowledged
+DROP_GRACE_S = 0.5  # after the acks: steps that started on the old table finish
+GATEWAY_TTL_S = 10.0  # a gateway that has not polled for this long is not waited for
+
+
+class LoadFailed(RuntimeError):
+    """Loading new copies failed on some shard; whatever was loaded has been dropped again."""
+
+
+class Mover:
+    """Mixin of the Controller: gRPC to the shards. Needs `registry`, `moe_layers`, `metrics`, `_lock`."""
+
+    registry: Registry
+    moe_layers: list[int]
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._lock: asyncio.Lock | None = None
+        self.acks: dict[str, tuple[int, float]] = {}  # gateway id -> (table version it runs, when it said so)
+        self.events: list[dict] = []
+        self.event_counts: dict[str, int] = {}
+        self.bytes_moved = 0
+        self.loop_errors = 0
+
+    def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
+        if address not in self._stubs:
+            self._stubs[address] = pb_grpc.ExpertShardStub(grpc.aio.insecure_channel(address, options=channel_options()))
+        return self._stubs[address]
+
+    def _event(self, kind: str, **kw) -> None:
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+        self.events.append({"t": time.time(), "event": kind, "version": self.registry.version, **kw})
+        del self.events[:-500]
+        log.info("%s %s", kind, kw)
+
+    # ----- probes
+    async def _alive(self, address: str, shard_id: str, timeout: float = 2.0) -> bool:
+        """Health answered twice in a row by no one, or by another shard on a reused port: dead."""
+        for attempt in range(2):
+            try:
+                r = await self._stub(address).Health(pb.HealthRequest(), timeout=timeout)
+                return r.ok and r.shard_id == shard_id
+            except grpc.RpcError:
+                if attempt == 0:
+                    await asyncio.sleep(0.2)
+        return False
+
+    async def _stats(self, address: str, timeout: float = 2.0):
+        try:
+            return await self._stub(address).GetStats(pb.GetStatsRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return None
+
+    async def _held(self, address: str, shard_id: str) -> set[tuple[int, int]] | None:
+        """(model layer, expert) pairs the shard holds, or None when it does not answer as `shard_id`."""
+        st = await self._stats(address)
+        if st is None or st.shard_id != shard_id:
+            return None
+        return {(r.layer, r.expert) for r in st.held}
+
+    async def _shard_stats(self, address: str) -> dict:
+        r = await self._stats(address)
+        if r is None:
+            return {"stats_error": "unreachable"}
+        return {"tokens": sum(t.tokens for t in r.tokens), "calls": r.calls, "weight_bytes": r.weight_bytes,
+                "compute_s": r.compute_us / 1e6, "held": len(r.held),
+                "expert_tokens": [[t.layer, t.expert, t.tokens] for t in r.tokens]}
+
+    # ----- loads and drops
+    async def _load(self, address: str, pairs: list[tuple[int, int]]) -> int:
+        req = pb.LoadExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs],
+                                    placement_version=self.registry.version + 1)
+        return (await self._stub(address).LoadExperts(req, timeout=300)).bytes
+
+    async def _load_many(self, loads: dict[str, list[tuple[int, int]]]) -> int:
+        """Load on every shard at once; on any failure drop what the others loaded and raise LoadFailed."""
+        loads = {a: p for a, p in loads.items() if p}
+        results = await asyncio.gather(*(self._load(a, p) for a, p in loads.items()), return_exceptions=True)
+        failed = [(a, r) for a, r in zip(loads, results) if isinstance(r, BaseException)]
+        if failed:
+            await self._drop_now({a: loads[a] for a in loads})  # the failed ones may have loaded part of it
+            raise LoadFailed(f"LoadExperts failed on {failed[0][0]}: {failed[0][1]}")
+        return int(sum(results))
+
+    async def _drop_now(self, drops: dict[str, list[tuple[int, int]]]) -> None:
+        for address, pairs in drops.items():
+            if not pairs:
+                continue
+            try:
+                await self._stub(address).DropExperts(
+                    pb.DropExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs]), timeout=30)
+            except grpc.RpcError as e:
+                log.warning("drop on %s failed: %s", address, e.code())
+
+    # ----- one change, make-before-break
+    async def _apply(self, change: Change, reason: str) -> None:
+        """Load the added copies, commit and publish the new table, then drop the old copies once every live
+        gateway runs it. A failed load changes nothing (raises LoadFailed)."""
+        added, removed = change.current.diff(change.new)  # (layer, expert, new position)
+        owners = {change.relabel.get(s.position, s.position): s for s in self.registry.shards.values()
+                  if s.shard_id not in change.remove}
+        for i, sid in enumerate(change.add):
+            owners[change.current.num_shards + i] = self.registry.shards[sid]
+        loads: dict[str, list[tuple[int, int]]] = {}
+        for l, e, p in added:
+            loads.setdefault(owners[p].address, []).append((self.moe_layers[l], e))
+        try:
+            moved = await self._load_many(loads)
+        except LoadFailed as e:
+            self._event("load_failed", reason=reason, error=str(e)[:200])
+            raise
+        self.bytes_moved += moved
+        self.metrics.rebalance(moved)
+        self.registry.commit(change)
+        self._save()
+        version = self.registry.version
+        self._event("placement", reason=reason, moves=len(added), dropped=len(removed), bytes=moved)
+        drops: dict[str, list[tuple[int, int, str]]] = {}
+        for l, e, p in removed:
+            if p in owners and owners[p].shard_id not in change.remove:
+                drops.setdefault(owners[p].shard_id, []).append((l, e))
+        if drops:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._drop_after_acks(drops, version)))
+
+    async def _acked(self, version: int, timeout_s: float = ACK_TIMEOUT_S) -> bool:
+        """Wait until every gateway seen lately has polled `version` (or newer)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if all(v >= version for v, t in self.acks.values() if now - t < GATEWAY_TTL_S):
+                await asyncio.sleep(DROP_GRACE_S)
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def _drop_after_acks(self, drops: dict[str, list[tuple[int, int]]], version: int) -> None:
+        """Drop old copies (placement layer, expert) per shard id, unless a later placement put them back."""
+        if not await self._acked(version):
+            self._event("ack_timeout", version=version)
+        async with self._lock:
+            by_id = self.registry.shards
+            todo = {}
+            for sid, pairs in drops.items():
+                info = by_id.get(sid)
+                if info is None:
+                    continue
+                keep = set(self.registry.placement.experts_on(info.position))
+                todo[info.address] = [(self.moe_layers[l], e) for l, e in pairs if (l, e) not in keep]
+            await self._drop_now(todo)

@@ -1,0 +1,60 @@
+"""The controller's small durable record in Ray's GCS key-value store: placement, shards, version, desired count."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+log = logging.getLogger("elasticmoe.controller")
+_NAMESPACE = "elasticmoe"
+
+
+class GcsRecord:
+    """One JSON document per application, rewritten on every published change; read once when a controller starts.
+
+    Without a Ray connection (tests of the controller's logic) it keeps the document in this process's memory.
+    """
+
+    _memory: dict[str, bytes] = {}  # key -> document, when there is no Ray connection
+
+    def __init__(self, app_name: str):
+        self.key = f"controller/{app_name}"
+        try:
+            import ray
+
+            self._kv = ray.is_initialized()
+        except ImportError:
+            self._kv = False
+
+    def load(self) -> dict | None:
+        raw = self._get()
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            log.warning("ignoring an unreadable controller record under %s", self.key)
+            return None
+
+    def save(self, doc: dict) -> None:
+        raw = json.dumps(doc, separators=(",", ":")).encode()
+        if not self._kv:
+            self._memory[self.key] = raw
+            return
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(self.key, raw, overwrite=True, namespace=_NAMESPACE)
+
+    def clear(self) -> None:
+        self._memory.pop(self.key, None)
+        if self._kv:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_del(self.key, namespace=_NAMESPACE)
+
+    def _get(self) -> bytes | None:
+        if not self._kv:
+            return self._memory.get(self.key)
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(self.key, namespace=_NAMESPACE)

@@ -1,0 +1,219 @@
+"""One layer's expert calls in flight: failover, hedging and waiting for a new table, all inside the step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures as cf
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+
+from elasticmoe.gateway.routing import RoutingTable
+from elasticmoe.rpc.codec import decode_tensor
+
+if TYPE_CHECKING:
+    from elasticmoe.gateway.dispatcher import GrpcDispatcher
+
+log = logging.getLogger(__name__)
+
+
+class Call:
+    """One RunExperts call: the rows [T_s] of the step it carries and their ids [T_s, k] (-1 = not this call)."""
+
+    __slots__ = ("shard_id", "rows", "ids", "future", "done_at", "output", "compute_s")
+
+    def __init__(self, shard_id: str, rows: torch.Tensor, ids: torch.Tensor):
+        self.shard_id, self.rows, self.ids = shard_id, rows, ids
+        self.future: cf.Future | None = None
+        self.done_at = 0.0
+        self.output: torch.Tensor | None = None  # [T_s, H] float32 once answered
+        self.compute_s = 0.0
+
+
+class _Group:
+    """A set of (token, slot) pairs, ids [T, k] with -1 elsewhere, and the attempts that each cover all of it."""
+
+    def __init__(self, ids: torch.Tensor, calls: list[Call] | None):
+        self.ids = ids
+        self.attempts: list[list[Call]] = [calls] if calls else []
+        self.broken: set[int] = set()  # indices of failed attempts
+        self.winner: list[Call] | None = None
+        self.tried: set[str] = set()  # shards that failed or lack these experts: not asked again this step
+        self.started = time.perf_counter()
+        self.hedged = False
+
+    def live(self) -> list[list[Call]]:
+        return [a for i, a in enumerate(self.attempts) if i not in self.broken]
+
+
+class Step:
+    """The pending output of one dispatch(); `wait()` returns the combined [T, H]."""
+
+    def __init__(self, d: "GrpcDispatcher", layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        self.d, self.layer, self.hidden, self.weights = d, layer, hidden, topk_weights  # hidden [T, H]
+        self.topk_ids, self.device, self.dtype = topk_ids, device, dtype
+        self.dead: set[str] = set()  # shards that failed during this step
+        self.groups: list[_Group] = []
+        self.t0 = time.perf_counter()
+
+    # ----- routing
+    def _route(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shard_of [T, k], lost [T, k] bool): suspects avoided where another copy exists, `hard` always."""
+        excl = table.index_of(hard)
+        shard_of = table.assign(self.layer, ids, excl | self.d.suspected(table))
+        lost = (shard_of < 0) & (ids >= 0)
+        if bool(lost.any()):
+            again = table.assign(self.layer, torch.where(lost, ids, -1), excl)
+            shard_of = torch.where(lost, again, shard_of)
+            lost = (shard_of < 0) & (ids >= 0)
+        return shard_of, lost
+
+    def _issue(self, table: RoutingTable, ids: torch.Tensor, shard_of: torch.Tensor) -> list[list[Call]]:
+        """One call per shard in shard_of [T, k]; returns one single-call list per shard."""
+        out = []
+        for s in shard_of[shard_of >= 0].unique().tolist():
+            mine = shard_of == s  # [T, k]
+            rows = mine.any(1).nonzero().squeeze(1)  # [T_s]
+            out.append([self.d.send(table, self.layer, s, self.hidden, rows, torch.where(mine, ids, -1)[rows],
+                                    self.weights[rows])])
+        return out
+
+    def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> list[_Group]:
+        """Groups covering ids [T, k]: one per shard call, plus one waiting group for slots with no live copy."""
+        shard_of, lost = self._route(table, ids, hard)
+        groups = []
+        for calls in self._issue(table, torch.where(lost, -1, ids), torch.where(lost, -1, shard_of)):
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[calls[0].rows] = calls[0].ids >= 0
+            groups.append(_Group(torch.where(mask, ids, -1), calls))
+        if bool(lost.any()):
+            groups.append(_Group(torch.where(lost, ids, -1), None))
+        for g in groups:
+            g.tried |= hard
+        return groups
+
+    def start(self, table: RoutingTable) -> None:
+        self.groups = self._split(table, self.topk_ids, set())
+
+    # ----- answers
+    def _take(self, g: _Group, attempt: int, c: Call) -> None:
+        """Record c's answer (or failure) in group g's attempt."""
+        try:
+            resp = c.future.result()
+        except Exception as e:  # noqa: BLE001 - any failure of the call is that shard's
+            code = e.code() if isinstance(e, grpc.RpcError) else type(e).__name__
+            log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
+            self._fail(g, attempt, c.shard_id, report=True)
+            return
+        if resp.missing:  # the placement moved these experts: ask another copy
+            self._fail(g, attempt, c.shard_id, report=False)
+            return
+        try:
+            out = decode_tensor(resp.output, "RunExpertsResponse.output")
+        except ValueError as e:
+            out, why = None, str(e)
+        else:
+            why = f"shape {list(out.shape)} dtype {out.dtype}, want [{c.rows.numel()}, {self.hidden.shape[1]}]"
+        if out is None or out.shape != (c.rows.numel(), self.hidden.shape[1]) or not out.is_floating_point():
+            log.warning("shard %s answered layer %d malformed: %s", c.shard_id, self.layer, why)
+            self._fail(g, attempt, c.shard_id, report=True)
+            return
+        c.output, c.compute_s = out.float(), resp.compute_us / 1e6
+        self.d.latency_s.append(max(0.0, c.done_at - self.t0))
+
+    def _fail(self, g: _Group, attempt: int, shard_id: str, report: bool) -> None:
+        g.broken.add(attempt)
+        g.tried.add(shard_id)
+        if report:
+            self.dead.add(shard_id)
+            self.d.suspect(shard_id, report=True)
+        self.d.failovers += 1
+
+    def _poll(self) -> None:
+        for g in self.groups:
+            if g.winner is not None:
+                continue
+            for i, attempt in enumerate(g.attempts):
+                if i in g.broken:
+                    continue
+                for c in attempt:
+                    if c.output is None and c.future.done() and i not in g.broken:
+                        self._take(g, i, c)
+                if i not in g.broken and all(c.output is not None for c in attempt):
+                    g.winner = attempt
+                    break
+
+    # ----- recovery
+    def _replace_orphans(self) -> None:
+        """Groups with no live attempt are split anew over the newest table (their failed shards excluded)."""
+        table = self.d.latest()
+        out: list[_Group] = []
+        for g in self.groups:
+            if g.winner is None and not g.live():
+                fresh = self._split(table, g.ids, g.tried | self.dead)
+                if len(fresh) == 1 and not fresh[0].attempts:  # still nothing live: keep waiting
+                    fresh[0].started = g.started
+                out.extend(fresh)
+            else:
+                out.append(g)
+        self.groups = out
+
+    def _hedge(self) -> float:
+        """Hedge groups whose only attempt straggles, when other copies can take all of it; returns the next check."""
+        after, now = self.d.hedge_after_s(), time.perf_counter()
+        table = self.d.latest()
+        nxt = after
+        for g in self.groups:
+            live = g.live()
+            if g.winner is not None or g.hedged or len(live) != 1:
+                continue
+            age = now - g.started
+            if age < after:
+                nxt = min(nxt, after - age)
+                continue
+            slow = {c.shard_id for c in live[0] if c.output is None}
+            shard_of, lost = self._route(table, g.ids, g.tried | self.dead | slow)
+            g.hedged = True
+            if bool(lost.any()):
+                continue  # no other copy: wait for the straggler (or its deadline)
+            calls = [c for cs in self._issue(table, g.ids, shard_of) for c in cs]
+            g.attempts.append(calls)
+            self.d.hedges += 1
+            for s in slow:
+                self.d.suspect(s, report=False)
+        return max(0.001, nxt)
+
+    def wait(self) -> torch.Tensor:
+        """Collect every group's winning answers and combine them in a fixed order: [T, H] in the input dtype."""
+        deadline = self.t0 + self.d.failover_s
+        while True:
+            self._poll()
+            undone = [g for g in self.groups if g.winner is None]
+            if not undone:
+                break
+            if any(not g.live() for g in undone):
+                self._replace_orphans()
+                undone = [g for g in self.groups if g.winner is None]
+            if time.perf_counter() > deadline:
+                raise self.d.unavailable(f"layer {self.layer}: experts unavailable for {self.d.failover_s:.0f} s")
+            pending = [c.future for g in undone for a in g.live() for c in a if c.output is None]
+            timeout = min(self._hedge(), 0.02 if any(not g.live() for g in undone) else 1.0)
+            if pending:
+                cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+            else:
+                time.sleep(timeout)
+        return self._combine()
+
+    def _combine(self) -> torch.Tensor:
+        out = torch.zeros(self.hidden.shape, dtype=torch.float32)  # [T, H]
+        compute, finished = 0.0, self.t0
+        for g in self.groups:
+            for c in g.winner:
+                out.index_add_(0, c.rows, c.output)
+                compute, finished = max(compute, c.compute_s), max(finished, c.done_at)
+                self.d.shard_tokens[c.shard_id] = self.d.shard_tokens.get(c.shard_id, 0) + int(c.rows.numel())
+        self.d.record(max(0.0, (finished - self.t0) - compute))
+        return out.to(device=self.device, dtype=self.dtype)

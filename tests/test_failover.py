@@ -1,0 +1,224 @@
+"""Failover decisions without Ray: routing around dead copies, the dispatcher's in-step failover and hedging over
+real in-process gRPC shards, compared with the single-process expert computation."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+import torch
+
+from elasticmoe.experts.server import start_server
+from elasticmoe.gateway.dispatcher import GrpcDispatcher
+from elasticmoe.gateway.routing import RoutingTable
+from elasticmoe.model import open_model
+from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
+from elasticmoe.model.experts import ExpertStore
+
+E, K, T = 8, 2, 24
+
+
+# ----- RoutingTable.assign: every combination of 1-3 copies on 4 shards and every set of dead shards
+def _table(experts: list[list[tuple[int, float]]], n: int = 4) -> RoutingTable:
+    return RoutingTable.from_dict({"version": 1, "layers": {0: experts},
+                                   "shards": [{"id": f"s{i}", "address": f"127.0.0.1:{i}"} for i in range(n)]})
+
+
+def _placements():
+    for copies in (1, 2, 3):
+        for shards in itertools.combinations(range(4), copies):
+            for shares in ([1.0 / copies] * copies, [0.7, 0.3, 0.0][:copies] if copies > 1 else [1.0],
+                           [0.0] * copies):
+                yield list(zip(shards, shares))
+
+
+@pytest.mark.parametrize("dead", [frozenset(d) for r in range(5) for d in itertools.combinations(range(4), r)],
+                         ids=lambda d: "dead" + "".join(map(str, sorted(d))) if d else "none")
+def test_assign_picks_a_live_copy_iff_one_exists(dead):
+    ids = torch.zeros((400, 1), dtype=torch.int64)  # every token to expert 0
+    ids[::7] = -1
+    for reps in _placements():
+        table = _table([reps] + [[(0, 1.0)]] * (E - 1))
+        shard = table.assign(0, ids, exclude=dead)
+        live = [s for s, _ in reps if s not in dead]
+        assert bool((shard[ids < 0] == -1).all())
+        got = shard[ids >= 0]
+        if not live:
+            assert bool((got == -1).all()), (reps, dead)
+            continue
+        assert set(got.tolist()) <= set(live), (reps, dead, got.unique())
+        weights = {s: x for s, x in reps if s in live}
+        total = sum(weights.values())
+        for s in live:  # shares renormalised over the live copies (even when they all carry 0)
+            want = weights[s] / total if total > 0 else 1 / len(live)
+            assert abs(float((got == s).float().mean()) - want) < 0.05, (reps, dead, s)
+
+
+def test_assign_failover_to_the_higher_numbered_copy():
+    table = _table([[(0, 0.5), (1, 0.5)]] * E, n=2)
+    ids = torch.arange(E).repeat(T // E + 1)[:T].reshape(-1, 1)
+    assert set(table.assign(0, ids).tolist()[0]) <= {0, 1}
+    assert bool((table.assign(0, ids, exclude=frozenset({0})) == 1).all())
+    assert bool((table.assign(0, ids, exclude=frozenset({1})) == 0).all())
+    assert bool((table.assign(0, ids, exclude=frozenset({0, 1})) == -1).all())
+
+
+# ----- the dispatcher over real gRPC shards
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from elasticmoe.model.tiny import make_tiny_model
+
+    return open_model(str(make_tiny_model("mixtral", tmp_path_factory.mktemp("fo") / "m", layers=2, experts=E)))
+
+
+class Shards:
+    """In-process expert shards on 127.0.0.1, each holding the given experts of every MoE layer."""
+
+    def __init__(self, files, holdings: list[list[int]]):
+        self.files = files
+        self.layers = files.spec.moe.moe_layers
+        self.stores, self.servers, self.servicers, self.addresses = [], [], [], []
+        for i, experts in enumerate(holdings):
+            store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+            store.load([(l, e) for l in self.layers for e in experts])
+            server, servicer, port = start_server(store, f"s{i}")
+            self.stores.append(store)
+            self.servers.append(server)
+            self.servicers.append(servicer)
+            self.addresses.append(f"127.0.0.1:{port}")
+
+    def table(self, copies: dict[int, list[int]], version: int = 1, alive: list[int] | None = None) -> RoutingTable:
+        idx = alive if alive is not None else list(range(len(self.addresses)))
+        pos = {s: i for i, s in enumerate(idx)}
+        experts = [[(pos[s], 1.0 / len(copies[e])) for s in copies[e] if s in pos] for e in range(E)]
+        return RoutingTable.from_dict({"version": version, "layers": {l: experts for l in self.layers},
+                                       "shards": [{"id": f"s{i}", "address": self.addresses[i]} for i in idx]})
+
+    def close(self):
+        for s in self.servers:
+            s.stop(None)
+
+
+def _inputs(files, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, files.spec.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    weights = torch.rand(T, K, generator=g)
+    return hidden, ids, weights
+
+
+def _reference(files, layer, hidden, ids, weights):
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load([(layer, e) for e in range(E)])
+    return LocalDispatcher(store).dispatch(layer, hidden, ids, weights).wait()
+
+
+def _run(d: GrpcDispatcher, layer: int, inputs) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    out = d.dispatch(layer, *inputs).wait()
+    return out, time.perf_counter() - t0
+
+
+ALL_BOTH = {e: [0, 1] for e in range(E)}
+SPLIT = {e: [e * 2 // E] for e in range(E)}
+
+
+@pytest.fixture
+def pair(files):
+    shards = Shards(files, [list(range(E)), list(range(E))])
+    yield shards
+    shards.close()
+
+
+def test_dispatch_equals_single_process(files, pair):
+    layer = pair.layers[0]
+    inputs = _inputs(files)
+    ref = _reference(files, layer, *inputs)
+    for copies in (SPLIT, ALL_BOTH):
+        d = GrpcDispatcher(timeout_s=5)
+        d.set_table(pair.table(copies))
+        out, _ = _run(d, layer, inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert d.failovers == 0 and d.hedges == 0
+
+
+def test_dead_copy_fails_over_inside_the_step(files, pair):
+    layer, inputs = pair.layers[0], _inputs(files, 1)
+    ref = _reference(files, layer, *inputs)
+    reported: list[str] = []
+    d = GrpcDispatcher(timeout_s=5, on_failure=lambda sid: reported.append(sid))
+    d.set_table(pair.table(ALL_BOTH))
+    pair.servers[0].stop(None)
+    out, _ = _run(d, layer, inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert d.failovers >= 1
+    deadline = time.monotonic() + 5
+    while not reported and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reported == ["s0"]  # reported once, from the report thread
+    d.failovers = 0
+    out, _ = _run(d, layer, inputs)  # the next step avoids the suspect: no failover at all
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert d.failovers == 0
+
+
+def test_straggler_is_hedged_and_the_first_answer_wins(files, pair):
+    layer, inputs = pair.layers[0], _inputs(files, 2)
+    ref = _reference(files, layer, *inputs)
+    d = GrpcDispatcher(timeout_s=10, hedge_min_s=0.05)
+    d.set_table(pair.table(ALL_BOTH))
+    for _ in range(5):
+        _run(d, layer, inputs)  # round-trip samples for the hedge threshold
+    pair.servicers[0].faults.run_delay_s = 3.0
+    out, took = _run(d, layer, inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert d.hedges >= 1 and took < 2.0, (d.hedges, took)
+    assert "s0" in d.suspects
+
+
+def test_malformed_and_missing_answers_go_to_another_copy(files, pair):
+    layer, inputs = pair.layers[0], _inputs(files, 3)
+    ref = _reference(files, layer, *inputs)
+    d = GrpcDispatcher(timeout_s=5)
+    d.set_table(pair.table(ALL_BOTH))
+    pair.servicers[1].faults.malformed_outputs = 1
+    out, _ = _run(d, layer, inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert d.failovers >= 1
+    pair.stores[0].drop([(layer, e) for e in range(4)])  # the table still lists them on s0: `missing`
+    d2 = GrpcDispatcher(timeout_s=5)
+    d2.set_table(pair.table(ALL_BOTH))
+    out, _ = _run(d2, layer, inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_orphans_wait_for_the_next_table(files):
+    shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    try:
+        layer, inputs = shards.layers[0], _inputs(files, 4)
+        ref = _reference(files, layer, *inputs)
+
+        def controller(sid):  # re-homes s0's experts onto s1, then answers with the new table
+            shards.stores[1].load([(l, e) for l in shards.layers for e in range(4)])
+            return shards.table({e: [1] for e in range(E)}, version=2, alive=[1])
+
+        d = GrpcDispatcher(timeout_s=5, on_failure=controller)
+        d.set_table(shards.table(SPLIT))
+        shards.servers[0].stop(None)
+        out, _ = _run(d, layer, inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    finally:
+        shards.close()
+
+
+def test_no_copy_anywhere_raises_experts_unavailable(files):
+    shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    try:
+        d = GrpcDispatcher(timeout_s=1, failover_s=1.0)
+        d.set_table(shards.table(SPLIT))
+        shards.servers[0].stop(None)
+        with pytest.raises(ExpertsUnavailable, match="unavailable"):
+            _run(d, shards.layers[0], _inputs(files, 5))
+    finally:
+        shards.close()
