@@ -121,6 +121,9 @@ def test_chart_metadata():
     assert meta.get("kubeVersion")
     readme = (CHART_DIR / "README.md").read_text()
     assert "kuberay-operator" in readme and "upgradeStrategy" in readme
+    # serve-* ports on the serve Service and autoscaler v2 options: KubeRay >= 1.6, said in both places.
+    assert meta["annotations"]["elasticmoe.io/requires"].startswith("kuberay-operator >= 1.6")
+    assert "KubeRay 1.6 or newer" in readme
     assert _chart().schema["$schema"] == "http://json-schema.org/draft-07/schema#"
 
 
@@ -140,7 +143,7 @@ def test_default_values_render(default_objects):
     assert (args.num_shards, args.num_gateways, args.device) == (2, 1, "cpu")
     assert args.autoscaling is None
     kinds = sorted(o["kind"] for o in default_objects)
-    assert kinds == ["NetworkPolicy", "RayService", "Service", "Service"]
+    assert kinds == ["NetworkPolicy", "PodDisruptionBudget", "RayService", "Service"]
 
 
 def test_production_values_render(prod_objects):
@@ -160,8 +163,8 @@ def test_production_values_render(prod_objects):
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == prod["workers"]["gpus"] == 1
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
-    # A serve-config change rolls out a new cluster in production.
-    assert "elasticmoe.io/serve-config-sha256" in cluster["headGroupSpec"]["template"]["metadata"]["annotations"]
+    # A model change rolls out a new cluster in production.
+    assert "elasticmoe.io/model-sha256" in cluster["headGroupSpec"]["template"]["metadata"]["annotations"]
     assert rs["spec"]["upgradeStrategy"]["type"] == "NewCluster"
     kinds = {o["kind"] for o in prod_objects}
     assert {"RayService", "Service", "NetworkPolicy", "ServiceMonitor", "ConfigMap"} <= kinds
@@ -194,16 +197,17 @@ def test_crd_validation_catches_mistakes(default_objects):
 
 
 def test_services_expose_grpc_and_http(default_objects):
+    """HTTP and gRPC both go through KubeRay's serve Service, which follows the serving cluster (KubeRay >= 1.6
+    carries every head port named serve / serve-*); no chart Service selects pods on its own."""
     rs = _one(default_objects, "RayService")
     serve_svc = rs["spec"]["serveService"]
-    assert [p["port"] for p in serve_svc["spec"]["ports"]] == [8000]
-    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
-    assert ports["serve"] == 8000 and ports["grpc"] == 9000  # KubeRay's -head-svc carries both
+    assert {p["name"]: p["port"] for p in serve_svc["spec"]["ports"]} == {"serve": 8000, "serve-grpc": 9000}
+    assert {p["name"]: p["appProtocol"] for p in serve_svc["spec"]["ports"]}["serve-grpc"] == "kubernetes.io/h2c"
+    for _, container in _containers(rs):  # head and workers: Serve proxies on both (proxy_location EveryNode)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["serve"] == 8000 and ports["serve-grpc"] == 9000
     services = {o["metadata"]["name"]: o for o in default_objects if o["kind"] == "Service"}
-    grpc = services[f"{RELEASE}-elasticmoe-grpc"]
-    assert [p["port"] for p in grpc["spec"]["ports"]] == [9000]
-    assert grpc["spec"]["selector"]["app.kubernetes.io/component"] == "head"
+    assert list(services) == [f"{RELEASE}-elasticmoe-metrics"]  # the old -grpc Service also hit pending clusters
     metrics = services[f"{RELEASE}-elasticmoe-metrics"]
     pod_labels = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
     assert metrics["spec"]["selector"].items() <= pod_labels.items()
@@ -353,14 +357,18 @@ def test_model_cache_volume_kinds():
         assert {"name": "model-cache", "mountPath": "/weights", "readOnly": False} in c["volumeMounts"]
 
 
-def test_serve_config_hash_tracks_the_model():
-    def annotation(path):
+def test_model_hash_tracks_the_model_only():
+    """A new model or revision rolls out a new cluster; a limits change stays an in-place Serve update."""
+    def annotation(path="org/a", revision="main", max_num_seqs=64):
         values = _prod_values()
-        values["model"]["path"] = path
+        values["model"].update(path=path, revision=revision)
+        values["limits"]["maxNumSeqs"] = max_num_seqs
         rs = _one(_objects(_render(values)), "RayService")
         return rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["annotations"][
-            "elasticmoe.io/serve-config-sha256"]
-    assert annotation("/models/a") != annotation("/models/b")
+            "elasticmoe.io/model-sha256"]
+    base = annotation()
+    assert annotation(path="org/b") != base and annotation(revision="c" * 40) != base
+    assert annotation(max_num_seqs=32) == base
 
 
 def test_incremental_upgrade_renders_valid_rayservice():

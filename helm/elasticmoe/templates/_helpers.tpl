@@ -111,6 +111,91 @@ message naming the values at fault.
 {{- if and (eq $v.upgrade.strategy "NewClusterWithIncrementalUpgrade") (not $v.upgrade.clusterUpgradeOptions.gatewayClassName) }}
 {{- fail "upgrade.strategy NewClusterWithIncrementalUpgrade needs upgrade.clusterUpgradeOptions.gatewayClassName (Gateway API)" }}
 {{- end }}
+{{- if and (eq $v.upgrade.strategy "NewClusterWithIncrementalUpgrade") (not $v.rayAutoscaler.enabled) }}
+{{- fail "upgrade.strategy NewClusterWithIncrementalUpgrade needs rayAutoscaler.enabled (KubeRay: Ray Autoscaler is required)" }}
+{{- end }}
+{{- $delay := $v.rayService.rayClusterDeletionDelaySeconds }}
+{{- if and (not (kindIs "invalid" $delay)) (lt (int $delay) (int (include "elasticmoe.deletionDelay" .))) }}
+{{- fail (printf "rayService.rayClusterDeletionDelaySeconds (%v) must be >= serve.requestTimeoutSeconds + rayService.drainMarginSeconds (%v): the old cluster would be deleted under requests still streaming" $delay (include "elasticmoe.deletionDelay" .)) }}
+{{- end }}
+{{- with $v.rayService.initializingTimeout }}
+{{- if not (regexMatch "^([1-9][0-9]*|([0-9]+(\\.[0-9]+)?(h|m|s|ms))+)$" (toString .)) }}
+{{- fail (printf "rayService.initializingTimeout %q: a Go duration (e.g. 45m, 1h30m) or whole seconds" (toString .)) }}
+{{- end }}
+{{- end }}
+{{- $dl := $v.model.download }}
+{{- if $dl.enabled }}
+{{- if not (regexMatch "^[A-Za-z0-9][-\\w.]*/[A-Za-z0-9][-\\w.]*$" $v.model.path) }}
+{{- fail (printf "model.download.enabled needs model.path to be a hub id (org/name), got %q" $v.model.path) }}
+{{- end }}
+{{- if not $v.model.revision }}
+{{- fail "model.download.enabled needs model.revision (a branch, tag or, best, a commit): the download and every replica use it" }}
+{{- end }}
+{{- if eq $v.modelCache.type "emptyDir" }}
+{{- fail "model.download.enabled with modelCache.type emptyDir: the head would download into its own pod only; use pvc, existingClaim or hostPath" }}
+{{- end }}
+{{- end }}
+{{- $ga := $v.gatewayResources.acceleratorType }}
+{{- $sa := $v.shardResources.acceleratorType }}
+{{- if and $ga $sa (ne $ga $sa) }}
+{{- fail (printf "gatewayResources.acceleratorType (%s) and shardResources.acceleratorType (%s) differ, but the chart has one worker group" $ga $sa) }}
+{{- end }}
+{{- if and (or $ga $sa) (or (hasKey $v.workers.rayStartParams "num-cpus") (hasKey $v.workers.rayStartParams "num-gpus") (hasKey $v.workers.rayStartParams "memory") (hasKey $v.workers.rayStartParams "resources")) }}
+{{- fail "workers.rayStartParams sets num-cpus / num-gpus / memory / resources, which KubeRay refuses beside the group resources an acceleratorType adds" }}
+{{- end }}
+{{- $ft := $v.gcsFaultTolerance }}
+{{- if and $ft.enabled (not $ft.redisAddress) }}
+{{- fail "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (an external Redis, e.g. redis://redis.db.svc:6379)" }}
+{{- end }}
+{{- if and $v.workers.preStopDrain (not (kindIs "invalid" $v.serve.requestTimeoutSeconds)) (lt (int $v.workers.terminationGracePeriodSeconds) (add (int $v.serve.requestTimeoutSeconds) 30 | int)) }}
+{{- fail (printf "workers.terminationGracePeriodSeconds (%v) must be >= serve.requestTimeoutSeconds + 30 (%v) so that the preStop drain lets streams finish" $v.workers.terminationGracePeriodSeconds (add (int $v.serve.requestTimeoutSeconds) 30)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Seconds KubeRay keeps the old RayCluster after switching traffic: the longest request plus a margin.
+*/}}
+{{- define "elasticmoe.deletionDelay" -}}
+{{- $timeout := .Values.serve.requestTimeoutSeconds | default 600 }}
+{{- add (int (ceil (float64 $timeout))) (int .Values.rayService.drainMarginSeconds) }}
+{{- end }}
+
+{{/*
+Worker pods of a new RayCluster: at least the current cluster's (autoscaled) size, so that an upgrade does not
+switch traffic to a smaller cluster. From upgrade.currentWorkerReplicas, or looked up in the cluster (helm
+install/upgrade; `helm template` has no cluster and keeps workers.replicas).
+*/}}
+{{- define "elasticmoe.workerReplicas" -}}
+{{- $v := .Values }}
+{{- $cur := 0 }}
+{{- if not (kindIs "invalid" $v.upgrade.currentWorkerReplicas) }}
+{{- $cur = int $v.upgrade.currentWorkerReplicas }}
+{{- else if $v.upgrade.startAtCurrentScale }}
+{{- $rs := lookup "ray.io/v1" "RayService" .Release.Namespace (include "elasticmoe.fullname" .) }}
+{{- $active := dig "status" "activeServiceStatus" "rayClusterName" "" ($rs | default dict) }}
+{{- if $active }}
+{{- $rc := lookup "ray.io/v1" "RayCluster" .Release.Namespace $active | default dict }}
+{{- range $g := dig "spec" "workerGroupSpecs" list $rc }}
+{{- if eq (toString $g.groupName) $v.workers.groupName }}{{- $cur = int (default 0 $g.replicas) }}{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- max (int $v.workers.replicas) (min $cur (int $v.workers.maxReplicas)) }}
+{{- end }}
+
+{{/*
+Initial expert shards: `shards`, or more when the worker pods of the current scale hold more (one GPU each).
+*/}}
+{{- define "elasticmoe.numShards" -}}
+{{- $v := .Values }}
+{{- $n := int $v.shards }}
+{{- $pods := int (include "elasticmoe.workerReplicas" .) }}
+{{- if and $v.autoscaling.enabled (gt $pods (int $v.workers.replicas)) (gt (float64 $v.shardResources.numGpus) 0.0) }}
+{{- $free := subf (mulf (float64 $pods) (float64 $v.workers.gpus)) (mulf (float64 $v.gateways) (float64 $v.gatewayResources.numGpus)) }}
+{{- $fit := int (floor (divf $free (float64 $v.shardResources.numGpus))) }}
+{{- $n = max $n (min $fit (int $v.autoscaling.maxShards)) }}
+{{- end }}
+{{- $n }}
 {{- end }}
 
 {{/*
@@ -120,8 +205,10 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- $v := .Values }}
 {{- $gw := dict "num_cpus" $v.gatewayResources.numCpus "num_gpus" $v.gatewayResources.numGpus }}
 {{- if not (kindIs "invalid" $v.gatewayResources.memory) }}{{- $_ := set $gw "memory" (int64 $v.gatewayResources.memory) }}{{- end }}
+{{- with $v.gatewayResources.acceleratorType }}{{- $_ := set $gw "accelerator_type" . }}{{- end }}
 {{- $sh := dict "num_cpus" $v.shardResources.numCpus "num_gpus" $v.shardResources.numGpus }}
 {{- if not (kindIs "invalid" $v.shardResources.memory) }}{{- $_ := set $sh "memory" (int64 $v.shardResources.memory) }}{{- end }}
+{{- with $v.shardResources.acceleratorType }}{{- $_ := set $sh "accelerator_type" . }}{{- end }}
 {{- $limits := dict
       "max_num_seqs" (int $v.limits.maxNumSeqs)
       "max_model_len" (int $v.limits.maxModelLen)
@@ -130,7 +217,7 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
       "expert_timeout_s" $v.limits.expertTimeoutSeconds }}
 {{- $args := dict
       "model" $v.model.path
-      "num_shards" (int $v.shards)
+      "num_shards" (int (include "elasticmoe.numShards" .))
       "num_gateways" (int $v.gateways)
       "dtype" $v.model.dtype
       "device" $v.model.device
@@ -138,6 +225,7 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
       "shard_resources" $sh
       "limits" $limits
       "expert_metrics" $v.expertMetrics }}
+{{- with $v.model.revision }}{{- $_ := set $args "revision" (toString .) }}{{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- $a := $v.autoscaling }}
 {{- $as := dict
@@ -195,6 +283,9 @@ Environment shared by the Ray containers of the head and the workers.
   value: node_ip
 - name: ELASTICMOE_EXPERT_PORT_RANGE
   value: "{{ int .Values.expertPort.start }}-{{ int .Values.expertPort.end }}"
+# Triton's compiled kernels: a volume of the pod (or a shared cache PVC), not the home directory.
+- name: TRITON_CACHE_DIR
+  value: {{ .Values.tritonCache.mountPath | quote }}
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
@@ -206,14 +297,16 @@ Volumes and mounts shared by the head and the workers: model cache and /dev/shm.
 {{- define "elasticmoe.volumes" -}}
 - name: model-cache
 {{- $mc := .Values.modelCache }}
+{{- /* the head's download init container writes the volume; the Ray containers still mount it read-only */}}
+{{- $volRO := and $mc.readOnly (not .Values.model.download.enabled) }}
 {{- if eq $mc.type "pvc" }}
   persistentVolumeClaim:
     claimName: {{ include "elasticmoe.fullname" . }}-models
-    readOnly: {{ $mc.readOnly }}
+    readOnly: {{ $volRO }}
 {{- else if eq $mc.type "existingClaim" }}
   persistentVolumeClaim:
     claimName: {{ $mc.existingClaim }}
-    readOnly: {{ $mc.readOnly }}
+    readOnly: {{ $volRO }}
 {{- else if eq $mc.type "hostPath" }}
   hostPath:
     path: {{ $mc.hostPath.path }}
@@ -223,6 +316,14 @@ Volumes and mounts shared by the head and the workers: model cache and /dev/shm.
     {{- with $mc.emptyDir.sizeLimit }}
     sizeLimit: {{ . }}
     {{- end }}
+{{- end }}
+- name: triton-cache
+{{- if .Values.tritonCache.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.tritonCache.existingClaim }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.tritonCache.sizeLimit }}
 {{- end }}
 # Ray's object store lives in shared memory; the container default (64 MiB) is too small.
 - name: dshm
@@ -238,9 +339,102 @@ Volumes and mounts shared by the head and the workers: model cache and /dev/shm.
 - name: model-cache
   mountPath: {{ .Values.modelCache.mountPath }}
   readOnly: {{ .Values.modelCache.readOnly }}
+- name: triton-cache
+  mountPath: {{ .Values.tritonCache.mountPath }}
 - name: dshm
   mountPath: /dev/shm
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+The model's identity (path, revision, dtype, device): a change of it rolls out as a new RayCluster when
+upgrade.newClusterOnModelChange; limits, replica counts and autoscaling stay in-place Serve updates.
+*/}}
+{{- define "elasticmoe.modelHash" -}}
+{{- $m := .Values.model }}
+{{- printf "%s@%s/%s/%s" $m.path (toString ($m.revision | default "")) $m.dtype $m.device | sha256sum }}
+{{- end }}
+
+{{/*
+Head init container: `hf download --revision` of model.path into the model volume (the Hugging Face cache
+under HF_HOME), before Ray starts. Files already there are skipped, so a head restart re-checks cheaply.
+*/}}
+{{- define "elasticmoe.downloadContainer" -}}
+{{- $dl := .Values.model.download }}
+- name: model-download
+  image: {{ include "elasticmoe.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $dl.resources | nindent 4 }}
+  command:
+    - hf
+    - download
+    - {{ .Values.model.path | quote }}
+    - --revision
+    - {{ .Values.model.revision | toString | quote }}
+    {{- range $dl.include }}
+    - --include
+    - {{ . | quote }}
+    {{- end }}
+  env:
+    - name: HF_HOME
+      value: {{ .Values.modelCache.mountPath | quote }}
+    {{- with $dl.hfTokenSecret.name }}
+    - name: HF_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ . }}
+          key: {{ $dl.hfTokenSecret.key }}
+    {{- end }}
+  volumeMounts:
+    - name: model-cache
+      mountPath: {{ .Values.modelCache.mountPath }}
+{{- end }}
+
+{{/*
+Worker preStop: drain the Ray node (Serve stops routing to its proxy, starts its replicas elsewhere and lets
+their requests finish), then wait until no Serve replica is left on it or the grace period is nearly over.
+*/}}
+{{- define "elasticmoe.preStop" -}}
+{{- $deadline := sub (int .Values.workers.terminationGracePeriodSeconds) 10 | int -}}
+preStop:
+  exec:
+    command:
+      - /bin/bash
+      - -c
+      - >-
+        ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod terminating"
+        --deadline-remaining-seconds {{ $deadline }} || true;
+        end=$((SECONDS + {{ $deadline }}));
+        while [ $SECONDS -lt $end ] && grep -qs "ray::ServeReplica" /proc/[0-9]*/cmdline; do sleep 2; done
+{{- end }}
+
+{{/*
+Pod affinity that packs a release's worker pods onto as few nodes (then zones) as fit: the gateway -> shard
+fan-out stays on fast local links. workers.affinity, when set, replaces it.
+*/}}
+{{- define "elasticmoe.packAffinity" -}}
+podAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "elasticmoe.podSelectorLabels" . | nindent 12 }}
+            app.kubernetes.io/component: worker
+    - weight: 50
+      podAffinityTerm:
+        topologyKey: topology.kubernetes.io/zone
+        labelSelector:
+          matchLabels:
+            {{- include "elasticmoe.podSelectorLabels" . | nindent 12 }}
+{{- end }}
+
+{{- define "elasticmoe.acceleratorType" -}}
+{{- .Values.shardResources.acceleratorType | default .Values.gatewayResources.acceleratorType | default "" }}
 {{- end }}

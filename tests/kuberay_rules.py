@@ -1,0 +1,165 @@
+"""The KubeRay operator's admission rules for a RayService that its CRD schema cannot express, written for the tests
+from a reading of ray-operator/controllers/ray/utils/validation.go and common/service.go at the commit of
+../shared/kuberay-crds (feeaf72fa): `rayservice_errors(rs)` lists what the operator would refuse, [] if nothing."""
+
+from __future__ import annotations
+
+import re
+
+MAX_RAYSERVICE_NAME = 53 - 6  # RayCluster names <= 53 (63 - len("-serve-svc")), minus the RayService suffix
+_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_QUALIFIED_NAME = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_GO_DURATION = re.compile(r"([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+")
+_GO_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
+AUTOSCALER_V2_ENV = "RAY_enable_autoscaler_v2"
+
+
+def _env(container: dict, name: str) -> dict | None:
+    return next((e for e in container.get("env", []) if e["name"] == name), None)
+
+
+def _v2(cluster: dict) -> bool:
+    """Autoscaler v2: autoscalerOptions.version v2, or (KubeRay < 1.4 style) the head env var set to 1/true."""
+    if (cluster.get("autoscalerOptions") or {}).get("version") == "v2":
+        return True
+    env = _env(cluster["headGroupSpec"]["template"]["spec"]["containers"][0], AUTOSCALER_V2_ENV)
+    return env is not None and env.get("value") in ("1", "true")
+
+
+def _initializing_timeout(value: str) -> str | None:
+    if _GO_DURATION.fullmatch(value):
+        seconds = sum(float(n) * _GO_UNIT_S[u] for n, _, u in re.findall(r"([0-9]+(\.[0-9]+)?)(ns|us|µs|ms|s|m|h)", value))
+        return None if seconds > 0 else f"annotation ray.io/initializing-timeout must be a positive duration: {value}"
+    if re.fullmatch(r"[+-]?[0-9]+", value):
+        return None if int(value) > 0 else f"annotation ray.io/initializing-timeout must be a positive integer: {value}"
+    return f"annotation ray.io/initializing-timeout has invalid format: {value}"
+
+
+def _metadata_errors(meta: dict) -> list[str]:
+    name, errors = meta["name"], []
+    if len(name) > MAX_RAYSERVICE_NAME:
+        errors.append(f"RayService name should be no more than {MAX_RAYSERVICE_NAME} characters: {name}")
+    if not _DNS1035.fullmatch(name):
+        errors.append(f"RayService name should be a valid DNS1035 label: {name}")
+    timeout = (meta.get("annotations") or {}).get("ray.io/initializing-timeout")
+    if timeout and (err := _initializing_timeout(timeout)):
+        errors.append(err)
+    return errors
+
+
+def _group_errors(name: str, group: dict) -> list[str]:
+    errors, params = [], group.get("rayStartParams") or {}
+    if any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")) and group.get("resources"):
+        errors.append(f"resource fields should not be set in both rayStartParams and Resources for {name} group")
+    if "labels" in params:
+        errors.append(f"rayStartParams['labels'] is not supported for {name} group")
+    for key, value in (group.get("labels") or {}).items():
+        if not _QUALIFIED_NAME.fullmatch(key) or not _LABEL_VALUE.fullmatch(value) or len(value) > 63:
+            errors.append(f"invalid label {key}={value} in {name} group")
+    if not group["template"]["spec"].get("containers"):
+        errors.append(f"{name} group should have at least one container")
+    return errors
+
+
+def _cluster_errors(cluster: dict, annotations: dict) -> list[str]:
+    errors = _group_errors("Head", cluster["headGroupSpec"])
+    autoscaling = bool(cluster.get("enableInTreeAutoscaling"))
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for g in cluster.get("workerGroupSpecs", []):
+        name = g["groupName"]
+        errors += _group_errors(name, g)
+        lo, hi = g.get("minReplicas"), g.get("maxReplicas")
+        if not autoscaling and (lo is None or hi is None):
+            errors.append(f"worker group {name} must set both minReplicas and maxReplicas when autoscaling is disabled")
+        if lo is not None and hi is not None and lo > hi:
+            errors.append(f"worker group {name} has minReplicas {lo} greater than maxReplicas {hi}")
+        if g.get("idleTimeoutSeconds") is not None and not _v2(cluster):
+            errors.append(f"worker group {name}: idleTimeoutSeconds is set, but autoscaler v2 is not enabled")
+        if g.get("priority") and not _v2(cluster):
+            errors.append(f"worker group {name}: priority is set, but autoscaler v2 is not enabled")
+        if g.get("suspend") and autoscaling:
+            errors.append(f"worker group {name} cannot be suspended with Autoscaler enabled")
+        restart = g["template"]["spec"].get("restartPolicy")
+        if autoscaling and _v2(cluster) and restart not in (None, "", "Never"):
+            errors.append(f"restartPolicy for worker group {name} should be Never or unset when using autoscaler V2")
+    env_v2 = _env(head, AUTOSCALER_V2_ENV)
+    if not autoscaling and env_v2 is not None and env_v2.get("value") in ("1", "true"):
+        errors.append(f"{AUTOSCALER_V2_ENV} cannot be set when enableInTreeAutoscaling is false")
+    if autoscaling and (cluster.get("autoscalerOptions") or {}).get("version") and env_v2 is not None:
+        errors.append(f"both .spec.autoscalerOptions.version and head Pod env var {AUTOSCALER_V2_ENV} are set")
+    ft = cluster.get("gcsFaultToleranceOptions")
+    if annotations.get("ray.io/ft-enabled") and ft is not None:
+        errors.append("ray.io/ft-enabled annotation and GcsFaultToleranceOptions are both set")
+    if ft is None and annotations.get("ray.io/ft-enabled", "").lower() != "true" and _env(head, "RAY_REDIS_ADDRESS"):
+        errors.append("RAY_REDIS_ADDRESS is set which implicitly enables GCS fault tolerance, but "
+                      "GcsFaultToleranceOptions is not set")
+    if ft is not None:
+        if cluster["headGroupSpec"].get("rayStartParams", {}).get("redis-password"):
+            errors.append("cannot set `redis-password` in rayStartParams when GcsFaultToleranceOptions is enabled")
+        for var in ("REDIS_PASSWORD", "RAY_REDIS_ADDRESS"):
+            if _env(head, var):
+                errors.append(f"cannot set `{var}` env var in head Pod when GcsFaultToleranceOptions is enabled")
+        if annotations.get("ray.io/external-storage-namespace"):
+            errors.append("cannot set ray.io/external-storage-namespace when GcsFaultToleranceOptions is enabled")
+        if ft.get("backend", "redis") == "redis" and ft.get("storage") is not None:
+            errors.append("cannot set GcsFaultToleranceOptions.Storage when backend is 'redis'")
+    auth = cluster.get("authOptions") or {}
+    if auth.get("mode") == "token":
+        version = tuple(int(x) for x in re.findall(r"\d+", cluster.get("rayVersion", ""))[:3])
+        if not version or version < (2, 52, 0):
+            errors.append("authOptions.mode is 'token' but the minimum Ray version is 2.52.0")
+    if auth.get("enableK8sTokenAuth"):
+        errors.append("K8s token auth mode is currently not supported for RayService")
+    return errors
+
+
+def _serve_port_errors(rs: dict) -> list[str]:
+    """common/service.go: the serve Service carries head container ports named `serve` or `serve-*`."""
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    names = [p.get("name", "") for p in head.get("ports", [])]
+    serving = [n for n in names if n == "serve" or n.startswith("serve-")]
+    if not serving and not rs["spec"].get("serveService"):
+        return ["Please specify a port named 'serve' (or with the prefix 'serve-') in the Ray head container"]
+    return []
+
+
+def _upgrade_errors(rs: dict) -> list[str]:
+    spec, errors = rs["spec"], []
+    strategy = spec.get("upgradeStrategy") or {}
+    kind = strategy.get("type")
+    if kind is not None and kind not in UPGRADE_TYPES:
+        errors.append(f"Spec.UpgradeStrategy.Type value {kind} is invalid")
+    delay = spec.get("rayClusterDeletionDelaySeconds")
+    if delay is not None and delay < 0:
+        errors.append(f"Spec.RayClusterDeletionDelaySeconds should be a non-negative integer, got {delay}")
+    if kind == "NewClusterWithIncrementalUpgrade":
+        opts = strategy.get("clusterUpgradeOptions")
+        if not spec["rayClusterConfig"].get("enableInTreeAutoscaling"):
+            errors.append("Ray Autoscaler is required for NewClusterWithIncrementalUpgrade")
+        if opts is None:
+            return errors + ["ClusterUpgradeOptions are required for NewClusterWithIncrementalUpgrade"]
+        surge, step, interval = opts.get("maxSurgePercent", 100), opts.get("stepSizePercent"), opts.get("intervalSeconds")
+        if not 0 <= surge <= 100:
+            errors.append("maxSurgePercent must be between 0 and 100")
+        if step is None or not 0 <= step <= 100:
+            errors.append("stepSizePercent must be between 0 and 100")
+        elif step > surge:
+            errors.append("stepSizePercent must be less than or equal to maxSurgePercent")
+        if interval is None or interval <= 0:
+            errors.append("intervalSeconds must be greater than 0")
+        if not opts.get("gatewayClassName"):
+            errors.append("gatewayClassName is required for NewClusterWithIncrementalUpgrade")
+    head_svc = spec["rayClusterConfig"]["headGroupSpec"].get("headService") or {}
+    if (head_svc.get("metadata") or {}).get("name"):
+        errors.append("spec.rayClusterConfig.headGroupSpec.headService.metadata.name should not be set")
+    return errors
+
+
+def rayservice_errors(rs: dict) -> list[str]:
+    """Every rule above that a rendered RayService breaks."""
+    annotations = rs["metadata"].get("annotations") or {}
+    return (_metadata_errors(rs["metadata"]) + _cluster_errors(rs["spec"]["rayClusterConfig"], annotations)
+            + _serve_port_errors(rs) + _upgrade_errors(rs))
