@@ -26,7 +26,8 @@ class _Layer:
     def __init__(self, model: "DenseModel", i: int, names: LayerNames):
         load = model.load
         attn = {role: load(n) for role, n in names.attn.items()}
-        need = ("q_a", "kv_a") if model.spec.attention.kind == "mla" else ("q", "k", "v", "o")
+        mla = model.spec.attention.kind == "mla"
+        need = ("q_a" if model.spec.attention.q_lora_rank else "q", "kv_a", "kv_b", "o") if mla else ("q", "k", "v", "o")
         for role in need:
             if role not in attn:
                 raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")

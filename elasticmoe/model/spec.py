@@ -247,12 +247,19 @@ def check_config_keys(raw: dict[str, Any], model_type: str) -> None:
                                  f"(only {value!r})")
 
 
+def _mentions_experts(d: Any) -> bool:
+    """Whether a config dict (nested text/ffn configs included) has any expert field."""
+    if not isinstance(d, dict):
+        return False
+    return any("expert" in str(k) or "moe" in str(k) or _mentions_experts(v) for k, v in d.items())
+
+
 def check_model_type(cfg: Any) -> Family:
     """The family of `cfg.model_type`; a rejected or unverified family raises ModelSpecError naming what it lacks."""
     model_type = getattr(cfg, "model_type", None)
     if model_type in REJECTED:
         raise ModelSpecError(f"model_type {model_type!r} is not supported: {REJECTED[model_type]}")
-    if model_type not in FAMILIES and not _get(cfg, "n_routed_experts", "num_local_experts", "num_experts"):
+    if model_type not in FAMILIES and not _mentions_experts(cfg.to_dict()):
         raise ModelSpecError(f"config.json of model_type {model_type!r} has no experts: not a Mixture-of-Experts model")
     if model_type not in FAMILIES:
         raise ModelSpecError(f"model_type {model_type!r} is not a verified family (its modeling code was not "

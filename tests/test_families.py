@@ -1,0 +1,284 @@
+"""Every supported transformers MoE family against transformers itself; the strict loader; rejected families.
+
+`python tests/test_families.py` rewrites the README's table of families from FAMILY_CASES and
+tests/test_model.py's TINY_FAMILIES; test_readme_table_is_generated_from_the_tests keeps them equal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from elasticmoe.model.tokenizer import SPECIAL_TOKENS, make_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4)
+DSV3_MOE = dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1)
+SLIDING3 = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+GRANITE = dict(intermediate_size=64, num_local_experts=8, embedding_multiplier=2.0, residual_multiplier=0.5,
+               logits_scaling=2.0, attention_multiplier=0.2)
+
+# model_type -> (transformers config class, tiny fields, what the family exercises). Supported = these + TINY_FAMILIES.
+FAMILY_CASES: dict[str, tuple[str, dict, str]] = {
+    "deepseek_v2": ("DeepseekV2Config", dict(**DSV3_MOE, **{**MLA, "q_lora_rank": None}, first_k_dense_replace=1,
+                                             topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                             routed_scaling_factor=1.5),
+                    "MLA without q LoRA (V2-Lite), pairwise rotary, softmax group-limited (max) routing, routed scaling"),
+    "glm4_moe": ("Glm4MoeConfig", dict(**DSV3_MOE, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                       routed_scaling_factor=2.0, use_qk_norm=True, attention_bias=True, head_dim=16),
+                 "sigmoid grouped routing with correction bias, partial rotary, q/k norm, qkv bias"),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(**DSV3_MOE, **MLA, routed_scaling_factor=1.8,
+                                                mlp_layer_types=["dense", "sparse", "sparse"]),
+                      "MLA, sigmoid routing with correction bias, mlp_layer_types"),
+    "dots1": ("Dots1Config", dict(**DSV3_MOE, first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=True),
+              "sigmoid routing with correction bias, dense first layer"),
+    "exaone_moe": ("ExaoneMoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                                           num_shared_experts=1, mlp_layer_types=["dense", "sparse", "sparse"],
+                                           first_k_dense_replace=1, **SLIDING3),
+                   "sigmoid routing with correction bias, NoPE full-attention layers, sliding window"),
+    "minimax_m2": ("MiniMaxM2Config", dict(intermediate_size=64, num_local_experts=8, head_dim=16),
+                   "sigmoid routing with correction bias, full-width q/k norm"),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(intermediate_size=64, num_experts=8, moe_topk=2, head_dim=16),
+                       "q/k norm after the rotary, shared MLP"),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, moe_num_experts=8,
+                                                moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+                                                moe_layer_end_index=2, use_bias=True),
+                     "softmax routing with correction bias, moe_layer_start_index, pairwise rotary, biases"),
+    "flex_olmo": ("FlexOlmoConfig", dict(intermediate_size=64, num_experts=8), "post-norm blocks, full-width q/k norm"),
+    "granitemoe": ("GraniteMoeConfig", GRANITE, "packed experts, embedding/residual/logit/attention multipliers"),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(**GRANITE, shared_intermediate_size=64),
+                         "Granite multipliers, packed shared MLP beside the MoE"),
+    "cohere2_moe": ("Cohere2MoeConfig", dict(intermediate_size=64, num_experts=8, head_dim=16, num_shared_experts=1,
+                                             mlp_layer_types=["sparse"] * 3, logit_scale=0.5, **SLIDING3),
+                    "parallel block, LayerNorm, pairwise rotary on sliding layers only, averaged shared expert, "
+                    "logit scale"),
+    "afmoe": ("AfmoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_shared_experts=1,
+                                  head_dim=16, num_dense_layers=1, route_scale=1.5, mup_enabled=True, **SLIDING3),
+              "sandwich norms, gated attention, sigmoid routing with expert bias, NoPE full layers, muP embeddings"),
+}
+TINY_FEATURES = {  # tests/test_model.py's families (checkpoints from elasticmoe.model.tiny)
+    "mixtral": "softmax top-k, per-expert and packed layouts, sharded checkpoints",
+    "qwen2_moe": "shared expert with sigmoid gate, qkv bias, dense layers (mlp_only_layers)",
+    "qwen3_moe": "per-head q/k norm",
+    "olmoe": "full-width q/k norm, no top-k renormalisation",
+    "deepseek_v3": "MLA, sigmoid grouped routing with correction bias, routed scaling, dense first layer",
+}
+ROUTING_BIAS = {"glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "minimax_m2", "ernie4_5_moe", "afmoe"}
+
+
+def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, experts: int = 8) -> None:
+    """Norm weights off 1, biases and routing biases non-zero, routers sharpened (wide top-k margins),
+    lm_head -= embeddings and special tokens at logit 0 (greedy neither loops on one token nor stops)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if not p.is_floating_point() or "inv_freq" in name:
+                continue
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "correction_bias" in name or name.endswith("expert_bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+            elif re.search(r"\.(gate|router)(\.gate|\.layer|\.wg)?\.weight$", name) and p.dim() == 2 \
+                    and p.shape[0] == experts:
+                p.mul_(sharpen)
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight.sub_(model.get_input_embeddings().weight)
+            model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0
+
+
+def make_family_checkpoint(model_type: str, out: Path, **overrides) -> Path:
+    """A tiny random checkpoint of `model_type`, written by transformers' save_pretrained (3 layers, 8 experts)."""
+    cls_name, fields, _ = FAMILY_CASES[model_type]
+    tok = make_tokenizer(512)
+    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=2048, tie_word_embeddings=False,
+                  initializer_range=0.15, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    cfg = getattr(transformers, cls_name)(**{**common, **fields, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _perturb(model)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f: make_family_checkpoint(f, root / f) for f in FAMILY_CASES}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_CASES))
+def test_family_matches_transformers(model_type, family_dirs):
+    """Logits within 1e-4 relative in float32 and 24 greedy tokens identical, routing biases exercised."""
+    from elasticmoe import LLM, SamplingParams
+
+    path = family_dirs[model_type]
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    assert ref.config.model_type == model_type
+    llm = LLM(str(path), dtype="float32")
+    if model_type in ROUTING_BIAS:
+        biases = [layer.router_bias for layer in llm.engine.model.layers if layer.sparse]
+        assert biases and all(b is not None and b.abs().min() > 0 for b in biases)
+    ids = llm.encode(PROMPT)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].float()
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                            pad_token_id=ref.config.pad_token_id)[0, len(ids):].tolist()
+    assert _rel(llm.logits(ids), theirs) < 1e-4
+    out = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
+    assert out.token_ids == want and len(want) == 24
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst))
+
+
+def test_extra_tensor_fails_the_load_naming_it(family_dirs, tmp_path):
+    """A tensor no role consumes (here an attention-sink vector) fails the load instead of being ignored."""
+    from safetensors.torch import save_file
+
+    from elasticmoe.model import CheckpointError, open_model
+
+    bad = _copy(family_dirs["minimax_m2"], tmp_path / "m")
+    save_file({"model.layers.1.self_attn.sinks": torch.ones(4)}, str(bad / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.sinks"):
+        open_model(str(bad))
+    (bad / "extra.safetensors").unlink()
+    files = open_model(str(bad))  # the rotary-free, bias-carrying original loads, and every tensor is used
+    assert files.names.unused() == [] and any(n.endswith("e_score_correction_bias") for n in files.names.used)
+
+
+def test_rotary_cache_buffers_count_as_consumed(family_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    from elasticmoe.model import open_model
+
+    ok = _copy(family_dirs["dots1"], tmp_path / "d")
+    save_file({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}, str(ok / "extra.safetensors"))
+    assert open_model(str(ok)).names.unused() == []
+
+
+def test_layers_past_the_last_need_the_config_to_declare_them(family_dirs, tmp_path):
+    """Multi-token-prediction layers (unused by transformers too) load only when the config declares them."""
+    from safetensors.torch import save_file
+
+    from elasticmoe.model import CheckpointError, open_model
+
+    ck = _copy(family_dirs["glm4_moe"], tmp_path / "g")
+    save_file({"model.layers.3.mlp.gate.weight": torch.ones(8, 64)}, str(ck / "mtp.safetensors"))
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.3\.mlp\.gate\.weight' lies past the config's 3 layers"):
+        open_model(str(ck))
+    (ck / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    assert open_model(str(ck)).names.unused() == []
+
+
+@pytest.mark.parametrize("model_type,key,value", [
+    ("minimax_m2", "attn_logit_softcapping", 30.0),  # a math-changing key no family here reads
+    ("flex_olmo", "clip_qkv", 8.0),  # an OLMo key FlexOlmo's modeling code does not have
+    ("hunyuan_v1_moe", "norm_topk_prob", False),  # transformers' HunYuan always renormalises: a stray key
+])
+def test_unknown_math_changing_config_key_fails_naming_it(family_dirs, tmp_path, model_type, key, value):
+    from elasticmoe.model import ModelSpecError, open_model
+
+    bad = _copy(family_dirs[model_type], tmp_path / "c")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg[key] = value
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelSpecError, match=rf"config key\(s\) \['{key}'\] of model_type '{model_type}'"):
+        open_model(str(bad))
+
+
+def test_key_supported_only_at_its_neutral_value(tmp_path, tiny_models):
+    from elasticmoe.model import ModelSpecError, open_model
+
+    bad = _copy(tiny_models["olmoe"], tmp_path / "o")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["clip_qkv"] = 8.0
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelSpecError, match=r"config\.clip_qkv=8\.0 is not supported for model_type 'olmoe'"):
+        open_model(str(bad))
+
+
+REJECTED_CASES = [  # (config class, model_type, words the message must hold)
+    ("JambaConfig", "jamba", "Mamba"),
+    ("GraniteMoeHybridConfig", "granitemoehybrid", "Mamba"),
+    ("Qwen3NextConfig", "qwen3_next", "linear-attention"),
+    ("Qwen3_5MoeTextConfig", "qwen3_5_moe_text", "linear-attention"),
+    ("KimiLinearConfig", "kimi_linear", "linear-attention"),
+    ("MiniMaxConfig", "minimax", "lightning (linear) attention"),
+    ("Lfm2MoeConfig", "lfm2_moe", "short-convolution"),
+    ("DeepseekV32Config", "deepseek_v32", "sparse-attention indexer"),
+    ("GlmMoeDsaConfig", "glm_moe_dsa", "sparse-attention indexer"),
+    ("Llama4TextConfig", "llama4_text", "router scores applied to the expert inputs"),
+    ("LongcatFlashConfig", "longcat_flash", "identity (zero-computation) experts"),
+    ("JetMoeConfig", "jetmoe", "mixture-of-attention heads"),
+    ("Step3p7Config", "step3p7", "not a verified family"),
+    ("DbrxConfig", "dbrx", "not a verified family"),
+]
+
+
+@pytest.mark.parametrize("cls_name,model_type,feature", REJECTED_CASES)
+def test_rejected_family_names_model_type_and_feature(cls_name, model_type, feature, tmp_path):
+    """Rejected from config.json alone, before any weight is read (the one stored tensor is never opened)."""
+    from safetensors.torch import save_file
+
+    from elasticmoe.model import ModelSpecError, open_model
+
+    getattr(transformers, cls_name)().save_pretrained(tmp_path)
+    save_file({"model.layers.0.mlp.gate.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelSpecError) as err:
+        open_model(str(tmp_path))
+    assert f"model_type '{model_type}'" in str(err.value) and feature in str(err.value)
+
+
+def families_table() -> str:
+    """The README's markdown table of supported families, from the families this suite checks."""
+    rows = [(t, TINY_FEATURES[t], "tests/test_model.py") for t in sorted(TINY_FEATURES)]
+    rows += [(t, FAMILY_CASES[t][2], "tests/test_families.py") for t in sorted(FAMILY_CASES)]
+    lines = ["| `model_type` | what its test exercises | test |", "| --- | --- | --- |"]
+    lines += [f"| `{t}` | {what} | `{test}` |" for t, what, test in sorted(rows)]
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- families:begin (python tests/test_families.py) -->", "<!-- families:end -->"
+
+
+def test_supported_families_are_exactly_the_tested_ones():
+    from elasticmoe.model.families import FAMILIES
+    from elasticmoe.model.tiny import TINY_FAMILIES
+
+    assert set(TINY_FEATURES) == set(TINY_FAMILIES)
+    assert set(FAMILIES) == set(FAMILY_CASES) | set(TINY_FAMILIES)
+
+
+def test_readme_table_is_generated_from_the_tests():
+    readme = (REPO / "README.md").read_text()
+    assert BEGIN in readme and END in readme
+    assert readme.split(BEGIN)[1].split(END)[0].strip() == families_table()
+
+
+if __name__ == "__main__":  # rewrite the README's table
+    text = (REPO / "README.md").read_text()
+    if BEGIN not in text:
+        sys.exit(f"README.md has no {BEGIN} marker")
+    head, rest = text.split(BEGIN)
+    (REPO / "README.md").write_text(f"{head}{BEGIN}\n{families_table()}\n{END}{rest.split(END)[1]}")
