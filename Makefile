@@ -12,7 +12,7 @@ export ELASTICMOE_CACHE ?= $(CURDIR)/.cache/elasticmoe
 # The CPU torch wheel lies here on our machines; pip would otherwise fetch a multi-GB CUDA build.
 export PIP_FIND_LINKS ?= /opt/wheels
 
-.PHONY: setup run test test-fast stop protos check-protos bench-offline bench-serving bench-kernels bench-balance bench-stalls clean
+.PHONY: setup run test test-fast stop protos check-protos bench-offline bench-serving bench-kernels bench-balance bench-stalls bench-overload fuzz clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ bench-balance: setup
 
 bench-stalls: setup   ## starts its own local Ray: longest stall during a live rebalance and a shard kill
 	$(BIN)/python benchmarks/stalls.py
+
+bench-overload: setup ## starts its own local Ray: 10x capacity for 30 s against a served tiny cluster
+	$(BIN)/python benchmarks/overload.py
+
+fuzz: setup           ## the in-process front-door fuzz tests with 20,000 examples per surface (CI runs 2,000)
+	ELASTICMOE_FUZZ_EXAMPLES=$${ELASTICMOE_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q -ra tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -60,5 +60,6 @@ def build_app(args: dict[str, Any]):
             "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
             "policy": {"policy_function": "elasticmoe.autoscaler.policy:shard_autoscaling_policy"}}
     shards = ExpertShard.options(**shard_opts).bind(plain, controller)
-    return Gateway.options(num_replicas=a.num_gateways, ray_actor_options=_options(a.gateway_resources)).bind(
+    return Gateway.options(num_replicas=a.num_gateways, ray_actor_options=_options(a.gateway_resources),
+                           max_queued_requests=a.limits.max_queued_requests).bind(
         plain, controller, shards)

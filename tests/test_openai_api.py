@@ -22,7 +22,7 @@ from elasticmoe.gateway.metrics import GatewayMetrics
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.runner import EngineRunner
 from elasticmoe.model import open_model
-from elasticmoe.model.dispatch import LocalDispatcher
+from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.model.tiny import make_tiny_model
 
@@ -31,12 +31,16 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 class SlowDispatcher(LocalDispatcher):
-    """In-process experts, optionally slowed down so that a request outlives a client's patience."""
+    """In-process experts, optionally slowed down so that a request outlives a client's patience, or failing
+    (every copy of the experts gone: fault injection into our own dispatcher seam)."""
 
     delay_s = 0.0
+    unavailable = False
 
     def dispatch(self, layer, hidden, topk_ids, topk_weights):
         time.sleep(self.delay_s)
+        if self.unavailable:
+            raise ExpertsUnavailable(f"injected: no live copy for layer {layer}")
         return super().dispatch(layer, hidden, topk_ids, topk_weights)
 
 
@@ -324,3 +328,43 @@ def test_requests_are_counted_in_metrics(served):
     assert core.metrics.requests[("http", "ok")] == before[0].get(("http", "ok"), 0) + 1
     assert core.metrics.requests[("http", "invalid")] == before[0].get(("http", "invalid"), 0) + 1
     assert core.metrics.latency_counts["e2e"] == before[1]["e2e"] + 1
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"prompt": "\ud800"}, "prompt"), ({"seed": 2**64}, "seed"), ({"temperature": 1e-300}, "temperature"),
+])
+def test_inputs_that_used_to_be_500s_are_400s_and_spare_the_requests_in_flight(served, llm, kw, param):
+    """A lone surrogate, a seed over 64 bits and an underflowing temperature: 400 naming the field, while a
+    greedy stream already running finishes with exactly its reference text."""
+    _, client = served
+    ref = _greedy(llm, llm.encode(PROMPT), 16, ignore_eos=True)
+    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    text = next(chunks).choices[0].text
+    body = json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": 4, **kw}).encode()  # "\\ud800" escaped
+    req = urllib.request.Request(f"{client.base_url}completions", data=body, method="POST",
+                                 headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    err = json.loads(e.value.read())["error"]
+    assert e.value.code == 400 and err["param"] == param and err["type"] == "invalid_request_error"
+    text += "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == ref.text
+
+
+def test_a_request_whose_experts_are_gone_is_a_503_and_the_server_recovers(served):
+    core, client = served
+    _wait_idle(core)
+    engine = core.runner.engine
+    backoff, engine.retry_backoff_s = engine.retry_backoff_s, (0.01, 0.01)
+    core.dispatcher.unavailable = True
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=4)
+        assert e.value.status_code == 503 and e.value.body["type"] == "service_unavailable"
+        assert e.value.response.headers["retry-after"] == "1" and "injected" not in e.value.body["message"]
+    finally:
+        core.dispatcher.unavailable = False
+        engine.retry_backoff_s = backoff
+    assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2

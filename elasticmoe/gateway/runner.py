@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,6 +36,15 @@ def _merge(old: Update, new: Update) -> Update:
     """Two updates the consumer has not read yet, as one (the stream's buffer never holds more)."""
     return Update(old.token_ids + new.token_ids, old.logprobs + new.logprobs, new.text, new.finished,
                   new.finish_reason, new.prompt_tokens, new.completion_tokens)
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux), for memory-growth checks under load."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
 
 
 class RequestStream:
@@ -160,7 +170,8 @@ class EngineRunner:
         sched = self.engine.scheduler
         return {"running": len(sched.running), "waiting": len(sched.waiting), "free_slots": sched.num_free_slots,
                 "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity,
-                "step_retries": self.engine.step_retries, "failed_requests": self.engine.failed_requests}
+                "step_retries": self.engine.step_retries, "failed_requests": self.engine.failed_requests,
+                "rss_bytes": _rss_bytes()}
 
     def _drain_inbox(self) -> None:
         while True:
@@ -208,18 +219,18 @@ class EngineRunner:
         stream = self._streams.get(seq.request_id)
         if stream is None:
             return
-        if seq.error is not None:
-            stream.push(seq.error)
-        else:
-            new = seq.output_ids[stream.sent:]
-            lps = seq.logprobs[stream.sent:] if seq.params.logprobs is not None else []
-            stream.sent = len(seq.output_ids)
-            text = self.engine.detokenize(seq)
-            stream.push(Update(tuple(new), tuple(lps), text, seq.finished, seq.finish_reason,
-                               len(seq.prompt_ids), len(seq.output_ids)))
-        if seq.finished:
+        if seq.finished:  # released before the last item, so a caller that saw the end sees the room too
             self._streams.pop(seq.request_id, None)
             self._release()
+        if seq.error is not None:
+            stream.push(seq.error)
+            return
+        new = seq.output_ids[stream.sent:]
+        lps = seq.logprobs[stream.sent:] if seq.params.logprobs is not None else []
+        stream.sent = len(seq.output_ids)
+        text = self.engine.detokenize(seq)
+        stream.push(Update(tuple(new), tuple(lps), text, seq.finished, seq.finish_reason,
+                           len(seq.prompt_ids), len(seq.output_ids)))
 
     def close(self) -> None:
         self._stop = True

@@ -1,0 +1,229 @@
+"""EngineRunner and Engine under faults: per-request isolation, step retries, non-blocking admission, cancellation.
+
+A real engine over a tiny Mixtral written by transformers, experts in-process (LocalDispatcher). Faults are
+injected into our own dispatcher seam (a wrapper that raises ExpertsUnavailable) or into a request's own
+parameters; every surviving request's tokens are compared with `LLM.generate` run alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.engine.engine import Engine
+from elasticmoe.engine.sampling import InvalidRequest
+from elasticmoe.engine.scheduler import QueueFull, RequestFailed
+from elasticmoe.gateway.runner import EngineRunner
+from elasticmoe.model import open_model
+from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.model.tiny import make_tiny_model
+
+PROMPTS = ["The expert said", "Once upon a time", "Mixture of experts routes", "A B C D"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+class FaultyDispatcher(LocalDispatcher):
+    """In-process experts; raises ExpertsUnavailable on the dispatches that `fail(n_tokens)` selects."""
+
+    def __init__(self, store, fail=lambda calls, tokens: False, delay_s: float = 0.0):
+        super().__init__(store)
+        self.fail, self.delay_s, self.calls, self.raised = fail, delay_s, 0, 0
+
+    def dispatch(self, layer, hidden, topk_ids, topk_weights):
+        self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail(self.calls, hidden.shape[0]):
+            self.raised += 1
+            raise ExpertsUnavailable(f"injected: layer {layer}, {hidden.shape[0]} tokens")
+        return super().dispatch(layer, hidden, topk_ids, topk_weights)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = str(make_tiny_model("mixtral", tmp_path_factory.mktemp("rn") / "mixtral", layers=2, experts=4))
+    files = open_model(path)
+    spec = files.spec
+    store = ExpertStore(files.ckpt, files.names, spec, torch.float32, torch.device("cpu"))
+    store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))
+    return path, files, store
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Each prompt's greedy tokens from LLM.generate, one request at a time."""
+    llm = LLM(model[0])
+    return {p: llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS}, llm
+
+
+def _runner(model, dispatcher, **kw) -> EngineRunner:
+    _, files, _ = model
+    kw.setdefault("retry_backoff_s", (0.0, 0.01, 0.02))
+    return EngineRunner(Engine(files, dispatcher, max_model_len=128, **kw))
+
+
+async def _collect(runner: EngineRunner, ids: list[int], params: SamplingParams) -> list[int]:
+    out: list[int] = []
+    async for u in runner.generate("r", ids, params):
+        out += u.token_ids
+    return out
+
+
+async def _all(runner, reqs) -> list:
+    return await asyncio.gather(*(_collect(runner, ids, p) for ids, p in reqs), return_exceptions=True)
+
+
+def _poisoned(params: SamplingParams, **fields) -> SamplingParams:
+    """params with fields set past validation: a request the sampler cannot serve (fault injection)."""
+    p = dataclasses.replace(params)
+    for k, v in fields.items():
+        object.__setattr__(p, k, v)
+    return p
+
+
+def test_poison_temperature_is_rejected_at_admission(model, reference):
+    runner = _runner(model, LocalDispatcher(model[2]))
+    try:
+        with pytest.raises(InvalidRequest) as e:
+            SamplingParams(temperature=1e-45)
+        assert e.value.field == "temperature"
+        with pytest.raises(InvalidRequest, match="temperature"):
+            runner.generate("x", [1, 2, 3], _poisoned(GREEDY, temperature=1e-45))
+        assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-4).greedy
+    finally:
+        runner.close()
+
+
+def test_a_request_the_sampler_cannot_serve_ends_alone(model, reference):
+    """temperature NaN forced past validation: NaN probabilities end that request only (RequestFailed);
+    four greedy neighbours in the same steps finish with exactly their reference tokens."""
+    ref, llm = reference
+    runner = _runner(model, LocalDispatcher(model[2]))
+    bad = _poisoned(SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True), temperature=float("nan"))
+    runner.engine.validate = lambda ids, p: None  # admit the poison (the validator would refuse it)
+    try:
+        reqs = [(llm.encode(p), GREEDY) for p in PROMPTS] + [(llm.encode("poison"), bad)]
+        out = asyncio.run(_all(runner, reqs))
+        assert isinstance(out[4], RequestFailed)
+        assert out[:4] == [ref[p] for p in PROMPTS]
+        assert runner.engine.failed_requests == 1
+        assert runner.stats()["admitted"] == 0 and runner.stats()["free_slots"] == 16
+    finally:
+        runner.close()
+
+
+def test_a_step_whose_experts_fail_once_is_retried_and_tokens_stay_exact(model, reference):
+    ref, llm = reference
+    disp = FaultyDispatcher(model[2], fail=lambda calls, tokens: calls in (7, 8, 20))
+    runner = _runner(model, disp)
+    try:
+        out = asyncio.run(_all(runner, [(llm.encode(p), GREEDY) for p in PROMPTS]))
+        assert out == [ref[p] for p in PROMPTS]
+        assert disp.raised == 3 and runner.engine.step_retries == 3 and runner.engine.failed_requests == 0
+    finally:
+        runner.close()
+
+
+def test_experts_that_stay_unavailable_end_only_the_requests_that_need_them(model, reference):
+    """Every dispatch of >= 20 tokens fails: the long prompt's prefill can never run, so after the retries it
+    alone ends (RequestFailed, i.e. UNAVAILABLE / 503); the short requests run on exactly."""
+    ref, llm = reference
+    disp = FaultyDispatcher(model[2], fail=lambda calls, tokens: tokens >= 20)
+    runner = _runner(model, disp)
+    try:
+        long = llm.encode(" ".join(["experts"] * 30))
+        assert len(long) >= 20
+        reqs = [(llm.encode(p), GREEDY) for p in PROMPTS] + [(long, GREEDY)]
+        out = asyncio.run(_all(runner, reqs))
+        assert isinstance(out[4], RequestFailed) and "experts are unavailable" in str(out[4])
+        assert out[:4] == [ref[p] for p in PROMPTS]
+        assert runner.engine.failed_requests == 1 and runner.stats()["admitted"] == 0
+    finally:
+        runner.close()
+
+
+def test_admission_never_waits_for_a_step_and_a_full_gateway_answers_at_once(model, reference):
+    _, llm = reference
+    disp = FaultyDispatcher(model[2], delay_s=0.1)  # >= 0.2 s per step
+    runner = _runner(model, disp, max_num_seqs=1, max_queue=1)
+
+    async def go():
+        first = runner.generate("a", llm.encode(PROMPTS[0]), GREEDY)
+        await first.__anext__()  # running: its steps take >= 0.2 s each
+        t0 = time.perf_counter()
+        queued = runner.generate("b", llm.encode(PROMPTS[1]), GREEDY)
+        admitted = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with pytest.raises(QueueFull):
+            runner.generate("c", llm.encode(PROMPTS[2]), GREEDY)
+        rejected = time.perf_counter() - t0
+        await first.aclose()
+        await queued.aclose()
+        return admitted, rejected
+
+    try:
+        admitted, rejected = asyncio.run(go())
+        assert admitted < 0.05 and rejected < 0.05
+    finally:
+        runner.close()
+
+
+def test_a_request_cancelled_during_admission_frees_its_slot(model, reference):
+    """The caller is cancelled before its request produced anything (still queued behind a slow step): the
+    request is aborted, its admission released, and the engine never runs it to max_tokens."""
+    ref, llm = reference
+    disp = FaultyDispatcher(model[2], delay_s=0.05)
+    runner = _runner(model, disp, max_num_seqs=2, max_queue=0)
+
+    async def go():
+        busy = runner.generate("busy", llm.encode(PROMPTS[0]), SamplingParams(max_tokens=100, temperature=0,
+                                                                               ignore_eos=True))
+        await busy.__anext__()
+        task = asyncio.ensure_future(_collect(runner, llm.encode(PROMPTS[1]), GREEDY))
+        await asyncio.sleep(0)  # admitted, not yet stepped
+        assert runner.stats()["admitted"] == 2
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 5
+        while runner.stats()["admitted"] != 1 or runner.stats()["running"] != 1:
+            assert time.monotonic() < deadline, runner.stats()
+            await asyncio.sleep(0.01)
+        disp.delay_s = 0.0
+        third = await _collect(runner, llm.encode(PROMPTS[2]), GREEDY)  # the freed place is usable
+        await busy.aclose()
+        return third
+
+    try:
+        assert asyncio.run(go()) == ref[PROMPTS[2]]
+        deadline = time.monotonic() + 5
+        while runner.stats()["running"] or runner.stats()["admitted"]:
+            assert time.monotonic() < deadline, runner.stats()
+            time.sleep(0.01)
+        assert runner.stats()["free_slots"] == 2
+    finally:
+        runner.close()
+
+
+def test_a_slow_reader_gets_every_token_in_one_bounded_buffer(model, reference):
+    ref, llm = reference
+    runner = _runner(model, LocalDispatcher(model[2]))
+
+    async def go():
+        stream = runner.generate("slow", llm.encode(PROMPTS[3]), GREEDY)
+        await asyncio.sleep(0.5)  # the engine finishes all 12 tokens meanwhile
+        updates = [u async for u in stream]
+        return updates
+
+    try:
+        updates = asyncio.run(go())
+        assert len(updates) == 1 and updates[0].finished  # merged into one pending update
+        assert list(updates[0].token_ids) == ref[PROMPTS[3]] and updates[0].completion_tokens == 12
+    finally:
+        runner.close()

@@ -1,0 +1,170 @@
+"""The validation layer shared by gRPC, HTTP and the offline LLM: every field's type and range, size limits
+checked before the work they bound, errors that name the field, and the status each error maps to."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import grpc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.config import AppArgs, Limits
+from elasticmoe.engine.sampling import InvalidRequest
+from elasticmoe.engine.scheduler import QueueFull, RequestFailed
+from elasticmoe.engine.validation import GREEDY_BELOW, RequestLimits, Validator
+from elasticmoe.gateway.grpc_api import parse_request, status_of
+from elasticmoe.model.tiny import make_tiny_model
+from elasticmoe.rpc import generation_pb2 as gen
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2.0}, "max_tokens"),
+    ({"max_tokens": 2**31}, "max_tokens"), ({"temperature": -0.1}, "temperature"),
+    ({"temperature": math.inf}, "temperature"), ({"temperature": math.nan}, "temperature"),
+    ({"temperature": 1e-45}, "temperature"), ({"temperature": 1e-300}, "temperature"),
+    ({"temperature": "0.5"}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": math.nan}, "top_p"),
+    ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2**40}, "top_k"), ({"seed": 2**64}, "seed"),
+    ({"seed": -2**63 - 1}, "seed"), ({"seed": 1.5}, "seed"), ({"stop": ["ok", ""]}, "stop"),
+    ({"stop": "\ud800"}, "stop"), ({"stop": 5}, "stop"), ({"ignore_eos": 1}, "ignore_eos"),
+    ({"logprobs": -1}, "logprobs"), ({"logprobs": False}, "logprobs"),
+])
+def test_bad_sampling_params_name_the_field(kw, field):
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(**kw)
+    assert e.value.field.split("[")[0] == field and field in str(e.value)
+
+
+def test_tiny_temperatures_mean_greedy_and_extremes_are_accepted():
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-6).greedy
+    assert SamplingParams(temperature=GREEDY_BELOW / 2).greedy and not SamplingParams(temperature=1e-4).greedy
+    assert SamplingParams(temperature=1.2e-38).greedy  # a normal float32: greedy, no underflow
+    SamplingParams(seed=2**64 - 1), SamplingParams(seed=-2**63), SamplingParams(temperature=1e300)
+
+
+def test_request_limits_and_context_are_checked():
+    v = Validator(vocab_size=100, max_model_len=32, limits=RequestLimits(max_stop_strings=2, max_stop_len=5,
+                                                                        max_request_id_len=8, max_prompt_bytes=10))
+    ok = SamplingParams(max_tokens=4)
+    v.request([1, 2, 3], ok)
+    cases = [
+        (lambda: v.request([1], SamplingParams(stop=["a", "b", "c"])), "stop"),
+        (lambda: v.request([1], SamplingParams(stop=["abcdef"])), "stop"),
+        (lambda: v.request([1], SamplingParams(logprobs=21)), "logprobs"),
+        (lambda: v.request([1] * 30, SamplingParams(max_tokens=3)), "max_tokens"),
+        (lambda: v.request([1] * 32, ok), "prompt_token_ids"),
+        (lambda: v.request([100], ok), "prompt_token_ids"), (lambda: v.request([-1], ok), "prompt_token_ids"),
+        (lambda: v.request([True], ok), "prompt_token_ids"), (lambda: v.request([], ok), "prompt_token_ids"),
+        (lambda: v.request_id("r" * 9), "request_id"), (lambda: v.request_id("\udfff"), "request_id"),
+        (lambda: v.prompt_text("x" * 11), "prompt"), (lambda: v.prompt_text("é" * 6), "prompt"),
+        (lambda: v.prompt_text(""), "prompt"), (lambda: v.prompt_text("a\ud800"), "prompt"),
+        (lambda: v.prompt_text(b"bytes"), "prompt"),
+    ]
+    for call, field in cases:
+        with pytest.raises(InvalidRequest) as e:
+            call()
+        assert e.value.field == field, (field, e.value)
+
+
+def test_limits_come_from_app_args():
+    lim = AppArgs(model="m", limits=Limits(max_stop_strings=3, max_body_bytes=4096, max_prompt_tokens=7)).limits
+    r = RequestLimits.of(lim)
+    assert (r.max_stop_strings, r.max_body_bytes, r.max_prompt_tokens, r.max_logprobs) == (3, 4096, 7, 20)
+    assert Validator(50, 100, r).max_prompt_tokens == 7 and Validator(50, 5, r).max_prompt_tokens == 4
+
+
+class CountingTokenizer:
+    """A tokenizer that records whether it was asked (size limits must be checked first)."""
+
+    calls = 0
+
+    def encode(self, text):
+        self.calls += 1
+        return [ord(c) % 50 for c in text]
+
+
+def _req(**kw) -> gen.GenerateRequest:
+    s = kw.pop("sampling", {})
+    return gen.GenerateRequest(sampling=gen.SamplingParams(**s), **kw)
+
+
+@pytest.mark.parametrize("req,field", [
+    (_req(), "prompt"), (_req(prompt="hi", prompt_token_ids=[1]), "prompt"), (_req(prompt=""), "prompt"),
+    (_req(prompt="x" * 2000), "prompt"), (_req(prompt="hi", request_id="r" * 300), "request_id"),
+    (_req(prompt="hi", sampling={"stop": ["s"] * 20}), "stop"), (_req(prompt_token_ids=[1] * 200), "prompt_token_ids"),
+    (_req(prompt="hi", sampling={"temperature": 1e-45}), "temperature"),
+    (_req(prompt="hi", sampling={"temperature": math.nan}), "temperature"),
+    (_req(prompt="hi", sampling={"logprobs": 2**32 - 1}), "logprobs"),
+    (_req(prompt="hi", sampling={"max_tokens": -5}), "max_tokens"),
+])
+def test_grpc_requests_are_checked_before_tokenizing(req, field):
+    tok = CountingTokenizer()
+    v = Validator(50, 128, RequestLimits(max_prompt_bytes=1000))
+    with pytest.raises(InvalidRequest) as e:
+        parse_request(req, tok, v)
+    assert e.value.field == field
+    if field != "temperature" and field != "logprobs" and field != "max_tokens":
+        assert tok.calls == 0  # refused before any work that grows with the input
+
+
+def test_a_huge_grpc_prompt_is_refused_fast():
+    v = Validator(50, 128)
+    req = _req(prompt="y" * (v.limits.max_prompt_bytes + 1), sampling={"max_tokens": 1})
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidRequest, match="bytes"):
+        parse_request(req, CountingTokenizer(), v)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_grpc_request_ids_need_not_be_unique_and_default_to_fresh_ones():
+    v, tok = Validator(50, 128), CountingTokenizer()
+    rid, ids, params = parse_request(_req(prompt="hi", sampling={"temperature": 1e-6}), tok, v)
+    assert len(rid) == 32 and ids == [ord("h") % 50, ord("i") % 50] and params.greedy
+    assert parse_request(_req(prompt="hi", request_id="same"), tok, v)[0] == "same"
+
+
+@pytest.mark.parametrize("error,code", [
+    (InvalidRequest("top_p", "bad"), grpc.StatusCode.INVALID_ARGUMENT), (QueueFull("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RequestFailed("experts"), grpc.StatusCode.UNAVAILABLE), (TimeoutError("not ready"), grpc.StatusCode.UNAVAILABLE),
+    (ValueError("secret internals"), grpc.StatusCode.INTERNAL),
+])
+def test_errors_map_to_grpc_codes_without_raw_internals(error, code):
+    got, details, _ = status_of(error)
+    assert got == code
+    assert "secret internals" not in details
+
+
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@given(st.fixed_dictionaries({}, optional={
+    "max_tokens": st.integers(-5, 2**40) | st.booleans() | st.floats(), "temperature": st.floats() | st.integers(),
+    "top_p": st.floats() | st.text(max_size=3), "top_k": st.integers(-5, 2**40), "seed": st.integers(-2**70, 2**70),
+    "stop": st.lists(st.text(max_size=5), max_size=4) | st.text(max_size=5), "logprobs": st.integers(-3, 30) | st.none(),
+}))
+def test_sampling_params_accept_exactly_the_valid_values(kw):
+    try:
+        p = SamplingParams(**kw)
+    except InvalidRequest as e:
+        assert e.field.split("[")[0] in kw
+        return
+    assert 1 <= p.max_tokens < 2**31 and math.isfinite(p.temperature) and p.temperature >= 0
+    assert p.temperature == 0 or p.temperature >= 1.1754943508222875e-38
+    assert 0 < p.top_p <= 1 and 0 <= p.top_k < 2**31 and all(p.stop)
+    assert p.seed is None or -2**63 <= p.seed < 2**64
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(str(make_tiny_model("mixtral", tmp_path_factory.mktemp("val") / "m", layers=1, experts=4)))
+
+
+def test_the_offline_llm_uses_the_same_checks(llm):
+    for prompts, field in [(["a\ud800b"], "prompt"), ([[1, 10**9]], "prompt_token_ids"), ([""], "prompt")]:
+        with pytest.raises(InvalidRequest) as e:
+            llm.generate(prompts, SamplingParams(max_tokens=2))
+        assert e.value.field == field
+    out = llm.generate(["hi"], SamplingParams(max_tokens=3, temperature=1e-7, ignore_eos=True))
+    ref = llm.generate(["hi"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert out[0].token_ids == ref[0].token_ids
