@@ -2,8 +2,10 @@
 
 The Triton interpreter accepts code that a GPU will not compile; this runs the real compiler (TTIR ->
 TTGIR -> PTX -> cubin with the bundled ptxas), with the argument specialisation the JIT launcher would
-use for real model shapes (16-divisible pointers/sizes, unit strides as constants), for every default
-tile config. It also checks the shared-memory footprint and that the K loops were software-pipelined.
+use for real model shapes (16-divisible pointers and model sizes, unit strides as constants; the per-call
+sizes are `do_not_specialize`), for every default tile config and the three alignment kernels. It also
+checks the shared-memory footprint (defaults must fit the 101,376 B of sm_86/89/120 on any target) and
+that the K loops were software-pipelined.
 
     python -m elasticmoe.kernels.aot_check [--arch 90] [--quick]
 
@@ -25,8 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import triton_align, triton_gemm
-from .triton_moe import fp32_tiles
-from .tuning import CONFIG_DIR, DEFAULT_FILE, load_table
+from .tuning import CONSUMER_SMEM, DEFAULT_TILES, FP32_CAPS
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # bytes per block (opt-in max)
 DIV16 = "div16"  # marker: the launcher would see a 16-divisible value
@@ -74,22 +75,29 @@ def gemm_jobs(config: dict, dtype: str) -> list[tuple]:
     common = dict(sorted_ids_ptr=_ptr("i32"), expert_ids_ptr=_ptr("i32"), num_post_padded_ptr=_ptr("i32"),
                   num_pairs="i32", hidden_size=("i32", DIV16), inter=("i32", DIV16), num_pid_m="i32",
                   stride_we=("i32", DIV16), stride_wn=("i32", DIV16), stride_wk=1)
-    gate_up = dict(common, x_ptr=_ptr(t), w13_ptr=_ptr(t), act_ptr=_ptr(t), top_k="i32",
+    gate_up = dict(common, x_ptr=_ptr(t), w13_ptr=_ptr(t), act_ptr=_ptr(t),
                    stride_xm=("i32", DIV16), stride_xk=1, stride_am=("i32", DIV16), stride_an=1)
     down = dict(common, act_ptr=_ptr(t), w2_ptr=_ptr(t), pair_out_ptr=_ptr("fp32"), topk_weights_ptr=_ptr("fp32"),
                 stride_am=("i32", DIV16), stride_ak=1, stride_pm=("i32", DIV16))
     launch = (config["num_warps"], config["num_stages"])
-    return [(triton_gemm.gate_up_kernel, gate_up, tiles, *launch), (triton_gemm.down_kernel, down, tiles, *launch)]
+    return [(triton_gemm.gate_up_kernel, gate_up, dict(tiles, TOP_K=8), *launch),
+            (triton_gemm.down_kernel, down, tiles, *launch)]
 
 
 def small_jobs(dtype: str) -> list[tuple]:
-    """Alignment kernel for small / large expert counts and the top-k sum, for int32 and int64 ids."""
+    """Alignment kernels for small / DeepSeek-sized / large expert counts and the top-k sum, int32 and int64 ids."""
     jobs = []
-    for ids_type, (e_p2, chunk) in (("i64", (16, 256)), ("i32", (128, 32)), ("i64", (1024, 16))):
-        args = dict(topk_ids_ptr=_ptr(ids_type), sorted_ids_ptr=_ptr("i32"), expert_ids_ptr=_ptr("i32"),
-                    num_post_padded_ptr=_ptr("i32"), num_pairs="i32", num_experts="i32", num_blocks="i32")
-        consts = dict(BLOCK_M=16, E_P2=e_p2, CHUNK=chunk, FILL=1024)
-        jobs.append((triton_align._align_kernel, args, consts, 4, 1))
+    for ids_type, e_p2, block_m in (("i64", 16, 16), ("i32", 1024, 128)):
+        g = triton_align.align_shapes(1, e_p2 - 1, block_m)
+        ids = dict(topk_ids_ptr=_ptr(ids_type), num_pairs="i32", num_experts="i32")
+        jobs.append((triton_align.align_count_kernel, dict(ids, counts_ptr=_ptr("i32")),
+                     dict(E_P2=e_p2, CHUNK=triton_align.CHUNK), 4, 1))
+        jobs.append((triton_align.align_scan_kernel, dict(counts_ptr=_ptr("i32"), totals_ptr=_ptr("i32"),
+                     num_chunks="i32"), dict(E_P2=e_p2, BLOCK_E=g["block_e"], ROWS=triton_align.SCAN_ROWS), 4, 1))
+        place = dict(ids, offsets_ptr=_ptr("i32"), totals_ptr=_ptr("i32"), sorted_ids_ptr=_ptr("i32"),
+                     expert_ids_ptr=_ptr("i32"), num_post_padded_ptr=_ptr("i32"), num_chunks="i32", num_blocks="i32")
+        jobs.append((triton_align.align_place_kernel, place, dict(BLOCK_M=block_m, E_P2=e_p2,
+                     CHUNK=triton_align.CHUNK, FILL_BLOCKS=g["fill_blocks"]), 4, 1))
     for ids_type, (block_t, block_h) in (("i64", (2, 1024)), ("i32", (32, 64))):
         args = dict(pair_out_ptr=_ptr("fp32"), topk_ids_ptr=_ptr(ids_type), out_ptr=_ptr(TRITON_TYPES[dtype]),
                     num_tokens="i32", hidden_size=("i32", DIV16), num_experts="i32", stride_om=("i32", DIV16))
@@ -98,26 +106,27 @@ def small_jobs(dtype: str) -> list[tuple]:
 
 
 def run(arch: int = 90, quick: bool = False) -> list[str]:
-    """Compile everything; return one report line per kernel. Raises on compile or smem failure."""
+    """Compile everything; return one report line per kernel. Raises on compile, smem or spill failure."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the AOT check needs the real compiler")
-    configs = list({tuple(c.items()): c for c in load_table(str(CONFIG_DIR / DEFAULT_FILE)).values()}.values())
+    configs = [cfg for _, cfg in DEFAULT_TILES]
+    fp32 = {key: min(val, FP32_CAPS.get(key, val)) for key, val in configs[-1].items()}
     jobs = []
     for config in configs[:1] if quick else configs:
         jobs += gemm_jobs(config, "bfloat16")
-    jobs += gemm_jobs(configs[-1], "float16") + gemm_jobs(fp32_tiles(configs[-1]), "float32") + small_jobs("bfloat16")
-    limit, lines = SMEM_LIMIT.get(arch, 101376), []
+    jobs += gemm_jobs(configs[-1], "float16") + gemm_jobs(fp32, "float32") + small_jobs("bfloat16")
+    limit, lines = min(SMEM_LIMIT.get(arch, CONSUMER_SMEM), CONSUMER_SMEM), []
     for fn, args, consts, warps, stages in jobs:
         kernel = compile_kernel(fn, args, consts, arch, warps, stages)
         shared = kernel.metadata.shared
         pipelined = kernel.asm["ttgir"].count("async_copy_global_to_local")
         usage = resource_usage(kernel.asm["cubin"])
-        line = (f"{fn.__name__:<16} {consts} warps={warps} stages={stages}: smem {shared} B, "
+        line = (f"{fn.__name__:<18} {consts} warps={warps} stages={stages}: smem {shared} B, "
                 f"{pipelined} async copies, regs {usage.get('REG', '?')}")
         if usage.get("STACK", 0) or usage.get("LOCAL", 0):
             raise RuntimeError(f"{line}: register spills {usage}")
         if shared > limit:
-            raise RuntimeError(f"{line}: exceeds the {limit} B shared-memory limit of sm_{arch}")
+            raise RuntimeError(f"{line}: exceeds the {limit} B shared-memory limit (sm_{arch}, consumer GPUs)")
         if fn.__name__ in ("gate_up_kernel", "down_kernel") and stages > 1 and pipelined == 0:
             raise RuntimeError(f"{line}: K loop was not pipelined")
         lines.append(line)

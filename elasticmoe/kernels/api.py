@@ -30,8 +30,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
 def check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights) -> None:
-    """Raise ValueError unless shapes match hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k]."""
+    """Raise ValueError naming the bad argument unless hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k].
+
+    Also: w13 and w2 share one float dtype, hidden and topk_weights are floats, topk_ids int32/int64,
+    all five tensors sit on one device and hidden, w13, w2 have a unit last stride.
+    """
     if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"expected hidden 2-D and weights 3-D, got {hidden.shape}, {w13.shape}, {w2.shape}")
     num_tokens, hidden_size = hidden.shape
@@ -44,8 +52,22 @@ def check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights) -> None:
     if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
                          f"must both be [{num_tokens}, k]")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if topk_ids.dtype not in ID_DTYPES:
+        raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    for name, t in (("hidden", hidden), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if w13.dtype != w2.dtype:
+        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must share one dtype")
+    tensors = {"hidden": hidden, "w13": w13, "w2": w2, "topk_ids": topk_ids, "topk_weights": topk_weights}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all MoE inputs must be on one device, got {devices}")
+    for name in ("hidden", "w13", "w2"):
+        t = tensors[name]
+        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit last stride (got strides {t.stride()}); "
+                             "pass .contiguous()")
 
 
 def fused_moe(
@@ -71,3 +93,17 @@ def fused_moe(
     from .triton_moe import fused_moe_triton  # lazy: importing triton must wait for TRITON_INTERPRET
 
     return fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights)
+
+
+def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "auto",
+               hidden_dtype: torch.dtype | None = None) -> int:
+    """Compile, at model load, every Triton kernel variant that fused_moe can launch with these weights.
+
+    A no-op (returns 0) when `backend` resolves to torch for w13's device, or when this shape was
+    warmed before; otherwise returns the number of 1-token warm-up passes run.
+    """
+    if resolve_backend(backend, w13.device) != "triton" or w13.shape[0] == 0:
+        return 0
+    from .triton_moe import warmup_triton  # lazy: importing triton must wait for TRITON_INTERPRET
+
+    return warmup_triton(w13, w2, top_k, hidden_dtype)

@@ -3,7 +3,8 @@
 Rows are addressed through sorted_token_ids (see align.py): block pid_m holds BLOCK_M pair slots of
 one expert (expert_ids[pid_m]); slots holding N are padding and are masked everywhere.
 Only sm_90-compilable constructs: constexpr tiles >= 16 for tl.dot, masks for ragged H / I,
-scalar early exit on the device-side padded total.
+scalar early exit on the device-side padded total. Sizes that change per call (pairs, blocks, tokens,
+experts) are not specialised on, so a tile config compiles once, not once per batch-size class.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_pid_m"])
 def gate_up_kernel(
     x_ptr, w13_ptr, act_ptr,  # x [T, H], w13 [E, 2I, H], act [B * BLOCK_M, I] (sorted rows), out
     sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
-    num_pairs, top_k, hidden_size, inter, num_pid_m,
+    num_pairs, hidden_size, inter, num_pid_m,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_am, stride_an,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, I + n]) for one [BLOCK_M, BLOCK_N] tile."""
@@ -40,7 +41,7 @@ def gate_up_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] padded slots
     pairs = tl.load(sorted_ids_ptr + offs_m)  # [BM]
     row_ok = pairs < num_pairs
-    tokens = (pairs // top_k).to(tl.int64)
+    tokens = (pairs // TOP_K).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     col_ok = offs_n < inter
@@ -65,7 +66,7 @@ def gate_up_kernel(
     tl.store(a_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_pid_m"])
 def down_kernel(
     act_ptr, w2_ptr, pair_out_ptr, topk_weights_ptr,  # act [B*BM, I], w2 [E, H, I], pair_out [N, H] fp32
     sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
@@ -101,7 +102,7 @@ def down_kernel(
     tl.store(o_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "num_experts"])
 def topk_sum_kernel(
     pair_out_ptr, topk_ids_ptr, out_ptr,  # pair_out [N, H] fp32 (contiguous), topk_ids [N], out [T, H]
     num_tokens, hidden_size, num_experts, stride_om,

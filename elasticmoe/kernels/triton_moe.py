@@ -1,27 +1,34 @@
 """Host side of the Triton fused MoE: align on device, launch gate/up, down and top-k-sum kernels.
 
-Pipeline (4 launches, no host sync; shapes for N = T * k pairs, B blocks of BLOCK_M slots):
+Pipeline per chunk of at most `chunk_tokens` tokens (6 launches, no host sync; N = T * k pairs,
+B blocks of BLOCK_M slots):
   align      topk_ids [T, k] -> sorted_token_ids [B * BM], expert_ids [B], num_tokens_post_padded [1]
+             (3 multi-program kernels, triton_align.py)
   gate_up    x [T, H] gathered by slot, x w13[e]^T, silu(gate) * up   -> act [B * BM, I] (sorted rows)
   down       act x w2[e]^T, times topk_weights                         -> pair_out [N, H] fp32
   topk_sum   sum over the k slots of each token (fp32, skips -1 slots) -> out [T, H] hidden's dtype
 Writing pair_out and summing (instead of fp32 atomics into [T, H]) keeps the result deterministic,
-needs no zero-fill launch and handles -1 slots, for an extra N * H * 4 bytes of traffic.
+needs no zero-fill launch and handles -1 slots; chunking bounds pair_out to chunk_tokens * k * H * 4 bytes.
+Every launch runs under torch.cuda.device(tensors' device): Triton launches on the current device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
 
-from .align import align_block_size_torch, max_num_blocks
+from .align import max_num_blocks
 from .triton_align import align_block_size_triton
 from .triton_gemm import down_kernel, gate_up_kernel, topk_sum_kernel
-from .tuning import get_config
+from .tuning import candidate_configs, get_config
 
-TRITON_ALIGN_MAX_PAIRS = 512  # single-program Triton alignment up to here, torch ops beyond
-TRITON_ALIGN_MAX_EXPERTS = 1024
+CHUNK_ENV = "ELASTICMOE_MOE_CHUNK_TOKENS"
+DEFAULT_CHUNK_TOKENS = 4096  # DeepSeek-V3 shard (k=8, H=7168): pair_out <= 0.94 GB whatever the batch
 TOPK_SUM_TILE = 2048  # elements per top-k-sum program: BLOCK_T tokens x BLOCK_H columns
+_warm: set[tuple] = set()
 
 
 def _interpreting() -> bool:
@@ -29,17 +36,28 @@ def _interpreting() -> bool:
     return bool(knobs is not None and knobs.runtime.interpret)
 
 
-def fp32_tiles(config: dict) -> dict:
-    """fp32 uses exact FMA dots (no tensor cores): cap the tiles so they fit in registers without spills."""
-    caps = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_stages": 3}
-    return {key: min(val, caps.get(key, val)) for key, val in config.items()}
+def chunk_tokens_default() -> int:
+    """Tokens per chunk: $ELASTICMOE_MOE_CHUNK_TOKENS, else DEFAULT_CHUNK_TOKENS."""
+    raw = os.environ.get(CHUNK_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CHUNK_TOKENS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{CHUNK_ENV}={raw!r}: expected a positive number of tokens")
+    return int(raw)
 
 
-def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """Dispatch to the single-launch Triton alignment (small N) or the torch-op one; see align.py."""
-    if topk_ids.numel() <= TRITON_ALIGN_MAX_PAIRS and num_experts <= TRITON_ALIGN_MAX_EXPERTS:
-        return align_block_size_triton(topk_ids, num_experts, block_m)
-    return align_block_size_torch(topk_ids, num_experts, block_m)
+def device_guard(device: torch.device):
+    """torch.cuda.device(device) for CUDA tensors (Triton launches on the current device), else a no-op."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch_options(cfg: dict, dtype: torch.dtype) -> dict:
+    """Keyword arguments of both GEMM launches for a tile config."""
+    return dict(
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 def fused_moe_triton(
@@ -49,51 +67,70 @@ def fused_moe_triton(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     config: dict | None = None,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Triton MoE forward. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H].
 
-    config: tile dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); default: tuned
-    table lookup (tuning.get_config). Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    config: tile dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); default: tuning.get_config.
+    chunk_tokens: tokens per pipeline pass (default $ELASTICMOE_MOE_CHUNK_TOKENS or 4096).
+    Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
     if hidden.device.type != "cuda" and not _interpreting():
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     num_tokens, hidden_size = hidden.shape
-    num_experts, inter = w13.shape[0], w2.shape[2]
-    cfg = config or get_config(num_experts, inter, hidden_size, w13.dtype, num_tokens, hidden.device)
-    if config is None and w13.dtype == torch.float32:
-        cfg = fp32_tiles(cfg)
-    x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
-    ids = topk_ids.reshape(-1).contiguous()  # [N]
-    routing = align_block_size(ids, num_experts, cfg["BLOCK_M"])  # sorted_ids, expert_ids, num_post
-    num_pid_m = max_num_blocks(ids.numel(), num_experts, cfg["BLOCK_M"])
-    launch = dict(
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        DOT_PRECISION="ieee" if w13.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    act = _gate_up(x, w13, routing, topk_ids.shape[1], num_pid_m, launch)  # [B * BM, I]
-    pair_out = _down(act, w2, topk_weights.reshape(-1).contiguous(), routing, ids.numel(), num_pid_m, launch)
-    return _topk_sum(pair_out, ids, num_tokens, num_experts, hidden.dtype)  # [T, H]
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    chunk = min(num_tokens, chunk_tokens or chunk_tokens_default())
+    with device_guard(hidden.device):
+        cfg = config or get_config(num_experts, w2.shape[2], hidden_size, w13.dtype, chunk, hidden.device, top_k)
+        launch = launch_options(cfg, w13.dtype)
+        x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
+        ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()  # [T, k]
+        weights = topk_weights.to(torch.float32).contiguous()  # [T, k]
+        out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)  # [T, H]
+        act, pair_out = _buffers(chunk, top_k, w13, launch["BLOCK_M"])
+        for start in range(0, num_tokens, chunk):
+            stop = min(num_tokens, start + chunk)
+            _forward_chunk(x[start:stop], w13, w2, ids[start:stop], weights[start:stop], launch,
+                           act, pair_out, out[start:stop])
+    return out
 
 
-def _gate_up(x, w13, routing, top_k, num_pid_m, launch) -> torch.Tensor:
+def _buffers(chunk: int, top_k: int, w13: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """act [B * BLOCK_M, I] (w13's dtype) and pair_out [chunk * k, H] fp32, reused by every chunk."""
+    num_experts, two_i, hidden_size = w13.shape
+    blocks = max_num_blocks(chunk * top_k, num_experts, block_m)
+    act = torch.empty(blocks * block_m, two_i // 2, dtype=w13.dtype, device=w13.device)
+    pair_out = torch.empty(chunk * top_k, hidden_size, dtype=torch.float32, device=w13.device)
+    return act, pair_out
+
+
+def _forward_chunk(x, w13, w2, ids, weights, launch, act, pair_out, out) -> None:
+    """One pass of the pipeline over x [t, H] / ids, weights [t, k]; writes out [t, H]."""
+    num_pairs = ids.numel()
+    routing = align_block_size_triton(ids, w13.shape[0], launch["BLOCK_M"])  # sorted_ids, expert_ids, num_post
+    gate_up(x, w13, routing, ids.shape[1], launch, act)
+    down(act, w2, weights.reshape(-1), routing, num_pairs, launch, pair_out[:num_pairs])
+    topk_sum(pair_out[:num_pairs], ids.reshape(-1), w13.shape[0], out)
+
+
+def gate_up(x, w13, routing, top_k, launch, act) -> torch.Tensor:
     """act [B * BLOCK_M, I] = silu(gate) * up for every sorted slot (padding rows left unwritten)."""
     inter = w13.shape[1] // 2
-    act = torch.empty(num_pid_m * launch["BLOCK_M"], inter, dtype=w13.dtype, device=x.device)
+    num_pid_m = routing[1].numel()
     grid = (num_pid_m * triton.cdiv(inter, launch["BLOCK_N"]),)
     gate_up_kernel[grid](
         x, w13, act, *routing,
-        x.shape[0] * top_k, top_k, x.shape[1], inter, num_pid_m,
+        x.shape[0] * top_k, x.shape[1], inter, num_pid_m,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0), act.stride(1),
-        **launch,
+        TOP_K=top_k, **launch,
     )
     return act
 
 
-def _down(act, w2, weights, routing, num_pairs, num_pid_m, launch) -> torch.Tensor:
+def down(act, w2, weights, routing, num_pairs, launch, pair_out) -> torch.Tensor:
     """pair_out [N, H] fp32 = topk_weight * (act @ w2[e]^T) per (token, slot) pair; -1 pairs unwritten."""
     hidden_size, inter = w2.shape[1], w2.shape[2]
-    pair_out = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=act.device)
+    num_pid_m = routing[1].numel()
     grid = (num_pid_m * triton.cdiv(hidden_size, launch["BLOCK_N"]),)
     down_kernel[grid](
         act, w2, pair_out, weights, *routing,
@@ -104,15 +141,42 @@ def _down(act, w2, weights, routing, num_pairs, num_pid_m, launch) -> torch.Tens
     return pair_out
 
 
-def _topk_sum(pair_out, ids, num_tokens, num_experts, dtype) -> torch.Tensor:
-    """out [T, H] (dtype) = fp32 sum of pair_out [T * k, H] over each token's valid slots."""
-    hidden_size = pair_out.shape[1]
-    out = torch.empty(num_tokens, hidden_size, dtype=dtype, device=pair_out.device)
+def topk_sum(pair_out, ids, num_experts, out) -> torch.Tensor:
+    """out [T, H] = fp32 sum of pair_out [T * k, H] over each token's valid slots, cast to out's dtype."""
+    num_tokens, hidden_size = out.shape
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
-    block_t = max(2, min(TOPK_SUM_TILE // block_h, triton.next_power_of_2(num_tokens)))
+    block_t = max(2, TOPK_SUM_TILE // block_h)  # independent of T: one compile per (H, k, dtypes)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden_size, block_h))
     topk_sum_kernel[grid](
         pair_out, ids, out, num_tokens, hidden_size, num_experts, out.stride(0),
         TOP_K=ids.numel() // num_tokens, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
     )
     return out
+
+
+def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype: torch.dtype | None = None,
+                  id_dtypes=(torch.int64, torch.int32)) -> int:
+    """Compile every kernel variant a call with these weights can launch; returns the passes run (0: done before).
+
+    One 1-token pass per candidate tile config and id dtype: runtime sizes are not specialised on,
+    so later batches of any size reuse these compiles. Weights are only read.
+    """
+    hidden_dtype = hidden_dtype or w13.dtype
+    num_experts, hidden_size = w13.shape[0], w13.shape[2]
+    device = w13.device
+    configs = candidate_configs(num_experts, w2.shape[2], hidden_size, w13.dtype, device)
+    key = (tuple(w13.shape), w13.dtype, hidden_dtype, top_k, str(device), tuple(id_dtypes),
+           tuple(tuple(c.items()) for c in configs))
+    if key in _warm:
+        return 0
+    runs = 0
+    with device_guard(device):
+        x = torch.zeros(1, hidden_size, dtype=hidden_dtype, device=device)  # [1, H]
+        weights = torch.full((1, top_k), 1.0 / top_k, device=device)  # [1, k]
+        for cfg in configs:
+            for id_dtype in id_dtypes:
+                ids = (torch.arange(top_k, device=device) % num_experts).to(id_dtype)[None]  # [1, k]
+                fused_moe_triton(x, w13, w2, ids, weights, config=cfg)
+                runs += 1
+    _warm.add(key)
+    return runs

@@ -1,9 +1,15 @@
-"""Tile-config lookup for the Triton MoE kernels: JSON tables per (E, N, K, dtype, device), keyed by tokens."""
+"""Tile configs for the Triton MoE kernels: tuned JSON tables per (E, N, K, dtype, GPU), else shape-aware defaults.
+
+Tuned tables are looked up, in order, in $ELASTICMOE_MOE_CONFIG_DIR, $ELASTICMOE_CACHE/moe_configs (where
+benchmarks/tune_moe.py writes them for this GPU) and the packaged configs/ directory; they are keyed by
+token count (nearest key wins). Without one, the tiles follow the expected rows per expert, T * k / E.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -11,8 +17,27 @@ from pathlib import Path
 import torch
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEFAULT_FILE = "default.json"
+CONFIG_DIR_ENV = "ELASTICMOE_MOE_CONFIG_DIR"
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+CONSUMER_SMEM = 101376  # bytes per block on sm_86 / sm_89 / sm_120: every default fits this
+SMEM_BY_ARCH = {8: 166912, 9: 232448, 10: 232448}  # major -> opt-in bytes per block (others: consumer)
+
+
+def _tiles(bm, bn, bk, group, warps, stages) -> dict:
+    return dict(zip(CONFIG_KEYS, (bm, bn, bk, group, warps, stages)))
+
+
+# rows per expert (T * k / E) up to the key -> tiles. Decode streams weights (BN=32: more programs per
+# expert); larger M grows BLOCK_M. Shared memory of the gate/up kernel (16-bit), at most
+# stages * (BM*BK + 2*BK*BN) * 2 B (sm_90 measured by aot_check: 61,440 / 55,296 / 61,440 / 98,304 / 98,304).
+DEFAULT_TILES = (
+    (4, _tiles(16, 32, 128, 1, 4, 4)),  # <= 81,920 B
+    (16, _tiles(16, 64, 64, 1, 4, 4)),  # <= 73,728 B
+    (32, _tiles(32, 64, 64, 8, 4, 4)),  # <= 81,920 B
+    (96, _tiles(64, 64, 64, 8, 4, 4)),  # <= 98,304 B
+    (None, _tiles(128, 64, 64, 8, 8, 3)),  # <= 98,304 B
+)
+FP32_CAPS = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_stages": 3}  # exact FMA dots: no spills
 _warned_default = False
 
 
@@ -31,6 +56,19 @@ def dtype_name(dtype: torch.dtype) -> str:
 def config_file_name(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, device: str) -> str:
     """Name of the tuned table for w13 [E, 2N, K] / w2 [E, K, N] (N = intermediate I, K = hidden H)."""
     return f"E={num_experts},N={inter},K={hidden},dtype={dtype_name(dtype)},device={device}.json"
+
+
+def user_config_dir() -> Path:
+    """Where tune_moe.py writes: $ELASTICMOE_MOE_CONFIG_DIR, else $ELASTICMOE_CACHE/moe_configs."""
+    if os.environ.get(CONFIG_DIR_ENV):
+        return Path(os.environ[CONFIG_DIR_ENV]).expanduser()
+    root = Path(os.environ.get("ELASTICMOE_CACHE", Path.home() / ".cache" / "elasticmoe")).expanduser()
+    return root / "moe_configs"
+
+
+def config_dirs() -> list[Path]:
+    """Search order for tuned tables: the user / per-GPU directory first, then the packaged one."""
+    return [user_config_dir(), CONFIG_DIR]
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,33 +95,88 @@ def nearest(table: dict[int, dict], num_tokens: int) -> dict:
     return dict(table[key])
 
 
-def get_config(
-    num_experts: int, inter: int, hidden: int, dtype: torch.dtype, num_tokens: int, device: torch.device
-) -> dict:
-    """Tile config for a call with num_tokens tokens; warns once per process when falling back to defaults."""
+def default_tiles(rows_per_expert: float) -> dict:
+    """Shape-aware default: the first DEFAULT_TILES bucket holding rows_per_expert = T * k / E."""
+    return dict(next(cfg for bound, cfg in DEFAULT_TILES if bound is None or rows_per_expert <= bound))
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(device: str) -> int:
+    """Opt-in shared memory per block of `device`; the consumer-GPU limit for anything but CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return CONSUMER_SMEM
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(dev.index or 0)["max_shared_mem"])
+    except Exception:  # noqa: BLE001  no driver query: fall back to the architecture table
+        return SMEM_BY_ARCH.get(torch.cuda.get_device_capability(dev)[0], CONSUMER_SMEM)
+
+
+def smem_bytes(cfg: dict, elem_bytes: int) -> int:
+    """Upper bound on the gate/up kernel's shared memory (the larger kernel): stages x (A + 2 B tiles)."""
+    per_stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] + 2 * cfg["BLOCK_K"] * cfg["BLOCK_N"]
+    return cfg["num_stages"] * per_stage * elem_bytes
+
+
+def finalize(cfg: dict, inter: int, hidden: int, dtype: torch.dtype, limit: int) -> dict:
+    """Cap tiles by the problem (tiny test shapes), fp32 register budget and shared memory `limit`."""
+    cfg = dict(cfg)
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, _pow2(min(inter, hidden))))
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, _pow2(min(inter, hidden))))
+    if dtype == torch.float32:
+        cfg = {key: min(val, FP32_CAPS.get(key, val)) for key, val in cfg.items()}
+    elem = torch.empty((), dtype=dtype).element_size()
+    while smem_bytes(cfg, elem) > limit and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while smem_bytes(cfg, elem) > limit and cfg["BLOCK_K"] > 32:
+        cfg["BLOCK_K"] //= 2
+    return cfg
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def get_config(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, num_tokens: int,
+               device: torch.device, top_k: int = 1) -> dict:
+    """Tile config for a call with num_tokens tokens; warns once per process when no tuned table exists."""
     global _warned_default
     table, name = _table_for(num_experts, inter, hidden, dtype, str(device))
-    if name is not None and not _warned_default:
+    if table is None and not _warned_default:
         _warned_default = True
         warnings.warn(
-            f"elasticmoe.kernels: no tuned MoE config {name} in {CONFIG_DIR}; using default tiles "
-            "(run benchmarks/tune_moe.py on this GPU to create one)",
+            f"elasticmoe.kernels: no tuned MoE config {name} in {[str(d) for d in config_dirs()]}; using "
+            "shape-aware default tiles (run benchmarks/tune_moe.py on this GPU to create one)",
             stacklevel=4,  # the caller of fused_moe
         )
-    return nearest(table, num_tokens)
+    cfg = nearest(table, num_tokens) if table else default_tiles(num_tokens * top_k / num_experts)
+    return finalize(cfg, inter, hidden, dtype, smem_limit(str(device)))
+
+
+def candidate_configs(num_experts: int, inter: int, hidden: int, dtype: torch.dtype,
+                      device: torch.device) -> list[dict]:
+    """Every distinct config get_config can return for this shape (what a warm-up must compile)."""
+    table, _ = _table_for(num_experts, inter, hidden, dtype, str(device))
+    raw = table.values() if table else [cfg for _, cfg in DEFAULT_TILES]
+    done = [finalize(cfg, inter, hidden, dtype, smem_limit(str(device))) for cfg in raw]
+    return [dict(items) for items in dict.fromkeys(tuple(c.items()) for c in done)]
 
 
 @functools.lru_cache(maxsize=None)
 def _table_for(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, device: str):
-    """(table, None) for a tuned file, else (default table, missing file name). Cached: once per shape."""
+    """(tuned table or None, file name). Cached: once per shape."""
     name = config_file_name(num_experts, inter, hidden, dtype, device_name(torch.device(device)))
-    table = load_table(str(CONFIG_DIR / name))
-    if table is not None:
-        return table, None
-    return load_table(str(CONFIG_DIR / DEFAULT_FILE)), name
+    for folder in config_dirs():
+        table = load_table(str(folder / name))
+        if table is not None:
+            return table, name
+    return None, name
 
 
 def clear_cache() -> None:
     """Forget parsed tables (after writing a new config file in this process)."""
     load_table.cache_clear()
     _table_for.cache_clear()
+    smem_limit.cache_clear()
