@@ -172,7 +172,11 @@ def test_tiny_deployment_fits_a_laptop():
 def test_gpu_deployment_is_realistic(path):
     args = _app_args(_serve_schema(_load(path)).applications[0].args)
     assert (args.device, args.dtype) == ("cuda", "bfloat16")
-    assert args.model.startswith("/models/")
+    # A hub id at a revision, looked up in the Hugging Face cache on /models, offline.
+    assert re.fullmatch(r"[\w.-]+/[\w.-]+", args.model) and args.revision
+    env = _serve_schema(_load(path)).applications[0].runtime_env["env_vars"]
+    assert env["HF_HOME"] == "/models" and env["HF_HUB_OFFLINE"] == "1"
+    assert args.gateway_resources.accelerator_type == args.shard_resources.accelerator_type
     assert args.shard_resources.num_gpus == 1 and args.gateway_resources.num_gpus == 1
     assert args.autoscaling is not None
     assert args.autoscaling.min_shards <= args.num_shards <= args.autoscaling.max_shards
@@ -200,3 +204,102 @@ def test_import_path_imports(path):
                 raise
             pytest.skip(f"{module_name} does not exist yet (the app builder is being written)")
         assert callable(getattr(module, attr)), f"{app.import_path} is not callable"
+
+
+# --------------------------------------------------------------------------------------
+# cluster/*.yaml x deployments/*.yaml: every node that runs a replica holds its weights
+# --------------------------------------------------------------------------------------
+
+
+def _downloads(commands: list[str]) -> list[dict]:
+    """The `hf download` command lines among setup commands: repo, revision, include patterns."""
+    import shlex
+
+    found = []
+    for cmd in commands:
+        words = shlex.split(cmd.split("||")[0])
+        if "download" not in words or not any(w.endswith("hf") for w in words):
+            continue
+        i = words.index("download")
+        assert words[i - 1].endswith("hf"), cmd
+        rest = words[i + 1:]
+        includes = [rest[j + 1] for j, w in enumerate(rest) if w == "--include"]
+        positional = [w for j, w in enumerate(rest) if not w.startswith("--") and (j == 0 or not rest[j - 1].startswith("--"))]
+        assert positional == [rest[0]], f"files after the repo id make `hf download` ignore --include: {cmd}"
+        assert "HF_HOME=/models" in words, cmd
+        assert 'HF_TOKEN="$(cat ~/elasticmoe/hf_token 2>/dev/null)"' in cmd, "no token from the environment"
+        found.append({"repo": rest[0], "revision": rest[rest.index("--revision") + 1], "include": includes})
+    return found
+
+
+def _node_commands(prepared: dict) -> dict[str, list[str]]:
+    """node type -> the setup commands Ray runs on it (a node type's own list replaces the merged global one)."""
+    head = prepared["head_node_type"]
+    return {name: prepared["head_setup_commands"] if name == head else t.get("worker_setup_commands",
+                                                                             prepared["worker_setup_commands"])
+            for name, t in prepared["available_node_types"].items()}
+
+
+def _deployment_args(name: str):
+    return _app_args(_serve_schema(_load(DEPLOYMENTS_DIR / name)).applications[0].args)
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_cluster_config_downloads_what_it_serves(path):
+    """The deployment a cluster config documents, and every deployment whose accelerator type one of its node types
+    has, are downloaded at their revision: the whole model on the nodes that run its replicas, at least the
+    config files on the head (where Serve builds the app and resolves the revision)."""
+    config = _load(path)
+    prepared = _prepare_and_validate(config)
+    assert config["file_mounts"]["~/elasticmoe/hf_token"] == "~/.config/elasticmoe/hf_token"
+    (documented,) = re.findall(r"serve deploy ~/elasticmoe/deployments/(\S+\.yaml)", path.read_text().split("\n\n")[0])
+    commands = _node_commands(prepared)
+    head = prepared["head_node_type"]
+    wanted = {documented} | {p.name for p in GPU_DEPLOYMENTS if any(
+        f"accelerator_type:{_deployment_args(p.name).shard_resources.accelerator_type}" in t["resources"]
+        for t in prepared["available_node_types"].values())}
+    for name in wanted:
+        args = _deployment_args(name)
+        accel = args.shard_resources.accelerator_type
+        hosts = [n for n, t in prepared["available_node_types"].items()
+                 if (f"accelerator_type:{accel}" in t["resources"] if accel else t["resources"].get("GPU", 1) > 0
+                     or config["provider"]["type"] == "local")]
+        assert hosts, f"{path.name}: no node type can run {name}"
+        for node in set(hosts) | {head}:
+            got = [d for d in _downloads(commands[node]) if d["repo"] == args.model]
+            assert got and all(d["revision"] == args.revision for d in got), f"{path.name}:{node} lacks {name}"
+            patterns = {p for d in got for p in d["include"]}
+            assert "*.json" in patterns
+            if node in hosts:
+                assert "*.safetensors" in patterns, f"{path.name}:{node} runs {name} without its weights"
+    if config["provider"]["type"] != "local":  # the head runs no replica: no weights there
+        assert all("*.safetensors" not in d["include"] for d in _downloads(commands[head]))
+
+
+def test_cluster_download_command_runs(tmp_path, monkeypatch):
+    """The H100 nodes' command of cluster/aws.yaml, run by bash and the real `hf` CLI offline against a cache that
+    holds the revision, succeeds; elasticmoe resolves the same snapshot for deployments/qwen3-30b-a3b.yaml."""
+    import os
+    import subprocess
+    import sys
+
+    from elasticmoe.model.hub import resolve
+
+    prepared = _prepare_and_validate(_load(CLUSTER_DIR / "aws.yaml"))
+    (cmd,) = [c for c in _node_commands(prepared)["gpu_h100"] if " download " in c]
+    args = _deployment_args("qwen3-30b-a3b.yaml")
+    repo = tmp_path / "hub" / ("models--" + args.model.replace("/", "--"))
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / args.revision).write_text(commit)
+    local = cmd.replace("HF_HOME=/models", f"HF_HOME={tmp_path}").replace("~/elasticmoe/hf_token", str(tmp_path / "t"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("HF_HUB_CACHE", None)
+    out = subprocess.run(["bash", "-c", local], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1].strip().removeprefix("path:").strip() == str(repo / "snapshots" / commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    assert resolve(args.model, args.revision).path == repo / "snapshots" / commit

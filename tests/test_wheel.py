@@ -44,7 +44,7 @@ def test_wheel_holds_every_package_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     needed = {f for f in _source_files() if f.startswith("elasticmoe/")}
     data = {f for f in needed if not f.endswith(".py")}
-    assert "elasticmoe/kernels/cpu_gemm.c" in data and "elasticmoe/kernels/configs/default.json" in data
+    assert "elasticmoe/kernels/cpu_gemm.c" in data and any(f.endswith(".pyi") for f in data)
     assert sorted(needed - names) == [], "pyproject.toml [tool.setuptools.package-data] misses these"
     with zipfile.ZipFile(wheel) as z:
         assert z.read("elasticmoe/kernels/cpu_gemm.c") == (ROOT / "elasticmoe/kernels/cpu_gemm.c").read_bytes()
