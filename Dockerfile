@@ -27,10 +27,12 @@ WORKDIR /home/ray
 
 # HF_HOME: model weights come from a volume mounted at /models, in Hugging Face cache
 # layout (/models/hub/models--org--name/snapshots/...) or as plain checkpoint directories.
+# TRITON_CACHE_DIR: compiled kernels; the Helm chart points it at a volume of the pod.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HOME=/models
+    HF_HOME=/models \
+    TRITON_CACHE_DIR=/home/ray/.cache/triton
 
 # 1) torch from PyTorch's CUDA index first (its own layer: ~4 GB that rarely changes).
 #    pip then treats elasticmoe's `torch==2.13.0` as satisfied by 2.13.0+cu128.
@@ -46,7 +48,8 @@ RUN pip install /tmp/elasticmoe-src \
  && python -c "import ray, torch, elasticmoe.config, elasticmoe.rpc.generation_pb2_grpc; \
 assert ray.__version__ == '2.60.0', ray.__version__; \
 assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__; \
-assert torch.version.cuda, 'torch is not a CUDA build'"
+assert torch.version.cuda, 'torch is not a CUDA build'" \
+ && python -c "import elasticmoe.kernels.cpu_gemm as m; assert m._SRC.is_file(), 'package data missing: ' + str(m._SRC)"
 
 # Ray's ports (KubeRay and `ray up` pass their own commands; nothing to run by default):
 # GCS 6379, dashboard 8265, client 10001, metrics 8080, Serve HTTP 8000, Serve gRPC 9000.

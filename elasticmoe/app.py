@@ -8,6 +8,8 @@ from pydantic import ValidationError
 
 from elasticmoe.config import AppArgs
 
+GATEWAY_DRAIN_S = 600  # the request timeout of the GPU Serve configs and the chart's production values
+
 
 def _options(res) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
@@ -60,6 +62,7 @@ def build_app(args: dict[str, Any]):
             "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
             "policy": {"policy_function": "elasticmoe.autoscaler.policy:shard_autoscaling_policy"}}
     shards = ExpertShard.options(**shard_opts).bind(plain, controller)
+    # A gateway that Serve stops (node drain, scale-down, in-place update) first lets its streams finish.
     return Gateway.options(num_replicas=a.num_gateways, ray_actor_options=_options(a.gateway_resources),
-                           max_queued_requests=a.limits.max_queued_requests).bind(
-        plain, controller, shards)
+                           max_queued_requests=a.limits.max_queued_requests,
+                           graceful_shutdown_timeout_s=GATEWAY_DRAIN_S).bind(plain, controller, shards)

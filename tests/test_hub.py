@@ -33,12 +33,13 @@ def _add_snapshot(repo: Path, commit: str, files: dict[str, bytes]) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory, tiny_models) -> Path:
-    """$HF_HOME with hub/models--acme--tiny-moe: OLD = the tiny Mixtral, NEW = the same with another config."""
+    """$HF_HOME with hub/models--acme--tiny-moe: OLD = the tiny Mixtral, NEW = the same with a longer context."""
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / ("models--" + REPO_ID.replace("/", "--"))
     files = {p.name: p.read_bytes() for p in tiny_models["mixtral"].iterdir() if p.is_file()}
     _add_snapshot(repo, OLD, files)
-    changed = json.loads(files["config.json"]) | {"_elasticmoe_test_revision": "new"}
+    config = json.loads(files["config.json"])
+    changed = config | {"max_position_embeddings": config["max_position_embeddings"] + 1024}
     new = _add_snapshot(repo, NEW, files | {"config.json": json.dumps(changed).encode()})
     os.utime(new, (new.stat().st_mtime + 100, new.stat().st_mtime + 100))
     (repo / "refs").mkdir()
@@ -124,7 +125,8 @@ def test_app_pins_one_snapshot_for_every_replica(cache_env):
     want = str(cache_env / "snapshots" / NEW)
     assert [(a["model"], a["revision"]) for a in args] == [(want, NEW)] * 3
     # The pinned snapshot opens (through the cache's symlinks) and is the v2 config, not main's.
-    assert open_model(want).config._elasticmoe_test_revision == "new"
+    old = json.loads((cache_env / "snapshots" / OLD / "config.json").read_text())["max_position_embeddings"]
+    assert open_model(want).config.max_position_embeddings == old + 1024
     # Accelerator types reach Ray; the controller follows the shards to where the weights are.
     assert shards._bound_deployment.ray_actor_options["accelerator_type"] == "H100"
     assert controller._bound_deployment.ray_actor_options == {"num_cpus": 0, "accelerator_type": "H100"}
