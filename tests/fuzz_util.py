@@ -125,6 +125,8 @@ def openai_bodies(draw) -> tuple[str, bytes]:
     if kind == "bytes":
         return path, draw(st.binary(max_size=200))
     body: dict[str, Any] = {}
+    if draw(st.integers(0, 4)):  # mostly a short completion, so what is accepted finishes fast
+        body["max_tokens"] = draw(st.integers(1, 3))
     if chat:
         body["messages"] = draw(st.one_of(st.lists(message, max_size=3), json_values))
     else:
