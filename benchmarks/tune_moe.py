@@ -1,7 +1,12 @@
-"""Grid-search Triton MoE tile configs on this GPU and write elasticmoe/kernels/configs/E=..,N=..,K=..,...json.
+"""Grid-search Triton MoE tile configs on this GPU; writes E=..,N=..,K=..,dtype=..,device=<gpu>.json.
+
+The file goes to the per-GPU config directory that elasticmoe.kernels.tuning searches first
+($ELASTICMOE_MOE_CONFIG_DIR, else $ELASTICMOE_CACHE/moe_configs); --out-dir elasticmoe/kernels/configs
+ships it with the package instead. Routing is realistic (softmax top-k over all experts; on an EP shard
+only the local experts' slots are kept). Timed with CUDA graphs, like benchmarks/kernels.py.
 
 python benchmarks/tune_moe.py --model qwen3-30b-a3b            (bf16, tokens 1..4096)
-python benchmarks/tune_moe.py --shape 64 2048 1408 6 --quick   (E H I k: any other model)
+python benchmarks/tune_moe.py --shape 64 2048 1408 6 --quick   (E H I k: any other model, all experts local)
 """
 
 from __future__ import annotations
@@ -18,9 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from kernels import MODELS, TOKENS, make_case  # noqa: E402  (benchmarks/kernels.py)
+from kernels import MODELS, TOKENS, make_case, reference  # noqa: E402  (benchmarks/kernels.py)
 
-SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KiB per block; leave headroom
 MAX_ACC_REGS = 128  # fp32 accumulator registers per thread (gate + up tiles in GEMM 1)
 
 
@@ -32,22 +36,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--quick", action="store_true", help="smaller search space (minutes instead of ~an hour)")
-    p.add_argument("--out-dir", default=None, help="default: elasticmoe/kernels/configs")
+    p.add_argument("--out-dir", default=None,
+                   help="default: $ELASTICMOE_MOE_CONFIG_DIR or $ELASTICMOE_CACHE/moe_configs (searched first)")
     return p.parse_args()
 
 
-def search_space(tokens: int, elem_bytes: int, quick: bool) -> list[dict]:
-    """Tile configs worth trying at `tokens` tokens: BLOCK_M capped by the batch, smem/register fits."""
-    block_ms = [m for m in (16, 32, 64, 128) if m <= max(16, triton_next_pow2(tokens))]
+def search_space(rows_per_expert: float, elem_bytes: int, quick: bool, smem_limit: int) -> list[dict]:
+    """Tile configs worth trying: BLOCK_M capped by the rows per expert, BN=32 for decode, smem/register fits."""
+    from elasticmoe.kernels import tuning
+
+    block_ms = [m for m in (16, 32, 64, 128) if m <= max(16, triton_next_pow2(int(rows_per_expert) + 1))]
     space = itertools.product(
-        block_ms, (64, 128) if quick else (32, 64, 128), (64, 128) if quick else (64, 128, 256),
+        block_ms, (32, 64, 128), (64, 128) if quick else (64, 128, 256),
         (1, 8) if quick else (1, 8, 16), (4, 8), (3, 4) if quick else (2, 3, 4, 5),
     )
     configs = []
     for bm, bn, bk, group, warps, stages in space:
-        smem = stages * (bm * bk + 2 * bk * bn) * elem_bytes
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps,
+               "num_stages": stages}
         acc_regs = 2 * bm * bn // (warps * 32)
-        if smem <= SMEM_BYTES and acc_regs <= MAX_ACC_REGS:
+        if tuning.smem_bytes(cfg, elem_bytes) <= smem_limit and acc_regs <= MAX_ACC_REGS:
             configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group,
                             "num_warps": warps, "num_stages": stages})
     return configs
@@ -61,20 +69,21 @@ def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda")) -> tup
     """Fastest correct config for one token count -> (config, microseconds)."""
     import triton.testing
 
-    from elasticmoe.kernels.torch_moe import fused_moe_torch
+    from elasticmoe.kernels import tuning
     from elasticmoe.kernels.triton_moe import fused_moe_triton
 
     x, w13, w2, ids, weights = make_case(shape, tokens, dtype, device)
-    ref = fused_moe_torch(x, w13, w2, ids, weights, strategy="segment").float()
+    ref = reference(x, w13, w2, ids, weights)
     best, best_us = None, float("inf")
-    for cfg in search_space(tokens, w13.element_size(), quick):
+    rows = max(1.0, float((ids >= 0).sum()) / w13.shape[0])
+    for cfg in search_space(rows, w13.element_size(), quick, tuning.smem_limit(str(device))):
         try:
             out = fused_moe_triton(x, w13, w2, ids, weights, config=cfg).float()
             if (out - ref).abs().max() > 2e-2 * ref.abs().max():
                 print(f"  T={tokens} {cfg}: wrong result, skipped", flush=True)
                 continue
-            us = 1e3 * triton.testing.do_bench(
-                lambda: fused_moe_triton(x, w13, w2, ids, weights, config=cfg), warmup=5, rep=25)
+            us = 1e3 * triton.testing.do_bench_cudagraph(
+                lambda: fused_moe_triton(x, w13, w2, ids, weights, config=cfg), rep=25, return_mode="median")
         except Exception as exc:  # noqa: BLE001  out of shared memory / registers on this GPU
             print(f"  T={tokens} {cfg}: {type(exc).__name__}", flush=True)
             continue
@@ -91,8 +100,8 @@ def main() -> None:
         sys.exit("tune_moe.py needs a CUDA GPU")
     from elasticmoe.kernels import tuning
 
-    shape = tuple(MODELS[args.model] if args.model else args.shape)
-    num_experts, hidden, inter, _ = shape
+    shape = tuple(MODELS[args.model] if args.model else (*args.shape, args.shape[0]))
+    _, hidden, inter, _, num_experts = shape  # the table is keyed by the experts held (E_local)
     dtype = getattr(torch, args.dtype)
     table = {}
     for tokens in args.tokens:
@@ -100,8 +109,10 @@ def main() -> None:
         table[str(tokens)] = cfg
         print(f"T={tokens:>5}: {us:9.1f} us  {cfg}", flush=True)
     name = tuning.config_file_name(num_experts, inter, hidden, dtype, tuning.device_name(torch.device("cuda")))
-    out = Path(args.out_dir or tuning.CONFIG_DIR) / name
+    out = Path(args.out_dir or tuning.user_config_dir()) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
+    tuning.clear_cache()
     print(f"wrote {out}")
 
 

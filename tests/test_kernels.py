@@ -231,6 +231,40 @@ def test_triton_env_set_by_package(monkeypatch):
     assert os.environ["TRITON_CACHE_DIR"] == "/tmp/mine"  # env-overridable
 
 
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "benchmarks" / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_routing_bytes_and_grouped_mm_baseline():
+    bench = _bench_module()
+    shape = (16, 32, 48, 2, 8)  # route over 16 experts, this shard holds 0..7
+    g = torch.Generator().manual_seed(0)
+    ids, local_ids, weights = bench.route(20, shape, torch.device("cpu"), g)
+    assert torch.equal(local_ids, torch.where(ids < 8, ids, -1)) and (ids >= 8).any() and (ids < 8).any()
+    assert torch.allclose(weights.sum(-1), torch.ones(20)) and (ids.sort(1).values.diff(1) > 0).all()
+    one = torch.tensor([[3, -1], [3, 5]])  # experts 3 and 5 hit; padded rows 16 + 16
+    counted = bench.bytes_moved(shape, 2, one, 2)
+    assert counted["min"] == 2 * 3 * 32 * 48 * 2 + 2 * 2 * 32 * 2 + 4 * 12 and counted["padded_rows"] == 32
+    align = 4 * 8 * 2 + 3 * 1 * 16 * 4 + 32 * 4 * 3 + 2 * 4 * 2
+    assert counted["ours"] - counted["min"] == 3 * 32 * 2 + 2 * 32 * 48 * 2 + 2 * 3 * 32 * 4 + align
+    x, w13, w2, _, _ = make_inputs(20, 8, 2, hidden=32, inter=48)
+    run, order = bench.grouped_mm_only(x, w13, w2, local_ids)
+    y = run().float() * weights.reshape(-1)[order][:, None]
+    out = torch.zeros(20, 32).index_add_(0, order // 2, y)
+    assert rel_err(out, fused_moe_reference(x, w13, w2, local_ids, weights)) <= TOL_FP32
+    assert rel_err(bench.reference(x, w13, w2, local_ids, weights), out) <= TOL_FP32
+    plan = bench.dry_run({"deepseek-v3-e256": bench.MODELS["deepseek-v3-e256"]}, [4])
+    assert plan[0]["w13_elements"] > 2**31 and plan[0]["local_slots"] == 32 and plan[0]["ours"] > plan[0]["min"]
+    rows = [{"model": "m", "tokens": 16, "impl": "elasticmoe-triton", "us_graph": 10.0, "pct_peak_bw": 75.0},
+            {"model": "m", "tokens": 256, "impl": "elasticmoe-triton", "us": 10.0, "pct_peak_bw": 20.0},
+            {"model": "m", "tokens": 256, "impl": "torch._grouped_mm-only", "us": 9.0}]
+    summary = bench.summarize(rows)
+    assert summary[0]["bw_ok"] and not summary[1]["grouped_ok"] and summary[1]["vs_grouped_mm"] == 0.9
+
+
 # ----------------------------------------------------------------------------- Triton path (child process)
 
 TRITON_GRID = [c for c in GRID if c[0] < 130] + [(130, 8, 3)]  # the interpreter's cost grows with T
