@@ -314,7 +314,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         line = {"model": key[0], "tokens": key[1], "ours_us": t_ours, "pct_peak_bw": ours.get("pct_peak_bw"),
                 "vs_grouped_mm": t_grouped / t_ours if t_ours and t_grouped else None,
                 "vs_vllm": t_vllm / t_ours if t_ours and t_vllm else None}
-        if key[1] <= 64:
+        if key[1] <= 64 and ours.get("experts_hit"):  # no local expert hit: nothing to stream
             line["bw_ok"] = bool(line["pct_peak_bw"] and line["pct_peak_bw"] >= 70)
         if key[1] >= 256:
             line["grouped_ok"] = bool(line["vs_grouped_mm"] and line["vs_grouped_mm"] >= 1.0)

@@ -258,7 +258,8 @@ def test_benchmark_routing_bytes_and_grouped_mm_baseline():
     assert rel_err(bench.reference(x, w13, w2, local_ids, weights), out) <= TOL_FP32
     plan = bench.dry_run({"deepseek-v3-e256": bench.MODELS["deepseek-v3-e256"]}, [4])
     assert plan[0]["w13_elements"] > 2**31 and plan[0]["local_slots"] == 32 and plan[0]["ours"] > plan[0]["min"]
-    rows = [{"model": "m", "tokens": 16, "impl": "elasticmoe-triton", "us_graph": 10.0, "pct_peak_bw": 75.0},
+    rows = [{"model": "m", "tokens": 16, "impl": "elasticmoe-triton", "us_graph": 10.0, "pct_peak_bw": 75.0,
+             "experts_hit": 3},
             {"model": "m", "tokens": 256, "impl": "elasticmoe-triton", "us": 10.0, "pct_peak_bw": 20.0},
             {"model": "m", "tokens": 256, "impl": "torch._grouped_mm-only", "us": 9.0}]
     summary = bench.summarize(rows)

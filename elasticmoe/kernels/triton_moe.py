@@ -79,6 +79,8 @@ def fused_moe_triton(
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     num_tokens, hidden_size = hidden.shape
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    if num_tokens == 0 or top_k == 0:
+        return torch.zeros_like(hidden)  # [T, H]
     chunk = min(num_tokens, chunk_tokens or chunk_tokens_default())
     with device_guard(hidden.device):
         cfg = config or get_config(num_experts, w2.shape[2], hidden_size, w13.dtype, chunk, hidden.device, top_k)
