@@ -218,6 +218,14 @@ def test_input_checks_name_each_bad_argument():
     check_moe_inputs(x, w13, w2, ids.int(), weights.bfloat16())  # int32 ids, low-precision weights: fine
 
 
+def test_device_guard_selects_the_tensors_cuda_device():
+    from elasticmoe.kernels.triton_moe import device_guard  # triton imported: no kernel runs in this process
+
+    guard = device_guard(torch.device("cuda", 1))  # built without touching CUDA; entered by fused_moe_triton
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(device_guard(torch.device("cpu")), torch.cuda.device)
+
+
 def test_triton_env_set_by_package(monkeypatch):
     import elasticmoe.kernels as kernels
 
