@@ -24,6 +24,9 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
 MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4)
 DSV3_MOE = dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1)
 SLIDING3 = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=512)
+GPT_OSS_LIMIT = 1.0  # swiglu_limit low enough that the tiny model's gate and up projections get clamped
 GRANITE = dict(intermediate_size=64, num_local_experts=8, embedding_multiplier=2.0, residual_multiplier=0.5,
                logits_scaling=2.0, attention_multiplier=0.2)
 
@@ -61,6 +64,10 @@ FAMILY_CASES: dict[str, tuple[str, dict, str]] = {
                                              mlp_layer_types=["sparse"] * 3, logit_scale=0.5, **SLIDING3),
                     "parallel block, LayerNorm, pairwise rotary on sliding layers only, averaged shared expert, "
                     "logit scale"),
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=64, num_local_experts=8, head_dim=16, swiglu_limit=GPT_OSS_LIMIT,
+                                      rope_parameters=YARN, **SLIDING3),
+                "attention sinks, alternating sliding window, router logit bias, clamped SwiGLU experts with biases, "
+                "YaRN rotary; MXFP4 experts on disk and experts on gRPC shards in tests/test_gpt_oss.py"),
     "afmoe": ("AfmoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_shared_experts=1,
                                   head_dim=16, num_dense_layers=1, route_scale=1.5, mup_enabled=True, **SLIDING3),
               "sandwich norms, gated attention, sigmoid routing with expert bias, NoPE full layers, muP embeddings"),
@@ -73,6 +80,7 @@ TINY_FEATURES = {  # tests/test_model.py's families (checkpoints from elasticmoe
     "deepseek_v3": "MLA, sigmoid grouped routing with correction bias, routed scaling, dense first layer",
 }
 ROUTING_BIAS = {"glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "minimax_m2", "ernie4_5_moe", "afmoe"}
+LOGIT_BIAS = {"gpt_oss"}  # a router bias added to the logits (mlp.router.bias)
 
 
 def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, experts: int = 8) -> None:
@@ -87,7 +95,9 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif "correction_bias" in name or name.endswith("expert_bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".bias"):
+            elif name.endswith("sinks"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith((".bias", "_bias")):
                 p.copy_(0.15 * torch.randn(p.shape, generator=gen))
             elif re.search(r"\.(gate|router)(\.gate|\.layer|\.wg)?\.weight$", name) and p.dim() == 2 \
                     and p.shape[0] == experts:
@@ -127,15 +137,25 @@ def family_dirs(tmp_path_factory):
 @pytest.mark.parametrize("model_type", sorted(FAMILY_CASES))
 def test_family_matches_transformers(model_type, family_dirs):
     """Logits within 1e-4 relative in float32 and 24 greedy tokens identical, routing biases exercised."""
-    from elasticmoe import LLM, SamplingParams
+    from elasticmoe import LLM
 
     path = family_dirs[model_type]
-    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    assert ref.config.model_type == model_type
     llm = LLM(str(path), dtype="float32")
     if model_type in ROUTING_BIAS:
         biases = [layer.router_bias for layer in llm.engine.model.layers if layer.sparse]
         assert biases and all(b is not None and b.abs().min() > 0 for b in biases)
+    if model_type in LOGIT_BIAS:
+        biases = [layer.router_logit_bias for layer in llm.engine.model.layers if layer.sparse]
+        assert biases and all(b is not None and b.abs().min() > 0 for b in biases)
+    _assert_matches(llm, path, model_type)
+
+
+def _assert_matches(llm, ref_path: Path, model_type: str) -> None:
+    """`llm`'s logits within 1e-4 relative of transformers' (float32) on `ref_path`, and 24 greedy tokens equal."""
+    from elasticmoe import SamplingParams
+
+    ref = AutoModelForCausalLM.from_pretrained(str(ref_path), dtype=torch.float32).eval()
+    assert ref.config.model_type == model_type
     ids = llm.encode(PROMPT)
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0].float()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,27 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
 
 
+def _attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, causal: bool,
+                       sinks: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS attention: one extra logit per head (its sink) joins each softmax and is dropped after it.
+
+    q [B, h, Tq, d], k [B, hk, Tk, d], v [B, hk, Tk, dv], sinks [h], mask [.., Tq, Tk] bool or None -> [B, h, Tq, dv].
+    """
+    b, h, tq, _ = q.shape
+    rep = h // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    logits = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, h, Tq, Tk]
+    if mask is None and causal:
+        mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - tq)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(logits.dtype).view(1, h, 1, 1).expand(b, h, tq, 1)
+    combined = torch.cat((logits, sink), dim=-1)  # [B, h, Tq, Tk + 1]
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    probs = combined.softmax(dim=-1)[..., :-1]  # the sink's share is dropped
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 class Attention:
     """One layer's attention weights and forward. Weights: a dict of tensors by role (q, k, v, o, norms...)."""
 
@@ -95,16 +118,17 @@ class Attention:
             vc[batch.token_slots, batch.positions] = v
             expand = self._gqa_gather
         out = x.new_empty(x.shape[0], self.spec.num_heads, self.spec.v_head_dim)  # [T, h, dv]
+        attend = partial(_attend_with_sinks, sinks=self.w["sinks"]) if "sinks" in self.w else _sdpa  # GPT-OSS
         for c in batch.prefill:
             kk, vv = expand(cache, slice(c.slot, c.slot + 1), c.start + c.length)  # [1, hk, L, d]
             qq = q[c.offset : c.offset + c.length].transpose(0, 1)[None]  # [1, h, t, d]
             mask = _prefill_mask(c.start, c.length, self.window, x.device)
-            o = _sdpa(qq, kk, vv, mask, self.spec.scaling, causal=True)
+            o = attend(qq, kk, vv, mask, self.spec.scaling, causal=True)
             out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
         if batch.decode_rows.numel():
             kk, vv = expand(cache, batch.decode_slots, batch.decode_max)  # [B, hk, L, d]
             qq = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, d]
-            o = _sdpa(qq, kk, vv, masks[self.window], self.spec.scaling, causal=False)
+            o = attend(qq, kk, vv, masks[self.window], self.spec.scaling, causal=False)
             out[batch.decode_rows] = o[:, :, 0, :]
         out = out.reshape(x.shape[0], -1)  # [T, h * dv]
         if "gate" in self.w:  # AFMoE: sigmoid gate per output feature

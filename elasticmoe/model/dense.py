@@ -28,6 +28,7 @@ class _Layer:
         attn = {role: load(n) for role, n in names.attn.items()}
         mla = model.spec.attention.kind == "mla"
         need = ("q_a" if model.spec.attention.q_lora_rank else "q", "kv_a", "kv_b", "o") if mla else ("q", "k", "v", "o")
+        need += ("sinks",) if model.spec.attention.sinks else ()
         for role in need:
             if role not in attn:
                 raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")
@@ -39,6 +40,7 @@ class _Layer:
             raise CheckpointError(f"{model.ckpt.path}: layer {i} has neither experts nor a dense MLP")
         self.router = load(names.router).float() if names.router else None  # [E, H]
         self.router_bias = load(names.router_bias).float().flatten() if names.router_bias else None  # [E]
+        self.router_logit_bias = load(names.router_logit_bias).float() if names.router_logit_bias else None  # [E]
         self.shared = {r: load(n) for r, n in names.shared.items()} if names.shared else None
         self.shared_gate = load(names.shared_gate) if names.shared_gate else None  # [1, H]
 
@@ -113,7 +115,7 @@ class DenseModel:
             x = self._norm(layer, "mlp_in", h)
         if not layer.sparse:
             return h, x, None
-        logits = F.linear(x.float(), layer.router)  # [T, E]
+        logits = F.linear(x.float(), layer.router, layer.router_logit_bias)  # [T, E]
         topk_ids, topk_weights = route(logits, sp.moe, layer.router_bias)
         if self.route_observer is not None:
             self.route_observer(layer.attn.layer, topk_ids)

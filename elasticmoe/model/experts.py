@@ -10,15 +10,19 @@ from typing import Iterable
 import torch
 
 from elasticmoe.kernels import fused_moe, warmup_moe
+from elasticmoe.model import expert_math
 from elasticmoe.model.checkpoint import Checkpoint
 from elasticmoe.model.names import WeightNames
 from elasticmoe.model.spec import ModelSpec
 
 
 def read_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, hidden: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's weights as stored: w13 [2I, H] (gate rows then up rows) and w2 [H, I]."""
+                ) -> tuple[torch.Tensor, ...]:
+    """One expert's weights as stored: w13 [2I, H] (gate rows then up rows) and w2 [H, I]
+    (GPT-OSS: also the biases b13 [2I], b2 [H], see model.expert_math)."""
     ref = names.expert(layer, expert)
+    if names.spec.moe.expert_act != "silu":
+        return expert_math.read_swiglu_expert(ckpt, ref, hidden, names.spec.moe.intermediate_size)
     if ref.gate_up is not None:
         w13 = ckpt.read(ref.gate_up, index=ref.index)
         w2 = ckpt.read(ref.down, index=ref.index)
@@ -38,6 +42,8 @@ class LayerExperts:
     w2: torch.Tensor  # [E_local, H, I]
     global_ids: tuple[int, ...]  # local index -> global expert id
     to_local: torch.Tensor  # [E + 1] global id -> local index, -1 when absent; entry E maps id -1 to -1
+    b13: torch.Tensor | None = None  # [E_local, 2I] expert biases (GPT-OSS), else None
+    b2: torch.Tensor | None = None  # [E_local, H]
 
 
 class ExpertStore:
@@ -56,8 +62,8 @@ class ExpertStore:
         return sorted((l, e) for l, le in self.layers.items() for e in le.global_ids)
 
     def weight_bytes(self) -> int:
-        return sum(le.w13.numel() * le.w13.element_size() + le.w2.numel() * le.w2.element_size()
-                   for le in self.layers.values())
+        return sum(t.numel() * t.element_size() for le in self.layers.values()
+                   for t in (le.w13, le.w2, le.b13, le.b2) if t is not None)
 
     def load(self, pairs: Iterable[tuple[int, int]]) -> int:
         """Load (layer, expert) pairs not yet held; returns the bytes read. Safe while forward() runs."""
@@ -86,24 +92,28 @@ class ExpertStore:
                     del self.layers[layer]
                     continue
                 idx = torch.tensor(keep, device=self.device)
+                biases = [b.index_select(0, idx) for b in (le.b13, le.b2) if b is not None]
                 self.layers[layer] = self._stack(layer, [le.global_ids[i] for i in keep],
-                                                 le.w13.index_select(0, idx), le.w2.index_select(0, idx))
+                                                 le.w13.index_select(0, idx), le.w2.index_select(0, idx), *biases)
 
-    def _install(self, layer: int, experts: list[int], weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        w13 = torch.stack([w[0] for w in weights]).to(device=self.device, dtype=self.dtype)
-        w2 = torch.stack([w[1] for w in weights]).to(device=self.device, dtype=self.dtype)
+    def _install(self, layer: int, experts: list[int], weights: list[tuple[torch.Tensor, ...]]) -> None:
+        # w13, w2 (and b13, b2 for biased experts), each stacked over the new experts
+        parts = [torch.stack(p).to(device=self.device, dtype=self.dtype) for p in zip(*weights)]
         old = self.layers.get(layer)
         ids = list(experts)
         if old is not None:
             ids = list(old.global_ids) + ids
-            w13, w2 = torch.cat((old.w13, w13)), torch.cat((old.w2, w2))
-        self.layers[layer] = self._stack(layer, ids, w13, w2)
+            olds = [t for t in (old.w13, old.w2, old.b13, old.b2) if t is not None]
+            parts = [torch.cat((o, p)) for o, p in zip(olds, parts)]
+        self.layers[layer] = self._stack(layer, ids, *parts)
 
-    def _stack(self, layer: int, ids: list[int], w13: torch.Tensor, w2: torch.Tensor) -> LayerExperts:
+    def _stack(self, layer: int, ids: list[int], w13: torch.Tensor, w2: torch.Tensor,
+               b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> LayerExperts:
         to_local = torch.full((self.spec.moe.num_experts + 1,), -1, dtype=torch.int64, device=self.device)
         to_local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
-        le = LayerExperts(w13.contiguous(), w2.contiguous(), tuple(ids), to_local)
-        warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype)  # compile Triton kernels now
+        le = LayerExperts(w13.contiguous(), w2.contiguous(), tuple(ids), to_local, b13, b2)
+        if self.spec.moe.expert_act == "silu":
+            warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype)  # compile Triton kernels now
         return le
 
     @staticmethod
@@ -133,7 +143,10 @@ class ExpertStore:
             return torch.zeros_like(hidden)
         t0 = time.perf_counter()
         local = le.to_local[topk_ids.long()]  # [T, k]; index E (= -1 wrapped) maps to -1
-        out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend)
+        if self.spec.moe.expert_act == "silu":
+            out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend)
+        else:  # GPT-OSS experts: torch (model.expert_math)
+            out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe)
         if out.is_cuda:
             torch.cuda.synchronize(out.device)  # time the kernels, not their launches
         self.compute_s += time.perf_counter() - t0

@@ -44,6 +44,7 @@ class Family:
     qk_norm_after_rope: bool = False
     rope_interleave: bool | None = None  # forced pairwise (complex) rotary layout; None: config.rope_interleave
     nope_full_layers: bool = False  # rotary only on sliding layers (full-attention layers are NoPE)
+    attn_sinks: bool = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks)
     neutral: tuple[tuple[str, object], ...] = ()  # keys supported only at this value
 
 
@@ -82,6 +83,9 @@ FAMILIES: dict[str, Family] = {
     "afmoe": Family(keys=("num_experts", "num_shared_experts", "moe_intermediate_size", "num_dense_layers",
                           "route_scale", "global_attn_every_n_layers", "mup_enabled", *_SLIDING),
                     scoring="sigmoid", norm_topk=True, block="sandwich", nope_full_layers=True),
+    # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
+    "gpt_oss": Family(keys=("num_local_experts", "swiglu_alpha", "swiglu_limit", "quantization_config",
+                            "experts_per_token", "initial_context_length", *_SLIDING), norm_topk=True, attn_sinks=True),
 }
 
 # Families whose decoder layers hold more than attention + MLP/MoE, or whose math is not implemented here.
@@ -99,7 +103,6 @@ REJECTED: dict[str, str] = {
     "lfm2_moe": "short-convolution layers",
     "deepseek_v32": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
     "glm_moe_dsa": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
-    "gpt_oss": "attention sinks and clamped SwiGLU experts with biases",
     "phimoe": "sparsemixer routing and LayerNorm with biases",
     "llama4": "router scores applied to the expert inputs, chunked attention and L2 q/k norms",
     "llama4_text": "router scores applied to the expert inputs, chunked attention and L2 q/k norms",

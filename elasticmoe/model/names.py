@@ -14,6 +14,8 @@ _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_pr
 # experts.gate_up_proj [E, 2I, H] + experts.down_proj [E, H, I]  (transformers' in-memory layout, GraniteMoe-like)
 _PACKED = re.compile(r"^(?P<block>.+)\.(?:experts\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?|"
                      r"(?P<gproj>input_linear|output_linear)\.weight)$")
+# GPT-OSS: experts.{gate_up_proj|down_proj}_{bias|blocks|scales} (biases; MXFP4 weights and their scales)
+_PACKED_EXTRA = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)_(?P<kind>bias|blocks|scales)$")
 _PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight")
 _ROUTER_BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "router.e_score_correction_bias",
@@ -25,6 +27,7 @@ ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
     "q_norm": "q_norm.weight", "k_norm": "k_norm.weight",
     "q_norm_rope": "query_layernorm.weight", "k_norm_rope": "key_layernorm.weight",  # HunYuan: after rotary
     "gate": "gate_proj.weight",  # AFMoE: sigmoid gate on the attention output
+    "sinks": "sinks",  # GPT-OSS: per-head attention sink logits
     "q_a": "q_a_proj.weight", "q_a_bias": "q_a_proj.bias", "q_a_norm": "q_a_layernorm.weight", "q_b": "q_b_proj.weight",
     "kv_a": "kv_a_proj_with_mqa.weight", "kv_a_bias": "kv_a_proj_with_mqa.bias",
     "kv_a_norm": "kv_a_layernorm.weight", "kv_b": "kv_b_proj.weight",
@@ -48,8 +51,12 @@ class ExpertRef:
     gate: str | None  # per-expert layout: [I, H]
     up: str | None  # [I, H]
     down: str  # per-expert [H, I]; packed: the [E, H, I] (or [E, I, H]) tensor
-    gate_up: str | None = None  # packed: [E, 2I, H] (or [E, H, 2I])
+    gate_up: str | None = None  # packed: [E, 2I, H] (or [E, H, 2I]); MXFP4: the [E, 2I, H/32, 16] blocks
     index: int = 0  # row of the packed tensors
+    gate_up_bias: str | None = None  # GPT-OSS: [E, 2I]
+    down_bias: str | None = None  # [E, H]
+    gate_up_scales: str | None = None  # MXFP4 scales [E, 2I, H/32]
+    down_scales: str | None = None  # [E, H, I/32]
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class LayerNames:
     dense: dict[str, str] | None  # dense MLP of a dense layer, same roles
     attn: dict[str, str] = field(default_factory=dict)  # role (see ATTN) -> name
     norms: dict[str, str] = field(default_factory=dict)  # role (see NORMS) -> weight name; "<role>_bias" -> bias
+    router_logit_bias: str | None = None  # GPT-OSS: added to the router logits
 
 
 class WeightNames:
@@ -109,6 +117,12 @@ class WeightNames:
             if pm := _PER_EXPERT.match(name):
                 parts.setdefault((layer, int(pm.group("e"))), {})[_PROJ[pm.group("proj")]] = name
                 self.blocks[layer] = pm.group("block") + "."
+            elif px := _PACKED_EXTRA.match(name):
+                key = {"blocks": px.group("proj"), "bias": px.group("proj") + "_bias",
+                       "scales": px.group("proj") + "_scales"}[px.group("kind")]
+                for e in range(num_experts):
+                    parts.setdefault((layer, e), {})[key] = name
+                self.blocks[layer] = px.group("block") + "."
             elif (pk := _PACKED.match(name)) and len(self.ckpt.shape(name)) == 3:
                 proj = pk.group("proj") or ("gate_up_proj" if pk.group("gproj") == "input_linear" else "down_proj")
                 for e in range(num_experts):
@@ -118,10 +132,16 @@ class WeightNames:
             if e >= num_experts:
                 raise CheckpointError(f"{self.ckpt.path}: layer {layer} holds expert {e}, but the config has "
                                       f"{num_experts} experts")
+            extra = sorted(p[k] for k in p if k.endswith(("_bias", "_scales")))
+            if extra and self.spec.moe.expert_act == "silu":
+                raise CheckpointError(f"{self.ckpt.path}: expert biases / MXFP4 scales {extra[:2]} are only "
+                                      f"understood for GPT-OSS, not model_type {self.spec.model_type!r}")
             if "gate_up_proj" in p:
                 if "down_proj" not in p:
                     raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed gate_up_proj but no down_proj")
-                self.experts[(layer, e)] = ExpertRef(None, None, p["down_proj"], p["gate_up_proj"], e)
+                self.experts[(layer, e)] = ExpertRef(
+                    None, None, p["down_proj"], p["gate_up_proj"], e, p.get("gate_up_proj_bias"),
+                    p.get("down_proj_bias"), p.get("gate_up_proj_scales"), p.get("down_proj_scales"))
             else:
                 missing = {"gate", "up", "down"} - set(p)
                 if missing:
@@ -154,7 +174,8 @@ class WeightNames:
 
     def _layer(self, i: int) -> LayerNames:
         prefix = f"{self.root}.{i}."
-        attn = {role: self._first(f"{prefix}self_attn.{s}") for role, s in ATTN.items()}
+        attn = {role: self._first(f"{prefix}self_attn.{s}") for role, s in ATTN.items()
+                if role != "sinks" or self.spec.attention.sinks}
         attn = {role: n for role, n in attn.items() if n is not None}
         norms: dict[str, str] = {}
         for role, module in NORMS[self.spec.block].items():
@@ -173,7 +194,8 @@ class WeightNames:
         if shared is None:  # GraniteMoeShared: the shared MLP sits beside the MoE block
             shared = self._mlp(f"{prefix}shared_mlp.")
         shared_gate = self._first(block + "shared_expert_gate.weight")
-        return LayerNames(prefix, block, router, bias, shared, shared_gate, None, attn, norms)
+        logit_bias = self._first(block + "router.bias")
+        return LayerNames(prefix, block, router, bias, shared, shared_gate, None, attn, norms, logit_bias)
 
     def unused(self) -> list[str]:
         """Checkpoint tensors the model does not consume (speculative-decoding layers past the last one excepted)."""

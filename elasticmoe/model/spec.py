@@ -30,6 +30,7 @@ class AttentionSpec:
     sliding_window: tuple[int | None, ...] = ()  # per layer, None = full attention
     rope_layers: tuple[bool, ...] = ()  # per layer: rotary applied (False = NoPE layer); empty = every layer
     qk_norm_after_rope: bool = False
+    sinks: bool = False  # GPT-OSS: per-head sink logits join the softmax (self_attn.sinks)
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -58,6 +59,9 @@ class MoESpec:
     sparse_layers: tuple[bool, ...]  # per layer: MoE (True) or dense MLP (False)
     hidden_act: str = "silu"
     shared_combine: str = "sum"  # routed + shared experts: "sum" | "average"
+    expert_act: str = "silu"  # "silu" (gated SiLU, fused_moe) | "swiglu_clamped" (GPT-OSS, model.expert_math)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def moe_layers(self) -> list[int]:
@@ -160,7 +164,7 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
         kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
         scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
         rope_dim=int(head_dim * partial), rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
-        rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope,
+        rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, sinks=fam.attn_sinks,
     )
 
 
@@ -211,7 +215,12 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         if _get(cfg, "topk_method", default="greedy") == "greedy":
             n_group = 1
     act = _get(cfg, "hidden_act", "hidden_activation", default="silu")
-    if act not in ("silu", "swish"):
+    if model_type == "gpt_oss":
+        quant = dict(_get(cfg, "quantization_config", default={}) or {})
+        if quant and quant.get("quant_method") != "mxfp4":
+            raise ModelSpecError(f"config.quantization_config.quant_method={quant.get('quant_method')!r}: "
+                                 "only MXFP4 GPT-OSS checkpoints are dequantised on load")
+    elif act not in ("silu", "swish"):
         raise ModelSpecError(f"config.hidden_act={act!r}: experts must be gated SiLU MLPs")
     combine = _get(cfg, "shared_expert_combination_strategy", default="sum")
     if combine not in ("sum", "average"):
@@ -229,6 +238,9 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         sparse_layers=_sparse_layers(cfg, num_layers),
         hidden_act="silu",
         shared_combine=combine,
+        expert_act="swiglu_clamped" if model_type == "gpt_oss" else "silu",
+        swiglu_alpha=float(_get(cfg, "swiglu_alpha", default=1.702)),
+        swiglu_limit=float(_get(cfg, "swiglu_limit", default=7.0)),
     )
 
 

@@ -1,0 +1,76 @@
+"""Expert math beyond gated SiLU, in torch: GPT-OSS's clamped SwiGLU with biases, and MXFP4 weights dequantised."""
+
+from __future__ import annotations
+
+import torch
+
+from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+from elasticmoe.model.names import ExpertRef
+from elasticmoe.model.spec import MoESpec
+
+# The 16 values of an FP4 (E2M1) nibble; a byte holds two, low nibble first.
+_FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks [..., G, 16] uint8 and E8M0 scales [..., G] uint8 -> float32 [..., G * 32]."""
+    lut = torch.tensor(_FP4, dtype=torch.float32)
+    b = blocks.to(torch.int64)
+    vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # [..., G, 32]
+    vals = torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127)
+    return vals.flatten(-2)
+
+
+def _packed(ckpt: Checkpoint, name: str, scales: str | None, index: int) -> torch.Tensor:
+    """One expert's row of a packed tensor, as [out, in]: MXFP4 (stored [out, in/32, 16]) or plain ([in, out])."""
+    t = ckpt.read(name, index=index)
+    if scales is not None:
+        return dequant_mxfp4(t, ckpt.read(scales, index=index))
+    if t.dim() != 2 or not t.is_floating_point():
+        raise CheckpointError(f"{ckpt.path}: {name!r} holds {t.dtype} {list(t.shape)} rows and no scales beside it")
+    return t.t()
+
+
+def read_swiglu_expert(ckpt: Checkpoint, ref: ExpertRef, hidden: int, inter: int) -> tuple[torch.Tensor, ...]:
+    """GPT-OSS expert `ref.index`: w13 [2I, H] (gate rows, then up rows), w2 [H, I], b13 [2I], b2 [H].
+
+    On disk gate and up are interleaved (even rows gate, odd rows up); they are split here once.
+    """
+    if ref.gate_up is None:
+        raise CheckpointError(f"{ckpt.path}: GPT-OSS experts must be packed (experts.gate_up_proj), not {ref.gate}")
+    if ref.gate_up_bias is None or ref.down_bias is None:
+        raise CheckpointError(f"{ckpt.path}: {ref.gate_up} has no gate_up_proj_bias / down_proj_bias beside it")
+    gate_up = _packed(ckpt, ref.gate_up, ref.gate_up_scales, ref.index)  # [2I, H], interleaved
+    w2 = _packed(ckpt, ref.down, ref.down_scales, ref.index)  # [H, I]
+    b13 = ckpt.read(ref.gate_up_bias, index=ref.index)  # [2I], interleaved
+    b2 = ckpt.read(ref.down_bias, index=ref.index)  # [H]
+    for name, t, want in ((ref.gate_up, gate_up, (2 * inter, hidden)), (ref.down, w2, (hidden, inter)),
+                          (ref.gate_up_bias, b13, (2 * inter,)), (ref.down_bias, b2, (hidden,))):
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{ckpt.path}: {name!r} gives expert {ref.index} a {list(t.shape)} weight, "
+                                  f"want {list(want)} (hidden {hidden}, intermediate {inter})")
+    w13 = torch.cat((gate_up[0::2], gate_up[1::2]), dim=0)
+    return w13, w2, torch.cat((b13[0::2], b13[1::2])), b2
+
+
+def swiglu_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torch.Tensor,
+               topk_ids: torch.Tensor, topk_weights: torch.Tensor, moe: MoESpec) -> torch.Tensor:
+    """Clamped SwiGLU experts with biases: hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I], b2 [E, H],
+    topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k] -> [T, H].
+
+    gate <= limit, -limit <= up <= limit, out = (up + 1) * gate * sigmoid(alpha * gate).
+    """
+    t, k = topk_ids.shape
+    out = torch.zeros_like(hidden)
+    flat = topk_ids.reshape(-1)  # [T * k]
+    rows = torch.arange(t, device=hidden.device).repeat_interleave(k)  # [T * k] token of each pair
+    weights = topk_weights.reshape(-1).to(hidden.dtype)
+    for e in flat[flat >= 0].unique().tolist():  # ascending, as transformers accumulates
+        sel = (flat == e).nonzero()[:, 0]
+        x = hidden[rows[sel]]  # [n, H]
+        gate, up = (x @ w13[e].t() + b13[e]).chunk(2, dim=-1)  # [n, I] each
+        gate = gate.clamp(max=moe.swiglu_limit)
+        up = up.clamp(min=-moe.swiglu_limit, max=moe.swiglu_limit)
+        y = ((up + 1) * gate * torch.sigmoid(gate * moe.swiglu_alpha)) @ w2[e].t() + b2[e]  # [n, H]
+        out.index_add_(0, rows[sel], y * weights[sel, None])
+    return out

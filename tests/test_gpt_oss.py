@@ -1,0 +1,100 @@
+"""GPT-OSS beyond tests/test_families.py: MXFP4 experts on disk, and its biased experts on gRPC expert shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_families import _assert_matches, _copy, _rel, make_family_checkpoint
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    return {"gpt_oss": make_family_checkpoint("gpt_oss", tmp_path_factory.mktemp("gpt_oss") / "plain")}
+
+
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [E, out, in] -> MXFP4 as gpt-oss ships it: blocks [E, out, in/32, 16] uint8 (two E2M1 codes a byte, low
+    nibble first) and E8M0 scales [E, out, in/32] uint8 (2**(s - 127) per group of 32), rounded to nearest."""
+    groups = w.reshape(*w.shape[:-1], -1, 32)  # [E, out, G, 32]
+    exp = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6.0))  # [E, out, G]: max |w| -> <= 6
+    codes = ((groups / torch.exp2(exp)[..., None])[..., None] - _FP4).abs().argmin(-1)  # [E, out, G, 32]
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_matches_transformers(family_dirs, tmp_path):
+    """MXFP4 experts on disk (gate_up_proj_blocks / _scales, as gpt-oss ships them), dequantised on load, give
+    transformers' logits and greedy tokens on the weights transformers' own MXFP4 dequantiser makes of them."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from elasticmoe import LLM
+    from elasticmoe.model import ModelSpecError
+
+    plain = family_dirs["gpt_oss"]
+    quant_dir, ref_dir = _copy(plain, tmp_path / "mxfp4"), _copy(plain, tmp_path / "dequantised")
+    quant, deq = {}, {}
+    for name, t in load_file(str(plain / "model.safetensors")).items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # stored [E, in, out]
+            blocks, scales = _mxfp4(t.transpose(1, 2).contiguous())
+            quant[f"{name}_blocks"], quant[f"{name}_scales"] = blocks, scales
+            deq[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
+            assert deq[name].shape == t.shape and 0 < _rel(deq[name], t) < 0.2  # quantised, and close
+        else:
+            quant[name] = deq[name] = t
+    save_file(quant, str(quant_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(deq, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((quant_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (quant_dir / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(str(quant_dir), dtype="float32")
+    assert all(r.gate_up_scales and r.down_scales for r in llm.files.names.experts.values())
+    _assert_matches(llm, ref_dir, "gpt_oss")
+    cfg["quantization_config"] = {"quant_method": "fp8"}
+    (quant_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelSpecError, match=r"quant_method='fp8'"):
+        LLM(str(quant_dir), dtype="float32")
+
+
+def test_gpt_oss_experts_on_two_grpc_shards_match_in_process(family_dirs):
+    """Biased, clamped experts split over two in-process gRPC shards: the greedy tokens of the in-process model."""
+    from elasticmoe import LLM, SamplingParams
+    from elasticmoe.engine.engine import Engine
+    from elasticmoe.experts.server import start_server
+    from elasticmoe.gateway.dispatcher import GrpcDispatcher
+    from elasticmoe.gateway.routing import RoutingTable
+    from elasticmoe.model.experts import ExpertStore
+
+    llm = LLM(str(family_dirs["gpt_oss"]), dtype="float32")
+    files, layers = llm.files, llm.files.spec.moe.moe_layers
+    servers, shards = [], []
+    for i, held in enumerate((range(0, 4), range(4, 8))):
+        store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+        store.load([(l, e) for l in layers for e in held])
+        server, _, port = start_server(store, f"s{i}")
+        servers.append(server)
+        shards.append({"id": f"s{i}", "address": f"127.0.0.1:{port}"})
+    try:
+        d = GrpcDispatcher(timeout_s=10)
+        d.set_table(RoutingTable.from_dict({"version": 1, "shards": shards,
+                                            "layers": {l: [[(e // 4, 1.0)] for e in range(8)] for l in layers}}))
+        prompts = [PROMPT, "Once upon a time"]
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        engine = Engine(files, d, max_num_seqs=4, tokenizer=llm.tokenizer, pipeline_min_tokens=2)
+        seqs = [engine.add_request(f"p{i}", llm.encode(p), params) for i, p in enumerate(prompts)]
+        while engine.has_work():
+            engine.step()
+        assert [s.output_ids for s in seqs] == [o.token_ids for o in llm.generate(prompts, params)]
+        assert set(d.shard_tokens) == {"s0", "s1"} and d.failovers == 0
+    finally:
+        for s in servers:
+            s.stop(None)
