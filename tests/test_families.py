@@ -26,6 +26,9 @@ DSV3_MOE = dict(intermediate_size=128, moe_intermediate_size=64, n_routed_expert
 SLIDING3 = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
             original_max_position_embeddings=512)
+LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + 0.1 * i for i in range(8)],
+                long_factor=[2.0 + 0.2 * i for i in range(8)], short_mscale=1.1, long_mscale=1.3,
+                original_max_position_embeddings=512)
 GPT_OSS_LIMIT = 1.0  # swiglu_limit low enough that the tiny model's gate and up projections get clamped
 GRANITE = dict(intermediate_size=64, num_local_experts=8, embedding_multiplier=2.0, residual_multiplier=0.5,
                logits_scaling=2.0, attention_multiplier=0.2)
@@ -68,6 +71,10 @@ FAMILY_CASES: dict[str, tuple[str, dict, str]] = {
                                       rope_parameters=YARN, **SLIDING3),
                 "attention sinks, alternating sliding window, router logit bias, clamped SwiGLU experts with biases, "
                 "YaRN rotary; MXFP4 experts on disk and experts on gRPC shards in tests/test_gpt_oss.py"),
+    "phimoe": ("PhimoeConfig", dict(intermediate_size=64, num_local_experts=8, attention_bias=True, lm_head_bias=True,
+                                    router_jitter_noise=0.2, rope_parameters=LONGROPE),
+               "sparsemixer routing, LayerNorm with biases, LM-head bias, LongRoPE with short mscale "
+               "(context capped at original_max_position_embeddings)"),
     "afmoe": ("AfmoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_shared_experts=1,
                                   head_dim=16, num_dense_layers=1, route_scale=1.5, mup_enabled=True, **SLIDING3),
               "sandwich norms, gated attention, sigmoid routing with expert bias, NoPE full layers, muP embeddings"),
@@ -105,6 +112,8 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
         if not model.config.tie_word_embeddings:
             model.lm_head.weight.sub_(model.get_input_embeddings().weight)
             model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0
+            if model.lm_head.bias is not None:
+                model.lm_head.bias[: len(SPECIAL_TOKENS)] = 0
 
 
 def make_family_checkpoint(model_type: str, out: Path, **overrides) -> Path:
@@ -183,6 +192,19 @@ def test_extra_tensor_fails_the_load_naming_it(family_dirs, tmp_path):
     (bad / "extra.safetensors").unlink()
     files = open_model(str(bad))  # the rotary-free, bias-carrying original loads, and every tensor is used
     assert files.names.unused() == [] and any(n.endswith("e_score_correction_bias") for n in files.names.used)
+
+
+def test_phimoe_context_capped_at_short_rope_and_top_k_2(family_dirs, tmp_path):
+    """Past original_max_position_embeddings transformers rescales the rotary and recomputes its whole cache: the
+    context stops there. The sparsemixer picks exactly 2 experts, whatever num_experts_per_tok says."""
+    from elasticmoe.model import ModelSpecError, open_model
+
+    ck = _copy(family_dirs["phimoe"], tmp_path / "p")
+    assert open_model(str(ck)).spec.max_position_embeddings == LONGROPE["original_max_position_embeddings"]
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 3}))
+    with pytest.raises(ModelSpecError, match=r"num_experts_per_tok=3: PhiMoE's sparsemixer always routes to 2"):
+        open_model(str(ck))
 
 
 def test_rotary_cache_buffers_count_as_consumed(family_dirs, tmp_path):

@@ -37,7 +37,7 @@ class Family:
     """How transformers runs one model_type, where its config is silent or ignored."""
 
     keys: tuple[str, ...] = ()  # family config keys the spec reads (or that are checked against the tensors)
-    scoring: str = "softmax"  # router score function when the config has no scoring_func
+    scoring: str = "softmax"  # router score function when the config has no scoring_func ("sparsemixer": PhiMoE)
     norm_topk: bool | None = None  # forced top-k renormalisation (None: config.norm_topk_prob, default True)
     block: str = "pre"  # "pre" | "post" (norm after each sublayer) | "sandwich" (both) | "parallel" (attn + mlp)
     norm: str = "rms"  # "rms" | "layer" (mean-subtracted)
@@ -45,6 +45,7 @@ class Family:
     rope_interleave: bool | None = None  # forced pairwise (complex) rotary layout; None: config.rope_interleave
     nope_full_layers: bool = False  # rotary only on sliding layers (full-attention layers are NoPE)
     attn_sinks: bool = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks)
+    rope_mscale: bool = False  # cos/sin scaled by rope_parameters' short_mscale (PhiMoE), see spec._mscale_rope
     neutral: tuple[tuple[str, object], ...] = ()  # keys supported only at this value
 
 
@@ -80,6 +81,9 @@ FAMILIES: dict[str, Family] = {
                                 "mlp_layer_types", "sliding_window_pattern", "prefix_dense_sliding_window_pattern",
                                 "prefix_dense_intermediate_size", *_SLIDING),
                           block="parallel", norm="layer", rope_interleave=True, nope_full_layers=True),
+    "phimoe": Family(keys=("num_local_experts", "router_jitter_noise", "input_jitter_noise", "lm_head_bias",
+                           "original_max_position_embeddings", *_SLIDING),
+                     scoring="sparsemixer", norm_topk=False, norm="layer", rope_mscale=True),
     "afmoe": Family(keys=("num_experts", "num_shared_experts", "moe_intermediate_size", "num_dense_layers",
                           "route_scale", "global_attn_every_n_layers", "mup_enabled", *_SLIDING),
                     scoring="sigmoid", norm_topk=True, block="sandwich", nope_full_layers=True),
@@ -103,7 +107,6 @@ REJECTED: dict[str, str] = {
     "lfm2_moe": "short-convolution layers",
     "deepseek_v32": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
     "glm_moe_dsa": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
-    "phimoe": "sparsemixer routing and LayerNorm with biases",
     "llama4": "router scores applied to the expert inputs, chunked attention and L2 q/k norms",
     "llama4_text": "router scores applied to the expert inputs, chunked attention and L2 q/k norms",
     "longcat_flash": "identity (zero-computation) experts and two attention sublayers per decoder layer",

@@ -78,8 +78,10 @@ def route(
 
     softmax or sigmoid scores; optional score-correction bias (affects the choice, not the weights);
     group-limited routing (keep the best `topk_group` of `n_group` groups); optional renormalisation;
-    the routed scaling factor.
+    the routed scaling factor. PhiMoE: sparsemixer.
     """
+    if moe.scoring == "sparsemixer":
+        return sparsemixer(router_logits, moe.jitter_eps)
     scores = router_logits.softmax(-1) if moe.scoring == "softmax" else router_logits.sigmoid()  # [T, E]
     choice = scores if correction_bias is None else scores + correction_bias.float()
     if moe.n_group > 1:
@@ -100,3 +102,20 @@ def route(
     if moe.routed_scaling_factor != 1.0:
         topk_weights = topk_weights * moe.routed_scaling_factor
     return topk_ids, topk_weights
+
+
+def sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's routing at inference: the best expert, then the best of the others, each weighted by its share of a
+    softmax over the experts whose logit lies within a relative 2 * eps of its own (no renormalisation).
+
+    logits [T, E] float32 -> topk_ids [T, 2] int64, topk_weights [T, 2] float32.
+    """
+    ids, weights = [], []
+    masked = logits
+    for _ in range(2):
+        best, idx = masked.max(dim=-1, keepdim=True)  # [T, 1]
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps  # [T, E]
+        weights.append(masked.masked_fill(far, float("-inf")).softmax(-1).gather(-1, idx))
+        ids.append(idx)
+        masked = masked.scatter(-1, idx, float("-inf"))
+    return torch.cat(ids, dim=-1), torch.cat(weights, dim=-1)

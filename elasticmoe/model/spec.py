@@ -62,6 +62,7 @@ class MoESpec:
     expert_act: str = "silu"  # "silu" (gated SiLU, fused_moe) | "swiglu_clamped" (GPT-OSS, model.expert_math)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    jitter_eps: float = 0.0  # sparsemixer: experts within this relative margin of the best share its softmax
 
     @property
     def moe_layers(self) -> list[int]:
@@ -135,6 +136,19 @@ def _rope(cfg: Any, rope_dim: int) -> tuple[torch.Tensor, float]:
     return inv.float(), float(scale)
 
 
+def _mscale_rope(cfg: Any, scale: float, max_pos: int) -> tuple[float, int]:
+    """PhiMoE's cos/sin scale and context limit. Its non-default rotary scales cos/sin by short_mscale while the
+    sequence fits in original_max_position_embeddings; past that transformers switches to long_mscale and recomputes
+    the whole KV cache, which a cache cannot follow: the context is capped there instead."""
+    params = dict(_get(cfg, "rope_parameters", default={}) or {})
+    if params.get("rope_type", "default") == "default":
+        return scale, max_pos
+    missing = [k for k in ("short_mscale", "original_max_position_embeddings") if k not in params]
+    if missing:
+        raise ModelSpecError(f"config.rope_parameters lacks {missing} (PhiMoE's rotary needs them)")
+    return float(params["short_mscale"]), min(max_pos, int(params["original_max_position_embeddings"]))
+
+
 def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...]) -> AttentionSpec:
     heads = cfg.num_attention_heads
     kv_heads = _get(cfg, "num_key_value_heads", default=heads)
@@ -204,8 +218,10 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
     if not top_k:
         raise ModelSpecError("config.json has no num_experts_per_tok (router top-k)")
     scoring = _get(cfg, "expert_selection_fn", default=fam.scoring)
-    if scoring not in ("softmax", "sigmoid"):
+    if scoring not in ("softmax", "sigmoid", fam.scoring):
         raise ModelSpecError(f"config.expert_selection_fn={scoring!r}: only softmax and sigmoid routers are supported")
+    if scoring == "sparsemixer" and top_k != 2:
+        raise ModelSpecError(f"config.num_experts_per_tok={top_k}: PhiMoE's sparsemixer always routes to 2 experts")
     norm = fam.norm_topk if fam.norm_topk is not None else bool(_get(cfg, "norm_topk_prob", default=True))
     if model_type == "cohere2_moe" and scoring == "softmax":
         norm = True  # softmax over the top-k logits
@@ -241,6 +257,7 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         expert_act="swiglu_clamped" if model_type == "gpt_oss" else "silu",
         swiglu_alpha=float(_get(cfg, "swiglu_alpha", default=1.702)),
         swiglu_limit=float(_get(cfg, "swiglu_limit", default=7.0)),
+        jitter_eps=float(_get(cfg, "router_jitter_noise", default=0.0)) if scoring == "sparsemixer" else 0.0,
     )
 
 
@@ -289,6 +306,9 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
     inv_freq, rope_scale = _rope(cfg, attn.rope_dim)
+    max_pos = _get(cfg, "max_position_embeddings", default=4096)
+    if fam.rope_mscale:
+        rope_scale, max_pos = _mscale_rope(cfg, rope_scale, max_pos)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     embed_scale = float(_get(cfg, "embedding_multiplier", default=1.0))
@@ -298,7 +318,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     return ModelSpec(
         model_type=model_type, num_layers=num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
         rms_norm_eps=float(_get(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
-        max_position_embeddings=_get(cfg, "max_position_embeddings", default=4096),
+        max_position_embeddings=max_pos,
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
         attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale,
         bos_token_id=_get(cfg, "bos_token_id"), eos_token_ids=eos_ids, pad_token_id=_get(cfg, "pad_token_id"),
