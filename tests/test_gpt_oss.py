@@ -98,3 +98,15 @@ def test_gpt_oss_experts_on_two_grpc_shards_match_in_process(family_dirs):
     finally:
         for s in servers:
             s.stop(None)
+
+
+def test_gpt_oss_batch_of_different_lengths_equals_alone(family_dirs):
+    """Sinks and sliding windows over padded decode rows and chunked prefills: each sequence as if alone."""
+    from elasticmoe import LLM, SamplingParams
+
+    llm = LLM(str(family_dirs["gpt_oss"]), dtype="float32", max_num_batched_tokens=16)
+    prompts = ["Hi", "A much longer prompt about the mixture of experts and their sinks", "Once upon a time", "Z"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    together = llm.generate(prompts, params)
+    for p, out in zip(prompts, together):
+        assert out.token_ids == llm.generate([p], params)[0].token_ids
