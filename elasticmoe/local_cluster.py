@@ -94,3 +94,22 @@ def wait_running(app: str = "elasticmoe", timeout: float = 600) -> dict:
             raise RuntimeError(f"serve deploy failed:\n{yaml.safe_dump(status)}")
         time.sleep(1.0)
     raise TimeoutError(f"app {app!r} not RUNNING after {timeout:.0f}s:\n{yaml.safe_dump(status)}")
+
+
+# ----- Serve configs for a local cluster (tests, benchmarks)
+def app_entry(name: str, model: str, num_shards: int, **kw) -> dict:
+    """One application of a Serve config, with small CPU resources and limits."""
+    limits = {"max_num_seqs": 8, "max_model_len": 256, "max_queue": 32, "max_num_batched_tokens": 256,
+              "expert_timeout_s": 5.0}
+    limits.update(kw.pop("limits", {}))
+    args = {"model": str(model), "num_shards": num_shards, "dtype": "float32", "device": "cpu",
+            "gateway_resources": {"num_cpus": 0.5}, "shard_resources": {"num_cpus": 0.25}, "limits": limits}
+    args.update(kw)
+    return {"name": name, "route_prefix": f"/{name}", "import_path": "elasticmoe.app:build_app", "args": args}
+
+
+def serve_config(apps: list[dict]) -> dict:
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
+            "grpc_options": {"port": 9000, "grpc_servicer_functions": [
+                "elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server"]},
+            "applications": apps}

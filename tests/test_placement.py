@@ -208,6 +208,37 @@ def test_scale_in_moves_everything_off_the_dropped_shard(retire):
     assert moves(current, bigger) <= orphans + 8
 
 
+@pytest.mark.parametrize("copies", [2, 3])
+def test_min_copies_survive_loss_then_return_with_a_new_shard(copies):
+    """Redundancy: a 3-shard placement with `copies` copies per expert loses a shard (re-home onto 2: at most 2
+    copies fit), then a replacement joins (scale out): every expert has min(copies, shards) copies again, even with
+    max_moves=0, because restoring redundancy is forced, like re-homing."""
+    n, slots = 3, 64
+    load = zipf_load(2, 1.0, seed=5)
+    p = Placement.even(2, E, n, slots, copies)
+    assert (p.num_copies() == copies).all()
+    lost = plan(load, n - 1, slots, current=p.relabel([0, 2, 1]), max_moves=0, min_copies=copies)
+    check_invariants(lost, load)
+    assert (lost.num_copies() >= min(copies, n - 1)).all()
+    back = plan(load, n, slots, current=lost, max_moves=0, min_copies=copies)
+    check_invariants(back, load)
+    assert (back.num_copies() >= copies).all()
+    assert bool(back.experts_on(n - 1)) == (copies == 3)  # 2 copies still fit on 2 shards: nothing has to move
+    again = plan(load, n, slots, current=back, max_moves=16, min_copies=copies)  # balancing moves keep the copies
+    assert (again.num_copies() >= copies).all()
+    assert (plan(load, n, slots, current=back, max_moves=0).num_copies() >= copies).all()  # nothing dropped
+
+
+def test_min_copies_from_scratch_and_when_slots_run_out():
+    load = zipf_load(2, 1.2, seed=6)
+    assert (plan(load, 4, 40, min_copies=2).num_copies() >= 2).all()
+    tight = plan(load, 4, 16, min_copies=2)  # 64 slots for 64 experts: no room for a second copy
+    check_invariants(tight, load)
+    assert (tight.num_copies() == 1).all()
+    with pytest.raises(ValueError, match="min_copies"):
+        plan(load, 4, 40, min_copies=0)
+
+
 # ----- arguments and the data type
 
 

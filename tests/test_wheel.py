@@ -75,8 +75,35 @@ def _fresh_venv(root: Path, wheel: Path) -> Path:
     return py
 
 
+def _ray_running() -> bool:
+    """Whether a Ray head (the session's `ray_cluster`, say) listens on 127.0.0.1:6379."""
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", 6379)) == 0
+
+
+@pytest.fixture
+def own_ray():
+    """The wheel's venv needs the fixed ports: stop any running cluster first, and restart it afterwards so later
+    tests that share the session's `ray_cluster` still find one."""
+    import ray
+
+    from elasticmoe import local_cluster as lc
+
+    was_running = _ray_running()
+    if ray.is_initialized():
+        ray.shutdown()
+    lc.stop_ray()
+    yield
+    lc.stop_ray()
+    if was_running:
+        lc.start_ray(num_cpus=8)
+
+
 @pytest.mark.e2e
-def test_installed_wheel_serves_a_request(wheel, tmp_path):
+def test_installed_wheel_serves_a_request(wheel, tmp_path, own_ray):
     """Fresh venv + wheel -> `ray start` / `serve deploy deployments/tiny.yaml` from it -> a gRPC answer."""
     from elasticmoe.client import GenerationClient
 
@@ -91,7 +118,9 @@ def test_installed_wheel_serves_a_request(wheel, tmp_path):
     serve_cli = [str(py), "-c", "from ray.serve.scripts import cli; cli()"]
 
     def run(args, timeout=300):
-        return subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, check=True)
+        proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{args[3:]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
 
     run(ray_cli + ["start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                    "--dashboard-port=8265", "--num-cpus=4", "--disable-usage-stats"])

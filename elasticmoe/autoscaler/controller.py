@@ -170,6 +170,12 @@ class Controller(Mover):
             return None
         return self.registry.table()
 
+    async def info(self) -> dict:
+        """This replica's pid and state (for failure tests and `elasticmoe status`)."""
+        import os
+
+        return {"pid": os.getpid(), "version": self.registry.version, "recovering": self.recovering}
+
     async def desired_shards(self) -> int:
         return self.desired
 
@@ -188,7 +194,7 @@ class Controller(Mover):
             if self.registry.complete() and not self.recovering:
                 cur = self.registry.placement
                 new = plan(self.load.planning_load(), cur.num_shards, cur.slots_per_shard, current=cur,
-                           max_moves=self.max_moves)
+                           max_moves=self.max_moves, min_copies=self.args.expert_copies)
                 if cur.diff(new)[0]:
                     await self._apply(Change(cur, new, {p: p for p in range(cur.num_shards)}), "rebalance")
         return self.events[-1] if self.events else {}
@@ -278,7 +284,8 @@ class Controller(Mover):
             return None  # nothing to re-home onto: a new replica takes this position over
         current, relabel = self.registry.retire(shard_id)
         slots = max(self.slots, math.ceil(self.num_experts / (n - 1)))
-        new = plan(self.load.planning_load(), n - 1, slots, current=current, max_moves=self.max_moves)
+        new = plan(self.load.planning_load(), n - 1, slots, current=current, max_moves=self.max_moves,
+                   min_copies=self.args.expert_copies)
         try:
             await self._apply(Change(current, new, relabel, remove=(shard_id,)), f"re-home after {why}")
         except Exception as e:  # noqa: BLE001 - rolled back; the health loop tries again
@@ -300,7 +307,7 @@ class Controller(Mover):
         spares = self.registry.spares()
         cur = self.registry.placement
         new = plan(self.load.planning_load(), cur.num_shards + len(spares), self.slots, current=cur,
-                   max_moves=max(self.max_moves, self.slots * len(spares)))
+                   max_moves=max(self.max_moves, self.slots * len(spares)), min_copies=self.args.expert_copies)
         change = Change(cur, new, {p: p for p in range(cur.num_shards)}, add=tuple(s.shard_id for s in spares))
         try:
             await self._apply(change, "scale out")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -109,7 +110,7 @@ class GatewayCore:
         over = list(self.dispatcher.fanout_overhead_s)
         pct = (lambda q: float(np.percentile(over, q)) if over else None)
         st = self.runner.stats()
-        st.update({"table_version": self.table_version, "fanout_overhead_p50_s": pct(50),
+        st.update({"pid": os.getpid(), "table_version": self.table_version, "fanout_overhead_p50_s": pct(50),
                    "fanout_overhead_p99_s": pct(99), "fanout_samples": len(over),
                    "failovers": self.dispatcher.failovers, "hedges": self.dispatcher.hedges, "shard_tokens": dict(self.dispatcher.shard_tokens),
                    "expert_tokens_total": int(self.metrics.expert_token_totals().sum())})

@@ -22,6 +22,7 @@ def plan(
     current: Placement | None = None,
     max_moves: int | None = None,
     min_gain: float = 0.02,
+    min_copies: int = 1,
 ) -> Placement:
     """Place each layer's experts on `num_shards` shards of `slots_per_shard` slots for max balancedness.
 
@@ -33,16 +34,22 @@ def plan(
     at most max_moves in all (None: unbounded). Scale-in drops shards >= num_shards (to retire another one,
     pass current.relabel(...)); experts left without a copy are re-placed by forced moves, which count
     against max_moves and are made even past it. Scale-out adds empty shards. Version: current.version + 1.
+    Every expert ends with at least min(min_copies, num_shards) copies where free slots allow (redundancy for
+    failover: after a shard loss re-homes onto fewer shards, a later scale-out restores the copies).
     """
     w = _check(load, num_shards, slots_per_shard, current, max_moves, min_gain)
+    if not _is_int(min_copies) or min_copies < 1:
+        raise ValueError(f"min_copies must be an int >= 1, got {min_copies!r}")
+    k = min(min_copies, num_shards)
     if current is None:
-        masks = [_from_scratch(row, num_shards, slots_per_shard) for row in w]
-        return _build(w, masks, slots_per_shard, 0)
+        masks = [_from_scratch(row, num_shards, slots_per_shard, k) for row in w]
+        return _build(w, [_redundancy(row, m, k, slots_per_shard)[0] for row, m in zip(w, masks)], slots_per_shard, 0)
     holds, weights = current.holds(), current.shares()
     fitted = [_adapt(row, holds[l], weights[l], num_shards, slots_per_shard) for l, row in enumerate(w)]
+    fitted = [(m2, n + n2) for row, (m, n) in zip(w, fitted) for m2, n2 in [_redundancy(row, m, k, slots_per_shard)]]
     forced = sum(n for _, n in fitted)
     budget = None if max_moves is None else max(0, max_moves - forced)
-    masks = _spend(w, [m for m, _ in fitted], slots_per_shard, budget, min_gain)
+    masks = _spend(w, [m for m, _ in fitted], slots_per_shard, budget, min_gain, k)  # never evicts below k
     return _build(w, masks, slots_per_shard, current.version + 1)
 
 
@@ -88,17 +95,18 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _from_scratch(w: np.ndarray, n: int, slots: int) -> np.ndarray:
+def _from_scratch(w: np.ndarray, n: int, slots: int, k: int = 1) -> np.ndarray:
     """Copies by load-per-copy, LPT packing, then local search to a local optimum. w: [E]; returns [E, n]."""
-    return _improve(w, _pack(w, _copy_counts(w, n, slots), n, slots), slots)
+    return _improve(w, _pack(w, _copy_counts(w, n, slots, k), n, slots), slots, k)
 
 
-def _copy_counts(w: np.ndarray, n: int, slots: int) -> np.ndarray:
-    """Copies per expert filling all n * slots slots (<= n each): each extra copy to the max load-per-copy. w: [E]."""
-    counts = np.ones(len(w), np.int64)
-    heap = [(-float(x), e) for e, x in enumerate(w)]
+def _copy_counts(w: np.ndarray, n: int, slots: int, k: int = 1) -> np.ndarray:
+    """Copies per expert filling all n * slots slots (<= n each), k each first where they fit, then each extra
+    copy to the max load-per-copy. w: [E]."""
+    counts = np.full(len(w), k if n * slots >= k * len(w) else 1, np.int64)
+    heap = [(-float(x) / c, e) for (x, c, e) in zip(w, counts, range(len(w))) if c < n]
     heapq.heapify(heap)
-    for _ in range(min(n * slots, n * len(w)) - len(w)):
+    for _ in range(min(n * slots, n * len(w)) - int(counts.sum())):
         while counts[heap[0][1]] >= n:
             heapq.heappop(heap)
         _, e = heapq.heappop(heap)
@@ -138,11 +146,11 @@ def _make_room(mask, used, load, per, slots, e) -> int:
     return u
 
 
-def _improve(w: np.ndarray, mask: np.ndarray, slots: int) -> np.ndarray:
+def _improve(w: np.ndarray, mask: np.ndarray, slots: int, k: int = 1) -> np.ndarray:
     """Apply the best cost-lowering move until none is left. w: [E], mask: [E, N] (updated in place)."""
     cur = key(w, mask)
     for _ in range(4 * mask.size):
-        move = best_move(w, mask, slots, cur)
+        move = best_move(w, mask, slots, cur, k)
         if move is None:
             break
         _apply(mask, move)
@@ -186,11 +194,29 @@ def _adapt(w: np.ndarray, holds: np.ndarray, weights: np.ndarray, n: int, slots:
     return mask, forced
 
 
+def _redundancy(w: np.ndarray, mask: np.ndarray, k: int, slots: int) -> tuple[np.ndarray, int]:
+    """Give every expert >= k copies, each new one on the least-loaded shard with a free slot and no copy yet
+    (heaviest experts first; an expert is left short only when no such shard exists).
+
+    w: [E], mask: [E, N] holds (updated in place). Returns (mask, copies added).
+    """
+    added = 0
+    for e in sorted(np.flatnonzero(mask.sum(1) < k), key=lambda e: -w[e]):
+        while mask[e].sum() < k:
+            free = np.flatnonzero((mask.sum(0) < slots) & ~mask[e])
+            if not len(free):
+                break
+            per_copy = w / np.maximum(mask.sum(1), 1)  # [E]
+            mask[e, free[np.argmin((per_copy @ mask)[free])]] = True
+            added += 1
+    return mask, added
+
+
 def _balancedness(w: np.ndarray, level: float, n: int) -> float:
     return float(w.sum()) / n / level if level > 0 else 1.0
 
 
-def _chunk(w: np.ndarray, mask: np.ndarray, slots: int, limit: int, min_gain: float):
+def _chunk(w: np.ndarray, mask: np.ndarray, slots: int, limit: int, min_gain: float, k: int = 1):
     """Fewest best-first moves lifting this layer's balancedness by >= min_gain (and > 0).
 
     w: [E], mask: [E, N]. Returns (moves, drop of the max shard load, new holds [E, N]) or None if
@@ -203,7 +229,7 @@ def _chunk(w: np.ndarray, mask: np.ndarray, slots: int, limit: int, min_gain: fl
         return None
     trial = mask.copy()
     for k in range(1, limit + 1):
-        move = best_move(w, trial, slots, cur)
+        move = best_move(w, trial, slots, cur, k)
         if move is None:
             return None
         _apply(trial, move)
@@ -214,13 +240,14 @@ def _chunk(w: np.ndarray, mask: np.ndarray, slots: int, limit: int, min_gain: fl
     return None
 
 
-def _spend(w: np.ndarray, masks: list[np.ndarray], slots: int, budget: int | None, min_gain: float) -> list:
+def _spend(w: np.ndarray, masks: list[np.ndarray], slots: int, budget: int | None, min_gain: float,
+           k: int = 1) -> list:
     """Give moves to layers in runs (see _chunk), largest drop of max shard load (~ layer time) per move first.
 
     w: [L, E], masks: L x [E, N] holds. Returns the new holds.
     """
     left = math.inf if budget is None else budget
-    chunks = {l: _chunk(w[l], m, slots, int(min(left, MAX_CHUNK)), min_gain) if left else None
+    chunks = {l: _chunk(w[l], m, slots, int(min(left, MAX_CHUNK)), min_gain, k) if left else None
               for l, m in enumerate(masks)}
     while left > 0:
         live = {l: c for l, c in chunks.items() if c is not None and c[0] <= left}
@@ -229,7 +256,7 @@ def _spend(w: np.ndarray, masks: list[np.ndarray], slots: int, budget: int | Non
         l = max(live, key=lambda l: (live[l][1] / live[l][0], -l))
         k, _, masks[l] = live[l]
         left -= k
-        chunks[l] = _chunk(w[l], masks[l], slots, int(min(left, MAX_CHUNK)), min_gain) if left else None
+        chunks[l] = _chunk(w[l], masks[l], slots, int(min(left, MAX_CHUNK)), min_gain, k) if left else None
     return masks
 
 

@@ -124,10 +124,11 @@ def key(w: np.ndarray, mask: np.ndarray) -> Key:
     return Key(float(_hull_cost(g, n, mean)[0][0]), float(levels[0, 0]), stages)
 
 
-def candidates(w: np.ndarray, mask: np.ndarray, slots: int, cur: Key) -> np.ndarray:
+def candidates(w: np.ndarray, mask: np.ndarray, slots: int, cur: Key, floor: int = 1) -> np.ndarray:
     """Moves that can relieve an above-mean stage: an expert living only in it (or above) gets a copy below.
 
-    Returns [K, 3] int rows (expert, shard, evict); evict = -1 where the shard has a free slot.
+    Returns [K, 3] int rows (expert, shard, evict); evict = -1 where the shard has a free slot. Only copies of
+    experts holding more than `floor` copies are evicted.
     """
     counts, used = mask.sum(1), mask.sum(0)
     mean = float(w.sum()) / mask.shape[1]
@@ -139,7 +140,7 @@ def candidates(w: np.ndarray, mask: np.ndarray, slots: int, cur: Key) -> np.ndar
         prefix = prefix | shards
         inside = np.flatnonzero((w > 0) & ~(mask & ~prefix).any(1) & ~was_inside)
         for t in np.flatnonzero(~prefix):
-            evict = [-1] if used[t] < slots else np.flatnonzero(mask[:, t] & (counts > 1))
+            evict = [-1] if used[t] < slots else np.flatnonzero(mask[:, t] & (counts > floor))
             if len(evict) and len(inside):
                 e, f = np.meshgrid(inside, evict, indexing="ij")
                 rows.append(np.stack([e.ravel(), np.full(e.size, t), f.ravel()], 1))
@@ -187,13 +188,13 @@ def _score_flows(w: np.ndarray, mask: np.ndarray, cand: np.ndarray, cur: Key) ->
     return cost, level
 
 
-def best_move(w: np.ndarray, mask: np.ndarray, slots: int, cur: Key) -> Move | None:
+def best_move(w: np.ndarray, mask: np.ndarray, slots: int, cur: Key, floor: int = 1) -> Move | None:
     """The single copy creation (possibly replacing a spare copy) that most lowers the cost without raising
     the max load, if any does.
 
     w: [E] tokens, mask: [E, N] bool layout, slots: copies a shard may hold, cur: key(w, mask).
     """
-    cand = candidates(w, mask, slots, cur)
+    cand = candidates(w, mask, slots, cur, floor)
     if not len(cand):
         return None
     if mask.shape[1] <= ZETA_MAX_SHARDS:

@@ -1,0 +1,308 @@
+"""Every single fault, injected into a real local Ray cluster while greedy streams run, compared token by token with
+the single-process engine: shard SIGKILL with and without replicas, controller SIGKILL, shard SIGSTOP, gateway
+SIGKILL, a failed LoadExperts during a rebalance, and a paused unreplicated shard."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.client import GenerationClient
+from tests.serving_util import GRPC, app_entry, deploy, handle, make_skewed_model
+
+pytestmark = pytest.mark.e2e
+PROMPTS = [f"Stream {i} asks the experts about {w}" for i, w in
+           enumerate(["fish", "the sea", "mountains", "rivers", "a king", "stars"])]
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def apps(ray_cluster, tmp_path_factory):
+    from elasticmoe.model.tiny import make_tiny_model
+
+    tmp = tmp_path_factory.mktemp("faults")
+    plain = make_tiny_model("mixtral", tmp / "plain", layers=2, experts=8)
+    skew = make_skewed_model(tmp / "skew")
+    auto = {"min_shards": 2, "max_shards": 2, "rebalance_interval_s": 2.0, "max_moves": 8,
+            "target_utilization": 1.0, "slots_per_shard": 6}
+    deploy(ray_cluster, [app_entry("rep", plain, 2, expert_copies=2),
+                         app_entry("one", plain, 2),
+                         app_entry("skew", skew, 2, autoscaling=auto)], tmp / "faults.yaml")
+    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    ref = {"plain": dict(zip(PROMPTS, (o.token_ids for o in LLM(str(plain)).generate(PROMPTS, sp)))),
+           "skew": dict(zip(PROMPTS, (o.token_ids for o in LLM(str(skew)).generate(PROMPTS, sp))))}
+    return {"rep": ref["plain"], "one": ref["plain"], "skew": ref["skew"]}
+
+
+class Streams:
+    """Greedy streams of PROMPTS[:n] through gRPC, each token's arrival time recorded; errors kept, not raised."""
+
+    def __init__(self, app: str, n: int = 6):
+        self.app, self.tokens, self.times, self.errors = app, {}, {}, {}
+        self.threads = [threading.Thread(target=self._run, args=(p,), daemon=True) for p in PROMPTS[:n]]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, prompt: str) -> None:
+        self.tokens[prompt], self.times[prompt] = [], []
+        try:
+            for r in GenerationClient(GRPC, app=self.app).stream(prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                                                   ignore_eos=True):
+                self.tokens[prompt] += r.token_ids
+                self.times[prompt] += [time.time()] * len(r.token_ids)
+        except Exception as e:  # noqa: BLE001 - a failed stream is what the tests count
+            self.errors[prompt] = repr(e)
+
+    def wait_tokens(self, n: int, timeout: float = 120) -> None:
+        """Until every stream has at least n tokens (so a fault that follows lands mid-stream)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.times) == len(self.threads) and all(len(t) >= n for t in self.times.values()):
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"streams did not start: {self.errors}")
+
+    def join(self, timeout: float = 300) -> None:
+        for t in self.threads:
+            t.join(timeout=timeout)
+
+    def check(self, reference: dict, fault_at: float) -> float:
+        """0 failed streams, exact tokens, the fault landed mid-stream; returns the longest token gap (s)."""
+        assert not self.errors, self.errors
+        for p, toks in self.tokens.items():
+            assert toks == reference[p], f"{p!r} diverged"
+            assert self.times[p][0] < fault_at < self.times[p][-1], "the fault did not land mid-stream"
+        return max(float(np.diff(t).max()) for t in self.times.values())
+
+
+class Load:
+    """Threads sending greedy streams in a loop until stopped; every answer checked against the reference."""
+
+    def __init__(self, app: str, reference: dict, n: int = 4):
+        self.app, self.ref, self.stop = app, reference, threading.Event()
+        self.done: list[tuple[float, float, int]] = []  # (first token at, last token at, tokens) per request
+        self.bad: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        client, k = GenerationClient(GRPC, app=self.app), i
+        while not self.stop.is_set():
+            p, toks, times = PROMPTS[k % len(PROMPTS)], [], []
+            k += len(self.threads)
+            try:
+                for r in client.stream(p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True):
+                    toks += r.token_ids
+                    times.append(time.time())
+            except Exception as e:  # noqa: BLE001 - counted
+                self.bad.append(f"{p!r} failed: {e!r}")
+                continue
+            if toks != self.ref[p]:
+                self.bad.append(f"{p!r} diverged")
+            self.done.append((times[0], times[-1], len(toks)))
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=300)
+        assert not self.bad, self.bad[:5]
+
+    def tpot(self, t0: float, t1: float) -> list[float]:
+        """Seconds per output token of the requests that overlap [t0, t1]."""
+        return [(b - a) / (n - 1) for a, b, n in self.done if a <= t1 and b >= t0 and n > 1]
+
+
+def _shard_pids(app: str, n: int = 2) -> list[int]:
+    shards, pids = handle("ExpertShard", app), set()
+    for _ in range(100):
+        pids.add(shards.info.remote().result()["pid"])
+        if len(pids) >= n:
+            return sorted(pids)
+    raise AssertionError(f"found only {pids}")
+
+
+def _status(app: str) -> dict:
+    return handle("Controller", app).status.remote().result(timeout_s=60)
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception:  # noqa: BLE001 - a restarting deployment
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _settled(app: str, shards: int = 2) -> dict:
+    return _wait(lambda: (s := _status(app))["complete"] and not s["recovering"]
+                 and sum(1 for x in s["shards"] if x["ready"] and x["healthy"]) == shards
+                 and s["num_shards"] == shards and s, 240, f"{app}: {shards} live shards, complete placement")
+
+
+def _steps(app: str, t0: float, t1: float) -> list[float]:
+    return [s for t, s in handle("Gateway", app).step_times.remote(t0).result() if t <= t1]
+
+
+def test_replicated_shard_kill_fails_over_inside_the_step(apps):
+    _settled("rep")
+    victim = _shard_pids("rep")[0]
+    streams = Streams("rep")
+    streams.wait_tokens(8)
+    start = min(t[0] for t in streams.times.values())
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    streams.join()
+    gap = streams.check(apps["rep"], killed)
+    before, after = _steps("rep", start, killed), _steps("rep", killed, killed + 2.0)
+    median = float(np.median(before))
+    assert max(after) <= 3 * median, (f"a step took {max(after) * 1e3:.0f} ms around the kill, median "
+                                      f"{median * 1e3:.0f} ms: the failover left the step")
+    assert gap < 1.0, f"longest token gap {gap:.2f} s"
+    _settled("rep")
+
+
+def test_unreplicated_shard_kill_loses_nothing(apps):
+    _settled("one")
+    victim = _shard_pids("one")[1]
+    streams = Streams("one")
+    streams.wait_tokens(8)
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    streams.join()
+    streams.check(apps["one"], killed)
+    _settled("one")
+
+
+def test_controller_kill_loses_nothing_and_it_resumes(apps):
+    before = _settled("rep")
+    pid = handle("Controller", "rep").info.remote().result()["pid"]
+    streams = Streams("rep")
+    streams.wait_tokens(8)
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    streams.join()
+    gap = streams.check(apps["rep"], killed)
+    assert gap < 1.0, f"longest token gap {gap:.2f} s"
+    after = _settled("rep")
+    assert handle("Controller", "rep").info.remote().result()["pid"] != pid
+    assert {s["id"] for s in after["shards"]} == {s["id"] for s in before["shards"]}
+    assert after["version"] > before["version"] and after["event_counts"].get("recovered") == 1
+    # and a shard kill after the restart still loses nothing
+    streams = Streams("rep")
+    streams.wait_tokens(8)
+    killed = time.time()
+    os.kill(_shard_pids("rep")[0], signal.SIGKILL)
+    streams.join()
+    streams.check(apps["rep"], killed)
+    _settled("rep")
+
+
+def _replica_ids(app: str) -> set[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.name.rsplit("#", 1)[-1] for a in actors if a.name and f"#{app}#ExpertShard#" in f"#{a.name}"}
+
+
+def test_paused_shard_then_another_killed_no_zombie(apps):
+    _settled("one")
+    paused, other = _shard_pids("one")
+    streams = Streams("one")
+    streams.wait_tokens(4)
+    stopped = time.time()
+    os.kill(paused, signal.SIGSTOP)
+    time.sleep(8)
+    os.kill(paused, signal.SIGCONT)
+    streams.join()
+    streams.check(apps["one"], stopped)
+    _settled("one")  # the paused one was dropped, failed its health check, and a new replica took its place
+    streams = Streams("one")
+    streams.wait_tokens(4)
+    killed = time.time()
+    os.kill(other if other in _shard_pids("one") else _shard_pids("one")[0], signal.SIGKILL)
+    streams.join()
+    streams.check(apps["one"], killed)
+    _settled("one")
+    assert _wait(lambda: _replica_ids("one") <= {s["id"] for s in _settled("one")["shards"]}, 120,
+                 "every ExpertShard replica in the placement or gone")
+
+
+def test_paused_shard_with_a_replica_is_hedged(apps):
+    _settled("rep")
+    load = Load("rep", apps["rep"])
+    time.sleep(3)
+    paused = _shard_pids("rep")[0]
+    stopped = time.time()
+    os.kill(paused, signal.SIGSTOP)
+    time.sleep(8)
+    os.kill(paused, signal.SIGCONT)
+    resumed = time.time()
+    time.sleep(2)
+    load.finish()
+    tpot = load.tpot(stopped, resumed)
+    assert len(tpot) >= 4
+    p99, median = float(np.percentile(tpot, 99)), float(np.median(tpot))
+    assert p99 < 3 * median, f"TPOT p99 {p99 * 1e3:.0f} ms vs median {median * 1e3:.0f} ms during the pause"
+    assert handle("Gateway", "rep").stats.remote().result()["hedges"] >= 1
+    _settled("rep")
+
+
+def test_unreplicated_shard_paused_30s_its_requests_complete(apps):
+    _settled("one")
+    paused = _shard_pids("one")[0]
+    streams = Streams("one")
+    streams.wait_tokens(4)
+    stopped = time.time()
+    os.kill(paused, signal.SIGSTOP)
+    time.sleep(30)
+    os.kill(paused, signal.SIGCONT)
+    streams.join()
+    streams.check(apps["one"], stopped)
+    _settled("one")
+
+
+def test_gateway_kill_gives_unavailable_fast_and_a_retry_succeeds(apps):
+    _settled("one")
+    pid = handle("Gateway", "one").stats.remote().result()["pid"]
+    client = GenerationClient(GRPC, app="one")
+    it = client.stream(PROMPTS[0], max_tokens=200, temperature=0.0, ignore_eos=True)
+    next(it)
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in it:
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert time.monotonic() - killed < 5.0
+    got = _wait(lambda: list(client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
+                                             ignore_eos=True).token_ids), 180, "a retry to succeed")
+    assert got == apps["one"][PROMPTS[0]]
+
+
+def test_failed_load_during_rebalance_keeps_serving_and_leaks_nothing(apps):
+    _settled("skew")
+    shards, armed = handle("ExpertShard", "skew"), set()
+    while len(armed) < 2:
+        armed.add(shards.inject_faults.remote(fail_loads=1).result()["pid"])
+    load = Load("skew", apps["skew"])
+    _wait(lambda: _status("skew")["event_counts"].get("load_failed"), 120, "a failed load")
+    placed = _status("skew")["event_counts"].get("placement", 0)
+    # nothing leaked: each shard holds exactly its assignment (once drops of earlier moves are done)
+    _wait(lambda: all(s["held"] == s["experts"] for s in _status("skew")["shards"]), 30, "no leaked copies")
+    ok = _wait(lambda: (s := _status("skew"))["event_counts"].get("placement", 0) > placed and s, 180,
+               "a later rebalance")
+    load.finish()
+    assert ok["complete"] and len(load.done) > 0
