@@ -101,7 +101,7 @@ def deploy(model_dir: Path, shards: int) -> None:
 
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
            "grpc_options": {"port": 9000, "grpc_servicer_functions": [
-               "elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server"]},
+               "elasticmoe.rpc.serve_proxy.add_generation_servicer"]},
            "applications": [{"name": "bench", "route_prefix": "/bench", "import_path": "elasticmoe.app:build_app",
                              "args": {"model": str(model_dir), "num_shards": shards,
                                       "gateway_resources": {"num_cpus": 1}, "shard_resources": {"num_cpus": 1},

@@ -111,5 +111,5 @@ def app_entry(name: str, model: str, num_shards: int, **kw) -> dict:
 def serve_config(apps: list[dict]) -> dict:
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
             "grpc_options": {"port": 9000, "grpc_servicer_functions": [
-                "elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server"]},
+                "elasticmoe.rpc.serve_proxy.add_generation_servicer"]},
             "applications": apps}

@@ -173,3 +173,28 @@ def test_check_reports_stale_missing_and_orphans(tmp_path: Path) -> None:
     assert any(p.startswith("elasticmoe/rpc/removed_pb2_grpc.py: orphan") for p in problems), problems
     assert len(problems) == 3
     assert generate.main(["--check", "--root", str(tmp_path)]) == 1
+
+
+def test_serve_proxy_maps_a_dead_replica_to_unavailable():
+    """The servicer hook Serve's proxy calls: a replica that died mid-request is UNAVAILABLE / 503 (retry), while
+    a request's own errors keep Serve's mapping (INTERNAL / 500 for an unexpected one)."""
+    import grpc
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve._private import proxy
+
+    from elasticmoe.rpc.serve_proxy import REPLICA_DIED, add_generation_servicer, install_replica_death_mapping
+
+    from elasticmoe.rpc.generation_pb2_grpc import GenerationServicer
+
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(1))
+    add_generation_servicer(GenerationServicer(), server)  # registers Generation and installs the mapping
+    assert install_replica_death_mapping()  # idempotent
+    for died in (ActorDiedError(), ActorUnavailableError("replica unreachable", None)):
+        st = proxy.get_grpc_response_status(died, None, "r1")
+        assert (st.code, st.is_error, st.message) == (grpc.StatusCode.UNAVAILABLE, True, REPLICA_DIED)
+        assert proxy.get_http_response_status(died, None, "r1").code == 503
+    other = RuntimeError("boom")
+    assert proxy.get_grpc_response_status(other, None, "r2").code == grpc.StatusCode.INTERNAL
+    assert proxy.get_http_response_status(other, None, "r2").code == 500
+    assert proxy.get_grpc_response_status(TimeoutError(), 3.0, "r3").code == grpc.StatusCode.DEADLINE_EXCEEDED
+    server.stop(None)

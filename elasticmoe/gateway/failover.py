@@ -58,6 +58,7 @@ class Step:
         self.dead: set[str] = set()  # shards that failed during this step
         self.groups: list[_Group] = []
         self.t0 = time.perf_counter()
+        self.detected_s: float | None = None  # when the first shard failure of this call was seen
 
     # ----- routing
     def _route(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +129,8 @@ class Step:
         g.broken.add(attempt)
         g.tried.add(shard_id)
         if report:
+            if self.detected_s is None:
+                self.detected_s = time.perf_counter() - self.t0
             self.dead.add(shard_id)
             self.d.suspect(shard_id, report=True)
         self.d.failovers += 1
@@ -216,4 +219,7 @@ class Step:
                 compute, finished = max(compute, c.compute_s), max(finished, c.done_at)
                 self.d.shard_tokens[c.shard_id] = self.d.shard_tokens.get(c.shard_id, 0) + int(c.rows.numel())
         self.d.record(max(0.0, (finished - self.t0) - compute))
+        if self.dead:  # how long the failure took to see, and to get around (fault tests, stall analysis)
+            self.d.fault_log.append({"at": time.time(), "layer": self.layer, "dead": sorted(self.dead),
+                                     "detected_s": self.detected_s, "done_s": time.perf_counter() - self.t0})
         return out.to(device=self.device, dtype=self.dtype)

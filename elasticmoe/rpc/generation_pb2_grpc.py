@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class GenerationStub:
     """Text generation. Registered on Ray Serve's gRPC proxy by
-    elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server.
+    elasticmoe.rpc.serve_proxy.add_generation_servicer (which registers add_GenerationServicer_to_server).
     """
 
     def __init__(self, channel):
@@ -50,7 +50,7 @@ class GenerationStub:
 
 class GenerationServicer:
     """Text generation. Registered on Ray Serve's gRPC proxy by
-    elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server.
+    elasticmoe.rpc.serve_proxy.add_generation_servicer (which registers add_GenerationServicer_to_server).
     """
 
     def Generate(self, request, context):
@@ -91,7 +91,7 @@ def add_GenerationServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Generation:
     """Text generation. Registered on Ray Serve's gRPC proxy by
-    elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server.
+    elasticmoe.rpc.serve_proxy.add_generation_servicer (which registers add_GenerationServicer_to_server).
     """
 
     @staticmethod

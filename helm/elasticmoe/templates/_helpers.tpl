@@ -247,7 +247,7 @@ The Serve config (ServeDeploySchema shape, the same as deployments/*.yaml), as Y
 {{- $v := .Values }}
 {{- $http := dict "host" "0.0.0.0" "port" (int $v.serve.httpPort) }}
 {{- if not (kindIs "invalid" $v.serve.requestTimeoutSeconds) }}{{- $_ := set $http "request_timeout_s" $v.serve.requestTimeoutSeconds }}{{- end }}
-{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "elasticmoe.rpc.generation_pb2_grpc.add_GenerationServicer_to_server") }}
+{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "elasticmoe.rpc.serve_proxy.add_generation_servicer") }}
 {{- if not (kindIs "invalid" $v.serve.requestTimeoutSeconds) }}{{- $_ := set $grpc "request_timeout_s" $v.serve.requestTimeoutSeconds }}{{- end }}
 {{- $app := dict
       "name" "elasticmoe"
