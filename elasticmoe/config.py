@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -75,6 +75,24 @@ class AppArgs(_Strict):
     expert_metrics: Literal["per_expert", "per_layer", "off"] = "per_expert"
     expert_copies: int = Field(1, ge=1, description="copies of every expert in the initial placement; 2 survives "
                                "a shard loss with no weight moved and no wait")
+    served_model_name: str | None = Field(None, min_length=1, max_length=256, description="the model's name in "
+                                          "the APIs (/v1/models, responses); default: the hub id or the directory "
+                                          "name, never a local path")
+    insecure_internal: bool = Field(False, description="plaintext, unauthenticated gRPC between the gateways, the "
+                                    "controller and the expert shards (default: mTLS with the release's CA)")
+    api_keys: list[str] = Field(default_factory=list, description="keys accepted on the HTTP and gRPC APIs "
+                                "(Authorization: Bearer <key>); prefer api_keys_file or ELASTICMOE_API_KEYS, which "
+                                "keep them out of the Serve config")
+    api_keys_file: str | None = Field(None, min_length=1, description="a file of keys, one a line (a mounted "
+                                      "Secret; re-read when it changes)")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if len(k) < 16 or not k.isprintable() or any(c.isspace() for c in k):
+                raise ValueError("api_keys: each key needs 16 or more printable characters and no spaces")
+        return keys
 
     @model_validator(mode="after")
     def _shards_in_bounds(self) -> "AppArgs":

@@ -11,6 +11,7 @@ import grpc
 from elasticmoe.autoscaler.registry import Change, Registry
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import channel_options
 
 log = logging.getLogger("elasticmoe.controller")
@@ -29,7 +30,10 @@ class Mover:
     registry: Registry
     moe_layers: list[int]
 
-    def __init__(self) -> None:
+    def __init__(self, insecure: bool = False) -> None:
+        self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
+        if insecure:
+            tls.warn_insecure("controller")
         self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
         self._tasks: list[asyncio.Task] = []
         self._lock: asyncio.Lock | None = None
@@ -41,7 +45,8 @@ class Mover:
 
     def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
         if address not in self._stubs:
-            self._stubs[address] = pb_grpc.ExpertShardStub(grpc.aio.insecure_channel(address, options=channel_options()))
+            ch = tls.channel(address, channel_options(), insecure=self.insecure, aio=True)
+            self._stubs[address] = pb_grpc.ExpertShardStub(ch)
         return self._stubs[address]
 
     def _event(self, kind: str, **kw) -> None:

@@ -46,7 +46,8 @@ class ExpertShard:
         self.shard_id = ctx.replica_id.unique_id if ctx else f"shard-{os.getpid()}"
         host = bind_host()
         self.server, self.servicer, port = start_server(self.store, self.shard_id, host=host,
-                                                        max_rows=self.args.limits.max_num_batched_tokens)
+                                                        max_rows=self.args.limits.max_num_batched_tokens,
+                                                        insecure=self.args.insecure_internal)
         self.address = f"{host}:{port}"
         self.controller = controller
         self.registered = threading.Event()

@@ -15,6 +15,7 @@ import torch
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import decode_tensor, encode_tensor, server_options
 
 log = logging.getLogger(__name__)
@@ -157,11 +158,16 @@ def _ports(port: int) -> list[int]:
 
 
 def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 8, max_rows: int = 1 << 16) -> tuple[grpc.Server, ExpertServicer, int]:
+                 max_workers: int = 8, max_rows: int = 1 << 16, insecure: bool = False
+                 ) -> tuple[grpc.Server, ExpertServicer, int]:
     """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port).
 
+    mTLS (rpc.tls): only clients holding a certificate of the release's CA get in; `insecure` serves plaintext.
     The pool has `max_workers` workers for RunExperts plus 4 kept for Health, stats and loads.
     """
+    if insecure:
+        tls.warn_insecure(f"expert shard {shard_id}")
+    files = None if insecure else tls.tls_files()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers + 4, thread_name_prefix="expert-rpc"),
                          options=server_options(), maximum_concurrent_rpcs=4 * max_workers)
     servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows)
@@ -169,7 +175,7 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     bound = 0
     for candidate in _ports(port):
         try:
-            bound = server.add_insecure_port(f"{host}:{candidate}")
+            bound = tls.add_port(server, f"{host}:{candidate}", insecure, files)
         except RuntimeError:
             bound = 0
         if bound:
@@ -178,5 +184,5 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
         raise RuntimeError(f"cannot bind the expert server on {host} (port {port}, "
                            f"ELASTICMOE_EXPERT_PORT_RANGE={os.environ.get('ELASTICMOE_EXPERT_PORT_RANGE')})")
     server.start()
-    log.info("expert shard %s serving on %s:%d", shard_id, host, bound)
+    log.info("expert shard %s serving on %s:%d (%s)", shard_id, host, bound, "plaintext" if insecure else "mTLS")
     return server, servicer, bound

@@ -39,7 +39,7 @@ class GatewayCore:
         lim = self.args.limits
         self.controller = controller
         self.dispatcher = GrpcDispatcher(lim.expert_timeout_s, on_failure=self._on_failure,
-                                         failover_s=lim.failover_s)
+                                         failover_s=lim.failover_s, insecure=self.args.insecure_internal)
         try:
             self.gateway_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve

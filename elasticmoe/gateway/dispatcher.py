@@ -18,6 +18,7 @@ from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.model.dispatch import ExpertsUnavailable
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import channel_options, encode_tensor
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,13 @@ class GrpcDispatcher:
 
     def __init__(self, timeout_s: float = 5.0, on_failure: Callable[[str], RoutingTable | None] | None = None,
                  failover_s: float = 30.0, hedge_min_s: float = 0.1, hedge_factor: float = 4.0,
-                 suspect_s: float = 3.0):
+                 suspect_s: float = 3.0, insecure: bool = False):
         self.timeout_s, self.failover_s, self.suspect_s = timeout_s, failover_s, suspect_s
         self.hedge_min_s, self.hedge_factor = hedge_min_s, hedge_factor
         self.on_failure = on_failure
+        self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
+        if insecure:
+            tls.warn_insecure("gateway")
         self.table: RoutingTable | None = None
         self._next: RoutingTable | None = None
         self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
@@ -116,7 +120,7 @@ class GrpcDispatcher:
     def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
         with self._lock:
             if address not in self._stubs:
-                ch = grpc.insecure_channel(address, options=channel_options())
+                ch = tls.channel(address, channel_options(), insecure=self.insecure)
                 self._stubs[address] = pb_grpc.ExpertShardStub(ch)
             return self._stubs[address]
 

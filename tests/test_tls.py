@@ -1,0 +1,157 @@
+"""mTLS of the internal plane, without Ray: a real in-process expert shard refuses plaintext clients, clients
+without a certificate and clients whose certificate another CA signed; it serves the release's own; the local CA
+is made once by racing processes; a renewed certificate is served without a restart."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from elasticmoe.experts.server import start_server
+from elasticmoe.model import open_model
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import tls
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from elasticmoe.model.tiny import make_tiny_model
+
+    files = open_model(str(make_tiny_model("mixtral", tmp_path_factory.mktemp("tls") / "m", layers=2, experts=4)))
+    return ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory) -> tls.TlsFiles:
+    """A second, unrelated CA with its own leaf: what an attacker on the pod network could make."""
+    return tls.local_ca(tmp_path_factory.mktemp("other-ca"))
+
+
+@pytest.fixture
+def shard(store):
+    server, _, port = start_server(store, "s0")
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def _health(ch: grpc.Channel, timeout: float = 3.0) -> pb.HealthResponse:
+    try:
+        return pb_grpc.ExpertShardStub(ch).Health(pb.HealthRequest(), timeout=timeout)
+    finally:
+        ch.close()
+
+
+def _refused(ch: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        _health(ch)
+    assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_shard_serves_clients_of_its_ca(shard):
+    r = _health(tls.channel(shard))
+    assert r.ok and r.shard_id == "s0"
+
+
+def test_shard_refuses_plaintext(shard):
+    _refused(grpc.insecure_channel(shard))
+
+
+def test_shard_refuses_clients_without_a_certificate(shard):
+    """Server-side TLS alone is not enough: the shard requires the client's certificate."""
+    ca = tls.tls_files().ca.read_bytes()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    _refused(grpc.secure_channel(shard, creds, options=[("grpc.ssl_target_name_override", tls.SERVER_NAME)]))
+
+
+def test_shard_refuses_a_certificate_of_another_ca(shard, other_ca):
+    # The other CA's client would not trust our shard either; make it trust ours, so the refusal is the shard's.
+    ours = tls.tls_files()
+    forged = tls.TlsFiles(ours.ca, other_ca.cert, other_ca.key)
+    _refused(tls.channel(shard, files=forged))
+    _refused(tls.channel(shard, files=other_ca))
+
+
+def test_client_refuses_a_shard_of_another_ca(store, other_ca):
+    """The gateway and controller check the shard too: a server with a foreign certificate gets nothing."""
+    impostor = grpc.server(ThreadPoolExecutor(2))
+    pb_grpc.add_ExpertShardServicer_to_server(pb_grpc.ExpertShardServicer(), impostor)
+    port = tls.add_port(impostor, "127.0.0.1:0", files=other_ca)
+    impostor.start()
+    try:
+        _refused(tls.channel(f"127.0.0.1:{port}"))
+    finally:
+        impostor.stop(None)
+
+
+def test_insecure_internal_is_explicit_and_warns(store, caplog):
+    with caplog.at_level(logging.WARNING):
+        server, _, port = start_server(store, "plain", insecure=True)
+    try:
+        assert any("PLAINTEXT" in r.getMessage() for r in caplog.records)
+        assert _health(tls.channel(f"127.0.0.1:{port}", insecure=True)).ok
+        _refused(tls.channel(f"127.0.0.1:{port}"))  # an mTLS client does not fall back to plaintext
+    finally:
+        server.stop(None)
+
+
+def test_files_from_the_environment(monkeypatch, tmp_path, other_ca, store):
+    """ELASTICMOE_TLS_* (the Helm Secret's mount) replace the local CA; all three or none."""
+    monkeypatch.setenv(tls.ENV_CA, str(other_ca.ca))
+    with pytest.raises(ValueError, match=tls.ENV_CERT):
+        tls.tls_files()
+    monkeypatch.setenv(tls.ENV_CERT, str(other_ca.cert))
+    monkeypatch.setenv(tls.ENV_KEY, str(tmp_path / "absent.key"))
+    with pytest.raises(FileNotFoundError):
+        tls.tls_files()
+    monkeypatch.setenv(tls.ENV_KEY, str(other_ca.key))
+    assert tls.tls_files() == other_ca
+    server, _, port = start_server(store, "env")
+    try:
+        assert _health(tls.channel(f"127.0.0.1:{port}")).ok  # both sides from the environment
+        _refused(tls.channel(f"127.0.0.1:{port}", files=tls.local_ca(tls.cache_dir() / "tls")))
+    finally:
+        server.stop(None)
+
+
+def test_renewed_certificate_served_without_restart(tmp_path, store, other_ca, monkeypatch):
+    """A Secret update (new CA bundle and leaf) reaches new connections of a running shard."""
+    live = tmp_path / "live"
+    live.mkdir()
+    first = tls.local_ca(tmp_path / "first")
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        shutil.copy(first.ca.parent / name, live / name)
+    for env, name in ((tls.ENV_CA, "ca.crt"), (tls.ENV_CERT, "tls.crt"), (tls.ENV_KEY, "tls.key")):
+        monkeypatch.setenv(env, str(live / name))
+    server, _, port = start_server(store, "rotating")
+    address = f"127.0.0.1:{port}"
+    try:
+        assert _health(tls.channel(address, files=first)).ok
+        _refused(tls.channel(address, files=other_ca))
+        for name in ("ca.crt", "tls.crt", "tls.key"):  # rotate to the other CA
+            shutil.copy(other_ca.ca.parent / name, live / (name + ".new"))
+            (live / (name + ".new")).replace(live / name)
+        assert _health(tls.channel(address, files=other_ca)).ok
+        _refused(tls.channel(address, files=first))
+    finally:
+        server.stop(None)
+
+
+def test_racing_processes_make_one_ca(tmp_path):
+    code = ("import sys; from pathlib import Path; from elasticmoe.rpc.tls import local_ca; "
+            "sys.stdout.write(local_ca(Path(sys.argv[1])).ca.read_text())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ca")], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    cas = {p.communicate(timeout=120)[0] for p in procs}
+    assert len(cas) == 1 and "BEGIN CERTIFICATE" in cas.pop()
+    assert oct((tmp_path / "ca" / "tls.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "ca" / "ca.key").stat().st_mode & 0o777) == "0o600"
