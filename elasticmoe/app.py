@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from elasticmoe.config import AppArgs
+from elasticmoe.config import AppArgs, default_served_name
 
 GATEWAY_DRAIN_S = 600  # the request timeout of the GPU Serve configs and the chart's production values
 
@@ -27,6 +27,8 @@ def resolve_args(args: dict[str, Any]) -> AppArgs:
         a = AppArgs.model_validate(args)
     except ValidationError as e:
         raise ValueError(f"elasticmoe app args: {e}") from e
+    if a.served_model_name is None:  # named before `model` becomes a local snapshot path
+        a = a.model_copy(update={"served_model_name": default_served_name(a.model)})
     if a.model.startswith("tiny:"):
         return a
     from elasticmoe.model.hub import HubError, resolve

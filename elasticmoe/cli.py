@@ -31,7 +31,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     from elasticmoe.client import GenerationClient
 
-    client = GenerationClient(ns.address)
+    client = GenerationClient(ns.address, api_key=ns.api_key)
     try:
         if ns.stream:
             for r in client.stream(ns.prompt, stop=ns.stop, **_sampling(ns)):
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("prompt")
     p.add_argument("--address", default="127.0.0.1:9000")
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--api-key", default=None, help="API key (default: $ELASTICMOE_API_KEY)")
     _sampling_args(p)
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("status", help="placement version, shard health and load, hottest experts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import grpc
@@ -29,12 +30,22 @@ def make_request(prompt: str | None = None, prompt_token_ids: list[int] | None =
 
 
 class GenerationClient:
-    """`GenerationClient("127.0.0.1:9000").generate("Hello", max_tokens=8, temperature=0)`."""
+    """`GenerationClient("127.0.0.1:9000").generate("Hello", max_tokens=8, temperature=0)`.
 
-    def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300):
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+    `api_key` (default: $ELASTICMOE_API_KEY) is sent as the `authorization: Bearer <key>` metadata; `tls` (or
+    root certificates as PEM bytes) for a front door behind TLS.
+    """
+
+    def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300,
+                 api_key: str | None = None, tls: bool | bytes = False):
+        if tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
+            self.channel = grpc.secure_channel(address, creds, options=channel_options())
+        else:
+            self.channel = grpc.insecure_channel(address, options=channel_options())
         self.stub = gen_grpc.GenerationStub(self.channel)
-        self.metadata = (("application", app),)
+        key = api_key if api_key is not None else os.environ.get("ELASTICMOE_API_KEY")
+        self.metadata = (("application", app),) + ((("authorization", f"Bearer {key}"),) if key else ())
         self.timeout_s = timeout_s
 
     def generate(self, prompt: str | None = None, **kw) -> gen.GenerateResponse:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import PurePosixPath
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -103,3 +104,23 @@ class AppArgs(_Strict):
             raise ValueError(f"num_shards ({self.num_shards}) must lie in [autoscaling.min_shards, "
                              f"autoscaling.max_shards] = [{a.min_shards}, {a.max_shards}]")
         return self
+
+
+def default_served_name(model: str) -> str:
+    """The name the APIs show for `model`: a hub id or tiny:<family> as given; for a Hugging Face cache directory
+    (.../models--org--name[/snapshots/<commit>]) org/name; for any other directory its last component only, so
+    that no local path leaks to clients."""
+    if model.startswith("tiny:"):
+        return model
+    parts = PurePosixPath(model).parts
+    for part in reversed(parts):
+        if part.startswith("models--") and len(part) > 8:
+            return part[len("models--"):].replace("--", "/")
+    if not model.startswith(("/", ".", "~")) and len(parts) <= 2:
+        return model  # a hub id (org/name)
+    return parts[-1] if parts else model
+
+
+def served_name(args: Any) -> str:
+    """AppArgs.served_model_name, else the default for its model."""
+    return getattr(args, "served_model_name", None) or default_served_name(args.model)

@@ -124,6 +124,7 @@ def test_app_pins_one_snapshot_for_every_replica(cache_env):
     args = [gateway.init_args[0], controller._bound_deployment.init_args[0], shards._bound_deployment.init_args[0]]
     want = str(cache_env / "snapshots" / NEW)
     assert [(a["model"], a["revision"]) for a in args] == [(want, NEW)] * 3
+    assert [a["served_model_name"] for a in args] == [REPO_ID] * 3  # the APIs name the hub id, not the cache path
     # The pinned snapshot opens (through the cache's symlinks) and is the v2 config, not main's.
     old = json.loads((cache_env / "snapshots" / OLD / "config.json").read_text())["max_position_embeddings"]
     assert open_model(want).config.max_position_embeddings == old + 1024

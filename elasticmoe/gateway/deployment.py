@@ -16,6 +16,7 @@ from ray import serve
 
 from elasticmoe.config import AppArgs
 from elasticmoe.engine.validation import RequestLimits
+from elasticmoe.gateway.auth import ApiKeys
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
 from elasticmoe.gateway.grpc_api import parse_request, response, status_of
 from elasticmoe.gateway.runner import EngineRunner
@@ -37,6 +38,7 @@ class GatewayCore:
         tune_malloc()
         files = open_model(self.args.model)
         lim = self.args.limits
+        self.api_keys = ApiKeys.from_args(self.args)  # checked on HTTP (openai_api) and gRPC (Gateway._start)
         self.controller = controller
         self.dispatcher = GrpcDispatcher(lim.expert_timeout_s, on_failure=self._on_failure,
                                          failover_s=lim.failover_s, insecure=self.args.insecure_internal)
@@ -187,10 +189,13 @@ class Gateway:
         """Validate and admit (never waiting for an engine step), then wait for the first update.
 
         Errors set the gRPC status (see grpc_api.status_of) and raise; a call cancelled or failed at any point
-        aborts its request, so its slot is freed.
+        aborts its request, so its slot is freed. The API key is checked first (calls through a deployment handle,
+        which carry no gRPC context, come from inside the Ray cluster and are not checked).
         """
         m, stream = self.core.metrics, None
         try:
+            if grpc_context is not None:
+                self.core.api_keys.check_grpc(grpc_context)
             rid, ids, params = parse_request(request, self.core.tokenizer, self.core.runner.engine.validator)
             await self.core.wait_ready()
             t0 = time.monotonic()

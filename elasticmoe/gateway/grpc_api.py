@@ -10,6 +10,7 @@ import grpc
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
 from elasticmoe.engine.validation import Validator
+from elasticmoe.gateway.auth import Unauthenticated
 from elasticmoe.gateway.runner import Update
 from elasticmoe.rpc import generation_pb2 as gen
 
@@ -57,6 +58,8 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str, str]:
     serve now (shards not ready, experts unavailable) UNAVAILABLE; only a bug in this server is INTERNAL,
     and its raw message stays in the log.
     """
+    if isinstance(e, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(e), "unauthenticated"
     if isinstance(e, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid"
     if isinstance(e, QueueFull):

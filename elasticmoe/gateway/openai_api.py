@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
+from elasticmoe.config import served_name
 from elasticmoe.engine.validation import RequestLimits, Validator
+from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, FINISH_REASONS, ApiError, BaseRequest, ChatRequest, CompletionRequest, TextDelta,
     chat_ids, chat_logprobs, completion_ids, completion_logprobs, parse_body, reject_unsupported, sampling_params,
@@ -25,7 +27,7 @@ from elasticmoe.gateway.runner import Update
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-STATUS_OF = {400: "invalid", 413: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
+STATUS_OF = {400: "invalid", 401: "unauthenticated", 413: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
 
 
 def _record(core: Any, http_status: int | None, last: Update | None = None, t0: float = 0.0,
@@ -102,7 +104,7 @@ class Generation:
 
     def __init__(self, core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str]):
         self.core, self.ids, self.params, self.aliases = core, ids, params, aliases
-        self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), core.args.model
+        self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), served_name(core.args)
         self.t0, self.t_first = time.perf_counter(), 0.0
         self._stream: AsyncIterator[Update] | None = None
         self._recorded = False
@@ -314,8 +316,17 @@ def _describe(exc: RequestValidationError | ValidationError) -> tuple[str, str |
 
 
 def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
-    """Add the OpenAI routes and error handlers to `app`; `get_core()` is resolved on every request."""
+    """Add the OpenAI routes, the API-key check and error handlers to `app`; `get_core()` is resolved on every
+    request. Only /health answers without a key (when keys are configured)."""
     created = int(time.time())
+
+    def reject() -> None:
+        try:
+            _record(get_core(), 401)
+        except Exception:  # noqa: BLE001 - metrics never turn a 401 into a 500
+            pass
+
+    app.add_middleware(RequireApiKey, get_keys=lambda: getattr(get_core(), "api_keys", None), on_reject=reject)
 
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         try:
@@ -336,9 +347,13 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(Exception, on_bug)
 
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        model = get_core().args.model
+        model = served_name(get_core().args)
         return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
                                             "owned_by": "elasticmoe"}]}
 
@@ -359,7 +374,8 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
 
 def build_openai_app(core: Any) -> FastAPI:
     """A standalone FastAPI app serving `core` (tests, or any ASGI server)."""
-    return register_routes(FastAPI(title="elasticmoe"), lambda: core)
+    # No /docs, /redoc or /openapi.json: the API is OpenAI's, documented there; nothing to show anonymous callers.
+    return register_routes(FastAPI(title="elasticmoe", docs_url=None, redoc_url=None, openapi_url=None), lambda: core)
 
 
 def replica_core() -> Any:

@@ -1,0 +1,223 @@
+"""API keys at the front door, without Ray: the OpenAI HTTP app (ASGI, in process) answers 401 with an OpenAI error
+body, and the gateway's own gRPC handlers, hosted on a real in-process grpc.aio server, answer UNAUTHENTICATED, unless
+the request carries a configured key; /health stays open; no checkpoint path and no API docs reach clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from elasticmoe.config import AppArgs, default_served_name, served_name
+from elasticmoe.engine.engine import Engine
+from elasticmoe.gateway.auth import ENV_KEYS, ENV_KEYS_FILE, ApiKeys, Unauthenticated
+from elasticmoe.gateway.deployment import Gateway
+from elasticmoe.gateway.metrics import GatewayMetrics
+from elasticmoe.gateway.openai_api import build_openai_app
+from elasticmoe.gateway.runner import EngineRunner
+from elasticmoe.model import open_model
+from elasticmoe.model.dispatch import LocalDispatcher
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.rpc import generation_pb2 as gen
+from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
+
+KEY, OTHER = "sk-test-0123456789abcdef", "sk-test-rotated-fedcba9876543210"
+GatewayImpl = Gateway.func_or_class  # the class itself, outside Serve
+
+
+class Core:
+    """What the front door needs of a GatewayCore (tokenizer, runner, args, metrics, api_keys, wait_ready)."""
+
+    def __init__(self, path: str, **args):
+        files = open_model(path)
+        spec = files.spec
+        store = ExpertStore(files.ckpt, files.names, spec, torch.float32, torch.device("cpu"))
+        store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))
+        engine = Engine(files, LocalDispatcher(store), max_model_len=64, max_num_seqs=4)
+        self.tokenizer, self.runner = engine.tokenizer, EngineRunner(engine)
+        self.args = AppArgs(model=path, **args)
+        self.api_keys = ApiKeys.from_args(self.args, environ={})
+        self.metrics = GatewayMetrics("off", spec.num_layers, spec.moe.num_experts, spec.moe.moe_layers, use_ray=False)
+
+    async def wait_ready(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory) -> str:
+    from elasticmoe.model.tiny import make_tiny_model
+
+    return str(make_tiny_model("mixtral", tmp_path_factory.mktemp("keys") / "secret-dir" / "mixtral", layers=2,
+                               experts=4))
+
+
+@pytest.fixture(scope="module")
+def core(path):
+    c = Core(path, api_keys=[KEY])
+    yield c
+    c.runner.close()
+
+
+# ----- the key set
+def test_keys_from_args_env_and_file(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text(f"# rotated monthly\n{OTHER}\n")
+    keys = ApiKeys.from_args(AppArgs(model="tiny:mixtral", api_keys=[KEY]), environ={ENV_KEYS: "sk-env-aaaaaaaaaaaaaaaa, x",
+                                                                                     ENV_KEYS_FILE: str(f)})
+    for k in (KEY, OTHER, "sk-env-aaaaaaaaaaaaaaaa", "x"):
+        keys.check(f"Bearer {k}")
+    for bad in (None, "", KEY, f"Basic {KEY}", "Bearer ", "Bearer sk-nope", f"Bearer {KEY}x"):
+        with pytest.raises(Unauthenticated):
+            keys.check(bad)
+    assert not ApiKeys().enabled
+    ApiKeys().check(None)  # no keys configured: open
+
+
+def test_key_file_rotates_without_restart_and_fails_closed(tmp_path, monkeypatch):
+    import elasticmoe.gateway.auth as auth
+
+    monkeypatch.setattr(auth, "RELOAD_S", 0.0)
+    f = tmp_path / "keys"
+    f.write_text(KEY + "\n")
+    keys = ApiKeys(file=f)
+    keys.check(f"Bearer {KEY}")
+    f.write_text(OTHER + "\n" + "#" * 8 + "\n")  # new size: seen at once
+    keys.check(f"Bearer {OTHER}")
+    with pytest.raises(Unauthenticated):
+        keys.check(f"Bearer {KEY}")
+    f.unlink()
+    with pytest.raises(Unauthenticated):  # a missing file admits no one
+        keys.check(f"Bearer {OTHER}")
+
+
+def test_args_reject_weak_keys():
+    with pytest.raises(ValueError, match="16 or more"):
+        AppArgs(model="tiny:mixtral", api_keys=["short"])
+    with pytest.raises(ValueError, match="16 or more"):
+        AppArgs(model="tiny:mixtral", api_keys=["has a space in it, long enough"])
+
+
+def test_served_name_never_a_local_path():
+    assert default_served_name("tiny:mixtral") == "tiny:mixtral"
+    assert default_served_name("Qwen/Qwen3-30B-A3B") == "Qwen/Qwen3-30B-A3B"
+    assert default_served_name("/models/hub/models--Qwen--Qwen3-30B-A3B/snapshots/abc123") == "Qwen/Qwen3-30B-A3B"
+    assert default_served_name("/home/alice/ckpts/moe-v7") == "moe-v7"
+    assert default_served_name("./ckpt") == "ckpt"
+    assert served_name(AppArgs(model="/x/y/z", served_model_name="prod-moe")) == "prod-moe"
+
+
+# ----- HTTP
+def test_http_needs_a_key(core, path):
+    http = TestClient(build_openai_app(core))
+    body = {"model": "mixtral", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    for headers in ({}, {"Authorization": "Bearer sk-wrong-wrong-wrong"}, {"Authorization": KEY},
+                    {"Authorization": f"Basic {KEY}"}):
+        r = http.post("/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401, headers
+        err = r.json()["error"]
+        assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error" and err["message"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert KEY not in r.text
+    assert http.get("/v1/models").status_code == 401
+    assert core.metrics.requests[("http", "unauthenticated")] >= 5
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = http.post("/v1/completions", json=body, headers=auth)
+    assert r.status_code == 200 and r.json()["model"] == "mixtral"
+    r = http.get("/v1/models", headers=auth)
+    assert [m["id"] for m in r.json()["data"]] == ["mixtral"] and path not in r.text and "secret-dir" not in r.text
+
+
+def test_health_is_open_and_docs_are_gone(core):
+    http = TestClient(build_openai_app(core))
+    assert http.get("/health").status_code == 200
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for p in ("/docs", "/redoc", "/openapi.json"):
+        assert http.get(p, headers=auth).status_code == 404, p
+
+
+def test_openai_client_sends_the_key(core):
+    """The official client's api_key is the Bearer key."""
+    from openai import AuthenticationError, OpenAI
+
+    http = TestClient(build_openai_app(core), base_url="http://test")
+    ok = OpenAI(base_url="http://test/v1", api_key=KEY, http_client=http, max_retries=0)
+    assert ok.completions.create(model="mixtral", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
+    bad = OpenAI(base_url="http://test/v1", api_key="sk-wrong-wrong-wrong", http_client=http, max_retries=0)
+    with pytest.raises(AuthenticationError):
+        bad.models.list()
+
+
+# ----- gRPC: the Gateway's own handlers on a real grpc.aio server
+class Servicer(gen_grpc.GenerationServicer):
+    def __init__(self, gateway):
+        self.gateway = gateway
+
+    async def Generate(self, request, context):
+        return await self.gateway.Generate(request, context)
+
+    async def GenerateStream(self, request, context):
+        async for r in self.gateway.GenerateStream(request, context):
+            yield r
+
+
+@pytest.fixture(scope="module")
+def grpc_address(core):
+    # The Gateway deployment's own handler methods, on an object holding the test core (no Serve replica).
+    host = type("GatewayHost", (), {m: getattr(GatewayImpl, m) for m in ("_start", "Generate", "GenerateStream")})
+    gateway = host()
+    gateway.core = core
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start():
+        server = grpc.aio.server()
+        gen_grpc.add_GenerationServicer_to_server(Servicer(gateway), server)
+        port = server.add_insecure_port("127.0.0.1:0")  # the user-facing side: Serve's proxy in production
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    yield f"127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def _request() -> gen.GenerateRequest:
+    return gen.GenerateRequest(prompt="Hello", sampling=gen.SamplingParams(max_tokens=2, temperature=0))
+
+
+def test_grpc_needs_a_key(grpc_address):
+    with grpc.insecure_channel(grpc_address) as ch:
+        stub = gen_grpc.GenerationStub(ch)
+        for md in ((), (("authorization", "Bearer sk-wrong-wrong-wrong"),), (("authorization", KEY),)):
+            for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(_request(), metadata=md, timeout=30)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, md
+        md = (("authorization", f"Bearer {KEY}"),)
+        r = stub.Generate(_request(), metadata=md, timeout=60)
+        assert r.usage.completion_tokens == 2
+        assert sum(len(x.token_ids) for x in stub.GenerateStream(_request(), metadata=md, timeout=60)) == 2
+
+
+def test_python_client_sends_the_key(grpc_address):
+    from elasticmoe.client import GenerationClient
+
+    client = GenerationClient(grpc_address, api_key=KEY)
+    try:
+        assert client.generate("Hello", max_tokens=1, temperature=0).usage.completion_tokens == 1
+    finally:
+        client.close()
+    client = GenerationClient(grpc_address)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate("Hello", max_tokens=1)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        client.close()
