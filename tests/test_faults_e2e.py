@@ -166,10 +166,17 @@ def test_replicated_shard_kill_fails_over_inside_the_step(apps):
     os.kill(victim, signal.SIGKILL)
     streams.join()
     gap = streams.check(apps["rep"], killed)
-    before, after = _steps("rep", start, killed), _steps("rep", killed, killed + 2.0)
+    before = _steps("rep", start, killed)
     median = float(np.median(before))
-    assert max(after) <= 3 * median, (f"a step took {max(after) * 1e3:.0f} ms around the kill, median "
-                                      f"{median * 1e3:.0f} ms: the failover left the step")
+    faults = [f for f in handle("Gateway", "rep").stats.remote().result()["fault_log"] if f["at"] >= killed]
+    assert faults, "no call failed over: the kill did not land in a step"
+    log = handle("Gateway", "rep").step_times.remote(killed).result()  # (end, seconds) per step
+    hit = [s for end, s in log if any(end - s - 0.005 <= f["at"] <= end + 0.005 for f in faults)]
+    assert hit, (faults, log[:10])
+    # the steps that failed over stayed within 3x the median: the failover happened inside the step. Other steps
+    # of those seconds compete for the 2 cores with Serve starting the replacement replica; the token gap bounds them.
+    assert max(hit) <= 3 * median, (f"a step that failed over took {max(hit) * 1e3:.0f} ms, median "
+                                    f"{median * 1e3:.0f} ms; failed-over calls {faults}")
     assert gap < 1.0, f"longest token gap {gap:.2f} s"
     _settled("rep")
 
