@@ -114,7 +114,8 @@ class GatewayCore:
         st = self.runner.stats()
         st.update({"pid": os.getpid(), "table_version": self.table_version, "fanout_overhead_p50_s": pct(50),
                    "fanout_overhead_p99_s": pct(99), "fanout_samples": len(over),
-                   "failovers": self.dispatcher.failovers, "hedges": self.dispatcher.hedges, "shard_tokens": dict(self.dispatcher.shard_tokens),
+                   "failovers": self.dispatcher.failovers, "hedges": self.dispatcher.hedges,
+                   "fault_log": list(self.dispatcher.fault_log), "shard_tokens": dict(self.dispatcher.shard_tokens),
                    "expert_tokens_total": int(self.metrics.expert_token_totals().sum())})
         return st
 
