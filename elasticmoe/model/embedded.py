@@ -1,4 +1,5 @@
-"""The embedded default models: `tiny:<family>` checkpoints made once, on first use, in a local cache."""
+"""The embedded default models: `tiny:<family>` checkpoints and the trained `tiny:demo`, made once, on first use,
+in a local cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+DEMO = "demo"  # `tiny:demo`: the small Mixtral trained on the embedded corpus (elasticmoe/model/demo.py)
 
 
 def cache_dir() -> Path:
@@ -14,24 +18,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ELASTICMOE_CACHE", Path.home() / ".cache" / "elasticmoe")).expanduser()
 
 
-def ensure_tiny_model(family: str) -> Path:
-    """The tiny checkpoint of `family` (default sizes, seed 0), made atomically if absent; safe across processes."""
-    from elasticmoe.model.tiny import TINY_FAMILIES, make_tiny_model
-
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"model: unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+def _ensure(name: str, make: Callable[[Path], object]) -> Path:
+    """`cache_dir()/name`, made by `make(tmp_dir)` then renamed into place if absent; safe across processes."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    out = root / f"tiny-{family}"
+    out = root / name
     if (out / "config.json").is_file():
         return out
-    with open(root / f".tiny-{family}.lock", "w") as lock:
+    with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "config.json").is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=root))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
             try:
-                make_tiny_model(family, tmp)
+                make(tmp)
                 os.replace(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def demo_model_dir() -> Path:
+    """Where the demo model lives (or will): its name carries a hash of the training recipe."""
+    from elasticmoe.model.demo import DemoArgs
+
+    return cache_dir() / f"demo-mixtral-{DemoArgs().key()}"
+
+
+def ensure_demo_model(show_progress: bool | None = None) -> Path:
+    """The trained demo checkpoint, trained (~30 s on 2 cores) and cached on first use."""
+    from elasticmoe.model.demo import train_demo_model
+
+    return _ensure(demo_model_dir().name, lambda tmp: train_demo_model(tmp, show_progress=show_progress))
+
+
+def ensure_tiny_model(family: str) -> Path:
+    """The tiny checkpoint of `family` (default sizes, seed 0), made atomically if absent; safe across processes.
+    `demo` is the trained demo model (see ensure_demo_model)."""
+    from elasticmoe.model.tiny import TINY_FAMILIES, make_tiny_model
+
+    if family == DEMO:
+        return ensure_demo_model()
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"model: unknown tiny family {family!r}; choose one of "
+                         f"{', '.join((*TINY_FAMILIES, DEMO))}")
+    return _ensure(f"tiny-{family}", lambda tmp: make_tiny_model(family, tmp))

@@ -1,0 +1,100 @@
+"""The trained demo model (`tiny:demo`): learned continuations, exact against transformers, learned routing skew."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.model.demo import DEMO_PROMPTS, META_FILE, DemoArgs, corpus_routing, routing_counts, train
+from elasticmoe.model.embedded import ensure_tiny_model
+from elasticmoe.model.tokenizer import CORPUS
+
+
+@pytest.fixture(scope="module")
+def demo_dir():
+    return ensure_tiny_model("demo")  # trained once into the cache dir (~30 s on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def llm(demo_dir):
+    return LLM("tiny:demo")
+
+
+@pytest.fixture(scope="module")
+def hf(demo_dir):
+    return AutoModelForCausalLM.from_pretrained(str(demo_dir), dtype=torch.float32).eval()
+
+
+def _greedy(llm: LLM, prompt, n: int):
+    return llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0))[0]
+
+
+def test_checkpoint_is_transformers_mixtral_with_a_tokenizer(demo_dir, hf):
+    cfg = json.loads((demo_dir / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 2
+    assert isinstance(hf, MixtralForCausalLM)
+    assert (demo_dir / "model.safetensors").stat().st_size < 4_000_000  # a few MB
+    tok = AutoTokenizer.from_pretrained(str(demo_dir))
+    assert tok.decode(tok.encode("The quick brown fox")) == "The quick brown fox"
+    meta = json.loads((demo_dir / META_FILE).read_text())
+    assert meta["final_loss"] < 0.2, meta
+
+
+def test_the_quick_brown_fox(llm):
+    out = _greedy(llm, "The quick brown fox", 16)
+    assert out.text.startswith(" jumps over the lazy dog"), out.text
+
+
+@pytest.mark.parametrize("prompt", DEMO_PROMPTS)
+def test_greedy_tokens_equal_transformers(llm, hf, prompt):
+    out = _greedy(llm, prompt, 24)
+    ids = torch.tensor([out.prompt_token_ids])
+    ref = hf.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert out.token_ids == ref[: len(out.token_ids)]
+    assert len(out.token_ids) == len(ref)  # transformers stops on the same EOS ids
+
+
+def test_logits_equal_transformers(llm, hf):
+    ids = llm.encode(CORPUS[:300])
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()  # [T, V]
+    got = llm.logits(ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_paragraph_end_stops_on_eos(llm):
+    out = _greedy(llm, "Mountains are covered with snow in winter;", 40)
+    assert out.text == " in summer hikers climb them to enjoy the view." and out.finish_reason == "eos"
+
+
+def test_chat_template_answers_from_the_corpus(llm):
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = llm.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+    ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+    out = _greedy(llm, ids, 40)
+    assert out.text == "The capital of France is Paris." and out.finish_reason == "eos"  # on <|im_end|>
+
+
+def test_routing_is_learned_and_skewed_per_topic(demo_dir, hf):
+    total = corpus_routing(demo_dir)  # [L, E]
+    assert total.shape == (2, 8) and (total.max(1).values / total.min(1).values > 1.3).all(), total
+    tok = AutoTokenizer.from_pretrained(str(demo_dir))
+    hottest = []
+    for para in CORPUS.split("\n\n"):
+        c = routing_counts(hf, tok.encode(para.strip("\n")))  # [L, E]
+        hottest.append((c / c.sum(1, keepdim=True)).max().item())
+    # uniform routing would give every expert 1/8 = 0.125 of the selections
+    assert sum(hottest) / len(hottest) > 0.2, hottest
+
+
+def test_training_is_deterministic():
+    a = DemoArgs(steps=3)
+    (m1, _, s1), (m2, _, s2) = train(a, show_progress=False), train(replace(a), show_progress=False)
+    assert s1["final_loss"] == s2["final_loss"]
+    for (n, p), (_, q) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(p, q), n
