@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_PROMPTS = ["The expert said", "Once upon a time", "Mixture of experts models"]
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -64,39 +63,43 @@ def _controller_status(address: str, app: str = "elasticmoe") -> dict:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
+    from elasticmoe import status_view
+
+    if ns.watch:
+        return status_view.watch(status_view.fetcher(ns.address, ns.app), interval=ns.interval)
     st = _controller_status(ns.address, ns.app)
-    print(f"placement version {st['version']}  shards {len(st['shards'])}/{st['num_shards']} "
-          f"(desired {st.get('desired_shards')})  every expert placed: {st['complete']}  "
-          f"weights moved: {st.get('bytes_moved', 0) / 1e6:.1f} MB")
-    bal = st.get("balancedness") or []
-    if bal:
-        print("balancedness per MoE layer (mean/max shard load): " + " ".join(f"{b:.2f}" for b in bal))
-    print(f"{'position':>8}  {'shard':<34} {'address':<22} {'health':<8} {'experts':>7} {'tokens':>8} {'calls':>6}")
-    for s in st["shards"]:
-        health = "ok" if s["healthy"] and s["ready"] else ("loading" if s["healthy"] else "dead")
-        print(f"{s['position']:>8}  {s['id']:<34} {s['address']:<22} {health:<8} {s['experts']:>7} "
-              f"{s.get('tokens', 0):>8} {s.get('calls', 0):>6}")
-    hot: dict = {}
-    for s in st["shards"]:
-        for layer, expert, n in s.get("expert_tokens", []):
-            hot[(layer, expert)] = hot.get((layer, expert), 0) + n
-    top = sorted(hot.items(), key=lambda kv: -kv[1])[:5]
-    if top:
-        print("hottest experts: " + ", ".join(f"L{l}/E{e}: {n}" for (l, e), n in top))
+    print(status_view.to_json(st) if ns.json else status_view.render(st))
     return 0
+
+
+def _demo_config(config: Path, model: str) -> Path:
+    """`config` with its first application's model set to `model`, written next to the cached models."""
+    import yaml
+
+    from elasticmoe.model.embedded import cache_dir
+
+    doc = yaml.safe_load(config.read_text())
+    doc["applications"][0]["args"]["model"] = model
+    out = cache_dir() / f"demo-{config.name}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     from elasticmoe import local_cluster as lc
     from elasticmoe.client import GenerationClient
+    from elasticmoe.model.demo import DEMO_PROMPTS
     from elasticmoe.model.embedded import ensure_tiny_model
 
-    print(f"[1/4] tiny model: {ensure_tiny_model('mixtral')}")
+    t0 = time.perf_counter()
+    path = ensure_tiny_model(ns.model[len("tiny:"):]) if ns.model.startswith("tiny:") else ns.model
+    print(f"[1/4] model {ns.model}: {path} ({time.perf_counter() - t0:.1f}s)")
     print("[2/4] starting a local Ray cluster on 127.0.0.1 ...")
     lc.stop_ray()
     lc.start_ray(num_cpus=max(4, ns.cpus))
-    config = Path(ns.config)
-    print(f"[3/4] serve deploy {config} ...")
+    config = _demo_config(Path(ns.config), ns.model)
+    print(f"[3/4] serve deploy {ns.config} (model: {ns.model}) ...")
     lc.serve_deploy(config)
     lc.wait_running()
     client = GenerationClient("127.0.0.1:9000")
@@ -110,8 +113,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         print(f"  shard {s['position']} ({s['address']}): {s.get('held', 0)} experts, served {s.get('tokens', 0)} "
               f"token-expert pairs in {s.get('calls', 0)} calls")
     print("\nThe cluster keeps running. Send more with:\n"
-          "  .venv/bin/elasticmoe generate \"Hello\" --max-tokens 32 --temperature 0 --stream\n"
-          "  .venv/bin/elasticmoe status\n"
+          "  .venv/bin/elasticmoe generate \"The quick brown fox\" --max-tokens 32 --temperature 0 --stream\n"
+          "  .venv/bin/elasticmoe status --watch\n"
           "Stop it with:\n  make stop   (ray stop)")
     return 0
 
@@ -128,9 +131,10 @@ def cmd_offline(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elasticmoe", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("demo", help="tiny model -> local Ray -> serve deploy -> gRPC requests")
+    p = sub.add_parser("demo", help="demo model -> local Ray -> serve deploy -> gRPC requests")
     p.add_argument("--config", default=str(REPO / "deployments" / "tiny.yaml"))
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs for the local Ray node")
+    p.add_argument("--model", default="tiny:demo", help="model served (default: the demo model, trained on first use)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("generate", help="send a prompt to a served cluster over gRPC")
     p.add_argument("prompt")
@@ -142,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="placement version, shard health and load, hottest experts")
     p.add_argument("--address", default="auto", help="Ray cluster address")
     p.add_argument("--app", default="elasticmoe", help="Serve application name")
+    p.add_argument("--json", action="store_true", help="print Controller.status() as JSON")
+    p.add_argument("--watch", action="store_true", help="live view: redraw every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between --watch frames")
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("offline", help="complete a prompt in this process (the offline LLM API)")
     p.add_argument("prompt")
-    p.add_argument("--model", default="tiny:mixtral")
+    p.add_argument("--model", default="tiny:demo")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     _sampling_args(p)

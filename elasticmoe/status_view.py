@@ -1,0 +1,145 @@
+"""`elasticmoe status` views of Controller.status(): text, JSON and a live terminal view (pure renderers + a loop)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+BAR = "█"
+CLEAR = "\x1b[H\x1b[2J"  # cursor home + clear screen
+
+
+def to_json(st: dict) -> str:
+    """The status dict as JSON (keys sorted; anything JSON lacks, e.g. numpy scalars, as its str)."""
+    return json.dumps(st, indent=2, sort_keys=True, default=str)
+
+
+def health(s: dict) -> str:
+    """ok | loading (registered, experts not yet loaded) | dead (health checks failed)."""
+    if not s.get("healthy", False):
+        return "dead"
+    return "ok" if s.get("ready", False) else "loading"
+
+
+def bar(value: float, top: float, width: int) -> str:
+    """A bar of `width` cells filled in proportion value / top (eighth-cell resolution)."""
+    eighths = round(min(1.0, value / top) * width * 8) if top > 0 and value > 0 else 0
+    full, part = divmod(eighths, 8)
+    return (BAR * full + (" ▏▎▍▌▋▊▉"[part] if part else "")).ljust(width)
+
+
+def expert_tokens(st: dict) -> dict[tuple[int, int], int]:
+    """(layer, expert) -> tokens served, summed over the shards (every copy)."""
+    out: dict[tuple[int, int], int] = {}
+    for s in st.get("shards", []):
+        for layer, expert, n in s.get("expert_tokens", []):
+            out[(layer, expert)] = out.get((layer, expert), 0) + n
+    return out
+
+
+def _delta(now: dict, before: dict | None) -> dict:
+    """Per-key increase of cumulative counters since `before` (a shard restart resets to its new value)."""
+    if before is None:
+        return now
+    return {k: v - before.get(k, 0) if v >= before.get(k, 0) else v for k, v in now.items()}
+
+
+def _shard_tokens(st: dict) -> dict[str, int]:
+    return {s["id"]: int(s.get("tokens", 0)) for s in st.get("shards", [])}
+
+
+def header(st: dict) -> list[str]:
+    lines = [f"placement version {st.get('version')}  shards {len(st.get('shards', []))}/{st.get('num_shards')} "
+             f"(desired {st.get('desired_shards')})  every expert placed: {st.get('complete')}  "
+             f"weights moved: {st.get('bytes_moved', 0) / 1e6:.1f} MB"
+             + ("  RECOVERING" if st.get("recovering") else "")]
+    bal = st.get("balancedness") or []
+    if bal:
+        lines.append("balancedness per MoE layer (mean/max shard load): " + " ".join(f"{b:.2f}" for b in bal))
+    return lines
+
+
+def shard_rows(st: dict, prev: dict | None, dt: float | None, bar_width: int) -> list[str]:
+    """One row per shard: position, id, address, health, experts, tokens (and tokens/s), calls, a load bar."""
+    now = _shard_tokens(st)
+    recent = _delta(now, _shard_tokens(prev) if prev else None)
+    top = max(recent.values(), default=0)
+    rate = "tok/s" if prev is not None and dt else ""
+    rows = [f"{'pos':>3}  {'shard':<20} {'address':<21} {'health':<7} {'experts':>7} {'tokens':>8} "
+            f"{'calls':>6} {rate:>7}  load"]
+    for s in st.get("shards", []):
+        tokens = recent.get(s["id"], 0)
+        per_s = f"{tokens / dt:7.0f}" if rate else " " * 7
+        rows.append(f"{s.get('position', '?'):>3}  {str(s['id'])[:20]:<20} {str(s.get('address', ''))[:21]:<21} "
+                    f"{health(s):<7} {s.get('experts', 0):>7} {s.get('tokens', 0):>8} {s.get('calls', 0):>6} "
+                    f"{per_s}  {bar(tokens, top, bar_width)}|")
+    return rows
+
+
+def hottest(st: dict, prev: dict | None, n: int = 5) -> str:
+    """The `n` experts that served the most tokens (since `prev` when given), as "L1/E5: 120"."""
+    now = expert_tokens(st)
+    got = _delta(now, expert_tokens(prev) if prev else None)
+    top = [kv for kv in sorted(got.items(), key=lambda kv: (-kv[1], kv[0])) if kv[1] > 0][:n]
+    return ", ".join(f"L{l}/E{e}: {c}" for (l, e), c in top)
+
+
+def event_line(ev: dict) -> str:
+    """"12:03:04 v7 removed shard=ab12 why=health check failed"."""
+    extra = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("t", "event", "version"))
+    when = time.strftime("%H:%M:%S", time.localtime(ev["t"])) if isinstance(ev.get("t"), (int, float)) else "--:--:--"
+    return f"{when} v{ev.get('version', '?')} {ev.get('event', '?')} {extra}".rstrip()
+
+
+def render(st: dict, prev: dict | None = None, dt: float | None = None, *, bar_width: int = 30,
+           events: int = 6) -> str:
+    """The status as text: header, shard table with load bars, hottest experts, the last `events` events.
+    With `prev` (the status `dt` seconds earlier), bars, tokens/s and hottest experts cover that interval."""
+    lines = header(st) + [""] + shard_rows(st, prev, dt, bar_width)
+    hot = hottest(st, prev)
+    since = f" (last {dt:.0f}s)" if prev is not None and dt else ""
+    lines += ["", f"hottest experts{since}: {hot or '-'}"]
+    evs = st.get("events") or []
+    if events and evs:
+        lines += ["", "recent events:"] + ["  " + event_line(e) for e in evs[-events:]]
+    return "\n".join(lines)
+
+
+def watch(fetch: Callable[[], dict], interval: float = 2.0, out: TextIO = sys.stdout,
+          iterations: int | None = None, clock: Callable[[], float] = time.monotonic) -> int:
+    """Redraw `render(fetch())` every `interval` s until Ctrl-C (or `iterations` frames); 0 on exit.
+    On a terminal each frame replaces the last; otherwise frames are separated by a blank line."""
+    prev, t_prev, frame = None, 0.0, 0
+    tty = out.isatty()
+    try:
+        while iterations is None or frame < iterations:
+            st, t = fetch(), clock()
+            text = render(st, prev, t - t_prev if prev is not None else None)
+            stamp = time.strftime("%H:%M:%S")
+            out.write((CLEAR if tty else ("\n" if frame else "")) + f"elasticmoe status  {stamp}  "
+                      f"(every {interval:g}s, Ctrl-C to quit)\n\n{text}\n")
+            out.flush()
+            prev, t_prev, frame = st, t, frame + 1
+            if iterations is None or frame < iterations:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def fetcher(address: str, app: str) -> Callable[[], dict]:
+    """A function returning the controller's status (one Ray connection, reused)."""
+    from elasticmoe.cli import _controller_status
+
+    first: dict[str, Any] = {"st": _controller_status(address, app)}
+
+    def fetch() -> dict:
+        if "st" in first:
+            return first.pop("st")
+        from ray import serve
+
+        return serve.get_deployment_handle("Controller", app_name=app).status.remote().result(timeout_s=30)
+
+    return fetch

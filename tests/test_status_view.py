@@ -1,0 +1,111 @@
+"""`elasticmoe status` views (text, --json, --watch) of a real Controller.status(): the controller and two expert
+shards run in this process over real gRPC, and the demo model's requests go through the gateway's dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+import torch
+
+from elasticmoe import SamplingParams
+from elasticmoe.autoscaler.controller import Controller
+from elasticmoe.autoscaler.record import GcsRecord
+from elasticmoe.cli import main as cli_main
+from elasticmoe.engine.engine import Engine
+from elasticmoe.experts.server import start_server
+from elasticmoe.gateway.dispatcher import GrpcDispatcher
+from elasticmoe.gateway.routing import RoutingTable
+from elasticmoe.model import open_model
+from elasticmoe.model.embedded import ensure_tiny_model
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.status_view import bar, event_line, expert_tokens, health, render, to_json, watch
+
+PROMPTS = ["The quick brown fox", "Water boils at", "Music fills the hall"]
+
+
+async def _statuses() -> tuple[dict, dict]:
+    """(status before any request, status after three greedy requests) of a 2-shard demo-model cluster."""
+    path = str(ensure_tiny_model("demo"))
+    files = open_model(path)
+    GcsRecord("default").clear()
+    servers = []
+    ctrl = Controller.func_or_class({"model": path, "num_shards": 2, "dtype": "float32", "device": "cpu"})
+    try:
+        for sid in ("shard-a", "shard-b"):
+            store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+            server, _, port = start_server(store, sid)
+            servers.append(server)
+            plan = await ctrl.register(sid, f"127.0.0.1:{port}")
+            store.load(plan["experts"])
+            await ctrl.ready(sid)
+        before = await ctrl.status()
+        dispatcher = GrpcDispatcher(timeout_s=10)
+        dispatcher.set_table(RoutingTable.from_dict(await ctrl.table()))
+        engine = Engine(files, dispatcher)
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(str(i), engine.tokenizer.encode(p), SamplingParams(max_tokens=12, temperature=0))
+        while engine.has_work():
+            engine.step()
+        return before, await ctrl.status()
+    finally:
+        for task in ctrl._tasks:
+            task.cancel()
+        for server in servers:
+            server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def statuses():
+    return asyncio.run(_statuses())
+
+
+def test_json_round_trips_the_status(statuses):
+    _, st = statuses
+    back = json.loads(to_json(st))
+    assert back["version"] == st["version"] and back["complete"] is True
+    assert [s["id"] for s in back["shards"]] == ["shard-a", "shard-b"]
+    assert sum(s["tokens"] for s in back["shards"]) > 0
+
+
+def test_text_view_lists_shards_health_load_and_hottest_experts(statuses):
+    before, st = statuses
+    text = render(st)
+    assert f"placement version {st['version']}" in text and "balancedness" in text
+    for s in st["shards"]:
+        assert s["address"] in text and health(s) == "ok"
+    served = expert_tokens(st)
+    (layer, expert), n = max(served.items(), key=lambda kv: kv[1])
+    assert f"hottest experts: L{layer}/E{expert}: {n}" in text
+    assert "hottest experts: -" in render(before)  # nothing served yet
+    assert "recent events:" in text and " ready shard=shard-a" in text
+
+
+def test_watch_frames_show_the_interval_since_the_last_frame(statuses):
+    before, st = statuses
+    frames = iter([before, st])
+    clock = iter([0.0, 2.0])
+    out = io.StringIO()
+    assert watch(lambda: next(frames), interval=0.0, out=out, iterations=2, clock=lambda: next(clock)) == 0
+    first, second = out.getvalue().split("elasticmoe status  ")[1:]
+    assert "tok/s" not in first and "tok/s" in second and "(last 2s)" in second
+    rates = {s["id"]: s["tokens"] / 2.0 for s in st["shards"]}
+    for sid, rate in rates.items():
+        row = next(line for line in second.splitlines() if sid in line)
+        assert f"{rate:7.0f}" in row and "█" in row or rate == 0
+
+
+def test_bars_and_events_are_plain_functions():
+    assert bar(0, 10, 8) == " " * 8 and bar(10, 10, 8) == "█" * 8 and bar(5, 10, 8) == "████    "
+    assert len(bar(1, 3, 7)) == 7 and bar(100, 10, 4) == "████"
+    assert health({"healthy": False, "ready": True}) == "dead" and health({"healthy": True}) == "loading"
+    assert event_line({"t": 0, "event": "removed", "version": 3, "shard": "x", "why": "gone"}).endswith(
+        "v3 removed shard=x why=gone")
+
+
+def test_cli_has_json_and_watch_options():
+    with pytest.raises(SystemExit) as e:
+        cli_main(["status", "--json", "--watch", "--interval", "0.5", "--help"])
+    assert e.value.code == 0
