@@ -59,7 +59,7 @@ gpu-check: setup      ## CUDA machine: Triton tests on the GPU (bf16, fp32), AOT
 bench-balance: setup
 	$(BIN)/python benchmarks/balance.py
 
-bench-stalls: setup   ## starts its own local Ray: longest stall during a live rebalance and a shard kill
+bench-stalls: setup   ## starts its own local Ray: failed streams and longest token gap around every single fault
 	$(BIN)/python benchmarks/stalls.py
 
 bench-overload: setup ## starts its own local Ray: 10x capacity for 30 s against a served tiny cluster

@@ -27,7 +27,6 @@ import numpy as np
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 OUT = REPO / "benchmarks" / "results" / "overload.json"
 APP, GRPC = "ovl", "127.0.0.1:9000"
 MAX_SEQS, MAX_QUEUE, TOKENS = 8, 8, 32
@@ -154,12 +153,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     model = make_tiny_model("mixtral", tmp / "mixtral", layers=2, experts=8)
     limits = {"max_num_seqs": MAX_SEQS, "max_queue": MAX_QUEUE, "max_model_len": 256, "max_queued_requests": 64}
-    entry = getattr(lc, "app_entry", None)
-    config = getattr(lc, "serve_config", None)
-    if entry is None or config is None:
-        from tests.serving_util import app_entry as entry, serve_config as config
     cfg = tmp / "overload.yaml"
-    cfg.write_text(yaml.safe_dump(config([entry(APP, model, 2, limits=limits)])))
+    cfg.write_text(yaml.safe_dump(lc.serve_config([lc.app_entry(APP, model, 2, limits=limits)])))
     lc.stop_ray()
     lc.start_ray(num_cpus=8)
     try:

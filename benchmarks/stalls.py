@@ -83,12 +83,29 @@ def settled(app: str, timeout: float = 240) -> dict:
         try:
             s = ctl.status.remote().result(timeout_s=30)
             if s["complete"] and not s.get("recovering") and s["num_shards"] == 2 and sum(
-                    1 for x in s["shards"] if x["ready"] and x["healthy"]) == 2:
+                    1 for x in s["shards"] if x["ready"] and x["healthy"]) == 2 and min(
+                    min(row) for row in s["copies"]) >= (2 if app == "rep" else 1):
                 return s
         except Exception:  # noqa: BLE001 - a restarting controller
             pass
         time.sleep(1.0)
     raise TimeoutError(f"{app} did not settle")
+
+
+def sole_holder(app: str) -> int:
+    """pid of the shard holding the most experts that have no other copy (a true single-copy fault)."""
+    h = handles(app)
+    sole = {s["id"]: s["sole_copies"] for s in h["Controller"].status.remote().result()["shards"] if s["healthy"]}
+    pids: dict[str, int] = {}
+    for _ in range(100):
+        i = h["ExpertShard"].info.remote().result()
+        pids[i["shard_id"]] = i["pid"]
+        if set(sole) <= set(pids):
+            break
+    victim = max(sole, key=sole.get)
+    if not sole[victim]:
+        raise RuntimeError(f"{app}: every expert has a second copy; no single-copy fault to inject")
+    return pids[victim]
 
 
 def shard_pids(app: str) -> list[int]:
@@ -161,11 +178,11 @@ def main() -> None:
         print(f"\n{'event':<34}{'failed':>8}{'median gap ms':>14}{'longest gap ms':>16}")
         rows.append(fault("live rebalance", "stall", wait_rebalance, 5.0))
         rows.append(fault("shard kill (replicated)", "rep", lambda: os.kill(shard_pids("rep")[0], signal.SIGKILL)))
-        rows.append(fault("shard kill (single copies)", "one", lambda: os.kill(shard_pids("one")[0], signal.SIGKILL)))
+        rows.append(fault("shard kill (single copies)", "one", lambda: os.kill(sole_holder("one"), signal.SIGKILL)))
         ctl_pid = handles("rep")["Controller"].info.remote().result()["pid"]
         rows.append(fault("controller kill", "rep", lambda: os.kill(ctl_pid, signal.SIGKILL)))
         rows.append(fault("shard pause 8 s (replicated)", "rep", lambda: pause(shard_pids("rep")[0], 8.0)))
-        rows.append(fault("shard pause 8 s (single copies)", "one", lambda: pause(shard_pids("one")[0], 8.0)))
+        rows.append(fault("shard pause 8 s (single copies)", "one", lambda: pause(sole_holder("one"), 8.0)))
         gw_pid = handles("one")["Gateway"].stats.remote().result()["pid"]
         rows.append(fault("gateway kill", "one", lambda: os.kill(gw_pid, signal.SIGKILL), 40.0))
     finally:

@@ -212,6 +212,35 @@ def test_orphans_wait_for_the_next_table(files):
         shards.close()
 
 
+def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files):
+    """A paused shard holding the only copies: no hedge is possible until the controller re-homes them; the next
+    table (arriving mid-step, from the poller) carries a copy elsewhere and the hedge goes there at once."""
+    import threading
+
+    shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    try:
+        layer, inputs = shards.layers[0], _inputs(files, 6)
+        ref = _reference(files, layer, *inputs)
+        d = GrpcDispatcher(timeout_s=20, hedge_min_s=0.05)
+        d.set_table(shards.table(SPLIT))
+        for _ in range(5):
+            _run(d, layer, inputs)
+        shards.servicers[0].faults.run_delay_s = 10.0  # "paused": answers only after 10 s
+
+        def rehome():  # the controller, 0.5 s later: s0's experts loaded on s1, a complete table without s0
+            time.sleep(0.5)
+            shards.stores[1].load([(l, e) for l in shards.layers for e in range(4)])
+            d.set_table(shards.table({e: [1] for e in range(E)}, version=2, alive=[1]))
+
+        threading.Thread(target=rehome, daemon=True).start()
+        out, took = _run(d, layer, inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert d.hedges == 1 and 0.5 <= took < 3.0, (d.hedges, took)
+    finally:
+        shards.servicers[0].faults.run_delay_s = 0.0
+        shards.close()
+
+
 def test_no_copy_anywhere_raises_experts_unavailable(files):
     shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]])
     try:

@@ -129,6 +129,20 @@ def _shard_pids(app: str, n: int = 2) -> list[int]:
     raise AssertionError(f"found only {pids}")
 
 
+def _sole_holder(app: str) -> int:
+    """pid of a shard holding experts that have no other copy (a fault there is a true single-copy fault)."""
+    sole = {s["id"]: s["sole_copies"] for s in _status(app)["shards"] if s["healthy"]}
+    shards, pids = handle("ExpertShard", app), {}
+    for _ in range(100):
+        i = shards.info.remote().result()
+        pids[i["shard_id"]] = i["pid"]
+        if set(sole) <= set(pids):
+            break
+    victim = max(sole, key=sole.get)
+    assert sole[victim] > 0, f"{app}: every expert has a second copy, no single-copy fault possible: {sole}"
+    return pids[victim]
+
+
 def _status(app: str) -> dict:
     return handle("Controller", app).status.remote().result(timeout_s=60)
 
@@ -147,9 +161,13 @@ def _wait(predicate, timeout: float, what: str):
 
 
 def _settled(app: str, shards: int = 2) -> dict:
+    """Wait until `app` has `shards` live shards and a complete placement; "rep" also every expert on >= 2 shards
+    again (a replicated fault test then injects into a truly replicated placement)."""
+    copies = 2 if app == "rep" else 1
     return _wait(lambda: (s := _status(app))["complete"] and not s["recovering"]
                  and sum(1 for x in s["shards"] if x["ready"] and x["healthy"]) == shards
-                 and s["num_shards"] == shards and s, 240, f"{app}: {shards} live shards, complete placement")
+                 and s["num_shards"] == shards and min(min(row) for row in s["copies"]) >= copies and s, 240,
+                 f"{app}: {shards} live shards, complete placement, >= {copies} copies of every expert")
 
 
 def _steps(app: str, t0: float, t1: float) -> list[float]:
@@ -183,7 +201,7 @@ def test_replicated_shard_kill_fails_over_inside_the_step(apps):
 
 def test_unreplicated_shard_kill_loses_nothing(apps):
     _settled("one")
-    victim = _shard_pids("one")[1]
+    victim = _sole_holder("one")
     streams = Streams("one")
     streams.wait_tokens(8)
     killed = time.time()
@@ -226,7 +244,8 @@ def _replica_ids(app: str) -> set[str]:
 
 def test_paused_shard_then_another_killed_no_zombie(apps):
     _settled("one")
-    paused, other = _shard_pids("one")
+    paused = _sole_holder("one")
+    (other,) = set(_shard_pids("one")) - {paused}
     streams = Streams("one")
     streams.wait_tokens(4)
     stopped = time.time()
@@ -269,7 +288,7 @@ def test_paused_shard_with_a_replica_is_hedged(apps):
 
 def test_unreplicated_shard_paused_30s_its_requests_complete(apps):
     _settled("one")
-    paused = _shard_pids("one")[0]
+    paused = _sole_holder("one")
     streams = Streams("one")
     streams.wait_tokens(4)
     stopped = time.time()

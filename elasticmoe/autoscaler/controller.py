@@ -202,14 +202,16 @@ class Controller(Mover):
     async def status(self) -> dict:
         """Placement version, per-shard health and load, balancedness per layer, hottest experts, events."""
         load = self.load.planning_load()
-        shards = []
+        shards, p = [], self.registry.placement
+        copies = p.num_copies()  # [L, E]
         for s in sorted(self.registry.shards.values(), key=lambda s: s.position):
+            mine = p.experts_on(s.position) if s.position < p.num_shards else []
             entry = {"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
-                     "healthy": s.healthy, "experts": len(self.registry.assignment(s.position)),
+                     "healthy": s.healthy, "experts": len(mine),
+                     "sole_copies": sum(1 for l, e in mine if copies[l, e] == 1),  # lost with this shard
                      "utilization": self.load.utilization.get(s.shard_id, 0.0)}
             entry.update(await self._shard_stats(s.address))
             shards.append(entry)
-        p = self.registry.placement
         return {"version": self.registry.version, "complete": self.registry.complete(), "shards": shards,
                 "num_shards": p.num_shards, "desired_shards": self.desired, "recovering": self.recovering,
                 "balancedness": p.balancedness(load).tolist(), "load": self.load.ema.tolist(),

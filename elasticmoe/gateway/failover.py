@@ -43,6 +43,7 @@ class _Group:
         self.tried: set[str] = set()  # shards that failed or lack these experts: not asked again this step
         self.started = time.perf_counter()
         self.hedged = False
+        self.hedge_tried_version = -1  # table version in which a hedge found no other copy
 
     def live(self) -> list[list[Call]]:
         return [a for i, a in enumerate(self.attempts) if i not in self.broken]
@@ -177,11 +178,14 @@ class Step:
             if age < after:
                 nxt = min(nxt, after - age)
                 continue
+            if g.hedge_tried_version == table.version:
+                continue  # no other copy in this table: wait for the straggler, its deadline or a newer table
             slow = {c.shard_id for c in live[0] if c.output is None}
             shard_of, lost = self._route(table, g.ids, g.tried | self.dead | slow)
-            g.hedged = True
             if bool(lost.any()):
-                continue  # no other copy: wait for the straggler (or its deadline)
+                g.hedge_tried_version = table.version  # a re-home (controller) may add copies: try that table
+                continue
+            g.hedged = True
             calls = [c for cs in self._issue(table, g.ids, shard_of) for c in cs]
             g.attempts.append(calls)
             self.d.hedges += 1
