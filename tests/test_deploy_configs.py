@@ -78,7 +78,13 @@ def test_cluster_config_passes_ray_validator(path):
     head = prepared["head_node_type"]
     assert head in prepared["available_node_types"]
     start = " ".join(prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"])
-    assert "RAY_AUTH_MODE=disabled" in start
+    # Ray's token auth and elasticmoe's mTLS, both from files every node gets (file_mounts): never disabled.
+    assert start.count("RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/auth_token") == 2
+    assert "RAY_AUTH_MODE=disabled" not in start and "insecure_internal" not in start
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.config/elasticmoe/ray_token"
+    assert config["file_mounts"]["~/elasticmoe/tls"] == "~/.config/elasticmoe/tls/node"
+    for var, name in (("CA", "ca.crt"), ("CERT", "tls.crt"), ("KEY", "tls.key")):
+        assert start.count(f"ELASTICMOE_TLS_{var}=~/elasticmoe/tls/{name}") == 2
     assert start.count("ELASTICMOE_EXPERT_HOST=node_ip") == 2  # shards reachable from other nodes
     assert "--dashboard-host=127.0.0.1" in start  # reached over SSH (`ray dashboard`)
     # elasticmoe reaches the nodes: the container image, or a pip install of the pinned wheel.

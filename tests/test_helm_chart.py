@@ -143,7 +143,7 @@ def test_default_values_render(default_objects):
     assert (args.num_shards, args.num_gateways, args.device) == (2, 1, "cpu")
     assert args.autoscaling is None
     kinds = sorted(o["kind"] for o in default_objects)
-    assert kinds == ["NetworkPolicy", "PodDisruptionBudget", "RayService", "Service"]
+    assert kinds == ["NetworkPolicy", "PodDisruptionBudget", "RayService", "Secret", "Service"]  # Secret: internal TLS
 
 
 def test_production_values_render(prod_objects):
@@ -255,10 +255,10 @@ def test_kuberay_operator_reaches_dashboard_and_proxy(prod_objects):
     assert rules and {(8265, 8265), (8000, 8000)} <= set(_port_ranges(rules[0]))
 
 
-def test_serving_ports_open_to_anyone_by_default(default_objects):
+def test_serving_ports_open_to_the_release_namespace_by_default(default_objects):
     policy = _one(default_objects, "NetworkPolicy")
-    rule = next(r for r in policy["spec"]["ingress"] if (8000, 8000) in _port_ranges(r))
-    assert "from" not in rule
+    rule = next(r for r in policy["spec"]["ingress"] if (9000, 9000) in _port_ranges(r))
+    assert rule["from"] == [{"podSelector": {}}]  # pods of the policy's own namespace, nobody else
 
 
 @pytest.mark.parametrize("enabled", [False, True])

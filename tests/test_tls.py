@@ -155,3 +155,20 @@ def test_racing_processes_make_one_ca(tmp_path):
     assert len(cas) == 1 and "BEGIN CERTIFICATE" in cas.pop()
     assert oct((tmp_path / "ca" / "tls.key").stat().st_mode & 0o777) == "0o600"
     assert oct((tmp_path / "ca" / "ca.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_release_files_for_ray_up(tmp_path, store, monkeypatch):
+    """`python -m elasticmoe.rpc.tls DIR` (cluster/*.yaml): node files without the CA's key, which work as
+    ELASTICMOE_TLS_* on both ends."""
+    out = subprocess.run([sys.executable, "-m", "elasticmoe.rpc.tls", str(tmp_path / "tls")], capture_output=True,
+                         text=True, check=True).stdout
+    node = tmp_path / "tls" / "node"
+    assert sorted(p.name for p in node.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]
+    assert f"{tls.ENV_CA}={node / 'ca.crt'}" in out
+    for env, name in ((tls.ENV_CA, "ca.crt"), (tls.ENV_CERT, "tls.crt"), (tls.ENV_KEY, "tls.key")):
+        monkeypatch.setenv(env, str(node / name))
+    server, _, port = start_server(store, "node")
+    try:
+        assert _health(tls.channel(f"127.0.0.1:{port}")).ok
+    finally:
+        server.stop(None)

@@ -208,3 +208,25 @@ def channel(address: str, options: list[tuple[str, Any]] | None = None, insecure
         return mod.insecure_channel(address, options=options)
     options.append(("grpc.ssl_target_name_override", SERVER_NAME))
     return mod.secure_channel(address, channel_credentials(files), options=options)
+
+
+def make_release_files(out: Path) -> TlsFiles:
+    """A new CA under out/ca (its key stays there) and the files every node needs in out/node: ca.crt, tls.crt,
+    tls.key (for `ray up` file_mounts; point ELASTICMOE_TLS_* at them)."""
+    import shutil
+
+    ca = local_ca(out / "ca")
+    node = out / "node"
+    node.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for src in (ca.ca, ca.cert, ca.key):
+        shutil.copy2(src, node / src.name)
+    return TlsFiles(node / "ca.crt", node / "tls.crt", node / "tls.key")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m elasticmoe.rpc.tls", description=make_release_files.__doc__)
+    p.add_argument("out", type=Path, help="directory, e.g. ~/.config/elasticmoe/tls")
+    files = make_release_files(p.parse_args().out.expanduser())
+    print(f"export {ENV_CA}={files.ca} {ENV_CERT}={files.cert} {ENV_KEY}={files.key}")

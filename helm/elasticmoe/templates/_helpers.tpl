@@ -72,6 +72,18 @@ message naming the values at fault.
 {{- if eq (int $v.serve.httpPort) (int $v.serve.grpcPort) }}
 {{- fail "serve.httpPort and serve.grpcPort must differ" }}
 {{- end }}
+{{- range $p := $v.networkPolicy.operatorFrom }}
+{{- if not (and $p.namespaceSelector $p.podSelector) }}
+{{- fail "networkPolicy.operatorFrom: every peer needs a non-empty namespaceSelector AND a podSelector (a pod label alone can be set by anyone, in any namespace)" }}
+{{- end }}
+{{- end }}
+{{- $tls := $v.internalTls }}
+{{- if and $tls.enabled (eq $tls.source "existingSecret") (not $tls.existingSecret) }}
+{{- fail "internalTls.source existingSecret needs internalTls.existingSecret (a Secret with ca.crt, tls.crt, tls.key)" }}
+{{- end }}
+{{- if and $tls.enabled (eq $tls.source "certManager") (not $tls.certManager.issuerRef.name) }}
+{{- fail "internalTls.source certManager needs internalTls.certManager.issuerRef.name (a CA Issuer or ClusterIssuer)" }}
+{{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- if gt (int $v.autoscaling.minShards) (int $v.autoscaling.maxShards) }}
 {{- fail (printf "autoscaling.minShards (%v) must be <= autoscaling.maxShards (%v)" $v.autoscaling.minShards $v.autoscaling.maxShards) }}
@@ -226,6 +238,8 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
       "limits" $limits
       "expert_metrics" $v.expertMetrics }}
 {{- with $v.model.revision }}{{- $_ := set $args "revision" (toString .) }}{{- end }}
+{{- with $v.model.servedName }}{{- $_ := set $args "served_model_name" (toString .) }}{{- end }}
+{{- if not $v.internalTls.enabled }}{{- $_ := set $args "insecure_internal" true }}{{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- $a := $v.autoscaling }}
 {{- $as := dict
@@ -286,6 +300,25 @@ Environment shared by the Ray containers of the head and the workers.
 # Triton's compiled kernels: a volume of the pod (or a shared cache PVC), not the home directory.
 - name: TRITON_CACHE_DIR
   value: {{ .Values.tritonCache.mountPath | quote }}
+# The root filesystem is read-only: caches live on an emptyDir.
+- name: ELASTICMOE_CACHE
+  value: /var/cache/elasticmoe
+- name: XDG_CACHE_HOME
+  value: /var/cache/elasticmoe/xdg
+{{- if .Values.internalTls.enabled }}
+# mTLS between gateways, controller and expert shards: the release's CA bundle and certificate.
+- name: ELASTICMOE_TLS_CA
+  value: {{ printf "%s/ca.crt" .Values.internalTls.mountPath | quote }}
+- name: ELASTICMOE_TLS_CERT
+  value: {{ printf "%s/tls.crt" .Values.internalTls.mountPath | quote }}
+- name: ELASTICMOE_TLS_KEY
+  value: {{ printf "%s/tls.key" .Values.internalTls.mountPath | quote }}
+{{- end }}
+{{- with .Values.apiKeys.existingSecret }}
+# API keys of the HTTP and gRPC APIs, one a line; re-read when the Secret changes.
+- name: ELASTICMOE_API_KEYS_FILE
+  value: {{ printf "/etc/elasticmoe/api-keys/%s" $.Values.apiKeys.key | quote }}
+{{- end }}
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
@@ -330,6 +363,35 @@ Volumes and mounts shared by the head and the workers: model cache and /dev/shm.
   emptyDir:
     medium: Memory
     sizeLimit: {{ .Values.shmSize }}
+# Writable places under the read-only root filesystem: /tmp (Ray's session, logs, spilled objects) and caches.
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.writable.tmpSizeLimit }}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ .Values.writable.cacheSizeLimit }}
+{{- if .Values.internalTls.enabled }}
+- name: internal-tls
+  secret:
+    secretName: {{ include "elasticmoe.tlsSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: ca.crt
+        path: ca.crt
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- with .Values.apiKeys.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: {{ $.Values.apiKeys.key }}
+        path: {{ $.Values.apiKeys.key }}
+{{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
@@ -343,6 +405,20 @@ Volumes and mounts shared by the head and the workers: model cache and /dev/shm.
   mountPath: {{ .Values.tritonCache.mountPath }}
 - name: dshm
   mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /var/cache/elasticmoe
+{{- if .Values.internalTls.enabled }}
+- name: internal-tls
+  mountPath: {{ .Values.internalTls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .Values.apiKeys.existingSecret }}
+- name: api-keys
+  mountPath: /etc/elasticmoe/api-keys
+  readOnly: true
+{{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -393,6 +469,8 @@ under HF_HOME), before Ray starts. Files already there are skipped, so a head re
   volumeMounts:
     - name: model-cache
       mountPath: {{ .Values.modelCache.mountPath }}
+    - name: tmp
+      mountPath: /tmp
 {{- end }}
 
 {{/*
@@ -433,6 +511,14 @@ podAffinity:
         labelSelector:
           matchLabels:
             {{- include "elasticmoe.podSelectorLabels" . | nindent 12 }}
+{{- end }}
+
+{{- define "elasticmoe.tlsSecretName" -}}
+{{- if eq .Values.internalTls.source "existingSecret" }}
+{{- .Values.internalTls.existingSecret }}
+{{- else }}
+{{- printf "%s-internal-tls" (include "elasticmoe.fullname" .) }}
+{{- end }}
 {{- end }}
 
 {{- define "elasticmoe.acceleratorType" -}}

@@ -1,0 +1,199 @@
+"""The chart's security defaults, rendered with Helm's engine and validated against KubeRay's CRD: the generated
+internal CA and certificate work for a real mTLS expert shard; existing-Secret and cert-manager sources; Ray token
+auth; read-only root filesystems with emptyDirs; no service-account token on workers; API keys from a Secret; the
+NetworkPolicy (operator by namespace AND pod, serving from the namespace, metrics from monitoring, egress)."""
+
+from __future__ import annotations
+
+import base64
+
+import helm_python as helm
+import pytest
+import torch
+
+from tests.test_helm_chart import _check_rayservice, _chart, _containers, _objects, _one, _port_ranges, _prod_values, _render
+
+DASHBOARD_PORTS = {(8265, 8265), (52365, 52365)}
+
+
+def _rs(values: dict | None = None) -> dict:
+    return _one(_objects(_render(values)), "RayService")
+
+
+def _pod_specs(rs: dict) -> list[dict]:
+    cluster = rs["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+# ----- internal mTLS
+def test_generated_certificate_serves_a_real_mtls_shard(tmp_path, monkeypatch):
+    """genCA / genSignedCert output, mounted as the pods mount it, is what rpc.tls needs on both ends."""
+    from elasticmoe.experts.server import start_server
+    from elasticmoe.model import open_model
+    from elasticmoe.model.experts import ExpertStore
+    from elasticmoe.model.tiny import make_tiny_model
+    from elasticmoe.rpc import tls
+    from tests.test_tls import _health, _refused
+
+    objs = _objects(_render())
+    secret = _one(objs, "Secret")
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    rs = _one(objs, "RayService")
+    mount = _chart().values["internalTls"]["mountPath"]
+    for spec, c in _containers(rs):
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "internal-tls"]
+        assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+        assert {"name": "internal-tls", "mountPath": mount, "readOnly": True} in c["volumeMounts"]
+        env = _env(c)
+        assert (env["ELASTICMOE_TLS_CA"], env["ELASTICMOE_TLS_CERT"], env["ELASTICMOE_TLS_KEY"]) == (
+            f"{mount}/ca.crt", f"{mount}/tls.crt", f"{mount}/tls.key")
+    assert _check_rayservice(rs).insecure_internal is False
+    for name, data in secret["data"].items():
+        (tmp_path / name).write_bytes(base64.b64decode(data))
+    for env, name in ((tls.ENV_CA, "ca.crt"), (tls.ENV_CERT, "tls.crt"), (tls.ENV_KEY, "tls.key")):
+        monkeypatch.setenv(env, str(tmp_path / name))
+    files = open_model(str(make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=4)))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    server, _, port = start_server(store, "pod")
+    try:
+        assert _health(tls.channel(f"127.0.0.1:{port}")).ok
+        _refused(tls.channel(f"127.0.0.1:{port}", files=tls.local_ca(tmp_path / "other")))
+    finally:
+        server.stop(None)
+
+
+def test_each_install_gets_its_own_ca():
+    ca = lambda: _one(_objects(_render()), "Secret")["data"]["ca.crt"]  # noqa: E731
+    assert ca() != ca()  # `helm template` has no cluster to look the old Secret up in
+
+
+def test_existing_secret_and_cert_manager_sources():
+    rs = _rs({"internalTls": {"source": "existingSecret", "existingSecret": "my-internal-tls"}})
+    assert all(v["secret"]["secretName"] == "my-internal-tls" for spec in _pod_specs(rs)
+               for v in spec["volumes"] if v["name"] == "internal-tls")
+    assert [o for o in _objects(_render({"internalTls": {"source": "existingSecret", "existingSecret": "x"}}))
+            if o["kind"] == "Secret"] == []
+    objs = _objects(_render({"internalTls": {"source": "certManager",
+                                             "certManager": {"issuerRef": {"name": "release-ca", "kind": "ClusterIssuer"}}}}))
+    cert = _one(objs, "Certificate")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert {"server auth", "client auth"} <= set(cert["spec"]["usages"]) and "elasticmoe-internal" in cert["spec"]["dnsNames"]
+    assert cert["spec"]["issuerRef"]["name"] == "release-ca"
+    rs = _one(objs, "RayService")
+    assert all(v["secret"]["secretName"] == cert["spec"]["secretName"] for spec in _pod_specs(rs)
+               for v in spec["volumes"] if v["name"] == "internal-tls")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"internalTls": {"source": "existingSecret"}}, "internalTls.existingSecret"),
+    ({"internalTls": {"source": "certManager"}}, "issuerRef.name"),
+    ({"networkPolicy": {"operatorFrom": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]}},
+     "namespaceSelector AND a podSelector"),
+    ({"networkPolicy": {"operatorFrom": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"a": "b"}}}]}},
+     "namespaceSelector AND a podSelector"),
+])
+def test_unsafe_values_fail_render(bad, message):
+    with pytest.raises(helm.HelmError, match=message):
+        _render(bad)
+
+
+def test_insecure_internal_is_explicit():
+    objs = _objects(_render({"internalTls": {"enabled": False}}))
+    rs = _one(objs, "RayService")
+    assert _check_rayservice(rs).insecure_internal is True
+    assert [o for o in objs if o["kind"] == "Secret"] == []
+    assert all("ELASTICMOE_TLS_CA" not in _env(c) for _, c in _containers(rs))
+
+
+# ----- Ray, pods
+@pytest.mark.parametrize("which", ["default", "gpu-production"])
+def test_ray_token_auth_by_default(which):
+    rs = _rs(None if which == "default" else _prod_values())
+    _check_rayservice(rs)
+    assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    assert all("RAY_AUTH_MODE" not in _env(c) for _, c in _containers(rs))  # KubeRay sets it and the token
+    rs = _rs({"rayAuth": {"mode": "token", "secretName": "ray-token"}})
+    _check_rayservice(rs)
+    assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token", "secretName": "ray-token"}
+
+
+@pytest.mark.parametrize("which", ["default", "gpu-production", "autoscaler+download"])
+def test_read_only_root_and_no_worker_token(which):
+    values = {"default": None, "gpu-production": _prod_values(),
+              "autoscaler+download": {"rayAutoscaler": {"enabled": True},
+                                      "model": {"path": "org/m", "revision": "main", "download": {"enabled": True}},
+                                      "modelCache": {"type": "pvc"}}}[which]
+    rs = _rs(values)
+    _check_rayservice(rs)
+    cluster = rs["spec"]["rayClusterConfig"]
+    for spec in _pod_specs(rs):
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert "emptyDir" in vols["tmp"] and "emptyDir" in vols["cache"]
+        for c in spec["containers"] + spec.get("initContainers", []):
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+            assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp"}, c["name"]
+    for _, c in _containers(rs):
+        assert {"/tmp", "/var/cache/elasticmoe", _chart().values["tritonCache"]["mountPath"]} <= {
+            m["mountPath"] for m in c["volumeMounts"]}
+        assert _env(c)["ELASTICMOE_CACHE"] == "/var/cache/elasticmoe"
+    assert all(g["template"]["spec"]["automountServiceAccountToken"] is False for g in cluster["workerGroupSpecs"])
+    head = cluster["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"]
+    assert head is (which == "autoscaler+download" or bool((values or {}).get("rayAutoscaler", {}).get("enabled")))
+
+
+def test_api_keys_from_a_secret():
+    rs = _rs()
+    assert all("ELASTICMOE_API_KEYS_FILE" not in _env(c) for _, c in _containers(rs))
+    prod = _prod_values()
+    rs = _rs(prod)
+    name, key = prod["apiKeys"]["existingSecret"], prod["apiKeys"]["key"]
+    for spec, c in _containers(rs):
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "api-keys"]
+        assert vol["secret"]["secretName"] == name
+        assert _env(c)["ELASTICMOE_API_KEYS_FILE"] == f"/etc/elasticmoe/api-keys/{key}"
+    args = _check_rayservice(_rs({"model": {"servedName": "moe-prod"}}))
+    assert args.served_model_name == "moe-prod" and args.api_keys == []  # keys never in the Serve config
+
+
+# ----- NetworkPolicy
+@pytest.mark.parametrize("which", ["default", "gpu-production"])
+def test_network_policy_defaults(which):
+    values = None if which == "default" else _prod_values()
+    policy = _one(_objects(_render(values)), "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    for rule in spec["ingress"]:
+        assert rule.get("from"), f"an ingress rule open to every peer: {rule}"
+        ranges = set(_port_ranges(rule))
+        if ranges & DASHBOARD_PORTS:  # the dashboard (Jobs API): the operator, by namespace AND pod
+            assert all(p["namespaceSelector"].get("matchLabels") and p["podSelector"].get("matchLabels")
+                       for p in rule["from"]), rule
+        if (8080, 8080) in ranges:
+            assert all(p.get("namespaceSelector", {}).get("matchLabels") for p in rule["from"]), rule
+    assert sum(bool(set(_port_ranges(r)) & DASHBOARD_PORTS) for r in spec["ingress"]) == 1
+    egress = spec["egress"]
+    assert any({(53, 53)} <= set(_port_ranges(r)) and r["to"] for r in egress)
+    for rule in egress:
+        assert rule.get("to") or rule.get("ports"), f"egress to anywhere on any port: {rule}"
+
+
+def test_egress_follows_what_the_release_needs():
+    def rules(values):
+        return _one(_objects(_render(values)), "NetworkPolicy")["spec"]["egress"]
+
+    base = len(rules(None))
+    download = rules({"model": {"path": "org/m", "revision": "main", "download": {"enabled": True}},
+                      "modelCache": {"type": "pvc"}})
+    assert len(download) == base + 1 and _port_ranges(download[-1]) == [(443, 443)]
+    store = rules({"networkPolicy": {"egress": {"modelStore": {"to": [{"ipBlock": {"cidr": "10.9.0.0/16"}}],
+                                                               "ports": [9000]}}}})
+    assert store[-1] == {"ports": [{"protocol": "TCP", "port": 9000}], "to": [{"ipBlock": {"cidr": "10.9.0.0/16"}}]}
+    ft = rules({"gcsFaultTolerance": {"enabled": True, "redisAddress": "redis://redis.db.svc:6380"}})
+    assert _port_ranges(ft[-1]) == [(6380, 6380)]
+    assert {(443, 443), (6443, 6443)} == set(_port_ranges(rules({"rayAutoscaler": {"enabled": True}})[-1]))
+    policy = _one(_objects(_render({"networkPolicy": {"egress": {"enabled": False}}})), "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]

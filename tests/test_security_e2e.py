@@ -1,0 +1,187 @@
+"""End to end, on a real local cluster: every listening socket of the cluster's processes (read from /proc) is on
+127.0.0.1 but Serve's own wildcard binds; the expert shards serve mTLS only; the API refuses requests without a key
+(HTTP 401, gRPC UNAUTHENTICATED) and serves them with one; no checkpoint path reaches clients."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from elasticmoe.client import GenerationClient
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import tls
+from tests.serving_util import GRPC, app_entry, deploy, handle
+
+pytestmark = pytest.mark.e2e
+APP, KEY = "sec", "sk-e2e-0123456789abcdef0123"
+HTTP = f"http://127.0.0.1:8000/{APP}"
+RAY_MARKERS = ("gcs_server", "raylet", "ray::", "ray/dashboard", "ray/_private", "default_worker.py", "ray/autoscaler")
+
+
+# ----- /proc: listening TCP sockets per process
+def _addr(hex_addr: str) -> tuple[str, int]:
+    """'0100007F:1F90' (IPv4) or 32 hex digits + port (IPv6), as /proc/net/tcp{,6} write them."""
+    host, port = hex_addr.split(":")
+    raw = bytes.fromhex(host)
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word is host-order
+    return str(ipaddress.ip_address(raw)), int(port, 16)
+
+
+def listening_sockets() -> dict[int, tuple[str, int]]:
+    """inode -> (address, port) of every socket in LISTEN state (st 0A) in this network namespace."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":
+                out[int(f[9])] = _addr(f[1])
+    return out
+
+
+def cluster_processes() -> dict[int, str]:
+    """pid -> command line of this user's Ray processes (GCS, raylet, dashboard, agents, workers, replicas)."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if d.stat().st_uid != os.getuid():
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if any(m in cmd for m in RAY_MARKERS):
+            procs[int(d.name)] = cmd
+    return procs
+
+
+def listeners() -> list[tuple[int, str, str, int]]:
+    """(pid, command line, address, port) of every socket a cluster process listens on."""
+    socks, out = listening_sockets(), []
+    for pid, cmd in cluster_processes().items():
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        inodes = set()
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+        out += [(pid, cmd, *socks[i]) for i in inodes if i in socks]
+    return out
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def _serve_wildcard(cmd: str, port: int) -> bool:
+    """Ray Serve binds these on every interface and offers no host option (docs/SECURITY.md): its gRPC proxy
+    on grpc_options.port, and each replica's inter-deployment gRPC server (an ephemeral port)."""
+    return ("ProxyActor" in cmd and port == 9000) or "ServeReplica" in cmd
+
+
+# ----- the cluster
+@pytest.fixture(scope="module")
+def secured(ray_cluster, tiny_models, tmp_path_factory):
+    entry = app_entry(APP, tiny_models["mixtral"], 2, api_keys=[KEY])
+    deploy(ray_cluster, [entry], tmp_path_factory.mktemp("sec") / "serve.yaml")
+    status = handle("Controller", APP).status.remote().result(timeout_s=60)
+    return [s["address"] for s in status["shards"]]
+
+
+def test_every_listener_is_loopback_or_serves_own(secured):
+    found = listeners()
+    assert found, "no listening socket found for the cluster's processes"
+    ports = {port for _, _, _, port in found}
+    assert {6379, 8265, 8000, 9000} <= ports, sorted(ports)  # GCS, dashboard, HTTP proxy, gRPC proxy
+    for address in secured:  # the expert shards: on 127.0.0.1, listening
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) in ports, address
+    exposed = [(pid, cmd[:120], addr, port) for pid, cmd, addr, port in found
+               if not _loopback(addr) and not _serve_wildcard(cmd, port)]
+    assert exposed == [], "listening beyond 127.0.0.1:\n" + "\n".join(map(str, exposed))
+    for pid, cmd, addr, port in found:  # the HTTP proxy and the dashboard (Jobs API) never on a wildcard
+        if port in (8000, 8265, 6379):
+            assert _loopback(addr), (pid, cmd[:120], addr, port)
+
+
+def test_shards_speak_mtls_only(secured):
+    for address in secured:
+        with tls.channel(address) as ch:  # the cluster's local CA: same ELASTICMOE_CACHE as this process
+            assert pb_grpc.ExpertShardStub(ch).Health(pb.HealthRequest(), timeout=10).ok
+        with grpc.insecure_channel(address) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.ExpertShardStub(ch).Health(pb.HealthRequest(), timeout=5)
+            assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as s:  # raw bytes: no gRPC answer
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            s.settimeout(5)
+            try:
+                data = s.recv(64)
+            except (socket.timeout, ConnectionError):
+                data = b""
+            assert not data.startswith(b"\x00\x00"), "a plaintext HTTP/2 frame came back"
+
+
+def _http(path: str, key: str | None = None, body: dict | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(HTTP + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_http_needs_the_key(secured, tiny_models):
+    body = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    for key in (None, "sk-wrong-wrong-wrong-wrong"):
+        for path, b in (("/v1/completions", body), ("/v1/models", None)):
+            status, out = _http(path, key, b)
+            assert status == 401 and out["error"]["code"] == "invalid_api_key", (path, key, out)
+    assert _http("/health")[0] == 200
+    status, out = _http("/v1/completions", KEY, body)
+    assert status == 200 and out["usage"]["completion_tokens"] == 2
+    status, out = _http("/v1/models", KEY)
+    assert status == 200 and [m["id"] for m in out["data"]] == [Path(tiny_models["mixtral"]).name]
+    assert str(tiny_models["mixtral"]) not in json.dumps(out)
+
+
+def test_grpc_needs_the_key(secured):
+    for key in ("", "sk-wrong-wrong-wrong-wrong"):
+        client = GenerationClient(GRPC, app=APP, api_key=key)
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                client.generate("Hello", max_tokens=2, temperature=0)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as e:
+                list(client.stream("Hello", max_tokens=2, temperature=0))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            client.close()
+    client = GenerationClient(GRPC, app=APP, api_key=KEY)
+    try:
+        assert client.generate("Hello", max_tokens=2, temperature=0).usage.completion_tokens == 2
+    finally:
+        client.close()
