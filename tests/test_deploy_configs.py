@@ -383,9 +383,17 @@ def test_deploy_doc_commands_are_checked():
             setup = [" ".join(c.split()) for f in CLUSTER_FILES for cmds in
                      _node_commands(_prepare_and_validate(_load(f))).values() for c in cmds]
             assert " ".join(cmd.split()) in setup, cmd
+        elif cmd.startswith("test -s ~/.config/elasticmoe/ray_token || openssl rand"):
+            assert all(_load(f)["file_mounts"]["~/.ray/auth_token"] == "~/.config/elasticmoe/ray_token"
+                       for f in CLUSTER_FILES)
+        elif cmd.startswith("python -m elasticmoe.rpc.tls "):  # run in tests/test_tls.py
+            assert all(_load(f)["file_mounts"]["~/elasticmoe/tls"] == f"{words[3]}/node" for f in CLUSTER_FILES)
         elif cmd.startswith("mkdir -p ~/.config/elasticmoe"):
             assert all(_load(f)["file_mounts"]["~/elasticmoe/hf_token"] == "~/.config/elasticmoe/hf_token"
                        for f in CLUSTER_FILES) and "~/.config/elasticmoe/hf_token" in cmd
+        elif cmd.startswith("kubectl -n llm create secret generic ") and "--from-file=" in cmd:
+            keys = prod["apiKeys"]
+            assert words[6] == keys["existingSecret"] and words[7].startswith(f"--from-file={keys['key']}=")
         elif cmd.startswith("kubectl -n llm create secret generic "):
             secret = prod["model"]["download"]["hfTokenSecret"]
             assert words[6] == secret["name"] and words[7].startswith(f"--from-literal={secret['key']}=")
@@ -397,4 +405,4 @@ def test_deploy_doc_commands_are_checked():
             assert cmd.startswith(NOT_HERE), f"docs/DEPLOY.md command with no check: {cmd}"
             continue
         checked.add(cmd.split()[0] if not cmd.startswith("HF_HOME") else "hf")
-    assert {"helm", "ray", "hf", "kubectl", "mkdir"} <= checked
+    assert {"helm", "ray", "hf", "kubectl", "mkdir", "test", "python"} <= checked
