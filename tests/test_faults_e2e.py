@@ -194,9 +194,8 @@ def test_replicated_shard_kill_fails_over_inside_the_step(apps):
     # The failover happened inside the step: once the failure was seen, re-sending to the other copy cost about one
     # more round trip (no controller round trip, no deadline). Seeing it is the OS's part: a SIGKILLed process's
     # sockets close only once the kernel has torn it down (failures seen 70 ms into the call in our runs), so the
-    # step that failed over is held to 3x
-    # the median plus that detection time. Other steps of those seconds share the 2 cores with Serve starting the
-    # replacement replica; the token gap bounds them.
+    # step that failed over is held to 3x the median plus that detection time. Other steps of those seconds share
+    # the 2 cores with Serve starting the replacement replica; the token gap bounds them.
     for f in faults:
         assert f["done_s"] - f["detected_s"] <= max(median, 0.05), (f, median)
     detect = max(f["detected_s"] for f in faults)
