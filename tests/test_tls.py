@@ -8,6 +8,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,6 +143,36 @@ def test_renewed_certificate_served_without_restart(tmp_path, store, other_ca, m
             (live / (name + ".new")).replace(live / name)
         assert _health(tls.channel(address, files=other_ca)).ok
         _refused(tls.channel(address, files=first))
+    finally:
+        server.stop(None)
+
+
+def test_clients_pick_up_a_renewed_certificate(tmp_path, store, other_ca, monkeypatch):
+    """After a rotation to a new CA (server files and client files alike), the gateway's dispatcher opens new
+    channels with the new files and reaches the shard, which serves its new certificate."""
+    from elasticmoe.gateway.dispatcher import GrpcDispatcher
+
+    live = tmp_path / "live"
+    live.mkdir()
+    first = tls.local_ca(tmp_path / "first")
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        shutil.copy(first.ca.parent / name, live / name)
+    for env, name in ((tls.ENV_CA, "ca.crt"), (tls.ENV_CERT, "tls.crt"), (tls.ENV_KEY, "tls.key")):
+        monkeypatch.setenv(env, str(live / name))
+    server, _, port = start_server(store, "rotating")
+    address = f"127.0.0.1:{port}"
+    d = GrpcDispatcher(timeout_s=5)
+    d.renewal.period_s = 0.0
+    try:
+        old = d._stub(address)
+        assert old.Health(pb.HealthRequest(), timeout=5).ok
+        time.sleep(0.01)  # a new modification time
+        for name in ("ca.crt", "tls.crt", "tls.key"):
+            shutil.copy(other_ca.ca.parent / name, live / (name + ".new"))
+            (live / (name + ".new")).replace(live / name)
+        new = d._stub(address)
+        assert new is not old and new.Health(pb.HealthRequest(), timeout=5).ok
+        assert d._stub(address) is new  # unchanged files: the channel is kept
     finally:
         server.stop(None)
 

@@ -34,6 +34,7 @@ class Mover:
         self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
         if insecure:
             tls.warn_insecure("controller")
+        self.renewal = tls.Renewal(insecure)  # renewed certificates: channels are replaced
         self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
         self._tasks: list[asyncio.Task] = []
         self._lock: asyncio.Lock | None = None
@@ -44,6 +45,8 @@ class Mover:
         self.loop_errors = 0
 
     def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
+        if self.renewal.changed():
+            self._stubs.clear()
         if address not in self._stubs:
             ch = tls.channel(address, channel_options(), insecure=self.insecure, aio=True)
             self._stubs[address] = pb_grpc.ExpertShardStub(ch)

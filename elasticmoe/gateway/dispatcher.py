@@ -50,6 +50,7 @@ class GrpcDispatcher:
         self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
         if insecure:
             tls.warn_insecure("gateway")
+        self.renewal = tls.Renewal(insecure)  # renewed certificates: channels are replaced
         self.table: RoutingTable | None = None
         self._next: RoutingTable | None = None
         self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
@@ -120,6 +121,8 @@ class GrpcDispatcher:
     # ----- calls
     def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
         with self._lock:
+            if self.renewal.changed():
+                self._stubs.clear()  # calls in flight finish on their old channel
             if address not in self._stubs:
                 ch = tls.channel(address, channel_options(), insecure=self.insecure)
                 self._stubs[address] = pb_grpc.ExpertShardStub(ch)

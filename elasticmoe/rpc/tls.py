@@ -7,6 +7,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,34 @@ def channel_credentials(files: TlsFiles | None = None) -> grpc.ChannelCredential
     """This process's certificate, trusting only the CA bundle."""
     ca, cert, key = (files or tls_files()).read()
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+class Renewal:
+    """Tells whether the TLS files changed since the last look, checked at most every `period_s`: a client then
+    replaces its channels, so that it presents a renewed certificate (and trusts a new CA bundle)."""
+
+    def __init__(self, insecure: bool = False, period_s: float = 30.0):
+        self.insecure, self.period_s = insecure, period_s
+        self._at = time.monotonic()
+        self._stamp = None if insecure else self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, ...] | None:
+        try:
+            return tls_files().stamp()
+        except (OSError, ValueError):
+            return None
+
+    def changed(self) -> bool:
+        if self.insecure or time.monotonic() - self._at < self.period_s:
+            return False
+        self._at = time.monotonic()
+        stamp = self._read()
+        if stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        log.info("internal TLS: the certificate files changed; new channels use them")
+        return True
 
 
 def warn_insecure(who: str) -> None:
