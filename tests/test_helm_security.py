@@ -197,3 +197,10 @@ def test_egress_follows_what_the_release_needs():
     assert {(443, 443), (6443, 6443)} == set(_port_ranges(rules({"rayAutoscaler": {"enabled": True}})[-1]))
     policy = _one(_objects(_render({"networkPolicy": {"egress": {"enabled": False}}})), "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
+
+
+def test_notes_tell_about_keys_and_mtls():
+    notes = _render(_prod_values())["elasticmoe/templates/NOTES.txt"]
+    assert 'Authorization: Bearer $KEY' in notes and "elasticmoe-api-keys" in notes and "mTLS" in notes
+    notes = _render({"internalTls": {"enabled": False}})["elasticmoe/templates/NOTES.txt"]
+    assert "WARNING" in notes and "plaintext" in notes and "Authorization" not in notes
