@@ -5,9 +5,7 @@ the request carries a configured key; /health stays open; no checkpoint path and
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-import time
 
 import grpc
 import pytest

@@ -10,7 +10,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-import grpc
 import torch
 
 from elasticmoe.gateway.failover import Call, Step
