@@ -91,8 +91,8 @@ class AppArgs(_Strict):
     @classmethod
     def _keys(cls, keys: list[str]) -> list[str]:
         for k in keys:
-            if len(k) < 16 or not k.isprintable() or any(c.isspace() for c in k):
-                raise ValueError("api_keys: each key needs 16 or more printable characters and no spaces")
+            if len(k) < 16 or not (k.isascii() and k.isprintable()) or any(c.isspace() or c == "," for c in k):
+                raise ValueError("api_keys: each key needs 16 or more printable ASCII characters, no spaces or commas")
         return keys
 
     @model_validator(mode="after")

@@ -70,7 +70,8 @@ def test_keys_from_args_env_and_file(tmp_path):
                                                                                      ENV_KEYS_FILE: str(f)})
     for k in (KEY, OTHER, "sk-env-aaaaaaaaaaaaaaaa", "x"):
         keys.check(f"Bearer {k}")
-    for bad in (None, "", KEY, f"Basic {KEY}", "Bearer ", "Bearer sk-nope", f"Bearer {KEY}x"):
+    for bad in (None, "", KEY, f"Basic {KEY}", "Bearer ", "Bearer sk-nope", f"Bearer {KEY}x", "Bearer rotated",
+                "Bearer #"):  # a comment line holds no key
         with pytest.raises(Unauthenticated):
             keys.check(bad)
     assert not ApiKeys().enabled

@@ -28,7 +28,9 @@ def _digest(key: str) -> bytes:
 
 
 def _split(text: str) -> list[str]:
-    return [k for k in text.replace(",", " ").split() if k and not k.startswith("#")]
+    """Keys separated by commas, spaces or newlines; a line starting with # is a comment."""
+    lines = (line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return [k for line in lines for k in line.replace(",", " ").split()]
 
 
 class ApiKeys:
