@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
     if ns.watch:
         return status_view.watch(status_view.fetcher(ns.address, ns.app), interval=ns.interval)
-    st = _controller_status(ns.address, ns.app)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the status (JSON stays parsable)
+        st = _controller_status(ns.address, ns.app)
     print(status_view.to_json(st) if ns.json else status_view.render(st))
     return 0
 

@@ -98,3 +98,18 @@ def test_training_is_deterministic():
     assert s1["final_loss"] == s2["final_loss"]
     for (n, p), (_, q) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def test_demo_command_serves_tiny_yaml_with_the_demo_model(tmp_path, monkeypatch):
+    import yaml
+
+    from elasticmoe.app import resolve_args
+    from elasticmoe.cli import REPO, _demo_config
+
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path))
+    out = _demo_config(REPO / "deployments" / "tiny.yaml", "tiny:demo")
+    doc, shipped = yaml.safe_load(out.read_text()), yaml.safe_load((REPO / "deployments" / "tiny.yaml").read_text())
+    assert doc["applications"][0]["args"] == {**shipped["applications"][0]["args"], "model": "tiny:demo"}
+    assert {k: v for k, v in doc.items() if k != "applications"} == {k: v for k, v in shipped.items()
+                                                                     if k != "applications"}
+    assert resolve_args(doc["applications"][0]["args"]).model == "tiny:demo"

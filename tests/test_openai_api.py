@@ -217,9 +217,15 @@ def test_chat_logprobs_shape(served):
 
 @pytest.mark.parametrize("kw,param", [
     ({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2}, "n"), ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"5": 3}}, "logit_bias"),
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"), ({"logit_bias": {"5": 300}}, "logit_bias[5]"),
+    ({"logit_bias": {"x": 3}}, "logit_bias"), ({"logit_bias": {"100000": 3}}, "logit_bias"),
     ({"prompt": ["one", "two"]}, "prompt"), ({"prompt": [1, 10**9]}, "prompt"), ({"max_tokens": 500}, "max_tokens"),
-    ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"), ({"max_tokens": "many"}, "max_tokens"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"), ({"max_tokens": "many"}, "max_tokens"),
+    ({"extra_body": {"min_p": 1.5}}, "min_p"), ({"extra_body": {"min_tokens": 5}}, "min_tokens"),
+    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids[0]"),
+    ({"stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo"),
+    ({"extra_body": {"best_of": 2}}, "best_of"),
 ])
 def test_bad_completion_fields_are_openai_400s(served, kw, param):
     _, client = served

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob, sample
+from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.model import ModelFiles
@@ -26,6 +26,27 @@ def load_tokenizer(path: Any) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+
+
+def generation_config(path: Any) -> tuple[dict[str, Any], set[int]]:
+    """The checkpoint's generation_config.json: (its sampling defaults, as vLLM takes them, and its EOS ids)."""
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return {}, set()
+    try:
+        raw = json.loads(f.read_text())
+    except ValueError:
+        log.warning("%s is not valid JSON; ignored", f)
+        return {}, set()
+    eos = raw.get("eos_token_id")
+    eos_ids = {int(t) for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)}
+    return {k: raw[k] for k in GENERATION_DEFAULT_KEYS if isinstance(raw.get(k), (int, float))}, eos_ids
 
 
 class Engine:
@@ -46,6 +67,8 @@ class Engine:
         self.eos_ids = set(self.spec.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.generation_defaults, gen_eos = generation_config(files.ckpt.path)
+        self.eos_ids.update(gen_eos)
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.pipeline_min_tokens = pipeline_min_tokens
@@ -159,19 +182,29 @@ class Engine:
                 ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
         """hidden [R, H] of the sequences whose last token ran -> (tokens, logprobs, per-row errors)."""
         try:
-            return sample(self.model.logits(hidden), [s.params for s in seqs], [s.generator for s in seqs])
+            return sample(self.model.logits(hidden), [s.params for s in seqs], [s.generator for s in seqs],
+                          [self._context(s) for s in seqs])
         except Exception:  # noqa: BLE001 - find the row it belongs to
             log.exception("sampling failed; sampling its %d rows one by one", len(seqs))
         out: tuple[list, list, list] = ([], [], [])
         for i, s in enumerate(seqs):
             try:
-                tok, lp, err = sample(self.model.logits(hidden[i:i + 1]), [s.params], [s.generator])
+                tok, lp, err = sample(self.model.logits(hidden[i:i + 1]), [s.params], [s.generator], [self._context(s)])
                 row = (tok[0], lp[0], err[0])
             except Exception as e:  # noqa: BLE001 - this row only
                 row = (None, None, e)
             for acc, v in zip(out, row):
                 acc.append(v)
         return out
+
+    def _context(self, seq: Sequence) -> RowContext | None:
+        """The penalties' view of a sequence; EOS and stop_token_ids banned while it is under min_tokens."""
+        p = seq.params
+        if not p.processes_logits:
+            return None
+        early = len(seq.output_ids) < p.min_tokens
+        banned = tuple(sorted(((set() if p.ignore_eos else self.eos_ids) | set(p.stop_token_ids)))) if early else ()
+        return RowContext(seq.prompt_ids, seq.output_ids, banned)
 
     def _run(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """Forward the step; with a remote dispatcher and enough tokens, as two pipelined micro-batches."""
@@ -194,9 +227,9 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         p = seq.params
-        if p.stop:
+        if p.stop and len(seq.output_ids) >= p.min_tokens:
             self.detokenize(seq)
-        if seq.stop_cut is not None:
+        if seq.stop_cut is not None or token in p.stop_token_ids:
             self._finish(seq, "stop")
         elif not p.ignore_eos and token in self.eos_ids:
             self._finish(seq, "eos")

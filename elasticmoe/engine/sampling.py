@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from elasticmoe.engine.validation import GREEDY_BELOW, InvalidRequest, check_sampling
 
-__all__ = ["InvalidRequest", "SamplingParams", "TokenLogprob", "sample"]
+__all__ = ["InvalidRequest", "RowContext", "SamplingParams", "TokenLogprob", "process_logits", "sample"]
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,18 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: the sampled token's logprob + n top ones
+    # vLLM's extensions; penalties as OpenAI and vLLM define them (see `process_logits`)
+    presence_penalty: float = 0.0  # minus this for every token already in the output
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # prompt + output tokens: positive logits / it, negative ones * it
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * the top token's
+    min_tokens: int = 0  # EOS and stop_token_ids are banned (and stop strings ignored) until this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # finish ("stop") on any of these tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):
@@ -44,6 +55,45 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any penalty, bias or EOS ban changes the logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What the logits processors of one row need: the tokens so far and the ids banned this step."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    banned: tuple[int, ...] = ()  # EOS / stop_token_ids while fewer than min_tokens are out
+
+
+def process_logits(row: torch.Tensor, p: SamplingParams, ctx: RowContext | None) -> torch.Tensor:
+    """One row of logits [V] after logit_bias, the penalties and the min_tokens ban (a new tensor).
+
+    repetition_penalty (over prompt + output, as vLLM and transformers): a seen token's logit l becomes
+    l / r if l > 0 else l * r. Then, over the output only, as OpenAI defines them:
+    l -= frequency_penalty * count + presence_penalty * (count > 0).
+    """
+    row = row.clone()
+    for tok, bias in p.logit_bias.items():
+        row[tok] += bias
+    if ctx is None:
+        return row
+    if p.repetition_penalty != 1.0 and (ctx.prompt_ids or ctx.output_ids):
+        seen = torch.tensor(sorted(set(ctx.prompt_ids) | set(ctx.output_ids)), device=row.device)  # [S]
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and ctx.output_ids:
+        counts = torch.bincount(torch.tensor(ctx.output_ids), minlength=row.shape[0]).to(row)  # [V]
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row)
+    if ctx.banned:
+        row[list(ctx.banned)] = float("-inf")
+    return row
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -54,8 +104,10 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask a row of logits [V] outside top-k / nucleus top-p with -inf."""
+def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Mask a row of logits [V] outside top-k / nucleus top-p / min-p with -inf."""
+    if min_p > 0:  # p < min_p * p_max  <=>  logit < logit_max + log(min_p)
+        logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,14 +121,16 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
     """One non-greedy row of logits [V] -> a token; raises on a row it cannot sample (NaN / inf)."""
-    probs = _filter(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+    probs = _filter(logits / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           contexts: list[RowContext | None] | None = None
            ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
     """logits [N, V] float32 -> one token per row, its logprobs where asked for, and per-row errors.
 
+    `contexts` (per row) feed the penalties and the min_tokens ban; logprobs are the model's own (raw logits).
     A row that cannot be sampled gets token None and its exception; the other rows are unaffected
     (each row has its own generator, so a failed row consumes nothing of another's randomness).
     """
@@ -84,11 +138,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     tokens: list[int | None] = []
     errors: list[Exception | None] = [None] * len(params)
     for i, p in enumerate(params):
-        if p.greedy:
-            tokens.append(greedy[i])
-            continue
         try:
-            tokens.append(_sample_row(logits[i], p, generators[i]))
+            row = process_logits(logits[i], p, contexts[i] if contexts else None) if p.processes_logits else None
+            if p.greedy:
+                tokens.append(greedy[i] if row is None else int(row.argmax()))
+                continue
+            tokens.append(_sample_row(logits[i] if row is None else row, p, generators[i]))
         except Exception as e:  # noqa: BLE001 - attributed to this row's request only
             tokens.append(None)
             errors[i] = e

@@ -114,6 +114,34 @@ def check_sampling(p: Any) -> None:
         raise InvalidRequest("ignore_eos", f"must be a boolean, got {type(p.ignore_eos).__name__}")
     if p.logprobs is not None:
         check_int("logprobs", p.logprobs, 0, INT32_MAX)
+    _check_extensions(p)
+
+
+def _check_extensions(p: Any) -> None:
+    """Penalties, min_p, min_tokens, stop_token_ids and logit_bias (the fields vLLM adds to OpenAI's)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = check_float(name, getattr(p, name, 0.0))
+        if not -2.0 <= v <= 2.0:
+            raise InvalidRequest(name, f"must be in [-2, 2], got {v}")
+    r = check_float("repetition_penalty", getattr(p, "repetition_penalty", 1.0))
+    if not 0 < r <= 100:
+        raise InvalidRequest("repetition_penalty", f"must be in (0, 100], got {r}")
+    m = check_float("min_p", getattr(p, "min_p", 0.0))
+    if not 0 <= m <= 1:
+        raise InvalidRequest("min_p", f"must be in [0, 1], got {m}")
+    check_int("min_tokens", getattr(p, "min_tokens", 0), 0, p.max_tokens)
+    ids = getattr(p, "stop_token_ids", ())
+    if not isinstance(ids, tuple):
+        raise InvalidRequest("stop_token_ids", f"must be a list of token ids, got {type(ids).__name__}")
+    for i, t in enumerate(ids):
+        check_int(f"stop_token_ids[{i}]", t, 0, INT32_MAX)
+    bias = getattr(p, "logit_bias", {})
+    if not isinstance(bias, dict):
+        raise InvalidRequest("logit_bias", f"must map token ids to numbers, got {type(bias).__name__}")
+    for t, v in bias.items():
+        check_int("logit_bias", t, 0, INT32_MAX)
+        if not -100 <= check_float(f"logit_bias[{t}]", v) <= 100:
+            raise InvalidRequest(f"logit_bias[{t}]", f"must be in [-100, 100], got {v}")
 
 
 class Validator:
@@ -165,6 +193,13 @@ class Validator:
         for s in params.stop:
             if len(s) > lim.max_stop_len:
                 raise InvalidRequest("stop", f"a stop string of {len(s)} characters; the limit is {lim.max_stop_len}")
+        for name, toks in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            bad = [t for t in toks if t >= self.vocab_size]
+            if bad:
+                raise InvalidRequest(name, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(params.stop_token_ids) > lim.max_stop_strings or len(params.logit_bias) > 1024:
+            raise InvalidRequest("stop_token_ids" if len(params.stop_token_ids) > lim.max_stop_strings
+                                 else "logit_bias", "too many entries")
         if params.logprobs is not None and params.logprobs > lim.max_logprobs:
             raise InvalidRequest("logprobs", f"must be in [0, {lim.max_logprobs}], got {params.logprobs}")
         if len(ids) + params.max_tokens > self.max_model_len:

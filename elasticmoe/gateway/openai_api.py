@@ -19,10 +19,11 @@ from elasticmoe.engine.scheduler import QueueFull, RequestFailed
 from elasticmoe.config import served_name
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.auth import RequireApiKey
+from elasticmoe.gateway.openai_extras import register_extra_routes
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, FINISH_REASONS, ApiError, BaseRequest, ChatRequest, CompletionRequest, TextDelta,
-    chat_ids, chat_logprobs, completion_ids, completion_logprobs, parse_body, reject_unsupported, sampling_params,
-    usage_of)
+    chat_ids, chat_logprobs, choice_params, completion_ids, completion_logprobs, parse_body, reject_unsupported,
+    sampling_params)
 from elasticmoe.gateway.runner import Update
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ def _server_error(e: Exception) -> ApiError:
     return ApiError(500, f"internal server error ({type(e).__name__})", "server_error")
 
 
+def _defaults(core: Any) -> dict | None:
+    """The checkpoint's generation_config.json sampling defaults (vLLM's `--generation-config auto`)."""
+    return getattr(getattr(core.runner, "engine", None), "generation_defaults", None)
+
+
 def _validator(core: Any) -> Validator:
     engine = getattr(core.runner, "engine", None)
     return getattr(engine, "validator", None) or Validator(1 << 62, 1 << 62, RequestLimits())
@@ -102,9 +108,11 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
 class Generation:
     """One request in the engine: start (errors -> ApiError), its updates, and its metrics (recorded once)."""
 
-    def __init__(self, core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str]):
+    def __init__(self, core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
+                 response_id: str | None = None):
         self.core, self.ids, self.params, self.aliases = core, ids, params, aliases
-        self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), served_name(core.args)
+        self.id, self.created = response_id or f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.model = served_name(core.args)
         self.t0, self.t_first = time.perf_counter(), 0.0
         self._stream: AsyncIterator[Update] | None = None
         self._recorded = False
@@ -155,14 +163,15 @@ class Generation:
 class Shape:
     """The OpenAI response shapes of one endpoint (completions or chat)."""
 
-    def __init__(self, chat: bool, tokenizer: Any, logprobs: bool):
+    def __init__(self, chat: bool, tokenizer: Any, logprobs: bool, index: int = 0, as_ids: bool = False):
         self.chat, self.tokenizer, self.logprobs, self.offset = chat, tokenizer, logprobs, 0
+        self.index, self.as_ids = index, as_ids  # as_ids: logprob tokens as "token_id:<id>" (vLLM's extension)
 
     def object(self, stream: bool) -> str:
         return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
 
     def choice(self, text: str, lps: list[TokenLogprob], finish: str | None, stream: bool) -> dict:
-        c: dict[str, Any] = {"index": 0}
+        c: dict[str, Any] = {"index": self.index}
         if not self.chat:
             c["text"] = text
         elif stream:
@@ -171,9 +180,9 @@ class Shape:
             c["message"] = {"role": "assistant", "content": text}
         c["logprobs"] = None
         if self.logprobs and self.chat:
-            c["logprobs"] = chat_logprobs(self.tokenizer, lps)
+            c["logprobs"] = chat_logprobs(self.tokenizer, lps, self.as_ids)
         elif self.logprobs:
-            c["logprobs"], self.offset = completion_logprobs(self.tokenizer, lps, self.offset)
+            c["logprobs"], self.offset = completion_logprobs(self.tokenizer, lps, self.offset, self.as_ids)
         c["finish_reason"] = finish
         return c
 
@@ -188,37 +197,90 @@ async def _chain(first: Update, rest: AsyncIterator[Update]) -> AsyncIterator[Up
         yield u
 
 
-async def _sse(gen: Generation, shape: Shape, first: Update, include_usage: bool) -> AsyncIterator[str]:
-    """The server-sent events of a streamed request; closing it (client gone) aborts the request."""
-    extra = {"usage": None} if include_usage else {}
+async def _indexed(i: int, gen: Generation, first: Update) -> AsyncIterator[tuple[int, Update]]:
+    async for u in _chain(first, gen.rest()):
+        yield i, u
+
+
+async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """Items of several async iterators as they come (one iterator: itself); closing it stops them all."""
+    if len(streams) == 1:
+        async for x in streams[0]:
+            yield x
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(it: AsyncIterator[Any]) -> None:
+        try:
+            async for x in it:
+                await queue.put(x)
+            await queue.put(done)
+        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(pump(it)) for it in streams]
+    try:
+        left = len(tasks)
+        while left:
+            x = await queue.get()
+            if x is done:
+                left -= 1
+            elif isinstance(x, Exception):
+                raise x
+            else:
+                yield x
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(prompt_tokens: int, completion_tokens: list[int]) -> dict:
+    done = sum(completion_tokens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+async def _sse(gens: list[Generation], shapes: list[Shape], firsts: list[Update], include_usage: bool,
+               continuous: bool = False) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request (n choices); closing it (client gone) aborts them all.
+    `continuous`: every chunk carries the usage so far (vLLM's stream_options.continuous_usage_stats)."""
+    head, extra = gens[0], {"usage": None} if include_usage else {}
+    counts = [f.completion_tokens for f in firsts]
 
     def chunk(choices: list[dict], **kw: Any) -> str:
-        return _event({"id": gen.id, "object": shape.object(True), "created": gen.created, "model": gen.model,
+        if continuous and "usage" not in kw:
+            kw["usage"] = _usage(firsts[0].prompt_tokens, counts)
+        return _event({"id": head.id, "object": shapes[0].object(True), "created": head.created, "model": head.model,
                        "choices": choices, **extra, **kw})
 
-    text, last = TextDelta(gen.params.stop), first
+    texts, lasts = [TextDelta(g.params.stop) for g in gens], list(firsts)
     try:
-        if shape.chat:
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        async for last in _chain(first, gen.rest()):
-            delta = text.push(last.text, last.finished)
+        if shapes[0].chat:
+            for shape in shapes:
+                yield chunk([{"index": shape.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+        async for i, last in _merge([_indexed(i, g, f) for i, (g, f) in enumerate(zip(gens, firsts))]):
+            lasts[i], counts[i] = last, last.completion_tokens
+            delta = texts[i].push(last.text, last.finished)
             finish = FINISH_REASONS.get(last.finish_reason or "abort", "abort") if last.finished else None
-            if delta or finish or (shape.logprobs and last.logprobs):
-                yield chunk([shape.choice(delta, list(last.logprobs), finish, stream=True)])
-        gen.record(None, last)
+            if delta or finish or (shapes[i].logprobs and last.logprobs):
+                yield chunk([shapes[i].choice(delta, list(last.logprobs), finish, stream=True)])
+        for g, last in zip(gens, lasts):
+            g.record(None, last)
         if include_usage:
-            yield chunk([], usage=usage_of(last))
+            yield chunk([], usage=_usage(firsts[0].prompt_tokens, counts))
     except ApiError as e:
         yield _event(e.body())
     finally:
-        gen.record(499)  # no-op unless the client went away mid-stream
-        await gen.close()
+        for g in gens:
+            g.record(499)  # no-op unless the client went away mid-stream
+            await g.close()
     yield "data: [DONE]\n\n"
 
 
-async def _complete(gen: Generation, shape: Shape) -> dict:
-    """Run a request to the end and build the non-streamed response body."""
+async def _complete(gen: Generation, shape: Shape) -> tuple[dict, Update]:
+    """Run one choice to the end: (its choice in the non-streamed body, its last update)."""
     try:
         u = await gen.start()
         lps = list(u.logprobs)
@@ -228,8 +290,27 @@ async def _complete(gen: Generation, shape: Shape) -> dict:
         await gen.close()
     gen.record(None, u)
     finish = FINISH_REASONS.get(u.finish_reason or "abort", "abort")
-    return {"id": gen.id, "object": shape.object(False), "created": gen.created, "model": gen.model,
-            "choices": [shape.choice(u.text, lps, finish, stream=False)], "usage": usage_of(u)}
+    return shape.choice(u.text, lps, finish, stream=False), u
+
+
+async def _complete_all(gens: list[Generation], shapes: list[Shape]) -> dict:
+    """Run every choice at once and build the non-streamed response body."""
+    done = await asyncio.gather(*(_complete(g, s) for g, s in zip(gens, shapes)))
+    head = gens[0]
+    return {"id": head.id, "object": shapes[0].object(False), "created": head.created, "model": head.model,
+            "choices": [c for c, _ in done],
+            "usage": _usage(done[0][1].prompt_tokens, [u.completion_tokens for _, u in done])}
+
+
+async def _start_all(gens: list[Generation]) -> list[Update]:
+    """Start every choice; if one cannot start, the others are stopped and its error raised."""
+    got = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
+    bad = next((r for r in got if isinstance(r, BaseException)), None)
+    if bad is not None:
+        for g in gens:
+            await g.close()
+        raise bad
+    return list(got)
 
 
 async def _disconnected(request: Request) -> None:
@@ -260,13 +341,25 @@ async def _unless_disconnected(request: Request, coro: Any, gen: Generation) -> 
     raise ApiError(499, "the client disconnected", "client_disconnected")
 
 
-async def _serve(request: Request, req: BaseRequest, gen: Generation, shape: Shape) -> Any:
+async def _serve(request: Request, req: BaseRequest, gens: list[Generation], shapes: list[Shape]) -> Any:
     if not req.stream:
-        return JSONResponse(await _unless_disconnected(request, _complete(gen, shape), gen))
-    first = await _unless_disconnected(request, gen.start(), gen)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return StreamingResponse(_sse(gen, shape, first, include_usage), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+        return JSONResponse(await _unless_disconnected(request, _complete_all(gens, shapes), gens[0]))
+    firsts = await _unless_disconnected(request, _start_all(gens), gens[0])
+    opts = req.stream_options
+    include_usage = bool(opts and (opts.include_usage or opts.continuous_usage_stats))
+    return StreamingResponse(_sse(gens, shapes, firsts, include_usage, bool(opts and opts.continuous_usage_stats)),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _choices(core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
+             req: BaseRequest, chat: bool, logprobs: bool) -> tuple[list[Generation], list[Shape]]:
+    """One Generation and Shape per choice (n); choice i samples with seed + i when a seed is given."""
+    rid = f"{prefix}-{uuid.uuid4().hex}"
+    gens, shapes = [], []
+    for i, p in enumerate(choice_params(params, req.n or 1)):
+        gens.append(Generation(core, prefix, ids, p, aliases, response_id=rid))
+        shapes.append(Shape(chat, core.tokenizer, logprobs, i, bool(req.return_tokens_as_token_ids)))
+    return gens, shapes
 
 
 async def create_completion(core: Any, req: CompletionRequest, request: Request) -> Any:
@@ -276,11 +369,11 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request)
         reject_unsupported(req)
         ids = completion_ids(core.tokenizer, req.prompt, _validator(core))
         max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = sampling_params(req, max_tokens, req.logprobs)
+        params = sampling_params(req, max_tokens, req.logprobs, _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
-    gen = Generation(core, "cmpl", ids, params, aliases)
-    return await _serve(request, req, gen, Shape(False, core.tokenizer, req.logprobs is not None))
+    return await _serve(request, req, *_choices(core, "cmpl", ids, params, aliases, req, False,
+                                                req.logprobs is not None))
 
 
 async def create_chat_completion(core: Any, req: ChatRequest, request: Request) -> Any:
@@ -296,11 +389,11 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request) 
             if len(ids) >= context:
                 raise InvalidRequest("messages", f"the prompt ({len(ids)} tokens) fills the context ({context})")
             max_tokens = context - len(ids)
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                 _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
-    gen = Generation(core, "chatcmpl", ids, params, aliases)
-    return await _serve(request, req, gen, Shape(True, core.tokenizer, bool(req.logprobs)))
+    return await _serve(request, req, *_choices(core, "chatcmpl", ids, params, aliases, req, True, bool(req.logprobs)))
 
 
 def _describe(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
@@ -310,7 +403,8 @@ def _describe(exc: RequestValidationError | ValidationError) -> tuple[str, str |
     if err.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     param = loc[0] if loc else None
-    if err.get("type") == "extra_forbidden":
+    if err.get("type") == "extra_forbidden":  # the full path of a nested one: stream_options.foo
+        param = ".".join(loc) or None
         return f"Unrecognized request argument supplied: {param}", param
     return f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}", param
 
@@ -350,6 +444,8 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    register_extra_routes(app, get_core, read_request)  # /version, /metrics, /tokenize, /detokenize
 
     @app.get("/v1/models")
     async def list_models() -> dict:

@@ -5,19 +5,21 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
-from elasticmoe.engine.validation import Validator, check_text, short
+from elasticmoe.engine.validation import SEED_RANGE, Validator, check_text, short
 from elasticmoe.gateway.runner import Update
 
 # Engine finish reasons -> OpenAI's. "abort" (the engine dropped the request, e.g. on shutdown) has no
 # OpenAI equivalent; like vLLM we pass it through rather than claim a natural "stop".
 FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop", "abort": "abort"}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+MAX_N = 16  # choices per request
 
 
 class ApiError(Exception):
@@ -71,6 +73,7 @@ def parse_body(raw: bytes, max_depth: int) -> dict:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk
 
 
 class BaseRequest(BaseModel):
@@ -92,7 +95,13 @@ class BaseRequest(BaseModel):
     user: str | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    # vLLM's documented extensions
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:<id>"
 
 
 class CompletionRequest(BaseRequest):
@@ -123,7 +132,6 @@ class ChatRequest(BaseRequest):
 
 # Accepted only at their "off" values: field -> values that mean "off".
 _OFF_VALUES: dict[str, tuple] = {
-    "n": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
     "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
 }
@@ -136,16 +144,48 @@ def reject_unsupported(req: BaseRequest) -> None:
             raise InvalidRequest(name, f"only {off[1]!r} is supported, got {short(getattr(req, name))}")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs", "requires logprobs: true")
+    if req.n is not None and not 1 <= req.n <= MAX_N:
+        raise InvalidRequest("n", f"must be in [1, {MAX_N}], got {short(req.n)}")
 
 
-def sampling_params(req: BaseRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """The engine's SamplingParams (validated: InvalidRequest names the bad field)."""
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out = {}
+    for k, v in (bias or {}).items():
+        if not k.isdigit():
+            raise InvalidRequest("logit_bias", f"keys must be token ids, got {short(k)}")
+        out[int(k)] = v
+    return out
+
+
+def sampling_params(req: BaseRequest, max_tokens: int, logprobs: int | None,
+                    defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """The engine's SamplingParams (validated: InvalidRequest names the bad field). A field the request leaves
+    unset takes the checkpoint's generation_config.json value in `defaults` (temperature, top_p, top_k,
+    repetition_penalty, min_p), else the API's default."""
+    d = defaults or {}
+
+    def pick(name: str, default: Any) -> Any:
+        v = getattr(req, name)
+        return v if v is not None else d.get(name, default)
+
     stop = req.stop if req.stop is not None else ()
-    top_k = 0 if req.top_k in (None, -1) else req.top_k
+    top_k = pick("top_k", 0)
     return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed,
-        stop=(stop,) if isinstance(stop, str) else tuple(stop), ignore_eos=bool(req.ignore_eos), logprobs=logprobs)
+        max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+        top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        ignore_eos=bool(req.ignore_eos), logprobs=logprobs, presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=pick("repetition_penalty", 1.0),
+        min_p=pick("min_p", 0.0), min_tokens=req.min_tokens or 0, stop_token_ids=tuple(req.stop_token_ids or ()),
+        logit_bias=_logit_bias(req.logit_bias))
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The params of each of n choices: choice i samples with seed + i (so n choices differ, and a request
+    with a seed is reproducible); greedy choices are all the same."""
+    if params.seed is None or n == 1:
+        return [params] * n
+    hi = SEED_RANGE[1]
+    return [replace(params, seed=params.seed + i if params.seed + i < hi else params.seed - i) for i in range(n)]
 
 
 def completion_ids(tokenizer: Any, prompt: Any, check: Validator) -> list[int]:
@@ -241,20 +281,28 @@ def _lp(v: float) -> float:
     return max(float(v), -9999.0)  # JSON has no -inf
 
 
-def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], offset: int) -> tuple[dict, int]:
-    """OpenAI completions `logprobs` for these tokens (text_offset from `offset`), and the next offset."""
-    tokens = [tokenizer.decode([lp.token_id]) for lp in lps]
-    offsets = list(itertools.accumulate((len(t) for t in tokens), initial=offset))
+def _name(tokenizer: Any, token_id: int, as_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_ids else tokenizer.decode([token_id])
+
+
+def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], offset: int, as_ids: bool = False
+                        ) -> tuple[dict, int]:
+    """OpenAI completions `logprobs` for these tokens (text_offset from `offset`), and the next offset.
+    `as_ids`: tokens named "token_id:<id>" (vLLM's return_tokens_as_token_ids); offsets stay in the text."""
+    texts = [tokenizer.decode([lp.token_id]) for lp in lps]
+    offsets = list(itertools.accumulate((len(t) for t in texts), initial=offset))
+    tokens = [f"token_id:{lp.token_id}" for lp in lps] if as_ids else texts
     return {"tokens": tokens, "token_logprobs": [_lp(lp.logprob) for lp in lps],
-            "top_logprobs": [{tokenizer.decode([t]): _lp(v) for t, v in lp.top} for lp in lps],
+            "top_logprobs": [{_name(tokenizer, t, as_ids): _lp(v) for t, v in lp.top} for lp in lps],
             "text_offset": offsets[:-1]}, offsets[-1]
 
 
-def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> dict:
+def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob], as_ids: bool = False) -> dict:
     """OpenAI chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
     def entry(token_id: int, v: float) -> dict:
         s = tokenizer.decode([token_id])
-        return {"token": s, "logprob": _lp(v), "bytes": _token_bytes(tokenizer, token_id, s)}
+        return {"token": _name(tokenizer, token_id, as_ids), "logprob": _lp(v),
+                "bytes": _token_bytes(tokenizer, token_id, s)}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in lps], "refusal": None}

@@ -1,0 +1,118 @@
+"""The vLLM server's routes beside the OpenAI ones: GET /version and /metrics, POST /tokenize and /detokenize."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict
+
+from elasticmoe.engine.sampling import InvalidRequest
+from elasticmoe.gateway.openai_protocol import ApiError, ChatMessage, chat_ids
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a prompt, or chat messages put through the chat template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # vLLM's default (our tokenizers add none to a plain prompt)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    tokens: list[int]
+
+
+def _line(name: str, value: float, labels: dict[str, Any] | None = None) -> str:
+    if not labels:
+        return f"{name} {value}"
+    inner = ",".join(f'{k}="{str(v)}"' for k, v in labels.items())
+    return f"{name}{{{inner}}} {value}"
+
+
+def prometheus_text(metrics: Any) -> str:
+    """This gateway replica's in-process totals (GatewayMetrics) in Prometheus' text format, as
+    `elasticmoe_*` series; Ray's metrics port exports the same, summed over replicas, as `ray_elasticmoe_*`."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, doc: str, rows: list[str]) -> None:
+        out.extend([f"# HELP {name} {doc}", f"# TYPE {name} {kind}", *rows])
+
+    family("elasticmoe_requests_total", "counter", "Client requests by API and outcome",
+           [_line("elasticmoe_requests_total", n, {"api": a, "status": s}) for (a, s), n in metrics.requests.items()])
+    family("elasticmoe_request_errors_total", "counter", "Failed client requests by error code",
+           [_line("elasticmoe_request_errors_total", n, {"code": c}) for c, n in metrics.errors.items()])
+    family("elasticmoe_latency_observations_total", "counter", "Latency observations (ttft, tpot, e2e)",
+           [_line("elasticmoe_latency_observations_total", n, {"kind": k}) for k, n in metrics.latency_counts.items()])
+    gauges = {"running": "elasticmoe_running_seqs", "queued": "elasticmoe_queued_seqs",
+              "kv": "elasticmoe_kv_cache_usage"}
+    for key, name in gauges.items():
+        if key in metrics.gauges:
+            family(name, "gauge", f"engine {key}", [_line(name, metrics.gauges[key])])
+    if metrics.mode != "off":
+        totals = metrics.expert_token_totals()  # [layers, experts]
+        rows = [_line("elasticmoe_expert_tokens_total", int(totals[l, e]), {"layer": l, "expert": e})
+                for l in metrics.moe_layers for e in range(totals.shape[1]) if totals[l, e]]
+        family("elasticmoe_expert_tokens_total", "counter", "Tokens routed to an expert", rows)
+    return "\n".join(out) + "\n"
+
+
+def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Callable) -> None:
+    """Add /version, /metrics, /tokenize and /detokenize; `read(request, model, core)` parses a body as the
+    OpenAI routes do (413 / 400 naming the field)."""
+    from elasticmoe import __version__
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        m = getattr(get_core(), "metrics", None)
+        if m is None:
+            raise ApiError(404, "no metrics in this server", "not_found")
+        return PlainTextResponse(prometheus_text(m), media_type=PROMETHEUS_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        core = get_core()
+        req = await read(request, TokenizeRequest, core)
+        check = _check(core)
+        try:
+            if (req.prompt is None) == (req.messages is None):
+                raise InvalidRequest("prompt", "give exactly one of prompt and messages")
+            if req.prompt is not None:
+                ids = check.encode(core.tokenizer, req.prompt)
+            else:
+                ids = chat_ids(core.tokenizer, req.messages, check)
+        except InvalidRequest as e:
+            raise ApiError(400, str(e), param=e.field) from None
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": check.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = core.tokenizer.convert_ids_to_tokens(ids)
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        core = get_core()
+        req = await read(request, DetokenizeRequest, core)
+        try:
+            ids = _check(core).prompt_ids(req.tokens, "tokens")
+        except InvalidRequest as e:
+            raise ApiError(400, str(e), param=e.field) from None
+        return {"prompt": core.tokenizer.decode(ids)}
+
+
+def _check(core: Any):
+    from elasticmoe.gateway.openai_api import _validator
+
+    return _validator(core)
