@@ -14,6 +14,7 @@ from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.dispatch import Dispatcher
 from elasticmoe.model.layers import Rotary, gated_mlp, norm, route
+from elasticmoe.progress import LoadProgress
 from elasticmoe.model.names import ATTN, LayerNames, WeightNames
 from elasticmoe.model.spec import ModelSpec
 
@@ -51,12 +52,18 @@ class DenseModel:
     def __init__(self, spec: ModelSpec, ckpt: Checkpoint, names: WeightNames, dtype: torch.dtype,
                  device: torch.device, max_len: int):
         self.spec, self.ckpt, self.dtype, self.device = spec, ckpt, dtype, device
-        self.embed = self.load(names.embed)  # [V, H]
-        self.norm = self.load(names.norm)
-        self.norm_bias = self.load(names.norm_bias) if names.norm_bias else None
-        self.lm_head = self.load(names.lm_head) if names.lm_head else self.embed  # tied embeddings
-        self.lm_head_bias = self.load(names.lm_head_bias) if names.lm_head_bias else None
-        self.layers = [_Layer(self, i, n) for i, n in enumerate(names.layers)]
+        with LoadProgress("loading the dense half", len(names.layers) + 1, lambda: ckpt.bytes_read,
+                          equal_items=False) as progress:
+            self.embed = self.load(names.embed)  # [V, H]
+            self.norm = self.load(names.norm)
+            self.norm_bias = self.load(names.norm_bias) if names.norm_bias else None
+            self.lm_head = self.load(names.lm_head) if names.lm_head else self.embed  # tied embeddings
+            self.lm_head_bias = self.load(names.lm_head_bias) if names.lm_head_bias else None
+            progress.step()
+            self.layers = []
+            for i, n in enumerate(names.layers):
+                self.layers.append(_Layer(self, i, n))
+                progress.step()
         self.rotary = Rotary(spec, max_len, dtype, device)
         self.windows = set(spec.attention.sliding_window) or {None}
         self.route_observer: RouteObserver | None = None

@@ -13,6 +13,7 @@ from elasticmoe.kernels import fused_moe, warmup_moe
 from elasticmoe.model import expert_math
 from elasticmoe.model.checkpoint import Checkpoint
 from elasticmoe.model.names import WeightNames
+from elasticmoe.progress import LoadProgress
 from elasticmoe.model.spec import ModelSpec
 
 
@@ -75,9 +76,14 @@ class ExpertStore:
                 if layer not in self.layers or e not in self.layers[layer].global_ids:
                     by_layer.setdefault(layer, []).append(e)
             before = self.ckpt.bytes_read
-            for layer, experts in by_layer.items():
-                weights = [read_expert(self.ckpt, self.names, layer, e, self.spec.hidden_size) for e in sorted(set(experts))]
-                self._install(layer, sorted(set(experts)), weights)
+            todo = sum(len(set(es)) for es in by_layer.values())
+            with LoadProgress("loading experts", todo, lambda: self.ckpt.bytes_read) as progress:
+                for layer, experts in by_layer.items():
+                    weights = []
+                    for e in sorted(set(experts)):
+                        weights.append(read_expert(self.ckpt, self.names, layer, e, self.spec.hidden_size))
+                        progress.step()
+                    self._install(layer, sorted(set(experts)), weights)
             return self.ckpt.bytes_read - before
 
     def drop(self, pairs: Iterable[tuple[int, int]]) -> None:
