@@ -194,3 +194,18 @@ def test_generation_config_supplies_defaults_and_eos_ids(demo):
 
     defaults, eos = generation_config(demo[0])
     assert defaults == {} and eos == {2, 4}  # </s> and <|im_end|>: chat answers end on the latter
+
+
+def test_chat_n_choices_streamed_equal_unstreamed(served):
+    _, client, _ = served
+    kw = dict(model="m", messages=[{"role": "user", "content": "Hello! How are you today?"}], max_tokens=10,
+              temperature=1.0, n=2, seed=99, frequency_penalty=0.5, extra_body={"min_tokens": 3})
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1] and whole.usage.completion_tokens >= 6
+    texts, roles = ["", ""], set()
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.delta.role:
+                roles.add(c.index)
+    assert roles == {0, 1} and texts == [c.message.content for c in whole.choices]

@@ -1,0 +1,166 @@
+"""The OpenAI response shapes, and running a request's n choices: streamed (merged server-sent events) or not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator
+
+from elasticmoe.engine.sampling import TokenLogprob
+from elasticmoe.gateway.openai_protocol import FINISH_REASONS, ApiError, TextDelta, chat_logprobs, completion_logprobs
+from elasticmoe.gateway.runner import Update
+
+# A "gen" below is an openai_api.Generation: one choice in the engine (start, rest, record, close, params, id).
+
+
+class Shape:
+    """The OpenAI response shapes of one endpoint (completions or chat)."""
+
+    def __init__(self, chat: bool, tokenizer: Any, logprobs: bool, index: int = 0, as_ids: bool = False):
+        self.chat, self.tokenizer, self.logprobs, self.offset = chat, tokenizer, logprobs, 0
+        self.index, self.as_ids = index, as_ids  # as_ids: logprob tokens as "token_id:<id>" (vLLM's extension)
+
+    def object(self, stream: bool) -> str:
+        return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+
+    def choice(self, text: str, lps: list[TokenLogprob], finish: str | None, stream: bool) -> dict:
+        c: dict[str, Any] = {"index": self.index}
+        if not self.chat:
+            c["text"] = text
+        elif stream:
+            c["delta"] = {"content": text} if text else {}
+        else:
+            c["message"] = {"role": "assistant", "content": text}
+        c["logprobs"] = None
+        if self.logprobs and self.chat:
+            c["logprobs"] = chat_logprobs(self.tokenizer, lps, self.as_ids)
+        elif self.logprobs:
+            c["logprobs"], self.offset = completion_logprobs(self.tokenizer, lps, self.offset, self.as_ids)
+        c["finish_reason"] = finish
+        return c
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _chain(first: Update, rest: AsyncIterator[Update]) -> AsyncIterator[Update]:
+    yield first
+    async for u in rest:
+        yield u
+
+
+async def _indexed(i: int, gen: Any, first: Update) -> AsyncIterator[tuple[int, Update]]:
+    async for u in _chain(first, gen.rest()):
+        yield i, u
+
+
+async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """Items of several async iterators as they come (one iterator: itself); closing it stops them all."""
+    if len(streams) == 1:
+        async for x in streams[0]:
+            yield x
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(it: AsyncIterator[Any]) -> None:
+        try:
+            async for x in it:
+                await queue.put(x)
+            await queue.put(done)
+        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(pump(it)) for it in streams]
+    try:
+        left = len(tasks)
+        while left:
+            x = await queue.get()
+            if x is done:
+                left -= 1
+            elif isinstance(x, Exception):
+                raise x
+            else:
+                yield x
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(prompt_tokens: int, completion_tokens: list[int]) -> dict:
+    done = sum(completion_tokens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], include_usage: bool,
+               continuous: bool = False) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request (n choices); closing it (client gone) aborts them all.
+    `continuous`: every chunk carries the usage so far (vLLM's stream_options.continuous_usage_stats)."""
+    head, extra = gens[0], {"usage": None} if include_usage else {}
+    counts = [f.completion_tokens for f in firsts]
+
+    def chunk(choices: list[dict], **kw: Any) -> str:
+        if continuous and "usage" not in kw:
+            kw["usage"] = _usage(firsts[0].prompt_tokens, counts)
+        return _event({"id": head.id, "object": shapes[0].object(True), "created": head.created, "model": head.model,
+                       "choices": choices, **extra, **kw})
+
+    texts, lasts = [TextDelta(g.params.stop) for g in gens], list(firsts)
+    try:
+        if shapes[0].chat:
+            for shape in shapes:
+                yield chunk([{"index": shape.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+        async for i, last in _merge([_indexed(i, g, f) for i, (g, f) in enumerate(zip(gens, firsts))]):
+            lasts[i], counts[i] = last, last.completion_tokens
+            delta = texts[i].push(last.text, last.finished)
+            finish = FINISH_REASONS.get(last.finish_reason or "abort", "abort") if last.finished else None
+            if delta or finish or (shapes[i].logprobs and last.logprobs):
+                yield chunk([shapes[i].choice(delta, list(last.logprobs), finish, stream=True)])
+        for g, last in zip(gens, lasts):
+            g.record(None, last)
+        if include_usage:
+            yield chunk([], usage=_usage(firsts[0].prompt_tokens, counts))
+    except ApiError as e:
+        yield _event(e.body())
+    finally:
+        for g in gens:
+            g.record(499)  # no-op unless the client went away mid-stream
+            await g.close()
+    yield "data: [DONE]\n\n"
+
+
+async def _complete(gen: Any, shape: Shape) -> tuple[dict, Update]:
+    """Run one choice to the end: (its choice in the non-streamed body, its last update)."""
+    try:
+        u = await gen.start()
+        lps = list(u.logprobs)
+        async for u in gen.rest():
+            lps += u.logprobs
+    finally:
+        await gen.close()
+    gen.record(None, u)
+    finish = FINISH_REASONS.get(u.finish_reason or "abort", "abort")
+    return shape.choice(u.text, lps, finish, stream=False), u
+
+
+async def complete_all(gens: list[Any], shapes: list[Shape]) -> dict:
+    """Run every choice at once and build the non-streamed response body."""
+    done = await asyncio.gather(*(_complete(g, s) for g, s in zip(gens, shapes)))
+    head = gens[0]
+    return {"id": head.id, "object": shapes[0].object(False), "created": head.created, "model": head.model,
+            "choices": [c for c, _ in done],
+            "usage": _usage(done[0][1].prompt_tokens, [u.completion_tokens for _, u in done])}
+
+
+async def start_all(gens: list[Any]) -> list[Update]:
+    """Start every choice; if one cannot start, the others are stopped and its error raised."""
+    got = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
+    bad = next((r for r in got if isinstance(r, BaseException)), None)
+    if bad is not None:
+        for g in gens:
+            await g.close()
+        raise bad
+    return list(got)
