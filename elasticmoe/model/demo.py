@@ -117,8 +117,9 @@ def train(a: DemoArgs = DemoArgs(), show_progress: bool | None = None) -> tuple[
     tokenizer = make_tokenizer(a.vocab)
     samples = training_samples(tokenizer, a)
     ids, mask, labels = _batch_tensors(samples, a.seq, tokenizer.pad_token_id)
-    torch.manual_seed(a.seed)
-    model = MixtralForCausalLM(demo_config(a, tokenizer)).train()
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's random state
+        torch.manual_seed(a.seed)
+        model = MixtralForCausalLM(demo_config(a, tokenizer)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1)
     order = torch.Generator().manual_seed(a.seed)
