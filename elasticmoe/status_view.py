@@ -115,13 +115,18 @@ def watch(fetch: Callable[[], dict], interval: float = 2.0, out: TextIO = sys.st
     tty = out.isatty()
     try:
         while iterations is None or frame < iterations:
-            st, t = fetch(), clock()
-            text = render(st, prev, t - t_prev if prev is not None else None)
+            try:
+                st, t = fetch(), clock()
+                text = render(st, prev, t - t_prev if prev is not None else None)
+            except Exception as e:  # noqa: BLE001 - e.g. the controller restarting: say so, keep watching
+                st, text = None, f"status unavailable: {type(e).__name__}: {str(e)[:300]}"
             stamp = time.strftime("%H:%M:%S")
             out.write((CLEAR if tty else ("\n" if frame else "")) + f"elasticmoe status  {stamp}  "
                       f"(every {interval:g}s, Ctrl-C to quit)\n\n{text}\n")
             out.flush()
-            prev, t_prev, frame = st, t, frame + 1
+            if st is not None:
+                prev, t_prev = st, t
+            frame += 1
             if iterations is None or frame < iterations:
                 time.sleep(interval)
     except KeyboardInterrupt:

@@ -109,3 +109,20 @@ def test_cli_has_json_and_watch_options():
     with pytest.raises(SystemExit) as e:
         cli_main(["status", "--json", "--watch", "--interval", "0.5", "--help"])
     assert e.value.code == 0
+
+
+def test_watch_keeps_going_when_a_fetch_fails(statuses):
+    before, st = statuses
+
+    def frames():
+        yield before
+        raise TimeoutError("controller restarting")
+
+    it = frames()
+    seq = iter([lambda: next(it), lambda: next(it), lambda: st])
+    out = io.StringIO()
+    clock = iter([0.0, 4.0])
+    watch(lambda: next(seq)(), interval=0.0, out=out, iterations=3, clock=lambda: next(clock))
+    first, failed, third = out.getvalue().split("elasticmoe status  ")[1:]
+    assert "status unavailable: TimeoutError: controller restarting" in failed
+    assert "(last 4s)" in third  # measured from the last frame that had a status
