@@ -112,7 +112,7 @@ def test_a_full_gateway_answers_at_once(gateway, reference):
             results[i] = ("ok", list(r.token_ids)[:16], PROMPTS[i % 4], time.perf_counter() - t0)
         except grpc.RpcError as e:
             meta = dict(e.trailing_metadata() or ())
-            results[i] = (e.code().name, time.perf_counter() - t0, meta.get("retry-after"))
+            results[i] = (e.code().name, time.perf_counter() - t0, meta.get("retry-after"), e.details())
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(40)]
     for t in threads:
@@ -129,7 +129,7 @@ def test_a_full_gateway_answers_at_once(gateway, reference):
     # on 2 shared cores Serve's proxy alone can take seconds to pass 40 simultaneous calls through
     first_place_freed = min(r[3] for r in ok)
     assert max(r[1] for r in full) < 0.5 * first_place_freed, ([r[1] for r in full], first_place_freed)
-    assert all(r[2] == "1" for r in full)
+    assert all(r[2] == "1" for r in full), [(r[2], r[3]) for r in full if r[2] != "1"]
     assert (status == 429 and headers.get("Retry-After") == "1") or status == 200, (status, body)
     _idle(gateway)
 

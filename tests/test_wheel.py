@@ -126,12 +126,15 @@ def test_installed_wheel_serves_a_request(wheel, tmp_path, own_ray):
                    "--dashboard-port=8265", "--num-cpus=4", "--disable-usage-stats"])
     try:
         run(serve_cli + ["deploy", str(ROOT / "deployments" / "tiny.yaml"), "-a", "http://127.0.0.1:8265"])
-        deadline, status = time.monotonic() + 600, ""
-        while "RUNNING" not in status and time.monotonic() < deadline:
+        import yaml
+
+        deadline, status, app = time.monotonic() + 600, "", {}
+        while app.get("status") != "RUNNING" and time.monotonic() < deadline:
             status = run(serve_cli + ["status", "-a", "http://127.0.0.1:8265"]).stdout
-            assert "DEPLOY_FAILED" not in status, status
+            app = ((yaml.safe_load(status) or {}).get("applications") or {}).get("elasticmoe") or {}
+            assert app.get("status") != "DEPLOY_FAILED", status
             time.sleep(2)
-        assert "status: RUNNING" in status, status
+        assert app.get("status") == "RUNNING", status
         r = GenerationClient("127.0.0.1:9000").generate("Hello", max_tokens=8, temperature=0.0, ignore_eos=True)
         assert r.usage.completion_tokens == 8 and len(r.token_ids) == 8
     finally:

@@ -215,6 +215,7 @@ class Controller(Mover):
         return {"version": self.registry.version, "complete": self.registry.complete(), "shards": shards,
                 "num_shards": p.num_shards, "desired_shards": self.desired, "recovering": self.recovering,
                 "balancedness": p.balancedness(load).tolist(), "load": self.load.ema.tolist(),
+                "planning_load": load.tolist(),  # [L, E] what the balancedness above is computed with
                 "moe_layers": self.moe_layers, "copies": p.num_copies().tolist(), "bytes_moved": self.bytes_moved,
                 "event_counts": dict(self.event_counts), "loop_errors": self.loop_errors,
                 "gateways": {g: v for g, (v, t) in self.acks.items() if time.monotonic() - t < GATEWAY_TTL_S},
