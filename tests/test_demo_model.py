@@ -17,7 +17,7 @@ from elasticmoe.model.tokenizer import CORPUS
 
 @pytest.fixture(scope="module")
 def demo_dir():
-    return ensure_tiny_model("demo")  # trained once into the cache dir (~30 s on 2 cores)
+    return ensure_tiny_model("demo")  # trained once into the cache dir (about 20 s on 2 idle cores)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
 trains it deterministically (fixed seeds and batch order, no router load-balancing loss, so routing is as
 skewed as the data makes it) to continue the paragraphs of ``tokenizer.CORPUS`` from any line or sentence
 start and to answer its Q/A and User/Assistant lines in the ChatML template, then writes it with
-``save_pretrained`` and the embedded tokenizer. About 300 Adam steps: ~30 s on 2 CPU cores.
+``save_pretrained`` and the embedded tokenizer. 300 Adam steps: about 20 s on 2 idle CPU cores (far longer on a busy machine).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def demo_model_dir() -> Path:
 
 
 def ensure_demo_model(show_progress: bool | None = None) -> Path:
-    """The trained demo checkpoint, trained (~30 s on 2 cores) and cached on first use."""
+    """The trained demo checkpoint, trained (about 20 s on 2 idle cores) and cached on first use."""
     from elasticmoe.model.demo import train_demo_model
 
     return _ensure(demo_model_dir().name, lambda tmp: train_demo_model(tmp, show_progress=show_progress))
