@@ -198,3 +198,47 @@ def test_serve_proxy_maps_a_dead_replica_to_unavailable():
     assert proxy.get_http_response_status(other, None, "r2").code == 500
     assert proxy.get_grpc_response_status(TimeoutError(), 3.0, "r3").code == grpc.StatusCode.DEADLINE_EXCEEDED
     server.stop(None)
+
+
+class _Context:
+    """The part of a grpc ServicerContext that Serve's status setter uses."""
+
+    def __init__(self, code=None, details=None):
+        self._code, self._details, self.trailing = code, details, None
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def set_code(self, code):
+        self._code = code
+
+    def set_details(self, details):
+        self._details = details
+
+    def set_trailing_metadata(self, md):
+        self.trailing = md
+
+
+def test_serve_proxy_refusals_carry_retry_after():
+    """Serve drops a failed call's trailing metadata; our hook puts retry-after on every RESOURCE_EXHAUSTED, the
+    gateway's own (code set by the replica) or Serve's backpressure, and on nothing else."""
+    import grpc
+    from ray.serve._private import proxy
+    from ray.serve._private.proxy_request_response import ResponseStatus
+
+    from elasticmoe.rpc.serve_proxy import install_replica_death_mapping
+
+    assert install_replica_death_mapping()
+    ours = _Context(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity")
+    proxy.set_grpc_code_and_details(ours, ResponseStatus(code=grpc.StatusCode.RESOURCE_EXHAUSTED, is_error=True))
+    assert ours.trailing == [("retry-after", "1")] and ours.details() == "the gateway is at capacity"
+    serves = _Context()
+    proxy.set_grpc_code_and_details(serves, ResponseStatus(code=grpc.StatusCode.RESOURCE_EXHAUSTED, is_error=True,
+                                                           message="queue full"))
+    assert serves.trailing == [("retry-after", "1")] and serves.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    other = _Context()
+    proxy.set_grpc_code_and_details(other, ResponseStatus(code=grpc.StatusCode.INVALID_ARGUMENT, is_error=True))
+    assert other.trailing is None

@@ -1,21 +1,26 @@
-"""Serve's gRPC servicer hook: registers Generation and maps a gateway replica's death to UNAVAILABLE / 503.
+"""Serve's gRPC servicer hook: registers Generation, maps a replica's death to UNAVAILABLE / 503, adds retry-after.
 
 Serve's proxy imports the functions named in `grpc_options.grpc_servicer_functions` and calls each with its gRPC
 server. Ours adds the Generation servicer and, in that same proxy process, wraps Serve's error mapping: a request
 whose replica died mid-flight (`RayActorError`: the process was killed, its node lost) is by default INTERNAL / 500,
 which tells a client the request itself was bad. It is a transient fault that a retry survives (Serve routes the
 retry to a live replica), so we answer UNAVAILABLE on gRPC and 503 on HTTP. Every other status is left as is.
+Serve also drops the trailing metadata of a call that ends in an error, so a refusal for capacity
+(RESOURCE_EXHAUSTED, the gateway's or Serve's own backpressure) gets its `retry-after: 1` here.
 """
 
 from __future__ import annotations
 
 import logging
 
+import grpc
+
 from elasticmoe.rpc import generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 REPLICA_DIED = "the gateway replica serving this request died; retry the request"
 _PATCHED = "_elasticmoe_replica_death"
+RETRY_AFTER_S = "1"  # seconds, as the gateway's own refusals say
 
 
 def add_generation_servicer(servicer, server) -> None:
@@ -43,16 +48,31 @@ def _wrap(original, code):
     return status
 
 
-def install_replica_death_mapping() -> bool:
-    """Wrap the proxy's gRPC and HTTP status mappings once; False (with a warning) if Serve's internals moved."""
-    import grpc
+def _with_retry_after(original):
+    def set_status(context, status):
+        original(context, status)
+        if context.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or status.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            context.set_trailing_metadata([("retry-after", RETRY_AFTER_S)])
 
+    setattr(set_status, _PATCHED, True)
+    return set_status
+
+
+def install_replica_death_mapping() -> bool:
+    """Wrap the proxy's gRPC and HTTP status mappings (and its status setter) once; False (with a warning) if
+    Serve's internals moved."""
     try:
         from ray.serve._private import proxy
     except ImportError as e:  # a Serve without this module: keep its own mapping
         log.warning("Serve's proxy module not found (%s): a dead replica stays INTERNAL / 500", e)
         return False
     done = True
+    setter = getattr(proxy, "set_grpc_code_and_details", None)
+    if setter is None:
+        log.warning("Serve's proxy has no set_grpc_code_and_details: refusals carry no retry-after")
+        done = False
+    elif not getattr(setter, _PATCHED, False):
+        setattr(proxy, "set_grpc_code_and_details", _with_retry_after(setter))
     for name, code in (("get_grpc_response_status", grpc.StatusCode.UNAVAILABLE), ("get_http_response_status", 503)):
         original = getattr(proxy, name, None)
         if original is None:
