@@ -6,6 +6,7 @@ tests/test_model.py's TINY_FAMILIES; test_readme_table_is_generated_from_the_tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -98,7 +99,7 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
         for name, p in [*model.named_parameters(), *model.named_buffers()]:
             if not p.is_floating_point() or "inv_freq" in name:
                 continue
-            if name.endswith("norm.weight"):
+            if re.search(r"norm(_\d|_f)?\.weight$", name):  # DBRX: norm_1, norm_2, norm_f
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif "correction_bias" in name or name.endswith("expert_bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
@@ -116,17 +117,24 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
                 model.lm_head.bias[: len(SPECIAL_TOKENS)] = 0
 
 
-def make_family_checkpoint(model_type: str, out: Path, **overrides) -> Path:
-    """A tiny random checkpoint of `model_type`, written by transformers' save_pretrained (3 layers, 8 experts)."""
-    cls_name, fields, _ = FAMILY_CASES[model_type]
+def make_family_checkpoint(model_type: str, out: Path, case: tuple | None = None, **overrides) -> Path:
+    """A tiny random checkpoint of `model_type` (its FAMILY_CASES row, or `case`), written by transformers'
+    save_pretrained (3 layers, 8 experts)."""
+    cls_name, fields, _ = case or FAMILY_CASES[model_type]
     tok = make_tokenizer(512)
     common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                   num_experts_per_tok=2, max_position_embeddings=2048, tie_word_embeddings=False,
                   initializer_range=0.15, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
-    cfg = getattr(transformers, cls_name)(**{**common, **fields, **overrides})
+    cls = getattr(transformers, cls_name)
+    known = {f.name for f in dataclasses.fields(cls)}  # DBRX: other names (attribute_map), no top-k field
+    common = {cls.attribute_map.get(k, k): v for k, v in common.items() if cls.attribute_map.get(k, k) in known}
+    cfg = cls(**{**common, **fields, **overrides})
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    except ValueError:  # Mistral 4: a causal LM outside the Auto mapping
+        model = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))._from_config(cfg, dtype=torch.float32)
     _perturb(model)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -163,7 +171,8 @@ def _assert_matches(llm, ref_path: Path, model_type: str) -> None:
     """`llm`'s logits within 1e-4 relative of transformers' (float32) on `ref_path`, and 24 greedy tokens equal."""
     from elasticmoe import SamplingParams
 
-    ref = AutoModelForCausalLM.from_pretrained(str(ref_path), dtype=torch.float32).eval()
+    lm = getattr(transformers, json.loads((ref_path / "config.json").read_text())["architectures"][0])
+    ref = lm.from_pretrained(str(ref_path), dtype=torch.float32).eval()
     assert ref.config.model_type == model_type
     ids = llm.encode(PROMPT)
     with torch.no_grad():
@@ -270,11 +279,9 @@ REJECTED_CASES = [  # (config class, model_type, words the message must hold)
     ("Lfm2MoeConfig", "lfm2_moe", "short-convolution"),
     ("DeepseekV32Config", "deepseek_v32", "sparse-attention indexer"),
     ("GlmMoeDsaConfig", "glm_moe_dsa", "sparse-attention indexer"),
-    ("Llama4TextConfig", "llama4_text", "router scores applied to the expert inputs"),
-    ("LongcatFlashConfig", "longcat_flash", "identity (zero-computation) experts"),
     ("JetMoeConfig", "jetmoe", "mixture-of-attention heads"),
-    ("Step3p7Config", "step3p7", "not a verified family"),
-    ("DbrxConfig", "dbrx", "not a verified family"),
+    ("Step3p7Config", "step3p7", "per-layer head counts"),
+    ("DeepseekV4Config", "deepseek_v4", "hyper-connections"),
 ]
 
 
@@ -296,9 +303,16 @@ def families_table() -> str:
     """The README's markdown table of supported families, from the families this suite checks."""
     rows = [(t, TINY_FEATURES[t], "tests/test_model.py") for t in sorted(TINY_FEATURES)]
     rows += [(t, FAMILY_CASES[t][2], "tests/test_families.py") for t in sorted(FAMILY_CASES)]
+    rows += [(t, c[2], "tests/test_families_more.py") for t, c in sorted(_more_cases().items())]
     lines = ["| `model_type` | what its test exercises | test |", "| --- | --- | --- |"]
     lines += [f"| `{t}` | {what} | `{test}` |" for t, what, test in sorted(rows)]
     return "\n".join(lines)
+
+
+def _more_cases() -> dict[str, tuple]:
+    from tests.test_families_more import MORE_CASES
+
+    return MORE_CASES
 
 
 BEGIN, END = "<!-- families:begin (python tests/test_families.py) -->", "<!-- families:end -->"
@@ -309,7 +323,7 @@ def test_supported_families_are_exactly_the_tested_ones():
     from elasticmoe.model.tiny import TINY_FAMILIES
 
     assert set(TINY_FEATURES) == set(TINY_FAMILIES)
-    assert set(FAMILIES) == set(FAMILY_CASES) | set(TINY_FAMILIES)
+    assert set(FAMILIES) == set(FAMILY_CASES) | set(_more_cases()) | set(TINY_FAMILIES)
 
 
 def test_readme_table_is_generated_from_the_tests():
@@ -319,6 +333,7 @@ def test_readme_table_is_generated_from_the_tests():
 
 
 if __name__ == "__main__":  # rewrite the README's table
+    sys.path.insert(0, str(REPO))  # tests.test_families_more
     text = (REPO / "README.md").read_text()
     if BEGIN not in text:
         sys.exit(f"README.md has no {BEGIN} marker")

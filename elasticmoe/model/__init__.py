@@ -8,6 +8,7 @@ from typing import Any
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.names import WeightNames
+from elasticmoe.model.renames import VIEWS
 from elasticmoe.model.spec import ModelSpec, ModelSpecError, check_config_keys, check_model_type, spec_from_config
 
 __all__ = ["Checkpoint", "CheckpointError", "ModelFiles", "ModelSpec", "ModelSpecError", "open_model"]
@@ -41,6 +42,8 @@ def open_model(model: str) -> ModelFiles:
         raise ModelSpecError(f"{config_file}: {e}") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
+    if spec.model_type in VIEWS:  # tensors named or laid out unlike the Llama-style checkpoints
+        ckpt.set_views(*VIEWS[spec.model_type](ckpt, spec))
     names = WeightNames(ckpt, spec)
     missing = [i for i in spec.moe.moe_layers if names.layers[i].block is None]
     if missing:

@@ -39,20 +39,24 @@ def step_masks(batch: StepBatch, windows: set[int | None]) -> dict[int | None, t
     out = {}
     for w in windows:
         m = cols < lens
-        if w is not None:
+        if isinstance(w, tuple):  # ("chunk", c): keys in the query's chunk of c positions (Llama 4)
+            m = m & (cols >= (lens - 1) // w[1] * w[1])
+        elif w is not None:
             m = m & (cols >= lens - w)
         out[w] = m[:, None, None, :]
     return out
 
 
-def _prefill_mask(start: int, length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+def _prefill_mask(start: int, length: int, window: int | tuple | None, device: torch.device) -> torch.Tensor | None:
     """[length, start+length] causal (optionally windowed) mask; None when plain causal SDPA will do."""
     if start == 0 and window is None:
         return None
     q = torch.arange(start, start + length, device=device)[:, None]
     k = torch.arange(start + length, device=device)[None, :]
     m = k <= q
-    if window is not None:
+    if isinstance(window, tuple):  # ("chunk", c)
+        m = m & (k // window[1] == q // window[1])
+    elif window is not None:
         m = m & (k > q - window)
     return m
 
@@ -96,12 +100,19 @@ def _attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, 
     return torch.matmul(probs.to(v.dtype), v)
 
 
+def _position_scale(positions: torch.Tensor, period: float, beta: float) -> torch.Tensor:
+    """1 + beta * log(1 + floor(positions / period)): queries scaled up with the position. positions [T] -> [T]."""
+    return torch.log1p(torch.floor(positions.float() / period)) * beta + 1.0
+
+
 class Attention:
     """One layer's attention weights and forward. Weights: a dict of tensors by role (q, k, v, o, norms...)."""
 
     def __init__(self, spec: AttentionSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
         self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
-        self.window = spec.sliding_window[layer] if spec.sliding_window else None
+        self.window = spec.sliding_window[layer] if spec.sliding_window else None  # mask key, see step_masks
+        if spec.chunk and spec.chunk[layer]:
+            self.window = ("chunk", spec.chunk[layer])
         self.rope = spec.rope_layers[layer] if spec.rope_layers else True  # False: a NoPE layer
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, rotary: Rotary,
@@ -109,10 +120,12 @@ class Attention:
         """x [T, H] -> [T, H]; writes this step's keys/values into the cache."""
         if self.spec.kind == "mla":
             q, kv_new = self._mla_qkv(x, rotary, cos, sin)
+            if self.spec.query_scale:  # Mistral 4
+                q = (q * _position_scale(batch.positions, *self.spec.query_scale)[:, None, None]).to(q.dtype)
             cache.layers[self.layer][0][batch.token_slots, batch.positions] = kv_new
             expand = self._mla_expand
         else:
-            q, k, v = self._gqa_qkv(x, rotary, cos, sin)
+            q, k, v = self._gqa_qkv(x, rotary, cos, sin, batch.positions)
             kc, vc = cache.layers[self.layer]
             kc[batch.token_slots, batch.positions] = k
             vc[batch.token_slots, batch.positions] = v
@@ -135,11 +148,14 @@ class Attention:
             out = out * torch.sigmoid(linear(x, self.w["gate"]))
         return linear(out, self.w["o"], self.w.get("o_bias"))
 
-    def _gqa_qkv(self, x, rotary, cos, sin):
+    def _gqa_qkv(self, x, rotary, cos, sin, positions):
         a, w, t = self.spec, self.w, x.shape[0]
         q = linear(x, w["q"], w.get("q_bias"))
         k = linear(x, w["k"], w.get("k_bias"))
-        v = linear(x, w["v"], w.get("v_bias")).view(t, a.num_kv_heads, a.v_head_dim)
+        v = linear(x, w["v"], w.get("v_bias"))
+        if a.clip_qkv is not None:  # DBRX
+            q, k, v = (z.clamp(min=-a.clip_qkv, max=a.clip_qkv) for z in (q, k, v))
+        v = v.view(t, a.num_kv_heads, a.v_head_dim)
         if "q_norm" in w and w["q_norm"].shape[0] != a.head_dim:  # OLMoE: norm over all heads
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
         q = q.view(t, a.num_heads, a.head_dim)
@@ -150,6 +166,10 @@ class Attention:
             q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         if "q_norm_rope" in w:  # HunYuan: per-head norm after the rotary
             q, k = rms_norm(q, w["q_norm_rope"], self.eps), rms_norm(k, w["k_norm_rope"], self.eps)
+        if a.l2_qk_norm and self.rope:  # Llama 4: weightless per-head norm after the rotary, rotary layers only
+            q, k = rms_norm(q, 1.0, self.eps), rms_norm(k, 1.0, self.eps)
+        if a.temperature and not self.rope:  # Llama 4 NoPE layers: queries scaled up with the position
+            q = (q * _position_scale(positions + 1, *a.temperature)[:, None, None]).to(q.dtype)
         return q, k, v
 
     def _gqa_gather(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
@@ -163,10 +183,14 @@ class Attention:
         else:
             q = linear(x, w["q"])
         q = q.view(t, a.num_heads, a.head_dim)
+        if a.q_scale != 1.0:  # LongCat
+            q = q * a.q_scale
         q_pass, q_rot = q.split([a.qk_nope_head_dim, a.rope_dim], dim=-1)
         ckv = linear(x, w["kv_a"], w.get("kv_a_bias"))  # [T, r + rope]
         kv_nope, k_rot = ckv.split([a.kv_lora_rank, a.rope_dim], dim=-1)
         kv_nope = rms_norm(kv_nope, w["kv_a_norm"], self.eps)
+        if a.kv_scale != 1.0:  # LongCat
+            kv_nope = kv_nope * a.kv_scale
         if self.rope:
             q_rot = rotary.apply(q_rot, cos, sin)
             k_rot = rotary.apply(k_rot[:, None, :], cos, sin)[:, 0]

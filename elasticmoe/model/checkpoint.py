@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ def read_header(file: Path) -> dict[str, Any]:
     return header
 
 
+@dataclass(frozen=True)
+class View:
+    """A tensor exposed under a family-neutral name: rows [start, stop) of a stored one, optionally transposed."""
+
+    stored: str
+    rows: tuple[int, int] | None = None
+    transpose: bool = False
+
+
 class Checkpoint:
     """A checkpoint directory: its config and tensor index; tensors are read one at a time, on demand.
 
@@ -84,6 +94,8 @@ class Checkpoint:
         self._meta: dict[str, dict[str, Any]] = {}  # tensor name -> {dtype, shape}
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._views: dict[str, View] = {}  # exposed name -> where it is stored (see set_views)
+        self._covered: set[str] = set()  # stored names shown only through views
         self.tensors_read = 0
         self.bytes_read = 0
         self._index()
@@ -113,14 +125,28 @@ class Checkpoint:
         except (ValueError, KeyError, OSError) as e:
             raise CheckpointError(f"{self.path / 'config.json'}: unknown or unreadable architecture: {e}") from e
 
+    def set_views(self, views: dict[str, View], ignored: set[str] = frozenset()) -> None:
+        """Expose stored tensors (or row slices of them) under other names; the stored names they cover vanish,
+        and so do `ignored` ones (weights that transformers allocates but never uses)."""
+        for v in views.values():
+            self._require(v.stored)
+        self._views = dict(views)
+        self._covered = {v.stored for v in views.values()} | set(ignored)
+
     def names(self) -> list[str]:
-        return list(self.weight_map)
+        return [n for n in self.weight_map if n not in self._covered] + list(self._views)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self._views or (name in self.weight_map and name not in self._covered)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._require(name)["shape"])
+        v = self._views.get(name)
+        if v is None:
+            return tuple(self._require(name)["shape"])
+        shape = list(self._require(v.stored)["shape"])
+        if v.rows is not None:
+            shape[0] = v.rows[1] - v.rows[0]
+        return tuple(reversed(shape)) if v.transpose else tuple(shape)
 
     def _require(self, name: str) -> dict[str, Any]:
         if name not in self._meta:
@@ -139,7 +165,15 @@ class Checkpoint:
             return self._handles[file]
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
-        """One tensor (or one row `index` of its first dim, read alone), as stored on disk."""
+        """One tensor (or one row `index` of its first dim, read alone), as stored on disk (views: as exposed)."""
+        v = self._views.get(name)
+        if v is not None:
+            t = self._read(v.stored, slice(*v.rows) if v.rows is not None else None)
+            t = t.t() if v.transpose else t
+            return t if index is None else t[index]
+        return self._read(name, index)
+
+    def _read(self, name: str, index: int | slice | None) -> torch.Tensor:
         meta = self._require(name)
         handle = self._handle(self.weight_map[name])
         try:

@@ -37,13 +37,23 @@ class _Layer:
         self.norms = {role: load(n) for role, n in names.norms.items()}  # attn_in/attn_out/mlp_in/mlp_out
         self.sparse = names.block is not None
         self.dense = {r: load(n) for r, n in names.dense.items()} if names.dense else None
-        if not self.sparse and self.dense is None:
-            raise CheckpointError(f"{model.ckpt.path}: layer {i} has neither experts nor a dense MLP")
+        if self.dense is None and (not self.sparse or model.spec.block == "shortcut"):
+            raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks its dense MLP")
         self.router = load(names.router).float() if names.router else None  # [E, H]
         self.router_bias = load(names.router_bias).float().flatten() if names.router_bias else None  # [E]
         self.router_logit_bias = load(names.router_logit_bias).float() if names.router_logit_bias else None  # [E]
         self.shared = {r: load(n) for r, n in names.shared.items()} if names.shared else None
         self.shared_gate = load(names.shared_gate) if names.shared_gate else None  # [1, H]
+
+
+class _PlusIdentity:
+    """A dispatched expert output plus the identity experts' share computed in place (LongCat)."""
+
+    def __init__(self, pending, identity: torch.Tensor):
+        self.pending, self.identity = pending, identity
+
+    def wait(self) -> torch.Tensor:
+        return self.pending.wait() + self.identity
 
 
 class DenseModel:
@@ -65,7 +75,7 @@ class DenseModel:
                 self.layers.append(_Layer(self, i, n))
                 progress.step()
         self.rotary = Rotary(spec, max_len, dtype, device)
-        self.windows = set(spec.attention.sliding_window) or {None}
+        self.windows = {layer.attn.window for layer in self.layers} or {None}  # mask keys (see step_masks)
         self.route_observer: RouteObserver | None = None
 
     def load(self, name: str) -> torch.Tensor:
@@ -88,20 +98,21 @@ class DenseModel:
 
         Returns each batch's final-normed hidden states [N_b, H] (or [T_b, H] with all_tokens).
         """
-        states = []
+        states, sp = [], self.spec
         for b in batches:
             cos, sin = self.rotary.tables(b.positions)
             h = self.embed[b.token_ids]  # [T, H]
             if self.spec.embed_scale != 1.0:
                 h = h * self.spec.embed_scale
-            states.append([h, b, (cos, sin, step_masks(b, self.windows))])
+            states.append([h, b, (cos, sin, step_masks(b, self.windows)), None])  # [3]: a carried MoE output
         for layer in self.layers:
             pending = [self._layer_pre(layer, st[0], st[1], cache, dispatcher, *st[2]) for st in states]
             for st, (h, x, p) in zip(states, pending):
+                if sp.block == "shortcut":  # LongCat: the MoE output joins after the next layer's MLP
+                    p, st[3] = st[3], p
                 st[0] = self._layer_post(layer, h, x, p)
-        sp = self.spec
         return [norm(h if all_tokens else h[b.last_rows], sp.norm, self.norm, self.norm_bias, sp.rms_norm_eps)
-                for h, b, _ in states]
+                for h, b, _, _ in states]
 
     def _norm(self, layer: _Layer, role: str, x: torch.Tensor) -> torch.Tensor:
         """The layer's `role` norm (attn_in, attn_out, mlp_in, mlp_out) of x, or x when the block has none."""
@@ -124,13 +135,22 @@ class DenseModel:
             return h, x, None
         logits = F.linear(x.float(), layer.router, layer.router_logit_bias)  # [T, E]
         topk_ids, topk_weights = route(logits, sp.moe, layer.router_bias)
+        identity = None
+        if sp.moe.zero_experts:  # LongCat: ids >= num_experts are identity experts, computed here
+            zero = topk_ids >= sp.moe.num_experts  # [T, k]
+            identity = x * (topk_weights * zero).sum(-1, keepdim=True).to(x.dtype)  # [T, H]
+            topk_ids = topk_ids.masked_fill(zero, -1)
         if self.route_observer is not None:
-            self.route_observer(layer.attn.layer, topk_ids)
-        return h, x, dispatcher.dispatch(layer.attn.layer, x, topk_ids, topk_weights)
+            ids = topk_ids[topk_ids >= 0].view(-1, 1) if identity is not None else topk_ids
+            self.route_observer(layer.attn.layer, ids)
+        pending = dispatcher.dispatch(layer.attn.layer, x, topk_ids, topk_weights)
+        return h, x, pending if identity is None else _PlusIdentity(pending, identity)
 
     def _layer_post(self, layer: _Layer, h: torch.Tensor, x: torch.Tensor, pending) -> torch.Tensor:
         """Dense MLP, or shared experts (overlapping the remote experts) plus the routed experts' output."""
-        if pending is None:
+        if self.spec.block == "shortcut":  # LongCat: this layer's MLP, plus the previous layer's MoE if carried
+            out = gated_mlp(x, layer.dense) if pending is None else gated_mlp(x, layer.dense) + pending.wait()
+        elif pending is None:
             out = gated_mlp(x, layer.dense)
         elif layer.shared is not None:
             shared = gated_mlp(x, layer.shared)

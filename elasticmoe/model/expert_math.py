@@ -74,3 +74,21 @@ def swiglu_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: t
         y = ((up + 1) * gate * torch.sigmoid(gate * moe.swiglu_alpha)) @ w2[e].t() + b2[e]  # [n, H]
         out.index_add_(0, rows[sel], y * weights[sel, None])
     return out
+
+
+def input_scaled_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor) -> torch.Tensor:
+    """Llama 4's experts: each runs gated SiLU on its routing weight times the token, outputs summed unweighted.
+    hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k] -> [T, H].
+    """
+    t, k = topk_ids.shape
+    out = torch.zeros_like(hidden)
+    flat = topk_ids.reshape(-1)  # [T * k]
+    rows = torch.arange(t, device=hidden.device).repeat_interleave(k)  # [T * k] token of each pair
+    weights = topk_weights.reshape(-1).to(hidden.dtype)
+    for e in flat[flat >= 0].unique().tolist():
+        sel = (flat == e).nonzero()[:, 0]
+        x = hidden[rows[sel]] * weights[sel, None]  # [n, H]
+        gate, up = (x @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
+        out.index_add_(0, rows[sel], (torch.nn.functional.silu(gate) * up) @ w2[e].t())
+    return out

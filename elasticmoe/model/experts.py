@@ -149,7 +149,9 @@ class ExpertStore:
             return torch.zeros_like(hidden)
         t0 = time.perf_counter()
         local = le.to_local[topk_ids.long()]  # [T, k]; index E (= -1 wrapped) maps to -1
-        if self.spec.moe.expert_act == "silu":
+        if self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
+            out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights)
+        elif self.spec.moe.expert_act == "silu":
             out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend)
         else:  # GPT-OSS experts: torch (model.expert_math)
             out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe)

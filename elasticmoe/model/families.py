@@ -40,13 +40,16 @@ class Family:
     scoring: str = "softmax"  # router score function when the config has no scoring_func ("sparsemixer": PhiMoE)
     norm_topk: bool | None = None  # forced top-k renormalisation (None: config.norm_topk_prob, default True)
     block: str = "pre"  # "pre" | "post" (norm after each sublayer) | "sandwich" (both) | "parallel" (attn + mlp)
+    #                     | "shortcut" (LongCat: an even layer's MoE output joins the next layer's residual)
     norm: str = "rms"  # "rms" | "layer" (mean-subtracted)
     qk_norm_after_rope: bool = False
     rope_interleave: bool | None = None  # forced pairwise (complex) rotary layout; None: config.rope_interleave
     nope_full_layers: bool = False  # rotary only on sliding layers (full-attention layers are NoPE)
     attn_sinks: bool = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks)
-    rope_mscale: bool = False  # cos/sin scaled by rope_parameters' short_mscale (PhiMoE), see spec._mscale_rope
+    rope_mscale: bool = False  # cos/sin scaled by rope_parameters' short_mscale (PhiMoE), see family_config.mscale_rope
     neutral: tuple[tuple[str, object], ...] = ()  # keys supported only at this value
+    nested: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sub-config key -> the keys understood inside it
+    norm_eps: float | None = None  # fixed norm epsilon (DBRX's LayerNorms take no eps from the config)
 
 
 FAMILIES: dict[str, Family] = {
@@ -76,6 +79,30 @@ FAMILIES: dict[str, Family] = {
     "granitemoeshared": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier",
                                      "logits_scaling", "attention_multiplier", "shared_intermediate_size"),
                                norm_topk=True),
+    "granitemoe_swa": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier", "logits_scaling",
+                                   "attention_multiplier", "shared_intermediate_size", "layer_rope_theta", *_SLIDING),
+                             norm_topk=True, attn_sinks=True),
+    # DBRX: nested attn/ffn configs; attn_config.rope_theta is stored but transformers' rotary never reads it
+    "dbrx": Family(keys=("d_model", "n_heads", "n_layers", "max_seq_len", "resid_pdrop", "emb_pdrop", "attn_config",
+                         "ffn_config", "num_key_value_heads"),
+                   norm="layer", norm_eps=1e-5,
+                   nested=(("attn_config", ("attn_pdrop", "clip_qkv", "kv_n_heads", "rope_theta")),
+                           ("ffn_config", ("ffn_act_fn", "ffn_hidden_size", "hidden_size", "moe_num_experts",
+                                           "moe_top_k", "moe_jitter_eps", "moe_loss_weight",
+                                           "moe_normalize_expert_weights")))),
+    # Llama 4 text: sigmoid top-k weights scale the experts' inputs (MoESpec.input_scaled), complex rotary
+    "llama4_text": Family(keys=("num_local_experts", "intermediate_size_mlp", "moe_layers", "interleave_moe_layer_step",
+                                "use_qk_norm", "no_rope_layers", "no_rope_layer_interval", "attention_chunk_size",
+                                "layer_types", "attn_temperature_tuning", "floor_scale", "attn_scale"),
+                          scoring="sigmoid", norm_topk=False, rope_interleave=True),
+    "solar_open": Family(keys=("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor",
+                               "n_group", "topk_group", "norm_topk_prob"), scoring="sigmoid"),
+    # LongCat-Flash: each decoder layer is two engine layers (attention + dense MLP each); the first one's MoE
+    # (with identity experts) is added after the second one
+    "longcat_flash": Family(keys=("num_layers", "ffn_hidden_size", "expert_ffn_hidden_size", "n_routed_experts",
+                                  "zero_expert_num", "moe_topk", "routed_scaling_factor", "router_bias", *_MLA_KEYS),
+                            norm_topk=False, rope_interleave=True, block="shortcut"),
+    "mistral4": Family(keys=_MLA_KEYS),  # + rope_parameters.llama_4_scaling_beta (AttentionSpec.query_scale)
     "cohere2_moe": Family(keys=("num_experts", "num_shared_experts", "shared_expert_combination_strategy",
                                 "expert_selection_fn", "norm_topk_prob", "logit_scale", "layer_norm_eps",
                                 "mlp_layer_types", "sliding_window_pattern", "prefix_dense_sliding_window_pattern",
@@ -107,10 +134,75 @@ REJECTED: dict[str, str] = {
     "lfm2_moe": "short-convolution layers",
     "deepseek_v32": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
     "glm_moe_dsa": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
-    "llama4": "router scores applied to the expert inputs, chunked attention and L2 q/k norms",
-    "llama4_text": "router scores applied to the expert inputs, chunked attention and L2 q/k norms",
-    "longcat_flash": "identity (zero-computation) experts and two attention sublayers per decoder layer",
+    "llama4": "a vision encoder (a multimodal model; its text-only checkpoints are model_type llama4_text)",
     "jetmoe": "mixture-of-attention heads",
     "nllb_moe": "encoder-decoder layers",
+    "nllb-moe": "encoder-decoder layers",
+    # transformers 5.23 families whose decoder layers hold more than attention + MoE/MLP (by the feature named)
+    "deepseek_v4": "hyper-connections, compressed sparse attention with an indexer, and hash-routed layers",
+    "glm5_next": "hyper-connections, linear-attention layers and a sparse-attention indexer (a multimodal model)",
+    "glm5_next_text": "hyper-connections, linear-attention layers and a sparse-attention indexer",
+    "qwen4_exp": "linear-attention (Gated DeltaNet) layers, a sparse-attention indexer and n-gram embeddings",
+    "qwen4_exp_text": "linear-attention (Gated DeltaNet) layers, a sparse-attention indexer and n-gram embeddings",
+    "hy_v4": "hyper-connections and a sparse-attention indexer",
+    "axk2": "a sparse-attention indexer (self_attn.indexer)",
+    "dots3_note": "a sparse-attention indexer, and vision/audio encoders (a multimodal model)",
+    "dots3_note_text": "a sparse-attention indexer (self_attn.indexer)",
+    "minimax_m3_vl": "a sparse-attention indexer, and a vision encoder (a multimodal model)",
+    "minimax_m3_vl_text": "a sparse-attention indexer (self_attn.indexer)",
+    "mistral_large4": "a sparse-attention indexer, and a vision encoder (a multimodal model)",
+    "mistral_large4_text": "a sparse-attention indexer (self_attn.indexer)",
+    "inkling": "short-convolution layers and relative-position logits (a multimodal model)",
+    "inkling_text": "short-convolution layers and relative-position logits",
+    "inkling2": "short-convolution layers, block attention residuals and soft-capped SwiGLU (a multimodal model)",
+    "inkling2_text": "short-convolution layers, block attention residuals and soft-capped SwiGLU",
+    "muse_spark": "residual gates and centred RMSNorms, and vision/audio encoders (a multimodal model)",
+    "muse_spark_text": "residual gates and centred RMSNorms",
+    "zaya": "compressed convolutional attention (CCA projections)",
+    "doge": "product-key retrieval experts (cross-domain MoE) and dynamic-mask attention",
+    "beam": "depth-scaled residual adds, per-head gated attention with a bias and final logit soft-capping",
+    "laguna": "per-layer head counts, a softplus attention output gate and router logit soft-capping",
+    "mellum": "Laguna's decoder layers: per-layer head counts and per-layer-type rotary bases",
+    "mimo_v2_flash": "attention value rescaling (attention_value_scale), attention sinks with a value head dim "
+                     "unlike the q/k one, and per-layer-type rotary bases",
+    "axk1": "an RMSNorm on the MoE output (post_mlp_layernorm)",
+    "kolibri1": "a routing correction bias added to the raw router logits, and GLM-4's four-norm blocks",
+    "flint": "not yet verified against transformers: attention sinks with per-head q/k norms, an ungated shared "
+             "expert and sigmoid top-k routing",
+    "hy_v3": "not yet verified against transformers: q/k-normed attention, shared MLP, sigmoid routing with "
+             "correction bias",
+    "gemma4": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
+              "and logit soft-capping (a multimodal model)",
+    "gemma4_text": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
+                   "and logit soft-capping",
+    "diffusion_gemma": "block-diffusion decoding with an encoder (not causal language modelling)",
+    "openai_privacy_filter": "bidirectional encoder layers for token classification (not causal language modelling)",
+    "aria": "a vision encoder and projector (a multimodal model)",
+    "aria_text": "not yet verified against transformers: shared experts sized by moe_num_shared_experts",
+    "ernie4_5_vl_moe": "modality-split experts (separate text and vision expert groups) and a vision encoder",
+    "ernie4_5_vl_moe_text": "modality-split experts (separate text and vision expert groups)",
+    "glm4v_moe": "multimodal rotary (M-RoPE) and a vision encoder (a multimodal model)",
+    "glm4v_moe_text": "multimodal rotary (M-RoPE) sections",
+    "qwen3_vl_moe": "interleaved multimodal rotary (M-RoPE) and a vision encoder with deepstack inputs",
+    "qwen3_vl_moe_text": "interleaved multimodal rotary (M-RoPE) and deepstack visual inputs",
+    "qwen3_omni_moe": "a thinker-talker pair with audio and vision encoders (a multimodal model)",
+    "qwen3_omni_moe_text": "interleaved multimodal rotary (M-RoPE) sections",
+    "step3p7": "per-layer head counts, per-layer rotary bases, gated attention and per-layer clamped SwiGLU "
+               "experts, and a vision encoder (a multimodal model)",
+    "step3p5": "per-layer head counts, per-layer rotary bases, gated attention and per-layer clamped SwiGLU experts",
+    "deepseek_ocr2": "vision encoders (an OCR model)",
+    "deepseek_ocr2_text": "the decoder of an OCR model, loadable only with its vision encoders",
+    "unlimited_ocr_text": "the decoder of an OCR model, loadable only with its vision encoders",
+    "diffusion_gemma_text": "block-diffusion decoding with an encoder (not causal language modelling)",
+    "dots3_note_vision_encoder": "a vision encoder (no language model)",
+    "inkling_mm_model": "short-convolution layers and relative-position logits (a multimodal model)",
+    "kimi_k25": "a vision encoder (a multimodal model)",
+    "nemo_speechlm": "an audio encoder with a Mamba (state-space) language model",
+    "nemotron_h_omni": "Mamba (state-space) layers, and vision/audio encoders",
+    "qwen3_omni_moe_thinker": "audio and vision encoders with interleaved multimodal rotary (M-RoPE)",
+    "qwen3_omni_moe_talker_text": "a speech-codec talker conditioned on the thinker's hidden states",
+    "vitpose": "a vision pose-estimation model (no language model)",
+    "vitpose_backbone": "a vision pose-estimation model (no language model)",
+    "unlimited_ocr": "vision encoders (an OCR model)",
     "switch_transformers": "encoder-decoder layers",
 }

@@ -39,6 +39,7 @@ NORMS = {
     "sandwich": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
                  "mlp_in": "pre_mlp_layernorm", "mlp_out": "post_mlp_layernorm"},
     "parallel": {"attn_in": "input_layernorm"},
+    "shortcut": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
 }
 # Buffers that hold no weights (rotary caches): present in some checkpoints, consumed by construction.
 _DERIVED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|rotary_emb\.\w+_cached|inv_freq)$")
@@ -195,7 +196,8 @@ class WeightNames:
             shared = self._mlp(f"{prefix}shared_mlp.")
         shared_gate = self._first(block + "shared_expert_gate.weight")
         logit_bias = self._first(block + "router.bias")
-        return LayerNames(prefix, block, router, bias, shared, shared_gate, None, attn, norms, logit_bias)
+        dense = self._mlp(prefix + "feed_forward.") if self.spec.block == "shortcut" else None  # LongCat: both
+        return LayerNames(prefix, block, router, bias, shared, shared_gate, dense, attn, norms, logit_bias)
 
     def unused(self) -> list[str]:
         """Checkpoint tensors the model does not consume (speculative-decoding layers past the last one excepted)."""

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from elasticmoe.model.families import COMMON_KEYS, FAMILIES, HARMLESS_KEYS, REJECTED, Family
-
-
-class ModelSpecError(ValueError):
-    """The checkpoint's config describes a model elasticmoe cannot run (names the field)."""
+from elasticmoe.model.families import Family
+from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and the checks: re-exported)
+    ModelSpecError, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
+    longcat_mla_scales, mistral4_query_scale, mscale_rope,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,13 @@ class AttentionSpec:
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
+    clip_qkv: float | None = None  # DBRX: q, k and v projections clamped to [-clip, clip]
+    q_scale: float = 1.0  # LongCat MLA: multiplies the queries
+    kv_scale: float = 1.0  # LongCat MLA: multiplies the normed kv latent
+    chunk: tuple[int | None, ...] = ()  # per layer: chunked attention (keys in the query's chunk only), Llama 4
+    l2_qk_norm: bool = False  # Llama 4: weightless RMS norm of q and k after the rotary, on rotary layers
+    temperature: tuple[float, float] | None = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
+    query_scale: tuple[float, float] | None = None  # Mistral 4 MLA: (original_max_position_embeddings, beta)
 
     @property
     def cache_width(self) -> int:
@@ -63,6 +70,8 @@ class MoESpec:
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     jitter_eps: float = 0.0  # sparsemixer: experts within this relative margin of the best share its softmax
+    input_scaled: bool = False  # Llama 4: each expert runs on weight * x and its outputs are summed unweighted
+    zero_experts: int = 0  # LongCat: router ids num_experts.. are identity experts (weight * x), run in place
 
     @property
     def moe_layers(self) -> list[int]:
@@ -96,16 +105,12 @@ class ModelSpec:
     mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
 
 
-def _get(cfg: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return value
-    return default
-
-
 def _sparse_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
     """Per layer: MoE or dense MLP, by whichever layer-placement fields the family's config has."""
+    if cfg.model_type == "llama4_text":
+        return tuple(i in set(cfg.moe_layers) for i in range(num_layers))
+    if cfg.model_type == "longcat_flash":  # the first engine layer of each decoder layer holds the MoE
+        return tuple(i % 2 == 0 for i in range(num_layers))
     types = _get(cfg, "mlp_layer_types")
     if types is not None:
         if len(types) != num_layers or set(types) - {"dense", "sparse"}:
@@ -124,6 +129,10 @@ def _rope(cfg: Any, rope_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [rope_dim/2] and the cos/sin scale, by transformers' own rope initialisers."""
     params = dict(_get(cfg, "rope_parameters", "rope_scaling", default={}) or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
+    bases = {float(t) for t in _get(cfg, "layer_rope_theta", default=()) if t}
+    if bases - {float(params.get("rope_theta", _get(cfg, "rope_theta", default=10000.0)))}:
+        raise ModelSpecError(f"config.layer_rope_theta: rotary bases {sorted(bases)} other than "
+                             f"rope_parameters.rope_theta are not supported")
     if rope_type == "default":
         base = params.get("rope_theta", _get(cfg, "rope_theta", default=10000.0))
         inv = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.int64).float() / rope_dim))
@@ -134,19 +143,6 @@ def _rope(cfg: Any, rope_dim: int) -> tuple[torch.Tensor, float]:
         raise ModelSpecError(f"config.rope_parameters.rope_type={rope_type!r} is not supported")
     inv, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
     return inv.float(), float(scale)
-
-
-def _mscale_rope(cfg: Any, scale: float, max_pos: int) -> tuple[float, int]:
-    """PhiMoE's cos/sin scale and context limit. Its non-default rotary scales cos/sin by short_mscale while the
-    sequence fits in original_max_position_embeddings; past that transformers switches to long_mscale and recomputes
-    the whole KV cache, which a cache cannot follow: the context is capped there instead."""
-    params = dict(_get(cfg, "rope_parameters", default={}) or {})
-    if params.get("rope_type", "default") == "default":
-        return scale, max_pos
-    missing = [k for k in ("short_mscale", "original_max_position_embeddings") if k not in params]
-    if missing:
-        raise ModelSpecError(f"config.rope_parameters lacks {missing} (PhiMoE's rotary needs them)")
-    return float(params["short_mscale"]), min(max_pos, int(params["original_max_position_embeddings"]))
 
 
 def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...]) -> AttentionSpec:
@@ -169,6 +165,8 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
             scaling=scaling, rope_dim=rope, rope_interleave=bool(interleave), sliding_window=windows,
             rope_layers=rope_layers, q_lora_rank=_get(cfg, "q_lora_rank"), kv_lora_rank=cfg.kv_lora_rank,
             qk_nope_head_dim=nope,
+            **(longcat_mla_scales(cfg) if cfg.model_type == "longcat_flash" else {}),
+            **(mistral4_query_scale(cfg) if cfg.model_type == "mistral4" else {}),
         )
     head_dim = _get(cfg, "head_dim", default=cfg.hidden_size // heads)
     partial = _get(cfg, "partial_rotary_factor", default=None)
@@ -179,6 +177,8 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
         scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
         rope_dim=int(head_dim * partial), rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, sinks=fam.attn_sinks,
+        clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
+        **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
     )
 
 
@@ -193,7 +193,15 @@ def _windows(cfg: Any, num_layers: int) -> tuple[int | None, ...]:
 
 
 def _rope_layers(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse: tuple[bool, ...]) -> tuple[bool, ...]:
-    """Per layer: rotary applied. NoPE families rotate only their sliding layers (all layers without a window)."""
+    """Per layer: rotary applied. NoPE families rotate only their sliding layers (all layers without a window);
+    GraniteMoeSWA rotates the layers whose layer_rope_theta is set."""
+    thetas = _get(cfg, "layer_rope_theta")
+    if thetas is not None:
+        if len(thetas) != len(windows):
+            raise ModelSpecError(f"config.layer_rope_theta has {len(thetas)} entries for {len(windows)} layers")
+        return tuple(bool(t) for t in thetas)
+    if cfg.model_type == "llama4_text":  # no_rope_layers: 1 = rotary, 0 = NoPE
+        return tuple(bool(r) for r in cfg.no_rope_layers)
     if not fam.nope_full_layers:
         return (True,) * len(windows)
     types = _get(cfg, "layer_types") or ()
@@ -258,48 +266,17 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         swiglu_alpha=float(_get(cfg, "swiglu_alpha", default=1.702)),
         swiglu_limit=float(_get(cfg, "swiglu_limit", default=7.0)),
         jitter_eps=float(_get(cfg, "router_jitter_noise", default=0.0)) if scoring == "sparsemixer" else 0.0,
+        input_scaled=model_type == "llama4_text",
+        zero_experts=int(_get(cfg, "zero_expert_num", default=0)),
     )
-
-
-def check_config_keys(raw: dict[str, Any], model_type: str) -> None:
-    """Reject a config.json key that may change the math and that this family's spec does not read."""
-    fam = FAMILIES[model_type]
-    known = HARMLESS_KEYS | COMMON_KEYS | set(fam.keys)
-    unknown = sorted(k for k in raw if k not in known)
-    if unknown:
-        raise ModelSpecError(
-            f"config key(s) {unknown} of model_type {model_type!r} are not understood by elasticmoe "
-            "and may change the math; remove them if they do not")
-    for key, value in fam.neutral:
-        if key in raw and raw[key] != value:
-            raise ModelSpecError(f"config.{key}={raw[key]!r} is not supported for model_type {model_type!r} "
-                                 f"(only {value!r})")
-
-
-def _mentions_experts(d: Any) -> bool:
-    """Whether a config dict (nested text/ffn configs included) has any expert field."""
-    if not isinstance(d, dict):
-        return False
-    return any("expert" in str(k) or "moe" in str(k) or _mentions_experts(v) for k, v in d.items())
-
-
-def check_model_type(cfg: Any) -> Family:
-    """The family of `cfg.model_type`; a rejected or unverified family raises ModelSpecError naming what it lacks."""
-    model_type = getattr(cfg, "model_type", None)
-    if model_type in REJECTED:
-        raise ModelSpecError(f"model_type {model_type!r} is not supported: {REJECTED[model_type]}")
-    if model_type not in FAMILIES and not _mentions_experts(cfg.to_dict()):
-        raise ModelSpecError(f"config.json of model_type {model_type!r} has no experts: not a Mixture-of-Experts model")
-    if model_type not in FAMILIES:
-        raise ModelSpecError(f"model_type {model_type!r} is not a verified family (its modeling code was not "
-                             f"checked against transformers); verified: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
 
 
 def spec_from_config(cfg: Any) -> ModelSpec:
     """Derive a ModelSpec from a transformers PretrainedConfig; raises ModelSpecError naming the field."""
     model_type = getattr(cfg, "model_type", None)
     fam = check_model_type(cfg)
+    if model_type == "dbrx":
+        cfg = flat_dbrx(cfg)
     num_layers = cfg.num_hidden_layers
     moe = _moe(cfg, num_layers, fam)
     attn = _attention(cfg, num_layers, fam, moe.sparse_layers)
@@ -308,7 +285,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     inv_freq, rope_scale = _rope(cfg, attn.rope_dim)
     max_pos = _get(cfg, "max_position_embeddings", default=4096)
     if fam.rope_mscale:
-        rope_scale, max_pos = _mscale_rope(cfg, rope_scale, max_pos)
+        rope_scale, max_pos = mscale_rope(cfg, rope_scale, max_pos)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     embed_scale = float(_get(cfg, "embedding_multiplier", default=1.0))
@@ -317,7 +294,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     logits_scale = float(_get(cfg, "logit_scale", default=1.0)) / float(_get(cfg, "logits_scaling", default=1.0))
     return ModelSpec(
         model_type=model_type, num_layers=num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-        rms_norm_eps=float(_get(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
+        rms_norm_eps=fam.norm_eps or float(_get(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
         attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale,

@@ -1,0 +1,123 @@
+"""Reading a config.json per family: the keys checked, the types rejected, fields that only some families have."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from elasticmoe.model.families import COMMON_KEYS, FAMILIES, HARMLESS_KEYS, REJECTED, Family
+
+
+class ModelSpecError(ValueError):
+    """The checkpoint's config describes a model elasticmoe cannot run (names the field)."""
+
+
+def config_get(cfg: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` that the config sets (not None), else `default`."""
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def mscale_rope(cfg: Any, scale: float, max_pos: int) -> tuple[float, int]:
+    """PhiMoE's cos/sin scale and context limit. Its non-default rotary scales cos/sin by short_mscale while the
+    sequence fits in original_max_position_embeddings; past that transformers switches to long_mscale and recomputes
+    the whole KV cache, which a cache cannot follow: the context is capped there instead."""
+    params = dict(config_get(cfg, "rope_parameters", default={}) or {})
+    if params.get("rope_type", "default") == "default":
+        return scale, max_pos
+    missing = [k for k in ("short_mscale", "original_max_position_embeddings") if k not in params]
+    if missing:
+        raise ModelSpecError(f"config.rope_parameters lacks {missing} (PhiMoE's rotary needs them)")
+    return float(params["short_mscale"]), min(max_pos, int(params["original_max_position_embeddings"]))
+
+
+def llama4_attention(cfg: Any, num_layers: int) -> dict[str, Any]:
+    """Llama 4's chunked attention on its "chunked_attention" layers, L2 q/k norms and NoPE temperature tuning."""
+    types = config_get(cfg, "layer_types") or ["full_attention"] * num_layers
+    size = config_get(cfg, "attention_chunk_size")
+    chunk = tuple(size if t == "chunked_attention" and size else None for t in types)
+    tuning = config_get(cfg, "attn_temperature_tuning")
+    temperature = (float(cfg.floor_scale), float(cfg.attn_scale)) if tuning else None
+    return dict(chunk=chunk, l2_qk_norm=bool(config_get(cfg, "use_qk_norm", default=False)), temperature=temperature)
+
+
+def longcat_mla_scales(cfg: Any) -> dict[str, float]:
+    """LongCat-Flash's MLA multiplies the queries by sqrt(H / q_lora_rank) and the normed kv latent by
+    sqrt(H / kv_lora_rank)."""
+    hidden = cfg.hidden_size
+    return dict(q_scale=(hidden / cfg.q_lora_rank) ** 0.5, kv_scale=(hidden / cfg.kv_lora_rank) ** 0.5)
+
+
+def mistral4_query_scale(cfg: Any) -> dict[str, tuple[float, float]]:
+    """Mistral 4 scales its MLA queries by 1 + beta * log(1 + floor(position / original_max_position_embeddings)),
+    both read from rope_parameters (llama_4_scaling_beta)."""
+    params = dict(config_get(cfg, "rope_parameters", default={}) or {})
+    beta, period = params.get("llama_4_scaling_beta"), params.get("original_max_position_embeddings")
+    if beta is None or not period:
+        raise ModelSpecError("config.rope_parameters needs llama_4_scaling_beta and original_max_position_embeddings "
+                             "(Mistral 4 scales its queries by them)")
+    return dict(query_scale=(float(period), float(beta)))
+
+
+def check_config_keys(raw: dict[str, Any], model_type: str) -> None:
+    """Reject a config.json key that may change the math and that this family's spec does not read."""
+    fam = FAMILIES[model_type]
+    known = HARMLESS_KEYS | COMMON_KEYS | set(fam.keys)
+    unknown = sorted(k for k in raw if k not in known)
+    if unknown:
+        raise ModelSpecError(
+            f"config key(s) {unknown} of model_type {model_type!r} are not understood by elasticmoe "
+            "and may change the math; remove them if they do not")
+    for sub, keys in fam.nested:
+        inner = raw.get(sub) or {}
+        unknown = sorted(k for k in inner if k not in HARMLESS_KEYS and k not in keys)
+        if unknown:
+            raise ModelSpecError(f"config key(s) {[f'{sub}.{k}' for k in unknown]} of model_type {model_type!r} are "
+                                 "not understood by elasticmoe and may change the math; remove them if they do not")
+    for key, value in fam.neutral:
+        if key in raw and raw[key] != value:
+            raise ModelSpecError(f"config.{key}={raw[key]!r} is not supported for model_type {model_type!r} "
+                                 f"(only {value!r})")
+
+
+def mentions_experts(d: Any) -> bool:
+    """Whether a config dict (nested text/ffn configs included) has any expert field."""
+    if not isinstance(d, dict):
+        return False
+    return any("expert" in str(k) or "moe" in str(k) or mentions_experts(v) for k, v in d.items())
+
+
+def check_model_type(cfg: Any) -> Family:
+    """The family of `cfg.model_type`; a rejected or unverified family raises ModelSpecError naming what it lacks."""
+    model_type = getattr(cfg, "model_type", None)
+    if model_type in REJECTED:
+        raise ModelSpecError(f"model_type {model_type!r} is not supported: {REJECTED[model_type]}")
+    if model_type not in FAMILIES and not mentions_experts(cfg.to_dict()):
+        raise ModelSpecError(f"config.json of model_type {model_type!r} has no experts: not a Mixture-of-Experts model")
+    if model_type not in FAMILIES:
+        raise ModelSpecError(f"model_type {model_type!r} is not a verified family (its modeling code was not "
+                             f"checked against transformers); verified: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def flat_dbrx(cfg: Any) -> Any:
+    """DBRX's nested attn_config / ffn_config as the flat fields the spec reads (a copy of the config)."""
+    import copy
+
+    attn, ffn = cfg.attn_config, cfg.ffn_config
+    act = dict(ffn.ffn_act_fn or {"name": "silu"})
+    if act != {"name": "silu"}:
+        raise ModelSpecError(f"config.ffn_config.ffn_act_fn={act!r}: DBRX experts must be gated SiLU")
+    p = ffn.moe_normalize_expert_weights
+    if p not in (None, 1, 1.0):
+        raise ModelSpecError(f"config.ffn_config.moe_normalize_expert_weights={p!r}: only the L1 norm (1.0) or "
+                             "none (null) of the top-k weights is supported")
+    flat = copy.copy(cfg)
+    for key, value in (("num_local_experts", ffn.moe_num_experts), ("num_experts_per_tok", ffn.moe_top_k),
+                       ("intermediate_size", ffn.ffn_hidden_size), ("norm_topk_prob", p is not None),
+                       ("clip_qkv", attn.clip_qkv), ("num_key_value_heads", attn.kv_n_heads),
+                       ("head_dim", cfg.d_model // cfg.n_heads)):
+        object.__setattr__(flat, key, value)
+    return flat

@@ -1,0 +1,80 @@
+"""Checkpoints whose tensor names or layouts differ from the Llama-style ones: exposed under those names (views)."""
+
+from __future__ import annotations
+
+import re
+
+from elasticmoe.model.checkpoint import Checkpoint, CheckpointError, View
+from elasticmoe.model.spec import ModelSpec
+
+_DBRX_LAYER = re.compile(r"^transformer\.blocks\.(\d+)\.(.+)$")
+_DBRX_DENSE = {  # DBRX block suffix -> Llama-style suffix
+    "norm_attn_norm.norm_1.weight": "input_layernorm.weight",
+    "norm_attn_norm.norm_2.weight": "post_attention_layernorm.weight",
+    "norm_attn_norm.attn.out_proj.weight": "self_attn.o_proj.weight",
+    "ffn.router.layer.weight": "mlp.gate.weight",
+}
+
+
+def dbrx_views(ckpt: Checkpoint, spec: ModelSpec) -> tuple[dict[str, View], set[str]]:
+    """DBRX: transformer.blocks.<i>.norm_attn_norm.{norm_1, attn.Wqkv, attn.out_proj, norm_2} and
+    ffn.{router.layer, experts.mlp.{w1, v1, w2}}. The fused Wqkv [H + 2 kv d, H] splits into q/k/v rows; the
+    experts' w1 (gate), v1 (up) [E * I, H] give rows e*I..(e+1)*I per expert, and w2 [E * I, H] the transposed down."""
+    a, inter = spec.attention, spec.moe.intermediate_size
+    views = {"model.embed_tokens.weight": View("transformer.wte.weight"),
+             "model.norm.weight": View("transformer.norm_f.weight")}
+    q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    for name in ckpt.names():
+        m = _DBRX_LAYER.match(name)
+        if not m:
+            continue
+        layer, rest = f"model.layers.{m.group(1)}.", m.group(2)
+        if rest in _DBRX_DENSE:
+            views[layer + _DBRX_DENSE[rest]] = View(name)
+        elif rest == "norm_attn_norm.attn.Wqkv.weight":
+            for role, rows in (("q", (0, q)), ("k", (q, q + kv)), ("v", (q + kv, q + 2 * kv))):
+                views[f"{layer}self_attn.{role}_proj.weight"] = View(name, rows)
+            if ckpt.shape(name)[0] != q + 2 * kv:
+                raise CheckpointError(f"{ckpt.path}: {name!r} has {ckpt.shape(name)[0]} rows, want {q + 2 * kv}")
+        elif rest in ("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2"):
+            if ckpt.shape(name)[0] != spec.moe.num_experts * inter:
+                raise CheckpointError(f"{ckpt.path}: {name!r} has {ckpt.shape(name)[0]} rows, want "
+                                      f"{spec.moe.num_experts} experts x {inter}")
+            proj = {"w1": "gate_proj", "v1": "up_proj", "w2": "down_proj"}[rest.rsplit(".", 1)[1]]
+            for e in range(spec.moe.num_experts):
+                views[f"{layer}mlp.experts.{e}.{proj}.weight"] = View(name, (e * inter, (e + 1) * inter),
+                                                                     transpose=proj == "down_proj")
+    return views, set()
+
+
+_LONGCAT = re.compile(
+    r"^model\.layers\.(\d+)\.(self_attn|mlps|input_layernorm|post_attention_layernorm)\.([01])\.?(.*)$")
+_LONGCAT_MOE = {"mlp.router.classifier.weight": "mlp.gate.weight", "mlp.router.classifier.bias": "mlp.router.bias",
+                "mlp.router.e_score_correction_bias": "mlp.gate.e_score_correction_bias"}
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.")
+
+
+def longcat_views(ckpt: Checkpoint, spec: ModelSpec) -> tuple[dict[str, View], set[str]]:
+    """LongCat-Flash: decoder layer i's sublayer j (self_attn.j, mlps.j, input_layernorm.j,
+    post_attention_layernorm.j) becomes engine layer 2i + j (its MLP as feed_forward); the MoE (mlp.router.classifier,
+    mlp.experts) sits on engine layer 2i. experts.gate_up_proj has rows for the identity experts too: only the first
+    num_experts rows are weights, and transformers' per-expert files hold never-used gate/up weights of the identity
+    experts (ids >= num_experts): those are ignored, as transformers ignores them."""
+    views, ignored = {}, set()
+    for name in ckpt.names():
+        if m := _LONGCAT.match(name):
+            sub = {"mlps": "feed_forward", "self_attn": "self_attn"}.get(m.group(2), m.group(2))
+            rest = f".{m.group(4)}" if m.group(4) else ".weight" if m.group(2).endswith("norm") else ""
+            views[f"model.layers.{2 * int(m.group(1)) + int(m.group(3))}.{sub}{rest}"] = View(name)
+        elif m := re.match(r"^model\.layers\.(\d+)\.(mlp\..+)$", name):
+            layer, rest = f"model.layers.{2 * int(m.group(1))}.", m.group(2)
+            if (e := _EXPERT.match(rest)) and int(e.group(1)) >= spec.moe.num_experts:
+                ignored.add(name)
+            elif rest == "mlp.experts.gate_up_proj":
+                views[layer + rest] = View(name, (0, spec.moe.num_experts))
+            else:
+                views[layer + _LONGCAT_MOE.get(rest, rest)] = View(name)
+    return views, ignored
+
+
+VIEWS = {"dbrx": dbrx_views, "longcat_flash": longcat_views}  # model_type -> the views its checkpoints need

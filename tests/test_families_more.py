@@ -1,0 +1,115 @@
+"""More transformers MoE families against transformers itself (the helpers and the README table: test_families.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import transformers
+
+from tests.test_families import GRANITE, SLIDING3, _assert_matches, make_family_checkpoint
+
+MISTRAL4_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=4,
+                     beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
+                     llama_4_scaling_beta=0.1)  # queries scaled up every 4 positions
+
+# model_type -> (transformers config class, tiny fields, what the family exercises); in the README table too.
+MORE_CASES: dict[str, tuple[str, dict, str]] = {
+    "granitemoe_swa": ("GraniteMoeSWAConfig", dict(**GRANITE, shared_intermediate_size=64, head_dim=16,
+                                                  layer_rope_theta=[10000.0, 0, 10000.0], **SLIDING3),
+                       "attention sinks (sigmoid of log-sum-exp form), alternating sliding window, NoPE layers "
+                       "(layer_rope_theta 0), Granite multipliers, packed shared MLP"),
+    "dbrx": ("DbrxConfig", dict(attn_config=dict(kv_n_heads=2, clip_qkv=0.6, rope_theta=10000.0),
+                                ffn_config=dict(ffn_hidden_size=64, moe_num_experts=8, moe_top_k=2)),
+             "fused Wqkv with q/k/v clipping, bias-free LayerNorm, experts flattened [E * I, H], L1-normalised "
+             "top-k softmax"),
+    "llama4_text": ("Llama4TextConfig", dict(intermediate_size=48, intermediate_size_mlp=128, num_local_experts=8,
+                                             head_dim=16, moe_layers=[1, 2], no_rope_layers=[1, 0, 1],
+                                             attention_chunk_size=8, floor_scale=4, attn_scale=0.1),
+                    "sigmoid router weights scaling the experts' inputs, shared expert, dense first layer, chunked "
+                    "attention, complex rotary, L2 q/k norms, NoPE layer with temperature tuning"),
+    "solar_open": ("SolarOpenConfig", dict(moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1,
+                                           head_dim=16, routed_scaling_factor=1.5),
+                   "sigmoid routing with correction bias, shared expert, routed scaling"),
+    "longcat_flash": ("LongcatFlashConfig", dict(num_layers=2, ffn_hidden_size=96, expert_ffn_hidden_size=48,
+                                                 n_routed_experts=8, zero_expert_num=2, moe_topk=2, q_lora_rank=32,
+                                                 kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                                 v_head_dim=16, head_dim=8, num_key_value_heads=4,
+                                                 routed_scaling_factor=1.5),
+                      "identity (zero-computation) experts, a shortcut MoE beside two MLA + dense-MLP sublayers per "
+                      "layer, MLA LoRA scales, softmax routing with correction bias"),
+    "mistral4": ("Mistral4Config", dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                        v_head_dim=16, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=64,
+                                        intermediate_size=128, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                        routed_scaling_factor=1.5, num_key_value_heads=4,
+                                        rope_parameters=MISTRAL4_YARN),
+                 "MLA with pairwise YaRN rotary, position-dependent query scaling (llama_4_scaling_beta), softmax "
+                 "group-limited routing, shared expert, dense first layer"),
+}
+MORE_ROUTING_BIAS = {"solar_open", "longcat_flash"}  # routing (correction) biases made non-zero, checked to be loaded
+
+
+@pytest.fixture(scope="module")
+def more_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("more_families")
+    return {t: make_family_checkpoint(t, root / t, case=c) for t, c in MORE_CASES.items()}
+
+
+@pytest.mark.parametrize("model_type", sorted(MORE_CASES))
+def test_more_family_matches_transformers(model_type, more_dirs):
+    """Logits within 1e-4 relative in float32 and 24 greedy tokens identical, routing biases exercised."""
+    from elasticmoe import LLM
+
+    llm = LLM(str(more_dirs[model_type]), dtype="float32")
+    if model_type in MORE_ROUTING_BIAS:
+        biases = [layer.router_bias for layer in llm.engine.model.layers if layer.sparse]
+        assert biases and all(b is not None and b.abs().min() > 0 for b in biases)
+    _assert_matches(llm, more_dirs[model_type], model_type)
+
+
+def _moe_model_types() -> list[str]:
+    """Every model_type of a transformers configuration module that mentions experts."""
+    found = set()
+    for path in (Path(transformers.__file__).parent / "models").glob("*/configuration_*.py"):
+        text = path.read_text()
+        if re.search(r"num_experts|num_local_experts|n_routed_experts|moe_", text):
+            found.update(re.findall(r'model_type\s*=\s*"([^"]+)"', text))
+    return sorted(found)
+
+
+def test_every_transformers_moe_family_is_supported_or_rejected():
+    """Each model_type transformers ships whose default config has experts is in FAMILIES or REJECTED."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from elasticmoe.model.families import FAMILIES, REJECTED
+    from elasticmoe.model.family_config import mentions_experts
+
+    unknown = []
+    for model_type in _moe_model_types():
+        if model_type in FAMILIES or model_type in REJECTED or model_type not in CONFIG_MAPPING:
+            continue
+        try:
+            cfg = CONFIG_MAPPING[model_type]()
+        except Exception:  # a sub-config that cannot stand alone (e.g. an assistant needing its target)
+            continue
+        if mentions_experts(cfg.to_dict()):
+            unknown.append(model_type)
+    assert unknown == []
+
+
+def test_every_rejected_family_names_model_type_and_feature():
+    """From the config alone: the message names the model type and the missing layer kind or feature."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from elasticmoe.model import ModelSpecError
+    from elasticmoe.model.families import REJECTED
+    from elasticmoe.model.spec import check_model_type
+
+    for model_type, feature in REJECTED.items():
+        cfg = CONFIG_MAPPING[model_type]() if model_type in CONFIG_MAPPING else None
+        if cfg is None or cfg.model_type != model_type:
+            continue
+        with pytest.raises(ModelSpecError) as err:
+            check_model_type(cfg)
+        assert f"model_type {model_type!r}" in str(err.value) and feature in str(err.value)
