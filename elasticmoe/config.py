@@ -30,6 +30,8 @@ class Limits(_Strict):
     max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
     expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
+    transport: Literal["unary", "stream"] = Field("unary", description="gateway -> shard calls: one unary gRPC call "
+                                                  "each, or frames on one long-lived stream per shard")
     failover_s: float = Field(30.0, gt=0, description="how long a step waits for a live copy of its experts "
                               "(failover, re-homing) before its requests end with UNAVAILABLE")
     max_queued_requests: int = Field(256, ge=1, description="requests Serve queues per gateway before rejecting")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from concurrent import futures
@@ -32,6 +33,22 @@ class Faults:
     malformed_outputs: int = 0  # RunExperts answers with a wrong output shape
 
 
+class _FrameAbort(Exception):
+    """A RunExpertsStream frame refused (as context.abort would refuse a unary call): its code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _FrameContext:
+    """The part of a grpc context that _decode and _run use, for one frame of a stream."""
+
+    @staticmethod
+    def abort(code: grpc.StatusCode, message: str):
+        raise _FrameAbort(code, message)
+
+
 class ExpertServicer(pb_grpc.ExpertShardServicer):
     """Serves one ExpertStore. Bad requests get INVALID_ARGUMENT; experts not held come back in `missing`.
 
@@ -47,6 +64,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self.max_rows = max_rows
         self.faults = Faults()
         self._run_slots = threading.BoundedSemaphore(run_slots)
+        self._frame_pool = futures.ThreadPoolExecutor(max_workers=run_slots, thread_name_prefix="expert-frames")
 
     def _decode(self, request: pb.RunExpertsRequest, context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validate a RunExperts request: layer, dtypes, shapes, k <= top-k, ids in range, rows <= max_rows."""
@@ -92,6 +110,39 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             return self._run(request, context)
         finally:
             self._run_slots.release()
+
+    def RunExpertsStream(self, request_iterator, context):
+        """Frames in, replies out (matched by id): each frame runs as RunExperts would, up to the run slots at once
+        (a full shard queues frames rather than refusing them); a bad frame gets its status code in the reply."""
+        replies: queue.SimpleQueue = queue.SimpleQueue()
+        context.add_callback(lambda: replies.put(None))  # the stream ended or was cancelled: stop yielding
+
+        def one(frame: pb.RunExpertsFrame) -> None:
+            try:
+                replies.put(pb.RunExpertsReply(id=frame.id, response=self._run(frame.request, _FrameContext)))
+            except _FrameAbort as e:
+                replies.put(pb.RunExpertsReply(id=frame.id, code=e.code.value[0], error=str(e)))
+            except Exception as e:  # noqa: BLE001 - as a unary handler's exception: INTERNAL, the stream lives on
+                log.exception("RunExpertsStream frame %d failed", frame.id)
+                replies.put(pb.RunExpertsReply(id=frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e)))
+            finally:
+                self._run_slots.release()
+
+        def read() -> None:
+            running = []
+            try:
+                for frame in request_iterator:
+                    self._run_slots.acquire()
+                    running.append(self._frame_pool.submit(one, frame))
+                    running = [f for f in running if not f.done()]
+            except Exception:  # noqa: BLE001 - the client went away: the callback ends the replies
+                return
+            futures.wait(running)
+            replies.put(None)  # the client half-closed and every frame is answered
+
+        threading.Thread(target=read, name="expert-stream-reader", daemon=True).start()
+        while (reply := replies.get()) is not None:
+            yield reply
 
     def _run(self, request, context):
         hidden, ids, weights = self._decode(request, context)

@@ -41,7 +41,8 @@ class GatewayCore:
         self.api_keys = ApiKeys.from_args(self.args)  # checked on HTTP (openai_api) and gRPC (Gateway._start)
         self.controller = controller
         self.dispatcher = GrpcDispatcher(lim.expert_timeout_s, on_failure=self._on_failure,
-                                         failover_s=lim.failover_s, insecure=self.args.insecure_internal)
+                                         failover_s=lim.failover_s, insecure=self.args.insecure_internal,
+                                         transport=lim.transport)
         try:
             self.gateway_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve

@@ -7,18 +7,19 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Callable
 
 import torch
 
 from elasticmoe.gateway.failover import Call, Step
 from elasticmoe.gateway.routing import RoutingTable
+from elasticmoe.gateway.transport import ExpertTransport, TransportName, make_transport
 from elasticmoe.model.dispatch import ExpertsUnavailable
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
-from elasticmoe.rpc.codec import channel_options, encode_tensor
+from elasticmoe.rpc.codec import encode_tensor
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,17 @@ class GrpcDispatcher:
 
     def __init__(self, timeout_s: float = 5.0, on_failure: Callable[[str], RoutingTable | None] | None = None,
                  failover_s: float = 30.0, hedge_min_s: float = 0.1, hedge_factor: float = 4.0,
-                 suspect_s: float = 3.0, insecure: bool = False):
+                 suspect_s: float = 3.0, insecure: bool = False,
+                 transport: TransportName | ExpertTransport = "unary"):
         self.timeout_s, self.failover_s, self.suspect_s = timeout_s, failover_s, suspect_s
         self.hedge_min_s, self.hedge_factor = hedge_min_s, hedge_factor
         self.on_failure = on_failure
         self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
         if insecure:
             tls.warn_insecure("gateway")
-        self.renewal = tls.Renewal(insecure)  # renewed certificates: channels are replaced
+        self.transport = make_transport(transport, insecure)  # how calls reach the shards (gateway.transport)
         self.table: RoutingTable | None = None
         self._next: RoutingTable | None = None
-        self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
         self._lock = threading.Lock()
         self.suspects: dict[str, float] = {}  # shard id -> monotonic time it last failed or straggled
         self.latency_s: deque[float] = deque(maxlen=256)  # recent successful call round trips
@@ -61,7 +62,6 @@ class GrpcDispatcher:
         self.failovers = 0  # calls re-sent after a failure, `missing` or malformed answer
         self.hedges = 0  # calls re-sent because the first copy straggled
         self.fault_log: deque[dict] = deque(maxlen=256)  # per failed-over call: when seen, when done (failover.Step)
-        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fanout")
         self._reports: queue.Queue[str] = queue.Queue()
         self._reporting: set[str] = set()
         self.on_fanout: Callable[[float], None] | None = None  # metrics hook, per (layer, step)
@@ -118,30 +118,38 @@ class GrpcDispatcher:
         return max(self.hedge_min_s, self.hedge_factor * lat[len(lat) // 2]) if lat else max(self.hedge_min_s, 1.0)
 
     # ----- calls
+    @property
+    def renewal(self) -> tls.Renewal:
+        return self.transport.renewal
+
     def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
-        with self._lock:
-            if self.renewal.changed():
-                self._stubs.clear()  # calls in flight finish on their old channel
-            if address not in self._stubs:
-                ch = tls.channel(address, channel_options(), insecure=self.insecure)
-                self._stubs[address] = pb_grpc.ExpertShardStub(ch)
-            return self._stubs[address]
+        return self.transport.stub(address)[0]
+
+    def close(self) -> None:
+        self.transport.close()
 
     def send(self, table: RoutingTable, layer: int, shard: int, hidden: torch.Tensor, rows: torch.Tensor,
              ids: torch.Tensor, weights: torch.Tensor) -> Call:
         """Issue one shard's call on the fan-out pool: hidden [T, H], rows [T_s], ids/weights [T_s, k]."""
-        stub = self._stub(table.addresses[shard])
         call = Call(table.shards[shard], rows, ids)
 
-        def run():
-            req = pb.RunExpertsRequest(layer=layer, hidden=encode_tensor(hidden[rows]),
-                                       topk_ids=encode_tensor(ids.to(torch.int32)),
-                                       topk_weights=encode_tensor(weights.float()), placement_version=table.version)
-            resp = stub.RunExperts(req, timeout=self.timeout_s)
-            call.done_at = time.perf_counter()
-            return resp
+        def build() -> pb.RunExpertsRequest:
+            return pb.RunExpertsRequest(layer=layer, hidden=encode_tensor(hidden[rows]),
+                                        topk_ids=encode_tensor(ids.to(torch.int32)),
+                                        topk_weights=encode_tensor(weights.float()), placement_version=table.version)
 
-        call.future = self._pool.submit(run)
+        outer: Future = Future()
+        outer.set_running_or_notify_cancel()
+
+        def done(f: Future) -> None:  # runs where the answer landed: done_at is set before any waiter wakes
+            call.done_at = time.perf_counter()
+            if f.exception() is not None:
+                outer.set_exception(f.exception())
+            else:
+                outer.set_result(f.result())
+
+        call.future = outer
+        self.transport.send(table.addresses[shard], build, self.timeout_s).add_done_callback(done)
         return call
 
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):

@@ -41,6 +41,11 @@ class ExpertShardStub:
                 request_serializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsRequest.SerializeToString,
                 response_deserializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsResponse.FromString,
                 _registered_method=True)
+        self.RunExpertsStream = channel.stream_stream(
+                '/elasticmoe.internal.v1.ExpertShard/RunExpertsStream',
+                request_serializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsFrame.SerializeToString,
+                response_deserializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsReply.FromString,
+                _registered_method=True)
         self.LoadExperts = channel.unary_unary(
                 '/elasticmoe.internal.v1.ExpertShard/LoadExperts',
                 request_serializer=elasticmoe_dot_rpc_dot_experts__pb2.LoadExpertsRequest.SerializeToString,
@@ -71,6 +76,15 @@ class ExpertShardServicer:
     def RunExperts(self, request, context):
         """Runs one layer's experts held by this shard for a batch of tokens; returns the weighted sum
         of their outputs. Experts asked for but not held are listed in `missing` (not an error).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunExpertsStream(self, request_iterator, context):
+        """The same, as one long-lived stream per (gateway, shard): each frame carries an id, its answer
+        carries the same id (answers may come out of order; the shard runs up to its run slots at once).
+        A bad frame is answered with a status code, not by ending the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +126,11 @@ def add_ExpertShardServicer_to_server(servicer, server):
                     servicer.RunExperts,
                     request_deserializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsRequest.FromString,
                     response_serializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsResponse.SerializeToString,
+            ),
+            'RunExpertsStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunExpertsStream,
+                    request_deserializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsFrame.FromString,
+                    response_serializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsReply.SerializeToString,
             ),
             'LoadExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadExperts,
@@ -163,6 +182,33 @@ class ExpertShard:
             '/elasticmoe.internal.v1.ExpertShard/RunExperts',
             elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsRequest.SerializeToString,
             elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunExpertsStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/elasticmoe.internal.v1.ExpertShard/RunExpertsStream',
+            elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsFrame.SerializeToString,
+            elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,225 @@
+"""How the gateway's RunExperts calls reach a shard: one unary call each, or frames on one stream per shard."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Literal, Protocol
+
+import grpc
+
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import tls
+from elasticmoe.rpc.codec import channel_options
+
+log = logging.getLogger(__name__)
+
+TransportName = Literal["unary", "stream"]
+Build = Callable[[], pb.RunExpertsRequest]  # makes the request (encoding the tensors) where the transport likes
+
+
+class ExpertTransport(Protocol):
+    """Sends RunExperts requests to shards; each answer (or failure, a grpc.RpcError) arrives on a Future."""
+
+    def send(self, address: str, build: Build, timeout_s: float) -> Future: ...
+
+    def close(self) -> None: ...
+
+
+class TransportError(grpc.RpcError):
+    """A failed call of a transport that has no grpc.Call to show: the status code and message, as grpc's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _Channels:
+    """One channel (and stub) per shard address; all replaced when the TLS files are renewed."""
+
+    def __init__(self, insecure: bool):
+        self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
+        self.renewal = tls.Renewal(insecure)
+        self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
+        self._lock = threading.Lock()
+
+    def stub(self, address: str) -> tuple[pb_grpc.ExpertShardStub, bool]:
+        """The stub for `address`, and whether the channels were just replaced (renewed certificates)."""
+        with self._lock:
+            renewed = self.renewal.changed()
+            if renewed:
+                self._stubs.clear()  # calls in flight finish on their old channel
+            if address not in self._stubs:
+                ch = tls.channel(address, channel_options(), insecure=self.insecure)
+                self._stubs[address] = pb_grpc.ExpertShardStub(ch)
+            return self._stubs[address], renewed
+
+
+class UnaryTransport(_Channels):
+    """One unary RunExperts call per request, issued from a thread pool (the request is built there too)."""
+
+    def __init__(self, insecure: bool = False, workers: int = 64):
+        super().__init__(insecure)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fanout")
+
+    def send(self, address: str, build: Build, timeout_s: float) -> Future:
+        stub, _ = self.stub(address)
+        return self._pool.submit(lambda: stub.RunExperts(build(), timeout=timeout_s))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class _Stream:
+    """One open RunExpertsStream: frames go out through a queue; a reader thread resolves answers by id."""
+
+    def __init__(self, stub: pb_grpc.ExpertShardStub, address: str):
+        self.address = address
+        self.pending: dict[int, Future] = {}
+        self.dead = False
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._call = stub.RunExpertsStream(self._frames())
+        threading.Thread(target=self._read, name=f"stream-{address}", daemon=True).start()
+
+    def _frames(self):
+        while (frame := self._out.get()) is not None:
+            yield frame
+
+    def submit(self, frame: pb.RunExpertsFrame, fut: Future) -> bool:
+        """Queue a frame; False when the stream has died (the caller opens a new one)."""
+        with self._lock:
+            if self.dead:
+                return False
+            self.pending[frame.id] = fut
+        self._out.put(frame)
+        return True
+
+    def take(self, frame_id: int) -> Future | None:
+        with self._lock:
+            return self.pending.pop(frame_id, None)
+
+    def _read(self) -> None:
+        err: grpc.RpcError = TransportError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
+        try:
+            for reply in self._call:
+                fut = self.take(reply.id)
+                if fut is None:
+                    continue  # past its deadline: already failed
+                if reply.code:
+                    fut.set_exception(TransportError(grpc.StatusCode(_CODES.get(reply.code, grpc.StatusCode.UNKNOWN.value)), reply.error))
+                else:
+                    fut.set_result(reply.response)
+        except grpc.RpcError as e:
+            err = e
+        except Exception as e:  # noqa: BLE001 - any reader failure fails the stream's calls
+            err = TransportError(grpc.StatusCode.INTERNAL, f"stream to {self.address}: {e}")
+        self.fail(err)
+
+    def fail(self, err: grpc.RpcError) -> None:
+        """Mark dead and fail every pending call at once (failover sees them all now, not at their deadlines)."""
+        with self._lock:
+            self.dead = True
+            pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            fut.set_exception(err)
+        self._out.put(None)
+
+    def close(self) -> None:
+        """Half-close: calls in flight still get their answers."""
+        with self._lock:
+            self.dead = True
+        self._out.put(None)
+
+
+_CODES = {c.value[0]: c.value for c in grpc.StatusCode}
+
+
+class StreamTransport(_Channels):
+    """One long-lived bidirectional stream per shard; frames carry ids, answers are matched by id.
+
+    A broken stream fails all its pending calls at once and is re-opened by the next send. Deadlines are kept
+    here, per request: a late answer is dropped, the stream stays open.
+    """
+
+    def __init__(self, insecure: bool = False):
+        super().__init__(insecure)
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._deadlines: list[tuple[float, int, _Stream]] = []  # heap of (monotonic deadline, id, stream)
+        self._cv = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._expire_loop, name="stream-deadlines", daemon=True).start()
+
+    def _stream(self, address: str) -> _Stream:
+        stub, renewed = self.stub(address)
+        with self._cv:
+            if renewed:
+                for s in self._streams.values():
+                    s.close()
+                self._streams.clear()
+            s = self._streams.get(address)
+            if s is None or s.dead:
+                s = self._streams[address] = _Stream(stub, address)
+            return s
+
+    def send(self, address: str, build: Build, timeout_s: float) -> Future:
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+        try:
+            frame = pb.RunExpertsFrame(id=next(self._ids), request=build())
+        except Exception as e:  # noqa: BLE001 - a request that cannot be built fails its call
+            fut.set_exception(e)
+            return fut
+        for _ in range(2):  # a stream found dead at submit: one fresh one
+            s = self._stream(address)
+            if s.submit(frame, fut):
+                with self._cv:
+                    heapq.heappush(self._deadlines, (time.monotonic() + timeout_s, frame.id, s))
+                    self._cv.notify()
+                return fut
+        fut.set_exception(TransportError(grpc.StatusCode.UNAVAILABLE, f"no stream to {address}"))
+        return fut
+
+    def _expire_loop(self) -> None:
+        with self._cv:
+            while not self._closed:
+                now = time.monotonic()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    _, frame_id, s = heapq.heappop(self._deadlines)
+                    fut = s.take(frame_id)
+                    if fut is not None:
+                        fut.set_exception(TransportError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+                self._cv.wait(self._deadlines[0][0] - now if self._deadlines else None)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            streams, self._streams = list(self._streams.values()), {}
+            self._cv.notify()
+        for s in streams:
+            s.fail(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))
+            s._call.cancel()
+
+
+def make_transport(kind: TransportName | ExpertTransport, insecure: bool) -> ExpertTransport:
+    """'unary' (default) or 'stream'; an ExpertTransport object is used as it is."""
+    if kind == "unary":
+        return UnaryTransport(insecure)
+    if kind == "stream":
+        return StreamTransport(insecure)
+    if isinstance(kind, str):
+        raise ValueError(f"transport: {kind!r}, want 'unary' or 'stream'")
+    return kind

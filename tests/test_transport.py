@@ -1,0 +1,195 @@
+"""The stream transport (one RunExpertsStream per shard) over real in-process gRPC shards: same results as the single
+process, failover when a shard dies mid-stream, hedging, frame ids under concurrency, deadlines, bad frames."""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures as cf
+
+import grpc
+import pytest
+import torch
+
+from elasticmoe.config import Limits
+from elasticmoe.gateway.dispatcher import GrpcDispatcher
+from elasticmoe.gateway.transport import StreamTransport, UnaryTransport, make_transport
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc.codec import decode_tensor, encode_tensor
+from tests.test_failover import ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files  # noqa: F401
+
+
+@pytest.fixture
+def pair(files):  # noqa: F811
+    shards = Shards(files, [list(range(E)), list(range(E))])
+    yield shards
+    shards.close()
+
+
+def _stream_dispatcher(**kw) -> GrpcDispatcher:
+    return GrpcDispatcher(transport="stream", **kw)
+
+
+def test_config_selects_the_transport():
+    assert Limits().transport == "unary"
+    assert isinstance(make_transport(Limits(transport="stream").transport, insecure=False), StreamTransport)
+    assert isinstance(GrpcDispatcher().transport, UnaryTransport)
+    with pytest.raises(ValueError):
+        Limits(transport="carrier-pigeon")
+
+
+def test_stream_dispatch_equals_single_process(files, pair):  # noqa: F811
+    layer = pair.layers[0]
+    inputs = _inputs(files)
+    ref = _reference(files, layer, *inputs)
+    for copies in (SPLIT, ALL_BOTH):
+        d = _stream_dispatcher(timeout_s=5)
+        try:
+            d.set_table(pair.table(copies))
+            for _ in range(3):  # the same streams carry every step
+                out, _ = _run(d, layer, inputs)
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+            assert d.failovers == 0 and d.hedges == 0
+            assert len(d.transport._streams) == 2  # one stream per shard
+        finally:
+            d.close()
+
+
+def test_shard_stopped_mid_stream_fails_over(files, pair):  # noqa: F811
+    layer, inputs = pair.layers[0], _inputs(files, 1)
+    ref = _reference(files, layer, *inputs)
+    reported: list[str] = []
+    d = _stream_dispatcher(timeout_s=30, on_failure=lambda sid: reported.append(sid))
+    try:
+        d.set_table(pair.table(ALL_BOTH))
+        _run(d, layer, inputs)  # both streams open
+        pair.servicers[0].faults.run_delay_s = 5.0  # s0's frames hang in flight...
+        step = d.dispatch(layer, *inputs)
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        pair.servers[0].stop(None)  # ...and its server goes away: the stream breaks, every pending frame fails now
+        out = step.wait()
+        took = time.perf_counter() - t0
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert d.failovers >= 1 and took < 2.0, (d.failovers, took)  # not the 30 s deadline, nor the 5 s delay
+        deadline = time.monotonic() + 5
+        while not reported and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reported == ["s0"]
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        d.close()
+
+
+def test_stream_reopens_after_the_shard_restarts(files, pair):  # noqa: F811
+    """A dead stream is replaced lazily: the next send opens a new one (here to a restarted server, same port)."""
+    from elasticmoe.experts.server import start_server
+
+    layer, inputs = pair.layers[0], _inputs(files, 7)
+    ref = _reference(files, layer, *inputs)
+    d = _stream_dispatcher(timeout_s=5, suspect_s=0.0)
+    try:
+        d.set_table(pair.table(SPLIT))
+        _run(d, layer, inputs)
+        first = d.transport._streams[pair.addresses[0]]
+        pair.servers[0].stop(None).wait()
+        port = int(pair.addresses[0].rsplit(":", 1)[1])
+        pair.servers[0], pair.servicers[0], _ = start_server(pair.stores[0], "s0", port=port)
+        deadline = time.monotonic() + 5
+        while not first.dead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out, _ = _run(d, layer, inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert first.dead and d.transport._streams[pair.addresses[0]] is not first
+    finally:
+        d.close()
+
+
+def test_stream_straggler_is_hedged(files, pair):  # noqa: F811
+    layer, inputs = pair.layers[0], _inputs(files, 2)
+    ref = _reference(files, layer, *inputs)
+    d = _stream_dispatcher(timeout_s=10, hedge_min_s=0.05)
+    try:
+        d.set_table(pair.table(ALL_BOTH))
+        for _ in range(5):
+            _run(d, layer, inputs)
+        pair.servicers[0].faults.run_delay_s = 3.0
+        out, took = _run(d, layer, inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert d.hedges >= 1 and took < 2.0, (d.hedges, took)
+        assert "s0" in d.suspects
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        d.close()
+
+
+def _request(files, layer: int, rows: int, seed: int) -> pb.RunExpertsRequest:
+    hidden, ids, weights = _inputs(files, seed)
+    return pb.RunExpertsRequest(layer=layer, hidden=encode_tensor(hidden[:rows]),
+                                topk_ids=encode_tensor(ids[:rows].to(torch.int32)),
+                                topk_weights=encode_tensor(weights[:rows]))
+
+
+def test_frame_ids_match_answers_under_concurrency(files, pair):  # noqa: F811
+    """Many threads, requests of different sizes in flight on one stream: each answer is its own request's."""
+    layer = pair.layers[0]
+    t = StreamTransport()
+    address = pair.addresses[0]
+    try:
+        def one(i: int) -> None:
+            rows = 1 + i % 24
+            req = _request(files, layer, rows, i)
+            got = t.send(address, lambda: req, 10).result(timeout=20)
+            hidden, ids, weights = _inputs(files, i)
+            want = _reference(files, layer, hidden[:rows], ids[:rows], weights[:rows])
+            torch.testing.assert_close(decode_tensor(got.output, "output"), want, rtol=1e-5, atol=1e-6)
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(64)))
+        assert len(t._streams) == 1 and not t._streams[address].pending
+    finally:
+        t.close()
+
+
+def test_deadline_is_per_request_and_the_stream_survives(files, pair):  # noqa: F811
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = StreamTransport()
+    try:
+        pair.servicers[0].faults.run_delay_s = 1.0
+        slow = t.send(address, lambda: _request(files, layer, 4, 0), 0.2)
+        with pytest.raises(grpc.RpcError) as e:
+            slow.result(timeout=5)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        pair.servicers[0].faults.run_delay_s = 0.0
+        stream = t._streams[address]
+        assert t.send(address, lambda: _request(files, layer, 4, 1), 5).result(timeout=10).output.data
+        assert t._streams[address] is stream and not stream.dead  # a timeout does not break the stream
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+
+
+def test_bad_frame_gets_its_status_and_the_stream_lives(files, pair):  # noqa: F811
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = StreamTransport()
+    try:
+        bad = pb.RunExpertsRequest(layer=999)
+        with pytest.raises(grpc.RpcError) as e:
+            t.send(address, lambda: bad, 5).result(timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "layer" in e.value.details()
+        assert t.send(address, lambda: _request(files, layer, 3, 0), 5).result(timeout=10).output.data
+    finally:
+        t.close()
+
+
+def test_close_fails_pending_calls(files, pair):  # noqa: F811
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = StreamTransport()
+    pair.servicers[0].faults.run_delay_s = 2.0
+    try:
+        fut = t.send(address, lambda: _request(files, layer, 2, 0), 30)
+        time.sleep(0.1)
+        t.close()
+        with pytest.raises(grpc.RpcError):
+            fut.result(timeout=1)
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
