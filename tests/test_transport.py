@@ -193,3 +193,38 @@ def test_close_fails_pending_calls(files, pair):  # noqa: F811
             fut.result(timeout=1)
     finally:
         pair.servicers[0].faults.run_delay_s = 0.0
+
+
+def test_streams_beyond_the_limit_are_refused_and_health_still_answers(files):  # noqa: F811
+    """Each open stream holds a server worker: past max_streams a new one is refused, Health keeps its workers."""
+    from elasticmoe.experts.server import start_server
+    from elasticmoe.model.experts import ExpertStore
+    from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+    from elasticmoe.rpc import tls
+    from elasticmoe.rpc.codec import channel_options
+
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    layer = files.spec.moe.moe_layers[0]
+    store.load([(layer, e) for e in range(E)])
+    server, _, port = start_server(store, "s", max_workers=2, max_streams=1)
+    address, first, second = f"127.0.0.1:{port}", StreamTransport(), StreamTransport()
+    try:
+        assert first.send(address, lambda: _request(files, layer, 3, 0), 5).result(timeout=10).output.data
+        with pytest.raises(grpc.RpcError) as e:
+            second.send(address, lambda: _request(files, layer, 3, 0), 5).result(timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stub = pb_grpc.ExpertShardStub(tls.channel(address, channel_options()))
+        assert stub.Health(pb.HealthRequest(), timeout=5).ok
+        first.close()  # its stream ends: the place is free again
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert second.send(address, lambda: _request(files, layer, 3, 1), 5).result(timeout=10).output.data
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        first.close()
+        second.close()
+        server.stop(None)

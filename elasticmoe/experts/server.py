@@ -56,7 +56,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
     controller's calls always find a free worker of the server's pool, however busy the shard is.
     """
 
-    def __init__(self, store: ExpertStore, shard_id: str, run_slots: int = 8, max_rows: int = 1 << 16):
+    def __init__(self, store: ExpertStore, shard_id: str, run_slots: int = 8, max_rows: int = 1 << 16,
+                 max_streams: int = 16):
         self.store, self.shard_id = store, shard_id
         self.placement_version = 0
         self.started = time.monotonic()
@@ -65,6 +66,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self.faults = Faults()
         self._run_slots = threading.BoundedSemaphore(run_slots)
         self._frame_pool = futures.ThreadPoolExecutor(max_workers=run_slots, thread_name_prefix="expert-frames")
+        self.max_streams = max_streams  # open RunExpertsStreams: each holds one server worker while open
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def _decode(self, request: pb.RunExpertsRequest, context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validate a RunExperts request: layer, dtypes, shapes, k <= top-k, ids in range, rows <= max_rows."""
@@ -114,7 +117,12 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
     def RunExpertsStream(self, request_iterator, context):
         """Frames in, replies out (matched by id): each frame runs as RunExperts would, up to the run slots at once
         (a full shard queues frames rather than refusing them); a bad frame gets its status code in the reply."""
+        if not self._streams.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"shard busy: {self.max_streams} streams open")
         replies: queue.SimpleQueue = queue.SimpleQueue()
+        if not context.add_callback(self._streams.release):  # already over
+            self._streams.release()
+            return
         context.add_callback(lambda: replies.put(None))  # the stream ended or was cancelled: stop yielding
 
         def one(frame: pb.RunExpertsFrame) -> None:
@@ -209,19 +217,20 @@ def _ports(port: int) -> list[int]:
 
 
 def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 8, max_rows: int = 1 << 16, insecure: bool = False
+                 max_workers: int = 8, max_rows: int = 1 << 16, insecure: bool = False, max_streams: int = 16
                  ) -> tuple[grpc.Server, ExpertServicer, int]:
     """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port).
 
     mTLS (rpc.tls): only clients holding a certificate of the release's CA get in; `insecure` serves plaintext.
-    The pool has `max_workers` workers for RunExperts plus 4 kept for Health, stats and loads.
+    The pool has `max_workers` workers for RunExperts, one per open RunExpertsStream (at most `max_streams`, one per
+    gateway using the stream transport; more are refused) plus 4 kept for Health, stats and loads.
     """
     if insecure:
         tls.warn_insecure(f"expert shard {shard_id}")
     files = None if insecure else tls.tls_files()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers + 4, thread_name_prefix="expert-rpc"),
-                         options=server_options(), maximum_concurrent_rpcs=4 * max_workers)
-    servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows)
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers + max_streams + 4, thread_name_prefix="expert-rpc")
+    server = grpc.server(pool, options=server_options(), maximum_concurrent_rpcs=4 * max_workers + max_streams)
+    servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows, max_streams=max_streams)
     pb_grpc.add_ExpertShardServicer_to_server(servicer, server)
     bound = 0
     for candidate in _ports(port):
