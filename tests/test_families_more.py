@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from tests.test_families import GRANITE, SLIDING3, _assert_matches, make_family_checkpoint
+from tests.test_families import DSV3_MOE, GRANITE, MLA, SLIDING3, _assert_matches, make_family_checkpoint
 
 MISTRAL4_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=4,
                      beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
@@ -46,8 +46,21 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                                         rope_parameters=MISTRAL4_YARN),
                  "MLA with pairwise YaRN rotary, position-dependent query scaling (llama_4_scaling_beta), softmax "
                  "group-limited routing, shared expert, dense first layer"),
+    "hy_v3": ("HYV3Config", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_shared_experts=1,
+                                 head_dim=16, router_scaling_factor=1.5, mlp_layer_types=["dense", "sparse", "sparse"]),
+              "per-head q/k norm, sigmoid routing with correction bias, routed scaling, shared MLP, dense first layer"),
+    "flint": ("FlintConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                                  shared_expert_intermediate_size=64, head_dim=16, mlp_only_layers=[0], **SLIDING3),
+              "attention sinks, per-head q/k norms, rotary on sliding layers only, sigmoid top-k routing, ungated "
+              "shared expert, dense first layer"),
+    "aria_text": ("AriaTextConfig", dict(intermediate_size=48, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=2,
+                                         head_dim=16),
+                  "softmax over the top-k logits, experts stored [E, H, 2I] (transposed), two shared experts"),
+    "axk1": ("AXK1Config", dict(**DSV3_MOE, **MLA, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2,
+                                topk_group=1, routed_scaling_factor=1.5),
+             "MLA, sigmoid routing with correction bias, an RMSNorm on the MoE output, dense first layer"),
 }
-MORE_ROUTING_BIAS = {"solar_open", "longcat_flash"}  # routing (correction) biases made non-zero, checked to be loaded
+MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1"}  # routing biases made non-zero: checked loaded
 
 
 @pytest.fixture(scope="module")

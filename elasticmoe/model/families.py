@@ -48,6 +48,7 @@ class Family:
     attn_sinks: bool = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks)
     rope_mscale: bool = False  # cos/sin scaled by rope_parameters' short_mscale (PhiMoE), see family_config.mscale_rope
     neutral: tuple[tuple[str, object], ...] = ()  # keys supported only at this value
+    moe_out_norm: bool = False  # A.X-K1: an RMSNorm (post_mlp_layernorm) on the MoE block's output
     nested: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sub-config key -> the keys understood inside it
     norm_eps: float | None = None  # fixed norm epsilon (DBRX's LayerNorms take no eps from the config)
 
@@ -103,6 +104,14 @@ FAMILIES: dict[str, Family] = {
                                   "zero_expert_num", "moe_topk", "routed_scaling_factor", "router_bias", *_MLA_KEYS),
                             norm_topk=False, rope_interleave=True, block="shortcut"),
     "mistral4": Family(keys=_MLA_KEYS),  # + rope_parameters.llama_4_scaling_beta (AttentionSpec.query_scale)
+    # enable_moe_fp32_combine: routed + shared summed in float32, a rounding-only difference below float32
+    "hy_v3": Family(keys=("num_experts", "num_shared_experts", "moe_intermediate_size", "router_scaling_factor",
+                          "enable_moe_fp32_combine", "mlp_layer_types"), scoring="sigmoid", norm_topk=True),
+    "flint": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+                          "decoder_sparse_step", "mlp_only_layers", *_SLIDING),
+                    scoring="sigmoid", attn_sinks=True, nope_full_layers=True),
+    "aria_text": Family(keys=("moe_num_experts", "moe_topk", "moe_num_shared_experts"), norm_topk=True),
+    "axk1": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid", moe_out_norm=True),
     "cohere2_moe": Family(keys=("num_experts", "num_shared_experts", "shared_expert_combination_strategy",
                                 "expert_selection_fn", "norm_topk_prob", "logit_scale", "layer_norm_eps",
                                 "mlp_layer_types", "sliding_window_pattern", "prefix_dense_sliding_window_pattern",
@@ -165,12 +174,7 @@ REJECTED: dict[str, str] = {
     "mellum": "Laguna's decoder layers: per-layer head counts and per-layer-type rotary bases",
     "mimo_v2_flash": "attention value rescaling (attention_value_scale), attention sinks with a value head dim "
                      "unlike the q/k one, and per-layer-type rotary bases",
-    "axk1": "an RMSNorm on the MoE output (post_mlp_layernorm)",
     "kolibri1": "a routing correction bias added to the raw router logits, and GLM-4's four-norm blocks",
-    "flint": "not yet verified against transformers: attention sinks with per-head q/k norms, an ungated shared "
-             "expert and sigmoid top-k routing",
-    "hy_v3": "not yet verified against transformers: q/k-normed attention, shared MLP, sigmoid routing with "
-             "correction bias",
     "gemma4": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
               "and logit soft-capping (a multimodal model)",
     "gemma4_text": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
@@ -178,7 +182,6 @@ REJECTED: dict[str, str] = {
     "diffusion_gemma": "block-diffusion decoding with an encoder (not causal language modelling)",
     "openai_privacy_filter": "bidirectional encoder layers for token classification (not causal language modelling)",
     "aria": "a vision encoder and projector (a multimodal model)",
-    "aria_text": "not yet verified against transformers: shared experts sized by moe_num_shared_experts",
     "ernie4_5_vl_moe": "modality-split experts (separate text and vision expert groups) and a vision encoder",
     "ernie4_5_vl_moe_text": "modality-split experts (separate text and vision expert groups)",
     "glm4v_moe": "multimodal rotary (M-RoPE) and a vision encoder (a multimodal model)",

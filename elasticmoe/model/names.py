@@ -13,7 +13,7 @@ _LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$"
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 # experts.gate_up_proj [E, 2I, H] + experts.down_proj [E, H, I]  (transformers' in-memory layout, GraniteMoe-like)
 _PACKED = re.compile(r"^(?P<block>.+)\.(?:experts\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?|"
-                     r"(?P<gproj>input_linear|output_linear)\.weight)$")
+                     r"(?P<gproj>input_linear|output_linear|experts\.fc1|experts\.fc2)\.weight)$")  # fc1/2: Aria
 # GPT-OSS: experts.{gate_up_proj|down_proj}_{bias|blocks|scales} (biases; MXFP4 weights and their scales)
 _PACKED_EXTRA = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)_(?P<kind>bias|blocks|scales)$")
 _PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
@@ -125,7 +125,8 @@ class WeightNames:
                     parts.setdefault((layer, e), {})[key] = name
                 self.blocks[layer] = px.group("block") + "."
             elif (pk := _PACKED.match(name)) and len(self.ckpt.shape(name)) == 3:
-                proj = pk.group("proj") or ("gate_up_proj" if pk.group("gproj") == "input_linear" else "down_proj")
+                proj = pk.group("proj") or ("gate_up_proj" if pk.group("gproj") in ("input_linear", "experts.fc1")
+                                            else "down_proj")
                 for e in range(num_experts):
                     parts.setdefault((layer, e), {})[proj] = name
                 self.blocks[layer] = pk.group("block") + "."
@@ -175,8 +176,9 @@ class WeightNames:
 
     def _layer(self, i: int) -> LayerNames:
         prefix = f"{self.root}.{i}."
-        attn = {role: self._first(f"{prefix}self_attn.{s}") for role, s in ATTN.items()
-                if role != "sinks" or self.spec.attention.sinks}
+        sinks = ("sinks", "softmax_offset")  # Flint's checkpoints name its sinks softmax_offset
+        attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in (sinks if role == "sinks" else (s,))))
+                for role, s in ATTN.items() if role != "sinks" or self.spec.attention.sinks}
         attn = {role: n for role, n in attn.items() if n is not None}
         norms: dict[str, str] = {}
         for role, module in NORMS[self.spec.block].items():
@@ -184,9 +186,14 @@ class WeightNames:
             if bias := self._first(f"{prefix}{module}.bias"):
                 norms[role + "_bias"] = bias
         block = self.blocks.get(i)
+        post_mlp = (prefix + "post_mlp_layernorm.weight", prefix + "mlp.post_mlp_layernorm.weight")
         if block is None:
+            if self.spec.moe_out_norm:  # A.X-K1 stores it on dense layers too, where transformers ignores it
+                self._first(*post_mlp)
             dense = self._mlp(prefix + "mlp.") or self._mlp(prefix + "feed_forward.")
             return LayerNames(prefix, None, None, None, None, None, dense, attn, norms)
+        if self.spec.moe_out_norm:
+            norms["mlp_out"] = self._first(*post_mlp) or self._need(post_mlp[1])
         router = self._first(*(block + r for r in _ROUTERS))
         if router is None:
             raise CheckpointError(f"{self.ckpt.path}: MoE layer {i} ({block}) has no router weight ({block}gate.weight)")

@@ -102,6 +102,7 @@ class ModelSpec:
     embed_scale: float = 1.0  # multiplies the embeddings
     residual_scale: float = 1.0  # multiplies each sublayer's output before the residual add
     logits_scale: float = 1.0  # multiplies the LM-head output
+    moe_out_norm: bool = False  # an RMSNorm on each MoE block's output (model.families.Family)
     mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
 
 
@@ -209,6 +210,8 @@ def _rope_layers(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse:
     if fam.block == "parallel":  # Cohere2: windowed layers, and dense prefix layers when the prefix pattern is 1
         force = _get(cfg, "prefix_dense_sliding_window_pattern", default=None) == 1
         return tuple(w is not None or (force and not sp) for w, sp in zip(windows, sparse))
+    if cfg.model_type == "flint":  # rotary on the windowed layers only: none without a window
+        return tuple(w is not None for w in windows)
     if fam.block == "pre" and _get(cfg, "sliding_window") is None:  # EXAONE: no window, rotary everywhere
         return (True,) * len(windows)
     return tuple(sliding)
@@ -216,7 +219,7 @@ def _rope_layers(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse:
 
 def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
     model_type = cfg.model_type
-    num_experts = _get(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0)
+    num_experts = _get(cfg, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts", default=0)
     if not num_experts:
         raise ModelSpecError(
             f"config.json of model_type {model_type!r} has no experts "
@@ -255,7 +258,8 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         intermediate_size=_get(cfg, "moe_intermediate_size", "intermediate_size"),
         scoring=scoring,
         norm_topk_prob=norm,
-        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", "route_scale", default=1.0)),
+        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", "route_scale", "router_scaling_factor",
+                                         default=1.0)),
         n_group=n_group,
         topk_group=_get(cfg, "topk_group", default=n_group) if n_group > 1 else 1,
         group_score=group_score,
@@ -300,7 +304,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale,
         bos_token_id=_get(cfg, "bos_token_id"), eos_token_ids=eos_ids, pad_token_id=_get(cfg, "pad_token_id"),
         dense_intermediate_size=_get(cfg, "intermediate_size", default=0),
-        block=fam.block, norm=fam.norm, embed_scale=embed_scale,
+        block=fam.block, norm=fam.norm, embed_scale=embed_scale, moe_out_norm=fam.moe_out_norm,
         residual_scale=float(_get(cfg, "residual_multiplier", default=1.0)), logits_scale=logits_scale,
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
     )
