@@ -16,7 +16,7 @@ from elasticmoe.config import AppArgs, default_served_name, served_name
 from elasticmoe.engine.engine import Engine
 from elasticmoe.gateway.auth import ENV_KEYS, ENV_KEYS_FILE, ApiKeys, Unauthenticated
 from elasticmoe.gateway.deployment import Gateway
-from elasticmoe.gateway.metrics import GatewayMetrics
+from elasticmoe.metrics import GatewayMetrics
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.runner import EngineRunner
 from elasticmoe.model import open_model

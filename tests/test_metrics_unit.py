@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from elasticmoe.gateway.metrics import GatewayMetrics
+from elasticmoe.metrics import GatewayMetrics
 
 LAYERS, EXPERTS, MOE_LAYERS = 3, 8, [1, 2]
 

@@ -18,7 +18,7 @@ from openai import OpenAI
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.config import AppArgs
 from elasticmoe.engine.engine import Engine
-from elasticmoe.gateway.metrics import GatewayMetrics
+from elasticmoe.metrics import GatewayMetrics
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.runner import EngineRunner
 from elasticmoe.model import open_model

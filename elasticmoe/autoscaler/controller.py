@@ -65,7 +65,7 @@ class Controller(Mover):
             even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
             self.registry = Registry(even, self.moe_layers, version=int(rec["registry"]["version"]) + 1 if rec else 1)
         Mover.__init__(self, insecure=self.args.insecure_internal)
-        from elasticmoe.gateway.metrics import GatewayMetrics
+        from elasticmoe.metrics import GatewayMetrics
 
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, self.num_experts, self.moe_layers)
         self._exported_version = -1

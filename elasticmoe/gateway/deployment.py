@@ -29,7 +29,7 @@ class GatewayCore:
 
     def __init__(self, args: dict, controller):
         from elasticmoe.engine.engine import Engine
-        from elasticmoe.gateway.metrics import GatewayMetrics
+        from elasticmoe.metrics import GatewayMetrics
         from elasticmoe.model import open_model
         from elasticmoe.rpc.codec import tune_malloc
 
