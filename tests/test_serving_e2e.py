@@ -19,9 +19,10 @@ from tests.serving_util import GRPC, app_entry, deploy, handle
 pytestmark = pytest.mark.e2e
 PROMPTS = ["The expert said", "Once upon a time in a land far away", "Mixture"]
 # served parity across structurally different families: softmax router (Mixtral), MLA + sigmoid grouped routing with
-# a correction bias (DeepSeek-V3), sinks + sliding windows + biased clamped-SwiGLU experts (GPT-OSS)
+# a correction bias (DeepSeek-V3), sinks + sliding windows + biased clamped-SwiGLU experts (GPT-OSS), a sigmoid-gated
+# shared expert beside softmax routing and a dense layer (Qwen2-MoE)
 APPS = {"mix2": ("mixtral", 2), "ds3": ("deepseek_v3", 3), "mix3": ("mixtral", 3), "ds2": ("deepseek_v3", 2),
-        "oss2": ("gpt_oss", 2)}
+        "oss2": ("gpt_oss", 2), "qw2": ("qwen2_moe", 2)}
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +34,14 @@ def models(tiny_models, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, models, tmp_path_factory):
-    """Five apps in two deploys: Mixtral and DeepSeek-V3 with 2 and with 3 shards, GPT-OSS with 2 (the last deploy
-    stays up)."""
+    """Six apps in two deploys: Mixtral and DeepSeek-V3 with 2 and with 3 shards, GPT-OSS and Qwen2-MoE with 2 (the
+    last deploy stays up)."""
     tmp = tmp_path_factory.mktemp("serve")
     entries = {name: app_entry(name, models[fam], n, limits={"max_queue": 4} if name == "ds2" else {})
                for name, (fam, n) in APPS.items()}
     deploy(ray_cluster, [entries["mix3"], entries["ds2"], entries["oss2"]], tmp / "first.yaml")
     first = {name: _run_concurrently(name) for name in ("mix3", "ds2", "oss2")}
-    deploy(ray_cluster, [entries["mix2"], entries["ds3"]], tmp / "second.yaml")
+    deploy(ray_cluster, [entries["mix2"], entries["ds3"], entries["qw2"]], tmp / "second.yaml")
     return first
 
 
@@ -59,7 +60,7 @@ def _run_concurrently(app: str) -> list[list[int]]:
 def references(models):
     """family -> (LLM.generate tokens, transformers greedy tokens) per prompt."""
     out = {}
-    for fam in ("mixtral", "deepseek_v3", "gpt_oss"):
+    for fam in ("mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"):
         llm = LLM(str(models[fam]))
         ours = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))]
         hf = AutoModelForCausalLM.from_pretrained(str(models[fam]), dtype=torch.float32).eval()
