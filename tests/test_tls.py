@@ -123,23 +123,33 @@ def test_files_from_the_environment(monkeypatch, tmp_path, other_ca, store):
         server.stop(None)
 
 
-def test_renewed_certificate_served_without_restart(tmp_path, store, other_ca, monkeypatch):
-    """A Secret update (new CA bundle and leaf) reaches new connections of a running shard."""
+def _live_files(tmp_path, monkeypatch):
+    """A Secret-like directory of TLS files, named by ELASTICMOE_TLS_*, holding a first CA's files."""
     live = tmp_path / "live"
     live.mkdir()
     first = tls.local_ca(tmp_path / "first")
-    for name in ("ca.crt", "tls.crt", "tls.key"):
-        shutil.copy(first.ca.parent / name, live / name)
+    _rotate(live, first)
     for env, name in ((tls.ENV_CA, "ca.crt"), (tls.ENV_CERT, "tls.crt"), (tls.ENV_KEY, "tls.key")):
         monkeypatch.setenv(env, str(live / name))
+    return live, first
+
+
+def _rotate(live, to) -> None:
+    """Replace the files in `live` with `to`'s, each atomically (as a Secret update does)."""
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        shutil.copy(to.ca.parent / name, live / (name + ".new"))
+        (live / (name + ".new")).replace(live / name)
+
+
+def test_renewed_certificate_served_without_restart(tmp_path, store, other_ca, monkeypatch):
+    """A Secret update (new CA bundle and leaf) reaches new connections of a running shard."""
+    live, first = _live_files(tmp_path, monkeypatch)
     server, _, port = start_server(store, "rotating")
     address = f"127.0.0.1:{port}"
     try:
         assert _health(tls.channel(address, files=first)).ok
         _refused(tls.channel(address, files=other_ca))
-        for name in ("ca.crt", "tls.crt", "tls.key"):  # rotate to the other CA
-            shutil.copy(other_ca.ca.parent / name, live / (name + ".new"))
-            (live / (name + ".new")).replace(live / name)
+        _rotate(live, other_ca)
         assert _health(tls.channel(address, files=other_ca)).ok
         _refused(tls.channel(address, files=first))
     finally:
@@ -151,13 +161,7 @@ def test_clients_pick_up_a_renewed_certificate(tmp_path, store, other_ca, monkey
     channels with the new files and reaches the shard, which serves its new certificate."""
     from elasticmoe.gateway.dispatcher import GrpcDispatcher
 
-    live = tmp_path / "live"
-    live.mkdir()
-    first = tls.local_ca(tmp_path / "first")
-    for name in ("ca.crt", "tls.crt", "tls.key"):
-        shutil.copy(first.ca.parent / name, live / name)
-    for env, name in ((tls.ENV_CA, "ca.crt"), (tls.ENV_CERT, "tls.crt"), (tls.ENV_KEY, "tls.key")):
-        monkeypatch.setenv(env, str(live / name))
+    live, first = _live_files(tmp_path, monkeypatch)
     server, _, port = start_server(store, "rotating")
     address = f"127.0.0.1:{port}"
     d = GrpcDispatcher(timeout_s=5)
@@ -166,9 +170,7 @@ def test_clients_pick_up_a_renewed_certificate(tmp_path, store, other_ca, monkey
         old = d._stub(address)
         assert old.Health(pb.HealthRequest(), timeout=5).ok
         time.sleep(0.01)  # a new modification time
-        for name in ("ca.crt", "tls.crt", "tls.key"):
-            shutil.copy(other_ca.ca.parent / name, live / (name + ".new"))
-            (live / (name + ".new")).replace(live / name)
+        _rotate(live, other_ca)
         new = d._stub(address)
         assert new is not old and new.Health(pb.HealthRequest(), timeout=5).ok
         assert d._stub(address) is new  # unchanged files: the channel is kept
