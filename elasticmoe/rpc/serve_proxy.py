@@ -50,8 +50,8 @@ def _wrap(original, code):
 
 def _with_retry_after(original):
     def set_status(context, status):
-        original(context, status)
-        if context.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or status.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        original(context, status)  # sets Serve's code unless the replica set one: context.code() is what is sent
+        if context.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             context.set_trailing_metadata([("retry-after", RETRY_AFTER_S)])
 
     setattr(set_status, _PATCHED, True)
