@@ -174,16 +174,32 @@ def _steps(app: str, t0: float, t1: float) -> list[float]:
     return [s for t, s in handle("Gateway", app).step_times.remote(t0).result() if t <= t1]
 
 
+def _mid_stream(app: str, reference: dict, inject, after_tokens: int = 8) -> tuple[Streams, float, float]:
+    """Greedy streams on `app`; once each has `after_tokens` tokens, `inject()`. Every stream must end exact, none
+    failed, with the fault landed mid-stream. Returns (the streams, when the fault began, the longest token gap)."""
+    streams = Streams(app)
+    streams.wait_tokens(after_tokens)
+    at = time.time()
+    inject()
+    streams.join()
+    return streams, at, streams.check(reference, at)
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def _pause(pid: int, seconds: float) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(seconds)
+    os.kill(pid, signal.SIGCONT)
+
+
 def test_replicated_shard_kill_fails_over_inside_the_step(apps):
     _settled("rep")
     victim = _shard_pids("rep")[0]
-    streams = Streams("rep")
-    streams.wait_tokens(8)
+    streams, killed, gap = _mid_stream("rep", apps["rep"], lambda: _kill(victim))
     start = min(t[0] for t in streams.times.values())
-    killed = time.time()
-    os.kill(victim, signal.SIGKILL)
-    streams.join()
-    gap = streams.check(apps["rep"], killed)
     before = _steps("rep", start, killed)
     median = float(np.median(before))
     faults = [f for f in handle("Gateway", "rep").stats.remote().result()["fault_log"] if f["at"] >= killed]
@@ -208,36 +224,21 @@ def test_replicated_shard_kill_fails_over_inside_the_step(apps):
 def test_unreplicated_shard_kill_loses_nothing(apps):
     _settled("one")
     victim = _sole_holder("one")
-    streams = Streams("one")
-    streams.wait_tokens(8)
-    killed = time.time()
-    os.kill(victim, signal.SIGKILL)
-    streams.join()
-    streams.check(apps["one"], killed)
+    _mid_stream("one", apps["one"], lambda: _kill(victim))
     _settled("one")
 
 
 def test_controller_kill_loses_nothing_and_it_resumes(apps):
     before = _settled("rep")
     pid = handle("Controller", "rep").info.remote().result()["pid"]
-    streams = Streams("rep")
-    streams.wait_tokens(8)
-    killed = time.time()
-    os.kill(pid, signal.SIGKILL)
-    streams.join()
-    gap = streams.check(apps["rep"], killed)
+    _, _, gap = _mid_stream("rep", apps["rep"], lambda: _kill(pid))
     assert gap < 1.0, f"longest token gap {gap:.2f} s"
     after = _settled("rep")
     assert handle("Controller", "rep").info.remote().result()["pid"] != pid
     assert {s["id"] for s in after["shards"]} == {s["id"] for s in before["shards"]}
     assert after["version"] > before["version"] and after["event_counts"].get("recovered") == 1
     # and a shard kill after the restart still loses nothing
-    streams = Streams("rep")
-    streams.wait_tokens(8)
-    killed = time.time()
-    os.kill(_shard_pids("rep")[0], signal.SIGKILL)
-    streams.join()
-    streams.check(apps["rep"], killed)
+    _mid_stream("rep", apps["rep"], lambda: _kill(_shard_pids("rep")[0]))
     _settled("rep")
 
 
@@ -252,21 +253,10 @@ def test_paused_shard_then_another_killed_no_zombie(apps):
     _settled("one")
     paused = _sole_holder("one")
     (other,) = set(_shard_pids("one")) - {paused}
-    streams = Streams("one")
-    streams.wait_tokens(4)
-    stopped = time.time()
-    os.kill(paused, signal.SIGSTOP)
-    time.sleep(8)
-    os.kill(paused, signal.SIGCONT)
-    streams.join()
-    streams.check(apps["one"], stopped)
+    _mid_stream("one", apps["one"], lambda: _pause(paused, 8), after_tokens=4)
     _settled("one")  # the paused one was dropped, failed its health check, and a new replica took its place
-    streams = Streams("one")
-    streams.wait_tokens(4)
-    killed = time.time()
-    os.kill(other if other in _shard_pids("one") else _shard_pids("one")[0], signal.SIGKILL)
-    streams.join()
-    streams.check(apps["one"], killed)
+    _mid_stream("one", apps["one"], lambda: _kill(other if other in _shard_pids("one") else _shard_pids("one")[0]),
+                after_tokens=4)
     _settled("one")
     assert _wait(lambda: _replica_ids("one") <= {s["id"] for s in _settled("one")["shards"]}, 120,
                  "every ExpertShard replica in the placement or gone")
@@ -278,9 +268,7 @@ def test_paused_shard_with_a_replica_is_hedged(apps):
     time.sleep(3)
     paused = _shard_pids("rep")[0]
     stopped = time.time()
-    os.kill(paused, signal.SIGSTOP)
-    time.sleep(8)
-    os.kill(paused, signal.SIGCONT)
+    _pause(paused, 8)
     resumed = time.time()
     time.sleep(2)
     load.finish()
@@ -295,14 +283,7 @@ def test_paused_shard_with_a_replica_is_hedged(apps):
 def test_unreplicated_shard_paused_30s_its_requests_complete(apps):
     _settled("one")
     paused = _sole_holder("one")
-    streams = Streams("one")
-    streams.wait_tokens(4)
-    stopped = time.time()
-    os.kill(paused, signal.SIGSTOP)
-    time.sleep(30)
-    os.kill(paused, signal.SIGCONT)
-    streams.join()
-    streams.check(apps["one"], stopped)
+    _mid_stream("one", apps["one"], lambda: _pause(paused, 30), after_tokens=4)
     _settled("one")
 
 
@@ -313,7 +294,7 @@ def test_gateway_kill_gives_unavailable_fast_and_a_retry_succeeds(apps):
     it = client.stream(PROMPTS[0], max_tokens=200, temperature=0.0, ignore_eos=True)
     next(it)
     killed = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
+    _kill(pid)
     with pytest.raises(grpc.RpcError) as err:
         for _ in it:
             pass
