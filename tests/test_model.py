@@ -161,7 +161,7 @@ def test_pipelined_micro_batches_equal_one_batch(llms):
 
             class Later:
                 def wait(self):
-                    return outer.store.forward(layer, hidden, topk_ids, topk_weights)
+                    return outer.store.forward(layer, hidden, topk_ids, topk_weights).to(hidden.dtype)
             return Later()
 
     llm = llms["deepseek_v3"]

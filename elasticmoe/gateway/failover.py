@@ -28,7 +28,7 @@ class Call:
         self.shard_id, self.rows, self.ids = shard_id, rows, ids
         self.future: cf.Future | None = None
         self.done_at = 0.0
-        self.output: torch.Tensor | None = None  # [T_s, H] float32 once answered
+        self.output: torch.Tensor | None = None  # [T_s, H] (float64 partial sums) once answered
         self.compute_s = 0.0
 
 
@@ -123,7 +123,7 @@ class Step:
             log.warning("shard %s answered layer %d malformed: %s", c.shard_id, self.layer, why)
             self._fail(g, attempt, c.shard_id, report=True)
             return
-        c.output, c.compute_s = out.float(), resp.compute_us / 1e6
+        c.output, c.compute_s = out, resp.compute_us / 1e6  # float64 from our shards
         self.d.latency_s.append(max(0.0, c.done_at - self.t0))
 
     def _fail(self, g: _Group, attempt: int, shard_id: str, report: bool) -> None:
@@ -215,11 +215,11 @@ class Step:
         return self._combine()
 
     def _combine(self) -> torch.Tensor:
-        out = torch.zeros(self.hidden.shape, dtype=torch.float32)  # [T, H]
+        out = torch.zeros(self.hidden.shape, dtype=torch.float64)  # [T, H]; float64 like the shards' sums
         compute, finished = 0.0, self.t0
         for g in self.groups:
             for c in g.winner:
-                out.index_add_(0, c.rows, c.output)
+                out.index_add_(0, c.rows, c.output.to(torch.float64))
                 compute, finished = max(compute, c.compute_s), max(finished, c.done_at)
                 self.d.shard_tokens[c.shard_id] = self.d.shard_tokens.get(c.shard_id, 0) + int(c.rows.numel())
         self.d.record(max(0.0, (finished - self.t0) - compute))

@@ -77,22 +77,26 @@ def fused_moe(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Routed-experts forward: out[t] = sum_j topk_weights[t, j] * expert(topk_ids[t, j])(hidden[t]).
 
     hidden [T, H]; w13 [E, 2I, H] (rows :I gate, I: up); w2 [E, H, I];
     topk_ids [T, k] int32/int64 (-1 = skip); topk_weights [T, k] any float dtype (used in fp32).
     expert e(x) = (silu(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T.
-    Returns [T, H] in hidden's dtype (top-k reduction accumulated in fp32). T may be 0.
+    Returns [T, H] in out_dtype (default hidden's dtype); the top-k reduction accumulates in fp32, or in
+    fp64 for out_dtype float64 on the torch backend (partial sums from several shards then add up exactly).
+    T may be 0.
     """
     check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights)
     if hidden.shape[0] == 0 or topk_ids.shape[1] == 0:
-        return torch.zeros_like(hidden)  # [T, H]
+        return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
     if resolve_backend(backend, hidden.device) == "torch":
-        return fused_moe_torch(hidden, w13, w2, topk_ids, topk_weights)
+        return fused_moe_torch(hidden, w13, w2, topk_ids, topk_weights, out_dtype=out_dtype)
     from .triton_moe import fused_moe_triton  # lazy: importing triton must wait for TRITON_INTERPRET
 
-    return fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights)
+    out = fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights)  # [T, H] hidden's dtype (fp32 inside)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "auto",

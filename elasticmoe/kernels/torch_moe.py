@@ -54,24 +54,27 @@ def fused_moe_torch(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     strategy: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """MoE forward with torch ops. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H].
 
-    Expert ids outside [0, E) (in particular -1) contribute nothing. Accumulation of the weighted
-    top-k sum is fp32; the result has hidden's dtype.
+    Expert ids outside [0, E) (in particular -1) contribute nothing. The weighted top-k sum accumulates
+    in fp32, or in fp64 when out_dtype is float64 (exact enough that partial sums computed on different
+    shards add up to the same bits); the result has out_dtype, default hidden's dtype.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown torch MoE strategy {strategy!r}; expected one of {STRATEGIES}")
     x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
     if strategy == "auto":
         strategy = pick_strategy(x, w13, w2, topk_ids.numel())
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     if strategy == "bmm":
-        out = _moe_bmm(x, w13, w2, topk_ids, topk_weights)
+        out = _moe_bmm(x, w13, w2, topk_ids, topk_weights, acc)
     elif strategy == "grouped":
-        out = _moe_grouped(x, w13, w2, topk_ids, topk_weights)
+        out = _moe_grouped(x, w13, w2, topk_ids, topk_weights, acc)
     else:
-        out = _moe_segment(x, w13, w2, topk_ids, topk_weights)
-    return out.to(hidden.dtype)
+        out = _moe_segment(x, w13, w2, topk_ids, topk_weights, acc)
+    return out.to(out_dtype or hidden.dtype)
 
 
 def _skip_key(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -93,8 +96,8 @@ def _activate(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
     return act.mul_(gate_up[:, inter:])
 
 
-def _moe_bmm(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
-    """Gathered batched mat-vec over the T*k selected experts; returns fp32 [T, H]."""
+def _moe_bmm(x, w13, w2, topk_ids, topk_weights, acc=torch.float32) -> torch.Tensor:
+    """Gathered batched mat-vec over the T*k selected experts; returns [T, H] in `acc`."""
     num_tokens, hidden_size = x.shape
     num_experts, top_k, inter = w13.shape[0], topk_ids.shape[1], w2.shape[2]
     flat = topk_ids.reshape(-1)  # [N]
@@ -104,12 +107,12 @@ def _moe_bmm(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     gate_up = torch.bmm(w13[experts], rows).squeeze(-1)  # [N, 2I]
     act = _activate(gate_up, inter).unsqueeze(-1)  # [N, I, 1]
     y = torch.bmm(w2[experts], act).squeeze(-1)  # [N, H]
-    weights = torch.where(valid, topk_weights.reshape(-1).float(), 0.0)  # [N]
-    return (y.float() * weights[:, None]).view(num_tokens, top_k, hidden_size).sum(1)  # [T, H]
+    weights = torch.where(valid, topk_weights.reshape(-1).float(), 0.0).to(acc)  # [N]
+    return (y.to(acc) * weights[:, None]).view(num_tokens, top_k, hidden_size).sum(1)  # [T, H]
 
 
-def _moe_grouped(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
-    """One `grouped_mm` per projection over expert-sorted rows; returns fp32 [T, H]. No host sync."""
+def _moe_grouped(x, w13, w2, topk_ids, topk_weights, acc=torch.float32) -> torch.Tensor:
+    """One `grouped_mm` per projection over expert-sorted rows; returns [T, H] in `acc`. No host sync."""
     num_experts, top_k, inter = w13.shape[0], topk_ids.shape[1], w2.shape[2]
     key = _skip_key(topk_ids, num_experts)  # [N]
     order = torch.argsort(key, stable=True)  # [N] pair indices, skipped pairs last
@@ -118,15 +121,15 @@ def _moe_grouped(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     tokens = order // top_k  # [N]
     gate_up = F.grouped_mm(x[tokens], w13.transpose(1, 2), offs=offs)  # [N, 2I]
     y = F.grouped_mm(_activate(gate_up, inter), w2.transpose(1, 2), offs=offs)  # [N, H]
-    weights = topk_weights.reshape(-1)[order].float()  # [N]
+    weights = topk_weights.reshape(-1)[order].float().to(acc)  # [N]
     # Rows past offs[-1] (skipped pairs) are left uninitialised by grouped_mm: mask, do not multiply.
-    weighted = torch.where((key[order] < num_experts)[:, None], y.float() * weights[:, None], 0.0)
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    weighted = torch.where((key[order] < num_experts)[:, None], y.to(acc) * weights[:, None], 0.0)
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)  # [T, H]
     return out.index_add_(0, tokens, weighted)
 
 
-def _moe_segment(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
-    """One mm pair per non-empty expert segment; returns fp32 [T, H]. One host sync (segment counts)."""
+def _moe_segment(x, w13, w2, topk_ids, topk_weights, acc=torch.float32) -> torch.Tensor:
+    """One mm pair per non-empty expert segment; returns [T, H] in `acc`. One host sync (segment counts)."""
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     key = _skip_key(topk_ids, num_experts)  # [N]
     order = torch.argsort(key, stable=True)  # [N]
@@ -138,9 +141,9 @@ def _moe_segment(x, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
         y = _segments_skinny(rows, w13, w2, counts[:num_experts])  # [M, H]
     else:
         y = _segments_mm(rows, w13, w2, counts[:num_experts])  # [M, H]
-    weights = topk_weights.reshape(-1)[order].float()  # [M]
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
-    return out.index_add_(0, tokens, y.float() * weights[:, None])
+    weights = topk_weights.reshape(-1)[order].float().to(acc)  # [M]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)  # [T, H]
+    return out.index_add_(0, tokens, y.to(acc) * weights[:, None])
 
 
 def _segments_mm(rows, w13, w2, counts: list[int]) -> torch.Tensor:

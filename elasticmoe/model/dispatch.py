@@ -52,5 +52,5 @@ class LocalDispatcher:
 
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> Pending:
-        """hidden [T, H], topk_ids [T, k] global ids, topk_weights [T, k] -> Pending of [T, H]."""
-        return _Done(self.store.forward(layer, hidden, topk_ids, topk_weights))
+        """hidden [T, H], topk_ids [T, k] global ids, topk_weights [T, k] -> Pending of [T, H] in hidden's dtype."""
+        return _Done(self.store.forward(layer, hidden, topk_ids, topk_weights).to(hidden.dtype))

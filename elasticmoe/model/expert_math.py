@@ -54,17 +54,19 @@ def read_swiglu_expert(ckpt: Checkpoint, ref: ExpertRef, hidden: int, inter: int
 
 
 def swiglu_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torch.Tensor,
-               topk_ids: torch.Tensor, topk_weights: torch.Tensor, moe: MoESpec) -> torch.Tensor:
+               topk_ids: torch.Tensor, topk_weights: torch.Tensor, moe: MoESpec,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Clamped SwiGLU experts with biases: hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I], b2 [E, H],
-    topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k] -> [T, H].
+    topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k] -> [T, H] in out_dtype (default hidden's,
+    the dtype the weighted sum accumulates in).
 
     gate <= limit, -limit <= up <= limit, out = (up + 1) * gate * sigmoid(alpha * gate).
     """
     t, k = topk_ids.shape
-    out = torch.zeros_like(hidden)
+    out = torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
     flat = topk_ids.reshape(-1)  # [T * k]
     rows = torch.arange(t, device=hidden.device).repeat_interleave(k)  # [T * k] token of each pair
-    weights = topk_weights.reshape(-1).to(hidden.dtype)
+    weights = topk_weights.reshape(-1).to(hidden.dtype).to(out.dtype)
     for e in flat[flat >= 0].unique().tolist():  # ascending, as transformers accumulates
         sel = (flat == e).nonzero()[:, 0]
         x = hidden[rows[sel]]  # [n, H]
@@ -72,17 +74,18 @@ def swiglu_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: t
         gate = gate.clamp(max=moe.swiglu_limit)
         up = up.clamp(min=-moe.swiglu_limit, max=moe.swiglu_limit)
         y = ((up + 1) * gate * torch.sigmoid(gate * moe.swiglu_alpha)) @ w2[e].t() + b2[e]  # [n, H]
-        out.index_add_(0, rows[sel], y * weights[sel, None])
+        out.index_add_(0, rows[sel], y.to(out.dtype) * weights[sel, None])
     return out
 
 
 def input_scaled_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor) -> torch.Tensor:
+                     topk_weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Llama 4's experts: each runs gated SiLU on its routing weight times the token, outputs summed unweighted.
-    hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k] -> [T, H].
+    hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k] -> [T, H]
+    in out_dtype (default hidden's; the sum accumulates in it).
     """
     t, k = topk_ids.shape
-    out = torch.zeros_like(hidden)
+    out = torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
     flat = topk_ids.reshape(-1)  # [T * k]
     rows = torch.arange(t, device=hidden.device).repeat_interleave(k)  # [T * k] token of each pair
     weights = topk_weights.reshape(-1).to(hidden.dtype)
@@ -90,5 +93,5 @@ def input_scaled_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
         sel = (flat == e).nonzero()[:, 0]
         x = hidden[rows[sel]] * weights[sel, None]  # [n, H]
         gate, up = (x @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
-        out.index_add_(0, rows[sel], (torch.nn.functional.silu(gate) * up) @ w2[e].t())
+        out.index_add_(0, rows[sel], ((torch.nn.functional.silu(gate) * up) @ w2[e].t()).to(out.dtype))
     return out

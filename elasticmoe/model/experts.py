@@ -16,6 +16,8 @@ from elasticmoe.model.names import WeightNames
 from elasticmoe.progress import LoadProgress
 from elasticmoe.model.spec import ModelSpec
 
+COMBINE_DTYPE = torch.float64  # experts' weighted sums: exact enough to be independent of the shard split
+
 
 def read_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, hidden: int
                 ) -> tuple[torch.Tensor, ...]:
@@ -139,22 +141,24 @@ class ExpertStore:
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 snap: LayerExperts | None = None) -> torch.Tensor:
-        """hidden [T, H], topk_ids [T, k] global ids (-1 = not here), topk_weights [T, k] -> [T, H].
+        """hidden [T, H], topk_ids [T, k] global ids (-1 = not here), topk_weights [T, k] -> [T, H] float64.
 
         Every id >= 0 must be held (see `missing`; pass the same `snap` to both); its contribution is weighted
-        and summed per token.
+        and summed per token in float64, so partial sums from any split of the experts over shards add up to
+        the same bits as one sum over all of them (COMBINE_DTYPE; the caller rounds to the model's dtype).
         """
         le = snap if snap is not None else self.layers.get(layer)
         if le is None or hidden.shape[0] == 0:
-            return torch.zeros_like(hidden)
+            return torch.zeros_like(hidden, dtype=COMBINE_DTYPE)
         t0 = time.perf_counter()
         local = le.to_local[topk_ids.long()]  # [T, k]; index E (= -1 wrapped) maps to -1
         if self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
-            out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights)
+            out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
         elif self.spec.moe.expert_act == "silu":
-            out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend)
+            out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend, out_dtype=COMBINE_DTYPE)
         else:  # GPT-OSS experts: torch (model.expert_math)
-            out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe)
+            out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe,
+                                         COMBINE_DTYPE)
         if out.is_cuda:
             torch.cuda.synchronize(out.device)  # time the kernels, not their launches
         self.compute_s += time.perf_counter() - t0
