@@ -25,9 +25,9 @@ $(VENV)/.installed: pyproject.toml
 run: setup            ## tiny model -> local Ray on 127.0.0.1 -> serve deploy deployments/tiny.yaml -> gRPC requests
 	$(BIN)/elasticmoe demo
 
-test: setup           ## the whole suite (CI runs this)
+test: setup           ## the whole suite (CI runs this): e2e tests in one worker (one Ray cluster), the rest in the other
 	$(BIN)/python -m elasticmoe.rpc.generate --check
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
 test-fast: setup      ## everything but the end-to-end cluster tests
 	$(BIN)/python -m pytest -q -ra -m "not e2e"
