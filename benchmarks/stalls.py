@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from elasticmoe import local_cluster as lc
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
@@ -92,29 +94,8 @@ def settled(app: str, timeout: float = 240) -> dict:
     raise TimeoutError(f"{app} did not settle")
 
 
-def sole_holder(app: str) -> int:
-    """pid of the shard holding the most experts that have no other copy (a true single-copy fault)."""
-    h = handles(app)
-    sole = {s["id"]: s["sole_copies"] for s in h["Controller"].status.remote().result()["shards"] if s["healthy"]}
-    pids: dict[str, int] = {}
-    for _ in range(100):
-        i = h["ExpertShard"].info.remote().result()
-        pids[i["shard_id"]] = i["pid"]
-        if set(sole) <= set(pids):
-            break
-    victim = max(sole, key=sole.get)
-    if not sole[victim]:
-        raise RuntimeError(f"{app}: every expert has a second copy; no single-copy fault to inject")
-    return pids[victim]
-
-
 def shard_pids(app: str) -> list[int]:
-    sh, pids = handles(app)["ExpertShard"], set()
-    for _ in range(60):
-        pids.add(sh.info.remote().result()["pid"])
-        if len(pids) == 2:
-            break
-    return sorted(pids)
+    return sorted(lc.shard_pids(app).values())
 
 
 def fault(name: str, app: str, inject, window_s: float = 20.0) -> dict:
@@ -153,7 +134,6 @@ def wait_rebalance() -> None:
 def main() -> None:
     import ray
 
-    from elasticmoe import local_cluster as lc
     from elasticmoe.model.skewed import make_skewed_model
     from elasticmoe.model.tiny import make_tiny_model
 
@@ -178,11 +158,11 @@ def main() -> None:
         print(f"\n{'event':<34}{'failed':>8}{'median gap ms':>14}{'longest gap ms':>16}")
         rows.append(fault("live rebalance", "stall", wait_rebalance, 5.0))
         rows.append(fault("shard kill (replicated)", "rep", lambda: os.kill(shard_pids("rep")[0], signal.SIGKILL)))
-        rows.append(fault("shard kill (single copies)", "one", lambda: os.kill(sole_holder("one"), signal.SIGKILL)))
+        rows.append(fault("shard kill (single copies)", "one", lambda: os.kill(lc.sole_holder("one"), signal.SIGKILL)))
         ctl_pid = handles("rep")["Controller"].info.remote().result()["pid"]
         rows.append(fault("controller kill", "rep", lambda: os.kill(ctl_pid, signal.SIGKILL)))
         rows.append(fault("shard pause 8 s (replicated)", "rep", lambda: pause(shard_pids("rep")[0], 8.0)))
-        rows.append(fault("shard pause 8 s (single copies)", "one", lambda: pause(sole_holder("one"), 8.0)))
+        rows.append(fault("shard pause 8 s (single copies)", "one", lambda: pause(lc.sole_holder("one"), 8.0)))
         gw_pid = handles("one")["Gateway"].stats.remote().result()["pid"]
         rows.append(fault("gateway kill", "one", lambda: os.kill(gw_pid, signal.SIGKILL), 40.0))
     finally:

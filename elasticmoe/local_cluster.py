@@ -113,3 +113,32 @@ def serve_config(apps: list[dict]) -> dict:
             "grpc_options": {"port": 9000, "grpc_servicer_functions": [
                 "elasticmoe.rpc.serve_proxy.add_generation_servicer"]},
             "applications": apps}
+
+
+# ----- Fault injection helpers (tests, benchmarks/stalls.py): which process to kill or pause
+def shard_pids(app: str, count: int = 2, tries: int = 100) -> dict[str, int]:
+    """shard id -> pid of up to `count` ExpertShard replicas of `app` (Serve picks a replica per call: ask until seen).
+    Needs a driver connected to the cluster (ray.init)."""
+    from ray import serve
+
+    shards, pids = serve.get_deployment_handle("ExpertShard", app_name=app), {}
+    for _ in range(tries):
+        info = shards.info.remote().result()
+        pids[info["shard_id"]] = info["pid"]
+        if len(pids) >= count:
+            break
+    return pids
+
+
+def sole_holder(app: str) -> int:
+    """pid of the live shard holding the most experts that have no other copy (a fault there is a true single-copy
+    fault); raises when every expert has a second copy."""
+    from ray import serve
+
+    status = serve.get_deployment_handle("Controller", app_name=app).status.remote().result(timeout_s=60)
+    sole = {s["id"]: s["sole_copies"] for s in status["shards"] if s["healthy"]}
+    pids = shard_pids(app, count=len(sole))
+    victim = max(sole, key=sole.get)
+    if not sole[victim]:
+        raise RuntimeError(f"{app}: every expert has a second copy, no single-copy fault possible: {sole}")
+    return pids[victim]

@@ -15,6 +15,7 @@ import pytest
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.client import GenerationClient
+from elasticmoe.local_cluster import shard_pids, sole_holder
 from tests.serving_util import GRPC, app_entry, deploy, handle, make_skewed_model
 
 pytestmark = pytest.mark.e2e
@@ -121,26 +122,10 @@ class Load:
 
 
 def _shard_pids(app: str, n: int = 2) -> list[int]:
-    shards, pids = handle("ExpertShard", app), set()
-    for _ in range(100):
-        pids.add(shards.info.remote().result()["pid"])
-        if len(pids) >= n:
-            return sorted(pids)
-    raise AssertionError(f"found only {pids}")
-
-
-def _sole_holder(app: str) -> int:
-    """pid of a shard holding experts that have no other copy (a fault there is a true single-copy fault)."""
-    sole = {s["id"]: s["sole_copies"] for s in _status(app)["shards"] if s["healthy"]}
-    shards, pids = handle("ExpertShard", app), {}
-    for _ in range(100):
-        i = shards.info.remote().result()
-        pids[i["shard_id"]] = i["pid"]
-        if set(sole) <= set(pids):
-            break
-    victim = max(sole, key=sole.get)
-    assert sole[victim] > 0, f"{app}: every expert has a second copy, no single-copy fault possible: {sole}"
-    return pids[victim]
+    handle("ExpertShard", app)  # connects this driver
+    pids = sorted(shard_pids(app, n).values())
+    assert len(pids) >= n, f"found only {pids}"
+    return pids
 
 
 def _status(app: str) -> dict:
@@ -223,7 +208,7 @@ def test_replicated_shard_kill_fails_over_inside_the_step(apps):
 
 def test_unreplicated_shard_kill_loses_nothing(apps):
     _settled("one")
-    victim = _sole_holder("one")
+    victim = sole_holder("one")
     _mid_stream("one", apps["one"], lambda: _kill(victim))
     _settled("one")
 
@@ -251,7 +236,7 @@ def _replica_ids(app: str) -> set[str]:
 
 def test_paused_shard_then_another_killed_no_zombie(apps):
     _settled("one")
-    paused = _sole_holder("one")
+    paused = sole_holder("one")
     (other,) = set(_shard_pids("one")) - {paused}
     _mid_stream("one", apps["one"], lambda: _pause(paused, 8), after_tokens=4)
     _settled("one")  # the paused one was dropped, failed its health check, and a new replica took its place
@@ -282,7 +267,7 @@ def test_paused_shard_with_a_replica_is_hedged(apps):
 
 def test_unreplicated_shard_paused_30s_its_requests_complete(apps):
     _settled("one")
-    paused = _sole_holder("one")
+    paused = sole_holder("one")
     _mid_stream("one", apps["one"], lambda: _pause(paused, 30), after_tokens=4)
     _settled("one")
 
