@@ -16,6 +16,7 @@ from elasticmoe.model.attention import KVCache
 from elasticmoe.model.batch import build_batch
 from elasticmoe.model.dense import DenseModel
 from elasticmoe.model.dispatch import Dispatcher, ExpertsUnavailable
+from elasticmoe.model.pipeline import micro_batch_count, split_even
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,7 +56,8 @@ class Engine:
     def __init__(self, files: ModelFiles, dispatcher: Dispatcher, *, dtype: str = "float32", device: str = "cpu",
                  max_num_seqs: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
                  max_queue: int = 1024, tokenizer: Any = None, pipeline_min_tokens: int = 8,
-                 limits: RequestLimits | None = None, retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S):
+                 micro_batches: int = 2, limits: RequestLimits | None = None,
+                 retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S):
         self.files, self.spec, self.dispatcher = files, files.spec, dispatcher
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -72,6 +74,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.pipeline_min_tokens = pipeline_min_tokens
+        self.micro_batches = micro_batches  # with a remote dispatcher, a big enough step is cut into this many
         self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
         self.retry_backoff_s = retry_backoff_s
         self.step_retries = 0  # attempts repeated after ExpertsUnavailable
@@ -207,17 +210,12 @@ class Engine:
         return RowContext(seq.prompt_ids, seq.output_ids, banned)
 
     def _run(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-        """Forward the step; with a remote dispatcher and enough tokens, as two pipelined micro-batches."""
-        tokens = sum(len(c[2]) for c in chunks)
-        if not getattr(self.dispatcher, "remote", False) or len(chunks) < 2 or tokens < self.pipeline_min_tokens:
+        """Forward the step; with a remote dispatcher and enough tokens, as pipelined micro-batches (ping-pong)."""
+        sizes = [len(c[2]) for c in chunks]
+        n = micro_batch_count(sum(sizes), len(chunks), self.micro_batches, self.pipeline_min_tokens)
+        if not getattr(self.dispatcher, "remote", False) or n < 2:
             return self.model.forward(build_batch(chunks, self.device), self.cache, self.dispatcher)
-        half, acc = 1, 0
-        for i, c in enumerate(chunks):  # split near half of the tokens, at a sequence boundary
-            acc += len(c[2])
-            if acc >= tokens / 2:
-                half = max(1, min(i + 1, len(chunks) - 1))
-                break
-        parts = [build_batch(chunks[:half], self.device), build_batch(chunks[half:], self.device)]
+        parts = [build_batch(chunks[a:b], self.device) for a, b in split_even(sizes, n)]  # at sequence boundaries
         return torch.cat(self.model.forward_pipelined(parts, self.cache, self.dispatcher))
 
     def _append(self, seq: Sequence, token: int, logprob) -> None:

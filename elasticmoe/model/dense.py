@@ -16,6 +16,7 @@ from elasticmoe.model.dispatch import Dispatcher
 from elasticmoe.model.layers import Rotary, gated_mlp, norm, route
 from elasticmoe.progress import LoadProgress
 from elasticmoe.model.names import ATTN, LayerNames, WeightNames
+from elasticmoe.model.pipeline import ping_pong
 from elasticmoe.model.spec import ModelSpec
 
 RouteObserver = Callable[[int, torch.Tensor], None]  # (layer, topk_ids [T, k])
@@ -56,6 +57,21 @@ class _PlusIdentity:
         return self.pending.wait() + self.identity
 
 
+class _MicroBatch:
+    """One micro-batch on its way through the layers: hidden states, and the expert call it has in flight."""
+
+    def __init__(self, model: "DenseModel", batch: StepBatch):
+        self.batch = batch
+        cos, sin = model.rotary.tables(batch.positions)
+        self.tables = (cos, sin, step_masks(batch, model.windows))
+        self.h = model.embed[batch.token_ids]  # [T, H]
+        if model.spec.embed_scale != 1.0:
+            self.h = self.h * model.spec.embed_scale
+        self.x: torch.Tensor | None = None  # [T, H] the MLP input of the layer in progress
+        self.pending = None  # that layer's routed experts, in flight (None for a dense layer)
+        self.carried = None  # LongCat: the previous layer's MoE output, added after this layer's MLP
+
+
 class DenseModel:
     """Everything but the routed experts. `forward` runs one engine step; experts go through a Dispatcher."""
 
@@ -93,26 +109,27 @@ class DenseModel:
     @torch.inference_mode()
     def forward_pipelined(self, batches: list[StepBatch], cache: KVCache, dispatcher: Dispatcher,
                           all_tokens: bool = False) -> list[torch.Tensor]:
-        """Run micro-batches layer by layer, interleaved: while one micro-batch's experts run remotely,
-        the next one's attention runs here. Same math per token as running each alone.
+        """Run micro-batches as a ping-pong pipeline (pipeline.ping_pong): once its layer-l experts are back, a
+        micro-batch runs post_l and pre_{l+1} while the other micro-batches' experts are in flight. Same math per
+        token as running each micro-batch alone.
 
         Returns each batch's final-normed hidden states [N_b, H] (or [T_b, H] with all_tokens).
         """
-        states, sp = [], self.spec
-        for b in batches:
-            cos, sin = self.rotary.tables(b.positions)
-            h = self.embed[b.token_ids]  # [T, H]
-            if self.spec.embed_scale != 1.0:
-                h = h * self.spec.embed_scale
-            states.append([h, b, (cos, sin, step_masks(b, self.windows)), None])  # [3]: a carried MoE output
-        for layer in self.layers:
-            pending = [self._layer_pre(layer, st[0], st[1], cache, dispatcher, *st[2]) for st in states]
-            for st, (h, x, p) in zip(states, pending):
-                if sp.block == "shortcut":  # LongCat: the MoE output joins after the next layer's MLP
-                    p, st[3] = st[3], p
-                st[0] = self._layer_post(layer, h, x, p)
-        return [norm(h if all_tokens else h[b.last_rows], sp.norm, self.norm, self.norm_bias, sp.rms_norm_eps)
-                for h, b, _, _ in states]
+        sp, last = self.spec, len(self.layers) - 1
+        mbs = [_MicroBatch(self, b) for b in batches]
+        for stage, i, m in ping_pong(len(self.layers), len(mbs)):
+            mb, layer = mbs[m], self.layers[i]
+            if stage == "pre":  # attention, router, dispatch
+                mb.h, mb.x, mb.pending = self._layer_pre(layer, mb.h, mb.batch, cache, dispatcher, *mb.tables)
+                continue
+            pending = mb.pending
+            if sp.block == "shortcut":  # LongCat: the MoE output joins after the next layer's MLP
+                pending, mb.carried = mb.carried, pending
+            mb.h = self._layer_post(layer, mb.h, mb.x, pending)  # shared experts, then wait for the routed ones
+            if i == last:
+                h = mb.h if all_tokens else mb.h[mb.batch.last_rows]
+                mb.h = norm(h, sp.norm, self.norm, self.norm_bias, sp.rms_norm_eps)
+        return [mb.h for mb in mbs]
 
     def _norm(self, layer: _Layer, role: str, x: torch.Tensor) -> torch.Tensor:
         """The layer's `role` norm (attn_in, attn_out, mlp_in, mlp_out) of x, or x when the block has none."""
