@@ -77,6 +77,7 @@ class GatewayMetrics:
         self.latency_counts = {"ttft": 0, "tpot": 0, "e2e": 0}
         self.gauges: dict[str, float] = {}
         self.expert_copies: dict[tuple[int, int], int] = {}
+        self.layer_copies: dict[int, int] = {}  # layer -> sum of its experts' copies (kept with expert_copies)
         self.shards: dict[str, bool] = {}
         self.rebalance_events = self.rebalance_bytes = 0
         self._stop = threading.Event()
@@ -130,16 +131,40 @@ class GatewayMetrics:
             self._ray["kv"].set(float(kv_usage))
 
     def copies(self, layer: int, expert: int, n: int) -> None:
-        """Set the number of live copies of (layer, expert)."""
+        """Set the number of live copies of (layer, expert); O(1) (the layer's sum is kept, not recounted)."""
         with self._lock:
-            self.expert_copies[(layer, expert)] = n
-            per_layer = sum(c for (l, _), c in self.expert_copies.items() if l == layer)
+            per_layer = self._set_copy_locked(layer, expert, int(n))
         if not self._ray or self.mode == "off":
             return
         if self.mode == "per_expert":
             self._ray["copies"].set(n, {"layer": str(layer), "expert": str(expert)})
         else:
             self._ray["copies"].set(per_layer, {"layer": str(layer), "expert": "all"})
+
+    def set_copies(self, layers: list[int], counts: np.ndarray) -> None:
+        """Set every expert's live copies at once: counts [len(layers), E] int; O(L*E), one Ray call per series."""
+        counts = np.asarray(counts, dtype=np.int64).reshape(len(layers), -1)  # [L, E]
+        rows = counts.tolist()
+        with self._lock:
+            for layer, row in zip(layers, rows):
+                for e, n in enumerate(row):
+                    self._set_copy_locked(layer, e, n)
+        if not self._ray or self.mode == "off":
+            return
+        gauge = self._ray["copies"]
+        for layer, row in zip(layers, rows):
+            if self.mode == "per_expert":
+                for e, n in enumerate(row):
+                    gauge.set(n, {"layer": str(layer), "expert": str(e)})
+            else:
+                gauge.set(sum(row), {"layer": str(layer), "expert": "all"})
+
+    def _set_copy_locked(self, layer: int, expert: int, n: int) -> int:
+        """Record one expert's copies and return its layer's new total (caller holds the lock)."""
+        old = self.expert_copies.get((layer, expert), 0)
+        self.expert_copies[(layer, expert)] = n
+        self.layer_copies[layer] = self.layer_copies.get(layer, 0) - old + n
+        return self.layer_copies[layer]
 
     def balancedness(self, layer: int, value: float) -> None:
         """Set a layer's balancedness (mean over max shard load; 1 = perfectly even)."""

@@ -124,3 +124,54 @@ def test_route_is_cheap_and_thread_safe():
     for t in threads:
         t.join()
     assert m.expert_token_totals()[2].sum() == 2 * 100 * ids.numel()
+
+
+def _placement_copies(layers: int, experts: int, shards: int = 4) -> np.ndarray:
+    from elasticmoe.placement.placement import Placement
+
+    slots = 2 * experts // shards + 2
+    return Placement.even(layers, experts, shards, slots, 2).num_copies()  # [L, E]
+
+
+def _best_time(fn, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["set_copies", "copies_per_expert"])
+def test_copies_metrics_cost_grows_linearly_in_layers_times_experts(bulk):
+    """A placement change exports every expert's copies: 16x the (layer, expert) pairs must cost about 16x, not
+    256x (the per-layer sum used to be recounted over all pairs on every expert's update)."""
+    times, sizes = [], [(4, 64), (16, 256)]  # L*E = 256 and 4096
+    for layers, experts in sizes:
+        m = GatewayMetrics("per_layer", layers, experts, list(range(layers)), use_ray=False)
+        counts = _placement_copies(layers, experts)
+        moe = list(range(layers))
+
+        def export() -> None:
+            if bulk:
+                m.set_copies(moe, counts)
+            else:
+                for l, row in enumerate(counts.tolist()):
+                    for e, n in enumerate(row):
+                        m.copies(l, e, n)
+
+        times.append(_best_time(export))
+        assert m.layer_copies == {l: int(counts[l].sum()) for l in moe}
+        assert len(m.expert_copies) == layers * experts and m.expert_copies[(layers - 1, experts - 1)] == counts[-1, -1]
+    ratio = times[1] / times[0]
+    assert ratio < 48, f"16x the experts cost {ratio:.0f}x ({times[0] * 1e3:.2f} ms -> {times[1] * 1e3:.2f} ms)"
+
+
+def test_layer_copies_follow_changes_and_repeats():
+    m = _metrics("per_layer")
+    m.set_copies([1, 2], np.array([[1] * EXPERTS, [2] * EXPERTS]))
+    assert m.layer_copies == {1: EXPERTS, 2: 2 * EXPERTS}
+    m.copies(1, 3, 4)  # 1 -> 4
+    m.set_copies([1, 2], np.array([[1] * EXPERTS, [2] * EXPERTS]))  # back, idempotent
+    m.copies(2, 0, 0)
+    assert m.layer_copies == {1: EXPERTS, 2: 2 * EXPERTS - 2} and m.expert_copies[(2, 0)] == 0

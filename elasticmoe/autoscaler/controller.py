@@ -261,9 +261,7 @@ class Controller(Mover):
             self.metrics.balancedness(self.moe_layers[i], float(b))
         if self._exported_version != self.registry.version:  # copies change only with the placement
             self._exported_version = self.registry.version
-            for i, row in enumerate(placement.num_copies()):
-                for e, n in enumerate(row):
-                    self.metrics.copies(self.moe_layers[i], e, int(n))
+            self.metrics.set_copies(self.moe_layers, placement.num_copies())  # [L, E], O(L*E)
         for s in self.registry.shards.values():
             self.metrics.shard_health(s.shard_id, s.shard_id in stats)
 
