@@ -29,6 +29,9 @@ class Limits(_Strict):
     max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per sequence")
     max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
+    micro_batches: int = Field(2, ge=1, le=8, description="micro-batches a step is cut into (at sequence "
+                               "boundaries, 4 tokens or more each), so that one's dense work runs while the others' "
+                               "experts are in flight (ping-pong); 1: no pipelining")
     expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
     transport: Literal["unary", "stream"] = Field("unary", description="gateway -> shard calls: one unary gRPC call "
                                                   "each, or frames on one long-lived stream per shard")

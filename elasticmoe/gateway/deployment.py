@@ -49,7 +49,8 @@ class GatewayCore:
             self.gateway_id = f"gateway-{id(self)}"
         engine = Engine(files, self.dispatcher, dtype=self.args.dtype, device=self.args.device,
                         max_num_seqs=lim.max_num_seqs, max_model_len=lim.max_model_len,
-                        max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue)
+                        max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue,
+                        micro_batches=lim.micro_batches)
         self.tokenizer = engine.tokenizer
         spec = files.spec
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, spec.moe.num_experts,
