@@ -68,6 +68,7 @@ def fused_moe_triton(
     topk_weights: torch.Tensor,
     config: dict | None = None,
     chunk_tokens: int | None = None,
+    fp8: dict | None = None,
 ) -> torch.Tensor:
     """Triton MoE forward. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H].
 
@@ -75,6 +76,8 @@ def fused_moe_triton(
     chunk_tokens: tokens per pipeline pass (default $ELASTICMOE_MOE_CHUNK_TOKENS or 4096).
     Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
+    if fp8 is not None:
+        raise NotImplementedError("block-FP8 weights on the triton backend: not yet")
     if hidden.device.type != "cuda" and not _interpreting():
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     num_tokens, hidden_size = hidden.shape
