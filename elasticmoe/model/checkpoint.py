@@ -1,8 +1,13 @@
-"""Lazy, per-tensor reads of a (sharded) safetensors checkpoint, with clear errors naming the file or field."""
+"""Lazy, per-tensor reads of a (sharded) safetensors checkpoint, with clear errors naming the file or field.
+
+Tensors are read with plain positional file reads at the offsets the safetensors header gives (no mmap): a
+process's memory holds what it keeps, and the page cache, not the process, holds the file. Block-FP8 weights
+come back dequantized (see model.quant)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -11,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from elasticmoe.model.quant import FP8_DTYPES, FP8_SCALE_SUFFIX, QuantError, QuantFormat, dequant_fp8, fp8_scale_shape, \
+    quant_format
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -50,7 +58,8 @@ def _latest_snapshot(snapshots: Path) -> Path:
 
 
 def read_header(file: Path) -> dict[str, Any]:
-    """Parse a safetensors header and check that the file holds every byte it promises."""
+    """Parse a safetensors header and check that the file holds every byte it promises. Each entry gains
+    "start": the file offset of its first byte."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -69,6 +78,8 @@ def read_header(file: Path) -> dict[str, Any]:
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
+    for meta in header.values():
+        meta["start"] = 8 + n + meta["data_offsets"][0]
     return header
 
 
@@ -84,21 +95,23 @@ class View:
 class Checkpoint:
     """A checkpoint directory: its config and tensor index; tensors are read one at a time, on demand.
 
-    `tensors_read` and `bytes_read` count what was actually read, so tests can prove a process loads
-    only its share (the dense half, or some experts).
+    `tensors_read` and `bytes_read` count what was actually read (bytes on disk), so tests can prove a process
+    loads only its share (the dense half, or some experts).
     """
 
     def __init__(self, model: str | os.PathLike):
         self.path = resolve_model_dir(model)
         self.weight_map: dict[str, str] = {}  # tensor name -> file name
-        self._meta: dict[str, dict[str, Any]] = {}  # tensor name -> {dtype, shape}
-        self._handles: dict[str, Any] = {}
+        self._meta: dict[str, dict[str, Any]] = {}  # tensor name -> {dtype, shape, start, data_offsets}
+        self._files: dict[str, int] = {}  # file name -> open descriptor
         self._lock = threading.Lock()
         self._views: dict[str, View] = {}  # exposed name -> where it is stored (see set_views)
         self._covered: set[str] = set()  # stored names shown only through views
         self.tensors_read = 0
         self.bytes_read = 0
         self._index()
+        self.quant = self._quant_format()
+        self._scales = self._fp8_scales() if self.quant.method == "fp8" else {}  # weight -> its weight_scale_inv
 
     def _index(self) -> None:
         index = self.path / INDEX_FILE
@@ -115,6 +128,31 @@ class Checkpoint:
             for tensor, meta in read_header(self.path / name).items():
                 self.weight_map[tensor] = name
                 self._meta[tensor] = meta
+
+    def _quant_format(self) -> QuantFormat:
+        config_file = self.path / "config.json"
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
+        return quant_format(raw if isinstance(raw, dict) else {}, config_file)
+
+    def _fp8_scales(self) -> dict[str, str]:
+        """Each FP8 weight's scale tensor, checked against its shape; the scales are then hidden from names()."""
+        scales = {}
+        for name, meta in self._meta.items():
+            if meta["dtype"] not in FP8_DTYPES:
+                continue
+            scale = name + FP8_SCALE_SUFFIX
+            if scale not in self._meta:
+                raise QuantError(f"{self.path / self.weight_map[name]}: FP8 tensor {name!r} has no {scale!r} beside it")
+            want = fp8_scale_shape(tuple(meta["shape"]), self.quant.block)
+            got = tuple(self._meta[scale]["shape"])
+            if got != want and not (self.quant.block is None and got in ((1,), ())):
+                raise QuantError(f"{self.path / self.weight_map[scale]}: {scale!r} is {list(got)}, want {list(want)} "
+                                 f"for {name!r} {meta['shape']} in blocks of {self.quant.block} (config.json)")
+            scales[name] = scale
+        return scales
 
     def config(self) -> Any:
         """The transformers config; an unknown architecture raises CheckpointError naming config.json."""
@@ -134,10 +172,14 @@ class Checkpoint:
         self._covered = {v.stored for v in views.values()} | set(ignored)
 
     def names(self) -> list[str]:
-        return [n for n in self.weight_map if n not in self._covered] + list(self._views)
+        """Tensor names as the model sees them: FP8 scales are part of their weight, not names of their own."""
+        hidden = self._covered | set(self._scales.values())
+        return [n for n in self.weight_map if n not in hidden] + list(self._views)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._views or (name in self.weight_map and name not in self._covered)
+        if name in self._views:
+            return True
+        return name in self.weight_map and name not in self._covered and name not in self._scales.values()
 
     def shape(self, name: str) -> tuple[int, ...]:
         v = self._views.get(name)
@@ -153,37 +195,101 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
         return self._meta[name]
 
-    def _handle(self, file: str) -> Any:
-        from safetensors import safe_open
-
+    def _fd(self, file: str) -> int:
         with self._lock:
-            if file not in self._handles:
+            if file not in self._files:
                 try:
-                    self._handles[file] = safe_open(str(self.path / file), framework="pt", device="cpu")
-                except Exception as e:  # safetensors raises its own error types
+                    self._files[file] = os.open(self.path / file, os.O_RDONLY)
+                except OSError as e:
                     raise CheckpointError(f"{self.path / file}: cannot open: {e}") from e
-            return self._handles[file]
+            return self._files[file]
+
+    def close(self) -> None:
+        """Close the files (reads reopen them)."""
+        with self._lock:
+            for fd in self._files.values():
+                os.close(fd)
+            self._files.clear()
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
-        """One tensor (or one row `index` of its first dim, read alone), as stored on disk (views: as exposed)."""
+        """One tensor (or one row `index` of its first dim, read alone), as stored on disk (views: as exposed);
+        FP8 weights dequantized to float32 with their scales."""
         v = self._views.get(name)
         if v is not None:
-            t = self._read(v.stored, slice(*v.rows) if v.rows is not None else None)
+            if v.stored in self._scales:  # rows of a block-scaled weight: dequantize it whole, then slice
+                t = self._read(v.stored, None)
+                t = t[slice(*v.rows)] if v.rows is not None else t
+            else:
+                t = self._read(v.stored, slice(*v.rows) if v.rows is not None else None)
             t = t.t() if v.transpose else t
             return t if index is None else t[index]
         return self._read(name, index)
 
-    def _read(self, name: str, index: int | slice | None) -> torch.Tensor:
+    def read_into(self, name: str, out: torch.Tensor, index: int | None = None) -> None:
+        """read(name, index) written into `out` (same shape; any dtype, device and strides). A tensor stored in
+        out's dtype and layout goes straight from the file into a contiguous CPU `out`, with no copy between."""
+        meta = self._meta.get(name)
+        direct = (name not in self._views and meta is not None and name not in self._scales and out.device.type == "cpu"
+                  and out.is_contiguous() and _DTYPES.get(meta["dtype"]) == out.dtype)
+        if direct:
+            shape = tuple(meta["shape"][1:] if index is not None else meta["shape"])
+            if shape != tuple(out.shape):
+                raise CheckpointError(f"{self.path / self.weight_map[name]}: {name!r} gives a {list(shape)} tensor, "
+                                      f"want {list(out.shape)}")
+            self._read(name, index, out)
+            return
+        t = self.read(name, index)
+        if tuple(t.shape) != tuple(out.shape):
+            raise CheckpointError(f"{self.path}: {name!r} gives a {list(t.shape)} tensor, want {list(out.shape)}")
+        out.copy_(t)
+
+    def _read(self, name: str, index: int | slice | None, out: torch.Tensor | None = None) -> torch.Tensor:
         meta = self._require(name)
-        handle = self._handle(self.weight_map[name])
-        try:
-            t = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
-        except Exception as e:
-            raise CheckpointError(f"{self.path / self.weight_map[name]}: cannot read {name!r}: {e}") from e
-        expected = _DTYPES.get(meta["dtype"])
-        if expected is not None and t.dtype != expected:
-            raise CheckpointError(f"{self.weight_map[name]}: {name!r} read as {t.dtype}, header says {expected}")
+        if name in self._scales and index is not None and len(meta["shape"]) <= 2:  # rows cut across scale blocks
+            return self._read(name, None)[index]
+        if name in self._scales:
+            w = self._read_raw(name, meta, index, None)
+            scale = self._read_raw(self._scales[name], self._meta[self._scales[name]], index, None)
+            return dequant_fp8(w, scale, self.quant.block)
+        if meta["dtype"] in FP8_DTYPES:
+            raise QuantError(f"{self.path / self.weight_map[name]}: {name!r} is {meta['dtype']} but config.json has "
+                             "no quantization_config 'fp8' to scale it (its values would be meaningless)")
+        return self._read_raw(name, meta, index, out)
+
+    def _read_raw(self, name: str, meta: dict[str, Any], index: int | slice | None,
+                  out: torch.Tensor | None) -> torch.Tensor:
+        """The bytes of the tensor (or of rows `index` of its first dim) at their offset in the file."""
+        dtype = _DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path / self.weight_map[name]}: {name!r} has unsupported dtype {meta['dtype']}")
+        shape = list(meta["shape"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        row = math.prod(shape[1:]) * itemsize if shape else itemsize
+        lo, hi = 0, (shape[0] if shape else 1)
+        if isinstance(index, int):
+            if not -shape[0] <= index < shape[0]:
+                raise CheckpointError(f"{self.path}: row {index} of {name!r} {shape} does not exist")
+            lo, hi = index % shape[0], index % shape[0] + 1
+            shape = shape[1:]
+        elif isinstance(index, slice):
+            lo, hi, _ = index.indices(shape[0])
+            shape[0] = max(hi - lo, 0)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        self._pread(name, buf, meta["start"] + lo * row, (hi - lo) * row)
         with self._lock:
             self.tensors_read += 1
-            self.bytes_read += t.numel() * t.element_size()
-        return t
+            self.bytes_read += (hi - lo) * row
+        return out
+
+    def _pread(self, name: str, buf: memoryview, offset: int, size: int) -> None:
+        fd, done = self._fd(self.weight_map[name]), 0
+        while done < size:
+            try:
+                n = os.preadv(fd, [buf[done:size]], offset + done)
+            except OSError as e:
+                raise CheckpointError(f"{self.path / self.weight_map[name]}: cannot read {name!r}: {e}") from e
+            if n == 0:
+                raise CheckpointError(f"{self.path / self.weight_map[name]}: {name!r} ends early (file truncated?)")
+            done += n

@@ -6,19 +6,8 @@ import torch
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.names import ExpertRef
+from elasticmoe.model.quant import dequant_mxfp4
 from elasticmoe.model.spec import MoESpec
-
-# The 16 values of an FP4 (E2M1) nibble; a byte holds two, low nibble first.
-_FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """MXFP4 blocks [..., G, 16] uint8 and E8M0 scales [..., G] uint8 -> float32 [..., G * 32]."""
-    lut = torch.tensor(_FP4, dtype=torch.float32)
-    b = blocks.to(torch.int64)
-    vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # [..., G, 32]
-    vals = torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127)
-    return vals.flatten(-2)
 
 
 def _packed(ckpt: Checkpoint, name: str, scales: str | None, index: int) -> torch.Tensor:

@@ -19,22 +19,28 @@ from elasticmoe.model.spec import ModelSpec
 COMBINE_DTYPE = torch.float64  # experts' weighted sums: exact enough to be independent of the shard split
 
 
-def read_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, hidden: int
-                ) -> tuple[torch.Tensor, ...]:
-    """One expert's weights as stored: w13 [2I, H] (gate rows then up rows) and w2 [H, I]
-    (GPT-OSS: also the biases b13 [2I], b2 [H], see model.expert_math)."""
-    ref = names.expert(layer, expert)
-    if names.spec.moe.expert_act != "silu":
-        return expert_math.read_swiglu_expert(ckpt, ref, hidden, names.spec.moe.intermediate_size)
-    if ref.gate_up is not None:
-        w13 = ckpt.read(ref.gate_up, index=ref.index)
-        w2 = ckpt.read(ref.down, index=ref.index)
-        if w13.shape[-1] != hidden:  # stored [H, 2I]
-            w13 = w13.t()
-        if w2.shape[0] != hidden:  # stored [I, H]
-            w2 = w2.t()
-        return w13, w2
-    return torch.cat((ckpt.read(ref.gate), ckpt.read(ref.up)), dim=0), ckpt.read(ref.down)
+def write_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, rows: tuple[torch.Tensor, ...]
+                 ) -> None:
+    """Read one expert's weights into its rows of a layer's storage: w13 [2I, H] (gate rows then up rows),
+    w2 [H, I] (GPT-OSS: also b13 [2I], b2 [H], see model.expert_math), in the rows' dtype and device.
+
+    Weights stored in the rows' dtype and layout are read from the file straight into them (CPU); others
+    pass through one expert-sized temporary."""
+    ref, spec = names.expert(layer, expert), names.spec
+    if spec.moe.expert_act != "silu":
+        for dst, t in zip(rows, expert_math.read_swiglu_expert(ckpt, ref, spec.hidden_size, spec.moe.intermediate_size)):
+            dst.copy_(t)
+        return
+    w13, w2 = rows[0], rows[1]
+    if ref.gate_up is None:
+        inter = w13.shape[0] // 2
+        ckpt.read_into(ref.gate, w13[:inter])
+        ckpt.read_into(ref.up, w13[inter:])
+        ckpt.read_into(ref.down, w2)
+        return
+    gate_up, down = ckpt.shape(ref.gate_up)[1:], ckpt.shape(ref.down)[1:]
+    ckpt.read_into(ref.gate_up, w13 if gate_up == tuple(w13.shape) else w13.t(), index=ref.index)  # or [H, 2I]
+    ckpt.read_into(ref.down, w2 if down == tuple(w2.shape) else w2.t(), index=ref.index)  # or [I, H]
 
 
 @dataclass(frozen=True)
@@ -69,24 +75,40 @@ class ExpertStore:
                    for t in (le.w13, le.w2, le.b13, le.b2) if t is not None)
 
     def load(self, pairs: Iterable[tuple[int, int]]) -> int:
-        """Load (layer, expert) pairs not yet held; returns the bytes read. Safe while forward() runs."""
+        """Load (layer, expert) pairs not yet held; returns the bytes read. Safe while forward() runs.
+
+        Layer by layer: a layer's new storage is allocated once, at its final size, and each expert is read
+        into its rows, so loading needs no more than the weights held plus one layer's old storage (kept
+        until in-flight forward() calls that use it finish) and one expert-sized temporary."""
         with self._lock:
-            by_layer: dict[int, list[int]] = {}
+            by_layer: dict[int, set[int]] = {}
             for layer, e in pairs:
                 if not (0 <= e < self.spec.moe.num_experts) or not self.spec.moe.sparse_layers[layer]:
                     raise ValueError(f"expert ({layer}, {e}) does not exist in this model")
                 if layer not in self.layers or e not in self.layers[layer].global_ids:
-                    by_layer.setdefault(layer, []).append(e)
+                    by_layer.setdefault(layer, set()).add(e)
             before = self.ckpt.bytes_read
-            todo = sum(len(set(es)) for es in by_layer.values())
+            todo = sum(len(es) for es in by_layer.values())
             with LoadProgress("loading experts", todo, lambda: self.ckpt.bytes_read) as progress:
-                for layer, experts in by_layer.items():
-                    weights = []
-                    for e in sorted(set(experts)):
-                        weights.append(read_expert(self.ckpt, self.names, layer, e, self.spec.hidden_size))
-                        progress.step()
-                    self._install(layer, sorted(set(experts)), weights)
+                for layer, experts in sorted(by_layer.items()):
+                    self._load_layer(layer, sorted(experts), progress)
             return self.ckpt.bytes_read - before
+
+    def _load_layer(self, layer: int, experts: list[int], progress: LoadProgress) -> None:
+        old = self.layers.get(layer)
+        held = old.global_ids if old is not None else ()
+        n, inter, hidden = len(held) + len(experts), self.spec.moe.intermediate_size, self.spec.hidden_size
+        shapes = [(n, 2 * inter, hidden), (n, hidden, inter)]  # w13, w2
+        if self.spec.moe.expert_act != "silu":
+            shapes += [(n, 2 * inter), (n, hidden)]  # b13, b2
+        parts = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shapes]
+        if old is not None:
+            for dst, src in zip(parts, (old.w13, old.w2, old.b13, old.b2)):
+                dst[: len(held)].copy_(src)
+        for j, e in enumerate(experts, start=len(held)):
+            write_expert(self.ckpt, self.names, layer, e, tuple(p[j] for p in parts))
+            progress.step()
+        self.layers[layer] = self._stack(layer, list(held) + experts, *parts)
 
     def drop(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Forget (layer, expert) pairs; in-flight forward() calls keep the snapshot they started with."""
@@ -103,17 +125,6 @@ class ExpertStore:
                 biases = [b.index_select(0, idx) for b in (le.b13, le.b2) if b is not None]
                 self.layers[layer] = self._stack(layer, [le.global_ids[i] for i in keep],
                                                  le.w13.index_select(0, idx), le.w2.index_select(0, idx), *biases)
-
-    def _install(self, layer: int, experts: list[int], weights: list[tuple[torch.Tensor, ...]]) -> None:
-        # w13, w2 (and b13, b2 for biased experts), each stacked over the new experts
-        parts = [torch.stack(p).to(device=self.device, dtype=self.dtype) for p in zip(*weights)]
-        old = self.layers.get(layer)
-        ids = list(experts)
-        if old is not None:
-            ids = list(old.global_ids) + ids
-            olds = [t for t in (old.w13, old.w2, old.b13, old.b2) if t is not None]
-            parts = [torch.cat((o, p)) for o, p in zip(olds, parts)]
-        self.layers[layer] = self._stack(layer, ids, *parts)
 
     def _stack(self, layer: int, ids: list[int], w13: torch.Tensor, w2: torch.Tensor,
                b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> LayerExperts:
