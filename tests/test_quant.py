@@ -1,0 +1,148 @@
+"""Quantized checkpoints: block-FP8 (weight_scale_inv) dequantized on load, MXFP4 experts, other formats refused.
+
+transformers 5.23 cannot load an FP8 checkpoint on CPU here (its FP8 quantizer needs `accelerate`, which the
+project does not install), so the reference is transformers' own FP8 dequantizer applied to the same tensors,
+and the model transformers builds from those dequantized weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from elasticmoe.model.tiny import make_tiny_model
+from tests.test_families import _assert_matches, _copy
+
+BLOCK = (128, 128)  # DeepSeek-V3 / Qwen3-FP8 as published
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+NOT_CONVERTED = ("embed_tokens", "lm_head", "mlp.gate.weight")  # bf16 in the published checkpoints (and norms)
+
+
+def _fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (float8_e4m3fn [N, K], weight_scale_inv float32 [ceil(N/128), ceil(K/128)]), one scale per
+    128 x 128 block (edge blocks partial) mapping the block's max |w| to 448, as DeepSeek's checkpoints store it."""
+    n, k = w.shape
+    pad = torch.zeros(math.ceil(n / BLOCK[0]) * BLOCK[0], math.ceil(k / BLOCK[1]) * BLOCK[1])
+    pad[:n, :k] = w
+    blocks = pad.unflatten(0, (-1, BLOCK[0])).unflatten(-1, (-1, BLOCK[1]))  # [n/128, 128, k/128, 128]
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_MAX  # [n/128, k/128]
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).flatten(2).flatten(0, 1)[:n, :k]
+    return q.to(torch.float8_e4m3fn), scale.float()
+
+
+def _quantize(plain: Path, out: Path, quant_config: dict) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """An FP8 copy of `plain` in the published layout (every linear weight but the embeddings, LM head and
+    routers), a copy holding transformers' dequantization of it, and the dequantized tensors by name."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    quant_dir, ref_dir = _copy(plain, out / "fp8"), _copy(plain, out / "dequantized")
+    quant, deq = {}, {}
+    for name, t in load_file(str(plain / "model.safetensors")).items():
+        if t.dim() == 2 and name.endswith(".weight") and not any(s in name for s in NOT_CONVERTED):
+            q, s = _fp8_block(t)
+            quant[name], quant[name + "_scale_inv"] = q, s
+            deq[name] = _dequantize_fp8_weight(q, s, list(BLOCK), torch.float32)
+        else:
+            quant[name] = deq[name] = t
+    save_file(quant, str(quant_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(deq, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((quant_dir / "config.json").read_text())
+    cfg["quantization_config"] = quant_config
+    (quant_dir / "config.json").write_text(json.dumps(cfg))
+    return quant_dir, ref_dir, deq
+
+
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_block_fp8_matches_transformers_dequantized(family, tmp_path):
+    """Experts, attention, shared experts and dense MLPs stored as FP8 with 128x128 scales (partial edge blocks:
+    MLA's 96-row kv_a_proj) load as transformers dequantizes them, bit for bit, and the model's logits and greedy
+    tokens are transformers' on the dequantized weights."""
+    from elasticmoe import LLM
+    from elasticmoe.model import open_model
+
+    plain = make_tiny_model(family, tmp_path / "plain", hidden=256, intermediate=128, layers=2, experts=8)
+    quant_dir, ref_dir, deq = _quantize(plain, tmp_path, {**FP8_CONFIG, "modules_to_not_convert": ["lm_head"]})
+    files = open_model(str(quant_dir))
+    assert not any(n.endswith("_scale_inv") for n in files.ckpt.names())
+    fp8 = [n for n in files.ckpt.names() if files.ckpt._meta[n]["dtype"] == "F8_E4M3"]
+    kinds = {".experts.", "self_attn."} | ({"shared_experts.", "layers.0.mlp."} if family == "deepseek_v3" else set())
+    assert all(any(k in n for n in fp8) for k in kinds)  # DeepSeek's layer 0 is a dense MLP
+    for name in fp8:
+        assert torch.equal(files.ckpt.read(name), deq[name]), name
+    llm = LLM(str(quant_dir), dtype="float32")
+    _assert_matches(llm, ref_dir, family)
+
+
+def test_fp8_packed_experts_row_by_row(tmp_path):
+    """Packed FP8 experts [E, 2I, H] with scales [E, 2I/128, H/128]: one expert's row reads only its own
+    weights and scales, dequantized like the whole tensor's row."""
+    from elasticmoe.model.checkpoint import Checkpoint
+
+    w = torch.randn(4, 256, 384)
+    q, s = zip(*(_fp8_block(e) for e in w))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": FP8_CONFIG}))
+    save_file({"experts.gate_up_proj": torch.stack(q), "experts.gate_up_proj_scale_inv": torch.stack(s)},
+              str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path)
+    whole = ckpt.read("experts.gate_up_proj")
+    before = ckpt.bytes_read
+    assert torch.equal(ckpt.read("experts.gate_up_proj", index=2), whole[2])
+    assert ckpt.bytes_read - before == 256 * 384 + 2 * 3 * 4  # one expert's FP8 bytes and its 2 x 3 scales
+    assert (whole - w).abs().max() <= w.abs().max() / 8  # e4m3: 3 mantissa bits
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors"])
+def test_other_quantization_refused_by_name(method, tmp_path):
+    from elasticmoe.model import open_model
+    from elasticmoe.model.quant import QuantError
+
+    plain = make_tiny_model("qwen3_moe", tmp_path / "m")
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    (plain / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match=rf"config\.json: quantization_config\.quant_method='{method}'"):
+        open_model(str(plain))
+
+
+def test_fp8_without_scales_or_config_refused(tmp_path):
+    """An F8_E4M3 tensor is never cast bare: without quantization_config, or without its weight_scale_inv,
+    or with a scale grid that does not fit the weight, the load fails naming the tensor."""
+    from elasticmoe.model.checkpoint import Checkpoint
+    from elasticmoe.model.quant import QuantError
+
+    q, s = _fp8_block(torch.randn(256, 256))
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"a.weight": q, "a.weight_scale_inv": s}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(QuantError, match=r"'a\.weight' is F8_E4M3 but config\.json has no quantization_config"):
+        Checkpoint(tmp_path).read("a.weight")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": FP8_CONFIG}))
+    save_file({"a.weight": q}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(QuantError, match=r"'a\.weight' has no 'a\.weight_scale_inv'"):
+        Checkpoint(tmp_path)
+    save_file({"a.weight": q, "a.weight_scale_inv": s[:1]}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(QuantError, match=r"'a\.weight_scale_inv' is \[1, 2\], want \[2, 2\]"):
+        Checkpoint(tmp_path)
+
+
+def test_mxfp4_dequant_is_transformers(tmp_path):
+    """MXFP4 blocks [E, N, K/32, 16] and E8M0 scales [E, N, K/32] as GPT-OSS ships them: our dequantization is
+    transformers' (convert_moe_packed_tensors, which returns the transposed [E, K, N]), on every code and a
+    spread of exponents."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from elasticmoe.model.quant import dequant_mxfp4
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 64, 4, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(120, 134, (3, 64, 4), dtype=torch.uint8, generator=gen)
+    ours = dequant_mxfp4(blocks, scales)  # [E, N, K]
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, K, N]
+    assert torch.equal(ours, theirs.transpose(1, 2))
