@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from elasticmoe.engine.detok import Detokenizer
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence
 from elasticmoe.engine.validation import RequestLimits, Validator
@@ -93,7 +94,7 @@ class Engine:
         if request_id in self.seqs:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params)
+        seq = Sequence(request_id, list(prompt_ids), params, detok=Detokenizer(self.tokenizer, params.stop))
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.scheduler.add(seq)
@@ -225,9 +226,9 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         p = seq.params
-        if p.stop and len(seq.output_ids) >= p.min_tokens:
-            self.detokenize(seq)
-        if seq.stop_cut is not None or token in p.stop_token_ids:
+        if p.stop:  # stop strings count from min_tokens on (text that came before is not searched)
+            seq.detok.update(seq.output_ids, search=len(seq.output_ids) >= p.min_tokens)
+        if seq.detok.stop_at is not None or token in p.stop_token_ids:
             self._finish(seq, "stop")
         elif not p.ignore_eos and token in self.eos_ids:
             self._finish(seq, "eos")
@@ -253,16 +254,16 @@ class Engine:
         self.detokenize(seq)
 
     def detokenize(self, seq: Sequence) -> str:
-        """Completion text so far (cut before a stop string, once one appears)."""
-        if seq.stop_cut is not None:
-            return seq.text
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        for stop in seq.params.stop:
-            at = text.find(stop)
-            if at != -1 and (seq.stop_cut is None or at < seq.stop_cut):
-                seq.stop_cut = at
-        seq.text = text if seq.stop_cut is None else text[: seq.stop_cut]
+        """Completion text so far (cut before a stop string, once one appears); O(text), see `text_delta`."""
+        seq.detok.update(seq.output_ids, search=False)  # stop strings were looked for as each token came
+        seq.text = seq.detok.text
         return seq.text
+
+    def text_delta(self, seq: Sequence) -> str:
+        """The text of `seq` not handed out yet that can no longer change (all the rest once it finished);
+        costs a decode of a few recent tokens, whatever the length."""
+        seq.detok.update(seq.output_ids, search=False)
+        return seq.detok.delta(final=seq.finished)
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:

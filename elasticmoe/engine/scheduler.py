@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from elasticmoe.engine.detok import Detokenizer
 from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
 
 
@@ -40,8 +41,8 @@ class Sequence:
     slot: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None  # "length" | "stop" | "eos" | "abort"
-    text: str = ""
-    stop_cut: int | None = None  # where a stop string starts in text
+    text: str = ""  # the completion's text, set when it finishes (detok builds it as tokens come)
+    detok: Detokenizer | None = None
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None

@@ -228,14 +228,9 @@ class Gateway:
 
     async def GenerateStream(self, request, grpc_context=None) -> AsyncIterator:
         rid, stream, u = await self._start(request, grpc_context)
-        sent = 0
         try:
-            while True:
-                text = u.text
-                if not u.finished and text.endswith("\ufffd"):  # half a UTF-8 character: hold it back
-                    text = text[:sent] if len(text) <= sent else text[: len(text) - 1]
-                yield response(rid, u, text[sent:], u.token_ids, u.logprobs)
-                sent = max(sent, len(text))
+            while True:  # u.delta: text that can no longer change (the engine's detokenizer), joined = unary text
+                yield response(rid, u, u.delta, u.token_ids, u.logprobs)
                 if u.finished:
                     return
                 u = await stream.__anext__()

@@ -7,7 +7,7 @@ import json
 from typing import Any, AsyncIterator
 
 from elasticmoe.engine.sampling import TokenLogprob
-from elasticmoe.gateway.openai_protocol import FINISH_REASONS, ApiError, TextDelta, chat_logprobs, completion_logprobs
+from elasticmoe.gateway.openai_protocol import FINISH_REASONS, ApiError, chat_logprobs, completion_logprobs
 from elasticmoe.gateway.runner import Update
 
 # A "gen" below is an openai_api.Generation: one choice in the engine (start, rest, record, close, params, id).
@@ -107,7 +107,7 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
         return _event({"id": head.id, "object": shapes[0].object(True), "created": head.created, "model": head.model,
                        "choices": choices, **extra, **kw})
 
-    texts, lasts = [TextDelta(g.params.stop) for g in gens], list(firsts)
+    lasts = list(firsts)
     try:
         if shapes[0].chat:
             for shape in shapes:
@@ -115,7 +115,7 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
                               "finish_reason": None}])
         async for i, last in _merge([_indexed(i, g, f) for i, (g, f) in enumerate(zip(gens, firsts))]):
             lasts[i], counts[i] = last, last.completion_tokens
-            delta = texts[i].push(last.text, last.finished)
+            delta = last.delta  # the runner's detokenizer holds back partial characters and stop-string prefixes
             finish = FINISH_REASONS.get(last.finish_reason or "abort", "abort") if last.finished else None
             if delta or finish or (shapes[i].logprobs and last.logprobs):
                 yield chunk([shapes[i].choice(delta, list(last.logprobs), finish, stream=True)])

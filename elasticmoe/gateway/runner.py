@@ -25,17 +25,19 @@ class Update:
 
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...]
-    text: str  # full completion text so far
+    text: str  # the completion's whole text: on the final update only ("" before)
     finished: bool
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    delta: str = ""  # new text that can no longer change (partial characters, stop-string prefixes held back);
+    # the deltas of a request joined are its final text
 
 
 def _merge(old: Update, new: Update) -> Update:
     """Two updates the consumer has not read yet, as one (the stream's buffer never holds more)."""
     return Update(old.token_ids + new.token_ids, old.logprobs + new.logprobs, new.text, new.finished,
-                  new.finish_reason, new.prompt_tokens, new.completion_tokens)
+                  new.finish_reason, new.prompt_tokens, new.completion_tokens, old.delta + new.delta)
 
 
 def _rss_bytes() -> int | None:
@@ -228,9 +230,9 @@ class EngineRunner:
         new = seq.output_ids[stream.sent:]
         lps = seq.logprobs[stream.sent:] if seq.params.logprobs is not None else []
         stream.sent = len(seq.output_ids)
-        text = self.engine.detokenize(seq)
-        stream.push(Update(tuple(new), tuple(lps), text, seq.finished, seq.finish_reason,
-                           len(seq.prompt_ids), len(seq.output_ids)))
+        delta = self.engine.text_delta(seq)
+        stream.push(Update(tuple(new), tuple(lps), seq.text if seq.finished else "", seq.finished,
+                           seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), delta))
 
     def close(self) -> None:
         self._stop = True

@@ -1,0 +1,143 @@
+"""Incremental detokenization: each new token decodes a few recent tokens, never the whole output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete (or invalid) UTF-8 sequence
+STUCK_TOKENS = 8  # a window whose text still ends mid-character after this many tokens is split where exact
+
+
+class Detokenizer:
+    """One request's completion text, built as its tokens arrive (the prefix / read offset technique).
+
+    The text that tokens `ids[read:]` add is `decode(ids[prefix:])` minus `decode(ids[prefix:read])`: decoding
+    from an earlier token keeps the rules a full decode applies at token boundaries (a leading space dropped only
+    at the very start). While the new text ends in U+FFFD (part of a UTF-8 character) the tokens stay pending.
+
+    `text` is exactly `tokenizer.decode(ids, skip_special_tokens=True)`, cut before the first stop string.
+    `delta()` hands out text that is never taken back: it holds back a partial character and any tail that may
+    still become a stop string, so the deltas of a request joined are its `text`.
+    """
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...] = ()):
+        self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
+        self.keep = max((len(s) for s in self.stops), default=1) - 1  # stable chars a stop string can start in
+        self.prefix = self.read = self.seen = 0  # window ids[prefix:]; ids[:read] are stable; ids[:seen] taken in
+        self.pieces: list[str] = []  # the stable text, as decoded
+        self.length = 0  # chars of stable text
+        self.tail = ""  # its last `keep` chars
+        self.pending = ""  # what ids[read:seen] add now (ends mid-character)
+        self.stop_at: int | None = None  # where the first stop string starts in the text
+        self.sent = 0  # chars handed out by delta()
+        self._next = (0, 0)  # (piece, char in it) where delta() resumes
+        self._before = ""  # decode(ids[prefix:read])
+        self.decoded_tokens = 0  # tokens passed to decode over all calls (cost accounting)
+        self.max_window = 0  # the most tokens one decode call saw
+
+    def _decode(self, ids: list[int]) -> str:
+        self.decoded_tokens += len(ids)
+        self.max_window = max(self.max_window, len(ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def update(self, ids: list[int], search: bool = True) -> None:
+        """Take in the tokens appended to `ids` since the last call. search=False: a stop string is not looked
+        for in the text they add (the request is still under min_tokens)."""
+        if self.stop_at is not None or len(ids) == self.seen:
+            return
+        self.seen = len(ids)
+        old_len, old_tail = self.length, self.tail
+        now = self._decode(ids[self.prefix:])
+        added = now[len(self._before):]
+        if not added.endswith(REPLACEMENT):
+            self._advance(ids, len(ids), added)
+            self.pending = ""
+        elif len(ids) - self.read > STUCK_TOKENS and self._split(ids, now):
+            self.pending = self._decode(ids[self.prefix:])[len(self._before):]
+        else:
+            self.pending = added
+        if search and self.stops:
+            self._search(old_len, old_tail)
+
+    def _advance(self, ids: list[int], upto: int, added: str) -> None:
+        """ids[read:upto] are stable now, adding `added`; the next window starts at the old read offset."""
+        if added:
+            self.pieces.append(added)
+            self.length += len(added)
+            self.tail = (self.tail + added)[-self.keep:] if self.keep else ""
+        self.prefix, self.read = self.read, upto
+        self._before = self._decode(ids[self.prefix:self.read])
+
+    def _split(self, ids: list[int], now: str) -> bool:
+        """Many tokens and still mid-character (e.g. invalid bytes): make stable the longest part whose text a
+        full decode cannot change, i.e. where decoding the two sides apart gives the same text as together."""
+        for j in range(len(ids) - 1, max(self.read, len(ids) - 4), -1):
+            head = self._decode(ids[self.prefix:j])
+            if head + self._decode(ids[j:]) == now:
+                self._advance(ids, j, head[len(self._before):])
+                return True
+        return False
+
+    def _search(self, old_len: int, old_tail: str) -> None:
+        """Look for the stop strings in what this update added (reaching back into the last `keep` chars)."""
+        region = old_tail + self._stable_from(old_len) + self.pending
+        base, best = old_len - len(old_tail), None
+        for s in self.stops:
+            at = region.find(s, max(0, len(old_tail) - len(s) + 1))
+            if at != -1 and (best is None or at < best):
+                best = at
+        if best is not None:
+            self.stop_at = base + best
+
+    def _stable_from(self, start: int) -> str:
+        """The stable text from char `start` on (a short walk back over the last pieces)."""
+        out, end = [], self.length
+        for piece in reversed(self.pieces):
+            if end <= start:
+                break
+            out.append(piece[max(0, start - (end - len(piece))):])
+            end -= len(piece)
+        return "".join(reversed(out))
+
+    @property
+    def text(self) -> str:
+        """The whole text so far (pending part included), cut before the first stop string; O(length)."""
+        if len(self.pieces) > 1:
+            self.pieces = ["".join(self.pieces)]
+            self._next = (0, min(self.sent, self.length))
+        full = (self.pieces[0] if self.pieces else "") + self.pending
+        return full if self.stop_at is None else full[: self.stop_at]
+
+    def held(self) -> int:
+        """Chars at the end of the stable text that could be the start of a stop string."""
+        best, tail = 0, self.tail
+        for s in self.stops:
+            i = tail.find(s[0], max(0, len(tail) - len(s) + 1))
+            while i != -1 and len(tail) - i > best:
+                if s.startswith(tail[i:]):
+                    best = len(tail) - i
+                    break
+                i = tail.find(s[0], i + 1)
+        return best
+
+    def delta(self, final: bool = False) -> str:
+        """The text not handed out yet that can no longer change; final=True: all the rest of `text`."""
+        if final:
+            text = self.text
+            out, self.sent = text[self.sent:], max(self.sent, len(text))
+            return out
+        end = self.length - self.held()
+        if self.stop_at is not None:
+            end = min(end, self.stop_at)
+        out: list[str] = []
+        piece, at = self._next
+        while self.sent < end:
+            if at == len(self.pieces[piece]):
+                piece, at = piece + 1, 0
+                continue
+            chunk = self.pieces[piece][at:at + end - self.sent]
+            out.append(chunk)
+            self.sent += len(chunk)
+            at += len(chunk)
+        self._next = (piece, at)
+        return "".join(out)
