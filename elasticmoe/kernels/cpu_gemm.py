@@ -1,4 +1,4 @@
-"""Skinny fp32 CPU GEMMs (cpu_gemm.c), compiled with the system C compiler at first use and called via ctypes.
+"""Skinny CPU GEMMs (cpu_gemm.c; fp32, bf16 or fp16 weights, fp32 sums), compiled with the system C compiler at first use and called via ctypes.
 
 Decode multiplies each weight by 1-16 rows; MKL's sgemm streams the weight well below memory bandwidth
 at those shapes (benchmarks/KERNELS.md). The C loop reads each weight row once. Anything it cannot run
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("cpu_gemm.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "ELASTICMOE_CPU_GEMM"
 MAX_ROWS = 16  # beyond this many rows per weight, MKL's blocked sgemm is as fast or faster
+_SYMBOLS = {torch.float32: "seg_gemm_f32", torch.bfloat16: "seg_gemm_bf16", torch.float16: "seg_gemm_f16"}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
@@ -33,7 +34,7 @@ def _cpu_has_avx2_fma() -> bool:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return False
-    return "avx2" in flags and "fma" in flags
+    return "avx2" in flags and "fma" in flags and "f16c" in flags
 
 
 def _cache_dir() -> Path:
@@ -80,8 +81,10 @@ def _open() -> ctypes.CDLL | None:
     if path is None:
         return None
     lib = ctypes.CDLL(str(path))
-    lib.seg_gemm_f32.restype = None
-    lib.seg_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    for name in _SYMBOLS.values():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -100,30 +103,33 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether seg_gemm/linear may take x and w: fp32 CPU tensors, contiguous weight, kernel built."""
-    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
-            and w.dtype == torch.float32 and w.is_contiguous() and available())
+    """Whether linear/maybe_linear may take x and w: CPU tensors of one dtype among fp32, bf16 and fp16, contiguous
+    weight, kernel built (seg_gemm itself takes x in fp32 whatever w's dtype)."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype and w.dtype in _SYMBOLS
+            and w.is_contiguous() and available())
 
 
 def seg_gemm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
              out: torch.Tensor) -> torch.Tensor:
     """out[s:s+c] = x[s:s+c] @ w[e].T for each e with c = counts[e] > 0, s = starts[e].
 
-    x [M, K] fp32 contiguous; w [E, N, K] fp32 contiguous; starts, counts [E] int64 CPU; out [M, N] fp32
-    contiguous (rows of skipped experts are left untouched). Returns out.
+    x [M, K] fp32 contiguous; w [E, N, K] fp32, bf16 or fp16 contiguous; starts, counts [E] int64 CPU;
+    out [M, N] fp32 contiguous (rows of skipped experts are left untouched). Sums are fp32, each in one fixed
+    order: a row's result depends on that row and w[e] only (not on c, E or the thread count). Returns out.
     """
     lib = _load()
-    assert lib is not None and x.is_contiguous() and out.is_contiguous()
+    assert lib is not None and x.is_contiguous() and out.is_contiguous() and w.is_contiguous()
+    assert x.dtype == out.dtype == torch.float32 and w.dtype in _SYMBOLS
     num_experts, n, k = w.shape
     assert x.shape[1] == k and out.shape == (x.shape[0], n) and starts.dtype == counts.dtype == torch.int64
-    lib.seg_gemm_f32(x.data_ptr(), w.data_ptr(), starts.data_ptr(), counts.data_ptr(), num_experts, n, k,
-                     out.data_ptr(), torch.get_num_threads())
+    getattr(lib, _SYMBOLS[w.dtype])(x.data_ptr(), w.data_ptr(), starts.data_ptr(), counts.data_ptr(),
+                                    num_experts, n, k, out.data_ptr(), torch.get_num_threads())
     return out
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T -> [M, N] with the skinny kernel (M small, fp32 CPU; see `usable`)."""
-    x = x.contiguous()
+    """x [M, K] @ w[N, K].T -> [M, N] fp32 with the skinny kernel (M small, CPU, w fp32/bf16/fp16)."""
+    x = x.float().contiguous()  # [M, K]
     start, count = _one_segment(x.shape[0])
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)  # [M, N]
     return seg_gemm(x, w.unsqueeze(0), start, count, out)
@@ -136,8 +142,13 @@ def _one_segment(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def maybe_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x [M, K], w [N, K], bias) that takes the skinny kernel for M <= MAX_ROWS fp32 on CPU."""
-    if x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and usable(x, w):
-        out = linear(x, w)  # [M, N]
-        return out if bias is None else out.add_(bias)
+    """F.linear(x [M, K], w [N, K], bias) that takes the skinny kernel on CPU (x and w of one dtype) for fp32 with
+    M <= MAX_ROWS, and for bf16/fp16 at any M (oneDNN's bf16/fp16 GEMMs on AVX2 are 1.3-6x slower at M = 1-64,
+    H = 2048): fp32 sums and bias, one rounding to x's dtype, and each row's bits independent of the others."""
+    rows_ok = x.dim() == 2 and 0 < x.shape[0] and (x.shape[0] <= MAX_ROWS or x.dtype != torch.float32)
+    if rows_ok and usable(x, w):
+        out = linear(x, w)  # [M, N] fp32
+        if bias is not None:
+            out.add_(bias)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
     return torch.nn.functional.linear(x, w, bias)

@@ -1,15 +1,20 @@
 """Pure-torch fused MoE (the CPU serving path and the CUDA fallback): sort pairs by expert, GEMM per expert.
 
-Three strategies, picked per call by `pick_strategy` (all numerically equivalent):
-  * "bmm":     tiny decode batches with small experts: gather the selected experts' weights and run
-               two batched mat-vecs. No sort, no host sync, ~10 ops whatever the routing; loses as soon
-               as the gathered weight copy costs more than the per-expert Python overhead.
+Three strategies (all numerically equivalent up to rounding):
+  * "bmm":     gather the selected experts' weights and run two batched mat-vecs. No sort, no host sync.
   * "grouped": `torch.nn.functional.grouped_mm` over expert-sorted rows (CPU only here: on CUDA it is
-               bf16/sm80+ only). No host sync and no per-expert Python loop; used once there are at
-               least E/4 pairs.
+               bf16/sm80+ only). No host sync and no per-expert Python loop.
   * "segment": one `mm` pair per non-empty expert segment; a single `.tolist()` of segment counts is
-               the only host sync. Works everywhere (CPU/CUDA, every float dtype). On fp32 CPU the
-               segments of <= 16 rows go to the skinny AVX2 kernel (cpu_gemm.c) in one call per projection.
+               the only host sync. Works everywhere (CPU/CUDA, every float dtype). On CPU with the skinny
+               AVX2 kernel (cpu_gemm.c) built, all segments of bf16/fp16 experts and the fp32 segments of
+               <= 16 rows go to it in one call per projection, with fp32 sums and fp32 activations.
+
+"auto" on CPU is always "segment": each expert's rows are then computed from that expert's weights and
+rows alone, so the bits do not depend on which other experts a shard holds or the batch routes to
+(placement invariance). With the kernel, bf16/fp16 rows do not depend on the expert's row count either
+(row invariance: splitting an expert's tokens over replicas changes nothing); fp32 segments of more than
+16 rows use MKL, whose bits can differ from the kernel's by fp32 rounding (relative ~1e-6). On CUDA,
+"auto" picks by size (`pick_strategy`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import torch.nn.functional as F
 from . import cpu_gemm
 
 STRATEGIES = ("auto", "bmm", "grouped", "segment")
-# CPU measurements (1 thread, see benchmarks/KERNELS.md): the weight gather of "bmm" costs more than the
-# per-expert overhead it saves beyond ~256 KiB; grouped_mm pays a small cost per expert, hit or not, so
-# the segment loop wins while the pairs are few compared with the experts.
+# pick_strategy (CUDA torch fallback; CPU measurements, 1 thread, benchmarks/KERNELS.md): the weight gather
+# of "bmm" costs more than the per-expert overhead it saves beyond ~256 KiB; grouped_mm pays a small cost
+# per expert, hit or not, so the segment loop wins while the pairs are few compared with the experts.
 BMM_MAX_PAIRS = 64
 BMM_MAX_GATHER_BYTES = 256 << 10
 GROUPED_MIN_PAIRS_PER_EXPERT = 0.25
@@ -66,7 +71,7 @@ def fused_moe_torch(
         raise ValueError(f"unknown torch MoE strategy {strategy!r}; expected one of {STRATEGIES}")
     x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
     if strategy == "auto":
-        strategy = pick_strategy(x, w13, w2, topk_ids.numel())
+        strategy = "segment" if x.device.type == "cpu" else pick_strategy(x, w13, w2, topk_ids.numel())
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     if strategy == "bmm":
         out = _moe_bmm(x, w13, w2, topk_ids, topk_weights, acc)
@@ -138,7 +143,7 @@ def _moe_segment(x, w13, w2, topk_ids, topk_weights, acc=torch.float32) -> torch
     tokens = order // top_k  # [M]
     rows = x[tokens]  # [M, H]
     if cpu_gemm.usable(rows, w13) and w2.is_contiguous():
-        y = _segments_skinny(rows, w13, w2, counts[:num_experts])  # [M, H]
+        y = _segments_skinny(rows, w13, w2, counts[:num_experts])  # [M, H] fp32
     else:
         y = _segments_mm(rows, w13, w2, counts[:num_experts])  # [M, H]
     weights = topk_weights.reshape(-1)[order].float().to(acc)  # [M]
@@ -169,20 +174,23 @@ def _segments_mm(rows, w13, w2, counts: list[int]) -> torch.Tensor:
 
 
 def _segments_skinny(rows, w13, w2, counts: list[int]) -> torch.Tensor:
-    """fp32 CPU: segments of <= cpu_gemm.MAX_ROWS rows in the skinny C kernel (one call per projection
-    for all of them), longer ones in MKL's blocked sgemm. rows [M, H] -> [M, H]."""
+    """CPU, kernel built: rows [M, H] -> fp32 [M, H]. bf16/fp16 weights: every segment in the skinny C kernel
+    (fp32 rows, sums and activations; one call per projection). fp32: segments of <= cpu_gemm.MAX_ROWS rows
+    in the kernel, longer ones in MKL's blocked sgemm."""
     num_rows, inter = rows.shape[0], w2.shape[2]
+    rows = rows.float().contiguous()  # [M, H]
+    limit = cpu_gemm.MAX_ROWS if w13.dtype == torch.float32 else num_rows
     ends = list(itertools.accumulate(counts))
-    small = [c if c <= cpu_gemm.MAX_ROWS else 0 for c in counts]
-    large = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c > cpu_gemm.MAX_ROWS]
+    small = [c if c <= limit else 0 for c in counts]
+    large = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c > limit]
     starts_t = torch.tensor([end - c for c, end in zip(counts, ends)], dtype=torch.int64)  # [E]
     small_t = torch.tensor(small, dtype=torch.int64)  # [E]
-    gate_up = torch.empty(num_rows, w13.shape[1], dtype=rows.dtype)  # [M, 2I]
+    gate_up = torch.empty(num_rows, w13.shape[1], dtype=torch.float32)  # [M, 2I]
     cpu_gemm.seg_gemm(rows, w13, starts_t, small_t, gate_up)
     for e, s, t in large:
         torch.mm(rows[s:t], w13[e].t(), out=gate_up[s:t])
     act = _activate(gate_up, inter)  # [M, I]
-    y = torch.empty(num_rows, rows.shape[1], dtype=rows.dtype)  # [M, H]
+    y = torch.empty(num_rows, rows.shape[1], dtype=torch.float32)  # [M, H]
     cpu_gemm.seg_gemm(act, w2, starts_t, small_t, y)
     for e, s, t in large:
         torch.mm(act[s:t], w2[e].t(), out=y[s:t])
