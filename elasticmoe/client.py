@@ -40,9 +40,9 @@ class GenerationClient:
                  api_key: str | None = None, tls: bool | bytes = False):
         if tls:
             creds = grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
-            self.channel = grpc.secure_channel(address, creds, options=channel_options())
+            self.channel = grpc.secure_channel(address, creds, options=channel_options(keepalive_s=None))  # Serve's proxy: no pings
         else:
-            self.channel = grpc.insecure_channel(address, options=channel_options())
+            self.channel = grpc.insecure_channel(address, options=channel_options(keepalive_s=None))  # Serve's proxy: no pings
         self.stub = gen_grpc.GenerationStub(self.channel)
         key = api_key if api_key is not None else os.environ.get("ELASTICMOE_API_KEY")
         self.metadata = (("application", app),) + ((("authorization", f"Bearer {key}"),) if key else ())

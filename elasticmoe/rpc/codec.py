@@ -92,16 +92,19 @@ def decode_tensor(msg: Tensor, field: str = "tensor", copy: bool = False) -> tor
     return t.clone() if copy else t
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: float = 30.0,
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: float | None = 30.0,
                     keepalive_timeout_s: float = 10.0) -> list[tuple[str, int]]:
     """Options for grpc(.aio) channels: raised message limits both ways and keepalive pings.
 
     Keepalive pings (also while idle) detect a dead shard within keepalive_s + keepalive_timeout_s
-    even when no call is in flight; servers must allow them (server_options does).
+    even when no call is in flight; servers must allow them (server_options does). keepalive_s=None: no
+    pings, for servers we do not configure (Serve's gRPC proxy answers 30 s pings with GOAWAY too_many_pings).
     """
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+    limits = [("grpc.max_send_message_length", max_message_bytes),
+              ("grpc.max_receive_message_length", max_message_bytes)]
+    if keepalive_s is None:
+        return limits
+    return limits + [
         ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
