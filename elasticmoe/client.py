@@ -38,11 +38,12 @@ class GenerationClient:
 
     def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300,
                  api_key: str | None = None, tls: bool | bytes = False):
+        options = channel_options(keepalive_s=None)  # Serve's proxy takes no keepalive pings
         if tls:
             creds = grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
-            self.channel = grpc.secure_channel(address, creds, options=channel_options(keepalive_s=None))  # Serve's proxy: no pings
+            self.channel = grpc.secure_channel(address, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(address, options=channel_options(keepalive_s=None))  # Serve's proxy: no pings
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = gen_grpc.GenerationStub(self.channel)
         key = api_key if api_key is not None else os.environ.get("ELASTICMOE_API_KEY")
         self.metadata = (("application", app),) + ((("authorization", f"Bearer {key}"),) if key else ())
