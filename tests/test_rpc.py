@@ -1,8 +1,9 @@
-"""Tests of elasticmoe.rpc: tensor codec, raised gRPC message limits, generated code freshness."""
+"""Tests of elasticmoe.rpc: tensor codec, stream frames, raised gRPC message limits, generated code freshness."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from elasticmoe.rpc import channel_options, decode_tensor, encode_tensor, server_options
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-from elasticmoe.rpc import generate
+from elasticmoe.rpc import frames, generate
 from elasticmoe.rpc import generation_pb2 as gen
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,88 @@ def test_codec_errors_name_the_field() -> None:
         decode_tensor(pb.Tensor(data=b"", dtype="float32", shape=[-1, 0]))
     with pytest.raises(ValueError, match="complex64"):
         encode_tensor(torch.zeros(2, dtype=torch.complex64))
+
+
+FRAME_DTYPES = [*DTYPES, torch.float64, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def _frame_sample(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.rand(shape) > 0.5 if dtype == torch.bool else _sample(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", FRAME_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 7), (0, 7), (3, 0), (4,), ()], ids=str)
+def test_frame_round_trip(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    t = _frame_sample(shape, dtype)
+    ids, weights = torch.randint(-1, 9, (3, 2), dtype=torch.int32), torch.rand(3, 2)
+    wire = frames.encode_request(11, 4, t, ids, weights, placement_version=-2, step=1 << 40)
+    tensor_bytes = sum(-(-x.numel() * x.element_size() // 8) * 8 for x in (t, ids, weights))
+    assert len(wire) == 8 + frames.HEADER.size + 3 * frames.DESC.size + tensor_bytes  # raw: no per-value overhead
+    req = frames.decode_request(wire)
+    assert (req.id, req.layer, req.placement_version, req.step) == (11, 4, -2, 1 << 40)
+    back = decode_tensor(req.hidden, "hidden")
+    assert back.dtype == dtype and back.shape == t.shape and torch.equal(back, t)
+    assert torch.equal(decode_tensor(req.topk_ids), ids) and torch.equal(decode_tensor(req.topk_weights), weights)
+    reply = frames.decode_reply(frames.encode_reply(11, t, [5, 2], compute_us=77, placement_version=3))
+    assert (reply.id, reply.code, reply.missing, reply.compute_us, reply.placement_version) == (11, 0, [5, 2], 77, 3)
+    assert torch.equal(decode_tensor(reply.output), t) and decode_tensor(reply.output).dtype == dtype
+    assert pb.ExpertFrame.FromString(wire).frame == wire[8:]  # a plain protobuf message on the wire
+
+
+def test_frame_bfloat16_bits_and_alignment() -> None:
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).reshape(256, 256)
+    hidden = bits.view(torch.bfloat16)  # every bf16 bit pattern, 2 bytes each on the wire
+    ids, weights = torch.zeros(256, 1, dtype=torch.int32), torch.ones(256, 1)
+    wire = frames.encode_request(1, 0, hidden, ids, weights)
+    req = frames.decode_request(wire)
+    assert req.hidden.data.nbytes == 2 * hidden.numel()
+    assert torch.equal(decode_tensor(req.hidden).view(torch.int16), bits)
+    offsets = [wire.index(bytes(m)[:64]) for m in (req.topk_ids.data, req.topk_weights.data)]
+    assert all(o % 8 == 0 for o in offsets)  # each tensor starts 8-aligned in the message
+    via_proto = frames.request_frame(1, frames.ExpertRequest(0, hidden, ids, weights).to_proto())
+    assert via_proto == wire  # a RunExpertsRequest message frames to the same bytes as its tensors
+    other_writer = pb.ExpertFrame(frame=wire[8:]).SerializeToString()  # minimal varint, no align field
+    again = decode_tensor(frames.decode_request(other_writer).hidden)
+    assert other_writer != wire and torch.equal(again.view(torch.int16), bits)
+
+
+def _payload(wire: bytes) -> bytearray:
+    return bytearray(wire[8:])
+
+
+def _rewire(payload: bytearray) -> bytes:
+    return pb.ExpertFrame(frame=bytes(payload)).SerializeToString()
+
+
+def test_frame_errors_are_clear() -> None:
+    good = frames.encode_request(9, 1, torch.ones(2, 4), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
+    desc = frames.HEADER.size
+    cases = {"not an ExpertFrame": b"\xffgarbage", "shorter than the 40-byte header": _rewire(_payload(good)[:20])}
+    p = _payload(good)
+    p[:4] = b"NOPE"
+    cases["magic b'NOPE'"] = _rewire(p)
+    cases["tensor 2 [2, 1] float32 needs 8 bytes"] = _rewire(_payload(good)[:-8])
+    cases["its header describes"] = _rewire(_payload(good) + b"\0" * 8)
+    for offset, value, what in ((desc, 42, "dtype code 42"), (desc + 1, 3, "ndim 3")):
+        p = _payload(good)
+        p[offset] = value
+        cases[what] = _rewire(p)
+    p = _payload(good)
+    p[desc + 8:desc + 16] = (-1).to_bytes(8, "little", signed=True)
+    cases["dims [-1, 4]"] = _rewire(p)
+    for what, wire in cases.items():
+        with pytest.raises(frames.FrameError, match=re.escape(what)):
+            frames.decode_request(wire)
+        assert isinstance(frames.decode_request_or_error(wire), frames.FrameError)
+    with pytest.raises(frames.FrameError) as e:
+        frames.decode_request(cases["tensor 2 [2, 1] float32 needs 8 bytes"])
+    assert e.value.frame_id == 9  # a readable header names its frame
+    with pytest.raises(frames.FrameError, match="kind 2"):
+        frames.decode_request(frames.encode_reply(3, torch.ones(1, 1)))  # a reply is not a request
+    failed = frames.decode_reply(frames.encode_reply(3, code=3, error="layer: 999 is not an MoE layer"))
+    assert (failed.code, failed.error, failed.output) == (3, "layer: 999 is not an MoE layer", None)
+    with pytest.raises(ValueError, match="complex64"):
+        frames.encode_request(1, 0, torch.zeros(2, 2, dtype=torch.complex64), torch.zeros(2, 1), torch.zeros(2, 1))
 
 
 class _Doubler(pb_grpc.ExpertShardServicer):

@@ -12,9 +12,11 @@ import torch
 
 from elasticmoe.config import Limits
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
-from elasticmoe.gateway.transport import StreamTransport, UnaryTransport, make_transport
+from elasticmoe.gateway.transport import STREAM_METHOD, StreamTransport, UnaryTransport, make_transport
 from elasticmoe.rpc import experts_pb2 as pb
-from elasticmoe.rpc.codec import decode_tensor, encode_tensor
+from elasticmoe.rpc import frames, tls
+from elasticmoe.rpc.frames import ExpertRequest
+from elasticmoe.rpc.codec import channel_options, decode_tensor, encode_tensor
 from tests.test_failover import ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files  # noqa: F401
 
 
@@ -172,13 +174,48 @@ def test_bad_frame_gets_its_status_and_the_stream_lives(files, pair):  # noqa: F
     layer, address = pair.layers[0], pair.addresses[0]
     t = StreamTransport()
     try:
-        bad = pb.RunExpertsRequest(layer=999)
+        hidden, ids, weights = _inputs(files)
+        bad = ExpertRequest(999, hidden, ids.to(torch.int32), weights)
         with pytest.raises(grpc.RpcError) as e:
             t.send(address, lambda: bad, 5).result(timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "layer" in e.value.details()
         assert t.send(address, lambda: _request(files, layer, 3, 0), 5).result(timeout=10).output.data
     finally:
         t.close()
+
+
+def _wire(payload: bytes) -> bytes:
+    """A frame as any protobuf writer would send it (the shard reads every encoding of ExpertFrame)."""
+    return pb.ExpertFrame(frame=bytes(payload)).SerializeToString()
+
+
+def test_unreadable_frames_fail_alone_on_one_stream(files, pair):  # noqa: F811
+    """Raw bytes on one stream: a bad magic, a short tensor, an unknown dtype code and a non-message each get
+    INVALID_ARGUMENT naming the fault; the good frames around them are answered on the same stream."""
+    layer = pair.layers[0]
+    hidden, ids, weights = _inputs(files)
+
+    def payload(frame_id: int) -> bytearray:  # the frame bytes past the 8-byte ExpertFrame prefix
+        return bytearray(frames.encode_request(frame_id, layer, hidden[:4], ids[:4].to(torch.int32), weights[:4])[8:])
+
+    bad_magic, short, bad_dtype = payload(2), payload(3)[:-64], payload(4)
+    bad_magic[:4] = b"XXXX"
+    bad_dtype[frames.HEADER.size] = 99  # the first tensor's dtype code
+    sent = [frames.encode_request(1, layer, hidden[:4], ids[:4].to(torch.int32), weights[:4]), _wire(bad_magic),
+            _wire(short), _wire(bad_dtype), b"\xffnot a message", _wire(payload(5))]
+    channel = tls.channel(pair.addresses[0], channel_options())
+    try:
+        call = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=frames.decode_reply)
+        replies = sorted(call(iter(sent), timeout=20), key=lambda r: (r.id, r.error))
+    finally:
+        channel.close()
+    assert [r.id for r in replies] == [0, 0, 1, 3, 4, 5]  # an unreadable header: answered as frame 0
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [r.code for r in replies] == [invalid, invalid, 0, invalid, invalid, 0]
+    assert "not an ExpertFrame" in replies[0].error and "magic" in replies[1].error, replies[:2]
+    assert "needs" in replies[3].error and "the frame has" in replies[3].error, replies[3]
+    assert "dtype code 99" in replies[4].error, replies[4]
+    torch.testing.assert_close(decode_tensor(replies[5].output), decode_tensor(replies[2].output), rtol=0, atol=0)
 
 
 def test_close_fails_pending_calls(files, pair):  # noqa: F811
@@ -200,8 +237,6 @@ def test_streams_beyond_the_limit_are_refused_and_health_still_answers(files):  
     from elasticmoe.experts.server import start_server
     from elasticmoe.model.experts import ExpertStore
     from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-    from elasticmoe.rpc import tls
-    from elasticmoe.rpc.codec import channel_options
 
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     layer = files.spec.moe.moe_layers[0]

@@ -16,6 +16,7 @@ import torch
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import frames
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import decode_tensor, encode_tensor, server_options
 
@@ -125,14 +126,15 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             return
         context.add_callback(lambda: replies.put(None))  # the stream ended or was cancelled: stop yielding
 
-        def one(frame: pb.RunExpertsFrame) -> None:
+        def one(frame: frames.Request) -> None:
             try:
-                replies.put(pb.RunExpertsReply(id=frame.id, response=self._run(frame.request, _FrameContext)))
+                out, missing, us = self._compute(frame, _FrameContext)
+                replies.put(frames.encode_reply(frame.id, out, missing, us, self.placement_version))
             except _FrameAbort as e:
-                replies.put(pb.RunExpertsReply(id=frame.id, code=e.code.value[0], error=str(e)))
+                replies.put(frames.encode_reply(frame.id, code=e.code.value[0], error=str(e)))
             except Exception as e:  # noqa: BLE001 - as a unary handler's exception: INTERNAL, the stream lives on
                 log.exception("RunExpertsStream frame %d failed", frame.id)
-                replies.put(pb.RunExpertsReply(id=frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e)))
+                replies.put(frames.encode_reply(frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e)))
             finally:
                 self._run_slots.release()
 
@@ -140,6 +142,10 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             running = []
             try:
                 for frame in request_iterator:
+                    if isinstance(frame, frames.FrameError):  # unreadable: this frame fails, the stream goes on
+                        replies.put(frames.encode_reply(frame.frame_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                        error=str(frame)))
+                        continue
                     self._run_slots.acquire()
                     running.append(self._frame_pool.submit(one, frame))
                     running = [f for f in running if not f.done()]
@@ -152,7 +158,14 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         while (reply := replies.get()) is not None:
             yield reply
 
-    def _run(self, request, context):
+    def _run(self, request, context) -> pb.RunExpertsResponse:
+        out, missing, us = self._compute(request, context)
+        if missing:
+            return pb.RunExpertsResponse(missing=missing, placement_version=self.placement_version)
+        return pb.RunExpertsResponse(output=encode_tensor(out), compute_us=us, placement_version=self.placement_version)
+
+    def _compute(self, request, context) -> tuple[torch.Tensor | None, list[int], int]:
+        """A RunExpertsRequest (or a stream's frames.Request) -> (output [T, H] on the CPU, missing, compute us)."""
         hidden, ids, weights = self._decode(request, context)
         self.calls += 1
         if self.faults.run_delay_s:
@@ -161,7 +174,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         routed = self.store.routed(ids)  # one pass serves both the holding check and the stats
         missing = self.store.missing(request.layer, routed, snap)
         if missing:  # the gateway re-sends these tokens elsewhere
-            return pb.RunExpertsResponse(missing=missing, placement_version=self.placement_version)
+            return None, missing, 0
         t0 = time.perf_counter()
         out = self.store.forward(request.layer, hidden, ids, weights, snap)
         if out.is_cuda:
@@ -171,8 +184,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         if self.faults.malformed_outputs > 0:
             self.faults.malformed_outputs -= 1
             out = out[:-1] if out.shape[0] else torch.zeros(1, out.shape[1])
-        return pb.RunExpertsResponse(output=encode_tensor(out.cpu()), compute_us=us,
-                                     placement_version=self.placement_version)
+        return out.cpu(), [], us
 
     def LoadExperts(self, request, context):
         pairs = [(r.layer, r.expert) for r in request.experts]
@@ -231,7 +243,7 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     pool = futures.ThreadPoolExecutor(max_workers=max_workers + max_streams + 4, thread_name_prefix="expert-rpc")
     server = grpc.server(pool, options=server_options(), maximum_concurrent_rpcs=4 * max_workers + max_streams)
     servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows, max_streams=max_streams)
-    pb_grpc.add_ExpertShardServicer_to_server(servicer, server)
+    frames.add_shard_servicer(servicer, server)
     bound = 0
     for candidate in _ports(port):
         try:

@@ -16,10 +16,9 @@ from elasticmoe.gateway.failover import Call, Step
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.gateway.transport import ExpertTransport, TransportName, make_transport
 from elasticmoe.model.dispatch import ExpertsUnavailable
-from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
-from elasticmoe.rpc.codec import encode_tensor
+from elasticmoe.rpc.frames import ExpertRequest
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +132,8 @@ class GrpcDispatcher:
         """Issue one shard's call on the fan-out pool: hidden [T, H], rows [T_s], ids/weights [T_s, k]."""
         call = Call(table.shards[shard], rows, ids)
 
-        def build() -> pb.RunExpertsRequest:
-            return pb.RunExpertsRequest(layer=layer, hidden=encode_tensor(hidden[rows]),
-                                        topk_ids=encode_tensor(ids.to(torch.int32)),
-                                        topk_weights=encode_tensor(weights.float()), placement_version=table.version)
+        def build() -> ExpertRequest:  # hidden in the model dtype; each transport encodes it its own way
+            return ExpertRequest(layer, hidden[rows], ids.to(torch.int32), weights.float(), table.version)
 
         outer: Future = Future()
         outer.set_running_or_notify_cancel()

@@ -13,19 +13,22 @@ from typing import Callable, Literal, Protocol
 
 import grpc
 
-from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-from elasticmoe.rpc import tls
+from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.codec import channel_options
 
 log = logging.getLogger(__name__)
 
 TransportName = Literal["unary", "stream"]
-Build = Callable[[], pb.RunExpertsRequest]  # makes the request (encoding the tensors) where the transport likes
+Build = Callable[[], frames.AnyRequest]  # makes the request where the transport likes; the transport encodes it
+STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
 
 
 class ExpertTransport(Protocol):
-    """Sends RunExperts requests to shards; each answer (or failure, a grpc.RpcError) arrives on a Future."""
+    """Sends RunExperts requests to shards; each answer (or failure, a grpc.RpcError) arrives on a Future.
+
+    An answer reads as a RunExpertsResponse: output (for codec.decode_tensor), missing, compute_us.
+    """
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future: ...
 
@@ -52,19 +55,24 @@ class _Channels:
     def __init__(self, insecure: bool):
         self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
         self.renewal = tls.Renewal(insecure)
-        self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
+        self._stubs: dict[str, tuple[pb_grpc.ExpertShardStub, grpc.Channel]] = {}
         self._lock = threading.Lock()
 
     def stub(self, address: str) -> tuple[pb_grpc.ExpertShardStub, bool]:
         """The stub for `address`, and whether the channels were just replaced (renewed certificates)."""
+        stub, _, renewed = self.connection(address)
+        return stub, renewed
+
+    def connection(self, address: str) -> tuple[pb_grpc.ExpertShardStub, grpc.Channel, bool]:
+        """The stub and channel for `address`, and whether the channels were just replaced (renewed certificates)."""
         with self._lock:
             renewed = self.renewal.changed()
             if renewed:
                 self._stubs.clear()  # calls in flight finish on their old channel
             if address not in self._stubs:
                 ch = tls.channel(address, channel_options(), insecure=self.insecure)
-                self._stubs[address] = pb_grpc.ExpertShardStub(ch)
-            return self._stubs[address], renewed
+                self._stubs[address] = (pb_grpc.ExpertShardStub(ch), ch)
+            return (*self._stubs[address], renewed)
 
 
 class UnaryTransport(_Channels):
@@ -76,34 +84,38 @@ class UnaryTransport(_Channels):
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
         stub, _ = self.stub(address)
-        return self._pool.submit(lambda: stub.RunExperts(build(), timeout=timeout_s))
+        return self._pool.submit(lambda: stub.RunExperts(frames.as_proto(build()), timeout=timeout_s))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
 class _Stream:
-    """One open RunExpertsStream: frames go out through a queue; a reader thread resolves answers by id."""
+    """One open RunExpertsStream: raw frames (rpc.frames) go out through a queue; a reader thread resolves answers
+    by id. A reply that cannot be read ends the call (grpc fails it): the stream's pending calls fail, the next
+    send opens a new stream."""
 
-    def __init__(self, stub: pb_grpc.ExpertShardStub, address: str):
+    def __init__(self, channel: grpc.Channel, address: str):
         self.address = address
         self.pending: dict[int, Future] = {}
         self.dead = False
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._call = stub.RunExpertsStream(self._frames())
+        method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
+                                       response_deserializer=frames.decode_reply, _registered_method=True)
+        self._call = method(self._frames())
         threading.Thread(target=self._read, name=f"stream-{address}", daemon=True).start()
 
     def _frames(self):
         while (frame := self._out.get()) is not None:
             yield frame
 
-    def submit(self, frame: pb.RunExpertsFrame, fut: Future) -> bool:
+    def submit(self, frame_id: int, frame: bytes, fut: Future) -> bool:
         """Queue a frame; False when the stream has died (the caller opens a new one)."""
         with self._lock:
             if self.dead:
                 return False
-            self.pending[frame.id] = fut
+            self.pending[frame_id] = fut
         self._out.put(frame)
         return True
 
@@ -121,7 +133,7 @@ class _Stream:
                 if reply.code:
                     fut.set_exception(TransportError(grpc.StatusCode(_CODES.get(reply.code, grpc.StatusCode.UNKNOWN.value)), reply.error))
                 else:
-                    fut.set_result(reply.response)
+                    fut.set_result(reply)
         except grpc.RpcError as e:
             err = e
         except Exception as e:  # noqa: BLE001 - any reader failure fails the stream's calls
@@ -164,7 +176,7 @@ class StreamTransport(_Channels):
         threading.Thread(target=self._expire_loop, name="stream-deadlines", daemon=True).start()
 
     def _stream(self, address: str) -> _Stream:
-        stub, renewed = self.stub(address)
+        _, channel, renewed = self.connection(address)
         with self._cv:
             if renewed:
                 for s in self._streams.values():
@@ -172,22 +184,23 @@ class StreamTransport(_Channels):
                 self._streams.clear()
             s = self._streams.get(address)
             if s is None or s.dead:
-                s = self._streams[address] = _Stream(stub, address)
+                s = self._streams[address] = _Stream(channel, address)
             return s
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
+        frame_id = next(self._ids)
         try:
-            frame = pb.RunExpertsFrame(id=next(self._ids), request=build())
+            frame = frames.request_frame(frame_id, build())
         except Exception as e:  # noqa: BLE001 - a request that cannot be built fails its call
             fut.set_exception(e)
             return fut
         for _ in range(2):  # a stream found dead at submit: one fresh one
             s = self._stream(address)
-            if s.submit(frame, fut):
+            if s.submit(frame_id, frame, fut):
                 with self._cv:
-                    heapq.heappush(self._deadlines, (time.monotonic() + timeout_s, frame.id, s))
+                    heapq.heappush(self._deadlines, (time.monotonic() + timeout_s, frame_id, s))
                     self._cv.notify()
                 return fut
         fut.set_exception(TransportError(grpc.StatusCode.UNAVAILABLE, f"no stream to {address}"))

@@ -19,6 +19,7 @@ import torch
 
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import frames
 from elasticmoe.rpc.codec import channel_options, decode_tensor, encode_tensor, server_options, tune_malloc
 
 HOST = "127.0.0.1"
@@ -35,6 +36,14 @@ class EchoShard(pb_grpc.ExpertShardServicer):
         response.compute_us = (time.perf_counter_ns() - t0) // 1000
         return response
 
+    async def RunExpertsStream(self, request_iterator, context):
+        """Raw frames (rpc.frames): each answered in order with its hidden bytes as the output."""
+        async for frame in request_iterator:
+            if isinstance(frame, frames.FrameError):
+                yield frames.encode_reply(frame.frame_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=str(frame))
+            else:
+                yield frames.encode_reply(frame.id, frame.hidden, placement_version=frame.placement_version)
+
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         return pb.HealthResponse(ok=True, shard_id=f"echo-{os.getpid()}")
 
@@ -42,7 +51,7 @@ class EchoShard(pb_grpc.ExpertShardServicer):
 async def start_echo_server(port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Starts an EchoShard grpc.aio server on 127.0.0.1 (port 0: ephemeral); returns it and its port."""
     server = grpc.aio.server(options=server_options())
-    pb_grpc.add_ExpertShardServicer_to_server(EchoShard(), server)
+    frames.add_shard_servicer(EchoShard(), server)
     port = server.add_insecure_port(f"{HOST}:{port}")
     await server.start()
     return server, port

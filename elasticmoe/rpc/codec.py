@@ -92,6 +92,22 @@ def decode_tensor(msg: Tensor, field: str = "tensor", copy: bool = False) -> tor
     return t.clone() if copy else t
 
 
+# HTTP/2 and TCP settings for MiB-sized messages (both sides); ELASTICMOE_GRPC_HTTP2_TUNING=0 keeps grpc's defaults.
+HTTP2_TUNING = os.environ.get("ELASTICMOE_GRPC_HTTP2_TUNING", "1") != "0"
+HTTP2_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.http2.max_frame_size", 16 * MiB - 1),  # the largest HTTP/2 DATA frame we accept (default 16 KiB)
+    ("grpc.http2.lookahead_bytes", 16 * MiB),  # a stream's initial receive window (default 64 KiB)
+    ("grpc.http2.bdp_probe", 1),  # grow the windows with the bandwidth-delay product
+    ("grpc.experimental.tcp_read_chunk_size", 1 * MiB),  # read MiB at a time (default 8 KiB)
+    ("grpc.experimental.tcp_min_read_chunk_size", 256 << 10),
+    ("grpc.experimental.tcp_max_read_chunk_size", 16 * MiB),
+]
+
+
+def _http2() -> list[tuple[str, int]]:
+    return list(HTTP2_OPTIONS) if HTTP2_TUNING else []
+
+
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: float | None = 30.0,
                     keepalive_timeout_s: float = 10.0) -> list[tuple[str, int]]:
     """Options for grpc(.aio) channels: raised message limits both ways and keepalive pings.
@@ -101,7 +117,7 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: flo
     pings, for servers we do not configure (Serve's gRPC proxy answers 30 s pings with GOAWAY too_many_pings).
     """
     limits = [("grpc.max_send_message_length", max_message_bytes),
-              ("grpc.max_receive_message_length", max_message_bytes)]
+              ("grpc.max_receive_message_length", max_message_bytes), *_http2()]
     if keepalive_s is None:
         return limits
     return limits + [
@@ -127,6 +143,7 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, min_ping_interval
         ("grpc.http2.min_recv_ping_interval_without_data_ms", interval_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", interval_ms),
         ("grpc.http2.max_ping_strikes", 0),  # never GOAWAY a client for pinging too often
+        *_http2(),
     ]
 
 

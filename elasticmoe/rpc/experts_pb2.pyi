@@ -52,25 +52,13 @@ class RunExpertsResponse(_message.Message):
     placement_version: int
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_us: _Optional[int] = ..., missing: _Optional[_Iterable[int]] = ..., placement_version: _Optional[int] = ...) -> None: ...
 
-class RunExpertsFrame(_message.Message):
-    __slots__ = ("id", "request")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_FIELD_NUMBER: _ClassVar[int]
-    id: int
-    request: RunExpertsRequest
-    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[RunExpertsRequest, _Mapping]] = ...) -> None: ...
-
-class RunExpertsReply(_message.Message):
-    __slots__ = ("id", "response", "code", "error")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    RESPONSE_FIELD_NUMBER: _ClassVar[int]
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    id: int
-    response: RunExpertsResponse
-    code: int
-    error: str
-    def __init__(self, id: _Optional[int] = ..., response: _Optional[_Union[RunExpertsResponse, _Mapping]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+class ExpertFrame(_message.Message):
+    __slots__ = ("frame", "align")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_FIELD_NUMBER: _ClassVar[int]
+    frame: bytes
+    align: int
+    def __init__(self, frame: _Optional[bytes] = ..., align: _Optional[int] = ...) -> None: ...
 
 class LoadExpertsRequest(_message.Message):
     __slots__ = ("experts", "placement_version")

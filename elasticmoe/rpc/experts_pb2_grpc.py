@@ -43,8 +43,8 @@ class ExpertShardStub:
                 _registered_method=True)
         self.RunExpertsStream = channel.stream_stream(
                 '/elasticmoe.internal.v1.ExpertShard/RunExpertsStream',
-                request_serializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsFrame.SerializeToString,
-                response_deserializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsReply.FromString,
+                request_serializer=elasticmoe_dot_rpc_dot_experts__pb2.ExpertFrame.SerializeToString,
+                response_deserializer=elasticmoe_dot_rpc_dot_experts__pb2.ExpertFrame.FromString,
                 _registered_method=True)
         self.LoadExperts = channel.unary_unary(
                 '/elasticmoe.internal.v1.ExpertShard/LoadExperts',
@@ -84,7 +84,8 @@ class ExpertShardServicer:
     def RunExpertsStream(self, request_iterator, context):
         """The same, as one long-lived stream per (gateway, shard): each frame carries an id, its answer
         carries the same id (answers may come out of order; the shard runs up to its run slots at once).
-        A bad frame is answered with a status code, not by ending the stream.
+        Frames are raw (see ExpertFrame), not RunExpertsRequest messages: no protobuf re-packing of tensors.
+        A bad frame is answered with a status code in its reply, not by ending the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,8 +130,8 @@ def add_ExpertShardServicer_to_server(servicer, server):
             ),
             'RunExpertsStream': grpc.stream_stream_rpc_method_handler(
                     servicer.RunExpertsStream,
-                    request_deserializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsFrame.FromString,
-                    response_serializer=elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsReply.SerializeToString,
+                    request_deserializer=elasticmoe_dot_rpc_dot_experts__pb2.ExpertFrame.FromString,
+                    response_serializer=elasticmoe_dot_rpc_dot_experts__pb2.ExpertFrame.SerializeToString,
             ),
             'LoadExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadExperts,
@@ -207,8 +208,8 @@ class ExpertShard:
             request_iterator,
             target,
             '/elasticmoe.internal.v1.ExpertShard/RunExpertsStream',
-            elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsFrame.SerializeToString,
-            elasticmoe_dot_rpc_dot_experts__pb2.RunExpertsReply.FromString,
+            elasticmoe_dot_rpc_dot_experts__pb2.ExpertFrame.SerializeToString,
+            elasticmoe_dot_rpc_dot_experts__pb2.ExpertFrame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,266 @@
+"""RunExpertsStream's raw frames: a fixed little-endian header, then the tensors' bytes as they are in memory.
+
+On the wire each frame is a protobuf `ExpertFrame` whose 8-byte prefix is written here: `align` (field 15) = 0, then
+field 1's tag and its length as a 5-byte varint, so the payload starts 8-aligned and any protobuf parser reads it too;
+readers take any encoding of ExpertFrame (other writers' cost one parse copy).
+Payload layout (experts.proto documents the same):
+
+    HEADER (40 bytes)  magic "EMF1", kind (1 request, 2 reply), flags (0), tensor count, 1 pad byte,
+                       id u64, layer (request) or status code (reply) i32, error text length u32,
+                       placement_version i64, step (request) or compute_us (reply) u64
+    DESC x count       (24 bytes each) dtype code u8, ndim u8 (0..2), 6 pad bytes, dim0 i64, dim1 i64
+    error text         UTF-8 (replies with a code only), padded to 8 bytes
+    tensor bytes       C-contiguous, each padded to 8 bytes
+A request carries hidden [T, H] (model dtype), topk_ids [T, k], topk_weights [T, k]; an OK reply carries output
+[T, H] (whatever dtype the shard computed) and missing [m] int32; a failed reply carries no tensor, only its text.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import NamedTuple, Union
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc.codec import DTYPE_NAMES, DTYPES, encode_tensor
+
+MAGIC = b"EMF1"
+REQUEST, REPLY = 1, 2
+HEADER = struct.Struct("<4sBBBxQiIqQ")
+DESC = struct.Struct("<BB6xqq")
+_PREFIX = 8  # align = 0 (2 bytes), field 1's tag, its length as a 5-byte varint
+_MAX_LEN = (1 << 32) - 1
+_FAST = b"\x78\x00\x0a"  # align (field 15) = 0, then field 1's tag
+# dtype code on the wire -> dtype name (codec.DTYPES); codes are fixed, never renumbered.
+CODES: dict[int, str] = {1: "float32", 2: "float16", 3: "bfloat16", 4: "float64", 5: "int64", 6: "int32",
+                         7: "int16", 8: "int8", 9: "uint8", 10: "bool"}
+_CODE_OF = {name: code for code, name in CODES.items()}
+
+
+class FrameError(ValueError):
+    """A frame that cannot be read; `frame_id` is its id when the header was readable, else 0."""
+
+    def __init__(self, message: str, frame_id: int = 0):
+        super().__init__(message)
+        self.frame_id = frame_id
+
+
+class WireTensor(NamedTuple):
+    """A tensor's place in a frame: as a protobuf `Tensor` to codec.decode_tensor (data, dtype name, shape)."""
+
+    data: memoryview
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Request(NamedTuple):
+    """A decoded request frame; reads as a RunExpertsRequest (layer, hidden, topk_ids, ...) to the shard."""
+
+    id: int
+    layer: int
+    placement_version: int
+    step: int
+    hidden: WireTensor
+    topk_ids: WireTensor
+    topk_weights: WireTensor
+
+
+class Reply(NamedTuple):
+    """A decoded reply frame; reads as a RunExpertsResponse (output, missing, compute_us, ...) to the gateway."""
+
+    id: int
+    code: int  # a grpc.StatusCode value; 0 OK
+    error: str
+    output: WireTensor | None
+    missing: list[int]
+    compute_us: int
+    placement_version: int
+
+
+Tensorish = Union[torch.Tensor, WireTensor]
+
+
+class ExpertRequest(NamedTuple):
+    """One RunExperts call's tensors, before any encoding: each transport writes them its own way."""
+
+    layer: int
+    hidden: torch.Tensor  # [T, H] in the model dtype
+    topk_ids: torch.Tensor  # [T, k] int32
+    topk_weights: torch.Tensor  # [T, k] float32
+    placement_version: int = 0
+    step: int = 0
+
+    def to_proto(self) -> pb.RunExpertsRequest:
+        return pb.RunExpertsRequest(layer=self.layer, hidden=encode_tensor(self.hidden),
+                                    topk_ids=encode_tensor(self.topk_ids), topk_weights=encode_tensor(self.topk_weights),
+                                    placement_version=self.placement_version, step=self.step)
+
+
+AnyRequest = Union[ExpertRequest, pb.RunExpertsRequest]
+
+
+def as_proto(req: AnyRequest) -> pb.RunExpertsRequest:
+    return req.to_proto() if isinstance(req, ExpertRequest) else req
+
+
+def request_frame(frame_id: int, req: AnyRequest) -> bytes:
+    """encode_request for an ExpertRequest or a RunExpertsRequest message (its tensors' bytes as they are)."""
+    if isinstance(req, ExpertRequest):
+        tensors = (req.hidden, req.topk_ids, req.topk_weights)
+    else:
+        tensors = tuple(WireTensor(m.data, m.dtype, tuple(m.shape)) for m in (req.hidden, req.topk_ids, req.topk_weights))
+    return encode_request(frame_id, req.layer, *tensors, req.placement_version, req.step)
+
+
+def _raw(t: Tensorish) -> tuple[int, tuple[int, ...], memoryview]:
+    """(dtype code, shape, bytes) of a CPU tensor or a WireTensor, without copying a contiguous tensor."""
+    if isinstance(t, WireTensor):
+        if t.dtype not in _CODE_OF or len(t.shape) > 2:
+            raise ValueError(f"frame tensor: dtype {t.dtype!r}, shape {list(t.shape)}; want a codec dtype, <= 2 dims")
+        return _CODE_OF[t.dtype], tuple(t.shape), memoryview(t.data).cast("B")
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None or t.dim() > 2:
+        raise ValueError(f"frame tensor: dtype {t.dtype}, {t.dim()} dims; want a codec dtype and at most 2 dims")
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return _CODE_OF[name], tuple(t.shape), memoryview(flat.view(torch.uint8).numpy())
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % 8)
+
+
+def _frame(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list) -> bytes:
+    """Prefix, header, descriptors, text and tensor bytes joined into one bytes object (the payload's one copy)."""
+    parts: list = [b"", HEADER.pack(MAGIC, kind, 0, len(tensors), frame_id, word, len(text), version, last)]
+    raws = [_raw(t) for t in tensors]
+    for code, shape, _ in raws:
+        dims = list(shape) + [0] * (2 - len(shape))
+        parts.append(DESC.pack(code, len(shape), *dims))
+    parts += [text, _pad(len(text))]
+    for _, _, data in raws:
+        parts += [data, _pad(len(data))]
+    size = sum(len(p) for p in parts)
+    if size > _MAX_LEN:
+        raise ValueError(f"frame: {size} bytes, more than {_MAX_LEN}")
+    parts[0] = _FAST + bytes([(size >> (7 * i)) & 0x7F | (0x80 if i < 4 else 0) for i in range(5)])
+    return b"".join(parts)
+
+
+def encode_request(frame_id: int, layer: int, hidden: Tensorish, topk_ids: Tensorish, topk_weights: Tensorish,
+                   placement_version: int = 0, step: int = 0) -> bytes:
+    """A request frame: hidden [T, H] stays in its dtype (bf16 is 2 bytes a value), ids [T, k], weights [T, k]."""
+    return _frame(REQUEST, frame_id, layer, b"", placement_version, step, [hidden, topk_ids, topk_weights])
+
+
+def encode_reply(frame_id: int, output: Tensorish | None = None, missing: list[int] = (), compute_us: int = 0,
+                 placement_version: int = 0, code: int = 0, error: str = "") -> bytes:
+    """An OK reply (output [T, H] in its dtype, missing ids) or, with a code, a failure and its message."""
+    if code:
+        return _frame(REPLY, frame_id, code, error.encode(), placement_version, 0, [])
+    if output is None:  # all missing: no rows computed
+        output = torch.empty(0, 0)
+    return _frame(REPLY, frame_id, 0, b"", placement_version, compute_us,
+                  [output, torch.tensor(list(missing), dtype=torch.int32)])
+
+
+def _payload(buf: bytes) -> memoryview:
+    """The frame bytes of an ExpertFrame message: a view past our 8-byte prefix, else (any other writer) parsed."""
+    view = memoryview(buf)
+    if len(view) >= _PREFIX and view[:3] == _FAST:
+        size = sum((view[3 + i] & 0x7F) << (7 * i) for i in range(5))
+        if size == len(view) - _PREFIX:
+            return view[_PREFIX:]
+    try:
+        return memoryview(pb.ExpertFrame.FromString(buf).frame)
+    except DecodeError:
+        raise FrameError(f"frame: {len(view)} bytes that are not an ExpertFrame message") from None
+
+
+def _parse(buf: bytes, kind: int) -> tuple[tuple, list[WireTensor], str]:
+    """Header fields, tensors (views of buf) and error text of one frame; FrameError naming what is wrong."""
+    view = _payload(buf)
+    if len(view) < HEADER.size:
+        raise FrameError(f"frame: {len(view)} bytes, shorter than the {HEADER.size}-byte header")
+    head = HEADER.unpack_from(view, 0)
+    magic, got_kind, _, count, frame_id, _, text_len = head[:7]
+    if magic != MAGIC or got_kind != kind:
+        raise FrameError(f"frame: magic {bytes(magic)!r} kind {got_kind}, want {MAGIC!r} kind {kind}", 0)
+    off = HEADER.size
+    if len(view) < off + count * DESC.size + text_len:
+        raise FrameError(f"frame {frame_id}: {len(view)} bytes, too short for {count} tensors", frame_id)
+    descs = [DESC.unpack_from(view, off + i * DESC.size) for i in range(count)]
+    off += count * DESC.size
+    text = bytes(view[off:off + text_len]).decode(errors="replace")
+    off += text_len + (-text_len % 8)
+    tensors = []
+    for i, (code, ndim, d0, d1) in enumerate(descs):
+        name = CODES.get(code)
+        if name is None or ndim > 2 or min(d0, d1) < 0:
+            raise FrameError(f"frame {frame_id}: tensor {i}: dtype code {code}, ndim {ndim}, dims {[d0, d1][:ndim]}"
+                             f" (codes {sorted(CODES)}, at most 2 non-negative dims)", frame_id)
+        shape = (d0, d1)[:ndim]
+        n = math.prod(shape) * DTYPES[name].itemsize
+        if off + n > len(view):
+            raise FrameError(f"frame {frame_id}: tensor {i} {list(shape)} {name} needs {n} bytes at {off}, "
+                             f"the frame has {len(view)}", frame_id)
+        tensors.append(WireTensor(view[off:off + n], name, shape))
+        off += n + (-n % 8)
+    if off != len(view):
+        raise FrameError(f"frame {frame_id}: {len(view)} bytes, its header describes {off}", frame_id)
+    return head, tensors, text
+
+
+def decode_request(buf: bytes) -> Request:
+    """A request frame -> Request (tensors are read-only views of buf); FrameError if malformed."""
+    head, tensors, _ = _parse(buf, REQUEST)
+    if len(tensors) != 3:
+        raise FrameError(f"frame {head[4]}: {len(tensors)} tensors, a request has 3", head[4])
+    return Request(head[4], head[5], head[7], head[8], *tensors)
+
+
+def decode_request_or_error(buf: bytes) -> Request | FrameError:
+    """As decode_request, but a malformed frame comes back as its FrameError (so one bad frame fails alone)."""
+    try:
+        return decode_request(buf)
+    except FrameError as e:
+        return e
+
+
+def decode_reply(buf: bytes) -> Reply:
+    """A reply frame -> Reply (output a view of buf); FrameError if malformed."""
+    head, tensors, text = _parse(buf, REPLY)
+    frame_id, code = head[4], head[5]
+    if code:
+        return Reply(frame_id, code, text, None, [], 0, head[7])
+    if len(tensors) != 2 or tensors[1].dtype != "int32":
+        raise FrameError(f"frame {frame_id}: an OK reply has output and int32 missing", frame_id)
+    missing = torch.frombuffer(tensors[1].data, dtype=torch.int32).tolist() if tensors[1].shape[0] else []
+    return Reply(frame_id, 0, "", tensors[0], missing, head[8], head[7])
+
+
+class _Handlers:
+    """Stands in for a server to pb_grpc.add_ExpertShardServicer_to_server: keeps the method handlers it builds."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_shard_servicer(servicer: pb_grpc.ExpertShardServicer, server) -> None:
+    """As the generated add_ExpertShardServicer_to_server (grpc or grpc.aio server), but RunExpertsStream reads
+    and writes these raw frames: a frame that cannot be read reaches the handler as its FrameError, not as a
+    broken stream; the handler yields encoded reply bytes."""
+    found = _Handlers()
+    pb_grpc.add_ExpertShardServicer_to_server(servicer, found)
+    handlers = dict(found.handlers)
+    handlers["RunExpertsStream"] = grpc.stream_stream_rpc_method_handler(
+        servicer.RunExpertsStream, request_deserializer=decode_request_or_error, response_serializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(found.service, handlers),))
+    server.add_registered_method_handlers(found.service, handlers)
