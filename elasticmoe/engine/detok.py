@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import re
+import weakref
 from typing import Any
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete (or invalid) UTF-8 sequence
 STUCK_TOKENS = 8  # a window whose text still ends mid-character after this many tokens is split where exact
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte fallback: one raw byte per token
+_BYTE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of a tokenizer's <0xXX> byte tokens (none for byte-level BPE), looked up once per tokenizer.
+
+    Their decoder turns a whole run of them into text at once (each byte a U+FFFD if the run is not valid
+    UTF-8), so a complete character can still change while the run goes on: text is stable only after a run.
+    """
+    try:
+        return _BYTE_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ids = frozenset(i for t, i in vocab.items() if len(t) == 6 and BYTE_PIECE.fullmatch(t))
+    try:
+        _BYTE_IDS[tokenizer] = ids
+    except TypeError:  # not weak-referenceable: not cached
+        pass
+    return ids
 
 
 class Detokenizer:
@@ -34,6 +57,8 @@ class Detokenizer:
         self._before = ""  # decode(ids[prefix:read])
         self.decoded_tokens = 0  # tokens passed to decode over all calls (cost accounting)
         self.max_window = 0  # the most tokens one decode call saw
+        self.byte_ids = byte_fallback_ids(tokenizer)
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) if self.byte_ids else ())
 
     def _decode(self, ids: list[int]) -> str:
         self.decoded_tokens += len(ids)
@@ -49,15 +74,24 @@ class Detokenizer:
         old_len, old_tail = self.length, self.tail
         now = self._decode(ids[self.prefix:])
         added = now[len(self._before):]
-        if not added.endswith(REPLACEMENT):
+        if not added.endswith(REPLACEMENT) and not self._in_byte_run(ids, len(ids)):
             self._advance(ids, len(ids), added)
             self.pending = ""
-        elif len(ids) - self.read > STUCK_TOKENS and self._split(ids, now):
+        elif len(ids) - self.read > STUCK_TOKENS and self._split(ids, now):  # rare: invalid bytes
             self.pending = self._decode(ids[self.prefix:])[len(self._before):]
         else:
             self.pending = added
         if search and self.stops:
             self._search(old_len, old_tail)
+
+    def _in_byte_run(self, ids: list[int], end: int) -> bool:
+        """Whether ids[:end] ends inside a run of byte tokens (skipped special tokens do not end a run)."""
+        if not self.byte_ids:
+            return False
+        i = end - 1
+        while i >= self.read and ids[i] in self.special_ids:
+            i -= 1
+        return i >= 0 and ids[i] in self.byte_ids
 
     def _advance(self, ids: list[int], upto: int, added: str) -> None:
         """ids[read:upto] are stable now, adding `added`; the next window starts at the old read offset."""
@@ -65,13 +99,17 @@ class Detokenizer:
             self.pieces.append(added)
             self.length += len(added)
             self.tail = (self.tail + added)[-self.keep:] if self.keep else ""
-        self.prefix, self.read = self.read, upto
-        self._before = self._decode(ids[self.prefix:self.read])
+        prefix, before = self.read, self._decode(ids[self.read:upto])
+        if not before and self.prefix < prefix:  # e.g. a skipped special token or a lone space a decoder strips
+            prefix, before = self.prefix, self._decode(ids[self.prefix:upto])  # must anchor the window's start
+        self.prefix, self.read, self._before = prefix, upto, before
 
     def _split(self, ids: list[int], now: str) -> bool:
         """Many tokens and still mid-character (e.g. invalid bytes): make stable the longest part whose text a
         full decode cannot change, i.e. where decoding the two sides apart gives the same text as together."""
         for j in range(len(ids) - 1, max(self.read, len(ids) - 4), -1):
+            if self._in_byte_run(ids, j):
+                continue
             head = self._decode(ids[self.prefix:j])
             if head + self._decode(ids[j:]) == now:
                 self._advance(ids, j, head[len(self._before):])
