@@ -43,8 +43,9 @@ def _quantize(plain: Path, out: Path, quant_config: dict) -> tuple[Path, Path, d
     quant_dir, ref_dir = _copy(plain, out / "fp8"), _copy(plain, out / "dequantized")
     quant, deq = {}, {}
     for name, t in load_file(str(plain / "model.safetensors")).items():
-        if t.dim() == 2 and name.endswith(".weight") and not any(s in name for s in NOT_CONVERTED):
-            q, s = _fp8_block(t)
+        packed = t.dim() == 3 and name.endswith(("experts.gate_up_proj", "experts.down_proj"))  # [E, N, K]
+        if packed or t.dim() == 2 and name.endswith(".weight") and not any(s in name for s in NOT_CONVERTED):
+            q, s = _fp8_block(t) if not packed else (torch.stack(x) for x in zip(*map(_fp8_block, t)))
             quant[name], quant[name + "_scale_inv"] = q, s
             deq[name] = _dequantize_fp8_weight(q, s, list(BLOCK), torch.float32)
         else:
@@ -146,3 +147,34 @@ def test_mxfp4_dequant_is_transformers(tmp_path):
     ours = dequant_mxfp4(blocks, scales)  # [E, N, K]
     theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, K, N]
     assert torch.equal(ours, theirs.transpose(1, 2))
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "packed"])
+def test_fp8_experts_kept_quantized(layout, tmp_path):
+    """Experts kept in FP8 (what the Triton backend runs on CUDA; here fused_moe's torch backend dequantizes per
+    call) hold a quarter of the float32 bytes plus scales, and give the dequantized experts' outputs exactly,
+    after a drop and a reload too. intermediate 192 = 1.5 blocks: gate and up scales apart ("split", per-expert
+    files) or as one [2I, H] tensor's ("joint", packed)."""
+    from elasticmoe.model import open_model
+    from elasticmoe.model.experts import ExpertStore
+
+    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=256, intermediate=192, layout=layout)
+    files = open_model(str(_quantize(plain, tmp_path, FP8_CONFIG)[0]))
+    cpu = torch.device("cpu")
+    kept = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, cpu, backend="torch", keep_fp8=True)
+    deq = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, cpu, backend="torch")
+    assert not deq.keep_fp8  # CPU: dequantized on load by default
+    pairs = [(l, e) for l in (0, 1) for e in range(8)]
+    kept.load(pairs)
+    deq.load(pairs)
+    le = kept.snapshot(1)
+    assert le.w13.dtype == torch.float8_e4m3fn and tuple(le.w13_scale.shape) == (8, 4 if layout == "per-expert" else 3, 2)
+    assert kept.weight_bytes() == deq.weight_bytes() // 4 + 2 * 8 * (le.w13_scale[0].numel() + le.w2_scale[0].numel()) * 4
+    kept.drop([(1, 3)])
+    kept.load([(1, 3)])  # now held last
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 256, generator=gen)  # [T, H]
+    ids = torch.randint(0, 8, (16, 2), generator=gen)  # [T, k]
+    w = torch.rand(16, 2, generator=gen)
+    for layer in (0, 1):
+        assert torch.equal(kept.forward(layer, x, ids, w), deq.forward(layer, x, ids, w))

@@ -227,21 +227,27 @@ class Checkpoint:
 
     def read_into(self, name: str, out: torch.Tensor, index: int | None = None) -> None:
         """read(name, index) written into `out` (same shape; any dtype, device and strides). A tensor stored in
-        out's dtype and layout goes straight from the file into a contiguous CPU `out`, with no copy between."""
+        out's dtype goes from the file straight into a contiguous CPU `out`, with no copy between; an FP8 weight
+        read into an FP8 `out` stays quantized (its scales are read apart: scale_of)."""
         meta = self._meta.get(name)
-        direct = (name not in self._views and meta is not None and name not in self._scales and out.device.type == "cpu"
-                  and out.is_contiguous() and _DTYPES.get(meta["dtype"]) == out.dtype)
-        if direct:
+        if name not in self._views and meta is not None and _DTYPES.get(meta["dtype"]) == out.dtype:
             shape = tuple(meta["shape"][1:] if index is not None else meta["shape"])
             if shape != tuple(out.shape):
                 raise CheckpointError(f"{self.path / self.weight_map[name]}: {name!r} gives a {list(shape)} tensor, "
                                       f"want {list(out.shape)}")
-            self._read(name, index, out)
+            if out.device.type == "cpu" and out.is_contiguous():
+                self._read_raw(name, meta, index, out)
+            else:
+                out.copy_(self._read_raw(name, meta, index, None))
             return
         t = self.read(name, index)
         if tuple(t.shape) != tuple(out.shape):
             raise CheckpointError(f"{self.path}: {name!r} gives a {list(t.shape)} tensor, want {list(out.shape)}")
         out.copy_(t)
+
+    def scale_of(self, name: str) -> str | None:
+        """The weight_scale_inv tensor of an FP8 weight (None for other tensors)."""
+        return self._scales.get(name)
 
     def _read(self, name: str, index: int | slice | None, out: torch.Tensor | None = None) -> torch.Tensor:
         meta = self._require(name)

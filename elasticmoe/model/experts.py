@@ -9,9 +9,9 @@ from typing import Iterable
 
 import torch
 
-from elasticmoe.kernels import fused_moe, warmup_moe
+from elasticmoe.kernels import fused_moe, resolve_backend, warmup_moe
 from elasticmoe.model import expert_math
-from elasticmoe.model.checkpoint import Checkpoint
+from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.names import WeightNames
 from elasticmoe.progress import LoadProgress
 from elasticmoe.model.spec import ModelSpec
@@ -19,28 +19,45 @@ from elasticmoe.model.spec import ModelSpec
 COMBINE_DTYPE = torch.float64  # experts' weighted sums: exact enough to be independent of the shard split
 
 
-def write_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, rows: tuple[torch.Tensor, ...]
+def write_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, rows: dict[str, torch.Tensor]
                  ) -> None:
-    """Read one expert's weights into its rows of a layer's storage: w13 [2I, H] (gate rows then up rows),
-    w2 [H, I] (GPT-OSS: also b13 [2I], b2 [H], see model.expert_math), in the rows' dtype and device.
+    """Read one expert's weights into its rows of a layer's storage (see ExpertStore.part_shapes): w13 [2I, H]
+    (gate rows then up rows), w2 [H, I], and GPT-OSS's b13 [2I], b2 [H] (model.expert_math), or block-FP8's
+    w13_scale, w2_scale, in the rows' dtype and device.
 
-    Weights stored in the rows' dtype and layout are read from the file straight into them (CPU); others
-    pass through one expert-sized temporary."""
+    Weights stored in the rows' dtype go from the file straight into them (CPU); others pass through one
+    expert-sized temporary."""
     ref, spec = names.expert(layer, expert), names.spec
     if spec.moe.expert_act != "silu":
-        for dst, t in zip(rows, expert_math.read_swiglu_expert(ckpt, ref, spec.hidden_size, spec.moe.intermediate_size)):
+        weights = expert_math.read_swiglu_expert(ckpt, ref, spec.hidden_size, spec.moe.intermediate_size)
+        for dst, t in zip((rows[k] for k in ("w13", "w2", "b13", "b2")), weights):
             dst.copy_(t)
         return
-    w13, w2 = rows[0], rows[1]
+    w13, w2 = rows["w13"], rows["w2"]
     if ref.gate_up is None:
-        inter = w13.shape[0] // 2
-        ckpt.read_into(ref.gate, w13[:inter])
-        ckpt.read_into(ref.up, w13[inter:])
-        ckpt.read_into(ref.down, w2)
+        inter, half = w13.shape[0] // 2, (rows["w13_scale"].shape[0] // 2 if "w13_scale" in rows else 0)
+        todo = [(ref.gate, w13[:inter], 0, half), (ref.up, w13[inter:], half, 2 * half), (ref.down, w2, 0, None)]
+        for i, (name, dst, lo, hi) in enumerate(todo):
+            ckpt.read_into(name, dst)
+            if "w13_scale" in rows:  # FP8 kept: gate's and up's scales side by side ("split" rows, kernels.fp8)
+                ckpt.read_into(_scale(ckpt, name), rows["w13_scale"][lo:hi] if i < 2 else rows["w2_scale"])
         return
-    gate_up, down = ckpt.shape(ref.gate_up)[1:], ckpt.shape(ref.down)[1:]
-    ckpt.read_into(ref.gate_up, w13 if gate_up == tuple(w13.shape) else w13.t(), index=ref.index)  # or [H, 2I]
-    ckpt.read_into(ref.down, w2 if down == tuple(w2.shape) else w2.t(), index=ref.index)  # or [I, H]
+    for name, dst, scale in ((ref.gate_up, w13, "w13_scale"), (ref.down, w2, "w2_scale")):
+        stored = ckpt.shape(name)[1:]
+        ckpt.read_into(name, dst if stored == tuple(dst.shape) else dst.t(), index=ref.index)  # or [H, 2I] / [I, H]
+        if scale in rows:
+            ckpt.read_into(_scale(ckpt, name), rows[scale], index=ref.index)
+
+
+def _scale(ckpt: Checkpoint, name: str) -> str:
+    scale = ckpt.scale_of(name)
+    if scale is None:
+        raise CheckpointError(f"{ckpt.path}: expert weight {name!r} is not FP8 (no weight_scale_inv), but the other "
+                              "experts are kept in FP8")
+    return scale
+
+
+_PARTS = ("w13", "w2", "b13", "b2", "w13_scale", "w2_scale")  # LayerExperts' per-expert stacked fields
 
 
 @dataclass(frozen=True)
@@ -53,15 +70,30 @@ class LayerExperts:
     to_local: torch.Tensor  # [E + 1] global id -> local index, -1 when absent; entry E maps id -1 to -1
     b13: torch.Tensor | None = None  # [E_local, 2I] expert biases (GPT-OSS), else None
     b2: torch.Tensor | None = None  # [E_local, H]
+    w13_scale: torch.Tensor | None = None  # block-FP8 kept (w13, w2 float8_e4m3fn): [E_local, rows, ceil(H/bk)]
+    w2_scale: torch.Tensor | None = None  # [E_local, ceil(H/bn), ceil(I/bk)] float32 (see kernels.fp8)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stacked per-expert tensors by field name (w13, w2 and whichever of the others are set)."""
+        return {f: getattr(self, f) for f in _PARTS if getattr(self, f) is not None}
 
 
 class ExpertStore:
     """Holds any set of (layer, expert) weights and runs a layer's experts for a batch of tokens."""
 
     def __init__(self, ckpt: Checkpoint, names: WeightNames, spec: ModelSpec, dtype: torch.dtype,
-                 device: torch.device, backend: str = "auto"):
+                 device: torch.device, backend: str = "auto", keep_fp8: bool | None = None):
+        """dtype: the activations' (and dequantized weights') dtype. keep_fp8: hold block-FP8 experts as stored
+        (float8_e4m3fn weights plus float32 scales, run by fused_moe's block-FP8 path); default: where the Triton
+        backend runs them (CUDA). Otherwise FP8 experts are dequantized to dtype on load."""
         self.ckpt, self.names, self.spec = ckpt, names, spec
         self.dtype, self.device, self.backend = dtype, device, backend
+        q, moe = ckpt.quant, spec.moe
+        fp8 = q.method == "fp8" and q.block is not None and moe.expert_act == "silu" and not moe.input_scaled
+        if keep_fp8 and not fp8:
+            raise ValueError(f"keep_fp8: {ckpt.path} has no block-FP8 gated-SiLU experts to keep")
+        self.keep_fp8 = fp8 and resolve_backend(backend, device) == "triton" if keep_fp8 is None else keep_fp8
+        self.block = q.block if self.keep_fp8 else None  # (bn, bk)
         self.layers: dict[int, LayerExperts] = {}
         self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
         self.tokens_served: dict[tuple[int, int], int] = {}
@@ -71,8 +103,21 @@ class ExpertStore:
         return sorted((l, e) for l, le in self.layers.items() for e in le.global_ids)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for le in self.layers.values()
-                   for t in (le.w13, le.w2, le.b13, le.b2) if t is not None)
+        return sum(t.numel() * t.element_size() for le in self.layers.values() for t in le.parts().values())
+
+    def part_shapes(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each stacked tensor of a layer holding n experts."""
+        inter, hidden = self.spec.moe.intermediate_size, self.spec.hidden_size
+        if self.keep_fp8:
+            (bn, bk), cdiv = self.block, lambda a, b: -(-a // b)
+            rows13 = cdiv(2 * inter, bn) if self.names.packed else 2 * cdiv(inter, bn)  # joint / split scales
+            return {"w13": ((n, 2 * inter, hidden), torch.float8_e4m3fn), "w2": ((n, hidden, inter), torch.float8_e4m3fn),
+                    "w13_scale": ((n, rows13, cdiv(hidden, bk)), torch.float32),
+                    "w2_scale": ((n, cdiv(hidden, bn), cdiv(inter, bk)), torch.float32)}
+        shapes = {"w13": ((n, 2 * inter, hidden), self.dtype), "w2": ((n, hidden, inter), self.dtype)}
+        if self.spec.moe.expert_act != "silu":
+            shapes.update(b13=((n, 2 * inter), self.dtype), b2=((n, hidden), self.dtype))
+        return shapes
 
     def load(self, pairs: Iterable[tuple[int, int]]) -> int:
         """Load (layer, expert) pairs not yet held; returns the bytes read. Safe while forward() runs.
@@ -97,18 +142,15 @@ class ExpertStore:
     def _load_layer(self, layer: int, experts: list[int], progress: LoadProgress) -> None:
         old = self.layers.get(layer)
         held = old.global_ids if old is not None else ()
-        n, inter, hidden = len(held) + len(experts), self.spec.moe.intermediate_size, self.spec.hidden_size
-        shapes = [(n, 2 * inter, hidden), (n, hidden, inter)]  # w13, w2
-        if self.spec.moe.expert_act != "silu":
-            shapes += [(n, 2 * inter), (n, hidden)]  # b13, b2
-        parts = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shapes]
+        parts = {k: torch.empty(shape, dtype=dtype, device=self.device)
+                 for k, (shape, dtype) in self.part_shapes(len(held) + len(experts)).items()}
         if old is not None:
-            for dst, src in zip(parts, (old.w13, old.w2, old.b13, old.b2)):
-                dst[: len(held)].copy_(src)
+            for k, src in old.parts().items():
+                parts[k][: len(held)].copy_(src)
         for j, e in enumerate(experts, start=len(held)):
-            write_expert(self.ckpt, self.names, layer, e, tuple(p[j] for p in parts))
+            write_expert(self.ckpt, self.names, layer, e, {k: p[j] for k, p in parts.items()})
             progress.step()
-        self.layers[layer] = self._stack(layer, list(held) + experts, *parts)
+        self.layers[layer] = self._stack(layer, list(held) + experts, parts)
 
     def drop(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Forget (layer, expert) pairs; in-flight forward() calls keep the snapshot they started with."""
@@ -122,17 +164,16 @@ class ExpertStore:
                     del self.layers[layer]
                     continue
                 idx = torch.tensor(keep, device=self.device)
-                biases = [b.index_select(0, idx) for b in (le.b13, le.b2) if b is not None]
                 self.layers[layer] = self._stack(layer, [le.global_ids[i] for i in keep],
-                                                 le.w13.index_select(0, idx), le.w2.index_select(0, idx), *biases)
+                                                 {k: t.index_select(0, idx) for k, t in le.parts().items()})
 
-    def _stack(self, layer: int, ids: list[int], w13: torch.Tensor, w2: torch.Tensor,
-               b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> LayerExperts:
+    def _stack(self, layer: int, ids: list[int], parts: dict[str, torch.Tensor]) -> LayerExperts:
         to_local = torch.full((self.spec.moe.num_experts + 1,), -1, dtype=torch.int64, device=self.device)
         to_local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
-        le = LayerExperts(w13.contiguous(), w2.contiguous(), tuple(ids), to_local, b13, b2)
-        if self.spec.moe.expert_act == "silu":
-            warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype)  # compile Triton kernels now
+        le = LayerExperts(global_ids=tuple(ids), to_local=to_local, **{k: t.contiguous() for k, t in parts.items()})
+        if self.spec.moe.expert_act == "silu":  # compile Triton kernels now
+            warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype, w13_scale=le.w13_scale,
+                       w2_scale=le.w2_scale, block_shape=self.block)
         return le
 
     @staticmethod
@@ -166,7 +207,8 @@ class ExpertStore:
         if self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
             out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
         elif self.spec.moe.expert_act == "silu":
-            out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend, out_dtype=COMBINE_DTYPE)
+            out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend, out_dtype=COMBINE_DTYPE,
+                            w13_scale=le.w13_scale, w2_scale=le.w2_scale, block_shape=self.block)
         else:  # GPT-OSS experts: torch (model.expert_math)
             out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe,
                                          COMBINE_DTYPE)
