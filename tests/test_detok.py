@@ -191,3 +191,36 @@ def test_engine_streamed_equals_unary_with_stop_strings(llm):
     finally:
         runner.close()
     assert streamed == [(u.text, u.finish_reason, u.token_ids) for u in unary]
+
+
+def test_grpc_stream_joined_equals_unary_generate(llm):
+    """The gateway's own gRPC handlers (no Serve, no server): GenerateStream's text deltas joined equal Generate's
+    text and LLM.generate's, with stop strings, for outputs full of partial UTF-8."""
+    from elasticmoe.gateway.deployment import Gateway
+    from elasticmoe.metrics import GatewayMetrics
+    from elasticmoe.rpc import generation_pb2 as gen
+
+    ids = llm.encode("中文 😀 The sea")
+    free = [SamplingParams(max_tokens=20, temperature=t, seed=3, ignore_eos=True) for t in (0, 1)]
+    outs = llm.generate([ids, ids], free)
+    params = [dataclasses.replace(p, stop=(o.text[len(o.text) // 3:][:2],)) for p, o in zip(free, outs)]
+    unary = llm.generate([ids, ids], params)
+    spec = llm.files.spec
+    core = type("Core", (), {})()
+    core.runner, core.tokenizer = EngineRunner(llm.engine), llm.tokenizer
+    core.metrics = GatewayMetrics("off", spec.num_layers, spec.moe.num_experts, spec.moe.moe_layers, use_ray=False)
+    core.wait_ready = lambda: asyncio.sleep(0)
+    host = type("Host", (), {m: getattr(Gateway.func_or_class, m) for m in ("_start", "Generate", "GenerateStream")})()
+    host.core = core
+
+    async def both(p: SamplingParams) -> tuple[str, str]:
+        req = gen.GenerateRequest(prompt_token_ids=ids, sampling=gen.SamplingParams(
+            max_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed, ignore_eos=True, stop=list(p.stop)))
+        whole = (await host.Generate(req)).text
+        return whole, "".join([r.text async for r in host.GenerateStream(req)])
+
+    try:
+        got = [asyncio.run(both(p)) for p in params]
+    finally:
+        core.runner.close()
+    assert got == [(u.text, u.text) for u in unary] and all(u.finish_reason == "stop" for u in unary)
