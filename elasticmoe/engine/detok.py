@@ -12,11 +12,13 @@ BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte fallback: o
 _BYTE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of a tokenizer's <0xXX> byte tokens (none for byte-level BPE), looked up once per tokenizer.
+def byte_fallback_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """(ids of a tokenizer's <0xXX> byte tokens, its special ids): the former empty for byte-level BPE; looked up
+    once per tokenizer.
 
-    Their decoder turns a whole run of them into text at once (each byte a U+FFFD if the run is not valid
-    UTF-8), so a complete character can still change while the run goes on: text is stable only after a run.
+    A byte-fallback decoder turns a whole run of byte tokens into text at once (each byte a U+FFFD if the run is
+    not valid UTF-8), so a complete character can still change while the run goes on: text is stable only after
+    a run. Special tokens are skipped before decoding, so they do not end a run.
     """
     try:
         return _BYTE_IDS[tokenizer]
@@ -24,11 +26,12 @@ def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
         pass
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     ids = frozenset(i for t, i in vocab.items() if len(t) == 6 and BYTE_PIECE.fullmatch(t))
+    found = ids, frozenset(getattr(tokenizer, "all_special_ids", ()) if ids else ())
     try:
-        _BYTE_IDS[tokenizer] = ids
+        _BYTE_IDS[tokenizer] = found
     except TypeError:  # not weak-referenceable: not cached
         pass
-    return ids
+    return found
 
 
 class Detokenizer:
@@ -57,8 +60,7 @@ class Detokenizer:
         self._before = ""  # decode(ids[prefix:read])
         self.decoded_tokens = 0  # tokens passed to decode over all calls (cost accounting)
         self.max_window = 0  # the most tokens one decode call saw
-        self.byte_ids = byte_fallback_ids(tokenizer)
-        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) if self.byte_ids else ())
+        self.byte_ids, self.special_ids = byte_fallback_ids(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
         self.decoded_tokens += len(ids)
