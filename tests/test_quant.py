@@ -100,6 +100,24 @@ def test_fp8_packed_experts_row_by_row(tmp_path):
     assert (whole - w).abs().max() <= w.abs().max() / 8  # e4m3: 3 mantissa bits
 
 
+def test_fp8_ue8m0_scales(tmp_path):
+    """Scales stored as E8M0 exponent bytes (uint8, scale_fmt "ue8m0") dequantize as transformers' FP8
+    dequantizer reads them, and read alone they come back as float32 powers of two."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from elasticmoe.model.checkpoint import Checkpoint
+
+    q = _fp8_block(torch.randn(256, 384))[0]
+    s = torch.randint(118, 136, (2, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {**FP8_CONFIG, "scale_fmt": "ue8m0"}}))
+    save_file({"a.weight": q, "a.weight_scale_inv": s}, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path)
+    assert torch.equal(ckpt.read("a.weight"), Fp8Dequantize(None)._dequantize_one(q, s, output_dtype=torch.float32))
+    out = torch.empty(2, 3)
+    ckpt.read_into("a.weight_scale_inv", out)
+    assert torch.equal(out, torch.exp2(s.float() - 127))
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors"])
 def test_other_quantization_refused_by_name(method, tmp_path):
     from elasticmoe.model import open_model

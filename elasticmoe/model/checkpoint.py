@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from elasticmoe.model.quant import FP8_DTYPES, FP8_SCALE_SUFFIX, QuantError, QuantFormat, dequant_fp8, fp8_scale_shape, \
-    quant_format
+from elasticmoe.model.quant import (
+    FP8_DTYPES, FP8_SCALE_SUFFIX, QuantError, QuantFormat, dequant_fp8, fp8_scale_float, fp8_scale_shape, quant_format,
+)
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -112,6 +113,7 @@ class Checkpoint:
         self._index()
         self.quant = self._quant_format()
         self._scales = self._fp8_scales() if self.quant.method == "fp8" else {}  # weight -> its weight_scale_inv
+        self._scale_names = set(self._scales.values())
 
     def _index(self) -> None:
         index = self.path / INDEX_FILE
@@ -173,13 +175,13 @@ class Checkpoint:
 
     def names(self) -> list[str]:
         """Tensor names as the model sees them: FP8 scales are part of their weight, not names of their own."""
-        hidden = self._covered | set(self._scales.values())
+        hidden = self._covered | self._scale_names
         return [n for n in self.weight_map if n not in hidden] + list(self._views)
 
     def __contains__(self, name: str) -> bool:
         if name in self._views:
             return True
-        return name in self.weight_map and name not in self._covered and name not in self._scales.values()
+        return name in self.weight_map and name not in self._covered and name not in self._scale_names
 
     def shape(self, name: str) -> tuple[int, ...]:
         v = self._views.get(name)
@@ -257,6 +259,8 @@ class Checkpoint:
             w = self._read_raw(name, meta, index, None)
             scale = self._read_raw(self._scales[name], self._meta[self._scales[name]], index, None)
             return dequant_fp8(w, scale, self.quant.block)
+        if meta["dtype"] == "U8" and name in self._scale_names:  # E8M0 scales, read alone (kept FP8)
+            return fp8_scale_float(self._read_raw(name, meta, index, None))
         if meta["dtype"] in FP8_DTYPES:
             raise QuantError(f"{self.path / self.weight_map[name]}: {name!r} is {meta['dtype']} but config.json has "
                              "no quantization_config 'fp8' to scale it (its values would be meaningless)")

@@ -58,12 +58,20 @@ def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int] | None) -> tu
     return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
 
 
+def fp8_scale_float(scale_inv: torch.Tensor) -> torch.Tensor:
+    """weight_scale_inv as float32: stored as floats, or as E8M0 exponent bytes (uint8: 2**(s - 127), the
+    "ue8m0" scale format)."""
+    if scale_inv.dtype == torch.uint8:
+        return torch.ldexp(torch.ones(scale_inv.shape, dtype=torch.float32), scale_inv.to(torch.int32) - 127)
+    return scale_inv.to(torch.float32)
+
+
 def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FP8 weight [..., N, K] times its per-block scales [..., ceil(N/bn), ceil(K/bk)] (float32, edge blocks
-    partial), in float32, returned in `dtype`. block None: one scale for the whole tensor."""
+    """FP8 weight [..., N, K] times its per-block scales [..., ceil(N/bn), ceil(K/bk)] (fp8_scale_float; edge
+    blocks partial), in float32, returned in `dtype`. block None: one scale for the whole tensor."""
     w = weight.to(torch.float32)
-    s = scale_inv.to(torch.float32)
+    s = fp8_scale_float(scale_inv)
     if block is None:
         return (w * s.reshape(())).to(dtype)
     n, k = w.shape[-2:]
