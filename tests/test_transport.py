@@ -131,6 +131,32 @@ def _request(files, layer: int, rows: int, seed: int) -> pb.RunExpertsRequest:
                                 topk_weights=encode_tensor(weights[:rows]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stream_answers_equal_unary_bit_for_bit(files, dtype):  # noqa: F811
+    """The same requests through both transports to one real shard (half the experts held): the same float64
+    outputs bit for bit, the same missing experts; bf16 hidden travels as 2 bytes a value."""
+    shards = Shards(files, [list(range(E // 2))])
+    layer, address = shards.layers[0], shards.addresses[0]
+    unary, stream = UnaryTransport(), StreamTransport()
+    try:
+        for seed in range(3):
+            hidden, ids, weights = _inputs(files, seed)
+            held = ids % (E // 2) if seed < 2 else ids  # seed 2 routes some tokens to experts not held
+            req = ExpertRequest(layer, hidden.to(dtype), held.to(torch.int32), weights, placement_version=4)
+            frame = frames.request_frame(1, req)
+            assert frames.decode_request(frame).hidden.data.nbytes == hidden.numel() * dtype.itemsize
+            a = unary.send(address, lambda: req, 10).result(timeout=20)
+            b = stream.send(address, lambda: req, 10).result(timeout=20)
+            assert list(a.missing) == b.missing and (seed == 2) == bool(b.missing)
+            if not b.missing:
+                out_a, out_b = decode_tensor(a.output), decode_tensor(b.output)
+                assert out_b.dtype == torch.float64 and torch.equal(out_a, out_b)
+    finally:
+        unary.close()
+        stream.close()
+        shards.close()
+
+
 def test_frame_ids_match_answers_under_concurrency(files, pair):  # noqa: F811
     """Many threads, requests of different sizes in flight on one stream: each answer is its own request's."""
     layer = pair.layers[0]

@@ -52,8 +52,9 @@ class TransportError(grpc.RpcError):
 class _Channels:
     """One channel (and stub) per shard address; all replaced when the TLS files are renewed."""
 
-    def __init__(self, insecure: bool):
+    def __init__(self, insecure: bool, options: list[tuple[str, int]] | None = None):
         self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
+        self.options = options  # grpc channel options; None: codec.channel_options()
         self.renewal = tls.Renewal(insecure)
         self._stubs: dict[str, tuple[pb_grpc.ExpertShardStub, grpc.Channel]] = {}
         self._lock = threading.Lock()
@@ -70,7 +71,7 @@ class _Channels:
             if renewed:
                 self._stubs.clear()  # calls in flight finish on their old channel
             if address not in self._stubs:
-                ch = tls.channel(address, channel_options(), insecure=self.insecure)
+                ch = tls.channel(address, self.options or channel_options(), insecure=self.insecure)
                 self._stubs[address] = (pb_grpc.ExpertShardStub(ch), ch)
             return (*self._stubs[address], renewed)
 
@@ -166,8 +167,8 @@ class StreamTransport(_Channels):
     here, per request: a late answer is dropped, the stream stays open.
     """
 
-    def __init__(self, insecure: bool = False):
-        super().__init__(insecure)
+    def __init__(self, insecure: bool = False, options: list[tuple[str, int]] | None = None):
+        super().__init__(insecure, options)
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count(1)
         self._deadlines: list[tuple[float, int, _Stream]] = []  # heap of (monotonic deadline, id, stream)
@@ -199,9 +200,11 @@ class StreamTransport(_Channels):
         for _ in range(2):  # a stream found dead at submit: one fresh one
             s = self._stream(address)
             if s.submit(frame_id, frame, fut):
-                with self._cv:
-                    heapq.heappush(self._deadlines, (time.monotonic() + timeout_s, frame_id, s))
-                    self._cv.notify()
+                deadline = time.monotonic() + timeout_s
+                with self._cv:  # wake the expiry thread only for a new earliest deadline (not once per frame)
+                    if not self._deadlines or deadline < self._deadlines[0][0]:
+                        self._cv.notify()
+                    heapq.heappush(self._deadlines, (deadline, frame_id, s))
                 return fut
         fut.set_exception(TransportError(grpc.StatusCode.UNAVAILABLE, f"no stream to {address}"))
         return fut

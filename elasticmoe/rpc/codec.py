@@ -104,20 +104,21 @@ HTTP2_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def _http2() -> list[tuple[str, int]]:
-    return list(HTTP2_OPTIONS) if HTTP2_TUNING else []
+def _http2(on: bool | None = None) -> list[tuple[str, int]]:
+    return list(HTTP2_OPTIONS) if (HTTP2_TUNING if on is None else on) else []
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: float | None = 30.0,
-                    keepalive_timeout_s: float = 10.0) -> list[tuple[str, int]]:
+                    keepalive_timeout_s: float = 10.0, http2: bool | None = None) -> list[tuple[str, int]]:
     """Options for grpc(.aio) channels: raised message limits both ways and keepalive pings.
 
     Keepalive pings (also while idle) detect a dead shard within keepalive_s + keepalive_timeout_s
     even when no call is in flight; servers must allow them (server_options does). keepalive_s=None: no
     pings, for servers we do not configure (Serve's gRPC proxy answers 30 s pings with GOAWAY too_many_pings).
+    http2: HTTP2_OPTIONS on or off (None: HTTP2_TUNING).
     """
     limits = [("grpc.max_send_message_length", max_message_bytes),
-              ("grpc.max_receive_message_length", max_message_bytes), *_http2()]
+              ("grpc.max_receive_message_length", max_message_bytes), *_http2(http2)]
     if keepalive_s is None:
         return limits
     return limits + [
