@@ -3,7 +3,7 @@
 The Triton interpreter accepts code that a GPU will not compile; this runs the real compiler (TTIR ->
 TTGIR -> PTX -> cubin with the bundled ptxas), with the argument specialisation the JIT launcher would
 use for real model shapes (16-divisible pointers and model sizes, unit strides as constants; the per-call
-sizes are `do_not_specialize`), for every default tile config and the three alignment kernels. It also
+sizes are `do_not_specialize`), for every default tile config and the three alignment kernels, and the block-FP8 (W8A16, W8A8) variants. It also
 checks the shared-memory footprint (defaults must fit the 101,376 B of sm_86/89/120 on any target) and
 that the K loops were software-pipelined.
 
@@ -22,12 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import triton_align, triton_gemm
-from .tuning import CONSUMER_SMEM, DEFAULT_TILES, FP32_CAPS
+from .tuning import CONSUMER_SMEM, DEFAULT_TILES, FP32_CAPS, finalize
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # bytes per block (opt-in max)
 DIV16 = "div16"  # marker: the launcher would see a 16-divisible value
@@ -67,21 +68,42 @@ def _ptr(kind: str):
     return (f"*{kind}", DIV16)
 
 
-def gemm_jobs(config: dict, dtype: str) -> list[tuple]:
-    """(kernel, args, constexprs, num_warps, num_stages) for both grouped GEMMs with one tile config."""
+def gemm_jobs(config: dict, dtype: str, fp8: str | None = None) -> list[tuple]:
+    """(kernel, args, constexprs, num_warps, num_stages) for both grouped GEMMs with one tile config.
+
+    dtype: the activations'; fp8: None (weights in dtype), "w8a16" or "w8a8" (block-FP8 weights, 128x128 scales).
+    """
     t = TRITON_TYPES[dtype]
     tiles = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
     tiles["DOT_PRECISION"] = "ieee" if dtype == "float32" else "tf32"
     common = dict(sorted_ids_ptr=_ptr("i32"), expert_ids_ptr=_ptr("i32"), num_post_padded_ptr=_ptr("i32"),
                   num_pairs="i32", hidden_size=("i32", DIV16), inter=("i32", DIV16), num_pid_m="i32",
                   stride_we=("i32", DIV16), stride_wn=("i32", DIV16), stride_wk=1)
-    gate_up = dict(common, x_ptr=_ptr(t), w13_ptr=_ptr(t), act_ptr=_ptr(t),
+    w = "fp8e4nv" if fp8 else t
+    tiles.update(W_FP8=bool(fp8), A_FP8=fp8 == "w8a8", GROUP_N=128, GROUP_K=128)
+    if fp8:  # scales [E, rows, cols] fp32: contiguous, so the last stride is 1
+        common.update(w_scale_ptr=_ptr("fp32"), stride_se="i32", stride_sn="i32", stride_sk=1)
+    else:  # what the launcher sees without scales: None and zeros
+        tiles.update(w_scale_ptr=None)
+        common.update(stride_se=("i32", DIV16), stride_sn=("i32", DIV16), stride_sk=("i32", DIV16))
+    gate_up = dict(common, x_ptr=_ptr(t), w13_ptr=_ptr(w), act_ptr=_ptr(t), up_scale_base=("i32", DIV16),
                    stride_xm=("i32", DIV16), stride_xk=1, stride_am=("i32", DIV16), stride_an=1)
-    down = dict(common, act_ptr=_ptr(t), w2_ptr=_ptr(t), pair_out_ptr=_ptr("fp32"), topk_weights_ptr=_ptr("fp32"),
+    down = dict(common, act_ptr=_ptr(t), w2_ptr=_ptr(w), pair_out_ptr=_ptr("fp32"), topk_weights_ptr=_ptr("fp32"),
                 stride_am=("i32", DIV16), stride_ak=1, stride_pm=("i32", DIV16))
     launch = (config["num_warps"], config["num_stages"])
     return [(triton_gemm.gate_up_kernel, gate_up, dict(tiles, TOP_K=8), *launch),
             (triton_gemm.down_kernel, down, tiles, *launch)]
+
+
+def fp8_jobs(quick: bool = False) -> list[tuple]:
+    """Block-FP8 GEMMs with bf16 activations, the tiles fused_moe would pick (tuning.finalize): W8A16, W8A8."""
+    limit, jobs = CONSUMER_SMEM, []
+    for bound, config in DEFAULT_TILES[-1:] if quick else DEFAULT_TILES:
+        for mode in ("w8a16", "w8a8"):
+            quant = (torch.bfloat16, 128, mode == "w8a8")
+            cfg = finalize(config, 1536, 7168, torch.float8_e4m3fn, limit, quant)
+            jobs += gemm_jobs(cfg, "bfloat16", mode)
+    return jobs
 
 
 def small_jobs(dtype: str) -> list[tuple]:
@@ -115,12 +137,14 @@ def run(arch: int = 90, quick: bool = False) -> list[str]:
     for config in configs[:1] if quick else configs:
         jobs += gemm_jobs(config, "bfloat16")
     jobs += gemm_jobs(configs[-1], "float16") + gemm_jobs(fp32, "float32") + small_jobs("bfloat16")
+    jobs += fp8_jobs(quick)
     limit, lines = min(SMEM_LIMIT.get(arch, CONSUMER_SMEM), CONSUMER_SMEM), []
     for fn, args, consts, warps, stages in jobs:
         kernel = compile_kernel(fn, args, consts, arch, warps, stages)
         shared = kernel.metadata.shared
         pipelined = kernel.asm["ttgir"].count("async_copy_global_to_local")
         usage = resource_usage(kernel.asm["cubin"])
+        consts = {key: val for key, val in consts.items() if not key.endswith("_ptr")}
         line = (f"{fn.__name__:<18} {consts} warps={warps} stages={stages}: smem {shared} B, "
                 f"{pipelined} async copies, regs {usage.get('REG', '?')}")
         if usage.get("STACK", 0) or usage.get("LOCAL", 0):

@@ -124,14 +124,23 @@ def fused_moe(
 
 
 def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "auto",
-               hidden_dtype: torch.dtype | None = None) -> int:
+               hidden_dtype: torch.dtype | None = None, w13_scale: torch.Tensor | None = None,
+               w2_scale: torch.Tensor | None = None, block_shape: tuple[int, int] | None = None,
+               act_quant: bool = False) -> int:
     """Compile, at model load, every Triton kernel variant that fused_moe can launch with these weights.
 
     A no-op (returns 0) when `backend` resolves to torch for w13's device, or when this shape was
-    warmed before; otherwise returns the number of 1-token warm-up passes run.
+    warmed before; otherwise returns the number of 1-token warm-up passes run. Block-FP8 weights: pass
+    their scales (and block_shape, act_quant) as to fused_moe, and hidden_dtype, the activations' dtype.
     """
     if resolve_backend(backend, w13.device) != "triton" or w13.shape[0] == 0:
         return 0
     from .triton_moe import warmup_triton  # lazy: importing triton must wait for TRITON_INTERPRET
 
-    return warmup_triton(w13, w2, top_k, hidden_dtype)
+    fp8 = None
+    if is_fp8(w13):
+        block = check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape)
+        if hidden_dtype is None:
+            raise ValueError("warming block-FP8 weights needs hidden_dtype (the activations' dtype)")
+        fp8 = dict(w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block, act_quant=act_quant)
+    return warmup_triton(w13, w2, top_k, hidden_dtype, fp8=fp8)

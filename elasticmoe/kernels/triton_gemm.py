@@ -5,6 +5,10 @@ one expert (expert_ids[pid_m]); slots holding N are padding and are masked every
 Only sm_90-compilable constructs: constexpr tiles >= 16 for tl.dot, masks for ragged H / I,
 scalar early exit on the device-side padded total. Sizes that change per call (pairs, blocks, tokens,
 experts) are not specialised on, so a tile config compiles once, not once per batch-size class.
+Block-FP8 weights (W_FP8, see fp8.py): each K step's partial dot is scaled by the weight block's scale,
+one per column (BLOCK_K divides the scale block GROUP_K); the fp8 values are converted exactly to the
+activation dtype (W8A16), or with A_FP8 (BLOCK_K == GROUP_K) the activation tile is quantized per row on
+the fly (scale = amax / 448, round to nearest) and the dot runs on fp8 operands (W8A8).
 """
 
 from __future__ import annotations
@@ -25,14 +29,47 @@ def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _round_e4m3(v):
+    """fp32 v (|v| <= 448) rounded to nearest-even float8_e4m3fn values, still fp32.
+
+    The cast alone would do this on a GPU, but Triton 3.9's interpreter rounds fp32 -> fp8e4nv wrongly (ties
+    away from zero, a carry into the exponent halves the value: 126.9 -> 64, subnormals off by one step), so
+    the rounding happens here and the cast only meets exact values. Normals: round the fp32 mantissa to 3 bits
+    on the bit pattern; below 2^-6 (e4m3 subnormals, step 2^-9): add and subtract 1.5 * 2^14.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
+    subnormal = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _scaled_dot(a, b, acc, b_scale, DOT_PRECISION: tl.constexpr, W_FP8: tl.constexpr, A_FP8: tl.constexpr):
+    """acc + a [BM, BK] . b [BK, BN]; fp8 b: the product times b_scale [BN] (and a's per-row scale with A_FP8)."""
+    if not W_FP8:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    elif A_FP8:
+        a32 = a.to(tl.float32)
+        a_scale = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-10) / 448.0  # [BM]
+        q = _round_e4m3(tl.clamp(tl.math.div_rn(a32, a_scale[:, None]), -448.0, 448.0)).to(tl.float8e4nv)
+        out = acc + tl.dot(q, b) * (a_scale[:, None] * b_scale[None, :])
+    else:
+        out = acc + tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_scale[None, :]
+    return out  # one return: the compiler does not stop at a return inside a constexpr branch
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_pid_m"])
 def gate_up_kernel(
     x_ptr, w13_ptr, act_ptr,  # x [T, H], w13 [E, 2I, H], act [B * BLOCK_M, I] (sorted rows), out
     sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
     num_pairs, hidden_size, inter, num_pid_m,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_am, stride_an,
+    w_scale_ptr, stride_se, stride_sn, stride_sk, up_scale_base,  # w13_scale [E, 2I/GN, H/GK] (fp8 only)
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_FP8: tl.constexpr = False, A_FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
+    GROUP_K: tl.constexpr = 128,
 ):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, I + n]) for one [BLOCK_M, BLOCK_N] tile."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
@@ -49,6 +86,9 @@ def gate_up_kernel(
     x_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
     g_ptrs = w13_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
     u_ptrs = g_ptrs + inter * stride_wn
+    if W_FP8:  # scale rows of the gate and up columns, [BN] each
+        gs_ptrs = w_scale_ptr + expert * stride_se + (offs_n // GROUP_N) * stride_sn
+        us_ptrs = w_scale_ptr + expert * stride_se + ((up_scale_base + offs_n) // GROUP_N) * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(hidden_size, BLOCK_K)):
@@ -56,8 +96,13 @@ def gate_up_kernel(
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
+        gs, us = 1.0, 1.0
+        if W_FP8:
+            block_k = (k * BLOCK_K) // GROUP_K * stride_sk
+            gs = tl.load(gs_ptrs + block_k, mask=col_ok, other=0.0)  # [BN]
+            us = tl.load(us_ptrs + block_k, mask=col_ok, other=0.0)  # [BN]
+        acc_g = _scaled_dot(a, g, acc_g, gs, DOT_PRECISION, W_FP8, A_FP8)
+        acc_u = _scaled_dot(a, u, acc_u, us, DOT_PRECISION, W_FP8, A_FP8)
         x_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
@@ -72,8 +117,11 @@ def down_kernel(
     sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
     num_pairs, hidden_size, inter, num_pid_m,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_pm,
+    w_scale_ptr, stride_se, stride_sn, stride_sk,  # w2_scale [E, H/GN, I/GK] (fp8 only)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_FP8: tl.constexpr = False, A_FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
+    GROUP_K: tl.constexpr = 128,
 ):
     """pair_out[p, n] = topk_weights[p] * (act[slot] . w2[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
@@ -88,12 +136,17 @@ def down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
     b_ptrs = w2_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
+    if W_FP8:
+        s_ptrs = w_scale_ptr + expert * stride_se + (offs_n // GROUP_N) * stride_sn  # [BN] scale rows
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(inter, BLOCK_K)):
         k_ok = offs_k < inter - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        scale = 1.0
+        if W_FP8:
+            scale = tl.load(s_ptrs + (k * BLOCK_K) // GROUP_K * stride_sk, mask=col_ok, other=0.0)  # [BN]
+        acc = _scaled_dot(a, b, acc, scale, DOT_PRECISION, W_FP8, A_FP8)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_wk
     weight = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)  # [BM]

@@ -10,6 +10,8 @@ B blocks of BLOCK_M slots):
 Writing pair_out and summing (instead of fp32 atomics into [T, H]) keeps the result deterministic,
 needs no zero-fill launch and handles -1 slots; chunking bounds pair_out to chunk_tokens * k * H * 4 bytes.
 Every launch runs under torch.cuda.device(tensors' device): Triton launches on the current device.
+Block-FP8 weights (fp8 = {w13_scale, w2_scale, block_shape, act_quant}, see fp8.py) go to the same two GEMM
+kernels as they are, with their scales; x and act then stay in hidden's dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import triton
 from .align import max_num_blocks
 from .triton_align import align_block_size_triton
 from .triton_gemm import down_kernel, gate_up_kernel, topk_sum_kernel
-from .tuning import candidate_configs, get_config
+from .tuning import candidate_configs, check_quant_tiles, get_config
 
 CHUNK_ENV = "ELASTICMOE_MOE_CHUNK_TOKENS"
 DEFAULT_CHUNK_TOKENS = 4096  # DeepSeek-V3 shard (k=8, H=7168): pair_out <= 0.94 GB whatever the batch
@@ -51,13 +53,23 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def launch_options(cfg: dict, dtype: torch.dtype) -> dict:
-    """Keyword arguments of both GEMM launches for a tile config."""
-    return dict(
+def launch_options(cfg: dict, dtype: torch.dtype, fp8: dict | None = None) -> dict:
+    """Keyword arguments of both GEMM launches for a tile config; dtype: the activations'."""
+    options = dict(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if fp8 is not None:
+        group_n, group_k = fp8["block_shape"]
+        check_quant_tiles(cfg, group_k, fp8["act_quant"])
+        options.update(W_FP8=True, A_FP8=bool(fp8["act_quant"]), GROUP_N=group_n, GROUP_K=group_k)
+    return options
+
+
+def quant_key(hidden_dtype: torch.dtype, fp8: dict | None) -> tuple | None:
+    """tuning's quant argument: (activation dtype, bk, act_quant) for block-FP8 weights, else None."""
+    return None if fp8 is None else (hidden_dtype, fp8["block_shape"][1], bool(fp8["act_quant"]))
 
 
 def fused_moe_triton(
@@ -74,10 +86,9 @@ def fused_moe_triton(
 
     config: tile dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); default: tuning.get_config.
     chunk_tokens: tokens per pipeline pass (default $ELASTICMOE_MOE_CHUNK_TOKENS or 4096).
+    fp8: block-FP8 weights' {w13_scale, w2_scale, block_shape (bn, bk), act_quant} (checked by api.py).
     Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
-    if fp8 is not None:
-        raise NotImplementedError("block-FP8 weights on the triton backend: not yet")
     if hidden.device.type != "cuda" and not _interpreting():
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     num_tokens, hidden_size = hidden.shape
@@ -86,39 +97,57 @@ def fused_moe_triton(
         return torch.zeros_like(hidden)  # [T, H]
     chunk = min(num_tokens, chunk_tokens or chunk_tokens_default())
     with device_guard(hidden.device):
-        cfg = config or get_config(num_experts, w2.shape[2], hidden_size, w13.dtype, chunk, hidden.device, top_k)
-        launch = launch_options(cfg, w13.dtype)
-        x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
+        act_dtype = hidden.dtype if fp8 else w13.dtype
+        cfg = config or get_config(num_experts, w2.shape[2], hidden_size, w13.dtype, chunk, hidden.device, top_k,
+                                   quant_key(act_dtype, fp8))
+        launch = launch_options(cfg, act_dtype, fp8)
+        x = hidden if hidden.dtype == act_dtype else hidden.to(act_dtype)  # [T, H]
+        scales = _scale_args(w13, fp8)
         ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()  # [T, k]
         weights = topk_weights.to(torch.float32).contiguous()  # [T, k]
         out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)  # [T, H]
-        act, pair_out = _buffers(chunk, top_k, w13, launch["BLOCK_M"])
+        act, pair_out = _buffers(chunk, top_k, w13, launch["BLOCK_M"], act_dtype)
         for start in range(0, num_tokens, chunk):
             stop = min(num_tokens, start + chunk)
             _forward_chunk(x[start:stop], w13, w2, ids[start:stop], weights[start:stop], launch,
-                           act, pair_out, out[start:stop])
+                           act, pair_out, out[start:stop], scales)
     return out
 
 
-def _buffers(chunk: int, top_k: int, w13: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """act [B * BLOCK_M, I] (w13's dtype) and pair_out [chunk * k, H] fp32, reused by every chunk."""
+NO_SCALES = ((None, 0, 0, 0, 0), (None, 0, 0, 0))
+
+
+def _scale_args(w13: torch.Tensor, fp8: dict | None) -> tuple[tuple, tuple]:
+    """Scale arguments of gate_up (ptr, 3 strides, up_scale_base) and down (ptr, 3 strides); unused unless fp8."""
+    if fp8 is None:
+        return NO_SCALES
+    from .fp8 import up_scale_base
+
+    s13, s2 = fp8["w13_scale"], fp8["w2_scale"]
+    base = up_scale_base(w13.shape[1], s13.shape[1], fp8["block_shape"][0])
+    return (s13, *s13.stride(), base), (s2, *s2.stride())
+
+
+def _buffers(chunk: int, top_k: int, w13: torch.Tensor, block_m: int,
+             act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """act [B * BLOCK_M, I] (act_dtype) and pair_out [chunk * k, H] fp32, reused by every chunk."""
     num_experts, two_i, hidden_size = w13.shape
     blocks = max_num_blocks(chunk * top_k, num_experts, block_m)
-    act = torch.empty(blocks * block_m, two_i // 2, dtype=w13.dtype, device=w13.device)
+    act = torch.empty(blocks * block_m, two_i // 2, dtype=act_dtype, device=w13.device)
     pair_out = torch.empty(chunk * top_k, hidden_size, dtype=torch.float32, device=w13.device)
     return act, pair_out
 
 
-def _forward_chunk(x, w13, w2, ids, weights, launch, act, pair_out, out) -> None:
+def _forward_chunk(x, w13, w2, ids, weights, launch, act, pair_out, out, scales=NO_SCALES) -> None:
     """One pass of the pipeline over x [t, H] / ids, weights [t, k]; writes out [t, H]."""
     num_pairs = ids.numel()
     routing = align_block_size_triton(ids, w13.shape[0], launch["BLOCK_M"])  # sorted_ids, expert_ids, num_post
-    gate_up(x, w13, routing, ids.shape[1], launch, act)
-    down(act, w2, weights.reshape(-1), routing, num_pairs, launch, pair_out[:num_pairs])
+    gate_up(x, w13, routing, ids.shape[1], launch, act, scales[0])
+    down(act, w2, weights.reshape(-1), routing, num_pairs, launch, pair_out[:num_pairs], scales[1])
     topk_sum(pair_out[:num_pairs], ids.reshape(-1), w13.shape[0], out)
 
 
-def gate_up(x, w13, routing, top_k, launch, act) -> torch.Tensor:
+def gate_up(x, w13, routing, top_k, launch, act, scale_args=NO_SCALES[0]) -> torch.Tensor:
     """act [B * BLOCK_M, I] = silu(gate) * up for every sorted slot (padding rows left unwritten)."""
     inter = w13.shape[1] // 2
     num_pid_m = routing[1].numel()
@@ -127,12 +156,12 @@ def gate_up(x, w13, routing, top_k, launch, act) -> torch.Tensor:
         x, w13, act, *routing,
         x.shape[0] * top_k, x.shape[1], inter, num_pid_m,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0), act.stride(1),
-        TOP_K=top_k, **launch,
+        *scale_args, TOP_K=top_k, **launch,
     )
     return act
 
 
-def down(act, w2, weights, routing, num_pairs, launch, pair_out) -> torch.Tensor:
+def down(act, w2, weights, routing, num_pairs, launch, pair_out, scale_args=NO_SCALES[1]) -> torch.Tensor:
     """pair_out [N, H] fp32 = topk_weight * (act @ w2[e]^T) per (token, slot) pair; -1 pairs unwritten."""
     hidden_size, inter = w2.shape[1], w2.shape[2]
     num_pid_m = routing[1].numel()
@@ -141,7 +170,7 @@ def down(act, w2, weights, routing, num_pairs, launch, pair_out) -> torch.Tensor
         act, w2, pair_out, weights, *routing,
         num_pairs, hidden_size, inter, num_pid_m,
         act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
-        **launch,
+        *scale_args, **launch,
     )
     return pair_out
 
@@ -160,17 +189,19 @@ def topk_sum(pair_out, ids, num_experts, out) -> torch.Tensor:
 
 
 def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype: torch.dtype | None = None,
-                  id_dtypes=(torch.int64, torch.int32)) -> int:
+                  id_dtypes=(torch.int64, torch.int32), fp8: dict | None = None) -> int:
     """Compile every kernel variant a call with these weights can launch; returns the passes run (0: done before).
 
     One 1-token pass per candidate tile config and id dtype: runtime sizes are not specialised on,
-    so later batches of any size reuse these compiles. Weights are only read.
+    so later batches of any size reuse these compiles. Weights are only read. fp8: as fused_moe_triton's
+    (block-FP8 weights need hidden_dtype, the activations' dtype).
     """
     hidden_dtype = hidden_dtype or w13.dtype
     num_experts, hidden_size = w13.shape[0], w13.shape[2]
     device = w13.device
-    configs = candidate_configs(num_experts, w2.shape[2], hidden_size, w13.dtype, device)
-    key = (tuple(w13.shape), w13.dtype, hidden_dtype, top_k, str(device), tuple(id_dtypes),
+    quant = quant_key(hidden_dtype, fp8)
+    configs = candidate_configs(num_experts, w2.shape[2], hidden_size, w13.dtype, device, quant)
+    key = (tuple(w13.shape), w13.dtype, hidden_dtype, top_k, str(device), tuple(id_dtypes), quant,
            tuple(tuple(c.items()) for c in configs))
     if key in _warm:
         return 0
@@ -181,7 +212,7 @@ def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype:
         for cfg in configs:
             for id_dtype in id_dtypes:
                 ids = (torch.arange(top_k, device=device) % num_experts).to(id_dtype)[None]  # [1, k]
-                fused_moe_triton(x, w13, w2, ids, weights, config=cfg)
+                fused_moe_triton(x, w13, w2, ids, weights, config=cfg, fp8=fp8)
                 runs += 1
     _warm.add(key)
     return runs

@@ -49,7 +49,7 @@ def device_name(device: torch.device) -> str:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"bfloat16" / "float16" / "float32"."""
+    """"bfloat16" / "float16" / "float32" / "float8_e4m3fn"."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -120,19 +120,40 @@ def smem_bytes(cfg: dict, elem_bytes: int) -> int:
     return cfg["num_stages"] * per_stage * elem_bytes
 
 
-def finalize(cfg: dict, inter: int, hidden: int, dtype: torch.dtype, limit: int) -> dict:
-    """Cap tiles by the problem (tiny test shapes), fp32 register budget and shared memory `limit`."""
+def finalize(cfg: dict, inter: int, hidden: int, dtype: torch.dtype, limit: int, quant: tuple | None = None) -> dict:
+    """Cap tiles by the problem (tiny test shapes), fp32 register budget and shared memory `limit`.
+
+    quant (block-FP8 weights): (activation dtype, scale block bk, act_quant); BLOCK_K then divides bk
+    (W8A16, the fp32 caps apply to fp32 activations) or equals it (W8A8).
+    """
     cfg = dict(cfg)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, _pow2(min(inter, hidden))))
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, _pow2(min(inter, hidden))))
-    if dtype == torch.float32:
+    act_dtype, group_k, act_quant = quant or (dtype, None, False)
+    if act_dtype == torch.float32 and not act_quant:
         cfg = {key: min(val, FP32_CAPS.get(key, val)) for key, val in cfg.items()}
-    elem = torch.empty((), dtype=dtype).element_size()
+    if group_k is not None:
+        cfg["BLOCK_K"] = group_k if act_quant else min(cfg["BLOCK_K"], group_k)
+        check_quant_tiles(cfg, group_k, act_quant)
+    if act_quant and cfg["BLOCK_M"] >= 64:  # quantizing a [BM, 128] tile per step: 4 warps spill (sm_90)
+        cfg["num_warps"] = max(cfg["num_warps"], 8)
+    elem = torch.empty((), dtype=act_dtype).element_size()  # >= the weights' bytes: an upper bound for fp8
     while smem_bytes(cfg, elem) > limit and cfg["num_stages"] > 2:
         cfg["num_stages"] -= 1
-    while smem_bytes(cfg, elem) > limit and cfg["BLOCK_K"] > 32:
+    while smem_bytes(cfg, elem) > limit and cfg["BLOCK_K"] > 32 and not act_quant:
         cfg["BLOCK_K"] //= 2
+    while smem_bytes(cfg, elem) > limit and cfg["BLOCK_M"] > 16:
+        cfg["BLOCK_M"] //= 2
     return cfg
+
+
+def check_quant_tiles(cfg: dict, group_k: int, act_quant: bool) -> None:
+    """Raise ValueError unless BLOCK_K fits the scale block bk = group_k: divides it (W8A16) or equals it (W8A8)."""
+    block_k = cfg["BLOCK_K"]
+    fits = block_k == group_k if act_quant else group_k % block_k == 0
+    if not fits or block_k < 16 or block_k & (block_k - 1):
+        need = f"== {group_k}" if act_quant else f"a power of two >= 16 dividing {group_k}"
+        raise ValueError(f"block-FP8 tiles need BLOCK_K {need}; got {block_k}")
 
 
 def _pow2(n: int) -> int:
@@ -140,8 +161,10 @@ def _pow2(n: int) -> int:
 
 
 def get_config(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, num_tokens: int,
-               device: torch.device, top_k: int = 1) -> dict:
-    """Tile config for a call with num_tokens tokens; warns once per process when no tuned table exists."""
+               device: torch.device, top_k: int = 1, quant: tuple | None = None) -> dict:
+    """Tile config for a call with num_tokens tokens; warns once per process when no tuned table exists.
+
+    dtype: the weights' (names the tuned table); quant: see finalize (block-FP8 weights)."""
     global _warned_default
     table, name = _table_for(num_experts, inter, hidden, dtype, str(device))
     if table is None and not _warned_default:
@@ -152,15 +175,15 @@ def get_config(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, nu
             stacklevel=4,  # the caller of fused_moe
         )
     cfg = nearest(table, num_tokens) if table else default_tiles(num_tokens * top_k / num_experts)
-    return finalize(cfg, inter, hidden, dtype, smem_limit(str(device)))
+    return finalize(cfg, inter, hidden, dtype, smem_limit(str(device)), quant)
 
 
 def candidate_configs(num_experts: int, inter: int, hidden: int, dtype: torch.dtype,
-                      device: torch.device) -> list[dict]:
+                      device: torch.device, quant: tuple | None = None) -> list[dict]:
     """Every distinct config get_config can return for this shape (what a warm-up must compile)."""
     table, _ = _table_for(num_experts, inter, hidden, dtype, str(device))
     raw = table.values() if table else [cfg for _, cfg in DEFAULT_TILES]
-    done = [finalize(cfg, inter, hidden, dtype, smem_limit(str(device))) for cfg in raw]
+    done = [finalize(cfg, inter, hidden, dtype, smem_limit(str(device)), quant) for cfg in raw]
     return [dict(items) for items in dict.fromkeys(tuple(c.items()) for c in done)]
 
 
