@@ -244,6 +244,32 @@ def test_unreadable_frames_fail_alone_on_one_stream(files, pair):  # noqa: F811
     torch.testing.assert_close(decode_tensor(replies[5].output), decode_tensor(replies[2].output), rtol=0, atol=0)
 
 
+def test_mutated_frames_each_get_one_answer(files, pair):  # noqa: F811
+    """Random bytes of 60 frames' headers and tensor descriptors flipped (seeded): every frame gets exactly one
+    reply, OK or INVALID_ARGUMENT (never INTERNAL, never a broken stream), and a good frame after them is served."""
+    layer = pair.layers[0]
+    hidden, ids, weights = _inputs(files)
+    good = frames.encode_request(10**6, layer, hidden[:4], ids[:4].to(torch.int32), weights[:4])
+    g = torch.Generator().manual_seed(14)
+    head = 8 + frames.HEADER.size + 3 * frames.DESC.size  # prefix, header and descriptors
+    sent = []
+    for _ in range(60):
+        wire = bytearray(good)
+        for pos in torch.randint(3, head, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist():
+            wire[pos] = int(torch.randint(0, 256, (1,), generator=g))
+        sent.append(bytes(wire))
+    channel = tls.channel(pair.addresses[0], channel_options())
+    try:
+        call = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=frames.decode_reply)
+        replies = list(call(iter(sent + [good]), timeout=60))
+    finally:
+        channel.close()
+    assert len(replies) == len(sent) + 1
+    assert {r.code for r in replies} <= {0, grpc.StatusCode.INVALID_ARGUMENT.value[0]}, {r.error for r in replies}
+    assert sum(r.code != 0 for r in replies) >= 30  # most mutations are refused (the rest hit a field that may vary)
+    assert any(r.id == 10**6 and r.code == 0 and r.output is not None for r in replies)
+
+
 def test_close_fails_pending_calls(files, pair):  # noqa: F811
     layer, address = pair.layers[0], pair.addresses[0]
     t = StreamTransport()
