@@ -222,32 +222,6 @@ def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator) -> l
     return check.prompt_ids([int(t) for t in (ids[0] if ids and isinstance(ids[0], list) else ids)], "messages")
 
 
-class TextDelta:
-    """Turns each update's full text into the new part safe to show: holds back a trailing partial
-    UTF-8 character ("\\ufffd") and any tail that may be the start of a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.sent = stops, 0
-
-    def push(self, text: str, finished: bool) -> str:
-        if not finished:
-            text = text.rstrip("\ufffd")
-            text = text[: len(text) - self._stop_prefix(text)]
-        if len(text) <= self.sent:
-            return ""
-        delta, self.sent = text[self.sent:], len(text)
-        return delta
-
-    def _stop_prefix(self, text: str) -> int:
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-
 _BYTE_DECODER: dict[str, int] = {}
 
 
