@@ -213,6 +213,12 @@ class Checkpoint:
                 os.close(fd)
             self._files.clear()
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: os may be gone
+            pass
+
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         """One tensor (or one row `index` of its first dim, read alone), as stored on disk (views: as exposed);
         FP8 weights dequantized to float32 with their scales."""
