@@ -74,7 +74,8 @@ def dequantize_block_fp8(weight: torch.Tensor, scale: torch.Tensor, block_shape=
     bn, bk = block_shape
     rows, cols = weight.shape[-2:]
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    flat_w, flat_s, flat_o = weight.reshape(-1, rows, cols), scale.reshape(-1, *scale.shape[-2:]), out.view(-1, rows, cols)
+    flat_w, flat_o = weight.reshape(-1, rows, cols), out.view(-1, rows, cols)
+    flat_s = scale.reshape(-1, *scale.shape[-2:])
     for i in range(flat_w.shape[0]):  # one [N, K] matrix at a time: fp32 temporaries stay one matrix big
         full = flat_s[i].repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)[:, :cols]  # [N, K]
         flat_o[i] = flat_w[i].to(torch.float32).mul_(full)
