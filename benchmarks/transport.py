@@ -4,19 +4,24 @@ length-prefixed, no codec), the unary gRPC path (gateway.transport.UnaryTranspor
 (StreamTransport), both plaintext to an echo shard (rpc.bench.EchoShard); also the stream with grpc's default HTTP/2
 and TCP settings on both ends (codec.HTTP2_OPTIONS off: "stream-default"). glibc malloc tuned everywhere, as deployed.
 One caller thread as the gateway's fan-out; modes rotate call by call, so machine noise hits all alike.
-Writes benchmarks/results/transport-<cpu>.json."""
+Writes benchmarks/results/transport-<cpu>.json. Then the mTLS cost (--only mtls: that alone): unary and stream,
+plaintext and mTLS (rpc.tls, a CA made in a temp dir) to one echo shard serving both ports, calls rotating;
+also a fresh connection's first answer (TCP + TLS handshake). Writes benchmarks/results/transport-mtls-<cpu>.json."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import re
 import socket
+import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,8 +30,11 @@ import grpc
 import torch
 
 from elasticmoe.gateway.transport import StreamTransport, UnaryTransport
-from elasticmoe.rpc.bench import percentiles
-from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, tune_malloc
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import frames, tls
+from elasticmoe.rpc.bench import EchoShard, percentiles
+from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
 from elasticmoe.rpc.frames import ExpertRequest
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,6 +42,10 @@ H = 4096  # bf16 hidden [tokens, 4096]: 8 KiB per token
 SIZES = {"16 KiB": (2, 300), "64 KiB": (8, 200), "256 KiB": (32, 120), "1 MiB": (128, 60), "8 MiB": (1024, 16)}
 SHARDS = (1, 2, 4)
 MODES = ("socket", "unary", "stream", "stream-default")
+# the mTLS comparison: 1 shard; calls per mode (~1.5 min on 2 busy vCPUs); the target for mTLS p50 / plaintext p50
+MTLS_SIZES = {"16 KiB": (2, 1000), "64 KiB": (8, 800), "1 MiB": (128, 300), "8 MiB": (1024, 40)}
+MTLS_MODES = ("unary", "unary-mtls", "stream", "stream-mtls")
+MTLS_TARGET = 1.10
 _HEADER = struct.Struct("<Q")  # the socket echo's frame: 8-byte little-endian length, then the bytes
 
 
@@ -98,15 +110,27 @@ class SocketFanout:
             c.close()
 
 
+async def _serve_mtls() -> None:
+    """One echo shard (rpc.bench.EchoShard, raw-frame stream) on a plaintext and an mTLS port: "plain secure"."""
+    server = grpc.aio.server(options=server_options())
+    frames.add_shard_servicer(EchoShard(), server)
+    ports = [tls.add_port(server, "127.0.0.1:0", insecure=insecure) for insecure in (True, False)]
+    await server.start()
+    print(*ports, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # the parent closes stdin to stop us
+    await server.stop(None)
+
+
 def _spawn(kind: str) -> tuple[subprocess.Popen, str]:
-    """kind: grpc (rpc.bench's echo shard, unary + raw stream), grpc-default (HTTP/2 tuning off) or socket."""
+    """kind: grpc (rpc.bench's echo shard, unary + raw stream), grpc-default (HTTP/2 tuning off), socket, or mtls
+    (_serve_mtls; the target is "plain_address secure_address")."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     if kind == "grpc-default":
         env["ELASTICMOE_GRPC_HTTP2_TUNING"] = "0"
-    cmd = [sys.executable, "-m", "elasticmoe.rpc.bench", "--serve", "--tune-malloc"] if kind != "socket" else \
-        [sys.executable, __file__, "--serve-socket"]
+    cmd = [sys.executable, "-m", "elasticmoe.rpc.bench", "--serve", "--tune-malloc"] if kind.startswith("grpc") \
+        else [sys.executable, __file__, f"--serve-{kind}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    return proc, f"127.0.0.1:{int(proc.stdout.readline())}"
+    return proc, " ".join(f"127.0.0.1:{int(port)}" for port in proc.stdout.readline().split())
 
 
 def _fanout(transport, targets: list[str], req: ExpertRequest):
@@ -118,9 +142,10 @@ def _fanout(transport, targets: list[str], req: ExpertRequest):
     return call
 
 
-def round_trips(callers: dict, calls: int, warmup: int = 5) -> dict:
-    """Rotating calls over the modes: latency percentiles per mode."""
-    samples: dict[str, list[int]] = {m: [] for m in callers}
+def round_trips(callers: dict, calls: int, warmup: int = 5, samples: dict | None = None) -> dict:
+    """Rotating calls over the modes: latency percentiles per mode (`samples`, when given: filled with the ns)."""
+    samples = {} if samples is None else samples
+    samples.update({m: [] for m in callers})
     order = list(callers.items())
     for i in range(warmup + calls):
         for m, call in order[i % len(order):] + order[:i % len(order)]:
@@ -139,10 +164,15 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def _case(targets: dict[str, list[str]], tokens: int, calls: int, transports: dict) -> dict:
+def _request(tokens: int) -> tuple[ExpertRequest, memoryview]:
+    """A request with bf16 hidden [tokens, H] (top-8 of 64 experts), and its hidden bytes."""
     hidden = torch.randn(tokens, H).to(torch.bfloat16)  # [T, H]
     req = ExpertRequest(1, hidden, torch.randint(0, 64, (tokens, 8), dtype=torch.int32), torch.rand(tokens, 8), 1)
-    payload = memoryview(hidden.view(torch.uint8).numpy()).cast("B")
+    return req, memoryview(hidden.view(torch.uint8).numpy()).cast("B")
+
+
+def _case(targets: dict[str, list[str]], tokens: int, calls: int, transports: dict) -> dict:
+    req, payload = _request(tokens)
     sock = SocketFanout(targets["socket"])
     try:
         callers = {"socket": lambda: sock.call(payload)}
@@ -210,28 +240,121 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _mtls_case(transports: dict, targets: dict, tokens: int, calls: int) -> dict:
+    """Rotating unary / stream, plaintext / mTLS calls to one shard; mTLS / plaintext latency ratios."""
+    req, payload = _request(tokens)
+    samples: dict[str, list[int]] = {}
+    callers = {m: _fanout(transports[m], [targets[m]], req) for m in MTLS_MODES}
+    r = round_trips(callers, calls, min(20, calls // 4), samples)
+    r.update(payload_bytes=len(payload), calls=calls)
+    for kind in ("unary", "stream"):
+        plain, secure = r[kind], r[f"{kind}-mtls"]
+        r[f"{kind}_mtls_ratio_p50"] = secure["p50_us"] / plain["p50_us"]
+        r[f"{kind}_mtls_ratio_mean"] = secure["mean_us"] / plain["mean_us"]
+        # each mTLS call over the plaintext call of the same rotation (adjacent in time), median
+        r[f"{kind}_mtls_ratio_paired"] = statistics.median(
+            s / p for s, p in zip(samples[f"{kind}-mtls"], samples[kind]))
+    return r
+
+
+def first_answers(plain: str, secure: str, n: int = 20) -> dict:
+    """A fresh channel per call (no shared subchannel): TCP connect, the TLS handshake for mTLS, one Health."""
+    samples: dict[str, list[int]] = {"plaintext": [], "mtls": []}
+    for _ in range(n):
+        for mode, target in (("plaintext", plain), ("mtls", secure)):
+            t0 = time.perf_counter_ns()
+            ch = tls.channel(target, channel_options() + [("grpc.use_local_subchannel_pool", 1)],
+                             insecure=mode == "plaintext")
+            try:
+                pb_grpc.ExpertShardStub(ch).Health(pb.HealthRequest(), timeout=10)
+            finally:
+                ch.close()
+            samples[mode].append(time.perf_counter_ns() - t0)
+    return {m: percentiles(s) for m, s in samples.items()}
+
+
+def run_mtls(scale: float) -> dict:
+    """The mTLS cost on one shard, with a release's credentials made in a temp dir and read as rpc.tls reads them."""
+    with tempfile.TemporaryDirectory() as d:
+        files = tls.local_ca(Path(d))
+        env = {tls.ENV_CA: str(files.ca), tls.ENV_CERT: str(files.cert), tls.ENV_KEY: str(files.key)}
+        os.environ.update(env)  # the shard's server credentials and the transports' channels (inherited)
+        proc, both = _spawn("mtls")
+        plain, secure = both.split()
+        targets = {m: secure if m.endswith("mtls") else plain for m in MTLS_MODES}
+        transports = {m: (StreamTransport if m.startswith("stream") else UnaryTransport)(insecure=t == plain)
+                      for m, t in targets.items()}
+        try:
+            cases = {name: _mtls_case(transports, targets, tokens, max(8, int(calls * scale)))
+                     for name, (tokens, calls) in MTLS_SIZES.items()}
+            connect = first_answers(plain, secure)
+        finally:
+            for t in transports.values():
+                t.close()
+            proc.stdin.close()
+            proc.wait(timeout=30)
+            for k in env:
+                os.environ.pop(k)
+    met = {f"{name} {kind}": r[f"{kind}_mtls_ratio_p50"] <= MTLS_TARGET
+           for name, r in cases.items() for kind in ("unary", "stream")}
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "grpc": grpc.__version__, "loadavg": os.getloadavg(),
+            "target_p50_ratio": MTLS_TARGET,
+            "cases": cases, "target_met": met, "new_connection": connect,
+            "note": "1 echo shard (own process) serving a plaintext and an mTLS port; one caller thread; the four "
+                    "modes rotate call by call; ECDSA P-256 certificates; channels kept open (handshake once)"}
+
+
+def mtls_table(res: dict) -> str:
+    """Markdown: plaintext and mTLS p50 per transport and payload, mTLS / plaintext ratios."""
+    lines = ["| payload | unary p50 plain / mTLS ms | unary mTLS / plain p50 (paired, mean) "
+             "| stream p50 plain / mTLS ms | stream mTLS / plain p50 (paired, mean) |", "|---|---|---|---|---|"]
+    for name, r in res["cases"].items():
+        cells = [f"{r[k]['p50_us'] / 1e3:.2f} / {r[k + '-mtls']['p50_us'] / 1e3:.2f} | {r[k + '_mtls_ratio_p50']:.2f}x"
+                 f" ({r[k + '_mtls_ratio_paired']:.2f}x, {r[k + '_mtls_ratio_mean']:.2f}x)" for k in ("unary", "stream")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    c = res["new_connection"]
+    lines.append(f"\nfresh connection + first Health p50: plaintext {c['plaintext']['p50_us'] / 1e3:.2f} ms, "
+                 f"mTLS {c['mtls']['p50_us'] / 1e3:.2f} ms")
+    return "\n".join(lines)
+
+
+def _write(res: dict, path: str | None, stem: str) -> None:
+    cpu = re.sub(r"[^A-Za-z0-9]+", "-", res["cpu"]).strip("-").lower()
+    out = Path(path) if path else RESULTS / f"{stem}-{cpu}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--serve-socket", action="store_true", help="(internal) run one raw TCP socket echo")
+    p.add_argument("--serve-mtls", action="store_true", help="(internal) run one echo shard, plaintext + mTLS")
+    p.add_argument("--only", choices=("shards", "mtls"), help="run only the shard/size matrix, or only the mTLS cost")
     p.add_argument("--scale", type=float, default=1.0, help="x the calls timed per case")
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
     p.add_argument("--shards", default=",".join(map(str, SHARDS)))
     p.add_argument("--json", help="default: benchmarks/results/transport-<cpu>.json")
+    p.add_argument("--mtls-json", help="default: benchmarks/results/transport-mtls-<cpu>.json")
     a = p.parse_args(argv)
-    if a.serve_socket:
-        _serve_socket()
+    if a.serve_socket or a.serve_mtls:
+        tune_malloc()
+        _serve_socket() if a.serve_socket else asyncio.run(_serve_mtls())
         return 0
     torch.set_num_threads(1)
     tune_malloc()  # as the gateway and shard deployments do (and the echo shards, --tune-malloc)
-    res = run(a.scale, a.sizes.split(","), tuple(int(n) for n in a.shards.split(",")))
-    print(f"{res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, http2 tuning {res['http2_tuning']}")
-    print(table(res))
-    for name, t in res["targets"].items():
-        print(f"{name}: {t['target']}: {t['value']:.2f} {'met' if t['met'] else 'MISSED'}")
-    cpu = re.sub(r"[^A-Za-z0-9]+", "-", res["cpu"]).strip("-").lower()
-    out = Path(a.json) if a.json else RESULTS / f"transport-{cpu}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    if a.only != "mtls":
+        res = run(a.scale, a.sizes.split(","), tuple(int(n) for n in a.shards.split(",")))
+        print(f"{res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, http2 tuning {res['http2_tuning']}")
+        print(table(res))
+        for name, t in res["targets"].items():
+            print(f"{name}: {t['target']}: {t['value']:.2f} {'met' if t['met'] else 'MISSED'}")
+        _write(res, a.json, "transport")
+    if a.only != "shards":
+        res = run_mtls(a.scale)
+        print(f"mTLS: {res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, target p50 <= {MTLS_TARGET}x plaintext")
+        print(mtls_table(res))
+        print("target met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["target_met"].items()))
+        _write(res, a.mtls_json, "transport-mtls")
     return 0
 
 
