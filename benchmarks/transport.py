@@ -310,7 +310,8 @@ def mtls_table(res: dict) -> str:
              "| stream p50 plain / mTLS ms | stream mTLS / plain p50 (paired, mean) |", "|---|---|---|---|---|"]
     for name, r in res["cases"].items():
         cells = [f"{r[k]['p50_us'] / 1e3:.2f} / {r[k + '-mtls']['p50_us'] / 1e3:.2f} | {r[k + '_mtls_ratio_p50']:.2f}x"
-                 f" ({r[k + '_mtls_ratio_paired']:.2f}x, {r[k + '_mtls_ratio_mean']:.2f}x)" for k in ("unary", "stream")]
+                 f" ({r[k + '_mtls_ratio_paired']:.2f}x, {r[k + '_mtls_ratio_mean']:.2f}x)"
+                 for k in ("unary", "stream")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     c = res["new_connection"]
     lines.append(f"\nfresh connection + first Health p50: plaintext {c['plaintext']['p50_us'] / 1e3:.2f} ms, "
