@@ -196,3 +196,42 @@ def test_fp8_experts_kept_quantized(layout, tmp_path):
     w = torch.rand(16, 2, generator=gen)
     for layer in (0, 1):
         assert torch.equal(kept.forward(layer, x, ids, w), deq.forward(layer, x, ids, w))
+
+
+KEPT_TRITON = r"""
+import sys, torch
+from elasticmoe.model import open_model
+from elasticmoe.model.experts import ExpertStore
+files = open_model(sys.argv[1])
+cpu = torch.device("cpu")
+kept = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, cpu, backend="triton")
+deq = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, cpu, backend="torch", keep_fp8=False)
+pairs = [(1, e) for e in (0, 2, 3, 5, 6)]
+kept.load(pairs)
+deq.load(pairs)
+assert kept.keep_fp8 and kept.snapshot(1).w13.dtype == torch.float8_e4m3fn
+assert tuple(kept.snapshot(1).w13_scale.shape) == (5, 4, 1)  # split: 2 x ceil(192 / 128) rows
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(5, 128, generator=gen)  # [T, H]
+ids = torch.tensor([[0, 2], [3, 5], [6, 0], [2, -1], [5, 3]])  # [T, k] global ids, all held
+w = torch.rand(5, 2, generator=gen)
+a, b = kept.forward(1, x, ids, w), deq.forward(1, x, ids, w)
+print(((a - b).abs().max() / b.abs().max()).item())
+"""
+
+
+def test_fp8_experts_kept_run_by_triton_interpreter(tmp_path):
+    """Where the Triton backend runs (here its interpreter, in a child process), FP8 experts are kept quantized
+    by default and its block-FP8 kernel (W8A16) gives the dequantized experts' outputs to float32 rounding.
+    Gate and up scales apart (intermediate 192 = 1.5 blocks: "split" rows). About 15 s of CPU, nearly all the
+    interpreter running warmup_moe's tile configurations."""
+    import os
+    import subprocess
+    import sys
+
+    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=128, intermediate=192)
+    quant_dir = _quantize(plain, tmp_path, FP8_CONFIG)[0]
+    out = subprocess.run([sys.executable, "-c", KEPT_TRITON, str(quant_dir)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
