@@ -29,10 +29,11 @@ class LatencyDispatcher:
         self.memo: dict[tuple, torch.Tensor] = {}
         self.schedule = ""  # part of the memo key: each schedule's step is the same every time
         self.ready: list[tuple[int, int, float]] = []  # (layer, call of the layer, time its answer was ready)
+        self.exposed_s = 0.0  # this step's time slept in wait(): the latency the schedule left unhidden
         self._calls: dict[int, int] = {}
 
     def new_step(self, schedule: str) -> None:
-        self.schedule, self.ready = schedule, []
+        self.schedule, self.ready, self.exposed_s = schedule, [], 0.0
         self._calls.clear()
 
     def dispatch(self, layer, hidden, topk_ids, topk_weights):
@@ -56,6 +57,7 @@ class _Remote:
                                                                      ).to(hidden.dtype)
         rest = self.ready_at - time.perf_counter()
         if rest > 0:
+            self.disp.exposed_s += rest
             time.sleep(rest)
         return out
 
@@ -135,6 +137,7 @@ def measure(llm, tokens: int, delay_ms: float, args) -> dict:
         cache, parts = decode_batches(llm, tokens, args.context, n)
         runs[name] = (fn, cache, parts)
     times: dict[str, list[float]] = {name: [] for name in runs}
+    exposed: dict[str, list[float]] = {name: [] for name in runs}
     outs = {}
     for rep in range(args.repeats + 2):
         for name, (fn, cache, parts) in runs.items():
@@ -143,12 +146,14 @@ def measure(llm, tokens: int, delay_ms: float, args) -> dict:
             out = fn(parts, cache, disp)
             if rep >= 2:  # two warm-up rounds fill the shard's memo
                 times[name].append((time.perf_counter() - t0) * 1000)
+                exposed[name].append(disp.exposed_s * 1000)
             outs[name] = torch.cat(out)
     ref = outs["sequential (1)"]
     diff = max(float((o - ref).abs().max() / ref.abs().max()) for o in outs.values())
     seq = statistics.median(times["sequential (1)"])
     rows = {name: {"median_ms": round(statistics.median(t), 3), "p10_ms": round(sorted(t)[len(t) // 10], 3),
-                   "ratio_vs_sequential": round(statistics.median(t) / seq, 3)} for name, t in times.items()}
+                   "ratio_vs_sequential": round(statistics.median(t) / seq, 3),
+                   "exposed_wait_ms": round(statistics.median(exposed[name]), 3)} for name, t in times.items()}
     _, cache, parts = runs["ping-pong 2"]
     return {"tokens": tokens, "delay_ms": delay_ms, "schedules": rows, "max_rel_diff_vs_sequential": diff,
             "pingpong2_pre_next_before_other_done": trace_overlap(llm, disp, cache, parts),
@@ -188,11 +193,12 @@ def main() -> None:
     results = [measure(llm, t, d, args) for t in args.tokens for d in args.delays_ms]
     names = list(results[0]["schedules"])
     print(f"{args.family}, {args.layers} layers ({sum(l.sparse for l in llm.engine.model.layers)} MoE), hidden "
-          f"{args.hidden}, {args.experts} experts, {args.threads} torch thread(s); median ms (ratio to sequential)")
-    print(f"{'T':>4} {'d ms':>5} " + " ".join(f"{n:>22}" for n in names) + "  floor  pre-next-first")
+          f"{args.hidden}, {args.experts} experts, {args.threads} torch thread(s); median step ms (ratio to "
+          f"sequential) and w: median ms of it spent waiting for experts")
+    print(f"{'T':>4} {'d ms':>5} " + " ".join(f"{n:>27}" for n in names) + "  floor  pre-next-first")
     for r in results:
-        cells = " ".join(f"{r['schedules'][n]['median_ms']:>13.2f} ({r['schedules'][n]['ratio_vs_sequential']:.2f})"
-                         for n in names)
+        cells = " ".join(f"{c['median_ms']:>9.1f} ({c['ratio_vs_sequential']:.2f}) w{c['exposed_wait_ms']:>6.1f}"
+                         for c in (r["schedules"][n] for n in names))
         print(f"{r['tokens']:>4} {r['delay_ms']:>5g} {cells}  {r['floor_ms']:>5g}  "
               f"{r['pingpong2_pre_next_before_other_done']:.0%}")
     meta = {"cpu": cpu_model(), "nproc": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "torch": torch.__version__,
