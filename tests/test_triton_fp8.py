@@ -80,6 +80,22 @@ def test_split_and_joint_w13_scales():
         check_moe_inputs(x, q13_, q2, ids, weights, s13_, s2)
 
 
+def test_ambiguous_w13_scale_layout_needs_split_scales():
+    """I = 96, bn = 128: split and joint scales both have 2 rows; the caller says which, and it matters."""
+    split = make_fp8_inputs(5, 3, 2, inter=96, split=True)
+    joint = make_fp8_inputs(5, 3, 2, inter=96)
+    x, q13, s13, q2, s2, ids, weights = split
+    assert s13.shape == joint[2].shape == (3, 2, 2)
+    with pytest.raises(ValueError, match="pass split_scales=True"):
+        fused_moe(x, q13, q2, ids, weights, backend="torch", w13_scale=s13, w2_scale=s2)
+    for inputs, flag in ((split, True), (joint, False)):
+        x, q13, s13, q2, s2, ids, weights = inputs
+        out = fused_moe(x, q13, q2, ids, weights, backend="torch", w13_scale=s13, w2_scale=s2, split_scales=flag)
+        ref = fused_moe_fp8_reference(x, q13, q2, ids, weights, s13, s2, split=flag)
+        wrong = fused_moe_fp8_reference(x, q13, q2, ids, weights, s13, s2, split=not flag)
+        assert rel_err(out, ref) <= 1e-5 and rel_err(wrong, ref) > 1e-2
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_torch_backend_dequantizes(dtype, tol):
     x, q13, s13, q2, s2, ids, weights = make_fp8_inputs(9, 4, 2, dtype=dtype)
@@ -124,6 +140,7 @@ W8A8_TILES = dict(W8A16_TILES, BLOCK_K=128)  # W8A8 quantizes one whole 128-grou
 TRITON_CASES = {  # name -> (tokens, experts, top_k, inter, split scales, activations, act_quant, tolerance)
     "w8a16-fp32-T33": (33, 4, 2, 128, False, "float32", False, 1e-5),
     "w8a16-fp32-I192-split": (17, 3, 2, 192, True, "float32", False, 1e-5),
+    "w8a16-fp32-I96-joint": (9, 3, 2, 96, False, "float32", False, 1e-5),  # a scale block spans gate and up
     "w8a16-fp16-T17": (17, 4, 2, 128, False, "float16", False, 2e-3),
     "w8a8-fp32-T1": (1, 4, 2, 128, False, "float32", True, 1e-5),
     "w8a8-fp32-T33": (33, 4, 2, 128, False, "float32", True, 1e-5),
@@ -133,10 +150,10 @@ TRITON_CASES = {  # name -> (tokens, experts, top_k, inter, split scales, activa
 CHILD_CHECKS = ["e4m3-rounding", "api-default-tiles-and-warmup", "w8a8-tiles-checked"]
 
 
-def _reference(inputs, act_quant: bool = False) -> torch.Tensor:
+def _reference(inputs, act_quant: bool = False, split: bool | None = None) -> torch.Tensor:
     """fused_moe_fp8_reference of make_fp8_inputs' tuple (CPU tensors)."""
     x, q13, s13, q2, s2, ids, weights = inputs
-    return fused_moe_fp8_reference(x, q13, q2, ids, weights, s13, s2, act_quant=act_quant)
+    return fused_moe_fp8_reference(x, q13, q2, ids, weights, s13, s2, act_quant=act_quant, split=split)
 
 
 def _child_main(device: str) -> None:
@@ -151,9 +168,9 @@ def _child_main(device: str) -> None:
             dtype, tol = "bfloat16", 3e-2 if act_quant else 1e-2
         inputs = make_fp8_inputs(tokens, experts, top_k, inter=inter, split=split, dtype=getattr(torch, dtype))
         x, q13, s13, q2, s2, ids, weights = (t.to(device) for t in inputs)
-        fp8 = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128), act_quant=act_quant)
+        fp8 = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128), act_quant=act_quant, split=split)
         out = fused_moe_triton(x, q13, q2, ids, weights, config=W8A8_TILES if act_quant else W8A16_TILES, fp8=fp8)
-        ref, plain = _reference(inputs, act_quant), _reference(inputs)  # plain: the W8A16 reference
+        ref, plain = _reference(inputs, act_quant, split), _reference(inputs, split=split)  # plain: W8A16
         errs = {"vs_ref": rel_err(out.cpu(), ref), "vs_w8a16_ref": rel_err(out.cpu(), plain), "dtype": str(out.dtype)}
         results[name] = {**errs, "ok": errs["vs_ref"] <= tol and out.dtype == x.dtype}
     results["e4m3-rounding"] = _child_rounding(device)

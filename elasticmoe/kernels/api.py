@@ -36,13 +36,13 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 
 def check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale=None, w2_scale=None,
-                     block_shape=None) -> tuple[int, int] | None:
+                     block_shape=None, split_scales=None) -> dict | None:
     """Raise ValueError naming the bad argument unless hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k].
 
     Also: w13 and w2 share one float dtype, hidden and topk_weights are floats, topk_ids int32/int64,
     all five tensors sit on one device and hidden, w13, w2 have a unit last stride. Block-FP8 weights
-    (float8_e4m3fn w13 and w2 with w13_scale / w2_scale, see fp8.py) are checked too, and their block shape
-    (bn, bk) returned; None for float weights, which must come without scales.
+    (float8_e4m3fn w13 and w2 with w13_scale / w2_scale, see fp8.py) are checked too, and described in the
+    dict returned (fp8.check_fp8_weights); None for float weights, which must come without scales.
     """
     if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"expected hidden 2-D and weights 3-D, got {hidden.shape}, {w13.shape}, {w2.shape}")
@@ -59,9 +59,11 @@ def check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale=None, w2
     if topk_ids.dtype not in ID_DTYPES:
         raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     quantized = is_fp8(w13) or is_fp8(w2)
-    if not quantized and (w13_scale is not None or w2_scale is not None or block_shape is not None):
-        raise ValueError(f"w13_scale / w2_scale / block_shape are for float8_e4m3fn weights, got {w13.dtype}")
-    block = check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape) if quantized else None
+    given = (w13_scale, w2_scale, block_shape, split_scales)
+    if not quantized and any(arg is not None for arg in given):
+        raise ValueError(f"w13_scale / w2_scale / block_shape / split_scales are for float8_e4m3fn weights, "
+                         f"got {w13.dtype}")
+    fp8 = check_fp8_weights(w13, w2, *given) if quantized else None
     floats = (("hidden", hidden), ("topk_weights", topk_weights)) + (() if quantized else (("w13", w13), ("w2", w2)))
     for name, t in floats:
         if t.dtype not in FLOAT_DTYPES:
@@ -77,7 +79,7 @@ def check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale=None, w2
         if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit last stride (got strides {t.stride()}); "
                              "pass .contiguous()")
-    return block
+    return fp8
 
 
 def fused_moe(
@@ -92,6 +94,7 @@ def fused_moe(
     w2_scale: torch.Tensor | None = None,
     block_shape: tuple[int, int] | None = None,
     act_quant: bool = False,
+    split_scales: bool | None = None,
 ) -> torch.Tensor:
     """Routed-experts forward: out[t] = sum_j topk_weights[t, j] * expert(topk_ids[t, j])(hidden[t]).
 
@@ -103,30 +106,30 @@ def fused_moe(
     T may be 0.
     Block-FP8 weights: w13, w2 float8_e4m3fn with w13_scale [E, ceil(2I/bn), ceil(H/bk)] and w2_scale
     [E, ceil(H/bn), ceil(I/bk)] float32 (weight_scale_inv; layouts in fp8.py), block_shape (bn, bk), default
-    (128, 128). The math then runs in hidden's dtype: the Triton backend reads the fp8 weights as they are
+    (128, 128), split_scales: w13_scale's gate/up layout (None: from its shape). The math then runs in hidden's dtype: the Triton backend reads the fp8 weights as they are
     (W8A16; act_quant=True: W8A8, activations quantized per token and bk-group on the fly), the torch
     backend dequantizes them blockwise first (act_quant is a Triton-only option and ignored there).
     """
-    block = check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale, block_shape)
+    fp8 = check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale, block_shape, split_scales)
     if hidden.shape[0] == 0 or topk_ids.shape[1] == 0:
         return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
     if resolve_backend(backend, hidden.device) == "torch":
-        if block is not None:  # dequantize to hidden's dtype, then the usual path
-            w13 = dequantize_w13(w13, w13_scale, block, hidden.dtype)  # [E, 2I, H]
-            w2 = dequantize_block_fp8(w2, w2_scale, block, hidden.dtype)  # [E, H, I]
+        if fp8 is not None:  # dequantize to hidden's dtype, then the usual path
+            w13 = dequantize_w13(w13, w13_scale, fp8["block_shape"], hidden.dtype, fp8["split"])  # [E, 2I, H]
+            w2 = dequantize_block_fp8(w2, w2_scale, fp8["block_shape"], hidden.dtype)  # [E, H, I]
         return fused_moe_torch(hidden, w13, w2, topk_ids, topk_weights, out_dtype=out_dtype)
     from .triton_moe import fused_moe_triton  # lazy: importing triton must wait for TRITON_INTERPRET
 
-    quant = None if block is None else dict(w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block,
-                                            act_quant=act_quant)
-    out = fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights, fp8=quant)  # [T, H] hidden's dtype
+    if fp8 is not None:
+        fp8["act_quant"] = act_quant
+    out = fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights, fp8=fp8)  # [T, H] hidden's dtype
     return out if out_dtype is None else out.to(out_dtype)
 
 
 def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "auto",
                hidden_dtype: torch.dtype | None = None, w13_scale: torch.Tensor | None = None,
                w2_scale: torch.Tensor | None = None, block_shape: tuple[int, int] | None = None,
-               act_quant: bool = False) -> int:
+               act_quant: bool = False, split_scales: bool | None = None) -> int:
     """Compile, at model load, every Triton kernel variant that fused_moe can launch with these weights.
 
     A no-op (returns 0) when `backend` resolves to torch for w13's device, or when this shape was
@@ -139,8 +142,7 @@ def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "
 
     fp8 = None
     if is_fp8(w13):
-        block = check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape)
+        fp8 = dict(check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape, split_scales), act_quant=act_quant)
         if hidden_dtype is None:
             raise ValueError("warming block-FP8 weights needs hidden_dtype (the activations' dtype)")
-        fp8 = dict(w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block, act_quant=act_quant)
     return warmup_triton(w13, w2, top_k, hidden_dtype, fp8=fp8)

@@ -6,7 +6,7 @@ A weight w [.., N, K] float8_e4m3fn comes with scale [.., ceil(N/bn), ceil(K/bk)
 w13 [E, 2I, H] stacks gate rows :I and up rows I:. Its scale may come either way: "joint", ceil(2I/bn) rows
 (one [2I, H] tensor quantized as a whole), or "split", 2 * ceil(I/bn) rows (gate_proj and up_proj quantized
 apart and their scales concatenated; the up rows' scales start at row ceil(I/bn)). Both are the same when
-bn divides I. W8A8 (`act_quant`): activations quantized per token and per group of bk columns, scale =
+bn divides I; the row count tells them apart unless I % bn > bn / 2, where the caller must say (split_scales). W8A8 (`act_quant`): activations quantized per token and per group of bk columns, scale =
 amax / 448, the way the published DeepSeek-V3 / Qwen3-FP8 kernels do at run time.
 """
 
@@ -29,17 +29,27 @@ def is_fp8(t: torch.Tensor) -> bool:
     return t.dtype == FP8_DTYPE
 
 
-def up_scale_base(two_i: int, scale_rows: int, bn: int) -> int:
+def up_scale_base(two_i: int, bn: int, split: bool) -> int:
     """Row r >= I of w13 (an up row) takes scale row (base + r - I) // bn: base I (joint) or ceil(I/bn) * bn (split)."""
     inter = two_i // 2
-    return inter if scale_rows == _cdiv(two_i, bn) else _cdiv(inter, bn) * bn
+    return _cdiv(inter, bn) * bn if split else inter
 
 
-def check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape) -> tuple[int, int]:
+def split_layout(two_i: int, scale_rows: int, bn: int, split: bool | None) -> bool:
+    """Whether w13's scale has the split layout: split_scales as given, else read from its row count."""
+    inter = two_i // 2
+    if split is None and scale_rows == _cdiv(two_i, bn) == 2 * _cdiv(inter, bn) and inter % bn:
+        raise ValueError(f"w13_scale's {scale_rows} rows fit both gate/up layouts (I = {inter}, bn = {bn}): "
+                         "pass split_scales=True (gate and up quantized apart) or False (quantized together)")
+    return scale_rows == 2 * _cdiv(inter, bn) if split is None else bool(split)
+
+
+def check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape, split_scales: bool | None = None) -> dict:
     """Raise ValueError naming the bad argument unless w13/w2 are float8_e4m3fn with matching block scales.
 
-    Returns block_shape as (bn, bk), (128, 128) when None. Scales must be float32, on the weights' device,
-    w13_scale [E, ceil(2I/bn) or 2 * ceil(I/bn), ceil(H/bk)] and w2_scale [E, ceil(H/bn), ceil(I/bk)].
+    Returns {w13_scale, w2_scale, block_shape: (bn, bk), (128, 128) when None, split: bool}. Scales must be
+    float32, on the weights' device, w13_scale [E, ceil(2I/bn) (joint) or 2 * ceil(I/bn) (split), ceil(H/bk)]
+    and w2_scale [E, ceil(H/bn), ceil(I/bk)]; split_scales (None: from the row count) picks the layout.
     """
     if w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
         raise ValueError(f"block scales need float8_e4m3fn w13 and w2, got {w13.dtype} and {w2.dtype}")
@@ -52,7 +62,8 @@ def check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape) -> tuple[int, i
     bn, bk = (int(b) for b in block_shape)
     num_experts, two_i, hidden_size = w13.shape
     inter = two_i // 2
-    rows13 = (_cdiv(two_i, bn), 2 * _cdiv(inter, bn))
+    rows13 = (_cdiv(two_i, bn), 2 * _cdiv(inter, bn)) if split_scales is None else (
+        (2 * _cdiv(inter, bn),) if split_scales else (_cdiv(two_i, bn),))
     expected = {
         "w13_scale": (w13_scale, [(num_experts, r, _cdiv(hidden_size, bk)) for r in rows13]),
         "w2_scale": (w2_scale, [(num_experts, _cdiv(hidden_size, bn), _cdiv(inter, bk))]),
@@ -65,7 +76,8 @@ def check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape) -> tuple[int, i
                              + " or ".join(str(s) for s in dict.fromkeys(shapes)))
         if scale.device != w13.device:
             raise ValueError(f"{name} is on {scale.device}, the weights on {w13.device}")
-    return bn, bk
+    split = split_layout(two_i, w13_scale.shape[1], bn, split_scales)
+    return dict(w13_scale=w13_scale, w2_scale=w2_scale, block_shape=(bn, bk), split=split)
 
 
 def dequantize_block_fp8(weight: torch.Tensor, scale: torch.Tensor, block_shape=DEFAULT_BLOCK,
@@ -83,12 +95,12 @@ def dequantize_block_fp8(weight: torch.Tensor, scale: torch.Tensor, block_shape=
 
 
 def dequantize_w13(w13: torch.Tensor, scale: torch.Tensor, block_shape=DEFAULT_BLOCK,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float32, split: bool | None = None) -> torch.Tensor:
     """w13 [E, 2I, H] fp8 with a joint or split scale (see the module docstring) -> [E, 2I, H] in dtype."""
     bn = block_shape[0]
     two_i = w13.shape[1]
     inter = two_i // 2
-    if scale.shape[1] == _cdiv(two_i, bn):
+    if not split_layout(two_i, scale.shape[1], bn, split):
         return dequantize_block_fp8(w13, scale, block_shape, dtype)
     gate_rows = _cdiv(inter, bn)
     gate = dequantize_block_fp8(w13[:, :inter], scale[:, :gate_rows], block_shape, dtype)  # [E, I, H]
@@ -124,13 +136,14 @@ def quantize_act_groups(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def fused_moe_fp8_reference(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale,
-                            block_shape=DEFAULT_BLOCK, act_quant: bool = False) -> torch.Tensor:
+                            block_shape=DEFAULT_BLOCK, act_quant: bool = False, split: bool | None = None
+                            ) -> torch.Tensor:
     """Float64 reference for fp8 experts: dequantize blockwise, then reference.fused_moe_reference -> [T, H].
 
     act_quant: also round activations the W8A8 way (x before w13, silu(gate) * up in hidden's dtype before
     w2), token by token and expert by expert, as the fused kernel sees them.
     """
-    w13_real = dequantize_w13(w13, w13_scale, block_shape, torch.float64)  # [E, 2I, H]
+    w13_real = dequantize_w13(w13, w13_scale, block_shape, torch.float64, split)  # [E, 2I, H]
     w2_real = dequantize_block_fp8(w2, w2_scale, block_shape, torch.float64)  # [E, H, I]
     if not act_quant:
         return fused_moe_reference(hidden, w13_real, w2_real, topk_ids, topk_weights)

@@ -86,7 +86,8 @@ def fused_moe_triton(
 
     config: tile dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); default: tuning.get_config.
     chunk_tokens: tokens per pipeline pass (default $ELASTICMOE_MOE_CHUNK_TOKENS or 4096).
-    fp8: block-FP8 weights' {w13_scale, w2_scale, block_shape (bn, bk), act_quant} (checked by api.py).
+    fp8: block-FP8 weights' {w13_scale, w2_scale, block_shape (bn, bk), split, act_quant} (api.py checks it;
+    split: w13_scale's gate/up layout, default from its shape).
     Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
     if hidden.device.type != "cuda" and not _interpreting():
@@ -124,7 +125,12 @@ def _scale_args(w13: torch.Tensor, fp8: dict | None) -> tuple[tuple, tuple]:
     from .fp8 import up_scale_base
 
     s13, s2 = fp8["w13_scale"], fp8["w2_scale"]
-    base = up_scale_base(w13.shape[1], s13.shape[1], fp8["block_shape"][0])
+    split = fp8.get("split")
+    if split is None:
+        from .fp8 import split_layout
+
+        split = split_layout(w13.shape[1], s13.shape[1], fp8["block_shape"][0], None)
+    base = up_scale_base(w13.shape[1], fp8["block_shape"][0], split)
     return (s13, *s13.stride(), base), (s2, *s2.stride())
 
 
