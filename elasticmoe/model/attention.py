@@ -12,6 +12,8 @@ from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.layers import Rotary, rms_norm
 from elasticmoe.model.spec import AttentionSpec, ModelSpec
 
+F32 = torch.float32
+
 
 class KVCache:
     """Per layer: K and V [slots, max_len, kv_heads, d] (GQA) or the latent [slots, max_len, r + rope] (MLA)."""
@@ -122,27 +124,29 @@ class Attention:
             q, kv_new = self._mla_qkv(x, rotary, cos, sin)
             if self.spec.query_scale:  # Mistral 4
                 q = (q * _position_scale(batch.positions, *self.spec.query_scale)[:, None, None]).to(q.dtype)
-            cache.layers[self.layer][0][batch.token_slots, batch.positions] = kv_new
+            latent = cache.layers[self.layer][0]
+            latent[batch.token_slots, batch.positions] = kv_new.to(latent.dtype)
             expand = self._mla_expand
         else:
-            q, k, v = self._gqa_qkv(x, rotary, cos, sin, batch.positions)
+            q, k, v = self._gqa_qkv(x, rotary, cos, sin, batch.positions)  # q, k float32; the cache rounds k
             kc, vc = cache.layers[self.layer]
-            kc[batch.token_slots, batch.positions] = k
-            vc[batch.token_slots, batch.positions] = v
+            kc[batch.token_slots, batch.positions] = k.to(kc.dtype)
+            vc[batch.token_slots, batch.positions] = v.to(vc.dtype)
             expand = self._gqa_gather
+        q = q.float()  # scores, softmax and the weighted sum of values in float32, rounded once into out
         out = x.new_empty(x.shape[0], self.spec.num_heads, self.spec.v_head_dim)  # [T, h, dv]
         attend = partial(_attend_with_sinks, sinks=self.w["sinks"]) if "sinks" in self.w else _sdpa  # GPT-OSS
         for c in batch.prefill:
-            kk, vv = expand(cache, slice(c.slot, c.slot + 1), c.start + c.length)  # [1, hk, L, d]
+            kk, vv = (t.float() for t in expand(cache, slice(c.slot, c.slot + 1), c.start + c.length))  # [1, hk, L, d]
             qq = q[c.offset : c.offset + c.length].transpose(0, 1)[None]  # [1, h, t, d]
             mask = _prefill_mask(c.start, c.length, self.window, x.device)
             o = attend(qq, kk, vv, mask, self.spec.scaling, causal=True)
             out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
         if batch.decode_rows.numel():
-            kk, vv = expand(cache, batch.decode_slots, batch.decode_max)  # [B, hk, L, d]
+            kk, vv = (t.float() for t in expand(cache, batch.decode_slots, batch.decode_max))  # [B, hk, L, d]
             qq = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, d]
             o = attend(qq, kk, vv, masks[self.window], self.spec.scaling, causal=False)
-            out[batch.decode_rows] = o[:, :, 0, :]
+            out[batch.decode_rows] = o[:, :, 0, :].to(out.dtype)
         out = out.reshape(x.shape[0], -1)  # [T, h * dv]
         if "gate" in self.w:  # AFMoE: sigmoid gate per output feature
             out = out * torch.sigmoid(linear(x, self.w["gate"]))
@@ -157,17 +161,17 @@ class Attention:
             q, k, v = (z.clamp(min=-a.clip_qkv, max=a.clip_qkv) for z in (q, k, v))
         v = v.view(t, a.num_kv_heads, a.v_head_dim)
         if "q_norm" in w and w["q_norm"].shape[0] != a.head_dim:  # OLMoE: norm over all heads
-            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+            q, k = rms_norm(q, w["q_norm"], self.eps, F32), rms_norm(k, w["k_norm"], self.eps, F32)
         q = q.view(t, a.num_heads, a.head_dim)
         k = k.view(t, a.num_kv_heads, a.head_dim)
         if "q_norm" in w and w["q_norm"].shape[0] == a.head_dim:  # Qwen3: per-head norm
-            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+            q, k = rms_norm(q, w["q_norm"], self.eps, F32), rms_norm(k, w["k_norm"], self.eps, F32)
         if self.rope:
             q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         if "q_norm_rope" in w:  # HunYuan: per-head norm after the rotary
-            q, k = rms_norm(q, w["q_norm_rope"], self.eps), rms_norm(k, w["k_norm_rope"], self.eps)
+            q, k = rms_norm(q, w["q_norm_rope"], self.eps, F32), rms_norm(k, w["k_norm_rope"], self.eps, F32)
         if a.l2_qk_norm and self.rope:  # Llama 4: weightless per-head norm after the rotary, rotary layers only
-            q, k = rms_norm(q, 1.0, self.eps), rms_norm(k, 1.0, self.eps)
+            q, k = rms_norm(q, 1.0, self.eps, F32), rms_norm(k, 1.0, self.eps, F32)
         if a.temperature and not self.rope:  # Llama 4 NoPE layers: queries scaled up with the position
             q = (q * _position_scale(positions + 1, *a.temperature)[:, None, None]).to(q.dtype)
         return q, k, v
@@ -188,7 +192,7 @@ class Attention:
         q_pass, q_rot = q.split([a.qk_nope_head_dim, a.rope_dim], dim=-1)
         ckv = linear(x, w["kv_a"], w.get("kv_a_bias"))  # [T, r + rope]
         kv_nope, k_rot = ckv.split([a.kv_lora_rank, a.rope_dim], dim=-1)
-        kv_nope = rms_norm(kv_nope, w["kv_a_norm"], self.eps)
+        kv_nope = rms_norm(kv_nope, w["kv_a_norm"], self.eps, F32)  # rounded once, into the cache
         if a.kv_scale != 1.0:  # LongCat
             kv_nope = kv_nope * a.kv_scale
         if self.rope:

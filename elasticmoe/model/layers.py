@@ -10,25 +10,32 @@ from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.spec import ModelSpec, MoESpec
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in float32 like the reference models. x [..., D] -> [..., D]."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | float, eps: float, out_dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+    """RMSNorm over the last dim in float32, weight applied in float32, one rounding to out_dtype (default x's).
+    x [..., D] -> [..., D]."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    w = weight.float() if isinstance(weight, torch.Tensor) else weight
+    return (w * xf).to(out_dtype or x.dtype)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean-subtracted LayerNorm over the last dim, in float32 (Cohere-style when bias is None)."""
     xf = x.float()
     xf = xf - xf.mean(-1, keepdim=True)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     out = weight.float() * xf
-    return (out if bias is None else out + bias.float()).to(x.dtype)
+    return (out if bias is None else out + bias.float()).to(out_dtype or x.dtype)
 
 
-def norm(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """The model's norm: "rms" or "layer". x [..., D] -> [..., D]."""
-    return rms_norm(x, weight, eps) if kind == "rms" else layer_norm(x, weight, bias, eps)
+def norm(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The model's norm: "rms" or "layer". x [..., D] -> [..., D] in out_dtype (default x's)."""
+    if kind == "rms":
+        return rms_norm(x, weight, eps, out_dtype)
+    return layer_norm(x, weight, bias, eps, out_dtype)
 
 
 def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -42,14 +49,15 @@ def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin tables for every position up to max_len, built once (float32 products, like transformers)."""
+    """cos/sin tables for every position up to max_len, built once and kept in float32 (whatever the model's
+    dtype: a rotated head is rounded once, where it is stored or attended, not after each product)."""
 
     def __init__(self, spec: ModelSpec, max_len: int, dtype: torch.dtype, device: torch.device):
         pos = torch.arange(max_len, dtype=torch.float32)
         freqs = pos[:, None] * spec.rope_inv_freq[None, :]  # [L, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [L, R]
-        self.cos = (emb.cos() * spec.rope_scaling).to(device=device, dtype=dtype)
-        self.sin = (emb.sin() * spec.rope_scaling).to(device=device, dtype=dtype)
+        self.cos = (emb.cos() * spec.rope_scaling).to(device=device)  # [L, R] float32
+        self.sin = (emb.sin() * spec.rope_scaling).to(device=device)
         self.interleave = spec.attention.rope_interleave
         self.dim = spec.attention.rope_dim
 
@@ -58,7 +66,8 @@ class Rotary:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first R dims of every head. x [T, heads, D] -> [T, heads, D]."""
+        """Rotate the first R dims of every head, in float32. x [T, heads, D] -> [T, heads, D] float32."""
+        x = x.float()
         rot, rest = (x, None) if x.shape[-1] == self.dim else (x[..., : self.dim], x[..., self.dim :])
         if self.interleave:  # DeepSeek: pairs (x0, x1), (x2, x3)... rotated, emitted as [evens' ; odds']
             half = self.dim // 2
