@@ -40,11 +40,12 @@ class _Layer:
         self.dense = {r: load(n) for r, n in names.dense.items()} if names.dense else None
         if self.dense is None and (not self.sparse or model.spec.block == "shortcut"):
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks its dense MLP")
-        self.router = load(names.router).float() if names.router else None  # [E, H]
-        self.router_bias = load(names.router_bias).float().flatten() if names.router_bias else None  # [E]
-        self.router_logit_bias = load(names.router_logit_bias).float() if names.router_logit_bias else None  # [E]
+        f32 = torch.float32  # the router as stored, not rounded to the model's dtype first
+        self.router = load(names.router, f32) if names.router else None  # [E, H]
+        self.router_bias = load(names.router_bias, f32).flatten() if names.router_bias else None  # [E]
+        self.router_logit_bias = load(names.router_logit_bias, f32) if names.router_logit_bias else None  # [E]
         self.shared = {r: load(n) for r, n in names.shared.items()} if names.shared else None
-        self.shared_gate = load(names.shared_gate) if names.shared_gate else None  # [1, H]
+        self.shared_gate = load(names.shared_gate, f32) if names.shared_gate else None  # [1, H]
 
 
 class _PlusIdentity:
@@ -94,8 +95,8 @@ class DenseModel:
         self.windows = {layer.attn.window for layer in self.layers} or {None}  # mask keys (see step_masks)
         self.route_observer: RouteObserver | None = None
 
-    def load(self, name: str) -> torch.Tensor:
-        return self.ckpt.read(name).to(device=self.device, dtype=self.dtype)
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.ckpt.read(name).to(device=self.device, dtype=dtype or self.dtype)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, dispatcher: Dispatcher, all_tokens: bool = False
@@ -131,26 +132,34 @@ class DenseModel:
                 mb.h = norm(h, sp.norm, self.norm, self.norm_bias, sp.rms_norm_eps)
         return [mb.h for mb in mbs]
 
-    def _norm(self, layer: _Layer, role: str, x: torch.Tensor) -> torch.Tensor:
-        """The layer's `role` norm (attn_in, attn_out, mlp_in, mlp_out) of x, or x when the block has none."""
+    def _norm(self, layer: _Layer, role: str, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The layer's `role` norm (attn_in, attn_out, mlp_in, mlp_out) of x, or x when the block has none;
+        in out_dtype (default x's)."""
         w = layer.norms.get(role)
-        return x if w is None else norm(x, self.spec.norm, w, layer.norms.get(role + "_bias"), self.spec.rms_norm_eps)
+        if w is None:
+            return x if out_dtype is None else x.to(out_dtype)
+        return norm(x, self.spec.norm, w, layer.norms.get(role + "_bias"), self.spec.rms_norm_eps, out_dtype)
 
     def _layer_pre(self, layer: _Layer, h: torch.Tensor, batch: StepBatch, cache: KVCache,
                    dispatcher: Dispatcher, cos, sin, masks):
         """Attention, norms, router and expert dispatch of one layer: h [T, H] -> (h, x, pending).
 
         Pre-norm h + attn(norm(h)); post-norm h + norm(attn(h)); sandwich both; parallel h + attn(x) + mlp(x).
+        The residual stream h stays in float32 (returned float32), the router reads the float32 norm; attention
+        and the experts get the norm rounded once to the model's dtype.
         """
         sp = self.spec
-        x = self._norm(layer, "attn_in", h)
-        a = self._norm(layer, "attn_out", layer.attn.forward(x, batch, cache, self.rotary, cos, sin, masks))
+        h = h.float()  # [T, H]
+        xf = self._norm(layer, "attn_in", h, torch.float32)  # [T, H]
+        a = self._norm(layer, "attn_out", layer.attn.forward(xf.to(self.dtype), batch, cache, self.rotary, cos, sin,
+                                                             masks), torch.float32)
         h = h + a * sp.residual_scale if sp.residual_scale != 1.0 else h + a
         if sp.block != "parallel":
-            x = self._norm(layer, "mlp_in", h)
+            xf = self._norm(layer, "mlp_in", h, torch.float32)
+        x = xf.to(self.dtype)  # [T, H]
         if not layer.sparse:
             return h, x, None
-        logits = F.linear(x.float(), layer.router, layer.router_logit_bias)  # [T, E]
+        logits = F.linear(xf, layer.router, layer.router_logit_bias)  # [T, E]
         topk_ids, topk_weights = route(logits, sp.moe, layer.router_bias)
         identity = None
         if sp.moe.zero_experts:  # LongCat: ids >= num_experts are identity experts, computed here
@@ -170,10 +179,10 @@ class DenseModel:
         elif pending is None:
             out = gated_mlp(x, layer.dense)
         elif layer.shared is not None:
-            shared = gated_mlp(x, layer.shared)
-            if layer.shared_gate is not None:
-                shared = torch.sigmoid(linear(x, layer.shared_gate)) * shared
-            out = pending.wait() + shared
+            shared = gated_mlp(x, layer.shared).float()  # [T, H]
+            if layer.shared_gate is not None:  # [1, H]: its dot products in float32
+                shared = torch.sigmoid(F.linear(x.float(), layer.shared_gate)) * shared
+            out = pending.wait().float() + shared
             if self.spec.moe.shared_combine == "average":
                 out = out / 2
         else:
@@ -183,5 +192,5 @@ class DenseModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] float32."""
-        out = linear(hidden, self.lm_head, self.lm_head_bias).float()
+        out = linear(hidden.to(self.lm_head.dtype), self.lm_head, self.lm_head_bias).float()
         return out * self.spec.logits_scale if self.spec.logits_scale != 1.0 else out
