@@ -33,8 +33,8 @@ class Limits(_Strict):
                                "boundaries, 4 tokens or more each), so that one's dense work runs while the others' "
                                "experts are in flight (ping-pong); 1: no pipelining")
     expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
-    transport: Literal["unary", "stream"] = Field("unary", description="gateway -> shard calls: one unary gRPC call "
-                                                  "each, or frames on one long-lived stream per shard")
+    transport: Literal["unary", "stream"] = Field("stream", description="gateway -> shard calls: raw frames on one "
+                                                  "long-lived gRPC stream per shard, or one unary gRPC call each")
     failover_s: float = Field(30.0, gt=0, description="how long a step waits for a live copy of its experts "
                               "(failover, re-homing) before its requests end with UNAVAILABLE")
     max_queued_requests: int = Field(256, ge=1, description="requests Serve queues per gateway before rejecting")
