@@ -1,8 +1,9 @@
-"""Skinny CPU GEMMs (cpu_gemm.c; fp32, bf16 or fp16 weights, fp32 sums), compiled with the system C compiler at first use and called via ctypes.
+"""Skinny CPU GEMMs (cpu_gemm.c: fp32, bf16 or fp16 weights, fp32 sums), built with the C compiler, run via ctypes.
 
 Decode multiplies each weight by 1-16 rows; MKL's sgemm streams the weight well below memory bandwidth
-at those shapes (benchmarks/KERNELS.md). The C loop reads each weight row once. Anything it cannot run
-(no compiler, no AVX2/FMA, not x86-64 Linux, ELASTICMOE_CPU_GEMM=0) falls back to torch silently.
+at those shapes (benchmarks/KERNELS.md), and oneDNN's bf16/fp16 GEMMs on AVX2 (no native bf16) are slower
+still at any row count. The C loop reads each weight row once. Anything it cannot run (no compiler, no
+AVX2/FMA/F16C, not x86-64 Linux, ELASTICMOE_CPU_GEMM=0) falls back to torch silently.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 _SRC = Path(__file__).with_name("cpu_gemm.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "ELASTICMOE_CPU_GEMM"
-MAX_ROWS = 16  # beyond this many rows per weight, MKL's blocked sgemm is as fast or faster
+MAX_ROWS = 16  # fp32: beyond this many rows per weight, MKL's blocked sgemm is as fast or faster
 _SYMBOLS = {torch.float32: "seg_gemm_f32", torch.bfloat16: "seg_gemm_bf16", torch.float16: "seg_gemm_f16"}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
