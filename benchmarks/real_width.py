@@ -1,0 +1,189 @@
+"""bf16 decode tok/s, load time and peak memory of `LLM.generate` vs transformers at real width (Qwen3-30B-A3B layers).
+
+One process per phase (build the checkpoint once into a cache dir, then elasticmoe, then transformers), so each
+phase's peak RssAnon / RssFile (sampled from /proc/self/status) is its own. Prints a table and writes
+benchmarks/results/real_width-<cpu>.json. Decode tok/s = batch * (new_tokens - 1) / (t(new_tokens) - t(1)),
+best of --repeats, after a warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PROMPT = "The mixture of experts model routes every token to a few experts, and"
+WIDTH = {"family": "qwen3_moe", "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8, "heads": 32,
+         "kv_heads": 4}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+class MemPeak:
+    """Peak RssAnon / RssFile (bytes) of this process, sampled every `period` s by a daemon thread."""
+
+    def __init__(self, period: float = 0.02):
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, args=(period,), daemon=True).start()
+
+    def sample(self) -> dict[str, int]:
+        now = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in self.peak:
+                now[key] = int(line.split()[1]) * 1024
+                self.peak[key] = max(self.peak[key], now[key])
+        return now
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            self.sample()
+
+
+def build(path: Path, layers: int) -> None:
+    """The real-width checkpoint in bf16, built in bf16 (a float32 build would need 2x the memory) and saved
+    by transformers' save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from elasticmoe.model import tiny
+
+    a = tiny._resolve(WIDTH["family"], layers=layers, experts=WIDTH["experts"], hidden=WIDTH["hidden"],
+                      intermediate=WIDTH["intermediate"], heads=WIDTH["heads"], kv_heads=WIDTH["kv_heads"],
+                      vocab=None, top_k=WIDTH["top_k"], seed=0, sharpen=4.0, dtype="bfloat16")
+    tok = tiny.make_tokenizer(a.vocab)
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_config(tiny.tiny_config(a, tok), dtype=torch.bfloat16)
+    with torch.no_grad():
+        tiny._shape_weights(model, a)
+    model.eval().generation_config.pad_token_id = tok.pad_token_id
+    tiny.save_tiny_model(model, tok, path, args=a)
+
+
+def _timed_decode(run, batch: int, new_tokens: int, repeats: int) -> float:
+    run(new_tokens)  # warm-up
+    best = {}
+    for n in (new_tokens, 1):
+        best[n] = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(n)
+            best[n] = min(best[n], time.perf_counter() - t0)
+    return batch * (new_tokens - 1) / (best[new_tokens] - best[1])
+
+
+def phase(engine: str, path: Path, batches: list[int], new_tokens: int, repeats: int) -> dict:
+    """Load `engine` ("elasticmoe" | "transformers") from path in bf16 and time decode per batch size."""
+    import torch
+
+    mem = MemPeak()
+    t0 = time.perf_counter()
+    if engine == "elasticmoe":
+        from elasticmoe import LLM, SamplingParams
+
+        llm = LLM(str(path), dtype="bfloat16", max_num_seqs=max(batches))
+
+        def runner(prompts):
+            return lambda n: llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+        tok = AutoTokenizer.from_pretrained(str(path), padding_side="left")
+
+        def runner(prompts):
+            enc = tok(prompts, return_tensors="pt", padding=True)
+
+            def go(n):
+                with torch.inference_mode():
+                    model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)
+            return go
+    load_s = time.perf_counter() - t0
+    after_load = mem.sample()
+    load_peak = dict(mem.peak)
+    rows = {}
+    for b in batches:
+        prompts = [PROMPT + " " + "x" * i for i in range(b)]  # different lengths
+        rows[b] = _timed_decode(runner(prompts), b, new_tokens, repeats)
+        print(f"{engine} batch {b}: {rows[b]:.2f} tok/s", file=sys.stderr, flush=True)  # progress
+    mem.sample()
+    return {"load_s": load_s, "after_load": after_load, "load_peak": load_peak, "peak": mem.peak,
+            "tok_s": rows, "threads": torch.get_num_threads()}
+
+
+def _child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def report(res: dict, a: argparse.Namespace) -> None:
+    ours, hf = res["elasticmoe"], res["transformers"]
+    print(f"\nCPU: {res['cpu']} ({os.cpu_count()} cpus, torch threads {ours['threads']}); qwen3_moe real width: "
+          f"{a.layers} layers x 128 experts, hidden 2048, expert FFN 768, top-8, 32/4 heads; bf16")
+    print(f"{'batch':>5} | {'elasticmoe tok/s':>16} | {'transformers tok/s':>18} | {'ratio':>6}")
+    for b in a.batches:
+        o, t = ours["tok_s"][str(b)], hf["tok_s"][str(b)]
+        print(f"{b:>5} | {o:>16.2f} | {t:>18.2f} | {o / t:>5.2f}x")
+    print(f"{'':>14} | {'load s':>7} | {'peak anon GB':>12} | {'peak file GB':>12} | {'anon/file after load GB':>24}")
+    for name, r in (("elasticmoe", ours), ("transformers", hf)):
+        after = f"{_gb(r['after_load']['RssAnon'])} / {_gb(r['after_load']['RssFile'])}"
+        print(f"{name:>14} | {r['load_s']:>7.1f} | {_gb(r['peak']['RssAnon']):>12} | "
+              f"{_gb(r['peak']['RssFile']):>12} | {after:>24}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cache", default=None, help="checkpoint dir (default $ELASTICMOE_CACHE/bench/real_width-<L>L)")
+    ap.add_argument("--phase", choices=("build", "elasticmoe", "transformers"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    a.batches = [int(x) for x in str(a.batches).split(",")]
+    root = Path(os.environ.get("ELASTICMOE_CACHE", Path.home() / ".cache" / "elasticmoe")).expanduser()
+    path = Path(a.cache or root / "bench" / f"real_width-{a.layers}L")
+    if a.phase == "build":
+        build(path, a.layers)
+        print(json.dumps({"built": str(path)}))
+        return
+    if a.phase:
+        print(json.dumps(phase(a.phase, path, a.batches, a.new_tokens, a.repeats)))
+        return
+    common = ["--layers", str(a.layers), "--cache", str(path), "--new-tokens", str(a.new_tokens),
+              "--batches", ",".join(map(str, a.batches)), "--repeats", str(a.repeats)]
+    if not (path / "config.json").exists():
+        _child(["--phase", "build", *common])
+    res = {"cpu": cpu_model(), "args": {k: v for k, v in vars(a).items() if k != "phase"}, "checkpoint": str(path)}
+    for engine in ("elasticmoe", "transformers"):
+        res[engine] = _child(["--phase", engine, *common])
+    report(res, a)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", res["cpu"]).strip("-").lower()
+    out = Path(a.out or Path(__file__).parent / "results" / f"real_width-{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
