@@ -171,12 +171,12 @@ def test_mxfp4_dequant_is_transformers(tmp_path):
 def test_fp8_experts_kept_quantized(layout, tmp_path):
     """Experts kept in FP8 (what the Triton backend runs on CUDA; here fused_moe's torch backend dequantizes per
     call) hold a quarter of the float32 bytes plus scales, and give the dequantized experts' outputs exactly,
-    after a drop and a reload too. intermediate 192 = 1.5 blocks: gate and up scales apart ("split", per-expert
-    files) or as one [2I, H] tensor's ("joint", packed)."""
+    after a drop and a reload too. intermediate 224 = 1.75 blocks: gate and up scales apart ("split", per-expert
+    files) or as one [2I, H] tensor's ("joint", packed) have the same 4 rows, so the store must say which."""
     from elasticmoe.model import open_model
     from elasticmoe.model.experts import ExpertStore
 
-    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=256, intermediate=192, layout=layout)
+    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=256, intermediate=224, layout=layout)
     files = open_model(str(_quantize(plain, tmp_path, FP8_CONFIG)[0]))
     cpu = torch.device("cpu")
     kept = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, cpu, backend="torch", keep_fp8=True)
@@ -186,7 +186,7 @@ def test_fp8_experts_kept_quantized(layout, tmp_path):
     kept.load(pairs)
     deq.load(pairs)
     le = kept.snapshot(1)
-    assert le.w13.dtype == torch.float8_e4m3fn and tuple(le.w13_scale.shape) == (8, 4 if layout == "per-expert" else 3, 2)
+    assert le.w13.dtype == torch.float8_e4m3fn and tuple(le.w13_scale.shape) == (8, 4, 2)  # same rows either way
     assert kept.weight_bytes() == deq.weight_bytes() // 4 + 2 * 8 * (le.w13_scale[0].numel() + le.w2_scale[0].numel()) * 4
     kept.drop([(1, 3)])
     kept.load([(1, 3)])  # now held last

@@ -94,6 +94,8 @@ class ExpertStore:
             raise ValueError(f"keep_fp8: {ckpt.path} has no block-FP8 gated-SiLU experts to keep")
         self.keep_fp8 = fp8 and resolve_backend(backend, device) == "triton" if keep_fp8 is None else keep_fp8
         self.block = q.block if self.keep_fp8 else None  # (bn, bk)
+        # per-expert files hold gate and up scales apart ("split" rows); a packed gate_up_proj's cover both
+        self.split_scales = not names.packed if self.keep_fp8 else None
         self.layers: dict[int, LayerExperts] = {}
         self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
         self.tokens_served: dict[tuple[int, int], int] = {}
@@ -110,7 +112,7 @@ class ExpertStore:
         inter, hidden = self.spec.moe.intermediate_size, self.spec.hidden_size
         if self.keep_fp8:
             (bn, bk), cdiv = self.block, lambda a, b: -(-a // b)
-            rows13 = cdiv(2 * inter, bn) if self.names.packed else 2 * cdiv(inter, bn)  # joint / split scales
+            rows13 = 2 * cdiv(inter, bn) if self.split_scales else cdiv(2 * inter, bn)
             return {"w13": ((n, 2 * inter, hidden), torch.float8_e4m3fn), "w2": ((n, hidden, inter), torch.float8_e4m3fn),
                     "w13_scale": ((n, rows13, cdiv(hidden, bk)), torch.float32),
                     "w2_scale": ((n, cdiv(hidden, bn), cdiv(inter, bk)), torch.float32)}
@@ -173,7 +175,7 @@ class ExpertStore:
         le = LayerExperts(global_ids=tuple(ids), to_local=to_local, **{k: t.contiguous() for k, t in parts.items()})
         if self.spec.moe.expert_act == "silu":  # compile Triton kernels now
             warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype, w13_scale=le.w13_scale,
-                       w2_scale=le.w2_scale, block_shape=self.block)
+                       w2_scale=le.w2_scale, block_shape=self.block, split_scales=self.split_scales)
         return le
 
     @staticmethod
@@ -208,7 +210,8 @@ class ExpertStore:
             out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
         elif self.spec.moe.expert_act == "silu":
             out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend, out_dtype=COMBINE_DTYPE,
-                            w13_scale=le.w13_scale, w2_scale=le.w2_scale, block_shape=self.block)
+                            w13_scale=le.w13_scale, w2_scale=le.w2_scale, block_shape=self.block,
+                            split_scales=self.split_scales)
         else:  # GPT-OSS experts: torch (model.expert_math)
             out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe,
                                          COMBINE_DTYPE)
