@@ -26,6 +26,12 @@ def wide_models(tmp_path_factory):
     return {f: make_tiny_model(f, root / f, layers=2, **kw) for f, kw in WIDE.items()}
 
 
+# Real width (issue 17; Qwen3-30B-A3B width, 2 layers, fp32 checkpoint, seed 0, 109 tokens, AMD EPYC 2 vCPU, one run):
+# max rel error vs transformers' fp32: ours bf16 0.755, transformers bf16 0.795 (before 5015a89/8ff2cf5: 0.236 on this
+# prompt, 0.85 in the issue's run); median per-token 0.0139 ours, 0.0161 transformers, 0.0160 before; routing sets that
+# differ from fp32's (layer 0, 1): ours 7, 14; transformers 9, 19; before 6, 17.
+
+
 def _token_errors(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per token: max |logits - ref| over the vocabulary / max |ref| (the max relative error's terms). -> [T]."""
     return (logits.float() - ref).abs().amax(-1) / ref.abs().max()
