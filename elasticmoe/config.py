@@ -29,9 +29,11 @@ class Limits(_Strict):
     max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per sequence")
     max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
-    micro_batches: int = Field(2, ge=1, le=8, description="micro-batches a step is cut into (at sequence "
-                               "boundaries, 4 tokens or more each), so that one's dense work runs while the others' "
-                               "experts are in flight (ping-pong); 1: no pipelining")
+    micro_batches: int | None = Field(None, ge=1, le=8, description="micro-batches a step is cut into (at sequence "
+                                      "boundaries, 4 tokens or more each), so that one's dense work runs while the "
+                                      "others' experts are in flight (ping-pong); 1: no pipelining; default 2 on "
+                                      "CUDA, 1 on CPU, where each extra micro-batch streams the dense weights again "
+                                      "and costs more than it hides (benchmarks/overlap.py)")
     expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
     transport: Literal["unary", "stream"] = Field("stream", description="gateway -> shard calls: raw frames on one "
                                                   "long-lived gRPC stream per shard, or one unary gRPC call each")

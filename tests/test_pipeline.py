@@ -195,7 +195,7 @@ def test_split_even_cuts_near_equal_tokens_at_sequence_boundaries():
 def test_micro_batch_count_and_limit():
     assert [micro_batch_count(t, s, 2, 8) for t, s in [(7, 4), (8, 2), (64, 1), (64, 16)]] == [1, 2, 1, 2]
     assert [micro_batch_count(t, s, 3, 8) for t, s in [(8, 4), (12, 4), (12, 2)]] == [2, 3, 2]
-    assert Limits().micro_batches == 2 and Limits(micro_batches=3).micro_batches == 3
+    assert Limits().micro_batches is None and Limits(micro_batches=3).micro_batches == 3  # None: by device
     for bad in (0, 9):
         with pytest.raises(ValueError, match="micro_batches"):
             Limits(micro_batches=bad)

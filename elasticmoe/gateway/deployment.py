@@ -50,7 +50,7 @@ class GatewayCore:
         engine = Engine(files, self.dispatcher, dtype=self.args.dtype, device=self.args.device,
                         max_num_seqs=lim.max_num_seqs, max_model_len=lim.max_model_len,
                         max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue,
-                        micro_batches=lim.micro_batches)
+                        micro_batches=lim.micro_batches or (2 if self.args.device.startswith("cuda") else 1))
         self.tokenizer = engine.tokenizer
         spec = files.spec
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, spec.moe.num_experts,
