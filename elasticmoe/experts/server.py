@@ -19,6 +19,7 @@ from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import decode_tensor, encode_tensor, server_options
+from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -176,15 +177,13 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         if missing:  # the gateway re-sends these tokens elsewhere
             return None, missing, 0
         t0 = time.perf_counter()
-        out = self.store.forward(request.layer, hidden, ids, weights, snap)
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)
+        (out,) = to_host(self.store.forward(request.layer, hidden, ids, weights, snap))  # [T, H]
         us = int((time.perf_counter() - t0) * 1e6)
         self.store.count(request.layer, routed)
         if self.faults.malformed_outputs > 0:
             self.faults.malformed_outputs -= 1
             out = out[:-1] if out.shape[0] else torch.zeros(1, out.shape[1])
-        return out.cpu(), [], us
+        return out, [], us
 
     def LoadExperts(self, request, context):
         pairs = [(r.layer, r.expert) for r in request.experts]

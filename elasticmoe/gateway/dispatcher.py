@@ -19,6 +19,7 @@ from elasticmoe.model.dispatch import ExpertsUnavailable
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.frames import ExpertRequest
+from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,8 @@ class GrpcDispatcher:
         table = self.table
         if table is None:
             raise NoReplicaError("no routing table yet: expert shards have not registered")
-        cpu_hidden = hidden.cpu()  # [T, H]
-        step = Step(self, layer, cpu_hidden, topk_ids.cpu(), topk_weights.cpu(), hidden.device, hidden.dtype)
+        cpu_hidden, cpu_ids, cpu_weights = to_host(hidden, topk_ids, topk_weights)  # [T, H], [T, k], [T, k]
+        step = Step(self, layer, cpu_hidden, cpu_ids, cpu_weights, hidden.device, hidden.dtype)
         step.start(table)
         return step
 

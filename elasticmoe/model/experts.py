@@ -215,8 +215,8 @@ class ExpertStore:
         else:  # GPT-OSS experts: torch (model.expert_math)
             out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe,
                                          COMBINE_DTYPE)
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)  # time the kernels, not their launches
+        if out.is_cuda:  # time the kernels, not their launches: wait on this stream only
+            torch.cuda.current_stream(out.device).synchronize()
         self.compute_s += time.perf_counter() - t0
         return out
 
