@@ -25,9 +25,13 @@ $(VENV)/.installed: pyproject.toml
 run: setup            ## tiny model -> local Ray on 127.0.0.1 -> serve deploy deployments/tiny.yaml -> gRPC requests
 	$(BIN)/elasticmoe demo
 
-test: setup           ## the whole suite (CI runs this): e2e tests in one worker (one Ray cluster), the rest in the other
+test: setup           ## the whole suite (CI runs this): e2e tests (one local Ray cluster) beside the in-process ones
 	$(BIN)/python -m elasticmoe.rpc.generate --check
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
+	@mkdir -p .cache && rm -f .cache/junit-*.xml
+	@$(BIN)/python -m pytest -q -ra -m "not e2e" --junitxml=.cache/junit-unit.xml > .cache/unit.log 2>&1 & unit=$$!; \
+	$(BIN)/python -m pytest -q -ra -m e2e -p no:cacheprovider --junitxml=.cache/junit-e2e.xml; e2e=$$?; \
+	wait $$unit; u=$$?; echo "===== in-process tests (run beside the e2e ones)"; cat .cache/unit.log; \
+	exit $$(( e2e != 0 || u != 0 ))
 
 test-fast: setup      ## everything but the end-to-end cluster tests
 	$(BIN)/python -m pytest -q -ra -m "not e2e"

@@ -38,10 +38,3 @@ def ray_cluster():
         ray.shutdown()
     lc.stop_ray()
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers), every e2e test goes to one worker, in file order: they share
-    the session's Ray cluster and its fixed ports, while the other worker runs the in-process tests beside them."""
-    for item in items:
-        if item.get_closest_marker("e2e") is not None:
-            item.add_marker(pytest.mark.xdist_group("ray"))
