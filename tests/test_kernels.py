@@ -22,6 +22,7 @@ import torch
 
 from elasticmoe.kernels import BACKEND_ENV, check_moe_inputs, fused_moe, fused_moe_reference, resolve_backend
 from elasticmoe.kernels import align, torch_moe, tuning
+from tests.triton_child import run_child
 
 REPO = Path(__file__).resolve().parent.parent
 TOL_FP32 = 1e-4
@@ -458,16 +459,7 @@ def _child_no_compile(device) -> dict:
 
 
 def _run_child(device: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, __file__, "--triton-child", device], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--triton-child", device)
 
 
 @pytest.fixture(scope="module")

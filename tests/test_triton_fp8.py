@@ -217,20 +217,9 @@ def _child_api(device: str) -> dict:
 
 
 def _run_child(device: str) -> dict:
-    import json
-    import os
-    import subprocess
-    from pathlib import Path
+    from tests.triton_child import run_child
 
-    repo = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k not in ("ELASTICMOE_MOE_BACKEND", "TRITON_INTERPRET")}
-    env.update(PYTHONPATH=os.pathsep.join([str(repo), env.get("PYTHONPATH", "")]))
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, __file__, "--fp8-child", device], env=env, cwd=repo,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--fp8-child", device)
 
 
 @pytest.fixture(scope="module")
