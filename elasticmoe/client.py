@@ -9,7 +9,7 @@ import grpc
 
 from elasticmoe.rpc import generation_pb2 as gen
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
-from elasticmoe.rpc.codec import channel_options
+from elasticmoe.rpc.options import channel_options
 
 _FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "logprobs")
 

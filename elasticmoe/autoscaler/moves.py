@@ -12,7 +12,7 @@ from elasticmoe.autoscaler.registry import Change, Registry
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
-from elasticmoe.rpc.codec import channel_options
+from elasticmoe.rpc.options import channel_options
 
 log = logging.getLogger("elasticmoe.controller")
 ACK_TIMEOUT_S = 30.0  # old copies are dropped after this even if a gateway never acknowledged

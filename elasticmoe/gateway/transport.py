@@ -15,7 +15,7 @@ import grpc
 
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames, tls
-from elasticmoe.rpc.codec import channel_options
+from elasticmoe.rpc.options import channel_options
 
 log = logging.getLogger(__name__)
 

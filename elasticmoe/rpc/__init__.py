@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     "encode_tensor": "codec",
     "decode_tensor": "codec",
-    "channel_options": "codec",
-    "server_options": "codec",
-    "GRPC_OPTIONS": "codec",
-    "GRPC_SERVER_OPTIONS": "codec",
-    "MAX_MESSAGE_BYTES": "codec",
+    "channel_options": "options",
+    "server_options": "options",
+    "GRPC_OPTIONS": "options",
+    "GRPC_SERVER_OPTIONS": "options",
+    "MAX_MESSAGE_BYTES": "options",
     "DTYPES": "codec",
     "DTYPE_NAMES": "codec",
-    "MALLOC_ENV": "codec",
-    "tune_malloc": "codec",
+    "MALLOC_ENV": "options",
+    "tune_malloc": "options",
 }
 
 __all__ = sorted(_EXPORTS)
