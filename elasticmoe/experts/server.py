@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import grpc
 import torch
@@ -18,6 +19,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
 from elasticmoe.rpc import tls
+from elasticmoe.rpc.frame_socket import FrameListener
 from elasticmoe.rpc.codec import decode_tensor, encode_tensor, server_options
 from elasticmoe.rpc.staging import to_host
 
@@ -70,6 +72,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self._frame_pool = futures.ThreadPoolExecutor(max_workers=run_slots, thread_name_prefix="expert-frames")
         self.max_streams = max_streams  # open RunExpertsStreams: each holds one server worker while open
         self._streams = threading.BoundedSemaphore(max_streams)
+        self.frame_port = 0  # the frame listener's port (Health tells the gateways), 0 while there is none
 
     def _decode(self, request: pb.RunExpertsRequest, context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validate a RunExperts request: layer, dtypes, shapes, k <= top-k, ids in range, rows <= max_rows."""
@@ -127,37 +130,44 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             return
         context.add_callback(lambda: replies.put(None))  # the stream ended or was cancelled: stop yielding
 
-        def one(frame: frames.Request) -> None:
-            try:
-                out, missing, us = self._compute(frame, _FrameContext)
-                replies.put(frames.encode_reply(frame.id, out, missing, us, self.placement_version))
-            except _FrameAbort as e:
-                replies.put(frames.encode_reply(frame.id, code=e.code.value[0], error=str(e)))
-            except Exception as e:  # noqa: BLE001 - as a unary handler's exception: INTERNAL, the stream lives on
-                log.exception("RunExpertsStream frame %d failed", frame.id)
-                replies.put(frames.encode_reply(frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e)))
-            finally:
-                self._run_slots.release()
-
         def read() -> None:
-            running = []
             try:
-                for frame in request_iterator:
-                    if isinstance(frame, frames.FrameError):  # unreadable: this frame fails, the stream goes on
-                        replies.put(frames.encode_reply(frame.frame_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                                        error=str(frame)))
-                        continue
-                    self._run_slots.acquire()
-                    running.append(self._frame_pool.submit(one, frame))
-                    running = [f for f in running if not f.done()]
+                self.serve_frames(request_iterator, lambda parts: replies.put(b"".join(parts)))
             except Exception:  # noqa: BLE001 - the client went away: the callback ends the replies
                 return
-            futures.wait(running)
             replies.put(None)  # the client half-closed and every frame is answered
 
         threading.Thread(target=read, name="expert-stream-reader", daemon=True).start()
         while (reply := replies.get()) is not None:
             yield reply
+
+    def serve_frames(self, requests: Iterable, put: Callable[[list], None]) -> None:
+        """The frames of one RunExpertsStream or one frame-listener connection: each runs as RunExperts would, up to
+        the run slots at once (a full shard queues frames rather than refusing them), and its reply (a list of
+        buffers, frames.reply_parts) goes to put(); a frame that cannot be read (a FrameError) gets INVALID_ARGUMENT.
+        Returns once `requests` ends and every frame is answered; raises what reading `requests` raises."""
+        running: list[futures.Future] = []
+        for frame in requests:
+            if isinstance(frame, frames.FrameError):  # unreadable: this frame fails, the stream goes on
+                put(frames.reply_parts(frame.frame_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=str(frame)))
+                continue
+            self._run_slots.acquire()
+            running.append(self._frame_pool.submit(self._frame, frame, put))
+            running = [f for f in running if not f.done()]
+        futures.wait(running)
+
+    def _frame(self, frame: frames.Request, put: Callable[[list], None]) -> None:
+        """One frame (holding a run slot): its reply, or its status code and message as a unary call would get."""
+        try:
+            out, missing, us = self._compute(frame, _FrameContext)
+            put(frames.reply_parts(frame.id, out, missing, us, self.placement_version))
+        except _FrameAbort as e:
+            put(frames.reply_parts(frame.id, code=e.code.value[0], error=str(e)))
+        except Exception as e:  # noqa: BLE001 - as a unary handler's exception: INTERNAL, the stream lives on
+            log.exception("frame %d failed", frame.id)
+            put(frames.reply_parts(frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e)))
+        finally:
+            self._run_slots.release()
 
     def _run(self, request, context) -> pb.RunExpertsResponse:
         out, missing, us = self._compute(request, context)
@@ -215,7 +225,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             calls=self.calls, compute_us=int(self.store.compute_s * 1e6), placement_version=self.placement_version)
 
     def Health(self, request, context):
-        return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version)
+        return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version,
+                                 frame_port=self.frame_port)
 
 
 def _ports(port: int) -> list[int]:
@@ -227,14 +238,32 @@ def _ports(port: int) -> list[int]:
     return list(range(lo, hi + 1))
 
 
+class ShardServer:
+    """The shard's gRPC server and the frame listener beside it (same host, same TLS): stop() stops both, and the
+    listener's connections end at once (their gateways fail their pending calls); the rest is the gRPC server's."""
+
+    def __init__(self, server: grpc.Server, listener: FrameListener):
+        self.server, self.listener = server, listener
+
+    def stop(self, grace: float | None):
+        self.listener.close()
+        return self.server.stop(grace)
+
+    def __getattr__(self, name: str):
+        return getattr(self.server, name)
+
+
 def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", port: int = 0,
                  max_workers: int = 8, max_rows: int = 1 << 16, insecure: bool = False, max_streams: int = 16
-                 ) -> tuple[grpc.Server, ExpertServicer, int]:
+                 ) -> tuple[ShardServer, ExpertServicer, int]:
     """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port).
 
     mTLS (rpc.tls): only clients holding a certificate of the release's CA get in; `insecure` serves plaintext.
     The pool has `max_workers` workers for RunExperts, one per open RunExpertsStream (at most `max_streams`, one per
     gateway using the stream transport; more are refused) plus 4 kept for Health, stats and loads.
+    Beside it, on the same host, a frame listener (rpc.frame_socket; its port in Health.frame_port, from
+    ELASTICMOE_EXPERT_PORT_RANGE when set) serves the same frames through the same code (serve_frames), at most
+    `max_streams` connections, same TLS.
     """
     if insecure:
         tls.warn_insecure(f"expert shard {shard_id}")
@@ -251,9 +280,18 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
             bound = 0
         if bound:
             break
-    if bound == 0:
-        raise RuntimeError(f"cannot bind the expert server on {host} (port {port}, "
-                           f"ELASTICMOE_EXPERT_PORT_RANGE={os.environ.get('ELASTICMOE_EXPERT_PORT_RANGE')})")
+    span = os.environ.get("ELASTICMOE_EXPERT_PORT_RANGE")
+    try:
+        listener = FrameListener(servicer.serve_frames, host, [p for p in _ports(0) if p != bound], insecure, files,
+                                 max_conns=max_streams) if bound else None
+    except OSError:
+        listener = None
+    if listener is None:
+        server.stop(None)
+        raise RuntimeError(f"cannot bind the expert server and its frame listener on {host} (port {port}, "
+                           f"ELASTICMOE_EXPERT_PORT_RANGE={span})")
+    servicer.frame_port = listener.port
     server.start()
-    log.info("expert shard %s serving on %s:%d (%s)", shard_id, host, bound, "plaintext" if insecure else "mTLS")
-    return server, servicer, bound
+    log.info("expert shard %s serving on %s:%d, frames on %d (%s)", shard_id, host, bound, listener.port,
+             "plaintext" if insecure else "mTLS")
+    return ShardServer(server, listener), servicer, bound

@@ -19,7 +19,7 @@ from elasticmoe.rpc.options import channel_options
 
 log = logging.getLogger(__name__)
 
-TransportName = Literal["unary", "stream"]
+TransportName = Literal["unary", "stream", "socket"]
 Build = Callable[[], frames.AnyRequest]  # makes the request where the transport likes; the transport encodes it
 STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
 
@@ -160,6 +160,40 @@ class _Stream:
 _CODES = {c.value[0]: c.value for c in grpc.StatusCode}
 
 
+class Deadlines:
+    """Per-request deadlines of a transport that multiplexes calls on one connection: a thread fails each call still
+    pending at its deadline with DEADLINE_EXCEEDED (its late answer is then dropped; the connection stays)."""
+
+    def __init__(self, name: str):
+        self._heap: list[tuple[float, int, object]] = []  # (monotonic deadline, id, its connection: has take(id))
+        self._cv = threading.Condition()
+        self.closed = False
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def add(self, timeout_s: float, frame_id: int, conn) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._cv:  # wake the thread only for a new earliest deadline (not once per frame)
+            if not self._heap or deadline < self._heap[0][0]:
+                self._cv.notify()
+            heapq.heappush(self._heap, (deadline, frame_id, conn))
+
+    def _loop(self) -> None:
+        with self._cv:
+            while not self.closed:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _, frame_id, conn = heapq.heappop(self._heap)
+                    fut = conn.take(frame_id)
+                    if fut is not None:
+                        fut.set_exception(TransportError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+                self._cv.wait(self._heap[0][0] - now if self._heap else None)
+
+    def close(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._cv.notify()
+
+
 class StreamTransport(_Channels):
     """One long-lived bidirectional stream per shard; frames carry ids, answers are matched by id.
 
@@ -171,14 +205,12 @@ class StreamTransport(_Channels):
         super().__init__(insecure, options)
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count(1)
-        self._deadlines: list[tuple[float, int, _Stream]] = []  # heap of (monotonic deadline, id, stream)
-        self._cv = threading.Condition()
-        self._closed = False
-        threading.Thread(target=self._expire_loop, name="stream-deadlines", daemon=True).start()
+        self._deadlines = Deadlines("stream-deadlines")
+        self._lock = threading.Lock()
 
     def _stream(self, address: str) -> _Stream:
         _, channel, renewed = self.connection(address)
-        with self._cv:
+        with self._lock:
             if renewed:
                 for s in self._streams.values():
                     s.close()
@@ -200,42 +232,30 @@ class StreamTransport(_Channels):
         for _ in range(2):  # a stream found dead at submit: one fresh one
             s = self._stream(address)
             if s.submit(frame_id, frame, fut):
-                deadline = time.monotonic() + timeout_s
-                with self._cv:  # wake the expiry thread only for a new earliest deadline (not once per frame)
-                    if not self._deadlines or deadline < self._deadlines[0][0]:
-                        self._cv.notify()
-                    heapq.heappush(self._deadlines, (deadline, frame_id, s))
+                self._deadlines.add(timeout_s, frame_id, s)
                 return fut
         fut.set_exception(TransportError(grpc.StatusCode.UNAVAILABLE, f"no stream to {address}"))
         return fut
 
-    def _expire_loop(self) -> None:
-        with self._cv:
-            while not self._closed:
-                now = time.monotonic()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    _, frame_id, s = heapq.heappop(self._deadlines)
-                    fut = s.take(frame_id)
-                    if fut is not None:
-                        fut.set_exception(TransportError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
-                self._cv.wait(self._deadlines[0][0] - now if self._deadlines else None)
-
     def close(self) -> None:
-        with self._cv:
-            self._closed = True
+        self._deadlines.close()
+        with self._lock:
             streams, self._streams = list(self._streams.values()), {}
-            self._cv.notify()
         for s in streams:
             s.fail(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))
             s._call.cancel()
 
 
 def make_transport(kind: TransportName | ExpertTransport, insecure: bool) -> ExpertTransport:
-    """'unary' (default) or 'stream'; an ExpertTransport object is used as it is."""
+    """'unary', 'stream' or 'socket' (gateway.socket_transport); an ExpertTransport object is used as it is."""
     if kind == "unary":
         return UnaryTransport(insecure)
     if kind == "stream":
         return StreamTransport(insecure)
+    if kind == "socket":
+        from elasticmoe.gateway.socket_transport import SocketTransport  # it builds on this module
+
+        return SocketTransport(insecure)
     if isinstance(kind, str):
-        raise ValueError(f"transport: {kind!r}, want 'unary' or 'stream'")
+        raise ValueError(f"transport: {kind!r}, want 'unary', 'stream' or 'socket'")
     return kind

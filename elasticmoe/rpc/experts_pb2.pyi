@@ -139,11 +139,13 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ok", "shard_id", "placement_version")
+    __slots__ = ("ok", "shard_id", "placement_version", "frame_port")
     OK_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FRAME_PORT_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     shard_id: str
     placement_version: int
-    def __init__(self, ok: _Optional[bool] = ..., shard_id: _Optional[str] = ..., placement_version: _Optional[int] = ...) -> None: ...
+    frame_port: int
+    def __init__(self, ok: _Optional[bool] = ..., shard_id: _Optional[str] = ..., placement_version: _Optional[int] = ..., frame_port: _Optional[int] = ...) -> None: ...

@@ -110,11 +110,7 @@ def as_proto(req: AnyRequest) -> pb.RunExpertsRequest:
 
 def request_frame(frame_id: int, req: AnyRequest) -> bytes:
     """encode_request for an ExpertRequest or a RunExpertsRequest message (its tensors' bytes as they are)."""
-    if isinstance(req, ExpertRequest):
-        tensors = (req.hidden, req.topk_ids, req.topk_weights)
-    else:
-        tensors = tuple(WireTensor(m.data, m.dtype, tuple(m.shape)) for m in (req.hidden, req.topk_ids, req.topk_weights))
-    return encode_request(frame_id, req.layer, *tensors, req.placement_version, req.step)
+    return b"".join(request_parts(frame_id, req))
 
 
 def _raw(t: Tensorish) -> tuple[int, tuple[int, ...], memoryview]:
@@ -136,6 +132,11 @@ def _pad(n: int) -> bytes:
 
 def _frame(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list) -> bytes:
     """Prefix, header, descriptors, text and tensor bytes joined into one bytes object (the payload's one copy)."""
+    return b"".join(_parts(kind, frame_id, word, text, version, last, tensors))
+
+
+def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list) -> list:
+    """A frame as a list of buffers (prefix, header, ..., tensor bytes as views of the tensors): no copy yet."""
     parts: list = [b"", HEADER.pack(MAGIC, kind, 0, len(tensors), frame_id, word, len(text), version, last)]
     raws = [_raw(t) for t in tensors]
     for code, shape, _ in raws:
@@ -148,7 +149,36 @@ def _frame(kind: int, frame_id: int, word: int, text: bytes, version: int, last:
     if size > _MAX_LEN:
         raise ValueError(f"frame: {size} bytes, more than {_MAX_LEN}")
     parts[0] = _FAST + bytes([(size >> (7 * i)) & 0x7F | (0x80 if i < 4 else 0) for i in range(5)])
-    return b"".join(parts)
+    return parts
+
+
+def request_parts(frame_id: int, req: AnyRequest) -> list:
+    """request_frame's bytes as a list of buffers (for socket.sendmsg: the tensors are not copied)."""
+    if isinstance(req, ExpertRequest):
+        tensors = [req.hidden, req.topk_ids, req.topk_weights]
+    else:
+        tensors = [WireTensor(m.data, m.dtype, tuple(m.shape)) for m in (req.hidden, req.topk_ids, req.topk_weights)]
+    return _parts(REQUEST, frame_id, req.layer, b"", req.placement_version, req.step, tensors)
+
+
+def reply_parts(frame_id: int, output: Tensorish | None = None, missing: list[int] = (), compute_us: int = 0,
+                placement_version: int = 0, code: int = 0, error: str = "") -> list:
+    """encode_reply's bytes as a list of buffers (the output tensor is not copied)."""
+    if code:
+        return _parts(REPLY, frame_id, code, error.encode(), placement_version, 0, [])
+    if output is None:  # all missing: no rows computed
+        output = torch.empty(0, 0)
+    return _parts(REPLY, frame_id, 0, b"", placement_version, compute_us,
+                  [output, torch.tensor(list(missing), dtype=torch.int32)])
+
+
+def frame_size(prefix: bytes | memoryview) -> int:
+    """The length of the frame whose 8-byte prefix (as this module writes it) is `prefix`; on a byte stream this
+    prefix is the frame's length prefix. FrameError for anything else (the stream cannot be resynchronised)."""
+    if len(prefix) != _PREFIX or bytes(prefix[:3]) != _FAST or any(b & 0x80 == 0 for b in prefix[3:7]) \
+            or prefix[7] & 0x80:
+        raise FrameError(f"frame prefix {bytes(prefix).hex()}: not an ExpertFrame length prefix")
+    return sum((prefix[3 + i] & 0x7F) << (7 * i) for i in range(5))
 
 
 def encode_request(frame_id: int, layer: int, hidden: Tensorish, topk_ids: Tensorish, topk_weights: Tensorish,
@@ -160,12 +190,7 @@ def encode_request(frame_id: int, layer: int, hidden: Tensorish, topk_ids: Tenso
 def encode_reply(frame_id: int, output: Tensorish | None = None, missing: list[int] = (), compute_us: int = 0,
                  placement_version: int = 0, code: int = 0, error: str = "") -> bytes:
     """An OK reply (output [T, H] in its dtype, missing ids) or, with a code, a failure and its message."""
-    if code:
-        return _frame(REPLY, frame_id, code, error.encode(), placement_version, 0, [])
-    if output is None:  # all missing: no rows computed
-        output = torch.empty(0, 0)
-    return _frame(REPLY, frame_id, 0, b"", placement_version, compute_us,
-                  [output, torch.tensor(list(missing), dtype=torch.int32)])
+    return b"".join(reply_parts(frame_id, output, missing, compute_us, placement_version, code, error))
 
 
 def _payload(buf: bytes) -> memoryview:

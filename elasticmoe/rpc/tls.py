@@ -7,6 +7,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,29 @@ def channel_credentials(files: TlsFiles | None = None) -> grpc.ChannelCredential
     """This process's certificate, trusting only the CA bundle."""
     ca, cert, key = (files or tls_files()).read()
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+# ----- Python ssl contexts (the frame listener and its clients): the same files, the same rules as the gRPC ones
+def server_ssl_context(files: TlsFiles | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ that requires a client certificate of the CA (as server_credentials); no session tickets."""
+    f = files or tls_files()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(f.cert, f.key)
+    ctx.load_verify_locations(cafile=f.ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.num_tickets = 0  # nothing written behind the reader's back: one thread reads, one writes
+    return ctx
+
+
+def client_ssl_context(files: TlsFiles | None = None) -> ssl.SSLContext:
+    """This process's certificate, trusting only the CA bundle; the server must be named SERVER_NAME."""
+    f = files or tls_files()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(f.cert, f.key)
+    ctx.load_verify_locations(cafile=f.ca)
+    return ctx
 
 
 class Renewal:

@@ -1,0 +1,210 @@
+"""The socket transport: RunExpertsStream's frames on one plain TCP (mTLS) connection per shard, no gRPC on the path."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import ssl
+import struct
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+import grpc
+
+from elasticmoe.gateway.transport import _CODES, Build, Deadlines, TransportError, _Channels
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc import frame_socket, frames, tls
+
+log = logging.getLogger(__name__)
+CONNECT_S = 5.0  # Health (for the frame port), TCP connect and TLS handshake, each
+SEND_TIMEOUT_S = 10  # a shard that reads nothing of a frame for this long: the connection is broken
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
+def _status(code: int) -> grpc.StatusCode:
+    return grpc.StatusCode(_CODES.get(code, grpc.StatusCode.UNKNOWN.value))
+
+
+class _Conn:
+    """One connection to a shard's frame listener. Its thread opens it (Health for the port, TCP, TLS), sends the
+    frames submitted meanwhile, then reads answers and resolves them by id; afterwards callers write their frames
+    themselves (sendmsg, no thread hop). Any failure (cannot connect, broken, a reply that cannot be read) fails
+    every pending call at once and marks it dead; the next send opens a new one."""
+
+    def __init__(self, address: str, opener: Callable[[], socket.socket]):
+        self.address = address
+        self.pending: dict[int, Future] = {}
+        self.dead = self.retired = False
+        self.sock: socket.socket | None = None
+        self._backlog: list[list] | None = []  # frames submitted while connecting; None once open
+        self._lock = threading.Lock()  # pending, dead, retired, sock, backlog
+        self._send_lock = threading.Lock()  # one frame on the wire at a time
+        threading.Thread(target=self._run, args=(opener,), name=f"frames-{address}", daemon=True).start()
+
+    def submit(self, frame_id: int, parts: list, fut: Future) -> bool:
+        """Send a frame (a list of buffers); False when the connection is dead or retired (use a new one)."""
+        with self._lock:
+            if self.dead or self.retired:
+                return False
+            self.pending[frame_id] = fut
+            if self._backlog is not None:
+                self._backlog.append(parts)
+                return True
+            sock = self.sock
+        try:
+            with self._send_lock:
+                frame_socket.send_parts(sock, parts)
+        except OSError as e:
+            self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+        return True
+
+    def take(self, frame_id: int) -> Future | None:
+        with self._lock:
+            fut = self.pending.pop(frame_id, None)
+            done = self.retired and not self.pending
+        if done:  # retired and every answer in: end it (the reader sees the end)
+            self._shut()
+        return fut
+
+    def _run(self, opener: Callable[[], socket.socket]) -> None:
+        try:
+            sock = opener()
+        except (OSError, grpc.RpcError, ValueError) as e:
+            code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+            self.fail(TransportError(code if code != grpc.StatusCode.DEADLINE_EXCEEDED else
+                                     grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.address}: {e}"))
+            return
+        with self._send_lock:
+            with self._lock:
+                self.sock, backlog, self._backlog = sock, self._backlog, None
+                dead = self.dead
+            try:
+                for parts in [] if dead else backlog:
+                    frame_socket.send_parts(sock, parts)
+            except OSError as e:
+                self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+        try:
+            self._read(sock)
+        finally:
+            sock.close()
+
+    def _read(self, sock: socket.socket) -> None:
+        err = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} ended")
+        prefix = bytearray(frame_socket.PREFIX)
+        try:
+            while not self.dead and (buf := frame_socket.read_frame(sock, prefix)) is not None:
+                reply = frames.decode_reply(buf)
+                if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
+                    err = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
+                fut = self.take(reply.id)
+                if fut is None:
+                    continue  # past its deadline: already failed (or id 0: an unreadable frame, as on the stream)
+                if reply.code:
+                    fut.set_exception(TransportError(_status(reply.code), reply.error))
+                else:
+                    fut.set_result(reply)
+        except OSError as e:
+            if not self.dead:
+                err = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}")
+        except Exception as e:  # noqa: BLE001 - a reply that cannot be read fails the connection's calls
+            err = TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}")
+        self.fail(err)
+
+    def _shut(self) -> None:
+        with self._lock:
+            sock = self.sock
+        if sock is not None:
+            frame_socket.shutdown(sock)  # the reader wakes with the end of stream and closes it
+
+    def fail(self, err: grpc.RpcError) -> None:
+        """Mark dead and fail every pending call at once (failover sees them all now, not at their deadlines)."""
+        with self._lock:
+            self.dead = True
+            pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            fut.set_exception(err)
+        self._shut()
+
+    def retire(self) -> None:
+        """No new frames; the calls in flight still get their answers, then it closes."""
+        with self._lock:
+            self.retired = True
+            idle = not self.pending
+        if idle:
+            self._shut()
+
+
+class SocketTransport(_Channels):
+    """One persistent TCP connection per shard to its frame listener (port from Health, asked at each connect):
+    the same frames as StreamTransport's stream, written with sendmsg from the caller's thread and read by one
+    thread per connection. Deadlines per request (a late answer is dropped, the connection stays); a broken
+    connection fails all its pending calls at once (UNAVAILABLE) and the next send reconnects; renewed TLS files
+    (tls.Renewal) retire every connection. mTLS with Python's ssl and the same files; plaintext when `insecure`."""
+
+    def __init__(self, insecure: bool = False, options: list[tuple[str, int]] | None = None):
+        super().__init__(insecure, options)
+        self._conns: dict[str, _Conn] = {}
+        self._ids = itertools.count(1)
+        self._deadlines = Deadlines("socket-deadlines")
+        self._lock = threading.Lock()
+        self._ctx: ssl.SSLContext | None = None
+
+    def _conn(self, address: str) -> _Conn:
+        stub, renewed = self.stub(address)
+        with self._lock:
+            if renewed:
+                self._ctx = None
+                for c in self._conns.values():
+                    c.retire()
+                self._conns.clear()
+            c = self._conns.get(address)
+            if c is None or c.dead or c.retired:
+                c = self._conns[address] = _Conn(address, lambda: self._open(address, stub))
+            return c
+
+    def _open(self, address: str, stub) -> socket.socket:
+        """Health (the frame port), TCP connect, TLS handshake: the connection's socket."""
+        port = stub.Health(pb.HealthRequest(), timeout=CONNECT_S).frame_port
+        if not port:
+            raise ConnectionError(f"shard {address} has no frame listener (Health.frame_port 0)")
+        host = address.rsplit(":", 1)[0].strip("[]")
+        sock = socket.create_connection((host, port), timeout=CONNECT_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        try:
+            if not self.insecure:
+                with self._lock:
+                    ctx = self._ctx = self._ctx or tls.client_ssl_context()
+                sock = ctx.wrap_socket(sock, server_hostname=tls.SERVER_NAME)
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def send(self, address: str, build: Build, timeout_s: float) -> Future:
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+        frame_id = next(self._ids)
+        try:
+            parts = frames.request_parts(frame_id, build())
+        except Exception as e:  # noqa: BLE001 - a request that cannot be built fails its call
+            fut.set_exception(e)
+            return fut
+        for _ in range(2):  # a connection found dead at submit: one fresh one
+            c = self._conn(address)
+            self._deadlines.add(timeout_s, frame_id, c)  # before the write: a write that blocks still times out
+            if c.submit(frame_id, parts, fut):
+                return fut
+        fut.set_exception(TransportError(grpc.StatusCode.UNAVAILABLE, f"no connection to {address}"))
+        return fut
+
+    def close(self) -> None:
+        self._deadlines.close()
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for c in conns:
+            c.fail(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))

@@ -1,0 +1,220 @@
+"""Raw frames (rpc.frames) on one TCP connection, no gRPC: a shard's frame listener and the reads and writes both ends
+share. Each frame is an ExpertFrame message exactly as RunExpertsStream carries it; its 8-byte prefix (frames.
+frame_size) is the length prefix. mTLS as the gRPC servers (rpc.tls: the release's CA, client certificates required).
+
+A reply with id 0 and RESOURCE_EXHAUSTED, then the end of the connection: the listener refused the connection."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import ssl
+import threading
+from typing import Callable, Iterator
+
+import grpc
+import torch
+
+from elasticmoe.rpc import frames, tls
+from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+PREFIX = 8  # bytes of an ExpertFrame's prefix: the frame's length prefix on the socket
+_SMALL = 64 << 10  # buffers up to this size are joined before a TLS write (one record, not one per piece)
+Put = Callable[[list], None]  # takes one reply frame as a list of buffers (frames.reply_parts)
+HANDSHAKE_S = 10.0
+
+
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """Write one frame given as buffers: sendmsg on a plain socket (the tensors are not copied); joined small
+    pieces and one write per large piece on TLS (ssl has no sendmsg). OSError when the connection is broken."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    if isinstance(sock, ssl.SSLSocket):
+        small: list = []
+        for v in views:
+            if len(v) <= _SMALL:
+                small.append(v)
+                continue
+            if small:
+                sock.sendall(b"".join(small))
+                small = []
+            sock.sendall(v)
+        if small:
+            sock.sendall(b"".join(small))
+        return
+    while views:
+        sent = sock.sendmsg(views[:512])
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def _fill(sock: socket.socket, view: memoryview, eof_ok: bool = False) -> bool:
+    """Read exactly len(view) bytes; False at a clean end of stream before the first byte (when eof_ok)."""
+    first = True
+    while view:
+        n = sock.recv_into(view)
+        if n == 0:
+            if eof_ok and first:
+                return False
+            raise ConnectionError("connection closed mid-frame")
+        view, first = view[n:], False
+    return True
+
+
+def _buffer(n: int) -> memoryview:
+    """n writable bytes the frame keeps (its tensors are views of them): uninitialised when large (no memset)."""
+    if n <= _SMALL:
+        return memoryview(bytearray(n))
+    return memoryview(torch.empty(n, dtype=torch.uint8).numpy()).cast("B")
+
+
+def read_frame(sock: socket.socket, prefix: bytearray) -> memoryview | None:
+    """The next whole frame (prefix included, for frames.decode_*) in a buffer of its own; None at a clean end of
+    stream. FrameError for a bad length prefix (the stream cannot be resynchronised: close it)."""
+    if not _fill(sock, memoryview(prefix), eof_ok=True):
+        return None
+    size = frames.frame_size(prefix)
+    if size > MAX_MESSAGE_BYTES:
+        raise frames.FrameError(f"frame of {size} bytes, more than the {MAX_MESSAGE_BYTES}-byte limit")
+    buf = _buffer(PREFIX + size)
+    buf[:PREFIX] = prefix
+    _fill(sock, buf[PREFIX:])
+    return buf
+
+
+def shutdown(sock: socket.socket) -> None:
+    """Shut down both ways: a thread blocked in recv on it wakes with end of stream."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the fd's own shutdown, also under an SSLSocket
+    except OSError:
+        pass
+
+
+def hard_close(sock: socket.socket) -> None:
+    shutdown(sock)
+    sock.close()
+
+
+def bind(host: str, ports: list[int]) -> socket.socket:
+    """A listening socket on the first of `ports` (0: any) free on host; OSError when none is."""
+    err: OSError | None = None
+    for port in ports:
+        try:
+            return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                        backlog=128)
+        except OSError as e:
+            err = e
+    raise err or OSError(f"no port to bind on {host}")
+
+
+class FrameListener:
+    """Accepts frame connections (mTLS; plaintext when `insecure`): each connection's request frames (frames.Request,
+    or FrameError for one that cannot be read) go to `serve(frames, put)`; a writer thread sends what it put()s.
+    A bad length prefix closes that connection only. At most `max_conns` connections at once."""
+
+    def __init__(self, serve: Callable[[Iterator, Put], None], host: str, ports: list[int], insecure: bool = False,
+                 files: tls.TlsFiles | None = None, max_conns: int = 16):
+        self.serve, self.insecure, self.max_conns = serve, insecure, max_conns
+        self.files = None if insecure else (files or tls.tls_files())
+        self._ctx, self._stamp = None, None
+        self.sock = bind(host, ports)
+        self.port = self.sock.getsockname()[1]
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, name=f"frames-{self.port}", daemon=True).start()
+
+    def _context(self) -> ssl.SSLContext:
+        """The server context, rebuilt when the TLS files change (a renewed certificate, without a restart)."""
+        stamp = self.files.stamp()
+        if self._ctx is None or stamp != self._stamp:
+            self._ctx, self._stamp = tls.server_ssl_context(self.files), stamp
+        return self._ctx
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._connection, args=(conn,), name="frames-conn", daemon=True).start()
+
+    def _open(self, conn: socket.socket) -> socket.socket | None:
+        """The TLS handshake (client certificate of the CA required); None (closed) when it fails."""
+        if self.insecure:
+            return conn
+        try:
+            conn.settimeout(HANDSHAKE_S)
+            conn = self._context().wrap_socket(conn, server_side=True)
+            conn.settimeout(None)
+            return conn
+        except (OSError, ValueError) as e:
+            log.info("frame listener %d: TLS handshake refused: %s", self.port, e)
+            hard_close(conn)
+            return None
+
+    def _connection(self, conn: socket.socket) -> None:
+        conn = self._open(conn)
+        if conn is None:
+            return
+        with self._lock:
+            full = len(self._conns) >= self.max_conns
+            refused = self.closed or full
+            if not refused:
+                self._conns.add(conn)
+        if refused:
+            try:
+                if not self.closed:
+                    send_parts(conn, frames.reply_parts(0, code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                                                        error=f"shard busy: {self.max_conns} frame connections open"))
+            except OSError:
+                pass
+            hard_close(conn)
+            return
+        replies: queue.SimpleQueue = queue.SimpleQueue()
+        writer = threading.Thread(target=self._write, args=(conn, replies), name="frames-writer", daemon=True)
+        writer.start()
+        try:
+            self.serve(self._frames(conn), replies.put)
+        except frames.FrameError as e:
+            log.warning("frame listener %d: %s; closing that connection", self.port, e)
+            shutdown(conn)
+        except OSError:
+            pass  # the client went away
+        finally:
+            replies.put(None)
+            writer.join()
+            with self._lock:
+                self._conns.discard(conn)
+            hard_close(conn)
+
+    @staticmethod
+    def _frames(conn: socket.socket) -> Iterator:
+        prefix = bytearray(PREFIX)
+        while (buf := read_frame(conn, prefix)) is not None:
+            yield frames.decode_request_or_error(buf)
+
+    @staticmethod
+    def _write(conn: socket.socket, replies: queue.SimpleQueue) -> None:
+        broken = False
+        while (parts := replies.get()) is not None:
+            if broken:
+                continue  # drain: the reader ends the connection
+            try:
+                send_parts(conn, parts)
+            except OSError:
+                broken = True
+
+    def close(self) -> None:
+        """Stop accepting and cut every open connection (their clients fail their pending calls at once)."""
+        with self._lock:
+            self.closed = True
+            conns, self._conns = list(self._conns), set()
+        hard_close(self.sock)
+        for c in conns:
+            shutdown(c)
