@@ -6,7 +6,6 @@ import itertools
 import logging
 import socket
 import ssl
-import struct
 import threading
 from concurrent.futures import Future
 from typing import Callable
@@ -19,7 +18,6 @@ from elasticmoe.rpc import frame_socket, frames, tls
 
 log = logging.getLogger(__name__)
 CONNECT_S = 5.0  # Health (for the frame port), TCP connect and TLS handshake, each
-SEND_TIMEOUT_S = 10  # a shard that reads nothing of a frame for this long: the connection is broken
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
@@ -179,7 +177,7 @@ class SocketTransport(_Channels):
                     ctx = self._ctx = self._ctx or tls.client_ssl_context()
                 sock = ctx.wrap_socket(sock, server_hostname=tls.SERVER_NAME)
             sock.settimeout(None)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
+            frame_socket.send_timeout(sock)
         except BaseException:
             sock.close()
             raise

@@ -20,6 +20,7 @@ import torch
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
+from elasticmoe.rpc.frame_socket import FrameListener
 from elasticmoe.rpc.codec import channel_options, decode_tensor, encode_tensor, server_options, tune_malloc
 
 HOST = "127.0.0.1"
@@ -36,23 +37,42 @@ class EchoShard(pb_grpc.ExpertShardServicer):
         response.compute_us = (time.perf_counter_ns() - t0) // 1000
         return response
 
+    frame_port = 0  # its frame listener's (listen()), told by Health
+
+    @staticmethod
+    def echo(frame: frames.Request | frames.FrameError) -> list:
+        """One raw frame's reply (frames.reply_parts): its hidden bytes as the output."""
+        if isinstance(frame, frames.FrameError):
+            return frames.reply_parts(frame.frame_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=str(frame))
+        return frames.reply_parts(frame.id, frame.hidden, placement_version=frame.placement_version)
+
     async def RunExpertsStream(self, request_iterator, context):
         """Raw frames (rpc.frames): each answered in order with its hidden bytes as the output."""
         async for frame in request_iterator:
-            if isinstance(frame, frames.FrameError):
-                yield frames.encode_reply(frame.frame_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=str(frame))
-            else:
-                yield frames.encode_reply(frame.id, frame.hidden, placement_version=frame.placement_version)
+            yield b"".join(self.echo(frame))
+
+    def serve_frames(self, requests, put) -> None:
+        """The frame listener's connections (rpc.frame_socket): the same echo, in order."""
+        for frame in requests:
+            put(self.echo(frame))
+
+    def listen(self, host: str = HOST, insecure: bool = True) -> FrameListener:
+        """Start a frame listener for this shard on host (any port); Health tells its port."""
+        listener = FrameListener(self.serve_frames, host, [0], insecure)
+        self.frame_port = listener.port
+        return listener
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
-        return pb.HealthResponse(ok=True, shard_id=f"echo-{os.getpid()}")
+        return pb.HealthResponse(ok=True, shard_id=f"echo-{os.getpid()}", frame_port=self.frame_port)
 
 
 async def start_echo_server(port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Starts an EchoShard grpc.aio server on 127.0.0.1 (port 0: ephemeral); returns it and its port."""
     server = grpc.aio.server(options=server_options())
-    frames.add_shard_servicer(EchoShard(), server)
+    shard = EchoShard()
+    frames.add_shard_servicer(shard, server)
     port = server.add_insecure_port(f"{HOST}:{port}")
+    shard.listen()  # plaintext frames beside it (the socket transport); lives as long as the process
     await server.start()
     return server, port
 

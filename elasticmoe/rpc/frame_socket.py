@@ -7,9 +7,9 @@ A reply with id 0 and RESOURCE_EXHAUSTED, then the end of the connection: the li
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import ssl
+import struct
 import threading
 from typing import Callable, Iterator
 
@@ -24,6 +24,7 @@ PREFIX = 8  # bytes of an ExpertFrame's prefix: the frame's length prefix on the
 _SMALL = 64 << 10  # buffers up to this size are joined before a TLS write (one record, not one per piece)
 Put = Callable[[list], None]  # takes one reply frame as a list of buffers (frames.reply_parts)
 HANDSHAKE_S = 10.0
+SEND_TIMEOUT_S = 10
 
 
 def send_parts(sock: socket.socket, parts: list) -> None:
@@ -86,6 +87,12 @@ def read_frame(sock: socket.socket, prefix: bytearray) -> memoryview | None:
     return buf
 
 
+def send_timeout(sock: socket.socket, seconds: int = SEND_TIMEOUT_S) -> None:
+    """A write that moves nothing for `seconds` fails (OSError): a peer that stopped reading breaks the connection
+    instead of blocking the writer for ever. Reads stay blocking."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
+
+
 def shutdown(sock: socket.socket) -> None:
     """Shut down both ways: a thread blocked in recv on it wakes with end of stream."""
     try:
@@ -113,7 +120,7 @@ def bind(host: str, ports: list[int]) -> socket.socket:
 
 class FrameListener:
     """Accepts frame connections (mTLS; plaintext when `insecure`): each connection's request frames (frames.Request,
-    or FrameError for one that cannot be read) go to `serve(frames, put)`; a writer thread sends what it put()s.
+    or FrameError for one that cannot be read) go to `serve(frames, put)`; put() writes a reply at once.
     A bad length prefix closes that connection only. At most `max_conns` connections at once."""
 
     def __init__(self, serve: Callable[[Iterator, Put], None], host: str, ports: list[int], insecure: bool = False,
@@ -142,6 +149,7 @@ class FrameListener:
             except OSError:
                 return  # closed
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            send_timeout(conn)
             threading.Thread(target=self._connection, args=(conn,), name="frames-conn", daemon=True).start()
 
     def _open(self, conn: socket.socket) -> socket.socket | None:
@@ -176,39 +184,38 @@ class FrameListener:
                 pass
             hard_close(conn)
             return
-        replies: queue.SimpleQueue = queue.SimpleQueue()
-        writer = threading.Thread(target=self._write, args=(conn, replies), name="frames-writer", daemon=True)
-        writer.start()
         try:
-            self.serve(self._frames(conn), replies.put)
+            self.serve(self._frames(conn), self._sender(conn))
         except frames.FrameError as e:
             log.warning("frame listener %d: %s; closing that connection", self.port, e)
-            shutdown(conn)
         except OSError:
             pass  # the client went away
         finally:
-            replies.put(None)
-            writer.join()
             with self._lock:
                 self._conns.discard(conn)
             hard_close(conn)
+
+    @staticmethod
+    def _sender(conn: socket.socket) -> Put:
+        """put(): the thread with the reply writes it (no hand-off); the first failed write ends the connection."""
+        lock, broken = threading.Lock(), [False]
+
+        def put(parts: list) -> None:
+            with lock:
+                if broken[0]:
+                    return
+                try:
+                    send_parts(conn, parts)
+                except OSError:
+                    broken[0] = True
+                    shutdown(conn)  # the reader wakes with the end of stream
+        return put
 
     @staticmethod
     def _frames(conn: socket.socket) -> Iterator:
         prefix = bytearray(PREFIX)
         while (buf := read_frame(conn, prefix)) is not None:
             yield frames.decode_request_or_error(buf)
-
-    @staticmethod
-    def _write(conn: socket.socket, replies: queue.SimpleQueue) -> None:
-        broken = False
-        while (parts := replies.get()) is not None:
-            if broken:
-                continue  # drain: the reader ends the connection
-            try:
-                send_parts(conn, parts)
-            except OSError:
-                broken = True
 
     def close(self) -> None:
         """Stop accepting and cut every open connection (their clients fail their pending calls at once)."""

@@ -17,6 +17,7 @@ A request carries hidden [T, H] (model dtype), topk_ids [T, k], topk_weights [T,
 
 from __future__ import annotations
 
+import array
 import math
 import struct
 from typing import NamedTuple, Union
@@ -122,8 +123,16 @@ def _raw(t: Tensorish) -> tuple[int, tuple[int, ...], memoryview]:
     name = DTYPE_NAMES.get(t.dtype)
     if name is None or t.dim() > 2:
         raise ValueError(f"frame tensor: dtype {t.dtype}, {t.dim()} dims; want a codec dtype and at most 2 dims")
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return _CODE_OF[name], tuple(t.shape), memoryview(flat.view(torch.uint8).numpy())
+    if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous():
+        t = t.detach().cpu().contiguous()
+    if not t.numel():
+        return _CODE_OF[name], tuple(t.shape), memoryview(b"")
+    # a numpy view without a copy: numpy's own dtype where it has one, bytes of the same width for bf16
+    raw = t.view(_SAME_WIDTH[t.dtype]) if t.dtype in _SAME_WIDTH else t
+    return _CODE_OF[name], tuple(t.shape), memoryview(raw.numpy()).cast("B")
+
+
+_SAME_WIDTH = {torch.bfloat16: torch.int16}
 
 
 def _pad(n: int) -> bytes:
@@ -167,9 +176,10 @@ def reply_parts(frame_id: int, output: Tensorish | None = None, missing: list[in
     if code:
         return _parts(REPLY, frame_id, code, error.encode(), placement_version, 0, [])
     if output is None:  # all missing: no rows computed
-        output = torch.empty(0, 0)
+        output = WireTensor(memoryview(b""), "float32", (0, 0))
+    ids = array.array("i", missing)  # int32, little-endian (codec: little-endian hosts only)
     return _parts(REPLY, frame_id, 0, b"", placement_version, compute_us,
-                  [output, torch.tensor(list(missing), dtype=torch.int32)])
+                  [output, WireTensor(memoryview(ids).cast("B"), "int32", (len(ids),))])
 
 
 def frame_size(prefix: bytes | memoryview) -> int:
