@@ -94,7 +94,7 @@ def bench_served(conc: int, n: int, rounds: int) -> dict:
     return _row("served: gateway + 2 shards (gRPC)", conc, total[0], time.perf_counter() - t0, ttft, tpot)
 
 
-def deploy(model_dir: Path, shards: int) -> None:
+def deploy(model_dir: Path, shards: int, transport: str | None = None) -> None:
     import yaml
 
     from elasticmoe import local_cluster as lc
@@ -105,7 +105,8 @@ def deploy(model_dir: Path, shards: int) -> None:
            "applications": [{"name": "bench", "route_prefix": "/bench", "import_path": "elasticmoe.app:build_app",
                              "args": {"model": str(model_dir), "num_shards": shards,
                                       "gateway_resources": {"num_cpus": 1}, "shard_resources": {"num_cpus": 1},
-                                      "limits": {"max_num_seqs": 32, "max_model_len": 512, "max_queue": 256}}}]}
+                                      "limits": {"max_num_seqs": 32, "max_model_len": 512, "max_queue": 256,
+                                                 **({"transport": transport} if transport else {})}}}]}
     path = model_dir.parent / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
     lc.stop_ray()
@@ -124,6 +125,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving.json"))
+    ap.add_argument("--transport", choices=("unary", "stream", "socket"),
+                    help="the gateway's Limits.transport (default: the config's default)")
     a = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,7 +146,7 @@ def main() -> None:
     for c in concs:
         rows += [bench_offline(llm, c, a.tokens), bench_hf(hf, tok, c, a.tokens)]
     del llm, hf
-    deploy(model_dir, 2)
+    deploy(model_dir, 2, a.transport)
     try:
         bench_served(2, 4, 1)  # warm-up
         for c in concs:
