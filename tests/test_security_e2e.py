@@ -1,6 +1,7 @@
 """End to end, on a real local cluster: every listening socket of the cluster's processes (read from /proc) is on
-127.0.0.1 but Serve's own wildcard binds; the expert shards serve mTLS only; the API refuses requests without a key
-(HTTP 401, gRPC UNAUTHENTICATED) and serves them with one; no checkpoint path reaches clients."""
+127.0.0.1 but Serve's own wildcard binds; the expert shards serve mTLS only, on their gRPC port and on their frame
+listener (the socket transport's); the API refuses requests without a key (HTTP 401, gRPC UNAUTHENTICATED) and
+serves them with one; no checkpoint path reaches clients."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from elasticmoe.client import GenerationClient
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-from elasticmoe.rpc import tls
+from elasticmoe.rpc import frame_socket, frames, tls
 from tests.serving_util import GRPC, app_entry, deploy, handle
 
 pytestmark = pytest.mark.e2e
@@ -111,9 +113,12 @@ def test_every_listener_is_loopback_or_serves_own(secured):
     assert found, "no listening socket found for the cluster's processes"
     ports = {port for _, _, _, port in found}
     assert {6379, 8265, 8000, 9000} <= ports, sorted(ports)  # GCS, dashboard, HTTP proxy, gRPC proxy
-    for address in secured:  # the expert shards: on 127.0.0.1, listening
+    bound = {(addr, port) for _, _, addr, port in found}
+    for address in secured:  # the expert shards: on 127.0.0.1, listening; their frame listeners beside them
         host, port = address.rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) in ports, address
+        frame_port = _health(address).frame_port
+        assert frame_port and ("127.0.0.1", frame_port) in bound, (address, frame_port, sorted(bound))
     exposed = [(pid, cmd[:120], addr, port) for pid, cmd, addr, port in found
                if not _loopback(addr) and not _serve_wildcard(cmd, port)]
     assert exposed == [], "listening beyond 127.0.0.1:\n" + "\n".join(map(str, exposed))
@@ -122,10 +127,37 @@ def test_every_listener_is_loopback_or_serves_own(secured):
             assert _loopback(addr), (pid, cmd[:120], addr, port)
 
 
+def _health(address: str) -> pb.HealthResponse:
+    with tls.channel(address) as ch:  # the cluster's local CA: same ELASTICMOE_CACHE as this process
+        return pb_grpc.ExpertShardStub(ch).Health(pb.HealthRequest(), timeout=10)
+
+
+def _frame_answer(host: str, port: int, secure: bool) -> bytes:
+    """A request frame (layer 0, hidden [1, 1]: refused by the shard's checks) to a frame listener: with mTLS, the
+    reply frame; in plaintext, the first bytes that come back (b"" when the connection just ends)."""
+    probe = frames.encode_request(1, 0, torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1))
+    s = socket.create_connection((host, port), timeout=5)
+    if secure:
+        s = tls.client_ssl_context().wrap_socket(s, server_hostname=tls.SERVER_NAME)
+    with s:
+        s.sendall(probe)
+        if secure:
+            return bytes(frame_socket.read_frame(s, bytearray(frame_socket.PREFIX)))
+        try:
+            return s.recv(64)
+        except (socket.timeout, ConnectionError):
+            return b""
+
+
 def test_shards_speak_mtls_only(secured):
     for address in secured:
-        with tls.channel(address) as ch:  # the cluster's local CA: same ELASTICMOE_CACHE as this process
-            assert pb_grpc.ExpertShardStub(ch).Health(pb.HealthRequest(), timeout=10).ok
+        health = _health(address)
+        assert health.ok
+        host = address.rsplit(":", 1)[0]
+        reply = frames.decode_reply(_frame_answer(host, health.frame_port, secure=True))  # the release's CA: served
+        assert reply.id == 1 and reply.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], reply
+        plain = _frame_answer(host, health.frame_port, secure=False)  # nothing, or a TLS alert: never a frame
+        assert not plain.startswith(frames.encode_reply(1)[:3]), plain  # a reply frame's first bytes
         with grpc.insecure_channel(address) as ch:
             with pytest.raises(grpc.RpcError) as e:
                 pb_grpc.ExpertShardStub(ch).Health(pb.HealthRequest(), timeout=5)
