@@ -21,7 +21,7 @@ from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.frames import ExpertRequest
-from tests.test_failover import ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files  # noqa: F401
+from tests.test_failover import E, Shards, _inputs, _reference, _run, files  # noqa: F401
 
 
 @pytest.fixture

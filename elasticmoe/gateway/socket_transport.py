@@ -69,8 +69,9 @@ class _Conn:
     def _run(self, opener: Callable[[], socket.socket]) -> None:
         try:
             sock = opener()
-        except (OSError, grpc.RpcError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever stops the opening fails the calls waiting for it
             code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+            log.info("frames to %s: cannot connect: %s", self.address, e)
             self.fail(TransportError(code if code != grpc.StatusCode.DEADLINE_EXCEEDED else
                                      grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.address}: {e}"))
             return
