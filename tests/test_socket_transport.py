@@ -107,6 +107,29 @@ def test_dead_shard_fails_pending_calls_at_once_and_the_next_send_reconnects(fil
         t.close()
 
 
+def test_shard_stopped_mid_step_fails_over(files):  # noqa: F811
+    """Both shards hold every expert; s0's frames hang and its server stops: the step ends on s1 at once."""
+    shards = Shards(files, [list(range(E)), list(range(E))])
+    layer, inputs = shards.layers[0], _inputs(files, 1)
+    ref = _reference(files, layer, *inputs)
+    d = GrpcDispatcher(transport="socket", timeout_s=30)
+    try:
+        d.set_table(shards.table({e: [0, 1] for e in range(E)}))
+        _run(d, layer, inputs)  # both connections open
+        shards.servicers[0].faults.run_delay_s = 5.0
+        step = d.dispatch(layer, *inputs)
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        shards.servers[0].stop(None)
+        out = step.wait()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert d.failovers >= 1 and time.perf_counter() - t0 < 2.0, d.failovers  # not the 30 s deadline
+    finally:
+        shards.servicers[0].faults.run_delay_s = 0.0
+        d.close()
+        shards.close()
+
+
 def test_deadline_is_per_request_and_the_connection_survives(files, pair):  # noqa: F811
     layer, address = pair.layers[0], pair.addresses[0]
     t = SocketTransport()
