@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from concurrent import futures as cf
 
 import grpc
 import pytest
@@ -66,6 +67,28 @@ def test_answers_equal_the_stream_bit_for_bit(files, pair, dtype):  # noqa: F811
     finally:
         sock.close()
         stream.close()
+
+
+def test_frame_ids_match_answers_under_concurrency_on_mtls(files, pair):  # noqa: F811
+    """8 threads, requests of different sizes in flight on one mTLS connection (one thread writing while the reader
+    reads): each answer is its own request's."""
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+
+    def one(i: int) -> None:
+        rows = 1 + i % 24
+        req = _req(files, layer, rows, seed=i)
+        got = t.send(address, lambda: req, 10).result(timeout=20)
+        want = _reference(files, layer, req.hidden, req.topk_ids.long(), req.topk_weights)
+        torch.testing.assert_close(decode_tensor(got.output), want.double(), rtol=1e-5, atol=1e-6)
+
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(64)))
+        assert list(t._conns) == [address] and not t._conns[address].pending
+        assert isinstance(t._conns[address].sock, ssl.SSLSocket)
+    finally:
+        t.close()
 
 
 def test_dispatch_equals_single_process(files, pair):  # noqa: F811
