@@ -153,6 +153,27 @@ def test_shard_stopped_mid_step_fails_over(files):  # noqa: F811
         shards.close()
 
 
+def test_graceful_stop_answers_the_frames_running(files, pair):  # noqa: F811
+    """stop(grace), as the shard deployment's scale-in does: a frame already running is answered (as on a gRPC
+    stream, the connection is served until `grace`), then the connection ends and the next send fails."""
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+    try:
+        assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        pair.servicers[0].faults.run_delay_s = 0.5
+        running = t.send(address, lambda: _req(files, layer, seed=1), 10)
+        time.sleep(0.2)
+        stopped = pair.servers[0].stop(2.0)
+        assert running.result(timeout=5).output.data
+        assert stopped.wait(5)
+        with pytest.raises(grpc.RpcError) as e:
+            t.send(address, lambda: _req(files, layer, seed=2), 5).result(timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+
+
 def test_deadline_is_per_request_and_the_connection_survives(files, pair):  # noqa: F811
     layer, address = pair.layers[0], pair.addresses[0]
     t = SocketTransport()

@@ -239,15 +239,17 @@ def _ports(port: int) -> list[int]:
 
 
 class ShardServer:
-    """The shard's gRPC server and the frame listener beside it (same host, same TLS): stop() stops both, and the
-    listener's connections end at once (their gateways fail their pending calls); the rest is the gRPC server's."""
+    """The shard's gRPC server and the frame listener beside it (same host, same TLS): stop(grace) stops both alike
+    (None: connections end at once, their gateways fail their pending calls); the rest is the gRPC server's."""
 
     def __init__(self, server: grpc.Server, listener: FrameListener):
         self.server, self.listener = server, listener
 
-    def stop(self, grace: float | None):
-        self.listener.close()
-        return self.server.stop(grace)
+    def stop(self, grace: float | None) -> threading.Event:
+        """As grpc.Server.stop, for both: the Event is set once both have stopped."""
+        cut, stopped, both = self.listener.close(grace), self.server.stop(grace), threading.Event()
+        threading.Thread(target=lambda: (cut.wait(), stopped.wait(), both.set()), daemon=True).start()
+        return both
 
     def __getattr__(self, name: str):
         return getattr(self.server, name)

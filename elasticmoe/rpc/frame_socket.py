@@ -217,11 +217,24 @@ class FrameListener:
         while (buf := read_frame(conn, prefix)) is not None:
             yield frames.decode_request_or_error(buf)
 
-    def close(self) -> None:
-        """Stop accepting and cut every open connection (their clients fail their pending calls at once)."""
+    def close(self, grace: float | None = None) -> threading.Event:
+        """Stop accepting; end every open connection at once (their clients fail their pending calls now), or after
+        `grace` seconds (as grpc.Server.stop treats an open stream: it is served until then). The Event is set once
+        they are all cut."""
         with self._lock:
             self.closed = True
             conns, self._conns = list(self._conns), set()
         hard_close(self.sock)
-        for c in conns:
-            shutdown(c)
+        done = threading.Event()
+
+        def cut() -> None:
+            for c in conns:
+                shutdown(c)
+            done.set()
+        if grace and conns:
+            timer = threading.Timer(grace, cut)
+            timer.daemon = True
+            timer.start()
+        else:
+            cut()
+        return done
