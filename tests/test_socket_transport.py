@@ -130,6 +130,31 @@ def test_dead_shard_fails_pending_calls_at_once_and_the_next_send_reconnects(fil
         t.close()
 
 
+def test_dropped_connection_fails_pending_calls_and_the_next_send_reconnects(files, pair):  # noqa: F811
+    """The connection alone breaks (the shard lives on): its pending calls fail at once, the next send opens a new
+    connection to the same listener."""
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+    try:
+        assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        first = t._conns[address]
+        pair.servicers[0].faults.run_delay_s = 2.0
+        pending = t.send(address, lambda: _req(files, layer, seed=1), 30)
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        for conn in list(pair.servers[0].listener._conns):
+            frame_socket.shutdown(conn)
+        with pytest.raises(grpc.RpcError) as e:
+            pending.result(timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and time.perf_counter() - t0 < 1.5
+        pair.servicers[0].faults.run_delay_s = 0.0
+        assert t.send(address, lambda: _req(files, layer, seed=2), 5).result(timeout=10).output.data
+        assert first.dead and t._conns[address] is not first
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+
+
 def test_shard_stopped_mid_step_fails_over(files):  # noqa: F811
     """Both shards hold every expert; s0's frames hang and its server stops: the step ends on s1 at once."""
     shards = Shards(files, [list(range(E)), list(range(E))])
@@ -163,7 +188,7 @@ def test_graceful_stop_answers_the_frames_running(files, pair):  # noqa: F811
         pair.servicers[0].faults.run_delay_s = 0.5
         running = t.send(address, lambda: _req(files, layer, seed=1), 10)
         time.sleep(0.2)
-        stopped = pair.servers[0].stop(2.0)
+        stopped = pair.servers[0].stop(1.0)
         assert running.result(timeout=5).output.data
         assert stopped.wait(5)
         with pytest.raises(grpc.RpcError) as e:
