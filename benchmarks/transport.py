@@ -2,9 +2,11 @@
 fanned out to 1, 2 and 4 shards (each its own process), over a raw TCP socket echo (the floor: the same bytes,
 length-prefixed, no codec), the unary gRPC path (gateway.transport.UnaryTransport) and the raw-frame stream
 (StreamTransport), both plaintext to an echo shard (rpc.bench.EchoShard); also the stream with grpc's default HTTP/2
-and TCP settings on both ends (codec.HTTP2_OPTIONS off: "stream-default"). glibc malloc tuned everywhere, as deployed.
+and TCP settings on both ends (codec.HTTP2_OPTIONS off: "stream-default"), and the socket transport ("frames":
+SocketTransport, the same frames on one TCP connection to the echo shard's frame listener). glibc malloc tuned
+everywhere, as deployed.
 One caller thread as the gateway's fan-out; modes rotate call by call, so machine noise hits all alike.
-Writes benchmarks/results/transport-<cpu>.json. Then the mTLS cost (--only mtls: that alone): unary and stream,
+Writes benchmarks/results/transport-<cpu>.json. Then the mTLS cost (--only mtls: that alone): unary, stream, frames,
 plaintext and mTLS (rpc.tls, a CA made in a temp dir) to one echo shard serving both ports, calls rotating;
 also a fresh connection's first answer (TCP + TLS handshake). Writes benchmarks/results/transport-mtls-<cpu>.json."""
 
