@@ -1,6 +1,7 @@
-"""The socket transport (frames on one TCP/mTLS connection per shard, to the shard's frame listener) over real in-process
-shards: answers equal the stream transport's bit for bit; mTLS only; a dead shard fails pending calls at once and the
-next send reconnects; deadlines; unreadable frames and bad length prefixes; the stream's limits and error codes."""
+"""The socket transport (frames on one TCP/mTLS connection per shard, to the shard's frame listener) over real
+in-process shards: answers equal the stream transport's bit for bit; mTLS only; a dead shard or a dropped connection
+fails pending calls at once and the next send reconnects; deadlines; graceful stop; unreadable frames and bad length
+prefixes; the stream's limits and error codes."""
 
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ def test_config_selects_the_socket_transport():
     t = make_transport("socket", insecure=False)
     assert isinstance(t, SocketTransport)
     t.close()
+
+
+def test_socket_bytes_are_the_streams_frames(files):  # noqa: F811
+    """What sendmsg writes is request_frame's bytes; the ExpertFrame prefix is the length prefix; anything else as a
+    prefix is refused."""
+    req = _req(files, 1, rows=3)
+    wire = frames.request_frame(5, req)
+    assert b"".join(bytes(p) for p in frames.request_parts(5, req)) == wire
+    assert frames.frame_size(wire[:frame_socket.PREFIX]) == len(wire) - frame_socket.PREFIX
+    out = torch.randn(3, 8).to(torch.bfloat16)
+    parts = frames.reply_parts(5, out, [2, 7], 11, 4)
+    assert b"".join(bytes(p) for p in parts) == frames.encode_reply(5, out, [2, 7], 11, 4)
+    for bad in (b"\x00" * 8, wire[:3] + b"\x00" * 5, b"\x0a" + wire[1:8]):
+        with pytest.raises(frames.FrameError, match="length prefix"):
+            frames.frame_size(bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

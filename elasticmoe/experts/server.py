@@ -149,7 +149,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         running: list[futures.Future] = []
         for frame in requests:
             if isinstance(frame, frames.FrameError):  # unreadable: this frame fails, the stream goes on
-                put(frames.reply_parts(frame.frame_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=str(frame)))
+                invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                put(frames.reply_parts(frame.frame_id, code=invalid, error=str(frame)))
                 continue
             self._run_slots.acquire()
             running.append(self._frame_pool.submit(self._frame, frame, put))
