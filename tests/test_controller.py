@@ -4,6 +4,8 @@ its record, drain, a failed load rolled back, and what every published table say
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from elasticmoe.autoscaler.controller import Controller
 from elasticmoe.autoscaler.record import GcsRecord
+from elasticmoe.experts.deployment import ExpertShard
 from elasticmoe.experts.server import start_server
 from elasticmoe.model import open_model
 from elasticmoe.model.experts import ExpertStore
@@ -125,3 +128,83 @@ async def _scenario(files, model):
     finally:
         for s in (a, b, c):
             s.server.stop(None)
+
+
+# ----- a stopping ExpertShard replica (its __del__): drain through a live controller; none to wait for when it is gone
+ShardImpl = ExpertShard.func_or_class
+
+
+class _Handle:
+    """The call shape of a Serve handle over an in-process object: `handle.method.remote(*args)` is awaitable."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __getattr__(self, name):
+        method = getattr(self.target, name)
+        return type("Method", (), {"remote": staticmethod(lambda *args: method(*args))})()
+
+
+class _GoneHandle:
+    """A deleted app's controller: Serve's router waits for a replica that never comes."""
+
+    def __getattr__(self, name):
+        return type("Method", (), {"remote": staticmethod(lambda *args: asyncio.get_running_loop().create_future())})()
+
+
+class _Replica(ShardImpl):
+    def __del__(self):  # the garbage collector's call; the tests call ShardImpl.__del__ as Serve does
+        pass
+
+
+async def _stop(replica) -> None:
+    await asyncio.wait_for(ShardImpl.__del__(replica), 30)  # a hang fails the test instead of stalling it
+
+
+def _stopping_replica(shard: Shard, controller) -> object:
+    replica = object.__new__(_Replica)  # the replica's state as __init__ leaves it once registered
+    replica.shard_id, replica.server, replica.controller = shard.shard_id, shard.server, controller
+    replica.registered, replica.stopping = threading.Event(), False
+    replica.registered.set()
+    return replica
+
+
+def _refused(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) != 0
+
+
+def test_a_stopping_shard_drains_through_a_live_controller(model):
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def scenario():
+        a, b = Shard(files, "a"), Shard(files, "b")
+        try:
+            ctrl = ControllerImpl(_args(model))
+            await a.join(ctrl)
+            await b.join(ctrl)
+            await _stop(_stopping_replica(b, _Handle(ctrl)))
+            table = await ctrl.table()
+            assert [s["id"] for s in table["shards"]] == ["a"] and table["complete"]
+            assert a.held() == {(l, e) for l in files.spec.moe.moe_layers for e in range(E)}  # b's moved first
+            assert _refused(b.address)
+            for task in ctrl._tasks:
+                task.cancel()
+        finally:
+            a.server.stop(None)
+            b.server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_stopping_shard_with_its_controller_gone_stops_at_once(model, monkeypatch):
+    from elasticmoe.experts import deployment
+
+    monkeypatch.setattr(deployment, "CONTROLLER_PROBE_S", 0.3)
+    shard = Shard(open_model(model), "x")
+    t0 = time.monotonic()
+    asyncio.run(_stop(_stopping_replica(shard, _GoneHandle())))
+    assert time.monotonic() - t0 < 20  # the probe's 0.3 s and the server's stop, not Serve's kill 60 s later
+    assert _refused(shard.address)

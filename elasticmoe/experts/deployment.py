@@ -13,6 +13,7 @@ from ray import serve
 from elasticmoe.config import AppArgs
 
 log = logging.getLogger("elasticmoe.shard")
+CONTROLLER_PROBE_S = 5.0  # how long a stopping shard waits for the controller to show it is there
 
 
 def bind_host() -> str:
@@ -115,11 +116,23 @@ class ExpertShard:
                 "registered": self.registered.is_set()}
 
     async def __del__(self):
-        """Graceful shutdown (scale-in): the controller moves our experts elsewhere before the server stops."""
+        """Graceful shutdown (scale-in): the controller moves our experts elsewhere before the server stops.
+
+        When the whole app is being deleted its controller is going too, and a call to it would wait for a replica
+        until Serve kills us (graceful_shutdown_timeout_s): a controller that does not answer `info` within
+        CONTROLLER_PROBE_S gets no drain request."""
+        import asyncio
+
         self.stopping = True
         if self.registered.is_set():
             try:
+                await asyncio.wait_for(self._controller_call("info"), CONTROLLER_PROBE_S)
                 await self.controller.drain.remote(self.shard_id)
+            except asyncio.TimeoutError:
+                log.info("shard %s: no controller to drain to (app deleted?): stopping", self.shard_id)
             except Exception as e:  # noqa: BLE001 - the gateway's failover covers the rest
                 log.warning("drain of %s failed: %s", self.shard_id, e)
         self.server.stop(grace=2.0)
+
+    async def _controller_call(self, method: str, *args):
+        return await getattr(self.controller, method).remote(*args)
