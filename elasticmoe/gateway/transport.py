@@ -100,6 +100,7 @@ class _Stream:
         self.address = address
         self.pending: dict[int, Future] = {}
         self.dead = False
+        self.error: grpc.RpcError | None = None  # why it ended (a refusal's RESOURCE_EXHAUSTED, say)
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
@@ -145,6 +146,7 @@ class _Stream:
         """Mark dead and fail every pending call at once (failover sees them all now, not at their deadlines)."""
         with self._lock:
             self.dead = True
+            self.error = self.error or err
             pending, self.pending = self.pending, {}
         for fut in pending.values():
             fut.set_exception(err)
@@ -234,7 +236,8 @@ class StreamTransport(_Channels):
             if s.submit(frame_id, frame, fut):
                 self._deadlines.add(timeout_s, frame_id, s)
                 return fut
-        fut.set_exception(TransportError(grpc.StatusCode.UNAVAILABLE, f"no stream to {address}"))
+        # both ended before taking the frame (a shard refusing streams ends them at once): say why
+        fut.set_exception(s.error or TransportError(grpc.StatusCode.UNAVAILABLE, f"no stream to {address}"))
         return fut
 
     def close(self) -> None:
