@@ -198,12 +198,12 @@ def test_replicated_shard_kill_fails_over_inside_the_step(apps):
     # replacement replica (68 ms seen once against a 47 ms median step), hence 3x the median or 0.25 s. Seeing
     # the failure is the OS's part: a SIGKILLed process's sockets close only once the kernel has torn it down
     # (failures seen 70 ms into the call in our runs), so the step that failed over is held to 3x the median plus
-    # that detection time. The token gap bounds the other steps of those seconds.
+    # that detection time (same floor). The token gap bounds the other steps of those seconds.
     for f in faults:
         assert f["done_s"] - f["detected_s"] <= max(3 * median, 0.25), (f, median)
     detect = max(f["detected_s"] for f in faults)
-    assert max(hit) <= 3 * median + detect, (f"a step that failed over took {max(hit) * 1e3:.0f} ms, median "
-                                             f"{median * 1e3:.0f} ms; failed-over calls {faults}")
+    assert max(hit) <= max(3 * median, 0.25) + detect, (
+        f"a step that failed over took {max(hit) * 1e3:.0f} ms, median {median * 1e3:.0f} ms; failed-over calls {faults}")
     assert gap < 1.0, f"longest token gap {gap:.2f} s"
     _settled("rep")
 
