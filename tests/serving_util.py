@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import yaml
 
+from elasticmoe.client import GenerationClient
 from elasticmoe.local_cluster import app_entry, serve_config  # noqa: F401 - re-exported for the tests
 from elasticmoe.model.skewed import make_skewed_model  # noqa: F401
 
@@ -35,3 +38,42 @@ def handle(deployment: str, app: str):
         os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"})
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     return serve.get_deployment_handle(deployment, app_name=app)
+
+
+class Load:
+    """Threads sending greedy streams in a loop until stopped; every answer checked against the reference."""
+
+    def __init__(self, app: str, reference: dict, prompts: list[str], max_tokens: int, n: int = 4):
+        self.app, self.ref, self.stop = app, reference, threading.Event()
+        self.prompts, self.max_tokens = prompts, max_tokens
+        self.done: list[tuple[float, float, int]] = []  # (first token at, last token at, tokens) per request
+        self.bad: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        client, k = GenerationClient(GRPC, app=self.app), i
+        while not self.stop.is_set():
+            p, toks, times = self.prompts[k % len(self.prompts)], [], []
+            k += len(self.threads)
+            try:
+                for r in client.stream(p, max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True):
+                    toks += r.token_ids
+                    times.append(time.time())
+            except Exception as e:  # noqa: BLE001 - counted
+                self.bad.append(f"{p!r} failed: {e!r}")
+                continue
+            if toks != self.ref[p]:
+                self.bad.append(f"{p!r} diverged")
+            self.done.append((times[0], times[-1], len(toks)))
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=300)
+        assert not self.bad, self.bad[:5]
+
+    def tpot(self, t0: float, t1: float) -> list[float]:
+        """Seconds per output token of the requests that overlap [t0, t1]."""
+        return [(b - a) / (n - 1) for a, b, n in self.done if a <= t1 and b >= t0 and n > 1]

@@ -1,4 +1,5 @@
-"""End to end elasticity on a real local Ray: hot-expert replication, surviving a killed shard, scaling 2 -> 3 -> 2."""
+"""End to end elasticity on a real local Ray: a failed load during a rebalance, hot-expert replication, surviving a
+killed shard, scaling 2 -> 3 -> 2."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.client import GenerationClient
-from tests.serving_util import GRPC, app_entry, deploy, handle, make_skewed_model
+from tests.serving_util import GRPC, Load, app_entry, deploy, handle, make_skewed_model
 
 pytestmark = pytest.mark.e2e
 PROMPTS = [f"Request number {i} asks the experts about {w}" for i, w in
@@ -62,6 +63,27 @@ def _even_balancedness(st: dict) -> float:
     load = np.asarray(st["planning_load"])  # [L, E]
     even = Placement.even(load.shape[0], load.shape[1], st["num_shards"], load.shape[1])
     return float(even.balancedness(load).min())
+
+
+def test_failed_load_during_rebalance_keeps_serving_and_leaks_nothing(apps):
+    """Both shards fail their next LoadExperts (as a crash mid-load would) while load makes the controller re-place:
+    the move is rolled back, no shard keeps a copy it was not assigned, every request stays exact, and a later
+    rebalance succeeds. First in this module: the placement is still the even one, so the first rebalance moves."""
+    def status() -> dict:
+        return handle("Controller", "skew").status.remote().result(timeout_s=60)
+
+    _wait(lambda: (s := status())["complete"] and sum(1 for x in s["shards"] if x["ready"] and x["healthy"]) == 2,
+          240, "2 live shards and a complete placement")
+    shards, armed = handle("ExpertShard", "skew"), set()
+    while len(armed) < 2:
+        armed.add(shards.inject_faults.remote(fail_loads=1).result()["pid"])
+    load = Load("skew", apps, PROMPTS, MAX_TOKENS)
+    _wait(lambda: status()["event_counts"].get("load_failed"), 120, "a failed load")
+    placed = status()["event_counts"].get("placement", 0)
+    _wait(lambda: all(s["held"] == s["experts"] for s in status()["shards"]), 30, "no leaked copies")
+    ok = _wait(lambda: (s := status())["event_counts"].get("placement", 0) > placed and s, 180, "a later rebalance")
+    load.finish()  # every request exact, none failed
+    assert ok["complete"] and len(load.done) > 0
 
 
 def test_hot_experts_get_replicated_and_balance_rises(apps):
