@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -158,16 +158,6 @@ def measure(llm, tokens: int, delay_ms: float, args) -> dict:
     return {"tokens": tokens, "delay_ms": delay_ms, "schedules": rows, "max_rel_diff_vs_sequential": diff,
             "pingpong2_pre_next_before_other_done": trace_overlap(llm, disp, cache, parts),
             "floor_ms": delay_ms * sum(layer.sparse for layer in model.layers)}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -181,7 +181,7 @@ def main() -> None:
     crashes = int(pid1 != pid0) + int("unreachable" in mem.pids) + over.codes.get("INTERNAL", 0)
     tpot0, tpot1 = pct(base.tpot, 99), pct(over.tpot, 99)
     result = {
-        "cpu": _cpu_model(), "model": "tiny mixtral, 2 layers x 8 experts, 2 shards",
+        "cpu": cpu_model(), "model": "tiny mixtral, 2 layers x 8 experts, 2 shards",
         "limits": limits, "tokens_per_request": TOKENS, "capacity_rps": capacity, "offered_rps": FACTOR * capacity,
         "unloaded": {"tpot_p50_s": pct(base.tpot, 50), "tpot_p99_s": tpot0, "codes": base.codes},
         "overload": {"seconds": OVERLOAD_S, "accepted": len(over.tpot), "codes": over.codes,
@@ -208,13 +208,6 @@ def main() -> None:
     print(f"{'crashes':<28}{'-':>12}{crashes:>14}")
     print(f"codes under overload: {over.codes}; afterwards: {after.codes}")
     print(f"targets: {result['targets_met']}\nwrote {OUT}")
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 if __name__ == "__main__":

@@ -11,25 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "The mixture of experts model routes every token to a few experts, and"
 WIDTH = {"family": "qwen3_moe", "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8, "heads": 32,
          "kv_heads": 4}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 class MemPeak:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -176,7 +177,8 @@ def _report(a, rows: list[dict], fan: dict) -> None:
     print(f"fan-out overhead per (layer, step) = gateway wait - shard compute: p50 {p50 * 1e3:.3f} ms, "
           f"p99 {p99 * 1e3:.3f} ms over {fan.get('fanout_samples')} samples")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows, "fanout": fan}, indent=2))
+    Path(a.out).write_text(json.dumps({"cpu": cpu_model(), "cpus": os.cpu_count(), "args": vars(a), "rows": rows,
+                                        "fanout": fan}, indent=2))
     print(f"wrote {a.out}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from elasticmoe import local_cluster as lc
+from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -167,18 +167,11 @@ def main() -> None:
         rows.append(fault("gateway kill", "one", lambda: os.kill(gw_pid, signal.SIGKILL), 40.0))
     finally:
         lc.stop_ray()
-    result = {"cpu": _cpu_model(), "rows": rows,
+    result = {"cpu": cpu_model(), "rows": rows,
               "note": "gateway kill: the streams in flight on the killed gateway end with UNAVAILABLE (its KV cache "
                       "is gone); clients retry; longest gap includes the gateway's restart"}
     OUT.write_text(json.dumps(result, indent=2))
     print(f"wrote {OUT}")
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import socket
 import statistics
@@ -39,6 +38,7 @@ from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.bench import EchoShard, percentiles
 from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
 from elasticmoe.rpc.frames import ExpertRequest
+from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).parent / "results"
 H = 4096  # bf16 hidden [tokens, 4096]: 8 KiB per token
@@ -165,14 +165,6 @@ def round_trips(callers: dict, calls: int, warmup: int = 5, samples: dict | None
             if i >= warmup:
                 samples[m].append(time.perf_counter_ns() - t0)
     return {m: percentiles(s) for m, s in samples.items()}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _request(tokens: int) -> tuple[ExpertRequest, memoryview]:
