@@ -12,7 +12,7 @@ from typing import Callable
 
 import grpc
 
-from elasticmoe.gateway.transport import _CODES, Build, Deadlines, TransportError, _Channels
+from elasticmoe.gateway.transport import Build, Deadlines, Multiplexed, TransportError, _Channels, send_multiplexed
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frame_socket, frames, tls
 
@@ -21,23 +21,17 @@ CONNECT_S = 5.0  # Health (for the frame port), TCP connect and TLS handshake, e
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
-def _status(code: int) -> grpc.StatusCode:
-    return grpc.StatusCode(_CODES.get(code, grpc.StatusCode.UNKNOWN.value))
-
-
-class _Conn:
+class _Conn(Multiplexed):
     """One connection to a shard's frame listener. Its thread opens it (Health for the port, TCP, TLS), sends the
     frames submitted meanwhile, then reads answers and resolves them by id; afterwards callers write their frames
     themselves (sendmsg, no thread hop). Any failure (cannot connect, broken, a reply that cannot be read) fails
     every pending call at once and marks it dead; the next send opens a new one."""
 
     def __init__(self, address: str, opener: Callable[[], socket.socket]):
-        self.address = address
-        self.pending: dict[int, Future] = {}
-        self.dead = self.retired = False
+        super().__init__(address)  # its _lock guards pending, dead, retired, sock, backlog
+        self.retired = False
         self.sock: socket.socket | None = None
         self._backlog: list[list] | None = []  # frames submitted while connecting; None once open
-        self._lock = threading.Lock()  # pending, dead, retired, sock, backlog
         self._send_lock = threading.Lock()  # one frame on the wire at a time
         threading.Thread(target=self._run, args=(opener,), name=f"frames-{address}", daemon=True).start()
 
@@ -97,13 +91,7 @@ class _Conn:
                 reply = frames.decode_reply(buf)
                 if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
                     err = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
-                fut = self.take(reply.id)
-                if fut is None:
-                    continue  # past its deadline: already failed (or id 0: an unreadable frame, as on the stream)
-                if reply.code:
-                    fut.set_exception(TransportError(_status(reply.code), reply.error))
-                else:
-                    fut.set_result(reply)
+                self.resolve(reply)
         except OSError as e:
             if not self.dead:
                 err = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}")
@@ -118,12 +106,7 @@ class _Conn:
             frame_socket.shutdown(sock)  # the reader wakes with the end of stream and closes it
 
     def fail(self, err: grpc.RpcError) -> None:
-        """Mark dead and fail every pending call at once (failover sees them all now, not at their deadlines)."""
-        with self._lock:
-            self.dead = True
-            pending, self.pending = self.pending, {}
-        for fut in pending.values():
-            fut.set_exception(err)
+        self.fail_pending(err)
         self._shut()
 
     def retire(self) -> None:
@@ -185,21 +168,9 @@ class SocketTransport(_Channels):
         return sock
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
-        fut: Future = Future()
-        fut.set_running_or_notify_cancel()
         frame_id = next(self._ids)
-        try:
-            parts = frames.request_parts(frame_id, build())
-        except Exception as e:  # noqa: BLE001 - a request that cannot be built fails its call
-            fut.set_exception(e)
-            return fut
-        for _ in range(2):  # a connection found dead at submit: one fresh one
-            c = self._conn(address)
-            self._deadlines.add(timeout_s, frame_id, c)  # before the write: a write that blocks still times out
-            if c.submit(frame_id, parts, fut):
-                return fut
-        fut.set_exception(TransportError(grpc.StatusCode.UNAVAILABLE, f"no connection to {address}"))
-        return fut
+        return send_multiplexed(address, frame_id, lambda: frames.request_parts(frame_id, build()),
+                                lambda: self._conn(address), self._deadlines, timeout_s)
 
     def close(self) -> None:
         self._deadlines.close()

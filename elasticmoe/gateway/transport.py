@@ -91,18 +91,73 @@ class UnaryTransport(_Channels):
         self._pool.shutdown(wait=False)
 
 
-class _Stream:
+_CODES = {c.value[0]: c.value for c in grpc.StatusCode}  # status code number -> grpc's (code, name)
+
+
+class Multiplexed:
+    """Calls in flight on one connection to a shard, by frame id (the stream and socket transports' connections)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.pending: dict[int, Future] = {}
+        self.dead = False
+        self.error: grpc.RpcError | None = None  # why it ended (a refusal's RESOURCE_EXHAUSTED, say)
+        self._lock = threading.Lock()
+
+    def take(self, frame_id: int) -> Future | None:
+        with self._lock:
+            return self.pending.pop(frame_id, None)
+
+    def resolve(self, reply) -> None:
+        """An answer: its call's result, or its error as the shard's status code."""
+        fut = self.take(reply.id)
+        if fut is None:
+            return  # past its deadline: already failed (or id 0: an unreadable frame)
+        if reply.code:
+            fut.set_exception(TransportError(grpc.StatusCode(_CODES.get(reply.code, grpc.StatusCode.UNKNOWN.value)),
+                                             reply.error))
+        else:
+            fut.set_result(reply)
+
+    def fail_pending(self, err: grpc.RpcError) -> None:
+        """Mark dead and fail every pending call at once (failover sees them all now, not at their deadlines)."""
+        with self._lock:
+            self.dead = True
+            self.error = self.error or err
+            pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            fut.set_exception(err)
+
+
+def send_multiplexed(address: str, frame_id: int, encode: Callable[[], object], conn_for: Callable[[], Multiplexed],
+                     deadlines: "Deadlines", timeout_s: float) -> Future:
+    """One call on a multiplexed connection: encode the frame, submit it (one fresh connection if the one found has
+    died), its deadline kept by `deadlines`. Returns the call's Future."""
+    fut: Future = Future()
+    fut.set_running_or_notify_cancel()
+    try:
+        frame = encode()
+    except Exception as e:  # noqa: BLE001 - a request that cannot be built fails its call
+        fut.set_exception(e)
+        return fut
+    for _ in range(2):
+        c = conn_for()
+        deadlines.add(timeout_s, frame_id, c)  # before the write: a write that blocks still times out
+        if c.submit(frame_id, frame, fut):
+            return fut
+    # both ended before taking the frame (a shard refusing connections ends them at once): say why
+    fut.set_exception(c.error or TransportError(grpc.StatusCode.UNAVAILABLE, f"no connection to {address}"))
+    return fut
+
+
+class _Stream(Multiplexed):
     """One open RunExpertsStream: raw frames (rpc.frames) go out through a queue; a reader thread resolves answers
     by id. A reply that cannot be read ends the call (grpc fails it): the stream's pending calls fail, the next
     send opens a new stream."""
 
     def __init__(self, channel: grpc.Channel, address: str):
-        self.address = address
-        self.pending: dict[int, Future] = {}
-        self.dead = False
-        self.error: grpc.RpcError | None = None  # why it ended (a refusal's RESOURCE_EXHAUSTED, say)
+        super().__init__(address)
         self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
         method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
                                        response_deserializer=frames.decode_reply, _registered_method=True)
         self._call = method(self._frames())
@@ -121,21 +176,11 @@ class _Stream:
         self._out.put(frame)
         return True
 
-    def take(self, frame_id: int) -> Future | None:
-        with self._lock:
-            return self.pending.pop(frame_id, None)
-
     def _read(self) -> None:
         err: grpc.RpcError = TransportError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
         try:
             for reply in self._call:
-                fut = self.take(reply.id)
-                if fut is None:
-                    continue  # past its deadline: already failed
-                if reply.code:
-                    fut.set_exception(TransportError(grpc.StatusCode(_CODES.get(reply.code, grpc.StatusCode.UNKNOWN.value)), reply.error))
-                else:
-                    fut.set_result(reply)
+                self.resolve(reply)
         except grpc.RpcError as e:
             err = e
         except Exception as e:  # noqa: BLE001 - any reader failure fails the stream's calls
@@ -143,13 +188,7 @@ class _Stream:
         self.fail(err)
 
     def fail(self, err: grpc.RpcError) -> None:
-        """Mark dead and fail every pending call at once (failover sees them all now, not at their deadlines)."""
-        with self._lock:
-            self.dead = True
-            self.error = self.error or err
-            pending, self.pending = self.pending, {}
-        for fut in pending.values():
-            fut.set_exception(err)
+        self.fail_pending(err)
         self._out.put(None)
 
     def close(self) -> None:
@@ -157,9 +196,6 @@ class _Stream:
         with self._lock:
             self.dead = True
         self._out.put(None)
-
-
-_CODES = {c.value[0]: c.value for c in grpc.StatusCode}
 
 
 class Deadlines:
@@ -223,22 +259,9 @@ class StreamTransport(_Channels):
             return s
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
-        fut: Future = Future()
-        fut.set_running_or_notify_cancel()
         frame_id = next(self._ids)
-        try:
-            frame = frames.request_frame(frame_id, build())
-        except Exception as e:  # noqa: BLE001 - a request that cannot be built fails its call
-            fut.set_exception(e)
-            return fut
-        for _ in range(2):  # a stream found dead at submit: one fresh one
-            s = self._stream(address)
-            if s.submit(frame_id, frame, fut):
-                self._deadlines.add(timeout_s, frame_id, s)
-                return fut
-        # both ended before taking the frame (a shard refusing streams ends them at once): say why
-        fut.set_exception(s.error or TransportError(grpc.StatusCode.UNAVAILABLE, f"no stream to {address}"))
-        return fut
+        return send_multiplexed(address, frame_id, lambda: frames.request_frame(frame_id, build()),
+                                lambda: self._stream(address), self._deadlines, timeout_s)
 
     def close(self) -> None:
         self._deadlines.close()

@@ -190,26 +190,27 @@ def channel_credentials(files: TlsFiles | None = None) -> grpc.ChannelCredential
 
 
 # ----- Python ssl contexts (the frame listener and its clients): the same files, the same rules as the gRPC ones
-def server_ssl_context(files: TlsFiles | None = None) -> ssl.SSLContext:
-    """TLS 1.2+ that requires a client certificate of the CA (as server_credentials); no session tickets."""
+def _ssl_context(protocol: int, files: TlsFiles | None) -> ssl.SSLContext:
+    """TLS 1.2+ with this process's certificate, trusting only the CA bundle."""
     f = files or tls_files()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(f.cert, f.key)
     ctx.load_verify_locations(cafile=f.ca)
+    return ctx
+
+
+def server_ssl_context(files: TlsFiles | None = None) -> ssl.SSLContext:
+    """Requires a client certificate of the CA (as server_credentials); no session tickets."""
+    ctx = _ssl_context(ssl.PROTOCOL_TLS_SERVER, files)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.num_tickets = 0  # nothing written behind the reader's back: one thread reads, one writes
     return ctx
 
 
 def client_ssl_context(files: TlsFiles | None = None) -> ssl.SSLContext:
-    """This process's certificate, trusting only the CA bundle; the server must be named SERVER_NAME."""
-    f = files or tls_files()
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(f.cert, f.key)
-    ctx.load_verify_locations(cafile=f.ca)
-    return ctx
+    """The client side (PROTOCOL_TLS_CLIENT verifies the server's certificate; it must be named SERVER_NAME)."""
+    return _ssl_context(ssl.PROTOCOL_TLS_CLIENT, files)
 
 
 class Renewal:
