@@ -1,9 +1,10 @@
-"""bf16 decode tok/s, load time and peak memory of `LLM.generate` vs transformers at real width (Qwen3-30B-A3B layers).
+"""bf16 decode tok/s, load time, peak memory and logit error of `LLM.generate` vs transformers at real width.
 
-One process per phase (build the checkpoint once into a cache dir, then elasticmoe, then transformers), so each
-phase's peak RssAnon / RssFile (sampled from /proc/self/status) is its own. Prints a table and writes
-benchmarks/results/real_width-<cpu>.json. Decode tok/s = batch * (new_tokens - 1) / (t(new_tokens) - t(1)),
-best of --repeats, after a warm-up run.
+One process per phase (build the Qwen3-30B-A3B-width checkpoint once into a cache dir, then elasticmoe, then
+transformers), so each phase's peak RssAnon / RssFile (sampled from /proc/self/status) is its own. Decode tok/s =
+batch * (new_tokens - 1) / (t(new_tokens) - t(1)), best of --repeats, after a warm-up run. Accuracy: the bf16
+logits of both engines against transformers in float32 on the same (bf16) weights, over ACCURACY_PROMPTS, each
+engine in its own process. Prints tables and writes benchmarks/results/real_width-<cpu>.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "The mixture of experts model routes every token to a few experts, and"
+ACCURACY_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. Experts route tokens to a few specialised networks. " * 2,
+    "In 1969 the first crewed landing on the Moon used a guidance computer with 4 KiB of erasable memory; " * 2,
+    "def fused_moe(hidden, w13, w2, topk_ids, topk_weights):\n    out = torch.zeros_like(hidden)\n" * 3,
+    "Il pleuvait sur la ville depuis trois jours, et les rues etroites du vieux port brillaient sous les lampes. " * 2,
+]
 WIDTH = {"family": "qwen3_moe", "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8, "heads": 32,
          "kv_heads": 4}
 
@@ -119,6 +126,60 @@ def phase(engine: str, path: Path, batches: list[int], new_tokens: int, repeats:
             "tok_s": rows, "threads": torch.get_num_threads()}
 
 
+def logits_phase(engine: str, path: Path, out: Path) -> dict:
+    """Logits [T, V] float32 of every ACCURACY_PROMPTS prompt from `engine` ("elasticmoe" bf16 | "transformers"
+    bf16 | "reference": transformers float32), saved to `out` (torch.save: a list of tensors)."""
+    import torch
+
+    from elasticmoe import LLM
+
+    llm = LLM(str(path), dtype="bfloat16")  # the tokenizer and token ids for every engine
+    ids = [llm.encode(p) for p in ACCURACY_PROMPTS]
+    if engine == "elasticmoe":
+        logits = [llm.logits(x) for x in ids]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        del llm
+        dtype = torch.float32 if engine == "reference" else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        with torch.inference_mode():
+            logits = [model(torch.tensor([x])).logits[0].float() for x in ids]
+    torch.save(logits, out)
+    return {"tokens": [len(x) for x in ids]}
+
+
+def accuracy(path: Path, common: list[str]) -> dict:
+    """Per engine: max and median over tokens of max_v |logits - ref| / max |ref| (ref: the prompt's float32 logits)."""
+    import tempfile
+
+    import torch
+
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {e: Path(tmp) / f"{e}.pt" for e in ("reference", "elasticmoe", "transformers")}
+        for e, f in files.items():
+            res["tokens"] = _child(["--phase", f"logits-{e}", "--logits-out", str(f), *common])["tokens"]
+        ref = torch.load(files["reference"])
+        for e in ("elasticmoe", "transformers"):
+            errs = [(x - r).abs().amax(-1) / r.abs().max() for x, r in zip(torch.load(files[e]), ref)]  # [T] each
+            res[e] = {"max_rel": [float(t.max()) for t in errs], "median_rel": [float(t.median()) for t in errs],
+                      "max_rel_all": float(torch.cat(errs).max()), "median_rel_all": float(torch.cat(errs).median())}
+    return res
+
+
+def report_accuracy(acc: dict) -> None:
+    print("\nbf16 logits vs transformers float32 on the same weights: max (median) over tokens of "
+          "max|logits - ref| / max|ref|")
+    print(f"{'prompt':>6} | {'tokens':>6} | {'elasticmoe':>17} | {'transformers':>17}")
+    ours, hf = acc["elasticmoe"], acc["transformers"]
+    for i, n in enumerate(acc["tokens"]):
+        print(f"{i:>6} | {n:>6} | {ours['max_rel'][i]:>7.4f} ({ours['median_rel'][i]:.4f}) | "
+              f"{hf['max_rel'][i]:>7.4f} ({hf['median_rel'][i]:.4f})")
+    print(f"{'all':>6} | {sum(acc['tokens']):>6} | {ours['max_rel_all']:>7.4f} ({ours['median_rel_all']:.4f}) | "
+          f"{hf['max_rel_all']:>7.4f} ({hf['median_rel_all']:.4f})")
+
+
 def _child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,7 +211,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache", default=None, help="checkpoint dir (default $ELASTICMOE_CACHE/bench/real_width-<L>L)")
-    ap.add_argument("--phase", choices=("build", "elasticmoe", "transformers"), help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=("speed", "accuracy"), default=None, help="run one part (default both)")
+    ap.add_argument("--phase", choices=("build", "elasticmoe", "transformers", "logits-elasticmoe",
+                                        "logits-transformers", "logits-reference"), help=argparse.SUPPRESS)
+    ap.add_argument("--logits-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.batches = [int(x) for x in str(a.batches).split(",")]
@@ -160,6 +224,9 @@ def main() -> None:
         build(path, a.layers)
         print(json.dumps({"built": str(path)}))
         return
+    if a.phase and a.phase.startswith("logits-"):
+        print(json.dumps(logits_phase(a.phase.removeprefix("logits-"), path, Path(a.logits_out))))
+        return
     if a.phase:
         print(json.dumps(phase(a.phase, path, a.batches, a.new_tokens, a.repeats)))
         return
@@ -168,11 +235,18 @@ def main() -> None:
     if not (path / "config.json").exists():
         _child(["--phase", "build", *common])
     res = {"cpu": cpu_model(), "args": {k: v for k, v in vars(a).items() if k != "phase"}, "checkpoint": str(path)}
-    for engine in ("elasticmoe", "transformers"):
-        res[engine] = _child(["--phase", engine, *common])
-    report(res, a)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", res["cpu"]).strip("-").lower()
     out = Path(a.out or Path(__file__).parent / "results" / f"real_width-{tag}.json")
+    if a.only and out.exists():  # keep the other part's figures
+        res = {**json.loads(out.read_text()), "cpu": res["cpu"], "checkpoint": res["checkpoint"]}
+    if a.only != "accuracy":
+        res["args"] = {k: v for k, v in vars(a).items() if k not in ("phase", "logits_out")}
+        for engine in ("elasticmoe", "transformers"):
+            res[engine] = _child(["--phase", engine, *common])
+        report(res, a)
+    if a.only != "speed":
+        res["accuracy"] = accuracy(path, common)
+        report_accuracy(res["accuracy"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")
