@@ -175,6 +175,27 @@ def test_straggler_is_hedged_and_the_first_answer_wins(files, pair):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert d.hedges >= 1 and took < 2.0, (d.hedges, took)
     assert "s0" in d.suspects
+    (entry,) = [f for f in d.fault_log if f["straggled"]]
+    assert entry["straggled"] == ["s0"] and not entry["dead"] and 0.05 <= entry["detected_s"] <= entry["done_s"]
+
+
+def test_a_hedged_around_call_that_then_breaks_is_reported(files, pair):
+    """A straggler's hedge wins the step; when the straggler's connection then breaks (its shard died, it was not
+    just slow), the failure is reported to the controller at once, not when the suspicion expires."""
+    layer, inputs = pair.layers[0], _inputs(files, 3)
+    reported: list[str] = []
+    d = GrpcDispatcher(timeout_s=10, hedge_min_s=0.05, on_failure=lambda sid: reported.append(sid))
+    d.set_table(pair.table(ALL_BOTH))
+    for _ in range(5):
+        _run(d, layer, inputs)
+    pair.servicers[0].faults.run_delay_s = 3.0
+    _run(d, layer, inputs)
+    assert d.hedges >= 1 and reported == [] and d.failovers == 0  # the hedge won; nothing failed yet
+    pair.servers[0].stop(None)  # the straggler's connection breaks: its pending call ends UNAVAILABLE
+    deadline = time.monotonic() + 5
+    while not reported and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reported == ["s0"]
 
 
 def test_malformed_and_missing_answers_go_to_another_copy(files, pair):

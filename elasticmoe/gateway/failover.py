@@ -58,8 +58,9 @@ class Step:
         self.topk_ids, self.device, self.dtype = topk_ids, device, dtype
         self.dead: set[str] = set()  # shards that failed during this step
         self.groups: list[_Group] = []
+        self.straggled: set[str] = set()  # shards whose calls were hedged during this step
         self.t0 = time.perf_counter()
-        self.detected_s: float | None = None  # when the first shard failure of this call was seen
+        self.detected_s: float | None = None  # when the first failure (or straggler hedged) of this step was seen
 
     # ----- routing
     def _route(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +190,24 @@ class Step:
             calls = [c for cs in self._issue(table, g.ids, shard_of) for c in cs]
             g.attempts.append(calls)
             self.d.hedges += 1
+            if self.detected_s is None:
+                self.detected_s = now - self.t0
+            self.straggled |= slow
             for s in slow:
                 self.d.suspect(s, report=False)
+            for c in live[0]:
+                if c.output is None:
+                    c.future.add_done_callback(self._report_if_broken(c.shard_id))
         return max(0.001, nxt)
+
+    def _report_if_broken(self, shard_id: str):
+        """A hedged-around call that later ends UNAVAILABLE (its connection broke: a dead shard, not a slow one) is
+        reported then, even though the hedge already won its step: the controller hears of it at once."""
+        def done(f: cf.Future) -> None:
+            e = f.exception()
+            if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.d.suspect(shard_id, report=True)
+        return done
 
     def wait(self) -> torch.Tensor:
         """Collect every group's winning answers and combine them in a fixed order: [T, H] in the input dtype."""
@@ -223,7 +239,8 @@ class Step:
                 compute, finished = max(compute, c.compute_s), max(finished, c.done_at)
                 self.d.shard_tokens[c.shard_id] = self.d.shard_tokens.get(c.shard_id, 0) + int(c.rows.numel())
         self.d.record(max(0.0, (finished - self.t0) - compute))
-        if self.dead:  # how long the failure took to see, and to get around (fault tests, stall analysis)
+        if self.dead or self.straggled:  # how long the fault took to see, and to get around (fault tests, stalls)
             self.d.fault_log.append({"at": time.time(), "layer": self.layer, "dead": sorted(self.dead),
-                                     "detected_s": self.detected_s, "done_s": time.perf_counter() - self.t0})
+                                     "straggled": sorted(self.straggled), "detected_s": self.detected_s,
+                                     "done_s": time.perf_counter() - self.t0})
         return out.to(device=self.device, dtype=self.dtype)
