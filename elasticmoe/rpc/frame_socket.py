@@ -28,12 +28,12 @@ SEND_TIMEOUT_S = 10
 
 
 def send_parts(sock: socket.socket, parts: list) -> None:
-    """Write one frame given as buffers: sendmsg on a plain socket (the tensors are not copied); joined small
-    pieces and one write per large piece on TLS (ssl has no sendmsg). OSError when the connection is broken."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    """Write one frame given as byte buffers (frames.*_parts): one sendmsg on a plain socket (the tensors are not
+    copied); joined small pieces and one write per large piece on TLS (ssl has no sendmsg). OSError when the
+    connection is broken."""
     if isinstance(sock, ssl.SSLSocket):
         small: list = []
-        for v in views:
+        for v in parts:
             if len(v) <= _SMALL:
                 small.append(v)
                 continue
@@ -44,13 +44,18 @@ def send_parts(sock: socket.socket, parts: list) -> None:
         if small:
             sock.sendall(b"".join(small))
         return
+    sent = sock.sendmsg(parts)
+    if sent == sum(map(len, parts)):  # all of it, nearly always
+        return
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
-        sent = sock.sendmsg(views[:512])
         while views and sent >= len(views[0]):
             sent -= len(views[0])
             views.pop(0)
         if sent:
             views[0] = views[0][sent:]
+        if views:
+            sent = sock.sendmsg(views[:512])
 
 
 def _fill(sock: socket.socket, view: memoryview, eof_ok: bool = False) -> bool:

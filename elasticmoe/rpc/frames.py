@@ -18,7 +18,6 @@ A request carries hidden [T, H] (model dtype), topk_ids [T, k], topk_weights [T,
 from __future__ import annotations
 
 import array
-import math
 import struct
 from typing import NamedTuple, Union
 
@@ -41,6 +40,9 @@ _FAST = b"\x78\x00\x0a"  # align (field 15) = 0, then field 1's tag
 CODES: dict[int, str] = {1: "float32", 2: "float16", 3: "bfloat16", 4: "float64", 5: "int64", 6: "int32",
                          7: "int16", 8: "int8", 9: "uint8", 10: "bool"}
 _CODE_OF = {name: code for code, name in CODES.items()}
+_TORCH_CODE = {DTYPES[name]: code for code, name in CODES.items()}  # torch dtype -> code
+_BF16 = _CODE_OF["bfloat16"]
+_ITEMSIZE = {code: DTYPES[name].itemsize for code, name in CODES.items()}
 
 
 class FrameError(ValueError):
@@ -116,27 +118,31 @@ def request_frame(frame_id: int, req: AnyRequest) -> bytes:
 
 def _raw(t: Tensorish) -> tuple[int, tuple[int, ...], memoryview]:
     """(dtype code, shape, bytes) of a CPU tensor or a WireTensor, without copying a contiguous tensor."""
-    if isinstance(t, WireTensor):
-        if t.dtype not in _CODE_OF or len(t.shape) > 2:
+    if type(t) is WireTensor:
+        code = _CODE_OF.get(t.dtype)
+        if code is None or len(t.shape) > 2:
             raise ValueError(f"frame tensor: dtype {t.dtype!r}, shape {list(t.shape)}; want a codec dtype, <= 2 dims")
-        return _CODE_OF[t.dtype], tuple(t.shape), memoryview(t.data).cast("B")
-    name = DTYPE_NAMES.get(t.dtype)
-    if name is None or t.dim() > 2:
+        data = t.data
+        return code, t.shape, data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
+    code = _TORCH_CODE.get(t.dtype)
+    if code is None or t.dim() > 2:
         raise ValueError(f"frame tensor: dtype {t.dtype}, {t.dim()} dims; want a codec dtype and at most 2 dims")
-    if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous():
+    if not t.is_cpu or t.requires_grad or not t.is_contiguous():
         t = t.detach().cpu().contiguous()
     if not t.numel():
-        return _CODE_OF[name], tuple(t.shape), memoryview(b"")
+        return code, tuple(t.shape), memoryview(b"")
     # a numpy view without a copy: numpy's own dtype where it has one, bytes of the same width for bf16
-    raw = t.view(_SAME_WIDTH[t.dtype]) if t.dtype in _SAME_WIDTH else t
-    return _CODE_OF[name], tuple(t.shape), memoryview(raw.numpy()).cast("B")
+    raw = t.view(torch.int16) if code == _BF16 else t
+    return code, t.shape, memoryview(raw.numpy()).cast("B")
 
 
-_SAME_WIDTH = {torch.bfloat16: torch.int16}
+_PADS = [b"\0" * i for i in range(8)]
 
 
-def _pad(n: int) -> bytes:
-    return b"\0" * (-n % 8)
+def _varint5(size: int) -> bytes:
+    """The prefix: align = 0, field 1's tag, then `size` as a 5-byte varint (so the payload starts 8-aligned)."""
+    return _FAST + bytes((size & 0x7F | 0x80, size >> 7 & 0x7F | 0x80, size >> 14 & 0x7F | 0x80,
+                          size >> 21 & 0x7F | 0x80, size >> 28 & 0x7F))
 
 
 def _frame(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list) -> bytes:
@@ -145,20 +151,25 @@ def _frame(kind: int, frame_id: int, word: int, text: bytes, version: int, last:
 
 
 def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list) -> list:
-    """A frame as a list of buffers (prefix, header, ..., tensor bytes as views of the tensors): no copy yet."""
-    parts: list = [b"", HEADER.pack(MAGIC, kind, 0, len(tensors), frame_id, word, len(text), version, last)]
-    raws = [_raw(t) for t in tensors]
-    for code, shape, _ in raws:
-        dims = list(shape) + [0] * (2 - len(shape))
-        parts.append(DESC.pack(code, len(shape), *dims))
-    parts += [text, _pad(len(text))]
-    for _, _, data in raws:
-        parts += [data, _pad(len(data))]
-    size = sum(len(p) for p in parts)
+    """A frame as a list of byte buffers: prefix + header + descriptors + text in one, then each tensor's bytes
+    (views of the tensors: no copy yet) and its padding where it needs some."""
+    head = [HEADER.pack(MAGIC, kind, 0, len(tensors), frame_id, word, len(text), version, last)]
+    body: list = []
+    for t in tensors:
+        code, shape, data = _raw(t)
+        ndim = len(shape)
+        head.append(DESC.pack(code, ndim, shape[0] if ndim else 0, shape[1] if ndim == 2 else 0))
+        if data:
+            body.append(data)
+            if len(data) % 8:
+                body.append(_PADS[-len(data) % 8])
+    if text:
+        head += [text, _PADS[-len(text) % 8]]
+    head = b"".join(head)
+    size = len(head) + sum(map(len, body))
     if size > _MAX_LEN:
         raise ValueError(f"frame: {size} bytes, more than {_MAX_LEN}")
-    parts[0] = _FAST + bytes([(size >> (7 * i)) & 0x7F | (0x80 if i < 4 else 0) for i in range(5)])
-    return parts
+    return [_varint5(size) + head, *body]
 
 
 def request_parts(frame_id: int, req: AnyRequest) -> list:
@@ -185,10 +196,18 @@ def reply_parts(frame_id: int, output: Tensorish | None = None, missing: list[in
 def frame_size(prefix: bytes | memoryview) -> int:
     """The length of the frame whose 8-byte prefix (as this module writes it) is `prefix`; on a byte stream this
     prefix is the frame's length prefix. FrameError for anything else (the stream cannot be resynchronised)."""
-    if len(prefix) != _PREFIX or bytes(prefix[:3]) != _FAST or any(b & 0x80 == 0 for b in prefix[3:7]) \
-            or prefix[7] & 0x80:
+    size = _size5(prefix) if len(prefix) == _PREFIX and prefix[:3] == _FAST else -1
+    if size < 0:
         raise FrameError(f"frame prefix {bytes(prefix).hex()}: not an ExpertFrame length prefix")
-    return sum((prefix[3 + i] & 0x7F) << (7 * i) for i in range(5))
+    return size
+
+
+def _size5(prefix) -> int:
+    """The 5-byte varint at prefix[3:8] as this module writes it (continuation bits on the first 4); else -1."""
+    v = int.from_bytes(prefix[3:8], "little")
+    if v & 0x8080808080 != 0x80808080:
+        return -1
+    return v & 0x7F | v >> 1 & 0x3F80 | v >> 2 & 0x1FC000 | v >> 3 & 0xFE00000 | v >> 4 & 0x7F0000000
 
 
 def encode_request(frame_id: int, layer: int, hidden: Tensorish, topk_ids: Tensorish, topk_weights: Tensorish,
@@ -206,10 +225,8 @@ def encode_reply(frame_id: int, output: Tensorish | None = None, missing: list[i
 def _payload(buf: bytes) -> memoryview:
     """The frame bytes of an ExpertFrame message: a view past our 8-byte prefix, else (any other writer) parsed."""
     view = memoryview(buf)
-    if len(view) >= _PREFIX and view[:3] == _FAST:
-        size = sum((view[3 + i] & 0x7F) << (7 * i) for i in range(5))
-        if size == len(view) - _PREFIX:
-            return view[_PREFIX:]
+    if len(view) >= _PREFIX and view[:3] == _FAST and _size5(view) == len(view) - _PREFIX:
+        return view[_PREFIX:]
     try:
         return memoryview(pb.ExpertFrame.FromString(buf).frame)
     except DecodeError:
@@ -230,16 +247,16 @@ def _parse(buf: bytes, kind: int) -> tuple[tuple, list[WireTensor], str]:
         raise FrameError(f"frame {frame_id}: {len(view)} bytes, too short for {count} tensors", frame_id)
     descs = [DESC.unpack_from(view, off + i * DESC.size) for i in range(count)]
     off += count * DESC.size
-    text = bytes(view[off:off + text_len]).decode(errors="replace")
+    text = bytes(view[off:off + text_len]).decode(errors="replace") if text_len else ""
     off += text_len + (-text_len % 8)
     tensors = []
     for i, (code, ndim, d0, d1) in enumerate(descs):
         name = CODES.get(code)
-        if name is None or ndim > 2 or min(d0, d1) < 0:
+        if name is None or ndim > 2 or d0 < 0 or d1 < 0:
             raise FrameError(f"frame {frame_id}: tensor {i}: dtype code {code}, ndim {ndim}, dims {[d0, d1][:ndim]}"
                              f" (codes {sorted(CODES)}, at most 2 non-negative dims)", frame_id)
-        shape = (d0, d1)[:ndim]
-        n = math.prod(shape) * DTYPES[name].itemsize
+        shape = (d0, d1) if ndim == 2 else (d0,) if ndim else ()
+        n = (d0 * d1 if ndim == 2 else d0 if ndim else 1) * _ITEMSIZE[code]
         if off + n > len(view):
             raise FrameError(f"frame {frame_id}: tensor {i} {list(shape)} {name} needs {n} bytes at {off}, "
                              f"the frame has {len(view)}", frame_id)
