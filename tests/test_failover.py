@@ -55,6 +55,22 @@ def test_assign_picks_a_live_copy_iff_one_exists(dead):
             assert abs(float((got == s).float().mean()) - want) < 0.05, (reps, dead, s)
 
 
+def test_assign_plans_are_per_exclusion_and_answers_are_fresh():
+    """assign caches each (layer, exclusion)'s plan: interleaved exclusions keep their own answers, and an answer
+    written to by its caller leaves the next one unchanged (single-copy and split layers alike)."""
+    ids = torch.arange(T * K).reshape(T, K) % E
+    ids[0, 0] = -1
+    for reps in ([(1, 1.0)], [(0, 0.5), (2, 0.5)]):
+        table = _table([reps] + [[(e % 4, 1.0)] for e in range(1, E)])
+        first = {d: table.assign(0, ids, exclude=frozenset(d)) for d in ((), (1,), (0, 2), (3,))}
+        for d, want in first.items():
+            got = table.assign(0, ids, exclude=frozenset(d))
+            assert torch.equal(got, want), (reps, d)
+            got.fill_(7)
+            assert torch.equal(table.assign(0, ids, exclude=frozenset(d)), want), (reps, d)
+        assert int(first[()][0, 0]) == -1 and bool((first[(1,)][ids % 4 == 1] == -1).all())
+
+
 def test_assign_failover_to_the_higher_numbered_copy():
     table = _table([[(0, 0.5), (1, 0.5)]] * E, n=2)
     ids = torch.arange(E).repeat(T // E + 1)[:T].reshape(-1, 1)

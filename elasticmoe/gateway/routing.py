@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -19,6 +20,7 @@ class RoutingTable:
     addresses: tuple[str, ...]  # shard index -> "host:port"
     copies: dict[int, torch.Tensor]  # layer -> [E, C] shard index per copy (-1 = none)
     shares: dict[int, torch.Tensor]  # layer -> [E, C] share of the expert's tokens per copy (0 where none)
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)  # (layer, exclude) -> _plan's answer
 
     @staticmethod
     def from_dict(d: dict) -> "RoutingTable":
@@ -66,11 +68,32 @@ class RoutingTable:
 
         Copies of a replicated expert take its tokens in proportion to their shares (deterministic per (row, slot)).
         """
-        copies, cum = self.cumulative(layer, exclude)
+        sole, copies, cum = self._plan(layer, exclude)
+        if sole is not None:  # no expert has two live copies: one lookup (id -1 reads sole's last entry, -1)
+            return sole[topk_ids]
         ids = topk_ids.clamp_min(0)
-        t, k = topk_ids.shape
-        u = (torch.arange(t, dtype=torch.float64).unsqueeze(1) * _GOLDEN
-             + torch.arange(k, dtype=torch.float64) * 0.5) % 1.0  # [T, k]
+        u = _spread(*topk_ids.shape)  # [T, k]
         pick = (cum[ids] <= u.unsqueeze(-1)).sum(-1).clamp_max(copies.shape[1] - 1)  # [T, k] copy index
         shard = copies[ids].gather(-1, pick.unsqueeze(-1)).squeeze(-1)
         return torch.where(topk_ids >= 0, shard, -1)
+
+    def _plan(self, layer: int, exclude: frozenset[int]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """cumulative(layer, exclude) plus sole [E + 1] (each expert's live copy, -1 for none and for id -1) when no
+        expert has two live copies, else None; cached per table (it never changes), a few exclusion sets at most."""
+        plan = self._plans.get((layer, exclude))
+        if plan is None:
+            copies, cum = self.cumulative(layer, exclude)
+            sole = None
+            if bool(((copies >= 0).sum(1) <= 1).all()):
+                sole = torch.cat([copies.max(1).values, torch.tensor([-1], dtype=copies.dtype)])
+            plan = (sole, copies, cum)
+            if len(self._plans) < 256:
+                self._plans[(layer, exclude)] = plan
+        return plan
+
+
+@lru_cache(maxsize=64)
+def _spread(t: int, k: int) -> torch.Tensor:
+    """u [T, k] in [0, 1): row r, slot j at (r * golden + j / 2) mod 1, spreading rows evenly over a copy's share."""
+    rows, slots = torch.arange(t, dtype=torch.float64), torch.arange(k, dtype=torch.float64)
+    return (rows.unsqueeze(1) * _GOLDEN + slots * 0.5) % 1.0
