@@ -74,25 +74,29 @@ class Step:
             lost = (shard_of < 0) & (ids >= 0)
         return shard_of, lost
 
-    def _issue(self, table: RoutingTable, ids: torch.Tensor, shard_of: torch.Tensor) -> list[list[Call]]:
-        """One call per shard in shard_of [T, k]; returns one single-call list per shard."""
+    def _issue(self, table: RoutingTable, ids: torch.Tensor, shard_of: torch.Tensor) -> list[tuple[torch.Tensor, Call]]:
+        """One call per shard in shard_of [T, k] (-1: none): (the ids it covers [T, k], -1 elsewhere; the call)."""
         out = []
-        for s in shard_of[shard_of >= 0].unique().tolist():
+        for s in shard_of.unique().tolist():
+            if s < 0:
+                continue
             mine = shard_of == s  # [T, k]
             rows = mine.any(1).nonzero().squeeze(1)  # [T_s]
-            out.append([self.d.send(table, self.layer, s, self.hidden, rows, torch.where(mine, ids, -1)[rows],
-                                    self.weights[rows])])
+            covered = torch.where(mine, ids, -1)  # [T, k]
+            out.append((covered, self.d.send(table, self.layer, s, self.hidden, rows, covered[rows],
+                                             self.weights[rows])))
         return out
 
     def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> list[_Group]:
         """Groups covering ids [T, k]: one per shard call, plus one waiting group for slots with no live copy."""
         shard_of, lost = self._route(table, ids, hard)
-        groups = []
-        for calls in self._issue(table, torch.where(lost, -1, ids), torch.where(lost, -1, shard_of)):
-            mask = torch.zeros_like(ids, dtype=torch.bool)
-            mask[calls[0].rows] = calls[0].ids >= 0
-            groups.append(_Group(torch.where(mask, ids, -1), calls))
-        if bool(lost.any()):
+        any_lost = bool(lost.any())
+        if any_lost:
+            issued = self._issue(table, torch.where(lost, -1, ids), torch.where(lost, -1, shard_of))
+        else:
+            issued = self._issue(table, ids, shard_of)
+        groups = [_Group(covered, [call]) for covered, call in issued]
+        if any_lost:
             groups.append(_Group(torch.where(lost, ids, -1), None))
         for g in groups:
             g.tried |= hard
@@ -187,7 +191,7 @@ class Step:
                 g.hedge_tried_version = table.version  # a re-home (controller) may add copies: try that table
                 continue
             g.hedged = True
-            calls = [c for cs in self._issue(table, g.ids, shard_of) for c in cs]
+            calls = [c for _, c in self._issue(table, g.ids, shard_of)]
             g.attempts.append(calls)
             self.d.hedges += 1
             if self.detected_s is None:
