@@ -126,13 +126,10 @@ class ExpertShard:
         self.stopping = True
         if self.registered.is_set():
             try:
-                await asyncio.wait_for(self._controller_call("info"), CONTROLLER_PROBE_S)
+                await asyncio.wait_for(self.controller.info.remote(), CONTROLLER_PROBE_S)  # an awaitable response
                 await self.controller.drain.remote(self.shard_id)
             except asyncio.TimeoutError:
                 log.info("shard %s: no controller to drain to (app deleted?): stopping", self.shard_id)
             except Exception as e:  # noqa: BLE001 - the gateway's failover covers the rest
                 log.warning("drain of %s failed: %s", self.shard_id, e)
         self.server.stop(grace=2.0)
-
-    async def _controller_call(self, method: str, *args):
-        return await getattr(self.controller, method).remote(*args)
