@@ -22,6 +22,7 @@ from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
 log = logging.getLogger(__name__)
 PREFIX = 8  # bytes of an ExpertFrame's prefix: the frame's length prefix on the socket
 _SMALL = 64 << 10  # buffers up to this size are joined before a TLS write (one record, not one per piece)
+_CHUNK = 256 << 10  # a FrameReader's receive buffer: frames up to _SMALL are read into it, then copied out
 Put = Callable[[list], None]  # takes one reply frame as a list of buffers (frames.reply_parts)
 HANDSHAKE_S = 10.0
 SEND_TIMEOUT_S = 10
@@ -90,6 +91,92 @@ def read_frame(sock: socket.socket, prefix: bytearray) -> memoryview | None:
     buf[:PREFIX] = prefix
     _fill(sock, buf[PREFIX:])
     return buf
+
+
+class FrameReader:
+    """The frames arriving on one connection, read with as few recv calls as it takes: small frames land in one
+    chunk (prefix and body in one recv, several frames in one when they queue) and are copied out into a buffer
+    of their own; a large frame's body is read straight into its own buffer (its tensors are views of it).
+    Keeps a partly read frame between calls, so the threads that take turns reading lose nothing."""
+
+    def __init__(self, sock: socket.socket, chunk: int = _CHUNK):
+        self.sock = sock
+        self._view = memoryview(bytearray(chunk))
+        self._start = self._end = 0  # bytes received and not yet handed out: _view[_start:_end]
+        self._big: memoryview | None = None  # a large frame being read into its own buffer
+        self._got = 0  # bytes of _big read so far
+
+    def buffered(self) -> bool:
+        """Whether step() can hand out a frame without waiting for the socket (a whole one is here, or TLS holds
+        decrypted bytes)."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        have = self._end - self._start
+        if self._big is not None or have < PREFIX:
+            return False
+        try:
+            return PREFIX + frames.frame_size(self._view[self._start:self._start + PREFIX]) <= have
+        except frames.FrameError:
+            return True  # step() raises it
+
+    def step(self) -> list[memoryview] | None:
+        """The whole frames already here, else those after one recv (blocking; [] when it brought no whole one);
+        None at a clean end of stream. ConnectionError when it ends mid-frame, FrameError for a bad length prefix
+        (the stream cannot be resynchronised: close it)."""
+        out: list[memoryview] = []
+        self._split(out)
+        if out:
+            return out
+        if self._big is not None:
+            n = self.sock.recv_into(self._big[self._got:])
+            if n == 0:
+                raise ConnectionError("connection closed mid-frame")
+            self._got += n
+            if self._got < len(self._big):
+                return out
+            out.append(self._big)
+            self._big = None
+            return out
+        if len(self._view) - self._end < PREFIX + _SMALL:  # room for a whole small frame after what is here
+            n = self._end - self._start
+            self._view[:n] = self._view[self._start:self._end]
+            self._start, self._end = 0, n
+        n = self.sock.recv_into(self._view[self._end:])
+        if n == 0:
+            if self._end == self._start:
+                return None
+            raise ConnectionError("connection closed mid-frame")
+        self._end += n
+        self._split(out)
+        return out
+
+    def _split(self, out: list) -> None:
+        """Move the whole frames received into `out`; start a large frame's own buffer."""
+        while self._big is None and (have := self._end - self._start) >= PREFIX:
+            at = self._start
+            size = frames.frame_size(self._view[at:at + PREFIX])
+            if size > MAX_MESSAGE_BYTES:
+                raise frames.FrameError(f"frame of {size} bytes, more than the {MAX_MESSAGE_BYTES}-byte limit")
+            total = PREFIX + size
+            if total > _SMALL:  # its own buffer: what is here now, the rest straight from the socket
+                self._big, self._got = _buffer(total), min(have, total)
+                self._big[:self._got] = self._view[at:at + self._got]
+                self._start += self._got
+                if self._got == total:
+                    out.append(self._big)
+                    self._big = None
+                continue
+            if total > have:
+                break
+            out.append(memoryview(bytearray(self._view[at:at + total])))
+            self._start += total
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def frames(self) -> Iterator[memoryview]:
+        """Every frame until a clean end of stream."""
+        while (got := self.step()) is not None:
+            yield from got
 
 
 def send_timeout(sock: socket.socket, seconds: int = SEND_TIMEOUT_S) -> None:
@@ -218,8 +305,7 @@ class FrameListener:
 
     @staticmethod
     def _frames(conn: socket.socket) -> Iterator:
-        prefix = bytearray(PREFIX)
-        while (buf := read_frame(conn, prefix)) is not None:
+        for buf in FrameReader(conn).frames():
             yield frames.decode_request_or_error(buf)
 
     def close(self, grace: float | None = None) -> threading.Event:

@@ -18,6 +18,8 @@ A request carries hidden [T, H] (model dtype), topk_ids [T, k], topk_weights [T,
 from __future__ import annotations
 
 import array
+import ctypes
+import functools
 import struct
 from typing import NamedTuple, Union
 
@@ -41,7 +43,6 @@ CODES: dict[int, str] = {1: "float32", 2: "float16", 3: "bfloat16", 4: "float64"
                          7: "int16", 8: "int8", 9: "uint8", 10: "bool"}
 _CODE_OF = {name: code for code, name in CODES.items()}
 _TORCH_CODE = {DTYPES[name]: code for code, name in CODES.items()}  # torch dtype -> code
-_BF16 = _CODE_OF["bfloat16"]
 _ITEMSIZE = {code: DTYPES[name].itemsize for code, name in CODES.items()}
 
 
@@ -116,8 +117,9 @@ def request_frame(frame_id: int, req: AnyRequest) -> bytes:
     return b"".join(request_parts(frame_id, req))
 
 
-def _raw(t: Tensorish) -> tuple[int, tuple[int, ...], memoryview]:
-    """(dtype code, shape, bytes) of a CPU tensor or a WireTensor, without copying a contiguous tensor."""
+def _raw(t: Tensorish) -> tuple:
+    """(dtype code, shape, bytes[, the tensor the bytes belong to]) of a CPU tensor or a WireTensor, without copying
+    a contiguous tensor."""
     if type(t) is WireTensor:
         code = _CODE_OF.get(t.dtype)
         if code is None or len(t.shape) > 2:
@@ -129,11 +131,11 @@ def _raw(t: Tensorish) -> tuple[int, tuple[int, ...], memoryview]:
         raise ValueError(f"frame tensor: dtype {t.dtype}, {t.dim()} dims; want a codec dtype and at most 2 dims")
     if not t.is_cpu or t.requires_grad or not t.is_contiguous():
         t = t.detach().cpu().contiguous()
-    if not t.numel():
+    n = t.nbytes
+    if not n:
         return code, tuple(t.shape), memoryview(b"")
-    # a numpy view without a copy: numpy's own dtype where it has one, bytes of the same width for bf16
-    raw = t.view(torch.int16) if code == _BF16 else t
-    return code, t.shape, memoryview(raw.numpy()).cast("B")
+    # the tensor's bytes in place (no copy, any dtype); the frame's Parts keep the tensor alive
+    return code, t.shape, memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())), t
 
 
 _PADS = [b"\0" * i for i in range(8)]
@@ -154,9 +156,10 @@ def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last:
     """A frame as a list of byte buffers: prefix + header + descriptors + text in one, then each tensor's bytes
     (views of the tensors: no copy yet) and its padding where it needs some."""
     head = [HEADER.pack(MAGIC, kind, 0, len(tensors), frame_id, word, len(text), version, last)]
-    body: list = []
+    body, keep = [], []
     for t in tensors:
-        code, shape, data = _raw(t)
+        code, shape, data, *owner = _raw(t)
+        keep += owner
         ndim = len(shape)
         head.append(DESC.pack(code, ndim, shape[0] if ndim else 0, shape[1] if ndim == 2 else 0))
         if data:
@@ -169,7 +172,16 @@ def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last:
     size = len(head) + sum(map(len, body))
     if size > _MAX_LEN:
         raise ValueError(f"frame: {size} bytes, more than {_MAX_LEN}")
-    return [_varint5(size) + head, *body]
+    parts = Parts((_varint5(size) + head, *body))
+    parts.keep = keep
+    return parts
+
+
+class Parts(list):
+    """A frame as byte buffers (for socket.sendmsg or b"".join); `keep` holds the tensors whose memory some of the
+    buffers are (views by address, which do not keep them alive themselves)."""
+
+    keep: list
 
 
 def request_parts(frame_id: int, req: AnyRequest) -> list:
@@ -233,37 +245,48 @@ def _payload(buf: bytes) -> memoryview:
         raise FrameError(f"frame: {len(view)} bytes that are not an ExpertFrame message") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _with_descs(count: int) -> struct.Struct:
+    """The header and `count` tensor descriptors, unpacked at once."""
+    return struct.Struct(HEADER.format + DESC.format[1:] * count)
+
+
 def _parse(buf: bytes, kind: int) -> tuple[tuple, list[WireTensor], str]:
     """Header fields, tensors (views of buf) and error text of one frame; FrameError naming what is wrong."""
     view = _payload(buf)
     if len(view) < HEADER.size:
         raise FrameError(f"frame: {len(view)} bytes, shorter than the {HEADER.size}-byte header")
-    head = HEADER.unpack_from(view, 0)
+    count = view[6]
+    size = len(view)
+    if size < HEADER.size + count * DESC.size:
+        head = HEADER.unpack_from(view, 0)
+        raise FrameError(f"frame {head[4]}: {size} bytes, too short for {count} tensors", head[4])
+    fields = _with_descs(count).unpack_from(view, 0)  # the header's 9 fields, then 4 per tensor
+    head = fields[:9]
     magic, got_kind, _, count, frame_id, _, text_len = head[:7]
     if magic != MAGIC or got_kind != kind:
         raise FrameError(f"frame: magic {bytes(magic)!r} kind {got_kind}, want {MAGIC!r} kind {kind}", 0)
-    off = HEADER.size
-    if len(view) < off + count * DESC.size + text_len:
-        raise FrameError(f"frame {frame_id}: {len(view)} bytes, too short for {count} tensors", frame_id)
-    descs = [DESC.unpack_from(view, off + i * DESC.size) for i in range(count)]
-    off += count * DESC.size
+    off = HEADER.size + count * DESC.size
+    if size < off + text_len:
+        raise FrameError(f"frame {frame_id}: {size} bytes, too short for {count} tensors", frame_id)
     text = bytes(view[off:off + text_len]).decode(errors="replace") if text_len else ""
     off += text_len + (-text_len % 8)
     tensors = []
-    for i, (code, ndim, d0, d1) in enumerate(descs):
+    for i in range(count):
+        code, ndim, d0, d1 = fields[9 + 4 * i:13 + 4 * i]
         name = CODES.get(code)
         if name is None or ndim > 2 or d0 < 0 or d1 < 0:
             raise FrameError(f"frame {frame_id}: tensor {i}: dtype code {code}, ndim {ndim}, dims {[d0, d1][:ndim]}"
                              f" (codes {sorted(CODES)}, at most 2 non-negative dims)", frame_id)
         shape = (d0, d1) if ndim == 2 else (d0,) if ndim else ()
         n = (d0 * d1 if ndim == 2 else d0 if ndim else 1) * _ITEMSIZE[code]
-        if off + n > len(view):
+        if off + n > size:
             raise FrameError(f"frame {frame_id}: tensor {i} {list(shape)} {name} needs {n} bytes at {off}, "
-                             f"the frame has {len(view)}", frame_id)
+                             f"the frame has {size}", frame_id)
         tensors.append(WireTensor(view[off:off + n], name, shape))
         off += n + (-n % 8)
-    if off != len(view):
-        raise FrameError(f"frame {frame_id}: {len(view)} bytes, its header describes {off}", frame_id)
+    if off != size:
+        raise FrameError(f"frame {frame_id}: {size} bytes, its header describes {off}", frame_id)
     return head, tensors, text
 
 
