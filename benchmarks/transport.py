@@ -209,6 +209,7 @@ def targets_met(cases: dict) -> dict:
 
 
 def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
+    load_before = os.getloadavg()  # others' work on the machine inflates every mode's times
     kinds = {"socket": "socket", "unary": "grpc", "stream-default": "grpc-default"}
     started = {kind: [_spawn(kind) for _ in range(max(shards))] for kind in ("grpc", "grpc-default", "socket")}
     targets = {m: [t for _, t in started[kinds.get(m, "grpc")]] for m in MODES}  # unary and stream: same shards
@@ -229,7 +230,8 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
             p.stdin.close()
             p.wait(timeout=30)
     return {"cpu": cpu_model(), "cpus": os.cpu_count(), "grpc": grpc.__version__, "http2_tuning": HTTP2_TUNING,
-            "cases": cases, "targets": targets_met(cases),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cases": cases,
+            "targets": targets_met(cases),
             "note": "payload = bf16 hidden bytes per shard; each shard and each socket echo its own process on "
                     "127.0.0.1; one caller thread; modes rotate; gb_s = 2 x shards x payload / p50 (both ways); "
                     "frames = SocketTransport to the echo shards' frame listeners (the unary/stream processes)"}
@@ -354,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # as the gateway and shard deployments do (and the echo shards, --tune-malloc)
     if a.only != "mtls":
         res = run(a.scale, a.sizes.split(","), tuple(int(n) for n in a.shards.split(",")))
-        print(f"{res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, http2 tuning {res['http2_tuning']}")
+        print(f"{res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, http2 tuning {res['http2_tuning']}, "
+              f"load average {res['loadavg_before'][0]:.2f} before, {res['loadavg_after'][0]:.2f} after")
         print(table(res))
         for name, t in res["targets"].items():
             print(f"{name}: {t['target']}: {t['value']:.2f} {'met' if t['met'] else 'MISSED'}")

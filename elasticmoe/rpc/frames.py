@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-from elasticmoe.rpc.codec import DTYPE_NAMES, DTYPES, encode_tensor
+from elasticmoe.rpc.codec import DTYPES, encode_tensor
 
 MAGIC = b"EMF1"
 REQUEST, REPLY = 1, 2
