@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 from concurrent import futures as cf
 
@@ -18,12 +17,9 @@ import torch
 from elasticmoe.config import Limits
 from elasticmoe.experts.server import start_server
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
-from elasticmoe.gateway import socket_transport
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.transport import StreamTransport, make_transport
 from elasticmoe.model.experts import ExpertStore
-from elasticmoe.rpc import experts_pb2 as pb
-from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.frames import ExpertRequest
@@ -366,105 +362,4 @@ def test_renewed_tls_files_reopen_connections_and_calls_in_flight_finish(files, 
         assert old.dead and not old.pending
     finally:
         pair.servicers[0].faults.run_delay_s = 0.0
-        t.close()
-
-
-class _Reorder(pb_grpc.ExpertShardServicer):
-    """Health (its frame port) and a plaintext frame listener that holds `batch` requests, then echoes each one's
-    hidden rows back in `order` (indices into the batch), 50 ms apart."""
-
-    def __init__(self, order: list[int]):
-        self.order = order
-        self.listener = frame_socket.FrameListener(self.serve_frames, "127.0.0.1", [0], insecure=True)
-        self.server = grpc.server(cf.ThreadPoolExecutor(2))
-        pb_grpc.add_ExpertShardServicer_to_server(self, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
-
-    def serve_frames(self, requests, put) -> None:
-        held = []
-        for frame in requests:
-            held.append(frame)
-            if len(held) == len(self.order):
-                for i in self.order:
-                    put(frames.reply_parts(held[i].id, held[i].hidden))
-                    time.sleep(0.05)
-                held = []
-
-    def Health(self, request, context):
-        return pb.HealthResponse(ok=True, frame_port=self.listener.port)
-
-    def close(self) -> None:
-        self.listener.close()
-        self.server.stop(None)
-
-
-def _until(cond, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
-
-
-def test_callers_read_each_others_answers_and_pass_the_reader_role(monkeypatch):
-    """Four callers in result() on one connection, answers out of order (the second caller's, the first's, the
-    fourth's, the third's): the first caller reads (leads) while the others wait, so it reads the second caller's
-    answer, then its own; leaving, it passes the reader role to a caller still waiting, which reads the last two.
-    The connection's own thread reads none of them."""
-    shard = _Reorder([1, 0, 3, 2])
-    t = SocketTransport(insecure=True)
-    readers: dict[int, str] = {}  # frame id -> the thread that read its answer
-    resolve = socket_transport._Conn.resolve
-
-    def spy(self, reply) -> None:
-        readers[reply.id] = threading.current_thread().name
-        resolve(self, reply)
-    monkeypatch.setattr(socket_transport._Conn, "resolve", spy)
-    hidden = [torch.randn(i + 1, 8) for i in range(4)]
-    got: dict[int, torch.Tensor] = {}
-
-    def call(i: int) -> None:
-        req = ExpertRequest(0, hidden[i], torch.zeros(i + 1, 1, dtype=torch.int32), torch.ones(i + 1, 1))
-        got[i] = decode_tensor(t.send(shard.address, lambda: req, 10).result(timeout=10).output)
-
-    threads = [threading.Thread(target=call, args=(i,), name=f"caller-{i}") for i in range(4)]
-    try:
-        conn = t._conn(shard.address)
-        _until(lambda: conn.sock is not None)  # open (a call made while connecting waits for the thread to read)
-        threads[0].start()
-        _until(lambda: conn._reading)  # caller 0 reads
-        for i in (1, 2):  # sent in this order: frame ids 1, 2, 3, then 4 (the shard then answers)
-            threads[i].start()
-            _until(lambda: conn._followers == i)  # waiting for the role or their answers
-        threads[3].start()
-        for th in threads:
-            th.join(timeout=10)
-        assert all(torch.equal(got[i], hidden[i]) for i in range(4))  # each caller got its own answer
-        assert readers[2] == readers[1] == "caller-0"  # the second caller's answer, read by the first
-        assert {readers[3], readers[4]} <= {"caller-2", "caller-3"}  # the role passed to a waiting caller
-        assert not conn.pending and not conn._reading and not conn._followers
-    finally:
-        t.close()
-        shard.close()
-
-
-def test_callbacks_futures_wait_and_polling_get_their_answers(files, pair):  # noqa: F811
-    """Calls waited for without result() (a done callback, as the dispatcher; concurrent.futures.wait; done()
-    polled): the connection's thread reads their answers."""
-    layer, address = pair.layers[0], pair.addresses[0]
-    t = SocketTransport()
-    try:
-        assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data  # connected
-        done = threading.Event()
-        t.send(address, lambda: _req(files, layer, seed=1), 5).add_done_callback(lambda f: done.set())
-        assert done.wait(5) and t._conns[address]._park  # the thread is in charge of reading now
-        t.send(address, lambda: _req(files, layer), 5).result(timeout=10)  # a caller leads again
-        assert not t._conns[address]._park
-        fut = t.send(address, lambda: _req(files, layer, seed=2), 5)
-        assert cf.wait([fut], timeout=5).done == {fut} and fut.result(timeout=0).output.data
-        t.send(address, lambda: _req(files, layer), 5).result(timeout=10)
-        fut = t.send(address, lambda: _req(files, layer, seed=3), 5)
-        _until(fut.done)  # only polled
-        assert fut.result(timeout=0).output.data
-    finally:
         t.close()

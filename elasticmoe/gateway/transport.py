@@ -130,11 +130,10 @@ class Multiplexed:
 
 
 def send_multiplexed(address: str, frame_id: int, encode: Callable[[], object], conn_for: Callable[[], Multiplexed],
-                     deadlines: "Deadlines", timeout_s: float, fut: Future | None = None) -> Future:
+                     deadlines: "Deadlines", timeout_s: float) -> Future:
     """One call on a multiplexed connection: encode the frame, submit it (one fresh connection if the one found has
-    died), its deadline kept by `deadlines`. Returns the call's Future (`fut`, else a new one); a Future with a
-    `conn` attribute is told the connection that took it."""
-    fut = Future() if fut is None else fut
+    died), its deadline kept by `deadlines`. Returns the call's Future."""
+    fut: Future = Future()
     fut.set_running_or_notify_cancel()
     try:
         frame = encode()
@@ -144,8 +143,6 @@ def send_multiplexed(address: str, frame_id: int, encode: Callable[[], object], 
     for _ in range(2):
         c = conn_for()
         deadlines.add(timeout_s, frame_id, c)  # before the write: a write that blocks still times out
-        if hasattr(fut, "conn"):
-            fut.conn = c
         if c.submit(frame_id, frame, fut):
             return fut
     # both ended before taking the frame (a shard refusing connections ends them at once): say why
