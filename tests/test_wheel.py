@@ -108,14 +108,13 @@ def test_installed_wheel_serves_a_request(wheel, tmp_path, own_ray):
     Runs before the session's cluster starts (conftest orders it first): no cluster to stop and restart."""
     from elasticmoe import LLM, SamplingParams
     from elasticmoe.client import GenerationClient
+    from elasticmoe.local_cluster import ray_env
 
     py = _fresh_venv(tmp_path / "venv", wheel)
     where = subprocess.run([str(py), "-c", "import elasticmoe.kernels.cpu_gemm as m; print(m.__file__, "
                             "m._SRC.is_file())"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert where.startswith(str(tmp_path / "venv")) and where.split()[1] == "True", where
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "ELASTICMOE_CACHE": str(tmp_path / "cache"),
-           "PATH": f"{py.parent}{os.pathsep}{os.environ['PATH']}"}
+    env = ray_env({"ELASTICMOE_CACHE": str(tmp_path / "cache"), "PATH": f"{py.parent}{os.pathsep}{os.environ['PATH']}"})
     ray_cli = [str(py), "-c", "from ray.scripts.scripts import main; main()"]
     serve_cli = [str(py), "-c", "from ray.serve.scripts import cli; cli()"]
 
