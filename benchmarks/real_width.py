@@ -130,17 +130,16 @@ def logits_phase(engine: str, path: Path, out: Path) -> dict:
     """Logits [T, V] float32 of every ACCURACY_PROMPTS prompt from `engine` ("elasticmoe" bf16 | "transformers"
     bf16 | "reference": transformers float32), saved to `out` (torch.save: a list of tensors)."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from elasticmoe import LLM
-
-    llm = LLM(str(path), dtype="bfloat16")  # the tokenizer and token ids for every engine
-    ids = [llm.encode(p) for p in ACCURACY_PROMPTS]
+    tok = AutoTokenizer.from_pretrained(str(path))  # as LLM.encode tokenizes: the same ids for every engine
+    ids = [tok.encode(p) for p in ACCURACY_PROMPTS]
     if engine == "elasticmoe":
+        from elasticmoe import LLM
+
+        llm = LLM(str(path), dtype="bfloat16")
         logits = [llm.logits(x) for x in ids]
     else:
-        from transformers import AutoModelForCausalLM
-
-        del llm
         dtype = torch.float32 if engine == "reference" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
         with torch.inference_mode():
@@ -234,13 +233,14 @@ def main() -> None:
               "--batches", ",".join(map(str, a.batches)), "--repeats", str(a.repeats)]
     if not (path / "config.json").exists():
         _child(["--phase", "build", *common])
-    res = {"cpu": cpu_model(), "args": {k: v for k, v in vars(a).items() if k != "phase"}, "checkpoint": str(path)}
+    args = {k: v for k, v in vars(a).items() if k not in ("phase", "logits_out")}
+    res = {"cpu": cpu_model(), "args": args, "checkpoint": str(path)}
     tag = re.sub(r"[^A-Za-z0-9]+", "-", res["cpu"]).strip("-").lower()
     out = Path(a.out or Path(__file__).parent / "results" / f"real_width-{tag}.json")
     if a.only and out.exists():  # keep the other part's figures
         res = {**json.loads(out.read_text()), "cpu": res["cpu"], "checkpoint": res["checkpoint"]}
     if a.only != "accuracy":
-        res["args"] = {k: v for k, v in vars(a).items() if k not in ("phase", "logits_out")}
+        res["args"] = args  # these figures' run
         for engine in ("elasticmoe", "transformers"):
             res[engine] = _child(["--phase", engine, *common])
         report(res, a)

@@ -142,7 +142,7 @@ def _frame_answer(host: str, port: int, secure: bool) -> bytes:
     with s:
         s.sendall(probe)
         if secure:
-            return bytes(frame_socket.read_frame(s, bytearray(frame_socket.PREFIX)))
+            return bytes(next(frame_socket.FrameReader(s).frames()))
         try:
             return s.recv(64)
         except (socket.timeout, ConnectionError):

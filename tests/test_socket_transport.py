@@ -262,8 +262,8 @@ def _connect(servicer, ctx: ssl.SSLContext | None = None) -> socket.socket:
 
 
 def _replies(s: socket.socket, n: int) -> list[frames.Reply]:
-    prefix = bytearray(frame_socket.PREFIX)
-    return [frames.decode_reply(frame_socket.read_frame(s, prefix)) for _ in range(n)]
+    got = frame_socket.FrameReader(s).frames()
+    return [frames.decode_reply(next(got)) for _ in range(n)]
 
 
 def test_unreadable_frames_fail_alone_and_a_bad_prefix_closes_only_its_connection(files, pair):  # noqa: F811
@@ -282,7 +282,7 @@ def test_unreadable_frames_fail_alone_and_a_bad_prefix_closes_only_its_connectio
         assert "magic" in replies[0].error and "dtype code 99" in replies[1].error
         assert other.send(pair.addresses[0], lambda: _req(files, layer), 5).result(timeout=10).output.data
         s.sendall(b"\x00" * 8 + good)  # not a length prefix: the shard cannot resynchronise, it ends this connection
-        assert frame_socket.read_frame(s, bytearray(frame_socket.PREFIX)) is None
+        assert next(frame_socket.FrameReader(s).frames(), None) is None  # the connection ended
     try:  # the shard and the other connection go on
         assert other.send(pair.addresses[0], lambda: _req(files, layer, seed=1), 5).result(timeout=10).output.data
     finally:
@@ -294,7 +294,7 @@ def _refused(servicer, ctx: ssl.SSLContext | None, good: bytes) -> None:
     try:
         with _connect(servicer, ctx) as s:
             s.sendall(good)
-            assert frame_socket.read_frame(s, bytearray(frame_socket.PREFIX)) is None
+            assert next(frame_socket.FrameReader(s).frames(), None) is None  # the connection ended
     except (ssl.SSLError, ConnectionError):
         pass
 

@@ -61,7 +61,8 @@ class GrpcDispatcher:
         self.shard_tokens: dict[str, int] = {}
         self.failovers = 0  # calls re-sent after a failure, `missing` or malformed answer
         self.hedges = 0  # calls re-sent because the first copy straggled
-        self.fault_log: deque[dict] = deque(maxlen=256)  # per step with a failed or hedged call: when seen, when done (failover.Step)
+        # per step with a failed or hedged call: when seen, when done (failover.Step)
+        self.fault_log: deque[dict] = deque(maxlen=256)
         self._reports: queue.Queue[str] = queue.Queue()
         self._reporting: set[str] = set()
         self.on_fanout: Callable[[float], None] | None = None  # metrics hook, per (layer, step)

@@ -185,7 +185,8 @@ class Step:
                 continue
             if g.hedge_tried_version == table.version:
                 continue  # no other copy in this table: wait for the straggler, its deadline or a newer table
-            slow = {c.shard_id for c in live[0] if c.output is None}
+            straggling = [c for c in live[0] if c.output is None]
+            slow = {c.shard_id for c in straggling}
             shard_of, lost = self._route(table, g.ids, g.tried | self.dead | slow)
             if bool(lost.any()):
                 g.hedge_tried_version = table.version  # a re-home (controller) may add copies: try that table
@@ -199,9 +200,8 @@ class Step:
             self.straggled |= slow
             for s in slow:
                 self.d.suspect(s, report=False)
-            for c in live[0]:
-                if c.output is None:
-                    c.future.add_done_callback(self._report_if_broken(c.shard_id))
+            for c in straggling:
+                c.future.add_done_callback(self._report_if_broken(c.shard_id))
         return max(0.001, nxt)
 
     def _report_if_broken(self, shard_id: str):

@@ -59,19 +59,6 @@ def send_parts(sock: socket.socket, parts: list) -> None:
             sent = sock.sendmsg(views[:512])
 
 
-def _fill(sock: socket.socket, view: memoryview, eof_ok: bool = False) -> bool:
-    """Read exactly len(view) bytes; False at a clean end of stream before the first byte (when eof_ok)."""
-    first = True
-    while view:
-        n = sock.recv_into(view)
-        if n == 0:
-            if eof_ok and first:
-                return False
-            raise ConnectionError("connection closed mid-frame")
-        view, first = view[n:], False
-    return True
-
-
 def _buffer(n: int) -> memoryview:
     """n writable bytes the frame keeps (its tensors are views of them): uninitialised when large (no memset)."""
     if n <= _SMALL:
@@ -79,25 +66,10 @@ def _buffer(n: int) -> memoryview:
     return memoryview(torch.empty(n, dtype=torch.uint8).numpy()).cast("B")
 
 
-def read_frame(sock: socket.socket, prefix: bytearray) -> memoryview | None:
-    """The next whole frame (prefix included, for frames.decode_*) in a buffer of its own; None at a clean end of
-    stream. FrameError for a bad length prefix (the stream cannot be resynchronised: close it)."""
-    if not _fill(sock, memoryview(prefix), eof_ok=True):
-        return None
-    size = frames.frame_size(prefix)
-    if size > MAX_MESSAGE_BYTES:
-        raise frames.FrameError(f"frame of {size} bytes, more than the {MAX_MESSAGE_BYTES}-byte limit")
-    buf = _buffer(PREFIX + size)
-    buf[:PREFIX] = prefix
-    _fill(sock, buf[PREFIX:])
-    return buf
-
-
 class FrameReader:
     """The frames arriving on one connection, read with as few recv calls as it takes: small frames land in one
     chunk (prefix and body in one recv, several frames in one when they queue) and are copied out into a buffer
-    of their own; a large frame's body is read straight into its own buffer (its tensors are views of it).
-    Keeps a partly read frame between calls, so the threads that take turns reading lose nothing."""
+    of their own; a large frame's body is read straight into its own buffer (its tensors are views of it)."""
 
     def __init__(self, sock: socket.socket, chunk: int = _CHUNK):
         self.sock = sock
@@ -105,19 +77,6 @@ class FrameReader:
         self._start = self._end = 0  # bytes received and not yet handed out: _view[_start:_end]
         self._big: memoryview | None = None  # a large frame being read into its own buffer
         self._got = 0  # bytes of _big read so far
-
-    def buffered(self) -> bool:
-        """Whether step() can hand out a frame without waiting for the socket (a whole one is here, or TLS holds
-        decrypted bytes)."""
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        have = self._end - self._start
-        if self._big is not None or have < PREFIX:
-            return False
-        try:
-            return PREFIX + frames.frame_size(self._view[self._start:self._start + PREFIX]) <= have
-        except frames.FrameError:
-            return True  # step() raises it
 
     def step(self) -> list[memoryview] | None:
         """The whole frames already here, else those after one recv (blocking; [] when it brought no whole one);
