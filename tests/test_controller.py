@@ -130,6 +130,37 @@ async def _scenario(files, model):
             s.server.stop(None)
 
 
+def test_table_long_poll_holds_until_a_new_version(model):
+    files = open_model(model)
+    GcsRecord("default").clear()
+    asyncio.run(_long_poll(files, model))
+
+
+async def _long_poll(files, model):
+    a = Shard(files, "a")
+    ctrl = ControllerImpl(_args(model, num_shards=1))
+    try:
+        await a.join(ctrl)
+        v = (await ctrl.table())["version"]
+        t0 = time.monotonic()
+        assert await ctrl.table(v, "g", wait_s=0.3) is None  # nothing new: held for wait_s, then None
+        assert 0.3 <= time.monotonic() - t0 < 2.0 and ctrl.acks["g"][0] == v  # the caller's version acknowledged
+        held = asyncio.ensure_future(ctrl.table(v, "g", wait_s=30.0))
+        await asyncio.sleep(0.2)
+        assert not held.done()
+        t1 = time.monotonic()
+        ctrl.registry.bump()
+        table = await asyncio.wait_for(held, timeout=2.0)  # a new version ends the poll at once
+        assert table["version"] == v + 1 and time.monotonic() - t1 < 0.5
+        t2 = time.monotonic()
+        assert (await ctrl.table(v, "g", wait_s=30.0))["version"] == v + 1  # behind already: no wait at all
+        assert time.monotonic() - t2 < 0.5
+    finally:
+        for task in ctrl._tasks:
+            task.cancel()
+        a.server.stop(None)
+
+
 # ----- a stopping ExpertShard replica (its __del__): drain through a live controller; none to wait for when it is gone
 ShardImpl = ExpertShard.func_or_class
 

@@ -19,6 +19,8 @@ from elasticmoe.config import AppArgs
 from elasticmoe.placement import Placement, plan
 
 log = logging.getLogger("elasticmoe.controller")
+TABLE_WAIT_MAX_S = 5.0  # the longest a table() long poll is held
+TABLE_CHECK_S = 0.02  # how often a held table() call looks for a new version
 
 
 def default_slots(num_experts: int, num_shards: int, copies: int = 1) -> int:
@@ -161,11 +163,17 @@ class Controller(Mover):
             await self._lose(shard_id, "call failed")
 
     # ----- gateway and operator API
-    async def table(self, known_version: int = -1, gateway_id: str | None = None) -> dict | None:
-        """The routing table, or None when the caller's version is current. `gateway_id` acknowledges it."""
+    async def table(self, known_version: int = -1, gateway_id: str | None = None, wait_s: float = 0.0
+                    ) -> dict | None:
+        """The routing table, or None when the caller's version is still current after `wait_s` seconds (a long
+        poll, at most TABLE_WAIT_MAX_S: a new version is answered within TABLE_CHECK_S). `gateway_id` acknowledges
+        the caller's version."""
         self._start()
         if gateway_id is not None:
             self.acks[gateway_id] = (known_version, time.monotonic())
+        deadline = time.monotonic() + min(max(0.0, wait_s), TABLE_WAIT_MAX_S)
+        while known_version == self.registry.version and time.monotonic() < deadline:
+            await asyncio.sleep(TABLE_CHECK_S)
         if known_version == self.registry.version:
             return None
         return self.registry.table()
