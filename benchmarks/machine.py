@@ -1,7 +1,8 @@
-"""The machine a benchmark ran on, for its JSON: the CPU model (ratios travel between machines, times do not)."""
+"""The machine a benchmark ran on, for its JSON: its CPU model (ratios travel, times do not), where its CPU time went."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -12,3 +13,38 @@ def cpu_model() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def _role(cmdline: str) -> str | None:
+    """A process's role in a served run, from its command line; None for what is not ours or Ray's."""
+    for marker, role in ((":Gateway", "gateway"), (":ExpertShard", "expert shards"), (":Controller", "controller"),
+                         ("ProxyActor", "Serve proxy")):
+        if marker in cmdline:
+            return role
+    return "other Ray" if ("ray::" in cmdline or "/ray/" in cmdline) else None
+
+
+def cpu_seconds_by_role(client_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by every live process, grouped by role: gateway, expert shards, our
+    controller, Serve's proxy, other Ray processes, and the benchmark's own (client_pid). Linux /proc; {} elsewhere."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmdline = f.read().replace("\0", " ")
+        except OSError:
+            continue  # it ended meanwhile
+        role = "client (this benchmark)" if int(pid) == client_pid else _role(cmdline)
+        if role is not None:
+            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cores_used(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Average cores each role kept busy between two cpu_seconds_by_role snapshots `seconds` apart."""
+    return {role: round((after[role] - before.get(role, 0.0)) / seconds, 3) for role in after}

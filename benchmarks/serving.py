@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+# benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import cores_used, cpu_model, cpu_seconds_by_role
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -86,16 +87,19 @@ def bench_served(conc: int, n: int, rounds: int) -> dict:
                 tpot.append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1))
                 total[0] += len(stamps)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds_by_role(os.getpid())
     threads = [threading.Thread(target=client, args=(i,)) for i in range(conc)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return _row("served: gateway + 2 shards (gRPC)", conc, total[0], time.perf_counter() - t0, ttft, tpot)
+    wall = time.perf_counter() - t0
+    row = _row("served: gateway + 2 shards (gRPC)", conc, total[0], wall, ttft, tpot)
+    row["cores_busy"] = cores_used(cpu0, cpu_seconds_by_role(os.getpid()), wall)  # by role, during the run
+    return row
 
 
-def deploy(model_dir: Path, shards: int, transport: str | None = None) -> None:
+def deploy(model_dir: Path, shards: int, transport: str | None = None, micro_batches: int | None = None) -> None:
     import yaml
 
     from elasticmoe import local_cluster as lc
@@ -107,7 +111,8 @@ def deploy(model_dir: Path, shards: int, transport: str | None = None) -> None:
                              "args": {"model": str(model_dir), "num_shards": shards,
                                       "gateway_resources": {"num_cpus": 1}, "shard_resources": {"num_cpus": 1},
                                       "limits": {"max_num_seqs": 32, "max_model_len": 512, "max_queue": 256,
-                                                 **({"transport": transport} if transport else {})}}}]}
+                                                 **({"transport": transport} if transport else {}),
+                                                 **({"micro_batches": micro_batches} if micro_batches else {})}}}]}
     path = model_dir.parent / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
     lc.stop_ray()
@@ -128,6 +133,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving.json"))
     ap.add_argument("--transport", choices=("unary", "stream", "socket"),
                     help="the gateway's Limits.transport (default: the config's default)")
+    ap.add_argument("--micro-batches", type=int, help="the gateway's Limits.micro_batches (default: 1 on CPU)")
     a = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,7 +153,7 @@ def main() -> None:
     for c in concs:
         rows += [bench_offline(llm, c, a.tokens), bench_hf(hf, tok, c, a.tokens)]
     del llm, hf
-    deploy(model_dir, 2, a.transport)
+    deploy(model_dir, 2, a.transport, a.micro_batches)
     try:
         bench_served(2, 4, 1)  # warm-up
         for c in concs:
@@ -169,6 +175,11 @@ def _report(a, rows: list[dict], fan: dict) -> None:
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["system"])):
         print(f"{r['system']:<36}{r['concurrency']:>5}{r['tok_s']:>9.1f}{r['ttft_p50_ms']:>10.1f}"
               f"{r['ttft_p99_ms']:>8.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>8.1f}")
+    for r in rows:
+        if "cores_busy" in r:
+            busy = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores_busy"].items(), key=lambda kv: -kv[1]))
+            print(f"concurrency {r['concurrency']}, served: cores busy {sum(r['cores_busy'].values()):.2f} of "
+                  f"{os.cpu_count()} ({busy})")
     for c in sorted({r["concurrency"] for r in rows}):
         by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}
         print(f"concurrency {c}: served / transformers = {by['served'] / by['transformers']:.2f}x, "
