@@ -89,7 +89,7 @@ class GatewayCore:
     def _poll_table(self) -> None:
         """Long-poll the controller's table (a new version comes back at once, else None after TABLE_WAIT_S),
         acknowledging the version this gateway has; keep the last on errors. One call a second while nothing
-        changes: polling every 0.1 s kept the controller replica at 0.07-0.08 of a core, 0.03-0.04 now
+        changes: polling every 0.1 s kept the controller replica at 0.065-0.083 of a core, 0.034-0.045 now
         (benchmarks/serving.py, cores_busy)."""
         while True:
             try:
