@@ -80,6 +80,29 @@ def test_assign_failover_to_the_higher_numbered_copy():
     assert bool((table.assign(0, ids, exclude=frozenset({0, 1})) == -1).all())
 
 
+def test_hedge_delay_follows_the_median_round_trip_recomputed_every_few_calls():
+    """hedge_after_s: hedge_factor x the median of the recent round trips, at least hedge_min_s, 1 s before any; the
+    median is refreshed every HEDGE_MEDIAN_EVERY round trips (not sorted again at each check)."""
+    from elasticmoe.gateway.dispatcher import HEDGE_MEDIAN_EVERY
+
+    d = GrpcDispatcher(hedge_min_s=0.05, hedge_factor=4.0, insecure=True)
+    try:
+        assert d.hedge_after_s() == 1.0  # nothing measured yet
+        for _ in range(3):
+            d.note_latency(0.1)
+        assert d.hedge_after_s() == pytest.approx(0.4)  # the first round trips count at once
+        for _ in range(HEDGE_MEDIAN_EVERY - 1):
+            d.note_latency(0.001)
+        assert d.hedge_after_s() == pytest.approx(0.4)  # not yet refreshed
+        d.note_latency(0.001)
+        assert d.hedge_after_s() == 0.05  # median 1 ms: 4 ms, below the floor
+        for _ in range(5 * HEDGE_MEDIAN_EVERY):
+            d.note_latency(0.5)
+        assert d.hedge_after_s() == pytest.approx(2.0)
+    finally:
+        d.close()
+
+
 # ----- the dispatcher over real gRPC shards
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

@@ -129,7 +129,7 @@ class Step:
             self._fail(g, attempt, c.shard_id, report=True)
             return
         c.output, c.compute_s = out, resp.compute_us / 1e6  # float64 from our shards
-        self.d.latency_s.append(max(0.0, c.done_at - self.t0))
+        self.d.note_latency(max(0.0, c.done_at - self.t0))
 
     def _fail(self, g: _Group, attempt: int, shard_id: str, report: bool) -> None:
         g.broken.add(attempt)
