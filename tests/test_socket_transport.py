@@ -23,6 +23,7 @@ from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.frames import ExpertRequest
+from elasticmoe.rpc.tls_socket import SerialTLS
 from tests.test_failover import E, Shards, _inputs, _reference, _run, files  # noqa: F401
 
 
@@ -87,7 +88,7 @@ def test_answers_equal_the_stream_bit_for_bit(files, pair, dtype):  # noqa: F811
 
 def test_frame_ids_match_answers_under_concurrency_on_mtls(files, pair):  # noqa: F811
     """8 threads, requests of different sizes in flight on one mTLS connection (one thread writing while the reader
-    reads): each answer is its own request's."""
+    reads, their SSL calls one at a time: SerialTLS): each answer is its own request's."""
     layer, address = pair.layers[0], pair.addresses[0]
     t = SocketTransport()
 
@@ -102,7 +103,8 @@ def test_frame_ids_match_answers_under_concurrency_on_mtls(files, pair):  # noqa
         with cf.ThreadPoolExecutor(8) as pool:
             list(pool.map(one, range(64)))
         assert list(t._conns) == [address] and not t._conns[address].pending
-        assert isinstance(t._conns[address].sock, ssl.SSLSocket)
+        sock = t._conns[address].sock
+        assert isinstance(sock, SerialTLS) and isinstance(sock.sock, ssl.SSLSocket) and not sock.sock.getblocking()
     finally:
         t.close()
 

@@ -15,6 +15,7 @@ import grpc
 from elasticmoe.gateway.transport import Build, Deadlines, Multiplexed, TransportError, _Channels, send_multiplexed
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frame_socket, frames, tls
+from elasticmoe.rpc.tls_socket import SerialTLS
 
 log = logging.getLogger(__name__)
 CONNECT_S = 5.0  # Health (for the frame port), TCP connect and TLS handshake, each
@@ -27,10 +28,10 @@ class _Conn(Multiplexed):
     themselves (sendmsg, no thread hop). Any failure (cannot connect, broken, a reply that cannot be read) fails
     every pending call at once and marks it dead; the next send opens a new one."""
 
-    def __init__(self, address: str, opener: Callable[[], socket.socket]):
+    def __init__(self, address: str, opener: Callable[[], socket.socket | SerialTLS]):
         super().__init__(address)  # its _lock guards pending, dead, retired, sock, backlog
         self.retired = False
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | SerialTLS | None = None
         self._backlog: list[list] | None = []  # frames submitted while connecting; None once open
         self._send_lock = threading.Lock()  # one frame on the wire at a time
         threading.Thread(target=self._run, args=(opener,), name=f"frames-{address}", daemon=True).start()
@@ -60,7 +61,7 @@ class _Conn(Multiplexed):
             self._shut()
         return fut
 
-    def _run(self, opener: Callable[[], socket.socket]) -> None:
+    def _run(self, opener: Callable[[], socket.socket | SerialTLS]) -> None:
         try:
             sock = opener()
         except Exception as e:  # noqa: BLE001 - whatever stops the opening fails the calls waiting for it
@@ -83,7 +84,7 @@ class _Conn(Multiplexed):
         finally:
             sock.close()
 
-    def _read(self, sock: socket.socket) -> None:
+    def _read(self, sock: socket.socket | SerialTLS) -> None:
         err = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} ended")
         try:
             for buf in frame_socket.FrameReader(sock).frames():  # one recv brings a small frame, prefix and body
@@ -147,7 +148,7 @@ class SocketTransport(_Channels):
                 c = self._conns[address] = _Conn(address, lambda: self._open(address, stub))
             return c
 
-    def _open(self, address: str, stub) -> socket.socket:
+    def _open(self, address: str, stub) -> socket.socket | SerialTLS:
         """Health (the frame port), TCP connect, TLS handshake: the connection's socket."""
         port = stub.Health(pb.HealthRequest(), timeout=CONNECT_S).frame_port
         if not port:
@@ -161,6 +162,8 @@ class SocketTransport(_Channels):
                 with self._lock:
                     ctx = self._ctx = self._ctx or tls.client_ssl_context()
                 sock = ctx.wrap_socket(sock, server_hostname=tls.SERVER_NAME)
+                sock.settimeout(None)
+                return SerialTLS(sock, frame_socket.SEND_TIMEOUT_S)  # the reader and the writers, one at a time
             sock.settimeout(None)
             frame_socket.send_timeout(sock)
         except BaseException:

@@ -18,6 +18,7 @@ import torch
 
 from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
+from elasticmoe.rpc.tls_socket import SerialTLS
 
 log = logging.getLogger(__name__)
 PREFIX = 8  # bytes of an ExpertFrame's prefix: the frame's length prefix on the socket
@@ -30,9 +31,9 @@ SEND_TIMEOUT_S = 10
 
 def send_parts(sock: socket.socket, parts: list) -> None:
     """Write one frame given as byte buffers (frames.*_parts): one sendmsg on a plain socket (the tensors are not
-    copied); joined small pieces and one write per large piece on TLS (ssl has no sendmsg). OSError when the
-    connection is broken."""
-    if isinstance(sock, ssl.SSLSocket):
+    copied); joined small pieces and one write per large piece on TLS (ssl has no sendmsg; an SSLSocket or a
+    SerialTLS). OSError when the connection is broken."""
+    if isinstance(sock, (ssl.SSLSocket, SerialTLS)):
         small: list = []
         for v in parts:
             if len(v) <= _SMALL:
@@ -144,8 +145,10 @@ def send_timeout(sock: socket.socket, seconds: int = SEND_TIMEOUT_S) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
 
 
-def shutdown(sock: socket.socket) -> None:
+def shutdown(sock: socket.socket | SerialTLS) -> None:
     """Shut down both ways: a thread blocked in recv on it wakes with end of stream."""
+    if isinstance(sock, SerialTLS):
+        sock = sock.sock
     try:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the fd's own shutdown, also under an SSLSocket
     except OSError:
