@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from direct import DirectCluster  # benchmarks/direct.py
 from machine import cores_used, cpu_model, cpu_seconds_by_role
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,6 +67,14 @@ def bench_hf(model, tok, conc: int, n: int) -> dict:
     first, wall = gen(1), gen(n)
     return _row("transformers generate (padded)", conc, conc * n, wall, [first] * conc,
                 [(wall - first) / (n - 1)] * conc)
+
+
+def bench_direct(cluster: DirectCluster, conc: int, n: int) -> dict:
+    """(d): the served design without Serve: the gateway's engine here, 2 shard processes, all requests at once."""
+    cores, wall, ttft, tpot = cluster.run(PROMPT, conc, n)
+    row = _row("direct: gateway engine + 2 shards (no Serve)", conc, conc * n, wall, ttft, tpot)
+    row["cores_busy"] = cores
+    return row
 
 
 def bench_served(conc: int, n: int, rounds: int) -> dict:
@@ -139,6 +148,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from elasticmoe import LLM
+    from elasticmoe.config import Limits
     from elasticmoe import local_cluster as lc
     from elasticmoe.model.tiny import make_tiny_model
 
@@ -153,6 +163,12 @@ def main() -> None:
     for c in concs:
         rows += [bench_offline(llm, c, a.tokens), bench_hf(hf, tok, c, a.tokens)]
     del llm, hf
+    direct = DirectCluster(str(model_dir), 2, a.transport or Limits().transport)
+    try:
+        bench_direct(direct, 2, 4)  # warm-up
+        rows += [bench_direct(direct, c, a.tokens) for c in concs]
+    finally:
+        direct.close()
     deploy(model_dir, 2, a.transport, a.micro_batches)
     try:
         bench_served(2, 4, 1)  # warm-up
@@ -171,19 +187,21 @@ def main() -> None:
 def _report(a, rows: list[dict], fan: dict) -> None:
     print(f"\nmodel: mixtral-like {a.layers} layers x {a.experts} experts, hidden {a.hidden}, I {a.intermediate}, "
           f"fp32 CPU ({os.cpu_count()} vCPUs), {a.tokens} output tokens per request, greedy")
-    print(f"{'system':<36}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  (ms)")
+    print(f"{'system':<46}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  (ms)")
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["system"])):
-        print(f"{r['system']:<36}{r['concurrency']:>5}{r['tok_s']:>9.1f}{r['ttft_p50_ms']:>10.1f}"
+        print(f"{r['system']:<46}{r['concurrency']:>5}{r['tok_s']:>9.1f}{r['ttft_p50_ms']:>10.1f}"
               f"{r['ttft_p99_ms']:>8.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>8.1f}")
     for r in rows:
         if "cores_busy" in r:
             busy = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores_busy"].items(), key=lambda kv: -kv[1]))
-            print(f"concurrency {r['concurrency']}, served: cores busy {sum(r['cores_busy'].values()):.2f} of "
+            print(f"concurrency {r['concurrency']}, {r['system'].split(':')[0]}: cores busy {sum(r['cores_busy'].values()):.2f} of "
                   f"{os.cpu_count()} ({busy})")
     for c in sorted({r["concurrency"] for r in rows}):
         by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}
         print(f"concurrency {c}: served / transformers = {by['served'] / by['transformers']:.2f}x, "
-              f"served / LLM.generate = {by['served'] / by['LLM.generate']:.2f}x")
+              f"served / LLM.generate = {by['served'] / by['LLM.generate']:.2f}x, "
+              f"direct / LLM.generate = {by['direct'] / by['LLM.generate']:.2f}x, served / direct = "
+              f"{by['served'] / by['direct']:.2f}x")
     p50, p99 = fan.get("fanout_overhead_p50_s"), fan.get("fanout_overhead_p99_s")
     print(f"fan-out overhead per (layer, step) = gateway wait - shard compute: p50 {p50 * 1e3:.3f} ms, "
           f"p99 {p99 * 1e3:.3f} ms over {fan.get('fanout_samples')} samples")

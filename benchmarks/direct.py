@@ -1,0 +1,100 @@
+"""The served design without Ray Serve: the gateway's engine in this process, expert shards in their own processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+import torch
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _shard(model_dir: str, experts: list[int], threads: int, ready, stop) -> None:
+    """One expert shard as the ExpertShard deployment runs it: `experts` of every MoE layer, mTLS, until `stop`."""
+    from elasticmoe.experts.server import start_server
+    from elasticmoe.model import open_model
+    from elasticmoe.model.experts import ExpertStore
+    from elasticmoe.rpc.codec import tune_malloc
+
+    tune_malloc()
+    torch.set_num_threads(threads)
+    files = open_model(model_dir)
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load([(layer, e) for layer in files.spec.moe.moe_layers for e in experts])
+    server, _, port = start_server(store, f"shard-{experts[0]}")
+    ready.send(port)
+    stop.recv()
+    server.stop(None)
+
+
+class DirectCluster:
+    """`shards` shard processes holding contiguous, equal shares of the experts, and a gateway Engine here talking
+    to them over `transport` (mTLS, the deployed default), with `threads` torch threads everywhere (as num_cpus 1)."""
+
+    def __init__(self, model_dir: str, shards: int, transport: str, threads: int = 1, max_num_seqs: int = 32):
+        from elasticmoe.engine.engine import Engine
+        from elasticmoe.gateway.dispatcher import GrpcDispatcher
+        from elasticmoe.gateway.routing import RoutingTable
+        from elasticmoe.model import open_model
+
+        files = open_model(model_dir)
+        num_experts = files.spec.moe.num_experts
+        owner = [e * shards // num_experts for e in range(num_experts)]
+        ctx = mp.get_context("spawn")
+        self.procs, self.stops, ports = [], [], []
+        for s in range(shards):
+            ready_r, ready_w = ctx.Pipe(duplex=False)
+            stop_r, stop_w = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_shard, args=(model_dir, [e for e in range(num_experts) if owner[e] == s],
+                                                 threads, ready_w, stop_r), daemon=True)
+            p.start()
+            self.procs.append(p)
+            self.stops.append(stop_w)
+            ports.append(ready_r.recv())
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        self.dispatcher = GrpcDispatcher(transport=transport)
+        experts = [[(owner[e], 1.0)] for e in range(num_experts)]
+        self.dispatcher.set_table(RoutingTable.from_dict({
+            "version": 1, "layers": {layer: experts for layer in files.spec.moe.moe_layers},
+            "shards": [{"id": f"shard-{s}", "address": f"127.0.0.1:{port}"} for s, port in enumerate(ports)]}))
+        self.engine = Engine(files, self.dispatcher, max_num_seqs=max_num_seqs, micro_batches=1)
+
+    def run(self, prompt: str, conc: int, n: int) -> tuple[dict, float, list[float], list[float]]:
+        """`conc` requests ("{prompt} {i}") of n greedy tokens queued at once: (cores busy by role, wall s, TTFTs,
+        TPOTs)."""
+        from elasticmoe import SamplingParams
+
+        eng, tok = self.engine, self.engine.tokenizer
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        pids = [p.pid for p in self.procs]
+        shards0, gw0 = sum(process_cpu_seconds(p) for p in pids), time.process_time()
+        t0 = time.perf_counter()
+        seqs = [eng.add_request(f"d{conc}-{i}-{time.time()}", tok.encode(f"{prompt} {i}"), params) for i in range(conc)]
+        stamps: dict[str, list[float]] = {s.request_id: [] for s in seqs}
+        while eng.has_work():
+            for s in eng.step():
+                stamps[s.request_id].append(time.perf_counter())
+        wall = time.perf_counter() - t0
+        cores = {"gateway": round((time.process_time() - gw0) / wall, 3),
+                 "expert shards": round((sum(process_cpu_seconds(p) for p in pids) - shards0) / wall, 3)}
+        ttft = [v[0] - t0 for v in stamps.values()]
+        tpot = [(v[-1] - v[0]) / (len(v) - 1) for v in stamps.values()]
+        return cores, wall, ttft, tpot
+
+    def close(self) -> None:
+        self.dispatcher.close()
+        for stop in self.stops:
+            stop.send(None)
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        torch.set_num_threads(self.threads_before)
