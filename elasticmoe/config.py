@@ -36,8 +36,9 @@ class Limits(_Strict):
                                       "and costs more than it hides (benchmarks/overlap.py)")
     expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
     transport: Literal["unary", "stream", "socket"] = Field(
-        "stream", description="gateway -> shard calls: raw frames on one long-lived gRPC stream per shard, one unary "
-        "gRPC call each, or the same frames on one TCP (mTLS) connection per shard to its frame listener")
+        "socket", description="gateway -> shard calls: raw frames on one TCP (mTLS) connection per shard to its frame "
+        "listener (the default: ahead of the stream on average in benchmarks/serving.py), the "
+        "same frames on one long-lived gRPC stream per shard, or one unary gRPC call each")
     failover_s: float = Field(30.0, gt=0, description="how long a step waits for a live copy of its experts "
                               "(failover, re-homing) before its requests end with UNAVAILABLE")
     max_queued_requests: int = Field(256, ge=1, description="requests Serve queues per gateway before rejecting")

@@ -41,7 +41,7 @@ def _req(files, layer: int, rows: int = 4, seed: int = 0) -> ExpertRequest:  # n
 
 
 def test_config_selects_the_socket_transport():
-    assert Limits(transport="socket").transport == "socket" and Limits().transport == "stream"
+    assert Limits(transport="socket").transport == "socket" and Limits().transport == "socket"
     t = make_transport("socket", insecure=False)
     assert isinstance(t, SocketTransport)
     t.close()

@@ -32,7 +32,7 @@ def _stream_dispatcher(**kw) -> GrpcDispatcher:
 
 
 def test_config_selects_the_transport():
-    assert Limits().transport == "stream"
+    assert Limits().transport == "socket"
     assert isinstance(make_transport(Limits(transport="stream").transport, insecure=False), StreamTransport)
     assert isinstance(GrpcDispatcher().transport, UnaryTransport)
     with pytest.raises(ValueError):
