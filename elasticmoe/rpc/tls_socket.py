@@ -8,6 +8,7 @@ import threading
 import time
 
 _EVENTS = {ssl.SSLWantReadError: select.POLLIN, ssl.SSLWantWriteError: select.POLLOUT}
+_WRITE = 256 << 10  # bytes per SSL write: Python's ssl reports a write only once all of it is out (no partial writes)
 
 
 def _wait(fd: int, events: int, timeout_s: float | None) -> bool:
@@ -25,7 +26,7 @@ class SerialTLS:
     event loop does with one SSL object, shared by threads. Writers still take turns per frame (the caller's lock).
 
     recv_into blocks until data, end of stream or an error, as a blocking socket's; sendall fails (TimeoutError)
-    when it moves nothing for send_timeout_s."""
+    when it moves nothing (no 256 KiB piece written) for send_timeout_s."""
 
     def __init__(self, sock: ssl.SSLSocket, send_timeout_s: float):
         sock.setblocking(False)
@@ -48,7 +49,7 @@ class SerialTLS:
         while view:
             with self._lock:
                 try:
-                    sent = self.sock.send(view)
+                    sent = self.sock.send(view[:_WRITE])  # after a WantWrite: the same bytes again
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:
                     sent, events = 0, _EVENTS[type(e)]
             if sent:
