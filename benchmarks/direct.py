@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
+from typing import Callable
 
 import torch
+from machine import process_cpu_seconds  # benchmarks/machine.py
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def run_queued(engine, encode: Callable[[str], list[int]], prompt: str, conc: int, n: int
+               ) -> tuple[float, list[float], list[float]]:
+    """`conc` requests ("{prompt} {i}") of n greedy tokens queued at once on `engine`, stepped until done:
+    (wall s, TTFTs, TPOTs), per-token times from the engine loop."""
+    from elasticmoe import SamplingParams
+
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    seqs = [engine.add_request(f"q{conc}-{i}-{time.time()}", encode(f"{prompt} {i}"), params) for i in range(conc)]
+    stamps: dict[str, list[float]] = {s.request_id: [] for s in seqs}
+    while engine.has_work():
+        for s in engine.step():
+            stamps[s.request_id].append(time.perf_counter())
+    wall = time.perf_counter() - t0
+    ttft = [v[0] - t0 for v in stamps.values()]
+    tpot = [(v[-1] - v[0]) / (len(v) - 1) for v in stamps.values()]
+    return wall, ttft, tpot
 
 
 def _shard(model_dir: str, experts: list[int], threads: int, ready, stop) -> None:
@@ -68,25 +81,12 @@ class DirectCluster:
         self.engine = Engine(files, self.dispatcher, max_num_seqs=max_num_seqs, micro_batches=1)
 
     def run(self, prompt: str, conc: int, n: int) -> tuple[dict, float, list[float], list[float]]:
-        """`conc` requests ("{prompt} {i}") of n greedy tokens queued at once: (cores busy by role, wall s, TTFTs,
-        TPOTs)."""
-        from elasticmoe import SamplingParams
-
-        eng, tok = self.engine, self.engine.tokenizer
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        """run_queued on the gateway engine: (cores busy by role, wall s, TTFTs, TPOTs)."""
         pids = [p.pid for p in self.procs]
         shards0, gw0 = sum(process_cpu_seconds(p) for p in pids), time.process_time()
-        t0 = time.perf_counter()
-        seqs = [eng.add_request(f"d{conc}-{i}-{time.time()}", tok.encode(f"{prompt} {i}"), params) for i in range(conc)]
-        stamps: dict[str, list[float]] = {s.request_id: [] for s in seqs}
-        while eng.has_work():
-            for s in eng.step():
-                stamps[s.request_id].append(time.perf_counter())
-        wall = time.perf_counter() - t0
+        wall, ttft, tpot = run_queued(self.engine, self.engine.tokenizer.encode, prompt, conc, n)
         cores = {"gateway": round((time.process_time() - gw0) / wall, 3),
                  "expert shards": round((sum(process_cpu_seconds(p) for p in pids) - shards0) / wall, 3)}
-        ttft = [v[0] - t0 for v in stamps.values()]
-        tpot = [(v[-1] - v[0]) / (len(v) - 1) for v in stamps.values()]
         return cores, wall, ttft, tpot
 
     def close(self) -> None:

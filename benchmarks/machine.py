@@ -24,6 +24,18 @@ def _role(cmdline: str) -> str | None:
     return "other Ray" if ("ray::" in cmdline or "/ray/" in cmdline) else None
 
 
+def _cpu_seconds(stat: str, tick: int) -> float:
+    """User + system CPU seconds from the text of a /proc/<pid>/stat."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return _cpu_seconds(f.read(), os.sysconf("SC_CLK_TCK"))
+
+
 def cpu_seconds_by_role(client_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) used so far by every live process, grouped by role: gateway, expert shards, our
     controller, Serve's proxy, other Ray processes, and the benchmark's own (client_pid). Linux /proc; {} elsewhere."""
@@ -34,14 +46,14 @@ def cpu_seconds_by_role(client_pid: int) -> dict[str, float]:
             continue
         try:
             with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                stat = f.read()
             with open(f"/proc/{pid}/cmdline") as f:
                 cmdline = f.read().replace("\0", " ")
         except OSError:
             continue  # it ended meanwhile
         role = "client (this benchmark)" if int(pid) == client_pid else _role(cmdline)
         if role is not None:
-            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            out[role] = out.get(role, 0.0) + _cpu_seconds(stat, tick)
     return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
-from direct import DirectCluster  # benchmarks/direct.py
+from direct import DirectCluster, run_queued  # benchmarks/direct.py
 from machine import cores_used, cpu_model, cpu_seconds_by_role
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,19 +37,7 @@ def _row(system: str, conc: int, tokens: int, wall: float, ttft: list[float], tp
 
 def bench_offline(llm, conc: int, n: int) -> dict:
     """(b): all requests queued at once in one process; per-token times from the engine loop."""
-    from elasticmoe import SamplingParams
-
-    eng = llm.engine
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    t0 = time.perf_counter()
-    seqs = [eng.add_request(f"b{conc}-{i}-{time.time()}", llm.encode(f"{PROMPT} {i}"), params) for i in range(conc)]
-    stamps: dict[str, list[float]] = {s.request_id: [] for s in seqs}
-    while eng.has_work():
-        for s in eng.step():
-            stamps[s.request_id].append(time.perf_counter())
-    wall = time.perf_counter() - t0
-    ttft = [v[0] - t0 for v in stamps.values()]
-    tpot = [(v[-1] - v[0]) / (len(v) - 1) for v in stamps.values()]
+    wall, ttft, tpot = run_queued(llm.engine, llm.encode, PROMPT, conc, n)
     return _row("LLM.generate (1 process)", conc, conc * n, wall, ttft, tpot)
 
 
@@ -194,7 +182,8 @@ def _report(a, rows: list[dict], fan: dict) -> None:
     for r in rows:
         if "cores_busy" in r:
             busy = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores_busy"].items(), key=lambda kv: -kv[1]))
-            print(f"concurrency {r['concurrency']}, {r['system'].split(':')[0]}: cores busy {sum(r['cores_busy'].values()):.2f} of "
+            who = r["system"].split(":")[0]
+            print(f"concurrency {r['concurrency']}, {who}: cores busy {sum(r['cores_busy'].values()):.2f} of "
                   f"{os.cpu_count()} ({busy})")
     for c in sorted({r["concurrency"] for r in rows}):
         by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}

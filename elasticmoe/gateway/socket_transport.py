@@ -162,9 +162,9 @@ class SocketTransport(_Channels):
                 with self._lock:
                     ctx = self._ctx = self._ctx or tls.client_ssl_context()
                 sock = ctx.wrap_socket(sock, server_hostname=tls.SERVER_NAME)
-                sock.settimeout(None)
-                return SerialTLS(sock, frame_socket.SEND_TIMEOUT_S)  # the reader and the writers, one at a time
             sock.settimeout(None)
+            if isinstance(sock, ssl.SSLSocket):  # the reader and the writers, one SSL call at a time
+                return SerialTLS(sock, frame_socket.SEND_TIMEOUT_S)
             frame_socket.send_timeout(sock)
         except BaseException:
             sock.close()
