@@ -54,12 +54,8 @@ bench-serving: setup
 bench-kernels: setup  ## on a GPU machine
 	$(BIN)/python benchmarks/kernels.py
 
-gpu-check: setup      ## CUDA machine: Triton tests on the GPU (bf16, fp32), AOT check, benchmark -> benchmarks/results/kernels-<gpu>.json
-	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA GPU')"
-	$(BIN)/python -m pytest -q -ra tests/test_kernels_triton.py -k "cuda or tensors_device or compile_for_sm90"
-	$(BIN)/python -m pytest -q -ra tests/test_triton_fp8.py tests/test_staging.py -k cuda
-	$(BIN)/python -m elasticmoe.kernels.aot_check --arch $$($(BIN)/python -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
-	$(BIN)/python benchmarks/kernels.py
+gpu-check: setup      ## CUDA machine: Triton tests on the GPU (bf16, fp32), AOT check, benchmark -> benchmarks/results/kernels-<model>.json
+	PY=$(BIN)/python benchmarks/gpu_check.sh
 
 bench-balance: setup
 	$(BIN)/python benchmarks/balance.py

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, each step under its own time limit, logs and kernel JSONs in $OUT_DIR.
+#   PY=python3 OUT_DIR=/tmp/gpu benchmarks/gpu_check.sh      (make gpu-check runs it with the project's venv)
+# Steps: the machine and versions; the Triton cases on the GPU (bf16, fp32) against the torch reference; FP8 and
+# staging on CUDA; the ahead-of-time compile check for this GPU's arch; the kernel benchmark, one JSON per model
+# (a step that runs out of time loses only its own model). Exit status: the number of failed steps.
+set -u
+PY=${PY:-python3}
+OUT_DIR=${OUT_DIR:-benchmarks/results}
+MODELS=${MODELS:-"mixtral-8x7b qwen3-30b-a3b deepseek-v3-ep8 deepseek-v3-e256"}
+BUDGET_S=${BUDGET_S:-100000}  # a step that could end past this many seconds is skipped (a leased GPU's time)
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET ELASTICMOE_MOE_BACKEND
+failed=0
+
+step() {  # step NAME SECONDS COMMAND...: run, log to $OUT_DIR/NAME.log, count a failure
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    if [ $((SECONDS + limit)) -gt "$BUDGET_S" ]; then
+        limit=$((BUDGET_S - SECONDS))
+        [ "$limit" -ge 30 ] || { echo "=== $name: skipped (budget)"; failed=$((failed + 1)); return; }
+    fi
+    echo "=== $name (limit ${limit}s)"
+    timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    rc=$?
+    tail -n 25 "$OUT_DIR/$name.log"
+    echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+"$PY" - <<'EOF' || exit 99
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_check needs a CUDA GPU")
+import triton
+print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__,
+      "gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+EOF
+ARCH=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+step triton-cases 240 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_kernels_triton.py \
+    -k "cuda or tensors_device or compile_for_sm90"
+step fp8-staging 120 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_triton_fp8.py tests/test_staging.py -k cuda
+step aot-check 90 "$PY" -m elasticmoe.kernels.aot_check --arch "$ARCH"
+for m in $MODELS; do
+    step "bench-$m" 120 "$PY" benchmarks/kernels.py --models "$m" --out "$OUT_DIR/kernels-$m.json"
+done
+echo "gpu_check: $failed failed step(s)"
+exit "$failed"
