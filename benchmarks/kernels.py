@@ -169,7 +169,7 @@ def triton_stages(x, w13, w2, local_ids, weights) -> dict:
     tokens, top_k, num_experts = x.shape[0], local_ids.shape[1], w13.shape[0]
     cfg = tuning.get_config(num_experts, w2.shape[2], x.shape[1], w13.dtype, tokens, x.device, top_k)
     launch = triton_moe.launch_options(cfg, w13.dtype)
-    act, pair_out = triton_moe._buffers(tokens, top_k, w13, cfg["BLOCK_M"])
+    act, pair_out = triton_moe._buffers(tokens, top_k, w13, cfg["BLOCK_M"], w13.dtype)
     ids = local_ids.contiguous()
     flat_w = weights.float().reshape(-1).contiguous()
     out = torch.empty_like(x)

@@ -185,6 +185,25 @@ def _bench_module():
     return module
 
 
+def test_benchmark_smoke_runs_every_stage(tmp_path):
+    """`benchmarks/kernels.py --smoke` (the Triton interpreter, tiny shapes) runs every row a GPU run would,
+    the per-kernel split included: a stale call into the kernels fails here, not on a leased GPU."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "smoke.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if "us" in r]
+    assert {r["impl"] for r in timed} >= {"elasticmoe-triton", "elasticmoe-torch", "torch._grouped_mm-only"}
+    assert all(r["err"] <= 1e-4 for r in timed), [(r["impl"], r["err"]) for r in timed]
+    splits = [r["split_us"] for r in rows if r["impl"] == "elasticmoe-triton-split"]
+    assert len(splits) == 2 and all(set(s) == {"align", "gate_up", "down", "topk_sum"} for s in splits), splits
+
+
 def test_benchmark_routing_bytes_and_grouped_mm_baseline():
     bench = _bench_module()
     shape = (16, 32, 48, 2, 8)  # route over 16 experts, this shard holds 0..7
