@@ -145,7 +145,7 @@ TRITON_CASES = {  # name -> (tokens, experts, top_k, inter, split scales, activa
     "w8a8-fp32-T1": (1, 4, 2, 128, False, "float32", True, 1e-5),
     "w8a8-fp32-T33": (33, 4, 2, 128, False, "float32", True, 1e-5),
     "w8a8-fp32-I192-split": (17, 3, 2, 192, True, "float32", True, 1e-5),
-    "w8a8-fp16-T17": (17, 4, 2, 128, False, "float16", True, 2e-2),
+    "w8a8-fp16-T17": (17, 4, 2, 128, False, "float16", True, 2e-3),
 }
 CHILD_CHECKS = ["e4m3-rounding", "api-default-tiles-and-warmup", "w8a8-tiles-checked"]
 
@@ -165,7 +165,7 @@ def _child_main(device: str) -> None:
     results = {}
     for name, (tokens, experts, top_k, inter, split, dtype, act_quant, tol) in TRITON_CASES.items():
         if device == "cuda" and dtype == "float16":
-            dtype, tol = "bfloat16", 3e-2 if act_quant else 1e-2
+            dtype, tol = "bfloat16", 1e-2
         inputs = make_fp8_inputs(tokens, experts, top_k, inter=inter, split=split, dtype=getattr(torch, dtype))
         x, q13, s13, q2, s2, ids, weights = (t.to(device) for t in inputs)
         fp8 = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128), act_quant=act_quant, split=split)

@@ -148,13 +148,13 @@ def fused_moe_fp8_reference(hidden, w13, w2, topk_ids, topk_weights, w13_scale, 
     if not act_quant:
         return fused_moe_reference(hidden, w13_real, w2_real, topk_ids, topk_weights)
     bk, inter = block_shape[1], w2.shape[2]
-    x = quantize_act_groups(hidden, bk).double()  # [T, H]
+    x = quantize_act_groups(hidden.double(), bk)  # [T, H]; q * scale unrounded, as the kernel's fp32 scaling
     out = torch.zeros(hidden.shape, dtype=torch.float64)  # [T, H]
     for t, row in enumerate(topk_ids.tolist()):
         for j, e in enumerate(row):
             if 0 <= e < w13.shape[0]:
                 gate_up = w13_real[e] @ x[t]  # [2I]
                 act = (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]).to(hidden.dtype)  # [I]
-                act = quantize_act_groups(act[None], bk)[0].double()  # [I]
+                act = quantize_act_groups(act[None].double(), bk)[0]  # [I]
                 out[t] += topk_weights[t, j].double() * (w2_real[e] @ act)  # [H]
     return out.to(hidden.dtype)
