@@ -51,7 +51,10 @@ def _scaled_dot(a, b, acc, b_scale, DOT_PRECISION: tl.constexpr, W_FP8: tl.const
         out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif A_FP8:
         a32 = a.to(tl.float32)
-        a_scale = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-10) / 448.0  # [BM]
+        amax = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-10)  # [BM]
+        # IEEE division, not `/` (approximate on a GPU): a scale 1 ulp off moves bf16 activations' many exact
+        # e4m3 ties, which cost 0.8-4.6% of the output against the reference on an H200
+        a_scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))  # [BM]
         q = _round_e4m3(tl.clamp(tl.math.div_rn(a32, a_scale[:, None]), -448.0, 448.0)).to(tl.float8e4nv)
         out = acc + tl.dot(q, b) * (a_scale[:, None] * b_scale[None, :])
     else:
