@@ -7,7 +7,7 @@
 set -u
 PY=${PY:-python3}
 OUT_DIR=${OUT_DIR:-benchmarks/results}
-MODELS=${MODELS:-"mixtral-8x7b qwen3-30b-a3b deepseek-v3-ep8 deepseek-v3-e256"}
+MODELS=${MODELS-"mixtral-8x7b qwen3-30b-a3b deepseek-v3-ep8 deepseek-v3-e256"}
 SKIP=${SKIP:-}  # step names not to run, e.g. SKIP="triton-cases aot-check"
 BUDGET_S=${BUDGET_S:-100000}  # a step that could end past this many seconds is skipped (a leased GPU's time)
 mkdir -p "$OUT_DIR"
