@@ -29,8 +29,10 @@ def run_queued(engine, encode: Callable[[str], list[int]], prompt: str, conc: in
     return wall, ttft, tpot
 
 
-def _shard(model_dir: str, experts: list[int], threads: int, ready, stop) -> None:
-    """One expert shard as the ExpertShard deployment runs it: `experts` of every MoE layer, mTLS, until `stop`."""
+def _shard(model_dir: str, experts: list[int], threads: int, device: str, dtype: str, ready, stop) -> None:
+    """One expert shard as the ExpertShard deployment runs it: `experts` of every MoE layer on `device`, mTLS,
+    until `stop`."""
+    from elasticmoe.engine.engine import DTYPES
     from elasticmoe.experts.server import start_server
     from elasticmoe.model import open_model
     from elasticmoe.model.experts import ExpertStore
@@ -39,7 +41,7 @@ def _shard(model_dir: str, experts: list[int], threads: int, ready, stop) -> Non
     tune_malloc()
     torch.set_num_threads(threads)
     files = open_model(model_dir)
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store = ExpertStore(files.ckpt, files.names, files.spec, DTYPES[dtype], torch.device(device))
     store.load([(layer, e) for layer in files.spec.moe.moe_layers for e in experts])
     server, _, port = start_server(store, f"shard-{experts[0]}")
     ready.send(port)
@@ -49,9 +51,11 @@ def _shard(model_dir: str, experts: list[int], threads: int, ready, stop) -> Non
 
 class DirectCluster:
     """`shards` shard processes holding contiguous, equal shares of the experts, and a gateway Engine here talking
-    to them over `transport` (mTLS, the deployed default), with `threads` torch threads everywhere (as num_cpus 1)."""
+    to them over `transport` (mTLS, the deployed default), with `threads` torch threads everywhere (as num_cpus 1).
+    On "cuda" every process uses the one GPU (the gateway's dense half and each shard's experts)."""
 
-    def __init__(self, model_dir: str, shards: int, transport: str, threads: int = 1, max_num_seqs: int = 32):
+    def __init__(self, model_dir: str, shards: int, transport: str, threads: int = 1, max_num_seqs: int = 32,
+                 device: str = "cpu", dtype: str = "float32"):
         from elasticmoe.engine.engine import Engine
         from elasticmoe.gateway.dispatcher import GrpcDispatcher
         from elasticmoe.gateway.routing import RoutingTable
@@ -66,7 +70,7 @@ class DirectCluster:
             ready_r, ready_w = ctx.Pipe(duplex=False)
             stop_r, stop_w = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_shard, args=(model_dir, [e for e in range(num_experts) if owner[e] == s],
-                                                 threads, ready_w, stop_r), daemon=True)
+                                                 threads, device, dtype, ready_w, stop_r), daemon=True)
             p.start()
             self.procs.append(p)
             self.stops.append(stop_w)
@@ -78,7 +82,8 @@ class DirectCluster:
         self.dispatcher.set_table(RoutingTable.from_dict({
             "version": 1, "layers": {layer: experts for layer in files.spec.moe.moe_layers},
             "shards": [{"id": f"shard-{s}", "address": f"127.0.0.1:{port}"} for s, port in enumerate(ports)]}))
-        self.engine = Engine(files, self.dispatcher, max_num_seqs=max_num_seqs, micro_batches=1)
+        self.engine = Engine(files, self.dispatcher, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+                             micro_batches=1 if device == "cpu" else 2)
 
     def run(self, prompt: str, conc: int, n: int) -> tuple[dict, float, list[float], list[float]]:
         """run_queued on the gateway engine: (cores busy by role, wall s, TTFTs, TPOTs)."""

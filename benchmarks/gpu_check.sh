@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, each step under its own time limit, logs and kernel JSONs in $OUT_DIR.
+# The GPU checks in one run, each step under its own time limit: one log (gpu_check.log) and the JSONs in $OUT_DIR.
 #   PY=python3 OUT_DIR=/tmp/gpu benchmarks/gpu_check.sh      (make gpu-check runs it with the project's venv)
 # Steps: the machine and versions; the Triton cases on the GPU (bf16, fp32) against the torch reference; FP8 and
 # staging on CUDA; the ahead-of-time compile check for this GPU's arch; the kernel benchmark, one JSON per model
-# (a step that runs out of time loses only its own model). Exit status: the number of failed steps.
+# (a step that runs out of time loses only its own model); the serving benchmark without Ray Serve (LLM.generate,
+# transformers and the gateway engine + 2 shard processes, all on the GPU; no Ray needed). Exit status: the
+# number of failed steps.
 set -u
 PY=${PY:-python3}
 OUT_DIR=${OUT_DIR:-benchmarks/results}
@@ -15,7 +17,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET ELASTICMOE_MOE_BACKEND
 failed=0
 
-step() {  # step NAME SECONDS COMMAND...: run, log to $OUT_DIR/NAME.log, count a failure
+LOG="$OUT_DIR/gpu_check.log"
+: >"$LOG"
+step() {  # step NAME SECONDS COMMAND...: run, append its output to $LOG, count a failure
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
     case " $SKIP " in *" $name "*) echo "=== $name: not asked for"; return ;; esac
@@ -24,9 +28,11 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT_DIR/NAME.log, count a
         [ "$limit" -ge 30 ] || { echo "=== $name: skipped (budget)"; failed=$((failed + 1)); return; }
     fi
     echo "=== $name (limit ${limit}s)"
-    timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/.step.log" 2>&1
     rc=$?
-    tail -n 25 "$OUT_DIR/$name.log"
+    { echo "=== $name (rc=$rc)"; cat "$OUT_DIR/.step.log"; } >>"$LOG"
+    tail -n 25 "$OUT_DIR/.step.log"
+    rm -f "$OUT_DIR/.step.log"
     echo "=== $name: rc=$rc in $((SECONDS - t0))s"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
@@ -47,5 +53,7 @@ step aot-check 90 "$PY" -m elasticmoe.kernels.aot_check --arch "$ARCH"
 for m in $MODELS; do
     step "bench-$m" 120 "$PY" benchmarks/kernels.py --models "$m" --out "$OUT_DIR/kernels-$m.json"
 done
+step serving-noserve 240 "$PY" benchmarks/serving.py --no-serve --device cuda --hidden 1024 --intermediate 2048 \
+    --out "$OUT_DIR/serving-noserve-cuda.json"
 echo "gpu_check: $failed failed step(s)"
 exit "$failed"

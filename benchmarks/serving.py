@@ -1,7 +1,9 @@
-"""Serving benchmark: (a) the served cluster over gRPC, (b) LLM.generate in one process, (c) transformers generate.
+"""Serving benchmark: (a) the served cluster over gRPC, (b) LLM.generate in one process, (c) transformers generate,
+(d) the served design without Ray Serve (benchmarks/direct.py).
 
 Output tokens/s, TTFT and TPOT p50/p99 at several concurrencies, plus the gateway's fan-out overhead per
 (layer, step). Starts (and stops) its own local Ray on 127.0.0.1. Prints a table and writes JSON.
+`--no-serve` leaves out (a) and needs no Ray: with `--device cuda` it is the GPU run of (b), (c) and (d).
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ def bench_offline(llm, conc: int, n: int) -> dict:
 def bench_hf(model, tok, conc: int, n: int) -> dict:
     """(c): one padded batch through transformers generate; TTFT = a 1-token generate of the same batch."""
     tok.padding_side = "left"
-    enc = tok([f"{PROMPT} {i}" for i in range(conc)], return_tensors="pt", padding=True)
+    enc = tok([f"{PROMPT} {i}" for i in range(conc)], return_tensors="pt", padding=True).to(model.device)
 
     def gen(k):
         t = time.perf_counter()
         with torch.inference_mode():
             model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     first, wall = gen(1), gen(n)
@@ -118,6 +122,15 @@ def deploy(model_dir: Path, shards: int, transport: str | None = None, micro_bat
     lc.wait_running("bench")
 
 
+def default_transport() -> str:
+    """Limits' default transport; "socket" (that default) where pydantic is missing, as on a bare GPU image."""
+    try:
+        from elasticmoe.config import Limits
+    except ImportError:
+        return "socket"
+    return Limits().transport
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=8)
@@ -131,32 +144,44 @@ def main() -> None:
     ap.add_argument("--transport", choices=("unary", "stream", "socket"),
                     help="the gateway's Limits.transport (default: the config's default)")
     ap.add_argument("--micro-batches", type=int, help="the gateway's Limits.micro_batches (default: 1 on CPU)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--no-serve", action="store_true", help="leave out the served rows (a): no Ray needed")
     a = ap.parse_args()
+    a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
+    if a.device == "cuda" and not a.no_serve:
+        ap.error("--device cuda runs (b), (c) and (d) only: add --no-serve (the served app's GPU placement is "
+                 "the deployment's, not this script's)")
+    if a.no_serve and a.out == ap.get_default("out"):
+        a.out = str(Path(a.out).with_name(f"serving-noserve-{a.device}.json"))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from elasticmoe import LLM
-    from elasticmoe.config import Limits
     from elasticmoe import local_cluster as lc
     from elasticmoe.model.tiny import make_tiny_model
 
     model_dir = make_tiny_model("mixtral", Path(tempfile.mkdtemp()) / "m", layers=a.layers, experts=a.experts,
                                 hidden=a.hidden, intermediate=a.intermediate, heads=8, kv_heads=4)
     concs = [int(c) for c in a.concurrency.split(",")]
-    llm = LLM(str(model_dir), max_num_seqs=max(concs))
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    llm = LLM(str(model_dir), device=a.device, dtype=a.dtype, max_num_seqs=max(concs))
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, a.dtype)).to(a.device).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     rows = []
     bench_offline(llm, 2, 4)  # warm-up
     for c in concs:
         rows += [bench_offline(llm, c, a.tokens), bench_hf(hf, tok, c, a.tokens)]
     del llm, hf
-    direct = DirectCluster(str(model_dir), 2, a.transport or Limits().transport)
+    direct = DirectCluster(str(model_dir), 2, a.transport or default_transport(), device=a.device, dtype=a.dtype)
     try:
         bench_direct(direct, 2, 4)  # warm-up
         rows += [bench_direct(direct, c, a.tokens) for c in concs]
     finally:
         direct.close()
+    if a.no_serve:
+        _report(a, rows, None)
+        return
     deploy(model_dir, 2, a.transport, a.micro_batches)
     try:
         bench_served(2, 4, 1)  # warm-up
@@ -172,9 +197,10 @@ def main() -> None:
     _report(a, rows, fan)
 
 
-def _report(a, rows: list[dict], fan: dict) -> None:
+def _report(a, rows: list[dict], fan: dict | None) -> None:
+    where = f"CPU ({os.cpu_count()} vCPUs)" if a.device == "cpu" else f"{torch.cuda.get_device_name(0)}"
     print(f"\nmodel: mixtral-like {a.layers} layers x {a.experts} experts, hidden {a.hidden}, I {a.intermediate}, "
-          f"fp32 CPU ({os.cpu_count()} vCPUs), {a.tokens} output tokens per request, greedy")
+          f"{a.dtype} on {where}, {a.tokens} output tokens per request, greedy")
     print(f"{'system':<46}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  (ms)")
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["system"])):
         print(f"{r['system']:<46}{r['concurrency']:>5}{r['tok_s']:>9.1f}{r['ttft_p50_ms']:>10.1f}"
@@ -187,16 +213,18 @@ def _report(a, rows: list[dict], fan: dict) -> None:
                   f"{os.cpu_count()} ({busy})")
     for c in sorted({r["concurrency"] for r in rows}):
         by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}
-        print(f"concurrency {c}: served / transformers = {by['served'] / by['transformers']:.2f}x, "
-              f"served / LLM.generate = {by['served'] / by['LLM.generate']:.2f}x, "
-              f"direct / LLM.generate = {by['direct'] / by['LLM.generate']:.2f}x, served / direct = "
-              f"{by['served'] / by['direct']:.2f}x")
-    p50, p99 = fan.get("fanout_overhead_p50_s"), fan.get("fanout_overhead_p99_s")
-    print(f"fan-out overhead per (layer, step) = gateway wait - shard compute: p50 {p50 * 1e3:.3f} ms, "
-          f"p99 {p99 * 1e3:.3f} ms over {fan.get('fanout_samples')} samples")
+        ratios = [("direct", "LLM.generate"), ("LLM.generate", "transformers")]
+        if "served" in by:
+            ratios = [("served", "transformers"), ("served", "LLM.generate"), *ratios[:1], ("served", "direct")]
+        print(f"concurrency {c}: " + ", ".join(f"{x} / {y} = {by[x] / by[y]:.2f}x" for x, y in ratios))
+    if fan is not None:
+        p50, p99 = fan.get("fanout_overhead_p50_s"), fan.get("fanout_overhead_p99_s")
+        print(f"fan-out overhead per (layer, step) = gateway wait - shard compute: p50 {p50 * 1e3:.3f} ms, "
+              f"p99 {p99 * 1e3:.3f} ms over {fan.get('fanout_samples')} samples")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"cpu": cpu_model(), "cpus": os.cpu_count(), "args": vars(a), "rows": rows,
-                                        "fanout": fan}, indent=2))
+    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" else None
+    Path(a.out).write_text(json.dumps({"cpu": cpu_model(), "cpus": os.cpu_count(), "gpu": gpu, "args": vars(a),
+                                       "rows": rows, "fanout": fan}, indent=2))
     print(f"wrote {a.out}")
 
 
