@@ -3,6 +3,7 @@ process, failover when a shard dies mid-stream, hedging, frame ids under concurr
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent import futures as cf
 
@@ -317,3 +318,47 @@ def test_streams_beyond_the_limit_are_refused_and_health_still_answers(files):  
         first.close()
         second.close()
         server.stop(None)
+
+
+def test_deadline_thread_sweeps_in_grains_and_still_fails_late_calls():
+    """Answered calls' entries expire one per call: the thread must sweep them in DEADLINE_GRAIN_S steps, not wake
+    once per call; an unanswered call still fails with DEADLINE_EXCEEDED, at most a grain after its deadline."""
+    from concurrent.futures import Future
+
+    from elasticmoe.gateway.transport import DEADLINE_GRAIN_S, Deadlines
+
+    class Conn:  # what Deadlines needs of a connection: take(id) -> its pending future or None
+        def __init__(self):
+            self.pending: dict[int, Future] = {}
+            self.lock = threading.Lock()
+
+        def take(self, frame_id):
+            with self.lock:
+                return self.pending.pop(frame_id, None)
+
+    deadlines, conn, waits = Deadlines("test-deadlines"), Conn(), [0]
+    real_wait = deadlines._cv.wait
+
+    def counting_wait(timeout=None):
+        waits[0] += 1
+        return real_wait(timeout)
+
+    deadlines._cv.wait = counting_wait
+    late, failed_at = Future(), []
+    late.add_done_callback(lambda f: failed_at.append(time.monotonic()))
+    conn.pending[0] = late
+    t0 = time.monotonic()
+    deadlines.add(0.3, 0, conn)
+    calls = 0
+    while time.monotonic() - t0 < 1.2:  # answered calls at ~1 kHz, each leaving an entry that expires 0.3 s on
+        calls += 1
+        conn.pending[calls] = Future()
+        deadlines.add(0.3, calls, conn)
+        conn.take(calls)
+        time.sleep(0.001)
+    with pytest.raises(grpc.RpcError) as err:
+        late.result(timeout=0)
+    deadlines.close()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.3 <= failed_at[0] - t0 <= 0.3 + DEADLINE_GRAIN_S + 0.25, failed_at[0] - t0
+    assert calls > 400 and waits[0] <= 1.2 / DEADLINE_GRAIN_S + 5, (calls, waits[0])
