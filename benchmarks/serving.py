@@ -131,7 +131,7 @@ def default_transport() -> str:
     return Limits().transport
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", type=int, default=8)
@@ -148,14 +148,18 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--no-serve", action="store_true", help="leave out the served rows (a): no Ray needed")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
     if a.device == "cuda" and not a.no_serve:
         ap.error("--device cuda runs (b), (c) and (d) only: add --no-serve (the served app's GPU placement is "
                  "the deployment's, not this script's)")
     if a.no_serve and a.out == ap.get_default("out"):
         a.out = str(Path(a.out).with_name(f"serving-noserve-{a.device}.json"))
+    return a
 
+
+def main() -> None:
+    a = parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from elasticmoe import LLM
