@@ -4,13 +4,14 @@
 # Steps: the machine and versions; the Triton cases on the GPU (bf16, fp32) against the torch reference; FP8 and
 # staging on CUDA; the ahead-of-time compile check for this GPU's arch; the kernel benchmark, one JSON per model
 # (a step that runs out of time loses only its own model); the serving benchmark without Ray Serve (LLM.generate,
-# transformers and the gateway engine + 2 shard processes, all on the GPU; no Ray needed). Exit status: the
-# number of failed steps.
+# transformers and the gateway engine + 2 shard processes, all on the GPU; no Ray needed); with TUNE, tile tuning
+# and the benchmark again on the tuned tables. Exit status: the number of failed steps.
 set -u
 PY=${PY:-python3}
 OUT_DIR=${OUT_DIR:-benchmarks/results}
 MODELS=${MODELS-"mixtral-8x7b qwen3-30b-a3b deepseek-v3-ep8 deepseek-v3-e256"}
 SKIP=${SKIP:-}  # step names not to run, e.g. SKIP="triton-cases aot-check"
+TUNE=${TUNE:-}  # models to tune (tune_moe.py --quick) and benchmark again with the tuned table, e.g. TUNE=mixtral-8x7b
 BUDGET_S=${BUDGET_S:-100000}  # a step that could end past this many seconds is skipped (a leased GPU's time)
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -55,5 +56,10 @@ for m in $MODELS; do
 done
 step serving-noserve 240 "$PY" benchmarks/serving.py --no-serve --device cuda --hidden 1024 --intermediate 2048 \
     --out "$OUT_DIR/serving-noserve-cuda.json"
+for m in $TUNE; do
+    step "tune-$m" 420 "$PY" benchmarks/tune_moe.py --model "$m" --quick --out-dir "$OUT_DIR/moe_configs"
+    step "bench-tuned-$m" 120 env ELASTICMOE_MOE_CONFIG_DIR="$OUT_DIR/moe_configs" "$PY" benchmarks/kernels.py \
+        --models "$m" --out "$OUT_DIR/kernels-tuned-$m.json"
+done
 echo "gpu_check: $failed failed step(s)"
 exit "$failed"

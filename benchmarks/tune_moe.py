@@ -7,6 +7,7 @@ only the local experts' slots are kept). Timed with CUDA graphs, like benchmarks
 
 python benchmarks/tune_moe.py --model qwen3-30b-a3b            (bf16, tokens 1..4096)
 python benchmarks/tune_moe.py --shape 64 2048 1408 6 --quick   (E H I k: any other model, all experts local)
+python benchmarks/tune_moe.py --smoke --out-dir /tmp/t           (CPU plumbing check: Triton interpreter, 3 configs)
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from kernels import MODELS, TOKENS, make_case, reference  # noqa: E402  (benchmarks/kernels.py)
+from kernels import MODELS, SMOKE_MODELS, SMOKE_TOKENS, TOKENS, make_case, reference  # noqa: E402  (benchmarks/kernels.py)
 
 MAX_ACC_REGS = 128  # fp32 accumulator registers per thread (gate + up tiles in GEMM 1)
 
@@ -33,8 +36,10 @@ def parse_args() -> argparse.Namespace:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--model", choices=list(MODELS))
     group.add_argument("--shape", nargs=4, type=int, metavar=("E", "H", "I", "K"))
-    p.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    group.add_argument("--smoke", action="store_true", help="tiny shape on CPU under the Triton interpreter")
+    p.add_argument("--tokens", nargs="*", type=int, default=None, help=f"default {TOKENS} ({SMOKE_TOKENS} smoke)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default bfloat16 (float32 smoke: the interpreter's bf16 is wrong)")
     p.add_argument("--quick", action="store_true", help="smaller search space (minutes instead of ~an hour)")
     p.add_argument("--out-dir", default=None,
                    help="default: $ELASTICMOE_MOE_CONFIG_DIR or $ELASTICMOE_CACHE/moe_configs (searched first)")
@@ -65,10 +70,23 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda")) -> tuple[dict, float]:
-    """Fastest correct config for one token count -> (config, microseconds)."""
-    import triton.testing
+def _time_us(fn, device: torch.device) -> float:
+    """Median microseconds: CUDA-graph replay on a GPU; on CPU (smoke) the best of 2 plain runs."""
+    if device.type == "cuda":
+        import triton.testing
 
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 1e6 * best
+
+
+def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda"), limit: int | None = None
+                ) -> tuple[dict, float]:
+    """Fastest correct config for one token count (of the first `limit` candidates) -> (config, microseconds)."""
     from elasticmoe.kernels import tuning
     from elasticmoe.kernels.triton_moe import fused_moe_triton
 
@@ -76,14 +94,16 @@ def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda")) -> tup
     ref = reference(x, w13, w2, ids, weights)
     best, best_us = None, float("inf")
     rows = max(1.0, float((ids >= 0).sum()) / w13.shape[0])
-    for cfg in search_space(rows, w13.element_size(), quick, tuning.smem_limit(str(device))):
+    limit_smem = tuning.smem_limit(str(device))
+    fitted = [tuning.finalize(c, w2.shape[2], x.shape[1], w13.dtype, limit_smem)  # what get_config would run
+              for c in search_space(rows, w13.element_size(), quick, limit_smem)]
+    for cfg in [dict(c) for c in dict.fromkeys(tuple(f.items()) for f in fitted)][:limit]:
         try:
             out = fused_moe_triton(x, w13, w2, ids, weights, config=cfg).float()
             if (out - ref).abs().max() > 2e-2 * ref.abs().max():
                 print(f"  T={tokens} {cfg}: wrong result, skipped", flush=True)
                 continue
-            us = 1e3 * triton.testing.do_bench_cudagraph(
-                lambda: fused_moe_triton(x, w13, w2, ids, weights, config=cfg), rep=25, return_mode="median")
+            us = _time_us(lambda: fused_moe_triton(x, w13, w2, ids, weights, config=cfg), device)
         except Exception as exc:  # noqa: BLE001  out of shared memory / registers on this GPU
             print(f"  T={tokens} {cfg}: {type(exc).__name__}", flush=True)
             continue
@@ -96,19 +116,25 @@ def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda")) -> tup
 
 def main() -> None:
     args = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("tune_moe.py needs a CUDA GPU")
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    elif not torch.cuda.is_available():
+        sys.exit("tune_moe.py needs a CUDA GPU (or --smoke)")
     from elasticmoe.kernels import tuning
 
-    shape = tuple(MODELS[args.model] if args.model else (*args.shape, args.shape[0]))
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:
+        shape = SMOKE_MODELS["smoke"]
+    else:
+        shape = tuple(MODELS[args.model] if args.model else (*args.shape, args.shape[0]))
     _, hidden, inter, _, num_experts = shape  # the table is keyed by the experts held (E_local)
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype or ("float32" if args.smoke else "bfloat16"))
     table = {}
-    for tokens in args.tokens:
-        cfg, us = tune_tokens(shape, tokens, dtype, args.quick)
+    for tokens in args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS):
+        cfg, us = tune_tokens(shape, tokens, dtype, args.quick or args.smoke, device, 3 if args.smoke else None)
         table[str(tokens)] = cfg
         print(f"T={tokens:>5}: {us:9.1f} us  {cfg}", flush=True)
-    name = tuning.config_file_name(num_experts, inter, hidden, dtype, tuning.device_name(torch.device("cuda")))
+    name = tuning.config_file_name(num_experts, inter, hidden, dtype, tuning.device_name(device))
     out = Path(args.out_dir or tuning.user_config_dir()) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")

@@ -204,6 +204,33 @@ def test_benchmark_smoke_runs_every_stage(tmp_path):
     assert len(splits) == 2 and all(set(s) == {"align", "gate_up", "down", "topk_sum"} for s in splits), splits
 
 
+def test_tune_moe_smoke_writes_a_table_the_lookup_uses(tmp_path, monkeypatch):
+    """`benchmarks/tune_moe.py --smoke` (interpreter, 3 configs, 2 token counts) writes a table under the name
+    tuning looks for, and get_config then returns its configs: the tuning path works before a GPU lease."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", tuning.CONFIG_DIR_ENV)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tune_moe.py"), "--smoke", "--out-dir",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.iterdir()
+    table = json.loads(path.read_text())
+    assert set(table) == {"1", "16"} and all(set(c) == set(tuning.CONFIG_KEYS) for c in table.values()), table
+    for tokens, cfg in table.items():  # marks no default tile carries: the lookup must be reading this file
+        cfg.update(num_warps=2, num_stages=5 if tokens == "1" else 6)
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path))
+    tuning.clear_cache()
+    try:
+        for tokens in (1, 16):  # smoke shape: E=8 held, I=96, H=64, k=2
+            got = tuning.get_config(8, 96, 64, torch.float32, tokens, torch.device("cpu"), 2)
+            want = tuning.finalize(table[str(tokens)], 96, 64, torch.float32, tuning.smem_limit("cpu"), None)
+            assert got == want and got["num_warps"] == 2, (tokens, got, want)  # fitted to the shape, as every entry
+    finally:
+        tuning.clear_cache()
+
+
 def test_benchmark_routing_bytes_and_grouped_mm_baseline():
     bench = _bench_module()
     shape = (16, 32, 48, 2, 8)  # route over 16 experts, this shard holds 0..7
