@@ -86,8 +86,10 @@ class DirectCluster:
                              micro_batches=1 if device == "cpu" else 2)
 
     def run(self, prompt: str, conc: int, n: int) -> tuple[dict, float, list[float], list[float]]:
-        """run_queued on the gateway engine: (cores busy by role, wall s, TTFTs, TPOTs)."""
+        """run_queued on the gateway engine: (cores busy by role, wall s, TTFTs, TPOTs); the fan-out overheads
+        per (layer, step) of the run are in self.dispatcher.fanout_overhead_s afterwards."""
         pids = [p.pid for p in self.procs]
+        self.dispatcher.fanout_overhead_s.clear()
         shards0, gw0 = sum(process_cpu_seconds(p) for p in pids), time.process_time()
         wall, ttft, tpot = run_queued(self.engine, self.engine.tokenizer.encode, prompt, conc, n)
         cores = {"gateway": round((time.process_time() - gw0) / wall, 3),

@@ -65,7 +65,8 @@ def bench_direct(cluster: DirectCluster, conc: int, n: int) -> dict:
     """(d): the served design without Serve: the gateway's engine here, 2 shard processes, all requests at once."""
     cores, wall, ttft, tpot = cluster.run(PROMPT, conc, n)
     row = _row("direct: gateway engine + 2 shards (no Serve)", conc, conc * n, wall, ttft, tpot)
-    row["cores_busy"] = cores
+    over = list(cluster.dispatcher.fanout_overhead_s)  # gateway wait - shard compute, per (layer, step)
+    row.update(cores_busy=cores, fanout_p50_ms=_pct(over, 50), fanout_p99_ms=_pct(over, 99), fanout_samples=len(over))
     return row
 
 
@@ -221,6 +222,10 @@ def _report(a, rows: list[dict], fan: dict | None) -> None:
         if "served" in by:
             ratios = [("served", "transformers"), ("served", "LLM.generate"), *ratios[:1], ("served", "direct")]
         print(f"concurrency {c}: " + ", ".join(f"{x} / {y} = {by[x] / by[y]:.2f}x" for x, y in ratios))
+    for r in rows:
+        if "fanout_p50_ms" in r:
+            print(f"concurrency {r['concurrency']}, direct: fan-out overhead per (layer, step) p50 "
+                  f"{r['fanout_p50_ms']:.3f} ms, p99 {r['fanout_p99_ms']:.3f} ms over {r['fanout_samples']} samples")
     if fan is not None:
         p50, p99 = fan.get("fanout_overhead_p50_s"), fan.get("fanout_overhead_p99_s")
         print(f"fan-out overhead per (layer, step) = gateway wait - shard compute: p50 {p50 * 1e3:.3f} ms, "

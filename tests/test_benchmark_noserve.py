@@ -32,6 +32,8 @@ def test_serving_no_serve_runs_without_ray_or_pydantic(tmp_path):
     systems = {(r["system"].split(" ")[0].rstrip(":"), r["concurrency"]) for r in report["rows"]}
     assert systems == {(s, c) for s in ("LLM.generate", "transformers", "direct") for c in (1, 2)}, systems
     assert all(r["tok_s"] > 0 for r in report["rows"]) and report["fanout"] is None and report["gpu"] is None
+    direct = [r for r in report["rows"] if r["system"].startswith("direct")]
+    assert all(r["fanout_samples"] > 0 and 0 <= r["fanout_p50_ms"] <= r["fanout_p99_ms"] for r in direct), direct
     assert "direct / LLM.generate" in proc.stdout and "served" not in proc.stdout
     blocked = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
     assert "not installed here: ray" in blocked.stderr  # the blocker was in force
