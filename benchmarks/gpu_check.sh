@@ -13,13 +13,11 @@ MODELS=${MODELS-"mixtral-8x7b qwen3-30b-a3b deepseek-v3-ep8 deepseek-v3-e256"}
 SKIP=${SKIP:-}  # step names not to run, e.g. SKIP="triton-cases aot-check"
 TUNE=${TUNE:-}  # models to tune (tune_moe.py --quick) and benchmark again with the tuned table, e.g. TUNE=mixtral-8x7b
 BUDGET_S=${BUDGET_S:-100000}  # a step that could end past this many seconds is skipped (a leased GPU's time)
-mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET ELASTICMOE_MOE_BACKEND
 failed=0
 
 LOG="$OUT_DIR/gpu_check.log"
-: >"$LOG"
 step() {  # step NAME SECONDS COMMAND...: run, append its output to $LOG, count a failure
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
@@ -46,6 +44,7 @@ import triton
 print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__,
       "gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 EOF
+mkdir -p "$OUT_DIR" && : >"$LOG"
 ARCH=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
 step triton-cases 240 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_kernels_triton.py \
     -k "cuda or tensors_device or compile_for_sm90"
