@@ -81,21 +81,29 @@ def test_assign_failover_to_the_higher_numbered_copy():
 
 
 def test_hedge_delay_follows_the_median_round_trip_recomputed_every_few_calls():
-    """hedge_after_s: hedge_factor x the median of the recent round trips, at least hedge_min_s, 1 s before any; the
-    median is refreshed every HEDGE_MEDIAN_EVERY round trips (not sorted again at each check)."""
+    """hedge_after_s: hedge_factor x the median of the recent round trips, at least hedge_min_s, 1 s before any; each
+    of the first HEDGE_MEDIAN_EVERY round trips counts at once, later the median is refreshed every
+    HEDGE_MEDIAN_EVERY round trips (not sorted again at each check)."""
     from elasticmoe.gateway.dispatcher import HEDGE_MEDIAN_EVERY
 
     d = GrpcDispatcher(hedge_min_s=0.05, hedge_factor=4.0, insecure=True)
     try:
         assert d.hedge_after_s() == 1.0  # nothing measured yet
-        for _ in range(3):
+        d.note_latency(0.5)  # a cold first call
+        assert d.hedge_after_s() == pytest.approx(2.0)
+        for _ in range(2):
             d.note_latency(0.1)
-        assert d.hedge_after_s() == pytest.approx(0.4)  # the first round trips count at once
-        for _ in range(HEDGE_MEDIAN_EVERY - 1):
+        assert d.hedge_after_s() == pytest.approx(0.4)  # the first round trips each count at once
+        for _ in range(HEDGE_MEDIAN_EVERY - 3):
+            d.note_latency(0.1)
+        changes, last = [], d.hedge_after_s()
+        for n in range(3 * HEDGE_MEDIAN_EVERY):  # then fast ones, checked after each
             d.note_latency(0.001)
-        assert d.hedge_after_s() == pytest.approx(0.4)  # not yet refreshed
-        d.note_latency(0.001)
-        assert d.hedge_after_s() == 0.05  # median 1 ms: 4 ms, below the floor
+            if (now := d.hedge_after_s()) != last:
+                changes.append(n)
+                last = now
+        assert last == 0.05 and changes, changes  # median 1 ms: 4 ms, below the floor
+        assert all(b - a >= HEDGE_MEDIAN_EVERY for a, b in zip(changes, changes[1:])), changes  # refreshed in steps
         for _ in range(5 * HEDGE_MEDIAN_EVERY):
             d.note_latency(0.5)
         assert d.hedge_after_s() == pytest.approx(2.0)

@@ -124,9 +124,11 @@ class GrpcDispatcher:
     def hedge_after_s(self) -> float:
         """Seconds before a straggling call is hedged: hedge_factor x the median recent round trip. The median is
         recomputed after every HEDGE_MEDIAN_EVERY round trips, not at each of the engine's checks (sorting 256
-        floats each time took 2.6% of the served gateway's GIL time)."""
+        floats each time took 2.6% of the served gateway's GIL time); while fewer than that have been measured, at
+        each new one (a cold first call would otherwise set the delay for the next HEDGE_MEDIAN_EVERY)."""
         at, median = self._median
-        if self._latencies - at >= HEDGE_MEDIAN_EVERY or (median is None and self.latency_s):
+        fresh = self._latencies != at and self._latencies < HEDGE_MEDIAN_EVERY
+        if self._latencies - at >= HEDGE_MEDIAN_EVERY or fresh:
             lat = sorted(self.latency_s)
             median = lat[len(lat) // 2] if lat else None
             self._median = (self._latencies, median)
