@@ -60,6 +60,7 @@ class DirectCluster:
         from elasticmoe.gateway.dispatcher import GrpcDispatcher
         from elasticmoe.gateway.routing import RoutingTable
         from elasticmoe.model import open_model
+        from elasticmoe.model.pipeline import default_micro_batches
 
         files = open_model(model_dir)
         num_experts = files.spec.moe.num_experts
@@ -83,7 +84,7 @@ class DirectCluster:
             "version": 1, "layers": {layer: experts for layer in files.spec.moe.moe_layers},
             "shards": [{"id": f"shard-{s}", "address": f"127.0.0.1:{port}"} for s, port in enumerate(ports)]}))
         self.engine = Engine(files, self.dispatcher, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
-                             micro_batches=1 if device == "cpu" else 2)
+                             micro_batches=default_micro_batches(device))
 
     def run(self, prompt: str, conc: int, n: int) -> tuple[dict, float, list[float], list[float]]:
         """run_queued on the gateway engine: (cores busy by role, wall s, TTFTs, TPOTs); the fan-out overheads

@@ -203,7 +203,8 @@ def main() -> None:
 
 
 def _report(a, rows: list[dict], fan: dict | None) -> None:
-    where = f"CPU ({os.cpu_count()} vCPUs)" if a.device == "cpu" else f"{torch.cuda.get_device_name(0)}"
+    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" else None
+    where = gpu or f"CPU ({os.cpu_count()} vCPUs)"
     print(f"\nmodel: mixtral-like {a.layers} layers x {a.experts} experts, hidden {a.hidden}, I {a.intermediate}, "
           f"{a.dtype} on {where}, {a.tokens} output tokens per request, greedy")
     print(f"{'system':<46}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  (ms)")
@@ -218,9 +219,10 @@ def _report(a, rows: list[dict], fan: dict | None) -> None:
                   f"{os.cpu_count()} ({busy})")
     for c in sorted({r["concurrency"] for r in rows}):
         by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}
-        ratios = [("direct", "LLM.generate"), ("LLM.generate", "transformers")]
-        if "served" in by:
-            ratios = [("served", "transformers"), ("served", "LLM.generate"), *ratios[:1], ("served", "direct")]
+        ratios = [("served", "transformers"), ("served", "LLM.generate"), ("direct", "LLM.generate"),
+                  ("served", "direct")]
+        if "served" not in by:
+            ratios = [("direct", "LLM.generate"), ("LLM.generate", "transformers")]
         print(f"concurrency {c}: " + ", ".join(f"{x} / {y} = {by[x] / by[y]:.2f}x" for x, y in ratios))
     for r in rows:
         if "fanout_p50_ms" in r:
@@ -231,7 +233,6 @@ def _report(a, rows: list[dict], fan: dict | None) -> None:
         print(f"fan-out overhead per (layer, step) = gateway wait - shard compute: p50 {p50 * 1e3:.3f} ms, "
               f"p99 {p99 * 1e3:.3f} ms over {fan.get('fanout_samples')} samples")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" else None
     Path(a.out).write_text(json.dumps({"cpu": cpu_model(), "cpus": os.cpu_count(), "gpu": gpu, "args": vars(a),
                                        "rows": rows, "fanout": fan}, indent=2))
     print(f"wrote {a.out}")

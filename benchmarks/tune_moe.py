@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from kernels import MODELS, SMOKE_MODELS, SMOKE_TOKENS, TOKENS, make_case, reference  # noqa: E402  (benchmarks/kernels.py)
+# benchmarks/kernels.py
+from kernels import MODELS, SMOKE_MODELS, SMOKE_TOKENS, TOKENS, make_case, reference  # noqa: E402
 
 MAX_ACC_REGS = 128  # fp32 accumulator registers per thread (gate + up tiles in GEMM 1)
 
@@ -95,9 +96,9 @@ def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda"), limit:
     best, best_us = None, float("inf")
     rows = max(1.0, float((ids >= 0).sum()) / w13.shape[0])
     limit_smem = tuning.smem_limit(str(device))
-    fitted = [tuning.finalize(c, w2.shape[2], x.shape[1], w13.dtype, limit_smem)  # what get_config would run
-              for c in search_space(rows, w13.element_size(), quick, limit_smem)]
-    for cfg in [dict(c) for c in dict.fromkeys(tuple(f.items()) for f in fitted)][:limit]:
+    fitted = tuning.distinct(tuning.finalize(c, w2.shape[2], x.shape[1], w13.dtype, limit_smem)  # as get_config runs
+                             for c in search_space(rows, w13.element_size(), quick, limit_smem))
+    for cfg in fitted[:limit]:
         try:
             out = fused_moe_triton(x, w13, w2, ids, weights, config=cfg).float()
             if (out - ref).abs().max() > 2e-2 * ref.abs().max():

@@ -13,7 +13,7 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.config import Limits
 from elasticmoe.model.attention import KVCache
 from elasticmoe.model.batch import build_batch
-from elasticmoe.model.pipeline import micro_batch_count, ping_pong, split_even
+from elasticmoe.model.pipeline import default_micro_batches, micro_batch_count, ping_pong, split_even
 from tests.test_families import make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
@@ -194,6 +194,7 @@ def test_split_even_cuts_near_equal_tokens_at_sequence_boundaries():
 
 def test_micro_batch_count_and_limit():
     assert [micro_batch_count(t, s, 2, 8) for t, s in [(7, 4), (8, 2), (64, 1), (64, 16)]] == [1, 2, 1, 2]
+    assert [default_micro_batches(d) for d in ("cpu", "cuda", "cuda:1")] == [1, 2, 2]
     assert [micro_batch_count(t, s, 3, 8) for t, s in [(8, 4), (12, 4), (12, 2)]] == [2, 3, 2]
     assert Limits().micro_batches is None and Limits(micro_batches=3).micro_batches == 3  # None: by device
     for bad in (0, 9):

@@ -32,6 +32,7 @@ class GatewayCore:
         from elasticmoe.engine.engine import Engine
         from elasticmoe.metrics import GatewayMetrics
         from elasticmoe.model import open_model
+        from elasticmoe.model.pipeline import default_micro_batches
         from elasticmoe.rpc.codec import tune_malloc
 
         self.args = AppArgs.model_validate(args)
@@ -51,7 +52,7 @@ class GatewayCore:
         engine = Engine(files, self.dispatcher, dtype=self.args.dtype, device=self.args.device,
                         max_num_seqs=lim.max_num_seqs, max_model_len=lim.max_model_len,
                         max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue,
-                        micro_batches=lim.micro_batches or (2 if self.args.device.startswith("cuda") else 1))
+                        micro_batches=lim.micro_batches or default_micro_batches(self.args.device))
         self.tokenizer = engine.tokenizer
         spec = files.spec
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, spec.moe.num_experts,

@@ -183,8 +183,12 @@ def candidate_configs(num_experts: int, inter: int, hidden: int, dtype: torch.dt
     """Every distinct config get_config can return for this shape (what a warm-up must compile)."""
     table, _ = _table_for(num_experts, inter, hidden, dtype, str(device))
     raw = table.values() if table else [cfg for _, cfg in DEFAULT_TILES]
-    done = [finalize(cfg, inter, hidden, dtype, smem_limit(str(device)), quant) for cfg in raw]
-    return [dict(items) for items in dict.fromkeys(tuple(c.items()) for c in done)]
+    return distinct([finalize(cfg, inter, hidden, dtype, smem_limit(str(device)), quant) for cfg in raw])
+
+
+def distinct(configs) -> list[dict]:
+    """The configs without repeats, first occurrences in order."""
+    return [dict(items) for items in dict.fromkeys(tuple(c.items()) for c in configs)]
 
 
 @functools.lru_cache(maxsize=None)

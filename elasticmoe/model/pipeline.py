@@ -24,6 +24,12 @@ def ping_pong(num_layers: int, micro_batches: int) -> Iterator[Stage]:
         yield "post", num_layers - 1, mb
 
 
+def default_micro_batches(device: str) -> int:
+    """limits.micro_batches when unset: 2 on CUDA (ping-pong hides the experts' latency), 1 on CPU (each extra
+    micro-batch streams the dense weights again, which costs more than it hides at decode sizes)."""
+    return 2 if device.startswith("cuda") else 1
+
+
 def micro_batch_count(tokens: int, seqs: int, limit: int, min_tokens: int) -> int:
     """Micro-batches for a step of `tokens` tokens from `seqs` sequences: up to `limit`, at most one per
     sequence, and `min_tokens / 2` tokens or more each (`min_tokens`: the smallest step worth two)."""
