@@ -70,15 +70,22 @@ def bench_direct(cluster: DirectCluster, conc: int, n: int) -> dict:
     return row
 
 
-def bench_served(conc: int, n: int, rounds: int) -> dict:
-    """(a): `conc` client threads, each streaming `rounds` requests through Serve's gRPC proxy."""
+INGRESS = {"proxy": ("127.0.0.1:9000", "served: gateway + 2 shards (Serve's gRPC proxy)"),
+           "port": ("127.0.0.1:9100", "served-port: gateway + 2 shards (direct_grpc port)")}
+
+
+def bench_served(conc: int, n: int, rounds: int, ingress: str = "proxy") -> dict:
+    """(a): `conc` client threads, each streaming `rounds` requests through Serve's gRPC proxy (or, with
+    ingress="port", to the gateway replica's own `direct_grpc` port)."""
     from elasticmoe.client import GenerationClient
+
+    address, system = INGRESS[ingress]
 
     ttft, tpot, total = [], [], [0]
     lock = threading.Lock()
 
     def client(i: int):
-        c = GenerationClient("127.0.0.1:9000", app="bench")
+        c = GenerationClient(address, app="bench")
         for r in range(rounds):
             t0 = time.perf_counter()
             stamps = []
@@ -96,7 +103,7 @@ def bench_served(conc: int, n: int, rounds: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    row = _row("served: gateway + 2 shards (gRPC)", conc, total[0], wall, ttft, tpot)
+    row = _row(system, conc, total[0], wall, ttft, tpot)
     row["cores_busy"] = cores_used(cpu0, cpu_seconds_by_role(os.getpid()), wall)  # by role, during the run
     return row
 
@@ -111,6 +118,7 @@ def deploy(model_dir: Path, shards: int, transport: str | None = None, micro_bat
                "elasticmoe.rpc.serve_proxy.add_generation_servicer"]},
            "applications": [{"name": "bench", "route_prefix": "/bench", "import_path": "elasticmoe.app:build_app",
                              "args": {"model": str(model_dir), "num_shards": shards,
+                                      "direct_grpc": {"port": int(INGRESS["port"][0].rsplit(":", 1)[1])},
                                       "gateway_resources": {"num_cpus": 1}, "shard_resources": {"num_cpus": 1},
                                       "limits": {"max_num_seqs": 32, "max_model_len": 512, "max_queue": 256,
                                                  **({"transport": transport} if transport else {}),
@@ -149,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--no-serve", action="store_true", help="leave out the served rows (a): no Ray needed")
+    ap.add_argument("--ingress", default="proxy,port", help="served rows through Serve's gRPC proxy (proxy), the "
+                    "gateway's direct_grpc port (port), or both, alternating")
     a = ap.parse_args(argv)
     a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
     if a.device == "cuda" and not a.no_serve:
@@ -189,9 +199,11 @@ def main() -> None:
         return
     deploy(model_dir, 2, a.transport, a.micro_batches)
     try:
-        bench_served(2, 4, 1)  # warm-up
+        ingresses = a.ingress.split(",")
+        for ing in ingresses:
+            bench_served(2, 4, 1, ing)  # warm-up
         for c in concs:
-            rows.append(bench_served(c, a.tokens, a.rounds))
+            rows += [bench_served(c, a.tokens, a.rounds, ing) for ing in ingresses]
         import ray
         from ray import serve
 
@@ -219,10 +231,9 @@ def _report(a, rows: list[dict], fan: dict | None) -> None:
                   f"{os.cpu_count()} ({busy})")
     for c in sorted({r["concurrency"] for r in rows}):
         by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}
-        ratios = [("served", "transformers"), ("served", "LLM.generate"), ("direct", "LLM.generate"),
-                  ("served", "direct")]
-        if "served" not in by:
-            ratios = [("direct", "LLM.generate"), ("LLM.generate", "transformers")]
+        ratios = [("served", "transformers"), ("served", "LLM.generate"), ("served-port", "LLM.generate"),
+                  ("direct", "LLM.generate"), ("served", "direct"), ("served-port", "direct"), ("LLM.generate", "transformers")]
+        ratios = [(x, y) for x, y in ratios if x in by and y in by]
         print(f"concurrency {c}: " + ", ".join(f"{x} / {y} = {by[x] / by[y]:.2f}x" for x, y in ratios))
     for r in rows:
         if "fanout_p50_ms" in r:

@@ -6,9 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from elasticmoe.config import AppArgs, default_served_name
-
-GATEWAY_DRAIN_S = 600  # the request timeout of the GPU Serve configs and the chart's production values
+from elasticmoe.config import GATEWAY_DRAIN_S, AppArgs, default_served_name
 
 
 def _options(res) -> dict[str, Any]:

@@ -68,6 +68,20 @@ class Autoscaling(_Strict):
         return self
 
 
+GATEWAY_DRAIN_S = 600  # a stopping gateway's drain: the request timeout of the GPU Serve configs and the chart
+
+
+class DirectGrpc(_Strict):
+    """A gRPC port on each gateway replica serving the Generation API without Serve's proxy (`direct_grpc`)."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on (0.0.0.0 to reach it from "
+                      "other machines; the API keys apply, the port has no TLS: keep it on a private network)")
+    port: int = Field(..., ge=1, le=65535, description="the port; gateway replicas on one node share it "
+                      "(SO_REUSEPORT)")
+    drain_s: float = Field(GATEWAY_DRAIN_S, ge=0, le=GATEWAY_DRAIN_S, description="when Serve stops a replica, how "
+                           "long its direct calls in flight may still run (within the gateway's own drain)")
+
+
 class AppArgs(_Strict):
     """Args of `elasticmoe.app:build_app` (the `args:` of a Serve config)."""
 
@@ -95,6 +109,8 @@ class AppArgs(_Strict):
                                 "keep them out of the Serve config")
     api_keys_file: str | None = Field(None, min_length=1, description="a file of keys, one a line (a mounted "
                                       "Secret; re-read when it changes)")
+    direct_grpc: DirectGrpc | None = Field(None, description="also serve the gRPC API on each gateway replica's "
+                                           "own port, bypassing Serve's proxy (lower latency, fewer cores)")
 
     @field_validator("api_keys")
     @classmethod

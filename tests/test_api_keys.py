@@ -4,8 +4,6 @@ the request carries a configured key; /health stays open; no checkpoint path and
 
 from __future__ import annotations
 
-import asyncio
-import threading
 
 import grpc
 import pytest
@@ -15,7 +13,8 @@ from fastapi.testclient import TestClient
 from elasticmoe.config import AppArgs, default_served_name, served_name
 from elasticmoe.engine.engine import Engine
 from elasticmoe.gateway.auth import ENV_KEYS, ENV_KEYS_FILE, ApiKeys, Unauthenticated
-from elasticmoe.gateway.deployment import Gateway
+from elasticmoe.gateway.direct_ingress import DirectIngress
+from elasticmoe.gateway.generation_service import GenerationService
 from elasticmoe.metrics import GatewayMetrics
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.runner import EngineRunner
@@ -26,7 +25,6 @@ from elasticmoe.rpc import generation_pb2 as gen
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
 
 KEY, OTHER = "sk-test-0123456789abcdef", "sk-test-rotated-fedcba9876543210"
-GatewayImpl = Gateway.func_or_class  # the class itself, outside Serve
 
 
 class Core:
@@ -152,39 +150,12 @@ def test_openai_client_sends_the_key(core):
         bad.models.list()
 
 
-# ----- gRPC: the Gateway's own handlers on a real grpc.aio server
-class Servicer(gen_grpc.GenerationServicer):
-    def __init__(self, gateway):
-        self.gateway = gateway
-
-    async def Generate(self, request, context):
-        return await self.gateway.Generate(request, context)
-
-    async def GenerateStream(self, request, context):
-        async for r in self.gateway.GenerateStream(request, context):
-            yield r
-
-
+# ----- gRPC: the gateway's own handlers behind its direct port (a real grpc.aio server, no Serve replica)
 @pytest.fixture(scope="module")
 def grpc_address(core):
-    # The Gateway deployment's own handler methods, on an object holding the test core (no Serve replica).
-    host = type("GatewayHost", (), {m: getattr(GatewayImpl, m) for m in ("_start", "Generate", "GenerateStream")})
-    gateway = host()
-    gateway.core = core
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    async def start():
-        server = grpc.aio.server()
-        gen_grpc.add_GenerationServicer_to_server(Servicer(gateway), server)
-        port = server.add_insecure_port("127.0.0.1:0")  # the user-facing side: Serve's proxy in production
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    yield f"127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
+    ingress = DirectIngress(GenerationService(core), "127.0.0.1", 0, max_rpcs=16)
+    yield ingress.address
+    ingress.stop(0)
 
 
 def _request() -> gen.GenerateRequest:

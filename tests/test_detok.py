@@ -196,7 +196,7 @@ def test_engine_streamed_equals_unary_with_stop_strings(llm):
 def test_grpc_stream_joined_equals_unary_generate(llm):
     """The gateway's own gRPC handlers (no Serve, no server): GenerateStream's text deltas joined equal Generate's
     text and LLM.generate's, with stop strings, for outputs full of partial UTF-8."""
-    from elasticmoe.gateway.deployment import Gateway
+    from elasticmoe.gateway.generation_service import GenerationService
     from elasticmoe.metrics import GatewayMetrics
     from elasticmoe.rpc import generation_pb2 as gen
 
@@ -210,14 +210,13 @@ def test_grpc_stream_joined_equals_unary_generate(llm):
     core.runner, core.tokenizer = EngineRunner(llm.engine), llm.tokenizer
     core.metrics = GatewayMetrics("off", spec.num_layers, spec.moe.num_experts, spec.moe.moe_layers, use_ray=False)
     core.wait_ready = lambda: asyncio.sleep(0)
-    host = type("Host", (), {m: getattr(Gateway.func_or_class, m) for m in ("_start", "Generate", "GenerateStream")})()
-    host.core = core
+    service = GenerationService(core)
 
     async def both(p: SamplingParams) -> tuple[str, str]:
         req = gen.GenerateRequest(prompt_token_ids=ids, sampling=gen.SamplingParams(
             max_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed, ignore_eos=True, stop=list(p.stop)))
-        whole = (await host.Generate(req)).text
-        return whole, "".join([r.text async for r in host.GenerateStream(req)])
+        whole = (await service.generate(req)).text
+        return whole, "".join([r.text async for r in service.generate_stream(req)])
 
     try:
         got = [asyncio.run(both(p)) for p in params]

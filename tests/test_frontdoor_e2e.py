@@ -1,6 +1,7 @@
-"""End to end, the front door of a served cluster (real `ray start`, `serve deploy`, gRPC :9000, HTTP :8000):
-poison inputs end alone, cancelled admissions free their place, a full gateway answers at once, and fuzzed
-gRPC requests, protobuf bytes and OpenAI bodies never hurt greedy neighbours, whose tokens stay exact."""
+"""End to end, the front door of a served cluster (real `ray start`, `serve deploy`, gRPC :9000, HTTP :8000, the
+gateway's own port :9100): poison inputs end alone, cancelled admissions free their place, a full gateway answers
+at once, fuzzed gRPC requests, protobuf bytes and OpenAI bodies never hurt greedy neighbours, whose tokens stay
+exact, and the direct port answers like the proxy and drains its streams when Serve replaces the gateway."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.client import GenerationClient, make_request
+from elasticmoe.local_cluster import serve_status
 from elasticmoe.rpc import generation_pb2 as gen
 from tests.fuzz_util import FUZZ, Neighbours, generate_requests, openai_bodies, raw_request_bytes
 from tests.serving_util import GRPC, app_entry, deploy, handle
@@ -25,16 +27,20 @@ from tests.serving_util import GRPC, app_entry, deploy, handle
 pytestmark = pytest.mark.e2e
 APP = "fd"
 HTTP = f"http://127.0.0.1:8000/{APP}/v1"
+DIRECT = "127.0.0.1:9100"  # direct_grpc: the gateway replica's own port
 PROMPTS = ["The expert said", "Once upon a time in a land far away", "Mixture", "A B C D"]
 GREEDY = dict(max_tokens=16, temperature=0.0, ignore_eos=True)
 E2E = settings(FUZZ, max_examples=int(os.environ.get("ELASTICMOE_FUZZ_E2E_EXAMPLES", "150")))
 
 
+def _app(model, **kw) -> dict:
+    limits = {"max_num_seqs": 8, "max_queue": 8, "max_model_len": 2048}
+    return {**app_entry(APP, model, 2, limits=limits, direct_grpc={"port": int(DIRECT.rsplit(":", 1)[1])}), **kw}
+
+
 @pytest.fixture(scope="module")
 def gateway(ray_cluster, tiny_models, tmp_path_factory):
-    limits = {"max_num_seqs": 8, "max_queue": 8, "max_model_len": 128}
-    deploy(ray_cluster, [app_entry(APP, tiny_models["mixtral"], 2, limits=limits)],
-           tmp_path_factory.mktemp("fd") / "fd.yaml")
+    deploy(ray_cluster, [_app(tiny_models["mixtral"])], tmp_path_factory.mktemp("fd") / "fd.yaml")
     return handle("Gateway", APP)
 
 
@@ -44,8 +50,8 @@ def reference(tiny_models) -> dict[str, list[int]]:
     return {p: llm.generate([p], SamplingParams(**GREEDY))[0].token_ids for p in PROMPTS}
 
 
-def _greedy(prompt: str) -> list[int]:
-    return list(GenerationClient(GRPC, app=APP, timeout_s=120).generate(prompt, **GREEDY).token_ids)
+def _greedy(prompt: str, address: str = GRPC) -> list[int]:
+    return list(GenerationClient(address, app=APP, timeout_s=120).generate(prompt, **GREEDY).token_ids)
 
 
 def _post(path: str, body: bytes, timeout: float = 60) -> tuple[int, bytes, dict]:
@@ -196,3 +202,67 @@ def test_fuzzed_traffic_never_hurts_neighbours(gateway, reference):
     st = _idle(gateway)
     assert rss0 and st["rss_bytes"] < rss0 * 1.25, (rss0, st["rss_bytes"])  # bounded: no per-request leak
     assert _greedy(PROMPTS[0]) == reference[PROMPTS[0]]
+
+
+def test_the_direct_port_answers_like_the_proxy_beside_it(gateway, reference):
+    """Greedy requests through Serve's proxy and through the gateway's own port at the same time are all exact; a
+    poison request on the port is refused naming its field; the port's streamed text joined is its unary text."""
+    with ThreadPoolExecutor(8) as pool:
+        proxied = [pool.submit(_greedy, p) for p in PROMPTS]
+        direct = [pool.submit(_greedy, p, DIRECT) for p in PROMPTS]
+        with pytest.raises(grpc.RpcError) as e:
+            GenerationClient(DIRECT).generate("poison", max_tokens=8, temperature=1e-45)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in e.value.details()
+        want = [reference[p] for p in PROMPTS]
+        assert [f.result() for f in proxied] == want and [f.result() for f in direct] == want
+    client = GenerationClient(DIRECT, timeout_s=120)
+    chunks = list(client.stream(PROMPTS[1], **GREEDY))
+    assert "".join(c.text for c in chunks) == client.generate(PROMPTS[1], **GREEDY).text and len(chunks) > 1
+    _idle(gateway)
+
+
+def _replica(app: str, deployment: str, pid: int) -> tuple[dict | None, float | None]:
+    """The dashboard's details of the replica of `deployment` with this pid (None once it is gone), and the
+    deployment's graceful_shutdown_wait_loop_s (how long Serve waits before it checks for requests to drain)."""
+    dep = ((((serve_status().get("applications") or {}).get(app) or {}).get("deployments") or {}).get(deployment)
+           or {})
+    replica = next((r for r in dep.get("replicas") or [] if r.get("pid") == pid), None)
+    return replica, (dep.get("deployment_config") or {}).get("graceful_shutdown_wait_loop_s")
+
+
+def test_zz_the_direct_port_drains_a_stream_when_serve_replaces_the_gateway(gateway, reference, ray_cluster,
+                                                                           tiny_models, tmp_path):
+    """Last in this module (it replaces the gateway). A long stream on the direct port is running when a redeploy
+    replaces the gateway replica (a new `ray_actor_options`: the shards stay). Serve marks the old replica
+    STOPPING, waits its drain loop for its own requests (none), then calls __del__, which lets the stream finish:
+    every token arrives, exact, well after the point where the replica would otherwise have been killed; the new
+    replica serves the same port."""
+    n = 1200
+    want = LLM(str(tiny_models["mixtral"])).generate([PROMPTS[1]], SamplingParams(**{**GREEDY, "max_tokens": n}))
+    old_pid = gateway.stats.remote().result()["pid"]
+    stream = GenerationClient(DIRECT, timeout_s=600).stream(PROMPTS[1], **{**GREEDY, "max_tokens": n})
+    got, stamps = list(next(stream).token_ids), []
+
+    def read() -> None:
+        for c in stream:
+            got.extend(c.token_ids)
+            stamps.append(time.monotonic())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    update = _app(tiny_models["mixtral"], deployments=[{"name": "Gateway", "ray_actor_options": {"num_cpus": 0.45}}])
+    redeploy = threading.Thread(target=deploy, args=(ray_cluster, [update], tmp_path / "fd2.yaml"))
+    redeploy.start()
+    stopping_at, wait_loop_s = None, None
+    while reader.is_alive():
+        r, loop_s = _replica(APP, "Gateway", old_pid)
+        if stopping_at is None and r is not None and r.get("state") == "STOPPING":
+            stopping_at, wait_loop_s = time.monotonic(), loop_s
+        time.sleep(0.05)
+    reader.join()
+    redeploy.join(timeout=600)
+    assert got == want[0].token_ids, (len(got), n)
+    assert stopping_at is not None, "the old gateway was never seen STOPPING while the stream ran"
+    after = stamps[-1] - stopping_at  # without the drain, the stream breaks about wait_loop_s after STOPPING
+    assert after > wait_loop_s + 3, f"the stream ended {after:.1f} s after the stop began: it did not need the drain"
+    assert gateway.stats.remote().result()["pid"] != old_pid and _greedy(PROMPTS[0], DIRECT) == reference[PROMPTS[0]]

@@ -25,6 +25,7 @@ from tests.serving_util import GRPC, app_entry, deploy, handle
 
 pytestmark = pytest.mark.e2e
 APP, KEY = "sec", "sk-e2e-0123456789abcdef0123"
+DIRECT_PORT = 9100  # direct_grpc: the gateway replica's own gRPC port
 HTTP = f"http://127.0.0.1:8000/{APP}"
 RAY_MARKERS = ("gcs_server", "raylet", "ray::", "ray/dashboard", "ray/_private", "default_worker.py", "ray/autoscaler")
 
@@ -102,7 +103,7 @@ def _serve_wildcard(cmd: str, port: int) -> bool:
 # ----- the cluster
 @pytest.fixture(scope="module")
 def secured(ray_cluster, tiny_models, tmp_path_factory):
-    entry = app_entry(APP, tiny_models["mixtral"], 2, api_keys=[KEY])
+    entry = app_entry(APP, tiny_models["mixtral"], 2, api_keys=[KEY], direct_grpc={"port": DIRECT_PORT})
     deploy(ray_cluster, [entry], tmp_path_factory.mktemp("sec") / "serve.yaml")
     status = handle("Controller", APP).status.remote().result(timeout_s=60)
     return [s["address"] for s in status["shards"]]
@@ -122,8 +123,9 @@ def test_every_listener_is_loopback_or_serves_own(secured):
     exposed = [(pid, cmd[:120], addr, port) for pid, cmd, addr, port in found
                if not _loopback(addr) and not _serve_wildcard(cmd, port)]
     assert exposed == [], "listening beyond 127.0.0.1:\n" + "\n".join(map(str, exposed))
-    for pid, cmd, addr, port in found:  # the HTTP proxy and the dashboard (Jobs API) never on a wildcard
-        if port in (8000, 8265, 6379):
+    assert DIRECT_PORT in ports, sorted(bound)  # the gateway's own port (direct_grpc; gRPC binds ::ffff:127.0.0.1)
+    for pid, cmd, addr, port in found:  # HTTP proxy, dashboard (Jobs API), direct port: never on a wildcard
+        if port in (8000, 8265, 6379, DIRECT_PORT):
             assert _loopback(addr), (pid, cmd[:120], addr, port)
 
 
@@ -200,9 +202,10 @@ def test_http_needs_the_key(secured, tiny_models):
     assert str(tiny_models["mixtral"]) not in json.dumps(out)
 
 
-def test_grpc_needs_the_key(secured):
+@pytest.mark.parametrize("address", [GRPC, f"127.0.0.1:{DIRECT_PORT}"], ids=["serve-proxy", "direct-port"])
+def test_grpc_needs_the_key(secured, address):
     for key in ("", "sk-wrong-wrong-wrong-wrong"):
-        client = GenerationClient(GRPC, app=APP, api_key=key)
+        client = GenerationClient(address, app=APP, api_key=key)
         try:
             with pytest.raises(grpc.RpcError) as e:
                 client.generate("Hello", max_tokens=2, temperature=0)
@@ -212,7 +215,7 @@ def test_grpc_needs_the_key(secured):
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         finally:
             client.close()
-    client = GenerationClient(GRPC, app=APP, api_key=KEY)
+    client = GenerationClient(address, app=APP, api_key=KEY)
     try:
         assert client.generate("Hello", max_tokens=2, temperature=0).usage.completion_tokens == 2
     finally:

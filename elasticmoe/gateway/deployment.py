@@ -10,7 +10,6 @@ import time
 from collections import deque
 from typing import AsyncIterator
 
-import grpc
 import torch
 from ray import serve
 
@@ -18,7 +17,8 @@ from elasticmoe.config import AppArgs
 from elasticmoe.engine.validation import RequestLimits
 from elasticmoe.gateway.auth import ApiKeys
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
-from elasticmoe.gateway.grpc_api import parse_request, response, status_of
+from elasticmoe.gateway.direct_ingress import DirectIngress
+from elasticmoe.gateway.generation_service import GenerationService
 from elasticmoe.gateway.runner import EngineRunner
 
 log = logging.getLogger("elasticmoe.gateway")
@@ -134,51 +134,6 @@ class GatewayCore:
             raise RuntimeError("engine wedged: no step for 120 s")
 
 
-def _fail(metrics, ctx, e: BaseException) -> None:
-    """Count a failed gRPC request and set its status (a cancelled call is left to Serve: CANCELLED)."""
-    if isinstance(e, asyncio.CancelledError) or not isinstance(e, Exception):
-        return
-    code, details, status = status_of(e)
-    metrics.request("grpc", status)
-    metrics.error(code.name)
-    if ctx is not None:
-        ctx.set_code(code)
-        ctx.set_details(details)
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            ctx.set_trailing_metadata([("retry-after", "1")])
-
-
-class _Timed:
-    """Wraps a request's update stream: records TPOT and end-to-end latency when it finishes."""
-
-    def __init__(self, stream, first, t0: float, metrics):
-        self.stream, self.t0, self.m = stream, t0, metrics
-        self.first_at, self.n, self.done = time.monotonic(), len(first.token_ids), first.finished
-        if self.done:
-            self._finish()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        u = await self.stream.__anext__()
-        self.n += len(u.token_ids)
-        if u.finished and not self.done:
-            self.done = True
-            self._finish()
-        return u
-
-    def _finish(self) -> None:
-        now = time.monotonic()
-        if self.n > 1:
-            self.m.tpot((now - self.first_at) / (self.n - 1))
-        self.m.e2e(now - self.t0)
-        self.m.request("grpc", "ok")
-
-    async def aclose(self):
-        await self.stream.aclose()
-
-
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress()
 class Gateway:
@@ -187,6 +142,10 @@ class Gateway:
     def __init__(self, args: dict, controller, shards=None):
         self.core = GatewayCore(args, controller)
         self.core.runner.engine.set_limits(RequestLimits.of(self.core.args.limits))
+        self.service = GenerationService(self.core)
+        self.direct = None
+        if (d := self.core.args.direct_grpc) is not None:
+            self.direct = DirectIngress(self.service, d.host, d.port, max_rpcs=self.core.runner.capacity + 64)
 
     def __serve_build_asgi_app__(self):
         """Serve builds the HTTP app after __init__, once per replica: the OpenAI routes over this core."""
@@ -194,57 +153,12 @@ class Gateway:
 
         return build_openai_app(self.core)
 
-    async def _start(self, request, grpc_context):
-        """Validate and admit (never waiting for an engine step), then wait for the first update.
-
-        Errors set the gRPC status (see grpc_api.status_of) and raise; a call cancelled or failed at any point
-        aborts its request, so its slot is freed. The API key is checked first (calls through a deployment handle,
-        which carry no gRPC context, come from inside the Ray cluster and are not checked).
-        """
-        m, stream = self.core.metrics, None
-        try:
-            if grpc_context is not None:
-                self.core.api_keys.check_grpc(grpc_context)
-            rid, ids, params = parse_request(request, self.core.tokenizer, self.core.runner.engine.validator)
-            await self.core.wait_ready()
-            t0 = time.monotonic()
-            stream = self.core.runner.generate(rid, ids, params)
-            first = await stream.__anext__()
-            m.ttft(time.monotonic() - t0)
-            return rid, _Timed(stream, first, t0, m), first
-        except BaseException as e:
-            if stream is not None:
-                await stream.aclose()
-            _fail(m, grpc_context, e)
-            raise
-
     async def Generate(self, request, grpc_context=None):
-        rid, stream, u = await self._start(request, grpc_context)
-        tokens, lps = list(u.token_ids), list(u.logprobs)
-        try:
-            async for u in stream:
-                tokens += u.token_ids
-                lps += u.logprobs
-        except BaseException as e:
-            _fail(self.core.metrics, grpc_context, e)
-            raise
-        finally:
-            await stream.aclose()
-        return response(rid, u, u.text, tokens, lps)
+        return await self.service.generate(request, grpc_context)
 
     async def GenerateStream(self, request, grpc_context=None) -> AsyncIterator:
-        rid, stream, u = await self._start(request, grpc_context)
-        try:
-            while True:  # u.delta: text that can no longer change (the engine's detokenizer), joined = unary text
-                yield response(rid, u, u.delta, u.token_ids, u.logprobs)
-                if u.finished:
-                    return
-                u = await stream.__anext__()
-        except BaseException as e:
-            _fail(self.core.metrics, grpc_context, e)
-            raise
-        finally:
-            await stream.aclose()
+        async for r in self.service.generate_stream(request, grpc_context):
+            yield r
 
     async def step_times(self, since: float = 0.0) -> list[tuple[float, float]]:
         """(wall time, seconds) of every engine step after `since` (for stall measurements)."""
@@ -256,3 +170,9 @@ class Gateway:
 
     def check_health(self) -> None:
         self.core.healthy()
+
+    def __del__(self):
+        """Serve stops this replica (after its own requests drained): the direct port's calls get drain_s."""
+        if getattr(self, "direct", None) is not None:
+            self.direct.stop(self.core.args.direct_grpc.drain_s)
+            self.direct = None

@@ -1,0 +1,132 @@
+"""The Generation API's handlers over a GatewayCore: one implementation for Serve's proxy and the direct port."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from elasticmoe.gateway.grpc_api import parse_request, response, status_of
+from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
+
+
+def fail(metrics, ctx, e: BaseException) -> None:
+    """Count a failed gRPC request and set its status (a cancelled call is left to gRPC: CANCELLED)."""
+    if isinstance(e, asyncio.CancelledError) or not isinstance(e, Exception):
+        return
+    code, details, status = status_of(e)
+    metrics.request("grpc", status)
+    metrics.error(code.name)
+    if ctx is not None:
+        ctx.set_code(code)
+        ctx.set_details(details)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            ctx.set_trailing_metadata([("retry-after", "1")])
+
+
+class _Timed:
+    """Wraps a request's update stream: records TPOT and end-to-end latency when it finishes."""
+
+    def __init__(self, stream, first, t0: float, metrics):
+        self.stream, self.t0, self.m = stream, t0, metrics
+        self.first_at, self.n, self.done = time.monotonic(), len(first.token_ids), first.finished
+        if self.done:
+            self._finish()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        u = await self.stream.__anext__()
+        self.n += len(u.token_ids)
+        if u.finished and not self.done:
+            self.done = True
+            self._finish()
+        return u
+
+    def _finish(self) -> None:
+        now = time.monotonic()
+        if self.n > 1:
+            self.m.tpot((now - self.first_at) / (self.n - 1))
+        self.m.e2e(now - self.t0)
+        self.m.request("grpc", "ok")
+
+    async def aclose(self):
+        await self.stream.aclose()
+
+
+class GenerationService:
+    """Generate / GenerateStream on a core (tokenizer, runner, metrics, api_keys, wait_ready).
+
+    Errors set the gRPC status on the context (grpc_api.status_of) and are raised again, which is what both
+    Serve's proxy and a grpc.aio server turn into that status. A call cancelled or failed at any point aborts
+    its request, so its slot is freed at once.
+    """
+
+    def __init__(self, core):
+        self.core = core
+
+    async def start(self, request, grpc_context):
+        """Check the key, validate and admit (never waiting for an engine step), then wait for the first update.
+
+        Calls through a deployment handle carry no gRPC context: they come from inside the Ray cluster and are
+        not checked for a key."""
+        m, stream = self.core.metrics, None
+        try:
+            if grpc_context is not None:
+                self.core.api_keys.check_grpc(grpc_context)
+            rid, ids, params = parse_request(request, self.core.tokenizer, self.core.runner.engine.validator)
+            await self.core.wait_ready()
+            t0 = time.monotonic()
+            stream = self.core.runner.generate(rid, ids, params)
+            first = await stream.__anext__()
+            m.ttft(time.monotonic() - t0)
+            return rid, _Timed(stream, first, t0, m), first
+        except BaseException as e:
+            if stream is not None:
+                await stream.aclose()
+            fail(m, grpc_context, e)
+            raise
+
+    async def generate(self, request, grpc_context=None):
+        rid, stream, u = await self.start(request, grpc_context)
+        tokens, lps = list(u.token_ids), list(u.logprobs)
+        try:
+            async for u in stream:
+                tokens += u.token_ids
+                lps += u.logprobs
+        except BaseException as e:
+            fail(self.core.metrics, grpc_context, e)
+            raise
+        finally:
+            await stream.aclose()
+        return response(rid, u, u.text, tokens, lps)
+
+    async def generate_stream(self, request, grpc_context=None):
+        rid, stream, u = await self.start(request, grpc_context)
+        try:
+            while True:  # u.delta: text that can no longer change (the engine's detokenizer), joined = unary text
+                yield response(rid, u, u.delta, u.token_ids, u.logprobs)
+                if u.finished:
+                    return
+                u = await stream.__anext__()
+        except BaseException as e:
+            fail(self.core.metrics, grpc_context, e)
+            raise
+        finally:
+            await stream.aclose()
+
+
+class GenerationServicer(gen_grpc.GenerationServicer):
+    """The service as a grpc.aio servicer (the direct port; Serve's proxy calls the deployment instead)."""
+
+    def __init__(self, service: GenerationService):
+        self.service = service
+
+    async def Generate(self, request, context):
+        return await self.service.generate(request, context)
+
+    async def GenerateStream(self, request, context):
+        async for r in self.service.generate_stream(request, context):
+            yield r
