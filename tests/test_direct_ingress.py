@@ -109,11 +109,13 @@ def test_stop_drains_the_calls_in_flight_and_refuses_new_ones(model, reference):
         reader = threading.Thread(target=read, args=(stream,))
         reader.start()
         in_flight_at_stop = len(got)
+        assert port.alive()
         port.stop(30)
         stopped = time.monotonic()
         reader.join(timeout=30)
         assert 0 < in_flight_at_stop < 24  # the stop began mid-stream
         assert got == list(reference.token_ids) and ended[0] <= stopped  # drained, then stopped
+        assert not port.alive()
         with pytest.raises(grpc.RpcError) as e:
             client.generate(PROMPT, max_tokens=2)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE

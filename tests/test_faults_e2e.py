@@ -22,6 +22,7 @@ pytestmark = pytest.mark.e2e
 PROMPTS = [f"Stream {i} asks the experts about {w}" for i, w in
            enumerate(["fish", "the sea", "mountains", "rivers", "a king", "stars"])]
 MAX_TOKENS = 40
+DIRECT = "127.0.0.1:9100"  # app "one"'s direct_grpc port
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def apps(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     plain = make_tiny_model("mixtral", tmp / "plain", layers=2, experts=8)
     deploy(ray_cluster, [app_entry("rep", plain, 2, expert_copies=2),
-                         app_entry("one", plain, 2)], tmp / "faults.yaml")
+                         app_entry("one", plain, 2, direct_grpc={"port": int(DIRECT.rsplit(":", 1)[1])})],
+           tmp / "faults.yaml")
     sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     ref = dict(zip(PROMPTS, (o.token_ids for o in LLM(str(plain)).generate(PROMPTS, sp))))
     return {"rep": ref, "one": ref}
@@ -237,18 +239,23 @@ def test_unreplicated_shard_paused_30s_its_requests_complete(apps):
 
 
 def test_gateway_kill_gives_unavailable_fast_and_a_retry_succeeds(apps):
+    """A stream through Serve's proxy and one on the gateway's direct_grpc port are running when the gateway replica
+    is SIGKILLed: both end UNAVAILABLE within seconds; Serve's replacement answers both ways again, exactly."""
     _settled("one")
     pid = handle("Gateway", "one").stats.remote().result()["pid"]
-    client = GenerationClient(GRPC, app="one")
-    it = client.stream(PROMPTS[0], max_tokens=200, temperature=0.0, ignore_eos=True)
-    next(it)
+    client, direct = GenerationClient(GRPC, app="one"), GenerationClient(DIRECT)
+    its = [c.stream(PROMPTS[0], max_tokens=200, temperature=0.0, ignore_eos=True) for c in (client, direct)]
+    for it in its:
+        next(it)
     killed = time.monotonic()
     _kill(pid)
-    with pytest.raises(grpc.RpcError) as err:
-        for _ in it:
-            pass
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    for it in its:
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in it:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
     assert time.monotonic() - killed < 5.0
-    got = _wait(lambda: list(client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
-                                             ignore_eos=True).token_ids), 180, "a retry to succeed")
-    assert got == apps["one"][PROMPTS[0]]
+    for c in (client, direct):
+        got = _wait(lambda: list(c.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
+                                            ignore_eos=True).token_ids), 180, "a retry to succeed")
+        assert got == apps["one"][PROMPTS[0]]

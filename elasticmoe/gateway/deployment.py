@@ -170,6 +170,8 @@ class Gateway:
 
     def check_health(self) -> None:
         self.core.healthy()
+        if self.direct is not None and not self.direct.alive():
+            raise RuntimeError("the direct_grpc server stopped")
 
     def __del__(self):
         """Serve stops this replica (after its own requests drained): the direct port's calls get drain_s."""

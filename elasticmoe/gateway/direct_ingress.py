@@ -50,6 +50,10 @@ class DirectIngress:
         await server.start()
         return server, bound
 
+    def alive(self) -> bool:
+        """Whether the server's loop still runs (the replica's health check asks)."""
+        return self._thread.is_alive() and self.loop.is_running()
+
     def stop(self, grace_s: float) -> None:
         """Refuse new calls at once, give the calls in flight up to `grace_s` to finish, then end them."""
         if not self.loop.is_running():
