@@ -1,5 +1,6 @@
-"""Serving benchmark: (a) the served cluster over gRPC, (b) LLM.generate in one process, (c) transformers generate,
-(d) the served design without Ray Serve (benchmarks/direct.py).
+"""Serving benchmark: (a) the served cluster over gRPC (through Serve's proxy, and through the gateway's direct_grpc
+port), (b) LLM.generate in one process, (c) transformers generate, (d) the served design without Ray Serve
+(benchmarks/direct.py).
 
 Output tokens/s, TTFT and TPOT p50/p99 at several concurrencies, plus the gateway's fan-out overhead per
 (layer, step). Starts (and stops) its own local Ray on 127.0.0.1. Prints a table and writes JSON.
