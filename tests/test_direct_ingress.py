@@ -5,6 +5,8 @@ call's place, drains calls in flight when it stops, and names the setting when i
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +18,7 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.client import GenerationClient
 from elasticmoe.config import AppArgs, DirectGrpc
 from elasticmoe.gateway.auth import ApiKeys
-from elasticmoe.gateway.direct_ingress import DirectIngress
+from elasticmoe.gateway.direct_ingress import DirectIngress, PortClaim
 from elasticmoe.gateway.generation_service import GenerationService
 from tests.test_openai_api import Core, model  # noqa: F401 - the module-scoped tiny model fixture
 
@@ -89,10 +91,14 @@ def test_a_full_gateway_refuses_at_once_and_a_cancelled_call_frees_its_place(mod
         core.runner.close()
 
 
-def test_stop_drains_the_calls_in_flight_and_refuses_new_ones(model, reference):  # noqa: F811
+def test_stop_drains_the_calls_in_flight_and_refuses_new_ones(model, reference, tmp_path):  # noqa: F811
+    """stop(): new calls are refused at once and the port's claim is let go while the call in flight still runs;
+    that call finishes, exact, before stop() returns."""
     core = Core(*model, max_num_seqs=4, max_model_len=128)
-    core.dispatcher.delay_s = 0.01  # 24 tokens x 2 layers: about 0.5 s
-    port = _port(core)
+    core.dispatcher.delay_s = 0.04  # 24 tokens x 2 layers: about 2 s
+    core.api_keys = ApiKeys()
+    number = _free_port()
+    port = DirectIngress(GenerationService(core), "127.0.0.1", number, max_rpcs=16, app="x", claims=tmp_path)
     client = GenerationClient(port.address, timeout_s=60)
     got: list[int] = []
     ended: list[float] = []
@@ -104,43 +110,98 @@ def test_stop_drains_the_calls_in_flight_and_refuses_new_ones(model, reference):
 
     try:
         stream = client.stream(PROMPT, max_tokens=24, **GREEDY)
-        first = next(stream)
-        got.extend(first.token_ids)
+        got.extend(next(stream).token_ids)
         reader = threading.Thread(target=read, args=(stream,))
         reader.start()
-        in_flight_at_stop = len(got)
         assert port.alive()
-        port.stop(30)
+        stopper = threading.Thread(target=port.stop, args=(30,))
+        stopper.start()
+        time.sleep(0.3)  # stop() under way
+        PortClaim(number, "y", tmp_path).release()  # another application could take the port already
+        with pytest.raises(grpc.RpcError) as e:
+            GenerationClient(port.address, timeout_s=10).generate(PROMPT, max_tokens=2)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # refused while the drain goes on
+        assert not ended and 0 < len(got) < 24 and stopper.is_alive()  # ... which it does: mid-stream
+        stopper.join(timeout=30)
         finished_at_stop = core.metrics.requests.get(("grpc", "ok"), 0)  # the server's side, when stop() returned
         reader.join(timeout=30)
-        assert 0 < in_flight_at_stop < 24  # the stop began mid-stream
         assert got == list(reference.token_ids) and ended  # drained: not cut
         assert finished_at_stop == 1  # stop() returned only once the call had finished
         assert not port.alive()
-        with pytest.raises(grpc.RpcError) as e:
-            client.generate(PROMPT, max_tokens=2)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         client.close()
         core.runner.close()
 
 
-def test_a_taken_port_names_the_setting(model):  # noqa: F811
+def test_a_taken_port_names_the_setting(model, tmp_path):  # noqa: F811
     core = Core(*model, max_num_seqs=1, max_model_len=64)
     taken = socket.socket()  # no SO_REUSEPORT: nobody else may bind it
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     try:
         with pytest.raises(OSError, match=rf"direct_grpc: cannot listen on 127\.0\.0\.1:{taken.getsockname()[1]}"):
-            _port_at(core, taken.getsockname()[1])
+            _port_at(core, taken.getsockname()[1], tmp_path)
     finally:
         taken.close()
         core.runner.close()
 
 
-def _port_at(core, number: int) -> DirectIngress:
+def _port_at(core, number: int, claims) -> DirectIngress:
     core.api_keys = ApiKeys()
-    return DirectIngress(GenerationService(core), "127.0.0.1", number, max_rpcs=4)
+    return DirectIngress(GenerationService(core), "127.0.0.1", number, max_rpcs=4, claims=claims)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_applications_replicas_share_the_port_and_another_is_refused(model, tmp_path):  # noqa: F811
+    """Two replicas of app "a" serve one port (SO_REUSEPORT); app "b" is refused naming "a" while one of them
+    holds it, also after one stopped, and gets it once both have stopped."""
+    core = Core(*model, max_num_seqs=2, max_model_len=64)
+    core.api_keys = ApiKeys()
+    number, service = _free_port(), GenerationService(core)
+    start = (lambda app: DirectIngress(service, "127.0.0.1", number, max_rpcs=4, app=app, claims=tmp_path))
+    a1, a2 = start("a"), start("a")
+    try:
+        client = GenerationClient(a1.address)
+        try:
+            assert [client.generate(PROMPT, max_tokens=2).usage.completion_tokens for _ in range(4)] == [2] * 4
+        finally:
+            client.close()
+        with pytest.raises(OSError, match=rf"direct_grpc: port {number} is already served by application 'a'"):
+            start("b")
+        a1.stop(0)
+        with pytest.raises(OSError, match="application 'a'"):
+            start("b")
+        a2.stop(0)  # a stopping replica lets the port go at once, before its drain
+        b = start("b")  # the files of "a" are still there, but nobody holds them
+        b.stop(0)
+    finally:
+        a1.stop(0)
+        a2.stop(0)
+        core.runner.close()
+
+
+def test_a_killed_holder_claims_nothing(tmp_path):
+    """Another process (a gateway replica) holds app "c"'s claim: app "d" is refused; once it is SIGKILLed, "d" gets
+    the port (the kernel dropped the lock with the process; its file stays)."""
+    number = _free_port()
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                              "from pathlib import Path\n"
+                              "from elasticmoe.gateway.direct_ingress import PortClaim\n"
+                              f"PortClaim({number}, 'c', Path(sys.argv[1]))\nprint('held', flush=True)\n"
+                              "time.sleep(600)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(OSError, match="application 'c'"):
+            PortClaim(number, "d", tmp_path)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    PortClaim(number, "d", tmp_path).release()
 
 
 def test_direct_grpc_settings_are_checked():

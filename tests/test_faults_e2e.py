@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 PROMPTS = [f"Stream {i} asks the experts about {w}" for i, w in
            enumerate(["fish", "the sea", "mountains", "rivers", "a king", "stars"])]
 MAX_TOKENS = 40
-DIRECT = "127.0.0.1:9100"  # app "one"'s direct_grpc port
+DIRECT = "127.0.0.1:9102"  # app "one"'s direct_grpc port
 
 
 @pytest.fixture(scope="module")

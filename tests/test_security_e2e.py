@@ -25,7 +25,7 @@ from tests.serving_util import GRPC, app_entry, deploy, handle
 
 pytestmark = pytest.mark.e2e
 APP, KEY = "sec", "sk-e2e-0123456789abcdef0123"
-DIRECT_PORT = 9100  # direct_grpc: the gateway replica's own gRPC port
+DIRECT_PORT = 9101  # direct_grpc: the gateway replica's own gRPC port
 HTTP = f"http://127.0.0.1:8000/{APP}"
 RAY_MARKERS = ("gcs_server", "raylet", "ray::", "ray/dashboard", "ray/_private", "default_worker.py", "ray/autoscaler")
 

@@ -145,7 +145,8 @@ class Gateway:
         self.service = GenerationService(self.core)
         self.direct = None
         if (d := self.core.args.direct_grpc) is not None:
-            self.direct = DirectIngress(self.service, d.host, d.port, max_rpcs=self.core.runner.capacity + 64)
+            self.direct = DirectIngress(self.service, d.host, d.port, max_rpcs=self.core.runner.capacity + 64,
+                                        app=serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):
         """Serve builds the HTTP app after __init__, once per replica: the OpenAI routes over this core."""

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
+import re
+import tempfile
 import threading
+from pathlib import Path
 
 import grpc
 
@@ -12,6 +17,54 @@ from elasticmoe.gateway.generation_service import GenerationService, GenerationS
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
 
 log = logging.getLogger(__name__)
+
+
+class PortClaim:
+    """One application's claim on a direct port of this node. SO_REUSEPORT lets any process of this user bind the
+    port too, so another application's gateways would silently share its connections; each replica holds a shared
+    flock on `<dir>/<port>-<app>.lock` while it serves, and a replica of another application finding one held is
+    refused. A holder that dies drops its lock with it (a stale file claims nothing)."""
+
+    def __init__(self, port: int, app: str, root: Path | None = None):
+        # per user: SO_REUSEPORT shares a port among one user's processes only
+        self.dir = (root or Path(tempfile.gettempdir())) / f"elasticmoe-direct-grpc-{os.getuid()}"
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.port, self.app = port, re.sub(r"[^A-Za-z0-9_.-]", "_", app) or "_"
+        self._refuse_others()
+        self._fd = os.open(self.dir / f"{port}-{self.app}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            self._refuse_others()  # one that claimed meanwhile: both refuse, neither shares
+        except OSError:
+            self.release()
+            raise
+
+    def _refuse_others(self) -> None:
+        for path in self.dir.glob(f"{self.port}-*.lock"):
+            other = path.stem.split("-", 1)[1]
+            if other != self.app and _held(path):
+                raise OSError(f"direct_grpc: port {self.port} is already served by application {other!r} on this "
+                              f"node; give each application a port of its own")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the lock
+            self._fd = None
+
+
+def _held(path: Path) -> bool:
+    """Whether some process holds a lock on `path` (an exclusive try-lock fails)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class DirectIngress:
@@ -22,7 +75,9 @@ class DirectIngress:
     bounds the calls one replica holds open (more get RESOURCE_EXHAUSTED from gRPC itself).
     """
 
-    def __init__(self, service: GenerationService, host: str, port: int, max_rpcs: int):
+    def __init__(self, service: GenerationService, host: str, port: int, max_rpcs: int, app: str = "",
+                 claims: Path | None = None):
+        self.claim = PortClaim(port, app, claims) if port else None  # an ephemeral port (0) is nobody else's
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="direct-ingress", daemon=True)
         self._thread.start()
@@ -30,6 +85,8 @@ class DirectIngress:
             self.server, self.port = self._call(self._start(service, host, port, max_rpcs), 30)
         except BaseException:
             self.loop.call_soon_threadsafe(self.loop.stop)
+            if self.claim is not None:
+                self.claim.release()
             raise
         self.address = f"{host}:{self.port}"
         log.info("direct gRPC ingress on %s", self.address)
@@ -56,6 +113,8 @@ class DirectIngress:
 
     def stop(self, grace_s: float) -> None:
         """Refuse new calls at once, give the calls in flight up to `grace_s` to finish, then end them."""
+        if self.claim is not None:  # the listener closes now: another application may take the port while we drain
+            self.claim.release()
         if not self.loop.is_running():
             return
         try:
