@@ -20,6 +20,8 @@ from elasticmoe.config import AppArgs, DirectGrpc
 from elasticmoe.gateway.auth import ApiKeys
 from elasticmoe.gateway.direct_ingress import DirectIngress, PortClaim
 from elasticmoe.gateway.generation_service import GenerationService
+from elasticmoe.rpc import generation_pb2 as gen
+from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
 from tests.test_openai_api import Core, model  # noqa: F401 - the module-scoped tiny model fixture
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
@@ -158,19 +160,30 @@ def _free_port() -> int:
 
 
 def test_one_applications_replicas_share_the_port_and_another_is_refused(model, tmp_path):  # noqa: F811
-    """Two replicas of app "a" serve one port (SO_REUSEPORT); app "b" is refused naming "a" while one of them
-    holds it, also after one stopped, and gets it once both have stopped."""
-    core = Core(*model, max_num_seqs=2, max_model_len=64)
+    """Two replicas of app "a" serve one port (SO_REUSEPORT) and 16 client connections reach both; app "b" is
+    refused naming "a" while one of them holds it, also after one stopped, and gets it once both have stopped."""
+    core = Core(*model, max_num_seqs=4, max_model_len=64)
     core.api_keys = ApiKeys()
-    number, service = _free_port(), GenerationService(core)
-    start = (lambda app: DirectIngress(service, "127.0.0.1", number, max_rpcs=4, app=app, claims=tmp_path))
-    a1, a2 = start("a"), start("a")
+    number, served = _free_port(), []
+
+    class Counted(GenerationService):  # which replica answered
+        def __init__(self, name: str):
+            super().__init__(core)
+            self.name = name
+
+        async def generate(self, request, grpc_context=None):
+            served.append(self.name)
+            return await super().generate(request, grpc_context)
+
+    start = (lambda app, name="b": DirectIngress(Counted(name), "127.0.0.1", number, max_rpcs=4, app=app,
+                                                claims=tmp_path))
+    a1, a2 = start("a", "a1"), start("a", "a2")
     try:
-        client = GenerationClient(a1.address)
-        try:
-            assert [client.generate(PROMPT, max_tokens=2).usage.completion_tokens for _ in range(4)] == [2] * 4
-        finally:
-            client.close()
+        req = gen.GenerateRequest(prompt=PROMPT, sampling=gen.SamplingParams(max_tokens=1))
+        for _ in range(16):  # a connection each (no shared subchannel): the kernel picks a listener per connection
+            with grpc.insecure_channel(a1.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                assert gen_grpc.GenerationStub(ch).Generate(req, timeout=60).usage.completion_tokens == 1
+        assert sorted(set(served)) == ["a1", "a2"], served  # all on one: 2 ** -15
         with pytest.raises(OSError, match=rf"direct_grpc: port {number} is already served by application 'a'"):
             start("b")
         a1.stop(0)
