@@ -71,8 +71,9 @@ def bench_direct(cluster: DirectCluster, conc: int, n: int) -> dict:
     return row
 
 
+DIRECT_PORT = 9100  # the served app's direct_grpc port
 INGRESS = {"proxy": ("127.0.0.1:9000", "served: gateway + 2 shards (Serve's gRPC proxy)"),
-           "port": ("127.0.0.1:9100", "served-port: gateway + 2 shards (direct_grpc port)")}
+           "port": (f"127.0.0.1:{DIRECT_PORT}", "served-port: gateway + 2 shards (direct_grpc port)")}
 
 
 def bench_served(conc: int, n: int, rounds: int, ingress: str = "proxy") -> dict:
@@ -119,7 +120,7 @@ def deploy(model_dir: Path, shards: int, transport: str | None = None, micro_bat
                "elasticmoe.rpc.serve_proxy.add_generation_servicer"]},
            "applications": [{"name": "bench", "route_prefix": "/bench", "import_path": "elasticmoe.app:build_app",
                              "args": {"model": str(model_dir), "num_shards": shards,
-                                      "direct_grpc": {"port": int(INGRESS["port"][0].rsplit(":", 1)[1])},
+                                      "direct_grpc": {"port": DIRECT_PORT},
                                       "gateway_resources": {"num_cpus": 1}, "shard_resources": {"num_cpus": 1},
                                       "limits": {"max_num_seqs": 32, "max_model_len": 512, "max_queue": 256,
                                                  **({"transport": transport} if transport else {}),
@@ -161,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ingress", default="proxy,port", help="served rows through Serve's gRPC proxy (proxy), the "
                     "gateway's direct_grpc port (port), or both, alternating")
     a = ap.parse_args(argv)
+    if bad := [i for i in a.ingress.split(",") if i not in INGRESS]:
+        ap.error(f"--ingress: {', '.join(bad)}: want {' or '.join(INGRESS)}, comma-separated")
     a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
     if a.device == "cuda" and not a.no_serve:
         ap.error("--device cuda runs (b), (c) and (d) only: add --no-serve (the served app's GPU placement is "
@@ -220,9 +223,9 @@ def _report(a, rows: list[dict], fan: dict | None) -> None:
     where = gpu or f"CPU ({os.cpu_count()} vCPUs)"
     print(f"\nmodel: mixtral-like {a.layers} layers x {a.experts} experts, hidden {a.hidden}, I {a.intermediate}, "
           f"{a.dtype} on {where}, {a.tokens} output tokens per request, greedy")
-    print(f"{'system':<46}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  (ms)")
+    print(f"{'system':<52}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  (ms)")
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["system"])):
-        print(f"{r['system']:<46}{r['concurrency']:>5}{r['tok_s']:>9.1f}{r['ttft_p50_ms']:>10.1f}"
+        print(f"{r['system']:<52}{r['concurrency']:>5}{r['tok_s']:>9.1f}{r['ttft_p50_ms']:>10.1f}"
               f"{r['ttft_p99_ms']:>8.1f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>8.1f}")
     for r in rows:
         if "cores_busy" in r:
@@ -233,7 +236,8 @@ def _report(a, rows: list[dict], fan: dict | None) -> None:
     for c in sorted({r["concurrency"] for r in rows}):
         by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}
         ratios = [("served", "transformers"), ("served", "LLM.generate"), ("served-port", "LLM.generate"),
-                  ("direct", "LLM.generate"), ("served", "direct"), ("served-port", "direct"), ("LLM.generate", "transformers")]
+                  ("direct", "LLM.generate"), ("served", "direct"), ("served-port", "direct"),
+                  ("LLM.generate", "transformers")]
         ratios = [(x, y) for x, y in ratios if x in by and y in by]
         print(f"concurrency {c}: " + ", ".join(f"{x} / {y} = {by[x] / by[y]:.2f}x" for x, y in ratios))
     for r in rows:
