@@ -1,6 +1,7 @@
 """The gateway's direct gRPC port (`direct_grpc`) without Ray: a real grpc.aio server over a real engine answers
 like LLM.generate, refuses bad or excess requests with the gRPC status and keeps serving, frees a cancelled
-call's place, drains calls in flight when it stops, and names the setting when its port is taken."""
+call's place, drains calls in flight when it stops, names the setting when its port is taken, and shares a port
+among one application's replicas only (PortClaim)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def _port(core, max_rpcs: int = 16) -> DirectIngress:
+def _port(core, number: int = 0, **kw) -> DirectIngress:
+    """The port over `core` (no API keys) on 127.0.0.1:`number` (0: any); kw: app, claims, max_rpcs."""
     core.api_keys = ApiKeys()
-    return DirectIngress(GenerationService(core), "127.0.0.1", 0, max_rpcs=max_rpcs)
+    return DirectIngress(GenerationService(core), "127.0.0.1", number, **{"max_rpcs": 16, **kw})
 
 
 def _wait_idle(core, timeout: float = 10) -> None:
@@ -98,9 +100,8 @@ def test_stop_drains_the_calls_in_flight_and_refuses_new_ones(model, reference, 
     that call finishes, exact, before stop() returns."""
     core = Core(*model, max_num_seqs=4, max_model_len=128)
     core.dispatcher.delay_s = 0.04  # 24 tokens x 2 layers: about 2 s
-    core.api_keys = ApiKeys()
     number = _free_port()
-    port = DirectIngress(GenerationService(core), "127.0.0.1", number, max_rpcs=16, app="x", claims=tmp_path)
+    port = _port(core, number, app="x", claims=tmp_path)
     client = GenerationClient(port.address, timeout_s=60)
     got: list[int] = []
     ended: list[float] = []
@@ -142,15 +143,10 @@ def test_a_taken_port_names_the_setting(model, tmp_path):  # noqa: F811
     taken.listen()
     try:
         with pytest.raises(OSError, match=rf"direct_grpc: cannot listen on 127\.0\.0\.1:{taken.getsockname()[1]}"):
-            _port_at(core, taken.getsockname()[1], tmp_path)
+            _port(core, taken.getsockname()[1], claims=tmp_path)
     finally:
         taken.close()
         core.runner.close()
-
-
-def _port_at(core, number: int, claims) -> DirectIngress:
-    core.api_keys = ApiKeys()
-    return DirectIngress(GenerationService(core), "127.0.0.1", number, max_rpcs=4, claims=claims)
 
 
 def _free_port() -> int:

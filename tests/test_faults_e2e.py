@@ -22,7 +22,8 @@ pytestmark = pytest.mark.e2e
 PROMPTS = [f"Stream {i} asks the experts about {w}" for i, w in
            enumerate(["fish", "the sea", "mountains", "rivers", "a king", "stars"])]
 MAX_TOKENS = 40
-DIRECT = "127.0.0.1:9102"  # app "one"'s direct_grpc port
+DIRECT_PORT = 9102  # app "one"'s direct_grpc port
+DIRECT = f"127.0.0.1:{DIRECT_PORT}"
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,7 @@ def apps(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     plain = make_tiny_model("mixtral", tmp / "plain", layers=2, experts=8)
     deploy(ray_cluster, [app_entry("rep", plain, 2, expert_copies=2),
-                         app_entry("one", plain, 2, direct_grpc={"port": int(DIRECT.rsplit(":", 1)[1])})],
-           tmp / "faults.yaml")
+                         app_entry("one", plain, 2, direct_grpc={"port": DIRECT_PORT})], tmp / "faults.yaml")
     sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     ref = dict(zip(PROMPTS, (o.token_ids for o in LLM(str(plain)).generate(PROMPTS, sp))))
     return {"rep": ref, "one": ref}

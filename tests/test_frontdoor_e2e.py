@@ -27,7 +27,8 @@ from tests.serving_util import GRPC, app_entry, deploy, handle
 pytestmark = pytest.mark.e2e
 APP = "fd"
 HTTP = f"http://127.0.0.1:8000/{APP}/v1"
-DIRECT = "127.0.0.1:9100"  # direct_grpc: the gateway replica's own port
+DIRECT_PORT = 9100  # direct_grpc: the gateway replica's own port
+DIRECT = f"127.0.0.1:{DIRECT_PORT}"
 PROMPTS = ["The expert said", "Once upon a time in a land far away", "Mixture", "A B C D"]
 GREEDY = dict(max_tokens=16, temperature=0.0, ignore_eos=True)
 E2E = settings(FUZZ, max_examples=int(os.environ.get("ELASTICMOE_FUZZ_E2E_EXAMPLES", "150")))
@@ -35,7 +36,7 @@ E2E = settings(FUZZ, max_examples=int(os.environ.get("ELASTICMOE_FUZZ_E2E_EXAMPL
 
 def _app(model, **kw) -> dict:
     limits = {"max_num_seqs": 8, "max_queue": 8, "max_model_len": 2048}
-    return {**app_entry(APP, model, 2, limits=limits, direct_grpc={"port": int(DIRECT.rsplit(":", 1)[1])}), **kw}
+    return {**app_entry(APP, model, 2, limits=limits, direct_grpc={"port": DIRECT_PORT}), **kw}
 
 
 @pytest.fixture(scope="module")
