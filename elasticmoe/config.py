@@ -76,8 +76,8 @@ class DirectGrpc(_Strict):
 
     host: str = Field("127.0.0.1", min_length=1, description="address to listen on (0.0.0.0 to reach it from "
                       "other machines; the API keys apply, the port has no TLS: keep it on a private network)")
-    port: int = Field(..., ge=1, le=65535, description="the port; gateway replicas on one node share it "
-                      "(SO_REUSEPORT)")
+    port: int = Field(..., ge=1, le=65535, description="the port; one application's gateway replicas on a node "
+                      "share it (SO_REUSEPORT), another application's are refused")
     drain_s: float = Field(GATEWAY_DRAIN_S, ge=0, le=GATEWAY_DRAIN_S, description="when Serve stops a replica, how "
                            "long its direct calls in flight may still run (within the gateway's own drain)")
 
