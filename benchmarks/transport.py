@@ -1,7 +1,7 @@
 """Gateway -> shard round trips against the wire's floor, one run: 16 KiB .. 8 MiB of bf16 hidden states per shard,
 fanned out to 1, 2 and 4 shards (each its own process), over a raw TCP socket echo (the floor: the same bytes,
 length-prefixed, no codec), the unary gRPC path (gateway.transport.UnaryTransport) and the raw-frame stream
-(StreamTransport), both plaintext to an echo shard (rpc.bench.EchoShard); also the stream with grpc's default HTTP/2
+(StreamTransport), both plaintext to an echo shard (rpc_fanout.EchoShard); also the stream with grpc's default HTTP/2
 and TCP settings on both ends (codec.HTTP2_OPTIONS off: "stream-default"), and the socket transport ("frames":
 SocketTransport, the same frames on one TCP connection to the echo shard's frame listener). glibc malloc tuned
 everywhere, as deployed.
@@ -35,10 +35,10 @@ from elasticmoe.gateway.transport import StreamTransport, UnaryTransport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames, tls
-from elasticmoe.rpc.bench import EchoShard, percentiles
 from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
 from elasticmoe.rpc.frames import ExpertRequest
 from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from rpc_fanout import EchoShard, percentiles  # benchmarks/rpc_fanout.py
 
 RESULTS = Path(__file__).parent / "results"
 H = 4096  # bf16 hidden [tokens, 4096]: 8 KiB per token
@@ -116,7 +116,7 @@ class SocketFanout:
 
 
 async def _serve_mtls() -> None:
-    """Echo shards (rpc.bench.EchoShard, raw-frame stream and frame listener) in one process, a plaintext and an
+    """Echo shards (rpc_fanout.EchoShard, raw-frame stream and frame listener) in one process, a plaintext and an
     mTLS one: "plain secure"."""
     servers, ports = [], []
     for insecure in (True, False):
@@ -133,13 +133,13 @@ async def _serve_mtls() -> None:
 
 
 def _spawn(kind: str) -> tuple[subprocess.Popen, str]:
-    """kind: grpc (rpc.bench's echo shard, unary + raw stream), grpc-default (HTTP/2 tuning off), socket, or mtls
+    """kind: grpc (rpc_fanout's echo shard, unary + raw stream), grpc-default (HTTP/2 tuning off), socket, or mtls
     (_serve_mtls; the target is "plain_address secure_address")."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     if kind == "grpc-default":
         env["ELASTICMOE_GRPC_HTTP2_TUNING"] = "0"
-    cmd = [sys.executable, "-m", "elasticmoe.rpc.bench", "--serve", "--tune-malloc"] if kind.startswith("grpc") \
-        else [sys.executable, __file__, f"--serve-{kind}"]
+    echo = [sys.executable, str(Path(__file__).with_name("rpc_fanout.py")), "--serve", "--tune-malloc"]
+    cmd = echo if kind.startswith("grpc") else [sys.executable, __file__, f"--serve-{kind}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     return proc, " ".join(f"127.0.0.1:{int(port)}" for port in proc.stdout.readline().split())
 

@@ -82,7 +82,7 @@ def tune_malloc(trim_threshold: int = 256 * MiB, mmap_threshold: int = 32 * MiB)
     By default glibc serves each >=1 MiB buffer (protobuf arena, bytes, gRPC slices) from fresh
     mmap/brk pages and trims them on free, so every call page-faults its payload in again: measured
     p50 8.3 -> 2.4 ms for a 1 MiB RunExperts round trip, client and server tuned (2-vCPU VM,
-    `python -m elasticmoe.rpc.bench`). Process-wide; call once at process start.
+    `benchmarks/rpc_fanout.py`). Process-wide; call once at process start.
     Returns False (and changes nothing) where glibc's mallopt is unavailable. mmap_threshold <= 32 MiB.
     """
     name = ctypes.util.find_library("c")

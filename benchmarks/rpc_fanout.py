@@ -1,4 +1,5 @@
-"""Microbenchmarks: tensor codec cost and ExpertShard fan-out latency from a synchronous thread."""
+"""Microbenchmarks: tensor codec cost and ExpertShard fan-out latency from a synchronous thread (and the echo shard
+that transport.py spawns)."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ async def _serve_until_stdin_closes() -> None:
 def spawn_servers(n: int, malloc: bool) -> tuple[list[subprocess.Popen], list[str]]:
     """Starts n echo servers, one process each (like shards); returns the processes and targets."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "elasticmoe.rpc.bench", "--serve", *(["--tune-malloc"] if malloc else [])]
+    cmd = [sys.executable, __file__, "--serve", *(["--tune-malloc"] if malloc else [])]
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(n)]
     return procs, [f"{HOST}:{int(p.stdout.readline())}" for p in procs]
 
@@ -342,7 +343,7 @@ def print_results(results: dict[str, dict[str, dict[str, float]]], note: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elasticmoe.rpc.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python benchmarks/rpc_fanout.py", description=__doc__)
     parser.add_argument("--serve", action="store_true", help="(internal) run one echo server, print its port")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--servers", type=int, nargs="+", default=[1, 2, 3], help="fan-out widths to measure")
