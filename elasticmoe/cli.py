@@ -50,26 +50,13 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _controller_status(address: str, app: str = "elasticmoe") -> dict:
-    import os
-
-    import ray
-    from ray import serve
-
-    from elasticmoe.local_cluster import ray_env
-
-    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    return serve.get_deployment_handle("Controller", app_name=app).status.remote().result(timeout_s=30)
-
-
 def cmd_status(ns: argparse.Namespace) -> int:
     from elasticmoe import status_view
 
     if ns.watch:
         return status_view.watch(status_view.fetcher(ns.address, ns.app), interval=ns.interval)
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the status (JSON stays parsable)
-        st = _controller_status(ns.address, ns.app)
+        st = status_view.controller_status(ns.address, ns.app)
     print(status_view.to_json(st) if ns.json else status_view.render(st))
     return 0
 
@@ -90,6 +77,7 @@ def _demo_config(config: Path, model: str) -> Path:
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     from elasticmoe import local_cluster as lc
+    from elasticmoe import status_view
     from elasticmoe.client import GenerationClient
     from elasticmoe.model.demo import DEMO_PROMPTS
     from elasticmoe.model.embedded import ensure_tiny_model
@@ -110,7 +98,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         r = client.generate(prompt, max_tokens=24, temperature=0.0)
         print(f"  {prompt!r} -> {r.text!r}  ({r.usage.completion_tokens} tokens, {time.perf_counter() - t0:.2f}s)")
-    st = _controller_status("auto")
+    st = status_view.controller_status("auto")
     for s in st["shards"]:
         print(f"  shard {s['position']} ({s['address']}): {s.get('held', 0)} experts, served {s.get('tokens', 0)} "
               f"token-expert pairs in {s.get('calls', 0)} calls")

@@ -134,11 +134,23 @@ def watch(fetch: Callable[[], dict], interval: float = 2.0, out: TextIO = sys.st
     return 0
 
 
+def controller_status(address: str, app: str = "elasticmoe") -> dict:
+    """Controller.status() of application `app` on the Ray cluster at `address` (connects this process)."""
+    import os
+
+    import ray
+    from ray import serve
+
+    from elasticmoe.local_cluster import ray_env
+
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    return serve.get_deployment_handle("Controller", app_name=app).status.remote().result(timeout_s=30)
+
+
 def fetcher(address: str, app: str) -> Callable[[], dict]:
     """A function returning the controller's status (one Ray connection, reused)."""
-    from elasticmoe.cli import _controller_status
-
-    first: dict[str, Any] = {"st": _controller_status(address, app)}
+    first: dict[str, Any] = {"st": controller_status(address, app)}
 
     def fetch() -> dict:
         if "st" in first:
