@@ -28,6 +28,32 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _current_cluster() -> str | None:
+    """The address `ray.init(address="auto")` would join: Ray's ray_current_cluster file, if there is one."""
+    path = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def use_local_ray_env(address: str = "auto") -> bool:
+    """Before this process imports Ray: when `address` is the loopback cluster that start_ray made ("auto" naming
+    it, or a 127.0.0.1 / localhost address), put ray_env()'s RAY_ settings into os.environ, so the driver joins it
+    on 127.0.0.1 the way it was started (Ray reads them at import: set later, a driver resolves the node's other
+    address and waits for a GCS that is not there). A remote address is left to the caller's own settings.
+    Returns whether it applied them."""
+    target = _current_cluster() if address == "auto" else address
+    host = (target or "127.0.0.1").removeprefix("ray://").rsplit(":", 1)[0]
+    if host not in LOOPBACK_HOSTS:
+        return False
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    return True
+
+
 def _bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)

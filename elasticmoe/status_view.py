@@ -136,14 +136,12 @@ def watch(fetch: Callable[[], dict], interval: float = 2.0, out: TextIO = sys.st
 
 def controller_status(address: str, app: str = "elasticmoe") -> dict:
     """Controller.status() of application `app` on the Ray cluster at `address` (connects this process)."""
-    import os
+    from elasticmoe.local_cluster import use_local_ray_env
 
+    use_local_ray_env(address)  # before Ray's import, which reads them
     import ray
     from ray import serve
 
-    from elasticmoe.local_cluster import ray_env
-
-    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     return serve.get_deployment_handle("Controller", app_name=app).status.remote().result(timeout_s=30)
 
