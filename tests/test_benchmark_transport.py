@@ -1,4 +1,4 @@
-"""`benchmarks/transport.py` runs end to end (echo shards spawned from benchmarks/rpc_fanout.py): every mode answers."""
+"""`benchmarks/transport.py` and `benchmarks/rpc_fanout.py` run end to end over spawned echo shards: every mode answers."""
 
 from __future__ import annotations
 
@@ -33,3 +33,17 @@ def test_transport_benchmark_smoke(tmp_path):
     mtls = json.loads(mtls_json.read_text())
     assert {"frames", "frames-mtls", "stream", "stream-mtls", "unary", "unary-mtls"} <= set(mtls["cases"]["16 KiB"])
     assert mtls["new_connection"], mtls
+
+
+def test_rpc_fanout_microbenchmark_smoke(tmp_path):
+    """`benchmarks/rpc_fanout.py` (the codec and the fan-out strategies, over spawned echo shards): each strategy
+    timed its calls at 1 and 2 shards."""
+    out = tmp_path / "rf.json"
+    proc = subprocess.run([sys.executable, "rpc_fanout.py", "--calls", "5", "--servers", "1", "2", "--kib", "8",
+                           "--json", str(out)], cwd=REPO / "benchmarks", env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"codec", "8 KiB x 1 shard(s)", "8 KiB x 2 shard(s)"}, report.keys()
+    for name, rows in report.items():
+        assert rows and all(0 < r["p50_us"] <= r["p99_us"] for r in rows.values()), (name, rows)
