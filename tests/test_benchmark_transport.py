@@ -1,4 +1,4 @@
-"""`benchmarks/transport.py` and `benchmarks/rpc_fanout.py` run end to end over spawned echo shards: every mode answers."""
+"""transport.py and rpc_fanout.py (benchmarks/) run end to end over spawned echo shards: every mode answers."""
 
 from __future__ import annotations
 
