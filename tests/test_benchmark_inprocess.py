@@ -1,0 +1,50 @@
+"""offline.py and overlap.py (benchmarks/) run end to end at toy sizes and report what their README tables show."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.moe_cases import REPO
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO / "benchmarks", env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_offline_benchmark_smoke(tmp_path):
+    """LLM.generate against transformers generate on one checkpoint: a row per batch, the ratio from the two."""
+    out = tmp_path / "offline.json"
+    _run("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "4",
+         "--batches", "1,2", "--repeats", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2], rows
+    for r in rows:
+        assert r["elasticmoe_tok_s"] > 0 and r["transformers_tok_s"] > 0, r
+        assert r["ratio"] == pytest.approx(r["elasticmoe_tok_s"] / r["transformers_tok_s"]), r
+
+
+def test_overlap_benchmark_smoke(tmp_path):
+    """The micro-batch schedules with simulated expert latency: every schedule timed per (tokens, delay), the
+    ratios against the sequential one, and no wait exposed when calls take no time."""
+    out = tmp_path / "overlap.json"
+    _run("overlap.py", "--layers", "2", "--hidden", "128", "--intermediate", "64", "--heads", "4", "--kv-heads", "2",
+         "--context", "8", "--tokens", "4", "--delays-ms", "0", "1", "--repeats", "2", "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert [(r["tokens"], r["delay_ms"]) for r in results] == [(4, 0.0), (4, 1.0)], results
+    for r in results:
+        seq = r["schedules"]["sequential (1)"]["median_ms"]
+        assert len(r["schedules"]) >= 3, r
+        for name, s in r["schedules"].items():
+            assert s["median_ms"] > 0 and s["exposed_wait_ms"] >= 0, (name, s)
+            assert s["ratio_vs_sequential"] == pytest.approx(s["median_ms"] / seq, rel=0.02), (name, s)
+            if r["delay_ms"] == 0:
+                assert s["exposed_wait_ms"] == 0, (name, s)
