@@ -155,12 +155,14 @@ def main() -> None:
     ap.add_argument("--skip-demo", action="store_true", help="skip the case with the demo model's real routing")
     ap.add_argument("--demo-shards", type=int, default=2)
     ap.add_argument("--demo-slots", type=int, default=5, help="expert slots per (shard, layer) in the demo case")
+    ap.add_argument("--out-dir", default=str(OUT), help="where balance.json and the heatmap go")
     a = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows, maps = simulate(a)
     summary = summarize(rows)
-    heatmap(maps, OUT / "expert_load_heatmap.png")
+    heatmap(maps, out / "expert_load_heatmap.png")
     print(f"\n{a.layers} layers x {a.experts} experts on {a.shards} shards x {a.slots} slots, Zipf {a.zipf}, "
           f"{a.rounds} drift rounds ({a.swaps} swaps/layer), max_moves {a.max_moves} ({time.perf_counter() - t0:.1f}s)")
     _table(summary)
@@ -173,8 +175,8 @@ def main() -> None:
               f"{a.demo_shards} shards x {a.demo_slots} slots; hottest expert takes up to {hot:.0%} of a layer's "
               f"selections (uniform: 12.5%)")
         _table(result["demo_model"]["summary"])
-    (OUT / "balance.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {OUT / 'balance.json'} and {OUT / 'expert_load_heatmap.png'}")
+    (out / "balance.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'balance.json'} and {out / 'expert_load_heatmap.png'}")
 
 
 if __name__ == "__main__":

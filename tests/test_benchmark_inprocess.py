@@ -1,4 +1,4 @@
-"""offline.py and overlap.py (benchmarks/) run end to end at toy sizes and report what their README tables show."""
+"""offline.py, overlap.py and balance.py (benchmarks/) run end to end at toy sizes and report what the README shows."""
 
 from __future__ import annotations
 
@@ -48,3 +48,18 @@ def test_overlap_benchmark_smoke(tmp_path):
             assert s["ratio_vs_sequential"] == pytest.approx(s["median_ms"] / seq, rel=0.02), (name, s)
             if r["delay_ms"] == 0:
                 assert s["exposed_wait_ms"] == 0, (name, s)
+
+
+def test_balance_benchmark_smoke(tmp_path):
+    """The rebalancing simulation (drifting Zipf load, then the demo model's learned routing): the planner balances
+    at least as well as no replication and moves fewer copies than greedy-from-scratch, within its move budget."""
+    _run("balance.py", "--layers", "2", "--experts", "16", "--shards", "4", "--slots", "6", "--rounds", "3",
+         "--max-moves", "4", "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "balance.json").read_text())
+    assert (tmp_path / "expert_load_heatmap.png").stat().st_size > 0
+    for summary in (report["summary"], report["demo_model"]["summary"]):
+        by = {s["system"]: s for s in summary}
+        none, planner, greedy = by["no replication"], by["planner (bounded moves)"], by["greedy from scratch"]
+        assert none["moved_per_round"] == 0 and 0 < none["balancedness_mean"] <= 1, none
+        assert planner["balancedness_mean"] >= none["balancedness_mean"], (planner, none)
+        assert planner["moved_per_round"] <= min(4, greedy["moved_per_round"]), (planner, greedy)
