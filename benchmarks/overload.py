@@ -143,11 +143,13 @@ def ms(x: float | None) -> str:
 
 
 def main() -> None:
+    from elasticmoe import local_cluster as lc
+
+    lc.use_local_ray_env("127.0.0.1")  # its own loopback cluster; before Ray's import, which reads the settings
     import ray
     import yaml
     from ray import serve
 
-    from elasticmoe import local_cluster as lc
     from elasticmoe.model.tiny import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp())

@@ -175,10 +175,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     a = parse_args()
+    from elasticmoe import local_cluster as lc
+
+    if not a.no_serve:  # its own loopback cluster; before Ray's import, which reads the settings
+        lc.use_local_ray_env("127.0.0.1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from elasticmoe import LLM
-    from elasticmoe import local_cluster as lc
     from elasticmoe.model.tiny import make_tiny_model
 
     model_dir = make_tiny_model("mixtral", Path(tempfile.mkdtemp()) / "m", layers=a.layers, experts=a.experts,

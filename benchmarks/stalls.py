@@ -132,6 +132,7 @@ def wait_rebalance() -> None:
 
 
 def main() -> None:
+    lc.use_local_ray_env("127.0.0.1")  # its own loopback cluster; before Ray's import, which reads the settings
     import ray
 
     from elasticmoe.model.skewed import make_skewed_model
