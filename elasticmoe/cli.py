@@ -153,10 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     add_cli_arguments(p)
     p.set_defaults(fn=main_from_args)
     ns = parser.parse_args(argv)
-    if ns.cmd in ("demo", "status"):  # they join a Ray cluster in this process: settle Ray's env before its import
-        from elasticmoe.local_cluster import use_local_ray_env
-
-        use_local_ray_env(getattr(ns, "address", "auto"))
     return int(ns.fn(ns) or 0)
 
 
