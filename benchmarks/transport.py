@@ -145,9 +145,12 @@ def _spawn(kind: str) -> tuple[subprocess.Popen, str]:
 
 
 def _fanout(transport, targets: list[str], req: ExpertRequest):
-    """One call per shard through a gateway transport, then every answer's output decoded (as failover does)."""
+    """One call per shard through a gateway transport, waited for through it (as failover does: the socket
+    transport reads the answers on this thread), then every answer's output decoded."""
     def call() -> None:
         futures = [transport.send(t, lambda: req, 60) for t in targets]
+        while undone := [f for f in futures if not f.done()]:
+            transport.wait(undone, 60)
         for f in futures:
             decode_tensor(f.result().output)
     return call

@@ -229,7 +229,7 @@ class Step:
             pending = [c.future for g in undone for a in g.live() for c in a if c.output is None]
             timeout = min(self._hedge(), 0.02 if any(not g.live() for g in undone) else 1.0)
             if pending:
-                cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+                self.d.transport.wait(pending, timeout)  # may read the answers on this thread
             else:
                 time.sleep(timeout)
         return self._combine()

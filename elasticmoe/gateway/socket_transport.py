@@ -1,13 +1,17 @@
-"""The socket transport: RunExpertsStream's frames on one plain TCP (mTLS) connection per shard, no gRPC on the path."""
+"""The socket transport: RunExpertsStream's frames on one plain TCP (mTLS) connection per shard, no gRPC on the path;
+a caller waiting for answers reads them on its own thread."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import select
 import socket
 import ssl
 import threading
-from concurrent.futures import Future
+import time
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from typing import Callable
 
 import grpc
@@ -19,14 +23,27 @@ from elasticmoe.rpc.tls_socket import SerialTLS
 
 log = logging.getLogger(__name__)
 CONNECT_S = 5.0  # Health (for the frame port), TCP connect and TLS handshake, each
+PARK_S = 0.02  # a connection's thread leaves reading to the callers for this long after one last read
+IDLE_POLL_S = 1.0  # how long a connection's thread waits in poll() at a time
+WAIT_SLICE_S = 0.01  # a reading caller looks at its futures at least this often (deadlines, other threads)
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
+def _ready(fds: list[int], timeout_s: float) -> list[int]:
+    """Those of fds with something to read (or ended) within timeout_s."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(0, int(timeout_s * 1000 + 0.999)))]
 
 
 class _Conn(Multiplexed):
     """One connection to a shard's frame listener. Its thread opens it (Health for the port, TCP, TLS), sends the
     frames submitted meanwhile, then reads answers and resolves them by id; afterwards callers write their frames
-    themselves (sendmsg, no thread hop). Any failure (cannot connect, broken, a reply that cannot be read) fails
-    every pending call at once and marks it dead; the next send opens a new one."""
+    themselves (sendmsg, no thread hop). Reading takes the connection's read token: a caller waiting for answers
+    (SocketTransport.wait) takes it and reads them on its own thread, and the connection's thread stays out of its
+    way while callers do (it reads only when nobody has for PARK_S). Any failure (cannot connect, broken, a reply
+    that cannot be read) fails every pending call at once and marks it dead; the next send opens a new one."""
 
     def __init__(self, address: str, opener: Callable[[], socket.socket | SerialTLS]):
         super().__init__(address)  # its _lock guards pending, dead, retired, sock, backlog
@@ -34,6 +51,10 @@ class _Conn(Multiplexed):
         self.sock: socket.socket | SerialTLS | None = None
         self._backlog: list[list] | None = []  # frames submitted while connecting; None once open
         self._send_lock = threading.Lock()  # one frame on the wire at a time
+        self._token = threading.Lock()  # held by whoever reads the socket (this connection's thread or a caller)
+        self._reader: frame_socket.FrameReader | None = None  # set once open
+        self._read_at = 0.0  # monotonic: when a caller last read (the connection's thread parks for PARK_S after)
+        self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {address} ended")
         threading.Thread(target=self._run, args=(opener,), name=f"frames-{address}", daemon=True).start()
 
     def submit(self, frame_id: int, parts: list, fut: Future) -> bool:
@@ -72,6 +93,7 @@ class _Conn(Multiplexed):
             return
         with self._send_lock:
             with self._lock:
+                self._reader = frame_socket.FrameReader(sock)
                 self.sock, backlog, self._backlog = sock, self._backlog, None
                 dead = self.dead
             try:
@@ -80,26 +102,67 @@ class _Conn(Multiplexed):
             except OSError as e:
                 self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
         try:
-            self._read(sock)
+            self._serve()
         finally:
-            sock.close()
+            with self._token:  # not under a caller reading it
+                sock.close()
 
-    def _read(self, sock: socket.socket | SerialTLS) -> None:
-        err = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} ended")
+    def _serve(self) -> None:
+        """The connection's thread: read answers as they come while no caller does; park while callers read."""
+        fd = self.sock.fileno()
+        while not self.dead:
+            if time.monotonic() - self._read_at < PARK_S:
+                time.sleep(PARK_S)
+                continue
+            if not self.buffered() and not _ready([fd], IDLE_POLL_S):
+                continue
+            if not self._token.acquire(blocking=False):
+                time.sleep(PARK_S)  # a caller is reading: it reads what woke us
+                continue
+            try:
+                if not self.read_ready():
+                    return
+            finally:
+                self._token.release()
+
+    def claim(self) -> bool:
+        """Take the read token for the calling thread (False: not open yet, ended, or someone is reading)."""
+        if self._reader is None or self.dead or not self._token.acquire(blocking=False):
+            return False
+        self._read_at = time.monotonic()
+        return True
+
+    def buffered(self) -> bool:
+        """(Holding the token.) Answers' bytes already inside the connection (TLS), which poll() does not see."""
+        return self._reader.buffered()
+
+    def release(self) -> None:
+        self._read_at = time.monotonic()
+        self._token.release()
+
+    def read_ready(self) -> bool:
+        """(Holding the token.) Resolve every answer that can be read now, without waiting; False once the
+        connection has ended (its pending calls failed)."""
         try:
-            for buf in frame_socket.FrameReader(sock).frames():  # one recv brings a small frame, prefix and body
-                if self.dead:
-                    break
-                reply = frames.decode_reply(buf)
-                if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
-                    err = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
-                self.resolve(reply)
+            while True:
+                try:
+                    got = self._reader.step(block=False)
+                except BlockingIOError:
+                    return True
+                if got is None:
+                    break  # end of stream
+                for buf in got:
+                    reply = frames.decode_reply(buf)
+                    if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
+                        self._ended = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
+                    self.resolve(reply)
         except OSError as e:
             if not self.dead:
-                err = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}")
+                self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}")
         except Exception as e:  # noqa: BLE001 - a reply that cannot be read fails the connection's calls
-            err = TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}")
-        self.fail(err)
+            self._ended = TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}")
+        self.fail(self._ended)
+        return False
 
     def _shut(self) -> None:
         with self._lock:
@@ -122,8 +185,8 @@ class _Conn(Multiplexed):
 
 class SocketTransport(_Channels):
     """One persistent TCP connection per shard to its frame listener (port from Health, asked at each connect):
-    the same frames as StreamTransport's stream, written with sendmsg from the caller's thread and read by one
-    thread per connection. Deadlines per request (a late answer is dropped, the connection stays); a broken
+    the same frames as StreamTransport's stream, written with sendmsg from the caller's thread and read by the
+    thread waiting for them in wait() (else by the connection's own thread). Deadlines per request (a late answer is dropped, the connection stays); a broken
     connection fails all its pending calls at once (UNAVAILABLE) and the next send reconnects; renewed TLS files
     (tls.Renewal) retire every connection. mTLS with Python's ssl and the same files; plaintext when `insecure`."""
 
@@ -175,6 +238,36 @@ class SocketTransport(_Channels):
         frame_id = next(self._ids)
         return send_multiplexed(address, frame_id, lambda: frames.request_parts(frame_id, build()),
                                 lambda: self._conn(address), self._deadlines, timeout_s)
+
+    def wait(self, futures: list[Future], timeout_s: float) -> None:
+        """Until one of `futures` is done or timeout_s has passed. The answers are read here, on the caller's thread,
+        from every connection with calls pending whose read token it can take (no hand-off from a reader thread:
+        a thread wake-up less per answer); the others' threads resolve theirs."""
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            conns = [c for c in self._conns.values() if c.pending]
+        held: list[_Conn] = []
+        try:
+            while not any(f.done() for f in futures):
+                held += [c for c in conns if c not in held and c.claim()]
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                if not held:
+                    wait_futures(futures, left, FIRST_COMPLETED)
+                    return
+                by_fd = {c.sock.fileno(): c for c in held}
+                slice_s = WAIT_SLICE_S if len(held) == len(conns) else WAIT_SLICE_S / 10  # others' answers too
+                ready = [c for c in held if c.buffered()] or [
+                    by_fd[fd] for fd in _ready(list(by_fd), min(left, slice_s))]
+                for c in ready:
+                    if not c.read_ready():  # ended: its calls failed
+                        held.remove(c)
+                        conns.remove(c)
+                        c.release()
+        finally:
+            for c in held:
+                c.release()
 
     def close(self) -> None:
         self._deadlines.close()

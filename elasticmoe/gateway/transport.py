@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable, Literal, Protocol
 
 import grpc
@@ -32,7 +32,16 @@ class ExpertTransport(Protocol):
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future: ...
 
+    def wait(self, futures: list[Future], timeout_s: float) -> None:
+        """Until one of `futures` (of this transport's calls, or chained to them) is done or timeout_s has passed;
+        a transport may read the answers on the waiting thread."""
+
     def close(self) -> None: ...
+
+
+def wait_any(futures: list[Future], timeout_s: float) -> None:
+    """ExpertTransport.wait where other threads resolve the answers (gRPC's)."""
+    wait(futures, timeout_s, FIRST_COMPLETED)
 
 
 class TransportError(grpc.RpcError):
@@ -86,6 +95,8 @@ class UnaryTransport(_Channels):
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
         stub, _ = self.stub(address)
         return self._pool.submit(lambda: stub.RunExperts(frames.as_proto(build()), timeout=timeout_s))
+
+    wait = staticmethod(wait_any)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -269,6 +280,8 @@ class StreamTransport(_Channels):
         frame_id = next(self._ids)
         return send_multiplexed(address, frame_id, lambda: frames.request_frame(frame_id, build()),
                                 lambda: self._stream(address), self._deadlines, timeout_s)
+
+    wait = staticmethod(wait_any)
 
     def close(self) -> None:
         self._deadlines.close()

@@ -79,16 +79,18 @@ class FrameReader:
         self._big: memoryview | None = None  # a large frame being read into its own buffer
         self._got = 0  # bytes of _big read so far
 
-    def step(self) -> list[memoryview] | None:
-        """The whole frames already here, else those after one recv (blocking; [] when it brought no whole one);
-        None at a clean end of stream. ConnectionError when it ends mid-frame, FrameError for a bad length prefix
-        (the stream cannot be resynchronised: close it)."""
+    def step(self, block: bool = True) -> list[memoryview] | None:
+        """The whole frames already here, else those after one recv ([] when it brought no whole one); None at a
+        clean end of stream. With block=False the recv does not wait: BlockingIOError when nothing can be read now.
+        ConnectionError when the stream ends mid-frame, FrameError for a bad length prefix (the stream cannot be
+        resynchronised: close it)."""
         out: list[memoryview] = []
         self._split(out)
         if out:
             return out
+        recv = self.sock.recv_into if block else self._recv_nowait
         if self._big is not None:
-            n = self.sock.recv_into(self._big[self._got:])
+            n = recv(self._big[self._got:])
             if n == 0:
                 raise ConnectionError("connection closed mid-frame")
             self._got += n
@@ -101,7 +103,7 @@ class FrameReader:
             n = self._end - self._start
             self._view[:n] = self._view[self._start:self._end]
             self._start, self._end = 0, n
-        n = self.sock.recv_into(self._view[self._end:])
+        n = recv(self._view[self._end:])
         if n == 0:
             if self._end == self._start:
                 return None
@@ -109,6 +111,16 @@ class FrameReader:
         self._end += n
         self._split(out)
         return out
+
+    def _recv_nowait(self, view: memoryview) -> int:
+        if isinstance(self.sock, SerialTLS):
+            return self.sock.recv_nowait(view)
+        return self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+
+    def buffered(self) -> bool:
+        """Whether bytes already received wait inside the connection (decrypted TLS data) where poll() does not see
+        them: read before waiting for the socket."""
+        return isinstance(self.sock, SerialTLS) and self.sock.pending() > 0
 
     def _split(self, out: list) -> None:
         """Move the whole frames received into `out`; start a large frame's own buffer."""

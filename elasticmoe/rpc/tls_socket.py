@@ -43,6 +43,19 @@ class SerialTLS:
                     events = _EVENTS[type(e)]
             _wait(self.fd, events, None)
 
+    def recv_nowait(self, view: memoryview) -> int:
+        """As recv_into, without waiting: BlockingIOError when nothing can be read now."""
+        with self._lock:
+            try:
+                return self.sock.recv_into(view)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise BlockingIOError("nothing to read now") from None
+
+    def pending(self) -> int:
+        """Decrypted bytes waiting inside the SSL object (poll() on the socket does not see them)."""
+        with self._lock:
+            return self.sock.pending()
+
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")
         since = time.monotonic()

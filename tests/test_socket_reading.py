@@ -1,0 +1,182 @@
+"""Who reads the socket transport's answers: a caller waiting in SocketTransport.wait reads them on its own thread
+(the dispatcher's step does), the connection's thread when nobody waits that way; faults and deadlines end such a
+wait at once; callers and connection threads reading side by side each get their own answers. Also the reads that
+do not wait (FrameReader.step(block=False), SerialTLS.recv_nowait / pending) this rests on."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent import futures as cf
+
+import grpc
+import pytest
+import torch
+
+from elasticmoe.gateway import socket_transport
+from elasticmoe.gateway.socket_transport import SocketTransport
+from elasticmoe.rpc import frame_socket, frames
+from elasticmoe.rpc.codec import decode_tensor
+from elasticmoe.rpc.tls_socket import SerialTLS
+from tests.test_failover import E, Shards, _reference, files  # noqa: F401
+from tests.test_socket_transport import _req
+from tests.test_tls_socket import pair as tls_pair  # noqa: F401
+
+
+@pytest.fixture
+def pair(files):  # noqa: F811
+    shards = Shards(files, [list(range(E // 2)), list(range(E // 2, E))])
+    yield shards
+    shards.close()
+
+
+def _resolver(fut: cf.Future) -> dict:
+    """Records the thread that resolves fut (its done callbacks run there)."""
+    seen: dict = {}
+    fut.add_done_callback(lambda _: seen.update(thread=threading.current_thread()))
+    return seen
+
+
+def _wait_all(t: SocketTransport, futs: list[cf.Future], timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while (undone := [f for f in futs if not f.done()]) and time.monotonic() < end:
+        t.wait(undone, end - time.monotonic())
+
+
+def test_a_waiting_caller_reads_its_answers_and_the_connection_thread_reads_the_rest(files, pair):  # noqa: F811
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+    try:
+        first = t.send(address, lambda: _req(files, layer), 5)  # nobody waits through the transport
+        seen = _resolver(first)
+        assert first.result(timeout=10).output.data
+        assert seen["thread"].name.startswith("frames-")
+        for i in range(5):  # waited for through the transport: resolved on this very thread
+            fut = t.send(address, lambda: _req(files, layer, seed=i), 5)
+            seen = _resolver(fut)
+            _wait_all(t, [fut], 10)
+            assert fut.done() and seen["thread"] is threading.current_thread()
+            req = _req(files, layer, seed=i)
+            want = _reference(files, layer, req.hidden, req.topk_ids.long(), req.topk_weights)
+            torch.testing.assert_close(decode_tensor(fut.result().output), want.double(), rtol=1e-5, atol=1e-6)
+        time.sleep(2 * socket_transport.PARK_S)  # no caller reads any more: the connection's thread is back
+        late = t.send(address, lambda: _req(files, layer), 5)
+        seen = _resolver(late)
+        assert late.result(timeout=10).output.data and seen["thread"].name.startswith("frames-")
+    finally:
+        t.close()
+
+
+def test_a_dead_shard_ends_the_wait_at_once_and_the_waiter_sees_it(files, pair):  # noqa: F811
+    """The shard stops while this thread waits in SocketTransport.wait for three slow calls: the wait reads the end
+    of stream itself and fails them all (UNAVAILABLE), long before the calls' delay or deadline."""
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+    try:
+        assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        pair.servicers[0].faults.run_delay_s = 5.0
+        pending = [t.send(address, lambda: _req(files, layer, seed=i), 30) for i in range(3)]
+        seen = [_resolver(f) for f in pending]
+        stopper = threading.Timer(0.3, lambda: pair.servers[0].stop(None))
+        stopper.start()
+        t0 = time.perf_counter()
+        _wait_all(t, pending, 10)
+        took = time.perf_counter() - t0
+        stopper.join()
+        assert all(f.done() for f in pending) and took < 2.0, took
+        for f, s in zip(pending, seen):
+            assert f.exception().code() == grpc.StatusCode.UNAVAILABLE
+            assert s["thread"] is threading.current_thread()
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+
+
+def test_a_deadline_ends_the_wait_and_the_connection_survives(files, pair):  # noqa: F811
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+    try:
+        assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        conn = t._conns[address]
+        pair.servicers[0].faults.run_delay_s = 1.0
+        fut = t.send(address, lambda: _req(files, layer, seed=1), 0.2)
+        t0 = time.perf_counter()
+        _wait_all(t, [fut], 5)
+        assert fut.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.perf_counter() - t0 < 0.2 + 0.5  # its deadline, a sweep grain and one wait slice
+        pair.servicers[0].faults.run_delay_s = 0.0
+        ok = t.send(address, lambda: _req(files, layer, seed=2), 5)
+        _wait_all(t, [ok], 10)  # the late answer is read and dropped on the way
+        assert ok.result().output.data and t._conns[address] is conn and not conn.dead and not conn.pending
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+
+
+def test_callers_and_connection_threads_reading_side_by_side_get_their_own_answers(files, pair):  # noqa: F811
+    """Six threads wait through the transport (they take the read tokens from each other) and two only on their
+    futures, calls of different sizes to both shards over mTLS: every answer is its own request's."""
+    layer = pair.layers[0]
+    t = SocketTransport()
+    holders = [range(E // 2), range(E // 2, E)]
+
+    def one(i: int) -> None:
+        shard = i % 2
+        req = _req(files, layer, 1 + i % 24, seed=i)
+        req = req._replace(topk_ids=(req.topk_ids + shard * (E // 2)).to(torch.int32))
+        assert set(req.topk_ids.unique().tolist()) <= set(holders[shard])
+        fut = t.send(pair.addresses[shard], lambda: req, 10)
+        if i % 4 == 3:
+            got = fut.result(timeout=20)
+        else:
+            _wait_all(t, [fut], 20)
+            got = fut.result(timeout=0)
+        want = _reference(files, layer, req.hidden, req.topk_ids.long(), req.topk_weights)
+        torch.testing.assert_close(decode_tensor(got.output), want.double(), rtol=1e-5, atol=1e-6)
+
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(96)))
+        assert sorted(t._conns) == sorted(pair.addresses) and not any(c.pending for c in t._conns.values())
+        assert all(isinstance(c.sock, SerialTLS) for c in t._conns.values())
+    finally:
+        t.close()
+
+
+def test_frame_reader_reads_without_waiting():
+    a, b = socket.socketpair()
+    try:
+        reader = frame_socket.FrameReader(a)
+        with pytest.raises(BlockingIOError):
+            reader.step(block=False)
+        wire = frames.encode_reply(9, torch.arange(6, dtype=torch.float32).view(2, 3), [4], 7, 1)
+        b.sendall(wire[:20])
+        assert reader.step(block=False) == []  # part of a frame: read, nothing whole yet
+        with pytest.raises(BlockingIOError):
+            reader.step(block=False)
+        b.sendall(wire[20:] + wire)  # the rest, then a second frame whole
+        got = reader.step(block=False)
+        got += [] if len(got) == 2 else reader.step(block=False)
+        assert [frames.decode_reply(g).id for g in got] == [9, 9] and bytes(got[0]) == wire
+        b.shutdown(socket.SHUT_WR)
+        assert reader.step(block=False) is None  # a clean end of stream
+    finally:
+        a.close()
+        b.close()
+
+
+def test_serial_tls_reads_without_waiting_and_tells_what_it_holds(tls_pair):  # noqa: F811
+    ours, peer = tls_pair
+    with pytest.raises(BlockingIOError):
+        ours.recv_nowait(memoryview(bytearray(16)))
+    assert ours.pending() == 0
+    peer.sendall(b"0123456789")
+    time.sleep(0.1)
+    buf = bytearray(4)
+    assert ours.recv_nowait(memoryview(buf)) == 4 and bytes(buf) == b"0123"
+    assert ours.pending() == 6  # decrypted and waiting in the SSL object, where poll() cannot see it
+    rest = bytearray(16)
+    assert ours.recv_nowait(memoryview(rest)) == 6 and bytes(rest[:6]) == b"456789"
+    with pytest.raises(BlockingIOError):
+        ours.recv_nowait(memoryview(rest))
