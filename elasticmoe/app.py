@@ -15,6 +15,8 @@ def _options(res) -> dict[str, Any]:
         opts["memory"] = res.memory
     if res.accelerator_type is not None:
         opts["accelerator_type"] = res.accelerator_type
+    if res.resources:
+        opts["resources"] = dict(res.resources)
     return opts
 
 

@@ -12,6 +12,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_RAY_BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own resource names
+
+
 class Resources(_Strict):
     """Ray resources for one replica."""
 
@@ -20,6 +23,19 @@ class Resources(_Strict):
     memory: int | None = Field(None, ge=0, description="bytes of RAM reserved for the replica")
     accelerator_type: str | None = Field(None, min_length=1, description="Ray accelerator type the replica needs, "
                                          "e.g. H100, A100-80G, L40S (ray.util.accelerators)")
+    resources: dict[str, float] = Field({}, description="custom Ray resources the replica needs, e.g. "
+                                        "{elasticmoe_gateway: 1}: it runs only on nodes started with them")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, res: dict[str, float]) -> dict[str, float]:
+        for name, amount in res.items():
+            if not name or name in _RAY_BUILTIN or name.startswith("accelerator_type:"):
+                raise ValueError(f"resources: {name!r} is not a custom resource (num_cpus, num_gpus, memory and "
+                                 f"accelerator_type have fields of their own)")
+            if amount < 0:
+                raise ValueError(f"resources: {name!r} is {amount}; want >= 0")
+        return res
 
 
 class Limits(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,13 +67,17 @@ def _run(args: list[str], timeout: float = 300, check: bool = True) -> subproces
     return proc
 
 
-def start_ray(num_cpus: int | None = None, port: int = 6379, temp_dir: str | None = None) -> None:
-    """`ray start --head` bound to 127.0.0.1 with the dashboard (needed by `serve deploy`) on 127.0.0.1:8265."""
+def start_ray(num_cpus: int | None = None, port: int = 6379, temp_dir: str | None = None,
+              resources: dict[str, float] | None = None) -> None:
+    """`ray start --head` bound to 127.0.0.1 with the dashboard (needed by `serve deploy`) on 127.0.0.1:8265;
+    `resources`: custom Ray resources of the node (what a replica's `resources` asks for)."""
     args = [_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
             "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats",
             f"--metrics-export-port={METRICS_PORT}"]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
+    if resources:
+        args.append(f"--resources={json.dumps(resources)}")
     if temp_dir:
         args.append(f"--temp-dir={temp_dir}")
     _run(args, timeout=180)

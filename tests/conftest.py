@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+GATEWAY_RESOURCE = "elasticmoe_gateway"  # the custom Ray resource of the chart's gateway worker group
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +27,12 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real `ray start --head` on 127.0.0.1, stopped at the end of the session."""
+    """A real `ray start --head` on 127.0.0.1, stopped at the end of the session. Its node declares
+    GATEWAY_RESOURCE as a gateway worker group of the Helm chart does (directGrpc)."""
     from elasticmoe import local_cluster as lc
 
     lc.stop_ray()
-    lc.start_ray(num_cpus=8)
+    lc.start_ray(num_cpus=8, resources={GATEWAY_RESOURCE: 4})
     yield lc
     import ray
 

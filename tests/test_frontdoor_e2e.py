@@ -22,6 +22,7 @@ from elasticmoe.client import GenerationClient, make_request
 from elasticmoe.local_cluster import serve_status
 from elasticmoe.rpc import generation_pb2 as gen
 from tests.fuzz_util import FUZZ, Neighbours, generate_requests, openai_bodies, raw_request_bytes
+from tests.conftest import GATEWAY_RESOURCE
 from tests.serving_util import GRPC, app_entry, deploy, handle
 
 pytestmark = pytest.mark.e2e
@@ -35,8 +36,11 @@ E2E = settings(FUZZ, max_examples=int(os.environ.get("ELASTICMOE_FUZZ_E2E_EXAMPL
 
 
 def _app(model, **kw) -> dict:
+    """As the Helm chart's directGrpc deploys it: the gateway asks for the custom resource of a gateway pod."""
     limits = {"max_num_seqs": 8, "max_queue": 8, "max_model_len": 2048}
-    return {**app_entry(APP, model, 2, limits=limits, direct_grpc={"port": DIRECT_PORT}), **kw}
+    gateway = {"num_cpus": 0.5, "resources": {GATEWAY_RESOURCE: 1}}
+    return {**app_entry(APP, model, 2, limits=limits, direct_grpc={"port": DIRECT_PORT},
+                        gateway_resources=gateway), **kw}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,16 @@ def _idle(gateway, timeout: float = 30) -> dict:
             return st
         assert time.monotonic() < deadline, st
         time.sleep(0.2)
+
+
+def test_the_gateway_holds_one_gateway_resource(gateway, reference):
+    """The replica runs only where a node declares the resource, and holds one: a chart's gateway pod (one
+    elasticmoe_gateway each) hosts one gateway. The session's node declares 4."""
+    import ray
+
+    assert ray.cluster_resources()[GATEWAY_RESOURCE] == 4
+    assert ray.available_resources().get(GATEWAY_RESOURCE, 0) == 3
+    assert _greedy(PROMPTS[0], DIRECT) == reference[PROMPTS[0]]
 
 
 def test_poison_inputs_end_alone_while_greedy_neighbours_finish_exactly(gateway, reference):

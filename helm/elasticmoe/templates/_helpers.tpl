@@ -149,8 +149,28 @@ message naming the values at fault.
 {{- end }}
 {{- $ga := $v.gatewayResources.acceleratorType }}
 {{- $sa := $v.shardResources.acceleratorType }}
-{{- if and $ga $sa (ne $ga $sa) }}
-{{- fail (printf "gatewayResources.acceleratorType (%s) and shardResources.acceleratorType (%s) differ, but the chart has one worker group" $ga $sa) }}
+{{- if and $ga $sa (ne $ga $sa) (not $v.directGrpc.enabled) }}
+{{- fail (printf "gatewayResources.acceleratorType (%s) and shardResources.acceleratorType (%s) differ, but the chart has one worker group (directGrpc.enabled gives the gateways their own)" $ga $sa) }}
+{{- end }}
+{{- if $v.directGrpc.enabled }}
+{{- $dp := int $v.directGrpc.port }}
+{{- if has $dp (list (int $v.serve.httpPort) (int $v.serve.grpcPort) 6379 8080 8265 10001 52365) }}
+{{- fail (printf "directGrpc.port %v is a port Serve or Ray uses" $dp) }}
+{{- end }}
+{{- if and (ge $dp (int $v.expertPort.start)) (le $dp (int $v.expertPort.end)) }}
+{{- fail (printf "directGrpc.port %v lies in expertPort %v-%v" $dp $v.expertPort.start $v.expertPort.end) }}
+{{- end }}
+{{- if and (gt (float64 $v.gatewayResources.numGpus) 0.0) (lt (float64 $v.gatewayGroup.gpus) (float64 $v.gatewayResources.numGpus)) }}
+{{- fail (printf "gatewayResources.numGpus is %v but gatewayGroup.gpus is %v: the gateway pods would have too few GPUs" $v.gatewayResources.numGpus $v.gatewayGroup.gpus) }}
+{{- end }}
+{{- range $k := list "num-cpus" "num-gpus" "memory" "resources" }}
+{{- if hasKey $v.gatewayGroup.rayStartParams $k }}
+{{- fail (printf "gatewayGroup.rayStartParams sets %s, which KubeRay refuses beside the group's own Ray resources" $k) }}
+{{- end }}
+{{- end }}
+{{- if eq $v.gatewayGroup.groupName $v.workers.groupName }}
+{{- fail "gatewayGroup.groupName and workers.groupName must differ" }}
+{{- end }}
 {{- end }}
 {{- if and (or $ga $sa) (or (hasKey $v.workers.rayStartParams "num-cpus") (hasKey $v.workers.rayStartParams "num-gpus") (hasKey $v.workers.rayStartParams "memory") (hasKey $v.workers.rayStartParams "resources")) }}
 {{- fail "workers.rayStartParams sets num-cpus / num-gpus / memory / resources, which KubeRay refuses beside the group resources an acceleratorType adds" }}
@@ -218,6 +238,7 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- $gw := dict "num_cpus" $v.gatewayResources.numCpus "num_gpus" $v.gatewayResources.numGpus }}
 {{- if not (kindIs "invalid" $v.gatewayResources.memory) }}{{- $_ := set $gw "memory" (int64 $v.gatewayResources.memory) }}{{- end }}
 {{- with $v.gatewayResources.acceleratorType }}{{- $_ := set $gw "accelerator_type" . }}{{- end }}
+{{- if $v.directGrpc.enabled }}{{- $_ := set $gw "resources" (dict (include "elasticmoe.gatewayResource" .) 1) }}{{- end }}
 {{- $sh := dict "num_cpus" $v.shardResources.numCpus "num_gpus" $v.shardResources.numGpus }}
 {{- if not (kindIs "invalid" $v.shardResources.memory) }}{{- $_ := set $sh "memory" (int64 $v.shardResources.memory) }}{{- end }}
 {{- with $v.shardResources.acceleratorType }}{{- $_ := set $sh "accelerator_type" . }}{{- end }}
@@ -240,6 +261,7 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- with $v.model.revision }}{{- $_ := set $args "revision" (toString .) }}{{- end }}
 {{- with $v.model.servedName }}{{- $_ := set $args "served_model_name" (toString .) }}{{- end }}
 {{- if not $v.internalTls.enabled }}{{- $_ := set $args "insecure_internal" true }}{{- end }}
+{{- if $v.directGrpc.enabled }}{{- $_ := set $args "direct_grpc" (dict "host" "0.0.0.0" "port" (int $v.directGrpc.port)) }}{{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- $a := $v.autoscaling }}
 {{- $as := dict
