@@ -178,23 +178,30 @@ def pair(files):
     shards.close()
 
 
-def test_dispatch_equals_single_process(files, pair):
+@pytest.fixture(params=["unary", "socket"])
+def transport(request) -> str:
+    """Each dispatcher test below over the unary transport and over the socket transport (the deployed default,
+    whose waiting caller reads the answers itself)."""
+    return request.param
+
+
+def test_dispatch_equals_single_process(files, pair, transport):
     layer = pair.layers[0]
     inputs = _inputs(files)
     ref = _reference(files, layer, *inputs)
     for copies in (SPLIT, ALL_BOTH):
-        d = GrpcDispatcher(timeout_s=5)
+        d = GrpcDispatcher(transport=transport, timeout_s=5)
         d.set_table(pair.table(copies))
         out, _ = _run(d, layer, inputs)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         assert d.failovers == 0 and d.hedges == 0
 
 
-def test_dead_copy_fails_over_inside_the_step(files, pair):
+def test_dead_copy_fails_over_inside_the_step(files, pair, transport):
     layer, inputs = pair.layers[0], _inputs(files, 1)
     ref = _reference(files, layer, *inputs)
     reported: list[str] = []
-    d = GrpcDispatcher(timeout_s=5, on_failure=lambda sid: reported.append(sid))
+    d = GrpcDispatcher(transport=transport, timeout_s=5, on_failure=lambda sid: reported.append(sid))
     d.set_table(pair.table(ALL_BOTH))
     pair.servers[0].stop(None)
     out, _ = _run(d, layer, inputs)
@@ -210,10 +217,10 @@ def test_dead_copy_fails_over_inside_the_step(files, pair):
     assert d.failovers == 0
 
 
-def test_straggler_is_hedged_and_the_first_answer_wins(files, pair):
+def test_straggler_is_hedged_and_the_first_answer_wins(files, pair, transport):
     layer, inputs = pair.layers[0], _inputs(files, 2)
     ref = _reference(files, layer, *inputs)
-    d = GrpcDispatcher(timeout_s=10, hedge_min_s=0.05)
+    d = GrpcDispatcher(transport=transport, timeout_s=10, hedge_min_s=0.05)
     d.set_table(pair.table(ALL_BOTH))
     for _ in range(5):
         _run(d, layer, inputs)  # round-trip samples for the hedge threshold
@@ -226,12 +233,12 @@ def test_straggler_is_hedged_and_the_first_answer_wins(files, pair):
     assert entry["straggled"] == ["s0"] and not entry["dead"] and 0.05 <= entry["detected_s"] <= entry["done_s"]
 
 
-def test_a_hedged_around_call_that_then_breaks_is_reported(files, pair):
+def test_a_hedged_around_call_that_then_breaks_is_reported(files, pair, transport):
     """A straggler's hedge wins the step; when the straggler's connection then breaks (its shard died, it was not
     just slow), the failure is reported to the controller at once, not when the suspicion expires."""
     layer, inputs = pair.layers[0], _inputs(files, 3)
     reported: list[str] = []
-    d = GrpcDispatcher(timeout_s=10, hedge_min_s=0.05, on_failure=lambda sid: reported.append(sid))
+    d = GrpcDispatcher(transport=transport, timeout_s=10, hedge_min_s=0.05, on_failure=lambda sid: reported.append(sid))
     d.set_table(pair.table(ALL_BOTH))
     for _ in range(5):
         _run(d, layer, inputs)
@@ -245,23 +252,23 @@ def test_a_hedged_around_call_that_then_breaks_is_reported(files, pair):
     assert reported == ["s0"]
 
 
-def test_malformed_and_missing_answers_go_to_another_copy(files, pair):
+def test_malformed_and_missing_answers_go_to_another_copy(files, pair, transport):
     layer, inputs = pair.layers[0], _inputs(files, 3)
     ref = _reference(files, layer, *inputs)
-    d = GrpcDispatcher(timeout_s=5)
+    d = GrpcDispatcher(transport=transport, timeout_s=5)
     d.set_table(pair.table(ALL_BOTH))
     pair.servicers[1].faults.malformed_outputs = 1
     out, _ = _run(d, layer, inputs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert d.failovers >= 1
     pair.stores[0].drop([(layer, e) for e in range(4)])  # the table still lists them on s0: `missing`
-    d2 = GrpcDispatcher(timeout_s=5)
+    d2 = GrpcDispatcher(transport=transport, timeout_s=5)
     d2.set_table(pair.table(ALL_BOTH))
     out, _ = _run(d2, layer, inputs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_orphans_wait_for_the_next_table(files):
+def test_orphans_wait_for_the_next_table(files, transport):
     shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]])
     try:
         layer, inputs = shards.layers[0], _inputs(files, 4)
@@ -271,7 +278,7 @@ def test_orphans_wait_for_the_next_table(files):
             shards.stores[1].load([(l, e) for l in shards.layers for e in range(4)])
             return shards.table({e: [1] for e in range(E)}, version=2, alive=[1])
 
-        d = GrpcDispatcher(timeout_s=5, on_failure=controller)
+        d = GrpcDispatcher(transport=transport, timeout_s=5, on_failure=controller)
         d.set_table(shards.table(SPLIT))
         shards.servers[0].stop(None)
         out, _ = _run(d, layer, inputs)
@@ -280,7 +287,7 @@ def test_orphans_wait_for_the_next_table(files):
         shards.close()
 
 
-def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files):
+def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files, transport):
     """A paused shard holding the only copies: no hedge is possible until the controller re-homes them; the next
     table (arriving mid-step, from the poller) carries a copy elsewhere and the hedge goes there at once."""
     import threading
@@ -289,7 +296,7 @@ def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files):
     try:
         layer, inputs = shards.layers[0], _inputs(files, 6)
         ref = _reference(files, layer, *inputs)
-        d = GrpcDispatcher(timeout_s=20, hedge_min_s=0.05)
+        d = GrpcDispatcher(transport=transport, timeout_s=20, hedge_min_s=0.05)
         d.set_table(shards.table(SPLIT))
         for _ in range(5):
             _run(d, layer, inputs)
@@ -309,10 +316,10 @@ def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files):
         shards.close()
 
 
-def test_no_copy_anywhere_raises_experts_unavailable(files):
+def test_no_copy_anywhere_raises_experts_unavailable(files, transport):
     shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]])
     try:
-        d = GrpcDispatcher(timeout_s=1, failover_s=1.0)
+        d = GrpcDispatcher(transport=transport, timeout_s=1, failover_s=1.0)
         d.set_table(shards.table(SPLIT))
         shards.servers[0].stop(None)
         with pytest.raises(ExpertsUnavailable, match="unavailable"):
