@@ -53,7 +53,10 @@ def test_gateways_get_their_own_group_and_a_service_reaching_only_them():
     assert gw["replicas"] == gw["minReplicas"] == gw["maxReplicas"] == args.num_gateways
     port = {p["name"]: p["containerPort"] for p in _container(gw)["ports"]}
     assert port["direct-grpc"] == 9100 and "direct-grpc" not in {p["name"] for p in _container(workers)["ports"]}
-    assert _container(gw)["readinessProbe"]["tcpSocket"] == {"port": "direct-grpc"}
+    (probe,) = _container(gw)["readinessProbe"]["exec"]["command"][2:]  # bash -c <probe>
+    assert [c.strip() for c in probe.split("&&")] == [  # KubeRay's raylet and proxy checks, then the port
+        "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success",
+        "wget -T 2 -q -O- http://localhost:8000/-/healthz | grep success", ": < /dev/tcp/127.0.0.1/9100"]
     assert "readinessProbe" not in _container(workers)
     # the gateway pods run as the workers do: same env, volumes, drain
     assert _container(gw)["env"] == _container(workers)["env"]
@@ -120,3 +123,21 @@ def test_custom_resources_reach_the_gateways_actor_options_and_builtins_are_refu
     for bad in ({"CPU": 1}, {"memory": 1}, {"accelerator_type:H100": 1}, {"": 1}, {GATEWAY_RESOURCE: -1}):
         with pytest.raises(ValidationError, match="resources"):
             Resources(resources=bad)
+
+
+def test_the_probes_port_check_passes_only_while_something_listens():
+    """The last clause of the rendered readiness probe, run as rendered by bash: it passes while the port has a
+    listener and fails once it is gone."""
+    import socket
+    import subprocess
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    rs = _one(_objects(_render({"directGrpc": {"enabled": True, "port": port}, "expertPort": {"start": 1024,
+                                                                                           "end": 1030}})), "RayService")
+    probe = _container(_groups(rs)["gateways"])["readinessProbe"]["exec"]["command"]
+    check = probe[2].split("&&")[-1].strip()
+    assert check == f": < /dev/tcp/127.0.0.1/{port}"
+    assert subprocess.run([*probe[:2], check], capture_output=True).returncode == 0
+    listener.close()
+    assert subprocess.run([*probe[:2], check], capture_output=True).returncode != 0

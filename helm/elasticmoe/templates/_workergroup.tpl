@@ -110,10 +110,21 @@ The gateway group also exposes directGrpc.port and is ready only once its gatewa
               containerPort: {{ $v.directGrpc.port }}
             {{- end }}
           {{- if $gateway }}
-          # In the direct-grpc Service only while its gateway answers on the port.
+          # KubeRay's own readiness checks of a RayService worker (its raylet; its Serve proxy, which decides
+          # whether <fullname>-serve-svc sends it traffic), which a probe of ours replaces, and then the gateway's
+          # port: in <fullname>-direct-grpc only while its gateway answers there.
           readinessProbe:
-            tcpSocket:
-              port: direct-grpc
+            exec:
+              command:
+                - bash
+                - -c
+                - >-
+                  wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success
+                  {{- if ne $v.serve.proxyLocation "HeadOnly" }}
+                  && wget -T 2 -q -O- http://localhost:{{ $v.serve.httpPort }}/-/healthz | grep success
+                  {{- end }}
+                  && : < /dev/tcp/127.0.0.1/{{ $v.directGrpc.port }}
+            timeoutSeconds: 5
             periodSeconds: 5
             failureThreshold: 2
           {{- end }}
