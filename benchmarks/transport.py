@@ -44,7 +44,9 @@ RESULTS = Path(__file__).parent / "results"
 H = 4096  # bf16 hidden [tokens, 4096]: 8 KiB per token
 SIZES = {"16 KiB": (2, 300), "64 KiB": (8, 200), "256 KiB": (32, 120), "1 MiB": (128, 60), "8 MiB": (1024, 16)}
 SHARDS = (1, 2, 4)
-MODES = ("socket", "unary", "stream", "stream-default", "frames")  # frames: the socket transport (SocketTransport)
+MODES = ("socket", "unary", "stream", "stream-default", "frames", "frames-thread")
+# frames: the socket transport (SocketTransport), the caller reading its answers as the dispatcher does; frames-thread:
+# the same transport waited for on its Futures alone, so the connection's thread reads them and hands them over
 TARGET_MODES = ("stream", "frames")
 # the mTLS comparison: 1 shard; calls per mode (~1.5 min on 2 busy vCPUs); the target for mTLS p50 / plaintext p50
 MTLS_SIZES = {"16 KiB": (2, 1000), "64 KiB": (8, 800), "1 MiB": (128, 300), "8 MiB": (1024, 40)}
@@ -144,12 +146,13 @@ def _spawn(kind: str) -> tuple[subprocess.Popen, str]:
     return proc, " ".join(f"127.0.0.1:{int(port)}" for port in proc.stdout.readline().split())
 
 
-def _fanout(transport, targets: list[str], req: ExpertRequest):
+def _fanout(transport, targets: list[str], req: ExpertRequest, wait_through: bool = True):
     """One call per shard through a gateway transport, waited for through it (as failover does: the socket
-    transport reads the answers on this thread), then every answer's output decoded."""
+    transport reads the answers on this thread) or, with wait_through=False, on the Futures alone; then every
+    answer's output decoded."""
     def call() -> None:
         futures = [transport.send(t, lambda: req, 60) for t in targets]
-        while undone := [f for f in futures if not f.done()]:
+        while wait_through and (undone := [f for f in futures if not f.done()]):
             transport.wait(undone, 60)
         for f in futures:
             decode_tensor(f.result().output)
@@ -182,7 +185,7 @@ def _case(targets: dict[str, list[str]], tokens: int, calls: int, transports: di
     sock = SocketFanout(targets["socket"])
     try:
         callers = {"socket": lambda: sock.call(payload)}
-        callers.update({m: _fanout(transports[m], targets[m], req) for m in MODES[1:]})
+        callers.update({m: _fanout(transports[m], targets[m], req, m != "frames-thread") for m in MODES[1:]})
         r = round_trips(callers, calls)
     finally:
         sock.close()
@@ -218,7 +221,7 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
     targets = {m: [t for _, t in started[kinds.get(m, "grpc")]] for m in MODES}  # unary and stream: same shards
     transports = {"unary": UnaryTransport(insecure=True), "stream": StreamTransport(insecure=True),
                   "stream-default": StreamTransport(insecure=True, options=channel_options(http2=False)),
-                  "frames": SocketTransport(insecure=True)}
+                  "frames": SocketTransport(insecure=True), "frames-thread": SocketTransport(insecure=True)}
     try:
         cases = {}
         for name in sizes:
@@ -243,13 +246,15 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
 def table(res: dict) -> str:
     """Markdown: p50 / p99 latency and GB/s per mode, payload and shard count, with ratios to the socket floor."""
     lines = ["| payload x shards | " + " | ".join(f"{m} p50 / p99 ms, GB/s" for m in MODES)
-             + " | unary / socket p50 | stream / socket p50, GB/s | frames / socket p50, GB/s |",
-             "|---" * (len(MODES) + 4) + "|"]
+             + " | unary / socket p50 | stream / socket p50, GB/s | frames / socket p50, GB/s"
+             + " | frames / frames-thread p50 |",
+             "|---" * (len(MODES) + 5) + "|"]
     for name, r in res["cases"].items():
         cells = [f"{r[m]['p50_us'] / 1e3:.2f} / {r[m]['p99_us'] / 1e3:.2f}, {r[m]['gb_s']:.2f}" for m in MODES]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['unary_vs_socket_p50']:.2f}x"
                      + "".join(f" | {r[m + '_vs_socket_p50']:.2f}x, {r[m + '_of_socket_gb_s']:.2f}"
-                               for m in TARGET_MODES) + " |")
+                               for m in TARGET_MODES)
+                     + f" | {r['frames']['p50_us'] / r['frames-thread']['p50_us']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import pytest
 from tests.moe_cases import REPO
 
 
-MODES = ("socket", "unary", "stream", "stream-default", "frames")  # transport.py's
+MODES = ("socket", "unary", "stream", "stream-default", "frames", "frames-thread")  # transport.py's
 
 
 def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
