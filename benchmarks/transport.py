@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures as cf
 import json
 import os
 import re
@@ -148,12 +149,13 @@ def _spawn(kind: str) -> tuple[subprocess.Popen, str]:
 
 def _fanout(transport, targets: list[str], req: ExpertRequest, wait_through: bool = True):
     """One call per shard through a gateway transport, waited for through it (as failover does: the socket
-    transport reads the answers on this thread) or, with wait_through=False, on the Futures alone; then every
-    answer's output decoded."""
+    transport reads the answers on this thread) or, with wait_through=False, in concurrent.futures.wait (the
+    connection's thread reads them); then every answer's output decoded."""
     def call() -> None:
         futures = [transport.send(t, lambda: req, 60) for t in targets]
         while wait_through and (undone := [f for f in futures if not f.done()]):
             transport.wait(undone, 60)
+        cf.wait(futures)  # (done by now when waited for through the transport)
         for f in futures:
             decode_tensor(f.result().output)
     return call

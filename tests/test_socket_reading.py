@@ -48,14 +48,17 @@ def test_a_waiting_caller_reads_its_answers_and_the_connection_thread_reads_the_
     layer, address = pair.layers[0], pair.addresses[0]
     t = SocketTransport()
     try:
-        first = t.send(address, lambda: _req(files, layer), 5)  # nobody waits through the transport
+        first = t.send(address, lambda: _req(files, layer), 5)  # nobody reads: concurrent.futures.wait only waits
         seen = _resolver(first)
-        assert first.result(timeout=10).output.data
+        assert cf.wait([first], 10).done and first.result().output.data
         assert seen["thread"].name.startswith("frames-")
-        for i in range(5):  # waited for through the transport: resolved on this very thread
+        for i in range(6):  # waited for through the transport, or on the Future: resolved on this very thread
             fut = t.send(address, lambda: _req(files, layer, seed=i), 5)
             seen = _resolver(fut)
-            _wait_all(t, [fut], 10)
+            if i % 2:
+                fut.result(timeout=10)
+            else:
+                _wait_all(t, [fut], 10)
             assert fut.done() and seen["thread"] is threading.current_thread()
             req = _req(files, layer, seed=i)
             want = _reference(files, layer, req.hidden, req.topk_ids.long(), req.topk_weights)
@@ -63,8 +66,29 @@ def test_a_waiting_caller_reads_its_answers_and_the_connection_thread_reads_the_
         time.sleep(2 * socket_transport.PARK_S)  # no caller reads any more: the connection's thread is back
         late = t.send(address, lambda: _req(files, layer), 5)
         seen = _resolver(late)
-        assert late.result(timeout=10).output.data and seen["thread"].name.startswith("frames-")
+        assert cf.wait([late], 10).done and late.result().output.data and seen["thread"].name.startswith("frames-")
     finally:
+        t.close()
+
+
+def test_a_callback_run_by_a_reading_caller_may_wait_on_another_call(files, pair):  # noqa: F811
+    """The reading caller holds the connection's read token while it runs the answers' callbacks; one of them
+    waiting on another call of the same connection reads that answer too (the token is reentrant), no deadlock."""
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+    try:
+        assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        pair.servicers[0].faults.run_delay_s = 0.3  # the second answer comes while the first one's callback waits
+        first = t.send(address, lambda: _req(files, layer, seed=1), 10)
+        second = t.send(address, lambda: _req(files, layer, seed=2), 10)
+        inner: dict = {}
+        first.add_done_callback(lambda _: inner.update(got=second.result(timeout=10)))
+        t0 = time.perf_counter()
+        _wait_all(t, [first], 10)
+        assert first.result().output.data and inner["got"].output.data and second.done()
+        assert time.perf_counter() - t0 < 5.0
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
         t.close()
 
 

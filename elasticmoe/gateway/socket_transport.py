@@ -23,7 +23,8 @@ from elasticmoe.rpc.tls_socket import SerialTLS
 
 log = logging.getLogger(__name__)
 CONNECT_S = 5.0  # Health (for the frame port), TCP connect and TLS handshake, each
-PARK_S = 0.02  # a connection's thread leaves reading to the callers for this long after one last read
+PARK_S = 0.5  # a connection's thread leaves reading to the callers for this long after one last read (it then
+# reads only answers that nobody waits for: a hedged-around call's late failure, say), waking twice a second
 IDLE_POLL_S = 1.0  # how long a connection's thread waits in poll() at a time
 WAIT_SLICE_S = 0.01  # a reading caller looks at its futures at least this often (deadlines, other threads)
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -51,7 +52,8 @@ class _Conn(Multiplexed):
         self.sock: socket.socket | SerialTLS | None = None
         self._backlog: list[list] | None = []  # frames submitted while connecting; None once open
         self._send_lock = threading.Lock()  # one frame on the wire at a time
-        self._token = threading.Lock()  # held by whoever reads the socket (this connection's thread or a caller)
+        self._token = threading.RLock()  # held by whoever reads the socket (this connection's thread or a caller;
+        # reentrant: a callback run by a reading caller may wait on another call)
         self._reader: frame_socket.FrameReader | None = None  # set once open
         self._read_at = 0.0  # monotonic: when a caller last read (the connection's thread parks for PARK_S after)
         self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {address} ended")
@@ -183,6 +185,31 @@ class _Conn(Multiplexed):
             self._shut()
 
 
+class _Answer(Future):
+    """A socket transport call's Future: waiting on it (result, exception) reads the answers on the waiting thread,
+    as SocketTransport.wait does (concurrent.futures.wait and done callbacks do not)."""
+
+    def __init__(self, wait: Callable[[list[Future], float], None]):
+        super().__init__()
+        self._wait_through = wait
+
+    def result(self, timeout: float | None = None):
+        self._read_until_done(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None):
+        self._read_until_done(timeout)
+        return super().exception(timeout)
+
+    def _read_until_done(self, timeout: float | None) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.done():
+            left = 3600.0 if end is None else end - time.monotonic()
+            if left <= 0:
+                return
+            self._wait_through([self], left)
+
+
 class SocketTransport(_Channels):
     """One persistent TCP connection per shard to its frame listener (port from Health, asked at each connect):
     the same frames as StreamTransport's stream, written with sendmsg from the caller's thread and read by the
@@ -237,7 +264,7 @@ class SocketTransport(_Channels):
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
         frame_id = next(self._ids)
         return send_multiplexed(address, frame_id, lambda: frames.request_parts(frame_id, build()),
-                                lambda: self._conn(address), self._deadlines, timeout_s)
+                                lambda: self._conn(address), self._deadlines, timeout_s, _Answer(self.wait))
 
     def wait(self, futures: list[Future], timeout_s: float) -> None:
         """Until one of `futures` is done or timeout_s has passed. The answers are read here, on the caller's thread,

@@ -141,10 +141,10 @@ class Multiplexed:
 
 
 def send_multiplexed(address: str, frame_id: int, encode: Callable[[], object], conn_for: Callable[[], Multiplexed],
-                     deadlines: "Deadlines", timeout_s: float) -> Future:
+                     deadlines: "Deadlines", timeout_s: float, fut: Future | None = None) -> Future:
     """One call on a multiplexed connection: encode the frame, submit it (one fresh connection if the one found has
-    died), its deadline kept by `deadlines`. Returns the call's Future."""
-    fut: Future = Future()
+    died), its deadline kept by `deadlines`. Returns the call's Future (`fut`, when given: a fresh one)."""
+    fut = Future() if fut is None else fut
     fut.set_running_or_notify_cancel()
     try:
         frame = encode()
