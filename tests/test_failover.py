@@ -143,8 +143,9 @@ class Shards:
                                        "shards": [{"id": f"s{i}", "address": self.addresses[i]} for i in idx]})
 
     def close(self):
-        for s in self.servers:
-            s.stop(None)
+        """Stop every server and wait until they have (grpc threads still stopping at interpreter exit abort it)."""
+        for stopped in [s.stop(None) for s in self.servers]:
+            stopped.wait(10)
 
 
 def _inputs(files, seed: int = 0):

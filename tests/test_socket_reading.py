@@ -204,3 +204,21 @@ def test_serial_tls_reads_without_waiting_and_tells_what_it_holds(tls_pair):  # 
     assert ours.recv_nowait(memoryview(rest)) == 6 and bytes(rest[:6]) == b"456789"
     with pytest.raises(BlockingIOError):
         ours.recv_nowait(memoryview(rest))
+
+
+def test_the_connection_thread_stays_asleep_while_a_caller_reads(files, pair):  # noqa: F811
+    """1.5 s of back-to-back calls waited for through the transport: the connection's own thread wakes about twice a
+    second (each wake-up takes the GIL from the engine thread), not once per answer."""
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+    try:
+        _wait_all(t, [t.send(address, lambda: _req(files, layer), 5)], 10)
+        conn, calls = t._conns[address], 0
+        before, end = conn.wakeups, time.monotonic() + 1.5
+        while time.monotonic() < end:
+            _wait_all(t, [t.send(address, lambda: _req(files, layer, seed=calls), 5)], 10)
+            calls += 1
+        woke = conn.wakeups - before
+        assert calls >= 50 and woke <= 1.5 / socket_transport.PARK_S + 2, (calls, woke)
+    finally:
+        t.close()

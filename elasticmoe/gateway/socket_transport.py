@@ -56,6 +56,7 @@ class _Conn(Multiplexed):
         # reentrant: a callback run by a reading caller may wait on another call)
         self._reader: frame_socket.FrameReader | None = None  # set once open
         self._read_at = 0.0  # monotonic: when a caller last read (the connection's thread parks for PARK_S after)
+        self.wakeups = 0  # times the connection's thread woke up (each takes the GIL)
         self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {address} ended")
         threading.Thread(target=self._run, args=(opener,), name=f"frames-{address}", daemon=True).start()
 
@@ -113,6 +114,7 @@ class _Conn(Multiplexed):
         """The connection's thread: read answers as they come while no caller does; park while callers read."""
         fd = self.sock.fileno()
         while not self.dead:
+            self.wakeups += 1
             if time.monotonic() - self._read_at < PARK_S:
                 time.sleep(PARK_S)
                 continue
@@ -302,3 +304,4 @@ class SocketTransport(_Channels):
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:
             c.fail(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))
+        self.close_channels()

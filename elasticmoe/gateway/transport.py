@@ -84,6 +84,13 @@ class _Channels:
                 self._stubs[address] = (pb_grpc.ExpertShardStub(ch), ch)
             return (*self._stubs[address], renewed)
 
+    def close_channels(self) -> None:
+        """Close every channel (the transport's close: its calls in flight end CANCELLED)."""
+        with self._lock:
+            channels, self._stubs = [ch for _, ch in self._stubs.values()], {}
+        for ch in channels:
+            ch.close()
+
 
 class UnaryTransport(_Channels):
     """One unary RunExperts call per request, issued from a thread pool (the request is built there too)."""
@@ -100,6 +107,7 @@ class UnaryTransport(_Channels):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self.close_channels()
 
 
 _CODES = {c.value[0]: c.value for c in grpc.StatusCode}  # status code number -> grpc's (code, name)
@@ -290,6 +298,7 @@ class StreamTransport(_Channels):
         for s in streams:
             s.fail(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))
             s._call.cancel()
+        self.close_channels()
 
 
 def make_transport(kind: TransportName | ExpertTransport, insecure: bool) -> ExpertTransport:
