@@ -133,12 +133,14 @@ def test_dead_shard_fails_pending_calls_at_once_and_the_next_send_reconnects(fil
         pending = [t.send(address, lambda: _req(files, layer, seed=i), 30) for i in range(3)]
         time.sleep(0.2)
         t0 = time.perf_counter()
-        pair.servers[0].stop(None).wait()  # the gRPC server and the frame listener with its connections
+        stopped = pair.servers[0].stop(None)  # the gRPC server and the frame listener with its connections
         for fut in pending:
             with pytest.raises(grpc.RpcError) as e:
                 fut.result(timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert time.perf_counter() - t0 < 2.0 and first.dead  # not the 30 s deadline, nor the 5 s delay
+        assert stopped.wait(10)  # once the frame being computed ends; the two queued behind it are not run
+        assert time.perf_counter() - t0 < 8.0
         port = int(address.rsplit(":", 1)[1])
         pair.servers[0], pair.servicers[0], _ = start_server(pair.stores[0], "s0", port=port)
         got = t.send(address, lambda: _req(files, layer), 5).result(timeout=10)  # Health again: the new frame port

@@ -6,11 +6,14 @@ A reply with id 0 and RESOURCE_EXHAUSTED, then the end of the connection: the li
 
 from __future__ import annotations
 
+import atexit
 import logging
 import socket
 import ssl
 import struct
 import threading
+import time
+import weakref
 from typing import Callable, Iterator
 
 import grpc
@@ -27,6 +30,7 @@ _CHUNK = 256 << 10  # a FrameReader's receive buffer: frames up to _SMALL are re
 Put = Callable[[list], None]  # takes one reply frame as a list of buffers (frames.reply_parts)
 HANDSHAKE_S = 10.0
 SEND_TIMEOUT_S = 10
+EXIT_WAIT_S = 5.0  # at interpreter exit, how long the open listeners' frames in progress may take to finish
 
 
 def send_parts(sock: socket.socket, parts: list) -> None:
@@ -196,9 +200,13 @@ class FrameListener:
         self._ctx, self._stamp = None, None
         self.sock = bind(host, ports)
         self.port = self.sock.getsockname()[1]
-        self._conns: set[socket.socket] = set()
+        self._conns: set[socket.socket] = set()  # connections being served (their TLS sockets once open)
+        self._opening: set[socket.socket] = set()  # accepted, handshake not done yet
+        self._threads: set[threading.Thread] = set()  # each connection's thread, until it returns
         self._lock = threading.Lock()
         self.closed = False
+        self._cut = False  # set when the connections are cut (at close, or once its grace is over)
+        _open_listeners.add(self)
         threading.Thread(target=self._accept, name=f"frames-{self.port}", daemon=True).start()
 
     def _context(self) -> ssl.SSLContext:
@@ -216,7 +224,14 @@ class FrameListener:
                 return  # closed
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             send_timeout(conn)
-            threading.Thread(target=self._connection, args=(conn,), name="frames-conn", daemon=True).start()
+            thread = threading.Thread(target=self._connection, args=(conn,), name="frames-conn", daemon=True)
+            with self._lock:
+                if self.closed:  # closed between accept() and here
+                    hard_close(conn)
+                    return
+                self._threads.add(thread)
+                self._opening.add(conn)
+            thread.start()
 
     def _open(self, conn: socket.socket) -> socket.socket | None:
         """The TLS handshake (client certificate of the CA required); None (closed) when it fails."""
@@ -232,13 +247,22 @@ class FrameListener:
             hard_close(conn)
             return None
 
-    def _connection(self, conn: socket.socket) -> None:
-        conn = self._open(conn)
+    def _connection(self, raw: socket.socket) -> None:
+        try:
+            self._serve(raw)
+        finally:
+            with self._lock:
+                self._opening.discard(raw)
+                self._threads.discard(threading.current_thread())
+
+    def _serve(self, raw: socket.socket) -> None:
+        conn = self._open(raw)
         if conn is None:
             return
         with self._lock:
             full = len(self._conns) >= self.max_conns
             refused = self.closed or full
+            self._opening.discard(raw)
             if not refused:
                 self._conns.add(conn)
         if refused:
@@ -277,29 +301,55 @@ class FrameListener:
                     shutdown(conn)  # the reader wakes with the end of stream
         return put
 
-    @staticmethod
-    def _frames(conn: socket.socket) -> Iterator:
+    def _frames(self, conn: socket.socket) -> Iterator:
+        """The connection's request frames, until it is cut (frames received before the cut are not served)."""
         for buf in FrameReader(conn).frames():
+            if self._cut:
+                return
             yield frames.decode_request_or_error(buf)
 
     def close(self, grace: float | None = None) -> threading.Event:
         """Stop accepting; end every open connection at once (their clients fail their pending calls now), or after
         `grace` seconds (as grpc.Server.stop treats an open stream: it is served until then). The Event is set once
-        they are all cut."""
+        they are all cut and every connection's thread has returned (a frame being computed is finished and its
+        reply dropped), so that nothing of the listener's still runs: a daemon thread inside torch when the
+        interpreter finalizes aborts the process."""
         with self._lock:
             self.closed = True
-            conns, self._conns = list(self._conns), set()
+            conns, self._conns = list(self._conns) + list(self._opening), set()
+            threads = list(self._threads)
+        _open_listeners.discard(self)
         hard_close(self.sock)
         done = threading.Event()
 
         def cut() -> None:
+            self._cut = True
             for c in conns:
                 shutdown(c)
+
+        def finish() -> None:
+            for t in threads:
+                t.join()
             done.set()
         if grace and conns:
-            timer = threading.Timer(grace, cut)
-            timer.daemon = True
-            timer.start()
+            waiter = threading.Timer(grace, lambda: (cut(), finish()))
         else:
-            cut()
+            cut()  # now: the clients see the end before close() returns
+            waiter = threading.Thread(target=finish, name=f"frames-{self.port}-close")
+        waiter.daemon = True
+        waiter.start()
         return done
+
+
+_open_listeners: "weakref.WeakSet[FrameListener]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the listeners still open and give their frames in progress up to EXIT_WAIT_S to finish (atexit runs
+    before the interpreter finalizes; their daemon threads would otherwise be stopped inside torch)."""
+    listeners = list(_open_listeners)
+    done = [x.close() for x in listeners]
+    end = time.monotonic() + EXIT_WAIT_S
+    for d in done:
+        d.wait(max(0.0, end - time.monotonic()))

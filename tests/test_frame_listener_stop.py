@@ -1,0 +1,81 @@
+"""A frame listener's stop: close()'s Event waits for the frames being computed (a connection's thread still inside
+torch when the interpreter finalizes aborts the process), and a process exiting with its listener open lets the
+frame in progress finish (rc 0, its last line printed) instead of being cut mid-op."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import torch
+
+from elasticmoe.rpc import frame_socket, frames
+from elasticmoe.rpc.frames import ExpertRequest
+
+_REQ = ExpertRequest(0, torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
+
+
+def _slow_serve(started: threading.Event, finished: threading.Event, seconds: float):
+    """serve(): for each frame, `seconds` of small torch ops (each releases and retakes the GIL), then the echo."""
+    def serve(requests, put) -> None:
+        for r in requests:
+            started.set()
+            x, end = torch.randn(64, 64), time.monotonic() + seconds
+            while time.monotonic() < end:
+                x = x[torch.randperm(64)]
+            finished.set()
+            put(frames.reply_parts(r.id, r.hidden))
+    return serve
+
+
+def test_close_event_waits_for_the_frame_being_computed():
+    started, finished = threading.Event(), threading.Event()
+    listener = frame_socket.FrameListener(_slow_serve(started, finished, 0.6), "127.0.0.1", [0], insecure=True)
+    client = socket.create_connection(("127.0.0.1", listener.port))
+    try:
+        frame_socket.send_parts(client, frames.request_parts(7, _REQ))
+        assert started.wait(10)
+        done = listener.close()
+        assert client.recv(1) == b""  # cut at once: the client sees the end before the frame finishes
+        assert not finished.is_set()
+        assert done.wait(10) and finished.is_set()  # set only once the connection's thread has returned
+        assert not listener._threads
+    finally:
+        client.close()
+
+
+def test_close_event_is_set_at_once_without_connections():
+    listener = frame_socket.FrameListener(lambda requests, put: None, "127.0.0.1", [0], insecure=True)
+    assert listener.close().wait(2)
+    assert listener.close(grace=5).wait(2)  # closed again, nothing open: no grace timer to wait for
+
+
+_EXITING = """
+    import socket, sys, threading
+    from elasticmoe.rpc import frame_socket, frames
+    from tests.test_frame_listener_stop import _REQ, _slow_serve
+    started, finished = threading.Event(), threading.Event()
+    serve = _slow_serve(started, finished, 1.0)
+    def serve_and_tell(requests, put):
+        serve(requests, put)
+        print("finished" if finished.is_set() else "no frame", flush=True)
+    listener = frame_socket.FrameListener(serve_and_tell, "127.0.0.1", [0], insecure=True)
+    client = socket.create_connection(("127.0.0.1", listener.port))
+    frame_socket.send_parts(client, frames.request_parts(7, _REQ))
+    assert started.wait(10)
+    print("exiting", flush=True)
+    sys.exit(0)  # the listener still open, its frame mid-way
+"""
+
+
+def test_exiting_with_a_frame_in_progress_finishes_it():
+    """The connection's thread prints its line once its frame is done and the exit hook cut the connection; a
+    daemon thread stopped at finalization never would (and inside torch, aborts the process: rc -6)."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_EXITING)], capture_output=True, text=True,
+                         timeout=60, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["exiting", "finished"], (out.stdout, out.stderr[-2000:])
