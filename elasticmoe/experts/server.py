@@ -71,6 +71,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self._run_slots = threading.BoundedSemaphore(run_slots)
         self.max_streams = max_streams  # open RunExpertsStreams: each holds one server worker while open
         self._streams = threading.BoundedSemaphore(max_streams)
+        self.readers: set[threading.Thread] = set()  # each open RunExpertsStream's reading thread, until it returns
         self.frame_port = 0  # the frame listener's port (Health tells the gateways), 0 while there is none
 
     def _decode(self, request: pb.RunExpertsRequest, context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,11 +133,15 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         def read() -> None:
             try:
                 self.serve_frames(request_iterator, lambda parts: replies.put(b"".join(parts)))
+                replies.put(None)  # the client half-closed and every frame is answered
             except Exception:  # noqa: BLE001 - the client went away: the callback ends the replies
-                return
-            replies.put(None)  # the client half-closed and every frame is answered
+                pass
+            finally:
+                self.readers.discard(threading.current_thread())
 
-        threading.Thread(target=read, name="expert-stream-reader", daemon=True).start()
+        reader = threading.Thread(target=read, name="expert-stream-reader", daemon=True)
+        self.readers.add(reader)
+        reader.start()
         while (reply := replies.get()) is not None:
             yield reply
 
@@ -240,13 +245,21 @@ class ShardServer:
     """The shard's gRPC server and the frame listener beside it (same host, same TLS): stop(grace) stops both alike
     (None: connections end at once, their gateways fail their pending calls); the rest is the gRPC server's."""
 
-    def __init__(self, server: grpc.Server, listener: FrameListener):
-        self.server, self.listener = server, listener
+    def __init__(self, server: grpc.Server, listener: FrameListener, servicer: ExpertServicer):
+        self.server, self.listener, self.servicer = server, listener, servicer
 
     def stop(self, grace: float | None) -> threading.Event:
-        """As grpc.Server.stop, for both: the Event is set once both have stopped."""
+        """As grpc.Server.stop, for both: the Event is set once both have stopped and no frame of theirs is still
+        being computed (the listener's connection threads and the streams' reading threads have returned)."""
         cut, stopped, both = self.listener.close(grace), self.server.stop(grace), threading.Event()
-        threading.Thread(target=lambda: (cut.wait(), stopped.wait(), both.set()), daemon=True).start()
+
+        def wait() -> None:
+            cut.wait()
+            stopped.wait()
+            for reader in list(self.servicer.readers):
+                reader.join()
+            both.set()
+        threading.Thread(target=wait, daemon=True).start()
         return both
 
     def __getattr__(self, name: str):
@@ -294,4 +307,4 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     server.start()
     log.info("expert shard %s serving on %s:%d, frames on %d (%s)", shard_id, host, bound, listener.port,
              "plaintext" if insecure else "mTLS")
-    return ShardServer(server, listener), servicer, bound
+    return ShardServer(server, listener, servicer), servicer, bound

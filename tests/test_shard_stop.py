@@ -1,6 +1,6 @@
-"""A frame listener's stop: close()'s Event waits for the frames being computed (a connection's thread still inside
-torch when the interpreter finalizes aborts the process), and a process exiting with its listener open lets the
-frame in progress finish (rc 0, its last line printed) instead of being cut mid-op."""
+"""A shard's stop: the frame listener's close() and ShardServer.stop() Events wait for the frames being computed (a
+daemon thread still inside torch when the interpreter finalizes aborts the process), and a process exiting with
+its listener open lets the frame in progress finish (rc 0, its last line printed) instead of being cut mid-op."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ import textwrap
 import threading
 import time
 
+import grpc
+import pytest
 import torch
 
+from elasticmoe.gateway.transport import make_transport
 from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.frames import ExpertRequest
+from tests.test_failover import E, Shards, _inputs, files  # noqa: F401
 
 _REQ = ExpertRequest(0, torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
 
@@ -57,7 +61,7 @@ def test_close_event_is_set_at_once_without_connections():
 _EXITING = """
     import socket, sys, threading
     from elasticmoe.rpc import frame_socket, frames
-    from tests.test_frame_listener_stop import _REQ, _slow_serve
+    from tests.test_shard_stop import _REQ, _slow_serve
     started, finished = threading.Event(), threading.Event()
     serve = _slow_serve(started, finished, 1.0)
     def serve_and_tell(requests, put):
@@ -79,3 +83,31 @@ def test_exiting_with_a_frame_in_progress_finishes_it():
                          timeout=60, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["exiting", "finished"], (out.stdout, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("kind", ["socket", "stream"])
+def test_shard_stop_event_waits_for_the_frame_being_computed(files, kind):  # noqa: F811
+    """ShardServer.stop(None): the caller's pending call fails at once, both transports' frames alike; the Event is
+    set once the frame being computed has ended (the listener's connection thread or the stream's reading thread)."""
+    shards = Shards(files, [list(range(E))])
+    layer, address = shards.layers[0], shards.addresses[0]
+    t = make_transport(kind, insecure=False)
+    try:
+        req = ExpertRequest(layer, *_inputs(files, 0))
+        assert t.send(address, lambda: req, 10).result(timeout=20).output.data
+        shards.servicers[0].faults.run_delay_s = 1.5
+        pending = t.send(address, lambda: req, 30)
+        deadline = time.monotonic() + 10
+        while shards.servicers[0].calls < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        stopped = shards.servers[0].stop(None)
+        with pytest.raises(grpc.RpcError):
+            pending.result(timeout=5)
+        assert time.monotonic() - t0 < 1.0 and not stopped.is_set()
+        assert stopped.wait(10) and time.monotonic() - t0 > 1.0
+        assert not shards.servicers[0].readers and not shards.servers[0].listener._threads
+    finally:
+        shards.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+        shards.close()
