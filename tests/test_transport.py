@@ -13,6 +13,7 @@ import torch
 
 from elasticmoe.config import Limits
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
+from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.transport import STREAM_METHOD, StreamTransport, UnaryTransport, make_transport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frames, tls
@@ -35,7 +36,9 @@ def _stream_dispatcher(**kw) -> GrpcDispatcher:
 def test_config_selects_the_transport():
     assert Limits().transport == "socket"
     assert isinstance(make_transport(Limits(transport="stream").transport, insecure=False), StreamTransport)
-    assert isinstance(GrpcDispatcher().transport, UnaryTransport)
+    d = GrpcDispatcher()  # the deployed default when built without a config too
+    assert isinstance(d.transport, SocketTransport) and Limits().transport == "socket"
+    d.close()
     with pytest.raises(ValueError):
         Limits(transport="carrier-pigeon")
 

@@ -45,7 +45,7 @@ class GrpcDispatcher:
     def __init__(self, timeout_s: float = 5.0, on_failure: Callable[[str], RoutingTable | None] | None = None,
                  failover_s: float = 30.0, hedge_min_s: float = 0.1, hedge_factor: float = 4.0,
                  suspect_s: float = 3.0, insecure: bool = False,
-                 transport: TransportName | ExpertTransport = "unary"):
+                 transport: TransportName | ExpertTransport = "socket"):
         self.timeout_s, self.failover_s, self.suspect_s = timeout_s, failover_s, suspect_s
         self.hedge_min_s, self.hedge_factor = hedge_min_s, hedge_factor
         self.on_failure = on_failure
