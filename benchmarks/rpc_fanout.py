@@ -85,11 +85,17 @@ async def _serve_until_stdin_closes() -> None:
     await server.stop(grace=None)
 
 
+def spawn(cmd: list[str], **env: str) -> subprocess.Popen:
+    """A server process (this checkout importable, `env` added to the environment); it prints its port(s) on its
+    first stdout line and runs until its stdin closes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+               **env)
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
 def spawn_servers(n: int, malloc: bool) -> tuple[list[subprocess.Popen], list[str]]:
     """Starts n echo servers, one process each (like shards); returns the processes and targets."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, __file__, "--serve", *(["--tune-malloc"] if malloc else [])]
-    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+    procs = [spawn([sys.executable, __file__, "--serve", *(["--tune-malloc"] if malloc else [])]) for _ in range(n)]
     return procs, [f"{HOST}:{int(p.stdout.readline())}" for p in procs]
 
 

@@ -39,7 +39,8 @@ from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
 from elasticmoe.rpc.frames import ExpertRequest
 from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
-from rpc_fanout import EchoShard, percentiles  # benchmarks/rpc_fanout.py
+import rpc_fanout  # benchmarks/rpc_fanout.py
+from rpc_fanout import EchoShard, percentiles
 
 RESULTS = Path(__file__).parent / "results"
 H = 4096  # bf16 hidden [tokens, 4096]: 8 KiB per token
@@ -138,12 +139,9 @@ async def _serve_mtls() -> None:
 def _spawn(kind: str) -> tuple[subprocess.Popen, str]:
     """kind: grpc (rpc_fanout's echo shard, unary + raw stream), grpc-default (HTTP/2 tuning off), socket, or mtls
     (_serve_mtls; the target is "plain_address secure_address")."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    if kind == "grpc-default":
-        env["ELASTICMOE_GRPC_HTTP2_TUNING"] = "0"
+    env = {"ELASTICMOE_GRPC_HTTP2_TUNING": "0"} if kind == "grpc-default" else {}
     echo = [sys.executable, str(Path(__file__).with_name("rpc_fanout.py")), "--serve", "--tune-malloc"]
-    cmd = echo if kind.startswith("grpc") else [sys.executable, __file__, f"--serve-{kind}"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    proc = rpc_fanout.spawn(echo if kind.startswith("grpc") else [sys.executable, __file__, f"--serve-{kind}"], **env)
     return proc, " ".join(f"127.0.0.1:{int(port)}" for port in proc.stdout.readline().split())
 
 
