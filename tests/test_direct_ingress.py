@@ -62,6 +62,7 @@ def test_the_port_answers_like_llm_generate_and_survives_bad_input(model, refere
             with pytest.raises(grpc.RpcError) as e:
                 client.generate(PROMPT, **kw)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details(), kw
+            assert not e.value.details().startswith("Unexpected"), e.value.details()  # the message alone
         assert list(client.generate(PROMPT, max_tokens=24, **GREEDY).token_ids) == list(reference.token_ids)
         assert core.metrics.requests[("grpc", "invalid")] == 2 and core.metrics.requests[("grpc", "ok")] == 3
     finally:
@@ -82,12 +83,42 @@ def test_a_full_gateway_refuses_at_once_and_a_cancelled_call_frees_its_place(mod
         with pytest.raises(grpc.RpcError) as e:
             client.generate(PROMPT, max_tokens=2)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 1.0
+        assert e.value.details().startswith("the gateway is at capacity"), e.value.details()
         assert dict(e.value.trailing_metadata())["retry-after"] == "1"
         steps = core.runner.stats()["steps"]
         busy.cancel()
         _wait_idle(core)
         assert core.runner.stats()["steps"] - steps < 100  # aborted, not run to its 200 tokens
         core.dispatcher.delay_s = 0.0
+        assert client.generate(PROMPT, max_tokens=2).usage.completion_tokens == 2
+    finally:
+        client.close()
+        port.stop(0)
+        core.runner.close()
+
+
+def test_a_server_error_is_internal_without_its_raw_text_and_the_port_keeps_serving(model):  # noqa: F811
+    """A bug while serving (injected: the readiness check raises) ends that call INTERNAL with the exception's type
+    only (its text stays in the log), unary and streaming alike; the next call is served."""
+    core = Core(*model, max_num_seqs=2, max_model_len=128)
+    port = _port(core)
+    client = GenerationClient(port.address, timeout_s=60)
+
+    async def broken() -> None:
+        raise RuntimeError("secret path /etc/internal")
+    try:
+        core.wait_ready = broken
+        for call in (lambda: client.generate(PROMPT, max_tokens=2), lambda: list(client.stream(PROMPT, max_tokens=2))):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INTERNAL
+            assert e.value.details() == "internal server error (RuntimeError)", e.value.details()
+        core.ready = False
+        del core.wait_ready  # the class's: shards not ready
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(PROMPT, max_tokens=2)
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.UNAVAILABLE, "expert shards are not ready")
+        core.ready = True
         assert client.generate(PROMPT, max_tokens=2).usage.completion_tokens == 2
     finally:
         client.close()

@@ -125,8 +125,25 @@ class GenerationServicer(gen_grpc.GenerationServicer):
         self.service = service
 
     async def Generate(self, request, context):
-        return await self.service.generate(request, context)
+        try:
+            return await self.service.generate(request, context)
+        except Exception:  # noqa: BLE001 - fail() set the status on the context
+            await _abort(context)
 
     async def GenerateStream(self, request, context):
-        async for r in self.service.generate_stream(request, context):
-            yield r
+        try:
+            async for r in self.service.generate_stream(request, context):
+                yield r
+        except Exception:  # noqa: BLE001 - fail() set the status on the context
+            await _abort(context)
+
+
+async def _abort(context) -> None:
+    """End the call with the status fail() set: a handler's exception would make grpc.aio replace its details with
+    "Unexpected <class ...>: " and the exception's own text (an INTERNAL error's raw message among them)."""
+    code = context.code()
+    if code is None or code == grpc.StatusCode.OK:
+        code, details = grpc.StatusCode.INTERNAL, "internal server error"
+    else:
+        details = context.details() or ""
+    await context.abort(code, details.decode() if isinstance(details, bytes) else details)
