@@ -26,6 +26,15 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
+def decode_tok_s(prompts: list, new_tokens: int, t_full: float, t_one: float) -> float:
+    """Decode tokens/s: the tokens after the first over the time a full run takes beyond a one-token run (prefill
+    and set-up cancel). SystemExit when noise leaves no positive difference (a loaded machine, too few tokens)."""
+    if t_full <= t_one:
+        raise SystemExit(f"offline.py: {new_tokens} tokens took {t_full * 1e3:.1f} ms, one token {t_one * 1e3:.1f} "
+                         f"ms: timing noise exceeds the decode time; raise --new-tokens or --repeats")
+    return len(prompts) * (new_tokens - 1) / (t_full - t_one)
+
+
 def bench_ours(llm, prompts, new_tokens: int, repeats: int) -> float:
     from elasticmoe import SamplingParams
 
@@ -34,7 +43,7 @@ def bench_ours(llm, prompts, new_tokens: int, repeats: int) -> float:
 
     run(new_tokens)()  # warm-up
     t_full, t_one = _time(run(new_tokens), repeats), _time(run(1), repeats)
-    return len(prompts) * (new_tokens - 1) / (t_full - t_one)
+    return decode_tok_s(prompts, new_tokens, t_full, t_one)
 
 
 def bench_hf(model, tok, prompts, new_tokens: int, repeats: int) -> float:
@@ -52,7 +61,7 @@ def bench_hf(model, tok, prompts, new_tokens: int, repeats: int) -> float:
 
     run(new_tokens)()
     t_full, t_one = _time(run(new_tokens), repeats), _time(run(1), repeats)
-    return len(prompts) * (new_tokens - 1) / (t_full - t_one)
+    return decode_tok_s(prompts, new_tokens, t_full, t_one)
 
 
 def main() -> None:

@@ -26,13 +26,24 @@ def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.Complete
 def test_offline_benchmark_smoke(tmp_path):
     """LLM.generate against transformers generate on one checkpoint: a row per batch, the ratio from the two."""
     out = tmp_path / "offline.json"
-    _run("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "4",
-         "--batches", "1,2", "--repeats", "1", "--out", str(out))
+    _run("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "16",
+         "--batches", "1,2", "--repeats", "3", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2], rows
     for r in rows:
         assert r["elasticmoe_tok_s"] > 0 and r["transformers_tok_s"] > 0, r
         assert r["ratio"] == pytest.approx(r["elasticmoe_tok_s"] / r["transformers_tok_s"]), r
+
+
+def test_offline_benchmark_refuses_a_timing_lost_in_noise():
+    """A full run no slower than a one-token run (noise on a loaded machine) stops the benchmark with the fix to
+    try, instead of writing a negative or infinite tokens/s."""
+    code = ("from offline import decode_tok_s\n"
+            "assert decode_tok_s(['a', 'b'], 5, 0.5, 0.1) == 2 * 4 / 0.4\n"
+            "decode_tok_s(['a'], 4, 0.010, 0.012)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1 and "timing noise exceeds the decode time" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_overlap_benchmark_smoke(tmp_path):
