@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode_timing import decode_tok_s  # benchmarks/decode_timing.py
 from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,15 +27,6 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def decode_tok_s(prompts: list, new_tokens: int, t_full: float, t_one: float) -> float:
-    """Decode tokens/s: the tokens after the first over the time a full run takes beyond a one-token run (prefill
-    and set-up cancel). SystemExit when noise leaves no positive difference (a loaded machine, too few tokens)."""
-    if t_full <= t_one:
-        raise SystemExit(f"offline.py: {new_tokens} tokens took {t_full * 1e3:.1f} ms, one token {t_one * 1e3:.1f} "
-                         f"ms: timing noise exceeds the decode time; raise --new-tokens or --repeats")
-    return len(prompts) * (new_tokens - 1) / (t_full - t_one)
-
-
 def bench_ours(llm, prompts, new_tokens: int, repeats: int) -> float:
     from elasticmoe import SamplingParams
 
@@ -43,7 +35,7 @@ def bench_ours(llm, prompts, new_tokens: int, repeats: int) -> float:
 
     run(new_tokens)()  # warm-up
     t_full, t_one = _time(run(new_tokens), repeats), _time(run(1), repeats)
-    return decode_tok_s(prompts, new_tokens, t_full, t_one)
+    return decode_tok_s(len(prompts), new_tokens, t_full, t_one)
 
 
 def bench_hf(model, tok, prompts, new_tokens: int, repeats: int) -> float:
@@ -61,7 +53,7 @@ def bench_hf(model, tok, prompts, new_tokens: int, repeats: int) -> float:
 
     run(new_tokens)()
     t_full, t_one = _time(run(new_tokens), repeats), _time(run(1), repeats)
-    return decode_tok_s(prompts, new_tokens, t_full, t_one)
+    return decode_tok_s(len(prompts), new_tokens, t_full, t_one)
 
 
 def main() -> None:

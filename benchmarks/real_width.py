@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from decode_timing import decode_tok_s  # benchmarks/decode_timing.py
 from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,7 +84,7 @@ def _timed_decode(run, batch: int, new_tokens: int, repeats: int) -> float:
             t0 = time.perf_counter()
             run(n)
             best[n] = min(best[n], time.perf_counter() - t0)
-    return batch * (new_tokens - 1) / (best[new_tokens] - best[1])
+    return decode_tok_s(batch, new_tokens, best[new_tokens], best[1])
 
 
 def phase(engine: str, path: Path, batches: list[int], new_tokens: int, repeats: int) -> dict:

@@ -35,12 +35,12 @@ def test_offline_benchmark_smoke(tmp_path):
         assert r["ratio"] == pytest.approx(r["elasticmoe_tok_s"] / r["transformers_tok_s"]), r
 
 
-def test_offline_benchmark_refuses_a_timing_lost_in_noise():
-    """A full run no slower than a one-token run (noise on a loaded machine) stops the benchmark with the fix to
+def test_decode_timing_refuses_a_timing_lost_in_noise():
+    """offline.py's and real_width.py's tokens/s: a full run no slower than a one-token run (noise on a loaded machine) stops the benchmark with the fix to
     try, instead of writing a negative or infinite tokens/s."""
-    code = ("from offline import decode_tok_s\n"
-            "assert decode_tok_s(['a', 'b'], 5, 0.5, 0.1) == 2 * 4 / 0.4\n"
-            "decode_tok_s(['a'], 4, 0.010, 0.012)\n")
+    code = ("from decode_timing import decode_tok_s\n"
+            "assert decode_tok_s(2, 5, 0.5, 0.1) == 2 * 4 / 0.4\n"
+            "decode_tok_s(1, 4, 0.010, 0.012)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 1 and "timing noise exceeds the decode time" in proc.stderr, proc.stderr[-2000:]
