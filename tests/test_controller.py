@@ -200,10 +200,18 @@ def _stopping_replica(shard: Shard, controller) -> object:
     return replica
 
 
-def _refused(address: str) -> bool:
+def _refused(address: str, within_s: float = 5.0) -> bool:
+    """Whether connections to address are refused within `within_s` (the shard's stop returns at once; grpc closes
+    its listening socket on its own thread, which on a loaded machine takes a moment)."""
     host, port = address.rsplit(":", 1)
-    with socket.socket() as s:
-        return s.connect_ex((host, int(port))) != 0
+    deadline = time.monotonic() + within_s
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex((host, int(port))) != 0:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def test_a_stopping_shard_drains_through_a_live_controller(model):
