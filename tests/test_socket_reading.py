@@ -19,16 +19,9 @@ from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.tls_socket import SerialTLS
-from tests.test_failover import E, Shards, _reference, files  # noqa: F401
-from tests.test_socket_transport import _req
+from tests.test_failover import E, _reference, files  # noqa: F401
+from tests.test_socket_transport import _req, pair  # noqa: F401 - pair: two shards, each half the experts
 from tests.test_tls_socket import pair as tls_pair  # noqa: F401
-
-
-@pytest.fixture
-def pair(files):  # noqa: F811
-    shards = Shards(files, [list(range(E // 2)), list(range(E // 2, E))])
-    yield shards
-    shards.close()
 
 
 def _resolver(fut: cf.Future) -> dict:
