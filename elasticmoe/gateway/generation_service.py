@@ -142,8 +142,6 @@ async def _abort(context) -> None:
     """End the call with the status fail() set: a handler's exception would make grpc.aio replace its details with
     "Unexpected <class ...>: " and the exception's own text (an INTERNAL error's raw message among them)."""
     code = context.code()
-    if code is None or code == grpc.StatusCode.OK:
-        code, details = grpc.StatusCode.INTERNAL, "internal server error"
-    else:
-        details = context.details() or ""
-    await context.abort(code, details.decode() if isinstance(details, bytes) else details)
+    if code is None or code == grpc.StatusCode.OK:  # nothing set: a failure outside the service's handling
+        await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+    await context.abort(code, context.details() or "")
