@@ -20,6 +20,12 @@ def _options(res) -> dict[str, Any]:
     return opts
 
 
+def gateway_max_ongoing(limits) -> int:
+    """Serve's max_ongoing_requests for a gateway replica: limits.max_ongoing_requests, by default its places
+    (running + waiting), so that Serve's proxy holds or refuses the excess without an actor call to the gateway."""
+    return limits.max_ongoing_requests or limits.max_num_seqs + limits.max_queue
+
+
 def resolve_args(args: dict[str, Any]) -> AppArgs:
     """Validated args with `model` pinned once: a hub id / cache repo dir + `revision` becomes one snapshot
     directory and its commit, which every replica then loads (no per-process "newest snapshot" guess)."""
@@ -66,5 +72,7 @@ def build_app(args: dict[str, Any]):
     shards = ExpertShard.options(**shard_opts).bind(plain, controller)
     # A gateway that Serve stops (node drain, scale-down, in-place update) first lets its streams finish.
     return Gateway.options(num_replicas=a.num_gateways, ray_actor_options=_options(a.gateway_resources),
+                           max_ongoing_requests=gateway_max_ongoing(a.limits),
                            max_queued_requests=a.limits.max_queued_requests,
+                           backpressure_config={"status_code": 429, "retry_after_s": 1},
                            graceful_shutdown_timeout_s=GATEWAY_DRAIN_S).bind(plain, controller, shards)

@@ -57,7 +57,16 @@ class Limits(_Strict):
         "same frames on one long-lived gRPC stream per shard, or one unary gRPC call each")
     failover_s: float = Field(30.0, gt=0, description="how long a step waits for a live copy of its experts "
                               "(failover, re-homing) before its requests end with UNAVAILABLE")
-    max_queued_requests: int = Field(256, ge=1, description="requests Serve queues per gateway before rejecting")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="calls Serve sends one gateway replica at once (Serve's max_ongoing_requests; handle "
+        "calls such as stats count too); default max_num_seqs + max_queue, its places: calls beyond them wait in "
+        "Serve's proxy for a place or are refused there (max_queued_requests), at once and without reaching the "
+        "gateway. Larger: the gateway's own admission refuses the excess, each refusal an actor call through the "
+        "proxy, which under a sustained overload saturates it (benchmarks/overload.py)")
+    max_queued_requests: int = Field(256, ge=1, description="calls each of Serve's proxies (and each handle) holds "
+                                     "while the gateway's places are full, before refusing more at once "
+                                     "(RESOURCE_EXHAUSTED / HTTP 429, retry-after 1); Serve counts the calls being "
+                                     "placed, so the bound is loose while places free up")
     max_stop_strings: int = Field(16, ge=0, le=1024, description="stop strings per request")
     max_stop_len: int = Field(256, ge=1, le=65536, description="characters per stop string")
     max_request_id_len: int = Field(256, ge=1, le=65536, description="characters of a request_id")

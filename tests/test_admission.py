@@ -104,3 +104,18 @@ def test_submit_answers_at_once_while_a_step_is_held(model):
     assert isinstance(full, QueueFull)  # 1 running + 1 waiting: at capacity
     assert max(times) < FAST_S, times
     assert (a, b) == (ref[0], ref[1])
+
+
+def test_serve_sends_a_gateway_no_more_calls_than_its_places():
+    """build_app: Serve's max_ongoing_requests is the gateway's places (max_num_seqs + max_queue) unless
+    limits.max_ongoing_requests says otherwise; Serve's own refusals are HTTP 429 with Retry-After 1."""
+    from elasticmoe.app import build_app
+
+    def options(limits: dict):
+        return build_app({"model": "tiny:mixtral", "limits": limits})._bound_deployment
+
+    gateway = options({"max_num_seqs": 8, "max_queue": 8, "max_queued_requests": 3})
+    assert (gateway.max_ongoing_requests, gateway.max_queued_requests) == (16, 3)
+    assert (gateway.backpressure_config.status_code, gateway.backpressure_config.retry_after_s) == (429, 1)
+    assert options({"max_num_seqs": 4, "max_queue": 0}).max_ongoing_requests == 4
+    assert options({"max_num_seqs": 4, "max_ongoing_requests": 1024}).max_ongoing_requests == 1024

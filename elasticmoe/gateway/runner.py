@@ -112,6 +112,7 @@ class EngineRunner:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._lock = threading.Lock()
         self._live = 0  # admitted and not yet ended (under _lock)
+        self.refused = 0  # requests refused at capacity (QueueFull), under _lock
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stop = False
@@ -130,6 +131,7 @@ class EngineRunner:
         self.engine.validate(prompt_ids, params)
         with self._lock:
             if self._live >= self.capacity:
+                self.refused += 1
                 raise QueueFull(f"the gateway is at capacity ({self.capacity} requests running or waiting); "
                                 f"retry later")
             self._live += 1
@@ -171,7 +173,7 @@ class EngineRunner:
         """Occupancy, read without waiting for the engine thread."""
         sched = self.engine.scheduler
         return {"running": len(sched.running), "waiting": len(sched.waiting), "free_slots": sched.num_free_slots,
-                "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity,
+                "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity, "refused": self.refused,
                 "step_retries": self.engine.step_retries, "failed_requests": self.engine.failed_requests,
                 "rss_bytes": _rss_bytes()}
 
