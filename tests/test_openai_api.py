@@ -376,3 +376,30 @@ def test_a_request_whose_experts_are_gone_is_a_503_and_the_server_recovers(serve
         core.dispatcher.unavailable = False
         engine.retry_backoff_s = backoff
     assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_disconnect_while_a_stream_waits_for_its_first_token_aborts_it(model):
+    """A streamed request queued behind a busy one, its client gone before the first token: it never runs."""
+    core = Core(*model, max_num_seqs=1, max_model_len=512)
+    server = Server(build_openai_app(core))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    core.dispatcher.delay_s = 0.005  # >= 10 ms a step
+    try:
+        steps, gone = core.runner.stats()["steps"], core.metrics.errors.get("499", 0)
+        busy = client.completions.create(model="m", prompt=PROMPT, max_tokens=300, stream=True,
+                                         extra_body={"ignore_eos": True})
+        next(iter(busy))  # the only slot is taken: the next request waits in the queue
+        with pytest.raises(openai.APITimeoutError):
+            client.with_options(timeout=0.3).completions.create(model="m", prompt="Hi", max_tokens=400, stream=True,
+                                                                extra_body={"ignore_eos": True})
+        deadline = time.monotonic() + 5
+        while core.metrics.errors.get("499", 0) == gone:
+            assert time.monotonic() < deadline, "the disconnect was not counted"
+            time.sleep(0.02)
+        busy.close()
+        _wait_idle(core, timeout=10)
+        assert core.runner.stats()["steps"] - steps < 250, "the abandoned stream ran"
+        assert core.runner.stats()["admitted"] == 0
+    finally:
+        server.stop()
+        core.runner.close()

@@ -156,8 +156,14 @@ async def complete_all(gens: list[Any], shapes: list[Shape]) -> dict:
 
 
 async def start_all(gens: list[Any]) -> list[Update]:
-    """Start every choice; if one cannot start, the others are stopped and its error raised."""
-    got = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
+    """Start every choice; if one cannot start, or the wait is cancelled (the client went away), the others are
+    stopped and its error raised."""
+    try:
+        got = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
+    except BaseException:
+        for g in gens:
+            await g.close()
+        raise
     bad = next((r for r in got if isinstance(r, BaseException)), None)
     if bad is not None:
         for g in gens:
