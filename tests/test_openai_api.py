@@ -403,3 +403,20 @@ def test_disconnect_while_a_stream_waits_for_its_first_token_aborts_it(model):
     finally:
         server.stop()
         core.runner.close()
+
+
+def test_a_choice_refused_for_room_stops_the_other_choices(model):
+    """n=2 with room for one: the 429 ends the whole request; its first choice does not run on unseen."""
+    core = Core(*model, max_num_seqs=1, max_queue=0, max_model_len=512)
+    server = Server(build_openai_app(core))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    core.dispatcher.delay_s = 0.005  # >= 10 ms a step: 400 tokens take >= 4 s
+    try:
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=400, n=2, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        _wait_idle(core, timeout=1.0)
+        assert core.runner.stats()["admitted"] == 0
+    finally:
+        server.stop()
+        core.runner.close()

@@ -147,8 +147,15 @@ async def _complete(gen: Any, shape: Shape) -> tuple[dict, Update]:
 
 
 async def complete_all(gens: list[Any], shapes: list[Shape]) -> dict:
-    """Run every choice at once and build the non-streamed response body."""
-    done = await asyncio.gather(*(_complete(g, s) for g, s in zip(gens, shapes)))
+    """Run every choice at once and build the non-streamed response body; one that fails stops the others."""
+    tasks = [asyncio.ensure_future(_complete(g, s)) for g, s in zip(gens, shapes)]
+    try:
+        done = await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     head = gens[0]
     return {"id": head.id, "object": shapes[0].object(False), "created": head.created, "model": head.model,
             "choices": [c for c, _ in done],
