@@ -227,3 +227,42 @@ def test_a_slow_reader_gets_every_token_in_one_bounded_buffer(model, reference):
         assert list(updates[0].token_ids) == ref[PROMPTS[3]] and updates[0].completion_tokens == 12
     finally:
         runner.close()
+
+
+class FussyTokenizer:
+    """The model's tokenizer, except that decoding token `bad` raises (a tokenizer failure on one request's output)."""
+
+    def __init__(self, tokenizer, bad: int):
+        self.tokenizer, self.bad = tokenizer, bad
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids, **kw):
+        if self.bad in ids:
+            raise ValueError(f"injected: cannot decode token {self.bad}")
+        return self.tokenizer.decode(ids, **kw)
+
+
+def test_a_tokenizer_failure_on_one_output_ends_that_request_alone(model, reference):
+    """A request forced (logit_bias) onto a token its tokenizer cannot decode, no stop strings: it alone ends
+    (RequestFailed); the engine thread lives on and its neighbours finish with their reference tokens."""
+    ref, llm = reference
+    prompts = [llm.encode(p) for p in PROMPTS]
+    bad = min(set(range(100, 400)) - {t for p in PROMPTS for t in ref[p]} - {t for ids in prompts for t in ids})
+    _, files, store = model
+    engine = Engine(files, LocalDispatcher(store), max_model_len=128,
+                    tokenizer=FussyTokenizer(llm.tokenizer, bad))
+    runner = EngineRunner(engine)
+    forced = dataclasses.replace(GREEDY, logit_bias={bad: 100.0})
+
+    async def go():
+        return await asyncio.wait_for(_all(runner, [(ids, GREEDY) for ids in prompts] + [(prompts[0], forced)]), 30)
+
+    try:
+        out = asyncio.run(go())
+        assert isinstance(out[4], RequestFailed)
+        assert out[:4] == [ref[p] for p in PROMPTS]
+        assert runner._thread.is_alive() and runner.stats()["admitted"] == 0 and runner.stats()["free_slots"] == 16
+    finally:
+        runner.close()

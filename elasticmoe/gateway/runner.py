@@ -223,6 +223,12 @@ class EngineRunner:
         stream = self._streams.get(seq.request_id)
         if stream is None:
             return
+        delta = ""
+        if seq.error is None:
+            try:
+                delta = self.engine.text_delta(seq)
+            except Exception as e:  # noqa: BLE001 - e.g. the tokenizer failed on its tokens: this request only
+                self.engine.fail(seq, e)
         if seq.finished:  # released before the last item, so a caller that saw the end sees the room too
             self._streams.pop(seq.request_id, None)
             self._release()
@@ -232,7 +238,6 @@ class EngineRunner:
         new = seq.output_ids[stream.sent:]
         lps = seq.logprobs[stream.sent:] if seq.params.logprobs is not None else []
         stream.sent = len(seq.output_ids)
-        delta = self.engine.text_delta(seq)
         stream.push(Update(tuple(new), tuple(lps), seq.text if seq.finished else "", seq.finished,
                            seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), delta))
 
