@@ -220,6 +220,7 @@ def test_chat_logprobs_shape(served):
     ({"n": 0}, "n"), ({"n": 17}, "n"), ({"frequency_penalty": 2.5}, "frequency_penalty"),
     ({"presence_penalty": -3}, "presence_penalty"), ({"logit_bias": {"5": 300}}, "logit_bias[5]"),
     ({"logit_bias": {"x": 3}}, "logit_bias"), ({"logit_bias": {"100000": 3}}, "logit_bias"),
+    ({"logit_bias": {"\u00b2": 3}}, "logit_bias"),
     ({"prompt": ["one", "two"]}, "prompt"), ({"prompt": [1, 10**9]}, "prompt"), ({"max_tokens": 500}, "max_tokens"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"), ({"max_tokens": "many"}, "max_tokens"),
     ({"extra_body": {"min_p": 1.5}}, "min_p"), ({"extra_body": {"min_tokens": 5}}, "min_tokens"),

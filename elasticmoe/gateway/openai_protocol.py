@@ -151,7 +151,7 @@ def reject_unsupported(req: BaseRequest) -> None:
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     out = {}
     for k, v in (bias or {}).items():
-        if not k.isdigit():
+        if not (k.isascii() and k.isdigit()):  # str.isdigit() alone admits e.g. "\u00b2", which int() refuses
             raise InvalidRequest("logit_bias", f"keys must be token ids, got {short(k)}")
         out[int(k)] = v
     return out
