@@ -1,0 +1,194 @@
+"""The README's and docs/SECURITY.md's benchmark tables say the figures of the committed JSON in benchmarks/results/.
+
+Each printed number must be its JSON value rounded to the digits printed (1.64x is 1.635-1.645). In-process and
+fast: it reads the documents and the JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _table(doc: str, header: str, after: str = "") -> list[list[str]]:
+    """The body rows (cells, `**` dropped) of the first markdown table whose header row starts with `header`,
+    after the first occurrence of `after`."""
+    text = (REPO / doc).read_text()
+    start = text.index(after) if after else 0
+    lines = text[start:].splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("**", "") for c in line.strip().strip("|").split("|")])
+    assert rows, f"{doc}: no rows under {header!r}"
+    return rows
+
+
+def _says(cell: str, *values: float) -> None:
+    """Each number printed in `cell` is the matching value rounded to the printed digits."""
+    printed = NUMBER.findall(cell)
+    assert len(printed) == len(values), f"{cell!r}: {len(printed)} numbers, want {len(values)}"
+    for text, value in zip(printed, values):
+        digits = len(text.split(".")[1]) if "." in text else 0
+        shown = float(text.replace(",", ""))
+        assert abs(shown - value) <= 0.5 * 10 ** -digits + 1e-9, f"{cell!r}: {text} but the JSON says {value!r}"
+
+
+def test_offline_decode_table():
+    rows = {r["batch"]: r for r in _json("offline.json")["rows"]}
+    table = _table("README.md", "| batch | elasticmoe `LLM.generate` tok/s")
+    assert [int(r[0]) for r in table] == sorted(rows)
+    for batch, ours, theirs, ratio in table:
+        r = rows[int(batch)]
+        _says(ours, r["elasticmoe_tok_s"])
+        _says(theirs, r["transformers_tok_s"])
+        _says(ratio, r["ratio"])
+
+
+SERVING_SYSTEMS = {"(a) served": "served:", "(a') served": "served-port:", "(d) direct": "direct:",
+                   "(b) `LLM.generate`": "LLM.generate", "(c) transformers": "transformers"}
+
+
+@pytest.mark.parametrize("result,after,every_row", [
+    ("serving.json", "`benchmarks/results/serving.json`", True),
+    ("serving-stream.json", "`benchmarks/results/serving-stream.json`", False),  # without transformers' rows
+])
+def test_serving_tables(result, after, every_row):
+    rows = _json(result)["rows"]
+    table = _table("README.md", "| system | concurrency | output tok/s", after)
+    assert len(table) == len(rows) if every_row else len(table) > 0
+    for system, conc, tok_s, ttft, tpot in table:
+        prefix = next(v for k, v in SERVING_SYSTEMS.items() if system.startswith(k))
+        (r,) = [r for r in rows if r["system"].startswith(prefix) and r["concurrency"] == int(conc)]
+        _says(tok_s, r["tok_s"])
+        _says(ttft, r["ttft_p50_ms"], r["ttft_p99_ms"])
+        _says(tpot, r["tpot_p50_ms"], r["tpot_p99_ms"])
+
+
+def test_balance_table():
+    summary = _json("balance.json")["summary"]
+    table = _table("README.md", "| system | balancedness min")
+    assert len(table) == len(summary)
+    for (_, bmin, bmean, rel, moved), r in zip(table, summary):
+        _says(bmin, r["balancedness_min"])
+        _says(bmean, r["balancedness_mean"])
+        _says(rel, r["relative_tokens_s"])
+        _says(moved, r["moved_per_round"])
+
+
+def test_stalls_table():
+    rows = _json("stalls.json")["rows"]
+    table = _table("README.md", "| event | failed streams")
+    assert len(table) == len(rows)
+    for (_, failed, median, longest), r in zip(table, rows):
+        _says(failed, r["failed_streams"])
+        _says(median, r["median_gap_ms"])
+        _says(longest, r["longest_gap_ms"])
+
+
+def test_overload_table_second_run():
+    """The README's overload table: its 'run 2' columns are benchmarks/results/overload.json."""
+    res = _json("overload.json")["ingresses"]
+    table = {r[0]: r for r in _table("README.md", "| | proxy, run 1 | proxy, run 2")}
+    for column, ingress in ((2, "proxy"), (4, "port")):
+        r = res[ingress]
+        _says(table["capacity, requests/s of 32 tokens (10x offered)"][column], r["capacity_rps"])
+        _says(table["TPOT p99 unloaded / overloaded, ms"][column], r["unloaded"]["tpot_p99_s"] * 1e3,
+              r["overload"]["tpot_p99_s"] * 1e3)
+        _says(table["rejections (RESOURCE_EXHAUSTED) p50 / p99, ms"][column],
+              r["overload"]["rejection_p50_s"] * 1e3, r["overload"]["rejection_p99_s"] * 1e3)
+        _says(table["gateway memory growth"][column], r["gateway_memory_growth"] * 100)
+
+
+def test_transport_table():
+    modes = ("socket", "unary", "stream", "stream-default", "frames", "frames-thread")
+    cases = _json("transport-amd-epyc.json")["cases"]
+    table = _table("README.md", "| payload x shards | socket p50")
+    assert [r[0] for r in table] == list(cases)
+    for row in table:
+        r = cases[row[0]]
+        for cell, m in zip(row[1:7], modes):
+            _says(cell, r[m]["p50_us"] / 1e3, r[m]["p99_us"] / 1e3, r[m]["gb_s"])
+        _says(row[7], r["unary_vs_socket_p50"])
+        _says(row[8], r["stream_vs_socket_p50"], r["stream_of_socket_gb_s"])
+        _says(row[9], r["frames_vs_socket_p50"], r["frames_of_socket_gb_s"])
+        _says(row[10], r["frames"]["p50_us"] / r["frames-thread"]["p50_us"])
+
+
+def test_mtls_table():
+    """docs/SECURITY.md's cost table: p50s and their ratio (mTLS p50 / plaintext p50)."""
+    cases = _json("transport-mtls-amd-epyc.json")["cases"]
+    table = _table("docs/SECURITY.md", "| payload | unary p50 plaintext / mTLS")
+    assert [r[0] for r in table] == list(cases)
+    for row in table:
+        r = cases[row[0]]
+        for i, kind in enumerate(("unary", "stream", "frames")):
+            _says(row[1 + 2 * i], r[kind]["p50_us"] / 1e3, r[f"{kind}-mtls"]["p50_us"] / 1e3)
+            _says(row[2 + 2 * i], r[f"{kind}_mtls_ratio_p50"])
+
+
+def test_real_width_tables():
+    res = _json("real_width-amd-epyc.json")
+    ours, hf = res["elasticmoe"], res["transformers"]
+    speed = _table("README.md", "| batch | elasticmoe tok/s | transformers tok/s")
+    assert [r[0] for r in speed] == [str(b) for b in res["args"]["batches"]]
+    for batch, o, t, ratio in speed:
+        _says(o, ours["tok_s"][batch])
+        _says(t, hf["tok_s"][batch])
+        _says(ratio, ours["tok_s"][batch] / hf["tok_s"][batch])
+    gib = 2 ** 30
+    for name, load_s, anon, file, after in _table("README.md", "| | load s | peak anonymous GiB"):
+        r = res[name]
+        _says(load_s, r["load_s"])
+        _says(anon, r["peak"]["RssAnon"] / gib)
+        _says(file, r["peak"]["RssFile"] / gib)
+        _says(after, r["after_load"]["RssAnon"] / gib, r["after_load"]["RssFile"] / gib)
+    acc = res["accuracy"]
+    table = _table("README.md", "| prompt | tokens | elasticmoe bf16")
+    for i, (prompt, tokens, e, t) in enumerate(table):
+        if prompt == "all":
+            _says(tokens, sum(acc["tokens"]))
+            _says(e, acc["elasticmoe"]["max_rel_all"], acc["elasticmoe"]["median_rel_all"])
+            _says(t, acc["transformers"]["max_rel_all"], acc["transformers"]["median_rel_all"])
+        else:
+            assert int(prompt) == i
+            _says(tokens, acc["tokens"][i])
+            _says(e, acc["elasticmoe"]["max_rel"][i], acc["elasticmoe"]["median_rel"][i])
+            _says(t, acc["transformers"]["max_rel"][i], acc["transformers"]["median_rel"][i])
+
+
+def test_overlap_table():
+    results = {(r["tokens"], r["delay_ms"]): r["schedules"] for r in _json("overlap.json")["results"]}
+    for tokens, delay, *ratios in _table("README.md", "| tokens | expert latency d"):
+        s = results[(int(tokens), float(delay.split()[0]))]
+        for cell, schedule in zip(ratios, ("old 2", "ping-pong 2", "ping-pong 3")):
+            _says(cell, s[schedule]["ratio_vs_sequential"])
+
+
+def test_kernels_table():
+    """benchmarks/KERNELS.md's H200 table: ours µs, % of copy bandwidth and speed-up over `_grouped_mm`."""
+    summary = {(r["model"], r["tokens"]): r for r in _json("kernels-NVIDIA_H200.json")["summary"]}
+    table = _table("benchmarks/KERNELS.md", "| model | T | ours µs")
+    assert len(table) == len(summary)
+    for model, tokens, ours_us, pct, _tflops, _gmm_us, speedup, *_ in table:
+        r = summary[(model, int(tokens))]
+        _says(ours_us, r["ours_us"])
+        _says(pct, r["pct_peak_bw"])
+        _says(speedup, r["vs_grouped_mm"])
+    faster = sum(r["vs_grouped_mm"] > 1 for r in summary.values())
+    text = (REPO / "benchmarks" / "KERNELS.md").read_text()
+    assert f"faster than `_grouped_mm` in {faster} of {len(summary)} rows" in text
+    assert f"faster than `torch._grouped_mm` in {faster} of {len(summary)}" in (REPO / "README.md").read_text()
