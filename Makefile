@@ -12,7 +12,7 @@ export ELASTICMOE_CACHE ?= $(CURDIR)/.cache/elasticmoe
 # The CPU torch wheel lies here on our machines; pip would otherwise fetch a multi-GB CUDA build.
 export PIP_FIND_LINKS ?= /opt/wheels
 
-.PHONY: setup run test test-fast stop protos check-protos bench-offline bench-serving bench-kernels bench-balance bench-stalls bench-overload fuzz clean
+.PHONY: setup run test test-fast stop protos check-protos bench-offline bench-serving bench-kernels gpu-check bench-balance bench-stalls bench-overload fuzz clean
 
 setup: $(VENV)/.installed
 
