@@ -118,7 +118,8 @@ def cmd_offline(ns: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `elasticmoe` command's arguments (tests/test_doc_claims.py parses every command line the docs show)."""
     parser = argparse.ArgumentParser(prog="elasticmoe", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="demo model -> local Ray -> serve deploy -> gRPC requests")
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
     add_cli_arguments(p)
     p.set_defaults(fn=main_from_args)
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
     return int(ns.fn(ns) or 0)
 
 

@@ -1,0 +1,352 @@
+""""A README claim is a test": the names the documents give exist and are spelled as the code spells them.
+
+For README.md, docs/*.md, the chart's README and NOTES.txt, benchmarks/KERNELS.md and the comments of the Serve,
+cluster and Helm values files: every `make` target, every `elasticmoe ...` command line (parsed by the CLI's own
+parser), every `python -m` module, every repository path, every app-args field (with its value, validated by
+`AppArgs`), every Helm value, every ELASTICMOE_* variable and every test named; and the defaults they state.
+In-process and fast: no Ray, no model.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "elasticmoe"
+MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), CHART / "README.md",
+            REPO / "benchmarks" / "KERNELS.md"]
+COMMENTED = [*sorted((REPO / "deployments").glob("*.yaml")), *sorted((REPO / "cluster").glob("*.yaml")),
+             *sorted(CHART.glob("values*.yaml")), CHART / "templates" / "NOTES.txt"]
+SUBCOMMANDS = ("demo", "generate", "status", "offline", "make-tiny-model")
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def _code(path: Path) -> list[tuple[str, str, bool]]:
+    """(where, code, whole command lines?): a markdown file's fenced blocks and inline spans; a YAML file's
+    comments (a commented command is a whole line)."""
+    text = path.read_text()
+    if path.suffix != ".md":
+        return [(f"{_rel(path)}:{n}", line.split("#", 1)[1] if path.suffix == ".yaml" else line, True)
+                for n, line in enumerate(text.splitlines(), 1) if "#" in line or path.suffix != ".yaml"]
+    out = []
+    for m in re.finditer(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        line_no = text.count("\n", 0, m.start()) + 2
+        for n, line in enumerate(m.group(1).replace("\\\n", " ").splitlines()):
+            out.append((f"{_rel(path)}:{line_no + n}", line, True))
+    prose = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+    for n, line in enumerate(prose.splitlines(), 1):
+        out += [(f"{_rel(path)}:{n}", span, False) for span in re.findall(r"`([^`\n]+)`", line)]
+    return out
+
+
+def _all_code() -> list[tuple[str, str, bool]]:
+    return [c for path in MARKDOWN + COMMENTED for c in _code(path)]
+
+
+def _make_targets() -> set[str]:
+    return set(re.findall(r"^([a-z][\w-]*):", (REPO / "Makefile").read_text(), flags=re.M))
+
+
+def test_make_targets_named_in_the_docs_exist():
+    targets = _make_targets()
+    named = {(where, t) for path in MARKDOWN for where, code, _ in _code(path)
+             for t in re.findall(r"(?:^|[\s;&(])make ([a-z][\w-]*)", code)}
+    assert len(named) > 10
+    assert [(where, t) for where, t in named if t not in targets] == []
+
+
+def test_every_make_target_is_phony():
+    phony = set(re.search(r"^\.PHONY:(.*)$", (REPO / "Makefile").read_text(), flags=re.M).group(1).split())
+    assert _make_targets() - {"$(VENV)/.installed"} <= phony
+
+
+def _cli_commands() -> list[tuple[str, str, bool]]:
+    found = []
+    pattern = re.compile(r"(?:^|[\s'(])(?:[\w./]*/)?elasticmoe ((?:%s)\b[^#`]*)" % "|".join(SUBCOMMANDS))
+    for where, code, whole in _all_code():
+        for m in pattern.finditer(code):
+            found.append((where, m.group(1).strip().rstrip("&'").strip(), whole))
+    return found
+
+
+def test_cli_command_lines_in_the_docs_parse():
+    """Whole command lines parse with the CLI's own parser; a flag named in prose exists on its subcommand."""
+    from elasticmoe.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "cmd").choices
+    commands = _cli_commands()
+    assert {c.split()[0] for _, c, _ in commands} >= {"demo", "generate", "status"}
+    for where, command, whole in commands:
+        words = shlex.split(re.sub(r"\{\{.*?\}\}", "9000", command))  # NOTES.txt's template actions
+        sub = subparsers[words[0]]
+        for flag in (w.split("=")[0] for w in words if w.startswith("--")):
+            assert flag in sub._option_string_actions, f"{where}: `elasticmoe {words[0]}` has no {flag}"
+        if whole:
+            try:
+                parser.parse_args(words)
+            except SystemExit:
+                pytest.fail(f"{where}: `elasticmoe {command}` does not parse")
+
+
+def test_python_modules_named_in_the_docs_exist():
+    named = {(where, m) for where, code, _ in _all_code() for m in re.findall(r"python3? -m ([\w.]+)", code)}
+    assert any(m == "elasticmoe.rpc.tls" for _, m in named)
+    for where, module in named:
+        if module.split(".")[0] == "elasticmoe":
+            assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
+
+
+def test_import_path_exists():
+    assert re.search(r"^def build_app\(", (REPO / "elasticmoe" / "app.py").read_text(), flags=re.M)
+    for path in MARKDOWN + COMMENTED:
+        for target in re.findall(r"elasticmoe\.app:(\w+)", path.read_text()):
+            assert target == "build_app", f"{_rel(path)}: elasticmoe.app:{target}"
+
+
+# Files that are not the repository's: a checkpoint's, a Hub repository's, the run's, another project's.
+NOT_OURS = {"config.json", "generation_config.json", "merges.txt", "tokenizer.model", "api-keys.txt",
+            "benchmark_moe.py", "tls.key", "tls.crt", "ca.crt", "ca.key"}
+PATH_ROOTS = ("elasticmoe/", "tests/", "benchmarks/", "deployments/", "cluster/", "helm/", "docs/", "protos/",
+              ".ci/", "kernels/", "gateway/", "rpc/", "model/", "autoscaler/", "engine/", "placement/",
+              "dashboards/", "templates/")
+PATH_LIKE = re.compile(r"^[\w.<>{}*,/-]+\.(?:py|md|yaml|json|c|proto|txt|sh|toml|pyi|tpl|png)$"
+                       r"|^[\w.-]+/[\w./<>{}*,-]*$")
+
+
+def _expand(token: str) -> list[str]:
+    """`cluster/{aws,gcp}.yaml` -> both; `<model>` and `*` -> glob wildcards."""
+    m = re.search(r"\{([^}]*)\}", token)
+    if m:
+        return [e for alt in m.group(1).split(",") for e in _expand(token[:m.start()] + alt + token[m.end():])]
+    return [re.sub(r"<[^>]*>", "*", token)]
+
+
+@functools.cache
+def _files() -> tuple[Path, ...]:
+    return tuple(p for p in REPO.rglob("*") if not {".git", ".venv", ".cache", "__pycache__"} & set(p.parts))
+
+
+def _exists(token: str, base: Path) -> bool:
+    if token.startswith("../"):  # a relative link
+        return (base / token).resolve().exists()
+    tracked = _files()
+    for pattern in _expand(token.rstrip("/").lstrip("/")):
+        for root in (REPO, REPO / "elasticmoe", base):
+            if list(root.glob(pattern)):
+                return True
+        if "/" not in pattern and any(p.match(pattern) for p in tracked):
+            return True
+    return False
+
+
+def test_repository_paths_named_in_the_docs_exist():
+    missing = []
+    for path in MARKDOWN + COMMENTED:
+        tokens = [(w, t.replace("\0", ",")) for w, code, _ in _code(path)
+                  for t in re.split(r"[\s,;:()`'\"=]+", re.sub(r"\{[^}]*\}", lambda m: m[0].replace(",", "\0"), code))
+                  if PATH_LIKE.match(t.rstrip(".")) and (t.startswith(PATH_ROOTS) or "/" not in t)]
+        tokens += [(_rel(path), t) for t in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text())]
+        for where, token in tokens:
+            token = token.rstrip(".")
+            if token in NOT_OURS or token.startswith(("E=", "$", "..")) or not token:
+                continue
+            if not _exists(token, path.parent):
+                missing.append((where, token))
+    assert missing == [], missing
+
+
+NESTED = ("limits", "autoscaling", "direct_grpc", "gateway_resources", "shard_resources")
+
+
+def _app_arg_claims() -> list[tuple[str, str, str]]:
+    """(where, dotted name, value or '') for every code span naming an app-args field, e.g. `limits.transport:
+    unary`, `direct_grpc: {port: 9100}`, `direct_grpc.drain_s`."""
+    from elasticmoe.config import AppArgs
+
+    fields = set(AppArgs.model_fields)
+    claims = []
+    app_docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # the chart's README: Helm values
+    for where, code, whole in (c for path in app_docs for c in _code(path)):
+        if whole:
+            continue
+        m = re.match(r"^([a-z_]+(?:\.[a-z_]+)*)(?::\s*(.+))?$", code.strip())
+        name = m.group(1) if m else ""
+        if m and name.split(".")[0] in fields and (m.group(2) or "." in name) and (
+                "." not in name or name.split(".")[0] in NESTED):  # `model.download` is a Helm value
+            claims.append((where, m.group(1), m.group(2) or ""))
+    return claims
+
+
+def test_app_args_named_in_the_docs_exist_and_take_the_values_shown():
+    from pydantic import BaseModel
+
+    from elasticmoe.config import AppArgs
+
+    claims = _app_arg_claims()
+    names = {name for _, name, _ in claims}
+    assert {"limits.transport", "limits.micro_batches", "limits.failover_s", "direct_grpc.drain_s",
+            "direct_grpc.host", "expert_copies", "insecure_internal"} <= names
+    for where, name, value in claims:
+        model: type[BaseModel] = AppArgs
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            assert model is not None and part in model.model_fields, f"{where}: no app arg {name}"
+            ann = model.model_fields[part].annotation
+            nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            model = nested[0] if nested else None
+        if value:
+            args: dict = yaml.safe_load(value)
+            for part in reversed(parts):
+                args = {part: args}
+            if parts[0] == "direct_grpc" and isinstance(args["direct_grpc"], dict):
+                args["direct_grpc"].setdefault("port", 9100)
+            AppArgs(**{"model": "m", **args})  # raises on a wrong name or value
+
+
+@functools.cache
+def _values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def _schema_has(path: list[str]) -> bool:
+    import json
+
+    node = json.loads((CHART / "values.schema.json").read_text())
+    for part in path:
+        props = node.get("properties", {})
+        if part in props:
+            node = props[part]
+        elif node.get("additionalProperties") not in (None, False):
+            return True
+        else:
+            return False
+    return True
+
+
+def _values_has(path: list[str]) -> bool:
+    node = _values()
+    for part in path:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, dict) and not node:  # a free-form map (annotations, labels, options)
+            return True
+        else:
+            return _schema_has(path)
+    return True
+
+
+def _is_app_arg(name: str) -> bool:
+    from pydantic import BaseModel
+
+    from elasticmoe.config import AppArgs
+
+    model = AppArgs
+    for part in name.split("."):
+        if model is None or part not in model.model_fields:
+            return False
+        ann = model.model_fields[part].annotation
+        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = nested[0] if nested else None
+    return True
+
+
+def test_helm_values_named_in_the_docs_exist():
+    top = set(_values())
+    docs = [REPO / "README.md", REPO / "docs" / "DEPLOY.md", REPO / "docs" / "SECURITY.md", CHART / "README.md",
+            CHART / "templates" / "NOTES.txt"]
+    named = set()
+    for path in docs:
+        for where, code, _ in _code(path):
+            for token in re.findall(r"(?<![\w.$/-])([a-z][A-Za-z0-9]*(?:\.[A-Za-z][\w]*)+)", code):
+                if token.split(".")[0] in top and any(c.isupper() for c in token) or token.split(".")[0] in (
+                        "workers", "head", "model", "limits", "autoscaling", "upgrade", "serve", "writable"):
+                    named.add((where, token))
+    assert len(named) > 40
+    # app args share some top-level names with the chart's values (limits.*, autoscaling.*): snake_case is theirs
+    missing = [(w, t) for w, t in named if "_" not in t and not _is_app_arg(t) and not _values_has(t.split("."))]
+    assert missing == [], missing
+
+
+def test_helm_readme_defaults_are_the_values_defaults():
+    """The chart README's table: a row naming one value and one default states values.yaml's default."""
+    values = _values()
+    text = (CHART / "README.md").read_text()
+    checked = 0
+    for key, default in re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \|", text, flags=re.M):
+        node = values
+        for part in key.split("."):
+            node = node[part]
+        want = {"null": None, "true": True, "false": False, '""': ""}.get(default, default)
+        assert node == want or str(node) == default, f"helm README: {key} default {default!r}, values.yaml {node!r}"
+        checked += 1
+    assert checked >= 8
+    limits = values["limits"]
+    assert [limits[k] for k in ("maxNumSeqs", "maxModelLen", "maxQueue", "maxNumBatchedTokens",
+                                "expertTimeoutSeconds")] == [16, 2048, 64, 2048, 5]
+    assert "| `limits.*` | 16 / 2048 / 64 / 2048 / 5 |" in text
+    assert values["expertPort"] == {"start": 20100, "end": 20199}
+    assert values["directGrpc"]["port"] == 9100 and "`directGrpc.port` (9100)" in text
+    assert values["writable"] == {"tmpSizeLimit": "16Gi", "cacheSizeLimit": "4Gi"}
+
+
+def test_helm_limits_defaults_are_the_app_defaults():
+    """The chart's limit defaults are AppArgs' (the README quotes one set of numbers for both)."""
+    from elasticmoe.config import Limits
+
+    limits, app = _values()["limits"], Limits()
+    assert (limits["maxNumSeqs"], limits["maxModelLen"], limits["maxQueue"], limits["maxNumBatchedTokens"],
+            limits["expertTimeoutSeconds"]) == (app.max_num_seqs, app.max_model_len, app.max_queue,
+                                                app.max_num_batched_tokens, app.expert_timeout_s)
+
+
+def test_environment_variables_named_in_the_docs_are_read():
+    sources = "\n".join(p.read_text(errors="ignore") for root in ("elasticmoe", "helm", "cluster", "benchmarks")
+                        for p in (REPO / root).rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".tpl",
+                                                                                           ".sh", ".c", ".txt"))
+    sources += (REPO / "Makefile").read_text() + (REPO / "Dockerfile").read_text()
+    named = {(where, v) for where, code, _ in _all_code()
+             for v in re.findall(r"\b(ELASTICMOE_[A-Z0-9_]*[A-Z0-9])", code)}
+    assert len(named) > 5
+    assert [(w, v) for w, v in named if v not in sources] == []
+
+
+def test_tests_named_in_the_docs_exist():
+    tests = {p.stem: p.read_text() for p in (REPO / "tests").glob("*.py")}
+    everything = "\n".join(tests.values())
+    for where, code, _ in _all_code():
+        for module, name in re.findall(r"tests/(\w+)\.py::(\w+)", code):
+            assert module in tests and f"def {name}(" in tests[module], f"{where}: no {module}.py::{name}"
+        for name in re.findall(r"(?<![/\w])(test_\w+)(?!\.py)\b", code):
+            assert f"def {name}(" in everything or name in tests, f"{where}: no test named {name}"
+
+
+def test_defaults_stated_in_the_readme():
+    from elasticmoe.cli import build_parser
+    from elasticmoe.config import GATEWAY_DRAIN_S, DirectGrpc, Limits
+    from elasticmoe.model.pipeline import default_micro_batches
+
+    readme = (REPO / "README.md").read_text()
+    assert "`direct_grpc.drain_s` (default 600 s" in readme
+    assert DirectGrpc(port=1).drain_s == GATEWAY_DRAIN_S == 600
+    assert "127.0.0.1 unless `direct_grpc.host` says otherwise" in readme and DirectGrpc(port=1).host == "127.0.0.1"
+    assert "The socket transport is the default (`limits.transport: socket`)" in readme
+    assert Limits().transport == "socket"
+    assert "(default 2 on CUDA, 1 on CPU)" in readme and Limits().micro_batches is None
+    assert (default_micro_batches("cuda"), default_micro_batches("cpu")) == (2, 1)
+    assert "redraws every `--interval` seconds (default 2)" in readme
+    status = build_parser().parse_args(["status"])
+    assert status.interval == 2 and status.address == "auto"
+    assert build_parser().parse_args(["generate", "x"]).address == "127.0.0.1:9000"  # "gRPC :9000"
+    demo = build_parser().parse_args(["demo"])
+    assert demo.model == "tiny:demo" and Path(demo.config) == REPO / "deployments" / "tiny.yaml"
