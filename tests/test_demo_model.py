@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.demo import DEMO_PROMPTS, META_FILE, DemoArgs, corpus_routing, routing_counts, train
 from elasticmoe.model.embedded import ensure_tiny_model
 from elasticmoe.model.tokenizer import CORPUS
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +94,9 @@ def test_routing_is_learned_and_skewed_per_topic(demo_dir, hf):
         hottest.append((c / c.sum(1, keepdim=True)).max().item())
     # uniform routing would give every expert 1/8 = 0.125 of the selections
     assert sum(hottest) / len(hottest) > 0.2, hottest
+    # the README's range, in whole percent: "the busiest expert of a layer takes 23-33% of the selections"
+    lo, hi = re.search(r"takes\s+(\d+)-(\d+)% of the selections", (REPO / "README.md").read_text()).groups()
+    assert (int(min(hottest) * 100), int(max(hottest) * 100)) == (int(lo), int(hi)), hottest
 
 
 def test_training_is_deterministic():
