@@ -350,3 +350,24 @@ def test_defaults_stated_in_the_readme():
     assert build_parser().parse_args(["generate", "x"]).address == "127.0.0.1:9000"  # "gRPC :9000"
     demo = build_parser().parse_args(["demo"])
     assert demo.model == "tiny:demo" and Path(demo.config) == REPO / "deployments" / "tiny.yaml"
+
+
+def test_numbers_stated_in_the_security_doc_and_readme():
+    """The numbers docs/SECURITY.md and the README give for key reloads, certificates, hedging and `n`."""
+    import inspect
+
+    from elasticmoe.gateway import auth
+    from elasticmoe.gateway.dispatcher import GrpcDispatcher
+    from elasticmoe.gateway.openai_protocol import MAX_N
+    from elasticmoe.rpc import tls
+
+    security, readme = (REPO / "docs" / "SECURITY.md").read_text(), (REPO / "README.md").read_text()
+    assert "re-read\nwithin a second" in security or "re-read within a second" in security
+    assert auth.RELOAD_S <= 1.0
+    assert "look at the files every 30 s" in security
+    assert inspect.signature(tls.Renewal).parameters["period_s"].default == 30.0
+    assert "CA 10 years, certificate 1 year, renewed a week before it expires" in security
+    assert (tls.CA_DAYS, tls.LEAF_DAYS, tls.RENEW_DAYS) == (3650, 365, 7)
+    assert "a straggler past 4x the median round trip" in readme
+    assert inspect.signature(GrpcDispatcher).parameters["hedge_factor"].default == 4.0
+    assert "`n` up to 16" in readme and MAX_N == 16
