@@ -371,3 +371,13 @@ def test_numbers_stated_in_the_security_doc_and_readme():
     assert "a straggler past 4x the median round trip" in readme
     assert inspect.signature(GrpcDispatcher).parameters["hedge_factor"].default == 4.0
     assert "`n` up to 16" in readme and MAX_N == 16
+
+
+def test_readme_layers_are_the_layering_tests():
+    """The README's "Imports go downward (tests/test_layering.py): a, b -> c -> ..." is test_layering.LAYERS."""
+    from tests.test_layering import LAYERS
+
+    text = " ".join((REPO / "README.md").read_text().split())
+    chain = re.search(r"Imports go downward, and a test says so \(`tests/test_layering.py`\): ([\w, ->]+?);", text)
+    said = [{u.strip() for u in layer.split(",")} for layer in chain.group(1).split("->")]
+    assert said[::-1] == [units - {"__init__"} for units in LAYERS]
