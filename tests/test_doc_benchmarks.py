@@ -192,3 +192,39 @@ def test_kernels_table():
     text = (REPO / "benchmarks" / "KERNELS.md").read_text()
     assert f"faster than `_grouped_mm` in {faster} of {len(summary)} rows" in text
     assert f"faster than `torch._grouped_mm` in {faster} of {len(summary)}" in (REPO / "README.md").read_text()
+
+
+def _c16(name: str) -> dict[str, dict]:
+    """serving JSON rows at concurrency 16 by kind: proxy, port, direct, llm."""
+    kinds = {"served:": "proxy", "served-port:": "port", "direct:": "direct", "LLM.generate": "llm"}
+    return {kind: r for r in _json(name)["rows"] if r["concurrency"] == 16
+            for prefix, kind in kinds.items() if r["system"].startswith(prefix)}
+
+
+def test_serving_prose_ratios():
+    """The Serving section's sentences quoting serving.json and serving-c16.json at concurrency 16."""
+    text = " ".join((REPO / "README.md").read_text().split())
+    s, n = _c16("serving.json"), _c16("serving-c16.json")
+    m = re.search(r"At concurrency 16, against `LLM.generate`: the proxy ([\d.]+x), the port ([\d.]+x), direct "
+                  r"([\d.]+x); that night, .*?`LLM.generate` ([\d,]+) tok/s\): ([\d.]+x), ([\d.]+x) \((\d+) tok/s\), "
+                  r"([\d.]+x), fan-out p50 ([\d.]+) ms served and ([\d.]+) ms direct", text)
+    assert m, "the Serving section's concurrency-16 sentence moved or changed shape"
+    for cell, kind in zip(m.groups()[:3], ("proxy", "port", "direct")):
+        _says(cell, s[kind]["tok_s"] / s["llm"]["tok_s"])
+    _says(m.group(4), n["llm"]["tok_s"])
+    for cell, kind in zip((m.group(5), m.group(6), m.group(8)), ("proxy", "port", "direct")):
+        _says(cell, n[kind]["tok_s"] / n["llm"]["tok_s"])
+    _says(m.group(7), n["port"]["tok_s"])
+    _says(m.group(9), _json("serving-c16.json")["fanout"]["fanout_overhead_p50_s"] * 1e3)
+    _says(m.group(10), n["direct"]["fanout_p50_ms"])
+    m = re.search(r"socket \*\*p50 ([\d.]+) ms, p99 ([\d.]+) ms\*\* in this run", text)
+    fanout = _json("serving.json")["fanout"]
+    _says(m.group(1), fanout["fanout_overhead_p50_s"] * 1e3)
+    _says(m.group(2), fanout["fanout_overhead_p99_s"] * 1e3)
+    m = re.search(r"`direct_grpc` port ([\d.]+x) in `serving.json` and ([\d.]+x) in `serving-c16.json`", text)
+    _says(m.group(1), s["port"]["tok_s"] / s["direct"]["tok_s"])
+    _says(m.group(2), n["port"]["tok_s"] / n["direct"]["tok_s"])
+    m = re.search(r"served through the proxy is ([\d.]+)-([\d.]+)x of direct", text)
+    ratios = sorted(r["proxy"]["tok_s"] / r["direct"]["tok_s"] for r in (s, n))
+    _says(m.group(1), ratios[0])
+    _says(m.group(2), ratios[1])
