@@ -247,3 +247,31 @@ def test_a_stopping_shard_with_its_controller_gone_stops_at_once(model, monkeypa
     asyncio.run(_stop(_stopping_replica(shard, _GoneHandle())))
     assert time.monotonic() - t0 < 20  # the probe's 0.3 s and the server's stop, not Serve's kill 60 s later
     assert _refused(shard.address)
+
+
+def test_a_failing_loop_is_logged_counted_and_keeps_running(model, monkeypatch, caplog):
+    """README: the controller's loops "log and count errors instead of dying"."""
+    import elasticmoe.autoscaler.controller as controller_module
+
+    GcsRecord("default").clear()
+    ctrl = ControllerImpl(_args(model))
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(controller_module.asyncio, "sleep", lambda s: real_sleep(0))
+    runs = []
+
+    async def _stats_once():
+        runs.append(1)
+        if len(runs) == 3:
+            raise asyncio.CancelledError  # the test's way out: not an Exception, so not caught
+        raise RuntimeError(f"failure {len(runs)}")
+
+    async def scenario():
+        with pytest.raises(asyncio.CancelledError):
+            await ctrl._forever(_stats_once)
+        return await ctrl.status()
+
+    with caplog.at_level("ERROR", logger=controller_module.log.name):
+        status = asyncio.run(scenario())
+    assert len(runs) == 3  # two failures did not end the loop
+    assert ctrl.loop_errors == 2 and status["loop_errors"] == 2 and status["event_counts"]["loop_error"] == 2
+    assert sum("controller loop _stats_once failed" in r.getMessage() for r in caplog.records) == 2
