@@ -381,3 +381,17 @@ def test_readme_layers_are_the_layering_tests():
     chain = re.search(r"Imports go downward, and a test says so \(`tests/test_layering.py`\): ([\w, ->]+?);", text)
     said = [{u.strip() for u in layer.split(",")} for layer in chain.group(1).split("->")]
     assert said[::-1] == [units - {"__init__"} for units in LAYERS]
+
+
+def test_serve_options_the_readme_states():
+    """README (Overload, front door): Serve queues `limits.max_queued_requests` per gateway, the gateway keeps
+    `max_ongoing_requests` at 1024, and a stopping gateway drains for the gateway's drain (600 s)."""
+    from elasticmoe.app import build_app
+    from elasticmoe.config import GATEWAY_DRAIN_S
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "the gateway keeps `max_ongoing_requests` at 1024" in readme
+    assert "Serve's request queue (`max_queued_requests`;" in readme
+    gateway = build_app({"model": "tiny:mixtral", "limits": {"max_queued_requests": 7}})._bound_deployment
+    assert gateway.max_ongoing_requests == 1024 and gateway.max_queued_requests == 7
+    assert gateway._deployment_config.graceful_shutdown_timeout_s == GATEWAY_DRAIN_S
