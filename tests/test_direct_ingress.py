@@ -250,3 +250,21 @@ def test_direct_grpc_settings_are_checked():
     for bad in ({"port": 0}, {"port": 70000}, {"port": 9100, "tls": True}, {"port": 9100, "drain_s": -1}, {}):
         with pytest.raises(ValidationError):
             AppArgs(model="m", direct_grpc=bad)
+
+
+def test_a_replica_whose_port_server_stopped_fails_its_health_check():
+    """README: "A replica whose port server stopped fails its health check" (Serve then replaces it); the port's
+    own alive() going false on stop is test_stop_drains_the_calls_in_flight_and_refuses_new_ones."""
+    from types import SimpleNamespace
+
+    from elasticmoe.gateway.deployment import Gateway
+
+    def replica(alive: bool | None):
+        port = None if alive is None else SimpleNamespace(alive=lambda: alive)
+        return SimpleNamespace(core=SimpleNamespace(healthy=lambda: None), direct=port)
+
+    check = Gateway.func_or_class.check_health
+    check(replica(None))  # no direct_grpc
+    check(replica(True))
+    with pytest.raises(RuntimeError, match="direct_grpc server stopped"):
+        check(replica(False))
