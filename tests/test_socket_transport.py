@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from concurrent import futures as cf
 
@@ -16,9 +17,10 @@ import torch
 
 from elasticmoe.config import Limits
 from elasticmoe.experts.server import start_server
+from elasticmoe.gateway import socket_transport
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.socket_transport import SocketTransport
-from elasticmoe.gateway.transport import StreamTransport, make_transport
+from elasticmoe.gateway.transport import StreamTransport, TransportError, make_transport
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.codec import decode_tensor
@@ -367,4 +369,24 @@ def test_renewed_tls_files_reopen_connections_and_calls_in_flight_finish(files, 
         assert old.dead and not old.pending
     finally:
         pair.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+
+
+def test_a_connection_retired_while_opening_ends_once_open(files, pair):  # noqa: F811
+    """Retired (renewed TLS files) while still opening, with no call pending: once open it ends at once instead of
+    holding one of the shard's connections (and a thread here) for ever."""
+    address, listener = pair.addresses[0], pair.servers[0].listener
+    t = SocketTransport()
+    go = threading.Event()
+    stub, _ = t.stub(address)
+    conn = socket_transport._Conn(address, lambda: go.wait(5) and t._open(address, stub))
+    try:
+        conn.retire()
+        go.set()
+        deadline = time.monotonic() + 5
+        while (not conn.dead or listener._conns) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert conn.dead and not listener._conns
+    finally:
+        conn.fail(TransportError(grpc.StatusCode.CANCELLED, "test over"))
         t.close()

@@ -99,11 +99,14 @@ class _Conn(Multiplexed):
                 self._reader = frame_socket.FrameReader(sock)
                 self.sock, backlog, self._backlog = sock, self._backlog, None
                 dead = self.dead
+                idle = self.retired and not self.pending  # retired while opening: its _shut found no socket
             try:
                 for parts in [] if dead else backlog:
                     frame_socket.send_parts(sock, parts)
             except OSError as e:
                 self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+        if idle:
+            self._shut()  # nothing to answer: end it (the reader sees the end)
         try:
             self._serve()
         finally:
