@@ -131,6 +131,26 @@ def test_a_deadline_ends_the_wait_and_the_connection_survives(files, pair):  # n
         t.close()
 
 
+def test_result_and_exception_time_out_after_their_timeout_once(files, pair):  # noqa: F811
+    """Future.result(timeout) and exception(timeout) on a socket call still running raise TimeoutError after
+    `timeout`, not twice that (reading the answers for `timeout`, then waiting on the Future for `timeout` more)."""
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = SocketTransport()
+    try:
+        assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        pair.servicers[0].faults.run_delay_s = 3.0
+        fut = t.send(address, lambda: _req(files, layer, seed=1), 10)
+        for ask in (fut.result, fut.exception):
+            t0 = time.perf_counter()
+            with pytest.raises(cf.TimeoutError):
+                ask(timeout=1.0)
+            took = time.perf_counter() - t0
+            assert 1.0 <= took < 1.6, took
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+
+
 def test_callers_and_connection_threads_reading_side_by_side_get_their_own_answers(files, pair):  # noqa: F811
     """Six threads wait through the transport (they take the read tokens from each other) and two only on their
     futures, calls of different sizes to both shards over mTLS: every answer is its own request's."""

@@ -199,20 +199,20 @@ class _Answer(Future):
         self._wait_through = wait
 
     def result(self, timeout: float | None = None):
-        self._read_until_done(timeout)
-        return super().result(timeout)
+        return super().result(self._read_until_done(timeout))
 
     def exception(self, timeout: float | None = None):
-        self._read_until_done(timeout)
-        return super().exception(timeout)
+        return super().exception(self._read_until_done(timeout))
 
-    def _read_until_done(self, timeout: float | None) -> None:
+    def _read_until_done(self, timeout: float | None) -> float | None:
+        """Read until done or `timeout` has passed; what is left of `timeout` (0 once spent; None: no timeout)."""
         end = None if timeout is None else time.monotonic() + timeout
         while not self.done():
             left = 3600.0 if end is None else end - time.monotonic()
             if left <= 0:
-                return
+                return 0
             self._wait_through([self], left)
+        return None if end is None else max(0.0, end - time.monotonic())
 
 
 class SocketTransport(_Channels):
