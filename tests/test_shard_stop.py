@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from elasticmoe.gateway.transport import make_transport
-from elasticmoe.rpc import frame_socket, frames
+from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
 from tests.test_failover import E, Shards, _inputs, files  # noqa: F401
 
@@ -57,6 +57,25 @@ def test_close_event_is_set_at_once_without_connections():
     assert listener.close().wait(2)
     assert listener.close(grace=5).wait(2)  # closed again, nothing open: no grace timer to wait for
 
+
+
+def test_close_cuts_a_connection_still_in_its_tls_handshake(tmp_path):
+    """A peer that connected and has not finished its TLS handshake (stalled, or slow) is cut by close() too: the
+    Event does not wait out the handshake's timeout."""
+    files = tls.local_ca(tmp_path / "ca")
+    listener = frame_socket.FrameListener(lambda requests, put: None, "127.0.0.1", [0], files=files)
+    client = socket.create_connection(("127.0.0.1", listener.port))  # no ClientHello ever
+    try:
+        deadline = time.monotonic() + 5
+        while not listener._opening and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # inside the handshake
+        t0 = time.monotonic()
+        done = listener.close()
+        assert done.wait(frame_socket.HANDSHAKE_S / 2), time.monotonic() - t0
+        assert not listener._threads and client.recv(1) == b""
+    finally:
+        client.close()
 
 _EXITING = """
     import socket, sys, threading

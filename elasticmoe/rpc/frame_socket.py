@@ -234,18 +234,37 @@ class FrameListener:
             thread.start()
 
     def _open(self, conn: socket.socket) -> socket.socket | None:
-        """The TLS handshake (client certificate of the CA required); None (closed) when it fails."""
+        """The TLS handshake (client certificate of the CA required); None (closed) when it fails or the listener
+        closes meanwhile."""
         if self.insecure:
             return conn
         try:
             conn.settimeout(HANDSHAKE_S)
-            conn = self._context().wrap_socket(conn, server_side=True)
+            conn = self._wrap(conn)
+            conn.do_handshake()
             conn.settimeout(None)
             return conn
         except (OSError, ValueError) as e:
             log.info("frame listener %d: TLS handshake refused: %s", self.port, e)
+            with self._lock:
+                self._opening.discard(conn)
             hard_close(conn)
             return None
+
+    def _wrap(self, raw: socket.socket) -> ssl.SSLSocket:
+        """raw as a TLS socket, handshake not done, in place of raw among those close() cuts (raw is detached now:
+        cutting it would no longer reach the connection)."""
+        conn = self._context().wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        with self._lock:
+            self._opening.discard(raw)
+            self._opening.add(conn)
+            closed = self.closed
+            if closed:  # close() came between: it cut raw, too late
+                self._opening.discard(conn)
+        if closed:
+            hard_close(conn)
+            raise OSError("frame listener closed")
+        return conn
 
     def _connection(self, raw: socket.socket) -> None:
         try:
@@ -262,7 +281,7 @@ class FrameListener:
         with self._lock:
             full = len(self._conns) >= self.max_conns
             refused = self.closed or full
-            self._opening.discard(raw)
+            self._opening.discard(conn)
             if not refused:
                 self._conns.add(conn)
         if refused:
