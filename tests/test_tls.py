@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -202,5 +203,34 @@ def test_release_files_for_ray_up(tmp_path, store, monkeypatch):
     server, _, port = start_server(store, "node")
     try:
         assert _health(tls.channel(f"127.0.0.1:{port}")).ok
+    finally:
+        server.stop(None)
+
+
+def test_frame_listener_keeps_its_certificate_while_the_files_are_half_updated(tmp_path, store, other_ca,
+                                                                                 monkeypatch):
+    """Files caught mid-rotation (a new certificate beside the old key) cannot make a TLS context: the shard's frame
+    listener, as its gRPC server, keeps serving the certificate it has instead of refusing every new connection."""
+    from elasticmoe.rpc import frame_socket, frames
+
+    live, first = _live_files(tmp_path, monkeypatch)
+    server, servicer, _ = start_server(store, "rotating")
+    layer = store.spec.moe.moe_layers[0]
+    good = frames.encode_request(1, layer, torch.zeros(1, store.spec.hidden_size), torch.full((1, 1), -1,
+                                 dtype=torch.int32), torch.ones(1, 1))
+
+    def answered(files: tls.TlsFiles) -> bool:
+        with socket.create_connection(("127.0.0.1", servicer.frame_port), timeout=5) as raw:
+            with tls.client_ssl_context(files).wrap_socket(raw, server_hostname=tls.SERVER_NAME) as s:
+                s.sendall(good)
+                return frames.decode_reply(next(frame_socket.FrameReader(s).frames())).code == 0
+
+    try:
+        assert answered(first)
+        time.sleep(0.01)  # a new modification time
+        shutil.copy(other_ca.cert, live / "tls.crt")  # the certificate renewed, its key not yet
+        assert answered(first)
+        _rotate(live, other_ca)  # the rotation done: the new files serve the next connection
+        assert answered(other_ca)
     finally:
         server.stop(None)

@@ -210,10 +210,16 @@ class FrameListener:
         threading.Thread(target=self._accept, name=f"frames-{self.port}", daemon=True).start()
 
     def _context(self) -> ssl.SSLContext:
-        """The server context, rebuilt when the TLS files change (a renewed certificate, without a restart)."""
-        stamp = self.files.stamp()
-        if self._ctx is None or stamp != self._stamp:
-            self._ctx, self._stamp = tls.server_ssl_context(self.files), stamp
+        """The server context, rebuilt when the TLS files change (a renewed certificate, without a restart); files
+        that make none (caught mid-rotation) leave the current one in use, as tls.server_credentials does."""
+        try:
+            stamp = self.files.stamp()
+            if self._ctx is None or stamp != self._stamp:
+                self._ctx, self._stamp = tls.server_ssl_context(self.files), stamp
+        except (OSError, ValueError) as e:
+            if self._ctx is None:
+                raise
+            log.warning("frame listener %d: cannot reload %s: %s", self.port, self.files.cert, e)
         return self._ctx
 
     def _accept(self) -> None:
