@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import re
 import shutil
@@ -170,6 +171,17 @@ def test_frame_errors_are_clear() -> None:
     assert (failed.code, failed.error, failed.output) == (3, "layer: 999 is not an MoE layer", None)
     with pytest.raises(ValueError, match="complex64"):
         frames.encode_request(1, 0, torch.zeros(2, 2, dtype=torch.complex64), torch.zeros(2, 1), torch.zeros(2, 1))
+
+
+def test_reply_missing_must_be_one_dimensional() -> None:
+    """An OK reply whose `missing` is not [m] int32 (0 or 2 dims) is a FrameError, not an IndexError."""
+    for shape, values in (((), [5]), ((1, 2), [5, 6])):
+        ids = array.array("i", values)
+        missing = frames.WireTensor(memoryview(ids).cast("B"), "int32", shape)
+        wire = frames._frame(frames.REPLY, 4, 0, b"", 0, 0, [torch.ones(1, 2), missing])
+        with pytest.raises(frames.FrameError, match=re.escape("int32 missing [m]")) as e:
+            frames.decode_reply(wire)
+        assert e.value.frame_id == 4
 
 
 class _Doubler(pb_grpc.ExpertShardServicer):

@@ -312,9 +312,10 @@ def decode_reply(buf: bytes) -> Reply:
     frame_id, code = head[4], head[5]
     if code:
         return Reply(frame_id, code, text, None, [], 0, head[7])
-    if len(tensors) != 2 or tensors[1].dtype != "int32":
-        raise FrameError(f"frame {frame_id}: an OK reply has output and int32 missing", frame_id)
-    missing = torch.frombuffer(tensors[1].data, dtype=torch.int32).tolist() if tensors[1].shape[0] else []
+    if len(tensors) != 2 or tensors[1].dtype != "int32" or len(tensors[1].shape) != 1:
+        got = ", ".join(f"{t.dtype} {list(t.shape)}" for t in tensors)
+        raise FrameError(f"frame {frame_id}: an OK reply has output [T, H] and int32 missing [m]; got {got}", frame_id)
+    missing = torch.frombuffer(tensors[1].data, dtype=torch.int32).tolist() if tensors[1].shape[0] else []  # [m]
     return Reply(frame_id, 0, "", tensors[0], missing, head[8], head[7])
 
 
