@@ -3,6 +3,8 @@ process, failover when a shard dies mid-stream, hedging, frame ids under concurr
 
 from __future__ import annotations
 
+import inspect
+import sys
 import threading
 import time
 from concurrent import futures as cf
@@ -14,7 +16,7 @@ import torch
 from elasticmoe.config import Limits
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.socket_transport import SocketTransport
-from elasticmoe.gateway.transport import STREAM_METHOD, StreamTransport, UnaryTransport, make_transport
+from elasticmoe.gateway.transport import STREAM_METHOD, StreamTransport, UnaryTransport, _Stream, make_transport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
@@ -274,6 +276,52 @@ def test_mutated_frames_each_get_one_answer(files, pair):  # noqa: F811
     assert {r.code for r in replies} <= {0, grpc.StatusCode.INVALID_ARGUMENT.value[0]}, {r.error for r in replies}
     assert sum(r.code != 0 for r in replies) >= 30  # most mutations are refused (the rest hit a field that may vary)
     assert any(r.id == 10**6 and r.code == 0 and r.output is not None for r in replies)
+
+
+def _pause_at(fn, text: str, paused: threading.Event, go: threading.Event):
+    """A trace function (sys.settrace) that stops the thread it traces at fn's source line holding `text`: it sets
+    `paused`, then waits for `go` (a race's window held open, no code replaced)."""
+    lines, first = inspect.getsourcelines(fn)
+    at = first + next(i for i, line in enumerate(lines) if text in line)
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == at:
+            paused.set()
+            go.wait(10)
+        return local
+    return lambda frame, event, arg: local if frame.f_code is fn.__code__ else None
+
+
+def test_a_frame_sent_as_a_renewal_half_closes_its_stream_is_still_answered(files, pair):  # noqa: F811
+    """A renewal half-closes a stream (close) just after a send took its place on it: the frame still goes out before
+    the end of stream and is answered. (Queued after the lock, it came after close's end marker: never sent, the
+    call failed UNAVAILABLE and a healthy shard was reported failed.) The send is held there by a trace hook."""
+    layer, address = pair.layers[0], pair.addresses[0]
+    t = StreamTransport()
+    stream = t._stream(address)
+    paused, go = threading.Event(), threading.Event()
+    hook = _pause_at(_Stream.submit, "self._out.put(frame)", paused, go)
+
+    def send() -> cf.Future:
+        sys.settrace(hook)
+        try:
+            return t.send(address, lambda: _request(files, layer, 4, 0), 10)
+        finally:
+            sys.settrace(None)
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(send)
+            assert paused.wait(10)
+            closer = threading.Thread(target=stream.close)
+            closer.start()
+            closer.join(0.5)  # the half-close runs while the send is held (or waits for it)
+            go.set()
+            closer.join(10)
+            reply = sent.result(10).result(timeout=10)
+        assert reply.output.data and stream.dead
+    finally:
+        go.set()
+        t.close()
 
 
 def test_close_fails_pending_calls(files, pair):  # noqa: F811

@@ -187,12 +187,13 @@ class _Stream(Multiplexed):
             yield frame
 
     def submit(self, frame_id: int, frame: bytes, fut: Future) -> bool:
-        """Queue a frame; False when the stream has died (the caller opens a new one)."""
+        """Queue a frame; False when the stream has died (the caller opens a new one). Queued under the lock, as
+        close()'s end marker is: a half-close cannot come between (the frame would never be sent)."""
         with self._lock:
             if self.dead:
                 return False
             self.pending[frame_id] = fut
-        self._out.put(frame)
+            self._out.put(frame)
         return True
 
     def _read(self) -> None:
@@ -211,10 +212,10 @@ class _Stream(Multiplexed):
         self._out.put(None)
 
     def close(self) -> None:
-        """Half-close: calls in flight still get their answers."""
+        """Half-close: calls in flight (their frames all queued before the end marker) still get their answers."""
         with self._lock:
             self.dead = True
-        self._out.put(None)
+            self._out.put(None)
 
 
 DEADLINE_GRAIN_S = 0.05  # the deadline thread sweeps at most this often: a call fails up to this late
