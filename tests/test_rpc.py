@@ -184,6 +184,29 @@ def test_reply_missing_must_be_one_dimensional() -> None:
         assert e.value.frame_id == 4
 
 
+def test_frames_over_the_message_limit_are_refused_before_sending() -> None:
+    """At DeepSeek-V3's width (H = 7168, top-8, bf16) max_rows is the most tokens whose float64 reply and bf16
+    request each fit the 256 MiB message limit; one more makes a reply the receiver would refuse, ending the whole
+    connection: the frame is refused here instead, naming the limit (tensors allocated, never touched)."""
+    h, k = 7168, 8
+    most = frames.max_rows(h, k, torch.bfloat16.itemsize, torch.float64.itemsize)
+    assert most == 4681 and frames.max_rows(h, k, 2, 8, limit=1 << 20) == 18
+    for rows in (most, most + 1):
+        out = torch.empty(rows, h, dtype=torch.float64)  # [T, H]
+        ids = torch.zeros(rows, k, dtype=torch.int32)
+        req = frames.ExpertRequest(3, torch.empty(rows, h, dtype=torch.bfloat16), ids, ids.float())
+        if rows == most:
+            assert sum(map(len, frames.reply_parts(1, out))) <= frames.MAX_MESSAGE_BYTES
+            assert sum(map(len, frames.request_parts(1, req))) <= frames.MAX_MESSAGE_BYTES
+            continue
+        with pytest.raises(ValueError, match=r"more than the \d+-byte message limit \(ELASTICMOE_GRPC_MAX_MESSAGE"):
+            frames.reply_parts(1, out)
+    wide = torch.empty(frames.MAX_MESSAGE_BYTES // (2 * h) + 1, h, dtype=torch.bfloat16)  # the request alone over it
+    ids = torch.zeros(wide.shape[0], 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="message limit"):
+        frames.request_parts(2, frames.ExpertRequest(3, wide, ids, ids.float()))
+
+
 class _Doubler(pb_grpc.ExpertShardServicer):
     """Returns 2 * hidden, so the test sees the server really decoded and re-encoded it."""
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from elasticmoe.config import Limits
-from elasticmoe.gateway.dispatcher import GrpcDispatcher
+from elasticmoe.gateway.dispatcher import GrpcDispatcher, check_call_size
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.transport import STREAM_METHOD, StreamTransport, UnaryTransport, _Stream, make_transport
 from elasticmoe.rpc import experts_pb2 as pb
@@ -43,6 +43,22 @@ def test_config_selects_the_transport():
     d.close()
     with pytest.raises(ValueError):
         Limits(transport="carrier-pigeon")
+
+
+def test_a_gateway_refuses_a_batch_one_shard_call_cannot_carry(files):  # noqa: F811
+    """limits.max_num_batched_tokens beyond what one call's float64 reply [T, H] fits in the message limit (4.7k at
+    H = 7168) is refused when the gateway starts, naming the field and the hidden size: every copy of such a call
+    would end its connection (INTERNAL), be reported failed, and the step's requests with it."""
+    from elasticmoe.gateway.deployment import GatewayCore
+
+    spec = files.spec
+    most = frames.max_rows(spec.hidden_size, spec.moe.top_k, 4, 8)
+    check_call_size(most, spec, torch.float32)
+    check_call_size(most, spec, torch.bfloat16)
+    args = {"model": str(files.ckpt.path), "limits": {"max_num_batched_tokens": most + 1}}
+    want = rf"limits.max_num_batched_tokens: {most + 1} is more than {most}.*hidden size {spec.hidden_size}"
+    with pytest.raises(ValueError, match=want):
+        GatewayCore(args, controller=None)
 
 
 def test_stream_dispatch_equals_single_process(files, pair):  # noqa: F811

@@ -16,15 +16,28 @@ from elasticmoe.gateway.failover import Call, Step
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.gateway.transport import ExpertTransport, TransportName, make_transport
 from elasticmoe.model.dispatch import ExpertsUnavailable
+from elasticmoe.model.experts import COMBINE_DTYPE
+from elasticmoe.model.spec import ModelSpec
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
-from elasticmoe.rpc.frames import ExpertRequest
+from elasticmoe.rpc.frames import ExpertRequest, max_rows
 from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
 HEDGE_MEDIAN_EVERY = 16  # round trips between two recomputations of the hedging median
 
 __all__ = ["GrpcDispatcher", "NoReplicaError", "RoutingTable"]
+
+
+def check_call_size(max_num_batched_tokens: int, spec: ModelSpec, dtype: torch.dtype) -> None:
+    """ValueError naming limits.max_num_batched_tokens when one step's tokens, all routed to one shard, would make a
+    call over the message limit (its frame would fail on every copy of its experts, and the step with it)."""
+    most = max_rows(spec.hidden_size, spec.moe.top_k, dtype.itemsize, COMBINE_DTYPE.itemsize)
+    if max_num_batched_tokens > most:
+        raise ValueError(
+            f"limits.max_num_batched_tokens: {max_num_batched_tokens} is more than {most}, the most tokens one shard "
+            f"call carries within the message limit (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES) at the model's hidden size "
+            f"{spec.hidden_size}: its reply is [T, {spec.hidden_size}] {str(COMBINE_DTYPE).removeprefix('torch.')}")
 
 
 class NoReplicaError(ExpertsUnavailable):

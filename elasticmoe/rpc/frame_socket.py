@@ -132,7 +132,8 @@ class FrameReader:
             at = self._start
             size = frames.frame_size(self._view[at:at + PREFIX])
             if size > MAX_MESSAGE_BYTES:
-                raise frames.FrameError(f"frame of {size} bytes, more than the {MAX_MESSAGE_BYTES}-byte limit")
+                raise frames.FrameError(f"frame of {size} bytes, more than the {MAX_MESSAGE_BYTES}-byte message "
+                                        f"limit (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES)")
             total = PREFIX + size
             if total > _SMALL:  # its own buffer: what is here now, the rest straight from the socket
                 self._big, self._got = _buffer(total), min(have, total)

@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc.codec import DTYPES, encode_tensor
+from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
 
 MAGIC = b"EMF1"
 REQUEST, REPLY = 1, 2
@@ -37,6 +38,8 @@ HEADER = struct.Struct("<4sBBBxQiIqQ")
 DESC = struct.Struct("<BB6xqq")
 _PREFIX = 8  # align = 0 (2 bytes), field 1's tag, its length as a 5-byte varint
 _MAX_LEN = (1 << 32) - 1
+_LIMIT = min(MAX_MESSAGE_BYTES, _MAX_LEN)  # the largest frame written, prefix included: what gRPC and the listener take
+_OVERHEAD = 4096  # a call's bytes besides its tensors' (prefix, header, descriptors; a unary call's fields: fewer)
 _FAST = b"\x78\x00\x0a"  # align (field 15) = 0, then field 1's tag
 # dtype code on the wire -> dtype name (codec.DTYPES); codes are fixed, never renumbered.
 CODES: dict[int, str] = {1: "float32", 2: "float16", 3: "bfloat16", 4: "float64", 5: "int64", 6: "int32",
@@ -170,8 +173,9 @@ def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last:
         head += [text, _PADS[-len(text) % 8]]
     head = b"".join(head)
     size = len(head) + sum(map(len, body))
-    if size > _MAX_LEN:
-        raise ValueError(f"frame: {size} bytes, more than {_MAX_LEN}")
+    if _PREFIX + size > _LIMIT:  # the receiver would end the whole connection (gRPC or the listener): fail this one
+        raise ValueError(f"frame: {_PREFIX + size} bytes, more than the {_LIMIT}-byte message limit "
+                         f"(ELASTICMOE_GRPC_MAX_MESSAGE_BYTES)")
     parts = Parts((_varint5(size) + head, *body))
     parts.keep = keep
     return parts
@@ -182,6 +186,13 @@ class Parts(list):
     buffers are (views by address, which do not keep them alive themselves)."""
 
     keep: list
+
+
+def max_rows(hidden_size: int, top_k: int, hidden_itemsize: int, output_itemsize: int, limit: int = _LIMIT) -> int:
+    """The most tokens one shard call can carry, its request (hidden [T, H] at hidden_itemsize bytes a value, ids and
+    weights [T, k] at 4) and its reply (output [T, H] at output_itemsize) each within `limit` bytes."""
+    per_token = max(hidden_size * hidden_itemsize + 8 * top_k, hidden_size * output_itemsize)
+    return max(0, (limit - _OVERHEAD) // per_token)
 
 
 def request_parts(frame_id: int, req: AnyRequest) -> list:
