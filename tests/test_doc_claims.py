@@ -384,14 +384,18 @@ def test_readme_layers_are_the_layering_tests():
 
 
 def test_serve_options_the_readme_states():
-    """README (Overload, front door): Serve queues `limits.max_queued_requests` per gateway, the gateway keeps
-    `max_ongoing_requests` at 1024, and a stopping gateway drains for the gateway's drain (600 s)."""
+    """README (front door): Serve sends a gateway no more calls than its places (max_num_seqs + max_queue unless
+    limits.max_ongoing_requests), queues `limits.max_queued_requests` per caller, refuses with 429 + Retry-After 1,
+    and a stopping gateway drains for the gateway's drain (600 s)."""
     from elasticmoe.app import build_app
     from elasticmoe.config import GATEWAY_DRAIN_S
 
     readme = " ".join((REPO / "README.md").read_text().split())
-    assert "the gateway keeps `max_ongoing_requests` at 1024" in readme
-    assert "Serve's request queue (`max_queued_requests`;" in readme
-    gateway = build_app({"model": "tiny:mixtral", "limits": {"max_queued_requests": 7}})._bound_deployment
-    assert gateway.max_ongoing_requests == 1024 and gateway.max_queued_requests == 7
+    assert ("Serve sends a gateway replica no more calls than its places (`limits.max_ongoing_requests`, by default "
+            "`max_num_seqs + max_queue`)") in readme
+    assert "HTTP 429 with `Retry-After: 1`" in readme
+    limits = {"max_queued_requests": 7, "max_num_seqs": 5, "max_queue": 6}
+    gateway = build_app({"model": "tiny:mixtral", "limits": limits})._bound_deployment
+    assert gateway.max_ongoing_requests == 11 and gateway.max_queued_requests == 7
+    assert gateway.backpressure_config.status_code == 429 and gateway.backpressure_config.retry_after_s == 1
     assert gateway._deployment_config.graceful_shutdown_timeout_s == GATEWAY_DRAIN_S
