@@ -44,9 +44,7 @@ class Limits(_Strict):
     max_num_seqs: int = Field(16, ge=1, le=4096, description="sequences in the running batch")
     max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per sequence")
     max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
-    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step; one shard call may "
-                                        "carry them all, so the gateway refuses more than fit one call's float64 "
-                                        "reply [T, hidden size] in the message limit (4681 at hidden size 7168)")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
     micro_batches: int | None = Field(None, ge=1, le=8, description="micro-batches a step is cut into (at sequence "
                                       "boundaries, 4 tokens or more each), so that one's dense work runs while the "
                                       "others' experts are in flight (ping-pong); 1: no pipelining; default 2 on "

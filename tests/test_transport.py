@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from elasticmoe.config import Limits
-from elasticmoe.gateway.dispatcher import GrpcDispatcher, check_call_size
+from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.transport import STREAM_METHOD, StreamTransport, UnaryTransport, _Stream, make_transport
 from elasticmoe.rpc import experts_pb2 as pb
@@ -45,20 +45,29 @@ def test_config_selects_the_transport():
         Limits(transport="carrier-pigeon")
 
 
-def test_a_gateway_refuses_a_batch_one_shard_call_cannot_carry(files):  # noqa: F811
-    """limits.max_num_batched_tokens beyond what one call's float64 reply [T, H] fits in the message limit (4.7k at
-    H = 7168) is refused when the gateway starts, naming the field and the hidden size: every copy of such a call
-    would end its connection (INTERNAL), be reported failed, and the step's requests with it."""
-    from elasticmoe.gateway.deployment import GatewayCore
-
-    spec = files.spec
-    most = frames.max_rows(spec.hidden_size, spec.moe.top_k, 4, 8)
-    check_call_size(most, spec, torch.float32)
-    check_call_size(most, spec, torch.bfloat16)
-    args = {"model": str(files.ckpt.path), "limits": {"max_num_batched_tokens": most + 1}}
-    want = rf"limits.max_num_batched_tokens: {most + 1} is more than {most}.*hidden size {spec.hidden_size}"
-    with pytest.raises(ValueError, match=want):
-        GatewayCore(args, controller=None)
+@pytest.mark.parametrize("transport", ["socket", "stream", "unary"])
+def test_a_shard_share_over_the_message_limit_goes_in_several_calls(files, pair, transport):  # noqa: F811
+    """A step whose share for one shard would make a frame over the message limit (a float64 reply [T_s, H] passes
+    256 MiB from 4,682 tokens at H = 7168) goes to that shard in several calls, each within the limit: the same
+    output as the single process. Here the limit is cut so that one call carries 3 rows."""
+    layer = pair.layers[0]
+    inputs = _inputs(files)
+    ref = _reference(files, layer, *inputs)
+    d = GrpcDispatcher(transport=transport, timeout_s=5)
+    try:
+        d.set_table(pair.table(SPLIT))
+        hidden = inputs[0]
+        d.call_limit_bytes = 4096 + 3 * hidden.shape[1] * 8  # frames.max_rows: 3 rows of float64 reply
+        assert d.max_call_rows(hidden, inputs[1].shape[1]) == 3
+        calls0 = sum(s.calls for s in pair.servicers)
+        out, _ = _run(d, layer, inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        rows = {s: int(((inputs[1] // (E // 2)) == s).any(1).sum()) for s in (0, 1)}  # SPLIT: experts 0-3, 4-7
+        want = sum(-(-n // 3) for n in rows.values())
+        assert sum(s.calls for s in pair.servicers) - calls0 == want > 2, (rows, want)
+        assert d.failovers == 0 and d.hedges == 0
+    finally:
+        d.close()
 
 
 def test_stream_dispatch_equals_single_process(files, pair):  # noqa: F811

@@ -16,7 +16,7 @@ from ray import serve
 from elasticmoe.config import AppArgs
 from elasticmoe.engine.validation import RequestLimits
 from elasticmoe.gateway.auth import ApiKeys
-from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable, check_call_size
+from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
 from elasticmoe.gateway.direct_ingress import DirectIngress
 from elasticmoe.gateway.generation_service import GenerationService
 from elasticmoe.gateway.runner import EngineRunner
@@ -40,7 +40,6 @@ class GatewayCore:
         tune_malloc()
         files = open_model(self.args.model)
         lim = self.args.limits
-        check_call_size(lim.max_num_batched_tokens, files.spec, getattr(torch, self.args.dtype))
         self.api_keys = ApiKeys.from_args(self.args)  # checked on HTTP (openai_api) and gRPC (Gateway._start)
         self.controller = controller
         self.dispatcher = GrpcDispatcher(lim.expert_timeout_s, on_failure=self._on_failure,

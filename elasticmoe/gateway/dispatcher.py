@@ -17,27 +17,15 @@ from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.gateway.transport import ExpertTransport, TransportName, make_transport
 from elasticmoe.model.dispatch import ExpertsUnavailable
 from elasticmoe.model.experts import COMBINE_DTYPE
-from elasticmoe.model.spec import ModelSpec
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
-from elasticmoe.rpc.frames import ExpertRequest, max_rows
+from elasticmoe.rpc.frames import LIMIT, ExpertRequest, max_rows
 from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
 HEDGE_MEDIAN_EVERY = 16  # round trips between two recomputations of the hedging median
 
 __all__ = ["GrpcDispatcher", "NoReplicaError", "RoutingTable"]
-
-
-def check_call_size(max_num_batched_tokens: int, spec: ModelSpec, dtype: torch.dtype) -> None:
-    """ValueError naming limits.max_num_batched_tokens when one step's tokens, all routed to one shard, would make a
-    call over the message limit (its frame would fail on every copy of its experts, and the step with it)."""
-    most = max_rows(spec.hidden_size, spec.moe.top_k, dtype.itemsize, COMBINE_DTYPE.itemsize)
-    if max_num_batched_tokens > most:
-        raise ValueError(
-            f"limits.max_num_batched_tokens: {max_num_batched_tokens} is more than {most}, the most tokens one shard "
-            f"call carries within the message limit (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES) at the model's hidden size "
-            f"{spec.hidden_size}: its reply is [T, {spec.hidden_size}] {str(COMBINE_DTYPE).removeprefix('torch.')}")
 
 
 class NoReplicaError(ExpertsUnavailable):
@@ -82,6 +70,7 @@ class GrpcDispatcher:
         self._reports: queue.Queue[str] = queue.Queue()
         self._reporting: set[str] = set()
         self.on_fanout: Callable[[float], None] | None = None  # metrics hook, per (layer, step)
+        self.call_limit_bytes = LIMIT  # a call's request and reply frames each stay within this (max_call_rows)
         threading.Thread(target=self._report_loop, name="failure-reports", daemon=True).start()
 
     # ----- routing tables
@@ -157,6 +146,12 @@ class GrpcDispatcher:
 
     def close(self) -> None:
         self.transport.close()
+
+    def max_call_rows(self, hidden: torch.Tensor, top_k: int) -> int:
+        """The most rows [T_s] one call carries: its request (hidden [T_s, H] as sent, ids and weights) and its
+        float64 reply [T_s, H] each within call_limit_bytes; a shard's share of a bigger step goes in several."""
+        return max(1, max_rows(hidden.shape[1], top_k, hidden.element_size(), COMBINE_DTYPE.itemsize,
+                               self.call_limit_bytes))
 
     def send(self, table: RoutingTable, layer: int, shard: int, hidden: torch.Tensor, rows: torch.Tensor,
              ids: torch.Tensor, weights: torch.Tensor) -> Call:

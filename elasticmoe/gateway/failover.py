@@ -49,6 +49,13 @@ class _Group:
         return [a for i, a in enumerate(self.attempts) if i not in self.broken]
 
 
+def _only_rows(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """ids [T, k] kept on `rows` [R] only, -1 elsewhere."""
+    out = torch.full_like(ids, -1)
+    out[rows] = ids[rows]
+    return out
+
+
 class Step:
     """The pending output of one dispatch(); `wait()` returns the combined [T, H]."""
 
@@ -77,14 +84,17 @@ class Step:
     def _issue(self, table: RoutingTable, ids: torch.Tensor, shard_of: torch.Tensor) -> list[tuple[torch.Tensor, Call]]:
         """One call per shard in shard_of [T, k] (-1: none): (the ids it covers [T, k], -1 elsewhere; the call)."""
         out = []
+        most = self.d.max_call_rows(self.hidden, ids.shape[1])
         for s in shard_of.unique().tolist():
             if s < 0:
                 continue
             mine = shard_of == s  # [T, k]
             rows = mine.any(1).nonzero().squeeze(1)  # [T_s]
             covered = torch.where(mine, ids, -1)  # [T, k]
-            out.append((covered, self.d.send(table, self.layer, s, self.hidden, rows, covered[rows],
-                                             self.weights[rows])))
+            for part in [rows] if rows.numel() <= most else rows.split(most):  # each call within the message limit
+                part_ids = covered if part is rows else _only_rows(covered, part)  # [T, k]
+                out.append((part_ids, self.d.send(table, self.layer, s, self.hidden, part, covered[part],
+                                                  self.weights[part])))
         return out
 
     def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> list[_Group]:

@@ -38,7 +38,7 @@ HEADER = struct.Struct("<4sBBBxQiIqQ")
 DESC = struct.Struct("<BB6xqq")
 _PREFIX = 8  # align = 0 (2 bytes), field 1's tag, its length as a 5-byte varint
 _MAX_LEN = (1 << 32) - 1
-_LIMIT = min(MAX_MESSAGE_BYTES, _MAX_LEN)  # the largest frame written, prefix included: what gRPC and the listener take
+LIMIT = min(MAX_MESSAGE_BYTES, _MAX_LEN)  # the largest frame written, prefix included: what gRPC and the listener take
 _OVERHEAD = 4096  # a call's bytes besides its tensors' (prefix, header, descriptors; a unary call's fields: fewer)
 _FAST = b"\x78\x00\x0a"  # align (field 15) = 0, then field 1's tag
 # dtype code on the wire -> dtype name (codec.DTYPES); codes are fixed, never renumbered.
@@ -173,8 +173,8 @@ def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last:
         head += [text, _PADS[-len(text) % 8]]
     head = b"".join(head)
     size = len(head) + sum(map(len, body))
-    if _PREFIX + size > _LIMIT:  # the receiver would end the whole connection (gRPC or the listener): fail this one
-        raise ValueError(f"frame: {_PREFIX + size} bytes, more than the {_LIMIT}-byte message limit "
+    if _PREFIX + size > LIMIT:  # the receiver would end the whole connection (gRPC or the listener): fail this one
+        raise ValueError(f"frame: {_PREFIX + size} bytes, more than the {LIMIT}-byte message limit "
                          f"(ELASTICMOE_GRPC_MAX_MESSAGE_BYTES)")
     parts = Parts((_varint5(size) + head, *body))
     parts.keep = keep
@@ -188,7 +188,7 @@ class Parts(list):
     keep: list
 
 
-def max_rows(hidden_size: int, top_k: int, hidden_itemsize: int, output_itemsize: int, limit: int = _LIMIT) -> int:
+def max_rows(hidden_size: int, top_k: int, hidden_itemsize: int, output_itemsize: int, limit: int = LIMIT) -> int:
     """The most tokens one shard call can carry, its request (hidden [T, H] at hidden_itemsize bytes a value, ids and
     weights [T, k] at 4) and its reply (output [T, H] at output_itemsize) each within `limit` bytes."""
     per_token = max(hidden_size * hidden_itemsize + 8 * top_k, hidden_size * output_itemsize)
