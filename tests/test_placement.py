@@ -229,6 +229,33 @@ def test_min_copies_survive_loss_then_return_with_a_new_shard(copies):
     assert (plan(load, n, slots, current=back, max_moves=0).num_copies() >= copies).all()  # nothing dropped
 
 
+@pytest.mark.parametrize("max_moves", [None, 8])
+def test_min_copies_kept_when_every_slot_is_full(max_moves):
+    """Balancing moves on full shards evict only copies above min_copies: with 2 copies of every expert filling
+    all slots no copy may give way, however hot expert 1 is (the floor holds over a whole run of moves)."""
+    load = np.array([[1.0, 28.0, 1.0, 1.0, 5.0, 3.0]] * 2)
+    current = Placement.even(2, 6, 4, 3, copies=2)  # 12 copies in 12 slots
+    new = plan(load, 4, 3, current=current, max_moves=max_moves, min_copies=2)
+    check_invariants(new, load)
+    assert (new.num_copies() >= 2).all()
+
+
+def test_min_copies_kept_over_random_replans():
+    """Seeded random layouts and loads: re-plans of a placement with min_copies copies of every expert never drop
+    one below it, whatever the slack of slots and the move budget."""
+    rng = np.random.default_rng(11)
+    for _ in range(30):
+        experts, shards = int(rng.integers(4, 12)), int(rng.integers(2, 6))
+        copies = int(rng.integers(2, shards + 1))
+        slots = min(experts, -(-experts * copies // shards) + int(rng.integers(0, 3)))
+        p = Placement.even(2, experts, shards, slots, copies)
+        for _ in range(3):
+            load = rng.zipf(1.5, size=(2, experts)).astype(float)
+            p = plan(load, shards, slots, current=p, max_moves=int(rng.integers(0, 20)), min_copies=copies)
+            check_invariants(p, load)
+            assert (p.num_copies() >= copies).all()
+
+
 def test_min_copies_from_scratch_and_when_slots_run_out():
     load = zipf_load(2, 1.2, seed=6)
     assert (plan(load, 4, 40, min_copies=2).num_copies() >= 2).all()

@@ -228,7 +228,7 @@ def _chunk(w: np.ndarray, mask: np.ndarray, slots: int, limit: int, min_gain: fl
     if 1.0 - start < max(min_gain, _TINY):
         return None
     trial = mask.copy()
-    for k in range(1, limit + 1):
+    for used in range(1, limit + 1):
         move = best_move(w, trial, slots, cur, k)
         if move is None:
             return None
@@ -236,7 +236,7 @@ def _chunk(w: np.ndarray, mask: np.ndarray, slots: int, limit: int, min_gain: fl
         cur = key(w, trial)
         gain = _balancedness(w, cur.level, n) - start
         if gain >= min_gain and gain > _TINY:
-            return k, top - cur.level, trial
+            return used, top - cur.level, trial
     return None
 
 
@@ -254,8 +254,8 @@ def _spend(w: np.ndarray, masks: list[np.ndarray], slots: int, budget: int | Non
         if not live:
             break
         l = max(live, key=lambda l: (live[l][1] / live[l][0], -l))
-        k, _, masks[l] = live[l]
-        left -= k
+        used, _, masks[l] = live[l]
+        left -= used
         chunks[l] = _chunk(w[l], masks[l], slots, int(min(left, MAX_CHUNK)), min_gain, k) if left else None
     return masks
 
