@@ -275,3 +275,24 @@ def test_a_failing_loop_is_logged_counted_and_keeps_running(model, monkeypatch, 
     assert len(runs) == 3  # two failures did not end the loop
     assert ctrl.loop_errors == 2 and status["loop_errors"] == 2 and status["event_counts"]["loop_error"] == 2
     assert sum("controller loop _stats_once failed" in r.getMessage() for r in caplog.records) == 2
+
+
+# ----- the load tracker: per-expert token rates from the shards' cumulative counters
+def test_load_tracker_counts_only_tokens_served_since_a_shard_was_last_seen():
+    """A shard first seen (a restarted controller) or back after a missed stats round adds only the tokens served
+    since the tracker last read its counters: its lifetime total is not one interval's rate."""
+    from elasticmoe.autoscaler.policy import LoadTracker
+
+    tracker = LoadTracker(1, 2, half_life_s=1e-3)  # the EMA follows the last rate
+    layers = {5: 0}
+    time.sleep(0.05)
+    tracker.update({"a": ({(5, 0): 1_000_000}, 100.0)}, layers)  # served before this controller started
+    assert tracker.ema.max() == 0.0 and tracker.utilization["a"] == 0.0
+    time.sleep(0.05)
+    tracker.update({"a": ({(5, 0): 1_000_010}, 100.0)}, layers)
+    assert 0 < tracker.ema[0, 0] <= 10 / 0.05
+    time.sleep(0.05)
+    tracker.update({}, layers)  # a's GetStats timed out this round
+    time.sleep(0.05)
+    tracker.update({"a": ({(5, 0): 1_000_020}, 100.0)}, layers)
+    assert tracker.ema[0, 0] <= 10 / 0.05  # 10 tokens since it was last read, not 1_000_020

@@ -21,15 +21,18 @@ class LoadTracker:
         self.utilization: dict[str, float] = {}  # shard id -> busy fraction over the last interval
 
     def update(self, stats: dict[str, tuple[dict[tuple[int, int], int], float]], layer_index: dict[int, int]) -> None:
-        """stats: shard id -> ({(model layer, expert): cumulative tokens}, cumulative compute seconds)."""
+        """stats: shard id -> ({(model layer, expert): cumulative tokens}, cumulative compute seconds).
+
+        A shard not read last round (new, back after a missed round, or met by a restarted controller) only sets
+        its baseline: counters it built up before are not tokens of this interval."""
         now = time.monotonic()
         dt = max(now - self._t, 1e-3)
         self._t = now
         rate = np.zeros_like(self.ema)
         for shard, (tokens, compute) in stats.items():
-            prev = self._last.get(shard, {})
+            prev = self._last.get(shard)
             for key, n in tokens.items():
-                if key[0] in layer_index:
+                if prev is not None and key[0] in layer_index:
                     rate[layer_index[key[0]], key[1]] += max(0, n - prev.get(key, 0)) / dt
             self.utilization[shard] = max(0.0, compute - self._last_compute.get(shard, compute)) / dt
             self._last[shard], self._last_compute[shard] = dict(tokens), compute
