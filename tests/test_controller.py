@@ -296,3 +296,44 @@ def test_load_tracker_counts_only_tokens_served_since_a_shard_was_last_seen():
     time.sleep(0.05)
     tracker.update({"a": ({(5, 0): 1_000_020}, 100.0)}, layers)
     assert tracker.ema[0, 0] <= 10 / 0.05  # 10 tokens since it was last read, not 1_000_020
+
+
+def _routed_to(table: dict, shard_id: str) -> set[tuple[int, int]]:
+    """(model layer, expert) pairs the table routes to `shard_id`."""
+    i = [s["id"] for s in table["shards"]].index(shard_id)
+    return {(int(l), e) for l, experts in table["layers"].items() for e, reps in enumerate(experts)
+            if any(s == i for s, _ in reps)}
+
+
+def test_spares_ready_out_of_order_keep_distinct_positions(model):
+    """Two replicas join as spares (scale out) and the second reports ready first: placing it must not leave the
+    first on the position it was given, or both hold that position and draining the empty one re-homes the
+    other's experts and leaves it an idle spare."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def scenario():
+        a, b, c, d = (Shard(files, x) for x in "abcd")
+        try:
+            ctrl = ControllerImpl(_args(model))
+            await a.join(ctrl)
+            await b.join(ctrl)
+            assert (await ctrl.register("c", c.address))["position"] == 2  # c is still starting
+            await d.join(ctrl)  # d overtakes it: the placement grows onto d
+            await ctrl.ready("c")
+            positions = [s.position for s in ctrl.registry.shards.values()]
+            assert len(set(positions)) == len(positions), positions
+            table = await ctrl.table()
+            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "d", "c"]
+            assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b, c, d))
+            table = await ctrl.drain("c")  # scale-in picks c: d keeps its place and its experts
+            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "d"]
+            assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b, d))
+            assert _routed_to(table, "d")
+            for task in ctrl._tasks:
+                task.cancel()
+        finally:
+            for s in (a, b, c, d):
+                s.server.stop(None)
+
+    asyncio.run(scenario())

@@ -97,15 +97,20 @@ class Registry:
         return self.placement.relabel(order), {old: i for i, old in enumerate(order)}
 
     def commit(self, change: Change) -> None:
-        """Publish `change.new`: renumber shards, drop the leaving ones, place the joining spares (a new version)."""
+        """Publish `change.new`: renumber shards, drop the leaving ones, place the joining spares and renumber the
+        other spares after them, in their order (a new version)."""
         for sid in change.remove:
             self.shards.pop(sid, None)
+        spares = sorted((s for s in self.shards.values() if s.position not in change.relabel
+                         and s.shard_id not in change.add), key=lambda s: s.position)
         for s in self.shards.values():
             if s.position in change.relabel and s.shard_id not in change.add:
                 s.position = change.relabel[s.position]
         for i, sid in enumerate(change.add):
             if sid in self.shards:
                 self.shards[sid].position = change.current.num_shards + i
+        for i, s in enumerate(spares):  # a spare still starting may sit on a position the placement now uses
+            s.position = change.new.num_shards + i
         self.placement = change.new
         self.version += 1
 
