@@ -277,6 +277,40 @@ def test_a_failing_loop_is_logged_counted_and_keeps_running(model, monkeypatch, 
     assert sum("controller loop _stats_once failed" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_rebalance_waits_for_a_shard_that_never_registered(model):
+    """With 2 copies of every expert the placement is complete before its third shard registers; a rebalance
+    then must not plan copies onto that empty position (there is no one to load them: it raised KeyError every
+    round) but wait, and work once the shard is there."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def scenario():
+        a, b, c = Shard(files, "a"), Shard(files, "b"), Shard(files, "c")
+        try:
+            ctrl = ControllerImpl(_args(model, num_shards=3, expert_copies=2))
+            await a.join(ctrl)
+            await b.join(ctrl)
+            assert (await ctrl.table())["complete"]
+            await ctrl._stats_once()  # the baselines
+            for s in (a, b):
+                for layer in files.spec.moe.moe_layers:
+                    s.store.count(layer, {0: 5000, 1: 3000})  # two hot experts
+            await ctrl._stats_once()
+            version = ctrl.registry.version
+            await ctrl.rebalance()
+            assert ctrl.registry.version == version and not ctrl.event_counts.get("placement")
+            await c.join(ctrl)
+            await ctrl.rebalance()
+            assert ctrl.event_counts.get("placement") == 1 and (await ctrl.table())["complete"]
+            for task in ctrl._tasks:
+                task.cancel()
+        finally:
+            for s in (a, b, c):
+                s.server.stop(None)
+
+    asyncio.run(scenario())
+
+
 # ----- the load tracker: per-expert token rates from the shards' cumulative counters
 def test_load_tracker_counts_only_tokens_served_since_a_shard_was_last_seen():
     """A shard first seen (a restarted controller) or back after a missed stats round adds only the tokens served

@@ -197,9 +197,10 @@ class Controller(Mover):
         return self.desired
 
     async def rebalance(self) -> dict:
-        """Re-plan now from the measured load (bounded moves); returns the event."""
+        """Re-plan now from the measured load (bounded moves) once every position has a live shard; returns the
+        event."""
         async with self._start():
-            if self.registry.complete() and not self.recovering:
+            if self.registry.staffed() and not self.recovering:
                 cur = self.registry.placement
                 new = plan(self.load.planning_load(), cur.num_shards, cur.slots_per_shard, current=cur,
                            max_moves=self.max_moves, min_copies=self.args.expert_copies)

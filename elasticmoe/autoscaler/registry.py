@@ -130,6 +130,10 @@ class Registry:
         ready = {s.position for s in self.live()}
         return all(any(s in ready for s, _ in reps) for row in self.placement.layout for reps in row)
 
+    def staffed(self) -> bool:
+        """Every position of the placement is held by a live shard (so copies can be loaded at any of them)."""
+        return {s.position for s in self.live()} == set(range(self.placement.num_shards))
+
     def table(self) -> dict:
         """The routing table for gateways (see RoutingTable.from_dict); copies on non-live shards are left out."""
         live = sorted(self.live(), key=lambda s: s.position)
