@@ -371,3 +371,15 @@ def test_spares_ready_out_of_order_keep_distinct_positions(model):
                 s.server.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_scale_out_is_not_compounded_while_new_shards_start():
+    """The shard count follows the work the live shards report: while the replicas asked for are still starting
+    (longer than the cool-down: loading a large model's experts), the same busy shards do not ask for more again."""
+    from elasticmoe.autoscaler.policy import ScaleDecider
+
+    decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=0.0)
+    assert decide.desired(2, [1.0, 1.0]) == 4  # 2 shards' work at 0.5 each
+    assert decide.desired(4, [1.0, 1.0]) == 4  # 2 more asked for, not live yet: still 4, not 8
+    assert decide.desired(4, [0.6, 0.6, 0.6, 0.6]) == 5
+    assert decide.desired(5, [0.1] * 5) == 4  # scale in one at a time

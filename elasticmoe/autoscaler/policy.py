@@ -68,8 +68,8 @@ class ScaleDecider:
             return max(lo, min(hi, current))
         mean = sum(utilization) / len(utilization)
         want = current
-        if mean > self.target_utilization:
-            want = math.ceil(current * mean / self.target_utilization)
+        if mean > self.target_utilization:  # the live shards' work at the target (shards still starting add none)
+            want = max(current, math.ceil(sum(utilization) / self.target_utilization))
         elif mean < self.target_utilization / 2 and current > lo:
             want = current - 1
         want = max(lo, min(hi, want))
