@@ -277,6 +277,35 @@ def test_a_failing_loop_is_logged_counted_and_keeps_running(model, monkeypatch, 
     assert sum("controller loop _stats_once failed" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_two_shards_lost_together_are_re_homed(model):
+    """Two of four shards die at once (a node goes): the re-home of either must not plan copies onto the other
+    (loads there fail, and each retry failed the same way: the table stayed incomplete for good)."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def scenario():
+        shards = [Shard(files, x) for x in "abcd"]
+        a, b, c, d = shards
+        try:
+            ctrl = ControllerImpl(_args(model, num_shards=4))
+            for s in shards:
+                await s.join(ctrl)
+            b.server.stop(None)
+            c.server.stop(None)
+            await _until(lambda: ctrl.registry.complete() and set(ctrl.registry.shards) == {"a", "d"}, 20,
+                         "a complete placement on a and d")
+            table = await ctrl.table()
+            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "d"]
+            assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, d))
+            for task in ctrl._tasks:
+                task.cancel()
+        finally:
+            for s in shards:
+                s.server.stop(None)
+
+    asyncio.run(scenario())
+
+
 def test_rebalance_waits_for_a_shard_that_never_registered(model):
     """With 2 copies of every expert the placement is complete before its third shard registers; a rebalance
     then must not plan copies onto that empty position (there is no one to load them: it raised KeyError every

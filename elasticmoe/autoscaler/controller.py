@@ -276,7 +276,8 @@ class Controller(Mover):
 
     # ----- re-placement (make-before-break)
     async def _lose(self, shard_id: str, why: str, alive: bool = False) -> int | None:
-        """Take a shard out: its experts get live copies elsewhere first; returns the committed version."""
+        """Take a shard out, with any other failed or empty position (a copy cannot be loaded there): their experts
+        get live copies elsewhere first; returns the committed version."""
         info = self.registry.shards.get(shard_id)
         if info is None:
             return None
@@ -290,18 +291,21 @@ class Controller(Mover):
             self._event("removed", shard=shard_id, why=why)
             self._publish()
             return self.registry.version
-        if n == 1:
+        gone = [info.position] + [p for p in self.registry.vacant() if p != info.position]  # other dead ones too
+        if len(gone) == n:
             return None  # nothing to re-home onto: a new replica takes this position over
-        current, relabel = self.registry.retire(shard_id)
-        slots = max(self.slots, math.ceil(self.num_experts / (n - 1)))
-        new = plan(self.load.planning_load(), n - 1, slots, current=current, max_moves=self.max_moves,
+        current, relabel = self.registry.retire(gone)
+        slots = max(self.slots, math.ceil(self.num_experts / (n - len(gone))))
+        new = plan(self.load.planning_load(), n - len(gone), slots, current=current, max_moves=self.max_moves,
                    min_copies=self.args.expert_copies)
+        remove = tuple(s.shard_id for s in self.registry.shards.values() if s.position in gone)
         try:
-            await self._apply(Change(current, new, relabel, remove=(shard_id,)), f"re-home after {why}")
+            await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}")
         except Exception as e:  # noqa: BLE001 - rolled back; the health loop tries again
             self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:200])
             return None
-        self._event("removed", shard=shard_id, why=why)
+        for sid in remove:
+            self._event("removed", shard=sid, why=why if sid == shard_id else "failed with it")
         return self.registry.version
 
     async def _revive(self, info) -> None:

@@ -90,11 +90,16 @@ class Registry:
                        and s.position >= self.placement.num_shards), key=lambda s: s.position)
 
     # ----- changes (make-before-break)
-    def retire(self, shard_id: str) -> tuple[Placement, dict[int, int]]:
-        """(current placement renumbered so shard_id's position is last, old -> new positions). No mutation."""
-        n, position = self.placement.num_shards, self.shards[shard_id].position
-        order = [p for p in range(n) if p != position] + [position]
+    def retire(self, positions: list[int]) -> tuple[Placement, dict[int, int]]:
+        """(current placement renumbered so `positions` come last, old -> new positions). No mutation."""
+        order = [p for p in range(self.placement.num_shards) if p not in positions] + positions
         return self.placement.relabel(order), {old: i for i, old in enumerate(order)}
+
+    def vacant(self) -> list[int]:
+        """Positions of the placement where no copy can be loaded: held by no shard, or by a ready one that failed."""
+        holders = self.by_position()
+        return [p for p in range(self.placement.num_shards)
+                if p not in holders or (holders[p].ready and not holders[p].healthy)]
 
     def commit(self, change: Change) -> None:
         """Publish `change.new`: renumber shards, drop the leaving ones, place the joining spares and renumber the
