@@ -306,6 +306,30 @@ def test_two_shards_lost_together_are_re_homed(model):
     asyncio.run(scenario())
 
 
+def test_copies_metric_counts_live_copies_only(model):
+    """elasticmoe_expert_copies is the live copies of each expert: a lone shard that dies (nothing to re-home onto)
+    leaves every expert with 0, not the placement's 1."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def scenario():
+        a = Shard(files, "a")
+        try:
+            ctrl = ControllerImpl(_args(model, num_shards=1))
+            await a.join(ctrl)
+            await _until(lambda: ctrl.metrics.expert_copies and set(ctrl.metrics.expert_copies.values()) == {1}, 10,
+                         "one copy of every expert exported")
+            a.server.stop(None)
+            await _until(lambda: ctrl.event_counts.get("unhealthy"), 10, "the shard marked unhealthy")
+            await _until(lambda: set(ctrl.metrics.expert_copies.values()) == {0}, 5, "no live copy exported")
+            for task in ctrl._tasks:
+                task.cancel()
+        finally:
+            a.server.stop(None)
+
+    asyncio.run(scenario())
+
+
 def test_rebalance_waits_for_a_shard_that_never_registered(model):
     """With 2 copies of every expert the placement is complete before its third shard registers; a rebalance
     then must not plan copies onto that empty position (there is no one to load them: it raised KeyError every

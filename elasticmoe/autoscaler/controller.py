@@ -268,9 +268,9 @@ class Controller(Mover):
         placement = self.registry.placement
         for i, b in enumerate(placement.balancedness(self.load.planning_load())):
             self.metrics.balancedness(self.moe_layers[i], float(b))
-        if self._exported_version != self.registry.version:  # copies change only with the placement
+        if self._exported_version != self.registry.version:  # live copies change only with a new table version
             self._exported_version = self.registry.version
-            self.metrics.set_copies(self.moe_layers, placement.num_copies())  # [L, E], O(L*E)
+            self.metrics.set_copies(self.moe_layers, self.registry.live_copies())  # [L, E], O(L*E*N)
         for s in self.registry.shards.values():
             self.metrics.shard_health(s.shard_id, s.shard_id in stats)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from elasticmoe.placement import Placement
 
 
@@ -138,6 +140,11 @@ class Registry:
     def staffed(self) -> bool:
         """Every position of the placement is held by a live shard (so copies can be loaded at any of them)."""
         return {s.position for s in self.live()} == set(range(self.placement.num_shards))
+
+    def live_copies(self) -> np.ndarray:
+        """[L, E] copies of every expert on live shards (the copies the table routes to)."""
+        live = sorted({s.position for s in self.live()})
+        return self.placement.holds()[:, :, live].sum(2)
 
     def table(self) -> dict:
         """The routing table for gateways (see RoutingTable.from_dict); copies on non-live shards are left out."""
