@@ -330,6 +330,37 @@ def test_copies_metric_counts_live_copies_only(model):
     asyncio.run(scenario())
 
 
+def test_scale_out_after_scaling_in_to_one_shard(model):
+    """4 shards (3 slots each for 8 experts) drained down to 1 (which then holds all 8), then a new replica joins:
+    the placement grows onto it. Planning 2 shards with the initial 3 slots each (6 < 8 experts) raised
+    ValueError out of ready(), so the new replica never joined."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def scenario():
+        shards = [Shard(files, x) for x in "abcde"]
+        a, e = shards[0], shards[-1]
+        try:
+            ctrl = ControllerImpl(_args(model, num_shards=4))
+            assert ctrl.slots == 3
+            for s in shards[:4]:
+                await s.join(ctrl)
+            for s in shards[1:4]:
+                await ctrl.drain(s.shard_id)
+            assert ctrl.registry.placement.num_shards == 1
+            await e.join(ctrl)
+            table = await ctrl.table()
+            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "e"]
+            assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, e))
+            for task in ctrl._tasks:
+                task.cancel()
+        finally:
+            for s in shards:
+                s.server.stop(None)
+
+    asyncio.run(scenario())
+
+
 def test_rebalance_waits_for_a_shard_that_never_registered(model):
     """With 2 copies of every expert the placement is complete before its third shard registers; a rebalance
     then must not plan copies onto that empty position (there is no one to load them: it raised KeyError every

@@ -320,8 +320,10 @@ class Controller(Mover):
         """Place every ready spare replica (scale out): copies load onto them first, then the table switches."""
         spares = self.registry.spares()
         cur = self.registry.placement
-        new = plan(self.load.planning_load(), cur.num_shards + len(spares), self.slots, current=cur,
-                   max_moves=max(self.max_moves, self.slots * len(spares)), min_copies=self.args.expert_copies)
+        n = cur.num_shards + len(spares)
+        slots = max(self.slots, math.ceil(self.num_experts / n))  # as in _lose: every expert must fit
+        new = plan(self.load.planning_load(), n, slots, current=cur, max_moves=max(self.max_moves, slots * len(spares)),
+                   min_copies=self.args.expert_copies)
         change = Change(cur, new, {p: p for p in range(cur.num_shards)}, add=tuple(s.shard_id for s in spares))
         try:
             await self._apply(change, "scale out")
