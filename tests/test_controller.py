@@ -361,6 +361,45 @@ def test_scale_out_after_scaling_in_to_one_shard(model):
     asyncio.run(scenario())
 
 
+def test_a_replacement_registering_during_a_re_home_holds_only_its_assignment(model):
+    """b dies and its experts are being loaded elsewhere when its replacement e registers: e must not be handed
+    b's position (and b's experts to load) that the re-home is about to retire, or e ends up a spare holding
+    copies no placement assigns it, which are never dropped (more than its slots)."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def scenario():
+        shards = [Shard(files, x) for x in "abce"]
+        a, b, c, e = shards
+        try:
+            ctrl = ControllerImpl(_args(model, num_shards=3))
+            for s in (a, b, c):
+                await s.join(ctrl)
+            b.server.stop(None)
+
+            async def health_loop_loses_b():
+                async with ctrl._start():
+                    await ctrl._lose("b", "health check failed")
+
+            lose = asyncio.ensure_future(health_loop_loses_b())
+            while ctrl.registry.shards["b"].healthy:
+                await asyncio.sleep(0)
+            await e.join(ctrl)  # registers while the re-home loads b's experts onto a and c
+            await lose
+            reg = ctrl.registry
+            exact = lambda s: s.held() == set(reg.assignment(reg.shards[s.shard_id].position))  # noqa: E731
+            await _until(lambda: all(exact(s) for s in (a, c, e)), 5, "every shard holding exactly its assignment")
+            table = await ctrl.table()
+            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "c", "e"]
+            for task in ctrl._tasks:
+                task.cancel()
+        finally:
+            for s in shards:
+                s.server.stop(None)
+
+    asyncio.run(scenario())
+
+
 def test_rebalance_waits_for_a_shard_that_never_registered(model):
     """With 2 copies of every expert the placement is complete before its third shard registers; a rebalance
     then must not plan copies onto that empty position (there is no one to load them: it raised KeyError every

@@ -111,12 +111,13 @@ class Controller(Mover):
 
     # ----- shard lifecycle
     async def register(self, shard_id: str, address: str) -> dict:
-        """A shard replica announces itself; returns its position and the experts it must load."""
-        self._start()
-        info = self.registry.register(shard_id, address)
-        self._save()
-        return {"position": info.position, "experts": self.registry.assignment(info.position),
-                "version": self.registry.version}
+        """A shard replica announces itself; returns its position and the experts it must load. Waits for a change
+        in progress: a re-home retires the failed shard's position, which a replacement would otherwise take over."""
+        async with self._start():
+            info = self.registry.register(shard_id, address)
+            self._save()
+            return {"position": info.position, "experts": self.registry.assignment(info.position),
+                    "version": self.registry.version}
 
     async def ready(self, shard_id: str) -> int:
         """The shard loaded its experts: publish it; a spare replica grows the placement onto itself."""
