@@ -506,3 +506,15 @@ def test_scale_out_is_not_compounded_while_new_shards_start():
     assert decide.desired(4, [1.0, 1.0]) == 4  # 2 more asked for, not live yet: still 4, not 8
     assert decide.desired(4, [0.6, 0.6, 0.6, 0.6]) == 5
     assert decide.desired(5, [0.1] * 5) == 4  # scale in one at a time
+
+
+def test_scale_in_is_not_compounded_while_drained_shards_still_serve():
+    """While the shards a scale-in let go still drain (still live), their low utilization must not take the count
+    below what the work needs: 4 live shards at 0.15 (0.6 in all) need 2 at a 0.5 target, not 1."""
+    from elasticmoe.autoscaler.policy import ScaleDecider
+
+    decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=0.0)
+    assert decide.desired(4, [0.15] * 4) == 3
+    assert decide.desired(3, [0.15] * 4) == 2  # one is draining
+    assert decide.desired(2, [0.15] * 4) == 2  # two are: one shard would run at 0.6
+    assert decide.desired(2, [0.2, 0.2]) == 1

@@ -66,11 +66,11 @@ class ScaleDecider:
             return max(lo, min(hi, self.override))
         if not utilization or time.monotonic() - self._last_change < self.cooldown_s:
             return max(lo, min(hi, current))
-        mean = sum(utilization) / len(utilization)
+        work = sum(utilization)  # busy shards' worth of compute on the live shards
         want = current
-        if mean > self.target_utilization:  # the live shards' work at the target (shards still starting add none)
-            want = max(current, math.ceil(sum(utilization) / self.target_utilization))
-        elif mean < self.target_utilization / 2 and current > lo:
+        if work / len(utilization) > self.target_utilization:  # at the target (shards still starting add none)
+            want = max(current, math.ceil(work / self.target_utilization))
+        elif work / current < self.target_utilization / 2 and current > lo:  # spread over the shards asked for
             want = current - 1
         want = max(lo, min(hi, want))
         if want != current:
