@@ -14,7 +14,7 @@ from ray import serve
 from elasticmoe.autoscaler.moves import GATEWAY_TTL_S, Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import GcsRecord
-from elasticmoe.autoscaler.registry import Change, Registry
+from elasticmoe.autoscaler.registry import Change, Registry, ShardInfo
 from elasticmoe.config import AppArgs
 from elasticmoe.placement import Placement, plan
 
@@ -233,9 +233,14 @@ class Controller(Mover):
 
     # ----- loops
     async def _health_once(self) -> None:
-        """Check every registered shard at once (never under the lock); lose the dead, revive the paused."""
+        """Check every registered shard at once (never under the lock); lose the dead, revive the paused. The dead
+        are all marked first, so that re-homing one does not plan copies onto another (whose loads would fail)."""
         infos = list(self.registry.shards.values())
         alive = await asyncio.gather(*(self._alive(i.address, i.shard_id) for i in infos))
+        dead = [i for i, ok in zip(infos, alive) if not ok]
+        if dead:  # the lock only when needed: a long re-home holding it must not stall the checks
+            async with self._lock:
+                self._mark_failed([i for i in dead if self.registry.shards.get(i.shard_id) is i], "health check failed")
         for info, ok in zip(infos, alive):
             if self.registry.shards.get(info.shard_id) is not info:
                 continue
@@ -282,10 +287,8 @@ class Controller(Mover):
         info = self.registry.shards.get(shard_id)
         if info is None:
             return None
-        if not alive and info.healthy:  # its copies are gone now: the table must not route to it
-            info.healthy = False
-            self._event("unhealthy", shard=shard_id, why=why)
-            self._publish()
+        if not alive:
+            self._mark_failed([info], why)
         n = self.registry.placement.num_shards
         if info.position >= n or not info.ready:
             self.registry.forget(shard_id)
@@ -308,6 +311,15 @@ class Controller(Mover):
         for sid in remove:
             self._event("removed", shard=sid, why=why if sid == shard_id else "failed with it")
         return self.registry.version
+
+    def _mark_failed(self, infos: list[ShardInfo], why: str) -> None:
+        """Their copies are gone now: the table must not route to them (one new version for all)."""
+        failed = [info for info in infos if info.healthy]
+        for info in failed:
+            info.healthy = False
+            self._event("unhealthy", shard=info.shard_id, why=why)
+        if failed:
+            self._publish()
 
     async def _revive(self, info) -> None:
         """A shard marked unhealthy answers again (it was paused) and still holds its position: back in the table."""
