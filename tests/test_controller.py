@@ -401,6 +401,35 @@ def test_a_replacement_registering_during_a_re_home_holds_only_its_assignment(mo
     asyncio.run(scenario())
 
 
+def test_shard_health_metric_is_whether_the_shard_answers(model):
+    """elasticmoe_shard_healthy is 1 for a shard that answers, also one still loading its experts (a replica
+    starting, or a spare on scale out), not only for those in the table; 0 once it stops answering."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def scenario():
+        a, b, c = Shard(files, "a"), Shard(files, "b"), Shard(files, "c")
+        try:
+            ctrl = ControllerImpl(_args(model))
+            await a.join(ctrl)
+            await ctrl.register("b", b.address)  # still loading
+            await c.join(ctrl)
+            for task in ctrl._tasks:
+                task.cancel()  # the rounds below are the only ones
+            await ctrl._stats_once()
+            assert ctrl.metrics.shards == {"a": True, "b": True, "c": True}
+            c.server.stop(None)
+            async with ctrl._lock:
+                ctrl._mark_failed([ctrl.registry.shards["c"]], "health check failed")  # before its re-home
+            await ctrl._stats_once()
+            assert ctrl.metrics.shards == {"a": True, "b": True, "c": False}
+        finally:
+            for s in (a, b, c):
+                s.server.stop(None)
+
+    asyncio.run(scenario())
+
+
 def test_rebalance_waits_for_a_shard_that_never_registered(model):
     """With 2 copies of every expert the placement is complete before its third shard registers; a rebalance
     then must not plan copies onto that empty position (there is no one to load them: it raised KeyError every

@@ -277,8 +277,9 @@ class Controller(Mover):
         if self._exported_version != self.registry.version:  # live copies change only with a new table version
             self._exported_version = self.registry.version
             self.metrics.set_copies(self.moe_layers, self.registry.live_copies())  # [L, E], O(L*E*N)
-        for s in self.registry.shards.values():
-            self.metrics.shard_health(s.shard_id, s.shard_id in stats)
+        live = {s.shard_id for s in self.registry.live()}
+        for s in self.registry.shards.values():  # live: answered GetStats; loading or spare: the health check
+            self.metrics.shard_health(s.shard_id, s.shard_id in stats if s.shard_id in live else s.healthy)
 
     # ----- re-placement (make-before-break)
     async def _lose(self, shard_id: str, why: str, alive: bool = False) -> int | None:
