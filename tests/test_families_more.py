@@ -126,3 +126,14 @@ def test_every_rejected_family_names_model_type_and_feature():
         with pytest.raises(ModelSpecError) as err:
             check_model_type(cfg)
         assert f"model_type {model_type!r}" in str(err.value) and feature in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", ["llama4_text", "aria_text"])
+def test_square_packed_experts_stored_in_out_match_transformers(model_type, tmp_path):
+    """Packed experts stored [E, H, 2I] (Llama 4, Aria) with hidden = 2 * intermediate: a row's shape cannot
+    tell [in, out] from [out, in], so the family's layout decides (not read untransposed)."""
+    from elasticmoe import LLM
+
+    cls, fields, _ = MORE_CASES[model_type]
+    path = make_family_checkpoint(model_type, tmp_path / model_type, case=(cls, {**fields, "intermediate_size": 32}, ""))
+    _assert_matches(LLM(str(path), dtype="float32"), path, model_type)

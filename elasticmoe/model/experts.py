@@ -43,10 +43,18 @@ def write_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, 
                 ckpt.read_into(_scale(ckpt, name), rows["w13_scale"][lo:hi] if i < 2 else rows["w2_scale"])
         return
     for name, dst, scale in ((ref.gate_up, w13, "w13_scale"), (ref.down, w2, "w2_scale")):
-        stored = ckpt.shape(name)[1:]
-        ckpt.read_into(name, dst if stored == tuple(dst.shape) else dst.t(), index=ref.index)  # or [H, 2I] / [I, H]
+        transposed = _stored_in_out(ckpt.shape(name)[1:], tuple(dst.shape), spec.moe.experts_in_out)
+        ckpt.read_into(name, dst.t() if transposed else dst, index=ref.index)  # [H, 2I] / [I, H] transposed
         if scale in rows:
             ckpt.read_into(_scale(ckpt, name), rows[scale], index=ref.index)
+
+
+def _stored_in_out(stored: tuple[int, ...], want: tuple[int, int], in_out: bool) -> bool:
+    """Whether one expert's row of a packed tensor is stored [in, out] (transposed from `want` [out, in]): by its
+    shape, or when that is square (H = 2I for gate_up, H = I for down) by the family's layout."""
+    if stored[0] == stored[1]:
+        return in_out
+    return stored != want
 
 
 def _scale(ckpt: Checkpoint, name: str) -> str:

@@ -52,6 +52,7 @@ class Family:
     moe_out_norm: bool = False  # A.X-K1: an RMSNorm (post_mlp_layernorm) on the MoE block's output
     nested: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sub-config key -> the keys understood inside it
     norm_eps: float | None = None  # fixed norm epsilon (DBRX's LayerNorms take no eps from the config)
+    experts_in_out: bool = False  # packed experts stored [E, in, out] (x @ w), also when a row is square
 
 
 FAMILIES: dict[str, Family] = {
@@ -96,7 +97,7 @@ FAMILIES: dict[str, Family] = {
     "llama4_text": Family(keys=("num_local_experts", "intermediate_size_mlp", "moe_layers", "interleave_moe_layer_step",
                                 "use_qk_norm", "no_rope_layers", "no_rope_layer_interval", "attention_chunk_size",
                                 "layer_types", "attn_temperature_tuning", "floor_scale", "attn_scale"),
-                          scoring="sigmoid", norm_topk=False, rope_interleave=True),
+                          scoring="sigmoid", norm_topk=False, rope_interleave=True, experts_in_out=True),
     "solar_open": Family(keys=("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor",
                                "n_group", "topk_group", "norm_topk_prob"), scoring="sigmoid"),
     # LongCat-Flash: each decoder layer is two engine layers (attention + dense MLP each); the first one's MoE
@@ -111,7 +112,8 @@ FAMILIES: dict[str, Family] = {
     "flint": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
                           "decoder_sparse_step", "mlp_only_layers", *_SLIDING),
                     scoring="sigmoid", attn_sinks=True, nope_full_layers=True),
-    "aria_text": Family(keys=("moe_num_experts", "moe_topk", "moe_num_shared_experts"), norm_topk=True),
+    "aria_text": Family(keys=("moe_num_experts", "moe_topk", "moe_num_shared_experts"), norm_topk=True,
+                        experts_in_out=True),
     "axk1": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid", moe_out_norm=True),
     "cohere2_moe": Family(keys=("num_experts", "num_shared_experts", "shared_expert_combination_strategy",
                                 "expert_selection_fn", "norm_topk_prob", "logit_scale", "layer_norm_eps",

@@ -72,6 +72,7 @@ class MoESpec:
     jitter_eps: float = 0.0  # sparsemixer: experts within this relative margin of the best share its softmax
     input_scaled: bool = False  # Llama 4: each expert runs on weight * x and its outputs are summed unweighted
     zero_experts: int = 0  # LongCat: router ids num_experts.. are identity experts (weight * x), run in place
+    experts_in_out: bool = False  # packed experts stored [E, H, 2I] / [E, I, H] (Llama 4, Aria), square ones too
 
     @property
     def moe_layers(self) -> list[int]:
@@ -272,6 +273,7 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         jitter_eps=float(_get(cfg, "router_jitter_noise", default=0.0)) if scoring == "sparsemixer" else 0.0,
         input_scaled=model_type == "llama4_text",
         zero_experts=int(_get(cfg, "zero_expert_num", default=0)),
+        experts_in_out=fam.experts_in_out,
     )
 
 
