@@ -122,6 +122,23 @@ def test_truncated_safetensors_names_the_file(tmp_path, tiny_models):
         open_model(str(bad))
 
 
+def test_untied_checkpoint_without_lm_head_names_it(tmp_path, tiny_models):
+    """tie_word_embeddings false and no lm_head.weight: transformers would start from a random LM head, so the
+    load fails naming the tensor instead of silently using the embeddings."""
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lm_head.weight.*tie_word_embeddings"):
+        open_model(str(bad))
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    files = open_model(str(bad))  # tied: the embeddings are the LM head
+    assert files.names.lm_head is None
+
+
 def test_unknown_architecture_names_config(tmp_path, tiny_models):
     bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
     cfg = json.loads((bad / "config.json").read_text())

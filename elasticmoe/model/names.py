@@ -94,6 +94,9 @@ class WeightNames:
         self.norm = self._need(f"{base}norm.weight")
         self.norm_bias = self._first(f"{base}norm.bias")
         self.lm_head = self._first("lm_head.weight")
+        if self.lm_head is None and not spec.tie_word_embeddings:
+            raise CheckpointError(f"{ckpt.path}: tensor 'lm_head.weight' is not in the checkpoint and "
+                                  "config.tie_word_embeddings is false (transformers would use a random LM head)")
         self.lm_head_bias = self._first("lm_head.bias")
 
     @staticmethod
