@@ -105,6 +105,21 @@ def test_sharded_checkpoint_with_index(tmp_path, llms):
     assert _rel(LLM(str(sharded)).logits(ids), llms["mixtral"].logits(ids)) < 1e-6
 
 
+def test_tensor_of_the_index_missing_from_its_shard_names_both(tmp_path):
+    """The index places an (optional) q_proj bias in a shard that does not hold it: the load fails naming the
+    shard and the tensor, instead of running silently without the bias."""
+    from safetensors.torch import load_file, save_file
+
+    sharded = make_tiny_model("qwen2_moe", tmp_path / "q", layers=2, experts=4, max_shard_size="100KB")
+    name = "model.layers.0.self_attn.q_proj.bias"
+    shard = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(sharded / shard)
+    del tensors[name]
+    save_file(tensors, sharded / shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{shard}.*{name}"):
+        open_model(str(sharded))
+
+
 def test_missing_file_names_it(tmp_path, tiny_models):
     bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
     (bad / "model.safetensors").unlink()

@@ -117,17 +117,23 @@ class Checkpoint:
 
     def _index(self) -> None:
         index = self.path / INDEX_FILE
+        placed: dict[str, str] = {}  # tensor name -> file, as the index has it
         if index.is_file():
             try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                placed = dict(json.loads(index.read_text())["weight_map"])
+                files = sorted(set(placed.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{index}: corrupt index (needs a 'weight_map' object): {e}") from e
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not files:
                 raise CheckpointError(f"{self.path}: no *.safetensors files and no {INDEX_FILE}")
+        headers = {name: read_header(self.path / name) for name in files}
+        for tensor, name in placed.items():
+            if tensor not in headers[name]:
+                raise CheckpointError(f"{self.path / name}: has no tensor {tensor!r}, which {INDEX_FILE} places there")
         for name in files:
-            for tensor, meta in read_header(self.path / name).items():
+            for tensor, meta in headers[name].items():
                 self.weight_map[tensor] = name
                 self._meta[tensor] = meta
 
