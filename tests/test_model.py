@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -152,6 +153,25 @@ def test_untied_checkpoint_without_lm_head_names_it(tmp_path, tiny_models):
     (bad / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
     files = open_model(str(bad))  # tied: the embeddings are the LM head
     assert files.names.lm_head is None
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.layers.0.block_sparse_moe.gate.weight", (7, 64)),  # a router for 7 of the 8 experts: silently wrong
+    ("model.layers.1.input_layernorm.weight", (1,)),  # a norm weight that broadcasts
+    ("model.layers.2.self_attn.k_proj.weight", (64, 64)),  # 4 kv heads where the config has 2
+    ("model.embed_tokens.weight", (512, 32)),
+])
+def test_dense_weight_of_the_wrong_shape_names_it(tmp_path, tiny_models, name, shape):
+    """A dense weight whose shape is not what config.json makes it fails the load naming the tensor, not the
+    first forward deep inside (or never)."""
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    tensors = load_file(bad / "model.safetensors")
+    tensors[name] = torch.ones(shape)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(f"{name!r} is {list(shape)}, want")):
+        LLM(str(bad))
 
 
 def test_unknown_architecture_names_config(tmp_path, tiny_models):

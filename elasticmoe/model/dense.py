@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -17,17 +18,38 @@ from elasticmoe.model.layers import Rotary, gated_mlp, norm, route
 from elasticmoe.progress import LoadProgress
 from elasticmoe.model.names import ATTN, LayerNames, WeightNames
 from elasticmoe.model.pipeline import ping_pong
-from elasticmoe.model.spec import ModelSpec
+from elasticmoe.model.spec import AttentionSpec, ModelSpec
 
 RouteObserver = Callable[[int, torch.Tensor], None]  # (layer, topk_ids [T, k])
+
+
+def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]]:
+    """The shapes config.json fixes for the attention weights, by role (see names.ATTN); others are not checked."""
+    q, o = a.num_heads * a.head_dim, (hidden, a.num_heads * a.v_head_dim)
+    if a.kind == "mla":
+        shapes = {"q": (q, hidden), "kv_a": (a.kv_lora_rank + a.rope_dim, hidden), "kv_a_norm": (a.kv_lora_rank,),
+                  "kv_b": (a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), "o": o}
+        if a.q_lora_rank:
+            shapes.update(q_a=(a.q_lora_rank, hidden), q_a_norm=(a.q_lora_rank,), q_b=(q, a.q_lora_rank))
+        return shapes
+    k, v = a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
+    return {"q": (q, hidden), "k": (k, hidden), "v": (v, hidden), "o": o,
+            "q_bias": (q,), "k_bias": (k,), "v_bias": (v,), "o_bias": (hidden,)}
+
+
+def mlp_shapes(ckpt: Checkpoint, names: dict[str, str], hidden: int) -> dict[str, tuple[int, ...]]:
+    """The shapes a gated MLP's weights need: [I, H] gate and up (or [2I, H] gate_up) and [H, I] down."""
+    inter = ckpt.shape(names["gate"])[0] if "gate" in names else ckpt.shape(names["gate_up"])[0] // 2
+    return {"gate": (inter, hidden), "up": (inter, hidden), "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
 
 
 class _Layer:
     """One decoder layer's dense weights."""
 
     def __init__(self, model: "DenseModel", i: int, names: LayerNames):
-        load = model.load
-        attn = {role: load(n) for role, n in names.attn.items()}
+        load, sp, hidden = model.load, model.spec, model.spec.hidden_size
+        shapes = attention_shapes(sp.attention, hidden)
+        attn = {role: load(n, shape=shapes.get(role)) for role, n in names.attn.items()}
         mla = model.spec.attention.kind == "mla"
         need = ("q_a" if model.spec.attention.q_lora_rank else "q", "kv_a", "kv_b", "o") if mla else ("q", "k", "v", "o")
         need += ("sinks",) if model.spec.attention.sinks else ()
@@ -35,17 +57,18 @@ class _Layer:
             if role not in attn:
                 raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")
         self.attn = Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
-        self.norms = {role: load(n) for role, n in names.norms.items()}  # attn_in/attn_out/mlp_in/mlp_out
+        self.norms = {role: load(n, shape=(hidden,)) for role, n in names.norms.items()}  # attn_in/out, mlp_in/out
         self.sparse = names.block is not None
-        self.dense = {r: load(n) for r, n in names.dense.items()} if names.dense else None
+        self.dense = model.load_mlp(names.dense) if names.dense else None
         if self.dense is None and (not self.sparse or model.spec.block == "shortcut"):
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks its dense MLP")
         f32 = torch.float32  # the router as stored, not rounded to the model's dtype first
-        self.router = load(names.router, f32) if names.router else None  # [E, H]
-        self.router_bias = load(names.router_bias, f32).flatten() if names.router_bias else None  # [E]
-        self.router_logit_bias = load(names.router_logit_bias, f32) if names.router_logit_bias else None  # [E]
-        self.shared = {r: load(n) for r, n in names.shared.items()} if names.shared else None
-        self.shared_gate = load(names.shared_gate, f32) if names.shared_gate else None  # [1, H]
+        ids = sp.moe.num_experts + sp.moe.zero_experts  # router rows (LongCat: its identity experts too)
+        self.router = load(names.router, f32, (ids, hidden)) if names.router else None  # [E, H]
+        self.router_bias = load(names.router_bias, f32, numel=ids).flatten() if names.router_bias else None  # [E]
+        self.router_logit_bias = load(names.router_logit_bias, f32, (ids,)) if names.router_logit_bias else None
+        self.shared = model.load_mlp(names.shared) if names.shared else None
+        self.shared_gate = load(names.shared_gate, f32, (1, hidden)) if names.shared_gate else None  # [1, H]
 
 
 class _PlusIdentity:
@@ -81,11 +104,12 @@ class DenseModel:
         self.spec, self.ckpt, self.dtype, self.device = spec, ckpt, dtype, device
         with LoadProgress("loading the dense half", len(names.layers) + 1, lambda: ckpt.bytes_read,
                           equal_items=False) as progress:
-            self.embed = self.load(names.embed)  # [V, H]
-            self.norm = self.load(names.norm)
-            self.norm_bias = self.load(names.norm_bias) if names.norm_bias else None
-            self.lm_head = self.load(names.lm_head) if names.lm_head else self.embed  # tied embeddings
-            self.lm_head_bias = self.load(names.lm_head_bias) if names.lm_head_bias else None
+            vocab, hidden = (spec.vocab_size, spec.hidden_size)
+            self.embed = self.load(names.embed, shape=(vocab, hidden))  # [V, H]
+            self.norm = self.load(names.norm, shape=(hidden,))
+            self.norm_bias = self.load(names.norm_bias, shape=(hidden,)) if names.norm_bias else None
+            self.lm_head = self.load(names.lm_head, shape=(vocab, hidden)) if names.lm_head else self.embed  # tied
+            self.lm_head_bias = self.load(names.lm_head_bias, shape=(vocab,)) if names.lm_head_bias else None
             progress.step()
             self.layers = []
             for i, n in enumerate(names.layers):
@@ -95,8 +119,21 @@ class DenseModel:
         self.windows = {layer.attn.window for layer in self.layers} or {None}  # mask keys (see step_masks)
         self.route_observer: RouteObserver | None = None
 
-    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def load(self, name: str, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None,
+             numel: int | None = None) -> torch.Tensor:
+        """One dense weight in `dtype` (default the model's); CheckpointError naming it when its stored shape is
+        not `shape` (or it does not hold `numel` values): config.json fixes them."""
+        got = self.ckpt.shape(name)
+        if (shape is not None and got != tuple(shape)) or (numel is not None and math.prod(got) != numel):
+            want = list(shape) if shape is not None else f"{numel} values"
+            raise CheckpointError(f"{self.ckpt.path}: {name!r} is {list(got)}, want {want} (as config.json "
+                                  f"describes the model)")
         return self.ckpt.read(name).to(device=self.device, dtype=dtype or self.dtype)
+
+    def load_mlp(self, names: dict[str, str]) -> dict[str, torch.Tensor]:
+        """A gated MLP's weights by role (gate/up/down or gate_up/down, biases unchecked), shapes checked."""
+        shapes = mlp_shapes(self.ckpt, names, self.spec.hidden_size)
+        return {r: self.load(n, shape=shapes.get(r)) for r, n in names.items()}
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, dispatcher: Dispatcher, all_tokens: bool = False
