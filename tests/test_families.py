@@ -216,6 +216,24 @@ def test_phimoe_context_capped_at_short_rope_and_top_k_2(family_dirs, tmp_path):
         open_model(str(ck))
 
 
+def test_longrope_context_capped_for_any_family(tmp_path):
+    """LongRoPE outside PhiMoE (here Qwen3-MoE): past original_max_position_embeddings transformers rotates every
+    position with the long factors, which a KV cache of short-rotated keys cannot follow, so the context stops there;
+    within it the logits are transformers'."""
+    from elasticmoe import LLM
+
+    rope = {**LONGROPE, "original_max_position_embeddings": 8}
+    case = ("Qwen3MoeConfig", dict(intermediate_size=64, moe_intermediate_size=64, num_experts=8, head_dim=16,
+                                   rope_parameters=rope), "")
+    ck = make_family_checkpoint("qwen3_moe", tmp_path / "q", case=case)
+    llm = LLM(str(ck))
+    assert llm.engine.max_model_len == 8
+    ids = llm.encode(PROMPT)[:8]
+    ref = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert _rel(llm.logits(ids), ref(torch.tensor([ids])).logits[0]) < 1e-4
+
+
 def test_rotary_cache_buffers_count_as_consumed(family_dirs, tmp_path):
     from safetensors.torch import save_file
 

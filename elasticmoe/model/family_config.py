@@ -33,6 +33,17 @@ def mscale_rope(cfg: Any, scale: float, max_pos: int) -> tuple[float, int]:
     return float(params["short_mscale"]), min(max_pos, int(params["original_max_position_embeddings"]))
 
 
+def longrope_context(cfg: Any, max_pos: int) -> int:
+    """The context limit under LongRoPE: past rope_parameters.original_max_position_embeddings transformers rotates
+    every position with the long factors instead of the short ones (the whole cache recomputed, which a cache cannot
+    follow), so the context is capped there."""
+    params = dict(config_get(cfg, "rope_parameters", "rope_scaling", default={}) or {})
+    original = params.get("original_max_position_embeddings")
+    if params.get("rope_type", params.get("type")) != "longrope" or not original:
+        return max_pos
+    return min(max_pos, int(original))
+
+
 def llama4_attention(cfg: Any, num_layers: int) -> dict[str, Any]:
     """Llama 4's chunked attention on its "chunked_attention" layers, L2 q/k norms and NoPE temperature tuning."""
     types = config_get(cfg, "layer_types") or ["full_attention"] * num_layers

@@ -11,7 +11,7 @@ import torch
 from elasticmoe.model.families import Family
 from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and the checks: re-exported)
     ModelSpecError, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
-    longcat_mla_scales, mistral4_query_scale, mscale_rope,
+    longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope,
 )
 
 
@@ -292,6 +292,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     max_pos = _get(cfg, "max_position_embeddings", default=4096)
     if fam.rope_mscale:
         rope_scale, max_pos = mscale_rope(cfg, rope_scale, max_pos)
+    max_pos = longrope_context(cfg, max_pos)
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     embed_scale = float(_get(cfg, "embedding_multiplier", default=1.0))
