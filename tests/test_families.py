@@ -234,6 +234,14 @@ def test_longrope_context_capped_for_any_family(tmp_path):
         assert _rel(llm.logits(ids), ref(torch.tensor([ids])).logits[0]) < 1e-4
 
 
+def test_cohere2_moe_with_rms_norm_eps_uses_rms_norms(tmp_path):
+    """Cohere2-MoE's norms are RMSNorms (no mean subtracted) when config.rms_norm_eps is set, LayerNorms otherwise."""
+    from elasticmoe import LLM
+
+    ck = make_family_checkpoint("cohere2_moe", tmp_path / "c", rms_norm_eps=1e-6)
+    _assert_matches(LLM(str(ck), dtype="float32"), ck, "cohere2_moe")
+
+
 def test_rotary_cache_buffers_count_as_consumed(family_dirs, tmp_path):
     from safetensors.torch import save_file
 

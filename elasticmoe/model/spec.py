@@ -299,6 +299,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     if _get(cfg, "mup_enabled", default=False):
         embed_scale = cfg.hidden_size**0.5
     logits_scale = float(_get(cfg, "logit_scale", default=1.0)) / float(_get(cfg, "logits_scaling", default=1.0))
+    rms_set = model_type == "cohere2_moe" and _get(cfg, "rms_norm_eps") is not None  # its norms: RMSNorms then
     return ModelSpec(
         model_type=model_type, num_layers=num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
         rms_norm_eps=fam.norm_eps or float(_get(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
@@ -307,7 +308,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale,
         bos_token_id=_get(cfg, "bos_token_id"), eos_token_ids=eos_ids, pad_token_id=_get(cfg, "pad_token_id"),
         dense_intermediate_size=_get(cfg, "intermediate_size", default=0),
-        block=fam.block, norm=fam.norm, embed_scale=embed_scale, moe_out_norm=fam.moe_out_norm,
+        block=fam.block, norm="rms" if rms_set else fam.norm, embed_scale=embed_scale, moe_out_norm=fam.moe_out_norm,
         residual_scale=float(_get(cfg, "residual_multiplier", default=1.0)), logits_scale=logits_scale,
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
     )
