@@ -78,6 +78,19 @@ def test_default_revision_is_main(cache_env):
     assert resolve(REPO_ID).commit == OLD
 
 
+def test_offline_open_takes_the_snapshot_main_names(cache_env, tmp_path):
+    """LLM(model) / open_model with a hub id or cache repo dir loads the snapshot the served app pins (refs/main),
+    not the newest by mtime; a repo without main and with several snapshots is refused, naming the choice."""
+    from elasticmoe.model import CheckpointError
+
+    assert open_model(REPO_ID).ckpt.path == open_model(str(cache_env)).ckpt.path == cache_env / "snapshots" / OLD
+    repo = tmp_path / "models--acme--nomain"
+    for commit in (OLD, NEW):
+        _add_snapshot(repo, commit, {"config.json": b"{}"})
+    with pytest.raises(CheckpointError, match="2 snapshots and no refs/main"):
+        open_model(str(repo))
+
+
 @pytest.mark.parametrize("model, revision, message", [
     pytest.param("snap:OLD", NEW, "is not revision", id="snapshot-vs-commit"),
     pytest.param("snap:OLD", "v2", "is not revision 'v2'", id="snapshot-vs-branch"),

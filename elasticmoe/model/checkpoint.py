@@ -34,28 +34,17 @@ class CheckpointError(RuntimeError):
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """A checkpoint directory from a path, an HF cache repo dir (`models--org--name`) or a cached repo id."""
-    path = Path(model).expanduser()
-    if path.is_dir() and (path / "snapshots").is_dir():
-        path = _latest_snapshot(path / "snapshots")
-    if not path.exists() and "/" in str(model) and not str(model).startswith(("/", ".")):
-        cache = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
-                                    .expanduser() / "hub"))
-        repo = cache / ("models--" + str(model).replace("/", "--"))
-        if (repo / "snapshots").is_dir():
-            path = _latest_snapshot(repo / "snapshots")
-    if not path.is_dir():
-        raise CheckpointError(f"{model}: no such checkpoint directory")
+    """A checkpoint directory from a path, an HF cache repo dir (`models--org--name`) or a cached repo id: the
+    snapshot refs/main names, as the served app pins it (model.hub.resolve), never the newest by mtime."""
+    from elasticmoe.model.hub import HubError, resolve
+
+    try:
+        path = resolve(str(model)).path
+    except HubError as e:
+        raise CheckpointError(str(e)) from e
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path / 'config.json'}: missing (not a Hugging Face checkpoint directory)")
     return path
-
-
-def _latest_snapshot(snapshots: Path) -> Path:
-    dirs = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    if not dirs:
-        raise CheckpointError(f"{snapshots}: the HF cache holds no snapshot")
-    return dirs[-1]
 
 
 def read_header(file: Path) -> dict[str, Any]:
