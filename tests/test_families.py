@@ -284,6 +284,24 @@ def test_unknown_math_changing_config_key_fails_naming_it(family_dirs, tmp_path,
         open_model(str(bad))
 
 
+@pytest.mark.parametrize("family,key,value,message", [
+    ("mixtral", "num_experts_per_tok", 9, r"config\.num_experts_per_tok=9: .*8 experts"),
+    ("deepseek_v3", "n_group", 3, r"config\.n_group=3 does not divide the 8 experts"),
+    ("deepseek_v3", "topk_group", 5, r"config\.topk_group=5: want 1 to n_group \(4\)"),
+    ("deepseek_v3", "topk_group", 0, r"config\.topk_group=0: want 1 to n_group \(4\)"),
+    ("deepseek_v3", "num_experts_per_tok", 5, r"config\.num_experts_per_tok=5: .*topk_group"),
+])
+def test_impossible_routing_config_fails_naming_the_field(tmp_path, tiny_models, family, key, value, message):
+    """A router config no top-k can follow fails at open naming the field, not at the first forward deep inside."""
+    from elasticmoe.model import ModelSpecError, open_model
+
+    bad = _copy(tiny_models[family], tmp_path / "r")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ModelSpecError, match=message):
+        open_model(str(bad))
+
+
 def test_key_supported_only_at_its_neutral_value(tmp_path, tiny_models):
     from elasticmoe.model import ModelSpecError, open_model
 

@@ -250,6 +250,9 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
                                  "only MXFP4 GPT-OSS checkpoints are dequantised on load")
     elif act not in ("silu", "swish"):
         raise ModelSpecError(f"config.hidden_act={act!r}: experts must be gated SiLU MLPs")
+    topk_group = _get(cfg, "topk_group", default=n_group) if n_group > 1 else 1
+    _check_routing(cfg, num_experts + int(_get(cfg, "zero_expert_num", default=0)), top_k, n_group, topk_group,
+                   group_score)
     combine = _get(cfg, "shared_expert_combination_strategy", default="sum")
     if combine not in ("sum", "average"):
         raise ModelSpecError(f"config.shared_expert_combination_strategy={combine!r}: want 'sum' or 'average'")
@@ -262,7 +265,7 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", "route_scale", "router_scaling_factor",
                                          default=1.0)),
         n_group=n_group,
-        topk_group=_get(cfg, "topk_group", default=n_group) if n_group > 1 else 1,
+        topk_group=topk_group,
         group_score=group_score,
         sparse_layers=_sparse_layers(cfg, num_layers),
         hidden_act="silu",
@@ -275,6 +278,24 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         zero_experts=int(_get(cfg, "zero_expert_num", default=0)),
         experts_in_out=fam.experts_in_out,
     )
+
+
+def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group: int, group_score: str) -> None:
+    """A top-k the router can pick: at most the experts (of the groups kept, with group-limited routing)."""
+    field = next(n for n in ("num_experts_per_tok", "moe_topk", "top_k") if _get(cfg, n) is not None)
+    if top_k > experts:
+        raise ModelSpecError(f"config.{field}={top_k}: more than the model's {experts} experts")
+    if n_group <= 1:
+        return
+    per_group = experts // n_group
+    if experts % n_group or (group_score == "top2_sum" and per_group < 2):
+        raise ModelSpecError(f"config.n_group={n_group} does not divide the {experts} experts into groups"
+                             + (" of 2 or more (groups are scored by their top 2)" if group_score == "top2_sum" else ""))
+    if not 1 <= topk_group <= n_group:
+        raise ModelSpecError(f"config.topk_group={topk_group}: want 1 to n_group ({n_group})")
+    if top_k > topk_group * per_group:
+        raise ModelSpecError(f"config.{field}={top_k}: more than the {topk_group * per_group} experts of the "
+                             f"topk_group={topk_group} groups kept (of {per_group} experts each)")
 
 
 def spec_from_config(cfg: Any) -> ModelSpec:
