@@ -200,6 +200,19 @@ def test_bad_sampling_params_name_the_field():
             SamplingParams(**kwargs)
 
 
+def test_logits_of_unusable_token_ids_name_the_field(llms):
+    """LLM.logits of no tokens, an id outside the vocabulary or more tokens than the context: an InvalidRequest
+    naming token_ids, not a reshape / index error from inside the forward; the context's full length works."""
+    from elasticmoe.engine.sampling import InvalidRequest
+
+    llm = llms["mixtral"]
+    longest = llm.engine.max_model_len
+    for ids, words in (([], "empty"), ([5, 512], "outside the vocabulary"), ([5] * (longest + 1), f"{longest}")):
+        with pytest.raises(InvalidRequest, match=f"token_ids: .*{words}"):
+            llm.logits(ids)
+    assert llm.logits([5] * longest).shape == (longest, 512)
+
+
 def test_pipelined_micro_batches_equal_one_batch(llms):
     """The gateway's two-micro-batch pipeline (remote dispatchers) gives the tokens of the single-batch path."""
     from elasticmoe.engine.engine import Engine

@@ -8,6 +8,7 @@ import torch
 
 from elasticmoe.engine.engine import DTYPES, Engine
 from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
+from elasticmoe.engine.validation import Validator
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.experts import ExpertStore
@@ -74,5 +75,7 @@ class LLM:
                               list(s.logprobs) if s.params.logprobs is not None else None) for s in seqs]
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """One full forward: logits [T, vocab] float32, for parity checks."""
-        return self.engine.logits(token_ids)
+        """One full forward: logits [T, vocab] float32, for parity checks. T from 1 to max_model_len, ids in the
+        vocabulary (else InvalidRequest naming token_ids)."""
+        whole_context = Validator(self.engine.spec.vocab_size, self.engine.max_model_len + 1)  # no token to generate
+        return self.engine.logits(whole_context.prompt_ids(token_ids, "token_ids"))
