@@ -138,6 +138,38 @@ def test_truncated_safetensors_names_the_file(tmp_path, tiny_models):
         open_model(str(bad))
 
 
+def _rewrite_header(file, change) -> None:
+    """Rewrite a safetensors file's JSON header with change(header) -> header; the tensor bytes stay."""
+    import struct
+
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(change(json.loads(raw[8:8 + n]))).encode()
+    header += b" " * (-len(header) % 8)
+    file.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+
+
+def _short_span(h: dict) -> dict:
+    """The norm keeps its [64] shape but its data_offsets cover 4 bytes (the next tensor's bytes would be read)."""
+    start = h["model.norm.weight"]["data_offsets"][0]
+    h["model.norm.weight"]["data_offsets"] = [start, start + 4]
+    return h
+
+
+@pytest.mark.parametrize("change, words", [
+    (_short_span, r"'model\.norm\.weight' .*F32 \[64\] needs 256 bytes, its data_offsets .* 4"),
+    (lambda h: {**h, "model.norm.weight": {"dtype": "F32", "shape": [64]}}, r"'model\.norm\.weight' .*data_offsets"),
+    (lambda h: [h], r"header is not a JSON object"),
+])
+def test_corrupt_safetensors_header_names_the_file(tmp_path, tiny_models, change, words):
+    """A header entry whose byte span disagrees with its dtype and shape (or that lacks one), or a header that is
+    no object: a CheckpointError naming the file and the tensor, not a KeyError / garbage weights."""
+    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    _rewrite_header(bad / "model.safetensors", change)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*" + words):
+        open_model(str(bad))
+
+
 def test_untied_checkpoint_without_lm_head_names_it(tmp_path, tiny_models):
     """tie_word_embeddings false and no lm_head.weight: transformers would start from a random LM head, so the
     load fails naming the tensor instead of silently using the embeddings."""

@@ -64,13 +64,34 @@ def read_header(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: missing (named by the checkpoint index)") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (the header is not a JSON object)")
     header.pop("__metadata__", None)
+    for tensor, meta in header.items():
+        _check_entry(file, tensor, meta)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
     for meta in header.values():
         meta["start"] = 8 + n + meta["data_offsets"][0]
     return header
+
+
+def _check_entry(file: Path, tensor: str, meta: Any) -> None:
+    """One header entry: a dtype, a shape of sizes and data_offsets [begin, end] spanning exactly its bytes."""
+    ok = isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list) \
+        and all(isinstance(d, int) and d >= 0 for d in meta["shape"])
+    span = meta.get("data_offsets") if ok else None
+    if not ok or not (isinstance(span, list) and len(span) == 2 and all(isinstance(o, int) for o in span)
+                      and 0 <= span[0] <= span[1]):
+        raise CheckpointError(f"{file}: corrupt safetensors header: {tensor!r} needs a dtype, a shape and "
+                              f"data_offsets [begin, end], got {str(meta)[:200]}")
+    dtype = _DTYPES.get(meta["dtype"])
+    if dtype is not None:
+        need = math.prod(meta["shape"]) * torch.empty((), dtype=dtype).element_size()
+        if span[1] - span[0] != need:
+            raise CheckpointError(f"{file}: {tensor!r} {meta['dtype']} {meta['shape']} needs {need} bytes, its "
+                                  f"data_offsets {span} span {span[1] - span[0]}")
 
 
 @dataclass(frozen=True)
