@@ -206,6 +206,16 @@ def test_dense_weight_of_the_wrong_shape_names_it(tmp_path, tiny_models, name, s
         LLM(str(bad))
 
 
+def test_experts_on_a_layer_the_config_makes_dense_name_it(tmp_path, tiny_models):
+    """Qwen2-MoE's layer 0 holds experts but config.mlp_only_layers makes it dense: the load fails naming the layer,
+    instead of running layer 0 as an MoE whose experts are never loaded (its routed output silently zero)."""
+    bad = shutil.copytree(tiny_models["qwen2_moe"], tmp_path / "q")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "mlp_only_layers": [0, 1]}))
+    with pytest.raises(CheckpointError, match=r"layers \[0\] hold experts but config\.json makes them dense"):
+        open_model(str(bad))
+
+
 def test_unknown_architecture_names_config(tmp_path, tiny_models):
     bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
     cfg = json.loads((bad / "config.json").read_text())

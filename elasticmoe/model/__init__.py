@@ -48,5 +48,9 @@ def open_model(model: str) -> ModelFiles:
     missing = [i for i in spec.moe.moe_layers if names.layers[i].block is None]
     if missing:
         raise CheckpointError(f"{ckpt.path}: config says layers {missing} are MoE but no expert tensors exist there")
+    dense = [i for i, n in enumerate(names.layers) if n.block is not None and not spec.moe.sparse_layers[i]]
+    if dense:  # else run as MoE layers whose experts no ExpertStore loads
+        raise CheckpointError(f"{ckpt.path}: layers {dense} hold experts but config.json makes them dense "
+                              "(first_k_dense_replace / mlp_only_layers / decoder_sparse_step / mlp_layer_types)")
     names.check_all_used()
     return ModelFiles(ckpt, config, spec, names)
