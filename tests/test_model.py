@@ -216,6 +216,30 @@ def test_experts_on_a_layer_the_config_makes_dense_name_it(tmp_path, tiny_models
         open_model(str(bad))
 
 
+@pytest.mark.parametrize("family, config, tensor, shape, words", [
+    ("qwen2_moe", {"qkv_bias": False}, None, None, r"attn biases \['model\.layers\.0\.self_attn\.k_proj\.bias'.*"
+                                                   r"config\.qkv_bias is false"),
+    ("mixtral", {}, "model.layers.1.self_attn.o_proj.bias", (64,), r"attn biases .*model_type 'mixtral' has none"),
+    ("deepseek_v3", {}, "model.layers.0.mlp.down_proj.bias", (64,), r"mlp biases .*model_type 'deepseek_v3' has none"),
+    ("qwen3_moe", {}, "lm_head.bias", (512,), r"lm_head biases \['lm_head\.bias'\] .*'qwen3_moe' has none"),
+])
+def test_biases_transformers_would_drop_name_them(tmp_path, tiny_models, family, config, tensor, shape, words):
+    """Projection biases that transformers' modeling never builds (config.qkv_bias false; Mixtral's attention,
+    DeepSeek-V3's MLPs, Qwen3-MoE's LM head have none) are dropped there (UNEXPECTED keys): the load fails naming
+    them, instead of adding them (logits ~4 off with Qwen2-MoE's q/k/v biases)."""
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(tiny_models[family], tmp_path / "b")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, **config}))
+    if tensor is not None:
+        tensors = load_file(bad / "model.safetensors")
+        tensors[tensor] = torch.ones(shape)
+        save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=words):
+        open_model(str(bad))
+
+
 def test_unknown_architecture_names_config(tmp_path, tiny_models):
     bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
     cfg = json.loads((bad / "config.json").read_text())

@@ -53,30 +53,37 @@ class Family:
     nested: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sub-config key -> the keys understood inside it
     norm_eps: float | None = None  # fixed norm epsilon (DBRX's LayerNorms take no eps from the config)
     experts_in_out: bool = False  # packed experts stored [E, in, out] (x @ w), also when a row is square
+    # (part, config flag): the "attn" / "mlp" / "lm_head" projections transformers builds with biases when the flag
+    # is set; a part not listed never has any (biases stored for it are dropped by transformers)
+    biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
 
 
 FAMILIES: dict[str, Family] = {
-    "mixtral": Family(keys=("num_local_experts", *_SLIDING), norm_topk=True),
+    "mixtral": Family(keys=("num_local_experts", *_SLIDING), norm_topk=True, biases=()),
     "qwen2_moe": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
-                              "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_SLIDING)),
+                              "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_SLIDING),
+                        biases=(("attn", "qkv_bias"),)),
     "qwen3_moe": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
                               "mlp_only_layers", *_SLIDING)),
     "olmoe": Family(keys=("num_experts", "norm_topk_prob", "clip_qkv"), neutral=(("clip_qkv", None),)),
     "flex_olmo": Family(keys=("num_experts", "norm_topk_prob"), block="post"),
     "deepseek_v2": Family(keys=(*_MLA_KEYS, "topk_method", "scoring_func", "moe_layer_freq"), norm_topk=False,
-                          rope_interleave=True, neutral=(("scoring_func", "softmax"), ("moe_layer_freq", 1))),
+                          rope_interleave=True, neutral=(("scoring_func", "softmax"), ("moe_layer_freq", 1)),
+                          biases=(("attn", "attention_bias"), ("mlp", "mlp_bias"))),
     "deepseek_v3": Family(keys=(*_MLA_KEYS, "scoring_func", "topk_method", "moe_layer_freq"), scoring="sigmoid",
                           neutral=(("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1))),
     "glm4_moe_lite": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid"),
     "glm4_moe": Family(keys=(*_DSV3_ROUTER, "use_qk_norm"), scoring="sigmoid"),
     "dots1": Family(keys=(*_DSV3_ROUTER, *_SLIDING), scoring="sigmoid"),
     "exaone_moe": Family(keys=(*_DSV3_ROUTER, "num_experts", "num_shared_experts", "mlp_layer_types",
-                               "sliding_window_pattern", *_SLIDING), scoring="sigmoid", nope_full_layers=True),
-    "minimax_m2": Family(keys=("num_local_experts", "use_qk_norm"), scoring="sigmoid", norm_topk=True),
+                               "sliding_window_pattern", *_SLIDING), scoring="sigmoid", nope_full_layers=True,
+                         biases=()),
+    "minimax_m2": Family(keys=("num_local_experts", "use_qk_norm"), scoring="sigmoid", norm_topk=True, biases=()),
     "hunyuan_v1_moe": Family(keys=("num_experts", "moe_topk", "use_qk_norm"), norm_topk=True, qk_norm_after_rope=True),
     "ernie4_5_moe": Family(keys=("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
                                  "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"),
-                           norm_topk=True, rope_interleave=True),
+                           norm_topk=True, rope_interleave=True,
+                           biases=(("attn", "use_bias"), ("mlp", "use_bias"), ("lm_head", "use_bias"))),
     "granitemoe": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier", "logits_scaling",
                                "attention_multiplier"), norm_topk=True),
     "granitemoeshared": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier",
@@ -88,7 +95,7 @@ FAMILIES: dict[str, Family] = {
     # DBRX: nested attn/ffn configs; attn_config.rope_theta is stored but transformers' rotary never reads it
     "dbrx": Family(keys=("d_model", "n_heads", "n_layers", "max_seq_len", "resid_pdrop", "emb_pdrop", "attn_config",
                          "ffn_config", "num_key_value_heads"),
-                   norm="layer", norm_eps=1e-5,
+                   norm="layer", norm_eps=1e-5, biases=(),
                    nested=(("attn_config", ("attn_pdrop", "clip_qkv", "kv_n_heads", "rope_theta")),
                            ("ffn_config", ("ffn_act_fn", "ffn_hidden_size", "hidden_size", "moe_num_experts",
                                            "moe_top_k", "moe_jitter_eps", "moe_loss_weight",
@@ -108,12 +115,13 @@ FAMILIES: dict[str, Family] = {
     "mistral4": Family(keys=_MLA_KEYS),  # + rope_parameters.llama_4_scaling_beta (AttentionSpec.query_scale)
     # enable_moe_fp32_combine: routed + shared summed in float32, a rounding-only difference below float32
     "hy_v3": Family(keys=("num_experts", "num_shared_experts", "moe_intermediate_size", "router_scaling_factor",
-                          "enable_moe_fp32_combine", "mlp_layer_types"), scoring="sigmoid", norm_topk=True),
+                          "enable_moe_fp32_combine", "mlp_layer_types"), scoring="sigmoid", norm_topk=True,
+                    biases=(("attn", "attention_bias"), ("mlp", "mlp_bias"))),
     "flint": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
                           "decoder_sparse_step", "mlp_only_layers", *_SLIDING),
                     scoring="sigmoid", attn_sinks=True, nope_full_layers=True),
     "aria_text": Family(keys=("moe_num_experts", "moe_topk", "moe_num_shared_experts"), norm_topk=True,
-                        experts_in_out=True),
+                        experts_in_out=True, biases=(("attn", "attention_bias"), ("mlp", "mlp_bias"))),
     "axk1": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid", moe_out_norm=True),
     "cohere2_moe": Family(keys=("num_experts", "num_shared_experts", "shared_expert_combination_strategy",
                                 "expert_selection_fn", "norm_topk_prob", "logit_scale", "layer_norm_eps",
@@ -122,7 +130,8 @@ FAMILIES: dict[str, Family] = {
                           block="parallel", norm="layer", rope_interleave=True, nope_full_layers=True),
     "phimoe": Family(keys=("num_local_experts", "router_jitter_noise", "input_jitter_noise", "lm_head_bias",
                            "original_max_position_embeddings", *_SLIDING),
-                     scoring="sparsemixer", norm_topk=False, norm="layer", rope_mscale=True),
+                     scoring="sparsemixer", norm_topk=False, norm="layer", rope_mscale=True,
+                     biases=(("attn", "attention_bias"), ("lm_head", "lm_head_bias"))),
     "afmoe": Family(keys=("num_experts", "num_shared_experts", "moe_intermediate_size", "num_dense_layers",
                           "route_scale", "global_attn_every_n_layers", "mup_enabled", *_SLIDING),
                     scoring="sigmoid", norm_topk=True, block="sandwich", nope_full_layers=True),

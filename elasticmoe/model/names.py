@@ -98,6 +98,7 @@ class WeightNames:
             raise CheckpointError(f"{ckpt.path}: tensor 'lm_head.weight' is not in the checkpoint and "
                                   "config.tie_word_embeddings is false (transformers would use a random LM head)")
         self.lm_head_bias = self._first("lm_head.bias")
+        self._check_biases("lm_head", [self.lm_head_bias] if self.lm_head_bias else [])
 
     @staticmethod
     def _find_root(ckpt: Checkpoint) -> str:
@@ -161,6 +162,13 @@ class WeightNames:
             self.used.add(name)
         return name
 
+    def _check_biases(self, part: str, biases: list[str]) -> None:
+        """Biases of the `part` projections are used only where transformers builds them (it drops the others)."""
+        why = self.spec.biases_dropped(part) if biases else None
+        if why:
+            raise CheckpointError(f"{self.ckpt.path}: {part} biases {sorted(biases)[:2]} in the checkpoint, but {why} "
+                                  "(transformers would drop them)")
+
     def _need(self, name: str) -> str:
         if self._first(name) is None:
             raise CheckpointError(f"{self.ckpt.path}: tensor {name!r} is not in the checkpoint")
@@ -173,6 +181,7 @@ class WeightNames:
             names = {r: f"{prefix}{m}.weight" for r, m in roles.items()}
             if all(n in self.ckpt for n in names.values()):
                 names.update({f"{r}_bias": f"{prefix}{m}.bias" for r, m in roles.items() if f"{prefix}{m}.bias" in self.ckpt})
+                self._check_biases("mlp", [n for r, n in names.items() if r.endswith("_bias")])
                 self.used.update(names.values())
                 return names
         return None
@@ -183,6 +192,7 @@ class WeightNames:
         attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in (sinks if role == "sinks" else (s,))))
                 for role, s in ATTN.items() if role != "sinks" or self.spec.attention.sinks}
         attn = {role: n for role, n in attn.items() if n is not None}
+        self._check_biases("attn", [n for role, n in attn.items() if role.endswith("_bias")])
         norms: dict[str, str] = {}
         for role, module in NORMS[self.spec.block].items():
             norms[role] = self._need(f"{prefix}{module}.weight")

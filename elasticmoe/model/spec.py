@@ -105,6 +105,15 @@ class ModelSpec:
     logits_scale: float = 1.0  # multiplies the LM-head output
     moe_out_norm: bool = False  # an RMSNorm on each MoE block's output (model.families.Family)
     mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
+    biases: tuple[tuple[str, str, bool], ...] = (("attn", "attention_bias", True),)  # (part, config flag, its value)
+
+    def biases_dropped(self, part: str) -> str | None:
+        """Why transformers builds the `part` ("attn", "mlp", "lm_head") projections without biases, dropping any
+        stored (None: it builds them with biases)."""
+        for p, flag, on in self.biases:
+            if p == part:
+                return None if on else f"config.{flag} is false"
+        return f"model_type {self.model_type!r} has none there"
 
 
 def _sparse_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
@@ -332,4 +341,5 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         block=fam.block, norm="rms" if rms_set else fam.norm, embed_scale=embed_scale, moe_out_norm=fam.moe_out_norm,
         residual_scale=float(_get(cfg, "residual_multiplier", default=1.0)), logits_scale=logits_scale,
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
+        biases=tuple((part, flag, bool(_get(cfg, flag, default=False))) for part, flag in fam.biases),
     )
