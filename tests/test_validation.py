@@ -168,3 +168,18 @@ def test_the_offline_llm_uses_the_same_checks(llm):
     out = llm.generate(["hi"], SamplingParams(max_tokens=3, temperature=1e-7, ignore_eos=True))
     ref = llm.generate(["hi"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert out[0].token_ids == ref[0].token_ids
+
+
+def test_a_greedy_row_with_non_finite_logits_fails_alone():
+    """A NaN or +inf in a greedy row's logits (a numerical fault upstream) ends that row's request with an error,
+    as a sampled row's does, instead of argmax picking the NaN's index; the other rows keep their tokens."""
+    import torch
+
+    from elasticmoe.engine.sampling import sample
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, float("nan"), 1.0], [float("inf"), 0.0, 1.0], [3.0, 0.0, 1.0]])
+    greedy = SamplingParams(temperature=0.0)
+    tokens, _, errors = sample(logits, [greedy] * 4, [None] * 4)
+    assert tokens == [1, None, None, 0]
+    assert errors[0] is None and errors[3] is None
+    assert all("not finite" in str(e) for e in errors[1:3])

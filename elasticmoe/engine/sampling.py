@@ -135,12 +135,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     (each row has its own generator, so a failed row consumes nothing of another's randomness).
     """
     greedy = logits.argmax(-1).tolist()
+    broken = (logits.isnan() | logits.isposinf()).any(-1).tolist()  # [N]: argmax would pick the NaN / inf
     tokens: list[int | None] = []
     errors: list[Exception | None] = [None] * len(params)
     for i, p in enumerate(params):
         try:
             row = process_logits(logits[i], p, contexts[i] if contexts else None) if p.processes_logits else None
             if p.greedy:
+                if broken[i]:
+                    raise ValueError("the model's logits for this row are not finite (NaN or +inf)")
                 tokens.append(greedy[i] if row is None else int(row.argmax()))
                 continue
             tokens.append(_sample_row(logits[i] if row is None else row, p, generators[i]))
