@@ -226,7 +226,7 @@ def test_chat_logprobs_shape(served):
     ({"extra_body": {"min_p": 1.5}}, "min_p"), ({"extra_body": {"min_tokens": 5}}, "min_tokens"),
     ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids[0]"),
     ({"stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo"),
-    ({"extra_body": {"best_of": 2}}, "best_of"),
+    ({"extra_body": {"best_of": 2}}, "best_of"), ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_bad_completion_fields_are_openai_400s(served, kw, param):
     _, client = served

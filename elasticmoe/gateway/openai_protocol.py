@@ -146,6 +146,8 @@ def reject_unsupported(req: BaseRequest) -> None:
         raise InvalidRequest("top_logprobs", "requires logprobs: true")
     if req.n is not None and not 1 <= req.n <= MAX_N:
         raise InvalidRequest("n", f"must be in [1, {MAX_N}], got {short(req.n)}")
+    if req.stream_options is not None and not req.stream:  # as OpenAI and vLLM answer it
+        raise InvalidRequest("stream_options", "only allowed with stream: true")
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
