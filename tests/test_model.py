@@ -74,10 +74,9 @@ def test_sampling_is_seeded_and_stop_strings_cut(llms):
     assert a.token_ids == b.token_ids and len(a.logprobs) == 16
     assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in a.logprobs)
     greedy = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
-    stop = greedy.text[3:6]
-    if stop.strip():
-        cut = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0, stop=[stop], ignore_eos=True))[0]
-        assert cut.finish_reason == "stop" and stop not in cut.text and greedy.text.startswith(cut.text)
+    stop = next(greedy.text[i:i + 3] for i in range(1, len(greedy.text) - 2) if greedy.text[i:i + 3].strip())
+    cut = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0, stop=[stop], ignore_eos=True))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and greedy.text.startswith(cut.text)
 
 
 def test_subset_of_experts_reads_only_those_tensors(tiny_models):
@@ -88,6 +87,17 @@ def test_subset_of_experts_reads_only_those_tensors(tiny_models):
     store.load(pairs)
     assert files.ckpt.tensors_read - before == 3 * len(pairs)  # gate, up, down of each, nothing else
     assert store.held() == sorted(pairs)
+
+
+def test_loading_an_expert_of_no_layer_names_it(tiny_models):
+    """A (layer, expert) pair outside the model, a negative layer included (it used to wrap to the last layer, or
+    raise IndexError past the end), is refused naming the pair; nothing is loaded."""
+    files = open_model(str(tiny_models["qwen3_moe"]))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    for pair in [(-1, 0), (files.spec.num_layers, 0), (files.spec.moe.moe_layers[0], files.spec.moe.num_experts)]:
+        with pytest.raises(ValueError, match=rf"expert \({pair[0]}, {pair[1]}\) does not exist"):
+            store.load([pair])
+    assert store.held() == []
 
 
 def test_packed_layout_loads_and_matches(tmp_path, llms):

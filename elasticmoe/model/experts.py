@@ -138,7 +138,8 @@ class ExpertStore:
         with self._lock:
             by_layer: dict[int, set[int]] = {}
             for layer, e in pairs:
-                if not (0 <= e < self.spec.moe.num_experts) or not self.spec.moe.sparse_layers[layer]:
+                sparse = self.spec.moe.sparse_layers
+                if not (0 <= e < self.spec.moe.num_experts and 0 <= layer < len(sparse) and sparse[layer]):
                     raise ValueError(f"expert ({layer}, {e}) does not exist in this model")
                 if layer not in self.layers or e not in self.layers[layer].global_ids:
                     by_layer.setdefault(layer, set()).add(e)
