@@ -313,3 +313,13 @@ def test_pipelined_micro_batches_equal_one_batch(llms):
     while engine.has_work():
         engine.step()
     assert [s.output_ids for s in seqs] == [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def test_llm_refuses_bad_arguments_naming_them(tiny_models):
+    """LLM's own arguments are checked before anything loads, each error naming its argument (max_model_len=-5
+    used to fail deep in the KV cache)."""
+    path = str(tiny_models["mixtral"])
+    bad = {"dtype": "float8", "device": "tpu", "max_model_len": -5, "max_num_seqs": 0, "max_num_batched_tokens": 1.5}
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            LLM(path, **{name: value})

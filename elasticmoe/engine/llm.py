@@ -35,6 +35,10 @@ class LLM:
             raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         self.files = open_model(model)
         spec = self.files.spec
         self.store = ExpertStore(self.files.ckpt, self.files.names, spec, DTYPES[dtype], torch.device(device),
