@@ -113,7 +113,8 @@ def cmd_offline(ns: argparse.Namespace) -> int:
     from elasticmoe import LLM, SamplingParams
 
     llm = LLM(ns.model, device=ns.device, dtype=ns.dtype)
-    for out in llm.generate([ns.prompt], SamplingParams(**{"max_tokens": 32, "temperature": 0.0, **_sampling(ns)})):
+    params = SamplingParams(**{"max_tokens": 32, "temperature": 0.0, **_sampling(ns), "stop": ns.stop or []})
+    for out in llm.generate([ns.prompt], params):
         print(out.text)
     return 0
 

@@ -120,3 +120,29 @@ def test_demo_command_serves_tiny_yaml_with_the_demo_model(tmp_path, monkeypatch
     assert {k: v for k, v in doc.items() if k != "applications"} == {k: v for k, v in shipped.items()
                                                                      if k != "applications"}
     assert resolve_args(doc["applications"][0]["args"]).model == "tiny:demo"
+
+
+class _FakeLLM:
+    """Stands in for elasticmoe.LLM in the `offline` command: records the SamplingParams it is given."""
+
+    seen: list = []
+
+    def __init__(self, model, device="cpu", dtype="float32"):
+        pass
+
+    def generate(self, prompts, params):
+        _FakeLLM.seen.append(params)
+        return [type("Out", (), {"text": "done"})()]
+
+
+def test_offline_command_passes_stop_strings(monkeypatch, capsys):
+    """`elasticmoe offline PROMPT --stop S` parses --stop like `generate`; it must reach the SamplingParams."""
+    import elasticmoe.engine.llm as llm_mod
+    from elasticmoe.cli import main
+
+    monkeypatch.setattr(llm_mod, "LLM", _FakeLLM)
+    _FakeLLM.seen.clear()
+    assert main(["offline", "Water boils at", "--stop", ".", "--stop", "\n", "--max-tokens", "8"]) == 0
+    (params,) = _FakeLLM.seen
+    assert params.stop == (".", "\n") and params.max_tokens == 8 and params.temperature == 0.0
+    assert capsys.readouterr().out == "done\n"
