@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,17 @@ def cmd_offline(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `elasticmoe` command's arguments (tests/test_doc_claims.py parses every command line the docs show)."""
     parser = argparse.ArgumentParser(prog="elasticmoe", description=__doc__)
@@ -140,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", default="elasticmoe", help="Serve application name")
     p.add_argument("--json", action="store_true", help="print Controller.status() as JSON")
     p.add_argument("--watch", action="store_true", help="live view: redraw every --interval seconds until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between --watch frames")
+    p.add_argument("--interval", type=_positive_seconds, default=2.0, help="seconds between --watch frames")
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("offline", help="complete a prompt in this process (the offline LLM API)")
     p.add_argument("prompt")
@@ -158,8 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command; a failure is one `elasticmoe <command>: error: ...` line on stderr and exit status 1
+    (Ctrl-C: 130), not a traceback."""
     ns = build_parser().parse_args(argv)
-    return int(ns.fn(ns) or 0)
+    try:
+        return int(ns.fn(ns) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command line's boundary: say what failed, in one line
+        print(f"elasticmoe {ns.cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -146,3 +146,17 @@ def test_offline_command_passes_stop_strings(monkeypatch, capsys):
     (params,) = _FakeLLM.seen
     assert params.stop == (".", "\n") and params.max_tokens == 8 and params.temperature == 0.0
     assert capsys.readouterr().out == "done\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["offline", "hi", "--model", "tiny:nope"], "unknown tiny family 'nope'"),
+    (["offline", "hi", "--model", "/nonexistent-elasticmoe-model"], "/nonexistent-elasticmoe-model"),
+    (["offline", "hi", "--model", "tiny:mixtral", "--temperature", "-1"], "temperature"),
+])
+def test_cli_failures_exit_non_zero_with_a_message(argv, message, capsys):
+    """A failing command ends with exit status 1 and one `error:` line naming the problem, not a traceback."""
+    from elasticmoe.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err, err

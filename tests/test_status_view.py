@@ -126,3 +126,24 @@ def test_watch_keeps_going_when_a_fetch_fails(statuses):
     first, failed, third = out.getvalue().split("elasticmoe status  ")[1:]
     assert "status unavailable: TimeoutError: controller restarting" in failed
     assert "(last 4s)" in third  # measured from the last frame that had a status
+
+
+def test_status_without_a_cluster_fails_with_a_message(monkeypatch, capsys):
+    """`elasticmoe status` (and --watch) with no cluster to join: exit status 1 and the reason, not a traceback."""
+    from elasticmoe import status_view
+
+    def refuse(address, app="elasticmoe"):
+        raise ConnectionError(f"could not find any running Ray instance at {address}")
+
+    monkeypatch.setattr(status_view, "controller_status", refuse)
+    for argv in (["status"], ["status", "--json"], ["status", "--watch"]):
+        assert cli_main(argv) == 1
+        err = capsys.readouterr().err
+        assert "error:" in err and "could not find any running Ray instance" in err, err
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan"])
+def test_status_watch_rejects_a_bad_interval(interval, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["status", "--watch", "--interval", interval])
+    assert e.value.code == 2 and "--interval" in capsys.readouterr().err
