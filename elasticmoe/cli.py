@@ -76,6 +76,14 @@ def _demo_config(config: Path, model: str) -> Path:
     return out
 
 
+def _demo_target(config: Path) -> tuple[str, int]:
+    """(first application's name, gRPC port) of a Serve config: where the demo's requests go."""
+    import yaml
+
+    doc = yaml.safe_load(config.read_text())
+    return doc["applications"][0]["name"], int((doc.get("grpc_options") or {}).get("port", 9000))
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from elasticmoe import local_cluster as lc
     from elasticmoe import status_view
@@ -90,16 +98,18 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     lc.stop_ray()
     lc.start_ray(num_cpus=max(4, ns.cpus))
     config = _demo_config(Path(ns.config), ns.model)
+    app, grpc_port = _demo_target(config)
     print(f"[3/4] serve deploy {ns.config} (model: {ns.model}) ...")
     lc.serve_deploy(config)
-    lc.wait_running()
-    client = GenerationClient("127.0.0.1:9000")
+    lc.wait_running(app)
+    client = GenerationClient(f"127.0.0.1:{grpc_port}", app=app)
     print("[4/4] requests through the gRPC API (greedy):")
     for prompt in DEMO_PROMPTS:
         t0 = time.perf_counter()
         r = client.generate(prompt, max_tokens=24, temperature=0.0)
         print(f"  {prompt!r} -> {r.text!r}  ({r.usage.completion_tokens} tokens, {time.perf_counter() - t0:.2f}s)")
-    st = status_view.controller_status("auto")
+    client.close()
+    st = status_view.controller_status("auto", app)
     for s in st["shards"]:
         print(f"  shard {s['position']} ({s['address']}): {s.get('held', 0)} experts, served {s.get('tokens', 0)} "
               f"token-expert pairs in {s.get('calls', 0)} calls")

@@ -160,3 +160,45 @@ def test_cli_failures_exit_non_zero_with_a_message(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "Traceback" not in err, err
+
+
+def test_demo_command_talks_to_the_app_and_port_its_config_names(tmp_path, monkeypatch, capsys):
+    """`elasticmoe demo --config C`: the deploy is awaited, called and inspected under C's application name and
+    gRPC port (not the shipped tiny.yaml's elasticmoe / 9000)."""
+    import yaml
+
+    from elasticmoe import client as client_mod
+    from elasticmoe import local_cluster as lc
+    from elasticmoe import status_view
+    from elasticmoe.cli import main
+
+    doc = yaml.safe_load((REPO / "deployments" / "tiny.yaml").read_text())
+    doc["grpc_options"]["port"] = 9123
+    doc["applications"][0]["name"] = "mine"
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(lc, "stop_ray", lambda: None)
+    monkeypatch.setattr(lc, "start_ray", lambda **kw: None)
+    monkeypatch.setattr(lc, "serve_deploy", lambda path: calls.append(("deploy", yaml.safe_load(path.read_text()))))
+    monkeypatch.setattr(lc, "wait_running", lambda app="elasticmoe", timeout=600: calls.append(("wait", app)))
+
+    class Client:
+        def __init__(self, address="127.0.0.1:9000", app="elasticmoe", **kw):
+            calls.append(("client", address, app))
+
+        def generate(self, prompt, **kw):
+            usage = type("U", (), {"completion_tokens": 1})()
+            return type("R", (), {"text": "x", "usage": usage})()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(client_mod, "GenerationClient", Client)
+    monkeypatch.setattr(status_view, "controller_status",
+                        lambda address, app="elasticmoe": calls.append(("status", app)) or {"shards": []})
+    assert main(["demo", "--config", str(config), "--model", str(tmp_path)]) == 0
+    deployed = calls[0][1]
+    assert deployed["applications"][0]["name"] == "mine" and deployed["applications"][0]["args"]["model"] == str(tmp_path)
+    assert ("wait", "mine") in calls and ("client", "127.0.0.1:9123", "mine") in calls and ("status", "mine") in calls
