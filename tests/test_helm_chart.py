@@ -334,6 +334,9 @@ def test_schema_rejects_bad_values(bad):
     ({"modelCache": {"type": "existingClaim"}}, "existingClaim"),
     ({"model": {"device": "cuda"}, "workers": {"gpus": 1}, "shardResources": {"numGpus": 1},
       "gatewayResources": {"numGpus": 1}}, "need 3 GPUs"),
+    ({"serve": {"grpcPort": 8080}}, "serve.grpcPort 8080"),
+    ({"serve": {"httpPort": 8265}}, "serve.httpPort 8265"),
+    ({"serve": {"grpcPort": 6379}}, "serve.grpcPort 6379"),
 ])
 def test_semantic_checks_fail_render(bad, message):
     with pytest.raises(helm.HelmError, match=re.escape(message)):

@@ -72,6 +72,12 @@ message naming the values at fault.
 {{- if eq (int $v.serve.httpPort) (int $v.serve.grpcPort) }}
 {{- fail "serve.httpPort and serve.grpcPort must differ" }}
 {{- end }}
+{{- range $name := list "httpPort" "grpcPort" }}
+{{- $p := int (get $v.serve $name) }}
+{{- if has $p (list 6379 8080 8265 10001 52365) }}
+{{- fail (printf "serve.%s %v is a port Ray uses on the pods (GCS 6379, metrics 8080, dashboard 8265, client 10001, dashboard agent 52365): Serve's proxy could not bind it" $name $p) }}
+{{- end }}
+{{- end }}
 {{- range $p := $v.networkPolicy.operatorFrom }}
 {{- if not (and $p.namespaceSelector $p.podSelector) }}
 {{- fail "networkPolicy.operatorFrom: every peer needs a non-empty namespaceSelector AND a podSelector (a pod label alone can be set by anyone, in any namespace)" }}
