@@ -337,10 +337,25 @@ def test_schema_rejects_bad_values(bad):
     ({"serve": {"grpcPort": 8080}}, "serve.grpcPort 8080"),
     ({"serve": {"httpPort": 8265}}, "serve.httpPort 8265"),
     ({"serve": {"grpcPort": 6379}}, "serve.grpcPort 6379"),
+    ({"expertPort": {"start": 20100, "end": 20100}}, "expertPort 20100-20100"),
+    ({"shards": 4, "expertPort": {"start": 20100, "end": 20106}}, "expertPort 20100-20106"),
+    ({"autoscaling": {"enabled": True, "maxShards": 8}, "expertPort": {"start": 20100, "end": 20109}},
+     "expertPort 20100-20109"),
 ])
 def test_semantic_checks_fail_render(bad, message):
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         _render(bad)
+
+
+def test_expert_port_range_sized_to_the_shards_a_pod_holds():
+    """Each expert shard binds two ports of expertPort (gRPC server, frame listener): a range holding exactly that
+    for the shards one worker pod can run renders."""
+    _check_rayservice(_one(_objects(_render({"shards": 4, "expertPort": {"start": 20100, "end": 20107}})),
+                           "RayService"))
+    gpu = {"model": {"device": "cuda"}, "workers": {"gpus": 2, "replicas": 4, "minReplicas": 4, "maxReplicas": 4},
+           "shards": 6, "shardResources": {"numGpus": 1}, "gatewayResources": {"numGpus": 1},
+           "expertPort": {"start": 20100, "end": 20103}}  # at most 2 shards (2 GPUs) a pod: 4 ports suffice
+    _check_rayservice(_one(_objects(_render(gpu)), "RayService"))
 
 
 def test_model_cache_volume_kinds():

@@ -69,6 +69,17 @@ message naming the values at fault.
 {{- fail (printf "expertPort range %v-%v overlaps port %v, which Ray or Serve uses" $v.expertPort.start $v.expertPort.end $p) }}
 {{- end }}
 {{- end }}
+{{- /* every expert shard binds two ports of the range (its gRPC server and its frame listener, experts/server.py);
+       a pod may run every shard (CPU), or as many as its GPUs hold */}}
+{{- $perPod := int $v.shards }}
+{{- if $v.autoscaling.enabled }}{{- $perPod = max $perPod (int $v.autoscaling.maxShards) }}{{- end }}
+{{- if gt (float64 $v.shardResources.numGpus) 0.0 }}
+{{- $perPod = min $perPod (int (floor (divf (float64 $v.workers.gpus) (float64 $v.shardResources.numGpus)))) }}
+{{- end }}
+{{- $span := add (sub (int $v.expertPort.end) (int $v.expertPort.start)) 1 }}
+{{- if lt (int $span) (mul 2 $perPod | int) }}
+{{- fail (printf "expertPort %v-%v holds %v ports, but each expert shard binds 2 (gRPC server, frame listener) and a worker pod may run %v shards: widen it to %v ports or more" $v.expertPort.start $v.expertPort.end $span $perPod (mul 2 $perPod)) }}
+{{- end }}
 {{- if eq (int $v.serve.httpPort) (int $v.serve.grpcPort) }}
 {{- fail "serve.httpPort and serve.grpcPort must differ" }}
 {{- end }}
