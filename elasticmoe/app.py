@@ -36,6 +36,12 @@ def resolve_args(args: dict[str, Any]) -> AppArgs:
     if a.served_model_name is None:  # named before `model` becomes a local snapshot path
         a = a.model_copy(update={"served_model_name": default_served_name(a.model)})
     if a.model.startswith("tiny:"):
+        from elasticmoe.model.embedded import check_tiny_family
+
+        try:
+            check_tiny_family(a.model[len("tiny:"):])
+        except ValueError as e:
+            raise ValueError(f"elasticmoe app args: {e}") from e
         return a
     from elasticmoe.model.hub import HubError, resolve
 

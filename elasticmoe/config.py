@@ -110,7 +110,8 @@ class DirectGrpc(_Strict):
 class AppArgs(_Strict):
     """Args of `elasticmoe.app:build_app` (the `args:` of a Serve config)."""
 
-    model: str = Field(..., description="checkpoint directory, HF cache repo/snapshot directory, or hub id (org/name)")
+    model: str = Field(..., min_length=1, description="checkpoint directory, HF cache repo/snapshot directory, hub id "
+                       "(org/name), or tiny:<family> (an embedded tiny model)")
     revision: str | None = Field(None, min_length=1, description="hub branch, tag or commit of `model`; resolved once "
                                  "to a snapshot of the local HF cache and passed to every replica")
     num_shards: int = Field(2, ge=1, le=1024)

@@ -183,3 +183,20 @@ def test_a_greedy_row_with_non_finite_logits_fails_alone():
     assert tokens == [1, None, None, 0]
     assert errors[0] is None and errors[3] is None
     assert all("not finite" in str(e) for e in errors[1:3])
+
+
+@pytest.mark.parametrize("model, message", [
+    ("", "model"),  # Path("") is ".": the replicas' working directory was taken for the checkpoint
+    ("tiny:", "unknown tiny family ''"),
+    ("tiny:nope", "unknown tiny family 'nope'"),
+])
+def test_app_args_refuse_a_model_no_replica_can_open(model, message):
+    """Serve's build (resolve_args) refuses, naming `model`, what every replica would fail to open."""
+    from elasticmoe.app import resolve_args
+
+    with pytest.raises(ValueError, match="model") as e:
+        resolve_args({"model": model})
+    assert message in str(e.value)
+    if not model:
+        with pytest.raises(ValueError, match="model"):
+            AppArgs(model=model)

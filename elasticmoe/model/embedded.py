@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 DEMO = "demo"  # `tiny:demo`: the small Mixtral trained on the embedded corpus (elasticmoe/model/demo.py)
+TINY_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")  # tiny:<family>
+
+
+def check_tiny_family(family: str) -> None:
+    """Raise ValueError naming `model` unless `tiny:<family>` is an embedded model (no torch import: config uses it)."""
+    if family != DEMO and family not in TINY_FAMILIES:
+        raise ValueError(f"model: unknown tiny family {family!r}; choose one of {', '.join((*TINY_FAMILIES, DEMO))}")
 
 
 def cache_dir() -> Path:
@@ -54,11 +61,9 @@ def ensure_demo_model(show_progress: bool | None = None) -> Path:
 def ensure_tiny_model(family: str) -> Path:
     """The tiny checkpoint of `family` (default sizes, seed 0), made atomically if absent; safe across processes.
     `demo` is the trained demo model (see ensure_demo_model)."""
-    from elasticmoe.model.tiny import TINY_FAMILIES, make_tiny_model
+    from elasticmoe.model.tiny import make_tiny_model
 
+    check_tiny_family(family)
     if family == DEMO:
         return ensure_demo_model()
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"model: unknown tiny family {family!r}; choose one of "
-                         f"{', '.join((*TINY_FAMILIES, DEMO))}")
     return _ensure(f"tiny-{family}", lambda tmp: make_tiny_model(family, tmp))

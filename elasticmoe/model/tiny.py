@@ -42,9 +42,9 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from elasticmoe.model.embedded import TINY_FAMILIES
 from elasticmoe.model.tokenizer import DEFAULT_VOCAB, IM_END, SPECIAL_TOKENS, make_tokenizer
 
-TINY_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 LAYOUTS: tuple[str, ...] = ("per-expert", "packed")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 META_FILE = "elasticmoe_tiny.json"
