@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # YAML's .nan / .inf pass range checks
 
 
 _RAY_BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own resource names

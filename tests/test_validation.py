@@ -4,6 +4,7 @@ checked before the work they bound, errors that name the field, and the status e
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import grpc
@@ -200,3 +201,17 @@ def test_app_args_refuse_a_model_no_replica_can_open(model, message):
     if not model:
         with pytest.raises(ValueError, match="model"):
             AppArgs(model=model)
+
+
+@pytest.mark.parametrize("args, field", [
+    ({"shard_resources": {"resources": {"elasticmoe_x": float("nan")}}}, "shard_resources.resources"),
+    ({"gateway_resources": {"num_cpus": float("inf")}}, "gateway_resources.num_cpus"),
+    ({"limits": {"expert_timeout_s": float("inf")}}, "limits.expert_timeout_s"),
+    ({"autoscaling": {"rebalance_interval_s": float("inf")}}, "autoscaling.rebalance_interval_s"),
+])
+def test_app_args_refuse_nan_and_infinity(args, field):
+    """YAML's .nan / .inf passed the range checks (nan < 0 is false; inf > 0) and reached Ray and gRPC."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(field)):
+        AppArgs.model_validate({"model": "m", **args})
