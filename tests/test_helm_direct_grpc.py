@@ -141,3 +141,17 @@ def test_the_probes_port_check_passes_only_while_something_listens():
     assert subprocess.run([*probe[:2], check], capture_output=True).returncode == 0
     listener.close()
     assert subprocess.run([*probe[:2], check], capture_output=True).returncode != 0
+
+
+def test_gateway_pods_have_a_disruption_budget():
+    """With directGrpc the gateways (every ingress of the release) run in their own group, outside the workers'
+    PodDisruptionBudget: a node drain could evict them all at once. They get one of their own."""
+    objs = _objects(_render(_values("default", directGrpc={"enabled": True}, gateways=2)))
+    pdbs = {o["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: o
+            for o in objs if o["kind"] == "PodDisruptionBudget"}
+    assert set(pdbs) == {"worker", "gateway"}
+    gw = _groups(_one(objs, "RayService"))["gateways"]
+    assert gw["template"]["metadata"]["labels"].items() >= pdbs["gateway"]["spec"]["selector"]["matchLabels"].items()
+    assert pdbs["gateway"]["spec"]["maxUnavailable"] == 1
+    off = _objects(_render(_values("default", directGrpc={"enabled": True}, podDisruptionBudget={"enabled": False})))
+    assert not [o for o in off if o["kind"] == "PodDisruptionBudget"]
