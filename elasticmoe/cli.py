@@ -32,7 +32,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     from elasticmoe.client import GenerationClient
 
-    client = GenerationClient(ns.address, api_key=ns.api_key)
+    client = GenerationClient(ns.address, app=ns.app, timeout_s=ns.timeout, api_key=ns.api_key)
     try:
         if ns.stream:
             for r in client.stream(ns.prompt, stop=ns.stop, **_sampling(ns)):
@@ -48,6 +48,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    finally:
+        client.close()
     return 0
 
 
@@ -113,9 +115,11 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     for s in st["shards"]:
         print(f"  shard {s['position']} ({s['address']}): {s.get('held', 0)} experts, served {s.get('tokens', 0)} "
               f"token-expert pairs in {s.get('calls', 0)} calls")
+    named = "" if app == "elasticmoe" else f" --app {app}"
+    target = ("" if grpc_port == 9000 else f" --address 127.0.0.1:{grpc_port}") + named
     print("\nThe cluster keeps running. Send more with:\n"
-          "  .venv/bin/elasticmoe generate \"The quick brown fox\" --max-tokens 32 --temperature 0 --stream\n"
-          "  .venv/bin/elasticmoe status --watch\n"
+          f"  .venv/bin/elasticmoe generate \"The quick brown fox\" --max-tokens 32 --temperature 0 --stream{target}\n"
+          f"  .venv/bin/elasticmoe status --watch{named}\n"
           "Stop it with:\n  make stop   (ray stop)")
     return 0
 
@@ -153,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="send a prompt to a served cluster over gRPC")
     p.add_argument("prompt")
     p.add_argument("--address", default="127.0.0.1:9000")
+    p.add_argument("--app", default="elasticmoe", help="Serve application name (gRPC `application` metadata)")
+    p.add_argument("--timeout", type=_positive_seconds, default=300.0, help="seconds before the call is cancelled")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--api-key", default=None, help="API key (default: $ELASTICMOE_API_KEY)")
     _sampling_args(p)

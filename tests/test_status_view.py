@@ -147,3 +147,26 @@ def test_status_watch_rejects_a_bad_interval(interval, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["status", "--watch", "--interval", interval])
     assert e.value.code == 2 and "--interval" in capsys.readouterr().err
+
+
+def test_generate_reaches_the_named_application(monkeypatch, capsys):
+    """`elasticmoe generate --app NAME` (like `status --app`): Serve's gRPC proxy routes by the `application`
+    metadata, so an application not named elasticmoe was unreachable from the command line."""
+    from elasticmoe import client as client_mod
+
+    seen = {}
+
+    class Client:
+        def __init__(self, address="127.0.0.1:9000", app="elasticmoe", timeout_s=300, api_key=None, tls=False):
+            seen.update(address=address, app=app, timeout_s=timeout_s)
+
+        def stream(self, prompt, **kw):
+            return iter([type("R", (), {"text": "ok"})()])
+
+        def close(self):
+            seen["closed"] = True
+
+    monkeypatch.setattr(client_mod, "GenerationClient", Client)
+    assert cli_main(["generate", "hi", "--stream", "--app", "mine", "--timeout", "7"]) == 0
+    assert seen == {"address": "127.0.0.1:9000", "app": "mine", "timeout_s": 7.0, "closed": True}
+    assert capsys.readouterr().out == "ok\n"
