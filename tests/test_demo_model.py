@@ -199,6 +199,6 @@ def test_demo_command_talks_to_the_app_and_port_its_config_names(tmp_path, monke
     monkeypatch.setattr(status_view, "controller_status",
                         lambda address, app="elasticmoe": calls.append(("status", app)) or {"shards": []})
     assert main(["demo", "--config", str(config), "--model", str(tmp_path)]) == 0
-    deployed = calls[0][1]
-    assert deployed["applications"][0]["name"] == "mine" and deployed["applications"][0]["args"]["model"] == str(tmp_path)
+    (deployed,) = calls[0][1]["applications"]
+    assert deployed["name"] == "mine" and deployed["args"]["model"] == str(tmp_path)
     assert ("wait", "mine") in calls and ("client", "127.0.0.1:9123", "mine") in calls and ("status", "mine") in calls
