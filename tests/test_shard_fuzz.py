@@ -137,3 +137,19 @@ def test_fuzzed_raw_bytes(shard):
     run()
     assert seen.get("INVALID_ARGUMENT", 0) > 0, seen
     _check_valid(shard, 11)
+
+
+def test_load_experts_out_of_range_layer_is_invalid_argument(shard):
+    """LoadExperts naming a layer past the model's (or an expert past its count) is refused with INVALID_ARGUMENT
+    naming it, not an internal IndexError; the shard loads nothing and keeps serving."""
+    held = shard["store"].held()
+    for layer, expert in ((len(shard["files"].spec.moe.sparse_layers), 0), (2**32 - 1, 0), (0, E)):
+        with pytest.raises(grpc.RpcError) as e:
+            shard["stub"].LoadExperts(pb.LoadExpertsRequest(experts=[pb.ExpertRef(layer=layer, expert=expert)]),
+                                      timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (layer, expert, e.value.code(), e.value.details())
+        assert f"({layer}, {expert})" in e.value.details()
+    assert shard["store"].held() == held
+    _check_valid(shard, 3)
+    with pytest.raises(ValueError):
+        shard["store"].load([(-1, 0)])  # not Python's last layer
