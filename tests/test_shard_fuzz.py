@@ -153,3 +153,31 @@ def test_load_experts_out_of_range_layer_is_invalid_argument(shard):
     _check_valid(shard, 3)
     with pytest.raises(ValueError):
         shard["store"].load([(-1, 0)])  # not Python's last layer
+
+
+def _own_store(shard, pairs) -> ExpertStore:
+    files = shard["files"]
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load(pairs)
+    return store
+
+
+def test_stats_during_a_load_that_adds_a_layer(shard, monkeypatch):
+    """GetStats (held(), weight_bytes()) runs on another worker than a LoadExperts; a load that finishes a new layer
+    while GetStats walks the layers must not break it ("dictionary changed size during iteration")."""
+    from elasticmoe.experts.server import ExpertServicer
+    from elasticmoe.model import experts as experts_mod
+
+    l0, l1 = shard["layers"][:2]
+    store = _own_store(shard, [(l0, 0), (l0, 1)])
+    servicer = ExpertServicer(store, "stats")
+    other = _own_store(shard, [(l1, 2)]).layers[l1]
+    parts = experts_mod.LayerExperts.parts
+
+    def parts_then_load(self):  # a concurrent load publishes layer l1 between two steps of the walk
+        store.layers.setdefault(l1, other)
+        return parts(self)
+
+    monkeypatch.setattr(experts_mod.LayerExperts, "parts", parts_then_load)
+    stats = servicer.GetStats(pb.GetStatsRequest(), None)
+    assert stats.weight_bytes > 0 and {(r.layer, r.expert) for r in stats.held} <= {(l0, 0), (l0, 1), (l1, 2)}

@@ -110,10 +110,11 @@ class ExpertStore:
         self.compute_s = 0.0
 
     def held(self) -> list[tuple[int, int]]:
-        return sorted((l, e) for l, le in self.layers.items() for e in le.global_ids)
+        # list(): one atomic copy, so a load or drop in another thread cannot change the dict while it is walked
+        return sorted((l, e) for l, le in list(self.layers.items()) for e in le.global_ids)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for le in self.layers.values() for t in le.parts().values())
+        return sum(t.numel() * t.element_size() for le in list(self.layers.values()) for t in le.parts().values())
 
     def part_shapes(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each stacked tensor of a layer holding n experts."""
