@@ -181,3 +181,37 @@ def test_stats_during_a_load_that_adds_a_layer(shard, monkeypatch):
     monkeypatch.setattr(experts_mod.LayerExperts, "parts", parts_then_load)
     stats = servicer.GetStats(pb.GetStatsRequest(), None)
     assert stats.weight_bytes > 0 and {(r.layer, r.expert) for r in stats.held} <= {(l0, 0), (l0, 1), (l1, 2)}
+
+
+def test_drop_experts_counts_with_a_load_landing_meanwhile(shard):
+    """DropExperts' dropped / bytes count that call's own drop: a LoadExperts (another worker: e.g. the controller
+    dropping after its load timed out) completing between the drop and the count must not make them negative
+    (uint fields: the call failed though the drop was done) or the load's `loaded` wrong."""
+    import threading
+
+    from elasticmoe.experts.server import ExpertServicer
+
+    l0, l1 = shard["layers"][:2]
+    store = _own_store(shard, [(l0, e) for e in range(4)])
+    servicer = ExpertServicer(store, "counts")
+    one = store.weight_bytes() // 4
+    drop, replies = store.drop, {}
+
+    def load() -> None:
+        replies["load"] = servicer.LoadExperts(
+            pb.LoadExpertsRequest(experts=[pb.ExpertRef(layer=l1, expert=e) for e in range(E)]), None)
+
+    def drop_then_a_load_lands(pairs) -> None:
+        drop(pairs)
+        loader = threading.Thread(target=load)
+        loader.start()
+        loader.join(timeout=1.0)  # with the counts serialised, it waits for this DropExperts to answer
+
+    store.drop = drop_then_a_load_lands
+    dropped = servicer.DropExperts(pb.DropExpertsRequest(experts=[pb.ExpertRef(layer=l0, expert=0)]), None)
+    assert (dropped.dropped, dropped.bytes) == (1, one)
+    for _ in range(100):
+        if "load" in replies:
+            break
+        threading.Event().wait(0.05)
+    assert replies["load"].loaded == E and len(store.held()) == 3 + E

@@ -68,6 +68,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self.calls = 0
         self.max_rows = max_rows
         self.faults = Faults()
+        self._placement = threading.Lock()  # LoadExperts / DropExperts, one at a time (see their counts)
         self._run_slots = threading.BoundedSemaphore(run_slots)
         self.max_streams = max_streams  # open RunExpertsStreams: each holds one server worker while open
         self._streams = threading.BoundedSemaphore(max_streams)
@@ -200,25 +201,29 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
 
     def LoadExperts(self, request, context):
         pairs = [(r.layer, r.expert) for r in request.experts]
-        try:
-            n_before = len(self.store.held())
-            nbytes = self.store.load(pairs)
-        except (ValueError, RuntimeError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if self.faults.fail_loads > 0:
-            self.faults.fail_loads -= 1
-            context.abort(grpc.StatusCode.INTERNAL, "injected fault: LoadExperts failed")
-        self.placement_version = max(self.placement_version, request.placement_version)
-        return pb.LoadExpertsResponse(loaded=len(self.store.held()) - n_before, bytes=nbytes,
-                                      bytes_held=self.store.weight_bytes(), placement_version=self.placement_version)
+        with self._placement:  # one load or drop at a time: its before/after counts are its own
+            try:
+                n_before = len(self.store.held())
+                nbytes = self.store.load(pairs)
+            except (ValueError, RuntimeError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            if self.faults.fail_loads > 0:
+                self.faults.fail_loads -= 1
+                context.abort(grpc.StatusCode.INTERNAL, "injected fault: LoadExperts failed")
+            self.placement_version = max(self.placement_version, request.placement_version)
+            return pb.LoadExpertsResponse(loaded=len(self.store.held()) - n_before, bytes=nbytes,
+                                          bytes_held=self.store.weight_bytes(),
+                                          placement_version=self.placement_version)
 
     def DropExperts(self, request, context):
-        before_bytes, before = self.store.weight_bytes(), len(self.store.held())
-        self.store.drop([(r.layer, r.expert) for r in request.experts])
-        self.placement_version = max(self.placement_version, request.placement_version)
-        return pb.DropExpertsResponse(dropped=before - len(self.store.held()),
-                                      bytes=before_bytes - self.store.weight_bytes(),
-                                      bytes_held=self.store.weight_bytes(), placement_version=self.placement_version)
+        with self._placement:
+            before_bytes, before = self.store.weight_bytes(), len(self.store.held())
+            self.store.drop([(r.layer, r.expert) for r in request.experts])
+            self.placement_version = max(self.placement_version, request.placement_version)
+            return pb.DropExpertsResponse(dropped=before - len(self.store.held()),
+                                          bytes=before_bytes - self.store.weight_bytes(),
+                                          bytes_held=self.store.weight_bytes(),
+                                          placement_version=self.placement_version)
 
     def GetStats(self, request, context):
         tokens = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(self.store.tokens_served.items())]
