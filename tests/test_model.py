@@ -79,6 +79,22 @@ def test_sampling_is_seeded_and_stop_strings_cut(llms):
     assert cut.finish_reason == "stop" and stop not in cut.text and greedy.text.startswith(cut.text)
 
 
+def test_stop_token_text_is_not_in_the_output_text(llms):
+    """As vLLM: the token of stop_token_ids that ends a completion stays in token_ids but its text is not rendered
+    (also when it is the very first token); the text is that of the tokens before it."""
+    llm = llms["mixtral"]
+    greedy = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    tok = llm.tokenizer
+    for k in (0, 3):
+        stop_id = greedy.token_ids[k]
+        assert tok.decode([stop_id], skip_special_tokens=True), "a token with text"
+        out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                     stop_token_ids=[stop_id]))[0]
+        first = greedy.token_ids.index(stop_id)
+        assert out.finish_reason == "stop" and out.token_ids == greedy.token_ids[:first + 1]
+        assert out.text == tok.decode(greedy.token_ids[:first], skip_special_tokens=True), (k, out.text)
+
+
 def test_subset_of_experts_reads_only_those_tensors(tiny_models):
     files = open_model(str(tiny_models["qwen3_moe"]))
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))

@@ -226,11 +226,14 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         p = seq.params
+        stop_token, eos = token in p.stop_token_ids, not p.ignore_eos and token in self.eos_ids
+        if stop_token or eos:  # as vLLM: the token that ends the completion is kept, its text is not rendered
+            seq.text_end = len(seq.output_ids) - 1
         if p.stop:  # stop strings count from min_tokens on (text that came before is not searched)
-            seq.detok.update(seq.output_ids, search=len(seq.output_ids) >= p.min_tokens)
-        if seq.detok.stop_at is not None or token in p.stop_token_ids:
+            seq.detok.update(seq.text_ids, search=len(seq.output_ids) >= p.min_tokens)
+        if seq.detok.stop_at is not None or stop_token:
             self._finish(seq, "stop")
-        elif not p.ignore_eos and token in self.eos_ids:
+        elif eos:
             self._finish(seq, "eos")
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
@@ -255,14 +258,14 @@ class Engine:
 
     def detokenize(self, seq: Sequence) -> str:
         """Completion text so far (cut before a stop string, once one appears); O(text), see `text_delta`."""
-        seq.detok.update(seq.output_ids, search=False)  # stop strings were looked for as each token came
+        seq.detok.update(seq.text_ids, search=False)  # stop strings were looked for as each token came
         seq.text = seq.detok.text
         return seq.text
 
     def text_delta(self, seq: Sequence) -> str:
         """The text of `seq` not handed out yet that can no longer change (all the rest once it finished);
         costs a decode of a few recent tokens, whatever the length."""
-        seq.detok.update(seq.output_ids, search=False)
+        seq.detok.update(seq.text_ids, search=False)
         return seq.detok.delta(final=seq.finished)
 
     @torch.inference_mode()

@@ -47,6 +47,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     error: RequestFailed | None = None  # set when the engine ended this request on a failure
+    text_end: int | None = None  # output tokens the text renders: all but a stop token / EOS that ended it (vLLM)
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +56,11 @@ class Sequence:
     def token(self, i: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
+    def text_ids(self) -> list[int]:
+        """The output tokens whose text is the completion's (output_ids less the stop token that ended it)."""
+        return self.output_ids if self.text_end is None else self.output_ids[:self.text_end]
 
     @property
     def finished(self) -> bool:
