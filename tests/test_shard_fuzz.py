@@ -215,3 +215,43 @@ def test_drop_experts_counts_with_a_load_landing_meanwhile(shard):
             break
         threading.Event().wait(0.05)
     assert replies["load"].loaded == E and len(store.held()) == 3 + E
+
+
+def test_stats_counters_exact_under_concurrent_calls(shard):
+    """RunExperts runs on up to run_slots threads at once (plus one per stream / frame connection): the tokens per
+    expert and the calls GetStats reports (the autoscaler's placement input) must not lose updates."""
+    import sys
+    import threading
+
+    from elasticmoe.experts.server import ExpertServicer, _FrameContext
+
+    store = ExpertStore(shard["files"].ckpt, shard["files"].names, shard["files"].spec, torch.float32,
+                        torch.device("cpu"))
+    servicer = ExpertServicer(store, "counters")
+    req, _ = _valid(shard, 1)  # no expert held here: each call answers `missing` (cheap), counted all the same
+    counts, calls, threads = 10000, 400, 8
+
+    def run(work) -> None:
+        ts = [threading.Thread(target=work) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    def count() -> None:
+        for _ in range(counts):
+            store.count(0, {1: 1, 2: 2})
+
+    def call() -> None:
+        for _ in range(calls):
+            assert servicer._compute(req, _FrameContext)[1]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        run(count)
+        run(call)
+    finally:
+        sys.setswitchinterval(interval)
+    assert store.tokens_served == {(0, 1): counts * threads, (0, 2): 2 * counts * threads}
+    assert servicer.calls == calls * threads

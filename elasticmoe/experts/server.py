@@ -66,6 +66,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self.placement_version = 0
         self.started = time.monotonic()
         self.calls = 0
+        self._calls_lock = threading.Lock()
         self.max_rows = max_rows
         self.faults = Faults()
         self._placement = threading.Lock()  # LoadExperts / DropExperts, one at a time (see their counts)
@@ -182,7 +183,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
     def _compute(self, request, context) -> tuple[torch.Tensor | None, list[int], int]:
         """A RunExpertsRequest (or a stream's frames.Request) -> (output [T, H] on the CPU, missing, compute us)."""
         hidden, ids, weights = self._decode(request, context)
-        self.calls += 1
+        with self._calls_lock:  # calls run on many threads at once
+            self.calls += 1
         if self.faults.run_delay_s:
             time.sleep(self.faults.run_delay_s)
         snap = self.store.snapshot(request.layer)  # one snapshot: a concurrent drop shows up as `missing`
@@ -226,7 +228,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
                                           placement_version=self.placement_version)
 
     def GetStats(self, request, context):
-        tokens = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(self.store.tokens_served.items())]
+        tokens = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(self.store.served().items())]
         return pb.GetStatsResponse(
             shard_id=self.shard_id, uptime_s=time.monotonic() - self.started, weight_bytes=self.store.weight_bytes(),
             held=[pb.ExpertRef(layer=l, expert=e) for l, e in self.store.held()], tokens=tokens,

@@ -108,6 +108,7 @@ class ExpertStore:
         self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
         self.tokens_served: dict[tuple[int, int], int] = {}
         self.compute_s = 0.0
+        self._stats_lock = threading.Lock()  # forward() and count() run on many server threads at once
 
     def held(self) -> list[tuple[int, int]]:
         # list(): one atomic copy, so a load or drop in another thread cannot change the dict while it is walked
@@ -227,10 +228,17 @@ class ExpertStore:
                                          COMBINE_DTYPE)
         if out.is_cuda:  # time the kernels, not their launches: wait on this stream only
             torch.cuda.current_stream(out.device).synchronize()
-        self.compute_s += time.perf_counter() - t0
+        with self._stats_lock:
+            self.compute_s += time.perf_counter() - t0
         return out
+
+    def served(self) -> dict[tuple[int, int], int]:
+        """A copy of tokens_served (count() may add to it meanwhile, on another thread)."""
+        with self._stats_lock:
+            return dict(self.tokens_served)
 
     def count(self, layer: int, routed: dict[int, int]) -> None:
         """Add a batch's tokens per expert (see `routed`) to tokens_served (for stats)."""
-        for e, c in routed.items():
-            self.tokens_served[(layer, e)] = self.tokens_served.get((layer, e), 0) + c
+        with self._stats_lock:
+            for e, c in routed.items():
+                self.tokens_served[(layer, e)] = self.tokens_served.get((layer, e), 0) + c
