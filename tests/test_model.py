@@ -95,6 +95,22 @@ def test_stop_token_text_is_not_in_the_output_text(llms):
         assert out.text == tok.decode(greedy.token_ids[:first], skip_special_tokens=True), (k, out.text)
 
 
+def test_top_p_keeps_the_smallest_prefix_reaching_it_as_transformers():
+    """top_p keeps the smallest set of most likely tokens whose mass reaches top_p: where a prefix reaches it exactly
+    (ties are common with bf16 logits), the next token is out, as in transformers' TopPLogitsWarper and vLLM."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from elasticmoe.engine.sampling import _filter
+
+    cut = float("-inf")  # e.g. what top_k or min_p took out before top_p
+    for logits, top_p in ((torch.tensor([1.0, 1.0, cut]), 0.5), (torch.tensor([2.0, 2.0, 2.0, 2.0, cut]), 0.5),
+                          (torch.tensor([2.0, 2.0, 2.0, 2.0, cut]), 0.75), (torch.tensor([3.0, 1.0, 0.5]), 0.9)):
+        ours = int((_filter(logits, 0, top_p) > cut).sum())
+        theirs = int((TopPLogitsWarper(top_p)(None, logits[None].clone())[0] > cut).sum())
+        assert ours == theirs, (logits.tolist(), top_p, ours, theirs)
+    assert int((_filter(torch.tensor([1.0, 0.5]), 0, 1e-300) > cut).sum()) == 1  # 0 in float32: the top token stays
+
+
 def test_subset_of_experts_reads_only_those_tensors(tiny_models):
     files = open_model(str(tiny_models["qwen3_moe"]))
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))

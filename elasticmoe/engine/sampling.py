@@ -114,7 +114,8 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) 
     if top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[0] = False  # and the top token always (a top_p below float32's range reads as 0 here)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter_(0, order, drop), float("-inf"))
     return logits
 
