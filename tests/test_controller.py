@@ -548,3 +548,55 @@ def test_scale_in_is_not_compounded_while_drained_shards_still_serve():
     assert decide.desired(3, [0.15] * 4) == 2  # one is draining
     assert decide.desired(2, [0.15] * 4) == 2  # two are: one shard would run at 0.6
     assert decide.desired(2, [0.2, 0.2]) == 1
+
+
+class _Result:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def result(self, timeout_s=None):
+        return self.fn()
+
+
+class _RetryController:
+    """Registration answers plan A, then `ready` fails once (e.g. the shard was dropped meanwhile): the retry's
+    register answers plan B (another position)."""
+
+    def __init__(self, plans):
+        self.plans, self.readies = list(plans), 0
+
+        def register(shard_id, address):
+            return _Result(lambda: self.plans.pop(0))
+
+        def ready(shard_id):
+            def go():
+                self.readies += 1
+                if self.readies == 1:
+                    raise KeyError(f"shard {shard_id} is not registered")
+                return 2
+            return _Result(go)
+
+        self.register = type("M", (), {"remote": staticmethod(register)})()
+        self.ready = type("M", (), {"remote": staticmethod(ready)})()
+
+
+def test_a_registration_retry_holds_only_the_new_plans_experts(model, monkeypatch):
+    """A shard whose registration is retried loads the plan it is given then; experts of an earlier attempt's plan
+    that the new one does not name are dropped, not kept (GPU memory the controller does not know is in use)."""
+    from elasticmoe.experts import deployment
+    from elasticmoe.experts.server import ExpertServicer
+
+    monkeypatch.setattr(deployment.time, "sleep", lambda s: None)
+    files = open_model(model)
+    l0, l1 = files.spec.moe.moe_layers[:2]
+    plan_a = [(l0, 0), (l0, 1), (l1, 2)]
+    plan_b = [(l0, 1), (l1, 5)]
+    replica = object.__new__(_Replica)
+    replica.shard_id, replica.address = "r", "127.0.0.1:1"
+    replica.store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    replica.servicer = ExpertServicer(replica.store, "r")
+    replica.controller = _RetryController([{"experts": plan_a, "version": 1}, {"experts": plan_b, "version": 2}])
+    replica.registered, replica.stopping, replica.error = threading.Event(), True, None  # stopping: no heartbeats
+    ShardImpl._register(replica)
+    assert replica.registered.is_set() and replica.servicer.placement_version == 2
+    assert replica.store.held() == sorted(plan_b)

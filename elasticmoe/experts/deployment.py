@@ -65,6 +65,8 @@ class ExpertShard:
             try:
                 plan = self.controller.register.remote(self.shard_id, self.address).result(timeout_s=30)
                 t0 = time.perf_counter()
+                want = {(l, e) for l, e in plan["experts"]}
+                self.store.drop(set(self.store.held()) - want)  # an earlier attempt's plan, not this one's
                 nbytes = self.store.load(plan["experts"])
                 log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
                          nbytes / 1e6, time.perf_counter() - t0)
