@@ -17,9 +17,12 @@ def to_json(st: dict) -> str:
 
 
 def health(s: dict) -> str:
-    """ok | loading (registered, experts not yet loaded) | dead (health checks failed)."""
+    """ok | loading (registered, experts not yet loaded) | dead (health checks failed) | unreach (healthy at the last
+    health check, but its stats call for this status failed: its counts are missing, not 0)."""
     if not s.get("healthy", False):
         return "dead"
+    if s.get("stats_error"):
+        return "unreach"
     return "ok" if s.get("ready", False) else "loading"
 
 

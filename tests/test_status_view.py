@@ -170,3 +170,14 @@ def test_generate_reaches_the_named_application(monkeypatch, capsys):
     assert cli_main(["generate", "hi", "--stream", "--app", "mine", "--timeout", "7"]) == 0
     assert seen == {"address": "127.0.0.1:9000", "app": "mine", "timeout_s": 7.0, "closed": True}
     assert capsys.readouterr().out == "ok\n"
+
+
+def test_a_shard_whose_stats_call_failed_is_not_shown_ok():
+    """A shard the health loop still counts healthy but whose GetStats failed for this status shows "unreach"
+    (its 0 tokens are missing counts, not an idle shard); dead and loading keep their words."""
+    from elasticmoe.status_view import health
+
+    assert health({"healthy": True, "ready": True, "stats_error": "unreachable"}) == "unreach"
+    assert health({"healthy": True, "ready": True}) == "ok"
+    assert health({"healthy": True, "ready": False}) == "loading"
+    assert health({"healthy": False, "ready": True, "stats_error": "unreachable"}) == "dead"
