@@ -60,6 +60,23 @@ async def _until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _with_shards(model: str, names: str, scenario) -> None:
+    """Run `scenario(files, *shards)` on a cleared GCS record with an in-process shard per letter of `names`; every
+    shard's server stops afterwards, whatever happened."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def run():
+        shards = [Shard(files, x) for x in names]
+        try:
+            await scenario(files, *shards)
+        finally:
+            for s in shards:
+                s.server.stop(None)
+
+    asyncio.run(run())
+
+
 def _live_copies(table: dict) -> list[list[int]]:
     return [[len(reps) for reps in experts] for experts in table["layers"].values()]
 
@@ -281,187 +298,138 @@ def test_two_shards_lost_together_are_re_homed(model):
     """Two of four shards die at once (a node goes): the re-home of either must not plan copies onto the other
     (loads there fail, and each retry failed the same way: the table stayed incomplete for good). One health
     round finds both dead: neither re-home tries the other (no failed load)."""
-    files = open_model(model)
-    GcsRecord("default").clear()
+    async def scenario(files, a, b, c, d):
+        ctrl = ControllerImpl(_args(model, num_shards=4))
+        for s in (a, b, c, d):
+            await s.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the health round below is the only one
+        b.server.stop(None)
+        c.server.stop(None)
+        await ctrl._health_once()
+        assert set(ctrl.registry.shards) == {"a", "d"} and not ctrl.event_counts.get("load_failed")
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "d"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, d))
 
-    async def scenario():
-        shards = [Shard(files, x) for x in "abcd"]
-        a, b, c, d = shards
-        try:
-            ctrl = ControllerImpl(_args(model, num_shards=4))
-            for s in shards:
-                await s.join(ctrl)
-            for task in ctrl._tasks:
-                task.cancel()  # the health round below is the only one
-            b.server.stop(None)
-            c.server.stop(None)
-            await ctrl._health_once()
-            assert set(ctrl.registry.shards) == {"a", "d"} and not ctrl.event_counts.get("load_failed")
-            table = await ctrl.table()
-            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "d"]
-            assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, d))
-        finally:
-            for s in shards:
-                s.server.stop(None)
-
-    asyncio.run(scenario())
+    _with_shards(model, "abcd", scenario)
 
 
 def test_copies_metric_counts_live_copies_only(model):
     """elasticmoe_expert_copies is the live copies of each expert: a lone shard that dies (nothing to re-home onto)
     leaves every expert with 0, not the placement's 1."""
-    files = open_model(model)
-    GcsRecord("default").clear()
+    async def scenario(files, a):
+        ctrl = ControllerImpl(_args(model, num_shards=1))
+        await a.join(ctrl)
+        await _until(lambda: ctrl.metrics.expert_copies and set(ctrl.metrics.expert_copies.values()) == {1}, 10,
+                     "one copy of every expert exported")
+        a.server.stop(None)
+        await _until(lambda: ctrl.event_counts.get("unhealthy"), 10, "the shard marked unhealthy")
+        await _until(lambda: set(ctrl.metrics.expert_copies.values()) == {0}, 5, "no live copy exported")
+        for task in ctrl._tasks:
+            task.cancel()
 
-    async def scenario():
-        a = Shard(files, "a")
-        try:
-            ctrl = ControllerImpl(_args(model, num_shards=1))
-            await a.join(ctrl)
-            await _until(lambda: ctrl.metrics.expert_copies and set(ctrl.metrics.expert_copies.values()) == {1}, 10,
-                         "one copy of every expert exported")
-            a.server.stop(None)
-            await _until(lambda: ctrl.event_counts.get("unhealthy"), 10, "the shard marked unhealthy")
-            await _until(lambda: set(ctrl.metrics.expert_copies.values()) == {0}, 5, "no live copy exported")
-            for task in ctrl._tasks:
-                task.cancel()
-        finally:
-            a.server.stop(None)
-
-    asyncio.run(scenario())
+    _with_shards(model, "a", scenario)
 
 
 def test_scale_out_after_scaling_in_to_one_shard(model):
     """4 shards (3 slots each for 8 experts) drained down to 1 (which then holds all 8), then a new replica joins:
     the placement grows onto it. Planning 2 shards with the initial 3 slots each (6 < 8 experts) raised
     ValueError out of ready(), so the new replica never joined."""
-    files = open_model(model)
-    GcsRecord("default").clear()
-
-    async def scenario():
-        shards = [Shard(files, x) for x in "abcde"]
+    async def scenario(files, *shards):
         a, e = shards[0], shards[-1]
-        try:
-            ctrl = ControllerImpl(_args(model, num_shards=4))
-            assert ctrl.slots == 3
-            for s in shards[:4]:
-                await s.join(ctrl)
-            for s in shards[1:4]:
-                await ctrl.drain(s.shard_id)
-            assert ctrl.registry.placement.num_shards == 1
-            await e.join(ctrl)
-            table = await ctrl.table()
-            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "e"]
-            assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, e))
-            for task in ctrl._tasks:
-                task.cancel()
-        finally:
-            for s in shards:
-                s.server.stop(None)
+        ctrl = ControllerImpl(_args(model, num_shards=4))
+        assert ctrl.slots == 3
+        for s in shards[:4]:
+            await s.join(ctrl)
+        for s in shards[1:4]:
+            await ctrl.drain(s.shard_id)
+        assert ctrl.registry.placement.num_shards == 1
+        await e.join(ctrl)
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "e"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, e))
+        for task in ctrl._tasks:
+            task.cancel()
 
-    asyncio.run(scenario())
+    _with_shards(model, "abcde", scenario)
 
 
 def test_a_replacement_registering_during_a_re_home_holds_only_its_assignment(model):
     """b dies and its experts are being loaded elsewhere when its replacement e registers: e must not be handed
     b's position (and b's experts to load) that the re-home is about to retire, or e ends up a spare holding
     copies no placement assigns it, which are never dropped (more than its slots)."""
-    files = open_model(model)
-    GcsRecord("default").clear()
+    async def scenario(files, a, b, c, e):
+        ctrl = ControllerImpl(_args(model, num_shards=3))
+        for s in (a, b, c):
+            await s.join(ctrl)
+        b.server.stop(None)
 
-    async def scenario():
-        shards = [Shard(files, x) for x in "abce"]
-        a, b, c, e = shards
-        try:
-            ctrl = ControllerImpl(_args(model, num_shards=3))
-            for s in (a, b, c):
-                await s.join(ctrl)
-            b.server.stop(None)
+        async def health_loop_loses_b():
+            async with ctrl._start():
+                await ctrl._lose("b", "health check failed")
 
-            async def health_loop_loses_b():
-                async with ctrl._start():
-                    await ctrl._lose("b", "health check failed")
+        lose = asyncio.ensure_future(health_loop_loses_b())
+        while ctrl.registry.shards["b"].healthy:
+            await asyncio.sleep(0)
+        await e.join(ctrl)  # registers while the re-home loads b's experts onto a and c
+        await lose
+        reg = ctrl.registry
+        exact = lambda s: s.held() == set(reg.assignment(reg.shards[s.shard_id].position))  # noqa: E731
+        await _until(lambda: all(exact(s) for s in (a, c, e)), 5, "every shard holding exactly its assignment")
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "c", "e"]
+        for task in ctrl._tasks:
+            task.cancel()
 
-            lose = asyncio.ensure_future(health_loop_loses_b())
-            while ctrl.registry.shards["b"].healthy:
-                await asyncio.sleep(0)
-            await e.join(ctrl)  # registers while the re-home loads b's experts onto a and c
-            await lose
-            reg = ctrl.registry
-            exact = lambda s: s.held() == set(reg.assignment(reg.shards[s.shard_id].position))  # noqa: E731
-            await _until(lambda: all(exact(s) for s in (a, c, e)), 5, "every shard holding exactly its assignment")
-            table = await ctrl.table()
-            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "c", "e"]
-            for task in ctrl._tasks:
-                task.cancel()
-        finally:
-            for s in shards:
-                s.server.stop(None)
-
-    asyncio.run(scenario())
+    _with_shards(model, "abce", scenario)
 
 
 def test_shard_health_metric_is_whether_the_shard_answers(model):
     """elasticmoe_shard_healthy is 1 for a shard that answers, also one still loading its experts (a replica
     starting, or a spare on scale out), not only for those in the table; 0 once it stops answering."""
-    files = open_model(model)
-    GcsRecord("default").clear()
+    async def scenario(files, a, b, c):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await ctrl.register("b", b.address)  # still loading
+        await c.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the rounds below are the only ones
+        await ctrl._stats_once()
+        assert ctrl.metrics.shards == {"a": True, "b": True, "c": True}
+        c.server.stop(None)
+        async with ctrl._lock:
+            ctrl._mark_failed([ctrl.registry.shards["c"]], "health check failed")  # before its re-home
+        await ctrl._stats_once()
+        assert ctrl.metrics.shards == {"a": True, "b": True, "c": False}
 
-    async def scenario():
-        a, b, c = Shard(files, "a"), Shard(files, "b"), Shard(files, "c")
-        try:
-            ctrl = ControllerImpl(_args(model))
-            await a.join(ctrl)
-            await ctrl.register("b", b.address)  # still loading
-            await c.join(ctrl)
-            for task in ctrl._tasks:
-                task.cancel()  # the rounds below are the only ones
-            await ctrl._stats_once()
-            assert ctrl.metrics.shards == {"a": True, "b": True, "c": True}
-            c.server.stop(None)
-            async with ctrl._lock:
-                ctrl._mark_failed([ctrl.registry.shards["c"]], "health check failed")  # before its re-home
-            await ctrl._stats_once()
-            assert ctrl.metrics.shards == {"a": True, "b": True, "c": False}
-        finally:
-            for s in (a, b, c):
-                s.server.stop(None)
-
-    asyncio.run(scenario())
+    _with_shards(model, "abc", scenario)
 
 
 def test_rebalance_waits_for_a_shard_that_never_registered(model):
     """With 2 copies of every expert the placement is complete before its third shard registers; a rebalance
     then must not plan copies onto that empty position (there is no one to load them: it raised KeyError every
     round) but wait, and work once the shard is there."""
-    files = open_model(model)
-    GcsRecord("default").clear()
+    async def scenario(files, a, b, c):
+        ctrl = ControllerImpl(_args(model, num_shards=3, expert_copies=2))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        assert (await ctrl.table())["complete"]
+        await ctrl._stats_once()  # the baselines
+        for s in (a, b):
+            for layer in files.spec.moe.moe_layers:
+                s.store.count(layer, {0: 5000, 1: 3000})  # two hot experts
+        await ctrl._stats_once()
+        version = ctrl.registry.version
+        await ctrl.rebalance()
+        assert ctrl.registry.version == version and not ctrl.event_counts.get("placement")
+        await c.join(ctrl)
+        await ctrl.rebalance()
+        assert ctrl.event_counts.get("placement") == 1 and (await ctrl.table())["complete"]
+        for task in ctrl._tasks:
+            task.cancel()
 
-    async def scenario():
-        a, b, c = Shard(files, "a"), Shard(files, "b"), Shard(files, "c")
-        try:
-            ctrl = ControllerImpl(_args(model, num_shards=3, expert_copies=2))
-            await a.join(ctrl)
-            await b.join(ctrl)
-            assert (await ctrl.table())["complete"]
-            await ctrl._stats_once()  # the baselines
-            for s in (a, b):
-                for layer in files.spec.moe.moe_layers:
-                    s.store.count(layer, {0: 5000, 1: 3000})  # two hot experts
-            await ctrl._stats_once()
-            version = ctrl.registry.version
-            await ctrl.rebalance()
-            assert ctrl.registry.version == version and not ctrl.event_counts.get("placement")
-            await c.join(ctrl)
-            await ctrl.rebalance()
-            assert ctrl.event_counts.get("placement") == 1 and (await ctrl.table())["complete"]
-            for task in ctrl._tasks:
-                task.cancel()
-        finally:
-            for s in (a, b, c):
-                s.server.stop(None)
-
-    asyncio.run(scenario())
+    _with_shards(model, "abc", scenario)
 
 
 # ----- the load tracker: per-expert token rates from the shards' cumulative counters
@@ -496,34 +464,26 @@ def test_spares_ready_out_of_order_keep_distinct_positions(model):
     """Two replicas join as spares (scale out) and the second reports ready first: placing it must not leave the
     first on the position it was given, or both hold that position and draining the empty one re-homes the
     other's experts and leaves it an idle spare."""
-    files = open_model(model)
-    GcsRecord("default").clear()
+    async def scenario(files, a, b, c, d):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        assert (await ctrl.register("c", c.address))["position"] == 2  # c is still starting
+        await d.join(ctrl)  # d overtakes it: the placement grows onto d
+        await ctrl.ready("c")
+        positions = [s.position for s in ctrl.registry.shards.values()]
+        assert len(set(positions)) == len(positions), positions
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "d", "c"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b, c, d))
+        table = await ctrl.drain("c")  # scale-in picks c: d keeps its place and its experts
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "d"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b, d))
+        assert _routed_to(table, "d")
+        for task in ctrl._tasks:
+            task.cancel()
 
-    async def scenario():
-        a, b, c, d = (Shard(files, x) for x in "abcd")
-        try:
-            ctrl = ControllerImpl(_args(model))
-            await a.join(ctrl)
-            await b.join(ctrl)
-            assert (await ctrl.register("c", c.address))["position"] == 2  # c is still starting
-            await d.join(ctrl)  # d overtakes it: the placement grows onto d
-            await ctrl.ready("c")
-            positions = [s.position for s in ctrl.registry.shards.values()]
-            assert len(set(positions)) == len(positions), positions
-            table = await ctrl.table()
-            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "d", "c"]
-            assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b, c, d))
-            table = await ctrl.drain("c")  # scale-in picks c: d keeps its place and its experts
-            assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "d"]
-            assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b, d))
-            assert _routed_to(table, "d")
-            for task in ctrl._tasks:
-                task.cancel()
-        finally:
-            for s in (a, b, c, d):
-                s.server.stop(None)
-
-    asyncio.run(scenario())
+    _with_shards(model, "abcd", scenario)
 
 
 def test_scale_out_is_not_compounded_while_new_shards_start():
