@@ -135,8 +135,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     A row that cannot be sampled gets token None and its exception; the other rows are unaffected
     (each row has its own generator, so a failed row consumes nothing of another's randomness).
     """
-    greedy = logits.argmax(-1).tolist()
-    broken = (logits.isnan() | logits.isposinf()).any(-1).tolist()  # [N]: argmax would pick the NaN / inf
+    top = logits.argmax(-1)  # [N]; argmax picks a row's NaN (torch ranks NaN above all) or else its +inf
+    picked = logits.gather(-1, top.unsqueeze(-1)).squeeze(-1)  # [N]
+    broken = (picked.isnan() | picked.isposinf()).tolist()  # O(N), not a pass over the whole [N, V]
+    greedy = top.tolist()
     tokens: list[int | None] = []
     errors: list[Exception | None] = [None] * len(params)
     for i, p in enumerate(params):
