@@ -88,7 +88,7 @@ def _check_entry(file: Path, tensor: str, meta: Any) -> None:
                               f"data_offsets [begin, end], got {str(meta)[:200]}")
     dtype = _DTYPES.get(meta["dtype"])
     if dtype is not None:
-        need = math.prod(meta["shape"]) * torch.empty((), dtype=dtype).element_size()
+        need = math.prod(meta["shape"]) * dtype.itemsize
         if span[1] - span[0] != need:
             raise CheckpointError(f"{file}: {tensor!r} {meta['dtype']} {meta['shape']} needs {need} bytes, its "
                                   f"data_offsets {span} span {span[1] - span[0]}")
