@@ -10,6 +10,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
+import grpc
 import torch
 
 from elasticmoe.gateway.failover import Call, Step
@@ -58,6 +59,8 @@ class GrpcDispatcher:
         self._next: RoutingTable | None = None
         self._lock = threading.Lock()
         self.suspects: dict[str, float] = {}  # shard id -> monotonic time it last failed or straggled
+        self._stuck: dict[str, int] = {}  # shard id -> its hedged-around calls still unanswered (straggling)
+        self._stuck_lock = threading.Lock()
         self.latency_s: deque[float] = deque(maxlen=256)  # recent successful call round trips (note_latency)
         self._latencies = 0  # round trips noted so far
         self._median: tuple[int, float | None] = (-HEDGE_MEDIAN_EVERY, None)  # (at that count, median of latency_s)
@@ -103,8 +106,29 @@ class GrpcDispatcher:
             self._reports.put(shard_id)
 
     def suspected(self, table: RoutingTable) -> frozenset[int]:
+        """Shards to avoid where another copy exists: failed or straggled within `suspect_s`, or still owing the
+        answer to a call that was hedged around (a shard paused for longer than `suspect_s` is not probed again,
+        at a hedge delay's cost per probe, until it has answered)."""
         now = time.monotonic()
-        return table.index_of(s for s, t in list(self.suspects.items()) if now - t < self.suspect_s)
+        stuck = [s for s, n in list(self._stuck.items()) if n > 0]
+        return table.index_of([s for s, t in list(self.suspects.items()) if now - t < self.suspect_s] + stuck)
+
+    def straggling(self, shard_id: str, future: Future) -> None:
+        """A call to `shard_id` was hedged around: the shard stays suspected until that call ends. A call that then
+        fails UNAVAILABLE (its connection broke: a dead shard, not a slow one) is reported to the controller at
+        once; one that runs out its deadline starts a new suspicion period (the shard is still not answering)."""
+        with self._stuck_lock:
+            self._stuck[shard_id] = self._stuck.get(shard_id, 0) + 1
+
+        def done(f: cf.Future) -> None:
+            with self._stuck_lock:
+                self._stuck[shard_id] -= 1
+            e = f.exception()
+            if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.suspect(shard_id, report=True)
+            elif e is not None:
+                self.suspect(shard_id, report=False)
+        future.add_done_callback(done)
 
     def _report_loop(self) -> None:
         while True:

@@ -211,17 +211,8 @@ class Step:
             for s in slow:
                 self.d.suspect(s, report=False)
             for c in straggling:
-                c.future.add_done_callback(self._report_if_broken(c.shard_id))
+                self.d.straggling(c.shard_id, c.future)
         return max(0.001, nxt)
-
-    def _report_if_broken(self, shard_id: str):
-        """A hedged-around call that later ends UNAVAILABLE (its connection broke: a dead shard, not a slow one) is
-        reported then, even though the hedge already won its step: the controller hears of it at once."""
-        def done(f: cf.Future) -> None:
-            e = f.exception()
-            if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.d.suspect(shard_id, report=True)
-        return done
 
     def wait(self) -> torch.Tensor:
         """Collect every group's winning answers and combine them in a fixed order: [T, H] in the input dtype."""
@@ -236,8 +227,9 @@ class Step:
                 undone = [g for g in self.groups if g.winner is None]
             if time.perf_counter() > deadline:
                 raise self.d.unavailable(f"layer {self.layer}: experts unavailable for {self.d.failover_s:.0f} s")
-            pending = [c.future for g in undone for a in g.live() for c in a if c.output is None]
             timeout = min(self._hedge(), 0.02 if any(not g.live() for g in undone) else 1.0)
+            # after _hedge: a hedge just sent is among the calls waited on (else the wait sat out its timeout)
+            pending = [c.future for g in undone for a in g.live() for c in a if c.output is None]
             if pending:
                 self.d.transport.wait(pending, timeout)  # may read the answers on this thread
             else:
