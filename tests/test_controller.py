@@ -560,3 +560,23 @@ def test_a_registration_retry_holds_only_the_new_plans_experts(model, monkeypatc
     ShardImpl._register(replica)
     assert replica.registered.is_set() and replica.servicer.placement_version == 2
     assert replica.store.held() == sorted(plan_b)
+
+
+def test_an_operators_shard_count_outlives_a_controller_restart(model):
+    """set_target_shards pins the count; a restarted controller keeps the pin (it used to restore only the count,
+    and the utilization policy then moved off the operator's number), and clearing it is remembered too."""
+    GcsRecord("default").clear()
+    args = _args(model, autoscaling={"min_shards": 1, "max_shards": 3})
+
+    async def run():
+        ctrl = ControllerImpl(args)
+        assert await ctrl.set_target_shards(3) == 3
+        again = ControllerImpl(args)
+        assert again.recovering and again.desired == 3 and again.scale.override == 3
+        assert again.scale.desired(again.desired, [0.0, 0.0, 0.0]) == 3  # idle shards: still the operator's 3
+        assert await again.set_target_shards(None) == 3
+        third = ControllerImpl(args)
+        assert third.scale.override is None and third.scale.desired(third.desired, [0.0, 0.0, 0.0]) == 2
+        del ctrl
+
+    asyncio.run(run())

@@ -63,6 +63,8 @@ class Controller(Mover):
         if self.recovering:
             self.registry = Registry.restore(rec["registry"], self.moe_layers)
             self.desired = int(rec.get("desired", n))
+            if self.scale is not None and rec.get("override") is not None:
+                self.scale.override = int(rec["override"])  # the operator's count outlives a controller restart
         else:
             even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
             self.registry = Registry(even, self.moe_layers, version=int(rec["registry"]["version"]) + 1 if rec else 1)
@@ -100,7 +102,9 @@ class Controller(Mover):
 
     def _save(self) -> None:
         try:
-            self.record.save({"args": self.args_hash, "desired": self.desired, "registry": self.registry.record()})
+            override = self.scale.override if self.scale is not None else None
+            self.record.save({"args": self.args_hash, "desired": self.desired, "override": override,
+                              "registry": self.registry.record()})
         except Exception as e:  # noqa: BLE001 - serving goes on; the next change writes it again
             log.warning("saving the controller record failed: %s", e)
 
