@@ -1,5 +1,5 @@
 """End to end elasticity on a real local Ray: a failed load during a rebalance, hot-expert replication, surviving a
-killed shard, scaling 2 -> 3 -> 2."""
+killed shard, scaling 2 -> 3 -> 2, and a shard kill and a controller kill inside the steps of a scale sequence."""
 
 from __future__ import annotations
 
@@ -167,3 +167,43 @@ def test_scale_2_3_2_under_load(apps, ray_cluster):
         for w in workers:
             w.join(timeout=120)
     assert not bad, bad[:5]
+
+
+def _scaled(controller, n: int) -> dict:
+    """Wait until the placement has n positions, every one with a ready, healthy shard, and no recovery running."""
+    return _wait(lambda: (s := controller.status.remote().result())["num_shards"] == n and s["complete"]
+                 and not s["recovering"] and sum(1 for x in s["shards"] if x["ready"] and x["healthy"]) == n and s,
+                 300, f"{n} live shards and a complete placement")
+
+
+def test_faults_during_a_scale_sequence_lose_nothing(apps, ray_cluster):
+    """Two faults, each inside a scaling step: 2 -> 3 with an old shard SIGKILLed while the third joins, then
+    3 -> 2 with the controller SIGKILLed while the scale-in is pending. Greedy streams run throughout and every
+    answer equals the single-process engine's (Load checks each one)."""
+    from elasticmoe.local_cluster import shard_pids
+
+    controller = handle("Controller", "elastic")
+    _scaled(controller, 2)
+    load = Load("elastic", apps, PROMPTS, MAX_TOKENS, n=3)
+    try:
+        time.sleep(2)
+        victim = min(shard_pids("elastic", 2).values())
+        controller.set_target_shards.remote(3).result()
+        joining = controller.status.remote().result()
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        assert sum(1 for x in joining["shards"] if x["ready"]) < 3, "the third shard had joined before the kill"
+        _scaled(controller, 3)
+        pid = controller.info.remote().result()["pid"]
+        assert controller.set_target_shards.remote(2).result() == 2
+        pending = controller.status.remote().result()
+        os.kill(pid, signal.SIGKILL)
+        crashed = time.time()
+        assert pending["num_shards"] == 3, "the scale-in had finished before the controller was killed"
+        after = _scaled(controller, 2)
+        assert controller.info.remote().result()["pid"] != pid and after["event_counts"].get("recovered") == 1
+        time.sleep(2)
+    finally:
+        load.finish()  # every stream ended with the reference's tokens
+    for t in (killed, crashed):
+        assert any(a < t < b for a, b, _ in load.done), f"no stream was mid-way at {t}"
