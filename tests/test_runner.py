@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -42,6 +43,20 @@ class FaultyDispatcher(LocalDispatcher):
         if self.fail(self.calls, hidden.shape[0]):
             self.raised += 1
             raise ExpertsUnavailable(f"injected: layer {layer}, {hidden.shape[0]} tokens")
+        return super().dispatch(layer, hidden, topk_ids, topk_weights)
+
+
+class GatedDispatcher(LocalDispatcher):
+    """In-process experts; once `armed`, a dispatch holds the engine inside its step until `release` is set."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.armed, self.entered, self.release = False, threading.Event(), threading.Event()
+
+    def dispatch(self, layer, hidden, topk_ids, topk_weights):
+        if self.armed:
+            self.entered.set()
+            self.release.wait(30)
         return super().dispatch(layer, hidden, topk_ids, topk_weights)
 
 
@@ -265,4 +280,43 @@ def test_a_tokenizer_failure_on_one_output_ends_that_request_alone(model, refere
         assert out[:4] == [ref[p] for p in PROMPTS]
         assert runner._thread.is_alive() and runner.stats()["admitted"] == 0 and runner.stats()["free_slots"] == 16
     finally:
+        runner.close()
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+def test_close_ends_every_admitted_request_and_refuses_later_ones(model, reference):
+    """close() while the engine is inside a step, one request running and one admitted that the engine has not
+    seen yet (still in its inbox): both end with RequestFailed, none waits forever; a later one is refused."""
+    _, llm = reference
+    disp = GatedDispatcher(model[2])
+    runner = _runner(model, disp)
+    long = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+
+    async def go():
+        busy = runner.generate("busy", llm.encode(PROMPTS[0]), long)
+        await busy.__anext__()
+        disp.armed = True
+        assert await asyncio.to_thread(disp.entered.wait, 30)  # the engine thread is inside a step
+        late = runner.generate("late", llm.encode(PROMPTS[1]), GREEDY)  # admitted, in the inbox
+        closer = threading.Thread(target=runner.close)
+        closer.start()
+        while not runner._stop:
+            await asyncio.sleep(0.01)
+        disp.release.set()  # the step ends after close() began
+        await asyncio.to_thread(closer.join, 30)
+        for stream in (busy, late):
+            with pytest.raises(RequestFailed, match="shutting down"):
+                await asyncio.wait_for(_drain(stream), 30)
+        with pytest.raises(RequestFailed, match="shutting down"):
+            runner.generate("after", llm.encode(PROMPTS[2]), GREEDY)
+        assert runner.stats()["admitted"] == 0
+
+    try:
+        asyncio.run(go())
+    finally:
+        disp.release.set()
         runner.close()

@@ -17,6 +17,7 @@ from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed, Sequence
 
 log = logging.getLogger(__name__)
+SHUTTING_DOWN = "the gateway is shutting down"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class RequestStream:
         with self._lock:
             wake = self._pending is None
             old = self._pending
+            if isinstance(old, BaseException):  # an error is the stream's last word
+                return
             self._pending = _merge(old, item) if isinstance(old, Update) and isinstance(item, Update) else item
         if wake:
             try:
@@ -116,6 +119,7 @@ class EngineRunner:
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stop = False
+        self._closed = False  # set (under _lock) by close() or a dying loop: nothing more is admitted
         self.last_step_at = time.monotonic()
         self.step_errors = 0
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -125,19 +129,23 @@ class EngineRunner:
         """Admit a request and return its update stream, at once (no waiting for a step).
 
         Raises InvalidRequest (a bad field) or QueueFull (running + waiting at capacity) before anything is
-        queued. `request_id` need not be unique: the engine keys requests by an id of its own. The caller
-        must `aclose()` the stream if it stops reading before the end (that aborts the request).
+        queued, and RequestFailed once the runner is closed. `request_id` need not be unique: the engine keys
+        requests by an id of its own. The caller must `aclose()` the stream if it stops reading before the end
+        (that aborts the request).
         """
         self.engine.validate(prompt_ids, params)
-        with self._lock:
+        key = f"{request_id}#{next(self._ids)}"
+        stream = RequestStream(self, key, asyncio.get_running_loop())
+        ids = list(prompt_ids)
+        with self._lock:  # posted under the lock: close() ends every request admitted before it
+            if self._closed:
+                raise RequestFailed(SHUTTING_DOWN)
             if self._live >= self.capacity:
                 self.refused += 1
                 raise QueueFull(f"the gateway is at capacity ({self.capacity} requests running or waiting); "
                                 f"retry later")
             self._live += 1
-        key = f"{request_id}#{next(self._ids)}"
-        stream = RequestStream(self, key, asyncio.get_running_loop())
-        self._post(lambda: self._add(key, list(prompt_ids), params, stream))
+            self._post(lambda: self._add(key, ids, params, stream))
         return stream
 
     def _post(self, job: Callable[[], None]) -> None:
@@ -145,8 +153,10 @@ class EngineRunner:
         self._wake.set()
 
     def _add(self, key: str, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
-        if stream.done:  # closed before the engine saw it
+        if stream.done or self._closed:  # closed (or the runner closing) before the engine saw it
             self._release()
+            if not stream.done:
+                stream.push(RequestFailed(SHUTTING_DOWN))
             return
         try:
             self.engine.add_request(key, prompt_ids, params)
@@ -165,7 +175,8 @@ class EngineRunner:
         self._post(lambda: self._abort(key))
 
     def _abort(self, key: str) -> None:
-        self.engine.abort(key)
+        if not self._closed:  # once closed, close() may run this beside a step still in flight
+            self.engine.abort(key)
         if self._streams.pop(key, None) is not None:
             self._release()
 
@@ -186,6 +197,14 @@ class EngineRunner:
             job()
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        finally:  # stopped, or (a bug) the loop died: either way no request is left waiting
+            with self._lock:
+                self._closed = True
+            self._end_all()
+
+    def _steps(self) -> None:
         while not self._stop:
             self._drain_inbox()
             if not self.engine.has_work():
@@ -229,9 +248,8 @@ class EngineRunner:
                 delta = self.engine.text_delta(seq)
             except Exception as e:  # noqa: BLE001 - e.g. the tokenizer failed on its tokens: this request only
                 self.engine.fail(seq, e)
-        if seq.finished:  # released before the last item, so a caller that saw the end sees the room too
-            self._streams.pop(seq.request_id, None)
-            self._release()
+        if seq.finished and self._streams.pop(seq.request_id, None) is not None:
+            self._release()  # before the last item, so a caller that saw the end sees the room too
         if seq.error is not None:
             stream.push(seq.error)
             return
@@ -242,12 +260,24 @@ class EngineRunner:
                            seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), delta))
 
     def close(self) -> None:
-        self._stop = True
+        """Stop the engine thread; every request admitted before (or during) this ends with RequestFailed
+        unless it finished first, and later ones are refused with it."""
+        with self._lock:
+            self._closed = self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)
-        for key, stream in list(self._streams.items()):
-            stream.push(RequestFailed("the gateway is shutting down"))
-            self._streams.pop(key, None)
+        if self._thread.is_alive():
+            log.warning("the engine thread is still in a step; ending its requests without it")
+        self._end_all()
+
+    def _end_all(self) -> None:
+        """End every admitted request with RequestFailed (once closed: touches no engine state)."""
+        self._drain_inbox()  # adds fail their streams, aborts drop theirs
+        for key in list(self._streams):
+            stream = self._streams.pop(key, None)
+            if stream is not None:
+                self._release()
+                stream.push(RequestFailed(SHUTTING_DOWN))
 
 
 __all__ = ["EngineRunner", "RequestStream", "Update", "QueueFull"]
