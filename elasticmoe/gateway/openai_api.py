@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
@@ -19,7 +19,7 @@ from elasticmoe.config import served_name
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_extras import register_extra_routes
-from elasticmoe.gateway.openai_stream import Shape, complete_all, sse, start_all
+from elasticmoe.gateway.openai_stream import EventStream, Shape, complete_all, sse, start_all
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, choice_params,
     completion_ids, parse_body, reject_unsupported, sampling_params)
@@ -193,8 +193,8 @@ async def _serve(request: Request, req: BaseRequest, gens: list[Generation], sha
     firsts = await _unless_disconnected(request, start_all(gens), gens[0])
     opts = req.stream_options
     include_usage = bool(opts and (opts.include_usage or opts.continuous_usage_stats))
-    return StreamingResponse(sse(gens, shapes, firsts, include_usage, bool(opts and opts.continuous_usage_stats)),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStream(sse(gens, shapes, firsts, include_usage, bool(opts and opts.continuous_usage_stats)), gens,
+                       SSE_HEADERS)
 
 
 def _choices(core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],

@@ -6,6 +6,9 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
 from elasticmoe.engine.sampling import TokenLogprob
 from elasticmoe.gateway.openai_protocol import FINISH_REASONS, ApiError, chat_logprobs, completion_logprobs
 from elasticmoe.gateway.runner import Update
@@ -130,6 +133,23 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
             g.record(499)  # no-op unless the client went away mid-stream
             await g.close()
     yield "data: [DONE]\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A streamed request's response (`sse`): however it ends, even before its first event (the client gone while
+    the response starts, the call cancelled), its choices are stopped and the request is counted (499)."""
+
+    def __init__(self, events: AsyncIterator[str], gens: list[Any], headers: dict[str, str]):
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.gens = gens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # no-ops where sse already ended the choices; aclose frees their places without waiting
+            for g in self.gens:
+                g.record(499)
+                await g.close()
 
 
 async def _complete(gen: Any, shape: Shape) -> tuple[dict, Update]:

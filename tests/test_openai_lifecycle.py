@@ -1,0 +1,80 @@
+"""The OpenAI HTTP API's request lifecycle over a real engine: client disconnects at each point, and the metrics.
+
+The app is called as an ASGI server calls it (uvicorn's messages), so that a disconnect can land exactly between
+two of the app's steps; the engine, runner, routes and Starlette's StreamingResponse are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from elasticmoe.gateway.openai_api import build_openai_app
+from tests.test_openai_api import PROMPT, Core, model  # noqa: F401 - model is a fixture
+
+
+def _scope(path: str, body: bytes, spec: str) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+            "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())]}
+
+
+async def _gone_after_first_token(app, path: str, payload: dict, spec: str) -> list[dict]:
+    """POST payload; the client goes away once the app has its first token, before the response starts.
+
+    receive: the body, then (the app's disconnect watch while the request waits for its first token) nothing
+    until cancelled, then http.disconnect while the response's start is being sent (spec 2.3, uvicorn's);
+    a spec 2.4 server reports the disconnect by failing that send instead."""
+    body, calls, sent = json.dumps(payload).encode(), 0, []
+
+    async def receive() -> dict:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        if calls == 2 or spec >= "2.4":
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if spec >= "2.4":
+            raise OSError("the client is gone")
+        if message["type"] == "http.response.start":
+            await asyncio.sleep(0.05)  # the socket's buffer is full: uvicorn waits for it to drain
+        sent.append(message)
+
+    try:
+        await app(_scope(path, body, spec), receive, send)
+    except Exception:  # noqa: BLE001 - Starlette re-raises a 2.4 disconnect (ClientDisconnect) to the server
+        pass
+    return sent
+
+
+def _wait_idle(core: Core, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(core.runner.stats()[k] for k in ("running", "waiting", "admitted")):
+        assert time.monotonic() < deadline, f"the abandoned stream still runs: {core.runner.stats()}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_disconnect_between_first_token_and_stream_start_aborts_it(model, spec, n):  # noqa: F811
+    """The client leaves after the first token but before the server-sent events begin: every choice is
+    aborted (its place freed at once, not after max_tokens) and the request is counted once, as a 499."""
+    core = Core(*model, max_num_seqs=4, max_model_len=512)
+    core.dispatcher.delay_s = 0.01  # >= 20 ms a step: 450 tokens take >= 9 s
+    try:
+        payload = {"model": "m", "prompt": PROMPT, "max_tokens": 450, "stream": True, "n": n,
+                   "ignore_eos": True, "temperature": 0}
+        sent = asyncio.run(_gone_after_first_token(build_openai_app(core), "/v1/completions", payload, spec))
+        assert not [m for m in sent if m.get("body")], "nothing reaches a client that left"
+        _wait_idle(core, timeout=4.0)
+        assert core.metrics.errors.get("499", 0) >= 1
+    finally:
+        core.runner.close()
