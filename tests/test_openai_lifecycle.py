@@ -1,4 +1,4 @@
-"""The OpenAI HTTP API's request lifecycle over a real engine: client disconnects at each point, and the metrics.
+"""The OpenAI HTTP API's request lifecycle over a real engine: a client gone mid-way, and the exported metrics.
 
 The app is called as an ASGI server calls it (uvicorn's messages), so that a disconnect can land exactly between
 two of the app's steps; the engine, runner, routes and Starlette's StreamingResponse are the real ones.
@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 
+import openai
 import pytest
+from openai import OpenAI
 
 from elasticmoe.gateway.openai_api import build_openai_app
-from tests.test_openai_api import PROMPT, Core, model  # noqa: F401 - model is a fixture
+from tests.test_openai_api import CHAT, PROMPT, Core, Server, model  # noqa: F401 - model is a fixture
 
 
 def _scope(path: str, body: bytes, spec: str) -> dict:
@@ -75,6 +78,37 @@ def test_disconnect_between_first_token_and_stream_start_aborts_it(model, spec, 
         sent = asyncio.run(_gone_after_first_token(build_openai_app(core), "/v1/completions", payload, spec))
         assert not [m for m in sent if m.get("body")], "nothing reaches a client that left"
         _wait_idle(core, timeout=4.0)
-        assert core.metrics.errors.get("499", 0) >= 1
+        assert core.metrics.errors == {"499": 1} and core.metrics.requests == {("http", "error"): 1}
     finally:
+        core.runner.close()
+
+
+def _exported(base_url: str) -> dict[str, float]:
+    """GET /metrics: series (name and labels) -> value, as Prometheus scrapes them."""
+    with urllib.request.urlopen(base_url.rsplit("/v1", 1)[0] + "/metrics", timeout=30) as r:
+        lines = r.read().decode().splitlines()
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))}
+
+
+def test_a_request_with_n_choices_counts_once_in_the_exported_metrics(model):  # noqa: F811
+    """Three requests of 3, 3 (streamed) and 2 choices are three requests, each with one e2e latency; one of
+    4 choices with room for 3 is one 429."""
+    core = Core(*model, max_num_seqs=3, max_queue=0, max_model_len=256)
+    server = Server(build_openai_app(core))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    try:
+        assert len(client.completions.create(model="m", prompt=PROMPT, max_tokens=4, n=3).choices) == 3
+        chunks = list(client.completions.create(model="m", prompt=PROMPT, max_tokens=4, n=3, stream=True))
+        assert {c.choices[0].index for c in chunks if c.choices} == {0, 1, 2}
+        assert len(client.chat.completions.create(model="m", messages=CHAT, max_tokens=3, n=2).choices) == 2
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=4, n=4)
+        got = _exported(server.url)
+        assert got['elasticmoe_requests_total{api="http",status="ok"}'] == 3
+        assert got['elasticmoe_requests_total{api="http",status="rejected"}'] == 1
+        assert got['elasticmoe_request_errors_total{code="429"}'] == 1
+        assert got['elasticmoe_latency_observations_total{kind="e2e"}'] == 3
+        assert got['elasticmoe_latency_observations_total{kind="ttft"}'] == 3
+    finally:
+        server.stop()
         core.runner.close()

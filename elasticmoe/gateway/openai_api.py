@@ -32,7 +32,8 @@ STATUS_OF = {400: "invalid", 401: "unauthenticated", 413: "invalid", 429: "rejec
 
 def _record(core: Any, http_status: int | None, last: Update | None = None, t0: float = 0.0,
             t_first: float = 0.0) -> None:
-    """Count one finished request on core.metrics (if any): ok with latencies, or failed with its code."""
+    """Count one finished request (all its choices) on core.metrics (if any): ok with latencies, or failed with
+    its code."""
     m = getattr(core, "metrics", None)
     if m is None:
         return
@@ -104,22 +105,37 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
         raise ApiError(400, message, param=param) from None
 
 
+class Tally:
+    """One client request's metrics, shared by its n choices: recorded once, by the first outcome reported (an
+    error, a disconnect, or the whole response done); its first token is the first of any choice."""
+
+    def __init__(self, core: Any):
+        self.core, self.t0, self.t_first, self.done = core, time.perf_counter(), 0.0, False
+
+    def first_token(self) -> None:
+        self.t_first = self.t_first or time.perf_counter()
+
+    def record(self, http_status: int | None, last: Update | None = None) -> None:
+        if not self.done:
+            self.done = True
+            _record(self.core, http_status, last, self.t0, self.t_first)
+
+
 class Generation:
-    """One request in the engine: start (errors -> ApiError), its updates, and its metrics (recorded once)."""
+    """One choice of a request in the engine: start (errors -> ApiError), its updates; metrics go to the
+    request's Tally."""
 
     def __init__(self, core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
-                 response_id: str | None = None):
+                 response_id: str | None = None, tally: Tally | None = None):
         self.core, self.ids, self.params, self.aliases = core, ids, params, aliases
         self.id, self.created = response_id or f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.model = served_name(core.args)
-        self.t0, self.t_first = time.perf_counter(), 0.0
+        self.tally = tally or Tally(core)
         self._stream: AsyncIterator[Update] | None = None
-        self._recorded = False
 
     def record(self, http_status: int | None, last: Update | None = None) -> None:
-        if not self._recorded:
-            self._recorded = True
-            _record(self.core, http_status, last, self.t0, self.t_first)
+        """The request's outcome (once per request, whichever choice reports first)."""
+        self.tally.record(http_status, last)
 
     def fail(self, err: ApiError) -> ApiError:
         self.record(err.status)
@@ -135,13 +151,13 @@ class Generation:
             self._stream = self.core.runner.generate(self.id, self.ids, self.params)
             first = await self._stream.__anext__()
         except InvalidRequest as e:
-            self._recorded = True  # _invalid records it
+            self.tally.done = True  # _invalid records it
             raise _invalid(self.core, e, self.aliases) from e
         except QueueFull as e:
             raise self.fail(ApiError(429, str(e), "rate_limit_exceeded")) from e
         except Exception as e:  # noqa: BLE001 - the engine could not serve it
             raise self.fail(_server_error(e)) from e
-        self.t_first = time.perf_counter()
+        self.tally.first_token()
         return first
 
     async def rest(self) -> AsyncIterator[Update]:
@@ -200,10 +216,10 @@ async def _serve(request: Request, req: BaseRequest, gens: list[Generation], sha
 def _choices(core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
              req: BaseRequest, chat: bool, logprobs: bool) -> tuple[list[Generation], list[Shape]]:
     """One Generation and Shape per choice (n); choice i samples with seed + i when a seed is given."""
-    rid = f"{prefix}-{uuid.uuid4().hex}"
+    rid, tally = f"{prefix}-{uuid.uuid4().hex}", Tally(core)
     gens, shapes = [], []
     for i, p in enumerate(choice_params(params, req.n or 1)):
-        gens.append(Generation(core, prefix, ids, p, aliases, response_id=rid))
+        gens.append(Generation(core, prefix, ids, p, aliases, response_id=rid, tally=tally))
         shapes.append(Shape(chat, core.tokenizer, logprobs, i, bool(req.return_tokens_as_token_ids)))
     return gens, shapes
 

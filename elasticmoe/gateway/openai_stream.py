@@ -122,15 +122,14 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
             finish = FINISH_REASONS.get(last.finish_reason or "abort", "abort") if last.finished else None
             if delta or finish or (shapes[i].logprobs and last.logprobs):
                 yield chunk([shapes[i].choice(delta, list(last.logprobs), finish, stream=True)])
-        for g, last in zip(gens, lasts):
-            g.record(None, last)
+        head.record(None, lasts[0])  # the request, once: every choice has ended
         if include_usage:
             yield chunk([], usage=_usage(firsts[0].prompt_tokens, counts))
     except ApiError as e:
         yield _event(e.body())
     finally:
+        head.record(499)  # no-op unless the client went away mid-stream
         for g in gens:
-            g.record(499)  # no-op unless the client went away mid-stream
             await g.close()
     yield "data: [DONE]\n\n"
 
@@ -147,8 +146,8 @@ class EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:  # no-ops where sse already ended the choices; aclose frees their places without waiting
+            self.gens[0].record(499)
             for g in self.gens:
-                g.record(499)
                 await g.close()
 
 
@@ -161,7 +160,6 @@ async def _complete(gen: Any, shape: Shape) -> tuple[dict, Update]:
             lps += u.logprobs
     finally:
         await gen.close()
-    gen.record(None, u)
     finish = FINISH_REASONS.get(u.finish_reason or "abort", "abort")
     return shape.choice(u.text, lps, finish, stream=False), u
 
@@ -177,6 +175,7 @@ async def complete_all(gens: list[Any], shapes: list[Shape]) -> dict:
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     head = gens[0]
+    head.record(None, done[0][1])  # the request, once: every choice has ended
     return {"id": head.id, "object": shapes[0].object(False), "created": head.created, "model": head.model,
             "choices": [c for c, _ in done],
             "usage": _usage(done[0][1].prompt_tokens, [u.completion_tokens for _, u in done])}
