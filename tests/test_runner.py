@@ -320,3 +320,24 @@ def test_close_ends_every_admitted_request_and_refuses_later_ones(model, referen
     finally:
         disp.release.set()
         runner.close()
+
+
+def test_a_failing_step_hook_costs_no_request(model, reference):
+    """The per-step hook (the gateway's step log and Ray gauges) raising must not end the engine thread: every
+    request still finishes with its reference tokens, and the runner keeps admitting."""
+    ref, llm = reference
+    calls = []
+
+    def hook(seconds: float, n: int) -> None:
+        calls.append(n)
+        if len(calls) in (2, 5):
+            raise RuntimeError("injected: the metrics exporter failed")
+
+    runner = _runner(model, LocalDispatcher(model[2]))
+    runner.on_step = hook
+    try:
+        out = asyncio.run(_all(runner, [(llm.encode(p), GREEDY) for p in PROMPTS]))
+        assert out == [ref[p] for p in PROMPTS] and len(calls) > 5 and runner.hook_errors == 2
+        assert asyncio.run(_all(runner, [(llm.encode(PROMPTS[0]), GREEDY)])) == [ref[PROMPTS[0]]]
+    finally:
+        runner.close()

@@ -122,6 +122,7 @@ class EngineRunner:
         self._closed = False  # set (under _lock) by close() or a dying loop: nothing more is admitted
         self.last_step_at = time.monotonic()
         self.step_errors = 0
+        self.hook_errors = 0  # on_step raised (logged, counted; the step's results still go out)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -220,10 +221,20 @@ class EngineRunner:
                 continue
             self.step_errors = 0
             self.last_step_at = time.monotonic()
-            if self.on_step is not None:
-                self.on_step(time.perf_counter() - t0, len(seqs))
+            self._hook(time.perf_counter() - t0, len(seqs))
             for seq in seqs:
                 self._publish(seq)
+
+    def _hook(self, seconds: float, n: int) -> None:
+        """The per-step hook (step log, gauges): its failure is logged, never the engine thread's end."""
+        if self.on_step is None:
+            return
+        try:
+            self.on_step(seconds, n)
+        except Exception:  # noqa: BLE001 - observability must not cost a request
+            self.hook_errors += 1
+            if self.hook_errors in (1, 10, 100) or self.hook_errors % 1000 == 0:
+                log.exception("the per-step hook raised (%d times so far)", self.hook_errors)
 
     def _step_error(self) -> None:
         """Engine.step attributes failures to requests; anything escaping it is retried, and only after
