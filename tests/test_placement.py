@@ -266,6 +266,66 @@ def test_min_copies_from_scratch_and_when_slots_run_out():
         plan(load, 4, 40, min_copies=0)
 
 
+
+def random_placement(rng: np.random.Generator, experts: int, shards: int, slots: int) -> Placement:
+    """One layer: a copy of every expert on a random shard with room, then random extra copies (often every slot)."""
+    holds = np.zeros((experts, shards), bool)
+    for e in range(experts):
+        holds[e, rng.choice(np.flatnonzero(holds.sum(0) < slots))] = True
+    for _ in range(int(rng.integers(0, shards * slots + 1))):
+        e = int(rng.integers(experts))
+        room = np.flatnonzero((holds.sum(0) < slots) & ~holds[e])
+        if len(room):
+            holds[e, rng.choice(room)] = True
+    return Placement.from_arrays((holds / holds.sum(1, keepdims=True))[None], holds[None], slots)
+
+
+def test_min_copies_restored_by_evicting_surplus_copies():
+    """Expert 2 has one copy and both shards without it are full, but expert 0's third copy can give way."""
+    holds = np.array([[[1, 1, 1], [1, 1, 0], [0, 0, 1]]], bool)  # shards hold {0, 1}, {0, 1}, {0, 2}
+    current = Placement.from_arrays(holds / holds.sum(2, keepdims=True), holds, 2)
+    new = plan(np.array([[3.0, 2.0, 1.0]]), 3, 2, current=current, max_moves=0, min_copies=2)
+    check_invariants(new, np.array([[3.0, 2.0, 1.0]]))
+    assert new.num_copies().tolist() == [[2, 2, 2]]
+    added, removed = current.diff(new)
+    assert [(l, e) for l, e, _ in added] == [(0, 2)] and [(l, e) for l, e, _ in removed] == [(0, 0)]
+
+
+def test_min_copies_restored_by_shifting_a_copy_to_a_free_slot():
+    """Expert 2's only shard has the free slot: a copy of expert 0 or 1 moves there to make room for expert 2."""
+    holds = np.array([[[1, 1, 0], [1, 1, 0], [0, 0, 1]]], bool)  # shards hold {0, 1}, {0, 1}, {2}
+    current = Placement.from_arrays(holds / holds.sum(2, keepdims=True), holds, 2)
+    load = np.array([[3.0, 2.0, 1.0]])
+    new = plan(load, 3, 2, current=current, max_moves=0, min_copies=2)
+    check_invariants(new, load)
+    assert new.num_copies().tolist() == [[2, 2, 2]]
+    added, removed = current.diff(new)
+    [(_, f, u)] = removed
+    assert f in (0, 1) and sorted((e, s) for _, e, s in added) == sorted([(f, 2), (2, u)])  # f: u -> 2, 2 onto u
+
+
+def test_min_copies_reached_from_any_layout_whenever_slots_allow():
+    """Property: from random layouts (random copy counts, full shards), a re-plan gives every expert
+    min(min_copies, shards) copies whenever shards * slots >= copies * experts, also when shards are added or
+    removed, and never takes an expert that had enough below it."""
+    rng = np.random.default_rng(23)
+    for case in range(300):
+        experts, shards = int(rng.integers(1, 10)), int(rng.integers(1, 6))
+        slots = int(rng.integers(-(-experts // shards), experts + 1))
+        current = random_placement(rng, experts, shards, slots)
+        new_shards = max(1, shards + int(rng.integers(-1, 2)))
+        copies = int(rng.integers(1, new_shards + 1))
+        new_slots = max(slots, -(-experts * copies // new_shards))
+        load = rng.exponential(1.0, (1, experts)) * (rng.random((1, experts)) < 0.8)
+        order = list(rng.permutation(shards))
+        new = plan(load, new_shards, new_slots, current=current.relabel(order), max_moves=int(rng.integers(0, 6)),
+                   min_copies=copies)
+        check_invariants(new, load)
+        assert (new.num_copies() >= copies).all(), (case, current.num_copies(), new.num_copies())
+        fresh = plan(load, new_shards, new_slots, min_copies=copies)
+        assert (fresh.num_copies() >= copies).all(), case
+
+
 # ----- arguments and the data type
 
 

@@ -34,8 +34,9 @@ def plan(
     at most max_moves in all (None: unbounded). Scale-in drops shards >= num_shards (to retire another one,
     pass current.relabel(...)); experts left without a copy are re-placed by forced moves, which count
     against max_moves and are made even past it. Scale-out adds empty shards. Version: current.version + 1.
-    Every expert ends with at least min(min_copies, num_shards) copies where free slots allow (redundancy for
-    failover: after a shard loss re-homes onto fewer shards, a later scale-out restores the copies).
+    Every expert ends with at least min(min_copies, num_shards) copies whenever num_shards * slots_per_shard
+    allows (redundancy for failover: after a shard loss re-homes onto fewer shards, a later scale-out restores
+    the copies); on full shards surplus copies of other experts give way, a drop in the plan.
     """
     w = _check(load, num_shards, slots_per_shard, current, max_moves, min_gain)
     if not _is_int(min_copies) or min_copies < 1:
@@ -195,21 +196,58 @@ def _adapt(w: np.ndarray, holds: np.ndarray, weights: np.ndarray, n: int, slots:
 
 
 def _redundancy(w: np.ndarray, mask: np.ndarray, k: int, slots: int) -> tuple[np.ndarray, int]:
-    """Give every expert >= k copies, each new one on the least-loaded shard with a free slot and no copy yet
-    (heaviest experts first; an expert is left short only when no such shard exists).
+    """Give every expert >= k copies, heaviest short expert first, one copy at a time (see _add_copy). Always
+    succeeds when n * slots >= k * E and n >= k; never takes an expert below k (only copies above it give way).
 
     w: [E], mask: [E, N] holds (updated in place). Returns (mask, copies added).
     """
     added = 0
     for e in sorted(np.flatnonzero(mask.sum(1) < k), key=lambda e: -w[e]):
         while mask[e].sum() < k:
-            free = np.flatnonzero((mask.sum(0) < slots) & ~mask[e])
-            if not len(free):
+            made = _add_copy(w, mask, int(e), k, slots)
+            if not made:
                 break
-            per_copy = w / np.maximum(mask.sum(1), 1)  # [E]
-            mask[e, free[np.argmin((per_copy @ mask)[free])]] = True
-            added += 1
+            added += made
     return mask, added
+
+
+def _add_copy(w: np.ndarray, mask: np.ndarray, e: int, k: int, slots: int) -> int:
+    """One more copy of e on a shard without one: a free slot on the least-loaded such shard, else in place of
+    a surplus copy (its expert keeps > k copies; lightest load per copy first), else on a full shard u whose
+    copy of some f moves first to a shard t that holds e and has a free slot.
+
+    Surplus copies of f (> k > copies of e) are always on some shard without e, so the last case has none;
+    then n * slots >= k * E leaves a free slot, on a shard with e. w: [E], mask: [E, N] (updated in place).
+    Returns the copies created (0: no room anywhere, 1, or 2).
+    """
+    counts = mask.sum(1)
+    per = w / np.maximum(counts, 1)  # [E]
+    level, room = per @ mask, mask.sum(0) < slots  # [N]
+    free = np.flatnonzero(room & ~mask[e])
+    if len(free):
+        mask[e, free[np.argmin(level[free])]] = True
+        return 1
+    f, u = _lightest(per, level, mask & (counts > k)[:, None] & ~mask[e])
+    if f >= 0:
+        mask[f, u], mask[e, u] = False, True
+        return 1
+    roomy = np.flatnonzero(room)  # all on shards with e
+    if not len(roomy):
+        return 0
+    t = roomy[np.argmin(level[roomy])]
+    f, u = _lightest(per, level, mask & ~mask[e] & ~mask[:, [t]])  # exists: u's `slots` copies do not fit in t
+    mask[f, u], mask[f, t], mask[e, u] = False, True, True
+    return 2
+
+
+def _lightest(per: np.ndarray, level: np.ndarray, cand: np.ndarray) -> tuple[int, int]:
+    """The candidate copy (expert, shard) of least load per copy, then on the least-loaded shard; (-1, -1) if
+    none. per: [E], level: [N], cand: [E, N] bool."""
+    f, s = np.nonzero(cand)
+    if not len(f):
+        return -1, -1
+    i = np.lexsort((level[s], per[f]))[0]
+    return int(f[i]), int(s[i])
 
 
 def _balancedness(w: np.ndarray, level: float, n: int) -> float:
