@@ -79,13 +79,13 @@ class Controller(Mover):
     def _start(self) -> asyncio.Lock:
         if self._lock is None:
             self._lock = asyncio.Lock()
-            loop = asyncio.get_running_loop()
             loops = [self._health_once, self._stats_once]
             if self.args.autoscaling:
                 loops.append(self._rebalance_once)
-            self._tasks = [loop.create_task(self._forever(f)) for f in loops]
+            for f in loops:
+                self._spawn(self._forever(f))
             if self.recovering:
-                self._tasks.append(loop.create_task(self._recover()))
+                self._spawn(self._recover())
         return self._lock
 
     async def _forever(self, once) -> None:
@@ -157,7 +157,7 @@ class Controller(Mover):
         lock = self._start()
         info = self.registry.shards.get(shard_id)
         if info is not None and info.healthy:
-            asyncio.get_running_loop().create_task(self._check_one(shard_id, lock))
+            self._spawn(self._check_one(shard_id, lock))  # referenced while it runs: not garbage-collected
         return self.registry.table()
 
     async def _check_one(self, shard_id: str, lock: asyncio.Lock) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any, Coroutine
 
 import grpc
 
@@ -36,7 +37,7 @@ class Mover:
             tls.warn_insecure("controller")
         self.renewal = tls.Renewal(insecure)  # renewed certificates: channels are replaced
         self._stubs: dict[str, pb_grpc.ExpertShardStub] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()  # running background tasks (a finished one is forgotten)
         self._lock: asyncio.Lock | None = None
         self.acks: dict[str, tuple[int, float]] = {}  # gateway id -> (table version it runs, when it said so)
         self.events: list[dict] = []
@@ -51,6 +52,23 @@ class Mover:
             ch = tls.channel(address, channel_options(), insecure=self.insecure, aio=True)
             self._stubs[address] = pb_grpc.ExpertShardStub(ch)
         return self._stubs[address]
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run `coro` as a background task, kept only while it runs; an exception it ends with is logged,
+        counted in loop_errors and recorded as a `task_error` event."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        name = task.get_coro().__qualname__
+        self.loop_errors += 1
+        self._event("task_error", task=name, error=str(task.exception())[:200])
+        log.error("controller task %s failed", name, exc_info=task.exception())
 
     def _event(self, kind: str, **kw) -> None:
         self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
@@ -145,7 +163,7 @@ class Mover:
             if p in owners and owners[p].shard_id not in change.remove:
                 drops.setdefault(owners[p].shard_id, []).append((l, e))
         if drops:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._drop_after_acks(drops, version)))
+            self._spawn(self._drop_after_acks(drops, version))
 
     async def _acked(self, version: int, timeout_s: float = ACK_TIMEOUT_S) -> bool:
         """Wait until every gateway seen lately has polled `version` (or newer)."""

@@ -1,0 +1,63 @@
+"""The controller's bookkeeping over real in-process gRPC shards: finished background tasks are forgotten."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from elasticmoe.autoscaler import moves
+from elasticmoe.autoscaler.registry import Change
+from elasticmoe.placement import Placement
+from tests.test_controller import E, ControllerImpl, _args, _until, _with_shards, model  # noqa: F401
+
+
+async def _drop_one_copy_each(ctrl) -> None:
+    """Commit a placement with one copy of every expert where two are held: old copies are dropped by a task."""
+    cur = ctrl.registry.placement
+    one = Placement.even(cur.num_layers, E, cur.num_shards, cur.slots_per_shard, 1)
+    async with ctrl._lock:
+        await ctrl._apply(Change(cur, one, {p: p for p in range(cur.num_shards)}), "test")
+
+
+def test_finished_drop_tasks_are_forgotten(model):
+    """A long-lived controller makes a drop task per placement change: once it ended it is not kept (a leak)."""
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model, expert_copies=2))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        loops = list(ctrl._tasks)
+        for task in loops:
+            task.cancel()
+        await asyncio.wait(loops)
+        await _until(lambda: not ctrl._tasks, 5, "the cancelled loops forgotten")
+        await _drop_one_copy_each(ctrl)
+        assert len(ctrl._tasks) == 1
+        await _until(lambda: not ctrl._tasks, 10, "the finished drop task forgotten")
+        assert len(a.held()) + len(b.held()) == len(files.spec.moe.moe_layers) * E  # the drops were made
+
+    _with_shards(model, "ab", scenario)
+
+
+def test_a_failed_drop_task_is_logged_and_counted(model, monkeypatch, caplog):
+    """An exception ending a drop task is retrieved when it ends: logged, counted as a loop error, an event."""
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model, expert_copies=2))
+        await a.join(ctrl)
+        await b.join(ctrl)
+
+        async def broken(drops):
+            raise RuntimeError("drop exploded")
+
+        monkeypatch.setattr(ctrl, "_drop_now", broken)
+        errors = ctrl.loop_errors
+        await _drop_one_copy_each(ctrl)
+        await _until(lambda: ctrl.loop_errors == errors + 1, 10, "the failed drop task counted")
+        assert ctrl.event_counts.get("task_error") == 1
+        for task in list(ctrl._tasks):
+            task.cancel()
+
+    with caplog.at_level("ERROR", logger=moves.log.name):
+        _with_shards(model, "ab", scenario)
+    failed = [r for r in caplog.records if "_drop_after_acks" in r.getMessage()]
+    assert len(failed) == 1 and "drop exploded" in str(failed[0].exc_info[1])
