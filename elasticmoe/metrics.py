@@ -172,11 +172,16 @@ class GatewayMetrics:
         if self._ray:
             self._ray["balancedness"].set(float(value), {"layer": str(layer)})
 
-    def shard_health(self, shard_id: str, ok: bool) -> None:
-        """Set whether an expert shard is healthy."""
-        self.shards[shard_id] = bool(ok)
+    def set_shard_health(self, health: dict[str, bool]) -> None:
+        """Set whether each registered expert shard is healthy; a shard missing from `health` (it left) is
+        forgotten, and its series set to 0 once (a Ray gauge cannot drop a series: it kept its last value)."""
+        gone = set(self.shards) - set(health)
+        self.shards = {sid: bool(ok) for sid, ok in health.items()}
         if self._ray:
-            self._ray["shard_healthy"].set(1.0 if ok else 0.0, {"shard": shard_id})
+            for sid in gone:
+                self._ray["shard_healthy"].set(0.0, {"shard": sid})
+            for sid, ok in health.items():
+                self._ray["shard_healthy"].set(1.0 if ok else 0.0, {"shard": sid})
 
     def rebalance(self, nbytes: int) -> None:
         """Count one applied rebalance that moved `nbytes` of expert weights."""

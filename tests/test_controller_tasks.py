@@ -1,4 +1,4 @@
-"""The controller's bookkeeping over real in-process gRPC shards: finished background tasks are forgotten."""
+"""The controller's bookkeeping over real in-process gRPC shards: finished tasks and removed shards are forgotten."""
 
 from __future__ import annotations
 
@@ -61,3 +61,21 @@ def test_a_failed_drop_task_is_logged_and_counted(model, monkeypatch, caplog):
         _with_shards(model, "ab", scenario)
     failed = [r for r in caplog.records if "_drop_after_acks" in r.getMessage()]
     assert len(failed) == 1 and "drop exploded" in str(failed[0].exc_info[1])
+
+
+def test_a_drained_shard_leaves_the_health_metric(model):
+    """elasticmoe_shard_healthy names the registered shards only: a drained (or re-homed) shard is no ghost."""
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in list(ctrl._tasks):
+            task.cancel()  # the rounds below are the only ones
+        await ctrl._stats_once()
+        assert ctrl.metrics.shards == {"a": True, "b": True}
+        await ctrl.drain("b")
+        assert set(ctrl.registry.shards) == {"a"}
+        await ctrl._stats_once()
+        assert ctrl.metrics.shards == {"a": True}
+
+    _with_shards(model, "ab", scenario)

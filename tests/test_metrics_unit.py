@@ -94,7 +94,7 @@ def test_request_and_control_plane_counters():
     m.ttft(0.1), m.tpot(0.01), m.e2e(1.0)
     m.engine(running=3, queued=1, kv_usage=0.75)
     m.copies(1, 0, 2), m.copies(1, 1, 1), m.copies(1, 0, 3)
-    m.balancedness(1, 0.9), m.shard_health("shard-0", False), m.rebalance(1024), m.fanout([1e-3, 2e-3])
+    m.balancedness(1, 0.9), m.set_shard_health({"shard-0": False}), m.rebalance(1024), m.fanout([1e-3, 2e-3])
     assert m.requests == {("http", "ok"): 2, ("grpc", "rejected"): 1} and m.errors == {"429": 1}
     assert m.latency_counts == {"ttft": 1, "tpot": 1, "e2e": 1}
     assert m.gauges["running"] == 3 and m.gauges["kv_usage"] == 0.75
@@ -175,3 +175,26 @@ def test_layer_copies_follow_changes_and_repeats():
     m.set_copies([1, 2], np.array([[1] * EXPERTS, [2] * EXPERTS]))  # back, idempotent
     m.copies(2, 0, 0)
     assert m.layer_copies == {1: EXPERTS, 2: 2 * EXPERTS - 2} and m.expert_copies[(2, 0)] == 0
+
+
+class _SeenGauge:
+    """Stands where Ray's Gauge is (Ray is not initialised here): the last value set per tag set."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.values[tuple(sorted(tags.items()))] = value
+
+
+def test_a_removed_shard_leaves_no_healthy_series():
+    """A shard gone from the controller's registry is forgotten in process and its exported series set to 0 (a
+    Ray gauge cannot drop a series: left at 1 it showed a healthy ghost shard on dashboards)."""
+    m = _metrics()
+    gauge = _SeenGauge()
+    m._ray = {"shard_healthy": gauge}
+    m.set_shard_health({"a": True, "b": True, "c": False})
+    assert m.shards == {"a": True, "b": True, "c": False}
+    m.set_shard_health({"a": True, "c": True})
+    assert m.shards == {"a": True, "c": True}
+    assert gauge.values == {(("shard", "a"),): 1.0, (("shard", "b"),): 0.0, (("shard", "c"),): 1.0}

@@ -282,8 +282,9 @@ class Controller(Mover):
             self._exported_version = self.registry.version
             self.metrics.set_copies(self.moe_layers, self.registry.live_copies())  # [L, E], O(L*E*N)
         live = {s.shard_id for s in self.registry.live()}
-        for s in self.registry.shards.values():  # live: answered GetStats; loading or spare: the health check
-            self.metrics.shard_health(s.shard_id, s.shard_id in stats if s.shard_id in live else s.healthy)
+        # live: answered GetStats; loading or spare: the health check; a shard no longer registered is dropped
+        self.metrics.set_shard_health({s.shard_id: s.shard_id in stats if s.shard_id in live else s.healthy
+                                       for s in self.registry.shards.values()})
 
     # ----- re-placement (make-before-break)
     async def _lose(self, shard_id: str, why: str, alive: bool = False) -> int | None:
