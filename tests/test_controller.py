@@ -580,3 +580,53 @@ def test_an_operators_shard_count_outlives_a_controller_restart(model):
         del ctrl
 
     asyncio.run(run())
+
+
+def _moved(cur, src: int, dst: int, expert: int):
+    """`cur` with `expert` of every layer moved from position `src` to `dst`."""
+    from elasticmoe.placement import Placement
+
+    holds, shares = cur.holds(), cur.shares()  # [L, E, N]
+    holds[:, expert, dst], shares[:, expert, dst] = True, shares[:, expert, src]
+    holds[:, expert, src], shares[:, expert, src] = False, 0.0
+    return Placement.from_arrays(shares, holds, cur.slots_per_shard)
+
+
+def test_recovery_keeps_the_copies_a_gateway_may_still_route_to(model, monkeypatch):
+    """The controller commits a move (its record saved: the new placement) and dies before any gateway polled the
+    new table. The restarted controller must not drop the moved copies at once: a gateway still routes them to
+    their old shard until it has installed a table of the new controller, and only then are they dropped."""
+    import elasticmoe.autoscaler.moves as moves_module
+    from elasticmoe.autoscaler.registry import Change
+
+    monkeypatch.setattr(moves_module, "GATEWAY_TTL_S", 2.0)
+
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        old = await ctrl.table(-1, "g")
+        assert await ctrl.table(old["version"], "g") is None  # the gateway runs `old`
+        cur = ctrl.registry.placement
+        async with ctrl._lock:
+            await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "test move")
+        for task in ctrl._tasks:
+            task.cancel()  # the controller dies: its drop after the acks never runs
+        moved = {(l, 0) for l in files.spec.moe.moe_layers}
+        assert moved <= a.held() and moved <= b.held()
+
+        ctrl2 = ControllerImpl(_args(model))
+        assert ctrl2.recovering
+        ctrl2._start()
+        await _until(lambda: not ctrl2.recovering, 10, "recovery")
+        await asyncio.sleep(0.3)
+        assert _routed_to(old, "a") <= a.held()  # what the gateway still routes to a is there
+        new = await ctrl2.table(old["version"], "g")  # the gateway installs the new table and acknowledges it
+        assert new["complete"] and all(_routed_to(new, s.shard_id) <= s.held() for s in (a, b))
+        await ctrl2.table(new["version"], "g")
+        await _until(lambda: not moved & a.held(), 10, "the moved copies dropped from a")
+        assert b.held() == set(ctrl2.registry.assignment(ctrl2.registry.shards["b"].position))
+        for task in ctrl2._tasks:
+            task.cancel()
+
+    _with_shards(model, "ab", scenario)

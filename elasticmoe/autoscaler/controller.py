@@ -68,7 +68,7 @@ class Controller(Mover):
         else:
             even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
             self.registry = Registry(even, self.moe_layers, version=int(rec["registry"]["version"]) + 1 if rec else 1)
-        Mover.__init__(self, insecure=self.args.insecure_internal)
+        Mover.__init__(self, insecure=self.args.insecure_internal, successor=rec is not None)
         from elasticmoe.metrics import GatewayMetrics
 
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, self.num_experts, self.moe_layers)
@@ -350,8 +350,12 @@ class Controller(Mover):
             self._event("grow_failed", error=str(e)[:200])
 
     async def _recover(self) -> None:
-        """After a restart: the shards are the truth. Keep what they hold, reload what they lost, lose the dead."""
+        """After a restart: the shards are the truth. Keep what they hold, reload what they lost, lose the dead.
+        Copies the record's placement does not name are dropped only once every gateway runs this controller's
+        table: a gateway may still route to them (the old controller died before it polled a committed change, or
+        published one whose record was not saved)."""
         async with self._lock:
+            drops: dict[str, list[tuple[int, int]]] = {}  # shard id -> (placement layer, expert)
             for info in list(self.registry.shards.values()):
                 held = await self._held(info.address, info.shard_id)
                 if held is None:
@@ -363,9 +367,13 @@ class Controller(Mover):
                 except Exception:  # noqa: BLE001
                     info.healthy = False
                     continue
-                await self._drop_now({info.address: sorted(held - want)} if info.ready else {})
+                if info.ready and held - want:
+                    drops[info.shard_id] = [(self.layer_index[l], e) for l, e in sorted(held - want)]
             self.recovering = False
             self._event("recovered", shards=len(self.registry.shards))
             self._publish()
+            if drops:
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._drop_after_acks(drops, self.registry.version)))
             if self.registry.spares():
                 await self._grow()

@@ -31,7 +31,7 @@ class Mover:
     registry: Registry
     moe_layers: list[int]
 
-    def __init__(self, insecure: bool = False) -> None:
+    def __init__(self, insecure: bool = False, successor: bool = False) -> None:
         self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
         if insecure:
             tls.warn_insecure("controller")
@@ -40,6 +40,9 @@ class Mover:
         self._tasks: set[asyncio.Task] = set()  # running background tasks (a finished one is forgotten)
         self._lock: asyncio.Lock | None = None
         self.acks: dict[str, tuple[int, float]] = {}  # gateway id -> (table version it runs, when it said so)
+        # A controller that follows another (a restart) has not heard from every gateway yet: one that has not polled
+        # it may still run the old controller's table, so nothing is dropped before a gateway's TTL has passed.
+        self.unheard_until = time.monotonic() + (GATEWAY_TTL_S if successor else 0.0)
         self.events: list[dict] = []
         self.event_counts: dict[str, int] = {}
         self.bytes_moved = 0
@@ -166,11 +169,11 @@ class Mover:
             self._spawn(self._drop_after_acks(drops, version))
 
     async def _acked(self, version: int, timeout_s: float = ACK_TIMEOUT_S) -> bool:
-        """Wait until every gateway seen lately has polled `version` (or newer)."""
+        """Wait until every gateway seen lately has polled `version` (or newer), and every live one has been seen."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             now = time.monotonic()
-            if all(v >= version for v, t in self.acks.values() if now - t < GATEWAY_TTL_S):
+            if now >= self.unheard_until and all(v >= version for v, t in self.acks.values() if now - t < GATEWAY_TTL_S):
                 await asyncio.sleep(DROP_GRACE_S)
                 return True
             await asyncio.sleep(0.05)
