@@ -621,9 +621,9 @@ def test_recovery_keeps_the_copies_a_gateway_may_still_route_to(model, monkeypat
         await _until(lambda: not ctrl2.recovering, 10, "recovery")
         await asyncio.sleep(0.3)
         assert _routed_to(old, "a") <= a.held()  # what the gateway still routes to a is there
-        new = await ctrl2.table(old["version"], "g")  # the gateway installs the new table and acknowledges it
+        new = await ctrl2.table(old["version"], "g", 0.0, old["epoch"])  # the gateway installs the new table
         assert new["complete"] and all(_routed_to(new, s.shard_id) <= s.held() for s in (a, b))
-        await ctrl2.table(new["version"], "g")
+        await ctrl2.table(new["version"], "g", 0.0, new["epoch"])  # and acknowledges it
         await _until(lambda: not moved & a.held(), 10, "the moved copies dropped from a")
         assert b.held() == set(ctrl2.registry.assignment(ctrl2.registry.shards["b"].position))
         for task in ctrl2._tasks:

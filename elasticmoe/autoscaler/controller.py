@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import secrets
 import time
 
 from ray import serve
@@ -45,6 +46,7 @@ class Controller(Mover):
         from elasticmoe.model import open_model
 
         self.args = AppArgs.model_validate(args)
+        self.epoch = secrets.token_hex(8)  # this instance: its table versions say nothing about another's
         spec = open_model(self.args.model).spec
         self.moe_layers = spec.moe.moe_layers
         self.layer_index = {l: i for i, l in enumerate(self.moe_layers)}
@@ -150,7 +152,7 @@ class Controller(Mover):
             version = await self._lose(shard_id, "drained", alive=True)
         if version is not None:
             await self._acked(version)
-        return self.registry.table()
+        return self._table()
 
     async def report_failure(self, shard_id: str) -> dict:
         """A gateway's call to this shard failed: check it soon (not under this call); return the table."""
@@ -158,7 +160,7 @@ class Controller(Mover):
         info = self.registry.shards.get(shard_id)
         if info is not None and info.healthy:
             self._spawn(self._check_one(shard_id, lock))  # referenced while it runs: not garbage-collected
-        return self.registry.table()
+        return self._table()
 
     async def _check_one(self, shard_id: str, lock: asyncio.Lock) -> None:
         info = self.registry.shards.get(shard_id)
@@ -168,12 +170,15 @@ class Controller(Mover):
             await self._lose(shard_id, "call failed")
 
     # ----- gateway and operator API
-    async def table(self, known_version: int = -1, gateway_id: str | None = None, wait_s: float = 0.0
-                    ) -> dict | None:
+    async def table(self, known_version: int = -1, gateway_id: str | None = None, wait_s: float = 0.0,
+                    known_epoch: str | None = None) -> dict | None:
         """The routing table, or None when the caller's version is still current after `wait_s` seconds (a long
         poll, at most TABLE_WAIT_MAX_S: a new version is answered within TABLE_CHECK_S). `gateway_id` acknowledges
-        the caller's version."""
+        the caller's version. A version of another controller instance (`known_epoch`) is not this one's: a restart
+        without the record starts over, one whose last save failed repeats a number with another table."""
         self._start()
+        if known_epoch is not None and known_epoch != self.epoch:
+            known_version = -1
         if gateway_id is not None:
             self.acks[gateway_id] = (known_version, time.monotonic())
         deadline = time.monotonic() + min(max(0.0, wait_s), TABLE_WAIT_MAX_S)
@@ -181,7 +186,10 @@ class Controller(Mover):
             await asyncio.sleep(TABLE_CHECK_S)
         if known_version == self.registry.version:
             return None
-        return self.registry.table()
+        return self._table()
+
+    def _table(self) -> dict:
+        return {**self.registry.table(), "epoch": self.epoch}
 
     async def info(self) -> dict:
         """This replica's pid and state (for failure tests and `elasticmoe status`)."""

@@ -63,7 +63,7 @@ class GatewayCore:
         self.step_log: deque[tuple[float, float]] = deque(maxlen=200_000)  # (wall time, step seconds)
         self.runner = EngineRunner(engine, on_step=self._on_step)
         self.complete = threading.Event()
-        self.table_version = -1
+        self.table_version, self.table_epoch = -1, None  # the last table installed from a poll, and its controller
         threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
 
     def _on_step(self, seconds: float, n: int) -> None:
@@ -78,10 +78,11 @@ class GatewayCore:
         self.metrics.engine(len(sched.running), len(sched.waiting), len(sched.running) / max(1, total))
 
     def _install(self, table: dict | None) -> None:
-        if table is None:
+        """A poll's answer: installed unless stale (the failure-report path installed a newer one meanwhile; the
+        next poll, still at the old version, brings the newest at once). A restarted controller's always counts."""
+        if table is None or not self.dispatcher.set_table(RoutingTable.from_dict(table)):
             return
-        self.dispatcher.set_table(RoutingTable.from_dict(table), only_newer=False)  # the controller's word
-        self.table_version = table["version"]
+        self.table_version, self.table_epoch = table["version"], table.get("epoch")
         if table["complete"]:
             self.complete.set()
         else:
@@ -94,7 +95,7 @@ class GatewayCore:
         (benchmarks/serving.py, cores_busy)."""
         while True:
             try:
-                call = self.controller.table.remote(self.table_version, self.gateway_id, TABLE_WAIT_S)
+                call = self.controller.table.remote(self.table_version, self.gateway_id, TABLE_WAIT_S, self.table_epoch)
                 self._install(call.result(timeout_s=10 + TABLE_WAIT_S))
             except Exception as e:  # noqa: BLE001 - controller restarting; keep serving on the last table
                 log.warning("routing-table poll failed: %s", e)

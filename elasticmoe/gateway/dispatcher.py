@@ -57,6 +57,7 @@ class GrpcDispatcher:
         self.transport = make_transport(transport, insecure)  # how calls reach the shards (gateway.transport)
         self.table: RoutingTable | None = None
         self._next: RoutingTable | None = None
+        self._left_epochs: set[str] = set()  # controller instances whose tables this dispatcher replaced
         self._lock = threading.Lock()
         self.suspects: dict[str, float] = {}  # shard id -> monotonic time it last failed or straggled
         self._stuck: dict[str, int] = {}  # shard id -> its hedged-around calls still unanswered (straggling)
@@ -77,15 +78,24 @@ class GrpcDispatcher:
         threading.Thread(target=self._report_loop, name="failure-reports", daemon=True).start()
 
     # ----- routing tables
-    def set_table(self, table: RoutingTable, now: bool = False, only_newer: bool = True) -> None:
-        """Install a new routing table: at the next step boundary, or at once (`now`). With `only_newer`, a table
-        older than the newest known is ignored (a late answer); the poller's tables always count."""
+    def set_table(self, table: RoutingTable, now: bool = False) -> bool:
+        """Install a new routing table: at the next step boundary, or at once (`now`); False if it is refused.
+
+        Versions count within one controller instance (`epoch`): an older table of the newest known's instance is a
+        late answer, refused. Another instance's table is a restarted controller's word, whatever its version (it
+        starts over without its GCS record), unless it comes from an instance this dispatcher has moved on from."""
         with self._lock:
-            if only_newer and self.latest() is not None and table.version <= self.latest().version:
-                return
+            latest = self.latest()
+            if latest is not None and table.epoch == latest.epoch and table.version < latest.version:
+                return False
+            if table.epoch in self._left_epochs:
+                return False
+            if latest is not None and table.epoch != latest.epoch:
+                self._left_epochs.add(latest.epoch)
             self._next = table
             if now or self.table is None:
                 self.table, self._next = table, None
+            return True
 
     def latest(self) -> RoutingTable | None:
         """The newest table known, installed or waiting for the next step."""

@@ -20,11 +20,13 @@ class RoutingTable:
     addresses: tuple[str, ...]  # shard index -> "host:port"
     copies: dict[int, torch.Tensor]  # layer -> [E, C] shard index per copy (-1 = none)
     shares: dict[int, torch.Tensor]  # layer -> [E, C] share of the expert's tokens per copy (0 where none)
+    epoch: str = ""  # the controller instance that made it: versions count within one instance
     _plans: dict = field(default_factory=dict, compare=False, repr=False)  # (layer, exclude) -> _plan's answer
 
     @staticmethod
     def from_dict(d: dict) -> "RoutingTable":
-        """From the controller's table: {version, shards: [{id, address}], layers: {layer: [[(shard_idx, share)...] per expert]}}."""
+        """From the controller's table: {version, epoch, shards: [{id, address}], layers: {layer: [[(shard_idx, share)...]
+        per expert]}}."""
         copies, shares = {}, {}
         for layer, experts in d["layers"].items():
             width = max(1, max((len(c) for c in experts), default=1))
@@ -35,7 +37,7 @@ class RoutingTable:
                     idx[e, j], share[e, j] = int(s), max(0.0, float(x))
             copies[int(layer)], shares[int(layer)] = idx, share
         return RoutingTable(int(d["version"]), tuple(s["id"] for s in d["shards"]),
-                            tuple(s["address"] for s in d["shards"]), copies, shares)
+                            tuple(s["address"] for s in d["shards"]), copies, shares, str(d.get("epoch", "")))
 
     def index_of(self, shard_ids) -> frozenset[int]:
         """Shard indices of this table for a set of shard ids (ids not in the table are ignored)."""
