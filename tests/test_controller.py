@@ -630,3 +630,29 @@ def test_recovery_keeps_the_copies_a_gateway_may_still_route_to(model, monkeypat
             task.cancel()
 
     _with_shards(model, "ab", scenario)
+
+
+def test_a_shard_loading_its_plan_while_a_re_home_loads_onto_it_holds_its_assignment(model):
+    """c registers and, before it applies its plan (as ExpertShard._register does: drop what the plan does not
+    name, load the rest, report ready), b dies and its re-home loads copies onto c. Applying the now stale plan
+    dropped them again: the table routed them to c, which answered `missing`. Ready makes c hold its assignment."""
+    async def scenario(files, a, b, c):
+        ctrl = ControllerImpl(_args(model, num_shards=3))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        plan = await ctrl.register("c", c.address)
+        b.server.stop(None)
+        async with ctrl._lock:
+            await ctrl._lose("b", "health check failed")
+        reg = ctrl.registry
+        assert set(reg.assignment(reg.shards["c"].position)) - set(plan["experts"])  # the re-home loaded onto c
+        c.store.drop(c.held() - set(plan["experts"]))  # c applies its plan only now
+        c.store.load(plan["experts"])
+        await ctrl.ready("c")
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "c"]
+        assert all(s.held() == set(reg.assignment(reg.shards[s.shard_id].position)) for s in (a, c))
+        for task in ctrl._tasks:
+            task.cancel()
+
+    _with_shards(model, "abc", scenario)

@@ -129,13 +129,29 @@ class Controller(Mover):
         """The shard loaded its experts: publish it; a spare replica grows the placement onto itself."""
         lock = self._start()
         async with lock:
-            if not self.registry.mark_ready(shard_id):
+            info = self.registry.shards.get(shard_id)
+            if info is None:
                 raise KeyError(f"shard {shard_id} is not registered")
+            await self._hold_assignment(info)
+            self.registry.mark_ready(shard_id)
             self._event("ready", shard=shard_id)
             self._publish()
             if self.registry.spares():
                 await self._grow()
         return self.registry.version
+
+    async def _hold_assignment(self, info: ShardInfo) -> None:
+        """Make a shard about to be published hold exactly its position's assignment. The plan it loaded may be
+        stale: a change committed meanwhile loaded copies onto it (which dropping what that plan does not name
+        undid) or dropped some (which loading the plan brought back). In no table yet, it can drop at once; one
+        already published (its ready answer was lost) keeps its extras for the drops after the acks."""
+        held = await self._held(info.address, info.shard_id)
+        if held is None:
+            raise RuntimeError(f"shard {info.shard_id} does not answer at {info.address}")
+        want = set(self.registry.assignment(info.position))
+        await self._load_many({info.address: sorted(want - held)})
+        if not info.ready:
+            await self._drop_now({info.address: sorted(held - want)})
 
     async def heartbeat(self, shard_id: str, address: str) -> dict:
         """A shard's periodic check-in: `known` False means it was dropped and must be replaced (no zombies)."""
