@@ -397,7 +397,6 @@ class Controller(Mover):
             self._event("recovered", shards=len(self.registry.shards))
             self._publish()
             if drops:
-                self._tasks.append(asyncio.get_running_loop().create_task(
-                    self._drop_after_acks(drops, self.registry.version)))
+                self._spawn(self._drop_after_acks(drops, self.registry.version))
             if self.registry.spares():
                 await self._grow()
