@@ -70,7 +70,7 @@ def test_a_restarted_controller_answers_a_gateway_of_its_predecessor_at_once(tmp
         table = await second.table(table["version"], "g", 0.0, table["epoch"])
         assert await second.table(table["version"], "g", 0.0, table["epoch"]) is None
         assert second.acks["g"][0] == table["version"]
-        for task in first._tasks + second._tasks:
+        for task in first._tasks | second._tasks:
             task.cancel()
 
     asyncio.run(scenario())
