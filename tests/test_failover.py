@@ -120,16 +120,17 @@ def files(tmp_path_factory):
 
 
 class Shards:
-    """In-process expert shards on 127.0.0.1, each holding the given experts of every MoE layer."""
+    """In-process expert shards on 127.0.0.1, each holding the given experts of every MoE layer; `options`: shard
+    index -> start_server's keyword arguments for that shard."""
 
-    def __init__(self, files, holdings: list[list[int]]):
+    def __init__(self, files, holdings: list[list[int]], options: dict[int, dict] | None = None):
         self.files = files
         self.layers = files.spec.moe.moe_layers
         self.stores, self.servers, self.servicers, self.addresses = [], [], [], []
         for i, experts in enumerate(holdings):
             store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
             store.load([(l, e) for l in self.layers for e in experts])
-            server, servicer, port = start_server(store, f"s{i}")
+            server, servicer, port = start_server(store, f"s{i}", **(options or {}).get(i, {}))
             self.stores.append(store)
             self.servers.append(server)
             self.servicers.append(servicer)

@@ -115,7 +115,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
 
     def RunExperts(self, request, context):
         if not self._run_slots.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shard busy: all RunExperts workers in use")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{frames.BUSY}: all RunExperts workers in use")
         try:
             return self._run(request, context)
         finally:
@@ -125,7 +125,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         """Frames in, replies out (matched by id): each frame runs as RunExperts would, one after another on this
         stream's reading thread (serve_frames); a bad frame gets its status code in the reply."""
         if not self._streams.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"shard busy: {self.max_streams} streams open")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{frames.BUSY}: {self.max_streams} streams open")
         replies: queue.SimpleQueue = queue.SimpleQueue()
         if not context.add_callback(self._streams.release):  # already over
             self._streams.release()

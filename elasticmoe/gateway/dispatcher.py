@@ -37,7 +37,8 @@ class GrpcDispatcher:
     """Sends each shard, in one gRPC call, the step's tokens routed to it; combines the partial outputs.
 
     Inside the step, a failed, timed-out, malformed or `missing` call is re-sent to surviving copies of the
-    same experts, and a straggler whose experts have another copy gets a hedged call (the first answer wins).
+    same experts, and a straggler whose experts have another copy gets a hedged call (the first answer wins). A full
+    shard's refusal (transport.is_busy) goes to another copy, else to that shard again shortly; it is not reported.
     Experts left with no live copy wait, up to `failover_s`, for the controller's next table. Failures are
     reported to `on_failure(shard id)` from a background thread, never from the engine thread.
     """

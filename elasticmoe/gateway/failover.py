@@ -11,12 +11,14 @@ import grpc
 import torch
 
 from elasticmoe.gateway.routing import RoutingTable
+from elasticmoe.gateway.transport import is_busy
 from elasticmoe.rpc.codec import decode_tensor
 
 if TYPE_CHECKING:
     from elasticmoe.gateway.dispatcher import GrpcDispatcher
 
 log = logging.getLogger(__name__)
+BUSY_RETRY_S = 0.05  # a full shard ("shard busy") is not asked again for these moments within the step
 
 
 class Call:
@@ -41,6 +43,7 @@ class _Group:
         self.broken: set[int] = set()  # indices of failed attempts
         self.winner: list[Call] | None = None
         self.tried: set[str] = set()  # shards that failed or lack these experts: not asked again this step
+        self.busy: dict[str, float] = {}  # full shard -> perf_counter time before which it is not asked again
         self.started = time.perf_counter()
         self.hedged = False
         self.hedge_tried_version = -1  # table version in which a hedge found no other copy
@@ -97,9 +100,12 @@ class Step:
                                                   self.weights[part])))
         return out
 
-    def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> list[_Group]:
-        """Groups covering ids [T, k]: one per shard call, plus one waiting group for slots with no live copy."""
-        shard_of, lost = self._route(table, ids, hard)
+    def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str],
+               busy: dict[str, float] | None = None) -> list[_Group]:
+        """Groups covering ids [T, k]: one per shard call, plus one waiting group for slots with no live copy.
+        `hard` are never asked; `busy` (shard -> until when) not before their time."""
+        now, busy = time.perf_counter(), busy or {}
+        shard_of, lost = self._route(table, ids, hard | {s for s, until in busy.items() if until > now})
         any_lost = bool(lost.any())
         if any_lost:
             issued = self._issue(table, torch.where(lost, -1, ids), torch.where(lost, -1, shard_of))
@@ -110,6 +116,7 @@ class Step:
             groups.append(_Group(torch.where(lost, ids, -1), None))
         for g in groups:
             g.tried |= hard
+            g.busy = dict(busy)
         return groups
 
     def start(self, table: RoutingTable) -> None:
@@ -120,7 +127,11 @@ class Step:
         """Record c's answer (or failure) in group g's attempt."""
         try:
             resp = c.future.result()
-        except Exception as e:  # noqa: BLE001 - any failure of the call is that shard's
+        except Exception as e:  # noqa: BLE001 - any failure of the call but a refusal (busy) is that shard's
+            if is_busy(e):
+                log.info("shard %s busy at layer %d: %s", c.shard_id, self.layer, e.details())
+                self._refused(g, attempt, c.shard_id)
+                return
             code = e.code() if isinstance(e, grpc.RpcError) else type(e).__name__
             log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
             self._fail(g, attempt, c.shard_id, report=True)
@@ -151,6 +162,14 @@ class Step:
             self.d.suspect(shard_id, report=True)
         self.d.failovers += 1
 
+    def _refused(self, g: _Group, attempt: int, shard_id: str) -> None:
+        """A full shard refused the call: another copy takes it, else this shard again after BUSY_RETRY_S. It is
+        alive: suspected for suspect_s (other copies first), neither dead for the step nor reported."""
+        g.broken.add(attempt)
+        g.busy[shard_id] = time.perf_counter() + BUSY_RETRY_S
+        self.d.suspect(shard_id, report=False)
+        self.d.failovers += 1
+
     def _poll(self) -> None:
         for g in self.groups:
             if g.winner is not None:
@@ -172,7 +191,7 @@ class Step:
         out: list[_Group] = []
         for g in self.groups:
             if g.winner is None and not g.live():
-                fresh = self._split(table, g.ids, g.tried | self.dead)
+                fresh = self._split(table, g.ids, g.tried | self.dead, g.busy)
                 if len(fresh) == 1 and not fresh[0].attempts:  # still nothing live: keep waiting
                     fresh[0].started = g.started
                 out.extend(fresh)

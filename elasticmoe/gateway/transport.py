@@ -58,6 +58,12 @@ class TransportError(grpc.RpcError):
         return self._details
 
 
+def is_busy(e: BaseException) -> bool:
+    """A shard's refusal because it is full (RESOURCE_EXHAUSTED "shard busy: ..."): the shard is alive."""
+    return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and (e.details() or "").startswith(frames.BUSY))
+
+
 class _Channels:
     """One channel (and stub) per shard address; all replaced when the TLS files are renewed."""
 

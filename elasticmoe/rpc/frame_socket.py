@@ -295,7 +295,7 @@ class FrameListener:
             try:
                 if not self.closed:
                     send_parts(conn, frames.reply_parts(0, code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-                                                        error=f"shard busy: {self.max_conns} frame connections open"))
+                                                        error=f"{frames.BUSY}: {self.max_conns} frame connections open"))
             except OSError:
                 pass
             hard_close(conn)
