@@ -192,17 +192,20 @@ def bind(host: str, ports: list[int]) -> socket.socket:
 class FrameListener:
     """Accepts frame connections (mTLS; plaintext when `insecure`): each connection's request frames (frames.Request,
     or FrameError for one that cannot be read) go to `serve(frames, put)`; put() writes a reply at once.
-    A bad length prefix closes that connection only. At most `max_conns` connections at once."""
+    A bad length prefix closes that connection only. At most `max_conns` connections at once, and at most
+    `max_handshakes` in their TLS handshake (each has HANDSHAKE_S): a new one cuts the oldest, so clients that open TCP
+    and never finish TLS hold neither threads nor descriptors beyond that, and a real client's handshake gets in."""
 
     def __init__(self, serve: Callable[[Iterator, Put], None], host: str, ports: list[int], insecure: bool = False,
-                 files: tls.TlsFiles | None = None, max_conns: int = 16):
+                 files: tls.TlsFiles | None = None, max_conns: int = 16, max_handshakes: int = 16):
         self.serve, self.insecure, self.max_conns = serve, insecure, max_conns
+        self.max_handshakes = max(1, max_handshakes)
         self.files = None if insecure else (files or tls.tls_files())
         self._ctx, self._stamp = None, None
         self.sock = bind(host, ports)
         self.port = self.sock.getsockname()[1]
         self._conns: set[socket.socket] = set()  # connections being served (their TLS sockets once open)
-        self._opening: set[socket.socket] = set()  # accepted, handshake not done yet
+        self._opening: dict[socket.socket, float] = {}  # accepted, handshake not done yet -> when accepted
         self._threads: set[threading.Thread] = set()  # each connection's thread, until it returns
         self._lock = threading.Lock()
         self.closed = False
@@ -237,8 +240,18 @@ class FrameListener:
                     hard_close(conn)
                     return
                 self._threads.add(thread)
-                self._opening.add(conn)
+                if len(self._opening) >= self.max_handshakes:
+                    self._cut_oldest_opening()
+                self._opening[conn] = time.monotonic()
             thread.start()
+
+    def _cut_oldest_opening(self) -> None:
+        """(Under the lock.) End the connection longest in its handshake (its thread sees the end and returns)."""
+        oldest = min(self._opening, key=self._opening.__getitem__)
+        del self._opening[oldest]
+        shutdown(oldest)  # a raw socket already wrapped is detached: _wrap, not finding it, closes the TLS one
+        log.info("frame listener %d: %d connections in their TLS handshake: the oldest cut", self.port,
+                 self.max_handshakes)
 
     def _open(self, conn: socket.socket) -> socket.socket | None:
         """The TLS handshake (client certificate of the CA required); None (closed) when it fails or the listener
@@ -254,7 +267,7 @@ class FrameListener:
         except (OSError, ValueError) as e:
             log.info("frame listener %d: TLS handshake refused: %s", self.port, e)
             with self._lock:
-                self._opening.discard(conn)
+                self._opening.pop(conn, None)
             hard_close(conn)
             return None
 
@@ -263,14 +276,13 @@ class FrameListener:
         cutting it would no longer reach the connection)."""
         conn = self._context().wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         with self._lock:
-            self._opening.discard(raw)
-            self._opening.add(conn)
-            closed = self.closed
-            if closed:  # close() came between: it cut raw, too late
-                self._opening.discard(conn)
+            accepted = self._opening.pop(raw, None)
+            closed = self.closed or accepted is None  # close() came between (it cut raw, too late), or raw was cut
+            if not closed:
+                self._opening[conn] = accepted
         if closed:
             hard_close(conn)
-            raise OSError("frame listener closed")
+            raise OSError("frame listener closed, or the connection cut for a newer handshake")
         return conn
 
     def _connection(self, raw: socket.socket) -> None:
@@ -278,7 +290,7 @@ class FrameListener:
             self._serve(raw)
         finally:
             with self._lock:
-                self._opening.discard(raw)
+                self._opening.pop(raw, None)
                 self._threads.discard(threading.current_thread())
 
     def _serve(self, raw: socket.socket) -> None:
@@ -287,10 +299,13 @@ class FrameListener:
             return
         with self._lock:
             full = len(self._conns) >= self.max_conns
-            refused = self.closed or full
-            self._opening.discard(conn)
+            cut = self._opening.pop(conn, None) is None  # cut for a newer handshake just as its own ended
+            refused = self.closed or full or cut
             if not refused:
                 self._conns.add(conn)
+        if cut:
+            hard_close(conn)
+            return
         if refused:
             try:
                 if not self.closed:

@@ -1,0 +1,60 @@
+"""The frame listener's TLS handshakes, over real sockets: connections that open TCP and never finish TLS are bounded
+(the oldest is cut for a new one), and a real client still gets through."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import torch
+
+from elasticmoe.rpc import frame_socket, frames, tls
+from elasticmoe.rpc.frames import ExpertRequest
+
+_REQ = ExpertRequest(0, torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
+
+
+def _echo(requests, put) -> None:
+    for r in requests:
+        put(frames.reply_parts(r.id, r.hidden))
+
+
+def _until(check, seconds: float = 10.0) -> bool:
+    """Whether check() comes true within `seconds` (the listener's threads run on their own time)."""
+    end = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _cut(sock: socket.socket) -> bool:
+    """Whether the listener has ended this connection (end of stream or reset), waiting up to 5 s for it."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_stuck_in_the_tls_handshake_are_bounded():
+    listener = frame_socket.FrameListener(_echo, "127.0.0.1", [0], max_handshakes=3)
+    raw: list[socket.socket] = []
+    try:
+        for _ in range(8):  # TCP only: no ClientHello ever comes
+            raw.append(socket.create_connection(("127.0.0.1", listener.port)))
+            assert _until(lambda: len(listener._opening) == min(3, len(raw))), len(listener._opening)
+        assert all(_cut(s) for s in raw[:5])  # each new one cut the oldest: at most 3 wait at once
+        assert _until(lambda: len(listener._threads) == 3), len(listener._threads)
+        client = tls.client_ssl_context().wrap_socket(socket.create_connection(("127.0.0.1", listener.port)),
+                                                      server_hostname=tls.SERVER_NAME)
+        with client:  # a real client is served: its handshake cut the oldest stuck one (raw[5])
+            frame_socket.send_parts(client, frames.request_parts(7, _REQ))
+            (reply,) = frame_socket.FrameReader(client).step()
+            assert frames.decode_reply(reply).id == 7
+            assert _cut(raw[5]) and len(listener._opening) <= 2
+    finally:
+        for s in raw:
+            s.close()
+        listener.close().wait(10)
