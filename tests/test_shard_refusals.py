@@ -1,5 +1,6 @@
 """Shards that refuse a call without having failed, over real in-process shards: a full shard (busy) is asked again or
-its call goes to another copy, and it is not reported to the controller as failed."""
+its call goes to another copy, a shard that takes smaller messages than the gateway gets calls within its limit, and
+neither is reported to the controller as failed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 import torch
 
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
+from elasticmoe.rpc import frames
 from tests.test_failover import (ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files,  # noqa: F401
                                  transport)
 
@@ -64,6 +66,42 @@ def test_a_busy_single_copy_is_asked_again_until_it_has_room(files, transport):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         assert d.failovers >= 1 and d.shard_tokens.get("s0", 0) > 0
         assert _unreported(d, reported), reported
+        d.close()
+    finally:
+        shards.close()
+
+
+def _tokens(files, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [n, H], ids [n, 2] (distinct experts), weights [n, 2]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(n)])
+    return torch.randn(n, files.spec.hidden_size, generator=g), ids, torch.rand(n, 2, generator=g)
+
+
+def test_a_shard_with_a_smaller_message_limit_gets_calls_within_it(files):
+    """s0 takes messages of 4 rows at most (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES, announced in Health), the gateway
+    256 MiB: s0's share of a 96-token step goes in calls of 4 rows; none ends s0's connection, none is reported."""
+    hidden_size = files.spec.hidden_size
+    limit = 4096 + 4 * 8 * hidden_size  # frames.max_rows: 4 rows of float64 output
+    assert frames.max_rows(hidden_size, 2, 4, 8, limit) == 4
+    shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]], {0: {"max_message_bytes": limit}})
+    try:
+        layer, inputs = shards.layers[0], _tokens(files, 96, 9)
+        rows_s0 = int((inputs[1] < 4).any(1).sum())
+        assert rows_s0 * (4 * hidden_size + 2 * 8) > limit  # one call with them all: too large for s0
+        ref = _reference(files, layer, *inputs)
+        reported: list[str] = []
+        d = GrpcDispatcher(transport="socket", timeout_s=5, failover_s=10, on_failure=reported.append)
+        d.set_table(shards.table(SPLIT))
+        out, _ = _run(d, layer, inputs)  # the first call is sized before Health has told the limit: sized again
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        first = d.failovers
+        out, _ = _run(d, layer, inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert first == 1 and d.failovers == first  # one call sized before the limit was known; then none
+        assert d.shard_tokens["s0"] == 2 * rows_s0 and shards.servicers[0].calls >= 2 * rows_s0 // 4
+        assert _unreported(d, reported), reported
+        assert [f["dead"] for f in d.fault_log] == [], list(d.fault_log)
         d.close()
     finally:
         shards.close()

@@ -20,7 +20,7 @@ from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.frame_socket import FrameListener
-from elasticmoe.rpc.codec import decode_tensor, encode_tensor, server_options
+from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, decode_tensor, encode_tensor, server_options
 from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
     """
 
     def __init__(self, store: ExpertStore, shard_id: str, run_slots: int = 8, max_rows: int = 1 << 16,
-                 max_streams: int = 16):
+                 max_streams: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.store, self.shard_id = store, shard_id
         self.placement_version = 0
         self.started = time.monotonic()
@@ -75,6 +75,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self._streams = threading.BoundedSemaphore(max_streams)
         self.readers: set[threading.Thread] = set()  # each open RunExpertsStream's reading thread, until it returns
         self.frame_port = 0  # the frame listener's port (Health tells the gateways), 0 while there is none
+        self.max_message_bytes = max_message_bytes  # the largest message taken (Health tells the gateways)
 
     def _decode(self, request: pb.RunExpertsRequest, context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validate a RunExperts request: layer, dtypes, shapes, k <= top-k, ids in range, rows <= max_rows."""
@@ -236,7 +237,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
 
     def Health(self, request, context):
         return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version,
-                                 frame_port=self.frame_port)
+                                 frame_port=self.frame_port, max_message_bytes=self.max_message_bytes)
 
 
 def _ports(port: int) -> list[int]:
@@ -274,8 +275,8 @@ class ShardServer:
 
 
 def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 8, max_rows: int = 1 << 16, insecure: bool = False, max_streams: int = 16
-                 ) -> tuple[ShardServer, ExpertServicer, int]:
+                 max_workers: int = 8, max_rows: int = 1 << 16, insecure: bool = False, max_streams: int = 16,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[ShardServer, ExpertServicer, int]:
     """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port).
 
     mTLS (rpc.tls): only clients holding a certificate of the release's CA get in; `insecure` serves plaintext.
@@ -283,14 +284,17 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     gateway using the stream transport; more are refused) plus 4 kept for Health, stats and loads.
     Beside it, on the same host, a frame listener (rpc.frame_socket; its port in Health.frame_port, from
     ELASTICMOE_EXPERT_PORT_RANGE when set) serves the same frames through the same code (serve_frames), at most
-    `max_streams` connections, same TLS.
+    `max_streams` connections, same TLS. Both take messages up to `max_message_bytes`
+    (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES), which Health announces: a gateway keeps its calls within it.
     """
     if insecure:
         tls.warn_insecure(f"expert shard {shard_id}")
     files = None if insecure else tls.tls_files()
     pool = futures.ThreadPoolExecutor(max_workers=max_workers + max_streams + 4, thread_name_prefix="expert-rpc")
-    server = grpc.server(pool, options=server_options(), maximum_concurrent_rpcs=4 * max_workers + max_streams)
-    servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows, max_streams=max_streams)
+    server = grpc.server(pool, options=server_options(max_message_bytes),
+                         maximum_concurrent_rpcs=4 * max_workers + max_streams)
+    servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows, max_streams=max_streams,
+                              max_message_bytes=max_message_bytes)
     frames.add_shard_servicer(servicer, server)
     bound = 0
     for candidate in _ports(port):
@@ -303,7 +307,7 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     span = os.environ.get("ELASTICMOE_EXPERT_PORT_RANGE")
     try:
         listener = FrameListener(servicer.serve_frames, host, [p for p in _ports(0) if p != bound], insecure, files,
-                                 max_conns=max_streams) if bound else None
+                                 max_conns=max_streams, max_message_bytes=max_message_bytes) if bound else None
     except OSError:
         listener = None
     if listener is None:

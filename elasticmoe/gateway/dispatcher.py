@@ -182,11 +182,12 @@ class GrpcDispatcher:
     def close(self) -> None:
         self.transport.close()
 
-    def max_call_rows(self, hidden: torch.Tensor, top_k: int) -> int:
-        """The most rows [T_s] one call carries: its request (hidden [T_s, H] as sent, ids and weights) and its
-        float64 reply [T_s, H] each within call_limit_bytes; a shard's share of a bigger step goes in several."""
-        return max(1, max_rows(hidden.shape[1], top_k, hidden.element_size(), COMBINE_DTYPE.itemsize,
-                               self.call_limit_bytes))
+    def max_call_rows(self, hidden: torch.Tensor, top_k: int, address: str = "") -> int:
+        """The most rows [T_s] one call to `address` carries: its request (hidden [T_s, H] as sent, ids and weights)
+        and its float64 reply [T_s, H] each within call_limit_bytes and the limit that shard announced (a smaller
+        ELASTICMOE_GRPC_MAX_MESSAGE_BYTES where it runs); a shard's share of a bigger step goes in several."""
+        limit = min(self.call_limit_bytes, self.transport.limit(address) or self.call_limit_bytes)
+        return max(1, max_rows(hidden.shape[1], top_k, hidden.element_size(), COMBINE_DTYPE.itemsize, limit))
 
     def send(self, table: RoutingTable, layer: int, shard: int, hidden: torch.Tensor, rows: torch.Tensor,
              ids: torch.Tensor, weights: torch.Tensor) -> Call:

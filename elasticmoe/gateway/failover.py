@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from elasticmoe.gateway.routing import RoutingTable
-from elasticmoe.gateway.transport import is_busy
+from elasticmoe.gateway.transport import is_busy, is_oversize
 from elasticmoe.rpc.codec import decode_tensor
 
 if TYPE_CHECKING:
@@ -87,10 +87,10 @@ class Step:
     def _issue(self, table: RoutingTable, ids: torch.Tensor, shard_of: torch.Tensor) -> list[tuple[torch.Tensor, Call]]:
         """One call per shard in shard_of [T, k] (-1: none): (the ids it covers [T, k], -1 elsewhere; the call)."""
         out = []
-        most = self.d.max_call_rows(self.hidden, ids.shape[1])
         for s in shard_of.unique().tolist():
             if s < 0:
                 continue
+            most = self.d.max_call_rows(self.hidden, ids.shape[1], table.addresses[s])
             mine = shard_of == s  # [T, k]
             rows = mine.any(1).nonzero().squeeze(1)  # [T_s]
             covered = torch.where(mine, ids, -1)  # [T, k]
@@ -128,9 +128,9 @@ class Step:
         try:
             resp = c.future.result()
         except Exception as e:  # noqa: BLE001 - any failure of the call but a refusal (busy) is that shard's
-            if is_busy(e):
-                log.info("shard %s busy at layer %d: %s", c.shard_id, self.layer, e.details())
-                self._refused(g, attempt, c.shard_id)
+            if is_busy(e) or is_oversize(e):
+                log.info("shard %s refused a call at layer %d: %s", c.shard_id, self.layer, e.details())
+                self._refused(g, attempt, c.shard_id, busy=is_busy(e))
                 return
             code = e.code() if isinstance(e, grpc.RpcError) else type(e).__name__
             log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
@@ -162,12 +162,14 @@ class Step:
             self.d.suspect(shard_id, report=True)
         self.d.failovers += 1
 
-    def _refused(self, g: _Group, attempt: int, shard_id: str) -> None:
-        """A full shard refused the call: another copy takes it, else this shard again after BUSY_RETRY_S. It is
-        alive: suspected for suspect_s (other copies first), neither dead for the step nor reported."""
+    def _refused(self, g: _Group, attempt: int, shard_id: str, busy: bool) -> None:
+        """A full shard (`busy`) refused the call: another copy takes it, else this shard again after BUSY_RETRY_S,
+        and it is suspected for suspect_s (other copies first). A call larger than the shard takes (its limit was
+        learnt meanwhile) is split anew at once. Either way the shard is alive: not dead for the step, not reported."""
         g.broken.add(attempt)
-        g.busy[shard_id] = time.perf_counter() + BUSY_RETRY_S
-        self.d.suspect(shard_id, report=False)
+        if busy:
+            g.busy[shard_id] = time.perf_counter() + BUSY_RETRY_S
+            self.d.suspect(shard_id, report=False)
         self.d.failovers += 1
 
     def _poll(self) -> None:

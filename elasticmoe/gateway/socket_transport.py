@@ -28,6 +28,7 @@ PARK_S = 0.5  # a connection's thread leaves reading to the callers for this lon
 IDLE_POLL_S = 1.0  # how long a connection's thread waits in poll() at a time
 WAIT_SLICE_S = 0.01  # a reading caller looks at its futures at least this often (deadlines, other threads)
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+Opener = Callable[[], "tuple[socket.socket | SerialTLS, int]"]  # the connection's socket, the shard's message limit
 
 
 def _ready(fds: list[int], timeout_s: float) -> list[int]:
@@ -44,13 +45,15 @@ class _Conn(Multiplexed):
     themselves (sendmsg, no thread hop). Reading takes the connection's read token: a caller waiting for answers
     (SocketTransport.wait) takes it and reads them on its own thread, and the connection's thread stays out of its
     way while callers do (it reads only when nobody has for PARK_S). Any failure (cannot connect, broken, a reply
-    that cannot be read) fails every pending call at once and marks it dead; the next send opens a new one."""
+    that cannot be read) fails every pending call at once and marks it dead; the next send opens a new one.
+    A frame larger than the shard's limit (Health) fails alone, unsent (OVERSIZE): the shard would end the connection."""
 
-    def __init__(self, address: str, opener: Callable[[], socket.socket | SerialTLS]):
+    def __init__(self, address: str, opener: Opener):
         super().__init__(address)  # its _lock guards pending, dead, retired, sock, backlog
         self.retired = False
         self.sock: socket.socket | SerialTLS | None = None
-        self._backlog: list[list] | None = []  # frames submitted while connecting; None once open
+        self._backlog: list[tuple[int, list]] | None = []  # (id, frame) submitted while connecting; None once open
+        self.limit = 0  # the largest frame the shard takes, prefix included (Health; 0: not told)
         self._send_lock = threading.Lock()  # one frame on the wire at a time
         self._token = threading.RLock()  # held by whoever reads the socket (this connection's thread or a caller;
         # reentrant: a callback run by a reading caller may wait on another call)
@@ -65,10 +68,14 @@ class _Conn(Multiplexed):
         with self._lock:
             if self.dead or self.retired:
                 return False
-            self.pending[frame_id] = fut
             if self._backlog is not None:
-                self._backlog.append(parts)
+                self.pending[frame_id] = fut
+                self._backlog.append((frame_id, parts))
                 return True
+            if self._oversize(parts):
+                fut.set_exception(self._oversize(parts))
+                return True
+            self.pending[frame_id] = fut
             sock = self.sock
         try:
             with self._send_lock:
@@ -76,6 +83,14 @@ class _Conn(Multiplexed):
         except OSError as e:
             self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
         return True
+
+    def _oversize(self, parts: list) -> TransportError | None:
+        """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""
+        size = sum(map(len, parts))
+        if not self.limit or size <= self.limit:
+            return None
+        return TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{frames.OVERSIZE}: {size} bytes, {self.address} takes {self.limit}")
 
     def take(self, frame_id: int) -> Future | None:
         with self._lock:
@@ -85,9 +100,9 @@ class _Conn(Multiplexed):
             self._shut()
         return fut
 
-    def _run(self, opener: Callable[[], socket.socket | SerialTLS]) -> None:
+    def _run(self, opener: Opener) -> None:
         try:
-            sock = opener()
+            sock, self.limit = opener()
         except Exception as e:  # noqa: BLE001 - whatever stops the opening fails the calls waiting for it
             code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
             log.info("frames to %s: cannot connect: %s", self.address, e)
@@ -101,8 +116,11 @@ class _Conn(Multiplexed):
                 dead = self.dead
                 idle = self.retired and not self.pending  # retired while opening: its _shut found no socket
             try:
-                for parts in [] if dead else backlog:
-                    frame_socket.send_parts(sock, parts)
+                for frame_id, parts in [] if dead else backlog:
+                    if (err := self._oversize(parts)) is None:
+                        frame_socket.send_parts(sock, parts)
+                    elif (fut := self.take(frame_id)) is not None:
+                        fut.set_exception(err)
             except OSError as e:
                 self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
         if idle:
@@ -229,6 +247,7 @@ class SocketTransport(_Channels):
         self._deadlines = Deadlines("socket-deadlines")
         self._lock = threading.Lock()
         self._ctx: ssl.SSLContext | None = None
+        self._limits: dict[str, int] = {}  # address -> the largest frame its shard takes (Health, at each connect)
 
     def _conn(self, address: str) -> _Conn:
         stub, renewed = self.stub(address)
@@ -243,9 +262,15 @@ class SocketTransport(_Channels):
                 c = self._conns[address] = _Conn(address, lambda: self._open(address, stub))
             return c
 
-    def _open(self, address: str, stub) -> socket.socket | SerialTLS:
-        """Health (the frame port), TCP connect, TLS handshake: the connection's socket."""
-        port = stub.Health(pb.HealthRequest(), timeout=CONNECT_S).frame_port
+    def limit(self, address: str) -> int:
+        return self._limits.get(address, 0)
+
+    def _open(self, address: str, stub) -> tuple[socket.socket | SerialTLS, int]:
+        """Health (the frame port, the shard's message limit), TCP connect, TLS handshake: the connection's socket
+        and that limit (0: not told; an older shard)."""
+        health = stub.Health(pb.HealthRequest(), timeout=CONNECT_S)
+        port, limit = health.frame_port, min(health.max_message_bytes, frames.LIMIT)
+        self._limits[address] = limit
         if not port:
             raise ConnectionError(f"shard {address} has no frame listener (Health.frame_port 0)")
         host = address.rsplit(":", 1)[0].strip("[]")
@@ -259,12 +284,12 @@ class SocketTransport(_Channels):
                 sock = ctx.wrap_socket(sock, server_hostname=tls.SERVER_NAME)
             sock.settimeout(None)
             if isinstance(sock, ssl.SSLSocket):  # the reader and the writers, one SSL call at a time
-                return SerialTLS(sock, frame_socket.SEND_TIMEOUT_S)
+                return SerialTLS(sock, frame_socket.SEND_TIMEOUT_S), limit
             frame_socket.send_timeout(sock)
         except BaseException:
             sock.close()
             raise
-        return sock
+        return sock, limit
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
         frame_id = next(self._ids)

@@ -32,6 +32,9 @@ class ExpertTransport(Protocol):
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future: ...
 
+    def limit(self, address: str) -> int:
+        """The largest message the shard at `address` said it takes (0: not known): calls stay within it."""
+
     def wait(self, futures: list[Future], timeout_s: float) -> None:
         """Until one of `futures` (of this transport's calls, or chained to them) is done or timeout_s has passed;
         a transport may read the answers on the waiting thread."""
@@ -64,6 +67,12 @@ def is_busy(e: BaseException) -> bool:
             and (e.details() or "").startswith(frames.BUSY))
 
 
+def is_oversize(e: BaseException) -> bool:
+    """A call failed before it was sent: larger than its shard takes (ask again: the next calls fit its limit)."""
+    return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and (e.details() or "").startswith(frames.OVERSIZE))
+
+
 class _Channels:
     """One channel (and stub) per shard address; all replaced when the TLS files are renewed."""
 
@@ -73,6 +82,10 @@ class _Channels:
         self.renewal = tls.Renewal(insecure)
         self._stubs: dict[str, tuple[pb_grpc.ExpertShardStub, grpc.Channel]] = {}
         self._lock = threading.Lock()
+
+    def limit(self, address: str) -> int:
+        """0: not known (only the socket transport asks the shard); calls keep the gateway's own limit."""
+        return 0
 
     def stub(self, address: str) -> tuple[pb_grpc.ExpertShardStub, bool]:
         """The stub for `address`, and whether the channels were just replaced (renewed certificates)."""

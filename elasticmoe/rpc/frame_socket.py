@@ -76,8 +76,8 @@ class FrameReader:
     chunk (prefix and body in one recv, several frames in one when they queue) and are copied out into a buffer
     of their own; a large frame's body is read straight into its own buffer (its tensors are views of it)."""
 
-    def __init__(self, sock: socket.socket, chunk: int = _CHUNK):
-        self.sock = sock
+    def __init__(self, sock: socket.socket, chunk: int = _CHUNK, limit: int = MAX_MESSAGE_BYTES):
+        self.sock, self.limit = sock, limit  # limit: the largest frame body taken (a longer prefix: FrameError)
         self._view = memoryview(bytearray(chunk))
         self._start = self._end = 0  # bytes received and not yet handed out: _view[_start:_end]
         self._big: memoryview | None = None  # a large frame being read into its own buffer
@@ -131,8 +131,8 @@ class FrameReader:
         while self._big is None and (have := self._end - self._start) >= PREFIX:
             at = self._start
             size = frames.frame_size(self._view[at:at + PREFIX])
-            if size > MAX_MESSAGE_BYTES:
-                raise frames.FrameError(f"frame of {size} bytes, more than the {MAX_MESSAGE_BYTES}-byte message "
+            if size > self.limit:
+                raise frames.FrameError(f"frame of {size} bytes, more than the {self.limit}-byte message "
                                         f"limit (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES)")
             total = PREFIX + size
             if total > _SMALL:  # its own buffer: what is here now, the rest straight from the socket
@@ -197,8 +197,10 @@ class FrameListener:
     and never finish TLS hold neither threads nor descriptors beyond that, and a real client's handshake gets in."""
 
     def __init__(self, serve: Callable[[Iterator, Put], None], host: str, ports: list[int], insecure: bool = False,
-                 files: tls.TlsFiles | None = None, max_conns: int = 16, max_handshakes: int = 16):
+                 files: tls.TlsFiles | None = None, max_conns: int = 16, max_handshakes: int = 16,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.serve, self.insecure, self.max_conns = serve, insecure, max_conns
+        self.max_message_bytes = max_message_bytes  # a longer frame ends its connection (Health announces it)
         self.max_handshakes = max(1, max_handshakes)
         self.files = None if insecure else (files or tls.tls_files())
         self._ctx, self._stamp = None, None
@@ -344,7 +346,7 @@ class FrameListener:
 
     def _frames(self, conn: socket.socket) -> Iterator:
         """The connection's request frames, until it is cut (frames received before the cut are not served)."""
-        for buf in FrameReader(conn).frames():
+        for buf in FrameReader(conn, limit=self.max_message_bytes).frames():
             if self._cut:
                 return
             yield frames.decode_request_or_error(buf)
