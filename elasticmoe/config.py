@@ -147,6 +147,13 @@ class AppArgs(_Strict):
         return keys
 
     @model_validator(mode="after")
+    def _tiny_has_no_revision(self) -> "AppArgs":
+        if self.model.startswith("tiny:") and self.revision is not None:
+            raise ValueError(f"revision: {self.model} is an embedded model built on first use and has no "
+                             f"revisions; drop `revision` (got {self.revision!r})")
+        return self
+
+    @model_validator(mode="after")
     def _shards_in_bounds(self) -> "AppArgs":
         if self.expert_copies > self.num_shards:
             raise ValueError(f"expert_copies ({self.expert_copies}) > num_shards ({self.num_shards})")

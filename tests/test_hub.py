@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from elasticmoe.app import build_app, resolve_args
+from elasticmoe.config import AppArgs
 from elasticmoe.model import open_model
 from elasticmoe.model.hub import HubError, resolve
 
@@ -149,3 +150,14 @@ def test_app_pins_one_snapshot_for_every_replica(cache_env):
 
 def test_tiny_models_are_not_resolved():
     assert resolve_args({"model": "tiny:mixtral"}).model == "tiny:mixtral"
+
+
+@pytest.mark.parametrize("revision", ["main", "a" * 40])
+def test_a_tiny_model_refuses_a_revision(revision):
+    """tiny:<family> is built locally and has no revisions: a `revision` beside it was silently ignored."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"revision: .*tiny:mixtral.*no revisions"):
+        AppArgs.model_validate({"model": "tiny:mixtral", "revision": revision})
+    with pytest.raises(ValueError, match=r"(?s)elasticmoe app args: .*revision: "):
+        resolve_args({"model": "tiny:mixtral", "revision": revision})
