@@ -56,6 +56,36 @@ elasticmoe.io/release: {{ include "elasticmoe.fullname" . }}
 {{- end }}
 
 {{/*
+Fail unless each of .ports (name, first, last) lies outside Ray's worker ports on a group's pods: `ray start`'s
+--min-worker-port 10002 / --max-worker-port 19999 (max 0: up to 65535; min 0: the OS picks, unchecked) or its
+--worker-port-list, as the group's rayStartParams (.params of values key .key, group .name) set them. A Ray
+worker may hold any of them, so a bind of elasticmoe's there fails at random.
+*/}}
+{{- define "elasticmoe.clearOfWorkerPorts" -}}
+{{- $p := .params | default dict }}
+{{- $lo := 10002 }}{{- $hi := 19999 }}
+{{- if hasKey $p "min-worker-port" }}{{- $lo = int (toString (get $p "min-worker-port")) }}{{- end }}
+{{- if hasKey $p "max-worker-port" }}{{- $hi = int (toString (get $p "max-worker-port")) }}{{- end }}
+{{- if eq $hi 0 }}{{- $hi = 65535 }}{{- end }}
+{{- $set := or (hasKey $p "min-worker-port") (hasKey $p "max-worker-port") }}
+{{- $where := printf "on the %s pods (%s%s.rayStartParams" .name ($set | ternary "" "ray start's default, moved by ") .key }}
+{{- range $port := .ports }}
+{{- $name := index $port 0 }}{{- $first := index $port 1 }}{{- $last := index $port 2 }}
+{{- $shown := ($first | eq $last) | ternary (toString $first) (printf "%v-%v" $first $last) }}
+{{- if hasKey $p "worker-port-list" }}
+{{- range $w := splitList "," (toString (get $p "worker-port-list")) }}
+{{- $n := int (trim $w) }}
+{{- if and (ge $n $first) (le $n $last) }}
+{{- fail (printf "%s %s overlaps Ray's worker port %v on the %s pods (%s.rayStartParams worker-port-list): a Ray worker may hold it and elasticmoe's bind there fails; move %s clear of them" $name $shown $n $.name $.key $name) }}
+{{- end }}
+{{- end }}
+{{- else if and (gt $lo 0) (le $first $hi) (ge $last $lo) }}
+{{- fail (printf "%s %s overlaps Ray's worker ports %v-%v %s min-worker-port / max-worker-port): a Ray worker may hold any of them and elasticmoe's bind there fails; move %s clear of them" $name $shown $lo $hi $where $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Semantic checks that values.schema.json cannot express. Each fails the render with a
 message naming the values at fault.
 */}}
@@ -79,6 +109,18 @@ message naming the values at fault.
 {{- $span := add (sub (int $v.expertPort.end) (int $v.expertPort.start)) 1 }}
 {{- if lt (int $span) (mul 2 $perPod | int) }}
 {{- fail (printf "expertPort %v-%v holds %v ports, but each expert shard binds 2 (gRPC server, frame listener) and a worker pod may run %v shards: widen it to %v ports or more" $v.expertPort.start $v.expertPort.end $span $perPod (mul 2 $perPod)) }}
+{{- end }}
+{{- $groups := list (list "workers" $v.workers.groupName $v.workers.rayStartParams) }}
+{{- if $v.directGrpc.enabled }}
+{{- $groups = append $groups (list "gatewayGroup" $v.gatewayGroup.groupName $v.gatewayGroup.rayStartParams) }}
+{{- end }}
+{{- $groups = append $groups (list "head" "head" $v.head.rayStartParams) }}
+{{- range $g := $groups }}
+{{- $ports := list (list "expertPort" (int $v.expertPort.start) (int $v.expertPort.end)) }}
+{{- if and $v.directGrpc.enabled (eq (index $g 0) "gatewayGroup") }}
+{{- $ports = append $ports (list "directGrpc.port" (int $v.directGrpc.port) (int $v.directGrpc.port)) }}
+{{- end }}
+{{- include "elasticmoe.clearOfWorkerPorts" (dict "key" (index $g 0) "name" (index $g 1) "params" (index $g 2) "ports" $ports) }}
 {{- end }}
 {{- if eq (int $v.serve.httpPort) (int $v.serve.grpcPort) }}
 {{- fail "serve.httpPort and serve.grpcPort must differ" }}
