@@ -198,9 +198,11 @@ def _windows(cfg: Any, num_layers: int) -> tuple[int | None, ...]:
     if window is None or _get(cfg, "use_sliding_window", default=True) is False:
         return (None,) * num_layers
     types = _get(cfg, "layer_types")
-    if types:
-        return tuple(window if t == "sliding_attention" else None for t in types)
-    return (window,) * num_layers
+    windows = tuple(window if t == "sliding_attention" else None for t in types) if types else (window,) * num_layers
+    if any(w is not None and w < 1 for w in windows):  # transformers' window mask then keeps no key: it fails
+        raise ModelSpecError(f"config.sliding_window={window}: a sliding layer needs a window of 1 or more tokens "
+                             f"(null, or use_sliding_window: false, for full attention)")
+    return windows
 
 
 def _rope_layers(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse: tuple[bool, ...]) -> tuple[bool, ...]:
