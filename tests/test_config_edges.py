@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.test_families import _assert_matches, make_family_checkpoint
+from tests.test_families import FAMILY_CASES, _assert_matches, make_family_checkpoint
 
 MIXTRAL = ("MixtralConfig", dict(intermediate_size=64, num_local_experts=8), "")
 QWEN2_SLIDING = ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
@@ -41,3 +41,51 @@ def test_a_zero_window_that_is_switched_off_still_loads(tiny_models):
     assert cfg["sliding_window"] == 0 and cfg["use_sliding_window"] is False
     assert set(open_model(str(ck)).spec.attention.sliding_window) == {None}
     _assert_matches(LLM(str(ck), dtype="float32"), ck, "qwen2_moe")
+
+
+ERNIE = FAMILY_CASES["ernie4_5_moe"]
+
+
+@pytest.mark.parametrize("norm_min", [0.9, 2.0])
+def test_ernie_moe_norm_min_floors_the_top_k_renormalisation(tmp_path, norm_min):
+    """Ernie 4.5 divides its top-k weights by max(their sum, moe_norm_min): past the smallest top-k sum (k / E at
+    least) it shrinks the routed output. It was taken for a harmless key and ignored."""
+    from elasticmoe import LLM
+
+    ck = make_family_checkpoint("ernie4_5_moe", tmp_path / "e", moe_norm_min=norm_min)
+    assert json.loads((ck / "config.json").read_text())["moe_norm_min"] == norm_min
+    default = make_family_checkpoint("ernie4_5_moe", tmp_path / "d")
+    ids = torch.tensor([list(range(4, 36))])
+    with torch.no_grad():
+        floored = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(default), dtype=torch.float32).eval()(ids).logits
+    assert (floored - plain).abs().max() > 1e-3  # transformers' own outputs move with it
+    _assert_matches(LLM(str(ck), dtype="float32"), ck, "ernie4_5_moe")
+
+
+def test_moe_norm_min_is_read_by_ernie_only(tmp_path):
+    """Another family's modeling code never reads moe_norm_min: there it stays an inert key (transformers' logits
+    equal the default's), accepted as before."""
+    from elasticmoe.model import open_model
+
+    ck = make_family_checkpoint("dots1", tmp_path / "d")
+    cfg = json.loads((ck / "config.json").read_text())
+    ref = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
+    (ck / "config.json").write_text(json.dumps({**cfg, "moe_norm_min": 2.0}))
+    stray = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
+    ids = torch.tensor([list(range(4, 36))])
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, stray(ids).logits)
+    assert open_model(str(ck)).spec.moe.norm_min == 0.0
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf")])
+def test_a_moe_norm_min_that_is_no_number_is_refused_naming_it(tmp_path, value):
+    """transformers' config takes None (its clamp then fails every forward), NaN (NaN outputs) and infinity."""
+    from elasticmoe.model import ModelSpecError, open_model
+
+    ck = make_family_checkpoint("ernie4_5_moe", tmp_path / "e")
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "moe_norm_min": value}))
+    with pytest.raises(ModelSpecError, match=r"config\.moe_norm_min=.*: want a finite number"):
+        open_model(str(ck))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Keys of every config.json that never change a forward pass (bookkeeping, training-only, generation defaults).
+# Keys of every config.json that never change a forward pass (bookkeeping, training-only, generation defaults),
+# but in the one family whose spec reads them (router_jitter_noise: PhiMoE, moe_norm_min: Ernie 4.5).
 HARMLESS_KEYS = frozenset({
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache", "initializer_range",
     "output_router_logits", "router_aux_loss_coef", "attention_dropout", "hidden_dropout", "bos_token_id",
@@ -81,7 +82,7 @@ FAMILIES: dict[str, Family] = {
     "minimax_m2": Family(keys=("num_local_experts", "use_qk_norm"), scoring="sigmoid", norm_topk=True, biases=()),
     "hunyuan_v1_moe": Family(keys=("num_experts", "moe_topk", "use_qk_norm"), norm_topk=True, qk_norm_after_rope=True),
     "ernie4_5_moe": Family(keys=("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
-                                 "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"),
+                                 "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_norm_min"),
                            norm_topk=True, rope_interleave=True,
                            biases=(("attn", "use_bias"), ("mlp", "use_bias"), ("lm_head", "use_bias"))),
     "granitemoe": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier", "logits_scaling",

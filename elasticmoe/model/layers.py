@@ -86,7 +86,8 @@ def route(
     """Pick top-k experts per token. router_logits [T, E] float32 -> topk_ids [T, k] int64, topk_weights [T, k] f32.
 
     softmax or sigmoid scores; optional score-correction bias (affects the choice, not the weights);
-    group-limited routing (keep the best `topk_group` of `n_group` groups); optional renormalisation;
+    group-limited routing (keep the best `topk_group` of `n_group` groups); optional renormalisation (its
+    denominator floored at moe.norm_min);
     the routed scaling factor. PhiMoE: sparsemixer.
     """
     if moe.scoring == "sparsemixer":
@@ -107,6 +108,8 @@ def route(
     topk_weights = scores.gather(1, topk_ids)
     if moe.norm_topk_prob:
         denom = topk_weights.sum(-1, keepdim=True)
+        if moe.norm_min > 0:  # Ernie 4.5: a floor on the sum, which then shrinks the weights
+            denom = denom.clamp(min=moe.norm_min)
         topk_weights = topk_weights / (denom + 1e-20 if moe.scoring == "sigmoid" else denom)
     if moe.routed_scaling_factor != 1.0:
         topk_weights = topk_weights * moe.routed_scaling_factor

@@ -73,6 +73,7 @@ class MoESpec:
     input_scaled: bool = False  # Llama 4: each expert runs on weight * x and its outputs are summed unweighted
     zero_experts: int = 0  # LongCat: router ids num_experts.. are identity experts (weight * x), run in place
     experts_in_out: bool = False  # packed experts stored [E, H, 2I] / [E, I, H] (Llama 4, Aria), square ones too
+    norm_min: float = 0.0  # floor of the top-k renormalisation's denominator (Ernie 4.5's moe_norm_min)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -288,7 +289,16 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         input_scaled=model_type == "llama4_text",
         zero_experts=int(_get(cfg, "zero_expert_num", default=0)),
         experts_in_out=fam.experts_in_out,
+        norm_min=_norm_min(cfg) if model_type == "ernie4_5_moe" else 0.0,
     )
+
+
+def _norm_min(cfg: Any) -> float:
+    """Ernie 4.5 divides its top-k weights by max(their sum, moe_norm_min) (transformers' default 1e-12)."""
+    value = getattr(cfg, "moe_norm_min", 1e-12)  # None too: transformers' clamp then fails every forward
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelSpecError(f"config.moe_norm_min={value!r}: want a finite number (transformers' default 1e-12)")
+    return float(value)
 
 
 def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group: int, group_score: str) -> None:
