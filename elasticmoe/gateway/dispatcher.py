@@ -131,7 +131,7 @@ class GrpcDispatcher:
         with self._stuck_lock:
             self._stuck[shard_id] = self._stuck.get(shard_id, 0) + 1
 
-        def done(f: cf.Future) -> None:
+        def done(f: Future) -> None:
             with self._stuck_lock:
                 self._stuck[shard_id] -= 1
             e = f.exception()
