@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from elasticmoe.autoscaler import moves
 from elasticmoe.autoscaler.registry import Change
 from elasticmoe.placement import Placement
-from tests.test_controller import E, ControllerImpl, _args, _until, _with_shards, model  # noqa: F401
+from tests.controller_util import E, ControllerImpl, _args, _until, _with_shards
+from tests.controller_util import model  # noqa: F401 - a fixture
 
 
 async def _drop_one_copy_each(ctrl) -> None:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from elasticmoe.autoscaler.controller import Controller
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.gateway.deployment import GatewayCore
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
-
-ControllerImpl = Controller.func_or_class  # the class itself, outside Serve
+from tests.controller_util import ControllerImpl, _args
+from tests.controller_util import model  # noqa: F401 - a fixture
 
 
 def _table(version: int, epoch: str, shard: str = "a") -> dict:
@@ -47,15 +46,12 @@ def test_a_stale_poll_answer_does_not_roll_the_table_back():
         d.close()
 
 
-def test_a_restarted_controller_answers_a_gateway_of_its_predecessor_at_once(tmp_path):
+def test_a_restarted_controller_answers_a_gateway_of_its_predecessor_at_once(model):
     """The predecessor published a version it never saved: the successor (from the record) reaches the same number
     with another table. A poll from a gateway holding the predecessor's table gets the table, not None after the
     wait, and does not count as acknowledging it."""
-    from elasticmoe.model.tiny import make_tiny_model
-
-    model = str(make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=8))
     GcsRecord("default").clear()
-    args = {"model": model, "num_shards": 2, "dtype": "float32", "device": "cpu"}
+    args = _args(model)
 
     async def scenario():
         first = ControllerImpl(args)

@@ -1,0 +1,84 @@
+"""Scaffolding of the controller tests: in-process gRPC shards, a tiny model, a cleared record, waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from elasticmoe.autoscaler.controller import Controller
+from elasticmoe.autoscaler.record import GcsRecord
+from elasticmoe.experts.server import start_server
+from elasticmoe.model import open_model
+from elasticmoe.model.experts import ExpertStore
+
+E = 8
+ControllerImpl = Controller.func_or_class  # the class itself, outside Serve
+
+
+class Shard:
+    """An expert shard as the deployment runs it: a gRPC server over a store, registered with the controller."""
+
+    def __init__(self, files, shard_id: str):
+        self.shard_id = shard_id
+        self.store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+        self.server, self.servicer, port = start_server(self.store, shard_id)
+        self.address = f"127.0.0.1:{port}"
+
+    async def join(self, ctrl) -> None:
+        plan = await ctrl.register(self.shard_id, self.address)
+        self.store.load(plan["experts"])
+        await ctrl.ready(self.shard_id)
+
+    def held(self) -> set[tuple[int, int]]:
+        return set(self.store.held())
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from elasticmoe.model.tiny import make_tiny_model
+
+    return str(make_tiny_model("mixtral", tmp_path_factory.mktemp("ctl") / "m", layers=2, experts=E))
+
+
+def _args(model: str, **kw) -> dict:
+    return {"model": model, "num_shards": 2, "dtype": "float32", "device": "cpu", **kw}
+
+
+async def _until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _with_shards(model: str, names: str, scenario) -> None:
+    """Run `scenario(files, *shards)` on a cleared GCS record with an in-process shard per letter of `names`; every
+    shard's server stops afterwards, whatever happened."""
+    files = open_model(model)
+    GcsRecord("default").clear()
+
+    async def run():
+        shards = [Shard(files, x) for x in names]
+        try:
+            await scenario(files, *shards)
+        finally:
+            for s in shards:
+                s.server.stop(None)
+
+    asyncio.run(run())
+
+
+def _live_copies(table: dict) -> list[list[int]]:
+    return [[len(reps) for reps in experts] for experts in table["layers"].values()]
+
+
+def _routed_to(table: dict, shard_id: str) -> set[tuple[int, int]]:
+    """(model layer, expert) pairs the table routes to `shard_id`."""
+    i = [s["id"] for s in table["shards"]].index(shard_id)
+    return {(int(l), e) for l, experts in table["layers"].items() for e, reps in enumerate(experts)
+            if any(s == i for s, _ in reps)}
