@@ -12,10 +12,11 @@ import time
 
 from ray import serve
 
-from elasticmoe.autoscaler.moves import GATEWAY_TTL_S, Mover
+from elasticmoe.autoscaler.moves import Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.autoscaler.registry import Change, Registry, ShardInfo
+from elasticmoe.autoscaler.stats import StatsKeeper
 from elasticmoe.config import AppArgs
 from elasticmoe.placement import Placement, plan
 
@@ -38,9 +39,9 @@ def _app_name() -> str:
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-class Controller(Mover):
+class Controller(Mover, StatsKeeper):
     """Owns the placement. Gateways poll `table()`; shards `register()` and `heartbeat()`; loops track load
-    and health. A restarted controller resumes from its GCS record and the shards' own holdings."""
+    (StatsKeeper) and health. A restarted controller resumes from its GCS record and the shards' own holdings."""
 
     def __init__(self, args: dict):
         from elasticmoe.model import open_model
@@ -74,7 +75,6 @@ class Controller(Mover):
         from elasticmoe.metrics import GatewayMetrics
 
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, self.num_experts, self.moe_layers)
-        self._exported_version = -1
         self._save()
 
     # ----- plumbing
@@ -237,28 +237,6 @@ class Controller(Mover):
                     await self._apply(Change(cur, new, {p: p for p in range(cur.num_shards)}), "rebalance")
         return self.events[-1] if self.events else {}
 
-    async def status(self) -> dict:
-        """Placement version, per-shard health and load, balancedness per layer, hottest experts, events."""
-        load = self.load.planning_load()
-        shards, p = [], self.registry.placement
-        copies = p.num_copies()  # [L, E]
-        for s in sorted(self.registry.shards.values(), key=lambda s: s.position):
-            mine = p.experts_on(s.position) if s.position < p.num_shards else []
-            entry = {"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
-                     "healthy": s.healthy, "experts": len(mine),
-                     "sole_copies": sum(1 for l, e in mine if copies[l, e] == 1),  # lost with this shard
-                     "utilization": self.load.utilization.get(s.shard_id, 0.0)}
-            entry.update(await self._shard_stats(s.address))
-            shards.append(entry)
-        return {"version": self.registry.version, "complete": self.registry.complete(), "shards": shards,
-                "num_shards": p.num_shards, "desired_shards": self.desired, "recovering": self.recovering,
-                "balancedness": p.balancedness(load).tolist(), "load": self.load.ema.tolist(),
-                "planning_load": load.tolist(),  # [L, E] what the balancedness above is computed with
-                "moe_layers": self.moe_layers, "copies": p.num_copies().tolist(), "bytes_moved": self.bytes_moved,
-                "event_counts": dict(self.event_counts), "loop_errors": self.loop_errors,
-                "gateways": {g: v for g, (v, t) in self.acks.items() if time.monotonic() - t < GATEWAY_TTL_S},
-                "events": self.events[-50:]}
-
     # ----- loops
     async def _health_once(self) -> None:
         """Check every registered shard at once (never under the lock); lose the dead, revive the paused. The dead
@@ -279,36 +257,8 @@ class Controller(Mover):
                 async with self._lock:
                     await self._lose(info.shard_id, "health check failed")
 
-    async def _stats_once(self) -> None:
-        stats = {}
-        for s in self.registry.live():
-            st = await self._stats(s.address)
-            if st is not None:
-                stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in st.tokens}, st.compute_us / 1e6)
-        self.load.update(stats, self.layer_index)
-        self._export(stats)
-        if self.scale is not None:
-            util = [self.load.utilization.get(s.shard_id, 0.0) for s in self.registry.live()]
-            desired = self.scale.desired(self.desired, util)
-            if desired != self.desired:
-                self.desired = desired
-                self._save()
-
     async def _rebalance_once(self) -> None:
         await self.rebalance()
-
-    def _export(self, stats: dict) -> None:
-        """Placement metrics: balancedness per layer, copies per expert, shard health, loop errors."""
-        placement = self.registry.placement
-        for i, b in enumerate(placement.balancedness(self.load.planning_load())):
-            self.metrics.balancedness(self.moe_layers[i], float(b))
-        if self._exported_version != self.registry.version:  # live copies change only with a new table version
-            self._exported_version = self.registry.version
-            self.metrics.set_copies(self.moe_layers, self.registry.live_copies())  # [L, E], O(L*E*N)
-        live = {s.shard_id for s in self.registry.live()}
-        # live: answered GetStats; loading or spare: the health check; a shard no longer registered is dropped
-        self.metrics.set_shard_health({s.shard_id: s.shard_id in stats if s.shard_id in live else s.healthy
-                                       for s in self.registry.shards.values()})
 
     # ----- re-placement (make-before-break)
     async def _lose(self, shard_id: str, why: str, alive: bool = False) -> int | None:

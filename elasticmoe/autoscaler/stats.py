@@ -1,0 +1,72 @@
+"""The controller's stats round and its status answer: shard load, the desired shard count, placement metrics."""
+
+from __future__ import annotations
+
+import time
+
+from elasticmoe.autoscaler.moves import GATEWAY_TTL_S
+from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
+from elasticmoe.autoscaler.registry import Registry
+
+
+class StatsKeeper:
+    """Mixin of the Controller: reads the live shards' counters into the load tracker, the shard count and the
+    metrics, and answers `status()`. Needs the Controller's and Mover's state (`registry`, `load`, `scale`,
+    `desired`, `metrics`, `moe_layers`, `layer_index`, `_stats`, `_shard_stats`, `_save`)."""
+
+    registry: Registry
+    load: LoadTracker
+    scale: ScaleDecider | None
+    desired: int
+    moe_layers: list[int]
+    _exported_version = -1  # the table version whose live copies the metrics show
+
+    async def status(self) -> dict:
+        """Placement version, per-shard health and load, balancedness per layer, hottest experts, events."""
+        load = self.load.planning_load()
+        shards, p = [], self.registry.placement
+        copies = p.num_copies()  # [L, E]
+        for s in sorted(self.registry.shards.values(), key=lambda s: s.position):
+            mine = p.experts_on(s.position) if s.position < p.num_shards else []
+            entry = {"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
+                     "healthy": s.healthy, "experts": len(mine),
+                     "sole_copies": sum(1 for l, e in mine if copies[l, e] == 1),  # lost with this shard
+                     "utilization": self.load.utilization.get(s.shard_id, 0.0)}
+            entry.update(await self._shard_stats(s.address))
+            shards.append(entry)
+        return {"version": self.registry.version, "complete": self.registry.complete(), "shards": shards,
+                "num_shards": p.num_shards, "desired_shards": self.desired, "recovering": self.recovering,
+                "balancedness": p.balancedness(load).tolist(), "load": self.load.ema.tolist(),
+                "planning_load": load.tolist(),  # [L, E] what the balancedness above is computed with
+                "moe_layers": self.moe_layers, "copies": p.num_copies().tolist(), "bytes_moved": self.bytes_moved,
+                "event_counts": dict(self.event_counts), "loop_errors": self.loop_errors,
+                "gateways": {g: v for g, (v, t) in self.acks.items() if time.monotonic() - t < GATEWAY_TTL_S},
+                "events": self.events[-50:]}
+
+    async def _stats_once(self) -> None:
+        stats = {}
+        for s in self.registry.live():
+            st = await self._stats(s.address)
+            if st is not None:
+                stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in st.tokens}, st.compute_us / 1e6)
+        self.load.update(stats, self.layer_index)
+        self._export(stats)
+        if self.scale is not None:
+            util = [self.load.utilization.get(s.shard_id, 0.0) for s in self.registry.live()]
+            desired = self.scale.desired(self.desired, util)
+            if desired != self.desired:
+                self.desired = desired
+                self._save()
+
+    def _export(self, stats: dict) -> None:
+        """Placement metrics: balancedness per layer, copies per expert, shard health, loop errors."""
+        placement = self.registry.placement
+        for i, b in enumerate(placement.balancedness(self.load.planning_load())):
+            self.metrics.balancedness(self.moe_layers[i], float(b))
+        if self._exported_version != self.registry.version:  # live copies change only with a new table version
+            self._exported_version = self.registry.version
+            self.metrics.set_copies(self.moe_layers, self.registry.live_copies())  # [L, E], O(L*E*N)
+        live = {s.shard_id for s in self.registry.live()}
+        # live: answered GetStats; loading or spare: the health check; a shard no longer registered is dropped
+        self.metrics.set_shard_health({s.shard_id: s.shard_id in stats if s.shard_id in live else s.healthy
+                                       for s in self.registry.shards.values()})
