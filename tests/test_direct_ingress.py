@@ -23,7 +23,7 @@ from elasticmoe.gateway.direct_ingress import DirectIngress, PortClaim
 from elasticmoe.gateway.generation_service import GenerationService
 from elasticmoe.rpc import generation_pb2 as gen
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
-from tests.test_openai_api import Core, model  # noqa: F401 - the module-scoped tiny model fixture
+from tests.openai_util import Core, model  # noqa: F401 - the module-scoped tiny model fixture
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -17,7 +17,7 @@ from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.model import open_model
 from elasticmoe.model.embedded import ensure_tiny_model
 from elasticmoe.model.experts import ExpertStore
-from tests.test_openai_api import Core, Server
+from tests.openai_util import Core, Server
 
 FOX = "The quick brown fox"
 END = "Mountains are covered with snow in winter;"  # the corpus' last sentence: the model then emits EOS

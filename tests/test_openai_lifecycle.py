@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 
 from elasticmoe.gateway.openai_api import build_openai_app
-from tests.test_openai_api import CHAT, PROMPT, Core, Server, model  # noqa: F401 - model is a fixture
+from tests.openai_util import CHAT, PROMPT, Core, Server, model  # noqa: F401 - model is a fixture
 
 
 def _scope(path: str, body: bytes, spec: str) -> dict:

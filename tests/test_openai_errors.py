@@ -1,0 +1,214 @@
+"""The OpenAI HTTP API's refusals and aborts over a real engine (in-process experts) and uvicorn, called with the
+official client: 400s naming the field, 429 on a full queue, 503 when not ready or the experts are gone, and a
+client gone mid-way aborting its request."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from openai import OpenAI
+
+from elasticmoe.gateway.openai_api import build_openai_app
+from tests.openai_util import CHAT, PROMPT, Core, Server, _greedy, _wait_idle
+from tests.openai_util import llm, model, served  # noqa: F401 - fixtures
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"), ({"logit_bias": {"5": 300}}, "logit_bias[5]"),
+    ({"logit_bias": {"x": 3}}, "logit_bias"), ({"logit_bias": {"100000": 3}}, "logit_bias"),
+    ({"logit_bias": {"\u00b2": 3}}, "logit_bias"),
+    ({"prompt": ["one", "two"]}, "prompt"), ({"prompt": [1, 10**9]}, "prompt"), ({"max_tokens": 500}, "max_tokens"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"), ({"max_tokens": "many"}, "max_tokens"),
+    ({"extra_body": {"min_p": 1.5}}, "min_p"), ({"extra_body": {"min_tokens": 5}}, "min_tokens"),
+    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids[0]"),
+    ({"stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo"),
+    ({"extra_body": {"best_of": 2}}, "best_of"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_bad_completion_fields_are_openai_400s(served, kw, param):
+    _, client = served
+    args = {"model": "m", "prompt": PROMPT, "max_tokens": 4, **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**args)
+    assert e.value.status_code == 400
+    assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param
+    assert e.value.body["message"] and e.value.body["code"] is None
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+])
+def test_bad_chat_fields_are_openai_400s(served, kw, param):
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{"model": "m", "messages": CHAT, "max_tokens": 4, **kw})
+    assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+
+
+def test_invalid_json_is_a_400(served):
+    _, client = served
+    req = urllib.request.Request(f"{client.base_url}completions", data=b"{not json", method="POST",
+                                 headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_not_ready_is_a_503(served):
+    core, client = served
+    core.ready = False
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=2)
+    finally:
+        core.ready = True
+    assert e.value.status_code == 503 and e.value.body["type"] == "service_unavailable"
+
+
+@pytest.fixture
+def slow(served):
+    """The served engine at >= 10 ms per step (2 MoE layers x 5 ms) for the duration of a test."""
+    core, client = served
+    _wait_idle(core)
+    core.dispatcher.delay_s = 0.005
+    yield core, client
+    core.dispatcher.delay_s = 0.0
+
+
+def test_disconnect_mid_stream_aborts_the_request(slow):
+    core, client = slow
+    steps = core.runner.stats()["steps"]
+    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=90, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    _wait_idle(core)
+    assert core.runner.stats()["steps"] - steps < 80
+
+
+def test_disconnect_before_a_non_streamed_response_aborts_the_request(slow):
+    core, client = slow  # 120 tokens take >= 1.2 s: the client gives up after 0.3 s
+    steps, gone = core.runner.stats()["steps"], core.metrics.errors.get("499", 0)
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.3).completions.create(model="m", prompt="Hi", max_tokens=120, temperature=0,
+                                                            extra_body={"ignore_eos": True})
+    _wait_idle(core)
+    assert core.runner.stats()["steps"] - steps < 110
+    deadline = time.monotonic() + 5
+    while core.metrics.errors.get("499", 0) == gone:
+        assert time.monotonic() < deadline, "the disconnect was not counted"
+        time.sleep(0.02)
+
+
+def test_full_queue_is_a_429(model):
+    core = Core(*model, max_num_seqs=1, max_queue=0, max_model_len=256)
+    server = Server(build_openai_app(core))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    core.dispatcher.delay_s = 0.005  # the busy request lasts >= 2 s
+    try:
+        busy = client.completions.create(model="m", prompt=PROMPT, max_tokens=200, stream=True,
+                                         extra_body={"ignore_eos": True})
+        next(iter(busy))  # running: the only slot is taken and no one may wait
+        with pytest.raises(openai.RateLimitError) as e:
+            client.chat.completions.create(model="m", messages=CHAT, max_tokens=2)
+        assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_exceeded"
+        assert e.value.response.headers["retry-after"] == "1"
+        busy.close()
+        _wait_idle(core)
+        core.dispatcher.delay_s = 0.0
+        assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+        assert core.metrics.requests[("http", "rejected")] == 1 and core.metrics.errors["429"] == 1
+    finally:
+        server.stop()
+        core.runner.close()
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"prompt": "\ud800"}, "prompt"), ({"seed": 2**64}, "seed"), ({"temperature": 1e-300}, "temperature"),
+])
+def test_inputs_that_used_to_be_500s_are_400s_and_spare_the_requests_in_flight(served, llm, kw, param):
+    """A lone surrogate, a seed over 64 bits and an underflowing temperature: 400 naming the field, while a
+    greedy stream already running finishes with exactly its reference text."""
+    _, client = served
+    ref = _greedy(llm, llm.encode(PROMPT), 16, ignore_eos=True)
+    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    text = next(chunks).choices[0].text
+    body = json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": 4, **kw}).encode()  # "\\ud800" escaped
+    req = urllib.request.Request(f"{client.base_url}completions", data=body, method="POST",
+                                 headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    err = json.loads(e.value.read())["error"]
+    assert e.value.code == 400 and err["param"] == param and err["type"] == "invalid_request_error"
+    text += "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == ref.text
+
+
+def test_a_request_whose_experts_are_gone_is_a_503_and_the_server_recovers(served):
+    core, client = served
+    _wait_idle(core)
+    engine = core.runner.engine
+    backoff, engine.retry_backoff_s = engine.retry_backoff_s, (0.01, 0.01)
+    core.dispatcher.unavailable = True
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=4)
+        assert e.value.status_code == 503 and e.value.body["type"] == "service_unavailable"
+        assert e.value.response.headers["retry-after"] == "1" and "injected" not in e.value.body["message"]
+    finally:
+        core.dispatcher.unavailable = False
+        engine.retry_backoff_s = backoff
+    assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_disconnect_while_a_stream_waits_for_its_first_token_aborts_it(model):
+    """A streamed request queued behind a busy one, its client gone before the first token: it never runs."""
+    core = Core(*model, max_num_seqs=1, max_model_len=512)
+    server = Server(build_openai_app(core))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    core.dispatcher.delay_s = 0.005  # >= 10 ms a step
+    try:
+        steps, gone = core.runner.stats()["steps"], core.metrics.errors.get("499", 0)
+        busy = client.completions.create(model="m", prompt=PROMPT, max_tokens=300, stream=True,
+                                         extra_body={"ignore_eos": True})
+        next(iter(busy))  # the only slot is taken: the next request waits in the queue
+        with pytest.raises(openai.APITimeoutError):
+            client.with_options(timeout=0.3).completions.create(model="m", prompt="Hi", max_tokens=400, stream=True,
+                                                                extra_body={"ignore_eos": True})
+        deadline = time.monotonic() + 5
+        while core.metrics.errors.get("499", 0) == gone:
+            assert time.monotonic() < deadline, "the disconnect was not counted"
+            time.sleep(0.02)
+        busy.close()
+        _wait_idle(core, timeout=10)
+        assert core.runner.stats()["steps"] - steps < 250, "the abandoned stream ran"
+        assert core.runner.stats()["admitted"] == 0
+    finally:
+        server.stop()
+        core.runner.close()
+
+
+def test_a_choice_refused_for_room_stops_the_other_choices(model):
+    """n=2 with room for one: the 429 ends the whole request; its first choice does not run on unseen."""
+    core = Core(*model, max_num_seqs=1, max_queue=0, max_model_len=512)
+    server = Server(build_openai_app(core))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    core.dispatcher.delay_s = 0.005  # >= 10 ms a step: 400 tokens take >= 4 s
+    try:
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=400, n=2, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        _wait_idle(core, timeout=2.0)  # the choice left running would take >= 4 s
+    finally:
+        server.stop()
+        core.runner.close()
