@@ -1,4 +1,4 @@
-"""The `elasticmoe` command: demo (the README's run command), generate, status, make-tiny-model, offline."""
+"""The `elasticmoe` command: demo (the README's run command), generate, status, scale, make-tiny-model, offline."""
 
 from __future__ import annotations
 
@@ -62,6 +62,32 @@ def cmd_status(ns: argparse.Namespace) -> int:
         st = status_view.controller_status(ns.address, ns.app)
     print(status_view.to_json(st) if ns.json else status_view.render(st))
     return 0
+
+
+def cmd_scale(ns: argparse.Namespace) -> int:
+    """Pin the app's shard count (--shards N) or hand it back to utilization-based autoscaling (--auto)."""
+    from elasticmoe import status_view
+
+    with contextlib.redirect_stdout(sys.stderr):
+        handle = status_view.controller(ns.address, ns.app)
+    try:
+        desired = handle.set_target_shards.remote(None if ns.auto else ns.shards).result(timeout_s=30)
+    except ValueError as e:  # the controller's refusal (Ray raises it as a subclass of ValueError)
+        why = [line for line in str(e).splitlines() if line.strip()][-1]
+        print(f"elasticmoe scale: error: {why.removeprefix('ValueError: ')}", file=sys.stderr)
+        return 2
+    print(f"{ns.app}: desired shards {desired} ({'autoscaling' if ns.auto else 'pinned'})")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def _demo_config(config: Path, model: str) -> Path:
@@ -170,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="live view: redraw every --interval seconds until Ctrl-C")
     p.add_argument("--interval", type=_positive_seconds, default=2.0, help="seconds between --watch frames")
     p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("scale", help="pin the number of expert shards, or hand it back to autoscaling")
+    p.add_argument("--address", default="auto", help="Ray cluster address")
+    p.add_argument("--app", default="elasticmoe", help="Serve application name")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--shards", type=_positive_int, help="shard count (within autoscaling's min..max_shards)")
+    how.add_argument("--auto", action="store_true", help="back to utilization-based autoscaling")
+    p.set_defaults(fn=cmd_scale)
     p = sub.add_parser("offline", help="complete a prompt in this process (the offline LLM API)")
     p.add_argument("prompt")
     p.add_argument("--model", default="tiny:demo")

@@ -137,8 +137,9 @@ def watch(fetch: Callable[[], dict], interval: float = 2.0, out: TextIO = sys.st
     return 0
 
 
-def controller_status(address: str, app: str = "elasticmoe") -> dict:
-    """Controller.status() of application `app` on the Ray cluster at `address` (connects this process)."""
+def controller(address: str, app: str = "elasticmoe"):
+    """A DeploymentHandle to application `app`'s controller on the Ray cluster at `address` (connects this
+    process)."""
     from elasticmoe.local_cluster import use_local_ray_env
 
     use_local_ray_env(address)  # before Ray's import, which reads them
@@ -146,7 +147,12 @@ def controller_status(address: str, app: str = "elasticmoe") -> dict:
     from ray import serve
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    return serve.get_deployment_handle("Controller", app_name=app).status.remote().result(timeout_s=30)
+    return serve.get_deployment_handle("Controller", app_name=app)
+
+
+def controller_status(address: str, app: str = "elasticmoe") -> dict:
+    """Controller.status() of application `app` on the Ray cluster at `address` (connects this process)."""
+    return controller(address, app).status.remote().result(timeout_s=30)
 
 
 def fetcher(address: str, app: str) -> Callable[[], dict]:

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+import pytest
 import torch
 
 from elasticmoe.autoscaler.record import GcsRecord
@@ -204,6 +205,10 @@ def test_an_operators_shard_count_outlives_a_controller_restart(model):
         assert await again.set_target_shards(None) == 3
         third = ControllerImpl(args)
         assert third.scale.override is None and third.scale.desired(third.desired, [0.0, 0.0, 0.0]) == 2
+        for bad in (0, 4, 2.0, True):  # outside 1..3, or not a whole number: refused, not clamped
+            with pytest.raises(ValueError, match=r"min_shards\.\.max_shards \(1\.\.3\)"):
+                await third.set_target_shards(bad)
+        assert third.scale.override is None and ControllerImpl(args).scale.override is None
         del ctrl
 
     asyncio.run(run())

@@ -24,7 +24,7 @@ MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), CHART / "
             REPO / "benchmarks" / "KERNELS.md"]
 COMMENTED = [*sorted((REPO / "deployments").glob("*.yaml")), *sorted((REPO / "cluster").glob("*.yaml")),
              *sorted(CHART.glob("values*.yaml")), CHART / "templates" / "NOTES.txt"]
-SUBCOMMANDS = ("demo", "generate", "status", "offline", "make-tiny-model")
+SUBCOMMANDS = ("demo", "generate", "status", "scale", "offline", "make-tiny-model")
 
 
 def _rel(path: Path) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +137,15 @@ def test_killed_shard_during_streams_loses_nothing(apps):
     assert all(_request("elastic", p) == apps[p] for p in PROMPTS[:2])
 
 
+def _scale(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+    """`elasticmoe scale --app elastic ...` as an operator runs it, from a shell without the RAY_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-m", "elasticmoe.cli", "scale", "--app", "elastic", *args],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == code, out.stderr[-2000:]
+    return out
+
+
 def test_scale_2_3_2_under_load(apps, ray_cluster):
     controller = handle("Controller", "elastic")
     stop = threading.Event()
@@ -156,7 +167,7 @@ def test_scale_2_3_2_under_load(apps, ray_cluster):
         w.start()
     try:
         for n in (3, 2):
-            controller.set_target_shards.remote(n).result()
+            assert f"elastic: desired shards {n} (pinned)" in _scale("--shards", str(n)).stdout
             _wait(lambda: (s := controller.status.remote().result())["num_shards"] == n and s["complete"]
                   and sum(1 for x in s["shards"] if x["ready"]) == n, 300, f"{n} shards")
             status = ray_cluster.serve_status()
@@ -167,6 +178,9 @@ def test_scale_2_3_2_under_load(apps, ray_cluster):
         for w in workers:
             w.join(timeout=120)
     assert not bad, bad[:5]
+    refused = _scale("--shards", "4", code=2)  # beyond max_shards: refused in one line, nothing changed
+    assert "shards 4 is outside autoscaling's min_shards..max_shards (2..3)" in refused.stderr
+    assert "Traceback" not in refused.stderr and controller.desired_shards.remote().result() == 2
 
 
 def _scaled(controller, n: int) -> dict:

@@ -217,9 +217,13 @@ class Controller(Mover, StatsKeeper):
         return self.desired
 
     async def set_target_shards(self, n: int | None) -> int:
-        """Operator override of the shard count (None: back to utilization-based autoscaling)."""
+        """Operator override of the shard count (None: back to utilization-based autoscaling); a count outside
+        autoscaling's min_shards..max_shards is refused (ValueError), not clamped."""
         if self.scale is None:
             raise ValueError("autoscaling is not configured for this app (args.autoscaling)")
+        lo, hi = self.scale.min_shards, self.scale.max_shards
+        if n is not None and (type(n) is not int or not lo <= n <= hi):
+            raise ValueError(f"shards {n!r} is outside autoscaling's min_shards..max_shards ({lo}..{hi})")
         self.scale.override = n
         self.desired = self.scale.desired(self.desired, [])
         self._save()
