@@ -1,5 +1,6 @@
-"""The chart's own ports (expertPort, directGrpc.port) kept out of Ray's worker ports on the pods that bind them,
-checked when Helm renders the chart (helm-python-sdk), against `ray start`'s defaults or a group's rayStartParams."""
+"""The chart's own ports (expertPort, directGrpc.port), Serve's proxy ports and Ray's own ports kept out of Ray's
+worker ports on the pods that bind them, checked when Helm renders the chart (helm-python-sdk), against
+`ray start`'s defaults or a group's rayStartParams."""
 
 from __future__ import annotations
 
@@ -55,9 +56,64 @@ def test_a_port_among_rays_worker_ports_fails_render(override, message):
 @pytest.mark.parametrize("override", [
     pytest.param({**{g: {"rayStartParams": {"min-worker-port": "30000", "max-worker-port": "39999"}} for g in GROUPS},
                   "expertPort": {"start": 15000, "end": 15099}}, id="ranges-moved-away"),
-    pytest.param({"gatewayGroup": {"rayStartParams": {"worker-port-list": "9000,9101"}}}, id="port-list-clear"),
+    pytest.param({"gatewayGroup": {"rayStartParams": {"worker-port-list": "8900,9101"}}}, id="port-list-clear"),
     pytest.param({**{g: {"rayStartParams": {"min-worker-port": "0"}} for g in GROUPS},
                   "expertPort": {"start": 15000, "end": 15099}}, id="random-worker-ports"),
 ])
 def test_ports_clear_of_the_configured_worker_ports_render(override):
+    _check_rayservice(_one(_objects(_render(_prod(override))), "RayService"))
+
+
+# Serve's proxy ports (on the head, and with proxyLocation EveryNode on every worker pod) and Ray's own ports
+# (GCS 6379, dashboard 8265, client 10001 on the head; metrics export 8080, dashboard agent 52365 on every pod)
+RANGE = ("min-worker-port", "max-worker-port")
+
+
+def _range(group: str, lo: int, hi: int) -> dict:
+    return {group: {"rayStartParams": dict(zip(RANGE, (str(lo), str(hi))))}}
+
+
+@pytest.mark.parametrize("override, message", [
+    pytest.param({"serve": {"httpPort": 15000}},
+                 "serve.httpPort 15000 overlaps Ray's worker ports 10002-19999 on the gpu pods", id="http-default"),
+    pytest.param({"serve": {"grpcPort": 12000}},
+                 "serve.grpcPort 12000 overlaps Ray's worker ports 10002-19999 on the gpu pods", id="grpc-default"),
+    pytest.param({"serve": {"grpcPort": 12000, "proxyLocation": "HeadOnly"}},
+                 "serve.grpcPort 12000 overlaps Ray's worker ports 10002-19999 on the head pods", id="head-only-head"),
+    pytest.param(_range("workers", 8100, 9999),
+                 "serve.grpcPort 9000 overlaps Ray's worker ports 8100-9999 on the gpu pods "
+                 "(workers.rayStartParams min-worker-port / max-worker-port)", id="grpc-in-moved-range"),
+    pytest.param(_range("gatewayGroup", 7900, 8010),
+                 "serve.httpPort 8000 overlaps Ray's worker ports 7900-8010 on the gateways pods", id="http-gateways"),
+    pytest.param({"head": {"rayStartParams": {"worker-port-list": "8000,30000"}}},
+                 "serve.httpPort 8000 overlaps Ray's worker port 8000 on the head pods "
+                 "(head.rayStartParams worker-port-list)", id="http-in-head-list"),
+    pytest.param(_range("head", 6000, 7000),
+                 "Ray's GCS port 6379 overlaps Ray's worker ports 6000-7000 on the head pods", id="gcs"),
+    pytest.param(_range("head", 8200, 8300),
+                 "Ray's dashboard port 8265 overlaps Ray's worker ports 8200-8300 on the head pods", id="dashboard"),
+    pytest.param(_range("head", 10000, 10999),
+                 "Ray's client port 10001 overlaps Ray's worker ports 10000-10999 on the head pods", id="client"),
+    pytest.param({"head": {"rayStartParams": {"dashboard-port": "8400", "worker-port-list": "8400"}}},
+                 "Ray's dashboard port 8400 overlaps Ray's worker port 8400 on the head pods", id="moved-dashboard"),
+    pytest.param({"workers": {"rayStartParams": {"worker-port-list": "8080,30000"}}},
+                 "Ray's metrics export port 8080 overlaps Ray's worker port 8080 on the gpu pods", id="metrics"),
+    pytest.param(_range("workers", 50000, 59999),
+                 "Ray's dashboard agent port 52365 overlaps Ray's worker ports 50000-59999 on the gpu pods",
+                 id="dashboard-agent"),
+])
+def test_serve_or_ray_port_among_rays_worker_ports_fails_render(override, message):
+    """Serve's proxy binds its ports on every pod it runs on, after the pod's Ray workers may hold them."""
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        _render(_prod(override))
+
+
+@pytest.mark.parametrize("override", [
+    pytest.param({"serve": {"proxyLocation": "HeadOnly"}, **_range("workers", 8100, 9999)}, id="no-proxy-on-workers"),
+    pytest.param({"head": {"rayStartParams": {"dashboard-port": "8400", "worker-port-list": "8265"}}},
+                 id="dashboard-moved-off-the-list"),
+    pytest.param(_range("workers", 6000, 7000), id="gcs-only-on-head"),
+    pytest.param({"serve": {"httpPort": 8500, "grpcPort": 8600}}, id="serve-ports-moved-clear"),
+])
+def test_serve_and_ray_ports_clear_of_the_worker_ports_render(override):
     _check_rayservice(_one(_objects(_render(_prod(override))), "RayService"))

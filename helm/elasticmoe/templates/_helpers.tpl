@@ -56,10 +56,10 @@ elasticmoe.io/release: {{ include "elasticmoe.fullname" . }}
 {{- end }}
 
 {{/*
-Fail unless each of .ports (name, first, last) lies outside Ray's worker ports on a group's pods: `ray start`'s
---min-worker-port 10002 / --max-worker-port 19999 (max 0: up to 65535; min 0: the OS picks, unchecked) or its
---worker-port-list, as the group's rayStartParams (.params of values key .key, group .name) set them. A Ray
-worker may hold any of them, so a bind of elasticmoe's there fails at random.
+Fail unless each of .ports (name, first, last, and optionally what then fails) lies outside Ray's worker ports on a
+group's pods: `ray start`'s --min-worker-port 10002 / --max-worker-port 19999 (max 0: up to 65535; min 0: the OS
+picks, unchecked) or its --worker-port-list, as the group's rayStartParams (.params of values key .key, group .name)
+set them. A Ray worker may hold any of them, so a bind of elasticmoe's (or Serve's proxy's) there fails at random.
 */}}
 {{- define "elasticmoe.clearOfWorkerPorts" -}}
 {{- $p := .params | default dict }}
@@ -72,15 +72,17 @@ worker may hold any of them, so a bind of elasticmoe's there fails at random.
 {{- range $port := .ports }}
 {{- $name := index $port 0 }}{{- $first := index $port 1 }}{{- $last := index $port 2 }}
 {{- $shown := ($first | eq $last) | ternary (toString $first) (printf "%v-%v" $first $last) }}
+{{- $then := printf "elasticmoe's bind there fails; move %s clear of them" $name }}
+{{- if gt (len $port) 3 }}{{- $then = index $port 3 }}{{- end }}
 {{- if hasKey $p "worker-port-list" }}
 {{- range $w := splitList "," (toString (get $p "worker-port-list")) }}
 {{- $n := int (trim $w) }}
 {{- if and (ge $n $first) (le $n $last) }}
-{{- fail (printf "%s %s overlaps Ray's worker port %v on the %s pods (%s.rayStartParams worker-port-list): a Ray worker may hold it and elasticmoe's bind there fails; move %s clear of them" $name $shown $n $.name $.key $name) }}
+{{- fail (printf "%s %s overlaps Ray's worker port %v on the %s pods (%s.rayStartParams worker-port-list): a Ray worker may hold it and %s" $name $shown $n $.name $.key $then) }}
 {{- end }}
 {{- end }}
 {{- else if and (gt $lo 0) (le $first $hi) (ge $last $lo) }}
-{{- fail (printf "%s %s overlaps Ray's worker ports %v-%v %s min-worker-port / max-worker-port): a Ray worker may hold any of them and elasticmoe's bind there fails; move %s clear of them" $name $shown $lo $hi $where $name) }}
+{{- fail (printf "%s %s overlaps Ray's worker ports %v-%v %s min-worker-port / max-worker-port): a Ray worker may hold any of them and %s" $name $shown $lo $hi $where $then) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -119,6 +121,24 @@ message naming the values at fault.
 {{- $ports := list (list "expertPort" (int $v.expertPort.start) (int $v.expertPort.end)) }}
 {{- if and $v.directGrpc.enabled (eq (index $g 0) "gatewayGroup") }}
 {{- $ports = append $ports (list "directGrpc.port" (int $v.directGrpc.port) (int $v.directGrpc.port)) }}
+{{- end }}
+{{- /* Serve's proxies: on the head, and with EveryNode on the pods that run replicas */}}
+{{- if or (eq (index $g 0) "head") (ne $v.serve.proxyLocation "HeadOnly") }}
+{{- range $k := list "httpPort" "grpcPort" }}
+{{- $sp := int (get $v.serve $k) }}
+{{- $ports = append $ports (list (printf "serve.%s" $k) $sp $sp (printf "Serve's proxy fails to bind it; move serve.%s clear of them" $k)) }}
+{{- end }}
+{{- end }}
+{{- /* Ray's own ports (ray start refuses to run when one lies among the worker ports): those of every pod, and
+       the head's; a group's rayStartParams may move them */}}
+{{- $p := index $g 2 | default dict }}
+{{- $own := list (list "metrics export" "metrics-export-port" 8080) (list "dashboard agent" "dashboard-agent-listen-port" 52365) }}
+{{- if eq (index $g 0) "head" }}
+{{- $own = concat $own (list (list "GCS" "port" 6379) (list "dashboard" "dashboard-port" 8265) (list "client" "ray-client-server-port" 10001)) }}
+{{- end }}
+{{- range $r := $own }}
+{{- $rp := int (toString (get $p (index $r 1) | default (index $r 2))) }}
+{{- $ports = append $ports (list (printf "Ray's %s port" (index $r 0)) $rp $rp "`ray start` refuses to run with one of its own ports among them, so the pod never starts; move the worker ports clear of it") }}
 {{- end }}
 {{- include "elasticmoe.clearOfWorkerPorts" (dict "key" (index $g 0) "name" (index $g 1) "params" (index $g 2) "ports" $ports) }}
 {{- end }}
