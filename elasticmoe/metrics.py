@@ -42,6 +42,8 @@ def _ray_metrics() -> dict[str, Any] | None:
         "copies": Gauge("elasticmoe_expert_copies", "Live copies of an expert", ("layer", "expert")),
         "balancedness": Gauge("elasticmoe_balancedness", "Mean / max load over a layer's shards", ("layer",)),
         "shard_healthy": Gauge("elasticmoe_shard_healthy", "1 if the expert shard answers, else 0", ("shard",)),
+        "shard_registered": Gauge("elasticmoe_shard_registered",
+                                  "1 while the controller has the expert shard registered, 0 once it left", ("shard",)),
         "fanout": hist("elasticmoe_fanout_latency_seconds", "Expert fan-out overhead per (layer, step)",
                        FANOUT_BOUNDS),
         "rebalance_events": Counter("elasticmoe_rebalance_events_total", "Expert rebalances applied"),
@@ -174,14 +176,17 @@ class GatewayMetrics:
 
     def set_shard_health(self, health: dict[str, bool]) -> None:
         """Set whether each registered expert shard is healthy; a shard missing from `health` (it left) is
-        forgotten, and its series set to 0 once (a Ray gauge cannot drop a series: it kept its last value)."""
+        forgotten, and its series set to 0 once (a Ray gauge cannot drop a series: it kept its last value), its
+        elasticmoe_shard_registered too, so that dashboards tell it from a registered shard that does not answer."""
         gone = set(self.shards) - set(health)
         self.shards = {sid: bool(ok) for sid, ok in health.items()}
         if self._ray:
             for sid in gone:
                 self._ray["shard_healthy"].set(0.0, {"shard": sid})
+                self._ray["shard_registered"].set(0.0, {"shard": sid})
             for sid, ok in health.items():
                 self._ray["shard_healthy"].set(1.0 if ok else 0.0, {"shard": sid})
+                self._ray["shard_registered"].set(1.0, {"shard": sid})
 
     def rebalance(self, nbytes: int) -> None:
         """Count one applied rebalance that moved `nbytes` of expert weights."""

@@ -192,9 +192,23 @@ def test_a_removed_shard_leaves_no_healthy_series():
     Ray gauge cannot drop a series: left at 1 it showed a healthy ghost shard on dashboards)."""
     m = _metrics()
     gauge = _SeenGauge()
-    m._ray = {"shard_healthy": gauge}
+    m._ray = {"shard_healthy": gauge, "shard_registered": _SeenGauge()}
     m.set_shard_health({"a": True, "b": True, "c": False})
     assert m.shards == {"a": True, "b": True, "c": False}
     m.set_shard_health({"a": True, "c": True})
     assert m.shards == {"a": True, "c": True}
     assert gauge.values == {(("shard", "a"),): 1.0, (("shard", "b"),): 0.0, (("shard", "c"),): 1.0}
+
+
+def test_a_removed_shard_is_exported_as_unregistered():
+    """elasticmoe_shard_registered tells a shard that left (0, its series kept by Ray) from one that is there but
+    does not answer (registered 1, healthy 0): dashboards count and plot the registered shards only."""
+    m = _metrics()
+    healthy, registered = _SeenGauge(), _SeenGauge()
+    m._ray = {"shard_healthy": healthy, "shard_registered": registered}
+    m.set_shard_health({"a": True, "b": False})
+    m.set_shard_health({"a": True})
+    assert registered.values == {(("shard", "a"),): 1.0, (("shard", "b"),): 0.0}
+    assert healthy.values == {(("shard", "a"),): 1.0, (("shard", "b"),): 0.0}
+    m.set_shard_health({"b": False})  # back under the same id (a restarted replica), not answering yet
+    assert registered.values == {(("shard", "a"),): 0.0, (("shard", "b"),): 1.0}

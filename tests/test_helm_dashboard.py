@@ -1,0 +1,77 @@
+"""The chart's Grafana dashboards against the code: every metric an expression reads is one elasticmoe defines
+(Ray exports it as ray_<name>, a histogram as its _bucket / _sum / _count series), and the shard panels show the
+shards the controller has registered, not the series a departed shard leaves behind (Ray's Gauge cannot drop one)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.test_deploy_configs import CHART_DIR
+
+PACKAGE = Path(__file__).resolve().parent.parent / "elasticmoe"
+DASHBOARDS = sorted((CHART_DIR / "dashboards").glob("*.json"))
+KINDS = {"Counter": ("",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count"),
+         "hist": ("_bucket", "_sum", "_count")}  # hist: metrics.py's Histogram helper
+HEALTHY, REGISTERED = "ray_elasticmoe_shard_healthy", "ray_elasticmoe_shard_registered"
+
+
+def _exported() -> set[str]:
+    """The series names Ray exports for the metrics the package creates: Counter / Gauge / Histogram("name", ...)."""
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in KINDS
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                names |= {f"ray_{node.args[0].value}{suffix}" for suffix in KINDS[node.func.id]}
+    return names
+
+
+def _exprs(node) -> list[str]:
+    """Every "expr" in a dashboard, in rows and nested panels too."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "expr"] + [e for v in node.values() for e in _exprs(v)]
+    return [e for v in node for e in _exprs(v)] if isinstance(node, list) else []
+
+
+def _targets(dash: dict) -> list[tuple[str, str, str]]:
+    """(panel title, legend, expr) of every target."""
+    panels = list(dash["panels"]) + [q for p in dash["panels"] for q in p.get("panels", [])]
+    return [(p["title"], t.get("legendFormat", ""), t["expr"]) for p in panels for t in p.get("targets", [])]
+
+
+def _metrics_in(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (a name before its {matchers}, and any elasticmoe_ name)."""
+    selected = set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr))
+    return selected | set(re.findall(r"\b(?:ray_)?elasticmoe_\w+", expr))
+
+
+def test_the_package_defines_the_metrics_it_documents():
+    exported = _exported()
+    assert {HEALTHY, REGISTERED, "ray_elasticmoe_requests_total", "ray_elasticmoe_ttft_seconds_bucket"} <= exported
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_every_dashboard_metric_is_one_the_code_defines(path):
+    exprs = _exprs(json.loads(path.read_text()))
+    assert exprs
+    unknown = {(m, e) for e in exprs for m in _metrics_in(e) if m not in _exported()}
+    assert not unknown, f"metrics no code of elasticmoe exports: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_shard_panels_count_registered_shards_only(path):
+    """A shard that left keeps its elasticmoe_shard_healthy series at 0 forever: counted, it was a ghost in the
+    total; plotted, a dead line. Every read of it keeps only the shards the controller still has registered."""
+    targets = [t for t in _targets(json.loads(path.read_text())) if HEALTHY in t[2]]
+    assert targets
+    live = re.compile(r"and on \(shard\) \(min by \(shard\) \(" + REGISTERED + r"\{[^}]*\}\) == 1\)")
+    for title, legend, expr in targets:
+        assert live.search(expr), f"{title} / {legend}: {expr}"
+        assert not re.search(r"count\s*\(\s*min by \(shard\) \(" + HEALTHY, expr), f"{title}: counts ghosts"
+    totals = [e for title, legend, e in _targets(json.loads(path.read_text())) if legend == "total"]
+    assert totals and all(REGISTERED in e and HEALTHY not in e for e in totals), totals
