@@ -117,3 +117,11 @@ def test_serve_or_ray_port_among_rays_worker_ports_fails_render(override, messag
 ])
 def test_serve_and_ray_ports_clear_of_the_worker_ports_render(override):
     _check_rayservice(_one(_objects(_render(_prod(override))), "RayService"))
+
+
+@pytest.mark.parametrize("group, key", [("head", "metrics-export-port"), ("head", "dashboard-host"),
+                                        ("workers", "metrics-export-port"), ("gatewayGroup", "metrics-export-port")])
+def test_start_params_the_chart_sets_are_refused(group, key):
+    """The chart writes these rayStartParams itself; a user's copy rendered a second, duplicate YAML key."""
+    with pytest.raises(helm.HelmError, match=re.escape(f"{group}.rayStartParams.{key} is set by the chart")):
+        _render(_prod({group: {"rayStartParams": {key: "8090"}}}))

@@ -132,6 +132,14 @@ message naming the values at fault.
 {{- /* Ray's own ports (ray start refuses to run when one lies among the worker ports): those of every pod, and
        the head's; a group's rayStartParams may move them */}}
 {{- $p := index $g 2 | default dict }}
+{{- /* keys the chart writes itself (a second one would be a duplicate YAML key; the metrics scrape and the
+       operator's dashboard calls rely on these values) */}}
+{{- $owned := ternary (list "metrics-export-port" "dashboard-host") (list "metrics-export-port") (eq (index $g 0) "head") }}
+{{- range $k := $owned }}
+{{- if hasKey $p $k }}
+{{- fail (printf "%s.rayStartParams.%s is set by the chart (metrics-export-port 8080, the head's dashboard-host 0.0.0.0): remove it" (index $g 0) $k) }}
+{{- end }}
+{{- end }}
 {{- $own := list (list "metrics export" "metrics-export-port" 8080) (list "dashboard agent" "dashboard-agent-listen-port" 52365) }}
 {{- if eq (index $g 0) "head" }}
 {{- $own = concat $own (list (list "GCS" "port" 6379) (list "dashboard" "dashboard-port" 8265) (list "client" "ray-client-server-port" 10001)) }}
