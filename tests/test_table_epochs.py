@@ -9,7 +9,7 @@ import threading
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.gateway.deployment import GatewayCore
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
-from tests.controller_util import ControllerImpl, _args
+from tests.controller_util import ControllerImpl, _args, _until, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -18,11 +18,37 @@ def _table(version: int, epoch: str, shard: str = "a") -> dict:
             "shards": [{"id": shard, "address": "127.0.0.1:1", "position": 0}]}
 
 
-def _poller_of(dispatcher: GrpcDispatcher) -> GatewayCore:
+def _init_poller_state(core: GatewayCore, dispatcher: GrpcDispatcher) -> None:
     """A GatewayCore's table state around a real dispatcher (what its poller's _install touches)."""
-    core = object.__new__(GatewayCore)
     core.dispatcher, core.complete, core.table_version, core.table_epoch = dispatcher, threading.Event(), -1, None
+    core._install_lock = threading.Lock()
+
+
+def _poller_of(dispatcher: GrpcDispatcher) -> GatewayCore:
+    core = object.__new__(GatewayCore)
+    _init_poller_state(core, dispatcher)
     return core
+
+
+class _LoopHandle:
+    """The call shape of a Serve handle (`handle.method.remote(*args).result(timeout_s)`) from another thread, over
+    an in-process controller whose coroutines run on `loop`."""
+
+    def __init__(self, target, loop: asyncio.AbstractEventLoop):
+        self.target, self.loop = target, loop
+
+    def __getattr__(self, name):
+        method, loop = getattr(self.target, name), self.loop
+
+        class Call:
+            def __init__(self, future):
+                self.future = future
+
+            def result(self, timeout_s=None):
+                return self.future.result(timeout=timeout_s)
+
+        return type("Method", (), {"remote": staticmethod(
+            lambda *args: Call(asyncio.run_coroutine_threadsafe(method(*args), loop)))})()
 
 
 def test_a_stale_poll_answer_does_not_roll_the_table_back():
@@ -70,3 +96,33 @@ def test_a_restarted_controller_answers_a_gateway_of_its_predecessor_at_once(mod
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_failure_report_installs_the_table_with_its_completeness(model):
+    """A gateway's call to b failed and the controller, which already found b dead, answers the report with a table
+    missing b's experts. Installed from the report thread, that table must also clear `complete` (what admits new
+    requests) and become the version the gateway acknowledges, as a poll's answer does."""
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        core = object.__new__(GatewayCore)
+        core.controller = _LoopHandle(ctrl, asyncio.get_running_loop())
+        d = GrpcDispatcher(on_failure=core._on_failure, insecure=True, transport="unary")
+        try:
+            _init_poller_state(core, d)
+            core._install(await ctrl.table())
+            assert core.complete.is_set()
+            async with ctrl._lock:
+                ctrl._mark_failed([ctrl.registry.shards["b"]], "health check failed")  # as the health loop does
+            d.suspect("b", report=True)  # the gateway's own call to b failed
+            await _until(lambda: not d._reporting, 10, "the failure report answered")
+            assert d.latest().version == ctrl.registry.version and d.latest().shards == ("a",)
+            assert (core.table_version, core.table_epoch) == (ctrl.registry.version, ctrl.epoch)
+            assert not core.complete.is_set()  # b's experts have no live copy: new requests wait
+        finally:
+            d.close()
+            for task in ctrl._tasks:
+                task.cancel()
+
+    _with_shards(model, "ab", scenario)

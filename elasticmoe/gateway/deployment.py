@@ -63,6 +63,7 @@ class GatewayCore:
         self.step_log: deque[tuple[float, float]] = deque(maxlen=200_000)  # (wall time, step seconds)
         self.runner = EngineRunner(engine, on_step=self._on_step)
         self.complete = threading.Event()
+        self._install_lock = threading.Lock()  # the poller's and the failure reports' installs, one at a time
         self.table_version, self.table_epoch = -1, None  # the last table installed from a poll, and its controller
         threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
 
@@ -78,15 +79,20 @@ class GatewayCore:
         self.metrics.engine(len(sched.running), len(sched.waiting), len(sched.running) / max(1, total))
 
     def _install(self, table: dict | None) -> None:
-        """A poll's answer: installed unless stale (the failure-report path installed a newer one meanwhile; the
-        next poll, still at the old version, brings the newest at once). A restarted controller's always counts."""
-        if table is None or not self.dispatcher.set_table(RoutingTable.from_dict(table)):
+        """A poll's or a failure report's answer: installed unless stale (the other path installed a newer one
+        meanwhile; a poll still at the old version brings the newest at once). A restarted controller's always
+        counts. Both paths update what the table gates: `complete` (new requests wait for it) and the version
+        the next poll acknowledges; one at a time, so a slower install cannot leave its older table's state."""
+        if table is None:
             return
-        self.table_version, self.table_epoch = table["version"], table.get("epoch")
-        if table["complete"]:
-            self.complete.set()
-        else:
-            self.complete.clear()
+        with self._install_lock:
+            if not self.dispatcher.set_table(RoutingTable.from_dict(table)):
+                return
+            self.table_version, self.table_epoch = table["version"], table.get("epoch")
+            if table["complete"]:
+                self.complete.set()
+            else:
+                self.complete.clear()
 
     def _poll_table(self) -> None:
         """Long-poll the controller's table (a new version comes back at once, else None after TABLE_WAIT_S),
@@ -103,9 +109,10 @@ class GatewayCore:
             time.sleep(0.01)  # never a busy loop, whatever the controller answers
 
     def _on_failure(self, shard_id: str) -> RoutingTable | None:
-        """Called from the dispatcher's report thread when a shard call fails; returns the controller's table."""
-        table = self.controller.report_failure.remote(shard_id).result(timeout_s=10)
-        return RoutingTable.from_dict(table)
+        """Called from the dispatcher's report thread when a shard call fails: installs the controller's answer
+        as a poll's (None: nothing more for the dispatcher to install)."""
+        self._install(self.controller.report_failure.remote(shard_id).result(timeout_s=10))
+        return None
 
     async def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Wait until every expert has a live copy (shards still loading after a deploy)."""
