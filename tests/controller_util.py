@@ -36,6 +36,27 @@ class Shard:
         return set(self.store.held())
 
 
+class _LoopHandle:
+    """The call shape of a Serve handle (`handle.method.remote(*args).result(timeout_s)`) from another thread, over
+    an in-process controller whose coroutines run on `loop`."""
+
+    def __init__(self, target, loop: asyncio.AbstractEventLoop):
+        self.target, self.loop = target, loop
+
+    def __getattr__(self, name):
+        method, loop = getattr(self.target, name), self.loop
+
+        class Call:
+            def __init__(self, future):
+                self.future = future
+
+            def result(self, timeout_s=None):
+                return self.future.result(timeout=timeout_s)
+
+        return type("Method", (), {"remote": staticmethod(
+            lambda *args: Call(asyncio.run_coroutine_threadsafe(method(*args), loop)))})()
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from elasticmoe.model.tiny import make_tiny_model

@@ -15,7 +15,7 @@ from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.experts.deployment import ExpertShard
 from elasticmoe.model import open_model
 from elasticmoe.model.experts import ExpertStore
-from tests.controller_util import E, ControllerImpl, Shard, _args, _routed_to, _until, _with_shards
+from tests.controller_util import E, ControllerImpl, Shard, _LoopHandle, _args, _routed_to, _until, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -259,6 +259,41 @@ def test_recovery_keeps_the_copies_a_gateway_may_still_route_to(model, monkeypat
         await _until(lambda: not moved & a.held(), 10, "the moved copies dropped from a")
         assert b.held() == set(ctrl2.registry.assignment(ctrl2.registry.shards["b"].position))
         for task in ctrl2._tasks:
+            task.cancel()
+
+    _with_shards(model, "ab", scenario)
+
+
+def test_a_published_shard_retrying_registration_keeps_the_copies_gateways_route_to(model, monkeypatch):
+    """a's ready() answer was lost after the controller published it, and a move then took expert 0 off a (its
+    copies there are dropped once every gateway runs the new table). a's registration retry must not drop them on
+    its own: gateway g still routes them to a. The controller's drop after the acks removes them."""
+    import elasticmoe.autoscaler.moves as moves_module
+    from elasticmoe.autoscaler.registry import Change
+
+    monkeypatch.setattr(moves_module, "GATEWAY_TTL_S", 30.0)
+
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        old = await ctrl.table(-1, "g")
+        assert await ctrl.table(old["version"], "g") is None  # g runs `old`
+        cur = ctrl.registry.placement
+        async with ctrl._lock:
+            await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "test move")
+        moved = {(l, 0) for l in files.spec.moe.moe_layers}
+        replica = object.__new__(_Replica)  # a's replica, retrying after its lost ready answer
+        replica.shard_id, replica.address, replica.store, replica.servicer = "a", a.address, a.store, a.servicer
+        replica.controller = _LoopHandle(ctrl, asyncio.get_running_loop())
+        replica.registered, replica.stopping, replica.error = threading.Event(), True, None  # stopping: no heartbeats
+        await asyncio.to_thread(ShardImpl._register, replica)
+        assert replica.registered.is_set() and _routed_to(old, "a") <= a.held()  # what g still routes to a is there
+        new = await ctrl.table(old["version"], "g")
+        assert new["complete"] and all(_routed_to(new, s.shard_id) <= s.held() for s in (a, b))
+        await ctrl.table(new["version"], "g")  # g acknowledges the new table
+        await _until(lambda: not moved & a.held(), 10, "the moved copies dropped from a after the acks")
+        for task in ctrl._tasks:
             task.cancel()
 
     _with_shards(model, "ab", scenario)

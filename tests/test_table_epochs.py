@@ -9,7 +9,7 @@ import threading
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.gateway.deployment import GatewayCore
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
-from tests.controller_util import ControllerImpl, _args, _until, _with_shards
+from tests.controller_util import ControllerImpl, _LoopHandle, _args, _until, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -28,27 +28,6 @@ def _poller_of(dispatcher: GrpcDispatcher) -> GatewayCore:
     core = object.__new__(GatewayCore)
     _init_poller_state(core, dispatcher)
     return core
-
-
-class _LoopHandle:
-    """The call shape of a Serve handle (`handle.method.remote(*args).result(timeout_s)`) from another thread, over
-    an in-process controller whose coroutines run on `loop`."""
-
-    def __init__(self, target, loop: asyncio.AbstractEventLoop):
-        self.target, self.loop = target, loop
-
-    def __getattr__(self, name):
-        method, loop = getattr(self.target, name), self.loop
-
-        class Call:
-            def __init__(self, future):
-                self.future = future
-
-            def result(self, timeout_s=None):
-                return self.future.result(timeout=timeout_s)
-
-        return type("Method", (), {"remote": staticmethod(
-            lambda *args: Call(asyncio.run_coroutine_threadsafe(method(*args), loop)))})()
 
 
 def test_a_stale_poll_answer_does_not_roll_the_table_back():

@@ -60,13 +60,15 @@ class ExpertShard:
         threading.Thread(target=self._register, name="register", daemon=True).start()
 
     def _register(self) -> None:
-        """Announce to the controller, load the assigned experts, report ready (retrying while it starts)."""
+        """Announce to the controller, load the assigned experts, report ready (retrying while it starts). A retry
+        drops what its plan does not name only while the controller has not published this shard yet."""
         for attempt in range(600):
             try:
                 plan = self.controller.register.remote(self.shard_id, self.address).result(timeout_s=30)
                 t0 = time.perf_counter()
-                want = {(l, e) for l, e in plan["experts"]}
-                self.store.drop(set(self.store.held()) - want)  # an earlier attempt's plan, not this one's
+                if not plan.get("published"):  # published: gateways may route to extras (dropped after acks)
+                    want = {(l, e) for l, e in plan["experts"]}
+                    self.store.drop(set(self.store.held()) - want)  # an earlier attempt's plan, not this one's
                 nbytes = self.store.load(plan["experts"])
                 log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
                          nbytes / 1e6, time.perf_counter() - t0)
