@@ -136,11 +136,12 @@ class Shards:
             self.servicers.append(servicer)
             self.addresses.append(f"127.0.0.1:{port}")
 
-    def table(self, copies: dict[int, list[int]], version: int = 1, alive: list[int] | None = None) -> RoutingTable:
+    def table(self, copies: dict[int, list[int]], version: int = 1, alive: list[int] | None = None,
+              epoch: str = "") -> RoutingTable:
         idx = alive if alive is not None else list(range(len(self.addresses)))
         pos = {s: i for i, s in enumerate(idx)}
         experts = [[(pos[s], 1.0 / len(copies[e])) for s in copies[e] if s in pos] for e in range(E)]
-        return RoutingTable.from_dict({"version": version, "layers": {l: experts for l in self.layers},
+        return RoutingTable.from_dict({"version": version, "epoch": epoch, "layers": {l: experts for l in self.layers},
                                        "shards": [{"id": f"s{i}", "address": self.addresses[i]} for i in idx]})
 
     def close(self):
@@ -316,9 +317,11 @@ def test_orphans_wait_for_the_next_table(files, transport):
         shards.close()
 
 
-def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files, transport):
+@pytest.mark.parametrize("version,epoch", [(2, "c1"), (1, "c2")], ids=["newer-version", "restarted-controller"])
+def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files, transport, version, epoch):
     """A paused shard holding the only copies: no hedge is possible until the controller re-homes them; the next
-    table (arriving mid-step, from the poller) carries a copy elsewhere and the hedge goes there at once."""
+    table (arriving mid-step, from the poller) carries a copy elsewhere and the hedge goes there at once. A
+    restarted controller's table is new whatever its version: the same number as the one tried counts too."""
     import threading
 
     shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]])
@@ -326,7 +329,7 @@ def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files, tran
         layer, inputs = shards.layers[0], _inputs(files, 6)
         ref = _reference(files, layer, *inputs)
         d = GrpcDispatcher(transport=transport, timeout_s=20, hedge_min_s=0.05)
-        d.set_table(shards.table(SPLIT))
+        d.set_table(shards.table(SPLIT, epoch="c1"))
         for _ in range(5):
             _run(d, layer, inputs)
         shards.servicers[0].faults.run_delay_s = 10.0  # "paused": answers only after 10 s
@@ -334,7 +337,7 @@ def test_single_copy_straggler_is_hedged_once_a_new_table_has_a_copy(files, tran
         def rehome():  # the controller, 0.5 s later: s0's experts loaded on s1, a complete table without s0
             time.sleep(0.5)
             shards.stores[1].load([(l, e) for l in shards.layers for e in range(4)])
-            d.set_table(shards.table({e: [1] for e in range(E)}, version=2, alive=[1]))
+            d.set_table(shards.table({e: [1] for e in range(E)}, version=version, alive=[1], epoch=epoch))
 
         threading.Thread(target=rehome, daemon=True).start()
         out, took = _run(d, layer, inputs)

@@ -46,7 +46,9 @@ class _Group:
         self.busy: dict[str, float] = {}  # full shard -> perf_counter time before which it is not asked again
         self.started = time.perf_counter()
         self.hedged = False
-        self.hedge_tried_version = -1  # table version in which a hedge found no other copy
+        # (controller epoch, table version) of the table in which a hedge found no other copy: versions count within
+        # one controller instance, so a restarted controller's table is another one even at the same number
+        self.hedge_tried: tuple[str, int] | None = None
 
     def live(self) -> list[list[Call]]:
         return [a for i, a in enumerate(self.attempts) if i not in self.broken]
@@ -214,13 +216,13 @@ class Step:
             if age < after:
                 nxt = min(nxt, after - age)
                 continue
-            if g.hedge_tried_version == table.version:
+            if g.hedge_tried == (table.epoch, table.version):
                 continue  # no other copy in this table: wait for the straggler, its deadline or a newer table
             straggling = [c for c in live[0] if c.output is None]
             slow = {c.shard_id for c in straggling}
             shard_of, lost = self._route(table, g.ids, g.tried | self.dead | slow)
             if bool(lost.any()):
-                g.hedge_tried_version = table.version  # a re-home (controller) may add copies: try that table
+                g.hedge_tried = (table.epoch, table.version)  # a re-home (controller) may add copies: try that table
                 continue
             g.hedged = True
             calls = [c for _, c in self._issue(table, g.ids, shard_of)]
