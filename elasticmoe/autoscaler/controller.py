@@ -15,10 +15,11 @@ from ray import serve
 from elasticmoe.autoscaler.moves import Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import GcsRecord
-from elasticmoe.autoscaler.registry import Change, Registry, ShardInfo
+from elasticmoe.autoscaler.recovery import Recovery
+from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.autoscaler.stats import StatsKeeper
 from elasticmoe.config import AppArgs
-from elasticmoe.placement import Placement, plan
+from elasticmoe.placement import plan
 
 log = logging.getLogger("elasticmoe.controller")
 TABLE_WAIT_MAX_S = 5.0  # the longest a table() long poll is held
@@ -39,9 +40,10 @@ def _app_name() -> str:
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-class Controller(Mover, StatsKeeper):
+class Controller(Mover, StatsKeeper, Recovery):
     """Owns the placement. Gateways poll `table()`; shards `register()` and `heartbeat()`; loops track load
-    (StatsKeeper) and health. A restarted controller resumes from its GCS record and the shards' own holdings."""
+    (StatsKeeper) and health. A restarted controller resumes from its GCS record and the shards' own holdings
+    (Recovery)."""
 
     def __init__(self, args: dict):
         from elasticmoe.model import open_model
@@ -62,15 +64,7 @@ class Controller(Mover, StatsKeeper):
         self.record = GcsRecord(_app_name())
         self.args_hash = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
         rec = self.record.load()
-        self.recovering = bool(rec and rec.get("args") == self.args_hash)
-        if self.recovering:
-            self.registry = Registry.restore(rec["registry"], self.moe_layers)
-            self.desired = int(rec.get("desired", n))
-            if self.scale is not None and rec.get("override") is not None:
-                self.scale.override = int(rec["override"])  # the operator's count outlives a controller restart
-        else:
-            even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
-            self.registry = Registry(even, self.moe_layers, version=int(rec["registry"]["version"]) + 1 if rec else 1)
+        self._resume(rec, n, copies)
         Mover.__init__(self, insecure=self.args.insecure_internal, successor=rec is not None)
         from elasticmoe.metrics import GatewayMetrics
 
@@ -328,31 +322,3 @@ class Controller(Mover, StatsKeeper):
             await self._apply(change, "scale out")
         except Exception as e:  # noqa: BLE001 - the spares stay spares; the next ready() or restart retries
             self._event("grow_failed", error=str(e)[:200])
-
-    async def _recover(self) -> None:
-        """After a restart: the shards are the truth. Keep what they hold, reload what they lost, lose the dead.
-        Copies the record's placement does not name are dropped only once every gateway runs this controller's
-        table: a gateway may still route to them (the old controller died before it polled a committed change, or
-        published one whose record was not saved)."""
-        async with self._lock:
-            drops: dict[str, list[tuple[int, int]]] = {}  # shard id -> (placement layer, expert)
-            for info in list(self.registry.shards.values()):
-                held = await self._held(info.address, info.shard_id)
-                if held is None:
-                    info.healthy = False  # the health loop re-homes it (or a new replica takes its position)
-                    continue
-                want = set(self.registry.assignment(info.position)) if info.ready else set()
-                try:
-                    await self._load_many({info.address: sorted(want - held)})
-                except Exception:  # noqa: BLE001
-                    info.healthy = False
-                    continue
-                if info.ready and held - want:
-                    drops[info.shard_id] = [(self.layer_index[l], e) for l, e in sorted(held - want)]
-            self.recovering = False
-            self._event("recovered", shards=len(self.registry.shards))
-            self._publish()
-            if drops:
-                self._spawn(self._drop_after_acks(drops, self.registry.version))
-            if self.registry.spares():
-                await self._grow()

@@ -1,0 +1,68 @@
+"""The controller's recovery after a restart: its GCS record resumed, then the shards' own holdings reconciled."""
+
+from __future__ import annotations
+
+import asyncio
+
+from elasticmoe.autoscaler.policy import ScaleDecider
+from elasticmoe.autoscaler.registry import Registry
+from elasticmoe.placement import Placement
+
+
+class Recovery:
+    """Mixin of the Controller: resumes the placement from the record (`_resume`) and, once running, makes the
+    shards' holdings agree with it (`_recover`). Needs the Controller's and Mover's state (`args_hash`, `slots`,
+    `num_experts`, `scale`, `layer_index`, `_lock`, `_held`, `_load_many`, `_drop_after_acks`, `_grow`, `_publish`,
+    `_spawn`, `_event`)."""
+
+    registry: Registry
+    scale: ScaleDecider | None
+    desired: int
+    recovering: bool
+    moe_layers: list[int]
+    num_experts: int
+    slots: int
+    args_hash: str
+    layer_index: dict[int, int]
+    _lock: asyncio.Lock | None
+
+    def _resume(self, rec: dict | None, n: int, copies: int) -> None:
+        """The registry, shard count and operator override from the record when it is this app's (same args);
+        else `n` shards of an even placement (`copies` per expert), numbered above any recorded version."""
+        self.recovering = bool(rec and rec.get("args") == self.args_hash)
+        if self.recovering:
+            self.registry = Registry.restore(rec["registry"], self.moe_layers)
+            self.desired = int(rec.get("desired", n))
+            if self.scale is not None and rec.get("override") is not None:
+                self.scale.override = int(rec["override"])  # the operator's count outlives a controller restart
+        else:
+            even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
+            self.registry = Registry(even, self.moe_layers, version=int(rec["registry"]["version"]) + 1 if rec else 1)
+
+    async def _recover(self) -> None:
+        """After a restart: the shards are the truth. Keep what they hold, reload what they lost, lose the dead.
+        Copies the record's placement does not name are dropped only once every gateway runs this controller's
+        table: a gateway may still route to them (the old controller died before it polled a committed change, or
+        published one whose record was not saved)."""
+        async with self._lock:
+            drops: dict[str, list[tuple[int, int]]] = {}  # shard id -> (placement layer, expert)
+            for info in list(self.registry.shards.values()):
+                held = await self._held(info.address, info.shard_id)
+                if held is None:
+                    info.healthy = False  # the health loop re-homes it (or a new replica takes its position)
+                    continue
+                want = set(self.registry.assignment(info.position)) if info.ready else set()
+                try:
+                    await self._load_many({info.address: sorted(want - held)})
+                except Exception:  # noqa: BLE001
+                    info.healthy = False
+                    continue
+                if info.ready and held - want:
+                    drops[info.shard_id] = [(self.layer_index[l], e) for l, e in sorted(held - want)]
+            self.recovering = False
+            self._event("recovered", shards=len(self.registry.shards))
+            self._publish()
+            if drops:
+                self._spawn(self._drop_after_acks(drops, self.registry.version))
+            if self.registry.spares():
+                await self._grow()
