@@ -103,3 +103,13 @@ def _routed_to(table: dict, shard_id: str) -> set[tuple[int, int]]:
     i = [s["id"] for s in table["shards"]].index(shard_id)
     return {(int(l), e) for l, experts in table["layers"].items() for e, reps in enumerate(experts)
             if any(s == i for s, _ in reps)}
+
+
+def _moved(cur, src: int, dst: int, expert: int):
+    """`cur` with `expert` of every layer moved from position `src` to `dst`."""
+    from elasticmoe.placement import Placement
+
+    holds, shares = cur.holds(), cur.shares()  # [L, E, N]
+    holds[:, expert, dst], shares[:, expert, dst] = True, shares[:, expert, src]
+    holds[:, expert, src], shares[:, expert, src] = False, 0.0
+    return Placement.from_arrays(shares, holds, cur.slots_per_shard)

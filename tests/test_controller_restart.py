@@ -15,7 +15,7 @@ from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.experts.deployment import ExpertShard
 from elasticmoe.model import open_model
 from elasticmoe.model.experts import ExpertStore
-from tests.controller_util import E, ControllerImpl, Shard, _LoopHandle, _args, _routed_to, _until, _with_shards
+from tests.controller_util import E, ControllerImpl, Shard, _LoopHandle, _args, _moved, _routed_to, _until, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -212,16 +212,6 @@ def test_an_operators_shard_count_outlives_a_controller_restart(model):
         del ctrl
 
     asyncio.run(run())
-
-
-def _moved(cur, src: int, dst: int, expert: int):
-    """`cur` with `expert` of every layer moved from position `src` to `dst`."""
-    from elasticmoe.placement import Placement
-
-    holds, shares = cur.holds(), cur.shares()  # [L, E, N]
-    holds[:, expert, dst], shares[:, expert, dst] = True, shares[:, expert, src]
-    holds[:, expert, src], shares[:, expert, src] = False, 0.0
-    return Placement.from_arrays(shares, holds, cur.slots_per_shard)
 
 
 def test_recovery_keeps_the_copies_a_gateway_may_still_route_to(model, monkeypatch):

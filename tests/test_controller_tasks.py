@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from elasticmoe.autoscaler import moves
 from elasticmoe.autoscaler.registry import Change
 from elasticmoe.placement import Placement
-from tests.controller_util import E, ControllerImpl, _args, _until, _with_shards
+from tests.controller_util import E, ControllerImpl, _args, _moved, _routed_to, _until, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -76,5 +78,34 @@ def test_a_drained_shard_leaves_the_health_metric(model):
         assert set(ctrl.registry.shards) == {"a"}
         await ctrl._stats_once()
         assert ctrl.metrics.shards == {"a": True}
+
+    _with_shards(model, "ab", scenario)
+
+
+def test_a_failed_loads_rollback_keeps_copies_held_before_it(model):
+    """A move took expert 0 off a (its copies there are dropped once gateway g runs the new table). The next change
+    puts expert 0 back on a and expert 1 on b, whose load fails: the rollback drops what the load added (expert 1
+    on b), not the copies a held already, which g still routes to a."""
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        old = await ctrl.table(-1, "g")
+        assert await ctrl.table(old["version"], "g") is None  # g runs `old`
+        cur = ctrl.registry.placement
+        async with ctrl._lock:
+            await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "test move")
+        zero, one = ({(l, e) for l in files.spec.moe.moe_layers} for e in (0, 1))
+        assert zero <= a.held() and zero <= b.held() and not one & b.held()
+        cur = ctrl.registry.placement
+        back = _moved(_moved(cur, 1, 0, 0), 0, 1, 1)
+        b.servicer.faults.fail_loads = 1
+        async with ctrl._lock:
+            with pytest.raises(moves.LoadFailed):
+                await ctrl._apply(Change(cur, back, {0: 0, 1: 1}), "test move back")
+        assert _routed_to(old, "a") <= a.held()  # what g still routes to a is there
+        assert zero <= b.held() and not one & b.held()  # b: its assignment, without the failed load's copies
+        for task in ctrl._tasks:
+            task.cancel()
 
     _with_shards(model, "ab", scenario)

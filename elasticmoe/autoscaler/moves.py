@@ -119,12 +119,17 @@ class Mover:
         return (await self._stub(address).LoadExperts(req, timeout=300)).bytes
 
     async def _load_many(self, loads: dict[str, list[tuple[int, int]]]) -> int:
-        """Load on every shard at once; on any failure drop what the others loaded and raise LoadFailed."""
+        """Load on every shard at once; on any failure drop what the loads added (the failed ones may have loaded
+        part of it) and raise LoadFailed. Copies a shard held before stay: a table that gateways still run may route
+        to them (old copies waiting for the acks), and the drops after the acks remove them."""
         loads = {a: p for a, p in loads.items() if p}
+        before = await asyncio.gather(*(self._stats(a) for a in loads))  # None: unknown, all of it is dropped
         results = await asyncio.gather(*(self._load(a, p) for a, p in loads.items()), return_exceptions=True)
         failed = [(a, r) for a, r in zip(loads, results) if isinstance(r, BaseException)]
         if failed:
-            await self._drop_now({a: loads[a] for a in loads})  # the failed ones may have loaded part of it
+            held = {a: {(r.layer, r.expert) for r in st.held} if st is not None else set()
+                    for a, st in zip(loads, before)}
+            await self._drop_now({a: [x for x in loads[a] if x not in held[a]] for a in loads})
             raise LoadFailed(f"LoadExperts failed on {failed[0][0]}: {failed[0][1]}")
         return int(sum(results))
 
