@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
@@ -78,20 +79,24 @@ def _tokens(files, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.randn(n, files.spec.hidden_size, generator=g), ids, torch.rand(n, 2, generator=g)
 
 
-def test_a_shard_with_a_smaller_message_limit_gets_calls_within_it(files):
+@pytest.mark.parametrize("wire", ["unary", "stream", "socket"])
+def test_a_shard_with_a_smaller_message_limit_gets_calls_within_it(files, wire):
     """s0 takes messages of 4 rows at most (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES, announced in Health), the gateway
-    256 MiB: s0's share of a 96-token step goes in calls of 4 rows; none ends s0's connection, none is reported."""
+    256 MiB, s1 the gateway's: over each transport s0's share of a 96-token step goes in calls of 4 rows, s1's in
+    one; the call sized before the limit was known is split anew, none is reported."""
     hidden_size = files.spec.hidden_size
     limit = 4096 + 4 * 8 * hidden_size  # frames.max_rows: 4 rows of float64 output
     assert frames.max_rows(hidden_size, 2, 4, 8, limit) == 4
-    shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]], {0: {"max_message_bytes": limit}})
+    # s0 runs all its calls at once (unary: none refused busy)
+    shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]], {0: {"max_message_bytes": limit, "max_workers": 32}})
     try:
         layer, inputs = shards.layers[0], _tokens(files, 96, 9)
         rows_s0 = int((inputs[1] < 4).any(1).sum())
         assert rows_s0 * (4 * hidden_size + 2 * 8) > limit  # one call with them all: too large for s0
+        assert rows_s0 <= 4 * 32  # s0 computes them all at once
         ref = _reference(files, layer, *inputs)
         reported: list[str] = []
-        d = GrpcDispatcher(transport="socket", timeout_s=5, failover_s=10, on_failure=reported.append)
+        d = GrpcDispatcher(transport=wire, timeout_s=5, failover_s=10, on_failure=reported.append)
         d.set_table(shards.table(SPLIT))
         out, _ = _run(d, layer, inputs)  # the first call is sized before Health has told the limit: sized again
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -100,6 +105,7 @@ def test_a_shard_with_a_smaller_message_limit_gets_calls_within_it(files):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         assert first == 1 and d.failovers == first  # one call sized before the limit was known; then none
         assert d.shard_tokens["s0"] == 2 * rows_s0 and shards.servicers[0].calls >= 2 * rows_s0 // 4
+        assert shards.servicers[1].calls == 2  # s1's limit is the gateway's: one call a step
         assert _unreported(d, reported), reported
         assert [f["dead"] for f in d.fault_log] == [], list(d.fault_log)
         d.close()

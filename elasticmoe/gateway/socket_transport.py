@@ -240,6 +240,8 @@ class SocketTransport(_Channels):
     connection fails all its pending calls at once (UNAVAILABLE) and the next send reconnects; renewed TLS files
     (tls.Renewal) retire every connection. mTLS with Python's ssl and the same files; plaintext when `insecure`."""
 
+    ask_limits = False  # Health is asked at each connect (_open)
+
     def __init__(self, insecure: bool = False, options: list[tuple[str, int]] | None = None):
         super().__init__(insecure, options)
         self._conns: dict[str, _Conn] = {}
@@ -247,7 +249,6 @@ class SocketTransport(_Channels):
         self._deadlines = Deadlines("socket-deadlines")
         self._lock = threading.Lock()
         self._ctx: ssl.SSLContext | None = None
-        self._limits: dict[str, int] = {}  # address -> the largest frame its shard takes (Health, at each connect)
 
     def _conn(self, address: str) -> _Conn:
         stub, renewed = self.stub(address)
@@ -261,9 +262,6 @@ class SocketTransport(_Channels):
             if c is None or c.dead or c.retired:
                 c = self._conns[address] = _Conn(address, lambda: self._open(address, stub))
             return c
-
-    def limit(self, address: str) -> int:
-        return self._limits.get(address, 0)
 
     def _open(self, address: str, stub) -> tuple[socket.socket | SerialTLS, int]:
         """Health (the frame port, the shard's message limit), TCP connect, TLS handshake: the connection's socket

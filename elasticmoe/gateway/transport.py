@@ -13,6 +13,7 @@ from typing import Callable, Literal, Protocol
 
 import grpc
 
+from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.options import channel_options
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 TransportName = Literal["unary", "stream", "socket"]
 Build = Callable[[], frames.AnyRequest]  # makes the request where the transport likes; the transport encodes it
 STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
+HEALTH_S = 5.0  # how long asking a shard's Health for its message limit may take
 
 
 class ExpertTransport(Protocol):
@@ -68,13 +70,24 @@ def is_busy(e: BaseException) -> bool:
 
 
 def is_oversize(e: BaseException) -> bool:
-    """A call failed before it was sent: larger than its shard takes (ask again: the next calls fit its limit)."""
+    """A call larger than its shard takes, failed unsent or refused by the shard (ask again: the next calls are
+    sized within the limit the shard announced meanwhile)."""
     return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             and (e.details() or "").startswith(frames.OVERSIZE))
 
 
+def _too_large(e: BaseException) -> bool:
+    """gRPC's own refusal of a message over a limit (RESOURCE_EXHAUSTED "... message larger than max ...")."""
+    return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "message larger than max" in (e.details() or ""))
+
+
 class _Channels:
-    """One channel (and stub) per shard address; all replaced when the TLS files are renewed."""
+    """One channel (and stub) per shard address; all replaced when the TLS files are renewed. Each new channel asks
+    its shard's Health for the shard's message limit (`limit`), without waiting; `ask_limits` False: the subclass
+    asks itself."""
+
+    ask_limits = True
 
     def __init__(self, insecure: bool, options: list[tuple[str, int]] | None = None):
         self.insecure = insecure  # plaintext to the shards (insecure_internal); mTLS otherwise
@@ -82,10 +95,42 @@ class _Channels:
         self.renewal = tls.Renewal(insecure)
         self._stubs: dict[str, tuple[pb_grpc.ExpertShardStub, grpc.Channel]] = {}
         self._lock = threading.Lock()
+        self._limits: dict[str, int] = {}  # address -> the largest message its shard takes (Health)
 
     def limit(self, address: str) -> int:
-        """0: not known (only the socket transport asks the shard); calls keep the gateway's own limit."""
-        return 0
+        """The largest message the shard at `address` announced (0: not known yet: the gateway's own limit)."""
+        return self._limits.get(address, 0)
+
+    def _told(self, address: str, health: grpc.Future) -> None:
+        if health.exception() is None and health.result().max_message_bytes:
+            self._limits[address] = min(health.result().max_message_bytes, frames.LIMIT)
+
+    def _ask_limit(self, address: str, stub: pb_grpc.ExpertShardStub, wait: bool = False) -> None:
+        """Ask the shard's Health for its message limit: in the background, or (`wait`) until it has answered."""
+        health = stub.Health.future(pb.HealthRequest(), timeout=HEALTH_S)
+        if wait:
+            health.exception()  # until answered or HEALTH_S has passed
+            self._told(address, health)
+        else:
+            health.add_done_callback(lambda f: self._told(address, f))
+
+    def refusal(self, address: str, e: BaseException) -> BaseException:
+        """A call's failure as the failover sees it: a shard's refusal of a message over its limit (gRPC's) becomes
+        an OVERSIZE refusal, once the shard's limit is asked again (the call is split anew, the shard is alive)."""
+        if not _too_large(e):
+            return e
+        with self._lock:  # the channel as it is (not stub(): that would take a renewal from the transport's view)
+            stub = self._stubs.get(address, (None,))[0]
+        if stub is not None:  # else: replaced (renewed), the next channel asks
+            self._ask_limit(address, stub, wait=True)
+        return TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{frames.OVERSIZE}: {address} takes {self.limit(address)} bytes ({e.details()})")
+
+    def check_size(self, address: str, size: int) -> None:
+        """Raise OVERSIZE for a message of `size` bytes over the limit the shard announced (it would refuse it)."""
+        if (limit := self.limit(address)) and size > limit:
+            raise TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"{frames.OVERSIZE}: {size} bytes, {address} takes {limit}")
 
     def stub(self, address: str) -> tuple[pb_grpc.ExpertShardStub, bool]:
         """The stub for `address`, and whether the channels were just replaced (renewed certificates)."""
@@ -101,6 +146,8 @@ class _Channels:
             if address not in self._stubs:
                 ch = tls.channel(address, self.options or channel_options(), insecure=self.insecure)
                 self._stubs[address] = (pb_grpc.ExpertShardStub(ch), ch)
+                if self.ask_limits:
+                    self._ask_limit(address, self._stubs[address][0])
             return (*self._stubs[address], renewed)
 
     def close_channels(self) -> None:
@@ -120,7 +167,13 @@ class UnaryTransport(_Channels):
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
         stub, _ = self.stub(address)
-        return self._pool.submit(lambda: stub.RunExperts(frames.as_proto(build()), timeout=timeout_s))
+
+        def call():
+            try:
+                return stub.RunExperts(frames.as_proto(build()), timeout=timeout_s)
+            except grpc.RpcError as e:
+                raise self.refusal(address, e) from None
+        return self._pool.submit(call)
 
     wait = staticmethod(wait_any)
 
@@ -193,8 +246,9 @@ class _Stream(Multiplexed):
     by id. A reply that cannot be read ends the call (grpc fails it): the stream's pending calls fail, the next
     send opens a new stream."""
 
-    def __init__(self, channel: grpc.Channel, address: str):
+    def __init__(self, channel: grpc.Channel, address: str, refusal: Callable[[str, BaseException], BaseException]):
         super().__init__(address)
+        self._refusal = refusal  # the transport's: a frame over the shard's limit ends the stream (OVERSIZE)
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
                                        response_deserializer=frames.decode_reply, _registered_method=True)
@@ -221,7 +275,7 @@ class _Stream(Multiplexed):
             for reply in self._call:
                 self.resolve(reply)
         except grpc.RpcError as e:
-            err = e
+            err = self._refusal(self.address, e)
         except Exception as e:  # noqa: BLE001 - any reader failure fails the stream's calls
             err = TransportError(grpc.StatusCode.INTERNAL, f"stream to {self.address}: {e}")
         self.fail(err)
@@ -301,13 +355,17 @@ class StreamTransport(_Channels):
                 self._streams.clear()
             s = self._streams.get(address)
             if s is None or s.dead:
-                s = self._streams[address] = _Stream(channel, address)
+                s = self._streams[address] = _Stream(channel, address, self.refusal)
             return s
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
         frame_id = next(self._ids)
-        return send_multiplexed(address, frame_id, lambda: frames.request_frame(frame_id, build()),
-                                lambda: self._stream(address), self._deadlines, timeout_s)
+
+        def encode() -> bytes:  # a frame over the shard's limit fails alone, unsent (the shard would end the stream)
+            frame = frames.request_frame(frame_id, build())
+            self.check_size(address, len(frame))
+            return frame
+        return send_multiplexed(address, frame_id, encode, lambda: self._stream(address), self._deadlines, timeout_s)
 
     wait = staticmethod(wait_any)
 
