@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
+from elasticmoe.model.dispatch import ExpertsUnavailable
 from elasticmoe.rpc import frames
 from tests.test_failover import (ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files,  # noqa: F401
                                  transport)
@@ -108,6 +109,30 @@ def test_a_shard_with_a_smaller_message_limit_gets_calls_within_it(files, wire):
         assert shards.servicers[1].calls == 2  # s1's limit is the gateway's: one call a step
         assert _unreported(d, reported), reported
         assert [f["dead"] for f in d.fault_log] == [], list(d.fault_log)
+        d.close()
+    finally:
+        shards.close()
+
+
+@pytest.mark.parametrize("wire", ["unary", "stream", "socket"])
+def test_a_shard_whose_limit_is_below_one_row_fails_the_step_at_once(files, wire):
+    """s0 takes messages smaller than one token's row: a call of one row is refused too, so the step ends
+    unavailable at once, naming the limit, instead of asking again until failover_s; nothing is reported."""
+    limit = 2 * files.spec.hidden_size  # half of one token's hidden row (float32)
+    shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]], {0: {"max_message_bytes": limit}})
+    try:
+        layer, inputs = shards.layers[0], _tokens(files, 16, 3)
+        rows_s0 = int((inputs[1] < 4).any(1).sum())
+        reported: list[str] = []
+        d = GrpcDispatcher(transport=wire, timeout_s=5, failover_s=10, on_failure=reported.append)
+        d.set_table(shards.table(SPLIT))
+        for _ in range(2):  # the first step sized its call before Health told the limit; the second knows it
+            with pytest.raises(ExpertsUnavailable, match=f"s0's ELASTICMOE_GRPC_MAX_MESSAGE_BYTES \\({limit} bytes\\) "
+                                                         "is below one token's row"):
+                _run(d, layer, inputs)
+        # refused: the first call, then at most each of s0's rows once a step (the old retry ran until failover_s)
+        assert d.failovers <= 1 + 2 * rows_s0 and shards.servicers[0].calls == 0, d.failovers
+        assert _unreported(d, reported), reported
         d.close()
     finally:
         shards.close()

@@ -186,13 +186,27 @@ class GrpcDispatcher:
         """The most rows [T_s] one call to `address` carries: its request (hidden [T_s, H] as sent, ids and weights)
         and its float64 reply [T_s, H] each within call_limit_bytes and the limit that shard announced (a smaller
         ELASTICMOE_GRPC_MAX_MESSAGE_BYTES where it runs); a shard's share of a bigger step goes in several."""
-        limit = min(self.call_limit_bytes, self.transport.limit(address) or self.call_limit_bytes)
-        return max(1, max_rows(hidden.shape[1], top_k, hidden.element_size(), COMBINE_DTYPE.itemsize, limit))
+        return max(1, self.rows_within(hidden, top_k, address))
+
+    def rows_within(self, hidden: torch.Tensor, top_k: int, address: str) -> int:
+        """max_call_rows before it sends at least one row: 0 where the limit is below one row (and its overhead)."""
+        return max_rows(hidden.shape[1], top_k, hidden.element_size(), COMBINE_DTYPE.itemsize, self.call_limit(address))
+
+    def call_limit(self, address: str) -> int:
+        """The largest message of a call to `address`: call_limit_bytes, or the smaller limit that shard announced."""
+        return min(self.call_limit_bytes, self.transport.limit(address) or self.call_limit_bytes)
+
+    def row_too_large(self, layer: int, shard_id: str, address: str) -> NoReplicaError:
+        """The step's end when even a call of one row is refused as too large: no call can carry the tokens."""
+        limit = self.call_limit(address)
+        whose = "the gateway's" if limit == self.call_limit_bytes else f"shard {shard_id}'s"
+        return NoReplicaError(f"layer {layer}: {whose} ELASTICMOE_GRPC_MAX_MESSAGE_BYTES ({limit} bytes) is below one "
+                              f"token's row: no call to {address} can carry one token; raise it")
 
     def send(self, table: RoutingTable, layer: int, shard: int, hidden: torch.Tensor, rows: torch.Tensor,
              ids: torch.Tensor, weights: torch.Tensor) -> Call:
         """Issue one shard's call on the fan-out pool: hidden [T, H], rows [T_s], ids/weights [T_s, k]."""
-        call = Call(table.shards[shard], rows, ids)
+        call = Call(table.shards[shard], table.addresses[shard], rows, ids)
 
         def build() -> ExpertRequest:  # hidden in the model dtype; each transport encodes it its own way
             return ExpertRequest(layer, hidden[rows], ids.to(torch.int32), weights.float(), table.version)

@@ -22,12 +22,13 @@ BUSY_RETRY_S = 0.05  # a full shard ("shard busy") is not asked again for these 
 
 
 class Call:
-    """One RunExperts call: the rows [T_s] of the step it carries and their ids [T_s, k] (-1 = not this call)."""
+    """One RunExperts call to a shard (its id and address): the rows [T_s] of the step it carries and their ids
+    [T_s, k] (-1 = not this call)."""
 
-    __slots__ = ("shard_id", "rows", "ids", "future", "done_at", "output", "compute_s")
+    __slots__ = ("shard_id", "address", "rows", "ids", "future", "done_at", "output", "compute_s")
 
-    def __init__(self, shard_id: str, rows: torch.Tensor, ids: torch.Tensor):
-        self.shard_id, self.rows, self.ids = shard_id, rows, ids
+    def __init__(self, shard_id: str, address: str, rows: torch.Tensor, ids: torch.Tensor):
+        self.shard_id, self.address, self.rows, self.ids = shard_id, address, rows, ids
         self.future: cf.Future | None = None
         self.done_at = 0.0
         self.output: torch.Tensor | None = None  # [T_s, H] (float64 partial sums) once answered
@@ -73,6 +74,7 @@ class Step:
         self.straggled: set[str] = set()  # shards whose calls were hedged during this step
         self.t0 = time.perf_counter()
         self.detected_s: float | None = None  # when the first failure (or straggler hedged) of this step was seen
+        self.fatal: Exception | None = None  # what ends the step at once (a shard that takes no call of one row)
 
     # ----- routing
     def _route(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +134,7 @@ class Step:
         except Exception as e:  # noqa: BLE001 - any failure of the call but a refusal (busy) is that shard's
             if is_busy(e) or is_oversize(e):
                 log.info("shard %s refused a call at layer %d: %s", c.shard_id, self.layer, e.details())
-                self._refused(g, attempt, c.shard_id, busy=is_busy(e))
+                self._refused(g, attempt, c, busy=is_busy(e))
                 return
             code = e.code() if isinstance(e, grpc.RpcError) else type(e).__name__
             log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
@@ -164,14 +166,18 @@ class Step:
             self.d.suspect(shard_id, report=True)
         self.d.failovers += 1
 
-    def _refused(self, g: _Group, attempt: int, shard_id: str, busy: bool) -> None:
+    def _refused(self, g: _Group, attempt: int, c: Call, busy: bool) -> None:
         """A full shard (`busy`) refused the call: another copy takes it, else this shard again after BUSY_RETRY_S,
         and it is suspected for suspect_s (other copies first). A call larger than the shard takes (its limit was
-        learnt meanwhile) is split anew at once. Either way the shard is alive: not dead for the step, not reported."""
+        learnt meanwhile) is split anew at once; one of a single row, where that limit is below one row, ends the
+        step (no call fits: asking again would repeat until failover_s; a stream's other frames, failed with the
+        one too large, are split anew). Either way the shard is alive: not dead for the step, not reported."""
         g.broken.add(attempt)
         if busy:
-            g.busy[shard_id] = time.perf_counter() + BUSY_RETRY_S
-            self.d.suspect(shard_id, report=False)
+            g.busy[c.shard_id] = time.perf_counter() + BUSY_RETRY_S
+            self.d.suspect(c.shard_id, report=False)
+        elif c.rows.numel() == 1 and self.d.rows_within(self.hidden, self.topk_ids.shape[1], c.address) == 0:
+            self.fatal = self.d.row_too_large(self.layer, c.shard_id, c.address)
         self.d.failovers += 1
 
     def _poll(self) -> None:
@@ -242,6 +248,8 @@ class Step:
         deadline = self.t0 + self.d.failover_s
         while True:
             self._poll()
+            if self.fatal is not None:
+                raise self.fatal
             undone = [g for g in self.groups if g.winner is None]
             if not undone:
                 break
