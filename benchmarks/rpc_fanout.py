@@ -21,7 +21,7 @@ import torch
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
-from elasticmoe.rpc.frame_socket import FrameListener
+from elasticmoe.rpc.frame_listener import FrameListener
 from elasticmoe.rpc.codec import channel_options, decode_tensor, encode_tensor, server_options, tune_malloc
 
 HOST = "127.0.0.1"
@@ -53,7 +53,7 @@ class EchoShard(pb_grpc.ExpertShardServicer):
             yield b"".join(self.echo(frame))
 
     def serve_frames(self, requests, put) -> None:
-        """The frame listener's connections (rpc.frame_socket): the same echo, in order."""
+        """The frame listener's connections (rpc.frame_listener): the same echo, in order."""
         for frame in requests:
             put(self.echo(frame))
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from elasticmoe.rpc import frame_socket, frames, tls
+from elasticmoe.rpc import frame_listener, frame_socket, frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
 
 _REQ = ExpertRequest(0, torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
@@ -39,7 +39,7 @@ def _cut(sock: socket.socket) -> bool:
 
 
 def test_connections_stuck_in_the_tls_handshake_are_bounded():
-    listener = frame_socket.FrameListener(_echo, "127.0.0.1", [0], max_handshakes=3)
+    listener = frame_listener.FrameListener(_echo, "127.0.0.1", [0], max_handshakes=3)
     raw: list[socket.socket] = []
     try:
         for _ in range(8):  # TCP only: no ClientHello ever comes

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from elasticmoe.gateway.transport import make_transport
-from elasticmoe.rpc import frame_socket, frames, tls
+from elasticmoe.rpc import frame_listener, frame_socket, frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
 from tests.test_failover import E, Shards, _inputs, files  # noqa: F401
 
@@ -38,7 +38,7 @@ def _slow_serve(started: threading.Event, finished: threading.Event, seconds: fl
 
 def test_close_event_waits_for_the_frame_being_computed():
     started, finished = threading.Event(), threading.Event()
-    listener = frame_socket.FrameListener(_slow_serve(started, finished, 0.6), "127.0.0.1", [0], insecure=True)
+    listener = frame_listener.FrameListener(_slow_serve(started, finished, 0.6), "127.0.0.1", [0], insecure=True)
     client = socket.create_connection(("127.0.0.1", listener.port))
     try:
         frame_socket.send_parts(client, frames.request_parts(7, _REQ))
@@ -53,7 +53,7 @@ def test_close_event_waits_for_the_frame_being_computed():
 
 
 def test_close_event_is_set_at_once_without_connections():
-    listener = frame_socket.FrameListener(lambda requests, put: None, "127.0.0.1", [0], insecure=True)
+    listener = frame_listener.FrameListener(lambda requests, put: None, "127.0.0.1", [0], insecure=True)
     assert listener.close().wait(2)
     assert listener.close(grace=5).wait(2)  # closed again, nothing open: no grace timer to wait for
 
@@ -63,7 +63,7 @@ def test_close_cuts_a_connection_still_in_its_tls_handshake(tmp_path):
     """A peer that connected and has not finished its TLS handshake (stalled, or slow) is cut by close() too: the
     Event does not wait out the handshake's timeout."""
     files = tls.local_ca(tmp_path / "ca")
-    listener = frame_socket.FrameListener(lambda requests, put: None, "127.0.0.1", [0], files=files)
+    listener = frame_listener.FrameListener(lambda requests, put: None, "127.0.0.1", [0], files=files)
     client = socket.create_connection(("127.0.0.1", listener.port))  # no ClientHello ever
     try:
         deadline = time.monotonic() + 5
@@ -72,21 +72,21 @@ def test_close_cuts_a_connection_still_in_its_tls_handshake(tmp_path):
         time.sleep(0.1)  # inside the handshake
         t0 = time.monotonic()
         done = listener.close()
-        assert done.wait(frame_socket.HANDSHAKE_S / 2), time.monotonic() - t0
+        assert done.wait(frame_listener.HANDSHAKE_S / 2), time.monotonic() - t0
         assert not listener._threads and client.recv(1) == b""
     finally:
         client.close()
 
 _EXITING = """
     import socket, sys, threading
-    from elasticmoe.rpc import frame_socket, frames
+    from elasticmoe.rpc import frame_listener, frame_socket, frames
     from tests.test_shard_stop import _REQ, _slow_serve
     started, finished = threading.Event(), threading.Event()
     serve = _slow_serve(started, finished, 1.0)
     def serve_and_tell(requests, put):
         serve(requests, put)
         print("finished" if finished.is_set() else "no frame", flush=True)
-    listener = frame_socket.FrameListener(serve_and_tell, "127.0.0.1", [0], insecure=True)
+    listener = frame_listener.FrameListener(serve_and_tell, "127.0.0.1", [0], insecure=True)
     client = socket.create_connection(("127.0.0.1", listener.port))
     frame_socket.send_parts(client, frames.request_parts(7, _REQ))
     assert started.wait(10)

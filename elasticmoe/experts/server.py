@@ -19,7 +19,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
 from elasticmoe.rpc import tls
-from elasticmoe.rpc.frame_socket import FrameListener
+from elasticmoe.rpc.frame_listener import FrameListener
 from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, decode_tensor, encode_tensor, server_options
 from elasticmoe.rpc.staging import to_host
 
@@ -282,7 +282,7 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     mTLS (rpc.tls): only clients holding a certificate of the release's CA get in; `insecure` serves plaintext.
     The pool has `max_workers` workers for RunExperts, one per open RunExpertsStream (at most `max_streams`, one per
     gateway using the stream transport; more are refused) plus 4 kept for Health, stats and loads.
-    Beside it, on the same host, a frame listener (rpc.frame_socket; its port in Health.frame_port, from
+    Beside it, on the same host, a frame listener (rpc.frame_listener; its port in Health.frame_port, from
     ELASTICMOE_EXPERT_PORT_RANGE when set) serves the same frames through the same code (serve_frames), at most
     `max_streams` connections, same TLS. Both take messages up to `max_message_bytes`
     (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES), which Health announces: a gateway keeps its calls within it.
