@@ -32,7 +32,8 @@ import grpc
 import torch
 
 from elasticmoe.gateway.socket_transport import SocketTransport
-from elasticmoe.gateway.transport import StreamTransport, UnaryTransport
+from elasticmoe.gateway.stream_transport import StreamTransport
+from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames, tls

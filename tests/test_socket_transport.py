@@ -20,7 +20,8 @@ from elasticmoe.experts.server import start_server
 from elasticmoe.gateway import socket_transport
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.socket_transport import SocketTransport
-from elasticmoe.gateway.transport import StreamTransport, TransportError, make_transport
+from elasticmoe.gateway.stream_transport import StreamTransport
+from elasticmoe.gateway.transport import TransportError, make_transport
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.codec import decode_tensor

@@ -14,7 +14,8 @@ import torch
 from elasticmoe.config import Limits
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.socket_transport import SocketTransport
-from elasticmoe.gateway.transport import StreamTransport, make_transport
+from elasticmoe.gateway.stream_transport import StreamTransport
+from elasticmoe.gateway.transport import make_transport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import channel_options, encode_tensor
@@ -213,7 +214,7 @@ def test_deadline_thread_sweeps_in_grains_and_still_fails_late_calls():
     once per call; an unanswered call still fails with DEADLINE_EXCEEDED, at most a grain after its deadline."""
     from concurrent.futures import Future
 
-    from elasticmoe.gateway.transport import DEADLINE_GRAIN_S, Deadlines
+    from elasticmoe.gateway.multiplex import DEADLINE_GRAIN_S, Deadlines
 
     class Conn:  # what Deadlines needs of a connection: take(id) -> its pending future or None
         def __init__(self):

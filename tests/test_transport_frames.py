@@ -12,7 +12,8 @@ import grpc
 import pytest
 import torch
 
-from elasticmoe.gateway.transport import STREAM_METHOD, StreamTransport, UnaryTransport, _Stream
+from elasticmoe.gateway.stream_transport import STREAM_METHOD, StreamTransport, _Stream
+from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.frames import ExpertRequest

@@ -16,7 +16,8 @@ from typing import Callable
 
 import grpc
 
-from elasticmoe.gateway.transport import Build, Deadlines, Multiplexed, TransportError, _Channels, send_multiplexed
+from elasticmoe.gateway.multiplex import Deadlines, Multiplexed, send_multiplexed
+from elasticmoe.gateway.transport import Build, TransportError, _Channels
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.tls_socket import SerialTLS

@@ -1,0 +1,114 @@
+"""The stream transport: raw frames on one long-lived bidirectional gRPC stream per shard, answers matched by id."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+import grpc
+
+from elasticmoe.gateway.multiplex import Deadlines, Multiplexed, send_multiplexed
+from elasticmoe.gateway.transport import Build, TransportError, _Channels, wait_any
+from elasticmoe.rpc import frames
+
+STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
+
+
+class _Stream(Multiplexed):
+    """One open RunExpertsStream: raw frames (rpc.frames) go out through a queue; a reader thread resolves answers
+    by id. A reply that cannot be read ends the call (grpc fails it): the stream's pending calls fail, the next
+    send opens a new stream."""
+
+    def __init__(self, channel: grpc.Channel, address: str, refusal: Callable[[str, BaseException], BaseException]):
+        super().__init__(address)
+        self._refusal = refusal  # the transport's: a frame over the shard's limit ends the stream (OVERSIZE)
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
+                                       response_deserializer=frames.decode_reply, _registered_method=True)
+        self._call = method(self._frames())
+        threading.Thread(target=self._read, name=f"stream-{address}", daemon=True).start()
+
+    def _frames(self):
+        while (frame := self._out.get()) is not None:
+            yield frame
+
+    def submit(self, frame_id: int, frame: bytes, fut: Future) -> bool:
+        """Queue a frame; False when the stream has died (the caller opens a new one). Queued under the lock, as
+        close()'s end marker is: a half-close cannot come between (the frame would never be sent)."""
+        with self._lock:
+            if self.dead:
+                return False
+            self.pending[frame_id] = fut
+            self._out.put(frame)
+        return True
+
+    def _read(self) -> None:
+        err: grpc.RpcError = TransportError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
+        try:
+            for reply in self._call:
+                self.resolve(reply)
+        except grpc.RpcError as e:
+            err = self._refusal(self.address, e)
+        except Exception as e:  # noqa: BLE001 - any reader failure fails the stream's calls
+            err = TransportError(grpc.StatusCode.INTERNAL, f"stream to {self.address}: {e}")
+        self.fail(err)
+
+    def fail(self, err: grpc.RpcError) -> None:
+        self.fail_pending(err)
+        self._out.put(None)
+
+    def close(self) -> None:
+        """Half-close: calls in flight (their frames all queued before the end marker) still get their answers."""
+        with self._lock:
+            self.dead = True
+            self._out.put(None)
+
+
+class StreamTransport(_Channels):
+    """One long-lived bidirectional stream per shard; frames carry ids, answers are matched by id.
+
+    A broken stream fails all its pending calls at once and is re-opened by the next send. Deadlines are kept
+    here, per request: a late answer is dropped, the stream stays open.
+    """
+
+    def __init__(self, insecure: bool = False, options: list[tuple[str, int]] | None = None):
+        super().__init__(insecure, options)
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._deadlines = Deadlines("stream-deadlines")
+        self._lock = threading.Lock()
+
+    def _stream(self, address: str) -> _Stream:
+        _, channel, renewed = self.connection(address)
+        with self._lock:
+            if renewed:
+                for s in self._streams.values():
+                    s.close()
+                self._streams.clear()
+            s = self._streams.get(address)
+            if s is None or s.dead:
+                s = self._streams[address] = _Stream(channel, address, self.refusal)
+            return s
+
+    def send(self, address: str, build: Build, timeout_s: float) -> Future:
+        frame_id = next(self._ids)
+
+        def encode() -> bytes:  # a frame over the shard's limit fails alone, unsent (the shard would end the stream)
+            frame = frames.request_frame(frame_id, build())
+            self.check_size(address, len(frame))
+            return frame
+        return send_multiplexed(address, frame_id, encode, lambda: self._stream(address), self._deadlines, timeout_s)
+
+    wait = staticmethod(wait_any)
+
+    def close(self) -> None:
+        self._deadlines.close()
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for s in streams:
+            s.fail(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))
+            s._call.cancel()
+        self.close_channels()
