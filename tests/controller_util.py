@@ -113,3 +113,19 @@ def _moved(cur, src: int, dst: int, expert: int):
     holds[:, expert, dst], shares[:, expert, dst] = True, shares[:, expert, src]
     holds[:, expert, src], shares[:, expert, src] = False, 0.0
     return Placement.from_arrays(shares, holds, cur.slots_per_shard)
+
+
+async def _gateway_behind_a_move(model: str, a: Shard, b: Shard):
+    """A controller over shards a and b, gateway "g" running its first table, then expert 0 of every layer moved
+    from a to b (committed; a's copies are dropped once g acknowledges). Returns (controller, g's table)."""
+    from elasticmoe.autoscaler.registry import Change
+
+    ctrl = ControllerImpl(_args(model))
+    await a.join(ctrl)
+    await b.join(ctrl)
+    old = await ctrl.table(-1, "g")
+    assert await ctrl.table(old["version"], "g") is None  # g runs `old`
+    cur = ctrl.registry.placement
+    async with ctrl._lock:
+        await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "test move")
+    return ctrl, old

@@ -15,7 +15,8 @@ from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.experts.deployment import ExpertShard
 from elasticmoe.model import open_model
 from elasticmoe.model.experts import ExpertStore
-from tests.controller_util import E, ControllerImpl, Shard, _LoopHandle, _args, _moved, _routed_to, _until, _with_shards
+from tests.controller_util import (E, ControllerImpl, Shard, _args, _gateway_behind_a_move, _LoopHandle, _routed_to,
+                                   _until, _with_shards)
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -219,19 +220,10 @@ def test_recovery_keeps_the_copies_a_gateway_may_still_route_to(model, monkeypat
     new table. The restarted controller must not drop the moved copies at once: a gateway still routes them to
     their old shard until it has installed a table of the new controller, and only then are they dropped."""
     import elasticmoe.autoscaler.moves as moves_module
-    from elasticmoe.autoscaler.registry import Change
-
     monkeypatch.setattr(moves_module, "GATEWAY_TTL_S", 2.0)
 
     async def scenario(files, a, b):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        old = await ctrl.table(-1, "g")
-        assert await ctrl.table(old["version"], "g") is None  # the gateway runs `old`
-        cur = ctrl.registry.placement
-        async with ctrl._lock:
-            await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "test move")
+        ctrl, old = await _gateway_behind_a_move(model, a, b)
         for task in ctrl._tasks:
             task.cancel()  # the controller dies: its drop after the acks never runs
         moved = {(l, 0) for l in files.spec.moe.moe_layers}
@@ -259,19 +251,10 @@ def test_a_published_shard_retrying_registration_keeps_the_copies_gateways_route
     copies there are dropped once every gateway runs the new table). a's registration retry must not drop them on
     its own: gateway g still routes them to a. The controller's drop after the acks removes them."""
     import elasticmoe.autoscaler.moves as moves_module
-    from elasticmoe.autoscaler.registry import Change
-
     monkeypatch.setattr(moves_module, "GATEWAY_TTL_S", 30.0)
 
     async def scenario(files, a, b):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        old = await ctrl.table(-1, "g")
-        assert await ctrl.table(old["version"], "g") is None  # g runs `old`
-        cur = ctrl.registry.placement
-        async with ctrl._lock:
-            await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "test move")
+        ctrl, old = await _gateway_behind_a_move(model, a, b)
         moved = {(l, 0) for l in files.spec.moe.moe_layers}
         replica = object.__new__(_Replica)  # a's replica, retrying after its lost ready answer
         replica.shard_id, replica.address, replica.store, replica.servicer = "a", a.address, a.store, a.servicer

@@ -9,7 +9,8 @@ import pytest
 from elasticmoe.autoscaler import moves
 from elasticmoe.autoscaler.registry import Change
 from elasticmoe.placement import Placement
-from tests.controller_util import E, ControllerImpl, _args, _moved, _routed_to, _until, _with_shards
+from tests.controller_util import (E, ControllerImpl, _args, _gateway_behind_a_move, _moved, _routed_to, _until,
+                                   _with_shards)
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -87,14 +88,7 @@ def test_a_failed_loads_rollback_keeps_copies_held_before_it(model):
     puts expert 0 back on a and expert 1 on b, whose load fails: the rollback drops what the load added (expert 1
     on b), not the copies a held already, which g still routes to a."""
     async def scenario(files, a, b):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        old = await ctrl.table(-1, "g")
-        assert await ctrl.table(old["version"], "g") is None  # g runs `old`
-        cur = ctrl.registry.placement
-        async with ctrl._lock:
-            await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "test move")
+        ctrl, old = await _gateway_behind_a_move(model, a, b)
         zero, one = ({(l, e) for l in files.spec.moe.moe_layers} for e in (0, 1))
         assert zero <= a.held() and zero <= b.held() and not one & b.held()
         cur = ctrl.registry.placement
