@@ -72,9 +72,8 @@ def cmd_scale(ns: argparse.Namespace) -> int:
         handle = status_view.controller(ns.address, ns.app)
     try:
         desired = handle.set_target_shards.remote(None if ns.auto else ns.shards).result(timeout_s=30)
-    except ValueError as e:  # the controller's refusal (Ray raises it as a subclass of ValueError)
-        why = [line for line in str(e).splitlines() if line.strip()][-1]
-        print(f"elasticmoe scale: error: {why.removeprefix('ValueError: ')}", file=sys.stderr)
+    except ValueError as e:  # the controller's refusal: Ray raises a subclass of ValueError, its `cause` the original
+        print(f"elasticmoe scale: error: {getattr(e, 'cause', e)}", file=sys.stderr)
         return 2
     print(f"{ns.app}: desired shards {desired} ({'autoscaling' if ns.auto else 'pinned'})")
     return 0
