@@ -61,7 +61,7 @@ class GrpcDispatcher:
         self._left_epochs: set[str] = set()  # controller instances whose tables this dispatcher replaced
         self._lock = threading.Lock()
         self.suspects: dict[str, float] = {}  # shard id -> monotonic time it last failed or straggled
-        self._stuck: dict[str, int] = {}  # shard id -> its hedged-around calls still unanswered (straggling)
+        self._stuck: dict[str, int] = {}  # shard id -> its hedged-around calls still unanswered (> 0; straggling)
         self._stuck_lock = threading.Lock()
         self.latency_s: deque[float] = deque(maxlen=256)  # recent successful call round trips (note_latency)
         self._latencies = 0  # round trips noted so far
@@ -121,8 +121,8 @@ class GrpcDispatcher:
         answer to a call that was hedged around (a shard paused for longer than `suspect_s` is not probed again,
         at a hedge delay's cost per probe, until it has answered)."""
         now = time.monotonic()
-        stuck = [s for s, n in list(self._stuck.items()) if n > 0]
-        return table.index_of([s for s, t in list(self.suspects.items()) if now - t < self.suspect_s] + stuck)
+        recent = [s for s, t in list(self.suspects.items()) if now - t < self.suspect_s]
+        return table.index_of(recent + list(self._stuck))
 
     def straggling(self, shard_id: str, future: Future) -> None:
         """A call to `shard_id` was hedged around: the shard stays suspected until that call ends. A call that then
@@ -134,6 +134,8 @@ class GrpcDispatcher:
         def done(f: Future) -> None:
             with self._stuck_lock:
                 self._stuck[shard_id] -= 1
+                if not self._stuck[shard_id]:
+                    del self._stuck[shard_id]  # only shards that owe answers stay (suspected() reads the keys)
             e = f.exception()
             if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.suspect(shard_id, report=True)
