@@ -58,23 +58,27 @@ class TransportError(grpc.RpcError):
         return self._details
 
 
+def _exhausted(e: BaseException) -> str | None:
+    """The details of a RESOURCE_EXHAUSTED call failure, else None."""
+    if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return e.details() or ""
+    return None
+
+
 def is_busy(e: BaseException) -> bool:
     """A shard's refusal because it is full (RESOURCE_EXHAUSTED "shard busy: ..."): the shard is alive."""
-    return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and (e.details() or "").startswith(frames.BUSY))
+    return (_exhausted(e) or "").startswith(frames.BUSY)
 
 
 def is_oversize(e: BaseException) -> bool:
     """A call larger than its shard takes, failed unsent or refused by the shard (ask again: the next calls are
     sized within the limit the shard announced meanwhile)."""
-    return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and (e.details() or "").startswith(frames.OVERSIZE))
+    return (_exhausted(e) or "").startswith(frames.OVERSIZE)
 
 
 def _too_large(e: BaseException) -> bool:
     """gRPC's own refusal of a message over a limit (RESOURCE_EXHAUSTED "... message larger than max ...")."""
-    return (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and "message larger than max" in (e.details() or ""))
+    return "message larger than max" in (_exhausted(e) or "")
 
 
 class _Channels:
