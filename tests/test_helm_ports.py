@@ -125,3 +125,35 @@ def test_start_params_the_chart_sets_are_refused(group, key):
     """The chart writes these rayStartParams itself; a user's copy rendered a second, duplicate YAML key."""
     with pytest.raises(helm.HelmError, match=re.escape(f"{group}.rayStartParams.{key} is set by the chart")):
         _render(_prod({group: {"rayStartParams": {key: "8090"}}}))
+
+
+MOVED_HEAD = {"port": "6380", "dashboard-port": "8400", "ray-client-server-port": "10000",
+              "dashboard-agent-listen-port": "52400"}
+
+
+def test_head_ports_moved_by_rayStartParams_are_the_ones_published():
+    """KubeRay builds the head Service from the head container's ports and calls the dashboard on the port named
+    `dashboard`: ports Ray was told to bind elsewhere but published at their defaults left workers unable to join
+    (GCS) and the operator unable to deploy Serve (dashboard), and the NetworkPolicy let the operator in on ports
+    nothing listened on."""
+    objs = _objects(_render(_prod({"head": {"rayStartParams": MOVED_HEAD}})))
+    rs = _one(objs, "RayService")
+    _check_rayservice(rs)
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["port"] == "6380"
+    (container,) = [c for c in head["template"]["spec"]["containers"] if c["name"] == "ray-head"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (ports["gcs-server"], ports["dashboard"], ports["client"]) == (6380, 8400, 10000)
+    policy = _one(objs, "NetworkPolicy")["spec"]["ingress"]
+    operator = [r for r in policy if {"port": 8400, "protocol": "TCP"} in r.get("ports", [])]
+    assert len(operator) == 1 and {"port": 52400, "protocol": "TCP"} in operator[0]["ports"]
+    assert not [r for r in policy if {"port": 8265, "protocol": "TCP"} in r.get("ports", [])]
+
+
+def test_a_serve_port_on_a_moved_head_port_fails_render():
+    """Serve's proxy and the direct port are checked against the head's ports as rayStartParams set them."""
+    with pytest.raises(helm.HelmError, match=re.escape("serve.httpPort 8400 is a port Ray uses on the pods (GCS 6380, "
+                                                       "metrics 8080, dashboard 8400, client 10000")):
+        _render(_prod({"head": {"rayStartParams": MOVED_HEAD}, "serve": {"httpPort": 8400}}))
+    with pytest.raises(helm.HelmError, match=re.escape("directGrpc.port 6380 is a port Serve or Ray uses")):
+        _render(_prod({"head": {"rayStartParams": MOVED_HEAD}, "directGrpc": {"enabled": True, "port": 6380}}))

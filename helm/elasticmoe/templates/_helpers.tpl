@@ -69,3 +69,13 @@ The internal-TLS Secret the pods mount, and the accelerator type the worker grou
 {{- define "elasticmoe.acceleratorType" -}}
 {{- .Values.shardResources.acceleratorType | default .Values.gatewayResources.acceleratorType | default "" }}
 {{- end }}
+
+{{/*
+A port Ray binds on the head pod: head.rayStartParams[key] when set, else Ray's default. The container ports (KubeRay
+builds the head Service and finds the dashboard from them), the NetworkPolicy and the checks all read it here.
+Usage: include "elasticmoe.headPort" (list $ "dashboard-port" 8265)
+*/}}
+{{- define "elasticmoe.headPort" -}}
+{{- $params := (index . 0).Values.head.rayStartParams | default dict -}}
+{{- int (toString (get $params (index . 1) | default (index . 2))) -}}
+{{- end }}

@@ -44,7 +44,13 @@ message naming the values at fault.
 {{- if gt (int $v.expertPort.start) (int $v.expertPort.end) }}
 {{- fail (printf "expertPort.start (%v) must be <= expertPort.end (%v)" $v.expertPort.start $v.expertPort.end) }}
 {{- end }}
-{{- range $p := list (int $v.serve.httpPort) (int $v.serve.grpcPort) 6379 8080 8265 10001 52365 }}
+{{- $gcs := include "elasticmoe.headPort" (list $ "port" 6379) | int }}
+{{- $dash := include "elasticmoe.headPort" (list $ "dashboard-port" 8265) | int }}
+{{- $client := include "elasticmoe.headPort" (list $ "ray-client-server-port" 10001) | int }}
+{{- $agent := include "elasticmoe.headPort" (list $ "dashboard-agent-listen-port" 52365) | int }}
+{{- $rayPorts := list $gcs 8080 $dash $client $agent }}
+{{- $rayNames := printf "GCS %v, metrics 8080, dashboard %v, client %v, dashboard agent %v" $gcs $dash $client $agent }}
+{{- range $p := concat (list (int $v.serve.httpPort) (int $v.serve.grpcPort)) $rayPorts }}
 {{- if and (ge $p (int $v.expertPort.start)) (le $p (int $v.expertPort.end)) }}
 {{- fail (printf "expertPort range %v-%v overlaps port %v, which Ray or Serve uses" $v.expertPort.start $v.expertPort.end $p) }}
 {{- end }}
@@ -103,8 +109,8 @@ message naming the values at fault.
 {{- end }}
 {{- range $name := list "httpPort" "grpcPort" }}
 {{- $p := int (get $v.serve $name) }}
-{{- if has $p (list 6379 8080 8265 10001 52365) }}
-{{- fail (printf "serve.%s %v is a port Ray uses on the pods (GCS 6379, metrics 8080, dashboard 8265, client 10001, dashboard agent 52365): Serve's proxy could not bind it" $name $p) }}
+{{- if has $p $rayPorts }}
+{{- fail (printf "serve.%s %v is a port Ray uses on the pods (%s): Serve's proxy could not bind it" $name $p $rayNames) }}
 {{- end }}
 {{- end }}
 {{- range $p := $v.networkPolicy.operatorFrom }}
@@ -189,7 +195,7 @@ message naming the values at fault.
 {{- end }}
 {{- if $v.directGrpc.enabled }}
 {{- $dp := int $v.directGrpc.port }}
-{{- if has $dp (list (int $v.serve.httpPort) (int $v.serve.grpcPort) 6379 8080 8265 10001 52365) }}
+{{- if has $dp (concat (list (int $v.serve.httpPort) (int $v.serve.grpcPort)) $rayPorts) }}
 {{- fail (printf "directGrpc.port %v is a port Serve or Ray uses" $dp) }}
 {{- end }}
 {{- if and (ge $dp (int $v.expertPort.start)) (le $dp (int $v.expertPort.end)) }}
