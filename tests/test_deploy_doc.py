@@ -41,7 +41,7 @@ def _check_helm_command(words: list[str]) -> None:
     import helm_python as helm
 
     from tests.kuberay_rules import rayservice_errors
-    from tests.test_helm_chart import _check_rayservice, _objects, _one
+    from tests.helm_util import _check_rayservice, _objects, _one
 
     assert words[words.index("-n") + 1] == NAMESPACE and words[2] == RELEASE and words[3] == "./helm/elasticmoe"
     values = _helm_values(words)

@@ -6,96 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import re
-from functools import lru_cache
 from pathlib import Path
 
 import helm_python as helm  # helm-python-sdk (dev dependency): Helm's Go SDK as a shared library
-import jsonschema
 import pytest
-import yaml
 
-from tests.test_deploy_configs import (CHART_DIR, CRD_DIR, IMPORT_PATH, NAMESPACE, RELEASE, SERVICER, _app_args,
-                                       _load, _serve_schema)
-
-# --------------------------------------------------------------------------------------
-# helm/elasticmoe: rendered with Helm's engine, checked against KubeRay's CRD
-# --------------------------------------------------------------------------------------
-
-
-
-@lru_cache(maxsize=None)
-def _chart():
-    return helm.Chart.load(str(CHART_DIR))
-
-
-def _prod_values() -> dict:
-    return helm.values_from_yaml((CHART_DIR / "values-gpu-production.yaml").read_text())
-
-
-def _render(values: dict | None = None) -> dict[str, str]:
-    return _chart().render(values, name=RELEASE, namespace=NAMESPACE)
-
-
-def _objects(rendered: dict[str, str]) -> list[dict]:
-    objs = []
-    for name, text in rendered.items():
-        if name.endswith("NOTES.txt"):
-            continue
-        objs += [d for d in yaml.safe_load_all(text) if d]
-    return objs
-
-
-def _one(objs: list[dict], kind: str) -> dict:
-    found = [o for o in objs if o["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
-
-
-def _strict(schema):
-    """OpenAPI v3 (CRD) schema -> JSON Schema that, like `kubectl apply` (server-side
-    field validation Strict), rejects unknown fields, and knows `nullable`."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) for k, v in schema.items()}
-    if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out \
-            and not out.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    if out.pop("nullable", False) and "type" in out:
-        out["type"] = [out["type"], "null"]
-    return out
-
-
-@lru_cache(maxsize=None)
-def _crd_validator(crd_file: str) -> jsonschema.Draft7Validator:
-    path = CRD_DIR / crd_file
-    assert path.is_file(), f"KubeRay CRD not found at {path} (expected ../shared/kuberay-crds/ beside the repo)"
-    crd = _load(path)
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
-
-
-def _check_rayservice(rs: dict):
-    """Validate a rendered RayService (CRD schema, Serve schema, AppArgs); returns its AppArgs."""
-    errors = sorted(_crd_validator("ray.io_rayservices.yaml").iter_errors(rs), key=lambda e: list(e.path))
-    assert not errors, "RayService does not match KubeRay's CRD:\n" + "\n".join(
-        f"  {'/'.join(map(str, e.path))}: {e.message}" for e in errors[:20])
-    assert rs["apiVersion"] == "ray.io/v1"
-    serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
-    schema = _serve_schema(serve)
-    assert schema.grpc_options.grpc_servicer_functions == [SERVICER]
-    (app,) = schema.applications
-    assert app.import_path == IMPORT_PATH
-    return _app_args(app.args)
-
-
-def _containers(rs: dict) -> list[tuple[dict, dict]]:
-    """(pod spec, container) of the head and every worker group."""
-    cluster = rs["spec"]["rayClusterConfig"]
-    specs = [cluster["headGroupSpec"]["template"]["spec"]]
-    specs += [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
-    return [(spec, c) for spec in specs for c in spec["containers"]]
+from tests.helm_util import (_chart, _check_rayservice, _containers, _crd_validator, _objects, _one, _port_ranges,
+                             _prod_values, _render)
+from tests.test_deploy_configs import CHART_DIR, NAMESPACE, RELEASE
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +131,6 @@ def test_services_expose_grpc_and_http(default_objects):
     assert metrics["spec"]["selector"].items() <= pod_labels.items()
     # KubeRay selects its own Services on app.kubernetes.io/name=kuberay: never override it.
     assert "app.kubernetes.io/name" not in pod_labels
-
-
-def _port_ranges(rule: dict) -> list[tuple[int, int]]:
-    return [(p["port"], p.get("endPort", p["port"])) for p in rule.get("ports", [])]
 
 
 @pytest.mark.parametrize("which", ["default", "gpu-production"])

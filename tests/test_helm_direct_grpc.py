@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import GATEWAY_RESOURCE
 from tests.kuberay_rules import rayservice_errors
-from tests.test_helm_chart import _check_rayservice, _objects, _one, _render
+from tests.helm_util import _check_rayservice, _objects, _one, _render
 from tests.test_helm_values import _serve_args, _values
 
 ON = {"directGrpc": {"enabled": True}}

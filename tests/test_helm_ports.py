@@ -9,7 +9,7 @@ import re
 import helm_python as helm
 import pytest
 
-from tests.test_helm_chart import _check_rayservice, _objects, _one, _render
+from tests.helm_util import _check_rayservice, _objects, _one, _render
 from tests.test_helm_values import _merge, _values
 
 DIRECT = {"directGrpc": {"enabled": True, "port": 9100}}

@@ -11,7 +11,7 @@ import helm_python as helm
 import pytest
 import torch
 
-from tests.test_helm_chart import _check_rayservice, _chart, _containers, _objects, _one, _port_ranges, _prod_values, _render
+from tests.helm_util import _check_rayservice, _chart, _containers, _objects, _one, _port_ranges, _prod_values, _render
 
 DASHBOARD_PORTS = {(8265, 8265), (52365, 52365)}
 

@@ -18,7 +18,7 @@ import yaml
 
 from tests.kuberay_rules import rayservice_errors
 from tests.test_deploy_configs import CHART_DIR, NAMESPACE
-from tests.test_helm_chart import _check_rayservice, _containers, _crd_validator, _objects, _one, _render
+from tests.helm_util import _check_rayservice, _containers, _crd_validator, _objects, _one, _render
 
 PROD = "values-gpu-production.yaml"
 VALUE_SETS = {  # name -> the -f files, in order (the model files go on top of the production values)
