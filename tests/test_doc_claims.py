@@ -3,8 +3,8 @@
 For README.md, docs/*.md, the chart's README and NOTES.txt, benchmarks/KERNELS.md and the comments of the Serve,
 cluster and Helm values files: every `make` target, every `elasticmoe ...` command line (parsed by the CLI's own
 parser), every `python -m` module, every repository path, every app-args field (with its value, validated by
-`AppArgs`), every Helm value, every ELASTICMOE_* variable and every test named; and the defaults they state.
-In-process and fast: no Ray, no model.
+`AppArgs`), every ELASTICMOE_* variable and every test named; and the defaults they state.
+Helm values: tests/test_doc_helm_claims.py. In-process and fast: no Ray, no model.
 """
 
 from __future__ import annotations
@@ -18,39 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "helm" / "elasticmoe"
-MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), CHART / "README.md",
-            REPO / "benchmarks" / "KERNELS.md"]
-COMMENTED = [*sorted((REPO / "deployments").glob("*.yaml")), *sorted((REPO / "cluster").glob("*.yaml")),
-             *sorted(CHART.glob("values*.yaml")), CHART / "templates" / "NOTES.txt"]
+from tests.doc_util import COMMENTED, MARKDOWN, REPO, _all_code, _code, _rel
+
 SUBCOMMANDS = ("demo", "generate", "status", "scale", "offline", "make-tiny-model")
-
-
-def _rel(path: Path) -> str:
-    return str(path.relative_to(REPO))
-
-
-def _code(path: Path) -> list[tuple[str, str, bool]]:
-    """(where, code, whole command lines?): a markdown file's fenced blocks and inline spans; a YAML file's
-    comments (a commented command is a whole line)."""
-    text = path.read_text()
-    if path.suffix != ".md":
-        return [(f"{_rel(path)}:{n}", line.split("#", 1)[1] if path.suffix == ".yaml" else line, True)
-                for n, line in enumerate(text.splitlines(), 1) if "#" in line or path.suffix != ".yaml"]
-    out = []
-    for m in re.finditer(r"```[a-z]*\n(.*?)```", text, flags=re.S):
-        line_no = text.count("\n", 0, m.start()) + 2
-        for n, line in enumerate(m.group(1).replace("\\\n", " ").splitlines()):
-            out.append((f"{_rel(path)}:{line_no + n}", line, True))
-    prose = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
-    for n, line in enumerate(prose.splitlines(), 1):
-        out += [(f"{_rel(path)}:{n}", span, False) for span in re.findall(r"`([^`\n]+)`", line)]
-    return out
-
-
-def _all_code() -> list[tuple[str, str, bool]]:
-    return [c for path in MARKDOWN + COMMENTED for c in _code(path)]
 
 
 def _make_targets() -> set[str]:
@@ -212,102 +182,6 @@ def test_app_args_named_in_the_docs_exist_and_take_the_values_shown():
             if parts[0] == "direct_grpc" and isinstance(args["direct_grpc"], dict):
                 args["direct_grpc"].setdefault("port", 9100)
             AppArgs(**{"model": "m", **args})  # raises on a wrong name or value
-
-
-@functools.cache
-def _values() -> dict:
-    return yaml.safe_load((CHART / "values.yaml").read_text())
-
-
-def _schema_has(path: list[str]) -> bool:
-    import json
-
-    node = json.loads((CHART / "values.schema.json").read_text())
-    for part in path:
-        props = node.get("properties", {})
-        if part in props:
-            node = props[part]
-        elif node.get("additionalProperties") not in (None, False):
-            return True
-        else:
-            return False
-    return True
-
-
-def _values_has(path: list[str]) -> bool:
-    node = _values()
-    for part in path:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, dict) and not node:  # a free-form map (annotations, labels, options)
-            return True
-        else:
-            return _schema_has(path)
-    return True
-
-
-def _is_app_arg(name: str) -> bool:
-    from pydantic import BaseModel
-
-    from elasticmoe.config import AppArgs
-
-    model = AppArgs
-    for part in name.split("."):
-        if model is None or part not in model.model_fields:
-            return False
-        ann = model.model_fields[part].annotation
-        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        model = nested[0] if nested else None
-    return True
-
-
-def test_helm_values_named_in_the_docs_exist():
-    top = set(_values())
-    docs = [REPO / "README.md", REPO / "docs" / "DEPLOY.md", REPO / "docs" / "SECURITY.md", CHART / "README.md",
-            CHART / "templates" / "NOTES.txt"]
-    named = set()
-    for path in docs:
-        for where, code, _ in _code(path):
-            for token in re.findall(r"(?<![\w.$/-])([a-z][A-Za-z0-9]*(?:\.[A-Za-z][\w]*)+)", code):
-                if token.split(".")[0] in top and any(c.isupper() for c in token) or token.split(".")[0] in (
-                        "workers", "head", "model", "limits", "autoscaling", "upgrade", "serve", "writable"):
-                    named.add((where, token))
-    assert len(named) > 40
-    # app args share some top-level names with the chart's values (limits.*, autoscaling.*): snake_case is theirs
-    missing = [(w, t) for w, t in named if "_" not in t and not _is_app_arg(t) and not _values_has(t.split("."))]
-    assert missing == [], missing
-
-
-def test_helm_readme_defaults_are_the_values_defaults():
-    """The chart README's table: a row naming one value and one default states values.yaml's default."""
-    values = _values()
-    text = (CHART / "README.md").read_text()
-    checked = 0
-    for key, default in re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \|", text, flags=re.M):
-        node = values
-        for part in key.split("."):
-            node = node[part]
-        want = {"null": None, "true": True, "false": False, '""': ""}.get(default, default)
-        assert node == want or str(node) == default, f"helm README: {key} default {default!r}, values.yaml {node!r}"
-        checked += 1
-    assert checked >= 8
-    limits = values["limits"]
-    assert [limits[k] for k in ("maxNumSeqs", "maxModelLen", "maxQueue", "maxNumBatchedTokens",
-                                "expertTimeoutSeconds")] == [16, 2048, 64, 2048, 5]
-    assert "| `limits.*` | 16 / 2048 / 64 / 2048 / 5 |" in text
-    assert values["expertPort"] == {"start": 20100, "end": 20199}
-    assert values["directGrpc"]["port"] == 9100 and "`directGrpc.port` (9100)" in text
-    assert values["writable"] == {"tmpSizeLimit": "16Gi", "cacheSizeLimit": "4Gi"}
-
-
-def test_helm_limits_defaults_are_the_app_defaults():
-    """The chart's limit defaults are AppArgs' (the README quotes one set of numbers for both)."""
-    from elasticmoe.config import Limits
-
-    limits, app = _values()["limits"], Limits()
-    assert (limits["maxNumSeqs"], limits["maxModelLen"], limits["maxQueue"], limits["maxNumBatchedTokens"],
-            limits["expertTimeoutSeconds"]) == (app.max_num_seqs, app.max_model_len, app.max_queue,
-                                                app.max_num_batched_tokens, app.expert_timeout_s)
 
 
 def test_environment_variables_named_in_the_docs_are_read():

@@ -1,0 +1,39 @@
+"""What the documentation tests read: the documents, and the code spans and command lines in them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "elasticmoe"
+MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), CHART / "README.md",
+            REPO / "benchmarks" / "KERNELS.md"]
+COMMENTED = [*sorted((REPO / "deployments").glob("*.yaml")), *sorted((REPO / "cluster").glob("*.yaml")),
+             *sorted(CHART.glob("values*.yaml")), CHART / "templates" / "NOTES.txt"]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def _code(path: Path) -> list[tuple[str, str, bool]]:
+    """(where, code, whole command lines?): a markdown file's fenced blocks and inline spans; a YAML file's
+    comments (a commented command is a whole line)."""
+    text = path.read_text()
+    if path.suffix != ".md":
+        return [(f"{_rel(path)}:{n}", line.split("#", 1)[1] if path.suffix == ".yaml" else line, True)
+                for n, line in enumerate(text.splitlines(), 1) if "#" in line or path.suffix != ".yaml"]
+    out = []
+    for m in re.finditer(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        line_no = text.count("\n", 0, m.start()) + 2
+        for n, line in enumerate(m.group(1).replace("\\\n", " ").splitlines()):
+            out.append((f"{_rel(path)}:{line_no + n}", line, True))
+    prose = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+    for n, line in enumerate(prose.splitlines(), 1):
+        out += [(f"{_rel(path)}:{n}", span, False) for span in re.findall(r"`([^`\n]+)`", line)]
+    return out
+
+
+def _all_code() -> list[tuple[str, str, bool]]:
+    return [c for path in MARKDOWN + COMMENTED for c in _code(path)]

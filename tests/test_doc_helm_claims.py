@@ -1,0 +1,107 @@
+"""The chart's values the documents name exist (values.yaml or values.schema.json), and the defaults the chart's README
+and the app's defaults state are values.yaml's (tests/test_doc_claims.py: the rest of the documents' claims)."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import yaml
+
+from tests.doc_util import CHART, REPO, _code
+
+
+@functools.cache
+def _values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def _schema_has(path: list[str]) -> bool:
+    import json
+
+    node = json.loads((CHART / "values.schema.json").read_text())
+    for part in path:
+        props = node.get("properties", {})
+        if part in props:
+            node = props[part]
+        elif node.get("additionalProperties") not in (None, False):
+            return True
+        else:
+            return False
+    return True
+
+
+def _values_has(path: list[str]) -> bool:
+    node = _values()
+    for part in path:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, dict) and not node:  # a free-form map (annotations, labels, options)
+            return True
+        else:
+            return _schema_has(path)
+    return True
+
+
+def _is_app_arg(name: str) -> bool:
+    from pydantic import BaseModel
+
+    from elasticmoe.config import AppArgs
+
+    model = AppArgs
+    for part in name.split("."):
+        if model is None or part not in model.model_fields:
+            return False
+        ann = model.model_fields[part].annotation
+        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = nested[0] if nested else None
+    return True
+
+
+def test_helm_values_named_in_the_docs_exist():
+    top = set(_values())
+    docs = [REPO / "README.md", REPO / "docs" / "DEPLOY.md", REPO / "docs" / "SECURITY.md", CHART / "README.md",
+            CHART / "templates" / "NOTES.txt"]
+    named = set()
+    for path in docs:
+        for where, code, _ in _code(path):
+            for token in re.findall(r"(?<![\w.$/-])([a-z][A-Za-z0-9]*(?:\.[A-Za-z][\w]*)+)", code):
+                if token.split(".")[0] in top and any(c.isupper() for c in token) or token.split(".")[0] in (
+                        "workers", "head", "model", "limits", "autoscaling", "upgrade", "serve", "writable"):
+                    named.add((where, token))
+    assert len(named) > 40
+    # app args share some top-level names with the chart's values (limits.*, autoscaling.*): snake_case is theirs
+    missing = [(w, t) for w, t in named if "_" not in t and not _is_app_arg(t) and not _values_has(t.split("."))]
+    assert missing == [], missing
+
+
+def test_helm_readme_defaults_are_the_values_defaults():
+    """The chart README's table: a row naming one value and one default states values.yaml's default."""
+    values = _values()
+    text = (CHART / "README.md").read_text()
+    checked = 0
+    for key, default in re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \|", text, flags=re.M):
+        node = values
+        for part in key.split("."):
+            node = node[part]
+        want = {"null": None, "true": True, "false": False, '""': ""}.get(default, default)
+        assert node == want or str(node) == default, f"helm README: {key} default {default!r}, values.yaml {node!r}"
+        checked += 1
+    assert checked >= 8
+    limits = values["limits"]
+    assert [limits[k] for k in ("maxNumSeqs", "maxModelLen", "maxQueue", "maxNumBatchedTokens",
+                                "expertTimeoutSeconds")] == [16, 2048, 64, 2048, 5]
+    assert "| `limits.*` | 16 / 2048 / 64 / 2048 / 5 |" in text
+    assert values["expertPort"] == {"start": 20100, "end": 20199}
+    assert values["directGrpc"]["port"] == 9100 and "`directGrpc.port` (9100)" in text
+    assert values["writable"] == {"tmpSizeLimit": "16Gi", "cacheSizeLimit": "4Gi"}
+
+
+def test_helm_limits_defaults_are_the_app_defaults():
+    """The chart's limit defaults are AppArgs' (the README quotes one set of numbers for both)."""
+    from elasticmoe.config import Limits
+
+    limits, app = _values()["limits"], Limits()
+    assert (limits["maxNumSeqs"], limits["maxModelLen"], limits["maxQueue"], limits["maxNumBatchedTokens"],
+            limits["expertTimeoutSeconds"]) == (app.max_num_seqs, app.max_model_len, app.max_queue,
+                                                app.max_num_batched_tokens, app.expert_timeout_s)
