@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,6 +59,19 @@ class GatedDispatcher(LocalDispatcher):
             self.entered.set()
             self.release.wait(30)
         return super().dispatch(layer, hidden, topk_ids, topk_weights)
+
+
+class NanDispatcher(LocalDispatcher):
+    """In-process experts whose outputs are NaN while `poisoned` (a numerical fault upstream)."""
+
+    poisoned = False
+
+    def dispatch(self, layer, hidden, topk_ids, topk_weights):
+        pending = super().dispatch(layer, hidden, topk_ids, topk_weights)
+        if not self.poisoned:
+            return pending
+        out = pending.wait() * float("nan")
+        return SimpleNamespace(wait=lambda: out)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +145,31 @@ def test_a_request_the_sampler_cannot_serve_ends_alone(model, reference):
         assert runner.stats()["admitted"] == 0 and runner.stats()["free_slots"] == 16
     finally:
         runner.close()
+
+
+def test_the_slot_of_a_request_failed_by_nan_serves_the_next_request_exactly(model, reference):
+    """A request whose experts gave NaN fails alone, and leaves no NaN K/V behind: the next request in its slot
+    decodes beside a longer one (so its masked attention spans the failed request's old positions) and gets
+    exactly its reference tokens."""
+    ref, llm = reference
+    disp = NanDispatcher(model[2])
+    engine = Engine(model[1], disp, max_model_len=128)
+
+    def run(prompts):
+        seqs = [engine.add_request(str(i), llm.encode(p), GREEDY) for i, p in enumerate(prompts)]
+        while engine.has_work():
+            engine.step()
+        return seqs
+
+    disp.poisoned = True
+    [bad] = run([" ".join(["experts"] * 20)])
+    assert isinstance(bad.error, RequestFailed)
+    disp.poisoned = False
+    short, longer = run([PROMPTS[3], PROMPTS[2]])
+    assert short.slot == bad.slot and len(short.prompt_ids) < len(longer.prompt_ids) < len(bad.prompt_ids)
+    assert (short.error, longer.error) == (None, None)
+    assert [short.output_ids, longer.output_ids] == [ref[PROMPTS[3]], ref[PROMPTS[2]]]
+    assert engine.failed_requests == 1
 
 
 def test_a_step_whose_experts_fail_once_is_retried_and_tokens_stay_exact(model, reference):

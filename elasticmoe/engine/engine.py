@@ -10,7 +10,7 @@ import torch
 
 from elasticmoe.engine.detok import Detokenizer
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
-from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence
+from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence, Status
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.attention import KVCache
@@ -105,7 +105,7 @@ class Engine:
         """Stop a request and free its KV-cache slot at once."""
         seq = self.seqs.pop(request_id, None)
         if seq is not None:
-            self.scheduler.finish(seq, "abort")
+            self._release(seq, "abort")
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -248,8 +248,15 @@ class Engine:
         seq.error = RequestFailed(msg)
         seq.error.__cause__ = error
         self.failed_requests += 1
-        self.scheduler.finish(seq, "abort")
+        self._release(seq, "abort")
         self.seqs.pop(seq.request_id, None)
+
+    def _release(self, seq: Sequence, reason: str) -> None:
+        """End a request that did not finish by itself; the K/V it wrote are zeroed, as they may hold the NaN
+        or inf of a numerical fault that the next request in its slot would read (masked, yet summed)."""
+        if seq.status is Status.RUNNING:
+            self.cache.clear(seq.slot, min(seq.num_tokens, self.cache.max_len))
+        self.scheduler.finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

@@ -27,6 +27,13 @@ class KVCache:
             shapes = [(num_slots, max_len, a.num_kv_heads, a.head_dim), (num_slots, max_len, a.num_kv_heads, a.v_head_dim)]
         self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(spec.num_layers)]
 
+    def clear(self, slot: int, length: int) -> None:
+        """Zero positions [0, length) of a slot. Decode rows read their slot up to the longest row of the step,
+        masked; a masked NaN or inf (left by a request that failed on a numerical fault) still poisons the sum."""
+        for layer in self.layers:
+            for t in layer:
+                t[slot, :length].zero_()
+
     @staticmethod
     def bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
         return spec.num_layers * spec.attention.cache_width * torch.empty(0, dtype=dtype).element_size()
