@@ -347,6 +347,24 @@ def test_pipelined_micro_batches_equal_one_batch(llms):
     assert [s.output_ids for s in seqs] == [o.token_ids for o in llm.generate(prompts, params)]
 
 
+def test_generate_without_params_takes_the_checkpoints_generation_config(tmp_path, tiny_models):
+    """As vLLM's LLM.generate: no sampling_params -> generation_config.json's sampling values (here top_k 1:
+    sampling that can only pick the argmax), not SamplingParams()' temperature 1 over the whole vocabulary."""
+    import json
+    import shutil
+
+    path = tmp_path / "mixtral"
+    shutil.copytree(tiny_models["mixtral"], path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "top_k": 1, "temperature": 0.7}))
+    llm = LLM(str(path))
+    assert llm.get_default_sampling_params() == SamplingParams(top_k=1, temperature=0.7)
+    prompts = ["The expert said", "Once upon a time"]
+    greedy = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0))]
+    torch.manual_seed(0)
+    assert [o.token_ids for o in llm.generate(prompts)] == greedy
+
+
 def test_llm_refuses_bad_arguments_naming_them(tiny_models):
     """LLM's own arguments are checked before anything loads, each error naming its argument (max_model_len=-5
     used to fail deep in the KV cache)."""

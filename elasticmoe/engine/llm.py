@@ -54,12 +54,21 @@ class LLM:
         """Tokenize a prompt as the model's tokenizer does by default (BOS where it adds one)."""
         return self.tokenizer.encode(prompt)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """As vLLM's: SamplingParams() with the checkpoint's generation_config.json values (temperature, top_p,
+        top_k, repetition_penalty, min_p) where it has them; what `generate` uses when given no params."""
+        d = dict(self.engine.generation_defaults)
+        if d.get("top_k") == -1:  # transformers' and vLLM's "off"
+            d["top_k"] = 0
+        return SamplingParams(**d)
+
     def generate(self, prompts: list[str] | list[list[int]] | str,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Complete every prompt (batched together, continuous batching); outputs in prompt order."""
+        """Complete every prompt (batched together, continuous batching); outputs in prompt order. Without
+        sampling_params, each prompt gets `get_default_sampling_params()` (the checkpoint's defaults)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params = sampling_params or SamplingParams()
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"sampling_params: {len(plist)} given for {len(prompts)} prompts")
