@@ -136,6 +136,25 @@ def test_text_before_min_tokens_is_not_searched():
     assert d.text == "the sea is wide, the " and d.stop_at == len(d.text)
 
 
+def test_a_completion_is_decoded_after_its_prompt_as_transformers_pipeline(tok):
+    """With its prompt's last tokens as context, a completion's text (and its deltas joined) is transformers'
+    text-generation pipeline's (and vLLM's): decode(prompt + completion) less decode(prompt); a Llama-style
+    decoder's leading space is kept at the prompt's end, where a decode of the completion alone strips it."""
+    from elasticmoe.engine.detok import prompt_context
+
+    for text in [*TEXTS, "The capital of France is Paris, and the sea is wide."]:
+        ids = tok.encode(text)
+        for k in range(1, len(ids)):
+            whole, before = _full(tok, ids), _full(tok, ids[:k])
+            if not whole.startswith(before):  # the prompt ends inside a character: no reference text
+                continue
+            d, streamed = Detokenizer(tok, context=prompt_context(tok, ids[:k])), ""
+            for n in range(k + 1, len(ids) + 1):
+                d.update(ids[k:n])
+                streamed += d.delta()
+            assert d.text == whole[len(before):] == streamed + d.delta(final=True), (text, k)
+
+
 @pytest.mark.parametrize("n_tokens", [1000, 4000])
 def test_each_token_decodes_a_bounded_window(n_tokens):
     """Decode work per token does not grow with the output: 1k and 4k tokens of emoji / CJK / accents."""
@@ -223,3 +242,18 @@ def test_grpc_stream_joined_equals_unary_generate(llm):
     finally:
         core.runner.close()
     assert got == [(u.text, u.text) for u in unary] and all(u.finish_reason == "stop" for u in unary)
+
+
+def test_the_engine_decodes_a_completion_after_its_prompt(llm):
+    """Through the engine with a Llama-style tokenizer: '▁P' three times after 'The capital of France is' is the
+    completion ' P P P' (transformers' pipeline, vLLM), not 'P P P' (the completion decoded alone)."""
+    from elasticmoe.engine.engine import Engine
+
+    tok = _sentencepiece_like()
+    engine = Engine(llm.files, llm.engine.dispatcher, tokenizer=tok)
+    prompt, p = tok.encode("The capital of France is"), tok.convert_tokens_to_ids("\u2581P")
+    seq = engine.add_request("a", prompt, SamplingParams(max_tokens=3, temperature=0, logit_bias={p: 100}))
+    while engine.has_work():
+        engine.step()
+    assert seq.output_ids == [p] * 3
+    assert seq.text == _full(tok, prompt + seq.output_ids)[len(_full(tok, prompt)):] == " P P P"

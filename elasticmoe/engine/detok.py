@@ -8,6 +8,7 @@ from typing import Any
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete (or invalid) UTF-8 sequence
 STUCK_TOKENS = 8  # a window whose text still ends mid-character after this many tokens is split where exact
+CONTEXT_TOKENS = (4, 24)  # a prompt suffix of this many tokens (fewest that decode whole) precedes the output
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte fallback: one raw byte per token
 _BYTE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -34,6 +35,40 @@ def byte_fallback_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
     return found
 
 
+def prompt_context(tokenizer: Any, prompt_ids: list[int]) -> list[int]:
+    """The prompt's last tokens that the completion is decoded after, as vLLM does: the fewest (4 to 23) whose
+    text has no U+FFFD (so it starts on a character); none if no such suffix."""
+    lo, hi = CONTEXT_TOKENS
+    if len(prompt_ids) <= lo:
+        return list(prompt_ids)
+    for n in range(lo, min(len(prompt_ids) + 1, hi)):
+        if REPLACEMENT not in tokenizer.decode(prompt_ids[-n:], skip_special_tokens=True):
+            return list(prompt_ids[-n:])
+    return []
+
+
+class _After:
+    """The token ids `context + ids`, to index and slice without copying `ids`."""
+
+    __slots__ = ("context", "ids")
+
+    def __init__(self, context: list[int], ids: list[int]):
+        self.context, self.ids = context, ids
+
+    def __len__(self) -> int:
+        return len(self.context) + len(self.ids)
+
+    def __getitem__(self, k):
+        n = len(self.context)
+        if isinstance(k, slice):
+            start, stop, _ = k.indices(len(self))
+            if start >= n:
+                return self.ids[start - n:max(start, stop) - n]
+            return self.context[start:stop] + self.ids[:max(0, stop - n)]
+        k = k + len(self) if k < 0 else k
+        return self.context[k] if k < n else self.ids[k - n]
+
+
 class Detokenizer:
     """One request's completion text, built as its tokens arrive (the prefix / read offset technique).
 
@@ -41,15 +76,20 @@ class Detokenizer:
     from an earlier token keeps the rules a full decode applies at token boundaries (a leading space dropped only
     at the very start). While the new text ends in U+FFFD (part of a UTF-8 character) the tokens stay pending.
 
-    `text` is exactly `tokenizer.decode(ids, skip_special_tokens=True)`, cut before the first stop string.
-    `delta()` hands out text that is never taken back: it holds back a partial character and any tail that may
-    still become a stop string, so the deltas of a request joined are its `text`.
+    `text` is exactly `tokenizer.decode(context + ids, skip_special_tokens=True)` less the text of `context`
+    (the prompt's last tokens, see `prompt_context`; with none, a plain decode of ids), cut before the first stop
+    string: as in vLLM and transformers' text-generation pipeline, a completion keeps the space that a decoder
+    drops at the start of a text (Llama-style "▁Paris" after a prompt is " Paris"). `delta()` hands out text
+    that is never taken back: it holds back a partial character and any tail that may still become a stop
+    string, so the deltas of a request joined are its `text`.
     """
 
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...] = (), context: list[int] = ()):
         self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
         self.keep = max((len(s) for s in self.stops), default=1) - 1  # stable chars a stop string can start in
-        self.prefix = self.read = self.seen = 0  # window ids[prefix:]; ids[:read] are stable; ids[:seen] taken in
+        self.context = list(context)  # decoded before ids (ids[:len(context)] below), never part of the text
+        self.prefix, self.read = 0, len(self.context)  # window ids[prefix:]; ids[:read] are stable
+        self.seen = self.read  # ids[:seen] taken in
         self.pieces: list[str] = []  # the stable text, as decoded
         self.length = 0  # chars of stable text
         self.tail = ""  # its last `keep` chars
@@ -57,10 +97,10 @@ class Detokenizer:
         self.stop_at: int | None = None  # where the first stop string starts in the text
         self.sent = 0  # chars handed out by delta()
         self._next = (0, 0)  # (piece, char in it) where delta() resumes
-        self._before = ""  # decode(ids[prefix:read])
         self.decoded_tokens = 0  # tokens passed to decode over all calls (cost accounting)
         self.max_window = 0  # the most tokens one decode call saw
         self.byte_ids, self.special_ids = byte_fallback_ids(tokenizer)
+        self._before = self._decode(self.context)  # decode(ids[prefix:read])
 
     def _decode(self, ids: list[int]) -> str:
         self.decoded_tokens += len(ids)
@@ -70,6 +110,8 @@ class Detokenizer:
     def update(self, ids: list[int], search: bool = True) -> None:
         """Take in the tokens appended to `ids` since the last call. search=False: a stop string is not looked
         for in the text they add (the request is still under min_tokens)."""
+        if self.context:
+            ids = _After(self.context, ids)  # type: ignore[assignment]
         if self.stop_at is not None or len(ids) == self.seen:
             return
         self.seen = len(ids)

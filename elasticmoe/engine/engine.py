@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from elasticmoe.engine.detok import Detokenizer
+from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence, Status
 from elasticmoe.engine.validation import RequestLimits, Validator
@@ -94,7 +94,8 @@ class Engine:
         if request_id in self.seqs:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params, detok=Detokenizer(self.tokenizer, params.stop))
+        detok = Detokenizer(self.tokenizer, params.stop, prompt_context(self.tokenizer, prompt_ids))
+        seq = Sequence(request_id, list(prompt_ids), params, detok=detok)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.scheduler.add(seq)
