@@ -48,10 +48,13 @@ class Registry:
 
     # ----- membership
     def register(self, shard_id: str, address: str) -> ShardInfo:
-        """Give a new replica a free position (or its old one back); a position whose holder is dead is free."""
+        """Give a new replica a free position (or its old one back); a position whose holder is dead is free. A
+        published replica found dead stays out of the table: registering is no health check (see mark_ready)."""
         if shard_id in self.shards:
             info = self.shards[shard_id]
-            info.address, info.healthy = address, True
+            info.address = address
+            if not info.ready:  # in no table yet: it keeps its position
+                info.healthy = True
             return info
         holders = {s.position: s for s in self.shards.values()}
         free = [p for p in range(self.placement.num_shards) if p not in holders or not holders[p].healthy]
@@ -72,9 +75,10 @@ class Registry:
         return [(self.moe_layers[l], e) for l, e in self.placement.experts_on(position)]
 
     def mark_ready(self, shard_id: str) -> bool:
+        """The replica answered as itself holding its assignment: in the table (again, if it was found dead)."""
         if shard_id not in self.shards:
             return False
-        self.shards[shard_id].ready = True
+        self.shards[shard_id].ready = self.shards[shard_id].healthy = True
         return True
 
     def forget(self, shard_id: str) -> ShardInfo | None:
