@@ -47,3 +47,54 @@ def test_a_shard_declared_dead_is_not_routed_to_again_by_registering(model):
         assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b))
 
     _with_shards(model, "ab", scenario)
+
+
+def _restart_with_a_missing_expert_0(model, ctrl, a, fail_loads: int):
+    """ctrl dies; a has lost expert 0 of every layer (its record's placement, e.g. a change committed but never
+    saved, moved it off a) and its next `fail_loads` loads fail. A new controller recovers (no loops of its own)."""
+    import asyncio
+
+    for task in ctrl._tasks:
+        task.cancel()
+    a.store.drop({(l, 0) for l in ctrl.moe_layers})
+    a.servicer.faults.fail_loads = fail_loads
+    ctrl2 = ControllerImpl(_args(model))
+    assert ctrl2.recovering
+    ctrl2._lock = asyncio.Lock()  # started without its loops: the rounds below are the only ones
+    return ctrl2
+
+
+def test_a_shard_whose_reload_failed_in_recovery_is_reloaded_by_the_health_loop(model):
+    """Recovery reloads what a shard lost; a failed reload left it unhealthy, and the health loop, which revives
+    only a shard already holding its assignment, never loaded it again: the experts whose copy it holds had no live
+    copy for good (an incomplete table). The health round loads what it lacks and puts it back."""
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        ctrl2 = _restart_with_a_missing_expert_0(model, ctrl, a, fail_loads=1)
+        await ctrl2._recover()
+        assert not ctrl2.registry.shards["a"].healthy and not (await ctrl2.table())["complete"]
+        await ctrl2._health_once()
+        table = await ctrl2.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b))
+
+    _with_shards(model, "ab", scenario)
+
+
+def test_a_shard_that_cannot_reload_its_assignment_is_re_homed(model):
+    """As above, and the health round's load fails too: the shard's experts are re-homed onto the others (it
+    leaves the placement) rather than staying without a live copy."""
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        ctrl2 = _restart_with_a_missing_expert_0(model, ctrl, a, fail_loads=2)
+        await ctrl2._recover()
+        await ctrl2._health_once()
+        table = await ctrl2.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["b"]
+        assert _routed_to(table, "b") <= b.held() and "a" not in ctrl2.registry.shards
+
+    _with_shards(model, "ab", scenario)

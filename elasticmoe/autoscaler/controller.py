@@ -12,7 +12,7 @@ import time
 
 from ray import serve
 
-from elasticmoe.autoscaler.moves import Mover
+from elasticmoe.autoscaler.moves import LoadFailed, Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.autoscaler.recovery import Recovery
@@ -302,12 +302,20 @@ class Controller(Mover, StatsKeeper, Recovery):
             self._publish()
 
     async def _revive(self, info) -> None:
-        """A shard marked unhealthy answers again (it was paused) and still holds its position: back in the table."""
+        """A shard marked unhealthy answers again (it was paused, or its reload in recovery failed) and still holds
+        its position: what it lacks of its assignment is loaded, then it is back in the table. One that cannot load
+        it is lost (its experts re-homed onto the others), not left out with the only copies for good."""
         held = await self._held(info.address, info.shard_id)
-        if held is not None and set(self.registry.assignment(info.position)) <= held:
-            info.healthy = True
-            self._event("revived", shard=info.shard_id)
-            self._publish()
+        if held is None:
+            return
+        try:
+            await self._load_many({info.address: sorted(set(self.registry.assignment(info.position)) - held)})
+        except LoadFailed:
+            await self._lose(info.shard_id, "reload failed", alive=True)
+            return
+        info.healthy = True
+        self._event("revived", shard=info.shard_id)
+        self._publish()
 
     async def _grow(self) -> None:
         """Place every ready spare replica (scale out): copies load onto them first, then the table switches."""
