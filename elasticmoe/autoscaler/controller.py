@@ -24,6 +24,7 @@ from elasticmoe.placement import plan
 log = logging.getLogger("elasticmoe.controller")
 TABLE_WAIT_MAX_S = 5.0  # the longest a table() long poll is held
 TABLE_CHECK_S = 0.02  # how often a held table() call looks for a new version
+RESHARE_GAIN = 0.02  # a rebalance publishes new shares without moves when they lift a layer's balancedness this much
 
 
 def default_slots(num_experts: int, num_shards: int, copies: int = 1) -> int:
@@ -230,10 +231,11 @@ class Controller(Mover, StatsKeeper, Recovery):
         event."""
         async with self._start():
             if self.registry.staffed() and not self.recovering:
-                cur = self.registry.placement
-                new = plan(self.load.planning_load(), cur.num_shards, cur.slots_per_shard, current=cur,
+                cur, load = self.registry.placement, self.load.planning_load()
+                new = plan(load, cur.num_shards, cur.slots_per_shard, current=cur,
                            max_moves=self.max_moves, min_copies=self.args.expert_copies)
-                if cur.diff(new)[0]:
+                # new shares alone (no weight moved) are published too when they lift a layer's balancedness
+                if cur.diff(new)[0] or (new.balancedness(load) - cur.balancedness(load)).max() >= RESHARE_GAIN:
                     await self._apply(Change(cur, new, {p: p for p in range(cur.num_shards)}), "rebalance")
         return self.events[-1] if self.events else {}
 
