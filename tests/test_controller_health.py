@@ -98,3 +98,24 @@ def test_a_shard_that_cannot_reload_its_assignment_is_re_homed(model):
         assert _routed_to(table, "b") <= b.held() and "a" not in ctrl2.registry.shards
 
     _with_shards(model, "ab", scenario)
+
+
+def test_a_spare_whose_placement_failed_is_placed_by_the_health_loop(model):
+    """Scale out: c is ready as a spare and its first load fails, so the placement does not grow onto it (rolled
+    back). Only another shard's ready() or a controller restart tried again: c stayed an idle spare for good, while
+    the desired shard count counted it. The health round places waiting spares."""
+    async def scenario(files, a, b, c):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the rounds below are the only ones
+        c.servicer.faults.fail_loads = 1
+        await c.join(ctrl)
+        assert ctrl.event_counts.get("grow_failed") == 1 and [s.shard_id for s in ctrl.registry.spares()] == ["c"]
+        await ctrl._health_once()
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "c"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b, c)) and _routed_to(table, "c")
+
+    _with_shards(model, "abc", scenario)

@@ -241,8 +241,9 @@ class Controller(Mover, StatsKeeper, Recovery):
 
     # ----- loops
     async def _health_once(self) -> None:
-        """Check every registered shard at once (never under the lock); lose the dead, revive the paused. The dead
-        are all marked first, so that re-homing one does not plan copies onto another (whose loads would fail)."""
+        """Check every registered shard at once (never under the lock); lose the dead, revive the paused, place the
+        ready spares. The dead are all marked first, so that re-homing one does not plan copies onto another (whose
+        loads would fail)."""
         infos = list(self.registry.shards.values())
         alive = await asyncio.gather(*(self._alive(i.address, i.shard_id) for i in infos))
         dead = [i for i, ok in zip(infos, alive) if not ok]
@@ -258,6 +259,10 @@ class Controller(Mover, StatsKeeper, Recovery):
             elif not ok:
                 async with self._lock:
                     await self._lose(info.shard_id, "health check failed")
+        if self.registry.spares():  # ready spares that a failed scale out left unplaced: try again
+            async with self._lock:
+                if self.registry.spares() and not self.recovering:
+                    await self._grow()
 
     async def _rebalance_once(self) -> None:
         await self.rebalance()
@@ -330,5 +335,5 @@ class Controller(Mover, StatsKeeper, Recovery):
         change = Change(cur, new, {p: p for p in range(cur.num_shards)}, add=tuple(s.shard_id for s in spares))
         try:
             await self._apply(change, "scale out")
-        except Exception as e:  # noqa: BLE001 - the spares stay spares; the next ready() or restart retries
-            self._event("grow_failed", error=str(e)[:200])
+        except Exception as e:  # noqa: BLE001 - the spares stay spares for now
+            self._event("grow_failed", error=str(e)[:200])  # the next health round tries again
