@@ -119,3 +119,33 @@ def test_a_spare_whose_placement_failed_is_placed_by_the_health_loop(model):
         assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b, c)) and _routed_to(table, "c")
 
     _with_shards(model, "abc", scenario)
+
+
+def test_a_scale_out_waits_for_a_dead_shard_to_be_re_homed(model):
+    """b has been found dead (its re-home not done yet) when spare c reports ready: growing the placement then
+    planned copies onto b's position too, whose loads fail (on a paused shard they hold the controller's lock for
+    LoadExperts' timeout), so the scale out failed. It now waits until every position has a live shard: the health
+    round re-homes b's experts, then places c."""
+    import numpy as np
+
+    async def scenario(files, a, b, c):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the rounds below are the only ones
+        load = np.ones_like(ctrl.load.ema)
+        load[:, :4] = 100.0  # a's experts are hot: a plan of 3 shards puts copies of them on b and c
+        ctrl.load.ema = load
+        assert (await ctrl.register("c", c.address))["experts"] == []  # a spare
+        b.server.stop(None)
+        ctrl._mark_failed([ctrl.registry.shards["b"]], "health check failed")  # as the health round does first
+        await ctrl.ready("c")
+        assert not ctrl.event_counts.get("grow_failed") and not ctrl.event_counts.get("load_failed")
+        await ctrl._health_once()
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "c"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, c)) and _routed_to(table, "c")
+        assert not ctrl.event_counts.get("load_failed")
+
+    _with_shards(model, "abc", scenario)

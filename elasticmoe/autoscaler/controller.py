@@ -325,7 +325,11 @@ class Controller(Mover, StatsKeeper, Recovery):
         self._publish()
 
     async def _grow(self) -> None:
-        """Place every ready spare replica (scale out): copies load onto them first, then the table switches."""
+        """Place every ready spare replica (scale out): copies load onto them first, then the table switches. Not
+        while a position of the placement has no live shard (one found dead, not re-homed yet; one still loading):
+        copies planned there cannot be loaded. The health round (or that shard's ready()) grows it afterwards."""
+        if not self.registry.staffed():
+            return
         spares = self.registry.spares()
         cur = self.registry.placement
         n = cur.num_shards + len(spares)
