@@ -1,7 +1,9 @@
-"""The controller's rebalance decisions without Ray, over real in-process gRPC shards: what a rebalance publishes
-for the load it measured."""
+"""The controller's load decisions without Ray, over real in-process gRPC shards: what a rebalance publishes for
+the load it measured, and the shard count it asks for."""
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 
@@ -48,5 +50,39 @@ def test_a_rebalance_publishes_new_shares_when_no_copy_needs_to_move(model):
         assert a.held() | b.held() == {(l, e) for l in files.spec.moe.moe_layers for e in range(8)}
         await ctrl.rebalance()  # nothing better to publish: no new version
         assert ctrl.event_counts["placement"] == 2
+
+    _with_shards(model, "ab", scenario)
+
+
+def test_a_shard_whose_stats_were_not_read_does_not_count_as_idle(model, monkeypatch):
+    """Two shards each busy 40% of the time against a 0.7 target: 2 shards are right (one would run at 0.8). A
+    shard's first read (every shard's, in a controller's first round: also after a restart) only sets its baseline,
+    and a GetStats that times out (a network blip, a GIL-starved shard) is no read, then a baseline again: each
+    counted the shard as idle, and the controller asked for 1 shard. A round that did not measure every live shard
+    decides nothing."""
+    import time
+    from types import SimpleNamespace
+
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7}))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the rounds below are the only ones
+        ctrl.scale.cooldown_s = 0.0
+        t0, unread = time.monotonic(), set()
+
+        async def stats(address, timeout=2.0):  # each shard busy 40% of the wall time
+            if address in unread:
+                return None
+            return SimpleNamespace(tokens=[], compute_us=int(0.4 * (time.monotonic() - t0) * 1e6))
+
+        monkeypatch.setattr(ctrl, "_stats", stats)
+        for missed in (set(), set(), {b.address}, set(), set()):
+            unread.clear()
+            unread.update(missed)
+            await asyncio.sleep(0.1)
+            await ctrl._stats_once()
+            assert ctrl.desired == 2, (missed, ctrl.load.utilization)
 
     _with_shards(model, "ab", scenario)

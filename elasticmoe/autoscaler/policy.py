@@ -19,6 +19,7 @@ class LoadTracker:
         self._last_compute: dict[str, float] = {}
         self._t = time.monotonic()
         self.utilization: dict[str, float] = {}  # shard id -> busy fraction over the last interval
+        self.measured: set[str] = set()  # shards whose utilization covers the last interval (not a first read)
 
     def update(self, stats: dict[str, tuple[dict[tuple[int, int], int], float]], layer_index: dict[int, int]) -> None:
         """stats: shard id -> ({(model layer, expert): cumulative tokens}, cumulative compute seconds).
@@ -29,6 +30,7 @@ class LoadTracker:
         dt = max(now - self._t, 1e-3)
         self._t = now
         rate = np.zeros_like(self.ema)
+        self.measured = {shard for shard in stats if shard in self._last}
         for shard, (tokens, compute) in stats.items():
             prev = self._last.get(shard)
             for key, n in tokens.items():

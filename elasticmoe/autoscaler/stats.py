@@ -52,7 +52,10 @@ class StatsKeeper:
         self.load.update(stats, self.layer_index)
         self._export(stats)
         if self.scale is not None:
-            util = [self.load.utilization.get(s.shard_id, 0.0) for s in self.registry.live()]
+            live = [s.shard_id for s in self.registry.live()]
+            # a live shard not measured over this interval (read for the first time, or its read failed) is not idle:
+            # no decision this round
+            util = [self.load.utilization[s] for s in live] if self.load.measured.issuperset(live) else []
             desired = self.scale.desired(self.desired, util)
             if desired != self.desired:
                 self.desired = desired
