@@ -1,0 +1,89 @@
+"""Re-placement on membership changes (make-before-break): lose a failed or drained shard, revive a paused one, grow
+onto ready spares; a mixin of the Controller, run under its lock."""
+
+from __future__ import annotations
+
+import math
+
+from elasticmoe.autoscaler.moves import LoadFailed
+from elasticmoe.autoscaler.registry import Change, ShardInfo
+from elasticmoe.placement import plan
+
+
+class Replacer:
+    """Needs the Controller's registry, load, args, slots, num_experts, max_moves, _apply, _held, _load_many,
+    _event and _publish."""
+
+    async def _lose(self, shard_id: str, why: str, alive: bool = False) -> int | None:
+        """Take a shard out, with any other failed or empty position (a copy cannot be loaded there): their experts
+        get live copies elsewhere first; returns the committed version."""
+        info = self.registry.shards.get(shard_id)
+        if info is None:
+            return None
+        if not alive:
+            self._mark_failed([info], why)
+        n = self.registry.placement.num_shards
+        if info.position >= n or not info.ready:
+            self.registry.forget(shard_id)
+            self._event("removed", shard=shard_id, why=why)
+            self._publish()
+            return self.registry.version
+        gone = [info.position] + [p for p in self.registry.vacant() if p != info.position]  # other dead ones too
+        if len(gone) == n:
+            return None  # nothing to re-home onto: a new replica takes this position over
+        current, relabel = self.registry.retire(gone)
+        slots = max(self.slots, math.ceil(self.num_experts / (n - len(gone))))
+        new = plan(self.load.planning_load(), n - len(gone), slots, current=current, max_moves=self.max_moves,
+                   min_copies=self.args.expert_copies)
+        remove = tuple(s.shard_id for s in self.registry.shards.values() if s.position in gone)
+        try:
+            await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}")
+        except Exception as e:  # noqa: BLE001 - rolled back; the health loop tries again
+            self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:200])
+            return None
+        for sid in remove:
+            self._event("removed", shard=sid, why=why if sid == shard_id else "failed with it")
+        return self.registry.version
+
+    def _mark_failed(self, infos: list[ShardInfo], why: str) -> None:
+        """Their copies are gone now: the table must not route to them (one new version for all)."""
+        failed = [info for info in infos if info.healthy]
+        for info in failed:
+            info.healthy = False
+            self._event("unhealthy", shard=info.shard_id, why=why)
+        if failed:
+            self._publish()
+
+    async def _revive(self, info) -> None:
+        """A shard marked unhealthy answers again (it was paused, or its reload in recovery failed) and still holds
+        its position: what it lacks of its assignment is loaded, then it is back in the table. One that cannot load
+        it is lost (its experts re-homed onto the others), not left out with the only copies for good."""
+        held = await self._held(info.address, info.shard_id)
+        if held is None:
+            return
+        try:
+            await self._load_many({info.address: sorted(set(self.registry.assignment(info.position)) - held)})
+        except LoadFailed:
+            await self._lose(info.shard_id, "reload failed", alive=True)
+            return
+        info.healthy = True
+        self._event("revived", shard=info.shard_id)
+        self._publish()
+
+    async def _grow(self) -> None:
+        """Place every ready spare replica (scale out): copies load onto them first, then the table switches. Not
+        while a position of the placement has no live shard (one found dead, not re-homed yet; one still loading):
+        copies planned there cannot be loaded. The health round (or that shard's ready()) grows it afterwards."""
+        if not self.registry.staffed():
+            return
+        spares = self.registry.spares()
+        cur = self.registry.placement
+        n = cur.num_shards + len(spares)
+        slots = max(self.slots, math.ceil(self.num_experts / n))  # as in _lose: every expert must fit
+        new = plan(self.load.planning_load(), n, slots, current=cur, max_moves=max(self.max_moves, slots * len(spares)),
+                   min_copies=self.args.expert_copies)
+        change = Change(cur, new, {p: p for p in range(cur.num_shards)}, add=tuple(s.shard_id for s in spares))
+        try:
+            await self._apply(change, "scale out")
+        except Exception as e:  # noqa: BLE001 - the spares stay spares for now
+            self._event("grow_failed", error=str(e)[:200])  # the next health round tries again
