@@ -111,6 +111,14 @@ def test_grpc_requests_are_checked_before_tokenizing(req, field):
         assert tok.calls == 0  # refused before any work that grows with the input
 
 
+def test_a_grpc_text_prompt_over_the_token_limit_names_prompt():
+    """The client sent `prompt` (text within the byte limit): the error names that field, not prompt_token_ids."""
+    v = Validator(50, 128, RequestLimits(max_prompt_bytes=1000))
+    with pytest.raises(InvalidRequest) as e:
+        parse_request(_req(prompt="x" * 200), CountingTokenizer(), v)
+    assert e.value.field == "prompt" and "200 tokens; the limit is 127" in str(e.value)
+
+
 def test_a_huge_grpc_prompt_is_refused_fast():
     v = Validator(50, 128)
     req = _req(prompt="y" * (v.limits.max_prompt_bytes + 1), sampling={"max_tokens": 1})

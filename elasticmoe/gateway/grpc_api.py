@@ -45,7 +45,10 @@ def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator 
     has_ids = len(request.prompt_token_ids) > 0
     if has_text == has_ids:
         raise InvalidRequest("prompt", "give exactly one of prompt or prompt_token_ids")
-    ids = check.encode(tokenizer, request.prompt) if has_text else check.prompt_ids(request.prompt_token_ids)
+    if has_text:  # a text prompt over the token limit is named as the client sent it: prompt
+        ids = check.prompt_ids(check.encode(tokenizer, request.prompt), "prompt")
+    else:
+        ids = check.prompt_ids(request.prompt_token_ids)
     params = sampling_from_proto(request.sampling)
     check.request(ids, params)
     return rid or uuid.uuid4().hex, ids, params
