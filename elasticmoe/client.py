@@ -15,12 +15,14 @@ _FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", 
 
 
 def make_request(prompt: str | None = None, prompt_token_ids: list[int] | None = None, request_id: str = "",
-                 stop: list[str] | None = None, **sampling) -> gen.GenerateRequest:
-    """A GenerateRequest; sampling fields left as None stay unset (server defaults)."""
+                 stop: str | list[str] | None = None, **sampling) -> gen.GenerateRequest:
+    """A GenerateRequest; sampling fields left as None stay unset (server defaults). `stop`: one stop string or a
+    list of them (as in SamplingParams and the OpenAI API)."""
     unknown = set(sampling) - set(_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling fields: {sorted(unknown)}")
-    params = gen.SamplingParams(stop=stop or [], **{k: v for k, v in sampling.items() if v is not None})
+    stops = [stop] if isinstance(stop, str) else list(stop or [])  # a str is one stop string, not its characters
+    params = gen.SamplingParams(stop=stops, **{k: v for k, v in sampling.items() if v is not None})
     req = gen.GenerateRequest(request_id=request_id, sampling=params)
     if prompt is not None:
         req.prompt = prompt

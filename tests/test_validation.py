@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elasticmoe import LLM, SamplingParams
+from elasticmoe.client import make_request
 from elasticmoe.config import AppArgs, Limits
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
@@ -133,6 +134,13 @@ def test_grpc_request_ids_need_not_be_unique_and_default_to_fresh_ones():
     rid, ids, params = parse_request(_req(prompt="hi", sampling={"temperature": 1e-6}), tok, v)
     assert len(rid) == 32 and ids == [ord("h") % 50, ord("i") % 50] and params.greedy
     assert parse_request(_req(prompt="hi", request_id="same"), tok, v)[0] == "same"
+
+
+def test_the_python_client_sends_a_stop_string_whole():
+    """stop="END" is one stop string (as SamplingParams and the OpenAI API take it), not "E", "N" and "D"."""
+    assert list(make_request("hi", stop="END").sampling.stop) == ["END"]
+    assert list(make_request("hi", stop=["a", "bc"]).sampling.stop) == ["a", "bc"]
+    assert list(make_request("hi").sampling.stop) == []
 
 
 @pytest.mark.parametrize("error,code", [
