@@ -112,3 +112,19 @@ def test_a_request_with_n_choices_counts_once_in_the_exported_metrics(model):  #
     finally:
         server.stop()
         core.runner.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_with_n_choices_refused_by_the_engine_counts_once(model, stream):  # noqa: F811
+    """n=3 with max_tokens past the context (refused as each choice is queued): one 400, counted once."""
+    core = Core(*model, max_num_seqs=4, max_model_len=128)
+    server = Server(build_openai_app(core))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    try:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=500, n=3, stream=stream)
+        assert e.value.body["param"] == "max_tokens"
+        assert core.metrics.requests == {("http", "invalid"): 1} and core.metrics.errors == {"400": 1}
+    finally:
+        server.stop()
+        core.runner.close()

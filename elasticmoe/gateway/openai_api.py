@@ -51,9 +51,13 @@ def _record(core: Any, http_status: int | None, last: Update | None = None, t0: 
 
 
 def _invalid(core: Any, e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
-    """InvalidRequest -> a 400 ApiError whose param (and message) use the API's field name."""
-    param = aliases.get(e.field, e.field)
+    """InvalidRequest -> a 400 ApiError whose param (and message) use the API's field name; counted on core."""
     _record(core, 400)
+    return _bad_request(e, aliases)
+
+
+def _bad_request(e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
+    param = aliases.get(e.field, e.field)
     return ApiError(400, f"{param}: {getattr(e, 'message', e)}", param=param)
 
 
@@ -150,9 +154,8 @@ class Generation:
         try:
             self._stream = self.core.runner.generate(self.id, self.ids, self.params)
             first = await self._stream.__anext__()
-        except InvalidRequest as e:
-            self.tally.done = True  # _invalid records it
-            raise _invalid(self.core, e, self.aliases) from e
+        except InvalidRequest as e:  # counted once per request, however many of its choices are refused
+            raise self.fail(_bad_request(e, self.aliases)) from e
         except QueueFull as e:
             raise self.fail(ApiError(429, str(e), "rate_limit_exceeded")) from e
         except Exception as e:  # noqa: BLE001 - the engine could not serve it
