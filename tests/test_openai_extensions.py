@@ -189,6 +189,19 @@ def test_version_metrics_tokenize_detokenize(served, llm):
     assert chat["tokens"][0] == llm.tokenizer.bos_token_id
 
 
+def test_tokenize_honours_add_generation_prompt(served, llm):
+    """/tokenize of chat messages: the assistant's generation prompt only when add_generation_prompt (default)."""
+    _, _, url = served
+    msgs = [{"role": "user", "content": "Hi"}]
+    got = {}
+    for add in (True, False):
+        want = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=add, tokenize=True)
+        got[add] = json.loads(_http(url, "/tokenize", {"messages": msgs, "add_generation_prompt": add})[1])["tokens"]
+        assert got[add] == list(want if isinstance(want, list) else want["input_ids"]), add
+    assert len(got[False]) < len(got[True])
+    assert json.loads(_http(url, "/tokenize", {"messages": msgs})[1])["tokens"] == got[True]
+
+
 def test_generation_config_supplies_defaults_and_eos_ids(demo):
     from elasticmoe.engine.engine import generation_config
 

@@ -93,7 +93,7 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
             if req.prompt is not None:
                 ids = check.encode(core.tokenizer, req.prompt)
             else:
-                ids = chat_ids(core.tokenizer, req.messages, check)
+                ids = chat_ids(core.tokenizer, req.messages, check, req.add_generation_prompt)
         except InvalidRequest as e:
             raise ApiError(400, str(e), param=e.field) from None
         body: dict[str, Any] = {"count": len(ids), "max_model_len": check.max_model_len, "tokens": ids}

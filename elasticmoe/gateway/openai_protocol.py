@@ -201,8 +201,9 @@ def completion_ids(tokenizer: Any, prompt: Any, check: Validator) -> list[int]:
     raise InvalidRequest("prompt", "several prompts in one request are not supported; send one request each")
 
 
-def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator) -> list[int]:
-    """Apply the checkpoint's chat template (with the assistant generation prompt) -> token ids."""
+def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_generation_prompt: bool = True
+             ) -> list[int]:
+    """Apply the checkpoint's chat template (with the assistant generation prompt unless told not) -> token ids."""
     if not messages:
         raise InvalidRequest("messages", "at least one message is required")
     conv, size = [], 0
@@ -217,7 +218,7 @@ def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator) -> l
     if size > check.limits.max_prompt_bytes:
         raise InvalidRequest("messages", f"{size} bytes of content; the limit is {check.limits.max_prompt_bytes}")
     try:
-        out = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True)
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
         raise InvalidRequest("messages", f"the chat template rejected the conversation: {short(str(e), 200)}") from e
     ids = out["input_ids"] if not isinstance(out, list) else out  # transformers 5: BatchEncoding
