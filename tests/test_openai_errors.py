@@ -62,6 +62,20 @@ def test_invalid_json_is_a_400(served):
     assert e.value.code == 400 and json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("method,path,status", [("POST", "embeddings", 404), ("GET", "completions", 405)])
+def test_an_unknown_route_or_method_answers_in_the_openai_error_shape(served, method, path, status):
+    _, client = served
+    req = urllib.request.Request(f"{client.base_url}{path}", data=b"{}" if method == "POST" else None, method=method,
+                                 headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    err = json.loads(e.value.read())["error"]
+    assert e.value.code == status and set(err) == {"message", "type", "param", "code"}
+    assert f"/v1/{path}" in err["message"] and err["type"] == "invalid_request_error"
+    if status == 405:
+        assert "POST" in e.value.headers["allow"]
+
+
 def test_not_ready_is_a_503(served):
     core, client = served
     core.ready = False

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
@@ -22,7 +23,7 @@ from elasticmoe.gateway.openai_extras import register_extra_routes
 from elasticmoe.gateway.openai_stream import EventStream, Shape, complete_all, sse, start_all
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, choice_params,
-    completion_ids, parse_body, reject_unsupported, sampling_params)
+    completion_ids, http_error, parse_body, reject_unsupported, sampling_params)
 from elasticmoe.gateway.runner import Update
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,7 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
 
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)  # 404, 405
     app.add_exception_handler(Exception, on_bug)
 
     @app.get("/health")

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
 from elasticmoe.engine.validation import SEED_RANGE, Validator, check_text, short
@@ -35,6 +36,15 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+async def http_error(request: Any, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (an unknown path: 404, a wrong method: 405) in the OpenAI error shape."""
+    where = f"({request.method} {request.url.path})"
+    message = {404: f"Invalid URL {where}", 405: f"Method not allowed {where}"}.get(exc.status_code, exc.detail)
+    out = ApiError(exc.status_code, str(message)).response()
+    out.headers.update(exc.headers or {})  # e.g. 405's Allow
+    return out
 
 
 def parse_body(raw: bytes, max_depth: int) -> dict:
