@@ -136,3 +136,27 @@ def test_a_shard_whose_limit_is_below_one_row_fails_the_step_at_once(files, wire
         d.close()
     finally:
         shards.close()
+
+
+def test_a_request_over_a_limit_below_one_row_is_told_the_cause(files):
+    """The client's error (HTTP 503 / UNAVAILABLE text) names the message limit, not "some experts are unavailable
+    ... retry later" (a retry fails the same way), and shows no shard address or id."""
+    from elasticmoe import SamplingParams
+    from elasticmoe.engine.engine import Engine
+    from elasticmoe.engine.scheduler import RequestFailed
+
+    shards = Shards(files, [[0, 1, 2, 3], [4, 5, 6, 7]], {0: {"max_message_bytes": 2 * files.spec.hidden_size}})
+    d = GrpcDispatcher(transport="socket", timeout_s=5, failover_s=10)
+    try:
+        d.set_table(shards.table(SPLIT))
+        engine = Engine(files, d, max_num_seqs=2, max_model_len=64, retry_backoff_s=(0.01,))
+        seq = engine.add_request("r", list(range(1, 17)), SamplingParams(max_tokens=2, temperature=0))
+        while engine.has_work():
+            engine.step()
+        assert isinstance(seq.error, RequestFailed), seq.error
+        message = str(seq.error)
+        assert "ELASTICMOE_GRPC_MAX_MESSAGE_BYTES" in message and "below one token's row" in message, message
+        assert "retry later" not in message and "127.0.0.1" not in message and "s0" not in message, message
+    finally:
+        d.close()
+        shards.close()

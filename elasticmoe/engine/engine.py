@@ -241,8 +241,8 @@ class Engine:
 
     def fail(self, seq: Sequence, error: BaseException) -> None:
         """End this request only: the client gets UNAVAILABLE / HTTP 503, never the raw internal error."""
-        if isinstance(error, ExpertsUnavailable):
-            msg = "some experts are unavailable (every copy failed); retry later"
+        if isinstance(error, ExpertsUnavailable):  # its `public` cause where it has one (e.g. a message limit)
+            msg = error.public or "some experts are unavailable (every copy failed); retry later"
         else:
             msg = "the request could not be served (its part of an engine step failed); retry later"
             log.error("request %s failed: %r", seq.request_id, error)

@@ -33,6 +33,14 @@ class NoReplicaError(ExpertsUnavailable):
     """No live shard holds an expert the step needs."""
 
 
+class RowOverLimit(NoReplicaError):
+    """A message limit below one token's row: no call can carry the step's tokens (the client is told why)."""
+
+    public = ("a gRPC message limit of the cluster (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES, on the gateway or an expert "
+              "shard) is below one token's row, so no call can carry this request; retrying fails the same way "
+              "until the operator raises it")
+
+
 class GrpcDispatcher:
     """Sends each shard, in one gRPC call, the step's tokens routed to it; combines the partial outputs.
 
@@ -198,11 +206,11 @@ class GrpcDispatcher:
         """The largest message of a call to `address`: call_limit_bytes, or the smaller limit that shard announced."""
         return min(self.call_limit_bytes, self.transport.limit(address) or self.call_limit_bytes)
 
-    def row_too_large(self, layer: int, shard_id: str, address: str) -> NoReplicaError:
+    def row_too_large(self, layer: int, shard_id: str, address: str) -> RowOverLimit:
         """The step's end when even a call of one row is refused as too large: no call can carry the tokens."""
         limit = self.call_limit(address)
         whose = "the gateway's" if limit == self.call_limit_bytes else f"shard {shard_id}'s"
-        return NoReplicaError(f"layer {layer}: {whose} ELASTICMOE_GRPC_MAX_MESSAGE_BYTES ({limit} bytes) is below one "
+        return RowOverLimit(f"layer {layer}: {whose} ELASTICMOE_GRPC_MAX_MESSAGE_BYTES ({limit} bytes) is below one "
                               f"token's row: no call to {address} can carry one token; raise it")
 
     def send(self, table: RoutingTable, layer: int, shard: int, hidden: torch.Tensor, rows: torch.Tensor,

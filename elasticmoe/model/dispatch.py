@@ -13,8 +13,11 @@ class ExpertsUnavailable(RuntimeError):
     """No live copy could run some routed experts this step (all shards holding them failed or timed out).
 
     Transient: the engine retries the step (KV writes are keyed by position) and ends only the requests that
-    still cannot be served, with UNAVAILABLE on gRPC and 503 on HTTP.
+    still cannot be served, with UNAVAILABLE on gRPC and 503 on HTTP. `public`: the cause as a client may read it
+    (no address, no shard id); None: the client is told only that experts are unavailable.
     """
+
+    public: str | None = None
 
 
 class Pending(Protocol):
