@@ -120,6 +120,17 @@ def test_a_grpc_text_prompt_over_the_token_limit_names_prompt():
     assert e.value.field == "prompt" and "200 tokens; the limit is 127" in str(e.value)
 
 
+def test_grpc_default_max_tokens_is_capped_by_the_context():
+    """max_tokens unset (default 16) is capped so prompt + completion fit max_model_len, as generation.proto
+    documents; a max_tokens the client sets past the context is still refused naming it."""
+    v, tok = Validator(50, 128), CountingTokenizer()
+    assert parse_request(_req(prompt_token_ids=[1] * 120), tok, v)[2].max_tokens == 8
+    assert parse_request(_req(prompt_token_ids=[1] * 100), tok, v)[2].max_tokens == 16
+    with pytest.raises(InvalidRequest) as e:
+        parse_request(_req(prompt_token_ids=[1] * 120, sampling={"max_tokens": 16}), tok, v)
+    assert e.value.field == "max_tokens"
+
+
 def test_a_huge_grpc_prompt_is_refused_fast():
     v = Validator(50, 128)
     req = _req(prompt="y" * (v.limits.max_prompt_bytes + 1), sampling={"max_tokens": 1})

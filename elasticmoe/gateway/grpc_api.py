@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 
 import grpc
 
@@ -50,6 +51,8 @@ def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator 
     else:
         ids = check.prompt_ids(request.prompt_token_ids)
     params = sampling_from_proto(request.sampling)
+    if not request.sampling.HasField("max_tokens") and len(ids) < check.max_model_len:  # the default fits the context
+        params = replace(params, max_tokens=min(params.max_tokens, check.max_model_len - len(ids)))
     check.request(ids, params)
     return rid or uuid.uuid4().hex, ids, params
 
