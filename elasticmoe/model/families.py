@@ -54,6 +54,7 @@ class Family:
     nested: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sub-config key -> the keys understood inside it
     norm_eps: float | None = None  # fixed norm epsilon (DBRX's LayerNorms take no eps from the config)
     experts_in_out: bool = False  # packed experts stored [E, in, out] (x @ w), also when a row is square
+    partial_rotary: bool = False  # the rotary honours partial_rotary_factor (else it rotates every head dim)
     # (part, config flag): the "attn" / "mlp" / "lm_head" projections transformers builds with biases when the flag
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
@@ -74,12 +75,13 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family(keys=(*_MLA_KEYS, "scoring_func", "topk_method", "moe_layer_freq"), scoring="sigmoid",
                           neutral=(("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1))),
     "glm4_moe_lite": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid"),
-    "glm4_moe": Family(keys=(*_DSV3_ROUTER, "use_qk_norm"), scoring="sigmoid"),
+    "glm4_moe": Family(keys=(*_DSV3_ROUTER, "use_qk_norm"), scoring="sigmoid", partial_rotary=True),
     "dots1": Family(keys=(*_DSV3_ROUTER, *_SLIDING), scoring="sigmoid"),
     "exaone_moe": Family(keys=(*_DSV3_ROUTER, "num_experts", "num_shared_experts", "mlp_layer_types",
                                "sliding_window_pattern", *_SLIDING), scoring="sigmoid", nope_full_layers=True,
                          biases=()),
-    "minimax_m2": Family(keys=("num_local_experts", "use_qk_norm"), scoring="sigmoid", norm_topk=True, biases=()),
+    "minimax_m2": Family(keys=("num_local_experts", "use_qk_norm"), scoring="sigmoid", norm_topk=True, biases=(),
+                         partial_rotary=True),
     "hunyuan_v1_moe": Family(keys=("num_experts", "moe_topk", "use_qk_norm"), norm_topk=True, qk_norm_after_rope=True),
     "ernie4_5_moe": Family(keys=("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
                                  "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_norm_min"),

@@ -44,6 +44,21 @@ def longrope_context(cfg: Any, max_pos: int) -> int:
     return min(max_pos, int(original))
 
 
+def partial_rotary(cfg: Any, fam: Family) -> float:
+    """The share of each head's dims the rotary turns. Most families' rotary turns them all whatever
+    partial_rotary_factor says (their default rope ignores it); under another rope type transformers' initialisers
+    shorten cos/sin to it, which such a family's rotary then cannot apply: refused."""
+    params = dict(config_get(cfg, "rope_parameters", default={}) or {})
+    partial = params.get("partial_rotary_factor", config_get(cfg, "partial_rotary_factor", default=None)) or 1.0
+    if fam.partial_rotary or partial == 1.0:
+        return partial
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ModelSpecError(f"config.partial_rotary_factor={partial}: model_type {cfg.model_type!r} rotates every "
+                             f"head dim, and with rope_type {rope_type!r} transformers fails every forward")
+    return 1.0
+
+
 def llama4_attention(cfg: Any, num_layers: int) -> dict[str, Any]:
     """Llama 4's chunked attention on its "chunked_attention" layers, L2 q/k norms and NoPE temperature tuning."""
     types = config_get(cfg, "layer_types") or ["full_attention"] * num_layers

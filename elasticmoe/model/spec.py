@@ -11,7 +11,7 @@ import torch
 from elasticmoe.model.families import Family
 from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and the checks: re-exported)
     ModelSpecError, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
-    longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope,
+    longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary,
 )
 
 
@@ -181,13 +181,11 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
             **(mistral4_query_scale(cfg) if cfg.model_type == "mistral4" else {}),
         )
     head_dim = _get(cfg, "head_dim", default=cfg.hidden_size // heads)
-    partial = _get(cfg, "partial_rotary_factor", default=None)
-    params = dict(_get(cfg, "rope_parameters", default={}) or {})
-    partial = params.get("partial_rotary_factor", partial) or 1.0
+    rope_dim = int(head_dim * partial_rotary(cfg, fam))
     return AttentionSpec(
         kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
         scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
-        rope_dim=int(head_dim * partial), rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
+        rope_dim=rope_dim, rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, sinks=fam.attn_sinks,
         clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),

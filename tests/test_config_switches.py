@@ -1,0 +1,50 @@
+"""Config switches within the tiny families (elasticmoe.model.tiny's TINY_FAMILIES) that change the structure:
+accepted ones give transformers' logits, the others are refused naming the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.test_families import _assert_matches, make_family_checkpoint
+
+CASES = {  # model_type -> (config class, tiny fields, "") as make_family_checkpoint takes them
+    "mixtral": ("MixtralConfig", dict(intermediate_size=64, num_local_experts=8), ""),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                                         shared_expert_intermediate_size=64, qkv_bias=True), ""),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8), ""),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=64, num_experts=8), ""),
+}
+IDS = torch.tensor([list(range(4, 36))])
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_partial_rotary_factor_is_ignored_where_transformers_rotates_every_dim(tmp_path, model_type):
+    """These families' default rotary turns every head dim whatever partial_rotary_factor says (transformers'
+    logits equal the checkpoint's without it); we rotated only the first half of each head, far off transformers."""
+    from elasticmoe import LLM
+
+    ck = make_family_checkpoint(model_type, tmp_path / "p", case=CASES[model_type], partial_rotary_factor=0.5)
+    plain = make_family_checkpoint(model_type, tmp_path / "d", case=CASES[model_type])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()(IDS).logits
+        default = AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.float32).eval()(IDS).logits
+    assert "partial_rotary_factor" in (ck / "config.json").read_text()
+    assert torch.equal(ref, default)
+    _assert_matches(LLM(str(ck), dtype="float32"), ck, model_type)
+
+
+def test_partial_rotary_factor_under_another_rope_type_is_refused_naming_it(tmp_path):
+    """With a non-default rope_type transformers' initialiser shortens cos/sin to the factor, which Mixtral's
+    full-width rotary cannot apply: every forward fails there. It was accepted (and rotated half of each head)."""
+    from elasticmoe.model import ModelSpecError, open_model
+
+    rope = dict(rope_type="linear", factor=2.0, rope_theta=10000.0)
+    ck = make_family_checkpoint("mixtral", tmp_path / "m", case=CASES["mixtral"], partial_rotary_factor=0.5,
+                                rope_parameters=rope)
+    ref = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
+    with pytest.raises(RuntimeError, match="size of tensor"), torch.no_grad():
+        ref(IDS)
+    with pytest.raises(ModelSpecError, match=r"config\.partial_rotary_factor=0\.5: .*'mixtral'.*'linear'"):
+        open_model(str(ck))
