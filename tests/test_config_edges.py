@@ -89,3 +89,28 @@ def test_a_moe_norm_min_that_is_no_number_is_refused_naming_it(tmp_path, value):
     (ck / "config.json").write_text(json.dumps({**cfg, "moe_norm_min": value}))
     with pytest.raises(ModelSpecError, match=r"config\.moe_norm_min=.*: want a finite number"):
         open_model(str(ck))
+
+
+QWEN2 = ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                                shared_expert_intermediate_size=64), "")
+DSV3 = ("DeepseekV3Config", dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1,
+                                 kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                 v_head_dim=16, num_key_value_heads=4, n_group=4, topk_group=2,
+                                 first_k_dense_replace=1), "")
+
+
+@pytest.mark.parametrize("model_type, case, key, value, error", [
+    ("qwen2_moe", QWEN2, "num_experts_per_tok", -1, "selected index k out of range"),
+    ("deepseek_v3", DSV3, "n_group", 0, "by zero"),
+])
+def test_a_routing_size_below_one_is_refused_naming_it(tmp_path, model_type, case, key, value, error):
+    """transformers builds these and fails every forward; we ran them (a top-k of -1, one group for n_group 0)."""
+    from elasticmoe.model import ModelSpecError, open_model
+
+    ck = make_family_checkpoint(model_type, tmp_path / "m", case=case, **{key: value})
+    assert json.loads((ck / "config.json").read_text())[key] == value
+    ref = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
+    with pytest.raises((RuntimeError, ZeroDivisionError), match=error), torch.no_grad():
+        ref(torch.tensor([[1, 2, 3, 4, 5]]))
+    with pytest.raises(ModelSpecError, match=rf"config\.{key}={value}: want 1 or more"):
+        open_model(str(ck))

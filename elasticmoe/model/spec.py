@@ -247,7 +247,7 @@ def _moe(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
     norm = fam.norm_topk if fam.norm_topk is not None else bool(_get(cfg, "norm_topk_prob", default=True))
     if model_type == "cohere2_moe" and scoring == "softmax":
         norm = True  # softmax over the top-k logits
-    n_group, group_score = _get(cfg, "n_group", default=1) or 1, "top2_sum"
+    n_group, group_score = _get(cfg, "n_group", default=1), "top2_sum"
     if model_type == "deepseek_v2":
         group_score = "max"
         if _get(cfg, "topk_method", default="greedy") == "greedy":
@@ -302,6 +302,10 @@ def _norm_min(cfg: Any) -> float:
 def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group: int, group_score: str) -> None:
     """A top-k the router can pick: at most the experts (of the groups kept, with group-limited routing)."""
     field = next(n for n in ("num_experts_per_tok", "moe_topk", "top_k") if _get(cfg, n) is not None)
+    if top_k < 1:  # transformers' top-k then fails every forward
+        raise ModelSpecError(f"config.{field}={top_k}: want 1 or more experts per token")
+    if n_group < 1:  # transformers splits the experts into n_group groups: it fails every forward
+        raise ModelSpecError(f"config.n_group={n_group}: want 1 or more groups (1: no group-limited routing)")
     if top_k > experts:
         raise ModelSpecError(f"config.{field}={top_k}: more than the model's {experts} experts")
     if n_group <= 1:
