@@ -48,3 +48,20 @@ def test_partial_rotary_factor_under_another_rope_type_is_refused_naming_it(tmp_
         ref(IDS)
     with pytest.raises(ModelSpecError, match=r"config\.partial_rotary_factor=0\.5: .*'mixtral'.*'linear'"):
         open_model(str(ck))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
+def test_a_decoder_sparse_step_of_zero_is_refused_naming_it(tmp_path, model_type):
+    """transformers takes each layer index modulo decoder_sparse_step: with 0 it cannot build the model. We took
+    it for 1 (every layer MoE) and ran."""
+    import json
+
+    from elasticmoe.model import ModelSpecError, open_model
+
+    ck = make_family_checkpoint(model_type, tmp_path / "m", case=CASES[model_type])
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "decoder_sparse_step": 0}))
+    with pytest.raises(ZeroDivisionError):
+        AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    with pytest.raises(ModelSpecError, match=r"config\.decoder_sparse_step=0: want 1 or more"):
+        open_model(str(ck))

@@ -129,7 +129,11 @@ def _sparse_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
             raise ModelSpecError(f"config.mlp_layer_types={types!r}: want {num_layers} of 'dense' / 'sparse'")
         return tuple(t == "sparse" for t in types)
     first_dense = _get(cfg, "first_k_dense_replace", "num_dense_layers", default=0)
-    step = _get(cfg, "decoder_sparse_step", "moe_layer_freq", "moe_layer_interval", default=1) or 1
+    steps = ("decoder_sparse_step", "moe_layer_freq", "moe_layer_interval")
+    step_key = next((k for k in steps if _get(cfg, k) is not None), None)
+    step = _get(cfg, step_key) if step_key else 1
+    if step < 1:  # transformers takes each layer index modulo the step: it fails to build the model
+        raise ModelSpecError(f"config.{step_key}={step}: want 1 or more (every step-th layer is MoE)")
     start = _get(cfg, "moe_layer_start_index", default=0)
     end = _get(cfg, "moe_layer_end_index", default=num_layers - 1)
     only_mlp = set(_get(cfg, "mlp_only_layers", default=[]) or [])
