@@ -3,6 +3,8 @@ accepted ones give transformers' logits, the others are refused naming the field
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -64,4 +66,25 @@ def test_a_decoder_sparse_step_of_zero_is_refused_naming_it(tmp_path, model_type
     with pytest.raises(ZeroDivisionError):
         AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
     with pytest.raises(ModelSpecError, match=r"config\.decoder_sparse_step=0: want 1 or more"):
+        open_model(str(ck))
+
+
+@pytest.mark.parametrize("key, value, tensor", [
+    ("shared_expert_intermediate_size", 32, "model.layers.0.mlp.shared_expert.gate_proj.weight"),
+    ("intermediate_size", 96, "model.layers.1.mlp.gate_proj.weight"),
+])
+def test_an_mlp_size_unlike_the_configs_is_refused_naming_the_tensor(tmp_path, key, value, tensor):
+    """A shared expert (or a dense layer's MLP) stored at another size than config.json gives: transformers refuses
+    the checkpoint (size mismatch); we took the size from the tensors and ran."""
+    import json
+
+    from elasticmoe.model import CheckpointError, open_model
+
+    ck = make_family_checkpoint("qwen2_moe", tmp_path / "m", case=CASES["qwen2_moe"], mlp_only_layers=[1])
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(tensor)}' is \[\d+, 64\], but "
+                                              rf"config\.json makes it \[{value}, 64\]"):
         open_model(str(ck))

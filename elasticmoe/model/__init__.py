@@ -53,4 +53,5 @@ def open_model(model: str) -> ModelFiles:
         raise CheckpointError(f"{ckpt.path}: layers {dense} hold experts but config.json makes them dense "
                               "(first_k_dense_replace / mlp_only_layers / decoder_sparse_step / mlp_layer_types)")
     names.check_all_used()
+    names.check_mlp_shapes(config)
     return ModelFiles(ckpt, config, spec, names)

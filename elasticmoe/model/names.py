@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.spec import ModelSpec
@@ -238,8 +239,38 @@ class WeightNames:
             raise CheckpointError(f"{self.ckpt.path}: {len(extra)} tensor(s) that the {self.spec.model_type!r} spec "
                                   f"does not use (running without them would be silently wrong): {shown}")
 
+    def check_mlp_shapes(self, config: Any) -> None:
+        """Dense and shared-expert MLP weights at the shapes transformers builds from config.json (it refuses
+        others); their sizes are read from the tensors, so nothing else would catch an intermediate size the config
+        does not state. Checked against the model transformers builds on the meta device (no memory)."""
+        want = _meta_shapes(config)
+        for layer in self.layers:
+            for name in [*(layer.dense or {}).values(), *(layer.shared or {}).values()]:
+                got = self.ckpt.shape(name)
+                if name in want and got != want[name]:
+                    where = self.ckpt.path / self.ckpt.weight_map.get(name, "")
+                    raise CheckpointError(f"{where}: {name!r} is {list(got)}, but config.json makes it "
+                                          f"{list(want[name])} (transformers refuses it)")
+
     def expert(self, layer: int, expert: int) -> ExpertRef:
         ref = self.experts.get((layer, expert))
         if ref is None:
             raise CheckpointError(f"{self.ckpt.path}: no weights for expert {expert} of layer {layer}")
         return ref
+
+
+def _meta_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the transformers model `config` describes, built on the meta device; empty when
+    transformers cannot build it there."""
+    import torch
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:  # a causal LM outside the Auto mapping (Mistral 4): its class by name
+                model = getattr(transformers, config.architectures[0])._from_config(config)
+    except Exception:  # noqa: BLE001 -- the check is an extra; the load goes on without it
+        return {}
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
