@@ -266,7 +266,9 @@ class Checkpoint:
             return
         t = self.read(name, index)
         if tuple(t.shape) != tuple(out.shape):
-            raise CheckpointError(f"{self.path}: {name!r} gives a {list(t.shape)} tensor, want {list(out.shape)}")
+            stored = self._views[name].stored if name in self._views else name
+            raise CheckpointError(f"{self.path / self.weight_map.get(stored, '')}: {name!r} gives a {list(t.shape)} "
+                                  f"tensor, want {list(out.shape)}")
         out.copy_(t)
 
     def scale_of(self, name: str) -> str | None:

@@ -1,0 +1,36 @@
+"""Expert weights unlike the config's sizes: the error names the file, the tensor and the shape the config wants,
+in either expert layout and whatever dtype the experts are held in."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from elasticmoe.model.tiny import make_tiny_model
+
+
+def _narrowed(tmp_path, layout: str):
+    """A tiny qwen3_moe checkpoint (experts of I = 64) whose config.json says moe_intermediate_size 48."""
+    ck = make_tiny_model("qwen3_moe", tmp_path / layout, layers=2, layout=layout)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "moe_intermediate_size": 48}))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers refuses it too
+        AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    return ck
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_per_expert_weight_of_another_size_names_its_file(tmp_path, dtype):
+    """Held in another dtype than stored (float32 on disk), the error named only the checkpoint directory."""
+    from elasticmoe import LLM
+    from elasticmoe.model import CheckpointError
+
+    ck = _narrowed(tmp_path, "per-expert")
+    name = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(name)}' gives a \[64, 64\] tensor, "
+                                              r"want \[48, 64\]"):
+        LLM(str(ck), dtype=dtype)
