@@ -34,3 +34,16 @@ def test_a_per_expert_weight_of_another_size_names_its_file(tmp_path, dtype):
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(name)}' gives a \[64, 64\] tensor, "
                                               r"want \[48, 64\]"):
         LLM(str(ck), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_packed_expert_row_of_another_size_names_the_shape_the_config_wants(tmp_path, dtype):
+    """A packed row of neither [2I, H] nor [H, 2I] was read transposed, so the error wanted [H, 2I] ([64, 96])."""
+    from elasticmoe import LLM
+    from elasticmoe.model import CheckpointError
+
+    ck = _narrowed(tmp_path, "packed")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(name)}' gives a \[128, 64\] tensor, "
+                                              r"want \[96, 64\]"):
+        LLM(str(ck), dtype=dtype)

@@ -51,10 +51,11 @@ def write_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, 
 
 def _stored_in_out(stored: tuple[int, ...], want: tuple[int, int], in_out: bool) -> bool:
     """Whether one expert's row of a packed tensor is stored [in, out] (transposed from `want` [out, in]): by its
-    shape, or when that is square (H = 2I for gate_up, H = I for down) by the family's layout."""
+    shape, or when that is square (H = 2I for gate_up, H = I for down) by the family's layout. A row of neither
+    shape is read as stored, so the error names the [out, in] shape the config wants."""
     if stored[0] == stored[1]:
         return in_out
-    return stored != want
+    return tuple(stored) == tuple(reversed(want))
 
 
 def _scale(ckpt: Checkpoint, name: str) -> str:
