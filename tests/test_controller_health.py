@@ -149,3 +149,32 @@ def test_a_scale_out_waits_for_a_dead_shard_to_be_re_homed(model):
         assert not ctrl.event_counts.get("load_failed")
 
     _with_shards(model, "abc", scenario)
+
+
+def test_a_re_home_while_a_shard_loads_keeps_a_live_copy_of_every_expert(model):
+    """Two copies of every expert on 3 positions: a and b are live, c still loads its assignment (the table is
+    complete without it). b dies. Re-homing counted c's position as able to serve: the plan over a and c kept the
+    experts of b and c on c alone (a's slots being full), so until c was ready they had no live copy. The plan now
+    gives every expert a copy on the live shards; c keeps its assignment and joins when ready."""
+    async def scenario(files, a, b, c):
+        ctrl = ControllerImpl(_args(model, num_shards=3, expert_copies=2))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the rounds below are the only ones
+        plan = await ctrl.register("c", c.address)  # loading
+        assert (await ctrl.table())["complete"]
+        _health_fails_for(ctrl, {"b"})
+        await ctrl._health_once()
+        table = await ctrl.table()
+        assert [x["id"] for x in table["shards"]] == ["a"] and table["complete"]
+        assert _routed_to(table, "a") <= a.held()
+        ctrl.registry.placement.validate()
+        assert ctrl.registry.assignment(ctrl.registry.shards["c"].position) == plan["experts"]  # c's load stays valid
+        c.store.load(plan["experts"])
+        await ctrl.ready("c")
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "c"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, c)) and _routed_to(table, "c")
+
+    _with_shards(model, "abc", scenario)

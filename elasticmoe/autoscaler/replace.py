@@ -5,9 +5,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from elasticmoe.autoscaler.moves import LoadFailed
 from elasticmoe.autoscaler.registry import Change, ShardInfo
-from elasticmoe.placement import plan
+from elasticmoe.placement import Placement, plan
+
+
+def _then_kept(new: Placement, current: Placement, count: int) -> Placement:
+    """`new` followed by the `count` positions of `current` after its own, unchanged (shards still loading). Their
+    shares are rescaled with the new ones: gateways split an expert's tokens among its live copies by them."""
+    if not count:
+        return new
+    n = new.num_shards
+    holds = np.concatenate([new.holds(), current.holds()[:, :, n:n + count]], axis=2)
+    shares = np.concatenate([new.shares(), current.shares()[:, :, n:n + count]], axis=2)
+    slots = max(new.slots_per_shard, int(holds.sum(1).max()))
+    return Placement.from_arrays(shares / shares.sum(2, keepdims=True), holds, slots, new.version)
 
 
 class Replacer:
@@ -31,10 +45,18 @@ class Replacer:
         gone = [info.position] + [p for p in self.registry.vacant() if p != info.position]  # other dead ones too
         if len(gone) == n:
             return None  # nothing to re-home onto: a new replica takes this position over
-        current, relabel = self.registry.retire(gone)
-        slots = max(self.slots, math.ceil(self.num_experts / (n - len(gone))))
-        new = plan(self.load.planning_load(), n - len(gone), slots, current=current, max_moves=self.max_moves,
+        # a shard still loading serves nothing yet: every expert gets a copy on the live shards, and the loading ones
+        # keep their assignments (their loads stay valid); with no live shard the copies can only wait for them
+        loading = sorted(s.position for s in self.registry.shards.values()
+                         if not s.ready and s.position < n and s.position not in gone)
+        if len(gone) + len(loading) == n:
+            loading = []
+        current, relabel = self.registry.retire(loading + gone)
+        live = n - len(gone) - len(loading)
+        slots = max(self.slots, math.ceil(self.num_experts / live))
+        new = plan(self.load.planning_load(), live, slots, current=current, max_moves=self.max_moves,
                    min_copies=self.args.expert_copies)
+        new = _then_kept(new, current, len(loading))
         remove = tuple(s.shard_id for s in self.registry.shards.values() if s.position in gone)
         try:
             await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}")
