@@ -86,3 +86,39 @@ def test_a_shard_whose_stats_were_not_read_does_not_count_as_idle(model, monkeyp
             assert ctrl.desired == 2, (missed, ctrl.load.utilization)
 
     _with_shards(model, "ab", scenario)
+
+
+def test_a_shard_whose_stats_always_fail_does_not_stop_scaling(model, monkeypatch):
+    """Two shards each busy 90% of the time against a 0.7 target: 3 shards are right. b answers its health checks
+    but its GetStats always fails: as no round measured every live shard, no round decided anything, and the count
+    stayed 2 for good (nor would it ever scale in). A shard unmeasured for a few rounds in a row
+    (stats.UNMEASURED_ROUNDS, 3) counts as busy as the busiest measured one; the rounds before still decide nothing
+    (a first read is no measure)."""
+    import time
+    from types import SimpleNamespace
+
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7}))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the rounds below are the only ones
+        ctrl.scale.cooldown_s = 0.0
+        t0 = time.monotonic()
+
+        async def stats(address, timeout=2.0):  # a busy 90% of the wall time; b's reads fail
+            if address == b.address:
+                return None
+            return SimpleNamespace(tokens=[], compute_us=int(0.9 * (time.monotonic() - t0) * 1e6))
+
+        monkeypatch.setattr(ctrl, "_stats", stats)
+        for _ in range(2):
+            await asyncio.sleep(0.1)
+            await ctrl._stats_once()
+            assert ctrl.desired == 2, ctrl.load.utilization
+        for _ in range(4):
+            await asyncio.sleep(0.1)
+            await ctrl._stats_once()
+        assert ctrl.desired == 3, ctrl.load.utilization
+
+    _with_shards(model, "ab", scenario)

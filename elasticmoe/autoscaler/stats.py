@@ -8,6 +8,8 @@ from elasticmoe.autoscaler.moves import GATEWAY_TTL_S
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.registry import Registry
 
+UNMEASURED_ROUNDS = 3  # more than a missed read and the baseline read after it
+
 
 class StatsKeeper:
     """Mixin of the Controller: reads the live shards' counters into the load tracker, the shard count and the
@@ -20,6 +22,7 @@ class StatsKeeper:
     desired: int
     moe_layers: list[int]
     _exported_version = -1  # the table version whose live copies the metrics show
+    _unmeasured: dict[str, int] = {}  # live shard id -> stats rounds in a row that did not measure it (replaced)
 
     async def status(self) -> dict:
         """Placement version, per-shard health and load, balancedness per layer, hottest experts, events."""
@@ -53,9 +56,13 @@ class StatsKeeper:
         self._export(stats)
         if self.scale is not None:
             live = [s.shard_id for s in self.registry.live()]
+            self._unmeasured = {s: 0 if s in self.load.measured else self._unmeasured.get(s, 0) + 1 for s in live}
             # a live shard not measured over this interval (read for the first time, or its read failed) is not idle:
-            # no decision this round
-            util = [self.load.utilization[s] for s in live] if self.load.measured.issuperset(live) else []
+            # no decision this round; one unmeasured for UNMEASURED_ROUNDS (its GetStats keeps failing) counts as busy
+            # as the busiest measured shard, rather than stopping every decision for good
+            util = [self.load.utilization[s] for s in live if s in self.load.measured]
+            stale = sum(1 for s in live if self._unmeasured[s] >= UNMEASURED_ROUNDS)
+            util = util + [max(util)] * stale if util and len(util) + stale == len(live) else []
             desired = self.scale.desired(self.desired, util)
             if desired != self.desired:
                 self.desired = desired
