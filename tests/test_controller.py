@@ -202,3 +202,27 @@ def test_a_shard_loading_its_plan_while_a_re_home_loads_onto_it_holds_its_assign
             task.cancel()
 
     _with_shards(model, "ac", scenario)
+
+
+def test_draining_the_last_live_shard_re_homes_onto_a_ready_spare(model):
+    """b has been found dead (not re-homed yet) and c is a ready spare (the scale out waits for every position to
+    have a live shard) when a drains: every position was gone, so the drain re-homed nothing and a left with the
+    only copies while c stayed an idle spare (and the health rounds found nothing to re-home onto for good). The
+    spare joins the placement and takes the experts first."""
+    async def scenario(files, a, b, c):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the rounds below are the only ones
+        assert (await ctrl.register("c", c.address))["experts"] == []  # a spare
+        b.server.stop(None)
+        ctrl._mark_failed([ctrl.registry.shards["b"]], "health check failed")  # as the health round does first
+        await ctrl.ready("c")
+        assert [s.shard_id for s in ctrl.registry.spares()] == ["c"]
+        table = await ctrl.drain("a")
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["c"]
+        assert _routed_to(table, "c") <= c.held() and set(ctrl.registry.shards) == {"c"}
+        ctrl.registry.placement.validate()
+
+    _with_shards(model, "abc", scenario)

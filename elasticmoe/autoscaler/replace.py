@@ -43,8 +43,10 @@ class Replacer:
             self._publish()
             return self.registry.version
         gone = [info.position] + [p for p in self.registry.vacant() if p != info.position]  # other dead ones too
-        if len(gone) == n:
-            return None  # nothing to re-home onto: a new replica takes this position over
+        if len(gone) == n:  # nothing to re-home onto but ready spares: they join (empty) first
+            if not self.registry.spares() or not await self._widen(why):
+                return None  # a new replica takes this position over
+            n = self.registry.placement.num_shards
         # a shard still loading serves nothing yet: every expert gets a copy on the live shards, and the loading ones
         # keep their assignments (their loads stay valid); with no live shard the copies can only wait for them
         loading = sorted(s.position for s in self.registry.shards.values()
@@ -66,6 +68,20 @@ class Replacer:
         for sid in remove:
             self._event("removed", shard=sid, why=why if sid == shard_id else "failed with it")
         return self.registry.version
+
+    async def _widen(self, why: str) -> bool:
+        """Place the ready spares as empty positions (no copy loaded, the routing unchanged)."""
+        cur, spares = self.registry.placement, self.registry.spares()
+        pad = ((0, 0), (0, 0), (0, len(spares)))
+        wide = Placement.from_arrays(np.pad(cur.shares(), pad), np.pad(cur.holds(), pad), cur.slots_per_shard,
+                                     cur.version + 1)
+        change = Change(cur, wide, {p: p for p in range(cur.num_shards)}, add=tuple(s.shard_id for s in spares))
+        try:
+            await self._apply(change, f"spares join to re-home after {why}")
+        except Exception as e:  # noqa: BLE001 - nothing loaded; the health loop tries again
+            self._event("rehome_failed", why=why, error=str(e)[:200])
+            return False
+        return True
 
     def _mark_failed(self, infos: list[ShardInfo], why: str) -> None:
         """Their copies are gone now: the table must not route to them (one new version for all)."""
