@@ -178,3 +178,31 @@ def test_a_re_home_while_a_shard_loads_keeps_a_live_copy_of_every_expert(model):
         assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, c)) and _routed_to(table, "c")
 
     _with_shards(model, "abc", scenario)
+
+
+def test_a_spare_that_fails_every_load_is_retried_with_a_backoff(model):
+    """Every load onto spare c fails. The health round retried the scale out every second (each a load under the
+    controller's lock, then its roll back), a grow_failed event each, which pushed every other event out of the
+    status. The first retry is the next round, the ones after wait longer each time (2 s, 4 s, ... up to a minute);
+    a scale out that works resets it."""
+    import asyncio
+
+    async def scenario(files, a, b, c):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the rounds below are the only ones
+        c.servicer.faults.fail_loads = 100
+        await c.join(ctrl)
+        for _ in range(5):
+            await ctrl._health_once()
+        assert ctrl.event_counts["grow_failed"] == 2 and [s.shard_id for s in ctrl.registry.spares()] == ["c"]
+        assert (await ctrl.table())["complete"] and c.held() == set()
+        c.servicer.faults.fail_loads = 0
+        await asyncio.sleep(2.1)
+        await ctrl._health_once()
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "c"] and _routed_to(table, "c")
+
+    _with_shards(model, "abc", scenario)

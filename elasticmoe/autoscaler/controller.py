@@ -262,7 +262,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
         if self.registry.spares():  # ready spares that a failed scale out left unplaced: try again
             async with self._lock:
                 if self.registry.spares() and not self.recovering:
-                    await self._grow()
+                    await self._grow(retry=True)
 
     async def _rebalance_once(self) -> None:
         await self.rebalance()

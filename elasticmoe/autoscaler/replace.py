@@ -4,12 +4,15 @@ onto ready spares; a mixin of the Controller, run under its lock."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
 from elasticmoe.autoscaler.moves import LoadFailed
 from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.placement import Placement, plan
+
+GROW_BACKOFF_MAX_S = 60.0  # the longest a failed scale out waits for the health round's next try
 
 
 def _then_kept(new: Placement, current: Placement, count: int) -> Placement:
@@ -27,6 +30,9 @@ def _then_kept(new: Placement, current: Placement, count: int) -> Placement:
 class Replacer:
     """Needs the Controller's registry, load, args, slots, num_experts, max_moves, _apply, _held, _load_many,
     _event and _publish."""
+
+    _grow_failures = 0  # failed scale outs in a row
+    _grow_after = 0.0  # monotonic time before which the health round does not try one again
 
     async def _lose(self, shard_id: str, why: str, alive: bool = False) -> int | None:
         """Take a shard out, with any other failed or empty position (a copy cannot be loaded there): their experts
@@ -108,11 +114,12 @@ class Replacer:
         self._event("revived", shard=info.shard_id)
         self._publish()
 
-    async def _grow(self) -> None:
+    async def _grow(self, retry: bool = False) -> None:
         """Place every ready spare replica (scale out): copies load onto them first, then the table switches. Not
         while a position of the placement has no live shard (one found dead, not re-homed yet; one still loading):
-        copies planned there cannot be loaded. The health round (or that shard's ready()) grows it afterwards."""
-        if not self.registry.staffed():
+        copies planned there cannot be loaded. The health round (or that shard's ready()) grows it afterwards. A
+        `retry` (the health round's) after failed ones waits 2 s, 4 s, ... GROW_BACKOFF_MAX_S after the last."""
+        if not self.registry.staffed() or (retry and time.monotonic() < self._grow_after):
             return
         spares = self.registry.spares()
         cur = self.registry.placement
@@ -124,4 +131,9 @@ class Replacer:
         try:
             await self._apply(change, "scale out")
         except Exception as e:  # noqa: BLE001 - the spares stay spares for now
-            self._event("grow_failed", error=str(e)[:200])  # the next health round tries again
+            self._grow_failures += 1  # the next health round tries again, then later each time
+            wait = 0.0 if self._grow_failures == 1 else min(GROW_BACKOFF_MAX_S, 2.0 ** (self._grow_failures - 1))
+            self._grow_after = time.monotonic() + wait
+            self._event("grow_failed", error=str(e)[:200], retry_in_s=wait)
+            return
+        self._grow_failures = 0
