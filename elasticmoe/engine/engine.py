@@ -278,10 +278,14 @@ class Engine:
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """One full forward of token_ids in a free slot, no sampling: logits [T, V] float32."""
+        """One full forward of token_ids in a free slot, no sampling: logits [T, V] float32. The slot's K/V are
+        zeroed after it, as `_release` does: a NaN of a numerical fault would poison the slot's next request."""
         if not self.scheduler.free_slots:
             raise RuntimeError("no free KV-cache slot")
         slot = self.scheduler.free_slots[-1]
         batch = build_batch([(slot, 0, list(token_ids))], self.device)
-        hidden = self.model.forward(batch, self.cache, self.dispatcher, all_tokens=True)
-        return self.model.logits(hidden)
+        try:
+            hidden = self.model.forward(batch, self.cache, self.dispatcher, all_tokens=True)
+            return self.model.logits(hidden)
+        finally:
+            self.cache.clear(slot, min(len(token_ids), self.cache.max_len))

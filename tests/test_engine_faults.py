@@ -1,0 +1,52 @@
+"""Engine faults beyond tests/test_runner.py: what a fault leaves for later requests, and how it is reported.
+
+A real engine over a tiny Mixtral written by transformers, experts in-process; faults are injected into our own
+dispatcher seam (NaN experts) or into a request's own parameters past validation, as in tests/test_runner.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.engine.engine import Engine
+from elasticmoe.engine.scheduler import RequestFailed
+from elasticmoe.model.tiny import make_tiny_model
+from tests.test_runner import GREEDY, PROMPTS, NanDispatcher
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(str(make_tiny_model("mixtral", tmp_path_factory.mktemp("ef") / "mixtral", layers=2, experts=4)))
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    """Each prompt's greedy tokens from LLM.generate, one request at a time."""
+    return {p: llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS}
+
+
+def _run(engine: Engine, llm: LLM, reqs: list[tuple[str, SamplingParams]]) -> list:
+    seqs = [engine.add_request(f"r{i}", llm.encode(p), params) for i, (p, params) in enumerate(reqs)]
+    while engine.has_work():
+        engine.step()
+    return seqs
+
+
+def test_a_logits_call_whose_forward_gave_nan_leaves_no_nan_in_its_slot(llm, reference):
+    """Engine.logits (LLM.logits) runs in a free slot; a forward that gave NaN (a numerical fault in the experts)
+    left its K/V there, and the next request in that slot read them (masked, yet summed) once it decoded beside a
+    longer one, failing it. That request now gets exactly its reference tokens."""
+    disp = NanDispatcher(llm.store)
+    engine = Engine(llm.files, disp, max_model_len=128, tokenizer=llm.tokenizer)
+    long_ids = llm.encode(" ".join(["experts"] * 20))
+    slot = engine.scheduler.free_slots[-1]
+    disp.poisoned = True
+    assert engine.logits(long_ids).isnan().all()
+    disp.poisoned = False
+    short, longer = _run(engine, llm, [(PROMPTS[3], GREEDY), (PROMPTS[2], GREEDY)])
+    assert short.slot == slot and len(short.prompt_ids) < len(longer.prompt_ids) < len(long_ids)
+    assert (short.error, longer.error) == (None, None)
+    assert [short.output_ids, longer.output_ids] == [reference[PROMPTS[3]], reference[PROMPTS[2]]]
+    assert torch.isfinite(engine.logits(long_ids)).all()
