@@ -12,6 +12,7 @@ import torch
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.scheduler import RequestFailed
+from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.tiny import make_tiny_model
 from tests.test_runner import GREEDY, PROMPTS, NanDispatcher
 
@@ -50,3 +51,19 @@ def test_a_logits_call_whose_forward_gave_nan_leaves_no_nan_in_its_slot(llm, ref
     assert (short.error, longer.error) == (None, None)
     assert [short.output_ids, longer.output_ids] == [reference[PROMPTS[3]], reference[PROMPTS[2]]]
     assert torch.isfinite(engine.logits(long_ids)).all()
+
+
+def test_a_seeded_request_beside_a_row_that_breaks_the_batched_sampler_keeps_its_tokens(llm):
+    """When the batched sampler raised after the rows had drawn (here: a neighbour's logprobs=-1 forced past
+    validation breaks the logprobs pass that follows the draws; in production e.g. running out of memory there),
+    the row-by-row retry drew again from the advanced generators: a seeded request's tokens changed. The
+    generators are now rewound first, so the seeded request gets the tokens it gets alone."""
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    engine = Engine(llm.files, LocalDispatcher(llm.store), max_model_len=128, tokenizer=llm.tokenizer)
+    [alone] = _run(engine, llm, [(PROMPTS[0], seeded)])
+    bad = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    object.__setattr__(bad, "logprobs", -1)
+    engine.validate = lambda ids, p: None  # admit the poison (the validator would refuse it)
+    ok, broken = _run(engine, llm, [(PROMPTS[0], seeded), (PROMPTS[1], bad)])
+    assert isinstance(broken.error, RequestFailed) and ok.error is None
+    assert ok.output_ids == alone.output_ids

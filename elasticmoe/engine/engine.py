@@ -185,12 +185,16 @@ class Engine:
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
-        """hidden [R, H] of the sequences whose last token ran -> (tokens, logprobs, per-row errors)."""
+        """hidden [R, H] of the sequences whose last token ran -> (tokens, logprobs, per-row errors). Should the
+        batch fail after some rows drew, their generators are rewound before the rows are sampled one by one."""
+        states = [(s.generator, s.generator.get_state()) for s in seqs if s.generator is not None]
         try:
             return sample(self.model.logits(hidden), [s.params for s in seqs], [s.generator for s in seqs],
                           [self._context(s) for s in seqs])
         except Exception:  # noqa: BLE001 - find the row it belongs to
             log.exception("sampling failed; sampling its %d rows one by one", len(seqs))
+        for g, state in states:
+            g.set_state(state)
         out: tuple[list, list, list] = ([], [], [])
         for i, s in enumerate(seqs):
             try:
