@@ -67,3 +67,18 @@ def test_a_seeded_request_beside_a_row_that_breaks_the_batched_sampler_keeps_its
     ok, broken = _run(engine, llm, [(PROMPTS[0], seeded), (PROMPTS[1], bad)])
     assert isinstance(broken.error, RequestFailed) and ok.error is None
     assert ok.output_ids == alone.output_ids
+
+
+def test_generate_raises_naming_a_prompt_that_could_not_be_served(llm, reference, monkeypatch):
+    """A prompt whose request failed (here: temperature NaN forced past validation, so its probabilities are NaN)
+    came back from LLM.generate as finish_reason "abort" with no error: a failure looked like a finished output.
+    As vLLM's generate raises, ours now raises RequestFailed naming the prompt and its cause; the engine is left
+    clean, and the next call serves the same prompts."""
+    bad = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    object.__setattr__(bad, "temperature", float("nan"))
+    monkeypatch.setattr(llm.engine, "validate", lambda ids, p: None)  # admit the poison
+    with pytest.raises(RequestFailed, match=r"^prompt 1 \(offline-\d+\) could not be served: .*probability") as e:
+        llm.generate(PROMPTS[:2], [GREEDY, bad])
+    assert e.value.__cause__ is not None
+    assert not llm.engine.has_work() and llm.engine.scheduler.num_free_slots == llm.engine.cache.num_slots
+    assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)] == [reference[p] for p in PROMPTS[:2]]

@@ -8,6 +8,7 @@ import torch
 
 from elasticmoe.engine.engine import DTYPES, Engine
 from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
+from elasticmoe.engine.scheduler import RequestFailed
 from elasticmoe.engine.validation import Validator
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
@@ -22,7 +23,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str  # "length" | "stop" | "eos" | "abort"
+    finish_reason: str  # "length" | "stop" | "eos" (a request that failed raises instead)
     logprobs: list[TokenLogprob] | None
 
 
@@ -65,7 +66,8 @@ class LLM:
     def generate(self, prompts: list[str] | list[list[int]] | str,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Complete every prompt (batched together, continuous batching); outputs in prompt order. Without
-        sampling_params, each prompt gets `get_default_sampling_params()` (the checkpoint's defaults)."""
+        sampling_params, each prompt gets `get_default_sampling_params()` (the checkpoint's defaults). A prompt
+        the engine could not serve (e.g. NaN from its experts) raises RequestFailed naming it, once all ended."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
@@ -84,6 +86,12 @@ class LLM:
             self._next_id += 1
         while self.engine.has_work():
             self.engine.step()
+        failed = [(i, s) for i, s in enumerate(seqs) if s.error is not None]
+        if failed:  # as vLLM's generate: an error, not an output that looks finished
+            i, s = failed[0]
+            cause = s.error.__cause__ or s.error
+            more = f" ({len(failed)} of {len(seqs)} prompts failed)" if len(failed) > 1 else ""
+            raise RequestFailed(f"prompt {i} ({s.request_id}) could not be served: {cause!r}{more}") from cause
         return [RequestOutput(s.request_id, s.prompt_ids, s.text, list(s.output_ids), s.finish_reason or "abort",
                               list(s.logprobs) if s.params.logprobs is not None else None) for s in seqs]
 
