@@ -48,7 +48,10 @@ def generation_config(path: Any) -> tuple[dict[str, Any], set[int]]:
         return {}, set()
     eos = raw.get("eos_token_id")
     eos_ids = {int(t) for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)}
-    return {k: raw[k] for k in GENERATION_DEFAULT_KEYS if isinstance(raw.get(k), (int, float))}, eos_ids
+    out = {k: raw[k] for k in GENERATION_DEFAULT_KEYS if isinstance(raw.get(k), (int, float))}
+    if isinstance(out.get("top_k"), float) and out["top_k"].is_integer():  # e.g. 20.0, as some checkpoints write
+        out["top_k"] = int(out["top_k"])
+    return out, eos_ids
 
 
 class Engine:
