@@ -7,10 +7,13 @@ import json
 import shutil
 
 import pytest
+from openai import OpenAI
 
 from elasticmoe import LLM, SamplingParams
+from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.openai_protocol import CompletionRequest, sampling_params
 from elasticmoe.model.tiny import make_tiny_model
+from tests.openai_util import Core, Server
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +37,33 @@ def test_a_float_top_k_is_taken_as_the_integer_it_is(checkpoint, tmp_path):
     assert llm.generate(["The expert said"])[0].token_ids
     params = sampling_params(CompletionRequest(prompt="x"), 16, None, llm.engine.generation_defaults)
     assert (params.top_k, params.temperature) == (20, 0.6)
+
+
+def test_max_new_tokens_is_the_default_max_tokens_as_in_vllm(checkpoint, tmp_path):
+    """vLLM takes generation_config.json's max_new_tokens as the default max_tokens; it was ignored (16 tokens
+    offline and on /v1/completions, the whole context on chat). Offline without sampling_params: max_tokens 5,
+    cut to the context left where that is less; over HTTP, a request without max_tokens: 5 on both endpoints."""
+    llm = _with_generation_config(checkpoint, tmp_path, max_new_tokens=5.0, temperature=0.0)
+    assert llm.get_default_sampling_params() == SamplingParams(max_tokens=5, temperature=0.0)
+    prompts = ["The expert said", "Once upon a time"]
+    out = llm.generate(prompts)
+    assert [o.token_ids for o in out] == [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=5,
+                                                                                                  temperature=0.0))]
+    assert all(len(o.token_ids) == 5 or o.finish_reason == "eos" for o in out)
+    short = LLM(str(tmp_path / "m"), max_model_len=8)
+    [o] = short.generate([short.encode(prompts[0])[:6]])
+    assert len(o.token_ids) <= 2
+    core = Core(str(tmp_path / "m"), llm.store, max_num_seqs=2, max_model_len=64)
+    server = Server(build_openai_app(core))
+    try:
+        client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+        extra = {"ignore_eos": True}
+        c = client.completions.create(model="m", prompt=prompts[0], extra_body=extra)
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                              extra_body=extra)
+        assert (c.usage.completion_tokens, chat.usage.completion_tokens) == (5, 5)
+        c = client.completions.create(model="m", prompt=prompts[0], max_tokens=7, extra_body=extra)
+        assert c.usage.completion_tokens == 7
+    finally:
+        server.stop()
+        core.runner.close()

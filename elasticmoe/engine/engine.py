@@ -30,11 +30,12 @@ def load_tokenizer(path: Any) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p", "max_new_tokens")
 
 
 def generation_config(path: Any) -> tuple[dict[str, Any], set[int]]:
-    """The checkpoint's generation_config.json: (its sampling defaults, as vLLM takes them, and its EOS ids)."""
+    """The checkpoint's generation_config.json: (its sampling defaults, as vLLM takes them, and its EOS ids);
+    max_new_tokens becomes max_tokens, as in vLLM."""
     import json
     from pathlib import Path
 
@@ -49,8 +50,11 @@ def generation_config(path: Any) -> tuple[dict[str, Any], set[int]]:
     eos = raw.get("eos_token_id")
     eos_ids = {int(t) for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)}
     out = {k: raw[k] for k in GENERATION_DEFAULT_KEYS if isinstance(raw.get(k), (int, float))}
-    if isinstance(out.get("top_k"), float) and out["top_k"].is_integer():  # e.g. 20.0, as some checkpoints write
-        out["top_k"] = int(out["top_k"])
+    for k in ("top_k", "max_new_tokens"):
+        if isinstance(out.get(k), float) and out[k].is_integer():  # e.g. top_k 20.0, as some checkpoints write it
+            out[k] = int(out[k])
+    if "max_new_tokens" in out:
+        out["max_tokens"] = out.pop("max_new_tokens")
     return out, eos_ids
 
 

@@ -234,7 +234,9 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request)
     try:
         reject_unsupported(req)
         ids = completion_ids(core.tokenizer, req.prompt, _validator(core))
-        max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        max_tokens = req.max_tokens
+        if max_tokens is None:  # OpenAI's 16; generation_config's max_new_tokens where less (vLLM)
+            max_tokens = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS))
         params = sampling_params(req, max_tokens, req.logprobs, _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
@@ -254,7 +256,7 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request) 
             context = getattr(core.runner.engine, "max_model_len", len(ids) + COMPLETION_MAX_TOKENS)
             if len(ids) >= context:
                 raise InvalidRequest("messages", f"the prompt ({len(ids)} tokens) fills the context ({context})")
-            max_tokens = context - len(ids)
+            max_tokens = min(context - len(ids), (_defaults(core) or {}).get("max_tokens", context))  # vLLM's
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                  _defaults(core))
     except InvalidRequest as e:
