@@ -373,3 +373,14 @@ def test_llm_refuses_bad_arguments_naming_them(tiny_models):
     for name, value in bad.items():
         with pytest.raises(ValueError, match=rf"^{name}: "):
             LLM(path, **{name: value})
+
+
+def test_a_max_model_len_beyond_the_models_context_names_it(tiny_models):
+    """max_model_len above the checkpoint's context (max_position_embeddings) was silently lowered to it, so a
+    deployment served a shorter context than it asked for; as in vLLM, it is now refused naming max_model_len and
+    the model's limit, before any expert loads; the limit itself is taken."""
+    path = str(tiny_models["mixtral"])
+    limit = open_model(path).spec.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"^max_model_len: {limit + 1} .*context length, {limit}\b"):
+        LLM(path, max_model_len=limit + 1)
+    assert LLM(path, max_model_len=limit).engine.max_model_len == limit

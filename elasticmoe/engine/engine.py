@@ -69,7 +69,11 @@ class Engine:
         self.files, self.spec, self.dispatcher = files, files.spec, dispatcher
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
-        self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
+        limit = self.spec.max_position_embeddings  # config.json's, or what its rotary scaling allows (spec.py)
+        if max_model_len is not None and max_model_len > limit:  # as vLLM: never a shorter context than asked for
+            raise ValueError(f"max_model_len: {max_model_len} is more than the model's context length, {limit}; "
+                             f"set max_model_len (served: limits.max_model_len) to at most {limit}")
+        self.max_model_len = max_model_len or limit
         self.model = DenseModel(self.spec, files.ckpt, files.names, self.dtype, self.device, self.max_model_len)
         self.cache = KVCache(self.spec, max_num_seqs, self.max_model_len, self.dtype, self.device)
         self.scheduler = Scheduler(max_num_seqs, max(max_num_batched_tokens, 1), max_queue)

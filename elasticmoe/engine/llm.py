@@ -44,10 +44,10 @@ class LLM:
         spec = self.files.spec
         self.store = ExpertStore(self.files.ckpt, self.files.names, spec, DTYPES[dtype], torch.device(device),
                                  backend=moe_backend)
-        self.store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))
         self.engine = Engine(self.files, LocalDispatcher(self.store), dtype=dtype, device=device,
                              max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                              max_num_batched_tokens=max_num_batched_tokens, max_queue=1 << 30)
+        self.store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))  # once it is valid
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 
