@@ -42,7 +42,8 @@ class Limits(_Strict):
     """Engine limits: KV-cache size, batch size and admission control."""
 
     max_num_seqs: int = Field(16, ge=1, le=4096, description="sequences in the running batch")
-    max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per sequence")
+    max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per sequence; one beyond the "
+                               "model's context is refused; left unset: 2048, or the model's context if shorter")
     max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
     micro_batches: int | None = Field(None, ge=1, le=8, description="micro-batches a step is cut into (at sequence "

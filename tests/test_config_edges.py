@@ -114,3 +114,23 @@ def test_a_routing_size_below_one_is_refused_naming_it(tmp_path, model_type, cas
         ref(torch.tensor([[1, 2, 3, 4, 5]]))
     with pytest.raises(ModelSpecError, match=rf"config\.{key}={value}: want 1 or more"):
         open_model(str(ck))
+
+
+def test_the_served_default_context_fits_the_model_and_a_written_one_is_kept(tiny_models):
+    """limits.max_model_len left at its default (2048) serves a model with a shorter context at that context; one
+    the operator wrote is passed as written (the engine refuses it beyond the model's context, naming it)."""
+    import dataclasses
+
+    from elasticmoe.config import Limits
+    from elasticmoe.engine.engine import Engine
+    from elasticmoe.gateway.deployment import _max_model_len
+    from elasticmoe.model import open_model
+
+    files = open_model(str(tiny_models["mixtral"]))
+    short = dataclasses.replace(files.spec, max_position_embeddings=1024)
+    assert _max_model_len(Limits(), short) == 1024
+    assert _max_model_len(Limits(), files.spec) == 2048
+    assert _max_model_len(Limits(max_model_len=512), short) == 512
+    assert _max_model_len(Limits(max_model_len=4096), short) == 4096
+    with pytest.raises(ValueError, match=r"max_model_len: 4096 is more than the model's context length, 2048"):
+        Engine(files, None, max_model_len=4096)

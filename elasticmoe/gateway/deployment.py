@@ -25,6 +25,14 @@ log = logging.getLogger("elasticmoe.gateway")
 TABLE_WAIT_S = 1.0  # how long the controller holds a table poll that has nothing new (its acks refresh as often)
 
 
+def _max_model_len(lim, spec) -> int:
+    """limits.max_model_len as written (the engine refuses one beyond the model's context); left at its default
+    (2048), no more than the model's context."""
+    if "max_model_len" in lim.model_fields_set:
+        return lim.max_model_len
+    return min(lim.max_model_len, spec.max_position_embeddings)
+
+
 class GatewayCore:
     """Engine thread + gRPC dispatcher + routing-table poller, independent of the API served on top."""
 
@@ -50,7 +58,7 @@ class GatewayCore:
         except Exception:  # noqa: BLE001 - outside Serve
             self.gateway_id = f"gateway-{id(self)}"
         engine = Engine(files, self.dispatcher, dtype=self.args.dtype, device=self.args.device,
-                        max_num_seqs=lim.max_num_seqs, max_model_len=lim.max_model_len,
+                        max_num_seqs=lim.max_num_seqs, max_model_len=_max_model_len(lim, files.spec),
                         max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue,
                         micro_batches=lim.micro_batches or default_micro_batches(self.args.device))
         self.tokenizer = engine.tokenizer
