@@ -202,6 +202,40 @@ def test_tokenize_honours_add_generation_prompt(served, llm):
     assert json.loads(_http(url, "/tokenize", {"messages": msgs})[1])["tokens"] == got[True]
 
 
+@pytest.fixture(scope="module")
+def bos_served(tmp_path_factory):
+    """A tiny checkpoint whose tokenizer.json adds BOS to every encoded text (a TemplateProcessing post-processor,
+    as Llama's does), served over uvicorn."""
+    from tokenizers import Tokenizer, processors
+
+    from elasticmoe.model.tiny import make_tiny_model
+
+    path = make_tiny_model("mixtral", tmp_path_factory.mktemp("bos") / "mixtral", layers=1, experts=2)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    files = open_model(str(path))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load((l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts))
+    core = Core(str(path), store, max_num_seqs=2, max_model_len=64)
+    server = Server(build_openai_app(core))
+    yield core, server.url
+    server.stop()
+    core.runner.close()
+
+
+def test_tokenize_honours_add_special_tokens(bos_served):
+    """/tokenize of a prompt adds the tokenizer's special tokens (BOS here) unless add_special_tokens is false."""
+    core, url = bos_served
+    bos, plain = core.tokenizer.bos_token_id, core.tokenizer.encode(FOX, add_special_tokens=False)
+    assert plain[0] != bos
+    got = {add: json.loads(_http(url, "/tokenize", {"prompt": FOX, "add_special_tokens": add})[1])
+           for add in (True, False)}
+    assert got[True]["tokens"] == [bos, *plain] and got[True]["count"] == len(plain) + 1
+    assert got[False]["tokens"] == plain and got[False]["count"] == len(plain)
+    assert json.loads(_http(url, "/tokenize", {"prompt": FOX})[1])["tokens"] == got[True]["tokens"]
+
+
 def test_generation_config_supplies_defaults_and_eos_ids(demo):
     from elasticmoe.engine.engine import generation_config
 

@@ -83,7 +83,7 @@ class CountingTokenizer:
 
     calls = 0
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
         self.calls += 1
         return [ord(c) % 50 for c in text]
 

@@ -163,11 +163,12 @@ class Validator:
             raise InvalidRequest(name, "the prompt is empty")
         return prompt
 
-    def encode(self, tokenizer: Any, prompt: Any, name: str = "prompt") -> list[int]:
-        """Check and tokenize a text prompt; a tokenizer failure on this input is the input's fault."""
+    def encode(self, tokenizer: Any, prompt: Any, name: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        """Check and tokenize a text prompt (with the tokenizer's special tokens, e.g. BOS, unless told not); a
+        tokenizer failure on this input is the input's fault."""
         self.prompt_text(prompt, name)
         try:
-            return list(tokenizer.encode(prompt))
+            return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         except Exception as e:  # noqa: BLE001 - e.g. characters the tokenizer cannot take
             raise InvalidRequest(name, f"the tokenizer rejected it: {short(str(e), 200)}") from None
 

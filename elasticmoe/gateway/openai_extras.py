@@ -21,7 +21,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True  # vLLM's default (our tokenizers add none to a plain prompt)
+    add_special_tokens: bool = True  # of a prompt, vLLM's default; chat messages take the template's alone
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
@@ -91,7 +91,7 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
             if (req.prompt is None) == (req.messages is None):
                 raise InvalidRequest("prompt", "give exactly one of prompt and messages")
             if req.prompt is not None:
-                ids = check.encode(core.tokenizer, req.prompt)
+                ids = check.encode(core.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)
             else:
                 ids = chat_ids(core.tokenizer, req.messages, check, req.add_generation_prompt)
         except InvalidRequest as e:
