@@ -55,6 +55,26 @@ def test_bad_chat_fields_are_openai_400s(served, kw, param):
     assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("chat,kw,param,message", [
+    (False, {"stop": 5}, "stop", "stop: must be a string or a list of strings"),
+    (False, {"stop": [1]}, "stop", "stop: must be a string or a list of strings"),
+    (False, {"prompt": 5}, "prompt",
+     "prompt: must be a string, a list of integers, a list of strings or a list of lists of integers"),
+    (True, {"tool_choice": 5}, "tool_choice", "tool_choice: must be a string or an object"),
+    (True, {"messages": [{"role": "user", "content": 5}]}, "messages",
+     "messages.0.content: must be a string or a list of objects"),
+], ids=["stop", "stop-list", "prompt", "tool_choice", "content"])
+def test_a_wrong_type_in_a_union_field_names_the_field_and_what_it_takes(served, chat, kw, param, message):
+    """Not pydantic's inner branch ("stop.str: Input should be a valid string"): the field as sent, and its types."""
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        if chat:
+            client.chat.completions.create(**{"model": "m", "messages": CHAT, "max_tokens": 4, **kw})
+        else:
+            client.completions.create(**{"model": "m", "prompt": PROMPT, "max_tokens": 4, **kw})
+    assert (e.value.body["param"], e.value.body["message"]) == (param, message)
+
+
 def test_invalid_json_is_a_400(served):
     _, client = served
     req = urllib.request.Request(f"{client.base_url}completions", data=b"{not json", method="POST",

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import types
+import typing
 import uuid
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
@@ -106,7 +108,7 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
     try:
         return model.model_validate(obj)
     except ValidationError as e:
-        message, param = _describe(e)
+        message, param = _describe(e, model)
         raise ApiError(400, message, param=param) from None
 
 
@@ -264,8 +266,41 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request) 
     return await _serve(request, req, *_choices(core, "chatcmpl", ids, params, aliases, req, True, bool(req.logprobs)))
 
 
-def _describe(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
-    """(message, param) of the first pydantic error of a request body."""
+_KINDS = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          bool: ("a boolean", "booleans")}
+
+
+def _kind(tp: Any, plural: bool = False) -> str:
+    """What a JSON value of type `tp` is, in words: "a list of strings"."""
+    if typing.get_origin(tp) is list:
+        return f"{'lists' if plural else 'a list'} of {_kind(typing.get_args(tp)[0], True)}"
+    return _KINDS.get(tp, ("an object", "objects"))[plural]
+
+
+def _union_at(model: Any, loc: tuple) -> tuple[int, tuple] | None:
+    """Where `loc` (a pydantic error's) passes a union field of `model`: (its length up to the union, the union's
+    types less None); pydantic puts the branch it tried (e.g. "str") next in the loc, which the client never wrote."""
+    tp = model
+    for i, part in enumerate(loc):
+        args = tuple(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) > 1:
+            return i, args
+        if len(args) == 1 and typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = args[0]
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return None
+            tp = field.annotation
+        elif typing.get_origin(tp) in (list, dict):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return None
+    return None
+
+
+def _describe(exc: RequestValidationError | ValidationError, model: Any = None) -> tuple[str, str | None]:
+    """(message, param) of the first pydantic error of a request body (a `model`)."""
     err = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     if err.get("type") == "json_invalid":
@@ -274,6 +309,10 @@ def _describe(exc: RequestValidationError | ValidationError) -> tuple[str, str |
     if err.get("type") == "extra_forbidden":  # the full path of a nested one: stream_options.foo
         param = ".".join(loc) or None
         return f"Unrecognized request argument supplied: {param}", param
+    union = _union_at(model, tuple(err.get("loc", ()))) if model is not None else None
+    if union is not None:  # stop: 5 -> "stop: must be a string or a list of strings", not "stop.str: ..."
+        kinds = [_kind(t) for t in union[1]]
+        return f"{'.'.join(loc[:union[0]])}: must be {', '.join(kinds[:-1])} or {kinds[-1]}", param
     return f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}", param
 
 
