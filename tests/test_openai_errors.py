@@ -75,6 +75,14 @@ def test_a_wrong_type_in_a_union_field_names_the_field_and_what_it_takes(served,
     assert (e.value.body["param"], e.value.body["message"]) == (param, message)
 
 
+def test_a_refused_tool_choice_names_every_value_accepted(served):
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=CHAT, max_tokens=4, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
+    assert e.value.body["message"] == "tool_choice: only 'none' or 'auto' is supported, got 'required'"
+
+
 def test_invalid_json_is_a_400(served):
     _, client = served
     req = urllib.request.Request(f"{client.base_url}completions", data=b"{not json", method="POST",

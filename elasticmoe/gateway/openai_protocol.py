@@ -151,7 +151,8 @@ def reject_unsupported(req: BaseRequest) -> None:
     """Raise InvalidRequest for a known OpenAI field set to a value this server cannot honour."""
     for name, off in _OFF_VALUES.items():
         if name in type(req).model_fields and getattr(req, name) not in off:
-            raise InvalidRequest(name, f"only {off[1]!r} is supported, got {short(getattr(req, name))}")
+            accepted = " or ".join(repr(v) for v in off[1:])
+            raise InvalidRequest(name, f"only {accepted} is supported, got {short(getattr(req, name))}")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs", "requires logprobs: true")
     if req.n is not None and not 1 <= req.n <= MAX_N:
