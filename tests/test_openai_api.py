@@ -97,6 +97,27 @@ def test_completion_logprobs_shape(served):
     assert all(v <= 0 for v in lp.token_logprobs) and lp.text_offset[0] == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_top_logprobs_hold_the_sampled_token(served, stream):
+    """As OpenAI documents (and vLLM answers): the sampled token is always among top_logprobs, so up to logprobs + 1
+    entries; logprobs: 0 gives the sampled token alone, not {}."""
+    _, client = served
+    for n, kw in ((0, {"temperature": 0}), (1, {"temperature": 1.0, "seed": 3})):
+        args = dict(model="m", prompt=PROMPT, max_tokens=12, logprobs=n, stream=stream, **kw)
+        chunks = list(client.completions.create(**args)) if stream else [client.completions.create(**args)]
+        lps = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        tokens = [t for lp in lps for t in lp.tokens]
+        token_lps = [v for lp in lps for v in lp.token_logprobs]
+        tops = [top for lp in lps for top in lp.top_logprobs]
+        assert len(tokens) == len(tops) == 12
+        for token, v, top in zip(tokens, token_lps, tops):
+            assert 1 <= len(top) <= n + 1 and top[token] == pytest.approx(v)
+        if n == 0:
+            assert tops == [{t: v} for t, v in zip(tokens, token_lps)]
+        else:  # sampling at temperature 1 sometimes picks a token outside the top one: then both are there
+            assert any(len(top) == 2 for top in tops)
+
+
 def test_chat_logprobs_shape(served):
     _, client = served
     r = client.chat.completions.create(model="m", messages=CHAT, max_tokens=5, temperature=0, logprobs=True,

@@ -276,14 +276,21 @@ def _name(tokenizer: Any, token_id: int, as_ids: bool) -> str:
 
 def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], offset: int, as_ids: bool = False
                         ) -> tuple[dict, int]:
-    """OpenAI completions `logprobs` for these tokens (text_offset from `offset`), and the next offset.
+    """OpenAI completions `logprobs` for these tokens (text_offset from `offset`), and the next offset; each
+    top_logprobs holds the sampled token too (as OpenAI documents: up to logprobs + 1 entries; vLLM likewise).
     `as_ids`: tokens named "token_id:<id>" (vLLM's return_tokens_as_token_ids); offsets stay in the text."""
     texts = [tokenizer.decode([lp.token_id]) for lp in lps]
     offsets = list(itertools.accumulate((len(t) for t in texts), initial=offset))
     tokens = [f"token_id:{lp.token_id}" for lp in lps] if as_ids else texts
+
+    def top(lp: TokenLogprob) -> dict:
+        out = {_name(tokenizer, t, as_ids): _lp(v) for t, v in lp.top}
+        if all(t != lp.token_id for t, _ in lp.top):
+            out[_name(tokenizer, lp.token_id, as_ids)] = _lp(lp.logprob)
+        return out
+
     return {"tokens": tokens, "token_logprobs": [_lp(lp.logprob) for lp in lps],
-            "top_logprobs": [{_name(tokenizer, t, as_ids): _lp(v) for t, v in lp.top} for lp in lps],
-            "text_offset": offsets[:-1]}, offsets[-1]
+            "top_logprobs": [top(lp) for lp in lps], "text_offset": offsets[:-1]}, offsets[-1]
 
 
 def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob], as_ids: bool = False) -> dict:
