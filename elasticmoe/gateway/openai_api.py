@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import types
 import typing
-import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,60 +14,23 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
-from elasticmoe.engine.scheduler import QueueFull, RequestFailed
+from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.config import served_name
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.auth import RequireApiKey
+from elasticmoe.gateway.openai_choices import _bad_request, _choices, _record, _serve
 from elasticmoe.gateway.openai_extras import register_extra_routes
-from elasticmoe.gateway.openai_stream import EventStream, Shape, complete_all, sse, start_all
 from elasticmoe.gateway.openai_protocol import (
-    COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, choice_params,
-    completion_ids, http_error, parse_body, reject_unsupported, sampling_params)
-from elasticmoe.gateway.runner import Update
+    COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, completion_ids,
+    http_error, parse_body, reject_unsupported, sampling_params)
 
 log = logging.getLogger(__name__)
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-STATUS_OF = {400: "invalid", 401: "unauthenticated", 413: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
-
-
-def _record(core: Any, http_status: int | None, last: Update | None = None, t0: float = 0.0,
-            t_first: float = 0.0) -> None:
-    """Count one finished request (all its choices) on core.metrics (if any): ok with latencies, or failed with
-    its code."""
-    m = getattr(core, "metrics", None)
-    if m is None:
-        return
-    if http_status is not None:
-        m.request("http", STATUS_OF.get(http_status, "error"))
-        m.error(str(http_status))
-        return
-    m.request("http", "ok")
-    if last is not None:
-        now = time.perf_counter()
-        m.ttft(t_first - t0)
-        m.e2e(now - t0)
-        if last.completion_tokens > 1:
-            m.tpot((now - t_first) / (last.completion_tokens - 1))
 
 
 def _invalid(core: Any, e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
     """InvalidRequest -> a 400 ApiError whose param (and message) use the API's field name; counted on core."""
     _record(core, 400)
     return _bad_request(e, aliases)
-
-
-def _bad_request(e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
-    param = aliases.get(e.field, e.field)
-    return ApiError(400, f"{param}: {getattr(e, 'message', e)}", param=param)
-
-
-def _server_error(e: Exception) -> ApiError:
-    """A request the engine ended: 503 (retry later) when it could not be served, 500 only for a bug here."""
-    if isinstance(e, RequestFailed):
-        return ApiError(503, str(e), "service_unavailable")
-    log.error("request failed on a server error", exc_info=e)
-    return ApiError(500, f"internal server error ({type(e).__name__})", "server_error")
 
 
 def _defaults(core: Any) -> dict | None:
@@ -110,124 +71,6 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
     except ValidationError as e:
         message, param = _describe(e, model)
         raise ApiError(400, message, param=param) from None
-
-
-class Tally:
-    """One client request's metrics, shared by its n choices: recorded once, by the first outcome reported (an
-    error, a disconnect, or the whole response done); its first token is the first of any choice."""
-
-    def __init__(self, core: Any):
-        self.core, self.t0, self.t_first, self.done = core, time.perf_counter(), 0.0, False
-
-    def first_token(self) -> None:
-        self.t_first = self.t_first or time.perf_counter()
-
-    def record(self, http_status: int | None, last: Update | None = None) -> None:
-        if not self.done:
-            self.done = True
-            _record(self.core, http_status, last, self.t0, self.t_first)
-
-
-class Generation:
-    """One choice of a request in the engine: start (errors -> ApiError), its updates; metrics go to the
-    request's Tally."""
-
-    def __init__(self, core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
-                 response_id: str | None = None, tally: Tally | None = None):
-        self.core, self.ids, self.params, self.aliases = core, ids, params, aliases
-        self.id, self.created = response_id or f"{prefix}-{uuid.uuid4().hex}", int(time.time())
-        self.model = served_name(core.args)
-        self.tally = tally or Tally(core)
-        self._stream: AsyncIterator[Update] | None = None
-
-    def record(self, http_status: int | None, last: Update | None = None) -> None:
-        """The request's outcome (once per request, whichever choice reports first)."""
-        self.tally.record(http_status, last)
-
-    def fail(self, err: ApiError) -> ApiError:
-        self.record(err.status)
-        return err
-
-    async def start(self) -> Update:
-        """Wait for the expert shards, queue the request, and return its first update."""
-        try:
-            await self.core.wait_ready()
-        except TimeoutError as e:
-            raise self.fail(ApiError(503, f"the model is not ready: {e}", "service_unavailable")) from e
-        try:
-            self._stream = self.core.runner.generate(self.id, self.ids, self.params)
-            first = await self._stream.__anext__()
-        except InvalidRequest as e:  # counted once per request, however many of its choices are refused
-            raise self.fail(_bad_request(e, self.aliases)) from e
-        except QueueFull as e:
-            raise self.fail(ApiError(429, str(e), "rate_limit_exceeded")) from e
-        except Exception as e:  # noqa: BLE001 - the engine could not serve it
-            raise self.fail(_server_error(e)) from e
-        self.tally.first_token()
-        return first
-
-    async def rest(self) -> AsyncIterator[Update]:
-        """The updates after the first one."""
-        assert self._stream is not None
-        try:
-            async for u in self._stream:
-                yield u
-        except Exception as e:  # noqa: BLE001 - the engine could not serve it mid-generation
-            raise self.fail(_server_error(e)) from e
-
-    async def close(self) -> None:
-        """Stop the engine stream (aborting the request if it is still running)."""
-        if self._stream is not None:
-            await self._stream.aclose()
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the client has gone (Serve's receive may raise instead of sending http.disconnect)."""
-    try:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-    except Exception:  # noqa: BLE001 - the request was cancelled upstream: the client is gone
-        return
-
-
-async def _unless_disconnected(request: Request, coro: Any, gen: Generation) -> Any:
-    """Await coro, cancelling it (so the engine aborts the request) if the client disconnects first."""
-    task, watch = asyncio.ensure_future(coro), asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # Serve cancels the call when the client goes away
-        gen.record(499)
-        raise
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-    if not task.cancelled():
-        return task.result()
-    gen.record(499)
-    raise ApiError(499, "the client disconnected", "client_disconnected")
-
-
-async def _serve(request: Request, req: BaseRequest, gens: list[Generation], shapes: list[Shape]) -> Any:
-    if not req.stream:
-        return JSONResponse(await _unless_disconnected(request, complete_all(gens, shapes), gens[0]))
-    firsts = await _unless_disconnected(request, start_all(gens), gens[0])
-    opts = req.stream_options
-    include_usage = bool(opts and (opts.include_usage or opts.continuous_usage_stats))
-    return EventStream(sse(gens, shapes, firsts, include_usage, bool(opts and opts.continuous_usage_stats)), gens,
-                       SSE_HEADERS)
-
-
-def _choices(core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
-             req: BaseRequest, chat: bool, logprobs: bool) -> tuple[list[Generation], list[Shape]]:
-    """One Generation and Shape per choice (n); choice i samples with seed + i when a seed is given."""
-    rid, tally = f"{prefix}-{uuid.uuid4().hex}", Tally(core)
-    gens, shapes = [], []
-    for i, p in enumerate(choice_params(params, req.n or 1)):
-        gens.append(Generation(core, prefix, ids, p, aliases, response_id=rid, tally=tally))
-        shapes.append(Shape(chat, core.tokenizer, logprobs, i, bool(req.return_tokens_as_token_ids)))
-    return gens, shapes
 
 
 async def create_completion(core: Any, req: CompletionRequest, request: Request) -> Any:

@@ -13,7 +13,7 @@ from elasticmoe.engine.sampling import TokenLogprob
 from elasticmoe.gateway.openai_protocol import FINISH_REASONS, ApiError, chat_logprobs, completion_logprobs
 from elasticmoe.gateway.runner import Update
 
-# A "gen" below is an openai_api.Generation: one choice in the engine (start, rest, record, close, params, id).
+# A "gen" below is an openai_choices.Generation: one choice in the engine (start, rest, record, close, params, id).
 
 
 class Shape:
