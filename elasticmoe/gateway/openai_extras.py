@@ -53,11 +53,12 @@ def prometheus_text(metrics: Any) -> str:
            [_line("elasticmoe_request_errors_total", n, {"code": c}) for c, n in metrics.errors.items()])
     family("elasticmoe_latency_observations_total", "counter", "Latency observations (ttft, tpot, e2e)",
            [_line("elasticmoe_latency_observations_total", n, {"kind": k}) for k, n in metrics.latency_counts.items()])
-    gauges = {"running": "elasticmoe_running_seqs", "queued": "elasticmoe_queued_seqs",
-              "kv": "elasticmoe_kv_cache_usage"}
-    for key, name in gauges.items():
+    gauges = {"running": ("elasticmoe_running_seqs", "Sequences in the running batch"),
+              "queued": ("elasticmoe_queued_seqs", "Requests waiting for a KV-cache slot"),
+              "kv_usage": ("elasticmoe_kv_cache_usage", "Used KV-cache slots / total slots")}  # GatewayMetrics.engine
+    for key, (name, doc) in gauges.items():
         if key in metrics.gauges:
-            family(name, "gauge", f"engine {key}", [_line(name, metrics.gauges[key])])
+            family(name, "gauge", doc, [_line(name, metrics.gauges[key])])
     if metrics.mode != "off":
         totals = metrics.expert_token_totals()  # [layers, experts]
         rows = [_line("elasticmoe_expert_tokens_total", int(totals[l, e]), {"layer": l, "expert": e})
