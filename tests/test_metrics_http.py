@@ -23,3 +23,22 @@ def test_every_engine_gauge_is_exported():
     got = _series(prometheus_text(m))
     assert got["elasticmoe_running_seqs"] == 3 and got["elasticmoe_queued_seqs"] == 1
     assert got["elasticmoe_kv_cache_usage"] == 0.75
+
+
+def test_expert_series_follow_the_expert_metrics_mode():
+    """expert_metrics=per_layer bounds elasticmoe_expert_tokens_total to one series a layer (expert="all"), as Ray's
+    export does; /metrics still wrote one series per (layer, expert). off writes none."""
+    ids = torch.tensor([[0, 1], [1, 3]])
+    got = {}
+    for mode in ("per_expert", "per_layer", "off"):
+        m = GatewayMetrics(mode, 3, 4, [1, 2], use_ray=False)
+        m.route(1, ids)
+        m.route(2, ids[:1])
+        got[mode] = {k: v for k, v in _series(prometheus_text(m)).items() if "expert_tokens" in k}
+    assert got["per_expert"] == {
+        'elasticmoe_expert_tokens_total{layer="1",expert="0"}': 1, 'elasticmoe_expert_tokens_total{layer="1",expert="1"}': 2,
+        'elasticmoe_expert_tokens_total{layer="1",expert="3"}': 1, 'elasticmoe_expert_tokens_total{layer="2",expert="0"}': 1,
+        'elasticmoe_expert_tokens_total{layer="2",expert="1"}': 1}
+    assert got["per_layer"] == {'elasticmoe_expert_tokens_total{layer="1",expert="all"}': 4,
+                                'elasticmoe_expert_tokens_total{layer="2",expert="all"}': 2}
+    assert got["off"] == {}

@@ -61,8 +61,12 @@ def prometheus_text(metrics: Any) -> str:
             family(name, "gauge", doc, [_line(name, metrics.gauges[key])])
     if metrics.mode != "off":
         totals = metrics.expert_token_totals()  # [layers, experts]
-        rows = [_line("elasticmoe_expert_tokens_total", int(totals[l, e]), {"layer": l, "expert": e})
-                for l in metrics.moe_layers for e in range(totals.shape[1]) if totals[l, e]]
+        if metrics.mode == "per_layer":  # one series a layer, as exported to Ray
+            rows = [_line("elasticmoe_expert_tokens_total", int(totals[l].sum()), {"layer": l, "expert": "all"})
+                    for l in metrics.moe_layers if totals[l].any()]
+        else:
+            rows = [_line("elasticmoe_expert_tokens_total", int(totals[l, e]), {"layer": l, "expert": e})
+                    for l in metrics.moe_layers for e in range(totals.shape[1]) if totals[l, e]]
         family("elasticmoe_expert_tokens_total", "counter", "Tokens routed to an expert", rows)
     return "\n".join(out) + "\n"
 
