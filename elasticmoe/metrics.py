@@ -132,6 +132,11 @@ class GatewayMetrics:
             self._ray["queued"].set(queued)
             self._ray["kv"].set(float(kv_usage))
 
+    def engine_from(self, scheduler: Any) -> None:
+        """Set the batch gauges from an engine's scheduler (running, waiting, and the share of slots in use)."""
+        running = len(scheduler.running)
+        self.engine(running, len(scheduler.waiting), running / max(1, running + len(scheduler.free_slots)))
+
     def copies(self, layer: int, expert: int, n: int) -> None:
         """Set the number of live copies of (layer, expert); O(1) (the layer's sum is kept, not recounted)."""
         with self._lock:

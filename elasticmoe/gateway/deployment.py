@@ -69,7 +69,10 @@ class GatewayCore:
         self.dispatcher.on_fanout = lambda s: self.metrics.fanout((s,))
         self._gauges_at = 0.0
         self.step_log: deque[tuple[float, float]] = deque(maxlen=200_000)  # (wall time, step seconds)
-        self.runner = EngineRunner(engine, on_step=self._on_step)
+        # the gauges follow the steps (twice a second at most) and are set once more when the engine runs out of
+        # work: no step comes then, and they kept the last throttled step's figures while the gateway sat idle
+        self.runner = EngineRunner(engine, on_step=self._on_step,
+                                   on_idle=lambda: self.metrics.engine_from(engine.scheduler))
         self.complete = threading.Event()
         self._install_lock = threading.Lock()  # the poller's and the failure reports' installs, one at a time
         self.table_version, self.table_epoch = -1, None  # the last table installed from a poll, and its controller
@@ -82,9 +85,7 @@ class GatewayCore:
         if now - self._gauges_at < 0.5:
             return
         self._gauges_at = now
-        sched = self.runner.engine.scheduler
-        total = len(sched.free_slots) + len(sched.running)
-        self.metrics.engine(len(sched.running), len(sched.waiting), len(sched.running) / max(1, total))
+        self.metrics.engine_from(self.runner.engine.scheduler)
 
     def _install(self, table: dict | None) -> None:
         """A poll's or a failure report's answer: installed unless stale (the other path installed a newer one

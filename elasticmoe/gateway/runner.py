@@ -106,9 +106,11 @@ class EngineRunner:
     """Owns an Engine; all engine calls happen on its thread. Admission never waits for the engine: requests are
     validated and counted on the caller's side and handed over through an inbox the engine drains between steps."""
 
-    def __init__(self, engine: Engine, on_step: Callable[[float, int], None] | None = None):
+    def __init__(self, engine: Engine, on_step: Callable[[float, int], None] | None = None,
+                 on_idle: Callable[[], None] | None = None):
         self.engine = engine
         self.on_step = on_step
+        self.on_idle = on_idle  # once each time the engine runs out of work (no step follows to report it)
         sched = engine.scheduler
         self.capacity = sched.num_free_slots + len(sched.running) + sched.max_queue  # running + waiting
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -206,9 +208,14 @@ class EngineRunner:
             self._end_all()
 
     def _steps(self) -> None:
+        busy = False
         while not self._stop:
             self._drain_inbox()
             if not self.engine.has_work():
+                if busy:  # the last step's requests ended (or the last ones were aborted)
+                    busy = False
+                    if self.on_idle is not None:
+                        self._guarded(self.on_idle)
                 self._wake.wait(0.05)
                 self._wake.clear()
                 self.last_step_at = time.monotonic()
@@ -221,16 +228,16 @@ class EngineRunner:
                 continue
             self.step_errors = 0
             self.last_step_at = time.monotonic()
-            self._hook(time.perf_counter() - t0, len(seqs))
+            busy = True
+            if self.on_step is not None:
+                self._guarded(self.on_step, time.perf_counter() - t0, len(seqs))
             for seq in seqs:
                 self._publish(seq)
 
-    def _hook(self, seconds: float, n: int) -> None:
-        """The per-step hook (step log, gauges): its failure is logged, never the engine thread's end."""
-        if self.on_step is None:
-            return
+    def _guarded(self, hook: Callable, *args) -> None:
+        """The per-step and idle hooks (step log, gauges): a failure is logged, never the engine thread's end."""
         try:
-            self.on_step(seconds, n)
+            hook(*args)
         except Exception:  # noqa: BLE001 - observability must not cost a request
             self.hook_errors += 1
             if self.hook_errors in (1, 10, 100) or self.hook_errors % 1000 == 0:
