@@ -49,8 +49,20 @@ def _delta(now: dict, before: dict | None) -> dict:
     return {k: v - before.get(k, 0) if v >= before.get(k, 0) else v for k, v in now.items()}
 
 
-def _shard_tokens(st: dict) -> dict[str, int]:
-    return {s["id"]: int(s.get("tokens", 0)) for s in st.get("shards", [])}
+def _since(s: dict, prev: dict | None) -> tuple[int, dict[tuple[int, int], int]] | None:
+    """(tokens, (layer, expert) -> tokens) that shard entry `s` served since the status `prev`: all it served
+    without `prev` or when it joined since; None when unknown (its stats call failed now or in `prev`). Taken per
+    shard: a sum over shards falls when one leaves, and the others' totals since their start showed as the interval."""
+    if s.get("stats_error"):
+        return None
+    tokens, experts = int(s.get("tokens", 0)), {(l, e): n for l, e, n in s.get("expert_tokens", [])}
+    before = next((b for b in (prev or {}).get("shards", []) if b["id"] == s["id"]), None)
+    if before is None:
+        return tokens, experts
+    if before.get("stats_error"):
+        return None
+    return (_delta({0: tokens}, {0: int(before.get("tokens", 0))})[0],
+            _delta(experts, {(l, e): n for l, e, n in before.get("expert_tokens", [])}))
 
 
 def header(st: dict) -> list[str]:
@@ -66,15 +78,15 @@ def header(st: dict) -> list[str]:
 
 def shard_rows(st: dict, prev: dict | None, dt: float | None, bar_width: int) -> list[str]:
     """One row per shard: position, id, address, health, experts, tokens (and tokens/s), calls, a load bar."""
-    now = _shard_tokens(st)
-    recent = _delta(now, _shard_tokens(prev) if prev else None)
-    top = max(recent.values(), default=0)
+    recent = {s["id"]: _since(s, prev) for s in st.get("shards", [])}
+    top = max((r[0] for r in recent.values() if r), default=0)
     rate = "tok/s" if prev is not None and dt else ""
     rows = [f"{'pos':>3}  {'shard':<20} {'address':<21} {'health':<7} {'experts':>7} {'tokens':>8} "
             f"{'calls':>6} {rate:>7}  load"]
     for s in st.get("shards", []):
-        tokens = recent.get(s["id"], 0)
-        per_s = f"{tokens / dt:7.0f}" if rate else " " * 7
+        r = recent[s["id"]]  # None: not measured over the interval, no rate
+        tokens = r[0] if r else 0
+        per_s = f"{tokens / dt:7.0f}" if rate and r else " " * 7
         rows.append(f"{s.get('position', '?'):>3}  {str(s['id'])[:20]:<20} {str(s.get('address', ''))[:21]:<21} "
                     f"{health(s):<7} {s.get('experts', 0):>7} {s.get('tokens', 0):>8} {s.get('calls', 0):>6} "
                     f"{per_s}  {bar(tokens, top, bar_width)}|")
@@ -83,8 +95,10 @@ def shard_rows(st: dict, prev: dict | None, dt: float | None, bar_width: int) ->
 
 def hottest(st: dict, prev: dict | None, n: int = 5) -> str:
     """The `n` experts that served the most tokens (since `prev` when given), as "L1/E5: 120"."""
-    now = expert_tokens(st)
-    got = _delta(now, expert_tokens(prev) if prev else None)
+    got: dict[tuple[int, int], int] = {}
+    for s in st.get("shards", []):
+        for k, c in (_since(s, prev) or (0, {}))[1].items():
+            got[k] = got.get(k, 0) + c
     top = [kv for kv in sorted(got.items(), key=lambda kv: (-kv[1], kv[0])) if kv[1] > 0][:n]
     return ", ".join(f"L{l}/E{e}: {c}" for (l, e), c in top)
 
