@@ -227,6 +227,23 @@ class Engine:
         return RowContext(seq.prompt_ids, seq.output_ids, banned)
 
     def _run(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """Forward the step, reporting its routing to model.route_observer (the expert-token metrics) once it
+        succeeded: an attempt that failed is repeated (retries, then one sequence at a time), and its routing
+        counted each time inflated the tokens per expert exactly while experts were failing."""
+        observer = self.model.route_observer
+        if observer is None:
+            return self._run_forward(chunks)
+        seen: list[tuple[int, torch.Tensor]] = []
+        self.model.route_observer = lambda layer, ids: seen.append((layer, ids))
+        try:
+            out = self._run_forward(chunks)
+        finally:
+            self.model.route_observer = observer
+        for layer, ids in seen:
+            observer(layer, ids)
+        return out
+
+    def _run_forward(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """Forward the step; with a remote dispatcher and enough tokens, as pipelined micro-batches (ping-pong)."""
         sizes = [len(c[2]) for c in chunks]
         n = micro_batch_count(sum(sizes), len(chunks), self.micro_batches, self.pipeline_min_tokens)
