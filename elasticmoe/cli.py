@@ -89,14 +89,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _read_serve_config(config: Path) -> dict:
+    """The Serve config at `config`, refused naming the file (ValueError) unless its first application has a name
+    and args and its gRPC port is a number: the demo reads it before it restarts the local Ray cluster."""
+    import yaml
+
+    try:
+        text = config.read_text()
+    except OSError as e:
+        raise ValueError(f"--config {config}: cannot be read ({e.strerror or e})") from None
+    try:
+        doc = yaml.safe_load(text)
+        app = doc["applications"][0]
+        if not isinstance(app["name"], str) or not isinstance(app.get("args", {}), dict):
+            raise TypeError("the first application needs a name and args")
+        int((doc.get("grpc_options") or {}).get("port", 9000))
+    except (yaml.YAMLError, LookupError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"--config {config}: not a Serve config with an application "
+                         f"({type(e).__name__}: {e})") from None
+    return doc
+
+
 def _demo_config(config: Path, model: str) -> Path:
     """`config` with its first application's model set to `model`, written next to the cached models."""
     import yaml
 
     from elasticmoe.model.embedded import cache_dir
 
-    doc = yaml.safe_load(config.read_text())
-    doc["applications"][0]["args"]["model"] = model
+    doc = _read_serve_config(config)
+    doc["applications"][0].setdefault("args", {})["model"] = model
     out = cache_dir() / f"demo-{config.name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -118,14 +139,14 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from elasticmoe.model.demo import DEMO_PROMPTS
     from elasticmoe.model.embedded import ensure_tiny_model
 
+    config = _demo_config(Path(ns.config), ns.model)  # refused before the running cluster is stopped
+    app, grpc_port = _demo_target(config)
     t0 = time.perf_counter()
     path = ensure_tiny_model(ns.model[len("tiny:"):]) if ns.model.startswith("tiny:") else ns.model
     print(f"[1/4] model {ns.model}: {path} ({time.perf_counter() - t0:.1f}s)")
     print("[2/4] starting a local Ray cluster on 127.0.0.1 ...")
     lc.stop_ray()
     lc.start_ray(num_cpus=max(4, ns.cpus))
-    config = _demo_config(Path(ns.config), ns.model)
-    app, grpc_port = _demo_target(config)
     print(f"[3/4] serve deploy {ns.config} (model: {ns.model}) ...")
     lc.serve_deploy(config)
     lc.wait_running(app)

@@ -202,3 +202,26 @@ def test_demo_command_talks_to_the_app_and_port_its_config_names(tmp_path, monke
     (deployed,) = calls[0][1]["applications"]
     assert deployed["name"] == "mine" and deployed["args"]["model"] == str(tmp_path)
     assert ("wait", "mine") in calls and ("client", "127.0.0.1:9123", "mine") in calls and ("status", "mine") in calls
+
+
+@pytest.mark.parametrize("text", [None, "applications: []\n", "grpc_options: {port: nine}\napplications: [{name: a, args: {}}]\n"],
+                         ids=["missing", "no-application", "bad-port"])
+def test_demo_with_a_config_it_cannot_use_leaves_the_running_cluster_alone(text, tmp_path, monkeypatch, capsys):
+    """`elasticmoe demo --config C` restarts the local Ray cluster (ray stop, ray start): a C it cannot use (a
+    typo in the path, no application, a port that is no number) was found only after the running cluster had
+    been stopped. It now fails first: exit status 1, one line naming C, no Ray command run."""
+    from elasticmoe import local_cluster as lc
+    from elasticmoe.cli import main
+
+    config = tmp_path / "typo.yaml"
+    if text is not None:
+        config.write_text(text)
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path / "cache"))
+    ray_commands = []
+    monkeypatch.setattr(lc, "stop_ray", lambda: ray_commands.append("stop"))
+    monkeypatch.setattr(lc, "start_ray", lambda **kw: ray_commands.append("start"))
+    monkeypatch.setattr(lc, "serve_deploy", lambda path: ray_commands.append("deploy"))
+    assert main(["demo", "--config", str(config), "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert ray_commands == [] and "error:" in err and str(config) in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
