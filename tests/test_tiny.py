@@ -209,3 +209,22 @@ def test_rejects_bad_arguments(tmp_path):
         tiny.make_tiny_model("mixtral", tmp_path, layout="interleaved")
     with pytest.raises(ValueError):
         make_tokenizer(100)
+
+
+@pytest.mark.parametrize("size", ["abc", "12XB", "KB"])
+def test_a_bad_max_shard_size_is_refused_before_the_out_directory_is_touched(size, tmp_path, capsys):
+    """`elasticmoe make-tiny-model --out DIR --max-shard-size abc`: the old weights in DIR were deleted, config.json
+    rewritten, and only then did save_pretrained refuse the size (a message not naming the option). It is now an
+    argument error naming --max-shard-size (exit 2), and DIR is as it was."""
+    from elasticmoe.cli import main
+
+    out = tiny.make_tiny_model("mixtral", tmp_path / "m", layers=1, experts=2, hidden=16, heads=2, kv_heads=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main(["make-tiny-model", "--family", "qwen3_moe", "--out", str(out), "--max-shard-size", size])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--max-shard-size" in err and size in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match="max_shard_size"):  # the Python API refuses it first too
+        tiny.make_tiny_model("mixtral", out, layers=1, experts=2, hidden=16, heads=2, kv_heads=1, max_shard_size=size)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -246,6 +246,29 @@ def build_tiny_model(
     return model, tokenizer, a
 
 
+SIZE_UNITS = ("TB", "GB", "MB", "KB")  # what save_pretrained takes (huggingface_hub splits the shards)
+
+
+def check_shard_size(size: str | int) -> str | int:
+    """`size` unless save_pretrained would refuse it (ValueError naming max_shard_size): it did so only after
+    save_tiny_model had deleted the output directory's old weights."""
+    text = str(size).strip()
+    try:
+        ok = isinstance(size, int) or (text[-2:].upper() in SIZE_UNITS and float(text[:-2]) >= 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"max_shard_size: {size!r} is not a size like '200KB' (units {', '.join(SIZE_UNITS)})")
+    return size
+
+
+def _shard_size_arg(text: str) -> str:
+    try:
+        return str(check_shard_size(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def save_tiny_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out: str | Path, *,
     layout: str = "per-expert", max_shard_size: str | int | None = None, args: TinyArgs | None = None,
@@ -253,6 +276,8 @@ def save_tiny_model(
     """Write model + tokenizer with transformers' ``save_pretrained`` in the requested expert layout."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if max_shard_size is not None:
+        check_shard_size(max_shard_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
@@ -301,7 +326,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=None, help=f"tokenizer/model vocab (default {DEFAULT_VOCAB})")
     parser.add_argument("--top-k", type=int, default=None, help="experts per token (default 2)")
     parser.add_argument("--layout", choices=LAYOUTS, default="per-expert")
-    parser.add_argument("--max-shard-size", default=None, help='e.g. "200KB" to shard the safetensors')
+    parser.add_argument("--max-shard-size", type=_shard_size_arg, default=None,
+                        help='e.g. "200KB" to shard the safetensors')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sharpen", type=float, default=4.0, help="router weight scale")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
