@@ -57,7 +57,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from elasticmoe import status_view
 
     if ns.watch:
-        return status_view.watch(status_view.fetcher(ns.address, ns.app), interval=ns.interval)
+        return status_view.watch(status_view.fetcher(ns.address, ns.app), interval=ns.interval, as_json=ns.json)
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the status (JSON stays parsable)
         st = status_view.controller_status(ns.address, ns.app)
     print(status_view.to_json(st) if ns.json else status_view.render(st))
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="placement version, shard health and load, hottest experts")
     p.add_argument("--address", default="auto", help="Ray cluster address")
     p.add_argument("--app", default="elasticmoe", help="Serve application name")
-    p.add_argument("--json", action="store_true", help="print Controller.status() as JSON")
+    p.add_argument("--json", action="store_true", help="print Controller.status() as JSON (with --watch: one line a frame)")
     p.add_argument("--watch", action="store_true", help="live view: redraw every --interval seconds until Ctrl-C")
     p.add_argument("--interval", type=_positive_seconds, default=2.0, help="seconds between --watch frames")
     p.set_defaults(fn=cmd_status)

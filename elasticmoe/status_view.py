@@ -124,14 +124,26 @@ def render(st: dict, prev: dict | None = None, dt: float | None = None, *, bar_w
     return "\n".join(lines)
 
 
-def watch(fetch: Callable[[], dict], interval: float = 2.0, out: TextIO = sys.stdout,
-          iterations: int | None = None, clock: Callable[[], float] = time.monotonic) -> int:
+def watch(fetch: Callable[[], dict], interval: float = 2.0, out: TextIO | None = None,
+          iterations: int | None = None, clock: Callable[[], float] = time.monotonic, as_json: bool = False) -> int:
     """Redraw `render(fetch())` every `interval` s until Ctrl-C (or `iterations` frames); 0 on exit.
-    On a terminal each frame replaces the last; otherwise frames are separated by a blank line."""
+    On a terminal each frame replaces the last; otherwise frames are separated by a blank line.
+    as_json: each status as one line of JSON instead (a failed fetch: a line on stderr), for scripts."""
     prev, t_prev, frame = None, 0.0, 0
+    out = out or sys.stdout  # at call time (stdout may have been replaced since import)
     tty = out.isatty()
     try:
         while iterations is None or frame < iterations:
+            if as_json:
+                try:
+                    out.write(json.dumps(fetch(), sort_keys=True, default=str) + "\n")
+                except Exception as e:  # noqa: BLE001 - keep watching, as the text view does
+                    print(f"status unavailable: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+                out.flush()
+                frame += 1
+                if iterations is None or frame < iterations:
+                    time.sleep(interval)
+                continue
             try:
                 st, t = fetch(), clock()
                 text = render(st, prev, t - t_prev if prev is not None else None)

@@ -73,3 +73,27 @@ def test_the_hottest_experts_are_the_top_five_of_the_interval():
     now = {(0, e): 100 + 10 * e for e in range(8)}
     text = render(_status(_shard("a", 0, now)), _status(_shard("a", 0, before)), 2.0)
     assert _hottest(text) == "hottest experts (last 2s): L0/E7: 70, L0/E6: 60, L0/E5: 50, L0/E4: 40, L0/E3: 30"
+
+
+def test_json_watch_writes_one_status_a_line(monkeypatch, capsys):
+    """`elasticmoe status --json --watch`: --json was ignored and a script read the text view (screen clears,
+    bars); each frame is now Controller.status() as one JSON line on stdout, a failed fetch a line on stderr."""
+    import json
+
+    from elasticmoe import status_view
+    from elasticmoe.cli import main
+
+    first, second = _status(_shard("a", 0, A0)), _status(_shard("a", 0, A1))
+    answers = iter([first, TimeoutError("controller restarting"), second, KeyboardInterrupt()])
+
+    def fetch():
+        a = next(answers)
+        if isinstance(a, BaseException):
+            raise a
+        return a
+
+    monkeypatch.setattr(status_view, "fetcher", lambda address, app: fetch)
+    assert main(["status", "--json", "--watch", "--interval", "0.01"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [json.loads(json.dumps(s)) for s in (first, second)]
+    assert "controller restarting" in err
