@@ -1,0 +1,159 @@
+"""The routed-expert half of a ModelSpec, derived from a Hugging Face config: router semantics, expert shapes and
+which layers are MoE."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from elasticmoe.model.families import Family
+from elasticmoe.model.family_config import ModelSpecError, config_get as _get
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The routed-expert half: router semantics and expert shapes."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # I of one routed expert
+    scoring: str  # "softmax" | "sigmoid"
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    n_group: int  # 1 = no group-limited routing
+    topk_group: int
+    group_score: str  # "top2_sum" (DeepSeek-V3) | "max" (DeepSeek-V2)
+    sparse_layers: tuple[bool, ...]  # per layer: MoE (True) or dense MLP (False)
+    hidden_act: str = "silu"
+    shared_combine: str = "sum"  # routed + shared experts: "sum" | "average"
+    expert_act: str = "silu"  # "silu" (gated SiLU, fused_moe) | "swiglu_clamped" (GPT-OSS, model.expert_math)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    jitter_eps: float = 0.0  # sparsemixer: experts within this relative margin of the best share its softmax
+    input_scaled: bool = False  # Llama 4: each expert runs on weight * x and its outputs are summed unweighted
+    zero_experts: int = 0  # LongCat: router ids num_experts.. are identity experts (weight * x), run in place
+    experts_in_out: bool = False  # packed experts stored [E, H, 2I] / [E, I, H] (Llama 4, Aria), square ones too
+    norm_min: float = 0.0  # floor of the top-k renormalisation's denominator (Ernie 4.5's moe_norm_min)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.sparse_layers) if s]
+
+
+
+def _sparse_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
+    """Per layer: MoE or dense MLP, by whichever layer-placement fields the family's config has."""
+    if cfg.model_type == "llama4_text":
+        return tuple(i in set(cfg.moe_layers) for i in range(num_layers))
+    if cfg.model_type == "longcat_flash":  # the first engine layer of each decoder layer holds the MoE
+        return tuple(i % 2 == 0 for i in range(num_layers))
+    types = _get(cfg, "mlp_layer_types")
+    if types is not None:
+        if len(types) != num_layers or set(types) - {"dense", "sparse"}:
+            raise ModelSpecError(f"config.mlp_layer_types={types!r}: want {num_layers} of 'dense' / 'sparse'")
+        return tuple(t == "sparse" for t in types)
+    first_dense = _get(cfg, "first_k_dense_replace", "num_dense_layers", default=0)
+    steps = ("decoder_sparse_step", "moe_layer_freq", "moe_layer_interval")
+    step_key = next((k for k in steps if _get(cfg, k) is not None), None)
+    step = _get(cfg, step_key) if step_key else 1
+    if step < 1:  # transformers takes each layer index modulo the step: it fails to build the model
+        raise ModelSpecError(f"config.{step_key}={step}: want 1 or more (every step-th layer is MoE)")
+    start = _get(cfg, "moe_layer_start_index", default=0)
+    end = _get(cfg, "moe_layer_end_index", default=num_layers - 1)
+    only_mlp = set(_get(cfg, "mlp_only_layers", default=[]) or [])
+    return tuple(i >= first_dense and start <= i <= end and (i + 1) % step == 0 and i not in only_mlp
+                 for i in range(num_layers))
+
+
+def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
+    model_type = cfg.model_type
+    num_experts = _get(cfg, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts", default=0)
+    if not num_experts:
+        raise ModelSpecError(
+            f"config.json of model_type {model_type!r} has no experts "
+            "(none of n_routed_experts / num_local_experts / num_experts): not a Mixture-of-Experts model"
+        )
+    top_k = _get(cfg, "num_experts_per_tok", "moe_topk", "top_k", default=None)
+    if not top_k:
+        raise ModelSpecError("config.json has no num_experts_per_tok (router top-k)")
+    scoring = _get(cfg, "expert_selection_fn", default=fam.scoring)
+    if scoring not in ("softmax", "sigmoid", fam.scoring):
+        raise ModelSpecError(f"config.expert_selection_fn={scoring!r}: only softmax and sigmoid routers are supported")
+    if scoring == "sparsemixer" and top_k != 2:
+        raise ModelSpecError(f"config.num_experts_per_tok={top_k}: PhiMoE's sparsemixer always routes to 2 experts")
+    norm = fam.norm_topk if fam.norm_topk is not None else bool(_get(cfg, "norm_topk_prob", default=True))
+    if model_type == "cohere2_moe" and scoring == "softmax":
+        norm = True  # softmax over the top-k logits
+    n_group, group_score = _get(cfg, "n_group", default=1), "top2_sum"
+    if model_type == "deepseek_v2":
+        group_score = "max"
+        if _get(cfg, "topk_method", default="greedy") == "greedy":
+            n_group = 1
+    act = _get(cfg, "hidden_act", "hidden_activation", default="silu")
+    if model_type == "gpt_oss":
+        quant = dict(_get(cfg, "quantization_config", default={}) or {})
+        if quant and quant.get("quant_method") != "mxfp4":
+            raise ModelSpecError(f"config.quantization_config.quant_method={quant.get('quant_method')!r}: "
+                                 "only MXFP4 GPT-OSS checkpoints are dequantised on load")
+    elif act not in ("silu", "swish"):
+        raise ModelSpecError(f"config.hidden_act={act!r}: experts must be gated SiLU MLPs")
+    topk_group = _get(cfg, "topk_group", default=n_group) if n_group > 1 else 1
+    _check_routing(cfg, num_experts + int(_get(cfg, "zero_expert_num", default=0)), top_k, n_group, topk_group,
+                   group_score)
+    combine = _get(cfg, "shared_expert_combination_strategy", default="sum")
+    if combine not in ("sum", "average"):
+        raise ModelSpecError(f"config.shared_expert_combination_strategy={combine!r}: want 'sum' or 'average'")
+    return MoESpec(
+        num_experts=num_experts,
+        top_k=top_k,
+        intermediate_size=_get(cfg, "moe_intermediate_size", "intermediate_size"),
+        scoring=scoring,
+        norm_topk_prob=norm,
+        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", "route_scale", "router_scaling_factor",
+                                         default=1.0)),
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score=group_score,
+        sparse_layers=_sparse_layers(cfg, num_layers),
+        hidden_act="silu",
+        shared_combine=combine,
+        expert_act="swiglu_clamped" if model_type == "gpt_oss" else "silu",
+        swiglu_alpha=float(_get(cfg, "swiglu_alpha", default=1.702)),
+        swiglu_limit=float(_get(cfg, "swiglu_limit", default=7.0)),
+        jitter_eps=float(_get(cfg, "router_jitter_noise", default=0.0)) if scoring == "sparsemixer" else 0.0,
+        input_scaled=model_type == "llama4_text",
+        zero_experts=int(_get(cfg, "zero_expert_num", default=0)),
+        experts_in_out=fam.experts_in_out,
+        norm_min=_norm_min(cfg) if model_type == "ernie4_5_moe" else 0.0,
+    )
+
+
+def _norm_min(cfg: Any) -> float:
+    """Ernie 4.5 divides its top-k weights by max(their sum, moe_norm_min) (transformers' default 1e-12)."""
+    value = getattr(cfg, "moe_norm_min", 1e-12)  # None too: transformers' clamp then fails every forward
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelSpecError(f"config.moe_norm_min={value!r}: want a finite number (transformers' default 1e-12)")
+    return float(value)
+
+
+def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group: int, group_score: str) -> None:
+    """A top-k the router can pick: at most the experts (of the groups kept, with group-limited routing)."""
+    field = next(n for n in ("num_experts_per_tok", "moe_topk", "top_k") if _get(cfg, n) is not None)
+    if top_k < 1:  # transformers' top-k then fails every forward
+        raise ModelSpecError(f"config.{field}={top_k}: want 1 or more experts per token")
+    if n_group < 1:  # transformers splits the experts into n_group groups: it fails every forward
+        raise ModelSpecError(f"config.n_group={n_group}: want 1 or more groups (1: no group-limited routing)")
+    if top_k > experts:
+        raise ModelSpecError(f"config.{field}={top_k}: more than the model's {experts} experts")
+    if n_group <= 1:
+        return
+    per_group = experts // n_group
+    if experts % n_group or (group_score == "top2_sum" and per_group < 2):
+        raise ModelSpecError(f"config.n_group={n_group} does not divide the {experts} experts into groups"
+                             + (" of 2 or more (groups are scored by their top 2)" if group_score == "top2_sum" else ""))
+    if not 1 <= topk_group <= n_group:
+        raise ModelSpecError(f"config.topk_group={topk_group}: want 1 to n_group ({n_group})")
+    if top_k > topk_group * per_group:
+        raise ModelSpecError(f"config.{field}={top_k}: more than the {topk_group * per_group} experts of the "
+                             f"topk_group={topk_group} groups kept (of {per_group} experts each)")
