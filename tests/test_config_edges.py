@@ -134,3 +134,25 @@ def test_the_served_default_context_fits_the_model_and_a_written_one_is_kept(tin
     assert _max_model_len(Limits(max_model_len=4096), short) == 4096
     with pytest.raises(ValueError, match=r"max_model_len: 4096 is more than the model's context length, 2048"):
         Engine(files, None, max_model_len=4096)
+
+
+@pytest.mark.parametrize("topk_group", [0, 2])
+def test_a_topk_group_outside_one_group_is_refused_naming_it(tmp_path, topk_group):
+    """With n_group 1 transformers' router still keeps the topk_group best groups: 0 masks every expert (it routes
+    to arbitrary ones, logits unlike topk_group 1's), 2 fails every forward. We took topk_group for 1 and ran."""
+    from elasticmoe.model import ModelSpecError, open_model
+
+    ck = make_family_checkpoint("deepseek_v3", tmp_path / "m", case=DSV3, n_group=1, topk_group=topk_group)
+    assert json.loads((ck / "config.json").read_text())["topk_group"] == topk_group
+    ref = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
+    ids = torch.tensor([list(range(4, 36))])
+    with torch.no_grad():
+        if topk_group == 0:
+            one = make_family_checkpoint("deepseek_v3", tmp_path / "one", case=DSV3, n_group=1, topk_group=1)
+            plain = AutoModelForCausalLM.from_pretrained(str(one), dtype=torch.float32).eval()(ids).logits
+            assert (ref(ids).logits - plain).abs().max() > 1e-3
+        else:
+            with pytest.raises(RuntimeError, match="selected index k out of range"):
+                ref(ids)
+    with pytest.raises(ModelSpecError, match=rf"config\.topk_group={topk_group}: want 1 to n_group \(1\)"):
+        open_model(str(ck))

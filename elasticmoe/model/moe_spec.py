@@ -86,10 +86,11 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
     if model_type == "cohere2_moe" and scoring == "softmax":
         norm = True  # softmax over the top-k logits
     n_group, group_score = _get(cfg, "n_group", default=1), "top2_sum"
+    grouped = _get(cfg, "n_group") is not None  # transformers' router keeps the topk_group best of n_group groups
     if model_type == "deepseek_v2":
         group_score = "max"
         if _get(cfg, "topk_method", default="greedy") == "greedy":
-            n_group = 1
+            n_group, grouped = 1, False
     act = _get(cfg, "hidden_act", "hidden_activation", default="silu")
     if model_type == "gpt_oss":
         quant = dict(_get(cfg, "quantization_config", default={}) or {})
@@ -98,9 +99,9 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
                                  "only MXFP4 GPT-OSS checkpoints are dequantised on load")
     elif act not in ("silu", "swish"):
         raise ModelSpecError(f"config.hidden_act={act!r}: experts must be gated SiLU MLPs")
-    topk_group = _get(cfg, "topk_group", default=n_group) if n_group > 1 else 1
+    topk_group = _get(cfg, "topk_group", default=n_group) if grouped else 1
     _check_routing(cfg, num_experts + int(_get(cfg, "zero_expert_num", default=0)), top_k, n_group, topk_group,
-                   group_score)
+                   group_score, grouped)
     combine = _get(cfg, "shared_expert_combination_strategy", default="sum")
     if combine not in ("sum", "average"):
         raise ModelSpecError(f"config.shared_expert_combination_strategy={combine!r}: want 'sum' or 'average'")
@@ -137,8 +138,10 @@ def _norm_min(cfg: Any) -> float:
     return float(value)
 
 
-def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group: int, group_score: str) -> None:
-    """A top-k the router can pick: at most the experts (of the groups kept, with group-limited routing)."""
+def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group: int, group_score: str,
+                   grouped: bool) -> None:
+    """A top-k the router can pick: at most the experts (of the groups kept, where transformers' router runs its
+    group-limited routing: with one group too, where a topk_group of 0 masks every expert and more fail)."""
     field = next(n for n in ("num_experts_per_tok", "moe_topk", "top_k") if _get(cfg, n) is not None)
     if top_k < 1:  # transformers' top-k then fails every forward
         raise ModelSpecError(f"config.{field}={top_k}: want 1 or more experts per token")
@@ -146,7 +149,7 @@ def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group:
         raise ModelSpecError(f"config.n_group={n_group}: want 1 or more groups (1: no group-limited routing)")
     if top_k > experts:
         raise ModelSpecError(f"config.{field}={top_k}: more than the model's {experts} experts")
-    if n_group <= 1:
+    if n_group <= 1 and not grouped:
         return
     per_group = experts // n_group
     if experts % n_group or (group_score == "top2_sum" and per_group < 2):
