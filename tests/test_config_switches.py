@@ -52,6 +52,24 @@ def test_partial_rotary_factor_under_another_rope_type_is_refused_naming_it(tmp_
         open_model(str(ck))
 
 
+@pytest.mark.parametrize("model_type", ["solar_open", "glm4_moe_lite"])
+def test_partial_rotary_factor_is_refused_where_even_the_default_rope_shortens_cos_sin(tmp_path, model_type):
+    """These families' default rope shortens cos/sin to partial_rotary_factor, which their full-width rotary cannot
+    apply: transformers fails every forward. It was accepted (and every dim rotated), as for Mixtral's default rope."""
+    from elasticmoe.model import ModelSpecError, open_model
+    from tests.test_families import FAMILY_CASES
+    from tests.test_families_more import MORE_CASES
+
+    case = {**FAMILY_CASES, **MORE_CASES}[model_type]
+    ck = make_family_checkpoint(model_type, tmp_path / "m", case=case, partial_rotary_factor=0.5)
+    assert "partial_rotary_factor" in (ck / "config.json").read_text()
+    ref = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
+    with pytest.raises(RuntimeError, match="size of tensor"), torch.no_grad():
+        ref(IDS)
+    with pytest.raises(ModelSpecError, match=rf"config\.partial_rotary_factor=0\.5: .*'{model_type}'.*'default'"):
+        open_model(str(ck))
+
+
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
 def test_a_decoder_sparse_step_of_zero_is_refused_naming_it(tmp_path, model_type):
     """transformers takes each layer index modulo decoder_sparse_step: with 0 it cannot build the model. We took

@@ -55,6 +55,7 @@ class Family:
     norm_eps: float | None = None  # fixed norm epsilon (DBRX's LayerNorms take no eps from the config)
     experts_in_out: bool = False  # packed experts stored [E, in, out] (x @ w), also when a row is square
     partial_rotary: bool = False  # the rotary honours partial_rotary_factor (else it rotates every head dim)
+    default_rope_partial: bool = False  # its default rope shortens cos/sin to partial_rotary_factor all the same
     # (part, config flag): the "attn" / "mlp" / "lm_head" projections transformers builds with biases when the flag
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
@@ -74,7 +75,7 @@ FAMILIES: dict[str, Family] = {
                           biases=(("attn", "attention_bias"), ("mlp", "mlp_bias"))),
     "deepseek_v3": Family(keys=(*_MLA_KEYS, "scoring_func", "topk_method", "moe_layer_freq"), scoring="sigmoid",
                           neutral=(("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1))),
-    "glm4_moe_lite": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid"),
+    "glm4_moe_lite": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid", default_rope_partial=True),
     "glm4_moe": Family(keys=(*_DSV3_ROUTER, "use_qk_norm"), scoring="sigmoid", partial_rotary=True),
     "dots1": Family(keys=(*_DSV3_ROUTER, *_SLIDING), scoring="sigmoid"),
     "exaone_moe": Family(keys=(*_DSV3_ROUTER, "num_experts", "num_shared_experts", "mlp_layer_types",
@@ -109,7 +110,7 @@ FAMILIES: dict[str, Family] = {
                                 "layer_types", "attn_temperature_tuning", "floor_scale", "attn_scale"),
                           scoring="sigmoid", norm_topk=False, rope_interleave=True, experts_in_out=True),
     "solar_open": Family(keys=("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor",
-                               "n_group", "topk_group", "norm_topk_prob"), scoring="sigmoid"),
+                               "n_group", "topk_group", "norm_topk_prob"), scoring="sigmoid", default_rope_partial=True),
     # LongCat-Flash: each decoder layer is two engine layers (attention + dense MLP each); the first one's MoE
     # (with identity experts) is added after the second one
     "longcat_flash": Family(keys=("num_layers", "ffn_hidden_size", "expert_ffn_hidden_size", "n_routed_experts",

@@ -47,13 +47,14 @@ def longrope_context(cfg: Any, max_pos: int) -> int:
 def partial_rotary(cfg: Any, fam: Family) -> float:
     """The share of each head's dims the rotary turns. Most families' rotary turns them all whatever
     partial_rotary_factor says (their default rope ignores it); under another rope type transformers' initialisers
-    shorten cos/sin to it, which such a family's rotary then cannot apply: refused."""
+    shorten cos/sin to it, which such a family's rotary then cannot apply: refused (so is any rope type of a family
+    whose default rope shortens them too, Family.default_rope_partial)."""
     params = dict(config_get(cfg, "rope_parameters", default={}) or {})
     partial = params.get("partial_rotary_factor", config_get(cfg, "partial_rotary_factor", default=None)) or 1.0
     if fam.partial_rotary or partial == 1.0:
         return partial
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
+    if rope_type != "default" or fam.default_rope_partial:
         raise ModelSpecError(f"config.partial_rotary_factor={partial}: model_type {cfg.model_type!r} rotates every "
                              f"head dim, and with rope_type {rope_type!r} transformers fails every forward")
     return 1.0
