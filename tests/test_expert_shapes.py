@@ -47,3 +47,64 @@ def test_a_packed_expert_row_of_another_size_names_the_shape_the_config_wants(tm
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(name)}' gives a \[128, 64\] tensor, "
                                               r"want \[96, 64\]"):
         LLM(str(ck), dtype=dtype)
+
+
+@pytest.mark.parametrize("experts", [6, 10])
+def test_packed_experts_of_another_count_fail_the_open_naming_the_file(tmp_path, experts):
+    """Packed rows past config.json's experts went unused, and experts past the rows failed only in the shard that
+    loaded them; transformers refuses both."""
+    from elasticmoe.model import CheckpointError, open_model
+
+    ck = make_tiny_model("qwen3_moe", tmp_path / "m", layers=2, layout="packed")
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "num_local_experts": experts}))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: 'model\.layers\.0\.mlp\.experts\.\w+_proj' "
+                                              rf"\[8, .*\] holds 8 experts, but config\.json gives layer 0 {experts}"):
+        open_model(str(ck))
+
+
+def _drop(ck, names: set[str]) -> None:
+    """Remove tensors from a checkpoint: from their safetensors files, and from the index where there is one."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for file in ck.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            kept = {k: f.get_tensor(k) for k in f.keys() if k not in names}
+        save_file(kept, str(file), metadata={"format": "pt"})
+    index = ck / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k not in names}
+        index.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("dropped, shard, where", [
+    (("gate_proj", "up_proj", "down_proj"), None, r"model\.safetensors"),
+    (("up_proj",), None, r"model\.safetensors"),
+    (("gate_proj", "up_proj", "down_proj"), "100KB", r"model\.safetensors\.index\.json"),
+])
+def test_a_missing_per_expert_tensor_fails_the_open_naming_it(tmp_path, dropped, shard, where):
+    """A whole expert missing opened, and failed only in the shard that loaded it ("no weights for expert 3"); one
+    missing weight named neither the tensor nor the file."""
+    from elasticmoe.model import CheckpointError, open_model
+
+    ck = make_tiny_model("qwen3_moe", tmp_path / "m", layers=2, max_shard_size=shard)
+    assert (ck / "model.safetensors.index.json").is_file() == (shard is not None)
+    _drop(ck, {f"model.layers.1.mlp.experts.3.{p}.weight" for p in dropped})
+    name = f"model.layers.1.mlp.experts.3.{dropped[-1] if len(dropped) == 1 else 'gate_proj'}.weight"
+    with pytest.raises(CheckpointError, match=rf"{where}: no tensor '{re.escape(name)}' \(.* of expert 3 of layer 1"):
+        open_model(str(ck))
+
+
+def test_fewer_per_expert_experts_than_the_config_gives_fail_the_open(tmp_path):
+    from elasticmoe.model import CheckpointError, open_model
+
+    ck = make_tiny_model("mixtral", tmp_path / "m", layers=2)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "num_local_experts": 10}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: no tensor 'model\.layers\.0\.block_sparse_moe\."
+                                              r"experts\.8\.w1\.weight' \(.*config\.json gives it 10 experts\)"):
+        open_model(str(ck))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+from elasticmoe.model.expert_check import check_experts
 from elasticmoe.model.spec import ModelSpec
 
 _LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")
@@ -135,6 +136,7 @@ class WeightNames:
                 for e in range(num_experts):
                     parts.setdefault((layer, e), {})[proj] = name
                 self.blocks[layer] = pk.group("block") + "."
+        check_experts(self.ckpt, parts, num_experts)
         for (layer, e), p in parts.items():
             if e >= num_experts:
                 raise CheckpointError(f"{self.ckpt.path}: layer {layer} holds expert {e}, but the config has "
@@ -149,11 +151,7 @@ class WeightNames:
                 self.experts[(layer, e)] = ExpertRef(
                     None, None, p["down_proj"], p["gate_up_proj"], e, p.get("gate_up_proj_bias"),
                     p.get("down_proj_bias"), p.get("gate_up_proj_scales"), p.get("down_proj_scales"))
-            else:
-                missing = {"gate", "up", "down"} - set(p)
-                if missing:
-                    raise CheckpointError(
-                        f"{self.ckpt.path}: expert {e} of layer {layer} lacks its {sorted(missing)} weight(s)")
+            else:  # all three there (check_experts)
                 self.experts[(layer, e)] = ExpertRef(p["gate"], p["up"], p["down"])
             self.used.update(p.values())
 
