@@ -106,3 +106,38 @@ def test_an_mlp_size_unlike_the_configs_is_refused_naming_the_tensor(tmp_path, k
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(tensor)}' is \[\d+, 64\], but "
                                               rf"config\.json makes it \[{value}, 64\]"):
         open_model(str(ck))
+
+
+def _per_head_qk_norms(ck) -> None:
+    """OLMoE's q_norm / k_norm (over all heads) cut to one head's [head_dim], as a per-head family stores them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: t[:16].clone() if k.endswith(("q_norm.weight", "k_norm.weight")) else t for k, t in tensors.items()},
+              str(ck / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("model_type, shape, want", [("qwen3_moe", 16, 8), ("olmoe", 16, 64)])
+def test_a_qk_norm_unlike_the_configs_is_refused_naming_the_tensor(tmp_path, model_type, shape, want):
+    """Qwen3-MoE's config giving another head_dim (q/k/v/o still fit) than its per-head q_norm: the load went on and
+    the first forward failed on a size mismatch naming nothing. OLMoE's norms (over all heads) stored per head ran
+    as per-head norms. transformers refuses both checkpoints."""
+    import json
+
+    from elasticmoe import LLM
+    from elasticmoe.model import CheckpointError
+
+    ck = make_family_checkpoint(model_type, tmp_path / "m", case=CASES[model_type])
+    if model_type == "olmoe":
+        _per_head_qk_norms(ck)
+    else:
+        cfg = json.loads((ck / "config.json").read_text())
+        (ck / "config.json").write_text(json.dumps({**cfg, "head_dim": 8, "num_attention_heads": 8,
+                                                    "num_key_value_heads": 4}))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: 'model\.layers\.0\.self_attn\.q_norm\.weight' is "
+                                              rf"\[{shape}\], want \[{want}\]"):
+        LLM(str(ck), dtype="float32")

@@ -33,8 +33,11 @@ def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]
             shapes.update(q_a=(a.q_lora_rank, hidden), q_a_norm=(a.q_lora_rank,), q_b=(q, a.q_lora_rank))
         return shapes
     k, v = a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
+    head = (a.head_dim,)  # per-head q/k norms (HunYuan's after the rotary too); OLMoE's span all heads
     return {"q": (q, hidden), "k": (k, hidden), "v": (v, hidden), "o": o,
-            "q_bias": (q,), "k_bias": (k,), "v_bias": (v,), "o_bias": (hidden,)}
+            "q_bias": (q,), "k_bias": (k,), "v_bias": (v,), "o_bias": (hidden,),
+            "q_norm": (q,) if a.qk_norm_all_heads else head, "k_norm": (k,) if a.qk_norm_all_heads else head,
+            "q_norm_rope": head, "k_norm_rope": head}
 
 
 def mlp_shapes(ckpt: Checkpoint, names: dict[str, str], hidden: int) -> dict[str, tuple[int, ...]]:
@@ -126,7 +129,8 @@ class DenseModel:
         got = self.ckpt.shape(name)
         if (shape is not None and got != tuple(shape)) or (numel is not None and math.prod(got) != numel):
             want = list(shape) if shape is not None else f"{numel} values"
-            raise CheckpointError(f"{self.ckpt.path}: {name!r} is {list(got)}, want {want} (as config.json "
+            where = self.ckpt.path / self.ckpt.weight_map.get(name, "")  # its file (the directory for a view)
+            raise CheckpointError(f"{where}: {name!r} is {list(got)}, want {want} (as config.json "
                                   f"describes the model)")
         return self.ckpt.read(name).to(device=self.device, dtype=dtype or self.dtype)
 

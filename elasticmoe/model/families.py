@@ -45,6 +45,7 @@ class Family:
     #                     | "shortcut" (LongCat: an even layer's MoE output joins the next layer's residual)
     norm: str = "rms"  # "rms" | "layer" (mean-subtracted)
     qk_norm_after_rope: bool = False
+    qk_norm_all_heads: bool = False  # q_norm / k_norm over the whole q / k projection (OLMoE), not per head
     rope_interleave: bool | None = None  # forced pairwise (complex) rotary layout; None: config.rope_interleave
     nope_full_layers: bool = False  # rotary only on sliding layers (full-attention layers are NoPE)
     attn_sinks: bool = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks)
@@ -68,8 +69,9 @@ FAMILIES: dict[str, Family] = {
                         biases=(("attn", "qkv_bias"),)),
     "qwen3_moe": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
                               "mlp_only_layers", *_SLIDING)),
-    "olmoe": Family(keys=("num_experts", "norm_topk_prob", "clip_qkv"), neutral=(("clip_qkv", None),)),
-    "flex_olmo": Family(keys=("num_experts", "norm_topk_prob"), block="post"),
+    "olmoe": Family(keys=("num_experts", "norm_topk_prob", "clip_qkv"), neutral=(("clip_qkv", None),),
+                    qk_norm_all_heads=True),
+    "flex_olmo": Family(keys=("num_experts", "norm_topk_prob"), block="post", qk_norm_all_heads=True),
     "deepseek_v2": Family(keys=(*_MLA_KEYS, "topk_method", "scoring_func", "moe_layer_freq"), norm_topk=False,
                           rope_interleave=True, neutral=(("scoring_func", "softmax"), ("moe_layer_freq", 1)),
                           biases=(("attn", "attention_bias"), ("mlp", "mlp_bias"))),
@@ -82,7 +84,7 @@ FAMILIES: dict[str, Family] = {
                                "sliding_window_pattern", *_SLIDING), scoring="sigmoid", nope_full_layers=True,
                          biases=()),
     "minimax_m2": Family(keys=("num_local_experts", "use_qk_norm"), scoring="sigmoid", norm_topk=True, biases=(),
-                         partial_rotary=True),
+                         partial_rotary=True, qk_norm_all_heads=True),
     "hunyuan_v1_moe": Family(keys=("num_experts", "moe_topk", "use_qk_norm"), norm_topk=True, qk_norm_after_rope=True),
     "ernie4_5_moe": Family(keys=("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
                                  "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_norm_min"),

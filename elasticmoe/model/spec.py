@@ -31,6 +31,7 @@ class AttentionSpec:
     sliding_window: tuple[int | None, ...] = ()  # per layer, None = full attention
     rope_layers: tuple[bool, ...] = ()  # per layer: rotary applied (False = NoPE layer); empty = every layer
     qk_norm_after_rope: bool = False
+    qk_norm_all_heads: bool = False  # q_norm / k_norm weights span all heads ([heads * head_dim]), else one head
     sinks: bool = False  # GPT-OSS: per-head sink logits join the softmax (self_attn.sinks)
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -139,7 +140,8 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
         kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
         scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
         rope_dim=rope_dim, rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
-        rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, sinks=fam.attn_sinks,
+        rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, qk_norm_all_heads=fam.qk_norm_all_heads,
+        sinks=fam.attn_sinks,
         clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
     )
