@@ -156,3 +156,20 @@ def test_a_topk_group_outside_one_group_is_refused_naming_it(tmp_path, topk_grou
                 ref(ids)
     with pytest.raises(ModelSpecError, match=rf"config\.topk_group={topk_group}: want 1 to n_group \(1\)"):
         open_model(str(ck))
+
+
+def test_the_mlp_shape_check_says_why_it_is_skipped(tmp_path, caplog):
+    """The MLP shapes are checked against the model transformers builds from config.json on the meta device; where
+    transformers cannot build it (here a pad_token_id past the vocabulary) the check was skipped without a word."""
+    from elasticmoe.model import open_model
+
+    ck = make_family_checkpoint("ernie4_5_moe", tmp_path / "m")
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "pad_token_id": cfg["vocab_size"] + 8}))
+    with pytest.raises(AssertionError, match="Padding_idx"):
+        AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="elasticmoe.model.names"):
+        open_model(str(ck))
+    assert [r.getMessage() for r in caplog.records if r.name == "elasticmoe.model.names"] == [
+        f"{ck / 'config.json'}: dense and shared-expert MLP shapes not checked: transformers cannot build the model "
+        "it describes (AssertionError: Padding_idx must be within num_embeddings)"]

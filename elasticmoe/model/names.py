@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.expert_check import check_experts
 from elasticmoe.model.spec import ModelSpec
 
+log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 # experts.{e}.{gate_proj|w1}.weight  (Qwen / DeepSeek / OLMoE: gate/up/down; Mixtral: w1=gate, w3=up, w2=down)
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
@@ -240,8 +242,14 @@ class WeightNames:
     def check_mlp_shapes(self, config: Any) -> None:
         """Dense and shared-expert MLP weights at the shapes transformers builds from config.json (it refuses
         others); their sizes are read from the tensors, so nothing else would catch an intermediate size the config
-        does not state. Checked against the model transformers builds on the meta device (no memory)."""
-        want = _meta_shapes(config)
+        does not state. Checked against the model transformers builds on the meta device (no memory); skipped,
+        with a warning naming why, where transformers cannot build it."""
+        try:
+            want = _meta_shapes(config)
+        except Exception as e:  # noqa: BLE001 -- the check is an extra; the load goes on without it
+            log.warning("%s: dense and shared-expert MLP shapes not checked: transformers cannot build the model "
+                        "it describes (%s: %s)", self.ckpt.path / "config.json", type(e).__name__, e)
+            return
         for layer in self.layers:
             for name in [*(layer.dense or {}).values(), *(layer.shared or {}).values()]:
                 got = self.ckpt.shape(name)
@@ -258,17 +266,14 @@ class WeightNames:
 
 
 def _meta_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of the transformers model `config` describes, built on the meta device; empty when
-    transformers cannot build it there."""
+    """Parameter name -> shape of the transformers model `config` describes, built on the meta device; raises
+    what transformers raises when it cannot build it there."""
     import torch
     import transformers
 
-    try:
-        with torch.device("meta"):
-            try:
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            except ValueError:  # a causal LM outside the Auto mapping (Mistral 4): its class by name
-                model = getattr(transformers, config.architectures[0])._from_config(config)
-    except Exception:  # noqa: BLE001 -- the check is an extra; the load goes on without it
-        return {}
+    with torch.device("meta"):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:  # a causal LM outside the Auto mapping (Mistral 4): its class by name
+            model = getattr(transformers, config.architectures[0])._from_config(config)
     return {n: tuple(p.shape) for n, p in model.state_dict().items()}
