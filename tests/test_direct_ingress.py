@@ -97,6 +97,38 @@ def test_a_full_gateway_refuses_at_once_and_a_cancelled_call_frees_its_place(mod
         core.runner.close()
 
 
+def test_a_call_the_client_cancels_is_counted_as_http_counts_a_client_that_left(model):  # noqa: F811
+    """A cancelled call (a stream after its first response, a unary call while it runs) counts once as
+    requests_total{api="grpc", status="error"} and request_errors_total{code="CANCELLED"}, as HTTP counts a client
+    that left (error, 499): it was counted in neither, though its TTFT was observed."""
+    from elasticmoe.client import make_request
+
+    core = Core(*model, max_num_seqs=2, max_model_len=256)
+    core.dispatcher.delay_s = 0.005  # a 200-token request lasts >= 2 s
+    port = _port(core)
+    client = GenerationClient(port.address, timeout_s=60)
+    try:
+        busy = client.stream(PROMPT, max_tokens=200, **GREEDY)
+        next(busy)
+        busy.cancel()
+        _wait_idle(core)
+        unary = client.stub.Generate.future(make_request(PROMPT, max_tokens=200, **GREEDY), timeout=60)
+        deadline = time.monotonic() + 10
+        while not core.runner.stats()["steps"] or not core.runner.stats()["admitted"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        unary.cancel()
+        _wait_idle(core)
+        assert core.metrics.requests == {("grpc", "error"): 2} and core.metrics.errors == {"CANCELLED": 2}
+        core.dispatcher.delay_s = 0.0
+        client.generate(PROMPT, max_tokens=2)
+        assert core.metrics.requests == {("grpc", "error"): 2, ("grpc", "ok"): 1}
+    finally:
+        client.close()
+        port.stop(0)
+        core.runner.close()
+
+
 def test_a_server_error_is_internal_without_its_raw_text_and_the_port_keeps_serving(model):  # noqa: F811
     """A bug while serving (injected: the readiness check raises) ends that call INTERNAL with the exception's type
     only (its text stays in the log), unary and streaming alike; the next call is served."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -12,8 +13,14 @@ from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
 
 
 def fail(metrics, ctx, e: BaseException) -> None:
-    """Count a failed gRPC request and set its status (a cancelled call is left to gRPC: CANCELLED)."""
-    if isinstance(e, asyncio.CancelledError) or not isinstance(e, Exception):
+    """Count a failed gRPC request and set its status. A call the client cancelled (its handler cancelled, or its
+    stream closed) counts as status error, code CANCELLED, as HTTP counts a client that left (error, 499); its
+    status is left to gRPC."""
+    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+        metrics.request("grpc", "error")
+        metrics.error(grpc.StatusCode.CANCELLED.name)
+        return
+    if not isinstance(e, Exception):
         return
     code, details, status = status_of(e)
     metrics.request("grpc", status)
@@ -97,7 +104,8 @@ class GenerationService:
                 tokens += u.token_ids
                 lps += u.logprobs
         except BaseException as e:
-            fail(self.core.metrics, grpc_context, e)
+            if not stream.done:  # not counted yet (a call cancelled after its last token was counted ok)
+                fail(self.core.metrics, grpc_context, e)
             raise
         finally:
             await stream.aclose()
@@ -112,7 +120,8 @@ class GenerationService:
                     return
                 u = await stream.__anext__()
         except BaseException as e:
-            fail(self.core.metrics, grpc_context, e)
+            if not stream.done:  # not counted yet (a call cancelled after its last token was counted ok)
+                fail(self.core.metrics, grpc_context, e)
             raise
         finally:
             await stream.aclose()
@@ -131,9 +140,10 @@ class GenerationServicer(gen_grpc.GenerationServicer):
             await _abort(context)
 
     async def GenerateStream(self, request, context):
-        try:
-            async for r in self.service.generate_stream(request, context):
-                yield r
+        try:  # closed at once when the call is cancelled (counted then, not when the generator is collected)
+            async with contextlib.aclosing(self.service.generate_stream(request, context)) as responses:
+                async for r in responses:
+                    yield r
         except Exception:  # noqa: BLE001 - fail() set the status on the context
             await _abort(context)
 
