@@ -31,7 +31,7 @@ def _ray_metrics() -> dict[str, Any] | None:
     return {
         "requests": Counter("elasticmoe_requests_total", "Client requests by API and outcome", ("api", "status")),
         "errors": Counter("elasticmoe_request_errors_total", "Failed client requests by error code", ("code",)),
-        "ttft": hist("elasticmoe_ttft_seconds", "Time to first token", TTFT_BOUNDS),
+        "ttft": hist("elasticmoe_ttft_seconds", "Time to first token, from the request's arrival", TTFT_BOUNDS),
         "tpot": hist("elasticmoe_tpot_seconds", "Time per output token after the first", TPOT_BOUNDS),
         "e2e": hist("elasticmoe_e2e_latency_seconds", "Request latency, arrival to last token", E2E_BOUNDS),
         "running": Gauge("elasticmoe_running_seqs", "Sequences in the running batch"),

@@ -79,13 +79,12 @@ class GenerationService:
 
         Calls through a deployment handle carry no gRPC context: they come from inside the Ray cluster and are
         not checked for a key."""
-        m, stream = self.core.metrics, None
+        m, stream, t0 = self.core.metrics, None, time.monotonic()  # TTFT and latency from arrival, as HTTP's
         try:
             if grpc_context is not None:
                 self.core.api_keys.check_grpc(grpc_context)
             rid, ids, params = parse_request(request, self.core.tokenizer, self.core.runner.engine.validator)
             await self.core.wait_ready()
-            t0 = time.monotonic()
             stream = self.core.runner.generate(rid, ids, params)
             first = await stream.__anext__()
             m.ttft(time.monotonic() - t0)

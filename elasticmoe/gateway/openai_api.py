@@ -73,8 +73,9 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
         raise ApiError(400, message, param=param) from None
 
 
-async def create_completion(core: Any, req: CompletionRequest, request: Request) -> Any:
-    """POST /v1/completions."""
+async def create_completion(core: Any, req: CompletionRequest, request: Request,
+                            t0: float | None = None) -> Any:
+    """POST /v1/completions; t0: when it arrived (time.perf_counter(); default now), where TTFT and latency start."""
     aliases = {"prompt_token_ids": "prompt"}
     try:
         reject_unsupported(req)
@@ -86,11 +87,12 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request)
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
     return await _serve(request, req, *_choices(core, "cmpl", ids, params, aliases, req, False,
-                                                req.logprobs is not None))
+                                                req.logprobs is not None, t0))
 
 
-async def create_chat_completion(core: Any, req: ChatRequest, request: Request) -> Any:
-    """POST /v1/chat/completions."""
+async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
+                                 t0: float | None = None) -> Any:
+    """POST /v1/chat/completions; t0 as for create_completion."""
     limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     aliases = {"prompt_token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs", "max_tokens": limit}
     try:
@@ -106,7 +108,8 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request) 
                                  _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
-    return await _serve(request, req, *_choices(core, "chatcmpl", ids, params, aliases, req, True, bool(req.logprobs)))
+    return await _serve(request, req, *_choices(core, "chatcmpl", ids, params, aliases, req, True, bool(req.logprobs),
+                                                t0))
 
 
 _KINDS = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
@@ -206,15 +209,15 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        core = get_core()
+        t0, core = time.perf_counter(), get_core()  # arrival: TTFT and latency start here, as on gRPC
         body = await read_request(request, CompletionRequest, core)
-        return await create_completion(core, body, request)
+        return await create_completion(core, body, request, t0)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        core = get_core()
+        t0, core = time.perf_counter(), get_core()  # arrival: TTFT and latency start here, as on gRPC
         body = await read_request(request, ChatRequest, core)
-        return await create_chat_completion(core, body, request)
+        return await create_chat_completion(core, body, request, t0)
 
     return app
 

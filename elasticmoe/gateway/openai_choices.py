@@ -61,8 +61,8 @@ class Tally:
     """One client request's metrics, shared by its n choices: recorded once, by the first outcome reported (an
     error, a disconnect, or the whole response done); its first token is the first of any choice."""
 
-    def __init__(self, core: Any):
-        self.core, self.t0, self.t_first, self.done = core, time.perf_counter(), 0.0, False
+    def __init__(self, core: Any, t0: float | None = None):
+        self.core, self.t0, self.t_first, self.done = core, time.perf_counter() if t0 is None else t0, 0.0, False
 
     def first_token(self) -> None:
         self.t_first = self.t_first or time.perf_counter()
@@ -165,9 +165,11 @@ async def _serve(request: Request, req: BaseRequest, gens: list[Generation], sha
 
 
 def _choices(core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
-             req: BaseRequest, chat: bool, logprobs: bool) -> tuple[list[Generation], list[Shape]]:
-    """One Generation and Shape per choice (n); choice i samples with seed + i when a seed is given."""
-    rid, tally = f"{prefix}-{uuid.uuid4().hex}", Tally(core)
+             req: BaseRequest, chat: bool, logprobs: bool,
+             t0: float | None = None) -> tuple[list[Generation], list[Shape]]:
+    """One Generation and Shape per choice (n); choice i samples with seed + i when a seed is given. t0: when the
+    request arrived (time.perf_counter(); default now)."""
+    rid, tally = f"{prefix}-{uuid.uuid4().hex}", Tally(core, t0)
     gens, shapes = [], []
     for i, p in enumerate(choice_params(params, req.n or 1)):
         gens.append(Generation(core, prefix, ids, p, aliases, response_id=rid, tally=tally))
