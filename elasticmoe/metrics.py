@@ -32,7 +32,7 @@ def _ray_metrics() -> dict[str, Any] | None:
         "requests": Counter("elasticmoe_requests_total", "Client requests by API and outcome", ("api", "status")),
         "errors": Counter("elasticmoe_request_errors_total", "Failed client requests by error code", ("code",)),
         "ttft": hist("elasticmoe_ttft_seconds", "Time to first token, from the request's arrival", TTFT_BOUNDS),
-        "tpot": hist("elasticmoe_tpot_seconds", "Time per output token after the first", TPOT_BOUNDS),
+        "tpot": hist("elasticmoe_tpot_seconds", "Time per output token after the first, per choice", TPOT_BOUNDS),
         "e2e": hist("elasticmoe_e2e_latency_seconds", "Request latency, arrival to last token", E2E_BOUNDS),
         "running": Gauge("elasticmoe_running_seqs", "Sequences in the running batch"),
         "queued": Gauge("elasticmoe_queued_seqs", "Requests waiting for a KV-cache slot"),
@@ -115,7 +115,7 @@ class GatewayMetrics:
         self._observe("ttft", seconds)
 
     def tpot(self, seconds: float) -> None:
-        """Observe a request's mean time per output token after the first."""
+        """Observe a choice's mean time per output token after its first (one per choice of an n > 1 request)."""
         self._observe("tpot", seconds)
 
     def e2e(self, seconds: float) -> None:

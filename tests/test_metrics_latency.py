@@ -64,3 +64,25 @@ def test_ttft_starts_at_arrival_on_both_apis_including_the_wait_for_the_shards(m
         port.stop(0)
         server.stop()
         core.runner.close()
+
+
+def test_tpot_is_per_choice_over_its_own_tokens(model):  # noqa: F811
+    """n choices: each observes its own TPOT (its first token to its last, over its own tokens); one value was
+    observed per request, choice 0's tokens dividing the time since the first token of any choice."""
+    core = _core(model, max_num_seqs=4, max_model_len=128)
+    server = Server(build_openai_app(core))
+    try:
+        http = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+        for stream in (False, True):
+            got = http.completions.create(model=core.args.model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3,
+                                          n=3, stream=stream, extra_body={"ignore_eos": True})
+            if stream:
+                list(got)
+        seen = core.metrics.seen
+        assert core.metrics.requests == {("http", "ok"): 2} and len(seen["ttft"]) == len(seen["e2e"]) == 2
+        assert len(seen["tpot"]) == 6, seen
+        for i, e2e in enumerate(seen["e2e"]):  # a choice's 7 gaps after its first token fit in its request's time
+            assert all(0 < t <= e2e / 7 for t in seen["tpot"][3 * i:3 * i + 3]), seen
+    finally:
+        server.stop()
+        core.runner.close()

@@ -24,10 +24,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATUS_OF = {400: "invalid", 401: "unauthenticated", 413: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
 
 
-def _record(core: Any, http_status: int | None, last: Update | None = None, t0: float = 0.0,
-            t_first: float = 0.0) -> None:
-    """Count one finished request (all its choices) on core.metrics (if any): ok with latencies, or failed with
-    its code."""
+def _record(core: Any, http_status: int | None, tally: Tally | None = None) -> None:
+    """Count one finished request (all its choices) on core.metrics (if any): ok with latencies (TTFT to the first
+    token of any choice, TPOT per choice over its own tokens), or failed with its code."""
     m = getattr(core, "metrics", None)
     if m is None:
         return
@@ -36,12 +35,12 @@ def _record(core: Any, http_status: int | None, last: Update | None = None, t0: 
         m.error(str(http_status))
         return
     m.request("http", "ok")
-    if last is not None:
-        now = time.perf_counter()
-        m.ttft(t_first - t0)
-        m.e2e(now - t0)
-        if last.completion_tokens > 1:
-            m.tpot((now - t_first) / (last.completion_tokens - 1))
+    if tally is not None:
+        m.ttft(tally.t_first - tally.t0)
+        m.e2e(time.perf_counter() - tally.t0)
+        for t_first, t_last, tokens in tally.choices:
+            if tokens > 1:
+                m.tpot((t_last - t_first) / (tokens - 1))
 
 
 def _bad_request(e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
@@ -59,18 +58,26 @@ def _server_error(e: Exception) -> ApiError:
 
 class Tally:
     """One client request's metrics, shared by its n choices: recorded once, by the first outcome reported (an
-    error, a disconnect, or the whole response done); its first token is the first of any choice."""
+    error, a disconnect, or the whole response done); its first token is the first of any choice, and each choice
+    that ended gives its own TPOT (its first token to its last, over its own tokens)."""
 
     def __init__(self, core: Any, t0: float | None = None):
         self.core, self.t0, self.t_first, self.done = core, time.perf_counter() if t0 is None else t0, 0.0, False
+        self.choices: list[tuple[float, float, int]] = []  # (its first token, its last, its tokens) per ended choice
 
-    def first_token(self) -> None:
-        self.t_first = self.t_first or time.perf_counter()
+    def first_token(self) -> float:
+        now = time.perf_counter()
+        self.t_first = self.t_first or now
+        return now
+
+    def choice_ended(self, t_first: float, tokens: int) -> None:
+        self.choices.append((t_first, time.perf_counter(), tokens))
 
     def record(self, http_status: int | None, last: Update | None = None) -> None:
+        """The outcome: an HTTP status, or None (ok: `last`, an update of the request, given once all ended)."""
         if not self.done:
             self.done = True
-            _record(self.core, http_status, last, self.t0, self.t_first)
+            _record(self.core, http_status, self if last is not None else None)
 
 
 class Generation:
@@ -84,6 +91,7 @@ class Generation:
         self.model = served_name(core.args)
         self.tally = tally or Tally(core)
         self._stream: AsyncIterator[Update] | None = None
+        self.t_first = 0.0  # when its first token came (time.perf_counter())
 
     def record(self, http_status: int | None, last: Update | None = None) -> None:
         """The request's outcome (once per request, whichever choice reports first)."""
@@ -108,7 +116,9 @@ class Generation:
             raise self.fail(ApiError(429, str(e), "rate_limit_exceeded")) from e
         except Exception as e:  # noqa: BLE001 - the engine could not serve it
             raise self.fail(_server_error(e)) from e
-        self.tally.first_token()
+        self.t_first = self.tally.first_token()
+        if first.finished:
+            self.tally.choice_ended(self.t_first, first.completion_tokens)
         return first
 
     async def rest(self) -> AsyncIterator[Update]:
@@ -116,6 +126,8 @@ class Generation:
         assert self._stream is not None
         try:
             async for u in self._stream:
+                if u.finished:
+                    self.tally.choice_ended(self.t_first, u.completion_tokens)
                 yield u
         except Exception as e:  # noqa: BLE001 - the engine could not serve it mid-generation
             raise self.fail(_server_error(e)) from e
