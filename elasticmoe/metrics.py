@@ -12,6 +12,7 @@ EXPERT_METRIC_MODES = ("per_expert", "per_layer", "off")
 TTFT_BOUNDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TPOT_BOUNDS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
 E2E_BOUNDS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]
+PLACEMENT_REASONS = ("rebalance", "scale_out", "scale_in", "rehome")  # why a placement change was applied
 FANOUT_BOUNDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
 
 
@@ -46,8 +47,12 @@ def _ray_metrics() -> dict[str, Any] | None:
                                   "1 while the controller has the expert shard registered, 0 once it left", ("shard",)),
         "fanout": hist("elasticmoe_fanout_latency_seconds", "Expert fan-out overhead per (layer, step)",
                        FANOUT_BOUNDS),
-        "rebalance_events": Counter("elasticmoe_rebalance_events_total", "Expert rebalances applied"),
-        "rebalance_bytes": Counter("elasticmoe_rebalance_bytes_total", "Expert weight bytes moved by rebalances"),
+        "rebalance_events": Counter("elasticmoe_rebalance_events_total",
+                                    "Placement changes applied, by reason: rebalance (the planner), scale_out, "
+                                    "scale_in (a drain), rehome (after a shard was lost)", ("reason",)),
+        "rebalance_bytes": Counter("elasticmoe_rebalance_bytes_total",
+                                   "Expert weight bytes loaded by placement changes, by reason (as rebalance_events)",
+                                   ("reason",)),
     }
 
 
@@ -82,6 +87,7 @@ class GatewayMetrics:
         self.layer_copies: dict[int, int] = {}  # layer -> sum of its experts' copies (kept with expert_copies)
         self.shards: dict[str, bool] = {}
         self.rebalance_events = self.rebalance_bytes = 0
+        self.rebalance_reasons: dict[str, int] = {}  # placement changes applied, by reason (PLACEMENT_REASONS)
         self._stop = threading.Event()
         if self._ray is not None:
             threading.Thread(target=self._flush_loop, name="metrics-flush", daemon=True).start()
@@ -193,14 +199,18 @@ class GatewayMetrics:
                 self._ray["shard_healthy"].set(1.0 if ok else 0.0, {"shard": sid})
                 self._ray["shard_registered"].set(1.0, {"shard": sid})
 
-    def rebalance(self, nbytes: int) -> None:
-        """Count one applied rebalance that moved `nbytes` of expert weights."""
+    def rebalance(self, nbytes: int, reason: str = "rebalance") -> None:
+        """Count one applied placement change that loaded `nbytes` of expert weights; reason: one of
+        PLACEMENT_REASONS (rebalance: the planner's; scale_out; scale_in: a drain; rehome: after a shard was lost)."""
+        if reason not in PLACEMENT_REASONS:
+            raise ValueError(f"reason: must be one of {PLACEMENT_REASONS}, got {reason!r}")
         self.rebalance_events += 1
         self.rebalance_bytes += int(nbytes)
+        self.rebalance_reasons[reason] = self.rebalance_reasons.get(reason, 0) + 1
         if self._ray:
-            self._ray["rebalance_events"].inc(1)
+            self._ray["rebalance_events"].inc(1, {"reason": reason})
             if nbytes > 0:
-                self._ray["rebalance_bytes"].inc(int(nbytes))
+                self._ray["rebalance_bytes"].inc(int(nbytes), {"reason": reason})
 
     # --- hot path (engine thread) --------------------------------------------------------------
 

@@ -43,6 +43,7 @@ async def _scenario(files, model):
         assert all(t["complete"] for t in seen) and all(n >= 1 for row in _live_copies(seen[-1]) for n in row)
         assert a.held() == {(l, e) for l in files.spec.moe.moe_layers for e in range(E)}
         assert (await ctrl.heartbeat("b", b.address))["known"] is False  # a zombie b would be replaced
+        assert ctrl.metrics.rebalance_reasons == {"rehome": 1}  # elasticmoe_rebalance_events_total{reason}
 
         # restart: a new controller resumes from the record and the shards' holdings; versions only grow
         v1 = ctrl.registry.version
@@ -66,11 +67,13 @@ async def _scenario(files, model):
             await ctrl2._grow()
         table = await ctrl2.table()
         assert table["complete"] and {s["id"] for s in table["shards"]} == {"a", "c"} and c.held()
+        assert ctrl2.metrics.rebalance_reasons == {"scale_out": 1}  # the failed load counted nothing
 
         # drain c (scale-in): its experts are loaded elsewhere before it leaves the table
         table = await ctrl2.drain("c")
         assert table["complete"] and [s["id"] for s in table["shards"]] == ["a"]
         assert a.held() == {(l, e) for l in files.spec.moe.moe_layers for e in range(E)}
+        assert ctrl2.metrics.rebalance_reasons == {"scale_out": 1, "scale_in": 1}
         for task in ctrl2._tasks:
             task.cancel()
     finally:

@@ -100,6 +100,11 @@ def test_request_and_control_plane_counters():
     assert m.gauges["running"] == 3 and m.gauges["kv_usage"] == 0.75
     assert m.expert_copies == {(1, 0): 3, (1, 1): 1} and m.shards == {"shard-0": False}
     assert (m.rebalance_events, m.rebalance_bytes) == (1, 1024)
+    m.rebalance(0, "rehome"), m.rebalance(2048, "scale_out")
+    assert (m.rebalance_events, m.rebalance_bytes) == (3, 3072)
+    assert m.rebalance_reasons == {"rebalance": 1, "rehome": 1, "scale_out": 1}  # every placement change, by why
+    with pytest.raises(ValueError, match="reason"):  # a bounded label set
+        m.rebalance(0, "re-home after health check failed")
 
 
 def test_route_is_cheap_and_thread_safe():

@@ -162,7 +162,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
     async def drain(self, shard_id: str) -> dict:
         """Scale-in: load this shard's experts elsewhere, publish without it, wait for the gateways, let it go."""
         async with self._start():
-            version = await self._lose(shard_id, "drained", alive=True)
+            version = await self._lose(shard_id, "drained", alive=True, kind="scale_in")
         if version is not None:
             await self._acked(version)
         return self._table()

@@ -144,9 +144,10 @@ class Mover:
                 log.warning("drop on %s failed: %s", address, e.code())
 
     # ----- one change, make-before-break
-    async def _apply(self, change: Change, reason: str) -> None:
+    async def _apply(self, change: Change, reason: str, kind: str = "rebalance") -> None:
         """Load the added copies, commit and publish the new table, then drop the old copies once every live
-        gateway runs it. A failed load changes nothing (raises LoadFailed)."""
+        gateway runs it. A failed load changes nothing (raises LoadFailed). kind: the metrics' reason label
+        (metrics.PLACEMENT_REASONS); `reason` goes to the event log."""
         added, removed = change.current.diff(change.new)  # (layer, expert, new position)
         owners = {change.relabel.get(s.position, s.position): s for s in self.registry.shards.values()
                   if s.shard_id not in change.remove}
@@ -161,7 +162,7 @@ class Mover:
             self._event("load_failed", reason=reason, error=str(e)[:200])
             raise
         self.bytes_moved += moved
-        self.metrics.rebalance(moved)
+        self.metrics.rebalance(moved, kind)
         self.registry.commit(change)
         self._save()
         version = self.registry.version

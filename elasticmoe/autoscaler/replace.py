@@ -34,9 +34,10 @@ class Replacer:
     _grow_failures = 0  # failed scale outs in a row
     _grow_after = 0.0  # monotonic time before which the health round does not try one again
 
-    async def _lose(self, shard_id: str, why: str, alive: bool = False) -> int | None:
+    async def _lose(self, shard_id: str, why: str, alive: bool = False, kind: str = "rehome") -> int | None:
         """Take a shard out, with any other failed or empty position (a copy cannot be loaded there): their experts
-        get live copies elsewhere first; returns the committed version."""
+        get live copies elsewhere first; returns the committed version. kind: the metrics' reason (scale_in for a
+        drain)."""
         info = self.registry.shards.get(shard_id)
         if info is None:
             return None
@@ -50,7 +51,7 @@ class Replacer:
             return self.registry.version
         gone = [info.position] + [p for p in self.registry.vacant() if p != info.position]  # other dead ones too
         if len(gone) == n:  # nothing to re-home onto but ready spares: they join (empty) first
-            if not self.registry.spares() or not await self._widen(why):
+            if not self.registry.spares() or not await self._widen(why, kind):
                 return None  # a new replica takes this position over
             n = self.registry.placement.num_shards
         # a shard still loading serves nothing yet: every expert gets a copy on the live shards, and the loading ones
@@ -67,7 +68,7 @@ class Replacer:
         new = _then_kept(new, current, len(loading))
         remove = tuple(s.shard_id for s in self.registry.shards.values() if s.position in gone)
         try:
-            await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}")
+            await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}", kind)
         except Exception as e:  # noqa: BLE001 - rolled back; the health loop tries again
             self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:200])
             return None
@@ -75,7 +76,7 @@ class Replacer:
             self._event("removed", shard=sid, why=why if sid == shard_id else "failed with it")
         return self.registry.version
 
-    async def _widen(self, why: str) -> bool:
+    async def _widen(self, why: str, kind: str) -> bool:
         """Place the ready spares as empty positions (no copy loaded, the routing unchanged)."""
         cur, spares = self.registry.placement, self.registry.spares()
         pad = ((0, 0), (0, 0), (0, len(spares)))
@@ -83,7 +84,7 @@ class Replacer:
                                      cur.version + 1)
         change = Change(cur, wide, {p: p for p in range(cur.num_shards)}, add=tuple(s.shard_id for s in spares))
         try:
-            await self._apply(change, f"spares join to re-home after {why}")
+            await self._apply(change, f"spares join to re-home after {why}", kind)
         except Exception as e:  # noqa: BLE001 - nothing loaded; the health loop tries again
             self._event("rehome_failed", why=why, error=str(e)[:200])
             return False
@@ -129,7 +130,7 @@ class Replacer:
                    min_copies=self.args.expert_copies)
         change = Change(cur, new, {p: p for p in range(cur.num_shards)}, add=tuple(s.shard_id for s in spares))
         try:
-            await self._apply(change, "scale out")
+            await self._apply(change, "scale out", "scale_out")
         except Exception as e:  # noqa: BLE001 - the spares stay spares for now
             self._grow_failures += 1  # the next health round tries again, then later each time
             wait = 0.0 if self._grow_failures == 1 else min(GROW_BACKOFF_MAX_S, 2.0 ** (self._grow_failures - 1))
