@@ -77,18 +77,23 @@ def header(st: dict) -> list[str]:
 
 
 def shard_rows(st: dict, prev: dict | None, dt: float | None, bar_width: int) -> list[str]:
-    """One row per shard: position, id, address, health, experts, tokens (and tokens/s), calls, a load bar."""
+    """What the columns cover, then one row per shard: position, id, address, health, experts, tokens and calls
+    (totals since the shard started; "-" when its stats call failed), tokens/s and a load bar (over the interval
+    since `prev`, else since the shard started)."""
     recent = {s["id"]: _since(s, prev) for s in st.get("shards", [])}
     top = max((r[0] for r in recent.values() if r), default=0)
     rate = "tok/s" if prev is not None and dt else ""
-    rows = [f"{'pos':>3}  {'shard':<20} {'address':<21} {'health':<7} {'experts':>7} {'tokens':>8} "
+    span = f"tok/s, load: the last {dt:.0f}s" if rate else "load: since each shard started"
+    rows = [f"tokens, calls: totals since each shard started; {span}",
+            f"{'pos':>3}  {'shard':<20} {'address':<21} {'health':<7} {'experts':>7} {'tokens':>8} "
             f"{'calls':>6} {rate:>7}  load"]
     for s in st.get("shards", []):
         r = recent[s["id"]]  # None: not measured over the interval, no rate
         tokens = r[0] if r else 0
         per_s = f"{tokens / dt:7.0f}" if rate and r else " " * 7
+        total, calls = ("-", "-") if s.get("stats_error") else (s.get("tokens", 0), s.get("calls", 0))
         rows.append(f"{s.get('position', '?'):>3}  {str(s['id'])[:20]:<20} {str(s.get('address', ''))[:21]:<21} "
-                    f"{health(s):<7} {s.get('experts', 0):>7} {s.get('tokens', 0):>8} {s.get('calls', 0):>6} "
+                    f"{health(s):<7} {s.get('experts', 0):>7} {total:>8} {calls:>6} "
                     f"{per_s}  {bar(tokens, top, bar_width)}|")
     return rows
 

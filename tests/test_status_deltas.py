@@ -97,3 +97,15 @@ def test_json_watch_writes_one_status_a_line(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert [json.loads(line) for line in out.splitlines()] == [json.loads(json.dumps(s)) for s in (first, second)]
     assert "controller restarting" in err
+
+
+def test_the_table_says_which_columns_are_totals_and_which_the_interval():
+    """tokens and calls are totals since each shard started, tok/s and the bar the last interval: the header did not
+    say so, and a shard whose stats call failed showed 0 tokens, 0 calls (missing counts, not an idle shard)."""
+    text = render(_status(_shard("a", 0, A1), _shard("b", 1, None)),
+                  _status(_shard("a", 0, A0), _shard("b", 1, B0)), 2.0)
+    assert "tokens, calls: totals since each shard started; tok/s, load: the last 2s" in text.splitlines()
+    assert f"{sum(A1.values()):>8} {10:>6}" in _row(text, "a")  # a's total, not the interval's 40
+    assert "  -      - " in _row(text, "b") and " 0 " not in _row(text, "b")
+    first = render(_status(_shard("a", 0, A0)))
+    assert "tokens, calls: totals since each shard started; load: since each shard started" in first.splitlines()
