@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_MIN_CPUS = 4  # logical CPUs the demo starts its local Ray node with, at least
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -146,7 +147,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     print(f"[1/4] model {ns.model}: {path} ({time.perf_counter() - t0:.1f}s)")
     print("[2/4] starting a local Ray cluster on 127.0.0.1 ...")
     lc.stop_ray()
-    lc.start_ray(num_cpus=max(4, ns.cpus))
+    lc.start_ray(num_cpus=ns.cpus)
     print(f"[3/4] serve deploy {ns.config} (model: {ns.model}) ...")
     lc.serve_deploy(config)
     lc.wait_running(app)
@@ -191,13 +192,26 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _demo_cpus(text: str) -> int:
+    """An argparse type: the demo's logical CPUs for the local Ray node, DEMO_MIN_CPUS or more (was raised silently)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < DEMO_MIN_CPUS:
+        raise argparse.ArgumentTypeError(f"must be at least {DEMO_MIN_CPUS} (logical CPUs: more than the machine's "
+                                         f"cores is fine), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `elasticmoe` command's arguments (tests/test_doc_claims.py parses every command line the docs show)."""
     parser = argparse.ArgumentParser(prog="elasticmoe", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="demo model -> local Ray -> serve deploy -> gRPC requests")
     p.add_argument("--config", default=str(REPO / "deployments" / "tiny.yaml"))
-    p.add_argument("--cpus", type=int, default=4, help="logical CPUs for the local Ray node")
+    p.add_argument("--cpus", type=_demo_cpus, default=DEMO_MIN_CPUS,
+                   help=f"logical CPUs for the local Ray node (at least {DEMO_MIN_CPUS}, the default)")
     p.add_argument("--model", default="tiny:demo", help="model served (default: the demo model, trained on first use)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("generate", help="send a prompt to a served cluster over gRPC")

@@ -225,3 +225,30 @@ def test_demo_with_a_config_it_cannot_use_leaves_the_running_cluster_alone(text,
     err = capsys.readouterr().err
     assert ray_commands == [] and "error:" in err and str(config) in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("cpus", ["2", "0", "x"])
+def test_demo_refuses_fewer_cpus_than_it_uses_naming_the_option(cpus, tmp_path, monkeypatch, capsys):
+    """`elasticmoe demo --cpus 2` started Ray with 4 logical CPUs (max(4, --cpus)) without a word, and --help said
+    only "logical CPUs for the local Ray node"; it is now an argument error naming --cpus and the minimum (exit 2),
+    before any Ray command, and --help gives the minimum."""
+    from elasticmoe import local_cluster as lc
+    from elasticmoe.cli import main
+
+    ray_commands = []
+
+    def deploy(path):  # the demo goes no further here
+        ray_commands.append("deploy")
+        raise SystemExit(99)
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lc, "stop_ray", lambda: ray_commands.append("stop"))
+    monkeypatch.setattr(lc, "start_ray", lambda **kw: ray_commands.append(("start", kw)))
+    monkeypatch.setattr(lc, "serve_deploy", deploy)
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--cpus", cpus, "--model", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ray_commands == [] and "--cpus" in err, err
+    assert "at least 4" in err or cpus == "x", err
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "at least 4" in " ".join(capsys.readouterr().out.split())
