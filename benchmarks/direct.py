@@ -1,4 +1,5 @@
-"""The served design without Ray Serve: the gateway's engine in this process, expert shards in their own processes."""
+"""The served design without Ray Serve: the gateway's engine in this process, expert shards in their own processes;
+optionally the gateway's gRPC port on that engine (serve_port)."""
 
 from __future__ import annotations
 
@@ -97,7 +98,28 @@ class DirectCluster:
                  "expert shards": round((sum(process_cpu_seconds(p) for p in pids) - shards0) / wall, 3)}
         return cores, wall, ttft, tpot
 
+    def serve_port(self, port: int) -> None:
+        """The gateway's Generation gRPC port (its DirectIngress, engine runner and request handling) on this engine,
+        at 127.0.0.1:port: the served request path without Ray (no keys, metrics kept in-process)."""
+        from elasticmoe.gateway.auth import ApiKeys
+        from elasticmoe.gateway.direct_ingress import DirectIngress
+        from elasticmoe.gateway.generation_service import GenerationService
+        from elasticmoe.gateway.runner import EngineRunner
+        from elasticmoe.metrics import GatewayMetrics
+
+        spec = self.engine.spec
+        self.runner = EngineRunner(self.engine)
+        self.tokenizer, self.api_keys = self.engine.tokenizer, ApiKeys(set())
+        self.metrics = GatewayMetrics("off", spec.num_layers, spec.moe.num_experts, spec.moe.moe_layers, use_ray=False)
+        self.ingress = DirectIngress(GenerationService(self), "127.0.0.1", port, max_rpcs=self.runner.capacity + 64)
+
+    async def wait_ready(self) -> None:  # GenerationService's core: the shards are up once __init__ returns
+        return None
+
     def close(self) -> None:
+        if getattr(self, "ingress", None) is not None:
+            self.ingress.stop(1.0)
+            self.runner.close()
         self.dispatcher.close()
         for stop in self.stops:
             stop.send(None)

@@ -1,6 +1,7 @@
 """Serving benchmark: (a) the served cluster over gRPC (through Serve's proxy, and through the gateway's direct_grpc
 port), (b) LLM.generate in one process, (c) transformers generate, (d) the served design without Ray Serve
-(benchmarks/direct.py).
+(benchmarks/direct.py), (e) with `--engine-port`, (d)'s engine behind the gateway's gRPC port, clients in another
+process (the served request path without Ray).
 
 Output tokens/s, TTFT and TPOT p50/p99 at several concurrencies, plus the gateway's fan-out overhead per
 (layer, step). Starts (and stops) its own local Ray on 127.0.0.1. Prints a table and writes JSON.
@@ -72,8 +73,34 @@ def bench_direct(cluster: DirectCluster, conc: int, n: int) -> dict:
 
 
 DIRECT_PORT = 9100  # the served app's direct_grpc port
+ENGINE_PORT = 9101  # row (e)'s port, on the direct cluster's engine in this process
 INGRESS = {"proxy": ("127.0.0.1:9000", "served: gateway + 2 shards (Serve's gRPC proxy)"),
-           "port": (f"127.0.0.1:{DIRECT_PORT}", "served-port: gateway + 2 shards (direct_grpc port)")}
+           "port": (f"127.0.0.1:{DIRECT_PORT}", "served-port: gateway + 2 shards (direct_grpc port)"),
+           "engine": (f"127.0.0.1:{ENGINE_PORT}", "engine-port: (d) + the gateway's gRPC port (no Ray)")}
+
+
+def _clients(conc: int, n: int, rounds: int, out) -> None:
+    """Row (e)'s clients, in a process of their own (as (a)'s are beside the served gateway's process)."""
+    bench_served(2, 4, 1, "engine")  # warm-up
+    row = bench_served(conc, n, rounds, "engine")
+    row.pop("cores_busy")  # by role, the roles of (a)'s processes: not this layout's
+    out.put(row)
+
+
+def bench_engine_port(cluster: DirectCluster, concs: list[int], n: int, rounds: int) -> list[dict]:
+    """(e): (d)'s engine behind the gateway's own gRPC port (DirectIngress, EngineRunner, GenerationService) in
+    this process, streaming to client threads in another process: the served request path without Ray."""
+    import multiprocessing as mp
+
+    cluster.serve_port(ENGINE_PORT)
+    ctx, rows = mp.get_context("spawn"), []
+    for c in concs:
+        out = ctx.Queue()
+        p = ctx.Process(target=_clients, args=(c, n, rounds, out))
+        p.start()
+        rows.append(out.get(timeout=600))
+        p.join()
+    return rows
 
 
 def bench_served(conc: int, n: int, rounds: int, ingress: str = "proxy") -> dict:
@@ -159,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--no-serve", action="store_true", help="leave out the served rows (a): no Ray needed")
+    ap.add_argument("--engine-port", action="store_true", help="add row (e): (d)'s engine behind the gateway's gRPC "
+                    "port, clients in another process (no Ray)")
     ap.add_argument("--ingress", default="proxy,port", help="served rows through Serve's gRPC proxy (proxy), the "
                     "gateway's direct_grpc port (port), or both, alternating")
     a = ap.parse_args(argv)
@@ -199,6 +228,8 @@ def main() -> None:
     try:
         bench_direct(direct, 2, 4)  # warm-up
         rows += [bench_direct(direct, c, a.tokens) for c in concs]
+        if a.engine_port:
+            rows += bench_engine_port(direct, concs, a.tokens, a.rounds)
     finally:
         direct.close()
     if a.no_serve:
@@ -239,7 +270,8 @@ def _report(a, rows: list[dict], fan: dict | None) -> None:
     for c in sorted({r["concurrency"] for r in rows}):
         by = {r["system"].split(":")[0].split(" ")[0]: r["tok_s"] for r in rows if r["concurrency"] == c}
         ratios = [("served", "transformers"), ("served", "LLM.generate"), ("served-port", "LLM.generate"),
-                  ("direct", "LLM.generate"), ("served", "direct"), ("served-port", "direct"),
+                  ("direct", "LLM.generate"), ("engine-port", "LLM.generate"), ("served", "direct"),
+                  ("served-port", "direct"), ("served-port", "engine-port"),
                   ("LLM.generate", "transformers")]
         ratios = [(x, y) for x, y in ratios if x in by and y in by]
         print(f"concurrency {c}: " + ", ".join(f"{x} / {y} = {by[x] / by[y]:.2f}x" for x, y in ratios))
