@@ -46,7 +46,8 @@ class _Conn(Multiplexed):
     themselves (sendmsg, no thread hop). Reading takes the connection's read token: a caller waiting for answers
     (SocketTransport.wait) takes it and reads them on its own thread, and the connection's thread stays out of its
     way while callers do (it reads only when nobody has for PARK_S). Any failure (cannot connect, broken, a reply
-    that cannot be read) fails every pending call at once and marks it dead; the next send opens a new one.
+    whose frame id cannot be read) fails every pending call at once and marks it dead (a readable id's unreadable
+    reply fails that call alone); the next send opens a new one.
     A frame larger than the shard's limit (Health) fails alone, unsent (OVERSIZE): the shard would end the connection."""
 
     def __init__(self, address: str, opener: Opener):
@@ -178,7 +179,13 @@ class _Conn(Multiplexed):
                 if got is None:
                     break  # end of stream
                 for buf in got:
-                    reply = frames.decode_reply(buf)
+                    try:
+                        reply = frames.decode_reply(buf)
+                    except frames.FrameError as e:
+                        if not e.frame_id:
+                            raise  # whose answer it is cannot be told: the connection's calls fail
+                        self.fail_one(e.frame_id, TransportError(grpc.StatusCode.INTERNAL, f"{self.address}: {e}"))
+                        continue  # its framing is intact: the other calls' answers still come
                     if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
                         self._ended = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
                     self.resolve(reply)
@@ -189,6 +196,11 @@ class _Conn(Multiplexed):
             self._ended = TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}")
         self.fail(self._ended)
         return False
+
+    def fail_one(self, frame_id: int, err: grpc.RpcError) -> None:
+        """An answer that cannot be read (its framing intact): its call alone fails."""
+        if (fut := self.take(frame_id)) is not None:
+            fut.set_exception(err)
 
     def _shut(self) -> None:
         with self._lock:
