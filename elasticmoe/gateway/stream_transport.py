@@ -17,9 +17,20 @@ from elasticmoe.rpc import frames
 STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
 
 
+def _decode_reply(buf: bytes) -> frames.Reply | frames.FrameError:
+    """frames.decode_reply, but an unreadable reply whose frame id was read comes back as its FrameError (one call
+    fails, not the stream); one whose id was not read still raises (grpc ends the stream)."""
+    try:
+        return frames.decode_reply(buf)
+    except frames.FrameError as e:
+        if not e.frame_id:
+            raise
+        return e
+
+
 class _Stream(Multiplexed):
     """One open RunExpertsStream: raw frames (rpc.frames) go out through a queue; a reader thread resolves answers
-    by id. A reply that cannot be read ends the call (grpc fails it): the stream's pending calls fail, the next
+    by id. A reply whose frame id cannot be read ends the call (grpc fails it; a readable id's fails that call alone): the stream's pending calls fail, the next
     send opens a new stream."""
 
     def __init__(self, channel: grpc.Channel, address: str, refusal: Callable[[str, BaseException], BaseException]):
@@ -27,7 +38,7 @@ class _Stream(Multiplexed):
         self._refusal = refusal  # the transport's: a frame over the shard's limit ends the stream (OVERSIZE)
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
-                                       response_deserializer=frames.decode_reply, _registered_method=True)
+                                       response_deserializer=_decode_reply, _registered_method=True)
         self._call = method(self._frames())
         threading.Thread(target=self._read, name=f"stream-{address}", daemon=True).start()
 
@@ -49,6 +60,10 @@ class _Stream(Multiplexed):
         err: grpc.RpcError = TransportError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
         try:
             for reply in self._call:
+                if isinstance(reply, frames.FrameError):  # its framing intact, its id read: that call alone fails
+                    if (fut := self.take(reply.frame_id)) is not None:
+                        fut.set_exception(TransportError(grpc.StatusCode.INTERNAL, f"{self.address}: {reply}"))
+                    continue
                 self.resolve(reply)
         except grpc.RpcError as e:
             err = self._refusal(self.address, e)
