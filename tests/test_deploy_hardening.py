@@ -49,3 +49,53 @@ def test_ray_exec_serve_commands_send_the_cluster_token(path, tmp_path):
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert "HEADERS" in out.stdout, out.stderr[-2000:]
     assert "HEADERS ['authorization']" in out.stdout, f"{path.name}: `ray exec ... serve deploy` sends no token"
+
+
+def _dockerignore_rx(pattern: str):
+    import re
+
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def _docker_context_excludes(rel: str) -> bool:
+    """Docker's .dockerignore rule: the last pattern that matches the path or one of its parent directories wins;
+    `!` patterns put it back."""
+    from tests.test_deploy_configs import ROOT
+
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    excluded = False
+    for line in (line for line in lines if line and not line.startswith("#")):
+        negate = line.startswith("!")
+        rx = _dockerignore_rx(line.lstrip("!").strip("/"))
+        if any(rx.fullmatch(p) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def test_docker_build_context_holds_the_package_and_no_secrets():
+    """`docker build .` from the checkout where docs/DEPLOY.md's commands ran: the package reaches the image,
+    secret files and the rest of the checkout do not."""
+    from tests.test_deploy_configs import ROOT
+
+    needed = subprocess.run(["git", "ls-files", "elasticmoe", "protos"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split() + ["pyproject.toml", "README.md"]
+    assert [f for f in needed if _docker_context_excludes(f)] == []
+    secrets = ["api-keys.txt", "hf_token", "ray_token", ".env", "tls/node/tls.key", "ca.key", "tls.pem",
+               ".cache/elasticmoe/tls/ca.key", "elasticmoe/tls.key"]
+    rest = [".git/config", ".venv/bin/python", "tests/conftest.py", "helm/elasticmoe/values.yaml", "dist/x.whl",
+            "elasticmoe/__pycache__/app.cpython-311.pyc", "models/model.safetensors", "Dockerfile"]
+    assert [f for f in secrets + rest if not _docker_context_excludes(f)] == []
