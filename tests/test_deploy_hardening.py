@@ -99,3 +99,26 @@ def test_docker_build_context_holds_the_package_and_no_secrets():
     rest = [".git/config", ".venv/bin/python", "tests/conftest.py", "helm/elasticmoe/values.yaml", "dist/x.whl",
             "elasticmoe/__pycache__/app.cpython-311.pyc", "models/model.safetensors", "Dockerfile"]
     assert [f for f in secrets + rest if not _docker_context_excludes(f)] == []
+
+
+def test_deploy_doc_serve_deploy_from_your_machine_sends_the_token(tmp_path):
+    """docs/DEPLOY.md's `serve deploy deployments/<gpu model>.yaml` from the operator's machine (through `ray dashboard`):
+    the cluster's dashboard wants Ray's token, which lies at ~/.config/elasticmoe/ray_token there, not at Ray's
+    default path; the command as written must make Serve's CLI send it."""
+    import re
+
+    from tests.test_deploy_configs import ROOT
+
+    text = " ".join((ROOT / "docs" / "DEPLOY.md").read_text().split())
+    commands = [c for c in re.findall(r"`([^`]*serve deploy deployments/[^`]+)`", text) if "tiny.yaml" not in c]
+    assert commands, "docs/DEPLOY.md shows no `serve deploy` of a GPU config from your machine"
+    (tmp_path / ".config" / "elasticmoe").mkdir(parents=True)
+    (tmp_path / ".config" / "elasticmoe" / "ray_token").write_text("0123456789abcdef" * 4)
+    for cmd in commands:
+        words = shlex.split(cmd)
+        assignments = dict(w.split("=", 1) for w in words[:words.index("serve")])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["HOME"] = str(tmp_path)
+        env.update({k: v.replace("~", str(tmp_path), 1) if v.startswith("~/") else v for k, v in assignments.items()})
+        out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
+        assert "HEADERS ['authorization']" in out.stdout, f"`{cmd}` sends no token: {out.stdout}{out.stderr[-500:]}"
