@@ -122,3 +122,13 @@ def test_deploy_doc_serve_deploy_from_your_machine_sends_the_token(tmp_path):
         env.update({k: v.replace("~", str(tmp_path), 1) if v.startswith("~/") else v for k, v in assignments.items()})
         out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
         assert "HEADERS ['authorization']" in out.stdout, f"`{cmd}` sends no token: {out.stdout}{out.stderr[-500:]}"
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_cluster_config_comments_state_the_auth_mode_it_starts(path):
+    """The comment above the start commands says what they do: Ray's token authentication (RAY_AUTH_MODE=token),
+    never that it is off (an operator reading "disabled" would rely on the firewall alone)."""
+    text = path.read_text()
+    comments = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
+    assert "RAY_AUTH_MODE=disabled" not in comments and "no Ray token authentication" not in comments
+    assert "RAY_AUTH_MODE=token" in comments
