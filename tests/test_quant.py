@@ -235,3 +235,22 @@ def test_fp8_experts_kept_run_by_triton_interpreter(tmp_path):
                          timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("capability,kept", [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])
+def test_fp8_experts_kept_only_where_triton_runs_fp8(capability, kept, tmp_path, monkeypatch):
+    """Triton has no float8_e4m3fn before sm_89 (A100, A10, RTX 30xx: "type fp8e4nv not supported in this
+    architecture", aot_check --arch 80): there a CUDA store dequantizes FP8 experts on load, and fused_moe's auto
+    backend runs FP8 weights with torch, rather than every call failing to compile."""
+    from elasticmoe.kernels import resolve_backend
+    from elasticmoe.model import open_model
+    from elasticmoe.model.experts import ExpertStore
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=256, intermediate=224)
+    files = open_model(str(_quantize(plain, tmp_path, FP8_CONFIG)[0]))
+    cuda = torch.device("cuda", 0)  # nothing is allocated: the choice is made from the device alone
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.bfloat16, cuda)
+    assert store.keep_fp8 is kept and store.backend == "auto"
+    assert resolve_backend("auto", cuda, fp8=True) == ("triton" if kept else "torch")
+    assert resolve_backend("auto", cuda) == "triton"  # float weights: Triton on any CUDA GPU

@@ -6,18 +6,19 @@ import os
 
 import torch
 
-from .fp8 import check_fp8_weights, dequantize_block_fp8, dequantize_w13, is_fp8
+from .fp8 import check_fp8_weights, dequantize_block_fp8, dequantize_w13, is_fp8, triton_runs_fp8
 from .torch_moe import fused_moe_torch
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "ELASTICMOE_MOE_BACKEND"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, fp8: bool = False) -> str:
     """Map `backend` ("auto" | "torch" | "triton") to a concrete backend for tensors on `device`.
 
     An explicit "torch"/"triton" argument wins; for "auto" the env var ELASTICMOE_MOE_BACKEND
-    (torch|triton) forces a backend, otherwise CUDA tensors get triton and anything else torch.
+    (torch|triton) forces a backend, otherwise CUDA tensors get triton and anything else torch;
+    fp8 (float8_e4m3fn weights): torch on CUDA GPUs before sm_89, where Triton has no fp8e4nv.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS}")
@@ -28,7 +29,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r}; expected torch, triton or auto")
         return forced
-    return "triton" if device.type == "cuda" else "torch"
+    return "triton" if device.type == "cuda" and (not fp8 or triton_runs_fp8(device)) else "torch"
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,7 +114,7 @@ def fused_moe(
     fp8 = check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale, block_shape, split_scales)
     if hidden.shape[0] == 0 or topk_ids.shape[1] == 0:
         return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
-    if resolve_backend(backend, hidden.device) == "torch":
+    if resolve_backend(backend, hidden.device, fp8 is not None) == "torch":
         if fp8 is not None:  # dequantize to hidden's dtype, then the usual path
             w13 = dequantize_w13(w13, w13_scale, fp8["block_shape"], hidden.dtype, fp8["split"])  # [E, 2I, H]
             w2 = dequantize_block_fp8(w2, w2_scale, fp8["block_shape"], hidden.dtype)  # [E, H, I]
@@ -136,7 +137,7 @@ def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "
     warmed before; otherwise returns the number of 1-token warm-up passes run. Block-FP8 weights: pass
     their scales (and block_shape, act_quant) as to fused_moe, and hidden_dtype, the activations' dtype.
     """
-    if resolve_backend(backend, w13.device) != "triton" or w13.shape[0] == 0:
+    if resolve_backend(backend, w13.device, is_fp8(w13)) != "triton" or w13.shape[0] == 0:
         return 0
     from .triton_moe import warmup_triton  # lazy: importing triton must wait for TRITON_INTERPRET
 

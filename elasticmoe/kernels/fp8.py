@@ -29,6 +29,12 @@ def is_fp8(t: torch.Tensor) -> bool:
     return t.dtype == FP8_DTYPE
 
 
+def triton_runs_fp8(device: torch.device) -> bool:
+    """Whether the Triton kernels can take float8_e4m3fn weights on `device`: Triton has no fp8e4nv before
+    sm_89 (A100, A10, RTX 30xx refuse to compile it); off CUDA only the interpreter runs them, which can."""
+    return device.type != "cuda" or tuple(torch.cuda.get_device_capability(device)) >= (8, 9)
+
+
 def up_scale_base(two_i: int, bn: int, split: bool) -> int:
     """Row r >= I of w13 (an up row) takes scale row (base + r - I) // bn: base I (joint) or ceil(I/bn) * bn (split)."""
     inter = two_i // 2

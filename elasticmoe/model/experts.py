@@ -10,6 +10,7 @@ from typing import Iterable
 import torch
 
 from elasticmoe.kernels import fused_moe, resolve_backend, warmup_moe
+from elasticmoe.kernels.fp8 import triton_runs_fp8
 from elasticmoe.model import expert_math
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.names import WeightNames
@@ -94,14 +95,15 @@ class ExpertStore:
                  device: torch.device, backend: str = "auto", keep_fp8: bool | None = None):
         """dtype: the activations' (and dequantized weights') dtype. keep_fp8: hold block-FP8 experts as stored
         (float8_e4m3fn weights plus float32 scales, run by fused_moe's block-FP8 path); default: where the Triton
-        backend runs them (CUDA). Otherwise FP8 experts are dequantized to dtype on load."""
+        backend runs them (CUDA, sm_89 or newer). Otherwise FP8 experts are dequantized to dtype on load."""
         self.ckpt, self.names, self.spec = ckpt, names, spec
         self.dtype, self.device, self.backend = dtype, device, backend
         q, moe = ckpt.quant, spec.moe
         fp8 = q.method == "fp8" and q.block is not None and moe.expert_act == "silu" and not moe.input_scaled
         if keep_fp8 and not fp8:
             raise ValueError(f"keep_fp8: {ckpt.path} has no block-FP8 gated-SiLU experts to keep")
-        self.keep_fp8 = fp8 and resolve_backend(backend, device) == "triton" if keep_fp8 is None else keep_fp8
+        self.keep_fp8 = fp8 and resolve_backend(backend, device, fp8=True) == "triton" and triton_runs_fp8(device) \
+            if keep_fp8 is None else keep_fp8
         self.block = q.block if self.keep_fp8 else None  # (bn, bk)
         # per-expert files hold gate and up scales apart ("split" rows); a packed gate_up_proj's cover both
         self.split_scales = not names.packed if self.keep_fp8 else None
