@@ -46,6 +46,18 @@ def test_empty_batch_returns_zeros():
         assert out.shape == (0, 40) and out.dtype == x.dtype
 
 
+def test_shard_without_experts_returns_zeros():
+    """E = 0 (no expert of the layer held here, every id skipped): zeros, as the torch twin gives, from every
+    backend; the Triton path divided by E when picking its tiles (ZeroDivisionError)."""
+    x, w13, w2, ids, weights = make_inputs(5, 3, 2)
+    ids[:] = -1
+    ref = torch_moe.fused_moe_torch(x, w13[:0], w2[:0], ids, weights)
+    assert torch.equal(ref, torch.zeros_like(x))
+    for backend in ("torch", "triton"):  # E=0 never reaches a kernel either
+        out = fused_moe(x, w13[:0], w2[:0], ids, weights, backend=backend, out_dtype=torch.float64)
+        assert out.dtype == torch.float64 and torch.equal(out, ref.double())
+
+
 def test_input_validation():
     x, w13, w2, ids, weights = make_inputs(3, 5, 2)
     with pytest.raises(ValueError):

@@ -104,7 +104,7 @@ def fused_moe(
     expert e(x) = (silu(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T.
     Returns [T, H] in out_dtype (default hidden's dtype); the top-k reduction accumulates in fp32, or in
     fp64 for out_dtype float64 on the torch backend (partial sums from several shards then add up exactly).
-    T may be 0.
+    T may be 0, and so may E (every id is then skipped).
     Block-FP8 weights: w13, w2 float8_e4m3fn with w13_scale [E, ceil(2I/bn), ceil(H/bk)] and w2_scale
     [E, ceil(H/bn), ceil(I/bk)] float32 (weight_scale_inv; layouts in fp8.py), block_shape (bn, bk), default
     (128, 128), split_scales: w13_scale's gate/up layout (None: from its shape). The math then runs in hidden's dtype: the Triton backend reads the fp8 weights as they are
@@ -112,7 +112,7 @@ def fused_moe(
     backend dequantizes them blockwise first (act_quant is a Triton-only option and ignored there).
     """
     fp8 = check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale, block_shape, split_scales)
-    if hidden.shape[0] == 0 or topk_ids.shape[1] == 0:
+    if hidden.shape[0] == 0 or topk_ids.shape[1] == 0 or w13.shape[0] == 0:  # nothing routed here: zeros
         return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
     if resolve_backend(backend, hidden.device, fp8 is not None) == "torch":
         if fp8 is not None:  # dequantize to hidden's dtype, then the usual path

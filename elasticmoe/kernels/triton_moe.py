@@ -94,7 +94,7 @@ def fused_moe_triton(
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     num_tokens, hidden_size = hidden.shape
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
-    if num_tokens == 0 or top_k == 0:
+    if num_tokens == 0 or top_k == 0 or num_experts == 0:  # E = 0: every id skipped (tiles divide by E)
         return torch.zeros_like(hidden)  # [T, H]
     chunk = min(num_tokens, chunk_tokens or chunk_tokens_default())
     with device_guard(hidden.device):
