@@ -150,7 +150,7 @@ TRITON_CASES = {  # name -> (tokens, experts, top_k, inter, split scales, activa
     # ties among such values round the other way (a scale 1 ulp off moves this case by 1.2%)
     "w8a8-bf16values-T64": (64, 4, 2, 128, False, "bf16values", True, 1e-5),
 }
-CHILD_CHECKS = ["e4m3-rounding", "api-default-tiles-and-warmup", "w8a8-tiles-checked"]
+CHILD_CHECKS = ["e4m3-rounding", "api-default-tiles-and-warmup", "w8a8-tiles-checked", "w8a16-block-64x96"]
 
 
 def _reference(inputs, act_quant: bool = False, split: bool | None = None) -> torch.Tensor:
@@ -217,7 +217,22 @@ def _child_api(device: str) -> dict:
     except ValueError as exc:
         refused = str(exc)
     err = rel_err(out.cpu(), ref)
-    return {"api-default-tiles-and-warmup": {"ok": err <= 1e-5 and runs > 0 and again == 0,
+    # a scale block bk that is no power of two (96): default tiles take BLOCK_K = 32, a power of two dividing it
+    x, *_, ids, weights = make_fp8_inputs(9, 3, 2, hidden=192, inter=96)
+    w13 = torch.randn(3, 192, 192, generator=torch.Generator().manual_seed(1)) / 14  # [E, 2I, H]
+    w2 = torch.randn(3, 192, 96, generator=torch.Generator().manual_seed(2)) / 10  # [E, H, I]
+    (q13, s13), (q2, s2) = quantize_block_fp8(w13, (64, 96)), quantize_block_fp8(w2, (64, 96))
+    act = torch.bfloat16 if device == "cuda" else torch.float16
+    ref96 = fused_moe_fp8_reference(x.to(act), q13, q2, ids, weights, s13, s2, (64, 96))
+    try:
+        out96 = fused_moe(x.to(act).to(device), q13.to(device), q2.to(device), ids.to(device), weights.to(device),
+                          backend="triton", w13_scale=s13.to(device), w2_scale=s2.to(device), block_shape=(64, 96))
+        err96 = rel_err(out96.cpu(), ref96)
+    except ValueError as exc:
+        err96 = str(exc)
+    ok96 = isinstance(err96, float) and err96 <= (1e-2 if device == "cuda" else 2e-3)
+    return {"w8a16-block-64x96": {"ok": ok96, "err": err96},
+            "api-default-tiles-and-warmup": {"ok": err <= 1e-5 and runs > 0 and again == 0,
                                              "err": err, "runs": runs, "again": again},
             "w8a8-tiles-checked": {"ok": "BLOCK_K == 128" in refused, "message": refused}}
 

@@ -133,7 +133,11 @@ def finalize(cfg: dict, inter: int, hidden: int, dtype: torch.dtype, limit: int,
     if act_dtype == torch.float32 and not act_quant:
         cfg = {key: min(val, FP32_CAPS.get(key, val)) for key, val in cfg.items()}
     if group_k is not None:
-        cfg["BLOCK_K"] = group_k if act_quant else min(cfg["BLOCK_K"], group_k)
+        if act_quant:
+            cfg["BLOCK_K"] = group_k
+        else:  # the largest power of two <= BLOCK_K dividing bk (bk = 96 -> 32; min(BLOCK_K, bk) could be 96)
+            while cfg["BLOCK_K"] > 16 and group_k % cfg["BLOCK_K"]:
+                cfg["BLOCK_K"] //= 2
         check_quant_tiles(cfg, group_k, act_quant)
     if act_quant and cfg["BLOCK_M"] >= 64:  # quantizing a [BM, 128] tile per step: 4 warps spill (sm_90)
         cfg["num_warps"] = max(cfg["num_warps"], 8)
