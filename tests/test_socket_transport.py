@@ -285,7 +285,8 @@ def test_unreadable_frames_fail_alone_and_a_bad_prefix_closes_only_its_connectio
         s.sendall(bytes(bad_magic) + bytes(bad_dtype) + good)
         replies = sorted(_replies(s, 3), key=lambda r: (r.id, r.code == 0))
         invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert [(r.id, r.code) for r in replies] == [(0, invalid), (1, invalid), (1, 0)], replies
+        assert [(r.id, r.code) for r in replies] == [(1, invalid), (1, invalid), (1, 0)], replies
+        replies.sort(key=lambda r: "magic" not in r.error)
         assert "magic" in replies[0].error and "dtype code 99" in replies[1].error
         assert other.send(pair.addresses[0], lambda: _req(files, layer), 5).result(timeout=10).output.data
         s.sendall(b"\x00" * 8 + good)  # not a length prefix: the shard cannot resynchronise, it ends this connection
@@ -294,6 +295,24 @@ def test_unreadable_frames_fail_alone_and_a_bad_prefix_closes_only_its_connectio
         assert other.send(pair.addresses[0], lambda: _req(files, layer, seed=1), 5).result(timeout=10).output.data
     finally:
         other.close()
+
+
+def test_a_bad_magic_or_kind_is_answered_under_its_frame_id(files, pair):  # noqa: F811
+    """A frame whose header is readable but whose magic or kind is wrong gets INVALID_ARGUMENT under its own id (its
+    call ends at once, not at its deadline); one too short for a header is answered as frame 0."""
+    layer = pair.layers[0]
+    hidden, ids, weights = _inputs(files)
+    bad_magic = bytearray(frames.encode_request(7, layer, hidden[:4], (ids[:4] % (E // 2)).to(torch.int32),
+                                                weights[:4]))
+    bad_magic[8:12] = b"XXXX"
+    a_reply = frames.encode_reply(8, torch.ones(1, 1))  # kind 2 where a request (kind 1) belongs
+    short = frames._varint5(16) + b"\0" * 16  # its framing intact, no header to read an id from
+    with _connect(pair.servicers[0], tls.client_ssl_context()) as s:
+        s.sendall(bytes(bad_magic) + a_reply + short)
+        replies = sorted(_replies(s, 3), key=lambda r: r.id)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [(r.id, r.code) for r in replies] == [(0, invalid), (7, invalid), (8, invalid)], replies
+    assert "header" in replies[0].error and "magic b'XXXX'" in replies[1].error and "kind 2" in replies[2].error
 
 
 def _refused(servicer, ctx: ssl.SSLContext | None, good: bytes) -> None:

@@ -126,13 +126,13 @@ def test_unreadable_frames_fail_alone_on_one_stream(files, pair):  # noqa: F811
         replies = sorted(call(iter(sent), timeout=20), key=lambda r: (r.id, r.error))
     finally:
         channel.close()
-    assert [r.id for r in replies] == [0, 0, 1, 3, 4, 5]  # an unreadable header: answered as frame 0
+    assert [r.id for r in replies] == [0, 1, 2, 3, 4, 5]  # not an ExpertFrame: no header, answered as frame 0
     invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert [r.code for r in replies] == [invalid, invalid, 0, invalid, invalid, 0]
-    assert "not an ExpertFrame" in replies[0].error and "magic" in replies[1].error, replies[:2]
+    assert [r.code for r in replies] == [invalid, 0, invalid, invalid, invalid, 0]
+    assert "not an ExpertFrame" in replies[0].error and "magic" in replies[2].error, replies[:3]
     assert "needs" in replies[3].error and "the frame has" in replies[3].error, replies[3]
     assert "dtype code 99" in replies[4].error, replies[4]
-    torch.testing.assert_close(decode_tensor(replies[5].output), decode_tensor(replies[2].output), rtol=0, atol=0)
+    torch.testing.assert_close(decode_tensor(replies[5].output), decode_tensor(replies[1].output), rtol=0, atol=0)
 
 
 def test_mutated_frames_each_get_one_answer(files, pair):  # noqa: F811

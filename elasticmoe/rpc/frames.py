@@ -278,7 +278,8 @@ def _parse(buf: bytes, kind: int) -> tuple[tuple, list[WireTensor], str]:
     head = fields[:9]
     magic, got_kind, _, count, frame_id, _, text_len = head[:7]
     if magic != MAGIC or got_kind != kind:
-        raise FrameError(f"frame: magic {bytes(magic)!r} kind {got_kind}, want {MAGIC!r} kind {kind}", 0)
+        raise FrameError(f"frame {frame_id}: magic {bytes(magic)!r} kind {got_kind}, want {MAGIC!r} kind {kind}",
+                         frame_id)
     off = HEADER.size + count * DESC.size
     if size < off + text_len:
         raise FrameError(f"frame {frame_id}: {size} bytes, too short for {count} tensors", frame_id)
