@@ -282,6 +282,24 @@ def test_a_hedged_around_call_that_then_breaks_is_reported(files, pair, transpor
     assert reported == ["s0"]
 
 
+def test_a_re_sent_calls_latency_is_measured_from_its_send(files, pair, transport):
+    """The round trip fed to the hedging median is each call's own, from its send: a call re-sent after its first
+    copy ran out its deadline (0.5 s) is noted at its own milliseconds, not at the step's age."""
+    layer, inputs = pair.layers[0], _inputs(files, 4)
+    ref = _reference(files, layer, *inputs)
+    d = GrpcDispatcher(transport=transport, timeout_s=0.5, hedge_min_s=30)  # no hedges: only the deadline's failover
+    d.set_table(pair.table(ALL_BOTH))
+    pair.servicers[0].faults.run_delay_s = 1.5
+    try:
+        out, took = _run(d, layer, inputs)
+    finally:
+        pair.servicers[0].faults.run_delay_s = 0.0
+        d.close()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert d.failovers >= 1 and d.hedges == 0 and took >= 0.5, (d.failovers, d.hedges, took)
+    assert d.latency_s and max(d.latency_s) < 0.4, list(d.latency_s)
+
+
 def test_malformed_and_missing_answers_go_to_another_copy(files, pair, transport):
     layer, inputs = pair.layers[0], _inputs(files, 3)
     ref = _reference(files, layer, *inputs)

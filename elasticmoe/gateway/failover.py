@@ -25,11 +25,12 @@ class Call:
     """One RunExperts call to a shard (its id and address): the rows [T_s] of the step it carries and their ids
     [T_s, k] (-1 = not this call)."""
 
-    __slots__ = ("shard_id", "address", "rows", "ids", "future", "done_at", "output", "compute_s")
+    __slots__ = ("shard_id", "address", "rows", "ids", "future", "sent_at", "done_at", "output", "compute_s")
 
     def __init__(self, shard_id: str, address: str, rows: torch.Tensor, ids: torch.Tensor):
         self.shard_id, self.address, self.rows, self.ids = shard_id, address, rows, ids
         self.future: cf.Future | None = None
+        self.sent_at = time.perf_counter()  # made just before it is sent (dispatcher.send): its round trip's start
         self.done_at = 0.0
         self.output: torch.Tensor | None = None  # [T_s, H] (float64 partial sums) once answered
         self.compute_s = 0.0
@@ -154,7 +155,7 @@ class Step:
             self._fail(g, attempt, c.shard_id, report=True)
             return
         c.output, c.compute_s = out, resp.compute_us / 1e6  # float64 from our shards
-        self.d.note_latency(max(0.0, c.done_at - self.t0))
+        self.d.note_latency(max(0.0, c.done_at - c.sent_at))  # its own round trip (re-sent, hedged: not the step's)
 
     def _fail(self, g: _Group, attempt: int, shard_id: str, report: bool) -> None:
         g.broken.add(attempt)
