@@ -4,6 +4,8 @@ real in-process gRPC shards, compared with the single-process expert computation
 from __future__ import annotations
 
 import itertools
+import sys
+import threading
 import time
 
 import pytest
@@ -108,6 +110,47 @@ def test_hedge_delay_follows_the_median_round_trip_recomputed_every_few_calls():
             d.note_latency(0.5)
         assert d.hedge_after_s() == pytest.approx(2.0)
     finally:
+        d.close()
+
+
+def test_a_shard_failing_on_two_threads_at_once_is_reported_once():
+    """Two threads report the same shard's failure at once (the engine's step and a hedged-around call's callback):
+    the first is held between its check of the reports in progress and its add (sys.settrace, no code replaced)
+    while the second reports; the controller hears of the shard once."""
+    from tests.test_transport_frames import _pause_at
+
+    heard, release = [], threading.Event()
+
+    def on_failure(shard_id):  # the report in progress until the test has counted
+        heard.append(shard_id)
+        release.wait(10)
+
+    d = GrpcDispatcher(transport="unary", on_failure=on_failure)
+    paused, go = threading.Event(), threading.Event()
+
+    def held():
+        sys.settrace(_pause_at(GrpcDispatcher.suspect, "self._reporting.add(shard_id)", paused, go))
+        try:
+            d.suspect("s0", report=True)
+        finally:
+            sys.settrace(None)
+    first = threading.Thread(target=held)
+    first.start()
+    try:
+        assert paused.wait(10)
+        second = threading.Thread(target=d.suspect, args=("s0", True))
+        second.start()
+        second.join(0.5)  # it reports while the first is held (or waits for it)
+        go.set()
+        first.join(10)
+        second.join(10)
+        deadline = time.monotonic() + 5
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heard + list(d._reports.queue) == ["s0"]  # told once; nothing else waiting to be told
+    finally:
+        go.set()
+        release.set()
         d.close()
 
 

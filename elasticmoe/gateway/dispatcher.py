@@ -81,7 +81,8 @@ class GrpcDispatcher:
         # per step with a failed or hedged call: when seen, when done (failover.Step)
         self.fault_log: deque[dict] = deque(maxlen=256)
         self._reports: queue.Queue[str] = queue.Queue()
-        self._reporting: set[str] = set()
+        self._reporting: set[str] = set()  # shards whose report is queued or running (one at a time each)
+        self._reporting_lock = threading.Lock()  # suspect() runs on the engine's and the transports' threads
         self.on_fanout: Callable[[float], None] | None = None  # metrics hook, per (layer, step)
         self.call_limit_bytes = LIMIT  # a call's request and reply frames each stay within this (max_call_rows)
         threading.Thread(target=self._report_loop, name="failure-reports", daemon=True).start()
@@ -120,8 +121,11 @@ class GrpcDispatcher:
     def suspect(self, shard_id: str, report: bool) -> None:
         """Avoid this shard for `suspect_s` where other copies exist; tell the controller (asynchronously)."""
         self.suspects[shard_id] = time.monotonic()
-        if report and self.on_failure is not None and shard_id not in self._reporting:
-            self._reporting.add(shard_id)
+        if report and self.on_failure is not None:
+            with self._reporting_lock:  # check and add at once: two threads' failures of one shard, one report
+                if shard_id in self._reporting:
+                    return
+                self._reporting.add(shard_id)
             self._reports.put(shard_id)
 
     def suspected(self, table: RoutingTable) -> frozenset[int]:
