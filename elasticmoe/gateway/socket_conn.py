@@ -1,0 +1,216 @@
+"""The socket transport's connection to one shard's frame listener (_Conn): opening it on its own thread, writing
+frames from the callers' threads, reading answers under a read token (SocketTransport.wait's caller or this thread)
+and failing its pending calls at once when it ends."""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+import grpc
+
+from elasticmoe.gateway.multiplex import Multiplexed
+from elasticmoe.gateway.transport import TransportError
+from elasticmoe.rpc import frame_socket, frames
+from elasticmoe.rpc.tls_socket import SerialTLS
+
+log = logging.getLogger(__name__)
+PARK_S = 0.5  # a connection's thread leaves reading to the callers for this long after one last read (it then
+# reads only answers that nobody waits for: a hedged-around call's late failure, say), waking twice a second
+IDLE_POLL_S = 1.0  # how long a connection's thread waits in poll() at a time
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+Opener = Callable[[], "tuple[socket.socket | SerialTLS, int]"]  # the connection's socket, the shard's message limit
+
+
+def _ready(fds: list[int], timeout_s: float) -> list[int]:
+    """Those of fds with something to read (or ended) within timeout_s."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(0, int(timeout_s * 1000 + 0.999)))]
+
+
+class _Conn(Multiplexed):
+    """One connection to a shard's frame listener. Its thread opens it (Health for the port, TCP, TLS), sends the
+    frames submitted meanwhile, then reads answers and resolves them by id; afterwards callers write their frames
+    themselves (sendmsg, no thread hop). Reading takes the connection's read token: a caller waiting for answers
+    (SocketTransport.wait) takes it and reads them on its own thread, and the connection's thread stays out of its
+    way while callers do (it reads only when nobody has for PARK_S). Any failure (cannot connect, broken, a reply
+    whose frame id cannot be read) fails every pending call at once and marks it dead (a readable id's unreadable
+    reply fails that call alone); the next send opens a new one.
+    A frame larger than the shard's limit (Health) fails alone, unsent (OVERSIZE): the shard would end the connection."""
+
+    def __init__(self, address: str, opener: Opener):
+        super().__init__(address)  # its _lock guards pending, dead, retired, sock, backlog
+        self.retired = False
+        self.sock: socket.socket | SerialTLS | None = None
+        self._backlog: list[tuple[int, list]] | None = []  # (id, frame) submitted while connecting; None once open
+        self.limit = 0  # the largest frame the shard takes, prefix included (Health; 0: not told)
+        self._send_lock = threading.Lock()  # one frame on the wire at a time
+        self._token = threading.RLock()  # held by whoever reads the socket (this connection's thread or a caller;
+        # reentrant: a callback run by a reading caller may wait on another call)
+        self._reader: frame_socket.FrameReader | None = None  # set once open
+        self._read_at = 0.0  # monotonic: when a caller last read (the connection's thread parks for PARK_S after)
+        self.wakeups = 0  # times the connection's thread woke up (each takes the GIL)
+        self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {address} ended")
+        threading.Thread(target=self._run, args=(opener,), name=f"frames-{address}", daemon=True).start()
+
+    def submit(self, frame_id: int, parts: list, fut: Future) -> bool:
+        """Send a frame (a list of buffers); False when the connection is dead or retired (use a new one)."""
+        with self._lock:
+            if self.dead or self.retired:
+                return False
+            if self._backlog is not None:
+                self.pending[frame_id] = fut
+                self._backlog.append((frame_id, parts))
+                return True
+            if self._oversize(parts):
+                fut.set_exception(self._oversize(parts))
+                return True
+            self.pending[frame_id] = fut
+            sock = self.sock
+        try:
+            with self._send_lock:
+                frame_socket.send_parts(sock, parts)
+        except OSError as e:
+            self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+        return True
+
+    def _oversize(self, parts: list) -> TransportError | None:
+        """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""
+        size = sum(map(len, parts))
+        if not self.limit or size <= self.limit:
+            return None
+        return TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{frames.OVERSIZE}: {size} bytes, {self.address} takes {self.limit}")
+
+    def take(self, frame_id: int) -> Future | None:
+        with self._lock:
+            fut = self.pending.pop(frame_id, None)
+            done = self.retired and not self.pending
+        if done:  # retired and every answer in: end it (the reader sees the end)
+            self._shut()
+        return fut
+
+    def _run(self, opener: Opener) -> None:
+        try:
+            sock, self.limit = opener()
+        except Exception as e:  # noqa: BLE001 - whatever stops the opening fails the calls waiting for it
+            code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+            log.info("frames to %s: cannot connect: %s", self.address, e)
+            self.fail(TransportError(code if code != grpc.StatusCode.DEADLINE_EXCEEDED else
+                                     grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.address}: {e}"))
+            return
+        with self._send_lock:
+            with self._lock:
+                self._reader = frame_socket.FrameReader(sock)
+                self.sock, backlog, self._backlog = sock, self._backlog, None
+                dead = self.dead
+                idle = self.retired and not self.pending  # retired while opening: its _shut found no socket
+            try:
+                for frame_id, parts in [] if dead else backlog:
+                    if (err := self._oversize(parts)) is None:
+                        frame_socket.send_parts(sock, parts)
+                    elif (fut := self.take(frame_id)) is not None:
+                        fut.set_exception(err)
+            except OSError as e:
+                self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+        if idle:
+            self._shut()  # nothing to answer: end it (the reader sees the end)
+        try:
+            self._serve()
+        finally:
+            with self._token:  # not under a caller reading it
+                sock.close()
+
+    def _serve(self) -> None:
+        """The connection's thread: read answers as they come while no caller does; park while callers read."""
+        fd = self.sock.fileno()
+        while not self.dead:
+            self.wakeups += 1
+            if time.monotonic() - self._read_at < PARK_S:
+                time.sleep(PARK_S)
+                continue
+            if not self.buffered() and not _ready([fd], IDLE_POLL_S):
+                continue
+            if not self._token.acquire(blocking=False):
+                time.sleep(PARK_S)  # a caller is reading: it reads what woke us
+                continue
+            try:
+                if not self.read_ready():
+                    return
+            finally:
+                self._token.release()
+
+    def claim(self) -> bool:
+        """Take the read token for the calling thread (False: not open yet, ended, or someone is reading)."""
+        if self._reader is None or self.dead or not self._token.acquire(blocking=False):
+            return False
+        self._read_at = time.monotonic()
+        return True
+
+    def buffered(self) -> bool:
+        """(Holding the token.) Answers' bytes already inside the connection (TLS), which poll() does not see."""
+        return self._reader.buffered()
+
+    def release(self) -> None:
+        self._read_at = time.monotonic()
+        self._token.release()
+
+    def read_ready(self) -> bool:
+        """(Holding the token.) Resolve every answer that can be read now, without waiting; False once the
+        connection has ended (its pending calls failed)."""
+        try:
+            while True:
+                try:
+                    got = self._reader.step(block=False)
+                except BlockingIOError:
+                    return True
+                if got is None:
+                    break  # end of stream
+                for buf in got:
+                    try:
+                        reply = frames.decode_reply(buf)
+                    except frames.FrameError as e:
+                        if not e.frame_id:
+                            raise  # whose answer it is cannot be told: the connection's calls fail
+                        self.fail_one(e.frame_id, TransportError(grpc.StatusCode.INTERNAL, f"{self.address}: {e}"))
+                        continue  # its framing is intact: the other calls' answers still come
+                    if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
+                        self._ended = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
+                    self.resolve(reply)
+        except OSError as e:
+            if not self.dead:
+                self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}")
+        except Exception as e:  # noqa: BLE001 - a reply that cannot be read fails the connection's calls
+            self._ended = TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}")
+        self.fail(self._ended)
+        return False
+
+    def fail_one(self, frame_id: int, err: grpc.RpcError) -> None:
+        """An answer that cannot be read (its framing intact): its call alone fails."""
+        if (fut := self.take(frame_id)) is not None:
+            fut.set_exception(err)
+
+    def _shut(self) -> None:
+        with self._lock:
+            sock = self.sock
+        if sock is not None:
+            frame_socket.shutdown(sock)  # the reader wakes with the end of stream and closes it
+
+    def fail(self, err: grpc.RpcError) -> None:
+        self.fail_pending(err)
+        self._shut()
+
+    def retire(self) -> None:
+        """No new frames; the calls in flight still get their answers, then it closes."""
+        with self._lock:
+            self.retired = True
+            idle = not self.pending
+        if idle:
+            self._shut()
