@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,35 @@ def test_fp8_experts_kept_only_where_triton_runs_fp8(capability, kept, tmp_path,
     assert store.keep_fp8 is kept and store.backend == "auto"
     assert resolve_backend("auto", cuda, fp8=True) == ("triton" if kept else "torch")
     assert resolve_backend("auto", cuda) == "triton"  # float weights: Triton on any CUDA GPU
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0)])
+def test_triton_asked_for_fp8_before_sm89_refused_clearly(capability, tmp_path, monkeypatch):
+    """backend="triton" (argument, or ELASTICMOE_MOE_BACKEND=triton) with float8_e4m3fn weights on a GPU before
+    sm_89 was returned as is, and every fused_moe / warmup_moe call then failed inside Triton's compiler ("type
+    fp8e4nv not supported in this architecture"); it is now a ValueError naming the backend and the capability.
+    A store asked for triton there still dequantizes FP8 experts on load and runs them with Triton."""
+    from elasticmoe.kernels import BACKEND_ENV, resolve_backend
+    from elasticmoe.model import open_model
+    from elasticmoe.model.experts import ExpertStore
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    cuda = torch.device("cuda", 0)
+    runs = capability >= (8, 9)
+    for how, call in (("backend='triton'", lambda: resolve_backend("triton", cuda, fp8=True)),
+                      (f"{BACKEND_ENV}=triton", lambda: (monkeypatch.setenv(BACKEND_ENV, "triton"),
+                                                         resolve_backend("auto", cuda, fp8=True))[1])):
+        if runs:
+            assert call() == "triton"
+        else:
+            with pytest.raises(ValueError, match=rf"{re.escape(how)}.*capability {capability[0]}\.{capability[1]}"
+                                                 r".*'torch'"):
+                call()
+        assert resolve_backend("triton", cuda) == "triton"  # float weights: Triton on any CUDA GPU
+        assert resolve_backend("torch", cuda, fp8=True) == "torch"
+    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=256, intermediate=224)
+    files = open_model(str(_quantize(plain, tmp_path, FP8_CONFIG)[0]))
+    for backend in ("triton", "auto"):  # env var still forcing triton for "auto"
+        store = ExpertStore(files.ckpt, files.names, files.spec, torch.bfloat16, cuda, backend=backend)
+        assert store.keep_fp8 is runs

@@ -18,17 +18,22 @@ def resolve_backend(backend: str, device: torch.device, fp8: bool = False) -> st
 
     An explicit "torch"/"triton" argument wins; for "auto" the env var ELASTICMOE_MOE_BACKEND
     (torch|triton) forces a backend, otherwise CUDA tensors get triton and anything else torch;
-    fp8 (float8_e4m3fn weights): torch on CUDA GPUs before sm_89, where Triton has no fp8e4nv.
+    fp8 (float8_e4m3fn weights): torch on CUDA GPUs before sm_89, where Triton has no fp8e4nv; triton asked for
+    there (argument or env var) raises ValueError rather than failing inside Triton's compiler.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced and forced != "auto":
-        if forced not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={forced!r}; expected torch, triton or auto")
-        return forced
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower() if backend == "auto" else ""
+    if forced and forced != "auto" and forced not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={forced!r}; expected torch, triton or auto")
+    chosen = backend if backend != "auto" else forced if forced and forced != "auto" else None
+    if chosen == "triton" and fp8 and not triton_runs_fp8(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        how = f"{BACKEND_ENV}=triton" if backend == "auto" else "backend='triton'"
+        raise ValueError(f"{how} cannot run float8_e4m3fn weights on {device} (compute capability {major}.{minor}): "
+                         "Triton has no fp8e4nv before sm_89; use backend 'torch' (or 'auto'), which dequantizes them")
+    if chosen is not None:
+        return chosen
     return "triton" if device.type == "cuda" and (not fp8 or triton_runs_fp8(device)) else "torch"
 
 

@@ -102,7 +102,7 @@ class ExpertStore:
         fp8 = q.method == "fp8" and q.block is not None and moe.expert_act == "silu" and not moe.input_scaled
         if keep_fp8 and not fp8:
             raise ValueError(f"keep_fp8: {ckpt.path} has no block-FP8 gated-SiLU experts to keep")
-        self.keep_fp8 = fp8 and resolve_backend(backend, device, fp8=True) == "triton" and triton_runs_fp8(device) \
+        self.keep_fp8 = fp8 and triton_runs_fp8(device) and resolve_backend(backend, device, fp8=True) == "triton" \
             if keep_fp8 is None else keep_fp8
         self.block = q.block if self.keep_fp8 else None  # (bn, bk)
         # per-expert files hold gate and up scales apart ("split" rows); a packed gate_up_proj's cover both
