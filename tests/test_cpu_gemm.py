@@ -45,6 +45,26 @@ def test_seg_gemm_leaves_skipped_rows_untouched():
 
 
 @needs_kernel
+def test_seg_gemm_refuses_malformed_segments():
+    """The C code reads E int64 starts and counts through raw pointers: fewer entries, another int dtype or a
+    strided view made it read past them (garbage rows, out-of-bounds x / out); each is now a ValueError."""
+    x, w = torch.randn(6, 24), torch.randn(3, 10, 24)
+    starts, counts = torch.tensor([0, 2, 4]), torch.tensor([2, 0, 2])
+    every_other = torch.tensor([0, 9, 2, 9, 4, 9])[::2]  # right values, stride 2
+    bad = {"short starts": (starts[:2], counts), "short counts": (starts, counts[:2]),
+           "int32 counts": (starts, counts.int()), "strided starts": (every_other, counts),
+           "2-D counts": (starts, counts[None]), "long starts": (torch.tensor([0, 2, 4, 6]), counts)}
+    for case, (s, c) in bad.items():
+        out = torch.full((6, 10), 7.0)
+        with pytest.raises(ValueError, match="contiguous int64 CPU tensor \\[3\\]"):
+            cpu_gemm.seg_gemm(x, w, s, c, out)
+        assert torch.equal(out, torch.full((6, 10), 7.0)), case  # nothing written
+    out = torch.full((6, 10), 7.0)
+    cpu_gemm.seg_gemm(x, w, every_other.contiguous(), counts, out)  # the same call, well formed: runs
+    assert rel_err(out[:2], x[:2].double() @ w[0].double().T) < 1e-5
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
 def test_maybe_linear_matches_torch(rows):
     x, w, b = torch.randn(rows, 72), torch.randn(50, 72), torch.randn(50)

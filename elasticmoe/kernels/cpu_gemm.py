@@ -122,7 +122,11 @@ def seg_gemm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, counts: tor
     assert lib is not None and x.is_contiguous() and out.is_contiguous() and w.is_contiguous()
     assert x.dtype == out.dtype == torch.float32 and w.dtype in _SYMBOLS
     num_experts, n, k = w.shape
-    assert x.shape[1] == k and out.shape == (x.shape[0], n) and starts.dtype == counts.dtype == torch.int64
+    assert x.shape[1] == k and out.shape == (x.shape[0], n)
+    for name, t in (("starts", starts), ("counts", counts)):  # the C code reads E int64 of each, raw
+        if t.dtype != torch.int64 or t.device.type != "cpu" or t.shape != (num_experts,) or not t.is_contiguous():
+            raise ValueError(f"seg_gemm: {name} must be a contiguous int64 CPU tensor [{num_experts}] (one entry per "
+                             f"weight), got {t.dtype} {tuple(t.shape)} on {t.device}, strides {t.stride()}")
     getattr(lib, _SYMBOLS[w.dtype])(x.data_ptr(), w.data_ptr(), starts.data_ptr(), counts.data_ptr(),
                                     num_experts, n, k, out.data_ptr(), torch.get_num_threads())
     return out
