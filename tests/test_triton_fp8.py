@@ -150,7 +150,8 @@ TRITON_CASES = {  # name -> (tokens, experts, top_k, inter, split scales, activa
     # ties among such values round the other way (a scale 1 ulp off moves this case by 1.2%)
     "w8a8-bf16values-T64": (64, 4, 2, 128, False, "bf16values", True, 1e-5),
 }
-CHILD_CHECKS = ["e4m3-rounding", "api-default-tiles-and-warmup", "w8a8-tiles-checked", "w8a16-block-64x96"]
+CHILD_CHECKS = ["e4m3-rounding", "api-default-tiles-and-warmup", "w8a8-tiles-checked", "w8a16-block-64x96",
+                "w8a8-block-64x96"]
 
 
 def _reference(inputs, act_quant: bool = False, split: bool | None = None) -> torch.Tensor:
@@ -231,10 +232,32 @@ def _child_api(device: str) -> dict:
     except ValueError as exc:
         err96 = str(exc)
     ok96 = isinstance(err96, float) and err96 <= (1e-2 if device == "cuda" else 2e-3)
-    return {"w8a16-block-64x96": {"ok": ok96, "err": err96},
+    return {"w8a16-block-64x96": {"ok": ok96, "err": err96}, "w8a8-block-64x96": _child_w8a8_block96(device),
             "api-default-tiles-and-warmup": {"ok": err <= 1e-5 and runs > 0 and again == 0,
                                              "err": err, "runs": runs, "again": again},
             "w8a8-tiles-checked": {"ok": "BLOCK_K == 128" in refused, "message": refused}}
+
+
+def _child_w8a8_block96(device: str) -> dict:
+    """W8A8 with a scale block bk = 96 (no power of two): activations quantized per 96-column group, as the
+    reference does, with H = 176 and I = 112 ending in partial groups; column magnitudes vary within each group
+    so that a per-tile (32-column) amax shows. Was refused (BLOCK_K must equal 96, a tile width Triton lacks)."""
+    g = torch.Generator().manual_seed(3)
+    x, *_, ids, weights = make_fp8_inputs(9, 3, 2, hidden=176, inter=112)
+    x = x * torch.rand(176, generator=g).repeat_interleave(16)[:176] * 4  # [T, H], uneven within a group
+    w13 = torch.randn(3, 224, 176, generator=g) / 13  # [E, 2I, H]
+    w2 = torch.randn(3, 176, 112, generator=g) / 11  # [E, H, I]
+    (q13, s13), (q2, s2) = quantize_block_fp8(w13, (64, 96)), quantize_block_fp8(w2, (64, 96))
+    act = torch.bfloat16 if device == "cuda" else torch.float32
+    ref = fused_moe_fp8_reference(x.to(act), q13, q2, ids, weights, s13, s2, (64, 96), act_quant=True, split=False)
+    try:
+        out = fused_moe(x.to(act).to(device), q13.to(device), q2.to(device), ids.to(device), weights.to(device),
+                        backend="triton", w13_scale=s13.to(device), w2_scale=s2.to(device), block_shape=(64, 96),
+                        act_quant=True, split_scales=False)
+        err = rel_err(out.cpu(), ref)
+    except ValueError as exc:
+        err = str(exc)
+    return {"ok": isinstance(err, float) and err <= (1e-2 if device == "cuda" else 1e-5), "err": err}
 
 
 def _run_child(device: str) -> dict:

@@ -68,10 +68,10 @@ def _ptr(kind: str):
     return (f"*{kind}", DIV16)
 
 
-def gemm_jobs(config: dict, dtype: str, fp8: str | None = None) -> list[tuple]:
+def gemm_jobs(config: dict, dtype: str, fp8: str | None = None, group_k: int = 128) -> list[tuple]:
     """(kernel, args, constexprs, num_warps, num_stages) for both grouped GEMMs with one tile config.
 
-    dtype: the activations'; fp8: None (weights in dtype), "w8a16" or "w8a8" (block-FP8 weights, 128x128 scales).
+    dtype: the activations'; fp8: None (weights in dtype), "w8a16" or "w8a8" (block-FP8 weights, 128 x group_k scales).
     """
     t = TRITON_TYPES[dtype]
     tiles = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
@@ -80,7 +80,7 @@ def gemm_jobs(config: dict, dtype: str, fp8: str | None = None) -> list[tuple]:
                   num_pairs="i32", hidden_size=("i32", DIV16), inter=("i32", DIV16), num_pid_m="i32",
                   stride_we=("i32", DIV16), stride_wn=("i32", DIV16), stride_wk=1)
     w = "fp8e4nv" if fp8 else t
-    tiles.update(W_FP8=bool(fp8), A_FP8=fp8 == "w8a8", GROUP_N=128, GROUP_K=128)
+    tiles.update(W_FP8=bool(fp8), A_FP8=fp8 == "w8a8", GROUP_N=128, GROUP_K=group_k)
     if fp8:  # scales [E, rows, cols] fp32: contiguous, so the last stride is 1
         common.update(w_scale_ptr=_ptr("fp32"), stride_se="i32", stride_sn="i32", stride_sk=1)
     else:  # what the launcher sees without scales: None and zeros
@@ -96,13 +96,14 @@ def gemm_jobs(config: dict, dtype: str, fp8: str | None = None) -> list[tuple]:
 
 
 def fp8_jobs(quick: bool = False) -> list[tuple]:
-    """Block-FP8 GEMMs with bf16 activations, the tiles fused_moe would pick (tuning.finalize): W8A16, W8A8."""
+    """Block-FP8 GEMMs with bf16 activations, the tiles fused_moe would pick (tuning.finalize): W8A16, W8A8;
+    also W8A8 with a scale block bk = 96 (no power of two: BLOCK_K 32 and a whole-group amax load)."""
     limit, jobs = CONSUMER_SMEM, []
     for bound, config in DEFAULT_TILES[-1:] if quick else DEFAULT_TILES:
-        for mode in ("w8a16", "w8a8"):
-            quant = (torch.bfloat16, 128, mode == "w8a8")
+        for mode, group_k in (("w8a16", 128), ("w8a8", 128), ("w8a8", 96)):
+            quant = (torch.bfloat16, group_k, mode == "w8a8")
             cfg = finalize(config, 1536, 7168, torch.float8_e4m3fn, limit, quant)
-            jobs += gemm_jobs(cfg, "bfloat16", mode)
+            jobs += gemm_jobs(cfg, "bfloat16", mode, group_k)
     return jobs
 
 

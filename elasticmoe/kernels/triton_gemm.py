@@ -7,8 +7,10 @@ scalar early exit on the device-side padded total. Sizes that change per call (p
 experts) are not specialised on, so a tile config compiles once, not once per batch-size class.
 Block-FP8 weights (W_FP8, see fp8.py): each K step's partial dot is scaled by the weight block's scale,
 one per column (BLOCK_K divides the scale block GROUP_K); the fp8 values are converted exactly to the
-activation dtype (W8A16), or with A_FP8 (BLOCK_K == GROUP_K) the activation tile is quantized per row on
-the fly (scale = amax / 448, round to nearest) and the dot runs on fp8 operands (W8A8).
+activation dtype (W8A16), or with A_FP8 the activation tile is quantized per row on the fly (scale = amax / 448
+over the row's GROUP_K columns, round to nearest) and the dot runs on fp8 operands (W8A8). BLOCK_K == GROUP_K
+takes the amax from the tile itself; a GROUP_K that is no power of two (96) has BLOCK_K a power of two dividing
+it and each K step also loads its whole group (GROUP_K / BLOCK_K tiles, masked) for the amax.
 """
 
 from __future__ import annotations
@@ -45,13 +47,33 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _scaled_dot(a, b, acc, b_scale, DOT_PRECISION: tl.constexpr, W_FP8: tl.constexpr, A_FP8: tl.constexpr):
-    """acc + a [BM, BK] . b [BK, BN]; fp8 b: the product times b_scale [BN] (and a's per-row scale with A_FP8)."""
+def _group_amax(row_ptrs, row_ok, k, limit, stride_k, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr):
+    """max |a| [BM] over the GROUP_K-column group holding K step k's tile (columns < limit) of rows row_ptrs [BM],
+    read BLOCK_K columns at a time (a [BM, 128] load at once spills at BLOCK_M = 128)."""
+    first = (k * BLOCK_K) // GROUP_K * GROUP_K + tl.arange(0, BLOCK_K)  # [BK] the group's first tile's columns
+    amax = tl.zeros(row_ok.shape, dtype=tl.float32)  # [BM]
+    for j in tl.static_range(GROUP_K // BLOCK_K):
+        cols = first + j * BLOCK_K
+        a = tl.load(row_ptrs[:, None] + cols[None, :] * stride_k, mask=row_ok[:, None] & (cols < limit)[None, :],
+                    other=0.0)  # [BM, BK]
+        amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+    return amax
+
+
+@triton.jit
+def _scaled_dot(a, b, acc, b_scale, a_amax, DOT_PRECISION: tl.constexpr, W_FP8: tl.constexpr,
+                A_FP8: tl.constexpr, TILE_GROUP: tl.constexpr):
+    """acc + a [BM, BK] . b [BK, BN]; fp8 b: the product times b_scale [BN] (and a's per-row scale with A_FP8,
+    from the tile's amax with TILE_GROUP (BLOCK_K == GROUP_K), else from a_amax [BM], its group's)."""
     if not W_FP8:
         out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif A_FP8:
         a32 = a.to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-10)  # [BM]
+        if TILE_GROUP:
+            amax = tl.max(tl.abs(a32), axis=1)  # [BM]
+        else:
+            amax = a_amax
+        amax = tl.maximum(amax, 1e-10)  # [BM]
         # IEEE division, not `/` (approximate on a GPU): a scale 1 ulp off moves bf16 activations' many exact
         # e4m3 ties, which cost 0.8-4.6% of the output against the reference on an H200
         a_scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))  # [BM]
@@ -104,8 +126,12 @@ def gate_up_kernel(
             block_k = (k * BLOCK_K) // GROUP_K * stride_sk
             gs = tl.load(gs_ptrs + block_k, mask=col_ok, other=0.0)  # [BN]
             us = tl.load(us_ptrs + block_k, mask=col_ok, other=0.0)  # [BN]
-        acc_g = _scaled_dot(a, g, acc_g, gs, DOT_PRECISION, W_FP8, A_FP8)
-        acc_u = _scaled_dot(a, u, acc_u, us, DOT_PRECISION, W_FP8, A_FP8)
+        a_amax = 0.0
+        if A_FP8 and BLOCK_K != GROUP_K:
+            a_amax = _group_amax(x_ptr + tokens * stride_xm, row_ok, k, hidden_size, stride_xk, BLOCK_K,
+                                 GROUP_K)  # [BM]
+        acc_g = _scaled_dot(a, g, acc_g, gs, a_amax, DOT_PRECISION, W_FP8, A_FP8, BLOCK_K == GROUP_K)
+        acc_u = _scaled_dot(a, u, acc_u, us, a_amax, DOT_PRECISION, W_FP8, A_FP8, BLOCK_K == GROUP_K)
         x_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
@@ -149,7 +175,11 @@ def down_kernel(
         scale = 1.0
         if W_FP8:
             scale = tl.load(s_ptrs + (k * BLOCK_K) // GROUP_K * stride_sk, mask=col_ok, other=0.0)  # [BN]
-        acc = _scaled_dot(a, b, acc, scale, DOT_PRECISION, W_FP8, A_FP8)
+        a_amax = 0.0
+        if A_FP8 and BLOCK_K != GROUP_K:
+            a_amax = _group_amax(act_ptr + offs_m.to(tl.int64) * stride_am, row_ok, k, inter, stride_ak, BLOCK_K,
+                                 GROUP_K)  # [BM]
+        acc = _scaled_dot(a, b, acc, scale, a_amax, DOT_PRECISION, W_FP8, A_FP8, BLOCK_K == GROUP_K)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_wk
     weight = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)  # [BM]

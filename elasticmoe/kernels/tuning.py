@@ -124,7 +124,8 @@ def finalize(cfg: dict, inter: int, hidden: int, dtype: torch.dtype, limit: int,
     """Cap tiles by the problem (tiny test shapes), fp32 register budget and shared memory `limit`.
 
     quant (block-FP8 weights): (activation dtype, scale block bk, act_quant); BLOCK_K then divides bk
-    (W8A16, the fp32 caps apply to fp32 activations) or equals it (W8A8).
+    (W8A16, the fp32 caps apply to fp32 activations) or equals it (W8A8; a bk that is no power of two, e.g. 96:
+    the largest power of two dividing it, at most 128).
     """
     cfg = dict(cfg)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, _pow2(min(inter, hidden))))
@@ -133,8 +134,8 @@ def finalize(cfg: dict, inter: int, hidden: int, dtype: torch.dtype, limit: int,
     if act_dtype == torch.float32 and not act_quant:
         cfg = {key: min(val, FP32_CAPS.get(key, val)) for key, val in cfg.items()}
     if group_k is not None:
-        if act_quant:
-            cfg["BLOCK_K"] = group_k
+        if act_quant:  # bk = 96 -> 32: the kernel then loads each tile's whole bk group for the amax
+            cfg["BLOCK_K"] = group_k if _is_pow2(group_k) else min(group_k & -group_k, 128)
         else:  # the largest power of two <= BLOCK_K dividing bk (bk = 96 -> 32; min(BLOCK_K, bk) could be 96)
             while cfg["BLOCK_K"] > 16 and group_k % cfg["BLOCK_K"]:
                 cfg["BLOCK_K"] //= 2
@@ -152,16 +153,22 @@ def finalize(cfg: dict, inter: int, hidden: int, dtype: torch.dtype, limit: int,
 
 
 def check_quant_tiles(cfg: dict, group_k: int, act_quant: bool) -> None:
-    """Raise ValueError unless BLOCK_K fits the scale block bk = group_k: divides it (W8A16) or equals it (W8A8)."""
+    """Raise ValueError unless BLOCK_K fits the scale block bk = group_k: divides it (W8A16) or equals it (W8A8;
+    divides it there too when bk is no power of two)."""
     block_k = cfg["BLOCK_K"]
-    fits = block_k == group_k if act_quant else group_k % block_k == 0
-    if not fits or block_k < 16 or block_k & (block_k - 1):
-        need = f"== {group_k}" if act_quant else f"a power of two >= 16 dividing {group_k}"
+    tile_group = act_quant and _is_pow2(group_k)
+    fits = block_k == group_k if tile_group else group_k % block_k == 0
+    if not fits or block_k < 16 or not _is_pow2(block_k):
+        need = f"== {group_k}" if tile_group else f"a power of two >= 16 dividing {group_k}"
         raise ValueError(f"block-FP8 tiles need BLOCK_K {need}; got {block_k}")
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
 
 
 def get_config(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, num_tokens: int,
