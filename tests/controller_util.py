@@ -77,6 +77,17 @@ async def _until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def _quiet(model: str, *joined: "Shard", **args):
+    """A controller over `joined` (each joined in turn), its loops cancelled: the rounds a test runs are the only
+    ones."""
+    ctrl = ControllerImpl(_args(model, **args))
+    for shard in joined:
+        await shard.join(ctrl)
+    for task in list(ctrl._tasks):
+        task.cancel()
+    return ctrl
+
+
 def _with_shards(model: str, names: str, scenario) -> None:
     """Run `scenario(files, *shards)` on a cleared GCS record with an in-process shard per letter of `names`; every
     shard's server stops afterwards, whatever happened."""

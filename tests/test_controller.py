@@ -8,7 +8,8 @@ import time
 
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.model import open_model
-from tests.controller_util import E, ControllerImpl, Shard, _args, _live_copies, _routed_to, _until, _with_shards
+from tests.controller_util import (E, ControllerImpl, Shard, _args, _live_copies, _quiet, _routed_to, _until,
+                                   _with_shards)
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -213,11 +214,7 @@ def test_draining_the_last_live_shard_re_homes_onto_a_ready_spare(model):
     only copies while c stayed an idle spare (and the health rounds found nothing to re-home onto for good). The
     spare joins the placement and takes the experts first."""
     async def scenario(files, a, b, c):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b)
         assert (await ctrl.register("c", c.address))["experts"] == []  # a spare
         b.server.stop(None)
         ctrl._mark_failed([ctrl.registry.shards["b"]], "health check failed")  # as the health round does first

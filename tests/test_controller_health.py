@@ -3,7 +3,7 @@ table and what may put it back in."""
 
 from __future__ import annotations
 
-from tests.controller_util import ControllerImpl, _args, _routed_to, _with_shards
+from tests.controller_util import ControllerImpl, _args, _quiet, _routed_to, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -24,11 +24,7 @@ def test_a_shard_declared_dead_is_not_routed_to_again_by_registering(model):
     (and, re-registering every ~2 s, it undid each verdict). b is back only once ready() has found it answering and
     holding its assignment (or the health loop revives it)."""
     async def scenario(files, a, b):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b)
         _health_fails_for(ctrl, {"b"})
         a.servicer.faults.fail_loads = 1  # re-homing b's experts onto a fails: b stays registered, unhealthy
         await ctrl._health_once()
@@ -105,11 +101,7 @@ def test_a_spare_whose_placement_failed_is_placed_by_the_health_loop(model):
     back). Only another shard's ready() or a controller restart tried again: c stayed an idle spare for good, while
     the desired shard count counted it. The health round places waiting spares."""
     async def scenario(files, a, b, c):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b)
         c.servicer.faults.fail_loads = 1
         await c.join(ctrl)
         assert ctrl.event_counts.get("grow_failed") == 1 and [s.shard_id for s in ctrl.registry.spares()] == ["c"]
@@ -129,11 +121,7 @@ def test_a_scale_out_waits_for_a_dead_shard_to_be_re_homed(model):
     import numpy as np
 
     async def scenario(files, a, b, c):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b)
         load = np.ones_like(ctrl.load.ema)
         load[:, :4] = 100.0  # a's experts are hot: a plan of 3 shards puts copies of them on b and c
         ctrl.load.ema = load
@@ -157,11 +145,7 @@ def test_a_re_home_while_a_shard_loads_keeps_a_live_copy_of_every_expert(model):
     experts of b and c on c alone (a's slots being full), so until c was ready they had no live copy. The plan now
     gives every expert a copy on the live shards; c keeps its assignment and joins when ready."""
     async def scenario(files, a, b, c):
-        ctrl = ControllerImpl(_args(model, num_shards=3, expert_copies=2))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b, num_shards=3, expert_copies=2)
         plan = await ctrl.register("c", c.address)  # loading
         assert (await ctrl.table())["complete"]
         _health_fails_for(ctrl, {"b"})
@@ -188,11 +172,7 @@ def test_a_spare_that_fails_every_load_is_retried_with_a_backoff(model):
     import asyncio
 
     async def scenario(files, a, b, c):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b)
         c.servicer.faults.fail_loads = 100
         await c.join(ctrl)
         for _ in range(5):

@@ -9,7 +9,7 @@ import numpy as np
 
 from elasticmoe.autoscaler.registry import Change
 from elasticmoe.placement import Placement
-from tests.controller_util import ControllerImpl, _args, _with_shards
+from tests.controller_util import _quiet, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -27,11 +27,7 @@ def test_a_rebalance_publishes_new_shares_when_no_copy_needs_to_move(model):
     published a change only when it added copies, so the gateways kept the stale 50/50 split and a ran at 1.5x b's
     load for good. A share change that lifts the balancedness is published too."""
     async def scenario(files, a, b):
-        ctrl = ControllerImpl(_args(model, autoscaling={"min_shards": 1, "max_shards": 2}))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 2})
         cur = ctrl.registry.placement
         assert [p for p, _ in cur.replicas(0, 0)] == [0] and 0 not in [p for p, _ in cur.replicas(0, 4)]
         async with ctrl._lock:
@@ -64,11 +60,7 @@ def test_a_shard_whose_stats_were_not_read_does_not_count_as_idle(model, monkeyp
     from types import SimpleNamespace
 
     async def scenario(files, a, b):
-        ctrl = ControllerImpl(_args(model, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7}))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7})
         ctrl.scale.cooldown_s = 0.0
         t0, unread = time.monotonic(), set()
 
@@ -98,11 +90,7 @@ def test_a_shard_whose_stats_always_fail_does_not_stop_scaling(model, monkeypatc
     from types import SimpleNamespace
 
     async def scenario(files, a, b):
-        ctrl = ControllerImpl(_args(model, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7}))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in ctrl._tasks:
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7})
         ctrl.scale.cooldown_s = 0.0
         t0 = time.monotonic()
 

@@ -9,7 +9,7 @@ import pytest
 from elasticmoe.autoscaler import moves
 from elasticmoe.autoscaler.registry import Change
 from elasticmoe.placement import Placement
-from tests.controller_util import (E, ControllerImpl, _args, _gateway_behind_a_move, _moved, _routed_to, _until,
+from tests.controller_util import (E, ControllerImpl, _args, _gateway_behind_a_move, _moved, _quiet, _routed_to, _until,
                                    _with_shards)
 from tests.controller_util import model  # noqa: F401 - a fixture
 
@@ -68,11 +68,7 @@ def test_a_failed_drop_task_is_logged_and_counted(model, monkeypatch, caplog):
 def test_a_drained_shard_leaves_the_health_metric(model):
     """elasticmoe_shard_healthy names the registered shards only: a drained (or re-homed) shard is no ghost."""
     async def scenario(files, a, b):
-        ctrl = ControllerImpl(_args(model))
-        await a.join(ctrl)
-        await b.join(ctrl)
-        for task in list(ctrl._tasks):
-            task.cancel()  # the rounds below are the only ones
+        ctrl = await _quiet(model, a, b)
         await ctrl._stats_once()
         assert ctrl.metrics.shards == {"a": True, "b": True}
         await ctrl.drain("b")
