@@ -141,3 +141,16 @@ def test_a_qk_norm_unlike_the_configs_is_refused_naming_the_tensor(tmp_path, mod
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: 'model\.layers\.0\.self_attn\.q_norm\.weight' is "
                                               rf"\[{shape}\], want \[{want}\]"):
         LLM(str(ck), dtype="float32")
+
+
+def test_expert_groups_are_ignored_where_transformers_router_has_none(tmp_path):
+    """LongCat's transformers router routes over every expert (its zero experts too) whatever n_group / topk_group in
+    config.json say; we limited its routing to the topk_group best of n_group groups, far off transformers' logits.
+    (Families whose router has no groups and whose spec does not read these keys refuse them by name.)"""
+    from elasticmoe import LLM
+    from tests.test_families_more import MORE_CASES
+
+    ck = make_family_checkpoint("longcat_flash", tmp_path / "g", case=MORE_CASES["longcat_flash"], n_group=5,
+                                topk_group=1)
+    assert '"n_group": 5' in (ck / "config.json").read_text()
+    _assert_matches(LLM(str(ck), dtype="float32"), ck, "longcat_flash")

@@ -87,6 +87,8 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         norm = True  # softmax over the top-k logits
     n_group, group_score = _get(cfg, "n_group", default=1), "top2_sum"
     grouped = _get(cfg, "n_group") is not None  # transformers' router keeps the topk_group best of n_group groups
+    if model_type == "longcat_flash":  # ... but LongCat's has no groups: it routes over every expert whatever they say
+        n_group, grouped = 1, False
     if model_type == "deepseek_v2":
         group_score = "max"
         if _get(cfg, "topk_method", default="greedy") == "greedy":
