@@ -40,6 +40,12 @@ class Multiplexed:
         else:
             fut.set_result(reply)
 
+    def fail_unreadable(self, e: BaseException, frame_id: int) -> None:
+        """An answer that cannot be read though its framing is intact and its frame id was read: that call alone
+        fails (INTERNAL); the connection's other calls still get their answers."""
+        if (fut := self.take(frame_id)) is not None:
+            fut.set_exception(TransportError(grpc.StatusCode.INTERNAL, f"{self.address}: {e}"))
+
     def fail_pending(self, err: grpc.RpcError) -> None:
         """Mark dead and fail every pending call at once (failover sees them all now, not at their deadlines)."""
         with self._lock:

@@ -179,7 +179,7 @@ class _Conn(Multiplexed):
                     except frames.FrameError as e:
                         if not e.frame_id:
                             raise  # whose answer it is cannot be told: the connection's calls fail
-                        self.fail_one(e.frame_id, TransportError(grpc.StatusCode.INTERNAL, f"{self.address}: {e}"))
+                        self.fail_unreadable(e, e.frame_id)
                         continue  # its framing is intact: the other calls' answers still come
                     if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
                         self._ended = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
@@ -191,11 +191,6 @@ class _Conn(Multiplexed):
             self._ended = TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}")
         self.fail(self._ended)
         return False
-
-    def fail_one(self, frame_id: int, err: grpc.RpcError) -> None:
-        """An answer that cannot be read (its framing intact): its call alone fails."""
-        if (fut := self.take(frame_id)) is not None:
-            fut.set_exception(err)
 
     def _shut(self) -> None:
         with self._lock:

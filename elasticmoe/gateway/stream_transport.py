@@ -30,8 +30,8 @@ def _decode_reply(buf: bytes) -> frames.Reply | frames.FrameError:
 
 class _Stream(Multiplexed):
     """One open RunExpertsStream: raw frames (rpc.frames) go out through a queue; a reader thread resolves answers
-    by id. A reply whose frame id cannot be read ends the call (grpc fails it; a readable id's fails that call alone): the stream's pending calls fail, the next
-    send opens a new stream."""
+    by id. A reply that cannot be read fails its call alone when its frame id was read; one whose id cannot be read
+    ends the stream (grpc fails it): the stream's pending calls fail, the next send opens a new stream."""
 
     def __init__(self, channel: grpc.Channel, address: str, refusal: Callable[[str, BaseException], BaseException]):
         super().__init__(address)
@@ -61,8 +61,7 @@ class _Stream(Multiplexed):
         try:
             for reply in self._call:
                 if isinstance(reply, frames.FrameError):  # its framing intact, its id read: that call alone fails
-                    if (fut := self.take(reply.frame_id)) is not None:
-                        fut.set_exception(TransportError(grpc.StatusCode.INTERNAL, f"{self.address}: {reply}"))
+                    self.fail_unreadable(reply, reply.frame_id)
                     continue
                 self.resolve(reply)
         except grpc.RpcError as e:
