@@ -199,6 +199,10 @@ class Checkpoint:
             return True
         return name in self.weight_map and name not in self._covered and name not in self._scale_names
 
+    def file_of(self, name: str) -> Path:
+        """The safetensors file holding tensor `name`, for error messages (the checkpoint directory for a view)."""
+        return self.path / self.weight_map.get(name, "")
+
     def shape(self, name: str) -> tuple[int, ...]:
         v = self._views.get(name)
         if v is None:
@@ -267,7 +271,7 @@ class Checkpoint:
         t = self.read(name, index)
         if tuple(t.shape) != tuple(out.shape):
             stored = self._views[name].stored if name in self._views else name
-            raise CheckpointError(f"{self.path / self.weight_map.get(stored, '')}: {name!r} gives a {list(t.shape)} "
+            raise CheckpointError(f"{self.file_of(stored)}: {name!r} gives a {list(t.shape)} "
                                   f"tensor, want {list(out.shape)}")
         out.copy_(t)
 

@@ -129,8 +129,7 @@ class DenseModel:
         got = self.ckpt.shape(name)
         if (shape is not None and got != tuple(shape)) or (numel is not None and math.prod(got) != numel):
             want = list(shape) if shape is not None else f"{numel} values"
-            where = self.ckpt.path / self.ckpt.weight_map.get(name, "")  # its file (the directory for a view)
-            raise CheckpointError(f"{where}: {name!r} is {list(got)}, want {want} (as config.json "
+            raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is {list(got)}, want {want} (as config.json "
                                   f"describes the model)")
         return self.ckpt.read(name).to(device=self.device, dtype=dtype or self.dtype)
 

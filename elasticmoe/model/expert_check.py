@@ -27,7 +27,7 @@ def check_experts(ckpt: Checkpoint, parts: dict[tuple[int, int], dict[str, str]]
             for name in sorted(set(some.values())):
                 shape = ckpt.shape(name)
                 if shape[0] != num_experts:
-                    raise CheckpointError(f"{_file(ckpt, name)}: {name!r} {list(shape)} holds {shape[0]} experts, but "
+                    raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} {list(shape)} holds {shape[0]} experts, but "
                                           f"config.json gives layer {layer} {num_experts}")
             continue
         sibling = next(iter(some.values()))
@@ -44,13 +44,8 @@ def check_experts(ckpt: Checkpoint, parts: dict[tuple[int, int], dict[str, str]]
                                           f"expert {e} of layer {layer}; config.json gives it {num_experts} experts)")
 
 
-def _file(ckpt: Checkpoint, name: str) -> Path:
-    """The safetensors file holding `name` (the checkpoint directory for a view)."""
-    return ckpt.path / ckpt.weight_map.get(name, "")
-
-
 def _where_missing(ckpt: Checkpoint, sibling: str) -> Path:
     """Where a missing tensor would be listed: the index of a sharded checkpoint, else the file holding the
     layer's other experts."""
     index = ckpt.path / INDEX_FILE
-    return index if index.is_file() else _file(ckpt, sibling)
+    return index if index.is_file() else ckpt.file_of(sibling)

@@ -254,9 +254,8 @@ class WeightNames:
             for name in [*(layer.dense or {}).values(), *(layer.shared or {}).values()]:
                 got = self.ckpt.shape(name)
                 if name in want and got != want[name]:
-                    where = self.ckpt.path / self.ckpt.weight_map.get(name, "")
-                    raise CheckpointError(f"{where}: {name!r} is {list(got)}, but config.json makes it "
-                                          f"{list(want[name])} (transformers refuses it)")
+                    raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is {list(got)}, but config.json "
+                                          f"makes it {list(want[name])} (transformers refuses it)")
 
     def expert(self, layer: int, expert: int) -> ExpertRef:
         ref = self.experts.get((layer, expert))
