@@ -11,14 +11,11 @@ import time
 import pytest
 import torch
 
-from elasticmoe.experts.server import start_server
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.routing import RoutingTable
-from elasticmoe.model import open_model
-from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
-from elasticmoe.model.experts import ExpertStore
-
-E, K, T = 8, 2, 24
+from elasticmoe.model.dispatch import ExpertsUnavailable
+from tests.shard_util import (ALL_BOTH, E, K, SPLIT, T, Shards, _inputs, _reference, _run, files,  # noqa: F401
+                              pair, transport)
 
 
 # ----- RoutingTable.assign: every combination of 1-3 copies on 4 shards and every set of dead shards
@@ -155,82 +152,6 @@ def test_a_shard_failing_on_two_threads_at_once_is_reported_once():
 
 
 # ----- the dispatcher over real gRPC shards
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from elasticmoe.model.tiny import make_tiny_model
-
-    return open_model(str(make_tiny_model("mixtral", tmp_path_factory.mktemp("fo") / "m", layers=2, experts=E)))
-
-
-class Shards:
-    """In-process expert shards on 127.0.0.1, each holding the given experts of every MoE layer; `options`: shard
-    index -> start_server's keyword arguments for that shard."""
-
-    def __init__(self, files, holdings: list[list[int]], options: dict[int, dict] | None = None):
-        self.files = files
-        self.layers = files.spec.moe.moe_layers
-        self.stores, self.servers, self.servicers, self.addresses = [], [], [], []
-        for i, experts in enumerate(holdings):
-            store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-            store.load([(l, e) for l in self.layers for e in experts])
-            server, servicer, port = start_server(store, f"s{i}", **(options or {}).get(i, {}))
-            self.stores.append(store)
-            self.servers.append(server)
-            self.servicers.append(servicer)
-            self.addresses.append(f"127.0.0.1:{port}")
-
-    def table(self, copies: dict[int, list[int]], version: int = 1, alive: list[int] | None = None,
-              epoch: str = "") -> RoutingTable:
-        idx = alive if alive is not None else list(range(len(self.addresses)))
-        pos = {s: i for i, s in enumerate(idx)}
-        experts = [[(pos[s], 1.0 / len(copies[e])) for s in copies[e] if s in pos] for e in range(E)]
-        return RoutingTable.from_dict({"version": version, "epoch": epoch, "layers": {l: experts for l in self.layers},
-                                       "shards": [{"id": f"s{i}", "address": self.addresses[i]} for i in idx]})
-
-    def close(self):
-        """Stop every server and wait until they have (grpc threads still stopping at interpreter exit abort it)."""
-        for stopped in [s.stop(None) for s in self.servers]:
-            stopped.wait(10)
-
-
-def _inputs(files, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(T, files.spec.hidden_size, generator=g)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    weights = torch.rand(T, K, generator=g)
-    return hidden, ids, weights
-
-
-def _reference(files, layer, hidden, ids, weights):
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    store.load([(layer, e) for e in range(E)])
-    return LocalDispatcher(store).dispatch(layer, hidden, ids, weights).wait()
-
-
-def _run(d: GrpcDispatcher, layer: int, inputs) -> tuple[torch.Tensor, float]:
-    t0 = time.perf_counter()
-    out = d.dispatch(layer, *inputs).wait()
-    return out, time.perf_counter() - t0
-
-
-ALL_BOTH = {e: [0, 1] for e in range(E)}
-SPLIT = {e: [e * 2 // E] for e in range(E)}
-
-
-@pytest.fixture
-def pair(files):
-    shards = Shards(files, [list(range(E)), list(range(E))])
-    yield shards
-    shards.close()
-
-
-@pytest.fixture(params=["unary", "socket"])
-def transport(request) -> str:
-    """Each dispatcher test below over the unary transport and over the socket transport (the deployed default,
-    whose waiting caller reads the answers itself)."""
-    return request.param
-
-
 def test_dispatch_equals_single_process(files, pair, transport):
     layer = pair.layers[0]
     inputs = _inputs(files)

@@ -12,7 +12,7 @@ import torch
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.model.dispatch import ExpertsUnavailable
 from elasticmoe.rpc import frames
-from tests.test_failover import (ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files,  # noqa: F401
+from tests.shard_util import (ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files,  # noqa: F401
                                  transport)
 
 # start_server's arguments that leave no room for one more caller: every unary call, or every frame connection,

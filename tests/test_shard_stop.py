@@ -18,7 +18,7 @@ import torch
 from elasticmoe.gateway.transport import make_transport
 from elasticmoe.rpc import frame_listener, frame_socket, frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
-from tests.test_failover import E, Shards, _inputs, files  # noqa: F401
+from tests.shard_util import E, Shards, _inputs, files  # noqa: F401
 
 _REQ = ExpertRequest(0, torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
 

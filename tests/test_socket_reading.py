@@ -19,7 +19,7 @@ from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.tls_socket import SerialTLS
-from tests.test_failover import E, _reference, files  # noqa: F401
+from tests.shard_util import E, _reference, files  # noqa: F401
 from tests.test_socket_transport import _req, pair  # noqa: F401 - pair: two shards, each half the experts
 from tests.test_tls_socket import pair as tls_pair  # noqa: F401
 

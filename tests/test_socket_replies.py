@@ -11,7 +11,7 @@ import pytest
 
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.rpc import frames
-from tests.test_failover import E, Shards, files  # noqa: F401
+from tests.shard_util import E, Shards, files  # noqa: F401
 from tests.test_socket_transport import _req
 
 

@@ -27,7 +27,7 @@ from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.frames import ExpertRequest
 from elasticmoe.rpc.tls_socket import SerialTLS
-from tests.test_failover import E, Shards, _inputs, _reference, _run, files  # noqa: F401
+from tests.shard_util import E, Shards, _inputs, _reference, _run, files  # noqa: F401
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from elasticmoe.gateway.transport import make_transport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import channel_options, encode_tensor
-from tests.test_failover import ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files  # noqa: F401
+from tests.shard_util import ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files  # noqa: F401
 
 
 @pytest.fixture

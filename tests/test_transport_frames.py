@@ -18,7 +18,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
 from elasticmoe.rpc.codec import channel_options, decode_tensor
-from tests.test_failover import E, Shards, _inputs, _reference, files  # noqa: F401
+from tests.shard_util import E, Shards, _inputs, _reference, files  # noqa: F401
 from tests.test_transport import _request, pair  # noqa: F401 - pair is a fixture
 
 
