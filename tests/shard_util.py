@@ -14,6 +14,7 @@ from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.experts import ExpertStore
+from elasticmoe.rpc.frames import ExpertRequest
 
 E, K, T = 8, 2, 24
 
@@ -93,3 +94,17 @@ def transport(request) -> str:
     """A dispatcher test over the unary transport and over the socket transport (the deployed default, whose
     waiting caller reads the answers itself)."""
     return request.param
+
+
+@pytest.fixture
+def halves(files):
+    """Two shards, shard 0 holding experts [0, E/2) and shard 1 the rest."""
+    shards = Shards(files, [list(range(E // 2)), list(range(E // 2, E))])
+    yield shards
+    shards.close()
+
+
+def _req(files, layer: int, rows: int = 4, seed: int = 0) -> ExpertRequest:
+    """rows tokens routed to experts [0, E/2) (what halves' shard 0 holds)."""
+    hidden, ids, weights = _inputs(files, seed)
+    return ExpertRequest(layer, hidden[:rows], (ids[:rows] % (E // 2)).to(torch.int32), weights[:rows], 3)

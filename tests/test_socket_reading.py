@@ -20,7 +20,7 @@ from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.tls_socket import SerialTLS
 from tests.shard_util import E, _reference, files  # noqa: F401
-from tests.test_socket_transport import _req, pair  # noqa: F401 - pair: two shards, each half the experts
+from tests.shard_util import _req, halves  # noqa: F401 - halves: two shards, each half the experts
 from tests.test_tls_socket import pair as tls_pair  # noqa: F401
 
 
@@ -37,8 +37,8 @@ def _wait_all(t: SocketTransport, futs: list[cf.Future], timeout_s: float) -> No
         t.wait(undone, end - time.monotonic())
 
 
-def test_a_waiting_caller_reads_its_answers_and_the_connection_thread_reads_the_rest(files, pair):  # noqa: F811
-    layer, address = pair.layers[0], pair.addresses[0]
+def test_a_waiting_caller_reads_its_answers_and_the_connection_thread_reads_the_rest(files, halves):  # noqa: F811
+    layer, address = halves.layers[0], halves.addresses[0]
     t = SocketTransport()
     try:
         first = t.send(address, lambda: _req(files, layer), 5)  # nobody reads: concurrent.futures.wait only waits
@@ -64,14 +64,14 @@ def test_a_waiting_caller_reads_its_answers_and_the_connection_thread_reads_the_
         t.close()
 
 
-def test_a_callback_run_by_a_reading_caller_may_wait_on_another_call(files, pair):  # noqa: F811
+def test_a_callback_run_by_a_reading_caller_may_wait_on_another_call(files, halves):  # noqa: F811
     """The reading caller holds the connection's read token while it runs the answers' callbacks; one of them
     waiting on another call of the same connection reads that answer too (the token is reentrant), no deadlock."""
-    layer, address = pair.layers[0], pair.addresses[0]
+    layer, address = halves.layers[0], halves.addresses[0]
     t = SocketTransport()
     try:
         assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
-        pair.servicers[0].faults.run_delay_s = 0.3  # the second answer comes while the first one's callback waits
+        halves.servicers[0].faults.run_delay_s = 0.3  # the second answer comes while the first one's callback waits
         first = t.send(address, lambda: _req(files, layer, seed=1), 10)
         second = t.send(address, lambda: _req(files, layer, seed=2), 10)
         inner: dict = {}
@@ -81,21 +81,21 @@ def test_a_callback_run_by_a_reading_caller_may_wait_on_another_call(files, pair
         assert first.result().output.data and inner["got"].output.data and second.done()
         assert time.perf_counter() - t0 < 5.0
     finally:
-        pair.servicers[0].faults.run_delay_s = 0.0
+        halves.servicers[0].faults.run_delay_s = 0.0
         t.close()
 
 
-def test_a_dead_shard_ends_the_wait_at_once_and_the_waiter_sees_it(files, pair):  # noqa: F811
+def test_a_dead_shard_ends_the_wait_at_once_and_the_waiter_sees_it(files, halves):  # noqa: F811
     """The shard stops while this thread waits in SocketTransport.wait for three slow calls: the wait reads the end
     of stream itself and fails them all (UNAVAILABLE), long before the calls' delay or deadline."""
-    layer, address = pair.layers[0], pair.addresses[0]
+    layer, address = halves.layers[0], halves.addresses[0]
     t = SocketTransport()
     try:
         assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
-        pair.servicers[0].faults.run_delay_s = 5.0
+        halves.servicers[0].faults.run_delay_s = 5.0
         pending = [t.send(address, lambda: _req(files, layer, seed=i), 30) for i in range(3)]
         seen = [_resolver(f) for f in pending]
-        stopper = threading.Timer(0.3, lambda: pair.servers[0].stop(None))
+        stopper = threading.Timer(0.3, lambda: halves.servers[0].stop(None))
         stopper.start()
         t0 = time.perf_counter()
         _wait_all(t, pending, 10)
@@ -106,39 +106,39 @@ def test_a_dead_shard_ends_the_wait_at_once_and_the_waiter_sees_it(files, pair):
             assert f.exception().code() == grpc.StatusCode.UNAVAILABLE
             assert s["thread"] is threading.current_thread()
     finally:
-        pair.servicers[0].faults.run_delay_s = 0.0
+        halves.servicers[0].faults.run_delay_s = 0.0
         t.close()
 
 
-def test_a_deadline_ends_the_wait_and_the_connection_survives(files, pair):  # noqa: F811
-    layer, address = pair.layers[0], pair.addresses[0]
+def test_a_deadline_ends_the_wait_and_the_connection_survives(files, halves):  # noqa: F811
+    layer, address = halves.layers[0], halves.addresses[0]
     t = SocketTransport()
     try:
         assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
         conn = t._conns[address]
-        pair.servicers[0].faults.run_delay_s = 1.0
+        halves.servicers[0].faults.run_delay_s = 1.0
         fut = t.send(address, lambda: _req(files, layer, seed=1), 0.2)
         t0 = time.perf_counter()
         _wait_all(t, [fut], 5)
         assert fut.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.perf_counter() - t0 < 0.2 + 0.5  # its deadline, a sweep grain and one wait slice
-        pair.servicers[0].faults.run_delay_s = 0.0
+        halves.servicers[0].faults.run_delay_s = 0.0
         ok = t.send(address, lambda: _req(files, layer, seed=2), 5)
         _wait_all(t, [ok], 10)  # the late answer is read and dropped on the way
         assert ok.result().output.data and t._conns[address] is conn and not conn.dead and not conn.pending
     finally:
-        pair.servicers[0].faults.run_delay_s = 0.0
+        halves.servicers[0].faults.run_delay_s = 0.0
         t.close()
 
 
-def test_result_and_exception_time_out_after_their_timeout_once(files, pair):  # noqa: F811
+def test_result_and_exception_time_out_after_their_timeout_once(files, halves):  # noqa: F811
     """Future.result(timeout) and exception(timeout) on a socket call still running raise TimeoutError after
     `timeout`, not twice that (reading the answers for `timeout`, then waiting on the Future for `timeout` more)."""
-    layer, address = pair.layers[0], pair.addresses[0]
+    layer, address = halves.layers[0], halves.addresses[0]
     t = SocketTransport()
     try:
         assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
-        pair.servicers[0].faults.run_delay_s = 3.0
+        halves.servicers[0].faults.run_delay_s = 3.0
         fut = t.send(address, lambda: _req(files, layer, seed=1), 10)
         for ask in (fut.result, fut.exception):
             t0 = time.perf_counter()
@@ -147,14 +147,14 @@ def test_result_and_exception_time_out_after_their_timeout_once(files, pair):  #
             took = time.perf_counter() - t0
             assert 1.0 <= took < 1.6, took
     finally:
-        pair.servicers[0].faults.run_delay_s = 0.0
+        halves.servicers[0].faults.run_delay_s = 0.0
         t.close()
 
 
-def test_callers_and_connection_threads_reading_side_by_side_get_their_own_answers(files, pair):  # noqa: F811
+def test_callers_and_connection_threads_reading_side_by_side_get_their_own_answers(files, halves):  # noqa: F811
     """Six threads wait through the transport (they take the read tokens from each other) and two only on their
     futures, calls of different sizes to both shards over mTLS: every answer is its own request's."""
-    layer = pair.layers[0]
+    layer = halves.layers[0]
     t = SocketTransport()
     holders = [range(E // 2), range(E // 2, E)]
 
@@ -163,7 +163,7 @@ def test_callers_and_connection_threads_reading_side_by_side_get_their_own_answe
         req = _req(files, layer, 1 + i % 24, seed=i)
         req = req._replace(topk_ids=(req.topk_ids + shard * (E // 2)).to(torch.int32))
         assert set(req.topk_ids.unique().tolist()) <= set(holders[shard])
-        fut = t.send(pair.addresses[shard], lambda: req, 10)
+        fut = t.send(halves.addresses[shard], lambda: req, 10)
         if i % 4 == 3:
             got = fut.result(timeout=20)
         else:
@@ -175,7 +175,7 @@ def test_callers_and_connection_threads_reading_side_by_side_get_their_own_answe
     try:
         with cf.ThreadPoolExecutor(8) as pool:
             list(pool.map(one, range(96)))
-        assert sorted(t._conns) == sorted(pair.addresses) and not any(c.pending for c in t._conns.values())
+        assert sorted(t._conns) == sorted(halves.addresses) and not any(c.pending for c in t._conns.values())
         assert all(isinstance(c.sock, SerialTLS) for c in t._conns.values())
     finally:
         t.close()
@@ -219,10 +219,10 @@ def test_serial_tls_reads_without_waiting_and_tells_what_it_holds(tls_pair):  # 
         ours.recv_nowait(memoryview(rest))
 
 
-def test_the_connection_thread_stays_asleep_while_a_caller_reads(files, pair):  # noqa: F811
+def test_the_connection_thread_stays_asleep_while_a_caller_reads(files, halves):  # noqa: F811
     """1.5 s of back-to-back calls waited for through the transport: the connection's own thread wakes about twice a
     second (each wake-up takes the GIL from the engine thread), not once per answer."""
-    layer, address = pair.layers[0], pair.addresses[0]
+    layer, address = halves.layers[0], halves.addresses[0]
     t = SocketTransport()
     try:
         _wait_all(t, [t.send(address, lambda: _req(files, layer), 5)], 10)

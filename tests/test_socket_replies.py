@@ -11,15 +11,7 @@ import pytest
 
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.rpc import frames
-from tests.shard_util import E, Shards, files  # noqa: F401
-from tests.test_socket_transport import _req
-
-
-@pytest.fixture
-def pair(files):  # noqa: F811
-    shards = Shards(files, [list(range(E // 2)), list(range(E // 2, E))])
-    yield shards
-    shards.close()
+from tests.shard_util import _req, files, halves  # noqa: F401
 
 
 def _corrupt_first_reply(servicer, gate: threading.Event) -> None:
@@ -41,14 +33,14 @@ def _corrupt_first_reply(servicer, gate: threading.Event) -> None:
 
 
 @pytest.mark.parametrize("kind", ["socket", "stream"])
-def test_an_unreadable_reply_fails_its_call_only(files, pair, kind):  # noqa: F811
+def test_an_unreadable_reply_fails_its_call_only(files, halves, kind):  # noqa: F811
     """The first frame's reply cannot be read while a second frame is in flight: only the first call fails; the
     second gets its answer, and the connection (socket) or RunExpertsStream (stream) stays open for the next call."""
     from elasticmoe.gateway.stream_transport import StreamTransport
 
-    layer, address = pair.layers[0], pair.addresses[0]
+    layer, address = halves.layers[0], halves.addresses[0]
     gate = threading.Event()
-    _corrupt_first_reply(pair.servicers[0], gate)
+    _corrupt_first_reply(halves.servicers[0], gate)
     t = SocketTransport() if kind == "socket" else StreamTransport()
     links = (lambda: t._conns) if kind == "socket" else (lambda: t._streams)
     try:

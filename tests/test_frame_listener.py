@@ -1,0 +1,127 @@
+"""A shard's frame listener spoken to over raw sockets: unreadable frames fail alone (their frame id answered when
+it can be read) and a bad length prefix closes only its connection; mTLS only; connections beyond the limit are
+refused (tests/test_socket_transport.py: the transport over it)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+import grpc
+import pytest
+import torch
+
+from elasticmoe.experts.server import start_server
+from elasticmoe.gateway.socket_transport import SocketTransport
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.rpc import frame_socket, frames, tls
+from tests.shard_util import E, _inputs, _req, files, halves  # noqa: F401
+
+
+def _connect(servicer, ctx: ssl.SSLContext | None = None) -> socket.socket:
+    """A raw connection to a shard's frame listener: mTLS with `ctx`, else plaintext."""
+    s = socket.create_connection(("127.0.0.1", servicer.frame_port), timeout=10)
+    return ctx.wrap_socket(s, server_hostname=tls.SERVER_NAME) if ctx else s
+
+
+def _replies(s: socket.socket, n: int) -> list[frames.Reply]:
+    got = frame_socket.FrameReader(s).frames()
+    return [frames.decode_reply(next(got)) for _ in range(n)]
+
+
+def test_unreadable_frames_fail_alone_and_a_bad_prefix_closes_only_its_connection(files, halves):  # noqa: F811
+    layer = halves.layers[0]
+    hidden, ids, weights = _inputs(files)
+    good = frames.encode_request(1, layer, hidden[:4], (ids[:4] % (E // 2)).to(torch.int32), weights[:4])
+    bad_magic, bad_dtype = bytearray(good), bytearray(good)
+    bad_magic[8:12] = b"XXXX"
+    bad_dtype[8 + frames.HEADER.size] = 99
+    other = SocketTransport()
+    with _connect(halves.servicers[0], tls.client_ssl_context()) as s:
+        s.sendall(bytes(bad_magic) + bytes(bad_dtype) + good)
+        replies = sorted(_replies(s, 3), key=lambda r: (r.id, r.code == 0))
+        invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert [(r.id, r.code) for r in replies] == [(1, invalid), (1, invalid), (1, 0)], replies
+        replies.sort(key=lambda r: "magic" not in r.error)
+        assert "magic" in replies[0].error and "dtype code 99" in replies[1].error
+        assert other.send(halves.addresses[0], lambda: _req(files, layer), 5).result(timeout=10).output.data
+        s.sendall(b"\x00" * 8 + good)  # not a length prefix: the shard cannot resynchronise, it ends this connection
+        assert next(frame_socket.FrameReader(s).frames(), None) is None  # the connection ended
+    try:  # the shard and the other connection go on
+        assert other.send(halves.addresses[0], lambda: _req(files, layer, seed=1), 5).result(timeout=10).output.data
+    finally:
+        other.close()
+
+
+def test_a_bad_magic_or_kind_is_answered_under_its_frame_id(files, halves):  # noqa: F811
+    """A frame whose header is readable but whose magic or kind is wrong gets INVALID_ARGUMENT under its own id (its
+    call ends at once, not at its deadline); one too short for a header is answered as frame 0."""
+    layer = halves.layers[0]
+    hidden, ids, weights = _inputs(files)
+    bad_magic = bytearray(frames.encode_request(7, layer, hidden[:4], (ids[:4] % (E // 2)).to(torch.int32),
+                                                weights[:4]))
+    bad_magic[8:12] = b"XXXX"
+    a_reply = frames.encode_reply(8, torch.ones(1, 1))  # kind 2 where a request (kind 1) belongs
+    short = frames._varint5(16) + b"\0" * 16  # its framing intact, no header to read an id from
+    with _connect(halves.servicers[0], tls.client_ssl_context()) as s:
+        s.sendall(bytes(bad_magic) + a_reply + short)
+        replies = sorted(_replies(s, 3), key=lambda r: r.id)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [(r.id, r.code) for r in replies] == [(0, invalid), (7, invalid), (8, invalid)], replies
+    assert "header" in replies[0].error and "magic b'XXXX'" in replies[1].error and "kind 2" in replies[2].error
+
+
+def _refused(servicer, ctx: ssl.SSLContext | None, good: bytes) -> None:
+    """The listener answers nothing: the handshake, the write or the read fails, or the connection just ends."""
+    try:
+        with _connect(servicer, ctx) as s:
+            s.sendall(good)
+            assert next(frame_socket.FrameReader(s).frames(), None) is None  # the connection ended
+    except (ssl.SSLError, ConnectionError):
+        pass
+
+
+def test_listener_speaks_mtls_only(files, halves, tmp_path):  # noqa: F811
+    layer, servicer = halves.layers[0], halves.servicers[0]
+    hidden, ids, weights = _inputs(files)
+    good = frames.encode_request(7, layer, hidden[:2], (ids[:2] % (E // 2)).to(torch.int32), weights[:2])
+    calls = servicer.calls
+    with _connect(servicer, tls.client_ssl_context()) as s:  # a certificate of the release's CA
+        s.sendall(good)
+        assert _replies(s, 1)[0].code == 0 and servicer.calls == calls + 1
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_cert.load_verify_locations(cafile=tls.tls_files().ca)
+    other = tls.local_ca(tmp_path / "other")  # another CA's certificate, trusting ours
+    foreign = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    foreign.load_verify_locations(cafile=tls.tls_files().ca)
+    foreign.load_cert_chain(other.cert, other.key)
+    for ctx in (None, no_cert, foreign):  # plaintext, no client certificate, a certificate of another CA
+        _refused(servicer, ctx, good)
+    assert servicer.calls == calls + 1  # none of them ran a frame
+
+
+def test_connections_beyond_the_limit_are_refused(files):  # noqa: F811
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    layer = files.spec.moe.moe_layers[0]
+    store.load([(layer, e) for e in range(E)])
+    server, _, port = start_server(store, "s", max_workers=2, max_streams=1)
+    address, first, second = f"127.0.0.1:{port}", SocketTransport(), SocketTransport()
+    try:
+        assert first.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        with pytest.raises(grpc.RpcError) as e:
+            second.send(address, lambda: _req(files, layer), 5).result(timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.close()  # its connection ends: the place is free again
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert second.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        first.close()
+        second.close()
+        server.stop(None)
