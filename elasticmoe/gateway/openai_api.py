@@ -18,7 +18,7 @@ from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.config import served_name
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.auth import RequireApiKey
-from elasticmoe.gateway.openai_choices import _bad_request, _choices, _record, _serve
+from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, completion_ids,
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 def _invalid(core: Any, e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
     """InvalidRequest -> a 400 ApiError whose param (and message) use the API's field name; counted on core."""
-    _record(core, 400)
-    return _bad_request(e, aliases)
+    record_outcome(core, 400)
+    return bad_request(e, aliases)
 
 
 def _defaults(core: Any) -> dict | None:
@@ -50,7 +50,7 @@ async def read_request(request: Request, model: type[BaseRequest], core: Any) ->
     except InvalidRequest as e:
         raise _invalid(core, e, {}) from None
     except ApiError as e:
-        _record(core, e.status)
+        record_outcome(core, e.status)
         raise
 
 
@@ -86,8 +86,8 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request,
         params = sampling_params(req, max_tokens, req.logprobs, _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
-    return await _serve(request, req, *_choices(core, "cmpl", ids, params, aliases, req, False,
-                                                req.logprobs is not None, t0))
+    return await serve_choices(request, req, *make_choices(core, "cmpl", ids, params, aliases, req, False,
+                                                           req.logprobs is not None, t0))
 
 
 async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
@@ -108,8 +108,8 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
                                  _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
-    return await _serve(request, req, *_choices(core, "chatcmpl", ids, params, aliases, req, True, bool(req.logprobs),
-                                                t0))
+    return await serve_choices(request, req, *make_choices(core, "chatcmpl", ids, params, aliases, req, True,
+                                                           bool(req.logprobs), t0))
 
 
 _KINDS = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
@@ -169,7 +169,7 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
 
     def reject() -> None:
         try:
-            _record(get_core(), 401)
+            record_outcome(get_core(), 401)
         except Exception:  # noqa: BLE001 - metrics never turn a 401 into a 500
             pass
 
@@ -177,7 +177,7 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
 
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         try:
-            _record(get_core(), 400)
+            record_outcome(get_core(), 400)
         except Exception:  # noqa: BLE001 - metrics never turn a 400 into a 500
             pass
         message, param = _describe(exc)

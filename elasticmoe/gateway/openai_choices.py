@@ -24,7 +24,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATUS_OF = {400: "invalid", 401: "unauthenticated", 413: "invalid", 429: "rejected", 503: "rejected"}  # else "error"; 499 = client went away
 
 
-def _record(core: Any, http_status: int | None, tally: Tally | None = None) -> None:
+def record_outcome(core: Any, http_status: int | None, tally: Tally | None = None) -> None:
     """Count one finished request (all its choices) on core.metrics (if any): ok with latencies (TTFT to the first
     token of any choice, TPOT per choice over its own tokens), or failed with its code."""
     m = getattr(core, "metrics", None)
@@ -43,7 +43,7 @@ def _record(core: Any, http_status: int | None, tally: Tally | None = None) -> N
                 m.tpot((t_last - t_first) / (tokens - 1))
 
 
-def _bad_request(e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
+def bad_request(e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
     param = aliases.get(e.field, e.field)
     return ApiError(400, f"{param}: {getattr(e, 'message', e)}", param=param)
 
@@ -77,7 +77,7 @@ class Tally:
         """The outcome: an HTTP status, or None (ok: `last`, an update of the request, given once all ended)."""
         if not self.done:
             self.done = True
-            _record(self.core, http_status, self if last is not None else None)
+            record_outcome(self.core, http_status, self if last is not None else None)
 
 
 class Generation:
@@ -111,7 +111,7 @@ class Generation:
             self._stream = self.core.runner.generate(self.id, self.ids, self.params)
             first = await self._stream.__anext__()
         except InvalidRequest as e:  # counted once per request, however many of its choices are refused
-            raise self.fail(_bad_request(e, self.aliases)) from e
+            raise self.fail(bad_request(e, self.aliases)) from e
         except QueueFull as e:
             raise self.fail(ApiError(429, str(e), "rate_limit_exceeded")) from e
         except Exception as e:  # noqa: BLE001 - the engine could not serve it
@@ -166,7 +166,7 @@ async def _unless_disconnected(request: Request, coro: Any, gen: Generation) -> 
     raise ApiError(499, "the client disconnected", "client_disconnected")
 
 
-async def _serve(request: Request, req: BaseRequest, gens: list[Generation], shapes: list[Shape]) -> Any:
+async def serve_choices(request: Request, req: BaseRequest, gens: list[Generation], shapes: list[Shape]) -> Any:
     if not req.stream:
         return JSONResponse(await _unless_disconnected(request, complete_all(gens, shapes), gens[0]))
     firsts = await _unless_disconnected(request, start_all(gens), gens[0])
@@ -176,7 +176,7 @@ async def _serve(request: Request, req: BaseRequest, gens: list[Generation], sha
                        SSE_HEADERS)
 
 
-def _choices(core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
+def make_choices(core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
              req: BaseRequest, chat: bool, logprobs: bool,
              t0: float | None = None) -> tuple[list[Generation], list[Shape]]:
     """One Generation and Shape per choice (n); choice i samples with seed + i when a seed is given. t0: when the
