@@ -21,6 +21,7 @@ import torch
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
+from elasticmoe.rpc.frame_service import add_shard_servicer
 from elasticmoe.rpc.frame_listener import FrameListener
 from elasticmoe.rpc.codec import channel_options, decode_tensor, encode_tensor, server_options, tune_malloc
 
@@ -71,7 +72,7 @@ async def start_echo_server(port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Starts an EchoShard grpc.aio server on 127.0.0.1 (port 0: ephemeral); returns it and its port."""
     server = grpc.aio.server(options=server_options())
     shard = EchoShard()
-    frames.add_shard_servicer(shard, server)
+    add_shard_servicer(shard, server)
     port = server.add_insecure_port(f"{HOST}:{port}")
     shard.listen()  # plaintext frames beside it (the socket transport); lives as long as the process
     await server.start()

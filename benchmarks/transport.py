@@ -36,8 +36,9 @@ from elasticmoe.gateway.stream_transport import StreamTransport
 from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-from elasticmoe.rpc import frames, tls
+from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
+from elasticmoe.rpc.frame_service import add_shard_servicer
 from elasticmoe.rpc.frames import ExpertRequest
 from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 import rpc_fanout  # benchmarks/rpc_fanout.py
@@ -126,7 +127,7 @@ async def _serve_mtls() -> None:
     servers, ports = [], []
     for insecure in (True, False):
         server, shard = grpc.aio.server(options=server_options()), EchoShard()
-        frames.add_shard_servicer(shard, server)
+        add_shard_servicer(shard, server)
         ports.append(tls.add_port(server, "127.0.0.1:0", insecure=insecure))
         shard.listen(insecure=insecure)
         await server.start()

@@ -19,6 +19,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
 from elasticmoe.rpc import tls
+from elasticmoe.rpc.frame_service import add_shard_servicer
 from elasticmoe.rpc.frame_listener import FrameListener
 from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, decode_tensor, encode_tensor, server_options
 from elasticmoe.rpc.staging import to_host
@@ -295,7 +296,7 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
                          maximum_concurrent_rpcs=4 * max_workers + max_streams)
     servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows, max_streams=max_streams,
                               max_message_bytes=max_message_bytes)
-    frames.add_shard_servicer(servicer, server)
+    add_shard_servicer(servicer, server)
     bound = 0
     for candidate in _ports(port):
         try:

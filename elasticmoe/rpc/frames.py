@@ -23,12 +23,10 @@ import functools
 import struct
 from typing import NamedTuple, Union
 
-import grpc
 import torch
 from google.protobuf.message import DecodeError
 
 from elasticmoe.rpc import experts_pb2 as pb
-from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc.codec import DTYPES, encode_tensor
 from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
 
@@ -159,22 +157,31 @@ def _frame(kind: int, frame_id: int, word: int, text: bytes, version: int, last:
 
 def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list) -> list:
     """A frame as a list of byte buffers: prefix + header + descriptors + text in one, then each tensor's bytes
-    (views of the tensors: no copy yet) and its padding where it needs some."""
-    head = [HEADER.pack(MAGIC, kind, 0, len(tensors), frame_id, word, len(text), version, last)]
-    body, keep = [], []
+    (views of the tensors: no copy yet) and its padding where it needs some. (The hot path of every call, both
+    ways: a plain contiguous CPU tensor is read inline, anything else through _raw.)"""
+    fields = [MAGIC, kind, 0, len(tensors), frame_id, word, len(text), version, last]
+    body, keep, size = [], [], 0
     for t in tensors:
-        code, shape, data, *owner = _raw(t)
-        keep += owner
-        ndim = len(shape)
-        head.append(DESC.pack(code, ndim, shape[0] if ndim else 0, shape[1] if ndim == 2 else 0))
-        if data:
-            body.append(data)
-            if len(data) % 8:
-                body.append(_PADS[-len(data) % 8])
+        if type(t) is torch.Tensor and (code := _TORCH_CODE.get(t.dtype)) is not None and t.is_cpu \
+                and not t.requires_grad and t.is_contiguous() and (ndim := t.dim()) <= 2:
+            shape, n = t.shape, t.nbytes
+            if n:  # the tensor's bytes in place (no copy, any dtype); the frame's Parts keep the tensor alive
+                body.append((ctypes.c_ubyte * n).from_address(t.data_ptr()))
+                keep.append(t)
+        else:
+            code, shape, data, *owner = _raw(t)
+            keep += owner
+            ndim, n = len(shape), len(data)
+            if n:
+                body.append(data)
+        fields += (code, ndim, shape[0] if ndim else 0, shape[1] if ndim == 2 else 0)
+        if n % 8:
+            body.append(_PADS[-n % 8])
+        size += n + (-n % 8)
+    head = _with_descs(len(tensors)).pack(*fields)
     if text:
-        head += [text, _PADS[-len(text) % 8]]
-    head = b"".join(head)
-    size = len(head) + sum(map(len, body))
+        head += text + _PADS[-len(text) % 8]
+    size += len(head)
     if _PREFIX + size > LIMIT:  # the receiver would end the whole connection (gRPC or the listener): fail this one
         raise ValueError(f"frame: {_PREFIX + size} bytes, more than the {LIMIT}-byte message limit "
                          f"(ELASTICMOE_GRPC_MAX_MESSAGE_BYTES)")
@@ -221,16 +228,21 @@ def reply_parts(frame_id: int, output: Tensorish | None = None, missing: list[in
 def frame_size(prefix: bytes | memoryview) -> int:
     """The length of the frame whose 8-byte prefix (as this module writes it) is `prefix`; on a byte stream this
     prefix is the frame's length prefix. FrameError for anything else (the stream cannot be resynchronised)."""
-    size = _size5(prefix) if len(prefix) == _PREFIX and prefix[:3] == _FAST else -1
+    size = _size8(prefix) if len(prefix) == _PREFIX else -1
     if size < 0:
         raise FrameError(f"frame prefix {bytes(prefix).hex()}: not an ExpertFrame length prefix")
     return size
 
 
-def _size5(prefix) -> int:
-    """The 5-byte varint at prefix[3:8] as this module writes it (continuation bits on the first 4); else -1."""
-    v = int.from_bytes(prefix[3:8], "little")
-    if v & 0x8080808080 != 0x80808080:
+_FAST_INT = int.from_bytes(_FAST, "little")
+
+
+def _size8(prefix) -> int:
+    """The frame length in an 8-byte prefix as this module writes it (_FAST, then a 5-byte varint with continuation
+    bits on its first 4 bytes), read as one integer; else -1."""
+    p = int.from_bytes(prefix[:_PREFIX], "little")
+    v = p >> 24
+    if p & 0xFFFFFF != _FAST_INT or v & 0x8080808080 != 0x80808080:
         return -1
     return v & 0x7F | v >> 1 & 0x3F80 | v >> 2 & 0x1FC000 | v >> 3 & 0xFE00000 | v >> 4 & 0x7F0000000
 
@@ -247,10 +259,19 @@ def encode_reply(frame_id: int, output: Tensorish | None = None, missing: list[i
     return b"".join(reply_parts(frame_id, output, missing, compute_us, placement_version, code, error))
 
 
+@functools.lru_cache(maxsize=None)
+def _with_descs(count: int) -> struct.Struct:
+    """The header and `count` tensor descriptors, unpacked at once."""
+    return struct.Struct(HEADER.format + DESC.format[1:] * count)
+
+
+_HEADS = [_with_descs(n) for n in range(4)]  # a request has 3 tensors, an OK reply 2, a failed one none
+
+
 def _payload(buf: bytes) -> memoryview:
     """The frame bytes of an ExpertFrame message: a view past our 8-byte prefix, else (any other writer) parsed."""
     view = memoryview(buf)
-    if len(view) >= _PREFIX and view[:3] == _FAST and _size5(view) == len(view) - _PREFIX:
+    if len(view) >= _PREFIX and _size8(view) == len(view) - _PREFIX:
         return view[_PREFIX:]
     try:
         return memoryview(pb.ExpertFrame.FromString(buf).frame)
@@ -258,50 +279,48 @@ def _payload(buf: bytes) -> memoryview:
         raise FrameError(f"frame: {len(view)} bytes that are not an ExpertFrame message") from None
 
 
-@functools.lru_cache(maxsize=None)
-def _with_descs(count: int) -> struct.Struct:
-    """The header and `count` tensor descriptors, unpacked at once."""
-    return struct.Struct(HEADER.format + DESC.format[1:] * count)
-
-
 def _parse(buf: bytes, kind: int) -> tuple[tuple, list[WireTensor], str]:
     """Header fields, tensors (views of buf) and error text of one frame; FrameError naming what is wrong."""
     view = _payload(buf)
-    if len(view) < HEADER.size:
-        raise FrameError(f"frame: {len(view)} bytes, shorter than the {HEADER.size}-byte header")
-    count = view[6]
     size = len(view)
-    if size < HEADER.size + count * DESC.size:
-        head = HEADER.unpack_from(view, 0)
-        raise FrameError(f"frame {head[4]}: {size} bytes, too short for {count} tensors", head[4])
-    fields = _with_descs(count).unpack_from(view, 0)  # the header's 9 fields, then 4 per tensor
-    head = fields[:9]
-    magic, got_kind, _, count, frame_id, _, text_len = head[:7]
+    if size < HEADER.size:
+        raise FrameError(f"frame: {size} bytes, shorter than the {HEADER.size}-byte header")
+    count = view[6]
+    off = HEADER.size + count * DESC.size
+    if size < off:
+        frame_id = HEADER.unpack_from(view, 0)[4]
+        raise FrameError(f"frame {frame_id}: {size} bytes, too short for {count} tensors", frame_id)
+    fields = (_HEADS[count] if count < len(_HEADS) else _with_descs(count)).unpack_from(view, 0)
+    magic, got_kind, _, count, frame_id, _, text_len = fields[:7]  # the header's 9 fields, then 4 per tensor
     if magic != MAGIC or got_kind != kind:
         raise FrameError(f"frame {frame_id}: magic {bytes(magic)!r} kind {got_kind}, want {MAGIC!r} kind {kind}",
                          frame_id)
-    off = HEADER.size + count * DESC.size
     if size < off + text_len:
         raise FrameError(f"frame {frame_id}: {size} bytes, too short for {count} tensors", frame_id)
-    text = bytes(view[off:off + text_len]).decode(errors="replace") if text_len else ""
-    off += text_len + (-text_len % 8)
+    text = ""
+    if text_len:
+        text = bytes(view[off:off + text_len]).decode(errors="replace")
+        off += text_len + (-text_len % 8)
     tensors = []
-    for i in range(count):
-        code, ndim, d0, d1 = fields[9 + 4 * i:13 + 4 * i]
-        name = CODES.get(code)
-        if name is None or ndim > 2 or d0 < 0 or d1 < 0:
-            raise FrameError(f"frame {frame_id}: tensor {i}: dtype code {code}, ndim {ndim}, dims {[d0, d1][:ndim]}"
-                             f" (codes {sorted(CODES)}, at most 2 non-negative dims)", frame_id)
-        shape = (d0, d1) if ndim == 2 else (d0,) if ndim else ()
-        n = (d0 * d1 if ndim == 2 else d0 if ndim else 1) * _ITEMSIZE[code]
-        if off + n > size:
-            raise FrameError(f"frame {frame_id}: tensor {i} {list(shape)} {name} needs {n} bytes at {off}, "
-                             f"the frame has {size}", frame_id)
-        tensors.append(WireTensor(view[off:off + n], name, shape))
-        off += n + (-n % 8)
+    for i in range(9, 9 + 4 * count, 4):
+        code, ndim, d0, d1 = fields[i:i + 4]
+        itemsize = _ITEMSIZE.get(code)
+        if itemsize is None or ndim > 2 or d0 < 0 or d1 < 0:
+            raise FrameError(f"frame {frame_id}: tensor {i // 4 - 2}: dtype code {code}, ndim {ndim}, dims "
+                             f"{[d0, d1][:ndim]} (codes {sorted(CODES)}, at most 2 non-negative dims)", frame_id)
+        if ndim == 2:
+            shape, n = (d0, d1), d0 * d1 * itemsize
+        else:
+            shape, n = ((d0,), d0 * itemsize) if ndim else ((), itemsize)
+        end = off + n
+        if end > size:
+            raise FrameError(f"frame {frame_id}: tensor {i // 4 - 2} {list(shape)} {CODES[code]} needs {n} bytes at "
+                             f"{off}, the frame has {size}", frame_id)
+        tensors.append(WireTensor(view[off:end], CODES[code], shape))
+        off = end + (-n % 8)
     if off != size:
         raise FrameError(f"frame {frame_id}: {size} bytes, its header describes {off}", frame_id)
-    return head, tensors, text
+    return fields[:9], tensors, text
 
 
 def decode_request(buf: bytes) -> Request:
@@ -331,26 +350,3 @@ def decode_reply(buf: bytes) -> Reply:
         raise FrameError(f"frame {frame_id}: an OK reply has output [T, H] and int32 missing [m]; got {got}", frame_id)
     missing = torch.frombuffer(tensors[1].data, dtype=torch.int32).tolist() if tensors[1].shape[0] else []  # [m]
     return Reply(frame_id, 0, "", tensors[0], missing, head[8], head[7])
-
-
-class _Handlers:
-    """Stands in for a server to pb_grpc.add_ExpertShardServicer_to_server: keeps the method handlers it builds."""
-
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.service, self.handlers = service, handlers
-
-
-def add_shard_servicer(servicer: pb_grpc.ExpertShardServicer, server) -> None:
-    """As the generated add_ExpertShardServicer_to_server (grpc or grpc.aio server), but RunExpertsStream reads
-    and writes these raw frames: a frame that cannot be read reaches the handler as its FrameError, not as a
-    broken stream; the handler yields encoded reply bytes."""
-    found = _Handlers()
-    pb_grpc.add_ExpertShardServicer_to_server(servicer, found)
-    handlers = dict(found.handlers)
-    handlers["RunExpertsStream"] = grpc.stream_stream_rpc_method_handler(
-        servicer.RunExpertsStream, request_deserializer=decode_request_or_error, response_serializer=None)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(found.service, handlers),))
-    server.add_registered_method_handlers(found.service, handlers)
