@@ -256,9 +256,9 @@ def test_renewed_tls_files_reopen_connections_and_calls_in_flight_finish(files, 
         old = t._conns[address]
         halves.servicers[0].faults.run_delay_s = 0.5
         in_flight = t.send(address, lambda: _req(files, layer, seed=1), 10)
-        t.renewal.changed = lambda: True  # as tls.Renewal says after the files changed
+        t.renewal.due = t.renewal.changed = lambda: True  # as tls.Renewal says after the files changed
         renewed = t.send(address, lambda: _req(files, layer, seed=2), 10)
-        del t.renewal.changed
+        del t.renewal.due, t.renewal.changed
         assert in_flight.result(timeout=10).output.data and renewed.result(timeout=10).output.data
         assert old.retired and t._conns[address] is not old
         deadline = time.monotonic() + 5

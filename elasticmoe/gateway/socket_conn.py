@@ -163,8 +163,9 @@ class _Conn(Multiplexed):
         self._token.release()
 
     def read_ready(self) -> bool:
-        """(Holding the token.) Resolve every answer that can be read now, without waiting; False once the
-        connection has ended (its pending calls failed)."""
+        """(Holding the token.) Resolve the answers that can be read now, without waiting: those of the first read
+        that completes a frame (the next read would nearly always find nothing yet: a syscall and an exception
+        saved; the caller polls again); False once the connection has ended (its pending calls failed)."""
         try:
             while True:
                 try:
@@ -173,6 +174,8 @@ class _Conn(Multiplexed):
                     return True
                 if got is None:
                     break  # end of stream
+                if not got:
+                    continue  # part of a large frame: read on while bytes are here
                 for buf in got:
                     try:
                         reply = frames.decode_reply(buf)
@@ -184,6 +187,7 @@ class _Conn(Multiplexed):
                     if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
                         self._ended = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
                     self.resolve(reply)
+                return True
         except OSError as e:
             if not self.dead:
                 self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}")

@@ -70,6 +70,9 @@ class SocketTransport(_Channels):
         self._ctx: ssl.SSLContext | None = None
 
     def _conn(self, address: str) -> _Conn:
+        c = self._conns.get(address)  # every call's path: the open connection, unless the TLS files are due a look
+        if c is not None and not (c.dead or c.retired or self.renewal.due()):
+            return c
         stub, renewed = self.stub(address)
         with self._lock:
             if renewed:

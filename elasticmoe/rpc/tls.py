@@ -229,8 +229,12 @@ class Renewal:
         except (OSError, ValueError):
             return None
 
+    def due(self) -> bool:
+        """Whether the next changed() looks at the files (else it answers False without looking)."""
+        return not self.insecure and time.monotonic() - self._at >= self.period_s
+
     def changed(self) -> bool:
-        if self.insecure or time.monotonic() - self._at < self.period_s:
+        if not self.due():
             return False
         self._at = time.monotonic()
         stamp = self._read()
