@@ -148,3 +148,25 @@ def test_scale_in_is_not_compounded_while_drained_shards_still_serve():
     assert decide.desired(3, [0.15] * 4) == 2  # one is draining
     assert decide.desired(2, [0.15] * 4) == 2  # two are: one shard would run at 0.6
     assert decide.desired(2, [0.2, 0.2]) == 1
+
+
+def test_scale_out_asks_for_the_shards_the_work_needs_not_one_more():
+    """4 shards at 1.05 with a 0.6 target are 4.2 shards' work: 7 shards at 0.6, not 8 (4.2 / 0.6 is
+    7.000000000000001 in floats, and its ceiling 8)."""
+    from elasticmoe.autoscaler.policy import ScaleDecider
+
+    decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.6, cooldown_s=0.0)
+    assert decide.desired(4, [1.05] * 4) == 7
+    decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=0.0)
+    assert decide.desired(2, [0.9, 0.8]) == 4  # 1.7 / 0.5 = 3.4: still rounds up
+
+
+def test_the_first_decision_is_not_held_by_the_cool_down():
+    """A new decider has changed nothing yet: its first decision is not held back by a cool-down counted from the
+    host's boot (time.monotonic() starts near 0 on a fresh machine)."""
+    import time
+
+    from elasticmoe.autoscaler.policy import ScaleDecider
+
+    decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=time.monotonic() + 3600)
+    assert decide.desired(2, [1.0, 1.0]) == 4

@@ -167,7 +167,7 @@ class Mover:
         self._save()
         version = self.registry.version
         self._event("placement", reason=reason, moves=len(added), dropped=len(removed), bytes=moved)
-        drops: dict[str, list[tuple[int, int, str]]] = {}
+        drops: dict[str, list[tuple[int, int]]] = {}
         for l, e, p in removed:
             if p in owners and owners[p].shard_id not in change.remove:
                 drops.setdefault(owners[p].shard_id, []).append((l, e))

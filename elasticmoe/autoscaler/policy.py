@@ -60,7 +60,7 @@ class ScaleDecider:
     target_utilization: float
     cooldown_s: float = 30.0
     override: int | None = None
-    _last_change: float = field(default=0.0)
+    _last_change: float = field(default=-math.inf)  # monotonic time of the last change: none yet
 
     def desired(self, current: int, utilization: list[float]) -> int:
         lo, hi = self.min_shards, self.max_shards
@@ -71,7 +71,7 @@ class ScaleDecider:
         work = sum(utilization)  # busy shards' worth of compute on the live shards
         want = current
         if work / len(utilization) > self.target_utilization:  # at the target (shards still starting add none)
-            want = max(current, math.ceil(work / self.target_utilization))
+            want = max(current, math.ceil(work / self.target_utilization - 1e-9))  # 4.2 / 0.6 is 7.000000000000001
         elif work / current < self.target_utilization / 2 and current > lo:  # spread over the shards asked for
             want = current - 1
         want = max(lo, min(hi, want))
