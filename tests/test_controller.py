@@ -119,7 +119,7 @@ def test_scale_out_after_scaling_in_to_one_shard(model):
         await e.join(ctrl)
         table = await ctrl.table()
         assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "e"]
-        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, e))
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, e)) and _routed_to(table, "e")
         for task in ctrl._tasks:
             task.cancel()
 
