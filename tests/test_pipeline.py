@@ -158,6 +158,7 @@ def test_pre_of_next_layer_runs_while_other_micro_batch_experts_compute(llms):
         assert gated.dispatched[layer + 1, 0] < gated.done[layer, 1]
     ref = model.forward_pipelined(parts, KVCache(llm.engine.spec, 8, 64, torch.float32, torch.device("cpu")),
                                   Deferred(llm.store), all_tokens=True)
+    assert len(out) == len(ref) == len(parts) == 2, (len(out), len(ref), len(parts))
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
 
 
