@@ -108,5 +108,6 @@ def test_gpt_oss_batch_of_different_lengths_equals_alone(family_dirs):
     prompts = ["Hi", "A much longer prompt about the mixture of experts and their sinks", "Once upon a time", "Z"]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     together = llm.generate(prompts, params)
+    assert len(together) == len(prompts)
     for p, out in zip(prompts, together):
         assert out.token_ids == llm.generate([p], params)[0].token_ids

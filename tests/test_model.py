@@ -61,6 +61,7 @@ def test_batch_of_different_lengths_equals_alone(family, llms):
     prompts = ["Hi", "A much longer prompt about the mixture of experts", "Once upon a time", "Zebra"]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     together = llm.generate(prompts, params)
+    assert len(together) == len(prompts)
     for p, out in zip(prompts, together):
         alone = llm.generate([p], params)[0]
         assert out.token_ids == alone.token_ids
