@@ -117,18 +117,26 @@ def test_killed_shard_during_streams_loses_nothing(apps):
     assert len(pids) >= 2
     victim = min(pids)
     results: dict[str, list[int]] = {}
+    times: dict[str, list[float]] = {}  # each stream's token arrival times
 
     def run(p):
-        results[p] = _request("elastic", p, stream=True)
+        toks, times[p] = [], []
+        for r in GenerationClient(GRPC, app="elastic").stream(p, max_tokens=MAX_TOKENS, temperature=0.0,
+                                                              ignore_eos=True):
+            toks += r.token_ids
+            times[p] += [time.time()] * len(r.token_ids)
+        results[p] = toks
 
     threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    _wait(lambda: len(times) == len(PROMPTS) and all(times.values()), 120, "every stream's first token")
     os.kill(victim, signal.SIGKILL)
+    killed = time.time()
     for t in threads:
         t.join(timeout=300)
     assert results == apps, "a stream failed or diverged after the shard was killed"
+    assert any(t[0] < killed < t[-1] for t in times.values()), "no stream was mid-way when the shard was killed"
     controller = handle("Controller", "elastic")
     st = _wait(lambda: (s := controller.status.remote().result())["event_counts"].get("removed", 0) >= 1
                and s["complete"] and sum(1 for x in s["shards"] if x["ready"] and x["healthy"]) >= 2 and s,
