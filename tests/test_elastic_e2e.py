@@ -158,6 +158,7 @@ def test_scale_2_3_2_under_load(apps, ray_cluster):
     controller = handle("Controller", "elastic")
     stop = threading.Event()
     bad: list = []
+    done: list[float] = []  # when each exact answer came
 
     def load():
         i = 0
@@ -166,6 +167,8 @@ def test_scale_2_3_2_under_load(apps, ray_cluster):
             try:
                 if _request("elastic", p) != apps[p]:
                     bad.append(("diverged", p))
+                else:
+                    done.append(time.monotonic())
             except Exception as e:  # noqa: BLE001 - counted as a failure
                 bad.append(("failed", repr(e)))
             i += 1
@@ -173,11 +176,14 @@ def test_scale_2_3_2_under_load(apps, ray_cluster):
     workers = [threading.Thread(target=load) for _ in range(3)]
     for w in workers:
         w.start()
+    steps: list[tuple[float, float]] = []  # (scale command sent, shard count reached) per step
     try:
         for n in (3, 2):
+            began = time.monotonic()
             assert f"elastic: desired shards {n} (pinned)" in _scale("--shards", str(n)).stdout
             _wait(lambda: (s := controller.status.remote().result())["num_shards"] == n and s["complete"]
                   and sum(1 for x in s["shards"] if x["ready"]) == n, 300, f"{n} shards")
+            steps.append((began, time.monotonic()))
             status = ray_cluster.serve_status()
             dep = status["applications"]["elastic"]["deployments"]["ExpertShard"]
             assert dep["status"] in ("HEALTHY", "UPSCALING", "DOWNSCALING")
@@ -186,6 +192,9 @@ def test_scale_2_3_2_under_load(apps, ray_cluster):
         for w in workers:
             w.join(timeout=120)
     assert not bad, bad[:5]
+    assert not any(w.is_alive() for w in workers), "a load worker hung"
+    for a, b in steps:  # the load ran through each step: answers came while it was under way
+        assert any(a < t < b for t in done), f"no request completed during the scale step {a:.1f}..{b:.1f}"
     refused = _scale("--shards", "4", code=2)  # beyond max_shards: refused in one line, nothing changed
     assert "shards 4 is outside autoscaling's min_shards..max_shards (2..3)" in refused.stderr
     assert "Traceback" not in refused.stderr and controller.desired_shards.remote().result() == 2
