@@ -73,6 +73,7 @@ class Load:
         for t in self.threads:
             t.join(timeout=300)
         assert not self.bad, self.bad[:5]
+        assert not any(t.is_alive() for t in self.threads), "a load thread's request never ended"
 
     def tpot(self, t0: float, t1: float) -> list[float]:
         """Seconds per output token of the requests that overlap [t0, t1]."""
