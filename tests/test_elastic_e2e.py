@@ -118,19 +118,24 @@ def test_killed_shard_during_streams_loses_nothing(apps):
     victim = min(pids)
     results: dict[str, list[int]] = {}
     times: dict[str, list[float]] = {}  # each stream's token arrival times
+    firsts = threading.Semaphore(0)  # released once per stream, at its first tokens
 
     def run(p):
         toks, times[p] = [], []
         for r in GenerationClient(GRPC, app="elastic").stream(p, max_tokens=MAX_TOKENS, temperature=0.0,
                                                               ignore_eos=True):
+            had = bool(toks)
             toks += r.token_ids
             times[p] += [time.time()] * len(r.token_ids)
+            if toks and not had:
+                firsts.release()
         results[p] = toks
 
     threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
     for t in threads:
         t.start()
-    _wait(lambda: len(times) == len(PROMPTS) and all(times.values()), 120, "every stream's first token")
+    for _ in PROMPTS:  # the kill follows the last stream's first token at once (it has most of its tokens to go)
+        assert firsts.acquire(timeout=120), "a stream had no first token within 120 s"
     os.kill(victim, signal.SIGKILL)
     killed = time.time()
     for t in threads:
