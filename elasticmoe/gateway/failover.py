@@ -44,7 +44,8 @@ class _Group:
         self.attempts: list[list[Call]] = [calls] if calls else []
         self.broken: set[int] = set()  # indices of failed attempts
         self.winner: list[Call] | None = None
-        self.tried: set[str] = set()  # shards that failed or lack these experts: not asked again this step
+        self.tried: set[str] = set()  # shards that failed: not asked again this step
+        self.lacks: dict[str, set[int]] = {}  # shard -> experts it answered `missing`: not asked again for those
         self.busy: dict[str, float] = {}  # full shard -> perf_counter time before which it is not asked again
         self.started = time.perf_counter()
         self.hedged = False
@@ -61,6 +62,18 @@ def _only_rows(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     out = torch.full_like(ids, -1)
     out[rows] = ids[rows]
     return out
+
+
+def _by_lacks(g: _Group) -> list[tuple[torch.Tensor, set[str]]]:
+    """g.ids [T, k] split by the shards that answered `missing` for their experts: (ids, those shards) per part."""
+    if not g.lacks:
+        return [(g.ids, set())]
+    parts: dict[frozenset[str], list[int]] = {}
+    for e in g.ids.unique().tolist():
+        if e >= 0:
+            parts.setdefault(frozenset(s for s, lacked in g.lacks.items() if e in lacked), []).append(e)
+    return [(torch.where(torch.isin(g.ids, torch.tensor(es, dtype=g.ids.dtype)), g.ids, -1), set(lacking))
+            for lacking, es in parts.items()]
 
 
 class Step:
@@ -141,8 +154,9 @@ class Step:
             log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
             self._fail(g, attempt, c.shard_id, report=True)
             return
-        if resp.missing:  # the placement moved these experts: ask another copy
-            self._fail(g, attempt, c.shard_id, report=False)
+        if resp.missing:  # the placement moved these experts: another copy takes them, this shard the rest
+            g.lacks.setdefault(c.shard_id, set()).update(int(e) for e in resp.missing)
+            self._fail(g, attempt, None, report=False)
             return
         try:
             out = decode_tensor(resp.output, "RunExpertsResponse.output")
@@ -157,9 +171,10 @@ class Step:
         c.output, c.compute_s = out, resp.compute_us / 1e6  # float64 from our shards
         self.d.note_latency(max(0.0, c.done_at - c.sent_at))  # its own round trip (re-sent, hedged: not the step's)
 
-    def _fail(self, g: _Group, attempt: int, shard_id: str, report: bool) -> None:
+    def _fail(self, g: _Group, attempt: int, shard_id: str | None, report: bool) -> None:
         g.broken.add(attempt)
-        g.tried.add(shard_id)
+        if shard_id is not None:
+            g.tried.add(shard_id)
         if report:
             if self.detected_s is None:
                 self.detected_s = time.perf_counter() - self.t0
@@ -202,10 +217,11 @@ class Step:
         out: list[_Group] = []
         for g in self.groups:
             if g.winner is None and not g.live():
-                fresh = self._split(table, g.ids, g.tried | self.dead, g.busy)
-                if len(fresh) == 1 and not fresh[0].attempts:  # still nothing live: keep waiting
-                    fresh[0].started = g.started
-                out.extend(fresh)
+                for ids, lacking in _by_lacks(g):
+                    fresh = self._split(table, ids, g.tried | self.dead | lacking, g.busy)
+                    if len(fresh) == 1 and not fresh[0].attempts:  # still nothing live: keep waiting
+                        fresh[0].started = g.started
+                    out.extend(fresh)
             else:
                 out.append(g)
         self.groups = out
