@@ -76,6 +76,7 @@ class GrpcDispatcher:
         self._median: tuple[int, float | None] = (-HEDGE_MEDIAN_EVERY, None)  # (at that count, median of latency_s)
         self.fanout_overhead_s: deque[float] = deque(maxlen=4096)  # wait minus shard compute, per (layer, step)
         self.shard_tokens: dict[str, int] = {}
+        self.steps = 0  # engine steps begun (begin_step): moves a replicated expert's lone tokens between copies
         self.failovers = 0  # calls re-sent after a failure, `missing` or malformed answer
         self.hedges = 0  # calls re-sent because the first copy straggled
         # per step with a failed or hedged call: when seen, when done (failover.Step)
@@ -113,6 +114,7 @@ class GrpcDispatcher:
 
     def begin_step(self) -> None:
         """Called by the engine before each step: switch to the newest table between steps."""
+        self.steps += 1
         with self._lock:
             if self._next is not None:
                 self.table, self._next = self._next, None

@@ -94,10 +94,10 @@ class Step:
     def _route(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(shard_of [T, k], lost [T, k] bool): suspects avoided where another copy exists, `hard` always."""
         excl = table.index_of(hard)
-        shard_of = table.assign(self.layer, ids, excl | self.d.suspected(table))
+        shard_of = table.assign(self.layer, ids, excl | self.d.suspected(table), self.d.steps)
         lost = (shard_of < 0) & (ids >= 0)
         if bool(lost.any()):
-            again = table.assign(self.layer, torch.where(lost, ids, -1), excl)
+            again = table.assign(self.layer, torch.where(lost, ids, -1), excl, self.d.steps)
             shard_of = torch.where(lost, again, shard_of)
             lost = (shard_of < 0) & (ids >= 0)
         return shard_of, lost

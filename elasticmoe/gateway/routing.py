@@ -8,6 +8,7 @@ from functools import lru_cache
 import torch
 
 _GOLDEN = 0.6180339887498949  # spreads token rows evenly over [0, 1) for splitting a replicated expert
+_STEP = 0.4142135623730950  # sqrt(2) - 1: moves the points from step to step, independent of _GOLDEN's rows
 _TOP = 1.0 + 1e-6  # cumulative share of a layer's last live copy: above every u in [0, 1)
 
 
@@ -65,16 +66,21 @@ class RoutingTable:
         cum = torch.where(last & (total > 0), torch.full_like(cum, _TOP), cum)
         return torch.where(alive, copies, -1), cum
 
-    def assign(self, layer: int, topk_ids: torch.Tensor, exclude: frozenset[int] = frozenset()) -> torch.Tensor:
+    def assign(self, layer: int, topk_ids: torch.Tensor, exclude: frozenset[int] = frozenset(),
+               step: int = 0) -> torch.Tensor:
         """Shard index for every (token, slot) of topk_ids [T, k]: -1 where the id is -1 or no live copy is left.
 
-        Copies of a replicated expert take its tokens in proportion to their shares (deterministic per (row, slot)).
+        Copies of a replicated expert take its tokens in proportion to their shares, deterministic per (row, slot,
+        step): `step` (the engine's step count) shifts every row's point, so that a batch of one token still
+        spreads over the copies from step to step (the same point each step sent every lone token to one copy).
         """
         sole, copies, cum = self._plan(layer, exclude)
         if sole is not None:  # no expert has two live copies: one lookup (id -1 reads sole's last entry, -1)
             return sole[topk_ids]
         ids = topk_ids.clamp_min(0)
         u = _spread(*topk_ids.shape)  # [T, k]
+        if step:
+            u = (u + step * _STEP) % 1.0
         pick = (cum[ids] <= u.unsqueeze(-1)).sum(-1).clamp_max(copies.shape[1] - 1)  # [T, k] copy index
         shard = copies[ids].gather(-1, pick.unsqueeze(-1)).squeeze(-1)
         return torch.where(topk_ids >= 0, shard, -1)
