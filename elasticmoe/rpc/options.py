@@ -50,7 +50,9 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: flo
 
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, min_ping_interval_s: float = 10.0
                    ) -> list[tuple[str, int]]:
-    """Options for grpc(.aio) servers: raised message limits; accept client pings every min_ping_interval_s.
+    """Options for grpc(.aio) servers: raised message limits; accept client pings every min_ping_interval_s; a port
+    of their own (gRPC's default SO_REUSEPORT let a second server of this user bind a port another one serves, and
+    the kernel then split the connections to it between both).
 
     The default server policy (one ping per 5 min without data) would answer channel_options'
     30 s keepalive with GOAWAY "too_many_pings".
@@ -63,6 +65,7 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, min_ping_interval
         ("grpc.http2.min_recv_ping_interval_without_data_ms", interval_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", interval_ms),
         ("grpc.http2.max_ping_strikes", 0),  # never GOAWAY a client for pinging too often
+        ("grpc.so_reuseport", 0),  # a port in use is refused (the next of ELASTICMOE_EXPERT_PORT_RANGE is tried)
         *_http2(),
     ]
 
