@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 import time
 
+import pytest
 import torch
 
 from elasticmoe.rpc import frame_listener, frame_socket, frames, tls
@@ -57,4 +60,40 @@ def test_connections_stuck_in_the_tls_handshake_are_bounded():
     finally:
         for s in raw:
             s.close()
+        listener.close().wait(10)
+
+
+def _client_hello() -> bytes:
+    """The bytes a real client sends first (its ClientHello), made without a socket."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = tls.client_ssl_context().wrap_bio(incoming, outgoing, server_hostname=tls.SERVER_NAME)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_a_handshake_trickled_byte_by_byte_is_cut_at_its_deadline(monkeypatch):
+    """HANDSHAKE_S bounds the whole handshake, not each read: a client sending its ClientHello a byte at a time, each
+    well within HANDSHAKE_S of the last, held its place (a thread, a descriptor) for as long as it kept trickling."""
+    monkeypatch.setattr(frame_listener, "HANDSHAKE_S", 1.0)
+    listener = frame_listener.FrameListener(_echo, "127.0.0.1", [0])
+    hello = _client_hello()
+    sock = socket.create_connection(("127.0.0.1", listener.port))
+    try:
+        t0, cut_at = time.monotonic(), None
+        for i in range(len(hello)):
+            try:
+                sock.send(hello[i:i + 1])
+            except OSError:
+                cut_at = time.monotonic()
+                break
+            if select.select([sock], [], [], 0.25)[0]:  # readable before the hello is whole: the end of stream
+                cut_at = time.monotonic()
+                break
+            if time.monotonic() - t0 > 5:
+                break
+        assert cut_at is not None and cut_at - t0 < 3, "the trickled handshake was not cut"
+        assert _cut(sock) and _until(lambda: not listener._opening and not listener._threads)
+    finally:
+        sock.close()
         listener.close().wait(10)
