@@ -14,6 +14,9 @@ import yaml
 
 DASHBOARD = "http://127.0.0.1:8265"
 METRICS_PORT = 8080  # Ray's Prometheus endpoint: http://127.0.0.1:8080/metrics
+# Serve's gRPC proxy's message limit (Ray reads it in each proxy: set it for every Ray process), in bytes
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+GRPC_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -24,6 +27,9 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # Serve kills a proxy not ready within 5 s and fails the deploy (ActorDiedError: killed by ray.kill); on 2 busy
     # cores the proxy's start (Ray, gRPC and our servicer's imports) has taken longer
     env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+    # Serve's gRPC proxy takes messages of up to 2 GiB (Ray's default) before the gateway checks the API key; our
+    # own entry points cap a request at 4 MiB (HTTP limits.max_body_bytes, the direct_grpc port): so does it now
+    env.setdefault(GRPC_MAX_MESSAGE_ENV, str(GRPC_MAX_MESSAGE_BYTES))
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(extra or {})
     return env
