@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from elasticmoe import local_cluster as lc
+from tests.helm_util import _containers, _objects, _one, _render
 from tests.test_deploy_configs import CLUSTER_FILES, _load
 
 NAME, LIMIT = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "4194304"
@@ -43,3 +44,18 @@ def test_cluster_configs_start_ray_with_it(path, tmp_path):
                              env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1"})
         assert out.stdout.strip() == LIMIT, (path.name, cmd, out.stderr)
 
+
+def _ray_envs(values: dict | None = None) -> list[dict]:
+    rs = _one(_objects(_render(values)), "RayService")
+    return [{e["name"]: e.get("value") for e in c["env"]} for _, c in _containers(rs)]
+
+
+@pytest.mark.parametrize("values", [None, {"directGrpc": {"enabled": True}}], ids=["default", "gateway-group"])
+def test_chart_sets_it_on_every_ray_pod(values):
+    envs = _ray_envs(values)
+    assert len(envs) >= (3 if values else 2)  # head, workers (, gateways)
+    assert all(env.get(NAME) == LIMIT for env in envs), envs
+
+
+def test_chart_value_overrides_it():
+    assert {env[NAME] for env in _ray_envs({"serve": {"grpcMaxMessageBytes": 1048576}})} == {"1048576"}

@@ -17,6 +17,9 @@ Environment shared by the Ray containers of the head and the workers.
 - name: RAY_AUTH_MODE
   value: disabled
 {{- end }}
+# Serve's gRPC proxy refuses a larger message (RESOURCE_EXHAUSTED) before a gateway sees it.
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: {{ int .Values.serve.grpcMaxMessageBytes | quote }}
 # Expert shards serve gRPC on the pod IP (the gateways run in other pods), on a port of
 # this range; the NetworkPolicy admits only the release's own pods to them.
 - name: ELASTICMOE_EXPERT_HOST
