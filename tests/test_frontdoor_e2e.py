@@ -260,6 +260,20 @@ def test_the_direct_port_answers_like_the_proxy_beside_it(gateway, reference):
     _idle(gateway)
 
 
+def test_a_request_over_4_mib_is_refused_at_both_grpc_doors(gateway, reference):
+    """A 5 MiB prompt is refused RESOURCE_EXHAUSTED by Serve's proxy (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, set for every
+    Ray process: its default took 2 GiB from anyone, before the replica's key check) and by the direct port (gRPC's
+    4 MiB), as HTTP refuses a body over max_body_bytes; greedy neighbours meanwhile stay exact."""
+    with ThreadPoolExecutor(4) as pool:
+        greedy = [pool.submit(_greedy, p) for p in PROMPTS]
+        for address in (GRPC, DIRECT):
+            with pytest.raises(grpc.RpcError) as e:
+                GenerationClient(address, app=APP, timeout_s=60).generate("x" * (5 << 20), max_tokens=1)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (address, e.value.code(), e.value.details())
+        assert [f.result() for f in greedy] == [reference[p] for p in PROMPTS]
+    _idle(gateway)
+
+
 def _replica(app: str, deployment: str, pid: int) -> tuple[dict | None, float | None]:
     """The dashboard's details of the replica of `deployment` with this pid (None once it is gone), and the
     deployment's graceful_shutdown_wait_loop_s (how long Serve waits before it checks for requests to drain)."""
