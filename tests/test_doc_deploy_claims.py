@@ -1,0 +1,97 @@
+"""The numbers and settings docs/DEPLOY.md states about the cluster configs, the Serve configs, the image and the
+production Helm values are those files' (tests/test_deploy_doc.py: its commands; tests/test_deploy_configs.py: the
+files' validity)."""
+
+from __future__ import annotations
+
+import functools
+
+import yaml
+
+from tests.doc_util import CHART, REPO
+
+
+@functools.cache
+def _doc() -> str:
+    return " ".join((REPO / "docs" / "DEPLOY.md").read_text().split())
+
+
+def _yaml(path: str) -> dict:
+    return yaml.safe_load((REPO / path).read_text())
+
+
+def _args(name: str) -> dict:
+    return _yaml(f"deployments/{name}.yaml")["applications"][0]["args"]
+
+
+def test_serve_configs_ask_for_the_gpus_the_doc_names():
+    doc = _doc()
+    assert "`qwen3-30b-a3b.yaml` (H100), `mixtral-8x7b.yaml` (L40S), `deepseek-v2-lite.yaml` (any GPU of 48 GB" in doc
+    assert "`autoscaling.min_shards..max_shards` (2..8)" in doc
+    qwen, mixtral, deepseek = _args("qwen3-30b-a3b"), _args("mixtral-8x7b"), _args("deepseek-v2-lite")
+    assert (qwen["autoscaling"]["min_shards"], qwen["autoscaling"]["max_shards"]) == (2, 8)
+    for args, accelerator in ((qwen, "H100"), (mixtral, "L40S"), (deepseek, None)):
+        for part in ("gateway_resources", "shard_resources"):
+            assert args[part].get("accelerator_type") == accelerator, (args["model"], part)
+    assert qwen["model"] == "Qwen/Qwen3-30B-A3B" and deepseek["model"].startswith("deepseek-ai/DeepSeek-V2-Lite")
+
+
+def _node(cluster: dict, name: str) -> tuple[str, int | None, int | None, dict]:
+    t = cluster["available_node_types"][name]
+    config = t["node_config"]
+    return (config.get("InstanceType") or config.get("machineType"), t.get("min_workers"), t.get("max_workers"),
+            t["resources"])
+
+
+def test_cloud_node_types_are_the_ones_described():
+    doc = _doc()
+    aws, gcp = _yaml("cluster/aws.yaml"), _yaml("cluster/gcp.yaml")
+    assert "a CPU head (`m7i.2xlarge`)" in doc and _node(aws, aws["head_node_type"])[0] == "m7i.2xlarge"
+    assert "`p5.48xlarge` (8 x H100 80 GB; 1 at start, up to 2) for Qwen3" in doc
+    assert "`g6e.12xlarge` (4 x L40S 48 GB; 0 at start) for Mixtral" in doc
+    assert "`a3-highgpu-8g` workers (8 x H100 80 GB; 1 at start, up to 2)" in doc
+    for cluster, name, machine, low, high, gpus, accelerator in (
+            (aws, "gpu_h100", "p5.48xlarge", 1, 2, 8, "H100"), (aws, "gpu_l40s", "g6e.12xlarge", 0, None, 4, "L40S"),
+            (gcp, "gpu_h100", "a3-highgpu-8g", 1, 2, 8, "H100")):
+        got, lo, hi, resources = _node(cluster, name)
+        assert (got, lo) == (machine, low) and (high is None or hi == high), name
+        assert resources["GPU"] == gpus and resources[f"accelerator_type:{accelerator}"] == 1, name
+    assert "the host's `/mnt/models` mounted at `/models`" in doc
+    assert "-v /mnt/models:/models" in aws["docker"]["run_options"]
+
+
+def test_every_node_starts_ray_as_the_doc_says():
+    """"All three start Ray with RAY_AUTH_MODE=token ..., the dashboard binds 127.0.0.1 ..., and export Ray's
+    metrics on port 8080 of every node"."""
+    doc = _doc()
+    assert "export Ray's metrics on port 8080 of every node" in doc
+    for name in ("aws", "gcp", "local"):
+        cluster = _yaml(f"cluster/{name}.yaml")
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            start = " ".join(" ".join(cluster[key]).split())
+            for setting in ("RAY_AUTH_MODE=token", "ELASTICMOE_TLS_", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0",
+                            "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304", "ELASTICMOE_EXPERT_HOST=node_ip",
+                            "--metrics-export-port=8080"):
+                assert setting in start, (name, key, setting)
+            if key.startswith("head"):
+                assert "--dashboard-host=127.0.0.1" in start, name
+
+
+def test_the_image_is_built_as_described():
+    doc, dockerfile = _doc(), (REPO / "Dockerfile").read_text()
+    assert "(`rayproject/ray:2.60.0-py311-cu128`" in doc and "ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128" in dockerfile
+    assert "installs `torch==2.13.0` from PyTorch's CUDA 12.8 index" in doc
+    assert "ARG TORCH_VERSION=2.13.0" in dockerfile and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128" in dockerfile
+    assert "Build arguments: `RAY_IMAGE`, `TORCH_VERSION`, `TORCH_INDEX_URL`" in doc
+    assert "`HF_HOME=/models`" in doc and "HF_HOME=/models" in dockerfile
+    assert "python -m elasticmoe.rpc.generate --check" in dockerfile  # "fails the build if ... stale"
+    assert "m._SRC.is_file()" in dockerfile and "`kernels/cpu_gemm.c`) is missing" in doc
+
+
+def test_production_values_the_doc_quotes():
+    doc = _doc()
+    prod = yaml.safe_load((CHART / "values-gpu-production.yaml").read_text())
+    assert "`rayService.initializingTimeout` (60 minutes in production)" in doc
+    assert prod["rayService"]["initializingTimeout"] == "60m"
+    assert "e.g. `hf-token` for Mixtral in the production values" in doc
+    assert prod["model"]["download"]["hfTokenSecret"]["name"] == "hf-token"
