@@ -25,6 +25,7 @@ log = logging.getLogger("elasticmoe.controller")
 TABLE_WAIT_MAX_S = 5.0  # the longest a table() long poll is held
 TABLE_CHECK_S = 0.02  # how often a held table() call looks for a new version
 RESHARE_GAIN = 0.02  # a rebalance publishes new shares without moves when they lift a layer's balancedness this much
+STATS_INTERVAL_S = 1.0  # how often the stats loop reads every live shard's counters
 
 
 def default_slots(num_experts: int, num_shards: int, copies: int = 1) -> int:
@@ -87,7 +88,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
 
     async def _forever(self, once) -> None:
         """Run a loop body forever: an exception is logged and counted, never the end of the loop."""
-        interval = self.args.autoscaling.rebalance_interval_s if once == self._rebalance_once else 1.0
+        interval = self.args.autoscaling.rebalance_interval_s if once == self._rebalance_once else STATS_INTERVAL_S
         while True:
             await asyncio.sleep(interval)
             try:
