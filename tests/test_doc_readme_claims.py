@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-
 from tests.doc_util import REPO
 
 README = " ".join((REPO / "README.md").read_text().split())
