@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from elasticmoe.placement import Placement, greedy_from_scratch, plan
+from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 OUT = Path(__file__).parent / "results"
 
@@ -40,6 +41,14 @@ def drift(rng: np.random.Generator, load: np.ndarray, swaps: int) -> np.ndarray:
     return load
 
 
+def relative_tokens_s(per: np.ndarray) -> float:
+    """Tokens/s of a step over [layers, shards] shard loads, relative to a perfect split: the layers run one after
+    another and each lasts as long as its busiest shard, so sum of the means / sum of the maxima (not the mean of
+    the per-layer ratios, which is balancedness_mean again and lets a light layer's balance hide a heavy one's)."""
+    top = per.max(1).sum()
+    return float(per.mean(1).sum() / top) if top > 0 else 1.0
+
+
 def simulate(args) -> tuple[list[dict], dict]:
     rng = np.random.default_rng(0)
     L, E, N, S = args.layers, args.experts, args.shards, args.slots
@@ -55,8 +64,7 @@ def simulate(args) -> tuple[list[dict], dict]:
         for name, p, moved in (("no replication", even, 0), ("planner (bounded moves)", new, len(cur.diff(new)[0])),
                                ("greedy from scratch", greedy, len(prev_greedy.diff(greedy)[0]))):
             bal = p.balancedness(load)
-            per = p.shard_load(load)
-            rel = (per.mean(1) / per.max(1)).mean()  # step time ~ busiest shard
+            rel = relative_tokens_s(p.shard_load(load))
             rows.append({"round": r, "system": name, "balancedness_min": float(bal.min()),
                          "balancedness_mean": float(bal.mean()), "relative_tokens_s": float(rel), "moved": moved})
         cur, prev_greedy = new, greedy
@@ -115,10 +123,9 @@ def simulate_demo(shards: int, slots: int, max_moves: int) -> list[dict]:
         new, greedy = plan(load, shards, slots, current=cur, max_moves=max_moves), greedy_from_scratch(load, shards, slots)
         for system, p, moved in (("no replication", even, 0), ("planner (bounded moves)", new, len(cur.diff(new)[0])),
                                  ("greedy from scratch", greedy, len(prev_greedy.diff(greedy)[0]))):
-            per = p.shard_load(load)
             rows.append({"topic": name, "system": system, "balancedness_min": float(p.balancedness(load).min()),
                          "balancedness_mean": float(p.balancedness(load).mean()),
-                         "relative_tokens_s": float((per.mean(1) / per.max(1)).mean()), "moved": moved,
+                         "relative_tokens_s": relative_tokens_s(p.shard_load(load)), "moved": moved,
                          "hottest_share": float((load / load.sum(1, keepdims=True)).max())})
         cur, prev_greedy = new, greedy
     return rows
@@ -166,7 +173,7 @@ def main() -> None:
     print(f"\n{a.layers} layers x {a.experts} experts on {a.shards} shards x {a.slots} slots, Zipf {a.zipf}, "
           f"{a.rounds} drift rounds ({a.swaps} swaps/layer), max_moves {a.max_moves} ({time.perf_counter() - t0:.1f}s)")
     _table(summary)
-    result = {"args": vars(a), "summary": summary, "rounds": rows}
+    result = {"cpu": cpu_model(), "cpus": os.cpu_count(), "args": vars(a), "summary": summary, "rounds": rows}
     if not a.skip_demo:
         demo = simulate_demo(a.demo_shards, a.demo_slots, max_moves=4)
         result["demo_model"] = {"summary": summarize(demo), "topics": demo}

@@ -70,6 +70,7 @@ def test_balance_benchmark_smoke(tmp_path):
     _run("balance.py", "--layers", "2", "--experts", "16", "--shards", "4", "--slots", "6", "--rounds", "3",
          "--max-moves", "4", "--out-dir", str(tmp_path))
     report = json.loads((tmp_path / "balance.json").read_text())
+    assert report["cpu"], report.keys()
     assert (tmp_path / "expert_load_heatmap.png").stat().st_size > 0
     for summary in (report["summary"], report["demo_model"]["summary"]):
         by = {s["system"]: s for s in summary}
@@ -77,6 +78,19 @@ def test_balance_benchmark_smoke(tmp_path):
         assert none["moved_per_round"] == 0 and 0 < none["balancedness_mean"] <= 1, none
         assert planner["balancedness_mean"] >= none["balancedness_mean"], (planner, none)
         assert planner["moved_per_round"] <= min(4, greedy["moved_per_round"]), (planner, greedy)
+
+
+def test_balance_relative_tokens_s_is_the_step_time_over_layers():
+    """A step runs its layers one after another, each as long as its busiest shard: a balanced light layer (1, 1)
+    and a lopsided heavy one (10, 0) give 6 / 11 of a perfect split, not the mean of the per-layer ratios (0.75)."""
+    code = ("import numpy as np\n"
+            "from balance import relative_tokens_s\n"
+            "print(relative_tokens_s(np.array([[1.0, 1.0], [10.0, 0.0]])), relative_tokens_s(np.zeros((2, 2))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rel, idle = map(float, proc.stdout.split())
+    assert rel == pytest.approx(6 / 11) and idle == 1.0, proc.stdout
 
 
 def test_every_benchmark_imports():
