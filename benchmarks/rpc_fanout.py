@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 
 import grpc
 import torch
+from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
@@ -273,7 +274,8 @@ class OwnLoopFanout:
 
 
 async def _aio_native(targets: list[str], req: pb.RunExpertsRequest, calls: int) -> dict[str, float]:
-    """Reference: the whole fan-out inside one event loop (no cross-thread hand-off)."""
+    """Reference: the whole fan-out inside one event loop (no cross-thread hand-off); cpu_us as interleaved's,
+    over the timed calls only (not the channels' set-up and the warm-up calls)."""
     channels = [grpc.aio.insecure_channel(t, options=channel_options()) for t in targets]
     stubs = [pb_grpc.ExpertShardStub(c) for c in channels]
 
@@ -282,13 +284,14 @@ async def _aio_native(targets: list[str], req: pb.RunExpertsRequest, calls: int)
             _output(r)
     for _ in range(30):
         await once()
-    samples = []
+    samples, c0 = [], time.process_time_ns()
     for _ in range(calls):
         t0 = time.perf_counter_ns()
         await once()
         samples.append(time.perf_counter_ns() - t0)
+    cpu_us = (time.process_time_ns() - c0) / calls / 1e3
     await asyncio.gather(*(c.close() for c in channels))
-    return percentiles(samples)
+    return {**percentiles(samples), "cpu_us": cpu_us}
 
 
 def interleaved(fans: dict[str, Callable[[], Wait]], calls: int, warmup: int = 30) -> dict[str, dict[str, float]]:
@@ -331,9 +334,7 @@ def bench_fanout(targets: list[str], req: pb.RunExpertsRequest, calls: int) -> d
         f.close()
     for c in channels:
         c.close()
-    c0 = time.process_time_ns()
     out["aio native (in-loop ref.)"] = asyncio.run(_aio_native(targets, req, calls))
-    out["aio native (in-loop ref.)"]["cpu_us"] = (time.process_time_ns() - c0) / (calls + 30) / 1e3
     return out
 
 
@@ -376,10 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs:
             p.stdin.close()
             p.wait(timeout=10)
-    print_results(results, f"cpus={os.cpu_count()}, tune_malloc={args.tune_malloc}")
+    print_results(results, f"{cpu_model()}, cpus={os.cpu_count()}, tune_malloc={args.tune_malloc}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "tune_malloc": args.tune_malloc},
+                       **results}, f, indent=1)
     return 0
 
 

@@ -134,6 +134,10 @@ def test_rpc_fanout_microbenchmark_smoke(tmp_path):
     out = tmp_path / "rf.json"
     _run("rpc_fanout.py", "--calls", "5", "--servers", "1", "2", "--kib", "8", "--json", str(out))
     report = json.loads(out.read_text())
+    machine = report.pop("machine")
+    assert machine["cpu"] and machine["cpus"] > 0, machine
     assert set(report) == {"codec", "8 KiB x 1 shard(s)", "8 KiB x 2 shard(s)"}, report.keys()
     for name, rows in report.items():
         assert rows and all(0 < r["p50_us"] <= r["p99_us"] for r in rows.values()), (name, rows)
+    for name in ("8 KiB x 1 shard(s)", "8 KiB x 2 shard(s)"):  # CPU per fan-out, the in-loop reference's too
+        assert all(r["cpu_us"] > 0 for r in report[name].values()), report[name]
