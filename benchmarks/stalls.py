@@ -30,10 +30,11 @@ OUT = REPO / "benchmarks" / "results" / "stalls.json"
 
 
 class Streams:
-    """Client threads streaming greedy requests to one app; every token's arrival time and every failure."""
+    """Client threads streaming greedy requests to one app; every token's arrival time and every failure. A gap is
+    between two tokens of one stream, or from a failed stream's last token to its retry's first."""
 
-    def __init__(self, app: str, n: int = 4):
-        self.app, self.stop, self.arrivals, self.failures = app, threading.Event(), [], []
+    def __init__(self, app: str, n: int = 4, target: str = "127.0.0.1:9000"):
+        self.app, self.target, self.stop, self.arrivals, self.failures = app, target, threading.Event(), [], []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
         for t in self.threads:
@@ -42,9 +43,9 @@ class Streams:
     def _run(self, i: int) -> None:
         from elasticmoe.client import GenerationClient
 
-        client = GenerationClient("127.0.0.1:9000", app=self.app)
-        while not self.stop.is_set():
-            last = None
+        client = GenerationClient(self.target, app=self.app)
+        last = None  # the client's last token: kept across a failed stream, so its retry's first token's gap
+        while not self.stop.is_set():  # covers the failure, the retry and the restart it waited for
             try:
                 for _ in client.stream(f"stream {i} asks the experts", max_tokens=48, temperature=0.0,
                                        ignore_eos=True):
@@ -53,6 +54,7 @@ class Streams:
                         if last is not None:
                             self.arrivals.append((now, now - last))
                     last = now
+                last = None  # ended well: the next request's first token is no gap in a stream
             except Exception as e:  # noqa: BLE001 - counted
                 with self.lock:
                     self.failures.append((time.time(), getattr(e, "code", lambda: type(e).__name__)()))
@@ -99,14 +101,15 @@ def shard_pids(app: str) -> list[int]:
 
 
 def fault(name: str, app: str, inject, window_s: float = 20.0) -> dict:
-    """Stream on `app`, inject at t, keep streaming for window_s; failures and gaps in [t - 1, t + window_s]."""
+    """Stream on `app`, then inject(started: when the streams began); failures and gaps in [t - 1, t + window_s],
+    t the time inject was called, or the time of the fault it waited for (a placement event) where it returns one."""
     settled(app)
+    started = time.time()
     streams = Streams(app)
     time.sleep(3.0)
-    before = streams.gaps(0, time.time())
-    t = time.time()
-    inject()
-    time.sleep(window_s)
+    before = streams.gaps(0, now := time.time())
+    t = inject(started) or now
+    time.sleep(max(0.0, t + window_s - time.time()))
     streams.close()
     gaps = streams.gaps(t - 1, t + window_s)
     row = {"event": name, "app": app, "failed_streams": streams.failed(t - 1, t + window_s),
@@ -122,13 +125,21 @@ def pause(pid: int, seconds: float) -> None:
     threading.Timer(seconds, os.kill, (pid, signal.SIGCONT)).start()
 
 
-def wait_rebalance() -> None:
+def placement_time(events: list[dict], since: float) -> float | None:
+    """The time of the first placement event (the controller's event log) at or after `since`, else None."""
+    return next((e["t"] for e in events if e["event"] == "placement" and e["t"] >= since), None)
+
+
+def wait_rebalance(started: float) -> float:
+    """The time of the stall app's first rebalance since the streams `started` (their load is what it moves on;
+    the controller's clock is this machine's): it may come before this call, while the streams warm up."""
     ctl = handles("stall")["Controller"]
     deadline = time.time() + 120
     while time.time() < deadline:
-        if ctl.status.remote().result()["event_counts"].get("placement", 0) > 0:
-            return
+        if (t := placement_time(ctl.status.remote().result()["events"], started)) is not None:
+            return t
         time.sleep(0.2)
+    raise TimeoutError("stall: no rebalance within 120 s of its streams")
 
 
 def main() -> None:
@@ -158,14 +169,15 @@ def main() -> None:
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
         print(f"\n{'event':<34}{'failed':>8}{'median gap ms':>14}{'longest gap ms':>16}")
         rows.append(fault("live rebalance", "stall", wait_rebalance, 5.0))
-        rows.append(fault("shard kill (replicated)", "rep", lambda: os.kill(shard_pids("rep")[0], signal.SIGKILL)))
-        rows.append(fault("shard kill (single copies)", "one", lambda: os.kill(lc.sole_holder("one"), signal.SIGKILL)))
+        rows.append(fault("shard kill (replicated)", "rep", lambda _: os.kill(shard_pids("rep")[0], signal.SIGKILL)))
+        rows.append(fault("shard kill (single copies)", "one",
+                          lambda _: os.kill(lc.sole_holder("one"), signal.SIGKILL)))
         ctl_pid = handles("rep")["Controller"].info.remote().result()["pid"]
-        rows.append(fault("controller kill", "rep", lambda: os.kill(ctl_pid, signal.SIGKILL)))
-        rows.append(fault("shard pause 8 s (replicated)", "rep", lambda: pause(shard_pids("rep")[0], 8.0)))
-        rows.append(fault("shard pause 8 s (single copies)", "one", lambda: pause(lc.sole_holder("one"), 8.0)))
+        rows.append(fault("controller kill", "rep", lambda _: os.kill(ctl_pid, signal.SIGKILL)))
+        rows.append(fault("shard pause 8 s (replicated)", "rep", lambda _: pause(shard_pids("rep")[0], 8.0)))
+        rows.append(fault("shard pause 8 s (single copies)", "one", lambda _: pause(lc.sole_holder("one"), 8.0)))
         gw_pid = handles("one")["Gateway"].stats.remote().result()["pid"]
-        rows.append(fault("gateway kill", "one", lambda: os.kill(gw_pid, signal.SIGKILL), 40.0))
+        rows.append(fault("gateway kill", "one", lambda _: os.kill(gw_pid, signal.SIGKILL), 40.0))
     finally:
         lc.stop_ray()
     result = {"cpu": cpu_model(), "rows": rows,

@@ -93,6 +93,79 @@ def test_balance_relative_tokens_s_is_the_step_time_over_layers():
     assert rel == pytest.approx(6 / 11) and idle == 1.0, proc.stdout
 
 
+STALLS_FAKES = """
+import json, time
+import elasticmoe.client
+calls = []
+
+
+class FakeClient:  # request 1 fails after 2 tokens; 2 waits 0.3 s (a restart) before its first; 3 as long (a prefill)
+    def __init__(self, target, app):
+        pass
+
+    def stream(self, prompt, **kw):
+        calls.append(time.time())
+        if len(calls) > 1:
+            time.sleep(0.3)
+        yield 1
+        time.sleep(0.05)
+        yield 2
+        if len(calls) == 1:
+            raise RuntimeError("UNAVAILABLE")
+
+
+elasticmoe.client.GenerationClient = FakeClient
+import stalls
+
+s = stalls.Streams("x", n=1)
+while len(calls) < 3:
+    time.sleep(0.01)
+s.close()
+gaps = sorted(s.gaps(0, time.time()))
+
+
+class FakeStreams:  # fault()'s windows, asked of the streams
+    asked = []
+
+    def __init__(self, app):
+        pass
+
+    def gaps(self, t0, t1):
+        FakeStreams.asked.append((t0, t1))
+        return [0.01]
+
+    def failed(self, t0, t1):
+        return 0
+
+    def close(self):
+        pass
+
+
+stalls.settled, stalls.Streams = lambda app: None, FakeStreams
+t0 = time.time()
+row = stalls.fault("live rebalance", "stall", lambda started: started + 0.5, window_s=0.2)
+events = [{"event": "placement", "t": 5.0}, {"event": "grow", "t": 12.0}, {"event": "placement", "t": 13.0}]
+print(json.dumps({"gaps": gaps, "failed": len(s.failures), "window": FakeStreams.asked[-1], "t0": t0,
+                  "placement": [stalls.placement_time(events, 10.0), stalls.placement_time(events, 14.0)]}))
+"""
+
+
+def test_stalls_gaps_span_a_failed_streams_retry_and_the_window_the_rebalance():
+    """stalls.py: a stream that fails and is retried has a gap from its last token to the retry's first (the
+    restart it waited for; the gateway-kill row's 'longest gap includes the gateway's restart'), while a finished
+    request's successor starts no gap; the rebalance row's window is around the placement event (found in the
+    controller's event log from the streams' start), not the moment the wait for it began."""
+    proc = subprocess.run([sys.executable, "-c", STALLS_FAKES], cwd=REPO / "benchmarks", capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["failed"] == 1 and len(r["gaps"]) >= 4, r  # 3 in-stream gaps (0.05 s) + the one across the retry
+    assert r["gaps"][-1] >= 0.45 and r["gaps"][-2] < 0.2, r  # 0.2 s retry pause + 0.3 s restart; no 0.3 s prefill
+    start, end = r["window"]
+    assert start == pytest.approx(r["t0"] + 0.5 - 1, abs=0.1) and end - start == pytest.approx(1.2), r
+    assert r["placement"] == [13.0, None], r
+
+
 def test_every_benchmark_imports():
     """Each script's module-level imports resolve (the Ray-based ones, stalls.py and overload.py, and real_width.py
     have no run here: this at least catches a moved or renamed dependency). Imported, not run: main() is guarded."""
