@@ -98,8 +98,13 @@ def bench_engine_port(cluster: DirectCluster, concs: list[int], n: int, rounds: 
         out = ctx.Queue()
         p = ctx.Process(target=_clients, args=(c, n, rounds, out))
         p.start()
-        rows.append(out.get(timeout=600))
-        p.join()
+        try:
+            rows.append(out.get(timeout=600))
+            p.join(timeout=60)
+        finally:  # a client process that failed or hung is not left behind (nor joined forever at exit)
+            if p.is_alive():
+                p.kill()
+                p.join()
     return rows
 
 
@@ -110,10 +115,16 @@ def bench_served(conc: int, n: int, rounds: int, ingress: str = "proxy") -> dict
 
     address, system = INGRESS[ingress]
 
-    ttft, tpot, total = [], [], [0]
+    ttft, tpot, total, errors = [], [], [0], []
     lock = threading.Lock()
 
     def client(i: int):
+        try:
+            requests(i)
+        except Exception as e:  # noqa: BLE001 - raised below: a row without this client's requests is no row
+            errors.append(e)
+
+    def requests(i: int):
         c = GenerationClient(address, app="bench")
         for r in range(rounds):
             t0 = time.perf_counter()
@@ -132,6 +143,8 @@ def bench_served(conc: int, n: int, rounds: int, ingress: str = "proxy") -> dict
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{system}, concurrency {conc}: {len(errors)} of {conc} clients failed") from errors[0]
     row = _row(system, conc, total[0], wall, ttft, tpot)
     row["cores_busy"] = cores_used(cpu0, cpu_seconds_by_role(os.getpid()), wall)  # by role, during the run
     return row
@@ -220,7 +233,8 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, a.dtype)).to(a.device).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     rows = []
-    bench_offline(llm, 2, 4)  # warm-up
+    bench_offline(llm, 2, 4)  # warm-ups: the first generate of each pays its one-time costs untimed
+    bench_hf(hf, tok, 2, 4)
     for c in concs:
         rows += [bench_offline(llm, c, a.tokens), bench_hf(hf, tok, c, a.tokens)]
     del llm, hf
@@ -235,8 +249,8 @@ def main() -> None:
     if a.no_serve:
         _report(a, rows, None)
         return
-    deploy(model_dir, 2, a.transport, a.micro_batches)
-    try:
+    try:  # stop_ray also when the deploy fails: no Ray left running
+        deploy(model_dir, 2, a.transport, a.micro_batches)
         ingresses = a.ingress.split(",")
         for ing in ingresses:
             bench_served(2, 4, 1, ing)  # warm-up

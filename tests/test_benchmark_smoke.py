@@ -166,6 +166,31 @@ def test_stalls_gaps_span_a_failed_streams_retry_and_the_window_the_rebalance():
     assert r["placement"] == [13.0, None], r
 
 
+def test_serving_served_row_refuses_a_failed_client():
+    """serving.py's served rows: a client thread whose stream fails raised in its thread only, and the row was
+    computed from the other clients' tokens over the same wall time (a lower tok/s, no error); now the row fails."""
+    code = ("import elasticmoe.client\n"
+            "class Fake:\n"
+            "    def __init__(self, address, app):\n"
+            "        pass\n"
+            "    def stream(self, prompt, **kw):\n"
+            "        if prompt.startswith(serving.PROMPT + ' 1 '):\n"
+            "            raise ConnectionError('refused')\n"
+            "        yield type('Msg', (), {'token_ids': [1, 2]})()\n"
+            "elasticmoe.client.GenerationClient = Fake\n"
+            "import serving\n"
+            "assert serving.bench_served(1, 2, 1, 'port')['tok_s'] > 0\n"
+            "try:\n"
+            "    serving.bench_served(2, 2, 1, 'port')\n"
+            "except RuntimeError as e:\n"
+            "    print('refused:', e, '/', repr(e.__cause__))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: served-port" in proc.stdout and "1 of 2 clients failed" in proc.stdout, proc.stdout
+    assert "ConnectionError('refused')" in proc.stdout, proc.stdout
+
+
 def test_every_benchmark_imports():
     """Each script's module-level imports resolve (the Ray-based ones, stalls.py and overload.py, and real_width.py
     have no run here: this at least catches a moved or renamed dependency). Imported, not run: main() is guarded."""
