@@ -68,15 +68,25 @@ class DirectCluster:
         owner = [e * shards // num_experts for e in range(num_experts)]
         ctx = mp.get_context("spawn")
         self.procs, self.stops, ports = [], [], []
-        for s in range(shards):
-            ready_r, ready_w = ctx.Pipe(duplex=False)
-            stop_r, stop_w = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_shard, args=(model_dir, [e for e in range(num_experts) if owner[e] == s],
-                                                 threads, device, dtype, ready_w, stop_r), daemon=True)
-            p.start()
-            self.procs.append(p)
-            self.stops.append(stop_w)
-            ports.append(ready_r.recv())
+        try:
+            for s in range(shards):
+                ready_r, ready_w = ctx.Pipe(duplex=False)
+                stop_r, stop_w = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_shard, args=(model_dir, [e for e in range(num_experts) if owner[e] == s],
+                                                     threads, device, dtype, ready_w, stop_r), daemon=True)
+                p.start()
+                ready_w.close()  # the child's is the only write end left: its death ends recv (EOFError), no hang
+                stop_r.close()
+                self.procs.append(p)
+                self.stops.append(stop_w)
+                try:
+                    ports.append(ready_r.recv())
+                except EOFError:
+                    p.join(10)
+                    raise RuntimeError(f"expert shard {s} exited before it served (exit code {p.exitcode})") from None
+        except BaseException:
+            self._stop_shards()  # the shards already up are not left running
+            raise
         self.threads_before = torch.get_num_threads()
         torch.set_num_threads(threads)
         self.dispatcher = GrpcDispatcher(transport=transport)
@@ -121,10 +131,17 @@ class DirectCluster:
             self.ingress.stop(1.0)
             self.runner.close()
         self.dispatcher.close()
+        self._stop_shards()
+        torch.set_num_threads(self.threads_before)
+
+    def _stop_shards(self) -> None:
         for stop in self.stops:
-            stop.send(None)
+            try:
+                stop.send(None)
+            except OSError:  # that shard is gone already
+                pass
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        torch.set_num_threads(self.threads_before)
+                p.join()

@@ -191,6 +191,25 @@ def test_serving_served_row_refuses_a_failed_client():
     assert "ConnectionError('refused')" in proc.stdout, proc.stdout
 
 
+def test_direct_cluster_refuses_a_shard_that_dies_before_serving(tmp_path):
+    """benchmarks/direct.py: a shard process that died before sending its port left recv waiting forever on the
+    write end the parent still held (serving.py hung); now DirectCluster raises, and stops the shards it started."""
+    code = ("import sys, time\n"
+            "from pathlib import Path\n"
+            "from elasticmoe.model.tiny import make_tiny_model\n"
+            "from direct import DirectCluster\n"
+            f"m = make_tiny_model('mixtral', Path({str(tmp_path)!r}) / 'm', layers=1, experts=4, hidden=32, "
+            "intermediate=32, heads=2, kv_heads=1)\n"
+            "try:\n"
+            "    DirectCluster(str(m), 1, 'socket', device='no-such-device')\n"
+            "except RuntimeError as e:\n"
+            "    print('refused:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: expert shard 0 exited before it served" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+
+
 def test_every_benchmark_imports():
     """Each script's module-level imports resolve (the Ray-based ones, stalls.py and overload.py, and real_width.py
     have no run here: this at least catches a moved or renamed dependency). Imported, not run: main() is guarded."""
