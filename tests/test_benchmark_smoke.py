@@ -210,6 +210,24 @@ def test_direct_cluster_refuses_a_shard_that_dies_before_serving(tmp_path):
     assert "refused: expert shard 0 exited before it served" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
 
 
+def test_overload_capacity_counts_the_time_its_requests_took():
+    """overload.py's capacity: the closed loop's clients finish the requests they began before the end, so done over
+    the loop's nominal seconds overstated it (2 clients of 0.3 s requests for 1 s: 8 done by 1.2 s, not 8/s)."""
+    code = ("import asyncio, time\n"
+            "import overload\n"
+            "async def one(stub, run, i):\n"
+            "    await asyncio.sleep(0.3)\n"
+            "    run.done += 1\n"
+            "overload.one = one\n"
+            "run = asyncio.run(overload.closed_loop('127.0.0.1:9', 1.0, 2))\n"
+            "print(run.done, run.seconds)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done, seconds = proc.stdout.split()
+    assert int(done) == 8 and 1.15 < float(seconds) < 1.6, proc.stdout
+
+
 def test_every_benchmark_imports():
     """Each script's module-level imports resolve (the Ray-based ones, stalls.py and overload.py, and real_width.py
     have no run here: this at least catches a moved or renamed dependency). Imported, not run: main() is guarded."""
