@@ -67,6 +67,7 @@ def _scale(ckpt: Checkpoint, name: str) -> str:
     return scale
 
 
+_NOW = object()  # missing() / forward() without a snapshot: the layer as held now (None is a snapshot: none held)
 _PARTS = ("w13", "w2", "b13", "b2", "w13_scale", "w2_scale")  # LayerExperts' per-expert stacked fields
 
 
@@ -202,20 +203,21 @@ class ExpertStore:
         """The layer's experts as held now; one call uses one snapshot for its check and its compute."""
         return self.layers.get(layer)
 
-    def missing(self, layer: int, routed: dict[int, int], snap: LayerExperts | None = None) -> list[int]:
-        """The expert ids of `routed` (see `routed`) that are not held here (in `snap`, if given)."""
-        le = snap if snap is not None else self.layers.get(layer)
+    def missing(self, layer: int, routed: dict[int, int], snap: LayerExperts | None = _NOW) -> list[int]:
+        """The expert ids of `routed` (see `routed`) that are not held here (in `snap`, if given: None, as snapshot()
+        returns for a layer not held, holds nothing)."""
+        le = self.layers.get(layer) if snap is _NOW else snap
         return sorted(set(routed) - set(le.global_ids if le else ()))
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                snap: LayerExperts | None = None) -> torch.Tensor:
+                snap: LayerExperts | None = _NOW) -> torch.Tensor:
         """hidden [T, H], topk_ids [T, k] global ids (-1 = not here), topk_weights [T, k] -> [T, H] float64.
 
         Every id >= 0 must be held (see `missing`; pass the same `snap` to both); its contribution is weighted
         and summed per token in float64, so partial sums from any split of the experts over shards add up to
         the same bits as one sum over all of them (COMBINE_DTYPE; the caller rounds to the model's dtype).
         """
-        le = snap if snap is not None else self.layers.get(layer)
+        le = self.layers.get(layer) if snap is _NOW else snap
         if le is None or hidden.shape[0] == 0:
             return torch.zeros_like(hidden, dtype=COMBINE_DTYPE)
         t0 = time.perf_counter()
