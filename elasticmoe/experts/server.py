@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import grpc
 import torch
 
+from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
@@ -209,8 +210,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             try:
                 n_before = len(self.store.held())
                 nbytes = self.store.load(pairs)
-            except (ValueError, RuntimeError) as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except Exception as e:  # noqa: BLE001 - each cause its code (_load_code), the message as is
+                context.abort(_load_code(e), str(e))
             if self.faults.fail_loads > 0:
                 self.faults.fail_loads -= 1
                 context.abort(grpc.StatusCode.INTERNAL, "injected fault: LoadExperts failed")
@@ -239,6 +240,17 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
     def Health(self, request, context):
         return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version,
                                  frame_port=self.frame_port, max_message_bytes=self.max_message_bytes)
+
+
+def _load_code(e: Exception) -> grpc.StatusCode:
+    """A failed load's status: INVALID_ARGUMENT for a request naming what the model lacks (ValueError),
+    FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone: not the caller's fault),
+    RESOURCE_EXHAUSTED when the experts do not fit in memory, else INTERNAL."""
+    if isinstance(e, (CheckpointError, OSError)):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(e, torch.OutOfMemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else grpc.StatusCode.INTERNAL
 
 
 def _ports(port: int) -> list[int]:

@@ -1,0 +1,63 @@
+"""LoadExperts' status codes: a request naming what the model does not have is the caller's mistake
+(INVALID_ARGUMENT); a checkpoint the shard cannot read is the shard's state (FAILED_PRECONDITION), not the caller's."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from elasticmoe.experts.server import start_server
+from elasticmoe.model import open_model
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
+from elasticmoe.rpc import tls
+from elasticmoe.rpc.codec import channel_options
+
+E = 4
+
+
+@pytest.fixture
+def shard(tmp_path):
+    """A shard over its own tiny checkpoint (the tests break its file), holding nothing."""
+    from elasticmoe.model.tiny import make_tiny_model
+
+    files = open_model(str(make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E)))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    server, _, port = start_server(store, "load-errors")
+    ch = tls.channel(f"127.0.0.1:{port}", channel_options())
+    yield pb_grpc.ExpertShardStub(ch), store, files, tmp_path / "m"
+    ch.close()
+    server.stop(None).wait(10)
+
+
+def _load(stub, pairs):
+    return stub.LoadExperts(pb.LoadExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs]),
+                            timeout=30)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
+def test_a_checkpoint_the_shard_cannot_read_is_failed_precondition(shard, damage):
+    stub, store, files, path = shard
+    (weights,) = path.glob("*.safetensors")
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.unlink()
+    with pytest.raises(grpc.RpcError) as e:
+        _load(stub, [(l, x) for l in files.spec.moe.moe_layers for x in range(E)])
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.value.code(), e.value.details())
+    assert weights.name in e.value.details()
+    weights.write_bytes(data)  # repaired: the same request loads (nothing of the failed layer was kept)
+    layer = files.spec.moe.moe_layers[0]
+    assert _load(stub, [(layer, x) for x in range(E)]).loaded == E and store.held() == [(layer, x) for x in range(E)]
+
+
+def test_an_expert_the_model_lacks_is_still_invalid_argument(shard):
+    stub, store, _, _ = shard
+    with pytest.raises(grpc.RpcError) as e:
+        _load(stub, [(0, E)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"(0, {E})" in e.value.details()
+    assert store.held() == []
