@@ -14,6 +14,7 @@ import torch
 
 from elasticmoe.experts.server import start_server
 from elasticmoe.gateway.socket_transport import SocketTransport
+from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frame_socket, frames, tls
 from tests.shard_util import E, _inputs, _req, files, halves  # noqa: F401
@@ -125,3 +126,48 @@ def test_connections_beyond_the_limit_are_refused(files):  # noqa: F811
         first.close()
         second.close()
         server.stop(None)
+
+
+def _unary(files, address: str, layer: int, patience_s: float):  # noqa: F811
+    """One RunExperts over gRPC, asked again while the shard answers 'shard busy', for up to patience_s."""
+    t, deadline = UnaryTransport(), time.monotonic() + patience_s
+    try:
+        while True:
+            try:
+                return t.send(address, lambda: _req(files, layer), 5).result(timeout=10)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        t.close()
+
+
+def test_a_reply_its_reader_is_slow_to_take_holds_no_run_slot(files):  # noqa: F811
+    """A frame's reply is written once it is computed: a gateway slow to read it (here: not reading a 16 MiB reply)
+    must not keep a RunExperts worker (run slot) for as long as the write blocks (up to SEND_TIMEOUT_S), refusing
+    other gateways' calls as 'shard busy' while the shard computes nothing."""
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    layer = files.spec.moe.moe_layers[0]
+    store.load([(layer, e) for e in range(E)])
+    server, servicer, port = start_server(store, "slow", max_workers=1)
+    rows = 1 << 15  # float64 [rows, H] = 16 MiB: more than both socket buffers hold
+    hidden = torch.randn(rows, files.spec.hidden_size)
+    ids, weights = torch.randint(0, E, (rows, 2), dtype=torch.int32), torch.rand(rows, 2)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    raw.connect(("127.0.0.1", servicer.frame_port))
+    try:
+        with tls.client_ssl_context().wrap_socket(raw, server_hostname=tls.SERVER_NAME) as s:
+            s.sendall(frames.encode_request(1, layer, hidden, ids, weights))
+            deadline = time.monotonic() + 60
+            while not store.served():  # computed (counted just before the reply is written)
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            reply = _unary(files, f"127.0.0.1:{port}", layer, patience_s=3.0)
+            assert reply.output.data and not reply.missing
+            (slow,) = _replies(s, 1)  # the slow reader's reply, whole
+            assert slow.code == 0 and tuple(slow.output.shape) == (rows, files.spec.hidden_size)
+    finally:
+        raw.close()
+        server.stop(None).wait(10)

@@ -165,17 +165,20 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             self._frame(frame, put)
 
     def _frame(self, frame: frames.Request, put: Callable[[list], None]) -> None:
-        """One frame (holding a run slot): its reply, or its status code and message as a unary call would get."""
+        """One frame (holding a run slot): its reply, or its status code and message as a unary call would get. The
+        slot is given back before the reply is written (as a unary call's is before gRPC sends its answer): a peer
+        slow to read it holds no worker for as long as the write blocks (up to frame_socket.SEND_TIMEOUT_S)."""
         try:
             out, missing, us = self._compute(frame, _FrameContext)
-            put(frames.reply_parts(frame.id, out, missing, us, self.placement_version))
+            reply = frames.reply_parts(frame.id, out, missing, us, self.placement_version)
         except _FrameAbort as e:
-            put(frames.reply_parts(frame.id, code=e.code.value[0], error=str(e)))
+            reply = frames.reply_parts(frame.id, code=e.code.value[0], error=str(e))
         except Exception as e:  # noqa: BLE001 - as a unary handler's exception: INTERNAL, the stream lives on
             log.exception("frame %d failed", frame.id)
-            put(frames.reply_parts(frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e)))
+            reply = frames.reply_parts(frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e))
         finally:
             self._run_slots.release()
+        put(reply)
 
     def _run(self, request, context) -> pb.RunExpertsResponse:
         out, missing, us = self._compute(request, context)
