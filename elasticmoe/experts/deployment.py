@@ -66,13 +66,11 @@ class ExpertShard:
             try:
                 plan = self.controller.register.remote(self.shard_id, self.address).result(timeout_s=30)
                 t0 = time.perf_counter()
-                if not plan.get("published"):  # published: gateways may route to extras (dropped after acks)
-                    want = {(l, e) for l, e in plan["experts"]}
-                    self.store.drop(set(self.store.held()) - want)  # an earlier attempt's plan, not this one's
-                nbytes = self.store.load(plan["experts"])
+                # an earlier attempt's plan is dropped, unless published: gateways may route to extras (dropped
+                # after acks); under the servicer's placement lock, as the controller's LoadExperts / DropExperts
+                nbytes = self.servicer.apply_plan(plan["experts"], plan["version"], not plan.get("published"))
                 log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
                          nbytes / 1e6, time.perf_counter() - t0)
-                self.servicer.placement_version = plan["version"]
                 self.controller.ready.remote(self.shard_id).result(timeout_s=120)
                 self.registered.set()
                 break

@@ -233,6 +233,18 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
                                           bytes_held=self.store.weight_bytes(),
                                           placement_version=self.placement_version)
 
+    def apply_plan(self, experts: list[tuple[int, int]], version: int, drop_others: bool) -> int:
+        """A registration plan (experts.deployment), applied as LoadExperts / DropExperts are, one at a time with them
+        (their counts stay their own): first, if `drop_others`, drop what the plan does not name; then load it.
+        The placement version becomes `version` unless a newer one arrived already. Returns the bytes read."""
+        with self._placement:
+            if drop_others:
+                want = {(l, e) for l, e in experts}
+                self.store.drop(set(self.store.held()) - want)
+            nbytes = self.store.load(experts)
+            self.placement_version = max(self.placement_version, version)
+            return nbytes
+
     def GetStats(self, request, context):
         tokens = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(self.store.served().items())]
         return pb.GetStatsResponse(
