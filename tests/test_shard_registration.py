@@ -45,9 +45,11 @@ def test_a_drop_counts_only_itself_while_the_registration_plan_loads(model):  # 
     store.load([(l0, 0), (l0, 1)])
     one, drop = store.weight_bytes() // 2, store.drop
 
+    registering = threading.Thread(target=ShardImpl._register, args=(replica,), daemon=True)
+
     def drop_then_the_plan_lands(pairs) -> None:
+        store.drop = drop  # once: the plan's own drop is a plain one (else each drop would start a registration)
         drop(pairs)
-        registering = threading.Thread(target=ShardImpl._register, args=(replica,))
         registering.start()
         registering.join(timeout=1.0)  # with the plan applied as LoadExperts are, it waits for this call to answer
 
@@ -55,6 +57,8 @@ def test_a_drop_counts_only_itself_while_the_registration_plan_loads(model):  # 
     reply = servicer.DropExperts(pb.DropExpertsRequest(experts=[pb.ExpertRef(layer=l0, expert=0)]), None)
     assert (reply.dropped, reply.bytes) == (1, one)
     assert replica.registered.wait(30) and store.held() == [(l1, e) for e in range(4)]  # the plan, applied after
+    registering.join(30)
+    assert not registering.is_alive()
 
 
 def test_the_registration_plan_does_not_lower_the_placement_version(model):  # noqa: F811
