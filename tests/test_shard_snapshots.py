@@ -69,3 +69,24 @@ def test_store_check_and_forward_with_a_snapshot_of_nothing(files):  # noqa: F81
     assert snap is None and store.missing(l1, store.routed(ids), snap) == [0, 1]
     assert not store.forward(l1, hidden, ids, torch.ones(T, 2), snap).any()
     assert store.missing(l1, store.routed(ids)) == [] and store.forward(l1, hidden, ids, torch.ones(T, 2)).any()
+
+
+def test_a_drop_rebuilds_each_layer_once(files):  # noqa: F811
+    """Dropping 3 experts of one layer and 1 of another rebuilds (copies the rest of) each layer once, not once per
+    expert; what stays answers as a store that loaded only it."""
+    l0, l1 = files.spec.moe.moe_layers[:2]
+    store = _store(files, [(l, e) for l in (l0, l1) for e in range(E)])
+    rebuilt, stack = [], store._stack
+    store._stack = lambda layer, *a: rebuilt.append(layer) or stack(layer, *a)
+    store.drop([(l0, 0), (l1, 5), (l0, 2), (l0, 3), (l0, 2), (7, 0)])  # (l0, 2) twice; layer 7 not held
+    assert sorted(rebuilt) == sorted([l0, l1])
+    kept = [(l0, e) for e in range(E) if e not in (0, 2, 3)] + [(l1, e) for e in range(E) if e != 5]
+    assert store.held() == sorted(kept)
+    req, ref = _request(files, l0, (1, 4))
+    torch.testing.assert_close(LocalDispatcher(store).dispatch(l0, *_inputs_of(req)).wait(), ref, rtol=1e-6, atol=1e-7)
+
+
+def _inputs_of(req: pb.RunExpertsRequest):
+    from elasticmoe.rpc.codec import decode_tensor
+
+    return decode_tensor(req.hidden), decode_tensor(req.topk_ids), decode_tensor(req.topk_weights)

@@ -170,13 +170,17 @@ class ExpertStore:
         self.layers[layer] = self._stack(layer, list(held) + experts, parts)
 
     def drop(self, pairs: Iterable[tuple[int, int]]) -> None:
-        """Forget (layer, expert) pairs; in-flight forward() calls keep the snapshot they started with."""
+        """Forget (layer, expert) pairs; in-flight forward() calls keep the snapshot they started with. Each layer is
+        rebuilt once, whatever number of its experts go (a rebuild copies the layer's remaining weights)."""
+        gone: dict[int, set[int]] = {}
+        for layer, e in pairs:
+            gone.setdefault(layer, set()).add(e)
         with self._lock:
-            for layer, e in pairs:
+            for layer, experts in gone.items():
                 le = self.layers.get(layer)
-                if le is None or e not in le.global_ids:
+                keep = [] if le is None else [i for i, g in enumerate(le.global_ids) if g not in experts]
+                if le is None or len(keep) == len(le.global_ids):
                     continue
-                keep = [i for i, g in enumerate(le.global_ids) if g != e]
                 if not keep:
                     del self.layers[layer]
                     continue
