@@ -15,6 +15,12 @@ from tests.moe_cases import REPO
 MODES = ("socket", "unary", "stream", "stream-default", "frames", "frames-thread")  # transport.py's
 
 
+def _snippet(code: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """`python -c code` in benchmarks/ (its modules importable as the scripts import them), offline."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
+                          timeout=timeout_s, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+
+
 def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, script, *args], cwd=REPO / "benchmarks", env=env, capture_output=True,
@@ -41,8 +47,7 @@ def test_decode_timing_refuses_a_timing_lost_in_noise():
     code = ("from decode_timing import decode_tok_s\n"
             "assert decode_tok_s(2, 5, 0.5, 0.1) == 2 * 4 / 0.4\n"
             "decode_tok_s(1, 4, 0.010, 0.012)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = _snippet(code)
     assert proc.returncode == 1 and "timing noise exceeds the decode time" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -86,8 +91,7 @@ def test_balance_relative_tokens_s_is_the_step_time_over_layers():
     code = ("import numpy as np\n"
             "from balance import relative_tokens_s\n"
             "print(relative_tokens_s(np.array([[1.0, 1.0], [10.0, 0.0]])), relative_tokens_s(np.zeros((2, 2))))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = _snippet(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rel, idle = map(float, proc.stdout.split())
     assert rel == pytest.approx(6 / 11) and idle == 1.0, proc.stdout
@@ -184,8 +188,7 @@ def test_serving_served_row_refuses_a_failed_client():
             "    serving.bench_served(2, 2, 1, 'port')\n"
             "except RuntimeError as e:\n"
             "    print('refused:', e, '/', repr(e.__cause__))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    proc = _snippet(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: served-port" in proc.stdout and "1 of 2 clients failed" in proc.stdout, proc.stdout
     assert "ConnectionError('refused')" in proc.stdout, proc.stdout
@@ -204,8 +207,7 @@ def test_direct_cluster_refuses_a_shard_that_dies_before_serving(tmp_path):
             "    DirectCluster(str(m), 1, 'socket', device='no-such-device')\n"
             "except RuntimeError as e:\n"
             "    print('refused:', e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    proc = _snippet(code, 180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: expert shard 0 exited before it served" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
 
@@ -221,8 +223,7 @@ def test_overload_capacity_counts_the_time_its_requests_took():
             "overload.one = one\n"
             "run = asyncio.run(overload.closed_loop('127.0.0.1:9', 1.0, 2))\n"
             "print(run.done, run.seconds)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = _snippet(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     done, seconds = proc.stdout.split()
     assert int(done) == 8 and 1.15 < float(seconds) < 1.6, proc.stdout
