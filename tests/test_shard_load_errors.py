@@ -1,5 +1,6 @@
-"""LoadExperts' status codes: a request naming what the model does not have is the caller's mistake
-(INVALID_ARGUMENT); a checkpoint the shard cannot read is the shard's state (FAILED_PRECONDITION), not the caller's."""
+"""LoadExperts' and RunExperts' status codes: a request naming what the model does not have is the caller's mistake
+(INVALID_ARGUMENT); a checkpoint the shard cannot read is the shard's state (FAILED_PRECONDITION), not the caller's;
+a bug in the forward is INTERNAL on every transport."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def shard(tmp_path):
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     server, _, port = start_server(store, "load-errors")
     ch = tls.channel(f"127.0.0.1:{port}", channel_options())
-    yield pb_grpc.ExpertShardStub(ch), store, files, tmp_path / "m"
+    yield pb_grpc.ExpertShardStub(ch), store, files, tmp_path / "m", f"127.0.0.1:{port}"
     ch.close()
     server.stop(None).wait(10)
 
@@ -39,7 +40,7 @@ def _load(stub, pairs):
 
 @pytest.mark.parametrize("damage", ["truncated", "removed"])
 def test_a_checkpoint_the_shard_cannot_read_is_failed_precondition(shard, damage):
-    stub, store, files, path = shard
+    stub, store, files, path, _ = shard
     (weights,) = path.glob("*.safetensors")
     data = weights.read_bytes()
     if damage == "truncated":
@@ -56,8 +57,34 @@ def test_a_checkpoint_the_shard_cannot_read_is_failed_precondition(shard, damage
 
 
 def test_an_expert_the_model_lacks_is_still_invalid_argument(shard):
-    stub, store, _, _ = shard
+    stub, store, _, _, _ = shard
     with pytest.raises(grpc.RpcError) as e:
         _load(stub, [(0, E)])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"(0, {E})" in e.value.details()
     assert store.held() == []
+
+
+def test_a_failing_forward_is_internal_on_every_transport(shard):
+    """A bug in the shard's forward (here: it raises) answers INTERNAL naming it, through unary RunExperts as through
+    the stream's and the socket's frames (unary said UNKNOWN, 'Exception calling application'); the shard lives on."""
+    from elasticmoe.gateway.socket_transport import SocketTransport
+    from elasticmoe.gateway.stream_transport import StreamTransport
+    from elasticmoe.gateway.transport import UnaryTransport
+    from elasticmoe.rpc.frames import ExpertRequest
+
+    _, store, files, _, address = shard
+    layer = files.spec.moe.moe_layers[0]
+    store.load([(layer, e) for e in range(E)])
+    req = ExpertRequest(layer, torch.randn(3, files.spec.hidden_size), torch.zeros(3, 2, dtype=torch.int32),
+                        torch.ones(3, 2))
+    forward = store.forward
+    store.forward = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    for t in (UnaryTransport(), StreamTransport(), SocketTransport()):
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                t.send(address, lambda: req, 10).result(timeout=20)
+            assert e.value.code() == grpc.StatusCode.INTERNAL and "boom" in e.value.details(), (t, e.value)
+        finally:
+            t.close()
+    store.forward = forward
+    assert UnaryTransport().send(address, lambda: req, 10).result(timeout=20).output.data

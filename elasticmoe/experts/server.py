@@ -121,6 +121,11 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{frames.BUSY}: all RunExperts workers in use")
         try:
             return self._run(request, context)
+        except Exception as e:  # noqa: BLE001 - a bug here is INTERNAL, as on the frame paths (grpc would say UNKNOWN)
+            if context.code() not in (None, grpc.StatusCode.OK):
+                raise  # an abort with its own code (INVALID_ARGUMENT, ...)
+            log.exception("RunExperts failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         finally:
             self._run_slots.release()
 
@@ -173,7 +178,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             reply = frames.reply_parts(frame.id, out, missing, us, self.placement_version)
         except _FrameAbort as e:
             reply = frames.reply_parts(frame.id, code=e.code.value[0], error=str(e))
-        except Exception as e:  # noqa: BLE001 - as a unary handler's exception: INTERNAL, the stream lives on
+        except Exception as e:  # noqa: BLE001 - INTERNAL, as RunExperts answers a bug; the stream lives on
             log.exception("frame %d failed", frame.id)
             reply = frames.reply_parts(frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e))
         finally:
