@@ -34,7 +34,7 @@ def _shard(model_dir: str, experts: list[int], threads: int, device: str, dtype:
     """One expert shard as the ExpertShard deployment runs it: `experts` of every MoE layer on `device`, mTLS,
     until `stop`."""
     from elasticmoe.engine.engine import DTYPES
-    from elasticmoe.experts.server import start_server
+    from elasticmoe.experts.shard_server import start_server
     from elasticmoe.model import open_model
     from elasticmoe.model.experts import ExpertStore
     from elasticmoe.rpc.codec import tune_malloc

@@ -10,7 +10,7 @@ import torch
 
 from elasticmoe.autoscaler.controller import Controller
 from elasticmoe.autoscaler.record import GcsRecord
-from elasticmoe.experts.server import start_server
+from elasticmoe.experts.shard_server import start_server
 from elasticmoe.model import open_model
 from elasticmoe.model.experts import ExpertStore
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from elasticmoe.experts.server import start_server
+from elasticmoe.experts.shard_server import start_server
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.model import open_model

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from elasticmoe.experts.server import start_server
+from elasticmoe.experts.shard_server import start_server
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.model.experts import ExpertStore

@@ -69,7 +69,7 @@ def test_gpt_oss_experts_on_two_grpc_shards_match_in_process(family_dirs):
     """Biased, clamped experts split over two in-process gRPC shards: the greedy tokens of the in-process model."""
     from elasticmoe import LLM, SamplingParams
     from elasticmoe.engine.engine import Engine
-    from elasticmoe.experts.server import start_server
+    from elasticmoe.experts.shard_server import start_server
     from elasticmoe.gateway.dispatcher import GrpcDispatcher
     from elasticmoe.gateway.routing import RoutingTable
     from elasticmoe.model.experts import ExpertStore

@@ -32,7 +32,7 @@ def _env(container: dict) -> dict:
 # ----- internal mTLS
 def test_generated_certificate_serves_a_real_mtls_shard(tmp_path, monkeypatch):
     """genCA / genSignedCert output, mounted as the pods mount it, is what rpc.tls needs on both ends."""
-    from elasticmoe.experts.server import start_server
+    from elasticmoe.experts.shard_server import start_server
     from elasticmoe.model import open_model
     from elasticmoe.model.experts import ExpertStore
     from elasticmoe.model.tiny import make_tiny_model

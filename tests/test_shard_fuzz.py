@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from elasticmoe.experts.server import start_server
+from elasticmoe.experts.shard_server import start_server
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.experts import ExpertStore

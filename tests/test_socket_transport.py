@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from elasticmoe.config import Limits
-from elasticmoe.experts.server import start_server
+from elasticmoe.experts.shard_server import start_server
 from elasticmoe.gateway import socket_transport
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.socket_transport import SocketTransport

@@ -15,7 +15,7 @@ from elasticmoe.autoscaler.controller import Controller
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.cli import main as cli_main
 from elasticmoe.engine.engine import Engine
-from elasticmoe.experts.server import start_server
+from elasticmoe.experts.shard_server import start_server
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.model import open_model

@@ -16,7 +16,7 @@ import grpc
 import pytest
 import torch
 
-from elasticmoe.experts.server import start_server
+from elasticmoe.experts.shard_server import start_server
 from elasticmoe.model import open_model
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb

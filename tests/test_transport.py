@@ -122,7 +122,7 @@ def test_shard_stopped_mid_stream_fails_over(files, pair):  # noqa: F811
 
 def test_stream_reopens_after_the_shard_restarts(files, pair):  # noqa: F811
     """A dead stream is replaced lazily: the next send opens a new one (here to a restarted server, same port)."""
-    from elasticmoe.experts.server import start_server
+    from elasticmoe.experts.shard_server import start_server
 
     layer, inputs = pair.layers[0], _inputs(files, 7)
     ref = _reference(files, layer, *inputs)
@@ -178,7 +178,7 @@ def test_close_fails_pending_calls(files, pair):  # noqa: F811
 
 def test_streams_beyond_the_limit_are_refused_and_health_still_answers(files):  # noqa: F811
     """Each open stream holds a server worker: past max_streams a new one is refused, Health keeps its workers."""
-    from elasticmoe.experts.server import start_server
+    from elasticmoe.experts.shard_server import start_server
     from elasticmoe.model.experts import ExpertStore
     from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 

@@ -31,7 +31,7 @@ class ExpertShard:
     """Holds a share of the experts; the gateway calls its gRPC server directly (not through Serve)."""
 
     def __init__(self, args: dict, controller):
-        from elasticmoe.experts.server import start_server
+        from elasticmoe.experts.shard_server import start_server
         from elasticmoe.model import open_model
         from elasticmoe.model.experts import ExpertStore
         from elasticmoe.rpc.codec import tune_malloc

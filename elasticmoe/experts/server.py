@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -19,10 +17,7 @@ from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames
-from elasticmoe.rpc import tls
-from elasticmoe.rpc.frame_service import add_shard_servicer
-from elasticmoe.rpc.frame_listener import FrameListener
-from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, decode_tensor, encode_tensor, server_options
+from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, decode_tensor, encode_tensor
 from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
@@ -271,84 +266,3 @@ def _load_code(e: Exception) -> grpc.StatusCode:
     if isinstance(e, torch.OutOfMemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else grpc.StatusCode.INTERNAL
-
-
-def _ports(port: int) -> list[int]:
-    """The port to try: `port`, else ELASTICMOE_EXPERT_PORT_RANGE ("20100-20199", for network policies), else any."""
-    span = os.environ.get("ELASTICMOE_EXPERT_PORT_RANGE")
-    if port or not span:
-        return [port]
-    lo, hi = (int(x) for x in span.split("-"))
-    return list(range(lo, hi + 1))
-
-
-class ShardServer:
-    """The shard's gRPC server and the frame listener beside it (same host, same TLS): stop(grace) stops both alike
-    (None: connections end at once, their gateways fail their pending calls); the rest is the gRPC server's."""
-
-    def __init__(self, server: grpc.Server, listener: FrameListener, servicer: ExpertServicer):
-        self.server, self.listener, self.servicer = server, listener, servicer
-
-    def stop(self, grace: float | None) -> threading.Event:
-        """As grpc.Server.stop, for both: the Event is set once both have stopped and no frame of theirs is still
-        being computed (the listener's connection threads and the streams' reading threads have returned)."""
-        cut, stopped, both = self.listener.close(grace), self.server.stop(grace), threading.Event()
-
-        def wait() -> None:
-            cut.wait()
-            stopped.wait()
-            for reader in list(self.servicer.readers):
-                reader.join()
-            both.set()
-        threading.Thread(target=wait, daemon=True).start()
-        return both
-
-    def __getattr__(self, name: str):
-        return getattr(self.server, name)
-
-
-def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 8, max_rows: int = 1 << 16, insecure: bool = False, max_streams: int = 16,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[ShardServer, ExpertServicer, int]:
-    """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port).
-
-    mTLS (rpc.tls): only clients holding a certificate of the release's CA get in; `insecure` serves plaintext.
-    The pool has `max_workers` workers for RunExperts, one per open RunExpertsStream (at most `max_streams`, one per
-    gateway using the stream transport; more are refused) plus 4 kept for Health, stats and loads.
-    Beside it, on the same host, a frame listener (rpc.frame_listener; its port in Health.frame_port, from
-    ELASTICMOE_EXPERT_PORT_RANGE when set) serves the same frames through the same code (serve_frames), at most
-    `max_streams` connections, same TLS. Both take messages up to `max_message_bytes`
-    (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES), which Health announces: a gateway keeps its calls within it.
-    """
-    if insecure:
-        tls.warn_insecure(f"expert shard {shard_id}")
-    files = None if insecure else tls.tls_files()
-    pool = futures.ThreadPoolExecutor(max_workers=max_workers + max_streams + 4, thread_name_prefix="expert-rpc")
-    server = grpc.server(pool, options=server_options(max_message_bytes),
-                         maximum_concurrent_rpcs=4 * max_workers + max_streams)
-    servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows, max_streams=max_streams,
-                              max_message_bytes=max_message_bytes)
-    add_shard_servicer(servicer, server)
-    bound = 0
-    for candidate in _ports(port):
-        try:
-            bound = tls.add_port(server, f"{host}:{candidate}", insecure, files)
-        except RuntimeError:
-            bound = 0
-        if bound:
-            break
-    span = os.environ.get("ELASTICMOE_EXPERT_PORT_RANGE")
-    try:
-        listener = FrameListener(servicer.serve_frames, host, [p for p in _ports(0) if p != bound], insecure, files,
-                                 max_conns=max_streams, max_message_bytes=max_message_bytes) if bound else None
-    except OSError:
-        listener = None
-    if listener is None:
-        server.stop(None)
-        raise RuntimeError(f"cannot bind the expert server and its frame listener on {host} (port {port}, "
-                           f"ELASTICMOE_EXPERT_PORT_RANGE={span})")
-    servicer.frame_port = listener.port
-    server.start()
-    log.info("expert shard %s serving on %s:%d, frames on %d (%s)", shard_id, host, bound, listener.port,
-             "plaintext" if insecure else "mTLS")
-    return ShardServer(server, listener, servicer), servicer, bound
