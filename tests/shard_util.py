@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
 import torch
 
@@ -108,3 +109,16 @@ def _req(files, layer: int, rows: int = 4, seed: int = 0) -> ExpertRequest:
     """rows tokens routed to experts [0, E/2) (what halves' shard 0 holds)."""
     hidden, ids, weights = _inputs(files, seed)
     return ExpertRequest(layer, hidden[:rows], (ids[:rows] % (E // 2)).to(torch.int32), weights[:rows], 3)
+
+
+def answer_within(t, address: str, build, seconds: float = 5.0):
+    """t.send(address, build)'s answer, asked again every 50 ms while the call fails (a place not yet free after a
+    connection or stream ended), for up to `seconds`; the last failure is raised after that."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return t.send(address, build, 5).result(timeout=10)
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -17,7 +17,7 @@ from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frame_socket, frames, tls
-from tests.shard_util import E, _inputs, _req, files, halves  # noqa: F401
+from tests.shard_util import E, _inputs, _req, answer_within, files, halves  # noqa: F401
 
 
 def _connect(servicer, ctx: ssl.SSLContext | None = None) -> socket.socket:
@@ -114,14 +114,7 @@ def test_connections_beyond_the_limit_are_refused(files):  # noqa: F811
             second.send(address, lambda: _req(files, layer), 5).result(timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         first.close()  # its connection ends: the place is free again
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                assert second.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        assert answer_within(second, address, lambda: _req(files, layer)).output.data
     finally:
         first.close()
         second.close()

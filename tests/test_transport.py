@@ -19,7 +19,7 @@ from elasticmoe.gateway.transport import make_transport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import channel_options, encode_tensor
-from tests.shard_util import ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, files  # noqa: F401
+from tests.shard_util import ALL_BOTH, E, SPLIT, Shards, _inputs, _reference, _run, answer_within, files  # noqa: F401
 
 
 @pytest.fixture
@@ -195,14 +195,7 @@ def test_streams_beyond_the_limit_are_refused_and_health_still_answers(files):  
         stub = pb_grpc.ExpertShardStub(tls.channel(address, channel_options()))
         assert stub.Health(pb.HealthRequest(), timeout=5).ok
         first.close()  # its stream ends: the place is free again
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                assert second.send(address, lambda: _request(files, layer, 3, 1), 5).result(timeout=10).output.data
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        assert answer_within(second, address, lambda: _request(files, layer, 3, 1)).output.data
     finally:
         first.close()
         second.close()
