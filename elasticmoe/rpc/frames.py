@@ -265,9 +265,6 @@ def _with_descs(count: int) -> struct.Struct:
     return struct.Struct(HEADER.format + DESC.format[1:] * count)
 
 
-_HEADS = [_with_descs(n) for n in range(4)]  # a request has 3 tensors, an OK reply 2, a failed one none
-
-
 def _payload(buf: bytes) -> memoryview:
     """The frame bytes of an ExpertFrame message: a view past our 8-byte prefix, else (any other writer) parsed."""
     view = memoryview(buf)
@@ -290,7 +287,7 @@ def _parse(buf: bytes, kind: int) -> tuple[tuple, list[WireTensor], str]:
     if size < off:
         frame_id = HEADER.unpack_from(view, 0)[4]
         raise FrameError(f"frame {frame_id}: {size} bytes, too short for {count} tensors", frame_id)
-    fields = (_HEADS[count] if count < len(_HEADS) else _with_descs(count)).unpack_from(view, 0)
+    fields = _with_descs(count).unpack_from(view, 0)
     magic, got_kind, _, count, frame_id, _, text_len = fields[:7]  # the header's 9 fields, then 4 per tensor
     if magic != MAGIC or got_kind != kind:
         raise FrameError(f"frame {frame_id}: magic {bytes(magic)!r} kind {got_kind}, want {MAGIC!r} kind {kind}",
