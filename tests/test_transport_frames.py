@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
+import time
 from concurrent import futures as cf
 
 import grpc
@@ -18,7 +19,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
 from elasticmoe.rpc.codec import channel_options, decode_tensor
-from tests.shard_util import E, Shards, _inputs, _reference, files  # noqa: F401
+from tests.shard_util import E, Shards, _inputs, _reference, _req, answer_within, files  # noqa: F401
 from tests.test_transport import _request, pair  # noqa: F401 - pair is a fixture
 
 
@@ -204,4 +205,34 @@ def test_a_frame_sent_as_a_renewal_half_closes_its_stream_is_still_answered(file
         assert reply.output.data and stream.dead
     finally:
         go.set()
+        t.close()
+
+
+def test_a_client_that_never_reads_holds_the_shard_to_a_bounded_backlog(files, pair):  # noqa: F811
+    """A stream client writes 1,200 frames of 256 tokens (64 KiB answers) and reads none: the shard stops taking
+    frames once its answers back up (the HTTP/2 windows and a bounded reply queue), instead of running them all and
+    holding every answer in memory; cancelling the stream frees the stream's place for the next client."""
+    layer = pair.layers[0]
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(256, files.spec.hidden_size, generator=g)
+    ids = torch.randint(0, E, (256, 2), generator=g, dtype=torch.int32)
+    frame = frames.encode_request(1, layer, hidden, ids, torch.rand(256, 2, generator=g))
+    sent = 1200
+    channel = tls.channel(pair.addresses[0], channel_options())
+    try:
+        call = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=frames.decode_reply)
+        replies = call(iter([frame] * sent), timeout=60)
+        servicer, last, still = pair.servicers[0], -1, 0.0
+        while still < 1.0:  # until the shard has taken no frame for a second
+            time.sleep(0.1)
+            still, last = (still + 0.1, last) if servicer.calls == last else (0.0, servicer.calls)
+        window = 16 * (1 << 20) // (hidden.numel() * 4)  # answers the client's receive window holds
+        assert servicer.calls < 2 * window + servicer.max_stream_replies + 64, servicer.calls
+        replies.cancel()
+    finally:
+        channel.close()
+    t = StreamTransport()
+    try:
+        assert answer_within(t, pair.addresses[0], lambda: _req(files, layer)).output is not None
+    finally:
         t.close()

@@ -69,6 +69,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self._placement = threading.Lock()  # LoadExperts / DropExperts, one at a time (see their counts)
         self._run_slots = threading.BoundedSemaphore(run_slots)
         self.max_streams = max_streams  # open RunExpertsStreams: each holds one server worker while open
+        self.max_stream_replies = 32  # answers a stream holds while its client reads none (then its reader waits)
         self._streams = threading.BoundedSemaphore(max_streams)
         self.readers: set[threading.Thread] = set()  # each open RunExpertsStream's reading thread, until it returns
         self.frame_port = 0  # the frame listener's port (Health tells the gateways), 0 while there is none
@@ -130,14 +131,21 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         if not self._streams.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{frames.BUSY}: {self.max_streams} streams open")
         replies: queue.SimpleQueue = queue.SimpleQueue()
+        room, over = threading.Semaphore(self.max_stream_replies), threading.Event()
         if not context.add_callback(self._streams.release):  # already over
             self._streams.release()
             return
-        context.add_callback(lambda: replies.put(None))  # the stream ended or was cancelled: stop yielding
+        context.add_callback(lambda: (over.set(), replies.put(None)))  # ended or cancelled: stop yielding, reading
+
+        def put(parts: list) -> None:  # a client that reads no answers stops this reader, not the shard's memory
+            while not room.acquire(timeout=0.2):
+                if over.is_set():
+                    raise ConnectionAbortedError("the stream ended with answers unread")
+            replies.put(b"".join(parts))
 
         def read() -> None:
             try:
-                self.serve_frames(request_iterator, lambda parts: replies.put(b"".join(parts)))
+                self.serve_frames(request_iterator, put)
                 replies.put(None)  # the client half-closed and every frame is answered
             except Exception:  # noqa: BLE001 - the client went away: the callback ends the replies
                 pass
@@ -148,7 +156,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self.readers.add(reader)
         reader.start()
         while (reply := replies.get()) is not None:
-            yield reply
+            yield reply  # returns once gRPC has handed the answer on (the client's window took it)
+            room.release()
 
     def serve_frames(self, requests: Iterable, put: Callable[[list], None]) -> None:
         """The frames of one RunExpertsStream or one frame-listener connection, run one after another on the thread
