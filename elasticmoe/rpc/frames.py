@@ -21,13 +21,14 @@ import array
 import ctypes
 import functools
 import struct
-from typing import NamedTuple, Union
 
 import torch
 from google.protobuf.message import DecodeError
 
 from elasticmoe.rpc import experts_pb2 as pb
-from elasticmoe.rpc.codec import DTYPES, encode_tensor
+from elasticmoe.rpc.codec import DTYPES
+from elasticmoe.rpc.frame_types import (  # noqa: F401 - the frames' types, read as frames.X
+    AnyRequest, ExpertRequest, FrameError, Reply, Request, Tensorish, WireTensor, as_proto)
 from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
 
 MAGIC = b"EMF1"
@@ -47,72 +48,6 @@ CODES: dict[int, str] = {1: "float32", 2: "float16", 3: "bfloat16", 4: "float64"
 _CODE_OF = {name: code for code, name in CODES.items()}
 _TORCH_CODE = {DTYPES[name]: code for code, name in CODES.items()}  # torch dtype -> code
 _ITEMSIZE = {code: DTYPES[name].itemsize for code, name in CODES.items()}
-
-
-class FrameError(ValueError):
-    """A frame that cannot be read; `frame_id` is its id when the header was readable, else 0."""
-
-    def __init__(self, message: str, frame_id: int = 0):
-        super().__init__(message)
-        self.frame_id = frame_id
-
-
-class WireTensor(NamedTuple):
-    """A tensor's place in a frame: as a protobuf `Tensor` to codec.decode_tensor (data, dtype name, shape)."""
-
-    data: memoryview
-    dtype: str
-    shape: tuple[int, ...]
-
-
-class Request(NamedTuple):
-    """A decoded request frame; reads as a RunExpertsRequest (layer, hidden, topk_ids, ...) to the shard."""
-
-    id: int
-    layer: int
-    placement_version: int
-    step: int
-    hidden: WireTensor
-    topk_ids: WireTensor
-    topk_weights: WireTensor
-
-
-class Reply(NamedTuple):
-    """A decoded reply frame; reads as a RunExpertsResponse (output, missing, compute_us, ...) to the gateway."""
-
-    id: int
-    code: int  # a grpc.StatusCode value; 0 OK
-    error: str
-    output: WireTensor | None
-    missing: list[int]
-    compute_us: int
-    placement_version: int
-
-
-Tensorish = Union[torch.Tensor, WireTensor]
-
-
-class ExpertRequest(NamedTuple):
-    """One RunExperts call's tensors, before any encoding: each transport writes them its own way."""
-
-    layer: int
-    hidden: torch.Tensor  # [T, H] in the model dtype
-    topk_ids: torch.Tensor  # [T, k] int32
-    topk_weights: torch.Tensor  # [T, k] float32
-    placement_version: int = 0
-    step: int = 0
-
-    def to_proto(self) -> pb.RunExpertsRequest:
-        return pb.RunExpertsRequest(layer=self.layer, hidden=encode_tensor(self.hidden),
-                                    topk_ids=encode_tensor(self.topk_ids), topk_weights=encode_tensor(self.topk_weights),
-                                    placement_version=self.placement_version, step=self.step)
-
-
-AnyRequest = Union[ExpertRequest, pb.RunExpertsRequest]
-
-
-def as_proto(req: AnyRequest) -> pb.RunExpertsRequest:
-    return req.to_proto() if isinstance(req, ExpertRequest) else req
 
 
 def request_frame(frame_id: int, req: AnyRequest) -> bytes:
