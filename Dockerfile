@@ -28,11 +28,15 @@ WORKDIR /home/ray
 # HF_HOME: model weights come from a volume mounted at /models, in Hugging Face cache
 # layout (/models/hub/models--org--name/snapshots/...) or as plain checkpoint directories.
 # TRITON_CACHE_DIR: compiled kernels; the Helm chart points it at a volume of the pod.
+# RAY_SERVE_GRPC_MAX_MESSAGE_SIZE: Serve's gRPC proxy refuses a message over 4 MiB (Ray's default: 2 GiB, handed to
+# a gateway before its API key check), however Ray is started in the image; the chart's pod env and the cluster
+# configs' `ray start` commands set it too (theirs wins).
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/models \
-    TRITON_CACHE_DIR=/home/ray/.cache/triton
+    TRITON_CACHE_DIR=/home/ray/.cache/triton \
+    RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304
 
 # 1) torch from PyTorch's CUDA index first (its own layer: ~4 GB that rarely changes).
 #    pip then treats elasticmoe's `torch==2.13.0` as satisfied by 2.13.0+cu128.

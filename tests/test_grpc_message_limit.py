@@ -1,7 +1,8 @@
 """Serve's gRPC proxy takes a message of up to 2 GiB by Ray's default (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) and hands it to a
 gateway replica before the API key is checked; every place that starts Ray sets it to 4 MiB, the cap of our own entry
 points (HTTP limits.max_body_bytes, the direct_grpc port): the local cluster, each cluster/*.yaml's `ray start`
-commands and the chart's Ray pods (head, workers, gateways). The proxy refusing a larger message: the e2e check."""
+commands, the chart's Ray pods (head, workers, gateways) and the Dockerfile's ENV. The proxy refusing a larger
+message: the e2e check."""
 
 from __future__ import annotations
 
@@ -59,3 +60,25 @@ def test_chart_sets_it_on_every_ray_pod(values):
 
 def test_chart_value_overrides_it():
     assert {env[NAME] for env in _ray_envs({"serve": {"grpcMaxMessageBytes": 1048576}})} == {"1048576"}
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The image's ENV settings: every ENV instruction of the real Dockerfile, continuation lines joined."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    env: dict[str, str] = {}
+    for instr in re.split(r"\n(?=\S)", "\n".join(lines).replace("\\\n", " ")):
+        if instr.startswith("ENV "):
+            env.update(word.split("=", 1) for word in shlex.split(instr[4:]))
+    return env
+
+
+def test_image_sets_it_for_a_ray_started_any_other_way():
+    """`docker run <image> ray start ...` (compose, a plain VM, a chart of one's own) gets 4 MiB too, not 2 GiB;
+    the chart's and cluster configs' own settings still win (pod env and the command line override ENV)."""
+    env = _dockerfile_env()
+    assert env.get("HF_HOME") == "/models", env  # the parser reads the file's ENV
+    assert env.get(NAME) == LIMIT, env
