@@ -59,7 +59,9 @@ def build_app(args: dict[str, Any]):
     from elasticmoe.experts.deployment import ExpertShard
     from elasticmoe.gateway.deployment import Gateway
 
-    plain = a.model_dump(mode="json")
+    # Only what the config wrote (and resolve_args pinned): each replica validates it again, and a field left unset
+    # must stay unset there (limits.max_model_len: unset, no more than the model's context; a full dump wrote 2048)
+    plain = a.model_dump(mode="json", exclude_unset=True)
     # The controller reads the checkpoint's config and tensor index: with an accelerator type on the shards it
     # runs on a node of theirs, which holds the weights (a `ray up` head holds only the JSON files).
     ctl_opts: dict[str, Any] = {"num_cpus": 0}

@@ -136,6 +136,26 @@ def test_the_served_default_context_fits_the_model_and_a_written_one_is_kept(tin
         Engine(files, None, max_model_len=4096)
 
 
+@pytest.mark.parametrize("written", [None, 2048])
+def test_the_gateway_sees_whether_max_model_len_was_written(tiny_models, written):
+    """The args build_app binds to the gateway (what Serve hands its constructor) keep limits.max_model_len unset
+    when the Serve config left it out: the gateway then serves a shorter model context, not a refused 2048; one
+    written, even at the default's value, is still passed as written."""
+    import dataclasses
+
+    from elasticmoe.app import build_app
+    from elasticmoe.config import AppArgs
+    from elasticmoe.gateway.deployment import _max_model_len
+    from elasticmoe.model import open_model
+
+    limits = {"max_queue": 3} if written is None else {"max_queue": 3, "max_model_len": written}
+    plain = build_app({"model": "tiny:mixtral", "limits": limits})._bound_deployment.init_args[0]
+    lim = AppArgs.model_validate(plain).limits  # as GatewayCore reads it
+    assert lim.max_queue == 3
+    short = dataclasses.replace(open_model(str(tiny_models["mixtral"])).spec, max_position_embeddings=1024)
+    assert _max_model_len(lim, short) == (1024 if written is None else written)
+
+
 @pytest.mark.parametrize("topk_group", [0, 2])
 def test_a_topk_group_outside_one_group_is_refused_naming_it(tmp_path, topk_group):
     """With n_group 1 transformers' router still keeps the topk_group best groups: 0 masks every expert (it routes
