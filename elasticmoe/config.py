@@ -155,6 +155,16 @@ class AppArgs(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _cuda_replicas_have_a_gpu(self) -> "AppArgs":
+        # Ray reserves no GPU for num_gpus 0 and leaves CUDA_VISIBLE_DEVICES alone: the replica would take GPU 0
+        # of its node beside the replica Ray gave it to, or fail at start on a node without one
+        for name in ("gateway_resources", "shard_resources"):
+            if self.device == "cuda" and getattr(self, name).num_gpus == 0:
+                raise ValueError(f"{name}.num_gpus is 0 but device is cuda: set it (usually 1; a fraction shares "
+                                 f"a GPU)")
+        return self
+
+    @model_validator(mode="after")
     def _shards_in_bounds(self) -> "AppArgs":
         if self.expert_copies > self.num_shards:
             raise ValueError(f"expert_copies ({self.expert_copies}) > num_shards ({self.num_shards})")

@@ -190,6 +190,25 @@ def test_gpu_deployment_is_realistic(path):
     assert path.read_text().lstrip().startswith("#"), "each config explains itself"
 
 
+GPU_DEPLOYMENT_FILES = [p for p in DEPLOYMENT_FILES if p.stem != "tiny"]
+
+
+@pytest.mark.parametrize("which", ["gateway_resources", "shard_resources"])
+@pytest.mark.parametrize("path", GPU_DEPLOYMENT_FILES, ids=lambda p: p.name)
+def test_a_cuda_replica_without_a_gpu_is_refused_naming_it(path, which):
+    """device: cuda with a replica's num_gpus at 0 was accepted: Ray then reserves no GPU for it, leaves
+    CUDA_VISIBLE_DEVICES alone, and the replica takes GPU 0 of its node beside the shard Ray gave it to (or fails
+    at start on a CPU node). The app build refuses it naming the field, as the chart's render does."""
+    from elasticmoe.app import resolve_args
+
+    args = copy.deepcopy(_serve_schema(_load(path)).applications[0].args)
+    args[which]["num_gpus"] = 0
+    with pytest.raises(ValueError, match=rf"{which}\.num_gpus is 0 but device is cuda"):
+        resolve_args(args)
+    args[which]["num_gpus"] = 0.5  # a fraction of a GPU is a GPU
+    assert getattr(_app_args(args), which).num_gpus == 0.5
+
+
 def test_servicer_function_imports():
     module, name = SERVICER.rsplit(".", 1)
     assert callable(getattr(importlib.import_module(module), name))
