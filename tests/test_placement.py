@@ -282,3 +282,36 @@ def test_queries_and_validate():
             Placement(N, S, tuple(layout)).validate()
     with pytest.raises(ValueError, match="slots_per_shard"):
         Placement(N, 1, p.layout).validate()
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"num_shards": 2, "slots_per_shard": 2, "layout": []}, "layout"),  # no layers: a table that routes nothing
+        ({"num_shards": 2, "slots_per_shard": 2, "layout": [[]]}, r"layout\[0\]"),  # a layer without experts
+        ({"num_shards": 2, "slots_per_shard": 2, "layout": [[[[0, 1.0]]], []]}, r"layout\[1\]"),
+        ({"num_shards": 2, "slots_per_shard": 2, "layout": "ab"}, "layout"),
+        ({"num_shards": 2, "slots_per_shard": 2, "layout": [[[[0, 1.0, 3]]]]}, r"layout\[0\]\[0\]\[0\]"),
+        ({"num_shards": 2, "slots_per_shard": 2, "layout": [[[[0.9, 1.0]]]]}, r"layout\[0\]\[0\]\[0\]"),
+        ({"num_shards": 2, "slots_per_shard": 2, "layout": [[[[0, "abc"]]]]}, r"layout\[0\]\[0\]\[0\]"),
+        ({"num_shards": "x", "slots_per_shard": 2, "layout": [[[[0, 1.0]]]]}, "num_shards"),
+        ({"num_shards": 2.7, "slots_per_shard": 2, "layout": [[[[0, 1.0]]]]}, "num_shards"),
+        ({"num_shards": True, "slots_per_shard": 2, "layout": [[[[0, 1.0]]]]}, "num_shards"),
+        ({"num_shards": 1, "layout": [[[[0, 1.0]]]]}, "slots_per_shard"),
+        ({"num_shards": 1, "slots_per_shard": 2, "version": -5, "layout": [[[[0, 1.0]]]]}, "version"),
+        ([1, 2], "dict"),
+        (None, "dict"),
+    ],
+)
+def test_from_dict_rejects_empty_or_malformed_layouts_naming_the_field(data, field):
+    """A placement read back (the controller's GCS record) is rejected with a ValueError naming the bad field, never
+    accepted with no layers or experts (a routing table that routes nothing yet says every expert is placed) or
+    with silently truncated numbers (2.7 shards, shard 0.9)."""
+    with pytest.raises(ValueError, match=field):
+        Placement.from_dict(data)
+
+
+def test_validate_rejects_a_placement_without_layers_or_experts():
+    for layout in [(), ((),)]:
+        with pytest.raises(ValueError, match="layout"):
+            Placement(2, 2, layout).validate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from numbers import Integral, Real
 from typing import Any, Sequence
 
 import numpy as np
@@ -137,6 +138,8 @@ class Placement:
         shares are >= 0 and sum to 1, and no shard holds more than slots_per_shard copies of a layer."""
         if self.num_shards < 1 or self.slots_per_shard < 1:
             raise ValueError("num_shards and slots_per_shard must be >= 1")
+        if not self.layout or not all(self.layout):
+            raise ValueError("layout must have >= 1 layer and >= 1 expert per layer")
         if len({len(row) for row in self.layout}) > 1:
             raise ValueError("layers have different numbers of experts")
         for l, row in enumerate(self.layout):
@@ -164,14 +167,43 @@ class Placement:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Placement:
-        """Inverse of to_dict; validates the result."""
-        try:
-            layout = tuple(
-                tuple(tuple((int(s), float(x)) for s, x in reps) for reps in row) for row in data["layout"]
-            )
-            out = cls(int(data["num_shards"]), int(data["slots_per_shard"]), layout, int(data.get("version", 0)))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"malformed placement dict: {exc!r}") from exc
+    def from_dict(cls, data: Any) -> Placement:
+        """Inverse of to_dict; validates the result. A malformed dict raises ValueError naming the field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a placement must be a dict, got {type(data).__name__}")
+        fields = {}
+        for name, low in (("num_shards", 1), ("slots_per_shard", 1), ("version", 0)):
+            value = data.get(name, 0 if name == "version" else None)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"placement {name} must be an int >= {low}, got {value!r}")
+            fields[name] = int(value)
+        out = cls(fields["num_shards"], fields["slots_per_shard"], _layout(data.get("layout")), fields["version"])
         out.validate()
         return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _layout(raw: Any) -> tuple[tuple[tuple[Replica, ...], ...], ...]:
+    """The layout of to_dict (layers of experts of [shard, share] pairs), each list non-empty; ValueError naming
+    the first bad entry, e.g. layout[0][3][1]."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"placement layout must be a non-empty list of layers, got {raw!r:.80}")
+    layers = []
+    for l, row in enumerate(raw):
+        if not isinstance(row, list) or not row:
+            raise ValueError(f"placement layout[{l}] must be a non-empty list of experts, got {row!r:.80}")
+        experts = []
+        for e, reps in enumerate(row):
+            if not isinstance(reps, list):
+                raise ValueError(f"placement layout[{l}][{e}] must be a list of [shard, share], got {reps!r:.80}")
+            for c, rep in enumerate(reps):
+                ok = isinstance(rep, (list, tuple)) and len(rep) == 2 and _is_int(rep[0])
+                if not ok or not isinstance(rep[1], Real) or isinstance(rep[1], bool):
+                    raise ValueError(f"placement layout[{l}][{e}][{c}] must be [shard (int), share (number)], "
+                                     f"got {rep!r:.80}")
+            experts.append(tuple((int(s), float(x)) for s, x in reps))
+        layers.append(tuple(experts))
+    return tuple(layers)
