@@ -270,3 +270,40 @@ def test_a_published_shard_retrying_registration_keeps_the_copies_gateways_route
             task.cancel()
 
     _with_shards(model, "ab", scenario)
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda rec: rec["registry"]["placement"].update(layout=[]),  # no layers: would route nothing, "complete"
+    lambda rec: rec["registry"]["placement"].pop("num_shards"),
+    lambda rec: rec["registry"]["shards"].append({"id": "x"}),  # a shard entry without its fields
+    lambda rec: rec.pop("registry"),
+])
+def test_a_record_that_cannot_be_restored_starts_the_controller_afresh(model, corrupt, caplog):
+    """A readable record this app wrote whose registry does not restore (a bad placement or shard entry) is ignored
+    with a warning, like an unreadable one: a controller that raised on it would be restarted by Serve into the same
+    record, for good. The fresh start numbers its versions above the recorded one where that is readable."""
+    import json
+
+    GcsRecord("default").clear()
+    args = _args(model)
+    ControllerImpl(args)
+    record = GcsRecord("default")
+    rec = record.load()
+    recorded = rec["registry"]["version"]
+    corrupt(rec)
+    record.save(rec)
+    ctrl = ControllerImpl(args)
+    assert not ctrl.recovering and ctrl.registry.placement.num_layers == 2 and not ctrl.registry.shards
+    assert ctrl.registry.version > (recorded if "registry" in rec else 0)
+    assert "record" in caplog.text
+    assert json.loads(json.dumps(GcsRecord("default").load()))["registry"]["placement"]["layout"]  # written anew
+    GcsRecord("default").clear()
+
+
+def test_a_record_that_is_not_a_json_object_is_ignored(model):
+    GcsRecord("default").clear()
+    GcsRecord("default").save([1, 2])
+    assert GcsRecord("default").load() is None
+    ctrl = ControllerImpl(_args(model))
+    assert not ctrl.recovering and ctrl.registry.version == 1
+    GcsRecord("default").clear()

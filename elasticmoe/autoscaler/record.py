@@ -31,10 +31,13 @@ class GcsRecord:
         if not raw:
             return None
         try:
-            return json.loads(raw)
+            doc = json.loads(raw)
         except ValueError:
+            doc = None
+        if not isinstance(doc, dict):  # not JSON, or not the object save() writes
             log.warning("ignoring an unreadable controller record under %s", self.key)
             return None
+        return doc
 
     def save(self, doc: dict) -> None:
         raw = json.dumps(doc, separators=(",", ":")).encode()

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from elasticmoe.autoscaler.policy import ScaleDecider
 from elasticmoe.autoscaler.registry import Registry
 from elasticmoe.placement import Placement
+
+log = logging.getLogger("elasticmoe.controller")
+
+
+def _recorded_version(rec: dict | None) -> int:
+    """The table version a record names, 0 when it has none readable."""
+    try:
+        return max(0, int(rec["registry"]["version"]))  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 class Recovery:
@@ -28,16 +39,25 @@ class Recovery:
 
     def _resume(self, rec: dict | None, n: int, copies: int) -> None:
         """The registry, shard count and operator override from the record when it is this app's (same args);
-        else `n` shards of an even placement (`copies` per expert), numbered above any recorded version."""
+        else `n` shards of an even placement (`copies` per expert), numbered above any recorded version. A record
+        that does not restore is ignored with a warning (raising would restart this controller into it for good)."""
         self.recovering = bool(rec and rec.get("args") == self.args_hash)
         if self.recovering:
-            self.registry = Registry.restore(rec["registry"], self.moe_layers)
-            self.desired = int(rec.get("desired", n))
-            if self.scale is not None and rec.get("override") is not None:
-                self.scale.override = int(rec["override"])  # the operator's count outlives a controller restart
-        else:
-            even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
-            self.registry = Registry(even, self.moe_layers, version=int(rec["registry"]["version"]) + 1 if rec else 1)
+            try:
+                self.registry = Registry.restore(rec["registry"], self.moe_layers)
+                desired = int(rec.get("desired", n))
+                override = rec.get("override")
+                override = None if override is None else int(override)
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("ignoring a controller record that does not restore: %r", e)
+                self.recovering = False
+            else:
+                self.desired = desired
+                if self.scale is not None and override is not None:
+                    self.scale.override = override  # the operator's count outlives a controller restart
+                return
+        even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
+        self.registry = Registry(even, self.moe_layers, version=_recorded_version(rec) + 1)
 
     async def _recover(self) -> None:
         """After a restart: the shards are the truth. Keep what they hold, reload what they lost, lose the dead.
