@@ -99,3 +99,21 @@ def test_a_failed_loads_rollback_keeps_copies_held_before_it(model):
             task.cancel()
 
     _with_shards(model, "ab", scenario)
+
+
+def test_the_channels_of_shards_that_left_are_let_go(model):
+    """Every shard address the controller called kept its gRPC channel for good: with scale out and in over new
+    addresses (a new pod, a new port) the channels grew without bound. Those of shards no longer registered go."""
+    async def scenario(files, a, b, *churn):
+        ctrl = await _quiet(model, a, b)
+        for s in churn:  # each joins (the placement grows onto it), then drains (scale in) and stops
+            await s.join(ctrl)
+            await ctrl.drain(s.shard_id)
+            s.server.stop(None)
+        await ctrl._health_once()  # calls every registered shard
+        assert set(ctrl._stubs) <= {a.address, b.address, churn[-1].address}
+        assert (await ctrl.table())["complete"]
+        for task in ctrl._tasks:
+            task.cancel()
+
+    _with_shards(model, "abcdef", scenario)

@@ -52,6 +52,10 @@ class Mover:
         if self.renewal.changed():
             self._stubs.clear()
         if address not in self._stubs:
+            # a new address: the channels of shards no longer registered go (closed when collected), so scale out
+            # and in over new addresses keeps at most the registered shards' and those that left since the last one
+            kept = {s.address for s in self.registry.shards.values()}
+            self._stubs = {a: stub for a, stub in self._stubs.items() if a in kept}
             ch = tls.channel(address, channel_options(), insecure=self.insecure, aio=True)
             self._stubs[address] = pb_grpc.ExpertShardStub(ch)
         return self._stubs[address]
