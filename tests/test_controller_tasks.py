@@ -117,3 +117,19 @@ def test_the_channels_of_shards_that_left_are_let_go(model):
             task.cancel()
 
     _with_shards(model, "abcdef", scenario)
+
+
+def test_gateways_gone_quiet_are_forgotten(model, monkeypatch):
+    """Every gateway id that ever polled kept its ack entry: gateway replicas coming and going (their autoscaling)
+    grew the controller's acks without bound. One silent for GATEWAY_TTL_S (no longer waited for) is forgotten."""
+    monkeypatch.setattr(moves, "GATEWAY_TTL_S", 0.1)
+
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a, b)
+        for g in ("g1", "g2", "g3"):
+            await ctrl.table(-1, g)
+        await asyncio.sleep(0.2)
+        await ctrl.table(-1, "g4")
+        assert set(ctrl.acks) == {"g4"}
+
+    _with_shards(model, "ab", scenario)

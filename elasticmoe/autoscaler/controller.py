@@ -194,7 +194,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
         if known_epoch is not None and known_epoch != self.epoch:
             known_version = -1
         if gateway_id is not None:
-            self.acks[gateway_id] = (known_version, time.monotonic())
+            self._ack(gateway_id, known_version)
         deadline = time.monotonic() + min(max(0.0, wait_s), TABLE_WAIT_MAX_S)
         while known_version == self.registry.version and time.monotonic() < deadline:
             await asyncio.sleep(TABLE_CHECK_S)

@@ -83,6 +83,12 @@ class Mover:
         del self.events[:-500]
         log.info("%s %s", kind, kw)
 
+    def _ack(self, gateway_id: str, version: int) -> None:
+        """A gateway runs `version`; those silent for GATEWAY_TTL_S (not waited for, not shown) are forgotten."""
+        now = time.monotonic()
+        self.acks = {g: (v, t) for g, (v, t) in self.acks.items() if now - t < GATEWAY_TTL_S}
+        self.acks[gateway_id] = (version, now)
+
     # ----- probes
     async def _alive(self, address: str, shard_id: str, timeout: float = 2.0) -> bool:
         """Health answered twice in a row by no one, or by another shard on a reused port: dead."""
