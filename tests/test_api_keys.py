@@ -191,3 +191,39 @@ def test_python_client_sends_the_key(grpc_address):
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         client.close()
+
+
+# ----- keys no header can carry
+BAD = "sk-cl\u00e9-0123456789abcdef"  # HTTP sends header bytes, read as latin-1: this key could never match
+
+
+def test_keys_no_header_can_carry_are_refused_at_startup(tmp_path):
+    with pytest.raises(ValueError, match=f"{ENV_KEYS}: .*printable ASCII"):
+        ApiKeys.from_args(AppArgs(model="tiny:mixtral"), environ={ENV_KEYS: f"{KEY},{BAD}"})
+    with pytest.raises(ValueError, match="printable ASCII"):
+        ApiKeys([BAD])
+    f = tmp_path / "keys"
+    f.write_text(f"{KEY}\n{BAD}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{f}:2: .*printable ASCII") as e:
+        ApiKeys(file=f)
+    assert BAD not in str(e.value) and KEY not in str(e.value)  # a key never reaches a log
+
+
+def test_a_rotated_key_no_header_can_carry_is_dropped_and_logged(tmp_path, monkeypatch, caplog):
+    import elasticmoe.gateway.auth as auth
+
+    monkeypatch.setattr(auth, "RELOAD_S", 0.0)
+    f = tmp_path / "keys"
+    f.write_text(KEY + "\n")
+    keys = ApiKeys(file=f)
+    f.write_text(f"{OTHER}\n{BAD}\n", encoding="utf-8")
+    keys.check(f"Bearer {OTHER}")  # the good keys of the file still admit
+    with pytest.raises(Unauthenticated):
+        keys.check(f"Bearer {BAD}")
+    assert f"{f}:2" in caplog.text and BAD not in caplog.text
+
+
+def test_http_non_ascii_authorization_is_401(core):
+    http = TestClient(build_openai_app(core))
+    r = http.get("/v1/models", headers={"Authorization": f"Bearer {BAD}".encode("utf-8")})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

@@ -27,10 +27,27 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
-def _split(text: str) -> list[str]:
-    """Keys separated by commas, spaces or newlines; a line starting with # is a comment."""
-    lines = (line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    return [k for line in lines for k in line.replace(",", " ").split()]
+def _carried(key: str, where: str) -> str:
+    """`key`, unless no Authorization header can carry it (not printable ASCII: HTTP reads header bytes as latin-1,
+    gRPC metadata is ASCII), so it would never match: ValueError naming `where` (never the key)."""
+    if key.isascii() and key.isprintable():
+        return key
+    raise ValueError(f"{where}: an API key must be printable ASCII (no header can carry other characters)")
+
+
+def _split(text: str, where: str | Path, strict: bool = True) -> list[str]:
+    """Keys separated by commas, spaces or newlines; a line starting with # is a comment. A key no header can carry
+    (_carried) raises ValueError naming `where` (a file: and its line), or, not `strict`, is logged and left out."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for k in [] if line.lstrip().startswith("#") else line.replace(",", " ").split():
+            try:
+                out.append(_carried(k, f"{where}:{n}" if isinstance(where, Path) else str(where)))
+            except ValueError as e:
+                if strict:
+                    raise
+                log.error("API keys: %s; that key is left out", e)
+    return out
 
 
 class ApiKeys:
@@ -39,32 +56,33 @@ class ApiKeys:
     cannot be read admits no one (fails closed)."""
 
     def __init__(self, keys: Iterable[str] = (), file: str | Path | None = None):
-        self._static = {_digest(k) for k in keys}
+        self._static = {_digest(_carried(k, "api_keys")) for k in keys}
         self.file = Path(file) if file else None
         self._from_file: set[bytes] = set()
         self._stamp: tuple[float, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
         if self.file is not None:
-            self._reload()
+            self._reload(strict=True)
 
     @classmethod
     def from_args(cls, args: Any, environ: dict[str, str] | None = None) -> "ApiKeys":
         """AppArgs.api_keys + ELASTICMOE_API_KEYS; AppArgs.api_keys_file, else ELASTICMOE_API_KEYS_FILE."""
         env = os.environ if environ is None else environ
-        keys = list(getattr(args, "api_keys", None) or []) + _split(env.get(ENV_KEYS, ""))
+        keys = list(getattr(args, "api_keys", None) or []) + _split(env.get(ENV_KEYS, ""), ENV_KEYS)
         return cls(keys, getattr(args, "api_keys_file", None) or env.get(ENV_KEYS_FILE) or None)
 
     @property
     def enabled(self) -> bool:
         return bool(self._static) or self.file is not None
 
-    def _reload(self) -> None:
+    def _reload(self, strict: bool = False) -> None:
+        """Re-read the file if it changed; `strict` (at startup): a key no header can carry raises ValueError."""
         try:
             st = self.file.stat()
             stamp = (st.st_mtime, st.st_size)
             if stamp != self._stamp:
-                self._from_file = {_digest(k) for k in _split(self.file.read_text())}
+                self._from_file = {_digest(k) for k in _split(self.file.read_text(), self.file, strict)}
                 self._stamp = stamp
                 if not self._from_file:
                     log.warning("API keys: %s holds no key; every request is refused", self.file)
