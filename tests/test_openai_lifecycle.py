@@ -128,3 +128,27 @@ def test_a_request_with_n_choices_refused_by_the_engine_counts_once(model, strea
     finally:
         server.stop()
         core.runner.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_a_client_gone_while_sending_its_body_is_a_499_not_a_server_error(model, path, caplog):  # noqa: F811
+    """The client leaves half-way through its body: counted once as a 499 (as a client gone later is), no error
+    logged as a server bug, nothing raised to the server."""
+    core = Core(*model, max_num_seqs=4, max_model_len=128)
+    body = json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": 4}).encode()
+    messages = [{"type": "http.request", "body": body[:7], "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else await asyncio.Event().wait()
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    try:
+        asyncio.run(build_openai_app(core)(_scope(path, body, "2.3"), receive, send))
+        assert sent[0]["status"] == 499 and "client_disconnected" in sent[1]["body"].decode()
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+        assert core.metrics.errors == {"499": 1} and core.metrics.requests == {("http", "error"): 1}
+    finally:
+        core.runner.close()

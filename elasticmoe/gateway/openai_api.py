@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.config import served_name
@@ -44,7 +45,8 @@ def _validator(core: Any) -> Validator:
 
 
 async def read_request(request: Request, model: type[BaseRequest], core: Any) -> BaseRequest:
-    """The body as `model`: 413 above max_body_bytes (read no further), 400 naming the field otherwise."""
+    """The body as `model`: 413 above max_body_bytes (read no further), 400 naming the field otherwise, 499 when
+    the client leaves before it has sent it all (counted as a client gone later is, not a server error)."""
     try:
         return await _read(request, model, _validator(core))
     except InvalidRequest as e:
@@ -60,11 +62,14 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
     if length is not None and (not length.isdigit() or int(length) > cap):
         raise ApiError(413, f"the request body is over the limit of {cap} bytes", param=None)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise ApiError(413, f"the request body is over the limit of {cap} bytes", param=None)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise ApiError(413, f"the request body is over the limit of {cap} bytes", param=None)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(499, "the client disconnected", "client_disconnected") from None
     obj = parse_body(b"".join(chunks), check.limits.max_json_depth)
     try:
         return model.model_validate(obj)
