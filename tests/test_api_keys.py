@@ -227,3 +227,14 @@ def test_http_non_ascii_authorization_is_401(core):
     http = TestClient(build_openai_app(core))
     r = http.get("/v1/models", headers={"Authorization": f"Bearer {BAD}".encode("utf-8")})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("env", [{ENV_KEYS: ""}, {ENV_KEYS: " , \n"}, {ENV_KEYS: "# no key yet"}, {ENV_KEYS_FILE: ""}])
+def test_a_key_variable_set_without_a_key_does_not_open_the_api(env):
+    """docs/DEPLOY.md: the proxies answer without a key unless ELASTICMOE_API_KEYS is set; set but holding no key
+    (an unset shell variable expanded into it, say) refuses to start rather than serve everyone."""
+    with pytest.raises(ValueError, match=f"{next(iter(env))} is set but holds no key"):
+        ApiKeys.from_args(AppArgs(model="tiny:mixtral"), environ=env)
+    keys = ApiKeys.from_args(AppArgs(model="tiny:mixtral", api_keys=[KEY]), environ=env)  # the args hold one
+    keys.check(f"Bearer {KEY}")
+    assert not ApiKeys.from_args(AppArgs(model="tiny:mixtral"), environ={}).enabled  # unset: no keys, open

@@ -67,10 +67,16 @@ class ApiKeys:
 
     @classmethod
     def from_args(cls, args: Any, environ: dict[str, str] | None = None) -> "ApiKeys":
-        """AppArgs.api_keys + ELASTICMOE_API_KEYS; AppArgs.api_keys_file, else ELASTICMOE_API_KEYS_FILE."""
+        """AppArgs.api_keys + ELASTICMOE_API_KEYS; AppArgs.api_keys_file, else ELASTICMOE_API_KEYS_FILE. Either
+        variable set but holding no key (an unset shell variable expanded into it) while nothing else gives one is a
+        ValueError: set means keys are wanted, so it never opens the API to everyone."""
         env = os.environ if environ is None else environ
         keys = list(getattr(args, "api_keys", None) or []) + _split(env.get(ENV_KEYS, ""), ENV_KEYS)
-        return cls(keys, getattr(args, "api_keys_file", None) or env.get(ENV_KEYS_FILE) or None)
+        out = cls(keys, getattr(args, "api_keys_file", None) or env.get(ENV_KEYS_FILE) or None)
+        for name in (ENV_KEYS, ENV_KEYS_FILE):
+            if name in env and not out.enabled:
+                raise ValueError(f"{name} is set but holds no key; give it one, or unset it to serve without keys")
+        return out
 
     @property
     def enabled(self) -> bool:
