@@ -271,3 +271,22 @@ def test_benchmark_routing_bytes_and_grouped_mm_baseline():
             {"model": "m", "tokens": 256, "impl": "torch._grouped_mm-only", "us": 9.0}]
     summary = bench.summarize(rows)
     assert summary[0]["bw_ok"] and not summary[1]["grouped_ok"] and summary[1]["vs_grouped_mm"] == 0.9
+
+
+@pytest.mark.parametrize("bad", [{"BLOCK_M": 48}, {"BLOCK_K": 8}, {"GROUP_M": 0}, {"num_warps": 3},
+                                 {"num_stages": 0}, {"BLOCK_N": 0}])
+def test_tuned_table_refuses_tiles_a_gpu_cannot_compile(bad, monkeypatch, tmp_path, request):
+    """A hand-edited table's tiles went to the kernels as they were: the interpreter runs BLOCK_K 8 (a GPU's
+    tl.dot refuses K < 16) and GROUP_M 0 (garbage: _tile_ids divides by it); non-powers of two fail in Triton's
+    compiler. Such a table is now refused at lookup, naming the file and the key."""
+    request.addfinalizer(tuning.clear_cache)
+    monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(tmp_path))
+    name = tuning.config_file_name(8, 24, 40, torch.float32, "cpu")
+    (tmp_path / name).write_text(json.dumps({"7": dict(SMALL_TILES, **bad)}))
+    tuning.clear_cache()
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=re.escape(name) + f".*{key}"):
+        tuning.get_config(8, 24, 40, torch.float32, 3, torch.device("cpu"))
+    (tmp_path / name).write_text(json.dumps({"7": SMALL_TILES}))  # the same table, well formed: used
+    tuning.clear_cache()
+    assert tuning.get_config(8, 24, 40, torch.float32, 3, torch.device("cpu"))["GROUP_M"] == SMALL_TILES["GROUP_M"]

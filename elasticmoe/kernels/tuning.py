@@ -83,10 +83,18 @@ def load_table(path: str) -> dict[int, dict] | None:
 
 
 def _validated(cfg: dict, file: Path) -> dict:
+    """The entry's CONFIG_KEYS as ints; ValueError naming the file and key unless a GPU can compile the tiles:
+    BLOCK_* powers of two >= 16 (tl.arange, tl.dot), num_warps a power of two, GROUP_M and num_stages >= 1."""
     missing = [key for key in CONFIG_KEYS if key not in cfg]
     if missing:
         raise ValueError(f"{file}: config {cfg} lacks {missing}")
-    return {key: int(cfg[key]) for key in CONFIG_KEYS}
+    out = {key: int(cfg[key]) for key in CONFIG_KEYS}
+    for key, val in out.items():
+        tile = key.startswith("BLOCK_")
+        if (tile or key == "num_warps") and not (_is_pow2(val) and val >= (16 if tile else 1)) or val < 1:
+            need = "a power of two >= 16" if tile else "a power of two" if key == "num_warps" else ">= 1"
+            raise ValueError(f"{file}: config {cfg}: {key} must be {need}, got {val}")
+    return out
 
 
 def nearest(table: dict[int, dict], num_tokens: int) -> dict:
