@@ -103,3 +103,17 @@ def test_env_switch_disables_kernel():
     code = "from elasticmoe.kernels import cpu_gemm; print(cpu_gemm.available())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_kernel
+def test_unloadable_cached_library_is_built_again(monkeypatch, tmp_path):
+    """A cached .so that does not load (here truncated; also one built against another libc on a shared cache)
+    made every call of the CPU MoE path raise OSError; it is now compiled again, and the kernel used."""
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path))
+    cached = cpu_gemm._build()
+    cached.write_bytes(b"\x7fELF")
+    monkeypatch.setattr(cpu_gemm, "_lib", None)
+    assert cpu_gemm.available()
+    assert cached.stat().st_size > 1000  # rebuilt in place
+    x, w = torch.randn(3, 24), torch.randn(10, 24)
+    assert rel_err(cpu_gemm.linear(x, w), x.double() @ w.double().T) < 1e-5

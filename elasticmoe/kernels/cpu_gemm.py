@@ -44,8 +44,8 @@ def _cache_dir() -> Path:
     return root / "cpu_gemm"
 
 
-def _build() -> Path | None:
-    """Compile cpu_gemm.c into the cache (once per source + flags); returns the .so path or None."""
+def _build(again: bool = False) -> Path | None:
+    """Compile cpu_gemm.c into the cache (once per source + flags, or again); returns the .so path or None."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
@@ -55,7 +55,7 @@ def _build() -> Path | None:
         return None
     tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_gemm-{tag}.so"
-    if out.exists():
+    if out.exists() and not again:
         return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,11 +79,21 @@ def _open() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64") or not _cpu_has_avx2_fma():
         return None
     path = _build()
-    if path is None:
+    lib = _dlopen(path) if path else None
+    if lib is None and path:  # a cached .so that does not load (truncated, another libc's): compile it again
+        path = _build(again=True)
+        lib = _dlopen(path) if path else None
+    return lib
+
+
+def _dlopen(path: Path) -> ctypes.CDLL | None:
+    """Load the built kernel and declare its symbols; None when the file does not load or lacks one."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        fns = [getattr(lib, name) for name in _SYMBOLS.values()]
+    except (OSError, AttributeError):
         return None
-    lib = ctypes.CDLL(str(path))
-    for name in _SYMBOLS.values():
-        fn = getattr(lib, name)
+    for fn in fns:
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
     return lib
