@@ -117,3 +117,14 @@ def test_unloadable_cached_library_is_built_again(monkeypatch, tmp_path):
     assert cached.stat().st_size > 1000  # rebuilt in place
     x, w = torch.randn(3, 24), torch.randn(10, 24)
     assert rel_err(cpu_gemm.linear(x, w), x.double() @ w.double().T) < 1e-5
+
+
+@needs_kernel
+def test_cc_with_arguments_builds_the_kernel(tmp_path):
+    """CC holding a command line ("gcc -m64", "ccache cc": the make / autoconf convention) was run as one file
+    name, failed, and left the process on torch silently; it is now split like a shell would."""
+    cc = subprocess.run(["sh", "-c", "command -v cc || command -v gcc"], capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ, CC=f"{cc} -m64", ELASTICMOE_CACHE=str(tmp_path))
+    code = "from elasticmoe.kernels import cpu_gemm; print(cpu_gemm.available())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

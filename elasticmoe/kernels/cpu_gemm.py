@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -46,8 +47,11 @@ def _cache_dir() -> Path:
 
 def _build(again: bool = False) -> Path | None:
     """Compile cpu_gemm.c into the cache (once per source + flags, or again); returns the .so path or None."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+    try:  # CC may hold a command line ("ccache cc", "gcc -m64")
+        cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]
+    except ValueError:  # unbalanced quotes
+        return None
+    if cc[0] is None:
         return None
     try:
         src = _SRC.read_bytes()  # absent from an install that lost its package data: fall back to torch
@@ -64,7 +68,7 @@ def _build(again: bool = False) -> Path | None:
     except OSError:  # read-only or missing cache directory
         return None
     try:
-        subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC)], check=True, capture_output=True, timeout=120)
+        subprocess.run([*cc, *_FLAGS, "-o", tmp, str(_SRC)], check=True, capture_output=True, timeout=120)
         os.replace(tmp, out)  # atomic: concurrent builders (several shards on one node) all succeed
     except (OSError, subprocess.SubprocessError):
         Path(tmp).unlink(missing_ok=True)
