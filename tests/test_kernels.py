@@ -28,6 +28,18 @@ def test_torch_path_matches_float64_loop(case, strategy):
     assert rel_err(out, ref) <= TOL_FP32
 
 
+@pytest.mark.parametrize("strategy", ["auto", "bmm", "grouped", "segment"])
+@pytest.mark.parametrize("hidden,inter,dtype", [(7, 5, torch.float32), (36, 20, torch.bfloat16), (1, 2, torch.float16)])
+def test_torch_strategies_take_sizes_off_16_bytes(strategy, hidden, inter, dtype):
+    """grouped_mm needs 16-byte row strides: "grouped" raised RuntimeError for H or I not a multiple of 16 bytes
+    (fp32 H=7, bf16 H=36); it now runs those shapes as "segment" does (the same numbers)."""
+    x, w13, w2, ids, weights = make_inputs(33, 4, 2, "skip", hidden=hidden, inter=inter)
+    ref = fused_moe_reference(x.to(dtype).float(), w13.to(dtype).float(), w2.to(dtype).float(), ids, weights)
+    out = torch_moe.fused_moe_torch(x.to(dtype), w13.to(dtype), w2.to(dtype), ids, weights, strategy=strategy)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) <= (TOL_FP32 if dtype == torch.float32 else 2e-2)
+
+
 def test_public_api_torch_backend_int32_ids_and_low_precision_weights():
     x, w13, w2, ids, weights = make_inputs(37, 8, 2, "skip")
     ref = fused_moe_reference(x, w13, w2, ids, weights)

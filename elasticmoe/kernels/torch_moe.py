@@ -3,7 +3,8 @@
 Three strategies (all numerically equivalent up to rounding):
   * "bmm":     gather the selected experts' weights and run two batched mat-vecs. No sort, no host sync.
   * "grouped": `torch.nn.functional.grouped_mm` over expert-sorted rows (CPU only here: on CUDA it is
-               bf16/sm80+ only). No host sync and no per-expert Python loop.
+               bf16/sm80+ only). No host sync and no per-expert Python loop. Where H or I is not a multiple of
+               16 bytes (grouped_mm refuses the strides), "segment" runs instead.
   * "segment": one `mm` pair per non-empty expert segment; a single `.tolist()` of segment counts is
                the only host sync. Works everywhere (CPU/CUDA, every float dtype). On CPU with the skinny
                AVX2 kernel (cpu_gemm.c) built, all segments of bf16/fp16 experts and the fp32 segments of
@@ -47,9 +48,18 @@ def pick_strategy(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num
         return "bmm"
     dense_enough = num_pairs >= GROUPED_MIN_PAIRS_PER_EXPERT * w13.shape[0]
     short_segments = num_pairs <= 8 * w13.shape[0]  # about 8 rows per expert or fewer
-    if hidden.device.type == "cpu" and _HAS_GROUPED_MM and dense_enough and not short_segments:
+    if hidden.device.type == "cpu" and grouped_fits(w13, w2) and dense_enough and not short_segments:
         return "grouped"
     return "segment"
+
+
+def grouped_fits(w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether grouped_mm takes these weights [E, 2I, H] / [E, H, I]: its operands (the weights and the [M, H] /
+    [M, I] rows) need 16-byte-aligned row strides and base addresses."""
+    elem = w13.element_size()
+    steps = (w13.shape[2], w2.shape[2], *w13.stride(), *w2.stride())
+    return (_HAS_GROUPED_MM and all(step == 1 or step * elem % 16 == 0 for step in steps)
+            and w13.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0)
 
 
 def fused_moe_torch(
@@ -72,6 +82,8 @@ def fused_moe_torch(
     x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
     if strategy == "auto":
         strategy = "segment" if x.device.type == "cpu" else pick_strategy(x, w13, w2, topk_ids.numel())
+    if strategy == "grouped" and not grouped_fits(w13, w2):  # sizes off 16 bytes: the same sums per segment
+        strategy = "segment"
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     if strategy == "bmm":
         out = _moe_bmm(x, w13, w2, topk_ids, topk_weights, acc)
