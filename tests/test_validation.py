@@ -198,6 +198,15 @@ def test_the_offline_llm_uses_the_same_checks(llm):
     assert out[0].token_ids == ref[0].token_ids
 
 
+def test_an_offline_text_prompt_over_the_token_limit_names_prompt(llm):
+    """A text prompt within the byte limit but over the token limit: the error names `prompt` (what the caller
+    passed), as the gRPC front door does, not prompt_token_ids."""
+    limit = llm.engine.validator.max_prompt_tokens
+    with pytest.raises(InvalidRequest) as e:
+        llm.generate(["word " * (limit + 8)], SamplingParams(max_tokens=2))
+    assert e.value.field == "prompt" and f"the limit is {limit}" in str(e.value)
+
+
 def test_a_greedy_row_with_non_finite_logits_fails_alone():
     """A NaN or +inf in a greedy row's logits (a numerical fault upstream) ends that row's request with an error,
     as a sampled row's does, instead of argmax picking the NaN's index; the other rows keep their tokens."""

@@ -76,7 +76,9 @@ class LLM:
         if len(plist) != len(prompts):
             raise ValueError(f"sampling_params: {len(plist)} given for {len(prompts)} prompts")
         check = self.engine.validator
-        ids = [check.encode(self.tokenizer, p) if isinstance(p, str) else check.prompt_ids(p) for p in prompts]
+        # a text prompt over the token limit names `prompt` (what the caller passed), as the gRPC door does
+        ids = [check.prompt_ids(check.encode(self.tokenizer, p), "prompt") if isinstance(p, str)
+               else check.prompt_ids(p) for p in prompts]
         if sampling_params is None and "max_tokens" in self.engine.generation_defaults:  # within the context left
             room = [max(1, self.engine.max_model_len - len(t)) for t in ids]
             plist = [replace(p, max_tokens=min(p.max_tokens, r)) for p, r in zip(plist, room)]
