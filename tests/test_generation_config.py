@@ -39,6 +39,17 @@ def test_a_float_top_k_is_taken_as_the_integer_it_is(checkpoint, tmp_path):
     assert (params.top_k, params.temperature) == (20, 0.6)
 
 
+def test_default_max_tokens_without_a_generation_config_value_is_cut_to_the_context(checkpoint):
+    """Without sampling_params and without max_new_tokens in generation_config.json, `generate` took
+    SamplingParams()'s 16 uncut: a prompt within the context but 16 tokens short of its end was refused naming
+    max_tokens, a field the caller never set (the gRPC door cuts its unset default, vLLM's LLM does not refuse).
+    The default is now cut to the context the prompt leaves, as README documents for the checkpoint's value."""
+    short = LLM(str(checkpoint), max_model_len=8)
+    assert "max_tokens" not in short.engine.generation_defaults
+    ids = short.encode("Once upon a time, the expert said")[:6]
+    [o] = short.generate([ids])
+    assert len(o.token_ids) <= 2 and o.finish_reason in ("length", "eos")
+
 def test_max_new_tokens_is_the_default_max_tokens_as_in_vllm(checkpoint, tmp_path):
     """vLLM takes generation_config.json's max_new_tokens as the default max_tokens; it was ignored (16 tokens
     offline and on /v1/completions, the whole context on chat). Offline without sampling_params: max_tokens 5,

@@ -58,7 +58,7 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """As vLLM's: SamplingParams() with the checkpoint's generation_config.json values (temperature, top_p,
         top_k, repetition_penalty, min_p, and max_new_tokens as max_tokens) where it has them; what `generate`
-        uses when given no params (there a max_new_tokens beyond the context left is cut to it, as in vLLM)."""
+        uses when given no params (there a max_tokens beyond the context left is cut to it, as in vLLM)."""
         d = dict(self.engine.generation_defaults)
         if d.get("top_k") == -1:  # transformers' and vLLM's "off"
             d["top_k"] = 0
@@ -79,7 +79,7 @@ class LLM:
         # a text prompt over the token limit names `prompt` (what the caller passed), as the gRPC door does
         ids = [check.prompt_ids(check.encode(self.tokenizer, p), "prompt") if isinstance(p, str)
                else check.prompt_ids(p) for p in prompts]
-        if sampling_params is None and "max_tokens" in self.engine.generation_defaults:  # within the context left
+        if sampling_params is None:  # the default max_tokens (the checkpoint's or 16) within the context left
             room = [max(1, self.engine.max_model_len - len(t)) for t in ids]
             plist = [replace(p, max_tokens=min(p.max_tokens, r)) for p, r in zip(plist, room)]
         for toks, p in zip(ids, plist):  # validate all before queueing any
