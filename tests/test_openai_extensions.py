@@ -237,7 +237,7 @@ def test_tokenize_honours_add_special_tokens(bos_served):
 
 
 def test_generation_config_supplies_defaults_and_eos_ids(demo):
-    from elasticmoe.engine.engine import generation_config
+    from elasticmoe.engine.checkpoint_defaults import generation_config
 
     defaults, eos = generation_config(demo[0])
     assert defaults == {} and eos == {2, 4}  # </s> and <|im_end|>: chat answers end on the latter

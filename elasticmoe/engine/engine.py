@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from elasticmoe.engine.checkpoint_defaults import generation_config, load_tokenizer
 from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence, Status
@@ -22,40 +23,6 @@ from elasticmoe.model.pipeline import micro_batch_count, split_even
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts of a step whose experts were unavailable
-
-
-def load_tokenizer(path: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p", "max_new_tokens")
-
-
-def generation_config(path: Any) -> tuple[dict[str, Any], set[int]]:
-    """The checkpoint's generation_config.json: (its sampling defaults, as vLLM takes them, and its EOS ids);
-    max_new_tokens becomes max_tokens, as in vLLM."""
-    import json
-    from pathlib import Path
-
-    f = Path(path) / "generation_config.json"
-    if not f.is_file():
-        return {}, set()
-    try:
-        raw = json.loads(f.read_text())
-    except ValueError:
-        log.warning("%s is not valid JSON; ignored", f)
-        return {}, set()
-    eos = raw.get("eos_token_id")
-    eos_ids = {int(t) for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)}
-    out = {k: raw[k] for k in GENERATION_DEFAULT_KEYS if isinstance(raw.get(k), (int, float))}
-    for k in ("top_k", "max_new_tokens"):
-        if isinstance(out.get(k), float) and out[k].is_integer():  # e.g. top_k 20.0, as some checkpoints write it
-            out[k] = int(out[k])
-    if "max_new_tokens" in out:
-        out["max_tokens"] = out.pop("max_new_tokens")
-    return out, eos_ids
 
 
 class Engine:
