@@ -251,3 +251,14 @@ def test_app_args_refuse_nan_and_infinity(args, field):
 
     with pytest.raises(ValidationError, match=re.escape(field)):
         AppArgs.model_validate({"model": "m", **args})
+
+
+def test_request_ids_with_control_characters_are_refused():
+    """A request id is written to the gateway's log: a newline or other control character in it would let a client
+    forge log lines, so it is refused naming request_id; printable Unicode passes."""
+    v = Validator(vocab_size=100, max_model_len=32)
+    for rid in ["a\nERROR forged", "a\rb", "tab\there", "nul\x00", "esc\x1b[31m", "del\x7f", "line\u2028sep"]:
+        with pytest.raises(InvalidRequest) as e:
+            v.request_id(rid)
+        assert e.value.field == "request_id" and "control" in str(e.value), (rid, e.value)
+    assert v.request_id("req-42 übung 例") == "req-42 übung 例"

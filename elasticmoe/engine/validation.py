@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any
+
+_UNPRINTED = {"Cc", "Cf", "Zl", "Zp"}  # control, format (bidi overrides), line and paragraph separators
 
 GREEDY_BELOW = 1e-5  # a temperature below this means greedy, as in vLLM
 FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32: 0 < temperature below it underflows logits / t
@@ -154,7 +157,11 @@ class Validator:
         self.max_prompt_tokens = min(lim, max_model_len - 1) if lim is not None else max_model_len - 1
 
     def request_id(self, rid: Any) -> str:
-        return check_text("request_id", rid, max_chars=self.limits.max_request_id_len)
+        """Printable text: the id goes into the gateway's log, where a newline would forge a line."""
+        check_text("request_id", rid, max_chars=self.limits.max_request_id_len)
+        if not rid.isprintable() and any(unicodedata.category(c) in _UNPRINTED for c in rid):
+            raise InvalidRequest("request_id", "control characters (newlines, tabs, escapes, bidi overrides) are not allowed")
+        return rid
 
     def prompt_text(self, prompt: Any, name: str = "prompt") -> str:
         """Before tokenizing: a non-empty string of valid Unicode within max_prompt_bytes."""
