@@ -170,3 +170,16 @@ def test_the_first_decision_is_not_held_by_the_cool_down():
 
     decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=time.monotonic() + 3600)
     assert decide.desired(2, [1.0, 1.0]) == 4
+
+
+def test_an_override_change_starts_the_cool_down():
+    """An operator's override that moved the count is a change like any other: once cleared, the automatic
+    decision waits out the cool-down instead of undoing it on the next round."""
+    from elasticmoe.autoscaler.policy import ScaleDecider
+
+    decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=3600, override=4)
+    assert decide.desired(2, [0.1, 0.1]) == 4  # the operator asks for 4
+    decide.override = None
+    assert decide.desired(4, [0.1] * 4) == 4  # idle, but within the cool-down of the operator's change
+    decide.cooldown_s = 0.0
+    assert decide.desired(4, [0.1] * 4) == 3

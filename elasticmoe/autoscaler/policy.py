@@ -64,8 +64,11 @@ class ScaleDecider:
 
     def desired(self, current: int, utilization: list[float]) -> int:
         lo, hi = self.min_shards, self.max_shards
-        if self.override is not None:
-            return max(lo, min(hi, self.override))
+        if self.override is not None:  # the operator's change starts the cool-down like any other
+            want = max(lo, min(hi, self.override))
+            if want != current:
+                self._last_change = time.monotonic()
+            return want
         if not utilization or time.monotonic() - self._last_change < self.cooldown_s:
             return max(lo, min(hi, current))
         work = sum(utilization)  # busy shards' worth of compute on the live shards
