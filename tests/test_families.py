@@ -117,9 +117,11 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
                 model.lm_head.bias[: len(SPECIAL_TOKENS)] = 0
 
 
-def make_family_checkpoint(model_type: str, out: Path, case: tuple | None = None, **overrides) -> Path:
+def make_family_checkpoint(model_type: str, out: Path, case: tuple | None = None, packed: bool = False,
+                           **overrides) -> Path:
     """A tiny random checkpoint of `model_type` (its FAMILY_CASES row, or `case`), written by transformers'
-    save_pretrained (3 layers, 8 experts)."""
+    save_pretrained (3 layers, 8 experts): in the hub's per-expert layout, or with `packed` in transformers'
+    in-memory names and packed experts (save_original_format=False)."""
     cls_name, fields, _ = case or FAMILY_CASES[model_type]
     tok = make_tokenizer(512)
     common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -136,7 +138,7 @@ def make_family_checkpoint(model_type: str, out: Path, case: tuple | None = None
     except ValueError:  # Mistral 4: a causal LM outside the Auto mapping
         model = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))._from_config(cfg, dtype=torch.float32)
     _perturb(model)
-    model.save_pretrained(out)
+    model.save_pretrained(out, save_original_format=not packed)
     tok.save_pretrained(out)
     return out
 
@@ -182,6 +184,18 @@ def _assert_matches(llm, ref_path: Path, model_type: str) -> None:
     assert _rel(llm.logits(ids), theirs) < 1e-4
     out = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
     assert out.token_ids == want and len(want) == 24
+
+
+def test_ernie_in_transformers_packed_layout_matches(tmp_path):
+    """Ernie 4.5 written with transformers' in-memory names keeps its correction bias under
+    mlp.gate.moe_statics (mlp.moe_statics on the hub): it loads, bias used, and matches transformers."""
+    from elasticmoe import LLM
+
+    ck = make_family_checkpoint("ernie4_5_moe", tmp_path / "e", packed=True)
+    llm = LLM(str(ck), dtype="float32")
+    assert llm.files.names.packed
+    assert all(layer.router_bias is not None for layer in llm.engine.model.layers if layer.sparse)
+    _assert_matches(llm, ck, "ernie4_5_moe")
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -23,7 +23,8 @@ _PACKED_EXTRA = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down
 _PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight")
 _ROUTER_BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "router.e_score_correction_bias",
-                  "expert_bias", "moe_statics.e_score_correction_bias")
+                  "expert_bias", "moe_statics.e_score_correction_bias",
+                  "gate.moe_statics.e_score_correction_bias")  # Ernie 4.5: hub, then transformers' in-memory name
 _SHARED = ("shared_expert", "shared_experts", "shared_mlp")
 ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
     "q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
