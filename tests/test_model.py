@@ -164,10 +164,32 @@ def test_tensor_of_the_index_missing_from_its_shard_names_both(tmp_path):
         open_model(str(sharded))
 
 
+@pytest.fixture(scope="module")
+def sharded_mixtral(tmp_path_factory):
+    return make_tiny_model("mixtral", tmp_path_factory.mktemp("sh") / "m", layers=2, experts=4, max_shard_size="100KB")
+
+
+@pytest.mark.parametrize("where", [3, "/etc/hostname", "../model.safetensors", ".", ""])
+def test_index_placing_a_tensor_outside_the_checkpoint_names_the_index(tmp_path, sharded_mixtral, where):
+    """An index entry that is no file name of the checkpoint directory (a number, an absolute path, a path out of
+    it, the directory itself) fails naming the index and the tensor, not a TypeError / IsADirectoryError, and
+    never reads a file outside the checkpoint."""
+    bad = shutil.copytree(sharded_mixtral, tmp_path / "m")
+    index = bad / "model.safetensors.index.json"
+    j = json.loads(index.read_text())
+    j["weight_map"]["model.norm.weight"] = where
+    index.write_text(json.dumps(j))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*'model\.norm\.weight'"):
+        open_model(str(bad))
+
+
 def test_missing_file_names_it(tmp_path, tiny_models):
     bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
     (bad / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="safetensors"):
+        open_model(str(bad))
+    (bad / "model.safetensors").mkdir()  # a directory where the file should be: named, not IsADirectoryError
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read"):
         open_model(str(bad))
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         open_model(str(tmp_path / "nowhere"))

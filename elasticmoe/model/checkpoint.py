@@ -62,6 +62,8 @@ def read_header(file: Path) -> dict[str, Any]:
             header = json.loads(f.read(n))
     except FileNotFoundError as e:
         raise CheckpointError(f"{file}: missing (named by the checkpoint index)") from e
+    except OSError as e:  # a directory, no permission
+        raise CheckpointError(f"{file}: cannot read: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from e
     if not isinstance(header, dict):
@@ -92,6 +94,14 @@ def _check_entry(file: Path, tensor: str, meta: Any) -> None:
         if span[1] - span[0] != need:
             raise CheckpointError(f"{file}: {tensor!r} {meta['dtype']} {meta['shape']} needs {need} bytes, its "
                                   f"data_offsets {span} span {span[1] - span[0]}")
+
+
+def _is_file_name(name: Any) -> bool:
+    """Whether an index entry names a file inside the checkpoint directory (a relative path, no '..')."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")):
+        return False
+    parts = Path(name).parts
+    return bool(parts) and ".." not in parts and Path(name).name not in ("", ".")
 
 
 @dataclass(frozen=True)
@@ -131,9 +141,13 @@ class Checkpoint:
         if index.is_file():
             try:
                 placed = dict(json.loads(index.read_text())["weight_map"])
-                files = sorted(set(placed.values()))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{index}: corrupt index (needs a 'weight_map' object): {e}") from e
+            for tensor, name in placed.items():
+                if not _is_file_name(name):
+                    raise CheckpointError(f"{index}: places {tensor!r} in {name!r}, which is not the name of a "
+                                          f"file in {self.path}")
+            files = sorted(set(placed.values()))
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not files:
