@@ -92,14 +92,14 @@ LOGIT_BIAS = {"gpt_oss"}  # a router bias added to the logits (mlp.router.bias)
 
 
 def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, experts: int = 8) -> None:
-    """Norm weights off 1, biases and routing biases non-zero, routers sharpened (wide top-k margins),
+    """Norm weights off 1, biases, routing biases and routers non-zero, routers sharpened (wide top-k margins),
     lm_head -= embeddings and special tokens at logit 0 (greedy neither loops on one token nor stops)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in [*model.named_parameters(), *model.named_buffers()]:
             if not p.is_floating_point() or "inv_freq" in name:
                 continue
-            if re.search(r"norm(_\d|_f)?\.weight$", name):  # DBRX: norm_1, norm_2, norm_f
+            if re.search(r"norm(_\d|_f|\.\d)?\.weight$", name):  # DBRX: norm_1, norm_f; LongCat: layernorm.0
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif "correction_bias" in name or name.endswith("expert_bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
@@ -109,6 +109,8 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
                 p.copy_(0.15 * torch.randn(p.shape, generator=gen))
             elif re.search(r"\.(gate|router)(\.gate|\.layer|\.wg)?\.weight$", name) and p.dim() == 2 \
                     and p.shape[0] == experts:
+                if not p.any():  # AFMoE initialises its router to zeros: routing would ignore the tokens
+                    p.copy_(model.config.initializer_range * torch.randn(p.shape, generator=gen))
                 p.mul_(sharpen)
         if not model.config.tie_word_embeddings:
             model.lm_head.weight.sub_(model.get_input_embeddings().weight)
@@ -167,6 +169,22 @@ def test_family_matches_transformers(model_type, family_dirs):
         biases = [layer.router_logit_bias for layer in llm.engine.model.layers if layer.sparse]
         assert biases and all(b is not None and b.abs().min() > 0 for b in biases)
     _assert_matches(llm, path, model_type)
+
+
+def trivial_tensors(path: Path) -> list[str]:
+    """Floating tensors of a checkpoint left all zeros or all ones (at init): a loader ignoring or swapping them
+    would still match transformers, so the test would not show they are used."""
+    from safetensors.torch import load_file
+
+    out = []
+    for file in sorted(path.glob("*.safetensors")):
+        out += [k for k, v in load_file(file).items() if v.is_floating_point() and ((v == 0).all() or (v == 1).all())]
+    return sorted(out)
+
+
+def test_no_family_checkpoint_keeps_init_constants(family_dirs):
+    """Every weight of the tiny checkpoints is perturbed (AFMoE's router starts at zeros)."""
+    assert {t: trivial_tensors(p) for t, p in family_dirs.items() if trivial_tensors(p)} == {}
 
 
 def _assert_matches(llm, ref_path: Path, model_type: str) -> None:

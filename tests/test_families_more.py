@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import transformers
 
-from tests.test_families import DSV3_MOE, GRANITE, MLA, SLIDING3, _assert_matches, make_family_checkpoint
+from tests.test_families import (
+    DSV3_MOE, GRANITE, MLA, SLIDING3, _assert_matches, make_family_checkpoint, trivial_tensors,
+)
 
 MISTRAL4_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=4,
                      beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
@@ -79,6 +81,11 @@ def test_more_family_matches_transformers(model_type, more_dirs):
         biases = [layer.router_bias for layer in llm.engine.model.layers if layer.sparse]
         assert biases and all(b is not None and b.abs().min() > 0 for b in biases)
     _assert_matches(llm, more_dirs[model_type], model_type)
+
+
+def test_no_more_family_checkpoint_keeps_init_constants(more_dirs):
+    """Every weight of the tiny checkpoints is perturbed (LongCat's per-sublayer norms, input_layernorm.0 / .1)."""
+    assert {t: trivial_tensors(p) for t, p in more_dirs.items() if trivial_tensors(p)} == {}
 
 
 def _moe_model_types() -> list[str]:
