@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +19,11 @@ import torch
 from elasticmoe.model.quant import (
     FP8_DTYPES, FP8_SCALE_SUFFIX, QuantError, QuantFormat, dequant_fp8, fp8_scale_float, fp8_scale_shape, quant_format,
 )
+from elasticmoe.model.safetensors_header import _DTYPES, CheckpointError, read_header
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+__all__ = ["INDEX_FILE", "Checkpoint", "CheckpointError", "View", "read_header", "resolve_model_dir"]
+
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file or field at fault."""
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
@@ -45,55 +38,6 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path / 'config.json'}: missing (not a Hugging Face checkpoint directory)")
     return path
-
-
-def read_header(file: Path) -> dict[str, Any]:
-    """Parse a safetensors header and check that the file holds every byte it promises. Each entry gains
-    "start": the file offset of its first byte."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{file}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8:
-                raise CheckpointError(f"{file}: truncated safetensors file (header of {n} bytes, file {size})")
-            header = json.loads(f.read(n))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{file}: missing (named by the checkpoint index)") from e
-    except OSError as e:  # a directory, no permission
-        raise CheckpointError(f"{file}: cannot read: {e}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header (the header is not a JSON object)")
-    header.pop("__metadata__", None)
-    for tensor, meta in header.items():
-        _check_entry(file, tensor, meta)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
-    for meta in header.values():
-        meta["start"] = 8 + n + meta["data_offsets"][0]
-    return header
-
-
-def _check_entry(file: Path, tensor: str, meta: Any) -> None:
-    """One header entry: a dtype, a shape of sizes and data_offsets [begin, end] spanning exactly its bytes."""
-    ok = isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list) \
-        and all(isinstance(d, int) and d >= 0 for d in meta["shape"])
-    span = meta.get("data_offsets") if ok else None
-    if not ok or not (isinstance(span, list) and len(span) == 2 and all(isinstance(o, int) for o in span)
-                      and 0 <= span[0] <= span[1]):
-        raise CheckpointError(f"{file}: corrupt safetensors header: {tensor!r} needs a dtype, a shape and "
-                              f"data_offsets [begin, end], got {str(meta)[:200]}")
-    dtype = _DTYPES.get(meta["dtype"])
-    if dtype is not None:
-        need = math.prod(meta["shape"]) * dtype.itemsize
-        if span[1] - span[0] != need:
-            raise CheckpointError(f"{file}: {tensor!r} {meta['dtype']} {meta['shape']} needs {need} bytes, its "
-                                  f"data_offsets {span} span {span[1] - span[0]}")
 
 
 def _is_file_name(name: Any) -> bool:
