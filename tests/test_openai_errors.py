@@ -256,3 +256,33 @@ def test_a_choice_refused_for_room_stops_the_other_choices(model):
     finally:
         server.stop()
         core.runner.close()
+
+
+async def _asgi_post(app, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict]:
+    """One POST straight through the ASGI interface (no HTTP server parses the headers first)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    sent, out = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return sent.pop(0) if sent else {"type": "http.disconnect"}
+
+    async def send(message):
+        out.append(message)
+
+    await app(scope, receive, send)
+    status = next(m["status"] for m in out if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in out if m["type"] == "http.response.body"))
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-5", b"\xb2"])  # \xb2: '²', str.isdigit() but not int()
+def test_a_content_length_that_is_not_a_number_is_a_400_naming_the_header(served, length):
+    import asyncio
+
+    core, _ = served
+    body = b'{"prompt": "hi", "max_tokens": 1}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", length)]
+    status, reply = asyncio.run(_asgi_post(build_openai_app(core), "/v1/completions", headers, body))
+    assert status == 400, reply
+    assert "content-length" in reply["error"]["message"].lower() and reply["error"]["type"] == "invalid_request_error"

@@ -59,7 +59,9 @@ async def read_request(request: Request, model: type[BaseRequest], core: Any) ->
 async def _read(request: Request, model: type[BaseRequest], check: Validator) -> BaseRequest:
     cap = check.limits.max_body_bytes
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > cap):
+    if length is not None and not (length.isascii() and length.isdigit()):  # '²'.isdigit() but int() refuses it
+        raise ApiError(400, f"the Content-Length header is not a byte count: {length[:40]!r}", param=None)
+    if length is not None and int(length) > cap:
         raise ApiError(413, f"the request body is over the limit of {cap} bytes", param=None)
     chunks, size = [], 0
     try:
