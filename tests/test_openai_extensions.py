@@ -4,6 +4,7 @@ over a real engine serving the trained demo model, and checked against the offli
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import openai
@@ -256,3 +257,18 @@ def test_chat_n_choices_streamed_equal_unstreamed(served):
             if c.delta.role:
                 roles.add(c.index)
     assert roles == {0, 1} and texts == [c.message.content for c in whole.choices]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/tokenize", {"prompt": FOX, "messages": [{"role": "user", "content": "Hi"}]}),  # a bad field
+    ("/detokenize", {"tokens": [-1]}),  # a bad field
+    ("/tokenize", {"prompt": 5}),  # a body that does not parse
+])
+def test_a_400_from_tokenize_or_detokenize_is_counted_as_the_other_routes_count_it(served, path, body):
+    core, _, url = served
+    before = (core.metrics.requests.get(("http", "invalid"), 0), core.metrics.errors.get("400", 0))
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _http(url, path, body)
+    assert e.value.code == 400
+    assert (core.metrics.requests.get(("http", "invalid"), 0), core.metrics.errors.get("400", 0)) == \
+        (before[0] + 1, before[1] + 1)

@@ -100,7 +100,7 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
             else:
                 ids = chat_ids(core.tokenizer, req.messages, check, req.add_generation_prompt)
         except InvalidRequest as e:
-            raise ApiError(400, str(e), param=e.field) from None
+            raise _invalid(core, e) from None
         body: dict[str, Any] = {"count": len(ids), "max_model_len": check.max_model_len, "tokens": ids}
         if req.return_token_strs:
             body["token_strs"] = core.tokenizer.convert_ids_to_tokens(ids)
@@ -113,8 +113,15 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
         try:
             ids = _check(core).prompt_ids(req.tokens, "tokens")
         except InvalidRequest as e:
-            raise ApiError(400, str(e), param=e.field) from None
+            raise _invalid(core, e) from None
         return {"prompt": core.tokenizer.decode(ids)}
+
+
+def _invalid(core: Any, e: InvalidRequest) -> ApiError:
+    """A 400 naming e.field, counted in core's request metrics as the OpenAI routes count theirs."""
+    from elasticmoe.gateway.openai_api import _invalid as invalid
+
+    return invalid(core, e, {})
 
 
 def _check(core: Any):
