@@ -5,6 +5,7 @@ among one application's replicas only (PortClaim)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -300,3 +301,36 @@ def test_a_replica_whose_port_server_stopped_fails_its_health_check():
     check(replica(True))
     with pytest.raises(RuntimeError, match="direct_grpc server stopped"):
         check(replica(False))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_stop_and_a_failed_start_close_their_event_loop(model, tmp_path):  # noqa: F811
+    """Each port runs its own asyncio loop (an epoll fd and a self-pipe); stop() and a start that failed close it
+    at once, not when the garbage collector happens to find it (the ports stay referenced here to show that)."""
+    core = Core(*model, max_num_seqs=1, max_model_len=64)
+    taken = socket.socket()  # no SO_REUSEPORT: nobody else may bind it
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    kept = []
+
+    def cycle() -> None:
+        port = _port(core)
+        port.stop(0)
+        kept.append(port)
+        assert port.loop.is_closed()
+        with pytest.raises(OSError, match="cannot listen") as failed:
+            _port(core, taken.getsockname()[1], claims=tmp_path)
+        kept.append(failed)  # its traceback holds the half-made port and so its loop
+
+    try:
+        cycle()  # gRPC opens a few fds of its own once, for the process
+        before = _open_fds()
+        for _ in range(4):
+            cycle()
+        assert _open_fds() <= before + 2, (before, _open_fds())  # 4 x ~6 more before the loops were closed
+    finally:
+        taken.close()
+        core.runner.close()

@@ -84,7 +84,7 @@ class DirectIngress:
         try:
             self.server, self.port = self._call(self._start(service, host, port, max_rpcs), 30)
         except BaseException:
-            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._end_loop()
             if self.claim is not None:
                 self.claim.release()
             raise
@@ -115,10 +115,17 @@ class DirectIngress:
         """Refuse new calls at once, give the calls in flight up to `grace_s` to finish, then end them."""
         if self.claim is not None:  # the listener closes now: another application may take the port while we drain
             self.claim.release()
-        if not self.loop.is_running():
-            return
         try:
-            self._call(self.server.stop(grace_s), grace_s + 10)
+            if self.loop.is_running():
+                self._call(self.server.stop(grace_s), grace_s + 10)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        """Stop the loop, join its thread and close it (its epoll fd and self-pipe), once."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():  # a loop still running cannot be closed: left to the daemon thread
+            self.loop.close()
