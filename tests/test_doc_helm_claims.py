@@ -90,18 +90,20 @@ def test_helm_readme_defaults_are_the_values_defaults():
     assert checked >= 8
     limits = values["limits"]
     assert [limits[k] for k in ("maxNumSeqs", "maxModelLen", "maxQueue", "maxNumBatchedTokens",
-                                "expertTimeoutSeconds")] == [16, 2048, 64, 2048, 5]
-    assert "| `limits.*` | 16 / 2048 / 64 / 2048 / 5 |" in text
+                                "expertTimeoutSeconds")] == [16, None, 64, 2048, 5]
+    assert "| `limits.*` | 16 / `null` / 64 / 2048 / 5 |" in text
     assert values["expertPort"] == {"start": 20100, "end": 20199}
     assert values["directGrpc"]["port"] == 9100 and "`directGrpc.port` (9100)" in text
     assert values["writable"] == {"tmpSizeLimit": "16Gi", "cacheSizeLimit": "4Gi"}
 
 
 def test_helm_limits_defaults_are_the_app_defaults():
-    """The chart's limit defaults are AppArgs' (the README quotes one set of numbers for both)."""
+    """The chart's limit defaults are AppArgs' (the README quotes one set of numbers for both); maxModelLen is
+    null, written as nothing, so the app's own default holds (2048, or the model's context if shorter)."""
     from elasticmoe.config import Limits
 
     limits, app = _values()["limits"], Limits()
-    assert (limits["maxNumSeqs"], limits["maxModelLen"], limits["maxQueue"], limits["maxNumBatchedTokens"],
-            limits["expertTimeoutSeconds"]) == (app.max_num_seqs, app.max_model_len, app.max_queue,
-                                                app.max_num_batched_tokens, app.expert_timeout_s)
+    assert (limits["maxNumSeqs"], limits["maxQueue"], limits["maxNumBatchedTokens"],
+            limits["expertTimeoutSeconds"]) == (app.max_num_seqs, app.max_queue, app.max_num_batched_tokens,
+                                                app.expert_timeout_s)
+    assert limits["maxModelLen"] is None and "if shorter" in Limits.model_fields["max_model_len"].description

@@ -255,3 +255,24 @@ def test_dashboard_filters_by_cluster():
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     selectors = [m for e in exprs for m in re.findall(r"ray_elasticmoe_\w+(\{[^}]*\})?", e)]
     assert selectors and all('ray_cluster=~"$cluster"' in s and 'namespace=~"$namespace"' in s for s in selectors)
+
+
+@pytest.mark.parametrize("name,limit,written", [
+    ("default", "absent", None),  # unset, as AppArgs: 2048, or the model's context where shorter
+    ("gpu-production", None, None),  # a values file's own limit dropped again with maxModelLen: null
+    ("gpu-production", "absent", 4096),
+    ("default", 1024, 1024),
+])
+def test_max_model_len_left_null_is_left_unset_for_the_app(name, limit, written):
+    """limits.maxModelLen: null (the default) writes no limits.max_model_len, so a model whose context is under
+    2048 deploys with its own context instead of being refused for asking 2048."""
+    from elasticmoe.config import AppArgs
+    from elasticmoe.gateway.deployment import _max_model_len
+
+    values = _values(name) if limit == "absent" else _values(name, limits={"maxModelLen": limit})
+    args = AppArgs.model_validate(_serve_args(_rs(values)))
+    assert ("max_model_len" in args.limits.model_fields_set) == (written is not None)
+    if written is not None:
+        assert args.limits.max_model_len == written
+    else:  # what the gateway then serves for a 512-token model
+        assert _max_model_len(args.limits, type("Spec", (), {"max_position_embeddings": 512})) == 512

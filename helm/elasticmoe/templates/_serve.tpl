@@ -63,10 +63,11 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- with $v.shardResources.acceleratorType }}{{- $_ := set $sh "accelerator_type" . }}{{- end }}
 {{- $limits := dict
       "max_num_seqs" (int $v.limits.maxNumSeqs)
-      "max_model_len" (int $v.limits.maxModelLen)
       "max_queue" (int $v.limits.maxQueue)
       "max_num_batched_tokens" (int $v.limits.maxNumBatchedTokens)
       "expert_timeout_s" $v.limits.expertTimeoutSeconds }}
+{{- /* null: unset, so the app takes 2048 or the model's context where shorter (AppArgs' own default) */}}
+{{- if not (kindIs "invalid" $v.limits.maxModelLen) }}{{- $_ := set $limits "max_model_len" (int $v.limits.maxModelLen) }}{{- end }}
 {{- $args := dict
       "model" $v.model.path
       "num_shards" (int (include "elasticmoe.numShards" .))
