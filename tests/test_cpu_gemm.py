@@ -65,6 +65,24 @@ def test_seg_gemm_refuses_malformed_segments():
 
 
 @needs_kernel
+@pytest.mark.parametrize("starts,counts", [
+    ([0, 2, 5], [2, 0, 2]),  # rows 5..6 of 6: past x and out
+    ([0, 2, -1], [2, 0, 2]),  # a negative start: before them
+    ([0, 2, 4], [2, -1, 2]),  # a negative count
+    ([0, 2, 2 ** 62], [2, 0, 2 ** 62]),  # the end wraps past int64 to a negative number
+])
+def test_seg_gemm_refuses_segments_past_the_rows(starts, counts):
+    """The C code trusts starts and counts as row offsets into x and out [M]: a segment not within 0..M made it
+    read and write out of bounds; now a ValueError naming them, nothing written."""
+    x, w = torch.randn(6, 24), torch.randn(3, 10, 24)
+    out = torch.full((6, 10), 7.0)
+    with pytest.raises(ValueError, match="seg_gemm: starts and counts"):
+        cpu_gemm.seg_gemm(x, w, torch.tensor(starts), torch.tensor(counts), out)
+    assert torch.equal(out, torch.full((6, 10), 7.0))
+    cpu_gemm.seg_gemm(x, w, torch.tensor([0, 2, 6]), torch.tensor([2, 0, 0]), out)  # an empty one at M: fine
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
 def test_maybe_linear_matches_torch(rows):
     x, w, b = torch.randn(rows, 72), torch.randn(50, 72), torch.randn(50)

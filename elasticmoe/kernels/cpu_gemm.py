@@ -141,6 +141,12 @@ def seg_gemm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, counts: tor
         if t.dtype != torch.int64 or t.device.type != "cpu" or t.shape != (num_experts,) or not t.is_contiguous():
             raise ValueError(f"seg_gemm: {name} must be a contiguous int64 CPU tensor [{num_experts}] (one entry per "
                              f"weight), got {t.dtype} {tuple(t.shape)} on {t.device}, strides {t.stride()}")
+    rows = x.shape[0]
+    if num_experts:  # offsets the C code trusts: each segment within x's and out's rows (a wrapped end is < 0)
+        lo, hi = torch.aminmax(torch.stack((starts, counts, starts + counts)))  # [3, E] -> min, max
+        if int(lo) < 0 or int(hi) > rows:
+            raise ValueError(f"seg_gemm: starts and counts must give segments within the {rows} rows of x, got "
+                             f"starts {starts.tolist()[:16]}, counts {counts.tolist()[:16]}")
     getattr(lib, _SYMBOLS[w.dtype])(x.data_ptr(), w.data_ptr(), starts.data_ptr(), counts.data_ptr(),
                                     num_experts, n, k, out.data_ptr(), torch.get_num_threads())
     return out
