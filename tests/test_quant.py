@@ -168,6 +168,36 @@ def test_mxfp4_dequant_is_transformers(tmp_path):
     assert torch.equal(ours, theirs.transpose(1, 2))
 
 
+def _e2m1(code: int) -> float:
+    """One FP4 (E2M1) code by the OCP MX spec: sign, 2 exponent bits (bias 1), 1 mantissa bit; exponent 0 is
+    subnormal (m * 0.5)."""
+    sign, exp, man = code >> 3, (code >> 1) & 3, code & 1
+    mag = man * 0.5 if exp == 0 else 2.0 ** (exp - 1) * (1 + man * 0.5)
+    return -mag if sign else mag
+
+
+def _e8m0(byte: int) -> float:
+    """One E8M0 scale by the OCP MX spec: 2**(byte - 127), and 0xFF is NaN."""
+    return math.nan if byte == 0xFF else 2.0 ** (byte - 127)
+
+
+def test_mxfp4_dequant_follows_the_spec_for_every_scale_byte():
+    """Every E8M0 byte (0..255) times every code pair, against a per-element recomputation from the spec: a scale
+    of 0xFF is NaN for its whole block (it gave inf or 0), the smallest scales stay exact (subnormal) floats."""
+    from elasticmoe.model.quant import dequant_mxfp4, fp8_scale_float
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    blocks = codes.reshape(16, 16).repeat(256, 1, 1)  # [256 scales, G=16, 16 bytes]: every byte each
+    scales = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 16).contiguous()  # [256, G]
+    ours = dequant_mxfp4(blocks, scales)  # [256, 512]
+    want = torch.tensor([[_e2m1(b & 15) * _e8m0(s) if i == 0 else _e2m1(b >> 4) * _e8m0(s)
+                          for b in range(256) for i in (0, 1)] for s in range(256)], dtype=torch.float64)
+    assert torch.equal(ours.isnan(), want.isnan()) and ours[255].isnan().all()
+    assert torch.equal(ours[:255], want[:255].to(torch.float32))
+    ue8m0 = fp8_scale_float(torch.arange(256, dtype=torch.uint8))  # the FP8 checkpoints' "ue8m0" scales, same bytes
+    assert ue8m0[255].isnan() and torch.equal(ue8m0[:255], torch.tensor([_e8m0(s) for s in range(255)]).float())
+
+
 @pytest.mark.parametrize("layout", ["per-expert", "packed"])
 def test_fp8_experts_kept_quantized(layout, tmp_path):
     """Experts kept in FP8 (what the Triton backend runs on CUDA; here fused_moe's torch backend dequantizes per

@@ -60,10 +60,17 @@ def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int] | None) -> tu
 
 def fp8_scale_float(scale_inv: torch.Tensor) -> torch.Tensor:
     """weight_scale_inv as float32: stored as floats, or as E8M0 exponent bytes (uint8: 2**(s - 127), the
-    "ue8m0" scale format)."""
+    "ue8m0" scale format; 0xFF: NaN)."""
     if scale_inv.dtype == torch.uint8:
-        return torch.ldexp(torch.ones(scale_inv.shape, dtype=torch.float32), scale_inv.to(torch.int32) - 127)
+        return _e8m0_nan(torch.ldexp(torch.ones(scale_inv.shape, dtype=torch.float32), scale_inv.to(torch.int32) - 127),
+                         scale_inv)
     return scale_inv.to(torch.float32)
+
+
+def _e8m0_nan(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """values [..., S, ...] scaled by the E8M0 bytes `scales` (broadcast to them), NaN where a byte is 0xFF: the
+    OCP MX spec's NaN scale, which makes its whole block NaN (2**(255 - 127) would give inf, or 0 times it 0)."""
+    return values.masked_fill_(scales == 0xFF, float("nan"))
 
 
 def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None,
@@ -87,9 +94,9 @@ def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
 
 def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """MXFP4 blocks [..., G, 16] uint8 (two E2M1 codes a byte, low nibble first) and E8M0 scales [..., G] uint8
-    (2**(s - 127) per group of 32) -> float32 [..., G * 32]."""
+    (2**(s - 127) per group of 32; 0xFF: NaN) -> float32 [..., G * 32]."""
     lut = torch.tensor(_FP4, dtype=torch.float32)
     b = blocks.to(torch.int64)
     vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # [..., G, 32]
-    vals = torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127)
+    vals = _e8m0_nan(torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127), scales[..., None])
     return vals.flatten(-2)
