@@ -245,13 +245,15 @@ class EngineRunner:
 
     def _step_error(self) -> None:
         """Engine.step attributes failures to requests; anything escaping it is retried, and only after
-        three in a row are the running requests ended (UNAVAILABLE), so the loop itself never dies."""
+        three in a row are the engine's requests ended (UNAVAILABLE), so the loop itself never dies. The waiting
+        ones too: a step that raised before scheduling them would leave them waiting for as long as it raises."""
         log.exception("engine step raised")
         self.step_errors += 1
         time.sleep(0.05 * self.step_errors)
         if self.step_errors < 3:
             return
-        for seq in list(self.engine.scheduler.running):
+        sched = self.engine.scheduler
+        for seq in list(sched.running) + list(sched.waiting):
             self.engine.fail(seq, RuntimeError("engine step failed repeatedly"))
             self._publish(seq)
         self.step_errors = 0

@@ -1,0 +1,74 @@
+"""The gateway's health check over its engine runner: a runner whose steps keep raising reports unhealthy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from elasticmoe import SamplingParams
+from elasticmoe.engine.engine import Engine
+from elasticmoe.engine.scheduler import RequestFailed
+from elasticmoe.gateway.deployment import GatewayCore
+from elasticmoe.gateway.runner import EngineRunner
+from elasticmoe.model import open_model
+from elasticmoe.model.dispatch import LocalDispatcher
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.model.tiny import make_tiny_model
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+class BrokenEngine(Engine):
+    """A real engine whose step raises outside any request's part while `broken` (a bug, a lost device)."""
+
+    broken = True
+
+    def step(self):
+        if self.broken:
+            raise RuntimeError("injected: the step itself failed")
+        return super().step()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    import torch
+
+    path = str(make_tiny_model("mixtral", tmp_path_factory.mktemp("rh") / "mixtral", layers=2, experts=4))
+    files = open_model(path)
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load((l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts))
+    return path, files, store
+
+
+def _core(runner: EngineRunner) -> GatewayCore:
+    core = object.__new__(GatewayCore)
+    core.runner = runner
+    return core
+
+
+async def _one(runner: EngineRunner, ids: list[int]) -> list[int]:
+    out: list[int] = []
+    async for u in runner.generate("r", ids, GREEDY):
+        out += u.token_ids
+    return out
+
+
+def _runner(model) -> tuple[BrokenEngine, EngineRunner, list[int]]:
+    _, files, store = model
+    engine = BrokenEngine(files, LocalDispatcher(store), max_model_len=64, retry_backoff_s=(0.0,))
+    return engine, EngineRunner(engine), engine.tokenizer.encode("Once upon a time")
+
+
+def test_requests_waiting_behind_steps_that_keep_raising_end_with_an_error(model):
+    """A step raising before it scheduled anything leaves the new request waiting, not running: after three
+    failed steps in a row it must end too (RequestFailed), not wait forever while the engine retries."""
+    engine, runner, ids = _runner(model)
+    try:
+        with pytest.raises(RequestFailed, match="engine step failed"):
+            asyncio.run(asyncio.wait_for(_one(runner, ids), 30))
+        assert runner.stats()["admitted"] == 0 and not engine.scheduler.waiting and engine.scheduler.num_free_slots
+        engine.broken = False
+        assert len(asyncio.run(asyncio.wait_for(_one(runner, ids), 30))) == GREEDY.max_tokens
+    finally:
+        runner.close()
