@@ -72,3 +72,25 @@ def test_requests_waiting_behind_steps_that_keep_raising_end_with_an_error(model
         assert len(asyncio.run(asyncio.wait_for(_one(runner, ids), 30))) == GREEDY.max_tokens
     finally:
         runner.close()
+
+
+def test_a_runner_whose_steps_keep_raising_fails_the_health_check(model):
+    """Every step raising, requests one at a time (the engine idle in between, so no 'wedged' clock runs): each
+    ends with RequestFailed, and the health check must fail so that Serve replaces the replica, which otherwise
+    failed every request while reporting healthy. One good step later, it is healthy again."""
+    engine, runner, ids = _runner(model)
+    core = _core(runner)
+    try:
+        core.healthy()
+        for _ in range(2):
+            with pytest.raises(RequestFailed):
+                asyncio.run(asyncio.wait_for(_one(runner, ids), 30))
+            asyncio.run(asyncio.sleep(0.2))
+        assert runner._thread.is_alive()
+        with pytest.raises(RuntimeError, match="steps keep failing"):
+            core.healthy()
+        engine.broken = False
+        assert len(asyncio.run(asyncio.wait_for(_one(runner, ids), 30))) == GREEDY.max_tokens
+        core.healthy()
+    finally:
+        runner.close()

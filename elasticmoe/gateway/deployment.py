@@ -147,6 +147,8 @@ class GatewayCore:
     def healthy(self) -> None:
         if not self.runner._thread.is_alive():
             raise RuntimeError("engine thread died")
+        if self.runner.gave_up:  # else, with the engine idle between requests, it failed them all while healthy
+            raise RuntimeError("engine steps keep failing: three in a row raised, and none has succeeded since")
         if self.runner.engine.has_work() and time.monotonic() - self.runner.last_step_at > 120:
             raise RuntimeError("engine wedged: no step for 120 s")
 

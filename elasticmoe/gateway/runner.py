@@ -124,6 +124,7 @@ class EngineRunner:
         self._closed = False  # set (under _lock) by close() or a dying loop: nothing more is admitted
         self.last_step_at = time.monotonic()
         self.step_errors = 0
+        self.gave_up = False  # three steps in a row raised and ended the requests; no step has succeeded since
         self.hook_errors = 0  # on_step raised (logged, counted; the step's results still go out)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -226,7 +227,7 @@ class EngineRunner:
             except Exception:  # noqa: BLE001 - a bug outside any request's part of the step
                 self._step_error()
                 continue
-            self.step_errors = 0
+            self.step_errors, self.gave_up = 0, False
             self.last_step_at = time.monotonic()
             busy = True
             if self.on_step is not None:
@@ -256,7 +257,7 @@ class EngineRunner:
         for seq in list(sched.running) + list(sched.waiting):
             self.engine.fail(seq, RuntimeError("engine step failed repeatedly"))
             self._publish(seq)
-        self.step_errors = 0
+        self.step_errors, self.gave_up = 0, True
 
     def _publish(self, seq: Sequence) -> None:
         stream = self._streams.get(seq.request_id)
