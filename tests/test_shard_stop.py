@@ -4,6 +4,7 @@ its listener open lets the frame in progress finish (rc 0, its last line printed
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -126,6 +127,35 @@ def test_shard_stop_event_waits_for_the_frame_being_computed(files, kind):  # no
         assert time.monotonic() - t0 < 1.0 and not stopped.is_set()
         assert stopped.wait(10) and time.monotonic() - t0 > 1.0
         assert not shards.servicers[0].readers and not shards.servers[0].listener._threads
+    finally:
+        shards.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+        shards.close()
+
+
+@pytest.mark.parametrize("kind", ["unary", "socket"])
+def test_a_stopping_replica_answers_the_call_in_flight_before_it_returns(files, kind):  # noqa: F811
+    """ExpertShard.__del__ stops its server with a grace period for the calls in flight; Serve kills the process
+    once __del__ returns, so it must return only after them: it returned at once (stop() only starts stopping), and
+    the call in flight was cut by the kill (its gateway failing over) instead of being answered."""
+    from tests.test_controller_restart import ShardImpl, _Replica
+
+    shards = Shards(files, [list(range(E))])
+    layer, address = shards.layers[0], shards.addresses[0]
+    t = make_transport(kind, insecure=False)
+    try:
+        req = ExpertRequest(layer, *_inputs(files, 0))
+        assert t.send(address, lambda: req, 10).result(timeout=20).output.data
+        shards.servicers[0].faults.run_delay_s = 1.0
+        pending = t.send(address, lambda: req, 30)
+        deadline = time.monotonic() + 10
+        while shards.servicers[0].calls < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        replica = object.__new__(_Replica)  # not registered: no drain, straight to the server's stop
+        replica.shard_id, replica.server, replica.controller = "s0", shards.servers[0], None
+        replica.registered, replica.stopping = threading.Event(), False
+        asyncio.run(asyncio.wait_for(ShardImpl.__del__(replica), 30))
+        assert pending.result(timeout=0).output.data  # answered before __del__ returned
     finally:
         shards.servicers[0].faults.run_delay_s = 0.0
         t.close()

@@ -14,6 +14,7 @@ from elasticmoe.config import AppArgs
 
 log = logging.getLogger("elasticmoe.shard")
 CONTROLLER_PROBE_S = 5.0  # how long a stopping shard waits for the controller to show it is there
+STOP_GRACE_S = 2.0  # the calls in flight when a shard stops get this long to be answered
 
 
 def bind_host() -> str:
@@ -134,4 +135,5 @@ class ExpertShard:
                 log.info("shard %s: no controller to drain to (app deleted?): stopping", self.shard_id)
             except Exception as e:  # noqa: BLE001 - the gateway's failover covers the rest
                 log.warning("drain of %s failed: %s", self.shard_id, e)
-        self.server.stop(grace=2.0)
+        stopped = self.server.stop(grace=STOP_GRACE_S)  # Serve kills the process once this returns: wait for it
+        await asyncio.to_thread(stopped.wait, STOP_GRACE_S + 3.0)
