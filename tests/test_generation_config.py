@@ -78,3 +78,12 @@ def test_max_new_tokens_is_the_default_max_tokens_as_in_vllm(checkpoint, tmp_pat
     finally:
         server.stop()
         core.runner.close()
+
+
+def test_a_checkpoint_given_as_a_path_object_opens(checkpoint):
+    """LLM(pathlib.Path(...)) raised AttributeError ('PosixPath' has no attribute 'startswith'); a path object is
+    taken as its string is, with the same answer."""
+    assert not isinstance(checkpoint, str)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    by_path, by_str = (LLM(m).generate(["Hi"], params)[0].token_ids for m in (checkpoint, str(checkpoint)))
+    assert by_path == by_str and len(by_path) == 4

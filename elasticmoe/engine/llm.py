@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,7 +31,7 @@ class RequestOutput:
 class LLM:
     """A whole MoE model in this process: dense half and every expert, joined by a LocalDispatcher."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", *, max_num_seqs: int = 16,
+    def __init__(self, model: str | os.PathLike, device: str = "cpu", dtype: str = "float32", *, max_num_seqs: int = 16,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 2048, moe_backend: str = "auto"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")

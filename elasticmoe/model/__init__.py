@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,10 @@ class ModelFiles:
     names: WeightNames
 
 
-def open_model(model: str) -> ModelFiles:
-    """Open a checkpoint dir (or `tiny:<family>`): index tensors, derive the spec. Reads no weights."""
+def open_model(model: str | os.PathLike) -> ModelFiles:
+    """Open a checkpoint dir (a str or a path, or `tiny:<family>`): index tensors, derive the spec. Reads no
+    weights."""
+    model = os.fspath(model)
     if model.startswith("tiny:"):
         from elasticmoe.model.embedded import ensure_tiny_model
 
