@@ -41,9 +41,10 @@ def test_a_layer_loaded_then_cut_during_a_call_is_missing_not_silently_skipped(f
     store = _store(files, [(l0, 0)])  # layer l1 not held when the call takes its snapshot
     servicer = ExpertServicer(store, "snap")
     req, ref = _request(files, l1, (0, 1))
-    check = store.missing
+    check, landed = store.missing, []
 
     def load_check_then_drop(layer, routed, snap=None, **kw):
+        landed.append(layer)
         store.load([(l1, 0), (l1, 1)])
         try:
             return check(layer, routed, snap, **kw)
@@ -52,6 +53,7 @@ def test_a_layer_loaded_then_cut_during_a_call_is_missing_not_silently_skipped(f
 
     store.missing = load_check_then_drop
     out, missing, _ = servicer._compute(req, _FrameContext)
+    assert landed == [l1], "the load and drop were not injected into the call's holding check"
     if missing:
         assert missing == [0, 1]
     else:
