@@ -151,6 +151,7 @@ def test_a_stopping_replica_answers_the_call_in_flight_before_it_returns(files, 
         deadline = time.monotonic() + 10
         while shards.servicers[0].calls < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert shards.servicers[0].calls == 2 and not pending.done(), "no call in flight when the stop began"
         replica = object.__new__(_Replica)  # not registered: no drain, straight to the server's stop
         replica.shard_id, replica.server, replica.controller = "s0", shards.servers[0], None
         replica.registered, replica.stopping = threading.Event(), False
