@@ -60,14 +60,16 @@ def test_bf16_tokens_equal_offline_whatever_the_shard_count(app, reference):
 def test_bf16_tokens_equal_offline_across_a_live_replacement(reference):
     controller = handle("Controller", "bf2")
     before = controller.status.remote().result()
-    stop, seen, errors = threading.Event(), [], []
+    stop, seen, errors, spans = threading.Event(), [], [], []
 
     def traffic():  # requests in flight while experts move
         while not stop.is_set():
+            began = time.monotonic()
             try:
                 seen.append(_all("bf2"))
             except Exception as e:  # noqa: BLE001 - asserted empty below
                 errors.append(repr(e))
+            spans.append((began, time.monotonic()))  # when this round of PROMPTS was in flight
 
     worker = threading.Thread(target=traffic)
     worker.start()
@@ -75,7 +77,9 @@ def test_bf16_tokens_equal_offline_across_a_live_replacement(reference):
         deadline, event = time.monotonic() + 120, {}
         while time.monotonic() < deadline:
             time.sleep(3)  # the controller's stats loop sees the skewed load
+            moving = time.monotonic()
             event = controller.rebalance.remote().result()
+            moved = time.monotonic()
             if event.get("reason") == "rebalance" and event["version"] > before["version"] and event["moves"] > 0:
                 break
         assert event.get("reason") == "rebalance" and event["version"] > before["version"] and event["moves"] > 0, \
@@ -89,4 +93,5 @@ def test_bf16_tokens_equal_offline_across_a_live_replacement(reference):
     assert max(max(row) for row in after["copies"]) > 1, after["copies"]  # some expert's tokens are now split
     assert not errors, errors[:3]
     assert seen and all(s == reference for s in seen), "a request during the re-placement diverged"
+    assert any(a < moved and b > moving for a, b in spans), "no request was in flight while the experts moved"
     assert _all("bf2") == reference, "a request after the re-placement diverged"
