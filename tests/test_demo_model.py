@@ -122,30 +122,21 @@ def test_demo_command_serves_tiny_yaml_with_the_demo_model(tmp_path, monkeypatch
     assert resolve_args(doc["applications"][0]["args"]).model == "tiny:demo"
 
 
-class _FakeLLM:
-    """Stands in for elasticmoe.LLM in the `offline` command: records the SamplingParams it is given."""
-
-    seen: list = []
-
-    def __init__(self, model, device="cpu", dtype="float32"):
-        pass
-
-    def generate(self, prompts, params):
-        _FakeLLM.seen.append(params)
-        return [type("Out", (), {"text": "done"})()]
-
-
-def test_offline_command_passes_stop_strings(monkeypatch, capsys):
-    """`elasticmoe offline PROMPT --stop S` parses --stop like `generate`; it must reach the SamplingParams."""
-    import elasticmoe.engine.llm as llm_mod
+def test_offline_command_passes_stop_strings(capsys):
+    """`elasticmoe offline PROMPT --stop S` parses --stop like `generate`; it must reach the engine: the real LLM's
+    greedy text (max_tokens 8) is printed cut before the first stop string."""
+    from elasticmoe import LLM, SamplingParams
     from elasticmoe.cli import main
 
-    monkeypatch.setattr(llm_mod, "LLM", _FakeLLM)
-    _FakeLLM.seen.clear()
-    assert main(["offline", "Water boils at", "--stop", ".", "--stop", "\n", "--max-tokens", "8"]) == 0
-    (params,) = _FakeLLM.seen
-    assert params.stop == (".", "\n") and params.max_tokens == 8 and params.temperature == 0.0
-    assert capsys.readouterr().out == "done\n"
+    prompt, model = "Water boils at", "tiny:mixtral"
+    full = LLM(model).generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))[0].text
+    assert len(full) >= 4, full
+    stop = full[len(full) // 2:][:2]  # [M] a piece of the answer's second half
+    cut = min(i for i in (full.find(stop), full.find("\n")) if i >= 0)
+    assert main(["offline", prompt, "--model", model, "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == full + "\n"  # greedy, 8 tokens: as LLM.generate
+    assert main(["offline", prompt, "--model", model, "--stop", stop, "--stop", "\n", "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == full[:cut] + "\n" and cut < len(full), (full, stop)
 
 
 @pytest.mark.parametrize("argv, message", [
