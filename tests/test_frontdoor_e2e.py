@@ -111,16 +111,23 @@ def test_poison_inputs_end_alone_while_greedy_neighbours_finish_exactly(gateway,
 
 
 def test_requests_cancelled_during_admission_free_their_place(gateway):
+    """12 calls of 120 tokens each, cancelled 20 ms after they are sent: every place comes back, and the engine
+    took fewer steps than one of them alone would have needed (the cancels reached it; run to the end, the 12 on 8
+    slots would take at least 240)."""
+    _idle(gateway)
+    steps0 = gateway.stats.remote().result()["steps"]
     channel = grpc.insecure_channel(GRPC)
     stub = channel.unary_unary("/elasticmoe.v1.Generation/Generate", request_serializer=gen.GenerateRequest.SerializeToString,
                                response_deserializer=gen.GenerateResponse.FromString)
     req = make_request("cancel me", max_tokens=120, temperature=0.0, ignore_eos=True)
+    cancelled = 0
     for _ in range(12):
         fut = stub.future(req, metadata=(("application", APP),), timeout=60)
         time.sleep(0.02)
-        fut.cancel()
+        cancelled += fut.cancel()
     st = _idle(gateway)
-    assert st["free_slots"] == 8
+    assert cancelled == 12 and st["free_slots"] == 8
+    assert st["steps"] - steps0 < 120, st["steps"] - steps0
     channel.close()
 
 
