@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+
+import pytest
 
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.gateway.deployment import GatewayCore
@@ -105,3 +108,68 @@ def test_a_failure_report_installs_the_table_with_its_completeness(model):
                 task.cancel()
 
     _with_shards(model, "ab", scenario)
+
+
+class _AwayHandle:
+    """A controller that is away (restarting): each call waits on `loop` for a replica that never comes, as in
+    Serve's router, until cancelled. `.result(timeout_s)` raises TimeoutError and leaves it waiting, as Serve's
+    does; `.cancel()` ends it, as DeploymentResponse.cancel() takes a call out of the router's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.waiting = loop, set()
+
+    def __getattr__(self, name):
+        away = self
+
+        async def wait(*args):
+            never = asyncio.Event()
+            away.waiting.add(never)
+            try:
+                await never.wait()
+            finally:
+                away.waiting.discard(never)
+
+        class Call:
+            def __init__(self, future):
+                self.future = future
+
+            def result(self, timeout_s=None):
+                return self.future.result(timeout=timeout_s)
+
+            def cancel(self):
+                self.future.cancel()
+
+        return type("Method", (), {"remote": staticmethod(
+            lambda *args: Call(asyncio.run_coroutine_threadsafe(wait(*args), away.loop)))})()
+
+
+def test_polls_that_time_out_while_the_controller_is_away_do_not_pile_up(monkeypatch):
+    """Serve's result(timeout_s) leaves a call that timed out queued for a replica: while the controller was away
+    the poller added one more every timeout (each delivered at once when a controller came back), and a failure
+    report that timed out stayed queued too. Timed out, a call is now cancelled."""
+    from elasticmoe.gateway import deployment
+
+    monkeypatch.setattr(deployment, "CALL_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(deployment, "TABLE_WAIT_S", 0.0)
+    loop = asyncio.new_event_loop()
+    serving = threading.Thread(target=loop.run_forever, daemon=True)
+    serving.start()
+    d = GrpcDispatcher(insecure=True, transport="unary")
+    core = _poller_of(d)
+    core.controller, core.stopped, core.gateway_id = _AwayHandle(loop), threading.Event(), "g"
+    poller = threading.Thread(target=core._poll_table, daemon=True)
+    try:
+        poller.start()
+        time.sleep(2.0)  # several timeouts, each followed by a new poll
+        with pytest.raises(TimeoutError):
+            core._on_failure("a")
+        time.sleep(0.3)
+        assert len(core.controller.waiting) <= 1  # the poll in flight, if any
+    finally:
+        core.stopped.set()
+        poller.join(5)
+        loop.call_soon_threadsafe(loop.stop)
+        serving.join(5)
+        loop.close()
+        d.close()
+    assert not poller.is_alive()

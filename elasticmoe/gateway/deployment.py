@@ -23,6 +23,7 @@ from elasticmoe.gateway.runner import EngineRunner
 
 log = logging.getLogger("elasticmoe.gateway")
 TABLE_WAIT_S = 1.0  # how long the controller holds a table poll that has nothing new (its acks refresh as often)
+CALL_TIMEOUT_S = 10.0  # a controller call's answer, beyond the poll's hold
 
 
 def _max_model_len(lim, spec) -> int:
@@ -31,6 +32,19 @@ def _max_model_len(lim, spec) -> int:
     if "max_model_len" in lim.model_fields_set:
         return lim.max_model_len
     return min(lim.max_model_len, spec.max_position_embeddings)
+
+
+def _answer(call, timeout_s: float):
+    """A controller call's answer within timeout_s. One that times out is cancelled: Serve's result() leaves it
+    queued for a replica, so while the controller was away every poll after it piled up behind it."""
+    try:
+        return call.result(timeout_s=timeout_s)
+    except TimeoutError:
+        try:
+            call.cancel()
+        except Exception as e:  # noqa: BLE001 - best effort; the TimeoutError is what the caller handles
+            log.debug("cancelling a controller call that timed out failed: %s", e)
+        raise
 
 
 class GatewayCore:
@@ -76,6 +90,7 @@ class GatewayCore:
         self.complete = threading.Event()
         self._install_lock = threading.Lock()  # the poller's and the failure reports' installs, one at a time
         self.table_version, self.table_epoch = -1, None  # the last table installed from a poll, and its controller
+        self.stopped = threading.Event()  # set when the replica stops: the poller ends
         threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
 
     def _on_step(self, seconds: float, n: int) -> None:
@@ -108,19 +123,19 @@ class GatewayCore:
         acknowledging the version this gateway has; keep the last on errors. One call a second while nothing
         changes: polling every 0.1 s kept the controller replica at 0.065-0.083 of a core, 0.034-0.045 now
         (benchmarks/serving.py, cores_busy)."""
-        while True:
+        while not self.stopped.is_set():
             try:
                 call = self.controller.table.remote(self.table_version, self.gateway_id, TABLE_WAIT_S, self.table_epoch)
-                self._install(call.result(timeout_s=10 + TABLE_WAIT_S))
+                self._install(_answer(call, CALL_TIMEOUT_S + TABLE_WAIT_S))
             except Exception as e:  # noqa: BLE001 - controller restarting; keep serving on the last table
                 log.warning("routing-table poll failed: %s", e)
-                time.sleep(0.5)
-            time.sleep(0.01)  # never a busy loop, whatever the controller answers
+                self.stopped.wait(0.5)
+            self.stopped.wait(0.01)  # never a busy loop, whatever the controller answers
 
     def _on_failure(self, shard_id: str) -> RoutingTable | None:
         """Called from the dispatcher's report thread when a shard call fails: installs the controller's answer
         as a poll's (None: nothing more for the dispatcher to install)."""
-        self._install(self.controller.report_failure.remote(shard_id).result(timeout_s=10))
+        self._install(_answer(self.controller.report_failure.remote(shard_id), CALL_TIMEOUT_S))
         return None
 
     async def wait_ready(self, timeout_s: float = 300.0) -> None:
@@ -195,6 +210,8 @@ class Gateway:
 
     def __del__(self):
         """Serve stops this replica (after its own requests drained): the direct port's calls get drain_s."""
+        if getattr(self, "core", None) is not None:
+            self.core.stopped.set()
         if getattr(self, "direct", None) is not None:
             self.direct.stop(self.core.args.direct_grpc.drain_s)
             self.direct = None
