@@ -85,7 +85,7 @@ async def _stop(replica) -> None:
 def _stopping_replica(shard: Shard, controller) -> object:
     replica = object.__new__(_Replica)  # the replica's state as __init__ leaves it once registered
     replica.shard_id, replica.server, replica.controller = shard.shard_id, shard.server, controller
-    replica.registered, replica.stopping = threading.Event(), False
+    replica.registered, replica.stopping, replica._ready_lock = threading.Event(), False, threading.Lock()
     replica.registered.set()
     return replica
 
@@ -185,7 +185,8 @@ def test_a_registration_retry_holds_only_the_new_plans_experts(model, monkeypatc
     replica.store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     replica.servicer = ExpertServicer(replica.store, "r")
     replica.controller = _RetryController([{"experts": plan_a, "version": 1}, {"experts": plan_b, "version": 2}])
-    replica.registered, replica.stopping, replica.error = threading.Event(), True, None  # stopping: no heartbeats
+    replica.registered, replica.stopping, replica.error = threading.Event(), False, None
+    replica._ready_lock = threading.Lock()
     ShardImpl._register(replica)
     assert replica.registered.is_set() and replica.servicer.placement_version == 2
     assert replica.store.held() == sorted(plan_b)
@@ -259,7 +260,8 @@ def test_a_published_shard_retrying_registration_keeps_the_copies_gateways_route
         replica = object.__new__(_Replica)  # a's replica, retrying after its lost ready answer
         replica.shard_id, replica.address, replica.store, replica.servicer = "a", a.address, a.store, a.servicer
         replica.controller = _LoopHandle(ctrl, asyncio.get_running_loop())
-        replica.registered, replica.stopping, replica.error = threading.Event(), True, None  # stopping: no heartbeats
+        replica.registered, replica.stopping, replica.error = threading.Event(), False, None
+        replica._ready_lock = threading.Lock()
         await asyncio.to_thread(ShardImpl._register, replica)
         assert replica.registered.is_set() and _routed_to(old, "a") <= a.held()  # what g still routes to a is there
         new = await ctrl.table(old["version"], "g")

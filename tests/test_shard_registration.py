@@ -1,16 +1,20 @@
 """A shard applying its registration plan (ExpertShard._register) while the controller's LoadExperts / DropExperts
-reach its server: the plan is applied as they are, one at a time with them, and never lowers the placement version."""
+reach its server: the plan is applied as they are, one at a time with them, and never lowers the placement version.
+A replica stopped while registering gives up and never reports ready."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
+import pytest
 import torch
 
 from elasticmoe.experts.server import ExpertServicer
 from elasticmoe.model import open_model
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
+from tests.controller_util import Shard
 from tests.controller_util import model  # noqa: F401 - a fixture
 from tests.test_controller_restart import ShardImpl, _Replica, _Result
 
@@ -30,7 +34,8 @@ def _replica(files, plan, version) -> _Replica:
     replica.store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     replica.servicer = ExpertServicer(replica.store, "r")
     replica.controller = _PlanController(plan, version)
-    replica.registered, replica.stopping, replica.error = threading.Event(), True, None  # stopping: no heartbeats
+    replica.registered, replica.stopping, replica.error = threading.Event(), False, None
+    replica._ready_lock = threading.Lock()
     return replica
 
 
@@ -70,3 +75,46 @@ def test_the_registration_plan_does_not_lower_the_placement_version(model):  # n
                                                        placement_version=5), None)
     ShardImpl._register(replica)
     assert replica.registered.is_set() and replica.servicer.placement_version == 5
+
+
+class _StallingController:
+    """register raises (`failing`: the controller is starting) or answers a plan once `release` is set (the shard
+    is still asking while it stops); counts the calls to ready."""
+
+    def __init__(self, failing: bool):
+        self.asked, self.release, self.readies = threading.Event(), threading.Event(), 0
+
+        def register(*a):
+            self.asked.set()
+            if failing:
+                raise RuntimeError("injected: the controller is starting")
+            self.release.wait(30)
+            return {"experts": [], "version": 1}
+
+        def ready(*a):
+            self.readies += 1
+            return 1
+
+        self.register = type("M", (), {"remote": staticmethod(lambda *a: _Result(lambda: register(*a)))})()
+        self.ready = type("M", (), {"remote": staticmethod(lambda *a: _Result(lambda: ready(*a)))})()
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["plan-in-flight", "retrying"])
+def test_a_replica_stopped_while_registering_does_not_report_ready(model, failing):  # noqa: F811
+    """Serve stops a replica still registering: __del__ finds it unregistered and skips the drain. Its registration
+    went on (up to 600 attempts) and could report ready afterwards, publishing a stopped shard to the gateways."""
+    files = open_model(model)
+    shard = Shard(files, "r")
+    replica = _replica(files, [], 1)
+    replica.server, replica.controller = shard.server, _StallingController(failing)
+    registering = threading.Thread(target=ShardImpl._register, args=(replica,), daemon=True)
+    try:
+        registering.start()
+        assert replica.controller.asked.wait(10)
+        asyncio.run(asyncio.wait_for(ShardImpl.__del__(replica), 30))
+        replica.controller.release.set()
+        registering.join(10)
+        assert not registering.is_alive() and replica.controller.readies == 0 and not replica.registered.is_set()
+    finally:
+        replica.controller.release.set()
+        shard.server.stop(None)

@@ -154,7 +154,7 @@ def test_a_stopping_replica_answers_the_call_in_flight_before_it_returns(files, 
         assert shards.servicers[0].calls == 2 and not pending.done(), "no call in flight when the stop began"
         replica = object.__new__(_Replica)  # not registered: no drain, straight to the server's stop
         replica.shard_id, replica.server, replica.controller = "s0", shards.servers[0], None
-        replica.registered, replica.stopping = threading.Event(), False
+        replica.registered, replica.stopping, replica._ready_lock = threading.Event(), False, threading.Lock()
         asyncio.run(asyncio.wait_for(ShardImpl.__del__(replica), 30))
         assert pending.result(timeout=0).output.data  # answered before __del__ returned
     finally:

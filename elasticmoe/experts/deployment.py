@@ -57,13 +57,21 @@ class ExpertShard:
         self.error: BaseException | None = None
         self.desired = float(self.args.num_shards)
         self.stopping = False
+        self._ready_lock = threading.Lock()  # `stopping` is set under it: no ready() after __del__ skipped the drain
         self.evicted: str | None = None
-        threading.Thread(target=self._register, name="register", daemon=True).start()
+        threading.Thread(target=self._run, name="register", daemon=True).start()
+
+    def _run(self) -> None:
+        self._register()
+        self._heartbeats()
 
     def _register(self) -> None:
-        """Announce to the controller, load the assigned experts, report ready (retrying while it starts). A retry
-        drops what its plan does not name only while the controller has not published this shard yet."""
+        """Announce to the controller, load the assigned experts, report ready (retrying while it starts), until
+        registered or stopping. A retry drops what its plan does not name only while the controller has not
+        published this shard yet."""
         for attempt in range(600):
+            if self.stopping:
+                return
             try:
                 plan = self.controller.register.remote(self.shard_id, self.address).result(timeout_s=30)
                 t0 = time.perf_counter()
@@ -72,14 +80,16 @@ class ExpertShard:
                 nbytes = self.servicer.apply_plan(plan["experts"], plan["version"], not plan.get("published"))
                 log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
                          nbytes / 1e6, time.perf_counter() - t0)
-                self.controller.ready.remote(self.shard_id).result(timeout_s=120)
-                self.registered.set()
-                break
+                with self._ready_lock:  # a stop now waits for this answer, and drains what it published
+                    if self.stopping:
+                        return
+                    self.controller.ready.remote(self.shard_id).result(timeout_s=120)
+                    self.registered.set()
+                return
             except Exception as e:  # noqa: BLE001 - the controller may still be starting
                 self.error = e
                 log.warning("shard %s: registration attempt %d failed: %s", self.shard_id, attempt, e)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
-        self._heartbeats()
 
     def _heartbeats(self) -> None:
         """Check in every second: follow the desired shard count; a controller that no longer knows this shard
@@ -118,6 +128,11 @@ class ExpertShard:
         return {"shard_id": self.shard_id, "address": self.address, "held": len(self.store.held()), "pid": os.getpid(),
                 "registered": self.registered.is_set()}
 
+    def _stop_registering(self) -> None:
+        """No registration attempt and no ready() after this: one in flight is answered first."""
+        with self._ready_lock:
+            self.stopping = True
+
     async def __del__(self):
         """Graceful shutdown (scale-in): the controller moves our experts elsewhere before the server stops.
 
@@ -126,7 +141,7 @@ class ExpertShard:
         CONTROLLER_PROBE_S gets no drain request."""
         import asyncio
 
-        self.stopping = True
+        await asyncio.to_thread(self._stop_registering)
         if self.registered.is_set():
             try:
                 await asyncio.wait_for(self.controller.info.remote(), CONTROLLER_PROBE_S)  # an awaitable response
