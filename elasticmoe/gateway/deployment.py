@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -192,8 +193,10 @@ class Gateway:
         return await self.service.generate(request, grpc_context)
 
     async def GenerateStream(self, request, grpc_context=None) -> AsyncIterator:
-        async for r in self.service.generate_stream(request, grpc_context):
-            yield r
+        # closed at once when Serve closes this one (the client left): its request is aborted and counted then
+        async with contextlib.aclosing(self.service.generate_stream(request, grpc_context)) as responses:
+            async for r in responses:
+                yield r
 
     async def step_times(self, since: float = 0.0) -> list[tuple[float, float]]:
         """(wall time, seconds) of every engine step after `since` (for stall measurements)."""
