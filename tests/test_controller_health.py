@@ -3,7 +3,7 @@ table and what may put it back in."""
 
 from __future__ import annotations
 
-from tests.controller_util import ControllerImpl, _args, _quiet, _routed_to, _with_shards
+from tests.controller_util import ControllerImpl, _args, _quiet, _routed_to, _until, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -184,5 +184,29 @@ def test_a_spare_that_fails_every_load_is_retried_with_a_backoff(model):
         await ctrl._health_once()
         table = await ctrl.table()
         assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "c"] and _routed_to(table, "c")
+
+    _with_shards(model, "abc", scenario)
+
+
+def test_a_spare_ready_as_the_restarted_controllers_first_call_is_placed_after_the_recovery(model):
+    """c registered as a spare and was loading when the controller restarted; its ready() was the new controller's
+    first call. It took the lock before the recovery it had just started and grew the placement onto shards whose
+    holdings nobody had checked yet (rebalance and the health round wait for the recovery). The recovery's end
+    places the spare instead."""
+    async def scenario(files, a, b, c):
+        ctrl = await _quiet(model, a, b)
+        assert (await ctrl.register("c", c.address))["experts"] == []  # a spare (in the record)
+        again = ControllerImpl(_args(model))
+        assert again.recovering
+        try:
+            await again.ready("c")
+            await _until(lambda: not again.recovering and not again.registry.spares(), 10, "recovery, then c placed")
+            kinds = [(e["event"], e.get("reason")) for e in again.events]
+            assert kinds.index(("recovered", None)) < kinds.index(("placement", "scale out")), kinds
+            table = again._table()
+            assert table["complete"] and _routed_to(table, "c") and _routed_to(table, "c") <= c.held()
+        finally:
+            for task in again._tasks:
+                task.cancel()
 
     _with_shards(model, "abc", scenario)

@@ -124,7 +124,8 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
                     "version": self.registry.version, "published": info.ready}
 
     async def ready(self, shard_id: str) -> int:
-        """The shard loaded its experts: publish it; a spare replica grows the placement onto itself."""
+        """The shard loaded its experts: publish it; a spare replica grows the placement onto itself, once a
+        recovery that this first call may have started (`_start`; it waits for the lock) has checked the shards."""
         lock = self._start()
         async with lock:
             info = self.registry.shards.get(shard_id)
@@ -134,7 +135,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
             self.registry.mark_ready(shard_id)
             self._event("ready", shard=shard_id)
             self._publish()
-            if self.registry.spares():
+            if self.registry.spares() and not self.recovering:  # else the recovery's end grows onto it
                 await self._grow()
         return self.registry.version
 
