@@ -25,8 +25,10 @@ def _ports(port: int) -> list[int]:
     span = os.environ.get("ELASTICMOE_EXPERT_PORT_RANGE")
     if port or not span:
         return [port]
-    lo, hi = (int(x) for x in span.split("-"))
-    return list(range(lo, hi + 1))
+    lo, _, hi = span.strip().partition("-")
+    if not all(x.isascii() and x.isdigit() for x in (lo, hi)) or not 0 < int(lo) <= int(hi) <= 65535:
+        raise ValueError(f"ELASTICMOE_EXPERT_PORT_RANGE={span!r}: expected 'low-high', ports 1-65535, low <= high")
+    return list(range(int(lo), int(hi) + 1))
 
 
 class ShardServer:
@@ -67,6 +69,7 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     `max_streams` connections, same TLS. Both take messages up to `max_message_bytes`
     (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES), which Health announces: a gateway keeps its calls within it.
     """
+    span = _ports(0)  # a bad ELASTICMOE_EXPERT_PORT_RANGE refused before anything starts
     if insecure:
         tls.warn_insecure(f"expert shard {shard_id}")
     files = None if insecure else tls.tls_files()
@@ -77,23 +80,22 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
                               max_message_bytes=max_message_bytes)
     add_shard_servicer(servicer, server)
     bound = 0
-    for candidate in _ports(port):
+    for candidate in span if not port else [port]:
         try:
             bound = tls.add_port(server, f"{host}:{candidate}", insecure, files)
         except RuntimeError:
             bound = 0
         if bound:
             break
-    span = os.environ.get("ELASTICMOE_EXPERT_PORT_RANGE")
     try:
-        listener = FrameListener(servicer.serve_frames, host, [p for p in _ports(0) if p != bound], insecure, files,
+        listener = FrameListener(servicer.serve_frames, host, [p for p in span if p != bound], insecure, files,
                                  max_conns=max_streams, max_message_bytes=max_message_bytes) if bound else None
     except OSError:
         listener = None
     if listener is None:
         server.stop(None)
         raise RuntimeError(f"cannot bind the expert server and its frame listener on {host} (port {port}, "
-                           f"ELASTICMOE_EXPERT_PORT_RANGE={span})")
+                           f"ELASTICMOE_EXPERT_PORT_RANGE={os.environ.get('ELASTICMOE_EXPERT_PORT_RANGE')})")
     servicer.frame_port = listener.port
     server.start()
     log.info("expert shard %s serving on %s:%d, frames on %d (%s)", shard_id, host, bound, listener.port,

@@ -43,7 +43,7 @@ def chunk_tokens_default() -> int:
     raw = os.environ.get(CHUNK_ENV, "").strip()
     if not raw:
         return DEFAULT_CHUNK_TOKENS
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # '²'.isdigit(), and int() refuses it
         raise ValueError(f"{CHUNK_ENV}={raw!r}: expected a positive number of tokens")
     return int(raw)
 

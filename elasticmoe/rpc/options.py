@@ -7,8 +7,20 @@ import ctypes.util
 import os
 
 MiB = 1 << 20
+
+
+def _message_bytes(name: str = "ELASTICMOE_GRPC_MAX_MESSAGE_BYTES", default: int = 256 * MiB) -> int:
+    """$name as a positive whole number of bytes (default when unset); any other value is refused, naming it."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # '²'.isdigit(), and int() refuses it
+        raise ValueError(f"{name}={raw!r}: expected a positive number of bytes")
+    return int(raw)
+
+
 # Default cap of one gRPC message both ways; a [T, H] bf16 batch is 2*T*H bytes (T=8192, H=7168: 112 MiB).
-MAX_MESSAGE_BYTES = int(os.environ.get("ELASTICMOE_GRPC_MAX_MESSAGE_BYTES", 256 * MiB))
+MAX_MESSAGE_BYTES = _message_bytes()
 
 
 # HTTP/2 and TCP settings for MiB-sized messages (both sides); ELASTICMOE_GRPC_HTTP2_TUNING=0 keeps grpc's defaults.

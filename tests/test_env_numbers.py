@@ -1,0 +1,48 @@
+"""The package's numeric environment variables: a value that is not a number of the kind asked for (`²` passes
+str.isdigit() and int() refuses it) is refused with an error naming the variable, not a bare int() error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BAD = ["²", "abc", "12x", "٣"]  # '٣' (an Arabic-Indic three) is what int() reads and our docs do not mean
+
+
+@pytest.mark.parametrize("raw", BAD + ["0", "-5"])
+def test_the_moe_chunk_size_names_its_variable(raw, monkeypatch):
+    pytest.importorskip("triton")
+    from elasticmoe.kernels import triton_moe
+
+    monkeypatch.setenv(triton_moe.CHUNK_ENV, raw)
+    with pytest.raises(ValueError, match=f"{triton_moe.CHUNK_ENV}=.*positive number of tokens"):
+        triton_moe.chunk_tokens_default()
+    monkeypatch.setenv(triton_moe.CHUNK_ENV, " 64 ")
+    assert triton_moe.chunk_tokens_default() == 64
+
+
+@pytest.mark.parametrize("raw", ["²", "0"])
+def test_the_grpc_message_limit_names_its_variable(raw):
+    """Read when elasticmoe.rpc is imported (any process of the cluster)."""
+    env = {**os.environ, "ELASTICMOE_GRPC_MAX_MESSAGE_BYTES": raw}
+    run = subprocess.run([sys.executable, "-c", "import elasticmoe.rpc.options"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0 and "ELASTICMOE_GRPC_MAX_MESSAGE_BYTES=" in run.stderr.splitlines()[-1], run.stderr
+    env["ELASTICMOE_GRPC_MAX_MESSAGE_BYTES"] = "1048576"
+    run = subprocess.run([sys.executable, "-c", "from elasticmoe.rpc.options import MAX_MESSAGE_BYTES as m; print(m)"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "1048576", run.stderr
+
+
+@pytest.mark.parametrize("raw", ["20100", "²-20199", "20199-20100", "a-b", "0-10", "20100-70000"])
+def test_the_expert_port_range_names_its_variable(raw, monkeypatch):
+    from elasticmoe.experts.shard_server import _ports
+
+    monkeypatch.setenv("ELASTICMOE_EXPERT_PORT_RANGE", raw)
+    with pytest.raises(ValueError, match=r"ELASTICMOE_EXPERT_PORT_RANGE=.*expected 'low-high'"):
+        _ports(0)
+    monkeypatch.setenv("ELASTICMOE_EXPERT_PORT_RANGE", "20100-20102")
+    assert _ports(0) == [20100, 20101, 20102] and _ports(5) == [5]
