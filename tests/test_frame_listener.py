@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from concurrent import futures as cf
 
 import grpc
 import pytest
@@ -163,4 +164,40 @@ def test_a_reply_its_reader_is_slow_to_take_holds_no_run_slot(files):  # noqa: F
             assert slow.code == 0 and tuple(slow.output.shape) == (rows, files.spec.hidden_size)
     finally:
         raw.close()
+        server.stop(None).wait(10)
+
+
+def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_the_refusal(files):  # noqa: F811
+    """A connection over the limit is refused 'shard busy' (the shard is alive: the gateway asks again shortly). The
+    gateway writes the frames submitted while it connected just after its handshake, and the listener may have
+    refused it by then: those writes, and the reads after them, must not turn the refusal into UNAVAILABLE (a
+    broken connection, reported to the controller as a dead shard)."""
+    from elasticmoe.gateway import socket_conn
+    from elasticmoe.gateway.transport import is_busy
+
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    layer = files.spec.moe.moe_layers[0]
+    store.load([(layer, e) for e in range(E)])
+    server, _, port = start_server(store, "s", max_workers=2, max_streams=1)
+    address, first, second = f"127.0.0.1:{port}", SocketTransport(), SocketTransport()
+    stub, _ = second.stub(address)
+
+    def late_open():  # open, then let the listener refuse and close before the frames go out
+        sock, limit = second._open(address, stub)
+        time.sleep(0.3)
+        return sock, limit
+    try:
+        assert first.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        for _ in range(3):
+            conn = socket_conn._Conn(address, late_open)
+            calls = [cf.Future() for _ in range(3)]
+            for i, fut in enumerate(calls):
+                fut.set_running_or_notify_cancel()
+                assert conn.submit(i + 1, frames.request_parts(i + 1, _req(files, layer, seed=i)), fut)
+            for fut in calls:
+                e = fut.exception(timeout=10)
+                assert is_busy(e), e
+    finally:
+        first.close()
+        second.close()
         server.stop(None).wait(10)

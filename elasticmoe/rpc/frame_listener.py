@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 Put = Callable[[list], None]  # takes one reply frame as a list of buffers (frames.reply_parts)
 HANDSHAKE_S = 10.0
 EXIT_WAIT_S = 5.0  # at interpreter exit, how long the open listeners' frames in progress may take to finish
+REFUSE_LINGER_S = 2.0  # how long a refused connection's client may take to read the refusal and close
+_CHUNK = 64 << 10
 
 
 def bind(host: str, ports: list[int]) -> socket.socket:
@@ -57,6 +59,7 @@ class FrameListener:
         self.port = self.sock.getsockname()[1]
         self._conns: set[socket.socket] = set()  # connections being served (their TLS sockets once open)
         self._opening: dict[socket.socket, float] = {}  # accepted, handshake not done yet -> when accepted
+        self._refusing: set[socket.socket] = set()  # refused (over max_conns), until their clients close
         self._threads: set[threading.Thread] = set()  # each connection's thread, until it returns
         self._lock = threading.Lock()
         self.closed = False
@@ -158,13 +161,7 @@ class FrameListener:
             hard_close(conn)
             return
         if refused:
-            try:
-                if not self.closed:
-                    send_parts(conn, frames.reply_parts(0, code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-                                                        error=f"{frames.BUSY}: {self.max_conns} frame connections open"))
-            except OSError:
-                pass
-            hard_close(conn)
+            self._refuse(conn)
             return
         try:
             self.serve(self._frames(conn), self._sender(conn))
@@ -175,6 +172,30 @@ class FrameListener:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+            hard_close(conn)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Answer 'shard busy' (id 0), end the writing side, then read and drop what the client sends until it closes
+        (up to REFUSE_LINGER_S): closing at once would answer the frames it wrote meanwhile with a reset, and its
+        write or read would fail as a broken connection (a dead shard) before it read the refusal."""
+        with self._lock:
+            if self.closed:
+                hard_close(conn)
+                return
+            self._refusing.add(conn)
+        try:
+            send_parts(conn, frames.reply_parts(0, code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                                                error=f"{frames.BUSY}: {self.max_conns} frame connections open"))
+            socket.socket.shutdown(conn, socket.SHUT_WR)  # the fd's own (a TLS socket's would want an unwrap)
+            conn.settimeout(REFUSE_LINGER_S)
+            end = time.monotonic() + REFUSE_LINGER_S
+            while conn.recv(_CHUNK) and time.monotonic() < end:
+                pass
+        except (OSError, ValueError):
+            pass  # gone, cut by close(), or still sending after REFUSE_LINGER_S
+        finally:
+            with self._lock:
+                self._refusing.discard(conn)
             hard_close(conn)
 
     @staticmethod
@@ -208,7 +229,7 @@ class FrameListener:
         interpreter finalizes aborts the process."""
         with self._lock:
             self.closed = True
-            conns, self._conns = list(self._conns) + list(self._opening), set()
+            conns, self._conns = list(self._conns) + list(self._opening) + list(self._refusing), set()
             threads = list(self._threads)
         _open_listeners.discard(self)
         hard_close(self.sock)
