@@ -26,7 +26,7 @@ from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.frames import ExpertRequest
 from elasticmoe.rpc.tls_socket import SerialTLS
-from tests.shard_util import E, Shards, _inputs, _reference, _req, _run, files, halves  # noqa: F401
+from tests.shard_util import E, Shards, _inputs, _reference, _req, _run, answer_within, files, halves  # noqa: F401
 
 
 def test_config_selects_the_socket_transport():
@@ -136,6 +136,29 @@ def test_dead_shard_fails_pending_calls_at_once_and_the_next_send_reconnects(fil
         assert got.output.data and t._conns[address] is not first
     finally:
         halves.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+
+
+def test_a_shard_restarted_on_its_address_after_a_while_down_is_reached_at_once(files, halves):  # noqa: F811
+    """A shard down for a while (its calls failing 'cannot connect') and started again on the same address (as a
+    port range gives it): the next calls reach it within about a second, not after the gRPC channel's reconnect
+    backoff, which had grown meanwhile (1 s, 1.6 s, 2.6 s, ... up to 120 s: the live shard reported dead)."""
+    layer, address = halves.layers[0], halves.addresses[0]
+    t = SocketTransport()
+    try:
+        assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        assert halves.servers[0].stop(None).wait(10)
+        down = time.monotonic() + 10
+        while time.monotonic() < down:  # a gateway's calls meanwhile (each fails over elsewhere)
+            with pytest.raises(grpc.RpcError):
+                t.send(address, lambda: _req(files, layer), 5).result(timeout=10)
+            time.sleep(0.2)
+        port = int(address.rsplit(":", 1)[1])
+        halves.servers[0], halves.servicers[0], _ = start_server(halves.stores[0], "s0", port=port)
+        t0 = time.monotonic()
+        assert answer_within(t, address, lambda: _req(files, layer), seconds=30).output.data
+        assert time.monotonic() - t0 < 2.0
+    finally:
         t.close()
 
 

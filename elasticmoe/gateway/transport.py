@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 TransportName = Literal["unary", "stream", "socket"]
 Build = Callable[[], frames.AnyRequest]  # makes the request where the transport likes; the transport encodes it
 HEALTH_S = 5.0  # how long asking a shard's Health for its message limit may take
+# A channel to a shard retries connecting at most this far apart (gRPC's backoff grows to 120 s): a shard started
+# again on its address after a while down (a port range) is reached within about a second, not reported dead.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class ExpertTransport(Protocol):
@@ -143,7 +146,8 @@ class _Channels:
             if renewed:
                 self._stubs.clear()  # calls in flight finish on their old channel
             if address not in self._stubs:
-                ch = tls.channel(address, self.options or channel_options(), insecure=self.insecure)
+                ch = tls.channel(address, [*(self.options or channel_options()), *RECONNECT_OPTIONS],
+                                 insecure=self.insecure)
                 self._stubs[address] = (pb_grpc.ExpertShardStub(ch), ch)
                 if self.ask_limits:
                     self._ask_limit(address, self._stubs[address][0])
