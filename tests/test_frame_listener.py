@@ -201,3 +201,35 @@ def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_th
         first.close()
         second.close()
         server.stop(None).wait(10)
+
+
+@pytest.mark.parametrize("insecure", [False, True], ids=["mtls", "plaintext"])
+def test_a_gateway_that_stops_reading_loses_its_connection_after_the_send_timeout(files, monkeypatch, insecure):  # noqa: F811
+    """A reply the gateway does not read (a 16 MiB reply, a 4 KiB window): the write moves nothing for
+    SEND_TIMEOUT_S, then the connection ends, its thread returns and its place is free; over mTLS too, where a
+    blocking SSL write retried its wait for room for ever (the thread and one of max_conns places held)."""
+    monkeypatch.setattr(frame_socket, "SEND_TIMEOUT_S", 1)
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    layer = files.spec.moe.moe_layers[0]
+    store.load([(layer, e) for e in range(E)])
+    server, servicer, port = start_server(store, "stuck", insecure=insecure)
+    listener, rows = server.listener, 1 << 15  # float64 [rows, H] = 16 MiB: more than both socket buffers hold
+    hidden = torch.randn(rows, files.spec.hidden_size)
+    ids, weights = torch.randint(0, E, (rows, 2), dtype=torch.int32), torch.rand(rows, 2)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    raw.connect(("127.0.0.1", servicer.frame_port))
+    try:
+        s = raw if insecure else tls.client_ssl_context().wrap_socket(raw, server_hostname=tls.SERVER_NAME)
+        s.sendall(frames.encode_request(1, layer, hidden, ids, weights))
+        deadline = time.monotonic() + 60
+        while not store.served():  # computed: its reply is being written
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        deadline = time.monotonic() + 8
+        while (listener._conns or listener._threads) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not listener._conns and not listener._threads
+    finally:
+        raw.close()
+        server.stop(None).wait(10)

@@ -16,9 +16,10 @@ from typing import Callable, Iterator
 
 import grpc
 
-from elasticmoe.rpc import frames, tls
+from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.frame_socket import FrameReader, hard_close, send_parts, send_timeout, shutdown
 from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
+from elasticmoe.rpc.tls_socket import SerialTLS
 
 log = logging.getLogger(__name__)
 Put = Callable[[list], None]  # takes one reply frame as a list of buffers (frames.reply_parts)
@@ -163,8 +164,10 @@ class FrameListener:
         if refused:
             self._refuse(conn)
             return
+        # TLS: its writes time out (a blocking SSL write waits for room again and again past SO_SNDTIMEO)
+        stream = conn if self.insecure else SerialTLS(conn, frame_socket.SEND_TIMEOUT_S)
         try:
-            self.serve(self._frames(conn), self._sender(conn))
+            self.serve(self._frames(stream), self._sender(stream))
         except frames.FrameError as e:
             log.warning("frame listener %d: %s; closing that connection", self.port, e)
         except OSError:
@@ -199,7 +202,7 @@ class FrameListener:
             hard_close(conn)
 
     @staticmethod
-    def _sender(conn: socket.socket) -> Put:
+    def _sender(conn: socket.socket | SerialTLS) -> Put:
         """put(): the thread with the reply writes it (no hand-off); the first failed write ends the connection."""
         lock, broken = threading.Lock(), [False]
 
@@ -214,7 +217,7 @@ class FrameListener:
                     shutdown(conn)  # the reader wakes with the end of stream
         return put
 
-    def _frames(self, conn: socket.socket) -> Iterator:
+    def _frames(self, conn: socket.socket | SerialTLS) -> Iterator:
         """The connection's request frames, until it is cut (frames received before the cut are not served)."""
         for buf in FrameReader(conn, limit=self.max_message_bytes).frames():
             if self._cut:

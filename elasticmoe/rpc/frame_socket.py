@@ -144,9 +144,11 @@ class FrameReader:
             yield from got
 
 
-def send_timeout(sock: socket.socket, seconds: int = SEND_TIMEOUT_S) -> None:
-    """A write that moves nothing for `seconds` fails (OSError): a peer that stopped reading breaks the connection
-    instead of blocking the writer for ever. Reads stay blocking."""
+def send_timeout(sock: socket.socket, seconds: int | None = None) -> None:
+    """A write that moves nothing for `seconds` (None: SEND_TIMEOUT_S) fails (OSError): a peer that stopped reading
+    breaks the connection instead of blocking the writer for ever. Reads stay blocking. A plain socket's only: a
+    blocking SSL write waits for room again after the timeout (use SerialTLS)."""
+    seconds = SEND_TIMEOUT_S if seconds is None else seconds
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
 
 
