@@ -79,6 +79,9 @@ class GatewayMetrics:
         self._totals = np.zeros((num_layers, num_experts), dtype=np.int64)
         self._exported = np.zeros_like(self._totals)  # the part of _totals already sent to Ray
         self._fanout: list[float] = []
+        # the per-request counters below are counted from several event loops (Serve's, the direct_grpc port's):
+        # their read-modify-writes and counts()'s copies happen under _counts_lock (once per request, never per token)
+        self._counts_lock = threading.Lock()
         self.requests: dict[tuple[str, str], int] = {}
         self.errors: dict[str, int] = {}
         self.latency_counts = {"ttft": 0, "tpot": 0, "e2e": 0}
@@ -101,20 +104,28 @@ class GatewayMetrics:
 
     def request(self, api: str, status: str) -> None:
         """Count a finished request: api grpc|http, status ok|invalid|rejected|error."""
-        self.requests[(api, status)] = self.requests.get((api, status), 0) + 1
+        with self._counts_lock:
+            self.requests[(api, status)] = self.requests.get((api, status), 0) + 1
         if self._ray:
             self._ray["requests"].inc(1, {"api": api, "status": status})
 
     def error(self, code: str) -> None:
         """Count a failed request by error code (an HTTP status or gRPC code name)."""
-        self.errors[str(code)] = self.errors.get(str(code), 0) + 1
+        with self._counts_lock:
+            self.errors[str(code)] = self.errors.get(str(code), 0) + 1
         if self._ray:
             self._ray["errors"].inc(1, {"code": str(code)})
 
     def _observe(self, name: str, seconds: float) -> None:
-        self.latency_counts[name] += 1
+        with self._counts_lock:
+            self.latency_counts[name] += 1
         if self._ray:
             self._ray[name].observe(float(seconds))
+
+    def counts(self) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[str, int]]:
+        """Copies of (requests, errors, latency_counts) taken together: safe to iterate while other threads count."""
+        with self._counts_lock:
+            return dict(self.requests), dict(self.errors), dict(self.latency_counts)
 
     def ttft(self, seconds: float) -> None:
         """Observe a time to first token."""

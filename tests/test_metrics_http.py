@@ -3,6 +3,10 @@ engine gauge it sets is exported under its documented name, and the expert serie
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
+
 import torch
 
 from elasticmoe.gateway.openai_extras import prometheus_text
@@ -42,3 +46,54 @@ def test_expert_series_follow_the_expert_metrics_mode():
     assert got["per_layer"] == {'elasticmoe_expert_tokens_total{layer="1",expert="all"}': 4,
                                 'elasticmoe_expert_tokens_total{layer="2",expert="all"}': 2}
     assert got["off"] == {}
+
+
+@contextlib.contextmanager
+def _switching_often():
+    """A GIL switch interval of 1 us: two threads interleave at nearly every chance."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_counters_keep_every_request_counted_from_two_event_loops():
+    """The direct_grpc port's loop thread and Serve's count requests on one GatewayMetrics: `requests[k] =
+    requests.get(k) + 1` from both lost about one count in seven under a short switch interval."""
+    m = GatewayMetrics("off", 2, 2, [1], use_ray=False)
+    n = 20_000
+
+    def count() -> None:
+        for _ in range(n):
+            m.request("grpc", "ok")
+            m.error("CANCELLED")
+            m.ttft(0.1)
+
+    with _switching_often():
+        threads = [threading.Thread(target=count) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert m.requests == {("grpc", "ok"): 2 * n} and m.errors == {"CANCELLED": 2 * n}
+    assert m.latency_counts["ttft"] == 2 * n
+
+
+def test_a_scrape_while_another_loop_counts_a_new_code():
+    """GET /metrics (Serve's loop) iterated the request and error counters while the direct_grpc port's loop added
+    a code seen for the first time: "dictionary changed size during iteration", a 500 for the scrape."""
+    with _switching_often():
+        for _ in range(50):
+            m = GatewayMetrics("off", 2, 2, [1], use_ray=False)
+            for code in range(50):
+                m.error(str(code))
+            writer = threading.Thread(target=lambda: [m.error(f"X{c}") for c in range(300)])
+            writer.start()
+            try:
+                while writer.is_alive():
+                    prometheus_text(m)
+            finally:
+                writer.join()
+            assert 'code="X299"' in prometheus_text(m)

@@ -47,12 +47,13 @@ def prometheus_text(metrics: Any) -> str:
     def family(name: str, kind: str, doc: str, rows: list[str]) -> None:
         out.extend([f"# HELP {name} {doc}", f"# TYPE {name} {kind}", *rows])
 
+    requests, errors, latency = metrics.counts()  # copies: the direct_grpc port's loop counts while this iterates
     family("elasticmoe_requests_total", "counter", "Client requests by API and outcome",
-           [_line("elasticmoe_requests_total", n, {"api": a, "status": s}) for (a, s), n in metrics.requests.items()])
+           [_line("elasticmoe_requests_total", n, {"api": a, "status": s}) for (a, s), n in requests.items()])
     family("elasticmoe_request_errors_total", "counter", "Failed client requests by error code",
-           [_line("elasticmoe_request_errors_total", n, {"code": c}) for c, n in metrics.errors.items()])
+           [_line("elasticmoe_request_errors_total", n, {"code": c}) for c, n in errors.items()])
     family("elasticmoe_latency_observations_total", "counter", "Latency observations (ttft, tpot, e2e)",
-           [_line("elasticmoe_latency_observations_total", n, {"kind": k}) for k, n in metrics.latency_counts.items()])
+           [_line("elasticmoe_latency_observations_total", n, {"kind": k}) for k, n in latency.items()])
     gauges = {"running": ("elasticmoe_running_seqs", "Sequences in the running batch"),
               "queued": ("elasticmoe_queued_seqs", "Requests waiting for a KV-cache slot"),
               "kv_usage": ("elasticmoe_kv_cache_usage", "Used KV-cache slots / total slots")}  # GatewayMetrics.engine
