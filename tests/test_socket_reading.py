@@ -235,3 +235,45 @@ def test_the_connection_thread_stays_asleep_while_a_caller_reads(files, halves):
         assert calls >= 50 and woke <= 1.5 / socket_transport.PARK_S + 2, (calls, woke)
     finally:
         t.close()
+
+
+def test_a_caller_waiting_while_the_connection_opens_never_reads_a_half_open_one():
+    """claim() tells an open connection by its reader, which _run set a statement before the socket: a caller waiting
+    for a frame sent while the connection opened could take the read token there and read `None.fileno()` (an
+    AttributeError out of the engine step). The connection thread is held between the two (a trace hook)."""
+    import inspect
+    import sys
+
+    from elasticmoe.gateway.socket_conn import _Conn
+
+    ours, theirs = socket.socketpair()
+    may_open, paused, go = threading.Event(), threading.Event(), threading.Event()
+    lines, first = inspect.getsourcelines(_Conn._run)
+    at = first + next(i for i, line in enumerate(lines) if "self._backlog = sock" in line)
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == at:
+            paused.set()
+            go.wait(10)
+        return local
+
+    def opener():
+        may_open.wait(10)
+        return ours, 0
+    t = SocketTransport(insecure=True)
+    threading.settrace(lambda frame, event, arg: local if frame.f_code is _Conn._run.__code__ else None)
+    try:
+        conn = t._conns["127.0.0.1:1"] = _Conn("127.0.0.1:1", opener)
+    finally:
+        threading.settrace(None)
+    try:
+        fut = cf.Future()
+        assert conn.submit(7, [b"x"], fut)  # taken into the backlog while the connection opens
+        may_open.set()
+        paused.wait(2)  # held where the socket is not published yet (if anywhere)
+        t.wait([fut], 0.2)  # reads nothing (no answer comes): must neither raise nor claim a half-open connection
+        assert not fut.done()
+    finally:
+        go.set()
+        t.close()
+        theirs.close()

@@ -108,8 +108,8 @@ class _Conn(Multiplexed):
             return
         with self._send_lock:
             with self._lock:
-                self._reader = frame_socket.FrameReader(sock)
                 self.sock, backlog, self._backlog = sock, self._backlog, None
+                self._reader = frame_socket.FrameReader(sock)  # last: claim() takes a set reader for an open socket
                 dead = self.dead
                 idle = self.retired and not self.pending  # retired while opening: its _shut found no socket
             try:
