@@ -106,7 +106,9 @@ class GrpcDispatcher:
             self._next = table
             if now or self.table is None:
                 self.table, self._next = table, None
-            return True
+            routed = self._routed()
+        self._forget_departed(routed)
+        return True
 
     def latest(self) -> RoutingTable | None:
         """The newest table known, installed or waiting for the next step."""
@@ -116,8 +118,24 @@ class GrpcDispatcher:
         """Called by the engine before each step: switch to the newest table between steps."""
         self.steps += 1
         with self._lock:
-            if self._next is not None:
-                self.table, self._next = self._next, None
+            if self._next is None:
+                return
+            self.table, self._next = self._next, None
+            routed = self._routed()
+        self._forget_departed(routed)
+
+    def _routed(self) -> set[str]:
+        """(Under the lock.) The shard ids of the installed table and of the one waiting for the next step."""
+        return {s for t in (self.table, self._next) if t is not None for s in t.shards}
+
+    def _forget_departed(self, kept: set[str]) -> None:
+        """Drop what is kept per shard id (suspicions, token counts) for shards not in `kept` (_routed): replicas
+        come and go for weeks, each under a new id. A late failure of a departed shard may add it back; the next
+        table drops it again."""
+        for per_shard in (self.suspects, self.shard_tokens):
+            for shard_id in list(per_shard):  # list(): other threads add entries meanwhile
+                if shard_id not in kept:
+                    per_shard.pop(shard_id, None)
 
     # ----- shard health as seen from here
     def suspect(self, shard_id: str, report: bool) -> None:

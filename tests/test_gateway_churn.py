@@ -1,0 +1,60 @@
+"""A gateway running for weeks sees expert shard replicas come and go: what it keeps per shard id or address must
+go with them (real in-process shards over real gRPC and sockets, started and stopped one after another)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from elasticmoe.experts.shard_server import start_server
+from elasticmoe.gateway.dispatcher import GrpcDispatcher
+from elasticmoe.gateway.routing import RoutingTable
+from elasticmoe.model.experts import ExpertStore
+from tests.shard_util import E, _inputs, _reference, files  # noqa: F401
+
+REPLICAS = 20  # each replaces the one before it, at a new address and with a new shard id
+
+
+def _table(version: int, shards: list[dict], layers: list[int]) -> RoutingTable:
+    """Every expert of every layer has one copy per shard, equal shares."""
+    experts = [[(s, 1.0 / len(shards)) for s in range(len(shards))] for _ in range(E)]
+    return RoutingTable.from_dict({"version": version, "layers": {l: experts for l in layers}, "shards": shards})
+
+
+@contextlib.contextmanager
+def _churned(files, transport: str):  # noqa: F811
+    """A dispatcher that has routed through REPLICAS shard replicas in turn, each replacing the one before it (the
+    gone one is still in the next table: its calls fail and fail over to the new one); yielded still open."""
+    layers = files.spec.moe.moe_layers
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load([(l, e) for l in layers for e in range(E)])
+    inputs = _inputs(files)
+    ref = _reference(files, layers[0], *inputs)
+    d = GrpcDispatcher(transport=transport, timeout_s=5)
+    servers = []
+    try:
+        for i in range(REPLICAS):
+            server, _, port = start_server(store, f"r{i}")
+            servers.append(server)
+            shards = [{"id": f"r{i}", "address": f"127.0.0.1:{port}"}]
+            if i:
+                servers[i - 1].stop(None).wait(10)
+                shards.insert(0, last)
+            last = shards[-1]
+            d.set_table(_table(i + 1, shards, layers))
+            d.begin_step()  # the engine's step boundary installs it
+            torch.testing.assert_close(d.dispatch(layers[0], *inputs).wait(), ref, rtol=1e-5, atol=1e-6)
+        assert d.failovers >= REPLICAS - 1  # each gone replica was met, and left (suspected) by the failover
+        yield d
+    finally:
+        d.close()
+        for s in servers:
+            s.stop(None).wait(10)
+
+
+def test_shard_ids_coming_and_going_leave_nothing_behind_in_the_dispatcher(files):  # noqa: F811
+    with _churned(files, "socket") as d:
+        held = {"suspects": len(d.suspects), "shard_tokens": len(d.shard_tokens)}
+        assert all(n <= 2 for n in held.values()), held  # the last table's two shards at most, not every one seen
