@@ -58,3 +58,17 @@ def test_shard_ids_coming_and_going_leave_nothing_behind_in_the_dispatcher(files
     with _churned(files, "socket") as d:
         held = {"suspects": len(d.suspects), "shard_tokens": len(d.shard_tokens)}
         assert all(n <= 2 for n in held.values()), held  # the last table's two shards at most, not every one seen
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream", "socket"])
+def test_addresses_coming_and_going_leave_no_channels_or_connections_behind(files, transport):  # noqa: F811
+    with _churned(files, transport) as d:
+        t = d.transport
+        held = {"channels": len(t._stubs), "limits": len(t._limits)}
+        for name in ("_conns", "_streams"):  # socket, stream
+            if hasattr(t, name):
+                held[name] = len(getattr(t, name))
+        assert all(n <= 2 for n in held.values()), held  # the last table's two addresses at most
+        layer, inputs = files.spec.moe.moe_layers[0], _inputs(files, 1)
+        torch.testing.assert_close(d.dispatch(layer, *inputs).wait(), _reference(files, layer, *inputs),
+                                   rtol=1e-5, atol=1e-6)  # the live replica is still reached

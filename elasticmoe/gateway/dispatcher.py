@@ -124,18 +124,23 @@ class GrpcDispatcher:
             routed = self._routed()
         self._forget_departed(routed)
 
-    def _routed(self) -> set[str]:
-        """(Under the lock.) The shard ids of the installed table and of the one waiting for the next step."""
-        return {s for t in (self.table, self._next) if t is not None for s in t.shards}
+    def _routed(self) -> tuple[set[str], set[str]]:
+        """(Under the lock.) The shard ids and addresses of the installed table and of the one waiting."""
+        tables = [t for t in (self.table, self._next) if t is not None]
+        return {s for t in tables for s in t.shards}, {a for t in tables for a in t.addresses}
 
-    def _forget_departed(self, kept: set[str]) -> None:
-        """Drop what is kept per shard id (suspicions, token counts) for shards not in `kept` (_routed): replicas
-        come and go for weeks, each under a new id. A late failure of a departed shard may add it back; the next
-        table drops it again."""
+    def _forget_departed(self, routed: tuple[set[str], set[str]]) -> None:
+        """Drop what is kept per shard id (suspicions, token counts) and per address (the transport's channels and
+        connections) for shards not `routed`: replicas come and go for weeks, each under a new id and address. A
+        late failure of a departed shard may add it back; the next table drops it again."""
+        kept, addresses = routed
         for per_shard in (self.suspects, self.shard_tokens):
             for shard_id in list(per_shard):  # list(): other threads add entries meanwhile
                 if shard_id not in kept:
                     per_shard.pop(shard_id, None)
+        retain = getattr(self.transport, "retain", None)  # optional for a transport given as an object
+        if retain is not None:
+            retain(addresses)
 
     # ----- shard health as seen from here
     def suspect(self, shard_id: str, report: bool) -> None:

@@ -146,6 +146,15 @@ class SocketTransport(_Channels):
             for c in held:
                 c.release()
 
+    def retain(self, addresses) -> None:
+        """Retire the connections to shards at other addresses (their calls in flight still get their answers, then
+        each closes), and close their channels (_Channels.retain)."""
+        with self._lock:
+            gone = [self._conns.pop(a) for a in list(self._conns) if a not in addresses]
+        for c in gone:
+            c.retire()
+        super().retain(addresses)
+
     def close(self) -> None:
         self._deadlines.close()
         with self._lock:

@@ -118,6 +118,14 @@ class StreamTransport(_Channels):
 
     wait = staticmethod(wait_any)
 
+    def retain(self, addresses) -> None:
+        """Half-close the streams to shards at other addresses and close their channels (_Channels.retain)."""
+        with self._lock:
+            gone = [self._streams.pop(a) for a in list(self._streams) if a not in addresses]
+        for s in gone:
+            s.close()
+        super().retain(addresses)
+
     def close(self) -> None:
         self._deadlines.close()
         with self._lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable, Literal, Protocol
+from typing import Callable, Collection, Literal, Protocol
 
 import grpc
 
@@ -40,6 +40,9 @@ class ExpertTransport(Protocol):
         a transport may read the answers on the waiting thread."""
 
     def close(self) -> None: ...
+
+    # optional: retain(addresses) closes what the transport keeps for shards at other addresses (the dispatcher
+    # calls it with the addresses of its tables whenever a new one comes)
 
 
 def wait_any(futures: list[Future], timeout_s: float) -> None:
@@ -152,6 +155,18 @@ class _Channels:
                 if self.ask_limits:
                     self._ask_limit(address, self._stubs[address][0])
             return (*self._stubs[address], renewed)
+
+    def retain(self, addresses: Collection[str]) -> None:
+        """Close the channels to shards at addresses not in `addresses` and forget their limits: shard replicas
+        come and go (a new address each) for as long as the gateway runs. What a call still in flight to one of
+        them (hedged around: its step is over) gets is CANCELLED."""
+        with self._lock:
+            gone = [a for a in self._stubs if a not in addresses]
+            channels = [self._stubs.pop(a)[1] for a in gone]
+            for a in [a for a in self._limits if a not in addresses]:  # a late Health answer may add one back
+                self._limits.pop(a, None)
+        for ch in channels:
+            ch.close()
 
     def close_channels(self) -> None:
         """Close every channel (the transport's close: its calls in flight end CANCELLED)."""
