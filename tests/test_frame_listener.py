@@ -233,3 +233,26 @@ def test_a_gateway_that_stops_reading_loses_its_connection_after_the_send_timeou
     finally:
         raw.close()
         server.stop(None).wait(10)
+
+
+def test_both_ends_of_a_frame_connection_probe_a_silent_peer_within_a_minute(files):  # noqa: F811
+    """A peer whose host vanished without closing (power, a cut link) sends nothing, not even a reset: only TCP
+    keepalive finds it. Both ends' sockets (mTLS, as deployed) probe after 30 s of silence, every 10 s, 3 times: the
+    shard's place and the gateway's pending calls are freed within a minute, not Linux's default 2 h 11 min."""
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    layer = files.spec.moe.moe_layers[0]
+    store.load([(layer, e) for e in range(E)])
+    server, _, port = start_server(store, "s")
+    t = SocketTransport()
+    try:
+        assert t.send(f"127.0.0.1:{port}", lambda: _req(files, layer), 5).result(timeout=10).output.data
+        [gateway_end] = [c.sock.sock for c in t._conns.values()]  # SerialTLS over the SSLSocket
+        [shard_end] = list(server.listener._conns)
+        for end in (gateway_end, shard_end):
+            assert end.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            probes = [end.getsockopt(socket.IPPROTO_TCP, o) for o in
+                      (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)]
+            assert probes == [30, 10, 3] and probes[0] + probes[1] * probes[2] <= 60, probes
+    finally:
+        t.close()
+        server.stop(None)

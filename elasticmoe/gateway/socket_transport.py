@@ -96,7 +96,7 @@ class SocketTransport(_Channels):
         host = address.rsplit(":", 1)[0].strip("[]")
         sock = socket.create_connection((host, port), timeout=CONNECT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        frame_socket.keepalive(sock)  # a shard whose host vanished fails its calls within a minute
         try:
             if not self.insecure:
                 with self._lock:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import grpc
 
 from elasticmoe.rpc import frame_socket, frames, tls
-from elasticmoe.rpc.frame_socket import FrameReader, hard_close, send_parts, send_timeout, shutdown
+from elasticmoe.rpc.frame_socket import FrameReader, hard_close, keepalive, send_parts, send_timeout, shutdown
 from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
 from elasticmoe.rpc.tls_socket import SerialTLS
 
@@ -88,6 +88,7 @@ class FrameListener:
             except OSError:
                 return  # closed
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive(conn)  # a gateway whose host vanished frees its place within a minute, not hours
             send_timeout(conn)
             thread = threading.Thread(target=self._connection, args=(conn,), name="frames-conn", daemon=True)
             with self._lock:

@@ -19,6 +19,9 @@ PREFIX = 8  # bytes of an ExpertFrame's prefix: the frame's length prefix on the
 _SMALL = 64 << 10  # buffers up to this size are joined before a TLS write (one record, not one per piece)
 _CHUNK = 256 << 10  # a FrameReader's receive buffer: frames up to _SMALL are read into it, then copied out
 SEND_TIMEOUT_S = 10
+# TCP keepalive on frame connections, both ends: a peer whose host vanished without closing (power, network cut) is
+# found dead after KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S of silence (60 s), not Linux's 2 h 11 min
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 30, 10, 3
 
 
 def send_parts(sock: socket.socket, parts: list) -> None:
@@ -142,6 +145,15 @@ class FrameReader:
         """Every frame until a clean end of stream."""
         while (got := self.step()) is not None:
             yield from got
+
+
+def keepalive(sock: socket.socket) -> None:
+    """TCP keepalive with the timers above (where the platform has them: Linux, macOS 10.15+)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def send_timeout(sock: socket.socket, seconds: int | None = None) -> None:
