@@ -4,6 +4,7 @@ and failing its pending calls at once when it ends."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import select
 import socket
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 PARK_S = 0.5  # a connection's thread leaves reading to the callers for this long after one last read (it then
 # reads only answers that nobody waits for: a hedged-around call's late failure, say), waking twice a second
 IDLE_POLL_S = 1.0  # how long a connection's thread waits in poll() at a time
+SPILL_FRAMES = 32  # frames waiting for a shard slow to read, at most; one more is refused as busy (another copy)
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 Opener = Callable[[], "tuple[socket.socket | SerialTLS, int]"]  # the connection's socket, the shard's message limit
 
@@ -52,6 +54,7 @@ class _Conn(Multiplexed):
         self._backlog: list[tuple[int, list]] | None = []  # (id, frame) submitted while connecting; None once open
         self.limit = 0  # the largest frame the shard takes, prefix included (Health; 0: not told)
         self._send_lock = threading.Lock()  # one frame on the wire at a time
+        self._spill: collections.deque = collections.deque()  # (unsent rest, frame): what the writer thread owes
         self._token = threading.RLock()  # held by whoever reads the socket (this connection's thread or a caller;
         # reentrant: a callback run by a reading caller may wait on another call)
         self._reader: frame_socket.FrameReader | None = None  # set once open
@@ -75,11 +78,46 @@ class _Conn(Multiplexed):
             self.pending[frame_id] = fut
             sock = self.sock
         try:
-            with self._send_lock:
-                frame_socket.send_parts(sock, parts)
+            with self._send_lock:  # what the socket takes now goes now; the rest waits for the writer thread
+                self._write_or_spill(sock, frame_id, parts)
         except OSError as e:
             self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
         return True
+
+    def _write_or_spill(self, sock, frame_id: int, parts: list) -> None:
+        """(Holding _send_lock.) Write what the socket takes now; the rest goes to the writer thread, and so does the
+        whole frame while earlier ones still wait there (one more than SPILL_FRAMES fails its call as busy)."""
+        if self._spill:
+            if len(self._spill) >= SPILL_FRAMES:
+                if (refused := self.take(frame_id)) is not None:
+                    refused.set_exception(TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                        f"{frames.BUSY}: {self.address} has not read the {SPILL_FRAMES} frames before")))
+                return
+            self._spill.append((parts, parts))
+        elif rest := frame_socket.send_parts_nowait(sock, parts):
+            self._spill.append((rest, parts))  # parts: its `keep` holds the tensors the rest points into
+            threading.Thread(target=self._write_spilled, args=(sock,), name=f"frames-out-{self.address}",
+                             daemon=True).start()
+
+    def _write_spilled(self, sock) -> None:
+        """While frames wait (the shard reads slower than frames come, or a frame is larger than the socket's
+        buffers): write them in order, waiting for room, then end. Callers queue behind it meanwhile, never waiting
+        themselves: a shard that stops reading holds no engine step (its calls time out and fail over); one that
+        moves nothing for frame_socket.SEND_TIMEOUT_S ends the connection."""
+        while True:
+            with self._send_lock:
+                if not self._spill:
+                    return
+                rest, _ = self._spill[0]  # (the frame's parts stay in the deque: the rest may point into them)
+            try:
+                frame_socket.send_rest(sock, rest)
+            except OSError as e:
+                with self._send_lock:
+                    self._spill.clear()
+                self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+                return
+            with self._send_lock:
+                self._spill.popleft()
 
     def _oversize(self, parts: list) -> TransportError | None:
         """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""
@@ -115,11 +153,14 @@ class _Conn(Multiplexed):
             try:
                 for frame_id, parts in [] if dead else backlog:
                     if (err := self._oversize(parts)) is None:
-                        frame_socket.send_parts(sock, parts)
+                        self._write_or_spill(sock, frame_id, parts)
                     elif (fut := self.take(frame_id)) is not None:
                         fut.set_exception(err)
             except OSError as e:
                 self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+            except Exception as e:  # noqa: BLE001 - a bug: fail the calls rather than leave them to their deadlines
+                log.exception("frames to %s: writing the frames sent while connecting failed", self.address)
+                self.fail(TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}"))
         if idle:
             self._shut()  # nothing to answer: end it (the reader sees the end)
         try:

@@ -13,7 +13,7 @@ import torch
 
 from elasticmoe.rpc import frames
 from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
-from elasticmoe.rpc.tls_socket import SerialTLS
+from elasticmoe.rpc.tls_socket import WRITE_BYTES, SerialTLS
 
 PREFIX = 8  # bytes of an ExpertFrame's prefix: the frame's length prefix on the socket
 _SMALL = 64 << 10  # buffers up to this size are joined before a TLS write (one record, not one per piece)
@@ -53,6 +53,57 @@ def send_parts(sock: socket.socket, parts: list) -> None:
             views[0] = views[0][sent:]
         if views:
             sent = sock.sendmsg(views[:512])
+
+
+def send_parts_nowait(sock: socket.socket | SerialTLS, parts: list) -> list:
+    """As send_parts, without waiting for room: what could not be written now, as buffers for send_parts to write
+    later in this order ([] when all of it went). A TLS write that could not go is in the rest whole (an SSL write
+    that must wait is retried with the same bytes). OSError when the connection is broken."""
+    if isinstance(sock, SerialTLS):
+        units = _tls_units(parts)
+        for i, unit in enumerate(units):
+            sent = sock.send_nowait(unit)
+            if sent < len(unit):
+                return [unit[sent:] if sent else unit, *units[i + 1:]]
+        return []
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        try:
+            sent = sock.sendmsg(views[:512], (), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return views
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+    return []
+
+
+def send_rest(sock: socket.socket | SerialTLS, rest: list) -> None:
+    """Write what send_parts_nowait left, in order, waiting for room (a TLS write again with the same bytes)."""
+    if isinstance(sock, SerialTLS):
+        for unit in rest:
+            sock.sendall(unit)
+    else:
+        send_parts(sock, rest)
+
+
+def _tls_units(parts: list) -> list:
+    """A frame's buffers as TLS writes of at most WRITE_BYTES bytes: small pieces joined, large ones cut."""
+    units, small = [], []
+    for v in parts:
+        if len(v) <= _SMALL:
+            small.append(v)
+            continue
+        if small:
+            units.append(b"".join(small))
+            small = []
+        view = memoryview(v).cast("B")
+        units += [view[i:i + WRITE_BYTES] for i in range(0, len(view), WRITE_BYTES)]
+    if small:
+        units.append(b"".join(small))
+    return units
 
 
 def _buffer(n: int) -> memoryview:

@@ -8,7 +8,7 @@ import threading
 import time
 
 _EVENTS = {ssl.SSLWantReadError: select.POLLIN, ssl.SSLWantWriteError: select.POLLOUT}
-_WRITE = 256 << 10  # bytes per SSL write: Python's ssl reports a write only once all of it is out (no partial writes)
+WRITE_BYTES = 256 << 10  # bytes per SSL write: Python's ssl reports one only once all of it is out (no partial writes)
 
 
 def _wait(fd: int, events: int, timeout_s: float | None) -> bool:
@@ -62,7 +62,7 @@ class SerialTLS:
         while view:
             with self._lock:
                 try:
-                    sent = self.sock.send(view[:_WRITE])  # after a WantWrite: the same bytes again
+                    sent = self.sock.send(view[:WRITE_BYTES])  # after a WantWrite: the same bytes again
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:
                     sent, events = 0, _EVENTS[type(e)]
             if sent:
@@ -71,6 +71,15 @@ class SerialTLS:
             left = self.send_timeout_s - (time.monotonic() - since)
             if left <= 0 or not _wait(self.fd, events, left):
                 raise TimeoutError(f"TLS write moved nothing for {self.send_timeout_s:.0f} s")
+
+    def send_nowait(self, data) -> int:
+        """Write data (at most WRITE_BYTES) without waiting: the bytes written, 0 when there is no room now (then
+        write the same bytes again, as sendall does)."""
+        with self._lock:
+            try:
+                return self.sock.send(data)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return 0
 
     def fileno(self) -> int:
         return self.fd

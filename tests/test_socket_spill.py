@@ -1,0 +1,101 @@
+"""The socket transport's writes to a shard slow to read (a straggler, or frames larger than the socket's buffers):
+the calling thread never waits for room; a writer thread owes the rest, in order; a shard that has not read its
+queued frames refuses more as busy; one that reads nothing ends the connection (real in-process shards, mTLS and
+plaintext)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from elasticmoe.gateway import socket_conn
+from elasticmoe.gateway.socket_transport import SocketTransport
+from elasticmoe.rpc import frame_socket, frames
+from elasticmoe.rpc.codec import decode_tensor
+from elasticmoe.rpc.frames import ExpertRequest
+from tests.shard_util import E, Shards, _reference, files  # noqa: F401
+
+FRAME_BYTES = 16 << 20  # larger than loopback's socket buffers (a few MiB): a shard not reading leaves most unsent
+
+
+@pytest.fixture
+def straggler(files):  # noqa: F811
+    """One shard holding every expert; its calls sleep 1.5 s before computing (it reads its next frame after)."""
+    shards = Shards(files, [list(range(E))], {0: {"insecure": False}})
+    shards.servicers[0].faults.run_delay_s = 1.5
+    yield shards
+    shards.servicers[0].faults.run_delay_s = 0.0
+    shards.close()
+
+
+def _big(files, layer: int, seed: int) -> ExpertRequest:  # noqa: F811
+    g = torch.Generator().manual_seed(seed)
+    rows = FRAME_BYTES // (files.spec.hidden_size * 4)
+    hidden = torch.randn(rows, files.spec.hidden_size, generator=g)  # [T, H]
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(64)]).repeat(rows // 64, 1)  # [T, 2]
+    return ExpertRequest(layer, hidden, ids.to(torch.int32), torch.rand(rows, 2, generator=g))
+
+
+@pytest.mark.parametrize("insecure", [False, True], ids=["mtls", "plaintext"])
+def test_sends_to_a_straggler_return_at_once_and_are_answered_in_order(files, insecure):  # noqa: F811
+    """Three 16 MiB frames to a shard that sleeps 1.5 s per call: each send returns in well under a call's sleep
+    (it used to wait on the caller's thread until the shard read: 3.3 s for the second), and every answer equals the
+    single-process reference (the rest written later still points at live tensors, in order)."""
+    shards = Shards(files, [list(range(E))], {0: {"insecure": insecure}})
+    t = SocketTransport(insecure=insecure)
+    try:
+        layer = shards.layers[0]
+        reqs = [_big(files, layer, seed) for seed in range(3)]
+        small = ExpertRequest(layer, reqs[0].hidden[:4], reqs[0].topk_ids[:4], reqs[0].topk_weights[:4])
+        assert t.send(shards.addresses[0], lambda: small, 10).result(timeout=10).output is not None  # connected
+        shards.servicers[0].faults.run_delay_s = 1.5
+        sent, futs = [], []
+        for r in reqs:
+            t0 = time.perf_counter()
+            futs.append(t.send(shards.addresses[0], lambda r=r: r, 60))
+            sent.append(time.perf_counter() - t0)
+        assert max(sent) < 0.75, sent
+        for r, f in zip(reqs, futs):
+            want = _reference(files, layer, r.hidden, r.topk_ids, r.topk_weights)
+            torch.testing.assert_close(decode_tensor(f.result(timeout=60).output), want.to(torch.float64))
+    finally:
+        shards.servicers[0].faults.run_delay_s = 0.0
+        t.close()
+        shards.close()
+
+
+def test_a_shard_with_frames_unread_refuses_more_as_busy(files, straggler, monkeypatch):  # noqa: F811
+    """With SPILL_FRAMES frames already waiting for the shard, one more fails at once as busy (another copy may
+    take it; the gateway's memory stays bounded) while the waiting ones are still answered."""
+    monkeypatch.setattr(socket_conn, "SPILL_FRAMES", 2)
+    t = SocketTransport()
+    try:
+        layer = straggler.layers[0]
+        futs = [t.send(straggler.addresses[0], lambda s=s: _big(files, layer, s), 60) for s in range(5)]
+        with pytest.raises(grpc.RpcError) as e:
+            futs[-1].result(timeout=1)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and frames.BUSY in e.value.details()
+        assert futs[0].result(timeout=60).output is not None
+    finally:
+        t.close()
+
+
+def test_a_shard_that_reads_nothing_ends_the_connection_not_the_callers_step(files, straggler, monkeypatch):  # noqa: F811
+    """The writer thread waits at most SEND_TIMEOUT_S for room (1 s here, the shard asleep for 1.5 s per call): then
+    the connection ends and its calls fail UNAVAILABLE (failover's signal), while no send ever held its caller."""
+    monkeypatch.setattr(frame_socket, "SEND_TIMEOUT_S", 1)
+    straggler.servicers[0].faults.run_delay_s = 8.0
+    t = SocketTransport()
+    try:
+        layer = straggler.layers[0]
+        t0 = time.perf_counter()
+        futs = [t.send(straggler.addresses[0], lambda s=s: _big(files, layer, s), 60) for s in range(3)]
+        assert time.perf_counter() - t0 < 1.0
+        with pytest.raises(grpc.RpcError) as e:
+            futs[-1].result(timeout=6)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+    finally:
+        t.close()
