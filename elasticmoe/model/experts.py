@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 from dataclasses import dataclass
@@ -65,6 +66,18 @@ def _scale(ckpt: Checkpoint, name: str) -> str:
         raise CheckpointError(f"{ckpt.path}: expert weight {name!r} is not FP8 (no weight_scale_inv), but the other "
                               "experts are kept in FP8")
     return scale
+
+
+def _storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty tensor for a layer's stacked weights. On the CPU it has an anonymous mapping of its own, unmapped when
+    the last tensor using it goes (a drop, or the in-flight call that still held the old layer): malloc would serve
+    one under its mmap threshold, which glibc raises to the largest block freed (up to 32 MiB), from its heaps, and
+    keep it there once freed, so churn of small layers left the process at 1.2-3x the experts it held."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if device.type != "cpu" or nbytes == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero pages, touched on first write
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
 _NOW = object()  # missing() / forward() without a snapshot: the layer as held now (None is a snapshot: none held)
@@ -159,7 +172,7 @@ class ExpertStore:
     def _load_layer(self, layer: int, experts: list[int], progress: LoadProgress) -> None:
         old = self.layers.get(layer)
         held = old.global_ids if old is not None else ()
-        parts = {k: torch.empty(shape, dtype=dtype, device=self.device)
+        parts = {k: _storage(shape, dtype, self.device)
                  for k, (shape, dtype) in self.part_shapes(len(held) + len(experts)).items()}
         if old is not None:
             for k, src in old.parts().items():
@@ -185,8 +198,9 @@ class ExpertStore:
                     del self.layers[layer]
                     continue
                 idx = torch.tensor(keep, device=self.device)
-                self.layers[layer] = self._stack(layer, [le.global_ids[i] for i in keep],
-                                                 {k: t.index_select(0, idx) for k, t in le.parts().items()})
+                parts = {k: torch.index_select(t, 0, idx, out=_storage((len(keep), *t.shape[1:]), t.dtype, t.device))
+                         for k, t in le.parts().items()}
+                self.layers[layer] = self._stack(layer, [le.global_ids[i] for i in keep], parts)
 
     def _stack(self, layer: int, ids: list[int], parts: dict[str, torch.Tensor]) -> LayerExperts:
         to_local = torch.full((self.spec.moe.num_experts + 1,), -1, dtype=torch.int64, device=self.device)
