@@ -1,10 +1,17 @@
-"""The README's statements about the demo, the fan-out and the fault handling that name a number or a printed line:
-each is checked against the code that makes it so (tests/test_doc_claims.py: names, commands and defaults)."""
+"""The README's statements about the demo, the fan-out and the fault handling that name a number or a printed line,
+or a fault behaviour no other test holds: each is checked against the code that makes it so (tests/test_doc_claims.py:
+names, commands and defaults)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
+import time
 
+import pytest
+
+from tests.controller_util import model  # noqa: F401 - a fixture
 from tests.doc_util import REPO
 
 README = " ".join((REPO / "README.md").read_text().split())
@@ -68,3 +75,41 @@ def test_the_controller_reads_the_shards_counters_once_a_second():
     from elasticmoe.autoscaler.controller import STATS_INTERVAL_S
 
     assert "The controller reads every live shard's counters once a second" in README and STATS_INTERVAL_S == 1.0
+
+
+def test_a_shard_the_controller_dropped_fails_its_health_check(model):  # noqa: F811
+    """"a shard that finds itself dropped fails its Serve health check and is replaced": the replica's own heartbeats,
+    answered by a real controller that has dropped it from the placement, make its check_health raise (Serve then
+    replaces it); before the drop the check passes."""
+    from tests.controller_util import ControllerImpl, _args, _LoopHandle, _until, _with_shards
+    from tests.test_controller_restart import ShardImpl, _Replica
+
+    assert "a shard that finds itself dropped fails its Serve health check and is replaced" in README
+
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        replica = object.__new__(_Replica)  # b's replica as __init__ and its registration leave it
+        replica.shard_id, replica.address, replica.error, replica.desired = "b", b.address, None, 2.0
+        replica.controller = _LoopHandle(ctrl, asyncio.get_running_loop())
+        replica.registered, replica.stopping, replica.evicted = threading.Event(), False, None
+        replica.started = time.monotonic()
+        replica.registered.set()
+        beats = threading.Thread(target=ShardImpl._heartbeats, args=(replica,), daemon=True)
+        beats.start()
+        try:
+            await asyncio.sleep(1.5)  # beats while the controller knows b
+            ShardImpl.check_health(replica)
+            await ctrl.drain("b")  # the controller drops b (here asked to; a lost shard goes the same way)
+            await _until(lambda: replica.evicted is not None, 10, "b's heartbeat to find it dropped")
+            with pytest.raises(RuntimeError, match="dropped this shard"):
+                ShardImpl.check_health(replica)
+        finally:
+            replica.stopping = True
+            await asyncio.to_thread(beats.join, 15)
+            for task in ctrl._tasks:
+                task.cancel()
+        assert not beats.is_alive()
+
+    _with_shards(model, "ab", scenario)
