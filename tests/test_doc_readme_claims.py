@@ -53,17 +53,20 @@ def test_the_demo_completions_are_the_offline_greedy_ones():
 
 
 def test_fan_out_and_fault_numbers():
-    """"else to that shard again 50 ms later"; a frame listener open at exit lets its frame finish "(up to 5 s)";
+    """"else to that shard again 50 ms later"; a frame listener open at exit lets its frame finish "(up to 5 s)"; a
+    replica Serve stops gives the calls in flight "up to 2 s";
     micro-batches need "at least 8 tokens from two or more sequences in a step"."""
     import inspect
 
     from elasticmoe.engine.engine import Engine
+    from elasticmoe.experts.deployment import STOP_GRACE_S
     from elasticmoe.gateway.failover import BUSY_RETRY_S
     from elasticmoe.model.pipeline import micro_batch_count
     from elasticmoe.rpc.frame_listener import EXIT_WAIT_S
 
     assert "else to that shard again 50 ms later" in README and BUSY_RETRY_S == 0.05
     assert "lets that frame finish (up to 5 s)" in README and EXIT_WAIT_S == 5.0
+    assert "the calls in flight get up to 2 s to be answered" in README and STOP_GRACE_S == 2.0
     assert "at least 8 tokens from two or more sequences in a step" in README
     least = inspect.signature(Engine).parameters["pipeline_min_tokens"].default
     assert least == 8
