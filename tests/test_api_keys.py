@@ -238,3 +238,45 @@ def test_a_key_variable_set_without_a_key_does_not_open_the_api(env):
     keys = ApiKeys.from_args(AppArgs(model="tiny:mixtral", api_keys=[KEY]), environ=env)  # the args hold one
     keys.check(f"Bearer {KEY}")
     assert not ApiKeys.from_args(AppArgs(model="tiny:mixtral"), environ={}).enabled  # unset: no keys, open
+
+
+# ----- the key is checked first (docs/SECURITY.md: "HTTP: before the body is read; gRPC: before the request is
+# validated"): a request without a key that is also bad in another way is a 401 / UNAUTHENTICATED, never told why else
+def test_http_checks_the_key_before_reading_the_body(core):
+    import asyncio
+
+    from tests.doc_util import REPO
+
+    assert "HTTP: before the body is read" in (REPO / "docs" / "SECURITY.md").read_text()
+    app, reads, sent = build_openai_app(core), [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"{not json", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    for length in (b"9", b"abc", b"99999999999"):  # otherwise a 400 (bad JSON, Content-Length not a count) or a 413
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/completions", "raw_path": b"/v1/completions", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", length)],
+                 "client": ("127.0.0.1", 1), "server": ("test", 80)}
+        sent.clear()
+        asyncio.run(app(scope, receive, send))
+        assert sent[0]["status"] == 401 and reads == [], (length, sent[0]["status"])
+
+
+def test_grpc_checks_the_key_before_validating_the_request(grpc_address):
+    bad = [gen.GenerateRequest(prompt="Hello", request_id="forged\nline", sampling=gen.SamplingParams(max_tokens=2)),
+           gen.GenerateRequest(prompt="", sampling=gen.SamplingParams(max_tokens=2)),
+           gen.GenerateRequest(prompt="Hello", sampling=gen.SamplingParams(max_tokens=2, temperature=-1))]
+    with grpc.insecure_channel(grpc_address) as ch:
+        stub = gen_grpc.GenerationStub(ch)
+        for request in bad:
+            with pytest.raises(grpc.RpcError) as e:  # with the key: refused as invalid (the control holds that)
+                stub.Generate(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Generate(request, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, request
