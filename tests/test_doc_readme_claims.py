@@ -67,6 +67,8 @@ def test_fan_out_and_fault_numbers():
     assert "else to that shard again 50 ms later" in README and BUSY_RETRY_S == 0.05
     assert "lets that frame finish (up to 5 s)" in README and EXIT_WAIT_S == 5.0
     assert "the calls in flight get up to 2 s to be answered" in README and STOP_GRACE_S == 2.0
+    # the three: tests/test_runner_health.py counts the steps that raised before the requests ended and the check fails
+    assert "a gateway whose engine steps raised three times in a row with none succeeding since" in README
     assert "at least 8 tokens from two or more sequences in a step" in README
     least = inspect.signature(Engine).parameters["pipeline_min_tokens"].default
     assert least == 8

@@ -23,9 +23,11 @@ class BrokenEngine(Engine):
     """A real engine whose step raises outside any request's part while `broken` (a bug, a lost device)."""
 
     broken = True
+    raised = 0  # steps that raised
 
     def step(self):
         if self.broken:
+            self.raised += 1
             raise RuntimeError("injected: the step itself failed")
         return super().step()
 
@@ -67,6 +69,7 @@ def test_requests_waiting_behind_steps_that_keep_raising_end_with_an_error(model
     try:
         with pytest.raises(RequestFailed, match="engine step failed"):
             asyncio.run(asyncio.wait_for(_one(runner, ids), 30))
+        assert engine.raised == 3 and runner.gave_up  # the README's "raised three times in a row"
         assert runner.stats()["admitted"] == 0 and not engine.scheduler.waiting and engine.scheduler.num_free_slots
         engine.broken = False
         assert len(asyncio.run(asyncio.wait_for(_one(runner, ids), 30))) == GREEDY.max_tokens
