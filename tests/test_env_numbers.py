@@ -46,3 +46,22 @@ def test_the_expert_port_range_names_its_variable(raw, monkeypatch):
         _ports(0)
     monkeypatch.setenv("ELASTICMOE_EXPERT_PORT_RANGE", "20100-20102")
     assert _ports(0) == [20100, 20101, 20102] and _ports(5) == [5]
+
+
+def test_the_defaults_the_docs_state_for_them(monkeypatch):
+    """benchmarks/KERNELS.md: chunks "of at most `ELASTICMOE_MOE_CHUNK_TOKENS` tokens (default 4096"; the chart's
+    values.yaml: a step's share goes "in calls within the 256 MiB message limit" (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES
+    unset, as the chart leaves it)."""
+    pytest.importorskip("triton")
+    from elasticmoe.kernels import triton_moe
+    from elasticmoe.rpc import options
+    from tests.doc_util import CHART, REPO
+
+    kernels = " ".join((REPO / "benchmarks" / "KERNELS.md").read_text().split())
+    assert f"at most `{triton_moe.CHUNK_ENV}` tokens (default 4096," in kernels
+    monkeypatch.delenv(triton_moe.CHUNK_ENV, raising=False)
+    assert triton_moe.chunk_tokens_default() == 4096
+    assert "within the 256 MiB message limit" in (CHART / "values.yaml").read_text()
+    assert "ELASTICMOE_GRPC_MAX_MESSAGE_BYTES" not in (CHART / "templates" / "_pod.tpl").read_text()
+    monkeypatch.delenv("ELASTICMOE_GRPC_MAX_MESSAGE_BYTES", raising=False)
+    assert options._message_bytes() == 256 * options.MiB
