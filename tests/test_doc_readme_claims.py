@@ -75,6 +75,22 @@ def test_fan_out_and_fault_numbers():
     assert [micro_batch_count(t, s, 2, least) for t, s in [(7, 7), (8, 1), (8, 2), (64, 2)]] == [1, 1, 2, 2]
 
 
+def test_slow_readers_keepalive_and_reconnect_numbers():
+    """"up to 32; one more is refused as busy", "moves nothing for 10 s", "30 s idle, 3 probes 10 s apart", "within
+    1 s": the constants behind them (tests/test_socket_spill.py, test_frame_listener.py and test_socket_transport.py
+    test the behaviour)."""
+    from elasticmoe.gateway.socket_conn import SPILL_FRAMES
+    from elasticmoe.gateway.transport import RECONNECT_OPTIONS
+    from elasticmoe.rpc import frame_socket as fs
+
+    text = " ".join(README.split())
+    assert "queued behind (up to 32; one more is refused as busy)" in text and SPILL_FRAMES == 32
+    assert "a writer that moves nothing for 10 s ends the connection" in text and fs.SEND_TIMEOUT_S == 10
+    assert "(30 s idle, 3 probes 10 s apart)" in text
+    assert (fs.KEEPALIVE_IDLE_S, fs.KEEPALIVE_COUNT, fs.KEEPALIVE_INTERVAL_S) == (30, 3, 10)
+    assert "reached again within 1 s" in text and dict(RECONNECT_OPTIONS)["grpc.max_reconnect_backoff_ms"] == 1000
+
+
 def test_the_controller_reads_the_shards_counters_once_a_second():
     """"The controller reads every live shard's counters once a second": its stats loop's interval."""
     from elasticmoe.autoscaler.controller import STATS_INTERVAL_S
