@@ -5,6 +5,7 @@ plaintext)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -97,5 +98,51 @@ def test_a_shard_that_reads_nothing_ends_the_connection_not_the_callers_step(fil
         with pytest.raises(grpc.RpcError) as e:
             futs[-1].result(timeout=6)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+    finally:
+        t.close()
+
+
+class _HoldFirstWriter:
+    """A connection's _send_lock that holds its first writer thread after the lock hold in which it took a written
+    frame off the queue, until `sent` is set: the moment a caller may find the queue empty and write a frame."""
+
+    def __init__(self, lock):
+        self.lock, self.popped, self.sent = lock, threading.Event(), threading.Event()
+        self.writer, self.holds = None, 0
+
+    def __enter__(self):
+        me = threading.current_thread()
+        if me.name.startswith("frames-out-") and self.writer in (None, me):
+            self.writer, self.holds = me, self.holds + 1
+            if self.holds == 3:  # a third look at the queue, after the pop: the next frame's sender went first
+                self.sent.wait(10)
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        if threading.current_thread() is self.writer and self.holds == 2:  # the first frame written and popped
+            self.popped.set()
+
+
+def test_a_frame_sent_as_the_writer_thread_ends_is_written_once(files, straggler):  # noqa: F811
+    """The writer thread takes its last frame off the queue; before it looks at the queue again, a caller finds it
+    empty, writes part of a frame and starts a writer thread for the rest. The old writer must not write that rest
+    too (the shard read the frame's tail twice: a garbled stream, the connection's calls failed)."""
+    address, layer = straggler.addresses[0], straggler.layers[0]
+    t = SocketTransport()
+    try:
+        reqs = [_big(files, layer, seed) for seed in range(2)]
+        small = ExpertRequest(layer, reqs[0].hidden[:4], reqs[0].topk_ids[:4], reqs[0].topk_weights[:4])
+        assert t.send(address, lambda: small, 10).result(timeout=10).output is not None  # connected
+        conn = t._conns[address]
+        gate = conn._send_lock = _HoldFirstWriter(conn._send_lock)
+        futs = [t.send(address, lambda: reqs[0], 60)]
+        assert gate.popped.wait(30)  # the shard read all of the first frame; the writer thread took it off
+        futs.append(t.send(address, lambda: reqs[1], 60))  # part written now (the shard computes, then reads)
+        gate.sent.set()
+        futs.append(t.send(address, lambda: small, 60))
+        for r, f in zip([*reqs, small], futs):
+            want = _reference(files, layer, r.hidden, r.topk_ids, r.topk_weights)
+            torch.testing.assert_close(decode_tensor(f.result(timeout=60).output), want.to(torch.float64))
     finally:
         t.close()

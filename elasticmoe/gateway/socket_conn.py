@@ -104,11 +104,9 @@ class _Conn(Multiplexed):
         buffers): write them in order, waiting for room, then end. Callers queue behind it meanwhile, never waiting
         themselves: a shard that stops reading holds no engine step (its calls time out and fail over); one that
         moves nothing for frame_socket.SEND_TIMEOUT_S ends the connection."""
+        with self._send_lock:
+            rest, _ = self._spill[0]  # (the frame's parts stay in the deque: the rest may point into them)
         while True:
-            with self._send_lock:
-                if not self._spill:
-                    return
-                rest, _ = self._spill[0]  # (the frame's parts stay in the deque: the rest may point into them)
             try:
                 frame_socket.send_rest(sock, rest)
             except OSError as e:
@@ -116,8 +114,11 @@ class _Conn(Multiplexed):
                     self._spill.clear()
                 self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
                 return
-            with self._send_lock:
-                self._spill.popleft()
+            with self._send_lock:  # the pop and the look at what is left in one hold: a caller finding the queue
+                self._spill.popleft()  # empty writes its frame itself and may start the next writer thread
+                if not self._spill:
+                    return
+                rest, _ = self._spill[0]
 
     def _oversize(self, parts: list) -> TransportError | None:
         """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""
