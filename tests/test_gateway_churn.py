@@ -4,6 +4,8 @@ go with them (real in-process shards over real gRPC and sockets, started and sto
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from elasticmoe.experts.shard_server import start_server
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.model.experts import ExpertStore
-from tests.shard_util import E, _inputs, _reference, files  # noqa: F401
+from tests.shard_util import E, Shards, _inputs, _reference, files  # noqa: F401
 
 REPLICAS = 20  # each replaces the one before it, at a new address and with a new shard id
 
@@ -72,3 +74,37 @@ def test_addresses_coming_and_going_leave_no_channels_or_connections_behind(file
         layer, inputs = files.spec.moe.moe_layers[0], _inputs(files, 1)
         torch.testing.assert_close(d.dispatch(layer, *inputs).wait(), _reference(files, layer, *inputs),
                                    rtol=1e-5, atol=1e-6)  # the live replica is still reached
+
+
+def test_a_late_retain_from_another_thread_keeps_the_installed_tables_addresses(files):  # noqa: F811
+    """Installing a table hands the transport the addresses to keep, outside the dispatcher's lock. A table poll
+    that took its addresses before the engine installed newer tables must not close the newer shards' channels when
+    its retain runs last (their calls in flight would end CANCELLED: a shard reported failed while healthy)."""
+    shards = Shards(files, [list(range(E))] * 3)
+    layer, inputs = shards.layers[0], _inputs(files)
+    ref = _reference(files, layer, *inputs)
+    d = GrpcDispatcher(transport="unary", timeout_s=5)
+    real = d.transport.retain
+
+    def slow_retain(addresses):  # the poller's retain, descheduled after it read the tables
+        if threading.current_thread().name == "table-poller":
+            time.sleep(1.0)
+        real(addresses)
+    d.transport.retain = slow_retain
+    try:
+        d.set_table(shards.table({e: [0] for e in range(E)}, 1, alive=[0]))
+        torch.testing.assert_close(d.dispatch(layer, *inputs).wait(), ref, rtol=1e-5, atol=1e-6)
+        poller = threading.Thread(target=d.set_table, args=(shards.table({e: [1] for e in range(E)}, 2, alive=[1]),),
+                                  name="table-poller")
+        poller.start()
+        time.sleep(0.2)  # its addresses (shards 0 and 1) read; its retain not run yet
+        d.begin_step()  # installs shard 1's table
+        d.set_table(shards.table({e: [2] for e in range(E)}, 3, alive=[2]))
+        d.begin_step()  # installs shard 2's table
+        torch.testing.assert_close(d.dispatch(layer, *inputs).wait(), ref, rtol=1e-5, atol=1e-6)
+        poller.join(10)
+        assert shards.addresses[2] in d.transport._stubs, list(d.transport._stubs)
+        assert set(d.transport._stubs) == {shards.addresses[2]}
+    finally:
+        d.close()
+        shards.close()

@@ -68,6 +68,7 @@ class GrpcDispatcher:
         self._next: RoutingTable | None = None
         self._left_epochs: set[str] = set()  # controller instances whose tables this dispatcher replaced
         self._lock = threading.Lock()
+        self._forget_lock = threading.Lock()  # _forget_departed, one thread at a time (the engine's, the poller's)
         self.suspects: dict[str, float] = {}  # shard id -> monotonic time it last failed or straggled
         self._stuck: dict[str, int] = {}  # shard id -> its hedged-around calls still unanswered (> 0; straggling)
         self._stuck_lock = threading.Lock()
@@ -106,8 +107,7 @@ class GrpcDispatcher:
             self._next = table
             if now or self.table is None:
                 self.table, self._next = table, None
-            routed = self._routed()
-        self._forget_departed(routed)
+        self._forget_departed()
         return True
 
     def latest(self) -> RoutingTable | None:
@@ -121,26 +121,29 @@ class GrpcDispatcher:
             if self._next is None:
                 return
             self.table, self._next = self._next, None
-            routed = self._routed()
-        self._forget_departed(routed)
+        self._forget_departed()
 
     def _routed(self) -> tuple[set[str], set[str]]:
         """(Under the lock.) The shard ids and addresses of the installed table and of the one waiting."""
         tables = [t for t in (self.table, self._next) if t is not None]
         return {s for t in tables for s in t.shards}, {a for t in tables for a in t.addresses}
 
-    def _forget_departed(self, routed: tuple[set[str], set[str]]) -> None:
+    def _forget_departed(self) -> None:
         """Drop what is kept per shard id (suspicions, token counts) and per address (the transport's channels and
-        connections) for shards not `routed`: replicas come and go for weeks, each under a new id and address. A
-        late failure of a departed shard may add it back; the next table drops it again."""
-        kept, addresses = routed
-        for per_shard in (self.suspects, self.shard_tokens):
-            for shard_id in list(per_shard):  # list(): other threads add entries meanwhile
-                if shard_id not in kept:
-                    per_shard.pop(shard_id, None)
-        retain = getattr(self.transport, "retain", None)  # optional for a transport given as an object
-        if retain is not None:
-            retain(addresses)
+        connections) for shards the installed and waiting tables do not route to: replicas come and go for weeks,
+        each under a new id and address. A late failure of a departed shard may add it back; the next table drops
+        it again. One thread at a time, each reading the tables as they are then: a set read before another thread
+        installed newer tables never runs last (it would close the channels of the shards in use)."""
+        with self._forget_lock:
+            with self._lock:
+                kept, addresses = self._routed()
+            for per_shard in (self.suspects, self.shard_tokens):
+                for shard_id in list(per_shard):  # list(): other threads add entries meanwhile
+                    if shard_id not in kept:
+                        per_shard.pop(shard_id, None)
+            retain = getattr(self.transport, "retain", None)  # optional for a transport given as an object
+            if retain is not None:
+                retain(addresses)
 
     # ----- shard health as seen from here
     def suspect(self, shard_id: str, report: bool) -> None:
