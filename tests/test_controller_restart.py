@@ -309,3 +309,37 @@ def test_a_record_that_is_not_a_json_object_is_ignored(model):
     ctrl = ControllerImpl(_args(model))
     assert not ctrl.recovering and ctrl.registry.version == 1
     GcsRecord("default").clear()
+
+
+def test_a_recovery_that_raises_still_ends_and_the_controller_serves(model, monkeypatch):
+    """A bug inside the recovery (here the first shard's holdings cannot be read: _held raises) must not leave the
+    controller recovering for good: that state holds back re-homing, rebalancing and spares' growth. The error is
+    logged and counted as a loop error, recovery ends, and a complete table is published."""
+
+    async def scenario(files, a, b):
+        ctrl = ControllerImpl(_args(model))
+        await a.join(ctrl)
+        await b.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the controller dies; its record stays
+
+        ctrl2 = ControllerImpl(_args(model))
+        assert ctrl2.recovering
+        real, calls = ctrl2._held, []
+
+        async def held(address, shard_id):
+            calls.append(shard_id)
+            if len(calls) == 1:
+                raise RuntimeError("a bug reading holdings")
+            return await real(address, shard_id)
+
+        monkeypatch.setattr(ctrl2, "_held", held)
+        ctrl2._start()
+        await _until(lambda: not ctrl2.recovering, 10, "recovery to end")
+        assert calls and ctrl2.loop_errors >= 1
+        table = await ctrl2.table(-1, "g")
+        assert table["complete"] and table["epoch"] == ctrl2.epoch, table
+        for task in ctrl2._tasks:
+            task.cancel()
+
+    _with_shards(model, "ab", scenario)

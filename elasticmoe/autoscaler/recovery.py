@@ -59,6 +59,23 @@ class Recovery:
         even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
         self.registry = Registry(even, self.moe_layers, version=_recorded_version(rec) + 1)
 
+    async def _reconcile(self, drops: dict[str, list[tuple[int, int]]]) -> None:
+        """(Holding the lock.) Each registered shard: reload what its position lost; what it holds beyond that goes
+        to `drops`; one that does not answer (or cannot load) is marked unhealthy for the health loop."""
+        for info in list(self.registry.shards.values()):
+            held = await self._held(info.address, info.shard_id)
+            if held is None:
+                info.healthy = False  # the health loop re-homes it (or a new replica takes its position)
+                continue
+            want = set(self.registry.assignment(info.position)) if info.ready else set()
+            try:
+                await self._load_many({info.address: sorted(want - held)})
+            except Exception:  # noqa: BLE001
+                info.healthy = False
+                continue
+            if info.ready and held - want:
+                drops[info.shard_id] = [(self.layer_index[l], e) for l, e in sorted(held - want)]
+
     async def _recover(self) -> None:
         """After a restart: the shards are the truth. Keep what they hold, reload what they lost, lose the dead.
         Copies the record's placement does not name are dropped only once every gateway runs this controller's
@@ -66,19 +83,12 @@ class Recovery:
         published one whose record was not saved)."""
         async with self._lock:
             drops: dict[str, list[tuple[int, int]]] = {}  # shard id -> (placement layer, expert)
-            for info in list(self.registry.shards.values()):
-                held = await self._held(info.address, info.shard_id)
-                if held is None:
-                    info.healthy = False  # the health loop re-homes it (or a new replica takes its position)
-                    continue
-                want = set(self.registry.assignment(info.position)) if info.ready else set()
-                try:
-                    await self._load_many({info.address: sorted(want - held)})
-                except Exception:  # noqa: BLE001
-                    info.healthy = False
-                    continue
-                if info.ready and held - want:
-                    drops[info.shard_id] = [(self.layer_index[l], e) for l, e in sorted(held - want)]
+            try:
+                await self._reconcile(drops)
+            except Exception:  # noqa: BLE001 - a bug: recovering for good would hold back re-homing and growth
+                self.loop_errors += 1
+                self._event("loop_error", loop="_recover")
+                log.exception("controller recovery failed; serving on the recorded placement")
             self.recovering = False
             self._event("recovered", shards=len(self.registry.shards))
             self._publish()
