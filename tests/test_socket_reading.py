@@ -249,7 +249,9 @@ def test_a_caller_waiting_while_the_connection_opens_never_reads_a_half_open_one
     ours, theirs = socket.socketpair()
     may_open, paused, go = threading.Event(), threading.Event(), threading.Event()
     lines, first = inspect.getsourcelines(_Conn._run)
-    at = first + next(i for i, line in enumerate(lines) if "self._backlog = sock" in line)
+    # the later of the two statements that publish the open socket: the thread stops with one done, not the other
+    at = first + max(i for i, line in enumerate(lines)
+                     if "self._backlog = sock" in line or "self._reader = frame_socket.FrameReader(sock)" in line)
 
     def local(frame, event, arg):
         if event == "line" and frame.f_lineno == at:
@@ -270,7 +272,7 @@ def test_a_caller_waiting_while_the_connection_opens_never_reads_a_half_open_one
         fut = cf.Future()
         assert conn.submit(7, [b"x"], fut)  # taken into the backlog while the connection opens
         may_open.set()
-        paused.wait(2)  # held where the socket is not published yet (if anywhere)
+        assert paused.wait(2)  # held between publishing the socket and its reader
         t.wait([fut], 0.2)  # reads nothing (no answer comes): must neither raise nor claim a half-open connection
         assert not fut.done()
     finally:
