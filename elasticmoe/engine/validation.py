@@ -160,7 +160,8 @@ class Validator:
         """Printable text: the id goes into the gateway's log, where a newline would forge a line."""
         check_text("request_id", rid, max_chars=self.limits.max_request_id_len)
         if not rid.isprintable() and any(unicodedata.category(c) in _UNPRINTED for c in rid):
-            raise InvalidRequest("request_id", "control characters (newlines, tabs, escapes, bidi overrides) are not allowed")
+            raise InvalidRequest("request_id",
+                                 "control characters (newlines, tabs, escapes, bidi overrides) are not allowed")
         return rid
 
     def prompt_text(self, prompt: Any, name: str = "prompt") -> str:
