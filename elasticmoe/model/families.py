@@ -57,6 +57,7 @@ class Family:
     experts_in_out: bool = False  # packed experts stored [E, in, out] (x @ w), also when a row is square
     partial_rotary: bool = False  # the rotary honours partial_rotary_factor (else it rotates every head dim)
     default_rope_partial: bool = False  # its default rope shortens cos/sin to partial_rotary_factor all the same
+    ntk_alpha: bool = False  # "dynamic" rope with rope_parameters.alpha: NTK-alpha, a fixed stretched base (HunYuan)
     # (part, config flag): the "attn" / "mlp" / "lm_head" projections transformers builds with biases when the flag
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
@@ -85,7 +86,8 @@ FAMILIES: dict[str, Family] = {
                          biases=()),
     "minimax_m2": Family(keys=("num_local_experts", "use_qk_norm"), scoring="sigmoid", norm_topk=True, biases=(),
                          partial_rotary=True, qk_norm_all_heads=True),
-    "hunyuan_v1_moe": Family(keys=("num_experts", "moe_topk", "use_qk_norm"), norm_topk=True, qk_norm_after_rope=True),
+    "hunyuan_v1_moe": Family(keys=("num_experts", "moe_topk", "use_qk_norm"), norm_topk=True, qk_norm_after_rope=True,
+                             ntk_alpha=True),
     "ernie4_5_moe": Family(keys=("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
                                  "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_norm_min"),
                            norm_topk=True, rope_interleave=True,

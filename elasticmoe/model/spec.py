@@ -89,16 +89,19 @@ class ModelSpec:
         return f"model_type {self.model_type!r} has none there"
 
 
-def _rope(cfg: Any, rope_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [rope_dim/2] and the cos/sin scale, by transformers' own rope initialisers."""
+def _rope(cfg: Any, rope_dim: int, fam: Family) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rope_dim/2] and the cos/sin scale, by transformers' own rope initialisers (HunYuan's
+    "dynamic" with an `alpha`: NTK-alpha, a base stretched by alpha ** (d / (d - 2)) at every length)."""
     params = dict(_get(cfg, "rope_parameters", "rope_scaling", default={}) or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     bases = {float(t) for t in _get(cfg, "layer_rope_theta", default=()) if t}
     if bases - {float(params.get("rope_theta", _get(cfg, "rope_theta", default=10000.0)))}:
         raise ModelSpecError(f"config.layer_rope_theta: rotary bases {sorted(bases)} other than "
                              f"rope_parameters.rope_theta are not supported")
-    if rope_type == "default":
+    alpha = params.get("alpha") if fam.ntk_alpha and rope_type == "dynamic" else None
+    if rope_type == "default" or alpha:
         base = params.get("rope_theta", _get(cfg, "rope_theta", default=10000.0))
+        base = base * alpha ** (rope_dim / (rope_dim - 2)) if alpha else base
         inv = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.int64).float() / rope_dim))
         return inv, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -194,7 +197,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     attn = _attention(cfg, num_layers, fam, moe.sparse_layers)
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
-    inv_freq, rope_scale = _rope(cfg, attn.rope_dim)
+    inv_freq, rope_scale = _rope(cfg, attn.rope_dim, fam)
     max_pos = _get(cfg, "max_position_embeddings", default=4096)
     if fam.rope_mscale:
         rope_scale, max_pos = mscale_rope(cfg, rope_scale, max_pos)
