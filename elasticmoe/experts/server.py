@@ -135,7 +135,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         if not context.add_callback(self._streams.release):  # already over
             self._streams.release()
             return
-        context.add_callback(lambda: (over.set(), replies.put(None)))  # ended or cancelled: stop yielding, reading
+        if not context.add_callback(lambda: (over.set(), replies.put(None))):  # ended or cancelled: stop yielding
+            return  # it ended just now (the first callback has run: the place is given back); no reader to start
 
         def put(parts: list) -> None:  # a client that reads no answers stops this reader, not the shard's memory
             while not room.acquire(timeout=0.2):
