@@ -256,3 +256,36 @@ def test_both_ends_of_a_frame_connection_probe_a_silent_peer_within_a_minute(fil
     finally:
         t.close()
         server.stop(None)
+
+
+def test_a_flood_of_connections_over_the_limit_holds_a_bounded_number_of_threads(files):  # noqa: F811
+    """Each refused connection lingers (reading what its client sends) for up to REFUSE_LINGER_S on a thread of its
+    own: at most REFUSE_LINGERING of them at once, the others are answered busy and closed at once, so that a flood
+    of connections over the limit cannot make threads without bound; a normal connection is served afterwards."""
+    from elasticmoe.rpc import frame_listener
+
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    layer = files.spec.moe.moe_layers[0]
+    store.load([(layer, e) for e in range(E)])
+    server, servicer, port = start_server(store, "s", max_workers=2, max_streams=1, insecure=True)
+    address, t = f"127.0.0.1:{port}", SocketTransport(insecure=True)
+    holder = socket.create_connection(("127.0.0.1", servicer.frame_port), timeout=10)  # takes the only place
+    flood: list[socket.socket] = []
+    try:
+        time.sleep(0.2)
+        for _ in range(48):  # they send nothing and never close: each refusal would linger its full time
+            flood.append(socket.create_connection(("127.0.0.1", servicer.frame_port), timeout=10))
+        for s in flood:  # every one is refused 'shard busy' (id 0)
+            (busy,) = _replies(s, 1)
+            assert busy.id == 0 and frames.BUSY in busy.error
+        threads = len(server.listener._threads)
+        assert threads <= 1 + frame_listener.REFUSE_LINGERING + 2, threads
+        for s in flood:
+            s.close()
+        holder.close()
+        assert answer_within(t, address, lambda: _req(files, layer)).output.data
+    finally:
+        for s in flood + [holder]:
+            s.close()
+        t.close()
+        server.stop(None).wait(10)

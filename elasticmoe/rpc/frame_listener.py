@@ -26,6 +26,7 @@ Put = Callable[[list], None]  # takes one reply frame as a list of buffers (fram
 HANDSHAKE_S = 10.0
 EXIT_WAIT_S = 5.0  # at interpreter exit, how long the open listeners' frames in progress may take to finish
 REFUSE_LINGER_S = 2.0  # how long a refused connection's client may take to read the refusal and close
+REFUSE_LINGERING = 8  # refused connections lingering at once, at most (each holds a thread); more close at once
 _CHUNK = 64 << 10
 
 
@@ -181,16 +182,22 @@ class FrameListener:
     def _refuse(self, conn: socket.socket) -> None:
         """Answer 'shard busy' (id 0), end the writing side, then read and drop what the client sends until it closes
         (up to REFUSE_LINGER_S): closing at once would answer the frames it wrote meanwhile with a reset, and its
-        write or read would fail as a broken connection (a dead shard) before it read the refusal."""
+        write or read would fail as a broken connection (a dead shard) before it read the refusal. At most
+        REFUSE_LINGERING linger at once (a flood of connections must not make threads without bound): the others
+        close once the refusal is written."""
         with self._lock:
             if self.closed:
                 hard_close(conn)
                 return
-            self._refusing.add(conn)
+            linger = len(self._refusing) < REFUSE_LINGERING
+            if linger:
+                self._refusing.add(conn)
         try:
             send_parts(conn, frames.reply_parts(0, code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
                                                 error=f"{frames.BUSY}: {self.max_conns} frame connections open"))
             socket.socket.shutdown(conn, socket.SHUT_WR)  # the fd's own (a TLS socket's would want an unwrap)
+            if not linger:
+                return
             conn.settimeout(REFUSE_LINGER_S)
             end = time.monotonic() + REFUSE_LINGER_S
             while conn.recv(_CHUNK) and time.monotonic() < end:
