@@ -84,6 +84,26 @@ def test_a_shard_with_frames_unread_refuses_more_as_busy(files, straggler, monke
         t.close()
 
 
+def test_frames_unread_are_capped_in_bytes_too(files, straggler, monkeypatch):  # noqa: F811
+    """Frames may be up to the message limit (256 MiB): SPILL_FRAMES of them could hold GBs per connection. A frame
+    that would take the queue past SPILL_BYTES fails at once as busy; one larger than the cap still goes alone (the
+    queue empty), and is answered as the single-process reference."""
+    monkeypatch.setattr(socket_conn, "SPILL_BYTES", FRAME_BYTES // 2)
+    t = SocketTransport()
+    try:
+        layer = straggler.layers[0]
+        reqs = [_big(files, layer, s) for s in range(3)]
+        futs = [t.send(straggler.addresses[0], lambda r=r: r, 60) for r in reqs]
+        with pytest.raises(grpc.RpcError) as e:  # the 2nd too, unless the shard read the 1st in full by then
+            futs[-1].result(timeout=1)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and frames.BUSY in e.value.details()
+        r = reqs[0]
+        want = _reference(files, layer, r.hidden, r.topk_ids, r.topk_weights)
+        torch.testing.assert_close(decode_tensor(futs[0].result(timeout=60).output), want.to(torch.float64))
+    finally:
+        t.close()
+
+
 def test_a_shard_that_reads_nothing_ends_the_connection_not_the_callers_step(files, straggler, monkeypatch):  # noqa: F811
     """The writer thread waits at most SEND_TIMEOUT_S for room (1 s here, the shard asleep for 1.5 s per call): then
     the connection ends and its calls fail UNAVAILABLE (failover's signal), while no send ever held its caller."""

@@ -25,6 +25,7 @@ PARK_S = 0.5  # a connection's thread leaves reading to the callers for this lon
 # reads only answers that nobody waits for: a hedged-around call's late failure, say), waking twice a second
 IDLE_POLL_S = 1.0  # how long a connection's thread waits in poll() at a time
 SPILL_FRAMES = 32  # frames waiting for a shard slow to read, at most; one more is refused as busy (another copy)
+SPILL_BYTES = 256 << 20  # and their bytes, at most: a frame that would pass it is refused so (one goes when alone)
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 Opener = Callable[[], "tuple[socket.socket | SerialTLS, int]"]  # the connection's socket, the shard's message limit
 
@@ -54,7 +55,8 @@ class _Conn(Multiplexed):
         self._backlog: list[tuple[int, list]] | None = []  # (id, frame) submitted while connecting; None once open
         self.limit = 0  # the largest frame the shard takes, prefix included (Health; 0: not told)
         self._send_lock = threading.Lock()  # one frame on the wire at a time
-        self._spill: collections.deque = collections.deque()  # (unsent rest, frame): what the writer thread owes
+        self._spill: collections.deque = collections.deque()  # (unsent rest, frame, its bytes): what the writer
+        self._spilled = 0  # thread owes; the bytes of those frames (whole)
         self._token = threading.RLock()  # held by whoever reads the socket (this connection's thread or a caller;
         # reentrant: a callback run by a reading caller may wait on another call)
         self._reader: frame_socket.FrameReader | None = None  # set once open
@@ -86,16 +88,21 @@ class _Conn(Multiplexed):
 
     def _write_or_spill(self, sock, frame_id: int, parts: list) -> None:
         """(Holding _send_lock.) Write what the socket takes now; the rest goes to the writer thread, and so does the
-        whole frame while earlier ones still wait there (one more than SPILL_FRAMES fails its call as busy)."""
+        whole frame while earlier ones still wait there (one more than SPILL_FRAMES, or one taking them past
+        SPILL_BYTES, fails its call as busy)."""
+        size = sum(memoryview(p).nbytes for p in parts)
         if self._spill:
-            if len(self._spill) >= SPILL_FRAMES:
+            if len(self._spill) >= SPILL_FRAMES or self._spilled + size > SPILL_BYTES:
                 if (refused := self.take(frame_id)) is not None:
                     refused.set_exception(TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
-                        f"{frames.BUSY}: {self.address} has not read the {SPILL_FRAMES} frames before")))
+                        f"{frames.BUSY}: {self.address} has not read the {len(self._spill)} frames "
+                        f"({self._spilled} bytes) before")))
                 return
-            self._spill.append((parts, parts))
+            self._spill.append((parts, parts, size))
+            self._spilled += size
         elif rest := frame_socket.send_parts_nowait(sock, parts):
-            self._spill.append((rest, parts))  # parts: its `keep` holds the tensors the rest points into
+            self._spill.append((rest, parts, size))  # parts: its `keep` holds the tensors the rest points into
+            self._spilled = size
             threading.Thread(target=self._write_spilled, args=(sock,), name=f"frames-out-{self.address}",
                              daemon=True).start()
 
@@ -105,20 +112,21 @@ class _Conn(Multiplexed):
         themselves: a shard that stops reading holds no engine step (its calls time out and fail over); one that
         moves nothing for frame_socket.SEND_TIMEOUT_S ends the connection."""
         with self._send_lock:
-            rest, _ = self._spill[0]  # (the frame's parts stay in the deque: the rest may point into them)
+            rest = self._spill[0][0]  # (the frame's parts stay in the deque: the rest may point into them)
         while True:
             try:
                 frame_socket.send_rest(sock, rest)
             except OSError as e:
                 with self._send_lock:
                     self._spill.clear()
+                    self._spilled = 0
                 self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
                 return
             with self._send_lock:  # the pop and the look at what is left in one hold: a caller finding the queue
-                self._spill.popleft()  # empty writes its frame itself and may start the next writer thread
-                if not self._spill:
+                self._spilled -= self._spill.popleft()[2]  # empty writes its frame itself and may start the
+                if not self._spill:  # next writer thread
                     return
-                rest, _ = self._spill[0]
+                rest = self._spill[0][0]
 
     def _oversize(self, parts: list) -> TransportError | None:
         """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""
