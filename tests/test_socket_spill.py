@@ -6,6 +6,7 @@ plaintext)."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 import time
 
 import grpc
@@ -166,3 +167,63 @@ def test_a_frame_sent_as_the_writer_thread_ends_is_written_once(files, straggler
             torch.testing.assert_close(decode_tensor(f.result(timeout=60).output), want.to(torch.float64))
     finally:
         t.close()
+
+
+def _records(raw, plain_bytes: int) -> list[int]:
+    """The plaintext sizes of the TLS 1.3 records read raw off `raw` (the fd's own recv, under its SSL object)
+    until they carry plain_bytes: each record is a 5-byte header, then its plaintext, a type byte and a 16-byte tag."""
+    import socket
+    buf, sizes, at = b"", [], 0
+    while sum(sizes) < plain_bytes:
+        chunk = socket.socket.recv(raw, 1 << 20)
+        assert chunk, "end of stream"
+        buf += chunk
+        while len(buf) - at >= 5 and len(buf) - at >= 5 + int.from_bytes(buf[at + 3:at + 5], "big"):
+            assert buf[at] == 23  # application data
+            n = int.from_bytes(buf[at + 3:at + 5], "big")
+            sizes.append(n - 17)
+            at += 5 + n
+    return sizes
+
+
+def test_a_frame_queued_whole_goes_in_as_few_tls_records_as_one_written_at_once(files, tmp_path):  # noqa: F811
+    """A frame queued whole behind a frame the socket could not take (never attempted) is written by the writer
+    thread as send_parts writes it (small pieces joined: one TLS record, one write), not one record per piece."""
+    import socket
+
+    from elasticmoe.rpc import tls
+    from elasticmoe.rpc.tls_socket import SerialTLS
+
+    ca = tls.local_ca(tmp_path / "ca")
+    a, b = socket.socketpair()
+    out: dict = {}
+    server = threading.Thread(target=lambda: out.update(s=tls.server_ssl_context(ca).wrap_socket(b, server_side=True)))
+    server.start()
+    client = tls.client_ssl_context(ca).wrap_socket(a, server_hostname=tls.SERVER_NAME)
+    server.join(10)
+    peer = out["s"]
+    assert peer.version() == "TLSv1.3"
+    conn = socket_conn._Conn("pair", lambda: (SerialTLS(client, send_timeout_s=10), 0))
+    try:
+        deadline = time.monotonic() + 10
+        while conn._backlog is not None:  # open
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        layer = files.spec.moe.moe_layers[0]
+        big, small = _big(files, layer, 0), _big(files, layer, 1)
+        small = ExpertRequest(layer, small.hidden[:4], small.topk_ids[:4], small.topk_weights[:4])
+        first, second = frames.request_parts(1, big), frames.request_parts(2, small)
+        for i, parts in enumerate((first, second)):
+            fut = Future()
+            fut.set_running_or_notify_cancel()
+            assert conn.submit(i + 1, parts, fut)
+        assert len(conn._spill) == 2  # the socket took part of the first: the second queued whole
+        size = [sum(memoryview(p).nbytes for p in parts) for parts in (first, second)]
+        sizes = _records(peer, sum(size))
+        at = next(i for i in range(len(sizes) + 1) if sum(sizes[:i]) == size[0])  # records never span frames
+        assert sizes[at:] == [size[1]]  # as send_parts writes it: small pieces joined in one record
+    finally:
+        conn.retire()
+        conn.fail(grpc.RpcError())
+        client.close()
+        peer.close()

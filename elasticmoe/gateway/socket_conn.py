@@ -98,7 +98,7 @@ class _Conn(Multiplexed):
                         f"{frames.BUSY}: {self.address} has not read the {len(self._spill)} frames "
                         f"({self._spilled} bytes) before")))
                 return
-            self._spill.append((parts, parts, size))
+            self._spill.append((frame_socket.unsent(sock, parts), parts, size))
             self._spilled += size
         elif rest := frame_socket.send_parts_nowait(sock, parts):
             self._spill.append((rest, parts, size))  # parts: its `keep` holds the tensors the rest points into

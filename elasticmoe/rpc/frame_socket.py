@@ -80,8 +80,15 @@ def send_parts_nowait(sock: socket.socket | SerialTLS, parts: list) -> list:
     return []
 
 
+def unsent(sock: socket.socket | SerialTLS, parts: list) -> list:
+    """A frame not attempted yet as a rest for send_rest: on TLS its writes as send_parts makes them (small pieces
+    joined, one record), not one write per buffer."""
+    return _tls_units(parts) if isinstance(sock, SerialTLS) else parts
+
+
 def send_rest(sock: socket.socket | SerialTLS, rest: list) -> None:
-    """Write what send_parts_nowait left, in order, waiting for room (a TLS write again with the same bytes)."""
+    """Write what send_parts_nowait (or unsent) left, in order, waiting for room: on TLS one write per unit as given
+    (a write that had to wait is retried with the same bytes)."""
     if isinstance(sock, SerialTLS):
         for unit in rest:
             sock.sendall(unit)
