@@ -76,15 +76,16 @@ def test_fan_out_and_fault_numbers():
 
 
 def test_slow_readers_keepalive_and_reconnect_numbers():
-    """"up to 32; one more is refused as busy", "moves nothing for 10 s", "30 s idle, 3 probes 10 s apart", "within
+    """"up to 32 frames or 256 MiB; one more is refused as busy", "moves nothing for 10 s", "30 s idle, 3 probes 10 s apart", "within
     1 s": the constants behind them (tests/test_socket_spill.py, test_frame_listener.py and test_socket_transport.py
     test the behaviour)."""
-    from elasticmoe.gateway.socket_conn import SPILL_FRAMES
+    from elasticmoe.gateway.socket_conn import SPILL_BYTES, SPILL_FRAMES
     from elasticmoe.gateway.transport import RECONNECT_OPTIONS
     from elasticmoe.rpc import frame_socket as fs
 
     text = " ".join(README.split())
-    assert "queued behind (up to 32; one more is refused as busy)" in text and SPILL_FRAMES == 32
+    assert "queued behind (up to 32 frames or 256 MiB; one more is refused as busy)" in text
+    assert SPILL_FRAMES == 32 and SPILL_BYTES == 256 << 20
     assert "a writer that moves nothing for 10 s ends the connection" in text and fs.SEND_TIMEOUT_S == 10
     assert "(30 s idle, 3 probes 10 s apart)" in text
     assert (fs.KEEPALIVE_IDLE_S, fs.KEEPALIVE_COUNT, fs.KEEPALIVE_INTERVAL_S) == (30, 3, 10)
