@@ -253,11 +253,11 @@ class EngineRunner:
         time.sleep(0.05 * self.step_errors)
         if self.step_errors < 3:
             return
+        self.step_errors, self.gave_up = 0, True  # before the requests end: whoever sees one end sees this too
         sched = self.engine.scheduler
         for seq in list(sched.running) + list(sched.waiting):
             self.engine.fail(seq, RuntimeError("engine step failed repeatedly"))
             self._publish(seq)
-        self.step_errors, self.gave_up = 0, True
 
     def _publish(self, seq: Sequence) -> None:
         stream = self._streams.get(seq.request_id)
