@@ -29,17 +29,8 @@ def send_parts(sock: socket.socket, parts: list) -> None:
     copied); joined small pieces and one write per large piece on TLS (ssl has no sendmsg; an SSLSocket or a
     SerialTLS). OSError when the connection is broken."""
     if isinstance(sock, (ssl.SSLSocket, SerialTLS)):
-        small: list = []
-        for v in parts:
-            if len(v) <= _SMALL:
-                small.append(v)
-                continue
-            if small:
-                sock.sendall(b"".join(small))
-                small = []
-            sock.sendall(v)
-        if small:
-            sock.sendall(b"".join(small))
+        for unit in _tls_units(parts):
+            sock.sendall(unit)
         return
     sent = sock.sendmsg(parts)
     if sent == sum(map(len, parts)):  # all of it, nearly always
