@@ -137,6 +137,26 @@ def _unary(files, address: str, layer: int, patience_s: float):  # noqa: F811
         t.close()
 
 
+def _small_window(servicer) -> tuple[socket.socket, int]:
+    """A plain connection to the frame listener with a 4 KiB receive window, and the rows of a request whose float64
+    reply [rows, H] (16 MiB) is more than both socket buffers hold."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    raw.connect(("127.0.0.1", servicer.frame_port))
+    return raw, 1 << 15
+
+
+def _sent_until_computed(s, files, store, layer: int, rows: int) -> None:  # noqa: F811
+    """Send one request of `rows` tokens on s; return once the shard has computed it (its reply is being written)."""
+    hidden = torch.randn(rows, files.spec.hidden_size)
+    ids, weights = torch.randint(0, E, (rows, 2), dtype=torch.int32), torch.rand(rows, 2)
+    s.sendall(frames.encode_request(1, layer, hidden, ids, weights))
+    deadline = time.monotonic() + 60
+    while not store.served():  # computed (counted just before the reply is written)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_a_reply_its_reader_is_slow_to_take_holds_no_run_slot(files):  # noqa: F811
     """A frame's reply is written once it is computed: a gateway slow to read it (here: not reading a 16 MiB reply)
     must not keep a RunExperts worker (run slot) for as long as the write blocks (up to SEND_TIMEOUT_S), refusing
@@ -145,19 +165,10 @@ def test_a_reply_its_reader_is_slow_to_take_holds_no_run_slot(files):  # noqa: F
     layer = files.spec.moe.moe_layers[0]
     store.load([(layer, e) for e in range(E)])
     server, servicer, port = start_server(store, "slow", max_workers=1)
-    rows = 1 << 15  # float64 [rows, H] = 16 MiB: more than both socket buffers hold
-    hidden = torch.randn(rows, files.spec.hidden_size)
-    ids, weights = torch.randint(0, E, (rows, 2), dtype=torch.int32), torch.rand(rows, 2)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
-    raw.connect(("127.0.0.1", servicer.frame_port))
+    raw, rows = _small_window(servicer)
     try:
         with tls.client_ssl_context().wrap_socket(raw, server_hostname=tls.SERVER_NAME) as s:
-            s.sendall(frames.encode_request(1, layer, hidden, ids, weights))
-            deadline = time.monotonic() + 60
-            while not store.served():  # computed (counted just before the reply is written)
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            _sent_until_computed(s, files, store, layer, rows)
             reply = _unary(files, f"127.0.0.1:{port}", layer, patience_s=3.0)
             assert reply.output.data and not reply.missing
             (slow,) = _replies(s, 1)  # the slow reader's reply, whole
@@ -213,19 +224,11 @@ def test_a_gateway_that_stops_reading_loses_its_connection_after_the_send_timeou
     layer = files.spec.moe.moe_layers[0]
     store.load([(layer, e) for e in range(E)])
     server, servicer, port = start_server(store, "stuck", insecure=insecure)
-    listener, rows = server.listener, 1 << 15  # float64 [rows, H] = 16 MiB: more than both socket buffers hold
-    hidden = torch.randn(rows, files.spec.hidden_size)
-    ids, weights = torch.randint(0, E, (rows, 2), dtype=torch.int32), torch.rand(rows, 2)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
-    raw.connect(("127.0.0.1", servicer.frame_port))
+    listener = server.listener
+    raw, rows = _small_window(servicer)
     try:
         s = raw if insecure else tls.client_ssl_context().wrap_socket(raw, server_hostname=tls.SERVER_NAME)
-        s.sendall(frames.encode_request(1, layer, hidden, ids, weights))
-        deadline = time.monotonic() + 60
-        while not store.served():  # computed: its reply is being written
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _sent_until_computed(s, files, store, layer, rows)
         deadline = time.monotonic() + 8
         while (listener._conns or listener._threads) and time.monotonic() < deadline:
             time.sleep(0.05)

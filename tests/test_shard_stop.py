@@ -105,21 +105,27 @@ def test_exiting_with_a_frame_in_progress_finishes_it():
     assert out.stdout.split() == ["exiting", "finished"], (out.stdout, out.stderr[-2000:])
 
 
+def _in_flight(files, shards: Shards, t, delay_s: float):  # noqa: F811
+    """One call answered, then a second one the shard takes and holds for delay_s: its pending Future (once the
+    shard counted it, or 10 s)."""
+    req = ExpertRequest(shards.layers[0], *_inputs(files, 0))
+    assert t.send(shards.addresses[0], lambda: req, 10).result(timeout=20).output.data
+    shards.servicers[0].faults.run_delay_s = delay_s
+    pending = t.send(shards.addresses[0], lambda: req, 30)
+    deadline = time.monotonic() + 10
+    while shards.servicers[0].calls < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pending
+
+
 @pytest.mark.parametrize("kind", ["socket", "stream"])
 def test_shard_stop_event_waits_for_the_frame_being_computed(files, kind):  # noqa: F811
     """ShardServer.stop(None): the caller's pending call fails at once, both transports' frames alike; the Event is
     set once the frame being computed has ended (the listener's connection thread or the stream's reading thread)."""
     shards = Shards(files, [list(range(E))])
-    layer, address = shards.layers[0], shards.addresses[0]
     t = make_transport(kind, insecure=False)
     try:
-        req = ExpertRequest(layer, *_inputs(files, 0))
-        assert t.send(address, lambda: req, 10).result(timeout=20).output.data
-        shards.servicers[0].faults.run_delay_s = 1.5
-        pending = t.send(address, lambda: req, 30)
-        deadline = time.monotonic() + 10
-        while shards.servicers[0].calls < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        pending = _in_flight(files, shards, t, delay_s=1.5)
         t0 = time.monotonic()
         stopped = shards.servers[0].stop(None)
         with pytest.raises(grpc.RpcError):
@@ -141,16 +147,9 @@ def test_a_stopping_replica_answers_the_call_in_flight_before_it_returns(files, 
     from tests.test_controller_restart import ShardImpl, _Replica
 
     shards = Shards(files, [list(range(E))])
-    layer, address = shards.layers[0], shards.addresses[0]
     t = make_transport(kind, insecure=False)
     try:
-        req = ExpertRequest(layer, *_inputs(files, 0))
-        assert t.send(address, lambda: req, 10).result(timeout=20).output.data
-        shards.servicers[0].faults.run_delay_s = 1.0
-        pending = t.send(address, lambda: req, 30)
-        deadline = time.monotonic() + 10
-        while shards.servicers[0].calls < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        pending = _in_flight(files, shards, t, delay_s=1.0)
         assert shards.servicers[0].calls == 2 and not pending.done(), "no call in flight when the stop began"
         replica = object.__new__(_Replica)  # not registered: no drain, straight to the server's stop
         replica.shard_id, replica.server, replica.controller = "s0", shards.servers[0], None
