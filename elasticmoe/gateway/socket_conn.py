@@ -30,6 +30,11 @@ _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 Opener = Callable[[], "tuple[socket.socket | SerialTLS, int]"]  # the connection's socket, the shard's message limit
 
 
+def _nbytes(parts: list) -> int:
+    """A frame's bytes (frames.*_parts: bytes, byte-sized ctypes arrays, byte memoryviews: len is their size)."""
+    return sum(map(len, parts))
+
+
 def _ready(fds: list[int], timeout_s: float) -> list[int]:
     """Those of fds with something to read (or ended) within timeout_s."""
     poller = select.poll()
@@ -90,8 +95,8 @@ class _Conn(Multiplexed):
         """(Holding _send_lock.) Write what the socket takes now; the rest goes to the writer thread, and so does the
         whole frame while earlier ones still wait there (one more than SPILL_FRAMES, or one taking them past
         SPILL_BYTES, fails its call as busy)."""
-        size = sum(memoryview(p).nbytes for p in parts)
         if self._spill:
+            size = _nbytes(parts)
             if len(self._spill) >= SPILL_FRAMES or self._spilled + size > SPILL_BYTES:
                 if (refused := self.take(frame_id)) is not None:
                     refused.set_exception(TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
@@ -100,7 +105,8 @@ class _Conn(Multiplexed):
                 return
             self._spill.append((frame_socket.unsent(sock, parts), parts, size))
             self._spilled += size
-        elif rest := frame_socket.send_parts_nowait(sock, parts):
+        elif rest := frame_socket.send_parts_nowait(sock, parts):  # (the common case, all of it sent: no sizing)
+            size = _nbytes(parts)
             self._spill.append((rest, parts, size))  # parts: its `keep` holds the tensors the rest points into
             self._spilled = size
             threading.Thread(target=self._write_spilled, args=(sock,), name=f"frames-out-{self.address}",
@@ -130,7 +136,7 @@ class _Conn(Multiplexed):
 
     def _oversize(self, parts: list) -> TransportError | None:
         """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""
-        size = sum(map(len, parts))
+        size = _nbytes(parts)
         if not self.limit or size <= self.limit:
             return None
         return TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
