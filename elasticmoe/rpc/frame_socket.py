@@ -35,15 +35,9 @@ def send_parts(sock: socket.socket, parts: list) -> None:
     sent = sock.sendmsg(parts)
     if sent == sum(map(len, parts)):  # all of it, nearly always
         return
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    views = _unsent_views(parts, sent)
     while views:
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
-        if views:
-            sent = sock.sendmsg(views[:512])
+        _skip(views, sock.sendmsg(views[:512]))
 
 
 def send_parts_nowait(sock: socket.socket | SerialTLS, parts: list) -> list:
@@ -57,18 +51,35 @@ def send_parts_nowait(sock: socket.socket | SerialTLS, parts: list) -> list:
             if sent < len(unit):
                 return [unit[sent:] if sent else unit, *units[i + 1:]]
         return []
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    try:
+        sent = sock.sendmsg(parts, (), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    if sent == sum(map(len, parts)):  # all of it, nearly always: no views made
+        return []
+    views = _unsent_views(parts, sent)
     while views:
         try:
-            sent = sock.sendmsg(views[:512], (), socket.MSG_DONTWAIT)
+            _skip(views, sock.sendmsg(views[:512], (), socket.MSG_DONTWAIT))
         except BlockingIOError:
             return views
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
     return []
+
+
+def _unsent_views(parts: list, sent: int) -> list[memoryview]:
+    """The bytes of `parts` after the first `sent`, as byte views (no copy)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    _skip(views, sent)
+    return views
+
+
+def _skip(views: list[memoryview], sent: int) -> None:
+    """Drop the first `sent` bytes of `views` (in place): what a partial sendmsg wrote."""
+    while views and sent >= len(views[0]):
+        sent -= len(views[0])
+        views.pop(0)
+    if sent:
+        views[0] = views[0][sent:]
 
 
 def unsent(sock: socket.socket | SerialTLS, parts: list) -> list:
