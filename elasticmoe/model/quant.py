@@ -62,15 +62,15 @@ def fp8_scale_float(scale_inv: torch.Tensor) -> torch.Tensor:
     """weight_scale_inv as float32: stored as floats, or as E8M0 exponent bytes (uint8: 2**(s - 127), the
     "ue8m0" scale format; 0xFF: NaN)."""
     if scale_inv.dtype == torch.uint8:
-        return _e8m0_nan(torch.ldexp(torch.ones(scale_inv.shape, dtype=torch.float32), scale_inv.to(torch.int32) - 127),
-                         scale_inv)
+        return _e8m0_scaled(torch.ones(scale_inv.shape, dtype=torch.float32), scale_inv)
     return scale_inv.to(torch.float32)
 
 
-def _e8m0_nan(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """values [..., S, ...] scaled by the E8M0 bytes `scales` (broadcast to them), NaN where a byte is 0xFF: the
-    OCP MX spec's NaN scale, which makes its whole block NaN (2**(255 - 127) would give inf, or 0 times it 0)."""
-    return values.masked_fill_(scales == 0xFF, float("nan"))
+def _e8m0_scaled(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values times 2**(s - 127) for the E8M0 bytes `scales` (uint8, broadcast to values), NaN where a byte
+    is 0xFF: the OCP MX spec's NaN scale, which makes its whole block NaN (2**(255 - 127) would give inf, or 0 times
+    it 0)."""
+    return torch.ldexp(values, scales.to(torch.int32) - 127).masked_fill_(scales == 0xFF, float("nan"))
 
 
 def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None,
@@ -98,5 +98,5 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     lut = torch.tensor(_FP4, dtype=torch.float32)
     b = blocks.to(torch.int64)
     vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # [..., G, 32]
-    vals = _e8m0_nan(torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127), scales[..., None])
+    vals = _e8m0_scaled(vals, scales[..., None])
     return vals.flatten(-2)
