@@ -11,10 +11,8 @@ from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.scheduler import RequestFailed
 from elasticmoe.gateway.deployment import GatewayCore
 from elasticmoe.gateway.runner import EngineRunner
-from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
-from elasticmoe.model.experts import ExpertStore
-from elasticmoe.model.tiny import make_tiny_model
+from tests.test_admission import model  # noqa: F401 - a fixture: a tiny Mixtral with every expert loaded
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -30,17 +28,6 @@ class BrokenEngine(Engine):
             self.raised += 1
             raise RuntimeError("injected: the step itself failed")
         return super().step()
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    import torch
-
-    path = str(make_tiny_model("mixtral", tmp_path_factory.mktemp("rh") / "mixtral", layers=2, experts=4))
-    files = open_model(path)
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    store.load((l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts))
-    return path, files, store
 
 
 def _core(runner: EngineRunner) -> GatewayCore:
