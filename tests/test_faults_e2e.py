@@ -4,6 +4,7 @@ SIGKILL and a paused unreplicated shard (a failed LoadExperts during a rebalance
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ import pytest
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.client import GenerationClient
+from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.local_cluster import shard_pids, sole_holder
 from tests.serving_util import GRPC, Load, app_entry, deploy, handle
 
@@ -24,6 +26,7 @@ PROMPTS = [f"Stream {i} asks the experts about {w}" for i, w in
 MAX_TOKENS = 40
 DIRECT_PORT = 9102  # app "one"'s direct_grpc port
 DIRECT = f"127.0.0.1:{DIRECT_PORT}"
+HEDGE_MIN_S = inspect.signature(GrpcDispatcher).parameters["hedge_min_s"].default  # the floor of the hedge delay
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +217,9 @@ def test_paused_shard_then_another_killed_no_zombie(apps):
 
 
 def test_paused_shard_with_a_replica_is_hedged(apps):
+    """The README's claim: a long pause costs one hedge delay, not one per step (nor one per suspicion period). Read
+    from the gateway's own step times, which the client side's scheduling noise on a 2-core machine does not reach;
+    the users' side: the requests that ran through the pause kept their pace (median TPOT) and none waited it out."""
     _settled("rep")
     load = Load("rep", apps["rep"], PROMPTS, MAX_TOKENS)
     time.sleep(3)
@@ -224,16 +230,24 @@ def test_paused_shard_with_a_replica_is_hedged(apps):
     resumed = time.time()
     time.sleep(2)
     load.finish()
-    tpot = load.tpot(stopped, resumed)
-    assert len(tpot) >= 4
-    p99, median = float(np.percentile(tpot, 99)), float(np.median(tpot))
+    during, before = load.tpot(stopped, resumed), load.tpot(0.0, stopped - 1.0)
+    assert len(during) >= 4 and len(before) >= 4, (len(during), len(before))
     stats = handle("Gateway", "rep").stats.remote().result()
     faults = [f for f in stats["fault_log"] if f["at"] >= stopped]
     steps = _steps("rep", stopped, resumed)
-    why = (f"hedges {stats['hedges']}, slowest steps {[round(x * 1e3) for x in sorted(steps)[-4:]]} ms, fault log "
-           f"{[(round(f['at'] - stopped, 2), f['detected_s'], f['done_s']) for f in faults][:8]}")
-    assert p99 < 3 * median, f"TPOT p99 {p99 * 1e3:.0f} ms vs median {median * 1e3:.0f} ms during the pause; {why}"
+    slow = [x for x in steps if x >= HEDGE_MIN_S]
+    worst = sorted(((b - a) / (n - 1), a - stopped, b - stopped) for a, b, n in load.done
+                   if a <= resumed and b >= stopped and n > 1)[-3:]
+    why = (f"hedges {stats['hedges'] - hedges0}, {len(steps)} steps, slowest "
+           f"{[round(x * 1e3) for x in sorted(steps)[-4:]]} ms, fault log {[(round(f['at'] - stopped, 2), f['detected_s'], f['done_s']) for f in faults][:8]}, "
+           f"slowest requests (TPOT ms, first and last token s after the pause began; it ended at "
+           f"{resumed - stopped:.2f}) {[(round(t * 1e3), round(a, 2), round(b, 2)) for t, a, b in worst]}")
     assert stats["hedges"] > hedges0, f"no call was hedged during the pause; {why}"
+    assert len(steps) >= 100 and len(slow) <= 2, f"{len(slow)} steps took a hedge delay or more; {why}"
+    assert max(steps) < 1.0, f"a step waited on the paused shard; {why}"
+    assert max(t for t, _, _ in worst) * (MAX_TOKENS - 1) < 4.0, f"a request waited out the pause; {why}"
+    median, base = float(np.median(during)), float(np.median(before))
+    assert median < 2 * base, f"median TPOT {median * 1e3:.1f} ms during the pause, {base * 1e3:.1f} before; {why}"
     _settled("rep")
 
 
