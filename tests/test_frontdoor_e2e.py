@@ -32,6 +32,7 @@ DIRECT_PORT = 9100  # direct_grpc: the gateway replica's own port
 DIRECT = f"127.0.0.1:{DIRECT_PORT}"
 PROMPTS = ["The expert said", "Once upon a time in a land far away", "Mixture", "A B C D"]
 GREEDY = dict(max_tokens=16, temperature=0.0, ignore_eos=True)
+LONG = {**GREEDY, "max_tokens": 200}  # neighbours that outlast the poison test's four refusals
 # Calls Serve's proxy holds while the gateway's 16 places are full. Serve also counts the calls it is placing while
 # places are free, and refuses beyond it: more than the test's 5 concurrent calls (4 neighbours and a fuzzed one).
 QUEUED = 8
@@ -57,6 +58,12 @@ def gateway(ray_cluster, tiny_models, tmp_path_factory):
 def reference(tiny_models) -> dict[str, list[int]]:
     llm = LLM(str(tiny_models["mixtral"]))
     return {p: llm.generate([p], SamplingParams(**GREEDY))[0].token_ids for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def long_reference(tiny_models) -> dict[str, list[int]]:
+    outs = LLM(str(tiny_models["mixtral"])).generate(PROMPTS, SamplingParams(**LONG))
+    return {p: o.token_ids for p, o in zip(PROMPTS, outs)}
 
 
 def _greedy(prompt: str, address: str = GRPC) -> list[int]:
@@ -93,12 +100,25 @@ def test_the_gateway_holds_one_gateway_resource(gateway, reference):
     assert _greedy(PROMPTS[0], DIRECT) == reference[PROMPTS[0]]
 
 
-def test_poison_inputs_end_alone_while_greedy_neighbours_finish_exactly(gateway, reference):
+def _timed_stream(prompt: str, started: threading.Event) -> tuple[list[int], list[float]]:
+    """A greedy stream of LONG tokens: its token ids and each one's arrival time; `started` set at the first."""
+    toks, times = [], []
+    for r in GenerationClient(GRPC, app=APP, timeout_s=120).stream(prompt, **LONG):
+        toks += r.token_ids
+        times += [time.monotonic()] * len(r.token_ids)
+        started.set()
+    return toks, times
+
+
+def test_poison_inputs_end_alone_while_greedy_neighbours_finish_exactly(gateway, long_reference):
     """The issue's reproduction: temperature 1e-45 on gRPC and 1e-300 / a lone surrogate / seed 2**64 on HTTP
-    while 4 greedy streams run. Each bad request is refused naming its field; the 4 streams are exact."""
+    while 4 greedy streams run (each has streamed a token before the first poison and streams another after the
+    last is refused). Each bad request is refused naming its field; the 4 streams are exact."""
+    started = [threading.Event() for _ in PROMPTS]
     with ThreadPoolExecutor(4) as pool:
-        streams = [pool.submit(_greedy, p) for p in PROMPTS]
-        time.sleep(0.3)
+        streams = [pool.submit(_timed_stream, p, e) for p, e in zip(PROMPTS, started)]
+        assert all(e.wait(120) for e in started), [s.exception() for s in streams if s.done()]
+        first = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
             GenerationClient(GRPC, app=APP).generate("poison", max_tokens=8, temperature=1e-45)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in e.value.details()
@@ -106,7 +126,11 @@ def test_poison_inputs_end_alone_while_greedy_neighbours_finish_exactly(gateway,
                           ({"seed": 2**64}, "seed")]:
             status, body, _ = _post("/completions", json.dumps({"prompt": "hi", "max_tokens": 4, **kw}).encode())
             assert status == 400 and json.loads(body)["error"]["param"] == param, body
-        assert [s.result() for s in streams] == [reference[p] for p in PROMPTS]
+        last = time.monotonic()
+        got = [s.result() for s in streams]
+    assert [toks for toks, _ in got] == [long_reference[p] for p in PROMPTS]
+    for p, (_, times) in zip(PROMPTS, got):
+        assert times[0] < first and times[-1] > last, (p, times[0] - first, times[-1] - last)
     _idle(gateway)
 
 
