@@ -112,6 +112,18 @@ def _rope(cfg: Any, rope_dim: int, fam: Family) -> tuple[torch.Tensor, float]:
     return inv.float(), float(scale)
 
 
+def _with_head_dim(cfg: Any, attn: AttentionSpec) -> Any:
+    """`cfg` with `head_dim: null` filled in as the attention derives it (hidden_size // num_attention_heads, as
+    transformers' attention and default rope do): its other rope initialisers read the None and fail."""
+    if attn.kind != "gqa" or getattr(cfg, "head_dim", 0) is not None:
+        return cfg
+    import copy
+
+    filled = copy.copy(cfg)
+    object.__setattr__(filled, "head_dim", attn.head_dim)
+    return filled
+
+
 def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...]) -> AttentionSpec:
     heads = cfg.num_attention_heads
     kv_heads = _get(cfg, "num_key_value_heads", default=heads)
@@ -197,7 +209,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     attn = _attention(cfg, num_layers, fam, moe.sparse_layers)
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
-    inv_freq, rope_scale = _rope(cfg, attn.rope_dim, fam)
+    inv_freq, rope_scale = _rope(_with_head_dim(cfg, attn), attn.rope_dim, fam)
     max_pos = _get(cfg, "max_position_embeddings", default=4096)
     if fam.rope_mscale:
         rope_scale, max_pos = mscale_rope(cfg, rope_scale, max_pos)
