@@ -19,7 +19,7 @@ import torch
 from elasticmoe.model.quant import (
     FP8_DTYPES, FP8_SCALE_SUFFIX, QuantError, QuantFormat, dequant_fp8, fp8_scale_float, fp8_scale_shape, quant_format,
 )
-from elasticmoe.model.safetensors_header import _DTYPES, CheckpointError, read_header
+from elasticmoe.model.safetensors_header import _DTYPES, CheckpointError, read_header, same_tensor
 
 __all__ = ["INDEX_FILE", "Checkpoint", "CheckpointError", "View", "read_header", "resolve_model_dir"]
 
@@ -102,6 +102,10 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path / name}: has no tensor {tensor!r}, which {INDEX_FILE} places there")
         for name in files:
             for tensor, meta in headers[name].items():
+                first = self.weight_map.get(tensor)
+                if first is not None and not same_tensor(self.path / first, self._meta[tensor], self.path / name, meta):
+                    raise CheckpointError(f"{self.path}: tensor {tensor!r} is stored in both {first} and {name}, "
+                                          f"differently (which one is meant is unclear): remove one copy")
                 self.weight_map[tensor] = name
                 self._meta[tensor] = meta
 

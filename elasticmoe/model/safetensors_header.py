@@ -68,3 +68,21 @@ def _check_entry(file: Path, tensor: str, meta: Any) -> None:
         if span[1] - span[0] != need:
             raise CheckpointError(f"{file}: {tensor!r} {meta['dtype']} {meta['shape']} needs {need} bytes, its "
                                   f"data_offsets {span} span {span[1] - span[0]}")
+
+
+def same_tensor(file_a: Path, meta_a: dict[str, Any], file_b: Path, meta_b: dict[str, Any]) -> bool:
+    """Whether two header entries (read_header's, with "start") hold the same dtype, shape and bytes."""
+    if (meta_a["dtype"], meta_a["shape"]) != (meta_b["dtype"], meta_b["shape"]):
+        return False
+    size = meta_a["data_offsets"][1] - meta_a["data_offsets"][0]
+    if size != meta_b["data_offsets"][1] - meta_b["data_offsets"][0]:
+        return False
+    with open(file_a, "rb") as a, open(file_b, "rb") as b:
+        a.seek(meta_a["start"])
+        b.seek(meta_b["start"])
+        while size > 0:
+            n = min(size, 1 << 24)
+            if a.read(n) != b.read(n):
+                return False
+            size -= n
+    return True
