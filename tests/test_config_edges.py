@@ -193,3 +193,25 @@ def test_the_mlp_shape_check_says_why_it_is_skipped(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "elasticmoe.model.names"] == [
         f"{ck / 'config.json'}: dense and shared-expert MLP shapes not checked: transformers cannot build the model "
         "it describes (AssertionError: Padding_idx must be within num_embeddings)"]
+
+
+@pytest.mark.parametrize("family, path, message", [
+    ("mixtral", ("rope_parameters", "rope_theta"), r"config\.rope_parameters\.rope_theta is null"),
+    ("deepseek_v3", ("rope_parameters", "rope_theta"), r"config\.rope_parameters\.rope_theta is null"),
+    ("deepseek_v3", ("v_head_dim",), r"config\.v_head_dim is null"),
+])
+def test_a_null_field_the_math_needs_is_refused_naming_it(tmp_path, tiny_models, family, path, message):
+    """A rotary base or an MLA head size written as null: transformers fails with a bare TypeError, and so did the
+    open (rope_theta) or the model's first build past it (v_head_dim); the open now fails naming the field."""
+    import shutil
+
+    from elasticmoe import LLM
+    from elasticmoe.model import ModelSpecError
+
+    ck = shutil.copytree(tiny_models[family], tmp_path / "m")
+    cfg = json.loads((ck / "config.json").read_text())
+    *outer, key = path
+    (cfg[outer[0]] if outer else cfg)[key] = None
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelSpecError, match=message):
+        LLM(str(ck), dtype="float32")

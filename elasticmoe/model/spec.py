@@ -94,14 +94,16 @@ def _rope(cfg: Any, rope_dim: int, fam: Family) -> tuple[torch.Tensor, float]:
     "dynamic" with an `alpha`: NTK-alpha, a base stretched by alpha ** (d / (d - 2)) at every length)."""
     params = dict(_get(cfg, "rope_parameters", "rope_scaling", default={}) or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", _get(cfg, "rope_theta", default=10000.0))
+    if theta is None:  # transformers fails on it with a bare TypeError
+        raise ModelSpecError("config.rope_parameters.rope_theta is null: the rotary needs a base")
     bases = {float(t) for t in _get(cfg, "layer_rope_theta", default=()) if t}
-    if bases - {float(params.get("rope_theta", _get(cfg, "rope_theta", default=10000.0)))}:
+    if bases - {float(theta)}:
         raise ModelSpecError(f"config.layer_rope_theta: rotary bases {sorted(bases)} other than "
                              f"rope_parameters.rope_theta are not supported")
     alpha = params.get("alpha") if fam.ntk_alpha and rope_type == "dynamic" else None
     if rope_type == "default" or alpha:
-        base = params.get("rope_theta", _get(cfg, "rope_theta", default=10000.0))
-        base = base * alpha ** (rope_dim / (rope_dim - 2)) if alpha else base
+        base = theta * alpha ** (rope_dim / (rope_dim - 2)) if alpha else theta
         inv = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.int64).float() / rope_dim))
         return inv, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -110,6 +112,14 @@ def _rope(cfg: Any, rope_dim: int, fam: Family) -> tuple[torch.Tensor, float]:
         raise ModelSpecError(f"config.rope_parameters.rope_type={rope_type!r} is not supported")
     inv, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
     return inv.float(), float(scale)
+
+
+def _required(cfg: Any, name: str) -> Any:
+    """A field the math needs: null (or absent) fails naming it, not with a TypeError deep in the model's build."""
+    value = getattr(cfg, name, None)
+    if value is None:
+        raise ModelSpecError(f"config.{name} is null: model_type {cfg.model_type!r} needs it")
+    return value
 
 
 def _with_head_dim(cfg: Any, attn: AttentionSpec) -> Any:
@@ -130,7 +140,7 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
     windows = _windows(cfg, num_layers)
     rope_layers = _rope_layers(cfg, fam, windows, sparse)
     if _get(cfg, "kv_lora_rank") is not None:
-        nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        nope, rope, v = (_required(cfg, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
         scaling = (nope + rope) ** -0.5
         params = dict(_get(cfg, "rope_parameters", "rope_scaling", default={}) or {})
         mscale_all_dim = params.get("mscale_all_dim", 0)
