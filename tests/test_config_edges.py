@@ -215,3 +215,18 @@ def test_a_null_field_the_math_needs_is_refused_naming_it(tmp_path, tiny_models,
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelSpecError, match=message):
         LLM(str(ck), dtype="float32")
+
+
+def test_a_field_of_the_wrong_type_fails_as_a_checkpoint_error_naming_the_file(tmp_path, tiny_models):
+    """transformers' config classes reject a null (or mistyped) field their type forbids with huggingface_hub's
+    StrictDataclassFieldValidationError, which escaped the open as is (no file named; a shard's load then answered
+    INTERNAL): it is now a CheckpointError naming config.json and the field."""
+    import shutil
+
+    from elasticmoe.model import CheckpointError, open_model
+
+    ck = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": None}))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*'num_key_value_heads'"):
+        open_model(str(ck))

@@ -136,10 +136,13 @@ class Checkpoint:
 
     def config(self) -> Any:
         """The transformers config; an unknown architecture raises CheckpointError naming config.json."""
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoConfig
 
         try:
             return AutoConfig.from_pretrained(self.path)
+        except StrictDataclassError as e:  # a field of a type its config class forbids (e.g. null for an int)
+            raise CheckpointError(f"{self.path / 'config.json'}: {e}") from e
         except (ValueError, KeyError, OSError) as e:
             raise CheckpointError(f"{self.path / 'config.json'}: unknown or unreadable architecture: {e}") from e
 
