@@ -112,7 +112,7 @@ BAD = [
     ({"prompt": "hi", "temperature": -0.5}, "temperature"),
     ({"prompt": "hi", "top_p": 0.0}, "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p"),
-    ({"prompt": "hi", "top_k": -1}, "top_k"),
+    ({"prompt": "hi", "top_k": -2}, "top_k"),
 ]
 
 

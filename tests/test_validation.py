@@ -29,7 +29,7 @@ from elasticmoe.rpc import generation_pb2 as gen
     ({"temperature": math.inf}, "temperature"), ({"temperature": math.nan}, "temperature"),
     ({"temperature": 1e-45}, "temperature"), ({"temperature": 1e-300}, "temperature"),
     ({"temperature": "0.5"}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": math.nan}, "top_p"),
-    ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2**40}, "top_k"), ({"seed": 2**64}, "seed"),
+    ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"top_k": 2**40}, "top_k"), ({"seed": 2**64}, "seed"),
     ({"seed": -2**63 - 1}, "seed"), ({"seed": 1.5}, "seed"), ({"stop": ["ok", ""]}, "stop"),
     ({"stop": "\ud800"}, "stop"), ({"stop": 5}, "stop"), ({"ignore_eos": 1}, "ignore_eos"),
     ({"logprobs": -1}, "logprobs"), ({"logprobs": False}, "logprobs"),

@@ -14,7 +14,8 @@ __all__ = ["InvalidRequest", "RowContext", "SamplingParams", "TokenLogprob", "pr
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one completion. temperature 0 (or below 1e-5) means greedy; top_k 0 and top_p 1 mean off."""
+    """How to sample one completion. temperature 0 (or below 1e-5) means greedy; top_k 0 (or -1, as in vLLM, taken
+    as 0) and top_p 1 mean off."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -34,6 +35,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
+        if type(self.top_k) is int and self.top_k == -1:  # vLLM's, SGLang's and transformers' "off": 0 here
+            object.__setattr__(self, "top_k", 0)
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if isinstance(self.stop, str):
@@ -108,7 +111,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) 
     """Mask a row of logits [V] outside top-k / nucleus top-p / min-p with -inf."""
     if min_p > 0:  # p < min_p * p_max  <=>  logit < logit_max + log(min_p)
         logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
-    if top_k and top_k < logits.shape[-1]:
+    if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:

@@ -106,7 +106,10 @@ def check_sampling(p: Any) -> None:
     top_p = check_float("top_p", p.top_p)
     if not 0 < top_p <= 1:
         raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")
-    check_int("top_k", p.top_k, 0, INT32_MAX)
+    if isinstance(p.top_k, bool) or not isinstance(p.top_k, Integral):
+        raise InvalidRequest("top_k", f"must be an integer, got {type(p.top_k).__name__}")
+    if not -1 <= p.top_k <= INT32_MAX:  # -1: vLLM's "off", which SamplingParams takes as 0
+        raise InvalidRequest("top_k", f"must be 0 or -1 (off) or in [1, {INT32_MAX}], got {short(p.top_k)}")
     if p.seed is not None:
         check_int("seed", p.seed, SEED_RANGE[0], SEED_RANGE[1] - 1)
     for i, s in enumerate(p.stop):

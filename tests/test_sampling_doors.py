@@ -1,0 +1,98 @@
+"""One sampling value means one thing on every front door: the offline LLM, the gRPC port (a real grpc.aio server
+over a real engine) and the OpenAI HTTP API (uvicorn) answer the same seeded request with the same tokens, and
+refuse the same bad value naming the same field."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from elasticmoe import SamplingParams
+from elasticmoe.client import GenerationClient
+from elasticmoe.engine.sampling import InvalidRequest
+from elasticmoe.gateway.auth import ApiKeys
+from elasticmoe.gateway.direct_ingress import DirectIngress
+from elasticmoe.gateway.generation_service import GenerationService
+from elasticmoe.gateway.openai_api import build_openai_app
+from tests.openai_util import Core, Server, llm, model  # noqa: F401 - fixtures
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
+SEEDED = dict(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
+
+
+class Doors:
+    """The three front doors over one engine: `offline(**kw)`, `grpc(**kw)` and `http(**kw)` each answer
+    (token ids, text) or raise InvalidRequest(field, message) for a refusal."""
+
+    def __init__(self, model, llm):  # noqa: F811
+        self.llm, self.ids = llm, llm.encode(PROMPT)
+        self.core = Core(*model, max_num_seqs=4, max_model_len=128)
+        self.core.api_keys = ApiKeys()
+        self.port = DirectIngress(GenerationService(self.core), "127.0.0.1", 0, max_rpcs=16)
+        self.client = GenerationClient(self.port.address, timeout_s=60)
+        self.server = Server(build_openai_app(self.core))
+
+    def close(self) -> None:
+        self.client.close()
+        self.port.stop(0)
+        self.server.stop()
+        self.core.runner.close()
+
+    def offline(self, **kw) -> tuple[list[int], str]:
+        out = self.llm.generate([self.ids], SamplingParams(**kw))[0]
+        return list(out.token_ids), out.text
+
+    def grpc(self, **kw) -> tuple[list[int], str]:
+        try:
+            r = self.client.generate(prompt_token_ids=self.ids, **kw)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+            field, _, message = e.details().partition(": ")
+            raise InvalidRequest(field, message) from None
+        return list(r.token_ids), r.text
+
+    def http(self, **kw) -> tuple[list[int], str]:
+        body = json.dumps({"model": "m", "prompt": self.ids, "logprobs": 0, "return_tokens_as_token_ids": True, **kw})
+        req = urllib.request.Request(self.server.url + "/completions", body.encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                choice = json.loads(r.read())["choices"][0]
+        except urllib.error.HTTPError as e:
+            assert e.code == 400, e
+            err = json.loads(e.read())["error"]
+            raise InvalidRequest(err["param"], err["message"].partition(": ")[2]) from None
+        return [int(t.split(":", 1)[1]) for t in choice["logprobs"]["tokens"]], choice["text"]
+
+    def all(self, **kw) -> list:
+        """Each door's answer, or its refusal as ("refused", field, message)."""
+        out = []
+        for door in (self.offline, self.grpc, self.http):
+            try:
+                out.append(door(**kw))
+            except InvalidRequest as e:
+                out.append(("refused", e.field, e.message))
+        return out
+
+
+@pytest.fixture(scope="module")
+def doors(model, llm):  # noqa: F811
+    d = Doors(model, llm)
+    yield d
+    d.close()
+
+
+def test_top_k_minus_one_means_off_on_every_door(doors):
+    """vLLM's and SGLang's top_k=-1 ("off", as 0 is here) was refused offline and over gRPC ("must be in
+    [0, ...]") while HTTP took it as off; every door now samples it as top_k=0, and refuses -2 alike."""
+    off = doors.offline(top_k=0, **SEEDED)
+    assert doors.all(top_k=-1, **SEEDED) == [off] * 3
+    assert doors.all(top_k=0, **SEEDED) == [off] * 3
+    assert SamplingParams(top_k=-1) == SamplingParams()
+    refused = doors.all(top_k=-2, **SEEDED)
+    assert refused == [refused[0]] * 3 and refused[0][:2] == ("refused", "top_k"), refused
+    assert "-1" in refused[0][2], refused  # the message names the value that means off
