@@ -26,7 +26,7 @@ SEEDED = dict(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
 
 class Doors:
     """The three front doors over one engine: `offline(**kw)`, `grpc(**kw)` and `http(**kw)` each answer
-    (token ids, text) or raise InvalidRequest(field, message) for a refusal."""
+    (token ids, text) for PROMPT (or the token ids `ids`) or raise InvalidRequest(field, message) for a refusal."""
 
     def __init__(self, model, llm):  # noqa: F811
         self.llm, self.ids = llm, llm.encode(PROMPT)
@@ -42,21 +42,22 @@ class Doors:
         self.server.stop()
         self.core.runner.close()
 
-    def offline(self, **kw) -> tuple[list[int], str]:
-        out = self.llm.generate([self.ids], SamplingParams(**kw))[0]
+    def offline(self, ids: list[int] | None = None, **kw) -> tuple[list[int], str]:
+        out = self.llm.generate([ids or self.ids], SamplingParams(**kw))[0]
         return list(out.token_ids), out.text
 
-    def grpc(self, **kw) -> tuple[list[int], str]:
+    def grpc(self, ids: list[int] | None = None, **kw) -> tuple[list[int], str]:
         try:
-            r = self.client.generate(prompt_token_ids=self.ids, **kw)
+            r = self.client.generate(prompt_token_ids=ids or self.ids, **kw)
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
             field, _, message = e.details().partition(": ")
             raise InvalidRequest(field, message) from None
         return list(r.token_ids), r.text
 
-    def http(self, **kw) -> tuple[list[int], str]:
-        body = json.dumps({"model": "m", "prompt": self.ids, "logprobs": 0, "return_tokens_as_token_ids": True, **kw})
+    def http(self, ids: list[int] | None = None, **kw) -> tuple[list[int], str]:
+        body = json.dumps({"model": "m", "prompt": ids or self.ids, "logprobs": 0,
+                           "return_tokens_as_token_ids": True, **kw})
         req = urllib.request.Request(self.server.url + "/completions", body.encode(),
                                      {"Content-Type": "application/json"})
         try:
@@ -96,3 +97,14 @@ def test_top_k_minus_one_means_off_on_every_door(doors):
     refused = doors.all(top_k=-2, **SEEDED)
     assert refused == [refused[0]] * 3 and refused[0][:2] == ("refused", "top_k"), refused
     assert "-1" in refused[0][2], refused  # the message names the value that means off
+
+
+def test_an_unset_max_tokens_is_cut_to_the_context_left_on_every_door(doors):
+    """/v1/completions took OpenAI's default of 16 uncut: a prompt 4 tokens short of the context was a 400 naming
+    max_tokens, a field the client never sent, where the gRPC door (and vLLM's completions) cut the default to
+    the context left. Both now answer the same 4 tokens."""
+    ids = (doors.ids * 10)[:124]  # the doors' context is 128
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    grpc_answer = doors.grpc(ids, **greedy)
+    assert len(grpc_answer[0]) == 4
+    assert doors.http(ids, **greedy) == grpc_answer

@@ -88,8 +88,10 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request,
         reject_unsupported(req)
         ids = completion_ids(core.tokenizer, req.prompt, _validator(core))
         max_tokens = req.max_tokens
-        if max_tokens is None:  # OpenAI's 16; generation_config's max_new_tokens where less (vLLM)
-            max_tokens = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS))
+        if max_tokens is None:  # OpenAI's 16; generation_config's max_new_tokens or the context left where less
+            context = getattr(core.runner.engine, "max_model_len", len(ids) + COMPLETION_MAX_TOKENS)
+            max_tokens = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS),
+                             max(1, context - len(ids)))  # as vLLM's and the gRPC door's
         params = sampling_params(req, max_tokens, req.logprobs, _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
