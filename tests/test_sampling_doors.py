@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from elasticmoe import SamplingParams
-from elasticmoe.client import GenerationClient
+from elasticmoe.client import GenerationClient, make_request
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.gateway.auth import ApiKeys
 from elasticmoe.gateway.direct_ingress import DirectIngress
@@ -108,3 +108,16 @@ def test_an_unset_max_tokens_is_cut_to_the_context_left_on_every_door(doors):
     grpc_answer = doors.grpc(ids, **greedy)
     assert len(grpc_answer[0]) == 4
     assert doors.http(ids, **greedy) == grpc_answer
+
+
+def test_a_negative_seed_samples_alike_on_every_door(doors):
+    """A seed may be negative offline and over HTTP (vLLM's and OpenAI's seeds are signed); the gRPC client
+    raised protobuf's "Value out of range: -5", naming no field, as it did for any value the proto cannot carry.
+    It now sends a negative seed as the unsigned 64 bits torch seeds with, so all three doors answer alike, and
+    a value out of the proto's range is a ValueError naming its field."""
+    answers = doors.all(**{**SEEDED, "seed": -5})
+    assert answers == [answers[0]] * 3 and answers[0][0] != "refused", answers
+    assert answers[0] == doors.offline(**{**SEEDED, "seed": 2**64 - 5})
+    for kw in ({"top_k": 2**31}, {"seed": -2**63 - 1}, {"seed": 2**64}, {"temperature": "hot"}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            make_request("hi", **kw)
