@@ -228,3 +228,19 @@ def test_a_bad_max_shard_size_is_refused_before_the_out_directory_is_touched(siz
     with pytest.raises(ValueError, match="max_shard_size"):  # the Python API refuses it first too
         tiny.make_tiny_model("mixtral", out, layers=1, experts=2, hidden=16, heads=2, kv_heads=1, max_shard_size=size)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("flag, value", [("--top-k", "0"), ("--intermediate", "0"), ("--vocab", "0"), ("--hidden", "0"),
+                                         ("--heads", "0"), ("--sharpen", "nan"), ("--seed", str(1 << 64))])
+def test_a_bad_size_is_refused_naming_it_and_nothing_is_written(flag, value, tmp_path, capsys):
+    """`elasticmoe make-tiny-model --top-k 0` (or --intermediate 0, --vocab 0) silently wrote a top-2 model (0 read
+    as "unset"), --sharpen nan wrote NaN routers, --hidden 0 failed as a ZeroDivisionError and a seed of 2**64 as
+    "Overflow when unpacking long long": each is now one error line naming the field, exit 1, no directory."""
+    from elasticmoe.cli import main
+
+    out = tmp_path / "m"
+    assert main(["make-tiny-model", "--family", "mixtral", "--out", str(out), flag, value]) == 1
+    err = capsys.readouterr().err
+    field = flag[2:].replace("-", "_")
+    assert f"error: ValueError: {field}" in err and value in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

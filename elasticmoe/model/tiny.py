@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,16 +76,24 @@ class TinyArgs:
 
 
 def _resolve(family: str, **kw: Any) -> TinyArgs:
-    """Validate the arguments and fill in defaults (intermediate=hidden, vocab=512, top_k=2)."""
+    """Validate the arguments and fill in defaults (intermediate=hidden, vocab=512, top_k=2): only None is "unset",
+    a 0 is refused naming its field (it was read as unset)."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {TINY_FAMILIES}")
     if kw["dtype"] not in DTYPES:
         raise ValueError(f"unknown dtype {kw['dtype']!r}; expected one of {tuple(DTYPES)}")
+    for name in ("layers", "experts", "hidden", "intermediate", "heads", "kv_heads", "vocab", "top_k"):
+        if kw[name] is not None and int(kw[name]) < 1:
+            raise ValueError(f"{name}: must be at least 1, got {kw[name]}")
+    if not math.isfinite(float(kw["sharpen"])):
+        raise ValueError(f"sharpen: must be a finite number, got {kw['sharpen']}")
+    if not -(1 << 63) <= int(kw["seed"]) < (1 << 64) - 1:  # torch seeds with 64 bits; the routers with seed + 1
+        raise ValueError(f"seed: must be in [{-(1 << 63)}, {(1 << 64) - 2}], got {kw['seed']}")
     args = TinyArgs(
         family=family, layers=int(kw["layers"]), experts=int(kw["experts"]), hidden=int(kw["hidden"]),
-        intermediate=int(kw["intermediate"] or kw["hidden"]), heads=int(kw["heads"]),
-        kv_heads=int(kw["kv_heads"]), vocab=int(kw["vocab"] or DEFAULT_VOCAB),
-        top_k=int(kw["top_k"] or min(2, kw["experts"])), seed=int(kw["seed"]),
+        intermediate=int(kw["hidden"] if kw["intermediate"] is None else kw["intermediate"]), heads=int(kw["heads"]),
+        kv_heads=int(kw["kv_heads"]), vocab=int(DEFAULT_VOCAB if kw["vocab"] is None else kw["vocab"]),
+        top_k=int(min(2, kw["experts"]) if kw["top_k"] is None else kw["top_k"]), seed=int(kw["seed"]),
         sharpen=float(kw["sharpen"]), dtype=kw["dtype"],
     )
     if args.hidden % args.heads or args.heads % args.kv_heads:
