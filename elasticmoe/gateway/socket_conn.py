@@ -50,7 +50,8 @@ class _Conn(Multiplexed):
     (SocketTransport.wait) takes it and reads them on its own thread, and the connection's thread stays out of its
     way while callers do (it reads only when nobody has for PARK_S). Any failure (cannot connect, broken, a reply
     whose frame id cannot be read) fails every pending call at once and marks it dead (a readable id's unreadable
-    reply fails that call alone); the next send opens a new one.
+    reply fails that call alone; a failed write ends it once the reader has read what came before: a refusal there
+    fails the calls as busy); the next send opens a new one.
     A frame larger than the shard's limit (Health) fails alone, unsent (OVERSIZE): the shard would end the connection."""
 
     def __init__(self, address: str, opener: Opener):
@@ -88,7 +89,7 @@ class _Conn(Multiplexed):
             with self._send_lock:  # what the socket takes now goes now; the rest waits for the writer thread
                 self._write_or_spill(sock, frame_id, parts)
         except OSError as e:
-            self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+            self._broken(e)
         return True
 
     def _write_or_spill(self, sock, frame_id: int, parts: list) -> None:
@@ -126,7 +127,7 @@ class _Conn(Multiplexed):
                 with self._send_lock:
                     self._spill.clear()
                     self._spilled = 0
-                self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+                self._broken(e)
                 return
             with self._send_lock:  # the pop and the look at what is left in one hold: a caller finding the queue
                 self._spilled -= self._spill.popleft()[2]  # empty writes its frame itself and may start the
@@ -172,7 +173,7 @@ class _Conn(Multiplexed):
                     elif (fut := self.take(frame_id)) is not None:
                         fut.set_exception(err)
             except OSError as e:
-                self.fail(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+                self._broken(e)
             except Exception as e:  # noqa: BLE001 - a bug: fail the calls rather than leave them to their deadlines
                 log.exception("frames to %s: writing the frames sent while connecting failed", self.address)
                 self.fail(TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}"))
@@ -241,16 +242,31 @@ class _Conn(Multiplexed):
                         self.fail_unreadable(e, e.frame_id)
                         continue  # its framing is intact: the other calls' answers still come
                     if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
-                        self._ended = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
+                        with self._lock:
+                            self._ended = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
                     self.resolve(reply)
                 return True
         except OSError as e:
-            if not self.dead:
-                self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}")
+            self._ending(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}"))
         except Exception as e:  # noqa: BLE001 - a reply that cannot be read fails the connection's calls
-            self._ended = TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}")
+            self._ending(TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}"))
         self.fail(self._ended)
         return False
+
+    def _ending(self, err: TransportError) -> None:
+        """Why the connection ends (its pending calls' failure), unless the listener's refusal was read: that stays
+        the reason ('shard busy': the shard is alive), whatever the socket said after it (a reset, say)."""
+        with self._lock:
+            if self._ended.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._ended = err
+
+    def _broken(self, e: OSError) -> None:
+        """A write failed: no new frames; the reader reads what the shard wrote before (a refusal: a listener over its
+        lingering cap closes at once, its reset failing our writes) and then the end, and fails the pending calls."""
+        with self._lock:
+            self.retired = True
+        self._ending(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address} broken: {e}"))
+        self._shut()  # the reader sees the end after what is already here
 
     def _shut(self) -> None:
         with self._lock:
