@@ -112,7 +112,13 @@ class Deadlines:
                         fut.set_exception(TransportError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
                 self._cv.wait(max(self._heap[0][0] - now, DEADLINE_GRAIN_S) if self._heap else None)
 
-    def close(self) -> None:
+    def close(self, err: grpc.RpcError | None = None) -> None:
+        """Stop the thread; with `err`, fail every call still pending with it: those on connections the transport
+        no longer holds (retired by renewed TLS files) too, whose deadlines nothing would keep any more."""
         with self._cv:
             self.closed = True
+            entries, self._heap = self._heap, []
             self._cv.notify()
+        for _, frame_id, conn in entries if err is not None else []:
+            if (fut := conn.take(frame_id)) is not None:
+                fut.set_exception(err)

@@ -156,7 +156,7 @@ class SocketTransport(_Channels):
         super().retain(addresses)
 
     def close(self) -> None:
-        self._deadlines.close()
+        self._deadlines.close(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))  # retired ones' calls too
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:

@@ -127,7 +127,7 @@ class StreamTransport(_Channels):
         super().retain(addresses)
 
     def close(self) -> None:
-        self._deadlines.close()
+        self._deadlines.close(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))  # retired ones' calls too
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for s in streams:
