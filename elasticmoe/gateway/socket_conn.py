@@ -80,8 +80,8 @@ class _Conn(Multiplexed):
                 self.pending[frame_id] = fut
                 self._backlog.append((frame_id, parts))
                 return True
-            if self._oversize(parts):
-                fut.set_exception(self._oversize(parts))
+            if (err := self._oversize(parts)) is not None:
+                fut.set_exception(err)
                 return True
             self.pending[frame_id] = fut
             sock = self.sock
