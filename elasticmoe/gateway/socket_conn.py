@@ -68,7 +68,7 @@ class _Conn(Multiplexed):
         self._reader: frame_socket.FrameReader | None = None  # set once open
         self._read_at = 0.0  # monotonic: when a caller last read (the connection's thread parks for PARK_S after)
         self.wakeups = 0  # times the connection's thread woke up (each takes the GIL)
-        self._ended = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {address} ended")
+        self._ended = self._eof = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {address} ended")
         threading.Thread(target=self._run, args=(opener,), name=f"frames-{address}", daemon=True).start()
 
     def submit(self, frame_id: int, parts: list, fut: Future) -> bool:
@@ -254,10 +254,11 @@ class _Conn(Multiplexed):
         return False
 
     def _ending(self, err: TransportError) -> None:
-        """Why the connection ends (its pending calls' failure), unless the listener's refusal was read: that stays
-        the reason ('shard busy': the shard is alive), whatever the socket said after it (a reset, say)."""
+        """Why the connection ends (its pending calls' failure): the first reason given (a failed write, not the
+        end the reader then sees), unless the listener's refusal was read: that stays the reason ('shard busy': the
+        shard is alive), whatever the socket said after it (a reset, say)."""
         with self._lock:
-            if self._ended.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if self._ended is self._eof:
                 self._ended = err
 
     def _broken(self, e: OSError) -> None:
