@@ -157,7 +157,7 @@ def test_a_frame_sent_as_the_writer_thread_ends_is_written_once(files, straggler
     try:
         reqs = [_big(files, layer, seed) for seed in range(2)]
         small = ExpertRequest(layer, reqs[0].hidden[:4], reqs[0].topk_ids[:4], reqs[0].topk_weights[:4])
-        assert t.send(address, lambda: small, 10).result(timeout=10).output is not None  # connected
+        assert t.send(address, lambda: small, 30).result(timeout=30).output is not None  # connected
         conn = t._conns[address]
         gate = conn._send_lock = _HoldFirstWriter(conn._send_lock)
         futs = [t.send(address, lambda: reqs[0], 60)]
