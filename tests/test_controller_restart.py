@@ -184,7 +184,8 @@ def test_a_registration_retry_holds_only_the_new_plans_experts(model, monkeypatc
     replica.shard_id, replica.address = "r", "127.0.0.1:1"
     replica.store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     replica.servicer = ExpertServicer(replica.store, "r")
-    replica.controller = _RetryController([{"experts": plan_a, "version": 1}, {"experts": plan_b, "version": 2}])
+    replica.controller = _RetryController([{"experts": plan_a, "version": 1, "desired": 2},
+                                           {"experts": plan_b, "version": 2, "desired": 2}])
     replica.registered, replica.stopping, replica.error = threading.Event(), False, None
     replica._ready_lock = threading.Lock()
     ShardImpl._register(replica)

@@ -23,7 +23,7 @@ class _PlanController:
     """register answers `plan` (version `version`); ready answers at once."""
 
     def __init__(self, plan, version):
-        answer = {"experts": plan, "version": version}
+        answer = {"experts": plan, "version": version, "desired": 2}
         self.register = type("M", (), {"remote": staticmethod(lambda *a: _Result(lambda: answer))})()
         self.ready = type("M", (), {"remote": staticmethod(lambda *a: _Result(lambda: version))})()
 
@@ -89,7 +89,7 @@ class _StallingController:
             if failing:
                 raise RuntimeError("injected: the controller is starting")
             self.release.wait(30)
-            return {"experts": [], "version": 1}
+            return {"experts": [], "version": 1, "desired": 2}
 
         def ready(*a):
             self.readies += 1
@@ -118,3 +118,44 @@ def test_a_replica_stopped_while_registering_does_not_report_ready(model, failin
     finally:
         replica.controller.release.set()
         shard.server.stop(None)
+
+
+def test_a_starting_replica_reports_the_controllers_count_not_its_configs(model, monkeypatch):  # noqa: F811
+    """Serve scales the shards to the largest desired_shards any replica reports, at once (upscale_delay_s 0). A
+    replica still starting reported the config's num_shards until its first heartbeat (after loading its plan), so
+    each replacement or scale out while the controller wanted fewer (idle, or the operator's count) scaled the
+    deployment up to num_shards. It reports nothing until the controller has answered it, then the controller's
+    count."""
+    from elasticmoe.autoscaler.record import GcsRecord
+    from elasticmoe.experts import deployment
+    from tests.controller_util import ControllerImpl, _args, _LoopHandle, _until
+
+    monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: None)  # outside Serve: no replica context
+    files = open_model(model)
+    GcsRecord("default").clear()
+    threads = torch.get_num_threads()  # the replica sets its process's torch threads (shard_resources.num_cpus)
+
+    async def scenario():
+        args = _args(model, autoscaling={"min_shards": 1, "max_shards": 3})
+        ctrl, a = ControllerImpl(args), Shard(files, "a")
+        replica = None
+        try:
+            await a.join(ctrl)
+            assert await ctrl.set_target_shards(1) == 1  # the operator's count, below num_shards (2)
+            replica = _Replica(args, _LoopHandle(ctrl, asyncio.get_running_loop()))  # its register waits for us
+            assert replica.record_autoscaling_stats().get("desired_shards", 1) == 1  # not the config's 2
+            await _until(replica.registered.is_set, 30, "the new replica registered")
+            assert replica.record_autoscaling_stats() == {"desired_shards": 1.0}
+        finally:
+            if replica is not None:
+                await asyncio.to_thread(replica._stop_registering)
+                replica.server.stop(None)
+            a.server.stop(None)
+            for task in ctrl._tasks:
+                task.cancel()
+        await _until(lambda: not any(t.name == "register" for t in threading.enumerate()), 10, "its thread to end")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        torch.set_num_threads(threads)

@@ -113,15 +113,16 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
 
     # ----- shard lifecycle
     async def register(self, shard_id: str, address: str) -> dict:
-        """A shard replica announces itself; returns its position, the experts it must load and whether it is
-        already `published` (a retry after its ready answer was lost: gateways may route to copies it holds beyond
-        the assignment, which the drops after the acks remove). Waits for a change in progress: a re-home retires
-        the failed shard's position, which a replacement would otherwise take over."""
+        """A shard replica announces itself; returns its position, the experts it must load, the desired shard count
+        (the replica reports it to Serve's autoscaler) and whether it is already `published` (a retry after its ready
+        answer was lost: gateways may route to copies it holds beyond the assignment, which the drops after the acks
+        remove). Waits for a change in progress: a re-home retires the failed shard's position, which a replacement
+        would otherwise take over."""
         async with self._start():
             info = self.registry.register(shard_id, address)
             self._save()
             return {"position": info.position, "experts": self.registry.assignment(info.position),
-                    "version": self.registry.version, "published": info.ready}
+                    "version": self.registry.version, "published": info.ready, "desired": self.desired}
 
     async def ready(self, shard_id: str) -> int:
         """The shard loaded its experts: publish it; a spare replica grows the placement onto itself, once a

@@ -86,7 +86,8 @@ class ScaleDecider:
 def shard_autoscaling_policy(ctx) -> tuple[int, dict]:
     """Serve autoscaling policy for the ExpertShard deployment: follow the controller's desired count.
 
-    Every shard replica reports the controller's `desired_shards` as a custom metric; the max wins.
+    Every shard replica reports the controller's `desired_shards` as a custom metric; the max wins. A replica the
+    controller has not answered yet reports none; with no report at all the count stays.
     """
     metrics = ctx.aggregated_metrics or {}
     reported = list((metrics.get("desired_shards") or {}).values())

@@ -55,7 +55,7 @@ class ExpertShard:
         self.registered = threading.Event()
         self.started = time.monotonic()
         self.error: BaseException | None = None
-        self.desired = float(self.args.num_shards)
+        self.desired: float | None = None  # the controller's shard count; None: it has not answered this replica yet
         self.stopping = False
         self._ready_lock = threading.Lock()  # `stopping` is set under it: no ready() after __del__ skipped the drain
         self.evicted: str | None = None
@@ -74,6 +74,7 @@ class ExpertShard:
                 return
             try:
                 plan = self.controller.register.remote(self.shard_id, self.address).result(timeout_s=30)
+                self.desired = float(plan["desired"])
                 t0 = time.perf_counter()
                 # an earlier attempt's plan is dropped, unless published: gateways may route to extras (dropped
                 # after acks); under the servicer's placement lock, as the controller's LoadExperts / DropExperts
@@ -107,8 +108,9 @@ class ExpertShard:
             time.sleep(1.0)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metrics for Serve (see autoscaler.policy.shard_autoscaling_policy)."""
-        return {"desired_shards": self.desired}
+        """Custom autoscaling metrics for Serve (see autoscaler.policy.shard_autoscaling_policy): none before the
+        controller has answered (the config's num_shards is no count the controller asked for)."""
+        return {} if self.desired is None else {"desired_shards": self.desired}
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises."""
