@@ -210,3 +210,23 @@ def test_a_spare_ready_as_the_restarted_controllers_first_call_is_placed_after_t
                 task.cancel()
 
     _with_shards(model, "abc", scenario)
+
+
+def test_a_shard_lost_while_loading_leaves_no_expert_without_a_copy(model):
+    """b registered (position 1 of 2) and died before it was ready: Serve stopped it (a scale in picks a replica
+    still loading as readily as any) or its node went. The controller forgot it and left position 1 empty, so the
+    experts placed only there had no copy anywhere, and nothing re-homed them (no shard was left to lose, rebalance
+    and scale out wait for every position to be staffed) until a new replica happened to register. They are now
+    re-homed onto the live shards at once."""
+
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a)
+        assert (await ctrl.register("b", b.address))["position"] == 1
+        b.server.stop(None)  # it stops before its ready()
+        await ctrl._health_once()
+        table = await ctrl.table()
+        assert "b" not in ctrl.registry.shards and [x["id"] for x in table["shards"]] == ["a"]
+        assert table["complete"] and _routed_to(table, "a") <= a.held()
+        assert ctrl.registry.placement.num_shards == 1 and ctrl.registry.staffed()
+
+    _with_shards(model, "ab", scenario)

@@ -44,7 +44,9 @@ class Replacer:
         if not alive:
             self._mark_failed([info], why)
         n = self.registry.placement.num_shards
-        if info.position >= n or not info.ready:
+        # a spare holds nothing placed; a shard lost while loading leaves its position's experts without a copy: they
+        # are re-homed like a failed shard's, unless no shard is live (then a new replica takes the position over)
+        if info.position >= n or (not info.ready and not self.registry.live()):
             self.registry.forget(shard_id)
             self._event("removed", shard=shard_id, why=why)
             self._publish()
