@@ -183,3 +183,40 @@ def test_an_override_change_starts_the_cool_down():
     assert decide.desired(4, [0.1] * 4) == 4  # idle, but within the cool-down of the operator's change
     decide.cooldown_s = 0.0
     assert decide.desired(4, [0.1] * 4) == 3
+
+
+def test_status_and_the_stats_round_ask_every_shard_at_once(model):
+    """Shards that accept a connection but never answer (paused, a node gone half-way) cost status() and the stats
+    round one GetStats timeout (2 s) together, not one each: asked one after another, 3 of them held `elasticmoe
+    status` for over 6 s (and 15 its 30 s limit) and the stats round as long."""
+    import socket
+
+    holes = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]  # listening, never accepting: no answer
+
+    async def scenario(files, a):
+        ctrl = ControllerImpl(_args(model, num_shards=4))
+        await a.join(ctrl)
+        for task in ctrl._tasks:
+            task.cancel()  # the calls below are the only ones
+        for i, hole in enumerate(holes):
+            await ctrl.register(f"hole{i}", f"127.0.0.1:{hole.getsockname()[1]}")
+            ctrl.registry.shards[f"hole{i}"].ready = True  # as if loaded: the stats round asks the live ones
+        t0 = time.monotonic()
+        status = await ctrl.status()
+        took = time.monotonic() - t0
+        by_id = {s["id"]: s for s in status["shards"]}
+        assert "tokens" in by_id["a"] and all(by_id[f"hole{i}"]["stats_error"] == "unreachable" for i in range(3))
+        assert took < 4.5, f"status() took {took:.1f} s"
+        assert len(ctrl.registry.live()) == 4
+        for _ in range(2):  # the baseline read, then a measured one
+            t0 = time.monotonic()
+            await ctrl._stats_once()
+            took = time.monotonic() - t0
+            assert took < 4.5, f"the stats round took {took:.1f} s"
+        assert set(ctrl.load.measured) == {"a"}
+
+    try:
+        _with_shards(model, "a", scenario)
+    finally:
+        for hole in holes:
+            hole.close()

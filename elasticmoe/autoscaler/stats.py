@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from elasticmoe.autoscaler.moves import GATEWAY_TTL_S
@@ -29,13 +30,15 @@ class StatsKeeper:
         load = self.load.planning_load()
         shards, p = [], self.registry.placement
         copies = p.num_copies()  # [L, E]
-        for s in sorted(self.registry.shards.values(), key=lambda s: s.position):
+        infos = sorted(self.registry.shards.values(), key=lambda s: s.position)
+        # every shard asked at once: a shard that does not answer costs one timeout, not one each
+        answers = await asyncio.gather(*(self._shard_stats(s.address) for s in infos))
+        for s, answer in zip(infos, answers):
             mine = p.experts_on(s.position) if s.position < p.num_shards else []
             entry = {"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
                      "healthy": s.healthy, "experts": len(mine),
                      "sole_copies": sum(1 for l, e in mine if copies[l, e] == 1),  # lost with this shard
-                     "utilization": self.load.utilization.get(s.shard_id, 0.0)}
-            entry.update(await self._shard_stats(s.address))
+                     "utilization": self.load.utilization.get(s.shard_id, 0.0), **answer}
             shards.append(entry)
         return {"version": self.registry.version, "complete": self.registry.complete(), "shards": shards,
                 "num_shards": p.num_shards, "desired_shards": self.desired, "recovering": self.recovering,
@@ -47,9 +50,8 @@ class StatsKeeper:
                 "events": self.events[-50:]}
 
     async def _stats_once(self) -> None:
-        stats = {}
-        for s in self.registry.live():
-            st = await self._stats(s.address)
+        stats, live = {}, self.registry.live()
+        for s, st in zip(live, await asyncio.gather(*(self._stats(s.address) for s in live))):  # at once, as status
             if st is not None:
                 stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in st.tokens}, st.compute_us / 1e6)
         self.load.update(stats, self.layer_index)
