@@ -103,7 +103,7 @@ class GatewayMetrics:
     # --- per request (event loop) -------------------------------------------------------------
 
     def request(self, api: str, status: str) -> None:
-        """Count a finished request: api grpc|http, status ok|invalid|rejected|error."""
+        """Count a finished request: api grpc|http, status ok|invalid|unauthenticated|rejected|error."""
         with self._counts_lock:
             self.requests[(api, status)] = self.requests.get((api, status), 0) + 1
         if self._ray:

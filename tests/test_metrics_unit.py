@@ -217,3 +217,21 @@ def test_a_removed_shard_is_exported_as_unregistered():
     assert healthy.values == {(("shard", "a"),): 1.0, (("shard", "b"),): 0.0}
     m.set_shard_health({"b": False})  # back under the same id (a restarted replica), not answering yet
     assert registered.values == {(("shard", "a"),): 0.0, (("shard", "b"),): 1.0}
+
+
+def test_a_request_failing_after_its_first_token_counts_its_ttft_on_both_doors():
+    """gRPC observes TTFT at the first token, whatever comes after; HTTP observed it only for requests that ended
+    ok, so a stream cut after its first token (the client gone, 499; a shard failure, 503) left the histogram
+    short on one door. A request failing before any token observes none on either."""
+    from types import SimpleNamespace
+
+    from elasticmoe.gateway.openai_choices import Tally
+
+    m = GatewayMetrics("off", 2, 2, [1], use_ray=False)
+    core = SimpleNamespace(metrics=m)  # what Tally reads of the gateway core
+    cut = Tally(core)
+    cut.first_token()
+    cut.record(499)
+    refused = Tally(core)
+    refused.record(400)
+    assert m.latency_counts["ttft"] == 1 and m.requests == {("http", "error"): 1, ("http", "invalid"): 1}

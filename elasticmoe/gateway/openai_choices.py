@@ -26,13 +26,16 @@ STATUS_OF = {400: "invalid", 401: "unauthenticated", 413: "invalid", 429: "rejec
 
 def record_outcome(core: Any, http_status: int | None, tally: Tally | None = None) -> None:
     """Count one finished request (all its choices) on core.metrics (if any): ok with latencies (TTFT to the first
-    token of any choice, TPOT per choice over its own tokens), or failed with its code."""
+    token of any choice, TPOT per choice over its own tokens), or failed with its code (and its TTFT if a token came
+    before the failure, as the gRPC door counts it)."""
     m = getattr(core, "metrics", None)
     if m is None:
         return
     if http_status is not None:
         m.request("http", STATUS_OF.get(http_status, "error"))
         m.error(str(http_status))
+        if tally is not None and tally.t_first:
+            m.ttft(tally.t_first - tally.t0)
         return
     m.request("http", "ok")
     if tally is not None:
@@ -77,7 +80,7 @@ class Tally:
         """The outcome: an HTTP status, or None (ok: `last`, an update of the request, given once all ended)."""
         if not self.done:
             self.done = True
-            record_outcome(self.core, http_status, self if last is not None else None)
+            record_outcome(self.core, http_status, self if last is not None or http_status is not None else None)
 
 
 class Generation:
