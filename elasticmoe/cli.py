@@ -34,11 +34,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from elasticmoe.client import GenerationClient
 
     client = GenerationClient(ns.address, app=ns.app, timeout_s=ns.timeout, api_key=ns.api_key)
+    line_open = False  # streamed text printed with no newline yet
     try:
         if ns.stream:
             for r in client.stream(ns.prompt, stop=ns.stop, **_sampling(ns)):
                 print(r.text, end="", flush=True)
+                line_open = line_open or bool(r.text)
             print()
+            line_open = False
         else:
             r = client.generate(ns.prompt, stop=ns.stop, **_sampling(ns))
             print(r.text)
@@ -47,7 +50,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             print(f"[{r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} completion tokens, "
                   f"finish: {gen.FinishReason.Name(r.finish_reason)}]", file=sys.stderr)
     except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        if line_open:
+            print(flush=True)  # the error's line starts on a line of its own, not after the partial text
+        print(f"elasticmoe generate: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     finally:
         client.close()

@@ -181,3 +181,43 @@ def test_a_shard_whose_stats_call_failed_is_not_shown_ok():
     assert health({"healthy": True, "ready": True}) == "ok"
     assert health({"healthy": True, "ready": False}) == "loading"
     assert health({"healthy": False, "ready": True, "stats_error": "unreachable"}) == "dead"
+
+
+def test_generate_failing_is_one_prefixed_line_after_the_streamed_text(monkeypatch, capsys):
+    """A generate that fails prints `elasticmoe generate: error: CODE: details` (main()'s promise; it printed no
+    command), and a stream cut after some text ends that text's line first (the error landed on the same line)."""
+    import socket
+
+    import grpc
+
+    with socket.socket() as s:  # a port nobody listens on: the real client's UNAVAILABLE
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli_main(["generate", "hi", "--address", f"127.0.0.1:{port}", "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("elasticmoe generate: error: UNAVAILABLE: ") and len(err.splitlines()) == 1, err
+
+    from elasticmoe import client as client_mod
+
+    class Cut(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "shard gone"
+
+    class Client:
+        def __init__(self, *a, **kw):
+            pass
+
+        def stream(self, prompt, **kw):
+            yield type("R", (), {"text": "partial"})()
+            raise Cut()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(client_mod, "GenerationClient", Client)
+    assert cli_main(["generate", "hi", "--stream"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "partial\n" and err == "elasticmoe generate: error: UNAVAILABLE: shard gone\n", (out, err)
