@@ -82,3 +82,34 @@ def test_generate_raises_naming_a_prompt_that_could_not_be_served(llm, reference
     assert e.value.__cause__ is not None
     assert not llm.engine.has_work() and llm.engine.scheduler.num_free_slots == llm.engine.cache.num_slots
     assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)] == [reference[p] for p in PROMPTS[:2]]
+
+
+class InterruptingDispatcher(LocalDispatcher):
+    """In-process experts whose `after`-th call raises KeyboardInterrupt (Ctrl-C while a step runs)."""
+
+    def __init__(self, store, after: int):
+        super().__init__(store)
+        self.left = after
+
+    def dispatch(self, layer, hidden, topk_ids, topk_weights):
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+        return super().dispatch(layer, hidden, topk_ids, topk_weights)
+
+
+def test_an_interrupted_generate_leaves_no_request_in_the_engine(llm, reference):
+    """Ctrl-C in LLM.generate (KeyboardInterrupt out of a step) left its requests in the engine, holding their
+    KV-cache slots: the next generate ran all of them to max_tokens before it answered, and LLM.logits found no
+    free slot. They are now aborted as generate exits, and the next call runs only its own prompt."""
+    fresh = LLM(str(llm.files.ckpt.path), max_num_seqs=2)
+    fresh.engine.dispatcher = InterruptingDispatcher(fresh.store, after=7)  # in the fourth step
+    with pytest.raises(KeyboardInterrupt):
+        fresh.generate(PROMPTS * 3, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    assert fresh.engine.seqs == {} and not fresh.engine.has_work()
+    assert fresh.engine.scheduler.num_free_slots == 2
+    steps = fresh.engine.steps
+    [out] = fresh.generate([PROMPTS[0]], GREEDY)
+    assert out.token_ids == reference[PROMPTS[0]]
+    assert fresh.engine.steps - steps == len(out.token_ids)  # one prefill, then one decode a token: nothing else
+    assert fresh.logits(fresh.encode(PROMPTS[1])).shape[0] == len(fresh.encode(PROMPTS[1]))

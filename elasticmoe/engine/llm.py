@@ -88,11 +88,16 @@ class LLM:
                 raise ValueError(f"sampling_params: expected SamplingParams, got {type(p).__name__}")
             self.engine.validate(toks, p)
         seqs = []
-        for toks, p in zip(ids, plist):
-            seqs.append(self.engine.add_request(f"offline-{self._next_id}", toks, p))
-            self._next_id += 1
-        while self.engine.has_work():
-            self.engine.step()
+        try:
+            for toks, p in zip(ids, plist):
+                seqs.append(self.engine.add_request(f"offline-{self._next_id}", toks, p))
+                self._next_id += 1
+            while self.engine.has_work():
+                self.engine.step()
+        except BaseException:  # Ctrl-C, or a bug: no request of this call outlives it (nor holds its KV slot)
+            for s in seqs:
+                self.engine.abort(s.request_id)
+            raise
         failed = [(i, s) for i, s in enumerate(seqs) if s.error is not None]
         if failed:  # as vLLM's generate: an error, not an output that looks finished
             i, s = failed[0]
