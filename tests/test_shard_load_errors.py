@@ -88,3 +88,33 @@ def test_a_failing_forward_is_internal_on_every_transport(shard):
             t.close()
     store.forward = forward
     assert UnaryTransport().send(address, lambda: req, 10).result(timeout=20).output.data
+
+
+def test_experts_that_do_not_fit_in_memory_are_resource_exhausted(tmp_path):
+    """A CPU shard asked for experts whose layer storage the host cannot map (here the config's intermediate size makes
+    one expert 12 TiB, beyond RAM and swap) answers RESOURCE_EXHAUSTED naming the bytes, as a GPU shard's
+    out-of-memory does; it was FAILED_PRECONDITION "[Errno 12] Cannot allocate memory", which blames the checkpoint.
+    The shard holds nothing of it and keeps loading and serving."""
+    import json
+
+    from elasticmoe.model.tiny import make_tiny_model
+
+    path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E)
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 1 << 34
+    (path / "config.json").write_text(json.dumps(config))
+    huge = open_model(str(path))
+    store = ExpertStore(huge.ckpt, huge.names, huge.spec, torch.float32, torch.device("cpu"))
+    server, _, port = start_server(store, "too-big")
+    ch = tls.channel(f"127.0.0.1:{port}", channel_options())
+    try:
+        stub = pb_grpc.ExpertShardStub(ch)
+        layer = huge.spec.moe.moe_layers[0]
+        with pytest.raises(grpc.RpcError) as e:
+            _load(stub, [(layer, 0)])
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(), e.value.details())
+        assert "bytes" in e.value.details() and f"layer {layer}" in e.value.details(), e.value.details()
+        assert store.held() == [] and stub.Health(pb.HealthRequest(), timeout=10).ok
+    finally:
+        ch.close()
+        server.stop(None).wait(10)

@@ -271,8 +271,8 @@ def _load_code(e: Exception) -> grpc.StatusCode:
     """A failed load's status: INVALID_ARGUMENT for a request naming what the model lacks (ValueError),
     FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone: not the caller's fault),
     RESOURCE_EXHAUSTED when the experts do not fit in memory, else INTERNAL."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):  # a GPU's, or the CPU's (model.experts._storage)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(e, (CheckpointError, OSError)):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(e, torch.OutOfMemoryError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else grpc.StatusCode.INTERNAL

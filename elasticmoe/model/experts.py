@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import threading
 import time
@@ -76,7 +77,12 @@ def _storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     if device.type != "cpu" or nbytes == 0:
         return torch.empty(shape, dtype=dtype, device=device)
-    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero pages, touched on first write
+    try:
+        pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero pages, touched on first write
+    except OSError as e:  # ENOMEM: more than the host commits to (not a file's fault: a MemoryError, as torch's)
+        if e.errno != errno.ENOMEM:
+            raise
+        raise MemoryError(f"cannot allocate {nbytes} bytes on the CPU: {e.strerror}") from None
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
@@ -172,8 +178,11 @@ class ExpertStore:
     def _load_layer(self, layer: int, experts: list[int], progress: LoadProgress) -> None:
         old = self.layers.get(layer)
         held = old.global_ids if old is not None else ()
-        parts = {k: _storage(shape, dtype, self.device)
-                 for k, (shape, dtype) in self.part_shapes(len(held) + len(experts)).items()}
+        n = len(held) + len(experts)
+        try:
+            parts = {k: _storage(shape, dtype, self.device) for k, (shape, dtype) in self.part_shapes(n).items()}
+        except (MemoryError, torch.OutOfMemoryError) as e:  # the CPU's (_storage), a GPU's
+            raise type(e)(f"layer {layer}: {n} experts' weights do not fit in memory: {e}") from None
         if old is not None:
             for k, src in old.parts().items():
                 parts[k][: len(held)].copy_(src)
