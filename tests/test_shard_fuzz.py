@@ -34,7 +34,8 @@ def shard(tmp_path_factory):
     store.load([(l, e) for l in layers for e in range(E)])
     server, servicer, port = start_server(store, "fuzz", max_rows=64)
     ch = tls.channel(f"127.0.0.1:{port}", channel_options())
-    yield {"stub": pb_grpc.ExpertShardStub(ch), "raw": ch.unary_unary("/elasticmoe.internal.v1.ExpertShard/RunExperts"),
+    yield {"address": f"127.0.0.1:{port}", "stub": pb_grpc.ExpertShardStub(ch),
+           "raw": ch.unary_unary("/elasticmoe.internal.v1.ExpertShard/RunExperts"),
            "store": store, "files": files, "layers": layers, "hidden": files.spec.hidden_size}
     ch.close()
     server.stop(None)
@@ -255,3 +256,38 @@ def test_stats_counters_exact_under_concurrent_calls(shard):
         sys.setswitchinterval(interval)
     assert store.tokens_served == {(0, 1): counts * threads, (0, 2): 2 * counts * threads}
     assert servicer.calls == calls * threads
+
+
+def test_the_weight_of_a_minus_one_slot_is_ignored(shard):
+    """experts.proto: "the weight of a -1 slot is ignored" (the gateway masks the slots other shards serve). A NaN or
+    inf weight there is no reason to refuse the call (the whole call was INVALID_ARGUMENT 'topk_weights: must be
+    finite'): the answer is the one with those slots left out, over unary RunExperts and over the frame listener; a
+    non-finite weight on a slot this shard serves is still refused, naming the field."""
+    from elasticmoe.gateway.socket_transport import SocketTransport
+    from elasticmoe.rpc.frames import ExpertRequest
+
+    g = torch.Generator().manual_seed(5)
+    layer, t = shard["layers"][0], 6
+    hidden = torch.randn(t, shard["hidden"], generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(t)]).to(torch.int32)  # [T, K]
+    weights = torch.rand(t, K, generator=g)
+    ids[::2, 1] = -1
+    ref = LocalDispatcher(shard["store"]).dispatch(layer, hidden, ids, weights).wait()
+    weights[0, 1], weights[2, 1], weights[4, 1] = float("nan"), float("inf"), float("-inf")
+    req = ExpertRequest(layer, hidden, ids, weights)
+    out = decode_tensor(shard["stub"].RunExperts(req.to_proto(), timeout=30).output)
+    torch.testing.assert_close(out, ref.to(out.dtype), rtol=1e-5, atol=1e-6)
+    socket = SocketTransport()
+    try:
+        reply = socket.send(shard["address"], lambda: req, 10).result(timeout=30)
+        torch.testing.assert_close(decode_tensor(reply.output), ref.to(out.dtype), rtol=1e-5, atol=1e-6)
+        weights[1, 1] = float("nan")  # a slot this shard serves
+        with pytest.raises(grpc.RpcError) as e:
+            shard["stub"].RunExperts(req.to_proto(), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "topk_weights" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            socket.send(shard["address"], lambda: req, 10).result(timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "topk_weights" in e.value.details()
+    finally:
+        socket.close()
+    _check_valid(shard, 13)

@@ -107,8 +107,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
                 f"{list(weights.shape)}; want [T, {spec.hidden_size}], [T, k], [T, k]")
         if ids.numel() and (int(ids.max()) >= spec.moe.num_experts or int(ids.min()) < -1):
             bad(f"topk_ids: ids must be in [-1, {spec.moe.num_experts})")
-        if weights.numel() and not bool(torch.isfinite(weights).all()):
-            bad("topk_weights: must be finite")
+        if weights.numel() and not bool(torch.isfinite(weights[ids >= 0]).all()):  # a -1 slot's weight is ignored
+            bad("topk_weights: must be finite where topk_ids >= 0")
         dev = self.store.device
         return hidden.to(dev, self.store.dtype), ids.to(dev), weights.to(dev)
 
