@@ -228,3 +228,29 @@ def test_serving_prose_ratios():
     ratios = sorted(r["proxy"]["tok_s"] / r["direct"]["tok_s"] for r in (s, n))
     _says(m.group(1), ratios[0])
     _says(m.group(2), ratios[1])
+
+
+def _span(values) -> tuple[float, float]:
+    return min(values), max(values)
+
+
+def test_status_row_quotes_the_committed_transport_run():
+    """The Status table's fan-out row: the socket transport's >= 1 MiB GB/s share and <= 64 KiB p50 ratio, first
+    the committed run's range (transport-amd-epyc.json), then the earlier runs' that the Transport section names."""
+    cases = _json("transport-amd-epyc.json")["cases"]
+    big = [c for k, c in cases.items() if "MiB" in k]
+    small = [c for k, c in cases.items() if k.startswith(("16 KiB", "64 KiB"))]
+    text = " ".join((REPO / "README.md").read_text().split())
+    m = re.search(r"the socket transport meets the >= 1 MiB throughput target \(([\d.]+)-([\d.]+) of the raw socket's "
+                  r"GB/s in `transport-amd-epyc.json`, ([\d.]+)-([\d.]+) in two earlier runs\); <= 64 KiB round trips "
+                  r"are ([\d.]+)-([\d.]+)x the raw socket's p50 \(([\d.]+)-([\d.]+)x in the earlier runs;", text)
+    assert m, "the Status table's fan-out row does not quote the committed transport run"
+    lo, hi = _span([c["frames_of_socket_gb_s"] for c in big])
+    _says(f"{m.group(1)} {m.group(2)}", lo, hi)
+    lo, hi = _span([c["frames_vs_socket_p50"] for c in small])
+    _says(f"{m.group(5)} {m.group(6)}", lo, hi)
+    # the earlier runs' ranges are the union of those the Transport section gives
+    assert f"({m.group(1)}-{m.group(2)}; 0.73-1.28 and 0.66-0.97 in earlier runs)" in text
+    assert (m.group(3), m.group(4)) == ("0.66", "1.28")
+    assert f"{m.group(5)}-{m.group(6)}x, 2.16-2.99x and 2.39-3.52x in earlier runs" in text
+    assert (m.group(7), m.group(8)) == ("2.16", "3.52")
