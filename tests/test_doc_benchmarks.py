@@ -183,11 +183,18 @@ def test_kernels_table():
     summary = {(r["model"], r["tokens"]): r for r in _json("kernels-NVIDIA_H200.json")["summary"]}
     table = _table("benchmarks/KERNELS.md", "| model | T | ours µs")
     assert len(table) == len(summary)
-    for model, tokens, ours_us, pct, _tflops, _gmm_us, speedup, *_ in table:
+    rows = {(r["model"], r["tokens"], r["impl"]): r for r in _json("kernels-NVIDIA_H200.json")["rows"]}
+    timed = lambda r: r["us_graph"] if r.get("us_graph") is not None else r["us"]  # noqa: E731 (as kernels.py rates)
+    for model, tokens, ours_us, pct, tflops, gmm_us, speedup, torch_us, err in table:
         r = summary[(model, int(tokens))]
+        ours, gmm = rows[(model, int(tokens), "elasticmoe-triton")], rows[(model, int(tokens), "torch._grouped_mm-only")]
         _says(ours_us, r["ours_us"])
         _says(pct, r["pct_peak_bw"])
+        _says(tflops, ours["tflops"])
+        _says(gmm_us, timed(gmm))
         _says(speedup, r["vs_grouped_mm"])
+        _says(torch_us, timed(rows[(model, int(tokens), "elasticmoe-torch")]))
+        assert err == f"{ours['err']:.1e}", f"{model} T={tokens}: rel err {err}, the JSON {ours['err']:.1e}"
     faster = sum(r["vs_grouped_mm"] > 1 for r in summary.values())
     text = (REPO / "benchmarks" / "KERNELS.md").read_text()
     assert f"faster than `_grouped_mm` in {faster} of {len(summary)} rows" in text
@@ -254,3 +261,18 @@ def test_status_row_quotes_the_committed_transport_run():
     assert (m.group(3), m.group(4)) == ("0.66", "1.28")
     assert f"{m.group(5)}-{m.group(6)}x, 2.16-2.99x and 2.39-3.52x in earlier runs" in text
     assert (m.group(7), m.group(8)) == ("2.16", "3.52")
+
+
+def test_kernels_split_share():
+    """benchmarks/KERNELS.md: gate_up's share of the per-kernel split, the range over the rows and the T=1 outliers."""
+    shares = {(r["model"], r["tokens"]): r["split_us"]["gate_up"] / sum(r["split_us"].values())
+              for r in _json("kernels-NVIDIA_H200.json")["rows"] if r["impl"] == "elasticmoe-triton-split"}
+    text = " ".join((REPO / "benchmarks" / "KERNELS.md").read_text().split())
+    m = re.search(r"In the per-kernel split gate_up takes (\d+)-(\d+)% of the time \(of the four kernels' sum\) but "
+                  r"in two T=1 rows that move little: Qwen3, (\d+)%, and the EP8 shard, (\d+)%", text)
+    assert m, "KERNELS.md's gate_up share sentence moved or changed shape"
+    outliers = {("qwen3-30b-a3b", 1): m.group(3), ("deepseek-v3-ep8", 1): m.group(4)}
+    rest = [100 * s for key, s in shares.items() if key not in outliers]
+    _says(f"{m.group(1)} {m.group(2)}", min(rest), max(rest))
+    for key, printed in outliers.items():
+        _says(printed, 100 * shares[key])
