@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from elasticmoe.placement import Placement, greedy_from_scratch, plan
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 OUT = Path(__file__).parent / "results"
 
@@ -173,7 +173,7 @@ def main() -> None:
     print(f"\n{a.layers} layers x {a.experts} experts on {a.shards} shards x {a.slots} slots, Zipf {a.zipf}, "
           f"{a.rounds} drift rounds ({a.swaps} swaps/layer), max_moves {a.max_moves} ({time.perf_counter() - t0:.1f}s)")
     _table(summary)
-    result = {"cpu": cpu_model(), "cpus": os.cpu_count(), "args": vars(a), "summary": summary, "rounds": rows}
+    result = {**stamp(), "args": vars(a), "summary": summary, "rounds": rows}
     if not a.skip_demo:
         demo = simulate_demo(a.demo_shards, a.demo_slots, max_moves=4)
         result["demo_model"] = {"summary": summarize(demo), "topics": demo}

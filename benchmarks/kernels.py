@@ -374,9 +374,10 @@ def main(argv=None) -> None:
     out = Path(args.out or REPO / "benchmarks" / "results" / f"kernels-{device_name(device)}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO / "benchmarks"))  # loaded by path too (tests), not only run as a script
-    from machine import cpu_model  # benchmarks/machine.py
+    from machine import stamp  # benchmarks/machine.py
 
-    meta = {"device": device_name(device), "cpu": cpu_model(), "cpus": os.cpu_count(), "dtype": str(dtype), "versions": _versions(), "peaks": peaks,
+    meta = {**stamp(), "device": device_name(device), "args": vars(args), "dtype": str(dtype),
+            "versions": _versions(), "peaks": peaks,
             "bytes": bytes_moved.__doc__.strip(), "flops": "6 * local slots * H * I (gate, up, down GEMMs)",
             "rates": "from the CUDA-graph time where there is one, else do_bench"}
     out.write_text(json.dumps({**meta, "summary": summarize(rows), "rows": rows}, indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def cpu_model() -> str:
@@ -13,6 +14,11 @@ def cpu_model() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def stamp() -> dict:
+    """What every result JSON records about its run: the CPU model, the CPU count and the date (local, with offset)."""
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _role(cmdline: str) -> str | None:

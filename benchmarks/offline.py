@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from decode_timing import decode_tok_s  # benchmarks/decode_timing.py
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "The mixture of experts model routes every token to a few experts, and"
@@ -90,7 +90,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5} | {r['elasticmoe_tok_s']:>16.1f} | {r['transformers_tok_s']:>18.1f} | {r['ratio']:>5.2f}x")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
+    meta = {"machine": platform.machine(), **stamp(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "args": vars(a)}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {a.out}")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -191,8 +191,8 @@ def main() -> None:
                          for c in (r["schedules"][n] for n in names))
         print(f"{r['tokens']:>4} {r['delay_ms']:>5g} {cells}  {r['floor_ms']:>5g}  "
               f"{r['pingpong2_pre_next_before_other_done']:.0%}")
-    meta = {"cpu": cpu_model(), "nproc": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "torch": torch.__version__,
-            "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {**stamp(), "loadavg_1m": os.getloadavg()[0], "torch": torch.__version__,
+            "args": vars(args)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"{meta['cpu']}, load {meta['loadavg_1m']:.1f} -> {args.json}")

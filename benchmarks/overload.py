@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -238,8 +238,10 @@ def main() -> None:
         results = {ing: measure(gw, INGRESS[ing]) for ing in ingresses}
     finally:
         lc.stop_ray()
-    out = {"cpu": cpu_model(), "cpus": os.cpu_count(), "model": "tiny mixtral, 2 layers x 8 experts, 2 shards",
-           "limits": limits, "tokens_per_request": TOKENS, "ingresses": results}
+    out = {**stamp(), "model": "tiny mixtral, 2 layers x 8 experts, 2 shards",
+           "limits": limits, "tokens_per_request": TOKENS,
+           "settings": {"ingresses": ingresses, "unloaded_s": UNLOADED_S, "overload_s": OVERLOAD_S,
+                        "offered_x_capacity": FACTOR}, "ingresses": results}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(out, indent=2))
     report(results)

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 from decode_timing import decode_tok_s  # benchmarks/decode_timing.py
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "The mixture of experts model routes every token to a few experts, and"
@@ -235,18 +235,18 @@ def main() -> None:
     if not (path / "config.json").exists():
         _child(["--phase", "build", *common])
     args = {k: v for k, v in vars(a).items() if k not in ("phase", "logits_out")}
-    res = {"cpu": cpu_model(), "args": args, "checkpoint": str(path)}
+    res = {**stamp(), "args": args, "checkpoint": str(path)}
     tag = re.sub(r"[^A-Za-z0-9]+", "-", res["cpu"]).strip("-").lower()
     out = Path(a.out or Path(__file__).parent / "results" / f"real_width-{tag}.json")
     if a.only and out.exists():  # keep the other part's figures
-        res = {**json.loads(out.read_text()), "cpu": res["cpu"], "checkpoint": res["checkpoint"]}
+        res = {**json.loads(out.read_text()), **stamp(), "checkpoint": res["checkpoint"]}
     if a.only != "accuracy":
-        res["args"] = args  # these figures' run
+        res["args"], res["speed_date"] = args, res["date"]  # these figures' run
         for engine in ("elasticmoe", "transformers"):
             res[engine] = _child(["--phase", engine, *common])
         report(res, a)
     if a.only != "speed":
-        res["accuracy"] = accuracy(path, common)
+        res["accuracy"] = {**accuracy(path, common), "date": res["date"]}
         report_accuracy(res["accuracy"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 
 import grpc
 import torch
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import cpu_model, stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     print_results(results, f"{cpu_model()}, cpus={os.cpu_count()}, tune_malloc={args.tune_malloc}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "tune_malloc": args.tune_malloc},
+            json.dump({"machine": {**stamp(), "tune_malloc": args.tune_malloc, "args": vars(args)},
                        **results}, f, indent=1)
     return 0
 

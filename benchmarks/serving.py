@@ -22,7 +22,7 @@ import numpy as np
 import torch
 # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 from direct import DirectCluster, run_queued  # benchmarks/direct.py
-from machine import cores_used, cpu_model, cpu_seconds_by_role
+from machine import cores_used, cpu_seconds_by_role, stamp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -298,7 +298,7 @@ def _report(a, rows: list[dict], fan: dict | None) -> None:
         print(f"fan-out overhead per (layer, step) = gateway wait - shard compute: p50 {p50 * 1e3:.3f} ms, "
               f"p99 {p99 * 1e3:.3f} ms over {fan.get('fanout_samples')} samples")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"cpu": cpu_model(), "cpus": os.cpu_count(), "gpu": gpu, "args": vars(a),
+    Path(a.out).write_text(json.dumps({**stamp(), "gpu": gpu, "args": vars(a),
                                        "rows": rows, "fanout": fan}, indent=2))
     print(f"wrote {a.out}")
 

@@ -21,19 +21,20 @@ from pathlib import Path
 import numpy as np
 
 from elasticmoe import local_cluster as lc
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "stalls.json"
+STREAMS, MAX_TOKENS, WINDOW_S = 4, 48, 20.0  # greedy streams per app, tokens each, seconds watched
 
 
 class Streams:
     """Client threads streaming greedy requests to one app; every token's arrival time and every failure. A gap is
     between two tokens of one stream, or from a failed stream's last token to its retry's first."""
 
-    def __init__(self, app: str, n: int = 4, target: str = "127.0.0.1:9000"):
+    def __init__(self, app: str, n: int = STREAMS, target: str = "127.0.0.1:9000"):
         self.app, self.target, self.stop, self.arrivals, self.failures = app, target, threading.Event(), [], []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
@@ -47,7 +48,7 @@ class Streams:
         last = None  # the client's last token: kept across a failed stream, so its retry's first token's gap
         while not self.stop.is_set():  # covers the failure, the retry and the restart it waited for
             try:
-                for _ in client.stream(f"stream {i} asks the experts", max_tokens=48, temperature=0.0,
+                for _ in client.stream(f"stream {i} asks the experts", max_tokens=MAX_TOKENS, temperature=0.0,
                                        ignore_eos=True):
                     now = time.time()
                     with self.lock:
@@ -100,7 +101,7 @@ def shard_pids(app: str) -> list[int]:
     return sorted(lc.shard_pids(app).values())
 
 
-def fault(name: str, app: str, inject, window_s: float = 20.0) -> dict:
+def fault(name: str, app: str, inject, window_s: float = WINDOW_S) -> dict:
     """Stream on `app`, then inject(started: when the streams began); failures and gaps in [t - 1, t + window_s],
     t the time inject was called, or the time of the fault it waited for (a placement event) where it returns one."""
     settled(app)
@@ -180,10 +181,11 @@ def main() -> None:
         rows.append(fault("gateway kill", "one", lambda _: os.kill(gw_pid, signal.SIGKILL), 40.0))
     finally:
         lc.stop_ray()
-    result = {"cpu": cpu_model(), "rows": rows,
+    result = {**stamp(), "settings": {"apps": apps, "streams_per_app": STREAMS, "max_tokens": MAX_TOKENS,
+                                      "window_s": WINDOW_S, "gateway_kill_window_s": 40.0}, "rows": rows,
               "note": "gateway kill: the streams in flight on the killed gateway end with UNAVAILABLE (its KV cache "
                       "is gone); clients retry; longest gap includes the gateway's restart"}
-    OUT.write_text(json.dumps(result, indent=2))
+    OUT.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {OUT}")
 
 

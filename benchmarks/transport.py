@@ -40,7 +40,7 @@ from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
 from elasticmoe.rpc.frame_service import add_shard_servicer
 from elasticmoe.rpc.frames import ExpertRequest
-from machine import cpu_model  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 import rpc_fanout  # benchmarks/rpc_fanout.py
 from rpc_fanout import EchoShard, percentiles
 
@@ -237,7 +237,7 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
         for p, _ in (p for procs in started.values() for p in procs):
             p.stdin.close()
             p.wait(timeout=30)
-    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "grpc": grpc.__version__, "http2_tuning": HTTP2_TUNING,
+    return {**stamp(), "grpc": grpc.__version__, "http2_tuning": HTTP2_TUNING,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cases": cases,
             "targets": targets_met(cases),
             "note": "payload = bf16 hidden bytes per shard; each shard and each socket echo its own process on "
@@ -317,7 +317,7 @@ def run_mtls(scale: float) -> dict:
                 os.environ.pop(k)
     met = {f"{name} {kind}": r[f"{kind}_mtls_ratio_p50"] <= MTLS_TARGET
            for name, r in cases.items() for kind in MTLS_KINDS}
-    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "grpc": grpc.__version__, "loadavg": os.getloadavg(),
+    return {**stamp(), "grpc": grpc.__version__, "loadavg": os.getloadavg(),
             "target_p50_ratio": MTLS_TARGET,
             "cases": cases, "target_met": met, "new_connection": connect,
             "note": "1 echo shard (own process) serving a plaintext and an mTLS port; one caller thread; the four "
@@ -340,7 +340,8 @@ def mtls_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _write(res: dict, path: str | None, stem: str) -> None:
+def _write(res: dict, path: str | None, stem: str, args: dict) -> None:
+    res = {**res, "args": args}
     cpu = re.sub(r"[^A-Za-z0-9]+", "-", res["cpu"]).strip("-").lower()
     out = Path(path) if path else RESULTS / f"{stem}-{cpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,13 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         print(table(res))
         for name, t in res["targets"].items():
             print(f"{name}: {t['target']}: {t['value']:.2f} {'met' if t['met'] else 'MISSED'}")
-        _write(res, a.json, "transport")
+        _write(res, a.json, "transport", vars(a))
     if a.only != "shards":
         res = run_mtls(a.scale)
         print(f"mTLS: {res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, target p50 <= {MTLS_TARGET}x plaintext")
         print(mtls_table(res))
         print("target met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["target_met"].items()))
-        _write(res, a.mtls_json, "transport-mtls")
+        _write(res, a.mtls_json, "transport-mtls", vars(a))
     return 0
 
 
