@@ -74,16 +74,45 @@ def test_the_package_imports_only_downward():
     assert violations(REPO / "elasticmoe") == []
 
 
-def test_no_benchmark_code_in_the_package_and_benchmarks_do_not_import_tests():
-    pkg = REPO / "elasticmoe"
-    assert [p for p in pkg.rglob("*.py") if p.stem.startswith("bench")] == []
-    offenders = []
-    for path in sorted((REPO / "benchmarks").rglob("*.py")):
+def _module_names(folder: Path) -> set[str]:
+    """The names its modules are imported by when the folder is on sys.path (as benchmarks/ is for its scripts)."""
+    return {p.stem for p in folder.glob("*.py") if p.stem != "__init__"} | {folder.name}
+
+
+def foreign_imports(folder: Path, forbidden: set[str]) -> list[str]:
+    """Every import, lazy ones included, in the .py files under `folder` of a top-level name in `forbidden`."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("tests", "benchmarks")]
-    assert offenders == []
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            found += [f"{path.relative_to(folder.parent)}:{node.lineno} {n}" for n in names
+                      if n.split(".")[0] in forbidden]
+    return found
+
+
+def test_no_benchmark_code_in_the_package_and_benchmarks_do_not_import_tests():
+    """Neither `benchmarks.x` nor a script's own name (`from machine import ...`) in the package; no test module,
+    by package or by bare name (`from moe_cases import ...`), in benchmarks/."""
+    pkg, bench, tests = REPO / "elasticmoe", REPO / "benchmarks", REPO / "tests"
+    assert [p for p in pkg.rglob("*.py") if p.stem.startswith("bench")] == []
+    assert foreign_imports(pkg, _module_names(bench)) == []
+    assert foreign_imports(bench, _module_names(tests)) == []
+
+
+def test_the_benchmark_rule_finds_each_kind_of_breach(tmp_path):
+    """The rule above can fail: a package module importing a benchmark both ways, a benchmark a test module both
+    ways, lazily; stdlib and package imports beside them pass."""
+    files = {"benchmarks/machine.py": "import os\n", "tests/moe_cases.py": "",
+             "elasticmoe/a.py": "import json\ndef f():\n    from machine import cpu_model\n    import benchmarks.machine\n",
+             "benchmarks/b.py": "from elasticmoe import a\nfrom moe_cases import REPO\nfrom tests.moe_cases import REPO\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert foreign_imports(tmp_path / "elasticmoe", _module_names(tmp_path / "benchmarks")) == [
+        "elasticmoe/a.py:3 machine", "elasticmoe/a.py:4 benchmarks.machine"]
+    assert foreign_imports(tmp_path / "benchmarks", _module_names(tmp_path / "tests")) == [
+        "benchmarks/b.py:2 moe_cases", "benchmarks/b.py:3 tests.moe_cases"]
 
 
 def test_the_checker_finds_each_kind_of_breach(tmp_path):
