@@ -82,6 +82,9 @@ def test_balance_table():
     summary = _json("balance.json")["summary"]
     table = _table("README.md", "| system | balancedness min")
     assert len(table) == len(summary)
+    labels = {"no replication": "no replication", "planner (bounded moves)": "planner (bounded moves, current "
+              "placement)", "greedy from scratch": "greedy replicate-then-pack from scratch"}
+    assert [r[0] for r in table] == [labels[r["system"]] for r in summary]  # each row under its own label
     for (_, bmin, bmean, rel, moved), r in zip(table, summary):
         _says(bmin, r["balancedness_min"])
         _says(bmean, r["balancedness_mean"])
@@ -93,6 +96,12 @@ def test_stalls_table():
     rows = _json("stalls.json")["rows"]
     table = _table("README.md", "| event | failed streams")
     assert len(table) == len(rows)
+    labels = {"live rebalance": "live rebalance", "shard kill (replicated)": "shard SIGKILL, every expert on 2",
+              "shard kill (single copies)": "shard SIGKILL, shard holding sole", "controller kill": "controller SIGKILL",
+              "shard pause 8 s (replicated)": "shard SIGSTOP 8 s, every expert on 2",
+              "shard pause 8 s (single copies)": "shard SIGSTOP 8 s, shard holding sole",
+              "gateway kill": "gateway replica SIGKILL"}
+    assert all(row[0].startswith(labels[r["event"]]) for row, r in zip(table, rows)), [row[0] for row in table]
     for (_, failed, median, longest), r in zip(table, rows):
         _says(failed, r["failed_streams"])
         _says(median, r["median_gap_ms"])
