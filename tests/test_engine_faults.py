@@ -113,3 +113,29 @@ def test_an_interrupted_generate_leaves_no_request_in_the_engine(llm, reference)
     assert out.token_ids == reference[PROMPTS[0]]
     assert fresh.engine.steps - steps == len(out.token_ids)  # one prefill, then one decode a token: nothing else
     assert fresh.logits(fresh.encode(PROMPTS[1])).shape[0] == len(fresh.encode(PROMPTS[1]))
+
+
+def test_a_step_that_raised_in_sampling_is_repeated_not_lost(llm, reference, monkeypatch):
+    """A step whose sampling raised as a whole (past the per-row errors it attributes: out of memory, a bug) had
+    already counted its tokens as cached: the sequences it ran were never scheduled again (neither a decode nor a
+    prefill left), while has_work() stayed true, so the gateway's engine loop spun on empty steps and the requests
+    never ended. The step's counts are taken back: the runner's retry runs it again, and the tokens are exact."""
+    engine = Engine(llm.files, LocalDispatcher(llm.store), max_model_len=128, tokenizer=llm.tokenizer)
+    real, calls = engine._sample, []
+
+    def failing_once(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first decode step
+            raise RuntimeError("injected: sampling failed")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_sample", failing_once)
+    seqs = [engine.add_request(f"r{i}", llm.encode(p), GREEDY) for i, p in enumerate(PROMPTS)]
+    engine.step()
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    for _ in range(200):  # bounded: the lost sequences made this loop endless
+        if not engine.has_work():
+            break
+        engine.step()
+    assert not engine.has_work() and [s.output_ids for s in seqs] == [reference[p] for p in PROMPTS]

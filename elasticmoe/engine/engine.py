@@ -107,7 +107,13 @@ class Engine:
         if ready:
             rows = torch.tensor([i for i, _ in ready], device=self.device)
             seqs = [s for _, s in ready]
-            for s, tok, lp, err in zip(seqs, *self._sample(hidden[rows], seqs)):
+            try:
+                sampled = self._sample(hidden[rows], seqs)
+            except BaseException:  # no row drew: the step did not happen (the scheduler would never run these again)
+                for s, n in work:
+                    s.num_cached -= n
+                raise
+            for s, tok, lp, err in zip(seqs, *sampled):
                 try:
                     if err is not None:
                         raise err
