@@ -1,5 +1,5 @@
 """Every single fault, injected into a real local Ray cluster while greedy streams run, compared token by token with
-the single-process engine: shard SIGKILL with and without replicas, controller SIGKILL, shard SIGSTOP, gateway
+the single-process engine: shard SIGKILL with and without replicas, controller SIGKILL and SIGSTOP, shard SIGSTOP, gateway
 SIGKILL and a paused unreplicated shard (a failed LoadExperts during a rebalance: test_elastic_e2e)."""
 
 from __future__ import annotations
@@ -194,6 +194,28 @@ def test_controller_kill_loses_nothing_and_it_resumes(apps):
     # and a shard kill after the restart still loses nothing
     _mid_stream("rep", apps["rep"], lambda: _kill(_shard_pids("rep")[0]))
     _settled("rep")
+
+
+def test_controller_paused_20s_loses_nothing_and_the_gateway_polls_again(apps):
+    """The controller stopped (SIGSTOP) for 20 s, longer than a gateway's table call may take (11 s), shorter than
+    Serve's health check allows (30 s): the gateway keeps serving on its last table (requests complete during the
+    pause, every token exact, none failed), its timed-out polls are dropped, and once the controller runs again the
+    same replica (not a restart) hears from the gateway within seconds (a fresh acknowledgement of its version)."""
+    before = _settled("rep")
+    ctrl = handle("Controller", "rep")
+    pid = ctrl.info.remote().result()["pid"]
+    load = Load("rep", apps["rep"], PROMPTS, MAX_TOKENS)
+    time.sleep(2)
+    stopped = time.time()
+    _pause(pid, 20)
+    resumed = time.time()
+    acked = _wait(lambda: (g := _status("rep")["gateways"]) and set(g.values()) == {before["version"]} and g, 15,
+                  "the gateway's poll acknowledging the current version after the pause")
+    load.finish()  # no request failed or diverged
+    during = [b for a, b, _ in load.done if stopped + 1 < a and b < resumed - 1]
+    assert len(during) >= 10, f"only {len(during)} requests ran within the pause"
+    assert ctrl.info.remote().result()["pid"] == pid and acked
+    assert _settled("rep")["version"] == before["version"]
 
 
 def _replica_ids(app: str) -> set[str]:
