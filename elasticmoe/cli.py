@@ -13,9 +13,17 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_MIN_CPUS = 4  # logical CPUs the demo starts its local Ray node with, at least
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1.0)")
+OFFLINE_DEFAULTS = {"max_tokens": 32, "temperature": 0.0}  # what `offline` fills in for an unset flag
+
+
+def _sampling_args(p: argparse.ArgumentParser, offline: bool = False) -> None:
+    """The sampling flags; unset, `generate` leaves them to the server (grpc_api.sampling_from_proto), `offline`
+    takes OFFLINE_DEFAULTS."""
+    where = "default {:g}" if offline else "server default {}"
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (%s)" % where.format(
+        OFFLINE_DEFAULTS["max_tokens"] if offline else 16))
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (%s)" % where.format(
+        OFFLINE_DEFAULTS["temperature"] if offline else 1.0))
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -180,7 +188,7 @@ def cmd_offline(ns: argparse.Namespace) -> int:
     from elasticmoe import LLM, SamplingParams
 
     llm = LLM(ns.model, device=ns.device, dtype=ns.dtype)
-    params = SamplingParams(**{"max_tokens": 32, "temperature": 0.0, **_sampling(ns), "stop": ns.stop or []})
+    params = SamplingParams(**{**OFFLINE_DEFAULTS, **_sampling(ns), "stop": ns.stop or []})
     for out in llm.generate([ns.prompt], params):
         print(out.text)
     return 0
@@ -247,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny:demo")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    _sampling_args(p)
+    _sampling_args(p, offline=True)
     p.set_defaults(fn=cmd_offline)
     p = sub.add_parser("make-tiny-model", help="write a random tiny MoE checkpoint with transformers")
     from elasticmoe.model.tiny import add_cli_arguments, main_from_args

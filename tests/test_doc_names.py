@@ -278,3 +278,23 @@ def test_metric_names_named_anywhere_are_registered():
 def test_the_names_that_are_not_metrics_are_what_the_allow_list_says():
     assert "{elasticmoe_gateway: 1}" in (PACKAGE / "config.py").read_text()
     assert "elasticmoe_gateway" in (CHART / "templates" / "_workergroup.tpl").read_text()
+
+
+def test_sampling_help_states_each_commands_own_defaults():
+    """`generate` leaves unset fields to the server (gRPC: 16 tokens, temperature 1.0); `offline` fills its own
+    (greedy, 32 tokens): each --help says which, with the number the command uses."""
+    import inspect
+
+    from elasticmoe import cli
+    from elasticmoe.gateway.grpc_api import sampling_from_proto
+    from elasticmoe.rpc import generation_pb2 as gen
+
+    subs = _subcommands()
+    server = sampling_from_proto(gen.SamplingParams())
+    generate = {f: subs["generate"]._option_string_actions[f].help or "" for f in ("--temperature", "--max-tokens")}
+    assert f"server default {server.temperature}" in generate["--temperature"]
+    assert f"server default {server.max_tokens}" in generate["--max-tokens"]
+    offline = {f: subs["offline"]._option_string_actions[f].help or "" for f in ("--temperature", "--max-tokens")}
+    assert "OFFLINE_DEFAULTS" in inspect.getsource(cli.cmd_offline)
+    for flag, key in (("--temperature", "temperature"), ("--max-tokens", "max_tokens")):
+        assert "server" not in offline[flag] and f"default {cli.OFFLINE_DEFAULTS[key]:g}" in offline[flag], flag
