@@ -111,6 +111,9 @@ class DirectGrpc(_Strict):
 class AppArgs(_Strict):
     """Args of `elasticmoe.app:build_app` (the `args:` of a Serve config)."""
 
+    # pydantic's errors repeat the input (a field's, or all the args' for a check of the whole): with api_keys among
+    # them a bad arg put a key into what `serve status` and the dashboard show; the field and the rule are named
+    model_config = ConfigDict(hide_input_in_errors=True)
     model: str = Field(..., min_length=1, description="checkpoint directory, HF cache repo/snapshot directory, hub id "
                        "(org/name), or tiny:<family> (an embedded tiny model)")
     revision: str | None = Field(None, min_length=1, description="hub branch, tag or commit of `model`; resolved once "
