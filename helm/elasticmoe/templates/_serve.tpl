@@ -68,6 +68,16 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
       "expert_timeout_s" $v.limits.expertTimeoutSeconds }}
 {{- /* null: unset, so the app takes 2048 or the model's context where shorter (AppArgs' own default) */}}
 {{- if not (kindIs "invalid" $v.limits.maxModelLen) }}{{- $_ := set $limits "max_model_len" (int $v.limits.maxModelLen) }}{{- end }}
+{{- /* limits.extra: the app's other limits, snake_case as in its `limits`, passed on as written (the app validates
+       them at deploy, naming a field it does not know); one of the typed values above may not be set twice */}}
+{{- $typed := dict "max_num_seqs" "maxNumSeqs" "max_model_len" "maxModelLen" "max_queue" "maxQueue"
+      "max_num_batched_tokens" "maxNumBatchedTokens" "expert_timeout_s" "expertTimeoutSeconds" }}
+{{- range $k, $x := $v.limits.extra | default dict }}
+{{- if hasKey $typed $k }}
+{{- fail (printf "limits.extra.%s duplicates limits.%s: set limits.%s and drop it from limits.extra" $k (get $typed $k) (get $typed $k)) }}
+{{- end }}
+{{- $_ := set $limits $k $x }}
+{{- end }}
 {{- $args := dict
       "model" $v.model.path
       "num_shards" (int (include "elasticmoe.numShards" .))
