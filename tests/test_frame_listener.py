@@ -178,14 +178,21 @@ def test_a_reply_its_reader_is_slow_to_take_holds_no_run_slot(files):  # noqa: F
         server.stop(None).wait(10)
 
 
-def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_the_refusal(files):  # noqa: F811
+@pytest.mark.parametrize("lingering", [None, 0], ids=["lingering", "closed_at_once"])
+def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_the_refusal(files, lingering,  # noqa: F811
+                                                                                         monkeypatch):
     """A connection over the limit is refused 'shard busy' (the shard is alive: the gateway asks again shortly). The
     gateway writes the frames submitted while it connected just after its handshake, and the listener may have
     refused it by then: those writes, and the reads after them, must not turn the refusal into UNAVAILABLE (a
-    broken connection, reported to the controller as a dead shard)."""
+    broken connection, reported to the controller as a dead shard). Over REFUSE_LINGERING refusals at once
+    (`closed_at_once`) the listener closes at once: the gateway's writes fail (broken pipe) and its reads may reset,
+    and the refusal already in its socket still decides."""
     from elasticmoe.gateway import socket_conn
     from elasticmoe.gateway.transport import is_busy
+    from elasticmoe.rpc import frame_listener
 
+    if lingering is not None:
+        monkeypatch.setattr(frame_listener, "REFUSE_LINGERING", lingering)
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     layer = files.spec.moe.moe_layers[0]
     store.load([(layer, e) for e in range(E)])
@@ -208,6 +215,7 @@ def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_th
             for fut in calls:
                 e = fut.exception(timeout=10)
                 assert is_busy(e), e
+            assert is_busy(conn.error), conn.error
     finally:
         first.close()
         second.close()
