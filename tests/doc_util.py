@@ -37,3 +37,19 @@ def _code(path: Path) -> list[tuple[str, str, bool]]:
 
 def _all_code() -> list[tuple[str, str, bool]]:
     return [c for path in MARKDOWN + COMMENTED for c in _code(path)]
+
+
+def _app_arg_model(path: str):
+    """The pydantic model at `path` in AppArgs (a dotted name), True for a leaf field, None if there is none."""
+    from pydantic import BaseModel
+
+    from elasticmoe.config import AppArgs
+
+    model = AppArgs
+    for part in path.split("."):
+        if model is None or model is True or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = nested[0] if nested else True
+    return model

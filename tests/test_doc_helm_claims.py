@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from tests.doc_util import CHART, REPO, _code
+from tests.doc_util import CHART, REPO, _app_arg_model, _code
 
 
 @functools.cache
@@ -44,18 +44,7 @@ def _values_has(path: list[str]) -> bool:
 
 
 def _is_app_arg(name: str) -> bool:
-    from pydantic import BaseModel
-
-    from elasticmoe.config import AppArgs
-
-    model = AppArgs
-    for part in name.split("."):
-        if model is None or part not in model.model_fields:
-            return False
-        ann = model.model_fields[part].annotation
-        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        model = nested[0] if nested else None
-    return True
+    return _app_arg_model(name) is not None
 
 
 def test_helm_values_named_in_the_docs_exist():

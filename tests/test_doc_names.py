@@ -13,7 +13,7 @@ import re
 
 import yaml
 
-from tests.doc_util import CHART, COMMENTED, MARKDOWN, REPO, _rel
+from tests.doc_util import CHART, COMMENTED, MARKDOWN, REPO, _app_arg_model, _rel
 
 PACKAGE = REPO / "elasticmoe"
 APP_ARG_GROUPS = ("limits", "autoscaling", "direct_grpc", "gateway_resources", "shard_resources")
@@ -88,22 +88,6 @@ def test_environment_variables_the_package_reads_are_documented():
     docs = "\n".join(_documents().values())
     undocumented = [v for v in sorted(read) if not re.search(re.escape(v) + ("" if v.endswith("_") else r"\b"), docs)]
     assert undocumented == []
-
-
-def _app_arg_model(path: str):
-    """The pydantic model at `path` in AppArgs (a dotted name), True for a leaf field, None if there is none."""
-    from pydantic import BaseModel
-
-    from elasticmoe.config import AppArgs
-
-    model = AppArgs
-    for part in path.split("."):
-        if model is None or model is True or part not in model.model_fields:
-            return None
-        ann = model.model_fields[part].annotation
-        nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        model = nested[0] if nested else True
-    return model
 
 
 def test_app_arg_paths_named_anywhere_are_fields():
