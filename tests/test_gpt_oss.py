@@ -105,9 +105,11 @@ def test_gpt_oss_batch_of_different_lengths_equals_alone(family_dirs):
     from elasticmoe import LLM, SamplingParams
 
     llm = LLM(str(family_dirs["gpt_oss"]), dtype="float32", max_num_batched_tokens=16)
+    alone = LLM(str(family_dirs["gpt_oss"]), dtype="float32")  # a step takes a whole prompt: no chunk
     prompts = ["Hi", "A much longer prompt about the mixture of experts and their sinks", "Once upon a time", "Z"]
+    assert max(len(llm.encode(p)) for p in prompts) > 16  # the long one is prefilled in chunks when batched
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     together = llm.generate(prompts, params)
     assert len(together) == len(prompts)
     for p, out in zip(prompts, together):
-        assert out.token_ids == llm.generate([p], params)[0].token_ids
+        assert out.token_ids == alone.generate([p], params)[0].token_ids
