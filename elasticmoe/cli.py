@@ -19,7 +19,7 @@ OFFLINE_DEFAULTS = {"max_tokens": 32, "temperature": 0.0}  # what `offline` fill
 def _sampling_args(p: argparse.ArgumentParser, offline: bool = False) -> None:
     """The sampling flags; unset, `generate` leaves them to the server (grpc_api.sampling_from_proto), `offline`
     takes OFFLINE_DEFAULTS."""
-    where = "default {:g}" if offline else "server default {}"
+    where = "default {:g}" if offline else "server default: the checkpoint's generation_config, else {}"
     p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (%s)" % where.format(
         OFFLINE_DEFAULTS["max_tokens"] if offline else 16))
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (%s)" % where.format(

@@ -265,8 +265,9 @@ def test_the_names_that_are_not_metrics_are_what_the_allow_list_says():
 
 
 def test_sampling_help_states_each_commands_own_defaults():
-    """`generate` leaves unset fields to the server (gRPC: 16 tokens, temperature 1.0); `offline` fills its own
-    (greedy, 32 tokens): each --help says which, with the number the command uses."""
+    """`generate` leaves unset fields to the server (the checkpoint's generation_config, else 16 tokens and
+    temperature 1.0); `offline` fills its own (greedy, 32 tokens): each --help says which, with the number the
+    command uses."""
     import inspect
 
     from elasticmoe import cli
@@ -276,8 +277,8 @@ def test_sampling_help_states_each_commands_own_defaults():
     subs = _subcommands()
     server = sampling_from_proto(gen.SamplingParams())
     generate = {f: subs["generate"]._option_string_actions[f].help or "" for f in ("--temperature", "--max-tokens")}
-    assert f"server default {server.temperature}" in generate["--temperature"]
-    assert f"server default {server.max_tokens}" in generate["--max-tokens"]
+    assert f"generation_config, else {server.temperature}" in generate["--temperature"]
+    assert f"generation_config, else {server.max_tokens}" in generate["--max-tokens"]
     offline = {f: subs["offline"]._option_string_actions[f].help or "" for f in ("--temperature", "--max-tokens")}
     assert "OFFLINE_DEFAULTS" in inspect.getsource(cli.cmd_offline)
     for flag, key in (("--temperature", "temperature"), ("--max-tokens", "max_tokens")):

@@ -121,3 +121,43 @@ def test_a_negative_seed_samples_alike_on_every_door(doors):
     for kw in ({"top_k": 2**31}, {"seed": -2**63 - 1}, {"seed": 2**64}, {"temperature": "hot"}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             make_request("hi", **kw)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The three doors over a checkpoint whose generation_config.json sets sampling defaults (as Qwen's do)."""
+    import torch
+
+    from elasticmoe import LLM
+    from elasticmoe.model import open_model
+    from elasticmoe.model.experts import ExpertStore
+    from elasticmoe.model.tiny import make_tiny_model
+
+    path = make_tiny_model("mixtral", tmp_path_factory.mktemp("gc") / "mixtral", layers=2, experts=4)
+    cfg = json.loads((path / "generation_config.json").read_text())
+    cfg.update(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.3, max_new_tokens=6)
+    (path / "generation_config.json").write_text(json.dumps(cfg))
+    files = open_model(str(path))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load((l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts))
+    d = Doors((str(path), store), LLM(str(path)))
+    yield d
+    d.close()
+
+
+def test_unset_fields_take_the_checkpoints_generation_config_on_every_door(tuned):
+    """HTTP and LLM.generate fill the fields a request leaves unset from generation_config.json (temperature 0.7,
+    top_p 0.9, top_k 5, repetition_penalty 1.3, max_new_tokens 6 here; vLLM's `--generation-config auto`), while
+    gRPC took its fixed defaults (temperature 1.0, no top-k, 16 tokens): the same request sampled differently on one
+    door. Every door now answers a request that sets only its seed with the same 6 tokens."""
+    from dataclasses import replace
+
+    defaults = tuned.llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.max_tokens) == (0.7, 5, 6)
+    out = tuned.llm.generate([tuned.ids], replace(defaults, seed=11, ignore_eos=True))[0]
+    want = (list(out.token_ids), out.text)
+    assert len(want[0]) == 6
+    assert tuned.grpc(seed=11, ignore_eos=True) == want
+    assert tuned.http(seed=11, ignore_eos=True) == want
+    assert tuned.grpc(seed=11, ignore_eos=True, temperature=0.0) == tuned.offline(  # a set field still wins
+        temperature=0.0, top_p=0.9, top_k=5, repetition_penalty=1.3, max_tokens=6, ignore_eos=True, seed=11)

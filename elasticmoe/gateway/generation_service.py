@@ -83,7 +83,9 @@ class GenerationService:
         try:
             if grpc_context is not None:
                 self.core.api_keys.check_grpc(grpc_context)
-            rid, ids, params = parse_request(request, self.core.tokenizer, self.core.runner.engine.validator)
+            engine = self.core.runner.engine
+            rid, ids, params = parse_request(request, self.core.tokenizer, engine.validator,
+                                             getattr(engine, "generation_defaults", None))
             await self.core.wait_ready()
             stream = self.core.runner.generate(rid, ids, params)
             first = await stream.__anext__()

@@ -19,21 +19,29 @@ log = logging.getLogger(__name__)
 FINISH = {"length": gen.LENGTH, "stop": gen.STOP, "eos": gen.EOS, "abort": gen.ABORT}
 
 
-def sampling_from_proto(s: gen.SamplingParams) -> SamplingParams:
-    """Proto SamplingParams -> engine SamplingParams; unset fields take the documented defaults."""
-    def opt(name: str, default):
-        return getattr(s, name) if s.HasField(name) else default
+def sampling_from_proto(s: gen.SamplingParams, defaults: dict | None = None) -> SamplingParams:
+    """Proto SamplingParams -> engine SamplingParams. An unset field takes the checkpoint's generation_config.json
+    value in `defaults` (temperature, top_p, top_k, repetition_penalty, min_p, max_new_tokens as max_tokens; as the
+    HTTP door and `LLM.generate` do), else the proto's documented default; max_tokens the smaller of the two."""
+    d = defaults or {}
 
+    def opt(name: str, default):
+        return getattr(s, name) if s.HasField(name) else d.get(name, default)
+
+    top_k = opt("top_k", 0)
     return SamplingParams(
-        max_tokens=opt("max_tokens", 16), temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0),
-        top_k=opt("top_k", 0), seed=opt("seed", None), stop=tuple(s.stop), ignore_eos=opt("ignore_eos", False),
-        logprobs=opt("logprobs", None),
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else min(16, d.get("max_tokens", 16)),
+        temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0), top_k=0 if top_k == -1 else top_k,
+        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=opt("ignore_eos", False),
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        repetition_penalty=d.get("repetition_penalty", 1.0), min_p=d.get("min_p", 0.0),
     )
 
 
-def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator | None = None
-                  ) -> tuple[str, list[int], SamplingParams]:
-    """(request_id, prompt token ids, params); raises InvalidRequest naming the field.
+def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator | None = None,
+                  defaults: dict | None = None) -> tuple[str, list[int], SamplingParams]:
+    """(request_id, prompt token ids, params); raises InvalidRequest naming the field; `defaults`: the checkpoint's
+    generation_config.json sampling values (Engine.generation_defaults) for the fields the request leaves unset.
 
     Sizes are checked before any work that grows with them (tokenizing, copying token ids).
     """
@@ -50,7 +58,7 @@ def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator 
         ids = check.prompt_ids(check.encode(tokenizer, request.prompt), "prompt")
     else:
         ids = check.prompt_ids(request.prompt_token_ids)
-    params = sampling_from_proto(request.sampling)
+    params = sampling_from_proto(request.sampling, defaults)
     if not request.sampling.HasField("max_tokens") and len(ids) < check.max_model_len:  # the default fits the context
         params = replace(params, max_tokens=min(params.max_tokens, check.max_model_len - len(ids)))
     check.request(ids, params)
