@@ -326,7 +326,7 @@ def test_dense_model_is_rejected(tmp_path):
 
 def test_bad_sampling_params_name_the_field():
     for kwargs, field in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
-                          ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")]:
+                          ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
 
