@@ -269,11 +269,16 @@ def test_both_ends_of_a_frame_connection_probe_a_silent_peer_within_a_minute(fil
         server.stop(None)
 
 
-def test_a_flood_of_connections_over_the_limit_holds_a_bounded_number_of_threads(files):  # noqa: F811
+def test_a_flood_of_connections_over_the_limit_holds_a_bounded_number_of_threads(files, monkeypatch):  # noqa: F811
     """Each refused connection lingers (reading what its client sends) for up to REFUSE_LINGER_S on a thread of its
     own: at most REFUSE_LINGERING of them at once, the others are answered busy and closed at once, so that a flood
-    of connections over the limit cannot make threads without bound; a normal connection is served afterwards."""
+    of connections over the limit cannot make threads without bound; a normal connection is served afterwards.
+    A refusal closed at once ends its thread just after its answer is read (on a loaded machine, not before the
+    count: CI once counted 12 of a bound of 11), so the count is awaited, with the lingering ones held for 30 s:
+    uncapped, every one of the 48 would still be there."""
     from elasticmoe.rpc import frame_listener
+
+    monkeypatch.setattr(frame_listener, "REFUSE_LINGER_S", 30.0)
 
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     layer = files.spec.moe.moe_layers[0]
@@ -289,8 +294,10 @@ def test_a_flood_of_connections_over_the_limit_holds_a_bounded_number_of_threads
         for s in flood:  # every one is refused 'shard busy' (id 0)
             (busy,) = _replies(s, 1)
             assert busy.id == 0 and frames.BUSY in busy.error
-        threads = len(server.listener._threads)
-        assert threads <= 1 + frame_listener.REFUSE_LINGERING + 2, threads
+        bound, deadline = 1 + frame_listener.REFUSE_LINGERING + 2, time.monotonic() + 5
+        while len(server.listener._threads) > bound and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(server.listener._threads) <= bound, len(server.listener._threads)
         for s in flood:
             s.close()
         holder.close()
