@@ -60,10 +60,7 @@ class LLM:
         """As vLLM's: SamplingParams() with the checkpoint's generation_config.json values (temperature, top_p,
         top_k, repetition_penalty, min_p, and max_new_tokens as max_tokens) where it has them; what `generate`
         uses when given no params (there a max_tokens beyond the context left is cut to it, as in vLLM)."""
-        d = dict(self.engine.generation_defaults)
-        if d.get("top_k") == -1:  # transformers' and vLLM's "off"
-            d["top_k"] = 0
-        return SamplingParams(**d)
+        return SamplingParams(**self.engine.generation_defaults)  # (a top_k of -1, "off", SamplingParams takes as 0)
 
     def generate(self, prompts: list[str] | list[list[int]] | str,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:

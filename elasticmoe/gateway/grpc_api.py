@@ -28,10 +28,9 @@ def sampling_from_proto(s: gen.SamplingParams, defaults: dict | None = None) -> 
     def opt(name: str, default):
         return getattr(s, name) if s.HasField(name) else d.get(name, default)
 
-    top_k = opt("top_k", 0)
     return SamplingParams(
         max_tokens=s.max_tokens if s.HasField("max_tokens") else min(16, d.get("max_tokens", 16)),
-        temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0), top_k=0 if top_k == -1 else top_k,
+        temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0), top_k=opt("top_k", 0),
         seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop), ignore_eos=opt("ignore_eos", False),
         logprobs=s.logprobs if s.HasField("logprobs") else None,
         repetition_penalty=d.get("repetition_penalty", 1.0), min_p=d.get("min_p", 0.0),

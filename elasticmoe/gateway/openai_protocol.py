@@ -176,10 +176,9 @@ def sampling_params(req: BaseRequest, max_tokens: int, logprobs: int | None,
         return v if v is not None else d.get(name, default)
 
     stop = req.stop if req.stop is not None else ()
-    top_k = pick("top_k", 0)
     return SamplingParams(
         max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
-        top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        top_k=pick("top_k", 0), seed=req.seed, stop=(stop,) if isinstance(stop, str) else tuple(stop),
         ignore_eos=bool(req.ignore_eos), logprobs=logprobs, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=pick("repetition_penalty", 1.0),
         min_p=pick("min_p", 0.0), min_tokens=req.min_tokens or 0, stop_token_ids=tuple(req.stop_token_ids or ()),
