@@ -30,11 +30,6 @@ _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 Opener = Callable[[], "tuple[socket.socket | SerialTLS, int]"]  # the connection's socket, the shard's message limit
 
 
-def _nbytes(parts: list) -> int:
-    """A frame's bytes (frames.*_parts: bytes, byte-sized ctypes arrays, byte memoryviews: len is their size)."""
-    return sum(map(len, parts))
-
-
 def _ready(fds: list[int], timeout_s: float) -> list[int]:
     """Those of fds with something to read (or ended) within timeout_s."""
     poller = select.poll()
@@ -97,7 +92,7 @@ class _Conn(Multiplexed):
         whole frame while earlier ones still wait there (one more than SPILL_FRAMES, or one taking them past
         SPILL_BYTES, fails its call as busy)."""
         if self._spill:
-            size = _nbytes(parts)
+            size = frame_socket.nbytes(parts)
             if len(self._spill) >= SPILL_FRAMES or self._spilled + size > SPILL_BYTES:
                 if (refused := self.take(frame_id)) is not None:
                     refused.set_exception(TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
@@ -107,7 +102,7 @@ class _Conn(Multiplexed):
             self._spill.append((frame_socket.unsent(sock, parts), parts, size))
             self._spilled += size
         elif rest := frame_socket.send_parts_nowait(sock, parts):  # (the common case, all of it sent: no sizing)
-            size = _nbytes(parts)
+            size = frame_socket.nbytes(parts)
             self._spill.append((rest, parts, size))  # parts: its `keep` holds the tensors the rest points into
             self._spilled = size
             threading.Thread(target=self._write_spilled, args=(sock,), name=f"frames-out-{self.address}",
@@ -137,7 +132,7 @@ class _Conn(Multiplexed):
 
     def _oversize(self, parts: list) -> TransportError | None:
         """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""
-        size = _nbytes(parts)
+        size = frame_socket.nbytes(parts)
         if not self.limit or size <= self.limit:
             return None
         return TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -33,7 +33,7 @@ def send_parts(sock: socket.socket, parts: list) -> None:
             sock.sendall(unit)
         return
     sent = sock.sendmsg(parts)
-    if sent == sum(map(len, parts)):  # all of it, nearly always
+    if sent == nbytes(parts):  # all of it, nearly always
         return
     views = _unsent_views(parts, sent)
     while views:
@@ -55,7 +55,7 @@ def send_parts_nowait(sock: socket.socket | SerialTLS, parts: list) -> list:
         sent = sock.sendmsg(parts, (), socket.MSG_DONTWAIT)
     except BlockingIOError:
         sent = 0
-    if sent == sum(map(len, parts)):  # all of it, nearly always: no views made
+    if sent == nbytes(parts):  # all of it, nearly always: no views made
         return []
     views = _unsent_views(parts, sent)
     while views:
@@ -64,6 +64,11 @@ def send_parts_nowait(sock: socket.socket | SerialTLS, parts: list) -> list:
         except BlockingIOError:
             return views
     return []
+
+
+def nbytes(parts: list) -> int:
+    """A frame's bytes (frames.*_parts: bytes, byte-sized ctypes arrays, byte memoryviews: len is their size)."""
+    return sum(map(len, parts))
 
 
 def _unsent_views(parts: list, sent: int) -> list[memoryview]:
