@@ -1,0 +1,102 @@
+"""Every figure table in README.md, benchmarks/KERNELS.md and docs/*.md is checked against a committed result or says
+it is not recorded."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from tests import test_doc_benchmarks as bench
+from tests.doc_util import REPO
+
+DOCS = ["README.md", "benchmarks/KERNELS.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+# (doc, header, text before it or "") -> the test that checks every figure of that table
+CHECKED = {
+    ("README.md", "| batch | elasticmoe `LLM.generate` tok/s", ""): "test_offline_decode_table",
+    ("README.md", "| system | concurrency | output tok/s", "`benchmarks/results/serving.json`"): "test_serving_tables",
+    ("README.md", "| system | concurrency | output tok/s", "`benchmarks/results/serving-stream.json`"):
+        "test_serving_tables",
+    ("README.md", "| system | balancedness min", ""): "test_balance_table",
+    ("README.md", "| event | failed streams", ""): "test_stalls_table",
+    ("README.md", bench.OVERLOAD_HEADER, ""): "test_overload_table",  # and its unrecorded columns say so
+    ("README.md", "| payload x shards | socket p50", ""): "test_transport_table",
+    ("README.md", "| batch | elasticmoe tok/s | transformers tok/s", ""): "test_real_width_tables",
+    ("README.md", "| | load s | peak anonymous GiB", ""): "test_real_width_tables",
+    ("README.md", "| prompt | tokens | elasticmoe bf16", ""): "test_real_width_tables",
+    ("README.md", "| tokens | expert latency d", ""): "test_overlap_table",
+    ("benchmarks/KERNELS.md", "| model | T | ours µs", ""): "test_kernels_table",
+    ("docs/SECURITY.md", "| payload | unary p50 plaintext / mTLS", ""): "test_mtls_table",
+}
+NOT_RECORDED = {("benchmarks/KERNELS.md", "| model (E, H, I, k)"): "no JSON committed; its 1.4-7x is checked"}
+NOT_RESULTS = {  # tables whose numbers are names, versions, ports or prose, not measurements
+    ("README.md", "| package | role |"): "the package layout",
+    ("README.md", "| `model_type` |"): "model families and their tests",
+    ("README.md", "| area | state |"): "the Status table: prose per area",
+    ("docs/DEPLOY.md", "| Where |"): "deployment files",
+    ("docs/SECURITY.md", "| Plane |"): "ports and protections",
+    ("docs/SECURITY.md", "| Deployment |"): "certificate set-up",
+}
+
+
+def _tables(doc: str) -> list[tuple[int, str]]:
+    """(line index, header row) of every markdown table in `doc` with a digit in its body."""
+    lines = (REPO / doc).read_text().splitlines()
+    out = []
+    for i in range(len(lines) - 1):
+        if not (lines[i].startswith("|") and re.fullmatch(r"\|[\s:|-]+", lines[i + 1])):
+            continue
+        j = i + 2
+        while j < len(lines) and lines[j].startswith("|"):
+            j += 1
+        if re.search(r"\d", "".join(lines[i + 2:j])):
+            out.append((i, lines[i]))
+    return out
+
+
+def _mentions(source: str, text: str) -> bool:
+    """Whether a test's source names `text`, itself or as a module constant holding it."""
+    constants = {k for k, v in [*vars(bench).items(), *globals().items()] if k.isupper() and v == text}
+    return text in source or any(re.search(rf"\b{k}\b", source) for k in constants)
+
+
+def _located(doc: str, header: str, after: str) -> int:
+    """The line index of the table bench._table reads for (doc, header, after)."""
+    text = (REPO / doc).read_text()
+    start = text[:text.index(after)].count("\n") if after else 0
+    return next(n for n, line in enumerate(text.splitlines()) if n >= start and line.startswith(header))
+
+
+def test_every_figure_table_is_checked_or_says_not_recorded():
+    """Each table with a digit in its body is read by the test CHECKED names (which must name its header), or is
+    introduced as not recorded, or is listed as no results table; no entry is stale and none is claimed twice."""
+    tests = {name: inspect.getsource(fn) for name, fn in [*vars(bench).items(), *globals().items()]
+             if name.startswith("test_") and callable(fn)}
+    for (doc, header, after), name in CHECKED.items():  # the named test reads that table
+        assert _mentions(tests[name], header) and (not after or _mentions(tests[name], after)), (name, header)
+    where = {}
+    for (doc, header, after), name in CHECKED.items():
+        where.setdefault((doc, _located(doc, header, after)), []).append(name)
+    for kind, table in (("not recorded", NOT_RECORDED), ("not results", NOT_RESULTS)):
+        for doc, header in table:
+            where.setdefault((doc, _located(doc, header, "")), []).append(kind)
+    found = {(doc, i): header for doc in DOCS for i, header in _tables(doc)}
+    assert {k: h for k, h in found.items() if k not in where} == {}, "tables with figures no test checks"
+    assert [k for k in where if k not in found] == [], "entries that match no table with figures"
+    assert all(len(set(v)) == 1 for v in where.values()), where
+    for doc, header in NOT_RECORDED:  # the paragraph that introduces it says so
+        lines = (REPO / doc).read_text().splitlines()
+        i = _located(doc, header, "")
+        assert "not recorded" in " ".join(lines[i - 5:i]).lower(), f"{doc}: the table {header!r} hides that"
+
+
+def test_kernels_cpu_table_gives_its_range():
+    """KERNELS.md's CPU table (not recorded): the torch path's 1.4-7x over the loop for small or many experts is what
+    its rows for 64 and 128 experts give."""
+    table = bench._table("benchmarks/KERNELS.md", "| model (E, H, I, k)")
+    rows = {r[0]: [float(c) for c in r[1:]] for r in table}
+    ratios = [loop / torch for name, torch_us in rows.items() if name.endswith(": torch") and not name.startswith("8,")
+              for loop, torch in zip(rows[name.replace(": torch", ": loop")], torch_us)]
+    assert len(ratios) == 8
+    text = " ".join((REPO / "benchmarks" / "KERNELS.md").read_text().split())
+    m = re.search(r"pays off where per-op overhead dominates \(small or many experts\): ([\d.]+)-([\d.]+)x", text)
+    bench._says(f"{m.group(1)} {m.group(2)}", min(ratios), max(ratios))
