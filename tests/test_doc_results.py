@@ -1,17 +1,22 @@
 """Every figure table in README.md, benchmarks/KERNELS.md and docs/*.md is checked against a committed result or says
-it is not recorded."""
+it is not recorded, and the README's list of result JSONs gives each one's machine and date as recorded (or, with no
+date recorded, the commit date from git)."""
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
+import subprocess
 
 from tests import test_doc_benchmarks as bench
 from tests.doc_util import REPO
 
 DOCS = ["README.md", "benchmarks/KERNELS.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+RESULTS_HEADER = "| result JSON | machine, as the JSON records it | run date |"
 # (doc, header, text before it or "") -> the test that checks every figure of that table
 CHECKED = {
+    ("README.md", RESULTS_HEADER, ""): "test_results_list",
     ("README.md", "| batch | elasticmoe `LLM.generate` tok/s", ""): "test_offline_decode_table",
     ("README.md", "| system | concurrency | output tok/s", "`benchmarks/results/serving.json`"): "test_serving_tables",
     ("README.md", "| system | concurrency | output tok/s", "`benchmarks/results/serving-stream.json`"):
@@ -36,6 +41,8 @@ NOT_RESULTS = {  # tables whose numbers are names, versions, ports or prose, not
     ("docs/SECURITY.md", "| Plane |"): "ports and protections",
     ("docs/SECURITY.md", "| Deployment |"): "certificate set-up",
 }
+DATED = re.compile(r"\b(\d{4}-\d{2}-\d{2})\b")
+UNDATED = re.compile(r"not recorded; committed (\d{4}-\d{2}-\d{2}) \(`([0-9a-f]{7,40})`(?:, as `([\w.-]+)`)?\)")
 
 
 def _tables(doc: str) -> list[tuple[int, str]]:
@@ -100,3 +107,52 @@ def test_kernels_cpu_table_gives_its_range():
     text = " ".join((REPO / "benchmarks" / "KERNELS.md").read_text().split())
     m = re.search(r"pays off where per-op overhead dominates \(small or many experts\): ([\d.]+)-([\d.]+)x", text)
     bench._says(f"{m.group(1)} {m.group(2)}", min(ratios), max(ratios))
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, f"git {' '.join(args)}: {out.stderr.strip()} (this test needs the full git history)"
+    return out.stdout.strip()
+
+
+def _machine(r: dict) -> str:
+    """What a result JSON records about its machine, as the README's list prints it."""
+    if "machine" in r:
+        return r["machine"]
+    meta = r.get("meta", {})
+    cpu, cpus = r.get("cpu") or meta.get("cpu"), r.get("cpus") or meta.get("cpus") or meta.get("nproc")
+    name = cpu or meta["machine"]
+    text = f"{name}, {cpus} CPUs" if cpus else f"{name}, CPU count not recorded"
+    return text if cpu else f"{text} (CPU model not recorded)"
+
+
+def _run_date(r: dict) -> str | None:
+    """The run's date as the JSON records it (machine.stamp's, overlap.py's meta, the GPU run's machine line)."""
+    m = DATED.search(r.get("date") or r.get("meta", {}).get("date") or r.get("machine") or "")
+    return m and m.group(1)
+
+
+def test_results_list():
+    """One row per result JSON: its machine as recorded; its run date as recorded, else 'not recorded' with the date
+    of the first commit that held the file's bytes as they are now (at that path, or the one named with 'as')."""
+    results = bench.RESULTS
+    rows = bench._table("README.md", RESULTS_HEADER)
+    assert [r[0] for r in rows] == [f"`{p.name}`" for p in sorted(results.glob("*.json"))]
+    for name, machine, date in rows:
+        path = results / name.strip("`")
+        r = json.loads(path.read_text())
+        assert machine == _machine(r), name
+        if _run_date(r):
+            assert date == _run_date(r), name
+            continue
+        m = UNDATED.fullmatch(date)
+        assert m, f"{name}: no run date in the JSON, so the row must say 'not recorded; committed <date> (`<commit>`)'"
+        day, commit, was = m.groups()
+        at = f"benchmarks/results/{was or path.name}"
+        blob = _git("hash-object", str(path))
+        assert _git("rev-parse", f"{commit}:{at}") == blob, f"{name} is not {at} as of {commit}"
+        before = subprocess.run(["git", "rev-parse", "-q", "--verify", f"{commit}^:{at}"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip()
+        assert before != blob, f"{name}: {commit} is not the first commit that held it"
+        assert _git("log", "-1", "--format=%cs", commit) == day, name
+
