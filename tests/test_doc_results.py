@@ -156,3 +156,39 @@ def test_results_list():
         assert before != blob, f"{name}: {commit} is not the first commit that held it"
         assert _git("log", "-1", "--format=%cs", commit) == day, name
 
+
+def test_overload_prose():
+    """The sentences under the overload table: run 2's figures from overload.json, run 1's from its (not recorded)
+    columns, the 1024-call run's from overload-max-ongoing-1024.json; the morning's first run says it is not recorded."""
+    rows = bench._table("README.md", bench.OVERLOAD_HEADER)[:-1]  # the figures' rows, not crashes and codes
+    # a run 1 column's figures in order: capacity, TPOT p99 unloaded, overloaded, rejection p50, p99, memory growth %
+    run1 = {ingress: [float(x) for row in rows for x in bench.NUMBER.findall(row[column])]
+            for ingress, column in (("proxy", 2), ("port", 4))}
+    new, old = bench._json("overload.json")["ingresses"], bench._json("overload-max-ongoing-1024.json")["ingresses"]
+    text = " ".join((REPO / "README.md").read_text().split())
+    m = re.search(
+        r"two targets are met in both runs \(TPOT p99 ([\d.]+x) and ([\d.]+x) the unloaded run's, memory growth "
+        r"([\d.]+)-([\d.]+)%\) and the rejection p99 is not \((\d+)-(\d+) ms; p50 (\d+) ms\): every refusal is "
+        r"Serve's own \(`(.*?)`, .*?which at (\d+)-\d+ requests/s \(the first column, and the morning's first run, "
+        r"not recorded\) saturated the machine: refusals took \d+-(\d+) s and the accepted streams slowed (\d+)-\d+x\. "
+        r".*?neither run met the TPOT and rejection targets \(([\d.]+)-([\d.]+)x, (\d+)-(\d+) ms p99\) while the "
+        r"morning's first run, on a quieter machine and not recorded, met all of them .*?offers (\d+)-(\d+) requests/s",
+        text)
+    assert m, "the Overload section's sentences moved or changed shape"
+    g = m.groups()
+    (tpot0, tpot1), rej99, memory = run1["proxy"][1:3], run1["proxy"][4], run1["proxy"][5]
+    bench._says(g[0], tpot1 / tpot0)
+    bench._says(g[1], new["proxy"]["tpot_p99_ratio"])
+    bench._says(f"{g[2]} {g[3]}", *sorted((memory, new["proxy"]["gateway_memory_growth"] * 100)))
+    bench._says(f"{g[4]} {g[5]}", *sorted((rej99, new["proxy"]["overload"]["rejection_p99_s"] * 1e3)))
+    bench._says(f"{g[6]} {g[6]}", run1["proxy"][3], new["proxy"]["overload"]["rejection_p50_s"] * 1e3)
+    assert g[7] == new["proxy"]["overload"]["details"]["RESOURCE_EXHAUSTED"]
+    bench._says(g[8], old["proxy"]["offered_rps"])
+    bench._says(g[9], old["proxy"]["overload"]["rejection_p99_s"])
+    bench._says(g[10], old["proxy"]["overload"]["tpot_p99_s"] / old["proxy"]["unloaded"]["tpot_p99_s"])
+    port1 = run1["port"]
+    bench._says(f"{g[11]} {g[12]}", *sorted((port1[2] / port1[1], new["port"]["tpot_p99_ratio"])))
+    bench._says(f"{g[13]} {g[14]}", *sorted((port1[4], new["port"]["overload"]["rejection_p99_s"] * 1e3)))
+    bench._says(f"{g[15]} {g[16]}", *sorted((10 * port1[0], new["port"]["offered_rps"])))
+    assert f"(the gateway's own admission: `{new['port']['overload']['details']['RESOURCE_EXHAUSTED']}`)" in text
+    assert f"rejection p99 {g[4]}-{g[5]} ms (target 50)" in text  # the Status table's front-door row
