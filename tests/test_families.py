@@ -221,17 +221,23 @@ def _copy(src: Path, dst: Path) -> Path:
     return Path(shutil.copytree(src, dst))
 
 
+def _add_tensors(ck: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Add tensors to the checkpoint's model.safetensors (the one file read: a file beside it is not)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({**load_file(ck / "model.safetensors"), **tensors}, str(ck / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
 def test_extra_tensor_fails_the_load_naming_it(family_dirs, tmp_path):
     """A tensor no role consumes (here an attention-sink vector) fails the load instead of being ignored."""
-    from safetensors.torch import save_file
-
     from elasticmoe.model import CheckpointError, open_model
 
     bad = _copy(family_dirs["minimax_m2"], tmp_path / "m")
-    save_file({"model.layers.1.self_attn.sinks": torch.ones(4)}, str(bad / "extra.safetensors"))
+    _add_tensors(bad, {"model.layers.1.self_attn.sinks": torch.ones(4)})
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.sinks"):
         open_model(str(bad))
-    (bad / "extra.safetensors").unlink()
+    shutil.copyfile(family_dirs["minimax_m2"] / "model.safetensors", bad / "model.safetensors")
     files = open_model(str(bad))  # the rotary-free, bias-carrying original loads, and every tensor is used
     assert files.names.unused() == [] and any(n.endswith("e_score_correction_bias") for n in files.names.used)
 
@@ -276,23 +282,19 @@ def test_cohere2_moe_with_rms_norm_eps_uses_rms_norms(tmp_path):
 
 
 def test_rotary_cache_buffers_count_as_consumed(family_dirs, tmp_path):
-    from safetensors.torch import save_file
-
     from elasticmoe.model import open_model
 
     ok = _copy(family_dirs["dots1"], tmp_path / "d")
-    save_file({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}, str(ok / "extra.safetensors"))
+    _add_tensors(ok, {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)})
     assert open_model(str(ok)).names.unused() == []
 
 
 def test_layers_past_the_last_need_the_config_to_declare_them(family_dirs, tmp_path):
     """Multi-token-prediction layers (unused by transformers too) load only when the config declares them."""
-    from safetensors.torch import save_file
-
     from elasticmoe.model import CheckpointError, open_model
 
     ck = _copy(family_dirs["glm4_moe"], tmp_path / "g")
-    save_file({"model.layers.3.mlp.gate.weight": torch.ones(8, 64)}, str(ck / "mtp.safetensors"))
+    _add_tensors(ck, {"model.layers.3.mlp.gate.weight": torch.ones(8, 64)})
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
     with pytest.raises(CheckpointError, match=r"'model\.layers\.3\.mlp\.gate\.weight' lies past the config's 3 layers"):

@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from elasticmoe.model.quant import (
-    FP8_DTYPES, FP8_SCALE_SUFFIX, QuantError, QuantFormat, dequant_fp8, fp8_scale_float, fp8_scale_shape, quant_format,
+    FP8_DTYPES, FP8_SCALE_SUFFIX, QuantError, dequant_fp8, fp8_scale_float, fp8_scale_shape, quant_format,
 )
 from elasticmoe.model.safetensors_header import _DTYPES, CheckpointError, read_header, same_tensor
+from elasticmoe.model.weight_files import INDEX_FILE, weight_files
 
 __all__ = ["INDEX_FILE", "Checkpoint", "CheckpointError", "View", "read_header", "resolve_model_dir"]
-
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
@@ -38,14 +37,6 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path / 'config.json'}: missing (not a Hugging Face checkpoint directory)")
     return path
-
-
-def _is_file_name(name: Any) -> bool:
-    """Whether an index entry names a file inside the checkpoint directory (a relative path, no '..')."""
-    if not isinstance(name, str) or not name or name.startswith(("/", "\\")):
-        return False
-    parts = Path(name).parts
-    return bool(parts) and ".." not in parts and Path(name).name not in ("", ".")
 
 
 @dataclass(frozen=True)
@@ -74,32 +65,24 @@ class Checkpoint:
         self._covered: set[str] = set()  # stored names shown only through views
         self.tensors_read = 0
         self.bytes_read = 0
-        self._index()
-        self.quant = self._quant_format()
+        self.index_file: Path | None = None  # the index listing the files read (None: one file)
+        raw = self._raw_config()
+        self._index(raw)
+        self.quant = quant_format(raw, self.path / "config.json")
         self._scales = self._fp8_scales() if self.quant.method == "fp8" else {}  # weight -> its weight_scale_inv
         self._scale_names = set(self._scales.values())
 
-    def _index(self) -> None:
-        index = self.path / INDEX_FILE
-        placed: dict[str, str] = {}  # tensor name -> file, as the index has it
-        if index.is_file():
-            try:
-                placed = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{index}: corrupt index (needs a 'weight_map' object): {e}") from e
-            for tensor, name in placed.items():
-                if not _is_file_name(name):
-                    raise CheckpointError(f"{index}: places {tensor!r} in {name!r}, which is not the name of a "
-                                          f"file in {self.path}")
-            files = sorted(set(placed.values()))
-        else:
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{self.path}: no *.safetensors files and no {INDEX_FILE}")
+    def _index(self, config: dict[str, Any]) -> None:
+        """Headers of the files transformers would load (model.weight_files), merged; a tensor in two of them
+        must be the same bytes."""
+        chosen = weight_files(self.path, config)
+        self.index_file = chosen.index
+        files = chosen.files
         headers = {name: read_header(self.path / name) for name in files}
-        for tensor, name in placed.items():
+        for tensor, name in chosen.placed.items():
             if tensor not in headers[name]:
-                raise CheckpointError(f"{self.path / name}: has no tensor {tensor!r}, which {INDEX_FILE} places there")
+                raise CheckpointError(f"{self.path / name}: has no tensor {tensor!r}, which {chosen.index.name} "
+                                      f"places there")
         for name in files:
             for tensor, meta in headers[name].items():
                 first = self.weight_map.get(tensor)
@@ -109,13 +92,14 @@ class Checkpoint:
                 self.weight_map[tensor] = name
                 self._meta[tensor] = meta
 
-    def _quant_format(self) -> QuantFormat:
+    def _raw_config(self) -> dict[str, Any]:
+        """config.json as JSON (a non-object as {}: the transformers config reports it)."""
         config_file = self.path / "config.json"
         try:
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
-        return quant_format(raw if isinstance(raw, dict) else {}, config_file)
+        return raw if isinstance(raw, dict) else {}
 
     def _fp8_scales(self) -> dict[str, str]:
         """Each FP8 weight's scale tensor, checked against its shape; the scales are then hidden from names()."""

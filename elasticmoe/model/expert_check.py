@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from elasticmoe.model.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
+from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts\.)\d+\.(?P<proj>\w+)\.weight$")
 _PROJS = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}  # Mixtral: w1, w3, w2
@@ -47,5 +47,4 @@ def check_experts(ckpt: Checkpoint, parts: dict[tuple[int, int], dict[str, str]]
 def _where_missing(ckpt: Checkpoint, sibling: str) -> Path:
     """Where a missing tensor would be listed: the index of a sharded checkpoint, else the file holding the
     layer's other experts."""
-    index = ckpt.path / INDEX_FILE
-    return index if index.is_file() else ckpt.file_of(sibling)
+    return ckpt.index_file or ckpt.file_of(sibling)

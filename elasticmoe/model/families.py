@@ -25,6 +25,7 @@ COMMON_KEYS = frozenset({
     "tie_word_embeddings", "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
     "num_experts_per_tok", "attention_bias", "mlp_bias", "qkv_bias", "use_bias",  # biases: taken from the tensors
     "quantization_config",  # checked and applied by the checkpoint reader (model.quant)
+    "transformers_weights",  # the weights file transformers loads, and so does the checkpoint reader (weight_files)
 })
 _MLA_KEYS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "qk_head_dim",
              "rope_interleave", "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor",

@@ -35,7 +35,7 @@ def read_header(file: Path) -> dict[str, Any]:
                 raise CheckpointError(f"{file}: truncated safetensors file (header of {n} bytes, file {size})")
             header = json.loads(f.read(n))
     except FileNotFoundError as e:
-        raise CheckpointError(f"{file}: missing (named by the checkpoint index)") from e
+        raise CheckpointError(f"{file}: missing") from e
     except OSError as e:  # a directory, no permission
         raise CheckpointError(f"{file}: cannot read: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
