@@ -85,8 +85,8 @@ def test_import_path_exists():
 
 
 # Files that are not the repository's: a checkpoint's, a Hub repository's, the run's, another project's.
-NOT_OURS = {"config.json", "generation_config.json", "merges.txt", "tokenizer.model", "api-keys.txt",
-            "benchmark_moe.py", "tls.key", "tls.crt", "ca.crt", "ca.key"}
+NOT_OURS = {"config.json", "model.safetensors.index.json", "generation_config.json", "merges.txt", "tokenizer.model",
+            "api-keys.txt", "benchmark_moe.py", "tls.key", "tls.crt", "ca.crt", "ca.key"}
 PATH_ROOTS = ("elasticmoe/", "tests/", "benchmarks/", "deployments/", "cluster/", "helm/", "docs/", "protos/",
               ".ci/", "kernels/", "gateway/", "rpc/", "model/", "autoscaler/", "engine/", "placement/",
               "dashboards/", "templates/")
