@@ -262,3 +262,11 @@ def test_request_ids_with_control_characters_are_refused():
             v.request_id(rid)
         assert e.value.field == "request_id" and "control" in str(e.value), (rid, e.value)
     assert v.request_id("req-42 übung 例") == "req-42 übung 例"
+
+
+def test_the_default_max_tokens_is_cut_to_the_context_left():
+    """Validator.default_max_tokens: the one rule every door (HTTP completions and chat, gRPC, LLM.generate)
+    applies to an unset max_tokens: the door's default, cut to what the prompt leaves, never below 1."""
+    v = Validator(50, 128)
+    assert [v.default_max_tokens(n, 16) for n in (1, 112, 120, 127)] == [16, 16, 8, 1]
+    assert v.default_max_tokens(100, 128) == 28 and v.default_max_tokens(100, 6) == 6

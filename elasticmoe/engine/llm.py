@@ -78,8 +78,7 @@ class LLM:
         ids = [check.prompt_ids(check.encode(self.tokenizer, p), "prompt") if isinstance(p, str)
                else check.prompt_ids(p) for p in prompts]
         if sampling_params is None:  # the default max_tokens (the checkpoint's or 16) within the context left
-            room = [max(1, self.engine.max_model_len - len(t)) for t in ids]
-            plist = [replace(p, max_tokens=min(p.max_tokens, r)) for p, r in zip(plist, room)]
+            plist = [replace(p, max_tokens=check.default_max_tokens(len(t), p.max_tokens)) for p, t in zip(plist, ids)]
         for toks, p in zip(ids, plist):  # validate all before queueing any
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"sampling_params: expected SamplingParams, got {type(p).__name__}")

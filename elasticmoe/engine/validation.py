@@ -195,6 +195,12 @@ class Validator:
                 raise InvalidRequest(name, f"token id {short(t)} is outside the vocabulary [0, {self.vocab_size})")
         return out
 
+    def default_max_tokens(self, prompt_len: int, cap: int) -> int:
+        """The max_tokens of a request that leaves it unset, on every door (vLLM's rule): `cap` (the door's default,
+        or generation_config's max_new_tokens where less) cut to the context the prompt leaves, at least 1 (a prompt
+        that fills the context is refused by `prompt_ids` before this)."""
+        return min(cap, max(1, self.max_model_len - prompt_len))
+
     def request(self, ids: list[int], params: Any) -> None:
         """A queued request as a whole: prompt ids, sampling, the limits and the context length."""
         self.prompt_ids(ids)

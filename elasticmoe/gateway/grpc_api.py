@@ -58,8 +58,8 @@ def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator 
     else:
         ids = check.prompt_ids(request.prompt_token_ids)
     params = sampling_from_proto(request.sampling, defaults)
-    if not request.sampling.HasField("max_tokens") and len(ids) < check.max_model_len:  # the default fits the context
-        params = replace(params, max_tokens=min(params.max_tokens, check.max_model_len - len(ids)))
+    if not request.sampling.HasField("max_tokens"):  # the default, cut to the context left
+        params = replace(params, max_tokens=check.default_max_tokens(len(ids), params.max_tokens))
     check.request(ids, params)
     return rid or uuid.uuid4().hex, ids, params
 

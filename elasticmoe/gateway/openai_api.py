@@ -89,9 +89,8 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request,
         ids = completion_ids(core.tokenizer, req.prompt, _validator(core))
         max_tokens = req.max_tokens
         if max_tokens is None:  # OpenAI's 16; generation_config's max_new_tokens or the context left where less
-            context = getattr(core.runner.engine, "max_model_len", len(ids) + COMPLETION_MAX_TOKENS)
-            max_tokens = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS),
-                             max(1, context - len(ids)))  # as vLLM's and the gRPC door's
+            cap = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS))
+            max_tokens = _validator(core).default_max_tokens(len(ids), cap)
         params = sampling_params(req, max_tokens, req.logprobs, _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
@@ -108,11 +107,10 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
         reject_unsupported(req)
         ids = chat_ids(core.tokenizer, req.messages, _validator(core))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:  # OpenAI's default: as much as the context allows
-            context = getattr(core.runner.engine, "max_model_len", len(ids) + COMPLETION_MAX_TOKENS)
-            if len(ids) >= context:
-                raise InvalidRequest("messages", f"the prompt ({len(ids)} tokens) fills the context ({context})")
-            max_tokens = min(context - len(ids), (_defaults(core) or {}).get("max_tokens", context))  # vLLM's
+        if max_tokens is None:  # OpenAI's default: as much as the context allows (generation_config's where less)
+            check = _validator(core)  # (chat_ids refused a prompt that fills the context, naming messages)
+            max_tokens = check.default_max_tokens(len(ids), (_defaults(core) or {}).get("max_tokens",
+                                                                                        check.max_model_len))
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                  _defaults(core))
     except InvalidRequest as e:
