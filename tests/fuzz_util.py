@@ -98,7 +98,8 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "robot"]),
                                  "content": st.one_of(edge_text, json_values)})
 FIELDS: dict[str, st.SearchStrategy] = {
-    "model": st.one_of(st.just("m"), json_values), "max_tokens": st.one_of(small_max_tokens(), json_values),
+    "model": st.one_of(st.just("mixtral"), st.none(), json_values),  # the served name, none, or a 404
+    "max_tokens": st.one_of(small_max_tokens(), json_values),
     "temperature": st.one_of(st.just(0), edge_floats, json_values), "top_p": st.one_of(edge_floats, json_values),
     "top_k": st.one_of(st.integers(-2, 50), huge_ints), "seed": st.one_of(st.integers(0, 2**64 - 1), huge_ints),
     "stop": st.one_of(edge_text, st.lists(edge_text, max_size=20), json_values),

@@ -24,6 +24,7 @@ from elasticmoe.model.experts import ExpertStore
 from elasticmoe.model.tiny import make_tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
+MODEL = "mixtral"  # the name `served` answers to: its checkpoint directory's (/v1/models)
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about experts."}]
 
 
@@ -44,11 +45,12 @@ class SlowDispatcher(LocalDispatcher):
 class Core:
     """What the API needs of a GatewayCore: tokenizer, runner, args, wait_ready (and metrics)."""
 
-    def __init__(self, path: str, store: ExpertStore, **limits: int):
+    def __init__(self, path: str, store: ExpertStore, served_model_name: str | None = None, **limits: int):
         files = open_model(path)
         self.dispatcher = SlowDispatcher(store)
         engine = Engine(files, self.dispatcher, **limits)
-        self.tokenizer, self.runner, self.args = engine.tokenizer, EngineRunner(engine), AppArgs(model=path)
+        self.tokenizer, self.runner = engine.tokenizer, EngineRunner(engine)
+        self.args = AppArgs(model=path, served_model_name=served_model_name)
         spec = files.spec
         self.metrics = GatewayMetrics("per_expert", len(spec.moe.sparse_layers), spec.moe.num_experts,
                                       spec.moe.moe_layers, use_ray=False)

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the front door, in process: random and mutated GenerateRequests, raw protobuf bytes
 and OpenAI bodies against a real engine (tiny Mixtral, experts in-process), while greedy neighbours run and
 must keep getting exactly their reference tokens. Outcomes allowed: served, or a client error naming a field
-(INVALID_ARGUMENT / 400 / 413); never a server error, a failed neighbour or a leaked slot."""
+(INVALID_ARGUMENT / 400 / 413, or 404 for a model not served); never a server error, a failed neighbour or a leaked slot."""
 
 from __future__ import annotations
 
@@ -168,10 +168,11 @@ def test_fuzzed_protobuf_bytes(served):
 
 def _check_http(status: int, body: bytes) -> str:
     """Allowed answers: 200 (a whole completion or a whole SSE stream), or an OpenAI error body."""
-    assert status in (200, 400, 413, 429), (status, body[:300])
+    assert status in (200, 400, 404, 413, 429), (status, body[:300])
     if status != 200:
         err = json.loads(body)["error"]
-        assert isinstance(err["message"], str) and err["type"] and err["code"] is None
+        assert isinstance(err["message"], str) and err["type"]
+        assert err["code"] == ("model_not_found" if status == 404 else None), err  # 404: a model not served
         assert err["param"] is None or isinstance(err["param"], str)
         return str(status)
     if body.startswith(b"data: "):

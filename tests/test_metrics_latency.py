@@ -13,7 +13,7 @@ from elasticmoe.gateway.direct_ingress import DirectIngress
 from elasticmoe.gateway.generation_service import GenerationService
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.metrics import GatewayMetrics
-from tests.openai_util import PROMPT, Core, Server, model  # noqa: F401 - the module-scoped tiny model fixture
+from tests.openai_util import MODEL, PROMPT, Core, Server, model  # noqa: F401 - the module-scoped tiny model fixture
 
 
 class Recording(GatewayMetrics):
@@ -53,8 +53,8 @@ def test_ttft_starts_at_arrival_on_both_apis_including_the_wait_for_the_shards(m
         stream = grpc_client.stream(PROMPT, max_tokens=4, temperature=0.0, ignore_eos=True)
         assert len(list(stream)) >= 1
         http = OpenAI(base_url=server.url, api_key="none", max_retries=0)
-        http.completions.create(model=core.args.model, prompt=PROMPT, max_tokens=4, temperature=0)
-        list(http.completions.create(model=core.args.model, prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
+        http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+        list(http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
         seen = core.metrics.seen
         assert core.metrics.requests == {("grpc", "ok"): 2, ("http", "ok"): 2}
         assert len(seen["ttft"]) == len(seen["e2e"]) == 4
@@ -74,7 +74,7 @@ def test_tpot_is_per_choice_over_its_own_tokens(model):  # noqa: F811
     try:
         http = OpenAI(base_url=server.url, api_key="none", max_retries=0)
         for stream in (False, True):
-            got = http.completions.create(model=core.args.model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3,
+            got = http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3,
                                           n=3, stream=stream, extra_body={"ignore_eos": True})
             if stream:
                 list(got)

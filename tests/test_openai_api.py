@@ -7,7 +7,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.openai_util import CHAT, PROMPT, _greedy
+from tests.openai_util import CHAT, MODEL, PROMPT, _greedy
 from tests.openai_util import llm, model, served  # noqa: F401 - fixtures
 
 
@@ -28,7 +28,7 @@ def test_completion_greedy_equals_engine(served, llm, as_ids):
     _, client = served
     ids = llm.encode(PROMPT)
     ref = _greedy(llm, ids, 12, ignore_eos=True)
-    r = client.completions.create(model="m", prompt=ids if as_ids else PROMPT, max_tokens=12, temperature=0,
+    r = client.completions.create(model=MODEL, prompt=ids if as_ids else PROMPT, max_tokens=12, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
     assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "length"
@@ -39,7 +39,7 @@ def test_completion_stream_equals_engine_and_reports_usage(served, llm):
     _, client = served
     ids = llm.encode(PROMPT)
     ref = _greedy(llm, ids, 20, ignore_eos=True)
-    chunks = list(client.completions.create(model="m", prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -51,7 +51,7 @@ def test_completion_stream_equals_engine_and_reports_usage(served, llm):
 def test_chat_greedy_equals_engine_on_the_chat_template(served, llm, stream):
     _, client = served
     ref = _greedy(llm, _chat_ids(llm.tokenizer, CHAT), 10, ignore_eos=True)
-    kw = dict(model="m", messages=CHAT, max_completion_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(model=MODEL, messages=CHAT, max_completion_tokens=10, temperature=0, extra_body={"ignore_eos": True})
     if not stream:
         r = client.chat.completions.create(**kw)
         assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
@@ -68,7 +68,7 @@ def test_chat_greedy_equals_engine_on_the_chat_template(served, llm, stream):
 
 def test_chat_default_max_tokens_fills_the_context(served):
     _, client = served
-    r = client.chat.completions.create(model="m", messages=CHAT, temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.total_tokens == 128 and r.choices[0].finish_reason == "length"
 
 
@@ -77,7 +77,7 @@ def test_stop_string_cuts_the_text(served, llm, stream):
     _, client = served
     full = _greedy(llm, llm.encode(PROMPT), 20, ignore_eos=True).text
     stop = full[6:9]
-    kw = dict(model="m", prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
     if stream:
         chunks = [c for c in client.completions.create(**kw, stream=True) if c.choices]
         text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
@@ -89,7 +89,7 @@ def test_stop_string_cuts_the_text(served, llm, stream):
 
 def test_completion_logprobs_shape(served):
     _, client = served
-    r = client.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
     n = r.usage.completion_tokens
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
@@ -103,7 +103,7 @@ def test_completion_top_logprobs_hold_the_sampled_token(served, stream):
     entries; logprobs: 0 gives the sampled token alone, not {}."""
     _, client = served
     for n, kw in ((0, {"temperature": 0}), (1, {"temperature": 1.0, "seed": 3})):
-        args = dict(model="m", prompt=PROMPT, max_tokens=12, logprobs=n, stream=stream, **kw)
+        args = dict(model=MODEL, prompt=PROMPT, max_tokens=12, logprobs=n, stream=stream, **kw)
         chunks = list(client.completions.create(**args)) if stream else [client.completions.create(**args)]
         lps = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
         tokens = [t for lp in lps for t in lp.tokens]
@@ -120,7 +120,7 @@ def test_completion_top_logprobs_hold_the_sampled_token(served, stream):
 
 def test_chat_logprobs_shape(served):
     _, client = served
-    r = client.chat.completions.create(model="m", messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
                                        top_logprobs=2)
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 5
@@ -132,9 +132,9 @@ def test_chat_logprobs_shape(served):
 def test_requests_are_counted_in_metrics(served):
     core, client = served
     before = dict(core.metrics.requests), dict(core.metrics.latency_counts)
-    client.completions.create(model="m", prompt=PROMPT, max_tokens=3)
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=-1)
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=-1)
     assert core.metrics.requests[("http", "ok")] == before[0].get(("http", "ok"), 0) + 1
     assert core.metrics.requests[("http", "invalid")] == before[0].get(("http", "invalid"), 0) + 1
     assert core.metrics.latency_counts["e2e"] == before[1]["e2e"] + 1

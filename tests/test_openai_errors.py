@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from elasticmoe.gateway.openai_api import build_openai_app
-from tests.openai_util import CHAT, PROMPT, Core, Server, _greedy, _wait_idle
+from tests.openai_util import CHAT, MODEL, PROMPT, Core, Server, _greedy, _wait_idle
 from tests.openai_util import llm, model, served  # noqa: F401 - fixtures
 
 
@@ -33,7 +33,7 @@ from tests.openai_util import llm, model, served  # noqa: F401 - fixtures
 ])
 def test_bad_completion_fields_are_openai_400s(served, kw, param):
     _, client = served
-    args = {"model": "m", "prompt": PROMPT, "max_tokens": 4, **kw}
+    args = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kw}
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**args)
     assert e.value.status_code == 400
@@ -51,7 +51,7 @@ def test_bad_completion_fields_are_openai_400s(served, kw, param):
 def test_bad_chat_fields_are_openai_400s(served, kw, param):
     _, client = served
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(**{"model": "m", "messages": CHAT, "max_tokens": 4, **kw})
+        client.chat.completions.create(**{"model": MODEL, "messages": CHAT, "max_tokens": 4, **kw})
     assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
 
 
@@ -69,16 +69,16 @@ def test_a_wrong_type_in_a_union_field_names_the_field_and_what_it_takes(served,
     _, client = served
     with pytest.raises(openai.BadRequestError) as e:
         if chat:
-            client.chat.completions.create(**{"model": "m", "messages": CHAT, "max_tokens": 4, **kw})
+            client.chat.completions.create(**{"model": MODEL, "messages": CHAT, "max_tokens": 4, **kw})
         else:
-            client.completions.create(**{"model": "m", "prompt": PROMPT, "max_tokens": 4, **kw})
+            client.completions.create(**{"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kw})
     assert (e.value.body["param"], e.value.body["message"]) == (param, message)
 
 
 def test_a_refused_tool_choice_names_every_value_accepted(served):
     _, client = served
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=CHAT, max_tokens=4, tool_choice="required")
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, tool_choice="required")
     assert e.value.body["param"] == "tool_choice"
     assert e.value.body["message"] == "tool_choice: only 'none' or 'auto' is supported, got 'required'"
 
@@ -111,7 +111,7 @@ def test_not_ready_is_a_503(served):
     core.ready = False
     try:
         with pytest.raises(openai.InternalServerError) as e:
-            client.completions.create(model="m", prompt=PROMPT, max_tokens=2)
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     finally:
         core.ready = True
     assert e.value.status_code == 503 and e.value.body["type"] == "service_unavailable"
@@ -130,7 +130,7 @@ def slow(served):
 def test_disconnect_mid_stream_aborts_the_request(slow):
     core, client = slow
     steps = core.runner.stats()["steps"]
-    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=90, temperature=0, stream=True,
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=90, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
@@ -142,7 +142,7 @@ def test_disconnect_before_a_non_streamed_response_aborts_the_request(slow):
     core, client = slow  # 120 tokens take >= 1.2 s: the client gives up after 0.3 s
     steps, gone = core.runner.stats()["steps"], core.metrics.errors.get("499", 0)
     with pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=0.3).completions.create(model="m", prompt="Hi", max_tokens=120, temperature=0,
+        client.with_options(timeout=0.3).completions.create(model=MODEL, prompt="Hi", max_tokens=120, temperature=0,
                                                             extra_body={"ignore_eos": True})
     _wait_idle(core)
     assert core.runner.stats()["steps"] - steps < 110
@@ -158,17 +158,17 @@ def test_full_queue_is_a_429(model):
     client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
     core.dispatcher.delay_s = 0.005  # the busy request lasts >= 2 s
     try:
-        busy = client.completions.create(model="m", prompt=PROMPT, max_tokens=200, stream=True,
+        busy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True,
                                          extra_body={"ignore_eos": True})
         next(iter(busy))  # running: the only slot is taken and no one may wait
         with pytest.raises(openai.RateLimitError) as e:
-            client.chat.completions.create(model="m", messages=CHAT, max_tokens=2)
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
         assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_exceeded"
         assert e.value.response.headers["retry-after"] == "1"
         busy.close()
         _wait_idle(core)
         core.dispatcher.delay_s = 0.0
-        assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+        assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
         assert core.metrics.requests[("http", "rejected")] == 1 and core.metrics.errors["429"] == 1
     finally:
         server.stop()
@@ -183,11 +183,11 @@ def test_inputs_that_used_to_be_500s_are_400s_and_spare_the_requests_in_flight(s
     greedy stream already running finishes with exactly its reference text."""
     _, client = served
     ref = _greedy(llm, llm.encode(PROMPT), 16, ignore_eos=True)
-    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     chunks = iter(stream)
     text = next(chunks).choices[0].text
-    body = json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": 4, **kw}).encode()  # "\\ud800" escaped
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kw}).encode()  # "\\ud800" escaped
     req = urllib.request.Request(f"{client.base_url}completions", data=body, method="POST",
                                  headers={"content-type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -206,13 +206,13 @@ def test_a_request_whose_experts_are_gone_is_a_503_and_the_server_recovers(serve
     core.dispatcher.unavailable = True
     try:
         with pytest.raises(openai.InternalServerError) as e:
-            client.completions.create(model="m", prompt=PROMPT, max_tokens=4)
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
         assert e.value.status_code == 503 and e.value.body["type"] == "service_unavailable"
         assert e.value.response.headers["retry-after"] == "1" and "injected" not in e.value.body["message"]
     finally:
         core.dispatcher.unavailable = False
         engine.retry_backoff_s = backoff
-    assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
 
 
 def test_disconnect_while_a_stream_waits_for_its_first_token_aborts_it(model):
@@ -223,11 +223,11 @@ def test_disconnect_while_a_stream_waits_for_its_first_token_aborts_it(model):
     core.dispatcher.delay_s = 0.005  # >= 10 ms a step
     try:
         steps, gone = core.runner.stats()["steps"], core.metrics.errors.get("499", 0)
-        busy = client.completions.create(model="m", prompt=PROMPT, max_tokens=300, stream=True,
+        busy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=300, stream=True,
                                          extra_body={"ignore_eos": True})
         next(iter(busy))  # the only slot is taken: the next request waits in the queue
         with pytest.raises(openai.APITimeoutError):
-            client.with_options(timeout=0.3).completions.create(model="m", prompt="Hi", max_tokens=400, stream=True,
+            client.with_options(timeout=0.3).completions.create(model=MODEL, prompt="Hi", max_tokens=400, stream=True,
                                                                 extra_body={"ignore_eos": True})
         deadline = time.monotonic() + 5
         while core.metrics.errors.get("499", 0) == gone:
@@ -250,7 +250,7 @@ def test_a_choice_refused_for_room_stops_the_other_choices(model):
     core.dispatcher.delay_s = 0.005  # >= 10 ms a step: 400 tokens take >= 4 s
     try:
         with pytest.raises(openai.RateLimitError):
-            client.completions.create(model="m", prompt=PROMPT, max_tokens=400, n=2, temperature=0,
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400, n=2, temperature=0,
                                       extra_body={"ignore_eos": True})
         _wait_idle(core, timeout=2.0)  # the choice left running would take >= 4 s
     finally:

@@ -41,7 +41,7 @@ def llm(demo):
 
 @pytest.fixture(scope="module")
 def served(demo):
-    core = Core(*demo, max_num_seqs=8, max_model_len=256)
+    core = Core(*demo, served_model_name="demo", max_num_seqs=8, max_model_len=256)
     core.runner.engine.model.route_observer = core.metrics.route  # as GatewayCore wires it
     server = Server(build_openai_app(core))
     yield core, OpenAI(base_url=server.url, api_key="none", max_retries=0), server.url
@@ -56,7 +56,7 @@ def _ids_of(choice) -> list[int]:
 
 def _complete(client, prompt, **kw):
     extra = {"return_tokens_as_token_ids": True, **kw.pop("extra_body", {})}
-    return client.completions.create(model="m", prompt=prompt, logprobs=0, extra_body=extra, **kw)
+    return client.completions.create(model="demo", prompt=prompt, logprobs=0, extra_body=extra, **kw)
 
 
 def test_greedy_tokens_equal_the_offline_llm(served, llm):
@@ -105,7 +105,7 @@ def test_process_logits_formula():
 @pytest.mark.parametrize("stream", [False, True])
 def test_n_choices_with_a_seed_are_reproducible(served, llm, stream):
     _, client, _ = served
-    kw = dict(model="m", prompt=FOX, max_tokens=12, temperature=1.0, n=3, seed=1234)
+    kw = dict(model="demo", prompt=FOX, max_tokens=12, temperature=1.0, n=3, seed=1234)
 
     def run() -> list[str]:
         if not stream:
@@ -127,9 +127,9 @@ def test_n_choices_with_a_seed_are_reproducible(served, llm, stream):
 
 def test_min_tokens_suppresses_eos(served):
     _, client, _ = served
-    free = client.completions.create(model="m", prompt=END, max_tokens=48, temperature=0)
+    free = client.completions.create(model="demo", prompt=END, max_tokens=48, temperature=0)
     assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens == 24  # EOS after the sentence
-    held = client.completions.create(model="m", prompt=END, max_tokens=48, temperature=0,
+    held = client.completions.create(model="demo", prompt=END, max_tokens=48, temperature=0,
                                      extra_body={"min_tokens": 32})
     assert held.usage.completion_tokens >= 32 and held.choices[0].text.startswith(free.choices[0].text)
 
@@ -149,7 +149,7 @@ def test_stop_token_ids_logit_bias_and_min_p(served, llm):
 def test_continuous_usage_stats_in_every_chunk(served):
     _, client, _ = served
     chunks = list(client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+        model="demo", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
         max_tokens=20, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}))
     assert all(c.usage is not None for c in chunks)
     done = [c.usage.completion_tokens for c in chunks]
@@ -161,7 +161,8 @@ def test_continuous_usage_stats_in_every_chunk(served):
 def test_unknown_nested_field_is_named_with_its_path(served):
     _, client, _ = served
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="m", prompt=FOX, stream=True, stream_options={"include_usage": True, "foo": 1})
+        client.completions.create(model="demo", prompt=FOX, stream=True,
+                                  stream_options={"include_usage": True, "foo": 1})
     assert e.value.body["param"] == "stream_options.foo" and "stream_options.foo" in e.value.body["message"]
 
 
@@ -176,7 +177,7 @@ def _http(url: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
 def test_version_metrics_tokenize_detokenize(served, llm):
     core, client, url = served
     assert json.loads(_http(url, "/version")[1]) == {"version": __version__}
-    client.completions.create(model="m", prompt=FOX, max_tokens=2)
+    client.completions.create(model="demo", prompt=FOX, max_tokens=2)
     status, text = _http(url, "/metrics")
     lines = text.decode().splitlines()
     ok = core.metrics.requests[("http", "ok")]
@@ -246,7 +247,7 @@ def test_generation_config_supplies_defaults_and_eos_ids(demo):
 
 def test_chat_n_choices_streamed_equal_unstreamed(served):
     _, client, _ = served
-    kw = dict(model="m", messages=[{"role": "user", "content": "Hello! How are you today?"}], max_tokens=10,
+    kw = dict(model="demo", messages=[{"role": "user", "content": "Hello! How are you today?"}], max_tokens=10,
               temperature=1.0, n=2, seed=99, frequency_penalty=0.5, extra_body={"min_tokens": 3})
     whole = client.chat.completions.create(**kw)
     assert [c.index for c in whole.choices] == [0, 1] and whole.usage.completion_tokens >= 6

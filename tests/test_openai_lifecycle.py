@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 
 from elasticmoe.gateway.openai_api import build_openai_app
-from tests.openai_util import CHAT, PROMPT, Core, Server, model  # noqa: F401 - model is a fixture
+from tests.openai_util import CHAT, MODEL, PROMPT, Core, Server, model  # noqa: F401 - model is a fixture
 
 
 def _scope(path: str, body: bytes, spec: str) -> dict:
@@ -73,7 +73,7 @@ def test_disconnect_between_first_token_and_stream_start_aborts_it(model, spec, 
     core = Core(*model, max_num_seqs=4, max_model_len=512)
     core.dispatcher.delay_s = 0.01  # >= 20 ms a step: 450 tokens take >= 9 s
     try:
-        payload = {"model": "m", "prompt": PROMPT, "max_tokens": 450, "stream": True, "n": n,
+        payload = {"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "stream": True, "n": n,
                    "ignore_eos": True, "temperature": 0}
         sent = asyncio.run(_gone_after_first_token(build_openai_app(core), "/v1/completions", payload, spec))
         assert not [m for m in sent if m.get("body")], "nothing reaches a client that left"
@@ -97,12 +97,12 @@ def test_a_request_with_n_choices_counts_once_in_the_exported_metrics(model):  #
     server = Server(build_openai_app(core))
     client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
     try:
-        assert len(client.completions.create(model="m", prompt=PROMPT, max_tokens=4, n=3).choices) == 3
-        chunks = list(client.completions.create(model="m", prompt=PROMPT, max_tokens=4, n=3, stream=True))
+        assert len(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=3).choices) == 3
+        chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=3, stream=True))
         assert {c.choices[0].index for c in chunks if c.choices} == {0, 1, 2}
-        assert len(client.chat.completions.create(model="m", messages=CHAT, max_tokens=3, n=2).choices) == 2
+        assert len(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, n=2).choices) == 2
         with pytest.raises(openai.RateLimitError):
-            client.completions.create(model="m", prompt=PROMPT, max_tokens=4, n=4)
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=4)
         got = _exported(server.url)
         assert got['elasticmoe_requests_total{api="http",status="ok"}'] == 3
         assert got['elasticmoe_requests_total{api="http",status="rejected"}'] == 1
@@ -122,7 +122,7 @@ def test_a_request_with_n_choices_refused_by_the_engine_counts_once(model, strea
     client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
     try:
         with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model="m", prompt=PROMPT, max_tokens=500, n=3, stream=stream)
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=500, n=3, stream=stream)
         assert e.value.body["param"] == "max_tokens"
         assert core.metrics.requests == {("http", "invalid"): 1} and core.metrics.errors == {"400": 1}
     finally:
@@ -135,7 +135,7 @@ def test_a_client_gone_while_sending_its_body_is_a_499_not_a_server_error(model,
     """The client leaves half-way through its body: counted once as a 499 (as a client gone later is), no error
     logged as a server bug, nothing raised to the server."""
     core = Core(*model, max_num_seqs=4, max_model_len=128)
-    body = json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": 4}).encode()
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 4}).encode()
     messages = [{"type": "http.request", "body": body[:7], "more_body": True}, {"type": "http.disconnect"}]
     sent: list[dict] = []
 

@@ -56,7 +56,7 @@ class Doors:
         return list(r.token_ids), r.text
 
     def http(self, ids: list[int] | None = None, **kw) -> tuple[list[int], str]:
-        body = json.dumps({"model": "m", "prompt": ids or self.ids, "logprobs": 0,
+        body = json.dumps({"model": "mixtral", "prompt": ids or self.ids, "logprobs": 0,
                            "return_tokens_as_token_ids": True, **kw})
         req = urllib.request.Request(self.server.url + "/completions", body.encode(),
                                      {"Content-Type": "application/json"})

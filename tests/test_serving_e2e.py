@@ -158,11 +158,11 @@ def test_openai_completions_match_grpc(served):
     client = _openai()
     grpc_text = GenerationClient(GRPC, app="mix2").generate(PROMPTS[1], max_tokens=12, temperature=0.0,
                                                             ignore_eos=True).text
-    r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+    r = client.completions.create(model="mixtral", prompt=PROMPTS[1], max_tokens=12, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].text == grpc_text and r.usage.completion_tokens == 12
     streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        model="mixtral", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})
         if c.choices)
     assert streamed == grpc_text
 
@@ -177,10 +177,10 @@ def test_openai_chat_matches_grpc(served, tiny_models):
     expected = GenerationClient(GRPC, app="mix2").generate(prompt_token_ids=ids, max_tokens=10, temperature=0.0,
                                                            ignore_eos=True).text
     client = _openai()
-    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+    r = client.chat.completions.create(model="mixtral", messages=messages, max_tokens=10, temperature=0,
                                        extra_body={"ignore_eos": True})
     assert r.choices[0].message.content == expected
-    chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+    chunks = client.chat.completions.create(model="mixtral", messages=messages, max_tokens=10, temperature=0,
                                             stream=True, extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
 
@@ -191,7 +191,7 @@ def test_openai_bad_fields_are_400(kwargs, param, served):
     import openai
 
     with pytest.raises(openai.BadRequestError) as err:
-        _openai().completions.create(model="tiny", prompt="hi", **{"max_tokens": 4, **kwargs})
+        _openai().completions.create(model="mixtral", prompt="hi", **{"max_tokens": 4, **kwargs})
     body = err.value.body
     assert err.value.status_code == 400 and body["type"] == "invalid_request_error" and param in body["message"]
 

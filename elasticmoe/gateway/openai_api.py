@@ -22,8 +22,8 @@ from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
 from elasticmoe.gateway.openai_protocol import (
-    COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, completion_ids,
-    http_error, parse_body, reject_unsupported, sampling_params)
+    COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, check_model,
+    completion_ids, http_error, parse_body, reject_unsupported, sampling_params)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,13 @@ def _validator(core: Any) -> Validator:
 
 
 async def read_request(request: Request, model: type[BaseRequest], core: Any) -> BaseRequest:
-    """The body as `model`: 413 above max_body_bytes (read no further), 400 naming the field otherwise, 499 when
-    the client leaves before it has sent it all (counted as a client gone later is, not a server error)."""
+    """The body as `model`: 413 above max_body_bytes (read no further), 400 naming the field otherwise, 404 for a
+    model other than the served one, 499 when the client leaves before it has sent it all (counted as a client
+    gone later is, not a server error)."""
     try:
-        return await _read(request, model, _validator(core))
+        body = await _read(request, model, _validator(core))
+        check_model(body.model, served_name(core.args))
+        return body
     except InvalidRequest as e:
         raise _invalid(core, e, {}) from None
     except ApiError as e:
@@ -208,11 +211,17 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
 
     register_extra_routes(app, get_core, read_request)  # /version, /metrics, /tokenize, /detokenize
 
+    def card() -> dict:
+        return {"id": served_name(get_core().args), "object": "model", "created": created, "owned_by": "elasticmoe"}
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        model = served_name(get_core().args)
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
-                                            "owned_by": "elasticmoe"}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")  # a hub id holds a slash (the client sends it as %2F)
+    async def retrieve_model(model: str) -> dict:
+        check_model(model, served_name(get_core().args))
+        return card()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

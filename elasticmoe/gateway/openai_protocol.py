@@ -20,16 +20,25 @@ MAX_N = 16  # choices per request
 class ApiError(Exception):
     """An error answered as `{"error": {message, type, param, code}}` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def check_model(name: str | None, served: str) -> None:
+    """A request's `model`: the served name, or None (left out: the one model served, as vLLM takes it); any other
+    is a 404 model_not_found, as OpenAI and vLLM answer it (never another model's answer under a name asked for)."""
+    if name is not None and name != served:
+        raise ApiError(404, f"model: the model {short(name)} does not exist; this server serves {served!r} "
+                            "(GET /v1/models)", param="model", code="model_not_found")
 
 
 async def http_error(request: Any, exc: StarletteHTTPException) -> JSONResponse:
@@ -85,7 +94,7 @@ class BaseRequest(BaseModel):
     are not coerced (a string is no number, a bool no integer)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    model: str | None = None  # any name is accepted: this server serves exactly one model
+    model: str | None = None  # the served name, or left out (check_model: any other is a 404)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

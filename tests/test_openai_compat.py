@@ -1,0 +1,66 @@
+"""What OpenAI clients send and expect beyond the basics, with the official `openai` client over uvicorn and a real
+engine: an unknown model is a 404 `model_not_found` (as OpenAI and vLLM answer it) and `models.retrieve` works."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from tests.openai_util import CHAT, MODEL, PROMPT
+from tests.openai_util import model, served  # noqa: F401 - fixtures
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unknown_model_is_a_404_model_not_found(served, chat, stream):
+    """Any name was served by the one model: a client that asked for another model (a typo, or a client set up for
+    another server) got this one's answer with no sign of it. OpenAI and vLLM answer 404 model_not_found."""
+    core, client = served
+    before = core.metrics.requests.get(("http", "invalid"), 0)
+    create = client.chat.completions.create if chat else client.completions.create
+    kw = {"messages": CHAT} if chat else {"prompt": PROMPT}
+    with pytest.raises(openai.NotFoundError) as e:
+        create(model="gpt-4o", max_tokens=2, stream=stream, **kw)
+    err = e.value.body
+    assert e.value.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model"
+    assert err["type"] == "invalid_request_error" and "gpt-4o" in err["message"] and MODEL in err["message"]
+    assert core.metrics.requests[("http", "invalid")] == before + 1  # the client's mistake, not a server error
+    out = create(model=MODEL, max_tokens=2, stream=stream, **kw)  # the served name is answered
+    assert list(out) if stream else out.model == MODEL
+
+
+def test_a_request_without_a_model_is_served_and_tokenize_checks_the_model(served):
+    """As vLLM: `model` may be left out (the one model served); /tokenize and /detokenize check it too."""
+    _, client = served
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    status, out = _post(f"{base}/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    assert status == 200 and out["model"] == MODEL
+    assert _post(f"{base}/tokenize", {"model": MODEL, "prompt": "hi"})[0] == 200
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})):
+        status, out = _post(base + path, {"model": "nope", **body})
+        assert status == 404 and out["error"]["code"] == "model_not_found", (path, out)
+
+
+def test_models_retrieve_names_the_served_model(served):
+    """`client.models.retrieve(name)` (GET /v1/models/{model}) was an 'Invalid URL' 404 even for the served name."""
+    _, client = served
+    got = client.models.retrieve(MODEL)
+    assert (got.id, got.object, got.owned_by) == (MODEL, "model", "elasticmoe")
+    assert got.created == client.models.list().data[0].created
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
