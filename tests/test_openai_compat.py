@@ -1,5 +1,6 @@
 """What OpenAI clients send and expect beyond the basics, with the official `openai` client over uvicorn and a real
-engine: an unknown model is a 404 `model_not_found` (as OpenAI and vLLM answer it) and `models.retrieve` works."""
+engine: an unknown model is a 404 `model_not_found` (as OpenAI and vLLM answer it), `models.retrieve` works, and
+a message's text content parts reach the chat template joined by newlines (as vLLM joins them)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,20 @@ def test_models_retrieve_names_the_served_model(served):
         client.models.retrieve("gpt-4o")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
 
+
+def test_text_content_parts_are_joined_by_newlines(served):
+    """[{"type": "text", "text": "Tell me"}, {"type": "text", "text": "about experts."}] reached the template as
+    "Tell meabout experts." (words glued together); vLLM joins text parts with "\\n", so this equals the string
+    content "Tell me\\nabout experts." token for token."""
+    core, client = served
+    parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "about experts."}]
+    joined = [{"role": "user", "content": "Tell me\nabout experts."}]
+    want = core.tokenizer.apply_chat_template(joined, add_generation_prompt=True, tokenize=True)
+    want = list(want if isinstance(want, list) else want["input_ids"])
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    status, out = _post(f"{base}/tokenize", {"messages": [{"role": "user", "content": parts}]})
+    assert status == 200 and out["tokens"] == want
+    kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(messages=[{"role": "user", "content": parts}], **kw)
+    b = client.chat.completions.create(messages=joined, **kw)
+    assert a.usage.prompt_tokens == len(want) and a.choices[0].message.content == b.choices[0].message.content

@@ -226,7 +226,7 @@ def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_
             if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
                 raise InvalidRequest(f"messages[{i}].content", "only text content parts (with a string text) "
                                                                "are supported")
-            content = "".join(p["text"] for p in content)
+            content = "\n".join(p["text"] for p in content)  # as vLLM joins them: parts never glue words
         size += len(content.encode("utf-8"))
         conv.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     if size > check.limits.max_prompt_bytes:
