@@ -82,3 +82,33 @@ def test_text_content_parts_are_joined_by_newlines(served):
     a = client.chat.completions.create(messages=[{"role": "user", "content": parts}], **kw)
     b = client.chat.completions.create(messages=joined, **kw)
     assert a.usage.prompt_tokens == len(want) and a.choices[0].message.content == b.choices[0].message.content
+
+
+BOOKKEEPING = {"store": False, "metadata": {"team": "search"}, "service_tier": "auto", "prompt_cache_key": "k1",
+               "safety_identifier": "u-1", "user": "u-1"}
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_openai_bookkeeping_fields_are_accepted_and_change_nothing(served, chat):
+    """OpenAI's bookkeeping fields (store, metadata, service_tier, prompt_cache_key, safety_identifier) were 400
+    'unrecognized' here, so a client that sets them for OpenAI failed; they change nothing in the tokens, so they
+    are accepted and ignored. store: true stays a 400: nothing is stored, so a stored completion could never be
+    retrieved."""
+    _, client = served
+    if chat:
+        def create(**kw):
+            return client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0, **kw)
+        def text(out):
+            return out.choices[0].message.content
+    else:
+        def create(**kw):
+            return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                             extra_body=kw)
+        def text(out):
+            return out.choices[0].text
+    plain = create()
+    assert text(create(**BOOKKEEPING)) == text(plain) and text(plain)
+    with pytest.raises(openai.BadRequestError) as e:
+        create(store=True)
+    assert e.value.status_code == 400 and e.value.body["param"] == "store", e.value.body
+    assert text(create()) == text(plain)  # and the server goes on serving

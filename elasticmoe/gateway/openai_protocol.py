@@ -106,6 +106,12 @@ class BaseRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # extension
     user: str | None = None
+    # OpenAI's bookkeeping fields, which change nothing in the tokens: accepted and ignored (store only off)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
@@ -147,6 +153,7 @@ class ChatRequest(BaseRequest):
 _OFF_VALUES: dict[str, tuple] = {
     "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "store": (None, False),  # nothing is stored: a stored completion could never be retrieved
 }
 
 
