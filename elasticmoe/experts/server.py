@@ -223,8 +223,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             try:
                 n_before = len(self.store.held())
                 nbytes = self.store.load(pairs)
-            except Exception as e:  # noqa: BLE001 - each cause its code (_load_code), the message as is
-                context.abort(_load_code(e), str(e))
+            except Exception as e:  # noqa: BLE001 - each cause its code (_placement_code), the message as is
+                context.abort(_placement_code(e), str(e))
             if self.faults.fail_loads > 0:
                 self.faults.fail_loads -= 1
                 context.abort(grpc.StatusCode.INTERNAL, "injected fault: LoadExperts failed")
@@ -236,7 +236,10 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
     def DropExperts(self, request, context):
         with self._placement:
             before_bytes, before = self.store.weight_bytes(), len(self.store.held())
-            self.store.drop([(r.layer, r.expert) for r in request.experts])
+            try:
+                self.store.drop([(r.layer, r.expert) for r in request.experts])
+            except Exception as e:  # noqa: BLE001 - a rebuild out of memory is RESOURCE_EXHAUSTED (not UNKNOWN)
+                context.abort(_placement_code(e), str(e))
             self.placement_version = max(self.placement_version, request.placement_version)
             return pb.DropExpertsResponse(dropped=before - len(self.store.held()),
                                           bytes=before_bytes - self.store.weight_bytes(),
@@ -267,10 +270,11 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
                                  frame_port=self.frame_port, max_message_bytes=self.max_message_bytes)
 
 
-def _load_code(e: Exception) -> grpc.StatusCode:
-    """A failed load's status: INVALID_ARGUMENT for a request naming what the model lacks (ValueError),
+def _placement_code(e: Exception) -> grpc.StatusCode:
+    """A failed load's or drop's status: INVALID_ARGUMENT for a request naming what the model lacks (ValueError),
     FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone: not the caller's fault),
-    RESOURCE_EXHAUSTED when the experts do not fit in memory, else INTERNAL."""
+    RESOURCE_EXHAUSTED when the experts (a load's, or those a drop keeps in a layer it rebuilds) do not fit in memory,
+    else INTERNAL."""
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):  # a GPU's, or the CPU's (model.experts._storage)
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(e, (CheckpointError, OSError)):

@@ -192,24 +192,52 @@ class ExpertStore:
         self.layers[layer] = self._stack(layer, list(held) + experts, parts)
 
     def drop(self, pairs: Iterable[tuple[int, int]]) -> None:
-        """Forget (layer, expert) pairs; in-flight forward() calls keep the snapshot they started with. Each layer is
-        rebuilt once, whatever number of its experts go (a rebuild copies the layer's remaining weights)."""
+        """Forget (layer, expert) pairs; in-flight forward() calls keep the snapshot they started with. Layers left
+        with none go first (their memory freed, nothing copied); then each other layer is rebuilt once, whatever
+        number of its experts go (a rebuild copies the layer's remaining weights into new storage).
+
+        A rebuild that does not fit in memory leaves its layer as it was (all its experts held and served) and
+        the other layers dropped as asked; then MemoryError (torch.OutOfMemoryError on a GPU) names the layers
+        kept whole and the bytes their rebuilds wanted."""
         gone: dict[int, set[int]] = {}
         for layer, e in pairs:
             gone.setdefault(layer, set()).add(e)
         with self._lock:
-            for layer, experts in gone.items():
-                le = self.layers.get(layer)
-                keep = [] if le is None else [i for i, g in enumerate(le.global_ids) if g not in experts]
-                if le is None or len(keep) == len(le.global_ids):
+            rebuild: dict[int, list[int]] = {}  # layer -> local indices of the experts it keeps
+            done: list[int] = []  # layers changed as asked
+            for layer, experts in gone.items():  # no reference to a layer kept here: an emptied one is freed now
+                ids = self.layers[layer].global_ids if layer in self.layers else ()
+                keep = [i for i, g in enumerate(ids) if g not in experts]
+                if len(keep) == len(ids):  # none of it held
                     continue
-                if not keep:
+                if keep:
+                    rebuild[layer] = keep
+                else:
                     del self.layers[layer]
-                    continue
-                idx = torch.tensor(keep, device=self.device)
-                parts = {k: torch.index_select(t, 0, idx, out=_storage((len(keep), *t.shape[1:]), t.dtype, t.device))
-                         for k, t in le.parts().items()}
-                self.layers[layer] = self._stack(layer, [le.global_ids[i] for i in keep], parts)
+                    done.append(layer)
+            failed: list[Exception] = []
+            for layer, keep in sorted(rebuild.items()):
+                try:
+                    self.layers[layer] = self._rebuilt(layer, keep)
+                    done.append(layer)
+                except (MemoryError, torch.OutOfMemoryError) as e:
+                    failed.append(e)
+            if failed:
+                rest = f" (layers {sorted(done)} dropped as asked)" if done else ""
+                raise type(failed[0])("; ".join(map(str, failed)) + rest)
+
+    def _rebuilt(self, layer: int, keep: list[int]) -> LayerExperts:
+        """The layer holding only its experts at local indices `keep`, in new storage (the old one is untouched)."""
+        le = self.layers[layer]
+        nbytes = sum(len(keep) * t[0].numel() * t.element_size() for t in le.parts().values())
+        try:
+            idx = torch.tensor(keep, device=self.device)
+            parts = {k: torch.index_select(t, 0, idx, out=_storage((len(keep), *t.shape[1:]), t.dtype, t.device))
+                     for k, t in le.parts().items()}  # [E_kept, ...] each
+            return self._stack(layer, [le.global_ids[i] for i in keep], parts)
+        except (MemoryError, torch.OutOfMemoryError) as e:  # the CPU's (_storage), a GPU's
+            raise type(e)(f"layer {layer}: the {len(keep)} experts it keeps ({nbytes} bytes) do not fit in memory "
+                          f"beside the {len(le.global_ids)} it holds, which it keeps holding: {e}") from None
 
     def _stack(self, layer: int, ids: list[int], parts: dict[str, torch.Tensor]) -> LayerExperts:
         to_local = torch.full((self.spec.moe.num_experts + 1,), -1, dtype=torch.int64, device=self.device)
