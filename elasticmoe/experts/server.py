@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -23,6 +24,7 @@ from elasticmoe.rpc.staging import to_host
 log = logging.getLogger(__name__)
 _ID_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PLACEMENT_CALLS = 4  # LoadExperts / DropExperts running or waiting at once, at most (each holds a server worker)
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Faults:
 
     fail_loads: int = 0  # LoadExperts calls that fail (INTERNAL) after loading, as a crash mid-load would
     run_delay_s: float = 0.0  # sleep before answering RunExperts (a straggler)
+    load_delay_s: float = 0.0  # sleep holding the placement lock before each LoadExperts loads (a slow load)
     malformed_outputs: int = 0  # RunExperts answers with a wrong output shape
 
 
@@ -53,8 +56,9 @@ class _FrameContext:
 class ExpertServicer(pb_grpc.ExpertShardServicer):
     """Serves one ExpertStore. Bad requests get INVALID_ARGUMENT; experts not held come back in `missing`.
 
-    RunExperts takes at most `run_slots` workers at once (RESOURCE_EXHAUSTED beyond), so Health and the
-    controller's calls always find a free worker of the server's pool, however busy the shard is.
+    RunExperts takes at most `run_slots` workers at once, and LoadExperts / DropExperts at most PLACEMENT_CALLS
+    (RESOURCE_EXHAUSTED "shard busy" beyond either), so Health and the controller's calls always find a free worker
+    of the server's pool (shard_server.start_server), however busy the shard is or however many loads queue.
     """
 
     def __init__(self, store: ExpertStore, shard_id: str, run_slots: int = 8, max_rows: int = 1 << 16,
@@ -67,6 +71,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self.max_rows = max_rows
         self.faults = Faults()
         self._placement = threading.Lock()  # LoadExperts / DropExperts, one at a time (see their counts)
+        self._placement_calls = threading.BoundedSemaphore(PLACEMENT_CALLS)  # those running or waiting for the lock
         self._run_slots = threading.BoundedSemaphore(run_slots)
         self.max_streams = max_streams  # open RunExpertsStreams: each holds one server worker while open
         self.max_stream_replies = 32  # answers a stream holds while its client reads none (then its reader waits)
@@ -217,9 +222,39 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             out = out[:-1] if out.shape[0] else torch.zeros(1, out.shape[1])
         return out, [], us
 
+    @contextmanager
+    def _placement_turn(self, context, method: str):
+        """Hold the placement lock for one LoadExperts / DropExperts. At most PLACEMENT_CALLS of them run or wait at
+        once (more are refused RESOURCE_EXHAUSTED "shard busy"), so the workers they hold while waiting are never
+        those RunExperts and Health need; a caller gone while its call waits (its deadline, a cancel) changes nothing:
+        the call ends without taking the lock, its place given back. A None context: a call made in-process."""
+        active = context.is_active if context is not None else lambda: True
+        if not self._placement_calls.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{frames.BUSY}: {method}: {PLACEMENT_CALLS} LoadExperts / DropExperts calls are running or "
+                          "waiting for each other; ask again once they end")
+        try:
+            while True:
+                got = self._placement.acquire(timeout=0.1)
+                if not active():  # the caller left: no one would learn what a change did
+                    if got:
+                        self._placement.release()
+                    context.abort(grpc.StatusCode.CANCELLED, f"{method}: the caller left while the call waited for "
+                                  "the shard's other loads and drops; nothing changed")
+                if got:
+                    break
+            try:
+                yield
+            finally:
+                self._placement.release()
+        finally:
+            self._placement_calls.release()
+
     def LoadExperts(self, request, context):
         pairs = [(r.layer, r.expert) for r in request.experts]
-        with self._placement:  # one load or drop at a time: its before/after counts are its own
+        with self._placement_turn(context, "LoadExperts"):  # one load or drop at a time: its counts are its own
+            if self.faults.load_delay_s:
+                time.sleep(self.faults.load_delay_s)
             try:
                 n_before = len(self.store.held())
                 nbytes = self.store.load(pairs)
@@ -234,7 +269,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
                                           placement_version=self.placement_version)
 
     def DropExperts(self, request, context):
-        with self._placement:
+        with self._placement_turn(context, "DropExperts"):
             before_bytes, before = self.store.weight_bytes(), len(self.store.held())
             try:
                 self.store.drop([(r.layer, r.expert) for r in request.experts])

@@ -10,7 +10,7 @@ from concurrent import futures
 
 import grpc
 
-from elasticmoe.experts.server import ExpertServicer
+from elasticmoe.experts.server import PLACEMENT_CALLS, ExpertServicer
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, server_options
@@ -18,6 +18,7 @@ from elasticmoe.rpc.frame_listener import FrameListener
 from elasticmoe.rpc.frame_service import add_shard_servicer
 
 log = logging.getLogger(__name__)
+RESERVED_WORKERS = 4  # the pool's workers beyond RunExperts', the streams' and the placement calls': Health, stats
 
 
 def _ports(port: int) -> list[int]:
@@ -63,7 +64,8 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
 
     mTLS (rpc.tls): only clients holding a certificate of the release's CA get in; `insecure` serves plaintext.
     The pool has `max_workers` workers for RunExperts, one per open RunExpertsStream (at most `max_streams`, one per
-    gateway using the stream transport; more are refused) plus 4 kept for Health, stats and loads.
+    gateway using the stream transport; more are refused), one per LoadExperts / DropExperts running or waiting (at
+    most server.PLACEMENT_CALLS; more are refused) and RESERVED_WORKERS more for Health and stats.
     Beside it, on the same host, a frame listener (rpc.frame_listener; its port in Health.frame_port, from
     ELASTICMOE_EXPERT_PORT_RANGE when set) serves the same frames through the same code (serve_frames), at most
     `max_streams` connections, same TLS. Both take messages up to `max_message_bytes`
@@ -73,9 +75,11 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     if insecure:
         tls.warn_insecure(f"expert shard {shard_id}")
     files = None if insecure else tls.tls_files()
-    pool = futures.ThreadPoolExecutor(max_workers=max_workers + max_streams + 4, thread_name_prefix="expert-rpc")
+    bounded = max_workers + max_streams + PLACEMENT_CALLS  # workers the servicer's bounds let calls hold
+    pool = futures.ThreadPoolExecutor(max_workers=bounded + RESERVED_WORKERS, thread_name_prefix="expert-rpc")
+    # room for every worker's call plus RunExperts refusals queued: gRPC refuses more before a worker sees them
     server = grpc.server(pool, options=server_options(max_message_bytes),
-                         maximum_concurrent_rpcs=4 * max_workers + max_streams)
+                         maximum_concurrent_rpcs=bounded + 3 * max_workers + RESERVED_WORKERS)
     servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows, max_streams=max_streams,
                               max_message_bytes=max_message_bytes)
     add_shard_servicer(servicer, server)
