@@ -159,6 +159,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
         info = self.registry.shards.get(shard_id)
         if info is not None and info.address != address:
             info.address = address
+            info.found_good()
             self._publish()
         return {"known": info is not None, "desired": self.desired, "version": self.registry.version}
 
@@ -180,10 +181,19 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
 
     async def _check_one(self, shard_id: str, lock: asyncio.Lock) -> None:
         info = self.registry.shards.get(shard_id)
-        if info is None or await self._alive(info.address, shard_id):
+        if info is None:
+            return
+        seen = info.seen
+        if await self._alive(info.address, shard_id):
             return
         async with lock:
-            await self._lose(shard_id, "call failed")
+            if self._current(info, seen):
+                await self._lose(shard_id, "call failed")
+
+    def _current(self, info: ShardInfo, seen: int) -> bool:
+        """A verdict of a probe that began at `seen` is about the shard as it still is: the same registration (not
+        one re-registered under its id since), not found good again nor moved since the probe began."""
+        return self.registry.shards.get(info.shard_id) is info and info.seen == seen
 
     # ----- gateway and operator API
     async def table(self, known_version: int = -1, gateway_id: str | None = None, wait_s: float = 0.0,
@@ -248,20 +258,21 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
         ready spares. The dead are all marked first, so that re-homing one does not plan copies onto another (whose
         loads would fail)."""
         infos = list(self.registry.shards.values())
+        seen = [i.seen for i in infos]  # a verdict counts only for the shard as it was when its probe began
         alive = await asyncio.gather(*(self._alive(i.address, i.shard_id) for i in infos))
-        dead = [i for i, ok in zip(infos, alive) if not ok]
+        dead = [(i, s) for i, s, ok in zip(infos, seen, alive) if not ok]
         if dead:  # the lock only when needed: a long re-home holding it must not stall the checks
             async with self._lock:
-                self._mark_failed([i for i in dead if self.registry.shards.get(i.shard_id) is i], "health check failed")
-        for info, ok in zip(infos, alive):
-            if self.registry.shards.get(info.shard_id) is not info:
-                continue
-            if ok and not info.healthy:
+                self._mark_failed([i for i, s in dead if self._current(i, s)], "health check failed")
+        for info, s, ok in zip(infos, seen, alive):
+            if ok and not info.healthy and self.registry.shards.get(info.shard_id) is info:
                 async with self._lock:
-                    await self._revive(info)
-            elif not ok:
+                    if self.registry.shards.get(info.shard_id) is info and not info.healthy:
+                        await self._revive(info)  # probes it again itself
+            elif not ok and self._current(info, s):
                 async with self._lock:
-                    await self._lose(info.shard_id, "health check failed")
+                    if self._current(info, s):
+                        await self._lose(info.shard_id, "health check failed")
         if self.registry.spares():  # ready spares that a failed scale out left unplaced: try again
             async with self._lock:
                 if self.registry.spares() and not self.recovering:

@@ -20,6 +20,10 @@ class ShardInfo:
     ready: bool = False  # loaded its assignment
     healthy: bool = True  # answered its last health check
     registered_at: float = field(default_factory=time.monotonic)
+    seen: int = 0  # bumped when it answers as itself again or moves: a probe's verdict from before is stale
+
+    def found_good(self) -> None:
+        self.seen += 1
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,9 @@ class Registry:
         published replica found dead stays out of the table: registering is no health check (see mark_ready)."""
         if shard_id in self.shards:
             info = self.shards[shard_id]
-            info.address = address
+            if info.address != address:  # a probe of the old address says nothing of the new one
+                info.address = address
+                info.found_good()
             if not info.ready:  # in no table yet: it keeps its position
                 info.healthy = True
             return info
@@ -79,6 +85,7 @@ class Registry:
         if shard_id not in self.shards:
             return False
         self.shards[shard_id].ready = self.shards[shard_id].healthy = True
+        self.shards[shard_id].found_good()
         return True
 
     def forget(self, shard_id: str) -> ShardInfo | None:

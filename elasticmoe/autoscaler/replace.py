@@ -114,6 +114,7 @@ class Replacer:
             await self._lose(info.shard_id, "reload failed", alive=True)
             return
         info.healthy = True
+        info.found_good()
         self._event("revived", shard=info.shard_id)
         self._publish()
 
