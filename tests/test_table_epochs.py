@@ -54,6 +54,30 @@ def test_a_stale_poll_answer_does_not_roll_the_table_back():
         d.close()
 
 
+def test_the_epochs_refused_are_those_whose_answers_can_still_come(monkeypatch):
+    """Every controller instance the gateway moved on from stayed refused for the gateway's life: one entry per
+    controller restart, for weeks. Only the recent ones are kept (an old instance answers only calls made before its
+    successor's first table, or for its graceful shutdown): LEFT_EPOCHS_MAX at most, none after LEFT_EPOCH_TTL_S."""
+    from elasticmoe.gateway import dispatcher
+
+    d = GrpcDispatcher(insecure=True, transport="unary")
+    try:
+        for i in range(200):  # a controller restarting over and over
+            assert d.set_table(RoutingTable.from_dict(_table(1, f"c{i}")))
+        assert len(d._left_epochs) == dispatcher.LEFT_EPOCHS_MAX
+        for i in range(199 - dispatcher.LEFT_EPOCHS_MAX, 199):  # the latest left: their late answers are refused
+            assert not d.set_table(RoutingTable.from_dict(_table(7, f"c{i}")))
+        assert d.latest().epoch == "c199"
+
+        monkeypatch.setattr(dispatcher, "LEFT_EPOCH_TTL_S", 0.05)
+        time.sleep(0.1)
+        assert d.set_table(RoutingTable.from_dict(_table(1, "d")))  # leaving c199 forgets those left long ago
+        assert list(d._left_epochs) == ["c199"]
+        assert not d.set_table(RoutingTable.from_dict(_table(9, "c199")))
+    finally:
+        d.close()
+
+
 def test_a_restarted_controller_answers_a_gateway_of_its_predecessor_at_once(model):
     """The predecessor published a version it never saved: the successor (from the record) reaches the same number
     with another table. A poll from a gateway holding the predecessor's table gets the table, not None after the

@@ -25,6 +25,10 @@ from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
 HEDGE_MEDIAN_EVERY = 16  # round trips between two recomputations of the hedging median
+# A controller instance left behind (a restart) answers only calls sent to it before (they time out within seconds)
+# or, while Serve replaces it, for its graceful shutdown: its epoch is refused this long, the newest this many
+LEFT_EPOCH_TTL_S = 600.0
+LEFT_EPOCHS_MAX = 16
 
 __all__ = ["GrpcDispatcher", "NoReplicaError", "RoutingTable"]
 
@@ -66,7 +70,7 @@ class GrpcDispatcher:
         self.transport = make_transport(transport, insecure)  # how calls reach the shards (gateway.transport)
         self.table: RoutingTable | None = None
         self._next: RoutingTable | None = None
-        self._left_epochs: set[str] = set()  # controller instances whose tables this dispatcher replaced
+        self._left_epochs: dict[str, float] = {}  # controller instances this dispatcher moved on from -> when
         self._lock = threading.Lock()
         self._forget_lock = threading.Lock()  # _forget_departed, one thread at a time (the engine's, the poller's)
         self.suspects: dict[str, float] = {}  # shard id -> monotonic time it last failed or straggled
@@ -103,12 +107,21 @@ class GrpcDispatcher:
             if table.epoch in self._left_epochs:
                 return False
             if latest is not None and table.epoch != latest.epoch:
-                self._left_epochs.add(latest.epoch)
+                self._leave(latest.epoch)
             self._next = table
             if now or self.table is None:
                 self.table, self._next = table, None
         self._forget_departed()
         return True
+
+    def _leave(self, epoch: str) -> None:
+        """(Under the lock.) Refuse `epoch`'s tables from now on; forget those left LEFT_EPOCH_TTL_S ago (no answer
+        of theirs can still come) and all but the LEFT_EPOCHS_MAX newest (a controller restarting over and over)."""
+        now = time.monotonic()
+        self._left_epochs = {e: t for e, t in self._left_epochs.items() if now - t < LEFT_EPOCH_TTL_S}
+        self._left_epochs[epoch] = now
+        for old in list(self._left_epochs)[:-LEFT_EPOCHS_MAX]:  # in the order left (insertion)
+            del self._left_epochs[old]
 
     def latest(self) -> RoutingTable | None:
         """The newest table known, installed or waiting for the next step."""
