@@ -132,6 +132,7 @@ def test_scale_out_is_not_compounded_while_new_shards_start():
     from elasticmoe.autoscaler.policy import ScaleDecider
 
     decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=0.0)
+    decide.started()
     assert decide.desired(2, [1.0, 1.0]) == 4  # 2 shards' work at 0.5 each
     assert decide.desired(4, [1.0, 1.0]) == 4  # 2 more asked for, not live yet: still 4, not 8
     assert decide.desired(4, [0.6, 0.6, 0.6, 0.6]) == 5
@@ -144,6 +145,7 @@ def test_scale_in_is_not_compounded_while_drained_shards_still_serve():
     from elasticmoe.autoscaler.policy import ScaleDecider
 
     decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=0.0)
+    decide.started()
     assert decide.desired(4, [0.15] * 4) == 3
     assert decide.desired(3, [0.15] * 4) == 2  # one is draining
     assert decide.desired(2, [0.15] * 4) == 2  # two are: one shard would run at 0.6
@@ -172,12 +174,31 @@ def test_the_first_decision_is_not_held_by_the_cool_down():
     assert decide.desired(2, [1.0, 1.0]) == 4
 
 
+def test_no_scale_in_before_the_cluster_is_up_and_warmed_up():
+    """Idle shards are no reason to scale in before the cluster ran the count it started with (`started`: every
+    position of the placement live), nor for a cool-down after that (the warm-up); the floor stays min_shards."""
+    from elasticmoe.autoscaler.policy import ScaleDecider
+
+    decide = ScaleDecider(min_shards=2, max_shards=16, target_utilization=0.5, cooldown_s=0.2)
+    assert decide.desired(4, [0.0]) == 4  # 1 of 4 shards up, idle: no request yet
+    decide.started()
+    assert decide.desired(4, [0.0] * 4) == 4  # up, warming up
+    time.sleep(0.25)
+    decide.started()  # again (every stats round says so): the warm-up is not restarted
+    assert decide.desired(4, [0.0] * 4) == 3
+    decide.cooldown_s = 0.0
+    assert decide.desired(3, [0.0] * 3) == 2
+    assert decide.desired(2, [0.0] * 2) == 2  # min_shards
+
+
 def test_an_override_change_starts_the_cool_down():
     """An operator's override that moved the count is a change like any other: once cleared, the automatic
     decision waits out the cool-down instead of undoing it on the next round."""
     from elasticmoe.autoscaler.policy import ScaleDecider
 
-    decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=3600, override=4)
+    decide = ScaleDecider(min_shards=1, max_shards=16, target_utilization=0.5, cooldown_s=0.0, override=4)
+    decide.started()  # up, no warm-up: only the cool-down of the operator's change holds it
+    decide.cooldown_s = 3600
     assert decide.desired(2, [0.1, 0.1]) == 4  # the operator asks for 4
     decide.override = None
     assert decide.desired(4, [0.1] * 4) == 4  # idle, but within the cool-down of the operator's change

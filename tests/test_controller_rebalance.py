@@ -110,3 +110,26 @@ def test_a_shard_whose_stats_always_fail_does_not_stop_scaling(model, monkeypatc
         assert ctrl.desired == 3, ctrl.load.utilization
 
     _with_shards(model, "ab", scenario)
+
+
+def test_an_idle_first_shard_is_not_scaled_in_while_the_others_still_start(model):
+    """num_shards 2, min_shards 1: a is up, b still loads its experts (minutes for a large model). No request has
+    come yet, so a measured idle and the controller asked Serve for 1 shard: the starting b (or a) was stopped
+    before the cluster ever ran the count it was deployed with. No scale in before every position of the placement
+    is live, nor within the cool-down after that (the warm-up; 0 here); scaling out is not held."""
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a, autoscaling={"min_shards": 1, "max_shards": 2, "target_utilization": 0.7})
+        ctrl.scale.cooldown_s = 0.0
+        plan = await ctrl.register("b", b.address)  # b loads its plan
+        for _ in range(4):
+            await asyncio.sleep(0.05)
+            await ctrl._stats_once()
+            assert ctrl.desired == 2, ctrl.load.utilization
+        b.store.load(plan["experts"])
+        await ctrl.ready("b")
+        for _ in range(3):  # b's baseline read, then both measured idle: now it may
+            await asyncio.sleep(0.05)
+            await ctrl._stats_once()
+        assert ctrl.desired == 1, ctrl.load.utilization
+
+    _with_shards(model, "ab", scenario)

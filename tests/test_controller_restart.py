@@ -207,6 +207,8 @@ def test_an_operators_shard_count_outlives_a_controller_restart(model):
         assert again.scale.desired(again.desired, [0.0, 0.0, 0.0]) == 3  # idle shards: still the operator's 3
         assert await again.set_target_shards(None) == 3
         third = ControllerImpl(args)
+        third.scale.cooldown_s = 0.0
+        third.scale.started()  # its shards all live (a restarted controller's warm-up: 0 here)
         assert third.scale.override is None and third.scale.desired(third.desired, [0.0, 0.0, 0.0]) == 2
         for bad in (0, 4, 2.0, True):  # outside 1..3, or not a whole number: refused, not clamped
             with pytest.raises(ValueError, match=r"min_shards\.\.max_shards \(1\.\.3\)"):

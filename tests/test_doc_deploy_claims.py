@@ -36,6 +36,16 @@ def test_serve_configs_ask_for_the_gpus_the_doc_names():
     assert qwen["model"] == "Qwen/Qwen3-30B-A3B" and deepseek["model"].startswith("deepseek-ai/DeepSeek-V2-Lite")
 
 
+def test_the_scale_in_warm_up_and_cool_down_are_the_controllers():
+    """The 30 s DEPLOY.md names are ScaleDecider's cool-down, which is also its warm-up after the start
+    (tests/test_controller_loads.py::test_no_scale_in_before_the_cluster_is_up_and_warmed_up)."""
+    from elasticmoe.autoscaler.policy import ScaleDecider
+
+    assert ("It removes none before every shard it started with is up and 30 s more have passed (a just-deployed "
+            "cluster is idle: no request has come yet), nor in the 30 s after any change of the count.") in _doc()
+    assert ScaleDecider(1, 2, 0.5).cooldown_s == 30.0
+
+
 def _node(cluster: dict, name: str) -> tuple[str, int | None, int | None, dict]:
     t = cluster["available_node_types"][name]
     config = t["node_config"]

@@ -53,7 +53,9 @@ class LoadTracker:
 
 @dataclass
 class ScaleDecider:
-    """Shard count from utilization with hysteresis and a cool-down; an operator override wins."""
+    """Shard count from utilization with hysteresis and a cool-down; an operator override wins. No scale in before
+    the cluster is up (`started`) and has run for a cool-down (its warm-up): before any request, every shard is
+    idle. Scaling out is never held by it."""
 
     min_shards: int
     max_shards: int
@@ -61,6 +63,12 @@ class ScaleDecider:
     cooldown_s: float = 30.0
     override: int | None = None
     _last_change: float = field(default=-math.inf)  # monotonic time of the last change: none yet
+    _scale_in_from: float = field(default=math.inf)  # monotonic time from which a scale in may be asked for
+
+    def started(self) -> None:
+        """Every position of the placement is live: the warm-up starts (the first call only)."""
+        if self._scale_in_from == math.inf:
+            self._scale_in_from = time.monotonic() + self.cooldown_s
 
     def desired(self, current: int, utilization: list[float]) -> int:
         lo, hi = self.min_shards, self.max_shards
@@ -76,7 +84,8 @@ class ScaleDecider:
         if work / len(utilization) > self.target_utilization:  # at the target (shards still starting add none)
             want = max(current, math.ceil(work / self.target_utilization - 1e-9))  # 4.2 / 0.6 is 7.000000000000001
         elif work / current < self.target_utilization / 2 and current > lo:  # spread over the shards asked for
-            want = current - 1
+            if time.monotonic() >= self._scale_in_from:  # else starting or warming up: idle says nothing yet
+                want = current - 1
         want = max(lo, min(hi, want))
         if want != current:
             self._last_change = time.monotonic()
