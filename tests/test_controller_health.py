@@ -230,3 +230,30 @@ def test_a_shard_lost_while_loading_leaves_no_expert_without_a_copy(model):
         assert ctrl.registry.placement.num_shards == 1 and ctrl.registry.staffed()
 
     _with_shards(model, "ab", scenario)
+
+
+def test_a_shard_found_dead_stays_out_of_a_restarted_controllers_table(model):
+    """The health check found b dead and re-homing its experts failed: b is out of the table, which is incomplete
+    (new requests wait). The record kept no health, so a restarted controller's tables routed b's experts to b again
+    and called them complete until its recovery had checked every shard. b stays out until a probe finds it
+    answering (the health loop revives it)."""
+    import asyncio
+
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a, b)
+        _health_fails_for(ctrl, {"b"})
+        a.servicer.faults.fail_loads = 1  # re-homing b's experts onto a fails
+        await ctrl._health_once()
+        assert not ctrl.registry.shards["b"].healthy and not (await ctrl.table())["complete"]
+        ctrl2 = ControllerImpl(_args(model))
+        ctrl2._lock = asyncio.Lock()  # started without its loops: the rounds below are the only ones
+        assert ctrl2.recovering
+        table = await ctrl2.table()  # before its recovery
+        assert [x["id"] for x in table["shards"]] == ["a"] and not table["complete"]
+        await ctrl2._recover()
+        await ctrl2._health_once()  # b answers this controller's probes: revived
+        table = await ctrl2.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b"]
+        assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b))
+
+    _with_shards(model, "ab", scenario)

@@ -171,13 +171,15 @@ class Registry:
     # ----- persistence (the controller's record in Ray's GCS)
     def record(self) -> dict:
         return {"version": self.version, "placement": self.placement.to_dict(),
-                "shards": [{"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready}
-                           for s in self.shards.values()]}
+                "shards": [{"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
+                            "healthy": s.healthy} for s in self.shards.values()]}
 
     @classmethod
     def restore(cls, record: dict, moe_layers: list[int]) -> "Registry":
-        """A registry from `record()`: same placement and shards, a version above the recorded one."""
+        """A registry from `record()`: same placement and shards, a version above the recorded one. A shard found
+        dead stays out of the table (a record without health: all healthy) until a probe finds it answering."""
         reg = cls(Placement.from_dict(record["placement"]), moe_layers, int(record["version"]) + 1)
         for s in record["shards"]:
-            reg.shards[s["id"]] = ShardInfo(s["id"], s["address"], int(s["position"]), bool(s["ready"]))
+            reg.shards[s["id"]] = ShardInfo(s["id"], s["address"], int(s["position"]), bool(s["ready"]),
+                                            bool(s.get("healthy", True)))
         return reg
