@@ -133,3 +133,31 @@ def test_gateways_gone_quiet_are_forgotten(model, monkeypatch):
         assert set(ctrl.acks) == {"g4"}
 
     _with_shards(model, "ab", scenario)
+
+
+def test_drops_ask_every_shard_at_once(model, monkeypatch):
+    """Drops (after the acks, or a failed load's rollback) run under the controller's lock and asked one shard after
+    another: each shard that took the call but never answered (paused, its node going) held the lock, and with it
+    every re-home, ready() and drain, for a deadline more. They are asked at once: one deadline in all."""
+    import socket
+    import time
+
+    monkeypatch.setattr(moves, "DROP_TIMEOUT_S", 1.0)
+    holes = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]  # listening, never accepting: no answer
+
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a, b)
+        pair = sorted(a.held())[0]
+        drops = {f"127.0.0.1:{h.getsockname()[1]}": [pair] for h in holes}
+        t0 = time.monotonic()
+        async with ctrl._lock:
+            await ctrl._drop_now({**drops, a.address: [pair]})
+        took = time.monotonic() - t0
+        assert took < 2.5, f"the drops took {took:.1f} s"
+        assert pair not in a.held()
+
+    try:
+        _with_shards(model, "ab", scenario)
+    finally:
+        for hole in holes:
+            hole.close()

@@ -19,6 +19,7 @@ log = logging.getLogger("elasticmoe.controller")
 ACK_TIMEOUT_S = 30.0  # old copies are dropped after this even if a gateway never acknowledged
 DROP_GRACE_S = 0.5  # after the acks: steps that started on the old table finish
 GATEWAY_TTL_S = 10.0  # a gateway that has not polled for this long is not waited for
+DROP_TIMEOUT_S = 30.0  # a DropExperts call's deadline
 
 
 class LoadFailed(RuntimeError):
@@ -144,14 +145,17 @@ class Mover:
         return int(sum(results))
 
     async def _drop_now(self, drops: dict[str, list[tuple[int, int]]]) -> None:
-        for address, pairs in drops.items():
-            if not pairs:
-                continue
-            try:
-                await self._stub(address).DropExperts(
-                    pb.DropExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs]), timeout=30)
-            except grpc.RpcError as e:
-                log.warning("drop on %s failed: %s", address, e.code())
+        """Drop on every shard at once (under the lock: a shard that does not answer costs one deadline, not one
+        for each shard after it); a failed drop is logged."""
+        await asyncio.gather(*(self._drop_on(a, pairs) for a, pairs in drops.items() if pairs))
+
+    async def _drop_on(self, address: str, pairs: list[tuple[int, int]]) -> None:
+        try:
+            await self._stub(address).DropExperts(
+                pb.DropExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs]),
+                timeout=DROP_TIMEOUT_S)
+        except grpc.RpcError as e:
+            log.warning("drop on %s failed: %s", address, e.code())
 
     # ----- one change, make-before-break
     async def _apply(self, change: Change, reason: str, kind: str = "rebalance") -> None:
