@@ -161,3 +161,34 @@ def test_drops_ask_every_shard_at_once(model, monkeypatch):
     finally:
         for hole in holes:
             hole.close()
+
+
+def test_a_restarted_controller_checks_every_shard_at_once(model):
+    """Recovery (holding the lock: no re-home, no growth meanwhile) asked the recorded shards one after another:
+    each that took the call but never answered (its node gone with the old controller's) cost a GetStats timeout
+    (2 s) more. They are asked at once."""
+    import socket
+    import time
+
+    holes = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]  # listening, never accepting: no answer
+
+    async def scenario(files, a):
+        ctrl = await _quiet(model, a, num_shards=4)
+        for i, hole in enumerate(holes):
+            await ctrl.register(f"hole{i}", f"127.0.0.1:{hole.getsockname()[1]}")
+            ctrl.registry.mark_ready(f"hole{i}")  # as if loaded and published
+        ctrl._publish()
+        ctrl2 = ControllerImpl(_args(model, num_shards=4))
+        ctrl2._lock = asyncio.Lock()  # started without its loops: the recovery below is the only round
+        assert ctrl2.recovering
+        t0 = time.monotonic()
+        await ctrl2._recover()
+        took = time.monotonic() - t0
+        assert took < 4.0, f"the recovery took {took:.1f} s"
+        assert [s.healthy for s in ctrl2.registry.shards.values()] == [True, False, False, False]
+
+    try:
+        _with_shards(model, "a", scenario)
+    finally:
+        for hole in holes:
+            hole.close()

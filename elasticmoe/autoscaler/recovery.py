@@ -60,21 +60,27 @@ class Recovery:
         self.registry = Registry(even, self.moe_layers, version=_recorded_version(rec) + 1)
 
     async def _reconcile(self, drops: dict[str, list[tuple[int, int]]]) -> None:
-        """(Holding the lock.) Each registered shard: reload what its position lost; what it holds beyond that goes
-        to `drops`; one that does not answer (or cannot load) is marked unhealthy for the health loop."""
-        for info in list(self.registry.shards.values()):
-            held = await self._held(info.address, info.shard_id)
-            if held is None:
-                info.healthy = False  # the health loop re-homes it (or a new replica takes its position)
-                continue
-            want = set(self.registry.assignment(info.position)) if info.ready else set()
-            try:
-                await self._load_many({info.address: sorted(want - held)})
-            except Exception:  # noqa: BLE001
-                info.healthy = False
-                continue
-            if info.ready and held - want:
-                drops[info.shard_id] = [(self.layer_index[l], e) for l, e in sorted(held - want)]
+        """(Holding the lock.) Every registered shard at once (one that does not answer costs one timeout, not one
+        for each shard after it): reload what its position lost; what it holds beyond that goes to `drops`; one
+        that does not answer (or cannot load) is marked unhealthy for the health loop."""
+        infos = list(self.registry.shards.values())
+        for error in await asyncio.gather(*(self._reconcile_one(i, drops) for i in infos), return_exceptions=True):
+            if isinstance(error, BaseException):  # a bug: raised once every shard's reconciling has ended
+                raise error
+
+    async def _reconcile_one(self, info, drops: dict[str, list[tuple[int, int]]]) -> None:
+        held = await self._held(info.address, info.shard_id)
+        if held is None:
+            info.healthy = False  # the health loop re-homes it (or a new replica takes its position)
+            return
+        want = set(self.registry.assignment(info.position)) if info.ready else set()
+        try:
+            await self._load_many({info.address: sorted(want - held)})
+        except Exception:  # noqa: BLE001
+            info.healthy = False
+            return
+        if info.ready and held - want:
+            drops[info.shard_id] = [(self.layer_index[l], e) for l, e in sorted(held - want)]
 
     async def _recover(self) -> None:
         """After a restart: the shards are the truth. Keep what they hold, reload what they lost, lose the dead.
