@@ -142,7 +142,7 @@ def test_drops_ask_every_shard_at_once(model, monkeypatch):
     import socket
     import time
 
-    monkeypatch.setattr(moves, "DROP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(moves, "DROP_TIMEOUT_S", 2.0)  # in turn: 6 s; at once: 2 s
     holes = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]  # listening, never accepting: no answer
 
     async def scenario(files, a, b):
@@ -153,7 +153,7 @@ def test_drops_ask_every_shard_at_once(model, monkeypatch):
         async with ctrl._lock:
             await ctrl._drop_now({**drops, a.address: [pair]})
         took = time.monotonic() - t0
-        assert took < 2.5, f"the drops took {took:.1f} s"
+        assert took < 4.5, f"the drops took {took:.1f} s"  # margin for a busy CI machine
         assert pair not in a.held()
 
     try:
