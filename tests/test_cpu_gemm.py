@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +148,56 @@ def test_cc_with_arguments_builds_the_kernel(tmp_path):
     code = "from elasticmoe.kernels import cpu_gemm; print(cpu_gemm.available())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@needs_kernel
+def test_seg_gemm_names_each_bad_operand():
+    """The C code trusts x [M, K], w [E, N, K] and out [M, N] through raw pointers; they were checked by asserts
+    (a bare AssertionError, and nothing at all under python -O). Now a ValueError naming the operand."""
+    x, w, out = torch.randn(4, 24), torch.randn(2, 10, 24), torch.zeros(4, 10)
+    starts, counts = torch.tensor([0, 2]), torch.tensor([2, 2])
+    bad = {
+        "x must be a contiguous 2-D CPU tensor of torch.float32, got torch.float64": dict(x=x.double()),
+        "x must be a contiguous 2-D CPU tensor": dict(x=torch.randn(24, 4).t()),
+        "w must be a contiguous 3-D CPU tensor": dict(w=w[0]),
+        "w must be a contiguous 3-D": dict(w=torch.randn(2, 24, 10).transpose(1, 2)),
+        "x (4, 24) and w (2, 10, 32) disagree on K": dict(w=torch.randn(2, 10, 32)),
+        "out (4, 9) must be [M, N] = (4, 10)": dict(out=torch.zeros(4, 9)),
+        "out must be a contiguous 2-D CPU tensor of torch.float32, got torch.bfloat16": dict(
+            out=torch.zeros(4, 10, dtype=torch.bfloat16)),
+        "x must be a contiguous 2-D CPU tensor of torch.float32, got torch.float32 (4, 24) on meta": dict(
+            x=torch.empty(4, 24, device="meta")),  # a device pointer handed to C
+    }
+    for fragment, change in bad.items():
+        args = {"x": x, "w": w, "out": out, **change}
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            cpu_gemm.seg_gemm(args["x"], args["w"], starts, counts, args["out"])
+    with pytest.raises(ValueError, match=re.escape("linear: x (4, 24) and w (10, 32) must be [M, K] and [N, K]")):
+        cpu_gemm.linear(x, torch.randn(10, 32))
+
+
+OPTIMIZED_CHECK = """
+import torch
+from elasticmoe.kernels import cpu_gemm
+x, w = torch.randn(2, 16), torch.randn(8, 64)
+try:
+    cpu_gemm.maybe_linear(x, w)
+    print("maybe_linear: no error")
+except RuntimeError as exc:
+    print("maybe_linear:", "cannot be multiplied" in str(exc))
+try:
+    cpu_gemm.seg_gemm(x, w[None], torch.tensor([0]), torch.tensor([2]), torch.empty(2, 8))
+    print("seg_gemm: no error")
+except ValueError as exc:
+    print("seg_gemm:", "disagree on K" in str(exc))
+"""
+
+
+@needs_kernel
+def test_operand_checks_hold_under_python_O():
+    """Under python -O the asserts were gone: maybe_linear(x [2, 16], w [8, 64]) read 48 floats past each row of x
+    and returned garbage, seg_gemm likewise. Now F.linear's shape error, and seg_gemm's ValueError."""
+    proc = subprocess.run([sys.executable, "-O", "-c", OPTIMIZED_CHECK], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["maybe_linear: True", "seg_gemm: True"], proc.stdout

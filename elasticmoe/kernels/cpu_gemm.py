@@ -133,10 +133,10 @@ def seg_gemm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, counts: tor
     order: a row's result depends on that row and w[e] only (not on c, E or the thread count). Returns out.
     """
     lib = _load()
-    assert lib is not None and x.is_contiguous() and out.is_contiguous() and w.is_contiguous()
-    assert x.dtype == out.dtype == torch.float32 and w.dtype in _SYMBOLS
+    if lib is None:
+        raise RuntimeError("seg_gemm: the skinny C kernel is not available here (see cpu_gemm.available())")
+    _check_operands(x, w, out)
     num_experts, n, k = w.shape
-    assert x.shape[1] == k and out.shape == (x.shape[0], n)
     for name, t in (("starts", starts), ("counts", counts)):  # the C code reads E int64 of each, raw
         if t.dtype != torch.int64 or t.device.type != "cpu" or t.shape != (num_experts,) or not t.is_contiguous():
             raise ValueError(f"seg_gemm: {name} must be a contiguous int64 CPU tensor [{num_experts}] (one entry per "
@@ -152,8 +152,31 @@ def seg_gemm(x: torch.Tensor, w: torch.Tensor, starts: torch.Tensor, counts: tor
     return out
 
 
+def _check_operands(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """Raise ValueError naming the operand unless x [M, K] fp32, w [E, N, K] (fp32/bf16/fp16), out [M, N] fp32 are
+    contiguous CPU tensors: the C code trusts these sizes and reads and writes through raw pointers (these were
+    asserts, gone under python -O, where a K mismatch read past w)."""
+    if (x.is_cpu and w.is_cpu and out.is_cpu and x.dim() == out.dim() == 2 and w.dim() == 3
+            and x.dtype == out.dtype == torch.float32 and w.dtype in _SYMBOLS and x.shape[1] == w.shape[2]
+            and out.shape == (x.shape[0], w.shape[1]) and x.is_contiguous() and w.is_contiguous()
+            and out.is_contiguous()):
+        return  # the hot path: one expression, messages only when something is off
+    need = {"x": (x, 2, (torch.float32,)), "w": (w, 3, tuple(_SYMBOLS)), "out": (out, 2, (torch.float32,))}
+    for name, (t, dims, dtypes) in need.items():
+        if t.device.type != "cpu" or t.dim() != dims or t.dtype not in dtypes or not t.is_contiguous():
+            raise ValueError(f"seg_gemm: {name} must be a contiguous {dims}-D CPU tensor of "
+                             f"{' / '.join(str(d) for d in dtypes)}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+                             f"{'' if t.is_contiguous() else ', not contiguous'}")
+    if x.shape[1] != w.shape[2]:
+        raise ValueError(f"seg_gemm: x {tuple(x.shape)} and w {tuple(w.shape)} disagree on K (x [M, K], w [E, N, K])")
+    if tuple(out.shape) != (x.shape[0], w.shape[1]):
+        raise ValueError(f"seg_gemm: out {tuple(out.shape)} must be [M, N] = {(x.shape[0], w.shape[1])}")
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ w[N, K].T -> [M, N] fp32 with the skinny kernel (M small, CPU, w fp32/bf16/fp16)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear: x {tuple(x.shape)} and w {tuple(w.shape)} must be [M, K] and [N, K]")
     x = x.float().contiguous()  # [M, K]
     start, count = _one_segment(x.shape[0])
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)  # [M, N]
@@ -171,6 +194,7 @@ def maybe_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     M <= MAX_ROWS, and for bf16/fp16 at any M (oneDNN's bf16/fp16 GEMMs on AVX2 are 1.3-6x slower at M = 1-64,
     H = 2048): fp32 sums and bias, one rounding to x's dtype, and each row's bits independent of the others."""
     rows_ok = x.dim() == 2 and 0 < x.shape[0] and (x.shape[0] <= MAX_ROWS or x.dtype != torch.float32)
+    rows_ok = rows_ok and w.dim() == 2 and x.shape[1] == w.shape[1]  # else F.linear (and its error)
     if rows_ok and usable(x, w):
         out = linear(x, w)  # [M, N] fp32
         if bias is not None:
