@@ -77,18 +77,35 @@ def load_table(path: str) -> dict[int, dict] | None:
     file = Path(path)
     if not file.is_file():
         return None
-    raw = json.loads(file.read_text())
-    table = {int(key): _validated(cfg, file) for key, cfg in raw.items() if not key.startswith("_")}
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not a JSON tile table ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected an object {{\"<tokens>\": {{BLOCK_M: ..}}}}, got {type(raw).__name__}")
+    table = {_token_key(key, file): _validated(cfg, file) for key, cfg in raw.items() if not key.startswith("_")}
     return table or None
+
+
+def _token_key(key: str, file: Path) -> int:
+    """A table key: a token count, digits only (a key "_..." is a comment)."""
+    if not (key.isascii() and key.isdigit()):
+        raise ValueError(f"{file}: key {key!r} is not a token count (digits only)")
+    return int(key)
 
 
 def _validated(cfg: dict, file: Path) -> dict:
     """The entry's CONFIG_KEYS as ints; ValueError naming the file and key unless a GPU can compile the tiles:
     BLOCK_* powers of two >= 16 (tl.arange, tl.dot), num_warps a power of two, GROUP_M and num_stages >= 1."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: config {cfg!r} is not an object of {list(CONFIG_KEYS)}")
     missing = [key for key in CONFIG_KEYS if key not in cfg]
     if missing:
         raise ValueError(f"{file}: config {cfg} lacks {missing}")
-    out = {key: int(cfg[key]) for key in CONFIG_KEYS}
+    wrong = [key for key in CONFIG_KEYS if isinstance(cfg[key], bool) or not isinstance(cfg[key], int)]
+    if wrong:
+        raise ValueError(f"{file}: config {cfg}: {wrong} must be integers")
+    out = {key: cfg[key] for key in CONFIG_KEYS}
     for key, val in out.items():
         tile = key.startswith("BLOCK_")
         if (tile or key == "num_warps") and not (_is_pow2(val) and val >= (16 if tile else 1)) or val < 1:
@@ -193,7 +210,7 @@ def get_config(num_experts: int, inter: int, hidden: int, dtype: torch.dtype, nu
             "shape-aware default tiles (run benchmarks/tune_moe.py on this GPU to create one)",
             stacklevel=4,  # the caller of fused_moe
         )
-    cfg = nearest(table, num_tokens) if table else default_tiles(num_tokens * top_k / num_experts)
+    cfg = nearest(table, num_tokens) if table else default_tiles(num_tokens * top_k / max(num_experts, 1))
     return finalize(cfg, inter, hidden, dtype, smem_limit(str(device)), quant)
 
 
