@@ -170,8 +170,8 @@ def test_input_checks_name_each_bad_argument():
         "w13 must have a unit last stride": (x, w13.transpose(1, 2).contiguous().transpose(1, 2), w2, ids, weights),
         "w2 must have a unit last stride": (x, w13, w2.transpose(1, 2).contiguous().transpose(1, 2), ids, weights),
         "hidden must have a unit last stride": (x.t().contiguous().t(), w13, w2, ids, weights),
-        "weight shapes": (x, w13, w2.transpose(1, 2), ids, weights),
-        "must both be": (x, w13, w2, ids[:, :1], weights),
+        "w2 (5, 24, 40) does not match w13": (x, w13, w2.transpose(1, 2), ids, weights),
+        "topk_weights (3, 2) must have topk_ids' shape (3, 1)": (x, w13, w2, ids[:, :1], weights),
     }
     for fragment, args in bad.items():
         with pytest.raises(ValueError, match=re.escape(fragment)):

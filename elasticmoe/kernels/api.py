@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .checks import check_moe_inputs
 from .fp8 import check_fp8_weights, dequantize_block_fp8, dequantize_w13, is_fp8, triton_runs_fp8
 from .torch_moe import fused_moe_torch
 
@@ -35,57 +36,6 @@ def resolve_backend(backend: str, device: torch.device, fp8: bool = False) -> st
     if chosen is not None:
         return chosen
     return "triton" if device.type == "cuda" and (not fp8 or triton_runs_fp8(device)) else "torch"
-
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ID_DTYPES = (torch.int32, torch.int64)
-
-
-def check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale=None, w2_scale=None,
-                     block_shape=None, split_scales=None) -> dict | None:
-    """Raise ValueError naming the bad argument unless hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k].
-
-    Also: w13 and w2 share one float dtype, hidden and topk_weights are floats, topk_ids int32/int64,
-    all five tensors sit on one device and hidden, w13, w2 have a unit last stride. Block-FP8 weights
-    (float8_e4m3fn w13 and w2 with w13_scale / w2_scale, see fp8.py) are checked too, and described in the
-    dict returned (fp8.check_fp8_weights); None for float weights, which must come without scales.
-    """
-    if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"expected hidden 2-D and weights 3-D, got {hidden.shape}, {w13.shape}, {w2.shape}")
-    num_tokens, hidden_size = hidden.shape
-    num_experts, two_i, h13 = w13.shape
-    if two_i % 2 or h13 != hidden_size or tuple(w2.shape) != (num_experts, hidden_size, two_i // 2):
-        raise ValueError(
-            f"weight shapes w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not match "
-            f"w13 [E, 2I, {hidden_size}], w2 [E, {hidden_size}, I]"
-        )
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
-                         f"must both be [{num_tokens}, k]")
-    if topk_ids.dtype not in ID_DTYPES:
-        raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    quantized = is_fp8(w13) or is_fp8(w2)
-    given = (w13_scale, w2_scale, block_shape, split_scales)
-    if not quantized and any(arg is not None for arg in given):
-        raise ValueError(f"w13_scale / w2_scale / block_shape / split_scales are for float8_e4m3fn weights, "
-                         f"got {w13.dtype}")
-    fp8 = check_fp8_weights(w13, w2, *given) if quantized else None
-    floats = (("hidden", hidden), ("topk_weights", topk_weights)) + (() if quantized else (("w13", w13), ("w2", w2)))
-    for name, t in floats:
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if w13.dtype != w2.dtype:
-        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must share one dtype")
-    tensors = {"hidden": hidden, "w13": w13, "w2": w2, "topk_ids": topk_ids, "topk_weights": topk_weights}
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all MoE inputs must be on one device, got {devices}")
-    for name in ("hidden", "w13", "w2"):
-        t = tensors[name]
-        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a unit last stride (got strides {t.stride()}); "
-                             "pass .contiguous()")
-    return fp8
 
 
 def fused_moe(
@@ -123,12 +73,12 @@ def fused_moe(
         if fp8 is not None:  # dequantize to hidden's dtype, then the usual path
             w13 = dequantize_w13(w13, w13_scale, fp8["block_shape"], hidden.dtype, fp8["split"])  # [E, 2I, H]
             w2 = dequantize_block_fp8(w2, w2_scale, fp8["block_shape"], hidden.dtype)  # [E, H, I]
-        return fused_moe_torch(hidden, w13, w2, topk_ids, topk_weights, out_dtype=out_dtype)
+        return fused_moe_torch(hidden, w13, w2, topk_ids, topk_weights, out_dtype=out_dtype, checked=True)
     from .triton_moe import fused_moe_triton  # lazy: importing triton must wait for TRITON_INTERPRET
 
     if fp8 is not None:
         fp8["act_quant"] = act_quant
-    out = fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights, fp8=fp8)  # [T, H] hidden's dtype
+    out = fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights, fp8=fp8, checked=True)  # [T, H] hidden's dtype
     return out if out_dtype is None else out.to(out_dtype)
 
 

@@ -23,6 +23,7 @@ import torch
 import triton
 
 from .align import max_num_blocks
+from .checks import check_moe_inputs
 from .triton_align import align_block_size_triton
 from .triton_gemm import down_kernel, gate_up_kernel, topk_sum_kernel
 from .tuning import candidate_configs, check_quant_tiles, get_config
@@ -81,17 +82,25 @@ def fused_moe_triton(
     config: dict | None = None,
     chunk_tokens: int | None = None,
     fp8: dict | None = None,
+    checked: bool = False,
 ) -> torch.Tensor:
     """Triton MoE forward. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H].
 
     config: tile dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); default: tuning.get_config.
     chunk_tokens: tokens per pipeline pass (default $ELASTICMOE_MOE_CHUNK_TOKENS or 4096).
-    fp8: block-FP8 weights' {w13_scale, w2_scale, block_shape (bn, bk), split, act_quant} (api.py checks it;
-    split: w13_scale's gate/up layout, default from its shape).
-    Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    fp8: block-FP8 weights' {w13_scale, w2_scale, block_shape (bn, bk), split, act_quant} (split: w13_scale's
+    gate/up layout, default from its shape). checked: the caller ran checks.check_moe_inputs (fused_moe does,
+    and passes its fp8 dict); else the inputs are checked here, before any launch reads them.
+    Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, where bfloat16 is refused: Triton 3.9's
+    interpreter computes it wrongly (bf16 runs on a GPU only; the torch backend runs it on CPU).
     """
     if hidden.device.type != "cuda" and not _interpreting():
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
+    if not checked:
+        fp8 = _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8)
+    if _interpreting() and torch.bfloat16 in (hidden.dtype, w13.dtype):
+        raise ValueError("bfloat16 MoE inputs under TRITON_INTERPRET=1: the interpreter computes bf16 wrongly; "
+                         "bf16 runs on a CUDA GPU only (on CPU use the torch backend, or float16 / float32)")
     num_tokens, hidden_size = hidden.shape
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     if num_tokens == 0 or top_k == 0 or num_experts == 0:  # E = 0: every id skipped (tiles divide by E)
@@ -113,6 +122,14 @@ def fused_moe_triton(
             _forward_chunk(x[start:stop], w13, w2, ids[start:stop], weights[start:stop], launch,
                            act, pair_out, out[start:stop], scales)
     return out
+
+
+def _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8: dict | None) -> dict | None:
+    """check_moe_inputs for a direct call; returns the checked fp8 dict (None for float weights)."""
+    fp8 = fp8 or {}
+    checked = check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, fp8.get("w13_scale"), fp8.get("w2_scale"),
+                               fp8.get("block_shape"), fp8.get("split"))
+    return None if checked is None else dict(checked, act_quant=bool(fp8.get("act_quant", False)))
 
 
 NO_SCALES = ((None, 0, 0, 0, 0), (None, 0, 0, 0))

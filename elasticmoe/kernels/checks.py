@@ -1,0 +1,69 @@
+"""Input checks of the fused-MoE entry points (fused_moe, fused_moe_torch, fused_moe_triton), naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+from .fp8 import check_fp8_weights, is_fp8
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _shapes(hidden, w13, w2, topk_ids, topk_weights) -> None:
+    """Raise ValueError naming the argument unless hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k]."""
+    for name, t, dims, layout in (("hidden", hidden, 2, "[T, H]"), ("w13", w13, 3, "[E, 2I, H]"),
+                                  ("w2", w2, 3, "[E, H, I]"), ("topk_ids", topk_ids, 2, "[T, k]")):
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_i, h13 = w13.shape
+    if two_i % 2:
+        raise ValueError(f"w13 {tuple(w13.shape)} must be [E, 2I, H] (gate rows, then up rows): dim 1 is odd")
+    if h13 != hidden_size:
+        raise ValueError(f"w13 {tuple(w13.shape)} does not match hidden {tuple(hidden.shape)}: "
+                         f"expected w13 [E, 2I, {hidden_size}]")
+    if tuple(w2.shape) != (num_experts, hidden_size, two_i // 2):
+        raise ValueError(f"w2 {tuple(w2.shape)} does not match w13 {tuple(w13.shape)} and hidden: "
+                         f"expected w2 [E, H, I] = {(num_experts, hidden_size, two_i // 2)}")
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} must be [T, k] with T = {num_tokens} (hidden's rows)")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must have topk_ids' shape "
+                         f"{tuple(topk_ids.shape)}")
+
+
+def check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale=None, w2_scale=None,
+                     block_shape=None, split_scales=None) -> dict | None:
+    """Raise ValueError naming the bad argument unless hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k].
+
+    Also: w13 and w2 share one float dtype, hidden and topk_weights are floats, topk_ids int32/int64,
+    all five tensors sit on one device and hidden, w13, w2 have a unit last stride. Block-FP8 weights
+    (float8_e4m3fn w13 and w2 with w13_scale / w2_scale, see fp8.py) are checked too, and described in the
+    dict returned (fp8.check_fp8_weights); None for float weights, which must come without scales.
+    """
+    _shapes(hidden, w13, w2, topk_ids, topk_weights)
+    if topk_ids.dtype not in ID_DTYPES:
+        raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    quantized = is_fp8(w13) or is_fp8(w2)
+    given = (w13_scale, w2_scale, block_shape, split_scales)
+    if not quantized and any(arg is not None for arg in given):
+        raise ValueError(f"w13_scale / w2_scale / block_shape / split_scales are for float8_e4m3fn weights, "
+                         f"got {w13.dtype}")
+    fp8 = check_fp8_weights(w13, w2, *given) if quantized else None
+    floats = (("hidden", hidden), ("topk_weights", topk_weights)) + (() if quantized else (("w13", w13), ("w2", w2)))
+    for name, t in floats:
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if w13.dtype != w2.dtype:
+        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must share one dtype")
+    tensors = {"hidden": hidden, "w13": w13, "w2": w2, "topk_ids": topk_ids, "topk_weights": topk_weights}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all MoE inputs must be on one device, got {devices}")
+    for name in ("hidden", "w13", "w2"):
+        t = tensors[name]
+        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit last stride (got strides {t.stride()}); "
+                             "pass .contiguous()")
+    return fp8

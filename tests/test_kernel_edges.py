@@ -1,0 +1,113 @@
+"""MoE kernels at a deployment's edges, in-process: the torch path (every strategy, with and without the skinny C
+kernel) and the entry points' input checks. The Triton twins of these cases: tests/test_triton_edges.py;
+cpu_gemm's operand checks: tests/test_cpu_gemm.py; the tuning table's lookup: tests/test_tuning_edges.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from elasticmoe.kernels import cpu_gemm, fused_moe, fused_moe_reference, torch_moe
+from elasticmoe.kernels.fp8 import fused_moe_fp8_reference, quantize_block_fp8
+from tests.moe_cases import TOL_FP16, TOL_FP32, make_inputs, rel_err
+
+
+def _dup_zero(tokens=7, experts=4, dtype=torch.float32, **kw):
+    x, w13, w2, ids, weights = make_inputs(tokens, experts, 3, dtype=dtype, **kw)
+    ids[:, 1] = ids[:, 0]  # one expert twice in each token's top-k
+    ids[2] = experts - 1  # three times
+    weights[1] = 0.0  # a token whose weights are all zero
+    weights[3, 0] = 0.0
+    return x, w13, w2, ids, weights
+
+
+def _out_of_range():
+    x, w13, w2, ids, weights = make_inputs(6, 3, 2)
+    ids[0, 0], ids[1, 1], ids[2, 0], ids[3] = 3, -7, 2**40, -1  # E, below -1, far past int32, all routed away
+    return x, w13, w2, ids, weights
+
+
+def _one_expert_twice():
+    x, w13, w2, _, weights = make_inputs(5, 1, 1)
+    ids = torch.zeros(5, 2, dtype=torch.int64)  # a shard holding one expert, named twice by each token
+    ids[1, 1] = -1
+    return x, w13, w2, ids, torch.rand(5, 2)
+
+
+def _strided():
+    x, w13, w2, ids, weights = make_inputs(8, 4, 2, "skip")
+    wide = lambda t: torch.cat([t, t], -1)[..., : t.shape[-1]]  # noqa: E731  unit last stride, wider rows
+    return wide(x), wide(w13), wide(w2), torch.cat([ids, ids], 1)[:, ::2], weights.t().contiguous().t()
+
+
+EDGE_CASES = {  # name -> (inputs, tolerance)
+    "T0": (lambda: make_inputs(0, 3, 2), TOL_FP32),
+    "T1-k4-of-E4": (lambda: make_inputs(1, 4, 4), TOL_FP32),
+    "T3-k4-of-E4-fp16": (lambda: make_inputs(3, 4, 4, dtype=torch.float16), TOL_FP16),
+    "k0": (lambda: make_inputs(3, 4, 0), TOL_FP32),
+    "one-expert-shard": (lambda: make_inputs(6, 1, 1, "skip"), TOL_FP32),
+    "one-expert-k2-same-id": (_one_expert_twice, TOL_FP32),
+    "no-experts-held": (lambda: (lambda x, a, b, i, w: (x, a[:0], b[:0], i * 0 - 1, w))(*make_inputs(4, 3, 2)),
+                        TOL_FP32),
+    "duplicate-ids-zero-weights": (_dup_zero, TOL_FP32),
+    "duplicate-ids-fp16": (lambda: _dup_zero(dtype=torch.float16), TOL_FP16),
+    "ids-out-of-range": (_out_of_range, TOL_FP32),
+    "H136-I200": (lambda: make_inputs(5, 3, 2, "skip", hidden=136, inter=200), TOL_FP32),
+    "H200-I136-fp16": (lambda: make_inputs(5, 3, 2, "skip", torch.float16, hidden=200, inter=136), TOL_FP16),
+    "H2880-I1408-T1": (lambda: make_inputs(1, 1, 1, hidden=2880, inter=1408), TOL_FP32),
+    "non-contiguous": (_strided, TOL_FP32),
+}
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["C-kernel", "torch-only"])
+@pytest.mark.parametrize("strategy", torch_moe.STRATEGIES)
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_torch_path_edges(case, strategy, kernel, monkeypatch):
+    """Every strategy against the float64 loop. "bmm" indexed w13[0] for E = 0 (IndexError) when called directly."""
+    if not kernel:
+        monkeypatch.setattr(cpu_gemm, "_lib", False)
+    build, tol = EDGE_CASES[case]
+    x, w13, w2, ids, weights = build()
+    out = torch_moe.fused_moe_torch(x, w13, w2, ids, weights, strategy=strategy)
+    ref = fused_moe_reference(x, w13, w2, ids, weights)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert rel_err(out, ref) <= tol
+
+
+def test_fp8_torch_path_edges():
+    """Block-FP8 experts with H = 200, I = 136 (partial 128x128 scale blocks), duplicate ids, zero weights, T = 1."""
+    g = torch.Generator().manual_seed(5)
+    w13, w2 = torch.randn(4, 272, 200, generator=g) / 14, torch.randn(4, 200, 136, generator=g) / 12
+    (q13, s13), (q2, s2) = quantize_block_fp8(w13), quantize_block_fp8(w2)
+    x, _, _, ids, weights = _dup_zero(hidden=200, inter=136)
+    for rows in (slice(None), slice(0, 1)):
+        args = (x[rows], q13, q2, ids[rows], weights[rows])
+        out = fused_moe(*args, backend="torch", w13_scale=s13, w2_scale=s2)
+        assert rel_err(out, fused_moe_fp8_reference(*args, s13, s2)) <= 1e-5
+
+
+def test_direct_entry_points_check_inputs():
+    """fused_moe_torch called directly took a topk_weights [T, k + 1] beside topk_ids [T, k] and weighted pairs with
+    the wrong entries (p = t * k + j read off the wider rows); bad shapes failed deep in torch.mm. Each is now a
+    ValueError naming the argument, as fused_moe's."""
+    x, w13, w2, ids, weights = make_inputs(4, 3, 2)
+    wide = torch.rand(4, 3)
+    bad = {  # message fragment -> arguments
+        "topk_weights (4, 3) must have topk_ids' shape (4, 2)": (x, w13, w2, ids, wide),
+        "hidden must be 2-D [T, H], got shape (4, 40, 1)": (x[..., None], w13, w2, ids, weights),
+        "w13 must be 3-D [E, 2I, H]": (x, w13[0], w2, ids, weights),
+        "w2 must be 3-D [E, H, I]": (x, w13, w2[0], ids, weights),
+        "topk_ids must be 2-D [T, k]": (x, w13, w2, ids.reshape(-1), weights),
+        "w13 (3, 47, 40) must be [E, 2I, H] (gate rows, then up rows): dim 1 is odd": (x, w13[:, :47], w2, ids,
+                                                                                       weights),
+        "w2 (2, 40, 24) does not match w13 (3, 48, 40)": (x, w13, w2[:2], ids, weights),
+        "w13 (3, 48, 32) does not match hidden (4, 40)": (x, w13[..., :32], w2, ids, weights),
+        "topk_ids (3, 2) must be [T, k] with T = 4": (x, w13, w2, ids[:3], weights[:3]),
+    }
+    for fragment, args in bad.items():
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            torch_moe.fused_moe_torch(*args)
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            fused_moe(*args, backend="torch")

@@ -1,0 +1,225 @@
+"""Triton fused MoE and alignment at a deployment's edges, against the torch twin and the float64 loop.
+
+Under TRITON_INTERPRET=1 in a child process (tests/triton_child.py), on CUDA too where there is one: top_k = E,
+a one-expert shard, duplicate ids in a token's top-k, zero routing weights, ids outside [0, E), experts left
+empty, H / I off the tile sizes, non-contiguous inputs, chunking, T = 0 / 1, the direct entry
+point's input checks, and bf16 (GPU only: the interpreter computes it wrongly and is refused).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.moe_cases import SMALL_TILES, TOL_FP16, TOL_FP32, make_inputs, rel_err
+
+FP = {"float32": (torch.float32, TOL_FP32), "float16": (torch.float16, TOL_FP16)}
+
+
+def _edited(tokens, experts, top_k, dtype="float32", edit=None, **kw):
+    """make_inputs, then edit(x, w13, w2, ids, weights) -> the five tensors (None: unchanged)."""
+    inputs = make_inputs(tokens, experts, top_k, dtype=FP[dtype][0], **kw)
+    return edit(*inputs) if edit else inputs
+
+
+def _dup_zero(x, w13, w2, ids, weights):
+    ids[:, 1] = ids[:, 0]  # each token names one expert twice
+    ids[2] = 3  # and one token names it three times
+    weights[1] = 0.0  # a token routed with zero weights only
+    weights[3, 0] = 0.0
+    return x, w13, w2, ids, weights
+
+
+def _one_expert_twice(x, w13, w2, ids, weights):
+    ids = torch.zeros(weights.shape, dtype=torch.int64)  # [T, 2]: both slots on the shard's one expert
+    ids[1, 1] = -1
+    return x, w13, w2, ids, weights
+
+
+def _out_of_range(x, w13, w2, ids, weights):
+    ids[0, 0], ids[1, 1], ids[2, 0], ids[3] = 3, -7, 2**40, -1  # E, below -1, far past int32, a token routed away
+    return x, w13, w2, ids, weights
+
+
+def _ends_only(x, w13, w2, ids, weights):
+    return x, w13, w2, torch.where(ids % 2 == 0, 0, 7), weights  # experts 1..6 receive no token
+
+
+def _strided(x, w13, w2, ids, weights):
+    """Views with unit last strides only: hidden, w13, w2 cut from wider rows, ids / weights every other column."""
+    wide = lambda t: torch.cat([t, t], -1)[..., : t.shape[-1]]  # noqa: E731
+    return wide(x), wide(w13), wide(w2), torch.cat([ids, ids], 1)[:, ::2], torch.cat([weights, weights], 1)[:, ::2]
+
+
+def _every_other_expert(x, w13, w2, ids, weights):
+    return x, torch.cat([w13, w13])[::2], torch.cat([w2, w2])[::2], ids, weights  # expert stride 2 * E's
+
+
+def _half_weights(x, w13, w2, ids, weights):
+    return x, w13.half(), w2.half(), ids, weights  # fp32 activations, fp16 experts: fp32 out
+
+
+CASES = {  # name -> (inputs, fused_moe_triton options, tolerance)
+    "T1-k4-of-E4": (lambda: _edited(1, 4, 4), {}, TOL_FP32),
+    "T3-k4-of-E4-fp16": (lambda: _edited(3, 4, 4, "float16"), {}, TOL_FP16),
+    "one-expert-shard": (lambda: _edited(6, 1, 1, routing="skip"), {}, TOL_FP32),
+    "one-expert-k2-same-id": (lambda: _edited(5, 1, 2, edit=_one_expert_twice), {}, TOL_FP32),
+    "duplicate-ids-zero-weights": (lambda: _edited(7, 4, 3, edit=_dup_zero), {}, TOL_FP32),
+    "duplicate-ids-fp16": (lambda: _edited(7, 4, 3, "float16", edit=_dup_zero), {}, TOL_FP16),
+    "ids-out-of-range": (lambda: _edited(6, 3, 2, edit=_out_of_range), {}, TOL_FP32),
+    "experts-without-tokens": (lambda: _edited(9, 8, 2, edit=_ends_only), {}, TOL_FP32),
+    "H136-I200": (lambda: _edited(3, 3, 2, hidden=136, inter=200, routing="skip"), {}, TOL_FP32),
+    "H200-I136-fp16": (lambda: _edited(3, 3, 2, "float16", hidden=200, inter=136, routing="skip"), {}, TOL_FP16),
+    "H40-I1408-default-tiles": (lambda: _edited(2, 2, 1, hidden=40, inter=1408), {"config": None}, TOL_FP32),
+    "H2880-I24-default-tiles": (lambda: _edited(2, 2, 1, hidden=2880, inter=24), {"config": None}, TOL_FP32),
+    "non-contiguous": (lambda: _edited(8, 4, 2, routing="skip", edit=_strided), {}, TOL_FP32),
+    "every-other-expert": (lambda: _edited(8, 4, 2, routing="skip", edit=_every_other_expert), {}, TOL_FP32),
+    "fp32-hidden-fp16-experts": (lambda: _edited(8, 4, 2, routing="skip", edit=_half_weights), {}, TOL_FP16),
+    "chunk-1-token": (lambda: _edited(5, 4, 2, routing="skip"), {"chunk_tokens": 1}, TOL_FP32),
+    "chunk-3-of-8": (lambda: _edited(8, 4, 3, routing="skip"), {"chunk_tokens": 3}, TOL_FP32),
+    "T4097-default-chunk": (lambda: _edited(4097, 2, 1, hidden=16, inter=16), {"config": None}, TOL_FP32),
+}
+CHECKS = ["api-T0-T1", "direct-call-checks", "bf16", "fp8-H200-I136-duplicates"]
+
+
+def _run_case(name: str, device: str) -> dict:
+    from elasticmoe.kernels import fused_moe_reference
+    from elasticmoe.kernels.torch_moe import fused_moe_torch
+    from elasticmoe.kernels.triton_moe import fused_moe_triton
+
+    build, options, tol = CASES[name]
+    x, w13, w2, ids, weights = build()
+    twin = fused_moe_torch(x, w13, w2, ids, weights)  # CPU
+    ref = fused_moe_reference(x, w13.to(x.dtype), w2.to(x.dtype), ids, weights)
+    options = {"config": SMALL_TILES, **options}
+    out = fused_moe_triton(*(t.to(device) for t in (x, w13, w2, ids, weights)), **options).cpu()
+    errs = {"vs_torch": rel_err(out, twin), "vs_ref": rel_err(out, ref)}
+    return {**errs, "ok": max(errs.values()) <= tol and out.dtype == x.dtype and out.shape == x.shape}
+
+
+def _child_api(device: str) -> dict:
+    """fused_moe on the triton backend at T = 0 (zeros) and T = 1, against the torch backend."""
+    from elasticmoe.kernels import fused_moe
+
+    x, w13, w2, ids, weights = make_inputs(1, 3, 3)
+    one = fused_moe(*(t.to(device) for t in (x, w13, w2, ids, weights)), backend="triton").cpu()
+    empty = fused_moe(*(t.to(device) for t in (x[:0], w13, w2, ids[:0], weights[:0])), backend="triton")
+    err = rel_err(one, fused_moe(x, w13, w2, ids, weights, backend="torch"))
+    return {"ok": err <= TOL_FP32 and empty.shape == (0, 40) and one.shape == (1, 40), "err": err}
+
+
+def _child_direct_checks(device: str) -> dict:
+    """fused_moe_triton called directly (tune_moe.py, benchmarks) checks its inputs before any launch: a w2 of the
+    wrong width read past each expert's rows; fp8 weights without their scales ran as if they were floats."""
+    from elasticmoe.kernels.fp8 import quantize_block_fp8
+    from elasticmoe.kernels.triton_moe import fused_moe_triton
+
+    x, w13, w2, ids, weights = (t.to(device) for t in make_inputs(3, 2, 2))
+    (q13, s13), (q2, s2) = quantize_block_fp8(w13.cpu()), quantize_block_fp8(w2.cpu())
+    bad = {  # expected message fragment -> arguments
+        "w2 (2, 40, 20) does not match": (x, w13, w2[:, :, :20], ids, weights),
+        "w13 (2, 48, 36) does not match hidden": (x, w13[:, :, :36], w2, ids, weights),
+        "topk_weights (3, 1) must have topk_ids' shape": (x, w13, w2, ids, weights[:, :1]),
+        "topk_ids (2, 2) must be [T, k] with T = 3": (x, w13, w2, ids[:2], weights[:2]),
+        "need both w13_scale and w2_scale": (x, q13.to(device), q2.to(device), ids, weights),
+    }
+    messages = {}
+    for fragment, args in bad.items():
+        try:
+            fused_moe_triton(*args, config=SMALL_TILES)
+            messages[fragment] = "no error"
+        except ValueError as exc:
+            messages[fragment] = str(exc)
+    fp8 = dict(w13_scale=s13.to(device), w2_scale=s2.to(device))  # block_shape, split, act_quant: defaults
+    try:
+        got = fused_moe_triton(x, q13.to(device), q2.to(device), ids, weights, fp8=fp8).cpu()
+        from elasticmoe.kernels.fp8 import fused_moe_fp8_reference
+
+        fp8_err = rel_err(got, fused_moe_fp8_reference(x.cpu(), q13, q2, ids.cpu(), weights.cpu(), s13, s2))
+    except (ValueError, KeyError) as exc:
+        fp8_err = f"{type(exc).__name__}: {exc}"
+    ok = all(fragment in msg for fragment, msg in messages.items())
+    return {"ok": ok and isinstance(fp8_err, float) and fp8_err <= 1e-5, "messages": messages, "fp8_err": fp8_err}
+
+
+def _child_bf16(device: str) -> dict:
+    """bf16 on a GPU: the kernels' result; under the interpreter a clear refusal, and the torch path's result."""
+    from elasticmoe.kernels import fused_moe, fused_moe_reference
+
+    x, w13, w2, ids, weights = make_inputs(5, 4, 2, "skip", dtype=torch.bfloat16)
+    ref = fused_moe_reference(x, w13, w2, ids, weights)
+    if device == "cuda":
+        out = fused_moe(*(t.to(device) for t in (x, w13, w2, ids, weights)), backend="triton").cpu()
+        return {"ok": rel_err(out, ref) <= 2e-2, "err": rel_err(out, ref)}
+    try:
+        fused_moe(x, w13, w2, ids, weights, backend="triton")
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    torch_err = rel_err(fused_moe(x, w13, w2, ids, weights, backend="torch"), ref)
+    return {"ok": "bfloat16" in refused and "GPU only" in refused and torch_err <= 2e-2, "refused": refused,
+            "torch_err": torch_err}
+
+
+def _child_fp8_ragged(device: str) -> dict:
+    """Block-FP8 experts, H = 200 and I = 136 (partial 128x128 scale blocks), duplicate ids, zero weights, an id
+    past E: W8A16 and W8A8 against the float64 reference and the torch backend (which dequantizes)."""
+    from elasticmoe.kernels import fused_moe
+    from elasticmoe.kernels.fp8 import fused_moe_fp8_reference, quantize_block_fp8
+
+    g = torch.Generator().manual_seed(5)
+    w13, w2 = torch.randn(4, 272, 200, generator=g) / 14, torch.randn(4, 200, 136, generator=g) / 12
+    (q13, s13), (q2, s2) = quantize_block_fp8(w13), quantize_block_fp8(w2)
+    x, _, _, ids, weights = _dup_zero(*make_inputs(5, 4, 3, hidden=200, inter=136))
+    ids[4, 2] = 9
+    args = (x, q13, q2, ids, weights)
+    twin = fused_moe(*args, backend="torch", w13_scale=s13, w2_scale=s2)
+    errs = {}
+    for act_quant in (False, True):
+        out = fused_moe(*(t.to(device) for t in args), backend="triton", w13_scale=s13.to(device),
+                        w2_scale=s2.to(device), act_quant=act_quant).cpu()
+        ref = fused_moe_fp8_reference(*args, s13, s2, act_quant=act_quant)
+        errs[f"act_quant={act_quant}"] = (rel_err(out, ref), rel_err(out, twin))
+    ok = max(errs["act_quant=False"]) <= 1e-5 and errs["act_quant=True"][0] <= 1e-5
+    return {"ok": ok, "errs": errs}  # W8A8 differs from the (W8A16) torch twin by the activations' rounding
+
+
+def _child_main(device: str) -> None:
+    results = {name: _run_case(name, device) for name in CASES}
+    results["api-T0-T1"] = _child_api(device)
+    results["direct-call-checks"] = _child_direct_checks(device)
+    results["bf16"] = _child_bf16(device)
+    results["fp8-H200-I136-duplicates"] = _child_fp8_ragged(device)
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def edge_results():
+    from tests.triton_child import run_child
+
+    return run_child(__file__, "--edge-child", "cpu")
+
+
+@pytest.fixture(scope="module")
+def cuda_edge_results():
+    from tests.triton_child import run_child
+
+    return run_child(__file__, "--edge-child", "cuda")
+
+
+@pytest.mark.parametrize("name", list(CASES) + CHECKS)
+def test_triton_edges_interpreted(edge_results, name):
+    assert edge_results[name]["ok"], edge_results[name]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
+@pytest.mark.parametrize("name", list(CASES) + CHECKS)
+def test_triton_edges_on_cuda(cuda_edge_results, name):
+    assert cuda_edge_results[name]["ok"], cuda_edge_results[name]
+
+
+if __name__ == "__main__" and "--edge-child" in sys.argv:
+    _child_main(sys.argv[sys.argv.index("--edge-child") + 1])
