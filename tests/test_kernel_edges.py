@@ -1,5 +1,5 @@
 """MoE kernels at a deployment's edges, in-process: the torch path (every strategy, with and without the skinny C
-kernel) and the entry points' input checks. The Triton twins of these cases: tests/test_triton_edges.py;
+kernel), the entry points' input checks and alignment. The Triton twins of these cases: tests/test_triton_edges.py;
 cpu_gemm's operand checks: tests/test_cpu_gemm.py; the tuning table's lookup: tests/test_tuning_edges.py."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from elasticmoe.kernels import cpu_gemm, fused_moe, fused_moe_reference, torch_moe
+from elasticmoe.kernels.align import align_block_size_torch
 from elasticmoe.kernels.fp8 import fused_moe_fp8_reference, quantize_block_fp8
 from tests.moe_cases import TOL_FP16, TOL_FP32, make_inputs, rel_err
 
@@ -111,3 +112,18 @@ def test_direct_entry_points_check_inputs():
             torch_moe.fused_moe_torch(*args)
         with pytest.raises(ValueError, match=re.escape(fragment)):
             fused_moe(*args, backend="torch")
+
+
+def test_torch_alignment_edges():
+    """E = 0 (every pair skipped): num_tokens_post_padded came back empty, [0], not [1]; bad arguments are named."""
+    ids = torch.tensor([[0, -1], [1, 1]])
+    sorted_ids, expert_ids, num_post = align_block_size_torch(ids, 0, 16)
+    assert num_post.tolist() == [0] and expert_ids.tolist() == [-1] and (sorted_ids == 4).all()
+    empty = align_block_size_torch(torch.zeros(0, 2, dtype=torch.int64), 4, 16)
+    assert [t.numel() for t in empty] == [0, 0, 1] and empty[2].item() == 0
+    dup = align_block_size_torch(torch.tensor([[2, 2, 2], [2, -1, 0]]), 3, 16)  # duplicates keep pair order
+    assert dup[0][:16].tolist() == [5] + [6] * 15 and dup[0][16:20].tolist() == [0, 1, 2, 3] and dup[2].item() == 32
+    for fragment, args in {"topk_ids must hold integer": (ids.float(), 2, 16), "num_experts must be an int >= 0":
+                           (ids, -1, 16), "block_m must be an int >= 1": (ids, 2, 0)}.items():
+        with pytest.raises(ValueError, match=fragment):
+            align_block_size_torch(*args)

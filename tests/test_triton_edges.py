@@ -2,7 +2,7 @@
 
 Under TRITON_INTERPRET=1 in a child process (tests/triton_child.py), on CUDA too where there is one: top_k = E,
 a one-expert shard, duplicate ids in a token's top-k, zero routing weights, ids outside [0, E), experts left
-empty, H / I off the tile sizes, non-contiguous inputs, chunking, T = 0 / 1, the direct entry
+empty, H / I off the tile sizes, non-contiguous inputs, chunking, T = 0 / 1, empty alignment, the direct entry
 point's input checks, and bf16 (GPU only: the interpreter computes it wrongly and is refused).
 """
 
@@ -82,7 +82,7 @@ CASES = {  # name -> (inputs, fused_moe_triton options, tolerance)
     "chunk-3-of-8": (lambda: _edited(8, 4, 3, routing="skip"), {"chunk_tokens": 3}, TOL_FP32),
     "T4097-default-chunk": (lambda: _edited(4097, 2, 1, hidden=16, inter=16), {"config": None}, TOL_FP32),
 }
-CHECKS = ["api-T0-T1", "direct-call-checks", "bf16", "fp8-H200-I136-duplicates"]
+CHECKS = ["align-no-pairs", "align-no-experts", "api-T0-T1", "direct-call-checks", "bf16", "fp8-H200-I136-duplicates"]
 
 
 def _run_case(name: str, device: str) -> dict:
@@ -98,6 +98,24 @@ def _run_case(name: str, device: str) -> dict:
     out = fused_moe_triton(*(t.to(device) for t in (x, w13, w2, ids, weights)), **options).cpu()
     errs = {"vs_torch": rel_err(out, twin), "vs_ref": rel_err(out, ref)}
     return {**errs, "ok": max(errs.values()) <= tol and out.dtype == x.dtype and out.shape == x.shape}
+
+
+def _child_align(device: str) -> dict:
+    """No pairs (T = 0): the Triton twin left num_tokens_post_padded unwritten; no experts (E = 0): the torch
+    twin returned it empty ([0], not [1])."""
+    from elasticmoe.kernels.align import align_block_size_torch
+    from elasticmoe.kernels.triton_align import align_block_size_triton
+
+    results = {}
+    for name, ids, experts in (("align-no-pairs", torch.zeros(0, 2, dtype=torch.int64), 4),
+                               ("align-no-experts", torch.tensor([[0, -1], [1, 1]]), 0)):
+        for block_m in (16, 64):
+            a = align_block_size_torch(ids, experts, block_m)
+            b = [t.cpu() for t in align_block_size_triton(ids.to(device), experts, block_m)]
+            ok = all(map(torch.equal, a, b)) and a[2].tolist() == [0] and (a[1] == -1).all().item()
+            results[name] = {"ok": results.get(name, {"ok": True})["ok"] and ok, "torch": [t.tolist() for t in a],
+                             "triton": [t.tolist() for t in b]}
+    return results
 
 
 def _child_api(device: str) -> dict:
@@ -189,6 +207,7 @@ def _child_fp8_ragged(device: str) -> dict:
 
 def _child_main(device: str) -> None:
     results = {name: _run_case(name, device) for name in CASES}
+    results.update(_child_align(device))
     results["api-T0-T1"] = _child_api(device)
     results["direct-call-checks"] = _child_direct_checks(device)
     results["bf16"] = _child_bf16(device)

@@ -19,6 +19,16 @@ def max_num_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-max_padded // block_m)
 
 
+def check_align_args(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
+    """Raise ValueError naming the argument unless topk_ids holds integers, num_experts >= 0 and block_m >= 1."""
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must hold integer expert ids, got {topk_ids.dtype}")
+    if int(num_experts) != num_experts or num_experts < 0:
+        raise ValueError(f"num_experts must be an int >= 0, got {num_experts!r}")
+    if int(block_m) != block_m or block_m < 1:
+        raise ValueError(f"block_m must be an int >= 1, got {block_m!r}")
+
+
 def align_block_size_torch(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -26,6 +36,7 @@ def align_block_size_torch(
 
     Fixed-size outputs (B = max_num_blocks) so that nothing waits on the device.
     """
+    check_align_args(topk_ids, num_experts, block_m)
     device = topk_ids.device
     key = topk_ids.reshape(-1).to(torch.int64).clamp(-1, num_experts).remainder_(num_experts + 1)  # [N]
     num_pairs = key.numel()
@@ -46,4 +57,4 @@ def align_block_size_torch(
     block_start = torch.arange(num_blocks, device=device) * block_m  # [B]
     owner = torch.searchsorted(pad_end, block_start, right=True)  # [B]
     expert_ids = torch.where(owner < num_experts, owner, -1).to(torch.int32)  # [B]
-    return sorted_ids[:dump], expert_ids, pad_end[-1:].to(torch.int32)
+    return sorted_ids[:dump], expert_ids, padded.sum().view(1).to(torch.int32)  # E = 0: pad_end is empty

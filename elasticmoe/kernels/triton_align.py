@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .align import max_num_blocks
+from .align import check_align_args, max_num_blocks
 
 CHUNK = 64  # pairs per count / scatter program: the [CHUNK, CHUNK] rank tile stays in registers
 SCAN_ROWS = 64  # chunk rows per scan step
@@ -109,6 +109,9 @@ def align_block_size_triton(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] or [N] -> (sorted_token_ids [B * BLOCK_M], expert_ids [B], num_tokens_post_padded [1])."""
+    check_align_args(topk_ids, num_experts, block_m)
+    if block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two (a Triton tile), got {block_m}")
     flat = topk_ids.reshape(-1)  # [N]
     if not flat.is_contiguous():
         flat = flat.contiguous()
@@ -123,7 +126,8 @@ def align_block_size_triton(
                                            E_P2=g["e_p2"], CHUNK=CHUNK, num_warps=4)
     align_scan_kernel[(g["e_p2"] // g["block_e"],)](counts, totals, g["num_chunks"], E_P2=g["e_p2"],
                                                      BLOCK_E=g["block_e"], ROWS=SCAN_ROWS, num_warps=4)
-    grid = (g["num_chunks"] + triton.cdiv(g["num_blocks"], g["fill_blocks"]),)
+    # at least one fill program: program num_chunks writes num_post, also when there are no pairs (N = 0)
+    grid = (g["num_chunks"] + max(1, triton.cdiv(g["num_blocks"], g["fill_blocks"])),)
     align_place_kernel[grid](
         flat, counts, totals, sorted_ids, expert_ids, num_post,
         num_pairs, num_experts, g["num_chunks"], g["num_blocks"],
