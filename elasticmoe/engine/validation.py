@@ -56,6 +56,11 @@ def short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """Text (a path, a URL) as an error repeats it: cut to `limit` characters, however long the input."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
     """An integer (never a bool or float) in [lo, hi]."""
     if isinstance(v, bool) or not isinstance(v, Integral):

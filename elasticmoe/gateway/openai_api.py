@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.config import served_name
-from elasticmoe.engine.validation import RequestLimits, Validator
+from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
@@ -161,15 +161,16 @@ def _describe(exc: RequestValidationError | ValidationError, model: Any = None) 
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     if err.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    param = loc[0] if loc else None
+    param = loc[0] if loc else None  # a top-level key: parse_body allowed at most 256 characters
+    # (a nested key may be as long as the body: clipped)
     if err.get("type") == "extra_forbidden":  # the full path of a nested one: stream_options.foo
-        param = ".".join(loc) or None
+        param = clip(".".join(loc)) or None
         return f"Unrecognized request argument supplied: {param}", param
     union = _union_at(model, tuple(err.get("loc", ()))) if model is not None else None
     if union is not None:  # stop: 5 -> "stop: must be a string or a list of strings", not "stop.str: ..."
         kinds = [_kind(t) for t in union[1]]
-        return f"{'.'.join(loc[:union[0]])}: must be {', '.join(kinds[:-1])} or {kinds[-1]}", param
-    return f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}", param
+        return f"{clip('.'.join(loc[:union[0]]))}: must be {', '.join(kinds[:-1])} or {kinds[-1]}", param
+    return f"{clip('.'.join(loc)) or 'body'}: {err.get('msg', 'invalid')}", param
 
 
 def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:

@@ -1,0 +1,62 @@
+"""What one client request can make the server spend: memory and CPU that grow with a value the client controls are
+bounded by the request's size or by a limit, and a request over a limit is a 400 naming the field whose message does
+not grow with the input (in process: the HTTP app over a real engine, tiny Mixtral)."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+from fastapi.testclient import TestClient
+
+from elasticmoe.engine.validation import RequestLimits
+from elasticmoe.gateway.openai_api import build_openai_app
+from elasticmoe.gateway.openai_protocol import parse_body
+from tests.openai_util import Core, model  # noqa: F401 - the fixture
+
+KEY = "k" * 100_000  # a key of 100 kB: nothing answered or held may repeat it per value
+
+
+@pytest.fixture(scope="module")
+def http(model):  # noqa: F811
+    core = Core(*model, max_num_seqs=4, max_model_len=2048, limits=RequestLimits(max_prompt_bytes=4096))
+    client = TestClient(build_openai_app(core), raise_server_exceptions=False)
+    yield core, client
+    client.close()
+    core.runner.close()
+
+
+def _post(client: TestClient, path: str, body: dict):
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def test_walking_a_body_holds_no_path_per_value():
+    """A 72 kB body (a 64 kB key over 4,000 values) used to hold the key's path once per value: 256 MB."""
+    body = json.dumps({"metadata": {"k" * 65536: [0] * 4000}}).encode()
+    tracemalloc.start()
+    try:
+        parse_body(body, 32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{len(body)} bytes of body held {peak} bytes"
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "hi", "metadata": {KEY: 5}},
+    {"prompt": "hi", "stream": True, "stream_options": {KEY: True}},
+    {"prompt": "hi", "logit_bias": {KEY: "x"}},
+    {"prompt": "hi", "metadata": {KEY: {"a": "\ud800"}}},
+    {"prompt": "hi", "metadata": {KEY: json.loads("[" * 40 + "]" * 40)}},
+], ids=["wrong-type", "unknown-field", "logit-bias-value", "lone-surrogate", "too-deep"])
+def test_an_error_does_not_repeat_a_long_key(http, body):
+    r = _post(http[1], "/v1/completions", body)
+    assert r.status_code == 400 and len(r.text) < 1000, (r.status_code, len(r.text), r.text[:300])
+    err = r.json()["error"]
+    assert err["param"].split(".")[0].split("[")[0] in {"metadata", "stream_options", "logit_bias"}, err
+
+
+def test_a_long_url_is_not_repeated_in_the_404(http):
+    r = http[1].get("/v1/" + "a" * 20_000)
+    assert r.status_code == 404 and len(r.text) < 1000, (r.status_code, len(r.text))
