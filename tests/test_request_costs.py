@@ -60,3 +60,10 @@ def test_an_error_does_not_repeat_a_long_key(http, body):
 def test_a_long_url_is_not_repeated_in_the_404(http):
     r = http[1].get("/v1/" + "a" * 20_000)
     assert r.status_code == 404 and len(r.text) < 1000, (r.status_code, len(r.text))
+
+
+def test_a_logit_bias_key_too_long_for_an_integer_is_a_400_naming_it(http):
+    """Python refuses int() of more than 4,300 digits: that was a 500."""
+    r = _post(http[1], "/v1/completions", {"prompt": "hi", "max_tokens": 1, "logit_bias": {"1" * 5000: 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text[:300]
+    assert len(r.text) < 1000

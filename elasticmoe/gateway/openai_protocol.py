@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
-from elasticmoe.engine.validation import SEED_RANGE, Validator, check_text, clip, short
+from elasticmoe.engine.validation import INT32_MAX, SEED_RANGE, Validator, check_text, clip, short
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_N = 16  # choices per request
@@ -193,6 +193,8 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     for k, v in (bias or {}).items():
         if not (k.isascii() and k.isdigit()):  # str.isdigit() alone admits e.g. "\u00b2", which int() refuses
             raise InvalidRequest("logit_bias", f"keys must be token ids, got {short(k)}")
+        if len(k.lstrip("0")) > len(str(INT32_MAX)):  # int() refuses over 4,300 digits (a ValueError: was a 500)
+            raise InvalidRequest("logit_bias", f"token id {short(k)} is outside [0, {INT32_MAX}]")
         out[int(k)] = v
     return out
 
