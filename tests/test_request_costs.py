@@ -67,3 +67,19 @@ def test_a_logit_bias_key_too_long_for_an_integer_is_a_400_naming_it(http):
     r = _post(http[1], "/v1/completions", {"prompt": "hi", "max_tokens": 1, "logit_bias": {"1" * 5000: 1}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text[:300]
     assert len(r.text) < 1000
+
+
+def test_the_rendered_conversation_is_held_to_max_prompt_bytes(http):
+    """Empty messages hold no content but each renders a header: 250 of them render about 7.5 kB, tokenized on the
+    event loop, while max_prompt_bytes (4096 here) bounds what a text prompt may make the tokenizer read."""
+    core, client = http
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(250)]
+    r = _post(client, "/tokenize", {"messages": messages})
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert err["param"] == "messages" and "4096" in err["message"] and "bytes" in err["message"], err
+    r = _post(client, "/tokenize", {"messages": messages[:20]})  # one that fits is tokenized as before
+    conv = [{"role": m["role"], "content": ""} for m in messages[:20]]
+    ids = core.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert r.status_code == 200 and r.json()["tokens"] == list(ids)

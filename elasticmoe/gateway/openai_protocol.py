@@ -255,11 +255,19 @@ def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_
             content = "\n".join(p["text"] for p in content)  # as vLLM joins them: parts never glue words
         size += len(content.encode("utf-8"))
         conv.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    if size > check.limits.max_prompt_bytes:
-        raise InvalidRequest("messages", f"{size} bytes of content; the limit is {check.limits.max_prompt_bytes}")
+    limit = check.limits.max_prompt_bytes
+    if size > limit:
+        raise InvalidRequest("messages", f"{size} bytes of content; the limit is {limit}")
     try:
-        out = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True)
+        text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
         raise InvalidRequest("messages", f"the chat template rejected the conversation: {short(str(e), 200)}") from e
-    ids = out["input_ids"] if not isinstance(out, list) else out  # transformers 5: BatchEncoding
-    return check.prompt_ids([int(t) for t in (ids[0] if ids and isinstance(ids[0], list) else ids)], "messages")
+    rendered = len(text.encode("utf-8", "replace"))  # each message adds its template's text: held as a prompt is
+    if rendered > limit:
+        raise InvalidRequest("messages", f"the chat template made {rendered} bytes of {len(conv)} messages; "
+                                         f"the limit is {limit} (limits.max_prompt_bytes)")
+    try:  # as apply_chat_template(tokenize=True) does: the template wrote the special tokens
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    except Exception as e:  # noqa: BLE001 - e.g. characters the tokenizer cannot take
+        raise InvalidRequest("messages", f"the tokenizer rejected it: {short(str(e), 200)}") from None
+    return check.prompt_ids([int(t) for t in ids], "messages")
