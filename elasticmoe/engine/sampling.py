@@ -82,8 +82,9 @@ def process_logits(row: torch.Tensor, p: SamplingParams, ctx: RowContext | None)
     l -= frequency_penalty * count + presence_penalty * (count > 0).
     """
     row = row.clone()
-    for tok, bias in p.logit_bias.items():
-        row[tok] += bias
+    if p.logit_bias:  # one indexed add for all entries (the ids are distinct: a dict's keys)
+        ids = torch.tensor(list(p.logit_bias), device=row.device)  # [B]
+        row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
     if ctx is None:
         return row
     if p.repetition_penalty != 1.0 and (ctx.prompt_ids or ctx.output_ids):
