@@ -74,6 +74,9 @@ class Limits(_Strict):
     max_prompt_bytes: int = Field(1 << 20, ge=1, description="UTF-8 bytes of a text prompt")
     max_prompt_tokens: int | None = Field(None, ge=1, description="prompt tokens; default: max_model_len - 1")
     max_logprobs: int = Field(20, ge=0, le=1024, description="top logprobs per token")
+    max_stop_token_ids: int = Field(16, ge=0, le=65536, description="stop_token_ids per request")
+    max_logit_bias: int = Field(1024, ge=0, le=1 << 20, description="logit_bias entries per request (each is "
+                                "added to its row's logits at every step)")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="HTTP request body (413 above it)")
 
 

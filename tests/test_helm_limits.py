@@ -37,7 +37,8 @@ def test_every_untyped_limit_is_settable():
     integers too, which Helm holds as float64), comes out in the app's limits unchanged."""
     want = {"micro_batches": 3, "transport": "unary", "failover_s": 7.5, "max_ongoing_requests": 120,
             "max_queued_requests": 1000, "max_stop_strings": 4, "max_stop_len": 64, "max_request_id_len": 128,
-            "max_prompt_bytes": 8388608, "max_prompt_tokens": 4000, "max_logprobs": 5, "max_body_bytes": 16777216}
+            "max_prompt_bytes": 8388608, "max_prompt_tokens": 4000, "max_logprobs": 5, "max_body_bytes": 16777216,
+            "max_stop_token_ids": 8, "max_logit_bias": 300}
     assert set(want) == set(Limits.model_fields) - set(TYPED), "a new Limits field: add it here"
     raw = _limits_args(want)
     parsed = Limits.model_validate(raw)

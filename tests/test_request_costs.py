@@ -11,8 +11,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from elasticmoe.engine.sampling import SamplingParams, process_logits
-from elasticmoe.engine.validation import RequestLimits
+from elasticmoe.config import AppArgs, Limits
+from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, process_logits
+from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.openai_protocol import parse_body
 from tests.openai_util import Core, model  # noqa: F401 - the fixture
@@ -111,3 +112,26 @@ def test_logit_bias_costs_each_step_the_same_whatever_its_size():
                                                                                                      None))
     out = process_logits(row, big, None)
     assert torch.equal(out[0::2], row[0::2] + 0.5) and torch.equal(out[1::2], row[1::2])
+
+
+@pytest.mark.parametrize("body, param, limit", [
+    ({"stop_token_ids": [1] * 17}, "stop_token_ids", 16),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias", 1024),
+])
+def test_stop_token_ids_and_logit_bias_over_their_limit_are_400s_naming_it(http, body, param, limit):
+    r = _post(http[1], "/v1/completions", {"prompt": "hi", "max_tokens": 1, **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param, r.text[:300]
+    assert f"the limit is {limit}" in err["message"] and f"limits.max_{param}" in err["message"], err
+
+
+def test_the_limits_of_stop_token_ids_and_logit_bias_come_from_app_args():
+    lim = RequestLimits.of(AppArgs(model="m", limits=Limits(max_stop_token_ids=2, max_logit_bias=3)).limits)
+    v = Validator(vocab_size=100, max_model_len=32, limits=lim)
+    v.request([1], SamplingParams(max_tokens=4, stop_token_ids=(1, 2), logit_bias={1: 1.0, 2: 1.0, 3: 1.0}))
+    for kw, field in [({"stop_token_ids": (1, 2, 3)}, "stop_token_ids"),
+                      ({"logit_bias": {i: 1.0 for i in range(4)}}, "logit_bias")]:
+        with pytest.raises(InvalidRequest, match="the limit is") as e:
+            v.request([1], SamplingParams(max_tokens=4, **kw))
+        assert e.value.field == field
+    assert RequestLimits.of(Limits()).max_stop_token_ids == 16 and RequestLimits.of(Limits()).max_logit_bias == 1024

@@ -37,6 +37,8 @@ class RequestLimits:
     max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt (checked before tokenizing)
     max_prompt_tokens: int | None = None  # None: the context length minus one
     max_logprobs: int = 20
+    max_stop_token_ids: int = 16
+    max_logit_bias: int = 1024  # entries
     max_body_bytes: int = 4 << 20  # HTTP request body (413 above it)
     max_json_depth: int = 32  # nesting of an HTTP body
 
@@ -216,13 +218,13 @@ class Validator:
         for s in params.stop:
             if len(s) > lim.max_stop_len:
                 raise InvalidRequest("stop", f"a stop string of {len(s)} characters; the limit is {lim.max_stop_len}")
-        for name, toks in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+        for name, toks, most in (("stop_token_ids", params.stop_token_ids, lim.max_stop_token_ids),
+                                 ("logit_bias", params.logit_bias, lim.max_logit_bias)):
+            if len(toks) > most:  # each step looks at every entry of every row: held to limits.max_<name>
+                raise InvalidRequest(name, f"{len(toks)} entries; the limit is {most} (limits.max_{name})")
             bad = [t for t in toks if t >= self.vocab_size]
             if bad:
                 raise InvalidRequest(name, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if len(params.stop_token_ids) > lim.max_stop_strings or len(params.logit_bias) > 1024:
-            raise InvalidRequest("stop_token_ids" if len(params.stop_token_ids) > lim.max_stop_strings
-                                 else "logit_bias", "too many entries")
         if params.logprobs is not None and params.logprobs > lim.max_logprobs:
             raise InvalidRequest("logprobs", f"must be in [0, {lim.max_logprobs}], got {params.logprobs}")
         if len(ids) + params.max_tokens > self.max_model_len:
