@@ -12,11 +12,13 @@ import torch
 from fastapi.testclient import TestClient
 
 from elasticmoe.config import AppArgs, Limits
+from elasticmoe.engine.detok import BYTE_RUN_TOKENS, REPLACEMENT, STUCK_TOKENS, Detokenizer
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, process_logits
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.openai_protocol import parse_body
 from tests.openai_util import Core, model  # noqa: F401 - the fixture
+from tests.test_detok import _sentencepiece_like
 
 KEY = "k" * 100_000  # a key of 100 kB: nothing answered or held may repeat it per value
 
@@ -135,3 +137,37 @@ def test_the_limits_of_stop_token_ids_and_logit_bias_come_from_app_args():
             v.request([1], SamplingParams(max_tokens=4, **kw))
         assert e.value.field == field
     assert RequestLimits.of(Limits()).max_stop_token_ids == 16 and RequestLimits.of(Limits()).max_logit_bias == 1024
+
+
+@pytest.mark.parametrize("text", ["", "中文字符" * 8], ids=["invalid-bytes", "valid-then-invalid"])
+def test_an_endless_run_of_byte_tokens_decodes_a_bounded_window(text):
+    """A byte-fallback tokenizer (Llama 2, Mistral, Mixtral) renders a run of <0xXX> tokens whole, so the run used to
+    stay pending and each token decoded all of it (4,000 tokens: 8 million decoded, seconds of the engine thread);
+    logit_bias on <0x80> makes such a run as long as max_tokens. A run longer than BYTE_RUN_TOKENS is now made
+    stable where it splits exactly: invalid bytes are U+FFFD each, as a full decode renders them."""
+    tok = _sentencepiece_like()
+    lead = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+    ids = tok.encode("The sea", add_special_tokens=False) + lead + [tok.convert_tokens_to_ids("<0x80>")] * 2000
+    d = Detokenizer(tok, ("never appears",))
+    streamed = ""
+    for n in range(1, len(ids) + 1):
+        d.update(ids[:n])
+        streamed += d.delta()
+    assert d.max_window <= BYTE_RUN_TOKENS + STUCK_TOKENS + 8 and d.decoded_tokens <= 40 * len(ids), (
+        d.max_window, d.decoded_tokens)
+    assert d.text.endswith(REPLACEMENT * 2000) and streamed + d.delta(final=True) == d.text
+    if not text:  # all the run's bytes invalid: exactly a full decode
+        assert d.text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_long_run_of_valid_bytes_still_decodes_as_a_whole():
+    """Splitting a long run happens only where exact: 90 byte tokens of CJK text come out as that text."""
+    tok = _sentencepiece_like()
+    run = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in ("中文字符" * 8 + "😀" * 2).encode("utf-8")]
+    ids = tok.encode("The sea", add_special_tokens=False) + run + tok.encode(" ok", add_special_tokens=False)
+    d = Detokenizer(tok, ())
+    streamed = ""
+    for n in range(1, len(ids) + 1):
+        d.update(ids[:n])
+        streamed += d.delta()
+    assert d.text == tok.decode(ids, skip_special_tokens=True) == streamed + d.delta(final=True)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 import weakref
 from typing import Any
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete (or invalid) UTF-8 sequence
 STUCK_TOKENS = 8  # a window whose text still ends mid-character after this many tokens is split where exact
+BYTE_RUN_TOKENS = 64  # a run of byte tokens longer than this is split where exact too (else each token decodes it)
 CONTEXT_TOKENS = (4, 24)  # a prompt suffix of this many tokens (fewest that decode whole) precedes the output
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte fallback: one raw byte per token
 _BYTE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def byte_fallback_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
-    """(ids of a tokenizer's <0xXX> byte tokens, its special ids): the former empty for byte-level BPE; looked up
-    once per tokenizer.
+def byte_fallback_ids(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
+    """(a tokenizer's <0xXX> byte tokens: id -> byte, its special ids): the former empty for byte-level BPE; looked
+    up once per tokenizer.
 
     A byte-fallback decoder turns a whole run of byte tokens into text at once (each byte a U+FFFD if the run is
     not valid UTF-8), so a complete character can still change while the run goes on: text is stable only after
@@ -26,7 +28,7 @@ def byte_fallback_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
     except (KeyError, TypeError):
         pass
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    ids = frozenset(i for t, i in vocab.items() if len(t) == 6 and BYTE_PIECE.fullmatch(t))
+    ids = {i: int(t[3:5], 16) for t, i in vocab.items() if len(t) == 6 and BYTE_PIECE.fullmatch(t)}
     found = ids, frozenset(getattr(tokenizer, "all_special_ids", ()) if ids else ())
     try:
         _BYTE_IDS[tokenizer] = found
@@ -77,11 +79,12 @@ class Detokenizer:
     at the very start). While the new text ends in U+FFFD (part of a UTF-8 character) the tokens stay pending.
 
     `text` is exactly `tokenizer.decode(context + ids, skip_special_tokens=True)` less the text of `context`
-    (the prompt's last tokens, see `prompt_context`; with none, a plain decode of ids), cut before the first stop
-    string: as in vLLM and transformers' text-generation pipeline, a completion keeps the space that a decoder
-    drops at the start of a text (Llama-style "▁Paris" after a prompt is " Paris"). `delta()` hands out text
-    that is never taken back: it holds back a partial character and any tail that may still become a stop
-    string, so the deltas of a request joined are its `text`.
+    (the prompt's last tokens, see `prompt_context`; with none, a plain decode of ids; `_split` names the one
+    exception, a run of byte tokens longer than BYTE_RUN_TOKENS), cut before the first stop string: as in vLLM
+    and transformers' text-generation pipeline, a completion keeps the space that a decoder drops at the start of
+    a text (Llama-style "▁Paris" after a prompt is " Paris"). `delta()` hands out text that is never taken back:
+    it holds back a partial character and any tail that may still become a stop string, so the deltas of a
+    request joined are its `text`.
     """
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...] = (), context: list[int] = ()):
@@ -137,6 +140,15 @@ class Detokenizer:
             i -= 1
         return i >= 0 and ids[i] in self.byte_ids
 
+    def _long_run_split(self, ids: list[int], end: int) -> bool:
+        """Whether ids[:end] ends with more than BYTE_RUN_TOKENS byte (or special) tokens, and its bytes with no
+        character begun and not ended (invalid bytes end as they come: U+FFFD each)."""
+        n = BYTE_RUN_TOKENS + 1
+        if end < n or not all(t in self.byte_ids or t in self.special_ids for t in ids[end - n:end]):
+            return False
+        last = bytes(self.byte_ids[t] for t in ids[end - 4:end] if t in self.byte_ids)
+        return codecs.utf_8_decode(last, "replace", False)[1] == len(last)  # nothing held for the next bytes
+
     def _advance(self, ids: list[int], upto: int, added: str) -> None:
         """ids[read:upto] are stable now, adding `added`; the next window starts at the old read offset."""
         if added:
@@ -150,9 +162,14 @@ class Detokenizer:
 
     def _split(self, ids: list[int], now: str) -> bool:
         """Many tokens and still mid-character (e.g. invalid bytes): make stable the longest part whose text a
-        full decode cannot change, i.e. where decoding the two sides apart gives the same text as together."""
-        for j in range(len(ids) - 1, max(self.read, len(ids) - 4), -1):
-            if self._in_byte_run(ids, j):
+        full decode cannot change, i.e. where decoding the two sides apart gives the same text as together.
+
+        Not inside a run of byte tokens, whose text a later byte can still change (one invalid byte turns the
+        whole run into U+FFFDs), unless the run is longer than BYTE_RUN_TOKENS: each token would decode all of it.
+        A long run that was valid and then meets an invalid byte keeps the text of its split-off part (a full
+        decode shows a U+FFFD per byte for all of it)."""
+        for j in range(len(ids) - 1, max(self.read, len(ids) - 5), -1):  # 4 back: a 4-byte character
+            if self._in_byte_run(ids, j) and not self._long_run_split(ids, j):
                 continue
             head = self._decode(ids[self.prefix:j])
             if head + self._decode(ids[j:]) == now:
