@@ -171,3 +171,52 @@ def test_a_long_run_of_valid_bytes_still_decodes_as_a_whole():
         d.update(ids[:n])
         streamed += d.delta()
     assert d.text == tok.decode(ids, skip_special_tokens=True) == streamed + d.delta(final=True)
+
+
+class _CountingTokenizer:
+    """A real tokenizer, its decode calls counted (what the logprobs formatting asks of it)."""
+
+    def __init__(self, tok):
+        self.tok, self.decodes, self.batches = tok, 0, 0
+
+    def decode(self, ids, **kw):
+        self.decodes += 1
+        return self.tok.decode(ids, **kw)
+
+    def batch_decode(self, seqs, **kw):
+        self.batches += 1
+        return self.tok.batch_decode(seqs, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "sentencepiece"])
+def test_logprobs_are_named_with_one_decode_call_per_response(model, kind):  # noqa: F811
+    """The logprobs of a choice (each token and its top alternatives) were named one tokenizer.decode per entry on
+    the HTTP event loop: 2k tokens x 20 alternatives held the loop about a second, every other request waiting.
+    Each distinct id is now decoded once, in one batch_decode; the answer is what the per-entry decodes gave."""
+    from transformers import AutoTokenizer
+
+    from elasticmoe.engine.sampling import TokenLogprob
+    from elasticmoe.gateway.openai_shapes import chat_logprobs, completion_logprobs
+
+    tok = AutoTokenizer.from_pretrained(model[0]) if kind == "mixtral" else _sentencepiece_like()
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(len(tok), 300)
+    ids = torch.randint(0, vocab, (200, 6), generator=gen).tolist()  # [tokens, 1 sampled + 5 alternatives]
+    lps = [TokenLogprob(row[0], -0.5, [(t, -1.0 - j) for j, t in enumerate(row[1:])]) for row in ids]
+    for fmt in (lambda t: completion_logprobs(t, lps, 0)[0], lambda t: chat_logprobs(t, lps)):
+        counting = _CountingTokenizer(tok)
+        got = fmt(counting)
+        assert counting.decodes == 0 and counting.batches == 1
+        decode = tok.decode
+        want_names = {i: decode([i]) for row in ids for i in row}
+        if "content" in got:  # chat: each entry's token is its own decode
+            assert [e["token"] for e in got["content"]] == [want_names[row[0]] for row in ids]
+            assert [[a["token"] for a in e["top_logprobs"]] for e in got["content"]] == \
+                [[want_names[t] for t in row[1:]] for row in ids]
+        else:
+            assert got["tokens"] == [want_names[row[0]] for row in ids]
+            assert [set(d) for d in got["top_logprobs"]] == \
+                [{want_names[t] for t in row} for row in ids]
