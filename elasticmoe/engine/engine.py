@@ -197,7 +197,7 @@ class Engine:
             return None
         early = len(seq.output_ids) < p.min_tokens
         banned = tuple(sorted(((set() if p.ignore_eos else self.eos_ids) | set(p.stop_token_ids)))) if early else ()
-        return RowContext(seq.prompt_ids, seq.output_ids, banned)
+        return RowContext(seq.prompt_ids, seq.output_ids, banned, seq.penalty)
 
     def _run(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """Forward the step, reporting its routing to model.route_observer (the expert-token metrics) once it

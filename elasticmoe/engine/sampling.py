@@ -9,7 +9,7 @@ import torch
 
 from elasticmoe.engine.validation import GREEDY_BELOW, InvalidRequest, check_sampling
 
-__all__ = ["InvalidRequest", "RowContext", "SamplingParams", "TokenLogprob", "process_logits", "sample"]
+__all__ = ["InvalidRequest", "PenaltyState", "RowContext", "SamplingParams", "TokenLogprob", "process_logits", "sample"]
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,56 @@ class SamplingParams:
                     or self.logit_bias or self.min_tokens)
 
 
+class PenaltyState:
+    """A sequence's penalty inputs kept from step to step: `seen` [V] bool (prompt and output tokens, for
+    repetition_penalty) and `counts` [V] (output tokens, for the frequency and presence penalties), each step
+    updated with the tokens added since the last one instead of rebuilt from the whole context (a set and a sort
+    of a long prompt, per row and step, on the engine thread)."""
+
+    __slots__ = ("seen", "seen_ids", "counts", "n_output", "key")
+
+    def __init__(self) -> None:
+        self.seen: torch.Tensor | None = None
+        self.seen_ids: torch.Tensor | None = None  # [S] the ids seen marks, each once
+        self.counts: torch.Tensor | None = None
+        self.n_output = 0  # output tokens already in seen / counts
+        self.key: tuple | None = None  # (V, device, prompt list) they were built for
+
+    def update(self, ctx: RowContext, vocab: int, device: torch.device, seen: bool, counts: bool) -> None:
+        out = ctx.output_ids
+        key = (vocab, device, id(ctx.prompt_ids))
+        if key != self.key or len(out) < self.n_output:  # another row shape or a shorter output: start again
+            self.seen = self.counts = None
+            self.n_output, self.key = 0, key
+        old, new = out[:self.n_output], out[self.n_output:]
+        if seen and self.seen is None:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen_ids = torch.tensor(ctx.prompt_ids + old, dtype=torch.long, device=device).unique()
+            self.seen[self.seen_ids] = True
+        if counts and self.counts is None:
+            self.counts = torch.zeros(vocab, device=device)
+            if old:
+                self.counts += torch.bincount(torch.tensor(old, device=device), minlength=vocab)
+        if new:
+            ids = torch.tensor(new, device=device)  # [n]
+            if self.seen is not None:
+                fresh = ids[~self.seen[ids]].unique()  # [f] not seen before
+                self.seen[fresh] = True
+                self.seen_ids = torch.cat((self.seen_ids, fresh))
+            if self.counts is not None:
+                self.counts.index_add_(0, ids, torch.ones(len(new), device=device))
+        self.n_output = len(out)
+
+
 @dataclass(frozen=True)
 class RowContext:
-    """What the logits processors of one row need: the tokens so far and the ids banned this step."""
+    """What the logits processors of one row need: the tokens so far and the ids banned this step; `state` carries
+    the penalties' inputs across steps (None: built afresh)."""
 
     prompt_ids: list[int]
     output_ids: list[int]
     banned: tuple[int, ...] = ()  # EOS / stop_token_ids while fewer than min_tokens are out
+    state: PenaltyState | None = None
 
 
 def process_logits(row: torch.Tensor, p: SamplingParams, ctx: RowContext | None) -> torch.Tensor:
@@ -87,13 +130,18 @@ def process_logits(row: torch.Tensor, p: SamplingParams, ctx: RowContext | None)
         row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
     if ctx is None:
         return row
-    if p.repetition_penalty != 1.0 and (ctx.prompt_ids or ctx.output_ids):
-        seen = torch.tensor(sorted(set(ctx.prompt_ids) | set(ctx.output_ids)), device=row.device)  # [S]
-        vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and ctx.output_ids:
-        counts = torch.bincount(torch.tensor(ctx.output_ids), minlength=row.shape[0]).to(row)  # [V]
-        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row)
+    repeat = p.repetition_penalty != 1.0 and bool(ctx.prompt_ids or ctx.output_ids)
+    count = bool(p.presence_penalty or p.frequency_penalty) and bool(ctx.output_ids)
+    if repeat or count:
+        state = ctx.state if ctx.state is not None else PenaltyState()
+        state.update(ctx, row.shape[0], row.device, repeat, count)
+        if repeat:
+            r, at = p.repetition_penalty, state.seen_ids  # [S]
+            vals = row[at]
+            row[at] = torch.where(vals > 0, vals / r, vals * r)
+        if count:
+            counts = state.counts.to(row)  # [V]
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row)
     if ctx.banned:
         row[list(ctx.banned)] = float("-inf")
     return row

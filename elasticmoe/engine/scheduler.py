@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from elasticmoe.engine.detok import Detokenizer
-from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
+from elasticmoe.engine.sampling import PenaltyState, SamplingParams, TokenLogprob
 
 
 class QueueFull(RuntimeError):
@@ -44,6 +44,7 @@ class Sequence:
     text: str = ""  # the completion's text, set when it finishes (detok builds it as tokens come)
     detok: Detokenizer | None = None
     generator: torch.Generator | None = None
+    penalty: PenaltyState = field(default_factory=PenaltyState)  # the penalties' inputs, kept across steps
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     error: RequestFailed | None = None  # set when the engine ended this request on a failure
