@@ -103,7 +103,8 @@ class GatewayMetrics:
     # --- per request (event loop) -------------------------------------------------------------
 
     def request(self, api: str, status: str) -> None:
-        """Count a finished request: api grpc|http, status ok|invalid|unauthenticated|rejected|error."""
+        """Count a finished request: api grpc|http, status ok|invalid|unauthenticated|rejected|cancelled|error
+        (cancelled: the client went away first, by a disconnect, a cancel or its deadline)."""
         with self._counts_lock:
             self.requests[(api, status)] = self.requests.get((api, status), 0) + 1
         if self._ray:

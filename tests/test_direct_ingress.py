@@ -100,8 +100,9 @@ def test_a_full_gateway_refuses_at_once_and_a_cancelled_call_frees_its_place(mod
 
 def test_a_call_the_client_cancels_is_counted_as_http_counts_a_client_that_left(model):  # noqa: F811
     """A cancelled call (a stream after its first response, a unary call while it runs) counts once as
-    requests_total{api="grpc", status="error"} and request_errors_total{code="CANCELLED"}, as HTTP counts a client
-    that left (error, 499): it was counted in neither, though its TTFT was observed."""
+    requests_total{api="grpc", status="cancelled"} and request_errors_total{code="CANCELLED"}, as HTTP counts a
+    client that left (cancelled, 499): it was counted in neither, though its TTFT was observed. (Each point of a
+    call's life it may leave at: tests/test_cancel_grpc.py.)"""
     from elasticmoe.client import make_request
 
     core = Core(*model, max_num_seqs=2, max_model_len=256)
@@ -120,10 +121,10 @@ def test_a_call_the_client_cancels_is_counted_as_http_counts_a_client_that_left(
             time.sleep(0.01)
         unary.cancel()
         _wait_idle(core)
-        assert core.metrics.requests == {("grpc", "error"): 2} and core.metrics.errors == {"CANCELLED": 2}
+        assert core.metrics.requests == {("grpc", "cancelled"): 2} and core.metrics.errors == {"CANCELLED": 2}
         core.dispatcher.delay_s = 0.0
         client.generate(PROMPT, max_tokens=2)
-        assert core.metrics.requests == {("grpc", "error"): 2, ("grpc", "ok"): 1}
+        assert core.metrics.requests == {("grpc", "cancelled"): 2, ("grpc", "ok"): 1}
     finally:
         client.close()
         port.stop(0)

@@ -234,4 +234,4 @@ def test_a_request_failing_after_its_first_token_counts_its_ttft_on_both_doors()
     cut.record(499)
     refused = Tally(core)
     refused.record(400)
-    assert m.latency_counts["ttft"] == 1 and m.requests == {("http", "error"): 1, ("http", "invalid"): 1}
+    assert m.latency_counts["ttft"] == 1 and m.requests == {("http", "cancelled"): 1, ("http", "invalid"): 1}

@@ -69,7 +69,7 @@ def _wait_idle(core: Core, timeout: float) -> None:
 @pytest.mark.parametrize("n", [1, 2])
 def test_disconnect_between_first_token_and_stream_start_aborts_it(model, spec, n):  # noqa: F811
     """The client leaves after the first token but before the server-sent events begin: every choice is
-    aborted (its place freed at once, not after max_tokens) and the request is counted once, as a 499."""
+    aborted (its place freed at once, not after max_tokens) and the request is counted once, as a 499 (cancelled)."""
     core = Core(*model, max_num_seqs=4, max_model_len=512)
     core.dispatcher.delay_s = 0.01  # >= 20 ms a step: 450 tokens take >= 9 s
     try:
@@ -78,7 +78,7 @@ def test_disconnect_between_first_token_and_stream_start_aborts_it(model, spec, 
         sent = asyncio.run(_gone_after_first_token(build_openai_app(core), "/v1/completions", payload, spec))
         assert not [m for m in sent if m.get("body")], "nothing reaches a client that left"
         _wait_idle(core, timeout=4.0)
-        assert core.metrics.errors == {"499": 1} and core.metrics.requests == {("http", "error"): 1}
+        assert core.metrics.errors == {"499": 1} and core.metrics.requests == {("http", "cancelled"): 1}
     finally:
         core.runner.close()
 
@@ -149,6 +149,6 @@ def test_a_client_gone_while_sending_its_body_is_a_499_not_a_server_error(model,
         asyncio.run(build_openai_app(core)(_scope(path, body, "2.3"), receive, send))
         assert sent[0]["status"] == 499 and "client_disconnected" in sent[1]["body"].decode()
         assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
-        assert core.metrics.errors == {"499": 1} and core.metrics.requests == {("http", "error"): 1}
+        assert core.metrics.errors == {"499": 1} and core.metrics.requests == {("http", "cancelled"): 1}
     finally:
         core.runner.close()

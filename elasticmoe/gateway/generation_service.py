@@ -13,11 +13,12 @@ from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
 
 
 def fail(metrics, ctx, e: BaseException) -> None:
-    """Count a failed gRPC request and set its status. A call the client cancelled (its handler cancelled, or its
-    stream closed) counts as status error, code CANCELLED, as HTTP counts a client that left (error, 499); its
-    status is left to gRPC."""
+    """Count a failed gRPC request and set its status. A call the client gave up (it cancelled, or its deadline
+    passed: its handler cancelled, or its stream closed) counts as status cancelled, code CANCELLED, as HTTP counts
+    a client that left (cancelled, 499); its status is left to gRPC. (Which of the two it was the server cannot
+    tell: the client cancels the call as its deadline passes, a little before the server's own copy of it.)"""
     if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-        metrics.request("grpc", "error")
+        metrics.request("grpc", "cancelled")
         metrics.error(grpc.StatusCode.CANCELLED.name)
         return
     if not isinstance(e, Exception):

@@ -22,7 +22,7 @@ from elasticmoe.gateway.runner import Update
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATUS_OF = {400: "invalid", 401: "unauthenticated", 404: "invalid", 413: "invalid", 429: "rejected",
-             503: "rejected"}  # else "error"; 499 = client went away
+             499: "cancelled", 503: "rejected"}  # else "error"; 499: the client went away (not a server error)
 
 
 def record_outcome(core: Any, http_status: int | None, tally: Tally | None = None) -> None:
