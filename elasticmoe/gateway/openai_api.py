@@ -173,6 +173,35 @@ def _describe(exc: RequestValidationError | ValidationError, model: Any = None) 
     return f"{clip('.'.join(loc)) or 'body'}: {err.get('msg', 'invalid')}", param
 
 
+class ClientGone:
+    """ASGI middleware: a client gone while its reply is written ends the call quietly. A spec 2.4 server fails that
+    send with an OSError (Starlette's StreamingResponse raises it as ClientDisconnect), which reached the 500 handler
+    and logged a traceback as a server bug; the request was already counted where it ended (ok, or 499), and no one
+    is left to answer. Any other error passes on."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        failed = False
+
+        async def sending(message: dict) -> None:
+            nonlocal failed
+            try:
+                await send(message)
+            except OSError:
+                failed = True
+                raise
+
+        try:
+            await self.app(scope, receive, sending)
+        except (ClientDisconnect, OSError):
+            if not failed:
+                raise
+
+
 def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
     """Add the OpenAI routes, the API-key check and error handlers to `app`; `get_core()` is resolved on every
     request. Only /health answers without a key (when keys are configured)."""
@@ -185,6 +214,7 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
             pass
 
     app.add_middleware(RequireApiKey, get_keys=lambda: getattr(get_core(), "api_keys", None), on_reject=reject)
+    app.add_middleware(ClientGone)  # outside the key check: a 401 to a client gone is quiet too
 
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         try:

@@ -112,12 +112,13 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
                        "choices": choices, **extra, **kw})
 
     lasts = list(firsts)
+    merged = _merge([_indexed(i, g, f) for i, (g, f) in enumerate(zip(gens, firsts))])
     try:
         if shapes[0].chat:
             for shape in shapes:
                 yield chunk([{"index": shape.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-        async for i, last in _merge([_indexed(i, g, f) for i, (g, f) in enumerate(zip(gens, firsts))]):
+        async for i, last in merged:
             lasts[i], counts[i] = last, last.completion_tokens
             delta = last.delta  # the runner's detokenizer holds back partial characters and stop-string prefixes
             finish = FINISH_REASONS.get(last.finish_reason or "abort", "abort") if last.finished else None
@@ -132,6 +133,7 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
         head.record(499)  # no-op unless the client went away mid-stream
         for g in gens:
             await g.close()
+        await merged.aclose()  # its pumps (n > 1) stop now: a failed send leaves it at a yield, not ended
     yield "data: [DONE]\n\n"
 
 
@@ -150,6 +152,7 @@ class EventStream(StreamingResponse):
             self.gens[0].record(499)
             for g in self.gens:
                 await g.close()
+            await self.body_iterator.aclose()  # a failed send left sse at a yield (its n > 1 pumps running)
 
 
 async def _complete(gen: Any, shape: Shape) -> tuple[dict, Update]:
