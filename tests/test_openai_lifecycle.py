@@ -184,6 +184,40 @@ async def _gone_at(app, path: str, payload: dict, spec: str, when) -> tuple[list
     return sent, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
 
+def _nth_finish(n: int):
+    """when(): the message that carries the n-th finish_reason (streamed) or the reply's start (not streamed)."""
+    seen = [0]
+
+    def when(message: dict) -> bool:
+        if message["type"] == "http.response.start":
+            return message["headers"] and dict(message["headers"]).get(b"content-type") == b"application/json"
+        seen[0] += message.get("body", b"").count(b'"finish_reason": "length"')
+        return seen[0] >= n
+    return when
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_after_its_last_token_stays_one_ok(model, spec, stream, caplog):  # noqa: F811
+    """Every choice has its last token (the engine is done with the request) and the client leaves as the reply is
+    written: the request is one ok, as gRPC and an unstreamed reply count it, and nothing is logged or raised. A
+    stream whose last choice's final event was being written was counted as a 499: its ok came only once that
+    event had gone out."""
+    core = Core(*model, max_num_seqs=4, max_model_len=512)
+    try:
+        payload = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "stream": stream, "n": 2, "ignore_eos": True,
+                   "temperature": 0}
+        sent, left = asyncio.run(_gone_at(build_openai_app(core), "/v1/completions", payload, spec, _nth_finish(2)))
+        assert not [m for m in sent if b"[DONE]" in m.get("body", b"")] and left == []
+        if not stream:  # the disconnect came as the reply began: the client got nothing of it
+            assert sent == []
+        _wait_idle(core, timeout=4.0)
+        assert core.metrics.requests == {("http", "ok"): 1} and core.metrics.errors == {}
+        quiet(caplog)
+    finally:
+        core.runner.close()
+
+
 @pytest.mark.parametrize("spec", ["2.3", "2.4"])
 def test_a_client_gone_mid_stream_stops_every_choice_at_once_and_quietly(model, spec, caplog):  # noqa: F811
     """n=2, the client gone after a few events: both choices are aborted, the request is one 499 (cancelled), and

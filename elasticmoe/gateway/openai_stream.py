@@ -118,13 +118,17 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
             for shape in shapes:
                 yield chunk([{"index": shape.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
+        ended = 0  # choices whose last update came (merged yields the first updates too)
         async for i, last in merged:
             lasts[i], counts[i] = last, last.completion_tokens
             delta = last.delta  # the runner's detokenizer holds back partial characters and stop-string prefixes
             finish = FINISH_REASONS.get(last.finish_reason or "abort", "abort") if last.finished else None
+            ended += last.finished
+            if ended == len(gens):  # the request, once: every choice has ended (a client that leaves while its
+                head.record(None, lasts[0])  # last events are written stays ok, as on gRPC and unstreamed)
             if delta or finish or (shapes[i].logprobs and last.logprobs):
                 yield chunk([shapes[i].choice(delta, list(last.logprobs), finish, stream=True)])
-        head.record(None, lasts[0])  # the request, once: every choice has ended
+        head.record(None, lasts[0])  # recorded above already: every stream ends with its last update
         if include_usage:
             yield chunk([], usage=_usage(firsts[0].prompt_tokens, counts))
     except ApiError as e:
