@@ -76,8 +76,12 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, detok=detok)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        self.scheduler.add(seq)
-        self.seqs[request_id] = seq
+        self.seqs[request_id] = seq  # first: abort(request_id) finds it from here on, queued or not
+        try:
+            self.scheduler.add(seq)
+        except BaseException:  # QueueFull, or Ctrl-C as it was queued: nothing is left behind
+            self.abort(request_id)
+            raise
         return seq
 
     def abort(self, request_id: str) -> None:

@@ -83,16 +83,17 @@ class LLM:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"sampling_params: expected SamplingParams, got {type(p).__name__}")
             self.engine.validate(toks, p)
-        seqs = []
+        seqs, rids = [], []
         try:
             for toks, p in zip(ids, plist):
-                seqs.append(self.engine.add_request(f"offline-{self._next_id}", toks, p))
+                rids.append(f"offline-{self._next_id}")  # before it is queued: a Ctrl-C as it is finds it here
                 self._next_id += 1
+                seqs.append(self.engine.add_request(rids[-1], toks, p))
             while self.engine.has_work():
                 self.engine.step()
         except BaseException:  # Ctrl-C, or a bug: no request of this call outlives it (nor holds its KV slot)
-            for s in seqs:
-                self.engine.abort(s.request_id)
+            for rid in rids:
+                self.engine.abort(rid)
             raise
         failed = [(i, s) for i, s in enumerate(seqs) if s.error is not None]
         if failed:  # as vLLM's generate: an error, not an output that looks finished
