@@ -75,3 +75,27 @@ def test_shard_panels_count_registered_shards_only(path):
         assert not re.search(r"count\s*\(\s*min by \(shard\) \(" + HEALTHY, expr), f"{title}: counts ghosts"
     totals = [e for title, legend, e in _targets(json.loads(path.read_text())) if legend == "total"]
     assert totals and all(REGISTERED in e and HEALTHY not in e for e in totals), totals
+
+
+def test_the_error_ratio_leaves_out_clients_that_went_away():
+    """A client that went away (a disconnect: 499; a cancel or deadline: CANCELLED) counts as status cancelled, not
+    error (elasticmoe.metrics), yet request_errors_total records its code: the Error ratio panel must leave those
+    codes out, or a burst of impatient clients reads as a server failing."""
+    import grpc
+
+    from elasticmoe.gateway.openai_choices import STATUS_OF
+
+    gone = sorted(str(code) for code, status in STATUS_OF.items() if status == "cancelled")  # HTTP's
+    assert gone == ["499"] and grpc.StatusCode.CANCELLED.name == "CANCELLED"  # the codes the doors record
+
+    def panels(node):
+        if isinstance(node, dict):
+            return ([node] if "title" in node else []) + [p for v in node.values() for p in panels(v)]
+        return [p for v in node for p in panels(v)] if isinstance(node, list) else []
+
+    panels = [p for d in DASHBOARDS for p in panels(json.loads(d.read_text())) if p.get("title") == "Error ratio"]
+    assert panels, "no Error ratio panel"
+    for panel in panels:
+        for expr in _exprs(panel):
+            errors = re.search(r"ray_elasticmoe_request_errors_total\{([^}]*)\}", expr)
+            assert errors and 'code!~"499|CANCELLED"' in errors.group(1), expr
