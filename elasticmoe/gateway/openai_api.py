@@ -21,6 +21,7 @@ from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
+from elasticmoe.gateway.tokenizing import chars_of, tokenized
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, check_model,
     completion_ids, http_error, parse_body, reject_unsupported, sampling_params)
@@ -89,7 +90,7 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request,
     aliases = {"prompt_token_ids": "prompt"}
     try:
         reject_unsupported(req)
-        ids = completion_ids(core.tokenizer, req.prompt, _validator(core))
+        ids = await tokenized(chars_of(req.prompt), completion_ids, core.tokenizer, req.prompt, _validator(core))
         max_tokens = req.max_tokens
         if max_tokens is None:  # OpenAI's 16; generation_config's max_new_tokens or the context left where less
             cap = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS))
@@ -108,7 +109,7 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
     aliases = {"prompt_token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs", "max_tokens": limit}
     try:
         reject_unsupported(req)
-        ids = chat_ids(core.tokenizer, req.messages, _validator(core))
+        ids = await tokenized(chars_of(req.messages), chat_ids, core.tokenizer, req.messages, _validator(core))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context allows (generation_config's where less)
             check = _validator(core)  # (chat_ids refused a prompt that fills the context, naming messages)

@@ -1,0 +1,33 @@
+"""A long prompt is tokenized on one worker thread, off the event loop, so other requests' streams keep flowing."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+# Prompts of this many characters or more go to the worker: a 1 MiB prompt takes about a second to tokenize (the
+# tokenizer releases the GIL meanwhile), a short one less than the thread hop would cost.
+OFF_LOOP_CHARS = 16 << 10
+_POOL = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # one, as vLLM's: long prompts queue, not the loop
+
+
+async def tokenized(chars: int, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) (a prompt's checks and tokenizing, which may raise InvalidRequest) on the tokenize thread when the
+    prompt has `chars` characters or more, else here."""
+    if chars < OFF_LOOP_CHARS:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(_POOL, fn, *args)
+
+
+def chars_of(prompt: Any) -> int:
+    """A prompt's characters: a string's; summed over a list's strings, chat messages' contents and text parts
+    ({"type": "text", "text": ...}); token ids count none."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, dict):  # a content part
+        return chars_of(prompt.get("text"))
+    if isinstance(prompt, list):
+        return sum(chars_of(p) for p in prompt)
+    return chars_of(getattr(prompt, "content", None)) if hasattr(prompt, "content") else 0
