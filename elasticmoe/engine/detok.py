@@ -39,12 +39,14 @@ def byte_fallback_ids(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
 
 def prompt_context(tokenizer: Any, prompt_ids: list[int]) -> list[int]:
     """The prompt's last tokens that the completion is decoded after, as vLLM does: the fewest (4 to 23) whose
-    text has no U+FFFD (so it starts on a character); none if no such suffix."""
+    text has no U+FFFD (so it starts on a character) and is not empty (skipped special tokens alone leave a
+    completion at a text's start, where a decoder drops its leading space); none if no such suffix."""
     lo, hi = CONTEXT_TOKENS
     if len(prompt_ids) <= lo:
         return list(prompt_ids)
     for n in range(lo, min(len(prompt_ids) + 1, hi)):
-        if REPLACEMENT not in tokenizer.decode(prompt_ids[-n:], skip_special_tokens=True):
+        text = tokenizer.decode(prompt_ids[-n:], skip_special_tokens=True)
+        if text and REPLACEMENT not in text:
             return list(prompt_ids[-n:])
     return []
 

@@ -1,0 +1,120 @@
+"""Property-based tests (hypothesis) of the incremental detokenizer against transformers' full decode: random ids
+of six offline tokenizers (partial UTF-8, byte fallback, special / added / blank / empty tokens), random stop-string
+sets, updates one token or many at a time, min_tokens and a prompt's context."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from elasticmoe.engine.detok import STUCK_TOKENS, Detokenizer, prompt_context
+from elasticmoe.model.tokenizer import CORPUS, make_tokenizer
+
+PROPS = settings(max_examples=int(os.environ.get("ELASTICMOE_DETOK_EXAMPLES", "60")), deadline=None,
+                 derandomize=os.environ.get("ELASTICMOE_FUZZ_RANDOM") != "1", database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                        HealthCheck.filter_too_much])
+MULTI = "Hello wörld 😀 中文字符 ünïcödé — “quotes” 🇫🇷 👩‍👩‍👧 naïve café ½ ∑ ∞ 懒狗 ok.\n\tThe sea  is."
+ALPHABET = sorted(set(MULTI + "abc ,.!?\n\ufffd€𝄞éÃ©"))
+LINES = CORPUS.splitlines(keepends=True) + [MULTI]
+ADDED = ["<tool>", " hello", "wörld", "😀", "\n\n", "   ", "naÃ", "©x"]  # Ã / ©: a lead / continuation byte
+
+
+def _wrap(tok: Tokenizer, bos: str, eos: str, **kw) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                   clean_up_tokenization_spaces=False, **kw)
+
+
+def _byte_level() -> PreTrainedTokenizerFast:
+    """GPT-2 / Llama-3 style byte-level BPE; specials that only the tokenizers library marks special (as Llama-3's
+    reserved ones, not in transformers' all_special_ids) and plain added tokens (multi-byte, blank, stray bytes)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(LINES, trainers.BpeTrainer(
+        vocab_size=450, special_tokens=["<|begin|>", "<|eot|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken("<|reserved_0|>", special=True), AddedToken("<|tool_call|>", special=True)])
+    tok.add_tokens(ADDED)
+    return _wrap(tok, "<|begin|>", "<|eot|>")
+
+
+def _metaspace(byte_fallback: bool) -> PreTrainedTokenizerFast:
+    """Llama-2 / Mistral style: Metaspace BPE, <0xXX> byte fallback and a Strip decoder; or (no byte fallback) a
+    Metaspace decoder and <unk>. Control tokens only the tokenizers library marks special, as Mistral's [INST]."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(LINES, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    model = tok.model
+    if byte_fallback:
+        vocab = tok.get_vocab()
+        for b in range(256):
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in
+                  __import__("json").loads(tok.to_str())["model"]["merges"]]
+        model = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True)
+    out = Tokenizer(model)
+    out.add_special_tokens(["<unk>", "<s>", "</s>", AddedToken("[INST]", special=True),
+                            AddedToken("[/INST]", special=True)])
+    out.add_tokens(ADDED)
+    out.pre_tokenizer = pre_tokenizers.Metaspace()
+    out.decoder = (decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)]) if byte_fallback else decoders.Metaspace())
+    return _wrap(out, "<s>", "</s>", unk_token="<unk>")
+
+
+TOKENIZERS = {"tiny512": lambda: make_tokenizer(512), "tiny300": lambda: make_tokenizer(300),
+              "bytelevel": _byte_level, "sentencepiece": lambda: _metaspace(True),
+              "metaspace": lambda: _metaspace(False)}
+
+
+@dataclass(frozen=True)
+class Kit:
+    """A tokenizer and its ids by kind (each as decode([id]) shows it)."""
+
+    tok: PreTrainedTokenizerFast
+    pools: tuple[tuple[int, ...], ...]  # partial UTF-8 / byte, special (skipped), blank, empty, added
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+@functools.cache
+def kit(name: str) -> Kit:
+    tok = TOKENIZERS[name]()
+    one = {i: tok.decode([i], skip_special_tokens=True) for i in range(len(tok))}
+    raw = {i: tok.decode([i]) for i in range(len(tok))}
+    added = set(tok.added_tokens_decoder)
+    pools = ([i for i, t in one.items() if "\ufffd" in t], [i for i, t in one.items() if not t and raw[i]],
+             [i for i, t in one.items() if t and t.isspace()], [i for i, t in one.items() if not t],
+             sorted(added))
+    return Kit(tok, tuple(tuple(p) for p in pools if p))
+
+
+# --- what the properties found, as plain examples ---------------------------------------------------------------
+
+def _per_token(tok, ids: list[int], stops: tuple[str, ...], min_tokens: int, context: list[int] = ()) -> Detokenizer:
+    d = Detokenizer(tok, stops, list(context))
+    for n in range(1, len(ids) + 1):
+        d.update(ids[:n], search=n >= min_tokens)
+        if d.stop_at is not None:
+            break
+    return d
+
+
+def test_a_prompt_ending_in_special_tokens_keeps_the_completions_leading_space():
+    """'Paris' + four </s>, then '▁is': the context (the last 4 tokens, all skipped) decoded to '', so '▁is' was
+    decoded as a text's start and lost its space; transformers' pipeline gives ' is'."""
+    tok = kit("sentencepiece").tok
+    prompt = tok.encode("Paris", add_special_tokens=False) + [tok.eos_token_id] * 4
+    ids = tok.encode("is", add_special_tokens=False)
+    d = _per_token(tok, ids, (), 0, prompt_context(tok, prompt))
+    assert d.text == tok.decode(prompt + ids, skip_special_tokens=True)[len("Paris"):] == " is"
