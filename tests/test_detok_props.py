@@ -118,3 +118,16 @@ def test_a_prompt_ending_in_special_tokens_keeps_the_completions_leading_space()
     ids = tok.encode("is", add_special_tokens=False)
     d = _per_token(tok, ids, (), 0, prompt_context(tok, prompt))
     assert d.text == tok.decode(prompt + ids, skip_special_tokens=True)[len("Paris"):] == " is"
+
+
+def test_a_special_token_only_the_tokenizers_library_marks_does_not_end_a_byte_run():
+    """'中' as byte tokens, Mistral's [INST] (special in tokenizer.json, not in transformers' all_special_ids; a
+    decode skips it) and a stray byte: the decoder sees one run, e4 b8 ad 80, invalid, so four U+FFFD; '中' was
+    made stable at [INST], as if that ended the run, and stayed."""
+    tok = kit("sentencepiece").tok
+    ids = tok.convert_tokens_to_ids(["<0xE4>", "<0xB8>", "<0xAD>", "[INST]", "<0x80>"])
+    d = Detokenizer(tok)
+    for n in range(1, len(ids) + 1):
+        d.update(ids[:n])
+        assert d.text == tok.decode(ids[:n], skip_special_tokens=True), n
+    assert d.text == "\ufffd" * 4 and d.delta() + d.delta(final=True) == d.text

@@ -21,7 +21,8 @@ def byte_fallback_ids(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
 
     A byte-fallback decoder turns a whole run of byte tokens into text at once (each byte a U+FFFD if the run is
     not valid UTF-8), so a complete character can still change while the run goes on: text is stable only after
-    a run. Special tokens are skipped before decoding, so they do not end a run.
+    a run. Special tokens are skipped before decoding, so they do not end a run: those transformers lists and
+    those the tokenizers library marks special (a decode skips both).
     """
     try:
         return _BYTE_IDS[tokenizer]
@@ -29,7 +30,11 @@ def byte_fallback_ids(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
         pass
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     ids = {i: int(t[3:5], 16) for t, i in vocab.items() if len(t) == 6 and BYTE_PIECE.fullmatch(t)}
-    found = ids, frozenset(getattr(tokenizer, "all_special_ids", ()) if ids else ())
+    special = set(getattr(tokenizer, "all_special_ids", ())) if ids else set()
+    if ids:  # and those only tokenizer.json marks special (e.g. Mistral's [INST]): a decode skips them too
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        special.update(i for i, t in added.items() if getattr(t, "special", False))
+    found = ids, frozenset(special)
     try:
         _BYTE_IDS[tokenizer] = found
     except TypeError:  # not weak-referenceable: not cached
