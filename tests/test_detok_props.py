@@ -131,3 +131,18 @@ def test_a_special_token_only_the_tokenizers_library_marks_does_not_end_a_byte_r
         d.update(ids[:n])
         assert d.text == tok.decode(ids[:n], skip_special_tokens=True), n
     assert d.text == "\ufffd" * 4 and d.delta() + d.delta(final=True) == d.text
+
+
+def test_a_partial_character_followed_by_many_empty_tokens_stays_pending():
+    """'?', the lead byte of '¡' (c2), STUCK_TOKENS + 1 pads (skipped, no text), then its continuation byte (a1):
+    the stuck window was split before the pads, where '?' + lone c2 and the pads decode apart as together, and
+    '?\ufffd' became stable; the full decode is '?¡'."""
+    tok = make_tokenizer(512)
+    lead, cont = tok.convert_tokens_to_ids(["Â", "¡"])
+    ids = tok.encode("?", add_special_tokens=False) + [lead] + [tok.pad_token_id] * (STUCK_TOKENS + 1) + [cont]
+    d, streamed = Detokenizer(tok), ""
+    for n in range(1, len(ids) + 1):
+        d.update(ids[:n])
+        streamed += d.delta()
+        assert d.text == tok.decode(ids[:n], skip_special_tokens=True), n
+    assert d.text == streamed + d.delta(final=True) == "?¡"

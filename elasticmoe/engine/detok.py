@@ -169,7 +169,9 @@ class Detokenizer:
 
     def _split(self, ids: list[int], now: str) -> bool:
         """Many tokens and still mid-character (e.g. invalid bytes): make stable the longest part whose text a
-        full decode cannot change, i.e. where decoding the two sides apart gives the same text as together.
+        full decode cannot change, i.e. where decoding the two sides apart gives the same text as together and
+        the other side has text (its first byte tells that a partial character before it stays one; tokens
+        without text, e.g. skipped special ones, tell nothing).
 
         Not inside a run of byte tokens, whose text a later byte can still change (one invalid byte turns the
         whole run into U+FFFDs), unless the run is longer than BYTE_RUN_TOKENS: each token would decode all of it.
@@ -178,8 +180,8 @@ class Detokenizer:
         for j in range(len(ids) - 1, max(self.read, len(ids) - 5), -1):  # 4 back: a 4-byte character
             if self._in_byte_run(ids, j) and not self._long_run_split(ids, j):
                 continue
-            head = self._decode(ids[self.prefix:j])
-            if head + self._decode(ids[j:]) == now:
+            head, rest = self._decode(ids[self.prefix:j]), self._decode(ids[j:])
+            if rest and head + rest == now:
                 self._advance(ids, j, head[len(self._before):])
                 return True
         return False
