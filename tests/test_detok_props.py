@@ -146,3 +146,20 @@ def test_a_partial_character_followed_by_many_empty_tokens_stays_pending():
         streamed += d.delta()
         assert d.text == tok.decode(ids[:n], skip_special_tokens=True), n
     assert d.text == streamed + d.delta(final=True) == "?¡"
+
+
+def test_a_stop_string_generated_before_min_tokens_does_not_stop_it_later():
+    """'中' as three byte-fallback tokens, then '▁a' (min_tokens = 4): '中' came before min_tokens (a byte run's
+    text is held pending until the run ends, yet it was there); found at token 4, it cut the text to ''."""
+    tok = kit("sentencepiece").tok
+    ids = tok.convert_tokens_to_ids(["<0xE4>", "<0xB8>", "<0xAD>", "▁a"])
+    d = _per_token(tok, ids, ("中",), min_tokens=4)
+    assert (d.stop_at, d.text) == (None, "中 a")
+
+
+def test_a_partial_character_before_min_tokens_is_not_searched_at_min_tokens():
+    """'ok' + a lone lead byte (U+FFFD) + a pad that adds no text at min_tokens: the stop '\ufffd' came before."""
+    tok = make_tokenizer(512)
+    ids = tok.encode("ok", add_special_tokens=False) + [tok.convert_tokens_to_ids("ä"), tok.pad_token_id]
+    d = _per_token(tok, ids, ("\ufffd",), min_tokens=len(ids))
+    assert (d.stop_at, d.text) == (None, "ok\ufffd")

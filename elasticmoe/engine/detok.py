@@ -105,6 +105,7 @@ class Detokenizer:
         self.tail = ""  # its last `keep` chars
         self.pending = ""  # what ids[read:seen] add now (ends mid-character)
         self.stop_at: int | None = None  # where the first stop string starts in the text
+        self.unsearched: tuple[int, str] | None = None  # (stable chars, pending) at an update under min_tokens
         self.sent = 0  # chars handed out by delta()
         self._next = (0, 0)  # (piece, char in it) where delta() resumes
         self.decoded_tokens = 0  # tokens passed to decode over all calls (cost accounting)
@@ -137,6 +138,10 @@ class Detokenizer:
             self.pending = added
         if search and self.stops:
             self._search(old_len, old_tail)
+        elif self.stops and self.pending:  # under min_tokens: a later stop must end past the text it keeps of this
+            self.unsearched = (self.length, self.pending)
+        elif self.stops:
+            self.unsearched = None
 
     def _in_byte_run(self, ids: list[int], end: int) -> bool:
         """Whether ids[:end] ends inside a run of byte tokens (skipped special tokens do not end a run)."""
@@ -189,13 +194,25 @@ class Detokenizer:
     def _search(self, old_len: int, old_tail: str) -> None:
         """Look for the stop strings in what this update added (reaching back into the last `keep` chars)."""
         region = old_tail + self._stable_from(old_len) + self.pending
-        base, best = old_len - len(old_tail), None
+        base, best, floor = old_len - len(old_tail), None, self._floor()
         for s in self.stops:
-            at = region.find(s, max(0, len(old_tail) - len(s) + 1))
+            at = region.find(s, max(0, len(old_tail) - len(s) + 1, floor - base - len(s) + 1))
             if at != -1 and (best is None or at < best):
                 best = at
         if best is not None:
             self.stop_at = base + best
+
+    def _floor(self) -> int:
+        """Chars at the text's start that it had, the same, at the last update under min_tokens (those before
+        the pending part of then, and what of that part is still there): a stop string within them is not one."""
+        if self.unsearched is None:
+            return 0
+        start, was = self.unsearched
+        now = (self._stable_from(start)[:len(was)] + self.pending)[:len(was)]
+        same = next((i for i, (a, b) in enumerate(zip(was, now)) if a != b), min(len(was), len(now)))
+        if self.length >= start + len(was):  # stable past it: later searches start beyond the floor
+            self.unsearched = None
+        return start + same
 
     def _stable_from(self, start: int) -> str:
         """The stable text from char `start` on (a short walk back over the last pieces)."""
