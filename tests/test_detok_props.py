@@ -163,3 +163,17 @@ def test_a_partial_character_before_min_tokens_is_not_searched_at_min_tokens():
     ids = tok.encode("ok", add_special_tokens=False) + [tok.convert_tokens_to_ids("ä"), tok.pad_token_id]
     d = _per_token(tok, ids, ("\ufffd",), min_tokens=len(ids))
     assert (d.stop_at, d.text) == (None, "ok\ufffd")
+
+
+def test_a_context_ending_mid_character_keeps_the_completion_pending():
+    """A prompt ending in the lead byte f0 (its context: a 1-token prompt is kept whole), then a1 a1 (f0 a1 a1: one
+    truncated character, U+FFFD, so the completion adds no text) and '!': the first a1 added '' and was made
+    stable, so the next was decoded alone as a second U+FFFD; text and stream were '\ufffd!', not '!'."""
+    tok = make_tokenizer(512)
+    prompt, ids = tok.convert_tokens_to_ids(["ð"]), tok.convert_tokens_to_ids(["¡", "¡", "!"])
+    d, streamed = Detokenizer(tok, (), prompt_context(tok, prompt)), ""
+    for n in range(1, len(ids) + 1):
+        d.update(ids[:n])
+        streamed += d.delta()
+        assert d.text == tok.decode(prompt + ids[:n], skip_special_tokens=True)[1:], n
+    assert d.text == streamed + d.delta(final=True) == "!"

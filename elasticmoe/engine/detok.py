@@ -83,7 +83,8 @@ class Detokenizer:
 
     The text that tokens `ids[read:]` add is `decode(ids[prefix:])` minus `decode(ids[prefix:read])`: decoding
     from an earlier token keeps the rules a full decode applies at token boundaries (a leading space dropped only
-    at the very start). While the new text ends in U+FFFD (part of a UTF-8 character) the tokens stay pending.
+    at the very start). While the window's text ends in U+FFFD (part of a UTF-8 character; what the new tokens add
+    can be "" when they continue one the context ends in) the tokens stay pending.
 
     `text` is exactly `tokenizer.decode(context + ids, skip_special_tokens=True)` less the text of `context`
     (the prompt's last tokens, see `prompt_context`; with none, a plain decode of ids; `_split` names the one
@@ -129,7 +130,7 @@ class Detokenizer:
         old_len, old_tail = self.length, self.tail
         now = self._decode(ids[self.prefix:])
         added = now[len(self._before):]
-        if not added.endswith(REPLACEMENT) and not self._in_byte_run(ids, len(ids)):
+        if not now.endswith(REPLACEMENT) and not self._in_byte_run(ids, len(ids)):
             self._advance(ids, len(ids), added)
             self.pending = ""
         elif len(ids) - self.read > STUCK_TOKENS and self._split(ids, now):  # rare: invalid bytes
