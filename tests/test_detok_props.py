@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of the incremental detokenizer against transformers' full decode: random ids
-of six offline tokenizers (partial UTF-8, byte fallback, special / added / blank / empty tokens), random stop-string
+of five offline tokenizers (partial UTF-8, byte fallback, special / added / blank / empty tokens), random stop-string
 sets, updates one token or many at a time, min_tokens and a prompt's context."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from elasticmoe.engine.detok import STUCK_TOKENS, Detokenizer, prompt_context
 from elasticmoe.model.tokenizer import CORPUS, make_tokenizer
 
-PROPS = settings(max_examples=int(os.environ.get("ELASTICMOE_DETOK_EXAMPLES", "60")), deadline=None,
+PROPS = settings(max_examples=int(os.environ.get("ELASTICMOE_DETOK_EXAMPLES", "200")), deadline=None,
                  derandomize=os.environ.get("ELASTICMOE_FUZZ_RANDOM") != "1", database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                         HealthCheck.filter_too_much])
@@ -97,6 +97,138 @@ def kit(name: str) -> Kit:
              [i for i, t in one.items() if t and t.isspace()], [i for i, t in one.items() if not t],
              sorted(added))
     return Kit(tok, tuple(tuple(p) for p in pools if p))
+
+
+def id_lists(k: Kit, max_pieces: int = 12) -> st.SearchStrategy:
+    """Concatenated pieces: one id of any kind, or the encoding of a short multi-byte text."""
+    one = st.one_of(st.integers(0, len(k.tok) - 1), *[st.sampled_from(p) for p in k.pools]).map(lambda i: [i])
+    text = st.text(alphabet=ALPHABET, min_size=1, max_size=8).map(
+        lambda t: k.tok.encode(t, add_special_tokens=False))
+    return st.lists(st.one_of(one, one, text), min_size=1, max_size=max_pieces).map(
+        lambda ps: [i for p in ps for i in p]).filter(lambda ids: 0 < len(ids) <= 48)
+
+
+@st.composite
+def stop_sets(draw, text: str, prompt: str) -> tuple[str, ...]:
+    """Stop strings: substrings of the completion (across tokens) with prefixes of and overlaps with each other,
+    substrings of the prompt, multi-byte or U+FFFD strings, random ones; sometimes empty ones."""
+    out: list[str] = []
+    for _ in range(draw(st.integers(1, 4))):
+        src = draw(st.sampled_from([text, text, prompt])) or text or "x"
+        a = draw(st.integers(0, len(src) - 1))
+        b = draw(st.integers(a + 1, min(len(src), a + draw(st.sampled_from([3, 6, 12])))))
+        out.append(src[a:b])
+        kind = draw(st.sampled_from(["", "prefix", "longer", "shifted"]))
+        if kind == "prefix" and b - a > 1:
+            out.append(src[a:draw(st.integers(a + 1, b - 1))])
+        elif kind == "longer" and b < len(src):
+            out.append(src[a:draw(st.integers(b + 1, min(len(src), b + 3)))])
+        elif kind == "shifted" and b - a > 1:
+            out.append(src[a + 1:b + 1])
+    out += draw(st.lists(st.one_of(st.text(alphabet=ALPHABET, min_size=1, max_size=3),
+                                   st.sampled_from(["\ufffd", "", " ", "中文", "😀"])), max_size=2))
+    return tuple(draw(st.permutations(out)))
+
+
+def chunk_ends(draw, n: int) -> list[int]:
+    """Update points 1..n: every token, or random chunks of 1 to 8 tokens."""
+    if draw(st.booleans()):
+        return list(range(1, n + 1))
+    ends, at = [], 0
+    while at < n:
+        at = min(n, at + draw(st.integers(1, 8)))
+        ends.append(at)
+    return ends
+
+
+def _lcp(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def reference(texts: list[str], stops: tuple[str, ...], ends: list[int], min_tokens: int) -> tuple[int, str]:
+    """(the update that stops, the text): at each update from min_tokens on, the full decode is cut before the
+    earliest stop string that ends in text not there before min_tokens (the decode at the last update before)."""
+    before = None
+    for n in ends:
+        t = texts[n]
+        if n < min_tokens:
+            before = t
+            continue
+        floor = _lcp(before, t) if before is not None else 0
+        hits = [p for s in stops if s for p in _occurrences(t, s) if p + len(s) > floor]
+        if hits:
+            return n, t[:min(hits)]
+    return ends[-1], texts[ends[-1]]
+
+
+def _occurrences(t: str, s: str) -> list[int]:
+    out, p = [], t.find(s)
+    while p != -1:
+        out.append(p)
+        p = t.find(s, p + 1)
+    return out
+
+
+def _texts(k: Kit, context: list[int], ids: list[int]) -> list[str]:
+    """The completion's text after each token: decode(context + ids[:n]) less decode(context)."""
+    base = k.decode(context)
+    out = [k.decode(context + ids[:n]) for n in range(len(ids) + 1)]
+    assume(all(t.startswith(base) for t in out))  # else the prompt's own text changes: no reference
+    return [t[len(base):] for t in out]
+
+
+def _run(k: Kit, ids: list[int], stops, ends, min_tokens: int, context: list[int], texts: list[str]):
+    """Drive a Detokenizer as the engine and a stream do; check each update; (update that stopped, text,
+    the deltas joined)."""
+    d, streamed = Detokenizer(k.tok, stops, context), ""
+    for n in ends:
+        d.update(ids[:n], search=n >= min_tokens)
+        if d.stop_at is not None:
+            break
+        assert d.text == texts[n], n
+        streamed += d.delta()
+        assert texts[n].startswith(streamed), n  # only text that can no longer change
+    return n, d.text, streamed, streamed + d.delta(final=True)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@PROPS
+@given(data=st.data())
+def test_stream_equals_full_decode_cut_at_the_first_stop(name, data):
+    """Any ids, stop strings, chunking, min_tokens and prompt (its context as the engine passes it): the text
+    after each update is decode(context + ids) less decode(context), the stop falls at the reference's update and
+    cut (a stop string in the prompt's text only where it is in the completion's), and the deltas joined (never
+    one char of a stop string) are that text."""
+    k = kit(name)
+    prompt = data.draw(st.just([]) | id_lists(k, 6), "prompt")
+    ids = data.draw(id_lists(k), "ids")
+    context = prompt_context(k.tok, prompt)
+    texts = _texts(k, context, ids)
+    stops = data.draw(stop_sets(texts[-1], k.decode(prompt)), "stops") if data.draw(st.booleans()) else ()
+    ends = chunk_ends(data.draw, len(ids))
+    min_tokens = data.draw(st.integers(0, len(ids))) if data.draw(st.booleans()) else 0
+    note(f"context={context} texts={texts}")
+    ref_n, ref_text = reference(texts, stops, ends, min_tokens)
+    n, text, streamed, joined = _run(k, ids, stops, ends, min_tokens, context, texts)
+    assert (n, text) == (ref_n, ref_text)
+    assert ref_text.startswith(streamed) and joined == ref_text
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@PROPS
+@given(data=st.data())
+def test_the_context_gives_transformers_pipeline_text(name, data):
+    """decode(context + ids) less decode(context) is decode(prompt + ids) less decode(prompt), the text of
+    transformers' text-generation pipeline (and vLLM's), wherever the latter is defined."""
+    k = kit(name)
+    prompt, ids = data.draw(id_lists(k, 6), "prompt"), data.draw(id_lists(k), "ids")
+    whole, head, context = k.decode(prompt + ids), k.decode(prompt), prompt_context(k.tok, prompt)
+    assume(whole.startswith(head) and context)
+    note(f"context={context}")
+    assert _texts(k, context, ids)[-1] == whole[len(head):]
 
 
 # --- what the properties found, as plain examples ---------------------------------------------------------------
