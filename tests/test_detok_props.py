@@ -309,3 +309,15 @@ def test_a_context_ending_mid_character_keeps_the_completion_pending():
         streamed += d.delta()
         assert d.text == tok.decode(prompt + ids[:n], skip_special_tokens=True)[1:], n
     assert d.text == streamed + d.delta(final=True) == "!"
+
+
+@pytest.mark.parametrize("name", ["tiny512", "sentencepiece"])
+def test_a_run_of_skipped_special_tokens_keeps_the_window_bounded(name):
+    """Text, 2000 EOS (a model run with ignore_eos), more text: each EOS (no text) kept the window's start where it
+    was, so the window grew with the run and the decode work with its square (2 M tokens decoded, 2 s)."""
+    tok = kit(name).tok
+    text = tok.encode("The sea is wide, 中文 😀", add_special_tokens=False)
+    ids = text + [tok.eos_token_id] * 2000 + text
+    d = _per_token(tok, ids, ("never there",), 0)
+    assert d.text == tok.decode(ids, skip_special_tokens=True)
+    assert d.max_window <= STUCK_TOKENS + 4 and d.decoded_tokens <= 6 * len(ids), (d.max_window, d.decoded_tokens)

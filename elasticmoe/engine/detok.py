@@ -12,31 +12,30 @@ STUCK_TOKENS = 8  # a window whose text still ends mid-character after this many
 BYTE_RUN_TOKENS = 64  # a run of byte tokens longer than this is split where exact too (else each token decodes it)
 CONTEXT_TOKENS = (4, 24)  # a prompt suffix of this many tokens (fewest that decode whole) precedes the output
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte fallback: one raw byte per token
-_BYTE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKEN_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def byte_fallback_ids(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
-    """(a tokenizer's <0xXX> byte tokens: id -> byte, its special ids): the former empty for byte-level BPE; looked
-    up once per tokenizer.
+def token_sets(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
+    """(a tokenizer's <0xXX> byte tokens: id -> byte, ids a decode with skip_special_tokens drops): the former
+    empty for byte-level BPE; looked up once per tokenizer.
 
     A byte-fallback decoder turns a whole run of byte tokens into text at once (each byte a U+FFFD if the run is
     not valid UTF-8), so a complete character can still change while the run goes on: text is stable only after
-    a run. Special tokens are skipped before decoding, so they do not end a run: those transformers lists and
-    those the tokenizers library marks special (a decode skips both).
+    a run. The dropped ids are the special tokens, those transformers lists and those only tokenizer.json marks
+    special (e.g. Mistral's [INST]): the decoder never sees them, so they add no text, end no run and need no
+    place in a decode window.
     """
     try:
-        return _BYTE_IDS[tokenizer]
+        return _TOKEN_SETS[tokenizer]
     except (KeyError, TypeError):
         pass
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     ids = {i: int(t[3:5], 16) for t, i in vocab.items() if len(t) == 6 and BYTE_PIECE.fullmatch(t)}
-    special = set(getattr(tokenizer, "all_special_ids", ())) if ids else set()
-    if ids:  # and those only tokenizer.json marks special (e.g. Mistral's [INST]): a decode skips them too
-        added = getattr(tokenizer, "added_tokens_decoder", {})
-        special.update(i for i, t in added.items() if getattr(t, "special", False))
-    found = ids, frozenset(special)
+    maybe = set(getattr(tokenizer, "all_special_ids", ())) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    found = ids, frozenset(i for i in maybe if tokenizer.decode([i], skip_special_tokens=True) == ""
+                           and tokenizer.decode([i], skip_special_tokens=False) != "")
     try:
-        _BYTE_IDS[tokenizer] = found
+        _TOKEN_SETS[tokenizer] = found
     except TypeError:  # not weak-referenceable: not cached
         pass
     return found
@@ -56,35 +55,14 @@ def prompt_context(tokenizer: Any, prompt_ids: list[int]) -> list[int]:
     return []
 
 
-class _After:
-    """The token ids `context + ids`, to index and slice without copying `ids`."""
-
-    __slots__ = ("context", "ids")
-
-    def __init__(self, context: list[int], ids: list[int]):
-        self.context, self.ids = context, ids
-
-    def __len__(self) -> int:
-        return len(self.context) + len(self.ids)
-
-    def __getitem__(self, k):
-        n = len(self.context)
-        if isinstance(k, slice):
-            start, stop, _ = k.indices(len(self))
-            if start >= n:
-                return self.ids[start - n:max(start, stop) - n]
-            return self.context[start:stop] + self.ids[:max(0, stop - n)]
-        k = k + len(self) if k < 0 else k
-        return self.context[k] if k < n else self.ids[k - n]
-
-
 class Detokenizer:
     """One request's completion text, built as its tokens arrive (the prefix / read offset technique).
 
     The text that tokens `ids[read:]` add is `decode(ids[prefix:])` minus `decode(ids[prefix:read])`: decoding
     from an earlier token keeps the rules a full decode applies at token boundaries (a leading space dropped only
     at the very start). While the window's text ends in U+FFFD (part of a UTF-8 character; what the new tokens add
-    can be "" when they continue one the context ends in) the tokens stay pending.
+    can be "" when they continue one the context ends in) the tokens stay pending. `ids` are the context's and the
+    completion's tokens less those a decode drops (special tokens): a run of them takes no room in a window.
 
     `text` is exactly `tokenizer.decode(context + ids, skip_special_tokens=True)` less the text of `context`
     (the prompt's last tokens, see `prompt_context`; with none, a plain decode of ids; `_split` names the one
@@ -98,21 +76,21 @@ class Detokenizer:
     def __init__(self, tokenizer: Any, stops: tuple[str, ...] = (), context: list[int] = ()):
         self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
         self.keep = max((len(s) for s in self.stops), default=1) - 1  # stable chars a stop string can start in
-        self.context = list(context)  # decoded before ids (ids[:len(context)] below), never part of the text
-        self.prefix, self.read = 0, len(self.context)  # window ids[prefix:]; ids[:read] are stable
-        self.seen = self.read  # ids[:seen] taken in
+        self.byte_ids, self.skipped = token_sets(tokenizer)
+        self.ids = [i for i in context if i not in self.skipped]  # context + completion, less the skipped ids
+        self.prefix, self.read = 0, len(self.ids)  # window ids[prefix:]; ids[:read] are stable
+        self.taken = 0  # the caller's ids taken in
         self.pieces: list[str] = []  # the stable text, as decoded
         self.length = 0  # chars of stable text
         self.tail = ""  # its last `keep` chars
-        self.pending = ""  # what ids[read:seen] add now (ends mid-character)
+        self.pending = ""  # what ids[read:] add now (ends mid-character)
         self.stop_at: int | None = None  # where the first stop string starts in the text
         self.unsearched: tuple[int, str] | None = None  # (stable chars, pending) at an update under min_tokens
         self.sent = 0  # chars handed out by delta()
         self._next = (0, 0)  # (piece, char in it) where delta() resumes
         self.decoded_tokens = 0  # tokens passed to decode over all calls (cost accounting)
         self.max_window = 0  # the most tokens one decode call saw
-        self.byte_ids, self.special_ids = byte_fallback_ids(tokenizer)
-        self._before = self._decode(self.context)  # decode(ids[prefix:read])
+        self._before = self._decode(self.ids)  # decode(ids[prefix:read])
 
     def _decode(self, ids: list[int]) -> str:
         self.decoded_tokens += len(ids)
@@ -122,11 +100,14 @@ class Detokenizer:
     def update(self, ids: list[int], search: bool = True) -> None:
         """Take in the tokens appended to `ids` since the last call. search=False: a stop string is not looked
         for in the text they add (the request is still under min_tokens)."""
-        if self.context:
-            ids = _After(self.context, ids)  # type: ignore[assignment]
-        if self.stop_at is not None or len(ids) == self.seen:
+        if self.stop_at is not None or len(ids) <= self.taken:
             return
-        self.seen = len(ids)
+        new = [i for i in ids[self.taken:] if i not in self.skipped]
+        self.taken = len(ids)
+        if not new:  # only skipped tokens: the text is as it was
+            return
+        ids = self.ids
+        ids += new
         old_len, old_tail = self.length, self.tail
         now = self._decode(ids[self.prefix:])
         added = now[len(self._before):]
@@ -145,21 +126,16 @@ class Detokenizer:
             self.unsearched = None
 
     def _in_byte_run(self, ids: list[int], end: int) -> bool:
-        """Whether ids[:end] ends inside a run of byte tokens (skipped special tokens do not end a run)."""
-        if not self.byte_ids:
-            return False
-        i = end - 1
-        while i >= self.read and ids[i] in self.special_ids:
-            i -= 1
-        return i >= 0 and ids[i] in self.byte_ids
+        """Whether ids[:end] ends inside a run of byte tokens."""
+        return end > 0 and ids[end - 1] in self.byte_ids
 
     def _long_run_split(self, ids: list[int], end: int) -> bool:
-        """Whether ids[:end] ends with more than BYTE_RUN_TOKENS byte (or special) tokens, and its bytes with no
-        character begun and not ended (invalid bytes end as they come: U+FFFD each)."""
+        """Whether ids[:end] ends with more than BYTE_RUN_TOKENS byte tokens, and its bytes with no character
+        begun and not ended (invalid bytes end as they come: U+FFFD each)."""
         n = BYTE_RUN_TOKENS + 1
-        if end < n or not all(t in self.byte_ids or t in self.special_ids for t in ids[end - n:end]):
+        if end < n or not all(t in self.byte_ids for t in ids[end - n:end]):
             return False
-        last = bytes(self.byte_ids[t] for t in ids[end - 4:end] if t in self.byte_ids)
+        last = bytes(self.byte_ids[t] for t in ids[end - 4:end])
         return codecs.utf_8_decode(last, "replace", False)[1] == len(last)  # nothing held for the next bytes
 
     def _advance(self, ids: list[int], upto: int, added: str) -> None:
@@ -169,7 +145,7 @@ class Detokenizer:
             self.length += len(added)
             self.tail = (self.tail + added)[-self.keep:] if self.keep else ""
         prefix, before = self.read, self._decode(ids[self.read:upto])
-        if not before and self.prefix < prefix:  # e.g. a skipped special token or a lone space a decoder strips
+        if not before and self.prefix < prefix:  # e.g. a lone space a decoder strips at a text's start
             prefix, before = self.prefix, self._decode(ids[self.prefix:upto])  # must anchor the window's start
         self.prefix, self.read, self._before = prefix, upto, before
 
@@ -177,7 +153,7 @@ class Detokenizer:
         """Many tokens and still mid-character (e.g. invalid bytes): make stable the longest part whose text a
         full decode cannot change, i.e. where decoding the two sides apart gives the same text as together and
         the other side has text (its first byte tells that a partial character before it stays one; tokens
-        without text, e.g. skipped special ones, tell nothing).
+        without text, e.g. a lone space a decoder strips, tell nothing).
 
         Not inside a run of byte tokens, whose text a later byte can still change (one invalid byte turns the
         whole run into U+FFFDs), unless the run is longer than BYTE_RUN_TOKENS: each token would decode all of it.
