@@ -44,7 +44,9 @@ def token_sets(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
 def prompt_context(tokenizer: Any, prompt_ids: list[int]) -> list[int]:
     """The prompt's last tokens that the completion is decoded after, as vLLM does: the fewest (4 to 23) whose
     text has no U+FFFD (so it starts on a character) and is not empty (skipped special tokens alone leave a
-    completion at a text's start, where a decoder drops its leading space); none if no such suffix."""
+    completion at a text's start, where a decoder drops its leading space); none if no such suffix. After a
+    prompt whose own text has U+FFFD at or near its end (it ends mid-character, or in a byte-fallback run with an
+    invalid byte), the completion's text can differ from transformers' pipeline's, which decodes it all again."""
     lo, hi = CONTEXT_TOKENS
     if len(prompt_ids) <= lo:
         return list(prompt_ids)
