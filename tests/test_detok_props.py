@@ -322,3 +322,13 @@ def test_a_run_of_skipped_special_tokens_keeps_the_window_bounded(name):
     d = _per_token(tok, ids, ("never there",), 0)
     assert d.text == tok.decode(ids, skip_special_tokens=True)
     assert d.max_window <= STUCK_TOKENS + 4 and d.decoded_tokens <= 6 * len(ids), (d.max_window, d.decoded_tokens)
+
+
+def test_a_prompt_ending_in_many_special_tokens_keeps_the_completions_leading_space():
+    """'Paris' + thirty </s>: the 4 to 23 last tokens were all skipped ones, so there was no context and '▁is' lost
+    its space; the context now counts the tokens a decode keeps."""
+    tok = kit("sentencepiece").tok
+    prompt = tok.encode("Paris", add_special_tokens=False) + [tok.eos_token_id] * 30
+    ids = tok.encode("is", add_special_tokens=False)
+    d = _per_token(tok, ids, (), 0, prompt_context(tok, prompt))
+    assert d.text == tok.decode(prompt + ids, skip_special_tokens=True)[len("Paris"):] == " is"

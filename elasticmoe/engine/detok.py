@@ -42,18 +42,26 @@ def token_sets(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
 
 
 def prompt_context(tokenizer: Any, prompt_ids: list[int]) -> list[int]:
-    """The prompt's last tokens that the completion is decoded after, as vLLM does: the fewest (4 to 23) whose
-    text has no U+FFFD (so it starts on a character) and is not empty (skipped special tokens alone leave a
-    completion at a text's start, where a decoder drops its leading space); none if no such suffix. After a
+    """The prompt's last tokens that the completion is decoded after, as vLLM does: the fewest (4 to 23, counting
+    only those a decode keeps: special tokens are left out) whose text has no U+FFFD (so it starts on a
+    character) and is not empty (else the completion is at a text's start, where a decoder drops its leading
+    space); none if no such suffix. After a
     prompt whose own text has U+FFFD at or near its end (it ends mid-character, or in a byte-fallback run with an
     invalid byte), the completion's text can differ from transformers' pipeline's, which decodes it all again."""
     lo, hi = CONTEXT_TOKENS
-    if len(prompt_ids) <= lo:
-        return list(prompt_ids)
-    for n in range(lo, min(len(prompt_ids) + 1, hi)):
-        text = tokenizer.decode(prompt_ids[-n:], skip_special_tokens=True)
+    skipped, kept = token_sets(tokenizer)[1], []
+    for i in reversed(prompt_ids):  # the last hi - 1 kept, however many special tokens come after them
+        if i not in skipped:
+            kept.append(i)
+            if len(kept) == hi - 1:
+                break
+    kept.reverse()
+    if len(kept) <= lo:
+        return kept
+    for n in range(lo, len(kept) + 1):
+        text = tokenizer.decode(kept[-n:], skip_special_tokens=True)
         if text and REPLACEMENT not in text:
-            return list(prompt_ids[-n:])
+            return kept[-n:]
     return []
 
 
