@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from elasticmoe.engine.detok import STUCK_TOKENS, Detokenizer, prompt_context
+from elasticmoe.engine.detok import BYTE_RUN_TOKENS, STUCK_TOKENS, Detokenizer, prompt_context
 from elasticmoe.model.tokenizer import CORPUS, make_tokenizer
 
 PROPS = settings(max_examples=int(os.environ.get("ELASTICMOE_DETOK_EXAMPLES", "200")), deadline=None,
@@ -335,3 +335,37 @@ def test_a_prompt_ending_in_many_special_tokens_keeps_the_completions_leading_sp
     ids = tok.encode("is", add_special_tokens=False)
     d = _per_token(tok, ids, (), 0, prompt_context(tok, prompt))
     assert d.text == tok.decode(prompt + ids, skip_special_tokens=True)[len("Paris"):] == " is"
+
+
+def _bytes(tok, data: bytes) -> list[int]:
+    return tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in data])
+
+
+def test_a_long_valid_byte_run_that_turns_invalid_shows_one_replacement_per_later_byte():
+    """96 bytes of CJK as byte tokens, then 20 stray bytes: the part split off past BYTE_RUN_TOKENS keeps its text
+    (the documented exception), every byte after it is one U+FFFD; the window's start was the last split-off part,
+    whose 3-byte characters turned into 3 U+FFFDs each behind text counted as 1 char: 4 U+FFFDs too many."""
+    tok = kit("sentencepiece").tok
+    valid = "中文字符" * 8
+    ids = tok.encode("The sea", add_special_tokens=False) + _bytes(tok, valid.encode() + b"\x80" * 20)
+    d, streamed = Detokenizer(tok), ""
+    for n in range(1, len(ids) + 1):
+        d.update(ids[:n])
+        streamed += d.delta()
+    kept = d.text[len("The sea"):].rstrip("\ufffd")
+    assert valid.startswith(kept) and len(kept.encode()) > BYTE_RUN_TOKENS, d.text
+    assert d.text == "The sea" + kept + "\ufffd" * (len(valid.encode()) - len(kept.encode()) + 20)
+    assert streamed + d.delta(final=True) == d.text
+
+
+def test_a_long_byte_run_invalid_before_it_is_split_stays_as_a_full_decode_shows_it():
+    """A stray byte, then 120 CJK characters as byte tokens: the run is invalid, so a full decode shows a U+FFFD
+    per byte; once a split moved the window's start past the stray byte, the rest decoded as valid text."""
+    tok = kit("sentencepiece").tok
+    ids = tok.encode("The sea", add_special_tokens=False) + _bytes(tok, b"\x80" + ("中文字符" * 30).encode())
+    d, streamed = Detokenizer(tok), ""
+    for n in range(1, len(ids) + 1):
+        d.update(ids[:n])
+        streamed += d.delta()
+    assert d.text == tok.decode(ids, skip_special_tokens=True) == "The sea" + "\ufffd" * 361
+    assert streamed + d.delta(final=True) == d.text and d.max_window <= BYTE_RUN_TOKENS + STUCK_TOKENS + 8

@@ -89,6 +89,9 @@ class Detokenizer:
         self.byte_ids, self.skipped = token_sets(tokenizer)
         self.ids = [i for i in context if i not in self.skipped]  # context + completion, less the skipped ids
         self.prefix, self.read = 0, len(self.ids)  # window ids[prefix:]; ids[:read] are stable
+        self.lead: list[int] = []  # a byte token decoded before the window where a byte run goes on across it
+        by_value = {b: i for i, b in self.byte_ids.items()}
+        self.leads = (by_value.get(0x41), by_value.get(0x80))  # 'A' and a lone continuation byte: see _lead
         self.taken = 0  # the caller's ids taken in
         self.pieces: list[str] = []  # the stable text, as decoded
         self.length = 0  # chars of stable text
@@ -119,13 +122,13 @@ class Detokenizer:
         ids = self.ids
         ids += new
         old_len, old_tail = self.length, self.tail
-        now = self._decode(ids[self.prefix:])
+        now = self._decode(self.lead + ids[self.prefix:])
         added = now[len(self._before):]
         if not now.endswith(REPLACEMENT) and not self._in_byte_run(ids, len(ids)):
             self._advance(ids, len(ids), added)
             self.pending = ""
         elif len(ids) - self.read > STUCK_TOKENS and self._split(ids, now):  # rare: invalid bytes
-            self.pending = self._decode(ids[self.prefix:])[len(self._before):]
+            self.pending = self._decode(self.lead + ids[self.prefix:])[len(self._before):]
         else:
             self.pending = added
         if search and self.stops:
@@ -143,21 +146,44 @@ class Detokenizer:
         """Whether ids[:end] ends with more than BYTE_RUN_TOKENS byte tokens, and its bytes with no character
         begun and not ended (invalid bytes end as they come: U+FFFD each)."""
         n = BYTE_RUN_TOKENS + 1
-        if end < n or not all(t in self.byte_ids for t in ids[end - n:end]):
+        if end < n or None in self.leads or not all(t in self.byte_ids for t in ids[end - n:end]):
             return False
         last = bytes(self.byte_ids[t] for t in ids[end - 4:end])
         return codecs.utf_8_decode(last, "replace", False)[1] == len(last)  # nothing held for the next bytes
 
+    def _lead(self, ids: list[int], at: int) -> list[int]:
+        """What a window starting at ids[at] is decoded after: nothing, or inside a byte run one byte token that
+        stands for the run's bytes before `at` (closed there): 'A' while they are valid UTF-8, a lone continuation
+        byte once not, as a decoder shows the run's later bytes then (all U+FFFD). Either shows as one char."""
+        if not 0 < at < len(ids) or ids[at - 1] not in self.byte_ids or ids[at] not in self.byte_ids:
+            return []
+        i = at
+        while i > self.prefix and ids[i - 1] in self.byte_ids:
+            i -= 1
+        if i == self.prefix and self.lead == [self.leads[1]]:  # the run came into the window invalid
+            return self.lead
+        try:
+            bytes(self.byte_ids[t] for t in ids[i:at]).decode("utf-8")
+        except UnicodeDecodeError:
+            return [self.leads[1]]
+        return [self.leads[0]]
+
     def _advance(self, ids: list[int], upto: int, added: str) -> None:
-        """ids[read:upto] are stable now, adding `added`; the next window starts at the old read offset."""
+        """ids[read:upto] are stable now, adding `added`; the next window starts at the old read offset, or at
+        upto after its lead where a long byte run was split there (the run's text before it no longer changes)."""
         if added:
             self.pieces.append(added)
             self.length += len(added)
             self.tail = (self.tail + added)[-self.keep:] if self.keep else ""
-        prefix, before = self.read, self._decode(ids[self.read:upto])
+        lead = self._lead(ids, upto)
+        if lead:
+            prefix, before = upto, self._decode(lead)
+        else:
+            lead = self._lead(ids, self.read)
+            prefix, before = self.read, self._decode(lead + ids[self.read:upto])
         if not before and self.prefix < prefix:  # e.g. a lone space a decoder strips at a text's start
-            prefix, before = self.prefix, self._decode(ids[self.prefix:upto])  # must anchor the window's start
-        self.prefix, self.read, self._before = prefix, upto, before
+            lead, prefix, before = self.lead, self.prefix, self._decode(self.lead + ids[self.prefix:upto])
+        self.lead, self.prefix, self.read, self._before = lead, prefix, upto, before
 
     def _split(self, ids: list[int], now: str) -> bool:
         """Many tokens and still mid-character (e.g. invalid bytes): make stable the longest part whose text a
@@ -167,12 +193,14 @@ class Detokenizer:
 
         Not inside a run of byte tokens, whose text a later byte can still change (one invalid byte turns the
         whole run into U+FFFDs), unless the run is longer than BYTE_RUN_TOKENS: each token would decode all of it.
-        A long run that was valid and then meets an invalid byte keeps the text of its split-off part (a full
-        decode shows a U+FFFD per byte for all of it)."""
+        A long run that was valid and then meets an invalid byte keeps the text of its split-off part, the bytes
+        after it a U+FFFD each (a full decode shows a U+FFFD per byte for all of it). A run already invalid where
+        it is split shows a U+FFFD per byte after it too, valid or not, as a full decode does (see _lead)."""
         for j in range(len(ids) - 1, max(self.read, len(ids) - 5), -1):  # 4 back: a 4-byte character
             if self._in_byte_run(ids, j) and not self._long_run_split(ids, j):
                 continue
-            head, rest = self._decode(ids[self.prefix:j]), self._decode(ids[j:])
+            lead = self._lead(ids, j)
+            head, rest = self._decode(self.lead + ids[self.prefix:j]), self._decode(lead + ids[j:])[len(lead):]
             if rest and head + rest == now:
                 self._advance(ids, j, head[len(self._before):])
                 return True
