@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) of the incremental detokenizer against transformers' full decode: random ids
 of five offline tokenizers (partial UTF-8, byte fallback, special / added / blank / empty tokens), random stop-string
-sets, updates one token or many at a time, min_tokens and a prompt's context."""
+sets, updates one token or many at a time, min_tokens, a prompt's context and byte-fallback runs longer than
+BYTE_RUN_TOKENS (their one documented exception encoded: see _renders)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from elasticmoe.engine.detok import BYTE_RUN_TOKENS, STUCK_TOKENS, Detokenizer, prompt_context
+from elasticmoe.engine.detok import BYTE_RUN_TOKENS, STUCK_TOKENS, Detokenizer, prompt_context, token_sets
 from elasticmoe.model.tokenizer import CORPUS, make_tokenizer
 
 PROPS = settings(max_examples=int(os.environ.get("ELASTICMOE_DETOK_EXAMPLES", "200")), deadline=None,
@@ -109,6 +110,50 @@ def id_lists(k: Kit, max_pieces: int = 12) -> st.SearchStrategy:
 
 
 @st.composite
+def long_byte_runs(draw, k: Kit) -> list[int]:
+    """A byte-fallback run of about BYTE_RUN_TOKENS bytes or more (up to twice): text as <0xXX> tokens, sometimes
+    with bytes that make it invalid (stray continuation, lone lead, never valid) anywhere in it."""
+    unit = draw(st.text(alphabet=ALPHABET, min_size=1, max_size=24)).encode()
+    data = bytearray(unit * (draw(st.integers(BYTE_RUN_TOKENS - 8, 2 * BYTE_RUN_TOKENS)) // len(unit) + 1))
+    for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
+        data.insert(draw(st.integers(0, len(data))), draw(st.sampled_from([0x80, 0xBF, 0xC3, 0xE4, 0xF0, 0xFF])))
+    return k.tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in data])
+
+
+def _renders(k: Kit, seq: list[int], text: str) -> bool:
+    """Whether `text` is decode(seq) (seq: no skipped ids) but for the exception the Detokenizer documents: a byte
+    run longer than BYTE_RUN_TOKENS that is not valid UTF-8 (a full decode: a U+FFFD per byte) may show its first p
+    bytes as their text, p > BYTE_RUN_TOKENS where they are valid and end a character, the rest a U+FFFD each."""
+    full, values, blocks, s = k.decode(seq), token_sets(k.tok)[0], [], 0
+    while s < len(seq):
+        e = s + 1 if seq[s] not in values else next((i for i in range(s, len(seq)) if seq[i] not in values), len(seq))
+        data, c, n = bytes(values.get(i, 0) for i in seq[s:e]), len(k.decode(seq[:s])), e - s
+        if n > BYTE_RUN_TOKENS and not _valid(data):
+            assert full[c:c + n] == "\ufffd" * n, (s, e)
+            cut = [p for p in range(BYTE_RUN_TOKENS + 1, n) if _valid(data[:p])]
+            blocks.append((c, n, ["\ufffd" * n] + [k.decode(seq[:s + p])[c:] + "\ufffd" * (n - p) for p in cut]))
+        s = e
+
+    def match(b: int, at_full: int, at: int) -> bool:
+        if b == len(blocks):
+            return text[at:] == full[at_full:]
+        c, n, options = blocks[b]
+        if not text.startswith(full[at_full:c], at):
+            return False
+        at += c - at_full
+        return any(text.startswith(o, at) and match(b + 1, c + n, at + len(o)) for o in options)
+    return match(0, 0, 0)
+
+
+def _valid(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+@st.composite
 def stop_sets(draw, text: str, prompt: str) -> tuple[str, ...]:
     """Stop strings: substrings of the completion (across tokens) with prefixes of and overlaps with each other,
     substrings of the prompt, multi-byte or U+FFFD strings, random ones; sometimes empty ones."""
@@ -180,6 +225,18 @@ def _texts(k: Kit, context: list[int], ids: list[int]) -> list[str]:
     return [t[len(base):] for t in out]
 
 
+def _as_streamed(k: Kit, ids: list[int], ends: list[int], context: list[int], texts: list[str]) -> list[str]:
+    """The texts a Detokenizer has at the updates `ends` (they do not depend on stops, min_tokens or reads), each
+    checked to be texts[n] or, after a long invalid byte run, its documented exception (see _renders)."""
+    d, out, base, skipped = Detokenizer(k.tok, (), context), list(texts), k.decode(context), token_sets(k.tok)[1]
+    for n in ends:
+        d.update(ids[:n])
+        if d.text != texts[n]:
+            assert _renders(k, [i for i in context + ids[:n] if i not in skipped], base + d.text), (n, d.text)
+            out[n] = d.text
+    return out
+
+
 def _run(k: Kit, ids: list[int], stops, ends, min_tokens: int, context: list[int], texts: list[str],
          peeks: frozenset[int] = frozenset(range(1000))):
     """Drive a Detokenizer as the engine and a stream do; check each update (its `text` read at the updates in
@@ -201,16 +258,20 @@ def _run(k: Kit, ids: list[int], stops, ends, min_tokens: int, context: list[int
 @given(data=st.data())
 def test_stream_equals_full_decode_cut_at_the_first_stop(name, data):
     """Any ids, stop strings, chunking, min_tokens and prompt (its context as the engine passes it): the text
-    after each update is decode(context + ids) less decode(context), the stop falls at the reference's update and
+    after each update is decode(context + ids) less decode(context) (or, past a long invalid byte run, the one
+    exception the Detokenizer documents: _renders), the stop falls at the reference's update and
     cut (a stop string in the prompt's text only where it is in the completion's), and the deltas joined (never
     one char of a stop string) are that text."""
     k = kit(name)
     prompt = data.draw(st.just([]) | id_lists(k, 6), "prompt")
     ids = data.draw(id_lists(k), "ids")
+    if token_sets(k.tok)[0] and data.draw(st.booleans()):  # byte fallback: a run past BYTE_RUN_TOKENS somewhere
+        at = data.draw(st.integers(0, len(ids)))
+        ids = ids[:at] + data.draw(long_byte_runs(k), "run") + ids[at:]
     context = prompt_context(k.tok, prompt)
-    texts = _texts(k, context, ids)
-    stops = data.draw(stop_sets(texts[-1], k.decode(prompt)), "stops") if data.draw(st.booleans()) else ()
     ends = chunk_ends(data.draw, len(ids))
+    texts = _as_streamed(k, ids, ends, context, _texts(k, context, ids))
+    stops = data.draw(stop_sets(texts[-1], k.decode(prompt)), "stops") if data.draw(st.booleans()) else ()
     min_tokens = data.draw(st.integers(0, len(ids))) if data.draw(st.booleans()) else 0
     note(f"context={context} texts={texts}")
     ref_n, ref_text = reference(texts, stops, ends, min_tokens)
