@@ -158,6 +158,12 @@ def test_an_endless_run_of_byte_tokens_decodes_a_bounded_window(text):
     assert d.text.endswith(REPLACEMENT * 2000) and streamed + d.delta(final=True) == d.text
     if not text:  # all the run's bytes invalid: exactly a full decode
         assert d.text == tok.decode(ids, skip_special_tokens=True)
+    else:  # the documented exception: the run's first p > BYTE_RUN_TOKENS bytes (whole characters) keep their text,
+        kept = d.text.rstrip(REPLACEMENT)  # every later byte is one U+FFFD (a full decode: all of them U+FFFD)
+        part = kept.removeprefix("The sea")
+        p = len(part.encode("utf-8"))
+        assert text.startswith(part) and p > BYTE_RUN_TOKENS, kept
+        assert d.text == kept + REPLACEMENT * (len(text.encode("utf-8")) - p + 2000)
 
 
 def test_a_long_run_of_valid_bytes_still_decodes_as_a_whole():
