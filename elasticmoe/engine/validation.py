@@ -49,18 +49,18 @@ class RequestLimits:
         return cls(**{n: getattr(limits, n) for n in names if getattr(limits, n, None) is not None})
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """Text (a path, a URL) as an error repeats it: cut to `limit` characters, however long the input."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def short(value: Any, limit: int = 80) -> str:
     """A repr for error messages that never grows with the input (nor recurses through it)."""
     try:
         text = repr(value)
     except (RecursionError, ValueError):
         return f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def clip(text: str, limit: int = 200) -> str:
-    """Text (a path, a URL) as an error repeats it: cut to `limit` characters, however long the input."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return clip(text, limit)
 
 
 def check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
