@@ -157,9 +157,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
         """A shard's periodic check-in: `known` False means it was dropped and must be replaced (no zombies)."""
         self._start()
         info = self.registry.shards.get(shard_id)
-        if info is not None and info.address != address:
-            info.address = address
-            info.found_good()
+        if info is not None and info.move(address):
             self._publish()
         return {"known": info is not None, "desired": self.desired, "version": self.registry.version}
 

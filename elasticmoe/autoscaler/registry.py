@@ -25,6 +25,15 @@ class ShardInfo:
     def found_good(self) -> None:
         self.seen += 1
 
+    def move(self, address: str) -> bool:
+        """Take the shard's address (a heartbeat's, a registration's); whether it changed. A probe of the old address
+        says nothing of the new one: a verdict from before the move is stale."""
+        if address == self.address:
+            return False
+        self.address = address
+        self.found_good()
+        return True
+
 
 @dataclass(frozen=True)
 class Change:
@@ -56,9 +65,7 @@ class Registry:
         published replica found dead stays out of the table: registering is no health check (see mark_ready)."""
         if shard_id in self.shards:
             info = self.shards[shard_id]
-            if info.address != address:  # a probe of the old address says nothing of the new one
-                info.address = address
-                info.found_good()
+            info.move(address)
             if not info.ready:  # in no table yet: it keeps its position
                 info.healthy = True
             return info
