@@ -90,11 +90,12 @@ async def create_completion(core: Any, req: CompletionRequest, request: Request,
     aliases = {"prompt_token_ids": "prompt"}
     try:
         reject_unsupported(req)
-        ids = await tokenized(chars_of(req.prompt), completion_ids, core.tokenizer, req.prompt, _validator(core))
+        check = _validator(core)
+        ids = await tokenized(chars_of(req.prompt), completion_ids, core.tokenizer, req.prompt, check)
         max_tokens = req.max_tokens
         if max_tokens is None:  # OpenAI's 16; generation_config's max_new_tokens or the context left where less
             cap = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS))
-            max_tokens = _validator(core).default_max_tokens(len(ids), cap)
+            max_tokens = check.default_max_tokens(len(ids), cap)
         params = sampling_params(req, max_tokens, req.logprobs, _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
@@ -109,10 +110,11 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
     aliases = {"prompt_token_ids": "messages", "prompt": "messages", "logprobs": "top_logprobs", "max_tokens": limit}
     try:
         reject_unsupported(req)
-        ids = await tokenized(chars_of(req.messages), chat_ids, core.tokenizer, req.messages, _validator(core))
+        check = _validator(core)
+        ids = await tokenized(chars_of(req.messages), chat_ids, core.tokenizer, req.messages, check)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:  # OpenAI's default: as much as the context allows (generation_config's where less)
-            check = _validator(core)  # (chat_ids refused a prompt that fills the context, naming messages)
+        if max_tokens is None:  # OpenAI's default: as much as the context allows (generation_config's where less;
+            # chat_ids refused a prompt that fills the context, naming messages)
             max_tokens = check.default_max_tokens(len(ids), (_defaults(core) or {}).get("max_tokens",
                                                                                         check.max_model_len))
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
