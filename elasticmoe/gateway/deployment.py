@@ -83,7 +83,10 @@ class GatewayCore:
         engine.model.route_observer = self.metrics.route
         self.dispatcher.on_fanout = lambda s: self.metrics.fanout((s,))
         self._gauges_at = 0.0
-        self.step_log: deque[tuple[float, float]] = deque(maxlen=200_000)  # (wall time, step seconds)
+        # (wall time, step seconds, calls hedged in the step): a hedged step waited a hedge delay, an unhedged slow one
+        # did not (scheduling noise, or a wait the hedge should have cut)
+        self.step_log: deque[tuple[float, float, int]] = deque(maxlen=200_000)
+        self._hedges_logged = 0
         # the gauges follow the steps (twice a second at most) and are set once more when the engine runs out of
         # work: no step comes then, and they kept the last throttled step's figures while the gateway sat idle
         self.runner = EngineRunner(engine, on_step=self._on_step,
@@ -96,7 +99,8 @@ class GatewayCore:
 
     def _on_step(self, seconds: float, n: int) -> None:
         """Engine thread, after each step: the step log, and engine gauges at most twice a second."""
-        self.step_log.append((time.time(), seconds))
+        hedges, self._hedges_logged = self.dispatcher.hedges - self._hedges_logged, self.dispatcher.hedges
+        self.step_log.append((time.time(), seconds, hedges))
         now = time.monotonic()
         if now - self._gauges_at < 0.5:
             return
@@ -198,8 +202,8 @@ class Gateway:
             async for r in responses:
                 yield r
 
-    async def step_times(self, since: float = 0.0) -> list[tuple[float, float]]:
-        """(wall time, seconds) of every engine step after `since` (for stall measurements)."""
+    async def step_times(self, since: float = 0.0) -> list[tuple[float, float, int]]:
+        """(wall time, seconds, calls hedged) of every engine step after `since` (for stall measurements)."""
         return [x for x in list(self.core.step_log) if x[0] >= since]
 
     async def stats(self) -> dict:
