@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import grpc
 import torch
 
-from elasticmoe.model.checkpoint import CheckpointError
+from elasticmoe.experts.errors import out_of_memory, placement_code, run_out_of_memory
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
@@ -54,7 +54,8 @@ class _FrameContext:
 
 
 class ExpertServicer(pb_grpc.ExpertShardServicer):
-    """Serves one ExpertStore. Bad requests get INVALID_ARGUMENT; experts not held come back in `missing`.
+    """Serves one ExpertStore. Bad requests get INVALID_ARGUMENT; experts not held come back in `missing`; a call
+    whose tokens do not fit in memory gets RESOURCE_EXHAUSTED "shard out of memory: ..." (frames.OUT_OF_MEMORY).
 
     RunExperts takes at most `run_slots` workers at once, and LoadExperts / DropExperts at most PLACEMENT_CALLS
     (RESOURCE_EXHAUSTED "shard busy" beyond either), so Health and the controller's calls always find a free worker
@@ -125,8 +126,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         except Exception as e:  # noqa: BLE001 - a bug here is INTERNAL, as on the frame paths (grpc would say UNKNOWN)
             if context.code() not in (None, grpc.StatusCode.OK):
                 raise  # an abort with its own code (INVALID_ARGUMENT, ...)
-            log.exception("RunExperts failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            code, message = _failure(request, e)
+            context.abort(code, message)
         finally:
             self._run_slots.release()
 
@@ -188,9 +189,9 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             reply = frames.reply_parts(frame.id, out, missing, us, self.placement_version)
         except _FrameAbort as e:
             reply = frames.reply_parts(frame.id, code=e.code.value[0], error=str(e))
-        except Exception as e:  # noqa: BLE001 - INTERNAL, as RunExperts answers a bug; the stream lives on
-            log.exception("frame %d failed", frame.id)
-            reply = frames.reply_parts(frame.id, code=grpc.StatusCode.INTERNAL.value[0], error=str(e))
+        except Exception as e:  # noqa: BLE001 - as RunExperts answers it (_failure); the stream lives on
+            code, message = _failure(frame, e)
+            reply = frames.reply_parts(frame.id, code=code.value[0], error=message)
         finally:
             self._run_slots.release()
         put(reply)
@@ -258,8 +259,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             try:
                 n_before = len(self.store.held())
                 nbytes = self.store.load(pairs)
-            except Exception as e:  # noqa: BLE001 - each cause its code (_placement_code), the message as is
-                context.abort(_placement_code(e), str(e))
+            except Exception as e:  # noqa: BLE001 - each cause its code (errors.placement_code), the message as is
+                context.abort(placement_code(e), str(e))
             if self.faults.fail_loads > 0:
                 self.faults.fail_loads -= 1
                 context.abort(grpc.StatusCode.INTERNAL, "injected fault: LoadExperts failed")
@@ -274,7 +275,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             try:
                 self.store.drop([(r.layer, r.expert) for r in request.experts])
             except Exception as e:  # noqa: BLE001 - a rebuild out of memory is RESOURCE_EXHAUSTED (not UNKNOWN)
-                context.abort(_placement_code(e), str(e))
+                context.abort(placement_code(e), str(e))
             self.placement_version = max(self.placement_version, request.placement_version)
             return pb.DropExpertsResponse(dropped=before - len(self.store.held()),
                                           bytes=before_bytes - self.store.weight_bytes(),
@@ -305,13 +306,13 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
                                  frame_port=self.frame_port, max_message_bytes=self.max_message_bytes)
 
 
-def _placement_code(e: Exception) -> grpc.StatusCode:
-    """A failed load's or drop's status: INVALID_ARGUMENT for a request naming what the model lacks (ValueError),
-    FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone: not the caller's fault),
-    RESOURCE_EXHAUSTED when the experts (a load's, or those a drop keeps in a layer it rebuilds) do not fit in memory,
-    else INTERNAL."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):  # a GPU's, or the CPU's (model.experts._storage)
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(e, (CheckpointError, OSError)):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    return grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else grpc.StatusCode.INTERNAL
+def _failure(request, e: Exception) -> tuple[grpc.StatusCode, str]:
+    """A RunExperts call's (or a frame's) failure: out of memory is RESOURCE_EXHAUSTED naming the layer, the tokens
+    and the bytes (the shard is alive: the gateway sends them to another copy), anything else a bug (INTERNAL)."""
+    if out_of_memory(e):
+        shape = request.topk_ids.shape
+        message = run_out_of_memory(request.layer, shape[0] if len(shape) else 0, e)
+        log.warning("RunExperts: %s", message)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, message
+    log.exception("RunExperts failed")
+    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"

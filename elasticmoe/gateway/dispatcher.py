@@ -45,6 +45,13 @@ class RowOverLimit(NoReplicaError):
               "until the operator raises it")
 
 
+class ShortOfMemory(NoReplicaError):
+    """Every copy of some experts ran out of memory for the step's tokens (RESOURCE_EXHAUSTED): no table brings
+    another, so the step ends at once; the engine retries it, then runs its requests one by one."""
+
+    public = "an expert shard ran out of memory for this request's tokens; retry later, or with fewer tokens"
+
+
 class GrpcDispatcher:
     """Sends each shard, in one gRPC call, the step's tokens routed to it; combines the partial outputs.
 
@@ -257,6 +264,12 @@ class GrpcDispatcher:
         whose = "the gateway's" if limit == self.call_limit_bytes else f"shard {shard_id}'s"
         return RowOverLimit(f"layer {layer}: {whose} ELASTICMOE_GRPC_MAX_MESSAGE_BYTES ({limit} bytes) is below one "
                               f"token's row: no call to {address} can carry one token; raise it")
+
+    @staticmethod
+    def short_of_memory(layer: int, answers: dict[str, str]) -> ShortOfMemory:
+        """The step's end when the only copies left of some experts are shards out of memory for it."""
+        said = "; ".join(f"{s}: {why}" for s, why in answers.items())
+        return ShortOfMemory(f"layer {layer}: no copy but on shards out of memory for this step ({said})")
 
     def send(self, table: RoutingTable, layer: int, shard: int, hidden: torch.Tensor, rows: torch.Tensor,
              ids: torch.Tensor, weights: torch.Tensor) -> Call:

@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from elasticmoe.gateway.routing import RoutingTable
-from elasticmoe.gateway.transport import is_busy, is_oversize
+from elasticmoe.gateway.transport import is_busy, is_oversize, is_short
 from elasticmoe.rpc.codec import decode_tensor
 
 if TYPE_CHECKING:
@@ -76,6 +76,13 @@ def _by_lacks(g: _Group) -> list[tuple[torch.Tensor, set[str]]]:
             for lacking, es in parts.items()]
 
 
+def short_only(table: RoutingTable, layer: int, ids: torch.Tensor, hard: set[str], short: set[str]) -> bool:
+    """Whether some of ids [T, k] have copies on `short` shards (out of memory for them) and on none outside `hard`
+    (the shards not asked again this step; `short` among them). A busy shard's copy, not in `hard`, is another."""
+    other = table.assign(layer, ids, table.index_of(hard)) >= 0  # [T, k]
+    return bool(((table.assign(layer, ids, table.index_of(hard - short)) >= 0) & ~other).any())
+
+
 class Step:
     """The pending output of one dispatch(); `wait()` returns the combined [T, H]."""
 
@@ -89,6 +96,7 @@ class Step:
         self.t0 = time.perf_counter()
         self.detected_s: float | None = None  # when the first failure (or straggler hedged) of this step was seen
         self.fatal: Exception | None = None  # what ends the step at once (a shard that takes no call of one row)
+        self.short: dict[str, str] = {}  # shards out of memory for a call of this step -> what they answered
 
     # ----- routing
     def _route(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +158,10 @@ class Step:
                 log.info("shard %s refused a call at layer %d: %s", c.shard_id, self.layer, e.details())
                 self._refused(g, attempt, c, busy=is_busy(e))
                 return
+            if is_short(e):
+                log.warning("shard %s is out of memory at layer %d: %s", c.shard_id, self.layer, e.details())
+                self._short(g, attempt, c.shard_id, e.details())
+                return
             code = e.code() if isinstance(e, grpc.RpcError) else type(e).__name__
             log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
             self._fail(g, attempt, c.shard_id, report=True)
@@ -196,6 +208,23 @@ class Step:
             self.fatal = self.d.row_too_large(self.layer, c.shard_id, c.address)
         self.d.failovers += 1
 
+    def _short(self, g: _Group, attempt: int, shard_id: str, why: str) -> None:
+        """The shard ran out of memory for the call (RESOURCE_EXHAUSTED, not busy): it is alive (not dead for the step,
+        not reported), but the same tokens may not fit it again: another copy takes them, and it is suspected for
+        suspect_s (other copies first). Where no other copy is left, the step ends (_short_only)."""
+        g.broken.add(attempt)
+        g.tried.add(shard_id)
+        self.short[shard_id] = why
+        self.d.suspect(shard_id, report=False)
+        self.d.failovers += 1
+
+    def _short_only(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> None:
+        """ids [T, k] found no live copy: where some have copies only on shards out of memory this step, the step
+        ends now (ShortOfMemory): no table the controller publishes adds one for that (it was not told)."""
+        short = hard & self.short.keys()
+        if short and short_only(table, self.layer, ids, hard, short):
+            self.fatal = self.d.short_of_memory(self.layer, {s: self.short[s] for s in sorted(short)})
+
     def _poll(self) -> None:
         for g in self.groups:
             if g.winner is not None:
@@ -218,9 +247,12 @@ class Step:
         for g in self.groups:
             if g.winner is None and not g.live():
                 for ids, lacking in _by_lacks(g):
-                    fresh = self._split(table, ids, g.tried | self.dead | lacking, g.busy)
+                    hard = g.tried | self.dead | lacking
+                    fresh = self._split(table, ids, hard, g.busy)
                     if len(fresh) == 1 and not fresh[0].attempts:  # still nothing live: keep waiting
                         fresh[0].started = g.started
+                    if not fresh[-1].attempts and self.short:  # the last: its slots with no live copy
+                        self._short_only(table, fresh[-1].ids, hard)
                     out.extend(fresh)
             else:
                 out.append(g)
@@ -272,6 +304,8 @@ class Step:
                 break
             if any(not g.live() for g in undone):
                 self._replace_orphans()
+                if self.fatal is not None:
+                    raise self.fatal
                 undone = [g for g in self.groups if g.winner is None]
             if time.perf_counter() > deadline:
                 raise self.d.unavailable(f"layer {self.layer}: experts unavailable for {self.d.failover_s:.0f} s")

@@ -82,6 +82,12 @@ def is_oversize(e: BaseException) -> bool:
     return (_exhausted(e) or "").startswith(frames.OVERSIZE)
 
 
+def is_short(e: BaseException) -> bool:
+    """A shard out of memory for the call's tokens (RESOURCE_EXHAUSTED "shard out of memory: ..."): the shard is
+    alive; the same call may not fit it again."""
+    return (_exhausted(e) or "").startswith(frames.OUT_OF_MEMORY)
+
+
 def _too_large(e: BaseException) -> bool:
     """gRPC's own refusal of a message over a limit (RESOURCE_EXHAUSTED "... message larger than max ...")."""
     return "message larger than max" in (_exhausted(e) or "")

@@ -40,6 +40,7 @@ _MAX_LEN = (1 << 32) - 1
 LIMIT = min(MAX_MESSAGE_BYTES, _MAX_LEN)  # the largest frame written, prefix included: what gRPC and the listener take
 BUSY = "shard busy"  # the start of a full shard's RESOURCE_EXHAUSTED message: alive, ask again or another copy
 OVERSIZE = "over the shard's message limit"  # the start of a frame's failure, not sent: larger than the shard takes
+OUT_OF_MEMORY = "shard out of memory"  # the start of a RunExperts RESOURCE_EXHAUSTED whose tokens did not fit
 _OVERHEAD = 4096  # a call's bytes besides its tensors' (prefix, header, descriptors; a unary call's fields: fewer)
 _FAST = b"\x78\x00\x0a"  # align (field 15) = 0, then field 1's tag
 # dtype code on the wire -> dtype name (codec.DTYPES); codes are fixed, never renumbered.

@@ -1,0 +1,46 @@
+"""A shard's failures as status codes: out of memory (RESOURCE_EXHAUSTED, naming what did not fit), a bad request,
+a checkpoint it cannot read."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import torch
+
+from elasticmoe.model.checkpoint import CheckpointError
+from elasticmoe.rpc import frames
+
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator failing (a RuntimeError, not typed)
+_ASKED = re.compile(r"(?:tried to allocate|cannot allocate) (\d+ bytes|[\d.]+ [KMGTP]iB)", re.IGNORECASE)
+_REASON_CHARS = 300  # of torch's message, kept in the answer (a GPU's runs to 600 characters of allocator advice)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Memory ran out: a GPU's (torch.OutOfMemoryError), the CPU's (torch's allocator: a RuntimeError saying
+    CPU_OOM; model.experts._storage and Python: MemoryError)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and CPU_OOM in str(e))
+
+
+def run_out_of_memory(layer: int, tokens: int, e: BaseException) -> str:
+    """RunExperts' RESOURCE_EXHAUSTED message for `e` (out_of_memory): frames.OUT_OF_MEMORY, the layer, the tokens
+    and, where torch says it, the size it could not allocate; then torch's reason (its first line, clipped)."""
+    text = str(e)
+    asked = _ASKED.search(text)
+    reason = (text[text.index(CPU_OOM):] if CPU_OOM in text else text).splitlines()[0] if text else type(e).__name__
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS] + "..."
+    size = f", {asked.group(1)} could not be allocated" if asked else ""
+    return f"{frames.OUT_OF_MEMORY}: layer {layer}, {tokens} tokens{size} ({reason})"
+
+
+def placement_code(e: Exception) -> grpc.StatusCode:
+    """A failed load's or drop's status: INVALID_ARGUMENT for a request naming what the model lacks (ValueError),
+    FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone: not the caller's fault),
+    RESOURCE_EXHAUSTED when the experts (a load's, or those a drop keeps in a layer it rebuilds) do not fit in memory,
+    else INTERNAL."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):  # a GPU's, or the CPU's (model.experts._storage)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(e, (CheckpointError, OSError)):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else grpc.StatusCode.INTERNAL
