@@ -37,6 +37,19 @@ def test_the_grpc_message_limit_names_its_variable(raw):
     assert run.stdout.strip() == "1048576", run.stderr
 
 
+@pytest.mark.parametrize("raw,read", [("²", None), ("0", None), ("", 64 << 20), ("1048576", 1048576)])
+def test_the_stream_reply_bound_names_its_variable(raw, read):
+    """ELASTICMOE_STREAM_REPLY_BYTES (a shard's unread stream answers, in bytes; default 64 MiB): read as the message
+    limit is, when the shard's code is imported."""
+    code = "from elasticmoe.experts.shard_server import start_server as s; print(s.__defaults__[-1])"
+    env = {**os.environ, "ELASTICMOE_STREAM_REPLY_BYTES": raw}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert (run.returncode == 0) == bool(read), run.stderr
+    said = run.stdout.strip() if read else run.stderr.splitlines()[-1]  # the value, or the error naming the variable
+    assert said == (str(read) if read else f"ValueError: ELASTICMOE_STREAM_REPLY_BYTES={raw!r}: expected a positive "
+                    "number of bytes"), run.stderr
+
+
 @pytest.mark.parametrize("raw", ["20100", "²-20199", "20199-20100", "a-b", "0-10", "20100-70000"])
 def test_the_expert_port_range_names_its_variable(raw, monkeypatch):
     from elasticmoe.experts.shard_server import _ports

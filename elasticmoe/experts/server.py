@@ -13,12 +13,14 @@ from typing import Callable, Iterable
 import grpc
 import torch
 
+from elasticmoe.experts.backlog import Backlog
 from elasticmoe.experts.errors import out_of_memory, placement_code, run_out_of_memory
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-from elasticmoe.rpc import frames
+from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, decode_tensor, encode_tensor
+from elasticmoe.rpc.options import STREAM_REPLY_BYTES
 from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
     """
 
     def __init__(self, store: ExpertStore, shard_id: str, run_slots: int = 8, max_rows: int = 1 << 16,
-                 max_streams: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_streams: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 max_stream_reply_bytes: int = STREAM_REPLY_BYTES):
         self.store, self.shard_id = store, shard_id
         self.placement_version = 0
         self.started = time.monotonic()
@@ -76,6 +79,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self._run_slots = threading.BoundedSemaphore(run_slots)
         self.max_streams = max_streams  # open RunExpertsStreams: each holds one server worker while open
         self.max_stream_replies = 32  # answers a stream holds while its client reads none (then its reader waits)
+        self.max_stream_reply_bytes = max_stream_reply_bytes  # and their bytes (one answer alone always goes)
         self._streams = threading.BoundedSemaphore(max_streams)
         self.readers: set[threading.Thread] = set()  # each open RunExpertsStream's reading thread, until it returns
         self.frame_port = 0  # the frame listener's port (Health tells the gateways), 0 while there is none
@@ -137,7 +141,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         if not self._streams.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{frames.BUSY}: {self.max_streams} streams open")
         replies: queue.SimpleQueue = queue.SimpleQueue()
-        room, over = threading.Semaphore(self.max_stream_replies), threading.Event()
+        backlog, over = Backlog(self.max_stream_replies, self.max_stream_reply_bytes), threading.Event()
         if not context.add_callback(self._streams.release):  # already over
             self._streams.release()
             return
@@ -145,9 +149,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             return  # it ended just now (the first callback has run: the place is given back); no reader to start
 
         def put(parts: list) -> None:  # a client that reads no answers stops this reader, not the shard's memory
-            while not room.acquire(timeout=0.2):
-                if over.is_set():
-                    raise ConnectionAbortedError("the stream ended with answers unread")
+            backlog.enter(frame_socket.nbytes(parts), over)
             replies.put(b"".join(parts))
 
         def read() -> None:
@@ -164,7 +166,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         reader.start()
         while (reply := replies.get()) is not None:
             yield reply  # returns once gRPC has handed the answer on (the client's window took it)
-            room.release()
+            backlog.leave(len(reply))
 
     def serve_frames(self, requests: Iterable, put: Callable[[list], None]) -> None:
         """The frames of one RunExpertsStream or one frame-listener connection, run one after another on the thread

@@ -16,6 +16,7 @@ from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, server_options
 from elasticmoe.rpc.frame_listener import FrameListener
 from elasticmoe.rpc.frame_service import add_shard_servicer
+from elasticmoe.rpc.options import STREAM_REPLY_BYTES
 
 log = logging.getLogger(__name__)
 RESERVED_WORKERS = 4  # the pool's workers beyond RunExperts', the streams' and the placement calls': Health, stats
@@ -59,7 +60,8 @@ class ShardServer:
 
 def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", port: int = 0,
                  max_workers: int = 8, max_rows: int = 1 << 16, insecure: bool = False, max_streams: int = 16,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[ShardServer, ExpertServicer, int]:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, max_stream_reply_bytes: int = STREAM_REPLY_BYTES
+                 ) -> tuple[ShardServer, ExpertServicer, int]:
     """Start a gRPC server for `store` on host:port (0 = any free port); returns (server, servicer, port).
 
     mTLS (rpc.tls): only clients holding a certificate of the release's CA get in; `insecure` serves plaintext.
@@ -69,7 +71,9 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     Beside it, on the same host, a frame listener (rpc.frame_listener; its port in Health.frame_port, from
     ELASTICMOE_EXPERT_PORT_RANGE when set) serves the same frames through the same code (serve_frames), at most
     `max_streams` connections, same TLS. Both take messages up to `max_message_bytes`
-    (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES), which Health announces: a gateway keeps its calls within it.
+    (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES), which Health announces: a gateway keeps its calls within it. A stream's
+    answers not yet sent on (its gateway slow to read) take at most `max_stream_reply_bytes`
+    (ELASTICMOE_STREAM_REPLY_BYTES; one answer alone always goes) before its reader waits.
     """
     span = _ports(0)  # a bad ELASTICMOE_EXPERT_PORT_RANGE refused before anything starts
     if insecure:
@@ -81,7 +85,7 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     server = grpc.server(pool, options=server_options(max_message_bytes),
                          maximum_concurrent_rpcs=bounded + 3 * max_workers + RESERVED_WORKERS)
     servicer = ExpertServicer(store, shard_id, run_slots=max_workers, max_rows=max_rows, max_streams=max_streams,
-                              max_message_bytes=max_message_bytes)
+                              max_message_bytes=max_message_bytes, max_stream_reply_bytes=max_stream_reply_bytes)
     add_shard_servicer(servicer, server)
     bound = 0
     for candidate in span if not port else [port]:

@@ -21,6 +21,9 @@ def _message_bytes(name: str = "ELASTICMOE_GRPC_MAX_MESSAGE_BYTES", default: int
 
 # Default cap of one gRPC message both ways; a [T, H] bf16 batch is 2*T*H bytes (T=8192, H=7168: 112 MiB).
 MAX_MESSAGE_BYTES = _message_bytes()
+# A shard's answers on one RunExpertsStream that gRPC has not sent on yet (a gateway slow to read): their bytes at
+# most, besides their count (experts.server); one answer alone always goes. 16 streams: 1 GiB (or one answer each).
+STREAM_REPLY_BYTES = _message_bytes("ELASTICMOE_STREAM_REPLY_BYTES", 64 * MiB)
 
 
 # HTTP/2 and TCP settings for MiB-sized messages (both sides); ELASTICMOE_GRPC_HTTP2_TUNING=0 keeps grpc's defaults.
