@@ -11,6 +11,7 @@ import time
 
 from ray import serve
 
+from elasticmoe.autoscaler.health import HealthKeeper
 from elasticmoe.autoscaler.moves import Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import GcsRecord
@@ -42,10 +43,10 @@ def _app_name() -> str:
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-class Controller(Mover, StatsKeeper, Recovery, Replacer):
+class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
     """Owns the placement. Gateways poll `table()`; shards `register()` and `heartbeat()`; loops track load
-    (StatsKeeper) and health. A restarted controller resumes from its GCS record and the shards' own holdings
-    (Recovery)."""
+    (StatsKeeper) and health (HealthKeeper). A restarted controller resumes from its GCS record and the shards' own
+    holdings (Recovery)."""
 
     def __init__(self, args: dict):
         from elasticmoe.model import open_model
@@ -71,26 +72,33 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
         from elasticmoe.metrics import GatewayMetrics
 
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, self.num_experts, self.moe_layers)
+        self._verdicts, self._wake = {}, asyncio.Event()  # the health rounds' (HealthKeeper)
         self._save()
 
     # ----- plumbing
     def _start(self) -> asyncio.Lock:
         if self._lock is None:
             self._lock = asyncio.Lock()
-            loops = [self._health_once, self._stats_once]
+            loops = [self._probe_once, self._stats_once]
             if self.args.autoscaling:
                 loops.append(self._rebalance_once)
             for f in loops:
                 self._spawn(self._forever(f))
+            self._spawn(self._forever(self._settle_once, wake=self._wake))  # after each probe round
             if self.recovering:
                 self._spawn(self._recover())
         return self._lock
 
-    async def _forever(self, once) -> None:
-        """Run a loop body forever: an exception is logged and counted, never the end of the loop."""
+    async def _forever(self, once, wake: asyncio.Event | None = None) -> None:
+        """Run a loop body forever, each `wake` (else each interval): an exception is logged and counted, never the
+        end of the loop."""
         interval = self.args.autoscaling.rebalance_interval_s if once == self._rebalance_once else STATS_INTERVAL_S
         while True:
-            await asyncio.sleep(interval)
+            if wake is None:
+                await asyncio.sleep(interval)
+            else:
+                await wake.wait()
+                wake.clear()
             try:
                 await once()
             except Exception:  # noqa: BLE001 - keep the controller alive; the metric shows it
@@ -169,30 +177,6 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
             await self._acked(version)
         return self._table()
 
-    async def report_failure(self, shard_id: str) -> dict:
-        """A gateway's call to this shard failed: check it soon (not under this call); return the table."""
-        lock = self._start()
-        info = self.registry.shards.get(shard_id)
-        if info is not None and info.healthy:
-            self._spawn(self._check_one(shard_id, lock))  # referenced while it runs: not garbage-collected
-        return self._table()
-
-    async def _check_one(self, shard_id: str, lock: asyncio.Lock) -> None:
-        info = self.registry.shards.get(shard_id)
-        if info is None:
-            return
-        seen = info.seen
-        if await self._alive(info.address, shard_id):
-            return
-        async with lock:
-            if self._current(info, seen):
-                await self._lose(shard_id, "call failed")
-
-    def _current(self, info: ShardInfo, seen: int) -> bool:
-        """A verdict of a probe that began at `seen` is about the shard as it still is: the same registration (not
-        one re-registered under its id since), not found good again nor moved since the probe began."""
-        return self.registry.shards.get(info.shard_id) is info and info.seen == seen
-
     # ----- gateway and operator API
     async def table(self, known_version: int = -1, gateway_id: str | None = None, wait_s: float = 0.0,
                     known_epoch: str | None = None) -> dict | None:
@@ -251,30 +235,5 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer):
         return self.events[-1] if self.events else {}
 
     # ----- loops
-    async def _health_once(self) -> None:
-        """Check every registered shard at once (never under the lock); lose the dead, revive the paused, place the
-        ready spares. The dead are all marked first, so that re-homing one does not plan copies onto another (whose
-        loads would fail)."""
-        infos = list(self.registry.shards.values())
-        seen = [i.seen for i in infos]  # a verdict counts only for the shard as it was when its probe began
-        alive = await asyncio.gather(*(self._alive(i.address, i.shard_id) for i in infos))
-        dead = [(i, s) for i, s, ok in zip(infos, seen, alive) if not ok]
-        if dead:  # the lock only when needed: a long re-home holding it must not stall the checks
-            async with self._lock:
-                self._mark_failed([i for i, s in dead if self._current(i, s)], "health check failed")
-        for info, s, ok in zip(infos, seen, alive):
-            if ok and not info.healthy and self.registry.shards.get(info.shard_id) is info:
-                async with self._lock:
-                    if self.registry.shards.get(info.shard_id) is info and not info.healthy:
-                        await self._revive(info)  # probes it again itself
-            elif not ok and self._current(info, s):
-                async with self._lock:
-                    if self._current(info, s):
-                        await self._lose(info.shard_id, "health check failed")
-        if self.registry.spares():  # ready spares that a failed scale out left unplaced: try again
-            async with self._lock:
-                if self.registry.spares() and not self.recovering:
-                    await self._grow(retry=True)
-
     async def _rebalance_once(self) -> None:
         await self.rebalance()

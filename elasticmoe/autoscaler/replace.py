@@ -93,7 +93,9 @@ class Replacer:
         return True
 
     def _mark_failed(self, infos: list[ShardInfo], why: str) -> None:
-        """Their copies are gone now: the table must not route to them (one new version for all)."""
+        """Their copies are gone now: the table must not route to them (one new version for all). Needs no lock: it
+        changes no position nor the placement, so a change in progress still commits what it planned (a copy it
+        loaded onto a failed shard is out of the table like the others there; the re-home after it moves them)."""
         failed = [info for info in infos if info.healthy]
         for info in failed:
             info.healthy = False
