@@ -1,5 +1,5 @@
 """The controller's health rounds: probes and verdicts that never wait for a change in progress, then what they call
-for (a re-home, a revival, a scale out) under the controller's lock."""
+for (a re-home, a revival, a scale out, drops to retry) under the controller's lock."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class HealthKeeper:
     _lock: asyncio.Lock | None
     _verdicts: dict[str, tuple[ShardInfo, int, bool]]  # shard id -> (its info, `seen` at the probe, answered)
     _wake: asyncio.Event  # set by each probe round: the settle round runs
+    _retry: asyncio.Task | None = None  # the running retry of failed drops (one at a time)
 
     async def report_failure(self, shard_id: str) -> dict:
         """A gateway's call to this shard failed: check it soon (not under this call); return the table."""
@@ -73,7 +74,10 @@ class HealthKeeper:
                 or (not ok and self._current(i, s))]
 
     async def _settle_once(self) -> None:
-        """(Takes the lock, only when there is work.) Lose the dead, revive the paused, place the ready spares."""
+        """(Takes the lock, only when there is work.) Lose the dead, revive the paused, place the ready spares;
+        start a retry of failed drops."""
+        if self._undropped and (self._retry is None or self._retry.done()):
+            self._retry = self._spawn(self._drop_undropped())
         if not (self._to_settle() or self.registry.spares()):
             self._verdicts.clear()
             return

@@ -48,6 +48,7 @@ class Mover:
         self.event_counts: dict[str, int] = {}
         self.bytes_moved = 0
         self.loop_errors = 0
+        self._undropped: dict[str, set[tuple[int, int]]] = {}  # shard id -> (model layer, expert) a drop left held
 
     def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
         if self.renewal.changed():
@@ -146,16 +147,47 @@ class Mover:
 
     async def _drop_now(self, drops: dict[str, list[tuple[int, int]]]) -> None:
         """Drop on every shard at once (under the lock: a shard that does not answer costs one deadline, not one
-        for each shard after it); a failed drop is logged."""
+        for each shard after it); a failed drop is logged and left for the health round's retry (`_undropped`)."""
         await asyncio.gather(*(self._drop_on(a, pairs) for a, pairs in drops.items() if pairs))
 
-    async def _drop_on(self, address: str, pairs: list[tuple[int, int]]) -> None:
+    async def _drop_on(self, address: str, pairs: list[tuple[int, int]]) -> bool:
+        """Whether the drop went through; one that did not is left for the retry (`_undropped`)."""
         try:
             await self._stub(address).DropExperts(
                 pb.DropExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs]),
                 timeout=DROP_TIMEOUT_S)
-        except grpc.RpcError as e:
+            return True
+        except grpc.RpcError as e:  # refused busy (its LoadExperts / DropExperts slots full), a deadline, gone
             log.warning("drop on %s failed: %s", address, e.code())
+            for s in self.registry.shards.values():
+                if s.address == address:
+                    if s.shard_id not in self._undropped:
+                        self._event("drop_failed", shard=s.shard_id, code=str(e.code()), experts=len(pairs))
+                    self._undropped.setdefault(s.shard_id, set()).update(pairs)
+            return False
+
+    async def _drop_undropped(self) -> None:
+        """Try the failed drops again (the health round starts it): once every gateway runs the current table (no
+        older one may route to a copy it names; ACK_TIMEOUT_S at most, as for any drop), what a shard was left
+        holding that its position is not assigned now is dropped; a shard that left needs none; what fails again
+        waits for the next try, as does the whole try when a newer table comes meanwhile."""
+        version = self.registry.version
+        await self._acked(version)
+        async with self._lock:
+            if self.registry.version != version:
+                return
+            todo: dict[str, tuple[str, list[tuple[int, int]]]] = {}
+            for sid, pairs in list(self._undropped.items()):
+                info = self.registry.shards.get(sid)
+                left = sorted(pairs - set(self.registry.assignment(info.position))) if info is not None else []
+                if left:
+                    todo[sid] = (info.address, left)
+                else:
+                    del self._undropped[sid]
+            done = await asyncio.gather(*(self._drop_on(a, pairs) for a, pairs in todo.values()))
+            for sid, ok in zip(todo, done):
+                if ok:
+                    self._undropped.pop(sid, None)
 
     # ----- one change, make-before-break
     async def _apply(self, change: Change, reason: str, kind: str = "rebalance") -> None:

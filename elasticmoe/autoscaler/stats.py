@@ -46,6 +46,7 @@ class StatsKeeper:
                 "planning_load": load.tolist(),  # [L, E] what the balancedness above is computed with
                 "moe_layers": self.moe_layers, "copies": p.num_copies().tolist(), "bytes_moved": self.bytes_moved,
                 "event_counts": dict(self.event_counts), "loop_errors": self.loop_errors,
+                "undropped": {s: len(pairs) for s, pairs in self._undropped.items()},  # copies a failed drop left
                 "gateways": {g: v for g, (v, t) in self.acks.items() if time.monotonic() - t < GATEWAY_TTL_S},
                 "events": self.events[-50:]}
 

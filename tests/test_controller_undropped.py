@@ -1,0 +1,79 @@
+"""Drops a shard refused (RESOURCE_EXHAUSTED "shard busy": its LoadExperts / DropExperts slots full) are tried again,
+without Ray, over real in-process gRPC shards: experts the placement no longer names there do not stay held until a
+controller restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from elasticmoe.experts.server import PLACEMENT_CALLS
+from tests.controller_util import _gateway_behind_a_move, _quiet, _until, _with_shards
+from tests.controller_util import model  # noqa: F401 - a fixture
+
+
+@contextlib.contextmanager
+def _busy(shard):
+    """Every LoadExperts / DropExperts slot of `shard` taken, as PLACEMENT_CALLS calls still running would hold
+    them: its placement calls are refused "shard busy" until the block ends."""
+    slots = shard.servicer._placement_calls
+    for _ in range(PLACEMENT_CALLS):
+        assert slots.acquire(blocking=False)
+    try:
+        yield
+    finally:
+        for _ in range(PLACEMENT_CALLS):
+            slots.release()
+
+
+def _assigned(ctrl, shard) -> set[tuple[int, int]]:
+    return set(ctrl.registry.assignment(ctrl.registry.shards[shard.shard_id].position))
+
+
+def test_old_copies_a_busy_shard_refused_to_drop_are_dropped_once_it_is_free(model):  # noqa: F811
+    """Expert 0 of every layer moved from a to b; once gateway g runs the new table, a's old copies are dropped,
+    but a refuses (busy). They stayed held, named by no table, until a controller restart. The health round tries
+    again (once every gateway runs the current table) until a takes the drop; one drop_failed event, not one a try."""
+    async def scenario(files, a, b):
+        ctrl, old = await _gateway_behind_a_move(model, a, b)
+        moved = {(l, 0) for l in files.spec.moe.moe_layers}
+        try:
+            with _busy(a):
+                new = await ctrl.table(old["version"], "g")  # g runs the new table: the drops go ahead
+                await ctrl.table(new["version"], "g")
+                await asyncio.sleep(3.0)  # the drop (0.5 s after the ack), then health rounds' tries: all refused
+                await ctrl.table(new["version"], "g")
+                assert moved <= a.held() and not moved & _assigned(ctrl, a)
+            await _until(lambda: not moved & a.held(), 10, "a's old copies dropped")
+            assert a.held() == _assigned(ctrl, a) and b.held() == _assigned(ctrl, b)
+            await _until(lambda: not ctrl._undropped, 5, "the drop's answer")  # the shard dropped before it answered
+            assert ctrl.event_counts["drop_failed"] == 1
+        finally:
+            for task in list(ctrl._tasks):
+                task.cancel()
+
+    _with_shards(model, "ab", scenario)
+
+
+def test_extras_a_busy_shard_refused_to_drop_at_its_ready_are_dropped_once_it_is_free(model):  # noqa: F811
+    """b loaded a stale plan (an earlier registration attempt's: one more expert than its position is assigned);
+    its ready() drops what the assignment does not name, but b is busy and refuses. It was published holding the
+    extra for good; the health round drops it once b is free."""
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a)
+        plan = await ctrl.register("b", b.address)
+        extra = next((l, e) for l in files.spec.moe.moe_layers for e in range(8) if (l, e) not in plan["experts"])
+        b.store.load([*plan["experts"], extra])
+        with _busy(b):
+            await ctrl.ready("b")
+            assert extra in b.held()
+            await ctrl._health_once()  # its try: refused too
+            await asyncio.sleep(1.5)
+            assert extra in b.held()
+        await ctrl._health_once()
+        await _until(lambda: extra not in b.held(), 5, "b's extra dropped")
+        assert b.held() == _assigned(ctrl, b) and a.held() == _assigned(ctrl, a)
+        await _until(lambda: not ctrl._undropped, 5, "the drop's answer")
+        assert ctrl.event_counts["drop_failed"] == 1
+
+    _with_shards(model, "ab", scenario)
