@@ -109,8 +109,9 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
     def _save(self) -> None:
         try:
             override = self.scale.override if self.scale is not None else None
+            scale = self.scale.state() if self.scale is not None else None
             self.record.save({"args": self.args_hash, "desired": self.desired, "override": override,
-                              "registry": self.registry.record()})
+                              "scale": scale, "registry": self.registry.record()})
         except Exception as e:  # noqa: BLE001 - serving goes on; the next change writes it again
             log.warning("saving the controller record failed: %s", e)
 

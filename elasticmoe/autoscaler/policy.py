@@ -65,10 +65,27 @@ class ScaleDecider:
     _last_change: float = field(default=-math.inf)  # monotonic time of the last change: none yet
     _scale_in_from: float = field(default=math.inf)  # monotonic time from which a scale in may be asked for
 
-    def started(self) -> None:
-        """Every position of the placement is live: the warm-up starts (the first call only)."""
+    def started(self) -> bool:
+        """Every position of the placement is live: the warm-up starts (the first call only: True)."""
         if self._scale_in_from == math.inf:
             self._scale_in_from = time.monotonic() + self.cooldown_s
+            return True
+        return False
+
+    def state(self) -> dict:
+        """The last change and the warm-up's end as wall-clock times (None: none yet, not started), for the
+        controller's record: a restarted controller's monotonic clock is another's."""
+        wall = time.time() - time.monotonic()
+        return {"last_change": None if self._last_change == -math.inf else self._last_change + wall,
+                "scale_in_from": None if self._scale_in_from == math.inf else self._scale_in_from + wall}
+
+    def resume(self, state: dict) -> None:
+        """Take `state()` of the decider this one follows: its cool-down and warm-up go on, not start over."""
+        mono = time.monotonic() - time.time()
+        last, since = state.get("last_change"), state.get("scale_in_from")
+        last = -math.inf if last is None else float(last) + mono  # both read before either is taken
+        self._scale_in_from = math.inf if since is None else float(since) + mono
+        self._last_change = last
 
     def desired(self, current: int, utilization: list[float]) -> int:
         lo, hi = self.min_shards, self.max_shards

@@ -38,7 +38,8 @@ class Recovery:
     _lock: asyncio.Lock | None
 
     def _resume(self, rec: dict | None, n: int, copies: int) -> None:
-        """The registry, shard count and operator override from the record when it is this app's (same args);
+        """The registry, shard count, operator override and scaling clocks (the last change's cool-down, the
+        warm-up) from the record when it is this app's (same args);
         else `n` shards of an even placement (`copies` per expert), numbered above any recorded version. A record
         that does not restore is ignored with a warning (raising would restart this controller into it for good)."""
         self.recovering = bool(rec and rec.get("args") == self.args_hash)
@@ -48,7 +49,9 @@ class Recovery:
                 desired = int(rec.get("desired", n))
                 override = rec.get("override")
                 override = None if override is None else int(override)
-            except (KeyError, TypeError, ValueError) as e:
+                if self.scale is not None:  # a restart neither waits a warm-up again nor cuts a cool-down short
+                    self.scale.resume(rec.get("scale") or {})
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
                 log.warning("ignoring a controller record that does not restore: %r", e)
                 self.recovering = False
             else:

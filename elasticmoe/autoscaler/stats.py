@@ -58,8 +58,8 @@ class StatsKeeper:
         self.load.update(stats, self.layer_index)
         self._export(stats)
         if self.scale is not None:
-            if self.registry.staffed() and not self.recovering:
-                self.scale.started()
+            if self.registry.staffed() and not self.recovering and self.scale.started():
+                self._save()  # a restart resumes the warm-up (not a new one)
             live = [s.shard_id for s in self.registry.live()]
             self._unmeasured = {s: 0 if s in self.load.measured else self._unmeasured.get(s, 0) + 1 for s in live}
             # a live shard not measured over this interval (read for the first time, or its read failed) is not idle:
