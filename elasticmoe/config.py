@@ -89,6 +89,10 @@ class Autoscaling(_Strict):
     rebalance_interval_s: float = Field(10.0, gt=0)
     slots_per_shard: int | None = Field(None, ge=1, description="expert copies per (shard, layer); default: even split + 25%")
     max_moves: int = Field(8, ge=0, description="expert copies moved per rebalance")
+    start_deadline_s: float | None = Field(
+        600.0, gt=0, description="a position of the placement with no live shard this long (no replica came up there: "
+        "none registered, or it never got ready) is given up: its experts are re-homed onto the live shards, so "
+        "scaling goes on; None waits for it for good")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Autoscaling":

@@ -46,6 +46,16 @@ def test_the_scale_in_warm_up_and_cool_down_are_the_controllers():
     assert ScaleDecider(1, 2, 0.5).cooldown_s == 30.0
 
 
+def test_the_start_deadline_is_the_configs():
+    """DEPLOY.md's start deadline is autoscaling.start_deadline_s and its default
+    (tests/test_controller_start_deadline.py)."""
+    from elasticmoe.config import Autoscaling
+
+    assert ("A shard position that has had no live replica for `autoscaling.start_deadline_s` (default 600 s; "
+            "`null`: wait for good)") in _doc()
+    assert Autoscaling().start_deadline_s == 600.0 and Autoscaling(start_deadline_s=None).start_deadline_s is None
+
+
 def _node(cluster: dict, name: str) -> tuple[str, int | None, int | None, dict]:
     t = cluster["available_node_types"][name]
     config = t["node_config"]

@@ -1,9 +1,10 @@
 """The controller's health rounds: probes and verdicts that never wait for a change in progress, then what they call
-for (a re-home, a revival, a scale out, drops to retry) under the controller's lock."""
+for (a re-home, a revival, a given-up start, a scale out, drops to retry) under the controller's lock."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from elasticmoe.autoscaler.registry import Registry, ShardInfo
 
@@ -65,6 +66,7 @@ class HealthKeeper:
                           "health check failed")
         for info, s, ok in zip(infos, seen, alive):
             self._verdicts[info.shard_id] = (info, s, ok)  # the latest verdict on a shard replaces an older one
+        self._overdue()  # the start clocks run on while a change holds the lock
         self._wake.set()
 
     def _to_settle(self) -> list[tuple[ShardInfo, int, bool]]:
@@ -74,11 +76,11 @@ class HealthKeeper:
                 or (not ok and self._current(i, s))]
 
     async def _settle_once(self) -> None:
-        """(Takes the lock, only when there is work.) Lose the dead, revive the paused, place the ready spares;
-        start a retry of failed drops."""
+        """(Takes the lock, only when there is work.) Lose the dead, revive the paused, give up the positions that
+        never came up, place the ready spares; start a retry of failed drops."""
         if self._undropped and (self._retry is None or self._retry.done()):
             self._retry = self._spawn(self._drop_undropped())
-        if not (self._to_settle() or self.registry.spares()):
+        if not (self._to_settle() or self.registry.spares() or self._overdue()):
             self._verdicts.clear()
             return
         async with self._lock:
@@ -89,6 +91,16 @@ class HealthKeeper:
                     await self._revive(info)  # probes it again itself
                 elif not ok and self._current(info, s):
                     await self._lose(info.shard_id, "health check failed")
+            overdue = self._overdue()
+            if overdue and self.registry.live() and not self.recovering:
+                await self._give_up(overdue)
             if self.registry.spares() and not self.recovering:  # ready spares that a failed scale out left unplaced
                 await self._grow(retry=True)
 
+    def _overdue(self) -> list[int]:
+        """Positions of the placement without a live shard for autoscaling's start_deadline_s (none without
+        autoscaling: its fixed count is waited for)."""
+        auto = self.args.autoscaling
+        if auto is None or auto.start_deadline_s is None:
+            return []
+        return self.registry.overdue(time.monotonic(), auto.start_deadline_s)

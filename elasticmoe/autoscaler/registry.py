@@ -58,6 +58,7 @@ class Registry:
         self.moe_layers = moe_layers
         self.version = version
         self.shards: dict[str, ShardInfo] = {}
+        self.unstaffed: dict[int, float] = {}  # position without a live shard -> since when (monotonic; `overdue`)
 
     # ----- membership
     def register(self, shard_id: str, address: str) -> ShardInfo:
@@ -109,6 +110,14 @@ class Registry:
         return sorted((s for s in self.shards.values() if s.ready and s.healthy
                        and s.position >= self.placement.num_shards), key=lambda s: s.position)
 
+    def overdue(self, now: float, deadline_s: float) -> list[int]:
+        """Positions of the placement without a live shard for `deadline_s` by `now` (monotonic): none registered,
+        or it never got ready (or failed). A position's clock starts at the first call that finds it so, stops when
+        it is live, and follows it through commits' renumbering (a replacement replica does not restart it)."""
+        live = {s.position for s in self.live()}
+        self.unstaffed = {p: self.unstaffed.get(p, now) for p in range(self.placement.num_shards) if p not in live}
+        return sorted(p for p, since in self.unstaffed.items() if now - since >= deadline_s)
+
     # ----- changes (make-before-break)
     def retire(self, positions: list[int]) -> tuple[Placement, dict[int, int]]:
         """(current placement renumbered so `positions` come last, old -> new positions). No mutation."""
@@ -136,6 +145,8 @@ class Registry:
                 self.shards[sid].position = change.current.num_shards + i
         for i, s in enumerate(spares):  # a spare still starting may sit on a position the placement now uses
             s.position = change.new.num_shards + i
+        self.unstaffed = {change.relabel[p]: t for p, t in self.unstaffed.items()
+                          if change.relabel.get(p, change.new.num_shards) < change.new.num_shards}
         self.placement = change.new
         self.version += 1
 
@@ -177,9 +188,13 @@ class Registry:
 
     # ----- persistence (the controller's record in Ray's GCS)
     def record(self) -> dict:
+        """What `restore` needs; the start clocks as wall-clock times (a restarted controller's monotonic clock is
+        another's)."""
+        wall = time.time() - time.monotonic()
         return {"version": self.version, "placement": self.placement.to_dict(),
                 "shards": [{"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
-                            "healthy": s.healthy} for s in self.shards.values()]}
+                            "healthy": s.healthy} for s in self.shards.values()],
+                "unstaffed": {str(p): since + wall for p, since in self.unstaffed.items()}}
 
     @classmethod
     def restore(cls, record: dict, moe_layers: list[int]) -> "Registry":
@@ -189,4 +204,6 @@ class Registry:
         for s in record["shards"]:
             reg.shards[s["id"]] = ShardInfo(s["id"], s["address"], int(s["position"]), bool(s["ready"]),
                                             bool(s.get("healthy", True)))
+        mono = time.monotonic() - time.time()  # a record without start clocks: they start now
+        reg.unstaffed = {int(p): float(since) + mono for p, since in record.get("unstaffed", {}).items()}
         return reg

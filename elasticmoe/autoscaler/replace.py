@@ -52,6 +52,24 @@ class Replacer:
             self._publish()
             return self.registry.version
         gone = [info.position] + [p for p in self.registry.vacant() if p != info.position]  # other dead ones too
+        return await self._rehome(gone, why, kind, shard_id)
+
+    async def _give_up(self, positions: list[int]) -> int | None:
+        """Take positions that never came up (autoscaling's start_deadline_s: none registered, or it never got ready)
+        out of the placement with the failed ones: their experts get copies on the live shards; a replica still
+        starting at one is forgotten (should it get ready, its registration retry makes it a spare)."""
+        holders = self.registry.by_position()
+        starting = [holders[p].shard_id for p in positions if p in holders]
+        version = await self._rehome(positions + [p for p in self.registry.vacant() if p not in positions],
+                                     "start deadline", "rehome")
+        if version is not None:
+            self._event("given_up", positions=positions, shards=starting)
+        return version
+
+    async def _rehome(self, gone: list[int], why: str, kind: str, shard_id: str | None = None) -> int | None:
+        """Re-plan the placement without the positions `gone` (their shards leave it); returns the committed
+        version, None when nothing could be re-homed (rolled back, or no shard to re-home onto)."""
+        n = self.registry.placement.num_shards
         if len(gone) == n:  # nothing to re-home onto but ready spares: they join (empty) first
             if not self.registry.spares() or not await self._widen(why, kind):
                 return None  # a new replica takes this position over
@@ -75,7 +93,7 @@ class Replacer:
             self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:200])
             return None
         for sid in remove:
-            self._event("removed", shard=sid, why=why if sid == shard_id else "failed with it")
+            self._event("removed", shard=sid, why=why if sid == shard_id or shard_id is None else "failed with it")
         return self.registry.version
 
     async def _widen(self, why: str, kind: str) -> bool:
