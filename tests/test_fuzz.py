@@ -172,7 +172,11 @@ def _check_http(status: int, body: bytes) -> str:
     if status != 200:
         err = json.loads(body)["error"]
         assert isinstance(err["message"], str) and err["type"]
-        assert err["code"] == ("model_not_found" if status == 404 else None), err  # 404: a model not served
+        if status == 400:  # OpenAI's codes for a bad field
+            assert err["code"] in ("invalid_value", "invalid_type", "missing_required_parameter", "unknown_parameter",
+                                   "unsupported_value", "context_length_exceeded", "empty_array", "invalid_json"), err
+        else:
+            assert err["code"] == ("model_not_found" if status == 404 else None), err  # 404: a model not served
         assert err["param"] is None or isinstance(err["param"], str)
         return str(status)
     if body.startswith(b"data: "):

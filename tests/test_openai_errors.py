@@ -18,41 +18,68 @@ from tests.openai_util import CHAT, MODEL, PROMPT, Core, Server, _greedy, _wait_
 from tests.openai_util import llm, model, served  # noqa: F401 - fixtures
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"frequency_penalty": 2.5}, "frequency_penalty"),
-    ({"presence_penalty": -3}, "presence_penalty"), ({"logit_bias": {"5": 300}}, "logit_bias[5]"),
-    ({"logit_bias": {"x": 3}}, "logit_bias"), ({"logit_bias": {"100000": 3}}, "logit_bias"),
-    ({"logit_bias": {"\u00b2": 3}}, "logit_bias"),
-    ({"prompt": ["one", "two"]}, "prompt"), ({"prompt": [1, 10**9]}, "prompt"), ({"max_tokens": 500}, "max_tokens"),
-    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"), ({"max_tokens": "many"}, "max_tokens"),
-    ({"extra_body": {"min_p": 1.5}}, "min_p"), ({"extra_body": {"min_tokens": 5}}, "min_tokens"),
-    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids[0]"),
-    ({"stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo"),
-    ({"extra_body": {"best_of": 2}}, "best_of"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+V, T, U, CTX = "invalid_value", "invalid_type", "unsupported_value", "context_length_exceeded"
+
+
+@pytest.mark.parametrize("kw,param,code", [
+    ({"temperature": -1}, "temperature", V), ({"top_p": 2}, "top_p", V), ({"max_tokens": 0}, "max_tokens", V),
+    ({"n": 0}, "n", V), ({"n": 17}, "n", V), ({"frequency_penalty": 2.5}, "frequency_penalty", V),
+    ({"presence_penalty": -3}, "presence_penalty", V), ({"logit_bias": {"5": 300}}, "logit_bias[5]", V),
+    ({"logit_bias": {"x": 3}}, "logit_bias", V), ({"logit_bias": {"100000": 3}}, "logit_bias", V),
+    ({"logit_bias": {"\u00b2": 3}}, "logit_bias", V), ({"logit_bias": {"5": "x"}}, "logit_bias.5", T),
+    ({"prompt": ["one", "two"]}, "prompt", U), ({"prompt": [1, 10**9]}, "prompt", V),
+    ({"prompt": [1] * 200}, "prompt", CTX), ({"max_tokens": 500}, "max_tokens", CTX),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty", V), ({"max_tokens": "many"}, "max_tokens", T),
+    ({"extra_body": {"min_p": 1.5}}, "min_p", V), ({"extra_body": {"min_tokens": 5}}, "min_tokens", V),
+    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids[0]", V),
+    ({"stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo", "unknown_parameter"),
+    ({"extra_body": {"best_of": 2}}, "best_of", U), ({"stream_options": {"include_usage": True}}, "stream_options", V),
+    ({"extra_body": {"stop_token_ids": [1, "x"]}}, "stop_token_ids[1]", T),
 ])
-def test_bad_completion_fields_are_openai_400s(served, kw, param):
+def test_bad_completion_fields_are_openai_400s(served, kw, param, code):
+    """Every 400 names the field (its path, as OpenAI writes it) and carries OpenAI's code for the fault."""
     _, client = served
     args = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kw}
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**args)
     assert e.value.status_code == 400
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param
-    assert e.value.body["message"] and e.value.body["code"] is None
+    assert param in e.value.body["message"] and e.value.body["code"] == code, e.value.body
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
-    ({"top_logprobs": 2}, "top_logprobs"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content"),
+@pytest.mark.parametrize("kw,param,code", [
+    ({"messages": []}, "messages", "empty_array"), ({"messages": [{"role": "robot", "content": "x"}]},
+                                                    "messages[0].role", V),
+    ({"messages": [CHAT[0], {"content": "x"}]}, "messages[1].role", "missing_required_parameter"),
+    ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages", CTX),
+    ({"top_logprobs": 2}, "top_logprobs", V), ({"max_completion_tokens": 0}, "max_completion_tokens", V),
+    ({"max_completion_tokens": 500}, "max_completion_tokens", CTX),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", U),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content", U),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content", U),
+    ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name", T),
 ])
-def test_bad_chat_fields_are_openai_400s(served, kw, param):
+def test_bad_chat_fields_are_openai_400s(served, kw, param, code):
     _, client = served
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**{"model": MODEL, "messages": CHAT, "max_tokens": 4, **kw})
     assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+    assert e.value.body["message"].startswith(param) and e.value.body["code"] == code, e.value.body
+
+
+@pytest.mark.parametrize("body,param,code", [
+    (b"{not json", None, "invalid_json"), (b"[1, 2]", None, "invalid_type"),
+    (b'{"max_tokens": 2}', "messages", "missing_required_parameter"),
+    (b'{"messages": [], "bogus": 1}', "bogus", "unknown_parameter"),
+])
+def test_bodies_that_are_no_request_carry_a_code(served, body, param, code):
+    _, client = served
+    req = urllib.request.Request(f"{client.base_url}chat/completions", data=body, method="POST",
+                                 headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    err = json.loads(e.value.read())["error"]
+    assert e.value.code == 400 and (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error")
 
 
 @pytest.mark.parametrize("chat,kw,param,message", [
@@ -61,8 +88,8 @@ def test_bad_chat_fields_are_openai_400s(served, kw, param):
     (False, {"prompt": 5}, "prompt",
      "prompt: must be a string, a list of integers, a list of strings or a list of lists of integers"),
     (True, {"tool_choice": 5}, "tool_choice", "tool_choice: must be a string or an object"),
-    (True, {"messages": [{"role": "user", "content": 5}]}, "messages",
-     "messages.0.content: must be a string or a list of objects"),
+    (True, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+     "messages[0].content: must be a string or a list of objects"),
 ], ids=["stop", "stop-list", "prompt", "tool_choice", "content"])
 def test_a_wrong_type_in_a_union_field_names_the_field_and_what_it_takes(served, chat, kw, param, message):
     """Not pydantic's inner branch ("stop.str: Input should be a valid string"): the field as sent, and its types."""
@@ -72,7 +99,7 @@ def test_a_wrong_type_in_a_union_field_names_the_field_and_what_it_takes(served,
             client.chat.completions.create(**{"model": MODEL, "messages": CHAT, "max_tokens": 4, **kw})
         else:
             client.completions.create(**{"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kw})
-    assert (e.value.body["param"], e.value.body["message"]) == (param, message)
+    assert (e.value.body["param"], e.value.body["message"], e.value.body["code"]) == (param, message, "invalid_type")
 
 
 def test_a_refused_tool_choice_names_every_value_accepted(served):
@@ -81,15 +108,6 @@ def test_a_refused_tool_choice_names_every_value_accepted(served):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, tool_choice="required")
     assert e.value.body["param"] == "tool_choice"
     assert e.value.body["message"] == "tool_choice: only 'none' or 'auto' is supported, got 'required'"
-
-
-def test_invalid_json_is_a_400(served):
-    _, client = served
-    req = urllib.request.Request(f"{client.base_url}completions", data=b"{not json", method="POST",
-                                 headers={"content-type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=10)
-    assert e.value.code == 400 and json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("method,path,status", [("POST", "embeddings", 404), ("GET", "completions", 405)])

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from elasticmoe.engine.validation import GREEDY_BELOW, InvalidRequest, check_sampling
+from elasticmoe.engine.validation import CONTEXT, GREEDY_BELOW, InvalidRequest, check_sampling
 
 __all__ = ["InvalidRequest", "PenaltyState", "RowContext", "SamplingParams", "TokenLogprob", "process_logits", "sample"]
 
@@ -52,7 +52,7 @@ class SamplingParams:
         check_sampling(self)
         if max_model_len is not None and prompt_len + self.max_tokens > max_model_len:
             raise InvalidRequest("max_tokens", f"prompt ({prompt_len}) + max_tokens ({self.max_tokens}) "
-                                               f"exceeds the context length {max_model_len}")
+                                               f"exceeds the context length {max_model_len}", CONTEXT)
 
     @property
     def greedy(self) -> bool:

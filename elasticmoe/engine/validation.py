@@ -16,15 +16,19 @@ SEED_RANGE = (-(1 << 63), 1 << 64)  # a seed must fit 64 bits (signed or unsigne
 INT32_MAX = (1 << 31) - 1
 
 
-class InvalidRequest(ValueError):
-    """A request field is out of range; `field` names it (mapped to INVALID_ARGUMENT / HTTP 400)."""
+CONTEXT = "context_length_exceeded"  # an InvalidRequest code: the prompt (with max_tokens) does not fit the context
 
-    def __init__(self, field_name: str, message: str):
+
+class InvalidRequest(ValueError):
+    """A request field is out of range; `field` names it (mapped to INVALID_ARGUMENT / HTTP 400); `code` says how,
+    as OpenAI's error codes do: invalid_value (the default), context_length_exceeded, unsupported_value, ..."""
+
+    def __init__(self, field_name: str, message: str, code: str = "invalid_value"):
         super().__init__(f"{field_name}: {message}")
-        self.field, self.message = field_name, message
+        self.field, self.message, self.code = field_name, message, code
 
     def __reduce__(self):  # picklable across Ray processes
-        return (type(self), (self.field, self.message))
+        return (type(self), (self.field, self.message, self.code))
 
 
 @dataclass(frozen=True)
@@ -195,7 +199,7 @@ class Validator:
         if not ids:
             raise InvalidRequest(name, "the prompt is empty")
         if len(ids) > self.max_prompt_tokens:
-            raise InvalidRequest(name, f"{len(ids)} tokens; the limit is {self.max_prompt_tokens}")
+            raise InvalidRequest(name, f"{len(ids)} tokens; the limit is {self.max_prompt_tokens}", CONTEXT)
         out = list(ids)
         for t in out:
             if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < self.vocab_size:
@@ -229,4 +233,4 @@ class Validator:
             raise InvalidRequest("logprobs", f"must be in [0, {lim.max_logprobs}], got {params.logprobs}")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequest("max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) "
-                                               f"exceeds the context length {self.max_model_len}")
+                                               f"exceeds the context length {self.max_model_len}", CONTEXT)

@@ -64,7 +64,7 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
     cap = check.limits.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None and not (length.isascii() and length.isdigit()):  # '²'.isdigit() but int() refuses it
-        raise ApiError(400, f"the Content-Length header is not a byte count: {length[:40]!r}", param=None)
+        raise ApiError(400, f"the Content-Length header is not a byte count: {length[:40]!r}", code="invalid_value")
     if length is not None and int(length) > cap:
         raise ApiError(413, f"the request body is over the limit of {cap} bytes", param=None)
     chunks, size = [], 0
@@ -80,8 +80,8 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
     try:
         return model.model_validate(obj)
     except ValidationError as e:
-        message, param = _describe(e, model)
-        raise ApiError(400, message, param=param) from None
+        message, param, code = _describe(e, model)
+        raise ApiError(400, message, param=param, code=code) from None
 
 
 async def create_completion(core: Any, req: CompletionRequest, request: Request,
@@ -158,22 +158,43 @@ def _union_at(model: Any, loc: tuple) -> tuple[int, tuple] | None:
     return None
 
 
-def _describe(exc: RequestValidationError | ValidationError, model: Any = None) -> tuple[str, str | None]:
-    """(message, param) of the first pydantic error of a request body (a `model`)."""
-    err = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    param = loc[0] if loc else None  # a top-level key: parse_body allowed at most 256 characters
-    # (a nested key may be as long as the body: clipped)
-    if err.get("type") == "extra_forbidden":  # the full path of a nested one: stream_options.foo
-        param = clip(".".join(loc)) or None
-        return f"Unrecognized request argument supplied: {param}", param
+_CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter",
+          "json_invalid": "invalid_json", "literal_error": "invalid_value", "enum": "invalid_value"}
+
+
+def _code(kind: str) -> str:
+    """OpenAI's error code for a pydantic error type: a wrong JSON type is invalid_type, a bad value invalid_value."""
+    return _CODES.get(kind) or ("invalid_type" if kind.endswith("_type") else "invalid_value")
+
+
+def _where(loc: Any) -> str:
+    """A field's path as OpenAI writes it: ("messages", 0, "role") -> "messages[0].role", at most 200 characters
+    (a nested key may be as long as the body)."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return clip(out)
+
+
+def _describe(exc: RequestValidationError | ValidationError, model: Any = None) -> tuple[str, str | None, str]:
+    """(message, param, code) of the first pydantic error of a request body (a `model`): param is the field's path
+    (messages[0].role), code OpenAI's (invalid_type, invalid_value, missing_required_parameter, unknown_parameter)."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False) \
+        if isinstance(exc, ValidationError) else exc.errors()
+    err = errors[0] if errors else {}
+    loc = tuple(p for p in err.get("loc", ()) if p != "body")
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return "the request body is not valid JSON", None, _code(kind)
+    where = _where(loc) or None
+    if kind == "extra_forbidden":  # the full path of a nested one: stream_options.foo
+        return f"Unrecognized request argument supplied: {where}", where, _code(kind)
     union = _union_at(model, tuple(err.get("loc", ()))) if model is not None else None
     if union is not None:  # stop: 5 -> "stop: must be a string or a list of strings", not "stop.str: ..."
         kinds = [_kind(t) for t in union[1]]
-        return f"{clip('.'.join(loc[:union[0]]))}: must be {', '.join(kinds[:-1])} or {kinds[-1]}", param
-    return f"{clip('.'.join(loc)) or 'body'}: {err.get('msg', 'invalid')}", param
+        where = _where(loc[:union[0]]) or None
+        return f"{where}: must be {', '.join(kinds[:-1])} or {kinds[-1]}", where, "invalid_type"
+    return f"{where or 'body'}: {err.get('msg', 'invalid')}", where, _code(kind)
 
 
 class ClientGone:
@@ -224,8 +245,8 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
             record_outcome(get_core(), 400)
         except Exception:  # noqa: BLE001 - metrics never turn a 400 into a 500
             pass
-        message, param = _describe(exc)
-        return ApiError(400, message, param=param).response()
+        message, param, code = _describe(exc)
+        return ApiError(400, message, param=param, code=code).response()
 
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()

@@ -48,8 +48,9 @@ def record_outcome(core: Any, http_status: int | None, tally: Tally | None = Non
 
 
 def bad_request(e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
+    """A 400 naming the field (as the API calls it) in param and message, with the error's code."""
     param = aliases.get(e.field, e.field)
-    return ApiError(400, f"{param}: {getattr(e, 'message', e)}", param=param)
+    return ApiError(400, f"{param}: {getattr(e, 'message', e)}", param=param, code=getattr(e, "code", "invalid_value"))
 
 
 def _server_error(e: Exception) -> ApiError:

@@ -60,9 +60,9 @@ def parse_body(raw: bytes, max_depth: int) -> dict:
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {short(str(e), 120)}") from None
+        raise ApiError(400, f"the request body is not valid JSON: {short(str(e), 120)}", code="invalid_json") from None
     if not isinstance(obj, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
+        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}", code="invalid_type")
     for k in obj:
         check_text("body key", k, max_chars=256)
     for k, v in obj.items():
@@ -179,7 +179,8 @@ def reject_unsupported(req: BaseRequest) -> None:
     for name, off in _OFF_VALUES.items():
         if name in type(req).model_fields and getattr(req, name) not in off:
             accepted = " or ".join(repr(v) for v in off[1:])
-            raise InvalidRequest(name, f"only {accepted} is supported, got {short(getattr(req, name))}")
+            raise InvalidRequest(name, f"only {accepted} is supported, got {short(getattr(req, name))}",
+                                 "unsupported_value")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs", "requires logprobs: true")
     if req.n is not None and not 1 <= req.n <= MAX_N:
@@ -237,21 +238,22 @@ def completion_ids(tokenizer: Any, prompt: Any, check: Validator) -> list[int]:
         return check.encode(tokenizer, prompt)
     if all(isinstance(t, int) for t in prompt):
         return check.prompt_ids(prompt)
-    raise InvalidRequest("prompt", "several prompts in one request are not supported; send one request each")
+    raise InvalidRequest("prompt", "several prompts in one request are not supported; send one request each",
+                         "unsupported_value")
 
 
 def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_generation_prompt: bool = True
              ) -> list[int]:
     """Apply the checkpoint's chat template (with the assistant generation prompt unless told not) -> token ids."""
     if not messages:
-        raise InvalidRequest("messages", "at least one message is required")
+        raise InvalidRequest("messages", "at least one message is required", "empty_array")
     conv, size = [], 0
     for i, m in enumerate(messages):
         content = m.content or ""
         if isinstance(content, list):
             if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
                 raise InvalidRequest(f"messages[{i}].content", "only text content parts (with a string text) "
-                                                               "are supported")
+                                                               "are supported", "unsupported_value")
             content = "\n".join(p["text"] for p in content)  # as vLLM joins them: parts never glue words
         size += len(content.encode("utf-8"))
         conv.append({"role": "system" if m.role == "developer" else m.role, "content": content})
