@@ -21,7 +21,7 @@ from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
-from elasticmoe.gateway.tokenizing import chars_of, tokenized
+from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of, tokenized
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, check_model,
     completion_ids, http_error, parse_body, reject_unsupported, sampling_params)
@@ -111,7 +111,9 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
     try:
         reject_unsupported(req)
         check = _validator(core)
-        ids = await tokenized(chars_of(req.messages), chat_ids, core.tokenizer, req.messages, check)
+        # tools reach the template, whose rendering of them this does not count: it runs off the loop
+        chars = chars_of(req.messages) + (OFF_LOOP_CHARS if req.tools else 0)
+        ids = await tokenized(chars, chat_ids, core.tokenizer, req.messages, check, True, req.tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context allows (generation_config's where less;
             # chat_ids refused a prompt that fills the context, naming messages)

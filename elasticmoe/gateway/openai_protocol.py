@@ -168,10 +168,21 @@ class ChatRequest(BaseRequest):
 
 # Accepted only at their "off" values: field -> values that mean "off".
 _OFF_VALUES: dict[str, tuple] = {
-    "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
-    "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
     "store": (None, False),  # nothing is stored: a stored completion could never be retrieved
 }
+
+
+def _check_tools(req: ChatRequest) -> None:
+    """Tool calls are not made: tool_choice "none" is served, with or without tools (they reach the chat template,
+    as vLLM passes them, and the model answers in text); without tools "auto" means the same. Any other choice,
+    or tools with tool_choice left out (OpenAI's default is then "auto"), is a 400 naming tool_choice."""
+    choice = req.tool_choice
+    if choice == "none" or (not req.tools and choice in (None, "auto")):
+        return
+    got = "left out, which with tools means 'auto'" if choice is None else f"got {short(choice)}"
+    raise InvalidRequest("tool_choice", "this server makes no tool calls: only 'none' is supported (the model answers "
+                                        f"in text; 'auto' too when no tools are given), {got}", "unsupported_value")
 
 
 def reject_unsupported(req: BaseRequest) -> None:
@@ -181,6 +192,8 @@ def reject_unsupported(req: BaseRequest) -> None:
             accepted = " or ".join(repr(v) for v in off[1:])
             raise InvalidRequest(name, f"only {accepted} is supported, got {short(getattr(req, name))}",
                                  "unsupported_value")
+    if isinstance(req, ChatRequest):
+        _check_tools(req)
     if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs", "requires logprobs: true")
     if req.n is not None and not 1 <= req.n <= MAX_N:
@@ -242,9 +255,9 @@ def completion_ids(tokenizer: Any, prompt: Any, check: Validator) -> list[int]:
                          "unsupported_value")
 
 
-def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_generation_prompt: bool = True
-             ) -> list[int]:
-    """Apply the checkpoint's chat template (with the assistant generation prompt unless told not) -> token ids."""
+def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, str]], int]:
+    """Messages as the chat template takes them ({role, content[, name]}: a template may write the name, as
+    transformers passes message dicts through), and their bytes of content and names."""
     if not messages:
         raise InvalidRequest("messages", "at least one message is required", "empty_array")
     conv, size = [], 0
@@ -255,13 +268,25 @@ def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_
                 raise InvalidRequest(f"messages[{i}].content", "only text content parts (with a string text) "
                                                                "are supported", "unsupported_value")
             content = "\n".join(p["text"] for p in content)  # as vLLM joins them: parts never glue words
-        size += len(content.encode("utf-8"))
-        conv.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        turn = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            turn["name"] = m.name
+        size += len(content.encode("utf-8")) + len((m.name or "").encode("utf-8"))
+        conv.append(turn)
+    return conv, size
+
+
+def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_generation_prompt: bool = True,
+             tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Apply the checkpoint's chat template (with the assistant generation prompt unless told not; `tools`, if any,
+    given to it as vLLM gives them) -> token ids."""
+    conv, size = _conversation(messages)
     limit = check.limits.max_prompt_bytes
     if size > limit:
         raise InvalidRequest("messages", f"{size} bytes of content; the limit is {limit}")
     try:
-        text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                             tools=tools or None)
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
         raise InvalidRequest("messages", f"the chat template rejected the conversation: {short(str(e), 200)}") from e
     rendered = len(text.encode("utf-8", "replace"))  # each message adds its template's text: held as a prompt is

@@ -1,0 +1,101 @@
+"""What a chat request gives the chat template, over a real engine and uvicorn with the official client: a message's
+`name` (transformers passes message dicts through; the name was dropped), and `tools` with tool_choice "none" (was
+refused): served, the tools given to the template as vLLM gives them, the answer text and no tool call. Other
+tool_choice values stay 400s naming tool_choice. The template here writes names and tools into the prompt."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import openai
+import pytest
+from openai import OpenAI
+
+from elasticmoe.gateway.openai_api import build_openai_app
+from tests.openai_util import MODEL, Core, Server
+from tests.openai_util import model  # noqa: F401 - the fixture
+
+TEMPLATE = (
+    "<s>{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m.get('name') %} ({{ m['name'] }}){% endif %}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if tools %}<|im_start|>tools: {% for t in tools %}{{ t['function']['name'] }} {% endfor %}<|im_end|>\n"
+    "{% endif %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NAMED = [{"role": "system", "content": "Be brief."}, {"role": "user", "name": "alice", "content": "Hi experts."},
+         {"role": "assistant", "name": "bob", "content": "Hello."}, {"role": "user", "content": "Go on."}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "get_time"}}]
+
+
+@pytest.fixture(scope="module")
+def served(model):  # noqa: F811
+    core = Core(*model, max_num_seqs=4, max_model_len=256)
+    core.tokenizer.chat_template = TEMPLATE
+    server = Server(build_openai_app(core))
+    yield core, OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    server.stop()
+    core.runner.close()
+
+
+def _ref(core, messages, tools=None) -> tuple[str, list[int]]:
+    """transformers' rendering of the conversation (the reference) and its token ids."""
+    text = core.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    return text, core.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _greedy(client, **kw):
+    return client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True},
+                                          **kw)
+
+
+def test_message_names_reach_the_chat_template(served):
+    core, client = served
+    text, ids = _ref(core, NAMED)
+    assert "user (alice)" in text and "assistant (bob)" in text  # the template writes them
+    base = str(client.base_url).removesuffix("/v1/")
+    req = urllib.request.Request(f"{base}/tokenize", json.dumps({"messages": NAMED}).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert json.loads(r.read())["tokens"] == ids
+    out = _greedy(client, messages=NAMED)
+    assert out.usage.prompt_tokens == len(ids)
+    ref = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].message.content == ref.choices[0].text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_with_tool_choice_none_are_served_without_tool_calls(served, stream):
+    core, client = served
+    text, ids = _ref(core, NAMED, TOOLS)
+    assert "tools: get_weather get_time" in text
+    ref = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True}).choices[0].text
+    kw = dict(messages=NAMED, tools=TOOLS, tool_choice="none", parallel_tool_calls=False)
+    if stream:
+        chunks = list(_greedy(client, stream=True, stream_options={"include_usage": True}, **kw))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].usage.prompt_tokens == len(ids)
+        return
+    out = _greedy(client, **kw)
+    msg = out.choices[0].message
+    assert (msg.content, msg.tool_calls, out.choices[0].finish_reason) == (ref, None, "length")
+    assert out.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("tools,choice", [
+    (TOOLS, "auto"), (TOOLS, "required"), (TOOLS, {"type": "function", "function": {"name": "get_time"}}),
+    (TOOLS, None), (None, "required"),
+], ids=["auto", "required", "named", "left-out", "required-no-tools"])
+def test_tool_calls_asked_for_are_400s_naming_tool_choice(served, tools, choice):
+    _, client = served
+    kw = {k: v for k, v in (("tools", tools), ("tool_choice", choice)) if v is not None}
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(client, messages=NAMED, **kw)
+    err = e.value.body
+    assert (err["param"], err["code"], err["type"]) == ("tool_choice", "unsupported_value", "invalid_request_error")
+    assert err["message"].startswith("tool_choice: this server makes no tool calls: only 'none' is supported")
+    assert ("'auto'" in err["message"]) if choice is None else (repr(choice)[:20] in err["message"])
+    assert _greedy(client, messages=NAMED, tool_choice="auto").choices[0].message.content  # no tools: auto is none
