@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import openai
@@ -53,6 +54,46 @@ def test_a_request_without_a_model_is_served_and_tokenize_checks_the_model(serve
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})):
         status, out = _post(base + path, {"model": "nope", **body})
         assert status == 404 and out["error"]["code"] == "model_not_found", (path, out)
+
+
+def test_the_checkpoint_path_is_an_alias_of_the_served_name(served, model):
+    """vLLM (no --served-model-name) serves under the path it was given, and clients set up for it send that path:
+    here it was a 404. The path (written with a trailing slash or ./ too) is served, under the served name, on every
+    route that takes `model`; /v1/models lists the served name alone (no local path leaks); others stay 404s."""
+    _, client = served
+    path = model[0]
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    for name in (path, path + "/", path.replace("/mixtral", "/./mixtral")):
+        assert client.completions.create(model=name, prompt=PROMPT, max_tokens=2).model == MODEL, name
+    chunks = list(client.chat.completions.create(model=path, messages=CHAT, max_tokens=2, stream=True))
+    assert chunks and all(c.model == MODEL for c in chunks)
+    assert _post(f"{base}/tokenize", {"model": path, "prompt": "hi"})[0] == 200
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    with urllib.request.urlopen(f"{base}/v1/models/{urllib.parse.quote(path, safe='')}", timeout=10) as r:
+        assert json.loads(r.read())["id"] == MODEL
+    for other in (path + "x", path.rsplit("/", 1)[0], "/mixtral"):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.completions.create(model=other, prompt=PROMPT, max_tokens=2)
+        assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model", other
+
+
+@pytest.mark.parametrize("model,served_as,name,ok", [
+    ("/hf/models--acme--tiny/snapshots/" + "a" * 40, "custom", "custom", True),
+    ("/hf/models--acme--tiny/snapshots/" + "a" * 40, "custom", "acme/tiny", True),  # the hub id it was pinned from
+    ("/hf/models--acme--tiny/snapshots/" + "a" * 40, "custom", "/hf/models--acme--tiny/snapshots/" + "a" * 40, True),
+    ("/hf/models--acme--tiny/snapshots/" + "a" * 40, "custom", "/hf/models--acme--tiny", False),
+    ("/hf/models--acme--tiny/snapshots/" + "a" * 40, "custom", "acme", False),
+    ("/ckpt/mixtral", None, "/ckpt//mixtral/", True), ("/ckpt/mixtral", None, "mixtral", True),
+    ("/ckpt/mixtral", None, "/ckpt", False), ("/ckpt/mixtral", None, "", False),
+    ("tiny:mixtral", None, "tiny:mixtral", True), ("tiny:mixtral", "m", "tiny:mixtral", True),
+    ("tiny:mixtral", "m", "tiny:dbrx", False),
+])
+def test_model_aliases(model, served_as, name, ok):
+    from types import SimpleNamespace
+
+    from elasticmoe.gateway.openai_protocol import is_served
+
+    assert is_served(name, SimpleNamespace(model=model, served_model_name=served_as)) is ok
 
 
 def test_models_retrieve_names_the_served_model(served):

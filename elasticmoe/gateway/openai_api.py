@@ -51,7 +51,7 @@ async def read_request(request: Request, model: type[BaseRequest], core: Any) ->
     gone later is, not a server error)."""
     try:
         body = await _read(request, model, _validator(core))
-        check_model(body.model, served_name(core.args))
+        check_model(body.model, core.args)
         return body
     except InvalidRequest as e:
         raise _invalid(core, e, {}) from None
@@ -277,7 +277,7 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
 
     @app.get("/v1/models/{model:path}")  # a hub id holds a slash (the client sends it as %2F)
     async def retrieve_model(model: str) -> dict:
-        check_model(model, served_name(get_core().args))
+        check_model(model, get_core().args)
         return card()
 
     @app.post("/v1/completions")

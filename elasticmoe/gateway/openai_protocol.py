@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from elasticmoe.config import default_served_name, served_name
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
 from elasticmoe.engine.validation import INT32_MAX, SEED_RANGE, Validator, check_text, clip, short
 
@@ -33,12 +35,27 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def check_model(name: str | None, served: str) -> None:
-    """A request's `model`: the served name, or None (left out: the one model served, as vLLM takes it); any other
-    is a 404 model_not_found, as OpenAI and vLLM answer it (never another model's answer under a name asked for)."""
-    if name is not None and name != served:
-        raise ApiError(404, f"model: the model {short(name)} does not exist; this server serves {served!r} "
-                            "(GET /v1/models)", param="model", code="model_not_found")
+def is_served(name: str, args: Any) -> bool:
+    """`name` is the served name or an alias of it: the checkpoint as the server was given it (a path or hub id:
+    vLLM, with no --served-model-name, serves under the path it was given), that path written another way (a
+    trailing slash, ./), or the name it would be served under by default (a hub cache directory's org/name)."""
+    if name == served_name(args):
+        return True
+    model = getattr(args, "model", None) or ""
+    if not model or len(name) > 4096:
+        return False
+    if name in (model, default_served_name(model)):
+        return True
+    return "/" in name and posixpath.normpath(name) == posixpath.normpath(model)  # strings only: no file is read
+
+
+def check_model(name: str | None, args: Any) -> None:
+    """A request's `model`: the served name or an alias (is_served), or None (left out: the one model served, as
+    vLLM takes it); any other is a 404 model_not_found, as OpenAI and vLLM answer it (never another model's answer
+    under a name asked for)."""
+    if name is not None and not is_served(name, args):
+        raise ApiError(404, f"model: the model {short(name)} does not exist; this server serves "
+                            f"{served_name(args)!r} (GET /v1/models)", param="model", code="model_not_found")
 
 
 async def http_error(request: Any, exc: StarletteHTTPException) -> JSONResponse:
@@ -111,7 +128,7 @@ class BaseRequest(BaseModel):
     are not coerced (a string is no number, a bool no integer)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    model: str | None = None  # the served name, or left out (check_model: any other is a 404)
+    model: str | None = None  # the served name or an alias, or left out (check_model: any other is a 404)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
