@@ -21,7 +21,7 @@ from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
-from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of, tokenized
+from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of, parsed, tokenized
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, check_model,
     completion_ids, http_error, parse_body, reject_unsupported, sampling_params)
@@ -76,7 +76,13 @@ async def _read(request: Request, model: type[BaseRequest], check: Validator) ->
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(499, "the client disconnected", "client_disconnected") from None
-    obj = parse_body(b"".join(chunks), check.limits.max_json_depth)
+    raw = b"".join(chunks)
+    return await parsed(len(raw), _parse, raw, model, check.limits.max_json_depth)
+
+
+def _parse(raw: bytes, model: type[BaseRequest], max_depth: int) -> BaseRequest:
+    """A body as `model` (ApiError or InvalidRequest naming the field if not); a large one runs off the loop."""
+    obj = parse_body(raw, max_depth)
     try:
         return model.model_validate(obj)
     except ValidationError as e:
