@@ -16,7 +16,7 @@ from elasticmoe.engine.detok import BYTE_RUN_TOKENS, REPLACEMENT, STUCK_TOKENS, 
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, process_logits
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.openai_api import build_openai_app
-from elasticmoe.gateway.openai_protocol import parse_body
+from elasticmoe.gateway.openai_body import parse_body
 from tests.openai_util import Core, model  # noqa: F401 - the fixture
 from tests.test_detok import _sentencepiece_like
 
