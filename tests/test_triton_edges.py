@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 import torch
 
 from tests.moe_cases import SMALL_TILES, TOL_FP16, TOL_FP32, make_inputs, rel_err
+from tests.triton_child import child_tests
 
 FP = {"float32": (torch.float32, TOL_FP32), "float16": (torch.float16, TOL_FP16)}
 
@@ -215,29 +215,8 @@ def _child_main(device: str) -> None:
     print(json.dumps(results))
 
 
-@pytest.fixture(scope="module")
-def edge_results():
-    from tests.triton_child import run_child
-
-    return run_child(__file__, "--edge-child", "cpu")
-
-
-@pytest.fixture(scope="module")
-def cuda_edge_results():
-    from tests.triton_child import run_child
-
-    return run_child(__file__, "--edge-child", "cuda")
-
-
-@pytest.mark.parametrize("name", list(CASES) + CHECKS)
-def test_triton_edges_interpreted(edge_results, name):
-    assert edge_results[name]["ok"], edge_results[name]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
-@pytest.mark.parametrize("name", list(CASES) + CHECKS)
-def test_triton_edges_on_cuda(cuda_edge_results, name):
-    assert cuda_edge_results[name]["ok"], cuda_edge_results[name]
+_edge_interpreted, _edge_cuda, test_triton_edges_interpreted, test_triton_edges_on_cuda = child_tests(
+    __file__, "--edge-child", list(CASES) + CHECKS)
 
 
 if __name__ == "__main__" and "--edge-child" in sys.argv:

@@ -11,6 +11,7 @@ import torch
 from elasticmoe.kernels import check_moe_inputs, fused_moe
 from elasticmoe.kernels.fp8 import (dequantize_block_fp8, dequantize_w13, fused_moe_fp8_reference,
                                     quantize_act_groups, quantize_block_fp8)
+from tests.triton_child import child_tests
 
 FP8 = torch.float8_e4m3fn
 
@@ -260,31 +261,8 @@ def _child_w8a8_block96(device: str) -> dict:
     return {"ok": isinstance(err, float) and err <= (1e-2 if device == "cuda" else 1e-5), "err": err}
 
 
-def _run_child(device: str) -> dict:
-    from tests.triton_child import run_child
-
-    return run_child(__file__, "--fp8-child", device)
-
-
-@pytest.fixture(scope="module")
-def triton_results():
-    return _run_child("cpu")
-
-
-@pytest.fixture(scope="module")
-def cuda_results():
-    return _run_child("cuda")
-
-
-@pytest.mark.parametrize("name", list(TRITON_CASES) + CHILD_CHECKS)
-def test_triton_fp8_interpreted(triton_results, name):
-    assert triton_results[name]["ok"], triton_results[name]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
-@pytest.mark.parametrize("name", list(TRITON_CASES) + CHILD_CHECKS)
-def test_triton_fp8_on_cuda(cuda_results, name):
-    assert cuda_results[name]["ok"], cuda_results[name]
+_fp8_interpreted, _fp8_cuda, test_triton_fp8_interpreted, test_triton_fp8_on_cuda = child_tests(
+    __file__, "--fp8-child", list(TRITON_CASES) + CHILD_CHECKS)
 
 
 if __name__ == "__main__" and "--fp8-child" in sys.argv:
