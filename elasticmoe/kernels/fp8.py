@@ -50,6 +50,14 @@ def split_layout(two_i: int, scale_rows: int, bn: int, split: bool | None) -> bo
     return scale_rows == 2 * _cdiv(inter, bn) if split is None else bool(split)
 
 
+def _block(block_shape) -> tuple[int, int]:
+    """block_shape as (bn, bk), or ValueError unless two positive ints."""
+    if len(block_shape) != 2 or any(int(b) != b or b < 1 for b in block_shape):
+        raise ValueError(f"block_shape must be two positive ints (bn, bk), got {block_shape!r}")
+    bn, bk = block_shape
+    return int(bn), int(bk)
+
+
 def check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape, split_scales: bool | None = None) -> dict:
     """Raise ValueError naming the bad argument unless w13/w2 are float8_e4m3fn with matching block scales.
 
@@ -61,27 +69,22 @@ def check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape, split_scales: b
         raise ValueError(f"block scales need float8_e4m3fn w13 and w2, got {w13.dtype} and {w2.dtype}")
     if w13_scale is None or w2_scale is None:
         raise ValueError("float8_e4m3fn weights need both w13_scale and w2_scale (the weight_scale_inv tensors)")
-    if block_shape is None:
-        block_shape = DEFAULT_BLOCK
-    if len(block_shape) != 2 or any(int(b) != b or b < 1 for b in block_shape):
-        raise ValueError(f"block_shape must be two positive ints (bn, bk), got {block_shape!r}")
-    bn, bk = (int(b) for b in block_shape)
+    bn, bk = DEFAULT_BLOCK if block_shape is None else _block(block_shape)
     num_experts, two_i, hidden_size = w13.shape
     inter = two_i // 2
     rows13 = (_cdiv(two_i, bn), 2 * _cdiv(inter, bn)) if split_scales is None else (
         (2 * _cdiv(inter, bn),) if split_scales else (_cdiv(two_i, bn),))
-    expected = {
-        "w13_scale": (w13_scale, [(num_experts, r, _cdiv(hidden_size, bk)) for r in rows13]),
-        "w2_scale": (w2_scale, [(num_experts, _cdiv(hidden_size, bn), _cdiv(inter, bk))]),
-    }
-    for name, (scale, shapes) in expected.items():
+    device = w13.device
+    for name, scale, shapes in (
+            ("w13_scale", w13_scale, [(num_experts, r, _cdiv(hidden_size, bk)) for r in rows13]),
+            ("w2_scale", w2_scale, [(num_experts, _cdiv(hidden_size, bn), _cdiv(inter, bk))])):
         if scale.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {scale.dtype}")
-        if tuple(scale.shape) not in shapes:
+        if scale.shape not in shapes:
             raise ValueError(f"{name} {tuple(scale.shape)} does not fit block {bn}x{bk}: expected "
                              + " or ".join(str(s) for s in dict.fromkeys(shapes)))
-        if scale.device != w13.device:
-            raise ValueError(f"{name} is on {scale.device}, the weights on {w13.device}")
+        if scale.device != device:
+            raise ValueError(f"{name} is on {scale.device}, the weights on {device}")
     split = split_layout(two_i, w13_scale.shape[1], bn, split_scales)
     return dict(w13_scale=w13_scale, w2_scale=w2_scale, block_shape=(bn, bk), split=split)
 
