@@ -88,6 +88,7 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to run this step) pairs; prefills may be chunked to fit the token budget."""
+        self._settle()
         budget = self.max_tokens
         work: list[tuple[Sequence, int]] = []
         for seq in self.running:  # decodes first: one token each, never starved by prefills
@@ -101,24 +102,45 @@ class Scheduler:
                 work.append((seq, n))
                 budget -= n
         while self.waiting and self.free_slots and budget > 0:
-            seq = self.waiting.popleft()
-            seq.slot, seq.status = self.free_slots.pop(), Status.RUNNING
-            self.running.append(seq)
+            seq = self.waiting[0]  # it and its slot stay listed until it runs: a Ctrl-C up to here loses neither
+            seq.slot, seq.status = self.free_slots[-1], Status.RUNNING
+            self.running.append(seq)  # the admission: _settle completes it from here
+            self._settle()
             n = min(seq.num_tokens, budget)
             work.append((seq, n))
             budget -= n
         return work
 
+    def _settle(self) -> None:
+        """Complete an admission cut short (Ctrl-C) after its sequence joined `running`: it is still first in
+        `waiting` and its slot still last in `free_slots` (nowhere else can a running one be, or its slot)."""
+        if self.running:
+            last = self.running[-1]
+            if self.waiting and self.waiting[0] is last:
+                self.waiting.popleft()
+            if self.free_slots and self.free_slots[-1] == last.slot:
+                self.free_slots.pop()
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark done and free its cache slot (for a waiting sequence, just drop it)."""
+        """Mark done and free its cache slot (for a waiting sequence, just drop it). Its status is set last: a
+        finish cut short (Ctrl-C) is completed by finishing it again, as the engine's abort does, and its slot,
+        until then, is neither free nor anyone's."""
+        self._settle()
         if seq.finished:
             return
-        seq.status, seq.finish_reason = Status.FINISHED, reason
-        if seq in self.running:
+        held = seq in self.running
+        if held:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if held or seq.status is Status.RUNNING and self._orphan(seq.slot):  # the latter: a finish cut short
+            self.free_slots.append(seq.slot)
+        seq.finish_reason = reason
+        seq.status = Status.FINISHED
+
+    def _orphan(self, slot: int) -> bool:
+        """Whether slot is neither free nor held by a running sequence (lost unless returned)."""
+        return slot not in self.free_slots and all(s.slot != slot for s in self.running)
 
     @property
     def num_free_slots(self) -> int:

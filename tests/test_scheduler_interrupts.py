@@ -1,0 +1,113 @@
+"""Ctrl-C at every bytecode of the scheduler's slot bookkeeping (schedule, finish): no KV slot lost or shared."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from elasticmoe.engine import scheduler as scheduler_module
+from elasticmoe.engine.sampling import SamplingParams
+from elasticmoe.engine.scheduler import Scheduler, Sequence, Status
+
+SLOTS = 3
+CODES = {f.__code__ for f in vars(Scheduler).values() if callable(f) and getattr(f, "__module__", "") ==
+         scheduler_module.__name__}
+
+
+def _interrupt_at(k: int, call) -> bool:
+    """Run call() raising KeyboardInterrupt before the k-th bytecode run in a Scheduler method; whether it was."""
+    seen = [0]
+
+    def opcode(frame, event, arg):
+        if event == "opcode":
+            seen[0] += 1
+            if seen[0] == k:
+                raise KeyboardInterrupt
+        return opcode
+
+    def calls(frame, event, arg):
+        if frame.f_code not in CODES:
+            return None
+        frame.f_trace_opcodes = True
+        return opcode
+
+    sys.settrace(calls)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.settrace(None)
+    return False
+
+
+def _scheduler(admitted: int) -> tuple[Scheduler, list[Sequence]]:
+    """SLOTS slots, five queued sequences, the first `admitted` of them running."""
+    sched = Scheduler(max_num_seqs=SLOTS, max_num_batched_tokens=4 * admitted, max_queue=8)
+    seqs = [Sequence(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=4)) for i in range(5)]
+    for s in seqs:
+        sched.add(s)
+    if admitted:
+        assert len(sched.schedule()) == admitted
+    sched.max_tokens = 64
+    return sched, seqs
+
+
+def _check_owners(sched: Scheduler, lost_ok: frozenset = frozenset()) -> None:
+    """Each slot free or held by one running sequence (or, only where said, by none yet); none waits and runs."""
+    held = [s.slot for s in sched.running]
+    assert all(s.status is Status.RUNNING for s in sched.running)
+    assert not set(map(id, sched.running)) & set(map(id, sched.waiting))
+    assert len(held + sched.free_slots) == len(set(held + sched.free_slots)), (held, sched.free_slots)
+    assert set(range(SLOTS)) - set(held) - set(sched.free_slots) <= lost_ok
+
+
+CASES = {  # name: (sequences running before, the interrupted call)
+    "schedule admits three": (0, lambda sched, seqs: sched.schedule()),
+    "schedule admits one more": (2, lambda sched, seqs: sched.schedule()),
+    "finish a running one": (3, lambda sched, seqs: sched.finish(seqs[1], "stop")),
+    "finish the last admitted": (3, lambda sched, seqs: sched.finish(seqs[2], "stop")),
+    "finish a waiting one": (3, lambda sched, seqs: sched.finish(seqs[4], "abort")),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_an_interrupt_anywhere_then_aborting_all_frees_every_slot(case):
+    """As LLM.generate on Ctrl-C: every request of the call is aborted (Scheduler.finish); every slot is free."""
+    admitted, call = CASES[case]
+    k = 0
+    while True:
+        k += 1
+        sched, seqs = _scheduler(admitted)
+        if not _interrupt_at(k, lambda: call(sched, seqs)):
+            break
+        for s in seqs:
+            sched.finish(s, "abort")
+        assert sorted(sched.free_slots) == list(range(SLOTS)), (case, k, sched.free_slots)
+        assert not sched.running and not sched.waiting and all(s.finished for s in seqs), (case, k)
+    assert k > 20, k  # the interrupts landed at every bytecode of the call, then it ran whole
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_an_interrupt_anywhere_then_carrying_on_shares_no_slot(case):
+    """An interrupted call, then the engine carries on (schedule, finish): no slot is ever held twice or lost;
+    one interrupted finish holds its slot back (from everyone) until that sequence is finished again."""
+    admitted, call = CASES[case]
+    k = 0
+    while True:
+        k += 1
+        sched, seqs = _scheduler(admitted)
+        if not _interrupt_at(k, lambda: call(sched, seqs)):
+            break
+        cut = frozenset(s.slot for s in seqs if s.status is Status.RUNNING and s not in sched.running)
+        sched.schedule()
+        _check_owners(sched, lost_ok=cut if "finish" in case else frozenset())
+        while sched.running:  # the rest run to the end, one at a time, and the queue drains into the slots
+            sched.finish(sched.running[0], "length")
+            sched.schedule()
+            _check_owners(sched, lost_ok=cut if "finish" in case else frozenset())
+        for s in seqs:
+            sched.finish(s, "abort")
+        assert sorted(sched.free_slots) == list(range(SLOTS)), (case, k, sched.free_slots)
+    assert k > 20, k
