@@ -120,7 +120,8 @@ def simulate_demo(shards: int, slots: int, max_moves: int) -> list[dict]:
     cur, prev_greedy = plan(loads[0], shards, slots), greedy_from_scratch(loads[0], shards, slots)
     rows = []
     for name, load in zip(names, loads):
-        new, greedy = plan(load, shards, slots, current=cur, max_moves=max_moves), greedy_from_scratch(load, shards, slots)
+        new = plan(load, shards, slots, current=cur, max_moves=max_moves)
+        greedy = greedy_from_scratch(load, shards, slots)
         for system, p, moved in (("no replication", even, 0), ("planner (bounded moves)", new, len(cur.diff(new)[0])),
                                  ("greedy from scratch", greedy, len(prev_greedy.diff(greedy)[0]))):
             rows.append({"topic": name, "system": system, "balancedness_min": float(p.balancedness(load).min()),

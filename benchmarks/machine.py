@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on, for its JSON: its CPU model (ratios travel, times do not), where its CPU time went."""
+"""The machine a benchmark ran on, for its JSON: its CPU model (ratios travel, times do not), where its CPU time
+went."""
 
 from __future__ import annotations
 

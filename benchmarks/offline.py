@@ -1,4 +1,5 @@
-"""Decode tokens/s of `LLM.generate` vs transformers `generate`: same checkpoint, machine and run; prints a table, writes JSON."""
+"""Decode tokens/s of `LLM.generate` vs transformers `generate`: same checkpoint, machine and run; prints a table,
+writes JSON."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def main() -> None:
           f"intermediate {a.intermediate}, fp32, CPU, torch threads {torch.get_num_threads()}")
     print(f"{'batch':>5} | {'elasticmoe tok/s':>16} | {'transformers tok/s':>18} | {'ratio':>6}")
     for r in rows:
-        print(f"{r['batch']:>5} | {r['elasticmoe_tok_s']:>16.1f} | {r['transformers_tok_s']:>18.1f} | {r['ratio']:>5.2f}x")
+        print(f"{r['batch']:>5} | {r['elasticmoe_tok_s']:>16.1f} | {r['transformers_tok_s']:>18.1f} | "
+              f"{r['ratio']:>5.2f}x")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.machine(), **stamp(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "args": vars(a)}

@@ -197,7 +197,8 @@ def report(res: dict, a: argparse.Namespace) -> None:
     for b in a.batches:
         o, t = ours["tok_s"][str(b)], hf["tok_s"][str(b)]
         print(f"{b:>5} | {o:>16.2f} | {t:>18.2f} | {o / t:>5.2f}x")
-    print(f"{'':>14} | {'load s':>7} | {'peak anon GiB':>12} | {'peak file GiB':>12} | {'anon/file after load GiB':>24}")
+    print(f"{'':>14} | {'load s':>7} | {'peak anon GiB':>12} | {'peak file GiB':>12} | "
+          f"{'anon/file after load GiB':>24}")
     for name, r in (("elasticmoe", ours), ("transformers", hf)):
         after = f"{_gb(r['after_load']['RssAnon'])} / {_gb(r['after_load']['RssFile'])}"
         print(f"{name:>14} | {r['load_s']:>7.1f} | {_gb(r['peak']['RssAnon']):>12} | "

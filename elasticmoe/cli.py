@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="placement version, shard health and load, hottest experts")
     p.add_argument("--address", default="auto", help="Ray cluster address")
     p.add_argument("--app", default="elasticmoe", help="Serve application name")
-    p.add_argument("--json", action="store_true", help="print Controller.status() as JSON (with --watch: one line a frame)")
+    p.add_argument("--json", action="store_true",
+                   help="print Controller.status() as JSON (with --watch: one line a frame)")
     p.add_argument("--watch", action="store_true", help="live view: redraw every --interval seconds until Ctrl-C")
     p.add_argument("--interval", type=_positive_seconds, default=2.0, help="seconds between --watch frames")
     p.set_defaults(fn=cmd_status)

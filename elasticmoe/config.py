@@ -87,7 +87,8 @@ class Autoscaling(_Strict):
     max_shards: int = Field(8, ge=1)
     target_utilization: float = Field(0.7, gt=0, le=1)
     rebalance_interval_s: float = Field(10.0, gt=0)
-    slots_per_shard: int | None = Field(None, ge=1, description="expert copies per (shard, layer); default: even split + 25%")
+    slots_per_shard: int | None = Field(None, ge=1,
+                                        description="expert copies per (shard, layer); default: even split + 25%")
     max_moves: int = Field(8, ge=0, description="expert copies moved per rebalance")
     start_deadline_s: float | None = Field(
         600.0, gt=0, description="a position of the placement with no live shard this long (no replica came up there: "

@@ -69,7 +69,8 @@ def _bin(name: str) -> str:
 def _run(args: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, env=ray_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -144,7 +145,8 @@ def wait_running(app: str = "elasticmoe", timeout: float = 600) -> dict:
 def _summary(status: dict, app: str) -> str:
     """The app's state and message and each deployment's, as YAML (the details without the replica lists)."""
     a = (status.get("applications") or {}).get(app) or {}
-    deps = {name: {"status": d.get("status"), "message": d.get("message")} for name, d in (a.get("deployments") or {}).items()}
+    deps = {name: {"status": d.get("status"), "message": d.get("message")}
+            for name, d in (a.get("deployments") or {}).items()}
     return yaml.safe_dump({app: {"status": a.get("status"), "message": a.get("message"), "deployments": deps}})
 
 

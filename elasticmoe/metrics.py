@@ -1,4 +1,5 @@
-"""Metrics on Ray's metrics API (exported as `ray_elasticmoe_*`) for the gateway and the controller, with cheap hot-path expert counting."""
+"""Metrics on Ray's metrics API (exported as `ray_elasticmoe_*`) for the gateway and the controller, with cheap
+hot-path expert counting."""
 
 from __future__ import annotations
 

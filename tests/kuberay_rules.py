@@ -31,7 +31,8 @@ def _v2(cluster: dict) -> bool:
 
 def _initializing_timeout(value: str) -> str | None:
     if _GO_DURATION.fullmatch(value):
-        seconds = sum(float(n) * _GO_UNIT_S[u] for n, _, u in re.findall(r"([0-9]+(\.[0-9]+)?)(ns|us|µs|ms|s|m|h)", value))
+        parts = re.findall(r"([0-9]+(\.[0-9]+)?)(ns|us|µs|ms|s|m|h)", value)
+        seconds = sum(float(n) * _GO_UNIT_S[u] for n, _, u in parts)
         return None if seconds > 0 else f"annotation ray.io/initializing-timeout must be a positive duration: {value}"
     if re.fullmatch(r"[+-]?[0-9]+", value):
         return None if int(value) > 0 else f"annotation ray.io/initializing-timeout must be a positive integer: {value}"
@@ -141,7 +142,8 @@ def _upgrade_errors(rs: dict) -> list[str]:
             errors.append("Ray Autoscaler is required for NewClusterWithIncrementalUpgrade")
         if opts is None:
             return errors + ["ClusterUpgradeOptions are required for NewClusterWithIncrementalUpgrade"]
-        surge, step, interval = opts.get("maxSurgePercent", 100), opts.get("stepSizePercent"), opts.get("intervalSeconds")
+        surge = opts.get("maxSurgePercent", 100)
+        step, interval = opts.get("stepSizePercent"), opts.get("intervalSeconds")
         if not 0 <= surge <= 100:
             errors.append("maxSurgePercent must be between 0 and 100")
         if step is None or not 0 <= step <= 100:

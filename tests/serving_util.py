@@ -22,7 +22,8 @@ def deploy(lc, apps: list[dict], path: Path, timeout: float = 600) -> None:
     (unary, stream, socket) sets every app's limits.transport: the e2e tests on another gateway -> shard wire."""
     wire = os.environ.get("ELASTICMOE_E2E_TRANSPORT")
     if wire:
-        apps = [{**a, "args": {**a["args"], "limits": {**a["args"].get("limits", {}), "transport": wire}}} for a in apps]
+        apps = [{**a, "args": {**a["args"], "limits": {**a["args"].get("limits", {}), "transport": wire}}}
+                for a in apps]
     path.write_text(yaml.safe_dump(serve_config(apps)))
     lc.serve_deploy(path)
     for app in apps:

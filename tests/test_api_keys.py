@@ -64,8 +64,8 @@ def core(path):
 def test_keys_from_args_env_and_file(tmp_path):
     f = tmp_path / "keys"
     f.write_text(f"# rotated monthly\n{OTHER}\n")
-    keys = ApiKeys.from_args(AppArgs(model="tiny:mixtral", api_keys=[KEY]), environ={ENV_KEYS: "sk-env-aaaaaaaaaaaaaaaa, x",
-                                                                                     ENV_KEYS_FILE: str(f)})
+    keys = ApiKeys.from_args(AppArgs(model="tiny:mixtral", api_keys=[KEY]),
+                             environ={ENV_KEYS: "sk-env-aaaaaaaaaaaaaaaa, x", ENV_KEYS_FILE: str(f)})
     for k in (KEY, OTHER, "sk-env-aaaaaaaaaaaaaaaa", "x"):
         keys.check(f"Bearer {k}")
     for bad in (None, "", KEY, f"Basic {KEY}", "Bearer ", "Bearer sk-nope", f"Bearer {KEY}x", "Bearer rotated",

@@ -42,8 +42,8 @@ def test_offline_benchmark_smoke(tmp_path):
 
 
 def test_decode_timing_refuses_a_timing_lost_in_noise():
-    """offline.py's and real_width.py's tokens/s: a full run no slower than a one-token run (noise on a loaded machine) stops the benchmark with the fix to
-    try, instead of writing a negative or infinite tokens/s."""
+    """offline.py's and real_width.py's tokens/s: a full run no slower than a one-token run (noise on a loaded
+    machine) stops the benchmark with the fix to try, instead of writing a negative or infinite tokens/s."""
     code = ("from decode_timing import decode_tok_s\n"
             "assert decode_tok_s(2, 5, 0.5, 0.1) == 2 * 4 / 0.4\n"
             "decode_tok_s(1, 4, 0.010, 0.012)\n")

@@ -1,4 +1,5 @@
-"""bfloat16 end to end: served greedy tokens equal LLM.generate's on 1, 2 and 3 shards and across a live re-placement."""
+"""bfloat16 end to end: served greedy tokens equal LLM.generate's on 1, 2 and 3 shards and across a live
+re-placement."""
 
 # The experts' weighted sums travel as float64 partials and are combined exactly (model.experts.COMBINE_DTYPE), and each
 # expert's rows are computed the same way on whichever shard holds it, so the split of experts over shards cannot change

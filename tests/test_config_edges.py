@@ -93,9 +93,9 @@ def test_a_moe_norm_min_that_is_no_number_is_refused_naming_it(tmp_path, value):
 
 QWEN2 = ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
                                 shared_expert_intermediate_size=64), "")
-DSV3 = ("DeepseekV3Config", dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1,
-                                 kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                                 v_head_dim=16, num_key_value_heads=4, n_group=4, topk_group=2,
+DSV3 = ("DeepseekV3Config", dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8,
+                                 n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,
+                                 qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4, n_group=4, topk_group=2,
                                  first_k_dense_replace=1), "")
 
 

@@ -195,7 +195,8 @@ def test_demo_command_talks_to_the_app_and_port_its_config_names(tmp_path, monke
     assert ("wait", "mine") in calls and ("client", "127.0.0.1:9123", "mine") in calls and ("status", "mine") in calls
 
 
-@pytest.mark.parametrize("text", [None, "applications: []\n", "grpc_options: {port: nine}\napplications: [{name: a, args: {}}]\n"],
+@pytest.mark.parametrize("text", [None, "applications: []\n",
+                                  "grpc_options: {port: nine}\napplications: [{name: a, args: {}}]\n"],
                          ids=["missing", "no-application", "bad-port"])
 def test_demo_with_a_config_it_cannot_use_leaves_the_running_cluster_alone(text, tmp_path, monkeypatch, capsys):
     """`elasticmoe demo --config C` restarts the local Ray cluster (ray stop, ray start): a C it cannot use (a

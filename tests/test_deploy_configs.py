@@ -240,7 +240,8 @@ def _downloads(commands: list[str]) -> list[dict]:
         assert words[i - 1].endswith("hf"), cmd
         rest = words[i + 1:]
         includes = [rest[j + 1] for j, w in enumerate(rest) if w == "--include"]
-        positional = [w for j, w in enumerate(rest) if not w.startswith("--") and (j == 0 or not rest[j - 1].startswith("--"))]
+        positional = [w for j, w in enumerate(rest)
+                      if not w.startswith("--") and (j == 0 or not rest[j - 1].startswith("--"))]
         assert positional == [rest[0]], f"files after the repo id make `hf download` ignore --include: {cmd}"
         assert "HF_HOME=/models" in words, cmd
         assert 'HF_TOKEN="$(cat ~/elasticmoe/hf_token 2>/dev/null)"' in cmd, "no token from the environment"
@@ -311,7 +312,8 @@ def test_cluster_download_command_runs(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / args.revision).write_text(commit)
     local = cmd.replace("HF_HOME=/models", f"HF_HOME={tmp_path}").replace("~/elasticmoe/hf_token", str(tmp_path / "t"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    search_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": search_path}
     env.pop("HF_HUB_CACHE", None)
     out = subprocess.run(["bash", "-c", local], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -102,9 +102,9 @@ def test_docker_build_context_holds_the_package_and_no_secrets():
 
 
 def test_deploy_doc_serve_deploy_from_your_machine_sends_the_token(tmp_path):
-    """docs/DEPLOY.md's `serve deploy deployments/<gpu model>.yaml` from the operator's machine (through `ray dashboard`):
-    the cluster's dashboard wants Ray's token, which lies at ~/.config/elasticmoe/ray_token there, not at Ray's
-    default path; the command as written must make Serve's CLI send it."""
+    """docs/DEPLOY.md's `serve deploy deployments/<gpu model>.yaml` from the operator's machine (through
+    `ray dashboard`): the cluster's dashboard wants Ray's token, which lies at ~/.config/elasticmoe/ray_token there,
+    not at Ray's default path; the command as written must make Serve's CLI send it."""
     import re
 
     from tests.test_deploy_configs import ROOT

@@ -97,7 +97,8 @@ def test_stalls_table():
     table = _table("README.md", "| event | failed streams")
     assert len(table) == len(rows)
     labels = {"live rebalance": "live rebalance", "shard kill (replicated)": "shard SIGKILL, every expert on 2",
-              "shard kill (single copies)": "shard SIGKILL, shard holding sole", "controller kill": "controller SIGKILL",
+              "shard kill (single copies)": "shard SIGKILL, shard holding sole",
+              "controller kill": "controller SIGKILL",
               "shard pause 8 s (replicated)": "shard SIGSTOP 8 s, every expert on 2",
               "shard pause 8 s (single copies)": "shard SIGSTOP 8 s, shard holding sole",
               "gateway kill": "gateway replica SIGKILL"}
@@ -221,7 +222,8 @@ def test_kernels_table():
     timed = lambda r: r["us_graph"] if r.get("us_graph") is not None else r["us"]  # noqa: E731 (as kernels.py rates)
     for model, tokens, ours_us, pct, tflops, gmm_us, speedup, torch_us, err in table:
         r = summary[(model, int(tokens))]
-        ours, gmm = rows[(model, int(tokens), "elasticmoe-triton")], rows[(model, int(tokens), "torch._grouped_mm-only")]
+        ours = rows[(model, int(tokens), "elasticmoe-triton")]
+        gmm = rows[(model, int(tokens), "torch._grouped_mm-only")]
         _says(ours_us, r["ours_us"])
         _says(pct, r["pct_peak_bw"])
         _says(tflops, ours["tflops"])

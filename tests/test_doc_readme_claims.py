@@ -76,9 +76,9 @@ def test_fan_out_and_fault_numbers():
 
 
 def test_slow_readers_keepalive_and_reconnect_numbers():
-    """"up to 32 frames or 256 MiB; one more is refused as busy", "moves nothing for 10 s", "30 s idle, 3 probes 10 s apart", "within
-    1 s": the constants behind them (tests/test_socket_spill.py, test_frame_listener.py and test_socket_transport.py
-    test the behaviour)."""
+    """"up to 32 frames or 256 MiB; one more is refused as busy", "moves nothing for 10 s", "30 s idle, 3 probes
+    10 s apart", "within 1 s": the constants behind them (tests/test_socket_spill.py, test_frame_listener.py and
+    test_socket_transport.py test the behaviour)."""
     from elasticmoe.gateway.socket_conn import SPILL_BYTES, SPILL_FRAMES
     from elasticmoe.gateway.transport import RECONNECT_OPTIONS
     from elasticmoe.rpc import frame_socket as fs

@@ -159,7 +159,8 @@ def test_results_list():
 
 def test_overload_prose():
     """The sentences under the overload table: run 2's figures from overload.json, run 1's from its (not recorded)
-    columns, the 1024-call run's from overload-max-ongoing-1024.json; the morning's first run says it is not recorded."""
+    columns, the 1024-call run's from overload-max-ongoing-1024.json; the morning's first run says it is not
+    recorded."""
     rows = bench._table("README.md", bench.OVERLOAD_HEADER)[:-1]  # the figures' rows, not crashes and codes
     # a run 1 column's figures in order: capacity, TPOT p99 unloaded, overloaded, rejection p50, p99, memory growth %
     run1 = {ingress: [float(x) for row in rows for x in bench.NUMBER.findall(row[column])]

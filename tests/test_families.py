@@ -23,7 +23,8 @@ from elasticmoe.model.tokenizer import SPECIAL_TOKENS, make_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
-MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4)
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+           num_key_value_heads=4)
 DSV3_MOE = dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1)
 SLIDING3 = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
@@ -40,7 +41,8 @@ FAMILY_CASES: dict[str, tuple[str, dict, str]] = {
     "deepseek_v2": ("DeepseekV2Config", dict(**DSV3_MOE, **{**MLA, "q_lora_rank": None}, first_k_dense_replace=1,
                                              topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                              routed_scaling_factor=1.5),
-                    "MLA without q LoRA (V2-Lite), pairwise rotary, softmax group-limited (max) routing, routed scaling"),
+                    "MLA without q LoRA (V2-Lite), pairwise rotary, softmax group-limited (max) routing, "
+                    "routed scaling"),
     "glm4_moe": ("Glm4MoeConfig", dict(**DSV3_MOE, first_k_dense_replace=1, n_group=2, topk_group=1,
                                        routed_scaling_factor=2.0, use_qk_norm=True, attention_bias=True, head_dim=16),
                  "sigmoid grouped routing with correction bias, partial rotary, q/k norm, qkv bias"),

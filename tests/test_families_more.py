@@ -142,5 +142,6 @@ def test_square_packed_experts_stored_in_out_match_transformers(model_type, tmp_
     from elasticmoe import LLM
 
     cls, fields, _ = MORE_CASES[model_type]
-    path = make_family_checkpoint(model_type, tmp_path / model_type, case=(cls, {**fields, "intermediate_size": 32}, ""))
+    case = (cls, {**fields, "intermediate_size": 32}, "")
+    path = make_family_checkpoint(model_type, tmp_path / model_type, case=case)
     _assert_matches(LLM(str(path), dtype="float32"), path, model_type)

@@ -1,6 +1,6 @@
 """Every single fault, injected into a real local Ray cluster while greedy streams run, compared token by token with
-the single-process engine: shard SIGKILL with and without replicas, controller SIGKILL and SIGSTOP, shard SIGSTOP, gateway
-SIGKILL and a paused unreplicated shard (a failed LoadExperts during a rebalance: test_elastic_e2e)."""
+the single-process engine: shard SIGKILL with and without replicas, controller SIGKILL and SIGSTOP, shard SIGSTOP,
+gateway SIGKILL and a paused unreplicated shard (a failed LoadExperts during a rebalance: test_elastic_e2e)."""
 
 from __future__ import annotations
 
@@ -175,7 +175,8 @@ def test_replicated_shard_kill_fails_over_inside_the_step(apps):
         assert f["done_s"] - f["detected_s"] <= max(3 * median, 0.25), (f, median)
     detect = max(f["detected_s"] for f in faults)
     assert max(hit) <= max(3 * median, 0.25) + detect, (
-        f"a step that failed over took {max(hit) * 1e3:.0f} ms, median {median * 1e3:.0f} ms; failed-over calls {faults}")
+        f"a step that failed over took {max(hit) * 1e3:.0f} ms, median {median * 1e3:.0f} ms; "
+        f"failed-over calls {faults}")
     assert gap < 1.0, f"longest token gap {gap:.2f} s"
     _settled("rep")
 

@@ -179,8 +179,8 @@ def test_a_reply_its_reader_is_slow_to_take_holds_no_run_slot(files):  # noqa: F
 
 
 @pytest.mark.parametrize("lingering", [None, 0], ids=["lingering", "closed_at_once"])
-def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_the_refusal(files, lingering,  # noqa: F811
-                                                                                         monkeypatch):
+def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_the_refusal(
+        files, lingering, monkeypatch):  # noqa: F811
     """A connection over the limit is refused 'shard busy' (the shard is alive: the gateway asks again shortly). The
     gateway writes the frames submitted while it connected just after its handshake, and the listener may have
     refused it by then: those writes, and the reads after them, must not turn the refusal into UNAVAILABLE (a
@@ -223,7 +223,8 @@ def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_th
 
 
 @pytest.mark.parametrize("insecure", [False, True], ids=["mtls", "plaintext"])
-def test_a_gateway_that_stops_reading_loses_its_connection_after_the_send_timeout(files, monkeypatch, insecure):  # noqa: F811
+def test_a_gateway_that_stops_reading_loses_its_connection_after_the_send_timeout(
+        files, monkeypatch, insecure):  # noqa: F811
     """A reply the gateway does not read (a 16 MiB reply, a 4 KiB window): the write moves nothing for
     SEND_TIMEOUT_S, then the connection ends, its thread returns and its place is free; over mTLS too, where a
     blocking SSL write retried its wait for room for ever (the thread and one of max_conns places held)."""

@@ -141,7 +141,8 @@ def test_requests_cancelled_during_admission_free_their_place(gateway):
     _idle(gateway)
     steps0 = gateway.stats.remote().result()["steps"]
     channel = grpc.insecure_channel(GRPC)
-    stub = channel.unary_unary("/elasticmoe.v1.Generation/Generate", request_serializer=gen.GenerateRequest.SerializeToString,
+    stub = channel.unary_unary("/elasticmoe.v1.Generation/Generate",
+                               request_serializer=gen.GenerateRequest.SerializeToString,
                                response_deserializer=gen.GenerateResponse.FromString)
     req = make_request("cancel me", max_tokens=120, temperature=0.0, ignore_eos=True)
     cancelled = 0

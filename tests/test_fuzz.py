@@ -1,7 +1,8 @@
 """Property-based fuzzing of the front door, in process: random and mutated GenerateRequests, raw protobuf bytes
 and OpenAI bodies against a real engine (tiny Mixtral, experts in-process), while greedy neighbours run and
 must keep getting exactly their reference tokens. Outcomes allowed: served, or a client error naming a field
-(INVALID_ARGUMENT / 400 / 413, or 404 for a model not served); never a server error, a failed neighbour or a leaked slot."""
+(INVALID_ARGUMENT / 400 / 413, or 404 for a model not served); never a server error, a failed neighbour or a
+leaked slot."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Serve's gRPC proxy takes a message of up to 2 GiB by Ray's default (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) and hands it to a
-gateway replica before the API key is checked; every place that starts Ray sets it to 4 MiB, the cap of our own entry
-points (HTTP limits.max_body_bytes, the direct_grpc port): the local cluster, each cluster/*.yaml's `ray start`
+"""Serve's gRPC proxy takes a message of up to 2 GiB by Ray's default (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) and hands it
+to a gateway replica before the API key is checked; every place that starts Ray sets it to 4 MiB, the cap of our own
+entry points (HTTP limits.max_body_bytes, the direct_grpc port): the local cluster, each cluster/*.yaml's `ray start`
 commands, the chart's Ray pods (head, workers, gateways) and the Dockerfile's ENV. The proxy refusing a larger
 message: the e2e check."""
 

@@ -185,7 +185,8 @@ def test_grafana_dashboard_only_when_enabled(enabled):
         return
     (cm,) = maps
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(cm["data"]["elasticmoe.json"]) == json.loads((CHART_DIR / "dashboards" / "elasticmoe.json").read_text())
+    dashboard = (CHART_DIR / "dashboards" / "elasticmoe.json").read_text()
+    assert json.loads(cm["data"]["elasticmoe.json"]) == json.loads(dashboard)
 
 
 def test_service_monitor_when_enabled():

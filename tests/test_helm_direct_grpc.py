@@ -133,8 +133,8 @@ def test_the_probes_port_check_passes_only_while_something_listens():
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    rs = _one(_objects(_render({"directGrpc": {"enabled": True, "port": port}, "expertPort": {"start": 1024,
-                                                                                           "end": 1030}})), "RayService")
+    values = {"directGrpc": {"enabled": True, "port": port}, "expertPort": {"start": 1024, "end": 1030}}
+    rs = _one(_objects(_render(values)), "RayService")
     probe = _container(_groups(rs)["gateways"])["readinessProbe"]["exec"]["command"]
     check = probe[2].split("&&")[-1].strip()
     assert check == f": < /dev/tcp/127.0.0.1/{port}"

@@ -77,11 +77,12 @@ def test_existing_secret_and_cert_manager_sources():
                for v in spec["volumes"] if v["name"] == "internal-tls")
     assert [o for o in _objects(_render({"internalTls": {"source": "existingSecret", "existingSecret": "x"}}))
             if o["kind"] == "Secret"] == []
-    objs = _objects(_render({"internalTls": {"source": "certManager",
-                                             "certManager": {"issuerRef": {"name": "release-ca", "kind": "ClusterIssuer"}}}}))
+    issuer = {"issuerRef": {"name": "release-ca", "kind": "ClusterIssuer"}}
+    objs = _objects(_render({"internalTls": {"source": "certManager", "certManager": issuer}}))
     cert = _one(objs, "Certificate")
     assert cert["apiVersion"] == "cert-manager.io/v1"
-    assert {"server auth", "client auth"} <= set(cert["spec"]["usages"]) and "elasticmoe-internal" in cert["spec"]["dnsNames"]
+    assert {"server auth", "client auth"} <= set(cert["spec"]["usages"])
+    assert "elasticmoe-internal" in cert["spec"]["dnsNames"]
     assert cert["spec"]["issuerRef"]["name"] == "release-ca"
     rs = _one(objs, "RayService")
     assert all(v["secret"]["secretName"] == cert["spec"]["secretName"] for spec in _pod_specs(rs)
@@ -91,7 +92,8 @@ def test_existing_secret_and_cert_manager_sources():
 @pytest.mark.parametrize("bad, message", [
     ({"internalTls": {"source": "existingSecret"}}, "internalTls.existingSecret"),
     ({"internalTls": {"source": "certManager"}}, "issuerRef.name"),
-    ({"networkPolicy": {"operatorFrom": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]}},
+    ({"networkPolicy": {"operatorFrom": [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]}},
      "namespaceSelector AND a podSelector"),
     ({"networkPolicy": {"operatorFrom": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"a": "b"}}}]}},
      "namespaceSelector AND a podSelector"),

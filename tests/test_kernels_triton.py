@@ -195,7 +195,8 @@ def _child_no_compile(device) -> dict:
         worst = max(worst, rel_err(out.cpu(), ref))
     served = {name: set(k) for name, k in keys.items()}
     new = {name: len(served[name] - after_load.get(name, set())) for name in served}
-    result = {"ok": sum(new.values()) == 0 and len(after_load) == 6 and worst <= (TOL_FP32 if device == "cpu" else 2e-2),
+    tol = TOL_FP32 if device == "cpu" else 2e-2
+    result = {"ok": sum(new.values()) == 0 and len(after_load) == 6 and worst <= tol,
               "keys_after_load": {n: len(k) for n, k in after_load.items()}, "new_keys": new, "err": worst}
     if device == "cuda":
         result["compiled_after_load"], result["compiled_after_serving"] = compiled, _compiled_count()

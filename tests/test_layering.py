@@ -104,8 +104,10 @@ def test_the_benchmark_rule_finds_each_kind_of_breach(tmp_path):
     """The rule above can fail: a package module importing a benchmark both ways, a benchmark a test module both
     ways, lazily; stdlib and package imports beside them pass."""
     files = {"benchmarks/machine.py": "import os\n", "tests/moe_cases.py": "",
-             "elasticmoe/a.py": "import json\ndef f():\n    from machine import cpu_model\n    import benchmarks.machine\n",
-             "benchmarks/b.py": "from elasticmoe import a\nfrom moe_cases import REPO\nfrom tests.moe_cases import REPO\n"}
+             "elasticmoe/a.py": "import json\ndef f():\n    from machine import cpu_model\n"
+                                "    import benchmarks.machine\n",
+             "benchmarks/b.py": "from elasticmoe import a\nfrom moe_cases import REPO\n"
+                                "from tests.moe_cases import REPO\n"}
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)

@@ -1,4 +1,5 @@
-"""use_local_ray_env: a CLI joining the loopback cluster gets its RAY_ settings before Ray's import; a remote one not."""
+"""use_local_ray_env: a CLI joining the loopback cluster gets its RAY_ settings before Ray's import; a remote one
+not."""
 
 from __future__ import annotations
 

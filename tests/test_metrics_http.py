@@ -40,8 +40,10 @@ def test_expert_series_follow_the_expert_metrics_mode():
         m.route(2, ids[:1])
         got[mode] = {k: v for k, v in _series(prometheus_text(m)).items() if "expert_tokens" in k}
     assert got["per_expert"] == {
-        'elasticmoe_expert_tokens_total{layer="1",expert="0"}': 1, 'elasticmoe_expert_tokens_total{layer="1",expert="1"}': 2,
-        'elasticmoe_expert_tokens_total{layer="1",expert="3"}': 1, 'elasticmoe_expert_tokens_total{layer="2",expert="0"}': 1,
+        'elasticmoe_expert_tokens_total{layer="1",expert="0"}': 1,
+        'elasticmoe_expert_tokens_total{layer="1",expert="1"}': 2,
+        'elasticmoe_expert_tokens_total{layer="1",expert="3"}': 1,
+        'elasticmoe_expert_tokens_total{layer="2",expert="0"}': 1,
         'elasticmoe_expert_tokens_total{layer="2",expert="1"}': 1}
     assert got["per_layer"] == {'elasticmoe_expert_tokens_total{layer="1",expert="all"}': 4,
                                 'elasticmoe_expert_tokens_total{layer="2",expert="all"}': 2}

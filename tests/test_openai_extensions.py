@@ -68,7 +68,8 @@ def test_greedy_tokens_equal_the_offline_llm(served, llm):
 
 
 @pytest.mark.parametrize("kw", [dict(frequency_penalty=2.0), dict(presence_penalty=2.0),
-                                dict(extra_body={"repetition_penalty": 3.0})], ids=["frequency", "presence", "repetition"])
+                                dict(extra_body={"repetition_penalty": 3.0})],
+                         ids=["frequency", "presence", "repetition"])
 def test_a_penalty_changes_greedy_output_as_defined(served, llm, kw):
     _, client, _ = served
     plain = _complete(client, ODD, max_tokens=40, temperature=0)

@@ -218,7 +218,8 @@ def test_fp8_experts_kept_quantized(layout, tmp_path):
     deq.load(pairs)
     le = kept.snapshot(1)
     assert le.w13.dtype == torch.float8_e4m3fn and tuple(le.w13_scale.shape) == (8, 4, 2)  # same rows either way
-    assert kept.weight_bytes() == deq.weight_bytes() // 4 + 2 * 8 * (le.w13_scale[0].numel() + le.w2_scale[0].numel()) * 4
+    scales = le.w13_scale[0].numel() + le.w2_scale[0].numel()
+    assert kept.weight_bytes() == deq.weight_bytes() // 4 + 2 * 8 * scales * 4
     kept.drop([(1, 3)])
     kept.load([(1, 3)])  # now held last
     gen = torch.Generator().manual_seed(0)

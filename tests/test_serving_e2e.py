@@ -1,4 +1,5 @@
-"""End to end: real `ray start`, real `serve deploy`, real gRPC; outputs equal the single-process path and transformers."""
+"""End to end: real `ray start`, real `serve deploy`, real gRPC; outputs equal the single-process path and
+transformers."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def models(tiny_models, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def served(ray_cluster, models, tmp_path_factory):
     """The four apps in one deploy; (their config entries, a folder)."""
-    entries, path = [app_entry(name, models[fam], n) for name, (fam, n) in APPS.items()], tmp_path_factory.mktemp("serve")
+    entries = [app_entry(name, models[fam], n) for name, (fam, n) in APPS.items()]
+    path = tmp_path_factory.mktemp("serve")
     deploy(ray_cluster, entries, path / "serve.yaml")
     return entries, path
 
@@ -56,7 +58,8 @@ def references(models):
     out = {}
     for fam in ("mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"):
         llm = LLM(str(models[fam]))
-        ours = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))]
+        greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        ours = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
         hf = AutoModelForCausalLM.from_pretrained(str(models[fam]), dtype=torch.float32).eval()
         theirs = []
         for p in PROMPTS:

@@ -108,7 +108,8 @@ def test_frames_unread_are_capped_in_bytes_too(files, straggler, monkeypatch):  
         t.close()
 
 
-def test_a_shard_that_reads_nothing_ends_the_connection_not_the_callers_step(files, straggler, monkeypatch):  # noqa: F811
+def test_a_shard_that_reads_nothing_ends_the_connection_not_the_callers_step(
+        files, straggler, monkeypatch):  # noqa: F811
     """The writer thread waits at most SEND_TIMEOUT_S for room (1 s here, the shard asleep for 1.5 s per call): then
     the connection ends and its calls fail UNAVAILABLE (failover's signal), while no send ever held its caller."""
     monkeypatch.setattr(frame_socket, "SEND_TIMEOUT_S", 1)

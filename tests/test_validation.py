@@ -155,7 +155,8 @@ def test_the_python_client_sends_a_stop_string_whole():
 
 
 @pytest.mark.parametrize("error,code", [
-    (InvalidRequest("top_p", "bad"), grpc.StatusCode.INVALID_ARGUMENT), (QueueFull("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidRequest("top_p", "bad"), grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFull("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RequestFailed("experts"), grpc.StatusCode.UNAVAILABLE), (TimeoutError("not ready"), grpc.StatusCode.UNAVAILABLE),
     (ValueError("secret internals"), grpc.StatusCode.INTERNAL),
 ])
@@ -169,7 +170,8 @@ def test_errors_map_to_grpc_codes_without_raw_internals(error, code):
 @given(st.fixed_dictionaries({}, optional={
     "max_tokens": st.integers(-5, 2**40) | st.booleans() | st.floats(), "temperature": st.floats() | st.integers(),
     "top_p": st.floats() | st.text(max_size=3), "top_k": st.integers(-5, 2**40), "seed": st.integers(-2**70, 2**70),
-    "stop": st.lists(st.text(max_size=5), max_size=4) | st.text(max_size=5), "logprobs": st.integers(-3, 30) | st.none(),
+    "stop": st.lists(st.text(max_size=5), max_size=4) | st.text(max_size=5),
+    "logprobs": st.integers(-3, 30) | st.none(),
 }))
 def test_sampling_params_accept_exactly_the_valid_values(kw):
     try:

@@ -120,7 +120,8 @@ def test_installed_wheel_serves_a_request(wheel, tmp_path, own_ray):
 
     def run(args, timeout=300):
         proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, f"{args[3:]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, (f"{args[3:]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                                      f"{proc.stderr[-3000:]}")
         return proc
 
     run(ray_cli + ["start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
@@ -138,7 +139,8 @@ def test_installed_wheel_serves_a_request(wheel, tmp_path, own_ray):
         r = GenerationClient("127.0.0.1:9000").generate("The expert said", max_tokens=12, temperature=0.0,
                                                         ignore_eos=True)
         built = tmp_path / "cache" / "tiny-mixtral"  # what the wheel's replicas made and loaded
-        ref = LLM(str(built)).generate(["The expert said"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        ref = LLM(str(built)).generate(["The expert said"], greedy)
         assert list(r.token_ids) == ref[0].token_ids
         out = run([str(py), "-m", "elasticmoe.cli", "status"], timeout=120).stdout
         assert "placement version" in out and "balancedness" in out, out

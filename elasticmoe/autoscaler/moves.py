@@ -225,7 +225,8 @@ class Mover:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             now = time.monotonic()
-            if now >= self.unheard_until and all(v >= version for v, t in self.acks.values() if now - t < GATEWAY_TTL_S):
+            fresh = [v for v, t in self.acks.values() if now - t < GATEWAY_TTL_S]
+            if now >= self.unheard_until and all(v >= version for v in fresh):
                 await asyncio.sleep(DROP_GRACE_S)
                 return True
             await asyncio.sleep(0.05)

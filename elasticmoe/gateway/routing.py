@@ -26,8 +26,8 @@ class RoutingTable:
 
     @staticmethod
     def from_dict(d: dict) -> "RoutingTable":
-        """From the controller's table: {version, epoch, shards: [{id, address}], layers: {layer: [[(shard_idx, share)...]
-        per expert]}}."""
+        """From the controller's table: {version, epoch, shards: [{id, address}],
+        layers: {layer: [[(shard_idx, share)...] per expert]}}."""
         copies, shares = {}, {}
         for layer, experts in d["layers"].items():
             width = max(1, max((len(c) for c in experts), default=1))

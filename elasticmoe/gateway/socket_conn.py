@@ -47,7 +47,8 @@ class _Conn(Multiplexed):
     whose frame id cannot be read) fails every pending call at once and marks it dead (a readable id's unreadable
     reply fails that call alone; a failed write ends it once the reader has read what came before: a refusal there
     fails the calls as busy); the next send opens a new one.
-    A frame larger than the shard's limit (Health) fails alone, unsent (OVERSIZE): the shard would end the connection."""
+    A frame larger than the shard's limit (Health) fails alone, unsent (OVERSIZE): the shard would end the
+    connection."""
 
     def __init__(self, address: str, opener: Opener):
         super().__init__(address)  # its _lock guards pending, dead, retired, sock, backlog

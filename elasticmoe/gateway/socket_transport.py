@@ -55,9 +55,10 @@ class _Answer(Future):
 class SocketTransport(_Channels):
     """One persistent TCP connection per shard to its frame listener (port from Health, asked at each connect):
     the same frames as StreamTransport's stream, written with sendmsg from the caller's thread and read by the
-    thread waiting for them in wait() (else by the connection's own thread). Deadlines per request (a late answer is dropped, the connection stays); a broken
-    connection fails all its pending calls at once (UNAVAILABLE) and the next send reconnects; renewed TLS files
-    (tls.Renewal) retire every connection. mTLS with Python's ssl and the same files; plaintext when `insecure`."""
+    thread waiting for them in wait() (else by the connection's own thread). Deadlines per request (a late answer
+    is dropped, the connection stays); a broken connection fails all its pending calls at once (UNAVAILABLE) and
+    the next send reconnects; renewed TLS files (tls.Renewal) retire every connection. mTLS with Python's ssl and
+    the same files; plaintext when `insecure`."""
 
     ask_limits = False  # Health is asked at each connect (_open)
 

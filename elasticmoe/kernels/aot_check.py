@@ -3,9 +3,9 @@
 The Triton interpreter accepts code that a GPU will not compile; this runs the real compiler (TTIR ->
 TTGIR -> PTX -> cubin with the bundled ptxas), with the argument specialisation the JIT launcher would
 use for real model shapes (16-divisible pointers and model sizes, unit strides as constants; the per-call
-sizes are `do_not_specialize`), for every default tile config and the three alignment kernels, and the block-FP8 (W8A16, W8A8) variants. It also
-checks the shared-memory footprint (defaults must fit the 101,376 B of sm_86/89/120 on any target) and
-that the K loops were software-pipelined.
+sizes are `do_not_specialize`), for every default tile config and the three alignment kernels, and the
+block-FP8 (W8A16, W8A8) variants. It also checks the shared-memory footprint (defaults must fit the
+101,376 B of sm_86/89/120 on any target) and that the K loops were software-pipelined.
 
     python -m elasticmoe.kernels.aot_check [--arch 90] [--quick]
 

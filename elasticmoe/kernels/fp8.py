@@ -6,8 +6,9 @@ A weight w [.., N, K] float8_e4m3fn comes with scale [.., ceil(N/bn), ceil(K/bk)
 w13 [E, 2I, H] stacks gate rows :I and up rows I:. Its scale may come either way: "joint", ceil(2I/bn) rows
 (one [2I, H] tensor quantized as a whole), or "split", 2 * ceil(I/bn) rows (gate_proj and up_proj quantized
 apart and their scales concatenated; the up rows' scales start at row ceil(I/bn)). Both are the same when
-bn divides I; the row count tells them apart unless I % bn > bn / 2, where the caller must say (split_scales). W8A8 (`act_quant`): activations quantized per token and per group of bk columns, scale =
-amax / 448, the way the published DeepSeek-V3 / Qwen3-FP8 kernels do at run time.
+bn divides I; the row count tells them apart unless I % bn > bn / 2, where the caller must say (split_scales).
+W8A8 (`act_quant`): activations quantized per token and per group of bk columns, scale = amax / 448, the way
+the published DeepSeek-V3 / Qwen3-FP8 kernels do at run time.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ class KVCache:
         if a.kind == "mla":
             shapes = [(num_slots, max_len, a.kv_lora_rank + a.rope_dim)]
         else:
-            shapes = [(num_slots, max_len, a.num_kv_heads, a.head_dim), (num_slots, max_len, a.num_kv_heads, a.v_head_dim)]
+            shapes = [(num_slots, max_len, a.num_kv_heads, a.head_dim),
+                      (num_slots, max_len, a.num_kv_heads, a.v_head_dim)]
         self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(spec.num_layers)]
 
     def clear(self, slot: int, length: int) -> None:

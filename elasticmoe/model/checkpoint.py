@@ -248,7 +248,8 @@ class Checkpoint:
         """The bytes of the tensor (or of rows `index` of its first dim) at their offset in the file."""
         dtype = _DTYPES.get(meta["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{self.path / self.weight_map[name]}: {name!r} has unsupported dtype {meta['dtype']}")
+            raise CheckpointError(f"{self.path / self.weight_map[name]}: {name!r} has unsupported dtype "
+                                  f"{meta['dtype']}")
         shape = list(meta["shape"])
         itemsize = torch.empty((), dtype=dtype).element_size()
         row = math.prod(shape[1:]) * itemsize if shape else itemsize

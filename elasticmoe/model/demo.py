@@ -4,7 +4,8 @@
 trains it deterministically (fixed seeds and batch order, no router load-balancing loss, so routing is as
 skewed as the data makes it) to continue the paragraphs of ``tokenizer.CORPUS`` from any line or sentence
 start and to answer its Q/A and User/Assistant lines in the ChatML template, then writes it with
-``save_pretrained`` and the embedded tokenizer. 300 Adam steps: about 20 s on 2 idle CPU cores (far longer on a busy machine).
+``save_pretrained`` and the embedded tokenizer. 300 Adam steps: about 20 s on 2 idle CPU cores (far longer on a
+busy machine).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from elasticmoe.model.tokenizer import CORPUS, IM_END, make_tokenizer
 
 META_FILE = "elasticmoe_demo.json"
-DEMO_PROMPTS = ("The quick brown fox", "Water boils at", "A mixture of experts", "Q: What is the capital of France?\nA:")
+DEMO_PROMPTS = ("The quick brown fox", "Water boils at", "A mixture of experts",
+                "Q: What is the capital of France?\nA:")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ class _Layer:
         shapes = attention_shapes(sp.attention, hidden)
         attn = {role: load(n, shape=shapes.get(role)) for role, n in names.attn.items()}
         mla = model.spec.attention.kind == "mla"
-        need = ("q_a" if model.spec.attention.q_lora_rank else "q", "kv_a", "kv_b", "o") if mla else ("q", "k", "v", "o")
+        q = "q_a" if model.spec.attention.q_lora_rank else "q"
+        need = (q, "kv_a", "kv_b", "o") if mla else ("q", "k", "v", "o")
         need += ("sinks",) if model.spec.attention.sinks else ()
         for role in need:
             if role not in attn:

@@ -146,7 +146,8 @@ class ExpertStore:
         if self.keep_fp8:
             (bn, bk), cdiv = self.block, lambda a, b: -(-a // b)
             rows13 = 2 * cdiv(inter, bn) if self.split_scales else cdiv(2 * inter, bn)
-            return {"w13": ((n, 2 * inter, hidden), torch.float8_e4m3fn), "w2": ((n, hidden, inter), torch.float8_e4m3fn),
+            return {"w13": ((n, 2 * inter, hidden), torch.float8_e4m3fn),
+                    "w2": ((n, hidden, inter), torch.float8_e4m3fn),
                     "w13_scale": ((n, rows13, cdiv(hidden, bk)), torch.float32),
                     "w2_scale": ((n, cdiv(hidden, bn), cdiv(inter, bk)), torch.float32)}
         shapes = {"w13": ((n, 2 * inter, hidden), self.dtype), "w2": ((n, hidden, inter), self.dtype)}

@@ -1,4 +1,5 @@
-"""Per-`model_type` semantics, as transformers' modeling code has them: defaults, block layout, the config keys understood."""
+"""Per-`model_type` semantics, as transformers' modeling code has them: defaults, block layout, the config keys
+understood."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ HARMLESS_KEYS = frozenset({
     "problem_type", "tie_encoder_decoder", "_name_or_path", "auto_map", "router_jitter_noise", "input_jitter_noise",
     "num_nextn_predict_layers", "num_mtp_layers", "aux_loss_alpha", "seq_aux", "moe_norm_min", "max_window_layers",
     "pretraining_tp", "tokenizer_class", "_attn_implementation_autoset", "use_bfloat16", "finetuning_task",
-    "task_specific_params", "ep_size", "prefix", "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id",
+    "task_specific_params", "ep_size", "prefix", "add_cross_attention", "cross_attention_hidden_size",
+    "decoder_start_token_id",
     "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "tf_legacy_loss",
     "pruned_heads", "is_decoder", "exponential_decay_length_penalty", "begin_suppress_tokens", "suppress_tokens",
 })
@@ -28,8 +30,8 @@ COMMON_KEYS = frozenset({
     "transformers_weights",  # the weights file transformers loads, and so does the checkpoint reader (weight_files)
 })
 _MLA_KEYS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "qk_head_dim",
-             "rope_interleave", "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor",
-             "n_group", "topk_group", "norm_topk_prob", "first_k_dense_replace")
+             "rope_interleave", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+             "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob", "first_k_dense_replace")
 _DSV3_ROUTER = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor", "n_group",
                 "topk_group", "norm_topk_prob", "first_k_dense_replace")
 _SLIDING = ("sliding_window", "layer_types", "use_sliding_window")
@@ -69,8 +71,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
                               "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_SLIDING),
                         biases=(("attn", "qkv_bias"),)),
-    "qwen3_moe": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                              "mlp_only_layers", *_SLIDING)),
+    "qwen3_moe": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob",
+                              "decoder_sparse_step", "mlp_only_layers", *_SLIDING)),
     "olmoe": Family(keys=("num_experts", "norm_topk_prob", "clip_qkv"), neutral=(("clip_qkv", None),),
                     qk_norm_all_heads=True),
     "flex_olmo": Family(keys=("num_experts", "norm_topk_prob"), block="post", qk_norm_all_heads=True),
@@ -114,8 +116,9 @@ FAMILIES: dict[str, Family] = {
                                 "use_qk_norm", "no_rope_layers", "no_rope_layer_interval", "attention_chunk_size",
                                 "layer_types", "attn_temperature_tuning", "floor_scale", "attn_scale"),
                           scoring="sigmoid", norm_topk=False, rope_interleave=True, experts_in_out=True),
-    "solar_open": Family(keys=("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor",
-                               "n_group", "topk_group", "norm_topk_prob"), scoring="sigmoid", default_rope_partial=True),
+    "solar_open": Family(keys=("n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+                               "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob"),
+                         scoring="sigmoid", default_rope_partial=True),
     # LongCat-Flash: each decoder layer is two engine layers (attention + dense MLP each); the first one's MoE
     # (with identity experts) is added after the second one
     "longcat_flash": Family(keys=("num_layers", "ffn_hidden_size", "expert_ffn_hidden_size", "n_routed_experts",

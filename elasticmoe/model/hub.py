@@ -1,4 +1,5 @@
-"""Hub ids and Hugging Face cache snapshots: a `model` plus `revision` resolved once to one pinned snapshot directory."""
+"""Hub ids and Hugging Face cache snapshots: a `model` plus `revision` resolved once to one pinned snapshot
+directory."""
 
 from __future__ import annotations
 

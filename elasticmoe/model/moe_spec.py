@@ -155,8 +155,8 @@ def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group:
         return
     per_group = experts // n_group
     if experts % n_group or (group_score == "top2_sum" and per_group < 2):
-        raise ModelSpecError(f"config.n_group={n_group} does not divide the {experts} experts into groups"
-                             + (" of 2 or more (groups are scored by their top 2)" if group_score == "top2_sum" else ""))
+        top2 = " of 2 or more (groups are scored by their top 2)" if group_score == "top2_sum" else ""
+        raise ModelSpecError(f"config.n_group={n_group} does not divide the {experts} experts into groups{top2}")
     if not 1 <= topk_group <= n_group:
         raise ModelSpecError(f"config.topk_group={topk_group}: want 1 to n_group ({n_group})")
     if top_k > topk_group * per_group:

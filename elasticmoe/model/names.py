@@ -14,7 +14,8 @@ from elasticmoe.model.spec import ModelSpec
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 # experts.{e}.{gate_proj|w1}.weight  (Qwen / DeepSeek / OLMoE: gate/up/down; Mixtral: w1=gate, w3=up, w2=down)
-_PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\."
+                         r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 # experts.gate_up_proj [E, 2I, H] + experts.down_proj [E, H, I]  (transformers' in-memory layout, GraniteMoe-like)
 _PACKED = re.compile(r"^(?P<block>.+)\.(?:experts\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?|"
                      r"(?P<gproj>input_linear|output_linear|experts\.fc1|experts\.fc2)\.weight)$")  # fc1/2: Aria
@@ -178,11 +179,12 @@ class WeightNames:
 
     def _mlp(self, prefix: str) -> dict[str, str] | None:
         """A gated MLP under `prefix`: gate/up/down (or packed gate_up/down), with biases where stored."""
-        for roles in ({"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, {"gate": "w1", "up": "w3", "down": "w2"},
-                      {"gate_up": "input_linear", "down": "output_linear"}):
+        for roles in ({"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+                      {"gate": "w1", "up": "w3", "down": "w2"}, {"gate_up": "input_linear", "down": "output_linear"}):
             names = {r: f"{prefix}{m}.weight" for r, m in roles.items()}
             if all(n in self.ckpt for n in names.values()):
-                names.update({f"{r}_bias": f"{prefix}{m}.bias" for r, m in roles.items() if f"{prefix}{m}.bias" in self.ckpt})
+                names.update({f"{r}_bias": f"{prefix}{m}.bias" for r, m in roles.items()
+                              if f"{prefix}{m}.bias" in self.ckpt})
                 self._check_biases("mlp", [n for r, n in names.items() if r.endswith("_bias")])
                 self.used.update(names.values())
                 return names
@@ -211,7 +213,8 @@ class WeightNames:
             norms["mlp_out"] = self._first(*post_mlp) or self._need(post_mlp[1])
         router = self._first(*(block + r for r in _ROUTERS))
         if router is None:
-            raise CheckpointError(f"{self.ckpt.path}: MoE layer {i} ({block}) has no router weight ({block}gate.weight)")
+            raise CheckpointError(f"{self.ckpt.path}: MoE layer {i} ({block}) has no router weight "
+                                  f"({block}gate.weight)")
         bias = self._first(*(block + b for b in _ROUTER_BIASES))
         shared = next((s for s in (self._mlp(f"{block}{n}.") for n in _SHARED) if s), None)
         if shared is None:  # GraniteMoeShared: the shared MLP sits beside the MoE block

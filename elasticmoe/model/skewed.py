@@ -19,8 +19,11 @@ def make_skewed_model(out: Path, hot: tuple[int, ...] = (0, 1), strength: float 
     tok = AutoTokenizer.from_pretrained(str(base))
     routers = [layer.mlp.gate for layer in model.model.layers]
     seen: dict[int, list] = {}
-    hooks = [r.register_forward_pre_hook(lambda mod, a, i=i: seen.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1])))
-             for i, r in enumerate(routers)]
+
+    def hook(i):
+        return lambda mod, a: seen.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]))  # [T, H]
+
+    hooks = [r.register_forward_pre_hook(hook(i)) for i, r in enumerate(routers)]
     with torch.no_grad():
         for text in ("The quick brown fox jumps over the lazy dog", "Once upon a time there was a king",
                      "Mixture of experts routes tokens", "hello world, this is skewed traffic"):

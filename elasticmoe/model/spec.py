@@ -150,7 +150,9 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
             scaling *= m * m
         if fam.default_rope_partial:  # its rotary turns all qk_rope_head_dim dims: a factor other than 1 is refused
             partial_rotary(cfg, fam)
-        interleave = fam.rope_interleave if fam.rope_interleave is not None else _get(cfg, "rope_interleave", default=True)
+        interleave = fam.rope_interleave
+        if interleave is None:
+            interleave = _get(cfg, "rope_interleave", default=True)
         return AttentionSpec(
             kind="mla", num_heads=heads, num_kv_heads=heads, head_dim=nope + rope, v_head_dim=v,
             scaling=scaling, rope_dim=rope, rope_interleave=bool(interleave), sliding_window=windows,

@@ -65,7 +65,8 @@ class ExpertRequest(NamedTuple):
 
     def to_proto(self) -> pb.RunExpertsRequest:
         return pb.RunExpertsRequest(layer=self.layer, hidden=encode_tensor(self.hidden),
-                                    topk_ids=encode_tensor(self.topk_ids), topk_weights=encode_tensor(self.topk_weights),
+                                    topk_ids=encode_tensor(self.topk_ids),
+                                    topk_weights=encode_tensor(self.topk_weights),
                                     placement_version=self.placement_version, step=self.step)
 
 

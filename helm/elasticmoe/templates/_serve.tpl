@@ -42,7 +42,8 @@ Initial expert shards: `shards`, or more when the worker pods of the current sca
 {{- $n := int $v.shards }}
 {{- $pods := int (include "elasticmoe.workerReplicas" .) }}
 {{- if and $v.autoscaling.enabled (gt $pods (int $v.workers.replicas)) (gt (float64 $v.shardResources.numGpus) 0.0) }}
-{{- $free := subf (mulf (float64 $pods) (float64 $v.workers.gpus)) (mulf (float64 $v.gateways) (float64 $v.gatewayResources.numGpus)) }}
+{{- $free := subf (mulf (float64 $pods) (float64 $v.workers.gpus))
+                  (mulf (float64 $v.gateways) (float64 $v.gatewayResources.numGpus)) }}
 {{- $fit := int (floor (divf $free (float64 $v.shardResources.numGpus))) }}
 {{- $n = max $n (min $fit (int $v.autoscaling.maxShards)) }}
 {{- end }}
@@ -55,11 +56,17 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- define "elasticmoe.appArgs" -}}
 {{- $v := .Values }}
 {{- $gw := dict "num_cpus" $v.gatewayResources.numCpus "num_gpus" $v.gatewayResources.numGpus }}
-{{- if not (kindIs "invalid" $v.gatewayResources.memory) }}{{- $_ := set $gw "memory" (int64 $v.gatewayResources.memory) }}{{- end }}
+{{- if not (kindIs "invalid" $v.gatewayResources.memory) }}
+  {{- $_ := set $gw "memory" (int64 $v.gatewayResources.memory) }}
+{{- end }}
 {{- with $v.gatewayResources.acceleratorType }}{{- $_ := set $gw "accelerator_type" . }}{{- end }}
-{{- if $v.directGrpc.enabled }}{{- $_ := set $gw "resources" (dict (include "elasticmoe.gatewayResource" .) 1) }}{{- end }}
+{{- if $v.directGrpc.enabled }}
+  {{- $_ := set $gw "resources" (dict (include "elasticmoe.gatewayResource" .) 1) }}
+{{- end }}
 {{- $sh := dict "num_cpus" $v.shardResources.numCpus "num_gpus" $v.shardResources.numGpus }}
-{{- if not (kindIs "invalid" $v.shardResources.memory) }}{{- $_ := set $sh "memory" (int64 $v.shardResources.memory) }}{{- end }}
+{{- if not (kindIs "invalid" $v.shardResources.memory) }}
+  {{- $_ := set $sh "memory" (int64 $v.shardResources.memory) }}
+{{- end }}
 {{- with $v.shardResources.acceleratorType }}{{- $_ := set $sh "accelerator_type" . }}{{- end }}
 {{- $limits := dict
       "max_num_seqs" (int $v.limits.maxNumSeqs)
@@ -67,14 +74,17 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
       "max_num_batched_tokens" (int $v.limits.maxNumBatchedTokens)
       "expert_timeout_s" $v.limits.expertTimeoutSeconds }}
 {{- /* null: unset, so the app takes 2048 or the model's context where shorter (AppArgs' own default) */}}
-{{- if not (kindIs "invalid" $v.limits.maxModelLen) }}{{- $_ := set $limits "max_model_len" (int $v.limits.maxModelLen) }}{{- end }}
+{{- if not (kindIs "invalid" $v.limits.maxModelLen) }}
+  {{- $_ := set $limits "max_model_len" (int $v.limits.maxModelLen) }}
+{{- end }}
 {{- /* limits.extra: the app's other limits, snake_case as in its `limits`, passed on as written (the app validates
        them at deploy, naming a field it does not know); one of the typed values above may not be set twice */}}
 {{- $typed := dict "max_num_seqs" "maxNumSeqs" "max_model_len" "maxModelLen" "max_queue" "maxQueue"
       "max_num_batched_tokens" "maxNumBatchedTokens" "expert_timeout_s" "expertTimeoutSeconds" }}
 {{- range $k, $x := $v.limits.extra | default dict }}
 {{- if hasKey $typed $k }}
-{{- fail (printf "limits.extra.%s duplicates limits.%s: set limits.%s and drop it from limits.extra" $k (get $typed $k) (get $typed $k)) }}
+{{- fail (printf "limits.extra.%s duplicates limits.%s: set limits.%s and drop it from limits.extra"
+            $k (get $typed $k) (get $typed $k)) }}
 {{- end }}
 {{- $_ := set $limits $k $x }}
 {{- end }}
@@ -91,7 +101,9 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- with $v.model.revision }}{{- $_ := set $args "revision" (toString .) }}{{- end }}
 {{- with $v.model.servedName }}{{- $_ := set $args "served_model_name" (toString .) }}{{- end }}
 {{- if not $v.internalTls.enabled }}{{- $_ := set $args "insecure_internal" true }}{{- end }}
-{{- if $v.directGrpc.enabled }}{{- $_ := set $args "direct_grpc" (dict "host" "0.0.0.0" "port" (int $v.directGrpc.port)) }}{{- end }}
+{{- if $v.directGrpc.enabled }}
+  {{- $_ := set $args "direct_grpc" (dict "host" "0.0.0.0" "port" (int $v.directGrpc.port)) }}
+{{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- $a := $v.autoscaling }}
 {{- $as := dict
@@ -112,9 +124,14 @@ The Serve config (ServeDeploySchema shape, the same as deployments/*.yaml), as Y
 {{- define "elasticmoe.serveConfig" -}}
 {{- $v := .Values }}
 {{- $http := dict "host" "0.0.0.0" "port" (int $v.serve.httpPort) }}
-{{- if not (kindIs "invalid" $v.serve.requestTimeoutSeconds) }}{{- $_ := set $http "request_timeout_s" $v.serve.requestTimeoutSeconds }}{{- end }}
-{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "elasticmoe.rpc.serve_proxy.add_generation_servicer") }}
-{{- if not (kindIs "invalid" $v.serve.requestTimeoutSeconds) }}{{- $_ := set $grpc "request_timeout_s" $v.serve.requestTimeoutSeconds }}{{- end }}
+{{- if not (kindIs "invalid" $v.serve.requestTimeoutSeconds) }}
+  {{- $_ := set $http "request_timeout_s" $v.serve.requestTimeoutSeconds }}
+{{- end }}
+{{- $grpc := dict "port" (int $v.serve.grpcPort)
+      "grpc_servicer_functions" (list "elasticmoe.rpc.serve_proxy.add_generation_servicer") }}
+{{- if not (kindIs "invalid" $v.serve.requestTimeoutSeconds) }}
+  {{- $_ := set $grpc "request_timeout_s" $v.serve.requestTimeoutSeconds }}
+{{- end }}
 {{- $app := dict
       "name" "elasticmoe"
       "route_prefix" "/"
