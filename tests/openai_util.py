@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import torch
 import uvicorn
 from openai import OpenAI
 
@@ -21,7 +20,7 @@ from elasticmoe.gateway.runner import EngineRunner
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
 from elasticmoe.model.experts import ExpertStore
-from elasticmoe.model.tiny import make_tiny_model
+from tests.store_util import tiny_mixtral
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
 MODEL = "mixtral"  # the name `served` answers to: its checkpoint directory's (/v1/models)
@@ -83,11 +82,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = str(make_tiny_model("mixtral", tmp_path_factory.mktemp("oa") / "mixtral", layers=2, experts=4))
-    files = open_model(path)
-    spec = files.spec
-    store = ExpertStore(files.ckpt, files.names, spec, torch.float32, torch.device("cpu"))
-    store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))
+    path, _, store = tiny_mixtral(tmp_path_factory.mktemp("oa"))
     return path, store
 
 

@@ -8,17 +8,14 @@ import threading
 import time
 
 import pytest
-import torch
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.engine.scheduler import QueueFull
 from elasticmoe.gateway.runner import EngineRunner
-from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
-from elasticmoe.model.experts import ExpertStore
-from elasticmoe.model.tiny import make_tiny_model
+from tests.store_util import tiny_mixtral
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 FAST_S = 0.05  # admission while the step is held must answer within this
@@ -53,11 +50,7 @@ class HeldDispatcher(LocalDispatcher):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = str(make_tiny_model("mixtral", tmp_path_factory.mktemp("adm") / "mixtral", layers=2, experts=4))
-    files = open_model(path)
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    store.load((l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts))
-    return path, files, store
+    return tiny_mixtral(tmp_path_factory.mktemp("adm"))
 
 
 def _timed(fn):

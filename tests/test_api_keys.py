@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from elasticmoe.config import AppArgs, default_served_name, served_name
@@ -20,9 +19,9 @@ from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.runner import EngineRunner
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
-from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import generation_pb2 as gen
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
+from tests.store_util import full_store
 
 KEY, OTHER = "sk-test-0123456789abcdef", "sk-test-rotated-fedcba9876543210"
 
@@ -32,13 +31,12 @@ class Core:
 
     def __init__(self, path: str, **args):
         files = open_model(path)
-        spec = files.spec
-        store = ExpertStore(files.ckpt, files.names, spec, torch.float32, torch.device("cpu"))
-        store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))
+        store = full_store(files)
         engine = Engine(files, LocalDispatcher(store), max_model_len=64, max_num_seqs=4)
         self.tokenizer, self.runner = engine.tokenizer, EngineRunner(engine)
         self.args = AppArgs(model=path, **args)
         self.api_keys = ApiKeys.from_args(self.args, environ={})
+        spec = files.spec
         self.metrics = GatewayMetrics("off", spec.num_layers, spec.moe.num_experts, spec.moe.moe_layers, use_ray=False)
 
     async def wait_ready(self) -> None:

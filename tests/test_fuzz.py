@@ -12,7 +12,6 @@ import threading
 
 import httpx2 as httpx  # the HTTP client starlette and openai use here
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from google.protobuf.message import DecodeError
 from hypothesis import given
@@ -27,10 +26,10 @@ from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.runner import EngineRunner, Update
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
-from elasticmoe.model.experts import ExpertStore
 from elasticmoe.model.tiny import make_tiny_model
 from elasticmoe.rpc import generation_pb2 as gen
 from tests.fuzz_util import FUZZ, Neighbours, generate_requests, openai_bodies, raw_request_bytes
+from tests.store_util import full_store
 
 PROMPTS = ["The expert said", "Once upon a time", "Mixture of experts"]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -43,9 +42,7 @@ class Served:
 
     def __init__(self, path: str):
         files = open_model(path)
-        spec = files.spec
-        store = ExpertStore(files.ckpt, files.names, spec, torch.float32, torch.device("cpu"))
-        store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))
+        store = full_store(files)
         engine = Engine(files, LocalDispatcher(store), max_model_len=48, max_num_seqs=8, max_queue=64)
         self.runner, self.tokenizer, self.args = EngineRunner(engine), engine.tokenizer, AppArgs(model=path)
         self.loop = asyncio.new_event_loop()

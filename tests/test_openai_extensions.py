@@ -17,8 +17,8 @@ from elasticmoe.engine.sampling import RowContext, process_logits
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.model import open_model
 from elasticmoe.model.embedded import ensure_tiny_model
-from elasticmoe.model.experts import ExpertStore
 from tests.openai_util import Core, Server
+from tests.store_util import full_store
 
 FOX = "The quick brown fox"
 END = "Mountains are covered with snow in winter;"  # the corpus' last sentence: the model then emits EOS
@@ -29,8 +29,7 @@ ODD = "Once upon a time"  # not in the corpus: the model is unsure, so a penalty
 def demo():
     path = str(ensure_tiny_model("demo"))
     files = open_model(path)
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    store.load((l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts))
+    store = full_store(files)
     return path, store
 
 
@@ -218,8 +217,7 @@ def bos_served(tmp_path_factory):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(path / "tokenizer.json"))
     files = open_model(str(path))
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    store.load((l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts))
+    store = full_store(files)
     core = Core(str(path), store, max_num_seqs=2, max_model_len=64)
     server = Server(build_openai_app(core))
     yield core, server.url

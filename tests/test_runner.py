@@ -14,17 +14,14 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
 from elasticmoe.gateway.runner import EngineRunner
-from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
-from elasticmoe.model.experts import ExpertStore
-from elasticmoe.model.tiny import make_tiny_model
+from tests.store_util import tiny_mixtral
 
 PROMPTS = ["The expert said", "Once upon a time", "Mixture of experts routes", "A B C D"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -76,12 +73,7 @@ class NanDispatcher(LocalDispatcher):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = str(make_tiny_model("mixtral", tmp_path_factory.mktemp("rn") / "mixtral", layers=2, experts=4))
-    files = open_model(path)
-    spec = files.spec
-    store = ExpertStore(files.ckpt, files.names, spec, torch.float32, torch.device("cpu"))
-    store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))
-    return path, files, store
+    return tiny_mixtral(tmp_path_factory.mktemp("rn"))
 
 
 @pytest.fixture(scope="module")

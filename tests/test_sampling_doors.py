@@ -126,20 +126,17 @@ def test_a_negative_seed_samples_alike_on_every_door(doors):
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """The three doors over a checkpoint whose generation_config.json sets sampling defaults (as Qwen's do)."""
-    import torch
-
     from elasticmoe import LLM
     from elasticmoe.model import open_model
-    from elasticmoe.model.experts import ExpertStore
     from elasticmoe.model.tiny import make_tiny_model
+    from tests.store_util import full_store
 
     path = make_tiny_model("mixtral", tmp_path_factory.mktemp("gc") / "mixtral", layers=2, experts=4)
     cfg = json.loads((path / "generation_config.json").read_text())
     cfg.update(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.3, max_new_tokens=6)
     (path / "generation_config.json").write_text(json.dumps(cfg))
     files = open_model(str(path))
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    store.load((l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts))
+    store = full_store(files)
     d = Doors((str(path), store), LLM(str(path)))
     yield d
     d.close()

@@ -72,9 +72,9 @@ CASES = {  # name: (sequences running before, the interrupted call)
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_an_interrupt_anywhere_then_aborting_all_frees_every_slot(case):
-    """As LLM.generate on Ctrl-C: every request of the call is aborted (Scheduler.finish); every slot is free."""
+def _each_interrupt(case: str):
+    """(scheduler, its sequences, k) after CASES[case]'s call cut short at its k-th bytecode, for every k; the
+    call then ran whole, past more than 20 of them."""
     admitted, call = CASES[case]
     k = 0
     while True:
@@ -82,24 +82,25 @@ def test_an_interrupt_anywhere_then_aborting_all_frees_every_slot(case):
         sched, seqs = _scheduler(admitted)
         if not _interrupt_at(k, lambda: call(sched, seqs)):
             break
+        yield sched, seqs, k
+    assert k > 20, k
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_an_interrupt_anywhere_then_aborting_all_frees_every_slot(case):
+    """As LLM.generate on Ctrl-C: every request of the call is aborted (Scheduler.finish); every slot is free."""
+    for sched, seqs, k in _each_interrupt(case):
         for s in seqs:
             sched.finish(s, "abort")
         assert sorted(sched.free_slots) == list(range(SLOTS)), (case, k, sched.free_slots)
         assert not sched.running and not sched.waiting and all(s.finished for s in seqs), (case, k)
-    assert k > 20, k  # the interrupts landed at every bytecode of the call, then it ran whole
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_an_interrupt_anywhere_then_carrying_on_shares_no_slot(case):
     """An interrupted call, then the engine carries on (schedule, finish): no slot is ever held twice or lost;
     one interrupted finish holds its slot back (from everyone) until that sequence is finished again."""
-    admitted, call = CASES[case]
-    k = 0
-    while True:
-        k += 1
-        sched, seqs = _scheduler(admitted)
-        if not _interrupt_at(k, lambda: call(sched, seqs)):
-            break
+    for sched, seqs, k in _each_interrupt(case):
         cut = frozenset(s.slot for s in seqs if s.status is Status.RUNNING and s not in sched.running)
         sched.schedule()
         _check_owners(sched, lost_ok=cut if "finish" in case else frozenset())
@@ -110,4 +111,3 @@ def test_an_interrupt_anywhere_then_carrying_on_shares_no_slot(case):
         for s in seqs:
             sched.finish(s, "abort")
         assert sorted(sched.free_slots) == list(range(SLOTS)), (case, k, sched.free_slots)
-    assert k > 20, k
