@@ -99,35 +99,35 @@ class GenerationService:
             fail(m, grpc_context, e)
             raise
 
-    async def generate(self, request, grpc_context=None):
-        rid, stream, u = await self.start(request, grpc_context)
-        tokens, lps = list(u.token_ids), list(u.logprobs)
+    @contextlib.asynccontextmanager
+    async def _ending(self, stream, grpc_context):
+        """Around the rest of a started call: a failure counted, the stream closed, whatever ends it."""
         try:
-            async for u in stream:
-                tokens += u.token_ids
-                lps += u.logprobs
+            yield
         except BaseException as e:
             if not stream.done:  # not counted yet (a call cancelled after its last token was counted ok)
                 fail(self.core.metrics, grpc_context, e)
             raise
         finally:
             await stream.aclose()
+
+    async def generate(self, request, grpc_context=None):
+        rid, stream, u = await self.start(request, grpc_context)
+        tokens, lps = list(u.token_ids), list(u.logprobs)
+        async with self._ending(stream, grpc_context):
+            async for u in stream:
+                tokens += u.token_ids
+                lps += u.logprobs
         return response(rid, u, u.text, tokens, lps)
 
     async def generate_stream(self, request, grpc_context=None):
         rid, stream, u = await self.start(request, grpc_context)
-        try:
+        async with self._ending(stream, grpc_context):
             while True:  # u.delta: text that can no longer change (the engine's detokenizer), joined = unary text
                 yield response(rid, u, u.delta, u.token_ids, u.logprobs)
                 if u.finished:
                     return
                 u = await stream.__anext__()
-        except BaseException as e:
-            if not stream.done:  # not counted yet (a call cancelled after its last token was counted ok)
-                fail(self.core.metrics, grpc_context, e)
-            raise
-        finally:
-            await stream.aclose()
 
 
 class GenerationServicer(gen_grpc.GenerationServicer):
