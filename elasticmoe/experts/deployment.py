@@ -11,6 +11,7 @@ import torch
 from ray import serve
 
 from elasticmoe.config import AppArgs
+from elasticmoe.heap import freeze_startup_heap
 
 log = logging.getLogger("elasticmoe.shard")
 CONTROLLER_PROBE_S = 5.0  # how long a stopping shard waits for the controller to show it is there
@@ -59,6 +60,7 @@ class ExpertShard:
         self.stopping = False
         self._ready_lock = threading.Lock()  # `stopping` is set under it: no ready() after __del__ skipped the drain
         self.evicted: str | None = None
+        freeze_startup_heap()  # a full collection then walks what serving made, not the objects of start-up
         threading.Thread(target=self._run, name="register", daemon=True).start()
 
     def _run(self) -> None:

@@ -1,0 +1,106 @@
+"""Each start-up freezes its heap (elasticmoe/heap.py): after an LLM, a GatewayCore (and its HTTP app) or an
+ExpertShard is built in this process, a full collection walks a small part of the objects it walked before, and
+takes that much less time. Real parts: a tiny checkpoint, a real controller on an event loop, real gRPC servers."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+
+import pytest
+import torch
+from ray import serve
+
+from elasticmoe import LLM
+from elasticmoe.autoscaler.record import GcsRecord
+from elasticmoe.experts.deployment import ExpertShard
+from elasticmoe.gateway.deployment import Gateway, GatewayCore
+from tests.controller_util import ControllerImpl, _args, _LoopHandle
+from tests.controller_util import model  # noqa: F401 - a fixture
+
+
+def _full_collection() -> tuple[int, float]:
+    """(objects a full collection walks, its best time of 3 in seconds)."""
+    walked, best = len(gc.get_objects()), float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        gc.collect()
+        best = min(best, time.perf_counter() - t)
+    return walked, best
+
+
+def _started(build):
+    """build() from an unfrozen heap: (what it built, the full collection before, after)."""
+    gc.unfreeze()  # an earlier start-up in this process froze what was there then
+    assert gc.get_freeze_count() == 0
+    before = _full_collection()
+    built = build()
+    return built, before, _full_collection()
+
+
+def _frozen_and_cheap(before: tuple[int, float], after: tuple[int, float]) -> None:
+    assert gc.get_freeze_count() > before[0] // 2  # the heap of start-up, and the modules before it
+    assert after[0] < before[0] / 10, f"a full collection still walks {after[0]} objects of {before[0]}"
+    assert after[1] < before[1] / 4, f"a full collection took {after[1]:.4f} s, {before[1]:.4f} s before"
+
+
+def test_an_llm_freezes_its_startup_heap(model):  # noqa: F811
+    _, before, after = _started(lambda: LLM(model))
+    _frozen_and_cheap(before, after)
+
+
+@pytest.fixture
+def controller(model):  # noqa: F811
+    """(a real controller on an event loop thread, that loop); torch's thread count restored (the replicas set it)."""
+    GcsRecord("default").clear()
+    threads = torch.get_num_threads()
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="controller-loop", daemon=True)
+    runner.start()
+
+    async def make():
+        return ControllerImpl(_args(model, num_shards=1))
+
+    ctrl = asyncio.run_coroutine_threadsafe(make(), loop).result(60)
+    yield ctrl, loop
+    for task in list(ctrl._tasks):
+        loop.call_soon_threadsafe(task.cancel)
+    loop.call_soon_threadsafe(loop.stop)
+    runner.join(10)
+    torch.set_num_threads(threads)
+
+
+def test_a_gateway_core_and_its_http_app_freeze_their_startup_heap(model, controller):  # noqa: F811
+    ctrl, loop = controller
+    core, before, after = _started(lambda: GatewayCore(_args(model, num_shards=1), _LoopHandle(ctrl, loop)))
+    try:
+        _frozen_and_cheap(before, after)
+        replica = object.__new__(Gateway.func_or_class)  # the Serve replica around this core
+        replica.core, replica.direct = core, None
+        frozen = gc.get_freeze_count()
+        assert replica.__serve_build_asgi_app__() is not None
+        assert gc.get_freeze_count() > frozen  # the app's routes and models too
+    finally:
+        core.stopped.set()
+        core.runner.close()
+        core.dispatcher.close()
+
+
+class _Shard(ExpertShard.func_or_class):
+    def __del__(self):  # Serve awaits the real one when it stops a replica; the test stops this one itself
+        pass
+
+
+def test_an_expert_shard_freezes_its_startup_heap(model, controller, monkeypatch):  # noqa: F811
+    ctrl, loop = controller
+    monkeypatch.setattr(serve, "get_replica_context", lambda: None)  # outside Serve: the shard names itself by pid
+    shard, before, after = _started(lambda: _Shard(_args(model, num_shards=1), _LoopHandle(ctrl, loop)))
+    try:
+        _frozen_and_cheap(before, after)
+        assert shard.registered.wait(60)  # and it serves: registered with the controller, its experts loaded
+        assert shard.store.held()
+    finally:
+        shard._stop_registering()
+        shard.server.stop(None)
