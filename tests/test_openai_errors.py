@@ -124,7 +124,7 @@ def test_not_ready_is_a_503(served):
             client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     finally:
         core.ready = True
-    assert e.value.status_code == 503 and e.value.body["type"] == "service_unavailable"
+    assert e.value.status_code == 503 and e.value.body["code"] == "server_is_overloaded"
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_full_queue_is_a_429(model):
         next(iter(busy))  # running: the only slot is taken and no one may wait
         with pytest.raises(openai.RateLimitError) as e:
             client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
-        assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_exceeded"
+        assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
         assert e.value.response.headers["retry-after"] == "1"
         busy.close()
         _wait_idle(core)
@@ -217,7 +217,7 @@ def test_a_request_whose_experts_are_gone_is_a_503_and_the_server_recovers(serve
     try:
         with pytest.raises(openai.InternalServerError) as e:
             client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
-        assert e.value.status_code == 503 and e.value.body["type"] == "service_unavailable"
+        assert e.value.status_code == 503 and e.value.body["code"] == "server_is_overloaded"
         assert e.value.response.headers["retry-after"] == "1" and "injected" not in e.value.body["message"]
     finally:
         core.dispatcher.unavailable = False

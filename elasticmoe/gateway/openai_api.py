@@ -47,9 +47,9 @@ def _validator(core: Any) -> Validator:
 
 
 async def read_request(request: Request, model: type[BaseRequest], core: Any) -> BaseRequest:
-    """The body as `model`: 413 above max_body_bytes (read no further), 400 naming the field otherwise, 404 for a
-    model other than the served one, 499 when the client leaves before it has sent it all (counted as a client
-    gone later is, not a server error)."""
+    """The body as `model`: 413 above max_body_bytes (read no further; code null: OpenAI documents none), 400
+    naming the field otherwise, 404 for a model other than the served one, 499 when the client leaves before it
+    has sent it all (counted as a client gone later is, not a server error)."""
     try:
         body = await _read(request, model, _validator(core))
         check_model(body.model, core.args)

@@ -53,10 +53,16 @@ def bad_request(e: InvalidRequest, aliases: dict[str, str]) -> ApiError:
     return ApiError(400, f"{param}: {getattr(e, 'message', e)}", param=param, code=getattr(e, "code", "invalid_value"))
 
 
+def unavailable(message: str) -> ApiError:
+    """A 503 as OpenAI answers one for a model short of capacity (retry later): type service_unavailable_error,
+    code server_is_overloaded."""
+    return ApiError(503, message, "service_unavailable_error", code="server_is_overloaded")
+
+
 def _server_error(e: Exception) -> ApiError:
     """A request the engine ended: 503 (retry later) when it could not be served, 500 only for a bug here."""
     if isinstance(e, RequestFailed):
-        return ApiError(503, str(e), "service_unavailable")
+        return unavailable(str(e))
     log.error("request failed on a server error", exc_info=e)
     return ApiError(500, f"internal server error ({type(e).__name__})", "server_error")
 
@@ -111,14 +117,14 @@ class Generation:
         try:
             await self.core.wait_ready()
         except TimeoutError as e:
-            raise self.fail(ApiError(503, f"the model is not ready: {e}", "service_unavailable")) from e
+            raise self.fail(unavailable(f"the model is not ready: {e}")) from e
         try:
             self._stream = self.core.runner.generate(self.id, self.ids, self.params)
             first = await self._stream.__anext__()
         except InvalidRequest as e:  # counted once per request, however many of its choices are refused
             raise self.fail(bad_request(e, self.aliases)) from e
         except QueueFull as e:
-            raise self.fail(ApiError(429, str(e), "rate_limit_exceeded")) from e
+            raise self.fail(ApiError(429, str(e), "requests", code="rate_limit_exceeded")) from e
         except Exception as e:  # noqa: BLE001 - the engine could not serve it
             raise self.fail(_server_error(e)) from e
         self.t_first = self.tally.first_token()

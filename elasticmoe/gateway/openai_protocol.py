@@ -58,7 +58,8 @@ def check_model(name: str | None, args: Any) -> None:
 
 
 async def http_error(request: Any, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own refusals (an unknown path: 404, a wrong method: 405) in the OpenAI error shape."""
+    """Starlette's own refusals (an unknown path: 404, a wrong method: 405) in the OpenAI error shape; code null, as
+    in OpenAI's own answer to an unknown URL ("Invalid URL (POST /v1/...)")."""
     where = f"({request.method} {clip(request.url.path)})"  # a URL may be as long as the server takes
     message = {404: f"Invalid URL {where}", 405: f"Method not allowed {where}"}.get(exc.status_code, exc.detail)
     out = ApiError(exc.status_code, str(message)).response()
