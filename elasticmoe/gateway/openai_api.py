@@ -22,9 +22,10 @@ from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_body import parse_body
 from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
+from elasticmoe.gateway.openai_messages import chat_ids
 from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of, parsed, tokenized
 from elasticmoe.gateway.openai_protocol import (
-    COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, chat_ids, check_model,
+    COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, check_model,
     completion_ids, http_error, reject_unsupported, sampling_params)
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest
-from elasticmoe.gateway.openai_protocol import ApiError, ChatMessage, chat_ids
+from elasticmoe.gateway.openai_messages import ChatMessage, chat_ids
+from elasticmoe.gateway.openai_protocol import ApiError
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
