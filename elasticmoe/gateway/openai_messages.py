@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -10,16 +11,88 @@ from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.engine.validation import Validator, short
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI's: a JSON string; an object (transformers' form) is taken too
+
+
+class ToolCall(BaseModel):
+    """An assistant message's call of a function, as OpenAI's API reference writes it (every field required)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages only, and required there
 
 
-def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, str]], int]:
-    """Messages as the chat template takes them ({role, content[, name]}: a template may write the name, as
-    transformers passes message dicts through), and their bytes of content and names."""
+def call_chars(messages: list[ChatMessage], per_object: int) -> int:
+    """Characters of the messages' tool-call arguments (JSON the template's rendering parses and writes out); an
+    argument object (not OpenAI's form) counts per_object."""
+    return sum(len(c.function.arguments) if isinstance(c.function.arguments, str) else per_object
+               for m in messages for c in m.tool_calls or ())
+
+
+def _arguments(where: str, args: str | dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A call's arguments as chat templates take them (an object, as transformers documents and vLLM passes them:
+    OpenAI's JSON string parsed, "" as {}), and their bytes as sent."""
+    if isinstance(args, dict):
+        return args, len(json.dumps(args, ensure_ascii=False).encode("utf-8"))  # the body's depth limit held it
+    try:
+        out = json.loads(args) if args.strip() else {}
+    except (ValueError, RecursionError):  # not JSON, a huge integer, runaway nesting
+        out = None
+    if not isinstance(out, dict):
+        raise InvalidRequest(where, f"must be a JSON object (the function's arguments), got {short(args)}")
+    return out, len(args.encode("utf-8"))
+
+
+def _tool_calls(i: int, calls: list[ToolCall]) -> tuple[list[dict[str, Any]], int]:
+    """An assistant message's tool calls as the template takes them, and their bytes."""
+    if not calls:
+        raise InvalidRequest(f"messages[{i}].tool_calls", "an empty list: give at least one call, or leave "
+                                                          "tool_calls out", "empty_array")
+    out, size = [], 0
+    for j, c in enumerate(calls):
+        args, n = _arguments(f"messages[{i}].tool_calls[{j}].function.arguments", c.function.arguments)
+        out.append({"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": args}})
+        size += n + len(c.id.encode("utf-8")) + len(c.function.name.encode("utf-8"))
+    return out, size
+
+
+def _tool_fields(i: int, m: ChatMessage) -> tuple[dict[str, Any], int]:
+    """A message's tool_calls (an assistant's) and tool_call_id (a tool message's, required there) as the template
+    takes them, and their bytes; either on another role is a 400 naming it."""
+    out: dict[str, Any] = {}
+    size = 0
+    for field, role in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
+        if getattr(m, field) is not None and m.role != role:
+            raise InvalidRequest(f"messages[{i}].{field}", f"only for a message of role {role!r}, not {m.role!r}",
+                                 "unknown_parameter")
+    if m.tool_calls is not None:
+        out["tool_calls"], size = _tool_calls(i, m.tool_calls)
+    if m.role == "tool":
+        if m.tool_call_id is None:
+            raise InvalidRequest(f"messages[{i}].tool_call_id", "a tool message names the tool call it answers",
+                                 "missing_required_parameter")
+        out["tool_call_id"] = m.tool_call_id
+        size += len(m.tool_call_id.encode("utf-8"))
+    return out, size
+
+
+def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], int]:
+    """Messages as the chat template takes them ({role, content[, name][, tool_calls][, tool_call_id]}: a template
+    may write each, as transformers passes message dicts through), and their bytes of content, names and tool
+    fields."""
     if not messages:
         raise InvalidRequest("messages", "at least one message is required", "empty_array")
     conv, size = [], 0
@@ -33,7 +106,9 @@ def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, str]], in
         turn = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             turn["name"] = m.name
-        size += len(content.encode("utf-8")) + len((m.name or "").encode("utf-8"))
+        tools, tool_bytes = _tool_fields(i, m)
+        turn.update(tools)
+        size += len(content.encode("utf-8")) + len((m.name or "").encode("utf-8")) + tool_bytes
         conv.append(turn)
     return conv, size
 
