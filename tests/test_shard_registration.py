@@ -120,17 +120,15 @@ def test_a_replica_stopped_while_registering_does_not_report_ready(model, failin
         shard.server.stop(None)
 
 
-def test_a_starting_replica_reports_the_controllers_count_not_its_configs(model, monkeypatch):  # noqa: F811
+def test_a_starting_replica_reports_the_controllers_count_not_its_configs(model):  # noqa: F811
     """Serve scales the shards to the largest desired_shards any replica reports, at once (upscale_delay_s 0). A
     replica still starting reported the config's num_shards until its first heartbeat (after loading its plan), so
     each replacement or scale out while the controller wanted fewer (idle, or the operator's count) scaled the
     deployment up to num_shards. It reports nothing until the controller has answered it, then the controller's
     count."""
     from elasticmoe.autoscaler.record import GcsRecord
-    from elasticmoe.experts import deployment
     from tests.controller_util import ControllerImpl, _args, _LoopHandle, _until
 
-    monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: None)  # outside Serve: no replica context
     files = open_model(model)
     GcsRecord("default").clear()
     threads = torch.get_num_threads()  # the replica sets its process's torch threads (shard_resources.num_cpus)

@@ -1,6 +1,7 @@
-"""Each start-up freezes its heap (elasticmoe/heap.py): after an LLM, a GatewayCore (and its HTTP app) or an
+"""Each server replica freezes its start-up heap (elasticmoe/heap.py): after a Gateway (and its HTTP app) or an
 ExpertShard is built in this process, a full collection walks a small part of the objects it walked before, and
-takes that much less time. Real parts: a tiny checkpoint, a real controller on an event loop, real gRPC servers."""
+takes that much less time; an offline LLM (a library object: a process may build many) does not freeze. Real parts:
+a tiny checkpoint, a real controller on an event loop, real gRPC servers."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import time
 
 import pytest
 import torch
-from ray import serve
 
 from elasticmoe import LLM
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.experts.deployment import ExpertShard
-from elasticmoe.gateway.deployment import Gateway, GatewayCore
+from elasticmoe.gateway.deployment import Gateway
 from tests.controller_util import ControllerImpl, _args, _LoopHandle
 from tests.controller_util import model  # noqa: F401 - a fixture
 
@@ -46,9 +46,11 @@ def _frozen_and_cheap(before: tuple[int, float], after: tuple[int, float]) -> No
     assert after[1] < before[1] / 4, f"a full collection took {after[1]:.4f} s, {before[1]:.4f} s before"
 
 
-def test_an_llm_freezes_its_startup_heap(model):  # noqa: F811
-    _, before, after = _started(lambda: LLM(model))
-    _frozen_and_cheap(before, after)
+def test_an_llm_leaves_the_heap_unfrozen(model):  # noqa: F811
+    """Freezing is for a server process's one start-up: an LLM built and dropped in a notebook or a test run must
+    not pin the cycles of everything alive then until exit."""
+    _started(lambda: LLM(model))
+    assert gc.get_freeze_count() == 0
 
 
 @pytest.fixture
@@ -72,13 +74,16 @@ def controller(model):  # noqa: F811
     torch.set_num_threads(threads)
 
 
-def test_a_gateway_core_and_its_http_app_freeze_their_startup_heap(model, controller):  # noqa: F811
+# our class under Serve's ingress wrapper (whose async __init__ runs ours, then attaches the ASGI app Serve builds)
+_GATEWAY = next(c for c in Gateway.func_or_class.__mro__ if "__serve_build_asgi_app__" in c.__dict__)
+
+
+def test_a_gateway_and_its_http_app_freeze_their_startup_heap(model, controller):  # noqa: F811
     ctrl, loop = controller
-    core, before, after = _started(lambda: GatewayCore(_args(model, num_shards=1), _LoopHandle(ctrl, loop)))
+    replica, before, after = _started(lambda: _GATEWAY(_args(model, num_shards=1), _LoopHandle(ctrl, loop)))
+    core = replica.core
     try:
         _frozen_and_cheap(before, after)
-        replica = object.__new__(Gateway.func_or_class)  # the Serve replica around this core
-        replica.core, replica.direct = core, None
         frozen = gc.get_freeze_count()
         assert replica.__serve_build_asgi_app__() is not None
         assert gc.get_freeze_count() > frozen  # the app's routes and models too
@@ -93,9 +98,8 @@ class _Shard(ExpertShard.func_or_class):
         pass
 
 
-def test_an_expert_shard_freezes_its_startup_heap(model, controller, monkeypatch):  # noqa: F811
+def test_an_expert_shard_freezes_its_startup_heap(model, controller):  # noqa: F811
     ctrl, loop = controller
-    monkeypatch.setattr(serve, "get_replica_context", lambda: None)  # outside Serve: the shard names itself by pid
     shard, before, after = _started(lambda: _Shard(_args(model, num_shards=1), _LoopHandle(ctrl, loop)))
     try:
         _frozen_and_cheap(before, after)

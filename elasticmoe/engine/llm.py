@@ -11,7 +11,6 @@ from elasticmoe.engine.engine import DTYPES, Engine
 from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
 from elasticmoe.engine.scheduler import RequestFailed
 from elasticmoe.engine.validation import Validator
-from elasticmoe.heap import freeze_startup_heap
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.experts import ExpertStore
@@ -52,7 +51,6 @@ class LLM:
         self.store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))  # once it is valid
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
-        freeze_startup_heap()  # full collections while generating walk only what came after
 
     def encode(self, prompt: str) -> list[int]:
         """Tokenize a prompt as the model's tokenizer does by default (BOS where it adds one)."""

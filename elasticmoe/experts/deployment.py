@@ -9,6 +9,7 @@ import time
 
 import torch
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from elasticmoe.config import AppArgs
 from elasticmoe.heap import freeze_startup_heap
@@ -28,6 +29,14 @@ def bind_host() -> str:
     return host
 
 
+def _replica_id() -> str:
+    """The Serve replica's id; outside a replica (a shard built in-process) one named after the process."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # Serve raises when there is no replica context
+        return f"shard-{os.getpid()}"
+
+
 @serve.deployment(max_ongoing_requests=100, health_check_period_s=2, health_check_timeout_s=10)
 class ExpertShard:
     """Holds a share of the experts; the gateway calls its gRPC server directly (not through Serve)."""
@@ -45,8 +54,7 @@ class ExpertShard:
         files = open_model(self.args.model)
         device = torch.device("cuda" if self.args.device == "cuda" else "cpu")
         self.store = ExpertStore(files.ckpt, files.names, files.spec, getattr(torch, self.args.dtype), device)
-        ctx = serve.get_replica_context()
-        self.shard_id = ctx.replica_id.unique_id if ctx else f"shard-{os.getpid()}"
+        self.shard_id = _replica_id()
         host = bind_host()
         self.server, self.servicer, port = start_server(self.store, self.shard_id, host=host,
                                                         max_rows=self.args.limits.max_num_batched_tokens,

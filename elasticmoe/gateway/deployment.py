@@ -96,7 +96,6 @@ class GatewayCore:
         self._install_lock = threading.Lock()  # the poller's and the failure reports' installs, one at a time
         self.table_version, self.table_epoch = -1, None  # the last table installed from a poll, and its controller
         self.stopped = threading.Event()  # set when the replica stops: the poller ends
-        freeze_startup_heap()  # a full collection then walks what serving made, not the 0.4 M objects of start-up
         threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
 
     def _on_step(self, seconds: float, n: int) -> None:
@@ -188,6 +187,7 @@ class Gateway:
         if (d := self.core.args.direct_grpc) is not None:
             self.direct = DirectIngress(self.service, d.host, d.port, max_rpcs=self.core.runner.capacity + 64,
                                         app=serve.get_replica_context().app_name)
+        freeze_startup_heap()  # a full collection then walks what serving made, not the 0.4 M objects of start-up
 
     def __serve_build_asgi_app__(self):
         """Serve builds the HTTP app after __init__, once per replica: the OpenAI routes over this core."""
