@@ -94,6 +94,10 @@ class Autoscaling(_Strict):
         600.0, gt=0, description="a position of the placement with no live shard this long (no replica came up there: "
         "none registered, or it never got ready) is given up: its experts are re-homed onto the live shards, so "
         "scaling goes on; None waits for it for good")
+    scale_cooldown_s: float = Field(
+        30.0, ge=0, description="after a change of the shard count (the controller's or an operator's), no other "
+        "before this long; also the warm-up: no scale in before every starting shard is up and this long has "
+        "passed. Longer for shards that take long to load or a bursty load; shorter to follow the load closely")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Autoscaling":

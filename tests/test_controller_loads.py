@@ -206,6 +206,25 @@ def test_an_override_change_starts_the_cool_down():
     assert decide.desired(4, [0.1] * 4) == 3
 
 
+@pytest.mark.parametrize("cooldown_s, desired", [(0.0, 1), (None, 2)])
+def test_the_cool_down_is_the_configs(model, cooldown_s, desired):  # noqa: F811
+    """autoscaling.scale_cooldown_s is the controller's cool-down and warm-up: two idle shards, up, two stats
+    rounds. With 0 the warm-up is over at once and the cluster scales in; left unset (30 s) it waits."""
+    from tests.controller_util import _quiet
+
+    extra = {} if cooldown_s is None else {"scale_cooldown_s": cooldown_s}
+    auto = {"autoscaling": {"min_shards": 1, "max_shards": 4, **extra}}
+
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a, b, **auto)
+        assert ctrl.scale.cooldown_s == (30.0 if cooldown_s is None else cooldown_s)
+        await ctrl._stats_once()  # staffed: the warm-up starts; the baselines
+        await ctrl._stats_once()  # idle
+        assert ctrl.desired == desired
+
+    _with_shards(model, "ab", scenario)
+
+
 def test_status_and_the_stats_round_ask_every_shard_at_once(model):
     """Shards that accept a connection but never answer (paused, a node gone half-way) cost status() and the stats
     round one GetStats timeout (2 s) together, not one each: asked one after another, 3 of them held `elasticmoe

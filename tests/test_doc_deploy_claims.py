@@ -36,14 +36,17 @@ def test_serve_configs_ask_for_the_gpus_the_doc_names():
     assert qwen["model"] == "Qwen/Qwen3-30B-A3B" and deepseek["model"].startswith("deepseek-ai/DeepSeek-V2-Lite")
 
 
-def test_the_scale_in_warm_up_and_cool_down_are_the_controllers():
-    """The 30 s DEPLOY.md names are ScaleDecider's cool-down, which is also its warm-up after the start
-    (tests/test_controller_loads.py::test_no_scale_in_before_the_cluster_is_up_and_warmed_up)."""
+def test_the_scale_in_warm_up_and_cool_down_are_the_configs():
+    """The cool-down DEPLOY.md names is autoscaling.scale_cooldown_s and its default, ScaleDecider's cool-down,
+    which is also its warm-up after the start (tests/test_controller_loads.py::
+    test_no_scale_in_before_the_cluster_is_up_and_warmed_up, test_the_cool_down_is_the_configs)."""
     from elasticmoe.autoscaler.policy import ScaleDecider
+    from elasticmoe.config import Autoscaling
 
-    assert ("It removes none before every shard it started with is up and 30 s more have passed (a just-deployed "
-            "cluster is idle: no request has come yet), nor in the 30 s after any change of the count.") in _doc()
-    assert ScaleDecider(1, 2, 0.5).cooldown_s == 30.0
+    assert ("It removes none before every shard it started with is up and `autoscaling.scale_cooldown_s` (default "
+            "30 s) more have passed (a just-deployed cluster is idle: no request has come yet), nor makes a change "
+            "of its own that soon after any change of the count") in _doc()
+    assert Autoscaling().scale_cooldown_s == 30.0 == ScaleDecider(1, 2, 0.5).cooldown_s
 
 
 def test_the_start_deadline_is_the_configs():

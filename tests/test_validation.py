@@ -246,6 +246,7 @@ def test_app_args_refuse_a_model_no_replica_can_open(model, message):
     ({"gateway_resources": {"num_cpus": float("inf")}}, "gateway_resources.num_cpus"),
     ({"limits": {"expert_timeout_s": float("inf")}}, "limits.expert_timeout_s"),
     ({"autoscaling": {"rebalance_interval_s": float("inf")}}, "autoscaling.rebalance_interval_s"),
+    ({"autoscaling": {"scale_cooldown_s": float("nan")}}, "autoscaling.scale_cooldown_s"),
 ])
 def test_app_args_refuse_nan_and_infinity(args, field):
     """YAML's .nan / .inf passed the range checks (nan < 0 is false; inf > 0) and reached Ray and gRPC."""
@@ -253,6 +254,21 @@ def test_app_args_refuse_nan_and_infinity(args, field):
 
     with pytest.raises(ValidationError, match=re.escape(field)):
         AppArgs.model_validate({"model": "m", **args})
+
+
+def test_the_scale_cool_down_is_an_autoscaling_setting():
+    """autoscaling.scale_cooldown_s: 30 s unless set, 0 allowed (decide every stats round), a negative value or a
+    misspelt key refused naming it (tests/test_controller_loads.py: the controller's decisions follow it)."""
+    from pydantic import ValidationError
+
+    auto = lambda **kw: AppArgs.model_validate({"model": "m", "autoscaling": kw}).autoscaling  # noqa: E731
+    assert auto().scale_cooldown_s == 30.0 and auto(scale_cooldown_s=0).scale_cooldown_s == 0.0
+    assert auto(scale_cooldown_s=300).scale_cooldown_s == 300.0
+    for bad, field in (({"scale_cooldown_s": -1}, "autoscaling.scale_cooldown_s"),
+                       ({"scale_cooldown_s": "soon"}, "autoscaling.scale_cooldown_s"),
+                       ({"cooldown_s": 10}, "autoscaling.cooldown_s")):
+        with pytest.raises(ValidationError, match=re.escape(field)):
+            auto(**bad)
 
 
 def test_request_ids_with_control_characters_are_refused():

@@ -62,7 +62,8 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         self.slots = (auto.slots_per_shard if auto else None) or default_slots(self.num_experts, n, copies)
         self.max_moves = auto.max_moves if auto else 8
         self.load = LoadTracker(len(self.moe_layers), self.num_experts)
-        self.scale = ScaleDecider(auto.min_shards, auto.max_shards, auto.target_utilization) if auto else None
+        self.scale = ScaleDecider(auto.min_shards, auto.max_shards, auto.target_utilization,
+                                  auto.scale_cooldown_s) if auto else None
         self.desired = n
         self.record = GcsRecord(_app_name())
         self.args_hash = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
