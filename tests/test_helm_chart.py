@@ -10,6 +10,7 @@ from pathlib import Path
 
 import helm_python as helm  # helm-python-sdk (dev dependency): Helm's Go SDK as a shared library
 import pytest
+import yaml
 
 from tests.helm_util import (_chart, _check_rayservice, _containers, _crd_validator, _objects, _one, _port_ranges,
                              _prod_values, _render)
@@ -86,6 +87,29 @@ def test_production_values_render(prod_objects):
     assert rs["spec"]["upgradeStrategy"]["type"] == "NewCluster"
     kinds = {o["kind"] for o in prod_objects}
     assert {"RayService", "Service", "NetworkPolicy", "ServiceMonitor", "ConfigMap"} <= kinds
+
+
+@pytest.mark.parametrize("autoscaling, cooldown_s, deadline_s", [
+    ({}, 30, 600),  # the chart's defaults: the app's
+    ({"scaleCooldownSeconds": 300, "startDeadlineSeconds": 1800}, 300, 1800),
+    ({"scaleCooldownSeconds": 0, "startDeadlineSeconds": 90.5}, 0, 90.5),
+    ({"startDeadlineSeconds": None}, 30, None),  # null: written as null (wait for good), not the app's 600 s
+])
+def test_autoscaling_timers_reach_the_rayservice(autoscaling, cooldown_s, deadline_s):
+    """autoscaling.scaleCooldownSeconds and startDeadlineSeconds are the app's autoscaling.scale_cooldown_s and
+    start_deadline_s in the rendered RayService's Serve config, with the production values on top too."""
+    for base in ({"autoscaling": {"enabled": True}}, _prod_values()):
+        values = copy.deepcopy(base)
+        values["autoscaling"].update(autoscaling)
+        rs = _one(_objects(_render(values)), "RayService")
+        auto = _check_rayservice(rs).autoscaling
+        assert (auto.scale_cooldown_s, auto.start_deadline_s) == (cooldown_s, deadline_s)
+        written = _serve_autoscaling(rs)
+        assert written["scale_cooldown_s"] == cooldown_s and written["start_deadline_s"] == deadline_s
+
+
+def _serve_autoscaling(rs: dict) -> dict:
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["autoscaling"]
 
 
 @pytest.mark.parametrize("which", ["default", "gpu-production"])
@@ -228,6 +252,9 @@ def test_dashboard_json():
     pytest.param({"shardResources": {"numGpus": -1}}, id="negative-ray-gpus"),
     pytest.param({"limits": {"maxQueue": -1}}, id="negative-queue"),
     pytest.param({"autoscaling": {"targetUtilization": 1.5}}, id="utilization-over-1"),
+    pytest.param({"autoscaling": {"scaleCooldownSeconds": -1}}, id="negative-cool-down"),
+    pytest.param({"autoscaling": {"startDeadlineSeconds": 0}}, id="zero-start-deadline"),
+    pytest.param({"autoscaling": {"startDeadlineSeconds": "10m"}}, id="start-deadline-not-a-number"),
     pytest.param({"expertPort": {"start": 80}}, id="privileged-expert-port"),
     pytest.param({"securityContext": {"runAsNonRoot": False}}, id="root"),
     pytest.param({"shardz": 3}, id="unknown-key"),

@@ -111,8 +111,11 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
       "max_shards" (int $a.maxShards)
       "target_utilization" $a.targetUtilization
       "rebalance_interval_s" $a.rebalanceIntervalSeconds
-      "max_moves" (int $a.maxMoves) }}
+      "max_moves" (int $a.maxMoves)
+      "scale_cooldown_s" $a.scaleCooldownSeconds }}
 {{- if not (kindIs "invalid" $a.slotsPerShard) }}{{- $_ := set $as "slots_per_shard" (int $a.slotsPerShard) }}{{- end }}
+{{- /* null (Helm drops the key): written as null, the app waits for good, not left out (its default: 600 s) */}}
+{{- $_ := set $as "start_deadline_s" $a.startDeadlineSeconds }}
 {{- $_ := set $args "autoscaling" $as }}
 {{- end }}
 {{- toYaml $args }}
