@@ -178,11 +178,12 @@ def test_with_no_other_copy_the_step_ends_at_once_and_the_shard_serves_on(capped
 
 
 def test_only_the_request_that_does_not_fit_fails(capped, model):
-    """A 1,500-token prompt and a 4-token one share a step on s0 (the only copies): the step fails, is retried,
-    then run one request at a time; the long prompt ends with the out-of-memory error, the short one is served
-    (its tokens those of an engine with every expert in-process)."""
+    """A 1,500-token prompt and a 4-token one share a step on s0 (the only copies): the step fails for its size and
+    is run in halves at once, not retried at that size first (the engine's retries of a transient failure, 1.75 s
+    of backoff, which the short request waited out); the long prompt ends with the out-of-memory error, the short
+    one is served (its tokens those of an engine with every expert in-process)."""
     from elasticmoe import SamplingParams
-    from elasticmoe.engine.engine import Engine
+    from elasticmoe.engine.engine import RETRY_BACKOFF_S, Engine
     from elasticmoe.engine.scheduler import RequestFailed
 
     address, layers = capped
@@ -191,14 +192,18 @@ def test_only_the_request_that_does_not_fit_fails(capped, model):
     d = GrpcDispatcher(transport="socket", timeout_s=20, failover_s=10)
     try:
         d.set_table(_table([address], layers))
-        engine = Engine(files, d, max_num_seqs=2, max_model_len=2048, micro_batches=1, retry_backoff_s=(0.01,))
+        engine = Engine(files, d, max_num_seqs=2, max_model_len=2048, micro_batches=1)  # the default backoff
         vocab = files.spec.vocab_size
         big = engine.add_request("big", [1 + i % (vocab - 1) for i in range(1500)], greedy)
         small = engine.add_request("small", [5, 6, 7, 8], greedy)
+        t0, served_s = time.perf_counter(), None
         while engine.has_work():
             engine.step()
+            if small.finished and served_s is None:
+                served_s = time.perf_counter() - t0
     finally:
         d.close()
+    assert engine.step_retries == 0 and served_s < sum(RETRY_BACKOFF_S) / 2, (engine.step_retries, served_s)
     assert isinstance(big.error, RequestFailed) and str(big.error) == ShortOfMemory.public, big.error
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     store.load([(l, e) for l in layers for e in range(E)])

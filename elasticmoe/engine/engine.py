@@ -98,7 +98,8 @@ class Engine:
 
         A failure ends only the requests it belongs to (Sequence.error is set): a step whose experts were
         unavailable is retried with backoff (KV writes are keyed by position, so a step can be repeated),
-        then each sequence is run alone; a row that cannot be sampled ends its own request.
+        then each sequence is run alone; one that failed for its size (a shard out of memory for its tokens) is
+        run in halves at once; a row that cannot be sampled ends its own request.
         """
         work = self.scheduler.schedule()
         if not work:
@@ -145,6 +146,9 @@ class Engine:
                 return self._run(chunks), work, []
             except ExpertsUnavailable as e:  # transient: all copies of some experts failed this step
                 error = e
+                if e.for_its_size:  # out of memory for these tokens: the same step would fail the same way
+                    log.warning("step failed (%s); running its %d sequences in halves", e, len(work))
+                    return self._halve(work, e)
                 if attempt < len(self.retry_backoff_s):
                     log.warning("step failed (%s); retry %d in %.2fs", e, attempt + 1, self.retry_backoff_s[attempt])
                     self.step_retries += 1
@@ -168,8 +172,33 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - this sequence only
                 self.fail(s, e)
                 failed.append(s)
-        hidden = torch.cat(rows) if rows else torch.empty(0, self.spec.hidden_size, device=self.device)
-        return hidden, kept, failed
+        return self._rows(rows), kept, failed
+
+    def _halve(self, work: list[tuple[Sequence, int]], error: Exception
+               ) -> tuple[torch.Tensor, list[tuple[Sequence, int]], list[Sequence]]:
+        """The work of a step that failed for its size (`error`), in two runs of about half its tokens each (cut at
+        sequence boundaries, so a long prompt's chunk runs apart from the rest); a run that fails too is halved in
+        turn, and a sequence that fails alone ends. One request too large among N costs about 2 log2 N runs."""
+        if len(work) == 1:
+            self.fail(work[0][0], error)
+            return self._rows([]), [], [work[0][0]]
+        rows, kept, failed = [], [], []
+        for a, b in split_even([n for _, n in work], 2):
+            part = work[a:b]
+            self._begin()
+            try:
+                hidden, part_kept, part_failed = self._run(self._chunks(part)), part, []
+            except Exception as e:  # noqa: BLE001 - this part only: smaller still
+                hidden, part_kept, part_failed = self._halve(part, e)
+            rows.append(hidden)
+            kept += part_kept
+            failed += part_failed
+        return self._rows(rows), kept, failed
+
+    def _rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The hidden rows [N, H] of the runs that succeeded, in order (none: [0, H])."""
+        parts = [p for p in parts if p.shape[0]]
+        return torch.cat(parts) if parts else torch.empty(0, self.spec.hidden_size, device=self.device)
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:

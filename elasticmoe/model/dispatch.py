@@ -14,10 +14,13 @@ class ExpertsUnavailable(RuntimeError):
 
     Transient: the engine retries the step (KV writes are keyed by position) and ends only the requests that
     still cannot be served, with UNAVAILABLE on gRPC and 503 on HTTP. `public`: the cause as a client may read it
-    (no address, no shard id); None: the client is told only that experts are unavailable.
+    (no address, no shard id); None: the client is told only that experts are unavailable. `for_its_size`: the
+    step failed for the tokens it carries (a shard out of memory for them): repeated unchanged it fails again, so
+    the engine runs it in smaller parts at once instead of retrying it.
     """
 
     public: str | None = None
+    for_its_size: bool = False
 
 
 class Pending(Protocol):
