@@ -139,7 +139,9 @@ def test_a_call_out_of_memory_goes_to_another_copy_and_nothing_is_reported(cappe
     address, (layer, _) = capped
     other = Shards(open_model(model), [list(range(E))])
     reported: list[str] = []
-    d = GrpcDispatcher(transport=wire, timeout_s=20, failover_s=10, on_failure=reported.append)
+    # no hedging (its delay is 1 s before any round trip is measured): a capped shard slow to answer on a loaded
+    # machine would be hedged onto s1, which then wins without a failover (seen once at a load average of 6.5)
+    d = GrpcDispatcher(transport=wire, timeout_s=20, failover_s=10, hedge_min_s=60, on_failure=reported.append)
     try:
         d.set_table(_table([address, other.addresses[0]], [layer]))
         inputs = _inputs(BIG)
