@@ -12,17 +12,17 @@ from elasticmoe.engine.checkpoint_defaults import generation_config, load_tokeni
 from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence, Status
+from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.attention import KVCache
 from elasticmoe.model.batch import build_batch
 from elasticmoe.model.dense import DenseModel
 from elasticmoe.model.dispatch import Dispatcher, ExpertsUnavailable
-from elasticmoe.model.pipeline import micro_batch_count, split_even
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts of a step whose experts were unavailable
+__all__ = ["DTYPES", "RETRY_BACKOFF_S", "Engine"]
 
 
 class Engine:
@@ -33,7 +33,7 @@ class Engine:
                  max_queue: int = 1024, tokenizer: Any = None, pipeline_min_tokens: int = 8,
                  micro_batches: int = 2, limits: RequestLimits | None = None,
                  retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S):
-        self.files, self.spec, self.dispatcher = files, files.spec, dispatcher
+        self.files, self.spec = files, files.spec
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         limit = self.spec.max_position_embeddings  # config.json's, or what its rotary scaling allows (spec.py)
@@ -52,12 +52,34 @@ class Engine:
         self.eos_ids.update(gen_eos)
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
-        self.pipeline_min_tokens = pipeline_min_tokens
-        self.micro_batches = micro_batches  # with a remote dispatcher, a big enough step is cut into this many
+        self.forward = StepForward(self.model, self.cache, dispatcher, self.device, lambda s, e: self.fail(s, e),
+                                   retry_backoff_s=retry_backoff_s, micro_batches=micro_batches,
+                                   pipeline_min_tokens=pipeline_min_tokens)
         self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
-        self.retry_backoff_s = retry_backoff_s
-        self.step_retries = 0  # attempts repeated after ExpertsUnavailable
         self.failed_requests = 0  # requests ended by a failure (RequestFailed)
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """Where the experts run (StepForward's; replacing it here replaces it there)."""
+        return self.forward.dispatcher
+
+    @dispatcher.setter
+    def dispatcher(self, value: Dispatcher) -> None:
+        self.forward.dispatcher = value
+
+    @property
+    def retry_backoff_s(self) -> tuple[float, ...]:
+        """Sleeps between attempts of a step whose experts were unavailable (StepForward's)."""
+        return self.forward.retry_backoff_s
+
+    @retry_backoff_s.setter
+    def retry_backoff_s(self, value: tuple[float, ...]) -> None:
+        self.forward.retry_backoff_s = value
+
+    @property
+    def step_retries(self) -> int:
+        """Attempts repeated after ExpertsUnavailable."""
+        return self.forward.retries
 
     def set_limits(self, limits: RequestLimits) -> None:
         """Request size limits (e.g. from `AppArgs.limits`), checked at admission."""
@@ -104,7 +126,7 @@ class Engine:
         work = self.scheduler.schedule()
         if not work:
             return []
-        hidden, work, out = self._forward(work)  # hidden [N, H] for the surviving work
+        hidden, work, out = self.forward(work)  # hidden [N, H] for the surviving work
         self.steps += 1
         for s, n in work:
             s.num_cached += n
@@ -127,78 +149,6 @@ class Engine:
                     self.fail(s, e)
             out += seqs
         return out
-
-    def _chunks(self, work: list[tuple[Sequence, int]]) -> list[tuple[int, int, list[int]]]:
-        return [(s.slot, s.num_cached, [s.token(i) for i in range(s.num_cached, s.num_cached + n)]) for s, n in work]
-
-    def _begin(self) -> None:
-        begin = getattr(self.dispatcher, "begin_step", None)
-        if begin is not None:
-            begin()
-
-    def _forward(self, work: list[tuple[Sequence, int]]
-                 ) -> tuple[torch.Tensor, list[tuple[Sequence, int]], list[Sequence]]:
-        """(hidden [N, H], the work it is for, the sequences that failed) for this step's work."""
-        chunks, error = self._chunks(work), None
-        for attempt in range(len(self.retry_backoff_s) + 1):
-            self._begin()
-            try:
-                return self._run(chunks), work, []
-            except ExpertsUnavailable as e:  # transient: all copies of some experts failed this step
-                error = e
-                if e.for_its_size:  # out of memory for these tokens: the same step would fail the same way
-                    log.warning("step failed (%s); running its %d sequences in halves", e, len(work))
-                    return self._halve(work, e)
-                if attempt < len(self.retry_backoff_s):
-                    log.warning("step failed (%s); retry %d in %.2fs", e, attempt + 1, self.retry_backoff_s[attempt])
-                    self.step_retries += 1
-                    time.sleep(self.retry_backoff_s[attempt])
-            except Exception as e:  # noqa: BLE001 - not transient: find the sequences it belongs to
-                log.exception("step failed; running its %d sequences one by one", len(work))
-                error = e
-                break
-        log.warning("step failed after retries (%s); running its %d sequences one by one", error, len(work))
-        return self._isolate(work)
-
-    def _isolate(self, work: list[tuple[Sequence, int]]
-                 ) -> tuple[torch.Tensor, list[tuple[Sequence, int]], list[Sequence]]:
-        """Run each sequence's part of the step alone; end only those that still fail."""
-        kept, rows, failed = [], [], []
-        for s, n in work:
-            self._begin()
-            try:
-                rows.append(self._run(self._chunks([(s, n)])))
-                kept.append((s, n))
-            except Exception as e:  # noqa: BLE001 - this sequence only
-                self.fail(s, e)
-                failed.append(s)
-        return self._rows(rows), kept, failed
-
-    def _halve(self, work: list[tuple[Sequence, int]], error: Exception
-               ) -> tuple[torch.Tensor, list[tuple[Sequence, int]], list[Sequence]]:
-        """The work of a step that failed for its size (`error`), in two runs of about half its tokens each (cut at
-        sequence boundaries, so a long prompt's chunk runs apart from the rest); a run that fails too is halved in
-        turn, and a sequence that fails alone ends. One request too large among N costs about 2 log2 N runs."""
-        if len(work) == 1:
-            self.fail(work[0][0], error)
-            return self._rows([]), [], [work[0][0]]
-        rows, kept, failed = [], [], []
-        for a, b in split_even([n for _, n in work], 2):
-            part = work[a:b]
-            self._begin()
-            try:
-                hidden, part_kept, part_failed = self._run(self._chunks(part)), part, []
-            except Exception as e:  # noqa: BLE001 - this part only: smaller still
-                hidden, part_kept, part_failed = self._halve(part, e)
-            rows.append(hidden)
-            kept += part_kept
-            failed += part_failed
-        return self._rows(rows), kept, failed
-
-    def _rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """The hidden rows [N, H] of the runs that succeeded, in order (none: [0, H])."""
-        parts = [p for p in parts if p.shape[0]]
-        return torch.cat(parts) if parts else torch.empty(0, self.spec.hidden_size, device=self.device)
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
@@ -231,32 +181,6 @@ class Engine:
         early = len(seq.output_ids) < p.min_tokens
         banned = tuple(sorted(((set() if p.ignore_eos else self.eos_ids) | set(p.stop_token_ids)))) if early else ()
         return RowContext(seq.prompt_ids, seq.output_ids, banned, seq.penalty)
-
-    def _run(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-        """Forward the step, reporting its routing to model.route_observer (the expert-token metrics) once it
-        succeeded: an attempt that failed is repeated (retries, then one sequence at a time), and its routing
-        counted each time inflated the tokens per expert exactly while experts were failing."""
-        observer = self.model.route_observer
-        if observer is None:
-            return self._run_forward(chunks)
-        seen: list[tuple[int, torch.Tensor]] = []
-        self.model.route_observer = lambda layer, ids: seen.append((layer, ids))
-        try:
-            out = self._run_forward(chunks)
-        finally:
-            self.model.route_observer = observer
-        for layer, ids in seen:
-            observer(layer, ids)
-        return out
-
-    def _run_forward(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-        """Forward the step; with a remote dispatcher and enough tokens, as pipelined micro-batches (ping-pong)."""
-        sizes = [len(c[2]) for c in chunks]
-        n = micro_batch_count(sum(sizes), len(chunks), self.micro_batches, self.pipeline_min_tokens)
-        if not getattr(self.dispatcher, "remote", False) or n < 2:
-            return self.model.forward(build_batch(chunks, self.device), self.cache, self.dispatcher)
-        parts = [build_batch(chunks[a:b], self.device) for a, b in split_even(sizes, n)]  # at sequence boundaries
-        return torch.cat(self.model.forward_pipelined(parts, self.cache, self.dispatcher))
 
     def _append(self, seq: Sequence, token: int, logprob) -> None:
         seq.output_ids.append(token)

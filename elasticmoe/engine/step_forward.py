@@ -1,0 +1,133 @@
+"""A step's forward for the engine, and on failure the requests it belongs to: retries, halves, one by one."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from elasticmoe.engine.scheduler import Sequence
+from elasticmoe.model.attention import KVCache
+from elasticmoe.model.batch import build_batch
+from elasticmoe.model.dense import DenseModel
+from elasticmoe.model.dispatch import Dispatcher, ExpertsUnavailable
+from elasticmoe.model.pipeline import micro_batch_count, split_even
+
+log = logging.getLogger(__name__)
+RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts of a step whose experts were unavailable
+
+Work = list[tuple[Sequence, int]]  # (sequence, tokens it runs this step), as Scheduler.schedule gives them
+Outcome = tuple[torch.Tensor, Work, list[Sequence]]  # (hidden [N, H], the work it is for, the sequences that failed)
+
+
+class StepForward:
+    """Runs the dense half of a step's work (experts through `dispatcher`), KV into `cache`. A failure ends only the
+    requests it belongs to, through `fail(sequence, error)`: a step whose experts were unavailable is retried with
+    backoff (KV writes are keyed by position, so a step can be repeated), then each sequence is run alone; one
+    that failed for its size (a shard out of memory for its tokens) is run in halves at once."""
+
+    def __init__(self, model: DenseModel, cache: KVCache, dispatcher: Dispatcher, device: torch.device,
+                 fail: Callable[[Sequence, Exception], None], *, retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S,
+                 micro_batches: int = 2, pipeline_min_tokens: int = 8):
+        self.model, self.cache, self.dispatcher, self.device, self.fail = model, cache, dispatcher, device, fail
+        self.retry_backoff_s = retry_backoff_s
+        self.micro_batches = micro_batches  # with a remote dispatcher, a big enough step is cut into this many
+        self.pipeline_min_tokens = pipeline_min_tokens
+        self.retries = 0  # attempts repeated after ExpertsUnavailable
+
+    def __call__(self, work: Work) -> Outcome:
+        """(hidden [N, H], the work it is for, the sequences that failed) for this step's work."""
+        chunks, error = self._chunks(work), None
+        for attempt in range(len(self.retry_backoff_s) + 1):
+            self._begin()
+            try:
+                return self._run(chunks), work, []
+            except ExpertsUnavailable as e:  # transient: all copies of some experts failed this step
+                error = e
+                if e.for_its_size:  # out of memory for these tokens: the same step would fail the same way
+                    log.warning("step failed (%s); running its %d sequences in halves", e, len(work))
+                    return self._halve(work, e)
+                if attempt < len(self.retry_backoff_s):
+                    log.warning("step failed (%s); retry %d in %.2fs", e, attempt + 1, self.retry_backoff_s[attempt])
+                    self.retries += 1
+                    time.sleep(self.retry_backoff_s[attempt])
+            except Exception as e:  # noqa: BLE001 - not transient: find the sequences it belongs to
+                log.exception("step failed; running its %d sequences one by one", len(work))
+                error = e
+                break
+        log.warning("step failed after retries (%s); running its %d sequences one by one", error, len(work))
+        return self._isolate(work)
+
+    def _chunks(self, work: Work) -> list[tuple[int, int, list[int]]]:
+        return [(s.slot, s.num_cached, [s.token(i) for i in range(s.num_cached, s.num_cached + n)]) for s, n in work]
+
+    def _begin(self) -> None:
+        begin = getattr(self.dispatcher, "begin_step", None)
+        if begin is not None:
+            begin()
+
+    def _isolate(self, work: Work) -> Outcome:
+        """Run each sequence's part of the step alone; end only those that still fail."""
+        kept, rows, failed = [], [], []
+        for s, n in work:
+            self._begin()
+            try:
+                rows.append(self._run(self._chunks([(s, n)])))
+                kept.append((s, n))
+            except Exception as e:  # noqa: BLE001 - this sequence only
+                self.fail(s, e)
+                failed.append(s)
+        return self._rows(rows), kept, failed
+
+    def _halve(self, work: Work, error: Exception) -> Outcome:
+        """The work of a step that failed for its size (`error`), in two runs of about half its tokens each (cut at
+        sequence boundaries, so a long prompt's chunk runs apart from the rest); a run that fails too is halved in
+        turn, and a sequence that fails alone ends. One request too large among N costs about 2 log2 N runs."""
+        if len(work) == 1:
+            self.fail(work[0][0], error)
+            return self._rows([]), [], [work[0][0]]
+        rows, kept, failed = [], [], []
+        for a, b in split_even([n for _, n in work], 2):
+            part = work[a:b]
+            self._begin()
+            try:
+                hidden, part_kept, part_failed = self._run(self._chunks(part)), part, []
+            except Exception as e:  # noqa: BLE001 - this part only: smaller still
+                hidden, part_kept, part_failed = self._halve(part, e)
+            rows.append(hidden)
+            kept += part_kept
+            failed += part_failed
+        return self._rows(rows), kept, failed
+
+    def _rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The hidden rows [N, H] of the runs that succeeded, in order (none: [0, H])."""
+        parts = [p for p in parts if p.shape[0]]
+        return torch.cat(parts) if parts else torch.empty(0, self.model.spec.hidden_size, device=self.device)
+
+    def _run(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """Forward the step, reporting its routing to model.route_observer (the expert-token metrics) once it
+        succeeded: an attempt that failed is repeated (retries, then one sequence at a time), and its routing
+        counted each time inflated the tokens per expert exactly while experts were failing."""
+        observer = self.model.route_observer
+        if observer is None:
+            return self._run_forward(chunks)
+        seen: list[tuple[int, torch.Tensor]] = []
+        self.model.route_observer = lambda layer, ids: seen.append((layer, ids))
+        try:
+            out = self._run_forward(chunks)
+        finally:
+            self.model.route_observer = observer
+        for layer, ids in seen:
+            observer(layer, ids)
+        return out
+
+    def _run_forward(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """Forward the step; with a remote dispatcher and enough tokens, as pipelined micro-batches (ping-pong)."""
+        sizes = [len(c[2]) for c in chunks]
+        n = micro_batch_count(sum(sizes), len(chunks), self.micro_batches, self.pipeline_min_tokens)
+        if not getattr(self.dispatcher, "remote", False) or n < 2:
+            return self.model.forward(build_batch(chunks, self.device), self.cache, self.dispatcher)
+        parts = [build_batch(chunks[a:b], self.device) for a, b in split_even(sizes, n)]  # at sequence boundaries
+        return torch.cat(self.model.forward_pipelined(parts, self.cache, self.dispatcher))
