@@ -10,7 +10,7 @@ import pytest
 
 from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.scheduler import RequestFailed
-from elasticmoe.gateway.dispatcher import GrpcDispatcher, ShortOfMemory
+from elasticmoe.gateway.dispatcher import GrpcDispatcher, RowOverLimit, ShortOfMemory
 from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
 from elasticmoe.rpc import frames
 from tests.test_runner import GREEDY, PROMPTS, model, reference  # noqa: F401 - fixtures
@@ -20,12 +20,13 @@ BACKOFF = (0.0, 0.01, 0.02)
 
 class ShortDispatcher(LocalDispatcher):
     """In-process experts; a dispatch of more than `limit` tokens fails as the gateway's does where the only copies
-    are on a shard out of memory for them (ShortOfMemory), or (`transient`) as experts unavailable for a moment.
-    `runs`: the forward runs the engine began (begin_step)."""
+    are on a shard out of memory for them (ShortOfMemory), or (`transient`) as experts unavailable for a moment,
+    or (`row`) as a shard whose message limit is below one token's row (RowOverLimit: here the tokens beyond
+    `limit` stand for those routed to that shard). `runs`: the forward runs the engine began (begin_step)."""
 
-    def __init__(self, store, limit: int, transient: bool = False):
+    def __init__(self, store, limit: int, transient: bool = False, row: bool = False):
         super().__init__(store)
-        self.limit, self.transient, self.runs = limit, transient, 0
+        self.limit, self.transient, self.row, self.runs = limit, transient, row, 0
 
     def begin_step(self) -> None:
         self.runs += 1
@@ -34,16 +35,18 @@ class ShortDispatcher(LocalDispatcher):
         n = hidden.shape[0]
         if n > self.limit and self.transient:
             raise ExpertsUnavailable(f"injected: layer {layer}, {n} tokens")
+        if n > self.limit and self.row:
+            raise RowOverLimit(f"layer {layer}: shard s0's ELASTICMOE_GRPC_MAX_MESSAGE_BYTES is below one token's row")
         if n > self.limit:
             raise GrpcDispatcher.short_of_memory(layer, {"s0": f"{frames.OUT_OF_MEMORY}: layer {layer}, {n} tokens"})
         return super().dispatch(layer, hidden, topk_ids, topk_weights)
 
 
-def _run(model, reference, limit, transient=False, long_words: int = 30):  # noqa: F811
+def _run(model, reference, limit, transient=False, long_words: int = 30, row: bool = False):  # noqa: F811
     """The four PROMPTS and a long one in one engine: (outputs or errors, first step's runs, engine)."""
     _, llm = reference
     prompts = [llm.encode(p) for p in PROMPTS] + [llm.encode(" ".join(["experts"] * long_words))]
-    disp = ShortDispatcher(model[2], limit(prompts), transient)
+    disp = ShortDispatcher(model[2], limit(prompts), transient, row)
     engine = Engine(model[1], disp, max_model_len=128, retry_backoff_s=BACKOFF)
     seqs = [engine.add_request(str(i), ids, GREEDY) for i, ids in enumerate(prompts)]
     engine.step()  # every prompt's prefill in one step
@@ -68,6 +71,17 @@ def test_out_of_memory_is_halved_at_once_and_a_transient_failure_retried(model, 
     else:
         assert (engine.step_retries, runs) == (0, 3)
         assert str(out[4]) == ShortOfMemory.public
+
+
+def test_a_row_over_the_message_limit_is_not_retried(model, reference):  # noqa: F811
+    """RowOverLimit (a message limit below one token's row) fails the same way however often the step is repeated:
+    no retries (they cost the backoff and fail alike), each sequence is run alone at once; only the request whose
+    tokens cannot be carried ends, told the cause, the others' tokens are exact."""
+    ref, _ = reference
+    out, runs, engine = _run(model, reference, lambda prompts: sum(len(p) for p in prompts[:4]), row=True)
+    assert out[:4] == [ref[p] for p in PROMPTS]
+    assert isinstance(out[4], RequestFailed) and str(out[4]) == RowOverLimit.public and engine.failed_requests == 1
+    assert (engine.step_retries, runs) == (0, 1 + 5)
 
 
 def test_halves_that_still_do_not_fit_are_halved_again(model, reference):  # noqa: F811

@@ -25,8 +25,9 @@ Outcome = tuple[torch.Tensor, Work, list[Sequence]]  # (hidden [N, H], the work 
 class StepForward:
     """Runs the dense half of a step's work (experts through `dispatcher`), KV into `cache`. A failure ends only the
     requests it belongs to, through `fail(sequence, error)`: a step whose experts were unavailable is retried with
-    backoff (KV writes are keyed by position, so a step can be repeated), then each sequence is run alone; one
-    that failed for its size (a shard out of memory for its tokens) is run in halves at once."""
+    backoff (KV writes are keyed by position, so a step can be repeated), then each sequence is run alone (at once
+    where a retry would fail alike: `deterministic`); one that failed for its size (a shard out of memory for its
+    tokens) is run in halves at once."""
 
     def __init__(self, model: DenseModel, cache: KVCache, dispatcher: Dispatcher, device: torch.device,
                  fail: Callable[[Sequence, Exception], None], *, retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S,
@@ -39,26 +40,26 @@ class StepForward:
 
     def __call__(self, work: Work) -> Outcome:
         """(hidden [N, H], the work it is for, the sequences that failed) for this step's work."""
-        chunks, error = self._chunks(work), None
-        for attempt in range(len(self.retry_backoff_s) + 1):
+        chunks, attempt = self._chunks(work), 0
+        while True:
             self._begin()
             try:
                 return self._run(chunks), work, []
             except ExpertsUnavailable as e:  # transient: all copies of some experts failed this step
-                error = e
                 if e.for_its_size:  # out of memory for these tokens: the same step would fail the same way
                     log.warning("step failed (%s); running its %d sequences in halves", e, len(work))
                     return self._halve(work, e)
-                if attempt < len(self.retry_backoff_s):
-                    log.warning("step failed (%s); retry %d in %.2fs", e, attempt + 1, self.retry_backoff_s[attempt])
-                    self.retries += 1
-                    time.sleep(self.retry_backoff_s[attempt])
-            except Exception as e:  # noqa: BLE001 - not transient: find the sequences it belongs to
+                if e.deterministic or attempt == len(self.retry_backoff_s):  # a retry fails alike / none left
+                    why = "as it would again" if e.deterministic else "after retries"
+                    log.warning("step failed %s (%s); running its %d sequences one by one", why, e, len(work))
+                    return self._isolate(work)
+                log.warning("step failed (%s); retry %d in %.2fs", e, attempt + 1, self.retry_backoff_s[attempt])
+                self.retries += 1
+                time.sleep(self.retry_backoff_s[attempt])
+                attempt += 1
+            except Exception:  # noqa: BLE001 - not transient: find the sequences it belongs to
                 log.exception("step failed; running its %d sequences one by one", len(work))
-                error = e
-                break
-        log.warning("step failed after retries (%s); running its %d sequences one by one", error, len(work))
-        return self._isolate(work)
+                return self._isolate(work)
 
     def _chunks(self, work: Work) -> list[tuple[int, int, list[int]]]:
         return [(s.slot, s.num_cached, [s.token(i) for i in range(s.num_cached, s.num_cached + n)]) for s, n in work]

@@ -38,11 +38,13 @@ class NoReplicaError(ExpertsUnavailable):
 
 
 class RowOverLimit(NoReplicaError):
-    """A message limit below one token's row: no call can carry the step's tokens (the client is told why)."""
+    """A message limit below one token's row: no call can carry the step's tokens (the client is told why). It
+    fails the same way on every attempt, so the engine does not retry the step but runs its requests one by one."""
 
     public = ("a gRPC message limit of the cluster (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES, on the gateway or an expert "
               "shard) is below one token's row, so no call can carry this request; retrying fails the same way "
               "until the operator raises it")
+    deterministic = True
 
 
 class ShortOfMemory(NoReplicaError):

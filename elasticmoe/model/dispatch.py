@@ -16,11 +16,14 @@ class ExpertsUnavailable(RuntimeError):
     still cannot be served, with UNAVAILABLE on gRPC and 503 on HTTP. `public`: the cause as a client may read it
     (no address, no shard id); None: the client is told only that experts are unavailable. `for_its_size`: the
     step failed for the tokens it carries (a shard out of memory for them): repeated unchanged it fails again, so
-    the engine runs it in smaller parts at once instead of retrying it.
+    the engine runs it in smaller parts at once instead of retrying it. `deterministic`: the step fails the same
+    way however often it is repeated, whatever its size (a message limit below one token's row): the engine does
+    not retry it but runs its requests one by one at once.
     """
 
     public: str | None = None
     for_its_size: bool = False
+    deterministic: bool = False
 
 
 class Pending(Protocol):
