@@ -1,6 +1,8 @@
 """A step that failed for its size (ShortOfMemory: the only copies of some experts on shards out of memory for its
-tokens) is not repeated at that size: the engine runs it in halves at once, halving again what fails, and ends
-only a request that fails alone; a transient failure (experts unavailable for a moment) keeps its retries. A real
+tokens) is not repeated at that size: the engine runs it in halves at once, halving again what fails; a prefill
+chunk that fails alone is cut into a smaller piece (down to MIN_PIECE_TOKENS), the rest left to the next steps,
+whose budget is held at the piece that fit; only a chunk that fails at the floor ends its request. A transient
+failure (experts unavailable for a moment) keeps its retries; RowOverLimit is not retried. A real
 engine over the tiny Mixtral of tests/test_runner.py, experts in-process, the failure raised in the dispatcher seam
 as the gateway's dispatcher raises it. Over a real shard out of memory: tests/test_shard_run_memory.py."""
 
@@ -10,6 +12,7 @@ import pytest
 
 from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.scheduler import RequestFailed
+from elasticmoe.engine.step_forward import BUDGET_HOLD_S, MIN_PIECE_TOKENS
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, RowOverLimit, ShortOfMemory
 from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
 from elasticmoe.rpc import frames
@@ -22,17 +25,19 @@ class ShortDispatcher(LocalDispatcher):
     """In-process experts; a dispatch of more than `limit` tokens fails as the gateway's does where the only copies
     are on a shard out of memory for them (ShortOfMemory), or (`transient`) as experts unavailable for a moment,
     or (`row`) as a shard whose message limit is below one token's row (RowOverLimit: here the tokens beyond
-    `limit` stand for those routed to that shard). `runs`: the forward runs the engine began (begin_step)."""
+    `limit` stand for those routed to that shard). `runs`: the forward runs the engine began (begin_step);
+    `refused`: the dispatches that failed (each ends its run)."""
 
     def __init__(self, store, limit: int, transient: bool = False, row: bool = False):
         super().__init__(store)
-        self.limit, self.transient, self.row, self.runs = limit, transient, row, 0
+        self.limit, self.transient, self.row, self.runs, self.refused = limit, transient, row, 0, 0
 
     def begin_step(self) -> None:
         self.runs += 1
 
     def dispatch(self, layer, hidden, topk_ids, topk_weights):
         n = hidden.shape[0]
+        self.refused += n > self.limit
         if n > self.limit and self.transient:
             raise ExpertsUnavailable(f"injected: layer {layer}, {n} tokens")
         if n > self.limit and self.row:
@@ -58,19 +63,20 @@ def _run(model, reference, limit, transient=False, long_words: int = 30, row: bo
 
 @pytest.mark.parametrize("transient", [False, True])
 def test_out_of_memory_is_halved_at_once_and_a_transient_failure_retried(model, reference, transient):  # noqa: F811
-    """The four short prompts fit together, the long one does not fit with or without them. Out of memory: one run,
-    then two halves of about half the tokens each (the long prompt alone), no retry. Unavailable: the retries,
-    then each of the five alone. Either way the long request alone ends and the others' tokens are exact."""
-    ref, _ = reference
+    """The four short prompts fit together (34 tokens), the long one (62) does not fit with or without them. Out of
+    memory: one run, then two halves of about half the tokens each (the long prompt alone), its chunk then cut to
+    a first piece of 31 tokens, no retry; every request is served, exactly. Unavailable: the retries, then each of
+    the five alone, and the long request alone ends. Either way the others' tokens are exact."""
+    ref, llm = reference
     out, runs, engine = _run(model, reference, lambda prompts: sum(len(p) for p in prompts[:4]), transient)
     assert out[:4] == [ref[p] for p in PROMPTS]
-    assert isinstance(out[4], RequestFailed) and engine.failed_requests == 1
     if transient:
+        assert isinstance(out[4], RequestFailed) and engine.failed_requests == 1
         assert (engine.step_retries, runs) == (len(BACKOFF), 1 + len(BACKOFF) + 5)
         assert "experts are unavailable" in str(out[4])
     else:
-        assert (engine.step_retries, runs) == (0, 3)
-        assert str(out[4]) == ShortOfMemory.public
+        assert out[4] == llm.generate([" ".join(["experts"] * 30)], GREEDY)[0].token_ids
+        assert (engine.step_retries, engine.failed_requests, runs) == (0, 0, 4)
 
 
 def test_a_row_over_the_message_limit_is_not_retried(model, reference):  # noqa: F811
@@ -94,17 +100,54 @@ def test_halves_that_still_do_not_fit_are_halved_again(model, reference):  # noq
     assert (engine.step_retries, engine.failed_requests, runs) == (0, 0, 9)
 
 
-def test_a_lone_sequence_short_of_memory_ends_without_another_run(model, reference):  # noqa: F811
-    """A step of one sequence that failed for its size: nothing smaller to run (its chunk is the scheduler's), so
-    it ends at once; the engine serves the next request."""
-    _, llm = reference
-    long = llm.encode(" ".join(["experts"] * 30))
-    disp = ShortDispatcher(model[2], len(long) - 1)
+LONG = " ".join(["experts"] * 50)  # 102 tokens
+
+
+def _lone(model, llm, limit: int, hold_s: float | None = None):  # noqa: F811
+    """An engine whose dispatches of more than `limit` tokens are out of memory, LONG's prefill run alone in it:
+    (the sequence, the runs of its first step, the dispatcher, the engine)."""
+    disp = ShortDispatcher(model[2], limit)
     engine = Engine(model[1], disp, max_model_len=128, retry_backoff_s=BACKOFF)
-    seq = engine.add_request("long", long, GREEDY)
+    if hold_s is not None:
+        engine.forward.budget.hold_s = hold_s
+    seq = engine.add_request("long", llm.encode(LONG), GREEDY)
     engine.step()
-    assert disp.runs == 1 and str(seq.error) == ShortOfMemory.public and not engine.has_work()
+    return seq, disp.runs, disp, engine
+
+
+@pytest.mark.parametrize("hold_s", [BUDGET_HOLD_S, 0.0])
+def test_a_lone_prefill_chunk_out_of_memory_runs_in_pieces_and_the_budget_holds(model, reference, hold_s):  # noqa: F811
+    """LONG's 102-token chunk fails alone (30 tokens fit): its first piece is halved to 51 (fails), then 26, which
+    runs; the other 76 tokens run in the next steps, in chunks of at most 26 (the budget held there), none failing;
+    the tokens are those of LLM.generate. A second long request, while the budget holds, runs no step that fails;
+    with no hold (0 s) the budget is back at once, and each of its prefill steps hits the wall again (5 failed
+    runs)."""
+    _, llm = reference
+    seq, runs, disp, engine = _lone(model, llm, 30, hold_s)
+    assert runs == 3 and disp.refused == 2 and seq.num_cached == 26 and seq.error is None
+    while engine.has_work():
+        engine.step()
+    want = llm.generate([LONG], GREEDY)[0].token_ids
+    assert seq.output_ids == want and (engine.failed_requests, engine.step_retries) == (0, 0)
+    assert engine.forward.budget.tokens() == (26 if hold_s else 2048)
+    refused = disp.refused
+    again = engine.add_request("again", llm.encode(LONG), GREEDY)
+    while engine.has_work():
+        engine.step()
+    assert again.output_ids == want and engine.failed_requests == 0
+    # no hold: 102 and 51 fail (26 runs), then 76 and 38 (19 runs), then 57 (29 runs, 28 left fit)
+    assert disp.refused - refused == (0 if hold_s else 5), disp.refused - refused
+
+
+def test_a_chunk_out_of_memory_even_at_the_floor_ends_and_others_are_served(model, reference):  # noqa: F811
+    """10 tokens fit, fewer than MIN_PIECE_TOKENS: LONG's chunk is cut to 51, 26, then 16 tokens, each failing,
+    and the request ends with the out-of-memory text, after 4 runs; the budget is left as it was (no piece fit),
+    and the next request, small enough, is served exactly."""
+    ref, llm = reference
+    seq, runs, _, engine = _lone(model, llm, 10)
+    assert MIN_PIECE_TOKENS == 16 and runs == 4 and str(seq.error) == ShortOfMemory.public and not engine.has_work()
+    assert engine.forward.budget.tokens() == 2048
     ok = engine.add_request("short", llm.encode(PROMPTS[0]), GREEDY)
     while engine.has_work():
         engine.step()
-    assert ok.error is None and len(ok.output_ids) == GREEDY.max_tokens and engine.step_retries == 0
+    assert ok.output_ids == ref[PROMPTS[0]] and engine.step_retries == 0 and engine.failed_requests == 1

@@ -1,13 +1,15 @@
 """RunExperts when a call's tokens do not fit in memory: RESOURCE_EXHAUSTED naming the layer, the tokens and the bytes,
 on every transport (it was INTERNAL, and the gateway took the shard for failed: reported, dead for the step, a single
 copy's tokens left waiting failover_s for a table that never came). The gateway sends them to another copy; with none,
-it ends that step at once, and the engine ends only the request that does not fit. Over a real shard in its own
+it ends that step at once, and the engine runs it in smaller parts (halves, a long prompt's chunk in pieces), ending
+only a request that does not fit even in the smallest piece. Over a real shard in its own
 process whose address space is capped (RLIMIT_AS) once warmed up, as in tests/test_shard_drop_memory.py: torch's CPU
 allocator is refused by the kernel (ENOMEM), as on a full host."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -17,6 +19,10 @@ import grpc
 import pytest
 import torch
 
+from elasticmoe.engine.engine import Engine
+from elasticmoe.engine.sampling import SamplingParams
+from elasticmoe.engine.scheduler import RequestFailed
+from elasticmoe.engine.step_forward import MIN_PIECE_TOKENS
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, ShortOfMemory
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.gateway.transport import is_short, make_transport
@@ -32,6 +38,7 @@ E, INTER = 4, 8192  # float32 experts of 3 * 64 * 8192 * 4 bytes = 6 MiB
 ROOM = 16 << 20  # what the shard may map beyond what it has once warmed up
 SMALL, BIG = 4, 2048  # BIG tokens to one expert want gate_up [BIG, 2 * INTER] float32: 128 MiB, far beyond ROOM
 WIRES = ["unary", "stream", "socket"]
+GREEDY = SamplingParams(max_tokens=2, temperature=0)
 
 SHARD = r"""
 import json, resource, sys, threading, torch
@@ -179,38 +186,72 @@ def test_with_no_other_copy_the_step_ends_at_once_and_the_shard_serves_on(capped
         d.close()
 
 
-def test_only_the_request_that_does_not_fit_fails(capped, model):
-    """A 1,500-token prompt and a 4-token one share a step on s0 (the only copies): the step fails for its size and
-    is run in halves at once, not retried at that size first (the engine's retries of a transient failure, 1.75 s
-    of backoff, which the short request waited out); the long prompt ends with the out-of-memory error, the short
-    one is served (its tokens those of an engine with every expert in-process)."""
-    from elasticmoe import SamplingParams
-    from elasticmoe.engine.engine import RETRY_BACKOFF_S, Engine
-    from elasticmoe.engine.scheduler import RequestFailed
-
-    address, layers = capped
+def _serve(address: str, layers: list[int], model: str, min_piece: int | None = None):
+    """A 1,500-token prompt and a 4-token one served together over s0 (the only copies, capped), with the default
+    backoff: (their sequences, the engine, its forward runs, the engine steps until the short one was served)."""
     files = open_model(model)
-    greedy = SamplingParams(max_tokens=2, temperature=0)
     d = GrpcDispatcher(transport="socket", timeout_s=20, failover_s=10)
     try:
         d.set_table(_table([address], layers))
-        engine = Engine(files, d, max_num_seqs=2, max_model_len=2048, micro_batches=1)  # the default backoff
-        vocab = files.spec.vocab_size
-        big = engine.add_request("big", [1 + i % (vocab - 1) for i in range(1500)], greedy)
-        small = engine.add_request("small", [5, 6, 7, 8], greedy)
-        t0, served_s = time.perf_counter(), None
+        engine = Engine(files, d, max_num_seqs=2, max_model_len=2048, micro_batches=1)
+        if min_piece is not None:
+            engine.forward.min_piece = min_piece
+        seqs = [engine.add_request(name, ids, GREEDY) for name, ids in _prompts(files)]
+        served = None
         while engine.has_work():
             engine.step()
-            if small.finished and served_s is None:
-                served_s = time.perf_counter() - t0
+            if seqs[1].finished and served is None:
+                served = engine.steps
     finally:
         d.close()
-    assert engine.step_retries == 0 and served_s < sum(RETRY_BACKOFF_S) / 2, (engine.step_retries, served_s)
-    assert isinstance(big.error, RequestFailed) and str(big.error) == ShortOfMemory.public, big.error
+    return seqs, engine, d.steps, served
+
+
+def _prompts(files) -> list[tuple[str, list[int]]]:
+    vocab = files.spec.vocab_size
+    return [("big", [1 + i % (vocab - 1) for i in range(1500)]), ("small", [5, 6, 7, 8])]
+
+
+def _alone(model: str, ids: list[int]) -> list[int]:
+    """The greedy tokens of `ids` from an engine with every expert in-process, the prompt in one chunk."""
+    files = open_model(model)
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    store.load([(l, e) for l in layers for e in range(E)])
+    store.load([(l, e) for l in files.spec.moe.moe_layers for e in range(E)])
     local = Engine(files, LocalDispatcher(store), max_num_seqs=1, max_model_len=2048)
-    alone = local.add_request("small", [5, 6, 7, 8], greedy)
+    seq = local.add_request("alone", ids, GREEDY)
     while local.has_work():
         local.step()
-    assert small.error is None and len(small.output_ids) == 2 and small.output_ids == alone.output_ids
+    return seq.output_ids
+
+
+def test_a_request_too_long_for_the_shard_runs_in_pieces(capped, model):
+    """The 1,500-token prompt and the 4-token one share a step on s0: the step fails for its size and is run in
+    halves at once (no retry at that size, whose backoff the short request would wait out too); the long
+    prompt's chunk, failing alone, is cut to a first piece that fits (750, 375 fail; 188 runs), the rest runs in
+    the next steps in chunks of that size (the budget held there), none failing. Both are served, their tokens
+    those of an engine with every expert in-process; the short one in two steps, as alone (its prefill, a decode),
+    with no backoff slept."""
+    address, layers = capped
+    (big, small), engine, runs, served = _serve(address, layers, model)
+    assert (engine.step_retries, engine.failed_requests, served) == (0, 0, 2), (big.error, small.error, served)
+    piece, tried = engine.forward.budget.tokens(), [1500]
+    while tried[-1] > piece:  # the halving of the long chunk, down to the piece that fit
+        tried.append((tried[-1] + 1) // 2)
+    assert MIN_PIECE_TOKENS <= piece <= 375 and len(tried) <= 1 + math.log2(1500 / MIN_PIECE_TOKENS) + 1, tried
+    # first step: 1504 and 1500 fail, 4 runs, then the long chunk's tries; then chunks of at most the piece (the
+    # short request's decode beside the first of them), none failing; then the long request's decode
+    after = 1 + math.ceil((1500 - piece - (piece - 1)) / piece)
+    assert runs == 3 + (len(tried) - 1) + after + 1, (runs, tried)
+    assert big.output_ids == _alone(model, big.prompt_ids) and small.output_ids == _alone(model, small.prompt_ids)
+
+
+def test_a_request_that_does_not_fit_even_at_the_floor_ends(capped, model):
+    """With pieces no smaller than 512 tokens (more than s0 holds: min_piece raised for the test, its default 16
+    fits), the long prompt's chunk fails at 750 and 512 tokens and ends with the out-of-memory text, after 5 runs;
+    the short request is served, exact, and the budget is left as it was (no piece fit)."""
+    address, layers = capped
+    (big, small), engine, runs, _ = _serve(address, layers, model, min_piece=512)
+    assert isinstance(big.error, RequestFailed) and str(big.error) == ShortOfMemory.public, big.error
+    assert (engine.step_retries, engine.failed_requests, engine.forward.budget.tokens()) == (0, 1, 2048)
+    assert runs == 5 + 1, runs  # the first step's 5 (1504, 1500, 4, 750, 512), then the short one's decode
+    assert small.error is None and small.output_ids == _alone(model, small.prompt_ids)

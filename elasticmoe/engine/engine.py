@@ -12,7 +12,7 @@ from elasticmoe.engine.checkpoint_defaults import generation_config, load_tokeni
 from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence, Status
-from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward
+from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBudget
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.attention import KVCache
@@ -53,8 +53,8 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.forward = StepForward(self.model, self.cache, dispatcher, self.device, lambda s, e: self.fail(s, e),
-                                   retry_backoff_s=retry_backoff_s, micro_batches=micro_batches,
-                                   pipeline_min_tokens=pipeline_min_tokens)
+                                   TokenBudget(max(max_num_batched_tokens, 1)), retry_backoff_s=retry_backoff_s,
+                                   micro_batches=micro_batches, pipeline_min_tokens=pipeline_min_tokens)
         self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
         self.failed_requests = 0  # requests ended by a failure (RequestFailed)
 
@@ -121,9 +121,10 @@ class Engine:
         A failure ends only the requests it belongs to (Sequence.error is set): a step whose experts were
         unavailable is retried with backoff (KV writes are keyed by position, so a step can be repeated),
         then each sequence is run alone; one that failed for its size (a shard out of memory for its tokens) is
-        run in halves at once; a row that cannot be sampled ends its own request.
+        run in halves at once, a prefill chunk failing so alone in smaller pieces (the step budget lowered to the
+        piece that fit, for a while); a row that cannot be sampled ends its own request.
         """
-        work = self.scheduler.schedule()
+        work = self.scheduler.schedule(self.forward.budget.tokens())
         if not work:
             return []
         hidden, work, out = self.forward(work)  # hidden [N, H] for the surviving work

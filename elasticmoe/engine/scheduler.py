@@ -86,10 +86,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to run this step) pairs; prefills may be chunked to fit the token budget."""
+    def schedule(self, budget: int | None = None) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to run this step) pairs; prefills may be chunked to fit the token budget (`budget`, the
+        engine's while it holds one lower, else max_num_batched_tokens)."""
         self._settle()
-        budget = self.max_tokens
+        budget = self.max_tokens if budget is None else budget
         work: list[tuple[Sequence, int]] = []
         for seq in self.running:  # decodes first: one token each, never starved by prefills
             if seq.num_cached == seq.num_tokens - 1:

@@ -17,9 +17,37 @@ from elasticmoe.model.pipeline import micro_batch_count, split_even
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)  # sleeps between attempts of a step whose experts were unavailable
+MIN_PIECE_TOKENS = 16  # a prefill chunk out of memory is cut down to pieces this small (Limits' least step), no less
+BUDGET_HOLD_S = 30.0  # how long the step budget stays at the piece that fit, once a chunk had to be cut to fit
 
 Work = list[tuple[Sequence, int]]  # (sequence, tokens it runs this step), as Scheduler.schedule gives them
 Outcome = tuple[torch.Tensor, Work, list[Sequence]]  # (hidden [N, H], the work it is for, the sequences that failed)
+
+
+class TokenBudget:
+    """The tokens of an engine step: `configured` (max_num_batched_tokens), or, for `hold_s` after a prefill chunk
+    had to be cut into pieces to fit a shard's memory, the piece that fit, so that the scheduler cuts the next
+    steps' chunks before they hit the same wall (each hit costs runs that fail); then `configured` again, to find
+    out whether the memory came back (a step that still does not fit lowers it again)."""
+
+    def __init__(self, tokens: int, hold_s: float = BUDGET_HOLD_S):
+        self.configured, self.hold_s = tokens, hold_s
+        self.lowered: int | None = None  # the piece that fit, while held
+        self.until = 0.0  # time.monotonic() when the hold ends
+
+    def lower(self, tokens: int) -> None:
+        """A chunk fit in pieces of `tokens` where twice as many did not: hold the budget there (or lower)."""
+        self.lowered = min(tokens, self.lowered or self.configured)
+        self.until = time.monotonic() + self.hold_s
+        log.warning("step budget lowered to %d tokens for %.0fs (a prefill chunk fit a shard's memory only in "
+                    "pieces)", self.lowered, self.hold_s)
+
+    def tokens(self) -> int:
+        """This step's token budget."""
+        if self.lowered is not None and time.monotonic() >= self.until:
+            log.info("step budget back to %d tokens", self.configured)
+            self.lowered = None
+        return self.configured if self.lowered is None else self.lowered
 
 
 class StepForward:
@@ -27,12 +55,15 @@ class StepForward:
     requests it belongs to, through `fail(sequence, error)`: a step whose experts were unavailable is retried with
     backoff (KV writes are keyed by position, so a step can be repeated), then each sequence is run alone (at once
     where a retry would fail alike: `deterministic`); one that failed for its size (a shard out of memory for its
-    tokens) is run in halves at once."""
+    tokens) is run in halves at once, and a prefill chunk that fails so alone is cut into a smaller piece (`budget`
+    then lowered to it for a while)."""
 
     def __init__(self, model: DenseModel, cache: KVCache, dispatcher: Dispatcher, device: torch.device,
-                 fail: Callable[[Sequence, Exception], None], *, retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S,
-                 micro_batches: int = 2, pipeline_min_tokens: int = 8):
+                 fail: Callable[[Sequence, Exception], None], budget: TokenBudget, *,
+                 retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S, micro_batches: int = 2,
+                 pipeline_min_tokens: int = 8):
         self.model, self.cache, self.dispatcher, self.device, self.fail = model, cache, dispatcher, device, fail
+        self.budget, self.min_piece = budget, MIN_PIECE_TOKENS
         self.retry_backoff_s = retry_backoff_s
         self.micro_batches = micro_batches  # with a remote dispatcher, a big enough step is cut into this many
         self.pipeline_min_tokens = pipeline_min_tokens
@@ -85,10 +116,10 @@ class StepForward:
     def _halve(self, work: Work, error: Exception) -> Outcome:
         """The work of a step that failed for its size (`error`), in two runs of about half its tokens each (cut at
         sequence boundaries, so a long prompt's chunk runs apart from the rest); a run that fails too is halved in
-        turn, and a sequence that fails alone ends. One request too large among N costs about 2 log2 N runs."""
+        turn, and a sequence that fails alone is cut smaller (_piece). One request too large among N costs about
+        2 log2 N runs."""
         if len(work) == 1:
-            self.fail(work[0][0], error)
-            return self._rows([]), [], [work[0][0]]
+            return self._piece(*work[0], error)
         rows, kept, failed = [], [], []
         for a, b in split_even([n for _, n in work], 2):
             part = work[a:b]
@@ -101,6 +132,26 @@ class StepForward:
             kept += part_kept
             failed += part_failed
         return self._rows(rows), kept, failed
+
+    def _piece(self, seq: Sequence, n: int, error: Exception) -> Outcome:
+        """A sequence's chunk of `n` tokens that failed alone (`error`). Failed for its size (a prefill chunk out of
+        memory): its first piece of about half as many tokens is run, halved again while it fails so, down to
+        min_piece; the rest is left to the scheduler's next steps (a chunked prefill), whose budget is lowered to
+        the piece that fit. Otherwise, or at min_piece (a decode too), it ends. Runs: at most log2(n / min_piece)."""
+        size = n
+        while getattr(error, "for_its_size", False) and max(self.min_piece, (size + 1) // 2) < size:
+            size = max(self.min_piece, (size + 1) // 2)
+            self._begin()
+            try:
+                hidden = self._run(self._chunks([(seq, size)]))
+            except Exception as e:  # noqa: BLE001 - this sequence only: smaller still, or it ends
+                error = e
+                continue
+            log.warning("a prefill chunk of %d tokens failed (%s); ran its first %d tokens", n, error, size)
+            self.budget.lower(size)
+            return hidden, [(seq, size)], []
+        self.fail(seq, error)
+        return self._rows([]), [], [seq]
 
     def _rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The hidden rows [N, H] of the runs that succeeded, in order (none: [0, H])."""

@@ -49,7 +49,8 @@ class RowOverLimit(NoReplicaError):
 
 class ShortOfMemory(NoReplicaError):
     """Every copy of some experts ran out of memory for the step's tokens (RESOURCE_EXHAUSTED): no table brings
-    another, so the step ends at once; the engine does not repeat it at that size but runs it in halves at once."""
+    another, so the step ends at once; the engine does not repeat it at that size but runs it in halves at once (a
+    prefill chunk failing alone in smaller pieces)."""
 
     public = "an expert shard ran out of memory for this request's tokens; retry later, or with fewer tokens"
     for_its_size = True
