@@ -60,8 +60,8 @@ def test_a_shard_whose_stats_were_not_read_does_not_count_as_idle(model, monkeyp
     from types import SimpleNamespace
 
     async def scenario(files, a, b):
-        ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7})
-        ctrl.scale.cooldown_s = 0.0
+        ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7,
+                                                      "scale_cooldown_s": 0})
         t0, unread = time.monotonic(), set()
 
         async def stats(address, timeout=2.0):  # each shard busy 40% of the wall time
@@ -90,8 +90,8 @@ def test_a_shard_whose_stats_always_fail_does_not_stop_scaling(model, monkeypatc
     from types import SimpleNamespace
 
     async def scenario(files, a, b):
-        ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7})
-        ctrl.scale.cooldown_s = 0.0
+        ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7,
+                                                      "scale_cooldown_s": 0})
         t0 = time.monotonic()
 
         async def stats(address, timeout=2.0):  # a busy 90% of the wall time; b's reads fail
@@ -118,8 +118,8 @@ def test_an_idle_first_shard_is_not_scaled_in_while_the_others_still_start(model
     before the cluster ever ran the count it was deployed with. No scale in before every position of the placement
     is live, nor within the cool-down after that (the warm-up; 0 here); scaling out is not held."""
     async def scenario(files, a, b):
-        ctrl = await _quiet(model, a, autoscaling={"min_shards": 1, "max_shards": 2, "target_utilization": 0.7})
-        ctrl.scale.cooldown_s = 0.0
+        ctrl = await _quiet(model, a, autoscaling={"min_shards": 1, "max_shards": 2, "target_utilization": 0.7,
+                                                   "scale_cooldown_s": 0})
         plan = await ctrl.register("b", b.address)  # b loads its plan
         for _ in range(4):
             await asyncio.sleep(0.05)

@@ -73,7 +73,7 @@ def test_a_position_that_never_comes_up_is_given_up_and_the_cluster_scales_in(mo
     and the warm-up never began (no scale in, however idle). After start_deadline_s its experts are re-homed onto
     a, the idle cluster scales in; b, should it get ready after all, joins as a spare and is placed."""
     async def scenario(files, a, b):
-        ctrl = await _quiet(model, a, **_auto())
+        ctrl = await _quiet(model, a, **_auto(scale_cooldown_s=0))  # no warm-up to wait for
         if starting == "loading":
             plan = await ctrl.register("b", b.address)
             assert plan["position"] == 1 and plan["experts"]
@@ -85,7 +85,6 @@ def test_a_position_that_never_comes_up_is_given_up_and_the_cluster_scales_in(mo
         assert table["complete"] and [s["id"] for s in table["shards"]] == ["a"] and _routed_to(table, "a") <= a.held()
         assert ctrl.registry.placement.num_shards == 1 and ctrl.registry.staffed() and "b" not in ctrl.registry.shards
         assert ctrl.event_counts.get("given_up") == 1
-        ctrl.scale.cooldown_s = 0.0  # no warm-up to wait for
         await ctrl._stats_once()  # the baseline
         await ctrl._stats_once()  # idle
         assert ctrl.desired == 1
