@@ -206,8 +206,8 @@ def test_an_operators_shard_count_outlives_a_controller_restart(model):
         assert again.recovering and again.desired == 3 and again.scale.override == 3
         assert again.scale.desired(again.desired, [0.0, 0.0, 0.0]) == 3  # idle shards: still the operator's 3
         assert await again.set_target_shards(None) == 3
-        third = ControllerImpl(args)
-        third.scale.cooldown_s = 0.0
+        third = ControllerImpl(_args(model, autoscaling={"min_shards": 1, "max_shards": 3, "scale_cooldown_s": 0}))
+        assert third.recovering  # a cool-down of its own: the record resumes all the same
         third.scale.started()  # its shards all live (a restarted controller's warm-up: 0 here)
         assert third.scale.override is None and third.scale.desired(third.desired, [0.0, 0.0, 0.0]) == 2
         for bad in (0, 4, 2.0, True):  # outside 1..3, or not a whole number: refused, not clamped

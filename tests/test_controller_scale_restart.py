@@ -30,8 +30,8 @@ def test_a_decider_resumes_another_ones_clocks():
     assert later.desired(6, [0.0] * 6) == 5  # the warm-up (over before the restart) is not waited again
 
 
-def _auto(n: int) -> dict:
-    return {"num_shards": n, "autoscaling": {"min_shards": 1, "max_shards": 6}}
+def _auto(n: int, **kw) -> dict:
+    return {"num_shards": n, "autoscaling": {"min_shards": 1, "max_shards": 6, **kw}}
 
 
 async def _restarted(model, n: int):
@@ -46,10 +46,9 @@ def test_a_restarted_controller_scales_in_without_waiting_a_warm_up_again(model)
     """The cluster had been up past its warm-up; the controller restarted. Its decider started over: no scale in
     before a new warm-up (30 s after its recovery), however idle the shards were. It resumes the record's."""
     async def scenario(files, a, b):
-        ctrl = await _quiet(model, a, b, **_auto(2))
-        ctrl.scale.cooldown_s = 0.0  # its warm-up ends at once
+        ctrl = await _quiet(model, a, b, **_auto(2, scale_cooldown_s=0))  # its warm-up ends at once
         await ctrl._stats_once()  # staffed: the warm-up starts (saved)
-        again = await _restarted(model, 2)
+        again = await _restarted(model, 2)  # redeployed with the default cool-down: the record resumes all the same
         assert again.scale.cooldown_s == 30.0
         await again._stats_once()  # the baselines
         await again._stats_once()  # idle
@@ -62,8 +61,7 @@ def test_a_restarted_controller_keeps_the_cool_down_of_the_change_before(model):
     """The controller scaled in (3 -> 2) and restarted a moment later: its decider forgot the change, so the next
     busy round scaled out at once, inside the cool-down the change had started. It waits it out now."""
     async def scenario(files, a, b, c):
-        ctrl = await _quiet(model, a, b, c, **_auto(3))
-        ctrl.scale.cooldown_s = 0.0
+        ctrl = await _quiet(model, a, b, c, **_auto(3, scale_cooldown_s=0))
         await ctrl._stats_once()
         await ctrl._stats_once()
         assert ctrl.desired == 2  # idle: one fewer (the change is saved)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import secrets
 import time
@@ -15,7 +13,7 @@ from elasticmoe.autoscaler.health import HealthKeeper
 from elasticmoe.autoscaler.moves import Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import GcsRecord
-from elasticmoe.autoscaler.recovery import Recovery
+from elasticmoe.autoscaler.recovery import Recovery, placement_key
 from elasticmoe.autoscaler.replace import Replacer
 from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.autoscaler.stats import StatsKeeper
@@ -66,7 +64,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
                                   auto.scale_cooldown_s) if auto else None
         self.desired = n
         self.record = GcsRecord(_app_name())
-        self.args_hash = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.placement_key = placement_key(self.args)  # a record of other timing or policy args still resumes
         rec = self.record.load()
         self._resume(rec, n, copies)
         Mover.__init__(self, insecure=self.args.insecure_internal, successor=rec is not None)
@@ -111,7 +109,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         try:
             override = self.scale.override if self.scale is not None else None
             scale = self.scale.state() if self.scale is not None else None
-            self.record.save({"args": self.args_hash, "desired": self.desired, "override": override,
+            self.record.save({"placement": self.placement_key, "desired": self.desired, "override": override,
                               "scale": scale, "registry": self.registry.record()})
         except Exception as e:  # noqa: BLE001 - serving goes on; the next change writes it again
             log.warning("saving the controller record failed: %s", e)

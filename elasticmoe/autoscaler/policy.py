@@ -73,17 +73,22 @@ class ScaleDecider:
         return False
 
     def state(self) -> dict:
-        """The last change and the warm-up's end as wall-clock times (None: none yet, not started), for the
-        controller's record: a restarted controller's monotonic clock is another's."""
+        """The last change, the warm-up's end and its start as wall-clock times (None: none yet, not started), for
+        the controller's record: a restarted controller's monotonic clock is another's."""
         wall = time.time() - time.monotonic()
+        since = None if self._scale_in_from == math.inf else self._scale_in_from + wall
         return {"last_change": None if self._last_change == -math.inf else self._last_change + wall,
-                "scale_in_from": None if self._scale_in_from == math.inf else self._scale_in_from + wall}
+                "scale_in_from": since, "started": None if since is None else since - self.cooldown_s}
 
     def resume(self, state: dict) -> None:
-        """Take `state()` of the decider this one follows: its cool-down and warm-up go on, not start over."""
-        mono = time.monotonic() - time.time()
-        last, since = state.get("last_change"), state.get("scale_in_from")
-        last = -math.inf if last is None else float(last) + mono  # both read before either is taken
+        """Take `state()` of the decider this one follows: its cool-down and warm-up go on, not start over, with this
+        one's `cooldown_s` (a redeploy may have changed it): a warm-up still running ends this long after its start;
+        one over before stays over."""
+        now, mono = time.time(), time.monotonic() - time.time()
+        last, since, started = state.get("last_change"), state.get("scale_in_from"), state.get("started")
+        last = -math.inf if last is None else float(last) + mono  # all read before any is taken
+        if since is not None and started is not None and float(since) > now:
+            since = float(started) + self.cooldown_s
         self._scale_in_from = math.inf if since is None else float(since) + mono
         self._last_change = last
 

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 
 from elasticmoe.autoscaler.policy import ScaleDecider
 from elasticmoe.autoscaler.registry import Registry
+from elasticmoe.config import AppArgs
 from elasticmoe.placement import Placement
 
 log = logging.getLogger("elasticmoe.controller")
+# The args that say what the record's placement means: the experts and their weights (model, revision), what the
+# shards hold them as (dtype, device), the layout (num_shards, expert_copies, autoscaling.slots_per_shard; whether
+# the controller owns the shard count: autoscaling set) and whether the controller can reach the recorded shards at
+# all (insecure_internal). Every other arg (autoscaling's cool-down, deadline, interval, bounds and thresholds,
+# limits, gateways, metrics, keys) may change across a redeploy: the resumed controller runs with the new value.
+PLACEMENT_ARGS = ("model", "revision", "dtype", "device", "num_shards", "expert_copies", "insecure_internal")
+
+
+def placement_key(args: AppArgs) -> str:
+    """A hash of the args that decide whether a recorded placement is still valid (PLACEMENT_ARGS), after
+    validation: a default written out hashes as the default left unset."""
+    auto = args.autoscaling
+    doc = {name: getattr(args, name) for name in PLACEMENT_ARGS}
+    doc.update(autoscaling=auto is not None, slots_per_shard=auto.slots_per_shard if auto else None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _recorded_version(rec: dict | None) -> int:
@@ -22,7 +40,7 @@ def _recorded_version(rec: dict | None) -> int:
 
 class Recovery:
     """Mixin of the Controller: resumes the placement from the record (`_resume`) and, once running, makes the
-    shards' holdings agree with it (`_recover`). Needs the Controller's and Mover's state (`args_hash`, `slots`,
+    shards' holdings agree with it (`_recover`). Needs the Controller's and Mover's state (`placement_key`, `slots`,
     `num_experts`, `scale`, `layer_index`, `_lock`, `_held`, `_load_many`, `_drop_after_acks`, `_grow`, `_publish`,
     `_spawn`, `_event`)."""
 
@@ -33,16 +51,20 @@ class Recovery:
     moe_layers: list[int]
     num_experts: int
     slots: int
-    args_hash: str
+    placement_key: str
     layer_index: dict[int, int]
     _lock: asyncio.Lock | None
 
     def _resume(self, rec: dict | None, n: int, copies: int) -> None:
         """The registry, shard count, operator override and scaling clocks (the last change's cool-down, the
-        warm-up) from the record when it is this app's (same args);
-        else `n` shards of an even placement (`copies` per expert), numbered above any recorded version. A record
-        that does not restore is ignored with a warning (raising would restart this controller into it for good)."""
-        self.recovering = bool(rec and rec.get("args") == self.args_hash)
+        warm-up) from the record when its placement is still valid (same `placement_key`: other args may differ,
+        and the shard count is brought within this app's autoscaling bounds); else `n` shards of an even placement
+        (`copies` per expert), numbered above any recorded version. A record that does not restore is ignored with a
+        warning (raising would restart this controller into it for good)."""
+        self.recovering = bool(rec and rec.get("placement") == self.placement_key)
+        if rec and not self.recovering:
+            log.warning("the controller record is of other placement args (%s, slots_per_shard): starting over",
+                        ", ".join(PLACEMENT_ARGS))
         if self.recovering:
             try:
                 self.registry = Registry.restore(rec["registry"], self.moe_layers)
@@ -56,6 +78,8 @@ class Recovery:
                 self.recovering = False
             else:
                 self.desired = desired
+                if self.scale is not None:  # bounds the redeploy may have changed
+                    self.desired = max(self.scale.min_shards, min(self.scale.max_shards, desired))
                 if self.scale is not None and override is not None:
                     self.scale.override = override  # the operator's count outlives a controller restart
                 return
