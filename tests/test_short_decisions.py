@@ -47,7 +47,9 @@ def test_allocation_failures_are_out_of_memory_and_their_answer_names_layer_toke
     (grpc.StatusCode.RESOURCE_EXHAUSTED, f"{frames.BUSY}: all RunExperts workers in use", "busy"),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, f"{frames.OVERSIZE}: 9 bytes, 127.0.0.1:1 takes 4", "oversize"),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, f"{frames.OUT_OF_MEMORY}: layer 1, 2048 tokens", "short"),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!", None),  # gRPC's own: a failure, as before
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!", "busy"),  # gRPC's own: a full server
+    (grpc.StatusCode.UNAVAILABLE, "Concurrent RPC limit exceeded!", None),  # only RESOURCE_EXHAUSTED is a refusal
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded! and more", None),  # gRPC's exact text only
     (grpc.StatusCode.INTERNAL, f"{frames.OUT_OF_MEMORY}: layer 1", None),  # failed: only the code says so
     (grpc.StatusCode.UNAVAILABLE, "stream ended", None),
 ])

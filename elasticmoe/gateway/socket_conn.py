@@ -16,7 +16,7 @@ from typing import Callable
 import grpc
 
 from elasticmoe.gateway.multiplex import Multiplexed
-from elasticmoe.gateway.transport import TransportError
+from elasticmoe.gateway.transport import TransportError, is_busy
 from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.tls_socket import SerialTLS
 
@@ -153,6 +153,9 @@ class _Conn(Multiplexed):
         except Exception as e:  # noqa: BLE001 - whatever stops the opening fails the calls waiting for it
             code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
             log.info("frames to %s: cannot connect: %s", self.address, e)
+            if is_busy(e):  # Health refused by a full shard (gRPC's concurrency limit): busy, as its calls would be
+                self.fail(TransportError(code, f"{frames.BUSY}: cannot connect to {self.address}: {e.details()}"))
+                return
             self.fail(TransportError(code if code != grpc.StatusCode.DEADLINE_EXCEEDED else
                                      grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.address}: {e}"))
             return

@@ -22,6 +22,9 @@ HEALTH_S = 5.0  # how long asking a shard's Health for its message limit may tak
 # A channel to a shard retries connecting at most this far apart (gRPC's backoff grows to 120 s): a shard started
 # again on its address after a while down (a port range) is reached within about a second, not reported dead.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+# gRPC's own refusal of a call past a server's maximum_concurrent_rpcs (grpc._server; RESOURCE_EXHAUSTED): the shard
+# is alive, only full, as when it says frames.BUSY itself
+GRPC_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded!"
 
 
 class ExpertTransport(Protocol):
@@ -72,8 +75,10 @@ def _exhausted(e: BaseException) -> str | None:
 
 
 def is_busy(e: BaseException) -> bool:
-    """A shard's refusal because it is full (RESOURCE_EXHAUSTED "shard busy: ..."): the shard is alive."""
-    return (_exhausted(e) or "").startswith(frames.BUSY)
+    """A shard's refusal because it is full (RESOURCE_EXHAUSTED "shard busy: ...", or gRPC's own past the server's
+    maximum_concurrent_rpcs, GRPC_CONCURRENCY_LIMIT): the shard is alive."""
+    details = _exhausted(e)
+    return details is not None and (details.startswith(frames.BUSY) or details == GRPC_CONCURRENCY_LIMIT)
 
 
 def is_oversize(e: BaseException) -> bool:
