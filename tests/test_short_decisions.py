@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from elasticmoe.experts.errors import out_of_memory, run_out_of_memory
+from elasticmoe.experts.errors import out_of_memory, run_out_of_memory, stream_failure
 from elasticmoe.gateway.failover import short_only
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.gateway.transport import TransportError, is_busy, is_oversize, is_short
@@ -41,6 +41,16 @@ def test_allocation_failures_are_out_of_memory_and_their_answer_names_layer_toke
     said = run_out_of_memory(0, 9, gpu)  # torch's text as a GPU shard's allocator raises it (no GPU here)
     assert out_of_memory(gpu) and said.startswith(f"{frames.OUT_OF_MEMORY}: layer 0, 9 tokens, 2.50 GiB could not")
     assert len(said) < 400 and said.endswith("...)")  # torch's allocator advice clipped
+
+
+def test_a_dead_stream_readers_status_is_short_when_out_of_memory_else_internal():
+    for e in _allocation_failures():
+        code, message = stream_failure(e)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and is_short(TransportError(code, message)), message
+        assert message.startswith(f"{frames.OUT_OF_MEMORY}: the stream's reader stopped (")
+    code, message = stream_failure(TypeError("sequence item 1: expected a bytes-like object, int found"))
+    assert code == grpc.StatusCode.INTERNAL and not is_short(TransportError(code, message))
+    assert message == "the stream's reader failed: TypeError: sequence item 1: expected a bytes-like object, int found"
 
 
 @pytest.mark.parametrize("code,details,kind", [

@@ -22,16 +22,30 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and CPU_OOM in str(e))
 
 
+def _reason(e: BaseException) -> str:
+    """torch's (or Python's) reason for `e`: its first line, from CPU_OOM on where it says that, clipped."""
+    text = str(e)
+    reason = (text[text.index(CPU_OOM):] if CPU_OOM in text else text).splitlines()[0] if text else type(e).__name__
+    return reason[:_REASON_CHARS] + "..." if len(reason) > _REASON_CHARS else reason
+
+
 def run_out_of_memory(layer: int, tokens: int, e: BaseException) -> str:
     """RunExperts' RESOURCE_EXHAUSTED message for `e` (out_of_memory): frames.OUT_OF_MEMORY, the layer, the tokens
     and, where torch says it, the size it could not allocate; then torch's reason (its first line, clipped)."""
-    text = str(e)
-    asked = _ASKED.search(text)
-    reason = (text[text.index(CPU_OOM):] if CPU_OOM in text else text).splitlines()[0] if text else type(e).__name__
-    if len(reason) > _REASON_CHARS:
-        reason = reason[:_REASON_CHARS] + "..."
+    asked = _ASKED.search(str(e))
     size = f", {asked.group(1)} could not be allocated" if asked else ""
-    return f"{frames.OUT_OF_MEMORY}: layer {layer}, {tokens} tokens{size} ({reason})"
+    return f"{frames.OUT_OF_MEMORY}: layer {layer}, {tokens} tokens{size} ({_reason(e)})"
+
+
+def stream_failure(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status that ends a RunExpertsStream whose reading thread died of `e` (not its client leaving): its frames
+    not yet answered fail at once (the gateway fails them over) instead of at their deadlines. Out of memory (an
+    answer that could not be joined, say) is RESOURCE_EXHAUSTED frames.OUT_OF_MEMORY: the shard is alive, not
+    reported; anything else is a bug, INTERNAL."""
+    if out_of_memory(e):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{frames.OUT_OF_MEMORY}: the stream's reader stopped ({_reason(e)}); its frames not answered end here")
+    return grpc.StatusCode.INTERNAL, f"the stream's reader failed: {type(e).__name__}: {_reason(e)}"
 
 
 def placement_code(e: Exception) -> grpc.StatusCode:

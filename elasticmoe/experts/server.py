@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from elasticmoe.experts.backlog import Backlog
-from elasticmoe.experts.errors import out_of_memory, placement_code, run_out_of_memory
+from elasticmoe.experts.errors import out_of_memory, placement_code, run_out_of_memory, stream_failure
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
@@ -45,6 +45,14 @@ class _FrameAbort(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """What ends a RunExpertsStream whose reading thread died (errors.stream_failure): its status code and message."""
+
+    code: grpc.StatusCode
+    message: str
 
 
 class _FrameContext:
@@ -156,8 +164,10 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             try:
                 self.serve_frames(request_iterator, put)
                 replies.put(None)  # the client half-closed and every frame is answered
-            except Exception:  # noqa: BLE001 - the client went away: the callback ends the replies
-                pass
+            except Exception as e:  # noqa: BLE001 - the client went away (the callback ends the replies), or not:
+                if not (over.is_set() or isinstance(e, (grpc.RpcError, ConnectionAbortedError))):
+                    log.exception("RunExpertsStream: the reading thread failed; the stream ends")
+                    replies.put(_StreamEnd(*stream_failure(e)))  # its frames unread would wait for their deadlines
             finally:
                 self.readers.discard(threading.current_thread())
 
@@ -165,6 +175,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self.readers.add(reader)
         reader.start()
         while (reply := replies.get()) is not None:
+            if isinstance(reply, _StreamEnd):  # after the answers that came before it
+                context.abort(reply.code, reply.message)
             yield reply  # returns once gRPC has handed the answer on (the client's window took it)
             backlog.leave(len(reply))
 
