@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from elasticmoe.experts.errors import out_of_memory, run_out_of_memory, stream_failure
+from elasticmoe.experts.errors import out_of_memory, placement_code, run_out_of_memory, stream_failure
 from elasticmoe.gateway.failover import short_only
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.gateway.transport import TransportError, is_busy, is_oversize, is_short
@@ -41,6 +41,11 @@ def test_allocation_failures_are_out_of_memory_and_their_answer_names_layer_toke
     said = run_out_of_memory(0, 9, gpu)  # torch's text as a GPU shard's allocator raises it (no GPU here)
     assert out_of_memory(gpu) and said.startswith(f"{frames.OUT_OF_MEMORY}: layer 0, 9 tokens, 2.50 GiB could not")
     assert len(said) < 400 and said.endswith("...)")  # torch's allocator advice clipped
+
+
+def test_a_load_or_drop_out_of_memory_is_resource_exhausted_whichever_allocator_refused():
+    assert [placement_code(e) for e in _allocation_failures()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    assert placement_code(RuntimeError("shape mismatch")) == grpc.StatusCode.INTERNAL
 
 
 def test_a_dead_stream_readers_status_is_short_when_out_of_memory_else_internal():
