@@ -15,6 +15,11 @@ from elasticmoe.gateway.transport import Build, TransportError, _Channels, wait_
 from elasticmoe.rpc import frames
 
 STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
+# Frames queued for a stream that gRPC has not taken yet (it takes the next once the last is sent: a shard slow to
+# read, or not reading, holds them here, and calls past their deadline leave theirs), at most this many, as the socket
+# transport's unsent frames (socket_conn.SPILL_FRAMES): one more is refused as busy (another copy takes it)
+QUEUE_FRAMES = 32
+QUEUE_BYTES = 256 << 20  # and their bytes, at most: a frame that would pass it is refused so (one goes when alone)
 
 
 def _decode_reply(buf: bytes) -> frames.Reply | frames.FrameError:
@@ -29,14 +34,16 @@ def _decode_reply(buf: bytes) -> frames.Reply | frames.FrameError:
 
 
 class _Stream(Multiplexed):
-    """One open RunExpertsStream: raw frames (rpc.frames) go out through a queue; a reader thread resolves answers
-    by id. A reply that cannot be read fails its call alone when its frame id was read; one whose id cannot be read
-    ends the stream (grpc fails it): the stream's pending calls fail, the next send opens a new stream."""
+    """One open RunExpertsStream: raw frames (rpc.frames) go out through a queue (QUEUE_FRAMES, QUEUE_BYTES); a reader
+    thread resolves answers by id. A reply that cannot be read fails its call alone when its frame id was read; one
+    whose id cannot be read ends the stream (grpc fails it): the stream's pending calls fail, the next send opens a
+    new stream."""
 
     def __init__(self, channel: grpc.Channel, address: str, refusal: Callable[[str, BaseException], BaseException]):
         super().__init__(address)
         self._refusal = refusal  # the transport's: a frame over the shard's limit ends the stream (OVERSIZE)
         self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self.queued, self.queued_bytes = 0, 0  # frames in _out (the end marker aside) and their bytes, under _lock
         method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
                                        response_deserializer=_decode_reply, _registered_method=True)
         self._call = method(self._frames())
@@ -44,16 +51,29 @@ class _Stream(Multiplexed):
 
     def _frames(self):
         while (frame := self._out.get()) is not None:
+            with self._lock:
+                self.queued -= 1
+                self.queued_bytes -= len(frame)
             yield frame
 
     def submit(self, frame_id: int, frame: bytes, fut: Future) -> bool:
         """Queue a frame; False when the stream has died (the caller opens a new one). Queued under the lock, as
-        close()'s end marker is: a half-close cannot come between (the frame would never be sent)."""
+        close()'s end marker is: a half-close cannot come between (the frame would never be sent). Past QUEUE_FRAMES
+        or QUEUE_BYTES of frames gRPC has not taken, the call fails at once as busy (frames.BUSY)."""
         with self._lock:
             if self.dead:
                 return False
-            self.pending[frame_id] = fut
-            self._out.put(frame)
+            full = self.queued and (self.queued >= QUEUE_FRAMES or self.queued_bytes + len(frame) > QUEUE_BYTES)
+            if not full:
+                self.pending[frame_id] = fut
+                self.queued += 1
+                self.queued_bytes += len(frame)
+                self._out.put(frame)
+            queued, queued_bytes = self.queued, self.queued_bytes
+        if full:
+            fut.set_exception(TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"{frames.BUSY}: the stream to {self.address} has not taken the {queued} frames ({queued_bytes} "
+                "bytes) queued before")))
         return True
 
     def _read(self) -> None:
