@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent import futures as cf
 from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 from elasticmoe.gateway.routing import RoutingTable
+from elasticmoe.gateway.step_groups import Call, Group, by_lacks, only_rows, short_only
 from elasticmoe.gateway.transport import is_busy, is_oversize, is_short
 from elasticmoe.rpc.codec import decode_tensor
 
@@ -21,68 +21,6 @@ log = logging.getLogger(__name__)
 BUSY_RETRY_S = 0.05  # a full shard ("shard busy") is not asked again for these moments within the step
 
 
-class Call:
-    """One RunExperts call to a shard (its id and address): the rows [T_s] of the step it carries and their ids
-    [T_s, k] (-1 = not this call)."""
-
-    __slots__ = ("shard_id", "address", "rows", "ids", "future", "sent_at", "done_at", "output", "compute_s")
-
-    def __init__(self, shard_id: str, address: str, rows: torch.Tensor, ids: torch.Tensor):
-        self.shard_id, self.address, self.rows, self.ids = shard_id, address, rows, ids
-        self.future: cf.Future | None = None
-        self.sent_at = time.perf_counter()  # made just before it is sent (dispatcher.send): its round trip's start
-        self.done_at = 0.0
-        self.output: torch.Tensor | None = None  # [T_s, H] (float64 partial sums) once answered
-        self.compute_s = 0.0
-
-
-class _Group:
-    """A set of (token, slot) pairs, ids [T, k] with -1 elsewhere, and the attempts that each cover all of it."""
-
-    def __init__(self, ids: torch.Tensor, calls: list[Call] | None):
-        self.ids = ids
-        self.attempts: list[list[Call]] = [calls] if calls else []
-        self.broken: set[int] = set()  # indices of failed attempts
-        self.winner: list[Call] | None = None
-        self.tried: set[str] = set()  # shards that failed: not asked again this step
-        self.lacks: dict[str, set[int]] = {}  # shard -> experts it answered `missing`: not asked again for those
-        self.busy: dict[str, float] = {}  # full shard -> perf_counter time before which it is not asked again
-        self.started = time.perf_counter()
-        self.hedged = False
-        # (controller epoch, table version) of the table in which a hedge found no other copy: versions count within
-        # one controller instance, so a restarted controller's table is another one even at the same number
-        self.hedge_tried: tuple[str, int] | None = None
-
-    def live(self) -> list[list[Call]]:
-        return [a for i, a in enumerate(self.attempts) if i not in self.broken]
-
-
-def _only_rows(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """ids [T, k] kept on `rows` [R] only, -1 elsewhere."""
-    out = torch.full_like(ids, -1)
-    out[rows] = ids[rows]
-    return out
-
-
-def _by_lacks(g: _Group) -> list[tuple[torch.Tensor, set[str]]]:
-    """g.ids [T, k] split by the shards that answered `missing` for their experts: (ids, those shards) per part."""
-    if not g.lacks:
-        return [(g.ids, set())]
-    parts: dict[frozenset[str], list[int]] = {}
-    for e in g.ids.unique().tolist():
-        if e >= 0:
-            parts.setdefault(frozenset(s for s, lacked in g.lacks.items() if e in lacked), []).append(e)
-    return [(torch.where(torch.isin(g.ids, torch.tensor(es, dtype=g.ids.dtype)), g.ids, -1), set(lacking))
-            for lacking, es in parts.items()]
-
-
-def short_only(table: RoutingTable, layer: int, ids: torch.Tensor, hard: set[str], short: set[str]) -> bool:
-    """Whether some of ids [T, k] have copies on `short` shards (out of memory for them) and on none outside `hard`
-    (the shards not asked again this step; `short` among them). A busy shard's copy, not in `hard`, is another."""
-    other = table.assign(layer, ids, table.index_of(hard)) >= 0  # [T, k]
-    return bool(((table.assign(layer, ids, table.index_of(hard - short)) >= 0) & ~other).any())
-
-
 class Step:
     """The pending output of one dispatch(); `wait()` returns the combined [T, H]."""
 
@@ -91,7 +29,7 @@ class Step:
         self.d, self.layer, self.hidden, self.weights = d, layer, hidden, topk_weights  # hidden [T, H]
         self.topk_ids, self.device, self.dtype = topk_ids, device, dtype
         self.dead: set[str] = set()  # shards that failed during this step
-        self.groups: list[_Group] = []
+        self.groups: list[Group] = []
         self.straggled: set[str] = set()  # shards whose calls were hedged during this step
         self.t0 = time.perf_counter()
         self.detected_s: float | None = None  # when the first failure (or straggler hedged) of this step was seen
@@ -121,13 +59,13 @@ class Step:
             rows = mine.any(1).nonzero().squeeze(1)  # [T_s]
             covered = torch.where(mine, ids, -1)  # [T, k]
             for part in [rows] if rows.numel() <= most else rows.split(most):  # each call within the message limit
-                part_ids = covered if part is rows else _only_rows(covered, part)  # [T, k]
+                part_ids = covered if part is rows else only_rows(covered, part)  # [T, k]
                 out.append((part_ids, self.d.send(table, self.layer, s, self.hidden, part, covered[part],
                                                   self.weights[part])))
         return out
 
     def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str],
-               busy: dict[str, float] | None = None) -> list[_Group]:
+               busy: dict[str, float] | None = None) -> list[Group]:
         """Groups covering ids [T, k]: one per shard call, plus one waiting group for slots with no live copy.
         `hard` are never asked; `busy` (shard -> until when) not before their time."""
         now, busy = time.perf_counter(), busy or {}
@@ -137,9 +75,9 @@ class Step:
             issued = self._issue(table, torch.where(lost, -1, ids), torch.where(lost, -1, shard_of))
         else:
             issued = self._issue(table, ids, shard_of)
-        groups = [_Group(covered, [call]) for covered, call in issued]
+        groups = [Group(covered, [call]) for covered, call in issued]
         if any_lost:
-            groups.append(_Group(torch.where(lost, ids, -1), None))
+            groups.append(Group(torch.where(lost, ids, -1), None))
         for g in groups:
             g.tried |= hard
             g.busy = dict(busy)
@@ -149,7 +87,7 @@ class Step:
         self.groups = self._split(table, self.topk_ids, set())
 
     # ----- answers
-    def _take(self, g: _Group, attempt: int, c: Call) -> None:
+    def _take(self, g: Group, attempt: int, c: Call) -> None:
         """Record c's answer (or failure) in group g's attempt."""
         try:
             resp = c.future.result()
@@ -183,7 +121,7 @@ class Step:
         c.output, c.compute_s = out, resp.compute_us / 1e6  # float64 from our shards
         self.d.note_latency(max(0.0, c.done_at - c.sent_at))  # its own round trip (re-sent, hedged: not the step's)
 
-    def _fail(self, g: _Group, attempt: int, shard_id: str | None, report: bool) -> None:
+    def _fail(self, g: Group, attempt: int, shard_id: str | None, report: bool) -> None:
         g.broken.add(attempt)
         if shard_id is not None:
             g.tried.add(shard_id)
@@ -194,7 +132,7 @@ class Step:
             self.d.suspect(shard_id, report=True)
         self.d.failovers += 1
 
-    def _refused(self, g: _Group, attempt: int, c: Call, busy: bool) -> None:
+    def _refused(self, g: Group, attempt: int, c: Call, busy: bool) -> None:
         """A full shard (`busy`) refused the call: another copy takes it, else this shard again after BUSY_RETRY_S,
         and it is suspected for suspect_s (other copies first). A call larger than the shard takes (its limit was
         learnt meanwhile) is split anew at once; one of a single row, where that limit is below one row, ends the
@@ -208,7 +146,7 @@ class Step:
             self.fatal = self.d.row_too_large(self.layer, c.shard_id, c.address)
         self.d.failovers += 1
 
-    def _short(self, g: _Group, attempt: int, shard_id: str, why: str) -> None:
+    def _short(self, g: Group, attempt: int, shard_id: str, why: str) -> None:
         """The shard ran out of memory for the call (RESOURCE_EXHAUSTED, not busy): it is alive (not dead for the step,
         not reported), but the same tokens may not fit it again: another copy takes them, and it is suspected for
         suspect_s (other copies first). Where no other copy is left, the step ends (_short_only)."""
@@ -243,10 +181,10 @@ class Step:
     def _replace_orphans(self) -> None:
         """Groups with no live attempt are split anew over the newest table (their failed shards excluded)."""
         table = self.d.latest()
-        out: list[_Group] = []
+        out: list[Group] = []
         for g in self.groups:
             if g.winner is None and not g.live():
-                for ids, lacking in _by_lacks(g):
+                for ids, lacking in by_lacks(g):
                     hard = g.tried | self.dead | lacking
                     fresh = self._split(table, ids, hard, g.busy)
                     if len(fresh) == 1 and not fresh[0].attempts:  # still nothing live: keep waiting

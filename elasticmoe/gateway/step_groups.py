@@ -1,0 +1,72 @@
+"""A step's expert calls and the groups of (token, slot) pairs they cover, as failover.Step tracks them."""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures as cf
+
+import torch
+
+from elasticmoe.gateway.routing import RoutingTable
+
+
+class Call:
+    """One RunExperts call to a shard (its id and address): the rows [T_s] of the step it carries and their ids
+    [T_s, k] (-1 = not this call)."""
+
+    __slots__ = ("shard_id", "address", "rows", "ids", "future", "sent_at", "done_at", "output", "compute_s")
+
+    def __init__(self, shard_id: str, address: str, rows: torch.Tensor, ids: torch.Tensor):
+        self.shard_id, self.address, self.rows, self.ids = shard_id, address, rows, ids
+        self.future: cf.Future | None = None
+        self.sent_at = time.perf_counter()  # made just before it is sent (dispatcher.send): its round trip's start
+        self.done_at = 0.0
+        self.output: torch.Tensor | None = None  # [T_s, H] (float64 partial sums) once answered
+        self.compute_s = 0.0
+
+
+class Group:
+    """A set of (token, slot) pairs, ids [T, k] with -1 elsewhere, and the attempts that each cover all of it."""
+
+    def __init__(self, ids: torch.Tensor, calls: list[Call] | None):
+        self.ids = ids
+        self.attempts: list[list[Call]] = [calls] if calls else []
+        self.broken: set[int] = set()  # indices of failed attempts
+        self.winner: list[Call] | None = None
+        self.tried: set[str] = set()  # shards that failed: not asked again this step
+        self.lacks: dict[str, set[int]] = {}  # shard -> experts it answered `missing`: not asked again for those
+        self.busy: dict[str, float] = {}  # full shard -> perf_counter time before which it is not asked again
+        self.started = time.perf_counter()
+        self.hedged = False
+        # (controller epoch, table version) of the table in which a hedge found no other copy: versions count within
+        # one controller instance, so a restarted controller's table is another one even at the same number
+        self.hedge_tried: tuple[str, int] | None = None
+
+    def live(self) -> list[list[Call]]:
+        return [a for i, a in enumerate(self.attempts) if i not in self.broken]
+
+
+def only_rows(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """ids [T, k] kept on `rows` [R] only, -1 elsewhere."""
+    out = torch.full_like(ids, -1)
+    out[rows] = ids[rows]
+    return out
+
+
+def by_lacks(g: Group) -> list[tuple[torch.Tensor, set[str]]]:
+    """g.ids [T, k] split by the shards that answered `missing` for their experts: (ids, those shards) per part."""
+    if not g.lacks:
+        return [(g.ids, set())]
+    parts: dict[frozenset[str], list[int]] = {}
+    for e in g.ids.unique().tolist():
+        if e >= 0:
+            parts.setdefault(frozenset(s for s, lacked in g.lacks.items() if e in lacked), []).append(e)
+    return [(torch.where(torch.isin(g.ids, torch.tensor(es, dtype=g.ids.dtype)), g.ids, -1), set(lacking))
+            for lacking, es in parts.items()]
+
+
+def short_only(table: RoutingTable, layer: int, ids: torch.Tensor, hard: set[str], short: set[str]) -> bool:
+    """Whether some of ids [T, k] have copies on `short` shards (out of memory for them) and on none outside `hard`
+    (the shards not asked again this step; `short` among them). A busy shard's copy, not in `hard`, is another."""
+    other = table.assign(layer, ids, table.index_of(hard)) >= 0  # [T, k]
+    return bool(((table.assign(layer, ids, table.index_of(hard - short)) >= 0) & ~other).any())
