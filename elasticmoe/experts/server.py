@@ -1,4 +1,4 @@
-"""The expert shard's gRPC server: runs a layer's experts for the gateway, loads and drops experts live."""
+"""The expert shard's gRPC server: runs a layer's experts for the gateway, unary or as a stream of frames."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import logging
 import queue
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -14,19 +13,18 @@ import grpc
 import torch
 
 from elasticmoe.experts.backlog import Backlog
-from elasticmoe.experts.errors import out_of_memory, placement_code, run_out_of_memory, stream_failure
+from elasticmoe.experts.errors import out_of_memory, run_out_of_memory, stream_failure
+from elasticmoe.experts.placement_calls import PLACEMENT_CALLS, PlacementCalls  # noqa: F401 - shard_server
+from elasticmoe.experts.run_checks import decode_run
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frame_socket, frames
-from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, decode_tensor, encode_tensor
+from elasticmoe.rpc.codec import MAX_MESSAGE_BYTES, encode_tensor
 from elasticmoe.rpc.options import STREAM_REPLY_BYTES
 from elasticmoe.rpc.staging import to_host
 
 log = logging.getLogger(__name__)
-_ID_DTYPES = (torch.int32, torch.int64)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PLACEMENT_CALLS = 4  # LoadExperts / DropExperts running or waiting at once, at most (each holds a server worker)
 
 
 @dataclass
@@ -56,14 +54,14 @@ class _StreamEnd:
 
 
 class _FrameContext:
-    """The part of a grpc context that _decode and _run use, for one frame of a stream."""
+    """The part of a grpc context that _compute (and run_checks.decode_run) uses, for one frame of a stream."""
 
     @staticmethod
     def abort(code: grpc.StatusCode, message: str):
         raise _FrameAbort(code, message)
 
 
-class ExpertServicer(pb_grpc.ExpertShardServicer):
+class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
     """Serves one ExpertStore. Bad requests get INVALID_ARGUMENT; experts not held come back in `missing`; a call
     whose tokens do not fit in memory gets RESOURCE_EXHAUSTED "shard out of memory: ..." (frames.OUT_OF_MEMORY).
 
@@ -82,8 +80,7 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self._calls_lock = threading.Lock()
         self.max_rows = max_rows
         self.faults = Faults()
-        self._placement = threading.Lock()  # LoadExperts / DropExperts, one at a time (see their counts)
-        self._placement_calls = threading.BoundedSemaphore(PLACEMENT_CALLS)  # those running or waiting for the lock
+        self._init_placement()
         self._run_slots = threading.BoundedSemaphore(run_slots)
         self.max_streams = max_streams  # open RunExpertsStreams: each holds one server worker while open
         self.max_stream_replies = 32  # answers a stream holds while its client reads none (then its reader waits)
@@ -92,43 +89,6 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
         self.readers: set[threading.Thread] = set()  # each open RunExpertsStream's reading thread, until it returns
         self.frame_port = 0  # the frame listener's port (Health tells the gateways), 0 while there is none
         self.max_message_bytes = max_message_bytes  # the largest message taken (Health tells the gateways)
-
-    def _decode(self, request: pb.RunExpertsRequest, context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Validate a RunExperts request: layer, dtypes, shapes, k <= top-k, ids in range, rows <= max_rows."""
-        spec = self.store.spec
-
-        def bad(message: str):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-        if not (0 <= request.layer < spec.num_layers and spec.moe.sparse_layers[request.layer]):
-            bad(f"layer: {request.layer} is not an MoE layer of this model")
-        for name, msg, ndim in (("hidden", request.hidden, 2), ("topk_ids", request.topk_ids, 2),
-                                ("topk_weights", request.topk_weights, 2)):
-            if len(msg.shape) != ndim:
-                bad(f"{name}: shape {list(msg.shape)} must have {ndim} dimensions")
-        t, k = request.topk_ids.shape
-        if not 1 <= k <= spec.moe.top_k:
-            bad(f"topk_ids: k = {k}, must be in [1, {spec.moe.top_k}] (the model's top-k)")
-        if t > self.max_rows:
-            bad(f"hidden: {t} rows, more than the batched-token limit {self.max_rows}")
-        try:
-            hidden = decode_tensor(request.hidden, "hidden")
-            ids = decode_tensor(request.topk_ids, "topk_ids")
-            weights = decode_tensor(request.topk_weights, "topk_weights")
-        except ValueError as e:
-            bad(str(e))
-        if hidden.dtype not in _FLOAT_DTYPES or weights.dtype not in _FLOAT_DTYPES or ids.dtype not in _ID_DTYPES:
-            bad(f"dtypes: hidden {hidden.dtype} and topk_weights {weights.dtype} must be floating point, "
-                f"topk_ids {ids.dtype} int32 or int64")
-        if hidden.shape[1] != spec.hidden_size or hidden.shape[0] != t or weights.shape != ids.shape:
-            bad(f"shapes: hidden {list(hidden.shape)}, topk_ids {list(ids.shape)}, topk_weights "
-                f"{list(weights.shape)}; want [T, {spec.hidden_size}], [T, k], [T, k]")
-        if ids.numel() and (int(ids.max()) >= spec.moe.num_experts or int(ids.min()) < -1):
-            bad(f"topk_ids: ids must be in [-1, {spec.moe.num_experts})")
-        if weights.numel() and not bool(torch.isfinite(weights[ids >= 0]).all()):  # a -1 slot's weight is ignored
-            bad("topk_weights: must be finite where topk_ids >= 0")
-        dev = self.store.device
-        return hidden.to(dev, self.store.dtype), ids.to(dev), weights.to(dev)
 
     def RunExperts(self, request, context):
         if not self._run_slots.acquire(blocking=False):
@@ -218,7 +178,8 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
 
     def _compute(self, request, context) -> tuple[torch.Tensor | None, list[int], int]:
         """A RunExpertsRequest (or a stream's frames.Request) -> (output [T, H] on the CPU, missing, compute us)."""
-        hidden, ids, weights = self._decode(request, context)
+        hidden, ids, weights = decode_run(request, context, self.store.spec, self.max_rows, self.store.device,
+                                          self.store.dtype)
         with self._calls_lock:  # calls run on many threads at once
             self.calls += 1
         if self.faults.run_delay_s:
@@ -236,77 +197,6 @@ class ExpertServicer(pb_grpc.ExpertShardServicer):
             self.faults.malformed_outputs -= 1
             out = out[:-1] if out.shape[0] else torch.zeros(1, out.shape[1])
         return out, [], us
-
-    @contextmanager
-    def _placement_turn(self, context, method: str):
-        """Hold the placement lock for one LoadExperts / DropExperts. At most PLACEMENT_CALLS of them run or wait at
-        once (more are refused RESOURCE_EXHAUSTED "shard busy"), so the workers they hold while waiting are never
-        those RunExperts and Health need; a caller gone while its call waits (its deadline, a cancel) changes nothing:
-        the call ends without taking the lock, its place given back. A None context: a call made in-process."""
-        active = context.is_active if context is not None else lambda: True
-        if not self._placement_calls.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{frames.BUSY}: {method}: {PLACEMENT_CALLS} LoadExperts / DropExperts calls are running or "
-                          "waiting for each other; ask again once they end")
-        try:
-            while True:
-                got = self._placement.acquire(timeout=0.1)
-                if not active():  # the caller left: no one would learn what a change did
-                    if got:
-                        self._placement.release()
-                    context.abort(grpc.StatusCode.CANCELLED, f"{method}: the caller left while the call waited for "
-                                  "the shard's other loads and drops; nothing changed")
-                if got:
-                    break
-            try:
-                yield
-            finally:
-                self._placement.release()
-        finally:
-            self._placement_calls.release()
-
-    def LoadExperts(self, request, context):
-        pairs = [(r.layer, r.expert) for r in request.experts]
-        with self._placement_turn(context, "LoadExperts"):  # one load or drop at a time: its counts are its own
-            if self.faults.load_delay_s:
-                time.sleep(self.faults.load_delay_s)
-            try:
-                n_before = len(self.store.held())
-                nbytes = self.store.load(pairs)
-            except Exception as e:  # noqa: BLE001 - each cause its code (errors.placement_code), the message as is
-                context.abort(placement_code(e), str(e))
-            if self.faults.fail_loads > 0:
-                self.faults.fail_loads -= 1
-                context.abort(grpc.StatusCode.INTERNAL, "injected fault: LoadExperts failed")
-            self.placement_version = max(self.placement_version, request.placement_version)
-            return pb.LoadExpertsResponse(loaded=len(self.store.held()) - n_before, bytes=nbytes,
-                                          bytes_held=self.store.weight_bytes(),
-                                          placement_version=self.placement_version)
-
-    def DropExperts(self, request, context):
-        with self._placement_turn(context, "DropExperts"):
-            before_bytes, before = self.store.weight_bytes(), len(self.store.held())
-            try:
-                self.store.drop([(r.layer, r.expert) for r in request.experts])
-            except Exception as e:  # noqa: BLE001 - a rebuild out of memory is RESOURCE_EXHAUSTED (not UNKNOWN)
-                context.abort(placement_code(e), str(e))
-            self.placement_version = max(self.placement_version, request.placement_version)
-            return pb.DropExpertsResponse(dropped=before - len(self.store.held()),
-                                          bytes=before_bytes - self.store.weight_bytes(),
-                                          bytes_held=self.store.weight_bytes(),
-                                          placement_version=self.placement_version)
-
-    def apply_plan(self, experts: list[tuple[int, int]], version: int, drop_others: bool) -> int:
-        """A registration plan (experts.deployment), applied as LoadExperts / DropExperts are, one at a time with them
-        (their counts stay their own): first, if `drop_others`, drop what the plan does not name; then load it.
-        The placement version becomes `version` unless a newer one arrived already. Returns the bytes read."""
-        with self._placement:
-            if drop_others:
-                want = {(l, e) for l, e in experts}
-                self.store.drop(set(self.store.held()) - want)
-            nbytes = self.store.load(experts)
-            self.placement_version = max(self.placement_version, version)
-            return nbytes
 
     def GetStats(self, request, context):
         tokens = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(self.store.served().items())]
