@@ -161,11 +161,16 @@ def test_a_frame_sent_as_the_writer_thread_ends_is_written_once(files, straggler
         assert t.send(address, lambda: small, 30).result(timeout=30).output is not None  # connected
         conn = t._conns[address]
         gate = conn._send_lock = _HoldFirstWriter(conn._send_lock)
+        # the shard sleeps in this call and reads nothing meanwhile, so the first 16 MiB frame cannot all go into
+        # the sockets' buffers at once: its rest spills to a writer thread (a shard reading as fast as the caller
+        # wrote let the caller write it all, no writer thread started, and `popped` never came: seen once, loaded)
+        busy = t.send(address, lambda: small, 60)
         futs = [t.send(address, lambda: reqs[0], 60)]
         assert gate.popped.wait(30)  # the shard read all of the first frame; the writer thread took it off
         futs.append(t.send(address, lambda: reqs[1], 60))  # part written now (the shard computes, then reads)
         gate.sent.set()
         futs.append(t.send(address, lambda: small, 60))
+        assert busy.result(timeout=60).output is not None
         for r, f in zip([*reqs, small], futs):
             want = _reference(files, layer, r.hidden, r.topk_ids, r.topk_weights)
             torch.testing.assert_close(decode_tensor(f.result(timeout=60).output), want.to(torch.float64))
