@@ -49,6 +49,7 @@ class Load:
         self.prompts, self.max_tokens = prompts, max_tokens
         self.done: list[tuple[float, float, int]] = []  # (first token at, last token at, tokens) per request
         self.bad: list[str] = []
+        self.progress: dict[int, int] = {}  # thread -> tokens so far of its request in flight (none between requests)
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
         for t in self.threads:
             t.start()
@@ -62,12 +63,23 @@ class Load:
                 for r in client.stream(p, max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True):
                     toks += r.token_ids
                     times.append(time.time())
+                    self.progress[i] = len(toks)
             except Exception as e:  # noqa: BLE001 - counted
                 self.bad.append(f"{p!r} failed: {e!r}")
                 continue
+            finally:
+                self.progress.pop(i, None)
             if toks != self.ref[p]:
                 self.bad.append(f"{p!r} diverged")
             self.done.append((times[0], times[-1], len(toks)))
+
+    def wait_mid(self, timeout: float = 60.0) -> None:
+        """Until some request has streamed at least one token and at most half of them: a fault injected now lands
+        mid-stream (the threads' requests run in lock step, so a random instant can fall between requests of all)."""
+        deadline = time.monotonic() + timeout
+        while not any(1 <= n <= self.max_tokens // 2 for n in list(self.progress.values())):
+            assert time.monotonic() < deadline, f"no request mid-way within {timeout} s"
+            time.sleep(0.002)
 
     def finish(self) -> None:
         self.stop.set()

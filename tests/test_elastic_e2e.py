@@ -225,6 +225,7 @@ def test_faults_during_a_scale_sequence_lose_nothing(apps, ray_cluster):
         time.sleep(2)
         victim = min(shard_pids("elastic", 2).values())
         controller.set_target_shards.remote(3).result()
+        load.wait_mid()  # the kill below lands mid-stream, not between the lock-step requests
         joining = controller.status.remote().result()
         os.kill(victim, signal.SIGKILL)
         killed = time.time()
@@ -232,6 +233,7 @@ def test_faults_during_a_scale_sequence_lose_nothing(apps, ray_cluster):
         _scaled(controller, 3)
         pid = controller.info.remote().result()["pid"]
         assert controller.set_target_shards.remote(2).result() == 2
+        load.wait_mid()  # the kill below lands mid-stream, not between the lock-step requests
         pending = controller.status.remote().result()
         os.kill(pid, signal.SIGKILL)
         crashed = time.time()
