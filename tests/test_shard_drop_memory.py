@@ -5,9 +5,7 @@ maps: the rebuild's new storage (model.experts._storage) is refused by the kerne
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import contextlib
 
 import grpc
 import pytest
@@ -19,6 +17,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import channel_options, decode_tensor, encode_tensor
+from tests.capped_shard import CAP_ON_WORD, capped_shard
 
 E, INTER = 4, 8192  # float32 experts of 3 * 64 * 8192 * 4 bytes = 6 MiB: 24 MiB a layer
 ROOM = 8 << 20  # what the shard may map beyond what it has: less than a rebuild keeping 3 experts (w13 alone 12 MiB)
@@ -35,34 +34,16 @@ files = open_model(sys.argv[1])
 store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
 store.load([(l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts)])
 server, _, port = start_server(store, "capped")
-print(json.dumps({"port": port}), flush=True)
-sys.stdin.readline()  # the test has warmed the server's threads up: cap the address space just above its size
-size = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmSize"].split()[0]) << 10
-resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[2]), resource.RLIM_INFINITY))
-print(json.dumps({"capped": size}), flush=True)
-sys.stdin.readline()
-server.stop(None).wait(10)
-"""
+""" + CAP_ON_WORD
 
 
 @pytest.fixture
 def capped(tmp_path):
     """(stub, layers) of a shard process holding every expert of the model's two MoE layers, capped once warmed up."""
     path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E, intermediate=INTER)
-    proc = subprocess.Popen([sys.executable, "-c", SHARD, str(path), str(ROOM)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    ch = None
-    try:
-        port = json.loads(proc.stdout.readline())["port"]
-        ch = tls.channel(f"127.0.0.1:{port}", channel_options())
-        yield pb_grpc.ExpertShardStub(ch), proc, open_model(str(path)).spec.moe.moe_layers
-    finally:
-        if ch is not None:
-            ch.close()
-        try:
-            proc.communicate("stop\n", timeout=30)
-        finally:
-            proc.kill()
+    with capped_shard(SHARD, path, ROOM) as shard:
+        with contextlib.closing(tls.channel(shard.address, channel_options())) as ch:
+            yield pb_grpc.ExpertShardStub(ch), shard, open_model(str(path)).spec.moe.moe_layers
 
 
 def _run(stub, layer: int, ids: torch.Tensor) -> pb.RunExpertsResponse:
@@ -79,14 +60,12 @@ def _drop(stub, pairs) -> pb.DropExpertsResponse:
 
 
 def test_a_drop_whose_rebuild_does_not_fit_is_resource_exhausted_and_changes_nothing(capped):
-    stub, proc, (a, b) = capped
+    stub, shard, (a, b) = capped
     every = torch.tensor([[0, 1], [2, 3], [1, 3]], dtype=torch.int32)  # [T, k]: every expert of a layer
     kept = torch.tensor([[1, 2], [2, 3], [1, 3]], dtype=torch.int32)  # those of layer a that stay
     before = {name: decode_tensor(_run(stub, a, ids).output) for name, ids in (("every", every), ("kept", kept))}
     assert stub.Health(pb.HealthRequest(), timeout=10).ok and _drop(stub, []).dropped == 0  # warmed up
-    proc.stdin.write("cap\n")
-    proc.stdin.flush()
-    assert "capped" in json.loads(proc.stdout.readline())
+    shard.cap()
 
     with pytest.raises(grpc.RpcError) as e:  # a's 3 remaining experts (18 MiB) need more than ROOM
         _drop(stub, [(a, 0)])

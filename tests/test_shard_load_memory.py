@@ -6,10 +6,8 @@ weight read before its conversion (8 MiB more) does not, and the kernel refuses 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import subprocess
-import sys
 
 import grpc
 import pytest
@@ -20,6 +18,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import channel_options
+from tests.capped_shard import CAP_ON_WORD, capped_shard
 
 H, INTER = 64, 32768  # one expert: w13 [2I, H] + w2 [H, I] bfloat16 = 12 MiB held; its gate [I, H] float32 read: 8 MiB
 ROOM = 16 << 20  # what the shard may map beyond what it has once warmed up: the storage, not the temporary as well
@@ -36,14 +35,7 @@ threading.stack_size(256 << 10)  # the server's workers, started as calls come, 
 files = open_model(sys.argv[1])
 store = ExpertStore(files.ckpt, files.names, files.spec, torch.bfloat16, torch.device("cpu"))  # the file: float32
 server, _, port = start_server(store, "capped")
-print(json.dumps({"port": port}), flush=True)
-sys.stdin.readline()  # the test has warmed the server's threads up: cap the address space just above its size
-size = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmSize"].split()[0]) << 10
-resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[2]), resource.RLIM_INFINITY))
-print(json.dumps({"capped": size}), flush=True)
-sys.stdin.readline()
-server.stop(None).wait(10)
-"""
+""" + CAP_ON_WORD
 # one malloc arena (a thread's first call in a new one maps 64 MiB of address space) and a fixed mmap threshold (a
 # freed temporary does not leave the next one room in the heap): what the cap leaves is what a load gets
 MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
@@ -53,25 +45,12 @@ MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 def capped(tmp_path):
     """(stub, layer) of a shard process holding nothing, capped once warmed up."""
     path = make_tiny_model("mixtral", tmp_path / "m", layers=1, experts=2, hidden=H, intermediate=INTER)
-    proc = subprocess.Popen([sys.executable, "-c", SHARD, str(path), str(ROOM)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, **MALLOC})
-    ch = None
-    try:
-        port = json.loads(proc.stdout.readline())["port"]
-        ch = tls.channel(f"127.0.0.1:{port}", channel_options())
-        stub = pb_grpc.ExpertShardStub(ch)
-        assert stub.Health(pb.HealthRequest(), timeout=10).ok and _drop(stub).dropped == 0  # warmed up
-        proc.stdin.write("cap\n")
-        proc.stdin.flush()
-        assert "capped" in json.loads(proc.stdout.readline())
-        yield stub, open_model(str(path)).spec.moe.moe_layers[0]
-    finally:
-        if ch is not None:
-            ch.close()
-        try:
-            proc.communicate("stop\n", timeout=30)
-        finally:
-            proc.kill()
+    with capped_shard(SHARD, path, ROOM, env={**os.environ, **MALLOC}) as shard:
+        with contextlib.closing(tls.channel(shard.address, channel_options())) as ch:
+            stub = pb_grpc.ExpertShardStub(ch)
+            assert stub.Health(pb.HealthRequest(), timeout=10).ok and _drop(stub).dropped == 0  # warmed up
+            shard.cap()
+            yield stub, open_model(str(path)).spec.moe.moe_layers[0]
 
 
 def _drop(stub) -> pb.DropExpertsResponse:

@@ -8,11 +8,8 @@ allocator is refused by the kernel (ENOMEM), as on a full host."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import subprocess
-import sys
 import time
 
 import grpc
@@ -32,6 +29,7 @@ from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frames
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.frames import ExpertRequest
+from tests.capped_shard import CAP_ON_WORD, capped_shard
 from tests.shard_util import Shards
 
 E, INTER = 4, 8192  # float32 experts of 3 * 64 * 8192 * 4 bytes = 6 MiB
@@ -52,14 +50,7 @@ files = open_model(sys.argv[1])
 store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
 store.load([(l, e) for l in files.spec.moe.moe_layers for e in range(files.spec.moe.num_experts)])
 server, _, port = start_server(store, "capped")
-print(json.dumps({"port": port}), flush=True)
-sys.stdin.readline()  # the test has warmed the server up: cap the address space just above its size
-size = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmSize"].split()[0]) << 10
-resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[2]), resource.RLIM_INFINITY))
-print(json.dumps({"capped": size}), flush=True)
-sys.stdin.readline()
-server.stop(None).wait(10)
-"""
+""" + CAP_ON_WORD
 
 
 @pytest.fixture(scope="module")
@@ -73,24 +64,14 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def capped(model):
     """(address, layers) of a shard process holding every expert, capped once each transport has been answered."""
-    proc = subprocess.Popen([sys.executable, "-c", SHARD, model, str(ROOM)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        address = f"127.0.0.1:{json.loads(proc.stdout.readline())['port']}"
+    with capped_shard(SHARD, model, ROOM) as shard:
         layers = open_model(model).spec.moe.moe_layers
         for wire in WIRES:  # the server's threads and lazy set-up, before the cap
             t = make_transport(wire, insecure=False)
-            assert _send(t, address, layers[0], SMALL).output is not None
+            assert _send(t, shard.address, layers[0], SMALL).output is not None
             t.close()
-        proc.stdin.write("cap\n")
-        proc.stdin.flush()
-        assert "capped" in json.loads(proc.stdout.readline())
-        yield address, layers
-    finally:
-        try:
-            proc.communicate("stop\n", timeout=30)
-        finally:
-            proc.kill()
+        shard.cap()
+        yield shard.address, layers
 
 
 def _inputs(n: int, experts: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,9 +7,6 @@ once warmed up, as in tests/test_shard_run_memory.py: a frame of BIG tokens rout
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 
 import grpc
@@ -25,6 +22,7 @@ from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frames
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.frames import ExpertRequest
+from tests.capped_shard import capped_shard
 from tests.shard_util import Shards
 
 E, H = 4, 64
@@ -75,24 +73,14 @@ def capped(model):
     """(address, layer) of a shard process holding every expert, capped once a stream has brought it a small frame
     and the BIG one, both answered: its threads, their malloc arenas and gRPC's buffers are there before the cap, so
     what the cap leaves is what the next BIG frame, its answer and the join get (one process per test)."""
-    proc = subprocess.Popen([sys.executable, "-c", SHARD, model, str(ROOM)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        address = f"127.0.0.1:{json.loads(proc.stdout.readline())['port']}"
+    with capped_shard(SHARD, model, ROOM) as shard:
         layer = open_model(model).spec.moe.moe_layers[0]
         t = make_transport("stream", insecure=False)
-        assert t.send(address, lambda: _small(layer), 30).result(timeout=60).output is not None
-        assert t.send(address, lambda: _unroutable(layer), 30).result(timeout=60).output is not None
+        assert t.send(shard.address, lambda: _small(layer), 30).result(timeout=60).output is not None
+        assert t.send(shard.address, lambda: _unroutable(layer), 30).result(timeout=60).output is not None
         t.close()
-        proc.stdin.write("cap\n")
-        proc.stdin.flush()
-        assert "capped" in json.loads(proc.stdout.readline())
-        yield address, layer
-    finally:
-        try:
-            proc.communicate("stop\n", timeout=30)
-        finally:
-            proc.kill()
+        shard.cap()
+        yield shard.address, layer
 
 
 def _small(layer: int, n: int = 4) -> ExpertRequest:
