@@ -59,9 +59,13 @@ class Multiplexed:
 def send_multiplexed(address: str, frame_id: int, encode: Callable[[], object], conn_for: Callable[[], Multiplexed],
                      deadlines: "Deadlines", timeout_s: float, fut: Future | None = None) -> Future:
     """One call on a multiplexed connection: encode the frame, submit it (one fresh connection if the one found has
-    died), its deadline kept by `deadlines`. Returns the call's Future (`fut`, when given: a fresh one)."""
+    died), its deadline kept by `deadlines`. Returns the call's Future (`fut`, when given: a fresh one). A call with
+    no time left (timeout_s <= 0) fails DEADLINE_EXCEEDED here, unsent, as it would at its deadline."""
     fut = Future() if fut is None else fut
     fut.set_running_or_notify_cancel()
+    if timeout_s <= 0:
+        fut.set_exception(TransportError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+        return fut
     try:
         frame = encode()
     except Exception as e:  # noqa: BLE001 - a request that cannot be built fails its call

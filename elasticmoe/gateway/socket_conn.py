@@ -57,8 +57,8 @@ class _Conn(Multiplexed):
         self._backlog: list[tuple[int, list]] | None = []  # (id, frame) submitted while connecting; None once open
         self.limit = 0  # the largest frame the shard takes, prefix included (Health; 0: not told)
         self._send_lock = threading.Lock()  # one frame on the wire at a time
-        self._spill: collections.deque = collections.deque()  # (unsent rest, frame, its bytes): what the writer
-        self._spilled = 0  # thread owes; the bytes of those frames (whole)
+        self._spill: collections.deque = collections.deque()  # (unsent rest, frame, its bytes, its id; 0: partly
+        self._spilled = 0  # written, it must go on): what the writer thread owes; the bytes of those frames (whole)
         self._token = threading.RLock()  # held by whoever reads the socket (this connection's thread or a caller;
         # reentrant: a callback run by a reading caller may wait on another call)
         self._reader: frame_socket.FrameReader | None = None  # set once open
@@ -100,11 +100,11 @@ class _Conn(Multiplexed):
                         f"{frames.BUSY}: {self.address} has not read the {len(self._spill)} frames "
                         f"({self._spilled} bytes) before")))
                 return
-            self._spill.append((frame_socket.unsent(sock, parts), parts, size))
+            self._spill.append((frame_socket.unsent(sock, parts), parts, size, frame_id))  # whole: may be skipped
             self._spilled += size
         elif rest := frame_socket.send_parts_nowait(sock, parts):  # (the common case, all of it sent: no sizing)
             size = frame_socket.nbytes(parts)
-            self._spill.append((rest, parts, size))  # parts: its `keep` holds the tensors the rest points into
+            self._spill.append((rest, parts, size, 0))  # parts: its `keep` holds the tensors the rest points into
             self._spilled = size
             threading.Thread(target=self._write_spilled, args=(sock,), name=f"frames-out-{self.address}",
                              daemon=True).start()
@@ -127,9 +127,17 @@ class _Conn(Multiplexed):
                 return
             with self._send_lock:  # the pop and the look at what is left in one hold: a caller finding the queue
                 self._spilled -= self._spill.popleft()[2]  # empty writes its frame itself and may start the
-                if not self._spill:  # next writer thread
+                self._drop_ended()  # next writer thread
+                if not self._spill:
                     return
                 rest = self._spill[0][0]
+
+    def _drop_ended(self) -> None:
+        """(Holding _send_lock.) Drop the waiting frames, none of them begun, whose calls have ended (past their
+        deadline, say): nobody would read their answers, and the shard would compute them all the same."""
+        with self._lock:
+            while self._spill and self._spill[0][3] and self._spill[0][3] not in self.pending:
+                self._spilled -= self._spill.popleft()[2]
 
     def _oversize(self, parts: list) -> TransportError | None:
         """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""
@@ -167,6 +175,8 @@ class _Conn(Multiplexed):
                 idle = self.retired and not self.pending  # retired while opening: its _shut found no socket
             try:
                 for frame_id, parts in [] if dead else backlog:
+                    if frame_id not in self.pending:  # its call ended while connecting (its deadline): not sent
+                        continue
                     if (err := self._oversize(parts)) is None:
                         self._write_or_spill(sock, frame_id, parts)
                     elif (fut := self.take(frame_id)) is not None:

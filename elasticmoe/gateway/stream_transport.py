@@ -16,8 +16,8 @@ from elasticmoe.rpc import frames
 
 STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
 # Frames queued for a stream that gRPC has not taken yet (it takes the next once the last is sent: a shard slow to
-# read, or not reading, holds them here, and calls past their deadline leave theirs), at most this many, as the socket
-# transport's unsent frames (socket_conn.SPILL_FRAMES): one more is refused as busy (another copy takes it)
+# read, or not reading, holds them here; a call past its deadline leaves its frame unsent), at most this many, as the
+# socket transport's unsent frames (socket_conn.SPILL_FRAMES): one more is refused as busy (another copy takes it)
 QUEUE_FRAMES = 32
 QUEUE_BYTES = 256 << 20  # and their bytes, at most: a frame that would pass it is refused so (one goes when alone)
 
@@ -50,11 +50,16 @@ class _Stream(Multiplexed):
         threading.Thread(target=self._read, name=f"stream-{address}", daemon=True).start()
 
     def _frames(self):
-        while (frame := self._out.get()) is not None:
+        """The queued frames as gRPC takes them; one whose call ended meanwhile (its deadline passed, or the stream
+        failed) is dropped unsent: nobody would read its answer, and the shard would compute it all the same."""
+        while (item := self._out.get()) is not None:
+            frame_id, frame = item
             with self._lock:
                 self.queued -= 1
                 self.queued_bytes -= len(frame)
-            yield frame
+                live = frame_id in self.pending
+            if live:
+                yield frame
 
     def submit(self, frame_id: int, frame: bytes, fut: Future) -> bool:
         """Queue a frame; False when the stream has died (the caller opens a new one). Queued under the lock, as
@@ -68,7 +73,7 @@ class _Stream(Multiplexed):
                 self.pending[frame_id] = fut
                 self.queued += 1
                 self.queued_bytes += len(frame)
-                self._out.put(frame)
+                self._out.put((frame_id, frame))
             queued, queued_bytes = self.queued, self.queued_bytes
         if full:
             fut.set_exception(TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (

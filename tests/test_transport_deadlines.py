@@ -1,0 +1,91 @@
+"""A stream or socket transport call past its deadline puts no bytes on the wire: one sent with no time left fails
+DEADLINE_EXCEEDED unsent, and frames still queued for a shard slow to read (the stream's queue, the socket's spilled
+frames) when their calls pass their deadlines are dropped, not sent for the shard to compute all the same (it did:
+each one cost the shard a computation nobody read, ahead of the calls still waited for). Real in-process shards;
+the shard's own call counter tells what it computed."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from elasticmoe.gateway.socket_transport import SocketTransport
+from elasticmoe.gateway.stream_transport import StreamTransport
+from elasticmoe.rpc.frames import ExpertRequest
+from tests.shard_util import E, Shards, _req, files  # noqa: F401
+
+
+@pytest.fixture
+def shard(files):  # noqa: F811
+    """One shard holding every expert (plaintext: the socket's writes spill sooner than through TLS's records)."""
+    shards = Shards(files, [list(range(E))], {0: {"insecure": True}})
+    yield shards
+    shards.servicers[0].faults.run_delay_s = 0.0
+    shards.close()
+
+
+def _make(kind: str):
+    return StreamTransport(insecure=True) if kind == "stream" else SocketTransport(insecure=True)
+
+
+def _big(files, layer: int, mib: int, seed: int) -> ExpertRequest:  # noqa: F811
+    g = torch.Generator().manual_seed(seed)
+    rows = (mib << 20) // (files.spec.hidden_size * 4)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(64)]).repeat(rows // 64, 1)  # [T, 2]
+    return ExpertRequest(layer, torch.randn(rows, files.spec.hidden_size, generator=g), ids.to(torch.int32),
+                         torch.rand(rows, 2, generator=g))
+
+
+def _deadline_exceeded(fut, timeout_s: float = 10) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        fut.result(timeout=timeout_s)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value
+
+
+@pytest.mark.parametrize("kind", ["stream", "socket"])
+def test_a_call_with_no_time_left_fails_unsent(files, shard, kind):  # noqa: F811
+    """timeout 0: DEADLINE_EXCEEDED at once, and the shard computes nothing for it (the next call on the same
+    connection, answered in order after it, finds the shard's counter up by its own call only)."""
+    layer, address, servicer = shard.layers[0], shard.addresses[0], shard.servicers[0]
+    t = _make(kind)
+    try:
+        assert t.send(address, lambda: _req(files, layer), 10).result(timeout=10).output.data  # connected
+        before = servicer.calls
+        _deadline_exceeded(t.send(address, lambda: _req(files, layer, seed=1), 0))
+        assert t.send(address, lambda: _req(files, layer, seed=2), 10).result(timeout=10).output.data
+        assert servicer.calls == before + 1, servicer.calls - before
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("kind", ["stream", "socket"])
+def test_frames_queued_past_their_deadline_are_not_sent(files, shard, kind):  # noqa: F811
+    """A shard asleep 1.5 s in a call; meanwhile SENT calls of large frames with a 0.5 s deadline queue behind it
+    (gRPC takes a stream's next frame only once the last is sent, within its window; the socket's writer thread
+    waits for room). All fail DEADLINE_EXCEEDED; the shard then computes only the few frames that were already on
+    their way (in the windows and socket buffers), not all SENT."""
+    layer, address, servicer = shard.layers[0], shard.addresses[0], shard.servicers[0]
+    mib = 4 if kind == "stream" else 16  # the stream's window takes 16 MiB; the socket's buffers a few MiB
+    sent = 12 if kind == "stream" else 6
+    reqs = [_big(files, layer, mib, seed) for seed in range(sent)]
+    t = _make(kind)
+    try:
+        assert t.send(address, lambda: _req(files, layer), 10).result(timeout=10).output.data  # connected
+        before = servicer.calls
+        servicer.faults.run_delay_s = 1.5
+        blocker = t.send(address, lambda: _req(files, layer, seed=1), 60)
+        time.sleep(0.2)  # the shard is asleep in it
+        late = [t.send(address, lambda r=r: r, 0.5) for r in reqs]
+        for f in late:
+            _deadline_exceeded(f)
+        servicer.faults.run_delay_s = 0.0
+        assert blocker.result(timeout=30).output.data
+        assert t.send(address, lambda: _req(files, layer, seed=2), 60).result(timeout=60).output.data
+        computed = servicer.calls - before - 2  # of the late frames
+        assert computed <= sent // 2, (computed, sent)
+    finally:
+        servicer.faults.run_delay_s = 0.0
+        t.close()
