@@ -89,3 +89,26 @@ def test_frames_queued_past_their_deadline_are_not_sent(files, shard, kind):  # 
     finally:
         servicer.faults.run_delay_s = 0.0
         t.close()
+
+
+def test_a_frame_whose_deadline_passed_while_connecting_is_not_sent(files, monkeypatch):  # noqa: F811
+    """The socket transport keeps the frames sent while its connection opens (Health, TCP, TLS) and writes them once
+    open: one whose call passed its deadline meanwhile is dropped. The shard's Health takes 1 s here (a busy pool)."""
+    from elasticmoe.experts.server import ExpertServicer
+
+    health = ExpertServicer.Health
+
+    def slow_health(self, request, context):
+        time.sleep(1.0)
+        return health(self, request, context)
+    monkeypatch.setattr(ExpertServicer, "Health", slow_health)  # before the server registers its handlers
+    shards = Shards(files, [list(range(E))], {0: {"insecure": True}})
+    layer, address, servicer = shards.layers[0], shards.addresses[0], shards.servicers[0]
+    t = SocketTransport(insecure=True)
+    try:
+        _deadline_exceeded(t.send(address, lambda: _req(files, layer), 0.3))
+        assert t.send(address, lambda: _req(files, layer, seed=1), 10).result(timeout=10).output.data
+        assert servicer.calls == 1, servicer.calls
+    finally:
+        t.close()
+        shards.close()
