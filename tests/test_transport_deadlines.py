@@ -14,6 +14,7 @@ import torch
 
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.stream_transport import StreamTransport
+from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.rpc.frames import ExpertRequest
 from tests.shard_util import E, Shards, _req, files  # noqa: F401
 
@@ -112,3 +113,23 @@ def test_a_frame_whose_deadline_passed_while_connecting_is_not_sent(files, monke
     finally:
         t.close()
         shards.close()
+
+
+def test_a_unary_call_that_waited_for_a_worker_keeps_its_deadline(files, shard):  # noqa: F811
+    """The unary transport's calls wait for a worker of its pool (one here): a call given 0.3 s that waited 1 s behind
+    a straggling one fails DEADLINE_EXCEEDED, unsent (it went out with a fresh 0.3 s and was answered, at 1 s)."""
+    layer, address, servicer = shard.layers[0], shard.addresses[0], shard.servicers[0]
+    t = UnaryTransport(insecure=True, workers=1)
+    try:
+        assert t.send(address, lambda: _req(files, layer), 10).result(timeout=10).output.data  # connected
+        before = servicer.calls
+        servicer.faults.run_delay_s = 1.0
+        first = t.send(address, lambda: _req(files, layer, seed=1), 10)
+        time.sleep(0.2)  # the shard is asleep in it, the pool's one worker waiting for its answer
+        servicer.faults.run_delay_s = 0.0
+        _deadline_exceeded(t.send(address, lambda: _req(files, layer, seed=2), 0.3))
+        assert first.result(timeout=10).output.data
+        assert servicer.calls == before + 1, servicer.calls - before
+    finally:
+        servicer.faults.run_delay_s = 0.0
+        t.close()

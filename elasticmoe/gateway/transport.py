@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable, Collection, Literal, Protocol
 
@@ -188,7 +189,9 @@ class _Channels:
 
 
 class UnaryTransport(_Channels):
-    """One unary RunExperts call per request, issued from a thread pool (the request is built there too)."""
+    """One unary RunExperts call per request, issued from a thread pool (the request is built there too). The
+    deadline runs from send(): a call that waited in the pool gets what is left of it, none left: DEADLINE_EXCEEDED,
+    unsent."""
 
     def __init__(self, insecure: bool = False, workers: int = 64):
         super().__init__(insecure)
@@ -196,10 +199,13 @@ class UnaryTransport(_Channels):
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
         stub, _ = self.stub(address)
+        deadline = time.monotonic() + timeout_s
 
         def call():
+            if (left := deadline - time.monotonic()) <= 0:  # all of it spent waiting for a worker
+                raise TransportError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             try:
-                return stub.RunExperts(frames.as_proto(build()), timeout=timeout_s)
+                return stub.RunExperts(frames.as_proto(build()), timeout=left)
             except grpc.RpcError as e:
                 raise self.refusal(address, e) from None
         return self._pool.submit(call)
