@@ -156,6 +156,22 @@ def test_load_experts_out_of_range_layer_is_invalid_argument(shard):
         shard["store"].load([(-1, 0)])  # not Python's last layer
 
 
+def test_a_wrong_dtype_is_refused_naming_the_dtypes_taken(shard):
+    """float64 hidden states (or weights), or float ids: INVALID_ARGUMENT naming the dtypes a shard takes (the message
+    once said float64 'must be floating point'); the shard keeps serving."""
+    req, _ = _valid(shard, 5)
+    for field, cast in (("hidden", torch.float64), ("topk_weights", torch.float64), ("topk_ids", torch.float32)):
+        bad = pb.RunExpertsRequest()
+        bad.CopyFrom(req)
+        getattr(bad, field).CopyFrom(encode_tensor(decode_tensor(getattr(req, field)).to(cast)))
+        with pytest.raises(grpc.RpcError) as e:
+            shard["stub"].RunExperts(bad, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, e.value.details())
+        assert "float32, float16 or bfloat16" in e.value.details() and "int32 or int64" in e.value.details()
+        assert f"{field} {cast}".replace("torch.", "") in e.value.details(), e.value.details()
+    _check_valid(shard, 5)
+
+
 def _own_store(shard, pairs) -> ExpertStore:
     files = shard["files"]
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))

@@ -13,6 +13,10 @@ _ID_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 def decode_run(request: pb.RunExpertsRequest, context, spec: ModelSpec, max_rows: int, device: torch.device,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden [T, H] in `dtype`, topk_ids [T, k], topk_weights [T, k]) on `device`, once the request is valid: layer,
@@ -40,8 +44,8 @@ def decode_run(request: pb.RunExpertsRequest, context, spec: ModelSpec, max_rows
     except ValueError as e:
         bad(str(e))
     if hidden.dtype not in _FLOAT_DTYPES or weights.dtype not in _FLOAT_DTYPES or ids.dtype not in _ID_DTYPES:
-        bad(f"dtypes: hidden {hidden.dtype} and topk_weights {weights.dtype} must be floating point, "
-            f"topk_ids {ids.dtype} int32 or int64")
+        bad(f"dtypes: hidden {_name(hidden)} and topk_weights {_name(weights)} must be float32, float16 or bfloat16, "
+            f"topk_ids {_name(ids)} int32 or int64")
     if hidden.shape[1] != spec.hidden_size or hidden.shape[0] != t or weights.shape != ids.shape:
         bad(f"shapes: hidden {list(hidden.shape)}, topk_ids {list(ids.shape)}, topk_weights "
             f"{list(weights.shape)}; want [T, {spec.hidden_size}], [T, k], [T, k]")
