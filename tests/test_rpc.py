@@ -158,6 +158,9 @@ def test_frame_errors_are_clear() -> None:
     p = _payload(good)
     p[desc + 8:desc + 16] = (-1).to_bytes(8, "little", signed=True)
     cases["dims [-1, 4]"] = _rewire(p)
+    p = _payload(good)
+    p[20:24] = (1 << 31).to_bytes(4, "little")  # the header's error text length, past the frame's end
+    cases["too short for its 2147483648-byte error text"] = _rewire(p)
     for what, wire in cases.items():
         with pytest.raises(frames.FrameError, match=re.escape(what)):
             frames.decode_request(wire)

@@ -229,7 +229,7 @@ def _parse(buf: bytes, kind: int) -> tuple[tuple, list[WireTensor], str]:
         raise FrameError(f"frame {frame_id}: magic {bytes(magic)!r} kind {got_kind}, want {MAGIC!r} kind {kind}",
                          frame_id)
     if size < off + text_len:
-        raise FrameError(f"frame {frame_id}: {size} bytes, too short for {count} tensors", frame_id)
+        raise FrameError(f"frame {frame_id}: {size} bytes, too short for its {text_len}-byte error text", frame_id)
     text = ""
     if text_len:
         text = bytes(view[off:off + text_len]).decode(errors="replace")
