@@ -145,9 +145,16 @@ def _with(i: int, **fields) -> list[dict]:
     (_call(arguments="[" * 100_000), "messages[1].tool_calls[0].function.arguments", "invalid_value"),
     (_call(arguments=5), "messages[1].tool_calls[0].function.arguments", "invalid_type"),
     (_call(name=None), "messages[1].tool_calls[0].function.name", "invalid_type"),
+    (_with(3, tool_call_id="call_9"), "messages[3].tool_call_id", "invalid_value"),
+    ([CONVERSATION[0], CONVERSATION[2]], "messages[1].tool_call_id", "invalid_value"),
+    ([CONVERSATION[0], {"role": "assistant", "content": "Sunny."}, CONVERSATION[2]], "messages[2].tool_call_id",
+     "invalid_value"),
+    ([*CONVERSATION[:2], {"role": "user", "content": "And?"}, CONVERSATION[2]], "messages[3].tool_call_id",
+     "invalid_value"),
 ], ids=["calls-on-user", "id-on-assistant", "tool-without-id", "id-not-string", "no-calls", "calls-not-list",
         "call-without-id", "custom-call", "call-extra-field", "arguments-not-json", "arguments-not-object",
-        "arguments-deep", "arguments-number", "name-null"])
+        "arguments-deep", "arguments-number", "name-null", "answers-no-call", "tool-after-user",
+        "tool-after-plain-assistant", "tool-after-a-later-user"])
 def test_malformed_tool_fields_are_400s_naming_them(served, messages, param, code):
     _, client = served
     with pytest.raises(openai.BadRequestError) as e:

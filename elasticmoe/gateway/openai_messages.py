@@ -89,13 +89,37 @@ def _tool_fields(i: int, m: ChatMessage) -> tuple[dict[str, Any], int]:
     return out, size
 
 
+class _Calls:
+    """The tool calls a tool message may answer: those of the assistant message before it, with only tool messages
+    between (OpenAI's rule: a tool message answering no such call is a 400; a template would render it as the
+    answer to a call never made)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.at: int | None = None  # that assistant message's index
+
+    def see(self, i: int, m: ChatMessage) -> None:
+        if m.role != "tool":
+            self.ids = {c.id for c in m.tool_calls or ()} if m.role == "assistant" else set()
+            self.at = i if self.ids else None
+            return
+        if m.tool_call_id is None or m.tool_call_id in self.ids:  # None: _tool_fields names it
+            return
+        where = f"messages[{i}].tool_call_id"
+        if self.at is None:
+            raise InvalidRequest(where, "a tool message must answer a call in the tool_calls of the assistant "
+                                        "message before it (only tool messages between); there is none")
+        raise InvalidRequest(where, f"{short(m.tool_call_id)} is not the id of a call in messages[{self.at}]"
+                                    f".tool_calls ({', '.join(sorted(short(c) for c in self.ids))[:200]})")
+
+
 def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], int]:
     """Messages as the chat template takes them ({role, content[, name][, tool_calls][, tool_call_id]}: a template
     may write each, as transformers passes message dicts through), and their bytes of content, names and tool
     fields."""
     if not messages:
         raise InvalidRequest("messages", "at least one message is required", "empty_array")
-    conv, size = [], 0
+    conv, size, calls = [], 0, _Calls()
     for i, m in enumerate(messages):
         content = m.content or ""
         if isinstance(content, list):
@@ -107,6 +131,7 @@ def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], in
         if m.name is not None:
             turn["name"] = m.name
         tools, tool_bytes = _tool_fields(i, m)
+        calls.see(i, m)
         turn.update(tools)
         size += len(content.encode("utf-8")) + len((m.name or "").encode("utf-8")) + tool_bytes
         conv.append(turn)
