@@ -99,3 +99,39 @@ def test_tool_calls_asked_for_are_400s_naming_tool_choice(served, tools, choice)
     assert err["message"].startswith("tool_choice: this server makes no tool calls: only 'none' is supported")
     assert ("'auto'" in err["message"]) if choice is None else (repr(choice)[:20] in err["message"])
     assert _greedy(client, messages=NAMED, tool_choice="auto").choices[0].message.content  # no tools: auto is none
+
+
+def test_a_replayed_response_message_is_taken_and_its_refusal_is_its_text(served):
+    """The official client's model_dump() of a response's message (refusal, annotations, audio, function_call and
+    tool_calls null) and OpenAI's own answer (annotations []) are taken as the assistant turn they hold; a refusal
+    with no content is that turn's text (it was dropped: an empty turn)."""
+    core, client = served
+    first = _greedy(client, messages=NAMED[:2])
+    replayed = first.choices[0].message.model_dump()
+    assert set(replayed) >= {"refusal", "annotations", "audio", "function_call", "tool_calls"}, replayed
+    for sent in (replayed, {**replayed, "annotations": []}):
+        out = _greedy(client, messages=[*NAMED[:2], sent, NAMED[3]])
+        ref = _ref(core, [*NAMED[:2], {"role": "assistant", "content": replayed["content"]}, NAMED[3]])[1]
+        assert out.usage.prompt_tokens == len(ref)
+    refused = {"role": "assistant", "content": None, "refusal": "I cannot say."}
+    text, ids = _ref(core, [*NAMED[:2], {"role": "assistant", "content": "I cannot say."}, NAMED[3]])
+    assert "I cannot say." in text
+    assert _greedy(client, messages=[*NAMED[:2], refused, NAMED[3]]).usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("message,param,code", [
+    ({"role": "user", "contents": "Hi."}, "messages[1].contents", "unknown_parameter"),
+    ({"role": "user", "content": "Hi.", "refusal": "no"}, "messages[1].refusal", "unknown_parameter"),
+    ({"role": "assistant", "content": None, "audio": {"id": "audio_1"}}, "messages[1].audio", "unsupported_value"),
+    ({"role": "assistant", "content": None, "function_call": {"name": "get_time", "arguments": "{}"}},
+     "messages[1].function_call", "unsupported_value"),
+], ids=["misspelt-content", "refusal-on-user", "audio", "function-call"])
+def test_a_message_field_not_taken_is_a_400_naming_it(served, message, param, code):
+    """OpenAI refuses a message's unknown field ("Additional properties are not allowed"); it was dropped in
+    silence, so a misspelt `contents` sent an empty turn, and an audio reply or legacy function_call vanished."""
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(client, messages=[NAMED[0], message, NAMED[3]])
+    err = e.value.body
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
+    assert param in err["message"], err

@@ -27,12 +27,22 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    """One message. An unknown field is a 400 naming it, as OpenAI answers one ("Additional properties are not
+    allowed"; dropped, a misspelt field such as `contents` left an empty turn with no sign of it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant messages only
     tool_call_id: str | None = None  # tool messages only, and required there
+    # An assistant message's fields of a response that a client sends back when it replays it (the official
+    # client's model_dump(), or OpenAI's own answer, writes them, mostly null): a refusal is that turn's text when it
+    # has no content; annotations (a response's citations) are dropped; audio and function_call only null
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
 
 
 def call_chars(messages: list[ChatMessage], per_object: int) -> int:
@@ -69,15 +79,23 @@ def _tool_calls(i: int, calls: list[ToolCall]) -> tuple[list[dict[str, Any]], in
     return out, size
 
 
+_ROLE_FIELDS = (("tool_calls", "assistant"), ("tool_call_id", "tool"), ("refusal", "assistant"),
+                ("annotations", "assistant"), ("audio", "assistant"), ("function_call", "assistant"))
+
+
 def _tool_fields(i: int, m: ChatMessage) -> tuple[dict[str, Any], int]:
     """A message's tool_calls (an assistant's) and tool_call_id (a tool message's, required there) as the template
     takes them, and their bytes; either on another role is a 400 naming it."""
     out: dict[str, Any] = {}
     size = 0
-    for field, role in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
+    for field, role in _ROLE_FIELDS:
         if getattr(m, field) is not None and m.role != role:
             raise InvalidRequest(f"messages[{i}].{field}", f"only for a message of role {role!r}, not {m.role!r}",
                                  "unknown_parameter")
+    for field, instead in (("audio", "content"), ("function_call", "tool_calls")):
+        if getattr(m, field) is not None:
+            raise InvalidRequest(f"messages[{i}].{field}", f"not supported: give it in {instead} (null is taken)",
+                                 "unsupported_value")
     if m.tool_calls is not None:
         out["tool_calls"], size = _tool_calls(i, m.tool_calls)
     if m.role == "tool":
@@ -121,7 +139,7 @@ def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], in
         raise InvalidRequest("messages", "at least one message is required", "empty_array")
     conv, size, calls = [], 0, _Calls()
     for i, m in enumerate(messages):
-        content = m.content or ""
+        content = m.content or m.refusal or ""
         if isinstance(content, list):
             if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
                 raise InvalidRequest(f"messages[{i}].content", "only text content parts (with a string text) "
