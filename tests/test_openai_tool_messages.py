@@ -88,8 +88,10 @@ def test_tool_calls_and_their_results_reach_the_chat_template(served, stream):
     text, ids = _rendered(core, _transformers_form(CONVERSATION), TOOLS)
     assert '"arguments": {"city": "Paris"}} [call_1: city=Paris;]' in text and "days=2;" in text
     assert "<tool_response id=call_1>" in text and "<tool_response id=call_2>" in text
-    status, out = _tokenize(client, {"messages": CONVERSATION})  # /tokenize takes no tools
+    status, out = _tokenize(client, {"messages": CONVERSATION})
     assert (status, out["tokens"]) == (200, _rendered(core, _transformers_form(CONVERSATION))[1])
+    status, out = _tokenize(client, {"messages": CONVERSATION, "tools": TOOLS})  # as chat completions count them
+    assert (status, out["tokens"], out["count"]) == (200, ids, len(ids))
     ref = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
                                     extra_body={"ignore_eos": True}).choices[0].text
     kw = dict(model=MODEL, messages=CONVERSATION, tools=TOOLS, tool_choice="none", max_tokens=6, temperature=0,
@@ -101,6 +103,13 @@ def test_tool_calls_and_their_results_reach_the_chat_template(served, stream):
         return
     out = client.chat.completions.create(**kw)
     assert (out.choices[0].message.content, out.usage.prompt_tokens) == (ref, len(ids))
+
+
+def test_tools_at_tokenize_need_messages(served):
+    """/tokenize of a prompt renders no template: tools there are a 400 naming tools, not ignored."""
+    _, client = served
+    status, out = _tokenize(client, {"prompt": "Weather?", "tools": TOOLS})
+    assert (status, out["error"]["param"], out["error"]["code"]) == (400, "tools", "invalid_value"), out
 
 
 def test_arguments_given_as_an_object_and_empty_arguments_are_taken(served):

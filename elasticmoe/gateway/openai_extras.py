@@ -24,6 +24,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # of a prompt, vLLM's default; chat messages take the template's alone
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None  # with messages: given to the template as chat completions gives them
     return_token_strs: bool = False
 
 
@@ -97,10 +98,12 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
         try:
             if (req.prompt is None) == (req.messages is None):
                 raise InvalidRequest("prompt", "give exactly one of prompt and messages")
+            if req.tools is not None and req.messages is None:
+                raise InvalidRequest("tools", "only with messages (the chat template renders them)")
             if req.prompt is not None:
                 ids = check.encode(core.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)
             else:
-                ids = chat_ids(core.tokenizer, req.messages, check, req.add_generation_prompt)
+                ids = chat_ids(core.tokenizer, req.messages, check, req.add_generation_prompt, req.tools)
         except InvalidRequest as e:
             raise _invalid(core, e) from None
         body: dict[str, Any] = {"count": len(ids), "max_model_len": check.max_model_len, "tokens": ids}
