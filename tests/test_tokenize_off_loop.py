@@ -5,7 +5,10 @@ gRPC (the direct port's GenerationService), each over a real engine with in-proc
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -54,8 +57,9 @@ def core(model):  # noqa: F811
     core.runner.close()
 
 
-def _while_held(core, send_long, send_short) -> None:
-    """send_long() in a thread until its tokenizing is held, then send_short() must finish; then release."""
+def _while_held(core, send_long, send_short, expect: str = "refused") -> None:
+    """send_long() in a thread until its tokenizing is held, then send_short() must finish; then release. send_long
+    returns how its request ended: `expect` (by default refused, too long for the context)."""
     real, held = core.tokenizer, _HeldTokenizer(core.tokenizer)
     core.tokenizer, outcome = held, []
     t = threading.Thread(target=lambda: outcome.append(send_long()))
@@ -68,7 +72,31 @@ def _while_held(core, send_long, send_short) -> None:
         t.join(60)
         core.tokenizer = real
     assert held.threads and all(name.startswith("tokenize") for name in held.threads), held.threads
-    assert outcome == ["refused"], outcome  # the long request ended as it should: too long for the context
+    assert outcome == [expect], outcome  # the long request ended as it should
+
+
+@pytest.mark.parametrize("body,expect", [({"prompt": LONG}, "answered"),
+                                         ({"messages": [{"role": "user", "content": LONG}]}, "refused")],
+                         ids=["prompt", "chat"])
+def test_http_answers_while_a_long_prompt_is_tokenized_at_tokenize(core, body, expect):
+    """POST /tokenize (vLLM's) tokenized on the event loop: a long prompt there held every stream as long. A prompt
+    is counted whatever its length (as vLLM counts it); chat messages are held to the context, as chat is."""
+    server = Server(build_openai_app(core))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=20)
+    try:
+        def send_long():
+            req = urllib.request.Request(server.url.removesuffix("/v1") + "/tokenize", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(req, timeout=60)
+            except urllib.error.HTTPError as e:  # over the context
+                return "refused" if e.code == 400 else str(e.code)
+            return "answered"
+
+        _while_held(core, send_long, lambda: client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2),
+                    expect)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])

@@ -22,8 +22,8 @@ from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_body import parse_body
 from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
-from elasticmoe.gateway.openai_messages import call_chars, chat_ids
-from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of, parsed, tokenized
+from elasticmoe.gateway.openai_messages import chat_chars, chat_ids
+from elasticmoe.gateway.tokenizing import chars_of, parsed, tokenized
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, check_model,
     completion_ids, http_error, reject_unsupported, sampling_params)
@@ -119,9 +119,8 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
     try:
         reject_unsupported(req)
         check = _validator(core)
-        # tools reach the template, whose rendering of them this does not count: it runs off the loop
-        chars = chars_of(req.messages) + call_chars(req.messages, OFF_LOOP_CHARS) + (OFF_LOOP_CHARS if req.tools else 0)
-        ids = await tokenized(chars, chat_ids, core.tokenizer, req.messages, check, True, req.tools)
+        ids = await tokenized(chat_chars(req.messages, req.tools), chat_ids, core.tokenizer, req.messages, check, True,
+                              req.tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context allows (generation_config's where less;
             # chat_ids refused a prompt that fills the context, naming messages)

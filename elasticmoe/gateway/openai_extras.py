@@ -9,8 +9,9 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest
-from elasticmoe.gateway.openai_messages import ChatMessage, chat_ids
+from elasticmoe.gateway.openai_messages import ChatMessage, chat_chars, chat_ids
 from elasticmoe.gateway.openai_protocol import ApiError
+from elasticmoe.gateway.tokenizing import chars_of, tokenized
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -100,10 +101,12 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
                 raise InvalidRequest("prompt", "give exactly one of prompt and messages")
             if req.tools is not None and req.messages is None:
                 raise InvalidRequest("tools", "only with messages (the chat template renders them)")
-            if req.prompt is not None:
-                ids = check.encode(core.tokenizer, req.prompt, add_special_tokens=req.add_special_tokens)
+            if req.prompt is not None:  # a long one off the loop, as chat and completions tokenize theirs
+                ids = await tokenized(chars_of(req.prompt), check.encode, core.tokenizer, req.prompt, "prompt",
+                                      req.add_special_tokens)
             else:
-                ids = chat_ids(core.tokenizer, req.messages, check, req.add_generation_prompt, req.tools)
+                ids = await tokenized(chat_chars(req.messages, req.tools), chat_ids, core.tokenizer, req.messages,
+                                      check, req.add_generation_prompt, req.tools)
         except InvalidRequest as e:
             raise _invalid(core, e) from None
         body: dict[str, Any] = {"count": len(ids), "max_model_len": check.max_model_len, "tokens": ids}

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.engine.validation import Validator, short
+from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of
 
 
 class ToolCallFunction(BaseModel):
@@ -45,11 +46,13 @@ class ChatMessage(BaseModel):
     function_call: dict[str, Any] | None = None
 
 
-def call_chars(messages: list[ChatMessage], per_object: int) -> int:
-    """Characters of the messages' tool-call arguments (JSON the template's rendering parses and writes out); an
-    argument object (not OpenAI's form) counts per_object."""
-    return sum(len(c.function.arguments) if isinstance(c.function.arguments, str) else per_object
-               for m in messages for c in m.tool_calls or ())
+def chat_chars(messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> int:
+    """A chat request's characters, which decide whether it is templated and tokenized off the loop: its contents',
+    its tool-call arguments' (JSON the template's rendering parses and writes out; an argument object, not OpenAI's
+    form, counts OFF_LOOP_CHARS), and OFF_LOOP_CHARS for tools (the template's rendering of them is not counted)."""
+    calls = sum(len(c.function.arguments) if isinstance(c.function.arguments, str) else OFF_LOOP_CHARS
+                for m in messages for c in m.tool_calls or ())
+    return chars_of(messages) + calls + (OFF_LOOP_CHARS if tools else 0)
 
 
 def _arguments(where: str, args: str | dict[str, Any]) -> tuple[dict[str, Any], int]:
