@@ -61,6 +61,17 @@ def test_an_unknown_url_or_method_has_no_code_as_in_openai(served, method, path,
     assert (got, _without_message(err)) == (status, REFUSAL)
 
 
+def test_metrics_in_a_server_without_them_is_an_unknown_url(served):  # noqa: F811
+    """GET /metrics where the core keeps none: the 404 of an unknown URL (its type was "not_found", no OpenAI type)."""
+    core, client = served
+    metrics, core.metrics = core.metrics, None
+    try:
+        status, err, _ = _call(_base(client), "/metrics", None, "GET")
+    finally:
+        core.metrics = metrics
+    assert (status, _without_message(err)) == (404, REFUSAL) and "/metrics" in err["message"]
+
+
 def test_a_body_over_the_limit_is_a_413_with_no_code_on_every_route(served):  # noqa: F811
     core, client = served
     engine = core.runner.engine

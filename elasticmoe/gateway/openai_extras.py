@@ -88,7 +88,7 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
     async def metrics() -> PlainTextResponse:
         m = getattr(get_core(), "metrics", None)
         if m is None:
-            raise ApiError(404, "no metrics in this server", "not_found")
+            raise ApiError(404, "Invalid URL (GET /metrics): no metrics in this server")  # as an unknown URL
         return PlainTextResponse(prometheus_text(m), media_type=PROMETHEUS_TYPE)
 
     @app.post("/tokenize")
