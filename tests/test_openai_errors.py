@@ -58,6 +58,11 @@ def test_bad_completion_fields_are_openai_400s(served, kw, param, code):
     ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content", U),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content", U),
     ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name", T),
+    # content is required (an empty turn was sent), but on an assistant message with tool_calls or a refusal
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
+    ({"messages": [CHAT[0], {"role": "user", "content": None}]}, "messages[1].content", T),
+    ({"messages": [*CHAT, {"role": "assistant", "content": None}, CHAT[1]]}, "messages[2].content", T),
+    ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "empty_array"),
 ])
 def test_bad_chat_fields_are_openai_400s(served, kw, param, code):
     _, client = served
@@ -65,6 +70,21 @@ def test_bad_chat_fields_are_openai_400s(served, kw, param, code):
         client.chat.completions.create(**{"model": MODEL, "messages": CHAT, "max_tokens": 4, **kw})
     assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
     assert e.value.body["message"].startswith(param) and e.value.body["code"] == code, e.value.body
+
+
+@pytest.mark.parametrize("part,words", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "part 1 is of type 'image_url'"),
+    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "part 1 is of type 'input_audio'"),
+    ({"type": "text"}, "part 1 ('text') has no string text"),
+], ids=["image", "audio", "text-without-text"])
+def test_a_content_part_not_taken_is_named_by_its_place_and_type(served, part, words):
+    """The 400 said only "only text content parts are supported": which part, and what it was, were left out."""
+    _, client = served
+    content = [{"type": "text", "text": "What is this?"}, part]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=2)
+    assert (e.value.body["param"], e.value.body["code"]) == ("messages[0].content", U)
+    assert words in e.value.body["message"], e.value.body
 
 
 @pytest.mark.parametrize("body,param,code", [

@@ -134,6 +134,30 @@ class _Calls:
                                     f".tool_calls ({', '.join(sorted(short(c) for c in self.ids))[:200]})")
 
 
+def _text(i: int, m: ChatMessage) -> str:
+    """A message's content as the template takes it: its string, or its text parts joined by newlines (as vLLM
+    joins them: parts never glue words). Required, as OpenAI requires it (an empty turn was sent in its place),
+    but on an assistant message that holds tool_calls or a refusal (that refusal is then its text)."""
+    where, content = f"messages[{i}].content", m.content
+    if content is None:
+        if m.role == "assistant" and (m.tool_calls or m.refusal is not None):
+            return m.refusal or ""
+        if "content" not in m.model_fields_set:
+            raise InvalidRequest(where, f"a message of role {m.role!r} needs content", "missing_required_parameter")
+        raise InvalidRequest(where, f"a message of role {m.role!r} needs content, got null", "invalid_type")
+    if isinstance(content, str):
+        return content
+    if not content:
+        raise InvalidRequest(where, "an empty list: give at least one content part", "empty_array")
+    for j, part in enumerate(content):
+        if part.get("type") != "text":
+            raise InvalidRequest(where, f"part {j} is of type {short(part.get('type'))}: only 'text' parts are "
+                                        "supported", "unsupported_value")
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequest(where, f"part {j} ('text') has no string text", "unsupported_value")
+    return "\n".join(part["text"] for part in content)
+
+
 def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], int]:
     """Messages as the chat template takes them ({role, content[, name][, tool_calls][, tool_call_id]}: a template
     may write each, as transformers passes message dicts through), and their bytes of content, names and tool
@@ -142,17 +166,12 @@ def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], in
         raise InvalidRequest("messages", "at least one message is required", "empty_array")
     conv, size, calls = [], 0, _Calls()
     for i, m in enumerate(messages):
-        content = m.content or m.refusal or ""
-        if isinstance(content, list):
-            if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
-                raise InvalidRequest(f"messages[{i}].content", "only text content parts (with a string text) "
-                                                               "are supported", "unsupported_value")
-            content = "\n".join(p["text"] for p in content)  # as vLLM joins them: parts never glue words
+        tools, tool_bytes = _tool_fields(i, m)
+        calls.see(i, m)
+        content = _text(i, m)
         turn = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             turn["name"] = m.name
-        tools, tool_bytes = _tool_fields(i, m)
-        calls.see(i, m)
         turn.update(tools)
         size += len(content.encode("utf-8")) + len((m.name or "").encode("utf-8")) + tool_bytes
         conv.append(turn)
