@@ -6,6 +6,7 @@ tool_choice values stay 400s naming tool_choice. The template here writes names 
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import openai
@@ -135,3 +136,26 @@ def test_a_message_field_not_taken_is_a_400_naming_it(served, message, param, co
     err = e.value.body
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
     assert param in err["message"], err
+
+
+@pytest.mark.parametrize("tool,param,code", [
+    ({}, "tools[0].type", "missing_required_parameter"),
+    ({"type": "function"}, "tools[0].function", "missing_required_parameter"),
+    ({"type": "function", "function": {"name": 5}}, "tools[0].function.name", "invalid_type"),
+    ({"type": "function", "function": {"name": "get_time", "params": {}}}, "tools[0].function.params",
+     "unknown_parameter"),
+], ids=["empty", "no-function", "name-not-string", "misspelt-parameters"])
+def test_a_malformed_tool_is_a_400_naming_its_field(served, tool, param, code):
+    """OpenAI (and vLLM) check a tool's shape; here it reached the template, which failed on it as `messages` or
+    wrote it as it was (a number for a name, a misspelt `params` dropped)."""
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(client, messages=NAMED, tools=[tool], tool_choice="none")
+    err = e.value.body
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
+    base = str(client.base_url).removesuffix("/v1/")
+    req = urllib.request.Request(f"{base}/tokenize", json.dumps({"messages": NAMED, "tools": [tool]}).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert json.loads(e.value.read())["error"]["param"] == param

@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest
-from elasticmoe.gateway.openai_messages import ChatMessage, chat_chars, chat_ids
+from elasticmoe.gateway.openai_messages import ChatMessage, Tool, chat_chars, chat_ids
 from elasticmoe.gateway.openai_protocol import ApiError
 from elasticmoe.gateway.tokenizing import chars_of, tokenized
 
@@ -25,7 +25,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # of a prompt, vLLM's default; chat messages take the template's alone
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None  # with messages: given to the template as chat completions gives them
+    tools: list[Tool] | None = None  # with messages: given to the template as chat completions gives them
     return_token_strs: bool = False
 
 

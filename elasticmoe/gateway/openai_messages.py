@@ -27,6 +27,24 @@ class ToolCall(BaseModel):
     function: ToolCallFunction
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """A request's tool, as OpenAI's API reference writes one (vLLM checks the same shape): given to the chat
+    template as sent; a malformed one is a 400 naming its field (it reached the template, which failed on it as
+    "messages", or rendered it as it was)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class ChatMessage(BaseModel):
     """One message. An unknown field is a 400 naming it, as OpenAI answers one ("Additional properties are not
     allowed"; dropped, a misspelt field such as `contents` left an empty turn with no sign of it)."""
@@ -46,7 +64,7 @@ class ChatMessage(BaseModel):
     function_call: dict[str, Any] | None = None
 
 
-def chat_chars(messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> int:
+def chat_chars(messages: list[ChatMessage], tools: list[Tool] | None) -> int:
     """A chat request's characters, which decide whether it is templated and tokenized off the loop: its contents',
     its tool-call arguments' (JSON the template's rendering parses and writes out; an argument object, not OpenAI's
     form, counts OFF_LOOP_CHARS), and OFF_LOOP_CHARS for tools (the template's rendering of them is not counted)."""
@@ -179,7 +197,7 @@ def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], in
 
 
 def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_generation_prompt: bool = True,
-             tools: list[dict[str, Any]] | None = None) -> list[int]:
+             tools: list[Tool] | None = None) -> list[int]:
     """Apply the checkpoint's chat template (with the assistant generation prompt unless told not; `tools`, if any,
     given to it as vLLM gives them) -> token ids."""
     conv, size = _conversation(messages)
@@ -188,7 +206,7 @@ def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_
         raise InvalidRequest("messages", f"{size} bytes of content; the limit is {limit}")
     try:
         text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                             tools=tools or None)
+                                             tools=[t.model_dump(exclude_unset=True) for t in tools or ()] or None)
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
         raise InvalidRequest("messages", f"the chat template rejected the conversation: {short(str(e), 200)}") from e
     rendered = len(text.encode("utf-8", "replace"))  # each message adds its template's text: held as a prompt is

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from elasticmoe.config import default_served_name, served_name
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
 from elasticmoe.engine.validation import INT32_MAX, SEED_RANGE, Validator, clip, short
-from elasticmoe.gateway.openai_messages import ChatMessage
+from elasticmoe.gateway.openai_messages import ChatMessage, Tool
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_N = 16  # choices per request
@@ -122,7 +122,7 @@ class ChatRequest(BaseRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
