@@ -110,9 +110,13 @@ def test_bodies_that_are_no_request_carry_a_code(served, body, param, code):
     (True, {"tool_choice": 5}, "tool_choice", "tool_choice: must be a string or an object"),
     (True, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
      "messages[0].content: must be a string or a list of objects"),
-], ids=["stop", "stop-list", "prompt", "tool_choice", "content"])
+    (True, {"messages": ["Hi."]}, "messages[0]", "messages[0]: must be an object"),
+    (True, {"tools": ["get_time"]}, "tools[0]", "tools[0]: must be an object"),
+    (True, {"stream": True, "stream_options": True}, "stream_options", "stream_options: must be an object"),
+], ids=["stop", "stop-list", "prompt", "tool_choice", "content", "message", "tool", "stream_options"])
 def test_a_wrong_type_in_a_union_field_names_the_field_and_what_it_takes(served, chat, kw, param, message):
-    """Not pydantic's inner branch ("stop.str: Input should be a valid string"): the field as sent, and its types."""
+    """Not pydantic's inner branch ("stop.str: Input should be a valid string") nor our class ("a valid dictionary or
+    instance of ChatMessage"): the field as sent, and its types."""
     _, client = served
     with pytest.raises(openai.BadRequestError) as e:
         if chat:

@@ -203,6 +203,8 @@ def _describe(exc: RequestValidationError | ValidationError, model: Any = None) 
         kinds = [_kind(t) for t in union[1]]
         where = _where(loc[:union[0]]) or None
         return f"{where}: must be {', '.join(kinds[:-1])} or {kinds[-1]}", where, "invalid_type"
+    if kind == "model_type":  # not pydantic's "a valid dictionary or instance of ChatMessage": a class of ours
+        return f"{where}: must be an object", where, "invalid_type"
     return f"{where or 'body'}: {err.get('msg', 'invalid')}", where, _code(kind)
 
 
