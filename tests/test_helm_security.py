@@ -1,7 +1,8 @@
 """The chart's security defaults, rendered with Helm's engine and validated against KubeRay's CRD: the generated
 internal CA and certificate work for a real mTLS expert shard; existing-Secret and cert-manager sources; Ray token
-auth; read-only root filesystems with emptyDirs; no service-account token on workers; API keys from a Secret; the
-NetworkPolicy (operator by namespace AND pod, serving from the namespace, metrics from monitoring, egress)."""
+auth; read-only root filesystems with emptyDirs, RuntimeDefault seccomp; no service-account token on workers; API keys
+from a Secret; the NetworkPolicy (operator by namespace AND pod, serving from the namespace, metrics from monitoring,
+egress); the certificates' key kinds; a chart-made model volume kept on uninstall."""
 
 from __future__ import annotations
 
@@ -206,3 +207,51 @@ def test_notes_tell_about_keys_and_mtls():
     assert 'Authorization: Bearer $KEY' in notes and "elasticmoe-api-keys" in notes and "mTLS" in notes
     notes = _render({"internalTls": {"enabled": False}})["elasticmoe/templates/NOTES.txt"]
     assert "WARNING" in notes and "plaintext" in notes and "Authorization" not in notes
+
+
+# ----- docs/SECURITY.md's claims on the pods, the certificates and the policy that no test above held
+@pytest.mark.parametrize("which", ["default", "gpu-production", "direct-grpc"])
+def test_every_pod_runs_with_the_runtime_default_seccomp_profile(which):
+    """SECURITY.md, Pods: "`RuntimeDefault` seccomp" (every pod of every group, the gateways' own included)."""
+    values = {"default": None, "gpu-production": _prod_values(), "direct-grpc": {"directGrpc": {"enabled": True}}}
+    rs = _rs(values[which])
+    specs = _pod_specs(rs)
+    assert len(specs) >= (3 if which == "direct-grpc" else 2)
+    assert [s["securityContext"].get("seccompProfile") for s in specs] == [{"type": "RuntimeDefault"}] * len(specs)
+
+
+def test_certificate_sources_are_the_kinds_the_doc_names():
+    """SECURITY.md, "Where the certificates come from": generate makes RSA 2048 (Helm's genCA / genSignedCert), its
+    certificate names `elasticmoe-internal` for server and client auth; cert-manager's is ECDSA with
+    `rotationPolicy: Always`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    secret = _one(_objects(_render()), "Secret")
+    assert secret["metadata"]["name"].endswith("-internal-tls")  # `<fullname>-internal-tls`
+    for name in ("ca.crt", "tls.crt"):
+        key = x509.load_pem_x509_certificate(base64.b64decode(secret["data"][name])).public_key()
+        assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048, name
+    leaf = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    assert "elasticmoe-internal" in leaf.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usage)
+    issuer = {"issuerRef": {"name": "release-ca", "kind": "ClusterIssuer"}}
+    cert = _one(_objects(_render({"internalTls": {"source": "certManager", "certManager": issuer}})), "Certificate")
+    key = cert["spec"]["privateKey"]
+    assert (key["algorithm"], key["rotationPolicy"]) == ("ECDSA", "Always")
+
+
+def test_metrics_are_open_to_the_monitoring_namespace_only_by_default():
+    """SECURITY.md, Metrics (8080): "NetworkPolicy: `metricsFrom` (default: the `monitoring` namespace)"."""
+    policy = _one(_objects(_render()), "NetworkPolicy")
+    (rule,) = [r for r in policy["spec"]["ingress"] if (8080, 8080) in _port_ranges(r)]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert rule["from"] == _chart().values["networkPolicy"]["metricsFrom"]
+
+
+def test_a_chart_created_model_volume_is_kept_on_uninstall():
+    """DEPLOY.md: "Remove the release with `helm uninstall moe -n llm` (a chart-created model PVC is kept)"."""
+    (pvc,) = [o for o in _objects(_render({"modelCache": {"type": "pvc"}})) if o["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
