@@ -97,6 +97,18 @@ def test_slow_readers_keepalive_and_reconnect_numbers():
     assert "reached again within 1 s" in text and dict(RECONNECT_OPTIONS)["grpc.max_reconnect_backoff_ms"] == 1000
 
 
+def test_controller_calls_and_placement_calls_numbers():
+    """"a gateway's table call that outlasts 11 s is cancelled" (the poll's hold plus a call's answer;
+    tests/test_table_epochs.py cancels them), "at most 4 `LoadExperts` / `DropExperts` run or wait at once"
+    (tests/test_shard_placement_calls.py refuses the fifth)."""
+    from elasticmoe.experts.placement_calls import PLACEMENT_CALLS
+    from elasticmoe.gateway.deployment import CALL_TIMEOUT_S, TABLE_WAIT_S
+
+    assert "a gateway's table call that outlasts 11 s is cancelled" in README
+    assert CALL_TIMEOUT_S + TABLE_WAIT_S == 11.0
+    assert "at most 4 `LoadExperts` / `DropExperts` run or wait at once" in README and PLACEMENT_CALLS == 4
+
+
 def test_the_controller_reads_the_shards_counters_once_a_second():
     """"The controller reads every live shard's counters once a second": its stats loop's interval."""
     from elasticmoe.autoscaler.controller import STATS_INTERVAL_S
