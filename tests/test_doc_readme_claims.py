@@ -152,3 +152,28 @@ def test_a_shard_the_controller_dropped_fails_its_health_check(model):  # noqa: 
         assert not beats.is_alive()
 
     _with_shards(model, "ab", scenario)
+
+
+def test_a_direct_port_claim_lies_under_tmpdir_per_user(tmp_path, monkeypatch):
+    """"each replica holds a claim on the port for its application (a lock under
+    `$TMPDIR/elasticmoe-direct-grpc-<uid>/`, ...)": with no directory given (as the gateway replica makes it), the
+    lock is there, private to the user, and another application's claim on the port is refused naming the holder
+    (tests/test_direct_ingress.py tests the claims in a directory of its own)."""
+    import os
+    import tempfile
+
+    from elasticmoe.gateway.direct_ingress import PortClaim
+
+    assert "a lock under `$TMPDIR/elasticmoe-direct-grpc-<uid>/`" in README
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
+    claim = PortClaim(9199, "one")
+    try:
+        where = tmp_path / f"elasticmoe-direct-grpc-{os.getuid()}"
+        assert claim.dir == where and (where / "9199-one.lock").is_file()
+        assert where.stat().st_mode & 0o777 == 0o700
+        with pytest.raises(OSError, match="port 9199 is already served by application 'one'"):
+            PortClaim(9199, "two")
+    finally:
+        claim.release()
+    PortClaim(9199, "two").release()  # released: the port is free for another application

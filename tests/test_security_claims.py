@@ -3,7 +3,7 @@ gRPC servers; no Ray): every HTTP route but /health needs a key, even under Serv
 without one is never read nor tokenized; the direct_grpc port refuses a message over 4 MiB before any handler runs;
 a presented key is compared with every key; a shard's control RPCs refuse whoever holds no certificate of the CA;
 the socket transport refuses a frame listener of another CA and follows a rotation to a new CA; everything binds
-127.0.0.1 by default."""
+127.0.0.1 by default; the Python client speaks TLS to a TLS front door."""
 
 from __future__ import annotations
 
@@ -223,3 +223,43 @@ def test_everything_binds_127_0_0_1_by_default(halves, monkeypatch):  # noqa: F8
     port = int(halves.addresses[0].rsplit(":", 1)[1])
     assert _listening(port) == {"127.0.0.1"}  # the shard's gRPC server (start_server's default host)
     assert _listening(halves.servicers[0].frame_port) == {"127.0.0.1"}  # and its frame listener
+
+
+# ----- the Python client behind a TLS front door
+def test_the_python_client_speaks_tls_to_a_tls_front_door(core, tmp_path):  # noqa: F811
+    """"The Python client takes `GenerationClient(address, api_key=..., tls=True)`": the gateway's own gRPC handlers
+    served on a TLS port (as a TLS-terminating proxy would present them) answer a client given `tls` with the
+    front door's CA, with the key; a plaintext client gets no answer there; `tls=True` (the system's roots) refuses a
+    certificate of a CA it does not trust rather than sending in the clear."""
+    from elasticmoe.client import GenerationClient
+
+    ca = tls.local_ca(tmp_path / "front")  # its certificate names 127.0.0.1
+
+    class TlsIngress(DirectIngress):
+        @staticmethod
+        async def _start(service, host, port, max_rpcs):
+            from elasticmoe.gateway.generation_service import GenerationServicer
+
+            server = grpc.aio.server(maximum_concurrent_rpcs=max_rpcs)
+            gen_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
+            creds = grpc.ssl_server_credentials([(ca.key.read_bytes(), ca.cert.read_bytes())])
+            bound = server.add_secure_port(f"{host}:{port}", creds)
+            await server.start()
+            return server, bound
+
+    ingress = TlsIngress(GenerationService(core), "127.0.0.1", 0, max_rpcs=4)
+    clients = []
+    try:
+        good = GenerationClient(ingress.address, api_key=KEY, tls=ca.ca.read_bytes(), timeout_s=60)
+        clients.append(good)
+        assert good.generate("Hello", max_tokens=2, temperature=0).usage.completion_tokens == 2
+        for client in (GenerationClient(ingress.address, api_key=KEY, timeout_s=5),
+                       GenerationClient(ingress.address, api_key=KEY, tls=True, timeout_s=5)):
+            clients.append(client)
+            with pytest.raises(grpc.RpcError) as e:
+                client.generate("Hello", max_tokens=2, temperature=0)
+            assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        for client in clients:
+            client.close()
+        ingress.stop(0)
