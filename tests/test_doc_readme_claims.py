@@ -177,3 +177,45 @@ def test_a_direct_port_claim_lies_under_tmpdir_per_user(tmp_path, monkeypatch):
     finally:
         claim.release()
     PortClaim(9199, "two").release()  # released: the port is free for another application
+
+
+def _recipes() -> dict[str, str]:
+    """Makefile target -> its recipe (the tab-indented lines under it, joined)."""
+    out: dict[str, str] = {}
+    target = None
+    for line in (REPO / "Makefile").read_text().splitlines():
+        m = re.match(r"^([\w.$()/-]+):", line)
+        if m:
+            target = m.group(1)
+            out[target] = ""
+        elif line.startswith("\t") and target:
+            out[target] += line.strip() + "\n"
+    return out
+
+
+def test_the_make_targets_do_what_the_readme_says(monkeypatch):
+    """Two commands and Development: `make run` is `elasticmoe demo`; `make test` checks the generated gRPC code,
+    then runs the e2e and the in-process tests as two pytest processes; `make test-fast` is `-m "not e2e"`;
+    `make protos` regenerates; `make stop` is `ray stop`; the CPU torch wheel comes from /opt/wheels;
+    `make` sets $ELASTICMOE_CACHE to .cache/elasticmoe, and unset it is ~/.cache/elasticmoe."""
+    from pathlib import Path
+
+    from elasticmoe.model.embedded import cache_dir
+
+    make, r = (REPO / "Makefile").read_text(), _recipes()
+    assert "make run     # set up .venv" in (REPO / "README.md").read_text()
+    for target in ("run", "test", "test-fast", "protos"):  # each sets up .venv first
+        assert re.search(r"^%s:\s+setup\b" % re.escape(target), make, flags=re.M), target
+    assert re.search(r"^setup: \$\(VENV\)/\.installed$", make, flags=re.M)
+    assert r["run"].strip() == "$(BIN)/elasticmoe demo"
+    assert r["test"].splitlines()[0] == "$(BIN)/python -m elasticmoe.rpc.generate --check"
+    assert '-m "not e2e"' in r["test"] and "-m e2e" in r["test"] and "wait $$unit" in r["test"]
+    assert r["test-fast"].strip() == '$(BIN)/python -m pytest -q -ra -m "not e2e"'
+    assert r["protos"].strip() == "$(BIN)/python -m elasticmoe.rpc.generate"
+    assert "ray stop" in r["stop"]
+    assert "(the CPU torch wheel is taken from `/opt/wheels` when present)" in README
+    assert re.search(r"^export PIP_FIND_LINKS \?= /opt/wheels$", make, flags=re.M)
+    assert "(`make` sets `.cache/elasticmoe`; unset, `~/.cache/elasticmoe`)" in README
+    assert re.search(r"^export ELASTICMOE_CACHE \?= \$\(CURDIR\)/\.cache/elasticmoe$", make, flags=re.M)
+    monkeypatch.delenv("ELASTICMOE_CACHE", raising=False)
+    assert cache_dir() == Path.home() / ".cache" / "elasticmoe"

@@ -263,3 +263,31 @@ def test_the_python_client_speaks_tls_to_a_tls_front_door(core, tmp_path):  # no
         for client in clients:
             client.close()
         ingress.stop(0)
+
+
+# ----- metrics
+def test_no_prompt_text_reaches_the_metrics(core):  # noqa: F811
+    """SECURITY.md, Metrics: "no prompt text in any metric": after served, refused and misrouted requests whose every
+    free-text part (prompt, messages, stop, request id, model name, URL) carries a marker, the gateway's /metrics
+    text, which counted them, holds no trace of it; every metric's labels are bounded names, not request text."""
+    from tests.test_doc_names import _registered_metrics
+
+    marker = "Zebracorn"
+    http = TestClient(build_openai_app(core))
+    before = http.get("/metrics", headers=AUTH).text
+    bodies = [("/v1/completions", {"prompt": f"{marker} says", "max_tokens": 2, "stop": [marker],
+                                   "user": marker}),
+              ("/v1/chat/completions", {"messages": [{"role": "user", "content": marker, "name": marker}],
+                                        "max_tokens": 2}),
+              ("/v1/completions", {"prompt": marker, "max_tokens": -1}),
+              ("/v1/completions", {"prompt": marker, "model": marker}),
+              ("/v1/completions", {"prompt": marker, marker: 1}),
+              (f"/v1/{marker}", {"prompt": marker})]
+    codes = [http.post(route, json=body, headers={**AUTH, "x-request-id": marker}).status_code
+             for route, body in bodies]
+    assert codes == [200, 200, 400, 404, 400, 404]
+    text = http.get("/metrics", headers=AUTH).text
+    assert text != before and "elasticmoe_requests_total" in text  # the requests were counted
+    assert marker.lower() not in text.lower()
+    labels = set().union(*_registered_metrics().values())
+    assert labels <= {"api", "code", "expert", "kind", "layer", "le", "reason", "shard", "status"}, labels
