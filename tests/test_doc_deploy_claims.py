@@ -120,3 +120,30 @@ def test_production_values_the_doc_quotes():
     assert prod["rayService"]["initializingTimeout"] == "60m"
     assert "e.g. `hf-token` for Mixtral in the production values" in doc
     assert prod["model"]["download"]["hfTokenSecret"]["name"] == "hf-token"
+
+
+def test_the_args_that_start_the_placement_over_are_the_ones_named():
+    """"The new controller resumes ... when the args that decide what the placement means are unchanged: `model`,
+    `revision`, `dtype`, `device`, `num_shards`, `expert_copies`, `autoscaling.slots_per_shard`, whether `autoscaling`
+    is set, and `insecure_internal`": those are what the record's placement key hashes, and a change of a timing arg
+    leaves the key as it was (tests/test_controller_redeploy.py: what a restarted controller does with each)."""
+    import re
+
+    from elasticmoe.autoscaler.recovery import PLACEMENT_ARGS, placement_key
+    from elasticmoe.config import AppArgs
+
+    said = re.search(r"when the args that decide what the placement means are unchanged: (.*?)\. It runs", _doc())
+    named = re.findall(r"`([\w.]+)`", said.group(1))
+    assert "whether `autoscaling` is set" in said.group(1)
+    assert set(named) == set(PLACEMENT_ARGS) | {"autoscaling.slots_per_shard", "autoscaling"}
+    base = {"model": "tiny:mixtral", "num_shards": 2, "autoscaling": {"max_shards": 4}}
+
+    def key(**change) -> str:
+        args = {**base, **change}
+        return placement_key(AppArgs(**{k: v for k, v in args.items() if v is not None}))
+
+    assert key(autoscaling={"max_shards": 4, "scale_cooldown_s": 5, "start_deadline_s": 60,
+                            "rebalance_interval_s": 1}, limits={"max_num_seqs": 2}) == key()
+    changed = [key(autoscaling=None), key(autoscaling={"max_shards": 4, "slots_per_shard": 3}), key(dtype="bfloat16"),
+               key(num_shards=3), key(expert_copies=2), key(insecure_internal=True), key(model="tiny:qwen2_moe")]
+    assert len({key(), *changed}) == len(changed) + 1
