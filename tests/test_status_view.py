@@ -183,6 +183,20 @@ def test_a_shard_whose_stats_call_failed_is_not_shown_ok():
     assert health({"healthy": False, "ready": True, "stats_error": "unreachable"}) == "dead"
 
 
+def test_a_shard_whose_stats_call_failed_shows_dashes_for_its_totals(statuses):
+    """README: "the tokens and calls columns each shard's totals since it started ("-" when its stats call
+    failed)": in a real status, one shard's GetStats failing puts "-" in its tokens and calls, not 0 or stale counts;
+    the other shard's row keeps its numbers."""
+    from elasticmoe.status_view import shard_rows
+
+    st = json.loads(to_json(statuses[1]))
+    st["shards"][0]["stats_error"] = "unreachable"
+    rows = {r.split()[1]: r.split() for r in shard_rows(st, None, None, 10)[2:]}
+    failed, other = rows[st["shards"][0]["id"]], rows[st["shards"][1]["id"]]
+    assert failed[3:7] == ["unreach", str(st["shards"][0]["experts"]), "-", "-"], failed
+    assert other[5:7] == [str(st["shards"][1]["tokens"]), str(st["shards"][1]["calls"])] and other[5] != "0"
+
+
 def test_generate_failing_is_one_prefixed_line_after_the_streamed_text(monkeypatch, capsys):
     """A generate that fails prints `elasticmoe generate: error: CODE: details` (main()'s promise; it printed no
     command), and a stream cut after some text ends that text's line first (the error landed on the same line)."""
