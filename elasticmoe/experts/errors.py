@@ -6,20 +6,15 @@ from __future__ import annotations
 import re
 
 import grpc
-import torch
 
 from elasticmoe.model.checkpoint import CheckpointError
+from elasticmoe.model.oom import CPU_OOM, out_of_memory
 from elasticmoe.rpc import frames
 
-CPU_OOM = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator failing (a RuntimeError, not typed)
+__all__ = ["CPU_OOM", "out_of_memory", "placement_code", "run_out_of_memory", "stream_failure"]
+
 _ASKED = re.compile(r"(?:tried to allocate|cannot allocate) (\d+ bytes|[\d.]+ [KMGTP]iB)", re.IGNORECASE)
 _REASON_CHARS = 300  # of torch's message, kept in the answer (a GPU's runs to 600 characters of allocator advice)
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Memory ran out: a GPU's (torch.OutOfMemoryError), the CPU's (torch's allocator: a RuntimeError saying
-    CPU_OOM; model.experts._storage and Python: MemoryError)."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and CPU_OOM in str(e))
 
 
 def _reason(e: BaseException) -> str:

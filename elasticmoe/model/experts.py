@@ -16,6 +16,7 @@ from elasticmoe.kernels.fp8 import triton_runs_fp8
 from elasticmoe.model import expert_math
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.names import WeightNames
+from elasticmoe.model.oom import out_of_memory, out_of_memory_says
 from elasticmoe.progress import LoadProgress
 from elasticmoe.model.spec import ModelSpec
 
@@ -180,15 +181,16 @@ class ExpertStore:
         old = self.layers.get(layer)
         held = old.global_ids if old is not None else ()
         n = len(held) + len(experts)
-        try:
+        with out_of_memory_says(f"layer {layer}: {n} experts' weights do not fit in memory"):  # _storage's, a GPU's
             parts = {k: _storage(shape, dtype, self.device) for k, (shape, dtype) in self.part_shapes(n).items()}
-        except (MemoryError, torch.OutOfMemoryError) as e:  # the CPU's (_storage), a GPU's
-            raise type(e)(f"layer {layer}: {n} experts' weights do not fit in memory: {e}") from None
         if old is not None:
             for k, src in old.parts().items():
                 parts[k][: len(held)].copy_(src)
         for j, e in enumerate(experts, start=len(held)):
-            write_expert(self.ckpt, self.names, layer, e, {k: p[j] for k, p in parts.items()})
+            # torch's CPU allocator refusing a read's expert-sized temporary (a RuntimeError), a GPU's
+            with out_of_memory_says(f"layer {layer}: expert {e} could not be read into the layer's new storage (the "
+                                    "layer is left as it was)"):
+                write_expert(self.ckpt, self.names, layer, e, {k: p[j] for k, p in parts.items()})
             progress.step()
         self.layers[layer] = self._stack(layer, list(held) + experts, parts)
 
@@ -198,8 +200,8 @@ class ExpertStore:
         number of its experts go (a rebuild copies the layer's remaining weights into new storage).
 
         A rebuild that does not fit in memory leaves its layer as it was (all its experts held and served) and
-        the other layers dropped as asked; then MemoryError (torch.OutOfMemoryError on a GPU) names the layers
-        kept whole and the bytes their rebuilds wanted."""
+        the other layers dropped as asked; then MemoryError (torch.OutOfMemoryError on a GPU, RuntimeError from
+        torch's CPU allocator: model.oom) names the layers kept whole and the bytes their rebuilds wanted."""
         gone: dict[int, set[int]] = {}
         for layer, e in pairs:
             gone.setdefault(layer, set()).add(e)
@@ -221,7 +223,9 @@ class ExpertStore:
                 try:
                     self.layers[layer] = self._rebuilt(layer, keep)
                     done.append(layer)
-                except (MemoryError, torch.OutOfMemoryError) as e:
+                except Exception as e:  # noqa: BLE001 - out of memory (model.oom) keeps the layer; others raise
+                    if not out_of_memory(e):
+                        raise
                     failed.append(e)
             if failed:
                 rest = f" (layers {sorted(done)} dropped as asked)" if done else ""
@@ -231,14 +235,12 @@ class ExpertStore:
         """The layer holding only its experts at local indices `keep`, in new storage (the old one is untouched)."""
         le = self.layers[layer]
         nbytes = sum(len(keep) * t[0].numel() * t.element_size() for t in le.parts().values())
-        try:
+        with out_of_memory_says(f"layer {layer}: the {len(keep)} experts it keeps ({nbytes} bytes) do not fit in "
+                                f"memory beside the {len(le.global_ids)} it holds, which it keeps holding"):
             idx = torch.tensor(keep, device=self.device)
             parts = {k: torch.index_select(t, 0, idx, out=_storage((len(keep), *t.shape[1:]), t.dtype, t.device))
                      for k, t in le.parts().items()}  # [E_kept, ...] each
             return self._stack(layer, [le.global_ids[i] for i in keep], parts)
-        except (MemoryError, torch.OutOfMemoryError) as e:  # the CPU's (_storage), a GPU's
-            raise type(e)(f"layer {layer}: the {len(keep)} experts it keeps ({nbytes} bytes) do not fit in memory "
-                          f"beside the {len(le.global_ids)} it holds, which it keeps holding: {e}") from None
 
     def _stack(self, layer: int, ids: list[int], parts: dict[str, torch.Tensor]) -> LayerExperts:
         to_local = torch.full((self.spec.moe.num_experts + 1,), -1, dtype=torch.int64, device=self.device)
