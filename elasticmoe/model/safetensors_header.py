@@ -22,8 +22,8 @@ class CheckpointError(RuntimeError):
 
 
 def read_header(file: Path) -> dict[str, Any]:
-    """Parse a safetensors header and check that the file holds every byte it promises. Each entry gains
-    "start": the file offset of its first byte."""
+    """Parse a safetensors header and check that the file holds every byte it promises, and no others (the tensors
+    tile the data). Each entry gains "start": the file offset of its first byte."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -45,9 +45,7 @@ def read_header(file: Path) -> dict[str, Any]:
     header.pop("__metadata__", None)
     for tensor, meta in header.items():
         _check_entry(file, tensor, meta)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
+    _check_tiling(file, header, size, 8 + n)
     for meta in header.values():
         meta["start"] = 8 + n + meta["data_offsets"][0]
     return header
@@ -56,10 +54,9 @@ def read_header(file: Path) -> dict[str, Any]:
 def _check_entry(file: Path, tensor: str, meta: Any) -> None:
     """One header entry: a dtype, a shape of sizes and data_offsets [begin, end] spanning exactly its bytes."""
     ok = isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list) \
-        and all(isinstance(d, int) and d >= 0 for d in meta["shape"])
+        and all(_is_size(d) for d in meta["shape"])
     span = meta.get("data_offsets") if ok else None
-    if not ok or not (isinstance(span, list) and len(span) == 2 and all(isinstance(o, int) for o in span)
-                      and 0 <= span[0] <= span[1]):
+    if not ok or not (isinstance(span, list) and len(span) == 2 and all(map(_is_size, span)) and span[0] <= span[1]):
         raise CheckpointError(f"{file}: corrupt safetensors header: {tensor!r} needs a dtype, a shape and "
                               f"data_offsets [begin, end], got {str(meta)[:200]}")
     dtype = _DTYPES.get(meta["dtype"])
@@ -68,6 +65,33 @@ def _check_entry(file: Path, tensor: str, meta: Any) -> None:
         if span[1] - span[0] != need:
             raise CheckpointError(f"{file}: {tensor!r} {meta['dtype']} {meta['shape']} needs {need} bytes, its "
                                   f"data_offsets {span} span {span[1] - span[0]}")
+
+
+def _is_size(x: Any) -> bool:
+    """A size or offset: an int >= 0 (JSON's true / false are not, as safetensors reads them)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_tiling(file: Path, header: dict[str, Any], size: int, data: int) -> None:
+    """The tensors' byte spans tile the data after the header (which starts at byte `data`) exactly, as safetensors
+    requires ("entirely indexed, no holes"; transformers cannot load a file that breaks it): in offset order each
+    starts where the one before ends, the first at 0, and the last ends at the file's end. An overlap would read
+    one tensor's bytes as another's; a hole or a tail are bytes no tensor owns (a header that lies)."""
+    at, before = 0, "the header"
+    for tensor, meta in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = meta["data_offsets"]
+        if begin != at:
+            how = f"overlaps {before}" if begin < at else f"leaves {begin - at} bytes after {before} no tensor holds"
+            raise CheckpointError(f"{file}: corrupt safetensors header: {tensor!r} data_offsets {[begin, end]} {how} "
+                                  f"(tensors must tile the data, each starting where the one before ends at {at})")
+        at, before = end, repr(tensor)
+    if data + at > size:
+        raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, tensors need {data + at}: "
+                              f"{before} ends past the file's end)")
+    if data + at < size:
+        last = f"the last tensor ({before})" if header else "the header, which names no tensors,"
+        raise CheckpointError(f"{file}: corrupt safetensors file: {size - data - at} bytes after {last} that no "
+                              f"tensor holds")
 
 
 def same_tensor(file_a: Path, meta_a: dict[str, Any], file_b: Path, meta_b: dict[str, Any]) -> bool:

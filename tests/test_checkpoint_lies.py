@@ -1,0 +1,79 @@
+"""Checkpoints whose safetensors headers lie, read with clear errors naming the file and the tensor: byte spans that
+overlap, leave holes or a tail (safetensors itself, so transformers, refuses such a file; we read one tensor's bytes as
+another's). Real checkpoints written by transformers (model.tiny); headers rewritten, tensor bytes kept."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+
+import pytest
+from safetensors import SafetensorError, safe_open
+
+from elasticmoe.model import CheckpointError, open_model
+from elasticmoe.model.tiny import make_tiny_model
+
+FILE = "model.safetensors"
+W1 = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"  # [I, H] float32, one per expert
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lies")
+    return {layout: make_tiny_model("mixtral", root / layout, layers=2, experts=4, layout=layout)
+            for layout in ("per-expert",)}
+
+
+def _copy(models, tmp_path, layout: str = "per-expert"):
+    return shutil.copytree(models[layout], tmp_path / "m")
+
+
+def _rewrite(file, change, tail: bytes = b"") -> None:
+    """The file's JSON header replaced by change(header); the tensor bytes stay (then `tail` after them)."""
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(change(json.loads(raw[8:8 + n]))).encode()
+    header += b" " * (-len(header) % 8)
+    file.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:] + tail)
+
+
+def _overlap(h):  # expert 1's w1 points at expert 0's bytes (its own are then no tensor's)
+    h[W1.format(1)]["data_offsets"] = list(h[W1.format(0)]["data_offsets"])
+    return h
+
+
+def _hole(h):  # the norm's entry gone: its bytes between the others belong to no tensor
+    del h["model.layers.0.input_layernorm.weight"]
+    return h
+
+
+def _last(h) -> str:
+    return max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][1])
+
+
+def _past_end(h):  # the last tensor's span runs 4 bytes past the file's end
+    begin, end = h[_last(h)]["data_offsets"]
+    h[_last(h)]["data_offsets"] = [begin, end + 4]
+    h[_last(h)]["shape"] = [(end + 4 - begin) // 4]
+    return h
+
+
+@pytest.mark.parametrize("change, tail, words", [
+    (_overlap, b"", re.escape(f"{W1.format(1)!r} data_offsets") + r" \[\d+, \d+\] overlaps " + re.escape(
+        repr(W1.format(0)))),
+    (_hole, b"", r"'[\w.]+' data_offsets \[\d+, \d+\] leaves 256 bytes after '[\w.]+' no tensor holds"),
+    (lambda h: h, b"\0" * 16, r"16 bytes after the last tensor \('[\w.]+'\) that no tensor holds"),
+    (_past_end, b"", r"truncated safetensors file \(\d+ bytes, tensors need \d+: '[\w.]+' ends past the file's end"),
+    (lambda h: {**h, W1.format(2): {**h[W1.format(2)], "shape": [True, *h[W1.format(2)]["shape"][1:]]}}, b"",
+     re.escape(f"{W1.format(2)!r} needs a dtype, a shape")),
+], ids=["overlap", "hole", "tail", "past-end", "bool-size"])
+def test_a_header_safetensors_refuses_fails_the_open_naming_file_and_tensor(models, tmp_path, change, tail, words):
+    path = _copy(models, tmp_path)
+    _rewrite(path / FILE, change, tail)
+    with pytest.raises(SafetensorError):  # the reference: transformers could not load this file either
+        with safe_open(path / FILE, "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(CheckpointError, match=re.escape(str(path / FILE)) + ": .*" + words):
+        open_model(path)
