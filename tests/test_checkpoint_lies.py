@@ -1,6 +1,7 @@
 """Checkpoints whose safetensors headers lie, read with clear errors naming the file and the tensor: byte spans that
 overlap, leave holes or a tail (safetensors itself, so transformers, refuses such a file; we read one tensor's bytes as
-another's). Real checkpoints written by transformers (model.tiny); headers rewritten, tensor bytes kept."""
+another's), integers where a weight is (numbers converted silently). Real checkpoints written by transformers
+(model.tiny); headers rewritten, tensor bytes kept."""
 
 from __future__ import annotations
 
@@ -10,20 +11,25 @@ import shutil
 import struct
 
 import pytest
+import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from elasticmoe import LLM
 from elasticmoe.model import CheckpointError, open_model
+from elasticmoe.model.experts import ExpertStore
 from elasticmoe.model.tiny import make_tiny_model
 
 FILE = "model.safetensors"
 W1 = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"  # [I, H] float32, one per expert
+GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"  # packed: [E, 2I, H]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("lies")
     return {layout: make_tiny_model("mixtral", root / layout, layers=2, experts=4, layout=layout)
-            for layout in ("per-expert",)}
+            for layout in ("per-expert", "packed")}
 
 
 def _copy(models, tmp_path, layout: str = "per-expert"):
@@ -77,3 +83,30 @@ def test_a_header_safetensors_refuses_fails_the_open_naming_file_and_tensor(mode
             [f.get_tensor(k) for k in f.keys()]
     with pytest.raises(CheckpointError, match=re.escape(str(path / FILE)) + ": .*" + words):
         open_model(path)
+
+
+def test_an_expert_weight_whose_header_says_integers_fails_its_load_naming_it(models, tmp_path):
+    """Expert 3's w1 claims I32 (same bytes, same shape): read as integers and converted, it was silently garbage."""
+    path = _copy(models, tmp_path)
+    _rewrite(path / FILE, lambda h: {**h, W1.format(3): {**h[W1.format(3)], "dtype": "I32"}})
+    files = open_model(path)  # the header is consistent: only the use tells
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load([(0, 0)])
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: {W1.format(3)!r} is stored as I32, but it "
+                                                        "is a weight (floating point)")):
+        store.load([(0, 3)])
+    assert store.held() == [(0, 0)]
+
+
+@pytest.mark.parametrize("layout, name, dtype", [
+    ("per-expert", "model.norm.weight", torch.int32),  # a dense weight
+    ("per-expert", "model.embed_tokens.weight", torch.int64),
+    ("packed", GATE_UP, torch.int32),  # a packed expert tensor, read row by row
+])
+def test_weights_stored_as_integers_fail_the_load_naming_them(models, tmp_path, layout, name, dtype):
+    path = _copy(models, tmp_path, layout)
+    tensors = load_file(path / FILE)
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, path / FILE, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: {name!r} is stored as I")):
+        LLM(str(path), dtype="float32")

@@ -202,6 +202,16 @@ class Checkpoint:
             return t if index is None else t[index]
         return self._read(name, index)
 
+    def read_weight(self, name: str, index: int | None = None) -> torch.Tensor:
+        """read(name, index) of a weight, which is floating point (FP8 comes back dequantized): one stored as integers
+        or bools (a header that lies about its dtype) raises CheckpointError naming it, not converted to numbers."""
+        t = self.read(name, index)
+        if not t.is_floating_point():
+            stored = self._views[name].stored if name in self._views else name
+            raise CheckpointError(f"{self.file_of(stored)}: {name!r} is stored as {self._meta[stored]['dtype']}, but "
+                                  f"it is a weight (floating point)")
+        return t
+
     def read_into(self, name: str, out: torch.Tensor, index: int | None = None) -> None:
         """read(name, index) written into `out` (same shape; any dtype, device and strides). A tensor stored in
         out's dtype goes from the file straight into a contiguous CPU `out`, with no copy between; an FP8 weight
@@ -217,7 +227,7 @@ class Checkpoint:
             else:
                 out.copy_(self._read_raw(name, meta, index, None))
             return
-        t = self.read(name, index)
+        t = self.read_weight(name, index) if out.is_floating_point() else self.read(name, index)
         if tuple(t.shape) != tuple(out.shape):
             stored = self._views[name].stored if name in self._views else name
             raise CheckpointError(f"{self.file_of(stored)}: {name!r} gives a {list(t.shape)} "

@@ -132,7 +132,7 @@ class DenseModel:
             want = list(shape) if shape is not None else f"{numel} values"
             raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is {list(got)}, want {want} (as config.json "
                                   f"describes the model)")
-        return self.ckpt.read(name).to(device=self.device, dtype=dtype or self.dtype)
+        return self.ckpt.read_weight(name).to(device=self.device, dtype=dtype or self.dtype)
 
     def load_mlp(self, names: dict[str, str]) -> dict[str, torch.Tensor]:
         """A gated MLP's weights by role (gate/up/down or gate_up/down, biases unchecked), shapes checked."""

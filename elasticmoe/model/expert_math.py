@@ -31,8 +31,8 @@ def read_swiglu_expert(ckpt: Checkpoint, ref: ExpertRef, hidden: int, inter: int
         raise CheckpointError(f"{ckpt.path}: {ref.gate_up} has no gate_up_proj_bias / down_proj_bias beside it")
     gate_up = _packed(ckpt, ref.gate_up, ref.gate_up_scales, ref.index)  # [2I, H], interleaved
     w2 = _packed(ckpt, ref.down, ref.down_scales, ref.index)  # [H, I]
-    b13 = ckpt.read(ref.gate_up_bias, index=ref.index)  # [2I], interleaved
-    b2 = ckpt.read(ref.down_bias, index=ref.index)  # [H]
+    b13 = ckpt.read_weight(ref.gate_up_bias, index=ref.index)  # [2I], interleaved
+    b2 = ckpt.read_weight(ref.down_bias, index=ref.index)  # [H]
     for name, t, want in ((ref.gate_up, gate_up, (2 * inter, hidden)), (ref.down, w2, (hidden, inter)),
                           (ref.gate_up_bias, b13, (2 * inter,)), (ref.down_bias, b2, (hidden,))):
         if tuple(t.shape) != want:
