@@ -1,7 +1,7 @@
 """Checkpoints whose safetensors headers lie, read with clear errors naming the file and the tensor: byte spans that
 overlap, leave holes or a tail (safetensors itself, so transformers, refuses such a file; we read one tensor's bytes as
-another's), integers where a weight is (numbers converted silently). Real checkpoints written by transformers
-(model.tiny); headers rewritten, tensor bytes kept."""
+another's), integers where a weight is (numbers converted silently), a packed expert tensor of the wrong rank (a
+KeyError). Real checkpoints written by transformers (model.tiny); headers rewritten, tensor bytes kept."""
 
 from __future__ import annotations
 
@@ -110,3 +110,15 @@ def test_weights_stored_as_integers_fail_the_load_naming_them(models, tmp_path, 
     save_file(tensors, path / FILE, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: {name!r} is stored as I")):
         LLM(str(path), dtype="float32")
+
+
+@pytest.mark.parametrize("shape", [(4, 128), (4,), (), (1, 4, 128, 64)])
+def test_a_packed_expert_tensor_of_another_rank_fails_the_open_naming_it(models, tmp_path, shape):
+    """gate_up_proj not [E, 2I, H]: the layer was read as per-expert and failed with KeyError 'gate'."""
+    path = _copy(models, tmp_path, "packed")
+    tensors = load_file(path / FILE)
+    tensors[GATE_UP] = torch.ones(shape)
+    save_file(tensors, path / FILE, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: {GATE_UP!r} is {list(shape)}, but packed "
+                                                        "experts are [experts, out, in]")):
+        open_model(path)

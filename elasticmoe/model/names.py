@@ -134,6 +134,9 @@ class WeightNames:
                 for e in range(num_experts):
                     parts.setdefault((layer, e), {})[key] = name
                 self.blocks[layer] = px.group("block") + "."
+            elif (pk := _PACKED.match(name)) and pk.group("proj") and len(self.ckpt.shape(name)) != 3:
+                raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is {list(self.ckpt.shape(name))}, but "
+                                      f"packed experts are [experts, out, in] (or [experts, in, out]): 3 dims")
             elif (pk := _PACKED.match(name)) and len(self.ckpt.shape(name)) == 3:
                 proj = pk.group("proj") or ("gate_up_proj" if pk.group("gproj") in ("input_linear", "experts.fc1")
                                             else "down_proj")
@@ -156,6 +159,8 @@ class WeightNames:
                     None, None, p["down_proj"], p["gate_up_proj"], e, p.get("gate_up_proj_bias"),
                     p.get("down_proj_bias"), p.get("gate_up_proj_scales"), p.get("down_proj_scales"))
             else:  # all three there (check_experts)
+                if "down_proj" in p:
+                    raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed down_proj but no gate_up_proj")
                 self.experts[(layer, e)] = ExpertRef(p["gate"], p["up"], p["down"])
             self.used.update(p.values())
 
