@@ -318,3 +318,27 @@ def test_triton_asked_for_fp8_before_sm89_refused_clearly(capability, tmp_path, 
     for backend in ("triton", "auto"):  # env var still forcing triton for "auto"
         store = ExpertStore(files.ckpt, files.names, files.spec, torch.bfloat16, cuda, backend=backend)
         assert store.keep_fp8 is runs
+
+
+BLOCK_SIZE = r"quantization_config\.weight_block_size="
+
+
+@pytest.mark.parametrize("quant_config, words", [
+    ("fp8", r"quantization_config='fp8' is not an object"),
+    ({**FP8_CONFIG, "weight_block_size": 128}, BLOCK_SIZE + r"128: want \[rows, cols\]"),
+    ({**FP8_CONFIG, "weight_block_size": [128, "a"]}, BLOCK_SIZE + r"\[128, 'a'\]: want \[rows, cols\]"),
+    ({**FP8_CONFIG, "weight_block_size": [128.5, 128]}, BLOCK_SIZE + r"\[128\.5, 128\]: want"),  # was read as 128
+    ({**FP8_CONFIG, "weight_block_size": [True, 128]}, BLOCK_SIZE + r"\[True, 128\]: want"),  # was read as 1
+])
+def test_a_malformed_quantization_config_is_refused_naming_the_field(quant_config, words, tmp_path):
+    """A quantization_config that is no object, or a weight_block_size that is not two whole numbers: QuantError
+    naming config.json and the field (was AttributeError / TypeError, or a block size silently truncated)."""
+    from elasticmoe.model import open_model
+    from elasticmoe.model.quant import QuantError
+
+    plain = make_tiny_model("qwen3_moe", tmp_path / "m")
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["quantization_config"] = quant_config
+    (plain / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantError, match=r"config\.json: " + words):
+        open_model(str(plain))

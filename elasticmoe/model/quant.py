@@ -34,6 +34,8 @@ def quant_format(raw_config: dict[str, Any], config_file: Path | str) -> QuantFo
     q = raw_config.get("quantization_config")
     if not q:
         return QuantFormat()
+    if not isinstance(q, dict):
+        raise QuantError(f"{config_file}: quantization_config={q!r} is not an object (quant_method, ...)")
     method = q.get("quant_method")
     if method == "mxfp4":
         return QuantFormat("mxfp4")
@@ -46,9 +48,11 @@ def quant_format(raw_config: dict[str, Any], config_file: Path | str) -> QuantFo
     if q.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):
         raise QuantError(f"{config_file}: quantization_config.fmt={q['fmt']!r}: only e4m3 FP8 is supported")
     block = q.get("weight_block_size")
-    if block is not None and (len(block) != 2 or min(block) < 1):
-        raise QuantError(f"{config_file}: quantization_config.weight_block_size={block!r}: want [rows, cols]")
-    return QuantFormat("fp8", tuple(int(b) for b in block) if block else None)
+    if block is not None and not (isinstance(block, list) and len(block) == 2
+                                  and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise QuantError(f"{config_file}: quantization_config.weight_block_size={block!r}: want [rows, cols], two "
+                         "whole numbers >= 1")
+    return QuantFormat("fp8", tuple(block) if block else None)
 
 
 def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...]:
