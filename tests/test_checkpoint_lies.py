@@ -1,7 +1,8 @@
 """Checkpoints whose safetensors headers lie, read with clear errors naming the file and the tensor: byte spans that
 overlap, leave holes or a tail (safetensors itself, so transformers, refuses such a file; we read one tensor's bytes as
 another's), integers where a weight is (numbers converted silently), a packed expert tensor of the wrong rank (a
-KeyError). Real checkpoints written by transformers (model.tiny); headers rewritten, tensor bytes kept."""
+KeyError), a DBRX matrix of another rank (an IndexError). Real checkpoints written by transformers (model.tiny,
+tests.test_families); headers rewritten, tensor bytes kept."""
 
 from __future__ import annotations
 
@@ -121,4 +122,21 @@ def test_a_packed_expert_tensor_of_another_rank_fails_the_open_naming_it(models,
     save_file(tensors, path / FILE, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: {GATE_UP!r} is {list(shape)}, but packed "
                                                         "experts are [experts, out, in]")):
+        open_model(path)
+
+
+@pytest.mark.parametrize("name", ["transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight",
+                                  "transformer.blocks.0.ffn.experts.mlp.w1"])
+def test_a_dbrx_matrix_of_another_rank_fails_the_open_naming_it(tmp_path, name):
+    """DBRX's fused Wqkv and experts' w1 / v1 / w2 are [rows, H] matrices the views cut by rows: a scalar one was an
+    IndexError in the views (model.renames)."""
+    from tests.test_families import make_family_checkpoint
+    from tests.test_families_more import MORE_CASES
+
+    path = make_family_checkpoint("dbrx", tmp_path / "dbrx", case=MORE_CASES["dbrx"])
+    tensors = load_file(path / FILE)
+    tensors[name] = torch.ones(())
+    save_file(tensors, path / FILE, metadata={"format": "pt"})
+    want = f"{path / FILE}: {name!r} is [], want a [rows, hidden] matrix"
+    with pytest.raises(CheckpointError, match=re.escape(want)):
         open_model(path)

@@ -34,17 +34,25 @@ def dbrx_views(ckpt: Checkpoint, spec: ModelSpec) -> tuple[dict[str, View], set[
         elif rest == "norm_attn_norm.attn.Wqkv.weight":
             for role, rows in (("q", (0, q)), ("k", (q, q + kv)), ("v", (q + kv, q + 2 * kv))):
                 views[f"{layer}self_attn.{role}_proj.weight"] = View(name, rows)
-            if ckpt.shape(name)[0] != q + 2 * kv:
-                raise CheckpointError(f"{ckpt.path}: {name!r} has {ckpt.shape(name)[0]} rows, want {q + 2 * kv}")
+            if _rows(ckpt, name) != q + 2 * kv:
+                raise CheckpointError(f"{ckpt.path}: {name!r} has {_rows(ckpt, name)} rows, want {q + 2 * kv}")
         elif rest in ("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2"):
-            if ckpt.shape(name)[0] != spec.moe.num_experts * inter:
-                raise CheckpointError(f"{ckpt.path}: {name!r} has {ckpt.shape(name)[0]} rows, want "
+            if _rows(ckpt, name) != spec.moe.num_experts * inter:
+                raise CheckpointError(f"{ckpt.path}: {name!r} has {_rows(ckpt, name)} rows, want "
                                       f"{spec.moe.num_experts} experts x {inter}")
             proj = {"w1": "gate_proj", "v1": "up_proj", "w2": "down_proj"}[rest.rsplit(".", 1)[1]]
             for e in range(spec.moe.num_experts):
                 views[f"{layer}mlp.experts.{e}.{proj}.weight"] = View(name, (e * inter, (e + 1) * inter),
                                                                      transpose=proj == "down_proj")
     return views, set()
+
+
+def _rows(ckpt: Checkpoint, name: str) -> int:
+    """The rows of a DBRX matrix [rows, H] whose rows the views cut; one of another rank fails naming it."""
+    shape = ckpt.shape(name)
+    if len(shape) != 2:
+        raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} is {list(shape)}, want a [rows, hidden] matrix")
+    return shape[0]
 
 
 _LONGCAT = re.compile(
