@@ -134,7 +134,8 @@ def test_other_quantization_refused_by_name(method, tmp_path):
 
 def test_fp8_without_scales_or_config_refused(tmp_path):
     """An F8_E4M3 tensor is never cast bare: without quantization_config, or without its weight_scale_inv,
-    or with a scale grid that does not fit the weight, the load fails naming the tensor."""
+    or with a scale grid that does not fit the weight (or a weight of one dim, which has no block grid), the load
+    fails naming the tensor."""
     from elasticmoe.model.checkpoint import Checkpoint
     from elasticmoe.model.quant import QuantError
 
@@ -149,6 +150,9 @@ def test_fp8_without_scales_or_config_refused(tmp_path):
         Checkpoint(tmp_path)
     save_file({"a.weight": q, "a.weight_scale_inv": s[:1]}, str(tmp_path / "model.safetensors"))
     with pytest.raises(QuantError, match=r"'a\.weight_scale_inv' is \[1, 2\], want \[2, 2\]"):
+        Checkpoint(tmp_path)
+    save_file({"a.weight": q[0], "a.weight_scale_inv": s[0]}, str(tmp_path / "model.safetensors"))  # was IndexError
+    with pytest.raises(QuantError, match=r"model\.safetensors: FP8 tensor 'a\.weight' is \[256\], but block-scaled"):
         Checkpoint(tmp_path)
 
 

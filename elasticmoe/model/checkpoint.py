@@ -110,6 +110,9 @@ class Checkpoint:
             scale = name + FP8_SCALE_SUFFIX
             if scale not in self._meta:
                 raise QuantError(f"{self.path / self.weight_map[name]}: FP8 tensor {name!r} has no {scale!r} beside it")
+            if self.quant.block is not None and len(meta["shape"]) < 2:
+                raise QuantError(f"{self.path / self.weight_map[name]}: FP8 tensor {name!r} is {meta['shape']}, but "
+                                 f"block-scaled weights are [..., rows, cols]")
             want = fp8_scale_shape(tuple(meta["shape"]), self.quant.block)
             got = tuple(self._meta[scale]["shape"])
             if got != want and not (self.quant.block is None and got in ((1,), ())):
