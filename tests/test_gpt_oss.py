@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -30,16 +31,12 @@ def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, (exp + 127).to(torch.uint8)
 
 
-def test_gpt_oss_mxfp4_matches_transformers(family_dirs, tmp_path):
-    """MXFP4 experts on disk (gate_up_proj_blocks / _scales, as gpt-oss ships them), dequantised on load, give
-    transformers' logits and greedy tokens on the weights transformers' own MXFP4 dequantiser makes of them."""
+def _mxfp4_checkpoints(plain, tmp_path) -> tuple:
+    """(quant_dir, ref_dir, config): copies of `plain` with MXFP4 experts, and with transformers' dequantization of
+    them, and the MXFP4 copy's config.json."""
     from safetensors.torch import load_file, save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from elasticmoe import LLM
-    from elasticmoe.model import ModelSpecError
-
-    plain = family_dirs["gpt_oss"]
     quant_dir, ref_dir = _copy(plain, tmp_path / "mxfp4"), _copy(plain, tmp_path / "dequantised")
     quant, deq = {}, {}
     for name, t in load_file(str(plain / "model.safetensors")).items():
@@ -56,12 +53,38 @@ def test_gpt_oss_mxfp4_matches_transformers(family_dirs, tmp_path):
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (quant_dir / "config.json").write_text(json.dumps(cfg))
+    return quant_dir, ref_dir, cfg
+
+
+def test_gpt_oss_mxfp4_matches_transformers(family_dirs, tmp_path):
+    """MXFP4 experts on disk (gate_up_proj_blocks / _scales, as gpt-oss ships them), dequantised on load, give
+    transformers' logits and greedy tokens on the weights transformers' own MXFP4 dequantiser makes of them."""
+    from elasticmoe import LLM
+    from elasticmoe.model import ModelSpecError
+
+    quant_dir, ref_dir, cfg = _mxfp4_checkpoints(family_dirs["gpt_oss"], tmp_path)
     llm = LLM(str(quant_dir), dtype="float32")
     assert all(r.gate_up_scales and r.down_scales for r in llm.files.names.experts.values())
     _assert_matches(llm, ref_dir, "gpt_oss")
     cfg["quantization_config"] = {"quant_method": "fp8"}
     (quant_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelSpecError, match=r"quant_method='fp8'"):
+        LLM(str(quant_dir), dtype="float32")
+
+
+@pytest.mark.parametrize("part", ["gate_up_proj_blocks", "down_proj_scales"])
+def test_mxfp4_bytes_a_header_calls_signed_fail_the_load_naming_them(family_dirs, tmp_path, part):
+    """MXFP4 blocks and E8M0 scales are bytes (U8); a header saying I8 made codes of 128 and up negative, read
+    through the FP4 table's other end and 2**(s - 127) with negative s: garbage weights, silently."""
+    from elasticmoe import LLM
+    from elasticmoe.model import CheckpointError
+    from tests.test_checkpoint_lies import _rewrite
+
+    quant_dir = _mxfp4_checkpoints(family_dirs["gpt_oss"], tmp_path)[0]
+    name = f"model.layers.1.mlp.experts.{part}"
+    _rewrite(quant_dir / "model.safetensors", lambda h: {**h, name: {**h[name], "dtype": "I8"}})
+    with pytest.raises(CheckpointError, match=re.escape(f"{quant_dir / 'model.safetensors'}: MXFP4 {name!r} is "
+                                                        "torch.int8, want uint8 (U8)")):
         LLM(str(quant_dir), dtype="float32")
 
 

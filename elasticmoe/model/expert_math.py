@@ -14,7 +14,11 @@ def _packed(ckpt: Checkpoint, name: str, scales: str | None, index: int) -> torc
     """One expert's row of a packed tensor, as [out, in]: MXFP4 (stored [out, in/32, 16]) or plain ([in, out])."""
     t = ckpt.read(name, index=index)
     if scales is not None:
-        return dequant_mxfp4(t, ckpt.read(scales, index=index))
+        s = ckpt.read(scales, index=index)
+        for part, x in ((name, t), (scales, s)):
+            if x.dtype != torch.uint8:  # bytes: a signed or wider reading gives other codes and exponents
+                raise CheckpointError(f"{ckpt.file_of(part)}: MXFP4 {part!r} is {x.dtype}, want uint8 (U8)")
+        return dequant_mxfp4(t, s)
     if t.dim() != 2 or not t.is_floating_point():
         raise CheckpointError(f"{ckpt.path}: {name!r} holds {t.dtype} {list(t.shape)} rows and no scales beside it")
     return t.t()
