@@ -11,6 +11,7 @@ import random
 import pytest
 
 from elasticmoe import LLM, SamplingParams
+from elasticmoe.model.dispatch import LocalDispatcher
 
 N = 10
 
@@ -67,3 +68,49 @@ def test_requests_joining_and_leaving_mid_run_get_their_solo_outputs(family, tin
                 assert [(x.token_id, [t for t, _ in x.top]) for x in s.logprobs] == \
                     [(x.token_id, [t for t, _ in x.top]) for x in a.logprobs]
                 assert max(abs(x.logprob - y.logprob) for x, y in zip(s.logprobs, a.logprobs)) < 1e-4
+
+
+class Widths(LocalDispatcher):
+    """In-process experts; `widths`: the tokens of each dispatch (every layer of every step)."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.widths: list[int] = []
+
+    def dispatch(self, layer, hidden, topk_ids, topk_weights):
+        self.widths.append(hidden.shape[0])
+        return super().dispatch(layer, hidden, topk_ids, topk_weights)
+
+
+@pytest.mark.parametrize("budget", [3, None])
+def test_decodes_keep_to_the_step_budget_in_turn(budget, tiny_models):
+    """8 requests decoding at once when the step budget is lowered to 3 tokens (TokenBudget, as after a prefill
+    chunk that fit a shard's memory only in pieces) still ran all 8 decodes every step, so where a shard took 3
+    tokens every step failed first. Now a step runs at most 3 decodes, the longest-waiting first: a request due a
+    token waits at most 2 steps, none is failed, and each gets its solo tokens and logprobs. With the budget left
+    alone (2048), every step still runs every running request's decode."""
+    llm = LLM(str(tiny_models["mixtral"]))
+    prompts = [llm.encode(p) for p in ("Hi", "Hello there", "A B", "Once", "x y z", "Mixture", "The", "Q")]
+    params = [SamplingParams(max_tokens=4 + i, temperature=(0.0, 0.9)[i % 2], seed=i, ignore_eos=True, logprobs=1)
+              for i in range(len(prompts))]
+    alone = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    engine = LLM(str(tiny_models["mixtral"]), max_num_seqs=8).engine
+    engine.dispatcher = disp = Widths(engine.dispatcher.store)
+    seqs = [engine.add_request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    assert len(engine.step()) == 8  # every prefill
+    if budget is not None:
+        engine.forward.budget.lower(budget)
+    disp.widths.clear()
+    waited = {s.request_id: 0 for s in seqs}
+    while engine.has_work():
+        due = {s.request_id for s in engine.scheduler.running}
+        ran = {s.request_id for s in engine.step()}
+        assert ran <= due and (budget is not None or ran == due), (ran, due)
+        for rid in due:
+            waited[rid] = 0 if rid in ran else waited[rid] + 1
+            assert waited[rid] <= 2, (rid, waited)
+    assert max(disp.widths) <= (budget or 8)
+    for s, a in zip(seqs, alone):
+        assert (s.output_ids, s.finish_reason, s.error) == (a.token_ids, a.finish_reason, None)
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(s.logprobs, a.logprobs)) < 1e-4
+    assert engine.scheduler.num_free_slots == 8 and not engine.seqs

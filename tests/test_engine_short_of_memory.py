@@ -151,3 +151,25 @@ def test_a_chunk_out_of_memory_even_at_the_floor_ends_and_others_are_served(mode
     while engine.has_work():
         engine.step()
     assert ok.output_ids == ref[PROMPTS[0]] and engine.step_retries == 0 and engine.failed_requests == 1
+
+
+def test_decodes_beyond_a_lowered_budget_wait_their_turn(model, reference):  # noqa: F811
+    """32 requests decoding when a shard's memory shrinks to 30 tokens: LONG's prefill chunk fits only in pieces
+    and the budget is held at the piece that fit (26). The scheduler still ran all 32 decodes each step, so every
+    step failed for its size once and was halved; now a step runs at most 26 decodes (the others keep their slots
+    and go first next step): no run is refused after the budget is lowered, and every request gets its tokens."""
+    ref, llm = reference
+    disp = ShortDispatcher(model[2], 1 << 20)
+    engine = Engine(model[1], disp, max_model_len=128, max_num_seqs=40, retry_backoff_s=BACKOFF)
+    seqs = [engine.add_request(str(i), llm.encode(PROMPTS[i % 4]), GREEDY) for i in range(32)]
+    engine.step()  # every prefill
+    disp.limit = 30
+    long = engine.add_request("long", llm.encode(LONG), GREEDY)
+    engine.step()  # 32 decodes and LONG's chunk, halved; the chunk cut to 26 tokens, the budget held there
+    assert engine.forward.budget.tokens() == 26 and long.num_cached == 26 and engine.failed_requests == 0
+    refused = disp.refused
+    while engine.has_work():
+        engine.step()
+    assert disp.refused == refused and engine.failed_requests == 0
+    assert [s.output_ids for s in seqs] == [ref[PROMPTS[i % 4]] for i in range(32)]
+    assert long.output_ids == llm.generate([LONG], GREEDY)[0].token_ids

@@ -49,6 +49,7 @@ class Sequence:
     first_token_at: float | None = None
     error: RequestFailed | None = None  # set when the engine ended this request on a failure
     text_end: int | None = None  # output tokens the text renders: all but a stop token / EOS that ended it (vLLM)
+    scheduled_at: int = -1  # the scheduler's step that last gave it work (decodes over the budget: oldest first)
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +70,8 @@ class Sequence:
 
 
 class Scheduler:
-    """Picks each step's work: every running decode, unfinished prefills, then new sequences while slots last."""
+    """Picks each step's work: running decodes (all of them while the budget allows), unfinished prefills, then new
+    sequences while slots and the budget last."""
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int):
         self.max_tokens = max_num_batched_tokens
@@ -77,6 +79,7 @@ class Scheduler:
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.steps = 0  # schedule() calls: Sequence.scheduled_at counts in them
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_queue + len(self.free_slots):
@@ -90,12 +93,10 @@ class Scheduler:
         """(sequence, tokens to run this step) pairs; prefills may be chunked to fit the token budget (`budget`, the
         engine's while it holds one lower, else max_num_batched_tokens)."""
         self._settle()
+        self.steps += 1
         budget = self.max_tokens if budget is None else budget
-        work: list[tuple[Sequence, int]] = []
-        for seq in self.running:  # decodes first: one token each, never starved by prefills
-            if seq.num_cached == seq.num_tokens - 1:
-                work.append((seq, 1))
-                budget -= 1
+        work = [(seq, 1) for seq in self._decodes(budget)]  # decodes first: one token each, never starved by prefills
+        budget -= len(work)
         for seq in self.running:  # unfinished (chunked) prefills
             todo = seq.num_tokens - seq.num_cached
             if todo > 1 and budget > 0:
@@ -110,7 +111,18 @@ class Scheduler:
             n = min(seq.num_tokens, budget)
             work.append((seq, n))
             budget -= n
+        for seq, _ in work:
+            seq.scheduled_at = self.steps
         return work
+
+    def _decodes(self, budget: int) -> list[Sequence]:
+        """The running sequences due a decode, at most `budget` of them (in running order): over the budget, those
+        that waited longest (then the longest running); the rest keep their slots and go first next time."""
+        due = [seq for seq in self.running if seq.num_cached == seq.num_tokens - 1]
+        if len(due) <= budget:
+            return due
+        picked = set(sorted(due, key=lambda seq: seq.scheduled_at)[:max(budget, 0)])  # stable: ties in running order
+        return [seq for seq in due if seq in picked]
 
     def _settle(self) -> None:
         """Complete an admission cut short (Ctrl-C) after its sequence joined `running`: it is still first in
