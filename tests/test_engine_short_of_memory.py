@@ -173,3 +173,56 @@ def test_decodes_beyond_a_lowered_budget_wait_their_turn(model, reference):  # n
     assert disp.refused == refused and engine.failed_requests == 0
     assert [s.output_ids for s in seqs] == [ref[PROMPTS[i % 4]] for i in range(32)]
     assert long.output_ids == llm.generate([LONG], GREEDY)[0].token_ids
+
+
+class BlipDispatcher(ShortDispatcher):
+    """ShortDispatcher whose first run that fails (out of memory, or `crash`: a bug) arms `blips` dispatches
+    after it that would succeed to fail instead as experts unavailable for a moment (ExpertsUnavailable)."""
+
+    def __init__(self, store, limit: int, blips: int, crash: bool = False):
+        super().__init__(store, limit)
+        self.blips, self.crash, self.armed = blips, crash, False
+
+    def dispatch(self, layer, hidden, topk_ids, topk_weights):
+        if self.crash:
+            self.crash, self.armed = False, True
+            raise RuntimeError("injected: a bug in this step")
+        if hidden.shape[0] > self.limit:
+            self.armed = True
+        elif self.armed and self.blips:
+            self.blips -= 1
+            raise ExpertsUnavailable(f"injected: layer {layer} unavailable for a moment")
+        return super().dispatch(layer, hidden, topk_ids, topk_weights)
+
+
+@pytest.mark.parametrize("case", ["halves", "piece", "one by one"])
+def test_a_transient_failure_while_halving_or_one_by_one_is_retried(model, reference, case):  # noqa: F811
+    """Experts unavailable for a moment while a step ran in halves (no two prompts fit), as a prefill chunk's
+    piece (LONG, 30 tokens fit) or one sequence at a time (after a bug in the step) ended the request of that run
+    with no retry, though the same failure in a whole step is retried. Now it is retried (one retry), and every
+    request gets its tokens."""
+    ref, llm = reference
+    texts = PROMPTS + [" ".join(["experts"] * 3)] if case != "piece" else [LONG]
+    prompts = [llm.encode(t) for t in texts]
+    limit = {"halves": max(map(len, prompts)), "piece": 30, "one by one": 1 << 20}[case]
+    disp = BlipDispatcher(model[2], limit, blips=1, crash=case == "one by one")
+    engine = Engine(model[1], disp, max_model_len=128, retry_backoff_s=BACKOFF)
+    seqs = [engine.add_request(str(i), ids, GREEDY) for i, ids in enumerate(prompts)]
+    while engine.has_work():
+        engine.step()
+    assert disp.blips == 0 and (engine.step_retries, engine.failed_requests) == (1, 0)
+    want = [ref[t] if t in ref else llm.generate([t], GREEDY)[0].token_ids for t in texts]
+    assert [s.output_ids for s in seqs] == want
+
+
+def test_the_retries_of_a_step_in_halves_are_the_step_s_not_each_run_s(model, reference):  # noqa: F811
+    """Experts unavailable for good while a step runs in halves: its runs share the retries of one step
+    (retry_backoff_s), not as many again for each half or sequence; then the requests end, told why."""
+    _, llm = reference
+    prompts = [llm.encode(t) for t in PROMPTS]
+    disp = BlipDispatcher(model[2], max(map(len, prompts)), blips=1000)
+    engine = Engine(model[1], disp, max_model_len=128, retry_backoff_s=BACKOFF)
+    seqs = [engine.add_request(str(i), ids, GREEDY) for i, ids in enumerate(prompts)]
+    engine.step()
+    assert (engine.step_retries, engine.failed_requests, engine.has_work()) == (len(BACKOFF), 4, False)
+    assert all("experts are unavailable" in str(s.error) for s in seqs)

@@ -53,10 +53,10 @@ class TokenBudget:
 class StepForward:
     """Runs the dense half of a step's work (experts through `dispatcher`), KV into `cache`. A failure ends only the
     requests it belongs to, through `fail(sequence, error)`: a step whose experts were unavailable is retried with
-    backoff (KV writes are keyed by position, so a step can be repeated), then each sequence is run alone (at once
-    where a retry would fail alike: `deterministic`); one that failed for its size (a shard out of memory for its
-    tokens) is run in halves at once, and a prefill chunk that fails so alone is cut into a smaller piece (`budget`
-    then lowered to it for a while)."""
+    backoff (KV writes are keyed by position, so a step can be repeated; its halves, pieces and lone runs too, from
+    the same retries), then each sequence is run alone (at once where a retry would fail alike: `deterministic`);
+    one that failed for its size (a shard out of memory for its tokens) is run in halves at once, and a prefill
+    chunk that fails so alone is cut into a smaller piece (`budget` then lowered to it for a while)."""
 
     def __init__(self, model: DenseModel, cache: KVCache, dispatcher: Dispatcher, device: torch.device,
                  fail: Callable[[Sequence, Exception], None], budget: TokenBudget, *,
@@ -68,29 +68,41 @@ class StepForward:
         self.micro_batches = micro_batches  # with a remote dispatcher, a big enough step is cut into this many
         self.pipeline_min_tokens = pipeline_min_tokens
         self.retries = 0  # attempts repeated after ExpertsUnavailable
+        self._attempt = 0  # the running step's retries so far
 
     def __call__(self, work: Work) -> Outcome:
         """(hidden [N, H], the work it is for, the sequences that failed) for this step's work."""
-        chunks, attempt = self._chunks(work), 0
+        self._attempt = 0  # retries of this step so far: its halves, pieces and lone runs share them
+        try:
+            return self._try(work), work, []
+        except ExpertsUnavailable as e:  # transient: all copies of some experts failed this step
+            if e.for_its_size:  # out of memory for these tokens: the same step would fail the same way
+                log.warning("step failed (%s); running its %d sequences in halves", e, len(work))
+                return self._halve(work, e)
+            why = "as it would again" if e.deterministic else "after retries"  # a retry fails alike / none left
+            log.warning("step failed %s (%s); running its %d sequences one by one", why, e, len(work))
+            return self._isolate(work)
+        except Exception:  # noqa: BLE001 - not transient: find the sequences it belongs to
+            log.exception("step failed; running its %d sequences one by one", len(work))
+            return self._isolate(work)
+
+    def _try(self, work: Work) -> torch.Tensor:
+        """hidden [N, H] of one run of `work` (the step, a half, a piece, one sequence); experts unavailable for a
+        moment, it is repeated with backoff while the step's retries last (retry_backoff_s, shared by all its
+        runs); raises what a retry would not mend (for its size, deterministic) or what is left after them."""
+        chunks = self._chunks(work)
         while True:
             self._begin()
             try:
-                return self._run(chunks), work, []
-            except ExpertsUnavailable as e:  # transient: all copies of some experts failed this step
-                if e.for_its_size:  # out of memory for these tokens: the same step would fail the same way
-                    log.warning("step failed (%s); running its %d sequences in halves", e, len(work))
-                    return self._halve(work, e)
-                if e.deterministic or attempt == len(self.retry_backoff_s):  # a retry fails alike / none left
-                    why = "as it would again" if e.deterministic else "after retries"
-                    log.warning("step failed %s (%s); running its %d sequences one by one", why, e, len(work))
-                    return self._isolate(work)
-                log.warning("step failed (%s); retry %d in %.2fs", e, attempt + 1, self.retry_backoff_s[attempt])
+                return self._run(chunks)
+            except ExpertsUnavailable as e:
+                if e.for_its_size or e.deterministic or self._attempt == len(self.retry_backoff_s):
+                    raise
+                log.warning("step failed (%s); retry %d in %.2fs", e, self._attempt + 1,
+                            self.retry_backoff_s[self._attempt])
                 self.retries += 1
-                time.sleep(self.retry_backoff_s[attempt])
-                attempt += 1
-            except Exception:  # noqa: BLE001 - not transient: find the sequences it belongs to
-                log.exception("step failed; running its %d sequences one by one", len(work))
-                return self._isolate(work)
+                time.sleep(self.retry_backoff_s[self._attempt])
+                self._attempt += 1
 
     def _chunks(self, work: Work) -> list[tuple[int, int, list[int]]]:
         return [(s.slot, s.num_cached, [s.token(i) for i in range(s.num_cached, s.num_cached + n)]) for s, n in work]
@@ -104,9 +116,8 @@ class StepForward:
         """Run each sequence's part of the step alone; end only those that still fail."""
         kept, rows, failed = [], [], []
         for s, n in work:
-            self._begin()
             try:
-                rows.append(self._run(self._chunks([(s, n)])))
+                rows.append(self._try([(s, n)]))
                 kept.append((s, n))
             except Exception as e:  # noqa: BLE001 - this sequence only
                 self.fail(s, e)
@@ -123,9 +134,8 @@ class StepForward:
         rows, kept, failed = [], [], []
         for a, b in split_even([n for _, n in work], 2):
             part = work[a:b]
-            self._begin()
             try:
-                hidden, part_kept, part_failed = self._run(self._chunks(part)), part, []
+                hidden, part_kept, part_failed = self._try(part), part, []
             except Exception as e:  # noqa: BLE001 - this part only: smaller still
                 hidden, part_kept, part_failed = self._halve(part, e)
             rows.append(hidden)
@@ -141,9 +151,8 @@ class StepForward:
         size = n
         while getattr(error, "for_its_size", False) and max(self.min_piece, (size + 1) // 2) < size:
             size = max(self.min_piece, (size + 1) // 2)
-            self._begin()
             try:
-                hidden = self._run(self._chunks([(seq, size)]))
+                hidden = self._try([(seq, size)])
             except Exception as e:  # noqa: BLE001 - this sequence only: smaller still, or it ends
                 error = e
                 continue
