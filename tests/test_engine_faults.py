@@ -139,3 +139,19 @@ def test_a_step_that_raised_in_sampling_is_repeated_not_lost(llm, reference, mon
             break
         engine.step()
     assert not engine.has_work() and [s.output_ids for s in seqs] == [reference[p] for p in PROMPTS]
+
+
+def test_failing_an_ended_request_leaves_the_request_that_reused_its_id(llm, reference):
+    """Engine.fail dropped seqs[request_id] whatever sequence it held: failing a request that had ended (aborted)
+    after a new request took its id dropped the new one, which abort could then no longer find (its slot held to
+    its end). Now fail drops only its own sequence: the new request stays findable and is served exactly."""
+    engine = Engine(llm.files, LocalDispatcher(llm.store), max_model_len=128, tokenizer=llm.tokenizer)
+    old = engine.add_request("r", llm.encode(PROMPTS[0]), GREEDY)
+    engine.step()
+    engine.abort("r")
+    new = engine.add_request("r", llm.encode(PROMPTS[1]), GREEDY)
+    engine.fail(old, RuntimeError("late"))
+    assert engine.seqs.get("r") is new
+    while engine.has_work():
+        engine.step()
+    assert new.output_ids == reference[PROMPTS[1]] and new.error is None and engine.seqs == {}

@@ -213,7 +213,13 @@ class Engine:
         seq.error.__cause__ = error
         self.failed_requests += 1
         self._release(seq, "abort")
-        self.seqs.pop(seq.request_id, None)
+        self._forget(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        """Drop `seq` from `seqs` if it is still there: its id may be another request's since (it ended, the id
+        was taken again) while someone held on to it (a late fail)."""
+        if self.seqs.get(seq.request_id) is seq:
+            del self.seqs[seq.request_id]
 
     def _release(self, seq: Sequence, reason: str) -> None:
         """End a request that did not finish by itself; the K/V it wrote are zeroed, as they may hold the NaN
@@ -224,7 +230,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
-        self.seqs.pop(seq.request_id, None)
+        self._forget(seq)
         self.detokenize(seq)
 
     def detokenize(self, seq: Sequence) -> str:
