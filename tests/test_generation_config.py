@@ -87,3 +87,28 @@ def test_a_checkpoint_given_as_a_path_object_opens(checkpoint):
     params = SamplingParams(max_tokens=4, temperature=0)
     by_path, by_str = (LLM(m).generate(["Hi"], params)[0].token_ids for m in (checkpoint, str(checkpoint)))
     assert by_path == by_str and len(by_path) == 4
+
+
+def test_eos_ids_outside_the_vocabulary_are_ignored_with_a_warning(checkpoint, tmp_path, caplog):
+    """An EOS id at or past the vocabulary size (or negative) in generation_config.json or config.json made every
+    request with min_tokens fail (its EOS ban indexes the logits). transformers' generate ignores such ids (its EOS
+    masks and stopping criteria match only ids the logits have); so does the engine now, warning at load with the
+    file and field: the requests get the tokens they get from the checkpoint without those ids."""
+    path = tmp_path / "m"
+    shutil.copytree(checkpoint, path)
+    cfg, gen = (json.loads((path / f).read_text()) for f in ("config.json", "generation_config.json"))
+    vocab, eos = cfg["vocab_size"], cfg["eos_token_id"]
+    (path / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [eos, vocab + 1]}))
+    gen_eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    (path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": gen_eos + [vocab, vocab + 7, -1]}))
+    with caplog.at_level("WARNING", logger="elasticmoe.engine.checkpoint_defaults"):
+        llm = LLM(str(path))
+    clean = LLM(str(checkpoint))
+    assert llm.engine.eos_ids == clean.engine.eos_ids and eos in clean.engine.eos_ids
+    said = [r.getMessage() for r in caplog.records]
+    for where, bad in (("config.json", vocab + 1), ("generation_config.json", vocab),
+                       ("generation_config.json", vocab + 7), ("generation_config.json", -1)):
+        assert any(f"/{where} eos_token_id: EOS id {bad} is outside the vocabulary" in m for m in said), (where, said)
+    params = SamplingParams(max_tokens=6, min_tokens=4, temperature=0.0)
+    prompts = ["The expert said", "Once upon a time"]
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in clean.generate(prompts, params)]

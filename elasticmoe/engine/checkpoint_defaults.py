@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def generation_config(path: Any) -> tuple[dict[str, Any], set[int]]:
         log.warning("%s is not valid JSON; ignored", f)
         return {}, set()
     eos = raw.get("eos_token_id")
-    eos_ids = {int(t) for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)}
+    eos_ids = {t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)}  # range: eos_token_ids
     out = {k: raw[k] for k in GENERATION_DEFAULT_KEYS if isinstance(raw.get(k), (int, float))}
     for k in ("top_k", "max_new_tokens"):
         if isinstance(out.get(k), float) and out[k].is_integer():  # e.g. top_k 20.0, as some checkpoints write it
@@ -39,3 +39,19 @@ def generation_config(path: Any) -> tuple[dict[str, Any], set[int]]:
     if "max_new_tokens" in out:
         out["max_tokens"] = out.pop("max_new_tokens")
     return out, eos_ids
+
+
+def eos_token_ids(sources: Iterable[tuple[str, Iterable[Any]]], vocab_size: int) -> set[int]:
+    """The EOS ids of `sources` ((where, e.g. "<ckpt>/config.json eos_token_id"; its ids)) that the model can
+    sample: integers in [0, vocab_size). Any other is dropped with a warning naming where it came from, as
+    transformers' generate ignores it (its EOS masks and stopping criteria match only ids the logits have; a
+    negative one it warns of): held, it failed every request under min_tokens (whose ban indexes the logits)."""
+    out: set[int] = set()
+    for where, ids in sources:
+        for t in ids:
+            if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size:
+                out.add(t)
+            else:
+                log.warning("%s: EOS id %r is outside the vocabulary [0, %d); ignored (as transformers does)",
+                            where, t, vocab_size)
+    return out

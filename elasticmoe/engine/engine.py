@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from elasticmoe.engine.checkpoint_defaults import generation_config, load_tokenizer
+from elasticmoe.engine.checkpoint_defaults import eos_token_ids, generation_config, load_tokenizer
 from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence, Status
 from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBudget
-from elasticmoe.engine.validation import RequestLimits, Validator
+from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.attention import KVCache
 from elasticmoe.model.batch import build_batch
@@ -45,11 +45,12 @@ class Engine:
         self.cache = KVCache(self.spec, max_num_seqs, self.max_model_len, self.dtype, self.device)
         self.scheduler = Scheduler(max_num_seqs, max(max_num_batched_tokens, 1), max_queue)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(files.ckpt.path)
-        self.eos_ids = set(self.spec.eos_token_ids)
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
         self.generation_defaults, gen_eos = generation_config(files.ckpt.path)
-        self.eos_ids.update(gen_eos)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        path = clip(str(files.ckpt.path))
+        self.eos_ids = eos_token_ids([(f"{path}/config.json eos_token_id", self.spec.eos_token_ids),
+                                      (f"{path} tokenizer's eos_token_id", [] if tok_eos is None else [tok_eos]),
+                                      (f"{path}/generation_config.json eos_token_id", gen_eos)], self.spec.vocab_size)
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.forward = StepForward(self.model, self.cache, dispatcher, self.device, lambda s, e: self.fail(s, e),
