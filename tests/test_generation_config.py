@@ -111,4 +111,5 @@ def test_eos_ids_outside_the_vocabulary_are_ignored_with_a_warning(checkpoint, t
         assert any(f"/{where} eos_token_id: EOS id {bad} is outside the vocabulary" in m for m in said), (where, said)
     params = SamplingParams(max_tokens=6, min_tokens=4, temperature=0.0)
     prompts = ["The expert said", "Once upon a time"]
-    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in clean.generate(prompts, params)]
+    got, want = (m.generate(prompts, params) for m in (llm, clean))
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]

@@ -200,6 +200,23 @@ def test_the_offline_llm_uses_the_same_checks(llm):
     assert out[0].token_ids == ref[0].token_ids
 
 
+@pytest.mark.parametrize("call,field,got", [
+    (lambda m: m.generate(["a", 5]), "prompts[1]", "int"), (lambda m: m.generate([b"ab"]), "prompts[0]", "bytes"),
+    (lambda m: m.generate(["a", None, "b"]), "prompts[1]", "NoneType"),
+    (lambda m: m.generate(b"ab"), "prompts", "bytes"),
+    (lambda m: m.generate(5), "prompts", "int"), (lambda m: m.generate({"a": 1}), "prompts", "dict"),
+    (lambda m: m.logits(5), "token_ids", "int"), (lambda m: m.logits(b"ab"), "token_ids", "bytes"),
+    (lambda m: m.logits("ab"), "token_ids", "str"),
+])
+def test_an_offline_prompt_of_the_wrong_type_is_named_with_its_index(llm, call, field, got):
+    """`generate(["a", 5])` and `logits(5)` raised a raw TypeError, and bytes were read as token ids (b"ab" as
+    [97, 98]); each is now an InvalidRequest naming the argument (and the prompt's index) and the type it got."""
+    with pytest.raises(InvalidRequest) as e:
+        call(llm)
+    assert e.value.field == field and e.value.message.endswith(f"got {got}"), str(e.value)
+    assert not llm.engine.has_work() and llm.generate([[1, 2]], SamplingParams(max_tokens=1))[0].token_ids
+
+
 def test_an_offline_text_prompt_over_the_token_limit_names_prompt(llm):
     """A text prompt within the byte limit but over the token limit: the error names `prompt` (what the caller
     passed), as the gRPC front door does, not prompt_token_ids."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from elasticmoe.engine.engine import DTYPES, Engine
-from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
+from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
 from elasticmoe.engine.scheduler import RequestFailed
 from elasticmoe.engine.validation import Validator
 from elasticmoe.model import open_model
@@ -67,16 +67,13 @@ class LLM:
         """Complete every prompt (batched together, continuous batching); outputs in prompt order. Without
         sampling_params, each prompt gets `get_default_sampling_params()` (the checkpoint's defaults). A prompt
         the engine could not serve (e.g. NaN from its experts) raises RequestFailed naming it, once all ended."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = self._prompt_list(prompts)
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"sampling_params: {len(plist)} given for {len(prompts)} prompts")
+        ids = self._prompt_ids(prompts)
         check = self.engine.validator
-        # a text prompt over the token limit names `prompt` (what the caller passed), as the gRPC door does
-        ids = [check.prompt_ids(check.encode(self.tokenizer, p), "prompt") if isinstance(p, str)
-               else check.prompt_ids(p) for p in prompts]
         if sampling_params is None:  # the default max_tokens (the checkpoint's or 16) within the context left
             plist = [replace(p, max_tokens=check.default_max_tokens(len(t), p.max_tokens)) for p, t in zip(plist, ids)]
         for toks, p in zip(ids, plist):  # validate all before queueing any
@@ -103,6 +100,28 @@ class LLM:
             raise RequestFailed(f"prompt {i} ({s.request_id}) could not be served: {cause!r}{more}") from cause
         return [RequestOutput(s.request_id, s.prompt_ids, s.text, list(s.output_ids), s.finish_reason or "abort",
                               list(s.logprobs) if s.params.logprobs is not None else None) for s in seqs]
+
+    @staticmethod
+    def _prompt_list(prompts: object) -> list:
+        """`generate`'s prompts as a list of prompts: one str or list of token ids is one prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InvalidRequest("prompts", f"must be a str, a list of token ids or a list of those, got "
+                                            f"{type(prompts).__name__}")
+        return list(prompts)
+
+    def _prompt_ids(self, prompts: list) -> list[list[int]]:
+        """Each prompt's token ids (text tokenized); a prompt of another type is named by its index."""
+        check, out = self.engine.validator, []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):  # a text prompt over the token limit names `prompt`, as the gRPC door does
+                out.append(check.prompt_ids(check.encode(self.tokenizer, p), "prompt"))
+            elif isinstance(p, (list, tuple)):
+                out.append(check.prompt_ids(p))
+            else:
+                raise InvalidRequest(f"prompts[{i}]", f"must be a str or a list of token ids, got {type(p).__name__}")
+        return out
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """One full forward: logits [T, vocab] float32, for parity checks. T from 1 to max_model_len, ids in the

@@ -16,6 +16,7 @@ SEED_RANGE = (-(1 << 63), 1 << 64)  # a seed must fit 64 bits (signed or unsigne
 INT32_MAX = (1 << 31) - 1
 
 
+NOT_IDS = (str, bytes, bytearray, memoryview, dict, set, frozenset)  # sized iterables that are no list of token ids
 CONTEXT = "context_length_exceeded"  # an InvalidRequest code: the prompt (with max_tokens) does not fit the context
 
 
@@ -196,6 +197,8 @@ class Validator:
 
     def prompt_ids(self, ids: Any, name: str = "prompt_token_ids") -> list[int]:
         """Token ids: a non-empty list of ints in [0, vocab_size), at most max_prompt_tokens of them."""
+        if isinstance(ids, NOT_IDS) or not hasattr(ids, "__len__"):  # (gRPC's repeated fields have no __iter__)
+            raise InvalidRequest(name, f"must be a list of token ids, got {type(ids).__name__}")
         if not ids:
             raise InvalidRequest(name, "the prompt is empty")
         if len(ids) > self.max_prompt_tokens:
