@@ -175,6 +175,30 @@ def test_decodes_beyond_a_lowered_budget_wait_their_turn(model, reference):  # n
     assert long.output_ids == llm.generate([LONG], GREEDY)[0].token_ids
 
 
+def test_a_decode_only_step_out_of_memory_lowers_the_budget(model, reference):  # noqa: F811
+    """32 requests decoding, no prefill, when a shard's memory shrinks to 20 tokens: the step is halved (two runs of
+    16 fit) and the budget held at 16, so the next steps run 16 decodes each (the others keep their slots) and none
+    fails; the budget used to be lowered only by a prefill chunk's piece, so every decode step failed once and was
+    halved again. Every request gets LLM.generate's tokens."""
+    ref, _ = reference
+    disp = ShortDispatcher(model[2], 1 << 20)
+    engine = Engine(model[1], disp, max_model_len=128, max_num_seqs=40, retry_backoff_s=BACKOFF)
+    seqs = [engine.add_request(str(i), llm_ids, GREEDY) for i, llm_ids in enumerate(_prompt_ids(reference, 32))]
+    engine.step()  # every prefill
+    disp.limit = 20
+    engine.step()  # 32 decodes: refused, then two halves of 16
+    assert engine.forward.budget.tokens() == 16 and disp.refused == 1 and engine.failed_requests == 0
+    while engine.has_work():
+        engine.step()
+    assert disp.refused == 1 and engine.failed_requests == 0 and engine.step_retries == 0
+    assert [s.output_ids for s in seqs] == [ref[PROMPTS[i % 4]] for i in range(32)]
+
+
+def _prompt_ids(reference, n: int) -> list[list[int]]:
+    _, llm = reference
+    return [llm.encode(PROMPTS[i % 4]) for i in range(n)]
+
+
 class BlipDispatcher(ShortDispatcher):
     """ShortDispatcher whose first run that fails (out of memory, or `crash`: a bug) arms `blips` dispatches
     after it that would succeed to fail instead as experts unavailable for a moment (ExpertsUnavailable)."""

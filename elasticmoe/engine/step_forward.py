@@ -25,10 +25,11 @@ Outcome = tuple[torch.Tensor, Work, list[Sequence]]  # (hidden [N, H], the work 
 
 
 class TokenBudget:
-    """The tokens of an engine step: `configured` (max_num_batched_tokens), or, for `hold_s` after a prefill chunk
-    had to be cut into pieces to fit a shard's memory, the piece that fit, so that the scheduler cuts the next
-    steps' chunks before they hit the same wall (each hit costs runs that fail); then `configured` again, to find
-    out whether the memory came back (a step that still does not fit lowers it again)."""
+    """The tokens of an engine step: `configured` (max_num_batched_tokens), or, for `hold_s` after a step had to be
+    run in smaller runs to fit a shard's memory, the largest run that fit (a prefill chunk's piece, or a half of the
+    step's decodes), so that the scheduler cuts the next steps' chunks and decodes before they hit the same wall
+    (each hit costs runs that fail); then `configured` again, to find out whether the memory came back (a step
+    that still does not fit lowers it again)."""
 
     def __init__(self, tokens: int, hold_s: float = BUDGET_HOLD_S):
         self.configured, self.hold_s = tokens, hold_s
@@ -36,11 +37,11 @@ class TokenBudget:
         self.until = 0.0  # time.monotonic() when the hold ends
 
     def lower(self, tokens: int) -> None:
-        """A chunk fit in pieces of `tokens` where twice as many did not: hold the budget there (or lower)."""
+        """A step fit in runs of `tokens` where more did not: hold the budget there (or lower)."""
         self.lowered = min(tokens, self.lowered or self.configured)
         self.until = time.monotonic() + self.hold_s
-        log.warning("step budget lowered to %d tokens for %.0fs (a prefill chunk fit a shard's memory only in "
-                    "pieces)", self.lowered, self.hold_s)
+        log.warning("step budget lowered to %d tokens for %.0fs (a step fit a shard's memory only in smaller runs)",
+                    self.lowered, self.hold_s)
 
     def tokens(self) -> int:
         """This step's token budget."""
@@ -56,7 +57,8 @@ class StepForward:
     backoff (KV writes are keyed by position, so a step can be repeated; its halves, pieces and lone runs too, from
     the same retries), then each sequence is run alone (at once where a retry would fail alike: `deterministic`);
     one that failed for its size (a shard out of memory for its tokens) is run in halves at once, and a prefill
-    chunk that fails so alone is cut into a smaller piece (`budget` then lowered to it for a while)."""
+    chunk that fails so alone is cut into a smaller piece (`budget` then lowered for a while to the largest run
+    that fit: piece, or half where every sequence ran)."""
 
     def __init__(self, model: DenseModel, cache: KVCache, dispatcher: Dispatcher, device: torch.device,
                  fail: Callable[[Sequence, Exception], None], budget: TokenBudget, *,
@@ -69,6 +71,8 @@ class StepForward:
         self.pipeline_min_tokens = pipeline_min_tokens
         self.retries = 0  # attempts repeated after ExpertsUnavailable
         self._attempt = 0  # the running step's retries so far
+        self._fit = self._piece_fit = 0  # tokens of the largest half / prefill piece that fit, while a step that
+        # failed for its size is run smaller
 
     def __call__(self, work: Work) -> Outcome:
         """(hidden [N, H], the work it is for, the sequences that failed) for this step's work."""
@@ -78,7 +82,13 @@ class StepForward:
         except ExpertsUnavailable as e:  # transient: all copies of some experts failed this step
             if e.for_its_size:  # out of memory for these tokens: the same step would fail the same way
                 log.warning("step failed (%s); running its %d sequences in halves", e, len(work))
-                return self._halve(work, e)
+                self._fit = self._piece_fit = 0
+                out = self._halve(work, e)
+                # the next steps' budget while it holds: the largest run that fit, a half only when every sequence
+                # ran (one that ended even at the floor leaves the wall unknown: the halves beside it may be small)
+                if fit := self._piece_fit if out[2] else max(self._fit, self._piece_fit):
+                    self.budget.lower(fit)
+                return out
             why = "as it would again" if e.deterministic else "after retries"  # a retry fails alike / none left
             log.warning("step failed %s (%s); running its %d sequences one by one", why, e, len(work))
             return self._isolate(work)
@@ -135,9 +145,12 @@ class StepForward:
         for a, b in split_even([n for _, n in work], 2):
             part = work[a:b]
             try:
-                hidden, part_kept, part_failed = self._try(part), part, []
+                hidden = self._try(part)
             except Exception as e:  # noqa: BLE001 - this part only: smaller still
                 hidden, part_kept, part_failed = self._halve(part, e)
+            else:
+                part_kept, part_failed = part, []
+                self._fit = max(self._fit, sum(n for _, n in part))
             rows.append(hidden)
             kept += part_kept
             failed += part_failed
@@ -146,8 +159,8 @@ class StepForward:
     def _piece(self, seq: Sequence, n: int, error: Exception) -> Outcome:
         """A sequence's chunk of `n` tokens that failed alone (`error`). Failed for its size (a prefill chunk out of
         memory): its first piece of about half as many tokens is run, halved again while it fails so, down to
-        min_piece; the rest is left to the scheduler's next steps (a chunked prefill), whose budget is lowered to
-        the piece that fit. Otherwise, or at min_piece (a decode too), it ends. Runs: at most log2(n / min_piece)."""
+        min_piece; the rest is left to the scheduler's next steps (a chunked prefill), whose budget is lowered (to
+        the piece that fit, or a larger half of the step that fit). Otherwise, or at min_piece (a decode too), it ends. Runs: at most log2(n / min_piece)."""
         size = n
         while getattr(error, "for_its_size", False) and max(self.min_piece, (size + 1) // 2) < size:
             size = max(self.min_piece, (size + 1) // 2)
@@ -157,7 +170,7 @@ class StepForward:
                 error = e
                 continue
             log.warning("a prefill chunk of %d tokens failed (%s); ran its first %d tokens", n, error, size)
-            self.budget.lower(size)
+            self._piece_fit = max(self._piece_fit, size)
             return hidden, [(seq, size)], []
         self.fail(seq, error)
         return self._rows([]), [], [seq]
