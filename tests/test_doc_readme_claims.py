@@ -56,7 +56,7 @@ def test_fan_out_and_fault_numbers():
     """"else to that shard again 50 ms later"; a frame listener open at exit lets its frame finish "(up to 5 s)"; a
     replica Serve stops gives the calls in flight "up to 2 s";
     micro-batches need "at least 8 tokens from two or more sequences in a step"; a prefill chunk out of memory is
-    halved "down to 16 tokens" and the step budget "held at the piece that fit for 30 s"."""
+    halved "down to 16 tokens" and the step budget "held for 30 s at the largest run that fit"."""
     import inspect
 
     from elasticmoe.engine.engine import Engine
@@ -77,7 +77,7 @@ def test_fan_out_and_fault_numbers():
     assert [micro_batch_count(t, s, 2, least) for t, s in [(7, 7), (8, 1), (8, 2), (64, 2)]] == [1, 1, 2, 2]
     assert "(halved again while it fails, down to 16 tokens)" in README and MIN_PIECE_TOKENS == 16
     assert "whose 16-token piece does not fit ends" in README
-    assert "is held at the piece that fit for 30 s" in README and BUDGET_HOLD_S == 30.0
+    assert "is held for 30 s at the largest run that" in README and BUDGET_HOLD_S == 30.0
 
 
 def test_slow_readers_keepalive_and_reconnect_numbers():
