@@ -122,6 +122,29 @@ def test_small_gain_below_min_gain_moves_nothing():
     assert moves(p, plan(drifted(load, 2, 1), N, S, current=p, min_gain=1.0)) == 0
 
 
+def _one_each(w: np.ndarray) -> Placement:
+    """Expert e alone on shard e (1 layer, 3 experts, 3 shards of 3 slots): every move creates a copy."""
+    holds = np.eye(3, dtype=bool)[None]  # [1, E, N]
+    return Placement.from_arrays(holds.astype(float), holds, 3)
+
+
+@pytest.mark.parametrize("second, single_gain, taken", [(99.5, 0.004, False), (90.0, 0.085, True)])
+def test_a_single_move_is_taken_only_when_it_gains_min_gain(second, single_gain, taken):
+    """Shards hold 100, `second` and 40.5 tokens: the best move copies the 100 expert onto the third shard, which
+    drops the max load to max(second, 70.25). With one move allowed it is made only when that lifts balancedness
+    by >= min_gain (0.02); below it the layer is left alone, unless a second move may complete a run that does."""
+    w = np.array([[100.0, second, 40.5]])  # [L=1, E=3]
+    p = _one_each(w)
+    one = plan(w, 3, 3, current=p, max_moves=1, min_gain=0.0)  # the single move, whatever it gains
+    assert moves(p, one) == 1 and one.holds()[0, 0, 2]
+    assert (one.balancedness(w) - p.balancedness(w))[0] == pytest.approx(single_gain, abs=1e-3)
+    q = plan(w, 3, 3, current=p, max_moves=1, min_gain=0.02)
+    assert moves(p, q) == (1 if taken else 0)
+    assert q.holds()[0, 0, 2] == taken
+    run = plan(w, 3, 3, current=p, max_moves=2, min_gain=0.02)  # two moves reach perfect balance: a run of 2
+    assert moves(p, run) == 2 and run.balancedness(w)[0] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("exponent", [0.8, 1.0, 1.2, 1.5])
 def test_bounded_replan_recovers_after_drift(exponent):
     load = zipf_load(4, exponent, seed=21)
