@@ -257,3 +257,25 @@ def test_a_shard_found_dead_stays_out_of_a_restarted_controllers_table(model):
         assert all(_routed_to(table, s.shard_id) <= s.held() for s in (a, b))
 
     _with_shards(model, "ab", scenario)
+
+
+def test_sole_copies_counts_the_live_copies_a_shard_is_the_only_one_of(model):
+    """status's `sole_copies` (local_cluster.sole_holder picks a single-copy fault's victim by it: "experts that
+    have no other copy"; the code's comment: "lost with this shard") counted the placement's copies, a dead shard's
+    among them: with c found dead (out of the table, not re-homed yet) a's and b's experts whose other copy was on c
+    have one live copy left, yet they counted 0. Now a live shard counts its experts with no other live copy, and a
+    shard out of the table counts none (it holds no copy the table routes to)."""
+    async def scenario(files, a, b, c):
+        ctrl = await _quiet(model, a, b, c, num_shards=3, expert_copies=2)
+        c.server.stop(None)
+        await ctrl._probe_once()  # c out of the table; its re-home is the settle round's, not run here
+        table = ctrl._table()
+        assert [s["id"] for s in table["shards"]] == ["a", "b"]
+        alone = {(int(l), e) for l, experts in table["layers"].items() for e, reps in enumerate(experts)
+                 if len(reps) == 1}  # the experts with one live copy
+        assert alone  # c held the second copy of some
+        sole = {s["id"]: s["sole_copies"] for s in (await ctrl.status())["shards"]}
+        assert sole == {"a": len(alone & _routed_to(table, "a")), "b": len(alone & _routed_to(table, "b")), "c": 0}
+        assert sole["a"] + sole["b"] == len(alone)
+
+    _with_shards(model, "abc", scenario)

@@ -29,7 +29,8 @@ class StatsKeeper:
         """Placement version, per-shard health and load, balancedness per layer, hottest experts, events."""
         load = self.load.planning_load()
         shards, p = [], self.registry.placement
-        copies = p.num_copies()  # [L, E]
+        copies = self.registry.live_copies()  # [L, E] copies the table routes to (a dead shard's are none)
+        live = {s.shard_id for s in self.registry.live()}
         infos = sorted(self.registry.shards.values(), key=lambda s: s.position)
         # every shard asked at once: a shard that does not answer costs one timeout, not one each
         answers = await asyncio.gather(*(self._shard_stats(s.address) for s in infos))
@@ -37,7 +38,8 @@ class StatsKeeper:
             mine = p.experts_on(s.position) if s.position < p.num_shards else []
             entry = {"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
                      "healthy": s.healthy, "experts": len(mine),
-                     "sole_copies": sum(1 for l, e in mine if copies[l, e] == 1),  # lost with this shard
+                     # experts of which it holds the only live copy: lost with this shard (none held if not live)
+                     "sole_copies": sum(1 for l, e in mine if copies[l, e] == 1) if s.shard_id in live else 0,
                      "utilization": self.load.utilization.get(s.shard_id, 0.0), **answer}
             shards.append(entry)
         return {"version": self.registry.version, "complete": self.registry.complete(), "shards": shards,
