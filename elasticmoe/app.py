@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from elasticmoe.config import GATEWAY_DRAIN_S, AppArgs, default_served_name
+from elasticmoe.config import GATEWAY_DRAIN_S, SHARD_SHUTDOWN_S, AppArgs, default_served_name
 
 
 def _options(res) -> dict[str, Any]:
@@ -68,7 +68,8 @@ def build_app(args: dict[str, Any]):
     if a.shard_resources.accelerator_type is not None:
         ctl_opts["accelerator_type"] = a.shard_resources.accelerator_type
     controller = Controller.options(ray_actor_options=ctl_opts).bind(plain)
-    shard_opts: dict[str, Any] = {"ray_actor_options": _options(a.shard_resources), "graceful_shutdown_timeout_s": 60}
+    shard_opts: dict[str, Any] = {"ray_actor_options": _options(a.shard_resources),
+                                  "graceful_shutdown_timeout_s": SHARD_SHUTDOWN_S}
     if a.autoscaling is None:
         shard_opts["num_replicas"] = a.num_shards
     else:

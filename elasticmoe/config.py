@@ -107,6 +107,7 @@ class Autoscaling(_Strict):
 
 
 GATEWAY_DRAIN_S = 600  # a stopping gateway's drain: the request timeout of the GPU Serve configs and the chart
+SHARD_SHUTDOWN_S = 60  # a stopping shard's graceful shutdown: its drain (re-home, the gateways' acks), then its stop
 
 
 class DirectGrpc(_Strict):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from elasticmoe.autoscaler import moves
+from elasticmoe.autoscaler import moves, replace
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.model import open_model
 from tests.controller_util import E, ControllerImpl, Shard, _args, _routed_to, _until
@@ -85,8 +85,10 @@ async def _step(run: _Run, op: str) -> str:
         try:
             if len(live) >= 2 and rng.random() < 0.5:
                 sid = str(rng.choice(live))
-                await ctrl.drain(sid)
-                what = f"drain {sid}"
+                for other in live:  # every try of the drain fails (tests/test_controller_drain.py: one that does not)
+                    run.shards[other].servicer.faults.fail_loads = replace.DRAIN_ATTEMPTS
+                drained = (await ctrl.drain(sid))["drained"]
+                what = f"drain {sid}" + ("" if drained else " rolled back")
             else:
                 ctrl.load.ema = rng.exponential(1.0, ctrl.load.ema.shape) ** 3 * 100
                 try:

@@ -170,12 +170,15 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         return {"known": info is not None, "desired": self.desired, "version": self.registry.version}
 
     async def drain(self, shard_id: str) -> dict:
-        """Scale-in: load this shard's experts elsewhere, publish without it, wait for the gateways, let it go."""
+        """Scale-in: load this shard's experts elsewhere (failed loads tried again: Replacer._drain), publish without
+        it, wait for the gateways, let it go. Returns the table and `drained`: whether every expert it held has a
+        live copy elsewhere (False: it is still in the table with some; once it stops the health round re-homes
+        them)."""
         async with self._start():
-            version = await self._lose(shard_id, "drained", alive=True, kind="scale_in")
+            version, drained = await self._drain(shard_id)
         if version is not None:
             await self._acked(version)
-        return self._table()
+        return {**self._table(), "drained": drained}
 
     # ----- gateway and operator API
     async def table(self, known_version: int = -1, gateway_id: str | None = None, wait_s: float = 0.0,

@@ -25,6 +25,10 @@ DROP_TIMEOUT_S = 30.0  # a DropExperts call's deadline
 class LoadFailed(RuntimeError):
     """Loading new copies failed on some shard; whatever was loaded has been dropped again."""
 
+    def __init__(self, message: str, addresses: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.addresses = addresses  # the shards whose LoadExperts failed
+
 
 class Mover:
     """Mixin of the Controller: gRPC to the shards. Needs `registry`, `moe_layers`, `metrics`, `_lock`."""
@@ -142,7 +146,7 @@ class Mover:
             held = {a: {(r.layer, r.expert) for r in st.held} if st is not None else set()
                     for a, st in zip(loads, before)}
             await self._drop_now({a: [x for x in loads[a] if x not in held[a]] for a in loads})
-            raise LoadFailed(f"LoadExperts failed on {failed[0][0]}: {failed[0][1]}")
+            raise LoadFailed(f"LoadExperts failed on {failed[0][0]}: {failed[0][1]}", tuple(a for a, _ in failed))
         return int(sum(results))
 
     async def _drop_now(self, drops: dict[str, list[tuple[int, int]]]) -> None:

@@ -3,6 +3,7 @@ onto ready spares; a mixin of the Controller, run under its lock."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -12,7 +13,13 @@ from elasticmoe.autoscaler.moves import LoadFailed
 from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.placement import Placement, plan
 
+log = logging.getLogger("elasticmoe.controller")
 GROW_BACKOFF_MAX_S = 60.0  # the longest a failed scale out waits for the health round's next try
+DRAIN_ATTEMPTS = 3  # re-home tries of a drain whose loads fail
+# No drain's re-home try starts later than this after its first: the stopping replica's graceful shutdown
+# (config.SHARD_SHUTDOWN_S, 60 s) still covers the wait for the gateways' acks (moves.ACK_TIMEOUT_S, 30 s), the
+# replica's probe of the controller (5 s) and its server's stop (<= 5 s): tests/test_controller_drain.py
+DRAIN_RETRY_S = 15.0
 
 
 def _then_kept(new: Placement, current: Placement, count: int) -> Placement:
@@ -27,6 +34,12 @@ def _then_kept(new: Placement, current: Placement, count: int) -> Placement:
     return Placement.from_arrays(shares / shares.sum(2, keepdims=True), holds, slots, new.version)
 
 
+def _keeps_copies(p: Placement, copies: int) -> bool:
+    """Every expert has min(copies, shards) copies in `p`, where its slots allow that many."""
+    k = min(copies, p.num_shards)
+    return p.num_shards * p.slots_per_shard < k * p.num_experts or bool((p.num_copies() >= k).all())
+
+
 class Replacer:
     """Needs the Controller's registry, load, args, slots, num_experts, max_moves, _apply, _held, _load_many,
     _event and _publish."""
@@ -34,10 +47,38 @@ class Replacer:
     _grow_failures = 0  # failed scale outs in a row
     _grow_after = 0.0  # monotonic time before which the health round does not try one again
 
-    async def _lose(self, shard_id: str, why: str, alive: bool = False, kind: str = "rehome") -> int | None:
+    async def _drain(self, shard_id: str) -> tuple[int | None, bool]:
+        """Scale-in of a shard about to stop: its experts get live copies elsewhere first (`_lose`); a try whose loads
+        fail is rolled back and tried again, DRAIN_ATTEMPTS in all, none starting after DRAIN_RETRY_S, each with the
+        shards whose loads failed kept out of the targets while others are left. Returns (the committed version,
+        whether every expert it held while live now has a live copy elsewhere); when not, it is logged and counted
+        (`drain_incomplete`) and the shard stays in the table: once it stops, the health round re-homes them."""
+        info = self.registry.shards.get(shard_id)
+        if info is None:
+            return None, True
+        mine = self.registry.assignment(info.position) if info in self.registry.live() else []
+        deadline, avoid, version = time.monotonic() + DRAIN_RETRY_S, set(), None
+        for attempt in range(1, DRAIN_ATTEMPTS + 1):
+            try:
+                version = await self._lose(shard_id, "drained", alive=True, kind="scale_in", avoid=avoid, strict=True)
+                break
+            except LoadFailed as e:
+                avoid |= {s.shard_id for s in self.registry.shards.values() if s.address in e.addresses}
+                if time.monotonic() >= deadline:
+                    break
+        live = self.registry.live_copies()  # [L, E]
+        drained = shard_id not in self.registry.shards and all(live[self.layer_index[l], e] for l, e in mine)
+        if not drained:
+            self._event("drain_incomplete", shard=shard_id, attempts=attempt)
+            log.warning("drain of %s: its experts have no live copy elsewhere after %d tries; the health round "
+                        "re-homes them once it is gone", shard_id, attempt)
+        return version, drained
+
+    async def _lose(self, shard_id: str, why: str, alive: bool = False, kind: str = "rehome",
+                    avoid: set[str] = frozenset(), strict: bool = False) -> int | None:
         """Take a shard out, with any other failed or empty position (a copy cannot be loaded there): their experts
         get live copies elsewhere first; returns the committed version. kind: the metrics' reason (scale_in for a
-        drain)."""
+        drain); avoid, strict: see `_rehome`."""
         info = self.registry.shards.get(shard_id)
         if info is None:
             return None
@@ -52,7 +93,7 @@ class Replacer:
             self._publish()
             return self.registry.version
         gone = [info.position] + [p for p in self.registry.vacant() if p != info.position]  # other dead ones too
-        return await self._rehome(gone, why, kind, shard_id)
+        return await self._rehome(gone, why, kind, shard_id, avoid, strict)
 
     async def _give_up(self, positions: list[int]) -> int | None:
         """Take positions that never came up (autoscaling's start_deadline_s: none registered, or it never got ready)
@@ -66,35 +107,54 @@ class Replacer:
             self._event("given_up", positions=positions, shards=starting)
         return version
 
-    async def _rehome(self, gone: list[int], why: str, kind: str, shard_id: str | None = None) -> int | None:
+    async def _rehome(self, gone: list[int], why: str, kind: str, shard_id: str | None = None,
+                      avoid: set[str] = frozenset(), strict: bool = False) -> int | None:
         """Re-plan the placement without the positions `gone` (their shards leave it); returns the committed
-        version, None when nothing could be re-homed (rolled back, or no shard to re-home onto)."""
-        n = self.registry.placement.num_shards
-        if len(gone) == n:  # nothing to re-home onto but ready spares: they join (empty) first
-            if not self.registry.spares() or not await self._widen(why, kind):
+        version, None when nothing could be re-homed (rolled back, or no shard to re-home onto). The shards in
+        `avoid` (ids) get no new copy where the others can take them all, keeping expert_copies; `strict`: a failed
+        load raises LoadFailed (after rolling back) instead of returning None."""
+        if len(gone) == self.registry.placement.num_shards:  # nothing to re-home onto but ready spares: they join
+            if not self.registry.spares() or not await self._widen(why, kind):  # (empty) first
                 return None  # a new replica takes this position over
-            n = self.registry.placement.num_shards
-        # a shard still loading serves nothing yet: every expert gets a copy on the live shards, and the loading ones
-        # keep their assignments (their loads stay valid); with no live shard the copies can only wait for them
-        loading = sorted(s.position for s in self.registry.shards.values()
-                         if not s.ready and s.position < n and s.position not in gone)
-        if len(gone) + len(loading) == n:
-            loading = []
-        current, relabel = self.registry.retire(loading + gone)
-        live = n - len(gone) - len(loading)
-        slots = max(self.slots, math.ceil(self.num_experts / live))
-        new = plan(self.load.planning_load(), live, slots, current=current, max_moves=self.max_moves,
-                   min_copies=self.args.expert_copies)
-        new = _then_kept(new, current, len(loading))
+        loading = self._loading(gone)
+        avoided = sorted(loading + [s.position for s in self.registry.live() if s.shard_id in avoid and
+                                    s.position not in gone])
+        others = len(gone) + len(avoided) < self.registry.placement.num_shards  # a shard left to load onto
+        tries = [avoided] if avoided != loading and others else []
+        for kept in tries + [loading]:  # the avoided shards are targets again where the others cannot keep copies
+            current, relabel, new = self._replan(gone, kept)
+            if kept == loading or _keeps_copies(new, self.args.expert_copies):
+                break
         remove = tuple(s.shard_id for s in self.registry.shards.values() if s.position in gone)
         try:
             await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}", kind)
-        except Exception as e:  # noqa: BLE001 - rolled back; the health loop tries again
+        except Exception as e:  # noqa: BLE001 - rolled back; the health loop (a drain: `_drain`) tries again
             self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:200])
+            if strict and isinstance(e, LoadFailed):
+                raise
             return None
         for sid in remove:
             self._event("removed", shard=sid, why=why if sid == shard_id or shard_id is None else "failed with it")
         return self.registry.version
+
+    def _loading(self, gone: list[int]) -> list[int]:
+        """Positions (besides `gone`) of shards still loading: they serve nothing yet, so every expert gets a copy
+        on the live shards, and they keep their assignments (their loads stay valid); with no live shard the copies
+        can only wait for them (none kept)."""
+        n = self.registry.placement.num_shards
+        loading = sorted(s.position for s in self.registry.shards.values()
+                         if not s.ready and s.position < n and s.position not in gone)
+        return loading if len(gone) + len(loading) < n else []
+
+    def _replan(self, gone: list[int], kept: list[int]) -> tuple[Placement, dict[int, int], Placement]:
+        """(current renumbered, old -> new positions, the plan) without `gone`, `kept` keeping their copies
+        unchanged and getting no new one (the others, at least one, take every expert)."""
+        current, relabel = self.registry.retire(kept + gone)
+        live = self.registry.placement.num_shards - len(gone) - len(kept)
+        slots = max(self.slots, math.ceil(self.num_experts / live))
+        new = plan(self.load.planning_load(), live, slots, current=current, max_moves=self.max_moves,
+                   min_copies=self.args.expert_copies)
+        return current, relabel, _then_kept(new, current, len(kept))
 
     async def _widen(self, why: str, kind: str) -> bool:
         """Place the ready spares as empty positions (no copy loaded, the routing unchanged)."""

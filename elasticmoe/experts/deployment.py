@@ -157,7 +157,10 @@ class ExpertShard:
         if self.registered.is_set():
             try:
                 await asyncio.wait_for(self.controller.info.remote(), CONTROLLER_PROBE_S)  # an awaitable response
-                await self.controller.drain.remote(self.shard_id)
+                answer = await self.controller.drain.remote(self.shard_id)
+                if not answer.get("drained", True):
+                    log.warning("shard %s: the drain left experts with no live copy elsewhere; stopping anyway (the "
+                                "controller's health round re-homes them)", self.shard_id)
             except asyncio.TimeoutError:
                 log.info("shard %s: no controller to drain to (app deleted?): stopping", self.shard_id)
             except Exception as e:  # noqa: BLE001 - the gateway's failover covers the rest
