@@ -39,8 +39,10 @@ def _sampling(ns: argparse.Namespace) -> dict:
 def cmd_generate(ns: argparse.Namespace) -> int:
     import grpc
 
-    from elasticmoe.client import GenerationClient
+    from elasticmoe.client import GenerationClient, check_api_key
 
+    if ns.api_key:
+        check_api_key(ns.api_key, "--api-key")
     client = GenerationClient(ns.address, app=ns.app, timeout_s=ns.timeout, api_key=ns.api_key)
     line_open = False  # streamed text printed with no newline yet
     try:

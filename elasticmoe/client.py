@@ -12,6 +12,15 @@ from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
 from elasticmoe.rpc.options import channel_options
 
 _FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "logprobs")
+KEY_ENV = "ELASTICMOE_API_KEY"
+
+
+def check_api_key(key: str, where: str) -> str:
+    """`key`, unless gRPC metadata cannot carry it (not printable ASCII: gRPC failed the call with "INTERNAL: Invalid
+    metadata", naming nothing, and no server could accept it): ValueError naming `where`, never the key."""
+    if key.isascii() and key.isprintable():
+        return key
+    raise ValueError(f"{where}: an API key must be printable ASCII (gRPC metadata carries nothing else)")
 
 
 def make_request(prompt: str | None = None, prompt_token_ids: list[int] | None = None, request_id: str = "",
@@ -55,7 +64,9 @@ class GenerationClient:
         else:
             self.channel = grpc.insecure_channel(address, options=options)
         self.stub = gen_grpc.GenerationStub(self.channel)
-        key = api_key if api_key is not None else os.environ.get("ELASTICMOE_API_KEY")
+        key = api_key if api_key is not None else os.environ.get(KEY_ENV)
+        if key:  # refused before a call: named as given (the argument or the variable)
+            check_api_key(key, "api_key" if api_key is not None else KEY_ENV)
         self.metadata = (("application", app),) + ((("authorization", f"Bearer {key}"),) if key else ())
         self.timeout_s = timeout_s
 

@@ -278,3 +278,23 @@ def test_grpc_checks_the_key_before_validating_the_request(grpc_address):
             with pytest.raises(grpc.RpcError) as e:
                 stub.Generate(request, timeout=30)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, request
+
+
+@pytest.mark.parametrize("key", [BAD, "sk-line\n0123456789abcdef", "sk-tab\t0123456789abcdef"])
+def test_the_cli_names_a_key_no_metadata_can_carry_in_one_line(grpc_address, key, capsys, monkeypatch):
+    """gRPC refused such a key itself: "INTERNAL: Invalid metadata" after a C-core trace on stderr, naming neither
+    the flag nor the variable; now the client refuses it first, naming where it came from (never the key)."""
+    from elasticmoe.cli import main
+    from elasticmoe.client import GenerationClient
+
+    monkeypatch.delenv("ELASTICMOE_API_KEY", raising=False)
+    assert main(["generate", "Hello", "--address", grpc_address, "--max-tokens", "1", "--api-key", key]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("elasticmoe generate: error: ")
+    assert "--api-key: an API key must be printable ASCII" in err and key not in err
+    monkeypatch.setenv("ELASTICMOE_API_KEY", key)
+    with pytest.raises(ValueError, match="^ELASTICMOE_API_KEY: an API key must be printable ASCII") as e:
+        GenerationClient(grpc_address)
+    assert key not in str(e.value)
+    with pytest.raises(ValueError, match="^api_key: an API key must be printable ASCII"):
+        GenerationClient(grpc_address, api_key=key)
