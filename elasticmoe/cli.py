@@ -207,6 +207,14 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes that the flag was given (`<dest>_given`): one that only matters with another."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _demo_cpus(text: str) -> int:
     """An argparse type: the demo's logical CPUs for the local Ray node, DEMO_MIN_CPUS or more (was raised silently)."""
     try:
@@ -244,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print Controller.status() as JSON (with --watch: one line a frame)")
     p.add_argument("--watch", action="store_true", help="live view: redraw every --interval seconds until Ctrl-C")
-    p.add_argument("--interval", type=_positive_seconds, default=2.0, help="seconds between --watch frames")
+    p.add_argument("--interval", type=_positive_seconds, default=2.0, action=_Given,
+                   help="seconds between --watch frames (only with --watch)")
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("scale", help="pin the number of expert shards, or hand it back to autoscaling")
     p.add_argument("--address", default="auto", help="Ray cluster address")
@@ -271,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; a failure is one `elasticmoe <command>: error: ...` line on stderr and exit status 1
     (Ctrl-C: 130), not a traceback."""
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if getattr(ns, "interval_given", False) and not ns.watch:  # was accepted and ignored: one status, at once
+        parser.error("--interval: only with --watch (the seconds between its frames)")
     try:
         return int(ns.fn(ns) or 0)
     except KeyboardInterrupt:

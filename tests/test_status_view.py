@@ -235,3 +235,15 @@ def test_generate_failing_is_one_prefixed_line_after_the_streamed_text(monkeypat
     assert cli_main(["generate", "hi", "--stream"]) == 1
     out, err = capsys.readouterr()
     assert out == "partial\n" and err == "elasticmoe generate: error: UNAVAILABLE: shard gone\n", (out, err)
+
+
+@pytest.mark.parametrize("argv", [["status", "--interval", "5"], ["status", "--json", "--interval", "0.5"]])
+def test_status_refuses_an_interval_without_watch(argv, monkeypatch, capsys):
+    """--interval sets the --watch frames' spacing: without --watch it was accepted and ignored (one status, at
+    once), so a script asking for a status every 5 s got one; now a usage error naming both flags."""
+    from elasticmoe import status_view
+
+    monkeypatch.setattr(status_view, "controller_status", lambda address, app="elasticmoe": {"shards": []})
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2 and "--interval: only with --watch" in capsys.readouterr().err
