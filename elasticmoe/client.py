@@ -58,6 +58,9 @@ class GenerationClient:
     def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300,
                  api_key: str | None = None, tls: bool | bytes = False):
         options = channel_options(keepalive_s=None)  # Serve's proxy takes no keepalive pings
+        if isinstance(tls, bytes) and not tls.strip():  # falsy: it made a plaintext channel, the key in the clear
+            raise ValueError("tls: the root certificates are empty (give the CA's PEM bytes, or True for the "
+                             "system's roots)")
         if tls:
             creds = grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
             self.channel = grpc.secure_channel(address, creds, options=options)

@@ -298,3 +298,14 @@ def test_the_cli_names_a_key_no_metadata_can_carry_in_one_line(grpc_address, key
     assert key not in str(e.value)
     with pytest.raises(ValueError, match="^api_key: an API key must be printable ASCII"):
         GenerationClient(grpc_address, api_key=key)
+
+
+@pytest.mark.parametrize("ca", [b"", b"\n  \n"])
+def test_empty_root_certificates_are_refused_not_plaintext(ca):
+    """GenerationClient(tls=<CA bytes>) with the bytes of an empty file (a CA not mounted yet) made a plaintext
+    channel (b"" is falsy): the key went out in the clear, as the HTTP/2 preface's headers, before the TLS server
+    hung up. Now a ValueError naming tls."""
+    from elasticmoe.client import GenerationClient
+
+    with pytest.raises(ValueError, match="^tls: "):
+        GenerationClient("127.0.0.1:1", api_key=KEY, tls=ca)
