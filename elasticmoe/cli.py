@@ -197,13 +197,18 @@ def cmd_offline(ns: argparse.Namespace) -> int:
 
 
 def _positive_seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds above 0."""
+    """An argparse type: a finite number of seconds above 0, at most MAX_TIMEOUT_S (more overflowed gRPC's deadline:
+    the call failed at once)."""
+    from elasticmoe.client import MAX_TIMEOUT_S
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    if value > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:g} seconds, got {text!r}")
     return value
 
 

@@ -13,6 +13,9 @@ from elasticmoe.rpc.options import channel_options
 
 _FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "logprobs")
 KEY_ENV = "ELASTICMOE_API_KEY"
+# a call's longest timeout: gRPC's deadline (now + timeout, as int64 nanoseconds) overflowed past some 7e9 s, and the
+# call failed at once with DEADLINE_EXCEEDED
+MAX_TIMEOUT_S = 1e9
 
 
 def check_api_key(key: str, where: str) -> str:
@@ -57,6 +60,8 @@ class GenerationClient:
 
     def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300,
                  api_key: str | None = None, tls: bool | bytes = False):
+        if not 0 < timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"timeout_s: must be at most {MAX_TIMEOUT_S:g} seconds and above 0, got {timeout_s!r}")
         options = channel_options(keepalive_s=None)  # Serve's proxy takes no keepalive pings
         if isinstance(tls, bytes) and not tls.strip():  # falsy: it made a plaintext channel, the key in the clear
             raise ValueError("tls: the root certificates are empty (give the CA's PEM bytes, or True for the "

@@ -309,3 +309,22 @@ def test_empty_root_certificates_are_refused_not_plaintext(ca):
 
     with pytest.raises(ValueError, match="^tls: "):
         GenerationClient("127.0.0.1:1", api_key=KEY, tls=ca)
+
+
+@pytest.mark.parametrize("timeout", ["1e10", "1e300"])
+def test_a_timeout_grpc_cannot_keep_is_refused_naming_it(grpc_address, timeout, capsys):
+    """gRPC's deadline (now + timeout, as int64 nanoseconds) overflowed past some 7e9 s: `generate --timeout 1e10`
+    (meant as "no limit") failed at once with DEADLINE_EXCEEDED. Now the flag and GenerationClient(timeout_s=) refuse
+    more than MAX_TIMEOUT_S (1e9 s), naming themselves; that much still answers."""
+    from elasticmoe import client
+    from elasticmoe.cli import main
+
+    argv = ["generate", "Hello", "--address", grpc_address, "--api-key", KEY, "--max-tokens", "1", "--timeout"]
+    with pytest.raises(SystemExit) as e:
+        main(argv + [timeout])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--timeout: must be at most 1e+09 seconds" in err, err
+    with pytest.raises(ValueError, match="^timeout_s: must be at most"):
+        client.GenerationClient(grpc_address, api_key=KEY, timeout_s=float(timeout))
+    assert client.MAX_TIMEOUT_S == 1e9 and main(argv + ["1e9"]) == 0
+    assert client.GenerationClient(grpc_address, api_key=KEY, timeout_s=1e9).generate("Hello", max_tokens=1).text
