@@ -140,6 +140,25 @@ def test_unloadable_cached_library_is_built_again(monkeypatch, tmp_path):
 
 
 @needs_kernel
+def test_built_library_is_readable_by_other_users(monkeypatch, tmp_path):
+    """The .so was compiled into a mkstemp file (mode 0600), which the linker only made executable: 0711, so on a
+    cache shared by several users (ELASTICMOE_CACHE on a node's shared disk) the others could not dlopen it and
+    fell back to torch, or rebuilt it over the owner's. Now it has the mode `cc -o` gives under the umask (0755
+    under 022), and no build folder is left behind."""
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path))
+    umask = os.umask(0o022)
+    try:
+        built = cpu_gemm._build()
+    finally:
+        os.umask(umask)
+    assert built is not None and built.parent == tmp_path / "cpu_gemm"
+    assert oct(built.stat().st_mode & 0o777) == oct(0o755)
+    assert [p.name for p in built.parent.iterdir()] == [built.name]
+    lib = cpu_gemm._dlopen(built)
+    assert lib is not None and all(hasattr(lib, name) for name in cpu_gemm._SYMBOLS.values())
+
+
+@needs_kernel
 def test_cc_with_arguments_builds_the_kernel(tmp_path):
     """CC holding a command line ("gcc -m64", "ccache cc": the make / autoconf convention) was run as one file
     name, failed, and left the process on torch silently; it is now split like a shell would."""

@@ -63,16 +63,17 @@ def _build(again: bool = False) -> Path | None:
         return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
+        work = tempfile.mkdtemp(dir=out.parent)  # private: the linker creates the .so in it with the umask's mode
     except OSError:  # read-only or missing cache directory
         return None
+    tmp = Path(work) / out.name  # not mkstemp's file: its 0600 left the .so 0711, unreadable to other users
     try:
-        subprocess.run([*cc, *_FLAGS, "-o", tmp, str(_SRC)], check=True, capture_output=True, timeout=120)
+        subprocess.run([*cc, *_FLAGS, "-o", str(tmp), str(_SRC)], check=True, capture_output=True, timeout=120)
         os.replace(tmp, out)  # atomic: concurrent builders (several shards on one node) all succeed
     except (OSError, subprocess.SubprocessError):
-        Path(tmp).unlink(missing_ok=True)
         return None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
