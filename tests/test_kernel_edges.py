@@ -127,3 +127,21 @@ def test_torch_alignment_edges():
                            (ids, -1, 16), "block_m must be an int >= 1": (ids, 2, 0)}.items():
         with pytest.raises(ValueError, match=fragment):
             align_block_size_torch(*args)
+
+
+@pytest.mark.parametrize("tokens", [0, 3])
+def test_unknown_backend_refused_whatever_the_batch(tokens, monkeypatch):
+    """fused_moe returned zeros for T = 0 (and k = 0, E = 0) before reading `backend` or ELASTICMOE_MOE_BACKEND, so a
+    misspelt backend went unnoticed while nothing was routed to the shard (and forever on one holding no experts).
+    Now the same ValueError naming it whatever the batch."""
+    x, w13, w2, ids, weights = make_inputs(tokens, 3, 2)
+    monkeypatch.delenv("ELASTICMOE_MOE_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="unknown MoE backend 'trition'"):
+        fused_moe(x, w13, w2, ids, weights, backend="trition")
+    with pytest.raises(ValueError, match="unknown MoE backend 'trition'"):
+        fused_moe(x, w13[:0], w2[:0], ids, weights, backend="trition")  # no experts held
+    monkeypatch.setenv("ELASTICMOE_MOE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="ELASTICMOE_MOE_BACKEND='cuda'"):
+        fused_moe(x, w13, w2, ids, weights)
+    monkeypatch.setenv("ELASTICMOE_MOE_BACKEND", "torch")
+    assert rel_err(fused_moe(x, w13, w2, ids, weights), fused_moe_reference(x, w13, w2, ids, weights)) <= TOL_FP32

@@ -68,9 +68,10 @@ def fused_moe(
     first (act_quant is a Triton-only option and ignored there).
     """
     fp8 = check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale, block_shape, split_scales)
+    chosen = resolve_backend(backend, hidden.device, fp8 is not None)  # a bad backend is refused at T = 0 too
     if hidden.shape[0] == 0 or topk_ids.shape[1] == 0 or w13.shape[0] == 0:  # nothing routed here: zeros
         return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
-    if resolve_backend(backend, hidden.device, fp8 is not None) == "torch":
+    if chosen == "torch":
         if fp8 is not None:  # dequantize to hidden's dtype, then the usual path
             w13 = dequantize_w13(w13, w13_scale, fp8["block_shape"], hidden.dtype, fp8["split"])  # [E, 2I, H]
             w2 = dequantize_block_fp8(w2, w2_scale, fp8["block_shape"], hidden.dtype)  # [E, H, I]
