@@ -55,7 +55,7 @@ def fused_moe(
     """Routed-experts forward: out[t] = sum_j topk_weights[t, j] * expert(topk_ids[t, j])(hidden[t]).
 
     hidden [T, H]; w13 [E, 2I, H] (rows :I gate, I: up); w2 [E, H, I];
-    topk_ids [T, k] int32/int64 (-1 = skip); topk_weights [T, k] any float dtype (used in fp32).
+    topk_ids [T, k] int32/int64 (-1 = skip); topk_weights [T, k] fp32, fp16 or bf16 (used in fp32).
     expert e(x) = (silu(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T.
     Returns [T, H] in out_dtype (default hidden's dtype); the top-k reduction accumulates in fp32, or in
     fp64 for out_dtype float64 on the torch backend (partial sums from several shards then add up exactly).
