@@ -118,3 +118,46 @@ def test_experts_that_do_not_fit_in_memory_are_resource_exhausted(tmp_path):
     finally:
         ch.close()
         server.stop(None).wait(10)
+
+
+def test_a_load_failing_at_one_expert_leaves_the_shard_as_it_was(tmp_path):
+    """One LoadExperts over three layers whose last has an expert the file lies about (its w2's header says I32):
+    FAILED_PRECONDITION naming the file and the tensor, and the shard holds what it held before, bytes and all. The
+    layers loaded before the bad one kept their new experts (the caller, told the load failed, could not know them):
+    layer 0's that it held already with them (rebuilt back) and layer 1, which it did not hold (freed)."""
+    import json
+    import struct
+
+    from elasticmoe.model.tiny import make_tiny_model
+
+    path = make_tiny_model("mixtral", tmp_path / "m", layers=3, experts=E)
+    (weights,) = path.glob("*.safetensors")
+    bad = "model.layers.2.block_sparse_moe.experts.1.w2.weight"
+    raw = weights.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header[bad]["dtype"] = "I32"  # same size: the file opens, the expert's read fails
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text) + -len(text) % 8) + text + b" " * (-len(text) % 8) + raw[8 + n:])
+    files = open_model(str(path))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    store.load([(0, 0), (0, 1)])
+    server, _, port = start_server(store, "half-load")
+    ch = tls.channel(f"127.0.0.1:{port}", channel_options())
+    try:
+        stub = pb_grpc.ExpertShardStub(ch)
+        before = stub.GetStats(pb.GetStatsRequest(), timeout=10)
+        pairs = [(0, 2), (0, 3), (1, 0), (1, 1), (2, 0), (2, 1)]
+        with pytest.raises(grpc.RpcError) as e:
+            _load(stub, pairs)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.value.code(), e.value.details())
+        assert weights.name in e.value.details() and bad in e.value.details(), e.value.details()
+        after = stub.GetStats(pb.GetStatsRequest(), timeout=10)
+        assert list(after.held) == list(before.held) and after.weight_bytes == before.weight_bytes, after
+        assert store.held() == [(0, 0), (0, 1)] and store.weight_bytes() == before.weight_bytes
+        assert store.snapshot(0).w13.shape[0] == 2 and store.snapshot(1) is None
+        done = _load(stub, [p for p in pairs if p != (2, 1)])  # the others load as asked
+        assert done.loaded == 5 and done.bytes_held == 7 * before.weight_bytes // 2
+    finally:
+        ch.close()
+        server.stop(None).wait(10)

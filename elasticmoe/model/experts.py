@@ -161,7 +161,10 @@ class ExpertStore:
 
         Layer by layer: a layer's new storage is allocated once, at its final size, and each expert is read
         into its rows, so loading needs no more than the weights held plus one layer's old storage (kept
-        until in-flight forward() calls that use it finish) and one expert-sized temporary."""
+        until in-flight forward() calls that use it finish) and one expert-sized temporary.
+
+        All or nothing: a load that fails (an expert the file cannot give, memory) takes back what it added to the
+        layers it had done (calls meanwhile may have run those experts), so the store holds what it held before."""
         with self._lock:
             by_layer: dict[int, set[int]] = {}
             for layer, e in pairs:
@@ -172,10 +175,36 @@ class ExpertStore:
                     by_layer.setdefault(layer, set()).add(e)
             before = self.ckpt.bytes_read
             todo = sum(len(es) for es in by_layer.values())
-            with LoadProgress("loading experts", todo, lambda: self.ckpt.bytes_read) as progress:
-                for layer, experts in sorted(by_layer.items()):
-                    self._load_layer(layer, sorted(experts), progress)
+            done: dict[int, int] = {}  # layer loaded by this call -> the experts it held before
+            try:
+                with LoadProgress("loading experts", todo, lambda: self.ckpt.bytes_read) as progress:
+                    for layer, experts in sorted(by_layer.items()):
+                        held = len(self.layers[layer].global_ids) if layer in self.layers else 0
+                        self._load_layer(layer, sorted(experts), progress)
+                        done[layer] = held
+            except Exception as e:
+                self._take_back(done, e)
+                raise
             return self.ckpt.bytes_read - before
+
+    def _take_back(self, done: dict[int, int], cause: Exception) -> None:
+        """A failed load's undoing: each layer in `done` back to the experts it held before (its first ones: a load
+        appends). A layer that held none is freed; the others are rebuilt, as a drop does (beside the layer's storage,
+        as its load had the old one); one whose rebuild does not fit keeps the load's experts, and the error says so."""
+        kept = []
+        for layer, held in done.items():
+            if held == 0:
+                del self.layers[layer]
+                continue
+            try:
+                self.layers[layer] = self._rebuilt(layer, list(range(held)))
+            except Exception as e:  # noqa: BLE001 - out of memory (model.oom): the layer keeps the load's experts
+                if not out_of_memory(e):
+                    raise
+                kept.append(layer)
+        if kept:
+            raise type(cause)(f"{cause} (layers {kept} keep the experts this load added to them: taking them back "
+                              "did not fit in memory)") from cause
 
     def _load_layer(self, layer: int, experts: list[int], progress: LoadProgress) -> None:
         old = self.layers.get(layer)
