@@ -190,9 +190,9 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
         if missing:  # the gateway re-sends these tokens elsewhere
             return None, missing, 0
         t0 = time.perf_counter()
-        (out,) = to_host(self.store.forward(request.layer, hidden, ids, weights, snap))  # [T, H]
+        (out,) = to_host(self.store.forward(request.layer, hidden, ids, weights, snap))  # [T, H]; waits for a GPU's
         us = int((time.perf_counter() - t0) * 1e6)
-        self.store.count(request.layer, routed)
+        self.store.count(request.layer, routed, us)  # GetStats' compute_us: the sum of the answers' (proto)
         if self.faults.malformed_outputs > 0:
             self.faults.malformed_outputs -= 1
             out = out[:-1] if out.shape[0] else torch.zeros(1, out.shape[1])
@@ -203,7 +203,7 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
         return pb.GetStatsResponse(
             shard_id=self.shard_id, uptime_s=time.monotonic() - self.started, weight_bytes=self.store.weight_bytes(),
             held=[pb.ExpertRef(layer=l, expert=e) for l, e in self.store.held()], tokens=tokens,
-            calls=self.calls, compute_us=int(self.store.compute_s * 1e6), placement_version=self.placement_version)
+            calls=self.calls, compute_us=self.store.compute_us, placement_version=self.placement_version)
 
     def Health(self, request, context):
         return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version,

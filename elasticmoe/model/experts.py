@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import mmap
 import threading
-import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -131,7 +130,7 @@ class ExpertStore:
         self.layers: dict[int, LayerExperts] = {}
         self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
         self.tokens_served: dict[tuple[int, int], int] = {}
-        self.compute_s = 0.0
+        self.compute_us = 0  # the sum of the calls' compute_us (count()): GetStats' figure
         self._stats_lock = threading.Lock()  # forward() and count() run on many server threads at once
 
     def held(self) -> list[tuple[int, int]]:
@@ -307,7 +306,6 @@ class ExpertStore:
         le = self.layers.get(layer) if snap is _NOW else snap
         if le is None or hidden.shape[0] == 0:
             return torch.zeros_like(hidden, dtype=COMBINE_DTYPE)
-        t0 = time.perf_counter()
         local = le.to_local[topk_ids.long()]  # [T, k]; index E (= -1 wrapped) maps to -1
         if self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
             out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
@@ -318,19 +316,27 @@ class ExpertStore:
         else:  # GPT-OSS experts: torch (model.expert_math)
             out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe,
                                          COMBINE_DTYPE)
-        if out.is_cuda:  # time the kernels, not their launches: wait on this stream only
-            torch.cuda.current_stream(out.device).synchronize()
-        with self._stats_lock:
-            self.compute_s += time.perf_counter() - t0
         return out
+
+    @property
+    def compute_s(self) -> float:
+        """compute_us in seconds (settable, as the tests that play a busy shard do)."""
+        return self.compute_us / 1e6
+
+    @compute_s.setter
+    def compute_s(self, seconds: float) -> None:
+        with self._stats_lock:
+            self.compute_us = round(seconds * 1e6)
 
     def served(self) -> dict[tuple[int, int], int]:
         """A copy of tokens_served (count() may add to it meanwhile, on another thread)."""
         with self._stats_lock:
             return dict(self.tokens_served)
 
-    def count(self, layer: int, routed: dict[int, int]) -> None:
-        """Add a batch's tokens per expert (see `routed`) to tokens_served (for stats)."""
+    def count(self, layer: int, routed: dict[int, int], compute_us: int = 0) -> None:
+        """Add a batch's tokens per expert (see `routed`) to tokens_served and the microseconds its forward() took
+        (as its answer says) to compute_us (for stats)."""
         with self._stats_lock:
+            self.compute_us += compute_us
             for e, c in routed.items():
                 self.tokens_served[(layer, e)] = self.tokens_served.get((layer, e), 0) + c
