@@ -318,16 +318,6 @@ class ExpertStore:
                                          COMBINE_DTYPE)
         return out
 
-    @property
-    def compute_s(self) -> float:
-        """compute_us in seconds (settable, as the tests that play a busy shard do)."""
-        return self.compute_us / 1e6
-
-    @compute_s.setter
-    def compute_s(self, seconds: float) -> None:
-        with self._stats_lock:
-            self.compute_us = round(seconds * 1e6)
-
     def served(self) -> dict[tuple[int, int], int]:
         """A copy of tokens_served (count() may add to it meanwhile, on another thread)."""
         with self._stats_lock:
