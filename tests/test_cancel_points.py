@@ -24,7 +24,7 @@ from tests.openai_util import PROMPT, Core, model  # noqa: F401 - the module-sco
 SLOTS = 2
 TURNS = 10  # the first loop turns, one cancel at each
 MAX_TOKENS = 40
-STEPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 65, 85, 110)  # cancels after this many engine steps
+STEPS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 41, 55, 85, 110)  # cancels after this many engine steps
 LONG = "word " * (OFF_LOOP_CHARS // 5 + 1)  # tokenized off the loop; then refused (beyond the context)
 
 
