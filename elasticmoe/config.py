@@ -13,6 +13,9 @@ class _Strict(BaseModel):
 
 
 _RAY_BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own resource names
+# The longest wait or interval a setting may give: a day. Far past it (about 9.2e9 s, threading.TIMEOUT_MAX) a
+# thread's wait on it raises OverflowError, and the thread keeping the gateway's deadlines would die.
+MAX_WAIT_S = 86400.0
 
 
 class Resources(_Strict):
@@ -51,12 +54,12 @@ class Limits(_Strict):
                                       "others' experts are in flight (ping-pong); 1: no pipelining; default 2 on "
                                       "CUDA, 1 on CPU, where each extra micro-batch streams the dense weights again "
                                       "and costs more than it hides (benchmarks/overlap.py)")
-    expert_timeout_s: float = Field(5.0, gt=0, description="deadline of one expert-shard call")
+    expert_timeout_s: float = Field(5.0, gt=0, le=MAX_WAIT_S, description="deadline of one expert-shard call")
     transport: Literal["unary", "stream", "socket"] = Field(
         "socket", description="gateway -> shard calls: raw frames on one TCP (mTLS) connection per shard to its frame "
         "listener (the default: ahead of the stream on average in benchmarks/serving.py), the "
         "same frames on one long-lived gRPC stream per shard, or one unary gRPC call each")
-    failover_s: float = Field(30.0, gt=0, description="how long a step waits for a live copy of its experts "
+    failover_s: float = Field(30.0, gt=0, le=MAX_WAIT_S, description="how long a step waits for a live copy of its experts "
                               "(failover, re-homing) before its requests end with UNAVAILABLE")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="calls Serve sends one gateway replica at once (Serve's max_ongoing_requests; handle "
@@ -86,16 +89,16 @@ class Autoscaling(_Strict):
     min_shards: int = Field(1, ge=1)
     max_shards: int = Field(8, ge=1)
     target_utilization: float = Field(0.7, gt=0, le=1)
-    rebalance_interval_s: float = Field(10.0, gt=0)
+    rebalance_interval_s: float = Field(10.0, gt=0, le=MAX_WAIT_S)
     slots_per_shard: int | None = Field(None, ge=1,
                                         description="expert copies per (shard, layer); default: even split + 25%")
     max_moves: int = Field(8, ge=0, description="expert copies moved per rebalance")
     start_deadline_s: float | None = Field(
-        600.0, gt=0, description="a position of the placement with no live shard this long (no replica came up there: "
+        600.0, gt=0, le=MAX_WAIT_S, description="a position of the placement with no live shard this long (no replica came up there: "
         "none registered, or it never got ready) is given up: its experts are re-homed onto the live shards, so "
         "scaling goes on; None waits for it for good")
     scale_cooldown_s: float = Field(
-        30.0, ge=0, description="after a change of the shard count (the controller's or an operator's), no other "
+        30.0, ge=0, le=MAX_WAIT_S, description="after a change of the shard count (the controller's or an operator's), no other "
         "before this long; also the warm-up: no scale in before every starting shard is up and this long has "
         "passed. Longer for shards that take long to load or a bursty load; shorter to follow the load closely")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 
 import grpc
@@ -271,6 +272,26 @@ def test_app_args_refuse_nan_and_infinity(args, field):
 
     with pytest.raises(ValidationError, match=re.escape(field)):
         AppArgs.model_validate({"model": "m", **args})
+
+
+@pytest.mark.parametrize("section, field", [("limits", "expert_timeout_s"), ("limits", "failover_s"),
+                                            ("autoscaling", "rebalance_interval_s"), ("autoscaling", "start_deadline_s"),
+                                            ("autoscaling", "scale_cooldown_s")])
+def test_app_args_refuse_a_wait_past_a_day(section, field):
+    """A wait of 1e10 s (meant as 'never') passed the checks, and past threading.TIMEOUT_MAX (about 9.2e9 s) a
+    thread waiting on it dies with OverflowError (the gateway's deadline thread among them); a day is the most, and
+    a day is taken."""
+    from pydantic import ValidationError
+
+    from elasticmoe.config import MAX_WAIT_S
+
+    assert MAX_WAIT_S == 86400.0 and threading.TIMEOUT_MAX > 1e9
+    with pytest.raises(OverflowError):
+        threading.Event().wait(1e10)
+    with pytest.raises(ValidationError, match=re.escape(f"{section}.{field}")):
+        AppArgs.model_validate({"model": "m", section: {field: 1e10}})
+    assert getattr(getattr(AppArgs.model_validate({"model": "m", section: {field: MAX_WAIT_S}}), section),
+                   field) == MAX_WAIT_S
 
 
 def test_the_scale_cool_down_is_an_autoscaling_setting():
