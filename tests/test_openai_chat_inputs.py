@@ -102,6 +102,25 @@ def test_tool_calls_asked_for_are_400s_naming_tool_choice(served, tools, choice)
     assert _greedy(client, messages=NAMED, tool_choice="auto").choices[0].message.content  # no tools: auto is none
 
 
+@pytest.mark.parametrize("choice", [None, "none", "auto"])
+def test_an_empty_tools_array_is_a_400_naming_tools(served, choice):
+    """OpenAI answers `tools: []` with 400 empty_array naming tools (it was served as no tools), whatever
+    tool_choice; /tokenize the same."""
+    _, client = served
+    kw = {"tool_choice": choice} if choice is not None else {}
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(client, messages=NAMED, tools=[], **kw)
+    err = e.value.body
+    assert (err["param"], err["code"], err["type"]) == ("tools", "empty_array", "invalid_request_error"), err
+    assert err["message"].startswith("tools: "), err
+    base = str(client.base_url).removesuffix("/v1/")
+    req = urllib.request.Request(f"{base}/tokenize", json.dumps({"messages": NAMED, "tools": []}).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert (e.value.code, json.loads(e.value.read())["error"]["code"]) == (400, "empty_array")
+
+
 def test_a_replayed_response_message_is_taken_and_its_refusal_is_its_text(served):
     """The official client's model_dump() of a response's message (refusal, annotations, audio, function_call and
     tool_calls null) and OpenAI's own answer (annotations []) are taken as the assistant turn they hold; a refusal
@@ -144,10 +163,16 @@ def test_a_message_field_not_taken_is_a_400_naming_it(served, message, param, co
     ({"type": "function", "function": {"name": 5}}, "tools[0].function.name", "invalid_type"),
     ({"type": "function", "function": {"name": "get_time", "params": {}}}, "tools[0].function.params",
      "unknown_parameter"),
-], ids=["empty", "no-function", "name-not-string", "misspelt-parameters"])
+    ({"type": "function", "function": {"name": "get time"}}, "tools[0].function.name", "invalid_value"),
+    ({"type": "function", "function": {"name": ""}}, "tools[0].function.name", "invalid_value"),
+    ({"type": "function", "function": {"name": "f" * 65}}, "tools[0].function.name", "invalid_value"),
+    ({"type": "function", "function": {"name": "get_time\n"}}, "tools[0].function.name", "invalid_value"),
+], ids=["empty", "no-function", "name-not-string", "misspelt-parameters", "name-with-space", "name-empty",
+        "name-too-long", "name-trailing-newline"])
 def test_a_malformed_tool_is_a_400_naming_its_field(served, tool, param, code):
     """OpenAI (and vLLM) check a tool's shape; here it reached the template, which failed on it as `messages` or
-    wrote it as it was (a number for a name, a misspelt `params` dropped)."""
+    wrote it as it was (a number for a name, a misspelt `params` dropped). A name OpenAI's pattern
+    ^[a-zA-Z0-9_-]{1,64}$ refuses is a 400 invalid_value naming it (it was served)."""
     _, client = served
     with pytest.raises(openai.BadRequestError) as e:
         _greedy(client, messages=NAMED, tools=[tool], tool_choice="none")

@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest
-from elasticmoe.gateway.openai_messages import ChatMessage, Tool, chat_chars, chat_ids
+from elasticmoe.gateway.openai_messages import ChatMessage, Tool, chat_chars, chat_ids, check_tools
 from elasticmoe.gateway.openai_protocol import ApiError
 from elasticmoe.gateway.tokenizing import chars_of, tokenized
 
@@ -101,6 +101,7 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
                 raise InvalidRequest("prompt", "give exactly one of prompt and messages")
             if req.tools is not None and req.messages is None:
                 raise InvalidRequest("tools", "only with messages (the chat template renders them)")
+            check_tools(req.tools)
             if req.prompt is not None:  # a long one off the loop, as chat and completions tokenize theirs
                 ids = await tokenized(chars_of(req.prompt), check.encode, core.tokenizer, req.prompt, "prompt",
                                       req.add_special_tokens)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.engine.validation import Validator, short
@@ -29,7 +29,8 @@ class ToolCall(BaseModel):
 
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
+    name: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's pattern (pydantic's rust
+    # regex: no newline before $); another name is a 400 invalid_value naming it, as OpenAI answers
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema
     strict: bool | None = None
@@ -62,6 +63,12 @@ class ChatMessage(BaseModel):
     annotations: list[Any] | None = None
     audio: dict[str, Any] | None = None
     function_call: dict[str, Any] | None = None
+
+
+def check_tools(tools: list[Tool] | None) -> None:
+    """An empty `tools` array is a 400 empty_array naming tools, as OpenAI answers it (it was read as no tools)."""
+    if tools is not None and not tools:
+        raise InvalidRequest("tools", "an empty array: give at least one tool, or leave tools out", "empty_array")
 
 
 def chat_chars(messages: list[ChatMessage], tools: list[Tool] | None) -> int:

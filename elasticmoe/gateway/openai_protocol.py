@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from elasticmoe.config import default_served_name, served_name
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
 from elasticmoe.engine.validation import INT32_MAX, SEED_RANGE, Validator, clip, short
-from elasticmoe.gateway.openai_messages import ChatMessage, Tool
+from elasticmoe.gateway.openai_messages import ChatMessage, Tool, check_tools
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_N = 16  # choices per request
@@ -137,7 +137,9 @@ _OFF_VALUES: dict[str, tuple] = {
 def _check_tools(req: ChatRequest) -> None:
     """Tool calls are not made: tool_choice "none" is served, with or without tools (they reach the chat template,
     as vLLM passes them, and the model answers in text); without tools "auto" means the same. Any other choice,
-    or tools with tool_choice left out (OpenAI's default is then "auto"), is a 400 naming tool_choice."""
+    or tools with tool_choice left out (OpenAI's default is then "auto"), is a 400 naming tool_choice. An empty
+    tools array is a 400 naming tools (check_tools)."""
+    check_tools(req.tools)
     choice = req.tool_choice
     if choice == "none" or (not req.tools and choice in (None, "auto")):
         return
