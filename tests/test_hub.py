@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,24 @@ def test_ambiguous_repo_without_main_is_refused(cache_env, tmp_path):
     with pytest.raises(HubError, match="2 snapshots and no refs/main"):
         resolve(str(repo))
     assert resolve(str(repo), NEW).path == repo / "snapshots" / NEW
+
+
+def test_a_binary_ref_is_refused_naming_it(tmp_path, monkeypatch):
+    """A refs/<revision> file holding bytes that are not UTF-8 (a torn write, a stray file) is a HubError naming
+    it, by hub id, repo dir and snapshot + revision alike (it was a raw UnicodeDecodeError)."""
+    home = tmp_path / "home"
+    repo = home / "hub" / "models--acme--torn"
+    _add_snapshot(repo, OLD, {"config.json": b"{}"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_bytes(b"\xff\xfe" + OLD.encode())
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    ref = str(repo / "refs" / "main")
+    for model, revision in (("acme/torn", None), (str(repo), "main"), (str(repo / "snapshots" / OLD), "main")):
+        with pytest.raises(HubError, match="^" + re.escape(ref) + ": not a text file"):
+            resolve(model, revision)
+    with pytest.raises(ValueError, match="model:"):
+        resolve_args({"model": "acme/torn"})
 
 
 def test_plain_directory_works_as_before(tiny_models):

@@ -50,7 +50,11 @@ def _commit_of(repo: Path, revision: str) -> str:
             if (repo / "refs").is_dir() else []
         raise HubError(f"{ref}: revision {revision!r} was never downloaded into this cache "
                        f"(known: {', '.join(known) or 'none'}); run `hf download <repo> --revision {revision}`")
-    commit = ref.read_text().strip()
+    try:
+        commit = ref.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:  # a torn write, a stray binary file: name it, not a raw decode error
+        raise HubError(f"{ref}: not a text file (byte {e.start} is not UTF-8); it should hold the commit hash "
+                       f"`hf download` wrote") from None
     if not _COMMIT.fullmatch(commit):
         raise HubError(f"{ref}: not a commit hash ({commit[:60]!r})")
     return commit
