@@ -279,3 +279,23 @@ def test_sole_copies_counts_the_live_copies_a_shard_is_the_only_one_of(model):
         assert sole["a"] + sole["b"] == len(alone)
 
     _with_shards(model, "abc", scenario)
+
+
+def test_status_copies_counts_live_copies(model):
+    """status's `copies` ([L, E], as the expert_copies metric, "Live copies of an expert", and sole_copies count
+    them; the fault tests wait on it for every expert replicated again) counted the placement's copies, a dead
+    shard's among them: with c found dead and not re-homed yet, every expert still read 2. Now it counts the copies
+    the table routes to."""
+    async def scenario(files, a, b, c):
+        ctrl = await _quiet(model, a, b, c, num_shards=3, expert_copies=2)
+        st = await ctrl.status()
+        assert {n for row in st["copies"] for n in row} == {2}
+        c.server.stop(None)
+        await ctrl._probe_once()  # c out of the table; its re-home is the settle round's, not run here
+        table = ctrl._table()
+        layers = {int(l): experts for l, experts in table["layers"].items()}
+        st = await ctrl.status()
+        assert st["copies"] == [[len(reps) for reps in layers[l]] for l in st["moe_layers"]]
+        assert 1 in {n for row in st["copies"] for n in row}  # c held the second copy of some
+
+    _with_shards(model, "abc", scenario)

@@ -26,7 +26,8 @@ class StatsKeeper:
     _unmeasured: dict[str, int] = {}  # live shard id -> stats rounds in a row that did not measure it (replaced)
 
     async def status(self) -> dict:
-        """Placement version, per-shard health and load, balancedness per layer, hottest experts, events."""
+        """Placement version, per-shard health and load, balancedness per layer, hottest experts, events; `copies`
+        ([L, E]) and each shard's `sole_copies` count live copies (those the table routes to), not a dead shard's."""
         load = self.load.planning_load()
         shards, p = [], self.registry.placement
         copies = self.registry.live_copies()  # [L, E] copies the table routes to (a dead shard's are none)
@@ -46,7 +47,8 @@ class StatsKeeper:
                 "num_shards": p.num_shards, "desired_shards": self.desired, "recovering": self.recovering,
                 "balancedness": p.balancedness(load).tolist(), "load": self.load.ema.tolist(),
                 "planning_load": load.tolist(),  # [L, E] what the balancedness above is computed with
-                "moe_layers": self.moe_layers, "copies": p.num_copies().tolist(), "bytes_moved": self.bytes_moved,
+                "moe_layers": self.moe_layers, "copies": copies.tolist(),  # [L, E] live, as sole_copies and the metric
+                "bytes_moved": self.bytes_moved,
                 "event_counts": dict(self.event_counts), "loop_errors": self.loop_errors,
                 "undropped": {s: len(pairs) for s, pairs in self._undropped.items()},  # copies a failed drop left
                 "gateways": {g: v for g, (v, t) in self.acks.items() if time.monotonic() - t < GATEWAY_TTL_S},
