@@ -133,3 +133,43 @@ def test_a_unary_call_that_waited_for_a_worker_keeps_its_deadline(files, shard):
     finally:
         servicer.faults.run_delay_s = 0.0
         t.close()
+
+
+@pytest.mark.parametrize("kind", ["stream", "socket"])
+def test_frames_of_ended_calls_do_not_hold_the_queue_bound(files, shard, kind, monkeypatch):  # noqa: F811
+    """The stream's queue (QUEUE_FRAMES) and the socket's spilled frames (SPILL_FRAMES) are bounded; frames whose
+    calls passed their deadline unsent counted against the bound until the writer reached them, so a new call to a
+    shard still asleep was refused as busy though nothing live waited. Now a call finding the bound reached first
+    drops the ended frames not begun: it is taken, and answered once the shard wakes; the ended ones go unsent."""
+    from elasticmoe.gateway import socket_conn, stream_transport
+
+    monkeypatch.setattr(stream_transport, "QUEUE_FRAMES", 3)
+    monkeypatch.setattr(socket_conn, "SPILL_FRAMES", 3)
+    layer, address, servicer = shard.layers[0], shard.addresses[0], shard.servicers[0]
+    mib = 4 if kind == "stream" else 16  # as above: more than the stream's window / the socket's buffers take
+    reqs = [_big(files, layer, mib, seed) for seed in range(12 if kind == "stream" else 6)]
+    t = _make(kind)
+    try:
+        assert t.send(address, lambda: _req(files, layer), 10).result(timeout=10).output.data  # connected
+        before = servicer.calls
+        servicer.faults.run_delay_s = 2.0
+        blocker = t.send(address, lambda: _req(files, layer, seed=1), 60)
+        time.sleep(0.2)  # the shard is asleep in it
+        late = [t.send(address, lambda r=r: r, 0.3) for r in reqs]
+        busy = [f for f in late if f.done() and f.exception() is not None
+                and f.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert busy, "the bound was never reached: the test shows nothing"
+        for f in late:
+            if f not in busy:
+                _deadline_exceeded(f)
+        fresh = t.send(address, lambda: _req(files, layer, seed=2), 60)  # the shard is still asleep
+        time.sleep(0.05)
+        assert not (fresh.done() and fresh.exception() is not None), fresh.exception()
+        servicer.faults.run_delay_s = 0.0
+        assert blocker.result(timeout=30).output.data
+        assert fresh.result(timeout=30).output.data
+        computed = servicer.calls - before - 2  # of the late frames: only those already on their way
+        assert computed <= len(reqs) - len(busy) - 1, (computed, len(reqs), len(busy))
+    finally:
+        servicer.faults.run_delay_s = 0.0
+        t.close()

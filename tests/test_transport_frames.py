@@ -184,7 +184,7 @@ def test_a_frame_sent_as_a_renewal_half_closes_its_stream_is_still_answered(file
     t = StreamTransport()
     stream = t._stream(address)
     paused, go = threading.Event(), threading.Event()
-    hook = _pause_at(_Stream.submit, "self._out.put((frame_id, frame))", paused, go)
+    hook = _pause_at(_Stream.submit, "self._put((frame_id, frame))", paused, go)
 
     def send() -> cf.Future:
         sys.settrace(hook)

@@ -91,10 +91,10 @@ class _Conn(Multiplexed):
     def _write_or_spill(self, sock, frame_id: int, parts: list) -> None:
         """(Holding _send_lock.) Write what the socket takes now; the rest goes to the writer thread, and so does the
         whole frame while earlier ones still wait there (one more than SPILL_FRAMES, or one taking them past
-        SPILL_BYTES, fails its call as busy)."""
+        SPILL_BYTES, once those of calls that ended are dropped, fails its call as busy)."""
         if self._spill:
             size = frame_socket.nbytes(parts)
-            if len(self._spill) >= SPILL_FRAMES or self._spilled + size > SPILL_BYTES:
+            if self._spill_full(size):
                 if (refused := self.take(frame_id)) is not None:
                     refused.set_exception(TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
                         f"{frames.BUSY}: {self.address} has not read the {len(self._spill)} frames "
@@ -138,6 +138,20 @@ class _Conn(Multiplexed):
         with self._lock:
             while self._spill and self._spill[0][3] and self._spill[0][3] not in self.pending:
                 self._spilled -= self._spill.popleft()[2]
+
+    def _spill_full(self, size: int) -> bool:
+        """(Holding _send_lock.) Whether a frame of `size` bytes would pass SPILL_FRAMES / SPILL_BYTES, once the
+        waiting frames of calls that have ended (past their deadline) are dropped: all but the first, which the
+        writer thread may be writing (the others are not begun), as _drop_ended drops them when the writer comes."""
+        def over() -> bool:
+            return len(self._spill) >= SPILL_FRAMES or self._spilled + size > SPILL_BYTES
+        if over():
+            with self._lock:
+                kept = [self._spill[0]] + [x for x in list(self._spill)[1:] if x[3] in self.pending]
+            self._spill.clear()
+            self._spill.extend(kept)
+            self._spilled = sum(x[2] for x in kept)
+        return over()
 
     def _oversize(self, parts: list) -> TransportError | None:
         """The failure for a frame larger than the shard takes; None when it fits (or the limit is not known)."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
-import queue
 import threading
 from concurrent.futures import Future
 from typing import Callable
@@ -17,7 +17,8 @@ from elasticmoe.rpc import frames
 STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
 # Frames queued for a stream that gRPC has not taken yet (it takes the next once the last is sent: a shard slow to
 # read, or not reading, holds them here; a call past its deadline leaves its frame unsent), at most this many, as the
-# socket transport's unsent frames (socket_conn.SPILL_FRAMES): one more is refused as busy (another copy takes it)
+# socket transport's unsent frames (socket_conn.SPILL_FRAMES): one more is refused as busy (another copy takes it),
+# once the frames of calls that ended (past their deadline) have been dropped: they count for nothing
 QUEUE_FRAMES = 32
 QUEUE_BYTES = 256 << 20  # and their bytes, at most: a frame that would pass it is refused so (one goes when alone)
 
@@ -42,7 +43,8 @@ class _Stream(Multiplexed):
     def __init__(self, channel: grpc.Channel, address: str, refusal: Callable[[str, BaseException], BaseException]):
         super().__init__(address)
         self._refusal = refusal  # the transport's: a frame over the shard's limit ends the stream (OVERSIZE)
-        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._out: collections.deque = collections.deque()  # (frame id, frame), None: the end; under _lock
+        self._ready = threading.Condition(self._lock)  # something in _out
         self.queued, self.queued_bytes = 0, 0  # frames in _out (the end marker aside) and their bytes, under _lock
         method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
                                        response_deserializer=_decode_reply, _registered_method=True)
@@ -52,28 +54,50 @@ class _Stream(Multiplexed):
     def _frames(self):
         """The queued frames as gRPC takes them; one whose call ended meanwhile (its deadline passed, or the stream
         failed) is dropped unsent: nobody would read its answer, and the shard would compute it all the same."""
-        while (item := self._out.get()) is not None:
-            frame_id, frame = item
-            with self._lock:
+        while True:
+            with self._ready:
+                while not self._out:
+                    self._ready.wait()
+                item = self._out.popleft()
+                if item is None:
+                    return
+                frame_id, frame = item
                 self.queued -= 1
                 self.queued_bytes -= len(frame)
                 live = frame_id in self.pending
             if live:
                 yield frame
 
+    def _put(self, item: tuple[int, bytes] | None) -> None:
+        """(Holding _lock.) Queue a frame, or the end marker, for _frames."""
+        self._out.append(item)
+        self._ready.notify()
+
+    def _full(self, size: int) -> bool:
+        """(Holding _lock.) Whether a frame of `size` bytes would pass QUEUE_FRAMES / QUEUE_BYTES, once the frames
+        queued for calls that have ended (their deadline passed) are dropped: gRPC has not begun any queued frame."""
+        def over() -> bool:
+            return bool(self.queued) and (self.queued >= QUEUE_FRAMES or self.queued_bytes + size > QUEUE_BYTES)
+        if over():
+            self._out = collections.deque(x for x in self._out if x is None or x[0] in self.pending)
+            frames_left = [len(x[1]) for x in self._out if x is not None]
+            self.queued, self.queued_bytes = len(frames_left), sum(frames_left)
+        return over()
+
     def submit(self, frame_id: int, frame: bytes, fut: Future) -> bool:
         """Queue a frame; False when the stream has died (the caller opens a new one). Queued under the lock, as
         close()'s end marker is: a half-close cannot come between (the frame would never be sent). Past QUEUE_FRAMES
-        or QUEUE_BYTES of frames gRPC has not taken, the call fails at once as busy (frames.BUSY)."""
+        or QUEUE_BYTES of frames gRPC has not taken (those of calls that ended aside), the call fails at once as busy
+        (frames.BUSY)."""
         with self._lock:
             if self.dead:
                 return False
-            full = self.queued and (self.queued >= QUEUE_FRAMES or self.queued_bytes + len(frame) > QUEUE_BYTES)
+            full = self._full(len(frame))
             if not full:
                 self.pending[frame_id] = fut
                 self.queued += 1
                 self.queued_bytes += len(frame)
-                self._out.put((frame_id, frame))
+                self._put((frame_id, frame))
             queued, queued_bytes = self.queued, self.queued_bytes
         if full:
             fut.set_exception(TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
@@ -97,13 +121,14 @@ class _Stream(Multiplexed):
 
     def fail(self, err: grpc.RpcError) -> None:
         self.fail_pending(err)
-        self._out.put(None)
+        with self._lock:
+            self._put(None)
 
     def close(self) -> None:
         """Half-close: calls in flight (their frames all queued before the end marker) still get their answers."""
         with self._lock:
             self.dead = True
-            self._out.put(None)
+            self._put(None)
 
 
 class StreamTransport(_Channels):
