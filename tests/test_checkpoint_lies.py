@@ -1,8 +1,8 @@
 """Checkpoints whose safetensors headers lie, read with clear errors naming the file and the tensor: byte spans that
 overlap, leave holes or a tail (safetensors itself, so transformers, refuses such a file; we read one tensor's bytes as
 another's), integers where a weight is (numbers converted silently), a packed expert tensor of the wrong rank (a
-KeyError), a DBRX matrix of another rank (an IndexError). Real checkpoints written by transformers (model.tiny,
-tests.test_families); headers rewritten, tensor bytes kept."""
+KeyError), a DBRX matrix of another rank and a LongCat gate_up_proj short of experts (IndexErrors). Real checkpoints
+written by transformers (model.tiny, tests.test_families); headers rewritten, tensor bytes kept."""
 
 from __future__ import annotations
 
@@ -138,5 +138,30 @@ def test_a_dbrx_matrix_of_another_rank_fails_the_open_naming_it(tmp_path, name):
     tensors[name] = torch.ones(())
     save_file(tensors, path / FILE, metadata={"format": "pt"})
     want = f"{path / FILE}: {name!r} is [], want a [rows, hidden] matrix"
+    with pytest.raises(CheckpointError, match=re.escape(want)):
+        open_model(path)
+
+
+@pytest.fixture(scope="module")
+def longcat(tmp_path_factory):
+    from tests.test_families import make_family_checkpoint
+    from tests.test_families_more import MORE_CASES
+
+    return make_family_checkpoint("longcat_flash", tmp_path_factory.mktemp("lc") / "m",
+                                  case=MORE_CASES["longcat_flash"], packed=True)
+
+
+@pytest.mark.parametrize("shape", [(6, 96, 64), (96, 64), ()])
+def test_a_longcat_packed_gate_up_too_short_fails_the_open_naming_it(longcat, tmp_path, shape):
+    """LongCat's packed gate_up_proj is [8 experts + 2 identity ones, 2I, H] (transformers writes it so); the view
+    keeps its first 8 rows without looking (model.renames): 6 rows opened, then an IndexError at the first read of
+    expert 6; [96, 64] failed naming the directory and the view ('layer 2's [8, 64]'); a scalar was an IndexError."""
+    path = shutil.copytree(longcat, tmp_path / "m")
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    tensors = load_file(path / FILE)
+    assert list(tensors[name].shape) == [10, 96, 64]
+    tensors[name] = tensors[name][:6].clone() if len(shape) == 3 else torch.ones(shape)
+    save_file(tensors, path / FILE, metadata={"format": "pt"})
+    want = f"{path / FILE}: {name!r} is {list(shape)}, want [experts, 2 x intermediate, hidden] with at least 8"
     with pytest.raises(CheckpointError, match=re.escape(want)):
         open_model(path)

@@ -79,10 +79,21 @@ def longcat_views(ckpt: Checkpoint, spec: ModelSpec) -> tuple[dict[str, View], s
             if (e := _EXPERT.match(rest)) and int(e.group(1)) >= spec.moe.num_experts:
                 ignored.add(name)
             elif rest == "mlp.experts.gate_up_proj":
+                _check_packed_rows(ckpt, name, spec.moe.num_experts)
                 views[layer + rest] = View(name, (0, spec.moe.num_experts))
             else:
                 views[layer + _LONGCAT_MOE.get(rest, rest)] = View(name)
     return views, ignored
+
+
+
+def _check_packed_rows(ckpt: Checkpoint, name: str, experts: int) -> None:
+    """LongCat's packed gate_up_proj [E + identity experts, 2I, H], of which the view keeps the first E rows: one
+    of another rank or with fewer rows fails naming it (it was an IndexError at the first read past its end)."""
+    shape = ckpt.shape(name)
+    if len(shape) != 3 or shape[0] < experts:
+        raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} is {list(shape)}, want [experts, 2 x intermediate, "
+                              f"hidden] with at least {experts} experts (config n_routed_experts)")
 
 
 VIEWS = {"dbrx": dbrx_views, "longcat_flash": longcat_views}  # model_type -> the views its checkpoints need
