@@ -145,3 +145,27 @@ def test_unknown_backend_refused_whatever_the_batch(tokens, monkeypatch):
         fused_moe(x, w13, w2, ids, weights)
     monkeypatch.setenv("ELASTICMOE_MOE_BACKEND", "torch")
     assert rel_err(fused_moe(x, w13, w2, ids, weights), fused_moe_reference(x, w13, w2, ids, weights)) <= TOL_FP32
+
+
+@pytest.mark.parametrize("tokens", [0, 3])
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64, torch.float8_e4m3fn, "float32"])
+def test_out_dtype_other_than_a_float_refused(tokens, out_dtype):
+    """out_dtype was never checked: an int one truncated the result silently (float8: 3 mantissa bits, a string
+    failed in torch). Now a ValueError naming it, from fused_moe and fused_moe_torch, whatever the batch."""
+    x, w13, w2, ids, weights = make_inputs(tokens, 3, 2)
+    want = f"out_dtype must be None (hidden's dtype), float32, float16, bfloat16 or float64, got {out_dtype!r}"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        fused_moe(x, w13, w2, ids, weights, backend="torch", out_dtype=out_dtype)
+    with pytest.raises(ValueError, match=re.escape(want)):
+        torch_moe.fused_moe_torch(x, w13, w2, ids, weights, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, True, 2.0])
+def test_warmup_top_k_refused_whatever_the_backend(top_k):
+    """warmup_moe(top_k=0) was a ZeroDivisionError on the Triton backend (tests/test_triton_edges.py) and passed on
+    the torch one; now a ValueError naming top_k on both (a config error shows on a CPU test as on the GPU)."""
+    from elasticmoe.kernels import warmup_moe
+
+    _, w13, w2, _, _ = make_inputs(1, 3, 2)
+    with pytest.raises(ValueError, match=re.escape(f"top_k must be an int >= 1, got {top_k!r}")):
+        warmup_moe(w13, w2, top_k, backend="torch")

@@ -3,7 +3,8 @@
 Under TRITON_INTERPRET=1 in a child process (tests/triton_child.py), on CUDA too where there is one: top_k = E,
 a one-expert shard, duplicate ids in a token's top-k, zero routing weights, ids outside [0, E), experts left
 empty, H / I off the tile sizes, non-contiguous inputs, chunking, T = 0 / 1, empty alignment, the direct entry
-point's input checks, and bf16 (GPU only: the interpreter computes it wrongly and is refused).
+point's input checks, the other arguments' (chunk_tokens, warmup's top_k, out_dtype), and bf16 (GPU only: the
+interpreter computes it wrongly and is refused).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ CASES = {  # name -> (inputs, fused_moe_triton options, tolerance)
     "chunk-3-of-8": (lambda: _edited(8, 4, 3, routing="skip"), {"chunk_tokens": 3}, TOL_FP32),
     "T4097-default-chunk": (lambda: _edited(4097, 2, 1, hidden=16, inter=16), {"config": None}, TOL_FP32),
 }
-CHECKS = ["align-no-pairs", "align-no-experts", "api-T0-T1", "direct-call-checks", "bf16", "fp8-H200-I136-duplicates"]
+CHECKS = ["align-no-pairs", "align-no-experts", "api-T0-T1", "direct-call-checks", "argument-checks", "bf16",
+          "fp8-H200-I136-duplicates"]
 
 
 def _run_case(name: str, device: str) -> dict:
@@ -163,6 +165,31 @@ def _child_direct_checks(device: str) -> dict:
     return {"ok": ok and isinstance(fp8_err, float) and fp8_err <= 1e-5, "messages": messages, "fp8_err": fp8_err}
 
 
+def _child_arguments(device: str) -> dict:
+    """Bad arguments besides the tensors, on the Triton path: chunk_tokens -1 failed in torch.empty ("negative
+    dimension"), 0 ran as the default; warmup_moe's top_k 0 was a ZeroDivisionError; an int out_dtype truncated the
+    result. Each is now a ValueError naming the argument."""
+    from elasticmoe.kernels import fused_moe, warmup_moe
+    from elasticmoe.kernels.triton_moe import fused_moe_triton
+
+    x, w13, w2, ids, weights = (t.to(device) for t in make_inputs(3, 2, 2))
+    calls = {  # expected message -> the call
+        **{f"chunk_tokens must be an int >= 1, got {bad!r}": (lambda bad=bad: fused_moe_triton(
+            x, w13, w2, ids, weights, config=SMALL_TILES, chunk_tokens=bad)) for bad in (-1, 0, 2.5)},
+        "top_k must be an int >= 1, got 0": lambda: warmup_moe(w13, w2, 0, "triton"),
+        "out_dtype must be None (hidden's dtype), float32, float16, bfloat16 or float64, got torch.int32":
+            lambda: fused_moe(x, w13, w2, ids, weights, backend="triton", out_dtype=torch.int32),
+    }
+    messages = {}
+    for want, call in calls.items():
+        try:
+            call()
+            messages[want] = "no error"
+        except Exception as exc:  # noqa: BLE001 - the test records which error came
+            messages[want] = f"{type(exc).__name__}: {exc}"
+    return {"ok": all(got == f"ValueError: {want}" for want, got in messages.items()), "messages": messages}
+
+
 def _child_bf16(device: str) -> dict:
     """bf16 on a GPU: the kernels' result; under the interpreter a clear refusal, and the torch path's result."""
     from elasticmoe.kernels import fused_moe, fused_moe_reference
@@ -210,6 +237,7 @@ def _child_main(device: str) -> None:
     results.update(_child_align(device))
     results["api-T0-T1"] = _child_api(device)
     results["direct-call-checks"] = _child_direct_checks(device)
+    results["argument-checks"] = _child_arguments(device)
     results["bf16"] = _child_bf16(device)
     results["fp8-H200-I136-duplicates"] = _child_fp8_ragged(device)
     print(json.dumps(results))

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .checks import check_moe_inputs
+from .checks import check_count, check_moe_inputs, check_out_dtype
 from .fp8 import check_fp8_weights, dequantize_block_fp8, dequantize_w13, is_fp8, triton_runs_fp8
 from .torch_moe import fused_moe_torch
 
@@ -68,6 +68,7 @@ def fused_moe(
     first (act_quant is a Triton-only option and ignored there).
     """
     fp8 = check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale, block_shape, split_scales)
+    check_out_dtype(out_dtype)
     chosen = resolve_backend(backend, hidden.device, fp8 is not None)  # a bad backend is refused at T = 0 too
     if hidden.shape[0] == 0 or topk_ids.shape[1] == 0 or w13.shape[0] == 0:  # nothing routed here: zeros
         return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
@@ -93,7 +94,9 @@ def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "
     A no-op (returns 0) when `backend` resolves to torch for w13's device, or when this shape was
     warmed before; otherwise returns the number of 1-token warm-up passes run. Block-FP8 weights: pass
     their scales (and block_shape, act_quant) as to fused_moe, and hidden_dtype, the activations' dtype.
+    top_k (the router's, >= 1) is checked whatever the backend.
     """
+    check_count("top_k", top_k)
     if resolve_backend(backend, w13.device, is_fp8(w13)) != "triton" or w13.shape[0] == 0:
         return 0
     from .triton_moe import warmup_triton  # lazy: importing triton must wait for TRITON_INTERPRET

@@ -9,6 +9,21 @@ from .fp8 import FP8_DTYPE, check_fp8_weights, is_fp8
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ID_DTYPES = (torch.int32, torch.int64)
 FP8_DTYPES = (FP8_DTYPE,)
+OUT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def check_out_dtype(out_dtype) -> None:
+    """Raise ValueError unless out_dtype is None (hidden's dtype) or a float dtype the result can take (an int one
+    truncated the sums, float8 rounded them to 3 bits)."""
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be None (hidden's dtype), float32, float16, bfloat16 or float64, "
+                         f"got {out_dtype!r}")
+
+
+def check_count(name: str, value) -> None:
+    """Raise ValueError naming the argument unless value is an int >= 1 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _shapes(hidden, w13, w2, topk_ids, topk_weights) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_gemm
-from .checks import check_moe_inputs
+from .checks import check_moe_inputs, check_out_dtype
 
 STRATEGIES = ("auto", "bmm", "grouped", "segment")
 # pick_strategy (CUDA torch fallback; CPU measurements, 1 thread, benchmarks/KERNELS.md): the weight gather
@@ -78,12 +78,14 @@ def fused_moe_torch(
     Expert ids outside [0, E) (in particular -1) contribute nothing. The weighted top-k sum accumulates
     in fp32, or in fp64 when out_dtype is float64 (exact enough that partial sums computed on different
     shards add up to the same bits); the result has out_dtype, default hidden's dtype. T, k and E may be 0
-    (zeros). checked: the caller ran checks.check_moe_inputs on these tensors (fused_moe does); else it runs here.
+    (zeros). checked: the caller ran checks.check_moe_inputs on these tensors and check_out_dtype (fused_moe
+    does); else they run here.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown torch MoE strategy {strategy!r}; expected one of {STRATEGIES}")
     if not checked:
         check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights)
+        check_out_dtype(out_dtype)
     if hidden.shape[0] == 0 or topk_ids.shape[1] == 0 or w13.shape[0] == 0:  # nothing routed ("bmm" indexed E = 0)
         return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
     x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]

@@ -23,7 +23,7 @@ import torch
 import triton
 
 from .align import max_num_blocks
-from .checks import check_moe_inputs
+from .checks import check_count, check_moe_inputs
 from .triton_align import align_block_size_triton
 from .triton_gemm import down_kernel, gate_up_kernel, topk_sum_kernel
 from .tuning import candidate_configs, check_quant_tiles, get_config
@@ -87,7 +87,7 @@ def fused_moe_triton(
     """Triton MoE forward. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H].
 
     config: tile dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); default: tuning.get_config.
-    chunk_tokens: tokens per pipeline pass (default $ELASTICMOE_MOE_CHUNK_TOKENS or 4096).
+    chunk_tokens: tokens per pipeline pass, an int >= 1 (default None: $ELASTICMOE_MOE_CHUNK_TOKENS or 4096).
     fp8: block-FP8 weights' {w13_scale, w2_scale, block_shape (bn, bk), split, act_quant} (split: w13_scale's
     gate/up layout, default from its shape). checked: the caller ran checks.check_moe_inputs (fused_moe does,
     and passes its fp8 dict); else the inputs are checked here, before any launch reads them.
@@ -96,6 +96,8 @@ def fused_moe_triton(
     """
     if hidden.device.type != "cuda" and not _interpreting():
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
+    if chunk_tokens is not None:
+        check_count("chunk_tokens", chunk_tokens)
     if not checked:
         fp8 = _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8)
     if _interpreting() and torch.bfloat16 in (hidden.dtype, w13.dtype):
@@ -105,7 +107,7 @@ def fused_moe_triton(
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     if num_tokens == 0 or top_k == 0 or num_experts == 0:  # E = 0: every id skipped (tiles divide by E)
         return torch.zeros_like(hidden)  # [T, H]
-    chunk = min(num_tokens, chunk_tokens or chunk_tokens_default())
+    chunk = min(num_tokens, chunk_tokens or chunk_tokens_default())  # chunk_tokens: None or >= 1
     with device_guard(hidden.device):
         act_dtype = hidden.dtype if fp8 else w13.dtype
         cfg = config or get_config(num_experts, w2.shape[2], hidden_size, w13.dtype, chunk, hidden.device, top_k,
@@ -219,6 +221,7 @@ def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype:
     so later batches of any size reuse these compiles. Weights are only read. fp8: as fused_moe_triton's
     (block-FP8 weights need hidden_dtype, the activations' dtype).
     """
+    check_count("top_k", top_k)
     hidden_dtype = hidden_dtype or w13.dtype
     num_experts, hidden_size = w13.shape[0], w13.shape[2]
     device = w13.device
