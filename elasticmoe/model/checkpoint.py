@@ -74,15 +74,16 @@ class Checkpoint:
 
     def _index(self, config: dict[str, Any]) -> None:
         """Headers of the files transformers would load (model.weight_files), merged; a tensor in two of them
-        must be the same bytes."""
+        must be the same bytes. As transformers 5.x, every tensor of those files loads, the index naming it or not,
+        from whichever of them holds it (the index's placement is only checked to be somewhere)."""
         chosen = weight_files(self.path, config)
         self.index_file = chosen.index
         files = chosen.files
         headers = {name: read_header(self.path / name) for name in files}
         for tensor, name in chosen.placed.items():
-            if tensor not in headers[name]:
+            if tensor not in headers[name] and not any(tensor in h for h in headers.values()):
                 raise CheckpointError(f"{self.path / name}: has no tensor {tensor!r}, which {chosen.index.name} "
-                                      f"places there")
+                                      f"places there (nor has any other file it lists)")
         for name in files:
             for tensor, meta in headers[name].items():
                 first = self.weight_map.get(tensor)
