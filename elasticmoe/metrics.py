@@ -3,6 +3,7 @@ hot-path expert counting."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Iterable
 
@@ -14,6 +15,7 @@ TTFT_BOUNDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.
 TPOT_BOUNDS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
 E2E_BOUNDS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]
 PLACEMENT_REASONS = ("rebalance", "scale_out", "scale_in", "rehome")  # why a placement change was applied
+log = logging.getLogger(__name__)
 FANOUT_BOUNDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
 
 
@@ -92,6 +94,7 @@ class GatewayMetrics:
         self.shards: dict[str, bool] = {}
         self.rebalance_events = self.rebalance_bytes = 0
         self.rebalance_reasons: dict[str, int] = {}  # placement changes applied, by reason (PLACEMENT_REASONS)
+        self.flush_errors = 0  # flushes (the background thread's, close()'s) that raised: logged, counted, survived
         self._stop = threading.Event()
         if self._ray is not None:
             threading.Thread(target=self._flush_loop, name="metrics-flush", daemon=True).start()
@@ -286,10 +289,17 @@ class GatewayMetrics:
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 - metrics must never take the gateway down
-                pass
+            self._guarded_flush()
+
+    def _guarded_flush(self) -> None:
+        """flush(), whose failure (Ray's export, a device copy) is counted in flush_errors and logged (the 1st,
+        10th, 100th and every 1000th: once a second it would flood the log), never the caller's end."""
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - metrics must never take the gateway down
+            self.flush_errors += 1
+            if self.flush_errors in (1, 10, 100) or self.flush_errors % 1000 == 0:
+                log.exception("exporting metrics to Ray raised (%d times so far)", self.flush_errors)
 
     def expert_token_totals(self) -> np.ndarray:
         """Tokens routed to each expert so far: int64 [num_layers, num_experts] (a copy)."""
@@ -300,4 +310,4 @@ class GatewayMetrics:
     def close(self) -> None:
         """Stop the flush thread after a last flush."""
         self._stop.set()
-        self.flush()
+        self._guarded_flush()

@@ -38,6 +38,7 @@ def test_a_failing_loop_is_logged_counted_and_keeps_running(model, monkeypatch, 
         status = asyncio.run(scenario())
     assert len(runs) == 3  # two failures did not end the loop
     assert ctrl.loop_errors == 2 and status["loop_errors"] == 2 and status["event_counts"]["loop_error"] == 2
+    assert status["metrics_flush_errors"] == ctrl.metrics.flush_errors == 0  # shown beside them (none failed)
     assert sum("controller loop _stats_once failed" in r.getMessage() for r in caplog.records) == 2
 
 

@@ -235,3 +235,41 @@ def test_a_request_failing_after_its_first_token_counts_its_ttft_on_both_doors()
     refused = Tally(core)
     refused.record(400)
     assert m.latency_counts["ttft"] == 1 and m.requests == {("http", "cancelled"): 1, ("http", "invalid"): 1}
+
+
+class _AgentDown(GatewayMetrics):
+    """Real metrics whose export to Ray raises while `down` (Ray's metrics agent gone, a device copy failing)."""
+
+    down = True
+    attempts = 0
+
+    def flush(self) -> None:
+        self.attempts += 1
+        if self.down:
+            raise ConnectionError("injected: the metrics agent is unreachable")
+        super().flush()
+
+
+def test_a_failing_flush_is_counted_and_logged_at_1_10_100_not_each_time(caplog):
+    """The flush thread swallowed every exception silently: a gateway whose metrics had stopped going out looked
+    healthy. Each failure is counted (flush_errors, shown by the gateway's stats and the controller's status) and
+    the 1st, 10th, 100th are logged (with the traceback); the thread keeps flushing, close() does not raise."""
+    m = _AgentDown("per_expert", LAYERS, EXPERTS, MOE_LAYERS, flush_interval_s=0.001, use_ray=False)
+    flusher = threading.Thread(target=m._flush_loop, daemon=True)  # the thread Ray's presence would start
+    with caplog.at_level("ERROR", logger="elasticmoe.metrics"):
+        flusher.start()
+        deadline = time.monotonic() + 30
+        while m.flush_errors < 120:
+            assert time.monotonic() < deadline, m.flush_errors
+            time.sleep(0.005)
+        m.down = False
+        m.route(1, torch.tensor([[0, 1]]))
+        errors = m.flush_errors
+        m.close()  # a last flush, which works again
+        flusher.join(5)
+    assert not flusher.is_alive() and m.flush_errors == errors and m.attempts > errors
+    logged = [r for r in caplog.records if "exporting metrics to Ray raised" in r.getMessage()]
+    assert [r.getMessage().split("(")[1] for r in logged] == ["1 times so far)", "10 times so far)",
+                                                               "100 times so far)"]
+    assert all(r.exc_info and r.exc_info[0] is ConnectionError for r in logged)
+    assert m.expert_token_totals()[1, :2].tolist() == [1, 1]

@@ -50,6 +50,7 @@ class StatsKeeper:
                 "moe_layers": self.moe_layers, "copies": copies.tolist(),  # [L, E] live, as sole_copies and the metric
                 "bytes_moved": self.bytes_moved,
                 "event_counts": dict(self.event_counts), "loop_errors": self.loop_errors,
+                "metrics_flush_errors": self.metrics.flush_errors,
                 "undropped": {s: len(pairs) for s, pairs in self._undropped.items()},  # copies a failed drop left
                 "gateways": {g: v for g, (v, t) in self.acks.items() if time.monotonic() - t < GATEWAY_TTL_S},
                 "events": self.events[-50:]}

@@ -162,7 +162,8 @@ class GatewayCore:
                    "fanout_overhead_p99_s": pct(99), "fanout_samples": len(over),
                    "failovers": self.dispatcher.failovers, "hedges": self.dispatcher.hedges,
                    "fault_log": list(self.dispatcher.fault_log), "shard_tokens": dict(self.dispatcher.shard_tokens),
-                   "expert_tokens_total": int(self.metrics.expert_token_totals().sum())})
+                   "expert_tokens_total": int(self.metrics.expert_token_totals().sum()),
+                   "metrics_flush_errors": self.metrics.flush_errors, "hook_errors": self.runner.hook_errors})
         return st
 
     def healthy(self) -> None:
