@@ -220,6 +220,28 @@ def test_admission_never_waits_for_a_step_and_a_full_gateway_answers_at_once(mod
         runner.close()
 
 
+def test_a_refusal_by_the_schedulers_own_bound_is_counted_as_refused(model, reference):
+    """The runner's bound (its capacity, taken when it starts) admits a request that the scheduler's own bound
+    refuses when the engine was handed over with a request of its own queued: the caller gets QueueFull, and
+    `refused` (requests refused at capacity) counts it as it counts the runner's own refusals."""
+    _, llm = reference
+    _, files, store = model
+    engine = Engine(files, FaultyDispatcher(store, delay_s=0.05), max_model_len=128, max_num_seqs=1, max_queue=0)
+    engine.add_request("offline", llm.encode(PROMPTS[0]), SamplingParams(max_tokens=40, temperature=0,
+                                                                            ignore_eos=True))
+    runner = EngineRunner(engine)  # capacity 1: the slot; the request queued before it is not the runner's
+
+    async def go():
+        with pytest.raises(QueueFull, match="request queue is full"):
+            await _collect(runner, llm.encode(PROMPTS[1]), GREEDY)
+
+    try:
+        asyncio.run(go())
+        assert runner.stats()["refused"] == 1 and runner.stats()["admitted"] == 0
+    finally:
+        runner.close()
+
+
 def test_a_request_cancelled_during_admission_frees_its_slot(model, reference):
     """The caller is cancelled before its request produced anything (still queued behind a slow step): the
     request is aborted, its admission released, and the engine never runs it to max_tokens."""

@@ -165,6 +165,9 @@ class EngineRunner:
         try:
             self.engine.add_request(key, prompt_ids, params)
         except Exception as e:  # noqa: BLE001 - e.g. QueueFull from the scheduler's own bound
+            if isinstance(e, QueueFull):  # refused at capacity too: counted as generate() counts its own
+                with self._lock:
+                    self.refused += 1
             self._release()
             stream.push(e)
             return
