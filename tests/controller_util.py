@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -140,3 +141,24 @@ async def _gateway_behind_a_move(model: str, a: Shard, b: Shard):
     async with ctrl._lock:
         await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "test move")
     return ctrl, old
+
+
+@pytest.fixture
+def controller(model):
+    """(a real controller on an event loop thread, that loop); torch's thread count restored (the replicas set it)."""
+    GcsRecord("default").clear()
+    threads = torch.get_num_threads()
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="controller-loop", daemon=True)
+    runner.start()
+
+    async def make():
+        return ControllerImpl(_args(model, num_shards=1))
+
+    ctrl = asyncio.run_coroutine_threadsafe(make(), loop).result(60)
+    yield ctrl, loop
+    for task in list(ctrl._tasks):
+        loop.call_soon_threadsafe(task.cancel)
+    loop.call_soon_threadsafe(loop.stop)
+    runner.join(10)
+    torch.set_num_threads(threads)

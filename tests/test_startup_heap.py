@@ -5,19 +5,13 @@ a tiny checkpoint, a real controller on an event loop, real gRPC servers."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import threading
 import time
 
-import pytest
-import torch
-
 from elasticmoe import LLM
-from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.experts.deployment import ExpertShard
 from elasticmoe.gateway.deployment import Gateway
-from tests.controller_util import ControllerImpl, _args, _LoopHandle
+from tests.controller_util import _args, _LoopHandle, controller  # noqa: F401 - a fixture
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -51,27 +45,6 @@ def test_an_llm_leaves_the_heap_unfrozen(model):  # noqa: F811
     not pin the cycles of everything alive then until exit."""
     _started(lambda: LLM(model))
     assert gc.get_freeze_count() == 0
-
-
-@pytest.fixture
-def controller(model):  # noqa: F811
-    """(a real controller on an event loop thread, that loop); torch's thread count restored (the replicas set it)."""
-    GcsRecord("default").clear()
-    threads = torch.get_num_threads()
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, name="controller-loop", daemon=True)
-    runner.start()
-
-    async def make():
-        return ControllerImpl(_args(model, num_shards=1))
-
-    ctrl = asyncio.run_coroutine_threadsafe(make(), loop).result(60)
-    yield ctrl, loop
-    for task in list(ctrl._tasks):
-        loop.call_soon_threadsafe(task.cancel)
-    loop.call_soon_threadsafe(loop.stop)
-    runner.join(10)
-    torch.set_num_threads(threads)
 
 
 # our class under Serve's ingress wrapper (whose async __init__ runs ours, then attaches the ASGI app Serve builds)

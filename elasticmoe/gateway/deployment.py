@@ -49,6 +49,14 @@ def _answer(call, timeout_s: float):
         raise
 
 
+def _app_name() -> str:
+    """This replica's Serve application ("default" outside Serve, as Serve names an unnamed one)."""
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside Serve (tests of a replica's start-up)
+        return "default"
+
+
 class GatewayCore:
     """Engine thread + gRPC dispatcher + routing-table poller, independent of the API served on top."""
 
@@ -88,15 +96,27 @@ class GatewayCore:
         # did not (scheduling noise, or a wait the hedge should have cut)
         self.step_log: deque[tuple[float, float, int]] = deque(maxlen=200_000)
         self._hedges_logged = 0
-        # the gauges follow the steps (twice a second at most) and are set once more when the engine runs out of
-        # work: no step comes then, and they kept the last throttled step's figures while the gateway sat idle
-        self.runner = EngineRunner(engine, on_step=self._on_step,
-                                   on_idle=lambda: self.metrics.engine_from(engine.scheduler))
         self.complete = threading.Event()
         self._install_lock = threading.Lock()  # the poller's and the failure reports' installs, one at a time
         self.table_version, self.table_epoch = -1, None  # the last table installed from a poll, and its controller
         self.stopped = threading.Event()  # set when the replica stops: the poller ends
-        threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
+        # the gauges follow the steps (twice a second at most) and are set once more when the engine runs out of
+        # work: no step comes then, and they kept the last throttled step's figures while the gateway sat idle
+        self.runner = EngineRunner(engine, on_step=self._on_step,
+                                   on_idle=lambda: self.metrics.engine_from(engine.scheduler))
+        try:
+            threading.Thread(target=self._poll_table, name="table-poller", daemon=True).start()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the poller, the engine thread (its requests end) and the shards' channels: for a replica whose
+        start-up failed after the engine had started, whose thread and memory would stay until Serve replaced it."""
+        self.stopped.set()
+        self.runner.close()
+        self.dispatcher.close()
+        self.metrics.close()
 
     def _on_step(self, seconds: float, n: int) -> None:
         """Engine thread, after each step: the step log, and engine gauges at most twice a second."""
@@ -182,12 +202,16 @@ class Gateway:
 
     def __init__(self, args: dict, controller, shards=None):
         self.core = GatewayCore(args, controller)
-        self.core.runner.engine.set_limits(RequestLimits.of(self.core.args.limits))
-        self.service = GenerationService(self.core)
         self.direct = None
-        if (d := self.core.args.direct_grpc) is not None:
-            self.direct = DirectIngress(self.service, d.host, d.port, max_rpcs=self.core.runner.capacity + 64,
-                                        app=serve.get_replica_context().app_name)
+        try:
+            self.core.runner.engine.set_limits(RequestLimits.of(self.core.args.limits))
+            self.service = GenerationService(self.core)
+            if (d := self.core.args.direct_grpc) is not None:
+                self.direct = DirectIngress(self.service, d.host, d.port, max_rpcs=self.core.runner.capacity + 64,
+                                            app=_app_name())
+        except BaseException:  # e.g. the direct port taken: the engine thread must not outlive this replica
+            self.core.close()
+            raise
         freeze_startup_heap()  # a full collection then walks what serving made, not the 0.4 M objects of start-up
 
     def __serve_build_asgi_app__(self):
