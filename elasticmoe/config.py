@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ _RAY_BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own reso
 # The longest wait or interval a setting may give: a day. Far past it (about 9.2e9 s, threading.TIMEOUT_MAX) a
 # thread's wait on it raises OverflowError, and the thread keeping the gateway's deadlines would die.
 MAX_WAIT_S = 86400.0
+# control, format (bidi overrides, zero-width), line and paragraph separators: as engine.validation refuses in ids
+_UNPRINTED = {"Cc", "Cf", "Zl", "Zp"}
 
 
 class Resources(_Strict):
@@ -165,6 +168,17 @@ class AppArgs(_Strict):
             if len(k) < 16 or not (k.isascii() and k.isprintable()) or any(c.isspace() or c == "," for c in k):
                 raise ValueError("api_keys: each key needs 16 or more printable ASCII characters, no spaces or commas")
         return keys
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _printable_name(cls, name: str | None) -> str | None:
+        # echoed in every response and /v1/models (and in logs): a newline or escape there forges lines and labels;
+        # OpenAI-style names (org/model:tag, ft:base:org::id, spaces, any script) stay valid
+        bad = [c for c in name or "" if unicodedata.category(c) in _UNPRINTED]
+        if bad:
+            raise ValueError(f"served_model_name: control characters (newlines, tabs, escapes, bidi overrides) are "
+                             f"not allowed; found {bad[0]!r}")
+        return name
 
     @model_validator(mode="after")
     def _tiny_has_no_revision(self) -> "AppArgs":

@@ -257,6 +257,8 @@ def test_dashboard_json():
     pytest.param({"autoscaling": {"startDeadlineSeconds": "10m"}}, id="start-deadline-not-a-number"),
     pytest.param({"autoscaling": {"startDeadlineSeconds": 1e10}}, id="start-deadline-past-a-day"),
     pytest.param({"limits": {"expertTimeoutSeconds": 1e10}}, id="expert-timeout-past-a-day"),
+    pytest.param({"model": {"servedName": "moe\nERROR forged"}}, id="served-name-with-a-newline"),
+    pytest.param({"model": {"servedName": "moe\u202e"}}, id="served-name-with-a-bidi-override"),
     pytest.param({"expertPort": {"start": 80}}, id="privileged-expert-port"),
     pytest.param({"securityContext": {"runAsNonRoot": False}}, id="root"),
     pytest.param({"shardz": 3}, id="unknown-key"),

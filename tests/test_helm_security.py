@@ -160,6 +160,8 @@ def test_api_keys_from_a_secret():
         assert _env(c)["ELASTICMOE_API_KEYS_FILE"] == f"/etc/elasticmoe/api-keys/{key}"
     args = _check_rayservice(_rs({"model": {"servedName": "moe-prod"}}))
     assert args.served_model_name == "moe-prod" and args.api_keys == []  # keys never in the Serve config
+    for name in ("org/moe:v1.2", "ft:moe-base:my-org::abc123", "MoE 模型"):  # the schema's pattern lets these by
+        assert _check_rayservice(_rs({"model": {"servedName": name}})).served_model_name == name
 
 
 # ----- NetworkPolicy

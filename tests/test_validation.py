@@ -320,6 +320,19 @@ def test_request_ids_with_control_characters_are_refused():
     assert v.request_id("req-42 übung 例") == "req-42 übung 例"
 
 
+@pytest.mark.parametrize("name", ["a\nmodel", "m\r", "tab\there", "nul\x00", "esc\x1b[31m", "del\x7f",
+                                  "c1\x85", "line\u2028sep", "rtl\u202eoverride"])
+def test_a_served_model_name_with_control_characters_is_refused_naming_it(name):
+    """served_model_name is echoed in every response's `model`, /v1/models and the logs: a newline or an escape
+    there forges lines (and labels); it is refused naming the field. OpenAI-style names stay valid."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="served_model_name: control characters"):
+        AppArgs(model="m", served_model_name=name)
+    for ok in ["org/model:tag", "ft:gpt-4o-mini:my-org::abc123", "Qwen/Qwen1.5-MoE-A2.7B", "my model v1.0", "模型"]:
+        assert AppArgs(model="m", served_model_name=ok).served_model_name == ok
+
+
 def test_the_default_max_tokens_is_cut_to_the_context_left():
     """Validator.default_max_tokens: the one rule every door (HTTP completions and chat, gRPC, LLM.generate)
     applies to an unset max_tokens: the door's default, cut to what the prompt leaves, never below 1."""
