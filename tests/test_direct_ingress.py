@@ -278,6 +278,26 @@ def test_a_killed_holder_claims_nothing(tmp_path):
     PortClaim(number, "d", tmp_path).release()
 
 
+def test_application_names_that_differ_only_in_unsafe_characters_claim_apart(tmp_path):
+    """The lock file kept only [A-Za-z0-9_.-] of the application's name: "my app" and "my_app" (or "" and "_")
+    took one lock, and the second shared the first one's port silently; now the second is refused naming the
+    first, and a long or odd name still gives a short, safe file name."""
+    from elasticmoe.gateway.direct_ingress import lock_name
+
+    number = _free_port()
+    for first, second in [("my app", "my_app"), ("", "_"), ("a/b", "a:b"), ("x" * 300, "x" * 301)]:
+        assert lock_name(first) != lock_name(second)
+        held = PortClaim(number, first, tmp_path)
+        try:
+            with pytest.raises(OSError, match=rf"direct_grpc: port {number} is already served by application"):
+                PortClaim(number, second, tmp_path)
+            PortClaim(number, first, tmp_path).release()  # its own replicas still share it
+        finally:
+            held.release()
+    assert lock_name("my_app") == "my_app" and lock_name("app-1.prod") == "app-1.prod"  # safe names unchanged
+    assert all(len(lock_name(n)) <= 64 and "/" not in lock_name(n) for n in ["x" * 300, "a/../b", "例 app"])
+
+
 def test_direct_grpc_settings_are_checked():
     assert AppArgs(model="m", direct_grpc={"port": 9100}).direct_grpc == DirectGrpc(port=9100)
     assert DirectGrpc(port=9100).host == "127.0.0.1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -22,14 +23,14 @@ log = logging.getLogger(__name__)
 class PortClaim:
     """One application's claim on a direct port of this node. SO_REUSEPORT lets any process of this user bind the
     port too, so another application's gateways would silently share its connections; each replica holds a shared
-    flock on `<dir>/<port>-<app>.lock` while it serves, and a replica of another application finding one held is
-    refused. A holder that dies drops its lock with it (a stale file claims nothing)."""
+    flock on `<dir>/<port>-<lock_name(app)>.lock` while it serves, and a replica of another application finding one
+    held is refused. A holder that dies drops its lock with it (a stale file claims nothing)."""
 
     def __init__(self, port: int, app: str, root: Path | None = None):
         # per user: SO_REUSEPORT shares a port among one user's processes only
         self.dir = (root or Path(tempfile.gettempdir())) / f"elasticmoe-direct-grpc-{os.getuid()}"
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        self.port, self.app = port, re.sub(r"[^A-Za-z0-9_.-]", "_", app) or "_"
+        self.port, self.app = port, lock_name(app)
         self._refuse_others()
         self._fd = os.open(self.dir / f"{port}-{self.app}.lock", os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_SH)
@@ -50,6 +51,17 @@ class PortClaim:
         if self._fd is not None:
             os.close(self._fd)  # drops the lock
             self._fd = None
+
+
+def lock_name(app: str) -> str:
+    """`app` as a lock file's name, one per application: as it is when only [A-Za-z0-9_.-] (1 to 64 of them), else
+    its first 40 characters made safe, '~' (which no name kept as it is has) and a hash of the whole name. Replacing
+    alone made "my app" and "my_app" one claim: they shared the port silently."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", app)
+    if safe == app and 0 < len(app) <= 64:
+        return app
+    digest = hashlib.sha256(app.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{safe[:40]}~{digest}"
 
 
 def _held(path: Path) -> bool:
