@@ -15,9 +15,10 @@ from tests.controller_util import model  # noqa: F401 - a fixture
 from tests.test_controller_sequences import _Run
 
 
-def _with_gateway(model: str, n: int, scenario, copies: int = 1) -> None:
+def _with_gateway(model: str, n: int, scenario, copies: int = 1, loading: int = 0) -> None:
     """`scenario(run, *shards)` over a controller of `n` joined shards (a, b, ...; `copies` of each expert, its
-    loops cancelled) with gateway "g" polling throughout; no table it runs may route to a copy not held."""
+    loops cancelled) with gateway "g" polling throughout; no table it runs may route to a copy not held. The last
+    `loading` of them only register and load their plan (not ready: in run.starting)."""
     GcsRecord("default").clear()
     run = _Run(model, 0)
     run.n0, run.copies = n, copies
@@ -28,8 +29,11 @@ def _with_gateway(model: str, n: int, scenario, copies: int = 1) -> None:
         stop = asyncio.Event()
         gateway = None
         try:
-            for s in shards:
+            for s in shards[:n - loading]:
                 await s.join(run.ctrl)
+            for s in shards[n - loading:]:
+                s.store.load((await run.ctrl.register(s.shard_id, s.address))["experts"])
+                run.starting.append(s)
             run.quiet()
             run.table = await run.ctrl.table(-1, "g")
             gateway = asyncio.ensure_future(run.gateway(stop))

@@ -143,7 +143,7 @@ def test_a_re_home_while_a_shard_loads_keeps_a_live_copy_of_every_expert(model):
     """Two copies of every expert on 3 positions: a and b are live, c still loads its assignment (the table is
     complete without it). b dies. Re-homing counted c's position as able to serve: the plan over a and c kept the
     experts of b and c on c alone (a's slots being full), so until c was ready they had no live copy. The plan now
-    gives every expert a copy on the live shards; c keeps its assignment and joins when ready."""
+    gives every expert a copy on the live shards; c keeps its assignment (with more copies) and joins when ready."""
     async def scenario(files, a, b, c):
         ctrl = await _quiet(model, a, b, num_shards=3, expert_copies=2)
         plan = await ctrl.register("c", c.address)  # loading
@@ -154,7 +154,8 @@ def test_a_re_home_while_a_shard_loads_keeps_a_live_copy_of_every_expert(model):
         assert [x["id"] for x in table["shards"]] == ["a"] and table["complete"]
         assert _routed_to(table, "a") <= a.held()
         ctrl.registry.placement.validate()
-        assert ctrl.registry.assignment(ctrl.registry.shards["c"].position) == plan["experts"]  # c's load stays valid
+        # c's load stays valid; it also takes the second copies a cannot hold (test_controller_copies.py)
+        assert set(ctrl.registry.assignment(ctrl.registry.shards["c"].position)) >= set(plan["experts"])
         c.store.load(plan["experts"])
         await ctrl.ready("c")
         table = await ctrl.table()

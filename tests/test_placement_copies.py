@@ -129,3 +129,18 @@ def test_min_copies_reached_from_any_layout_whenever_slots_allow():
 
 
 # ----- arguments and the data type
+
+
+def test_top_up_adds_copies_only_on_the_targets():
+    """fit.top_up (a re-home's shards still loading take the copies the live ones cannot): a free slot on a
+    target first, else in place of a surplus copy there; never on another shard, never below k for the others."""
+    from elasticmoe.placement.fit import top_up
+
+    w = np.array([4.0, 3.0, 2.0, 1.0])
+    mask = np.array([[1, 0, 0], [1, 0, 1], [1, 1, 1], [1, 1, 0]], bool)  # [E, N]: shard 0 full (4 slots)
+    out, added = top_up(w, mask.copy(), np.array([False, False, True]), 2, 3)
+    assert added == 1 and out[:, :2].tolist() == mask[:, :2].tolist()  # shard 1 had room: not a target
+    assert out[0].tolist() == [True, False, True] and out[:, 2].sum() == 3  # expert 0 took target 2's free slot
+    full, added = top_up(w, mask.copy(), np.array([False, False, True]), 2, 2)  # target 2 full: 2's surplus gives way
+    assert added == 1 and full[0].tolist() == [True, False, True] and full[2].tolist() == [True, True, False]
+    assert (full.sum(1) >= 2).all()

@@ -196,16 +196,18 @@ class Mover:
     # ----- one change, make-before-break
     async def _apply(self, change: Change, reason: str, kind: str = "rebalance") -> None:
         """Load the added copies, commit and publish the new table, then drop the old copies once every live
-        gateway runs it. A failed load changes nothing (raises LoadFailed). kind: the metrics' reason label
-        (metrics.PLACEMENT_REASONS); `reason` goes to the event log."""
+        gateway runs it; a shard still loading gets neither (its store is busy with its own load): it holds its new
+        assignment before it is published (Controller.ready). A failed load changes nothing (raises LoadFailed).
+        kind: the metrics' reason label (metrics.PLACEMENT_REASONS); `reason` goes to the event log."""
         added, removed = change.current.diff(change.new)  # (layer, expert, new position)
         owners = {change.relabel.get(s.position, s.position): s for s in self.registry.shards.values()
                   if s.shard_id not in change.remove}
         for i, sid in enumerate(change.add):
             owners[change.current.num_shards + i] = self.registry.shards[sid]
         loads: dict[str, list[tuple[int, int]]] = {}
-        for l, e, p in added:
-            loads.setdefault(owners[p].address, []).append((self.moe_layers[l], e))
+        for l, e, p in added:  # a shard still loading loads (and drops) what its position is assigned in ready()
+            if owners[p].ready:
+                loads.setdefault(owners[p].address, []).append((self.moe_layers[l], e))
         try:
             moved = await self._load_many(loads)
         except LoadFailed as e:
@@ -219,7 +221,7 @@ class Mover:
         self._event("placement", reason=reason, moves=len(added), dropped=len(removed), bytes=moved)
         drops: dict[str, list[tuple[int, int]]] = {}
         for l, e, p in removed:
-            if p in owners and owners[p].shard_id not in change.remove:
+            if p in owners and owners[p].shard_id not in change.remove and owners[p].ready:
                 drops.setdefault(owners[p].shard_id, []).append((l, e))
         if drops:
             self._spawn(self._drop_after_acks(drops, version))

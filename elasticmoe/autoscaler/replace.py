@@ -12,6 +12,7 @@ import numpy as np
 from elasticmoe.autoscaler.moves import LoadFailed
 from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.placement import Placement, plan
+from elasticmoe.placement.fit import top_up
 
 log = logging.getLogger("elasticmoe.controller")
 GROW_BACKOFF_MAX_S = 60.0  # the longest a failed scale out waits for the health round's next try
@@ -22,15 +23,25 @@ DRAIN_ATTEMPTS = 3  # re-home tries of a drain whose loads fail
 DRAIN_RETRY_S = 15.0
 
 
-def _then_kept(new: Placement, current: Placement, count: int) -> Placement:
-    """`new` followed by the `count` positions of `current` after its own, unchanged (shards still loading). Their
-    shares are rescaled with the new ones: gateways split an expert's tokens among its live copies by them."""
+def _then_kept(new: Placement, current: Placement, count: int, load: np.ndarray | None = None, copies: int = 1,
+               fill: tuple[int, ...] = ()) -> Placement:
+    """`new` followed by the `count` positions of `current` after its own, unchanged (shards still loading, or whose
+    loads failed) but for those of `fill` (indices among them: shards still loading), which also take copies of the
+    experts short of `copies` where their slots allow: `new`'s shards may be too few to hold them (one live shard
+    holds one copy of each). A loading shard loads them before it is published (Controller.ready). Shares are
+    rescaled with the new ones (a new copy's first at 1 / its copies): gateways split an expert's tokens among its
+    live copies by them. load: [L, E]."""
     if not count:
         return new
     n = new.num_shards
-    holds = np.concatenate([new.holds(), current.holds()[:, :, n:n + count]], axis=2)
+    holds = np.concatenate([new.holds(), current.holds()[:, :, n:n + count]], axis=2)  # [L, E, N]
     shares = np.concatenate([new.shares(), current.shares()[:, :, n:n + count]], axis=2)
     slots = max(new.slots_per_shard, int(holds.sum(1).max()))
+    targets = np.isin(np.arange(n + count), [n + i for i in fill])  # [N]
+    for l in range(holds.shape[0]) if targets.any() else ():
+        before = holds[l].copy()
+        top_up(load[l], holds[l], targets, min(copies, n + count), slots)
+        shares[l] = np.where(holds[l] & ~before, 1.0 / holds[l].sum(1, keepdims=True), shares[l] * holds[l])
     return Placement.from_arrays(shares / shares.sum(2, keepdims=True), holds, slots, new.version)
 
 
@@ -147,14 +158,17 @@ class Replacer:
         return loading if len(gone) + len(loading) < n else []
 
     def _replan(self, gone: list[int], kept: list[int]) -> tuple[Placement, dict[int, int], Placement]:
-        """(current renumbered, old -> new positions, the plan) without `gone`, `kept` keeping their copies
-        unchanged and getting no new one (the others, at least one, take every expert)."""
+        """(current renumbered, old -> new positions, the plan) without `gone`, `kept` keeping their copies and
+        getting no new one (the others, at least one, take every expert) but for the shards still loading among
+        them, which take the copies the others cannot (expert_copies; see _then_kept)."""
         current, relabel = self.registry.retire(kept + gone)
         live = self.registry.placement.num_shards - len(gone) - len(kept)
         slots = max(self.slots, math.ceil(self.num_experts / live))
-        new = plan(self.load.planning_load(), live, slots, current=current, max_moves=self.max_moves,
-                   min_copies=self.args.expert_copies)
-        return current, relabel, _then_kept(new, current, len(kept))
+        load = self.load.planning_load()
+        new = plan(load, live, slots, current=current, max_moves=self.max_moves, min_copies=self.args.expert_copies)
+        starting = {s.position for s in self.registry.shards.values() if not s.ready}
+        fill = tuple(i for i, p in enumerate(kept) if p in starting)
+        return current, relabel, _then_kept(new, current, len(kept), load, self.args.expert_copies, fill)
 
     async def _widen(self, why: str, kind: str) -> bool:
         """Place the ready spares as empty positions (no copy loaded, the routing unchanged)."""

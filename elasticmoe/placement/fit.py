@@ -80,6 +80,31 @@ def _add_copy(w: np.ndarray, mask: np.ndarray, e: int, k: int, slots: int) -> in
     return 2
 
 
+def top_up(w: np.ndarray, mask: np.ndarray, targets: np.ndarray, k: int, slots: int) -> tuple[np.ndarray, int]:
+    """Give experts below k copies more on the shards `targets` only (the others stay as they are), heaviest short
+    expert first: a free slot on the least-loaded target without one, else in place of a surplus copy there (its
+    expert keeps > k copies; lightest load per copy first).
+
+    w: [E], mask: [E, N] holds (updated in place), targets: [N] bool. Returns (mask, copies added).
+    """
+    added = 0
+    for e in sorted(np.flatnonzero(mask.sum(1) < k), key=lambda e: -w[e]):
+        while mask[e].sum() < k:
+            counts = mask.sum(1)
+            per = w / np.maximum(counts, 1)  # [E]
+            level, room = per @ mask, targets & ~mask[e] & (mask.sum(0) < slots)  # [N]
+            if room.any():
+                free = np.flatnonzero(room)
+                mask[e, free[np.argmin(level[free])]] = True
+            else:
+                f, u = _lightest(per, level, mask & (counts > k)[:, None] & (targets & ~mask[e]))
+                if f < 0:
+                    break
+                mask[f, u], mask[e, u] = False, True
+            added += 1
+    return mask, added
+
+
 def _lightest(per: np.ndarray, level: np.ndarray, cand: np.ndarray) -> tuple[int, int]:
     """The candidate copy (expert, shard) of least load per copy, then on the least-loaded shard; (-1, -1) if
     none. per: [E], level: [N], cand: [E, N] bool."""
