@@ -10,7 +10,7 @@ import pytest
 
 from elasticmoe.autoscaler import replace
 from elasticmoe.autoscaler.record import GcsRecord
-from tests.controller_util import _routed_to
+from tests.controller_util import _routed_to, _until
 from tests.controller_util import model  # noqa: F401 - a fixture
 from tests.test_controller_sequences import _Run
 
@@ -130,9 +130,9 @@ def test_a_drain_that_cannot_re_home_says_so_and_leaves_it_to_the_health_round(m
     _with_gateway(model, 3, scenario)
 
 
-def test_no_drain_retry_starts_after_drain_retry_s(model, monkeypatch):
-    """The tries stay within the stopping replica's graceful shutdown: none starts after DRAIN_RETRY_S."""
-    monkeypatch.setattr(replace, "DRAIN_RETRY_S", 0.0)
+def test_no_drain_retry_starts_after_drain_rehome_s(model, monkeypatch):
+    """The tries stay within the stopping replica's graceful shutdown: none starts after DRAIN_REHOME_S."""
+    monkeypatch.setattr(replace, "DRAIN_REHOME_S", 0.0)
 
     async def scenario(run, a, b, c):
         a.servicer.faults.fail_loads = 1
@@ -145,10 +145,12 @@ def test_no_drain_retry_starts_after_drain_retry_s(model, monkeypatch):
 
 def test_the_drain_fits_the_shards_graceful_shutdown():
     """Serve ends a stopping shard replica SHARD_SHUTDOWN_S after it asked it to stop (the shard deployment's
-    graceful_shutdown_timeout_s): the last re-home try starts by DRAIN_RETRY_S, then the drain waits for the
-    gateways' acks (ACK_TIMEOUT_S at most) and the replica stops its server; before, it probed the controller."""
+    graceful_shutdown_timeout_s): the replica probes the controller, the controller drains within DRAIN_S (the
+    re-home by DRAIN_REHOME_S, its lock wait and load deadlines included, past it only a roll back's stats call and
+    drops; then the gateways' acks, which get a long poll's time at least), and the replica stops its server."""
     from elasticmoe.app import build_app
-    from elasticmoe.autoscaler.moves import ACK_TIMEOUT_S
+    from elasticmoe.autoscaler.controller import TABLE_WAIT_MAX_S
+    from elasticmoe.autoscaler.moves import ROLLBACK_DROP_S
     from elasticmoe.config import SHARD_SHUTDOWN_S
     from elasticmoe.experts.deployment import CONTROLLER_PROBE_S, STOP_GRACE_S
 
@@ -156,7 +158,9 @@ def test_the_drain_fits_the_shards_graceful_shutdown():
     assert shards.name == "ExpertShard"
     assert shards._deployment_config.graceful_shutdown_timeout_s == SHARD_SHUTDOWN_S
     stop_s = STOP_GRACE_S + 3.0  # __del__ waits this long for its server's stop
-    assert CONTROLLER_PROBE_S + replace.DRAIN_RETRY_S + ACK_TIMEOUT_S + stop_s <= SHARD_SHUTDOWN_S
+    assert CONTROLLER_PROBE_S + replace.DRAIN_S + stop_s <= SHARD_SHUTDOWN_S
+    stats_s = 2.0  # Mover._load_many's GetStats before the loads
+    assert replace.DRAIN_REHOME_S + stats_s + ROLLBACK_DROP_S + 2 * TABLE_WAIT_MAX_S <= replace.DRAIN_S
 
 
 @pytest.mark.parametrize("fails", [1, 100])
@@ -172,3 +176,63 @@ def test_a_stopping_replica_logs_a_drain_left_incomplete(model, fails, caplog):
         assert ("left experts with no live copy elsewhere" in caplog.text) == (fails > 1)
 
     _with_gateway(model, 2, scenario)
+
+
+HANG_S = 8.0  # a LoadExperts that hangs (held on the shard): far past the drain's window in these tests
+WINDOW_S = 1.0  # the drain's re-home bound in these tests (replace.DRAIN_REHOME_S)
+
+
+def test_a_drain_whose_load_hangs_ends_within_its_window(model, monkeypatch):
+    """a's and b's LoadExperts hang (a slow store): the drain's try waited for the loads' 300 s gRPC deadline, past
+    the stopping replica's graceful shutdown (SHARD_SHUTDOWN_S), after which Serve kills it mid-drain. The re-home's
+    deadline now cuts the loads' (and the roll back's drops'): the drain answers incomplete within its window, c
+    stays in the table with its experts, and once it has stopped the health round re-homes them."""
+    import time
+
+    from elasticmoe.autoscaler.moves import ROLLBACK_DROP_S
+
+    monkeypatch.setattr(replace, "DRAIN_REHOME_S", WINDOW_S)
+
+    async def scenario(run, a, b, c):
+        a.servicer.faults.load_delay_s = b.servicer.faults.load_delay_s = HANG_S
+        began = time.monotonic()
+        answer, mine = await _drain_and_stop(run, c)
+        took = time.monotonic() - began - 0.1  # _drain_and_stop's wait for the gateway's poll
+        assert took < WINDOW_S + ROLLBACK_DROP_S + 1.0, f"the drain took {took:.1f} s"
+        assert not answer["drained"] and "c" in [s["id"] for s in answer["shards"]]
+        assert run.ctrl.events[-1]["event"] == "drain_incomplete" and run.ctrl.event_counts.get("rehome_failed")
+        a.servicer.faults.load_delay_s = b.servicer.faults.load_delay_s = 0.0
+        await asyncio.sleep(HANG_S - took)  # the hung loads end (what they loaded is no one's: dropped later)
+        await run.ctrl._health_once()  # c is found dead and re-homed
+        await asyncio.sleep(0.1)
+        assert mine <= _served_elsewhere(run, "c") and run.table["complete"]
+
+    _with_gateway(model, 3, scenario)
+
+
+def test_a_drain_waiting_for_a_long_change_ends_within_its_window(model, monkeypatch):
+    """A scale out onto d loads for HANG_S under the controller's lock when c drains: the drain waited for the lock
+    with no limit (then for its own tries). It now gives up within its window and answers incomplete; c stays in
+    the table, the scale out goes on."""
+    import time
+
+    monkeypatch.setattr(replace, "DRAIN_REHOME_S", WINDOW_S)
+
+    async def scenario(run, a, b, c):
+        d = run.shard()
+        try:
+            d.servicer.faults.load_delay_s = HANG_S
+            grow = asyncio.get_running_loop().create_task(d.join(run.ctrl))  # ready(d): the scale out holds the lock
+            await _until(lambda: run.ctrl._lock.locked() and "d" in run.ctrl.registry.shards, 5, "the scale out")
+            began = time.monotonic()
+            answer = await run.ctrl.drain("c")
+            took = time.monotonic() - began
+            assert took < WINDOW_S + 1.0, f"the drain took {took:.1f} s"
+            assert not answer["drained"] and "c" in [s["id"] for s in answer["shards"]]
+            assert run.ctrl.events[-1]["event"] == "drain_incomplete" and not grow.done()
+            await grow
+            assert "c" in run.ctrl.registry.shards and run.ctrl.registry.complete()
+        finally:
+            d.server.stop(None)
+
+    _with_gateway(model, 3, scenario)

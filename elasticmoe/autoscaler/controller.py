@@ -171,13 +171,10 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
 
     async def drain(self, shard_id: str) -> dict:
         """Scale-in: load this shard's experts elsewhere (failed loads tried again: Replacer._drain), publish without
-        it, wait for the gateways, let it go. Returns the table and `drained`: whether every expert it held has a
-        live copy elsewhere (False: it is still in the table with some; once it stops the health round re-homes
-        them)."""
-        async with self._start():
-            version, drained = await self._drain(shard_id)
-        if version is not None:
-            await self._acked(version)
+        it, wait for the gateways, let it go, all within the stopping replica's graceful shutdown. Returns the table
+        and `drained`: whether every expert it held has a live copy elsewhere (False: it is still in the table with
+        some, the time ran out or the loads failed; once it stops the health round re-homes them)."""
+        drained = await self._drain(shard_id)  # within replace.DRAIN_S, the wait for a change in progress included
         return {**self._table(), "drained": drained}
 
     # ----- gateway and operator API

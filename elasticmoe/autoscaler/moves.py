@@ -20,6 +20,14 @@ ACK_TIMEOUT_S = 30.0  # old copies are dropped after this even if a gateway neve
 DROP_GRACE_S = 0.5  # after the acks: steps that started on the old table finish
 GATEWAY_TTL_S = 10.0  # a gateway that has not polled for this long is not waited for
 DROP_TIMEOUT_S = 30.0  # a DropExperts call's deadline
+LOAD_TIMEOUT_S = 300.0  # a LoadExperts call's deadline (a change with a deadline of its own: what is left of it)
+ROLLBACK_DROP_S = 1.0  # a failed load's roll back drops with at least this long even past the change's deadline
+# (what does not go through waits for the health round's retry: _undropped)
+
+
+def _left(deadline: float | None, cap: float, floor: float = 0.01) -> float:
+    """A call's deadline in seconds: `cap`, or what is left to `deadline` (monotonic; None: none), >= `floor`."""
+    return cap if deadline is None else min(cap, max(floor, deadline - time.monotonic()))
 
 
 class LoadFailed(RuntimeError):
@@ -129,37 +137,40 @@ class Mover:
                 "expert_tokens": [[t.layer, t.expert, t.tokens] for t in r.tokens]}
 
     # ----- loads and drops
-    async def _load(self, address: str, pairs: list[tuple[int, int]]) -> int:
+    async def _load(self, address: str, pairs: list[tuple[int, int]], timeout: float | None = None) -> int:
         req = pb.LoadExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs],
                                     placement_version=self.registry.version + 1)
-        return (await self._stub(address).LoadExperts(req, timeout=300)).bytes
+        return (await self._stub(address).LoadExperts(req, timeout=timeout or LOAD_TIMEOUT_S)).bytes
 
-    async def _load_many(self, loads: dict[str, list[tuple[int, int]]]) -> int:
+    async def _load_many(self, loads: dict[str, list[tuple[int, int]]], deadline: float | None = None) -> int:
         """Load on every shard at once; on any failure drop what the loads added (the failed ones may have loaded
         part of it) and raise LoadFailed. Copies a shard held before stay: a table that gateways still run may route
-        to them (old copies waiting for the acks), and the drops after the acks remove them."""
+        to them (old copies waiting for the acks), and the drops after the acks remove them. `deadline` (monotonic):
+        the calls' deadlines are cut to it (a load past it fails; the roll back's drops get ROLLBACK_DROP_S)."""
         loads = {a: p for a, p in loads.items() if p}
-        before = await asyncio.gather(*(self._stats(a) for a in loads))  # None: unknown, all of it is dropped
-        results = await asyncio.gather(*(self._load(a, p) for a, p in loads.items()), return_exceptions=True)
+        before = await asyncio.gather(*(self._stats(a) for a in loads))  # None: unknown
+        results = await asyncio.gather(*(self._load(a, p, _left(deadline, LOAD_TIMEOUT_S)) for a, p in loads.items()),
+                                       return_exceptions=True)
         failed = [(a, r) for a, r in zip(loads, results) if isinstance(r, BaseException)]
         if failed:
             held = {a: {(r.layer, r.expert) for r in st.held} if st is not None else set()
-                    for a, st in zip(loads, before)}
-            await self._drop_now({a: [x for x in loads[a] if x not in held[a]] for a in loads})
+                    for a, st in zip(loads, before)}  # unknown: all of it is dropped
+            await self._drop_now({a: [x for x in loads[a] if x not in held[a]] for a in loads},
+                                 _left(deadline, DROP_TIMEOUT_S, ROLLBACK_DROP_S))
             raise LoadFailed(f"LoadExperts failed on {failed[0][0]}: {failed[0][1]}", tuple(a for a, _ in failed))
         return int(sum(results))
 
-    async def _drop_now(self, drops: dict[str, list[tuple[int, int]]]) -> None:
+    async def _drop_now(self, drops: dict[str, list[tuple[int, int]]], timeout: float | None = None) -> None:
         """Drop on every shard at once (under the lock: a shard that does not answer costs one deadline, not one
         for each shard after it); a failed drop is logged and left for the health round's retry (`_undropped`)."""
-        await asyncio.gather(*(self._drop_on(a, pairs) for a, pairs in drops.items() if pairs))
+        await asyncio.gather(*(self._drop_on(a, pairs, timeout) for a, pairs in drops.items() if pairs))
 
-    async def _drop_on(self, address: str, pairs: list[tuple[int, int]]) -> bool:
+    async def _drop_on(self, address: str, pairs: list[tuple[int, int]], timeout: float | None = None) -> bool:
         """Whether the drop went through; one that did not is left for the retry (`_undropped`)."""
         try:
             await self._stub(address).DropExperts(
                 pb.DropExpertsRequest(experts=[pb.ExpertRef(layer=l, expert=e) for l, e in pairs]),
-                timeout=DROP_TIMEOUT_S)
+                timeout=timeout or DROP_TIMEOUT_S)
             return True
         except grpc.RpcError as e:  # refused busy (its LoadExperts / DropExperts slots full), a deadline, gone
             log.warning("drop on %s failed: %s", address, e.code())
@@ -194,11 +205,12 @@ class Mover:
                     self._undropped.pop(sid, None)
 
     # ----- one change, make-before-break
-    async def _apply(self, change: Change, reason: str, kind: str = "rebalance") -> None:
+    async def _apply(self, change: Change, reason: str, kind: str = "rebalance", deadline: float | None = None) -> None:
         """Load the added copies, commit and publish the new table, then drop the old copies once every live
         gateway runs it; a shard still loading gets neither (its store is busy with its own load): it holds its new
         assignment before it is published (Controller.ready). A failed load changes nothing (raises LoadFailed).
-        kind: the metrics' reason label (metrics.PLACEMENT_REASONS); `reason` goes to the event log."""
+        kind: the metrics' reason label (metrics.PLACEMENT_REASONS); `reason` goes to the event log; `deadline`: the
+        loads' (_load_many)."""
         added, removed = change.current.diff(change.new)  # (layer, expert, new position)
         owners = {change.relabel.get(s.position, s.position): s for s in self.registry.shards.values()
                   if s.shard_id not in change.remove}
@@ -209,7 +221,7 @@ class Mover:
             if owners[p].ready:
                 loads.setdefault(owners[p].address, []).append((self.moe_layers[l], e))
         try:
-            moved = await self._load_many(loads)
+            moved = await self._load_many(loads, deadline)
         except LoadFailed as e:
             self._event("load_failed", reason=reason, error=str(e)[:200])
             raise

@@ -3,13 +3,14 @@ onto ready spares; a mixin of the Controller, run under its lock."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 
 import numpy as np
 
-from elasticmoe.autoscaler.moves import LoadFailed
+from elasticmoe.autoscaler.moves import ACK_TIMEOUT_S, LoadFailed
 from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.placement import Placement, plan
 from elasticmoe.placement.fit import top_up
@@ -17,10 +18,13 @@ from elasticmoe.placement.fit import top_up
 log = logging.getLogger("elasticmoe.controller")
 GROW_BACKOFF_MAX_S = 60.0  # the longest a failed scale out waits for the health round's next try
 DRAIN_ATTEMPTS = 3  # re-home tries of a drain whose loads fail
-# No drain's re-home try starts later than this after its first: the stopping replica's graceful shutdown
-# (config.SHARD_SHUTDOWN_S, 60 s) still covers the wait for the gateways' acks (moves.ACK_TIMEOUT_S, 30 s), the
-# replica's probe of the controller (5 s) and its server's stop (<= 5 s): tests/test_controller_drain.py
-DRAIN_RETRY_S = 15.0
+# A drain's re-home ends this long after the drain call: its wait for a change in progress (the controller's lock)
+# and its tries, none starting later, each load's gRPC deadline cut to it (a roll back's drops get
+# moves.ROLLBACK_DROP_S more, its stats call 2 s); then the gateways' acks, the whole drain within DRAIN_S. With the
+# replica's probe of the controller (5 s) and its server's stop (<= 8 s) it fits the stopping replica's graceful
+# shutdown (config.SHARD_SHUTDOWN_S, 60 s), after which Serve kills it: tests/test_controller_drain.py
+DRAIN_REHOME_S = 15.0
+DRAIN_S = 45.0
 
 
 def _then_kept(new: Placement, current: Placement, count: int, load: np.ndarray | None = None, copies: int = 1,
@@ -52,26 +56,49 @@ def _keeps_copies(p: Placement, copies: int) -> bool:
 
 
 class Replacer:
-    """Needs the Controller's registry, load, args, slots, num_experts, max_moves, _apply, _held, _load_many,
-    _event and _publish."""
+    """Needs the Controller's registry, load, args, slots, num_experts, max_moves, _start, _apply, _acked, _held,
+    _load_many, _event and _publish."""
 
     _grow_failures = 0  # failed scale outs in a row
     _grow_after = 0.0  # monotonic time before which the health round does not try one again
 
-    async def _drain(self, shard_id: str) -> tuple[int | None, bool]:
-        """Scale-in of a shard about to stop: its experts get live copies elsewhere first (`_lose`); a try whose loads
-        fail is rolled back and tried again, DRAIN_ATTEMPTS in all, none starting after DRAIN_RETRY_S, each with the
-        shards whose loads failed kept out of the targets while others are left. Returns (the committed version,
-        whether every expert it held while live now has a live copy elsewhere); when not, it is logged and counted
-        (`drain_incomplete`) and the shard stays in the table: once it stops, the health round re-homes them."""
+    async def _drain(self, shard_id: str) -> bool:
+        """Scale-in of a shard about to stop, within DRAIN_S: its experts get live copies elsewhere first
+        (`_drain_tries`, by DRAIN_REHOME_S, the wait for the controller's lock included), then the gateways' acks.
+        Returns whether every expert it held while live now has a live copy elsewhere; when not, it is logged and
+        counted (`drain_incomplete`) and the shard stays in the table: once it stops, the health round re-homes
+        them."""
+        began, lock = time.monotonic(), self._start()
+        deadline = began + DRAIN_REHOME_S
+        if shard_id not in self.registry.shards:
+            return True
+        try:
+            await asyncio.wait_for(lock.acquire(), max(0.05, deadline - time.monotonic()))
+        except asyncio.TimeoutError:  # a change in progress held the controller too long
+            gone = shard_id not in self.registry.shards  # that change re-homed it
+            return gone or self._incomplete(shard_id, 0, "a change in progress held the controller")
+        try:
+            version, drained = await self._drain_tries(shard_id, deadline)
+        finally:
+            lock.release()
+        if version is not None:
+            await self._acked(version, max(0.0, min(ACK_TIMEOUT_S, began + DRAIN_S - time.monotonic())))
+        return drained
+
+    async def _drain_tries(self, shard_id: str, deadline: float) -> tuple[int | None, bool]:
+        """(Under the lock.) The drain's re-home (`_lose`): a try whose loads fail (or pass `deadline`, monotonic,
+        their gRPC deadline) is rolled back and tried again, DRAIN_ATTEMPTS in all, none starting after `deadline`,
+        each with the shards whose loads failed kept out of the targets while others are left. Returns (the
+        committed version, whether drained: see `_drain`)."""
         info = self.registry.shards.get(shard_id)
         if info is None:
             return None, True
         mine = self.registry.assignment(info.position) if info in self.registry.live() else []
-        deadline, avoid, version = time.monotonic() + DRAIN_RETRY_S, set(), None
+        avoid, version = set(), None
         for attempt in range(1, DRAIN_ATTEMPTS + 1):
             try:
-                version = await self._lose(shard_id, "drained", alive=True, kind="scale_in", avoid=avoid, strict=True)
+                version = await self._lose(shard_id, "drained", alive=True, kind="scale_in", avoid=avoid, strict=True,
+                                           deadline=deadline)
                 break
             except LoadFailed as e:
                 avoid |= {s.shard_id for s in self.registry.shards.values() if s.address in e.addresses}
@@ -79,17 +106,20 @@ class Replacer:
                     break
         live = self.registry.live_copies()  # [L, E]
         drained = shard_id not in self.registry.shards and all(live[self.layer_index[l], e] for l, e in mine)
-        if not drained:
-            self._event("drain_incomplete", shard=shard_id, attempts=attempt)
-            log.warning("drain of %s: its experts have no live copy elsewhere after %d tries; the health round "
-                        "re-homes them once it is gone", shard_id, attempt)
-        return version, drained
+        return version, drained or self._incomplete(shard_id, attempt, "loads failed or ran out of time")
+
+    def _incomplete(self, shard_id: str, attempts: int, why: str) -> bool:
+        """A drain that leaves experts with no live copy elsewhere: counted and logged; False."""
+        self._event("drain_incomplete", shard=shard_id, attempts=attempts, why=why)
+        log.warning("drain of %s: its experts have no live copy elsewhere after %d tries (%s); the health round "
+                    "re-homes them once it is gone", shard_id, attempts, why)
+        return False
 
     async def _lose(self, shard_id: str, why: str, alive: bool = False, kind: str = "rehome",
-                    avoid: set[str] = frozenset(), strict: bool = False) -> int | None:
+                    avoid: set[str] = frozenset(), strict: bool = False, deadline: float | None = None) -> int | None:
         """Take a shard out, with any other failed or empty position (a copy cannot be loaded there): their experts
         get live copies elsewhere first; returns the committed version. kind: the metrics' reason (scale_in for a
-        drain); avoid, strict: see `_rehome`."""
+        drain); avoid, strict, deadline: see `_rehome`."""
         info = self.registry.shards.get(shard_id)
         if info is None:
             return None
@@ -104,7 +134,7 @@ class Replacer:
             self._publish()
             return self.registry.version
         gone = [info.position] + [p for p in self.registry.vacant() if p != info.position]  # other dead ones too
-        return await self._rehome(gone, why, kind, shard_id, avoid, strict)
+        return await self._rehome(gone, why, kind, shard_id, avoid, strict, deadline)
 
     async def _give_up(self, positions: list[int]) -> int | None:
         """Take positions that never came up (autoscaling's start_deadline_s: none registered, or it never got ready)
@@ -119,11 +149,12 @@ class Replacer:
         return version
 
     async def _rehome(self, gone: list[int], why: str, kind: str, shard_id: str | None = None,
-                      avoid: set[str] = frozenset(), strict: bool = False) -> int | None:
+                      avoid: set[str] = frozenset(), strict: bool = False, deadline: float | None = None) -> int | None:
         """Re-plan the placement without the positions `gone` (their shards leave it); returns the committed
         version, None when nothing could be re-homed (rolled back, or no shard to re-home onto). The shards in
         `avoid` (ids) get no new copy where the others can take them all, keeping expert_copies; `strict`: a failed
-        load raises LoadFailed (after rolling back) instead of returning None."""
+        load raises LoadFailed (after rolling back) instead of returning None; `deadline` (monotonic): the loads'
+        (Mover._load_many)."""
         if len(gone) == self.registry.placement.num_shards:  # nothing to re-home onto but ready spares: they join
             if not self.registry.spares() or not await self._widen(why, kind):  # (empty) first
                 return None  # a new replica takes this position over
@@ -138,7 +169,7 @@ class Replacer:
                 break
         remove = tuple(s.shard_id for s in self.registry.shards.values() if s.position in gone)
         try:
-            await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}", kind)
+            await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}", kind, deadline)
         except Exception as e:  # noqa: BLE001 - rolled back; the health loop (a drain: `_drain`) tries again
             self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:200])
             if strict and isinstance(e, LoadFailed):
