@@ -4,8 +4,12 @@ bad arguments, each named."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.model import CheckpointError, ModelSpecError, open_model
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.model.tiny import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout the subprocess imports elasticmoe from
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +201,36 @@ def test_unknown_architecture_names_config(tmp_path, tiny_models):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="config.json"):
         open_model(str(bad))
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_a_model_file_that_is_not_utf8_names_it(tmp_path, sharded_mixtral, name):
+    """config.json or the index holding bytes that are not UTF-8 (the only encoding of JSON files) fails naming the
+    file, as invalid JSON does; config.json used to raise a bare UnicodeDecodeError naming no file."""
+    bad = shutil.copytree(sharded_mixtral, tmp_path / "m")
+    (bad / name).write_bytes((bad / name).read_bytes().replace(b"{", b'{"note": "caf\xe9", ', 1))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: .*can't decode byte 0xe9"):
+        open_model(str(bad))
+
+
+def test_utf8_model_files_open_whatever_the_locale(tmp_path, sharded_mixtral):
+    """config.json, generation_config.json and the index are read as UTF-8 (as transformers reads them), not in the
+    locale's encoding: in an ASCII locale a non-ASCII text in them made the open fail, and the sampling defaults
+    be dropped (a warning)."""
+    ck = shutil.copytree(sharded_mixtral, tmp_path / "m")
+    for name in ("config.json", "generation_config.json", "model.safetensors.index.json"):
+        raw = json.loads((ck / name).read_text(encoding="utf-8"))
+        (ck / name).write_text(json.dumps({**raw, "_name_or_path": "café/moe"}, ensure_ascii=False), encoding="utf-8")
+    gen = json.loads((ck / "generation_config.json").read_text(encoding="utf-8"))
+    (ck / "generation_config.json").write_text(json.dumps({**gen, "top_k": 7}, ensure_ascii=False), encoding="utf-8")
+    code = ("import codecs, locale; from elasticmoe.model import open_model; "
+            "from elasticmoe.engine.checkpoint_defaults import generation_config; "
+            "assert codecs.lookup(locale.getpreferredencoding(False)).name == 'ascii'; "
+            f"print(open_model({str(ck)!r}).spec.num_layers, generation_config({str(ck)!r})[0]['top_k'])")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "7"]
 
 
 def test_dense_model_is_rejected(tmp_path):

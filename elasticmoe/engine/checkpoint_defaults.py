@@ -26,7 +26,7 @@ def generation_config(path: Any) -> tuple[dict[str, Any], set[int]]:
     if not f.is_file():
         return {}, set()
     try:
-        raw = json.loads(f.read_text())
+        raw = json.loads(f.read_text(encoding="utf-8"))
     except ValueError:
         log.warning("%s is not valid JSON; ignored", f)
         return {}, set()

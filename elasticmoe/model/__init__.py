@@ -36,14 +36,14 @@ def open_model(model: str | os.PathLike) -> ModelFiles:
     ckpt = Checkpoint(model)
     config_file = ckpt.path / "config.json"
     try:
-        raw = json.loads(config_file.read_text())
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
         config = ckpt.config()
         check_model_type(config)  # before any weight is read: hybrids and unverified families fail here, by name
         check_config_keys(raw, config.model_type)
         spec = spec_from_config(config)
     except ModelSpecError as e:
         raise ModelSpecError(f"{config_file}: {e}") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
     if spec.model_type in VIEWS:  # tensors named or laid out unlike the Llama-style checkpoints
         ckpt.set_views(*VIEWS[spec.model_type](ckpt, spec))

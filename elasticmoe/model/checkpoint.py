@@ -97,8 +97,8 @@ class Checkpoint:
         """config.json as JSON (a non-object as {}: the transformers config reports it)."""
         config_file = self.path / "config.json"
         try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))  # JSON is UTF-8, whatever the locale
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
         return raw if isinstance(raw, dict) else {}
 

@@ -72,7 +72,7 @@ def _single(path: Path, name: str) -> WeightFiles:
 def _from_index(path: Path, index: Path) -> WeightFiles:
     """Every file the index places a tensor in, each checked to be a file of the directory that is there."""
     try:
-        placed = dict(json.loads(index.read_text())["weight_map"])
+        placed = dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
     except OSError as e:  # missing, a directory, no permission
         raise CheckpointError(f"{index}: cannot read: {e}") from e
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
