@@ -108,3 +108,57 @@ def test_a_late_retain_from_another_thread_keeps_the_installed_tables_addresses(
     finally:
         d.close()
         shards.close()
+
+
+def _reporters_of(make) -> tuple[object, list[threading.Thread]]:
+    """make()'s result and the failure-reports threads (found by name in threading.enumerate()) it started."""
+    before = set(threading.enumerate())
+    made = make()
+    return made, [t for t in threading.enumerate() if t not in before and t.name.startswith("failure-reports")]
+
+
+def _ended(threads: list[threading.Thread], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(t in threading.enumerate() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not any(t in threading.enumerate() for t in threads)
+
+
+def test_closing_a_dispatcher_ends_its_failure_reports_thread():
+    """Each dispatcher's thread that reports failed shards to the controller was never stopped: every closed one
+    (a gateway replica whose start-up failed) left an idle thread behind for good. close() now ends it."""
+    def make():
+        return [GrpcDispatcher(insecure=True, transport="unary", on_failure=lambda sid: None) for _ in range(3)]
+    dispatchers, threads = _reporters_of(make)
+    assert len(threads) == 3 and len({t.name for t in threads}) == 3  # one each, told apart by name
+    for d in dispatchers:
+        d.close()
+    assert _ended(threads)
+
+
+def test_a_report_running_when_its_dispatcher_closes_ends_with_it():
+    """close() does not wait for a report in progress (a slow controller); the thread ends once it returns, and
+    neither its answer nor a report queued behind it reaches the closed dispatcher."""
+    started, release, heard = threading.Event(), threading.Event(), []
+    answer = _table(7, [{"id": "b", "address": "127.0.0.1:1", "position": 0}], [1])
+
+    def on_failure(shard_id):
+        heard.append(shard_id)
+        started.set()
+        release.wait(10)
+        return answer
+
+    d, threads = _reporters_of(lambda: GrpcDispatcher(insecure=True, transport="unary", on_failure=on_failure))
+    assert len(threads) == 1
+    try:
+        d.suspect("a", report=True)
+        assert started.wait(10)
+        d.suspect("c", report=True)  # queued behind a's report
+        t0 = time.monotonic()
+        d.close()
+        assert time.monotonic() - t0 < 1.0 and threads[0].is_alive()
+        d.suspect("e", report=True)  # after close: not reported
+    finally:
+        release.set()
+    assert _ended(threads)
+    assert heard == ["a"] and d.latest() is None

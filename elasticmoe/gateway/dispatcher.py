@@ -164,6 +164,8 @@ class GrpcDispatcher(ShardHealth):
         return self.transport.stub(address)[0]
 
     def close(self) -> None:
+        """Close the shards' channels and end the failure-reports thread."""
+        self.stop_reports()
         self.transport.close()
 
     def max_call_rows(self, hidden: torch.Tensor, top_k: int, address: str = "") -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -16,6 +17,7 @@ from elasticmoe.gateway.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 HEDGE_MEDIAN_EVERY = 16  # round trips between two recomputations of the hedging median
+_REPORTERS = itertools.count()  # numbers each dispatcher's failure-reports thread
 
 
 class ShardHealth:
@@ -32,10 +34,13 @@ class ShardHealth:
         self.latency_s: deque[float] = deque(maxlen=256)  # recent successful call round trips (note_latency)
         self._latencies = 0  # round trips noted so far
         self._median: tuple[int, float | None] = (-HEDGE_MEDIAN_EVERY, None)  # (at that count, median of latency_s)
-        self._reports: queue.Queue[str] = queue.Queue()
+        self._reports: queue.Queue[str | None] = queue.Queue()  # None: wake the thread to stop (stop_reports)
+        self._reports_stopped = False
         self._reporting: set[str] = set()  # shards whose report is queued or running (one at a time each)
         self._reporting_lock = threading.Lock()  # suspect() runs on the engine's and the transports' threads
-        threading.Thread(target=self._report_loop, name="failure-reports", daemon=True).start()
+        self._reporter = threading.Thread(target=self._report_loop, name=f"failure-reports-{next(_REPORTERS)}",
+                                          daemon=True)
+        self._reporter.start()
 
     def set_table(self, table: RoutingTable, now: bool = False) -> bool:
         raise NotImplementedError
@@ -43,7 +48,7 @@ class ShardHealth:
     def suspect(self, shard_id: str, report: bool) -> None:
         """Avoid this shard for `suspect_s` where other copies exist; tell the controller (asynchronously)."""
         self.suspects[shard_id] = time.monotonic()
-        if report and self.on_failure is not None:
+        if report and self.on_failure is not None and not self._reports_stopped:
             with self._reporting_lock:  # check and add at once: two threads' failures of one shard, one report
                 if shard_id in self._reporting:
                     return
@@ -77,12 +82,20 @@ class ShardHealth:
                 self.suspect(shard_id, report=False)
         future.add_done_callback(done)
 
+    def stop_reports(self) -> None:
+        """End the failure-reports thread without waiting for it: at once if idle, else when the report it runs
+        returns (its answer is not installed). Reports not yet sent, and later ones, are dropped."""
+        self._reports_stopped = True
+        self._reports.put(None)
+
     def _report_loop(self) -> None:
         while True:
             shard_id = self._reports.get()
+            if self._reports_stopped:
+                return
             try:
                 new = self.on_failure(shard_id)
-                if new is not None:
+                if new is not None and not self._reports_stopped:
                     self.set_table(new)
             except Exception as e:  # noqa: BLE001 - the poller still brings the next table
                 log.warning("reporting shard %s failed: %s", shard_id, e)
