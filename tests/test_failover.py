@@ -218,7 +218,9 @@ def test_a_shard_owing_a_hedged_around_answer_is_not_probed_again(files, pair, t
     before = d.shard_tokens.get("s0", 0)
     out, took = _run(d, layer, inputs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert d.hedges == 1 and took < 0.2 and d.shard_tokens.get("s0", 0) == before, (d.hedges, took)
+    # not sent to s0 (no hedge, none of its tokens), so not waiting for it (2 s); the count, not a time under the
+    # hedge delay, is the proof: a loaded machine (CI runs the e2e suite beside) can stretch a step past 0.2 s
+    assert d.hedges == 1 and took < 1.5 and d.shard_tokens.get("s0", 0) == before, (d.hedges, took)
     pair.servicers[0].faults.run_delay_s = 0.0
     deadline = time.monotonic() + 8
     while d.shard_tokens.get("s0", 0) == before and time.monotonic() < deadline:
