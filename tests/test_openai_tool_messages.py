@@ -154,6 +154,12 @@ def _with(i: int, **fields) -> list[dict]:
     (_call(arguments="[" * 100_000), "messages[1].tool_calls[0].function.arguments", "invalid_value"),
     (_call(arguments=5), "messages[1].tool_calls[0].function.arguments", "invalid_type"),
     (_call(name=None), "messages[1].tool_calls[0].function.name", "invalid_type"),
+    (_call(name="get weather"), "messages[1].tool_calls[0].function.name", "invalid_value"),
+    (_call(name=""), "messages[1].tool_calls[0].function.name", "invalid_value"),
+    (_call(name="f" * 65), "messages[1].tool_calls[0].function.name", "invalid_value"),
+    (_call(name="get_weather\n"), "messages[1].tool_calls[0].function.name", "invalid_value"),
+    (_call(name="functions.get_weather"), "messages[1].tool_calls[0].function.name", "invalid_value"),
+    (_with(1, tool_calls=[{**CALLS[0], "id": 5}]), "messages[1].tool_calls[0].id", "invalid_type"),
     (_with(3, tool_call_id="call_9"), "messages[3].tool_call_id", "invalid_value"),
     ([CONVERSATION[0], CONVERSATION[2]], "messages[1].tool_call_id", "invalid_value"),
     ([CONVERSATION[0], {"role": "assistant", "content": "Sunny."}, CONVERSATION[2]], "messages[2].tool_call_id",
@@ -162,7 +168,8 @@ def _with(i: int, **fields) -> list[dict]:
      "invalid_value"),
 ], ids=["calls-on-user", "id-on-assistant", "tool-without-id", "id-not-string", "no-calls", "calls-not-list",
         "call-without-id", "custom-call", "call-extra-field", "arguments-not-json", "arguments-not-object",
-        "arguments-deep", "arguments-number", "name-null", "answers-no-call", "tool-after-user",
+        "arguments-deep", "arguments-number", "name-null", "name-space", "name-empty",
+        "name-65", "name-newline", "name-dot", "call-id-number", "answers-no-call", "tool-after-user",
         "tool-after-plain-assistant", "tool-after-a-later-user"])
 def test_malformed_tool_fields_are_400s_naming_them(served, messages, param, code):
     _, client = served

@@ -12,9 +12,14 @@ from elasticmoe.engine.validation import Validator, short
 from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of
 
 
+# OpenAI's pattern for a function's name, in tools and in a replayed assistant message's tool_calls (pydantic's rust
+# regex: no newline before $); another name is a 400 invalid_value naming it, as OpenAI answers
+ToolName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
 class ToolCallFunction(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
+    name: ToolName  # the name of a tool (OpenAI answers 400 for messages[i].tool_calls[j].function.name too)
     arguments: str | dict[str, Any]  # OpenAI's: a JSON string; an object (transformers' form) is taken too
 
 
@@ -29,8 +34,7 @@ class ToolCall(BaseModel):
 
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's pattern (pydantic's rust
-    # regex: no newline before $); another name is a 400 invalid_value naming it, as OpenAI answers
+    name: ToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema
     strict: bool | None = None
