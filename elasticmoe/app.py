@@ -26,6 +26,17 @@ def gateway_max_ongoing(limits) -> int:
     return limits.max_ongoing_requests or limits.max_num_seqs + limits.max_queue
 
 
+def _default_named(args: dict[str, Any], a: AppArgs) -> AppArgs:
+    """`a` with served_model_name the default for its model, validated as a name given is (model_copy skips that,
+    and each replica, validating the args again, failed on a directory name with a newline or an escape)."""
+    name = default_served_name(a.model)
+    try:
+        return AppArgs.model_validate({**args, "served_model_name": name})
+    except ValidationError as e:
+        raise ValueError(f"elasticmoe app args: served_model_name: unset, so named after model ({name!r}), which "
+                         f"is not a valid name ({e.errors()[0]['msg']}); set served_model_name") from None
+
+
 def resolve_args(args: dict[str, Any]) -> AppArgs:
     """Validated args with `model` pinned once: a hub id / cache repo dir + `revision` becomes one snapshot
     directory and its commit, which every replica then loads (no per-process "newest snapshot" guess)."""
@@ -34,7 +45,7 @@ def resolve_args(args: dict[str, Any]) -> AppArgs:
     except ValidationError as e:
         raise ValueError(f"elasticmoe app args: {e}") from e
     if a.served_model_name is None:  # named before `model` becomes a local snapshot path
-        a = a.model_copy(update={"served_model_name": default_served_name(a.model)})
+        a = _default_named(args, a)
     if a.model.startswith("tiny:"):
         from elasticmoe.model.embedded import check_tiny_family
 

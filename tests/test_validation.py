@@ -333,6 +333,25 @@ def test_a_served_model_name_with_control_characters_is_refused_naming_it(name):
         assert AppArgs(model="m", served_model_name=ok).served_model_name == ok
 
 
+@pytest.mark.parametrize("dirname", ["a\nmodel", "esc\x1b[31m", "rtl\u202eoverride"])
+def test_a_default_served_model_name_with_control_characters_is_refused(tmp_path, dirname):
+    """With served_model_name unset, Serve's build (resolve_args) names the model after its directory: a name with
+    a newline or an escape went in unchecked (model_copy skips validation), to be echoed in every response, and
+    each replica, validating the args again, failed to start. The build now refuses it naming served_model_name
+    and model; a served_model_name given serves that directory, and a plain directory's name is still taken."""
+    from elasticmoe.app import resolve_args
+
+    (tmp_path / dirname).mkdir()
+    with pytest.raises(ValueError, match="served_model_name") as e:
+        resolve_args({"model": str(tmp_path / dirname)})
+    assert "control characters" in str(e.value) and "model" in str(e.value).replace("served_model_name", "")
+    assert resolve_args({"model": str(tmp_path / dirname), "served_model_name": "mine"}).served_model_name == "mine"
+    (tmp_path / "plain-model").mkdir()
+    a = resolve_args({"model": str(tmp_path / "plain-model")})
+    assert a.served_model_name == "plain-model"
+    assert AppArgs.model_validate(a.model_dump(mode="json", exclude_unset=True)) == a  # as each replica reads it
+
+
 def test_the_default_max_tokens_is_cut_to_the_context_left():
     """Validator.default_max_tokens: the one rule every door (HTTP completions and chat, gRPC, LLM.generate)
     applies to an unset max_tokens: the door's default, cut to what the prompt leaves, never below 1."""
