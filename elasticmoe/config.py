@@ -62,8 +62,8 @@ class Limits(_Strict):
         "socket", description="gateway -> shard calls: raw frames on one TCP (mTLS) connection per shard to its frame "
         "listener (the default: ahead of the stream on average in benchmarks/serving.py), the "
         "same frames on one long-lived gRPC stream per shard, or one unary gRPC call each")
-    failover_s: float = Field(30.0, gt=0, le=MAX_WAIT_S, description="how long a step waits for a live copy of its experts "
-                              "(failover, re-homing) before its requests end with UNAVAILABLE")
+    failover_s: float = Field(30.0, gt=0, le=MAX_WAIT_S, description="how long a step waits for a live copy of its "
+                              "experts (failover, re-homing) before its requests end with UNAVAILABLE")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="calls Serve sends one gateway replica at once (Serve's max_ongoing_requests; handle "
         "calls such as stats count too); default max_num_seqs + max_queue, its places: calls beyond them wait in "
@@ -97,13 +97,13 @@ class Autoscaling(_Strict):
                                         description="expert copies per (shard, layer); default: even split + 25%")
     max_moves: int = Field(8, ge=0, description="expert copies moved per rebalance")
     start_deadline_s: float | None = Field(
-        600.0, gt=0, le=MAX_WAIT_S, description="a position of the placement with no live shard this long (no replica came up there: "
-        "none registered, or it never got ready) is given up: its experts are re-homed onto the live shards, so "
-        "scaling goes on; None waits for it for good")
+        600.0, gt=0, le=MAX_WAIT_S, description="a position of the placement with no live shard this long (no replica "
+        "came up there: none registered, or it never got ready) is given up: its experts are re-homed onto the live "
+        "shards, so scaling goes on; None waits for it for good")
     scale_cooldown_s: float = Field(
-        30.0, ge=0, le=MAX_WAIT_S, description="after a change of the shard count (the controller's or an operator's), no other "
-        "before this long; also the warm-up: no scale in before every starting shard is up and this long has "
-        "passed. Longer for shards that take long to load or a bursty load; shorter to follow the load closely")
+        30.0, ge=0, le=MAX_WAIT_S, description="after a change of the shard count (the controller's or an operator's), "
+        "no other before this long; also the warm-up: no scale in before every starting shard is up and this long "
+        "has passed. Longer for shards that take long to load or a bursty load; shorter to follow the load closely")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Autoscaling":

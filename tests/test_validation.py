@@ -274,9 +274,9 @@ def test_app_args_refuse_nan_and_infinity(args, field):
         AppArgs.model_validate({"model": "m", **args})
 
 
-@pytest.mark.parametrize("section, field", [("limits", "expert_timeout_s"), ("limits", "failover_s"),
-                                            ("autoscaling", "rebalance_interval_s"), ("autoscaling", "start_deadline_s"),
-                                            ("autoscaling", "scale_cooldown_s")])
+@pytest.mark.parametrize("section, field", [
+    ("limits", "expert_timeout_s"), ("limits", "failover_s"), ("autoscaling", "rebalance_interval_s"),
+    ("autoscaling", "start_deadline_s"), ("autoscaling", "scale_cooldown_s")])
 def test_app_args_refuse_a_wait_past_a_day(section, field):
     """A wait of 1e10 s (meant as 'never') passed the checks, and past threading.TIMEOUT_MAX (about 9.2e9 s) a
     thread waiting on it dies with OverflowError (the gateway's deadline thread among them); a day is the most, and

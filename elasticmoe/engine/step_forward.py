@@ -160,7 +160,8 @@ class StepForward:
         """A sequence's chunk of `n` tokens that failed alone (`error`). Failed for its size (a prefill chunk out of
         memory): its first piece of about half as many tokens is run, halved again while it fails so, down to
         min_piece; the rest is left to the scheduler's next steps (a chunked prefill), whose budget is lowered (to
-        the piece that fit, or a larger half of the step that fit). Otherwise, or at min_piece (a decode too), it ends. Runs: at most log2(n / min_piece)."""
+        the piece that fit, or a larger half of the step that fit). Otherwise, or at min_piece (a decode too), it
+        ends. Runs: at most log2(n / min_piece)."""
         size = n
         while getattr(error, "for_its_size", False) and max(self.min_piece, (size + 1) // 2) < size:
             size = max(self.min_piece, (size + 1) // 2)
