@@ -202,8 +202,13 @@ class ExpertStore:
                     raise
                 kept.append(layer)
         if kept:
-            raise type(cause)(f"{cause} (layers {kept} keep the experts this load added to them: taking them back "
-                              "did not fit in memory)") from cause
+            message = f"{cause} (layers {kept} keep the experts this load added to them: taking them back did not " \
+                      "fit in memory)"
+            try:  # the cause's type (the server maps it to its code), where it takes a message as its one argument
+                error = type(cause)(message)
+            except Exception:  # noqa: BLE001 - a type built otherwise
+                error = RuntimeError(message)
+            raise error from cause
 
     def _load_layer(self, layer: int, experts: list[int], progress: LoadProgress) -> None:
         old = self.layers.get(layer)
