@@ -40,6 +40,18 @@ def _big(files, layer: int, mib: int, seed: int) -> ExpertRequest:  # noqa: F811
                          torch.rand(rows, 2, generator=g))
 
 
+def _asleep(t, files, shard, delay_s: float):  # noqa: F811
+    """Connect `t` to the shard (one call answered), then put the shard to sleep `delay_s` in a call of its own:
+    (the shard's calls before it, that call's future)."""
+    layer, address, servicer = shard.layers[0], shard.addresses[0], shard.servicers[0]
+    assert t.send(address, lambda: _req(files, layer), 10).result(timeout=10).output.data  # connected
+    before = servicer.calls
+    servicer.faults.run_delay_s = delay_s
+    blocker = t.send(address, lambda: _req(files, layer, seed=1), 60)
+    time.sleep(0.2)  # the shard is asleep in it
+    return before, blocker
+
+
 def _deadline_exceeded(fut, timeout_s: float = 10) -> None:
     with pytest.raises(grpc.RpcError) as e:
         fut.result(timeout=timeout_s)
@@ -74,11 +86,7 @@ def test_frames_queued_past_their_deadline_are_not_sent(files, shard, kind):  # 
     reqs = [_big(files, layer, mib, seed) for seed in range(sent)]
     t = _make(kind)
     try:
-        assert t.send(address, lambda: _req(files, layer), 10).result(timeout=10).output.data  # connected
-        before = servicer.calls
-        servicer.faults.run_delay_s = 1.5
-        blocker = t.send(address, lambda: _req(files, layer, seed=1), 60)
-        time.sleep(0.2)  # the shard is asleep in it
+        before, blocker = _asleep(t, files, shard, 1.5)
         late = [t.send(address, lambda r=r: r, 0.5) for r in reqs]
         for f in late:
             _deadline_exceeded(f)
@@ -150,11 +158,7 @@ def test_frames_of_ended_calls_do_not_hold_the_queue_bound(files, shard, kind, m
     reqs = [_big(files, layer, mib, seed) for seed in range(12 if kind == "stream" else 6)]
     t = _make(kind)
     try:
-        assert t.send(address, lambda: _req(files, layer), 10).result(timeout=10).output.data  # connected
-        before = servicer.calls
-        servicer.faults.run_delay_s = 2.0
-        blocker = t.send(address, lambda: _req(files, layer, seed=1), 60)
-        time.sleep(0.2)  # the shard is asleep in it
+        before, blocker = _asleep(t, files, shard, 2.0)
         late = [t.send(address, lambda r=r: r, 0.3) for r in reqs]
         busy = [f for f in late if f.done() and f.exception() is not None
                 and f.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
