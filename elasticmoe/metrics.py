@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 FANOUT_BOUNDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
 
 
+def log_this_time(n: int) -> bool:
+    """Whether the n-th repeat of one failure is logged: the 1st, 10th, 100th and every 1000th (a failure that
+    repeats every step or second would flood the log)."""
+    return n in (1, 10, 100) or n % 1000 == 0
+
+
 def _ray_metrics() -> dict[str, Any] | None:
     """Create the Ray metric objects, or None when Ray isn't initialised (unit tests, offline use)."""
     try:
@@ -298,7 +304,7 @@ class GatewayMetrics:
             self.flush()
         except Exception:  # noqa: BLE001 - metrics must never take the gateway down
             self.flush_errors += 1
-            if self.flush_errors in (1, 10, 100) or self.flush_errors % 1000 == 0:
+            if log_this_time(self.flush_errors):
                 log.exception("exporting metrics to Ray raised (%d times so far)", self.flush_errors)
 
     def expert_token_totals(self) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Callable
 from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.sampling import SamplingParams, TokenLogprob
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed, Sequence
+from elasticmoe.metrics import log_this_time
 
 log = logging.getLogger(__name__)
 SHUTTING_DOWN = "the gateway is shutting down"
@@ -244,7 +245,7 @@ class EngineRunner:
             hook(*args)
         except Exception:  # noqa: BLE001 - observability must not cost a request
             self.hook_errors += 1
-            if self.hook_errors in (1, 10, 100) or self.hook_errors % 1000 == 0:
+            if log_this_time(self.hook_errors):
                 log.exception("the per-step hook raised (%d times so far)", self.hook_errors)
 
     def _step_error(self) -> None:
