@@ -127,30 +127,29 @@ class _Conn(Multiplexed):
                 return
             with self._send_lock:  # the pop and the look at what is left in one hold: a caller finding the queue
                 self._spilled -= self._spill.popleft()[2]  # empty writes its frame itself and may start the
-                self._drop_ended()  # next writer thread
+                self._drop_ended(begun=False)  # next writer thread
                 if not self._spill:
                     return
                 rest = self._spill[0][0]
 
-    def _drop_ended(self) -> None:
-        """(Holding _send_lock.) Drop the waiting frames, none of them begun, whose calls have ended (past their
-        deadline, say): nobody would read their answers, and the shard would compute them all the same."""
+    def _drop_ended(self, begun: bool) -> None:
+        """(Holding _send_lock.) Drop the waiting frames whose calls have ended (past their deadline, say): nobody
+        would read their answers, and the shard would compute them all the same. `begun`: the first may be on its
+        way (the writer thread's), so it stays; a frame partly written (id 0) always goes on."""
         with self._lock:
-            while self._spill and self._spill[0][3] and self._spill[0][3] not in self.pending:
-                self._spilled -= self._spill.popleft()[2]
+            head = [self._spill.popleft()] if begun and self._spill else []
+            kept = head + [x for x in self._spill if not x[3] or x[3] in self.pending]
+        self._spill.clear()
+        self._spill.extend(kept)
+        self._spilled = sum(x[2] for x in kept)
 
     def _spill_full(self, size: int) -> bool:
         """(Holding _send_lock.) Whether a frame of `size` bytes would pass SPILL_FRAMES / SPILL_BYTES, once the
-        waiting frames of calls that have ended (past their deadline) are dropped: all but the first, which the
-        writer thread may be writing (the others are not begun), as _drop_ended drops them when the writer comes."""
+        waiting frames of calls that have ended (past their deadline) are dropped."""
         def over() -> bool:
             return len(self._spill) >= SPILL_FRAMES or self._spilled + size > SPILL_BYTES
         if over():
-            with self._lock:
-                kept = [self._spill[0]] + [x for x in list(self._spill)[1:] if x[3] in self.pending]
-            self._spill.clear()
-            self._spill.extend(kept)
-            self._spilled = sum(x[2] for x in kept)
+            self._drop_ended(begun=True)
         return over()
 
     def _oversize(self, parts: list) -> TransportError | None:
