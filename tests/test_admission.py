@@ -18,20 +18,22 @@ from elasticmoe.model.dispatch import LocalDispatcher
 from tests.store_util import tiny_mixtral
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-FAST_S = 0.05  # admission while the step is held must answer within this
+FAST_S = 1.0  # admission while the step is held answers within this (it would wait out the 30 s hold if it waited)
 
 
 class HeldDispatcher(LocalDispatcher):
-    """In-process experts; once `hold()` is called, the next dispatch blocks until `release()`."""
+    """In-process experts; after `hold(after)`, the dispatch past the next `after` blocks until `release()`."""
 
     def __init__(self, store):
         super().__init__(store)
         self._gate = threading.Event()
         self._gate.set()
         self.entered = threading.Event()
+        self._free_calls = 0
 
-    def hold(self) -> None:
+    def hold(self, after: int = 0) -> None:
         self.entered.clear()
+        self._free_calls = after
         self._gate.clear()
 
     def release(self) -> None:
@@ -42,7 +44,9 @@ class HeldDispatcher(LocalDispatcher):
         return not self._gate.is_set()
 
     def dispatch(self, layer, hidden, topk_ids, topk_weights):
-        if not self._gate.is_set():
+        if not self._gate.is_set() and self._free_calls:
+            self._free_calls -= 1
+        elif not self._gate.is_set():
             self.entered.set()
             self._gate.wait(30)
         return super().dispatch(layer, hidden, topk_ids, topk_weights)
@@ -77,9 +81,9 @@ def test_submit_answers_at_once_while_a_step_is_held(model):
     runner = EngineRunner(Engine(files, disp, max_num_seqs=1, max_queue=1, max_model_len=64))
 
     async def go():
+        disp.hold(after=len(files.spec.moe.moe_layers))  # "a"'s prefill step runs; its first decode step holds
         first = runner.generate("a", prompts[0], GREEDY)
-        head = list((await first.__anext__()).token_ids)  # running
-        disp.hold()
+        head = list((await first.__anext__()).token_ids)  # running (held before its 2nd token, however slow we are)
         assert await asyncio.to_thread(disp.entered.wait, 10)  # the engine thread is now stuck inside a step
         queued, t_ok = _timed(lambda: runner.generate("b", prompts[1], GREEDY))
         bad, t_bad = _timed(lambda: runner.generate("c", prompts[2], SamplingParams(max_tokens=0)))
