@@ -14,7 +14,6 @@ BAD = ["²", "abc", "12x", "٣"]  # '٣' (an Arabic-Indic three) is what int() r
 
 @pytest.mark.parametrize("raw", BAD + ["0", "-5"])
 def test_the_moe_chunk_size_names_its_variable(raw, monkeypatch):
-    pytest.importorskip("triton")
     from elasticmoe.kernels import triton_moe
 
     monkeypatch.setenv(triton_moe.CHUNK_ENV, raw)
@@ -65,7 +64,6 @@ def test_the_defaults_the_docs_state_for_them(monkeypatch):
     """benchmarks/KERNELS.md: chunks "of at most `ELASTICMOE_MOE_CHUNK_TOKENS` tokens (default 4096"; the chart's
     values.yaml: a step's share goes "in calls within the 256 MiB message limit" (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES
     unset, as the chart leaves it)."""
-    pytest.importorskip("triton")
     from elasticmoe.kernels import triton_moe
     from elasticmoe.rpc import options
     from tests.doc_util import CHART, REPO
