@@ -22,6 +22,7 @@ from elasticmoe.gateway.direct_ingress import DirectIngress
 from elasticmoe.gateway.generation_service import GenerationService
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.gateway.socket_transport import SocketTransport
+from elasticmoe.gateway.transport import TransportError
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import generation_pb2 as gen
@@ -189,7 +190,7 @@ def test_the_socket_transport_follows_a_rotation_to_a_new_ca(files, tmp_path, mo
         stale = SocketTransport()  # a process still holding the first CA's files is refused now
         try:
             monkeypatch.setattr(tls, "tls_files", lambda: first)
-            with pytest.raises(Exception):
+            with pytest.raises(TransportError, match="(?i)certificate"):  # not any error: a refused handshake
                 stale.send(address, lambda: _req(files, layer), 5).result(timeout=10)
         finally:
             stale.close()
