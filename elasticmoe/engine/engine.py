@@ -58,6 +58,7 @@ class Engine:
                                    micro_batches=micro_batches, pipeline_min_tokens=pipeline_min_tokens)
         self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
         self.failed_requests = 0  # requests ended by a failure (RequestFailed)
+        self.unreported: list[Sequence] = []  # ended by a step that then raised (take_unreported)
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -128,29 +129,44 @@ class Engine:
         work = self.scheduler.schedule(self.forward.budget.tokens())
         if not work:
             return []
-        hidden, work, out = self.forward(work)  # hidden [N, H] for the surviving work
+        hidden, work, out = self.forward(work)  # hidden [N, H] for the surviving work; out: the sequences it ended
+        try:
+            return out + self._advance(hidden, work)
+        except BaseException:  # ended, yet no caller would hear of them: take_unreported() gives them
+            self.unreported += out
+            raise
+
+    def take_unreported(self) -> list[Sequence]:
+        """The sequences a step ended (failed) before raising, which its caller never got; each is given once."""
+        out, self.unreported = self.unreported, []
+        return out
+
+    def _advance(self, hidden: torch.Tensor, work: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """The step's work ran (hidden [N, H]): its tokens are cached, and each sequence whose last token ran draws
+        one; returns those. Should the draw raise (no row drew), the step did not happen: nothing is counted
+        cached (the scheduler would never run these tokens again)."""
         self.steps += 1
         for s, n in work:
             s.num_cached += n
         ready = [(i, s) for i, (s, n) in enumerate(work) if s.num_cached == s.num_tokens]
-        if ready:
+        if not ready:
+            return []
+        seqs = [s for _, s in ready]
+        try:
             rows = torch.tensor([i for i, _ in ready], device=self.device)
-            seqs = [s for _, s in ready]
+            sampled = self._sample(hidden[rows], seqs)  # hidden[rows] [R, H]
+        except BaseException:
+            for s, n in work:
+                s.num_cached -= n
+            raise
+        for s, tok, lp, err in zip(seqs, *sampled):
             try:
-                sampled = self._sample(hidden[rows], seqs)
-            except BaseException:  # no row drew: the step did not happen (the scheduler would never run these again)
-                for s, n in work:
-                    s.num_cached -= n
-                raise
-            for s, tok, lp, err in zip(seqs, *sampled):
-                try:
-                    if err is not None:
-                        raise err
-                    self._append(s, tok, lp)
-                except Exception as e:  # noqa: BLE001 - this row's request only
-                    self.fail(s, e)
-            out += seqs
-        return out
+                if err is not None:
+                    raise err
+                self._append(s, tok, lp)
+            except Exception as e:  # noqa: BLE001 - this row's request only
+                self.fail(s, e)
+        return seqs
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:

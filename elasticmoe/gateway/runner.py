@@ -251,8 +251,11 @@ class EngineRunner:
     def _step_error(self) -> None:
         """Engine.step attributes failures to requests; anything escaping it is retried, and only after
         three in a row are the engine's requests ended (UNAVAILABLE), so the loop itself never dies. The waiting
-        ones too: a step that raised before scheduling them would leave them waiting for as long as it raises."""
+        ones too: a step that raised before scheduling them would leave them waiting for as long as it raises. The
+        requests the step ended before it raised (a failed row) end at once: no step result would carry them."""
         log.exception("engine step raised")
+        for seq in self.engine.take_unreported():  # requests it ended before it raised: their clients hear it now
+            self._publish(seq)
         self.step_errors += 1
         time.sleep(0.05 * self.step_errors)
         if self.step_errors < 3:
