@@ -15,12 +15,13 @@ import torch
 from ray import serve
 
 from elasticmoe.config import AppArgs
+from elasticmoe.engine.scheduler import RequestFailed
 from elasticmoe.engine.validation import RequestLimits
 from elasticmoe.gateway.auth import ApiKeys
 from elasticmoe.gateway.dispatcher import GrpcDispatcher, RoutingTable
 from elasticmoe.gateway.direct_ingress import DirectIngress
 from elasticmoe.gateway.generation_service import GenerationService
-from elasticmoe.gateway.runner import EngineRunner
+from elasticmoe.gateway.runner import SHUTTING_DOWN, EngineRunner
 from elasticmoe.heap import freeze_startup_heap
 
 log = logging.getLogger("elasticmoe.gateway")
@@ -165,9 +166,12 @@ class GatewayCore:
         return None
 
     async def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Wait until every expert has a live copy (shards still loading after a deploy)."""
+        """Wait until every expert has a live copy (shards still loading after a deploy). A gateway that stops
+        meanwhile (its poller ended: no table will come) ends the wait at once with RequestFailed."""
         t0 = time.monotonic()
         while not self.complete.is_set():
+            if self.stopped.is_set():
+                raise RequestFailed(SHUTTING_DOWN)
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError("expert shards are not ready")
             await asyncio.sleep(0.05)

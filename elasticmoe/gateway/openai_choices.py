@@ -118,6 +118,8 @@ class Generation:
             await self.core.wait_ready()
         except TimeoutError as e:
             raise self.fail(unavailable(f"the model is not ready: {e}")) from e
+        except RequestFailed as e:  # the gateway stopped meanwhile
+            raise self.fail(unavailable(str(e))) from e
         try:
             self._stream = self.core.runner.generate(self.id, self.ids, self.params)
             first = await self._stream.__anext__()
