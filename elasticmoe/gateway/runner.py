@@ -63,19 +63,23 @@ class RequestStream:
         self.done = False  # finished, failed or closed: nothing more will come
         self.sent = 0  # engine thread: output tokens already pushed
 
-    def push(self, item: Update | BaseException) -> None:
-        """Engine thread: hand over an update or the request's error."""
+    def push(self, item: Update | BaseException) -> bool:
+        """Engine thread: hand over an update or the request's error. False once the caller's event loop is closed:
+        no one will read this stream or close it (the runner then aborts the request)."""
+        if self.loop.is_closed():
+            return False
         with self._lock:
             wake = self._pending is None
             old = self._pending
             if isinstance(old, BaseException):  # an error is the stream's last word
-                return
+                return True
             self._pending = _merge(old, item) if isinstance(old, Update) and isinstance(item, Update) else item
         if wake:
             try:
                 self.loop.call_soon_threadsafe(self._ready.set)
-            except RuntimeError:  # the caller's loop is gone; aclose (or the runner) cleans up
-                pass
+            except RuntimeError:  # the loop closed meanwhile
+                return False
+        return True
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -284,8 +288,9 @@ class EngineRunner:
         new = seq.output_ids[stream.sent:]
         lps = seq.logprobs[stream.sent:] if seq.params.logprobs is not None else []
         stream.sent = len(seq.output_ids)
-        stream.push(Update(tuple(new), tuple(lps), seq.text if seq.finished else "", seq.finished,
-                           seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), delta))
+        if not stream.push(Update(tuple(new), tuple(lps), seq.text if seq.finished else "", seq.finished,
+                                  seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), delta)):
+            self._abort(seq.request_id)  # its caller's loop is closed: it would run to max_tokens for no one
 
     def close(self) -> None:
         """Stop the engine thread; every request admitted before (or during) this ends with RequestFailed
