@@ -40,6 +40,13 @@ class Multiplexed:
         else:
             fut.set_result(reply)
 
+    def unended(self, queued, at: int) -> list:
+        """(Holding _lock.) Those of `queued` (tuples, each a frame's with its frame id at index `at`) whose calls have
+        not ended: the others' calls passed their deadline (or failed), nobody would read their answers and the shard
+        would compute them all the same. Id 0 names no call (the stream's end marker, a spilled frame partly written,
+        which must go on): kept."""
+        return [x for x in queued if not x[at] or x[at] in self.pending]
+
     def fail_unreadable(self, e: BaseException, frame_id: int) -> None:
         """An answer that cannot be read though its framing is intact and its frame id was read: that call alone
         fails (INTERNAL); the connection's other calls still get their answers."""

@@ -138,7 +138,7 @@ class _Conn(Multiplexed):
         way (the writer thread's), so it stays; a frame partly written (id 0) always goes on."""
         with self._lock:
             head = [self._spill.popleft()] if begun and self._spill else []
-            kept = head + [x for x in self._spill if not x[3] or x[3] in self.pending]
+            kept = head + self.unended(self._spill, 3)
         self._spill.clear()
         self._spill.extend(kept)
         self._spilled = sum(x[2] for x in kept)

@@ -21,6 +21,7 @@ STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
 # once the frames of calls that ended (past their deadline) have been dropped: they count for nothing
 QUEUE_FRAMES = 32
 QUEUE_BYTES = 256 << 20  # and their bytes, at most: a frame that would pass it is refused so (one goes when alone)
+_END = (0, b"")  # in a stream's queue: the end (frame id 0 names no call)
 
 
 def _decode_reply(buf: bytes) -> frames.Reply | frames.FrameError:
@@ -43,7 +44,7 @@ class _Stream(Multiplexed):
     def __init__(self, channel: grpc.Channel, address: str, refusal: Callable[[str, BaseException], BaseException]):
         super().__init__(address)
         self._refusal = refusal  # the transport's: a frame over the shard's limit ends the stream (OVERSIZE)
-        self._out: collections.deque = collections.deque()  # (frame id, frame), None: the end; under _lock
+        self._out: collections.deque = collections.deque()  # (frame id, frame), _END: the end; under _lock
         self._ready = threading.Condition(self._lock)  # something in _out
         self.queued, self.queued_bytes = 0, 0  # frames in _out (the end marker aside) and their bytes, under _lock
         method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
@@ -58,17 +59,16 @@ class _Stream(Multiplexed):
             with self._ready:
                 while not self._out:
                     self._ready.wait()
-                item = self._out.popleft()
-                if item is None:
+                frame_id, frame = self._out.popleft()
+                if not frame_id:  # _END
                     return
-                frame_id, frame = item
                 self.queued -= 1
                 self.queued_bytes -= len(frame)
                 live = frame_id in self.pending
             if live:
                 yield frame
 
-    def _put(self, item: tuple[int, bytes] | None) -> None:
+    def _put(self, item: tuple[int, bytes]) -> None:
         """(Holding _lock.) Queue a frame, or the end marker, for _frames."""
         self._out.append(item)
         self._ready.notify()
@@ -79,8 +79,8 @@ class _Stream(Multiplexed):
         def over() -> bool:
             return bool(self.queued) and (self.queued >= QUEUE_FRAMES or self.queued_bytes + size > QUEUE_BYTES)
         if over():
-            self._out = collections.deque(x for x in self._out if x is None or x[0] in self.pending)
-            frames_left = [len(x[1]) for x in self._out if x is not None]
+            self._out = collections.deque(self.unended(self._out, 0))
+            frames_left = [len(frame) for frame_id, frame in self._out if frame_id]
             self.queued, self.queued_bytes = len(frames_left), sum(frames_left)
         return over()
 
@@ -122,13 +122,13 @@ class _Stream(Multiplexed):
     def fail(self, err: grpc.RpcError) -> None:
         self.fail_pending(err)
         with self._lock:
-            self._put(None)
+            self._put(_END)
 
     def close(self) -> None:
         """Half-close: calls in flight (their frames all queued before the end marker) still get their answers."""
         with self._lock:
             self.dead = True
-            self._put(None)
+            self._put(_END)
 
 
 class StreamTransport(_Channels):
