@@ -123,6 +123,51 @@ def test_a_frame_whose_deadline_passed_while_connecting_is_not_sent(files, monke
         shards.close()
 
 
+@pytest.mark.parametrize("bound", ["frames", "bytes"])
+def test_frames_sent_while_connecting_are_bounded_as_the_spill(files, monkeypatch, bound):  # noqa: F811
+    """The socket transport's frames sent while its connection opens (Health, TCP, TLS: 1.5 s here) waited in a list
+    with no bound (100 frames to a listener that never answers Health: all 100 kept). They are now bounded as the
+    spilled frames they become once open (SPILL_FRAMES, SPILL_BYTES; 3 here): one more is refused as busy, once the
+    frames of calls that ended meanwhile are dropped. The frames taken are answered as the reference; the refused
+    and the ended ones are never computed."""
+    from elasticmoe.experts.server import ExpertServicer
+    from elasticmoe.gateway import socket_conn
+    from elasticmoe.gateway.transport import is_busy
+    from elasticmoe.rpc import frame_socket, frames
+    from elasticmoe.rpc.codec import decode_tensor
+    from tests.shard_util import _reference
+
+    health = ExpertServicer.Health
+
+    def slow_health(self, request, context):
+        time.sleep(1.5)
+        return health(self, request, context)
+    monkeypatch.setattr(ExpertServicer, "Health", slow_health)  # before the server registers its handlers
+    shards = Shards(files, [list(range(E))], {0: {"insecure": True}})
+    layer, address, servicer = shards.layers[0], shards.addresses[0], shards.servicers[0]
+    reqs = [_req(files, layer, seed=seed) for seed in range(5)]
+    size = frame_socket.nbytes(frames.request_parts(1, reqs[0]))  # each frame's (the same shapes)
+    monkeypatch.setattr(socket_conn, "SPILL_FRAMES", 3 if bound == "frames" else 100)
+    monkeypatch.setattr(socket_conn, "SPILL_BYTES", 1 << 30 if bound == "frames" else 3 * size + size // 2)
+    t = SocketTransport(insecure=True)
+    try:
+        ended = t.send(address, lambda: reqs[0], 0.3)
+        taken = [t.send(address, lambda r=r: r, 20) for r in reqs[1:3]]
+        refused = t.send(address, lambda: reqs[3], 20)  # a 4th: busy at once
+        assert refused.done() and is_busy(refused.exception()), refused.exception()
+        _deadline_exceeded(ended)
+        taken.append(t.send(address, lambda: reqs[4], 20))  # the ended frame counts for nothing: taken
+        assert not (taken[-1].done() and taken[-1].exception() is not None), taken[-1].exception()
+        for r, f in zip(reqs[1:3] + reqs[4:], taken):
+            got = decode_tensor(f.result(timeout=20).output)
+            torch.testing.assert_close(got.float(), _reference(files, layer, r.hidden, r.topk_ids, r.topk_weights)
+                                       .float(), rtol=1e-5, atol=1e-6)
+        assert servicer.calls == 3, servicer.calls
+    finally:
+        t.close()
+        shards.close()
+
+
 def test_a_unary_call_that_waited_for_a_worker_keeps_its_deadline(files, shard):  # noqa: F811
     """The unary transport's calls wait for a worker of its pool (one here): a call given 0.3 s that waited 1 s behind
     a straggling one fails DEADLINE_EXCEEDED, unsent (it went out with a fresh 0.3 s and was answered, at 1 s)."""

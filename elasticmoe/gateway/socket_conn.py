@@ -26,6 +26,7 @@ PARK_S = 0.5  # a connection's thread leaves reading to the callers for this lon
 IDLE_POLL_S = 1.0  # how long a connection's thread waits in poll() at a time
 SPILL_FRAMES = 32  # frames waiting for a shard slow to read, at most; one more is refused as busy (another copy)
 SPILL_BYTES = 256 << 20  # and their bytes, at most: a frame that would pass it is refused so (one goes when alone)
+# (both bound the frames sent while the connection opens too: the backlog, written to the spill once open)
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 Opener = Callable[[], "tuple[socket.socket | SerialTLS, int]"]  # the connection's socket, the shard's message limit
 
@@ -55,6 +56,7 @@ class _Conn(Multiplexed):
         self.retired = False
         self.sock: socket.socket | SerialTLS | None = None
         self._backlog: list[tuple[int, list]] | None = []  # (id, frame) submitted while connecting; None once open
+        self._backlog_bytes = 0  # the bytes of those frames
         self.limit = 0  # the largest frame the shard takes, prefix included (Health; 0: not told)
         self._send_lock = threading.Lock()  # one frame on the wire at a time
         self._spill: collections.deque = collections.deque()  # (unsent rest, frame, its bytes, its id; 0: partly
@@ -69,24 +71,46 @@ class _Conn(Multiplexed):
 
     def submit(self, frame_id: int, parts: list, fut: Future) -> bool:
         """Send a frame (a list of buffers); False when the connection is dead or retired (use a new one)."""
+        sock = None
         with self._lock:
             if self.dead or self.retired:
                 return False
-            if self._backlog is not None:
+            if self._backlog is not None:  # connecting: written once open
+                err = self._to_backlog(frame_id, parts, fut)
+            elif (err := self._oversize(parts)) is None:
                 self.pending[frame_id] = fut
-                self._backlog.append((frame_id, parts))
-                return True
-            if (err := self._oversize(parts)) is not None:
-                fut.set_exception(err)
-                return True
-            self.pending[frame_id] = fut
-            sock = self.sock
+                sock = self.sock
+        if err is not None:
+            fut.set_exception(err)
+        if sock is None:
+            return True
         try:
             with self._send_lock:  # what the socket takes now goes now; the rest waits for the writer thread
                 self._write_or_spill(sock, frame_id, parts)
         except OSError as e:
             self._broken(e)
         return True
+
+    def _to_backlog(self, frame_id: int, parts: list, fut: Future) -> TransportError | None:
+        """(Holding _lock, while connecting.) Keep the frame for the connection once open, bounded as the spill it
+        goes to then: past SPILL_FRAMES or SPILL_BYTES (one frame alone always goes), once the frames of calls that
+        ended meanwhile (their deadline) are dropped, the refusal as busy is returned instead."""
+        size = frame_socket.nbytes(parts)
+
+        def over() -> bool:
+            n = len(self._backlog)
+            return bool(n) and (n >= SPILL_FRAMES or self._backlog_bytes + size > SPILL_BYTES)
+        if over():
+            self._backlog = self.unended(self._backlog, 0)
+            self._backlog_bytes = sum(frame_socket.nbytes(p) for _, p in self._backlog)
+        if over():
+            return TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"{frames.BUSY}: {len(self._backlog)} frames ({self._backlog_bytes} bytes) wait for the connection to "
+                f"{self.address} to open"))
+        self.pending[frame_id] = fut
+        self._backlog.append((frame_id, parts))
+        self._backlog_bytes += size
+        return None
 
     def _write_or_spill(self, sock, frame_id: int, parts: list) -> None:
         """(Holding _send_lock.) Write what the socket takes now; the rest goes to the writer thread, and so does the
