@@ -180,8 +180,9 @@ def _own_store(shard, pairs) -> ExpertStore:
 
 
 def test_stats_during_a_load_that_adds_a_layer(shard, monkeypatch):
-    """GetStats (held(), weight_bytes()) runs on another worker than a LoadExperts; a load that finishes a new layer
-    while GetStats walks the layers must not break it ("dictionary changed size during iteration")."""
+    """GetStats (held, weight_bytes) runs on another worker than a LoadExperts; a load that finishes a new layer
+    while GetStats walks the layers must not break it ("dictionary changed size during iteration"), nor make the two
+    disagree (they were read in two looks: the bytes of 2 experts beside 3 held)."""
     from elasticmoe.experts.server import ExpertServicer
     from elasticmoe.model import experts as experts_mod
 
@@ -189,7 +190,7 @@ def test_stats_during_a_load_that_adds_a_layer(shard, monkeypatch):
     store = _own_store(shard, [(l0, 0), (l0, 1)])
     servicer = ExpertServicer(store, "stats")
     other = _own_store(shard, [(l1, 2)]).layers[l1]
-    parts = experts_mod.LayerExperts.parts
+    parts, one = experts_mod.LayerExperts.parts, store.weight_bytes() // 2  # each expert's bytes (same shapes)
 
     def parts_then_load(self):  # a concurrent load publishes layer l1 between two steps of the walk
         store.layers.setdefault(l1, other)
@@ -198,6 +199,7 @@ def test_stats_during_a_load_that_adds_a_layer(shard, monkeypatch):
     monkeypatch.setattr(experts_mod.LayerExperts, "parts", parts_then_load)
     stats = servicer.GetStats(pb.GetStatsRequest(), None)
     assert stats.weight_bytes > 0 and {(r.layer, r.expert) for r in stats.held} <= {(l0, 0), (l0, 1), (l1, 2)}
+    assert stats.weight_bytes == one * len(stats.held), (stats.weight_bytes // one, len(stats.held))
 
 
 def test_drop_experts_counts_with_a_load_landing_meanwhile(shard):
@@ -271,7 +273,8 @@ def test_stats_counters_exact_under_concurrent_calls(shard):
     finally:
         sys.setswitchinterval(interval)
     assert store.tokens_served == {(0, 1): counts * threads, (0, 2): 2 * counts * threads}
-    assert servicer.calls == calls * threads
+    assert store.calls == counts * threads  # GetStats' calls: the served ones (count())
+    assert servicer.calls == calls * threads  # taken (answered `missing` here)
 
 
 def test_the_weight_of_a_minus_one_slot_is_ignored(shard):
@@ -353,3 +356,32 @@ def test_get_stats_compute_us_is_the_sum_of_the_answers(shard):
         for e, n in routed.items():
             want[layer, e] = want.get((layer, e), 0) + n
     assert {k: n for k, n in tokens.items() if n} == want
+
+
+def test_get_stats_counts_the_calls_served_only(shard):
+    """experts.proto: GetStats' calls, tokens and compute_us count the same calls, those served (answered with an
+    output). A call answered with `missing` (an expert not held here: a stale route) computes nothing; it counted in
+    `calls` though not in tokens or compute_us, so compute_us / calls fell with every stale route."""
+    l0 = shard["layers"][0]
+    store = _own_store(shard, [(l0, e) for e in range(E // 2)])
+    server, servicer, port = start_server(store, "half", max_rows=64)
+    ch = tls.channel(f"127.0.0.1:{port}", channel_options())
+    stub = pb_grpc.ExpertShardStub(ch)
+    g = torch.Generator().manual_seed(5)
+    hidden, weights = torch.randn(3, shard["hidden"], generator=g), torch.rand(3, K, generator=g)  # [T, H], [T, K]
+
+    def run(ids: list[list[int]]) -> pb.RunExpertsResponse:
+        return stub.RunExperts(pb.RunExpertsRequest(
+            layer=l0, hidden=encode_tensor(hidden), topk_ids=encode_tensor(torch.tensor(ids, dtype=torch.int32)),
+            topk_weights=encode_tensor(weights)), timeout=30)
+    try:
+        served = run([[0, 1], [2, 3], [1, -1]])
+        missed = run([[0, E - 1], [2, 3], [1, -1]])
+        assert served.output.data and not missed.output.data and list(missed.missing) == [E - 1]
+        st = stub.GetStats(pb.GetStatsRequest(), timeout=10)
+        assert (st.calls, st.compute_us) == (1, served.compute_us)
+        assert {(t.layer, t.expert): t.tokens for t in st.tokens} == {(l0, 0): 1, (l0, 1): 2, (l0, 2): 1, (l0, 3): 1}
+        assert servicer.calls == 2  # both taken
+    finally:
+        ch.close()
+        server.stop(None)

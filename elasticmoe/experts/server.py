@@ -76,7 +76,7 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
         self.store, self.shard_id = store, shard_id
         self.placement_version = 0
         self.started = time.monotonic()
-        self.calls = 0
+        self.calls = 0  # calls and frames taken (decoded), served or answered `missing` (GetStats: the store's served)
         self._calls_lock = threading.Lock()
         self.max_rows = max_rows
         self.faults = Faults()
@@ -192,18 +192,19 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
         t0 = time.perf_counter()
         (out,) = to_host(self.store.forward(request.layer, hidden, ids, weights, snap))  # [T, H]; waits for a GPU's
         us = int((time.perf_counter() - t0) * 1e6)
-        self.store.count(request.layer, routed, us)  # GetStats' compute_us: the sum of the answers' (proto)
+        self.store.count(request.layer, routed, us)  # GetStats' counters: the calls served (proto)
         if self.faults.malformed_outputs > 0:
             self.faults.malformed_outputs -= 1
             out = out[:-1] if out.shape[0] else torch.zeros(1, out.shape[1])
         return out, [], us
 
     def GetStats(self, request, context):
-        tokens = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(self.store.served().items())]
+        st = self.store.stats()
+        tokens = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(st.tokens.items())]
         return pb.GetStatsResponse(
-            shard_id=self.shard_id, uptime_s=time.monotonic() - self.started, weight_bytes=self.store.weight_bytes(),
-            held=[pb.ExpertRef(layer=l, expert=e) for l, e in self.store.held()], tokens=tokens,
-            calls=self.calls, compute_us=self.store.compute_us, placement_version=self.placement_version)
+            shard_id=self.shard_id, uptime_s=time.monotonic() - self.started, weight_bytes=st.weight_bytes,
+            held=[pb.ExpertRef(layer=l, expert=e) for l, e in st.held], tokens=tokens, calls=st.calls,
+            compute_us=st.compute_us, placement_version=self.placement_version)
 
     def Health(self, request, context):
         return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version,

@@ -91,6 +91,18 @@ _PARTS = ("w13", "w2", "b13", "b2", "w13_scale", "w2_scale")  # LayerExperts' pe
 
 
 @dataclass(frozen=True)
+class StoreStats:
+    """GetStats' figures, each group read at once (ExpertStore.stats): what is held, from one look at the layers; the
+    counters of the calls served (answered with an output: count()), under their one lock."""
+
+    held: list[tuple[int, int]]  # (layer, expert), sorted
+    weight_bytes: int  # the bytes of those experts' weights
+    calls: int  # calls served
+    compute_us: int  # the sum of their compute_us
+    tokens: dict[tuple[int, int], int]  # (layer, expert) -> token-slots those calls routed to it
+
+
+@dataclass(frozen=True)
 class LayerExperts:
     """The experts of one layer held here, stacked. Replaced whole (never mutated) on load/drop."""
 
@@ -129,16 +141,25 @@ class ExpertStore:
         self.split_scales = not names.packed if self.keep_fp8 else None
         self.layers: dict[int, LayerExperts] = {}
         self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
+        # the calls served (count()): GetStats' tokens, calls and compute_us, under _stats_lock
         self.tokens_served: dict[tuple[int, int], int] = {}
-        self.compute_us = 0  # the sum of the calls' compute_us (count()): GetStats' figure
+        self.calls = 0
+        self.compute_us = 0  # the sum of the calls' compute_us
         self._stats_lock = threading.Lock()  # forward() and count() run on many server threads at once
 
     def held(self) -> list[tuple[int, int]]:
-        # list(): one atomic copy, so a load or drop in another thread cannot change the dict while it is walked
-        return sorted((l, e) for l, le in list(self.layers.items()) for e in le.global_ids)
+        return _held(list(self.layers.items()))  # list(): one atomic copy (a load or drop may change the dict)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for le in list(self.layers.values()) for t in le.parts().values())
+        return _weight_bytes(list(self.layers.items()))
+
+    def stats(self) -> StoreStats:
+        """held and weight_bytes from one copy of the layers (a load publishing a layer between two looks made them
+        disagree), and the counters of the calls served together."""
+        layers = list(self.layers.items())
+        with self._stats_lock:
+            calls, compute_us, tokens = self.calls, self.compute_us, dict(self.tokens_served)
+        return StoreStats(_held(layers), _weight_bytes(layers), calls, compute_us, tokens)
 
     def part_shapes(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each stacked tensor of a layer holding n experts."""
@@ -329,9 +350,18 @@ class ExpertStore:
             return dict(self.tokens_served)
 
     def count(self, layer: int, routed: dict[int, int], compute_us: int = 0) -> None:
-        """Add a batch's tokens per expert (see `routed`) to tokens_served and the microseconds its forward() took
-        (as its answer says) to compute_us (for stats)."""
+        """A call served (for stats): one more call, its tokens per expert (see `routed`) to tokens_served and the
+        microseconds its forward() took (as its answer says) to compute_us."""
         with self._stats_lock:
+            self.calls += 1
             self.compute_us += compute_us
             for e, c in routed.items():
                 self.tokens_served[(layer, e)] = self.tokens_served.get((layer, e), 0) + c
+
+
+def _held(layers: list[tuple[int, LayerExperts]]) -> list[tuple[int, int]]:
+    return sorted((l, e) for l, le in layers for e in le.global_ids)
+
+
+def _weight_bytes(layers: list[tuple[int, LayerExperts]]) -> int:
+    return sum(t.numel() * t.element_size() for _, le in layers for t in le.parts().values())
