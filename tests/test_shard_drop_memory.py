@@ -1,7 +1,7 @@
 """DropExperts when a layer's rebuild does not fit in memory: RESOURCE_EXHAUSTED naming the layer and the bytes (it
 was UNKNOWN), the layer still serving its old weights; layers a drop empties go first, so what they free serves the
 rebuilds. Over a real shard in its own process, whose address space is then capped (RLIMIT_AS) just above what it
-maps: the rebuild's new storage (model.experts._storage) is refused by the kernel (ENOMEM), as on a full host."""
+maps: the rebuild's new storage (model.expert_weights.storage) is refused by the kernel (ENOMEM), as on a full host."""
 
 from __future__ import annotations
 

@@ -13,15 +13,15 @@ from elasticmoe.experts.errors import out_of_memory, placement_code, run_out_of_
 from elasticmoe.gateway.failover import short_only
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.gateway.transport import TransportError, is_busy, is_oversize, is_short
-from elasticmoe.model.experts import _storage
+from elasticmoe.model.expert_weights import storage
 from elasticmoe.rpc import frames
 
 
 def _allocation_failures() -> list[BaseException]:
-    """Real failures: torch's CPU allocator (a RuntimeError) and model.experts._storage's mmap (a MemoryError)."""
+    """Real failures: torch's CPU allocator (a RuntimeError) and model.expert_weights.storage's mmap (a MemoryError)."""
     failures = []
     for allocate in (lambda: torch.empty(1 << 62, dtype=torch.uint8),
-                     lambda: _storage((1 << 40, 1 << 20), torch.float32, torch.device("cpu"))):
+                     lambda: storage((1 << 40, 1 << 20), torch.float32, torch.device("cpu"))):
         with pytest.raises((RuntimeError, MemoryError)) as e:
             allocate()
         failures.append(e.value)

@@ -48,7 +48,7 @@ def placement_code(e: Exception) -> grpc.StatusCode:
     FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone: not the caller's fault),
     RESOURCE_EXHAUSTED when the experts (a load's, or those a drop keeps in a layer it rebuilds) do not fit in memory,
     else INTERNAL."""
-    if out_of_memory(e):  # a GPU's, the CPU's (model.experts._storage) or torch's CPU allocator (a load's temporary)
+    if out_of_memory(e):  # a GPU's, the CPU's (expert_weights.storage), torch's CPU allocator (a load's temporary)
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(e, (CheckpointError, OSError)):
         return grpc.StatusCode.FAILED_PRECONDITION

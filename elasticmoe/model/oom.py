@@ -12,7 +12,7 @@ CPU_OOM = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator 
 
 def out_of_memory(e: BaseException) -> bool:
     """Memory ran out: a GPU's (torch.OutOfMemoryError), the CPU's (torch's allocator: a RuntimeError saying
-    CPU_OOM; model.experts._storage and Python: MemoryError)."""
+    CPU_OOM; model.expert_weights.storage and Python: MemoryError)."""
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and CPU_OOM in str(e))
 
 
