@@ -184,3 +184,29 @@ def test_a_malformed_tool_is_a_400_naming_its_field(served, tool, param, code):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert json.loads(e.value.read())["error"]["param"] == param
+
+
+@pytest.mark.parametrize("i,name", [
+    (1, "alice smith"), (2, "b.o.b"), (1, ""), (0, "n" * 65), (1, "alice\n"), (2, "bôb"), (3, "x/y"),
+], ids=["space", "dots", "empty", "65-chars", "trailing-newline", "accent", "slash"])
+def test_a_message_name_outside_openais_pattern_is_a_400_naming_it(served, i, name):
+    """OpenAI refuses a message's name outside ^[a-zA-Z0-9_-]{1,64}$ (400 invalid_value, param messages[i].name:
+    "string does not match pattern"); it was served, written into the prompt as sent. /tokenize says the same, and
+    names on the edge of the pattern are served."""
+    _, client = served
+    sent = [dict(m) for m in NAMED]
+    sent[i]["name"] = name
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(client, messages=sent)
+    err = e.value.body
+    assert (err["param"], err["code"], err["type"]) == (f"messages[{i}].name", "invalid_value",
+                                                        "invalid_request_error"), err
+    assert err["message"].startswith(f"messages[{i}].name: "), err
+    base = str(client.base_url).removesuffix("/v1/")
+    req = urllib.request.Request(f"{base}/tokenize", json.dumps({"messages": sent}).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert json.loads(e.value.read())["error"]["param"] == f"messages[{i}].name"
+    sent[i]["name"] = "A-z_0" + "9" * 59  # 64 characters of the pattern's classes
+    assert _greedy(client, messages=sent).usage.prompt_tokens

@@ -12,8 +12,8 @@ from elasticmoe.engine.validation import Validator, short
 from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of
 
 
-# OpenAI's pattern for a function's name, in tools and in a replayed assistant message's tool_calls (pydantic's rust
-# regex: no newline before $); another name is a 400 invalid_value naming it, as OpenAI answers
+# OpenAI's pattern for a function's name (in tools and in a replayed assistant message's tool_calls) and for a message's
+# name (pydantic's rust regex: no newline before $); another name is a 400 invalid_value naming it, as OpenAI answers
 ToolName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
@@ -57,7 +57,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    name: ToolName | None = None  # OpenAI's pattern: "alice smith" is a 400 naming messages[i].name, as there
     tool_calls: list[ToolCall] | None = None  # assistant messages only
     tool_call_id: str | None = None  # tool messages only, and required there
     # An assistant message's fields of a response that a client sends back when it replays it (the official
