@@ -164,7 +164,7 @@ def _with(i: int, **fields) -> list[dict]:
     ([CONVERSATION[0], CONVERSATION[2]], "messages[1].tool_call_id", "invalid_value"),
     ([CONVERSATION[0], {"role": "assistant", "content": "Sunny."}, CONVERSATION[2]], "messages[2].tool_call_id",
      "invalid_value"),
-    ([*CONVERSATION[:2], {"role": "user", "content": "And?"}, CONVERSATION[2]], "messages[3].tool_call_id",
+    ([*CONVERSATION, {"role": "user", "content": "And?"}, CONVERSATION[2]], "messages[5].tool_call_id",
      "invalid_value"),
 ], ids=["calls-on-user", "id-on-assistant", "tool-without-id", "id-not-string", "no-calls", "calls-not-list",
         "call-without-id", "custom-call", "call-extra-field", "arguments-not-json", "arguments-not-object",
@@ -180,6 +180,37 @@ def test_malformed_tool_fields_are_400s_naming_them(served, messages, param, cod
     assert err["message"].startswith(param) or param in err["message"], err
     assert _tokenize(client, {"messages": messages})[1]["error"]["param"] == param  # /tokenize says the same
     assert client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=2).usage  # still serving
+
+
+USER = {"role": "user", "content": "And tomorrow?"}
+
+
+@pytest.mark.parametrize("messages,j,unanswered,after", [
+    (CONVERSATION[:2], 0, "'call_1', 'call_2'", "the conversation ends there"),
+    (CONVERSATION[:3], 1, "'call_2'", "the conversation ends there"),
+    ([*CONVERSATION[:3], USER], 1, "'call_2'", "messages[3] is of role 'user'"),
+    ([*CONVERSATION[:2], {"role": "assistant", "content": "Sunny."}, *CONVERSATION[2:]], 0, "'call_1', 'call_2'",
+     "messages[2] is of role 'assistant'"),
+    ([*CONVERSATION[:2], CONVERSATION[3], USER], 0, "'call_1'", "messages[3] is of role 'user'"),
+], ids=["none-answered-last", "one-answered-last", "one-answered-then-user", "assistant-between",
+        "second-answered-then-user"])
+def test_a_call_no_tool_message_answers_is_a_400_naming_it(served, messages, j, unanswered, after):
+    """OpenAI refuses an assistant message with tool_calls not followed by tool messages answering each id ("An
+    assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'"), the
+    conversation's last message too: here the template rendered calls with no results (or results after another
+    turn) and the model answered as if they had been. A 400 naming the first call left unanswered and every such id;
+    /tokenize says the same; the conversation with each call answered is served."""
+    _, client = served
+    param = f"messages[1].tool_calls[{j}].id"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    err = e.value.body
+    assert (err["param"], err["code"], err["type"]) == (param, "invalid_value", "invalid_request_error"), err
+    assert err["message"].startswith(f"{param}: an assistant message with tool_calls must be followed by tool "
+                                     "messages answering each tool_call_id"), err
+    assert f"not answered: {unanswered} (" in err["message"] and after in err["message"], err
+    assert _tokenize(client, {"messages": messages})[1]["error"]["param"] == param
+    assert client.chat.completions.create(model=MODEL, messages=[*CONVERSATION, USER], max_tokens=2).usage
 
 
 def test_a_long_tool_call_is_templated_off_the_loop(served):

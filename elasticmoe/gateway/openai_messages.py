@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from elasticmoe.engine.sampling import InvalidRequest
-from elasticmoe.engine.validation import Validator, short
+from elasticmoe.engine.validation import Validator, clip, short
 from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS, chars_of
 
 
@@ -140,27 +141,47 @@ def _tool_fields(i: int, m: ChatMessage) -> tuple[dict[str, Any], int]:
 
 
 class _Calls:
-    """The tool calls a tool message may answer: those of the assistant message before it, with only tool messages
-    between (OpenAI's rule: a tool message answering no such call is a 400; a template would render it as the
-    answer to a call never made)."""
+    """OpenAI's rules for tool results (a 400 each; a template rendered the conversation as sent): a tool message
+    answers a call in the tool_calls of the assistant message before it (only tool messages between), and each call
+    of an assistant message is answered by the tool messages right after it, before any other message and before the
+    conversation ends (a call left unanswered was rendered as if its result were never wanted)."""
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
+        self.open: dict[str, int] = {}  # the calls not answered yet: id -> its first place in tool_calls
         self.at: int | None = None  # that assistant message's index
 
     def see(self, i: int, m: ChatMessage) -> None:
-        if m.role != "tool":
-            self.ids = {c.id for c in m.tool_calls or ()} if m.role == "assistant" else set()
-            self.at = i if self.ids else None
+        if m.role == "tool":
+            self._answer(i, m.tool_call_id)
             return
-        if m.tool_call_id is None or m.tool_call_id in self.ids:  # None: _tool_fields names it
+        self.end(f"messages[{i}] is of role {m.role!r}")
+        calls = (m.tool_calls or ()) if m.role == "assistant" else ()
+        self.ids, self.open = {c.id for c in calls}, {}
+        for j, c in enumerate(calls):
+            self.open.setdefault(c.id, j)
+        self.at = i if self.ids else None
+
+    def _answer(self, i: int, call_id: str | None) -> None:
+        if call_id is None or call_id in self.ids:  # None: _tool_fields names it
+            self.open.pop(call_id, None)
             return
         where = f"messages[{i}].tool_call_id"
         if self.at is None:
             raise InvalidRequest(where, "a tool message must answer a call in the tool_calls of the assistant "
                                         "message before it (only tool messages between); there is none")
-        raise InvalidRequest(where, f"{short(m.tool_call_id)} is not the id of a call in messages[{self.at}]"
+        raise InvalidRequest(where, f"{short(call_id)} is not the id of a call in messages[{self.at}]"
                                     f".tool_calls ({', '.join(sorted(short(c) for c in self.ids))[:200]})")
+
+    def end(self, after: str = "the conversation ends there") -> None:
+        """A 400 naming the first call of the last assistant message that no tool message answered, if any."""
+        if not self.open:
+            return
+        j = next(iter(self.open.values()))
+        ids = clip(", ".join(short(c) for c in itertools.islice(self.open, 20)), 300)  # 20 ids of 80 characters at most
+        raise InvalidRequest(f"messages[{self.at}].tool_calls[{j}].id",
+                             "an assistant message with tool_calls must be followed by tool messages answering each "
+                             f"tool_call_id; not answered: {ids} ({after})")
 
 
 def _text(i: int, m: ChatMessage) -> str:
@@ -204,6 +225,7 @@ def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], in
         turn.update(tools)
         size += len(content.encode("utf-8")) + len((m.name or "").encode("utf-8")) + tool_bytes
         conv.append(turn)
+    calls.end()
     return conv, size
 
 
