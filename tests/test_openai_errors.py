@@ -55,8 +55,9 @@ def test_bad_completion_fields_are_openai_400s(served, kw, param, code):
     ({"top_logprobs": 2}, "top_logprobs", V), ({"max_completion_tokens": 0}, "max_completion_tokens", V),
     ({"max_completion_tokens": 500}, "max_completion_tokens", CTX),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", U),
-    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content", U),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content", U),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text",
+     "missing_required_parameter"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content[0].text", T),
     ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name", T),
     # content is required (an empty turn was sent), but on an assistant message with tool_calls or a refusal
     ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
@@ -72,19 +73,25 @@ def test_bad_chat_fields_are_openai_400s(served, kw, param, code):
     assert e.value.body["message"].startswith(param) and e.value.body["code"] == code, e.value.body
 
 
-@pytest.mark.parametrize("part,words", [
-    ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "part 1 is of type 'image_url'"),
-    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "part 1 is of type 'input_audio'"),
-    ({"type": "text"}, "part 1 ('text') has no string text"),
-], ids=["image", "audio", "text-without-text"])
-def test_a_content_part_not_taken_is_named_by_its_place_and_type(served, part, words):
-    """The 400 said only "only text content parts are supported": which part, and what it was, were left out."""
+@pytest.mark.parametrize("part,param,code,words", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "messages[0].content[1].type", U,
+     "'image_url' parts are not supported"),
+    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "messages[0].content[1].type", U,
+     "'input_audio' parts are not supported"),
+    ({"type": "file", "file": {"file_id": "file-1"}}, "messages[0].content[1].type", U, "'file' parts are not"),
+    ({"text": "Hi."}, "messages[0].content[1].type", "missing_required_parameter", "a content part needs a type"),
+    ({"type": "text"}, "messages[0].content[1].text", "missing_required_parameter", "a 'text' part needs its text"),
+    ({"type": "text", "text": 5}, "messages[0].content[1].text", T, "must be a string, got int"),
+], ids=["image", "audio", "file", "no-type", "text-without-text", "text-not-string"])
+def test_a_content_part_not_taken_is_named_by_its_place_and_type(served, part, param, code, words):
+    """The 400 names the part's field, as OpenAI names it (param messages[0].content[1].type for an image sent to a
+    text-only model): it named only messages[0].content, and a text part without text was unsupported_value."""
     _, client = served
     content = [{"type": "text", "text": "What is this?"}, part]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=2)
-    assert (e.value.body["param"], e.value.body["code"]) == ("messages[0].content", U)
-    assert words in e.value.body["message"], e.value.body
+    assert (e.value.body["param"], e.value.body["code"]) == (param, code), e.value.body
+    assert e.value.body["message"].startswith(f"{param}: ") and words in e.value.body["message"], e.value.body
 
 
 @pytest.mark.parametrize("body,param,code", [

@@ -199,13 +199,24 @@ def _text(i: int, m: ChatMessage) -> str:
         return content
     if not content:
         raise InvalidRequest(where, "an empty list: give at least one content part", "empty_array")
-    for j, part in enumerate(content):
-        if part.get("type") != "text":
-            raise InvalidRequest(where, f"part {j} is of type {short(part.get('type'))}: only 'text' parts are "
-                                        "supported", "unsupported_value")
-        if not isinstance(part.get("text"), str):
-            raise InvalidRequest(where, f"part {j} ('text') has no string text", "unsupported_value")
-    return "\n".join(part["text"] for part in content)
+    return "\n".join(_part_text(f"{where}[{j}]", part) for j, part in enumerate(content))
+
+
+def _part_text(where: str, part: dict[str, Any]) -> str:
+    """A content part's text; another type of part is a 400 naming its type (messages[i].content[j].type, as OpenAI
+    names an image sent to a text-only model), a text part without string text one naming its text."""
+    if part.get("type") != "text":
+        if "type" not in part:
+            raise InvalidRequest(f"{where}.type", "a content part needs a type ('text')", "missing_required_parameter")
+        raise InvalidRequest(f"{where}.type", f"{short(part['type'])} parts are not supported: this server takes "
+                                              "text only (parts of type 'text')", "unsupported_value")
+    text = part.get("text")
+    if not isinstance(text, str):
+        if "text" not in part:
+            raise InvalidRequest(f"{where}.text", "a 'text' part needs its text", "missing_required_parameter")
+        got = "null" if text is None else type(text).__name__
+        raise InvalidRequest(f"{where}.text", f"must be a string, got {got}", "invalid_type")
+    return text
 
 
 def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], int]:
