@@ -210,3 +210,33 @@ def test_a_message_name_outside_openais_pattern_is_a_400_naming_it(served, i, na
     assert json.loads(e.value.read())["error"]["param"] == f"messages[{i}].name"
     sent[i]["name"] = "A-z_0" + "9" * 59  # 64 characters of the pattern's classes
     assert _greedy(client, messages=sent).usage.prompt_tokens
+
+
+def test_an_assistant_message_s_refusal_part_is_its_text(served):
+    """OpenAI takes an assistant message's content as text and refusal parts ({"type": "refusal", "refusal": ...},
+    the official client's ChatCompletionContentPartRefusalParam); a refusal part was a 400. Its refusal is that
+    part's text, as vLLM takes it, joined to the other parts by newlines as text parts are."""
+    core, client = served
+    parts = [{"type": "text", "text": "Well."}, {"type": "refusal", "refusal": "I cannot say."}]
+    sent = [*NAMED[:2], {"role": "assistant", "content": parts}, NAMED[3]]
+    text, ids = _ref(core, [*NAMED[:2], {"role": "assistant", "content": "Well.\nI cannot say."}, NAMED[3]])
+    assert "Well.\nI cannot say." in text
+    assert _greedy(client, messages=sent).usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("message,param,code", [
+    ({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}, "messages[1].content[0].type",
+     "invalid_value"),
+    ({"role": "assistant", "content": [{"type": "refusal"}]}, "messages[1].content[0].refusal",
+     "missing_required_parameter"),
+    ({"role": "assistant", "content": [{"type": "refusal", "refusal": 5}]}, "messages[1].content[0].refusal",
+     "invalid_type"),
+], ids=["on-a-user-message", "without-refusal", "refusal-not-string"])
+def test_a_refusal_part_elsewhere_or_without_its_text_is_a_400_naming_it(served, message, param, code):
+    """A refusal part is an assistant's only (OpenAI's user, system, developer and tool messages take none)."""
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(client, messages=[NAMED[0], message, NAMED[3]])
+    err = e.value.body
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
+    assert err["message"].startswith(f"{param}: "), err

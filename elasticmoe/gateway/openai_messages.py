@@ -185,7 +185,7 @@ class _Calls:
 
 
 def _text(i: int, m: ChatMessage) -> str:
-    """A message's content as the template takes it: its string, or its text parts joined by newlines (as vLLM
+    """A message's content as the template takes it: its string, or its parts' text joined by newlines (as vLLM
     joins them: parts never glue words). Required, as OpenAI requires it (an empty turn was sent in its place),
     but on an assistant message that holds tool_calls or a refusal (that refusal is then its text)."""
     where, content = f"messages[{i}].content", m.content
@@ -199,23 +199,29 @@ def _text(i: int, m: ChatMessage) -> str:
         return content
     if not content:
         raise InvalidRequest(where, "an empty list: give at least one content part", "empty_array")
-    return "\n".join(_part_text(f"{where}[{j}]", part) for j, part in enumerate(content))
+    return "\n".join(_part_text(f"{where}[{j}]", m.role, part) for j, part in enumerate(content))
 
 
-def _part_text(where: str, part: dict[str, Any]) -> str:
-    """A content part's text; another type of part is a 400 naming its type (messages[i].content[j].type, as OpenAI
-    names an image sent to a text-only model), a text part without string text one naming its text."""
-    if part.get("type") != "text":
+def _part_text(where: str, role: str, part: dict[str, Any]) -> str:
+    """A content part's text: a text part's, or an assistant message's refusal part's (OpenAI's assistant content
+    takes both; vLLM takes the refusal as text). Another type is a 400 naming its type (messages[i].content[j].type,
+    as OpenAI names an image sent to a text-only model); a part without its string text one naming that field."""
+    kind = part.get("type")
+    if kind == "refusal" and role != "assistant":
+        raise InvalidRequest(f"{where}.type", f"a 'refusal' part is only for a message of role 'assistant', not "
+                                              f"{role!r}")
+    if kind not in ("text", "refusal"):
         if "type" not in part:
             raise InvalidRequest(f"{where}.type", "a content part needs a type ('text')", "missing_required_parameter")
-        raise InvalidRequest(f"{where}.type", f"{short(part['type'])} parts are not supported: this server takes "
-                                              "text only (parts of type 'text')", "unsupported_value")
-    text = part.get("text")
+        raise InvalidRequest(f"{where}.type", f"{short(kind)} parts are not supported: this server takes text only "
+                                              "(parts of type 'text', and 'refusal' in an assistant's)",
+                             "unsupported_value")
+    text = part.get(kind)
     if not isinstance(text, str):
-        if "text" not in part:
-            raise InvalidRequest(f"{where}.text", "a 'text' part needs its text", "missing_required_parameter")
+        if kind not in part:
+            raise InvalidRequest(f"{where}.{kind}", f"a {kind!r} part needs its {kind}", "missing_required_parameter")
         got = "null" if text is None else type(text).__name__
-        raise InvalidRequest(f"{where}.text", f"must be a string, got {got}", "invalid_type")
+        raise InvalidRequest(f"{where}.{kind}", f"must be a string, got {got}", "invalid_type")
     return text
 
 
