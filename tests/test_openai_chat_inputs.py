@@ -240,3 +240,15 @@ def test_a_refusal_part_elsewhere_or_without_its_text_is_a_400_naming_it(served,
     err = e.value.body
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
     assert err["message"].startswith(f"{param}: "), err
+
+
+def test_the_deprecated_function_role_is_a_400_saying_what_to_send(served):
+    """OpenAI still takes a message of role 'function' (deprecated, a legacy function_call's result); it was a 400
+    invalid_value listing the roles as if 'function' were a typo. It is a known role not served: unsupported_value,
+    pointing to tool messages, as the legacy function_call field is."""
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(client, messages=[*NAMED[:2], {"role": "function", "name": "get_time", "content": "12:00"}])
+    err = e.value.body
+    assert (err["param"], err["code"]) == ("messages[2].role", "unsupported_value"), err
+    assert err["message"].startswith("messages[2].role: ") and "'tool'" in err["message"], err

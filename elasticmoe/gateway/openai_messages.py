@@ -56,7 +56,7 @@ class ChatMessage(BaseModel):
     allowed"; dropped, a misspelt field such as `contents` left an empty turn with no sign of it)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # function: a 400 (_tool_fields)
     content: str | list[dict[str, Any]] | None = None
     name: ToolName | None = None  # OpenAI's pattern: "alice smith" is a 400 naming messages[i].name, as there
     tool_calls: list[ToolCall] | None = None  # assistant messages only
@@ -121,6 +121,10 @@ def _tool_fields(i: int, m: ChatMessage) -> tuple[dict[str, Any], int]:
     takes them, and their bytes; either on another role is a 400 naming it."""
     out: dict[str, Any] = {}
     size = 0
+    if m.role == "function":  # OpenAI's deprecated role, as the legacy function_call field below
+        raise InvalidRequest(f"messages[{i}].role", "the deprecated role 'function' is not supported: give a call's "
+                                                    "result in a message of role 'tool' (with its tool_call_id)",
+                             "unsupported_value")
     for field, role in _ROLE_FIELDS:
         if getattr(m, field) is not None and m.role != role:
             raise InvalidRequest(f"messages[{i}].{field}", f"only for a message of role {role!r}, not {m.role!r}",
