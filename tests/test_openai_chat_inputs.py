@@ -14,8 +14,10 @@ import pytest
 from openai import OpenAI
 
 from elasticmoe.gateway.openai_api import build_openai_app
+from elasticmoe.gateway.tokenizing import OFF_LOOP_CHARS
 from tests.openai_util import MODEL, Core, Server
 from tests.openai_util import model  # noqa: F401 - the fixture
+from tests.test_tokenize_off_loop import _while_held
 
 TEMPLATE = (
     "<s>{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m.get('name') %} ({{ m['name'] }}){% endif %}\n"
@@ -252,3 +254,23 @@ def test_the_deprecated_function_role_is_a_400_saying_what_to_send(served):
     err = e.value.body
     assert (err["param"], err["code"]) == ("messages[2].role", "unsupported_value"), err
     assert err["message"].startswith("messages[2].role: ") and "'tool'" in err["message"], err
+
+
+@pytest.mark.parametrize("assistant", [
+    {"role": "assistant", "content": [{"type": "refusal", "refusal": "no " * (OFF_LOOP_CHARS // 3 + 1)}]},
+    {"role": "assistant", "content": None, "refusal": "no " * (OFF_LOOP_CHARS // 3 + 1)},
+], ids=["refusal-part", "refusal-field"])
+def test_a_long_refusal_is_templated_off_the_loop(served, assistant):
+    """A refusal is an assistant turn's text, but it was not counted among a request's characters: a long one was
+    templated and tokenized on the event loop, which meanwhile answered no other request."""
+    core, client = served
+
+    def send_long():
+        try:
+            _greedy(client, messages=[*NAMED[:2], assistant, NAMED[3]])
+        except openai.BadRequestError:  # over the context once tokenized
+            return "refused"
+        return "answered"
+
+    _while_held(core, send_long, lambda: client.with_options(timeout=20).chat.completions.create(
+        model=MODEL, messages=NAMED, max_tokens=2))

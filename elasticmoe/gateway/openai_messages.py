@@ -77,12 +77,13 @@ def check_tools(tools: list[Tool] | None) -> None:
 
 
 def chat_chars(messages: list[ChatMessage], tools: list[Tool] | None) -> int:
-    """A chat request's characters, which decide whether it is templated and tokenized off the loop: its contents',
-    its tool-call arguments' (JSON the template's rendering parses and writes out; an argument object, not OpenAI's
-    form, counts OFF_LOOP_CHARS), and OFF_LOOP_CHARS for tools (the template's rendering of them is not counted)."""
+    """A chat request's characters, which decide whether it is templated and tokenized off the loop: its contents'
+    and refusals', its tool-call arguments' (JSON the template's rendering parses and writes out; an argument object,
+    not OpenAI's form, counts OFF_LOOP_CHARS), and OFF_LOOP_CHARS for tools (their rendering is not counted)."""
     calls = sum(len(c.function.arguments) if isinstance(c.function.arguments, str) else OFF_LOOP_CHARS
                 for m in messages for c in m.tool_calls or ())
-    return chars_of(messages) + calls + (OFF_LOOP_CHARS if tools else 0)
+    refusals = sum(len(m.refusal or "") for m in messages)  # a turn's text when it has no content
+    return chars_of(messages) + calls + refusals + (OFF_LOOP_CHARS if tools else 0)
 
 
 def _arguments(where: str, args: str | dict[str, Any]) -> tuple[dict[str, Any], int]:

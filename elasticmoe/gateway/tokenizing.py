@@ -36,12 +36,12 @@ async def parsed(nbytes: int, fn: Callable[..., T], *args: Any) -> T:
 
 
 def chars_of(prompt: Any) -> int:
-    """A prompt's characters: a string's; summed over a list's strings, chat messages' contents and text parts
-    ({"type": "text", "text": ...}); token ids count none."""
+    """A prompt's characters: a string's; summed over a list's strings, chat messages' contents and their parts'
+    text ({"type": "text", "text": ...}, an assistant's {"type": "refusal", "refusal": ...}); token ids count none."""
     if isinstance(prompt, str):
         return len(prompt)
     if isinstance(prompt, dict):  # a content part
-        return chars_of(prompt.get("text"))
+        return chars_of(prompt.get("text")) + chars_of(prompt.get("refusal"))
     if isinstance(prompt, list):
         return sum(chars_of(p) for p in prompt)
     return chars_of(getattr(prompt, "content", None)) if hasattr(prompt, "content") else 0
