@@ -180,3 +180,18 @@ def test_a_tiny_model_refuses_a_revision(revision):
         AppArgs.model_validate({"model": "tiny:mixtral", "revision": revision})
     with pytest.raises(ValueError, match=r"(?s)elasticmoe app args: .*revision: "):
         resolve_args({"model": "tiny:mixtral", "revision": revision})
+
+
+def test_a_directory_without_config_json_fails_the_build_naming_the_file(cache_env, tmp_path):
+    """A plain directory, or a snapshot directory given as such, with no config.json (a typo'd path, a download
+    of the weights only) passed Serve's build and failed later in every replica; the build (resolve_args) now
+    refuses it, naming the file, as it does a hub id whose snapshot lacks one."""
+    plain = tmp_path / "weights-only"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(b"")
+    snap = _add_snapshot(tmp_path / "models--acme--torn", OLD, {"model.safetensors": b""})
+    for model in (plain, snap):
+        with pytest.raises(ValueError, match="^elasticmoe app args: model: " + re.escape(f"{model / 'config.json'}: "
+                                                                                          "missing")):
+            resolve_args({"model": str(model)})
+    assert resolve_args({"model": str(cache_env / "snapshots" / OLD)}).model == str(cache_env / "snapshots" / OLD)

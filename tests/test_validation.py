@@ -342,11 +342,13 @@ def test_a_default_served_model_name_with_control_characters_is_refused(tmp_path
     from elasticmoe.app import resolve_args
 
     (tmp_path / dirname).mkdir()
+    (tmp_path / dirname / "config.json").write_text("{}")  # a checkpoint directory (resolve wants its config)
     with pytest.raises(ValueError, match="served_model_name") as e:
         resolve_args({"model": str(tmp_path / dirname)})
     assert "control characters" in str(e.value) and "model" in str(e.value).replace("served_model_name", "")
     assert resolve_args({"model": str(tmp_path / dirname), "served_model_name": "mine"}).served_model_name == "mine"
     (tmp_path / "plain-model").mkdir()
+    (tmp_path / "plain-model" / "config.json").write_text("{}")
     a = resolve_args({"model": str(tmp_path / "plain-model")})
     assert a.served_model_name == "plain-model"
     assert AppArgs.model_validate(a.model_dump(mode="json", exclude_unset=True)) == a  # as each replica reads it

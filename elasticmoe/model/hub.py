@@ -100,9 +100,17 @@ def resolve(model: str, revision: str | None = None) -> Snapshot:
         if revision is not None and _commit_of(path.parent.parent, revision) != path.name:
             raise HubError(f"{path}: snapshot {path.name} is not revision {revision!r} "
                            f"({_commit_of(path.parent.parent, revision)})")
-        return Snapshot(path, path.name)
+        return _checkpoint(Snapshot(path, path.name))
     if revision is not None:
         raise HubError(f"{path}: a plain checkpoint directory has no revisions; drop `revision` "
                        f"or name the hub id / cache repo directory")
-    return Snapshot(path, None)
+    return _checkpoint(Snapshot(path, None))
+
+
+def _checkpoint(snap: Snapshot) -> Snapshot:
+    """`snap`, unless its directory has no config.json: refused at Serve's build, naming the file, not later by
+    every replica (a hub snapshot is checked in _in_repo)."""
+    if not (snap.path / "config.json").is_file():
+        raise HubError(f"{snap.path / 'config.json'}: missing (not a Hugging Face checkpoint directory)")
+    return snap
 
