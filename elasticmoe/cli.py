@@ -148,6 +148,18 @@ def _demo_target(config: Path) -> tuple[str, int]:
     return doc["applications"][0]["name"], int((doc.get("grpc_options") or {}).get("port", 9000))
 
 
+def _check_demo_app(config: Path) -> None:
+    """Refuse, before the running cluster is stopped, what the deploy would fail on: the app args (AppArgs, the
+    model's config.json) and the checkpoint, opened as the controller opens it (its weights' index, its family)."""
+    import yaml
+
+    from elasticmoe.app import resolve_args
+    from elasticmoe.model import open_model
+
+    args = resolve_args(yaml.safe_load(config.read_text())["applications"][0].get("args", {}))
+    open_model(args.model).ckpt.close()
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from elasticmoe import local_cluster as lc
     from elasticmoe import status_view
@@ -160,6 +172,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     path = ensure_tiny_model(ns.model[len("tiny:"):]) if ns.model.startswith("tiny:") else ns.model
     print(f"[1/4] model {ns.model}: {path} ({time.perf_counter() - t0:.1f}s)")
+    _check_demo_app(config)  # the model and the args, before the running cluster is stopped
     print("[2/4] starting a local Ray cluster on 127.0.0.1 ...")
     lc.stop_ray()
     lc.start_ray(num_cpus=ns.cpus)

@@ -153,7 +153,7 @@ def test_cli_failures_exit_non_zero_with_a_message(argv, message, capsys):
     assert "error:" in err and message in err and "Traceback" not in err, err
 
 
-def test_demo_command_talks_to_the_app_and_port_its_config_names(tmp_path, monkeypatch, capsys):
+def test_demo_command_talks_to_the_app_and_port_its_config_names(tmp_path, monkeypatch, capsys, tiny_models):
     """`elasticmoe demo --config C`: the deploy is awaited, called and inspected under C's application name and
     gRPC port (not the shipped tiny.yaml's elasticmoe / 9000)."""
     import yaml
@@ -189,9 +189,10 @@ def test_demo_command_talks_to_the_app_and_port_its_config_names(tmp_path, monke
     monkeypatch.setattr(client_mod, "GenerationClient", Client)
     monkeypatch.setattr(status_view, "controller_status",
                         lambda address, app="elasticmoe": calls.append(("status", app)) or {"shards": []})
-    assert main(["demo", "--config", str(config), "--model", str(tmp_path)]) == 0
+    model = str(tiny_models["mixtral"])
+    assert main(["demo", "--config", str(config), "--model", model]) == 0
     (deployed,) = calls[0][1]["applications"]
-    assert deployed["name"] == "mine" and deployed["args"]["model"] == str(tmp_path)
+    assert deployed["name"] == "mine" and deployed["args"]["model"] == model
     assert ("wait", "mine") in calls and ("client", "127.0.0.1:9123", "mine") in calls and ("status", "mine") in calls
 
 
@@ -217,6 +218,43 @@ def test_demo_with_a_config_it_cannot_use_leaves_the_running_cluster_alone(text,
     err = capsys.readouterr().err
     assert ray_commands == [] and "error:" in err and str(config) in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("case", ["no-config", "no-weights", "bad-arg"])
+def test_demo_refuses_a_model_or_args_the_deploy_would_fail_on_before_ray(case, tmp_path, monkeypatch, capsys,
+                                                                          tiny_models):
+    """`elasticmoe demo --model DIR` (or a --config whose args are wrong) stopped the running cluster, started a new
+    one and deployed, to fail only in the replicas (a directory with no config.json or no weights, num_shards 0).
+    It now fails first, as the controller would: exit status 1, one line naming the file or field, no Ray command."""
+    import yaml
+
+    from elasticmoe import local_cluster as lc
+    from elasticmoe.cli import main
+
+    model, config = tmp_path / "ckpt", REPO / "deployments" / "tiny.yaml"
+    model.mkdir()
+    named = {"no-config": str(model / "config.json"), "no-weights": "no model.safetensors",
+             "bad-arg": "num_shards"}[case]
+    if case == "no-weights":
+        (model / "config.json").write_text((tiny_models["mixtral"] / "config.json").read_text())
+    if case == "bad-arg":
+        doc = yaml.safe_load(config.read_text())
+        doc["applications"][0]["args"]["num_shards"] = 0
+        config = tmp_path / "bad.yaml"
+        config.write_text(yaml.safe_dump(doc))
+        model = tiny_models["mixtral"]
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path / "cache"))
+    ray_commands = []
+    monkeypatch.setattr(lc, "stop_ray", lambda: ray_commands.append("stop"))
+    monkeypatch.setattr(lc, "start_ray", lambda **kw: ray_commands.append("start"))
+
+    def deploy(path):  # the demo goes no further here (no request to whatever listens on its port)
+        ray_commands.append("deploy")
+        raise RuntimeError("deployed")
+    monkeypatch.setattr(lc, "serve_deploy", deploy)
+    assert main(["demo", "--config", str(config), "--model", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert ray_commands == [] and "elasticmoe demo: error:" in err and named in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("cpus", ["2", "0", "x"])
