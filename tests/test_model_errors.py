@@ -282,3 +282,24 @@ def test_a_max_model_len_beyond_the_models_context_names_it(tiny_models):
     with pytest.raises(ValueError, match=rf"^max_model_len: {limit + 1} .*context length, {limit}\b"):
         LLM(path, max_model_len=limit + 1)
     assert LLM(path, max_model_len=limit).engine.max_model_len == limit
+
+
+@pytest.mark.parametrize("family, kept", [("qwen3_moe", ()), ("olmoe", ()), ("mixtral", ()),
+                                          ("qwen3_moe", ("tokenizer_config.json",))],
+                         ids=["qwen3-none", "olmoe-none", "mixtral-none", "config-only"])
+def test_a_checkpoint_without_tokenizer_files_is_refused_naming_it(tiny_models, tmp_path, family, kept):
+    """A checkpoint directory with its config and weights but no tokenizer files (a download of '*.safetensors'
+    and config.json only): transformers 5 made a tokenizer of special tokens only for some families, and every
+    prompt then failed with "prompt: the prompt is empty"; for others its error named no file. LLM (and each
+    gateway replica) now refuses it at load, naming the directory and the files it needs."""
+    from elasticmoe.engine.checkpoint_defaults import load_tokenizer
+
+    src, ckpt = tiny_models[family], tmp_path / family
+    ckpt.mkdir()
+    for f in src.iterdir():
+        if f.name in kept or not f.name.startswith("tokenizer"):
+            shutil.copy(f, ckpt / f.name)
+    assert not (ckpt / "tokenizer.json").exists()
+    with pytest.raises(CheckpointError, match="^" + re.escape(str(ckpt)) + ": .*needs tokenizer.json"):
+        LLM(str(ckpt))
+    assert load_tokenizer(src)("Water boils at")["input_ids"]  # the whole checkpoint's loads and encodes

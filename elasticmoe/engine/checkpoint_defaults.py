@@ -11,9 +11,23 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: Any) -> Any:
+    """The checkpoint's tokenizer (AutoTokenizer), or CheckpointError naming the directory: one transformers cannot
+    build, or one with special tokens only, which transformers builds from a directory with no tokenizer files (and
+    every prompt then encoded to nothing: "prompt: the prompt is empty")."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    from elasticmoe.model import CheckpointError
+
+    want = "tokenizer.json, or the tokenizer.model / vocab files its tokenizer_config.json names"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        said = " ".join(str(e).split())[:300] or type(e).__name__  # transformers' is several lines
+        raise CheckpointError(f"{path}: no tokenizer transformers can load ({said}); it needs {want}") from e
+    if not set(tok.get_vocab()) - set(tok.all_special_tokens):
+        raise CheckpointError(f"{path}: no tokenizer files (the tokenizer transformers made has only its "
+                              f"{len(tok)} special token(s)); it needs {want}")
+    return tok
 
 
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p", "max_new_tokens")
