@@ -150,14 +150,18 @@ def _demo_target(config: Path) -> tuple[str, int]:
 
 def _check_demo_app(config: Path) -> None:
     """Refuse, before the running cluster is stopped, what the deploy would fail on: the app args (AppArgs, the
-    model's config.json) and the checkpoint, opened as the controller opens it (its weights' index, its family)."""
+    model's config.json) and the checkpoint, opened as the controller opens it (its weights' index, its family),
+    and its tokenizer, loaded as the gateway loads it."""
     import yaml
 
     from elasticmoe.app import resolve_args
+    from elasticmoe.engine.checkpoint_defaults import load_tokenizer
     from elasticmoe.model import open_model
 
     args = resolve_args(yaml.safe_load(config.read_text())["applications"][0].get("args", {}))
-    open_model(args.model).ckpt.close()
+    ckpt = open_model(args.model).ckpt
+    ckpt.close()
+    load_tokenizer(ckpt.path)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -220,7 +221,7 @@ def test_demo_with_a_config_it_cannot_use_leaves_the_running_cluster_alone(text,
     assert len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("case", ["no-config", "no-weights", "bad-arg"])
+@pytest.mark.parametrize("case", ["no-config", "no-weights", "no-tokenizer", "bad-arg"])
 def test_demo_refuses_a_model_or_args_the_deploy_would_fail_on_before_ray(case, tmp_path, monkeypatch, capsys,
                                                                           tiny_models):
     """`elasticmoe demo --model DIR` (or a --config whose args are wrong) stopped the running cluster, started a new
@@ -234,9 +235,10 @@ def test_demo_refuses_a_model_or_args_the_deploy_would_fail_on_before_ray(case, 
     model, config = tmp_path / "ckpt", REPO / "deployments" / "tiny.yaml"
     model.mkdir()
     named = {"no-config": str(model / "config.json"), "no-weights": "no model.safetensors",
-             "bad-arg": "num_shards"}[case]
-    if case == "no-weights":
-        (model / "config.json").write_text((tiny_models["mixtral"] / "config.json").read_text())
+             "no-tokenizer": f"{model}: no tokenizer", "bad-arg": "num_shards"}[case]
+    for f in tiny_models["mixtral"].iterdir() if case != "no-config" else ():  # its config; no-tokenizer: weights
+        if f.name == "config.json" or (case == "no-tokenizer" and f.suffix == ".safetensors"):
+            shutil.copy(f, model / f.name)
     if case == "bad-arg":
         doc = yaml.safe_load(config.read_text())
         doc["applications"][0]["args"]["num_shards"] = 0
