@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="live view: redraw every --interval seconds until Ctrl-C")
     p.add_argument("--interval", type=_positive_seconds, default=2.0, action=_Given,
                    help="seconds between --watch frames (only with --watch)")
-    p.set_defaults(fn=cmd_status)
+    p.set_defaults(fn=cmd_status, usage_error=p.error)  # main's check: `elasticmoe status: error:`, its usage
     p = sub.add_parser("scale", help="pin the number of expert shards, or hand it back to autoscaling")
     p.add_argument("--address", default="auto", help="Ray cluster address")
     p.add_argument("--app", default="elasticmoe", help="Serve application name")
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if getattr(ns, "interval_given", False) and not ns.watch:  # was accepted and ignored: one status, at once
-        parser.error("--interval: only with --watch (the seconds between its frames)")
+        ns.usage_error("--interval: only with --watch (the seconds between its frames)")
     try:
         return int(ns.fn(ns) or 0)
     except KeyboardInterrupt:

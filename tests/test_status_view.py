@@ -240,10 +240,13 @@ def test_generate_failing_is_one_prefixed_line_after_the_streamed_text(monkeypat
 @pytest.mark.parametrize("argv", [["status", "--interval", "5"], ["status", "--json", "--interval", "0.5"]])
 def test_status_refuses_an_interval_without_watch(argv, monkeypatch, capsys):
     """--interval sets the --watch frames' spacing: without --watch it was accepted and ignored (one status, at
-    once), so a script asking for a status every 5 s got one; now a usage error naming both flags."""
+    once), so a script asking for a status every 5 s got one; now a usage error naming both flags, said by
+    `elasticmoe status` with its usage (it was the top command's, which lists no --interval)."""
     from elasticmoe import status_view
 
     monkeypatch.setattr(status_view, "controller_status", lambda address, app="elasticmoe": {"shards": []})
     with pytest.raises(SystemExit) as e:
         cli_main(argv)
-    assert e.value.code == 2 and "--interval: only with --watch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "elasticmoe status: error: --interval: only with --watch" in err, err
+    assert err.startswith("usage: elasticmoe status ") and "[--interval INTERVAL]" in err, err
