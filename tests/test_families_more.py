@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from tests.test_families import (
-    DSV3_MOE, GRANITE, MLA, SLIDING3, _assert_matches, make_family_checkpoint, trivial_tensors,
+    DSV3_MOE, GRANITE, MLA, REPO, SLIDING3, _assert_matches, make_family_checkpoint, trivial_tensors,
 )
 
 MISTRAL4_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=4,
@@ -145,3 +145,48 @@ def test_square_packed_experts_stored_in_out_match_transformers(model_type, tmp_
     case = (cls, {**fields, "intermediate_size": 32}, "")
     path = make_family_checkpoint(model_type, tmp_path / model_type, case=case)
     _assert_matches(LLM(str(path), dtype="float32"), path, model_type)
+
+
+# The README's list of what the rejected families lack: (its words, the model_types it names there, a word that each
+# of those REJECTED entries, and every entry under that heading, states).
+MULTIMODAL = ("vision", "audio", "M-RoPE", "multimodal", "speech")
+README_REJECTED = [
+    ("Mamba (Jamba, Bamba, Nemotron-H, GraniteMoeHybrid)", {"jamba", "bamba", "nemotron_h", "granitemoehybrid"},
+     ("Mamba",)),
+    ("linear attention (Qwen3-Next, Qwen3.5-MoE, Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
+     {"qwen3_next", "qwen3_5_moe", "qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
+    ("short convolutions (LFM2-MoE, Inkling)", {"lfm2_moe", "inkling"}, ("short-convolution",)),
+    ("sparse-attention indexers (DeepSeek-V3.2 and V4, GLM-MoE-DSA, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
+     {"deepseek_v32", "deepseek_v4", "glm_moe_dsa", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},
+     ("indexer",)),
+    ("hyper-connections;", {"deepseek_v4", "glm5_next", "hy_v4"}, ("hyper-connections",)),
+    ("mixture-of-attention heads (JetMoE)", {"jetmoe"}, ("mixture-of-attention heads",)),
+    ("per-layer head counts and rotary bases (Step-3.5/3.7, Laguna, Mellum)", {"step3p5", "step3p7", "laguna", "mellum"},
+     ("per-layer head counts", "per-layer-type rotary bases")),
+    ("Gemma 4's dense MLP beside the MoE", {"gemma4_text"}, ("dense MLP beside the MoE",)),
+    ("Doge's product-key experts", {"doge"}, ("product-key",)),
+    ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),
+    ("MiMo-V2-Flash's attention value rescaling", {"mimo_v2_flash"}, ("attention value rescaling",)),
+    ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),
+    ("Beam's depth-scaled residuals", {"beam"}, ("depth-scaled residual",)),
+    ("Kolibri's correction bias on the raw router logits", {"kolibri1"}, ("raw router logits",)),
+    ("block-diffusion decoding (Diffusion Gemma)", {"diffusion_gemma"}, ("block-diffusion",)),
+    ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_vl_moe"}, MULTIMODAL),
+    ("encoder-decoder and encoder-only models", {"nllb_moe", "switch_transformers", "openai_privacy_filter"},
+     ("encoder-decoder", "bidirectional encoder")),
+]
+
+
+def test_the_readme_names_what_each_rejected_family_lacks():
+    """README (Verified model families): "rejected ... with the missing layer kind or feature named: Mamba (Jamba,
+    ...); ...": each family it names is rejected for that, and every REJECTED entry falls under a heading it gives
+    (Gemma 4, Doge, ZAYA and five others fell under none)."""
+    from elasticmoe.model.families import REJECTED
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for words, named, marks in README_REJECTED:
+        assert words in readme, words
+        for model_type in named:
+            assert any(m in REJECTED[model_type] for m in marks), (words, model_type, REJECTED[model_type])
+    unlisted = {t: f for t, f in REJECTED.items() if not any(m in f for _, _, marks in README_REJECTED for m in marks)}
+    assert unlisted == {}, "REJECTED entries the README's list has no heading for"
