@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from elasticmoe.model import open_model
 from elasticmoe.model.embedded import ensure_tiny_model
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.status_view import bar, event_line, expert_tokens, health, render, to_json, watch
+from tests.doc_util import REPO
 
 PROMPTS = ["The quick brown fox", "Water boils at", "Music fills the hall"]
 
@@ -250,3 +252,21 @@ def test_status_refuses_an_interval_without_watch(argv, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "elasticmoe status: error: --interval: only with --watch" in err, err
     assert err.startswith("usage: elasticmoe status ") and "[--interval INTERVAL]" in err, err
+
+
+def _shape(line: str) -> str:
+    """A frame line with what varies from run to run (counts, ports, times, bar lengths) made uniform."""
+    return re.sub(r"\d+", "9", re.sub(r"[█▏▎▍▌▋▊▉]+ *\|", "<bar>|", line.rstrip()))
+
+
+def test_the_readme_frame_is_what_watch_draws(statuses):
+    """README (`status --watch`): "a frame of the two-shard demo cluster that tests/test_status_view.py runs
+    in-process" is this cluster's second watch frame (2 s after the first): the same lines, titles and column
+    positions; only the counts, ports, times and bar lengths may differ."""
+    readme = (REPO / "README.md").read_text()
+    shown = re.search(r"```\n(placement version .*?)```", readme, flags=re.S).group(1).rstrip("\n").splitlines()
+    before, st = statuses
+    drawn = render(st, before, 2.0).splitlines()
+    assert [_shape(line) for line in shown] == [_shape(line) for line in drawn]
+    rows = [(a, b) for a, b in zip(shown, drawn) if a.endswith("|")]
+    assert len(rows) == 2 and all(a.index("|") == b.index("|") for a, b in rows)  # the columns' widths
