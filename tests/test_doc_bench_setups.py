@@ -1,0 +1,96 @@
+"""The README's benchmark set-ups (model shapes, limits, rounds) are those the committed JSON in benchmarks/results/
+records, and the Status table's serving ranges hold the committed runs' figures (tests/test_doc_benchmarks.py checks
+the tables' figures)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from tests.doc_util import REPO
+
+README = " ".join((REPO / "README.md").read_text().split())
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _c16(name: str) -> dict[str, dict]:
+    """A serving JSON's concurrency-16 rows by kind: proxy, port, direct, llm."""
+    kinds = {"served:": "proxy", "served-port:": "port", "direct:": "direct", "LLM.generate": "llm"}
+    return {kind: r for r in _json(name)["rows"] if r["concurrency"] == 16
+            for prefix, kind in kinds.items() if r["system"].startswith(prefix)}
+
+
+def test_offline_serving_and_overlap_set_ups():
+    """Offline decode, Serving (all four serving JSON) and Overlap: the shapes the sections give."""
+    a = _json("offline.json")["meta"]["args"]
+    said = (f"Mixtral-like, {a['layers']} layers × {a['experts']} experts, hidden {a['hidden']}, expert intermediate "
+            f"{a['intermediate']}, fp32, CPU, greedy, decode tokens/s")
+    assert said in README
+    for name in ("serving.json", "serving-c16.json", "serving-stream.json", "serving-engine-port.json"):
+        a = _json(name)["args"]
+        said = (f"Mixtral-like, {a['layers']} layers × {a['experts']} experts, hidden {a['hidden']}, expert "
+                f"intermediate {a['intermediate']}, fp32, {a['tokens']} output tokens per request")
+        assert said in README, name
+        assert a.get("dtype", "float32") == "float32" and a.get("device", "cpu") == "cpu", name
+    assert _json("serving-stream.json")["args"]["transport"] == "stream"
+    a = _json("overlap.json")["meta"]["args"]
+    assert (a["family"], a["layers"], a["hidden"], a["threads"], a["repeats"]) == ("qwen2_moe", 4, 512, 1, 12)
+    assert "Qwen2-MoE-like, 4 layers, hidden 512, 1 thread" in README and "median of 12" in README
+
+
+def test_elasticity_overload_real_width_and_transport_set_ups():
+    a = _json("balance.json")["args"]
+    assert (f"Planner, {a['layers']} MoE layers × {a['experts']} experts on {a['shards']} shards × {a['slots']} slots, "
+            f"Zipf {a['zipf']} loads drifting for {a['rounds']} rounds ({a['swaps']} swaps of hot and cold") in README
+    moved = {r["system"]: r["moved_per_round"] for r in _json("balance.json")["summary"]}
+    times = round(moved["greedy from scratch"] / moved["planner (bounded moves)"])
+    assert f"while moving {times}x fewer weights" in README
+    o = _json("overload.json")
+    lim = o["limits"]
+    assert o["model"] == "tiny mixtral, 2 layers x 8 experts, 2 shards" and o["tokens_per_request"] == 32
+    assert (f"Tiny Mixtral (2 layers), 2 shards, gateway limits {lim['max_num_seqs']} running + {lim['max_queue']} "
+            f"waiting, Serve's `max_queued_requests` {lim['max_queued_requests']}") in README
+    assert {i["overload"]["seconds"] for i in o["ingresses"].values()} == {30.0}
+    assert "offer 10x that for 30 s" in README
+    a = _json("real_width-amd-epyc.json")["args"]
+    assert (a["layers"], a["new_tokens"], a["repeats"]) == (2, 16, 2)
+    assert "cut to 2 layers" in README and "batch x 15 / (t(16 tokens) - t(1 token)), best of 2" in README
+    source = (REPO / "benchmarks" / "real_width.py").read_text()
+    w = ast.literal_eval(re.search(r"^WIDTH = (\{.*?\})$", source, flags=re.M | re.S).group(1))
+    assert (f"hidden {w['hidden']}, {w['experts']} experts, expert FFN {w['intermediate']}, top-{w['top_k']}, "
+            f"{w['heads']}/{w['kv_heads']} heads") in README and w["family"] == "qwen3_moe"
+    t = _json("transport-amd-epyc.json")
+    assert {k.split(" x ")[1] for k in t["cases"]} == {"1", "2", "4"} and "fanned out to 1, 2 and 4 echo shards" in README
+    before, after = t["loadavg_before"][0], t["loadavg_after"][0]
+    assert f"grpc {t['grpc']}, load average {before:.1f} before and {after:.1f} after the run" in README
+
+
+def _range(pattern: str) -> tuple[float, float]:
+    m = re.search(pattern, README)
+    assert m, f"the Status table's fan-out row no longer says {pattern!r}"
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_the_status_rows_serving_ranges_hold_the_committed_runs():
+    """The Status table's fan-out row: the ranges it gives for 2026-12-04's committed runs (serving.json, serving-c16.json)
+    hold their concurrency-16 figures, to the digits printed; the direct design's fan-out range once left out
+    serving-c16.json's 0.95 ms."""
+    runs = [_c16("serving.json"), _c16("serving-c16.json")]
+    fanout = [_json(n)["fanout"]["fanout_overhead_p50_s"] * 1e3 for n in ("serving.json", "serving-c16.json")]
+    checks = [
+        (r"is ([\d.]+)-([\d.]+)x `LLM.generate` through the `direct_grpc` port", [r["port"]["tok_s"] / r["llm"]["tok_s"]
+                                                                                for r in runs]),
+        (r"and ([\d.]+)-([\d.]+)x through Serve's proxy in 2026-12-04's runs", [r["proxy"]["tok_s"] / r["llm"]["tok_s"]
+                                                                              for r in runs]),
+        (r"([\d.]+)-([\d.]+) ms in the evening's and the night's runs \(`serving.json`, `serving-c16.json`\)", fanout),
+        (r"reaches ([\d.]+)-([\d.]+)x with a fan-out p50", [r["direct"]["tok_s"] / r["llm"]["tok_s"] for r in runs]),
+        (r"with a fan-out p50 of ([\d.]+)-([\d.]+) ms", [r["direct"]["fanout_p50_ms"] for r in runs]),
+    ]
+    for pattern, values in checks:
+        lo, hi = _range(pattern)
+        assert all(lo - 0.005 <= v <= hi + 0.005 for v in values), (pattern, lo, hi, values)
