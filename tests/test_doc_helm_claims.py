@@ -98,3 +98,20 @@ def test_helm_limits_defaults_are_the_app_defaults():
             limits["expertTimeoutSeconds"]) == (app.max_num_seqs, app.max_queue, app.max_num_batched_tokens,
                                                 app.expert_timeout_s)
     assert limits["maxModelLen"] is None and "if shorter" in Limits.model_fields["max_model_len"].description
+
+
+def test_the_old_clusters_deletion_delay_defaults_as_the_readme_says():
+    """Chart README (Upgrades): "The deletion delay defaults to the request timeout (`serve.requestTimeoutSeconds`,
+    600 s without one) plus `rayService.drainMarginSeconds`" (tests/test_helm_values.py: a shorter explicit value fails
+    the render, and the production values' delay covers their timeout)."""
+    from tests.helm_util import _objects, _one, _render
+
+    readme = " ".join((CHART / "README.md").read_text().split())
+    assert ("The deletion delay defaults to the request timeout (`serve.requestTimeoutSeconds`, 600 s without one) plus "
+            "`rayService.drainMarginSeconds`") in readme
+    v = _values()
+    assert v["serve"]["requestTimeoutSeconds"] is None and v["rayService"]["rayClusterDeletionDelaySeconds"] is None
+    margin = v["rayService"]["drainMarginSeconds"]
+    for serve, want in (({}, 600 + margin), ({"requestTimeoutSeconds": 90.5}, 91 + margin)):
+        rs = _one(_objects(_render({"serve": serve} if serve else None)), "RayService")
+        assert rs["spec"]["rayClusterDeletionDelaySeconds"] == want, serve
