@@ -94,3 +94,19 @@ def test_the_status_rows_serving_ranges_hold_the_committed_runs():
     for pattern, values in checks:
         lo, hi = _range(pattern)
         assert all(lo - 0.005 <= v <= hi + 0.005 for v in values), (pattern, lo, hi, values)
+
+
+def test_the_served_steps_against_direct_are_the_committed_runs():
+    """Serving: "the served gateway's steps still take 1.4-2.0x as long as the same engine's without Ray (TPOT p50
+    through the port ... against ... direct in serving.json and serving-c16.json)": it said "about twice as long
+    (TPOT 47-48 against 23-25 ms)", which serving-c16.json's port (33.6 ms) did not bear out."""
+    runs = [_c16("serving.json"), _c16("serving-c16.json")]
+    m = re.search(r"take ([\d.]+)-([\d.]+)x as long as the same engine's without Ray \(TPOT p50 through the port "
+                  r"([\d.]+) and ([\d.]+) ms against ([\d.]+) and ([\d.]+) ms direct in `serving.json` and "
+                  r"`serving-c16.json`\)", README)
+    assert m, "the Serving section's served-against-direct TPOT sentence moved or changed shape"
+    port, direct = [r["port"]["tpot_p50_ms"] for r in runs], [r["direct"]["tpot_p50_ms"] for r in runs]
+    printed = [float(g) for g in m.groups()]
+    assert printed[2:4] == [round(v, 1) for v in port] and printed[4:6] == [round(v, 1) for v in direct]
+    ratios = sorted(p / d for p, d in zip(port, direct))
+    assert printed[:2] == [round(ratios[0], 1), round(ratios[1], 1)]
