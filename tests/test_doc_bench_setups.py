@@ -45,8 +45,9 @@ def test_offline_serving_and_overlap_set_ups():
 
 def test_elasticity_overload_real_width_and_transport_set_ups():
     a = _json("balance.json")["args"]
-    assert (f"Planner, {a['layers']} MoE layers × {a['experts']} experts on {a['shards']} shards × {a['slots']} slots, "
-            f"Zipf {a['zipf']} loads drifting for {a['rounds']} rounds ({a['swaps']} swaps of hot and cold") in README
+    assert (f"Planner, {a['layers']} MoE layers × {a['experts']} experts on {a['shards']} shards × "
+            f"{a['slots']} slots, Zipf {a['zipf']} loads drifting for {a['rounds']} rounds ({a['swaps']} swaps of hot "
+            "and cold") in README
     moved = {r["system"]: r["moved_per_round"] for r in _json("balance.json")["summary"]}
     times = round(moved["greedy from scratch"] / moved["planner (bounded moves)"])
     assert f"while moving {times}x fewer weights" in README
@@ -65,7 +66,8 @@ def test_elasticity_overload_real_width_and_transport_set_ups():
     assert (f"hidden {w['hidden']}, {w['experts']} experts, expert FFN {w['intermediate']}, top-{w['top_k']}, "
             f"{w['heads']}/{w['kv_heads']} heads") in README and w["family"] == "qwen3_moe"
     t = _json("transport-amd-epyc.json")
-    assert {k.split(" x ")[1] for k in t["cases"]} == {"1", "2", "4"} and "fanned out to 1, 2 and 4 echo shards" in README
+    assert {k.split(" x ")[1] for k in t["cases"]} == {"1", "2", "4"}
+    assert "fanned out to 1, 2 and 4 echo shards" in README
     before, after = t["loadavg_before"][0], t["loadavg_after"][0]
     assert f"grpc {t['grpc']}, load average {before:.1f} before and {after:.1f} after the run" in README
 
@@ -77,9 +79,9 @@ def _range(pattern: str) -> tuple[float, float]:
 
 
 def test_the_status_rows_serving_ranges_hold_the_committed_runs():
-    """The Status table's fan-out row: the ranges it gives for 2026-12-04's committed runs (serving.json, serving-c16.json)
-    hold their concurrency-16 figures, to the digits printed; the direct design's fan-out range once left out
-    serving-c16.json's 0.95 ms."""
+    """The Status table's fan-out row: the ranges it gives for 2026-12-04's committed runs (serving.json,
+    serving-c16.json) hold their concurrency-16 figures, to the digits printed; the direct design's fan-out range
+    once left out serving-c16.json's 0.95 ms."""
     runs = [_c16("serving.json"), _c16("serving-c16.json")]
     fanout = [_json(n)["fanout"]["fanout_overhead_p50_s"] * 1e3 for n in ("serving.json", "serving-c16.json")]
     checks = [
@@ -110,3 +112,22 @@ def test_the_served_steps_against_direct_are_the_committed_runs():
     assert printed[2:4] == [round(v, 1) for v in port] and printed[4:6] == [round(v, 1) for v in direct]
     ratios = sorted(p / d for p, d in zip(port, direct))
     assert printed[:2] == [round(ratios[0], 1), round(ratios[1], 1)]
+
+
+def _pingpong_ratios(name: str) -> list[float]:
+    return [s["ratio_vs_sequential"] for r in _json(name)["results"] for k, s in r["schedules"].items()
+            if k.startswith("ping-pong")]
+
+
+def test_micro_batches_on_cpu_never_paid_off_in_the_recorded_runs():
+    """Architecture and Overlap: on CPU a step in 2 or 3 micro-batches took longer than the whole step in every
+    recorded case. The README said ping-pong hides latency "only where the dense work shrinks with the tokens (large
+    steps)" and costs more "for small decode steps": overlap_t256.json, which it cites, has 256-token steps slower
+    too."""
+    both = _pingpong_ratios("overlap.json") + _pingpong_ratios("overlap_t256.json")
+    big = _pingpong_ratios("overlap_t256.json")
+    assert min(both) > 1.0
+    assert (f"from 16 to 256 tokens, a step in 2 or 3 micro-batches took {min(both):.2f}-{max(both):.2f}x the time of "
+            "the whole step") in README
+    assert f"also at 256 tokens (`benchmarks/results/overlap_t256.json`: {min(big):.2f}-{max(big):.2f}x)" in README
+    assert {r["tokens"] for n in ("overlap.json", "overlap_t256.json") for r in _json(n)["results"]} == {16, 64, 256}

@@ -107,8 +107,8 @@ def test_the_old_clusters_deletion_delay_defaults_as_the_readme_says():
     from tests.helm_util import _objects, _one, _render
 
     readme = " ".join((CHART / "README.md").read_text().split())
-    assert ("The deletion delay defaults to the request timeout (`serve.requestTimeoutSeconds`, 600 s without one) plus "
-            "`rayService.drainMarginSeconds`") in readme
+    assert ("The deletion delay defaults to the request timeout (`serve.requestTimeoutSeconds`, 600 s without one) "
+            "plus `rayService.drainMarginSeconds`") in readme
     v = _values()
     assert v["serve"]["requestTimeoutSeconds"] is None and v["rayService"]["rayClusterDeletionDelaySeconds"] is None
     margin = v["rayService"]["drainMarginSeconds"]
