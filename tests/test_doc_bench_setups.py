@@ -131,3 +131,17 @@ def test_micro_batches_on_cpu_never_paid_off_in_the_recorded_runs():
             "the whole step") in README
     assert f"also at 256 tokens (`benchmarks/results/overlap_t256.json`: {min(big):.2f}-{max(big):.2f}x)" in README
     assert {r["tokens"] for n in ("overlap.json", "overlap_t256.json") for r in _json(n)["results"]} == {16, 64, 256}
+
+
+def test_the_engine_port_rows_first_run_is_the_committed_one():
+    """Serving, row (e): "Two runs at concurrency 16: 0.42x and 0.45x `LLM.generate` (478 and 426 tok/s), against
+    0.46x and 0.54x for (d) without the port and 0.32x and 0.46x served through the port": the first of each pair is
+    serving-engine-port.json's."""
+    rows = {r["system"].split(":")[0]: r["tok_s"] for r in _json("serving-engine-port.json")["rows"]}
+    llm = next(v for k, v in rows.items() if k.startswith("LLM.generate"))
+    m = re.search(r"Two runs at concurrency 16: ([\d.]+)x and [\d.]+x `LLM.generate` \((\d+) and \d+ tok/s\), against "
+                  r"([\d.]+)x and [\d.]+x for \(d\) without the port and ([\d.]+)x and [\d.]+x served through the port",
+                  README)
+    assert m, "the engine-port sentence moved or changed shape"
+    assert m.group(1) == f"{rows['engine-port'] / llm:.2f}" and m.group(2) == f"{rows['engine-port']:.0f}"
+    assert m.group(3) == f"{rows['direct'] / llm:.2f}" and m.group(4) == f"{rows['served-port'] / llm:.2f}"

@@ -3,6 +3,7 @@ it so (the behaviour behind them: the tests each docstring names)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,13 @@ def test_the_heap_frozen_at_start_up_is_unfrozen_at_exit():
             "print('frozen', freeze_startup_heap() > 0)\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.stdout.split("\n")[:2] == ["frozen True", "at exit 0"], (run.stdout, run.stderr)
+
+
+def test_the_transformers_the_families_are_checked_against_is_the_pinned_one():
+    """"Each family below is checked against transformers 5.23" (and the Status and strict-loader paragraphs say 5.23):
+    the version pyproject.toml pins and this suite runs (tests/test_families*.py compare with it)."""
+    import transformers
+
+    pinned = re.search(r'"transformers==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    said = set(re.findall(r"transformers (\d+\.\d+)\b", README))
+    assert said == {pinned.rsplit(".", 1)[0]} and transformers.__version__ == pinned, (said, pinned)
