@@ -145,3 +145,13 @@ def test_the_engine_port_rows_first_run_is_the_committed_one():
     assert m, "the engine-port sentence moved or changed shape"
     assert m.group(1) == f"{rows['engine-port'] / llm:.2f}" and m.group(2) == f"{rows['engine-port']:.0f}"
     assert m.group(3) == f"{rows['direct'] / llm:.2f}" and m.group(4) == f"{rows['served-port'] / llm:.2f}"
+
+
+def test_the_status_rows_failed_streams_are_the_stalls_runs():
+    """The Status table's fault-tolerance row said "0 failed streams" while stalls.json (the Served faults table) has
+    4 on the gateway kill; it must name every fault that lost streams, and only those."""
+    rows = _json("stalls.json")["rows"]
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| fault tolerance"))
+    lost = {r["event"] for r in rows if r["failed_streams"]}
+    assert lost == {"gateway kill"} and "0 failed streams but those on a killed gateway replica" in row
+    assert "`stalls.json`" in row
