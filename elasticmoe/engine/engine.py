@@ -59,6 +59,7 @@ class Engine:
         self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
         self.failed_requests = 0  # requests ended by a failure (RequestFailed)
         self.unreported: list[Sequence] = []  # ended by a step that then raised (take_unreported)
+        self.held_slots: dict[int, int] = {}  # slot -> positions to zero: zeroing failed as its request ended
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -126,6 +127,7 @@ class Engine:
         run in halves at once, a prefill chunk failing so alone in smaller pieces (the step budget lowered to the
         piece that fit, for a while); a row that cannot be sampled ends its own request.
         """
+        self._zero_held()
         work = self.scheduler.schedule(self.forward.budget.tokens())
         if not work:
             return []
@@ -135,6 +137,14 @@ class Engine:
         except BaseException:  # ended, yet no caller would hear of them: take_unreported() gives them
             self.unreported += out
             raise
+
+    def _zero_held(self) -> None:
+        """Zero the slots held back (their zeroing failed as their request ended) and free them. Failing again, it
+        raises, as the step does: a device that cannot zero its memory is every request's failure, not one's."""
+        for slot, length in list(self.held_slots.items()):
+            self.cache.clear(slot, length)
+            del self.held_slots[slot]
+            self.scheduler.free_slots.append(slot)
 
     def take_unreported(self) -> list[Sequence]:
         """The sequences a step ended (failed) before raising, which its caller never got; each is given once."""
@@ -240,10 +250,20 @@ class Engine:
 
     def _release(self, seq: Sequence, reason: str) -> None:
         """End a request that did not finish by itself; the K/V it wrote are zeroed, as they may hold the NaN
-        or inf of a numerical fault that the next request in its slot would read (masked, yet summed)."""
-        if seq.status is Status.RUNNING:
-            self.cache.clear(seq.slot, min(seq.num_tokens, self.cache.max_len))
+        or inf of a numerical fault that the next request in its slot would read (masked, yet summed). Should the
+        zeroing raise (a device error), the request ends all the same and its slot is held back, given to no one
+        until the next step zeroes it: one request's end never fails (its abort, or its failure, would)."""
+        slot = seq.slot if seq.status is Status.RUNNING else None
+        if slot is not None:
+            length = min(seq.num_tokens, self.cache.max_len)
+            try:
+                self.cache.clear(slot, length)
+            except Exception:  # noqa: BLE001 - retried by the next step, where a failure is the engine's
+                log.exception("zeroing KV-cache slot %d failed; it is held back until a step zeroes it", slot)
+                self.held_slots[slot] = max(length, self.held_slots.get(slot, 0))
         self.scheduler.finish(seq, reason)
+        if slot in self.held_slots and slot in self.scheduler.free_slots:
+            self.scheduler.free_slots.remove(slot)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

@@ -1,0 +1,151 @@
+"""One request's failure inside the engine thread's loop (its detokenization, its stop-string check, its abort, the
+zeroing of its KV slot as it ends) ends that request only: its neighbours finish with the tokens of a solo run and the
+runner serves on. A real engine over a tiny Mixtral, experts in-process; faults injected into the tokenizer it is
+given and the KV cache's zeroing (a device error)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.engine.engine import Engine
+from elasticmoe.engine.scheduler import RequestFailed
+from elasticmoe.gateway.runner import EngineRunner
+from elasticmoe.model.dispatch import LocalDispatcher
+from tests.test_admission import HeldDispatcher, model  # noqa: F401 - model: a fixture, a tiny Mixtral
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+WARM = dataclasses.replace(GREEDY, max_tokens=40)
+PROMPTS = ["The expert said", "Once upon a time", "Mixture of experts routes", "A B C D"]
+AFTER = "The sea is"
+
+
+class FussyTokenizer:
+    """The model's tokenizer, except that decoding token `bad` raises (a tokenizer failure on one request's text)."""
+
+    def __init__(self, tokenizer, bad: int):
+        self.tokenizer, self.bad = tokenizer, bad
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids, **kw):
+        if self.bad in ids:
+            raise ValueError(f"injected: cannot decode token {self.bad}")
+        return self.tokenizer.decode(ids, **kw)
+
+
+def zeroing_fails_once(engine: Engine) -> list[int]:
+    """The engine's KV cache, whose first zeroing of a slot raises (a device error); returns the slots zeroed."""
+    real, calls = engine.cache.clear, []
+
+    def clear(slot: int, length: int) -> None:
+        calls.append(slot)
+        if len(calls) == 1:
+            raise RuntimeError("injected: CUDA error: an illegal memory access was encountered")
+        real(slot, length)
+    engine.cache.clear = clear
+    return calls
+
+
+@pytest.fixture(scope="module")
+def reference(model):  # noqa: F811
+    """Each prompt's greedy tokens from LLM.generate, one request at a time, and a token id none of them uses."""
+    llm = LLM(model[0])
+    ref = {p: llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS + [AFTER]}
+    ref["warm"] = llm.generate([PROMPTS[0]], WARM)[0].token_ids
+    used = {t for p in PROMPTS + [AFTER] for t in ref[p] + llm.encode(p)} | set(ref["warm"])
+    return llm, ref, min(set(range(100, 400)) - used)
+
+
+async def _collect(stream) -> list[int]:
+    out: list[int] = []
+    async for u in stream:
+        out += u.token_ids
+    return out
+
+
+def _serves_on(runner: EngineRunner, llm: LLM, ref: dict) -> None:
+    """A request after the failure gets its reference tokens; nothing is left held (places, slots, sequences)."""
+    async def after():
+        return await asyncio.wait_for(_collect(runner.generate("after", llm.encode(AFTER), GREEDY)), 60)
+
+    assert asyncio.run(after()) == ref[AFTER]
+    engine = runner.engine
+    assert runner._thread.is_alive() and runner.stats()["admitted"] == 0
+    assert engine.scheduler.num_free_slots == 16 and engine.held_slots == {} and engine.seqs == {}
+
+
+@pytest.mark.parametrize("stop", [(), ("never there",)], ids=["detokenizing", "stop_string_check"])
+def test_a_text_failure_whose_slot_zeroing_raises_ends_that_request_alone(model, reference, stop):  # noqa: F811
+    """A request forced (logit_bias) onto a token its tokenizer cannot decode: with no stop strings its text fails
+    as the runner publishes it, with one as the engine looks for it in its step. Ending it zeroes its KV slot, and
+    that raises (a device error). Before, the first killed the engine thread (every request then ended 'shutting
+    down'), the second made the step raise with the rows after its own counted run yet given no token (never
+    scheduled again: their clients waited forever). Now it alone ends (RequestFailed), its slot is zeroed by the
+    next step, and the neighbours (one running before it, four admitted beside it) get their solo tokens."""
+    llm, ref, bad = reference
+    _, files, store = model
+    disp = HeldDispatcher(store)
+    engine = Engine(files, disp, max_model_len=64, tokenizer=FussyTokenizer(llm.tokenizer, bad))
+    zeroed = zeroing_fails_once(engine)
+    runner = EngineRunner(engine)
+    forced = dataclasses.replace(GREEDY, logit_bias={bad: 100.0}, stop=stop)
+
+    async def go():
+        disp.hold(after=len(files.spec.moe.moe_layers))  # the warm request's prefill runs; its next step holds
+        warm = runner.generate("warm", llm.encode(PROMPTS[0]), WARM)
+        head = list((await warm.__anext__()).token_ids)
+        assert await asyncio.to_thread(disp.entered.wait, 30)
+        streams = [runner.generate("bad", llm.encode(PROMPTS[1]), forced)]  # first: its row comes before theirs
+        streams += [runner.generate(p, llm.encode(p), GREEDY) for p in PROMPTS]
+        disp.release()  # the next step runs the warm decode, then the five prefills (the bad one first)
+        out = await asyncio.wait_for(asyncio.gather(_collect(warm), *map(_collect, streams),
+                                                    return_exceptions=True), 60)
+        return [out[0] if isinstance(out[0], BaseException) else head + out[0]] + out[1:]
+
+    try:
+        out = asyncio.run(go())
+        assert isinstance(out[1], RequestFailed) and "could not be served" in str(out[1]), out[1]
+        assert out[0] == ref["warm"] and out[2:] == [ref[p] for p in PROMPTS]
+        _serves_on(runner, llm, ref)
+        assert zeroed[:2] == [zeroed[0]] * 2  # the slot whose zeroing failed was zeroed by the next step
+        assert engine.failed_requests == 1
+    finally:
+        disp.release()
+        runner.close()
+
+
+def test_an_abort_whose_slot_zeroing_raises_ends_that_request_alone(model, reference):  # noqa: F811
+    """A client closes its stream mid-generation; zeroing its KV slot raises (a device error). Before, the abort
+    killed the engine thread: its neighbours ended 'shutting down' and the runner refused everything after. Now
+    the abort completes (its slot held back until the next step zeroes it) and the neighbours get their solo
+    tokens."""
+    llm, ref, _ = reference
+    _, files, store = model
+    disp = HeldDispatcher(store)
+    engine = Engine(files, disp, max_model_len=64)
+    zeroed = zeroing_fails_once(engine)
+    runner = EngineRunner(engine)
+
+    async def go():
+        disp.hold(after=len(files.spec.moe.moe_layers))
+        quitter = runner.generate("quitter", llm.encode(PROMPTS[0]), WARM)
+        await quitter.__anext__()  # running: its slot holds its K/V
+        assert await asyncio.to_thread(disp.entered.wait, 30)
+        tasks = [asyncio.ensure_future(_collect(runner.generate(p, llm.encode(p), GREEDY))) for p in PROMPTS]
+        await asyncio.sleep(0)  # admitted (in the inbox, behind the abort below)
+        await quitter.aclose()
+        disp.release()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+
+    try:
+        assert asyncio.run(go()) == [ref[p] for p in PROMPTS]
+        _serves_on(runner, llm, ref)
+        assert zeroed[:2] == [zeroed[0]] * 2
+    finally:
+        disp.release()
+        runner.close()
