@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 import pytest
 
@@ -149,3 +150,57 @@ def test_an_abort_whose_slot_zeroing_raises_ends_that_request_alone(model, refer
     finally:
         disp.release()
         runner.close()
+
+
+class WakeFails(asyncio.SelectorEventLoop):
+    """An event loop that refuses to be woken from the engine thread (its own failure, not a closed loop's
+    RuntimeError): a request's stream on it cannot be pushed to."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        if threading.current_thread().name == "engine":
+            raise ValueError("injected: the loop refused a callback")
+        return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+def test_a_stream_whose_push_raises_ends_that_request_alone(model, reference):  # noqa: F811
+    """One client's event loop raises as the engine thread wakes it. Before, the push's error killed the engine
+    thread: every request ended 'shutting down' and the runner refused all after. Now that request alone ends
+    (RequestFailed, there for its client to read) and its neighbours, admitted beside it, get their solo tokens."""
+    llm, ref, _ = reference
+    _, files, store = model
+    runner = EngineRunner(Engine(files, LocalDispatcher(store), max_model_len=64))
+    admitted, got = threading.Event(), []
+
+    async def stranded():
+        stream = runner.generate("stranded", llm.encode(PROMPTS[0]), WARM)
+        admitted.set()
+        with pytest.raises(TimeoutError):  # never woken: its loop refused
+            await asyncio.wait_for(stream.__anext__(), 5)
+        try:
+            await stream.__anext__()  # what the runner left for it
+        except RequestFailed as e:
+            got.append(e)
+
+    def client():
+        loop = WakeFails()
+        try:
+            loop.run_until_complete(stranded())
+        finally:
+            loop.close()
+
+    async def neighbours():
+        assert await asyncio.to_thread(admitted.wait, 30)
+        return await asyncio.wait_for(asyncio.gather(*(_collect(runner.generate(p, llm.encode(p), GREEDY))
+                                                       for p in PROMPTS), return_exceptions=True), 60)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        assert asyncio.run(neighbours()) == [ref[p] for p in PROMPTS]
+        thread.join(30)
+        assert len(got) == 1 and "could not be served" in str(got[0]), got
+        _serves_on(runner, llm, ref)
+        assert runner.stats()["request_errors"] == 1 and runner.engine.failed_requests == 1
+    finally:
+        runner.close()
+        thread.join(30)

@@ -19,6 +19,7 @@ from elasticmoe.metrics import log_this_time
 
 log = logging.getLogger(__name__)
 SHUTTING_DOWN = "the gateway is shutting down"
+FAILED = "the request could not be served; retry later"
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class EngineRunner:
         self.step_errors = 0
         self.gave_up = False  # three steps in a row raised and ended the requests; no step has succeeded since
         self.hook_errors = 0  # on_step raised (logged, counted; the step's results still go out)
+        self.request_errors = 0  # one request's part of the loop raised (its admission, abort, update): it alone ended
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -187,10 +189,12 @@ class EngineRunner:
         self._post(lambda: self._abort(key))
 
     def _abort(self, key: str) -> None:
-        if not self._closed:  # once closed, close() may run this beside a step still in flight
-            self.engine.abort(key)
-        if self._streams.pop(key, None) is not None:
-            self._release()
+        try:
+            if not self._closed:  # once closed, close() may run this beside a step still in flight
+                self.engine.abort(key)
+        finally:  # its place is freed, whatever the engine did
+            if self._streams.pop(key, None) is not None:
+                self._release()
 
     def stats(self) -> dict:
         """Occupancy, read without waiting for the engine thread."""
@@ -198,7 +202,7 @@ class EngineRunner:
         return {"running": len(sched.running), "waiting": len(sched.waiting), "free_slots": sched.num_free_slots,
                 "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity, "refused": self.refused,
                 "step_retries": self.engine.step_retries, "failed_requests": self.engine.failed_requests,
-                "rss_bytes": _rss_bytes()}
+                "request_errors": self.request_errors, "rss_bytes": _rss_bytes()}
 
     def _drain_inbox(self) -> None:
         while True:
@@ -206,7 +210,10 @@ class EngineRunner:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            job()
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - a job is one request's (its admission, its abort), never the loop's
+                self._request_error("an inbox job raised")
 
     def _loop(self) -> None:
         try:
@@ -270,10 +277,41 @@ class EngineRunner:
             self.engine.fail(seq, RuntimeError("engine step failed repeatedly"))
             self._publish(seq)
 
+    def _request_error(self, what: str) -> None:
+        self.request_errors += 1
+        if log_this_time(self.request_errors):
+            log.exception("%s (%d times so far); that request ended, the others go on", what, self.request_errors)
+
     def _publish(self, seq: Sequence) -> None:
+        """Hand a sequence's news to its stream. Anything raising here is that request's (its text, its stream):
+        it alone ends, with RequestFailed, as one the engine ended."""
         stream = self._streams.get(seq.request_id)
         if stream is None:
             return
+        try:
+            self._send(seq, stream)
+        except Exception as e:  # noqa: BLE001 - this request only
+            self._request_error(f"publishing request {seq.request_id} raised")
+            self._drop(seq, stream, e)
+
+    def _drop(self, seq: Sequence, stream: RequestStream, error: Exception) -> None:
+        """End a request whose update failed: in the engine (counted, its slot freed), its place, its stream."""
+        try:
+            self.engine.fail(seq, error)  # sets seq.error (what its client is told), frees its slot if it runs
+        except Exception:  # noqa: BLE001 - its place and its client still hear of its end
+            self._request_error(f"ending request {seq.request_id} raised")
+        if self._streams.pop(seq.request_id, None) is not None:
+            self._release()
+        self._tell(stream, seq.error or RequestFailed(FAILED))
+
+    def _tell(self, stream: RequestStream, error: BaseException) -> None:
+        """Push a request's last word (an error), whatever its stream does: a push that raises is counted."""
+        try:
+            stream.push(error)
+        except Exception:  # noqa: BLE001 - e.g. its caller's event loop refused the wake-up
+            self._request_error("pushing a request's error raised")
+
+    def _send(self, seq: Sequence, stream: RequestStream) -> None:
         delta = ""
         if seq.error is None:
             try:
@@ -310,7 +348,7 @@ class EngineRunner:
             stream = self._streams.pop(key, None)
             if stream is not None:
                 self._release()
-                stream.push(RequestFailed(SHUTTING_DOWN))
+                self._tell(stream, RequestFailed(SHUTTING_DOWN))
 
 
 __all__ = ["EngineRunner", "RequestStream", "Update", "QueueFull"]
