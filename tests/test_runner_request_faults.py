@@ -204,3 +204,28 @@ def test_a_stream_whose_push_raises_ends_that_request_alone(model, reference):  
     finally:
         runner.close()
         thread.join(30)
+
+
+def test_a_prompt_its_tokenizer_cannot_decode_ends_that_request_alone(model, reference):  # noqa: F811
+    """A prompt ending in a token the tokenizer fails to decode (its text is decoded after the prompt's last
+    tokens). Before, the tokenizer's own ValueError went to the client (HTTP 500 'internal server error', gRPC
+    INTERNAL: a bug here); now RequestFailed as for any request the engine could not serve (503 / UNAVAILABLE),
+    counted in failed_requests; its neighbours get their solo tokens and the runner serves on."""
+    llm, ref, bad = reference
+    _, files, store = model
+    runner = EngineRunner(Engine(files, LocalDispatcher(store), max_model_len=64,
+                                 tokenizer=FussyTokenizer(llm.tokenizer, bad)))
+
+    async def go():
+        reqs = [(llm.encode(PROMPTS[0]) + [bad], GREEDY)] + [(llm.encode(p), GREEDY) for p in PROMPTS]
+        return await asyncio.wait_for(asyncio.gather(*(_collect(runner.generate("r", ids, p)) for ids, p in reqs),
+                                                     return_exceptions=True), 60)
+
+    try:
+        out = asyncio.run(go())
+        assert isinstance(out[0], RequestFailed) and isinstance(out[0].__cause__, ValueError), repr(out[0])
+        assert out[1:] == [ref[p] for p in PROMPTS]
+        _serves_on(runner, llm, ref)
+        assert runner.engine.failed_requests == 1
+    finally:
+        runner.close()

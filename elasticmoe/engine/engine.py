@@ -93,11 +93,15 @@ class Engine:
         self.validator.request(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """Queue a request; raises InvalidRequest or QueueFull (nothing is queued then)."""
+        """Queue a request; raises InvalidRequest, QueueFull, or RequestFailed (the tokenizer failed on the prompt's
+        last tokens); nothing is queued then."""
         if request_id in self.seqs:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         self.validate(prompt_ids, params)
-        detok = Detokenizer(self.tokenizer, params.stop, prompt_context(self.tokenizer, prompt_ids))
+        try:
+            detok = Detokenizer(self.tokenizer, params.stop, prompt_context(self.tokenizer, prompt_ids))
+        except Exception as e:  # noqa: BLE001 - this request's failure, told as any other's (not a raw error)
+            raise self._failure(request_id, e) from e
         seq = Sequence(request_id, list(prompt_ids), params, detok=detok)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -231,16 +235,21 @@ class Engine:
 
     def fail(self, seq: Sequence, error: BaseException) -> None:
         """End this request only: the client gets UNAVAILABLE / HTTP 503, never the raw internal error."""
+        seq.error = self._failure(seq.request_id, error)
+        self._release(seq, "abort")
+        self._forget(seq)
+
+    def _failure(self, request_id: str, error: BaseException) -> RequestFailed:
+        """What the client of a request that failed on `error` is told (counted in failed_requests)."""
         if isinstance(error, ExpertsUnavailable):  # its `public` cause where it has one (e.g. a message limit)
             msg = error.public or "some experts are unavailable (every copy failed); retry later"
         else:
             msg = "the request could not be served (its part of an engine step failed); retry later"
-            log.error("request %s failed: %r", seq.request_id, error)
-        seq.error = RequestFailed(msg)
-        seq.error.__cause__ = error
+            log.error("request %s failed: %r", request_id, error)
+        out = RequestFailed(msg)
+        out.__cause__ = error
         self.failed_requests += 1
-        self._release(seq, "abort")
-        self._forget(seq)
+        return out
 
     def _forget(self, seq: Sequence) -> None:
         """Drop `seq` from `seqs` if it is still there: its id may be another request's since (it ended, the id
