@@ -121,7 +121,7 @@ class Generation:
         except RequestFailed as e:  # the gateway stopped meanwhile
             raise self.fail(unavailable(str(e))) from e
         try:
-            self._stream = self.core.runner.generate(self.id, self.ids, self.params)
+            self._stream = self.core.runner.generate(self.id, self.ids, self.params, group=self.tally)
             first = await self._stream.__anext__()
         except InvalidRequest as e:  # counted once per request, however many of its choices are refused
             raise self.fail(bad_request(e, self.aliases)) from e

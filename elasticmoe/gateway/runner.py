@@ -9,6 +9,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -123,7 +124,8 @@ class EngineRunner:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._lock = threading.Lock()
         self._live = 0  # admitted and not yet ended (under _lock)
-        self.refused = 0  # requests refused at capacity (QueueFull), under _lock
+        self.refused = 0  # client requests refused at capacity (QueueFull), under _lock: see stats()
+        self._refused_groups: weakref.WeakSet = weakref.WeakSet()  # groups already counted in refused
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stop = False
@@ -136,13 +138,15 @@ class EngineRunner:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 group: object | None = None) -> RequestStream:
         """Admit a request and return its update stream, at once (no waiting for a step).
 
         Raises InvalidRequest (a bad field) or QueueFull (running + waiting at capacity) before anything is
         queued, and RequestFailed once the runner is closed. `request_id` need not be unique: the engine keys
         requests by an id of its own. The caller must `aclose()` the stream if it stops reading before the end
-        (that aborts the request).
+        (that aborts the request). `group`: an object (weakly referenced) that the choices of one client request
+        share (OpenAI's n): its refusals at capacity count once in stats()["refused"].
         """
         self.engine.validate(prompt_ids, params)
         key = f"{request_id}#{next(self._ids)}"
@@ -152,18 +156,26 @@ class EngineRunner:
             if self._closed:
                 raise RequestFailed(SHUTTING_DOWN)
             if self._live >= self.capacity:
-                self.refused += 1
+                self._refusal(group)
                 raise QueueFull(f"the gateway is at capacity ({self.capacity} requests running or waiting); "
                                 f"retry later")
             self._live += 1
-            self._post(lambda: self._add(key, ids, params, stream))
+            self._post(lambda: self._add(key, ids, params, stream, group))
         return stream
+
+    def _refusal(self, group: object | None) -> None:
+        """Count a refusal at capacity (under _lock): once per client request, however many of its choices."""
+        if group is None or group not in self._refused_groups:
+            self.refused += 1
+            if group is not None:
+                self._refused_groups.add(group)
 
     def _post(self, job: Callable[[], None]) -> None:
         self._inbox.put(job)
         self._wake.set()
 
-    def _add(self, key: str, prompt_ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+    def _add(self, key: str, prompt_ids: list[int], params: SamplingParams, stream: RequestStream,
+             group: object | None = None) -> None:
         if stream.done or self._closed:  # closed (or the runner closing) before the engine saw it
             self._release()
             if not stream.done:
@@ -174,7 +186,7 @@ class EngineRunner:
         except Exception as e:  # noqa: BLE001 - e.g. QueueFull from the scheduler's own bound
             if isinstance(e, QueueFull):  # refused at capacity too: counted as generate() counts its own
                 with self._lock:
-                    self.refused += 1
+                    self._refusal(group)
             self._release()
             stream.push(e)
             return
@@ -197,7 +209,12 @@ class EngineRunner:
                 self._release()
 
     def stats(self) -> dict:
-        """Occupancy, read without waiting for the engine thread."""
+        """Occupancy, read without waiting for the engine thread.
+
+        refused: client requests refused at capacity (QueueFull: HTTP 429, gRPC RESOURCE_EXHAUSTED), one per
+        request however many of its choices (OpenAI's n) were refused, as the gateway's metrics count a rejected
+        request: an operator compares it with the 429s clients saw. request_errors: failures in the engine thread's
+        handling of one request (its admission, abort, update or last word), each ending that request only."""
         sched = self.engine.scheduler
         return {"running": len(sched.running), "waiting": len(sched.waiting), "free_slots": sched.num_free_slots,
                 "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity, "refused": self.refused,
