@@ -23,7 +23,8 @@ from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.engine.scheduler import QueueFull
 from elasticmoe.gateway.grpc_api import parse_request
 from elasticmoe.gateway.openai_api import build_openai_app
-from elasticmoe.gateway.runner import EngineRunner, Update
+from elasticmoe.gateway.request_stream import Update
+from elasticmoe.gateway.runner import EngineRunner
 from elasticmoe.model import open_model
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.tiny import make_tiny_model

@@ -12,7 +12,7 @@ from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
 from elasticmoe.engine.validation import Validator
 from elasticmoe.gateway.auth import Unauthenticated
-from elasticmoe.gateway.runner import Update
+from elasticmoe.gateway.request_stream import Update
 from elasticmoe.rpc import generation_pb2 as gen
 
 log = logging.getLogger(__name__)

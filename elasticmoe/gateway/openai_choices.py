@@ -17,7 +17,7 @@ from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
 from elasticmoe.gateway.openai_protocol import ApiError, BaseRequest, choice_params
 from elasticmoe.gateway.openai_stream import EventStream, Shape, complete_all, sse, start_all
-from elasticmoe.gateway.runner import Update
+from elasticmoe.gateway.request_stream import Update
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

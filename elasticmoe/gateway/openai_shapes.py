@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from elasticmoe.engine.sampling import TokenLogprob
-from elasticmoe.gateway.runner import Update
+from elasticmoe.gateway.request_stream import Update
 
 # Engine finish reasons -> OpenAI's. "abort" (the engine dropped the request, e.g. on shutdown) has no
 # OpenAI equivalent; like vLLM we pass it through rather than claim a natural "stop".

@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 from elasticmoe.engine.sampling import TokenLogprob
 from elasticmoe.gateway.openai_protocol import ApiError
 from elasticmoe.gateway.openai_shapes import FINISH_REASONS, chat_logprobs, completion_logprobs
-from elasticmoe.gateway.runner import Update
+from elasticmoe.gateway.request_stream import Update
 
 # A "gen" below is an openai_choices.Generation: one choice in the engine (start, rest, record, close, params, id).
 
