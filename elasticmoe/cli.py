@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO_MIN_CPUS = 4  # logical CPUs the demo starts its local Ray node with, at least
+DEMO_CONFIG_NAME = "tiny.yaml"  # the demo's default: deployments/tiny.yaml, as local_cluster.tiny_serve_config()
 
 
 OFFLINE_DEFAULTS = {"max_tokens": 32, "temperature": 0.0}  # what `offline` fills in for an unset flag
@@ -126,15 +126,18 @@ def _read_serve_config(config: Path) -> dict:
     return doc
 
 
-def _demo_config(config: Path, model: str) -> Path:
-    """`config` with its first application's model set to `model`, written next to the cached models."""
+def _demo_config(config: Path | None, model: str) -> Path:
+    """The Serve config the demo deploys, written next to the cached models: the file `config` (--config), else
+    deployments/tiny.yaml as the package builds it (local_cluster.tiny_serve_config: a wheel has no deployments/),
+    with its first application's model set to `model`."""
     import yaml
 
+    from elasticmoe.local_cluster import tiny_serve_config
     from elasticmoe.model.embedded import cache_dir
 
-    doc = _read_serve_config(config)
+    doc = tiny_serve_config() if config is None else _read_serve_config(config)
     doc["applications"][0].setdefault("args", {})["model"] = model
-    out = cache_dir() / f"demo-{config.name}"
+    out = cache_dir() / f"demo-{DEMO_CONFIG_NAME if config is None else config.name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
@@ -171,7 +174,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from elasticmoe.model.demo import DEMO_PROMPTS
     from elasticmoe.model.embedded import ensure_tiny_model
 
-    config = _demo_config(Path(ns.config), ns.model)  # refused before the running cluster is stopped
+    given = None if ns.config is None else Path(ns.config)
+    config = _demo_config(given, ns.model)  # refused before the running cluster is stopped
     app, grpc_port = _demo_target(config)
     t0 = time.perf_counter()
     path = ensure_tiny_model(ns.model[len("tiny:"):]) if ns.model.startswith("tiny:") else ns.model
@@ -180,7 +184,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     print("[2/4] starting a local Ray cluster on 127.0.0.1 ...")
     lc.stop_ray()
     lc.start_ray(num_cpus=ns.cpus)
-    print(f"[3/4] serve deploy {ns.config} (model: {ns.model}) ...")
+    shown = f"deployments/{DEMO_CONFIG_NAME}" if given is None else ns.config
+    print(f"[3/4] serve deploy {shown} (model: {ns.model}) ...")
     lc.serve_deploy(config)
     lc.wait_running(app)
     client = GenerationClient(f"127.0.0.1:{grpc_port}", app=app)
@@ -254,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elasticmoe", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="demo model -> local Ray -> serve deploy -> gRPC requests")
-    p.add_argument("--config", default=str(REPO / "deployments" / "tiny.yaml"))
+    p.add_argument("--config", default=None, help=f"Serve config to deploy (default: deployments/{DEMO_CONFIG_NAME}, "
+                   "built into the package)")
     p.add_argument("--cpus", type=_demo_cpus, default=DEMO_MIN_CPUS,
                    help=f"logical CPUs for the local Ray node (at least {DEMO_MIN_CPUS}, the default)")
     p.add_argument("--model", default="tiny:demo", help="model served (default: the demo model, trained on first use)")

@@ -169,6 +169,18 @@ def serve_config(apps: list[dict]) -> dict:
             "applications": apps}
 
 
+def tiny_serve_config(model: str = "tiny:mixtral") -> dict:
+    """deployments/tiny.yaml (`elasticmoe demo` deploys it with its --model), built here: an installed package has
+    no deployments/ folder. tests/test_deploy_configs.py checks that the YAML file is this config."""
+    limits = {"max_num_seqs": 8, "max_model_len": 512, "max_queue": 32, "max_num_batched_tokens": 512,
+              "expert_timeout_s": 5.0}
+    args = {"model": model, "num_shards": 2, "num_gateways": 1, "dtype": "float32", "device": "cpu",
+            "gateway_resources": {"num_cpus": 0.5}, "shard_resources": {"num_cpus": 0.5}, "limits": limits,
+            "expert_metrics": "per_expert"}
+    return serve_config([{"name": "elasticmoe", "route_prefix": "/", "import_path": "elasticmoe.app:build_app",
+                          "args": args}])
+
+
 # ----- Fault injection helpers (tests, benchmarks/stalls.py): which process to kill or pause
 def shard_pids(app: str, count: int = 2, tries: int = 100) -> dict[str, int]:
     """shard id -> pid of up to `count` ExpertShard replicas of `app` (Serve picks a replica per call: ask until seen).

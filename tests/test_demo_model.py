@@ -109,13 +109,16 @@ def test_training_is_deterministic():
 
 
 def test_demo_command_serves_tiny_yaml_with_the_demo_model(tmp_path, monkeypatch):
+    """With no --config the demo deploys deployments/tiny.yaml (built by the package) with its --model."""
     import yaml
 
     from elasticmoe.app import resolve_args
-    from elasticmoe.cli import REPO, _demo_config
+    from elasticmoe.cli import _demo_config, build_parser
 
     monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path))
-    out = _demo_config(REPO / "deployments" / "tiny.yaml", "tiny:demo")
+    ns = build_parser().parse_args(["demo"])
+    assert ns.config is None
+    out = _demo_config(None, ns.model)
     doc, shipped = yaml.safe_load(out.read_text()), yaml.safe_load((REPO / "deployments" / "tiny.yaml").read_text())
     assert doc["applications"][0]["args"] == {**shipped["applications"][0]["args"], "model": "tiny:demo"}
     assert {k: v for k, v in doc.items() if k != "applications"} == {k: v for k, v in shipped.items()
@@ -217,7 +220,7 @@ def test_demo_with_a_config_it_cannot_use_leaves_the_running_cluster_alone(text,
     monkeypatch.setattr(lc, "serve_deploy", lambda path: ray_commands.append("deploy"))
     assert main(["demo", "--config", str(config), "--model", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert ray_commands == [] and "error:" in err and str(config) in err and "Traceback" not in err, err
+    assert ray_commands == [] and "error:" in err and f"--config {config}:" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
 
 

@@ -173,6 +173,16 @@ def test_tiny_deployment_fits_a_laptop():
     assert args.gateway_resources.num_gpus == args.shard_resources.num_gpus == 0
 
 
+def test_tiny_yaml_is_the_config_the_demo_deploys():
+    """`elasticmoe demo` deploys deployments/tiny.yaml (with its --model) from the package, which a wheel or the
+    image holds without deployments/ (its default was the checkout's file: 'cannot be read' once installed): the
+    package's copy, local_cluster.tiny_serve_config(), is the YAML file, key for key."""
+    from elasticmoe.local_cluster import tiny_serve_config
+
+    assert _load(DEPLOYMENTS_DIR / "tiny.yaml") == tiny_serve_config()
+    assert tiny_serve_config("tiny:demo")["applications"][0]["args"]["model"] == "tiny:demo"
+
+
 @pytest.mark.parametrize("path", GPU_DEPLOYMENTS, ids=lambda p: p.name)
 def test_gpu_deployment_is_realistic(path):
     args = _app_args(_serve_schema(_load(path)).applications[0].args)

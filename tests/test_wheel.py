@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,40 @@ def test_wheel_holds_every_package_file(wheel):
     assert sorted(needed - names) == [], "pyproject.toml [tool.setuptools.package-data] misses these"
     with zipfile.ZipFile(wheel) as z:
         assert z.read("elasticmoe/kernels/cpu_gemm.c") == (ROOT / "elasticmoe/kernels/cpu_gemm.c").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def unpacked(wheel, tmp_path_factory) -> Path:
+    """The wheel's files unpacked into site/ (what a non-editable install puts in site-packages)."""
+    root = tmp_path_factory.mktemp("unpacked")
+    zipfile.ZipFile(wheel).extractall(root / "site")
+    return root
+
+
+def _run_installed(root: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """`python ARGS` run in `root`, no checkout in sight, the unpacked wheel ahead of the project venv (whose
+    packages stay importable; its editable elasticmoe comes after PYTHONPATH)."""
+    env = {**os.environ, "PYTHONPATH": str(root / "site"), "ELASTICMOE_CACHE": str(root / "cache")}
+    return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_installed_demo_has_its_default_config(unpacked):
+    """`elasticmoe demo` with no --config, from the installed package: its default was the checkout's
+    deployments/tiny.yaml, which no wheel holds ('--config <site-packages>/deployments/tiny.yaml: cannot be read',
+    a flag never given). The config it deploys now comes from the package: deployments/tiny.yaml with the demo
+    model, a Serve config the demo reads back and whose args resolve."""
+    code = ("import elasticmoe, yaml; from elasticmoe import cli; from elasticmoe.app import resolve_args; "
+            "out = cli._demo_config(None, 'tiny:demo'); doc = cli._read_serve_config(out); "
+            "resolve_args(doc['applications'][0]['args']); print(elasticmoe.__file__); print(out); "
+            "print(yaml.safe_dump(doc))")
+    proc = _run_installed(unpacked, ["-c", code])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, out, text = proc.stdout.split("\n", 2)
+    assert where.startswith(str(unpacked / "site")), where  # the wheel's package, not the checkout's
+    assert out.startswith(str(unpacked / "cache")), out
+    shipped = yaml.safe_load((ROOT / "deployments" / "tiny.yaml").read_text())
+    shipped["applications"][0]["args"]["model"] = "tiny:demo"
+    assert yaml.safe_load(text) == shipped
 
 
 def test_cpu_gemm_without_its_source_falls_back(tmp_path, monkeypatch):
