@@ -84,6 +84,18 @@ def test_installed_demo_has_its_default_config(unpacked):
     assert yaml.safe_load(text) == shipped
 
 
+def test_python_m_elasticmoe_runs_the_command(unpacked):
+    """`python -m elasticmoe` was 'No module named elasticmoe.__main__' (only `python -m elasticmoe.cli` ran): the
+    installed package runs the `elasticmoe` command, its exit status included."""
+    assert (unpacked / "site" / "elasticmoe" / "__main__.py").is_file()
+    proc = _run_installed(unpacked, ["-m", "elasticmoe", "--help"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: elasticmoe") and "make-tiny-model" in proc.stdout, proc.stdout
+    bad = _run_installed(unpacked, ["-m", "elasticmoe", "offline", "hi", "--model", "tiny:nope"])
+    assert bad.returncode == 1 and "elasticmoe offline: error:" in bad.stderr, bad.stderr
+    assert "unknown tiny family 'nope'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_cpu_gemm_without_its_source_falls_back(tmp_path, monkeypatch):
     """An install that lost cpu_gemm.c gets the torch path (None), not FileNotFoundError on the first linear."""
     from elasticmoe.kernels import cpu_gemm
