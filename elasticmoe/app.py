@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from elasticmoe.config import GATEWAY_DRAIN_S, SHARD_SHUTDOWN_S, AppArgs, default_served_name
+from elasticmoe.config import GATEWAY_DRAIN_S, SHARD_SHUTDOWN_S, AppArgs, check_slots, default_served_name
 
 
 def _options(res) -> dict[str, Any]:
@@ -39,7 +39,8 @@ def _default_named(args: dict[str, Any], a: AppArgs) -> AppArgs:
 
 def resolve_args(args: dict[str, Any]) -> AppArgs:
     """Validated args with `model` pinned once: a hub id / cache repo dir + `revision` becomes one snapshot
-    directory and its commit, which every replica then loads (no per-process "newest snapshot" guess)."""
+    directory and its commit, which every replica then loads (no per-process "newest snapshot" guess); a
+    checkpoint's autoscaling.slots_per_shard is checked against its experts (_check_slots_fit)."""
     try:
         a = AppArgs.model_validate(args)
     except ValidationError as e:
@@ -60,7 +61,23 @@ def resolve_args(args: dict[str, Any]) -> AppArgs:
         snap = resolve(a.model, a.revision)
     except HubError as e:
         raise ValueError(f"elasticmoe app args: model: {e}") from e
-    return a.model_copy(update={"model": str(snap.path), "revision": snap.commit})
+    a = a.model_copy(update={"model": str(snap.path), "revision": snap.commit})
+    _check_slots_fit(a)
+    return a
+
+
+def _check_slots_fit(a: AppArgs) -> None:
+    """autoscaling.slots_per_shard, when set, against the expert count in the checkpoint's config.json (no weight
+    file read: the head may hold only the JSON files), at Serve's build rather than at the controller's start. A
+    tiny:<family> model is made later, by the replicas: the controller checks it (and the demo before Ray)."""
+    if a.autoscaling is None or a.autoscaling.slots_per_shard is None:
+        return
+    from elasticmoe.model import read_spec
+
+    try:
+        check_slots(a, read_spec(a.model).moe.num_experts)
+    except ValueError as e:  # ModelSpecError too: the file's model, named as the controller would
+        raise ValueError(f"elasticmoe app args: {e}") from e
 
 
 def build_app(args: dict[str, Any]):

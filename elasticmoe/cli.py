@@ -153,18 +153,20 @@ def _demo_target(config: Path) -> tuple[str, int]:
 
 def _check_demo_app(config: Path) -> None:
     """Refuse, before the running cluster is stopped, what the deploy would fail on: the app args (AppArgs, the
-    model's config.json) and the checkpoint, opened as the controller opens it (its weights' index, its family),
-    and its tokenizer, loaded as the gateway loads it."""
+    model's config.json) and the checkpoint, opened as the controller opens it (its weights' index, its family,
+    autoscaling.slots_per_shard against its experts), and its tokenizer, loaded as the gateway loads it."""
     import yaml
 
     from elasticmoe.app import resolve_args
+    from elasticmoe.config import check_slots
     from elasticmoe.engine.checkpoint_defaults import load_tokenizer
     from elasticmoe.model import open_model
 
     args = resolve_args(yaml.safe_load(config.read_text())["applications"][0].get("args", {}))
-    ckpt = open_model(args.model).ckpt
-    ckpt.close()
-    load_tokenizer(ckpt.path)
+    files = open_model(args.model)
+    files.ckpt.close()
+    check_slots(args, files.spec.moe.num_experts)  # as the controller does: a tiny:<family> model is known only now
+    load_tokenizer(files.ckpt.path)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:

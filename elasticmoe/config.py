@@ -208,6 +208,20 @@ class AppArgs(_Strict):
         return self
 
 
+def check_slots(args: AppArgs, num_experts: int) -> None:
+    """Refuse, naming the fields and their numbers (ValueError), an autoscaling.slots_per_shard too small for the
+    initial placement: num_shards shards of slots_per_shard slots each (per MoE layer) must hold every one of the
+    model's `num_experts` experts expert_copies times. Unset, the controller's default always fits."""
+    slots = args.autoscaling.slots_per_shard if args.autoscaling is not None else None
+    n, copies = args.num_shards, args.expert_copies
+    if slots is None or n * slots >= num_experts * copies:
+        return
+    raise ValueError(f"autoscaling.slots_per_shard ({slots}) is too small: num_shards ({n}) * slots_per_shard = "
+                     f"{n * slots} < the model's {num_experts} experts * expert_copies ({copies}) = "
+                     f"{num_experts * copies} expert copies per layer; set slots_per_shard to at least "
+                     f"{-(-num_experts * copies // n)}, or leave it unset (an even split + 25%)")
+
+
 def default_served_name(model: str) -> str:
     """The name the APIs show for `model`: a hub id or tiny:<family> as given; for a Hugging Face cache directory
     (.../models--org--name[/snapshots/<commit>]) org/name; for any other directory its last component only, so

@@ -17,7 +17,7 @@ from elasticmoe.autoscaler.recovery import Recovery, placement_key
 from elasticmoe.autoscaler.replace import Replacer
 from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.autoscaler.stats import StatsKeeper
-from elasticmoe.config import AppArgs
+from elasticmoe.config import AppArgs, check_slots
 from elasticmoe.placement import plan
 
 log = logging.getLogger("elasticmoe.controller")
@@ -55,6 +55,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         self.moe_layers = spec.moe.moe_layers
         self.layer_index = {l: i for i, l in enumerate(self.moe_layers)}
         self.num_experts = spec.moe.num_experts
+        check_slots(self.args, self.num_experts)  # as the app build does (a tiny:<family> model is known only now)
         auto = self.args.autoscaling
         n, copies = self.args.num_shards, self.args.expert_copies
         self.slots = (auto.slots_per_shard if auto else None) or default_slots(self.num_experts, n, copies)

@@ -22,7 +22,7 @@ from elasticmoe.model.quant import (
 from elasticmoe.model.safetensors_header import _DTYPES, CheckpointError, read_header, same_tensor
 from elasticmoe.model.weight_files import INDEX_FILE, weight_files
 
-__all__ = ["INDEX_FILE", "Checkpoint", "CheckpointError", "View", "read_header", "resolve_model_dir"]
+__all__ = ["INDEX_FILE", "Checkpoint", "CheckpointError", "View", "load_config", "read_header", "resolve_model_dir"]
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
@@ -35,6 +35,20 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     except HubError as e:
         raise CheckpointError(str(e)) from e
     return path  # resolve refused a directory without config.json
+
+
+def load_config(path: Path) -> Any:
+    """The transformers config of checkpoint directory `path` (its config.json only); an unknown architecture raises
+    CheckpointError naming config.json."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except StrictDataclassError as e:  # a field of a type its config class forbids (e.g. null for an int)
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unknown or unreadable architecture: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -121,16 +135,8 @@ class Checkpoint:
         return scales
 
     def config(self) -> Any:
-        """The transformers config; an unknown architecture raises CheckpointError naming config.json."""
-        from huggingface_hub.errors import StrictDataclassError
-        from transformers import AutoConfig
-
-        try:
-            return AutoConfig.from_pretrained(self.path)
-        except StrictDataclassError as e:  # a field of a type its config class forbids (e.g. null for an int)
-            raise CheckpointError(f"{self.path / 'config.json'}: {e}") from e
-        except (ValueError, KeyError, OSError) as e:
-            raise CheckpointError(f"{self.path / 'config.json'}: unknown or unreadable architecture: {e}") from e
+        """The transformers config (load_config)."""
+        return load_config(self.path)
 
     def set_views(self, views: dict[str, View], ignored: set[str] = frozenset()) -> None:
         """Expose stored tensors (or row slices of them) under other names; the stored names they cover vanish,
