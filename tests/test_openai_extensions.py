@@ -272,3 +272,19 @@ def test_a_400_from_tokenize_or_detokenize_is_counted_as_the_other_routes_count_
     assert e.value.code == 400
     assert (core.metrics.requests.get(("http", "invalid"), 0), core.metrics.errors.get("400", 0)) == \
         (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize("path,body", [("/tokenize", {"prompt": FOX}),
+                                       ("/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}),
+                                       ("/detokenize", {"tokens": [5, 6, 7]})])
+def test_a_tokenize_or_detokenize_answered_counts_once_as_ok(served, path, body):
+    """Their 400s count in elasticmoe_requests_total (the test above), so their answers must too: counted only when
+    they failed, these routes read as failing every time in the dashboard's error ratio and invalid share. No
+    latency is observed (they generate nothing)."""
+    core, _, url = served
+    before = core.metrics.counts()
+    assert _http(url, path, body)[0] == 200
+    requests, errors, latency = core.metrics.counts()
+    assert requests.get(("http", "ok"), 0) == before[0].get(("http", "ok"), 0) + 1
+    assert sum(requests.values()) == sum(before[0].values()) + 1
+    assert (errors, latency) == before[1:]

@@ -9,6 +9,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest
+from elasticmoe.gateway.openai_choices import record_outcome
 from elasticmoe.gateway.openai_messages import ChatMessage, Tool, chat_chars, chat_ids, check_tools
 from elasticmoe.gateway.openai_protocol import ApiError
 from elasticmoe.gateway.tokenizing import chars_of, tokenized
@@ -113,6 +114,7 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
         body: dict[str, Any] = {"count": len(ids), "max_model_len": check.max_model_len, "tokens": ids}
         if req.return_token_strs:
             body["token_strs"] = core.tokenizer.convert_ids_to_tokens(ids)
+        _answered(core)
         return body
 
     @app.post("/detokenize")
@@ -123,7 +125,15 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
             ids = _check(core).prompt_ids(req.tokens, "tokens")
         except InvalidRequest as e:
             raise _invalid(core, e) from None
-        return {"prompt": core.tokenizer.decode(ids)}
+        prompt = core.tokenizer.decode(ids)
+        _answered(core)
+        return {"prompt": prompt}
+
+
+def _answered(core: Any) -> None:
+    """Count an answered /tokenize or /detokenize as ok (their 400s count as invalid: counting only those, the
+    routes read as failing every time); no latency is observed, as nothing is generated."""
+    record_outcome(core, None)
 
 
 def _invalid(core: Any, e: InvalidRequest) -> ApiError:
