@@ -65,8 +65,16 @@ def _since(s: dict, prev: dict | None) -> tuple[int, dict[tuple[int, int], int]]
             _delta(experts, {(l, e): n for l, e, n in before.get("expert_tokens", [])}))
 
 
+def live_shards(st: dict) -> int:
+    """Shards the routing table sends to: ready, healthy and at a position of the placement (Registry.live); not a
+    dead one still registered (until its experts are re-homed, or for good with nowhere to re-home them), a
+    replacement still loading, nor a spare."""
+    n = st.get("num_shards") or 0
+    return sum(1 for s in st.get("shards", []) if s.get("ready") and s.get("healthy") and s.get("position", n) < n)
+
+
 def header(st: dict) -> list[str]:
-    lines = [f"placement version {st.get('version')}  shards {len(st.get('shards', []))}/{st.get('num_shards')} "
+    lines = [f"placement version {st.get('version')}  shards {live_shards(st)}/{st.get('num_shards')} "
              f"(desired {st.get('desired_shards')})  every expert placed: {st.get('complete')}  "
              f"weights moved: {st.get('bytes_moved', 0) / 1e6:.1f} MB"
              + ("  RECOVERING" if st.get("recovering") else "")]

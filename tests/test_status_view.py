@@ -28,8 +28,10 @@ from tests.doc_util import REPO
 PROMPTS = ["The quick brown fox", "Water boils at", "Music fills the hall"]
 
 
-async def _statuses() -> tuple[dict, dict]:
-    """(status before any request, status after three greedy requests) of a 2-shard demo-model cluster."""
+async def _statuses() -> tuple[dict, dict, dict]:
+    """(status before any request, status after three greedy requests, status once shard-b died and a health probe
+    found it) of a 2-shard demo-model cluster. The controller's loops are stopped before shard-b dies: its
+    re-home would otherwise take it out of the registry while the last status is read."""
     path = str(ensure_tiny_model("demo"))
     files = open_model(path)
     GcsRecord("default").clear()
@@ -51,7 +53,13 @@ async def _statuses() -> tuple[dict, dict]:
             engine.add_request(str(i), engine.tokenizer.encode(p), SamplingParams(max_tokens=12, temperature=0))
         while engine.has_work():
             engine.step()
-        return before, await ctrl.status()
+        after = await ctrl.status()
+        for task in ctrl._tasks:
+            task.cancel()
+        await asyncio.gather(*ctrl._tasks, return_exceptions=True)
+        servers[1].stop(None)
+        await ctrl._probe_once()  # marks shard-b failed: out of the table, still registered
+        return before, after, await ctrl.status()
     finally:
         for task in ctrl._tasks:
             task.cancel()
@@ -60,8 +68,22 @@ async def _statuses() -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def statuses():
+def cluster():
     return asyncio.run(_statuses())
+
+
+@pytest.fixture(scope="module")
+def statuses(cluster):
+    return cluster[:2]
+
+
+def test_the_header_counts_the_shards_the_table_routes_to(cluster):
+    """"shards 2/2" read every registered shard as serving: with shard-b dead (its health probe failed, its experts
+    not re-homed yet) the header still said 2/2, its row alone saying dead; it counts live shards now (1/2)."""
+    _, st, dead = cluster
+    assert render(st).startswith(f"placement version {st['version']}  shards 2/2 (desired 2)")
+    assert [health(s) for s in dead["shards"]] == ["ok", "dead"] and dead["num_shards"] == 2
+    assert render(dead).startswith(f"placement version {dead['version']}  shards 1/2 (desired 2)"), render(dead)
 
 
 def test_json_round_trips_the_status(statuses):
