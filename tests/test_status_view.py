@@ -8,6 +8,7 @@ import io
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from elasticmoe.engine.engine import Engine
 from elasticmoe.experts.shard_server import start_server
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.routing import RoutingTable
+from elasticmoe.metrics import GatewayMetrics
 from elasticmoe.model import open_model
 from elasticmoe.model.embedded import ensure_tiny_model
 from elasticmoe.model.experts import ExpertStore
@@ -28,10 +30,11 @@ from tests.doc_util import REPO
 PROMPTS = ["The quick brown fox", "Water boils at", "Music fills the hall"]
 
 
-async def _statuses() -> tuple[dict, dict, dict]:
+async def _statuses() -> tuple[dict, dict, dict, np.ndarray]:
     """(status before any request, status after three greedy requests, status once shard-b died and a health probe
-    found it) of a 2-shard demo-model cluster. The controller's loops are stopped before shard-b dies: its
-    re-home would otherwise take it out of the registry while the last status is read."""
+    found it, the gateway's expert-token totals [layers, experts]) of a 2-shard demo-model cluster. The controller's
+    loops are stopped before shard-b dies: its re-home would otherwise take it out of the registry while the last
+    status is read."""
     path = str(ensure_tiny_model("demo"))
     files = open_model(path)
     GcsRecord("default").clear()
@@ -49,6 +52,10 @@ async def _statuses() -> tuple[dict, dict, dict]:
         dispatcher = GrpcDispatcher(timeout_s=10)
         dispatcher.set_table(RoutingTable.from_dict(await ctrl.table()))
         engine = Engine(files, dispatcher)
+        spec = files.spec
+        metrics = GatewayMetrics("per_expert", spec.num_layers, spec.moe.num_experts, spec.moe.moe_layers,
+                                 use_ray=False)
+        engine.model.route_observer = metrics.route  # as GatewayCore wires it
         for i, p in enumerate(PROMPTS):
             engine.add_request(str(i), engine.tokenizer.encode(p), SamplingParams(max_tokens=12, temperature=0))
         while engine.has_work():
@@ -59,7 +66,7 @@ async def _statuses() -> tuple[dict, dict, dict]:
         await asyncio.gather(*ctrl._tasks, return_exceptions=True)
         servers[1].stop(None)
         await ctrl._probe_once()  # marks shard-b failed: out of the table, still registered
-        return before, after, await ctrl.status()
+        return before, after, await ctrl.status(), metrics.expert_token_totals()
     finally:
         for task in ctrl._tasks:
             task.cancel()
@@ -80,7 +87,7 @@ def statuses(cluster):
 def test_the_header_counts_the_shards_the_table_routes_to(cluster):
     """"shards 2/2" read every registered shard as serving: with shard-b dead (its health probe failed, its experts
     not re-homed yet) the header still said 2/2, its row alone saying dead; it counts live shards now (1/2)."""
-    _, st, dead = cluster
+    _, st, dead, _ = cluster
     assert render(st).startswith(f"placement version {st['version']}  shards 2/2 (desired 2)")
     assert [health(s) for s in dead["shards"]] == ["ok", "dead"] and dead["num_shards"] == 2
     assert render(dead).startswith(f"placement version {dead['version']}  shards 1/2 (desired 2)"), render(dead)
@@ -92,6 +99,16 @@ def test_json_round_trips_the_status(statuses):
     assert back["version"] == st["version"] and back["complete"] is True
     assert [s["id"] for s in back["shards"]] == ["shard-a", "shard-b"]
     assert sum(s["tokens"] for s in back["shards"]) > 0
+
+
+def test_the_shards_served_the_routings_the_gateway_counted(cluster):
+    """Per (layer, expert), the tokens the shards' GetStats report (summed over them, as `status` shows them) equal
+    the gateway's elasticmoe_expert_tokens_total: each routing served once, none lost or counted twice on the way;
+    a shard's tokens column is the sum of its experts'."""
+    _, st, _, totals = cluster
+    assert expert_tokens(st) == {(l, e): int(n) for (l, e), n in np.ndenumerate(totals) if n} and totals.sum() > 0
+    for s in st["shards"]:
+        assert s["tokens"] == sum(n for _, _, n in s["expert_tokens"]) > 0
 
 
 def test_text_view_lists_shards_health_load_and_hottest_experts(statuses):
