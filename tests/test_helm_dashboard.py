@@ -99,3 +99,38 @@ def test_the_error_ratio_leaves_out_clients_that_went_away():
         for expr in _exprs(panel):
             errors = re.search(r"ray_elasticmoe_request_errors_total\{([^}]*)\}", expr)
             assert errors and 'code!~"499|CANCELLED"' in errors.group(1), expr
+
+
+def _panels_reading(metric: str) -> list[dict]:
+    """Every panel (rows' nested panels too) with a target whose expression reads `metric`."""
+    found = []
+    for path in DASHBOARDS:
+        dash = json.loads(path.read_text())
+        for p in list(dash["panels"]) + [q for p in dash["panels"] for q in p.get("panels", [])]:
+            if any(metric in t["expr"] for t in p.get("targets", [])):
+                found.append(p)
+    return found
+
+
+def _callers(method: str) -> set[str]:
+    """The package's modules (paths under elasticmoe/) that call `.method(...)`."""
+    return {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+            if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == method
+                   for n in ast.walk(ast.parse(path.read_text(), str(path))))}
+
+
+def test_panel_descriptions_say_whose_view_and_what_unit_a_series_is():
+    """The shard-health series are the controller's view (its stats call, else its health check: only
+    autoscaler/stats.py sets them), yet two panels told the operator they were every gateway's (a shard a gateway
+    cannot reach showed healthy there, described as answering every gateway); the KV-cache gauge counts slots, one a
+    sequence (GatewayMetrics.engine_from), not blocks."""
+    assert _callers("set_shard_health") == {"autoscaler/stats.py"}
+    shard_panels = _panels_reading(HEALTHY)
+    assert len(shard_panels) >= 2
+    for p in shard_panels:
+        assert "controller" in p["description"] and "gateway" not in p["description"], (p["title"], p["description"])
+    from elasticmoe.metrics import GatewayMetrics
+
+    assert "slots" in (GatewayMetrics.engine_from.__doc__ or "")
+    for p in _panels_reading("ray_elasticmoe_kv_cache_usage"):
+        assert "block" not in p.get("description", ""), (p["title"], p["description"])
