@@ -202,7 +202,7 @@ def test_a_drain_whose_load_hangs_ends_within_its_window(model, monkeypatch):
         assert not answer["drained"] and "c" in [s["id"] for s in answer["shards"]]
         assert run.ctrl.events[-1]["event"] == "drain_incomplete" and run.ctrl.event_counts.get("rehome_failed")
         a.servicer.faults.load_delay_s = b.servicer.faults.load_delay_s = 0.0
-        await asyncio.sleep(HANG_S - took)  # the hung loads end (what they loaded is no one's: dropped later)
+        await asyncio.sleep(HANG_S - took)  # the hung loads end (their callers gone, they load nothing)
         await run.ctrl._health_once()  # c is found dead and re-homed
         await asyncio.sleep(0.1)
         assert mine <= _served_elsewhere(run, "c") and run.table["complete"]

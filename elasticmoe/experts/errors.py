@@ -8,6 +8,7 @@ import re
 import grpc
 
 from elasticmoe.model.checkpoint import CheckpointError
+from elasticmoe.model.experts import LoadStopped
 from elasticmoe.model.oom import CPU_OOM, out_of_memory
 from elasticmoe.rpc import frames
 
@@ -47,7 +48,9 @@ def placement_code(e: Exception) -> grpc.StatusCode:
     """A failed load's or drop's status: INVALID_ARGUMENT for a request naming what the model lacks (ValueError),
     FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone: not the caller's fault),
     RESOURCE_EXHAUSTED when the experts (a load's, or those a drop keeps in a layer it rebuilds) do not fit in memory,
-    else INTERNAL."""
+    CANCELLED for a load stopped because its caller left (model.experts.LoadStopped), else INTERNAL."""
+    if isinstance(e, LoadStopped):
+        return grpc.StatusCode.CANCELLED
     if out_of_memory(e):  # a GPU's, the CPU's (expert_weights.storage), torch's CPU allocator (a load's temporary)
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(e, (CheckpointError, OSError)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -9,10 +10,11 @@ from contextlib import contextmanager
 import grpc
 
 from elasticmoe.experts.errors import placement_code
-from elasticmoe.model.experts import ExpertStore
+from elasticmoe.model.experts import ExpertStore, LoadStopped
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frames
 
+log = logging.getLogger(__name__)
 PLACEMENT_CALLS = 4  # LoadExperts / DropExperts running or waiting at once, at most (each holds a server worker)
 
 
@@ -62,8 +64,13 @@ class PlacementCalls:
                 time.sleep(self.faults.load_delay_s)
             try:
                 n_before = len(self.store.held())
-                nbytes = self.store.load(pairs)
+                # its caller gone (its deadline, a cancel), the load stops between experts and is taken back: the
+                # caller counts it as not done, and so does the shard (a load finishing as the caller gives up is
+                # dropped again by the controller's roll back, or that drop's retry: moves._load_many)
+                nbytes = self.store.load(pairs, stop=(lambda: not context.is_active()) if context else None)
             except Exception as e:  # noqa: BLE001 - each cause its code (errors.placement_code), the message as is
+                if isinstance(e, LoadStopped):
+                    log.warning("LoadExperts of %d experts: %s", len(pairs), e)
                 context.abort(placement_code(e), str(e))
             if self.faults.fail_loads > 0:
                 self.faults.fail_loads -= 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -20,6 +20,10 @@ from elasticmoe.model.spec import ModelSpec
 
 COMBINE_DTYPE = torch.float64  # experts' weighted sums: exact enough to be independent of the shard split
 _NOW = object()  # missing() / forward() without a snapshot: the layer as held now (None is a snapshot: none held)
+
+
+class LoadStopped(Exception):
+    """A load whose `stop` said its caller has gone (ExpertStore.load): taken back, as a failed load is."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class ExpertStore:
             shapes.update(b13=((n, 2 * inter), self.dtype), b2=((n, hidden), self.dtype))
         return shapes
 
-    def load(self, pairs: Iterable[tuple[int, int]]) -> int:
+    def load(self, pairs: Iterable[tuple[int, int]], stop: Callable[[], bool] | None = None) -> int:
         """Load (layer, expert) pairs not yet held; returns the bytes read. Safe while forward() runs.
 
         Layer by layer: a layer's new storage is allocated once, at its final size, and each expert is read
@@ -98,7 +102,9 @@ class ExpertStore:
         until in-flight forward() calls that use it finish) and one expert-sized temporary.
 
         All or nothing: a load that fails (an expert the file cannot give, memory) takes back what it added to the
-        layers it had done (calls meanwhile may have run those experts), so the store holds what it held before."""
+        layers it had done (calls meanwhile may have run those experts), so the store holds what it held before.
+        `stop` is asked before each expert is read and once all are: true (the caller gone: no one would learn what
+        the load did), it is taken back as a failed load is and raises LoadStopped. A read under way runs to its end."""
         with self._lock:
             by_layer: dict[int, set[int]] = {}
             for layer, e in pairs:
@@ -110,12 +116,15 @@ class ExpertStore:
             before = self.ckpt.bytes_read
             todo = sum(len(es) for es in by_layer.values())
             done: dict[int, int] = {}  # layer loaded by this call -> the experts it held before
+            stop = stop or (lambda: False)
             try:
                 with LoadProgress("loading experts", todo, lambda: self.ckpt.bytes_read) as progress:
                     for layer, experts in sorted(by_layer.items()):
                         held = len(self.layers[layer].global_ids) if layer in self.layers else 0
-                        self._load_layer(layer, sorted(experts), progress)
+                        self._load_layer(layer, sorted(experts), progress, stop)
                         done[layer] = held
+                    if todo and stop():
+                        raise LoadStopped(f"the load's caller left once its {todo} experts were read: taken back")
             except Exception as e:
                 self._take_back(done, e)
                 raise
@@ -145,7 +154,7 @@ class ExpertStore:
                 error = RuntimeError(message)
             raise error from cause
 
-    def _load_layer(self, layer: int, experts: list[int], progress: LoadProgress) -> None:
+    def _load_layer(self, layer: int, experts: list[int], progress: LoadProgress, stop: Callable[[], bool]) -> None:
         old = self.layers.get(layer)
         held = old.global_ids if old is not None else ()
         n = len(held) + len(experts)
@@ -155,6 +164,9 @@ class ExpertStore:
             for k, src in old.parts().items():
                 parts[k][: len(held)].copy_(src)
         for j, e in enumerate(experts, start=len(held)):
+            if stop():  # this layer's new storage is not published: it goes with this frame
+                raise LoadStopped(f"the load's caller left after {progress.done} of its {progress.items} experts "
+                                  f"were read (before layer {layer}'s expert {e}): taken back")
             # torch's CPU allocator refusing a read's expert-sized temporary (a RuntimeError), a GPU's
             with out_of_memory_says(f"layer {layer}: expert {e} could not be read into the layer's new storage (the "
                                     "layer is left as it was)"):
