@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
+
+import pytest
 
 from elasticmoe.experts.server import PLACEMENT_CALLS
 from tests.controller_util import _gateway_behind_a_move, _quiet, _until, _with_shards
@@ -75,5 +79,45 @@ def test_extras_a_busy_shard_refused_to_drop_at_its_ready_are_dropped_once_it_is
         assert b.held() == _assigned(ctrl, b) and a.held() == _assigned(ctrl, a)
         await _until(lambda: not ctrl._undropped, 5, "the drop's answer")
         assert ctrl.event_counts["drop_failed"] == 1
+
+    _with_shards(model, "ab", scenario)
+
+
+@pytest.mark.parametrize("answered", ["as_its_caller_leaves", "after_the_roll_back_gave_up"])
+def test_a_load_that_lands_as_its_caller_gives_up_is_dropped_again(model, answered):  # noqa: F811
+    """The opposite race of a load stopped because its caller left (test_shard_load_cancel): a's load has read every
+    expert and published them, past its last look at its caller, when the caller's deadline passes. The controller
+    counts the load as failed (LoadFailed) while a holds its experts: the roll back's drop removes them once the
+    load's call ends, or, where that drop gave up first (ROLLBACK_DROP_S), the health round's retry does."""
+    from elasticmoe.autoscaler.moves import LoadFailed
+
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a, b)
+        before = a.held()
+        extra = sorted((l, e) for l in files.spec.moe.moe_layers for e in range(8) if (l, e) not in before)[:3]
+        load, landed, release = a.store.load, threading.Event(), threading.Event()
+
+        def held_answer(pairs, **kw):  # the answer on its way while the caller's deadline passes
+            n = load(pairs, **kw)
+            landed.set()
+            if answered == "as_its_caller_leaves":
+                deadline = time.monotonic() + 10
+                while not kw["stop"]() and time.monotonic() < deadline:  # the shard sees its caller gone
+                    time.sleep(0.01)
+            else:
+                release.wait(10)
+            return n
+
+        a.store.load = held_answer
+        with pytest.raises(LoadFailed):
+            await ctrl._load_many({a.address: extra}, deadline=time.monotonic() + 0.3)
+        assert landed.is_set()
+        if answered == "as_its_caller_leaves":
+            assert a.held() == before and not ctrl._undropped  # the roll back's drop took them
+        else:
+            assert set(extra) <= a.held() and set(extra) <= ctrl._undropped["a"]  # landed; its drop gave up
+            release.set()
+            await ctrl._drop_undropped()
+            assert a.held() == before and not ctrl._undropped
 
     _with_shards(model, "ab", scenario)
