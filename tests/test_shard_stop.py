@@ -59,6 +59,26 @@ def test_close_event_is_set_at_once_without_connections():
     assert listener.close(grace=5).wait(2)  # closed again, nothing open: no grace timer to wait for
 
 
+def test_closing_again_during_a_grace_cuts_the_connections_at_once():
+    """As grpc.Server.stop(None) after stop(grace): the open connections end now, not when the first grace is over
+    (they waited it out: a shard's stop(None), a kill's stand-in in the tests, left its frames running)."""
+    listener = frame_listener.FrameListener(lambda requests, put: list(requests), "127.0.0.1", [0], insecure=True)
+    client = socket.create_connection(("127.0.0.1", listener.port))
+    try:
+        deadline = time.monotonic() + 5
+        while not listener._conns and time.monotonic() < deadline:
+            time.sleep(0.01)
+        graceful = listener.close(grace=10)
+        client.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            client.recv(1)  # served during the grace
+        client.settimeout(5)
+        assert listener.close().wait(5) and client.recv(1) == b""
+        assert not graceful.is_set()  # its own Event is set at the end of its grace, as before
+    finally:
+        client.close()
+
+
 
 def test_close_cuts_a_connection_still_in_its_tls_handshake(tmp_path):
     """A peer that connected and has not finished its TLS handshake (stalled, or slow) is cut by close() too: the

@@ -237,18 +237,21 @@ class FrameListener:
         `grace` seconds (as grpc.Server.stop treats an open stream: it is served until then). The Event is set once
         they are all cut and every connection's thread has returned (a frame being computed is finished and its
         reply dropped), so that nothing of the listener's still runs: a daemon thread inside torch when the
-        interpreter finalizes aborts the process."""
+        interpreter finalizes aborts the process. Called again during a grace (None, or a shorter grace): the
+        connections are cut that much sooner, as grpc.Server.stop's (they waited out the first grace)."""
         with self._lock:
             self.closed = True
-            conns, self._conns = list(self._conns) + list(self._opening) + list(self._refusing), set()
+            conns = bool(self._conns or self._opening or self._refusing)
             threads = list(self._threads)
         _open_listeners.discard(self)
         hard_close(self.sock)
         done = threading.Event()
 
-        def cut() -> None:
-            self._cut = True
-            for c in conns:
+        def cut() -> None:  # those open when it runs: a graceful close's are still there
+            with self._lock:
+                self._cut = True
+                open_now, self._conns = list(self._conns) + list(self._opening) + list(self._refusing), set()
+            for c in open_now:
                 shutdown(c)
 
         def finish() -> None:
