@@ -10,9 +10,12 @@ import threading
 import time
 
 import pytest
+import torch
 
 from elasticmoe.experts.server import PLACEMENT_CALLS
-from tests.controller_util import _gateway_behind_a_move, _quiet, _until, _with_shards
+from elasticmoe.rpc import experts_pb2 as pb
+from elasticmoe.rpc.codec import decode_tensor, encode_tensor
+from tests.controller_util import E, _gateway_behind_a_move, _moved, _quiet, _routed_to, _until, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -119,5 +122,64 @@ def test_a_load_that_lands_as_its_caller_gives_up_is_dropped_again(model, answer
             release.set()
             await ctrl._drop_undropped()
             assert a.held() == before and not ctrl._undropped
+
+    _with_shards(model, "ab", scenario)
+
+
+async def _answers(ctrl, shard, files, layer: int, expert: int) -> bool:
+    """Whether `shard` answers RunExperts for 2 tokens routed to `expert` of `layer` (over the controller's channel)."""
+    hidden = torch.randn(2, files.spec.hidden_size, generator=torch.Generator().manual_seed(0))  # [T, H]
+    ids = torch.full((2, 1), expert, dtype=torch.int32)  # [T, k]
+    req = pb.RunExpertsRequest(layer=layer, hidden=encode_tensor(hidden), topk_ids=encode_tensor(ids),
+                               topk_weights=encode_tensor(torch.ones(ids.shape)))
+    out = decode_tensor((await ctrl._stub(shard.address).RunExperts(req, timeout=30)).output)
+    return tuple(out.shape) == (2, files.spec.hidden_size)
+
+
+def test_a_failed_load_whose_look_before_failed_keeps_the_old_copies_a_table_still_routes_to(model):  # noqa: F811
+    """Expert 0 of every layer moved from a to b; g still runs the old table, which routes it to a (a's old copies
+    wait for g's ack). A change moves it back to a with another expert; a's GetStats fails (held: unknown), then its
+    load fails. The roll back dropped every pair it asked for, expert 0 too: g's table routed to copies a no longer
+    held. Now a keeps them; what the load added waits for the retry, which drops it once g runs the current table."""
+    from elasticmoe.autoscaler.moves import LoadFailed
+    from elasticmoe.autoscaler.registry import Change
+
+    async def scenario(files, a, b):
+        ctrl, old = await _gateway_behind_a_move(model, a, b)
+        layers = files.spec.moe.moe_layers
+        back = {(l, 0) for l in layers}
+        try:
+            assert back <= a.held() & _routed_to(old, "a") and not back & _assigned(ctrl, a)
+            extra = next(e for e in range(1, E) if not {(l, e) for l in layers} & a.held())
+            added = {(l, extra) for l in layers}
+            stats, load, loading = a.store.stats, a.store.load, threading.Event()
+
+            def unknown():  # GetStats fails until the LoadExperts comes: the controller's look before it
+                if not loading.is_set():
+                    raise RuntimeError("injected: GetStats failed")
+                return stats()
+
+            def loads(pairs, **kw):
+                loading.set()
+                return load(pairs, **kw)
+
+            a.store.stats, a.store.load = unknown, loads
+            a.servicer.faults.fail_loads = 1  # a's load fails once it has loaded
+            cur = ctrl.registry.placement
+            async with ctrl._lock:
+                with pytest.raises(LoadFailed):
+                    await ctrl._apply(Change(cur, _moved(_moved(cur, 1, 0, 0), 1, 0, extra), {0: 0, 1: 1}), "back")
+            assert loading.is_set() and a.servicer.faults.fail_loads == 0
+            assert back <= a.held()  # g's table routes expert 0 to a: still held, and served
+            assert all([await _answers(ctrl, a, files, l, 0) for l in layers])
+            assert added <= ctrl._undropped["a"] and not added & _assigned(ctrl, a)
+            new = await ctrl.table(old["version"], "g")  # g runs the current table: old copies and extras go
+            await ctrl.table(new["version"], "g")
+            await ctrl._drop_undropped()
+            await _until(lambda: a.held() == _assigned(ctrl, a), 10, "a's old copies and the load's extras dropped")
+            assert not ctrl._undropped and b.held() == _assigned(ctrl, b)
+        finally:
+            for task in list(ctrl._tasks):
+                task.cancel()
 
     _with_shards(model, "ab", scenario)

@@ -145,20 +145,35 @@ class Mover:
     async def _load_many(self, loads: dict[str, list[tuple[int, int]]], deadline: float | None = None) -> int:
         """Load on every shard at once; on any failure drop what the loads added (the failed ones may have loaded
         part of it) and raise LoadFailed. Copies a shard held before stay: a table that gateways still run may route
-        to them (old copies waiting for the acks), and the drops after the acks remove them. `deadline` (monotonic):
-        the calls' deadlines are cut to it (a load past it fails; the roll back's drops get ROLLBACK_DROP_S)."""
+        to them (old copies waiting for the acks), and the drops after the acks remove them; a shard whose held
+        copies are unknown keeps all of it for the retry (_roll_back). `deadline` (monotonic): the calls' deadlines
+        are cut to it (a load past it fails; the roll back's drops get ROLLBACK_DROP_S)."""
         loads = {a: p for a, p in loads.items() if p}
         before = await asyncio.gather(*(self._stats(a) for a in loads))  # None: unknown
         results = await asyncio.gather(*(self._load(a, p, _left(deadline, LOAD_TIMEOUT_S)) for a, p in loads.items()),
                                        return_exceptions=True)
         failed = [(a, r) for a, r in zip(loads, results) if isinstance(r, BaseException)]
         if failed:
-            held = {a: {(r.layer, r.expert) for r in st.held} if st is not None else set()
-                    for a, st in zip(loads, before)}  # unknown: all of it is dropped
-            await self._drop_now({a: [x for x in loads[a] if x not in held[a]] for a in loads},
-                                 _left(deadline, DROP_TIMEOUT_S, ROLLBACK_DROP_S))
+            await self._drop_now(self._roll_back(loads, before), _left(deadline, DROP_TIMEOUT_S, ROLLBACK_DROP_S))
             raise LoadFailed(f"LoadExperts failed on {failed[0][0]}: {failed[0][1]}", tuple(a for a, _ in failed))
         return int(sum(results))
+
+    def _roll_back(self, loads: dict[str, list[tuple[int, int]]], before: list) -> dict[str, list[tuple[int, int]]]:
+        """What a failed load's roll back drops now, per address: what the load added (not held `before`). Where a
+        shard's GetStats failed, what it held is unknown: a pair may be an old copy that a table gateways still run
+        routes to (the controller keeps no older table), so its pairs are left to the retry (`_undropped`), which
+        drops those its position is not assigned once every gateway runs the current table."""
+        drops: dict[str, list[tuple[int, int]]] = {}
+        for (address, pairs), st in zip(loads.items(), before):
+            sids = [s.shard_id for s in self.registry.shards.values() if s.address == address]
+            if st is not None or not sids:  # an address no shard is registered at: no table routes to it
+                held = {(r.layer, r.expert) for r in st.held} if st is not None else set()
+                drops[address] = [x for x in pairs if x not in held]
+                continue
+            for sid in sids:
+                self._event("roll_back_deferred", shard=sid, experts=len(pairs))
+                self._undropped.setdefault(sid, set()).update(pairs)
+        return drops
 
     async def _drop_now(self, drops: dict[str, list[tuple[int, int]]], timeout: float | None = None) -> None:
         """Drop on every shard at once (under the lock: a shard that does not answer costs one deadline, not one
