@@ -38,7 +38,7 @@ def test_a_load_is_logged_when_it_took_at_least_a_second():
 def test_the_socket_connections_thread_parks_half_a_second():
     """"the connection's own thread reads only once no caller has for 0.5 s ... and otherwise wakes twice a second"
     (tests/test_socket_reading.py: who reads, and how often the idle thread wakes)."""
-    from elasticmoe.gateway.socket_conn import PARK_S
+    from elasticmoe.gateway.socket_reading import PARK_S
 
     assert "the connection's own thread reads only once no caller has for 0.5 s" in README
     assert "and otherwise wakes twice a second" in README and PARK_S == 0.5

@@ -1,50 +1,33 @@
-"""The socket transport's connection to one shard's frame listener (_Conn): opening it on its own thread, writing
-frames from the callers' threads, reading answers under a read token (SocketTransport.wait's caller or this thread)
-and failing its pending calls at once when it ends."""
+"""The socket transport's connection to one shard's frame listener (_Conn): opening it, writing frames, ending it."""
 
 from __future__ import annotations
 
 import collections
 import logging
-import select
 import socket
 import threading
-import time
 from concurrent.futures import Future
 from typing import Callable
 
 import grpc
 
-from elasticmoe.gateway.multiplex import Multiplexed
+from elasticmoe.gateway.socket_reading import Reading
 from elasticmoe.gateway.transport import TransportError, is_busy
 from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.tls_socket import SerialTLS
 
 log = logging.getLogger(__name__)
-PARK_S = 0.5  # a connection's thread leaves reading to the callers for this long after one last read (it then
-# reads only answers that nobody waits for: a hedged-around call's late failure, say), waking twice a second
-IDLE_POLL_S = 1.0  # how long a connection's thread waits in poll() at a time
 SPILL_FRAMES = 32  # frames waiting for a shard slow to read, at most; one more is refused as busy (another copy)
 SPILL_BYTES = 256 << 20  # and their bytes, at most: a frame that would pass it is refused so (one goes when alone)
 # (both bound the frames sent while the connection opens too: the backlog, written to the spill once open)
-_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 Opener = Callable[[], "tuple[socket.socket | SerialTLS, int]"]  # the connection's socket, the shard's message limit
 
 
-def _ready(fds: list[int], timeout_s: float) -> list[int]:
-    """Those of fds with something to read (or ended) within timeout_s."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    return [fd for fd, _ in poller.poll(max(0, int(timeout_s * 1000 + 0.999)))]
-
-
-class _Conn(Multiplexed):
+class _Conn(Reading):
     """One connection to a shard's frame listener. Its thread opens it (Health for the port, TCP, TLS), sends the
     frames submitted meanwhile, then reads answers and resolves them by id; afterwards callers write their frames
-    themselves (sendmsg, no thread hop). Reading takes the connection's read token: a caller waiting for answers
-    (SocketTransport.wait) takes it and reads them on its own thread, and the connection's thread stays out of its
-    way while callers do (it reads only when nobody has for PARK_S). Any failure (cannot connect, broken, a reply
+    themselves (sendmsg, no thread hop). Reading the answers is Reading's (socket_reading.py): under the
+    connection's read token, a waiting caller's thread or this one. Any failure (cannot connect, broken, a reply
     whose frame id cannot be read) fails every pending call at once and marks it dead (a readable id's unreadable
     reply fails that call alone; a failed write ends it once the reader has read what came before: a refusal there
     fails the calls as busy); the next send opens a new one.
@@ -52,7 +35,7 @@ class _Conn(Multiplexed):
     connection."""
 
     def __init__(self, address: str, opener: Opener):
-        super().__init__(address)  # its _lock guards pending, dead, retired, sock, backlog
+        super().__init__(address)  # Multiplexed's _lock guards pending, dead, retired, sock, backlog
         self.retired = False
         self.sock: socket.socket | SerialTLS | None = None
         self._backlog: list[tuple[int, list]] | None = []  # (id, frame) submitted while connecting; None once open
@@ -61,12 +44,6 @@ class _Conn(Multiplexed):
         self._send_lock = threading.Lock()  # one frame on the wire at a time
         self._spill: collections.deque = collections.deque()  # (unsent rest, frame, its bytes, its id; 0: partly
         self._spilled = 0  # written, it must go on): what the writer thread owes; the bytes of those frames (whole)
-        self._token = threading.RLock()  # held by whoever reads the socket (this connection's thread or a caller;
-        # reentrant: a callback run by a reading caller may wait on another call)
-        self._reader: frame_socket.FrameReader | None = None  # set once open
-        self._read_at = 0.0  # monotonic: when a caller last read (the connection's thread parks for PARK_S after)
-        self.wakeups = 0  # times the connection's thread woke up (each takes the GIL)
-        self._ended = self._eof = TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {address} ended")
         threading.Thread(target=self._run, args=(opener,), name=f"frames-{address}", daemon=True).start()
 
     def submit(self, frame_id: int, parts: list, fut: Future) -> bool:
@@ -230,82 +207,6 @@ class _Conn(Multiplexed):
         finally:
             with self._token:  # not under a caller reading it
                 sock.close()
-
-    def _serve(self) -> None:
-        """The connection's thread: read answers as they come while no caller does; park while callers read."""
-        fd = self.sock.fileno()
-        while not self.dead:
-            self.wakeups += 1
-            if time.monotonic() - self._read_at < PARK_S:
-                time.sleep(PARK_S)
-                continue
-            if not self.buffered() and not _ready([fd], IDLE_POLL_S):
-                continue
-            if not self._token.acquire(blocking=False):
-                time.sleep(PARK_S)  # a caller is reading: it reads what woke us
-                continue
-            try:
-                if not self.read_ready():
-                    return
-            finally:
-                self._token.release()
-
-    def claim(self) -> bool:
-        """Take the read token for the calling thread (False: not open yet, ended, or someone is reading)."""
-        if self._reader is None or self.dead or not self._token.acquire(blocking=False):
-            return False
-        self._read_at = time.monotonic()
-        return True
-
-    def buffered(self) -> bool:
-        """(Holding the token.) Answers' bytes already inside the connection (TLS), which poll() does not see."""
-        return self._reader.buffered()
-
-    def release(self) -> None:
-        self._read_at = time.monotonic()
-        self._token.release()
-
-    def read_ready(self) -> bool:
-        """(Holding the token.) Resolve the answers that can be read now, without waiting: those of the first read
-        that completes a frame (the next read would nearly always find nothing yet: a syscall and an exception
-        saved; the caller polls again); False once the connection has ended (its pending calls failed)."""
-        try:
-            while True:
-                try:
-                    got = self._reader.step(block=False)
-                except BlockingIOError:
-                    return True
-                if got is None:
-                    break  # end of stream
-                if not got:
-                    continue  # part of a large frame: read on while bytes are here
-                for buf in got:
-                    try:
-                        reply = frames.decode_reply(buf)
-                    except frames.FrameError as e:
-                        if not e.frame_id:
-                            raise  # whose answer it is cannot be told: the connection's calls fail
-                        self.fail_unreadable(e, e.frame_id)
-                        continue  # its framing is intact: the other calls' answers still come
-                    if reply.id == 0 and reply.code == _RESOURCE_EXHAUSTED:  # the listener refused the connection
-                        with self._lock:
-                            self._ended = TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED, reply.error)
-                    self.resolve(reply)
-                return True
-        except OSError as e:
-            self._ending(TransportError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.address}: {e}"))
-        except Exception as e:  # noqa: BLE001 - a reply that cannot be read fails the connection's calls
-            self._ending(TransportError(grpc.StatusCode.INTERNAL, f"connection to {self.address}: {e}"))
-        self.fail(self._ended)
-        return False
-
-    def _ending(self, err: TransportError) -> None:
-        """Why the connection ends (its pending calls' failure): the first reason given (a failed write, not the
-        end the reader then sees), unless the listener's refusal was read: that stays the reason ('shard busy': the
-        shard is alive), whatever the socket said after it (a reset, say)."""
-        with self._lock:
-            if self._ended is self._eof:
-                self._ended = err
 
     def _broken(self, e: OSError) -> None:
         """A write failed: no new frames; the reader reads what the shard wrote before (a refusal: a listener over its
