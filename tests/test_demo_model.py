@@ -113,7 +113,8 @@ def test_demo_command_serves_tiny_yaml_with_the_demo_model(tmp_path, monkeypatch
     import yaml
 
     from elasticmoe.app import resolve_args
-    from elasticmoe.cli import _demo_config, build_parser
+    from elasticmoe.cli import build_parser
+    from elasticmoe.cli_demo import _demo_config
 
     monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path))
     ns = build_parser().parse_args(["demo"])

@@ -65,7 +65,7 @@ def test_the_controller_refuses_too_few_slots_naming_the_field(ckpt):
 def test_the_demo_refuses_too_few_slots_for_a_tiny_model_before_ray(tmp_path, monkeypatch):
     """`elasticmoe demo --config C` with a tiny:<family> model (8 experts, made on first use): the check before the
     running cluster is stopped opens the model and refuses C's slots_per_shard, naming it."""
-    from elasticmoe.cli import _check_demo_app
+    from elasticmoe.cli_demo import _check_demo_app
     from elasticmoe.local_cluster import tiny_serve_config
 
     monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path / "cache"))
