@@ -66,7 +66,9 @@ class FrameListener:
         self._lock = threading.Lock()
         self.closed = False
         self._cut = False  # set when the connections are cut (at close, or once its grace is over)
-        _open_listeners.add(self)
+        self._closes: list[threading.Event] = []  # each close()'s, until the listener has stopped
+        self._timers: list[threading.Timer] = []  # the graceful closes' grace timers
+        _open_listeners.add(self)  # until it has stopped (through a close's grace too): the exit hook closes it
         threading.Thread(target=self._accept, name=f"frames-{self.port}", daemon=True).start()
 
     def _context(self) -> ssl.SSLContext:
@@ -238,14 +240,15 @@ class FrameListener:
         they are all cut and every connection's thread has returned (a frame being computed is finished and its
         reply dropped), so that nothing of the listener's still runs: a daemon thread inside torch when the
         interpreter finalizes aborts the process. Called again during a grace (None, or a shorter grace): the
-        connections are cut that much sooner, as grpc.Server.stop's (they waited out the first grace)."""
+        connections are cut that much sooner, as grpc.Server.stop's (they waited out the first grace), and every
+        close's Event is set once the listener has stopped."""
+        done = threading.Event()
         with self._lock:
             self.closed = True
             conns = bool(self._conns or self._opening or self._refusing)
-            threads = list(self._threads)
-        _open_listeners.discard(self)
+            threads = list(self._threads)  # all it will have: none is added once closed
+            self._closes.append(done)
         hard_close(self.sock)
-        done = threading.Event()
 
         def cut() -> None:  # those open when it runs: a graceful close's are still there
             with self._lock:
@@ -257,9 +260,11 @@ class FrameListener:
         def finish() -> None:
             for t in threads:
                 t.join()
-            done.set()
+            self._stopped()
         if grace and conns:
             waiter = threading.Timer(grace, lambda: (cut(), finish()))
+            with self._lock:
+                self._timers.append(waiter)
         else:
             cut()  # now: the clients see the end before close() returns
             waiter = threading.Thread(target=finish, name=f"frames-{self.port}-close")
@@ -267,14 +272,26 @@ class FrameListener:
         waiter.start()
         return done
 
+    def _stopped(self) -> None:
+        """Connections cut, their threads returned: every close's Event set, the grace timers still pending dropped,
+        the exit hook no longer waits for it."""
+        with self._lock:
+            closes, self._closes, timers, self._timers = self._closes, [], self._timers, []
+        _open_listeners.discard(self)
+        for t in timers:
+            t.cancel()
+        for d in closes:
+            d.set()
+
 
 _open_listeners: "weakref.WeakSet[FrameListener]" = weakref.WeakSet()
 
 
 @atexit.register
 def _close_at_exit() -> None:
-    """Close the listeners still open and give their frames in progress up to EXIT_WAIT_S to finish (atexit runs
-    before the interpreter finalizes; their daemon threads would otherwise be stopped inside torch)."""
+    """Close the listeners not yet stopped (open, or in a close's grace: cut now, as close(None) during it) and give
+    their frames in progress up to EXIT_WAIT_S to finish (atexit runs before the interpreter finalizes; their daemon
+    threads would otherwise be stopped inside torch)."""
     listeners = list(_open_listeners)
     done = [x.close() for x in listeners]
     end = time.monotonic() + EXIT_WAIT_S
