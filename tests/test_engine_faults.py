@@ -15,6 +15,7 @@ from elasticmoe.engine.scheduler import RequestFailed
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.tiny import make_tiny_model
 from tests.test_runner import GREEDY, PROMPTS, NanDispatcher
+from tests.test_runner_request_faults import zeroing_fails_once
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,27 @@ def test_a_logits_call_whose_forward_gave_nan_leaves_no_nan_in_its_slot(llm, ref
     assert (short.error, longer.error) == (None, None)
     assert [short.output_ids, longer.output_ids] == [reference[PROMPTS[3]], reference[PROMPTS[2]]]
     assert torch.isfinite(engine.logits(long_ids)).all()
+
+
+def test_a_logits_call_whose_slot_zeroing_raises_holds_the_slot_back(llm, reference):
+    """Engine.logits zeroes its slot after the forward; when that raised (a device error), the error went to the
+    caller of a forward that had succeeded, and the slot stayed free with the K/V (here a numerical fault's NaN)
+    that its next request read. The slot is now held back, as a request's is as it ends (_release), until the next
+    step zeroes it: the logits come back, and the next request in that slot gets its reference tokens."""
+    disp = NanDispatcher(llm.store)
+    engine = Engine(llm.files, disp, max_model_len=128, tokenizer=llm.tokenizer)
+    zeroed = zeroing_fails_once(engine)
+    long_ids = llm.encode(" ".join(["experts"] * 20))
+    slot = engine.scheduler.free_slots[-1]
+    disp.poisoned = True
+    assert engine.logits(long_ids).isnan().all()
+    disp.poisoned = False
+    assert slot in engine.held_slots and slot not in engine.scheduler.free_slots
+    short, longer = _run(engine, llm, [(PROMPTS[3], GREEDY), (PROMPTS[2], GREEDY)])
+    assert zeroed == [slot, slot] and short.slot == slot  # zeroed by the first step, then given to `short`
+    assert (short.error, longer.error) == (None, None)
+    assert [short.output_ids, longer.output_ids] == [reference[PROMPTS[3]], reference[PROMPTS[2]]]
+    assert engine.held_slots == {} and engine.scheduler.num_free_slots == engine.cache.num_slots
 
 
 def test_a_seeded_request_beside_a_row_that_breaks_the_batched_sampler_keeps_its_tokens(llm):

@@ -264,15 +264,21 @@ class Engine:
         until the next step zeroes it: one request's end never fails (its abort, or its failure, would)."""
         slot = seq.slot if seq.status is Status.RUNNING else None
         if slot is not None:
-            length = min(seq.num_tokens, self.cache.max_len)
-            try:
-                self.cache.clear(slot, length)
-            except Exception:  # noqa: BLE001 - retried by the next step, where a failure is the engine's
-                log.exception("zeroing KV-cache slot %d failed; it is held back until a step zeroes it", slot)
-                self.held_slots[slot] = max(length, self.held_slots.get(slot, 0))
+            self._zero(slot, min(seq.num_tokens, self.cache.max_len))
         self.scheduler.finish(seq, reason)
         if slot in self.held_slots and slot in self.scheduler.free_slots:
             self.scheduler.free_slots.remove(slot)
+
+    def _zero(self, slot: int, length: int) -> None:
+        """Zero a slot's first `length` positions; should that raise (a device error), the slot is held back (out of
+        free_slots, if there) until the next step zeroes it, where a failure is the engine's."""
+        try:
+            self.cache.clear(slot, length)
+        except Exception:  # noqa: BLE001 - retried by the next step (_zero_held)
+            log.exception("zeroing KV-cache slot %d failed; it is held back until a step zeroes it", slot)
+            self.held_slots[slot] = max(length, self.held_slots.get(slot, 0))
+            if slot in self.scheduler.free_slots:
+                self.scheduler.free_slots.remove(slot)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -294,7 +300,9 @@ class Engine:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """One full forward of token_ids in a free slot, no sampling: logits [T, V] float32. The slot's K/V are
-        zeroed after it, as `_release` does: a NaN of a numerical fault would poison the slot's next request."""
+        zeroed after it, as `_release` does: a NaN of a numerical fault would poison the slot's next request (should
+        the zeroing raise, the slot is held back, as there; slots held back are zeroed first, as a step does)."""
+        self._zero_held()
         if not self.scheduler.free_slots:
             raise RuntimeError("no free KV-cache slot")
         slot = self.scheduler.free_slots[-1]
@@ -303,4 +311,4 @@ class Engine:
             hidden = self.model.forward(batch, self.cache, self.dispatcher, all_tokens=True)
             return self.model.logits(hidden)
         finally:
-            self.cache.clear(slot, min(len(token_ids), self.cache.max_len))
+            self._zero(slot, min(len(token_ids), self.cache.max_len))
