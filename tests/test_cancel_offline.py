@@ -90,8 +90,8 @@ def test_ctrl_c_as_a_prompt_is_queued_leaves_nothing_in_the_engine(fresh, llm, m
     target = (engine.scheduler, "add") if where == "as_the_scheduler_queues_it" else (engine, "add_request")
     real = getattr(*target)
 
-    def then_ctrl_c(*args):
-        out = real(*args)
+    def then_ctrl_c(*args, **kw):
+        out = real(*args, **kw)
         calls.append(args)
         if len(calls) == 3:
             raise KeyboardInterrupt

@@ -152,6 +152,36 @@ def test_an_abort_whose_slot_zeroing_raises_ends_that_request_alone(model, refer
         runner.close()
 
 
+def test_requests_admitted_while_a_slot_is_held_back_wait_their_turn(model, reference):  # noqa: F811
+    """A slot held back (its zeroing raised as its request was aborted) until the next step zeroes it left the
+    scheduler one slot short of the runner's capacity (max_num_seqs + max_queue): a request the runner had admitted
+    was refused (QueueFull, HTTP 429, counted in refused). Now the held slot counts as the free slot it is about to
+    be: all three requests admitted while it is held (capacity 3) wait their turn and get their solo tokens."""
+    llm, ref, _ = reference
+    _, files, store = model
+    engine = Engine(files, LocalDispatcher(store), max_model_len=64, max_num_seqs=2, max_queue=1)
+    zeroed = zeroing_fails_once(engine)
+    idle, go = threading.Event(), threading.Event()
+    runner = EngineRunner(engine, on_idle=lambda: (idle.set(), go.wait(30)))  # idle: the engine thread waits
+
+    async def run():
+        quitter = runner.generate("quitter", llm.encode(PROMPTS[0]), WARM)
+        await quitter.__anext__()
+        await quitter.aclose()  # aborted (its zeroing raises: its slot held); the engine then idles in on_idle
+        assert await asyncio.to_thread(idle.wait, 30)
+        assert list(engine.held_slots) == zeroed and runner.stats()["admitted"] == 0
+        streams = [runner.generate(p, llm.encode(p), GREEDY) for p in PROMPTS[:3]]  # one inbox drain adds all
+        go.set()
+        return await asyncio.wait_for(asyncio.gather(*map(_collect, streams), return_exceptions=True), 60)
+
+    try:
+        assert asyncio.run(run()) == [ref[p] for p in PROMPTS[:3]]
+        assert runner.stats()["refused"] == 0 and zeroed == [zeroed[0]] * 2 and engine.held_slots == {}
+    finally:
+        go.set()
+        runner.close()
+
+
 class WakeFails(asyncio.SelectorEventLoop):
     """An event loop that refuses to be woken from the engine thread (its own failure, not a closed loop's
     RuntimeError): a request's stream on it cannot be pushed to."""

@@ -107,7 +107,7 @@ class Engine:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq  # first: abort(request_id) finds it from here on, queued or not
         try:
-            self.scheduler.add(seq)
+            self.scheduler.add(seq, held=len(self.held_slots))  # held slots are free by the next step
         except BaseException:  # QueueFull, or Ctrl-C as it was queued: nothing is left behind
             self.abort(request_id)
             raise

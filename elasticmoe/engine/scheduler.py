@@ -81,8 +81,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.steps = 0  # schedule() calls: Sequence.scheduled_at counts in them
 
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue + len(self.free_slots):
+    def add(self, seq: Sequence, held: int = 0) -> None:
+        """Queue `seq`; QueueFull past max_queue waiting beyond the free slots. `held`: slots out of free_slots for
+        now (the engine's, being zeroed) that the next step frees: counted free, so what is admitted waits its turn."""
+        if len(self.waiting) >= self.max_queue + len(self.free_slots) + held:
             raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
         self.waiting.append(seq)
 

@@ -42,7 +42,8 @@ class EngineRunner:
         self.on_step = on_step
         self.on_idle = on_idle  # once each time the engine runs out of work (no step follows to report it)
         sched = engine.scheduler
-        self.capacity = sched.num_free_slots + len(sched.running) + sched.max_queue  # running + waiting
+        held = len(engine.held_slots)  # slots out while being zeroed: free again by the next step
+        self.capacity = sched.num_free_slots + held + len(sched.running) + sched.max_queue  # running + waiting
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._lock = threading.Lock()
