@@ -151,36 +151,46 @@ class Engine:
             self.scheduler.free_slots.append(slot)
 
     def take_unreported(self) -> list[Sequence]:
-        """The sequences a step ended (failed) before raising, which its caller never got; each is given once."""
+        """The sequences a step ended (failed) or gave a token before raising, which its caller never got; each is
+        given once."""
         out, self.unreported = self.unreported, []
         return out
 
     def _advance(self, hidden: torch.Tensor, work: list[tuple[Sequence, int]]) -> list[Sequence]:
-        """The step's work ran (hidden [N, H]): its tokens are cached, and each sequence whose last token ran draws
-        one; returns those. Should the draw raise (no row drew), the step did not happen: nothing is counted
-        cached (the scheduler would never run these tokens again)."""
+        """The step's work ran (hidden [N, H]): each sequence whose last token ran draws one; returns those. A row is
+        counted cached only as its token is appended (or it is ended), so none is left counted-as-run with neither:
+        should the draw raise (no row drew), none is (the scheduler runs these tokens again); should a row's own
+        handling raise past its failure (a bug, Ctrl-C), the other rows go on and the step raises after them."""
         self.steps += 1
-        for s, n in work:
-            s.num_cached += n
-        ready = [(i, s) for i, (s, n) in enumerate(work) if s.num_cached == s.num_tokens]
-        if not ready:
-            return []
-        seqs = [s for _, s in ready]
-        try:
-            rows = torch.tensor([i for i, _ in ready], device=self.device)
+        ready = [(i, s, n) for i, (s, n) in enumerate(work) if s.num_cached + n == s.num_tokens]
+        seqs = [s for _, s, _ in ready]
+        sampled: tuple[list, list, list] = ([], [], [])
+        if ready:
+            rows = torch.tensor([i for i, _, _ in ready], device=self.device)
             sampled = self._sample(hidden[rows], seqs)  # hidden[rows] [R, H]
-        except BaseException:
-            for s, n in work:
-                s.num_cached -= n
-            raise
-        for s, tok, lp, err in zip(seqs, *sampled):
+        for s, n in work:
+            if s.num_cached + n < s.num_tokens:  # a prefill chunk short of its last token: nothing to draw
+                s.num_cached += n
+        error: BaseException | None = None
+        for (_, s, n), tok, lp, err in zip(ready, *sampled):
             try:
-                if err is not None:
-                    raise err
-                self._append(s, tok, lp)
-            except Exception as e:  # noqa: BLE001 - this row's request only
-                self.fail(s, e)
+                self._row(s, n, tok, lp, err)
+            except BaseException as e:  # noqa: BLE001 - re-raised once the other rows have their tokens
+                error = error or e
+        if error is not None:
+            self.unreported += seqs  # the step raises: its caller hears of these rows from take_unreported()
+            raise error
         return seqs
+
+    def _row(self, seq: Sequence, n: int, token: int | None, logprob, err: Exception | None) -> None:
+        """One drawn row: its n tokens counted cached as its token is appended, or (an error) its request alone ends."""
+        try:
+            if err is not None:
+                raise err
+            seq.num_cached += n
+            self._append(seq, token, logprob)
+        except Exception as e:  # noqa: BLE001 - this row's request only
+            self.fail(seq, e)
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
