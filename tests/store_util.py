@@ -23,3 +23,18 @@ def tiny_mixtral(folder: Path) -> tuple[str, object, ExpertStore]:
     path = str(make_tiny_model("mixtral", folder / "mixtral", layers=2, experts=4))
     files = open_model(path)
     return path, files, full_store(files)
+
+
+class FussyTokenizer:
+    """The model's tokenizer, except that decoding token `bad` raises (a tokenizer failure on one request's text)."""
+
+    def __init__(self, tokenizer, bad: int):
+        self.tokenizer, self.bad = tokenizer, bad
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids, **kw):
+        if self.bad in ids:
+            raise ValueError(f"injected: cannot decode token {self.bad}")
+        return self.tokenizer.decode(ids, **kw)

@@ -21,7 +21,7 @@ from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
 from elasticmoe.gateway.runner import EngineRunner
 from elasticmoe.model.dispatch import ExpertsUnavailable, LocalDispatcher
-from tests.store_util import tiny_mixtral
+from tests.store_util import FussyTokenizer, tiny_mixtral
 
 PROMPTS = ["The expert said", "Once upon a time", "Mixture of experts routes", "A B C D"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -295,21 +295,6 @@ def test_a_slow_reader_gets_every_token_in_one_bounded_buffer(model, reference):
         assert list(updates[0].token_ids) == ref[PROMPTS[3]] and updates[0].completion_tokens == 12
     finally:
         runner.close()
-
-
-class FussyTokenizer:
-    """The model's tokenizer, except that decoding token `bad` raises (a tokenizer failure on one request's output)."""
-
-    def __init__(self, tokenizer, bad: int):
-        self.tokenizer, self.bad = tokenizer, bad
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-    def decode(self, ids, **kw):
-        if self.bad in ids:
-            raise ValueError(f"injected: cannot decode token {self.bad}")
-        return self.tokenizer.decode(ids, **kw)
 
 
 def test_a_tokenizer_failure_on_one_output_ends_that_request_alone(model, reference):

@@ -17,26 +17,12 @@ from elasticmoe.engine.scheduler import RequestFailed
 from elasticmoe.gateway.runner import EngineRunner
 from elasticmoe.model.dispatch import LocalDispatcher
 from tests.test_admission import HeldDispatcher, model  # noqa: F401 - model: a fixture, a tiny Mixtral
+from tests.store_util import FussyTokenizer
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 WARM = dataclasses.replace(GREEDY, max_tokens=40)
 PROMPTS = ["The expert said", "Once upon a time", "Mixture of experts routes", "A B C D"]
 AFTER = "The sea is"
-
-
-class FussyTokenizer:
-    """The model's tokenizer, except that decoding token `bad` raises (a tokenizer failure on one request's text)."""
-
-    def __init__(self, tokenizer, bad: int):
-        self.tokenizer, self.bad = tokenizer, bad
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-    def decode(self, ids, **kw):
-        if self.bad in ids:
-            raise ValueError(f"injected: cannot decode token {self.bad}")
-        return self.tokenizer.decode(ids, **kw)
 
 
 def zeroing_fails_once(engine: Engine) -> list[int]:

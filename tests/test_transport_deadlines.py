@@ -100,17 +100,22 @@ def test_frames_queued_past_their_deadline_are_not_sent(files, shard, kind):  # 
         t.close()
 
 
-def test_a_frame_whose_deadline_passed_while_connecting_is_not_sent(files, monkeypatch):  # noqa: F811
-    """The socket transport keeps the frames sent while its connection opens (Health, TCP, TLS) and writes them once
-    open: one whose call passed its deadline meanwhile is dropped. The shard's Health takes 1 s here (a busy pool)."""
+def _slow_health(monkeypatch, seconds: float) -> None:
+    """Shards started after this take `seconds` to answer Health (a busy pool): a socket connection opens late."""
     from elasticmoe.experts.server import ExpertServicer
 
     health = ExpertServicer.Health
 
     def slow_health(self, request, context):
-        time.sleep(1.0)
+        time.sleep(seconds)
         return health(self, request, context)
     monkeypatch.setattr(ExpertServicer, "Health", slow_health)  # before the server registers its handlers
+
+
+def test_a_frame_whose_deadline_passed_while_connecting_is_not_sent(files, monkeypatch):  # noqa: F811
+    """The socket transport keeps the frames sent while its connection opens (Health, TCP, TLS) and writes them once
+    open: one whose call passed its deadline meanwhile is dropped. The shard's Health takes 1 s here (a busy pool)."""
+    _slow_health(monkeypatch, 1.0)
     shards = Shards(files, [list(range(E))], {0: {"insecure": True}})
     layer, address, servicer = shards.layers[0], shards.addresses[0], shards.servicers[0]
     t = SocketTransport(insecure=True)
@@ -130,19 +135,13 @@ def test_frames_sent_while_connecting_are_bounded_as_the_spill(files, monkeypatc
     spilled frames they become once open (SPILL_FRAMES, SPILL_BYTES; 3 here): one more is refused as busy, once the
     frames of calls that ended meanwhile are dropped. The frames taken are answered as the reference; the refused
     and the ended ones are never computed."""
-    from elasticmoe.experts.server import ExpertServicer
     from elasticmoe.gateway import socket_conn
     from elasticmoe.gateway.transport import is_busy
     from elasticmoe.rpc import frame_socket, frames
     from elasticmoe.rpc.codec import decode_tensor
     from tests.shard_util import _reference
 
-    health = ExpertServicer.Health
-
-    def slow_health(self, request, context):
-        time.sleep(1.5)
-        return health(self, request, context)
-    monkeypatch.setattr(ExpertServicer, "Health", slow_health)  # before the server registers its handlers
+    _slow_health(monkeypatch, 1.5)
     shards = Shards(files, [list(range(E))], {0: {"insecure": True}})
     layer, address, servicer = shards.layers[0], shards.addresses[0], shards.servicers[0]
     reqs = [_req(files, layer, seed=seed) for seed in range(5)]
