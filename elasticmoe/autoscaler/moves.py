@@ -266,16 +266,26 @@ class Mover:
         return False
 
     async def _drop_after_acks(self, drops: dict[str, list[tuple[int, int]]], version: int) -> None:
-        """Drop old copies (placement layer, expert) per shard id, unless a later placement put them back."""
-        if not await self._acked(version):
-            self._event("ack_timeout", version=version)
-        async with self._lock:
-            by_id = self.registry.shards
-            todo = {}
-            for sid, pairs in drops.items():
-                info = by_id.get(sid)
-                if info is None:
-                    continue
-                keep = set(self.registry.placement.experts_on(info.position))
-                todo[info.address] = [(self.moe_layers[l], e) for l, e in pairs if (l, e) not in keep]
-            await self._drop_now(todo)
+        """Drop old copies (placement layer, expert) per shard id once every gateway runs the current table, unless
+        a later placement put them back. A table published meanwhile is waited for in turn: one between may have put
+        a copy back that the newest moved off again, and a gateway running it still routes there."""
+        while True:
+            if not await self._acked(version):
+                self._event("ack_timeout", version=version)
+            async with self._lock:
+                if self.registry.version == version:
+                    await self._drop_acked(drops)
+                    return
+            version = self.registry.version
+
+    async def _drop_acked(self, drops: dict[str, list[tuple[int, int]]]) -> None:
+        """(Under the lock, every gateway running the current table.) The drops of _drop_after_acks."""
+        by_id = self.registry.shards
+        todo = {}
+        for sid, pairs in drops.items():
+            info = by_id.get(sid)
+            if info is None:
+                continue
+            keep = set(self.registry.placement.experts_on(info.position))
+            todo[info.address] = [(self.moe_layers[l], e) for l, e in pairs if (l, e) not in keep]
+        await self._drop_now(todo)
