@@ -270,11 +270,6 @@ class ExpertStore:
                                          COMBINE_DTYPE)
         return out
 
-    def served(self) -> dict[tuple[int, int], int]:
-        """A copy of tokens_served (count() may add to it meanwhile, on another thread)."""
-        with self._stats_lock:
-            return dict(self.tokens_served)
-
     def count(self, layer: int, routed: dict[int, int], compute_us: int = 0) -> None:
         """A call served (for stats): one more call, its tokens per expert (see `routed`) to tokens_served and the
         microseconds its forward() took (as its answer says) to compute_us."""
