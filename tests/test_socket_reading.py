@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from elasticmoe.gateway import socket_transport
+from elasticmoe.gateway import socket_reading
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.codec import decode_tensor
@@ -75,7 +75,7 @@ def test_a_waiting_caller_reads_its_answers_and_the_connection_thread_reads_the_
             want = _reference(files, layer, req.hidden, req.topk_ids.long(), req.topk_weights)
             torch.testing.assert_close(decode_tensor(fut.result().output), want.double(), rtol=1e-5, atol=1e-6)
         token.release()
-        time.sleep(2 * socket_transport.PARK_S)  # no caller reads any more: the connection's thread is back
+        time.sleep(2 * socket_reading.PARK_S)  # no caller reads any more: the connection's thread is back
         late = t.send(address, lambda: _req(files, layer), 5)
         seen = _resolver(late)
         assert cf.wait([late], 10).done and late.result().output.data and _read_by_the_connection(seen), seen
@@ -252,7 +252,7 @@ def test_the_connection_thread_stays_asleep_while_a_caller_reads(files, halves):
             _wait_all(t, [t.send(address, lambda: _req(files, layer, seed=calls), 5)], 10)
             calls += 1
         woke = conn.wakeups - before
-        assert calls >= 50 and woke <= 1.5 / socket_transport.PARK_S + 2, (calls, woke)
+        assert calls >= 50 and woke <= 1.5 / socket_reading.PARK_S + 2, (calls, woke)
     finally:
         t.close()
 

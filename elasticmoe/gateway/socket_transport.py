@@ -17,7 +17,7 @@ import grpc
 
 from elasticmoe.gateway.multiplex import Deadlines, send_multiplexed
 from elasticmoe.gateway.socket_conn import _Conn
-from elasticmoe.gateway.socket_reading import PARK_S, _ready  # noqa: F401 - PARK_S: read here by the tests
+from elasticmoe.gateway.socket_reading import _ready
 from elasticmoe.gateway.transport import Build, TransportError, _Channels
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frame_socket, frames, tls
