@@ -43,6 +43,14 @@ def _strided():
     return wide(x), wide(w13), wide(w2), torch.cat([ids, ids], 1)[:, ::2], weights.t().contiguous().t()
 
 
+def _beside_a_bad_expert(dtype=torch.float32):
+    """No token routes to expert 0, whose products are NaN (fp32) or past fp16's range; some slots are -1."""
+    x, w13, w2, ids, weights = make_inputs(6, 4, 2, "skip", dtype=dtype)
+    ids[ids == 0] = -1
+    w13[0] = float("nan") if dtype == torch.float32 else 1e4
+    return x, w13, w2, ids, weights
+
+
 EDGE_CASES = {  # name -> (inputs, tolerance)
     "T0": (lambda: make_inputs(0, 3, 2), TOL_FP32),
     "T1-k4-of-E4": (lambda: make_inputs(1, 4, 4), TOL_FP32),
@@ -59,6 +67,8 @@ EDGE_CASES = {  # name -> (inputs, tolerance)
     "H200-I136-fp16": (lambda: make_inputs(5, 3, 2, "skip", torch.float16, hidden=200, inter=136), TOL_FP16),
     "H2880-I1408-T1": (lambda: make_inputs(1, 1, 1, hidden=2880, inter=1408), TOL_FP32),
     "non-contiguous": (_strided, TOL_FP32),
+    "skips-beside-a-nan-expert": (_beside_a_bad_expert, TOL_FP32),
+    "skips-beside-an-overflowing-expert-fp16": (lambda: _beside_a_bad_expert(torch.float16), TOL_FP16),
 }
 
 
@@ -66,7 +76,9 @@ EDGE_CASES = {  # name -> (inputs, tolerance)
 @pytest.mark.parametrize("strategy", torch_moe.STRATEGIES)
 @pytest.mark.parametrize("case", list(EDGE_CASES))
 def test_torch_path_edges(case, strategy, kernel, monkeypatch):
-    """Every strategy against the float64 loop. "bmm" indexed w13[0] for E = 0 (IndexError) when called directly."""
+    """Every strategy against the float64 loop. "bmm" indexed w13[0] for E = 0 (IndexError) when called directly, and
+    ran a -1 slot through expert 0 times weight 0, so that expert's NaN or inf (0 * inf) reached tokens it never
+    served (the skips-beside-* cases; "bmm" is what "auto" picks for decode on CUDA's torch fallback)."""
     if not kernel:
         monkeypatch.setattr(cpu_gemm, "_lib", False)
     build, tol = EDGE_CASES[case]

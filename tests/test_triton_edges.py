@@ -2,9 +2,9 @@
 
 Under TRITON_INTERPRET=1 in a child process (tests/triton_child.py), on CUDA too where there is one: top_k = E,
 a one-expert shard, duplicate ids in a token's top-k, zero routing weights, ids outside [0, E), experts left
-empty, H / I off the tile sizes, non-contiguous inputs, chunking, T = 0 / 1, empty alignment, the direct entry
-point's input checks, the other arguments' (chunk_tokens, warmup's top_k, out_dtype), and bf16 (GPU only: the
-interpreter computes it wrongly and is refused).
+empty (one of them NaN or overflowing beside -1 slots), H / I off the tile sizes, non-contiguous inputs,
+chunking, T = 0 / 1, empty alignment, the direct entry point's input checks, the other arguments' (chunk_tokens,
+warmup's top_k, out_dtype), and bf16 (GPU only: the interpreter computes it wrongly and is refused).
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ def _every_other_expert(x, w13, w2, ids, weights):
     return x, torch.cat([w13, w13])[::2], torch.cat([w2, w2])[::2], ids, weights  # expert stride 2 * E's
 
 
+def _beside_a_bad_expert(x, w13, w2, ids, weights):
+    """No token routes to expert 0, whose products are NaN (fp32) or past fp16's range; some slots are -1."""
+    ids[ids == 0] = -1
+    w13[0] = float("nan") if x.dtype == torch.float32 else 1e4
+    return x, w13, w2, ids, weights
+
+
 def _half_weights(x, w13, w2, ids, weights):
     return x, w13.half(), w2.half(), ids, weights  # fp32 activations, fp16 experts: fp32 out
 
@@ -77,6 +84,10 @@ CASES = {  # name -> (inputs, fused_moe_triton options, tolerance)
     "H40-I1408-default-tiles": (lambda: _edited(2, 2, 1, hidden=40, inter=1408), {"config": None}, TOL_FP32),
     "H2880-I24-default-tiles": (lambda: _edited(2, 2, 1, hidden=2880, inter=24), {"config": None}, TOL_FP32),
     "non-contiguous": (lambda: _edited(8, 4, 2, routing="skip", edit=_strided), {}, TOL_FP32),
+    "skips-beside-a-nan-expert": (lambda: _edited(6, 4, 2, routing="skip", edit=_beside_a_bad_expert), {},
+                                  TOL_FP32),
+    "skips-beside-an-overflowing-expert-fp16": (lambda: _edited(6, 4, 2, "float16", routing="skip",
+                                                                edit=_beside_a_bad_expert), {}, TOL_FP16),
     "every-other-expert": (lambda: _edited(8, 4, 2, routing="skip", edit=_every_other_expert), {}, TOL_FP32),
     "fp32-hidden-fp16-experts": (lambda: _edited(8, 4, 2, routing="skip", edit=_half_weights), {}, TOL_FP16),
     "chunk-1-token": (lambda: _edited(5, 4, 2, routing="skip"), {"chunk_tokens": 1}, TOL_FP32),

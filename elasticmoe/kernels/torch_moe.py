@@ -133,8 +133,10 @@ def _moe_bmm(x, w13, w2, topk_ids, topk_weights, acc=torch.float32) -> torch.Ten
     gate_up = torch.bmm(w13[experts], rows).squeeze(-1)  # [N, 2I]
     act = _activate(gate_up, inter).unsqueeze(-1)  # [N, I, 1]
     y = torch.bmm(w2[experts], act).squeeze(-1)  # [N, H]
-    weights = torch.where(valid, topk_weights.reshape(-1).float(), 0.0).to(acc)  # [N]
-    return (y.to(acc) * weights[:, None]).view(num_tokens, top_k, hidden_size).sum(1)  # [T, H]
+    weights = topk_weights.reshape(-1).float().to(acc)  # [N]
+    # skipped slots ran through expert 0: mask, do not multiply by 0 (its NaN or inf would give NaN)
+    weighted = torch.where(valid[:, None], y.to(acc) * weights[:, None], 0.0)  # [N, H]
+    return weighted.view(num_tokens, top_k, hidden_size).sum(1)  # [T, H]
 
 
 def _moe_grouped(x, w13, w2, topk_ids, topk_weights, acc=torch.float32) -> torch.Tensor:
