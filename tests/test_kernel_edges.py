@@ -89,6 +89,42 @@ def test_torch_path_edges(case, strategy, kernel, monkeypatch):
     assert rel_err(out, ref) <= tol
 
 
+def _token_2_off(dtype):
+    """Token 2 routed with a NaN in its hidden (fp32), or (fp16) gate and up products ~1000, past 65504 together."""
+    x, w13, w2, ids, weights = make_inputs(6, 4, 2, "skip", dtype=dtype)
+    ids[2, 0] = 1
+    if dtype == torch.float32:
+        x[2, 3] = float("nan")
+        return x, w13, w2, ids, weights
+    x[2] *= 1000
+    return x, w13, w2 / 1000, ids, weights  # w2 / 1000: the float64 loop's output is finite
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["C-kernel", "torch-only"])
+@pytest.mark.parametrize("strategy", torch_moe.STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_non_finite_token_stays_in_its_row(dtype, strategy, kernel, monkeypatch):
+    """Token 2's NaN, or its fp16 overflow, leaves the other tokens' results the float64 loop's (the Triton twin:
+    test_triton_edges.py)."""
+    if not kernel:
+        monkeypatch.setattr(cpu_gemm, "_lib", False)
+    x, w13, w2, ids, weights = _token_2_off(dtype)
+    out = torch_moe.fused_moe_torch(x, w13, w2, ids, weights, strategy=strategy)
+    ref = fused_moe_reference(x, w13, w2, ids, weights)
+    rest = torch.arange(6) != 2
+    assert rel_err(out[rest], ref[rest]) <= (TOL_FP32 if dtype == torch.float32 else TOL_FP16)
+    assert dtype == torch.float16 or (out[2].isnan().all() and ref[2].isnan().all())  # fp16: as KERNELS.md says
+
+
+@pytest.mark.skipif(not cpu_gemm.available(), reason="needs the C kernel (x86-64 AVX2, a C compiler)")
+def test_fp16_activations_past_65504_stay_finite_in_the_c_kernel():
+    """The C kernel keeps silu(gate) * up in fp32, so a token whose fp16 products overflow gets the float64
+    loop's finite result on CPU (the Triton kernels store them in fp16: inf, benchmarks/KERNELS.md)."""
+    x, w13, w2, ids, weights = _token_2_off(torch.float16)
+    out = fused_moe(x, w13, w2, ids, weights, backend="torch")
+    assert rel_err(out, fused_moe_reference(x, w13, w2, ids, weights)) <= TOL_FP16
+
+
 def test_fp8_torch_path_edges():
     """Block-FP8 experts with H = 200, I = 136 (partial 128x128 scale blocks), duplicate ids, zero weights, T = 1."""
     g = torch.Generator().manual_seed(5)

@@ -4,7 +4,8 @@ Under TRITON_INTERPRET=1 in a child process (tests/triton_child.py), on CUDA too
 a one-expert shard, duplicate ids in a token's top-k, zero routing weights, ids outside [0, E), experts left
 empty (one of them NaN or overflowing beside -1 slots), H / I off the tile sizes, non-contiguous inputs,
 chunking, T = 0 / 1, empty alignment, the direct entry point's input checks, the other arguments' (chunk_tokens,
-warmup's top_k, out_dtype), and bf16 (GPU only: the interpreter computes it wrongly and is refused).
+warmup's top_k, out_dtype), a token's NaN or fp16 overflow kept to its row, and bf16 (GPU only: the interpreter
+computes it wrongly and is refused).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ CASES = {  # name -> (inputs, fused_moe_triton options, tolerance)
     "T4097-default-chunk": (lambda: _edited(4097, 2, 1, hidden=16, inter=16), {"config": None}, TOL_FP32),
 }
 CHECKS = ["align-no-pairs", "align-no-experts", "api-T0-T1", "direct-call-checks", "argument-checks", "bf16",
-          "fp8-H200-I136-duplicates"]
+          "fp8-H200-I136-duplicates", "non-finite-token-fp32", "fp16-activation-overflow"]
 
 
 def _run_case(name: str, device: str) -> dict:
@@ -243,6 +244,39 @@ def _child_fp8_ragged(device: str) -> dict:
     return {"ok": ok, "errs": errs}  # W8A8 differs from the (W8A16) torch twin by the activations' rounding
 
 
+def _child_nonfinite(device: str) -> dict:
+    """One token's non-finite values stay in its row: a NaN in its hidden (fp32), and in fp16 an activation
+    silu(gate) * up past 65504, which the kernels store in fp16 (inf there, then inf or NaN in the token's output;
+    benchmarks/KERNELS.md) where the torch twin's C kernel keeps fp32 (finite, as the float64 loop)."""
+    from elasticmoe.kernels import cpu_gemm, fused_moe_reference
+    from elasticmoe.kernels.torch_moe import fused_moe_torch
+    from elasticmoe.kernels.triton_moe import fused_moe_triton
+
+    results = {}
+    for name, dtype, tol in (("non-finite-token-fp32", torch.float32, TOL_FP32),
+                             ("fp16-activation-overflow", torch.float16, TOL_FP16)):
+        x, w13, w2, ids, weights = make_inputs(6, 4, 2, dtype=dtype)
+        if dtype == torch.float32:
+            x[2, 3] = float("nan")
+        else:
+            x[2] *= 1000  # gate and up ~1000: their product overflows fp16; w2 / 1000 brings the output back
+            w2 = w2 / 1000
+        args = (x, w13, w2, ids, weights)
+        out = fused_moe_triton(*(t.to(device) for t in args), config=SMALL_TILES).cpu()
+        twin, ref = fused_moe_torch(*args), fused_moe_reference(*args)
+        rest = torch.arange(6) != 2
+        errs = {"vs_torch": rel_err(out[rest], twin[rest]), "vs_ref": rel_err(out[rest], ref[rest])}
+        finite = {"triton": out[2].isfinite().all().item(), "ref": ref[2].isfinite().all().item()}
+        token = {**finite, "torch_vs_ref": rel_err(twin[2], ref[2])}  # NaN where the twin's row is
+        if dtype == torch.float32:
+            row_ok = not finite["triton"] and not finite["ref"] and twin[2].isnan().all().item()
+        else:  # the twin's fp32 activations: its C kernel (else fp16 products, as the kernels')
+            row_ok = not finite["triton"] and finite["ref"] and (token["torch_vs_ref"] <= tol
+                                                                  or not cpu_gemm.available())
+        results[name] = {"ok": max(errs.values()) <= tol and row_ok, **errs, "token_2": token}
+    return results
+
+
 def _child_main(device: str) -> None:
     results = {name: _run_case(name, device) for name in CASES}
     results.update(_child_align(device))
@@ -251,6 +285,7 @@ def _child_main(device: str) -> None:
     results["argument-checks"] = _child_arguments(device)
     results["bf16"] = _child_bf16(device)
     results["fp8-H200-I136-duplicates"] = _child_fp8_ragged(device)
+    results.update(_child_nonfinite(device))
     print(json.dumps(results))
 
 
