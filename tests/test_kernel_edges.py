@@ -43,6 +43,12 @@ def _strided():
     return wide(x), wide(w13), wide(w2), torch.cat([ids, ids], 1)[:, ::2], weights.t().contiguous().t()
 
 
+def _row_offsets():
+    """Storage offsets: tokens 5..10 of a batch, experts 1.. of a layer (ids shifted to match)."""
+    x, w13, w2, ids, weights = make_inputs(20, 4, 2, "skip")
+    return x[5:11], w13[1:], w2[1:], (ids[5:11] - 1).clamp(min=-1), weights[5:11]
+
+
 def _beside_a_bad_expert(dtype=torch.float32):
     """No token routes to expert 0, whose products are NaN (fp32) or past fp16's range; some slots are -1."""
     x, w13, w2, ids, weights = make_inputs(6, 4, 2, "skip", dtype=dtype)
@@ -67,6 +73,10 @@ EDGE_CASES = {  # name -> (inputs, tolerance)
     "H200-I136-fp16": (lambda: make_inputs(5, 3, 2, "skip", torch.float16, hidden=200, inter=136), TOL_FP16),
     "H2880-I1408-T1": (lambda: make_inputs(1, 1, 1, hidden=2880, inter=1408), TOL_FP32),
     "non-contiguous": (_strided, TOL_FP32),
+    "row-offset-views": (_row_offsets, TOL_FP32),
+    "topk-weights-bf16-hidden-fp32": (lambda: (lambda x, a, b, i, w: (x, a, b, i, w.bfloat16()))(
+        *make_inputs(7, 4, 3, "skip")), TOL_FP32),
+    "topk-weights-fp32-hidden-fp16": (lambda: make_inputs(7, 4, 3, "skip", dtype=torch.float16), TOL_FP16),
     "skips-beside-a-nan-expert": (_beside_a_bad_expert, TOL_FP32),
     "skips-beside-an-overflowing-expert-fp16": (lambda: _beside_a_bad_expert(torch.float16), TOL_FP16),
 }

@@ -60,6 +60,15 @@ def _every_other_expert(x, w13, w2, ids, weights):
     return x, torch.cat([w13, w13])[::2], torch.cat([w2, w2])[::2], ids, weights  # expert stride 2 * E's
 
 
+def _row_offsets(x, w13, w2, ids, weights):
+    """Storage offsets: tokens 5..10 of a batch, experts 1.. of a layer (ids shifted to match)."""
+    return x[5:11], w13[1:], w2[1:], (ids[5:11] - 1).clamp(min=-1), weights[5:11]
+
+
+def _bf16_weights(x, w13, w2, ids, weights):
+    return x, w13, w2, ids, weights.bfloat16()  # router weights in another dtype than hidden's (bf16 is fine there)
+
+
 def _beside_a_bad_expert(x, w13, w2, ids, weights):
     """No token routes to expert 0, whose products are NaN (fp32) or past fp16's range; some slots are -1."""
     ids[ids == 0] = -1
@@ -85,6 +94,9 @@ CASES = {  # name -> (inputs, fused_moe_triton options, tolerance)
     "H40-I1408-default-tiles": (lambda: _edited(2, 2, 1, hidden=40, inter=1408), {"config": None}, TOL_FP32),
     "H2880-I24-default-tiles": (lambda: _edited(2, 2, 1, hidden=2880, inter=24), {"config": None}, TOL_FP32),
     "non-contiguous": (lambda: _edited(8, 4, 2, routing="skip", edit=_strided), {}, TOL_FP32),
+    "row-offset-views": (lambda: _edited(20, 4, 2, routing="skip", edit=_row_offsets), {}, TOL_FP32),
+    "topk-weights-bf16-hidden-fp16": (lambda: _edited(7, 4, 3, "float16", routing="skip", edit=_bf16_weights), {},
+                                      TOL_FP16),
     "skips-beside-a-nan-expert": (lambda: _edited(6, 4, 2, routing="skip", edit=_beside_a_bad_expert), {},
                                   TOL_FP32),
     "skips-beside-an-overflowing-expert-fp16": (lambda: _edited(6, 4, 2, "float16", routing="skip",
