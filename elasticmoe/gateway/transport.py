@@ -175,7 +175,9 @@ class _Channels:
         with self._lock:
             gone = [a for a in self._stubs if a not in addresses]
             channels = [self._stubs.pop(a)[1] for a in gone]
-            for a in [a for a in self._limits if a not in addresses]:  # a late Health answer may add one back
+            # a copy of the keys (list() takes it at once): Health answers add limits without the lock, from
+            # gRPC's or a connection's thread; a late one may add a departed shard's back
+            for a in [a for a in list(self._limits) if a not in addresses]:
                 self._limits.pop(a, None)
         for ch in channels:
             ch.close()
