@@ -1,5 +1,6 @@
 """A closed transport ends every call of its own: those on connections it retired (renewed TLS files) too, whose
-answers may never come once nothing keeps their deadlines (socket and stream transports, real in-process shards)."""
+answers may never come once nothing keeps their deadlines; and a call sent after its close fails CANCELLED unsent,
+no connection opened (socket, stream and unary transports, real in-process shards)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.stream_transport import StreamTransport
+from elasticmoe.gateway.transport import UnaryTransport
 from tests.shard_util import _req, files, halves  # noqa: F401
 
 
@@ -31,3 +33,24 @@ def test_close_ends_the_calls_of_connections_retired_by_renewed_tls_files(files,
         e = fut.exception(timeout=2)  # not the shard's answer after run_delay_s, nor a wait without end
         assert isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.CANCELLED, e
     halves.servicers[0].faults.run_delay_s = 0.0
+
+
+@pytest.mark.parametrize("kind", [SocketTransport, StreamTransport, UnaryTransport], ids=["socket", "stream", "unary"])
+def test_a_call_sent_after_close_fails_cancelled_and_opens_nothing(files, halves, kind):  # noqa: F811
+    """A step still running when its gateway closes (the engine thread outlives runner.close's join) re-sends the
+    calls the close cancelled. The socket and stream transports opened a new connection for them, which nothing
+    closed any more (a frame-listener place and a thread for the life of the process, and calls with no deadline:
+    the deadline thread had stopped); the unary transport raised out of send (RuntimeError from its pool) instead of
+    failing the call's Future. Each now fails the call CANCELLED at once, sends nothing and opens no channel."""
+    layer, (first, other) = halves.layers[0], halves.addresses
+    t = kind()
+    assert t.send(first, lambda: _req(files, layer), 5).result(timeout=10).output.data
+    t.close()
+    served = [s.calls for s in halves.servicers]
+    for address in (first, other):  # the shard it had a connection to, and one it had none to
+        fut = t.send(address, lambda: _req(files, layer, seed=1), 5)
+        assert fut.done()  # at once
+        e = fut.exception(timeout=5)
+        assert isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.CANCELLED, e
+    assert [s.calls for s in halves.servicers] == served  # nothing computed: nothing sent
+    assert not t._stubs and not getattr(t, "_conns", None) and not getattr(t, "_streams", None)

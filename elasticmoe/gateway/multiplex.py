@@ -66,8 +66,9 @@ class Multiplexed:
 def send_multiplexed(address: str, frame_id: int, encode: Callable[[], object], conn_for: Callable[[], Multiplexed],
                      deadlines: "Deadlines", timeout_s: float, fut: Future | None = None) -> Future:
     """One call on a multiplexed connection: encode the frame, submit it (one fresh connection if the one found has
-    died), its deadline kept by `deadlines`. Returns the call's Future (`fut`, when given: a fresh one). A call with
-    no time left (timeout_s <= 0) fails DEADLINE_EXCEEDED here, unsent, as it would at its deadline."""
+    died; conn_for raises TransportError once the transport is closed: the call fails with it), its deadline kept by
+    `deadlines`. Returns the call's Future (`fut`, when given: a fresh one). A call with no time left (timeout_s <= 0)
+    fails DEADLINE_EXCEEDED here, unsent, as it would at its deadline."""
     fut = Future() if fut is None else fut
     fut.set_running_or_notify_cancel()
     if timeout_s <= 0:
@@ -79,7 +80,11 @@ def send_multiplexed(address: str, frame_id: int, encode: Callable[[], object], 
         fut.set_exception(e)
         return fut
     for _ in range(2):
-        c = conn_for()
+        try:
+            c = conn_for()
+        except TransportError as e:  # the transport is closed: no connection opens (nothing would close it)
+            fut.set_exception(e)
+            return fut
         deadlines.add(timeout_s, frame_id, c)  # before the write: a write that blocks still times out
         if c.submit(frame_id, frame, fut):
             return fut

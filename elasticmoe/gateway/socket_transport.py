@@ -13,12 +13,10 @@ from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from typing import Callable
 
-import grpc
-
 from elasticmoe.gateway.multiplex import Deadlines, send_multiplexed
 from elasticmoe.gateway.socket_conn import _Conn
 from elasticmoe.gateway.socket_reading import _ready
-from elasticmoe.gateway.transport import Build, TransportError, _Channels
+from elasticmoe.gateway.transport import Build, _Channels, closed_error
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frame_socket, frames, tls
 from elasticmoe.rpc.tls_socket import SerialTLS
@@ -75,8 +73,10 @@ class SocketTransport(_Channels):
         c = self._conns.get(address)  # every call's path: the open connection, unless the TLS files are due a look
         if c is not None and not (c.dead or c.retired or self.renewal.due()):
             return c
-        stub, renewed = self.stub(address)
+        stub, renewed = self.stub(address)  # CANCELLED once closed
         with self._lock:
+            if self.closed:  # closed since: nothing would close a connection opened now
+                raise closed_error()
             if renewed:
                 self._ctx = None
                 for c in self._conns.values():
@@ -158,9 +158,11 @@ class SocketTransport(_Channels):
         super().retain(addresses)
 
     def close(self) -> None:
-        self._deadlines.close(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))  # retired ones' calls too
+        """Fail every call in flight CANCELLED and end the connections; a call sent after (or while it closes) fails
+        CANCELLED unsent: no connection opens once closed (it used to, and nothing ever closed it)."""
+        self._deadlines.close(closed_error())  # retired connections' calls too
+        self.close_channels()  # closed: from now on _conn opens nothing
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:
-            c.fail(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))
-        self.close_channels()
+            c.fail(closed_error())

@@ -11,7 +11,7 @@ from typing import Callable
 import grpc
 
 from elasticmoe.gateway.multiplex import Deadlines, Multiplexed, send_multiplexed
-from elasticmoe.gateway.transport import Build, TransportError, _Channels, wait_any
+from elasticmoe.gateway.transport import Build, TransportError, _Channels, closed_error, wait_any
 from elasticmoe.rpc import frames
 
 STREAM_METHOD = "/elasticmoe.internal.v1.ExpertShard/RunExpertsStream"
@@ -146,8 +146,10 @@ class StreamTransport(_Channels):
         self._lock = threading.Lock()
 
     def _stream(self, address: str) -> _Stream:
-        _, channel, renewed = self.connection(address)
+        _, channel, renewed = self.connection(address)  # CANCELLED once closed
         with self._lock:
+            if self.closed:  # closed since: nothing would end a stream opened now
+                raise closed_error()
             if renewed:
                 for s in self._streams.values():
                     s.close()
@@ -177,10 +179,12 @@ class StreamTransport(_Channels):
         super().retain(addresses)
 
     def close(self) -> None:
-        self._deadlines.close(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))  # retired ones' calls too
+        """Fail every call in flight CANCELLED and end the streams; a call sent after (or while it closes) fails
+        CANCELLED unsent: no stream opens once closed."""
+        self._deadlines.close(closed_error())  # retired streams' calls too
+        self.close_channels()  # closed: from now on _stream opens nothing
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for s in streams:
-            s.fail(TransportError(grpc.StatusCode.CANCELLED, "transport closed"))
+            s.fail(closed_error())
             s._call.cancel()
-        self.close_channels()

@@ -68,6 +68,18 @@ class TransportError(grpc.RpcError):
         return self._details
 
 
+def closed_error() -> TransportError:
+    """The failure of a call sent, or in flight, when its transport is closed."""
+    return TransportError(grpc.StatusCode.CANCELLED, "transport closed")
+
+
+def failed(e: BaseException) -> Future:
+    """A call's Future, failed with `e` before it was sent."""
+    fut: Future = Future()
+    fut.set_exception(e)
+    return fut
+
+
 def _exhausted(e: BaseException) -> str | None:
     """The details of a RESOURCE_EXHAUSTED call failure, else None."""
     if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -113,6 +125,7 @@ class _Channels:
         self._stubs: dict[str, tuple[pb_grpc.ExpertShardStub, grpc.Channel]] = {}
         self._lock = threading.Lock()
         self._limits: dict[str, int] = {}  # address -> the largest message its shard takes (Health)
+        self.closed = False  # set by close_channels: no channel (nor connection) opens after it
 
     def limit(self, address: str) -> int:
         """The largest message the shard at `address` announced (0: not known yet: the gateway's own limit)."""
@@ -155,8 +168,11 @@ class _Channels:
         return stub, renewed
 
     def connection(self, address: str) -> tuple[pb_grpc.ExpertShardStub, grpc.Channel, bool]:
-        """The stub and channel for `address`, and whether the channels were just replaced (renewed certificates)."""
+        """The stub and channel for `address`, and whether the channels were just replaced (renewed certificates);
+        CANCELLED (TransportError) once the transport is closed."""
         with self._lock:
+            if self.closed:
+                raise closed_error()
             renewed = self.renewal.changed()
             if renewed:
                 self._stubs.clear()  # calls in flight finish on their old channel
@@ -183,8 +199,9 @@ class _Channels:
             ch.close()
 
     def close_channels(self) -> None:
-        """Close every channel (the transport's close: its calls in flight end CANCELLED)."""
+        """Close every channel (the transport's close: its calls in flight end CANCELLED); no channel opens after."""
         with self._lock:
+            self.closed = True
             channels, self._stubs = [ch for _, ch in self._stubs.values()], {}
         for ch in channels:
             ch.close()
@@ -200,7 +217,10 @@ class UnaryTransport(_Channels):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fanout")
 
     def send(self, address: str, build: Build, timeout_s: float) -> Future:
-        stub, _ = self.stub(address)
+        try:
+            stub, _ = self.stub(address)
+        except TransportError as e:  # closed: no channel opens
+            return failed(e)
         deadline = time.monotonic() + timeout_s
 
         def call():
@@ -210,7 +230,10 @@ class UnaryTransport(_Channels):
                 return stub.RunExperts(frames.as_proto(build()), timeout=left)
             except grpc.RpcError as e:
                 raise self.refusal(address, e) from None
-        return self._pool.submit(call)
+        try:
+            return self._pool.submit(call)
+        except RuntimeError:  # the pool shut down since (close)
+            return failed(closed_error())
 
     wait = staticmethod(wait_any)
 
