@@ -8,6 +8,7 @@ import math
 import sys
 
 from elasticmoe.cli_demo import DEMO_CONFIG_NAME, DEMO_MIN_CPUS, cmd_demo, demo_cpus
+from elasticmoe.model import tiny_cli  # no torch: a command imports the model when it runs (test_cli_imports)
 
 OFFLINE_DEFAULTS = {"max_tokens": 32, "temperature": 0.0}  # what `offline` fills in for an unset flag
 
@@ -179,10 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, offline=True)
     p.set_defaults(fn=cmd_offline)
     p = sub.add_parser("make-tiny-model", help="write a random tiny MoE checkpoint with transformers")
-    from elasticmoe.model.tiny import add_cli_arguments, main_from_args
-
-    add_cli_arguments(p)
-    p.set_defaults(fn=main_from_args)
+    tiny_cli.add_cli_arguments(p)
+    p.set_defaults(fn=tiny_cli.main_from_args)
     return parser
 
 

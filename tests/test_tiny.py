@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from elasticmoe.model import tiny
+from elasticmoe.model import tiny, tiny_cli
 from elasticmoe.model.tokenizer import CORPUS, _train, _trained_json, make_tokenizer
 
 LAYERS, EXPERTS, HIDDEN, INTER = 3, 8, 64, 32
@@ -189,10 +189,10 @@ def test_deterministic_and_seeded():
 
 def test_cli_bf16_unsharded(tmp_path):
     parser = argparse.ArgumentParser()
-    tiny.add_cli_arguments(parser)
+    tiny_cli.add_cli_arguments(parser)
     args = parser.parse_args(["--family", "deepseek_v3", "--out", str(tmp_path / "m"), "--layers", "2",
                               "--experts", "4", "--top-k", "1", "--dtype", "bfloat16", "--layout", "packed"])
-    assert tiny.main_from_args(args) == 0
+    assert tiny_cli.main_from_args(args) == 0
     out = tmp_path / "m"
     assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
     with safe_open(str(out / "model.safetensors"), "pt") as f:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:  # imported where used: DEFAULT_VOCAB is read by the CLI, which imports no transformers
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -87,6 +89,8 @@ Mountains are covered with snow in winter; in summer hikers climb them to enjoy 
 
 def _train(vocab_size: int) -> Tokenizer:
     """Train the byte-level BPE model on CORPUS (deterministic for a given vocab size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -116,6 +120,9 @@ def make_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
     size = DEFAULT_VOCAB if vocab_size is None else int(vocab_size)
     if size < MIN_VOCAB:
         raise ValueError(f"vocab size must be >= {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} specials), got {size}")
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained_json(size)),
         bos_token=BOS,

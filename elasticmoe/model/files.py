@@ -1,0 +1,71 @@
+"""A checkpoint opened for execution (ModelFiles): open_model, and read_spec from its config.json alone."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from elasticmoe.model.checkpoint import Checkpoint, CheckpointError, load_config
+from elasticmoe.model.names import WeightNames
+from elasticmoe.model.renames import VIEWS
+from elasticmoe.model.spec import ModelSpec, ModelSpecError, check_config_keys, check_model_type, spec_from_config
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A checkpoint opened for execution: its files, HF config, generic spec and weight names."""
+
+    ckpt: Checkpoint
+    config: Any
+    spec: ModelSpec
+    names: WeightNames
+
+
+def _config_and_spec(path: Path) -> tuple[Any, ModelSpec]:
+    """The transformers config and the spec of checkpoint directory `path`, from its config.json alone."""
+    config_file = path / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        config = load_config(path)
+        check_model_type(config)  # before any weight is read: hybrids and unverified families fail here, by name
+        check_config_keys(raw, config.model_type)
+        spec = spec_from_config(config)
+    except ModelSpecError as e:
+        raise ModelSpecError(f"{config_file}: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
+    return config, spec
+
+
+def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
+    """The spec of a checkpoint directory from its config.json alone, no weight file opened: what Serve's app build
+    reads on a head that may hold only the JSON files (elasticmoe.app). Raises as open_model does."""
+    return _config_and_spec(Path(model_dir))[1]
+
+
+def open_model(model: str | os.PathLike) -> ModelFiles:
+    """Open a checkpoint dir (a str or a path, or `tiny:<family>`): index tensors, derive the spec. Reads no
+    weights."""
+    model = os.fspath(model)
+    if model.startswith("tiny:"):
+        from elasticmoe.model.embedded import ensure_tiny_model
+
+        model = str(ensure_tiny_model(model[len("tiny:"):]))
+    ckpt = Checkpoint(model)
+    config, spec = _config_and_spec(ckpt.path)
+    if spec.model_type in VIEWS:  # tensors named or laid out unlike the Llama-style checkpoints
+        ckpt.set_views(*VIEWS[spec.model_type](ckpt, spec))
+    names = WeightNames(ckpt, spec)
+    missing = [i for i in spec.moe.moe_layers if names.layers[i].block is None]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: config says layers {missing} are MoE but no expert tensors exist there")
+    dense = [i for i, n in enumerate(names.layers) if n.block is not None and not spec.moe.sparse_layers[i]]
+    if dense:  # else run as MoE layers whose experts no ExpertStore loads
+        raise CheckpointError(f"{ckpt.path}: layers {dense} hold experts but config.json makes them dense "
+                              "(first_k_dense_replace / mlp_only_layers / decoder_sparse_step / mlp_layer_types)")
+    names.check_all_used()
+    names.check_mlp_shapes(config)
+    return ModelFiles(ckpt, config, spec, names)
