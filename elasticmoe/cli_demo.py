@@ -43,10 +43,11 @@ def _read_serve_config(config: Path) -> dict:
     return doc
 
 
-def _demo_config(config: Path | None, model: str) -> Path:
-    """The Serve config the demo deploys, written next to the cached models: the file `config` (--config), else
-    deployments/tiny.yaml as the package builds it (local_cluster.tiny_serve_config: a wheel has no deployments/),
-    with its first application's model set to `model`."""
+def _demo_config(config: Path | None, model: str) -> tuple[Path, dict]:
+    """(where it is written, next to the cached models; its content) of the Serve config the demo deploys: the file
+    `config` (--config), else deployments/tiny.yaml as the package builds it (local_cluster.tiny_serve_config: a
+    wheel has no deployments/), with its first application's model set to `model`. The demo checks and targets
+    this content, not the file read again."""
     import yaml
 
     from elasticmoe.local_cluster import tiny_serve_config
@@ -57,29 +58,24 @@ def _demo_config(config: Path | None, model: str) -> Path:
     out = cache_dir() / f"demo-{DEMO_CONFIG_NAME if config is None else config.name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return out
+    return out, doc
 
 
-def _demo_target(config: Path) -> tuple[str, int]:
+def _demo_target(doc: dict) -> tuple[str, int]:
     """(first application's name, gRPC port) of a Serve config: where the demo's requests go."""
-    import yaml
-
-    doc = yaml.safe_load(config.read_text())
     return doc["applications"][0]["name"], int((doc.get("grpc_options") or {}).get("port", 9000))
 
 
-def _check_demo_app(config: Path) -> None:
+def _check_demo_app(app_args: dict) -> None:
     """Refuse, before the running cluster is stopped, what the deploy would fail on: the app args (AppArgs, the
     model's config.json) and the checkpoint, opened as the controller opens it (its weights' index, its family,
     autoscaling.slots_per_shard against its experts), and its tokenizer, loaded as the gateway loads it."""
-    import yaml
-
     from elasticmoe.app import resolve_args
     from elasticmoe.config import check_slots
     from elasticmoe.engine.checkpoint_defaults import load_tokenizer
     from elasticmoe.model import open_model
 
-    args = resolve_args(yaml.safe_load(config.read_text())["applications"][0].get("args", {}))
+    args = resolve_args(app_args)
     files = open_model(args.model)
     files.ckpt.close()
     check_slots(args, files.spec.moe.num_experts)  # as the controller does: a tiny:<family> model is known only now
@@ -94,12 +90,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from elasticmoe.model.embedded import ensure_tiny_model
 
     given = None if ns.config is None else Path(ns.config)
-    config = _demo_config(given, ns.model)  # refused before the running cluster is stopped
-    app, grpc_port = _demo_target(config)
+    config, doc = _demo_config(given, ns.model)  # refused before the running cluster is stopped
+    app, grpc_port = _demo_target(doc)
     t0 = time.perf_counter()
     path = ensure_tiny_model(ns.model[len("tiny:"):]) if ns.model.startswith("tiny:") else ns.model
     print(f"[1/4] model {ns.model}: {path} ({time.perf_counter() - t0:.1f}s)")
-    _check_demo_app(config)  # the model and the args, before the running cluster is stopped
+    _check_demo_app(doc["applications"][0].get("args", {}))  # the model and the args, before Ray is stopped
     print("[2/4] starting a local Ray cluster on 127.0.0.1 ...")
     lc.stop_ray()
     lc.start_ray(num_cpus=ns.cpus)

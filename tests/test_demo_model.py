@@ -119,8 +119,9 @@ def test_demo_command_serves_tiny_yaml_with_the_demo_model(tmp_path, monkeypatch
     monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path))
     ns = build_parser().parse_args(["demo"])
     assert ns.config is None
-    out = _demo_config(None, ns.model)
+    out, written = _demo_config(None, ns.model)
     doc, shipped = yaml.safe_load(out.read_text()), yaml.safe_load((REPO / "deployments" / "tiny.yaml").read_text())
+    assert doc == written  # what the demo checks and targets is what it deploys
     assert doc["applications"][0]["args"] == {**shipped["applications"][0]["args"], "model": "tiny:demo"}
     assert {k: v for k, v in doc.items() if k != "applications"} == {k: v for k, v in shipped.items()
                                                                      if k != "applications"}

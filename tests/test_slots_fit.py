@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -62,20 +63,57 @@ def test_the_controller_refuses_too_few_slots_naming_the_field(ckpt):
         Controller.func_or_class(_args(ckpt, 2))
 
 
-def test_the_demo_refuses_too_few_slots_for_a_tiny_model_before_ray(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """An ELASTICMOE_CACHE for the demo's tests: tiny:mixtral is made there once, on first use."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _mixtral_demo(slots: int) -> dict:
+    """deployments/tiny.yaml serving tiny:mixtral (8 experts) with max_shards 4 and slots_per_shard `slots`."""
+    from elasticmoe.local_cluster import tiny_serve_config
+
+    doc = tiny_serve_config("tiny:mixtral")
+    doc["applications"][0]["args"]["autoscaling"] = {"max_shards": 4, "slots_per_shard": slots}
+    return doc
+
+
+def test_the_demo_refuses_too_few_slots_for_a_tiny_model_before_ray(demo_cache, monkeypatch):
     """`elasticmoe demo --config C` with a tiny:<family> model (8 experts, made on first use): the check before the
     running cluster is stopped opens the model and refuses C's slots_per_shard, naming it."""
     from elasticmoe.cli_demo import _check_demo_app
-    from elasticmoe.local_cluster import tiny_serve_config
 
-    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path / "cache"))
-    doc = tiny_serve_config("tiny:mixtral")
-    doc["applications"][0]["args"]["autoscaling"] = {"max_shards": 4, "slots_per_shard": 3}
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(demo_cache))
+    args = _mixtral_demo(3)["applications"][0]["args"]
     with pytest.raises(ValueError, match=r"autoscaling\.slots_per_shard \(3\) is too small: .* = 6 < the model's 8 "
                                          r"experts \* expert_copies \(1\) = 8 .* at least 4"):
-        _check_demo_app(config)
-    doc["applications"][0]["args"]["autoscaling"]["slots_per_shard"] = 4
-    config.write_text(yaml.safe_dump(doc))
-    _check_demo_app(config)
+        _check_demo_app(args)
+    _check_demo_app(_mixtral_demo(4)["applications"][0]["args"])
+
+
+def test_the_demo_reads_its_config_once(demo_cache, tmp_path, monkeypatch, capsys):
+    """`elasticmoe demo --config C`: C was read, then the copy it writes (C with --model) read back twice, for the
+    requests' target and for the check. Now C is read once; the check (here refusing C's slots, before Ray) and the
+    target take what was written."""
+    from elasticmoe import local_cluster
+    from elasticmoe.cli import main
+
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(demo_cache))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_mixtral_demo(3)))
+    reads, read_text = [], Path.read_text
+
+    def counted(self, *args, **kwargs):
+        if self.suffix == ".yaml":
+            reads.append(self.name)
+        return read_text(self, *args, **kwargs)
+
+    def refuse_ray() -> None:  # a guard: a demo that got past its check must not stop a running cluster here
+        raise RuntimeError("the demo got past its check and went on to stop Ray")
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    monkeypatch.setattr(local_cluster, "stop_ray", refuse_ray)
+    assert main(["demo", "--config", str(config), "--model", "tiny:mixtral"]) == 1
+    err = capsys.readouterr().err
+    assert "elasticmoe demo: error: ValueError: autoscaling.slots_per_shard (3) is too small" in err, err
+    assert reads == ["c.yaml"]

@@ -71,7 +71,7 @@ def test_installed_demo_has_its_default_config(unpacked):
     a flag never given). The config it deploys now comes from the package: deployments/tiny.yaml with the demo
     model, a Serve config the demo reads back and whose args resolve."""
     code = ("import elasticmoe, yaml; from elasticmoe import cli_demo; from elasticmoe.app import resolve_args; "
-            "out = cli_demo._demo_config(None, 'tiny:demo'); doc = cli_demo._read_serve_config(out); "
+            "out, _ = cli_demo._demo_config(None, 'tiny:demo'); doc = cli_demo._read_serve_config(out); "
             "resolve_args(doc['applications'][0]['args']); print(elasticmoe.__file__); print(out); "
             "print(yaml.safe_dump(doc))")
     proc = _run_installed(unpacked, ["-c", code])
