@@ -165,3 +165,35 @@ def test_a_longcat_packed_gate_up_too_short_fails_the_open_naming_it(longcat, tm
     want = f"{path / FILE}: {name!r} is {list(shape)}, want [experts, 2 x intermediate, hidden] with at least 8"
     with pytest.raises(CheckpointError, match=re.escape(want)):
         open_model(path)
+
+
+def test_a_header_length_past_safetensors_limit_fails_without_reading_it(models, tmp_path):
+    """A length field of 200 MB (within the file: here a sparse one, as a shard of a big model is that large): the
+    header was read whole into memory (a garbage length in a 10 GB shard: 10 GB, at every gateway's and shard's
+    start), then failed as invalid JSON; safetensors refuses a header over 100 MB before reading it, and so now do we,
+    naming the file and the length."""
+    path = _copy(models, tmp_path)
+    n = 200_000_000
+    with open(path / FILE, "r+b") as f:
+        f.write(struct.pack("<Q", n))
+        f.truncate(8 + n + 64)
+    with pytest.raises(SafetensorError, match="header too large"):  # the reference
+        safe_open(path / FILE, "pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: corrupt safetensors header: its length field "
+                                                        f"says {n} bytes, more than safetensors' limit of 100000000")):
+        open_model(path)
+
+
+def test_a_header_nested_too_deeply_fails_naming_the_file(models, tmp_path):
+    """A header of arrays nested 100000 deep (a corrupt file): Python's JSON parser raised RecursionError, naming no
+    file (not a CheckpointError: a gateway's start-up failed with a bare traceback)."""
+    path = _copy(models, tmp_path)
+    raw = (path / FILE).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (path / FILE).write_bytes(struct.pack("<Q", len(deep)) + deep + raw[8 + n:])
+    with pytest.raises(SafetensorError):  # the reference
+        safe_open(path / FILE, "pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: corrupt safetensors header (JSON nested too "
+                                                        "deeply)")):
+        open_model(path)

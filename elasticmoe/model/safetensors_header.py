@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -17,29 +18,45 @@ _DTYPES = {
 }
 
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (HeaderTooLarge): what a real header can be
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file or field at fault."""
 
 
-def read_header(file: Path) -> dict[str, Any]:
+def read_header(file: Path, fd: int | None = None) -> dict[str, Any]:
     """Parse a safetensors header and check that the file holds every byte it promises, and no others (the tensors
-    tile the data). Each entry gains "start": the file offset of its first byte."""
+    tile the data). Each entry gains "start": the file offset of its first byte. `fd`: read through this open
+    descriptor of `file` (the path then only names it in errors)."""
     try:
-        size = file.stat().st_size
+        if fd is not None:
+            return _parse(file, fd)
         with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{file}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8:
-                raise CheckpointError(f"{file}: truncated safetensors file (header of {n} bytes, file {size})")
-            header = json.loads(f.read(n))
+            return _parse(file, f.fileno())
     except FileNotFoundError as e:
         raise CheckpointError(f"{file}: missing") from e
     except OSError as e:  # a directory, no permission
         raise CheckpointError(f"{file}: cannot read: {e}") from e
+
+
+def _parse(file: Path, fd: int) -> dict[str, Any]:
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, 8, 0)
+    if len(raw) < 8:
+        raise CheckpointError(f"{file}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER_BYTES:  # read whole, a garbage length would take as much memory as the file
+        raise CheckpointError(f"{file}: corrupt safetensors header: its length field says {n} bytes, more than "
+                              f"safetensors' limit of {MAX_HEADER_BYTES}")
+    if n > size - 8:
+        raise CheckpointError(f"{file}: truncated safetensors file (header of {n} bytes, file {size})")
+    try:
+        header = json.loads(_pread_all(fd, n, 8))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from e
+    except RecursionError:  # arrays or objects nested thousands deep: no header's shape
+        raise CheckpointError(f"{file}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header (the header is not a JSON object)")
     header.pop("__metadata__", None)
@@ -49,6 +66,18 @@ def read_header(file: Path) -> dict[str, Any]:
     for meta in header.values():
         meta["start"] = 8 + n + meta["data_offsets"][0]
     return header
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """n bytes of `fd` from `offset` (fewer only where the file ends before)."""
+    parts, done = [], 0
+    while done < n:
+        part = os.pread(fd, n - done, offset + done)
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
 
 
 def _check_entry(file: Path, tensor: str, meta: Any) -> None:
