@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from elasticmoe.model.open_files import OpenFiles
 from elasticmoe.model.quant import (
     FP8_DTYPES, FP8_SCALE_SUFFIX, QuantError, dequant_fp8, fp8_scale_float, fp8_scale_shape, quant_format,
 )
@@ -71,7 +72,7 @@ class Checkpoint:
         self.path = resolve_model_dir(model)
         self.weight_map: dict[str, str] = {}  # tensor name -> file name
         self._meta: dict[str, dict[str, Any]] = {}  # tensor name -> {dtype, shape, start, data_offsets}
-        self._files: dict[str, int] = {}  # file name -> open descriptor
+        self._files = OpenFiles(self.path)  # each checked to hold the header read at open, before each read
         self._lock = threading.Lock()
         self._views: dict[str, View] = {}  # exposed name -> where it is stored (see set_views)
         self._covered: set[str] = set()  # stored names shown only through views
@@ -91,7 +92,7 @@ class Checkpoint:
         chosen = weight_files(self.path, config)
         self.index_file = chosen.index
         files = chosen.files
-        headers = {name: read_header(self.path / name) for name in files}
+        headers = {name: self._files.read_header(name) for name in files}
         for tensor, name in chosen.placed.items():
             if tensor not in headers[name] and not any(tensor in h for h in headers.values()):
                 raise CheckpointError(f"{self.path / name}: has no tensor {tensor!r}, which {chosen.index.name} "
@@ -174,21 +175,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
         return self._meta[name]
 
-    def _fd(self, file: str) -> int:
-        with self._lock:
-            if file not in self._files:
-                try:
-                    self._files[file] = os.open(self.path / file, os.O_RDONLY)
-                except OSError as e:
-                    raise CheckpointError(f"{self.path / file}: cannot open: {e}") from e
-            return self._files[file]
-
     def close(self) -> None:
         """Close the files (reads reopen them)."""
-        with self._lock:
-            for fd in self._files.values():
-                os.close(fd)
-            self._files.clear()
+        self._files.close()
 
     def __del__(self) -> None:
         try:
@@ -290,7 +279,7 @@ class Checkpoint:
         return out
 
     def _pread(self, name: str, buf: memoryview, offset: int, size: int) -> None:
-        fd, done = self._fd(self.weight_map[name]), 0
+        fd, done = self._files.fd(self.weight_map[name], name), 0
         while done < size:
             try:
                 n = os.preadv(fd, [buf[done:size]], offset + done)
