@@ -161,3 +161,43 @@ def test_a_load_failing_at_one_expert_leaves_the_shard_as_it_was(tmp_path):
     finally:
         ch.close()
         server.stop(None).wait(10)
+
+
+def test_an_fp8_expert_weight_without_fp8_config_is_failed_precondition(tmp_path):
+    """An expert's w1 stored F8_E4M3 under a config.json with no FP8 quantization_config: the load fails naming the
+    file and the tensor (QuantError, read only when the expert loads). As a ValueError it was INVALID_ARGUMENT, the
+    caller's mistake, though the request was sound; now FAILED_PRECONDITION as any checkpoint the shard cannot read.
+    The shard serves the experts it holds and loads others."""
+    from safetensors.torch import load_file, save_file
+
+    from elasticmoe.gateway.transport import UnaryTransport
+    from elasticmoe.model.tiny import make_tiny_model
+    from elasticmoe.rpc.frames import ExpertRequest
+
+    path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E)
+    (weights,) = path.glob("*.safetensors")
+    bad = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    tensors = load_file(weights)
+    tensors[bad] = tensors[bad].to(torch.float8_e4m3fn)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    files = open_model(str(path))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    server, _, port = start_server(store, "fp8-unscaled")
+    ch = tls.channel(f"127.0.0.1:{port}", channel_options())
+    t = UnaryTransport()
+    try:
+        stub = pb_grpc.ExpertShardStub(ch)
+        assert _load(stub, [(0, 0)]).loaded == 1
+        with pytest.raises(grpc.RpcError) as e:
+            _load(stub, [(0, 1), (0, 2)])
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.value.code(), e.value.details())
+        assert f"{weights}: {bad!r} is F8_E4M3" in e.value.details(), e.value.details()
+        assert store.held() == [(0, 0)]
+        req = ExpertRequest(0, torch.randn(3, files.spec.hidden_size), torch.zeros(3, 1, dtype=torch.int32),
+                            torch.ones(3, 1))
+        assert t.send(f"127.0.0.1:{port}", lambda: req, 10).result(timeout=20).output.data
+        assert _load(stub, [(0, 2), (0, 3)]).loaded == 2
+    finally:
+        t.close()
+        ch.close()
+        server.stop(None).wait(10)

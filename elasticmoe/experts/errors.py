@@ -9,6 +9,7 @@ import grpc
 
 from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.experts import LoadStopped
+from elasticmoe.model.family_config import ModelSpecError
 from elasticmoe.model.oom import CPU_OOM, out_of_memory
 from elasticmoe.rpc import frames
 
@@ -46,13 +47,14 @@ def stream_failure(e: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def placement_code(e: Exception) -> grpc.StatusCode:
     """A failed load's or drop's status: INVALID_ARGUMENT for a request naming what the model lacks (ValueError),
-    FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone: not the caller's fault),
+    FAILED_PRECONDITION for a checkpoint this shard cannot read (its file damaged or gone, or a tensor its config.json
+    cannot use, as an FP8 one with no FP8 quantization_config: ModelSpecError; not the caller's fault),
     RESOURCE_EXHAUSTED when the experts (a load's, or those a drop keeps in a layer it rebuilds) do not fit in memory,
     CANCELLED for a load stopped because its caller left (model.experts.LoadStopped), else INTERNAL."""
     if isinstance(e, LoadStopped):
         return grpc.StatusCode.CANCELLED
     if out_of_memory(e):  # a GPU's, the CPU's (expert_weights.storage), torch's CPU allocator (a load's temporary)
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(e, (CheckpointError, OSError)):
+    if isinstance(e, (CheckpointError, ModelSpecError, OSError)):  # ModelSpecError before ValueError, its base
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else grpc.StatusCode.INTERNAL
