@@ -197,3 +197,23 @@ def test_a_header_nested_too_deeply_fails_naming_the_file(models, tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: corrupt safetensors header (JSON nested too "
                                                         "deeply)")):
         open_model(path)
+
+
+def test_a_file_cut_inside_a_tensor_names_the_first_tensor_cut(models, tmp_path):
+    """The file ends inside expert 2's w1 (its header whole, as a copy that stopped): the error named the file's last
+    tensor (in offset order), which is whole gone, not the one the cut is in; it now names the first tensor cut and
+    how many after it are gone."""
+    path = _copy(models, tmp_path)
+    raw = (path / FILE).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    begin, end = header[W1.format(2)]["data_offsets"]
+    after = sum(1 for k, m in header.items() if k != "__metadata__" and m["data_offsets"][0] >= end)
+    assert after > 0
+    (path / FILE).write_bytes(raw[:8 + n + (begin + end) // 2])
+    with pytest.raises(SafetensorError):  # the reference
+        safe_open(path / FILE, "pt")
+    want = f"{path / FILE}: truncated safetensors file ({8 + n + (begin + end) // 2} bytes, tensors need {len(raw)}: " \
+           f"{W1.format(2)!r} ends past the file's end, and the {after} tensors after it)"
+    with pytest.raises(CheckpointError, match=re.escape(want)):
+        open_model(path)

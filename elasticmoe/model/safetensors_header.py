@@ -106,7 +106,7 @@ def _check_tiling(file: Path, header: dict[str, Any], size: int, data: int) -> N
     requires ("entirely indexed, no holes"; transformers cannot load a file that breaks it): in offset order each
     starts where the one before ends, the first at 0, and the last ends at the file's end. An overlap would read
     one tensor's bytes as another's; a hole or a tail are bytes no tensor owns (a header that lies)."""
-    at, before = 0, "the header"
+    at, before, cut = 0, "the header", []  # cut: the tensors past the file's end, in offset order
     for tensor, meta in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
         begin, end = meta["data_offsets"]
         if begin != at:
@@ -114,9 +114,12 @@ def _check_tiling(file: Path, header: dict[str, Any], size: int, data: int) -> N
             raise CheckpointError(f"{file}: corrupt safetensors header: {tensor!r} data_offsets {[begin, end]} {how} "
                                   f"(tensors must tile the data, each starting where the one before ends at {at})")
         at, before = end, repr(tensor)
-    if data + at > size:
+        if data + end > size:
+            cut.append(tensor)
+    if cut:
+        more = f", and the {len(cut) - 1} tensors after it" if len(cut) > 1 else ""
         raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, tensors need {data + at}: "
-                              f"{before} ends past the file's end)")
+                              f"{cut[0]!r} ends past the file's end{more})")
     if data + at < size:
         last = f"the last tensor ({before})" if header else "the header, which names no tensors,"
         raise CheckpointError(f"{file}: corrupt safetensors file: {size - data - at} bytes after {last} that no "
