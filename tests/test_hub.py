@@ -195,3 +195,29 @@ def test_a_directory_without_config_json_fails_the_build_naming_the_file(cache_e
                                                                                           "missing")):
             resolve_args({"model": str(model)})
     assert resolve_args({"model": str(cache_env / "snapshots" / OLD)}).model == str(cache_env / "snapshots" / OLD)
+
+
+def test_a_snapshot_whose_blobs_are_gone_names_the_link_and_where_it_leads(tmp_path, monkeypatch, tiny_models):
+    """A cache snapshot whose links lead to blobs that are gone (`hf cache` pruned them, a download cut short):
+    config.json was 'missing (not a Hugging Face checkpoint directory)' or 'snapshot ... is missing or has no
+    config.json', and model.safetensors 'missing', though each is there, a link to nothing; the error now says so
+    and names the blob."""
+    from elasticmoe.model import CheckpointError
+
+    files = {p.name: p.read_bytes() for p in tiny_models["mixtral"].iterdir() if p.is_file()}
+    repo = tmp_path / "hub" / ("models--" + REPO_ID.replace("/", "--"))
+    snap = _add_snapshot(repo, OLD, files)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(OLD)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    weights = os.path.realpath(snap / "model.safetensors")
+    os.unlink(weights)
+    with pytest.raises(CheckpointError, match=re.escape(f"{snap / 'model.safetensors'}: a symlink to {weights}, which "
+                                                        "does not exist")):
+        open_model(REPO_ID)
+    config = os.path.realpath(snap / "config.json")
+    os.unlink(config)
+    for model in (REPO_ID, str(snap)):
+        with pytest.raises(HubError, match=re.escape(f"{snap / 'config.json'}: a symlink to {config}, which does not "
+                                                     "exist")):
+            resolve(model)

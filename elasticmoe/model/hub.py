@@ -3,6 +3,7 @@ directory."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +23,20 @@ class Snapshot:
 
     path: Path
     commit: str | None
+
+
+def absent(path: Path) -> str:
+    """Why file `path` is not there, for an error naming it: "missing", or, for a link that leads nowhere (a cache
+    snapshot whose blob was pruned or never downloaded), where it leads."""
+    if not os.path.islink(path):
+        return "missing"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        return f"a symlink to {os.path.realpath(path)}, which does not exist (a blob deleted, or never downloaded?)"
+    return "not a file"
 
 
 def hub_cache() -> Path:
@@ -73,6 +88,8 @@ def _in_repo(repo: Path, revision: str | None) -> Snapshot:
             revision = dirs[0]
     commit = _commit_of(repo, revision)
     path = snapshots / commit
+    if os.path.islink(path / "config.json") and not (path / "config.json").is_file():
+        raise HubError(f"{path / 'config.json'}: {absent(path / 'config.json')}")
     if not (path / "config.json").is_file():
         raise HubError(f"{path}: snapshot of revision {revision!r} is missing or has no config.json")
     return Snapshot(path, commit)
@@ -110,7 +127,9 @@ def resolve(model: str, revision: str | None = None) -> Snapshot:
 def _checkpoint(snap: Snapshot) -> Snapshot:
     """`snap`, unless its directory has no config.json: refused at Serve's build, naming the file, not later by
     every replica (a hub snapshot is checked in _in_repo)."""
-    if not (snap.path / "config.json").is_file():
-        raise HubError(f"{snap.path / 'config.json'}: missing (not a Hugging Face checkpoint directory)")
+    config = snap.path / "config.json"
+    if not config.is_file():
+        why = absent(config)
+        raise HubError(f"{config}: {why}" + (" (not a Hugging Face checkpoint directory)" if why == "missing" else ""))
     return snap
 

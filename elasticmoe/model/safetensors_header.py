@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from elasticmoe.model.hub import absent
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -35,7 +37,7 @@ def read_header(file: Path, fd: int | None = None) -> dict[str, Any]:
         with open(file, "rb") as f:
             return _parse(file, f.fileno())
     except FileNotFoundError as e:
-        raise CheckpointError(f"{file}: missing") from e
+        raise CheckpointError(f"{file}: {absent(file)}") from e
     except OSError as e:  # a directory, no permission
         raise CheckpointError(f"{file}: cannot read: {e}") from e
 

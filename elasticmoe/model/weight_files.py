@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from elasticmoe.model.hub import absent
 from elasticmoe.model.safetensors_header import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -65,7 +66,7 @@ def weight_files(path: Path, config: dict[str, Any]) -> WeightFiles:
 
 def _single(path: Path, name: str) -> WeightFiles:
     if not (path / name).exists():
-        raise CheckpointError(f"{path / name}: missing")
+        raise CheckpointError(f"{path / name}: {absent(path / name)}")
     return WeightFiles((name,))
 
 
