@@ -108,3 +108,20 @@ def test_fewer_per_expert_experts_than_the_config_gives_fail_the_open(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: no tensor 'model\.layers\.0\.block_sparse_moe\."
                                               r"experts\.8\.w1\.weight' \(.*config\.json gives it 10 experts\)"):
         open_model(str(ck))
+
+
+def test_more_per_expert_experts_than_the_config_gives_fail_the_open_naming_one(tmp_path):
+    """config.json gives 6 experts, the file holds 8 per layer: the error named only the checkpoint directory ('layer
+    0 holds expert 6, but the config has 6 experts'); it now names the file, the first tensor past the config's
+    experts and config.json. transformers refuses it too (the router's shape)."""
+    from elasticmoe.model import CheckpointError, open_model
+
+    ck = make_tiny_model("mixtral", tmp_path / "m", layers=2)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "num_local_experts": 6}))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    name = "model.layers.0.block_sparse_moe.experts.6.w1.weight"
+    want = f"{ck / 'model.safetensors'}: {name!r} is expert 6 of layer 0, but config.json gives it 6 experts"
+    with pytest.raises(CheckpointError, match=re.escape(want)):
+        open_model(str(ck))

@@ -144,10 +144,11 @@ class WeightNames:
                     parts.setdefault((layer, e), {})[proj] = name
                 self.blocks[layer] = pk.group("block") + "."
         check_experts(self.ckpt, parts, num_experts)
+        if over := sorted(k for k in parts if k[1] >= num_experts):
+            (layer, e), name = over[0], min(parts[over[0]].values())
+            raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is expert {e} of layer {layer}, but "
+                                  f"config.json gives it {num_experts} experts")
         for (layer, e), p in parts.items():
-            if e >= num_experts:
-                raise CheckpointError(f"{self.ckpt.path}: layer {layer} holds expert {e}, but the config has "
-                                      f"{num_experts} experts")
             extra = sorted(p[k] for k in p if k.endswith(("_bias", "_scales")))
             if extra and self.spec.moe.expert_act == "silu":
                 raise CheckpointError(f"{self.ckpt.path}: expert biases / MXFP4 scales {extra[:2]} are only "
