@@ -66,7 +66,7 @@ class SocketTransport(_Channels):
         self._conns: dict[str, _Conn] = {}
         self._ids = itertools.count(1)
         self._deadlines = Deadlines("socket-deadlines")
-        self._lock = threading.Lock()
+        self._conns_lock = threading.Lock()  # guards _conns, _ctx (never held with _Channels' _channels_lock)
         self._ctx: ssl.SSLContext | None = None
 
     def _conn(self, address: str) -> _Conn:
@@ -74,8 +74,9 @@ class SocketTransport(_Channels):
         if c is not None and not (c.dead or c.retired or self.renewal.due()):
             return c
         stub, renewed = self.stub(address)  # CANCELLED once closed
-        with self._lock:
+        with self._conns_lock:
             if self.closed:  # closed since: nothing would close a connection opened now
+                # (close sets closed before it takes this lock: it finds the one opened here, or this finds closed)
                 raise closed_error()
             if renewed:
                 self._ctx = None
@@ -101,7 +102,7 @@ class SocketTransport(_Channels):
         frame_socket.keepalive(sock)  # a shard whose host vanished fails its calls within a minute
         try:
             if not self.insecure:
-                with self._lock:
+                with self._conns_lock:
                     ctx = self._ctx = self._ctx or tls.client_ssl_context()
                 sock = ctx.wrap_socket(sock, server_hostname=tls.SERVER_NAME)
             sock.settimeout(None)
@@ -123,7 +124,7 @@ class SocketTransport(_Channels):
         from every connection with calls pending whose read token it can take (no hand-off from a reader thread:
         a thread wake-up less per answer); the others' threads resolve theirs."""
         end = time.monotonic() + timeout_s
-        with self._lock:
+        with self._conns_lock:
             conns = [c for c in self._conns.values() if c.pending]
         held: list[_Conn] = []
         try:
@@ -151,7 +152,7 @@ class SocketTransport(_Channels):
     def retain(self, addresses) -> None:
         """Retire the connections to shards at other addresses (their calls in flight still get their answers, then
         each closes), and close their channels (_Channels.retain)."""
-        with self._lock:
+        with self._conns_lock:
             gone = [self._conns.pop(a) for a in list(self._conns) if a not in addresses]
         for c in gone:
             c.retire()
@@ -162,7 +163,7 @@ class SocketTransport(_Channels):
         CANCELLED unsent: no connection opens once closed (it used to, and nothing ever closed it)."""
         self._deadlines.close(closed_error())  # retired connections' calls too
         self.close_channels()  # closed: from now on _conn opens nothing
-        with self._lock:
+        with self._conns_lock:
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:
             c.fail(closed_error())

@@ -143,12 +143,13 @@ class StreamTransport(_Channels):
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count(1)
         self._deadlines = Deadlines("stream-deadlines")
-        self._lock = threading.Lock()
+        self._streams_lock = threading.Lock()  # guards _streams (never held with _Channels' _channels_lock)
 
     def _stream(self, address: str) -> _Stream:
         _, channel, renewed = self.connection(address)  # CANCELLED once closed
-        with self._lock:
+        with self._streams_lock:
             if self.closed:  # closed since: nothing would end a stream opened now
+                # (close sets closed before it takes this lock: it finds the one opened here, or this finds closed)
                 raise closed_error()
             if renewed:
                 for s in self._streams.values():
@@ -172,7 +173,7 @@ class StreamTransport(_Channels):
 
     def retain(self, addresses) -> None:
         """Half-close the streams to shards at other addresses and close their channels (_Channels.retain)."""
-        with self._lock:
+        with self._streams_lock:
             gone = [self._streams.pop(a) for a in list(self._streams) if a not in addresses]
         for s in gone:
             s.close()
@@ -183,7 +184,7 @@ class StreamTransport(_Channels):
         CANCELLED unsent: no stream opens once closed."""
         self._deadlines.close(closed_error())  # retired streams' calls too
         self.close_channels()  # closed: from now on _stream opens nothing
-        with self._lock:
+        with self._streams_lock:
             streams, self._streams = list(self._streams.values()), {}
         for s in streams:
             s.fail(closed_error())

@@ -123,7 +123,10 @@ class _Channels:
         self.options = options  # grpc channel options; None: codec.channel_options()
         self.renewal = tls.Renewal(insecure)
         self._stubs: dict[str, tuple[pb_grpc.ExpertShardStub, grpc.Channel]] = {}
-        self._lock = threading.Lock()
+        # guards _stubs, closed and retain's pass over _limits; the subclasses' own locks (StreamTransport's
+        # _streams_lock, SocketTransport's _conns_lock) are never held with it: each is let go before the other is
+        # taken (they shared this one attribute by accident, one lock for both, nested nowhere)
+        self._channels_lock = threading.Lock()
         self._limits: dict[str, int] = {}  # address -> the largest message its shard takes (Health)
         self.closed = False  # set by close_channels: no channel (nor connection) opens after it
 
@@ -149,7 +152,7 @@ class _Channels:
         an OVERSIZE refusal, once the shard's limit is asked again (the call is split anew, the shard is alive)."""
         if not _too_large(e):
             return e
-        with self._lock:  # the channel as it is (not stub(): that would take a renewal from the transport's view)
+        with self._channels_lock:  # the channel as it is (not stub(): that would take a renewal from the transport)
             stub = self._stubs.get(address, (None,))[0]
         if stub is not None:  # else: replaced (renewed), the next channel asks
             self._ask_limit(address, stub, wait=True)
@@ -170,7 +173,7 @@ class _Channels:
     def connection(self, address: str) -> tuple[pb_grpc.ExpertShardStub, grpc.Channel, bool]:
         """The stub and channel for `address`, and whether the channels were just replaced (renewed certificates);
         CANCELLED (TransportError) once the transport is closed."""
-        with self._lock:
+        with self._channels_lock:
             if self.closed:
                 raise closed_error()
             renewed = self.renewal.changed()
@@ -188,7 +191,7 @@ class _Channels:
         """Close the channels to shards at addresses not in `addresses` and forget their limits: shard replicas
         come and go (a new address each) for as long as the gateway runs. What a call still in flight to one of
         them (hedged around: its step is over) gets is CANCELLED."""
-        with self._lock:
+        with self._channels_lock:
             gone = [a for a in self._stubs if a not in addresses]
             channels = [self._stubs.pop(a)[1] for a in gone]
             # a copy of the keys (list() takes it at once): Health answers add limits without the lock, from
@@ -200,7 +203,7 @@ class _Channels:
 
     def close_channels(self) -> None:
         """Close every channel (the transport's close: its calls in flight end CANCELLED); no channel opens after."""
-        with self._lock:
+        with self._channels_lock:
             self.closed = True
             channels, self._stubs = [ch for _, ch in self._stubs.values()], {}
         for ch in channels:
