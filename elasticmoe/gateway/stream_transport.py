@@ -106,6 +106,8 @@ class _Stream(Multiplexed):
         return True
 
     def _read(self) -> None:
+        """The reader thread: resolve the answers; however it ends (the stream's end or failure, or a failure of its
+        own, reading gRPC's refusal included), fail the calls still pending at once, not at their deadlines."""
         err: grpc.RpcError = TransportError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
         try:
             for reply in self._call:
@@ -114,10 +116,12 @@ class _Stream(Multiplexed):
                     continue
                 self.resolve(reply)
         except grpc.RpcError as e:
+            err = e  # as gRPC ended it, should reading it as a refusal (Health asked again) fail
             err = self._refusal(self.address, e)
         except Exception as e:  # noqa: BLE001 - any reader failure fails the stream's calls
             err = TransportError(grpc.StatusCode.INTERNAL, f"stream to {self.address}: {e}")
-        self.fail(err)
+        finally:
+            self.fail(err)
 
     def fail(self, err: grpc.RpcError) -> None:
         self.fail_pending(err)

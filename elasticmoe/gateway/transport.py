@@ -154,8 +154,11 @@ class _Channels:
             return e
         with self._channels_lock:  # the channel as it is (not stub(): that would take a renewal from the transport)
             stub = self._stubs.get(address, (None,))[0]
-        if stub is not None:  # else: replaced (renewed), the next channel asks
-            self._ask_limit(address, stub, wait=True)
+        if stub is not None:  # else: replaced (renewed) or dropped (retain), the next channel asks
+            try:
+                self._ask_limit(address, stub, wait=True)
+            except ValueError:  # its channel closed since (retain, close): gRPC starts no call on it
+                pass
         return TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"{frames.OVERSIZE}: {address} takes {self.limit(address)} bytes ({e.details()})")
 
