@@ -66,7 +66,10 @@ class SocketTransport(_Channels):
         self._conns: dict[str, _Conn] = {}
         self._ids = itertools.count(1)
         self._deadlines = Deadlines("socket-deadlines")
-        self._conns_lock = threading.Lock()  # guards _conns, _ctx (never held with _Channels' _channels_lock)
+        self._conns_lock = threading.Lock()  # guards _conns, _retired, _ctx (never held with _channels_lock)
+        # connections taken out of use (retain, renewed TLS files) while calls were in flight: wait() reads their
+        # answers too (their own threads park for socket_reading.PARK_S after a caller's read: up to ~1 s late)
+        self._retired: list[_Conn] = []
         self._ctx: ssl.SSLContext | None = None
 
     def _conn(self, address: str) -> _Conn:
@@ -80,13 +83,18 @@ class SocketTransport(_Channels):
                 raise closed_error()
             if renewed:
                 self._ctx = None
-                for c in self._conns.values():
-                    c.retire()
+                self._retire(list(self._conns.values()))
                 self._conns.clear()
             c = self._conns.get(address)
             if c is None or c.dead or c.retired:
                 c = self._conns[address] = _Conn(address, lambda: self._open(address, stub))
             return c
+
+    def _retire(self, conns: list[_Conn]) -> None:
+        """(Holding _conns_lock.) Retire `conns`: those with calls in flight join _retired until answered."""
+        for c in conns:
+            c.retire()
+        self._retired = [c for c in (*self._retired, *conns) if c.pending]
 
     def _open(self, address: str, stub) -> tuple[socket.socket | SerialTLS, int]:
         """Health (the frame port, the shard's message limit), TCP connect, TLS handshake: the connection's socket
@@ -121,11 +129,12 @@ class SocketTransport(_Channels):
 
     def wait(self, futures: list[Future], timeout_s: float) -> None:
         """Until one of `futures` is done or timeout_s has passed. The answers are read here, on the caller's thread,
-        from every connection with calls pending whose read token it can take (no hand-off from a reader thread:
-        a thread wake-up less per answer); the others' threads resolve theirs."""
+        from every connection with calls pending (retired ones too) whose read token it can take (no hand-off from a
+        reader thread: a thread wake-up less per answer); the others' threads resolve theirs."""
         end = time.monotonic() + timeout_s
         with self._conns_lock:
-            conns = [c for c in self._conns.values() if c.pending]
+            self._retired = [c for c in self._retired if c.pending]  # answered (or failed): closed or closing
+            conns = [c for c in (*self._conns.values(), *self._retired) if c.pending]
         held: list[_Conn] = []
         try:
             while not any(f.done() for f in futures):
@@ -153,9 +162,7 @@ class SocketTransport(_Channels):
         """Retire the connections to shards at other addresses (their calls in flight still get their answers, then
         each closes), and close their channels (_Channels.retain)."""
         with self._conns_lock:
-            gone = [self._conns.pop(a) for a in list(self._conns) if a not in addresses]
-        for c in gone:
-            c.retire()
+            self._retire([self._conns.pop(a) for a in list(self._conns) if a not in addresses])
         super().retain(addresses)
 
     def close(self) -> None:
@@ -164,6 +171,6 @@ class SocketTransport(_Channels):
         self._deadlines.close(closed_error())  # retired connections' calls too
         self.close_channels()  # closed: from now on _conn opens nothing
         with self._conns_lock:
-            conns, self._conns = list(self._conns.values()), {}
+            conns, self._conns, self._retired = list(self._conns.values()), {}, []  # the retired: failed above
         for c in conns:
             c.fail(closed_error())
