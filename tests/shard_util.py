@@ -3,6 +3,7 @@ shards holding chosen experts (Shards), step inputs and their single-process ref
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -122,3 +123,17 @@ def answer_within(t, address: str, build, seconds: float = 5.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def gated_health(monkeypatch, shard_id: str) -> threading.Event:
+    """Shard `shard_id`, started after this, answers Health once the Event is set (a busy pool, say)."""
+    from elasticmoe.experts.server import ExpertServicer
+
+    health, gate = ExpertServicer.Health, threading.Event()
+
+    def gated(self, request, context):
+        if self.shard_id == shard_id:
+            gate.wait(10)
+        return health(self, request, context)
+    monkeypatch.setattr(ExpertServicer, "Health", gated)  # before the servers register their handlers
+    return gate

@@ -14,7 +14,7 @@ from elasticmoe.gateway.stream_transport import StreamTransport
 from elasticmoe.gateway.transport import is_oversize
 from elasticmoe.rpc import frames
 from tests.shard_util import E, T, Shards, _req, files  # noqa: F401
-from tests.test_transport_retain import _gated_health
+from tests.shard_util import gated_health
 
 LIMIT = 4096  # the shard's message limit: a frame of T rows (hidden [T, H] float32) is over it
 
@@ -24,7 +24,7 @@ def test_a_refusal_read_as_retain_closes_the_channel_fails_the_call_at_once(file
     (RESOURCE_EXHAUSTED, message larger than max); the reader asks Health again as retain closes the channel:
     gRPC refuses a call on a closed channel (ValueError), which killed the reader, and the call waited for its
     deadline (30 s). It now fails at once, OVERSIZE (the step splits its tokens anew)."""
-    gate = _gated_health(monkeypatch, "s0")
+    gate = gated_health(monkeypatch, "s0")
     shards = Shards(files, [list(range(E))], {0: {"max_message_bytes": LIMIT, "insecure": True}})
     layer, address = shards.layers[0], shards.addresses[0]
     assert len(frames.request_frame(1, _req(files, layer, rows=T))) > LIMIT

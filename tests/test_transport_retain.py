@@ -12,21 +12,7 @@ import pytest
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.stream_transport import StreamTransport
 from elasticmoe.gateway.transport import UnaryTransport
-from tests.shard_util import E, Shards, _req, files  # noqa: F401
-
-
-def _gated_health(monkeypatch, shard_id: str) -> threading.Event:
-    """Shard `shard_id`, started after this, answers Health once the Event is set (a busy pool, say)."""
-    from elasticmoe.experts.server import ExpertServicer
-
-    health, gate = ExpertServicer.Health, threading.Event()
-
-    def gated(self, request, context):
-        if self.shard_id == shard_id:
-            gate.wait(10)
-        return health(self, request, context)
-    monkeypatch.setattr(ExpertServicer, "Health", gated)  # before the servers register their handlers
-    return gate
+from tests.shard_util import E, Shards, _req, files, gated_health  # noqa: F401
 
 
 class _Kept:
@@ -62,7 +48,7 @@ def test_retain_while_a_new_connection_learns_its_shards_limit(files, monkeypatc
     begin_step (a step failed). A table drops shard s0 (its limit known) as s1's connection opens, s1's Health held
     until retain is in its pass over the limits: retain returns, s0's limit is forgotten, s1's kept and its call
     answered."""
-    gate = _gated_health(monkeypatch, "s1")
+    gate = gated_health(monkeypatch, "s1")
     shards = Shards(files, [list(range(E)), list(range(E))], {0: {"insecure": True}, 1: {"insecure": True}})
     layer, (dropped, new) = shards.layers[0], shards.addresses
     t = kind(insecure=True)
