@@ -213,6 +213,34 @@ def test_a_call_no_tool_message_answers_is_a_400_naming_it(served, messages, j, 
     assert client.chat.completions.create(model=MODEL, messages=[*CONVERSATION, USER], max_tokens=2).usage
 
 
+TWICE = [*CONVERSATION, {"role": "tool", "tool_call_id": "call_1", "content": "19 C"}]
+SAME_IDS = [CONVERSATION[0], {"role": "assistant", "tool_calls": [CALLS[0], {**CALLS[1], "id": "call_1"}]},
+            CONVERSATION[2], {**CONVERSATION[3], "tool_call_id": "call_1"}]
+
+
+@pytest.mark.parametrize("messages,param,words", [
+    (TWICE, "messages[4].tool_call_id", "duplicate value 'call_1': messages[2] already answers that call"),
+    ([*CONVERSATION[:3], CONVERSATION[2], CONVERSATION[3]], "messages[3].tool_call_id",
+     "duplicate value 'call_1': messages[2] already answers"),
+    (SAME_IDS, "messages[1].tool_calls[1].id", "duplicate value 'call_1' (also tool_calls[0].id): each call of a "
+                                               "message needs its own id"),
+], ids=["answered-twice-last", "answered-twice-before-another", "one-id-for-two-calls"])
+def test_a_call_answered_twice_or_an_id_given_twice_is_a_400_naming_it(served, messages, param, words):
+    """OpenAI refuses two tool messages answering one tool_call_id ("Invalid parameter: Duplicate value for
+    'tool_call_id' of '...', in messages[7] and messages[8]", param the second's tool_call_id) and repeated ids in
+    one message's tool_calls (one tool message answers an id: the second call has no answer of its own). Both were
+    rendered (two results of one call; two calls under one id, both "answered" by either result). A 400
+    invalid_value naming the second; /tokenize says the same; the server keeps serving."""
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    err = e.value.body
+    assert (err["param"], err["code"], err["type"]) == (param, "invalid_value", "invalid_request_error"), err
+    assert err["message"].startswith(f"{param}: {words}"), err
+    assert _tokenize(client, {"messages": messages})[1]["error"]["param"] == param
+    assert client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=2).usage
+
+
 def test_a_long_tool_call_is_templated_off_the_loop(served):
     """Short contents, long arguments: their parsing and the template's rendering of them run on the tokenize
     thread; the event loop meanwhile answers a short request (on it, they held every other request)."""

@@ -105,8 +105,12 @@ def _tool_calls(i: int, calls: list[ToolCall]) -> tuple[list[dict[str, Any]], in
     if not calls:
         raise InvalidRequest(f"messages[{i}].tool_calls", "an empty list: give at least one call, or leave "
                                                           "tool_calls out", "empty_array")
-    out, size = [], 0
+    out, size, seen = [], 0, {}
     for j, c in enumerate(calls):
+        if c.id in seen:  # OpenAI's 400: a tool message answers an id, so two calls under one leave one unanswerable
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}].id", f"duplicate value {short(c.id)} (also "
+                                 f"tool_calls[{seen[c.id]}].id): each call of a message needs its own id")
+        seen[c.id] = j
         args, n = _arguments(f"messages[{i}].tool_calls[{j}].function.arguments", c.function.arguments)
         out.append({"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": args}})
         size += n + len(c.id.encode("utf-8")) + len(c.function.name.encode("utf-8"))
@@ -149,11 +153,13 @@ class _Calls:
     """OpenAI's rules for tool results (a 400 each; a template rendered the conversation as sent): a tool message
     answers a call in the tool_calls of the assistant message before it (only tool messages between), and each call
     of an assistant message is answered by the tool messages right after it, before any other message and before the
-    conversation ends (a call left unanswered was rendered as if its result were never wanted)."""
+    conversation ends (a call left unanswered was rendered as if its result were never wanted), and by one only (a
+    second answer was rendered as two results of one call)."""
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
-        self.open: dict[str, int] = {}  # the calls not answered yet: id -> its first place in tool_calls
+        self.open: dict[str, int] = {}  # the calls not answered yet: id -> its place in tool_calls
+        self.answered: dict[str, int] = {}  # the calls answered: id -> the index of the tool message answering it
         self.at: int | None = None  # that assistant message's index
 
     def see(self, i: int, m: ChatMessage) -> None:
@@ -162,16 +168,21 @@ class _Calls:
             return
         self.end(f"messages[{i}] is of role {m.role!r}")
         calls = (m.tool_calls or ()) if m.role == "assistant" else ()
-        self.ids, self.open = {c.id for c in calls}, {}
-        for j, c in enumerate(calls):
-            self.open.setdefault(c.id, j)
+        self.open, self.answered = {c.id: j for j, c in enumerate(calls)}, {}  # ids unique: _tool_calls checks
+        self.ids = set(self.open)
         self.at = i if self.ids else None
 
     def _answer(self, i: int, call_id: str | None) -> None:
-        if call_id is None or call_id in self.ids:  # None: _tool_fields names it
-            self.open.pop(call_id, None)
+        if call_id is None:  # _tool_fields names it
             return
         where = f"messages[{i}].tool_call_id"
+        if call_id in self.answered:  # as OpenAI's "Duplicate value for 'tool_call_id'", naming the second
+            raise InvalidRequest(where, f"duplicate value {short(call_id)}: messages[{self.answered[call_id]}] "
+                                        "already answers that call (one tool message per call)")
+        if call_id in self.ids:
+            self.answered[call_id] = i
+            del self.open[call_id]
+            return
         if self.at is None:
             raise InvalidRequest(where, "a tool message must answer a call in the tool_calls of the assistant "
                                         "message before it (only tool messages between); there is none")
