@@ -233,7 +233,9 @@ def test_an_assistant_message_s_refusal_part_is_its_text(served):
      "missing_required_parameter"),
     ({"role": "assistant", "content": [{"type": "refusal", "refusal": 5}]}, "messages[1].content[0].refusal",
      "invalid_type"),
-], ids=["on-a-user-message", "without-refusal", "refusal-not-string"])
+    ({"role": "assistant", "content": [{"type": "refusal", "refusal": "no", "text": "x"}]},
+     "messages[1].content[0].text", "unknown_parameter"),
+], ids=["on-a-user-message", "without-refusal", "refusal-not-string", "unknown-field"])
 def test_a_refusal_part_elsewhere_or_without_its_text_is_a_400_naming_it(served, message, param, code):
     """A refusal part is an assistant's only (OpenAI's user, system, developer and tool messages take none)."""
     _, client = served

@@ -82,10 +82,16 @@ def test_bad_chat_fields_are_openai_400s(served, kw, param, code):
     ({"text": "Hi."}, "messages[0].content[1].type", "missing_required_parameter", "a content part needs a type"),
     ({"type": "text"}, "messages[0].content[1].text", "missing_required_parameter", "a 'text' part needs its text"),
     ({"type": "text", "text": 5}, "messages[0].content[1].text", T, "must be a string, got int"),
-], ids=["image", "audio", "file", "no-type", "text-without-text", "text-not-string"])
+    ({"type": "text", "text": "Hi.", "bogus": 1}, "messages[0].content[1].bogus", "unknown_parameter",
+     "not a field of a 'text' content part (it takes type and text only)"),
+    ({"type": "text", "text": "Hi.", "cache_control": {"type": "ephemeral"}}, "messages[0].content[1].cache_control",
+     "unknown_parameter", "not a field of a 'text' content part"),
+], ids=["image", "audio", "file", "no-type", "text-without-text", "text-not-string", "unknown-field",
+        "cache-control"])
 def test_a_content_part_not_taken_is_named_by_its_place_and_type(served, part, param, code, words):
     """The 400 names the part's field, as OpenAI names it (param messages[0].content[1].type for an image sent to a
-    text-only model): it named only messages[0].content, and a text part without text was unsupported_value."""
+    text-only model): it named only messages[0].content, and a text part without text was unsupported_value. A
+    part's unknown field (OpenAI's part schemas are closed) was dropped in silence: a 400 unknown_parameter."""
     _, client = served
     content = [{"type": "text", "text": "What is this?"}, part]
     with pytest.raises(openai.BadRequestError) as e:

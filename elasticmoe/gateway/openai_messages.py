@@ -221,7 +221,8 @@ def _text(i: int, m: ChatMessage) -> str:
 def _part_text(where: str, role: str, part: dict[str, Any]) -> str:
     """A content part's text: a text part's, or an assistant message's refusal part's (OpenAI's assistant content
     takes both; vLLM takes the refusal as text). Another type is a 400 naming its type (messages[i].content[j].type,
-    as OpenAI names an image sent to a text-only model); a part without its string text one naming that field."""
+    as OpenAI names an image sent to a text-only model); a part without its string text one naming that field, and
+    a part's unknown field one naming it (unknown_parameter, as OpenAI's closed part schemas refuse it)."""
     kind = part.get("type")
     if kind == "refusal" and role != "assistant":
         raise InvalidRequest(f"{where}.type", f"a 'refusal' part is only for a message of role 'assistant', not "
@@ -238,6 +239,10 @@ def _part_text(where: str, role: str, part: dict[str, Any]) -> str:
             raise InvalidRequest(f"{where}.{kind}", f"a {kind!r} part needs its {kind}", "missing_required_parameter")
         got = "null" if text is None else type(text).__name__
         raise InvalidRequest(f"{where}.{kind}", f"must be a string, got {got}", "invalid_type")
+    extra = next((k for k in part if k not in ("type", kind)), None)  # as a message's unknown field: dropped, a
+    if extra is not None:  # client's cache_control or a misspelt key had no effect and no sign of it
+        raise InvalidRequest(clip(f"{where}.{extra}"), f"not a field of a {kind!r} content part (it takes type and "
+                                                       f"{kind} only)", "unknown_parameter")
     return text
 
 
