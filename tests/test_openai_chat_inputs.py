@@ -67,6 +67,23 @@ def test_message_names_reach_the_chat_template(served):
     assert out.choices[0].message.content == ref.choices[0].text
 
 
+def test_a_tool_message_s_name_reaches_the_chat_template(served):
+    """A tool message's `name` is not in OpenAI's API reference, but OpenAI takes it (its cookbook's function-calling
+    example sends the function's name there, and clients copied it): it is taken, with the pattern of any message's
+    name, and given to the template as the other messages' names are (templates that write a tool's name read it)."""
+    core, client = served
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    sent = [NAMED[1], {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "name": "get_time", "content": "12:00"}]
+    text, ids = _ref(core, [NAMED[1], {"role": "assistant", "content": ""}, sent[2]])
+    assert "tool (get_time)12:00" in text  # the template writes it
+    assert _greedy(client, messages=sent).usage.prompt_tokens == len(ids)
+    sent[2]["name"] = "get time"
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(client, messages=sent)
+    assert (e.value.body["param"], e.value.body["code"]) == ("messages[2].name", "invalid_value"), e.value.body
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_tools_with_tool_choice_none_are_served_without_tool_calls(served, stream):
     core, client = served

@@ -58,7 +58,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # function: a 400 (_tool_fields)
     content: str | list[dict[str, Any]] | None = None
-    name: ToolName | None = None  # OpenAI's pattern: "alice smith" is a 400 naming messages[i].name, as there
+    # OpenAI's pattern: "alice smith" is a 400 naming messages[i].name, as there. On a tool message too (not in
+    # OpenAI's reference, but taken there: its cookbook sends the function's name; some templates write it)
+    name: ToolName | None = None
     tool_calls: list[ToolCall] | None = None  # assistant messages only
     tool_call_id: str | None = None  # tool messages only, and required there
     # An assistant message's fields of a response that a client sends back when it replays it (the official
