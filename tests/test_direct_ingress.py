@@ -133,7 +133,8 @@ def test_a_call_the_client_cancels_is_counted_as_http_counts_a_client_that_left(
 
 def test_a_server_error_is_internal_without_its_raw_text_and_the_port_keeps_serving(model):  # noqa: F811
     """A bug while serving (injected: the readiness check raises) ends that call INTERNAL with the exception's type
-    only (its text stays in the log), unary and streaming alike; the next call is served."""
+    only (its text stays in the log), unary and streaming alike, counted as an error (code INTERNAL, as HTTP counts
+    its 500s: tests/test_metrics_server_errors.py); the next call is served."""
     core = Core(*model, max_num_seqs=2, max_model_len=128)
     port = _port(core)
     client = GenerationClient(port.address, timeout_s=60)
@@ -147,6 +148,7 @@ def test_a_server_error_is_internal_without_its_raw_text_and_the_port_keeps_serv
                 call()
             assert e.value.code() == grpc.StatusCode.INTERNAL
             assert e.value.details() == "internal server error (RuntimeError)", e.value.details()
+        assert core.metrics.requests == {("grpc", "error"): 2} and core.metrics.errors == {"INTERNAL": 2}  # as HTTP
         core.ready = False
         del core.wait_ready  # the class's: shards not ready
         with pytest.raises(grpc.RpcError) as e:

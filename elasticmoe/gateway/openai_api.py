@@ -187,8 +187,18 @@ def register_routes(app: FastAPI, get_core: Callable[[], Any]) -> FastAPI:
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
-    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        """A bug (an exception no handler expected): logged, and counted as the 500 it is (http error, code 500),
+        once: a request whose choices recorded an outcome before the bug (request.state.tally) is not counted again."""
         log.error("unhandled error in the HTTP API", exc_info=exc)
+        try:
+            tally = getattr(request.state, "tally", None)
+            if tally is not None:
+                tally.record(500)  # a no-op where it ended before the bug
+            else:
+                record_outcome(get_core(), 500)
+        except Exception:  # noqa: BLE001 - metrics never turn a 500 into another error
+            log.exception("counting a 500 raised")
         return ApiError(500, f"internal server error ({type(exc).__name__})", "server_error").response()
 
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -180,6 +180,7 @@ async def _unless_disconnected(request: Request, coro: Any, gen: Generation) -> 
 
 
 async def serve_choices(request: Request, req: BaseRequest, gens: list[Generation], shapes: list[Shape]) -> Any:
+    request.state.tally = gens[0].tally  # for the 500 handler: a bug from here on counts once, in the request's Tally
     if not req.stream:
         return JSONResponse(await _unless_disconnected(request, complete_all(gens, shapes), gens[0]))
     firsts = await _unless_disconnected(request, start_all(gens), gens[0])

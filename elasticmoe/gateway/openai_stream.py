@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, AsyncIterator
 
 from starlette.responses import StreamingResponse
@@ -13,6 +14,8 @@ from elasticmoe.engine.sampling import TokenLogprob
 from elasticmoe.gateway.openai_protocol import ApiError
 from elasticmoe.gateway.openai_shapes import FINISH_REASONS, chat_logprobs, completion_logprobs
 from elasticmoe.gateway.request_stream import Update
+
+log = logging.getLogger(__name__)
 
 # A "gen" below is an openai_choices.Generation: one choice in the engine (start, rest, record, close, params, id).
 
@@ -133,6 +136,9 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
             yield chunk([], usage=_usage(firsts[0].prompt_tokens, counts))
     except ApiError as e:
         yield _event(e.body())
+    except Exception as e:  # noqa: BLE001 - a bug here mid-stream: logged, counted as the 500 it is (it was counted
+        log.error("unhandled error in a streamed response", exc_info=e)  # as a client gone, below), and told
+        yield _event(head.fail(ApiError(500, f"internal server error ({type(e).__name__})", "server_error")).body())
     finally:
         head.record(499)  # no-op unless the client went away mid-stream
         for g in gens:
