@@ -17,6 +17,7 @@ E2E_BOUNDS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.
 PLACEMENT_REASONS = ("rebalance", "scale_out", "scale_in", "rehome")  # why a placement change was applied
 log = logging.getLogger(__name__)
 FANOUT_BOUNDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+KV_USAGE_HELP = "KV-cache slots not free (a running sequence's, or one held back until it is zeroed) / total slots"
 
 
 def log_this_time(n: int) -> bool:
@@ -46,7 +47,7 @@ def _ray_metrics() -> dict[str, Any] | None:
         "e2e": hist("elasticmoe_e2e_latency_seconds", "Request latency, arrival to last token", E2E_BOUNDS),
         "running": Gauge("elasticmoe_running_seqs", "Sequences in the running batch"),
         "queued": Gauge("elasticmoe_queued_seqs", "Requests waiting for a KV-cache slot"),
-        "kv": Gauge("elasticmoe_kv_cache_usage", "Used KV-cache slots / total slots"),
+        "kv": Gauge("elasticmoe_kv_cache_usage", KV_USAGE_HELP),
         "expert_tokens": Counter("elasticmoe_expert_tokens_total", "Tokens routed to an expert",
                                  ("layer", "expert")),
         "copies": Gauge("elasticmoe_expert_copies", "Live copies of an expert", ("layer", "expert")),
@@ -153,7 +154,7 @@ class GatewayMetrics:
     # --- engine, control plane -----------------------------------------------------------------
 
     def engine(self, running: int, queued: int, kv_usage: float) -> None:
-        """Set the batch gauges; kv_usage = used KV-cache slots / total slots."""
+        """Set the batch gauges; kv_usage = KV-cache slots not free / total slots (KV_USAGE_HELP)."""
         self.gauges.update(running=running, queued=queued, kv_usage=kv_usage)
         if self._ray:
             self._ray["running"].set(running)
@@ -161,9 +162,10 @@ class GatewayMetrics:
             self._ray["kv"].set(float(kv_usage))
 
     def engine_from(self, scheduler: Any) -> None:
-        """Set the batch gauges from an engine's scheduler (running, waiting, and the share of slots in use)."""
-        running = len(scheduler.running)
-        self.engine(running, len(scheduler.waiting), running / max(1, running + len(scheduler.free_slots)))
+        """Set the batch gauges from an engine's scheduler: running, waiting, and the share of its slots not free (a
+        running sequence's, or one the engine holds back until it is zeroed: Engine.held_slots, used, not free)."""
+        total = max(1, scheduler.num_slots)
+        self.engine(len(scheduler.running), len(scheduler.waiting), (total - len(scheduler.free_slots)) / total)
 
     def copies(self, layer: int, expert: int, n: int) -> None:
         """Set the number of live copies of (layer, expert); O(1) (the layer's sum is kept, not recounted)."""

@@ -1,5 +1,6 @@
 """The gateway's engine gauges (elasticmoe_running_seqs, _queued_seqs, _kv_cache_usage) once its engine runs out of
-work: a real EngineRunner over the tiny Mixtral of tests/test_runner.py, its hooks wired as GatewayCore wires them."""
+work, and with a KV-cache slot held back for zeroing: a real EngineRunner over the tiny Mixtral of
+tests/test_runner.py, its hooks wired as GatewayCore wires them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from elasticmoe.metrics import GatewayMetrics
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.engine.engine import Engine
 from tests.test_runner import GREEDY, PROMPTS, model, reference  # noqa: F401 - fixtures
+from tests.test_runner_request_faults import zeroing_fails_once
 
 
 def _gateway_runner(model):  # noqa: F811
@@ -71,5 +73,39 @@ def test_gauges_read_idle_after_the_last_request_is_cancelled(model, reference):
         asyncio.run(first_token_then_leave())
         _wait_for(lambda: metrics.gauges.get("running") == 0)
         assert metrics.gauges == {"running": 0, "queued": 0, "kv_usage": 0.0}
+    finally:
+        runner.close()
+
+
+def test_a_slot_held_back_for_zeroing_is_used_not_free(model, reference):  # noqa: F811
+    """A slot whose zeroing raised as its request ended (a device error) is held back until the next step zeroes it:
+    neither free nor any sequence's. elasticmoe_kv_cache_usage was running / (running + free slots), the held slot
+    left out of both: it read 0.0 with that slot unusable (and 1.0 with every other slot running, of one slot fewer).
+    It is now the share of slots not free, the held one counted used (as the gauge's help says), and stats() says
+    how many are held: running + free_slots + held_slots is every slot. The next step zeroes it: all free again."""
+    _, llm = reference
+    runner, metrics = _gateway_runner(model)
+    engine, total = runner.engine, runner.engine.cache.num_slots
+    zeroed = zeroing_fails_once(engine)
+
+    async def first_token_then_leave() -> None:
+        stream = runner.generate("quitter", llm.encode(PROMPTS[0]), GREEDY)
+        await stream.__anext__()
+        await stream.aclose()  # aborted: its zeroing raises, its slot is held back; the engine runs out of work
+
+    async def one(p: str) -> None:
+        async for _ in runner.generate("next", llm.encode(p), GREEDY):
+            pass
+    try:
+        asyncio.run(first_token_then_leave())
+        _wait_for(lambda: engine.held_slots and metrics.gauges.get("kv_usage") == 1 / total)
+        assert list(engine.held_slots) == zeroed and total > 1
+        assert metrics.gauges == {"running": 0, "queued": 0, "kv_usage": 1 / total}
+        st = runner.stats()
+        assert (st["running"], st["free_slots"], st["held_slots"]) == (0, total - 1, 1)
+        asyncio.run(one(PROMPTS[1]))  # its step zeroes the held slot first
+        _wait_for(lambda: metrics.gauges.get("kv_usage") == 0.0)
+        assert engine.held_slots == {} and metrics.gauges == {"running": 0, "queued": 0, "kv_usage": 0.0}
+        assert (runner.stats()["free_slots"], runner.stats()["held_slots"]) == (total, 0)
     finally:
         runner.close()

@@ -133,14 +133,15 @@ def test_panel_descriptions_say_whose_view_and_what_unit_a_series_is():
     """The shard-health series are the controller's view (its stats call, else its health check: only
     autoscaler/stats.py sets them), yet two panels told the operator they were every gateway's (a shard a gateway
     cannot reach showed healthy there, described as answering every gateway); the KV-cache gauge counts slots, one a
-    sequence (GatewayMetrics.engine_from), not blocks."""
+    sequence (GatewayMetrics.engine_from), not blocks, and a slot held back to be zeroed as used."""
     assert _callers("set_shard_health") == {"autoscaler/stats.py"}
     shard_panels = _panels_reading(HEALTHY)
     assert len(shard_panels) >= 2
     for p in shard_panels:
         assert "controller" in p["description"] and "gateway" not in p["description"], (p["title"], p["description"])
-    from elasticmoe.metrics import GatewayMetrics
+    from elasticmoe.metrics import KV_USAGE_HELP, GatewayMetrics
 
-    assert "slots" in (GatewayMetrics.engine_from.__doc__ or "")
-    for p in _panels_reading("ray_elasticmoe_kv_cache_usage"):
+    assert "slots" in (GatewayMetrics.engine_from.__doc__ or "") and "held back" in KV_USAGE_HELP
+    for p in _panels_reading("ray_elasticmoe_kv_cache_usage"):  # a slot held back to be zeroed is used, not free
         assert "block" not in p.get("description", ""), (p["title"], p["description"])
+        assert "held back" in p.get("description", ""), (p["title"], p["description"])

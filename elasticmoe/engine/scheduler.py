@@ -76,6 +76,7 @@ class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int):
         self.max_tokens = max_num_batched_tokens
         self.max_queue = max_queue
+        self.num_slots = max_num_seqs  # KV-cache slots, one a sequence: free, a running sequence's, or held back
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -13,6 +13,7 @@ from elasticmoe.gateway.openai_choices import record_outcome
 from elasticmoe.gateway.openai_messages import ChatMessage, Tool, chat_chars, chat_ids, check_tools
 from elasticmoe.gateway.openai_protocol import ApiError
 from elasticmoe.gateway.tokenizing import chars_of, tokenized
+from elasticmoe.metrics import KV_USAGE_HELP
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -60,7 +61,7 @@ def prometheus_text(metrics: Any) -> str:
            [_line("elasticmoe_latency_observations_total", n, {"kind": k}) for k, n in latency.items()])
     gauges = {"running": ("elasticmoe_running_seqs", "Sequences in the running batch"),
               "queued": ("elasticmoe_queued_seqs", "Requests waiting for a KV-cache slot"),
-              "kv_usage": ("elasticmoe_kv_cache_usage", "Used KV-cache slots / total slots")}  # GatewayMetrics.engine
+              "kv_usage": ("elasticmoe_kv_cache_usage", KV_USAGE_HELP)}  # GatewayMetrics.engine
     for key, (name, doc) in gauges.items():
         if key in metrics.gauges:
             family(name, "gauge", doc, [_line(name, metrics.gauges[key])])

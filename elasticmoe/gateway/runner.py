@@ -138,9 +138,12 @@ class EngineRunner:
         refused: client requests refused at capacity (QueueFull: HTTP 429, gRPC RESOURCE_EXHAUSTED), one per
         request however many of its choices (OpenAI's n) were refused, as the gateway's metrics count a rejected
         request: an operator compares it with the 429s clients saw. request_errors: failures in the engine thread's
-        handling of one request (its admission, abort, update or last word), each ending that request only."""
+        handling of one request (its admission, abort, update or last word), each ending that request only.
+        held_slots: KV-cache slots held back until a step zeroes them (their zeroing raised as their request ended),
+        neither free nor running: running + free_slots + held_slots is every slot."""
         sched = self.engine.scheduler
         return {"running": len(sched.running), "waiting": len(sched.waiting), "free_slots": sched.num_free_slots,
+                "held_slots": len(self.engine.held_slots),
                 "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity, "refused": self.refused,
                 "step_retries": self.engine.step_retries, "failed_requests": self.engine.failed_requests,
                 "request_errors": self.request_errors, "rss_bytes": _rss_bytes()}
