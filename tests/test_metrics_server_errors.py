@@ -113,3 +113,22 @@ def test_a_bug_in_tokenize_is_a_500_counted_as_an_error(served):
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 500 and json.loads(e.value.read())["error"]["type"] == "server_error"
     assert core.metrics.requests == ERROR and core.metrics.errors == {"500": 1}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_bug_shaping_the_streams_last_chunk_is_a_500_not_ok(served, chat):
+    """max_tokens=1: the stream's one update is its last, so the request has ended when its chunk is shaped. The
+    outcome was counted ok before that chunk was built, and the bug's 500 then counted nothing (a timing-dependent
+    ok in the test above, under load). The chunk is built first now."""
+    core, client = served
+    core.tokenizer = LogprobNamesFail(core.tokenizer)
+    with pytest.raises(openai.APIError) as e:
+        if chat:
+            list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1, logprobs=True,
+                                                top_logprobs=1, stream=True))
+        else:
+            list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, logprobs=1, stream=True))
+    assert e.value.message == "internal server error (RuntimeError)", e.value
+    assert core.metrics.requests == ERROR and core.metrics.errors == {"500": 1}
+    core.tokenizer = core.tokenizer.tokenizer
+    _still_serving(core, client)

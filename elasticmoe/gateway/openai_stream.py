@@ -127,10 +127,12 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
             delta = last.delta  # the runner's detokenizer holds back partial characters and stop-string prefixes
             finish = FINISH_REASONS.get(last.finish_reason or "abort", "abort") if last.finished else None
             ended += last.finished
+            event = chunk([shapes[i].choice(delta, list(last.logprobs), finish, stream=True)]) \
+                if delta or finish or (shapes[i].logprobs and last.logprobs) else None  # built before counting ok
             if ended == len(gens):  # the request, once: every choice has ended (a client that leaves while its
                 head.record(None, lasts[0])  # last events are written stays ok, as on gRPC and unstreamed)
-            if delta or finish or (shapes[i].logprobs and last.logprobs):
-                yield chunk([shapes[i].choice(delta, list(last.logprobs), finish, stream=True)])
+            if event is not None:
+                yield event
         head.record(None, lasts[0])  # recorded above already: every stream ends with its last update
         if include_usage:
             yield chunk([], usage=_usage(firsts[0].prompt_tokens, counts))
