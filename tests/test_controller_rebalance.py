@@ -133,3 +133,36 @@ def test_an_idle_first_shard_is_not_scaled_in_while_the_others_still_start(model
         assert ctrl.desired == 1, ctrl.load.utilization
 
     _with_shards(model, "ab", scenario)
+
+
+def test_a_missed_stats_read_takes_nothing_off_the_shards_expert_load(model, monkeypatch):
+    """a serves expert 0 and b expert 1 at the same steady rate; b's GetStats fails one round. The controller's
+    stats round hands the tracker the live shards it could not read: b's expert keeps its load through the gap
+    (it went to 0 tokens/s for that round and the next, and a rebalance then re-shared onto b)."""
+    import time
+
+    from elasticmoe.rpc import experts_pb2 as pb
+
+    async def scenario(files, a, b):
+        ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 2, "max_shards": 2})
+        ctrl.load.half_life_s = 0.2  # rounds 0.1 s apart: a missed read shows as it would at 1 s and 5 s
+        layer, t0, unread = files.spec.moe.moe_layers[0], time.monotonic(), set()
+
+        async def stats(address, timeout=2.0):  # 1e6 tokens per second each
+            if address in unread:
+                return None
+            tokens = int(1e6 * (time.monotonic() - t0))
+            return pb.GetStatsResponse(tokens=[pb.ExpertTokens(layer=layer, expert=int(address == b.address),
+                                                               tokens=tokens)])
+
+        monkeypatch.setattr(ctrl, "_stats", stats)
+        for r in range(14):
+            unread.clear()
+            unread.update({b.address} if r == 10 else set())
+            await asyncio.sleep(0.1)
+            await ctrl._stats_once()
+            if r >= 8:
+                ema = ctrl.load.ema[0]
+                assert abs(ema[1] / ema[0] - 1) < 0.05, (r, ema[:2])
+
+    _with_shards(model, "ab", scenario)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 
@@ -17,33 +18,50 @@ class LoadTracker:
         self.half_life_s = half_life_s
         self._last: dict[str, dict[tuple[int, int], int]] = {}
         self._last_compute: dict[str, float] = {}
+        self._read_at: dict[str, float] = {}  # shard id -> monotonic time of its last read
+        self._rate: dict[str, np.ndarray] = {}  # shard id -> its tokens per second over its last measured interval
         self._t = time.monotonic()
         self.utilization: dict[str, float] = {}  # shard id -> busy fraction over the last interval
         self.measured: set[str] = set()  # shards whose utilization covers the last interval (not a first read)
 
-    def update(self, stats: dict[str, tuple[dict[tuple[int, int], int], float]], layer_index: dict[int, int]) -> None:
-        """stats: shard id -> ({(model layer, expert): cumulative tokens}, cumulative compute seconds).
+    def update(self, stats: dict[str, tuple[dict[tuple[int, int], int], float]], layer_index: dict[int, int],
+               unread: Iterable[str] = ()) -> None:
+        """stats: shard id -> ({(model layer, expert): cumulative tokens}, cumulative compute seconds); unread: live
+        shards whose read failed this round.
 
-        A shard not read last round (new, back after a missed round, or met by a restarted controller) only sets
-        its baseline: counters it built up before are not tokens of this interval."""
+        A shard first seen (new, or met by a restarted controller) only sets its baseline: counters it built up
+        before are not tokens of this interval. An unread shard keeps its baseline and counts at its last rate this
+        round (its next read covers the whole time since it was last read): as 0 tokens/s, a missed read took a
+        quarter off its experts' load (two rounds: that one and the baseline after it), which the next rebalance
+        re-shared to, piling the other shards' tokens onto it. A shard neither read nor unread is forgotten."""
         now = time.monotonic()
         dt = max(now - self._t, 1e-3)
         self._t = now
         rate = np.zeros_like(self.ema)
         self.measured = {shard for shard in stats if shard in self._last}
+        held = {shard for shard in unread if shard not in stats and shard in self._last}
+        for shard in held & set(self._rate):
+            rate += self._rate[shard]
         for shard, (tokens, compute) in stats.items():
-            prev = self._last.get(shard)
-            for key, n in tokens.items():
-                if prev is not None and key[0] in layer_index:
-                    rate[layer_index[key[0]], key[1]] += max(0, n - prev.get(key, 0)) / dt
-            self.utilization[shard] = max(0.0, compute - self._last_compute.get(shard, compute)) / dt
-            self._last[shard], self._last_compute[shard] = dict(tokens), compute
-        for gone in set(self._last) - set(stats):
-            self._last.pop(gone)
-            self._last_compute.pop(gone, None)
-            self.utilization.pop(gone, None)
+            span = max(now - self._read_at.get(shard, now), 1e-3)  # more than dt after missed reads
+            if shard in self._last:
+                self._rate[shard] = self._per_second(self._last[shard], tokens, span, layer_index)
+                rate += self._rate[shard]
+            self.utilization[shard] = max(0.0, compute - self._last_compute.get(shard, compute)) / span
+            self._last[shard], self._last_compute[shard], self._read_at[shard] = dict(tokens), compute, now
+        for gone in set(self._last) - set(stats) - held:
+            for kept in (self._last, self._last_compute, self._read_at, self._rate, self.utilization):
+                kept.pop(gone, None)
         alpha = 1 - 0.5 ** (dt / self.half_life_s)
         self.ema = (1 - alpha) * self.ema + alpha * rate
+
+    def _per_second(self, prev: dict, tokens: dict, span: float, layer_index: dict[int, int]) -> np.ndarray:
+        """One shard's tokens per second since its last read (a counter that went back, a restart: none). [L, E]"""
+        out = np.zeros_like(self.ema)
+        for key, n in tokens.items():
+            if key[0] in layer_index:
+                out[layer_index[key[0]], key[1]] += max(0, n - prev.get(key, 0)) / span
+        return out
 
     def planning_load(self) -> np.ndarray:
         """The EMA plus a small uniform prior, so an idle cluster still spreads experts evenly. [L, E]"""

@@ -60,7 +60,7 @@ class StatsKeeper:
         for s, st in zip(live, await asyncio.gather(*(self._stats(s.address) for s in live))):  # at once, as status
             if st is not None:
                 stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in st.tokens}, st.compute_us / 1e6)
-        self.load.update(stats, self.layer_index)
+        self.load.update(stats, self.layer_index, unread=[s.shard_id for s in live if s.shard_id not in stats])
         self._export(stats)
         if self.scale is not None:
             if self.registry.staffed() and not self.recovering and self.scale.started():
