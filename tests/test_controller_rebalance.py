@@ -57,7 +57,8 @@ def test_a_shard_whose_stats_were_not_read_does_not_count_as_idle(model, monkeyp
     counted the shard as idle, and the controller asked for 1 shard. A round that did not measure every live shard
     decides nothing."""
     import time
-    from types import SimpleNamespace
+
+    from elasticmoe.rpc import experts_pb2 as pb
 
     async def scenario(files, a, b):
         ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7,
@@ -67,7 +68,7 @@ def test_a_shard_whose_stats_were_not_read_does_not_count_as_idle(model, monkeyp
         async def stats(address, timeout=2.0):  # each shard busy 40% of the wall time
             if address in unread:
                 return None
-            return SimpleNamespace(tokens=[], compute_us=int(0.4 * (time.monotonic() - t0) * 1e6))
+            return pb.GetStatsResponse(busy_us=int(0.4 * (time.monotonic() - t0) * 1e6))
 
         monkeypatch.setattr(ctrl, "_stats", stats)
         for missed in (set(), set(), {b.address}, set(), set()):
@@ -87,7 +88,8 @@ def test_a_shard_whose_stats_always_fail_does_not_stop_scaling(model, monkeypatc
     (stats.UNMEASURED_ROUNDS, 3) counts as busy as the busiest measured one; the rounds before still decide nothing
     (a first read is no measure)."""
     import time
-    from types import SimpleNamespace
+
+    from elasticmoe.rpc import experts_pb2 as pb
 
     async def scenario(files, a, b):
         ctrl = await _quiet(model, a, b, autoscaling={"min_shards": 1, "max_shards": 4, "target_utilization": 0.7,
@@ -97,7 +99,7 @@ def test_a_shard_whose_stats_always_fail_does_not_stop_scaling(model, monkeypatc
         async def stats(address, timeout=2.0):  # a busy 90% of the wall time; b's reads fail
             if address == b.address:
                 return None
-            return SimpleNamespace(tokens=[], compute_us=int(0.9 * (time.monotonic() - t0) * 1e6))
+            return pb.GetStatsResponse(busy_us=int(0.9 * (time.monotonic() - t0) * 1e6))
 
         monkeypatch.setattr(ctrl, "_stats", stats)
         for _ in range(2):

@@ -59,7 +59,7 @@ class StatsKeeper:
         stats, live = {}, self.registry.live()
         for s, st in zip(live, await asyncio.gather(*(self._stats(s.address) for s in live))):  # at once, as status
             if st is not None:
-                stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in st.tokens}, st.compute_us / 1e6)
+                stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in st.tokens}, _busy_s(st))
         self.load.update(stats, self.layer_index, unread=[s.shard_id for s in live if s.shard_id not in stats])
         self._export(stats)
         if self.scale is not None:
@@ -90,3 +90,9 @@ class StatsKeeper:
         # live: answered GetStats; loading or spare: the health check; a shard no longer registered is dropped
         self.metrics.set_shard_health({s.shard_id: s.shard_id in stats if s.shard_id in live else s.healthy
                                        for s in self.registry.shards.values()})
+
+
+def _busy_s(st) -> float:
+    """A GetStats answer's busy seconds: busy_us, the union of its calls' compute times (a busy fraction of at most 1);
+    from a shard that predates it (a redeploy in progress), compute_us, their sum, which overlapping calls inflate."""
+    return (st.busy_us if st.HasField("busy_us") else st.compute_us) / 1e6

@@ -189,9 +189,10 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
         missing = self.store.missing(request.layer, routed, snap)
         if missing:  # the gateway re-sends these tokens elsewhere
             return None, missing, 0
-        t0 = time.perf_counter()
-        (out,) = to_host(self.store.forward(request.layer, hidden, ids, weights, snap))  # [T, H]; waits for a GPU's
-        us = int((time.perf_counter() - t0) * 1e6)
+        with self.store.computing():  # busy_us: overlapping calls count once
+            t0 = time.perf_counter()
+            (out,) = to_host(self.store.forward(request.layer, hidden, ids, weights, snap))  # [T, H]; waits for a GPU's
+            us = int((time.perf_counter() - t0) * 1e6)
         self.store.count(request.layer, routed, us)  # GetStats' counters: the calls served (proto)
         if self.faults.malformed_outputs > 0:
             self.faults.malformed_outputs -= 1
@@ -204,7 +205,7 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
         return pb.GetStatsResponse(
             shard_id=self.shard_id, uptime_s=time.monotonic() - self.started, weight_bytes=st.weight_bytes,
             held=[pb.ExpertRef(layer=l, expert=e) for l, e in st.held], tokens=tokens, calls=st.calls,
-            compute_us=st.compute_us, placement_version=self.placement_version)
+            compute_us=st.compute_us, busy_us=st.busy_us, placement_version=self.placement_version)
 
     def Health(self, request, context):
         return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -36,6 +38,7 @@ class StoreStats:
     calls: int  # calls served
     compute_us: int  # the sum of their compute_us
     tokens: dict[tuple[int, int], int]  # (layer, expert) -> token-slots those calls routed to it
+    busy_us: int = 0  # time with at least one call computing (`computing`), the stretch running now included
 
 
 class ExpertStore:
@@ -63,6 +66,8 @@ class ExpertStore:
         self.tokens_served: dict[tuple[int, int], int] = {}
         self.calls = 0
         self.compute_us = 0  # the sum of the calls' compute_us
+        self.busy_s = 0.0  # finished stretches with at least one call computing (`computing`)
+        self._computing, self._busy_from = 0, 0.0  # calls computing now; when the stretch running now began
         self._stats_lock = threading.Lock()  # forward() and count() run on many server threads at once
 
     def held(self) -> list[tuple[int, int]]:
@@ -77,7 +82,24 @@ class ExpertStore:
         layers = list(self.layers.items())
         with self._stats_lock:
             calls, compute_us, tokens = self.calls, self.compute_us, dict(self.tokens_served)
-        return StoreStats(_held(layers), _weight_bytes(layers), calls, compute_us, tokens)
+            busy = self.busy_s + (time.perf_counter() - self._busy_from if self._computing else 0.0)
+        return StoreStats(_held(layers), _weight_bytes(layers), calls, compute_us, tokens, int(busy * 1e6))
+
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        """A call computing (its compute_us window) for busy_us: the time with at least one call computing, calls
+        that overlap (several gateways, micro-batches) counted once, where compute_us sums them."""
+        with self._stats_lock:
+            if not self._computing:
+                self._busy_from = time.perf_counter()
+            self._computing += 1
+        try:
+            yield
+        finally:
+            with self._stats_lock:
+                self._computing -= 1
+                if not self._computing:
+                    self.busy_s += time.perf_counter() - self._busy_from
 
     def part_shapes(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each stacked tensor of a layer holding n experts."""

@@ -115,7 +115,7 @@ class ExpertTokens(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("shard_id", "uptime_s", "weight_bytes", "held", "tokens", "calls", "compute_us", "placement_version")
+    __slots__ = ("shard_id", "uptime_s", "weight_bytes", "held", "tokens", "calls", "compute_us", "placement_version", "busy_us")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class GetStatsResponse(_message.Message):
     CALLS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUSY_US_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     uptime_s: float
     weight_bytes: int
@@ -132,7 +133,8 @@ class GetStatsResponse(_message.Message):
     calls: int
     compute_us: int
     placement_version: int
-    def __init__(self, shard_id: _Optional[str] = ..., uptime_s: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., held: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., calls: _Optional[int] = ..., compute_us: _Optional[int] = ..., placement_version: _Optional[int] = ...) -> None: ...
+    busy_us: int
+    def __init__(self, shard_id: _Optional[str] = ..., uptime_s: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., held: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., calls: _Optional[int] = ..., compute_us: _Optional[int] = ..., placement_version: _Optional[int] = ..., busy_us: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
