@@ -69,11 +69,17 @@ class LoadTracker:
         return self.ema + floor
 
 
+SCALE_IN_LEFT = 0.75  # a scale in leaves the shards at most this much of the target (then a third more scales out)
+
+
 @dataclass
 class ScaleDecider:
-    """Shard count from utilization with hysteresis and a cool-down; an operator override wins. No scale in before
-    the cluster is up (`started`) and has run for a cool-down (its warm-up): before any request, every shard is
-    idle. Scaling out is never held by it."""
+    """Shard count from utilization with hysteresis and a cool-down; an operator override wins. Out to the shards
+    that run the work at the target; in by one when the shards asked for run under half of it and one fewer would
+    run at most SCALE_IN_LEFT of it (from 2 shards, half the target on each is the whole target on the one left,
+    which a load jittering around it scaled out from again: a flap every cool-down). No scale in before the cluster
+    is up (`started`) and has run for a cool-down (its warm-up): before any request, every shard is idle. Scaling out
+    is never held by it."""
 
     min_shards: int
     max_shards: int
@@ -123,7 +129,8 @@ class ScaleDecider:
         want = current
         if work / len(utilization) > self.target_utilization:  # at the target (shards still starting add none)
             want = max(current, math.ceil(work / self.target_utilization - 1e-9))  # 4.2 / 0.6 is 7.000000000000001
-        elif work / current < self.target_utilization / 2 and current > lo:  # spread over the shards asked for
+        elif current > lo and work / current < self.target_utilization / 2 and \
+                work / (current - 1) <= SCALE_IN_LEFT * self.target_utilization:  # over the shards asked for, less one
             if time.monotonic() >= self._scale_in_from:  # else starting or warming up: idle says nothing yet
                 want = current - 1
         want = max(lo, min(hi, want))
