@@ -9,7 +9,7 @@ import numpy as np
 
 from elasticmoe.autoscaler.registry import Change
 from elasticmoe.placement import Placement
-from tests.controller_util import _quiet, _with_shards
+from tests.controller_util import _quiet, _routed_to, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 
@@ -168,3 +168,29 @@ def test_a_missed_stats_read_takes_nothing_off_the_shards_expert_load(model, mon
                 assert abs(ema[1] / ema[0] - 1) < 0.05, (r, ema[:2])
 
     _with_shards(model, "ab", scenario)
+
+
+def test_slots_widened_while_few_shards_were_live_go_back_once_more_are(model):
+    """slots_per_shard 6, expert_copies 2, 3 shards; c is still loading when b dies. The re-home onto a alone needed
+    8 slots (every expert on the one live shard) and gave c, a kept loading shard, copies up to that too; once c was
+    ready the placement kept 8 slots per shard, and every rebalance planned with them: shards held more copies than
+    the operator sized them for, for good (until a scale out). A rebalance plans with the configured slots again
+    (or the fewest that fit every expert), dropping the extra copies."""
+    async def scenario(files, a, b, c):
+        ctrl = await _quiet(model, a, b, num_shards=3, expert_copies=2,
+                            autoscaling={"min_shards": 1, "max_shards": 3, "slots_per_shard": 6})
+        plan = await ctrl.register("c", c.address)
+        c.store.load(plan["experts"])
+        b.server.stop(None)
+        async with ctrl._lock:
+            await ctrl._lose("b", "health check failed")
+        await ctrl.ready("c")
+        assert ctrl.registry.complete()
+        await ctrl.rebalance()
+        p = ctrl.registry.placement
+        assert p.num_shards == 2 and p.slots_per_shard == 6, p.slots_per_shard
+        assert p.holds().sum(1).max() <= 6
+        table = await ctrl.table()
+        assert table["complete"] and all(_routed_to(table, s.shard_id) <= s.held() for s in (a, c))
+
+    _with_shards(model, "abc", scenario)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 
@@ -224,14 +225,16 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
 
     async def rebalance(self) -> dict:
         """Re-plan now from the measured load (bounded moves) once every position has a live shard; returns the
-        event."""
+        event. Slots as a scale out plans them: the configured ones, or the fewest that fit every expert (a re-home
+        onto few live shards widened them; a rebalance after shards came back drops the extra copies)."""
         async with self._start():
             if self.registry.staffed() and not self.recovering:
                 cur, load = self.registry.placement, self.load.planning_load()
-                new = plan(load, cur.num_shards, cur.slots_per_shard, current=cur,
-                           max_moves=self.max_moves, min_copies=self.args.expert_copies)
+                slots = max(self.slots, math.ceil(self.num_experts / cur.num_shards))
+                new = plan(load, cur.num_shards, slots, current=cur, max_moves=self.max_moves,
+                           min_copies=self.args.expert_copies)
                 # new shares alone (no weight moved) are published too when they lift a layer's balancedness
-                if cur.diff(new)[0] or (new.balancedness(load) - cur.balancedness(load)).max() >= RESHARE_GAIN:
+                if any(cur.diff(new)) or (new.balancedness(load) - cur.balancedness(load)).max() >= RESHARE_GAIN:
                     await self._apply(Change(cur, new, {p: p for p in range(cur.num_shards)}), "rebalance")
         return self.events[-1] if self.events else {}
 
