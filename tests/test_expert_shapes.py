@@ -1,5 +1,6 @@
-"""Expert weights unlike the config's sizes: the error names the file, the tensor and the shape the config wants,
-in either expert layout and whatever dtype the experts are held in."""
+"""Expert weights unlike the config's sizes fail the open (only the headers read), naming the file, the tensor and the
+shape the config wants, in either expert layout and whatever dtype the experts are held in; an expert shard over such
+a checkpoint does not start. A checkpoint short of an expert, or holding others, fails the open too."""
 
 from __future__ import annotations
 
@@ -25,14 +26,16 @@ def _narrowed(tmp_path, layout: str):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_per_expert_weight_of_another_size_names_its_file(tmp_path, dtype):
-    """Held in another dtype than stored (float32 on disk), the error named only the checkpoint directory."""
+    """Held in another dtype than stored (float32 on disk), the error named only the checkpoint directory; it came
+    from the load of the experts, and now from the open."""
     from elasticmoe import LLM
     from elasticmoe.model import CheckpointError
 
     ck = _narrowed(tmp_path, "per-expert")
     name = "model.layers.0.mlp.experts.0.gate_proj.weight"
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(name)}' gives a \[64, 64\] tensor, "
-                                              r"want \[48, 64\]"):
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(name)}' is \[64, 64\], but "
+                                              r"config\.json makes it \[48, 64\] \(hidden size 64, expert "
+                                              r"intermediate size 48"):
         LLM(str(ck), dtype=dtype)
 
 
@@ -44,9 +47,37 @@ def test_a_packed_expert_row_of_another_size_names_the_shape_the_config_wants(tm
 
     ck = _narrowed(tmp_path, "packed")
     name = "model.layers.0.mlp.experts.gate_up_proj"
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(name)}' gives a \[128, 64\] tensor, "
-                                              r"want \[96, 64\]"):
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: '{re.escape(name)}' is \[8, 128, 64\]: rows of "
+                                              r"\[128, 64\], but config\.json makes it \[96, 64\] \(or \[64, 96\]\)"):
         LLM(str(ck), dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "packed"])
+@pytest.mark.parametrize("key", ["moe_intermediate_size", "hidden_size"])
+def test_an_expert_shard_over_experts_of_other_sizes_does_not_start(tmp_path, key, layout):
+    """config.json's hidden or expert intermediate size unlike the weights (transformers refuses the checkpoint): an
+    expert shard started (its server up, registering) and only each of its loads failed, while the gateway refused to
+    start. The shard's start now fails as the gateway's does, at the open (headers only), naming the file, the tensor
+    and the sizes config.json gives."""
+    from elasticmoe.experts.deployment import ExpertShard
+    from elasticmoe.model import CheckpointError
+
+    ck = make_tiny_model("qwen3_moe", tmp_path / layout, layers=2, layout=layout)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, key: 48}))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers refuses it too
+        AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    name = ("model.layers.0.mlp.experts.0.gate_proj.weight" if layout == "per-expert" else
+            "model.layers.0.mlp.experts.gate_up_proj")
+    hidden, inter = (64, 48) if key == "moe_intermediate_size" else (48, 64)
+    threads = torch.get_num_threads()  # the replica sets its process's (shard_resources.num_cpus)
+    try:
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(ck / 'model.safetensors'))}: '{re.escape(name)}' "
+                                                  rf"is .*, but config\.json makes it .*\(hidden size {hidden}, "
+                                                  rf"expert intermediate size {inter}"):
+            ExpertShard.func_or_class({"model": str(ck), "num_shards": 1, "dtype": "float32", "device": "cpu"}, None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("experts", [6, 10])

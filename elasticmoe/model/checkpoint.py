@@ -158,8 +158,9 @@ class Checkpoint:
         return name in self.weight_map and name not in self._covered and name not in self._scale_names
 
     def file_of(self, name: str) -> Path:
-        """The safetensors file holding tensor `name`, for error messages (the checkpoint directory for a view)."""
-        return self.path / self.weight_map.get(name, "")
+        """The safetensors file holding tensor `name` (a view's: its stored tensor's), for error messages."""
+        v = self._views.get(name)
+        return self.path / self.weight_map.get(v.stored if v is not None else name, "")
 
     def shape(self, name: str) -> tuple[int, ...]:
         v = self._views.get(name)

@@ -1,14 +1,18 @@
-"""Every routed expert config.json gives an MoE layer is in the checkpoint, checked when it is opened: per-expert
-gate/up/down tensors of each expert, or packed tensors of one row per expert. Only the safetensors headers and the
-index are read (no tensor data), so that a checkpoint short of an expert fails at open, naming the file and the
-tensor, not later in the one shard that loads the expert."""
+"""Every routed expert config.json gives an MoE layer is in the checkpoint, at the sizes it gives, checked when it is
+opened: per-expert gate/up/down tensors of each expert, or packed tensors of one row per expert. Only the safetensors
+headers and the index are read (no tensor data), so that a checkpoint short of an expert, or of other sizes, fails at
+open, naming the file and the tensor, not later in each load of the shards that read the expert."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+
+if TYPE_CHECKING:
+    from elasticmoe.model.names import ExpertRef
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts\.)\d+\.(?P<proj>\w+)\.weight$")
 _PROJS = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}  # Mixtral: w1, w3, w2
@@ -42,6 +46,31 @@ def check_experts(ckpt: Checkpoint, parts: dict[tuple[int, int], dict[str, str]]
                     name = f"{m.group('prefix')}{e}.{_PROJS[role][style]}.weight"
                     raise CheckpointError(f"{_where_missing(ckpt, sibling)}: no tensor {name!r} (the {role} weight of "
                                           f"expert {e} of layer {layer}; config.json gives it {num_experts} experts)")
+
+
+def check_expert_shapes(ckpt: Checkpoint, refs: dict[tuple[int, int], ExpertRef], hidden: int, inter: int) -> None:
+    """Each routed expert's weights in `refs` ((layer, expert) -> where they are) at config.json's hidden size H and
+    expert intermediate size I, as ExpertStore reads them: per-expert gate and up [I, H], down [H, I]; a packed row
+    [2I, H] and [H, I], or either stored [in, out]. Without it a shard opened such a checkpoint and only each of its
+    loads failed (transformers refuses it: `ignore_mismatched_sizes`). Gated-SiLU experts only: GPT-OSS's (biases,
+    MXFP4 blocks) are checked as they are read (model.expert_math)."""
+    rows = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter), "gate_up": (2 * inter, hidden)}
+    seen: set[str] = set()  # a packed tensor is every expert's of its layer: checked once
+    for _, ref in sorted(refs.items()):
+        packed = ref.gate_up is not None
+        for role in ("gate_up", "down") if packed else ("gate", "up", "down"):
+            name, want = getattr(ref, role), rows[role]
+            if name in seen:
+                continue
+            seen.add(name)
+            shape = ckpt.shape(name)
+            got = shape[1:] if packed else shape
+            if got != want and not (packed and got == want[::-1]):
+                what = f"{list(shape)}: rows of {list(got)}" if packed else list(shape)
+                wanted = f"{list(want)} (or {list(want[::-1])})" if packed else list(want)
+                raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} is {what}, but config.json makes it {wanted} "
+                                      f"(hidden size {hidden}, expert intermediate size {inter}; transformers refuses "
+                                      "it)")
 
 
 def _where_missing(ckpt: Checkpoint, sibling: str) -> Path:

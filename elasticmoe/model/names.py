@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
-from elasticmoe.model.expert_check import check_experts
+from elasticmoe.model.expert_check import check_expert_shapes, check_experts
 from elasticmoe.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,8 @@ class WeightNames:
                     raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed down_proj but no gate_up_proj")
                 self.experts[(layer, e)] = ExpertRef(p["gate"], p["up"], p["down"])
             self.used.update(p.values())
+        if self.spec.moe.expert_act == "silu":
+            check_expert_shapes(self.ckpt, self.experts, self.spec.hidden_size, self.spec.moe.intermediate_size)
 
     def _first(self, *names: str) -> str | None:
         name = next((n for n in names if n in self.ckpt), None)
