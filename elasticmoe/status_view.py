@@ -17,13 +17,22 @@ def to_json(st: dict) -> str:
 
 
 def health(s: dict) -> str:
-    """ok | loading (registered, experts not yet loaded) | dead (health checks failed) | unreach (healthy at the last
-    health check, but its stats call for this status failed: its counts are missing, not 0)."""
+    """ok | loading (registered, experts not yet loaded) | failed (registered, but its experts cannot be read from the
+    checkpoint: `load_error`; it tries again) | dead (health checks failed) | unreach (healthy at the last health
+    check, but its stats call for this status failed: its counts are missing, not 0)."""
     if not s.get("healthy", False):
         return "dead"
     if s.get("stats_error"):
         return "unreach"
-    return "ok" if s.get("ready", False) else "loading"
+    if s.get("ready", False):
+        return "ok"
+    return "failed" if s.get("load_error") else "loading"
+
+
+def load_errors(st: dict) -> list[str]:
+    """One line per shard that cannot load its experts: its id and why (the file and the tensor)."""
+    return [f"shard {s['id']} cannot load its experts: {s['load_error']}" for s in st.get("shards", [])
+            if s.get("load_error") and not s.get("ready", False)]
 
 
 def bar(value: float, top: float, width: int) -> str:
@@ -125,9 +134,13 @@ def event_line(ev: dict) -> str:
 
 def render(st: dict, prev: dict | None = None, dt: float | None = None, *, bar_width: int = 30,
            events: int = 6) -> str:
-    """The status as text: header, shard table with load bars, hottest experts, the last `events` events.
+    """The status as text: header, shard table with load bars, the shards that cannot load their experts and why,
+    hottest experts, the last `events` events.
     With `prev` (the status `dt` seconds earlier), bars, tokens/s and hottest experts cover that interval."""
     lines = header(st) + [""] + shard_rows(st, prev, dt, bar_width)
+    errors = load_errors(st)
+    if errors:
+        lines += [""] + errors
     hot = hottest(st, prev)
     since = f" (last {dt:.0f}s)" if prev is not None and dt else ""
     lines += ["", f"hottest experts{since}: {hot or '-'}"]

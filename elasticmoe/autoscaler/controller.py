@@ -150,6 +150,18 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
                 await self._grow()
         return self.registry.version
 
+    async def plan_failed(self, shard_id: str, error: str) -> None:
+        """A registered shard could not load its plan: the checkpoint cannot give some of its experts (the error names
+        the file and the tensor). It tries again with a backoff; its status shows the error until it gets ready, and
+        the events and the log record it once per message, not once per try."""
+        self._start()
+        info = self.registry.shards.get(shard_id)
+        if info is None or info.load_error == error:
+            return
+        info.load_error = error
+        self._event("plan_failed", shard=shard_id, error=error[:300])
+        log.error("shard %s cannot load its experts (it tries again with a backoff): %s", shard_id, error)
+
     async def _hold_assignment(self, info: ShardInfo) -> None:
         """Make a shard about to be published hold exactly its position's assignment. The plan it loaded may be
         stale: a change committed meanwhile loaded copies onto it (which dropping what that plan does not name

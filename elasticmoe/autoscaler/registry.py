@@ -21,6 +21,7 @@ class ShardInfo:
     healthy: bool = True  # answered its last health check
     registered_at: float = field(default_factory=time.monotonic)
     seen: int = 0  # bumped when it answers as itself again or moves: a probe's verdict from before is stale
+    load_error: str | None = None  # why its plan could not be loaded (Controller.plan_failed), until it gets ready
 
     def found_good(self) -> None:
         self.seen += 1
@@ -93,6 +94,7 @@ class Registry:
         if shard_id not in self.shards:
             return False
         self.shards[shard_id].ready = self.shards[shard_id].healthy = True
+        self.shards[shard_id].load_error = None
         self.shards[shard_id].found_good()
         return True
 

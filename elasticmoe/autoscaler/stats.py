@@ -42,6 +42,8 @@ class StatsKeeper:
                      # experts of which it holds the only live copy: lost with this shard (none held if not live)
                      "sole_copies": sum(1 for l, e in mine if copies[l, e] == 1) if s.shard_id in live else 0,
                      "utilization": self.load.utilization.get(s.shard_id, 0.0), **answer}
+            if s.load_error:  # its plan's experts cannot be read (Controller.plan_failed): it is not ready
+                entry["load_error"] = s.load_error
             shards.append(entry)
         return {"version": self.registry.version, "complete": self.registry.complete(), "shards": shards,
                 "num_shards": p.num_shards, "desired_shards": self.desired, "recovering": self.recovering,

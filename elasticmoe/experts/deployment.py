@@ -12,9 +12,12 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from elasticmoe.config import AppArgs
+from elasticmoe.experts.placement_calls import PlanUnreadable
 from elasticmoe.heap import freeze_startup_heap
 
 log = logging.getLogger("elasticmoe.shard")
+PLAN_RETRY_S = 1.0  # the first wait before a registration plan the checkpoint could not give is tried again
+PLAN_RETRY_MAX_S = 30.0  # the wait doubles with each failure in a row up to this (a repaired file is read then)
 CONTROLLER_PROBE_S = 5.0  # how long a stopping shard waits for the controller to show it is there
 STOP_GRACE_S = 2.0  # the calls in flight when a shard stops get this long to be answered
 
@@ -40,6 +43,9 @@ def _replica_id() -> str:
 @serve.deployment(max_ongoing_requests=100, health_check_period_s=2, health_check_timeout_s=10)
 class ExpertShard:
     """Holds a share of the experts; the gateway calls its gRPC server directly (not through Serve)."""
+
+    load_error: str | None = None  # why the last try of the registration plan could not read its experts
+    plan_failures = 0  # those tries in a row
 
     def __init__(self, args: dict, controller):
         from elasticmoe.experts.shard_server import start_server
@@ -78,7 +84,9 @@ class ExpertShard:
     def _register(self) -> None:
         """Announce to the controller, load the assigned experts, report ready (retrying while it starts), until
         registered or stopping. A retry drops what its plan does not name only while the controller has not
-        published this shard yet."""
+        published this shard yet. A plan the checkpoint cannot give (experts.placement_calls.PlanUnreadable) is the
+        same on every try until its files are repaired: reported to the controller (its status) and logged as an error
+        naming the file and the tensor, then tried again after a backoff (_plan_failed)."""
         for attempt in range(600):
             if self.stopping:
                 return
@@ -88,9 +96,14 @@ class ExpertShard:
                 t0 = time.perf_counter()
                 # an earlier attempt's plan is dropped, unless published: gateways may route to extras (dropped
                 # after acks); under the servicer's placement lock, as the controller's LoadExperts / DropExperts
-                nbytes = self.servicer.apply_plan(plan["experts"], plan["version"], not plan.get("published"))
+                try:
+                    nbytes = self.servicer.apply_plan(plan["experts"], plan["version"], not plan.get("published"))
+                except PlanUnreadable as e:
+                    self._plan_failed(e)
+                    continue
                 log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
                          nbytes / 1e6, time.perf_counter() - t0)
+                self.load_error, self.plan_failures = None, 0
                 with self._ready_lock:  # a stop now waits for this answer, and drains what it published
                     if self.stopping:
                         return
@@ -101,6 +114,23 @@ class ExpertShard:
                 self.error = e
                 log.warning("shard %s: registration attempt %d failed: %s", self.shard_id, attempt, e)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
+
+    def _plan_failed(self, e: PlanUnreadable) -> None:
+        """The plan's experts cannot be read: tell the controller (shown by `elasticmoe status` until this shard gets
+        ready), log it, and wait PLAN_RETRY_S, doubling with each failure in a row up to PLAN_RETRY_MAX_S (a stop
+        ends the wait). The file may be repaired meanwhile: a later try reads it."""
+        self.error, self.load_error = e, str(e)
+        self.plan_failures += 1
+        wait = min(PLAN_RETRY_S * 2 ** (self.plan_failures - 1), PLAN_RETRY_MAX_S)
+        log.error("shard %s cannot load its experts (try %d; next in %.1f s): %s", self.shard_id, self.plan_failures,
+                  wait, e)
+        try:
+            self.controller.plan_failed.remote(self.shard_id, self.load_error).result(timeout_s=10)
+        except Exception as report:  # noqa: BLE001 - a restarting controller hears it at the next failure
+            log.warning("shard %s: reporting the failed load to the controller failed: %s", self.shard_id, report)
+        deadline = time.monotonic() + wait
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _heartbeats(self) -> None:
         """Check in every second: follow the desired shard count; a controller that no longer knows this shard
@@ -127,6 +157,9 @@ class ExpertShard:
         if self.evicted:
             raise RuntimeError(self.evicted)
         if not self.registered.is_set() and time.monotonic() - self.started > 600:
+            if self.load_error:  # a new replica opens the checkpoint again: a file replaced by another is read then
+                raise RuntimeError(f"cannot load its experts after 600 s ({self.plan_failures} tries in a row): "
+                                   f"{self.load_error}")
             raise RuntimeError(f"not registered with the controller after 600 s: {self.error}")
 
     async def inject_faults(self, **faults) -> dict:
@@ -138,7 +171,7 @@ class ExpertShard:
 
     async def info(self) -> dict:
         return {"shard_id": self.shard_id, "address": self.address, "held": len(self.store.held()), "pid": os.getpid(),
-                "registered": self.registered.is_set()}
+                "registered": self.registered.is_set(), "load_error": self.load_error}
 
     def _stop_registering(self) -> None:
         """No registration attempt and no ready() after this: one in flight is answered first."""

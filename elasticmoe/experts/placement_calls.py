@@ -10,12 +10,18 @@ from contextlib import contextmanager
 import grpc
 
 from elasticmoe.experts.errors import placement_code
+from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.experts import ExpertStore, LoadStopped
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import frames
 
 log = logging.getLogger(__name__)
 PLACEMENT_CALLS = 4  # LoadExperts / DropExperts running or waiting at once, at most (each holds a server worker)
+
+
+class PlanUnreadable(CheckpointError):
+    """A registration plan that names experts the checkpoint cannot give (apply_plan): the same on every try until
+    the files are repaired."""
 
 
 class PlacementCalls:
@@ -95,12 +101,31 @@ class PlacementCalls:
 
     def apply_plan(self, experts: list[tuple[int, int]], version: int, drop_others: bool) -> int:
         """A registration plan (experts.deployment), applied as LoadExperts / DropExperts are, one at a time with them
-        (their counts stay their own): first, if `drop_others`, drop what the plan does not name; then load it.
-        The placement version becomes `version` unless a newer one arrived already. Returns the bytes read."""
+        (their counts stay their own): first, if `drop_others`, drop what the plan does not name; then load it, layer
+        by layer. The placement version becomes `version` unless a newer one arrived already. Returns the bytes read.
+
+        A layer whose experts the checkpoint cannot give (FAILED_PRECONDITION: errors.placement_code) is left out and
+        the others loaded: they stay held, so a retry of the plan reads only the layers that failed (the shard is in
+        no table until the whole plan is held). Then the first such error is raised (PlanUnreadable), naming its file
+        and tensor and the other layers that failed; any other failure (out of memory) is raised at once."""
         with self._placement:
             if drop_others:
                 want = {(l, e) for l, e in experts}
                 self.store.drop(set(self.store.held()) - want)
-            nbytes = self.store.load(experts)
+            by_layer: dict[int, list[tuple[int, int]]] = {}
+            for l, e in experts:
+                by_layer.setdefault(l, []).append((l, e))
+            nbytes, failed = 0, []
+            for layer, pairs in sorted(by_layer.items()):
+                try:
+                    nbytes += self.store.load(pairs)
+                except Exception as e:
+                    if placement_code(e) != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+                    failed.append((layer, e))
+            if failed:
+                (layer, first), others = failed[0], [l for l, _ in failed[1:]]
+                more = f"; layers {others} failed too" if others else ""
+                raise PlanUnreadable(f"layer {layer}: {first}{more}") from first
             self.placement_version = max(self.placement_version, version)
             return nbytes

@@ -1,0 +1,140 @@
+"""An expert shard whose registration plan names experts the checkpoint cannot give (a file truncated after the shard
+opened it): the error, naming the file and the tensor, reaches the controller's status, the log and the replica's
+health at once; the plan is tried again with a backoff, not 600 times; the layers that loaded stay held; the file
+repaired, a later try loads the rest and the shard gets ready. A real replica (ExpertShard's own start, its gRPC
+server) and a real controller on an event loop thread, over a sharded tiny checkpoint. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+import torch
+
+from elasticmoe import status_view
+from elasticmoe.autoscaler.record import GcsRecord
+from elasticmoe.experts import deployment
+from elasticmoe.experts.deployment import ExpertShard
+from elasticmoe.model.tiny import make_tiny_model
+from tests.controller_util import ControllerImpl, _args, _LoopHandle
+
+E = 8
+BROKEN = "model.layers.1.block_sparse_moe.experts.0.w2.weight"  # its file holds layer 1's w2 of every expert
+
+
+class _Shard(ExpertShard.func_or_class):
+    def __del__(self):  # Serve awaits the real one when it stops a replica; the test stops this one itself
+        pass
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """(a sharded tiny checkpoint, a real controller of one shard over it on an event loop thread, that loop)."""
+    path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E, max_shard_size="100KB")
+    GcsRecord("default").clear()
+    threads = torch.get_num_threads()  # the replica sets its process's torch threads (shard_resources.num_cpus)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="controller-loop", daemon=True)
+    runner.start()
+
+    async def make():
+        return ControllerImpl(_args(str(path), num_shards=1))
+
+    ctrl = asyncio.run_coroutine_threadsafe(make(), loop).result(60)
+    yield path, ctrl, loop
+    for task in list(ctrl._tasks):
+        loop.call_soon_threadsafe(task.cancel)
+    loop.call_soon_threadsafe(loop.stop)
+    runner.join(10)
+    torch.set_num_threads(threads)
+
+
+def _on(loop, coro, timeout: float = 30.0):
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _errors(caplog, logger: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == logger and r.levelno >= logging.ERROR]
+
+
+def _started_then_broken(path, ctrl, loop):
+    """A replica started over `path` (its checkpoint opened), then BROKEN's file cut short before its plan is loaded
+    (the controller's lock held meanwhile: its registration waits). Returns (replica, the file, its bytes)."""
+    held, release = threading.Event(), threading.Event()
+
+    async def hold():
+        async with ctrl._start():
+            held.set()
+            await asyncio.to_thread(release.wait, 30)
+
+    holding = asyncio.run_coroutine_threadsafe(hold(), loop)
+    assert held.wait(30)
+    try:
+        replica = _Shard(_args(str(path), num_shards=1), _LoopHandle(ctrl, loop))
+        file = replica.store.ckpt.file_of(BROKEN)
+        data = file.read_bytes()
+        file.write_bytes(data[:-100])  # an interrupted copy: the header whole, the last tensor cut
+    finally:
+        release.set()
+        holding.result(30)
+    return replica, file, data
+
+
+def test_an_unreadable_plan_is_reported_backs_off_and_a_repaired_file_is_read(cluster, monkeypatch, caplog):
+    """Before: each try failed with a warning like the controller's start-up ('registration attempt 7 failed'), up to
+    600 tries every 2 s, each reading the whole plan again; the controller showed the shard 'loading', nothing else,
+    and Serve's health check said so only after 600 s."""
+    path, ctrl, loop = cluster
+    # the backoff's schedule, shortened: 0.2, 0.4, 0.8, 0.8 s
+    monkeypatch.setattr(deployment, "PLAN_RETRY_S", 0.2, raising=False)
+    monkeypatch.setattr(deployment, "PLAN_RETRY_MAX_S", 0.8, raising=False)
+    caplog.set_level(logging.INFO)
+    layer0, layer1 = ctrl.moe_layers  # BROKEN's layer is the second
+    replica, file, data = _started_then_broken(path, ctrl, loop)
+    try:
+        _wait(lambda: len(_errors(caplog, "elasticmoe.shard")) >= 4, 30, "four failed tries of the plan, each an error")
+        fails = _errors(caplog, "elasticmoe.shard")
+        assert all(file.name in r.getMessage() and BROKEN in r.getMessage() for r in fails)
+        gaps = [b.created - a.created for a, b in zip(fails, fails[1:4])]
+        assert gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[2] >= 0.8, gaps  # each wait twice the last, up to the cap
+        assert not replica.registered.is_set()
+        assert replica.store.held() == [(layer0, e) for e in range(E)]  # the readable layer stays: retries read less
+
+        st = _on(loop, ctrl.status())
+        (entry,) = st["shards"]
+        assert not entry["ready"] and status_view.health(entry) == "failed"
+        assert file.name in entry["load_error"] and BROKEN in entry["load_error"] and f"layer {layer1}" in \
+            entry["load_error"]
+        assert f"shard {entry['id']} cannot load its experts: {entry['load_error']}" in status_view.render(st)
+        events = [e for e in st["events"] if e["event"] == "plan_failed"]
+        assert len(events) == 1 and events[0]["shard"] == replica.shard_id  # once, not once per try
+        ctrl_logs = _errors(caplog, "elasticmoe.controller")
+        assert len(ctrl_logs) == 1 and file.name in ctrl_logs[0].getMessage()
+        assert asyncio.run(replica.info())["load_error"] == entry["load_error"]
+        replica.started -= 601  # Serve's health check, past the start deadline: the checkpoint named, not the wait
+        with pytest.raises(RuntimeError, match=rf"cannot load its experts after 600 s \(\d+ tries in a row\): "
+                                               rf".*{file.name}.*{BROKEN}"):
+            replica.check_health()
+        replica.started += 601
+
+        file.write_bytes(data)  # repaired (the same bytes put back): a later try reads it
+        _wait(replica.registered.is_set, 30, "the shard ready once its file is repaired")
+        assert replica.store.held() == [(l, e) for l in (layer0, layer1) for e in range(E)]
+        (entry,) = _on(loop, ctrl.status())["shards"]
+        assert entry["ready"] and "load_error" not in entry and status_view.health(entry) == "ok"
+        assert asyncio.run(replica.info())["load_error"] is None
+        replica.check_health()
+    finally:
+        replica._stop_registering()
+        replica.server.stop(None)
