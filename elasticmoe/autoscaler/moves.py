@@ -133,6 +133,7 @@ class Mover:
         if r is None:
             return {"stats_error": "unreachable"}
         return {"tokens": sum(t.tokens for t in r.tokens), "calls": r.calls, "weight_bytes": r.weight_bytes,
+                "duplicate_tokens": sum(t.tokens for t in r.duplicates),  # of tokens: hedges, re-sends (stats.py)
                 "compute_s": r.compute_us / 1e6, "held": len(r.held),
                 "expert_tokens": [[t.layer, t.expert, t.tokens] for t in r.tokens]}
 

@@ -61,7 +61,7 @@ class StatsKeeper:
         stats, live = {}, self.registry.live()
         for s, st in zip(live, await asyncio.gather(*(self._stats(s.address) for s in live))):  # at once, as status
             if st is not None:
-                stats[s.shard_id] = ({(t.layer, t.expert): t.tokens for t in st.tokens}, _busy_s(st))
+                stats[s.shard_id] = (routed_demand(st), _busy_s(st))
         self.load.update(stats, self.layer_index, unread=[s.shard_id for s in live if s.shard_id not in stats])
         self._export(stats)
         if self.scale is not None:
@@ -92,6 +92,19 @@ class StatsKeeper:
         # live: answered GetStats; loading or spare: the health check; a shard no longer registered is dropped
         self.metrics.set_shard_health({s.shard_id: s.shard_id in stats if s.shard_id in live else s.healthy
                                        for s in self.registry.shards.values()})
+
+
+def routed_demand(st) -> dict[tuple[int, int], int]:
+    """A GetStats answer's routed demand, {(model layer, expert): token-slots}: its `tokens` (the work served) less
+    its `duplicates` (hedges and re-sends whose slots another call counted), so a slot the router assigned counts
+    once however many copies computed it. The per-expert load plans where copies go and how tokens are shared among
+    them: a hedge's second copy is not more demand for that expert (the time it took is in busy_us, which the shard
+    count follows). A shard that predates `duplicates` answers none: its tokens, hedges included."""
+    out = {(t.layer, t.expert): t.tokens for t in st.tokens}
+    for t in st.duplicates:
+        key = (t.layer, t.expert)
+        out[key] = out.get(key, 0) - t.tokens
+    return out
 
 
 def _busy_s(st) -> float:

@@ -193,7 +193,7 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
             t0 = time.perf_counter()
             (out,) = to_host(self.store.forward(request.layer, hidden, ids, weights, snap))  # [T, H]; waits for a GPU's
             us = int((time.perf_counter() - t0) * 1e6)
-        self.store.count(request.layer, routed, us)  # GetStats' counters: the calls served (proto)
+        self.store.count(request.layer, routed, us, request.duplicate)  # GetStats' counters: the calls served
         if self.faults.malformed_outputs > 0:
             self.faults.malformed_outputs -= 1
             out = out[:-1] if out.shape[0] else torch.zeros(1, out.shape[1])
@@ -202,10 +202,12 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
     def GetStats(self, request, context):
         st = self.store.stats()
         tokens = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(st.tokens.items())]
+        duplicates = [pb.ExpertTokens(layer=l, expert=e, tokens=n) for (l, e), n in sorted(st.duplicates.items())]
         return pb.GetStatsResponse(
             shard_id=self.shard_id, uptime_s=time.monotonic() - self.started, weight_bytes=st.weight_bytes,
             held=[pb.ExpertRef(layer=l, expert=e) for l, e in st.held], tokens=tokens, calls=st.calls,
-            compute_us=st.compute_us, busy_us=st.busy_us, placement_version=self.placement_version)
+            compute_us=st.compute_us, busy_us=st.busy_us, placement_version=self.placement_version,
+            duplicates=duplicates)
 
     def Health(self, request, context):
         return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version,

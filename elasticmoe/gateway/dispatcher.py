@@ -196,12 +196,14 @@ class GrpcDispatcher(ShardHealth):
         return ShortOfMemory(f"layer {layer}: no copy but on shards out of memory for this step ({said})")
 
     def send(self, table: RoutingTable, layer: int, shard: int, hidden: torch.Tensor, rows: torch.Tensor,
-             ids: torch.Tensor, weights: torch.Tensor) -> Call:
-        """Issue one shard's call on the fan-out pool: hidden [T, H], rows [T_s], ids/weights [T_s, k]."""
-        call = Call(table.shards[shard], table.addresses[shard], rows, ids)
+             ids: torch.Tensor, weights: torch.Tensor, duplicate: bool = False) -> Call:
+        """Issue one shard's call on the fan-out pool: hidden [T, H], rows [T_s], ids/weights [T_s, k]; `duplicate`:
+        another call counts these slots as routed demand (RunExpertsRequest.duplicate)."""
+        call = Call(table.shards[shard], table.addresses[shard], rows, ids, duplicate)
 
         def build() -> ExpertRequest:  # hidden in the model dtype; each transport encodes it its own way
-            return ExpertRequest(layer, hidden[rows], ids.to(torch.int32), weights.float(), table.version)
+            return ExpertRequest(layer, hidden[rows], ids.to(torch.int32), weights.float(), table.version,
+                                 duplicate=duplicate)
 
         outer: Future = Future()
         outer.set_running_or_notify_cancel()

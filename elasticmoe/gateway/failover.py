@@ -48,8 +48,10 @@ class Step:
             lost = (shard_of < 0) & (ids >= 0)
         return shard_of, lost
 
-    def _issue(self, table: RoutingTable, ids: torch.Tensor, shard_of: torch.Tensor) -> list[tuple[torch.Tensor, Call]]:
-        """One call per shard in shard_of [T, k] (-1: none): (the ids it covers [T, k], -1 elsewhere; the call)."""
+    def _issue(self, table: RoutingTable, ids: torch.Tensor, shard_of: torch.Tensor,
+               duplicate: bool = False) -> list[tuple[torch.Tensor, Call]]:
+        """One call per shard in shard_of [T, k] (-1: none): (the ids it covers [T, k], -1 elsewhere; the call), each
+        sent as a `duplicate` (its slots counted as routed demand elsewhere) if so."""
         out = []
         for s in shard_of.unique().tolist():
             if s < 0:
@@ -61,26 +63,28 @@ class Step:
             for part in [rows] if rows.numel() <= most else rows.split(most):  # each call within the message limit
                 part_ids = covered if part is rows else only_rows(covered, part)  # [T, k]
                 out.append((part_ids, self.d.send(table, self.layer, s, self.hidden, part, covered[part],
-                                                  self.weights[part])))
+                                                  self.weights[part], duplicate)))
         return out
 
     def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str],
-               busy: dict[str, float] | None = None) -> list[Group]:
+               busy: dict[str, float] | None = None, counted: bool = False) -> list[Group]:
         """Groups covering ids [T, k]: one per shard call, plus one waiting group for slots with no live copy.
-        `hard` are never asked; `busy` (shard -> until when) not before their time."""
+        `hard` are never asked; `busy` (shard -> until when) not before their time; `counted`: a shard counted these
+        slots already (Group.counted), so the calls are duplicates."""
         now, busy = time.perf_counter(), busy or {}
         shard_of, lost = self._route(table, ids, hard | {s for s, until in busy.items() if until > now})
         any_lost = bool(lost.any())
         if any_lost:
-            issued = self._issue(table, torch.where(lost, -1, ids), torch.where(lost, -1, shard_of))
+            issued = self._issue(table, torch.where(lost, -1, ids), torch.where(lost, -1, shard_of), counted)
         else:
-            issued = self._issue(table, ids, shard_of)
+            issued = self._issue(table, ids, shard_of, counted)
         groups = [Group(covered, [call]) for covered, call in issued]
         if any_lost:
             groups.append(Group(torch.where(lost, ids, -1), None))
         for g in groups:
             g.tried |= hard
             g.busy = dict(busy)
+            g.counted = counted
         return groups
 
     def start(self, table: RoutingTable) -> None:
@@ -116,6 +120,7 @@ class Step:
             why = f"shape {list(out.shape)} dtype {out.dtype}, want [{c.rows.numel()}, {self.hidden.shape[1]}]"
         if out is None or out.shape != (c.rows.numel(), self.hidden.shape[1]) or not out.is_floating_point():
             log.warning("shard %s answered layer %d malformed: %s", c.shard_id, self.layer, why)
+            g.counted |= not c.duplicate  # it computed (and counted) the group's slots: their re-sends are duplicates
             self._fail(g, attempt, c.shard_id, report=True)
             return
         c.output, c.compute_s = out, resp.compute_us / 1e6  # float64 from our shards
@@ -186,7 +191,7 @@ class Step:
             if g.winner is None and not g.live():
                 for ids, lacking in by_lacks(g):
                     hard = g.tried | self.dead | lacking
-                    fresh = self._split(table, ids, hard, g.busy)
+                    fresh = self._split(table, ids, hard, g.busy, g.counted)
                     if len(fresh) == 1 and not fresh[0].attempts:  # still nothing live: keep waiting
                         fresh[0].started = g.started
                     if not fresh[-1].attempts and self.short:  # the last: its slots with no live copy
@@ -217,8 +222,8 @@ class Step:
             if bool(lost.any()):
                 g.hedge_tried = (table.epoch, table.version)  # a re-home (controller) may add copies: try that table
                 continue
-            g.hedged = True
-            calls = [c for _, c in self._issue(table, g.ids, shard_of)]
+            g.hedged = True  # the straggler counts the slots as routed demand if it computes them, the hedge does not
+            calls = [c for _, c in self._issue(table, g.ids, shard_of, duplicate=True)]
             g.attempts.append(calls)
             self.d.hedges += 1
             if self.detected_s is None:

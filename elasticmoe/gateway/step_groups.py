@@ -12,12 +12,13 @@ from elasticmoe.gateway.routing import RoutingTable
 
 class Call:
     """One RunExperts call to a shard (its id and address): the rows [T_s] of the step it carries and their ids
-    [T_s, k] (-1 = not this call)."""
+    [T_s, k] (-1 = not this call); `duplicate`: sent marked so (a hedge, or a re-send of slots a shard counted)."""
 
-    __slots__ = ("shard_id", "address", "rows", "ids", "future", "sent_at", "done_at", "output", "compute_s")
+    __slots__ = ("shard_id", "address", "rows", "ids", "duplicate", "future", "sent_at", "done_at", "output",
+                 "compute_s")
 
-    def __init__(self, shard_id: str, address: str, rows: torch.Tensor, ids: torch.Tensor):
-        self.shard_id, self.address, self.rows, self.ids = shard_id, address, rows, ids
+    def __init__(self, shard_id: str, address: str, rows: torch.Tensor, ids: torch.Tensor, duplicate: bool = False):
+        self.shard_id, self.address, self.rows, self.ids, self.duplicate = shard_id, address, rows, ids, duplicate
         self.future: cf.Future | None = None
         self.sent_at = time.perf_counter()  # made just before it is sent (dispatcher.send): its round trip's start
         self.done_at = 0.0
@@ -38,6 +39,9 @@ class Group:
         self.busy: dict[str, float] = {}  # full shard -> perf_counter time before which it is not asked again
         self.started = time.perf_counter()
         self.hedged = False
+        # a shard counted these slots as routed demand (its call, not a duplicate, answered but could not be used:
+        # malformed): every call for them from now on is sent as a duplicate, so they count once
+        self.counted = False
         # (controller epoch, table version) of the table in which a hedge found no other copy: versions count within
         # one controller instance, so a restarted controller's table is another one even at the same number
         self.hedge_tried: tuple[str, int] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -39,6 +39,8 @@ class StoreStats:
     compute_us: int  # the sum of their compute_us
     tokens: dict[tuple[int, int], int]  # (layer, expert) -> token-slots those calls routed to it
     busy_us: int = 0  # time with at least one call computing (`computing`), the stretch running now included
+    # of `tokens`, those of calls marked duplicate (a hedge, a re-send: another call counts them as routed demand)
+    duplicates: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 class ExpertStore:
@@ -64,6 +66,7 @@ class ExpertStore:
         self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
         # the calls served (count()): GetStats' tokens, calls and compute_us, under _stats_lock
         self.tokens_served: dict[tuple[int, int], int] = {}
+        self.tokens_duplicate: dict[tuple[int, int], int] = {}  # of tokens_served, those of duplicate calls
         self.calls = 0
         self.compute_us = 0  # the sum of the calls' compute_us
         self.busy_s = 0.0  # finished stretches with at least one call computing (`computing`)
@@ -82,8 +85,9 @@ class ExpertStore:
         layers = list(self.layers.items())
         with self._stats_lock:
             calls, compute_us, tokens = self.calls, self.compute_us, dict(self.tokens_served)
+            duplicates = dict(self.tokens_duplicate)
             busy = self.busy_s + (time.perf_counter() - self._busy_from if self._computing else 0.0)
-        return StoreStats(_held(layers), _weight_bytes(layers), calls, compute_us, tokens, int(busy * 1e6))
+        return StoreStats(_held(layers), _weight_bytes(layers), calls, compute_us, tokens, int(busy * 1e6), duplicates)
 
     @contextmanager
     def computing(self) -> Iterator[None]:
@@ -292,14 +296,17 @@ class ExpertStore:
                                          COMBINE_DTYPE)
         return out
 
-    def count(self, layer: int, routed: dict[int, int], compute_us: int = 0) -> None:
-        """A call served (for stats): one more call, its tokens per expert (see `routed`) to tokens_served and the
+    def count(self, layer: int, routed: dict[int, int], compute_us: int = 0, duplicate: bool = False) -> None:
+        """A call served (for stats): one more call, its tokens per expert (see `routed`) to tokens_served (and to
+        tokens_duplicate for a `duplicate` call: a hedge or re-send whose slots another call counts as demand) and the
         microseconds its forward() took (as its answer says) to compute_us."""
         with self._stats_lock:
             self.calls += 1
             self.compute_us += compute_us
             for e, c in routed.items():
                 self.tokens_served[(layer, e)] = self.tokens_served.get((layer, e), 0) + c
+                if duplicate:
+                    self.tokens_duplicate[(layer, e)] = self.tokens_duplicate.get((layer, e), 0) + c
 
 
 def _held(layers: list[tuple[int, LayerExperts]]) -> list[tuple[int, int]]:

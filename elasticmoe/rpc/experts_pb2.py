@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65lasticmoe/rpc/experts.proto\x12\x16\x65lasticmoe.internal.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\xe3\x01\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12.\n\x06hidden\x18\x02 \x01(\x0b\x32\x1e.elasticmoe.internal.v1.Tensor\x12\x30\n\x08topk_ids\x18\x03 \x01(\x0b\x32\x1e.elasticmoe.internal.v1.Tensor\x12\x34\n\x0ctopk_weights\x18\x04 \x01(\x0b\x32\x1e.elasticmoe.internal.v1.Tensor\x12\x19\n\x11placement_version\x18\x05 \x01(\x03\x12\x0c\n\x04step\x18\x06 \x01(\x04\"\x84\x01\n\x12RunExpertsResponse\x12.\n\x06output\x18\x01 \x01(\x0b\x32\x1e.elasticmoe.internal.v1.Tensor\x12\x12\n\ncompute_us\x18\x02 \x01(\x04\x12\x0f\n\x07missing\x18\x03 \x03(\x05\x12\x19\n\x11placement_version\x18\x04 \x01(\x03\"+\n\x0b\x45xpertFrame\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x12\r\n\x05\x61lign\x18\x0f \x01(\r\"c\n\x12LoadExpertsRequest\x12\x32\n\x07\x65xperts\x18\x01 \x03(\x0b\x32!.elasticmoe.internal.v1.ExpertRef\x12\x19\n\x11placement_version\x18\x02 \x01(\x03\"c\n\x13LoadExpertsResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_held\x18\x03 \x01(\x04\x12\x19\n\x11placement_version\x18\x04 \x01(\x03\"c\n\x12\x44ropExpertsRequest\x12\x32\n\x07\x65xperts\x18\x01 \x03(\x0b\x32!.elasticmoe.internal.v1.ExpertRef\x12\x19\n\x11placement_version\x18\x02 \x01(\x03\"d\n\x13\x44ropExpertsResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_held\x18\x03 \x01(\x04\x12\x19\n\x11placement_version\x18\x04 \x01(\x03\"\x11\n\x0fGetStatsRequest\"=\n\x0c\x45xpertTokens\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x93\x02\n\x10GetStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12/\n\x04held\x18\x04 \x03(\x0b\x32!.elasticmoe.internal.v1.ExpertRef\x12\x34\n\x06tokens\x18\x05 \x03(\x0b\x32$.elasticmoe.internal.v1.ExpertTokens\x12\r\n\x05\x63\x61lls\x18\x06 \x01(\x04\x12\x12\n\ncompute_us\x18\x07 \x01(\x04\x12\x19\n\x11placement_version\x18\x08 \x01(\x03\x12\x14\n\x07\x62usy_us\x18\t \x01(\x04H\x00\x88\x01\x01\x42\n\n\x08_busy_us\"\x0f\n\rHealthRequest\"x\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x19\n\x11placement_version\x18\x03 \x01(\x03\x12\x12\n\nframe_port\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x32\xdc\x04\n\x0b\x45xpertShard\x12\x63\n\nRunExperts\x12).elasticmoe.internal.v1.RunExpertsRequest\x1a*.elasticmoe.internal.v1.RunExpertsResponse\x12`\n\x10RunExpertsStream\x12#.elasticmoe.internal.v1.ExpertFrame\x1a#.elasticmoe.internal.v1.ExpertFrame(\x01\x30\x01\x12\x66\n\x0bLoadExperts\x12*.elasticmoe.internal.v1.LoadExpertsRequest\x1a+.elasticmoe.internal.v1.LoadExpertsResponse\x12\x66\n\x0b\x44ropExperts\x12*.elasticmoe.internal.v1.DropExpertsRequest\x1a+.elasticmoe.internal.v1.DropExpertsResponse\x12]\n\x08GetStats\x12\'.elasticmoe.internal.v1.GetStatsRequest\x1a(.elasticmoe.internal.v1.GetStatsResponse\x12W\n\x06Health\x12%.elasticmoe.internal.v1.HealthRequest\x1a&.elasticmoe.internal.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65lasticmoe/rpc/experts.proto\x12\x16\x65lasticmoe.internal.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\xf6\x01\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12.\n\x06hidden\x18\x02 \x01(\x0b\x32\x1e.elasticmoe.internal.v1.Tensor\x12\x30\n\x08topk_ids\x18\x03 \x01(\x0b\x32\x1e.elasticmoe.internal.v1.Tensor\x12\x34\n\x0ctopk_weights\x18\x04 \x01(\x0b\x32\x1e.elasticmoe.internal.v1.Tensor\x12\x19\n\x11placement_version\x18\x05 \x01(\x03\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x11\n\tduplicate\x18\x07 \x01(\x08\"\x84\x01\n\x12RunExpertsResponse\x12.\n\x06output\x18\x01 \x01(\x0b\x32\x1e.elasticmoe.internal.v1.Tensor\x12\x12\n\ncompute_us\x18\x02 \x01(\x04\x12\x0f\n\x07missing\x18\x03 \x03(\x05\x12\x19\n\x11placement_version\x18\x04 \x01(\x03\"+\n\x0b\x45xpertFrame\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x12\r\n\x05\x61lign\x18\x0f \x01(\r\"c\n\x12LoadExpertsRequest\x12\x32\n\x07\x65xperts\x18\x01 \x03(\x0b\x32!.elasticmoe.internal.v1.ExpertRef\x12\x19\n\x11placement_version\x18\x02 \x01(\x03\"c\n\x13LoadExpertsResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_held\x18\x03 \x01(\x04\x12\x19\n\x11placement_version\x18\x04 \x01(\x03\"c\n\x12\x44ropExpertsRequest\x12\x32\n\x07\x65xperts\x18\x01 \x03(\x0b\x32!.elasticmoe.internal.v1.ExpertRef\x12\x19\n\x11placement_version\x18\x02 \x01(\x03\"d\n\x13\x44ropExpertsResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_held\x18\x03 \x01(\x04\x12\x19\n\x11placement_version\x18\x04 \x01(\x03\"\x11\n\x0fGetStatsRequest\"=\n\x0c\x45xpertTokens\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\xcd\x02\n\x10GetStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12/\n\x04held\x18\x04 \x03(\x0b\x32!.elasticmoe.internal.v1.ExpertRef\x12\x34\n\x06tokens\x18\x05 \x03(\x0b\x32$.elasticmoe.internal.v1.ExpertTokens\x12\r\n\x05\x63\x61lls\x18\x06 \x01(\x04\x12\x12\n\ncompute_us\x18\x07 \x01(\x04\x12\x19\n\x11placement_version\x18\x08 \x01(\x03\x12\x14\n\x07\x62usy_us\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x38\n\nduplicates\x18\n \x03(\x0b\x32$.elasticmoe.internal.v1.ExpertTokensB\n\n\x08_busy_us\"\x0f\n\rHealthRequest\"x\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x19\n\x11placement_version\x18\x03 \x01(\x03\x12\x12\n\nframe_port\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x32\xdc\x04\n\x0b\x45xpertShard\x12\x63\n\nRunExperts\x12).elasticmoe.internal.v1.RunExpertsRequest\x1a*.elasticmoe.internal.v1.RunExpertsResponse\x12`\n\x10RunExpertsStream\x12#.elasticmoe.internal.v1.ExpertFrame\x1a#.elasticmoe.internal.v1.ExpertFrame(\x01\x30\x01\x12\x66\n\x0bLoadExperts\x12*.elasticmoe.internal.v1.LoadExpertsRequest\x1a+.elasticmoe.internal.v1.LoadExpertsResponse\x12\x66\n\x0b\x44ropExperts\x12*.elasticmoe.internal.v1.DropExpertsRequest\x1a+.elasticmoe.internal.v1.DropExpertsResponse\x12]\n\x08GetStats\x12\'.elasticmoe.internal.v1.GetStatsRequest\x1a(.elasticmoe.internal.v1.GetStatsResponse\x12W\n\x06Health\x12%.elasticmoe.internal.v1.HealthRequest\x1a&.elasticmoe.internal.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTREF']._serialized_start=110
   _globals['_EXPERTREF']._serialized_end=152
   _globals['_RUNEXPERTSREQUEST']._serialized_start=155
-  _globals['_RUNEXPERTSREQUEST']._serialized_end=382
-  _globals['_RUNEXPERTSRESPONSE']._serialized_start=385
-  _globals['_RUNEXPERTSRESPONSE']._serialized_end=517
-  _globals['_EXPERTFRAME']._serialized_start=519
-  _globals['_EXPERTFRAME']._serialized_end=562
-  _globals['_LOADEXPERTSREQUEST']._serialized_start=564
-  _globals['_LOADEXPERTSREQUEST']._serialized_end=663
-  _globals['_LOADEXPERTSRESPONSE']._serialized_start=665
-  _globals['_LOADEXPERTSRESPONSE']._serialized_end=764
-  _globals['_DROPEXPERTSREQUEST']._serialized_start=766
-  _globals['_DROPEXPERTSREQUEST']._serialized_end=865
-  _globals['_DROPEXPERTSRESPONSE']._serialized_start=867
-  _globals['_DROPEXPERTSRESPONSE']._serialized_end=967
-  _globals['_GETSTATSREQUEST']._serialized_start=969
-  _globals['_GETSTATSREQUEST']._serialized_end=986
-  _globals['_EXPERTTOKENS']._serialized_start=988
-  _globals['_EXPERTTOKENS']._serialized_end=1049
-  _globals['_GETSTATSRESPONSE']._serialized_start=1052
-  _globals['_GETSTATSRESPONSE']._serialized_end=1327
-  _globals['_HEALTHREQUEST']._serialized_start=1329
-  _globals['_HEALTHREQUEST']._serialized_end=1344
-  _globals['_HEALTHRESPONSE']._serialized_start=1346
-  _globals['_HEALTHRESPONSE']._serialized_end=1466
-  _globals['_EXPERTSHARD']._serialized_start=1469
-  _globals['_EXPERTSHARD']._serialized_end=2073
+  _globals['_RUNEXPERTSREQUEST']._serialized_end=401
+  _globals['_RUNEXPERTSRESPONSE']._serialized_start=404
+  _globals['_RUNEXPERTSRESPONSE']._serialized_end=536
+  _globals['_EXPERTFRAME']._serialized_start=538
+  _globals['_EXPERTFRAME']._serialized_end=581
+  _globals['_LOADEXPERTSREQUEST']._serialized_start=583
+  _globals['_LOADEXPERTSREQUEST']._serialized_end=682
+  _globals['_LOADEXPERTSRESPONSE']._serialized_start=684
+  _globals['_LOADEXPERTSRESPONSE']._serialized_end=783
+  _globals['_DROPEXPERTSREQUEST']._serialized_start=785
+  _globals['_DROPEXPERTSREQUEST']._serialized_end=884
+  _globals['_DROPEXPERTSRESPONSE']._serialized_start=886
+  _globals['_DROPEXPERTSRESPONSE']._serialized_end=986
+  _globals['_GETSTATSREQUEST']._serialized_start=988
+  _globals['_GETSTATSREQUEST']._serialized_end=1005
+  _globals['_EXPERTTOKENS']._serialized_start=1007
+  _globals['_EXPERTTOKENS']._serialized_end=1068
+  _globals['_GETSTATSRESPONSE']._serialized_start=1071
+  _globals['_GETSTATSRESPONSE']._serialized_end=1404
+  _globals['_HEALTHREQUEST']._serialized_start=1406
+  _globals['_HEALTHREQUEST']._serialized_end=1421
+  _globals['_HEALTHRESPONSE']._serialized_start=1423
+  _globals['_HEALTHRESPONSE']._serialized_end=1543
+  _globals['_EXPERTSHARD']._serialized_start=1546
+  _globals['_EXPERTSHARD']._serialized_end=2150
 # @@protoc_insertion_point(module_scope)

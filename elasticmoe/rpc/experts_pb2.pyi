@@ -25,20 +25,22 @@ class ExpertRef(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class RunExpertsRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "topk_ids", "topk_weights", "placement_version", "step")
+    __slots__ = ("layer", "hidden", "topk_ids", "topk_weights", "placement_version", "step", "duplicate")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     TOPK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOPK_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
     topk_ids: Tensor
     topk_weights: Tensor
     placement_version: int
     step: int
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_weights: _Optional[_Union[Tensor, _Mapping]] = ..., placement_version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_weights: _Optional[_Union[Tensor, _Mapping]] = ..., placement_version: _Optional[int] = ..., step: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
     __slots__ = ("output", "compute_us", "missing", "placement_version")
@@ -115,7 +117,7 @@ class ExpertTokens(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("shard_id", "uptime_s", "weight_bytes", "held", "tokens", "calls", "compute_us", "placement_version", "busy_us")
+    __slots__ = ("shard_id", "uptime_s", "weight_bytes", "held", "tokens", "calls", "compute_us", "placement_version", "busy_us", "duplicates")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class GetStatsResponse(_message.Message):
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUSY_US_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     uptime_s: float
     weight_bytes: int
@@ -134,7 +137,8 @@ class GetStatsResponse(_message.Message):
     compute_us: int
     placement_version: int
     busy_us: int
-    def __init__(self, shard_id: _Optional[str] = ..., uptime_s: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., held: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., calls: _Optional[int] = ..., compute_us: _Optional[int] = ..., placement_version: _Optional[int] = ..., busy_us: _Optional[int] = ...) -> None: ...
+    duplicates: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
+    def __init__(self, shard_id: _Optional[str] = ..., uptime_s: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., held: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., calls: _Optional[int] = ..., compute_us: _Optional[int] = ..., placement_version: _Optional[int] = ..., busy_us: _Optional[int] = ..., duplicates: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

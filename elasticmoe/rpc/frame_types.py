@@ -36,6 +36,7 @@ class Request(NamedTuple):
     hidden: WireTensor
     topk_ids: WireTensor
     topk_weights: WireTensor
+    duplicate: bool = False  # the DUPLICATE flag (RunExpertsRequest.duplicate)
 
 
 class Reply(NamedTuple):
@@ -62,12 +63,14 @@ class ExpertRequest(NamedTuple):
     topk_weights: torch.Tensor  # [T, k] float32
     placement_version: int = 0
     step: int = 0
+    duplicate: bool = False  # a hedge or a re-send whose slots another call counts (RunExpertsRequest.duplicate)
 
     def to_proto(self) -> pb.RunExpertsRequest:
         return pb.RunExpertsRequest(layer=self.layer, hidden=encode_tensor(self.hidden),
                                     topk_ids=encode_tensor(self.topk_ids),
                                     topk_weights=encode_tensor(self.topk_weights),
-                                    placement_version=self.placement_version, step=self.step)
+                                    placement_version=self.placement_version, step=self.step,
+                                    duplicate=self.duplicate)
 
 
 AnyRequest = Union[ExpertRequest, pb.RunExpertsRequest]

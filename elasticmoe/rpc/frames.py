@@ -5,7 +5,8 @@ field 1's tag and its length as a 5-byte varint, so the payload starts 8-aligned
 readers take any encoding of ExpertFrame (other writers' cost one parse copy).
 Payload layout (experts.proto documents the same):
 
-    HEADER (40 bytes)  magic "EMF1", kind (1 request, 2 reply), flags (0), tensor count, 1 pad byte,
+    HEADER (40 bytes)  magic "EMF1", kind (1 request, 2 reply), flags (request: DUPLICATE; else 0), tensor count,
+                       1 pad byte,
                        id u64, layer (request) or status code (reply) i32, error text length u32,
                        placement_version i64, step (request) or compute_us (reply) u64
     DESC x count       (24 bytes each) dtype code u8, ndim u8 (0..2), 6 pad bytes, dim0 i64, dim1 i64
@@ -33,6 +34,7 @@ from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
 
 MAGIC = b"EMF1"
 REQUEST, REPLY = 1, 2
+DUPLICATE = 1  # a request's flags bit: RunExpertsRequest.duplicate (readers that predate it ignore the flags)
 HEADER = struct.Struct("<4sBBBxQiIqQ")
 DESC = struct.Struct("<BB6xqq")
 _PREFIX = 8  # align = 0 (2 bytes), field 1's tag, its length as a 5-byte varint
@@ -86,16 +88,18 @@ def _varint5(size: int) -> bytes:
                           size >> 21 & 0x7F | 0x80, size >> 28 & 0x7F))
 
 
-def _frame(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list) -> bytes:
+def _frame(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list,
+           flags: int = 0) -> bytes:
     """Prefix, header, descriptors, text and tensor bytes joined into one bytes object (the payload's one copy)."""
-    return b"".join(_parts(kind, frame_id, word, text, version, last, tensors))
+    return b"".join(_parts(kind, frame_id, word, text, version, last, tensors, flags))
 
 
-def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list) -> list:
+def _parts(kind: int, frame_id: int, word: int, text: bytes, version: int, last: int, tensors: list,
+           flags: int = 0) -> list:
     """A frame as a list of byte buffers: prefix + header + descriptors + text in one, then each tensor's bytes
     (views of the tensors: no copy yet) and its padding where it needs some. (The hot path of every call, both
     ways: a plain contiguous CPU tensor is read inline, anything else through _raw.)"""
-    fields = [MAGIC, kind, 0, len(tensors), frame_id, word, len(text), version, last]
+    fields = [MAGIC, kind, flags, len(tensors), frame_id, word, len(text), version, last]
     body, keep, size = [], [], 0
     for t in tensors:
         if type(t) is torch.Tensor and (code := _TORCH_CODE.get(t.dtype)) is not None and t.is_cpu \
@@ -146,7 +150,8 @@ def request_parts(frame_id: int, req: AnyRequest) -> list:
         tensors = [req.hidden, req.topk_ids, req.topk_weights]
     else:
         tensors = [WireTensor(m.data, m.dtype, tuple(m.shape)) for m in (req.hidden, req.topk_ids, req.topk_weights)]
-    return _parts(REQUEST, frame_id, req.layer, b"", req.placement_version, req.step, tensors)
+    return _parts(REQUEST, frame_id, req.layer, b"", req.placement_version, req.step, tensors,
+                  DUPLICATE if req.duplicate else 0)
 
 
 def reply_parts(frame_id: int, output: Tensorish | None = None, missing: list[int] = (), compute_us: int = 0,
@@ -184,9 +189,10 @@ def _size8(prefix) -> int:
 
 
 def encode_request(frame_id: int, layer: int, hidden: Tensorish, topk_ids: Tensorish, topk_weights: Tensorish,
-                   placement_version: int = 0, step: int = 0) -> bytes:
+                   placement_version: int = 0, step: int = 0, duplicate: bool = False) -> bytes:
     """A request frame: hidden [T, H] stays in its dtype (bf16 is 2 bytes a value), ids [T, k], weights [T, k]."""
-    return _frame(REQUEST, frame_id, layer, b"", placement_version, step, [hidden, topk_ids, topk_weights])
+    return _frame(REQUEST, frame_id, layer, b"", placement_version, step, [hidden, topk_ids, topk_weights],
+                  DUPLICATE if duplicate else 0)
 
 
 def encode_reply(frame_id: int, output: Tensorish | None = None, missing: list[int] = (), compute_us: int = 0,
@@ -261,7 +267,7 @@ def decode_request(buf: bytes) -> Request:
     head, tensors, _ = _parse(buf, REQUEST)
     if len(tensors) != 3:
         raise FrameError(f"frame {head[4]}: {len(tensors)} tensors, a request has 3", head[4])
-    return Request(head[4], head[5], head[7], head[8], *tensors)
+    return Request(head[4], head[5], head[7], head[8], *tensors, bool(head[2] & DUPLICATE))
 
 
 def decode_request_or_error(buf: bytes) -> Request | FrameError:
