@@ -1,6 +1,7 @@
 """The per-expert load the controller reads from the shards is the routed demand, each token-slot the router
 assigned once: over real in-process shards, a real controller's stats round and a real gateway dispatcher (a plain
-step, a hedged one, re-sends of malformed and `missing` answers, micro-batches of a real engine)."""
+step, a hedged one, re-sends of malformed and `missing` answers, micro-batches of a real engine), and a shard's first
+read after a scale out counts its tokens."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from elasticmoe.gateway.dispatcher import GrpcDispatcher
 from elasticmoe.gateway.routing import RoutingTable
-from tests.controller_util import E, _quiet, _with_shards
+from tests.controller_util import E, Shard, _quiet, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
 
 K, T = 2, 24
@@ -146,3 +147,37 @@ def test_micro_batches_count_what_the_router_assigned(model):  # noqa: F811
 
     _with_shards(model, "ab", scenario)
 
+
+def test_a_new_shards_first_read_counts_its_tokens(model):  # noqa: F811
+    """Scale out: b starts after the controller's first round and joins (a spare the placement grows onto); the
+    steps run on a and b. The next round's load holds every token of the interval, b's too: its first read counts
+    from its start. As a baseline only, b's share was missing from the load for that round."""
+    async def scenario(files, a):
+        ctrl = await _quiet(model, a, num_shards=1)
+        await ctrl._stats_once()
+        b = Shard(files, "b")
+        try:
+            await b.join(ctrl)
+            for task in list(ctrl._tasks):
+                task.cancel()
+            table = RoutingTable.from_dict(ctrl._table())
+            assert len(table.shards) == 2
+            d = GrpcDispatcher(transport="socket", timeout_s=10)
+            d.set_table(table)
+            steps = _Steps(files, d)
+            try:
+                for seed in range(3):
+                    await asyncio.to_thread(steps.run, seed)
+            finally:
+                d.close()
+            assert sum(b.store.stats().tokens.values()) > 0
+            before, t0 = ctrl.load.ema.copy(), ctrl.load._t
+            await ctrl._stats_once()
+            dt = ctrl.load._t - t0
+            alpha = 1 - 0.5 ** (dt / ctrl.load.half_life_s)
+            tokens = (ctrl.load.ema - (1 - alpha) * before) / alpha * dt  # [L, E] the round's tokens, per expert
+            np.testing.assert_allclose(tokens, steps.routed, rtol=1e-6, atol=1e-6)
+        finally:
+            b.server.stop(None)
+
+    _with_shards(model, "a", scenario)

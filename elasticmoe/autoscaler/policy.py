@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+
+
+LEFT_KEPT = 4096  # shards forgotten (left the live set) whose ids are kept: one back is not counted from its start
 
 
 class LoadTracker:
@@ -21,16 +25,23 @@ class LoadTracker:
         self._read_at: dict[str, float] = {}  # shard id -> monotonic time of its last read
         self._rate: dict[str, np.ndarray] = {}  # shard id -> its tokens per second over its last measured interval
         self._t = time.monotonic()
+        self._first: float | None = None  # monotonic time of the first update (the first stats round)
+        self._left: OrderedDict[str, None] = OrderedDict()  # shards read once, then forgotten (the newest LEFT_KEPT)
         self.utilization: dict[str, float] = {}  # shard id -> busy fraction over the last interval
         self.measured: set[str] = set()  # shards whose utilization covers the last interval (not a first read)
 
     def update(self, stats: dict[str, tuple[dict[tuple[int, int], int], float]], layer_index: dict[int, int],
-               unread: Iterable[str] = ()) -> None:
+               unread: Iterable[str] = (), uptime: dict[str, float] | None = None) -> None:
         """stats: shard id -> ({(model layer, expert): cumulative tokens}, cumulative compute seconds); unread: live
-        shards whose read failed this round.
+        shards whose read failed this round; uptime: shard id -> seconds since it started (GetStats' uptime_s).
 
-        A shard first seen (new, or met by a restarted controller) only sets its baseline: counters it built up
-        before are not tokens of this interval. An unread shard keeps its baseline and counts at its last rate this
+        A shard first read that started after this tracker's first round and was never read before (a scale out's,
+        a replacement's) is counted from its start: it served no token before it went live, which was after the last
+        round that did not read it, so all its tokens are this round's (as a baseline only, a new shard's experts
+        lost its share of their load for a round: 13% of it in the EMA at 1 s rounds, 5 s half-life). Its busy time
+        is not measured until its next read. Any other shard first seen (met by a restarted controller, or one back
+        in the live set) only sets its baseline: counters it built up before are not tokens of this interval. An
+        unread shard keeps its baseline and counts at its last rate this
         round (its next read covers the whole time since it was last read): as 0 tokens/s, a missed read took a
         quarter off its experts' load (two rounds: that one and the baseline after it), which the next rebalance
         re-shared to, piling the other shards' tokens onto it. A shard neither read nor unread is forgotten."""
@@ -38,6 +49,7 @@ class LoadTracker:
         dt = max(now - self._t, 1e-3)
         self._t = now
         rate = np.zeros_like(self.ema)
+        first, self._first = self._first is None, now if self._first is None else self._first
         self.measured = {shard for shard in stats if shard in self._last}
         held = {shard for shard in unread if shard not in stats and shard in self._last}
         for shard in held & set(self._rate):
@@ -47,11 +59,17 @@ class LoadTracker:
             if shard in self._last:
                 self._rate[shard] = self._per_second(self._last[shard], tokens, span, layer_index)
                 rate += self._rate[shard]
+            elif not first and shard not in self._left and now - (uptime or {}).get(shard, math.inf) > self._first:
+                self._rate[shard] = self._per_second({}, tokens, dt, layer_index)  # from its start: this round's
+                rate += self._rate[shard]
             self.utilization[shard] = max(0.0, compute - self._last_compute.get(shard, compute)) / span
             self._last[shard], self._last_compute[shard], self._read_at[shard] = dict(tokens), compute, now
         for gone in set(self._last) - set(stats) - held:
             for kept in (self._last, self._last_compute, self._read_at, self._rate, self.utilization):
                 kept.pop(gone, None)
+            self._left[gone] = None
+            while len(self._left) > LEFT_KEPT:
+                self._left.popitem(last=False)
         alpha = 1 - 0.5 ** (dt / self.half_life_s)
         self.ema = (1 - alpha) * self.ema + alpha * rate
 

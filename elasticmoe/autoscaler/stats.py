@@ -58,11 +58,12 @@ class StatsKeeper:
                 "events": self.events[-50:]}
 
     async def _stats_once(self) -> None:
-        stats, live = {}, self.registry.live()
+        stats, uptime, live = {}, {}, self.registry.live()
         for s, st in zip(live, await asyncio.gather(*(self._stats(s.address) for s in live))):  # at once, as status
             if st is not None:
-                stats[s.shard_id] = (routed_demand(st), _busy_s(st))
-        self.load.update(stats, self.layer_index, unread=[s.shard_id for s in live if s.shard_id not in stats])
+                stats[s.shard_id], uptime[s.shard_id] = (routed_demand(st), _busy_s(st)), st.uptime_s
+        self.load.update(stats, self.layer_index, unread=[s.shard_id for s in live if s.shard_id not in stats],
+                         uptime=uptime)
         self._export(stats)
         if self.scale is not None:
             if self.registry.staffed() and not self.recovering and self.scale.started():
