@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from elasticmoe.gateway.generation_service import GenerationService, GenerationServicer
-from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
+from elasticmoe.rpc.generation_wire import add_generation_to_server
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class DirectIngress:
     @staticmethod
     async def _start(service: GenerationService, host: str, port: int, max_rpcs: int):
         server = grpc.aio.server(maximum_concurrent_rpcs=max_rpcs, options=[("grpc.so_reuseport", 1)])
-        gen_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
+        add_generation_to_server(GenerationServicer(service), server)
         try:
             bound = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as e:

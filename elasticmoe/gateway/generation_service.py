@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from elasticmoe.gateway.grpc_api import parse_request, response, status_of
+from elasticmoe.gateway.grpc_api import parse_request, readable, response, status_of
 from elasticmoe.gateway.tokenizing import tokenized
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
 
@@ -85,7 +85,7 @@ class GenerationService:
         try:
             if grpc_context is not None:
                 self.core.api_keys.check_grpc(grpc_context)
-            engine = self.core.runner.engine
+            request, engine = readable(request), self.core.runner.engine
             rid, ids, params = await tokenized(len(request.prompt), parse_request, request, self.core.tokenizer,
                                                engine.validator, getattr(engine, "generation_defaults", None))
             await self.core.wait_ready()

@@ -14,6 +14,7 @@ from elasticmoe.engine.validation import Validator
 from elasticmoe.gateway.auth import Unauthenticated
 from elasticmoe.gateway.request_stream import Update
 from elasticmoe.rpc import generation_pb2 as gen
+from elasticmoe.rpc.generation_wire import Malformed
 
 log = logging.getLogger(__name__)
 FINISH = {"length": gen.LENGTH, "stop": gen.STOP, "eos": gen.EOS, "abort": gen.ABORT}
@@ -35,6 +36,14 @@ def sampling_from_proto(s: gen.SamplingParams, defaults: dict | None = None) -> 
         logprobs=s.logprobs if s.HasField("logprobs") else None,
         repetition_penalty=d.get("repetition_penalty", 1.0), min_p=d.get("min_p", 0.0),
     )
+
+
+def readable(request: gen.GenerateRequest | Malformed) -> gen.GenerateRequest:
+    """The request as the service's deserializer read it (generation_wire.read_request); InvalidRequest naming the
+    field protobuf could not parse."""
+    if isinstance(request, Malformed):
+        raise InvalidRequest(request.field, request.message)
+    return request
 
 
 def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator | None = None,

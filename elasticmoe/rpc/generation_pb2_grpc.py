@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class GenerationStub:
-    """Text generation. Registered on Ray Serve's gRPC proxy by
-    elasticmoe.rpc.serve_proxy.add_generation_servicer (which registers add_GenerationServicer_to_server).
+    """Text generation. Registered on Ray Serve's gRPC proxy by elasticmoe.rpc.serve_proxy.add_generation_servicer
+    and on the direct port, both through elasticmoe.rpc.generation_wire.add_generation_to_server (the generated
+    registration, with a request deserializer that answers a request protobuf cannot parse INVALID_ARGUMENT).
     """
 
     def __init__(self, channel):
@@ -49,8 +50,9 @@ class GenerationStub:
 
 
 class GenerationServicer:
-    """Text generation. Registered on Ray Serve's gRPC proxy by
-    elasticmoe.rpc.serve_proxy.add_generation_servicer (which registers add_GenerationServicer_to_server).
+    """Text generation. Registered on Ray Serve's gRPC proxy by elasticmoe.rpc.serve_proxy.add_generation_servicer
+    and on the direct port, both through elasticmoe.rpc.generation_wire.add_generation_to_server (the generated
+    registration, with a request deserializer that answers a request protobuf cannot parse INVALID_ARGUMENT).
     """
 
     def Generate(self, request, context):
@@ -90,8 +92,9 @@ def add_GenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generation:
-    """Text generation. Registered on Ray Serve's gRPC proxy by
-    elasticmoe.rpc.serve_proxy.add_generation_servicer (which registers add_GenerationServicer_to_server).
+    """Text generation. Registered on Ray Serve's gRPC proxy by elasticmoe.rpc.serve_proxy.add_generation_servicer
+    and on the direct port, both through elasticmoe.rpc.generation_wire.add_generation_to_server (the generated
+    registration, with a request deserializer that answers a request protobuf cannot parse INVALID_ARGUMENT).
     """
 
     @staticmethod

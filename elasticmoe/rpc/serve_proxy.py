@@ -15,7 +15,7 @@ import logging
 
 import grpc
 
-from elasticmoe.rpc import generation_pb2_grpc
+from elasticmoe.rpc.generation_wire import add_generation_to_server
 
 log = logging.getLogger(__name__)
 REPLICA_DIED = "the gateway replica serving this request died; retry the request"
@@ -24,8 +24,10 @@ RETRY_AFTER_S = "1"  # seconds, as the gateway's own refusals say
 
 
 def add_generation_servicer(servicer, server) -> None:
-    """`grpc_servicer_functions` entry: the Generation servicer plus the replica-death mapping."""
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    """`grpc_servicer_functions` entry: the Generation servicer (requests read by generation_wire.read_request, which
+    Serve's proxy keeps as the deserializer: a malformed one reaches the replica, which refuses it naming the field)
+    plus the replica-death mapping."""
+    add_generation_to_server(servicer, server)
     install_replica_death_mapping()
 
 

@@ -1,0 +1,111 @@
+"""generation.proto as a client in another language reads it: raw request bytes (what any protobuf library may send)
+to a real grpc.aio server (the direct port, the handlers Serve's proxy calls too) over a real engine. A request
+protobuf cannot parse, a field out of range: INVALID_ARGUMENT naming the field; a stream's messages joined are the
+unary answer, the last one carrying finish_reason and the final usage."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from elasticmoe.client import make_request
+from elasticmoe.gateway.auth import ApiKeys
+from elasticmoe.gateway.direct_ingress import DirectIngress
+from elasticmoe.gateway.generation_service import GenerationService, GenerationServicer
+from elasticmoe.rpc import generation_pb2 as gen
+from tests.openai_util import PROMPT, Core, model  # noqa: F401 - the module-scoped tiny model fixture
+
+
+class Raw:
+    """Generate / GenerateStream of a real port, sending bytes as they are (no client-side protobuf checks)."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.insecure_channel(address)
+        parse = gen.GenerateResponse.FromString
+        self.unary = self.channel.unary_unary("/elasticmoe.v1.Generation/Generate", response_deserializer=parse)
+        self.stream = self.channel.unary_stream("/elasticmoe.v1.Generation/GenerateStream",
+                                                response_deserializer=parse)
+
+    def both(self, data: bytes) -> list:
+        """(code, details) of Generate and of GenerateStream for `data`, or their answers."""
+        out = []
+        for call in (lambda: self.unary(data, timeout=60), lambda: list(self.stream(data, timeout=60))):
+            try:
+                out.append(call())
+            except grpc.RpcError as e:
+                out.append((e.code(), e.details()))
+        return out
+
+
+@pytest.fixture(scope="module")
+def port(model):  # noqa: F811
+    core = Core(*model, max_num_seqs=4, max_model_len=128)
+    core.api_keys = ApiKeys()
+    port = DirectIngress(GenerationService(core), "127.0.0.1", 0, max_rpcs=16)
+    raw = Raw(port.address)
+    yield core, raw
+    raw.channel.close()
+    port.stop(0)
+    core.runner.close()
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (payloads under 128 bytes)."""
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+SAMPLING = gen.SamplingParams(max_tokens=2).SerializeToString()
+
+
+@pytest.mark.parametrize("data,field", [
+    (_field(2, b"ab\xff"), "prompt"),  # prompt
+    (_field(1, b"id\xc3") + _field(2, b"hi"), "request_id"),
+    (_field(2, b"hi") + _field(4, SAMPLING + _field(6, b"\xed\xa0\x80")), "stop"),  # a surrogate, as CESU-8 has it
+    (_field(2, b"hi") + _field(4, _field(6, b"ok") + _field(6, b"\x80")), "stop[1]"),
+    (b"\xff\xff\xff", "request"),  # not protobuf at all
+])
+def test_a_request_protobuf_cannot_parse_is_invalid_argument_naming_the_field(port, data, field):
+    """proto3 strings must be UTF-8; clients in C++, JavaScript and others send what they are given. Such a request
+    was answered UNKNOWN, "Unexpected <class 'google.protobuf.message.DecodeError'>: Error parsing message ...",
+    naming no field and counted nowhere; it is now INVALID_ARGUMENT naming the field, as any bad value is, on both
+    methods, counted as invalid, and the port keeps serving."""
+    core, raw = port
+    before = core.metrics.requests.get(("grpc", "invalid"), 0)
+    for code, details in raw.both(data):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(f"{field}: "), (code, details)
+        assert "Unexpected" not in details
+    assert core.metrics.requests[("grpc", "invalid")] == before + 2
+    unary, chunks = raw.both(make_request(PROMPT, max_tokens=2).SerializeToString())
+    assert unary.usage.completion_tokens == 2 and chunks[-1].usage.completion_tokens == 2
+
+
+def test_serve_proxys_registration_reads_requests_the_same_way(model):  # noqa: F811
+    """Serve's proxy registers the service with add_generation_servicer and deserializes there, handing the
+    replica what it read: the same reading, so a malformed request reaches the replica's handler as one it refuses
+    naming the field (here a grpc.aio server registered that way, the service's own servicer behind it)."""
+    import asyncio
+
+    from elasticmoe.rpc.serve_proxy import add_generation_servicer
+
+    core = Core(*model, max_num_seqs=2, max_model_len=128)
+    core.api_keys = ApiKeys()
+
+    async def call() -> tuple:
+        server = grpc.aio.server()
+        add_generation_servicer(GenerationServicer(GenerationService(core)), server)
+        bound = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{bound}") as ch:
+                try:
+                    await ch.unary_unary("/elasticmoe.v1.Generation/Generate")(_field(2, b"\xff"), timeout=60)
+                except grpc.RpcError as e:
+                    return e.code(), e.details()
+        finally:
+            await server.stop(0)
+
+    try:
+        code, details = asyncio.run(call())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("prompt: "), (code, details)
+    finally:
+        core.runner.close()
