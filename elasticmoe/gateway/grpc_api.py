@@ -58,6 +58,9 @@ def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator 
     lim = check.limits
     if len(request.sampling.stop) > lim.max_stop_strings:
         raise InvalidRequest("stop", f"{len(request.sampling.stop)} stop strings; the limit is {lim.max_stop_strings}")
+    logprobs = request.sampling.logprobs  # a uint32: past int32's range SamplingParams would name that range
+    if request.sampling.HasField("logprobs") and logprobs > lim.max_logprobs:
+        raise InvalidRequest("logprobs", f"must be in [0, {lim.max_logprobs}], got {logprobs}")
     has_text = request.HasField("prompt")
     has_ids = len(request.prompt_token_ids) > 0
     if has_text == has_ids:
