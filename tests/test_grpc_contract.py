@@ -127,3 +127,41 @@ def test_each_value_out_of_range_names_its_field_and_the_range_the_proto_documen
     for code, details in raw.both(data):
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(f"{field}: "), (code, details)
         assert says in details, details
+
+
+def _check_stream_is_the_unary_answer(raw: Raw, req: gen.GenerateRequest) -> gen.GenerateResponse:
+    """The contract of GenerateStream against Generate for one seeded request; returns the unary answer."""
+    unary, chunks = raw.both(req.SerializeToString())
+    assert isinstance(chunks, list) and chunks, chunks
+    *body, last = chunks
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert [lp for c in chunks for lp in c.logprobs] == list(unary.logprobs)
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+    assert last.finish_reason == unary.finish_reason != gen.FINISH_REASON_UNSPECIFIED
+    assert all(c.finish_reason == gen.FINISH_REASON_UNSPECIFIED for c in body)
+    assert last.usage == unary.usage and unary.usage.completion_tokens == len(unary.token_ids)
+    assert all(c.usage.prompt_tokens == unary.usage.prompt_tokens for c in chunks)
+    assert {c.request_id for c in chunks} == {unary.request_id} and unary.request_id == req.request_id
+    return unary
+
+
+def test_a_streams_messages_joined_are_the_unary_answer_stop_strings_and_multibyte_text_included(port):
+    """What generation.proto promises of GenerateStream: its texts, token ids and logprobs joined are Generate's
+    answer (text held back while a token ends mid-character or may start a stop string), finish_reason on the last
+    message only, usage on every one (final on the last); a stop string, here a multi-byte character the sampled
+    text holds, cuts the text before it in both."""
+    _, raw = port
+    cut = 0
+    for seed in range(8):  # until two texts with a multi-byte character were cut
+        kw = dict(temperature=3.0, seed=seed, max_tokens=30, ignore_eos=True, logprobs=2)
+        whole = _check_stream_is_the_unary_answer(raw, make_request(PROMPT, request_id=f"r{seed}", **kw))
+        assert whole.finish_reason == gen.LENGTH and all(len(lp.top) == 2 for lp in whole.logprobs)
+        wide = [ch for ch in whole.text[1:] if len(ch.encode()) > 1 and ch != "\ufffd"]
+        if wide:
+            stopped = _check_stream_is_the_unary_answer(raw, make_request(PROMPT, request_id="s", stop=wide[0], **kw))
+            assert stopped.finish_reason == gen.STOP and stopped.text == whole.text[:whole.text.index(wide[0])]
+            cut += 1
+        if cut == 2:
+            break
+    assert cut == 2  # the tiny model's text at temperature 3 has multi-byte characters
