@@ -56,15 +56,22 @@ class GenerationServicer:
     """
 
     def Generate(self, request, context):
-        """Generates the whole completion, then answers once.
+        """Generates the whole completion, then answers once. The answer is one message: with logprobs
+        N it takes some 10 * (N + 1) bytes a token (N = 20: about 210), so a completion of some
+        20,000 tokens passes the 4 MiB that gRPC clients accept by default (and Serve's proxy sends,
+        as elasticmoe starts Ray); use GenerateStream for such completions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Answers with one message per decoded chunk (usually one token); the last message carries
-        finish_reason and the final usage. Cancelling the call aborts the request on the server.
+        """Answers with one message per decoded chunk (one token, or the tokens since the last message
+        when the client reads slower than the model generates); the first comes once the first token
+        is generated, the last carries finish_reason and the final usage. Joined, the messages' text,
+        token_ids and logprobs make one answer as Generate's (the same one for a greedy or seeded
+        request).
+        Cancelling the call (or its deadline passing) aborts the request on the server.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
