@@ -34,21 +34,27 @@ def make_request(prompt: str | None = None, prompt_token_ids: list[int] | None =
     if unknown:
         raise TypeError(f"unknown sampling fields: {sorted(unknown)}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])  # a str is one stop string, not its characters
-    params = gen.SamplingParams(stop=stops)
+    params = _named("stop", gen.SamplingParams, stop=stops)
     for k, v in sampling.items():
         if k == "seed" and isinstance(v, int) and -(1 << 63) <= v < 0:
             v += 1 << 64  # a signed seed (offline, HTTP) as the unsigned 64 bits torch seeds with: the same draws
         if v is not None:
-            try:
-                setattr(params, k, v)
-            except (TypeError, ValueError) as e:  # protobuf's "Value out of range: ..." names no field
-                raise ValueError(f"{k}: {e}") from None
-    req = gen.GenerateRequest(request_id=request_id, sampling=params)
+            _named(k, setattr, params, k, v)
+    req = _named("request_id", gen.GenerateRequest, request_id=request_id, sampling=params)
     if prompt is not None:
-        req.prompt = prompt
+        _named("prompt", setattr, req, "prompt", prompt)
     if prompt_token_ids:
-        req.prompt_token_ids.extend(prompt_token_ids)
+        _named("prompt_token_ids", req.prompt_token_ids.extend, prompt_token_ids)
     return req
+
+
+def _named(field: str, fn, *args, **kw):
+    """fn(*args, **kw), protobuf's refusal of a value (TypeError "bad argument type for built-in operation",
+    ValueError "Value out of range: ...", naming no field) as a ValueError naming `field`."""
+    try:
+        return fn(*args, **kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{field}: {e}") from None
 
 
 class GenerationClient:

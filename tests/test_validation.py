@@ -360,3 +360,16 @@ def test_the_default_max_tokens_is_cut_to_the_context_left():
     v = Validator(50, 128)
     assert [v.default_max_tokens(n, 16) for n in (1, 112, 120, 127)] == [16, 16, 8, 1]
     assert v.default_max_tokens(100, 128) == 28 and v.default_max_tokens(100, 6) == 6
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"stop": ["a", None]}, "stop"), ({"prompt_token_ids": [1, "2"]}, "prompt_token_ids"),
+    ({"prompt_token_ids": [2**40]}, "prompt_token_ids"), ({"request_id": 5}, "request_id"),
+    ({"prompt": 5}, "prompt"), ({"max_tokens": 2**31}, "max_tokens"),
+])
+def test_the_python_client_names_the_field_protobuf_refuses(kw, field):
+    """make_request named the sampling field whose value protobuf refused, but not the others: stop=["a", None]
+    raised TypeError "bad argument type for built-in operation", a token id past int32 ValueError "Value out of
+    range: 1099511627776", with no field named. Each is now a ValueError starting with its field."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: "):
+        make_request(**{"prompt": "hi", **kw})
