@@ -61,7 +61,11 @@ class GenerationClient:
     """`GenerationClient("127.0.0.1:9000").generate("Hello", max_tokens=8, temperature=0)`.
 
     `api_key` (default: $ELASTICMOE_API_KEY) is sent as the `authorization: Bearer <key>` metadata; `tls` (or
-    root certificates as PEM bytes) for a front door behind TLS.
+    root certificates as PEM bytes) for a front door behind TLS. `timeout_s` is each call's deadline, a stream's
+    included from its start to its last message: past it the call fails DEADLINE_EXCEEDED (grpc.RpcError, raised
+    by `generate` or by the stream's next message) and the server aborts the request. Errors are grpc.RpcError
+    with generation.proto's codes; a value protobuf cannot carry is a ValueError naming its field (an unknown
+    sampling field: TypeError).
     """
 
     def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300,
