@@ -81,7 +81,7 @@ def test_under_a_route_prefix_only_health_is_open_and_an_unkeyed_body_is_never_r
     assert status == 200 and reads  # the control: with the key the same request is read and answered
 
 
-# ----- the direct_grpc port: 4 MiB, before the key is even looked at
+# ----- the direct_grpc port: 4 MiB, before any handler; without a key the message is not even read
 def test_the_direct_port_refuses_a_message_over_4_mib_before_any_handler_runs(core):  # noqa: F811
     from elasticmoe.config import DirectGrpc
 
@@ -91,11 +91,14 @@ def test_the_direct_port_refuses_a_message_over_4_mib_before_any_handler_runs(co
         with grpc.insecure_channel(ingress.address, options=[("grpc.max_send_message_length", -1)]) as ch:
             stub = gen_grpc.GenerationStub(ch)
             big = gen.GenerateRequest(prompt="x" * (4 * 1024 * 1024 + 1))
-            for md in ((), tuple(AUTH.items())):
-                with pytest.raises(grpc.RpcError) as e:
-                    stub.Generate(big, metadata=tuple((k.lower(), v) for k, v in md), timeout=30)
-                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert dict(core.metrics.requests) == before  # refused by gRPC itself: the service never saw it
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Generate(big, metadata=tuple((k.lower(), v) for k, v in AUTH.items()), timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(core.metrics.requests) == before  # refused by gRPC itself: the service never saw it
+            with pytest.raises(grpc.RpcError) as e:  # no key: refused on its metadata, the message left unread
+                stub.Generate(big, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert core.metrics.requests[("grpc", "unauthenticated")] == before.get(("grpc", "unauthenticated"), 0) + 1
     finally:
         ingress.stop(0)
 

@@ -126,9 +126,14 @@ class ApiKeys:
 
     def check_grpc(self, context: Any) -> None:
         """The `authorization` metadata of a gRPC call (a grpc or Serve context); raises Unauthenticated."""
+        if self.enabled:
+            self.check_metadata(context.invocation_metadata())
+
+    def check_metadata(self, metadata: Iterable[tuple[str, Any]] | None) -> None:
+        """The `authorization` entry of a call's metadata ((key, value) pairs); raises Unauthenticated."""
         if not self.enabled:
             return
-        values = [v for k, v in (context.invocation_metadata() or ()) if k.lower() == "authorization"]
+        values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
         if len(values) > 1:
             raise Unauthenticated("more than one authorization metadata entry")
         value = values[0] if values else None

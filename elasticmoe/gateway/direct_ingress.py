@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from elasticmoe.gateway.generation_service import GenerationService, GenerationServicer
+from elasticmoe.gateway.generation_service import GenerationService, GenerationServicer, KeyFirst
 from elasticmoe.rpc.generation_wire import add_generation_to_server
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ class DirectIngress:
 
     @staticmethod
     async def _start(service: GenerationService, host: str, port: int, max_rpcs: int):
-        server = grpc.aio.server(maximum_concurrent_rpcs=max_rpcs, options=[("grpc.so_reuseport", 1)])
+        server = grpc.aio.server(maximum_concurrent_rpcs=max_rpcs, options=[("grpc.so_reuseport", 1)],
+                                 interceptors=[KeyFirst(service)])  # the key before the request is read
         add_generation_to_server(GenerationServicer(service), server)
         try:
             bound = server.add_insecure_port(f"{host}:{port}")

@@ -8,6 +8,7 @@ import time
 
 import grpc
 
+from elasticmoe.gateway.auth import Unauthenticated
 from elasticmoe.gateway.grpc_api import parse_request, readable, response, status_of
 from elasticmoe.gateway.tokenizing import tokenized
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
@@ -149,6 +150,36 @@ class GenerationServicer(gen_grpc.GenerationServicer):
                     yield r
         except Exception:  # noqa: BLE001 - fail() set the status on the context
             await _abort(context)
+
+
+class KeyFirst(grpc.aio.ServerInterceptor):
+    """The API key of a call on a grpc.aio server (the direct port), checked on its metadata before gRPC reads its
+    request: a call without a valid key ends UNAUTHENTICATED at once, counted as the handlers count it. Checked in the
+    handler alone, a call waited for its request message first, holding one of the server's maximum_concurrent_rpcs
+    places meanwhile: a client without a key opening calls that never sent one shut the port to every client."""
+
+    def __init__(self, service: GenerationService):
+        self.service = service
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        try:
+            self.service.core.api_keys.check_metadata(details.invocation_metadata)
+        except Unauthenticated as e:
+            return None if handler is None else _refusal(handler, self.service.core.metrics, e)
+        return handler
+
+
+def _refusal(handler, metrics, error: Unauthenticated):
+    """A handler in place of `handler` ending its call UNAUTHENTICATED: it takes a request stream, never read, so no
+    request message is awaited. (No such method, `handler` None: gRPC's own UNIMPLEMENTED.)"""
+
+    async def refuse(_requests, context) -> None:
+        fail(metrics, None, error)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 async def _abort(context) -> None:
