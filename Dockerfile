@@ -31,12 +31,15 @@ WORKDIR /home/ray
 # RAY_SERVE_GRPC_MAX_MESSAGE_SIZE: Serve's gRPC proxy refuses a message over 4 MiB (Ray's default: 2 GiB, handed to
 # a gateway before its API key check), however Ray is started in the image; the chart's pod env and the cluster
 # configs' `ray start` commands set it too (theirs wins).
+# RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: Serve's HTTP proxy refuses a body over 4 MiB (413), which it would
+# otherwise read into memory whole before a gateway's API key check (elasticmoe/rpc/serve_http_proxy.py); likewise.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/models \
     TRITON_CACHE_DIR=/home/ray/.cache/triton \
-    RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304
+    RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304 \
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=elasticmoe.rpc.serve_http_proxy:middlewares
 
 # 1) torch from PyTorch's CUDA index first (its own layer: ~4 GB that rarely changes).
 #    pip then treats elasticmoe's `torch==2.13.0` as satisfied by 2.13.0+cu128.

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from elasticmoe.rpc import serve_http_proxy
+
 DASHBOARD = "http://127.0.0.1:8265"
 METRICS_PORT = 8080  # Ray's Prometheus endpoint: http://127.0.0.1:8080/metrics
 # Serve's gRPC proxy's message limit (Ray reads it in each proxy: set it for every Ray process), in bytes
@@ -30,6 +32,9 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # Serve's gRPC proxy takes messages of up to 2 GiB (Ray's default) before the gateway checks the API key; our
     # own entry points cap a request at 4 MiB (HTTP limits.max_body_bytes, the direct_grpc port): so does it now
     env.setdefault(GRPC_MAX_MESSAGE_ENV, str(GRPC_MAX_MESSAGE_BYTES))
+    # Serve's HTTP proxy reads a whole body into memory while the request waits for a gateway (which checks the key):
+    # rpc.serve_http_proxy caps it at 4 MiB there
+    env.setdefault(serve_http_proxy.CALLBACK_ENV, serve_http_proxy.CALLBACK)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(extra or {})
     return env

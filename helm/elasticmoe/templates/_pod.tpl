@@ -20,6 +20,14 @@ Environment shared by the Ray containers of the head and the workers.
 # Serve's gRPC proxy refuses a larger message (RESOURCE_EXHAUSTED) before a gateway sees it.
 - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
   value: {{ int .Values.serve.grpcMaxMessageBytes | quote }}
+# Serve's HTTP proxy refuses a body over 4 MiB (413), which it would otherwise read into memory
+# whole before a gateway checks the API key (elasticmoe/rpc/serve_http_proxy.py).
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: elasticmoe.rpc.serve_http_proxy:middlewares
+{{- with (.Values.limits.extra | default dict).max_body_bytes }}
+- name: ELASTICMOE_PROXY_MAX_BODY_BYTES  # the proxies' cap follows the gateways' own
+  value: {{ int64 . | quote }}
+{{- end }}
 # Expert shards serve gRPC on the pod IP (the gateways run in other pods), on a port of
 # this range; the NetworkPolicy admits only the release's own pods to them.
 - name: ELASTICMOE_EXPERT_HOST
