@@ -220,3 +220,42 @@ def test_grpc_needs_the_key(secured, address):
         assert client.generate("Hello", max_tokens=2, temperature=0).usage.completion_tokens == 2
     finally:
         client.close()
+
+
+
+def _status_while_sending(head: bytes, chunk: bytes, most: int) -> int:
+    """Send `head` then up to `most` bytes in `chunk`s on a raw connection to Serve's HTTP proxy, stopping at its
+    answer; its status code (0: no answer)."""
+    with socket.create_connection(("127.0.0.1", 8000), timeout=60) as s:
+        s.sendall(head)
+        s.setblocking(False)
+        sent, got = 0, b""
+        while sent <= most and not got:
+            try:
+                got = s.recv(4096)
+            except BlockingIOError:
+                try:
+                    s.sendall(chunk) if chunk else None
+                except (BlockingIOError, ConnectionError):
+                    pass
+                sent += len(chunk) or most + 1
+        s.settimeout(60)
+        while b"\r\n" not in got:
+            more = s.recv(4096)
+            if not more:
+                break
+            got += more
+    return int(got.split(b" ")[1]) if got.startswith(b"HTTP/") else 0
+
+
+def test_the_proxy_refuses_a_keyless_oversized_body(secured):
+    """Serve's HTTP proxy held a request's whole body before the gateway's key check (401): the BodyCap hook, named
+    in RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH where the cluster starts, answers 413 in the proxy, for a
+    Content-Length over 4 MiB before any of the body (a 401 there means the hook is not running), and for a chunked
+    body once 4 MiB came, unless the gateway's 401 came first (an idle cluster gives the request a place at once)."""
+    path = f"/{APP}/v1/completions".encode()
+    head = b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    assert _status_while_sending(head + b"Content-Length: %d\r\n\r\n" % (5 << 20), b"", 0) == 413
+    chunk = b"%x\r\n" % (1 << 16) + b"y" * (1 << 16) + b"\r\n"
+    assert _status_while_sending(head + b"Transfer-Encoding: chunked\r\n\r\n", chunk, 16 << 20) in (401, 413)
+    assert _http("/health")[0] == 200
