@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from elasticmoe import LLM
 from elasticmoe.model import CheckpointError, open_model
-from elasticmoe.model.experts import ExpertStore
 from elasticmoe.model.tiny import make_tiny_model
 
 FILE = "model.safetensors"
@@ -86,17 +85,43 @@ def test_a_header_safetensors_refuses_fails_the_open_naming_file_and_tensor(mode
         open_model(path)
 
 
-def test_an_expert_weight_whose_header_says_integers_fails_its_load_naming_it(models, tmp_path):
-    """Expert 3's w1 claims I32 (same bytes, same shape): read as integers and converted, it was silently garbage."""
+@pytest.mark.parametrize("layout, name, dtype", [
+    ("per-expert", W1.format(3), "I32"),  # the header says so: same bytes, same shape
+    ("per-expert", W1.format(3), torch.int8),  # written so: the tensors converted
+    ("per-expert", "model.layers.1.block_sparse_moe.experts.2.w2.weight", torch.uint8),
+    ("per-expert", "model.layers.0.block_sparse_moe.experts.0.w3.weight", torch.bool),
+    ("packed", GATE_UP, torch.int32),
+    ("packed", "model.layers.1.mlp.experts.down_proj", torch.int64),
+], ids=["I32-header", "I8", "U8", "BOOL", "packed-I32", "packed-I64"])
+def test_an_expert_weight_stored_as_integers_fails_the_open_naming_it(models, tmp_path, layout, name, dtype):
+    """An expert weight of integers (read as such and converted, silently garbage): only its load failed, in each
+    shard that read it, the open passing; now the open fails (headers only), naming the file, tensor and dtype."""
+    path = _copy(models, tmp_path, layout)
+    if isinstance(dtype, str):
+        _rewrite(path / FILE, lambda h: {**h, name: {**h[name], "dtype": dtype}})
+    else:
+        tensors = load_file(path / FILE)
+        tensors[name] = tensors[name].to(dtype)
+        save_file(tensors, path / FILE, metadata={"format": "pt"})
+    stored = dtype if isinstance(dtype, str) else {torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+                                                   torch.int32: "I32", torch.int64: "I64"}[dtype]
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: {name!r} is stored as {stored}, but it is "
+                                                        "a weight (floating point)")):
+        open_model(path)
+
+
+def test_an_expert_shard_over_integer_expert_weights_does_not_start(models, tmp_path):
+    """The shard started (its server up, registering) and each load of expert 3 failed; now its start fails."""
+    from elasticmoe.experts.deployment import ExpertShard
+
     path = _copy(models, tmp_path)
     _rewrite(path / FILE, lambda h: {**h, W1.format(3): {**h[W1.format(3)], "dtype": "I32"}})
-    files = open_model(path)  # the header is consistent: only the use tells
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    store.load([(0, 0)])
-    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: {W1.format(3)!r} is stored as I32, but it "
-                                                        "is a weight (floating point)")):
-        store.load([(0, 3)])
-    assert store.held() == [(0, 0)]
+    threads = torch.get_num_threads()  # the replica sets its process's (shard_resources.num_cpus)
+    try:
+        with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: {W1.format(3)!r} is stored as I32")):
+            ExpertShard.func_or_class({"model": str(path), "num_shards": 1, "dtype": "float32", "device": "cpu"}, None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("layout, name, dtype", [

@@ -72,20 +72,24 @@ def test_gpt_oss_mxfp4_matches_transformers(family_dirs, tmp_path):
         LLM(str(quant_dir), dtype="float32")
 
 
-@pytest.mark.parametrize("part", ["gate_up_proj_blocks", "down_proj_scales"])
-def test_mxfp4_bytes_a_header_calls_signed_fail_the_load_naming_them(family_dirs, tmp_path, part):
+@pytest.mark.parametrize("part, dtype, words", [
+    ("gate_up_proj_blocks", "I8", "MXFP4 {name!r} is I8, want U8"),
+    ("down_proj_scales", "I8", "MXFP4 {name!r} is I8, want U8"),
+    ("gate_up_proj_bias", "I32", "{name!r} is stored as I32, but it is a weight (floating point)"),
+])
+def test_mxfp4_bytes_a_header_calls_signed_fail_the_open_naming_them(family_dirs, tmp_path, part, dtype, words):
     """MXFP4 blocks and E8M0 scales are bytes (U8); a header saying I8 made codes of 128 and up negative, read
-    through the FP4 table's other end and 2**(s - 127) with negative s: garbage weights, silently."""
-    from elasticmoe import LLM
-    from elasticmoe.model import CheckpointError
+    through the FP4 table's other end and 2**(s - 127) with negative s: garbage weights, silently. That, and a bias
+    of integers, failed each load of the experts; now the open (headers only)."""
+    from elasticmoe.model import CheckpointError, open_model
     from tests.test_checkpoint_lies import _rewrite
 
     quant_dir = _mxfp4_checkpoints(family_dirs["gpt_oss"], tmp_path)[0]
     name = f"model.layers.1.mlp.experts.{part}"
-    _rewrite(quant_dir / "model.safetensors", lambda h: {**h, name: {**h[name], "dtype": "I8"}})
-    with pytest.raises(CheckpointError, match=re.escape(f"{quant_dir / 'model.safetensors'}: MXFP4 {name!r} is "
-                                                        "torch.int8, want uint8 (U8)")):
-        LLM(str(quant_dir), dtype="float32")
+    _rewrite(quant_dir / "model.safetensors", lambda h: {**h, name: {**h[name], "dtype": dtype}})
+    with pytest.raises(CheckpointError, match=re.escape(f"{quant_dir / 'model.safetensors'}: "
+                                                        + words.format(name=name))):
+        open_model(quant_dir)
 
 
 def test_gpt_oss_experts_on_two_grpc_shards_match_in_process(family_dirs):

@@ -156,6 +156,42 @@ def test_fp8_without_scales_or_config_refused(tmp_path):
         Checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("layout, name, dtype", [
+    ("per-expert", "model.layers.1.mlp.experts.3.up_proj.weight", torch.float8_e4m3fn),
+    ("packed", "model.layers.0.mlp.experts.gate_up_proj", torch.float8_e5m2),
+])
+def test_fp8_experts_without_an_fp8_config_fail_the_open(layout, name, dtype, tmp_path):
+    """An expert weight stored FP8 (no scale beside it) under a config.json with no quantization_config: the open
+    passed and only each load of the expert failed; now the open fails (headers only), naming file, tensor, dtype."""
+    from elasticmoe.model import open_model
+    from elasticmoe.model.quant import QuantError
+
+    path = make_tiny_model("qwen3_moe", tmp_path / layout, layers=2, layout=layout)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    stored = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}[dtype]
+    with pytest.raises(QuantError, match=re.escape(f"{path / 'model.safetensors'}: {name!r} is {stored} but "
+                                                   "config.json has no quantization_config 'fp8' to scale it")):
+        open_model(path)
+
+
+def test_an_fp8_checkpoint_whose_config_lost_its_quantization_config_fails_naming_an_expert(tmp_path):
+    """A block-FP8 checkpoint whose config.json has no quantization_config: its experts' F8_E4M3 weights are named
+    (they would be read unscaled), not only the weight_scale_inv tensors nothing uses."""
+    from elasticmoe.model import open_model
+    from elasticmoe.model.quant import QuantError
+
+    quant_dir = _quantize(make_tiny_model("qwen3_moe", tmp_path / "plain", layers=2), tmp_path, FP8_CONFIG)[0]
+    cfg = json.loads((quant_dir / "config.json").read_text())
+    del cfg["quantization_config"]
+    (quant_dir / "config.json").write_text(json.dumps(cfg))
+    name = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    with pytest.raises(QuantError, match=re.escape(f"{quant_dir / 'model.safetensors'}: {name!r} is F8_E4M3 but "
+                                                   "config.json has no quantization_config 'fp8'")):
+        open_model(quant_dir)
+
+
 def test_mxfp4_dequant_is_transformers(tmp_path):
     """MXFP4 blocks [E, N, K/32, 16] and E8M0 scales [E, N, K/32] as GPT-OSS ships them: our dequantization is
     transformers' (convert_moe_packed_tensors, which returns the transposed [E, K, N]), on every code and a

@@ -4,6 +4,8 @@ a bug in the forward is INTERNAL on every transport."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 import torch
@@ -31,6 +33,25 @@ def shard(tmp_path):
     yield pb_grpc.ExpertShardStub(ch), store, files, tmp_path / "m", f"127.0.0.1:{port}"
     ch.close()
     server.stop(None).wait(10)
+
+
+def _own_file(path, name: str):
+    """Tensor `name` of tiny checkpoint `path` moved to a file of its own (a sharded checkpoint with an index, as
+    transformers writes one), so that damage to that file fails only its expert's reads; returns that file."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    own = {name: tensors.pop(name)}
+    files = {"model-00001-of-00002.safetensors": tensors, "model-00002-of-00002.safetensors": own}
+    for file, part in files.items():
+        save_file(part, path / file, metadata={"format": "pt"})
+    (path / "model.safetensors").unlink()
+    total = sum(t.numel() * t.element_size() for part in files.values() for t in part.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({
+        "metadata": {"total_size": total}, "weight_map": {t: f for f, part in files.items() for t in part}}))
+    return path / "model-00002-of-00002.safetensors"
 
 
 def _load(stub, pairs):
@@ -119,7 +140,8 @@ def test_experts_that_do_not_fit_in_memory_are_resource_exhausted(tmp_path):
 
 
 def test_a_load_failing_at_one_expert_leaves_the_shard_as_it_was(tmp_path):
-    """One LoadExperts over three layers whose last has an expert the file lies about (its w2's header says I32):
+    """One LoadExperts over three layers whose last has an expert the file lies about (its w2's file, rewritten since
+    the open, says I32):
     FAILED_PRECONDITION naming the file and the tensor, and the shard holds what it held before, bytes and all. The
     layers loaded before the bad one kept their new experts (the caller, told the load failed, could not know them):
     layer 0's that it held already with them (rebuilt back) and layer 1, which it did not hold (freed)."""
@@ -129,15 +151,15 @@ def test_a_load_failing_at_one_expert_leaves_the_shard_as_it_was(tmp_path):
     from elasticmoe.model.tiny import make_tiny_model
 
     path = make_tiny_model("mixtral", tmp_path / "m", layers=3, experts=E)
-    (weights,) = path.glob("*.safetensors")
     bad = "model.layers.2.block_sparse_moe.experts.1.w2.weight"
+    weights = _own_file(path, bad)
+    files = open_model(str(path))  # I32 where a weight is fails the open (test_checkpoint_lies): the header lies later
     raw = weights.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
-    header[bad]["dtype"] = "I32"  # same size: the file opens, the expert's read fails
+    header[bad]["dtype"] = "I32"  # same size: only the expert's read fails
     text = json.dumps(header).encode()
     weights.write_bytes(struct.pack("<Q", len(text) + -len(text) % 8) + text + b" " * (-len(text) % 8) + raw[8 + n:])
-    files = open_model(str(path))
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     store.load([(0, 0), (0, 1)])
     server, _, port = start_server(store, "half-load")
@@ -162,23 +184,28 @@ def test_a_load_failing_at_one_expert_leaves_the_shard_as_it_was(tmp_path):
 
 
 def test_an_fp8_expert_weight_without_fp8_config_is_failed_precondition(tmp_path):
-    """An expert's w1 stored F8_E4M3 under a config.json with no FP8 quantization_config: the load fails naming the
-    file and the tensor (QuantError, read only when the expert loads). As a ValueError it was INVALID_ARGUMENT, the
-    caller's mistake, though the request was sound; now FAILED_PRECONDITION as any checkpoint the shard cannot read.
-    The shard serves the experts it holds and loads others."""
+    """An expert's w1 stored F8_E4M3 under a config.json with no FP8 quantization_config fails the open now (the
+    shard does not start: test_quant); put there after the open, its load fails naming the file and the tensor,
+    FAILED_PRECONDITION as any checkpoint the shard cannot read (a QuantError, a ValueError, was INVALID_ARGUMENT, the
+    caller's mistake, though the request was sound). The shard serves the experts it holds and loads others."""
     from safetensors.torch import load_file, save_file
 
+    from elasticmoe.experts.errors import placement_code
     from elasticmoe.gateway.transport import UnaryTransport
+    from elasticmoe.model.quant import QuantError
     from elasticmoe.model.tiny import make_tiny_model
     from elasticmoe.rpc.frames import ExpertRequest
 
+    assert placement_code(QuantError("x")) == grpc.StatusCode.FAILED_PRECONDITION
     path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E)
-    (weights,) = path.glob("*.safetensors")
     bad = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    weights = _own_file(path, bad)
+    files = open_model(str(path))
     tensors = load_file(weights)
     tensors[bad] = tensors[bad].to(torch.float8_e4m3fn)
     save_file(tensors, weights, metadata={"format": "pt"})
-    files = open_model(str(path))
+    with pytest.raises(QuantError, match=re.escape(f"{weights}: {bad!r} is F8_E4M3 but config.json has no")):
+        open_model(str(path))
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     server, _, port = start_server(store, "fp8-unscaled")
     ch = tls.channel(f"127.0.0.1:{port}", channel_options())
@@ -189,7 +216,7 @@ def test_an_fp8_expert_weight_without_fp8_config_is_failed_precondition(tmp_path
         with pytest.raises(grpc.RpcError) as e:
             _load(stub, [(0, 1), (0, 2)])
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.value.code(), e.value.details())
-        assert f"{weights}: {bad!r} is F8_E4M3" in e.value.details(), e.value.details()
+        assert f"{weights}: changed on disk" in e.value.details() and repr(bad) in e.value.details(), e.value.details()
         assert store.held() == [(0, 0)]
         req = ExpertRequest(0, torch.randn(3, files.spec.hidden_size), torch.zeros(3, 1, dtype=torch.int32),
                             torch.ones(3, 1))

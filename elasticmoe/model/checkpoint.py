@@ -171,6 +171,11 @@ class Checkpoint:
             shape[0] = v.rows[1] - v.rows[0]
         return tuple(reversed(shape)) if v.transpose else tuple(shape)
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype (F32, BF16, F8_E4M3, I32, ...) tensor `name` is stored in (a view's: its stored's)."""
+        v = self._views.get(name)
+        return self._require(v.stored if v is not None else name)["dtype"]
+
     def _require(self, name: str) -> dict[str, Any]:
         if name not in self._meta:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+from elasticmoe.model.quant import FP8_DTYPES, QuantError
 
 if TYPE_CHECKING:
     from elasticmoe.model.names import ExpertRef
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts\.)\d+\.(?P<proj>\w+)\.weight$")
 _PROJS = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}  # Mixtral: w1, w3, w2
 _PACKED = ("gate_up_proj", "down_proj")  # the packed roles (WeightNames' parts), biases and scales beside them
+_FLOATS = ("F64", "F32", "F16", "BF16")  # the floating dtypes a weight can be read from (FP8 aside)
 
 
 def check_experts(ckpt: Checkpoint, parts: dict[tuple[int, int], dict[str, str]], num_experts: int) -> None:
@@ -71,6 +73,30 @@ def check_expert_shapes(ckpt: Checkpoint, refs: dict[tuple[int, int], ExpertRef]
                 raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} is {what}, but config.json makes it {wanted} "
                                       f"(hidden size {hidden}, expert intermediate size {inter}; transformers refuses "
                                       "it)")
+
+
+def check_expert_dtypes(ckpt: Checkpoint, refs: dict[tuple[int, int], ExpertRef]) -> None:
+    """Each routed expert tensor in `refs` stored in a dtype its read can use: weights and biases floating point
+    (F8_E4M3 / F8_E5M2 only under config.json's quantization_config 'fp8', which scales them), MXFP4 blocks and
+    scales U8. Without it a shard opened a checkpoint with integers where a weight is, or bare FP8, and only each of
+    its loads failed (Checkpoint.read_weight, expert_math). Only the headers are read."""
+    seen: set[str] = set()  # a packed tensor is every expert's of its layer: checked once
+    for _, ref in sorted(refs.items()):
+        mxfp4 = {ref.gate_up: ref.gate_up_scales, ref.down: ref.down_scales}
+        for name in (ref.gate, ref.up, ref.down, ref.gate_up, ref.gate_up_bias, ref.down_bias, *mxfp4.values()):
+            if name is None or name in seen:
+                continue
+            seen.add(name)
+            dtype, file = ckpt.dtype(name), ckpt.file_of(name)
+            if mxfp4.get(name) is not None or name in (ref.gate_up_scales, ref.down_scales):
+                if dtype != "U8":  # bytes: a signed or wider reading gives other codes and exponents
+                    raise CheckpointError(f"{file}: MXFP4 {name!r} is {dtype}, want U8 (E2M1 code / E8M0 exponent "
+                                          "bytes)")
+            elif dtype in FP8_DTYPES and ckpt.quant.method != "fp8":
+                raise QuantError(f"{file}: {name!r} is {dtype} but config.json has no quantization_config 'fp8' to "
+                                 "scale it (its values would be meaningless)")
+            elif dtype not in _FLOATS and dtype not in FP8_DTYPES:
+                raise CheckpointError(f"{file}: {name!r} is stored as {dtype}, but it is a weight (floating point)")
 
 
 def _where_missing(ckpt: Checkpoint, sibling: str) -> Path:

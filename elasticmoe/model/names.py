@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
-from elasticmoe.model.expert_check import check_expert_shapes, check_experts
+from elasticmoe.model.expert_check import check_expert_dtypes, check_expert_shapes, check_experts
 from elasticmoe.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ class WeightNames:
             self.used.update(p.values())
         if self.spec.moe.expert_act == "silu":
             check_expert_shapes(self.ckpt, self.experts, self.spec.hidden_size, self.spec.moe.intermediate_size)
+        check_expert_dtypes(self.ckpt, self.experts)
 
     def _first(self, *names: str) -> str | None:
         name = next((n for n in names if n in self.ckpt), None)
