@@ -9,26 +9,7 @@ import pytest
 
 from elasticmoe.autoscaler import policy
 from elasticmoe.placement import Placement, plan
-
-
-class _Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    c = _Clock()
-    monkeypatch.setattr(policy.time, "monotonic", c)
-    return c
-
-
-def _counters(served: np.ndarray, layers: list[int]) -> dict[tuple[int, int], int]:
-    """{(model layer, expert): cumulative tokens} of one shard. served: [L, E]."""
-    return {(layers[l], e): int(n) for (l, e), n in np.ndenumerate(served) if n}
+from tests.tracker_util import clock, counters  # noqa: F401 - clock: the fixture
 
 
 def test_a_missed_read_leaves_the_shards_expert_load_as_it_was(clock):
@@ -45,7 +26,7 @@ def test_a_missed_read_leaves_the_shards_expert_load_as_it_was(clock):
         served["a"] += rates * on_a
         served["b"] += rates * ~on_a
         missed = r == 50
-        stats = {s: (_counters(n, layers), 0.0) for s, n in served.items() if not (missed and s == "b")}
+        stats = {s: (counters(n, layers), 0.0) for s, n in served.items() if not (missed and s == "b")}
         tracker.update(stats, {l: i for i, l in enumerate(layers)}, unread={"b"} if missed else set())
         if r >= 45:
             np.testing.assert_allclose(tracker.ema, rates, rtol=0.01, err_msg=f"round {r}")
@@ -69,7 +50,7 @@ def test_a_rebalance_after_a_missed_read_keeps_the_shares(clock):
         clock.now += 1.0
         served += rates[None] * split
         missed = r == 38
-        stats = {f"s{s}": (_counters(served[s], layers), 0.0) for s in range(shards) if not (missed and s == 0)}
+        stats = {f"s{s}": (counters(served[s], layers), 0.0) for s in range(shards) if not (missed and s == 0)}
         tracker.update(stats, {l: i for i, l in enumerate(layers)}, unread={"s0"} if missed else set())
     q = plan(tracker.planning_load(), shards, 5, current=p, max_moves=8)
     assert (q.balancedness(rates) > 0.98).all(), q.balancedness(rates)

@@ -8,26 +8,7 @@ import numpy as np
 import pytest
 
 from elasticmoe.autoscaler import policy
-
-
-class _Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    c = _Clock()
-    monkeypatch.setattr(policy.time, "monotonic", c)
-    return c
-
-
-def _counters(served: np.ndarray, layers: list[int]) -> dict[tuple[int, int], int]:
-    """{(model layer, expert): cumulative tokens} of one shard. served: [L, E]."""
-    return {(layers[l], e): int(n) for (l, e), n in np.ndenumerate(served) if n}
+from tests.tracker_util import clock, counters  # noqa: F401 - clock: the fixture
 
 
 def test_a_scale_out_shard_keeps_its_experts_load_through_its_first_round(clock):
@@ -50,7 +31,7 @@ def test_a_scale_out_shard_keeps_its_experts_load_through_its_first_round(clock)
             for s in on:
                 served[s] += rates * on[s] * 0.5
         live = ["a", "b", "c"] if r >= 45 else ["a", "b"]
-        stats = {s: (_counters(served[s], layers), 0.0) for s in live}
+        stats = {s: (counters(served[s], layers), 0.0) for s in live}
         uptime = {s: clock.now - (900.0 if s != "c" else c_started) for s in live}
         tracker.update(stats, {l: i for i, l in enumerate(layers)}, unread=(), uptime=uptime)
         if r >= 40:
