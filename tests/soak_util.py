@@ -262,14 +262,16 @@ def _fds() -> dict[str, int]:
     return dict(kinds)
 
 
-def objects() -> dict[str, int]:
-    """The TRACKED objects alive, by type, after a full collection. pytest's log capture keeps every record, and a
-    record's args (a step's failure, its traceback, the frames' locals) hold sequences and steps: the records are
-    let go first (the text stays in the report)."""
+def objects(collect: bool = True) -> dict[str, int]:
+    """The TRACKED objects by type: those alive, after a full collection; else (`collect` False) those alive and those
+    that only the cyclic collector would free. pytest's log capture keeps every record, and a record's args (a
+    step's failure, its traceback, the frames' locals) hold sequences and steps: the records are let go first (the
+    text stays in the report)."""
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "LogCaptureHandler":
             handler.records.clear()
-    gc.collect()
+    if collect:
+        gc.collect()
     counts = collections.Counter(type(o).__name__ for o in gc.get_objects() if type(o) in TRACKED)
     return {t.__name__: counts.get(t.__name__, 0) for t in TRACKED}
 

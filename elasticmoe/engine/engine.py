@@ -244,7 +244,11 @@ class Engine:
             self._finish(seq, "length")
 
     def fail(self, seq: Sequence, error: BaseException) -> None:
-        """End this request only: the client gets UNAVAILABLE / HTTP 503, never the raw internal error."""
+        """End this request only: the client gets UNAVAILABLE / HTTP 503, never the raw internal error. `error` stays
+        (seq.error's cause) without tracebacks, its own and those of the errors it was raised in the handling of:
+        their frames (the step's, the forward's tensors among their locals) hold `seq`, a cycle that only a full
+        garbage collection frees, which a serving process may not run for minutes."""
+        _drop_tracebacks(error)
         seq.error = self._failure(seq.request_id, error)
         self._release(seq, "abort")
         self._forget(seq)
@@ -322,3 +326,14 @@ class Engine:
             return self.model.logits(hidden)
         finally:
             self._zero(slot, min(len(token_ids), self.cache.max_len))
+
+
+def _drop_tracebacks(error: BaseException) -> None:
+    """Drop the tracebacks of `error` and of every error in its __cause__ and __context__ chains."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            e.__traceback__ = None
+            todo += [e.__cause__, e.__context__]

@@ -92,10 +92,12 @@ class Step:
 
     # ----- answers
     def _take(self, g: Group, attempt: int, c: Call) -> None:
-        """Record c's answer (or failure) in group g's attempt."""
-        try:
-            resp = c.future.result()
-        except Exception as e:  # noqa: BLE001 - any failure of the call but a refusal (busy) is that shard's
+        """Record c's answer (or failure) in group g's attempt. The failure is read, never raised: a raise would
+        give it a traceback through this frame (the step) and its callers (the forward's tensors), a cycle through
+        c.future that only a full garbage collection frees; and one error object fails all of a broken
+        connection's calls, each raise adding the frames of its step to that one traceback."""
+        e = c.future.exception()
+        if e is not None:  # any failure of the call but a refusal (busy) is that shard's
             if is_busy(e) or is_oversize(e):
                 log.info("shard %s refused a call at layer %d: %s", c.shard_id, self.layer, e.details())
                 self._refused(g, attempt, c, busy=is_busy(e))
@@ -108,8 +110,9 @@ class Step:
             log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
             self._fail(g, attempt, c.shard_id, report=True)
             return
+        resp = c.future.result()
         if resp.missing:  # the placement moved these experts: another copy takes them, this shard the rest
-            g.lacks.setdefault(c.shard_id, set()).update(int(e) for e in resp.missing)
+            g.lacks.setdefault(c.shard_id, set()).update(int(x) for x in resp.missing)
             self._fail(g, attempt, None, report=False)
             return
         try:

@@ -115,7 +115,8 @@ class _Stream(Multiplexed):
                     self.fail_unreadable(reply, reply.frame_id)
                     continue
                 self.resolve(reply)
-        except grpc.RpcError as e:
+        except grpc.RpcError as e:  # the stream's own call (grpc raises it), kept as its calls' failure and in error:
+            e.__traceback__ = None  # its traceback's frames (this one) would hold this stream in a cycle with it
             err = e  # as gRPC ended it, should reading it as a refusal (Health asked again) fail
             err = self._refusal(self.address, e)
         except Exception as e:  # noqa: BLE001 - any reader failure fails the stream's calls
