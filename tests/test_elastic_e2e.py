@@ -227,6 +227,7 @@ def test_faults_during_a_scale_sequence_lose_nothing(apps, ray_cluster):
         controller.set_target_shards.remote(3).result()
         load.wait_mid()  # the kill below lands mid-stream, not between the lock-step requests
         joining = controller.status.remote().result()
+        load.wait_mid()  # again: the status call can outlast a stream's second half on a loaded machine
         os.kill(victim, signal.SIGKILL)
         killed = time.time()
         assert sum(1 for x in joining["shards"] if x["ready"]) < 3, "the third shard had joined before the kill"
@@ -235,6 +236,7 @@ def test_faults_during_a_scale_sequence_lose_nothing(apps, ray_cluster):
         assert controller.set_target_shards.remote(2).result() == 2
         load.wait_mid()  # the kill below lands mid-stream, not between the lock-step requests
         pending = controller.status.remote().result()
+        load.wait_mid()
         os.kill(pid, signal.SIGKILL)
         crashed = time.time()
         assert pending["num_shards"] == 3, "the scale-in had finished before the controller was killed"

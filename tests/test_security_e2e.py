@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import select
 import socket
 import urllib.error
 import urllib.request
@@ -224,22 +225,20 @@ def test_grpc_needs_the_key(secured, address):
 
 
 def _status_while_sending(head: bytes, chunk: bytes, most: int) -> int:
-    """Send `head` then up to `most` bytes in `chunk`s on a raw connection to Serve's HTTP proxy, stopping at its
-    answer; its status code (0: no answer)."""
+    """Send `head` then up to `most` bytes in `chunk`s on a raw connection to Serve's HTTP proxy, until it answers
+    or stops reading (a send that waits 5 s); its status code (0: no answer)."""
     with socket.create_connection(("127.0.0.1", 8000), timeout=60) as s:
         s.sendall(head)
-        s.setblocking(False)
-        sent, got = 0, b""
-        while sent <= most and not got:
+        sent = 0
+        while chunk and sent < most and not select.select([s], [], [], 0)[0]:
+            s.settimeout(5)
             try:
-                got = s.recv(4096)
-            except BlockingIOError:
-                try:
-                    s.sendall(chunk) if chunk else None
-                except (BlockingIOError, ConnectionError):
-                    pass
-                sent += len(chunk) or most + 1
+                s.sendall(chunk)  # blocking: a chunk goes whole or the sending stops (no torn chunk framing)
+            except (TimeoutError, ConnectionError):
+                break
+            sent += len(chunk)
         s.settimeout(60)
+        got = b""
         while b"\r\n" not in got:
             more = s.recv(4096)
             if not more:
