@@ -13,7 +13,8 @@ DOC = ROOT / "docs" / "DEPLOY.md"
 # Commands a machine without a cloud, a Kubernetes cluster, Docker or a free Ray port cannot run (the tiny
 # `serve deploy` runs end to end in tests/test_wheel.py; `pip wheel` is the wheel fixture there).
 NOT_HERE = ("docker ", "ray exec cluster/aws.yaml 'serve status'", "ray exec cluster/aws.yaml 'serve shutdown",
-            "ray down ", "ray dashboard ", "RAY_AUTH_MODE=disabled RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304 ray start",
+            "ray down ", "ray dashboard ", "RAY_AUTH_MODE=disabled RAY_SERVE_GRPC_MAX_MESSAGE_SIZE=4194304 "
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=elasticmoe.rpc.serve_http_proxy:middlewares ray start",
             "serve deploy deployments/tiny.yaml",
             "serve status", "serve shutdown", "elasticmoe generate", "curl ", "pip wheel --no-deps -w dist .")
 
