@@ -57,6 +57,7 @@ class Rig:
 
     def __init__(self, folder: Path, transport: str):
         self.wire = transport  # the dispatcher's transport: unary, stream or socket
+        self.foreign = set(threading.enumerate())  # earlier tests' threads (they may end during the soak): not counted
         path, self.files, _ = tiny_mixtral(folder)
         spec = self.files.spec
         # [server, servicer, port] of shards s0 and s1
@@ -244,9 +245,9 @@ def at_once(rig: Rig, kinds=KINDS, failing: bool = False) -> list[str]:
 
 # ----- what the gateway and the shards hold
 
-def _threads() -> dict[str, int]:
-    """Live threads by name, digits dropped (thread pools' workers apart: see POOLS)."""
-    names = ("".join(c for c in t.name if not c.isdigit()) for t in threading.enumerate())
+def _threads(foreign: set[threading.Thread]) -> dict[str, int]:
+    """Live threads by name, digits dropped (thread pools' workers and `foreign` threads apart: see POOLS)."""
+    names = ("".join(c for c in t.name if not c.isdigit()) for t in threading.enumerate() if t not in foreign)
     return dict(collections.Counter(n for n in names if not n.startswith(POOLS)))
 
 
@@ -283,7 +284,7 @@ def held(rig: Rig) -> dict:
     conns = getattr(t, "_conns", getattr(t, "_streams", {}))
     addresses, ids = {f"127.0.0.1:{port}" for _, _, port in rig.shards}, {"s0", "s1"}  # kept per shard: these at most
     return {
-        "threads": _threads(), "fds": _fds(), "objects": objects(),
+        "threads": _threads(rig.foreign), "fds": _fds(), "objects": objects(),
         "runner": {"streams": len(r._streams), "admitted": r._live, "refused_groups": len(r._refused_groups)},
         "engine": {"seqs": len(e.seqs), "free_slots": e.scheduler.num_free_slots, "running": len(e.scheduler.running),
                    "waiting": len(e.scheduler.waiting), "held_slots": len(e.held_slots),
