@@ -281,6 +281,7 @@ def held(rig: Rig) -> dict:
     """Everything the gateway and its shards keep that a request, a call, a reconnect or a table could add to."""
     d, t, r = rig.dispatcher, rig.dispatcher.transport, rig.runner
     e = r.engine
+    gc.collect()  # before the fds are counted: garbage (an earlier test's channel, say) closes its sockets now
     conns = getattr(t, "_conns", getattr(t, "_streams", {}))
     addresses, ids = {f"127.0.0.1:{port}" for _, _, port in rig.shards}, {"s0", "s1"}  # kept per shard: these at most
     return {
