@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from elasticmoe.lazy import lazy_exports
 
 # Public names -> defining submodule. Resolved lazily (PEP 562) so that a module here that needs no torch (tiny_cli,
 # embedded, families) imports none: the `elasticmoe` command's parser reads tiny_cli (tests/test_cli_imports.py).
@@ -27,14 +28,4 @@ if TYPE_CHECKING:
     from elasticmoe.model.spec import ModelSpec
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # cache: later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

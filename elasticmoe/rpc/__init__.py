@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from elasticmoe.lazy import lazy_exports
 
 # Public names -> defining submodule. Resolved lazily (PEP 562) so that `python -m
 # elasticmoe.rpc.generate` neither imports torch nor needs the generated code to be importable.
@@ -29,14 +30,4 @@ if TYPE_CHECKING:
                                       decode_tensor, encode_tensor, server_options, tune_malloc)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # cache: later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
