@@ -21,7 +21,7 @@ from elasticmoe.gateway.openai_body import parse_body
 from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
 from elasticmoe.gateway.openai_field_errors import describe
-from elasticmoe.gateway.openai_messages import chat_chars, chat_ids
+from elasticmoe.gateway.openai_messages import chat_chars, chat_ids, generation_prompt
 from elasticmoe.gateway.tokenizing import chars_of, parsed, tokenized
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, check_model,
@@ -118,8 +118,9 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
     try:
         reject_unsupported(req)
         check = _validator(core)
-        ids = await tokenized(chat_chars(req.messages, req.tools), chat_ids, core.tokenizer, req.messages, check, True,
-                              req.tools)
+        add = generation_prompt(req.add_generation_prompt, req.continue_final_message)
+        ids = await tokenized(chat_chars(req.messages, req.tools), chat_ids, core.tokenizer, req.messages, check, add,
+                              req.tools, req.continue_final_message)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context allows (generation_config's where less;
             # chat_ids refused a prompt that fills the context, naming messages)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from elasticmoe.engine.sampling import InvalidRequest
 from elasticmoe.gateway.openai_choices import record_outcome
-from elasticmoe.gateway.openai_messages import ChatMessage, Tool, chat_chars, chat_ids, check_tools
+from elasticmoe.gateway.openai_messages import ChatMessage, Tool, chat_chars, chat_ids, check_tools, generation_prompt
 from elasticmoe.gateway.openai_protocol import ApiError
 from elasticmoe.gateway.tokenizing import chars_of, tokenized
 from elasticmoe.metrics import KV_USAGE_HELP
@@ -26,7 +26,8 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # of a prompt, vLLM's default; chat messages take the template's alone
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = None  # with messages, as chat completions takes it and the next field
+    continue_final_message: bool = False
     tools: list[Tool] | None = None  # with messages: given to the template as chat completions gives them
     return_token_strs: bool = False
 
@@ -108,8 +109,9 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
                 ids = await tokenized(chars_of(req.prompt), check.encode, core.tokenizer, req.prompt, "prompt",
                                       req.add_special_tokens)
             else:
+                add = generation_prompt(req.add_generation_prompt, req.continue_final_message)
                 ids = await tokenized(chat_chars(req.messages, req.tools), chat_ids, core.tokenizer, req.messages,
-                                      check, req.add_generation_prompt, req.tools)
+                                      check, add, req.tools, req.continue_final_message)
         except InvalidRequest as e:
             raise _invalid(core, e) from None
         body: dict[str, Any] = {"count": len(ids), "max_model_len": check.max_model_len, "tokens": ids}

@@ -269,17 +269,32 @@ def _conversation(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], in
     return conv, size
 
 
+def generation_prompt(add: bool | None, continue_final: bool) -> bool:
+    """Whether the template opens a new assistant turn, from vLLM's add_generation_prompt (default true) and
+    continue_final_message: continuing the final message leaves it open, so add_generation_prompt left out is taken
+    as false with it, and true is a 400 naming continue_final_message (vLLM's "Cannot set both")."""
+    if not continue_final:
+        return True if add is None else add
+    if add:
+        raise InvalidRequest("continue_final_message", "cannot be true with add_generation_prompt true (the one "
+                                                       "continues the final message, the other opens a new one): set "
+                                                       "add_generation_prompt false")
+    return False
+
+
 def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_generation_prompt: bool = True,
-             tools: list[Tool] | None = None) -> list[int]:
+             tools: list[Tool] | None = None, continue_final: bool = False) -> list[int]:
     """Apply the checkpoint's chat template (with the assistant generation prompt unless told not; `tools`, if any,
-    given to it as vLLM gives them) -> token ids."""
+    given to it as vLLM gives them; continue_final: the prompt ends inside the final message, as transformers'
+    continue_final_message cuts it) -> token ids."""
     conv, size = _conversation(messages)
     limit = check.limits.max_prompt_bytes
     if size > limit:
         raise InvalidRequest("messages", f"{size} bytes of content; the limit is {limit}")
     try:
         text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                             tools=[t.model_dump(exclude_unset=True) for t in tools or ()] or None)
+                                             tools=[t.model_dump(exclude_unset=True) for t in tools or ()] or None,
+                                             continue_final_message=continue_final)
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
         raise InvalidRequest("messages", f"the chat template rejected the conversation: {short(str(e), 200)}") from e
     rendered = len(text.encode("utf-8", "replace"))  # each message adds its template's text: held as a prompt is

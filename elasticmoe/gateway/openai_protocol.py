@@ -123,6 +123,10 @@ class ChatRequest(BaseRequest):
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
+    # vLLM's: a new assistant turn (left out: true, but false with continue_final_message), or the final message
+    # continued (a prefill: the prompt ends inside it); see openai_messages.generation_prompt
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
