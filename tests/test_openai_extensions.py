@@ -237,6 +237,21 @@ def test_tokenize_honours_add_special_tokens(bos_served):
     assert json.loads(_http(url, "/tokenize", {"prompt": FOX})[1])["tokens"] == got[True]["tokens"]
 
 
+def test_a_chat_prompt_holds_one_bos_where_the_tokenizer_would_add_another(bos_served):
+    """The template writes BOS and this tokenizer adds one to every text it encodes with special tokens: the
+    rendered chat is tokenized without them, as transformers' apply_chat_template does, so it starts with one."""
+    core, url = bos_served
+    tok, msgs = core.tokenizer, [{"role": "user", "content": "Hi"}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2  # what adding special tokens would give
+    want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    want = list(want if isinstance(want, list) else want["input_ids"])
+    got = json.loads(_http(url, "/tokenize", {"messages": msgs})[1])["tokens"]
+    assert got == want and want.count(tok.bos_token_id) == 1
+    chat = json.loads(_http(url, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1})[1])
+    assert chat["usage"]["prompt_tokens"] == len(want)
+
+
 def test_generation_config_supplies_defaults_and_eos_ids(demo):
     from elasticmoe.engine.checkpoint_defaults import generation_config
 
