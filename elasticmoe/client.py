@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from numbers import Real
 from typing import Iterator
 
 import grpc
@@ -24,6 +25,13 @@ def check_api_key(key: str, where: str) -> str:
     if key.isascii() and key.isprintable():
         return key
     raise ValueError(f"{where}: an API key must be printable ASCII (gRPC metadata carries nothing else)")
+
+
+def check_timeout(value, where: str) -> float:
+    """`value` as a call's timeout in seconds, above 0 and at most MAX_TIMEOUT_S; else a ValueError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= MAX_TIMEOUT_S:
+        raise ValueError(f"{where}: must be at most {MAX_TIMEOUT_S:g} seconds and above 0, got {value!r}")
+    return float(value)
 
 
 def make_request(prompt: str | None = None, prompt_token_ids: list[int] | None = None, request_id: str = "",
@@ -61,17 +69,17 @@ class GenerationClient:
     """`GenerationClient("127.0.0.1:9000").generate("Hello", max_tokens=8, temperature=0)`.
 
     `api_key` (default: $ELASTICMOE_API_KEY) is sent as the `authorization: Bearer <key>` metadata; `tls` (or
-    root certificates as PEM bytes) for a front door behind TLS. `timeout_s` is each call's deadline, a stream's
-    included from its start to its last message: past it the call fails DEADLINE_EXCEEDED (grpc.RpcError, raised
-    by `generate` or by the stream's next message) and the server aborts the request. Errors are grpc.RpcError
-    with generation.proto's codes; a value protobuf cannot carry is a ValueError naming its field (an unknown
-    sampling field: TypeError).
+    root certificates as PEM bytes) for a front door behind TLS. `timeout_s` is each call's deadline by default,
+    and `generate(..., timeout=5)` / `stream(..., timeout=5)` one call's (seconds, a stream's from its start to its
+    last message): past it the call fails DEADLINE_EXCEEDED (grpc.RpcError, raised by `generate` or by the stream's
+    next message) and the server aborts the request, freeing its place in the engine. Errors are grpc.RpcError with
+    generation.proto's codes; a value protobuf cannot carry, or a timeout out of range, is a ValueError naming its
+    field (an unknown sampling field: TypeError).
     """
 
     def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300,
                  api_key: str | None = None, tls: bool | bytes = False):
-        if not 0 < timeout_s <= MAX_TIMEOUT_S:
-            raise ValueError(f"timeout_s: must be at most {MAX_TIMEOUT_S:g} seconds and above 0, got {timeout_s!r}")
+        check_timeout(timeout_s, "timeout_s")
         options = channel_options(keepalive_s=None)  # Serve's proxy takes no keepalive pings
         if isinstance(tls, bytes) and not tls.strip():  # falsy: it made a plaintext channel, the key in the clear
             raise ValueError("tls: the root certificates are empty (give the CA's PEM bytes, or True for the "
@@ -88,11 +96,18 @@ class GenerationClient:
         self.metadata = (("application", app),) + ((("authorization", f"Bearer {key}"),) if key else ())
         self.timeout_s = timeout_s
 
-    def generate(self, prompt: str | None = None, **kw) -> gen.GenerateResponse:
-        return self.stub.Generate(make_request(prompt, **kw), metadata=self.metadata, timeout=self.timeout_s)
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout_s if timeout is None else check_timeout(timeout, "timeout")
 
-    def stream(self, prompt: str | None = None, **kw) -> Iterator[gen.GenerateResponse]:
-        return self.stub.GenerateStream(make_request(prompt, **kw), metadata=self.metadata, timeout=self.timeout_s)
+    def generate(self, prompt: str | None = None, timeout: float | None = None, **kw) -> gen.GenerateResponse:
+        """One answer; `timeout`: this call's deadline in seconds (None: the client's timeout_s)."""
+        deadline = self._deadline(timeout)
+        return self.stub.Generate(make_request(prompt, **kw), metadata=self.metadata, timeout=deadline)
+
+    def stream(self, prompt: str | None = None, timeout: float | None = None, **kw) -> Iterator[gen.GenerateResponse]:
+        """The answer's messages as they come; `timeout`: the whole stream's deadline in seconds (None: timeout_s)."""
+        deadline = self._deadline(timeout)
+        return self.stub.GenerateStream(make_request(prompt, **kw), metadata=self.metadata, timeout=deadline)
 
     def close(self) -> None:
         self.channel.close()

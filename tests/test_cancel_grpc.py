@@ -169,3 +169,51 @@ def test_a_client_gone_after_its_last_token_is_counted_ok_once(model, caplog, ki
         quiet(caplog)
     finally:
         door.close()
+
+
+@pytest.mark.parametrize("kind", ["unary", "stream"])
+def test_a_per_call_timeout_of_the_client_ends_its_call_and_frees_its_slot(model, reference, caplog,  # noqa: F811
+                                                                           kind):
+    """GenerationClient's `timeout=` on one call (the client's own default here: 60 s). The method took no such
+    argument (TypeError: an unknown sampling field), so a caller's only deadline was the client's. Now a call past
+    its own deadline mid-decode raises DEADLINE_EXCEEDED to the caller, the server aborts the request (its slot and
+    K/V freed, counted once as cancelled) and the neighbour gets its tokens as alone; a timeout out of range is a
+    ValueError naming `timeout`, before any call."""
+    door = _Door(model, max_num_seqs=2)
+    core, gate, client = door.core, door.gate, door.client
+    nids = core.tokenizer.encode(NEIGHBOUR)
+    for bad in (0, -1, float("nan"), 2e9, True, "5"):
+        with pytest.raises(ValueError, match="^timeout: must be at most 1e\\+09 seconds and above 0"):
+            (client.generate if kind == "unary" else client.stream)(VICTIM, timeout=bad, max_tokens=4)
+    raised: list[grpc.RpcError] = []
+
+    def victim() -> None:
+        kw = dict(timeout=3.0, request_id="victim", max_tokens=200, **GREEDY)  # 3 s: time to reach mid-decode
+        try:
+            if kind == "unary":
+                client.generate(VICTIM, **kw)
+            else:
+                list(client.stream(VICTIM, **kw))
+        except grpc.RpcError as e:
+            raised.append(e)
+    try:
+        neighbour = door.neighbour()
+        gate.hold()
+        caller = threading.Thread(target=victim)
+        caller.start()
+        gate.step_until(at_stage(core, nids, "decode"))
+        held = victims(core, nids)
+        assert len(held) == 1 and not held[0].finished  # mid-decode: K tokens out of 200
+        tokens = [len(s.output_ids) for s in held]
+        wait_for(lambda: core.metrics.requests.get(("grpc", "cancelled")) == 1,  # while the engine stands still
+                 f"the server never saw the deadline pass: {core.metrics.requests}")
+        caller.join(10)
+        assert [e.code() for e in raised] == [grpc.StatusCode.DEADLINE_EXCEEDED]
+        gate.release()
+        neighbour.join(30)
+        assert list(door.got[0].token_ids) == list(reference)
+        assert_aborted(core, held, tokens, 2)
+        assert core.metrics.requests == {("grpc", "ok"): 1, ("grpc", "cancelled"): 1}
+        quiet(caplog)
+    finally:
+        door.close()
