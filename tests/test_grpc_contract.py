@@ -116,12 +116,14 @@ def test_serve_proxys_registration_reads_requests_the_same_way(model):  # noqa: 
     ({"temperature": -0.5}, "temperature", ">= 0"), ({"temperature": 1e-40}, "temperature", "use 0 for greedy"),
     ({"top_p": 0.0}, "top_p", "(0, 1]"), ({"top_k": -2}, "top_k", "-1 (off)"),
     ({"stop": [""]}, "stop", "non-empty"), ({"stop": ["x" * 257]}, "stop", "the limit is 256"),
-    ({"stop": ["s"] * 17}, "stop", "the limit is 16"),
+    ({"stop": ["s"] * 17}, "stop", "the limit is 16"), ({"stop": ["ok", ""]}, "stop[1]", "non-empty"),
+    ({"stop": ["ok", "x" * 257, "x"]}, "stop[1]", "the limit is 256"),
     ({"logprobs": 21}, "logprobs", "[0, 20], got 21"), ({"logprobs": 2**32 - 1}, "logprobs", "[0, 20], got 4294967295"),
 ])
 def test_each_value_out_of_range_names_its_field_and_the_range_the_proto_documents(port, sampling, field, says):
     """A uint32 logprobs above int32's range was refused as "must be in [0, 2147483647]", a range the proto never
-    gave (it says at most 20) and one that 21 is in; every refusal now states the range the server holds to."""
+    gave (it says at most 20) and one that 21 is in; every refusal now states the range the server holds to. One of
+    several stop strings empty or too long was named "stop", not "stop[i]" as the proto documents."""
     _, raw = port
     data = gen.GenerateRequest(prompt=PROMPT, sampling=gen.SamplingParams(**sampling)).SerializeToString()
     for code, details in raw.both(data):

@@ -35,9 +35,12 @@ V, T, U, CTX = "invalid_value", "invalid_type", "unsupported_value", "context_le
     ({"stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo", "unknown_parameter"),
     ({"extra_body": {"best_of": 2}}, "best_of", U), ({"stream_options": {"include_usage": True}}, "stream_options", V),
     ({"extra_body": {"stop_token_ids": [1, "x"]}}, "stop_token_ids[1]", T),
+    ({"stop": ["ok", ""]}, "stop[1]", V), ({"stop": ["ok", "x" * 257]}, "stop[1]", V), ({"stop": ""}, "stop", V),
+    ({"stop": "x" * 257}, "stop", V),
 ])
 def test_bad_completion_fields_are_openai_400s(served, kw, param, code):
-    """Every 400 names the field (its path, as OpenAI writes it) and carries OpenAI's code for the fault."""
+    """Every 400 names the field (its path, as OpenAI writes it) and carries OpenAI's code for the fault. One of
+    several stop strings empty or too long was named `stop`, not which one: now `stop[i]` (a lone one: `stop`)."""
     _, client = served
     args = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **kw}
     with pytest.raises(openai.BadRequestError) as e:

@@ -107,6 +107,12 @@ def check_text(name: str, s: Any, max_chars: int | None = None, max_bytes: int |
     return s
 
 
+def stop_field(i: int, n: int) -> str:
+    """The name of the i-th of a request's n stop strings in an error: "stop[i]" of several, "stop" of one (as
+    generation.proto documents it, and as the OpenAI API takes one stop string: a string)."""
+    return f"stop[{i}]" if n > 1 else "stop"
+
+
 def check_sampling(p: Any) -> None:
     """Intrinsic checks of a SamplingParams (types, ranges, finiteness); size limits are the Validator's."""
     check_int("max_tokens", p.max_tokens, 1, INT32_MAX)
@@ -125,9 +131,9 @@ def check_sampling(p: Any) -> None:
     if p.seed is not None:
         check_int("seed", p.seed, SEED_RANGE[0], SEED_RANGE[1] - 1)
     for i, s in enumerate(p.stop):
-        check_text(f"stop[{i}]" if len(p.stop) > 1 else "stop", s)
+        check_text(stop_field(i, len(p.stop)), s)
         if not s:
-            raise InvalidRequest("stop", "stop strings must be non-empty")
+            raise InvalidRequest(stop_field(i, len(p.stop)), "stop strings must be non-empty")
     if not isinstance(p.ignore_eos, bool):
         raise InvalidRequest("ignore_eos", f"must be a boolean, got {type(p.ignore_eos).__name__}")
     if p.logprobs is not None:
@@ -222,9 +228,10 @@ class Validator:
         lim = self.limits
         if len(params.stop) > lim.max_stop_strings:
             raise InvalidRequest("stop", f"{len(params.stop)} stop strings; the limit is {lim.max_stop_strings}")
-        for s in params.stop:
+        for i, s in enumerate(params.stop):
             if len(s) > lim.max_stop_len:
-                raise InvalidRequest("stop", f"a stop string of {len(s)} characters; the limit is {lim.max_stop_len}")
+                raise InvalidRequest(stop_field(i, len(params.stop)), f"a stop string of {len(s)} characters; the "
+                                                                      f"limit is {lim.max_stop_len}")
         for name, toks, most in (("stop_token_ids", params.stop_token_ids, lim.max_stop_token_ids),
                                  ("logit_bias", params.logit_bias, lim.max_logit_bias)):
             if len(toks) > most:  # each step looks at every entry of every row: held to limits.max_<name>
