@@ -13,12 +13,14 @@ from pathlib import Path
 import yaml
 
 from elasticmoe.rpc import serve_http_proxy
+from elasticmoe.rpc.options import PROXY_MESSAGE_BYTES, PROXY_MESSAGE_ENV
 
 DASHBOARD = "http://127.0.0.1:8265"
 METRICS_PORT = 8080  # Ray's Prometheus endpoint: http://127.0.0.1:8080/metrics
-# Serve's gRPC proxy's message limit (Ray reads it in each proxy: set it for every Ray process), in bytes
-GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
-GRPC_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Serve's gRPC proxy's message limit (Ray reads it in each proxy: set it for every Ray process), in bytes; the
+# gateway reads it too, for the largest Generate answer it sends (rpc.options.answer_bytes)
+GRPC_MAX_MESSAGE_ENV = PROXY_MESSAGE_ENV
+GRPC_MAX_MESSAGE_BYTES = PROXY_MESSAGE_BYTES
 
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -9,9 +9,10 @@ import time
 import grpc
 
 from elasticmoe.gateway.auth import Unauthenticated
-from elasticmoe.gateway.grpc_api import parse_request, readable, response, status_of
+from elasticmoe.gateway.grpc_api import UnaryAnswer, parse_request, readable, response, status_of
 from elasticmoe.gateway.tokenizing import tokenized
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
+from elasticmoe.rpc.options import answer_bytes
 
 
 def fail(metrics, ctx, e: BaseException) -> None:
@@ -36,13 +37,14 @@ def fail(metrics, ctx, e: BaseException) -> None:
 
 
 class _Timed:
-    """Wraps a request's update stream: records TPOT and end-to-end latency when it finishes."""
+    """Wraps a request's update stream: when it finishes, records TPOT and end-to-end latency and counts it ok
+    (`done`); with `at_end` False, only once its caller calls `finish()` (a unary answer, once it is built)."""
 
-    def __init__(self, stream, first, t0: float, metrics):
-        self.stream, self.t0, self.m = stream, t0, metrics
-        self.first_at, self.n, self.done = time.monotonic(), len(first.token_ids), first.finished
-        if self.done:
-            self._finish()
+    def __init__(self, stream, first, t0: float, metrics, at_end: bool = True):
+        self.stream, self.t0, self.m, self.at_end = stream, t0, metrics, at_end
+        self.first_at, self.n, self.ended, self.done = time.monotonic(), len(first.token_ids), first.finished, False
+        if self.ended and at_end:
+            self.finish()
 
     def __aiter__(self):
         return self
@@ -50,12 +52,16 @@ class _Timed:
     async def __anext__(self):
         u = await self.stream.__anext__()
         self.n += len(u.token_ids)
-        if u.finished and not self.done:
-            self.done = True
-            self._finish()
+        if u.finished and not self.ended:
+            self.ended = True
+            if self.at_end:
+                self.finish()
         return u
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
         now = time.monotonic()
         if self.n > 1:
             self.m.tpot((now - self.first_at) / (self.n - 1))
@@ -76,9 +82,11 @@ class GenerationService:
 
     def __init__(self, core):
         self.core = core
+        self.max_answer_bytes = answer_bytes()  # a unary answer's (grpc_api.UnaryAnswer)
 
-    async def start(self, request, grpc_context):
-        """Check the key, validate and admit (never waiting for an engine step), then wait for the first update.
+    async def start(self, request, grpc_context, at_end: bool = True):
+        """Check the key, validate and admit (never waiting for an engine step), then wait for the first update;
+        `at_end`: count the request ok as its last update comes (else: when the caller says, _Timed.finish).
 
         Calls through a deployment handle carry no gRPC context: they come from inside the Ray cluster and are
         not checked for a key."""
@@ -93,7 +101,7 @@ class GenerationService:
             stream = self.core.runner.generate(rid, ids, params)
             first = await stream.__anext__()
             m.ttft(time.monotonic() - t0)
-            return rid, _Timed(stream, first, t0, m), first
+            return rid, _Timed(stream, first, t0, m, at_end), first
         except BaseException as e:
             if stream is not None:
                 await stream.aclose()
@@ -113,13 +121,16 @@ class GenerationService:
             await stream.aclose()
 
     async def generate(self, request, grpc_context=None):
-        rid, stream, u = await self.start(request, grpc_context)
-        tokens, lps = list(u.token_ids), list(u.logprobs)
+        """One answer, held to max_answer_bytes (an answer past it: INVALID_ARGUMENT, the request aborted then)."""
+        rid, stream, u = await self.start(request, grpc_context, at_end=False)
+        answer = UnaryAnswer(self.max_answer_bytes)
         async with self._ending(stream, grpc_context):
+            answer.add(u)
             async for u in stream:
-                tokens += u.token_ids
-                lps += u.logprobs
-        return response(rid, u, u.text, tokens, lps)
+                answer.add(u)
+            reply = answer.response(rid, u)
+            stream.finish()
+        return reply
 
     async def generate_stream(self, request, grpc_context=None):
         rid, stream, u = await self.start(request, grpc_context)

@@ -96,13 +96,58 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str, str]:
 
 
 def response(request_id: str, u: Update, text: str, token_ids, logprobs) -> gen.GenerateResponse:
-    """A GenerateResponse carrying `text` / `token_ids` (deltas when streaming) and usage."""
+    """A GenerateResponse carrying `text` / `token_ids` (deltas when streaming) and usage; `logprobs` the engine's
+    TokenLogprob or already the proto's."""
     msg = gen.GenerateResponse(
         request_id=request_id, text=text, token_ids=list(token_ids),
         finish_reason=FINISH.get(u.finish_reason or "", gen.FINISH_REASON_UNSPECIFIED),
         usage=gen.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens),
     )
-    for lp in logprobs:
-        msg.logprobs.append(gen.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                                             top=[gen.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+    msg.logprobs.extend(lp if isinstance(lp, gen.TokenLogprob) else _logprob(lp) for lp in logprobs)
     return msg
+
+
+def _logprob(lp) -> gen.TokenLogprob:
+    return gen.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                            top=[gen.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
+def _varint_bytes(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+class UnaryAnswer:
+    """A Generate answer gathered as its updates come, held to `limit` bytes (rpc.options.answer_bytes: what Serve's
+    proxy sends, what gRPC clients take by default). Past it the proxy failed the call "Sent message larger than max"
+    once the whole completion had run, naming no cause, counted ok. Now InvalidRequest names logprobs (max_tokens
+    when there are none) and GenerateStream as the way out: as soon as a lower bound of the answer's size (each
+    logprob entry's bytes, each token id's) passes the limit, so the request is aborted then, and at the end on the
+    answer's exact size."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size = limit, 0
+        self.token_ids: list[int] = []
+        self.logprobs: list[gen.TokenLogprob] = []
+
+    def add(self, u: Update) -> None:
+        self.token_ids += u.token_ids
+        self.size += sum(_varint_bytes(t) for t in u.token_ids)
+        for lp in map(_logprob, u.logprobs):
+            n = lp.ByteSize()
+            self.size += 1 + _varint_bytes(n) + n  # its tag, length and bytes: exactly its share of the answer
+            self.logprobs.append(lp)
+        if self.size > self.limit:
+            raise self._too_large(f"over {self.limit} bytes at {len(self.token_ids)} tokens")
+
+    def response(self, request_id: str, u: Update) -> gen.GenerateResponse:
+        msg = response(request_id, u, u.text, self.token_ids, self.logprobs)
+        size = msg.ByteSize()
+        if size > self.limit:
+            raise self._too_large(f"{size} bytes for {len(self.token_ids)} tokens, over {self.limit}")
+        return msg
+
+    def _too_large(self, how: str) -> InvalidRequest:
+        field, fewer = ("logprobs", "max_tokens or logprobs") if self.logprobs else ("max_tokens", "max_tokens")
+        return InvalidRequest(field, f"the answer is {how}, the most bytes one Generate answer may take "
+                                     f"(RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); use GenerateStream (each message carries "
+                                     f"a few tokens), or ask for fewer {fewer}")

@@ -59,7 +59,9 @@ class GenerationServicer:
         """Generates the whole completion, then answers once. The answer is one message: with logprobs
         N it takes some 10 * (N + 1) bytes a token (N = 20: about 210), so a completion of some
         20,000 tokens passes the 4 MiB that gRPC clients accept by default (and Serve's proxy sends,
-        as elasticmoe starts Ray); use GenerateStream for such completions.
+        as elasticmoe starts Ray); use GenerateStream for such completions. An answer past that limit
+        (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE where the gateway runs, else 4 MiB) is INVALID_ARGUMENT
+        naming logprobs (max_tokens without), the request aborted as soon as its answer passes it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -26,6 +26,19 @@ MAX_MESSAGE_BYTES = _message_bytes()
 STREAM_REPLY_BYTES = _message_bytes("ELASTICMOE_STREAM_REPLY_BYTES", 64 * MiB)
 
 
+# Serve's gRPC proxy's message limit (Ray reads it in each proxy; every place that starts Ray sets it for every Ray
+# process), and so the largest Generate answer the gateway sends (gRPC clients' default receive limit too)
+PROXY_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+PROXY_MESSAGE_BYTES = 4 * MiB
+
+
+def answer_bytes() -> int:
+    """The most bytes one Generate answer may take: $RAY_SERVE_GRPC_MAX_MESSAGE_SIZE as this process has it (a
+    gateway replica, from its Ray node, as Serve's proxy has it), else 4 MiB; ValueError naming it unless a positive
+    byte count. A larger answer was sent to the proxy, which failed the call "Sent message larger than max"."""
+    return _message_bytes(PROXY_MESSAGE_ENV, PROXY_MESSAGE_BYTES)
+
+
 # HTTP/2 and TCP settings for MiB-sized messages (both sides); ELASTICMOE_GRPC_HTTP2_TUNING=0 keeps grpc's defaults.
 HTTP2_TUNING = os.environ.get("ELASTICMOE_GRPC_HTTP2_TUNING", "1") != "0"
 HTTP2_OPTIONS: list[tuple[str, int]] = [
