@@ -241,6 +241,23 @@ def test_a_call_answered_twice_or_an_id_given_twice_is_a_400_naming_it(served, m
     assert client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=2).usage
 
 
+def test_an_id_a_later_turn_uses_again_is_taken_and_answered_in_that_turn(served):
+    """Ids are unique within one assistant message's tool_calls (above); across turns they may recur: providers whose
+    ids restart each turn (Gemini's gem_0, short per-turn counters) send them so, a tool message answers a call of the
+    assistant message right before it (so the pairing is never ambiguous), and no OpenAI refusal of it is known. The
+    conversation is rendered as transformers renders it, each result after its own turn's call."""
+    core, client = served
+    again = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Nice"}'}}
+    messages = [*CONVERSATION, USER, {"role": "assistant", "content": None, "tool_calls": [again]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    text, ids = _rendered(core, _transformers_form(messages))
+    assert text.count("[call_1: city=") == 2 and text.count("<tool_response id=call_1>") == 2
+    assert text.index("city=Nice") < text.rindex("<tool_response id=call_1>")
+    status, out = _tokenize(client, {"messages": messages})
+    assert (status, out.get("tokens")) == (200, ids), out
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2).usage.prompt_tokens == len(ids)
+
+
 def test_a_long_tool_call_is_templated_off_the_loop(served):
     """Short contents, long arguments: their parsing and the template's rendering of them run on the tokenize
     thread; the event loop meanwhile answers a short request (on it, they held every other request)."""
