@@ -1,4 +1,4 @@
-"""A small gRPC client for the `elasticmoe.v1.Generation` API (through Serve's gRPC proxy)."""
+"""A small gRPC client for the `elasticmoe.v1.Generation` API (through Serve's gRPC proxy, or a direct_grpc port)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def make_request(prompt: str | None = None, prompt_token_ids: list[int] | None =
     unknown = set(sampling) - set(_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling fields: {sorted(unknown)}")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])  # a str is one stop string, not its characters
+    stops = [stop] if isinstance(stop, str) else _named("stop", list, stop or [])  # a str: one, not its characters
     params = _named("stop", gen.SamplingParams, stop=stops)
     for k, v in sampling.items():
         if k == "seed" and isinstance(v, int) and -(1 << 63) <= v < 0:
@@ -105,7 +105,9 @@ class GenerationClient:
         return self.stub.Generate(make_request(prompt, **kw), metadata=self.metadata, timeout=deadline)
 
     def stream(self, prompt: str | None = None, timeout: float | None = None, **kw) -> Iterator[gen.GenerateResponse]:
-        """The answer's messages as they come; `timeout`: the whole stream's deadline in seconds (None: timeout_s)."""
+        """The answer's messages as they come; `timeout`: the whole stream's deadline in seconds (None: timeout_s).
+        To stop early, call its cancel() or drop it (leave a `for` loop over it: gRPC cancels a call it collects);
+        either aborts the request on the server."""
         deadline = self._deadline(timeout)
         return self.stub.GenerateStream(make_request(prompt, **kw), metadata=self.metadata, timeout=deadline)
 

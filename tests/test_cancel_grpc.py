@@ -217,3 +217,38 @@ def test_a_per_call_timeout_of_the_client_ends_its_call_and_frees_its_slot(model
         quiet(caplog)
     finally:
         door.close()
+
+
+@pytest.mark.parametrize("how", ["break", "cancel"])
+def test_a_stream_the_caller_stops_reading_is_aborted(model, reference, caplog, how):  # noqa: F811
+    """What a user of GenerationClient.stream does to stop early: leave the loop (the call, no longer referenced, is
+    cancelled by gRPC as it is collected) or call cancel() on the stream. Either aborts the request on the server
+    mid-decode: its slot and K/V freed, counted once as cancelled, the neighbour's tokens as alone."""
+    door = _Door(model, max_num_seqs=2)
+    core, gate = door.core, door.gate
+    nids = core.tokenizer.encode(NEIGHBOUR)
+    try:
+        neighbour = door.neighbour()
+        gate.hold()
+        stream = door.client.stream(VICTIM, request_id="victim", max_tokens=200, **GREEDY)
+        gate.step_until(at_stage(core, nids, "decode"))
+        held = victims(core, nids)
+        tokens = [len(s.output_ids) for s in held]
+        read = 0
+        for r in stream:  # K tokens out: the first of them have come
+            read += len(r.token_ids)
+            break
+        if how == "break":
+            del stream  # the loop's only reference: as a `for r in client.stream(...)` left by break drops it
+        else:
+            stream.cancel()
+        wait_for(lambda: core.metrics.requests.get(("grpc", "cancelled")) == 1,  # while the engine stands still
+                 f"the server never saw the caller stop: {core.metrics.requests}")
+        gate.release()
+        neighbour.join(30)
+        assert read >= 1 and list(door.got[0].token_ids) == list(reference)
+        assert_aborted(core, held, tokens, 2)
+        assert core.metrics.requests == {("grpc", "ok"): 1, ("grpc", "cancelled"): 1}
+        quiet(caplog)
+    finally:
+        door.close()

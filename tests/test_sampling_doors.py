@@ -114,12 +114,13 @@ def test_a_negative_seed_samples_alike_on_every_door(doors):
     """A seed may be negative offline and over HTTP (vLLM's and OpenAI's seeds are signed); the gRPC client
     raised protobuf's "Value out of range: -5", naming no field, as it did for any value the proto cannot carry.
     It now sends a negative seed as the unsigned 64 bits torch seeds with, so all three doors answer alike, and
-    a value out of the proto's range is a ValueError naming its field."""
+    a value out of the proto's range is a ValueError naming its field (a stop that is no list of strings too: stop=5
+    was a TypeError naming nothing)."""
     answers = doors.all(**{**SEEDED, "seed": -5})
     assert answers == [answers[0]] * 3 and answers[0][0] != "refused", answers
     assert answers[0] == doors.offline(**{**SEEDED, "seed": 2**64 - 5})
-    for kw in ({"top_k": 2**31}, {"seed": -2**63 - 1}, {"seed": 2**64}, {"temperature": "hot"}):
-        with pytest.raises(ValueError, match=next(iter(kw))):
+    for kw in ({"top_k": 2**31}, {"seed": -2**63 - 1}, {"seed": 2**64}, {"temperature": "hot"}, {"stop": 5}):
+        with pytest.raises(ValueError, match=f"^{next(iter(kw))}: "):  # stop=5 was "'int' object is not iterable"
             make_request("hi", **kw)
 
 
