@@ -23,7 +23,9 @@ def test_a_refusal_read_as_retain_closes_the_channel_fails_the_call_at_once(file
     """The shard's limit not known yet (its Health held), a frame over it goes out and gRPC ends the stream
     (RESOURCE_EXHAUSTED, message larger than max); the reader asks Health again as retain closes the channel:
     gRPC refuses a call on a closed channel (ValueError), which killed the reader, and the call waited for its
-    deadline (30 s). It now fails at once, OVERSIZE (the step splits its tokens anew)."""
+    deadline (30 s). It now fails at once, OVERSIZE (the step splits its tokens anew). retain forgot the shard's
+    limit (never known here): the refusal said "takes 0 bytes"; it now says the limit is not known, with gRPC's
+    own words (the sizes)."""
     gate = gated_health(monkeypatch, "s0")
     shards = Shards(files, [list(range(E))], {0: {"max_message_bytes": LIMIT, "insecure": True}})
     layer, address = shards.layers[0], shards.addresses[0]
@@ -47,6 +49,8 @@ def test_a_refusal_read_as_retain_closes_the_channel_fails_the_call_at_once(file
         e = call.exception(timeout=5)  # it waited the call's deadline (30 s)
         assert time.monotonic() - t0 < 2
         assert isinstance(e, grpc.RpcError) and is_oversize(e), e
+        assert "takes 0" not in e.details() and "limit not known" in e.details(), e.details()
+        assert "larger than max" in e.details(), e.details()  # gRPC's words: both sizes
     finally:
         go.set()
         gate.set()

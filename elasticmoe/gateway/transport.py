@@ -159,8 +159,11 @@ class _Channels:
                 self._ask_limit(address, stub, wait=True)
             except ValueError:  # its channel closed since (retain, close): gRPC starts no call on it
                 pass
+        # 0 when never told, or forgotten (retain dropped the shard): gRPC's words then carry both sizes alone
+        limit = self.limit(address)
+        said = f"takes {limit} bytes" if limit else "refused it, its limit not known"
         return TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{frames.OVERSIZE}: {address} takes {self.limit(address)} bytes ({e.details()})")
+                              f"{frames.OVERSIZE}: {address} {said} ({e.details()})")
 
     def check_size(self, address: str, size: int) -> None:
         """Raise OVERSIZE for a message of `size` bytes over the limit the shard announced (it would refuse it)."""
