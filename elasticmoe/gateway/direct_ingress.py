@@ -24,26 +24,30 @@ class PortClaim:
     """One application's claim on a direct port of this node. SO_REUSEPORT lets any process of this user bind the
     port too, so another application's gateways would silently share its connections; each replica holds a shared
     flock on `<dir>/<port>-<lock_name(app)>.lock` while it serves, and a replica of another application finding one
-    held is refused. A holder that dies drops its lock with it (a stale file claims nothing)."""
+    held is refused. A holder that dies drops its lock with it (a stale file claims nothing). The directory (a name
+    anyone can guess under a shared $TMPDIR) must be this user's own, no link, written by no one else: another user
+    who made it first could otherwise hold a lock there to block every application, or point it elsewhere."""
 
     def __init__(self, port: int, app: str, root: Path | None = None):
         # per user: SO_REUSEPORT shares a port among one user's processes only
         self.dir = (root or Path(tempfile.gettempdir())) / f"elasticmoe-direct-grpc-{os.getuid()}"
-        self.dir.mkdir(mode=0o700, exist_ok=True)
-        self.port, self.app = port, lock_name(app)
-        self._refuse_others()
-        self._fd = os.open(self.dir / f"{port}-{self.app}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        self.port, self.app, self._fd = port, lock_name(app), None
+        self._dir_fd = _private_dir(self.dir)  # the files below are opened through it: no path looked up again
         try:
+            self._refuse_others()
+            self._fd = os.open(f"{port}-{self.app}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600,
+                               dir_fd=self._dir_fd)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
             self._refuse_others()  # one that claimed meanwhile: both refuse, neither shares
         except OSError:
             self.release()
             raise
 
     def _refuse_others(self) -> None:
-        for path in self.dir.glob(f"{self.port}-*.lock"):
-            other = path.stem.split("-", 1)[1]
-            if other != self.app and _held(path):
+        for name in os.listdir(self._dir_fd):
+            port, _, rest = name.partition("-")
+            other = rest.removesuffix(".lock")
+            if port == str(self.port) and rest.endswith(".lock") and other != self.app and _held(name, self._dir_fd):
                 raise OSError(f"direct_grpc: port {self.port} is already served by application {other!r} on this "
                               f"node; give each application a port of its own")
 
@@ -51,6 +55,30 @@ class PortClaim:
         if self._fd is not None:
             os.close(self._fd)  # drops the lock
             self._fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+
+def _private_dir(path: Path) -> int:
+    """`path` made (0700) when missing, then opened: its descriptor. OSError naming it unless it is a directory (not
+    a link) of this user that no other may write."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:  # a link (ELOOP), a file (ENOTDIR)
+        raise OSError(f"direct_grpc: {path} is not a directory of its own ({e.strerror}); remove it, or give the "
+                      f"replicas another TMPDIR") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise OSError(f"direct_grpc: {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o}; the port "
+                      f"claims need one of uid {os.getuid()} that no other may write (remove it, or give the "
+                      f"replicas another TMPDIR)")
+    return fd
 
 
 def lock_name(app: str) -> str:
@@ -64,10 +92,10 @@ def lock_name(app: str) -> str:
     return f"{safe[:40]}~{digest}"
 
 
-def _held(path: Path) -> bool:
-    """Whether some process holds a lock on `path` (an exclusive try-lock fails)."""
+def _held(name: str, dir_fd: int) -> bool:
+    """Whether some process holds a lock on the file `name` of the directory `dir_fd` (an exclusive try-lock fails)."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     try:
