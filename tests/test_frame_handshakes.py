@@ -1,11 +1,14 @@
 """The frame listener's TLS handshakes, over real sockets: connections that open TCP and never finish TLS are bounded
-(the oldest is cut for a new one), and a real client still gets through."""
+(the oldest is cut for a new one), and a real client still gets through; a listener that ran out of descriptors
+accepts again once some are free."""
 
 from __future__ import annotations
 
 import select
 import socket
 import ssl
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 
 from elasticmoe.rpc import frame_listener, frame_socket, frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
+from tests.doc_util import REPO
 
 _REQ = ExpertRequest(0, torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
 
@@ -97,3 +101,52 @@ def test_a_handshake_trickled_byte_by_byte_is_cut_at_its_deadline(monkeypatch):
     finally:
         sock.close()
         listener.close().wait(10)
+
+
+_OUT_OF_FDS = """
+import os, resource, sys
+from elasticmoe.rpc import frames
+from elasticmoe.rpc.frame_listener import FrameListener
+
+def echo(requests, put):
+    for r in requests:
+        put(frames.reply_parts(r.id, r.hidden))
+
+listener = FrameListener(echo, "127.0.0.1", [0], insecure=True)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:  # every descriptor taken, as by connections piled up on another port of the shard
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print(listener.port, flush=True)
+sys.stdin.readline()  # a client has connected meanwhile: accept() failed, EMFILE
+for fd in held:
+    os.close(fd)
+print("freed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_listener_out_of_descriptors_accepts_again_once_some_are_free():
+    """accept() failing for want of a descriptor (EMFILE) ended the listener's accept thread as a close does: the
+    shard accepted no frame connection ever again, though it went on serving gRPC. It tries again now, and serves
+    the connections that waited in the backlog once descriptors are free. Another process: it spends all of its own."""
+    child = subprocess.Popen([sys.executable, "-c", _OUT_OF_FDS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, cwd=REPO)
+    try:
+        port = int(child.stdout.readline())
+        waiting = socket.create_connection(("127.0.0.1", port), timeout=10)  # in the backlog: accept() fails
+        time.sleep(0.5)
+        child.stdin.write("free\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "freed"
+        with waiting, socket.create_connection(("127.0.0.1", port), timeout=10) as later:
+            for i, s in enumerate((waiting, later)):
+                frame_socket.send_parts(s, frames.request_parts(i + 1, _REQ))
+                (reply,) = frame_socket.FrameReader(s).step()
+                assert frames.decode_reply(reply).id == i + 1
+    finally:
+        child.kill()
+        child.wait(10)

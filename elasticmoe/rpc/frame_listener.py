@@ -27,6 +27,7 @@ HANDSHAKE_S = 10.0
 EXIT_WAIT_S = 5.0  # at interpreter exit, how long the open listeners' frames in progress may take to finish
 REFUSE_LINGER_S = 2.0  # how long a refused connection's client may take to read the refusal and close
 REFUSE_LINGERING = 8  # refused connections lingering at once, at most (each holds a thread); more close at once
+ACCEPT_RETRY_S = 0.1  # a failed accept (no descriptor free: EMFILE) is tried again after this long
 _CHUNK = 64 << 10
 
 
@@ -85,11 +86,22 @@ class FrameListener:
         return self._ctx
 
     def _accept(self) -> None:
+        failing = False
         while True:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return  # closed
+            except OSError as e:
+                if self.closed:
+                    return
+                # out of descriptors (EMFILE: connections piled up on another of the process's ports) or of memory:
+                # the connection waits in the backlog. Returning here, as on close, accepted no one ever again
+                if not failing:
+                    log.warning("frame listener %d: cannot accept (%s); trying again every %.1f s", self.port, e,
+                                ACCEPT_RETRY_S)
+                failing = True
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            failing = False
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             keepalive(conn)  # a gateway whose host vanished frees its place within a minute, not hours
             send_timeout(conn)
