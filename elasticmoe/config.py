@@ -113,6 +113,8 @@ class Autoscaling(_Strict):
 
 
 GATEWAY_DRAIN_S = 600  # a stopping gateway's drain: the request timeout of the GPU Serve configs and the chart
+DIRECT_MAX_CONNECTIONS = 256  # client connections of one gateway replica's direct_grpc port at once
+DIRECT_IDLE_S = 300.0  # a direct_grpc client connection with no call this long is closed
 SHARD_SHUTDOWN_S = 60  # a stopping shard's graceful shutdown: its drain (re-home, the gateways' acks), then its stop
 
 
@@ -125,6 +127,10 @@ class DirectGrpc(_Strict):
                       "share it (SO_REUSEPORT), another application's are refused")
     drain_s: float = Field(GATEWAY_DRAIN_S, ge=0, le=GATEWAY_DRAIN_S, description="when Serve stops a replica, how "
                            "long its direct calls in flight may still run (within the gateway's own drain)")
+    max_connections: int = Field(DIRECT_MAX_CONNECTIONS, ge=1, le=65536, description="client connections one "
+                                 "replica holds at once; more are closed as they connect (each holds a descriptor)")
+    idle_s: float = Field(DIRECT_IDLE_S, ge=1, le=86400, description="a client connection with no call this long is "
+                          "closed (GOAWAY: a gRPC client opens a new one for its next call)")
 
 
 class AppArgs(_Strict):

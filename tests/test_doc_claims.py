@@ -214,6 +214,14 @@ def test_defaults_stated_in_the_readme():
     assert "`direct_grpc.drain_s` (default 600 s" in readme
     assert DirectGrpc(port=1).drain_s == GATEWAY_DRAIN_S == 600
     assert "127.0.0.1 unless `direct_grpc.host` says otherwise" in readme and DirectGrpc(port=1).host == "127.0.0.1"
+    from elasticmoe.gateway import direct_ingress as d
+
+    said = " ".join(readme.split())
+    assert "`direct_grpc.max_connections` client connections (default 256;" in said
+    assert "`direct_grpc.idle_s` (default 300 s;" in said and (DirectGrpc(port=1).max_connections,
+                                                                 DirectGrpc(port=1).idle_s) == (256, 300)
+    assert "not begun HTTP/2 within 10 s" in said and "(sent after 60 s silent" in said and "for 20 s:" in said
+    assert (d.HANDSHAKE_S, d.KEEPALIVE_S, d.KEEPALIVE_TIMEOUT_S) == (10, 60, 20)
     assert "The socket transport is the default (`limits.transport: socket`)" in readme
     assert Limits().transport == "socket"
     assert "(default 2 on CUDA, 1 on CPU)" in readme and Limits().micro_batches is None

@@ -241,7 +241,7 @@ def test_the_python_client_speaks_tls_to_a_tls_front_door(core, tmp_path):  # no
 
     class TlsIngress(DirectIngress):
         @staticmethod
-        async def _start(service, host, port, max_rpcs):
+        async def _start(service, host, port, max_rpcs, _options):
             from elasticmoe.gateway.generation_service import GenerationServicer
 
             server = grpc.aio.server(maximum_concurrent_rpcs=max_rpcs)

@@ -212,7 +212,7 @@ class Gateway:
             self.service = GenerationService(self.core)
             if (d := self.core.args.direct_grpc) is not None:
                 self.direct = DirectIngress(self.service, d.host, d.port, max_rpcs=self.core.runner.capacity + 64,
-                                            app=_app_name())
+                                            app=_app_name(), max_connections=d.max_connections, idle_s=d.idle_s)
         except BaseException:  # e.g. the direct port taken: the engine thread must not outlive this replica
             self.core.close()
             raise

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import grpc
 
+from elasticmoe.config import DIRECT_IDLE_S, DIRECT_MAX_CONNECTIONS
 from elasticmoe.gateway.generation_service import GenerationService, GenerationServicer, KeyFirst
 from elasticmoe.rpc.generation_wire import add_generation_to_server
 
 log = logging.getLogger(__name__)
+HANDSHAKE_S = 10.0  # a client connection that has not begun HTTP/2 (its preface and settings) by then is closed
+KEEPALIVE_S = 60.0  # a connection with calls in flight is pinged after this long silent; one whose client never
+KEEPALIVE_TIMEOUT_S = 20.0  # answers within this is closed (a vanished host: its calls end and free their places)
 
 
 class PortClaim:
@@ -107,22 +111,38 @@ def _held(name: str, dir_fd: int) -> bool:
     return False
 
 
+def _connection_options(max_connections: int, idle_s: float) -> list[tuple[str, int]]:
+    """gRPC server options bounding what local clients hold: without them a client that opened connections and left
+    them idle, or opened TCP and never spoke, kept each (a descriptor, gRPC's buffers) for as long as it liked."""
+    return [("grpc.so_reuseport", 1),  # shared by one application's replicas (PortClaim)
+            ("grpc.max_allowed_incoming_connections", max_connections),
+            ("grpc.max_connection_idle_ms", int(idle_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_S * 1000)),
+            ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000))]  # what gRPC 1.85 waits (default 60 s)
+
+
 class DirectIngress:
     """A grpc.aio server on its own thread and event loop, serving `service` at host:port.
 
     Several gateway replicas on one node share the port (SO_REUSEPORT, gRPC's default on Linux): the kernel
     spreads new connections among them. Admission is the engine runner's, as through Serve; `max_rpcs` only
-    bounds the calls one replica holds open (more get RESOURCE_EXHAUSTED from gRPC itself).
+    bounds the calls one replica holds open (more get RESOURCE_EXHAUSTED from gRPC itself). Connections are bounded
+    too (gRPC's options, _connection_options): at most `max_connections` at once (more are closed as they connect),
+    each closed after `idle_s` without a call, HANDSHAKE_S without beginning HTTP/2, or a keepalive ping unanswered.
     """
 
     def __init__(self, service: GenerationService, host: str, port: int, max_rpcs: int, app: str = "",
-                 claims: Path | None = None):
+                 claims: Path | None = None, max_connections: int = DIRECT_MAX_CONNECTIONS,
+                 idle_s: float = DIRECT_IDLE_S):
         self.claim = PortClaim(port, app, claims) if port else None  # an ephemeral port (0) is nobody else's
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="direct-ingress", daemon=True)
         self._thread.start()
         try:
-            self.server, self.port = self._call(self._start(service, host, port, max_rpcs), 30)
+            options = _connection_options(max_connections, idle_s)
+            self.server, self.port = self._call(self._start(service, host, port, max_rpcs, options), 30)
         except BaseException:
             self._end_loop()
             if self.claim is not None:
@@ -135,8 +155,8 @@ class DirectIngress:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     @staticmethod
-    async def _start(service: GenerationService, host: str, port: int, max_rpcs: int):
-        server = grpc.aio.server(maximum_concurrent_rpcs=max_rpcs, options=[("grpc.so_reuseport", 1)],
+    async def _start(service: GenerationService, host: str, port: int, max_rpcs: int, options: list):
+        server = grpc.aio.server(maximum_concurrent_rpcs=max_rpcs, options=options,
                                  interceptors=[KeyFirst(service)])  # the key before the request is read
         add_generation_to_server(GenerationServicer(service), server)
         try:
