@@ -60,8 +60,10 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: flo
     """Options for grpc(.aio) channels: raised message limits both ways and keepalive pings.
 
     Keepalive pings (also while idle) detect a dead shard within keepalive_s + keepalive_timeout_s
-    even when no call is in flight; servers must allow them (server_options does). keepalive_s=None: no
-    pings, for servers we do not configure (Serve's gRPC proxy answers 30 s pings with GOAWAY too_many_pings).
+    even when no call is in flight (gRPC 1.85 waits for a ping's answer grpc.http2.ping_timeout_ms, 60 s by
+    default, whatever grpc.keepalive_timeout_ms says: both are set); servers must allow them (server_options does).
+    keepalive_s=None: no pings, for servers we do not configure (Serve's gRPC proxy answers 30 s pings with GOAWAY
+    too_many_pings).
     http2: HTTP2_OPTIONS on or off (None: HTTP2_TUNING).
     """
     limits = [("grpc.max_send_message_length", max_message_bytes),
@@ -71,6 +73,7 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: flo
     return limits + [
         ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),  # unlimited pings without data
     ]
