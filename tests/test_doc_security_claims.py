@@ -1,6 +1,7 @@
-"""The numbers docs/SECURITY.md states about request bounds and the shards' frame listener are the code's defaults
-(tests/test_request_costs.py, tests/test_frame_handshakes.py and tests/test_security_claims.py test the behaviour;
-tests/test_doc_claims.py: key reloads and certificate lifetimes). In-process and fast: no Ray, no model."""
+"""The numbers docs/SECURITY.md states about request bounds and the shards' frame listener and gRPC port are the
+code's defaults (tests/test_request_costs.py, tests/test_frame_handshakes.py, tests/test_shard_connections.py and
+tests/test_security_claims.py test the behaviour; tests/test_doc_claims.py: key reloads and certificate lifetimes).
+In-process and fast: no Ray, no model."""
 
 from __future__ import annotations
 
@@ -65,6 +66,20 @@ def test_a_shards_frame_listener_holds_the_connections_the_doc_states(halves):  
     listener = halves.servers[0].listener
     assert (listener.max_conns, listener.max_handshakes, frame_listener.HANDSHAKE_S) == (16, 16, 10.0)
     assert "max_streams" not in inspect.getsource(deployment)  # the replica keeps start_server's default
+
+
+def test_a_shards_grpc_port_holds_the_connections_the_doc_states():
+    """"A shard's gRPC port closes a connection that has not finished its mTLS handshake within 10 s and holds at most
+    512 connections at once": the options every shard's server is started with (start_server: server_options)."""
+    from elasticmoe.experts import shard_server
+    from elasticmoe.rpc.options import server_options
+
+    assert ("A shard's gRPC port closes a connection that has not finished its mTLS handshake within 10 s and holds "
+            "at most 512 connections at once") in _doc()
+    bounds = dict(server_options())
+    assert (bounds["grpc.server_handshake_timeout_ms"], bounds["grpc.max_allowed_incoming_connections"]) == (
+        10_000, 512)
+    assert "options=server_options(" in inspect.getsource(shard_server.start_server)
 
 
 def test_the_local_ca_is_the_kind_the_doc_names(tmp_path):

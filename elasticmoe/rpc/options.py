@@ -79,17 +79,27 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, keepalive_s: flo
     ]
 
 
+# A shard's gRPC port: a connection that has not finished its (m)TLS handshake by then is closed (gRPC's default:
+# 120 s), and at most this many connections at once (more are closed as they connect). Without them a local client
+# opening TCP connections and never speaking held a descriptor each for 2 min, without bound: the shard ran out
+# (EMFILE), and with it its frame listener, its checkpoint reads.
+SERVER_HANDSHAKE_S = 10.0
+SERVER_MAX_CONNECTIONS = 512
+
+
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES, min_ping_interval_s: float = 10.0
                    ) -> list[tuple[str, int]]:
     """Options for grpc(.aio) servers: raised message limits; accept client pings every min_ping_interval_s; a port
     of their own (gRPC's default SO_REUSEPORT let a second server of this user bind a port another one serves, and
-    the kernel then split the connections to it between both).
+    the kernel then split the connections to it between both); SERVER_HANDSHAKE_S and SERVER_MAX_CONNECTIONS.
 
     The default server policy (one ping per 5 min without data) would answer channel_options'
     30 s keepalive with GOAWAY "too_many_pings".
     """
     interval_ms = int(min_ping_interval_s * 1000)
     return [
+        ("grpc.server_handshake_timeout_ms", int(SERVER_HANDSHAKE_S * 1000)),
+        ("grpc.max_allowed_incoming_connections", SERVER_MAX_CONNECTIONS),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
