@@ -1,9 +1,11 @@
 """The KubeRay operator's admission rules for a RayService that its CRD schema cannot express, written for the tests
 from a reading of ray-operator/controllers/ray/utils/validation.go and common/service.go at the commit of
-../shared/kuberay-crds (feeaf72fa): `rayservice_errors(rs)` lists what the operator would refuse, [] if nothing."""
+../shared/kuberay-crds (feeaf72fa): `rayservice_errors(rs)` lists what the operator would refuse, [] if nothing;
+`ray_resources(group)` is what a group's pods give `ray start` (common/pod.go)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 MAX_RAYSERVICE_NAME = 53 - 6  # RayCluster names <= 53 (63 - len("-serve-svc")), minus the RayService suffix
@@ -165,3 +167,46 @@ def rayservice_errors(rs: dict) -> list[str]:
     annotations = rs["metadata"].get("annotations") or {}
     return (_metadata_errors(rs["metadata"]) + _cluster_errors(rs["spec"]["rayClusterConfig"], annotations)
             + _serve_port_errors(rs) + _upgrade_errors(rs))
+
+
+_QUANTITY = re.compile(r"([0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]?)")
+_SUFFIX = {"": 1, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           **{s: 1024 ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))}}
+GPU_KEY = "nvidia.com/gpu"
+
+
+def quantity(value) -> float:
+    """A Kubernetes quantity (8Gi, 500m, 2, 1e9) as a number."""
+    number, suffix = _QUANTITY.fullmatch(str(value)).groups()
+    return float(number) * _SUFFIX[suffix]
+
+
+def ray_resources(group: dict) -> dict[str, float]:
+    """The resources a pod of the group (a headGroupSpec or workerGroupSpecs entry) gives `ray start`
+    (generateRayStartCommand, addWellKnownAcceleratorResources, updateRayStartParamsResources): num-cpus from
+    rayStartParams, else the Ray container's CPU limit, else its request, rounded up; memory from rayStartParams, else
+    the memory limit; num-gpus from rayStartParams, else nvidia.com/gpu; the group's `resources` as custom resources.
+    A resource left out is one Ray sizes itself."""
+    params = group.get("rayStartParams") or {}
+    res = group["template"]["spec"]["containers"][0].get("resources") or {}
+    limits, requests = res.get("limits") or {}, res.get("requests") or {}
+    out: dict[str, float] = {}
+    cpu = next((quantity(r["cpu"]) for r in (limits, requests) if quantity(r.get("cpu", 0))), None)
+    if "num-cpus" in params or cpu is not None:
+        out["CPU"] = float(params["num-cpus"]) if "num-cpus" in params else math.ceil(cpu)
+    if "memory" in params or quantity(limits.get("memory", 0)):
+        out["memory"] = float(params["memory"]) if "memory" in params else math.ceil(quantity(limits["memory"]))
+    out["GPU"] = float(params.get("num-gpus", math.ceil(quantity(limits.get(GPU_KEY, 0)))))
+    out.update({k: quantity(v) for k, v in (group.get("resources") or {}).items()})
+    return out
+
+
+def replica_fits(pod: dict[str, float], options: dict) -> bool:
+    """A replica with these Ray options (AppArgs' gateway_resources / shard_resources, as in serveConfigV2) fits an
+    empty pod that gives Ray `pod`."""
+    asks = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0),
+            "memory": options.get("memory") or 0, **(options.get("resources") or {})}
+    if options.get("accelerator_type"):
+        asks[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+    return all(amount <= pod.get(name, math.inf if name in ("CPU", "memory") else 0) for name, amount in asks.items()
+               if amount)

@@ -77,7 +77,9 @@ def test_gateways_get_their_own_group_and_a_service_reaching_only_them():
 
 
 def test_gpu_gateways_get_gpus_and_their_own_accelerator():
-    values = _values("gpu-production", gatewayGroup={"gpus": 1}, gatewayResources={"acceleratorType": "L40S"}, **ON)
+    pods = _values("gpu-production")["workers"]["resources"]  # room for a gateway's 4 CPUs and 32 GiB
+    values = _values("gpu-production", gatewayGroup={"gpus": 1, "resources": pods},
+                     gatewayResources={"acceleratorType": "L40S"}, **ON)
     rs = _one(_objects(_render(values)), "RayService")
     args = _check_rayservice(rs)
     assert rayservice_errors(rs) == []

@@ -13,7 +13,8 @@ from tests.helm_util import _check_rayservice, _objects, _one, _render
 from tests.test_helm_values import _merge, _values
 
 DIRECT = {"directGrpc": {"enabled": True, "port": 9100}}
-GPU_GATEWAYS = {"gatewayGroup": {"gpus": 1}}  # the production values' gateways ask for a GPU
+# the production values' gateways ask for a GPU, 4 CPUs and 32 GiB: gateway pods sized as the workers
+GPU_GATEWAYS = {"gatewayGroup": {"gpus": 1, "resources": _values("gpu-production")["workers"]["resources"]}}
 GROUPS = ("head", "workers", "gatewayGroup")  # the pods an expert shard may run on (CPU shards: any of them)
 
 

@@ -264,4 +264,5 @@ message naming the values at fault.
     "30 (%v) so that the preStop drain lets streams finish") $v.workers.terminationGracePeriodSeconds
     (add (int $v.serve.requestTimeoutSeconds) 30)) }}
 {{- end }}
+{{- include "elasticmoe.checkReplicasFit" . }}
 {{- end }}
