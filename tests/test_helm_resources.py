@@ -100,3 +100,44 @@ def test_the_renders_check_is_what_kuberay_gives_ray(pod, replica, fits):
     else:
         with pytest.raises(helm.HelmError, match="shardResources"):
             _render(values)
+
+
+# ----- GPUs with directGrpc: the gateways' are their own group's, not the workers'
+def _fixed_direct(pods: int) -> dict:
+    """The production values with directGrpc, no Ray autoscaler: `pods` worker pods of one GPU each."""
+    workers = {"replicas": pods, "minReplicas": pods, "maxReplicas": pods}
+    return _merge(_direct("gpu-production"), {"rayAutoscaler": {"enabled": False}, "workers": workers})
+
+
+def test_direct_grpc_worker_pods_need_gpus_for_the_shards_only():
+    """With directGrpc the gateways run on gatewayGroup's pods: 8 shards need 8 worker GPUs, not 8 + 2 (the render
+    refused 8 worker pods for 8 shards, asking for 10 GPUs)."""
+    values = _fixed_direct(8)
+    rs = _rs(values)
+    groups = {g["groupName"]: g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    gpus = {name: g["replicas"] * ray_resources(g)["GPU"] for name, g in groups.items()}
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    want = {"gpu": args["num_shards"] * args["shard_resources"]["num_gpus"],
+            "gateways": args["num_gateways"] * args["gateway_resources"]["num_gpus"]}
+    assert gpus == want == {"gpu": 8, "gateways": 2}
+    with pytest.raises(helm.HelmError, match=re.escape("the replicas need 8 GPUs (shards x shardResources.numGpus) "
+                                                       "but the worker group has 7 (7 pods x workers.gpus=1)")):
+        _render(_fixed_direct(7))
+
+
+def test_direct_grpc_gateways_may_want_more_gpus_than_a_worker_pod():
+    """A gateway's GPUs are checked against gatewayGroup.gpus, not workers.gpus, when it runs there."""
+    values = _merge(_direct("gpu-production"), {"gatewayResources": {"numGpus": 2}, "gatewayGroup": {"gpus": 2}})
+    assert _placement(_rs(values))["gateway"] == ["gateways"]
+    with pytest.raises(helm.HelmError, match=re.escape("gatewayResources.numGpus is 2 but gatewayGroup.gpus is 1")):
+        _render(_merge(values, {"gatewayGroup": {"gpus": 1}}))
+
+
+@pytest.mark.parametrize("direct, shards", [(False, 12), (True, 14)])
+def test_a_new_cluster_at_the_current_scale_starts_the_shards_its_worker_pods_hold(direct, shards):
+    """14 worker pods of one GPU hold 14 shards when the gateways run elsewhere (directGrpc), 12 beside 2 gateways."""
+    values = _direct("gpu-production") if direct else _full(_values("gpu-production"))
+    rs = _rs(_merge(values, {"upgrade": {"currentWorkerReplicas": 14}}))
+    workers = next(g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert workers["replicas"] == 14
+    assert yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["num_shards"] == shards

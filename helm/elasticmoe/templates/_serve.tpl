@@ -35,15 +35,18 @@ install/upgrade; `helm template` has no cluster and keeps workers.replicas).
 {{- end }}
 
 {{/*
-Initial expert shards: `shards`, or more when the worker pods of the current scale hold more (one GPU each).
+Initial expert shards: `shards`, or more when the worker pods of the current scale hold more (one GPU each, less the
+gateways' unless directGrpc gives them pods of their own).
 */}}
 {{- define "elasticmoe.numShards" -}}
 {{- $v := .Values }}
 {{- $n := int $v.shards }}
 {{- $pods := int (include "elasticmoe.workerReplicas" .) }}
 {{- if and $v.autoscaling.enabled (gt $pods (int $v.workers.replicas)) (gt (float64 $v.shardResources.numGpus) 0.0) }}
-{{- $free := subf (mulf (float64 $pods) (float64 $v.workers.gpus))
-                  (mulf (float64 $v.gateways) (float64 $v.gatewayResources.numGpus)) }}
+{{- $free := mulf (float64 $pods) (float64 $v.workers.gpus) }}
+{{- if not $v.directGrpc.enabled }}{{- /* else the gateways run in gatewayGroup's pods */}}
+{{- $free = subf $free (mulf (float64 $v.gateways) (float64 $v.gatewayResources.numGpus)) }}
+{{- end }}
 {{- $fit := int (floor (divf $free (float64 $v.shardResources.numGpus))) }}
 {{- $n = max $n (min $fit (int $v.autoscaling.maxShards)) }}
 {{- end }}

@@ -170,17 +170,21 @@ message naming the values at fault.
 {{- fail (printf "shardResources.numGpus (%v) exceeds the GPUs of one worker pod (workers.gpus=%v)"
     $v.shardResources.numGpus $w.gpus) }}
 {{- end }}
-{{- if gt (float64 $v.gatewayResources.numGpus) (float64 $w.gpus) }}
+{{- /* with directGrpc the gateways have a group of their own (gatewayGroup.gpus is checked below) */}}
+{{- $gwOnWorkers := not $v.directGrpc.enabled }}
+{{- if and $gwOnWorkers (gt (float64 $v.gatewayResources.numGpus) (float64 $w.gpus)) }}
 {{- fail (printf "gatewayResources.numGpus (%v) exceeds the GPUs of one worker pod (workers.gpus=%v)"
     $v.gatewayResources.numGpus $w.gpus) }}
 {{- end }}
 {{- $pods := ternary $w.maxReplicas $w.replicas $v.rayAutoscaler.enabled }}
 {{- $have := mulf (float64 $pods) (float64 $w.gpus) }}
-{{- $need := addf (mulf (float64 $v.gateways) (float64 $v.gatewayResources.numGpus))
-    (mulf (float64 $v.shards) (float64 $v.shardResources.numGpus)) }}
+{{- $need := mulf (float64 $v.shards) (float64 $v.shardResources.numGpus) }}
+{{- if $gwOnWorkers }}{{- $need = addf $need (mulf (float64 $v.gateways) (float64 $v.gatewayResources.numGpus)) }}
+{{- end }}
 {{- if gt $need $have }}
-{{- fail (printf (print "the replicas need %v GPUs (gateways x gatewayResources.numGpus + shards x "
-    "shardResources.numGpus) but the worker group has %v (%v pods x workers.gpus=%v)") $need $have $pods $w.gpus) }}
+{{- fail (printf (print "the replicas need %v GPUs (%sshards x shardResources.numGpus) but the worker group has "
+    "%v (%v pods x workers.gpus=%v)") $need ($gwOnWorkers | ternary "gateways x gatewayResources.numGpus + " "")
+    $have $pods $w.gpus) }}
 {{- end }}
 {{- if and (eq $v.modelCache.type "existingClaim") (not $v.modelCache.existingClaim) }}
 {{- fail "modelCache.type is existingClaim but modelCache.existingClaim names no PVC" }}
