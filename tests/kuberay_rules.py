@@ -210,3 +210,31 @@ def replica_fits(pod: dict[str, float], options: dict) -> bool:
         asks[f"accelerator_type:{options['accelerator_type']}"] = 0.001
     return all(amount <= pod.get(name, math.inf if name in ("CPU", "memory") else 0) for name, amount in asks.items()
                if amount)
+
+
+def readiness_probe(container: dict, node_type: str, params: dict, ray_version: str) -> dict:
+    """The readiness probe a RayService's Ray container runs (initLivenessAndReadinessProbe): the container's own, or
+    KubeRay's: the raylet through the dashboard agent (rayStartParams' dashboard-agent-listen-port, else 52365), the
+    head's GCS through the dashboard (Ray >= 2.53: one HTTP check, /api/healthz on the agent port), and on a worker
+    the Serve proxy on the container port named `serve`, else 8000."""
+    if container.get("readinessProbe"):
+        return container["readinessProbe"]
+    agent = int(params.get("dashboard-agent-listen-port", 52365))
+    wget = "wget --tries 1 -T {} -q -O- http://localhost:{}/{} | grep success"
+    if node_type == "head":
+        if tuple(int(x) for x in re.findall(r"\d+", ray_version)[:3]) >= (2, 53, 0):
+            return {"httpGet": {"path": "/api/healthz", "port": agent}}
+        commands = [wget.format(2, agent, "api/local_raylet_healthz"),
+                    wget.format(10, int(params.get("dashboard-port", 8265)), "api/gcs_healthz")]
+        return {"exec": {"command": ["bash", "-c", " && ".join(commands)]}}
+    serve = next((p["containerPort"] for p in container.get("ports", []) if p.get("name") == "serve"), 8000)
+    commands = [wget.format(2, agent, "api/local_raylet_healthz"), wget.format(10, serve, "-/healthz")]
+    return {"exec": {"command": ["bash", "-c", " && ".join(commands)]}}
+
+
+def probe_ports(probe: dict) -> set[int]:
+    """The local ports a probe connects to (httpGet / tcpSocket ports, localhost URLs and /dev/tcp in an exec)."""
+    ports = {int(probe[k]["port"]) for k in ("httpGet", "tcpSocket") if k in probe}
+    script = " ".join((probe.get("exec") or {}).get("command", []))
+    ports |= {int(p) for p in re.findall(r"http://(?:localhost|127\.0\.0\.1):(\d+)/", script)}
+    return ports | {int(p) for p in re.findall(r"/dev/tcp/(?:localhost|127\.0\.0\.1)/(\d+)", script)}

@@ -118,6 +118,10 @@ message naming the values at fault.
 {{- include "elasticmoe.clearOfWorkerPorts" (dict "key" (index $g 0) "name" (index $g 1)
     "params" (index $g 2) "ports" $ports) }}
 {{- end }}
+{{- if and (eq $v.serve.proxyLocation "HeadOnly") $v.rayService.excludeHeadPodFromServeSvc }}
+{{- fail (print "serve.proxyLocation HeadOnly with rayService.excludeHeadPodFromServeSvc: the head's is the only "
+    "Serve proxy, and <fullname>-serve-svc would leave it out (no endpoint at all); drop one of them") }}
+{{- end }}
 {{- if eq (int $v.serve.httpPort) (int $v.serve.grpcPort) }}
 {{- fail "serve.httpPort and serve.grpcPort must differ" }}
 {{- end }}

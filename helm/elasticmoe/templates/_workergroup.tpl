@@ -109,21 +109,27 @@ The gateway group also exposes directGrpc.port and is ready only once its gatewa
             - name: direct-grpc
               containerPort: {{ $v.directGrpc.port }}
             {{- end }}
-          {{- if $gateway }}
-          # KubeRay's own readiness checks of a RayService worker (its raylet; its Serve proxy, which decides
-          # whether <fullname>-serve-svc sends it traffic), which a probe of ours replaces, and then the gateway's
-          # port: in <fullname>-direct-grpc only while its gateway answers there.
+          {{- $proxy := ne $v.serve.proxyLocation "HeadOnly" }}
+          {{- if or $gateway (not $proxy) }}
+          {{- $agent := get ($g.rayStartParams | default dict) "dashboard-agent-listen-port" | default 52365 }}
+          # KubeRay's own readiness checks of a RayService worker, which a probe of ours replaces: its raylet (on the
+          # group's dashboard agent port) and its Serve proxy (which decides whether <fullname>-serve-svc sends it
+          # traffic; with HeadOnly none runs here, and KubeRay's probe, asking one on port 8000, would keep the pod
+          # unready for good and its PodDisruptionBudget closed); on a gateway pod then the gateway's port: in
+          # <fullname>-direct-grpc only while its gateway answers there.
           readinessProbe:
             exec:
               command:
                 - bash
                 - -c
                 - >-
-                  wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success
-                  {{- if ne $v.serve.proxyLocation "HeadOnly" }}
+                  wget -T 2 -q -O- http://localhost:{{ int (toString $agent) }}/api/local_raylet_healthz | grep success
+                  {{- if $proxy }}
                   && wget -T 2 -q -O- http://localhost:{{ $v.serve.httpPort }}/-/healthz | grep success
                   {{- end }}
+                  {{- if $gateway }}
                   && : < /dev/tcp/127.0.0.1/{{ $v.directGrpc.port }}
+                  {{- end }}
             timeoutSeconds: 5
             periodSeconds: 5
             failureThreshold: 2
