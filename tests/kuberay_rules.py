@@ -1,10 +1,12 @@
 """The KubeRay operator's admission rules for a RayService that its CRD schema cannot express, written for the tests
 from a reading of ray-operator/controllers/ray/utils/validation.go and common/service.go at the commit of
 ../shared/kuberay-crds (feeaf72fa): `rayservice_errors(rs)` lists what the operator would refuse, [] if nothing;
-`ray_resources(group)` is what a group's pods give `ray start` (common/pod.go)."""
+also what a group's pods give `ray start` (`ray_resources`) and the readiness probe KubeRay gives a Ray container
+(`readiness_probe`, common/pod.go), and what of a RayService decides a new RayCluster (`cluster_hash_view`)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -238,3 +240,20 @@ def probe_ports(probe: dict) -> set[int]:
     script = " ".join((probe.get("exec") or {}).get("command", []))
     ports |= {int(p) for p in re.findall(r"http://(?:localhost|127\.0\.0\.1):(\d+)/", script)}
     return ports | {int(p) for p in re.findall(r"/dev/tcp/(?:localhost|127\.0\.0\.1)/(\d+)", script)}
+
+
+def cluster_hash_view(rs: dict) -> dict:
+    """The part of rayClusterConfig whose change makes KubeRay prepare a new RayCluster (rayservice_controller.go
+    shouldPrepareNewCluster, utils.GenerateHashWithoutReplicasAndWorkersToDelete): all but suspend, the worker groups'
+    replicas / minReplicas / maxReplicas / workersToDelete, the pods' tolerations and scheduling gates. Equal views:
+    KubeRay keeps the cluster and only redeploys a changed serveConfigV2 on it."""
+    spec = copy.deepcopy(rs["spec"]["rayClusterConfig"])
+    spec.pop("suspend", None)
+    spec.pop("upgradeStrategy", None)
+    for group in [spec["headGroupSpec"]] + spec.get("workerGroupSpecs", []):
+        for key in ("replicas", "minReplicas", "maxReplicas"):
+            group.pop(key, None)
+        (group.get("scaleStrategy") or {}).pop("workersToDelete", None)
+        for key in ("tolerations", "schedulingGates"):
+            group["template"]["spec"].pop(key, None)
+    return spec
