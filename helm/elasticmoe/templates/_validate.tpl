@@ -266,6 +266,11 @@ message naming the values at fault.
 {{- fail (print "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (an external Redis, "
     "e.g. redis://redis.db.svc:6379)") }}
 {{- end }}
+{{- if and $ft.enabled (contains "@" $ft.redisAddress) }}
+{{- fail (print "gcsFaultTolerance.redisAddress holds credentials (user:password@): they would stand in plain text "
+    "in the RayService and the head pod's env; give the address alone and the password as a Secret "
+    "(gcsFaultTolerance.redisPasswordSecret)") }}
+{{- end }}
 {{- if and $v.workers.preStopDrain (not (kindIs "invalid" $v.serve.requestTimeoutSeconds))
     (lt (int $v.workers.terminationGracePeriodSeconds) (add (int $v.serve.requestTimeoutSeconds) 30 | int)) }}
 {{- fail (printf (print "workers.terminationGracePeriodSeconds (%v) must be >= serve.requestTimeoutSeconds + "
