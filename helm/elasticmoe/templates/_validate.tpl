@@ -261,6 +261,21 @@ message naming the values at fault.
 {{- fail (print "workers.rayStartParams sets num-cpus / num-gpus / memory / resources, which KubeRay "
     "refuses beside the group resources an acceleratorType adds") }}
 {{- end }}
+{{- /* labels the chart selects the release's pods and objects by, and those KubeRay sets on the pods itself */}}
+{{- $own := list "app.kubernetes.io/instance" "app.kubernetes.io/part-of" "elasticmoe.io/release"
+    "app.kubernetes.io/component" "app.kubernetes.io/name" "app.kubernetes.io/created-by" }}
+{{- $sets := list (list "head.labels" $v.head.labels) (list "workers.labels" $v.workers.labels)
+    (list "gatewayGroup.labels" $v.gatewayGroup.labels) (list "commonLabels" $v.commonLabels) }}
+{{- range $l := $sets }}
+{{- range $k, $_ := index $l 1 | default dict }}
+{{- if or (has $k $own) (hasPrefix "ray.io/" $k) (hasPrefix "helm.sh/" $k)
+    (and (eq (index $l 0) "commonLabels") (has $k (list "app.kubernetes.io/version" "app.kubernetes.io/managed-by"))) }}
+{{- fail (printf (print "%s.%s: a label the chart or KubeRay sets itself (the release's Services, NetworkPolicy, "
+    "PodDisruptionBudgets and ServiceMonitor, and KubeRay's own Services, select by them); use another key")
+    (index $l 0) $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $ft := $v.gcsFaultTolerance }}
 {{- if and $ft.enabled (not $ft.redisAddress) }}
 {{- fail (print "gcsFaultTolerance.enabled needs gcsFaultTolerance.redisAddress (an external Redis, "
