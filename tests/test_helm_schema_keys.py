@@ -1,5 +1,6 @@
 """values.schema.json on the Kubernetes objects the chart passes into its pods and policy as written (securityContext,
-podSecurityContext, affinity, tolerations, topologySpreadConstraints, env, NetworkPolicy peers): a misspelt key or a
+podSecurityContext, affinity, tolerations, topologySpreadConstraints, env, extra volumes and mounts, NetworkPolicy peers
+and extra rules): a misspelt key or a
 wrong type fails `helm install` with a message naming it (Kubernetes drops an unknown field of a pod template without a
 word: a misspelt `readOnlyRootFileSystem: false` or `podAntiAffinty` was a setting silently not applied), and every
 field KubeRay's CRD knows there is taken."""
@@ -34,6 +35,14 @@ TSC = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable
      "/networkPolicy/servingFrom/0", "podSelecter"),
     ({"networkPolicy": {"egress": {"modelStore": {"to": [{"ipblock": {"cidr": "10.0.0.0/8"}}]}}}},
      "/networkPolicy/egress/modelStore/to/0", "ipblock"),
+    ({"networkPolicy": {"extraIngress": [{"form": [{"podSelector": {}}], "ports": [{"port": 8000}]}]}},
+     "/networkPolicy/extraIngress/0", "form"),  # dropped: the rule open to every peer
+    ({"networkPolicy": {"egress": {"extra": [{"to": [], "ports": [{"prot": 443}]}]}}},
+     "/networkPolicy/egress/extra/0/ports/0", "prot"),
+    ({"extraVolumeMounts": [{"name": "w", "mountPath": "/w", "readonly": True}]}, "/extraVolumeMounts/0",
+     "readonly"),  # dropped: a writable mount
+    ({"extraVolumes": [{"name": "w", "persistentVolumeClam": {"claimName": "w"}}]}, "/extraVolumes/0",
+     "persistentVolumeClam"),
 ])
 def test_a_misspelt_key_fails_naming_it(bad, where, key):
     """E.g. servingFrom's misspelt podSelector beside a namespaceSelector: Kubernetes would drop it, opening the Serve
@@ -84,10 +93,13 @@ def test_the_schema_takes_every_field_kuberays_crd_has_there():
         "tolerations": _props(values["head"]["properties"]["tolerations"])["items"],
         "topologySpreadConstraints": _props(values["workers"]["properties"]["topologySpreadConstraints"])["items"],
         "env": _props(values["env"])["items"],
+        "volumeMounts": _props(values["extraVolumeMounts"])["items"],
+        "volumes": _props(values["extraVolumes"])["items"],
     }
     theirs = {"securityContext": container["securityContext"], "podSecurityContext": pod["securityContext"],
               "affinity": pod["affinity"], "tolerations": pod["tolerations"]["items"],
-              "topologySpreadConstraints": pod["topologySpreadConstraints"]["items"], "env": container["env"]["items"]}
+              "topologySpreadConstraints": pod["topologySpreadConstraints"]["items"], "env": container["env"]["items"],
+              "volumeMounts": container["volumeMounts"]["items"], "volumes": pod["volumes"]["items"]}
     for name, node in ours.items():
         assert node["additionalProperties"] is False, name
         assert set(node["properties"]) == set(theirs[name]["properties"]), name
@@ -96,8 +108,13 @@ def test_the_schema_takes_every_field_kuberays_crd_has_there():
                 "properties"][field]["type"], (name, field)
     caps = ours["securityContext"]["properties"]["capabilities"]
     assert set(caps["properties"]) == set(container["securityContext"]["properties"]["capabilities"]["properties"])
-    assert set(_props(values["networkPolicy"]["properties"]["servingFrom"])["items"]["properties"]) == {
+    policy = values["networkPolicy"]["properties"]
+    assert set(_props(policy["servingFrom"])["items"]["properties"]) == {
         "ipBlock", "namespaceSelector", "podSelector"}  # NetworkPolicyPeer (networking.k8s.io/v1)
+    assert set(policy["extraIngress"]["items"]["properties"]) == {"from", "ports"}  # NetworkPolicyIngressRule
+    assert set(policy["egress"]["properties"]["extra"]["items"]["properties"]) == {"to", "ports"}
+    assert set(policy["extraIngress"]["items"]["properties"]["ports"]["items"]["properties"]) == {
+        "port", "endPort", "protocol"}  # NetworkPolicyPort
 
 
 def test_well_spelt_kubernetes_objects_render():
@@ -111,10 +128,20 @@ def test_well_spelt_kubernetes_objects_render():
                     "topologySpreadConstraints": [{**TSC, "matchLabelKeys": ["pod-template-hash"]}],
                     "env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
         "networkPolicy": {"servingFrom": [{"namespaceSelector": {"matchLabels": {"a": "b"}}, "podSelector": {}},
-                                          {"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+                                          {"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                          "extraIngress": [{"from": [{"podSelector": {"matchLabels": {"a": "b"}}}],
+                                            "ports": [{"port": "http", "protocol": "TCP"}]}],
+                          "egress": {"extra": [{"to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}],
+                                                "ports": [{"port": 5000, "endPort": 5010}]}]}},
+        "extraVolumes": [{"name": "w", "persistentVolumeClaim": {"claimName": "w"}}],
+        "extraVolumeMounts": [{"name": "w", "mountPath": "/w", "readOnly": True, "subPath": "x"}],
     }
     rs = _one(_objects(_render(values)), "RayService")
     _check_rayservice(rs)  # KubeRay's CRD, strict: every field lands where Kubernetes knows it
     worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     assert worker["tolerations"] == values["workers"]["tolerations"]
     assert worker["containers"][0]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"name": "w", "mountPath": "/w", "readOnly": True, "subPath": "x"} in worker["containers"][0]["volumeMounts"]
+    policy = _one(_objects(_render(values)), "NetworkPolicy")["spec"]
+    assert values["networkPolicy"]["extraIngress"][0] in policy["ingress"]
+    assert values["networkPolicy"]["egress"]["extra"][0] in policy["egress"]
