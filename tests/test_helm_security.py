@@ -7,6 +7,7 @@ egress); the certificates' key kinds; a chart-made model volume kept on uninstal
 from __future__ import annotations
 
 import base64
+import re
 
 import helm_python as helm
 import pytest
@@ -202,6 +203,20 @@ def test_egress_follows_what_the_release_needs():
     assert {(443, 443), (6443, 6443)} == set(_port_ranges(rules({"rayAutoscaler": {"enabled": True}})[-1]))
     policy = _one(_objects(_render({"networkPolicy": {"egress": {"enabled": False}}})), "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
+
+
+@pytest.mark.parametrize("kind", ["NodePort", "LoadBalancer"])
+def test_a_service_for_outside_clients_needs_the_policy_to_admit_them(kind):
+    """<fullname>-serve-svc of type NodePort / LoadBalancer takes clients from outside the cluster, which the
+    NetworkPolicy's default serving peers (pods of the namespace) never admit."""
+    with pytest.raises(helm.HelmError, match=re.escape(f"service.type {kind} serves clients outside the cluster")):
+        _render({"service": {"type": kind}})
+    clients = [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
+    objs = _objects(_render({"service": {"type": kind}, "networkPolicy": {"servingFrom": clients}}))
+    assert _one(objs, "RayService")["spec"]["serveService"]["spec"]["type"] == kind
+    rules = _one(objs, "NetworkPolicy")["spec"]["ingress"]
+    assert any(r.get("from") == clients and {"protocol": "TCP", "port": 8000} in r["ports"] for r in rules)
+    _render({"service": {"type": kind}, "networkPolicy": {"enabled": False}})
 
 
 def test_notes_tell_about_keys_and_mtls():

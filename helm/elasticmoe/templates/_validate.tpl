@@ -138,6 +138,11 @@ message naming the values at fault.
     "podSelector (a pod label alone can be set by anyone, in any namespace)") }}
 {{- end }}
 {{- end }}
+{{- if and $v.networkPolicy.enabled (ne $v.service.type "ClusterIP") (not $v.networkPolicy.servingFrom) }}
+{{- fail (printf (print "service.type %s serves clients outside the cluster, but the NetworkPolicy admits the "
+    "Serve ports from pods of the release namespace only (networkPolicy.servingFrom empty): nothing would get "
+    "through; name the clients in networkPolicy.servingFrom (e.g. an ipBlock)") $v.service.type) }}
+{{- end }}
 {{- $tls := $v.internalTls }}
 {{- if and $tls.enabled (eq $tls.source "existingSecret") (not $tls.existingSecret) }}
 {{- fail (print "internalTls.source existingSecret needs internalTls.existingSecret (a Secret with "
