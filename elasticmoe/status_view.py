@@ -35,6 +35,14 @@ def load_errors(st: dict) -> list[str]:
             if s.get("load_error") and not s.get("ready", False)]
 
 
+def retrying(st: dict) -> list[str]:
+    """One line per controller decision failing alike each try (a re-home, a scale out, a shard's revival), retried
+    with a backoff: its failures in a row, the wait for the next try and why (the file and the tensor, when the
+    checkpoint cannot give an expert)."""
+    return [f"{name} failing ({r.get('tries')} in a row, next try in {r.get('retry_in_s')} s): {r.get('error')}"
+            for name, r in sorted((st.get("retrying") or {}).items())]
+
+
 def bar(value: float, top: float, width: int) -> str:
     """A bar of `width` cells filled in proportion value / top (eighth-cell resolution)."""
     eighths = round(min(1.0, value / top) * width * 8) if top > 0 and value > 0 else 0
@@ -135,10 +143,10 @@ def event_line(ev: dict) -> str:
 def render(st: dict, prev: dict | None = None, dt: float | None = None, *, bar_width: int = 30,
            events: int = 6) -> str:
     """The status as text: header, shard table with load bars, the shards that cannot load their experts and why,
-    hottest experts, the last `events` events.
+    the controller's decisions that keep failing, hottest experts, the last `events` events.
     With `prev` (the status `dt` seconds earlier), bars, tokens/s and hottest experts cover that interval."""
     lines = header(st) + [""] + shard_rows(st, prev, dt, bar_width)
-    errors = load_errors(st)
+    errors = load_errors(st) + retrying(st)
     if errors:
         lines += [""] + errors
     hot = hottest(st, prev)

@@ -10,6 +10,7 @@ import time
 
 from ray import serve
 
+from elasticmoe.autoscaler.backoff import Backoffs
 from elasticmoe.autoscaler.health import HealthKeeper
 from elasticmoe.autoscaler.moves import Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
@@ -65,6 +66,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         self.scale = ScaleDecider(auto.min_shards, auto.max_shards, auto.target_utilization,
                                   auto.scale_cooldown_s) if auto else None
         self.desired = n
+        self.backoffs = Backoffs()  # failing re-homes, scale outs and revivals (Replacer), their retries' waits
         self.record = GcsRecord(_app_name())
         self.placement_key = placement_key(self.args)  # a record of other timing or policy args still resumes
         rec = self.record.load()

@@ -77,9 +77,11 @@ class HealthKeeper:
 
     async def _settle_once(self) -> None:
         """(Takes the lock, only when there is work.) Lose the dead, revive the paused, give up the positions that
-        never came up, place the ready spares; start a retry of failed drops."""
+        never came up, place the ready spares; start a retry of failed drops; end the back-offs of failed decisions
+        no longer called for (Replacer._forget_settled)."""
         if self._undropped and (self._retry is None or self._retry.done()):
             self._retry = self._spawn(self._drop_undropped())
+        self._forget_settled()
         if not (self._to_settle() or self.registry.spares() or self._overdue()):
             self._verdicts.clear()
             return
@@ -96,6 +98,7 @@ class HealthKeeper:
                 await self._give_up(overdue)
             if self.registry.spares() and not self.recovering:  # ready spares that a failed scale out left unplaced
                 await self._grow(retry=True)
+            self._forget_settled()  # what this round settled (a shard revived) ends the back-offs it called for
 
     def _overdue(self) -> list[int]:
         """Positions of the placement without a live shard for autoscaling's start_deadline_s (none without

@@ -33,9 +33,21 @@ def _left(deadline: float | None, cap: float, floor: float = 0.01) -> float:
 class LoadFailed(RuntimeError):
     """Loading new copies failed on some shard; whatever was loaded has been dropped again."""
 
-    def __init__(self, message: str, addresses: tuple[str, ...] = ()):
+    def __init__(self, message: str, addresses: tuple[str, ...] = (), codes: tuple = ()):
         super().__init__(message)
         self.addresses = addresses  # the shards whose LoadExperts failed
+        self.codes = codes  # their status codes (grpc.StatusCode; None: not a gRPC failure)
+
+    @property
+    def unreadable(self) -> bool:
+        """Every failed load was FAILED_PRECONDITION: the checkpoint cannot give an expert (a file damaged or gone,
+        experts.errors.placement_code), which every try meets alike until the file is repaired."""
+        return bool(self.codes) and all(c == grpc.StatusCode.FAILED_PRECONDITION for c in self.codes)
+
+
+def _why(e: BaseException) -> str:
+    """A failed call's code and message (an AioRpcError's repr buries them after a traceback's worth of noise)."""
+    return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else f"{type(e).__name__}: {e}"
 
 
 class Mover:
@@ -156,7 +168,8 @@ class Mover:
         failed = [(a, r) for a, r in zip(loads, results) if isinstance(r, BaseException)]
         if failed:
             await self._drop_now(self._roll_back(loads, before), _left(deadline, DROP_TIMEOUT_S, ROLLBACK_DROP_S))
-            raise LoadFailed(f"LoadExperts failed on {failed[0][0]}: {failed[0][1]}", tuple(a for a, _ in failed))
+            raise LoadFailed(f"LoadExperts failed on {failed[0][0]}: {_why(failed[0][1])}", tuple(a for a, _ in failed),
+                             tuple(r.code() if isinstance(r, grpc.RpcError) else None for _, r in failed))
         return int(sum(results))
 
     def _roll_back(self, loads: dict[str, list[tuple[int, int]]], before: list) -> dict[str, list[tuple[int, int]]]:

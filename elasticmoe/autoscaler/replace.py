@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from elasticmoe.autoscaler.backoff import Backoffs
 from elasticmoe.autoscaler.moves import ACK_TIMEOUT_S, LoadFailed
 from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.placement import Placement, plan
@@ -17,6 +18,7 @@ from elasticmoe.placement.fit import top_up
 
 log = logging.getLogger("elasticmoe.controller")
 GROW_BACKOFF_MAX_S = 60.0  # the longest a failed scale out waits for the health round's next try
+REHOME_BACKOFF_MAX_S = 30.0  # the longest a failed re-home (experts without a live copy) waits for its next try
 DRAIN_ATTEMPTS = 3  # re-home tries of a drain whose loads fail
 # A drain's re-home ends this long after the drain call: its wait for a change in progress (the controller's lock)
 # and its tries, none starting later, each load's gRPC deadline cut to it (a roll back's drops get
@@ -56,11 +58,10 @@ def _keeps_copies(p: Placement, copies: int) -> bool:
 
 
 class Replacer:
-    """Needs the Controller's registry, load, args, slots, num_experts, max_moves, _start, _apply, _acked, _held,
-    _load_many, _event and _publish."""
+    """Needs the Controller's registry, load, args, slots, num_experts, max_moves, backoffs, _start, _apply, _acked,
+    _held, _load_many, _event and _publish."""
 
-    _grow_failures = 0  # failed scale outs in a row
-    _grow_after = 0.0  # monotonic time before which the health round does not try one again
+    backoffs: Backoffs  # failed re-homes, scale outs and revivals: the retries wait (status: `retrying`)
 
     async def _drain(self, shard_id: str) -> bool:
         """Scale-in of a shard about to stop, within DRAIN_S: its experts get live copies elsewhere first
@@ -154,7 +155,11 @@ class Replacer:
         version, None when nothing could be re-homed (rolled back, or no shard to re-home onto). The shards in
         `avoid` (ids) get no new copy where the others can take them all, keeping expert_copies; `strict`: a failed
         load raises LoadFailed (after rolling back) instead of returning None; `deadline` (monotonic): the loads'
-        (Mover._load_many)."""
+        (Mover._load_many). One that is not `strict` (the health round's, not a drain's) after a failure waits for its
+        back-off (REHOME_BACKOFF_MAX_S at most): a checkpoint that cannot give an expert fails each try alike until the
+        file is repaired."""
+        if not strict and not self.backoffs.due("re-home"):
+            return None
         if len(gone) == self.registry.placement.num_shards:  # nothing to re-home onto but ready spares: they join
             if not self.registry.spares() or not await self._widen(why, kind):  # (empty) first
                 return None  # a new replica takes this position over
@@ -171,10 +176,17 @@ class Replacer:
         try:
             await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}", kind, deadline)
         except Exception as e:  # noqa: BLE001 - rolled back; the health loop (a drain: `_drain`) tries again
-            self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:200])
-            if strict and isinstance(e, LoadFailed):
-                raise
+            if strict:
+                self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:300])
+                if isinstance(e, LoadFailed):
+                    raise
+                return None
+            failing, new = self.backoffs.failed("re-home", str(e)[:1000], REHOME_BACKOFF_MAX_S)
+            self._event("rehome_failed", shard=shard_id, why=why, error=failing.error[:300], retry_in_s=failing.wait_s)
+            if new:
+                log.error("re-home after %s failed (tried again with a backoff): %s", why, failing.error)
             return None
+        self.backoffs.succeeded("re-home")
         for sid in remove:
             self._event("removed", shard=sid, why=why if sid == shard_id or shard_id is None else "failed with it")
         return self.registry.version
@@ -229,26 +241,45 @@ class Replacer:
     async def _revive(self, info) -> None:
         """A shard marked unhealthy answers again (it was paused, or its reload in recovery failed) and still holds
         its position: what it lacks of its assignment is loaded, then it is back in the table. One that cannot load
-        it is lost (its experts re-homed onto the others), not left out with the only copies for good."""
+        it is lost (its experts re-homed onto the others), not left out with the only copies for good; while that
+        re-home fails too (the checkpoint cannot give them), its reload is tried again with a back-off."""
+        name = f"revive {info.shard_id}"
+        if not self.backoffs.due(name):
+            return
         held = await self._held(info.address, info.shard_id)
         if held is None:
             return
         try:
             await self._load_many({info.address: sorted(set(self.registry.assignment(info.position)) - held)})
-        except LoadFailed:
+        except LoadFailed as e:
+            self.backoffs.failed(name, str(e)[:1000], REHOME_BACKOFF_MAX_S)
             await self._lose(info.shard_id, "reload failed", alive=True)
             return
+        self.backoffs.succeeded(name)
         info.healthy = True
         info.found_good()
         self._event("revived", shard=info.shard_id)
         self._publish()
+
+    def _forget_settled(self) -> None:
+        """End the back-offs of decisions no longer called for: a re-home once every position has a live shard (a
+        shard revived, a new replica in its place), a revival once its shard is back or gone, a scale out once no
+        spare waits. A later failure starts its back-off over."""
+        if self.registry.staffed():
+            self.backoffs.succeeded("re-home")
+        if not self.registry.spares():
+            self.backoffs.succeeded("scale out")
+        for name in [n for n in self.backoffs.failing if n.startswith("revive ")]:
+            info = self.registry.shards.get(name.removeprefix("revive "))
+            if info is None or info.healthy:
+                self.backoffs.succeeded(name)
 
     async def _grow(self, retry: bool = False) -> None:
         """Place every ready spare replica (scale out): copies load onto them first, then the table switches. Not
         while a position of the placement has no live shard (one found dead, not re-homed yet; one still loading):
         copies planned there cannot be loaded. The health round (or that shard's ready()) grows it afterwards. A
         `retry` (the health round's) after failed ones waits 2 s, 4 s, ... GROW_BACKOFF_MAX_S after the last."""
-        if not self.registry.staffed() or (retry and time.monotonic() < self._grow_after):
+        if not self.registry.staffed() or (retry and not self.backoffs.due("scale out")):
             return
         spares = self.registry.spares()
         cur = self.registry.placement
@@ -260,9 +291,7 @@ class Replacer:
         try:
             await self._apply(change, "scale out", "scale_out")
         except Exception as e:  # noqa: BLE001 - the spares stay spares for now
-            self._grow_failures += 1  # the next health round tries again, then later each time
-            wait = 0.0 if self._grow_failures == 1 else min(GROW_BACKOFF_MAX_S, 2.0 ** (self._grow_failures - 1))
-            self._grow_after = time.monotonic() + wait
-            self._event("grow_failed", error=str(e)[:200], retry_in_s=wait)
+            failing, _ = self.backoffs.failed("scale out", str(e)[:1000], GROW_BACKOFF_MAX_S)
+            self._event("grow_failed", error=failing.error[:300], retry_in_s=failing.wait_s)
             return
-        self._grow_failures = 0
+        self.backoffs.succeeded("scale out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from elasticmoe.autoscaler.backoff import Backoffs
 from elasticmoe.autoscaler.moves import GATEWAY_TTL_S
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.registry import Registry
@@ -15,9 +16,10 @@ UNMEASURED_ROUNDS = 3  # more than a missed read and the baseline read after it
 class StatsKeeper:
     """Mixin of the Controller: reads the live shards' counters into the load tracker, the shard count and the
     metrics, and answers `status()`. Needs the Controller's and Mover's state (`registry`, `load`, `scale`,
-    `desired`, `metrics`, `moe_layers`, `layer_index`, `_stats`, `_shard_stats`, `_save`)."""
+    `desired`, `metrics`, `moe_layers`, `layer_index`, `backoffs`, `_stats`, `_shard_stats`, `_save`)."""
 
     registry: Registry
+    backoffs: Backoffs
     load: LoadTracker
     scale: ScaleDecider | None
     desired: int
@@ -54,6 +56,7 @@ class StatsKeeper:
                 "event_counts": dict(self.event_counts), "loop_errors": self.loop_errors,
                 "metrics_flush_errors": self.metrics.flush_errors,
                 "undropped": {s: len(pairs) for s, pairs in self._undropped.items()},  # copies a failed drop left
+                "retrying": self.backoffs.view(),  # failing re-homes, scale outs, revivals: why, and the next try
                 "gateways": {g: v for g, (v, t) in self.acks.items() if time.monotonic() - t < GATEWAY_TTL_S},
                 "events": self.events[-50:]}
 

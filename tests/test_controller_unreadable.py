@@ -1,0 +1,133 @@
+"""A checkpoint file the shards cannot read (cut short after they opened it) under the controller's decisions: a
+re-home and a revival that need an expert from it fail alike on every try until the file is repaired, so they are
+tried again with a backoff, not every health round, and `elasticmoe status` says which fails and why (the file, the
+tensor); once it is repaired the next try goes through. Real in-process gRPC shards and controller over a sharded
+tiny checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from elasticmoe import status_view
+from elasticmoe.model.tiny import make_tiny_model
+from tests.controller_util import E, _quiet, _with_shards
+
+BROKEN = "model.layers.1.block_sparse_moe.experts.0.w2.weight"  # its file holds layer 1's w2 of every expert
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """A tiny checkpoint in many files (one test cuts one short)."""
+    return str(make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E, max_shard_size="100KB"))
+
+
+def _cut(files):
+    """BROKEN's file cut short (an interrupted copy): (the file, its bytes to put back)."""
+    file = files.ckpt.file_of(BROKEN)
+    data = file.read_bytes()
+    file.write_bytes(data[:-100])
+    return file, data
+
+
+async def _rounds(ctrl, seconds: float) -> None:
+    """Health rounds, one after another, for `seconds` (the loop runs one a second: these are faster)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        await ctrl._health_once()
+
+
+async def _rounds_until(ctrl, done, what: str, pause: float = 0.1, timeout: float = 10.0) -> None:
+    """Health rounds, `pause` s apart, until `done()`."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await ctrl._health_once()
+        await asyncio.sleep(pause)
+
+
+def _says(text: str, file) -> bool:
+    return file.name in text and BROKEN in text
+
+
+def test_a_re_home_that_cannot_read_an_expert_backs_off_and_says_why(sharded, caplog):
+    """a dies; the copies of layer 1 that its experts need on b cannot be read (BROKEN's file cut short). Each health
+    round tried the re-home again (10 tries in 3 s here, each loading a's experts onto b and rolling them back), a
+    rehome_failed event each whose error, cut at 200 characters of gRPC's repr, lost the file's name, and `elasticmoe
+    status` said nothing of it. The first retry is the next round's, the next waits 2 s; status shows the failing
+    re-home with the file and the tensor; the file repaired, the next try re-homes a's experts."""
+    caplog.set_level(logging.INFO)
+
+    async def scenario(files, a, b):
+        ctrl = await _quiet(sharded, a, b)
+        file, data = _cut(files)
+        try:
+            a.server.stop(None)
+            await _rounds_until(ctrl, lambda: ctrl.event_counts.get("rehome_failed") == 2, "two tries", pause=0.0)
+            await _rounds(ctrl, 1.0)  # within the 2 s wait
+            assert ctrl.event_counts["rehome_failed"] == 2 and "a" in ctrl.registry.shards
+            assert not (await ctrl.table())["complete"]
+            fails = [e for e in ctrl.events if e["event"] == "rehome_failed"]
+            assert _says(fails[-1]["error"], file) and fails[-1]["retry_in_s"] == 2.0
+            st = await ctrl.status()
+            failing = st["retrying"]["re-home"]
+            assert failing["tries"] == 2 and 0 < failing["retry_in_s"] <= 2.0 and _says(failing["error"], file)
+            assert any(line.startswith("re-home failing (2 in a row") and _says(line, file)
+                       for line in status_view.render(st).splitlines())
+            logged = [r for r in caplog.records if r.name == "elasticmoe.controller" and r.levelno >= logging.ERROR]
+            assert len(logged) == 1 and _says(logged[0].getMessage(), file)  # once per message, not per try
+        finally:
+            file.write_bytes(data)
+        await _rounds_until(ctrl, lambda: "a" not in ctrl.registry.shards, "a's experts re-homed")
+        table = await ctrl.table()
+        assert "a" not in ctrl.registry.shards and table["complete"] and ctrl.event_counts["rehome_failed"] == 2
+        assert (await ctrl.status())["retrying"] == {}
+
+    _with_shards(sharded, "ab", scenario)
+
+
+def _counting_loads(shard) -> list[list]:
+    """The pairs of each load of `shard`'s store from now on (the LoadExperts it serves), in order."""
+    loads, real = [], shard.store.load
+
+    def load(pairs, *args, **kw):
+        loads.append(list(pairs))
+        return real(pairs, *args, **kw)
+
+    shard.store.load = load
+    return loads
+
+
+def test_a_revival_that_cannot_reload_an_expert_backs_off_and_says_why(sharded):
+    """a answers again but lacks expert 0 of layer 1 (found unhealthy, as a restarted controller's failed reload
+    leaves it), and BROKEN's file cannot give it: the revival's reload fails, and so does the re-home of a's experts
+    onto b that follows. Each health round did both again: a load on a and one of a's experts on b every round, for
+    good. Both now wait their backoffs and show in status; the file repaired, a is revived holding its assignment."""
+    async def scenario(files, a, b):
+        ctrl = await _quiet(sharded, a, b)
+        layer1 = ctrl.moe_layers[1]
+        assert (layer1, 0) in a.held()
+        a.store.drop([(layer1, 0)])
+        ctrl._mark_failed([ctrl.registry.shards["a"]], "reload failed in recovery")
+        file, data = _cut(files)
+        on_a, on_b = _counting_loads(a), _counting_loads(b)
+        try:
+            await _rounds_until(ctrl, lambda: len(on_a) == 2, "two tries", pause=0.0)
+            await _rounds(ctrl, 1.0)  # within the 2 s waits
+            assert on_a == [[(layer1, 0)]] * 2 and len(on_b) == 2 and ctrl.event_counts["rehome_failed"] == 2
+            retrying = (await ctrl.status())["retrying"]
+            assert set(retrying) == {"re-home", "revive a"} and all(_says(r["error"], file) for r in retrying.values())
+            assert not ctrl.registry.shards["a"].healthy and not (await ctrl.table())["complete"]
+        finally:
+            file.write_bytes(data)
+        await _rounds_until(ctrl, lambda: ctrl.registry.shards["a"].healthy, "a revived")
+        table = await ctrl.table()
+        assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b"] and (layer1, 0) in a.held()
+        assert (await ctrl.status())["retrying"] == {}  # nothing left to re-home: its backoff is over too
+
+    _with_shards(sharded, "ab", scenario)
+
