@@ -1,8 +1,8 @@
 """A checkpoint file the shards cannot read (cut short after they opened it) under the controller's decisions: a
-re-home and a revival that need an expert from it fail alike on every try until the file is repaired, so they are
-tried again with a backoff, not every health round, and `elasticmoe status` says which fails and why (the file, the
-tensor); once it is repaired the next try goes through. Real in-process gRPC shards and controller over a sharded
-tiny checkpoint."""
+re-home, a revival and a new shard's ready() that need an expert from it fail alike on every try until the file is
+repaired, so they are tried again with a backoff, not every health round, and `elasticmoe status` says which fails
+and why (the file, the tensor); once it is repaired the next try goes through. Real in-process gRPC shards and
+controller over a sharded tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from elasticmoe import status_view
 from elasticmoe.model.tiny import make_tiny_model
-from tests.controller_util import E, _quiet, _with_shards
+from tests.controller_util import E, _moved, _quiet, _with_shards
 
 BROKEN = "model.layers.1.block_sparse_moe.experts.0.w2.weight"  # its file holds layer 1's w2 of every expert
 
@@ -131,3 +131,39 @@ def test_a_revival_that_cannot_reload_an_expert_backs_off_and_says_why(sharded):
 
     _with_shards(sharded, "ab", scenario)
 
+
+def test_a_new_shard_whose_new_copies_cannot_be_read_is_told_and_shown_once(sharded):
+    """c loaded its plan; a change committed meanwhile moved expert 0 of every layer to c's position, and BROKEN's
+    file cannot give layer 1's. ready() loads them before publishing c: it raised the load's error, so c's
+    registration retried at once (0.2 s) as for a controller still starting, with nothing in c's status. It now
+    answers the error (the file, the tensor), which c's status shows (failed) and the events record once, as a
+    plan that cannot be read (c tries again with its backoff); the file repaired, the next ready() publishes c."""
+    from elasticmoe.autoscaler.registry import Change
+
+    async def scenario(files, a, c):
+        ctrl = await _quiet(sharded, a)
+        plan = await ctrl.register("c", c.address)
+        c.store.load(plan["experts"])
+        cur = ctrl.registry.placement
+        async with ctrl._lock:
+            await ctrl._apply(Change(cur, _moved(cur, 0, 1, 0), {0: 0, 1: 1}), "a change after c's plan")
+        file, data = _cut(files)
+        try:
+            for _ in range(3):  # c's tries
+                answer = await ctrl.ready("c")
+                assert set(answer) == {"load_error"} and _says(answer["load_error"], file)
+                await ctrl.plan_failed("c", answer["load_error"])  # what c reports (experts.deployment)
+            st = await ctrl.status()
+            entry = next(s for s in st["shards"] if s["id"] == "c")
+            assert status_view.health(entry) == "failed" and entry["load_error"] == answer["load_error"]
+            assert ctrl.event_counts["plan_failed"] == 1  # once, not once per try
+            assert "c" not in [x["id"] for x in (await ctrl.table())["shards"]]
+        finally:
+            file.write_bytes(data)
+        assert set(await ctrl.ready("c")) == {"version"}
+        table = await ctrl.table()
+        assert table["complete"] and "c" in [x["id"] for x in table["shards"]]
+        assert {(layer, 0) for layer in ctrl.moe_layers} <= c.held()
+        assert "load_error" not in next(s for s in (await ctrl.status())["shards"] if s["id"] == "c")
+
+    _with_shards(sharded, "ac", scenario)

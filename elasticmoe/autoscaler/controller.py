@@ -12,7 +12,7 @@ from ray import serve
 
 from elasticmoe.autoscaler.backoff import Backoffs
 from elasticmoe.autoscaler.health import HealthKeeper
-from elasticmoe.autoscaler.moves import Mover
+from elasticmoe.autoscaler.moves import LoadFailed, Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.autoscaler.recovery import Recovery, placement_key
@@ -136,33 +136,48 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
             return {"position": info.position, "experts": self.registry.assignment(info.position),
                     "version": self.registry.version, "published": info.ready, "desired": self.desired}
 
-    async def ready(self, shard_id: str) -> int:
+    async def ready(self, shard_id: str) -> dict:
         """The shard loaded its experts: publish it; a spare replica grows the placement onto itself, once a
-        recovery that this first call may have started (`_start`; it waits for the lock) has checked the shards."""
+        recovery that this first call may have started (`_start`; it waits for the lock) has checked the shards.
+        Returns {"version"} once published; {"load_error"} when the experts assigned to it since its plan cannot be
+        read from the checkpoint (FAILED_PRECONDITION: a file damaged or gone), as `plan_failed` records it: the
+        shard tries again with its plan's backoff (experts.deployment)."""
         lock = self._start()
         async with lock:
             info = self.registry.shards.get(shard_id)
             if info is None:
                 raise KeyError(f"shard {shard_id} is not registered")
-            await self._hold_assignment(info)
+            try:
+                await self._hold_assignment(info)
+            except LoadFailed as e:
+                if not e.unreadable:
+                    raise  # out of memory, busy, gone: its registration's quick retry
+                error = f"the experts assigned to it since its plan: {e}"
+                self._load_error(info, error)
+                return {"load_error": error}
             self.registry.mark_ready(shard_id)
             self._event("ready", shard=shard_id)
             self._publish()
             if self.registry.spares() and not self.recovering:  # else the recovery's end grows onto it
                 await self._grow()
-        return self.registry.version
+        return {"version": self.registry.version}
 
     async def plan_failed(self, shard_id: str, error: str) -> None:
         """A registered shard could not load its plan: the checkpoint cannot give some of its experts (the error names
-        the file and the tensor). It tries again with a backoff; its status shows the error until it gets ready, and
-        the events and the log record it once per message, not once per try."""
+        the file and the tensor). It tries again with a backoff; its status shows the error until it gets ready."""
         self._start()
         info = self.registry.shards.get(shard_id)
-        if info is None or info.load_error == error:
+        if info is not None:
+            self._load_error(info, error)
+
+    def _load_error(self, info: ShardInfo, error: str) -> None:
+        """Why a shard cannot load its experts, in its status until it gets ready; the events and the log record it
+        once per message, not once per try."""
+        if info.load_error == error:
             return
         info.load_error = error
-        self._event("plan_failed", shard=shard_id, error=error[:300])
-        log.error("shard %s cannot load its experts (it tries again with a backoff): %s", shard_id, error)
+        self._event("plan_failed", shard=info.shard_id, error=error[:300])
+        log.error("shard %s cannot load its experts (it tries again with a backoff): %s", info.shard_id, error)
 
     async def _hold_assignment(self, info: ShardInfo) -> None:
         """Make a shard about to be published hold exactly its position's assignment. The plan it loaded may be

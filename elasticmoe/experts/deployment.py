@@ -86,7 +86,8 @@ class ExpertShard:
         registered or stopping. A retry drops what its plan does not name only while the controller has not
         published this shard yet. A plan the checkpoint cannot give (experts.placement_calls.PlanUnreadable) is the
         same on every try until its files are repaired: reported to the controller (its status) and logged as an error
-        naming the file and the tensor, then tried again after a backoff (_plan_failed)."""
+        naming the file and the tensor, then tried again after a backoff (_plan_failed); so are the experts assigned
+        to it since its plan, which the controller's ready() loads, when the checkpoint cannot give them."""
         for attempt in range(600):
             if self.stopping:
                 return
@@ -103,13 +104,17 @@ class ExpertShard:
                     continue
                 log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
                          nbytes / 1e6, time.perf_counter() - t0)
-                self.load_error, self.plan_failures = None, 0
                 with self._ready_lock:  # a stop now waits for this answer, and drains what it published
                     if self.stopping:
                         return
-                    self.controller.ready.remote(self.shard_id).result(timeout_s=120)
-                    self.registered.set()
-                return
+                    answer = self.controller.ready.remote(self.shard_id).result(timeout_s=120)
+                    unreadable = answer.get("load_error") if isinstance(answer, dict) else None
+                    if not unreadable:
+                        self.load_error, self.plan_failures = None, 0
+                        self.registered.set()
+                        return
+                # the experts assigned to it since its plan cannot be read: as its plan's, outside the lock
+                self._plan_failed(PlanUnreadable(unreadable))
             except Exception as e:  # noqa: BLE001 - the controller may still be starting
                 self.error = e
                 log.warning("shard %s: registration attempt %d failed: %s", self.shard_id, attempt, e)
