@@ -1,7 +1,7 @@
 """The per-expert load the controller reads from the shards is the routed demand, each token-slot the router
 assigned once: over real in-process shards, a real controller's stats round and a real gateway dispatcher (a plain
-step, a hedged one, re-sends of malformed and `missing` answers, micro-batches of a real engine), and a shard's first
-read after a scale out counts its tokens."""
+step, a hedged one, re-sends of malformed and `missing` answers and of calls past their deadline, micro-batches of a
+real engine), and a shard's first read after a scale out counts its tokens."""
 
 from __future__ import annotations
 
@@ -109,6 +109,32 @@ def test_a_re_send_of_a_malformed_answer_counts_once(model):  # noqa: F811
             assert d.failovers >= 2
         finally:
             d.close()
+        await ctrl._stats_once()
+        np.testing.assert_array_equal(_counted(ctrl), steps.routed)
+
+    _with_shards(model, "ab", scenario)
+
+
+@pytest.mark.parametrize("transport", ["unary", "socket"])
+def test_a_re_send_after_a_deadline_counts_once(model, transport):  # noqa: F811
+    """a is slow (1.5 s) past the calls' deadline (0.5 s), before any hedge (its delay is 30 s): its call fails and
+    is re-sent to b. a, alive, computes it late and counts it: the re-send went unmarked and b counted the slots
+    again (216 counted for 192 routed). It now goes as a duplicate: the slots count once."""
+    async def scenario(files, a, b):
+        ctrl, d = await _over_two(model, a, b, transport, hedge_min_s=30)
+        steps = _Steps(files, d)
+        try:
+            for seed in range(3):  # the channels and connections open within the default deadline
+                await asyncio.to_thread(steps.run, seed)
+            calls, failovers = a.store.stats().calls + b.store.stats().calls, d.failovers
+            a.servicer.faults.run_delay_s, d.timeout_s = 1.5, 0.5
+            await asyncio.to_thread(steps.run, 3)
+            assert d.failovers == failovers + 1 and d.hedges == 0  # a's call, re-sent to b
+            await _until_served([a, b], calls + 3)  # b's own call and the re-send; a's, late
+            a.servicer.faults.run_delay_s = 0.0
+        finally:
+            d.close()
+        assert _served([a, b]) > steps.routed.sum()  # a's slots were computed twice
         await ctrl._stats_once()
         np.testing.assert_array_equal(_counted(ctrl), steps.routed)
 

@@ -108,6 +108,8 @@ class Step:
                 return
             code = e.code() if isinstance(e, grpc.RpcError) else type(e).__name__
             log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # a live but slow shard computes (and counts) it late:
+                g.counted |= not c.duplicate  # its re-sends are duplicates (one that never ran counts nowhere)
             self._fail(g, attempt, c.shard_id, report=True)
             return
         resp = c.future.result()

@@ -40,7 +40,8 @@ class Group:
         self.started = time.perf_counter()
         self.hedged = False
         # a shard counted these slots as routed demand (its call, not a duplicate, answered but could not be used:
-        # malformed): every call for them from now on is sent as a duplicate, so they count once
+        # malformed; or ran past its deadline, which a live shard computes late): every call for them from now on is
+        # sent as a duplicate, so they count once
         self.counted = False
         # (controller epoch, table version) of the table in which a hedge found no other copy: versions count within
         # one controller instance, so a restarted controller's table is another one even at the same number
