@@ -74,9 +74,9 @@ def test_a_re_home_that_cannot_read_an_expert_backs_off_and_says_why(sharded, ca
             fails = [e for e in ctrl.events if e["event"] == "rehome_failed"]
             assert _says(fails[-1]["error"], file) and fails[-1]["retry_in_s"] == 2.0
             st = await ctrl.status()
-            failing = st["retrying"]["re-home"]
+            failing = st["retrying"]["re-home a"]
             assert failing["tries"] == 2 and 0 < failing["retry_in_s"] <= 2.0 and _says(failing["error"], file)
-            assert any(line.startswith("re-home failing (2 in a row") and _says(line, file)
+            assert any(line.startswith("re-home a failing (2 in a row") and _says(line, file)
                        for line in status_view.render(st).splitlines())
             logged = [r for r in caplog.records if r.name == "elasticmoe.controller" and r.levelno >= logging.ERROR]
             assert len(logged) == 1 and _says(logged[0].getMessage(), file)  # once per message, not per try
@@ -88,6 +88,32 @@ def test_a_re_home_that_cannot_read_an_expert_backs_off_and_says_why(sharded, ca
         assert (await ctrl.status())["retrying"] == {}
 
     _with_shards(sharded, "ab", scenario)
+
+
+def test_a_shard_that_dies_while_a_re_home_backs_off_is_tried_at_once(sharded):
+    """The back-off belongs to the set of shards being re-homed: a's re-home fails twice (its next try 2 s away), then
+    c dies too. Re-homing a and c together is a new decision, tried in the next round, not after a's wait (under one
+    shared "re-home" back-off, of up to 30 s, it waited); status shows it alone, a's own superseded."""
+
+    async def scenario(files, a, b, c):
+        ctrl = await _quiet(sharded, a, b, c)
+        file, data = _cut(files)
+        try:
+            a.server.stop(None)
+            await _rounds_until(ctrl, lambda: ctrl.event_counts.get("rehome_failed") == 2, "two tries", pause=0.0)
+            assert 1.0 < (await ctrl.status())["retrying"]["re-home a"]["retry_in_s"] <= 2.0
+            c.server.stop(None)
+            await _rounds_until(ctrl, lambda: ctrl.event_counts["rehome_failed"] >= 3, "a try with c", pause=0.0,
+                                timeout=1.0)  # well within a's wait (each dead shard's _lose in a round tries it)
+            fails = [e for e in ctrl.events if e["event"] == "rehome_failed"]
+            assert _says(fails[-1]["error"], file)
+            assert set((await ctrl.status())["retrying"]) == {"re-home a c"}
+        finally:
+            file.write_bytes(data)
+        await _rounds_until(ctrl, lambda: not {"a", "c"} & set(ctrl.registry.shards), "a's and c's experts re-homed")
+        assert (await ctrl.table())["complete"] and (await ctrl.status())["retrying"] == {}
+
+    _with_shards(sharded, "abc", scenario)
 
 
 def _counting_loads(shard) -> list[list]:
@@ -120,7 +146,7 @@ def test_a_revival_that_cannot_reload_an_expert_backs_off_and_says_why(sharded):
             await _rounds(ctrl, 1.0)  # within the 2 s waits
             assert on_a == [[(layer1, 0)]] * 2 and len(on_b) == 2 and ctrl.event_counts["rehome_failed"] == 2
             retrying = (await ctrl.status())["retrying"]
-            assert set(retrying) == {"re-home", "revive a"} and all(_says(r["error"], file) for r in retrying.values())
+            assert set(retrying) == {"re-home a", "revive a"} and all(_says(r["error"], file) for r in retrying.values())
             assert not ctrl.registry.shards["a"].healthy and not (await ctrl.table())["complete"]
         finally:
             file.write_bytes(data)

@@ -17,7 +17,7 @@ class Failing:
 
 
 class Backoffs:
-    """Failing decisions by name ("re-home", "scale out", "revive <shard>"): the first retry is the next round's,
+    """Failing decisions by name ("re-home <shards>", "scale out", "revive <shard>"): the first retry is the next round's,
     each one after waits twice as long as the last, from 2 s up to the failure's `max_s`; a success ends it."""
 
     def __init__(self):

@@ -157,8 +157,10 @@ class Replacer:
         load raises LoadFailed (after rolling back) instead of returning None; `deadline` (monotonic): the loads'
         (Mover._load_many). One that is not `strict` (the health round's, not a drain's) after a failure waits for its
         back-off (REHOME_BACKOFF_MAX_S at most): a checkpoint that cannot give an expert fails each try alike until the
-        file is repaired."""
-        if not strict and not self.backoffs.due("re-home"):
+        file is repaired. The back-off is this set of shards' (`_rehome_name`): a shard that dies meanwhile makes a new
+        decision, tried at once, not one waiting out the other's back-off."""
+        name = self._rehome_name(gone)
+        if not strict and not self.backoffs.due(name):
             return None
         if len(gone) == self.registry.placement.num_shards:  # nothing to re-home onto but ready spares: they join
             if not self.registry.spares() or not await self._widen(why, kind):  # (empty) first
@@ -181,15 +183,25 @@ class Replacer:
                 if isinstance(e, LoadFailed):
                     raise
                 return None
-            failing, new = self.backoffs.failed("re-home", str(e)[:1000], REHOME_BACKOFF_MAX_S)
+            self._forget_rehomes(but=name)  # superseded: this one re-homes theirs too
+            failing, new = self.backoffs.failed(name, str(e)[:1000], REHOME_BACKOFF_MAX_S)
             self._event("rehome_failed", shard=shard_id, why=why, error=failing.error[:300], retry_in_s=failing.wait_s)
             if new:
                 log.error("re-home after %s failed (tried again with a backoff): %s", why, failing.error)
             return None
-        self.backoffs.succeeded("re-home")
+        self._forget_rehomes()
         for sid in remove:
             self._event("removed", shard=sid, why=why if sid == shard_id or shard_id is None else "failed with it")
         return self.registry.version
+
+    def _rehome_name(self, gone: list[int]) -> str:
+        """The back-off's name of re-homing the shards at positions `gone`: "re-home <their ids>"."""
+        ids = sorted(s.shard_id for s in self.registry.shards.values() if s.position in gone)
+        return "re-home " + " ".join(ids or map(str, sorted(gone)))
+
+    def _forget_rehomes(self, but: str | None = None) -> None:
+        for name in [n for n in self.backoffs.failing if n.startswith("re-home ") and n != but]:
+            self.backoffs.succeeded(name)
 
     def _loading(self, gone: list[int]) -> list[int]:
         """Positions (besides `gone`) of shards still loading: they serve nothing yet, so every expert gets a copy
@@ -266,7 +278,7 @@ class Replacer:
         shard revived, a new replica in its place), a revival once its shard is back or gone, a scale out once no
         spare waits. A later failure starts its back-off over."""
         if self.registry.staffed():
-            self.backoffs.succeeded("re-home")
+            self._forget_rehomes()
         if not self.registry.spares():
             self.backoffs.succeeded("scale out")
         for name in [n for n in self.backoffs.failing if n.startswith("revive ")]:
