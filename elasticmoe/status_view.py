@@ -18,8 +18,8 @@ def to_json(st: dict) -> str:
 
 def health(s: dict) -> str:
     """ok | loading (registered, experts not yet loaded) | failed (registered, but its experts cannot be read from the
-    checkpoint: `load_error`; it tries again) | dead (health checks failed) | unreach (healthy at the last health
-    check, but its stats call for this status failed: its counts are missing, not 0)."""
+    checkpoint or do not fit in its memory: `load_error`; it tries again) | dead (health checks failed) | unreach
+    (healthy at the last health check, but its stats call for this status failed: its counts are missing, not 0)."""
     if not s.get("healthy", False):
         return "dead"
     if s.get("stats_error"):
@@ -30,7 +30,8 @@ def health(s: dict) -> str:
 
 
 def load_errors(st: dict) -> list[str]:
-    """One line per shard that cannot load its experts: its id and why (the file and the tensor)."""
+    """One line per shard that cannot load its experts: its id and why (the file and the tensor, or the bytes that
+    did not fit in memory)."""
     return [f"shard {s['id']} cannot load its experts: {s['load_error']}" for s in st.get("shards", [])
             if s.get("load_error") and not s.get("ready", False)]
 

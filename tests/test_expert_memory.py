@@ -1,5 +1,5 @@
 """An expert shard's memory: anonymous memory within 1.1x the expert bytes it holds, also while loading, and no
-file pages left mapped after loading.
+file pages left mapped after loading; the bytes it reports held are those of its experts' storage.
 
 The load runs in a fresh Python process (a process that has built models before has freed memory in its
 allocator that new tensors would reuse, hiding their cost). Peaks are the kernel's high-water mark of the
@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from elasticmoe.model.tiny import make_tiny_model
 
@@ -122,3 +123,37 @@ def test_expert_memory_stays_within_1_1x_held_through_loads_and_drops(wide_model
     assert len(rows) == 8 and all(r["held"] > 0 for r in rows)
     for i, r in enumerate(rows):
         assert r["rise"] <= 1.1 * r["held"] + ALLOWANCE, (i, r["rise"] / r["held"], rows)
+
+
+@pytest.mark.parametrize("kind", ["per-expert", "packed", "bf16", "fp8-per-expert", "fp8-packed", "gpt_oss"])
+def test_expert_bytes_times_the_experts_held_is_the_bytes_of_their_storage(kind, tmp_path):
+    """ExpertStore.expert_bytes (what a plan that does not fit says it wants: tests/test_shard_plan_memory.py) times
+    the experts held is weight_bytes (GetStats', LoadExperts'), and that is the bytes of the layers' storage, in every
+    layout: per-expert and packed (stored transposed) files, held in bfloat16, block-FP8 kept with its scales, GPT-OSS
+    with its biases."""
+    from elasticmoe.model import open_model
+    from elasticmoe.model.experts import ExpertStore
+
+    dtype, keep_fp8 = torch.bfloat16 if kind == "bf16" else torch.float32, kind.startswith("fp8")
+    if kind == "gpt_oss":
+        from tests.test_families import make_family_checkpoint
+
+        path = make_family_checkpoint("gpt_oss", tmp_path / "m")
+    else:
+        layout = "packed" if kind.endswith("packed") else "per-expert"
+        path = make_tiny_model("qwen3_moe", tmp_path / "m", hidden=256 if keep_fp8 else 64,
+                               intermediate=224 if keep_fp8 else 48, layout=layout)
+    if keep_fp8:
+        from tests.test_quant import FP8_CONFIG, _quantize
+
+        path = _quantize(path, tmp_path, FP8_CONFIG)[0]
+    files = open_model(str(path))
+    store = ExpertStore(files.ckpt, files.names, files.spec, dtype, torch.device("cpu"), backend="torch",
+                        keep_fp8=keep_fp8 or None)
+    layers = files.spec.moe.moe_layers
+    store.load([(l, e) for l in layers for e in range(0, files.spec.moe.num_experts, 2)])  # noqa: E741
+    store.drop([(layers[0], 0)])  # a rebuilt layer too
+    parts = [t for l in layers for t in store.snapshot(l).parts().values()]  # noqa: E741
+    assert len({"b13", "w13_scale"} & set(store.snapshot(layers[0]).parts())) == (kind == "gpt_oss") + keep_fp8
+    assert store.weight_bytes() == len(store.held()) * store.expert_bytes() > 0
+    assert store.weight_bytes() == sum(t.untyped_storage().nbytes() for t in parts)

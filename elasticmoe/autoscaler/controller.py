@@ -164,7 +164,8 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
 
     async def plan_failed(self, shard_id: str, error: str) -> None:
         """A registered shard could not load its plan: the checkpoint cannot give some of its experts (the error names
-        the file and the tensor). It tries again with a backoff; its status shows the error until it gets ready."""
+        the file and the tensor), or they do not fit in its memory (the error names their bytes and what memory
+        refused). It tries again with a backoff; its status shows the error until it gets ready."""
         self._start()
         info = self.registry.shards.get(shard_id)
         if info is not None:

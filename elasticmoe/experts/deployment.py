@@ -12,7 +12,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from elasticmoe.config import AppArgs
-from elasticmoe.experts.placement_calls import PlanUnreadable
+from elasticmoe.experts.placement_calls import PlanTooLarge, PlanUnreadable
 from elasticmoe.heap import freeze_startup_heap
 
 log = logging.getLogger("elasticmoe.shard")
@@ -44,7 +44,7 @@ def _replica_id() -> str:
 class ExpertShard:
     """Holds a share of the experts; the gateway calls its gRPC server directly (not through Serve)."""
 
-    load_error: str | None = None  # why the last try of the registration plan could not read its experts
+    load_error: str | None = None  # why the last try of the registration plan could not load its experts
     plan_failures = 0  # those tries in a row
 
     def __init__(self, args: dict, controller):
@@ -84,10 +84,11 @@ class ExpertShard:
     def _register(self) -> None:
         """Announce to the controller, load the assigned experts, report ready (retrying while it starts), until
         registered or stopping. A retry drops what its plan does not name only while the controller has not
-        published this shard yet. A plan the checkpoint cannot give (experts.placement_calls.PlanUnreadable) is the
-        same on every try until its files are repaired: reported to the controller (its status) and logged as an error
-        naming the file and the tensor, then tried again after a backoff (_plan_failed); so are the experts assigned
-        to it since its plan, which the controller's ready() loads, when the checkpoint cannot give them."""
+        published this shard yet. A plan the checkpoint cannot give (experts.placement_calls.PlanUnreadable), or one
+        that does not fit in memory (PlanTooLarge), is the same on every try until its files are repaired or memory is
+        freed: reported to the controller (its status) and logged as an error naming the file and the tensor, or the
+        plan's bytes and what memory refused, then tried again after a backoff (_plan_failed); so are the experts
+        assigned to it since its plan, which the controller's ready() loads, when the checkpoint cannot give them."""
         for attempt in range(600):
             if self.stopping:
                 return
@@ -99,7 +100,7 @@ class ExpertShard:
                 # after acks); under the servicer's placement lock, as the controller's LoadExperts / DropExperts
                 try:
                     nbytes = self.servicer.apply_plan(plan["experts"], plan["version"], not plan.get("published"))
-                except PlanUnreadable as e:
+                except (PlanUnreadable, PlanTooLarge) as e:
                     self._plan_failed(e)
                     continue
                 log.info("shard %s loaded %d experts (%.1f MB) in %.2fs", self.shard_id, len(plan["experts"]),
@@ -120,10 +121,11 @@ class ExpertShard:
                 log.warning("shard %s: registration attempt %d failed: %s", self.shard_id, attempt, e)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
 
-    def _plan_failed(self, e: PlanUnreadable) -> None:
-        """The plan's experts cannot be read: tell the controller (shown by `elasticmoe status` until this shard gets
-        ready), log it, and wait PLAN_RETRY_S, doubling with each failure in a row up to PLAN_RETRY_MAX_S (a stop
-        ends the wait). The file may be repaired meanwhile: a later try reads it."""
+    def _plan_failed(self, e: PlanUnreadable | PlanTooLarge) -> None:
+        """The plan's experts cannot be read, or do not fit in memory: tell the controller (shown by `elasticmoe
+        status` until this shard gets ready), log it, and wait PLAN_RETRY_S, doubling with each failure in a row up to
+        PLAN_RETRY_MAX_S (a stop ends the wait). The file may be repaired, or memory freed, meanwhile: a later try
+        loads the plan."""
         self.error, self.load_error = e, str(e)
         self.plan_failures += 1
         wait = min(PLAN_RETRY_S * 2 ** (self.plan_failures - 1), PLAN_RETRY_MAX_S)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from elasticmoe.experts.errors import placement_code
+from elasticmoe.experts.errors import out_of_memory, placement_code
 from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.experts import ExpertStore, LoadStopped
 from elasticmoe.rpc import experts_pb2 as pb
@@ -22,6 +22,11 @@ PLACEMENT_CALLS = 4  # LoadExperts / DropExperts running or waiting at once, at 
 class PlanUnreadable(CheckpointError):
     """A registration plan that names experts the checkpoint cannot give (apply_plan): the same on every try until
     the files are repaired."""
+
+
+class PlanTooLarge(MemoryError):
+    """A registration plan whose experts do not fit in the shard's memory (apply_plan): the same on every try until
+    memory is freed (out_of_memory, RESOURCE_EXHAUSTED, as any MemoryError)."""
 
 
 class PlacementCalls:
@@ -107,10 +112,11 @@ class PlacementCalls:
         A layer whose experts the checkpoint cannot give (FAILED_PRECONDITION: errors.placement_code) is left out and
         the others loaded: they stay held, so a retry of the plan reads only the layers that failed (the shard is in
         no table until the whole plan is held). Then the first such error is raised (PlanUnreadable), naming its file
-        and tensor and the other layers that failed; any other failure (out of memory) is raised at once."""
+        and tensor and the other layers that failed. Memory running out is raised at once, as PlanTooLarge naming the
+        plan's experts and bytes and those held (the layers loaded before stay held); anything else as it is."""
         with self._placement:
+            want = {(l, e) for l, e in experts}
             if drop_others:
-                want = {(l, e) for l, e in experts}
                 self.store.drop(set(self.store.held()) - want)
             by_layer: dict[int, list[tuple[int, int]]] = {}
             for l, e in experts:
@@ -120,6 +126,8 @@ class PlacementCalls:
                 try:
                     nbytes += self.store.load(pairs)
                 except Exception as e:
+                    if out_of_memory(e):
+                        raise PlanTooLarge(self._too_large(len(want), e)) from e
                     if placement_code(e) != grpc.StatusCode.FAILED_PRECONDITION:
                         raise
                     failed.append((layer, e))
@@ -129,3 +137,9 @@ class PlacementCalls:
                 raise PlanUnreadable(f"layer {layer}: {first}{more}") from first
             self.placement_version = max(self.placement_version, version)
             return nbytes
+
+    def _too_large(self, experts: int, e: BaseException) -> str:
+        """What a plan of `experts` experts that ran out of memory (`e`) wanted, and what the shard holds."""
+        want, held = experts * self.store.expert_bytes(), self.store.weight_bytes()
+        return f"its plan's {experts} experts ({want} bytes of weights; {held} bytes of experts held) do not fit in " \
+               f"memory: {e}"

@@ -105,6 +105,10 @@ class ExpertStore:
                 if not self._computing:
                     self.busy_s += time.perf_counter() - self._busy_from
 
+    def expert_bytes(self) -> int:
+        """The bytes one expert's weights take as held here (part_shapes' dtypes: FP8 kept with its scales, biases)."""
+        return sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in self.part_shapes(1).values())
+
     def part_shapes(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each stacked tensor of a layer holding n experts."""
         inter, hidden = self.spec.moe.intermediate_size, self.spec.hidden_size
