@@ -1,7 +1,8 @@
 """A safetensors file changed on disk after the checkpoint was opened (rewritten in place, or replaced before its first
-read): a read whose tensor is no longer where the header read at open put it fails naming the file and the tensor
-(a shard's LoadExperts: FAILED_PRECONDITION), instead of reading other bytes as the weights; the shard serves the
-experts it holds and loads again once the file is as it was. Real checkpoints (model.tiny), real gRPC server."""
+read): a read whose tensor is no longer where the header read at open put it, or whose file holds another
+checkpoint's bytes under the same header, fails naming the file and the tensor (a shard's LoadExperts:
+FAILED_PRECONDITION), instead of reading other bytes as the weights; the shard serves the experts it holds and loads
+again once the file is as it was. Real checkpoints (model.tiny), real gRPC server."""
 
 from __future__ import annotations
 
@@ -119,6 +120,55 @@ reads (the failed read kept no descriptor of the other file)."""
     os.replace(path / "new", path / FILE)
     with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: changed on disk since the checkpoint was "
                                                         "opened")):
+        store.load([(0, 1)])
+    assert store.held() == []
+    (path / "new").write_bytes(raw)
+    os.replace(path / "new", path / FILE)
+    store.load([(0, 1)])
+    inter = files.spec.moe.intermediate_size
+    assert torch.equal(store.snapshot(0).w13[0, :inter], load_file(path / FILE)[W1.format(0, 1)])
+
+
+def _other_checkpoint(tmp_path, raw: bytes) -> bytes:
+    """The file of another tiny Mixtral of the same shapes (another seed): its header is `raw`'s byte for byte, every
+    weight another."""
+    other = (make_tiny_model("mixtral", tmp_path / "other", layers=2, experts=E, seed=1) / FILE).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert other[:8 + n] == raw[:8 + n] and other != raw and len(other) == len(raw)
+    return other
+
+
+def test_another_checkpoint_of_the_same_shapes_rewritten_in_place_fails_the_load_naming_it(shard, tmp_path):
+    """Another checkpoint of the same shapes (a fine-tune, another revision) copied over the file the shard has open:
+    the same header, so the load read the other checkpoint's expert and served it beside the first one's, silently."""
+    stub, store, files, path, address = shard
+    before = _run_layer0(address, files)
+    raw = (path / FILE).read_bytes()
+    want = load_file(path / FILE)[W1.format(1, 1)]
+    (path / FILE).write_bytes(_other_checkpoint(tmp_path, raw))  # in place, as cp does
+    with pytest.raises(grpc.RpcError) as e:
+        _load(stub, [(1, 1)])
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.value.code(), e.value.details())
+    assert re.search(re.escape(str(path / FILE)) + r": changed on disk since the checkpoint was opened.*"
+                     + re.escape(repr(W1.format(1, 1))) + r".*its tensors hold other bytes", e.value.details()), \
+        e.value.details()
+    assert store.held() == [(0, 0), (0, 1)] and torch.equal(_run_layer0(address, files), before)
+    (path / FILE).write_bytes(raw)  # the first checkpoint's bytes put back: it loads again
+    assert _load(stub, [(1, 1)]).loaded == 1
+    assert torch.equal(store.snapshot(1).w13[0, :files.spec.moe.intermediate_size], want)
+
+
+def test_another_checkpoint_of_the_same_shapes_renamed_over_before_its_first_read_fails_the_read(tmp_path):
+    """A re-download of another revision, renamed over the file between the open and its first read: read, its
+    weights were served as the checkpoint's."""
+    path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E)
+    files = open_model(str(path))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    raw = (path / FILE).read_bytes()
+    (path / "new").write_bytes(_other_checkpoint(tmp_path, raw))
+    os.replace(path / "new", path / FILE)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: changed on disk since the checkpoint was "
+                                                        "opened") + r".*its tensors hold other bytes"):
         store.load([(0, 1)])
     assert store.held() == []
     (path / "new").write_bytes(raw)
