@@ -176,3 +176,36 @@ def test_another_checkpoint_of_the_same_shapes_renamed_over_before_its_first_rea
     store.load([(0, 1)])
     inter = files.spec.moe.intermediate_size
     assert torch.equal(store.snapshot(0).w13[0, :inter], load_file(path / FILE)[W1.format(0, 1)])
+
+
+def test_another_checkpoint_copied_over_the_file_during_a_read_fails_it(tmp_path, monkeypatch):
+    """cp of another checkpoint of the same shapes over the file while a tensor is read (a packed layer takes
+    seconds): the file was checked before the read only, so its first bytes came from one checkpoint, the rest from
+    the other, and were served as one expert's weights. The rewrite lands half way through the read of expert 1's w2
+    (down), the load's last (the real preadv reads each half)."""
+    path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E)
+    files = open_model(str(path))
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    raw = (path / FILE).read_bytes()
+    down = W1.format(0, 1).replace(".w1.", ".w2.")  # [H, I]
+    other, want = _other_checkpoint(tmp_path, raw), load_file(path / FILE)[down]
+    preadv, start = os.preadv, files.ckpt._meta[down]["start"]
+
+    def rewritten_half_way(fd, buffers, offset):
+        (buf,) = buffers
+        if offset != start or len(buf) < 2:
+            return preadv(fd, buffers, offset)
+        half = len(buf) // 2
+        n = preadv(fd, [buf[:half]], offset)
+        (path / FILE).write_bytes(other)  # in place, as cp does
+        return n + preadv(fd, [buf[half:]], offset + half)
+
+    monkeypatch.setattr(os, "preadv", rewritten_half_way)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: changed on disk since the checkpoint was "
+                                                        "opened") + r".*its tensors hold other bytes"):
+        store.load([(0, 1)])
+    monkeypatch.undo()
+    assert store.held() == []
+    (path / FILE).write_bytes(raw)
+    store.load([(0, 1)])
+    assert torch.equal(store.snapshot(0).w2[0], want)

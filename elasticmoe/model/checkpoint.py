@@ -285,6 +285,9 @@ class Checkpoint:
         return out
 
     def _pread(self, name: str, buf: memoryview, offset: int, size: int) -> None:
+        """`size` bytes of tensor `name` at `offset` of its file into `buf`, the file checked before and after: one
+        rewritten while the bytes are read (cp over it, taking seconds for a packed layer) may have given some of them
+        from the new file, so the read fails as one found changed before it does (OpenFiles.fd)."""
         fd, done = self._files.fd(self.weight_map[name], name), 0
         while done < size:
             try:
@@ -294,3 +297,4 @@ class Checkpoint:
             if n == 0:
                 raise CheckpointError(f"{self.path / self.weight_map[name]}: {name!r} ends early (file truncated?)")
             done += n
+        self._files.fd(self.weight_map[name], name)
