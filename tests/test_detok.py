@@ -83,6 +83,20 @@ def test_text_equals_a_full_decode_after_every_token(tok):
         assert streamed + d.delta(final=True) == _full(tok, ids)
 
 
+def test_special_tokens_kept_the_text_equals_a_full_decode_keeping_them(tok):
+    """skip_special=False (vLLM's skip_special_tokens false): the text is decode(ids, skip_special_tokens=False)
+    after every token, special tokens among the text included, and the deltas join to it."""
+    rng = random.Random(4)
+    for ids in _sequences(tok, rng, 60):
+        ids = ids + [tok.eos_token_id] if tok.eos_token_id not in ids else ids
+        d, streamed = Detokenizer(tok, skip_special=False), ""
+        for n in range(1, len(ids) + 1):
+            d.update(ids[:n])
+            streamed += d.delta()
+            assert d.text == tok.decode(ids[:n], skip_special_tokens=False), (ids, n)
+        assert streamed + d.delta(final=True) == tok.decode(ids, skip_special_tokens=False) != _full(tok, ids)
+
+
 def test_lazy_updates_many_tokens_at_once_give_the_same_text(tok):
     rng = random.Random(1)
     for ids in _sequences(tok, rng, 40):
@@ -153,6 +167,30 @@ def test_a_completion_is_decoded_after_its_prompt_as_transformers_pipeline(tok):
                 d.update(ids[k:n])
                 streamed += d.delta()
             assert d.text == whole[len(before):] == streamed + d.delta(final=True), (text, k)
+
+
+def test_special_tokens_kept_a_completion_is_decoded_after_its_prompt_keeping_them(tok):
+    """skip_special=False, special tokens in the prompt and in the completion: decode(prompt + completion) less
+    decode(prompt), both keeping them; the context holds the prompt's special tokens too."""
+    from elasticmoe.engine.detok import prompt_context
+
+    full = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    checked = 0
+    for text in [*TEXTS, "The capital of France is Paris, and the sea is wide."]:
+        ids = tok.encode(text, add_special_tokens=False)
+        ids[3:3] = [tok.eos_token_id]
+        ids[-4:-4] = [tok.eos_token_id, tok.bos_token_id]
+        for k in range(1, len(ids)):
+            whole, before = full(ids), full(ids[:k])
+            if not whole.startswith(before):  # the prompt ends inside a character: no reference text
+                continue
+            d, streamed = Detokenizer(tok, context=prompt_context(tok, ids[:k], False), skip_special=False), ""
+            for n in range(k + 1, len(ids) + 1):
+                d.update(ids[k:n])
+                streamed += d.delta()
+            assert d.text == whole[len(before):] == streamed + d.delta(final=True), (text, k)
+            checked += 1
+    assert checked > 40
 
 
 @pytest.mark.parametrize("n_tokens", [1000, 4000])

@@ -41,15 +41,15 @@ def token_sets(tokenizer: Any) -> tuple[dict[int, int], frozenset[int]]:
     return found
 
 
-def prompt_context(tokenizer: Any, prompt_ids: list[int]) -> list[int]:
+def prompt_context(tokenizer: Any, prompt_ids: list[int], skip_special: bool = True) -> list[int]:
     """The prompt's last tokens that the completion is decoded after, as vLLM does: the fewest (4 to 23, counting
-    only those a decode keeps: special tokens are left out) whose text has no U+FFFD (so it starts on a
-    character) and is not empty (else the completion is at a text's start, where a decoder drops its leading
-    space); none if no such suffix. After a
+    only those a decode keeps: special tokens are left out, but with skip_special false) whose text has no U+FFFD
+    (so it starts on a character) and is not empty (else the completion is at a text's start, where a decoder drops
+    its leading space); none if no such suffix. After a
     prompt whose own text has U+FFFD at or near its end (it ends mid-character, or in a byte-fallback run with an
     invalid byte), the completion's text can differ from transformers' pipeline's, which decodes it all again."""
     lo, hi = CONTEXT_TOKENS
-    skipped, kept = token_sets(tokenizer)[1], []
+    skipped, kept = token_sets(tokenizer)[1] if skip_special else frozenset(), []
     for i in reversed(prompt_ids):  # the last hi - 1 kept, however many special tokens come after them
         if i not in skipped:
             kept.append(i)
@@ -59,7 +59,7 @@ def prompt_context(tokenizer: Any, prompt_ids: list[int]) -> list[int]:
     if len(kept) <= lo:
         return kept
     for n in range(lo, len(kept) + 1):
-        text = tokenizer.decode(kept[-n:], skip_special_tokens=True)
+        text = tokenizer.decode(kept[-n:], skip_special_tokens=skip_special)
         if text and REPLACEMENT not in text:
             return kept[-n:]
     return []
@@ -74,7 +74,7 @@ class Detokenizer:
     can be "" when they continue one the context ends in) the tokens stay pending. `ids` are the context's and the
     completion's tokens less those a decode drops (special tokens): a run of them takes no room in a window.
 
-    `text` is exactly `tokenizer.decode(context + ids, skip_special_tokens=True)` less the text of `context`
+    `text` is exactly `tokenizer.decode(context + ids, skip_special_tokens=skip_special)` less the text of `context`
     (the prompt's last tokens, see `prompt_context`; with none, a plain decode of ids; `_split` names the one
     exception, a run of byte tokens longer than BYTE_RUN_TOKENS), cut before the first stop string: as in vLLM
     and transformers' text-generation pipeline, a completion keeps the space that a decoder drops at the start of
@@ -83,10 +83,13 @@ class Detokenizer:
     request joined are its `text`.
     """
 
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...] = (), context: list[int] = ()):
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...] = (), context: list[int] = (),
+                 skip_special: bool = True):
         self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
         self.keep = max((len(s) for s in self.stops), default=1) - 1  # stable chars a stop string can start in
-        self.byte_ids, self.skipped = token_sets(tokenizer)
+        self.byte_ids, skipped = token_sets(tokenizer)
+        self.skip = skip_special  # False (vLLM's skip_special_tokens false): special tokens are decoded as text
+        self.skipped = skipped if skip_special else frozenset()
         self.ids = [i for i in context if i not in self.skipped]  # context + completion, less the skipped ids
         self.prefix, self.read = 0, len(self.ids)  # window ids[prefix:]; ids[:read] are stable
         self.lead: list[int] = []  # a byte token decoded before the window where a byte run goes on across it
@@ -108,7 +111,7 @@ class Detokenizer:
     def _decode(self, ids: list[int]) -> str:
         self.decoded_tokens += len(ids)
         self.max_window = max(self.max_window, len(ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""
 
     def update(self, ids: list[int], search: bool = True) -> None:
         """Take in the tokens appended to `ids` since the last call. search=False: a stop string is not looked

@@ -99,7 +99,8 @@ class Engine:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         self.validate(prompt_ids, params)
         try:
-            detok = Detokenizer(self.tokenizer, params.stop, prompt_context(self.tokenizer, prompt_ids))
+            skip = params.skip_special_tokens
+            detok = Detokenizer(self.tokenizer, params.stop, prompt_context(self.tokenizer, prompt_ids, skip), skip)
         except Exception as e:  # noqa: BLE001 - this request's failure, told as any other's (not a raw error)
             raise self._failure(request_id, e) from e
         seq = Sequence(request_id, list(prompt_ids), params, detok=detok)

@@ -33,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are banned (and stop strings ignored) until this many tokens
     stop_token_ids: tuple[int, ...] = ()  # finish ("stop") on any of these tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    skip_special_tokens: bool = True  # as vLLM's: special tokens add no text (False: their text is kept)
 
     def __post_init__(self) -> None:
         if type(self.top_k) is int and self.top_k == -1:  # vLLM's, SGLang's and transformers' "off": 0 here

@@ -134,8 +134,10 @@ def check_sampling(p: Any) -> None:
         check_text(stop_field(i, len(p.stop)), s)
         if not s:
             raise InvalidRequest(stop_field(i, len(p.stop)), "stop strings must be non-empty")
-    if not isinstance(p.ignore_eos, bool):
-        raise InvalidRequest("ignore_eos", f"must be a boolean, got {type(p.ignore_eos).__name__}")
+    for name in ("ignore_eos", "skip_special_tokens"):
+        v = getattr(p, name, False)  # a gRPC request has no skip_special_tokens
+        if not isinstance(v, bool):
+            raise InvalidRequest(name, f"must be a boolean, got {type(v).__name__}")
     if p.logprobs is not None:
         check_int("logprobs", p.logprobs, 0, INT32_MAX)
     _check_extensions(p)

@@ -120,7 +120,7 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
         check = _validator(core)
         add = generation_prompt(req.add_generation_prompt, req.continue_final_message)
         ids = await tokenized(chat_chars(req.messages, req.tools), chat_ids, core.tokenizer, req.messages, check, add,
-                              req.tools, req.continue_final_message)
+                              req.tools, req.continue_final_message, req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context allows (generation_config's where less;
             # chat_ids refused a prompt that fills the context, naming messages)

@@ -29,6 +29,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool | None = None  # with messages, as chat completions takes it and the next field
     continue_final_message: bool = False
     tools: list[Tool] | None = None  # with messages: given to the template as chat completions gives them
+    chat_template_kwargs: dict[str, Any] | None = None  # with messages, as chat completions takes them
     return_token_strs: bool = False
 
 
@@ -102,8 +103,9 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
         try:
             if (req.prompt is None) == (req.messages is None):
                 raise InvalidRequest("prompt", "give exactly one of prompt and messages")
-            if req.tools is not None and req.messages is None:
-                raise InvalidRequest("tools", "only with messages (the chat template renders them)")
+            for name in ("tools", "chat_template_kwargs"):
+                if getattr(req, name) is not None and req.messages is None:
+                    raise InvalidRequest(name, "only with messages (the chat template renders them)")
             check_tools(req.tools)
             if req.prompt is not None:  # a long one off the loop, as chat and completions tokenize theirs
                 ids = await tokenized(chars_of(req.prompt), check.encode, core.tokenizer, req.prompt, "prompt",
@@ -111,7 +113,7 @@ def register_extra_routes(app: FastAPI, get_core: Callable[[], Any], read: Calla
             else:
                 add = generation_prompt(req.add_generation_prompt, req.continue_final_message)
                 ids = await tokenized(chat_chars(req.messages, req.tools), chat_ids, core.tokenizer, req.messages,
-                                      check, add, req.tools, req.continue_final_message)
+                                      check, add, req.tools, req.continue_final_message, req.chat_template_kwargs)
         except InvalidRequest as e:
             raise _invalid(core, e) from None
         body: dict[str, Any] = {"count": len(ids), "max_model_len": check.max_model_len, "tokens": ids}

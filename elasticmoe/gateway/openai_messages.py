@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 from typing import Annotated, Any, Literal
@@ -282,11 +283,38 @@ def generation_prompt(add: bool | None, continue_final: bool) -> bool:
     return False
 
 
+# apply_chat_template's own arguments and the variables its renderer sets (beside those of its signature)
+_TEMPLATE_OWN = frozenset(("messages", "conversation", "conversations", "tools", "documents", "chat_template",
+                           "add_generation_prompt", "continue_final_message", "tokenize", "return_dict"))
+
+
+def template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's chat_template_kwargs: variables the template reads beside the conversation (e.g. Qwen3's
+    enable_thinking), given to apply_chat_template as its **kwargs; a name of its own arguments (tokenize,
+    add_generation_prompt, ...) is a 400 naming chat_template_kwargs.<name>: the server sets those."""
+    if not kwargs:
+        return {}
+    try:
+        params = inspect.signature(tokenizer.apply_chat_template).parameters
+    except (TypeError, ValueError):
+        params = {}
+    own = _TEMPLATE_OWN | {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    bad = next((k for k in kwargs if k in own), None)
+    if bad is not None:
+        raise InvalidRequest(clip(f"chat_template_kwargs.{bad}"), f"{short(bad)} is set by the server (an argument "
+                             "of apply_chat_template, or the conversation: the request's messages, tools, "
+                             "add_generation_prompt and continue_final_message give theirs); chat_template_kwargs "
+                             "adds template variables only")
+    return dict(kwargs)
+
+
 def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_generation_prompt: bool = True,
-             tools: list[Tool] | None = None, continue_final: bool = False) -> list[int]:
+             tools: list[Tool] | None = None, continue_final: bool = False,
+             kwargs: dict[str, Any] | None = None) -> list[int]:
     """Apply the checkpoint's chat template (with the assistant generation prompt unless told not; `tools`, if any,
     given to it as vLLM gives them; continue_final: the prompt ends inside the final message, as transformers'
-    continue_final_message cuts it) -> token ids."""
+    continue_final_message cuts it; `kwargs`: chat_template_kwargs, more template variables) -> token ids."""
+    extra = template_kwargs(tokenizer, kwargs)
     conv, size = _conversation(messages)
     limit = check.limits.max_prompt_bytes
     if size > limit:
@@ -294,7 +322,7 @@ def chat_ids(tokenizer: Any, messages: list[ChatMessage], check: Validator, add_
     try:
         text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False,
                                              tools=[t.model_dump(exclude_unset=True) for t in tools or ()] or None,
-                                             continue_final_message=continue_final)
+                                             continue_final_message=continue_final, **extra)
     except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (e.g. role order)
         raise InvalidRequest("messages", f"the chat template rejected the conversation: {short(str(e), 200)}") from e
     rendered = len(text.encode("utf-8", "replace"))  # each message adds its template's text: held as a prompt is

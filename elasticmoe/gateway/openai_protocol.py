@@ -106,6 +106,7 @@ class BaseRequest(BaseModel):
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:<id>"
+    skip_special_tokens: bool | None = None  # left out: true (special tokens add no text); false: their text is kept
 
 
 class CompletionRequest(BaseRequest):
@@ -129,6 +130,7 @@ class ChatRequest(BaseRequest):
     continue_final_message: bool = False
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
 
 
 # Accepted only at their "off" values: field -> values that mean "off".
@@ -198,7 +200,8 @@ def sampling_params(req: BaseRequest, max_tokens: int, logprobs: int | None,
         ignore_eos=bool(req.ignore_eos), logprobs=logprobs, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=pick("repetition_penalty", 1.0),
         min_p=pick("min_p", 0.0), min_tokens=req.min_tokens or 0, stop_token_ids=tuple(req.stop_token_ids or ()),
-        logit_bias=_logit_bias(req.logit_bias))
+        logit_bias=_logit_bias(req.logit_bias),
+        skip_special_tokens=req.skip_special_tokens is not False)
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
