@@ -153,16 +153,16 @@ def test_special_token_text_in_a_message_is_that_token_as_in_transformers(served
 
 def test_a_completion_prompt_in_each_form_openai_takes_is_one_prompt(served):
     """/v1/completions: a string, token ids, or a list holding one of either are the same prompt (the string
-    encoded with the tokenizer's special tokens, as vLLM encodes it; ids as sent); several prompts, and echo, are
-    400s unsupported_value naming their field (one request each; the prompt is not repeated in the answer)."""
+    encoded with the tokenizer's special tokens, as vLLM encodes it; ids as sent); a list of several is as many
+    prompts (tests/test_openai_prompt_lists.py)."""
     core, client, _ = served
     text = "Experts route each token"
     ids = core.tokenizer.encode(text)
     outs = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0,
                                       extra_body={"ignore_eos": True}) for p in (text, [text], ids, [ids])]
     assert {o.usage.prompt_tokens for o in outs} == {len(ids)} and len({o.choices[0].text for o in outs}) == 1
-    for kw, param in (({"prompt": [text, text]}, "prompt"), ({"prompt": [ids, ids]}, "prompt"),
-                      ({"prompt": text, "echo": True}, "echo")):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model=MODEL, max_tokens=4, **kw)
-        assert (e.value.body["param"], e.value.body["code"]) == (param, "unsupported_value"), e.value.body
+    for p in ([text, text], [ids, ids]):
+        two = client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert [c.text for c in two.choices] == [outs[0].choices[0].text] * 2
+        assert two.usage.prompt_tokens == 2 * len(ids)

@@ -18,14 +18,14 @@ from elasticmoe.config import served_name
 from elasticmoe.engine.validation import RequestLimits, Validator
 from elasticmoe.gateway.auth import RequireApiKey
 from elasticmoe.gateway.openai_body import parse_body
-from elasticmoe.gateway.openai_choices import bad_request, make_choices, record_outcome, serve_choices
+from elasticmoe.gateway.openai_choices import Prompt, bad_request, make_choices, record_outcome, serve_choices
 from elasticmoe.gateway.openai_extras import register_extra_routes
 from elasticmoe.gateway.openai_field_errors import describe
 from elasticmoe.gateway.openai_messages import chat_chars, chat_ids, generation_prompt
 from elasticmoe.gateway.tokenizing import chars_of, parsed, tokenized
 from elasticmoe.gateway.openai_protocol import (
     COMPLETION_MAX_TOKENS, ApiError, BaseRequest, ChatRequest, CompletionRequest, check_model,
-    completion_ids, http_error, reject_unsupported, sampling_params)
+    completion_ids, http_error, prompt_list, reject_unsupported, sampling_params)
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +91,40 @@ def _parse(raw: bytes, model: type[BaseRequest], max_depth: int) -> BaseRequest:
         raise ApiError(400, message, param=param, code=code) from None
 
 
+def _prompts(tokenizer: Any, req: CompletionRequest, check: Validator) -> list[tuple[list[int], str]]:
+    """Each prompt's token ids, and with echo its text (a string prompt as sent, token ids decoded as vLLM decodes
+    them: tokenizer.decode, special tokens written)."""
+    ids = completion_ids(tokenizer, req.prompt, check)
+    if not req.echo:
+        return [(i, "") for i in ids]
+    return [(i, p if isinstance(p, str) else tokenizer.decode(i)) for i, p in zip(ids, prompt_list(req.prompt))]
+
+
+def _completion_prompt(core: Any, req: CompletionRequest, check: Validator, ids: list[int], echo: str,
+                       name: str) -> Prompt:
+    """One prompt's Prompt: its max_tokens left out is OpenAI's 16 (generation_config's max_new_tokens or the
+    context it leaves where less); `name`: the prompt's field (prompt, or prompt[i] of several)."""
+    max_tokens = req.max_tokens
+    if max_tokens is None:
+        cap = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS))
+        max_tokens = check.default_max_tokens(len(ids), cap)
+    params = sampling_params(req, max_tokens, req.logprobs, _defaults(core))
+    return Prompt(ids, params, {"prompt_token_ids": name}, echo)
+
+
 async def create_completion(core: Any, req: CompletionRequest, request: Request,
                             t0: float | None = None) -> Any:
-    """POST /v1/completions; t0: when it arrived (time.perf_counter(); default now), where TTFT and latency start."""
-    aliases = {"prompt_token_ids": "prompt"}
+    """POST /v1/completions; t0: when it arrived (time.perf_counter(); default now), where TTFT and latency start.
+    Several prompts are one request: n choices each, numbered prompt by prompt."""
     try:
         reject_unsupported(req)
         check = _validator(core)
-        ids = await tokenized(chars_of(req.prompt), completion_ids, core.tokenizer, req.prompt, check)
-        max_tokens = req.max_tokens
-        if max_tokens is None:  # OpenAI's 16; generation_config's max_new_tokens or the context left where less
-            cap = min(COMPLETION_MAX_TOKENS, (_defaults(core) or {}).get("max_tokens", COMPLETION_MAX_TOKENS))
-            max_tokens = check.default_max_tokens(len(ids), cap)
-        params = sampling_params(req, max_tokens, req.logprobs, _defaults(core))
+        got = await tokenized(chars_of(req.prompt), _prompts, core.tokenizer, req, check)
+        prompts = [_completion_prompt(core, req, check, ids, echo, "prompt" if len(got) == 1 else f"prompt[{i}]")
+                   for i, (ids, echo) in enumerate(got)]
     except InvalidRequest as e:
-        raise _invalid(core, e, aliases) from e
-    return await serve_choices(request, req, *make_choices(core, "cmpl", ids, params, aliases, req, False,
+        raise _invalid(core, e, {"prompt_token_ids": "prompt"}) from e
+    return await serve_choices(request, req, *make_choices(core, "cmpl", prompts, req, False,
                                                            req.logprobs is not None, t0))
 
 
@@ -130,8 +148,8 @@ async def create_chat_completion(core: Any, req: ChatRequest, request: Request,
                                  _defaults(core))
     except InvalidRequest as e:
         raise _invalid(core, e, aliases) from e
-    return await serve_choices(request, req, *make_choices(core, "chatcmpl", ids, params, aliases, req, True,
-                                                           bool(req.logprobs), t0))
+    return await serve_choices(request, req, *make_choices(core, "chatcmpl", [Prompt(ids, params, aliases)], req,
+                                                           True, bool(req.logprobs), t0))
 
 
 class ClientGone:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -190,14 +191,27 @@ async def serve_choices(request: Request, req: BaseRequest, gens: list[Generatio
                        SSE_HEADERS)
 
 
-def make_choices(core: Any, prefix: str, ids: list[int], params: SamplingParams, aliases: dict[str, str],
-             req: BaseRequest, chat: bool, logprobs: bool,
-             t0: float | None = None) -> tuple[list[Generation], list[Shape]]:
-    """One Generation and Shape per choice (n); choice i samples with seed + i when a seed is given. t0: when the
-    request arrived (time.perf_counter(); default now)."""
-    rid, tally = f"{prefix}-{uuid.uuid4().hex}", Tally(core, t0)
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request: its token ids, sampling params, the API's names of the engine's fields (for its
+    400s), and the text its choices start with (completions' echo)."""
+
+    ids: list[int]
+    params: SamplingParams
+    aliases: dict[str, str] = field(default_factory=dict)
+    echo: str = ""
+
+
+def make_choices(core: Any, prefix: str, prompts: list[Prompt], req: BaseRequest, chat: bool, logprobs: bool,
+                 t0: float | None = None) -> tuple[list[Generation], list[Shape]]:
+    """One Generation and Shape per choice: n for each prompt, choice j of prompt i at index i * n + j (as OpenAI
+    numbers them), sampling with seed + j when a seed is given (so each prompt's choices are those it gets sent
+    alone). t0: when the request arrived (time.perf_counter(); default now)."""
+    rid, tally, n = f"{prefix}-{uuid.uuid4().hex}", Tally(core, t0), req.n or 1
     gens, shapes = [], []
-    for i, p in enumerate(choice_params(params, req.n or 1)):
-        gens.append(Generation(core, prefix, ids, p, aliases, response_id=rid, tally=tally))
-        shapes.append(Shape(chat, core.tokenizer, logprobs, i, bool(req.return_tokens_as_token_ids)))
+    for i, prompt in enumerate(prompts):
+        for j, p in enumerate(choice_params(prompt.params, n)):
+            gens.append(Generation(core, prefix, prompt.ids, p, prompt.aliases, response_id=rid, tally=tally))
+            shapes.append(Shape(chat, core.tokenizer, logprobs, i * n + j, bool(req.return_tokens_as_token_ids),
+                                prompt.echo, first=j == 0))
     return gens, shapes

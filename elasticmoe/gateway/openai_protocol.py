@@ -16,7 +16,7 @@ from elasticmoe.engine.validation import INT32_MAX, SEED_RANGE, Validator, clip,
 from elasticmoe.gateway.openai_messages import ChatMessage, Tool, check_tools
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-MAX_N = 16  # choices per request
+MAX_N = 16  # choices per request: n, times the prompts of a /v1/completions request
 
 
 class ApiError(Exception):
@@ -110,9 +110,9 @@ class BaseRequest(BaseModel):
 
 
 class CompletionRequest(BaseRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt, or several (a choice each, times n)
     logprobs: int | None = None
-    echo: bool | None = None
+    echo: bool | None = None  # each choice's text starts with its prompt's (not with logprobs: see reject_unsupported)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -135,7 +135,7 @@ class ChatRequest(BaseRequest):
 
 # Accepted only at their "off" values: field -> values that mean "off".
 _OFF_VALUES: dict[str, tuple] = {
-    "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
     "store": (None, False),  # nothing is stored: a stored completion could never be retrieved
 }
 
@@ -167,8 +167,23 @@ def reject_unsupported(req: BaseRequest) -> None:
         raise InvalidRequest("top_logprobs", "requires logprobs: true")
     if req.n is not None and not 1 <= req.n <= MAX_N:
         raise InvalidRequest("n", f"must be in [1, {MAX_N}], got {short(req.n)}")
+    if isinstance(req, CompletionRequest):
+        _check_completion(req)
     if req.stream_options is not None and not req.stream:  # as OpenAI and vLLM answer it
         raise InvalidRequest("stream_options", "only allowed with stream: true")
+
+
+def _check_completion(req: CompletionRequest) -> None:
+    """echo without logprobs (the prompt's own logprobs, which echo would add to them, are not computed here), and
+    the prompts times n within MAX_N choices (each holds a place in the engine, as one of n does)."""
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest("echo", "echo with logprobs would answer the prompt tokens' logprobs, which this server "
+                                     "does not compute: send echo without logprobs, or logprobs without echo",
+                             "unsupported_value")
+    prompts, n = len(prompt_list(req.prompt)), req.n or 1
+    if prompts * n > MAX_N:
+        raise InvalidRequest("prompt", f"{prompts} prompts x n {n} are {prompts * n} choices; the limit is {MAX_N} "
+                                       "a request (send the prompts in several requests)")
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -213,13 +228,19 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [replace(params, seed=params.seed + i if params.seed + i < hi else params.seed - i) for i in range(n)]
 
 
-def completion_ids(tokenizer: Any, prompt: Any, check: Validator) -> list[int]:
-    """One prompt (text or token ids) as token ids; several prompts -> InvalidRequest."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return check.encode(tokenizer, prompt)
-    if all(isinstance(t, int) for t in prompt):
-        return check.prompt_ids(prompt)
-    raise InvalidRequest("prompt", "several prompts in one request are not supported; send one request each",
-                         "unsupported_value")
+def prompt_list(prompt: Any) -> list[Any]:
+    """A completions `prompt` as its prompts, each a string or token ids: a string or one list of ids is one prompt;
+    a list of strings or of id lists is as many ([] is one empty prompt, refused as one)."""
+    if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], (str, list)):
+        return [prompt]
+    return list(prompt)
+
+
+def completion_ids(tokenizer: Any, prompt: Any, check: Validator) -> list[list[int]]:
+    """Each prompt (text or token ids) as token ids; one of several named prompt[i] in an error."""
+    prompts = prompt_list(prompt)
+    out = []
+    for i, p in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        out.append(check.encode(tokenizer, p, name) if isinstance(p, str) else check.prompt_ids(p, name))
+    return out

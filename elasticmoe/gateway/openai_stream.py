@@ -23,9 +23,12 @@ log = logging.getLogger(__name__)
 class Shape:
     """The OpenAI response shapes of one endpoint (completions or chat)."""
 
-    def __init__(self, chat: bool, tokenizer: Any, logprobs: bool, index: int = 0, as_ids: bool = False):
+    def __init__(self, chat: bool, tokenizer: Any, logprobs: bool, index: int = 0, as_ids: bool = False,
+                 echo: str = "", first: bool = True):
         self.chat, self.tokenizer, self.logprobs, self.offset = chat, tokenizer, logprobs, 0
         self.index, self.as_ids = index, as_ids  # as_ids: logprob tokens as "token_id:<id>" (vLLM's extension)
+        self.echo = echo  # completions' echo: the prompt's text, put before the choice's first text
+        self.first = first  # the first choice of its prompt: its prompt tokens count in the usage
 
     def object(self, stream: bool) -> str:
         return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
@@ -33,7 +36,7 @@ class Shape:
     def choice(self, text: str, lps: list[TokenLogprob], finish: str | None, stream: bool) -> dict:
         c: dict[str, Any] = {"index": self.index}
         if not self.chat:
-            c["text"] = text
+            c["text"], self.echo = self.echo + text, ""
         elif stream:
             c["delta"] = {"content": text} if text else {}
         else:
@@ -96,7 +99,9 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _usage(prompt_tokens: int, completion_tokens: list[int]) -> dict:
+def _usage(shapes: list[Shape], updates: list[Update], completion_tokens: list[int]) -> dict:
+    """Usage of a request: each prompt's tokens once (however many its choices), every choice's tokens."""
+    prompt_tokens = sum(u.prompt_tokens for s, u in zip(shapes, updates) if s.first)
     done = sum(completion_tokens)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
@@ -110,17 +115,19 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
 
     def chunk(choices: list[dict], **kw: Any) -> str:
         if continuous and "usage" not in kw:
-            kw["usage"] = _usage(firsts[0].prompt_tokens, counts)
+            kw["usage"] = _usage(shapes, firsts, counts)
         return _event({"id": head.id, "object": shapes[0].object(True), "created": head.created, "model": head.model,
                        "choices": choices, **extra, **kw})
 
     lasts = list(firsts)
     merged = _merge([_indexed(i, g, f) for i, (g, f) in enumerate(zip(gens, firsts))])
     try:
-        if shapes[0].chat:
-            for shape in shapes:
+        for shape in shapes:  # chat: each choice's role first; completions with echo: each one's prompt first
+            if shape.chat:
                 yield chunk([{"index": shape.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
+            elif shape.echo:
+                yield chunk([shape.choice("", [], None, stream=True)])
         ended = 0  # choices whose last update came (merged yields the first updates too)
         async for i, last in merged:
             lasts[i], counts[i] = last, last.completion_tokens
@@ -135,7 +142,7 @@ async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], includ
                 yield event
         head.record(None, lasts[0])  # recorded above already: every stream ends with its last update
         if include_usage:
-            yield chunk([], usage=_usage(firsts[0].prompt_tokens, counts))
+            yield chunk([], usage=_usage(shapes, firsts, counts))
     except ApiError as e:
         yield _event(e.body())
     except Exception as e:  # noqa: BLE001 - a bug here mid-stream: logged, counted as the 500 it is (it was counted
@@ -194,7 +201,7 @@ async def complete_all(gens: list[Any], shapes: list[Shape]) -> dict:
     head.record(None, done[0][1])  # the request, once: every choice has ended
     return {"id": head.id, "object": shapes[0].object(False), "created": head.created, "model": head.model,
             "choices": [c for c, _ in done],
-            "usage": _usage(done[0][1].prompt_tokens, [u.completion_tokens for _, u in done])}
+            "usage": _usage(shapes, [u for _, u in done], [u.completion_tokens for _, u in done])}
 
 
 async def start_all(gens: list[Any]) -> list[Update]:
