@@ -64,8 +64,8 @@ def fused_moe(
     [E, ceil(H/bn), ceil(I/bk)] float32 (weight_scale_inv; layouts in fp8.py), block_shape (bn, bk), default
     (128, 128), split_scales: w13_scale's gate/up layout (None: from its shape). The math then runs in
     hidden's dtype: the Triton backend reads the fp8 weights as they are (W8A16; act_quant=True: W8A8,
-    activations quantized per token and bk-group on the fly), the torch backend dequantizes them blockwise
-    first (act_quant is a Triton-only option and ignored there).
+    activations quantized per token and bk-group on the fly, bk a multiple of 32, else ValueError), the torch
+    backend dequantizes them blockwise first (act_quant is a Triton-only option and ignored there).
     """
     fp8 = check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale, block_shape, split_scales)
     check_out_dtype(out_dtype)

@@ -38,6 +38,7 @@ DEFAULT_TILES = (
     (None, _tiles(128, 64, 64, 8, 8, 3)),  # <= 98,304 B
 )
 FP32_CAPS = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_stages": 3}  # exact FMA dots: no spills
+W8A8_MIN_BLOCK_K = 32  # Triton's tl.dot of 8-bit operands on NVIDIA GPUs (min_dot_size): K >= 32
 _warned_default = False
 
 
@@ -179,13 +180,18 @@ def finalize(cfg: dict, inter: int, hidden: int, dtype: torch.dtype, limit: int,
 
 def check_quant_tiles(cfg: dict, group_k: int, act_quant: bool) -> None:
     """Raise ValueError unless BLOCK_K fits the scale block bk = group_k: divides it (W8A16) or equals it (W8A8;
-    divides it there too when bk is no power of two)."""
+    divides it there too when bk is no power of two). W8A8 also needs BLOCK_K >= W8A8_MIN_BLOCK_K (a dot of fp8
+    operands takes K >= 32 on a GPU; the interpreter runs any K), so bk a multiple of 32."""
     block_k = cfg["BLOCK_K"]
     tile_group = act_quant and _is_pow2(group_k)
     fits = block_k == group_k if tile_group else group_k % block_k == 0
     if not fits or block_k < 16 or not _is_pow2(block_k):
         need = f"== {group_k}" if tile_group else f"a power of two >= 16 dividing {group_k}"
         raise ValueError(f"block-FP8 tiles need BLOCK_K {need}; got {block_k}")
+    if act_quant and block_k < W8A8_MIN_BLOCK_K:
+        raise ValueError(f"act_quant (W8A8) needs the scale block bk a multiple of {W8A8_MIN_BLOCK_K} (a K step stays "
+                         f"in one bk group, and a GPU's fp8 dot takes K >= {W8A8_MIN_BLOCK_K}); bk = {group_k} gives "
+                         f"BLOCK_K {block_k}: use act_quant=False (W8A16)")
 
 
 def _pow2(n: int) -> int:
