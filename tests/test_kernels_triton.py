@@ -203,7 +203,8 @@ def _child_no_compile(device) -> dict:
         result["ok"] = result["ok"] and compiled == result["compiled_after_serving"]
     odd = dict(SMALL_TILES, BLOCK_N=16)  # a config no warm-up compiled: the counter must see it
     le = store.layers[layers[-1]]
-    triton_moe.fused_moe_triton(x.to(device), le.w13, le.w2, ids.to(device), weights.to(device), config=odd)
+    triton_moe.fused_moe_triton(x.to(device), le.w13, le.w2, ids.to(device), weights.to(device), config=odd,
+                                out_dtype=torch.float64)  # the store's: only the two GEMMs' keys are new
     fresh = sum(len(keys[n] - served[n]) for n in served)
     return {"no-compile-after-load": result, "compile-counter-sees-new-config": {"ok": fresh == 2, "new": fresh}}
 

@@ -108,7 +108,8 @@ def fp8_jobs(quick: bool = False) -> list[tuple]:
 
 
 def small_jobs(dtype: str) -> list[tuple]:
-    """Alignment kernels for small / DeepSeek-sized / large expert counts and the top-k sum, int32 and int64 ids."""
+    """Alignment kernels for small / DeepSeek-sized / large expert counts and the top-k sum, int32 and int64 ids, out in
+    `dtype`, fp32 and fp64."""
     jobs = []
     for ids_type, e_p2, block_m in (("i64", 16, 16), ("i32", 1024, 128)):
         g = triton_align.align_shapes(1, e_p2 - 1, block_m)
@@ -121,10 +122,12 @@ def small_jobs(dtype: str) -> list[tuple]:
                      expert_ids_ptr=_ptr("i32"), num_post_padded_ptr=_ptr("i32"), num_chunks="i32", num_blocks="i32")
         jobs.append((triton_align.align_place_kernel, place, dict(BLOCK_M=block_m, E_P2=e_p2,
                      CHUNK=triton_align.CHUNK, FILL_BLOCKS=g["fill_blocks"]), 4, 1))
-    for ids_type, (block_t, block_h) in (("i64", (2, 1024)), ("i32", (32, 64))):
-        args = dict(pair_out_ptr=_ptr("fp32"), topk_ids_ptr=_ptr(ids_type), out_ptr=_ptr(TRITON_TYPES[dtype]),
+    for ids_type, (block_t, block_h), out in (("i64", (2, 1024), TRITON_TYPES[dtype]), ("i32", (32, 64), "fp32"),
+                                             ("i64", (2, 1024), "fp64")):  # fp64: an expert shard's partial sums
+        args = dict(pair_out_ptr=_ptr("fp32"), topk_ids_ptr=_ptr(ids_type), out_ptr=_ptr(out),
                     num_tokens="i32", hidden_size=("i32", DIV16), num_experts="i32", stride_om=("i32", DIV16))
-        jobs.append((triton_gemm.topk_sum_kernel, args, dict(TOP_K=8, BLOCK_T=block_t, BLOCK_H=block_h), 4, 1))
+        consts = dict(TOP_K=8, BLOCK_T=block_t, BLOCK_H=block_h, ACC64=out == "fp64")
+        jobs.append((triton_gemm.topk_sum_kernel, args, consts, 4, 1))
     return jobs
 
 

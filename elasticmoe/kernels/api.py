@@ -58,7 +58,8 @@ def fused_moe(
     topk_ids [T, k] int32/int64 (-1 = skip); topk_weights [T, k] fp32, fp16 or bf16 (used in fp32).
     expert e(x) = (silu(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T.
     Returns [T, H] in out_dtype (default hidden's dtype); the top-k reduction accumulates in fp32, or in
-    fp64 for out_dtype float64 on the torch backend (partial sums from several shards then add up exactly).
+    fp64 for out_dtype float64 (partial sums from several shards then add up exactly), and is rounded once, into
+    out_dtype (the Triton backend's slot products are fp32, the torch backend's in the weights' dtype).
     T may be 0, and so may E (every id is then skipped).
     Block-FP8 weights: w13, w2 float8_e4m3fn with w13_scale [E, ceil(2I/bn), ceil(H/bk)] and w2_scale
     [E, ceil(H/bn), ceil(I/bk)] float32 (weight_scale_inv; layouts in fp8.py), block_shape (bn, bk), default
@@ -81,22 +82,25 @@ def fused_moe(
 
     if fp8 is not None:
         fp8["act_quant"] = act_quant
-    out = fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights, fp8=fp8, checked=True)  # [T, H] hidden's dtype
-    return out if out_dtype is None else out.to(out_dtype)
+    return fused_moe_triton(hidden, w13, w2, topk_ids, topk_weights, fp8=fp8, checked=True,
+                            out_dtype=out_dtype)  # [T, H]
 
 
 def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "auto",
                hidden_dtype: torch.dtype | None = None, w13_scale: torch.Tensor | None = None,
                w2_scale: torch.Tensor | None = None, block_shape: tuple[int, int] | None = None,
-               act_quant: bool = False, split_scales: bool | None = None) -> int:
+               act_quant: bool = False, split_scales: bool | None = None,
+               out_dtype: torch.dtype | None = None) -> int:
     """Compile, at model load, every Triton kernel variant that fused_moe can launch with these weights.
 
     A no-op (returns 0) when `backend` resolves to torch for w13's device, or when this shape was
     warmed before; otherwise returns the number of 1-token warm-up passes run. Block-FP8 weights: pass
-    their scales (and block_shape, act_quant) as to fused_moe, and hidden_dtype, the activations' dtype.
-    top_k (the router's, >= 1) is checked whatever the backend.
+    their scales (and block_shape, act_quant) as to fused_moe, and hidden_dtype, the activations' dtype;
+    out_dtype as the calls will (default hidden's). top_k (the router's, >= 1) and out_dtype are checked whatever
+    the backend.
     """
     check_count("top_k", top_k)
+    check_out_dtype(out_dtype)
     if resolve_backend(backend, w13.device, is_fp8(w13)) != "triton" or w13.shape[0] == 0:
         return 0
     from .triton_moe import warmup_triton  # lazy: importing triton must wait for TRITON_INTERPRET
@@ -106,4 +110,4 @@ def warmup_moe(w13: torch.Tensor, w2: torch.Tensor, top_k: int, backend: str = "
         fp8 = dict(check_fp8_weights(w13, w2, w13_scale, w2_scale, block_shape, split_scales), act_quant=act_quant)
         if hidden_dtype is None:
             raise ValueError("warming block-FP8 weights needs hidden_dtype (the activations' dtype)")
-    return warmup_triton(w13, w2, top_k, hidden_dtype, fp8=fp8)
+    return warmup_triton(w13, w2, top_k, hidden_dtype, fp8=fp8, out_dtype=out_dtype)

@@ -192,19 +192,20 @@ def down_kernel(
 def topk_sum_kernel(
     pair_out_ptr, topk_ids_ptr, out_ptr,  # pair_out [N, H] fp32 (contiguous), topk_ids [N], out [T, H]
     num_tokens, hidden_size, num_experts, stride_om,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, ACC64: tl.constexpr = False,
 ):
-    """out[t] = sum_j pair_out[t * k + j] over slots with a valid expert id, fp32 then cast."""
+    """out[t] = sum_j pair_out[t * k + j] over slots with a valid expert id, in fp32 (fp64 with ACC64, for a float64
+    out) then cast to out's dtype."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     row_ok = tokens < num_tokens
     tokens = tokens.to(tl.int64)
-    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float64 if ACC64 else tl.float32)
     for j in tl.static_range(TOP_K):
         pairs = tokens * TOP_K + j  # [BT]
         expert = tl.load(topk_ids_ptr + pairs, mask=row_ok, other=-1)
         limit = tl.where((expert >= 0) & (expert < num_experts), hidden_size, 0)  # [BT], 0 skips the slot
         ptrs = pair_out_ptr + pairs[:, None] * hidden_size + offs[None, :]
-        acc += tl.load(ptrs, mask=offs[None, :] < limit[:, None], other=0.0)
+        acc += tl.load(ptrs, mask=offs[None, :] < limit[:, None], other=0.0).to(acc.dtype)
     o_ptrs = out_ptr + tokens[:, None] * stride_om + offs[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs[None, :] < hidden_size))

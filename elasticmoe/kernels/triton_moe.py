@@ -6,7 +6,7 @@ B blocks of BLOCK_M slots):
              (3 multi-program kernels, triton_align.py)
   gate_up    x [T, H] gathered by slot, x w13[e]^T, silu(gate) * up   -> act [B * BM, I] (sorted rows)
   down       act x w2[e]^T, times topk_weights                         -> pair_out [N, H] fp32
-  topk_sum   sum over the k slots of each token (fp32, skips -1 slots) -> out [T, H] hidden's dtype
+  topk_sum   sum over the k slots of each token (fp32, skips -1 slots) -> out [T, H] out_dtype (default hidden's)
 Writing pair_out and summing (instead of fp32 atomics into [T, H]) keeps the result deterministic,
 needs no zero-fill launch and handles -1 slots; chunking bounds pair_out to chunk_tokens * k * H * 4 bytes.
 Every launch runs under torch.cuda.device(tensors' device): Triton launches on the current device.
@@ -23,7 +23,7 @@ import torch
 import triton
 
 from .align import max_num_blocks
-from .checks import check_count, check_moe_inputs
+from .checks import check_count, check_moe_inputs, check_out_dtype
 from .triton_align import align_block_size_triton
 from .triton_gemm import down_kernel, gate_up_kernel, topk_sum_kernel
 from .tuning import candidate_configs, check_quant_tiles, get_config
@@ -83,14 +83,17 @@ def fused_moe_triton(
     chunk_tokens: int | None = None,
     fp8: dict | None = None,
     checked: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Triton MoE forward. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H].
+    """Triton MoE forward. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H] in out_dtype.
 
     config: tile dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); default: tuning.get_config.
     chunk_tokens: tokens per pipeline pass, an int >= 1 (default None: $ELASTICMOE_MOE_CHUNK_TOKENS or 4096).
     fp8: block-FP8 weights' {w13_scale, w2_scale, block_shape (bn, bk), split, act_quant} (split: w13_scale's
     gate/up layout, default from its shape). checked: the caller ran checks.check_moe_inputs (fused_moe does,
     and passes its fp8 dict); else the inputs are checked here, before any launch reads them.
+    out_dtype: the result's (default hidden's; checks.OUT_DTYPES): the top-k sum is written in it as summed (in fp32,
+    in fp64 for float64), not rounded to hidden's dtype first (a shard's float64 partial sums then add up as one).
     Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, where bfloat16 is refused: Triton 3.9's
     interpreter computes it wrongly (bf16 runs on a GPU only; the torch backend runs it on CPU).
     """
@@ -99,6 +102,7 @@ def fused_moe_triton(
     if chunk_tokens is not None:
         check_count("chunk_tokens", chunk_tokens)
     if not checked:
+        check_out_dtype(out_dtype)
         fp8 = _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8)
     if _interpreting() and torch.bfloat16 in (hidden.dtype, w13.dtype):
         raise ValueError("bfloat16 MoE inputs under TRITON_INTERPRET=1: the interpreter computes bf16 wrongly; "
@@ -106,7 +110,7 @@ def fused_moe_triton(
     num_tokens, hidden_size = hidden.shape
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     if num_tokens == 0 or top_k == 0 or num_experts == 0:  # E = 0: every id skipped (tiles divide by E)
-        return torch.zeros_like(hidden)  # [T, H]
+        return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
     chunk = min(num_tokens, chunk_tokens or chunk_tokens_default())  # chunk_tokens: None or >= 1
     with device_guard(hidden.device):
         act_dtype = hidden.dtype if fp8 else w13.dtype
@@ -117,7 +121,7 @@ def fused_moe_triton(
         scales = _scale_args(w13, fp8)
         ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()  # [T, k]
         weights = topk_weights.to(torch.float32).contiguous()  # [T, k]
-        out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)  # [T, H]
+        out = torch.empty(num_tokens, hidden_size, dtype=out_dtype or hidden.dtype, device=hidden.device)  # [T, H]
         act, pair_out = _buffers(chunk, top_k, w13, launch["BLOCK_M"], act_dtype)
         for start in range(0, num_tokens, chunk):
             stop = min(num_tokens, start + chunk)
@@ -201,34 +205,39 @@ def down(act, w2, weights, routing, num_pairs, launch, pair_out, scale_args=NO_S
 
 
 def topk_sum(pair_out, ids, num_experts, out) -> torch.Tensor:
-    """out [T, H] = fp32 sum of pair_out [T * k, H] over each token's valid slots, cast to out's dtype."""
+    """out [T, H] = sum of pair_out [T * k, H] over each token's valid slots (fp32; fp64 for a float64 out), cast to
+    out's dtype."""
     num_tokens, hidden_size = out.shape
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
     block_t = max(2, TOPK_SUM_TILE // block_h)  # independent of T: one compile per (H, k, dtypes)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden_size, block_h))
     topk_sum_kernel[grid](
         pair_out, ids, out, num_tokens, hidden_size, num_experts, out.stride(0),
-        TOP_K=ids.numel() // num_tokens, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+        TOP_K=ids.numel() // num_tokens, BLOCK_T=block_t, BLOCK_H=block_h, ACC64=out.dtype == torch.float64,
+        num_warps=4,
     )
     return out
 
 
 def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype: torch.dtype | None = None,
-                  id_dtypes=(torch.int64, torch.int32), fp8: dict | None = None) -> int:
+                  id_dtypes=(torch.int64, torch.int32), fp8: dict | None = None,
+                  out_dtype: torch.dtype | None = None) -> int:
     """Compile every kernel variant a call with these weights can launch; returns the passes run (0: done before).
 
     One 1-token pass per candidate tile config and id dtype: runtime sizes are not specialised on,
     so later batches of any size reuse these compiles. Weights are only read. fp8: as fused_moe_triton's
-    (block-FP8 weights need hidden_dtype, the activations' dtype).
+    (block-FP8 weights need hidden_dtype, the activations' dtype); out_dtype: the calls' (the top-k sum's kernel
+    is compiled per output dtype).
     """
     check_count("top_k", top_k)
+    check_out_dtype(out_dtype)
     hidden_dtype = hidden_dtype or w13.dtype
     num_experts, hidden_size = w13.shape[0], w13.shape[2]
     device = w13.device
     quant = quant_key(hidden_dtype, fp8)
     configs = candidate_configs(num_experts, w2.shape[2], hidden_size, w13.dtype, device, quant)
     key = (tuple(w13.shape), w13.dtype, hidden_dtype, top_k, str(device), tuple(id_dtypes), quant,
-           tuple(tuple(c.items()) for c in configs))
+           out_dtype or hidden_dtype, tuple(tuple(c.items()) for c in configs))
     if key in _warm:
         return 0
     runs = 0
@@ -238,7 +247,7 @@ def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype:
         for cfg in configs:
             for id_dtype in id_dtypes:
                 ids = (torch.arange(top_k, device=device) % num_experts).to(id_dtype)[None]  # [1, k]
-                fused_moe_triton(x, w13, w2, ids, weights, config=cfg, fp8=fp8)
+                fused_moe_triton(x, w13, w2, ids, weights, config=cfg, fp8=fp8, out_dtype=out_dtype)
                 runs += 1
     _warm.add(key)
     return runs

@@ -258,7 +258,8 @@ class ExpertStore:
         le = LayerExperts(global_ids=tuple(ids), to_local=to_local, **{k: t.contiguous() for k, t in parts.items()})
         if self.spec.moe.expert_act == "silu":  # compile Triton kernels now
             warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype, w13_scale=le.w13_scale,
-                       w2_scale=le.w2_scale, block_shape=self.block, split_scales=self.split_scales)
+                       w2_scale=le.w2_scale, block_shape=self.block, split_scales=self.split_scales,
+                       out_dtype=COMBINE_DTYPE)  # forward's: the top-k sum compiles per output dtype
         return le
 
     @staticmethod
@@ -283,7 +284,8 @@ class ExpertStore:
 
         Every id >= 0 must be held (see `missing`; pass the same `snap` to both); its contribution is weighted
         and summed per token in float64, so partial sums from any split of the experts over shards add up to
-        the same bits as one sum over all of them (COMBINE_DTYPE; the caller rounds to the model's dtype).
+        the same bits as one sum over all of them (COMBINE_DTYPE; the caller rounds to the model's dtype). On the
+        Triton backend each slot's product is fp32, whose bits may follow the tiles (picked by rows per held expert).
         """
         le = self.layers.get(layer) if snap is _NOW else snap
         if le is None or hidden.shape[0] == 0:
