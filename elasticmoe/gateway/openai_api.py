@@ -262,10 +262,3 @@ def build_openai_app(core: Any) -> FastAPI:
     """A standalone FastAPI app serving `core` (tests, or any ASGI server)."""
     # No /docs, /redoc or /openapi.json: the API is OpenAI's, documented there; nothing to show anonymous callers.
     return register_routes(FastAPI(title="elasticmoe", docs_url=None, redoc_url=None, openapi_url=None), lambda: core)
-
-
-def replica_core() -> Any:
-    """`get_core` for a module-level app under `@serve.ingress`: the GatewayCore of this Serve replica."""
-    from ray import serve
-
-    return serve.get_replica_context().servable_object.core

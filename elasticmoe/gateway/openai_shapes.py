@@ -7,7 +7,6 @@ import re
 from typing import Any
 
 from elasticmoe.engine.sampling import TokenLogprob
-from elasticmoe.gateway.request_stream import Update
 
 # Engine finish reasons -> OpenAI's. "abort" (the engine dropped the request, e.g. on shutdown) has no
 # OpenAI equivalent; like vLLM we pass it through rather than claim a natural "stop".
@@ -89,8 +88,3 @@ def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob], as_ids: bool = False)
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in lps], "refusal": None}
-
-
-def usage_of(u: Update) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
