@@ -26,6 +26,19 @@ def gateway_max_ongoing(limits) -> int:
     return limits.max_ongoing_requests or limits.max_num_seqs + limits.max_queue
 
 
+def shard_autoscaling(min_shards: int, max_shards: int, initial: int | None = None) -> dict[str, Any]:
+    """ExpertShard's Serve autoscaling_config: Serve follows the controller's count at once (the shards report it;
+    autoscaler.policy.shard_autoscaling_policy), within the bounds. `initial`: the count Serve starts at, and resets
+    to whenever the deployment's config changes; None: the first deploy starts at min_shards and the count is kept
+    through changes (the Helm chart's, written among the Serve config's deployments to change the bounds in place)."""
+    cfg: dict[str, Any] = {"min_replicas": min_shards, "max_replicas": max_shards, "metrics_interval_s": 1.0,
+                           "look_back_period_s": 2.0, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+                           "policy": {"policy_function": "elasticmoe.autoscaler.policy:shard_autoscaling_policy"}}
+    if initial is not None:
+        cfg["initial_replicas"] = initial
+    return cfg
+
+
 def _default_named(args: dict[str, Any], a: AppArgs) -> AppArgs:
     """`a` with served_model_name the default for its model, validated as a name given is (model_copy skips that,
     and each replica, validating the args again, failed on a directory name with a newline or an escape)."""
@@ -101,11 +114,8 @@ def build_app(args: dict[str, Any]):
     if a.autoscaling is None:
         shard_opts["num_replicas"] = a.num_shards
     else:
-        shard_opts["autoscaling_config"] = {
-            "min_replicas": a.autoscaling.min_shards, "max_replicas": a.autoscaling.max_shards,
-            "initial_replicas": a.num_shards, "metrics_interval_s": 1.0, "look_back_period_s": 2.0,
-            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
-            "policy": {"policy_function": "elasticmoe.autoscaler.policy:shard_autoscaling_policy"}}
+        shard_opts["autoscaling_config"] = shard_autoscaling(a.autoscaling.min_shards, a.autoscaling.max_shards,
+                                                             a.num_shards)
     shards = ExpertShard.options(**shard_opts).bind(plain, controller)
     # A gateway that Serve stops (node drain, scale-down, in-place update) first lets its streams finish.
     return Gateway.options(num_replicas=a.num_gateways, ray_actor_options=_options(a.gateway_resources),

@@ -214,6 +214,40 @@ class AppArgs(_Strict):
         return self
 
 
+class ScaleConfig(_Strict):
+    """The Controller deployment's `user_config` (a Serve config's `deployments: [{name: Controller, user_config:
+    ...}]`, as the Helm chart writes it): the shard bounds, which Serve hands the running controller in place
+    (reconfigure(), no replica restarted; a change of `args` rebuilds the application and replaces every replica),
+    within args.autoscaling's; and the count a controller with no record to resume starts at. ExpertShard's
+    autoscaling_config should carry the same bounds (Serve's own: app.shard_autoscaling)."""
+
+    min_shards: int = Field(..., ge=1, le=1024)
+    max_shards: int = Field(..., ge=1, le=1024)
+    start_shards: int | None = Field(None, ge=1, le=1024, description="the shard count of a controller that starts "
+                                     "with no record to resume (a new cluster; the chart's: the replaced cluster's "
+                                     "scale), its first placement spread over them; a running or resumed one "
+                                     "ignores it")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ScaleConfig":
+        if self.min_shards > self.max_shards:
+            raise ValueError(f"user_config.min_shards ({self.min_shards}) > max_shards ({self.max_shards})")
+        if not self.min_shards <= (self.start_shards or self.min_shards) <= self.max_shards:
+            raise ValueError(f"user_config.start_shards ({self.start_shards}) must lie in [min_shards, max_shards] "
+                             f"= [{self.min_shards}, {self.max_shards}]")
+        return self
+
+    def within(self, args: AppArgs) -> "ScaleConfig":
+        """Itself, if `args` autoscale and their bounds hold its own; else ValueError naming the fields."""
+        a = args.autoscaling
+        if a is None:
+            raise ValueError("user_config: shard bounds need args.autoscaling (without it the shard count is fixed)")
+        if not (a.min_shards <= self.min_shards and self.max_shards <= a.max_shards):
+            raise ValueError(f"user_config.min_shards..max_shards ({self.min_shards}..{self.max_shards}) must lie "
+                             f"within args autoscaling.min_shards..max_shards ({a.min_shards}..{a.max_shards})")
+        return self
+
+
 def check_slots(args: AppArgs, num_experts: int) -> None:
     """Refuse, naming the fields and their numbers (ValueError), an autoscaling.slots_per_shard too small for the
     initial placement: num_shards shards of slots_per_shard slots each (per MoE layer) must hold every one of the

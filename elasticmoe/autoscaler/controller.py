@@ -17,10 +17,10 @@ from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import GcsRecord
 from elasticmoe.autoscaler.recovery import Recovery, placement_key
 from elasticmoe.autoscaler.replace import Replacer
-from elasticmoe.autoscaler.registry import Change, ShardInfo
+from elasticmoe.autoscaler.registry import Change, Registry, ShardInfo
 from elasticmoe.autoscaler.stats import StatsKeeper
-from elasticmoe.config import AppArgs, check_slots
-from elasticmoe.placement import plan
+from elasticmoe.config import AppArgs, ScaleConfig, check_slots
+from elasticmoe.placement import Placement, plan
 
 log = logging.getLogger("elasticmoe.controller")
 TABLE_WAIT_MAX_S = 5.0  # the longest a table() long poll is held
@@ -71,6 +71,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         self.placement_key = placement_key(self.args)  # a record of other timing or policy args still resumes
         rec = self.record.load()
         self._resume(rec, n, copies)
+        self._fresh = not self.recovering  # no record resumed and no call yet: user_config's start_shards applies
         Mover.__init__(self, insecure=self.args.insecure_internal, successor=rec is not None)
         from elasticmoe.metrics import GatewayMetrics
 
@@ -79,8 +80,30 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         self._save()
 
     # ----- plumbing
+    async def reconfigure(self, config: dict) -> None:
+        """Serve's user_config (config.ScaleConfig), right after __init__ and again on each change of it, in place (no
+        replica restarted): the shard bounds, the count brought within them; and for a controller that resumed no
+        record and has had no call yet, start_shards: its first placement spread over that many shards, and the
+        count it asks for. A bad config raises ValueError naming the field and changes nothing."""
+        cfg = ScaleConfig.model_validate(config).within(self.args)
+        first = None
+        if cfg.start_shards is not None and self._fresh and not self.registry.shards:
+            try:
+                first = Placement.even(len(self.moe_layers), self.num_experts, cfg.start_shards, self.slots,
+                                       self.args.expert_copies)
+            except ValueError as e:
+                raise ValueError(f"user_config.start_shards ({cfg.start_shards}): {e}") from None
+        self._fresh = False
+        self.scale.min_shards, self.scale.max_shards = cfg.min_shards, cfg.max_shards
+        if first is not None:
+            self.registry = Registry(first, self.moe_layers, version=self.registry.version)
+            self.desired = cfg.start_shards
+        self.desired = self.scale.desired(self.desired, [])
+        self._save()
+
     def _start(self) -> asyncio.Lock:
         if self._lock is None:
+            self._fresh = False
             self._lock = asyncio.Lock()
             loops = [self._probe_once, self._stats_once]
             if self.args.autoscaling:
