@@ -9,6 +9,7 @@ import helm_python as helm  # helm-python-sdk (dev dependency): Helm's Go SDK as
 import jsonschema
 import yaml
 
+from elasticmoe.config import ScaleConfig
 from tests.test_deploy_configs import (CHART_DIR, CRD_DIR, IMPORT_PATH, NAMESPACE, RELEASE, SERVICER, _app_args,
                                        _load, _serve_schema)
 
@@ -67,7 +68,8 @@ def _crd_validator(crd_file: str) -> jsonschema.Draft7Validator:
 
 
 def _check_rayservice(rs: dict):
-    """Validate a rendered RayService (CRD schema, Serve schema, AppArgs); returns its AppArgs."""
+    """Validate a rendered RayService (CRD schema, Serve schema, AppArgs, the controller's user_config as it takes it:
+    config.ScaleConfig within the args); returns its AppArgs."""
     errors = sorted(_crd_validator("ray.io_rayservices.yaml").iter_errors(rs), key=lambda e: list(e.path))
     assert not errors, "RayService does not match KubeRay's CRD:\n" + "\n".join(
         f"  {'/'.join(map(str, e.path))}: {e.message}" for e in errors[:20])
@@ -77,7 +79,24 @@ def _check_rayservice(rs: dict):
     assert schema.grpc_options.grpc_servicer_functions == [SERVICER]
     (app,) = schema.applications
     assert app.import_path == IMPORT_PATH
-    return _app_args(app.args)
+    args = _app_args(app.args)
+    for d in app.deployments:
+        if d.name == "Controller":
+            ScaleConfig.model_validate(d.user_config).within(args)
+    return args
+
+
+def _deployments(rs: dict) -> dict[str, dict]:
+    """The Serve application's `deployments` entries by name (the options Serve applies over the builder's)."""
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    return {d["name"]: d for d in app.get("deployments", [])}
+
+
+def _start_shards(rs: dict) -> int:
+    """The shard count the application starts at: the controller's start_shards (autoscaling), else num_shards."""
+    scale = _deployments(rs).get("Controller", {}).get("user_config") or {}
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    return scale.get("start_shards") or app["args"]["num_shards"]
 
 
 def _containers(rs: dict) -> list[tuple[dict, dict]]:

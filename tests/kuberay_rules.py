@@ -2,7 +2,8 @@
 from a reading of ray-operator/controllers/ray/utils/validation.go and common/service.go at the commit of
 ../shared/kuberay-crds (feeaf72fa): `rayservice_errors(rs)` lists what the operator would refuse, [] if nothing;
 also what a group's pods give `ray start` (`ray_resources`) and the readiness probe KubeRay gives a Ray container
-(`readiness_probe`, common/pod.go), and what of a RayService decides a new RayCluster (`cluster_hash_view`)."""
+(`readiness_probe`, common/pod.go), what of a RayService decides a new RayCluster (`cluster_hash_view`), and what
+Serve then does with a new serveConfigV2 on the cluster KubeRay keeps (`serve_update`)."""
 
 from __future__ import annotations
 
@@ -257,3 +258,46 @@ def cluster_hash_view(rs: dict) -> dict:
         for key in ("tolerations", "schedulingGates"):
             group["template"]["spec"].pop(key, None)
     return spec
+
+
+def _serve_app(rs: dict) -> dict:
+    import yaml
+
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    return app
+
+
+def serve_update(old: dict, new: dict) -> str | dict[str, dict[str, str]] | None:
+    """What Serve does on the running RayCluster when a RayService `old` becomes `new` and KubeRay keeps the cluster
+    (equal cluster_hash_view), by Ray's own rules: None when serveConfigV2 is the same text (KubeRay submits a config
+    only when it differs from the one it last submitted: checkIfNeedSubmitServeApplications); "redeploy" when the
+    application's code version changes (serve/_private/deploy_utils.get_app_code_version: import_path, runtime_env,
+    args, the deployments' autoscaling policies): Serve builds the application again and replaces every replica of
+    every deployment. Else {deployment: {option: kind}} for each changed option of the config's `deployments`:
+    "in place" for a DeploymentConfig option Serve applies to the running replicas (all but the HeavyWeight ones:
+    user_config reaches reconfigure()), "restart" for the others (ray_actor_options, placement groups, ...), "count
+    reset" for an autoscaling_config with initial_replicas (AutoscalingState.register: a changed deployment config sets
+    the target replica count to it, whatever the count was)."""
+    from ray.serve._private.config import DeploymentConfig
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    if old["spec"]["serveConfigV2"] == new["spec"]["serveConfigV2"]:
+        return None
+    apps = [_serve_app(rs) for rs in (old, new)]
+    if len({get_app_code_version(ServeApplicationSchema.model_validate(a)) for a in apps}) > 1:
+        return "redeploy"
+    before, after = ({d["name"]: d for d in a.get("deployments", [])} for a in apps)
+    changes: dict[str, dict[str, str]] = {}
+    for name in before.keys() | after.keys():
+        was, now = before.get(name, {}), after.get(name, {})
+        for option in (was.keys() | now.keys()) - {"name"}:
+            if was.get(option) == now.get(option):
+                continue
+            field = DeploymentConfig.model_fields.get(option)
+            update = ((field.json_schema_extra or {}) if field else {}).get("update_type")
+            kind = "in place" if update is not None and update.value != "HeavyWeight" else "restart"
+            if option == "autoscaling_config" and (now.get(option) or {}).get("initial_replicas") is not None:
+                kind = "count reset"
+            changes.setdefault(name, {})[option] = kind
+    return changes

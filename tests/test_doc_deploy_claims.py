@@ -147,3 +147,31 @@ def test_the_args_that_start_the_placement_over_are_the_ones_named():
     changed = [key(autoscaling=None), key(autoscaling={"max_shards": 4, "slots_per_shard": 3}), key(dtype="bfloat16"),
                key(num_shards=3), key(expert_copies=2), key(insecure_internal=True), key(model="tiny:qwen2_moe")]
     assert len({key(), *changed}) == len(changed) + 1
+
+
+def test_shard_bounds_as_deployment_options_are_taken_as_the_doc_says():
+    """Step 6: "the Controller's `user_config: {min_shards: 2, max_shards: 6}` (within the args'
+    `autoscaling.min_shards..max_shards`) and ExpertShard's `autoscaling_config` with the same `min_replicas` /
+    `max_replicas`": over qwen3-30b-a3b.yaml's args (2..8) the controller takes them (config.ScaleConfig, in place:
+    tests/test_controller_scale_config.py) and Serve's schema the options; 2..12 is refused, beyond the args'."""
+    import re
+
+    import pytest
+
+    from elasticmoe.app import shard_autoscaling
+    from elasticmoe.config import AppArgs, ScaleConfig
+    from tests.test_deploy_configs import _serve_schema
+
+    said = re.search(r"the Controller's `user_config: \{min_shards: (\d+), max_shards: (\d+)\}` \(within the args' "
+                     r"`autoscaling.min_shards..max_shards`\) and ExpertShard's `autoscaling_config`", _doc())
+    lo, hi = int(said.group(1)), int(said.group(2))
+    config = _yaml("deployments/qwen3-30b-a3b.yaml")
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    ScaleConfig(min_shards=lo, max_shards=hi).within(args)
+    with pytest.raises(ValueError, match="must lie within args"):
+        ScaleConfig(min_shards=lo, max_shards=12).within(args)
+    config["applications"][0]["deployments"] = [
+        {"name": "Controller", "user_config": {"min_shards": lo, "max_shards": hi}},
+        {"name": "ExpertShard", "autoscaling_config": shard_autoscaling(lo, hi)}]
+    (app,) = _serve_schema(config).applications
+    assert app.deployments[1].autoscaling_config["max_replicas"] == hi

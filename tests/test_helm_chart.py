@@ -12,8 +12,9 @@ import helm_python as helm  # helm-python-sdk (dev dependency): Helm's Go SDK as
 import pytest
 import yaml
 
-from tests.helm_util import (_chart, _check_rayservice, _containers, _crd_validator, _objects, _one, _port_ranges,
-                             _prod_values, _render)
+from elasticmoe.config import ScaleConfig
+from tests.helm_util import (_chart, _check_rayservice, _containers, _crd_validator, _deployments, _objects, _one,
+                             _port_ranges, _prod_values, _render)
 from tests.test_deploy_configs import CHART_DIR, NAMESPACE, RELEASE
 
 
@@ -72,8 +73,13 @@ def test_production_values_render(prod_objects):
     assert args.model == prod["model"]["path"]
     assert (args.device, args.dtype) == ("cuda", "bfloat16")
     assert (args.num_shards, args.num_gateways) == (prod["shards"], prod["gateways"])
-    assert args.autoscaling.min_shards == prod["autoscaling"]["minShards"]
-    assert args.autoscaling.max_shards == prod["autoscaling"]["maxShards"]
+    # the operator's bounds: options Serve applies in place (tests/test_helm_upgrade.py); the args' are the widest
+    assert (args.autoscaling.min_shards, args.autoscaling.max_shards) == (1, 1024)
+    scale = ScaleConfig.model_validate(_deployments(rs)["Controller"]["user_config"]).within(args)
+    serve = _deployments(rs)["ExpertShard"]["autoscaling_config"]
+    bounds = (prod["autoscaling"]["minShards"], prod["autoscaling"]["maxShards"])
+    assert (scale.min_shards, scale.max_shards) == (serve["min_replicas"], serve["max_replicas"]) == bounds
+    assert scale.start_shards == prod["shards"]
     assert args.shard_resources.num_gpus == 1 and args.limits.max_model_len == prod["limits"]["maxModelLen"]
     cluster = rs["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
@@ -256,6 +262,7 @@ def test_dashboard_json():
     pytest.param({"autoscaling": {"startDeadlineSeconds": 0}}, id="zero-start-deadline"),
     pytest.param({"autoscaling": {"startDeadlineSeconds": "10m"}}, id="start-deadline-not-a-number"),
     pytest.param({"autoscaling": {"startDeadlineSeconds": 1e10}}, id="start-deadline-past-a-day"),
+    pytest.param({"autoscaling": {"maxShards": 1025}}, id="max-shards-past-the-apps-1024"),
     pytest.param({"limits": {"expertTimeoutSeconds": 1e10}}, id="expert-timeout-past-a-day"),
     pytest.param({"model": {"servedName": "moe\nERROR forged"}}, id="served-name-with-a-newline"),
     pytest.param({"model": {"servedName": "moe\u202e"}}, id="served-name-with-a-bidi-override"),

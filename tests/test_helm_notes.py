@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from tests.helm_util import _objects, _one, _render
+from tests.helm_util import _objects, _one, _render, _start_shards
 from tests.test_deploy_configs import NAMESPACE
 from tests.test_helm_resources import _direct, _full
 from tests.test_helm_values import _merge, _values
@@ -52,7 +52,7 @@ def test_notes_name_what_was_rendered(case):
     used = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", notes)}
     assert used <= local and len(used) == 3
     assert re.findall(r"get rayservice (\S+) -w", notes) == [rs["metadata"]["name"]]
-    assert f"replicas: {args['num_gateways']} gateway(s), {args['num_shards']} expert shard(s)" in notes
+    assert f"replicas: {args['num_gateways']} gateway(s), {_start_shards(rs)} expert shard(s)" in notes
     inside = re.findall(r"([\w.-]+)\.%s\.svc:(\d+)" % NAMESPACE, notes)
     assert len(inside) >= 2
     for host, port in inside:

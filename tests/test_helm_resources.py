@@ -11,7 +11,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from tests.helm_util import _chart, _objects, _one, _render
+from tests.helm_util import _chart, _objects, _one, _render, _start_shards
 from tests.kuberay_rules import ray_resources, replica_fits
 from tests.test_helm_values import VALUE_SETS, _merge, _values
 
@@ -140,4 +140,4 @@ def test_a_new_cluster_at_the_current_scale_starts_the_shards_its_worker_pods_ho
     rs = _rs(_merge(values, {"upgrade": {"currentWorkerReplicas": 14}}))
     workers = next(g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert workers["replicas"] == 14
-    assert yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["num_shards"] == shards
+    assert _start_shards(rs) == shards

@@ -18,7 +18,7 @@ import yaml
 
 from tests.kuberay_rules import rayservice_errors
 from tests.test_deploy_configs import CHART_DIR, NAMESPACE
-from tests.helm_util import _check_rayservice, _containers, _crd_validator, _objects, _one, _render
+from tests.helm_util import _check_rayservice, _containers, _crd_validator, _objects, _one, _render, _start_shards
 
 PROD = "values-gpu-production.yaml"
 VALUE_SETS = {  # name -> the -f files, in order (the model files go on top of the production values)
@@ -166,9 +166,10 @@ def test_limits_change_keeps_the_cluster():
 
 @pytest.mark.parametrize("current, pods, shards", [(None, 10, 8), (4, 10, 8), (14, 14, 12), (30, 18, 16)])
 def test_new_cluster_starts_at_current_scale(current, pods, shards):
+    """A new cluster's worker pods and its controller's first count (start_shards); the args keep `shards`."""
     rs = _rs(_values("gpu-production", upgrade={"currentWorkerReplicas": current}))
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == pods
-    assert _serve_args(rs)["num_shards"] == shards
+    assert _start_shards(rs) == shards and _serve_args(rs)["num_shards"] == 8
 
 
 def test_gcs_fault_tolerance_renders_valid():

@@ -35,8 +35,10 @@ install/upgrade; `helm template` has no cluster and keeps workers.replicas).
 {{- end }}
 
 {{/*
-Initial expert shards: `shards`, or more when the worker pods of the current scale hold more (one GPU each, less the
-gateways' unless directGrpc gives them pods of their own).
+The shard count a new cluster starts at: `shards`, or more when the worker pods of the current scale hold more (one
+GPU each, less the gateways' unless directGrpc gives them pods of their own). Only the controller's user_config
+carries it (elasticmoe.deployments): a running controller ignores it, so an upgrade at another scale than the last
+one's changes nothing on the cluster it keeps.
 */}}
 {{- define "elasticmoe.numShards" -}}
 {{- $v := .Values }}
@@ -93,7 +95,7 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- end }}
 {{- $args := dict
       "model" $v.model.path
-      "num_shards" (int (include "elasticmoe.numShards" .))
+      "num_shards" (int $v.shards)
       "num_gateways" (int $v.gateways)
       "dtype" $v.model.dtype
       "device" $v.model.device
@@ -109,9 +111,12 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- $a := $v.autoscaling }}
+{{- /* The widest bounds: the operator's are the deployments' options (elasticmoe.deployments), which Serve applies
+       in place; Serve hashes the args into the application's code version, and a change there replaces every
+       replica */}}
 {{- $as := dict
-      "min_shards" (int $a.minShards)
-      "max_shards" (int $a.maxShards)
+      "min_shards" 1
+      "max_shards" 1024
       "target_utilization" $a.targetUtilization
       "rebalance_interval_s" $a.rebalanceIntervalSeconds
       "max_moves" (int $a.maxMoves)
@@ -122,6 +127,28 @@ The Serve application's args: exactly the fields of elasticmoe.config.AppArgs.
 {{- $_ := set $args "autoscaling" $as }}
 {{- end }}
 {{- toYaml $args }}
+{{- end }}
+
+{{/*
+The application's deployment options with autoscaling (a list, as YAML; none without): the shard bounds as Serve's
+autoscaling_config of the shards (app.shard_autoscaling: no initial_replicas, which Serve would reset the count to at
+every change) and as the controller's user_config (config.ScaleConfig, with the count a new cluster starts at). Both
+are options Serve applies to the running replicas: a change of them restarts none.
+*/}}
+{{- define "elasticmoe.deployments" -}}
+{{- $a := .Values.autoscaling }}
+{{- if $a.enabled }}
+{{- $lo := int $a.minShards }}
+{{- $hi := int $a.maxShards }}
+{{- $policy := dict "policy_function" "elasticmoe.autoscaler.policy:shard_autoscaling_policy" }}
+{{- $serve := dict "min_replicas" $lo "max_replicas" $hi "metrics_interval_s" 1.0 "look_back_period_s" 2.0
+      "upscale_delay_s" 0.0 "downscale_delay_s" 0.0 "policy" $policy }}
+{{- $scale := dict "min_shards" $lo "max_shards" $hi "start_shards" (int (include "elasticmoe.numShards" .)) }}
+{{- toYaml (list (dict "name" "Controller" "user_config" $scale)
+                 (dict "name" "ExpertShard" "autoscaling_config" $serve)) }}
+{{- else }}
+{{- toYaml list }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -143,6 +170,7 @@ The Serve config (ServeDeploySchema shape, the same as deployments/*.yaml), as Y
       "route_prefix" "/"
       "import_path" "elasticmoe.app:build_app"
       "args" (include "elasticmoe.appArgs" . | fromYaml) }}
+{{- with include "elasticmoe.deployments" . | fromYamlArray }}{{- $_ := set $app "deployments" . }}{{- end }}
 {{- $cfg := dict
       "proxy_location" $v.serve.proxyLocation
       "http_options" $http
