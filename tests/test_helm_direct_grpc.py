@@ -55,8 +55,8 @@ def test_gateways_get_their_own_group_and_a_service_reaching_only_them():
     assert port["direct-grpc"] == 9100 and "direct-grpc" not in {p["name"] for p in _container(workers)["ports"]}
     (probe,) = _container(gw)["readinessProbe"]["exec"]["command"][2:]  # bash -c <probe>
     assert [c.strip() for c in probe.split("&&")] == [  # KubeRay's raylet and proxy checks, then the port
-        "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success",
-        "wget -T 2 -q -O- http://localhost:8000/-/healthz | grep success", ": < /dev/tcp/127.0.0.1/9100"]
+        "wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success",
+        "wget --tries 1 -T 2 -q -O- http://localhost:8000/-/healthz | grep success", ": < /dev/tcp/127.0.0.1/9100"]
     assert "readinessProbe" not in _container(workers)
     # the gateway pods run as the workers do: same env, volumes, drain
     assert _container(gw)["env"] == _container(workers)["env"]

@@ -66,7 +66,7 @@ def test_head_only_worker_probe_checks_the_raylet_and_nothing_else():
     (workers,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     (container,) = workers["template"]["spec"]["containers"]
     (script,) = container["readinessProbe"]["exec"]["command"][2:]
-    assert script == "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
+    assert script == "wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
     assert {p["name"] for p in container["ports"]} == {"metrics"}
     on = _one(_objects(_render(CASES["default"]())), "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert "readinessProbe" not in on[0]["template"]["spec"]["containers"][0]  # EveryNode: KubeRay's own
@@ -80,3 +80,18 @@ def test_head_only_without_the_head_in_the_serve_service_fails_render():
                                                        "rayService.excludeHeadPodFromServeSvc")):
         _render(values)
     _render(_merge(CASES["default"](), {"rayService": {"excludeHeadPodFromServeSvc": True}}))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in ("default", "gpu-production")])  # the chart's probes
+def test_every_wget_of_a_probe_tries_once(case):
+    """wget tries 20 times by default (`-T 2` each, a read timeout retried): a raylet or proxy that stopped answering
+    kept the chart's probe running past its timeoutSeconds, a timeout instead of a failure, as KubeRay's own probe
+    avoids with --tries 1 (kuberay_rules.readiness_probe)."""
+    rs = _one(_objects(_render(CASES[case]())), "RayService")
+    groups = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    scripts = [" ".join(c["readinessProbe"]["exec"]["command"]) for g in groups
+               for c in g["template"]["spec"]["containers"] if "exec" in c.get("readinessProbe", {})]
+    assert scripts
+    for script in scripts:
+        calls = re.findall(r"wget [^|]*", script)
+        assert calls and all(re.search(r"--tries[ =]1\b", call) for call in calls), script

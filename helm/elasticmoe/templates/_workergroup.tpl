@@ -123,9 +123,9 @@ The gateway group also exposes directGrpc.port and is ready only once its gatewa
                 - bash
                 - -c
                 - >-
-                  wget -T 2 -q -O- http://localhost:{{ int (toString $agent) }}/api/local_raylet_healthz | grep success
+                  wget --tries 1 -T 2 -q -O- http://localhost:{{ int (toString $agent) }}/api/local_raylet_healthz | grep success
                   {{- if $proxy }}
-                  && wget -T 2 -q -O- http://localhost:{{ $v.serve.httpPort }}/-/healthz | grep success
+                  && wget --tries 1 -T 2 -q -O- http://localhost:{{ $v.serve.httpPort }}/-/healthz | grep success
                   {{- end }}
                   {{- if $gateway }}
                   && : < /dev/tcp/127.0.0.1/{{ $v.directGrpc.port }}
