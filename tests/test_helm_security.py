@@ -125,6 +125,20 @@ def test_ray_token_auth_by_default(which):
     assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token", "secretName": "ray-token"}
 
 
+CACHES = ("CUDA_CACHE_PATH", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "ELASTICMOE_CACHE")
+
+
+@pytest.mark.parametrize("values", [None, _prod_values()], ids=["default", "gpu-production"])
+def test_every_cache_of_the_ray_containers_is_on_a_writable_mount(values):
+    """Under the read-only root filesystem a cache left in the home directory is lost: CUDA's JIT cache
+    (~/.nv/ComputeCache, the driver's compiled PTX) was, so every process compiled its kernels' PTX again."""
+    for _, c in _containers(_rs(values)):
+        env, mounts = _env(c), [m for m in c["volumeMounts"] if not m.get("readOnly")]
+        for name in CACHES:
+            assert any(env[name].startswith(m["mountPath"].rstrip("/") + "/") or env[name] == m["mountPath"]
+                       for m in mounts), (c["name"], name, env[name])
+
+
 @pytest.mark.parametrize("which", ["default", "gpu-production", "autoscaler+download"])
 def test_read_only_root_and_no_worker_token(which):
     values = {"default": None, "gpu-production": _prod_values(),

@@ -42,6 +42,10 @@ Environment shared by the Ray containers of the head and the workers.
   value: /var/cache/elasticmoe
 - name: XDG_CACHE_HOME
   value: /var/cache/elasticmoe/xdg
+# CUDA's JIT cache (the driver's PTX compiled for this GPU), else ~/.nv on the read-only root: lost, and every
+# process compiled again.
+- name: CUDA_CACHE_PATH
+  value: /var/cache/elasticmoe/cuda
 {{- if .Values.internalTls.enabled }}
 # mTLS between gateways, controller and expert shards: the release's CA bundle and certificate.
 - name: ELASTICMOE_TLS_CA
