@@ -145,3 +145,13 @@ def test_well_spelt_kubernetes_objects_render():
     policy = _one(_objects(_render(values)), "NetworkPolicy")["spec"]
     assert values["networkPolicy"]["extraIngress"][0] in policy["ingress"]
     assert values["networkPolicy"]["egress"]["extra"][0] in policy["egress"]
+
+
+def test_every_schema_definition_is_used():
+    """A definition no value refers to is a rule that checks nothing: `podGroup`, a stale copy of the head's keys
+    (without topologySpreadConstraints), would have refused that key to a group it was pointed at."""
+    import json
+
+    text = json.dumps(_chart().schema)
+    unused = [name for name in _chart().schema["definitions"] if f'"#/definitions/{name}"' not in text]
+    assert unused == []
