@@ -217,10 +217,10 @@ def test_helm_values_named_anywhere_exist():
 
 
 def _registered_metrics() -> dict[str, set[str]]:
-    """name -> label keys of every metric the package creates (Ray's Counter / Gauge / Histogram in metrics.py,
+    """name -> label keys of every metric the package creates (Ray's Counter / Gauge / Histogram in metrics/series.py,
     the gateway's own /metrics text in openai_extras.py); a histogram's series get _bucket, _sum and _count."""
     out: dict[str, set[str]] = {}
-    for path in (PACKAGE / "metrics.py", PACKAGE / "gateway" / "openai_extras.py"):
+    for path in (PACKAGE / "metrics" / "series.py", PACKAGE / "gateway" / "openai_extras.py"):
         for call in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)):
             first = call.args[0] if call.args else None
             if not (isinstance(first, ast.Constant) and str(first.value).startswith("elasticmoe_")):

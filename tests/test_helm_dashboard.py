@@ -16,7 +16,7 @@ from tests.test_deploy_configs import CHART_DIR
 PACKAGE = Path(__file__).resolve().parent.parent / "elasticmoe"
 DASHBOARDS = sorted((CHART_DIR / "dashboards").glob("*.json"))
 KINDS = {"Counter": ("",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count"),
-         "hist": ("_bucket", "_sum", "_count")}  # hist: metrics.py's Histogram helper
+         "hist": ("_bucket", "_sum", "_count")}  # hist: metrics/series.py's Histogram helper
 HEALTHY, REGISTERED = "ray_elasticmoe_shard_healthy", "ray_elasticmoe_shard_registered"
 
 

@@ -1,5 +1,4 @@
-"""Metrics on Ray's metrics API (exported as `ray_elasticmoe_*`) for the gateway and the controller, with cheap
-hot-path expert counting."""
+"""One gateway's (or the controller's) metrics: in-process totals, cheap hot-path expert counting, flushed to Ray."""
 
 from __future__ import annotations
 
@@ -10,60 +9,17 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from elasticmoe.metrics.series import ray_metrics
+
 EXPERT_METRIC_MODES = ("per_expert", "per_layer", "off")
-TTFT_BOUNDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
-TPOT_BOUNDS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
-E2E_BOUNDS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]
 PLACEMENT_REASONS = ("rebalance", "scale_out", "scale_in", "rehome")  # why a placement change was applied
-log = logging.getLogger(__name__)
-FANOUT_BOUNDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
-KV_USAGE_HELP = "KV-cache slots not free (a running sequence's, or one held back until it is zeroed) / total slots"
+log = logging.getLogger("elasticmoe.metrics")  # the package's: what logging configs (and tests) name
 
 
 def log_this_time(n: int) -> bool:
     """Whether the n-th repeat of one failure is logged: the 1st, 10th, 100th and every 1000th (a failure that
     repeats every step or second would flood the log)."""
     return n in (1, 10, 100) or n % 1000 == 0
-
-
-def _ray_metrics() -> dict[str, Any] | None:
-    """Create the Ray metric objects, or None when Ray isn't initialised (unit tests, offline use)."""
-    try:
-        import ray
-        from ray.util.metrics import Counter, Gauge, Histogram
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return None
-    if not ray.is_initialized():
-        return None
-
-    def hist(name: str, doc: str, bounds: list[float], tags: tuple[str, ...] = ()) -> Histogram:
-        return Histogram(name, doc, boundaries=bounds, tag_keys=tags)
-
-    return {
-        "requests": Counter("elasticmoe_requests_total", "Client requests by API and outcome", ("api", "status")),
-        "errors": Counter("elasticmoe_request_errors_total", "Failed client requests by error code", ("code",)),
-        "ttft": hist("elasticmoe_ttft_seconds", "Time to first token, from the request's arrival", TTFT_BOUNDS),
-        "tpot": hist("elasticmoe_tpot_seconds", "Time per output token after the first, per choice", TPOT_BOUNDS),
-        "e2e": hist("elasticmoe_e2e_latency_seconds", "Request latency, arrival to last token", E2E_BOUNDS),
-        "running": Gauge("elasticmoe_running_seqs", "Sequences in the running batch"),
-        "queued": Gauge("elasticmoe_queued_seqs", "Requests waiting for a KV-cache slot"),
-        "kv": Gauge("elasticmoe_kv_cache_usage", KV_USAGE_HELP),
-        "expert_tokens": Counter("elasticmoe_expert_tokens_total", "Tokens routed to an expert",
-                                 ("layer", "expert")),
-        "copies": Gauge("elasticmoe_expert_copies", "Live copies of an expert", ("layer", "expert")),
-        "balancedness": Gauge("elasticmoe_balancedness", "Mean / max load over a layer's shards", ("layer",)),
-        "shard_healthy": Gauge("elasticmoe_shard_healthy", "1 if the expert shard answers, else 0", ("shard",)),
-        "shard_registered": Gauge("elasticmoe_shard_registered",
-                                  "1 while the controller has the expert shard registered, 0 once it left", ("shard",)),
-        "fanout": hist("elasticmoe_fanout_latency_seconds", "Expert fan-out overhead per (layer, step)",
-                       FANOUT_BOUNDS),
-        "rebalance_events": Counter("elasticmoe_rebalance_events_total",
-                                    "Placement changes applied, by reason: rebalance (the planner), scale_out, "
-                                    "scale_in (a drain), rehome (after a shard was lost)", ("reason",)),
-        "rebalance_bytes": Counter("elasticmoe_rebalance_bytes_total",
-                                   "Expert weight bytes loaded by placement changes, by reason (as rebalance_events)",
-                                   ("reason",)),
-    }
 
 
 class GatewayMetrics:
@@ -83,7 +39,7 @@ class GatewayMetrics:
         self.mode, self.num_layers, self.num_experts = expert_metrics, num_layers, num_experts
         self.moe_layers = list(moe_layers)
         self.flush_interval_s = flush_interval_s
-        self._ray = _ray_metrics() if use_ray is not False else None
+        self._ray = ray_metrics() if use_ray is not False else None
         self._lock = threading.Lock()
         self._acc: torch.Tensor | None = None  # [layers, experts] int64, on the device of topk_ids
         self._totals = np.zeros((num_layers, num_experts), dtype=np.int64)
