@@ -61,7 +61,7 @@ def test_a_redeploy_with_other_timing_args_resumes_and_runs_with_them(model):  #
         assert again.desired == 2 and again.scale.cooldown_s == 3600 and again.args.autoscaling.start_deadline_s == 60
         await again._stats_once()  # the baselines
         for s in (a, b, c):
-            s.store.busy_s += 5.0  # every shard busy (5 s of expert compute)
+            s.store.served.busy_s += 5.0  # every shard busy (5 s of expert compute)
         await again._stats_once()
         assert again.load.utilization["a"] > 1.0
         assert again.desired == 2  # within the new cool-down of the scale in

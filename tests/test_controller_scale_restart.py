@@ -70,7 +70,7 @@ def test_a_restarted_controller_keeps_the_cool_down_of_the_change_before(model):
         await again._stats_once()  # the baselines
         t0 = time.monotonic()
         for s in (a, b, c):
-            s.store.busy_s += 5.0  # as 5 s of expert compute would: every shard busy
+            s.store.served.busy_s += 5.0  # as 5 s of expert compute would: every shard busy
         await again._stats_once()
         assert again.load.utilization["a"] > 1.0 and time.monotonic() - t0 < 25.0
         assert again.desired == 2  # within the cool-down of the scale in

@@ -272,8 +272,8 @@ def test_stats_counters_exact_under_concurrent_calls(shard):
         run(call)
     finally:
         sys.setswitchinterval(interval)
-    assert store.tokens_served == {(0, 1): counts * threads, (0, 2): 2 * counts * threads}
-    assert store.calls == counts * threads  # GetStats' calls: the served ones (count())
+    assert store.served.tokens_served == {(0, 1): counts * threads, (0, 2): 2 * counts * threads}
+    assert store.served.calls == counts * threads  # GetStats' calls: the served ones (count())
     assert servicer.calls == calls * threads  # taken (answered `missing` here)
 
 

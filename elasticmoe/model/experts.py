@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, ContextManager, Iterable
 
 import torch
 
@@ -14,6 +11,7 @@ from elasticmoe.kernels import fused_moe, resolve_backend, warmup_moe
 from elasticmoe.kernels.fp8 import triton_runs_fp8
 from elasticmoe.model import expert_math
 from elasticmoe.model.checkpoint import Checkpoint
+from elasticmoe.model.expert_stats import ServedCalls, StoreStats
 from elasticmoe.model.expert_weights import LayerExperts, storage, write_expert
 from elasticmoe.model.names import WeightNames
 from elasticmoe.model.oom import out_of_memory, out_of_memory_says
@@ -26,21 +24,6 @@ _NOW = object()  # missing() / forward() without a snapshot: the layer as held n
 
 class LoadStopped(Exception):
     """A load whose `stop` said its caller has gone (ExpertStore.load): taken back, as a failed load is."""
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    """GetStats' figures, each group read at once (ExpertStore.stats): what is held, from one look at the layers; the
-    counters of the calls served (answered with an output: count()), under their one lock."""
-
-    held: list[tuple[int, int]]  # (layer, expert), sorted
-    weight_bytes: int  # the bytes of those experts' weights
-    calls: int  # calls served
-    compute_us: int  # the sum of their compute_us
-    tokens: dict[tuple[int, int], int]  # (layer, expert) -> token-slots those calls routed to it
-    busy_us: int = 0  # time with at least one call computing (`computing`), the stretch running now included
-    # of `tokens`, those of calls marked duplicate (a hedge, a re-send: another call counts them as routed demand)
-    duplicates: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 class ExpertStore:
@@ -64,14 +47,7 @@ class ExpertStore:
         self.split_scales = not names.packed if self.keep_fp8 else None
         self.layers: dict[int, LayerExperts] = {}
         self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
-        # the calls served (count()): GetStats' tokens, calls and compute_us, under _stats_lock
-        self.tokens_served: dict[tuple[int, int], int] = {}
-        self.tokens_duplicate: dict[tuple[int, int], int] = {}  # of tokens_served, those of duplicate calls
-        self.calls = 0
-        self.compute_us = 0  # the sum of the calls' compute_us
-        self.busy_s = 0.0  # finished stretches with at least one call computing (`computing`)
-        self._computing, self._busy_from = 0, 0.0  # calls computing now; when the stretch running now began
-        self._stats_lock = threading.Lock()  # forward() and count() run on many server threads at once
+        self.served = ServedCalls()  # the calls served (count()): GetStats' tokens, calls, compute_us and busy_us
 
     def held(self) -> list[tuple[int, int]]:
         return _held(list(self.layers.items()))  # list(): one atomic copy (a load or drop may change the dict)
@@ -83,27 +59,11 @@ class ExpertStore:
         """held and weight_bytes from one copy of the layers (a load publishing a layer between two looks made them
         disagree), and the counters of the calls served together."""
         layers = list(self.layers.items())
-        with self._stats_lock:
-            calls, compute_us, tokens = self.calls, self.compute_us, dict(self.tokens_served)
-            duplicates = dict(self.tokens_duplicate)
-            busy = self.busy_s + (time.perf_counter() - self._busy_from if self._computing else 0.0)
-        return StoreStats(_held(layers), _weight_bytes(layers), calls, compute_us, tokens, int(busy * 1e6), duplicates)
+        return self.served.stats(_held(layers), _weight_bytes(layers))
 
-    @contextmanager
-    def computing(self) -> Iterator[None]:
-        """A call computing (its compute_us window) for busy_us: the time with at least one call computing, calls
-        that overlap (several gateways, micro-batches) counted once, where compute_us sums them."""
-        with self._stats_lock:
-            if not self._computing:
-                self._busy_from = time.perf_counter()
-            self._computing += 1
-        try:
-            yield
-        finally:
-            with self._stats_lock:
-                self._computing -= 1
-                if not self._computing:
-                    self.busy_s += time.perf_counter() - self._busy_from
+    def computing(self) -> ContextManager[None]:
+        """A call computing, for busy_us (ServedCalls.computing)."""
+        return self.served.computing()
 
     def expert_bytes(self) -> int:
         """The bytes one expert's weights take as held here (part_shapes' dtypes: FP8 kept with its scales, biases)."""
@@ -303,16 +263,8 @@ class ExpertStore:
         return out
 
     def count(self, layer: int, routed: dict[int, int], compute_us: int = 0, duplicate: bool = False) -> None:
-        """A call served (for stats): one more call, its tokens per expert (see `routed`) to tokens_served (and to
-        tokens_duplicate for a `duplicate` call: a hedge or re-send whose slots another call counts as demand) and the
-        microseconds its forward() took (as its answer says) to compute_us."""
-        with self._stats_lock:
-            self.calls += 1
-            self.compute_us += compute_us
-            for e, c in routed.items():
-                self.tokens_served[(layer, e)] = self.tokens_served.get((layer, e), 0) + c
-                if duplicate:
-                    self.tokens_duplicate[(layer, e)] = self.tokens_duplicate.get((layer, e), 0) + c
+        """A call served (for stats): its tokens per expert (see `routed`) and compute_us (ServedCalls.count)."""
+        self.served.count(layer, routed, compute_us, duplicate)
 
 
 def _held(layers: list[tuple[int, LayerExperts]]) -> list[tuple[int, int]]:
