@@ -59,12 +59,12 @@ def test_a_shards_frame_listener_holds_the_connections_the_doc_states(halves):  
     """"A shard's frame listener serves at most 16 connections ... and holds at most 16 more in their TLS handshake,
     each for up to 10 s": a shard started as ExpertShard starts it (start_server's defaults) has those bounds."""
     from elasticmoe.experts import deployment
-    from elasticmoe.rpc import frame_listener
+    from elasticmoe.rpc import frame_gate
 
     assert ("A shard's frame listener serves at most 16 connections (more are refused, \"shard busy\") and holds at "
             "most 16 more in their TLS handshake, each for up to 10 s") in _doc()
     listener = halves.servers[0].listener
-    assert (listener.max_conns, listener.max_handshakes, frame_listener.HANDSHAKE_S) == (16, 16, 10.0)
+    assert (listener.max_conns, listener.max_handshakes, frame_gate.HANDSHAKE_S) == (16, 16, 10.0)
     assert "max_streams" not in inspect.getsource(deployment)  # the replica keeps start_server's default
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from elasticmoe.rpc import frame_listener, frame_socket, frames, tls
+from elasticmoe.rpc import frame_gate, frame_listener, frame_socket, frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
 from tests.doc_util import REPO
 
@@ -79,7 +79,7 @@ def _client_hello() -> bytes:
 def test_a_handshake_trickled_byte_by_byte_is_cut_at_its_deadline(monkeypatch):
     """HANDSHAKE_S bounds the whole handshake, not each read: a client sending its ClientHello a byte at a time, each
     well within HANDSHAKE_S of the last, held its place (a thread, a descriptor) for as long as it kept trickling."""
-    monkeypatch.setattr(frame_listener, "HANDSHAKE_S", 1.0)
+    monkeypatch.setattr(frame_gate, "HANDSHAKE_S", 1.0)
     listener = frame_listener.FrameListener(_echo, "127.0.0.1", [0])
     hello = _client_hello()
     sock = socket.create_connection(("127.0.0.1", listener.port))

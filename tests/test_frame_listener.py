@@ -189,10 +189,10 @@ def test_a_refused_connection_reads_as_busy_though_its_frames_were_sent_after_th
     and the refusal already in its socket still decides."""
     from elasticmoe.gateway import socket_conn
     from elasticmoe.gateway.transport import is_busy
-    from elasticmoe.rpc import frame_listener
+    from elasticmoe.rpc import frame_gate
 
     if lingering is not None:
-        monkeypatch.setattr(frame_listener, "REFUSE_LINGERING", lingering)
+        monkeypatch.setattr(frame_gate, "REFUSE_LINGERING", lingering)
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     layer = files.spec.moe.moe_layers[0]
     store.load([(layer, e) for e in range(E)])
@@ -277,9 +277,9 @@ def test_a_flood_of_connections_over_the_limit_holds_a_bounded_number_of_threads
     A refusal closed at once ends its thread just after its answer is read (on a loaded machine, not before the
     count: CI once counted 12 of a bound of 11), so the count is awaited, with the lingering ones held for 30 s:
     uncapped, every one of the 48 would still be there."""
-    from elasticmoe.rpc import frame_listener
+    from elasticmoe.rpc import frame_gate
 
-    monkeypatch.setattr(frame_listener, "REFUSE_LINGER_S", 30.0)
+    monkeypatch.setattr(frame_gate, "REFUSE_LINGER_S", 30.0)
 
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     layer = files.spec.moe.moe_layers[0]
@@ -295,7 +295,7 @@ def test_a_flood_of_connections_over_the_limit_holds_a_bounded_number_of_threads
         for s in flood:  # every one is refused 'shard busy' (id 0)
             (busy,) = _replies(s, 1)
             assert busy.id == 0 and frames.BUSY in busy.error
-        bound, deadline = 1 + frame_listener.REFUSE_LINGERING + 2, time.monotonic() + 5
+        bound, deadline = 1 + frame_gate.REFUSE_LINGERING + 2, time.monotonic() + 5
         while len(server.listener._threads) > bound and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(server.listener._threads) <= bound, len(server.listener._threads)

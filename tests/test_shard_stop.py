@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from elasticmoe.gateway.transport import make_transport
-from elasticmoe.rpc import frame_listener, frame_socket, frames, tls
+from elasticmoe.rpc import frame_gate, frame_listener, frame_socket, frames, tls
 from elasticmoe.rpc.frames import ExpertRequest
 from tests.shard_util import E, Shards, _inputs, files  # noqa: F401
 
@@ -93,7 +93,7 @@ def test_close_cuts_a_connection_still_in_its_tls_handshake(tmp_path):
         time.sleep(0.1)  # inside the handshake
         t0 = time.monotonic()
         done = listener.close()
-        assert done.wait(frame_listener.HANDSHAKE_S / 2), time.monotonic() - t0
+        assert done.wait(frame_gate.HANDSHAKE_S / 2), time.monotonic() - t0
         assert not listener._threads and client.recv(1) == b""
     finally:
         client.close()

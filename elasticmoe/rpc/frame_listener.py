@@ -1,34 +1,29 @@
 """A shard's frame listener: accepts frame connections (rpc.frame_socket) beside its gRPC server, mTLS as the gRPC
 servers (rpc.tls: the release's CA, client certificates required).
 
-A reply with id 0 and RESOURCE_EXHAUSTED, then the end of the connection: the listener refused the connection."""
+A reply with id 0 and RESOURCE_EXHAUSTED, then the end of the connection: the listener refused the connection
+(rpc.frame_gate: who gets a connection)."""
 
 from __future__ import annotations
 
 import atexit
 import logging
 import socket
-import ssl
 import threading
 import time
 import weakref
 from typing import Callable, Iterator
 
-import grpc
-
 from elasticmoe.rpc import frame_socket, frames, tls
+from elasticmoe.rpc.frame_gate import ConnectionGate
 from elasticmoe.rpc.frame_socket import FrameReader, hard_close, keepalive, send_parts, send_timeout, shutdown
 from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
 from elasticmoe.rpc.tls_socket import SerialTLS
 
 log = logging.getLogger(__name__)
 Put = Callable[[list], None]  # takes one reply frame as a list of buffers (frames.reply_parts)
-HANDSHAKE_S = 10.0
 EXIT_WAIT_S = 5.0  # at interpreter exit, how long the open listeners' frames in progress may take to finish
-REFUSE_LINGER_S = 2.0  # how long a refused connection's client may take to read the refusal and close
-REFUSE_LINGERING = 8  # refused connections lingering at once, at most (each holds a thread); more close at once
 ACCEPT_RETRY_S = 0.1  # a failed accept (no descriptor free: EMFILE) is tried again after this long
-_CHUNK = 64 << 10
 
 
 def bind(host: str, ports: list[int]) -> socket.socket:
@@ -43,7 +38,7 @@ def bind(host: str, ports: list[int]) -> socket.socket:
     raise err or OSError(f"no port to bind on {host}")
 
 
-class FrameListener:
+class FrameListener(ConnectionGate):
     """Accepts frame connections (mTLS; plaintext when `insecure`): each connection's request frames (frames.Request,
     or FrameError for one that cannot be read) go to `serve(frames, put)`; put() writes a reply at once.
     A bad length prefix closes that connection only. At most `max_conns` connections at once, and at most
@@ -71,19 +66,6 @@ class FrameListener:
         self._timers: list[threading.Timer] = []  # the graceful closes' grace timers
         _open_listeners.add(self)  # until it has stopped (through a close's grace too): the exit hook closes it
         threading.Thread(target=self._accept, name=f"frames-{self.port}", daemon=True).start()
-
-    def _context(self) -> ssl.SSLContext:
-        """The server context, rebuilt when the TLS files change (a renewed certificate, without a restart); files
-        that make none (caught mid-rotation) leave the current one in use, as tls.server_credentials does."""
-        try:
-            stamp = self.files.stamp()
-            if self._ctx is None or stamp != self._stamp:
-                self._ctx, self._stamp = tls.server_ssl_context(self.files), stamp
-        except (OSError, ValueError) as e:
-            if self._ctx is None:
-                raise
-            log.warning("frame listener %d: cannot reload %s: %s", self.port, self.files.cert, e)
-        return self._ctx
 
     def _accept(self) -> None:
         failing = False
@@ -115,46 +97,6 @@ class FrameListener:
                     self._cut_oldest_opening()
                 self._opening[conn] = time.monotonic()
             thread.start()
-
-    def _cut_oldest_opening(self) -> None:
-        """(Under the lock.) End the connection longest in its handshake (its thread sees the end and returns)."""
-        oldest = min(self._opening, key=self._opening.__getitem__)
-        del self._opening[oldest]
-        shutdown(oldest)  # a raw socket already wrapped is detached: _wrap, not finding it, closes the TLS one
-        log.info("frame listener %d: %d connections in their TLS handshake: the oldest cut", self.port,
-                 self.max_handshakes)
-
-    def _open(self, conn: socket.socket) -> socket.socket | None:
-        """The TLS handshake (client certificate of the CA required); None (closed) when it fails or the listener
-        closes meanwhile."""
-        if self.insecure:
-            return conn
-        try:
-            conn.settimeout(HANDSHAKE_S)
-            conn = self._wrap(conn)
-            conn.do_handshake()
-            conn.settimeout(None)
-            return conn
-        except (OSError, ValueError) as e:
-            log.info("frame listener %d: TLS handshake refused: %s", self.port, e)
-            with self._lock:
-                self._opening.pop(conn, None)
-            hard_close(conn)
-            return None
-
-    def _wrap(self, raw: socket.socket) -> ssl.SSLSocket:
-        """raw as a TLS socket, handshake not done, in place of raw among those close() cuts (raw is detached now:
-        cutting it would no longer reach the connection)."""
-        conn = self._context().wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-        with self._lock:
-            accepted = self._opening.pop(raw, None)
-            closed = self.closed or accepted is None  # close() came between (it cut raw, too late), or raw was cut
-            if not closed:
-                self._opening[conn] = accepted
-        if closed:
-            hard_close(conn)
-            raise OSError("frame listener closed, or the connection cut for a newer handshake")
-        return conn
 
     def _connection(self, raw: socket.socket) -> None:
         try:
@@ -191,36 +133,6 @@ class FrameListener:
         finally:
             with self._lock:
                 self._conns.discard(conn)
-            hard_close(conn)
-
-    def _refuse(self, conn: socket.socket) -> None:
-        """Answer 'shard busy' (id 0), end the writing side, then read and drop what the client sends until it closes
-        (up to REFUSE_LINGER_S): closing at once would answer the frames it wrote meanwhile with a reset, and its
-        write or read would fail as a broken connection (a dead shard) before it read the refusal. At most
-        REFUSE_LINGERING linger at once (a flood of connections must not make threads without bound): the others
-        close once the refusal is written."""
-        with self._lock:
-            if self.closed:
-                hard_close(conn)
-                return
-            linger = len(self._refusing) < REFUSE_LINGERING
-            if linger:
-                self._refusing.add(conn)
-        try:
-            send_parts(conn, frames.reply_parts(0, code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-                                                error=f"{frames.BUSY}: {self.max_conns} frame connections open"))
-            socket.socket.shutdown(conn, socket.SHUT_WR)  # the fd's own (a TLS socket's would want an unwrap)
-            if not linger:
-                return
-            conn.settimeout(REFUSE_LINGER_S)
-            end = time.monotonic() + REFUSE_LINGER_S
-            while conn.recv(_CHUNK) and time.monotonic() < end:
-                pass
-        except (OSError, ValueError):
-            pass  # gone, cut by close(), or still sending after REFUSE_LINGER_S
-        finally:
-            with self._lock:
-                self._refusing.discard(conn)
             hard_close(conn)
 
     @staticmethod
