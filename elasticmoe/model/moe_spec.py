@@ -66,8 +66,8 @@ def _sparse_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
                  for i in range(num_layers))
 
 
-def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
-    model_type = cfg.model_type
+def _expert_counts(cfg: Any, model_type: str) -> tuple[int, int]:
+    """The routed experts and the router's top-k."""
     num_experts = _get(cfg, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts", default=0)
     if not num_experts:
         raise ModelSpecError(
@@ -77,6 +77,12 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
     top_k = _get(cfg, "num_experts_per_tok", "moe_topk", "top_k", default=None)
     if not top_k:
         raise ModelSpecError("config.json has no num_experts_per_tok (router top-k)")
+    return num_experts, top_k
+
+
+def _scoring(cfg: Any, model_type: str, fam: Family, top_k: int) -> tuple[str, bool]:
+    """The router's scoring ("softmax", "sigmoid" or the family's own) and whether its top-k weights are
+    renormalised."""
     scoring = _get(cfg, "expert_selection_fn", default=fam.scoring)
     if scoring not in ("softmax", "sigmoid", fam.scoring):
         raise ModelSpecError(f"config.expert_selection_fn={scoring!r}: only softmax and sigmoid routers are supported")
@@ -85,6 +91,12 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
     norm = fam.norm_topk if fam.norm_topk is not None else bool(_get(cfg, "norm_topk_prob", default=True))
     if model_type == "cohere2_moe" and scoring == "softmax":
         norm = True  # softmax over the top-k logits
+    return scoring, norm
+
+
+def _groups(cfg: Any, model_type: str) -> tuple[int, int, str, bool]:
+    """Group-limited routing: (n_group, topk_group, group_score, grouped); n_group 1 and topk_group 1 when there is
+    none."""
     n_group, group_score = _get(cfg, "n_group", default=1), "top2_sum"
     grouped = _get(cfg, "n_group") is not None  # transformers' router keeps the topk_group best of n_group groups
     if model_type == "longcat_flash":  # ... but LongCat's has no groups: it routes over every expert whatever they say
@@ -93,6 +105,12 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         group_score = "max"
         if _get(cfg, "topk_method", default="greedy") == "greedy":
             n_group, grouped = 1, False
+    topk_group = _get(cfg, "topk_group", default=n_group) if grouped else 1
+    return n_group, topk_group, group_score, grouped
+
+
+def _check_expert_act(cfg: Any, model_type: str) -> None:
+    """Experts are gated SiLU MLPs, or GPT-OSS's (MXFP4 when quantised)."""
     act = _get(cfg, "hidden_act", "hidden_activation", default="silu")
     if model_type == "gpt_oss":
         quant = dict(_get(cfg, "quantization_config", default={}) or {})
@@ -101,7 +119,16 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
                                  "only MXFP4 GPT-OSS checkpoints are dequantised on load")
     elif act not in ("silu", "swish"):
         raise ModelSpecError(f"config.hidden_act={act!r}: experts must be gated SiLU MLPs")
-    topk_group = _get(cfg, "topk_group", default=n_group) if grouped else 1
+
+
+def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
+    """The routed-expert half of an HF config (`fam`: its family's router defaults); ModelSpecError names the first
+    field it cannot serve."""
+    model_type = cfg.model_type
+    num_experts, top_k = _expert_counts(cfg, model_type)
+    scoring, norm = _scoring(cfg, model_type, fam, top_k)
+    n_group, topk_group, group_score, grouped = _groups(cfg, model_type)
+    _check_expert_act(cfg, model_type)
     _check_routing(cfg, num_experts + int(_get(cfg, "zero_expert_num", default=0)), top_k, n_group, topk_group,
                    group_score, grouped)
     combine = _get(cfg, "shared_expert_combination_strategy", default="sum")
