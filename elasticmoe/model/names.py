@@ -115,6 +115,22 @@ class WeightNames:
         raise CheckpointError(f"{ckpt.path}: no tensors named '...layers.<i>...' in the checkpoint")
 
     def _index_experts(self, num_layers: int, num_experts: int) -> None:
+        parts = self._expert_parts(num_layers, num_experts)
+        check_experts(self.ckpt, parts, num_experts)
+        if over := sorted(k for k in parts if k[1] >= num_experts):
+            (layer, e), name = over[0], min(parts[over[0]].values())
+            raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is expert {e} of layer {layer}, but "
+                                  f"config.json gives it {num_experts} experts")
+        for (layer, e), p in parts.items():
+            self.experts[(layer, e)] = self._expert_ref(layer, e, p)
+            self.used.update(p.values())
+        if self.spec.moe.expert_act == "silu":
+            check_expert_shapes(self.ckpt, self.experts, self.spec.hidden_size, self.spec.moe.intermediate_size)
+        check_expert_dtypes(self.ckpt, self.experts)
+
+    def _expert_parts(self, num_layers: int, num_experts: int) -> dict[tuple[int, int], dict[str, str]]:
+        """(layer, expert) -> its tensors by part (gate / up / down, or gate_up_proj / down_proj and their biases and
+        scales: a packed tensor is every expert's), from the checkpoint's names; each MoE layer's block in `blocks`."""
         parts: dict[tuple[int, int], dict[str, str]] = {}
         for name in self.ckpt.names():
             m = _LAYER.match(name)
@@ -143,30 +159,22 @@ class WeightNames:
                 for e in range(num_experts):
                     parts.setdefault((layer, e), {})[proj] = name
                 self.blocks[layer] = pk.group("block") + "."
-        check_experts(self.ckpt, parts, num_experts)
-        if over := sorted(k for k in parts if k[1] >= num_experts):
-            (layer, e), name = over[0], min(parts[over[0]].values())
-            raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is expert {e} of layer {layer}, but "
-                                  f"config.json gives it {num_experts} experts")
-        for (layer, e), p in parts.items():
-            extra = sorted(p[k] for k in p if k.endswith(("_bias", "_scales")))
-            if extra and self.spec.moe.expert_act == "silu":
-                raise CheckpointError(f"{self.ckpt.path}: expert biases / MXFP4 scales {extra[:2]} are only "
-                                      f"understood for GPT-OSS, not model_type {self.spec.model_type!r}")
-            if "gate_up_proj" in p:
-                if "down_proj" not in p:
-                    raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed gate_up_proj but no down_proj")
-                self.experts[(layer, e)] = ExpertRef(
-                    None, None, p["down_proj"], p["gate_up_proj"], e, p.get("gate_up_proj_bias"),
-                    p.get("down_proj_bias"), p.get("gate_up_proj_scales"), p.get("down_proj_scales"))
-            else:  # all three there (check_experts)
-                if "down_proj" in p:
-                    raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed down_proj but no gate_up_proj")
-                self.experts[(layer, e)] = ExpertRef(p["gate"], p["up"], p["down"])
-            self.used.update(p.values())
-        if self.spec.moe.expert_act == "silu":
-            check_expert_shapes(self.ckpt, self.experts, self.spec.hidden_size, self.spec.moe.intermediate_size)
-        check_expert_dtypes(self.ckpt, self.experts)
+        return parts
+
+    def _expert_ref(self, layer: int, e: int, p: dict[str, str]) -> ExpertRef:
+        """Expert e of the layer from its parts (_expert_parts), which check_experts found complete."""
+        extra = sorted(p[k] for k in p if k.endswith(("_bias", "_scales")))
+        if extra and self.spec.moe.expert_act == "silu":
+            raise CheckpointError(f"{self.ckpt.path}: expert biases / MXFP4 scales {extra[:2]} are only "
+                                  f"understood for GPT-OSS, not model_type {self.spec.model_type!r}")
+        if "gate_up_proj" in p:
+            if "down_proj" not in p:
+                raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed gate_up_proj but no down_proj")
+            return ExpertRef(None, None, p["down_proj"], p["gate_up_proj"], e, p.get("gate_up_proj_bias"),
+                             p.get("down_proj_bias"), p.get("gate_up_proj_scales"), p.get("down_proj_scales"))
+        if "down_proj" in p:  # else all three there (check_experts)
+            raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed down_proj but no gate_up_proj")
+        return ExpertRef(p["gate"], p["up"], p["down"])
 
     def _first(self, *names: str) -> str | None:
         name = next((n for n in names if n in self.ckpt), None)
