@@ -29,7 +29,7 @@ class KVCache:
         self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(spec.num_layers)]
 
     def clear(self, slot: int, length: int) -> None:
-        """Zero positions [0, length) of a slot. Decode rows read their slot up to the longest row of the step,
+        """Zero positions [0, length) of a slot. Decode rows read their slot up to the longest row of their group,
         masked; a masked NaN or inf (left by a request that failed on a numerical fault) still poisons the sum."""
         for layer in self.layers:
             for t in layer:
@@ -40,20 +40,22 @@ class KVCache:
         return spec.num_layers * spec.attention.cache_width * torch.empty(0, dtype=dtype).element_size()
 
 
-def step_masks(batch: StepBatch, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
-    """Boolean masks [B, 1, 1, Lmax] (True = attend) for the step's decode rows, one per sliding-window size."""
-    if batch.decode_rows.numel() == 0:
-        return {}
-    cols = torch.arange(batch.decode_max, device=batch.decode_lens.device)[None, :]  # [1, L]
-    lens = batch.decode_lens[:, None]  # [B, 1]
-    out = {}
-    for w in windows:
-        m = cols < lens
-        if isinstance(w, tuple):  # ("chunk", c): keys in the query's chunk of c positions (Llama 4)
-            m = m & (cols >= (lens - 1) // w[1] * w[1])
-        elif w is not None:
-            m = m & (cols >= lens - w)
-        out[w] = m[:, None, None, :]
+def step_masks(batch: StepBatch, windows: set[int | None]) -> list[dict[int | None, torch.Tensor]]:
+    """Per decode group (batch.decode_groups), boolean masks [B, 1, 1, L] (True = attend), one per sliding-window
+    size; L is the group's longest context."""
+    out = []
+    for g in batch.decode_groups:
+        cols = torch.arange(g.max_len, device=g.lens.device)[None, :]  # [1, L]
+        lens = g.lens[:, None]  # [B, 1]
+        masks = {}
+        for w in windows:
+            m = cols < lens
+            if isinstance(w, tuple):  # ("chunk", c): keys in the query's chunk of c positions (Llama 4)
+                m = m & (cols >= (lens - 1) // w[1] * w[1])
+            elif w is not None:
+                m = m & (cols >= lens - w)
+            masks[w] = m[:, None, None, :]
+        out.append(masks)
     return out
 
 
@@ -126,7 +128,7 @@ class Attention:
         self.rope = spec.rope_layers[layer] if spec.rope_layers else True  # False: a NoPE layer
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, rotary: Rotary,
-                cos: torch.Tensor, sin: torch.Tensor, masks: dict) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, masks: list[dict]) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes this step's keys/values into the cache."""
         if self.spec.kind == "mla":
             q, kv_new = self._mla_qkv(x, rotary, cos, sin)
@@ -150,11 +152,11 @@ class Attention:
             mask = _prefill_mask(c.start, c.length, self.window, x.device)
             o = attend(qq, kk, vv, mask, self.spec.scaling, causal=True)
             out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
-        if batch.decode_rows.numel():
-            kk, vv = (t.float() for t in expand(cache, batch.decode_slots, batch.decode_max))  # [B, hk, L, d]
-            qq = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, d]
-            o = attend(qq, kk, vv, masks[self.window], self.spec.scaling, causal=False)
-            out[batch.decode_rows] = o[:, :, 0, :].to(out.dtype)
+        for g, m in zip(batch.decode_groups, masks):  # rows of similar contexts: padded to the group's longest
+            kk, vv = (t.float() for t in expand(cache, g.slots, g.max_len))  # [B, hk, L, d]
+            qq = q[g.rows][:, :, None, :]  # [B, h, 1, d]
+            o = attend(qq, kk, vv, m[self.window], self.spec.scaling, causal=False)
+            out[g.rows] = o[:, :, 0, :].to(out.dtype)
         out = out.reshape(x.shape[0], -1)  # [T, h * dv]
         if "gate" in self.w:  # AFMoE: sigmoid gate per output feature
             out = out * torch.sigmoid(linear(x, self.w["gate"]))

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+DECODE_GROUP_MIN = 512  # decode rows with contexts up to this long share one group, however their lengths differ
+
 
 @dataclass(frozen=True)
 class SeqChunk:
@@ -18,18 +20,26 @@ class SeqChunk:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows attended together: each reads its slot up to the group's longest context, masked past its own."""
+
+    rows: torch.Tensor  # [B] flat rows of the single-token chunks
+    slots: torch.Tensor  # [B]
+    lens: torch.Tensor  # [B] context length including the new token
+    max_len: int
+
+
+@dataclass(frozen=True)
 class StepBatch:
-    """Flat batch of T tokens from N sequences. Decode chunks (length 1) are attended together."""
+    """Flat batch of T tokens from N sequences. Decode chunks (length 1) are attended in groups of similar context
+    lengths (`decode_groups`)."""
 
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     token_slots: torch.Tensor  # [T] int64, cache slot of each token
     chunks: tuple[SeqChunk, ...]
     prefill: tuple[SeqChunk, ...]  # chunks of more than one token, attended one by one
-    decode_rows: torch.Tensor  # [B] flat rows of the single-token chunks
-    decode_slots: torch.Tensor  # [B]
-    decode_lens: torch.Tensor  # [B] context length including the new token
-    decode_max: int
+    decode_groups: tuple[DecodeGroup, ...]
     last_rows: torch.Tensor  # [N] flat row of each chunk's last token (where logits are taken)
 
     @property
@@ -48,15 +58,29 @@ def build_batch(chunks: list[tuple[int, int, list[int]]], device: torch.device) 
         ids.extend(toks)
         pos.extend(range(start, start + len(toks)))
         slots.extend([slot] * len(toks))
-    decode = [c for c in out if c.length == 1]
     prefill = tuple(c for c in out if c.length > 1)
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int64, device=device)
 
+    groups = tuple(DecodeGroup(t([c.offset for c in g]), t([c.slot for c in g]), t([c.start + 1 for c in g]),
+                               g[-1].start + 1) for g in group_decodes([c for c in out if c.length == 1]))
     return StepBatch(
         token_ids=t(ids), positions=t(pos), token_slots=t(slots), chunks=tuple(out), prefill=prefill,
-        decode_rows=t([c.offset for c in decode]), decode_slots=t([c.slot for c in decode]),
-        decode_lens=t([c.start + 1 for c in decode]), decode_max=max((c.start + 1 for c in decode), default=0),
-        last_rows=t([c.offset + c.length - 1 for c in out]),
+        decode_groups=groups, last_rows=t([c.offset + c.length - 1 for c in out]),
     )
+
+
+def group_decodes(decode: list[SeqChunk]) -> list[list[SeqChunk]]:
+    """Decode chunks in groups by context length, each group ascending: a row joins the group of the rows shorter
+    than it unless its context is over both DECODE_GROUP_MIN and twice the group's shortest. So a row reads at most
+    about twice its own context (or DECODE_GROUP_MIN), not the step's longest: one long conversation no longer
+    makes every short one beside it read (and, with MLA, expand) that many cached positions each step."""
+    groups: list[list[SeqChunk]] = []
+    for c in sorted(decode, key=lambda c: c.start):
+        n = c.start + 1
+        if groups and n <= max(DECODE_GROUP_MIN, 2 * (groups[-1][0].start + 1)):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    return groups
