@@ -262,6 +262,15 @@ def check_slots(args: AppArgs, num_experts: int) -> None:
                      f"{-(-num_experts * copies // n)}, or leave it unset (an even split + 25%)")
 
 
+def weights_id(args: AppArgs) -> str:
+    """Which expert and dense weights a replica computes with: `model` (a snapshot directory once resolve_args
+    pinned it) and `revision` (its commit). The controller's tables and registration plans carry it; a gateway takes
+    no table, and a shard joins no controller, of other weights: during a rolling update across a change of model or
+    revision, old and new replicas would otherwise mix the two checkpoints' layers in one forward pass. (dtype and
+    device are left out: a shard casts what it is sent, and the sums stay those of the same weights.)"""
+    return args.model if args.revision is None else f"{args.model}@{args.revision}"
+
+
 def default_served_name(model: str) -> str:
     """The name the APIs show for `model`: a hub id or tiny:<family> as given; for a Hugging Face cache directory
     (.../models--org--name[/snapshots/<commit>]) org/name; for any other directory its last component only, so

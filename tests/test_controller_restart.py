@@ -181,7 +181,7 @@ def test_a_registration_retry_holds_only_the_new_plans_experts(model, monkeypatc
     plan_a = [(l0, 0), (l0, 1), (l1, 2)]
     plan_b = [(l0, 1), (l1, 5)]
     replica = object.__new__(_Replica)
-    replica.shard_id, replica.address = "r", "127.0.0.1:1"
+    replica.shard_id, replica.address, replica.weights = "r", "127.0.0.1:1", model  # plans naming no weights: taken
     replica.store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     replica.servicer = ExpertServicer(replica.store, "r")
     replica.controller = _RetryController([{"experts": plan_a, "version": 1, "desired": 2},
@@ -262,6 +262,7 @@ def test_a_published_shard_retrying_registration_keeps_the_copies_gateways_route
         moved = {(l, 0) for l in files.spec.moe.moe_layers}
         replica = object.__new__(_Replica)  # a's replica, retrying after its lost ready answer
         replica.shard_id, replica.address, replica.store, replica.servicer = "a", a.address, a.store, a.servicer
+        replica.weights = ctrl.weights  # the plan's: the same model
         replica.controller = _LoopHandle(ctrl, asyncio.get_running_loop())
         replica.registered, replica.stopping, replica.error = threading.Event(), False, None
         replica._ready_lock = threading.Lock()

@@ -30,7 +30,7 @@ class _PlanController:
 
 def _replica(files, plan, version) -> _Replica:
     replica = object.__new__(_Replica)
-    replica.shard_id, replica.address = "r", "127.0.0.1:1"
+    replica.shard_id, replica.address, replica.weights = "r", "127.0.0.1:1", "w"  # plans naming no weights: taken
     replica.store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     replica.servicer = ExpertServicer(replica.store, "r")
     replica.controller = _PlanController(plan, version)

@@ -21,10 +21,12 @@ def _table(version: int, epoch: str, shard: str = "a") -> dict:
             "shards": [{"id": shard, "address": "127.0.0.1:1", "position": 0}]}
 
 
-def _init_poller_state(core: GatewayCore, dispatcher: GrpcDispatcher) -> None:
-    """A GatewayCore's table state around a real dispatcher (what its poller's _install touches)."""
+def _init_poller_state(core: GatewayCore, dispatcher: GrpcDispatcher, weights: str = "") -> None:
+    """A GatewayCore's table state around a real dispatcher (what its poller's _install touches), of `weights`
+    (config.weights_id; the hand-made tables below name none, as a controller's that predates the field)."""
     core.dispatcher, core.complete, core.table_version, core.table_epoch = dispatcher, threading.Event(), -1, None
     core._install_lock = threading.Lock()
+    core.weights, core.refused = weights, None
 
 
 def _poller_of(dispatcher: GrpcDispatcher) -> GatewayCore:
@@ -116,7 +118,7 @@ def test_a_failure_report_installs_the_table_with_its_completeness(model):
         core.controller = _LoopHandle(ctrl, asyncio.get_running_loop())
         d = GrpcDispatcher(on_failure=core._on_failure, insecure=True, transport="unary")
         try:
-            _init_poller_state(core, d)
+            _init_poller_state(core, d, ctrl.weights)
             core._install(await ctrl.table())
             assert core.complete.is_set()
             async with ctrl._lock:

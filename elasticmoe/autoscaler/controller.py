@@ -19,7 +19,7 @@ from elasticmoe.autoscaler.recovery import Recovery, placement_key
 from elasticmoe.autoscaler.replace import Replacer
 from elasticmoe.autoscaler.registry import Change, Registry, ShardInfo
 from elasticmoe.autoscaler.stats import StatsKeeper
-from elasticmoe.config import AppArgs, ScaleConfig, check_slots
+from elasticmoe.config import AppArgs, ScaleConfig, check_slots, weights_id
 from elasticmoe.placement import Placement, plan
 
 log = logging.getLogger("elasticmoe.controller")
@@ -53,6 +53,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
 
         self.args = AppArgs.model_validate(args)
         self.epoch = secrets.token_hex(8)  # this instance: its table versions say nothing about another's
+        self.weights = weights_id(self.args)  # in its tables and plans: no gateway or shard of other weights follows
         spec = open_model(self.args.model).spec
         self.moe_layers = spec.moe.moe_layers
         self.layer_index = {l: i for i, l in enumerate(self.moe_layers)}
@@ -149,15 +150,16 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
     # ----- shard lifecycle
     async def register(self, shard_id: str, address: str) -> dict:
         """A shard replica announces itself; returns its position, the experts it must load, the desired shard count
-        (the replica reports it to Serve's autoscaler) and whether it is already `published` (a retry after its ready
+        (the replica reports it to Serve's autoscaler), whether it is already `published` (a retry after its ready
         answer was lost: gateways may route to copies it holds beyond the assignment, which the drops after the acks
-        remove). Waits for a change in progress: a re-home retires the failed shard's position, which a replacement
-        would otherwise take over."""
+        remove) and the `weights` (config.weights_id) placed: a shard of others loads nothing. Waits for a change in
+        progress: a re-home retires the failed shard's position, which a replacement would otherwise take over."""
         async with self._start():
             info = self.registry.register(shard_id, address)
             self._save()
             return {"position": info.position, "experts": self.registry.assignment(info.position),
-                    "version": self.registry.version, "published": info.ready, "desired": self.desired}
+                    "version": self.registry.version, "published": info.ready, "desired": self.desired,
+                    "weights": self.weights}
 
     async def ready(self, shard_id: str) -> dict:
         """The shard loaded its experts: publish it; a spare replica grows the placement onto itself, once a
@@ -252,7 +254,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         return self._table()
 
     def _table(self) -> dict:
-        return {**self.registry.table(), "epoch": self.epoch}
+        return {**self.registry.table(), "epoch": self.epoch, "weights": self.weights}
 
     async def info(self) -> dict:
         """This replica's pid and state (for failure tests and `elasticmoe status`)."""

@@ -11,7 +11,7 @@ import torch
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from elasticmoe.config import AppArgs
+from elasticmoe.config import AppArgs, weights_id
 from elasticmoe.experts.placement_calls import PlanTooLarge, PlanUnreadable
 from elasticmoe.heap import freeze_startup_heap
 
@@ -40,6 +40,17 @@ def _replica_id() -> str:
         return f"shard-{os.getpid()}"
 
 
+class OtherWeights(Exception):
+    """A registration plan of a controller of other weights (config.weights_id): a rolling update across a change of
+    model or revision, this shard new and the controller old or the reverse. None of it is loaded: the gateways that
+    follow that controller would sum this checkpoint's experts into the other's layers."""
+
+    def __init__(self, theirs: str, mine: str):
+        super().__init__(f"the controller places the experts of {theirs}; this shard holds {mine}: it loads none of "
+                         f"them (a rolling update across a change of model or revision) and joins a controller of its "
+                         f"own weights")
+
+
 @serve.deployment(max_ongoing_requests=100, health_check_period_s=2, health_check_timeout_s=10)
 class ExpertShard:
     """Holds a share of the experts; the gateway calls its gRPC server directly (not through Serve)."""
@@ -54,6 +65,7 @@ class ExpertShard:
         from elasticmoe.rpc.codec import tune_malloc
 
         self.args = AppArgs.model_validate(args)
+        self.weights = weights_id(self.args)  # a plan of other weights is not loaded (_register)
         tune_malloc()
         threads = max(1, int(self.args.shard_resources.num_cpus))
         torch.set_num_threads(threads)
@@ -88,13 +100,17 @@ class ExpertShard:
         that does not fit in memory (PlanTooLarge), is the same on every try until its files are repaired or memory is
         freed: reported to the controller (its status) and logged as an error naming the file and the tensor, or the
         plan's bytes and what memory refused, then tried again after a backoff (_plan_failed); so are the experts
-        assigned to it since its plan, which the controller's ready() loads, when the checkpoint cannot give them."""
+        assigned to it since its plan, which the controller's ready() loads, when the checkpoint cannot give them, and
+        a plan of other weights (OtherWeights), until a controller of this shard's places it."""
         for attempt in range(600):
             if self.stopping:
                 return
             try:
                 plan = self.controller.register.remote(self.shard_id, self.address).result(timeout_s=30)
                 self.desired = float(plan["desired"])
+                if plan.get("weights", self.weights) != self.weights:  # a controller that predates it: no field
+                    self._plan_failed(OtherWeights(plan["weights"], self.weights))
+                    continue
                 t0 = time.perf_counter()
                 # an earlier attempt's plan is dropped, unless published: gateways may route to extras (dropped
                 # after acks); under the servicer's placement lock, as the controller's LoadExperts / DropExperts
@@ -121,11 +137,11 @@ class ExpertShard:
                 log.warning("shard %s: registration attempt %d failed: %s", self.shard_id, attempt, e)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
 
-    def _plan_failed(self, e: PlanUnreadable | PlanTooLarge) -> None:
-        """The plan's experts cannot be read, or do not fit in memory: tell the controller (shown by `elasticmoe
-        status` until this shard gets ready), log it, and wait PLAN_RETRY_S, doubling with each failure in a row up to
-        PLAN_RETRY_MAX_S (a stop ends the wait). The file may be repaired, or memory freed, meanwhile: a later try
-        loads the plan."""
+    def _plan_failed(self, e: Exception) -> None:
+        """The plan's experts cannot be read, do not fit in memory, or are of other weights (OtherWeights): tell the
+        controller (shown by `elasticmoe status` until this shard gets ready), log it, and wait PLAN_RETRY_S, doubling
+        with each failure in a row up to PLAN_RETRY_MAX_S (a stop ends the wait). The file may be repaired, memory
+        freed, or a controller of this shard's weights come meanwhile: a later try loads the plan."""
         self.error, self.load_error = e, str(e)
         self.plan_failures += 1
         wait = min(PLAN_RETRY_S * 2 ** (self.plan_failures - 1), PLAN_RETRY_MAX_S)

@@ -14,7 +14,7 @@ from typing import AsyncIterator
 import torch
 from ray import serve
 
-from elasticmoe.config import AppArgs
+from elasticmoe.config import AppArgs, weights_id
 from elasticmoe.engine.scheduler import RequestFailed
 from elasticmoe.engine.validation import RequestLimits
 from elasticmoe.gateway.auth import ApiKeys
@@ -27,6 +27,7 @@ from elasticmoe.heap import freeze_startup_heap
 log = logging.getLogger("elasticmoe.gateway")
 TABLE_WAIT_S = 1.0  # how long the controller holds a table poll that has nothing new (its acks refresh as often)
 CALL_TIMEOUT_S = 10.0  # a controller call's answer, beyond the poll's hold
+REFUSED_POLL_S = 1.0  # after a table of other weights, the next poll waits this long (it is answered at once)
 
 
 def _max_model_len(lim, spec) -> int:
@@ -100,6 +101,8 @@ class GatewayCore:
         self.complete = threading.Event()
         self._install_lock = threading.Lock()  # the poller's and the failure reports' installs, one at a time
         self.table_version, self.table_epoch = -1, None  # the last table installed from a poll, and its controller
+        self.weights = weights_id(self.args)
+        self.refused: str | None = None  # the epoch of the last table refused as of other weights, until one is taken
         self.stopped = threading.Event()  # set when the replica stops: the poller ends
         # the gauges follow the steps (twice a second at most) and are set once more when the engine runs out of
         # work: no step comes then, and they kept the last throttled step's figures while the gateway sat idle
@@ -137,13 +140,30 @@ class GatewayCore:
         if table is None:
             return
         with self._install_lock:
+            if not self._same_weights(table):
+                return
             if not self.dispatcher.set_table(RoutingTable.from_dict(table)):
                 return
+            self.refused = None
             self.table_version, self.table_epoch = table["version"], table.get("epoch")
             if table["complete"]:
                 self.complete.set()
             else:
                 self.complete.clear()
+
+    def _same_weights(self, table: dict) -> bool:
+        """(Under the install lock.) Whether `table` routes to shards of this gateway's weights: a controller of another
+        model or revision (a rolling update across that change: the new controller while this replica is an old one,
+        or the reverse) is not followed; logged once per controller. A controller that predates the field: taken."""
+        theirs = table.get("weights")
+        if theirs is None or theirs == self.weights:
+            return True
+        if self.refused != table.get("epoch"):
+            log.warning("the controller's routing table is of other weights (%s; this gateway computes with %s): not "
+                        "taken, this gateway serves on its last table (a rolling update replaces it)", theirs,
+                        self.weights)
+        self.refused = table.get("epoch")
+        return False
 
     def _poll_table(self) -> None:
         """Long-poll the controller's table (a new version comes back at once, else None after TABLE_WAIT_S),
@@ -152,8 +172,12 @@ class GatewayCore:
         (benchmarks/serving.py, cores_busy)."""
         while not self.stopped.is_set():
             try:
-                call = self.controller.table.remote(self.table_version, self.gateway_id, TABLE_WAIT_S, self.table_epoch)
+                # a gateway refusing the controller's tables runs none of them: it acknowledges nothing
+                gateway_id = None if self.refused is not None else self.gateway_id
+                call = self.controller.table.remote(self.table_version, gateway_id, TABLE_WAIT_S, self.table_epoch)
                 self._install(_answer(call, CALL_TIMEOUT_S + TABLE_WAIT_S))
+                if self.refused is not None:
+                    self.stopped.wait(REFUSED_POLL_S)
             except Exception as e:  # noqa: BLE001 - controller restarting; keep serving on the last table
                 log.warning("routing-table poll failed: %s", e)
                 self.stopped.wait(0.5)
