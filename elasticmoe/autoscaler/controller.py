@@ -14,7 +14,7 @@ from elasticmoe.autoscaler.backoff import Backoffs
 from elasticmoe.autoscaler.health import HealthKeeper
 from elasticmoe.autoscaler.moves import LoadFailed, Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
-from elasticmoe.autoscaler.record import GcsRecord
+from elasticmoe.autoscaler.record import FORMAT, GcsRecord
 from elasticmoe.autoscaler.recovery import Recovery, placement_key
 from elasticmoe.autoscaler.replace import Replacer
 from elasticmoe.autoscaler.registry import Change, Registry, ShardInfo
@@ -137,8 +137,8 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         try:
             override = self.scale.override if self.scale is not None else None
             scale = self.scale.state() if self.scale is not None else None
-            self.record.save({"placement": self.placement_key, "desired": self.desired, "override": override,
-                              "scale": scale, "registry": self.registry.record()})
+            self.record.save({"format": FORMAT, "placement": self.placement_key, "desired": self.desired,
+                              "override": override, "scale": scale, "registry": self.registry.record()})
         except Exception as e:  # noqa: BLE001 - serving goes on; the next change writes it again
             log.warning("saving the controller record failed: %s", e)
 

@@ -7,6 +7,10 @@ import logging
 
 log = logging.getLogger("elasticmoe.controller")
 _NAMESPACE = "elasticmoe"
+# The document's layout. Fields may be added without a new number (a reader ignores those it does not know, and takes
+# a missing one as its default); a field that changes meaning gets a new one, and a controller that reads a number it
+# does not know starts the placement over (recovery.Recovery._resume). Releases before the field wrote format 1.
+FORMAT = 1
 
 
 class GcsRecord:

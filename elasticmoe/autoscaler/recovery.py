@@ -8,6 +8,7 @@ import json
 import logging
 
 from elasticmoe.autoscaler.policy import ScaleDecider
+from elasticmoe.autoscaler.record import FORMAT
 from elasticmoe.autoscaler.registry import Registry
 from elasticmoe.config import AppArgs
 from elasticmoe.placement import Placement
@@ -59,22 +60,28 @@ class Recovery:
         """The registry, shard count, operator override and scaling clocks (the last change's cool-down, the
         warm-up) from the record when its placement is still valid (same `placement_key`: other args may differ,
         and the shard count is brought within this app's autoscaling bounds); else `n` shards of an even placement
-        (`copies` per expert), numbered above any recorded version. A record that does not restore is ignored with a
-        warning (raising would restart this controller into it for good)."""
-        self.recovering = bool(rec and rec.get("placement") == self.placement_key)
-        if rec and not self.recovering:
+        (`copies` per expert), numbered above any recorded version. A record of a format this release does not read
+        (record.FORMAT: a newer release's, after a rollback), or one that does not restore or does not fit the model
+        (its layers and experts), is ignored with a warning (raising would restart this controller into it for good)."""
+        fmt = rec.get("format", 1) if rec else FORMAT  # releases before the field wrote format 1
+        if fmt != FORMAT:
+            log.warning("the controller record is of format %r, which this release does not read (it reads format %d; "
+                        "a newer release wrote it): starting over", fmt, FORMAT)
+        self.recovering = bool(rec and fmt == FORMAT and rec.get("placement") == self.placement_key)
+        if rec and fmt == FORMAT and not self.recovering:
             log.warning("the controller record is of other placement args (%s, slots_per_shard): starting over",
                         ", ".join(PLACEMENT_ARGS))
         if self.recovering:
             try:
                 self.registry = Registry.restore(rec["registry"], self.moe_layers)
+                self._fits(self.registry.placement)
                 desired = int(rec.get("desired", n))
                 override = rec.get("override")
                 override = None if override is None else int(override)
                 if self.scale is not None:  # a restart neither waits a warm-up again nor cuts a cool-down short
                     self.scale.resume(rec.get("scale") or {})
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                log.warning("ignoring a controller record that does not restore: %r", e)
+                log.warning("ignoring a controller record that does not restore (%r): starting over", e)
                 self.recovering = False
             else:
                 self.desired = desired
@@ -85,6 +92,14 @@ class Recovery:
                 return
         even = Placement.even(len(self.moe_layers), self.num_experts, n, self.slots, copies)
         self.registry = Registry(even, self.moe_layers, version=_recorded_version(rec) + 1)
+
+    def _fits(self, placement: Placement) -> None:
+        """ValueError unless a recorded placement is of this model's MoE layers and experts (a checkpoint directory
+        replaced in place keeps the placement args: a table of its layers raised, or left layers and experts out)."""
+        layout = placement.layout
+        if len(layout) != len(self.moe_layers) or len(layout[0]) != self.num_experts:
+            raise ValueError(f"registry.placement: {len(layout)} MoE layers of {len(layout[0])} experts; the model "
+                             f"has {len(self.moe_layers)} of {self.num_experts}")
 
     async def _reconcile(self, drops: dict[str, list[tuple[int, int]]]) -> None:
         """(Holding the lock.) Every registered shard at once (one that does not answer costs one timeout, not one

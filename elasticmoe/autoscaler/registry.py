@@ -203,9 +203,19 @@ class Registry:
         """A registry from `record()`: same placement and shards, a version above the recorded one. A shard found
         dead stays out of the table (a record without health: all healthy) until a probe finds it answering."""
         reg = cls(Placement.from_dict(record["placement"]), moe_layers, int(record["version"]) + 1)
-        for s in record["shards"]:
-            reg.shards[s["id"]] = ShardInfo(s["id"], s["address"], int(s["position"]), bool(s["ready"]),
-                                            bool(s.get("healthy", True)))
+        if not isinstance(record["shards"], list):
+            raise ValueError(f"registry.shards: {type(record['shards']).__name__}, want a list")
+        held: dict[int, str] = {}
+        for i, s in enumerate(record["shards"]):
+            sid, address, position = s["id"], s["address"], s["position"]
+            if not (isinstance(sid, str) and isinstance(address, str) and type(position) is int and position >= 0):
+                raise ValueError(f"registry.shards[{i}]: id {sid!r}, address {address!r}, position {position!r}; "
+                                 f"want two strings and an int >= 0")
+            if sid in reg.shards or position in held:
+                raise ValueError(f"registry.shards[{i}]: shard {sid!r} at position {position}: that shard or "
+                                 f"position is listed twice")
+            held[position] = sid
+            reg.shards[sid] = ShardInfo(sid, address, position, bool(s["ready"]), bool(s.get("healthy", True)))
         mono = time.monotonic() - time.time()  # a record without start clocks: they start now
         reg.unstaffed = {int(p): float(since) + mono for p, since in record.get("unstaffed", {}).items()}
         return reg
