@@ -107,7 +107,9 @@ class Step:
                 self._short(g, attempt, c.shard_id, e.details())
                 return
             code = e.code() if isinstance(e, grpc.RpcError) else type(e).__name__
-            log.warning("shard %s failed at layer %d: %s", c.shard_id, self.layer, code)
+            # what the shard said: a refused frame (another release's, a checkpoint of other shapes) is named only here
+            said = e.details() if hasattr(e, "details") else str(e)
+            log.warning("shard %s failed at layer %d: %s: %.300s", c.shard_id, self.layer, code, said)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # a live but slow shard computes (and counts) it late:
                 g.counted |= not c.duplicate  # its re-sends are duplicates (one that never ran counts nowhere)
             self._fail(g, attempt, c.shard_id, report=True)

@@ -5,8 +5,8 @@ field 1's tag and its length as a 5-byte varint, so the payload starts 8-aligned
 readers take any encoding of ExpertFrame (other writers' cost one parse copy).
 Payload layout (experts.proto documents the same):
 
-    HEADER (40 bytes)  magic "EMF1", kind (1 request, 2 reply), flags (request: DUPLICATE; else 0), tensor count,
-                       1 pad byte,
+    HEADER (40 bytes)  magic "EMF1", kind (1 request, 2 reply), flags (request: DUPLICATE; else 0; bits 0-3 hints
+                       a reader ignores when it does not know them, bits 4-7 refused then), tensor count, 1 pad byte,
                        id u64, layer (request) or status code (reply) i32, error text length u32,
                        placement_version i64, step (request) or compute_us (reply) u64
     DESC x count       (24 bytes each) dtype code u8, ndim u8 (0..2), 6 pad bytes, dim0 i64, dim1 i64
@@ -35,6 +35,11 @@ from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
 MAGIC = b"EMF1"
 REQUEST, REPLY = 1, 2
 DUPLICATE = 1  # a request's flags bit: RunExpertsRequest.duplicate (readers that predate it ignore the flags)
+# The flags' bits 0-3 are hints (DUPLICATE): a reader that does not know one ignores it. Bits 4-7 change what a frame's
+# tensors mean: a reader that does not know one set refuses the frame (FrameError naming it) rather than read the
+# tensors as if it were not (wrong sums). A change of the layout itself changes MAGIC (refused alike, both named).
+HINT_FLAGS, REQUIRED_FLAGS = 0x0F, 0xF0
+KNOWN_REQUIRED = 0  # the required bits this release reads: none yet
 HEADER = struct.Struct("<4sBBBxQiIqQ")
 DESC = struct.Struct("<BB6xqq")
 _PREFIX = 8  # align = 0 (2 bytes), field 1's tag, its length as a 5-byte varint
@@ -230,10 +235,17 @@ def _parse(buf: bytes, kind: int) -> tuple[tuple, list[WireTensor], str]:
         frame_id = HEADER.unpack_from(view, 0)[4]
         raise FrameError(f"frame {frame_id}: {size} bytes, too short for {count} tensors", frame_id)
     fields = _with_descs(count).unpack_from(view, 0)
-    magic, got_kind, _, count, frame_id, _, text_len = fields[:7]  # the header's 9 fields, then 4 per tensor
+    magic, got_kind, flags, count, frame_id, _, text_len = fields[:7]  # the header's 9 fields, then 4 per tensor
     if magic != MAGIC or got_kind != kind:
+        if magic != MAGIC and magic[:3] == MAGIC[:3]:
+            raise FrameError(f"frame {frame_id}: frame format {bytes(magic)!r}; this release reads {MAGIC!r} only "
+                             f"(a peer of another release)", frame_id)
         raise FrameError(f"frame {frame_id}: magic {bytes(magic)!r} kind {got_kind}, want {MAGIC!r} kind {kind}",
                          frame_id)
+    if flags & REQUIRED_FLAGS & ~KNOWN_REQUIRED:
+        raise FrameError(f"frame {frame_id}: flags {flags:#04x}: bits {flags & REQUIRED_FLAGS & ~KNOWN_REQUIRED:#04x} "
+                         f"change what its tensors mean and this release does not read them (a peer of a newer "
+                         f"release); refused unread", frame_id)
     if size < off + text_len:
         raise FrameError(f"frame {frame_id}: {size} bytes, too short for its {text_len}-byte error text", frame_id)
     text = ""
