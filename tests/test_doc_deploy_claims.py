@@ -175,3 +175,35 @@ def test_shard_bounds_as_deployment_options_are_taken_as_the_doc_says():
         {"name": "ExpertShard", "autoscaling_config": shard_autoscaling(lo, hi)}]
     (app,) = _serve_schema(config).applications
     assert app.deployments[1].autoscaling_config["max_replicas"] == hi
+
+
+def test_the_upgrade_promises_are_the_codes():
+    """DEPLOY.md's "Upgrades between releases": the frame magic and flag bits, the proto field numbers, the record's
+    format, key and namespace, and the messages it quotes are the code's (tests/test_wire_versions.py,
+    tests/test_rolling_weights.py and tests/test_controller_record_compat.py: what each side does)."""
+    import inspect
+
+    from elasticmoe.autoscaler import record, recovery
+    from elasticmoe.gateway import deployment
+    from elasticmoe.rpc import experts_pb2 as pb
+    from elasticmoe.rpc import frames
+
+    from elasticmoe.config import GATEWAY_DRAIN_S
+
+    doc = _doc()
+    assert "drains its requests (its graceful shutdown, up to 600 s)" in doc and GATEWAY_DRAIN_S == 600
+    assert "the magic names the layout, `EMF1`" in doc and frames.MAGIC == b"EMF1"
+    assert "Flag bits 0-3 are hints" in doc and "bits 4-7 change what the tensors mean" in doc
+    assert (frames.HINT_FLAGS, frames.REQUIRED_FLAGS, frames.DUPLICATE) == (0x0F, 0xF0, 1)
+    assert "(`frame format b'EMF2'; this release reads b'EMF1' only`)" in doc
+    assert "frame format {bytes(magic)!r}; this release reads {MAGIC!r} only" in inspect.getsource(frames)
+    fields = {"`GetStatsResponse.busy_us` (9)": pb.GetStatsResponse.BUSY_US_FIELD_NUMBER == 9,
+              "`duplicates` (10)": pb.GetStatsResponse.DUPLICATES_FIELD_NUMBER == 10,
+              "`RunExpertsRequest.duplicate` (7)": pb.RunExpertsRequest.DUPLICATE_FIELD_NUMBER == 7}
+    assert all(name in doc and right for name, right in fields.items()), fields
+    assert "key `controller/<app>` in namespace `elasticmoe`" in doc and record._NAMESPACE == "elasticmoe"
+    assert 'self.key = f"controller/{app_name}"' in inspect.getsource(record)
+    assert "a JSON document of `format` 1" in doc and record.FORMAT == 1
+    assert "(`starting over`)" in doc and inspect.getsource(recovery).count("starting over") >= 3
+    assert "(its log: `routing table is of other weights`" in doc
+    assert "routing table is of other weights" in inspect.getsource(deployment)
