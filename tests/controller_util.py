@@ -162,3 +162,17 @@ def controller(model):
     loop.call_soon_threadsafe(loop.stop)
     runner.join(10)
     torch.set_num_threads(threads)
+
+
+def on_loop(loop, coro, timeout: float = 60.0):
+    """Run `coro` on the event loop `loop` (running in another thread) and return its result."""
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` every 50 ms until true; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -3,9 +3,12 @@ an ephemeral port, the tiny model and the served fixtures."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import uvicorn
@@ -112,3 +115,13 @@ def _wait_idle(core: Core, timeout: float = 5.0) -> None:
     while any(core.runner.stats()[k] for k in ("running", "waiting", "admitted")):
         assert time.monotonic() < deadline, "the engine kept running an abandoned request"
         time.sleep(0.02)
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    """POST `body` as JSON to `url`: (status, the answer's JSON), an HTTP error's too."""
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -18,6 +18,7 @@ from elasticmoe.gateway import direct_ingress
 from elasticmoe.gateway.auth import ApiKeys
 from elasticmoe.gateway.direct_ingress import DirectIngress
 from elasticmoe.gateway.generation_service import GenerationService
+from tests.net_util import closed_within
 from tests.openai_util import Core, model  # noqa: F401 - the module-scoped tiny model fixture
 
 PROMPT = "The quick brown fox"
@@ -42,21 +43,6 @@ def _raw(port: DirectIngress, first: bytes = b"") -> socket.socket:
     if first:
         s.sendall(first)
     return s
-
-
-def _closed_within(s: socket.socket, seconds: float) -> bool:
-    """Whether the server ends `s` within `seconds` (what it writes meanwhile is read and dropped)."""
-    s.settimeout(0.2)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            if not s.recv(1 << 16):
-                return True
-        except socket.timeout:
-            continue
-        except OSError:  # reset
-            return True
-    return False
 
 
 def _answers(port: DirectIngress, patience_s: float = 10.0) -> bool:
@@ -93,7 +79,7 @@ def test_connections_left_idle_are_closed_and_a_client_reconnects(model):  # noq
     core, port = _port(model, idle_s=1)
     idle = [_raw(port, PREFACE) for _ in range(4)]
     try:
-        assert all(_closed_within(s, 5) for s in idle)
+        assert all(closed_within(s, 5) for s in idle)
         assert _answers(port)
     finally:
         for s in idle:
@@ -112,7 +98,7 @@ def test_connections_over_the_cap_are_closed_as_they_connect(model):  # noqa: F8
             client.generate(PROMPT, max_tokens=2, temperature=0.0)
         client.close()
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
-        assert not _closed_within(held[0], 0.5) and not _closed_within(held[1], 0.1)  # those in stay in
+        assert not closed_within(held[0], 0.5) and not closed_within(held[1], 0.1)  # those in stay in
         held.pop().close()
         assert _answers(port)
     finally:
@@ -127,7 +113,7 @@ def test_a_connection_that_never_begins_http2_is_closed(model, monkeypatch):  # 
     core, port = _port(model)
     silent = _raw(port)
     try:
-        assert _closed_within(silent, 5)
+        assert closed_within(silent, 5)
         assert _answers(port)
     finally:
         silent.close()
@@ -142,7 +128,7 @@ def test_a_call_whose_client_stops_answering_pings_ends_and_frees_its_place(mode
     core, port = _port(model, max_rpcs=1)
     gone = _raw(port, PREFACE + _call_without_request("/elasticmoe.v1.Generation/GenerateStream"))
     try:
-        assert _closed_within(gone, 8)
+        assert closed_within(gone, 8)
         assert _answers(port)  # its place is free again
     finally:
         gone.close()

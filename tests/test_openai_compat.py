@@ -5,24 +5,14 @@ a message's text content parts reach the chat template joined by newlines (as vL
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.parse
 import urllib.request
 
 import openai
 import pytest
 
-from tests.openai_util import CHAT, MODEL, PROMPT
+from tests.openai_util import CHAT, MODEL, PROMPT, post_json
 from tests.openai_util import model, served  # noqa: F401 - fixtures
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
@@ -48,11 +38,11 @@ def test_a_request_without_a_model_is_served_and_tokenize_checks_the_model(serve
     """As vLLM: `model` may be left out (the one model served); /tokenize and /detokenize check it too."""
     _, client = served
     base = str(client.base_url).rstrip("/").removesuffix("/v1")
-    status, out = _post(f"{base}/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    status, out = post_json(f"{base}/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
     assert status == 200 and out["model"] == MODEL
-    assert _post(f"{base}/tokenize", {"model": MODEL, "prompt": "hi"})[0] == 200
+    assert post_json(f"{base}/tokenize", {"model": MODEL, "prompt": "hi"})[0] == 200
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})):
-        status, out = _post(base + path, {"model": "nope", **body})
+        status, out = post_json(base + path, {"model": "nope", **body})
         assert status == 404 and out["error"]["code"] == "model_not_found", (path, out)
 
 
@@ -67,7 +57,7 @@ def test_the_checkpoint_path_is_an_alias_of_the_served_name(served, model):
         assert client.completions.create(model=name, prompt=PROMPT, max_tokens=2).model == MODEL, name
     chunks = list(client.chat.completions.create(model=path, messages=CHAT, max_tokens=2, stream=True))
     assert chunks and all(c.model == MODEL for c in chunks)
-    assert _post(f"{base}/tokenize", {"model": path, "prompt": "hi"})[0] == 200
+    assert post_json(f"{base}/tokenize", {"model": path, "prompt": "hi"})[0] == 200
     assert [m.id for m in client.models.list().data] == [MODEL]
     with urllib.request.urlopen(f"{base}/v1/models/{urllib.parse.quote(path, safe='')}", timeout=10) as r:
         assert json.loads(r.read())["id"] == MODEL
@@ -117,7 +107,7 @@ def test_text_content_parts_are_joined_by_newlines(served):
     want = core.tokenizer.apply_chat_template(joined, add_generation_prompt=True, tokenize=True)
     want = list(want if isinstance(want, list) else want["input_ids"])
     base = str(client.base_url).rstrip("/").removesuffix("/v1")
-    status, out = _post(f"{base}/tokenize", {"messages": [{"role": "user", "content": parts}]})
+    status, out = post_json(f"{base}/tokenize", {"messages": [{"role": "user", "content": parts}]})
     assert status == 200 and out["tokens"] == want
     kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     a = client.chat.completions.create(messages=[{"role": "user", "content": parts}], **kw)

@@ -5,15 +5,11 @@ extra variables; bad values are 400s naming the field."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-
 import openai
 import pytest
 
 from elasticmoe import SamplingParams
-from tests.openai_util import MODEL
+from tests.openai_util import MODEL, post_json
 from tests.openai_util import llm, model, served  # noqa: F401 - fixtures
 
 BIASED = {"1": 6, "3": 6}  # <s> and <|im_start|>, which end nothing: sampled now and then among the text
@@ -89,13 +85,7 @@ def test_a_skip_special_tokens_not_a_boolean_is_a_400_naming_it(served, chat):
 
 
 def _post(client, path: str, body: dict) -> tuple[int, dict]:
-    url = str(client.base_url).rstrip("/").removesuffix("/v1") + path
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return post_json(str(client.base_url).rstrip("/").removesuffix("/v1") + path, body)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from elasticmoe.experts.deployment import ExpertShard
 from elasticmoe.gateway.deployment import GatewayCore
 from elasticmoe.model import open_model
 from elasticmoe.model.tiny import make_tiny_model
-from tests.controller_util import ControllerImpl, Shard, _args, _LoopHandle
+from tests.controller_util import ControllerImpl, Shard, _args, _LoopHandle, on_loop, wait_until
 
 E = 8
 
@@ -54,18 +54,6 @@ def loop():
     GcsRecord("default").clear()
 
 
-def _on(loop, coro, timeout: float = 60.0):
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _controller(loop, model: str, *shards: Shard):
     """A controller of one shard position over `model`, `shards` joined, its loops cancelled when the test ends."""
     async def make():
@@ -73,7 +61,7 @@ def _controller(loop, model: str, *shards: Shard):
         for s in shards:
             await s.join(ctrl)
         return ctrl
-    return _on(loop, make())
+    return on_loop(loop, make())
 
 
 def _stop(loop, ctrl) -> None:
@@ -98,7 +86,7 @@ def test_a_gateway_takes_no_table_of_a_controller_of_other_weights(checkpoints, 
         time.sleep(2.5)  # two more polls at least
         assert ctrl.acks == acks  # no more: not counted among the gateways that run its tables (drops wait for it)
 
-        table = _on(loop, ctrl.table())
+        table = on_loop(loop, ctrl.table())
         del table["weights"]  # a controller that predates the field: taken (nothing tells the weights apart)
         core._install(table)
         assert core.complete.is_set() and core.dispatcher.latest().shards == ("b0",)
@@ -132,10 +120,10 @@ def test_a_shard_loads_no_plan_of_a_controller_of_other_weights(checkpoints, loo
     old = _controller(loop, a)
     replica = _Replica(_args(b, num_shards=1), _LoopHandle(old, loop))
     try:
-        _wait(lambda: any(s.load_error for s in old.registry.shards.values()), 30, "the refusal reported")
+        wait_until(lambda: any(s.load_error for s in old.registry.shards.values()), 30, "the refusal reported")
         time.sleep(1.0)  # a few more tries
         assert not replica.registered.is_set() and replica.store.held() == []
-        (entry,) = _on(loop, old.status())["shards"]
+        (entry,) = on_loop(loop, old.status())["shards"]
         assert not entry["ready"] and status_view.health(entry) == "failed"
         mine, theirs = weights_id(AppArgs(**_args(b))), weights_id(AppArgs(**_args(a)))
         assert mine in entry["load_error"] and theirs in entry["load_error"]
@@ -145,7 +133,7 @@ def test_a_shard_loads_no_plan_of_a_controller_of_other_weights(checkpoints, loo
         GcsRecord("default").clear()
         new = _controller(loop, b)  # the rollout's new controller: the shard joins it
         replica.controller = _LoopHandle(new, loop)
-        _wait(replica.registered.is_set, 30, "the shard ready with a controller of its weights")
+        wait_until(replica.registered.is_set, 30, "the shard ready with a controller of its weights")
         assert len(replica.store.held()) == 2 * E and [s["id"] for s in new._table()["shards"]] == [replica.shard_id]
         _stop(loop, new)
     finally:

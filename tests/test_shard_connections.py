@@ -11,22 +11,8 @@ import grpc
 
 from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.rpc import options
+from tests.net_util import closed_within
 from tests.shard_util import E, Shards, _req, files  # noqa: F401
-
-
-def _closed_within(s: socket.socket, seconds: float) -> bool:
-    """Whether the server ends `s` within `seconds`."""
-    s.settimeout(0.2)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            if not s.recv(1 << 16):
-                return True
-        except socket.timeout:
-            continue
-        except OSError:  # reset
-            return True
-    return False
 
 
 def _call(shards: Shards, files) -> grpc.RpcError | None:  # noqa: F811
@@ -53,7 +39,7 @@ def test_connections_that_never_begin_tls_are_closed_and_capped(files, monkeypat
         time.sleep(0.3)  # both accepted
         e = _call(shards, files)
         assert e is not None and e.code() == grpc.StatusCode.UNAVAILABLE, e
-        assert all(_closed_within(s, 6) for s in silent)
+        assert all(closed_within(s, 6) for s in silent)
         assert _call(shards, files) is None
     finally:
         for s in silent:

@@ -21,7 +21,7 @@ from elasticmoe.experts import deployment
 from elasticmoe.experts.deployment import ExpertShard
 from elasticmoe.model import open_model
 from elasticmoe.model.tiny import make_tiny_model
-from tests.controller_util import ControllerImpl, Shard, _args, _LoopHandle, _moved
+from tests.controller_util import ControllerImpl, Shard, _args, _LoopHandle, on_loop, wait_until, _moved
 
 E = 8
 BROKEN = "model.layers.1.block_sparse_moe.experts.0.w2.weight"  # its file holds layer 1's w2 of every expert
@@ -52,18 +52,6 @@ def cluster(tmp_path):
     loop.call_soon_threadsafe(loop.stop)
     runner.join(10)
     torch.set_num_threads(threads)
-
-
-def _on(loop, coro, timeout: float = 30.0):
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _errors(caplog, logger: str) -> list[logging.LogRecord]:
@@ -112,7 +100,7 @@ def test_an_unreadable_plan_is_reported_backs_off_and_a_repaired_file_is_read(cl
     layer0, layer1 = ctrl.moe_layers  # BROKEN's layer is the second
     replica, file, data = _started_then_broken(path, ctrl, loop)
     try:
-        _wait(lambda: len(_errors(caplog, "elasticmoe.shard")) >= 4, 30, "four failed tries of the plan, each an error")
+        wait_until(lambda: len(_errors(caplog, "elasticmoe.shard")) >= 4, 30, "four failed tries of the plan, each an error")
         fails = _errors(caplog, "elasticmoe.shard")
         assert all(file.name in r.getMessage() and BROKEN in r.getMessage() for r in fails)
         gaps = [b.created - a.created for a, b in zip(fails, fails[1:4])]
@@ -120,7 +108,7 @@ def test_an_unreadable_plan_is_reported_backs_off_and_a_repaired_file_is_read(cl
         assert not replica.registered.is_set()
         assert replica.store.held() == [(layer0, e) for e in range(E)]  # the readable layer stays: retries read less
 
-        st = _on(loop, ctrl.status())
+        st = on_loop(loop, ctrl.status())
         (entry,) = st["shards"]
         assert not entry["ready"] and status_view.health(entry) == "failed"
         assert file.name in entry["load_error"] and BROKEN in entry["load_error"] and f"layer {layer1}" in \
@@ -138,9 +126,9 @@ def test_an_unreadable_plan_is_reported_backs_off_and_a_repaired_file_is_read(cl
         replica.started += 601
 
         file.write_bytes(data)  # repaired (the same bytes put back): a later try reads it
-        _wait(replica.registered.is_set, 30, "the shard ready once its file is repaired")
+        wait_until(replica.registered.is_set, 30, "the shard ready once its file is repaired")
         assert replica.store.held() == [(l, e) for l in (layer0, layer1) for e in range(E)]
-        (entry,) = _on(loop, ctrl.status())["shards"]
+        (entry,) = on_loop(loop, ctrl.status())["shards"]
         assert entry["ready"] and "load_error" not in entry and status_view.health(entry) == "ok"
         assert asyncio.run(replica.info())["load_error"] is None
         replica.check_health()
@@ -166,7 +154,7 @@ def pair(tmp_path):
         await first.join(ctrl)
         return ctrl
 
-    ctrl = _on(loop, make(), 60)
+    ctrl = on_loop(loop, make(), 60)
     yield path, ctrl, loop
     first.server.stop(None)
     for task in list(ctrl._tasks):
@@ -195,7 +183,7 @@ def _moved_after_its_plan(path, ctrl, loop):
             out = real(*args)
             plans.append(args)
             if len(plans) == 1:
-                _on(loop, move())
+                on_loop(loop, move())
                 file.write_bytes(data[:-100])
             return out
 
@@ -217,20 +205,20 @@ def test_new_copies_that_cannot_be_read_at_ready_are_retried_as_the_plan_is(pair
     caplog.set_level(logging.INFO)
     replica, file, data = _moved_after_its_plan(path, ctrl, loop)
     try:
-        _wait(lambda: len(_errors(caplog, "elasticmoe.shard")) >= 3, 30, "three failed tries, each an error")
+        wait_until(lambda: len(_errors(caplog, "elasticmoe.shard")) >= 3, 30, "three failed tries, each an error")
         fails = _errors(caplog, "elasticmoe.shard")
         assert all(file.name in r.getMessage() and BROKEN in r.getMessage() for r in fails)
         assert "since its plan" in fails[0].getMessage()  # ready()'s answer, then the plan's own failures
         assert not [r for r in caplog.records if "registration attempt" in r.getMessage()]
         gaps = [b.created - a.created for a, b in zip(fails, fails[1:3])]
         assert gaps[0] >= 0.2 and gaps[1] >= 0.4, gaps  # the backoff's
-        st = _on(loop, ctrl.status())
+        st = on_loop(loop, ctrl.status())
         entry = next(s for s in st["shards"] if s["id"] == replica.shard_id)
         assert status_view.health(entry) == "failed" and BROKEN in entry["load_error"]
         assert len([e for e in st["events"] if e["event"] == "plan_failed"]) == 2  # one per message, not per try
 
         file.write_bytes(data)
-        _wait(replica.registered.is_set, 30, "the replica ready once the file is repaired")
+        wait_until(replica.registered.is_set, 30, "the replica ready once the file is repaired")
         assert {(layer, 0) for layer in ctrl.moe_layers} <= set(replica.store.held())
     finally:
         replica._stop_registering()
