@@ -108,18 +108,18 @@ def test_a_file_rewritten_in_place_fails_the_load_naming_it_and_the_shard_serves
     assert torch.equal(store.snapshot(1).w13[0, :inter], want)  # w1: the gate rows
 
 
-def test_a_file_replaced_before_its_first_read_fails_the_read_naming_it(tmp_path):
-    """The file renamed over (a re-download) between the open, which read its header, and the first read, which opens
-    it: read at the old header's offsets, its weights were other bytes. The copy read at open put back in its place
-reads (the failed read kept no descriptor of the other file)."""
+def _renamed_over_before_the_first_read(tmp_path, replacement, match: str) -> None:
+    """The file renamed over by `replacement(tmp_path, raw)`'s bytes between the open and the first read: the read
+    fails with CheckpointError matching `match` and holds nothing; the original renamed back, the load reads it (the
+    failed read kept no descriptor of the other file)."""
     path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E)
     files = open_model(str(path))
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     raw = (path / FILE).read_bytes()
-    (path / "new").write_bytes(_with_header(raw, _padded))
+    (path / "new").write_bytes(replacement(tmp_path, raw))
     os.replace(path / "new", path / FILE)
     with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: changed on disk since the checkpoint was "
-                                                        "opened")):
+                                                        "opened") + match):
         store.load([(0, 1)])
     assert store.held() == []
     (path / "new").write_bytes(raw)
@@ -127,6 +127,13 @@ reads (the failed read kept no descriptor of the other file)."""
     store.load([(0, 1)])
     inter = files.spec.moe.intermediate_size
     assert torch.equal(store.snapshot(0).w13[0, :inter], load_file(path / FILE)[W1.format(0, 1)])
+
+
+def test_a_file_replaced_before_its_first_read_fails_the_read_naming_it(tmp_path):
+    """The file renamed over (a re-download) between the open, which read its header, and the first read, which opens
+    it: read at the old header's offsets, its weights were other bytes. The copy read at open put back in its place
+    reads (the failed read kept no descriptor of the other file)."""
+    _renamed_over_before_the_first_read(tmp_path, lambda _, raw: _with_header(raw, _padded), "")
 
 
 def _other_checkpoint(tmp_path, raw: bytes) -> bytes:
@@ -161,21 +168,7 @@ def test_another_checkpoint_of_the_same_shapes_rewritten_in_place_fails_the_load
 def test_another_checkpoint_of_the_same_shapes_renamed_over_before_its_first_read_fails_the_read(tmp_path):
     """A re-download of another revision, renamed over the file between the open and its first read: read, its
     weights were served as the checkpoint's."""
-    path = make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E)
-    files = open_model(str(path))
-    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-    raw = (path / FILE).read_bytes()
-    (path / "new").write_bytes(_other_checkpoint(tmp_path, raw))
-    os.replace(path / "new", path / FILE)
-    with pytest.raises(CheckpointError, match=re.escape(f"{path / FILE}: changed on disk since the checkpoint was "
-                                                        "opened") + r".*its tensors hold other bytes"):
-        store.load([(0, 1)])
-    assert store.held() == []
-    (path / "new").write_bytes(raw)
-    os.replace(path / "new", path / FILE)
-    store.load([(0, 1)])
-    inter = files.spec.moe.intermediate_size
-    assert torch.equal(store.snapshot(0).w13[0, :inter], load_file(path / FILE)[W1.format(0, 1)])
+    _renamed_over_before_the_first_read(tmp_path, _other_checkpoint, r".*its tensors hold other bytes")
 
 
 def test_another_checkpoint_copied_over_the_file_during_a_read_fails_it(tmp_path, monkeypatch):

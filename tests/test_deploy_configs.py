@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -33,6 +34,23 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRD
 def _load(path: Path) -> dict:
     with open(path) as f:
         return yaml.load(f, Loader=_YAML_LOADER)
+
+
+def ray_start_envs(path: Path, name: str, home: Path) -> list[tuple[str, str, str]]:
+    """(command, $name as it has it, bash's stderr) for each `ray start` command of the cluster config `path` (head
+    and worker): the command run by bash up to the `ray start` itself, which printenv replaces. Two commands, else
+    AssertionError."""
+    config = _load(path)
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
+              if re.search(r"\bray start\b", c)]
+    assert len(starts) == 2, starts
+    out = []
+    for cmd in starts:
+        probe = re.sub(r"\S*\bray start\b.*", f"printenv {name}", cmd, flags=re.S)
+        run = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30,
+                             env={"HOME": str(home), "PATH": "/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1"})
+        out.append((cmd, run.stdout.strip(), run.stderr))
+    return out
 
 
 def _pyproject() -> dict:

@@ -7,13 +7,12 @@ message: the e2e check."""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
 from elasticmoe import local_cluster as lc
 from tests.helm_util import _containers, _objects, _one, _render
-from tests.test_deploy_configs import CLUSTER_FILES, _load
+from tests.test_deploy_configs import CLUSTER_FILES, ray_start_envs
 
 NAME, LIMIT = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "4194304"
 
@@ -35,15 +34,8 @@ def test_ray_env_sets_it_and_an_operators_value_wins(monkeypatch):
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def test_cluster_configs_start_ray_with_it(path, tmp_path):
     """Each `ray start` command, run by bash up to the `ray start` itself (replaced by printenv), exports it."""
-    config = _load(path)
-    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
-              if re.search(r"\bray start\b", c)]
-    assert len(starts) == 2, starts
-    for cmd in starts:
-        probe = re.sub(r"\S*\bray start\b.*", f"printenv {NAME}", cmd, flags=re.S)
-        out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30,
-                             env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1"})
-        assert out.stdout.strip() == LIMIT, (path.name, cmd, out.stderr)
+    for cmd, value, err in ray_start_envs(path, NAME, tmp_path):
+        assert value == LIMIT, (path.name, cmd, err)
 
 
 def _ray_envs(values: dict | None = None) -> list[dict]:

@@ -162,10 +162,7 @@ def test_ray_env_names_the_callback_and_an_operators_value_wins(monkeypatch):
 
 @pytest.mark.parametrize("where", ["cluster", "chart", "image"])
 def test_the_cluster_configs_the_chart_and_the_image_name_it(where, tmp_path):
-    import re
-    import subprocess
-
-    from tests.test_deploy_configs import CLUSTER_FILES, _load
+    from tests.test_deploy_configs import CLUSTER_FILES, ray_start_envs
     from tests.test_grpc_message_limit import _dockerfile_env, _ray_envs
 
     if where == "chart":
@@ -174,15 +171,8 @@ def test_the_cluster_configs_the_chart_and_the_image_name_it(where, tmp_path):
     elif where == "image":
         assert _dockerfile_env().get(shp.CALLBACK_ENV) == shp.CALLBACK
     for path in CLUSTER_FILES if where == "cluster" else ():  # each `ray start`, run by bash up to ray itself
-        config = _load(path)
-        starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
-                  if re.search(r"\bray start\b", c)]
-        assert len(starts) == 2, starts
-        for cmd in starts:
-            probe = re.sub(r"\S*\bray start\b.*", f"printenv {shp.CALLBACK_ENV}", cmd, flags=re.S)
-            out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30,
-                                 env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1"})
-            assert out.stdout.strip() == shp.CALLBACK, (path.name, out.stderr)
+        for _cmd, value, err in ray_start_envs(path, shp.CALLBACK_ENV, tmp_path):
+            assert value == shp.CALLBACK, (path.name, err)
 
 
 def test_the_callback_is_what_serve_imports():
