@@ -23,30 +23,37 @@ def test_the_moe_chunk_size_names_its_variable(raw, monkeypatch):
     assert triton_moe.chunk_tokens_default() == 64
 
 
-@pytest.mark.parametrize("raw", ["²", "0"])
-def test_the_grpc_message_limit_names_its_variable(raw):
-    """Read when elasticmoe.rpc is imported (any process of the cluster)."""
-    env = {**os.environ, "ELASTICMOE_GRPC_MAX_MESSAGE_BYTES": raw}
-    run = subprocess.run([sys.executable, "-c", "import elasticmoe.rpc.options"], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode != 0 and "ELASTICMOE_GRPC_MAX_MESSAGE_BYTES=" in run.stderr.splitlines()[-1], run.stderr
-    env["ELASTICMOE_GRPC_MAX_MESSAGE_BYTES"] = "1048576"
-    run = subprocess.run([sys.executable, "-c", "from elasticmoe.rpc.options import MAX_MESSAGE_BYTES as m; print(m)"],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert run.stdout.strip() == "1048576", run.stderr
+LIMITS = ("ELASTICMOE_GRPC_MAX_MESSAGE_BYTES", "ELASTICMOE_STREAM_REPLY_BYTES")
 
 
-@pytest.mark.parametrize("raw,read", [("²", None), ("0", None), ("", 64 << 20), ("1048576", 1048576)])
-def test_the_stream_reply_bound_names_its_variable(raw, read):
-    """ELASTICMOE_STREAM_REPLY_BYTES (a shard's unread stream answers, in bytes; default 64 MiB): read as the message
-    limit is, when the shard's code is imported."""
-    code = "from elasticmoe.experts.shard_server import start_server as s; print(s.__defaults__[-1])"
-    env = {**os.environ, "ELASTICMOE_STREAM_REPLY_BYTES": raw}
+@pytest.mark.parametrize("name", LIMITS)
+@pytest.mark.parametrize("raw,read", [("²", None), ("0", None), ("", 64 << 20), (" 1048576 ", 1048576)])
+def test_the_byte_limits_name_their_variable(name, raw, read, monkeypatch):
+    """The gRPC message limit and ELASTICMOE_STREAM_REPLY_BYTES (a shard's unread stream answers, in bytes): a
+    positive number of bytes, the default when unset, else an error naming the variable."""
+    from elasticmoe.rpc.options import _message_bytes
+
+    monkeypatch.setenv(name, raw)
+    if read is None:
+        with pytest.raises(ValueError, match=f"^{name}={raw!r}: expected a positive number of bytes$"):
+            _message_bytes(name, 64 << 20)
+    else:
+        assert _message_bytes(name, 64 << 20) == read
+
+
+def test_the_byte_limits_are_read_when_the_code_is_imported():
+    """Any process of the cluster reads them on import (elasticmoe.rpc, the shard's server): a bad value stops the
+    import naming the variable; good ones are what the gRPC options and the shard's stream bound use."""
+    for name in LIMITS:
+        env = {**os.environ, name: "²"}
+        run = subprocess.run([sys.executable, "-c", "import elasticmoe.experts.shard_server"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and f"{name}='²'" in run.stderr.splitlines()[-1], run.stderr
+    code = ("from elasticmoe.rpc.options import MAX_MESSAGE_BYTES as m; "
+            "from elasticmoe.experts.shard_server import start_server as s; print(m, s.__defaults__[-1])")
+    env = {**os.environ, LIMITS[0]: "1048576", LIMITS[1]: "2097152"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert (run.returncode == 0) == bool(read), run.stderr
-    said = run.stdout.strip() if read else run.stderr.splitlines()[-1]  # the value, or the error naming the variable
-    assert said == (str(read) if read else f"ValueError: ELASTICMOE_STREAM_REPLY_BYTES={raw!r}: expected a positive "
-                    "number of bytes"), run.stderr
+    assert run.stdout.split() == ["1048576", "2097152"], run.stderr
 
 
 @pytest.mark.parametrize("raw", ["20100", "²-20199", "20199-20100", "a-b", "0-10", "20100-70000"])
