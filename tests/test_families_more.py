@@ -61,6 +61,14 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
     "axk1": ("AXK1Config", dict(**DSV3_MOE, **MLA, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2,
                                 topk_group=1, routed_scaling_factor=1.5),
              "MLA, sigmoid routing with correction bias, an RMSNorm on the MoE output, dense first layer"),
+    "qwen3_next": ("Qwen3NextConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                                           shared_expert_intermediate_size=64, head_dim=16, mlp_only_layers=[0],
+                                           linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2,
+                                           linear_num_value_heads=4, linear_conv_kernel_dim=4,
+                                           layer_types=["linear_attention", "full_attention", "linear_attention"]),
+                   "Gated DeltaNet layers (conv and recurrent state per slot) beside gated full attention, "
+                   "zero-centred RMSNorms, partial rotary, shared expert with a sigmoid gate, dense first layer; "
+                   "chunked prefill, batches and retries in tests/test_families_linear.py"),
 }
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1"}  # routing biases made non-zero: checked loaded
 
@@ -153,8 +161,8 @@ MULTIMODAL = ("vision", "audio", "M-RoPE", "multimodal", "speech")
 README_REJECTED = [
     ("Mamba (Jamba, Bamba, Nemotron-H, GraniteMoeHybrid)", {"jamba", "bamba", "nemotron_h", "granitemoehybrid"},
      ("Mamba",)),
-    ("linear attention (Qwen3-Next, Qwen3.5-MoE, Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
-     {"qwen3_next", "qwen3_5_moe", "qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
+    ("linear attention (Qwen3.5-MoE, Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
+     {"qwen3_5_moe", "qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
     ("short convolutions (LFM2-MoE, Inkling)", {"lfm2_moe", "inkling"}, ("short-convolution",)),
     ("sparse-attention indexers (DeepSeek-V3.2 and V4, GLM-MoE-DSA, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
      {"deepseek_v32", "deepseek_v4", "glm_moe_dsa", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.batch import StepBatch
+from elasticmoe.model.deltanet import DeltaState
 from elasticmoe.model.layers import Rotary, rms_norm
 from elasticmoe.model.spec import AttentionSpec, ModelSpec
 
@@ -16,7 +17,8 @@ F32 = torch.float32
 
 
 class KVCache:
-    """Per layer: K and V [slots, max_len, kv_heads, d] (GQA) or the latent [slots, max_len, r + rope] (MLA)."""
+    """Per layer: K and V [slots, max_len, kv_heads, d] (GQA) or the latent [slots, max_len, r + rope] (MLA); a
+    linear-attention layer keeps no K/V but its state per slot (`linear`: layer -> DeltaState)."""
 
     def __init__(self, spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         a = spec.attention
@@ -26,18 +28,34 @@ class KVCache:
         else:
             shapes = [(num_slots, max_len, a.num_kv_heads, a.head_dim),
                       (num_slots, max_len, a.num_kv_heads, a.v_head_dim)]
-        self.layers = [[torch.zeros(s, dtype=dtype, device=device) for s in shapes] for _ in range(spec.num_layers)]
+        kinds = spec.linear.layers if spec.linear else (False,) * spec.num_layers
+        self.linear = {i: DeltaState(spec.linear, num_slots, dtype, device) for i, lin in enumerate(kinds) if lin}
+        self.layers = [[] if lin else [torch.zeros(s, dtype=dtype, device=device) for s in shapes] for lin in kinds]
 
     def clear(self, slot: int, length: int) -> None:
-        """Zero positions [0, length) of a slot. Decode rows read their slot up to the longest row of their group,
-        masked; a masked NaN or inf (left by a request that failed on a numerical fault) still poisons the sum."""
+        """Zero positions [0, length) of a slot, and its linear-attention states. Decode rows read their slot up to
+        the longest row of their group, masked; a masked NaN or inf (left by a request that failed on a numerical
+        fault) still poisons the sum."""
         for layer in self.layers:
             for t in layer:
                 t[slot, :length].zero_()
+        for state in self.linear.values():
+            state.clear(slot)
 
     @staticmethod
     def bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
-        return spec.num_layers * spec.attention.cache_width * torch.empty(0, dtype=dtype).element_size()
+        """K/V bytes a cached token takes (attention layers only: a linear layer's state is per slot)."""
+        attn = spec.num_layers - (sum(spec.linear.layers) if spec.linear else 0)
+        return attn * spec.attention.cache_width * torch.empty(0, dtype=dtype).element_size()
+
+    @staticmethod
+    def bytes_per_slot(spec: ModelSpec, dtype: torch.dtype) -> int:
+        """Bytes of the linear-attention layers' states a slot takes, whatever its length (conv window in `dtype`,
+        recurrent state in float32)."""
+        if spec.linear is None:
+            return 0
+        conv, rec = spec.linear.state_floats()
+        return sum(spec.linear.layers) * (conv * torch.empty(0, dtype=dtype).element_size() + rec * 4)
 
 
 def step_masks(batch: StepBatch, windows: set[int | None]) -> list[dict[int | None, torch.Tensor]]:
@@ -130,6 +148,7 @@ class Attention:
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, rotary: Rotary,
                 cos: torch.Tensor, sin: torch.Tensor, masks: list[dict]) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes this step's keys/values into the cache."""
+        gate = None
         if self.spec.kind == "mla":
             q, kv_new = self._mla_qkv(x, rotary, cos, sin)
             if self.spec.query_scale:  # Mistral 4
@@ -138,7 +157,7 @@ class Attention:
             latent[batch.token_slots, batch.positions] = kv_new.to(latent.dtype)
             expand = self._mla_expand
         else:
-            q, k, v = self._gqa_qkv(x, rotary, cos, sin, batch.positions)  # q, k float32; the cache rounds k
+            q, k, v, gate = self._gqa_qkv(x, rotary, cos, sin, batch.positions)  # q, k float32; the cache rounds k
             kc, vc = cache.layers[self.layer]
             kc[batch.token_slots, batch.positions] = k.to(kc.dtype)
             vc[batch.token_slots, batch.positions] = v.to(vc.dtype)
@@ -160,11 +179,16 @@ class Attention:
         out = out.reshape(x.shape[0], -1)  # [T, h * dv]
         if "gate" in self.w:  # AFMoE: sigmoid gate per output feature
             out = out * torch.sigmoid(linear(x, self.w["gate"]))
+        if gate is not None:  # Qwen3-Next: the gate half of q_proj
+            out = out * torch.sigmoid(gate)
         return linear(out, self.w["o"], self.w.get("o_bias"))
 
     def _gqa_qkv(self, x, rotary, cos, sin, positions):
         a, w, t = self.spec, self.w, x.shape[0]
-        q = linear(x, w["q"], w.get("q_bias"))
+        q, gate = linear(x, w["q"], w.get("q_bias")), None
+        if a.output_gate:  # per head [q ; gate]
+            q, gate = q.view(t, a.num_heads, 2 * a.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(t, -1), gate.reshape(t, -1)
         k = linear(x, w["k"], w.get("k_bias"))
         v = linear(x, w["v"], w.get("v_bias"))
         if a.clip_qkv is not None:  # DBRX
@@ -184,7 +208,7 @@ class Attention:
             q, k = rms_norm(q, 1.0, self.eps, F32), rms_norm(k, 1.0, self.eps, F32)
         if a.temperature and not self.rope:  # Llama 4 NoPE layers: queries scaled up with the position
             q = (q * _position_scale(positions + 1, *a.temperature)[:, None, None]).to(q.dtype)
-        return q, k, v
+        return q, k, v, gate
 
     def _gqa_gather(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
         kc, vc = cache.layers[self.layer]

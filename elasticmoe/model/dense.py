@@ -13,9 +13,11 @@ from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.attention import Attention, KVCache, step_masks
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.dispatch import Dispatcher
 from elasticmoe.model.layers import Rotary, gated_mlp, norm, route
 from elasticmoe.progress import LoadProgress
+from elasticmoe.model.linear_spec import LAYOUTS, LINEAR
 from elasticmoe.model.names import ATTN, LayerNames, WeightNames
 from elasticmoe.model.pipeline import ping_pong
 from elasticmoe.model.spec import AttentionSpec, ModelSpec
@@ -33,6 +35,8 @@ def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]
             shapes.update(q_a=(a.q_lora_rank, hidden), q_a_norm=(a.q_lora_rank,), q_b=(q, a.q_lora_rank))
         return shapes
     k, v = a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
+    if a.output_gate:  # [q ; gate] per head
+        q *= 2
     head = (a.head_dim,)  # per-head q/k norms (HunYuan's after the rotary too); OLMoE's span all heads
     return {"q": (q, hidden), "k": (k, hidden), "v": (v, hidden), "o": o,
             "q_bias": (q,), "k_bias": (k,), "v_bias": (v,), "o_bias": (hidden,),
@@ -51,17 +55,11 @@ class _Layer:
 
     def __init__(self, model: "DenseModel", i: int, names: LayerNames):
         load, sp, hidden = model.load, model.spec, model.spec.hidden_size
-        shapes = attention_shapes(sp.attention, hidden)
-        attn = {role: load(n, shape=shapes.get(role)) for role, n in names.attn.items()}
-        mla = model.spec.attention.kind == "mla"
-        q = "q_a" if model.spec.attention.q_lora_rank else "q"
-        need = (q, "kv_a", "kv_b", "o") if mla else ("q", "k", "v", "o")
-        need += ("sinks",) if model.spec.attention.sinks else ()
-        for role in need:
-            if role not in attn:
-                raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")
-        self.attn = Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
-        self.norms = {role: load(n, shape=(hidden,)) for role, n in names.norms.items()}  # attn_in/out, mlp_in/out
+        if sp.linear is not None and sp.linear.layers[i]:
+            self.attn = linear_layer(model, i, names.linear)
+        else:
+            self.attn = self._attention(model, i, names)
+        self.norms = {role: model.load_norm(n, (hidden,)) for role, n in names.norms.items()}  # attn_in/out, mlp_in/..
         self.sparse = names.block is not None
         self.dense = model.load_mlp(names.dense) if names.dense else None
         if self.dense is None and (not self.sparse or model.spec.block == "shortcut"):
@@ -73,6 +71,39 @@ class _Layer:
         self.router_logit_bias = load(names.router_logit_bias, f32, (ids,)) if names.router_logit_bias else None
         self.shared = model.load_mlp(names.shared) if names.shared else None
         self.shared_gate = load(names.shared_gate, f32, (1, hidden)) if names.shared_gate else None  # [1, H]
+
+
+    @staticmethod
+    def _attention(model: "DenseModel", i: int, names: LayerNames) -> Attention:
+        a = model.spec.attention
+        shapes = attention_shapes(a, model.spec.hidden_size)
+        attn = {role: model.load_norm(n, shapes.get(role)) if role in ("q_norm", "k_norm")
+                else model.load(n, shape=shapes.get(role)) for role, n in names.attn.items()}
+        q = "q_a" if a.q_lora_rank else "q"
+        need = (q, "kv_a", "kv_b", "o") if a.kind == "mla" else ("q", "k", "v", "o")
+        need += ("sinks",) if a.sinks else ()
+        for role in need:
+            if role not in attn:
+                raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")
+        return Attention(a, i, attn, model.spec.rms_norm_eps)
+
+
+def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet:
+    """Layer i's Gated DeltaNet from its linear_attn.* weights (names: role -> tensor), shapes checked."""
+    sp, hidden = model.spec.linear, model.spec.hidden_size
+    kd, vd, nv = sp.key_dim, sp.value_dim, sp.num_v_heads
+    layout = next((roles for roles in LAYOUTS if all(r in names for r in roles)), LAYOUTS[0])
+    shapes = {"qkvz": (2 * kd + 2 * vd, hidden), "ba": (2 * nv, hidden), "qkv": (2 * kd + vd, hidden),
+              "z": (vd, hidden), "b": (nv, hidden), "a": (nv, hidden), "conv": (sp.conv_dim, 1, sp.conv_kernel),
+              "dt_bias": (nv,), "A_log": (nv,), "norm": (sp.head_v_dim,), "out": (hidden, vd)}
+    if both := sorted(names[r] for roles in LAYOUTS if roles != layout for r in roles if r in names):
+        raise CheckpointError(f"{model.ckpt.path}: layer {i} holds both input-projection layouts of linear_attn "
+                              f"(in_proj_qkvz / in_proj_ba or in_proj_qkv, _z, _b, _a): {both[:2]}")
+    for role in (*layout, "conv", "dt_bias", "A_log", "norm", "out"):
+        if role not in names:
+            raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks linear_attn.{LINEAR[role]}")
+    w = {r: model.load(n, shape=shapes[r]) for r, n in names.items()}
+    return GatedDeltaNet(sp, i, flat_projections(w, sp), model.spec.rms_norm_eps)
 
 
 class _PlusIdentity:
@@ -110,7 +141,7 @@ class DenseModel:
                           equal_items=False) as progress:
             vocab, hidden = (spec.vocab_size, spec.hidden_size)
             self.embed = self.load(names.embed, shape=(vocab, hidden))  # [V, H]
-            self.norm = self.load(names.norm, shape=(hidden,))
+            self.norm = self.load_norm(names.norm, (hidden,))
             self.norm_bias = self.load(names.norm_bias, shape=(hidden,)) if names.norm_bias else None
             self.lm_head = self.load(names.lm_head, shape=(vocab, hidden)) if names.lm_head else self.embed  # tied
             self.lm_head_bias = self.load(names.lm_head_bias, shape=(vocab,)) if names.lm_head_bias else None
@@ -133,6 +164,12 @@ class DenseModel:
             raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is {list(got)}, want {want} (as config.json "
                                   f"describes the model)")
         return self.ckpt.read_weight(name).to(device=self.device, dtype=dtype or self.dtype)
+
+    def load_norm(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """A norm's weight; zero-centred norms (spec.norm_offset) as 1 + w in float32, as transformers applies it."""
+        if not self.spec.norm_offset:
+            return self.load(name, shape=shape)
+        return self.load(name, torch.float32, shape) + self.spec.norm_offset
 
     def load_mlp(self, names: dict[str, str]) -> dict[str, torch.Tensor]:
         """A gated MLP's weights by role (gate/up/down or gate_up/down, biases unchecked), shapes checked."""

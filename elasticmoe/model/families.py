@@ -35,6 +35,8 @@ _MLA_KEYS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_di
 _DSV3_ROUTER = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "routed_scaling_factor", "n_group",
                 "topk_group", "norm_topk_prob", "first_k_dense_replace")
 _SLIDING = ("sliding_window", "layer_types", "use_sliding_window")
+_DELTANET = ("layer_types", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
+             "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class Family:
     # (part, config flag): the "attn" / "mlp" / "lm_head" projections transformers builds with biases when the flag
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
+    linear_attn: str | None = None  # the kind of config.layer_types' "linear_attention" layers ("gated_deltanet")
+    centred_norms: bool = False  # zero-centred RMSNorms: weight (1 + w), every norm but the linear layers' gated one
+    attn_output_gate: bool = False  # q_proj holds [q ; gate] per head: the output is multiplied by sigmoid(gate)
+    ignored: tuple[str, ...] = ()  # tensor-name patterns transformers ignores on load (multi-token prediction)
 
 
 FAMILIES: dict[str, Family] = {
@@ -148,6 +154,11 @@ FAMILIES: dict[str, Family] = {
                           "route_scale", "global_attn_every_n_layers", "mup_enabled", *_SLIDING),
                     scoring="sigmoid", norm_topk=True, block="sandwich", nope_full_layers=True),
     # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
+    # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
+    "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+                               "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_DELTANET),
+                         partial_rotary=True, linear_attn="gated_deltanet", centred_norms=True, attn_output_gate=True,
+                         ignored=(r"mtp\.",)),
     "gpt_oss": Family(keys=("num_local_experts", "swiglu_alpha", "swiglu_limit", "quantization_config",
                             "experts_per_token", "initial_context_length", *_SLIDING), norm_topk=True, attn_sinks=True),
 }
@@ -158,7 +169,6 @@ REJECTED: dict[str, str] = {
     "bamba": "Mamba (state-space) layers",
     "nemotron_h": "Mamba (state-space) layers",
     "granitemoehybrid": "Mamba (state-space) layers",
-    "qwen3_next": "linear-attention (Gated DeltaNet) layers",
     "qwen3_5_moe": "linear-attention (Gated DeltaNet) layers",
     "qwen3_5_moe_text": "linear-attention (Gated DeltaNet) layers",
     "kimi_linear": "linear-attention (Kimi Delta Attention) layers",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,10 @@ def open_model(model: str | os.PathLike) -> ModelFiles:
         model = str(ensure_tiny_model(model[len("tiny:"):]))
     ckpt = Checkpoint(model)
     config, spec = _config_and_spec(ckpt.path)
-    if spec.model_type in VIEWS:  # tensors named or laid out unlike the Llama-style checkpoints
-        ckpt.set_views(*VIEWS[spec.model_type](ckpt, spec))
+    views, ignored = VIEWS[spec.model_type](ckpt, spec) if spec.model_type in VIEWS else ({}, set())
+    ignored |= {n for n in ckpt.names() if any(re.match(p, n) for p in spec.ignored)}  # as transformers ignores them
+    if views or ignored:  # tensors named or laid out unlike the Llama-style checkpoints
+        ckpt.set_views(views, ignored)
     names = WeightNames(ckpt, spec)
     missing = [i for i in spec.moe.moe_layers if names.layers[i].block is None]
     if missing:

@@ -9,6 +9,7 @@ from typing import Any
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.expert_check import check_expert_dtypes, check_expert_shapes, check_experts
+from elasticmoe.model.linear_spec import LINEAR
 from elasticmoe.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class LayerNames:
     attn: dict[str, str] = field(default_factory=dict)  # role (see ATTN) -> name
     norms: dict[str, str] = field(default_factory=dict)  # role (see NORMS) -> weight name; "<role>_bias" -> bias
     router_logit_bias: str | None = None  # GPT-OSS: added to the router logits
+    linear: dict[str, str] = field(default_factory=dict)  # a linear-attention layer's: role (see LINEAR) -> name
 
 
 class WeightNames:
@@ -210,9 +212,11 @@ class WeightNames:
     def _layer(self, i: int) -> LayerNames:
         prefix = f"{self.root}.{i}."
         sinks = ("sinks", "softmax_offset")  # Flint's checkpoints name its sinks softmax_offset
+        lin = self.spec.linear is not None and self.spec.linear.layers[i]  # a linear layer has no self_attn
         attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in (sinks if role == "sinks" else (s,))))
-                for role, s in ATTN.items() if role != "sinks" or self.spec.attention.sinks}
+                for role, s in ATTN.items() if not lin and (role != "sinks" or self.spec.attention.sinks)}
         attn = {role: n for role, n in attn.items() if n is not None}
+        linear = {r: n for r, s in LINEAR.items() if lin and (n := self._first(f"{prefix}linear_attn.{s}"))}
         self._check_biases("attn", [n for role, n in attn.items() if role.endswith("_bias")])
         norms: dict[str, str] = {}
         for role, module in NORMS[self.spec.block].items():
@@ -225,7 +229,7 @@ class WeightNames:
             if self.spec.moe_out_norm:  # A.X-K1 stores it on dense layers too, where transformers ignores it
                 self._first(*post_mlp)
             dense = self._mlp(prefix + "mlp.") or self._mlp(prefix + "feed_forward.")
-            return LayerNames(prefix, None, None, None, None, None, dense, attn, norms)
+            return LayerNames(prefix, None, None, None, None, None, dense, attn, norms, linear=linear)
         if self.spec.moe_out_norm:
             norms["mlp_out"] = self._first(*post_mlp) or self._need(post_mlp[1])
         router = self._first(*(block + r for r in _ROUTERS))
@@ -239,7 +243,7 @@ class WeightNames:
         shared_gate = self._first(block + "shared_expert_gate.weight")
         logit_bias = self._first(block + "router.bias")
         dense = self._mlp(prefix + "feed_forward.") if self.spec.block == "shortcut" else None  # LongCat: both
-        return LayerNames(prefix, block, router, bias, shared, shared_gate, dense, attn, norms, logit_bias)
+        return LayerNames(prefix, block, router, bias, shared, shared_gate, dense, attn, norms, logit_bias, linear)
 
     def unused(self) -> list[str]:
         """Checkpoint tensors the model does not consume (speculative-decoding layers past the last one excepted)."""

@@ -13,6 +13,7 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
     ModelSpecError, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
     longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary,
 )
+from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
 from elasticmoe.model.moe_spec import MoESpec, moe_from_config  # noqa: F401  (MoESpec: re-exported)
 
 
@@ -43,6 +44,7 @@ class AttentionSpec:
     l2_qk_norm: bool = False  # Llama 4: weightless RMS norm of q and k after the rotary, on rotary layers
     temperature: tuple[float, float] | None = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
     query_scale: tuple[float, float] | None = None  # Mistral 4 MLA: (original_max_position_embeddings, beta)
+    output_gate: bool = False  # Qwen3-Next: q_proj gives [q ; gate] per head, the output times sigmoid(gate)
 
     @property
     def cache_width(self) -> int:
@@ -79,6 +81,9 @@ class ModelSpec:
     moe_out_norm: bool = False  # an RMSNorm on each MoE block's output (model.families.Family)
     mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
     biases: tuple[tuple[str, str, bool], ...] = (("attn", "attention_bias", True),)  # (part, config flag, its value)
+    linear: DeltaNetSpec | None = None  # linear-attention layers (the others are attention), None: none
+    norm_offset: float = 0.0  # added to every norm weight but a linear layer's gated one (zero-centred RMSNorms: 1)
+    ignored: tuple[str, ...] = ()  # tensor-name patterns (re.match) transformers ignores on load
 
     def biases_dropped(self, part: str) -> str | None:
         """Why transformers builds the `part` ("attn", "mlp", "lm_head") projections without biases, dropping any
@@ -168,7 +173,7 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
         scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
         rope_dim=rope_dim, rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, qk_norm_all_heads=fam.qk_norm_all_heads,
-        sinks=fam.attn_sinks,
+        sinks=fam.attn_sinks, output_gate=fam.attn_output_gate,
         clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
     )
@@ -245,4 +250,6 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         residual_scale=float(_get(cfg, "residual_multiplier", default=1.0)), logits_scale=logits_scale,
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
         biases=tuple((part, flag, bool(_get(cfg, flag, default=False))) for part, flag in fam.biases),
+        linear=deltanet_from_config(cfg, num_layers, fam), norm_offset=1.0 if fam.centred_norms else 0.0,
+        ignored=fam.ignored,
     )

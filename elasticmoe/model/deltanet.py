@@ -1,0 +1,191 @@
+"""Gated DeltaNet (linear-attention) layers and their per-slot recurrent state, as transformers' Qwen3-Next runs them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
+from elasticmoe.model.batch import StepBatch
+from elasticmoe.model.linear_spec import DeltaNetSpec
+
+F32 = torch.float32
+CHUNK = 64  # tokens per block of the chunked delta rule (transformers' torch fallback's chunk_size)
+
+
+class DeltaState:
+    """One linear layer's state per KV-cache slot: the conv window [slots, 2, C, K-1] (model dtype, as transformers
+    keeps it) and the recurrent state [slots, 2, v_heads, k_dim, v_dim] (float32), each in two copies with the
+    position they hold (`pos`). A step reads the copy at the position its chunk starts from and writes the other:
+    a step repeated (the engine's retries, halves and pieces) reads the same state again. A chunk starting at 0
+    starts from zeros, whatever a slot's last request left."""
+
+    def __init__(self, spec: DeltaNetSpec, num_slots: int, dtype: torch.dtype, device: torch.device):
+        self.conv = torch.zeros(num_slots, 2, spec.conv_dim, spec.conv_kernel - 1, dtype=dtype, device=device)
+        self.rec = torch.zeros(num_slots, 2, spec.num_v_heads, spec.head_k_dim, spec.head_v_dim, dtype=F32,
+                               device=device)
+        self.pos = [[-1, -1] for _ in range(num_slots)]
+
+    def copies(self, slot: int, start: int) -> tuple[int | None, int]:
+        """(the copy holding position `start`, None for zeros at 0; the copy to write)."""
+        pos = self.pos[slot]
+        if start == 0:
+            pos[0] = pos[1] = -1
+            return None, 0
+        if start not in pos:
+            raise RuntimeError(f"linear-attention state of KV-cache slot {slot} holds positions {pos}, not {start}")
+        read = pos.index(start)
+        return read, 1 - read
+
+    def clear(self, slot: int) -> None:
+        self.conv[slot].zero_()
+        self.rec[slot].zero_()
+        self.pos[slot] = [-1, -1]
+
+    def nbytes_per_slot(self) -> int:
+        return (self.conv[0].numel() * self.conv.element_size() + self.rec[0].numel() * self.rec.element_size())
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _chunked_rule(q, k, v, g, beta, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over one sequence in blocks of CHUNK tokens (transformers' torch_chunk_gated_delta_rule),
+    all float32, q and k already normed and q scaled. q, k [h, L, dk], v [h, L, dv], g, beta [h, L], state
+    [h, dk, dv] or None -> (out [h, L, dv], final state [h, dk, dv])."""
+    h, n, dk = k.shape
+    pad = (CHUNK - n % CHUNK) % CHUNK
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
+    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
+    q, k, k_beta, v_beta = (t.reshape(h, -1, CHUNK, t.shape[-1]) for t in (q, k, k_beta, v_beta))  # [h, N, C, d]
+    g = g.reshape(h, -1, CHUNK).cumsum(dim=-1)  # [h, N, C] log decay from the block's start
+    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
+    decay = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [h, N, C, C]
+    system = (k_beta @ k.transpose(-1, -2)) * decay
+    intra = (q @ k.transpose(-1, -2)) * decay
+    new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    k_cum = torch.linalg.solve_triangular(system, k_beta * g.exp()[..., None], upper=False, unitriangular=True)
+    s = torch.zeros(h, dk, v.shape[-1], dtype=F32, device=q.device) if state is None else state.to(F32)
+    out = torch.zeros_like(new_values)  # [h, N, C, dv]
+    q = q * g.exp()[..., None]
+    k = k * (g[..., -1:] - g).exp()[..., None]
+    block_decay = g[..., -1].exp()[..., None, None]  # [h, N, 1, 1]
+    for i in range(new_values.shape[1]):
+        v_new = new_values[:, i] - k_cum[:, i] @ s
+        out[:, i] = q[:, i] @ s + intra[:, i] @ v_new
+        s = s * block_decay[:, i] + k[:, i].transpose(-1, -2) @ v_new
+    return out.reshape(h, -1, out.shape[-1])[:, :n], s
+
+
+def _recurrent_step(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of each of B sequences (transformers' torch_recurrent_gated_delta_rule), float32.
+    q, k [B, h, dk], v [B, h, dv], g, beta [B, h], state [B, h, dk, dv] -> (out [B, h, dv], new state)."""
+    s = state * g.exp()[..., None, None]
+    memory = (s * k[..., None]).sum(dim=-2)  # [B, h, dv]
+    s = s + k[..., None] * ((v - memory) * beta[..., None])[..., None, :]
+    return (s * q[..., None]).sum(dim=-2), s
+
+
+class GatedDeltaNet:
+    """One linear-attention layer. Weights by role: qkvz [2 key_dim + 2 value_dim, H] (rows q, k, v, z), ba
+    [2 v_heads, H] (rows b, a), conv [C, 1, K], dt_bias and A_log [v_heads], norm [v_dim], out [H, value_dim]."""
+
+    window = None  # no attention mask (DenseModel.windows)
+
+    def __init__(self, spec: DeltaNetSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
+        self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache, rotary=None, cos=None, sin=None, masks=None
+                ) -> torch.Tensor:
+        """x [T, H] -> [T, H]; reads and writes its slots' states in cache.linear[layer] (DeltaState)."""
+        sp, t = self.spec, x.shape[0]
+        qkv, z = linear(x, self.w["qkvz"]).split([sp.conv_dim, sp.value_dim], dim=-1)  # [T, C], [T, value_dim]
+        b, a = linear(x, self.w["ba"]).chunk(2, dim=-1)  # [T, v_heads] each
+        beta = b.sigmoid().float()
+        g = -self.w["A_log"].float().exp() * F.softplus(a.float() + self.w["dt_bias"])  # [T, v_heads] log decay
+        state: DeltaState = cache.linear[self.layer]
+        out = x.new_empty(t, sp.num_v_heads, sp.head_v_dim)  # [T, v_heads, dv]
+        for c in batch.prefill:
+            rows = slice(c.offset, c.offset + c.length)
+            read, write = state.copies(c.slot, c.start)
+            window = state.conv[c.slot, read][None] if read is not None else None
+            mixed, state.conv[c.slot, write] = self._conv(qkv[rows].T[None], window)  # [1, C, L]
+            q, k, v = self._qkv(mixed[0].T)  # [L, h, d]
+            s0 = state.rec[c.slot, read] if read is not None else None
+            o, s = _chunked_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[rows].T, beta[rows].T, s0)
+            state.rec[c.slot, write] = s
+            state.pos[c.slot][write] = c.start + c.length
+            out[rows] = o.transpose(0, 1).to(out.dtype)
+        decode = [c for c in batch.chunks if c.length == 1]
+        if decode:
+            self._decode(decode, qkv, g, beta, state, out)
+        return self._output(out, z)
+
+    def _decode(self, chunks, qkv, g, beta, state: DeltaState, out: torch.Tensor) -> None:
+        """The single-token chunks of the step, batched: one recurrent step each from its slot's state."""
+        copies = [state.copies(c.slot, c.start) for c in chunks]
+        dev = qkv.device
+        rows = torch.tensor([c.offset for c in chunks], device=dev)
+        slots = torch.tensor([c.slot for c in chunks], device=dev)
+        reads = torch.tensor([r if r is not None else 0 for r, _ in copies], device=dev)
+        writes = torch.tensor([w for _, w in copies], device=dev)
+        fresh = torch.tensor([r is None for r, _ in copies], device=dev)[:, None, None]  # [B, 1, 1]
+        window = state.conv[slots, reads].masked_fill(fresh, 0)  # [B, C, K-1]
+        mixed, state.conv[slots, writes] = self._conv(qkv[rows][:, :, None], window)  # [B, C, 1]
+        q, k, v = self._qkv(mixed[:, :, 0])  # [B, h, d]
+        s0 = state.rec[slots, reads].masked_fill(fresh[..., None], 0)  # [B, h, dk, dv]
+        o, s = _recurrent_step(q, k, v, g[rows], beta[rows], s0)
+        state.rec[slots, writes] = s
+        for c, (_, w) in zip(chunks, copies):
+            state.pos[c.slot][w] = c.start + 1
+        out[rows] = o.to(out.dtype)
+
+    def _conv(self, mixed: torch.Tensor, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv + SiLU of mixed [B, C, L] after the window [B, C, K-1] (None: zeros) -> (out
+        [B, C, L] in mixed's dtype, the new window [B, C, K-1])."""
+        kern = self.spec.conv_kernel
+        if window is None:
+            window = mixed.new_zeros(mixed.shape[0], mixed.shape[1], kern - 1)
+        full = torch.cat((window.to(mixed.dtype), mixed), dim=-1)  # [B, C, K-1+L]
+        w = self.w["conv"]
+        y = F.silu(F.conv1d(full.to(w.dtype), w, groups=mixed.shape[1]))  # [B, C, L]
+        return y.to(mixed.dtype), full[..., full.shape[-1] - (kern - 1):]
+
+    def _qkv(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mixed [N, C] -> q, k [N, v_heads, dk] (l2-normed, q scaled by dk^-0.5, repeated per value head) and
+        v [N, v_heads, dv], float32."""
+        sp, n = self.spec, mixed.shape[0]
+        q, k, v = mixed.split([sp.key_dim, sp.key_dim, sp.value_dim], dim=-1)
+        rep = sp.num_v_heads // sp.num_k_heads
+        q, k = (t.reshape(n, sp.num_k_heads, sp.head_k_dim).repeat_interleave(rep, dim=1).float() for t in (q, k))
+        q = l2norm(q) * sp.head_k_dim**-0.5
+        return q, l2norm(k), v.reshape(n, sp.num_v_heads, sp.head_v_dim).float()
+
+    def _output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Gated RMSNorm (normed in float32, weighted in the model's dtype, times silu(z)) and out_proj.
+        core [T, v_heads, dv], z [T, value_dim] -> [T, H]."""
+        t, dtype = core.shape[0], core.dtype
+        h = core.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = self.w["norm"] * h.to(dtype)
+        h = (h * F.silu(z.reshape(core.shape).float())).to(dtype)
+        return linear(h.reshape(t, -1), self.w["out"])
+
+
+def flat_projections(w: dict[str, torch.Tensor], spec: DeltaNetSpec) -> dict[str, torch.Tensor]:
+    """The layer's weights with its input projections as one [q ; k ; v ; z] and one [b ; a] matrix: Qwen3-Next's
+    in_proj_qkvz / in_proj_ba interleave them per key head ([q k v z] of head 0, then head 1...), Qwen3.5's
+    in_proj_qkv, in_proj_z, in_proj_b, in_proj_a are stored apart."""
+    out = {r: t for r, t in w.items() if r not in ("qkvz", "ba", "qkv", "z", "b", "a")}
+    nk, rep = spec.num_k_heads, spec.num_v_heads // spec.num_k_heads
+    if "qkvz" in w:
+        dk, dv = spec.head_k_dim, spec.head_v_dim
+        parts = w["qkvz"].reshape(nk, 2 * dk + 2 * rep * dv, -1).split([dk, dk, rep * dv, rep * dv], dim=1)
+        out["qkvz"] = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+        b, a = w["ba"].reshape(nk, 2 * rep, -1).split([rep, rep], dim=1)
+        out["ba"] = torch.cat((b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1])))
+    else:
+        out["qkvz"], out["ba"] = torch.cat((w["qkv"], w["z"])), torch.cat((w["b"], w["a"]))
+    return out

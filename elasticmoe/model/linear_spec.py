@@ -1,0 +1,75 @@
+"""The linear-attention (Gated DeltaNet) layers of a ModelSpec, derived from a Hugging Face config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from elasticmoe.model.families import Family
+from elasticmoe.model.family_config import ModelSpecError, config_get as _get
+
+LAYER_KINDS = ("full_attention", "linear_attention")  # config.layer_types of a family with linear attention
+
+
+@dataclass(frozen=True)
+class DeltaNetSpec:
+    """Gated DeltaNet (Qwen3-Next): a causal depthwise conv over [q ; k ; v], then the gated delta rule over a
+    recurrent state [v_heads, k_dim, v_dim] per sequence, a gated RMSNorm and out_proj."""
+
+    num_k_heads: int
+    num_v_heads: int  # a multiple of num_k_heads: each q/k head serves num_v_heads // num_k_heads value heads
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int
+    layers: tuple[bool, ...]  # per layer: Gated DeltaNet (True) or full attention
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.head_v_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv: q, k and v."""
+        return 2 * self.key_dim + self.value_dim
+
+    def state_floats(self) -> tuple[int, int]:
+        """(conv window, recurrent state) values one sequence keeps per layer."""
+        return self.conv_dim * (self.conv_kernel - 1), self.num_v_heads * self.head_k_dim * self.head_v_dim
+
+
+def deltanet_from_config(cfg: Any, num_layers: int, fam: Family) -> DeltaNetSpec | None:
+    """The linear-attention layers config.layer_types names ("linear_attention"), None when it names none; a
+    family without them, an unknown layer type or an impossible shape fails naming the field."""
+    types = _get(cfg, "layer_types") or ()
+    if "linear_attention" not in types:
+        return None
+    if fam.linear_attn != "gated_deltanet":
+        raise ModelSpecError(f"config.layer_types: model_type {cfg.model_type!r} has no linear-attention layers "
+                             "elasticmoe runs")
+    if len(types) != num_layers or set(types) - set(LAYER_KINDS):
+        raise ModelSpecError(f"config.layer_types={list(types)!r}: want {num_layers} of {' / '.join(LAYER_KINDS)}")
+    sizes = {}
+    for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                "linear_conv_kernel_dim"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelSpecError(f"config.{key}={value!r}: want a positive integer")
+        sizes[key] = value
+    nk, nv = sizes["linear_num_key_heads"], sizes["linear_num_value_heads"]
+    if nv % nk:
+        raise ModelSpecError(f"config.linear_num_value_heads={nv} is not a multiple of linear_num_key_heads={nk}")
+    return DeltaNetSpec(num_k_heads=nk, num_v_heads=nv, head_k_dim=sizes["linear_key_head_dim"],
+                        head_v_dim=sizes["linear_value_head_dim"], conv_kernel=sizes["linear_conv_kernel_dim"],
+                        layers=tuple(t == "linear_attention" for t in types))
+
+
+# role -> checkpoint suffix under "<layer>.linear_attn.": Qwen3-Next's interleaved in_proj_qkvz / in_proj_ba, or
+# Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b, in_proj_a
+LINEAR = {"qkvz": "in_proj_qkvz.weight", "ba": "in_proj_ba.weight", "qkv": "in_proj_qkv.weight",
+          "z": "in_proj_z.weight", "b": "in_proj_b.weight", "a": "in_proj_a.weight", "conv": "conv1d.weight",
+          "dt_bias": "dt_bias", "A_log": "A_log", "norm": "norm.weight", "out": "out_proj.weight"}
+LAYOUTS = (("qkvz", "ba"), ("qkv", "z", "b", "a"))  # the input projections' two layouts
