@@ -102,7 +102,7 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
         for name, p in [*model.named_parameters(), *model.named_buffers()]:
             if not p.is_floating_point() or "inv_freq" in name:
                 continue
-            if re.search(r"norm(_\d|_f|\.\d)?\.weight$", name):  # DBRX: norm_1, norm_f; LongCat: layernorm.0
+            if re.search(r"norm(_\d|_f|\.\d|\d)?\.weight$", name):  # DBRX norm_1, norm_f; LongCat; ViT norm1
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif "correction_bias" in name or name.endswith("expert_bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
@@ -139,7 +139,10 @@ def make_family_checkpoint(model_type: str, out: Path, case: tuple | None = None
     cfg = cls(**{**common, **fields, **overrides})
     torch.manual_seed(0)
     try:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        if hasattr(cfg, "vision_config"):  # a multimodal model (its language model's fields are in text_config)
+            model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     except ValueError:  # Mistral 4: a causal LM outside the Auto mapping
         model = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))._from_config(cfg, dtype=torch.float32)
     _perturb(model)
@@ -201,7 +204,7 @@ def _assert_matches(llm, ref_path: Path, model_type: str) -> None:
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0].float()
         want = ref.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                            pad_token_id=ref.config.pad_token_id)[0, len(ids):].tolist()
+                            pad_token_id=ref.config.get_text_config().pad_token_id)[0, len(ids):].tolist()
     assert _rel(llm.logits(ids), theirs) < 1e-4
     out = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
     assert out.token_ids == want and len(want) == 24

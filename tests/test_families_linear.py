@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM, SamplingParams
@@ -179,5 +180,39 @@ def test_impossible_linear_attention_config_fails_naming_the_field(ckpt, tmp_pat
     ck = _copy(ckpt, tmp_path / "c")
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ModelSpecError, match=message):
+        open_model(str(ck))
+
+
+@pytest.fixture(scope="module")
+def ckpt35(tmp_path_factory):
+    """Qwen3.5-MoE with its vision encoder (model.visual.*, ignored) and its in_proj_qkv / z / b / a layout."""
+    return make_family_checkpoint("qwen3_5_moe", tmp_path_factory.mktemp("linear35") / "q",
+                                  case=MORE_CASES["qwen3_5_moe"])
+
+
+def test_qwen3_5_chunked_and_batched_match_transformers_alone(ckpt35):
+    ref = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(str(ckpt35), dtype=torch.float32).eval()
+    ref.config.pad_token_id = ref.config.get_text_config().pad_token_id
+    prompts = _prompts([90, 1, 23, 64], seed=4)
+    llm = LLM(str(ckpt35), dtype="float32", max_num_seqs=3, max_num_batched_tokens=20)
+    assert llm.engine.spec.model_type == "qwen3_5_moe_text"
+    assert _run(llm.engine, prompts) == [_want(ref, p) for p in prompts]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: {**c, "tie_word_embeddings": True}, r"config\.tie_word_embeddings differs from config\.text_config"),
+    (lambda c: {**c, "text_config": {**c["text_config"], "model_type": "qwen3_next"}},
+     r"config\.text_config\.model_type='qwen3_next': model_type 'qwen3_5_moe' runs a 'qwen3_5_moe_text'"),
+    (lambda c: {**c, "text_config": {**c["text_config"], "attn_output_gate": False}},
+     r"config\.attn_output_gate=False is not supported for model_type 'qwen3_5_moe_text'"),
+])
+def test_a_multimodal_config_runs_its_language_model_only_as_transformers_would(ckpt35, tmp_path, edit, message):
+    """The text model's config (text_config) is checked as its own family's, and the LM head tied as both say."""
+    from elasticmoe.model import ModelSpecError, open_model
+
+    ck = _copy(ckpt35, tmp_path / "c")
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps(edit(cfg)))
     with pytest.raises(ModelSpecError, match=message):
         open_model(str(ck))

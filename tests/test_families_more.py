@@ -16,6 +16,17 @@ MISTRAL4_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_
                      beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
                      llama_4_scaling_beta=0.1)  # queries scaled up every 4 positions
 
+QWEN3_5_TEXT = dict(moe_intermediate_size=64, num_experts=8, shared_expert_intermediate_size=64, head_dim=16,
+                    linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                    linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention", "linear_attention"],
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                         mrope_section=[2, 1, 1], mrope_interleaved=True))
+TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts_per_tok=2, max_position_embeddings=2048, initializer_range=0.15, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
+TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                   num_position_embeddings=16)
+
 # model_type -> (transformers config class, tiny fields, what the family exercises); in the README table too.
 MORE_CASES: dict[str, tuple[str, dict, str]] = {
     "granitemoe_swa": ("GraniteMoeSWAConfig", dict(**GRANITE, shared_intermediate_size=64, head_dim=16,
@@ -69,6 +80,13 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                    "Gated DeltaNet layers (conv and recurrent state per slot) beside gated full attention, "
                    "zero-centred RMSNorms, partial rotary, shared expert with a sigmoid gate, dense first layer; "
                    "chunked prefill, batches and retries in tests/test_families_linear.py"),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_TEXT,
+                         "Qwen3-Next's layers with Qwen3.5's separate in_proj_qkv / z / b / a, every layer MoE, "
+                         "multimodal rotary sections on text positions"),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", dict(text_config={**QWEN3_5_TEXT, **TINY_TEXT}, vision_config=TINY_VISION,
+                                             tie_word_embeddings=False),
+                    "the language model of a vision-language checkpoint on text alone (model.visual.* ignored, as "
+                    "its ForCausalLM ignores it)"),
 }
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1"}  # routing biases made non-zero: checked loaded
 
@@ -161,8 +179,8 @@ MULTIMODAL = ("vision", "audio", "M-RoPE", "multimodal", "speech")
 README_REJECTED = [
     ("Mamba (Jamba, Bamba, Nemotron-H, GraniteMoeHybrid)", {"jamba", "bamba", "nemotron_h", "granitemoehybrid"},
      ("Mamba",)),
-    ("linear attention (Qwen3.5-MoE, Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
-     {"qwen3_5_moe", "qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
+    ("linear attention (Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
+     {"qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
     ("short convolutions (LFM2-MoE, Inkling)", {"lfm2_moe", "inkling"}, ("short-convolution",)),
     ("sparse-attention indexers (DeepSeek-V3.2 and V4, GLM-MoE-DSA, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
      {"deepseek_v32", "deepseek_v4", "glm_moe_dsa", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},

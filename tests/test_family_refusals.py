@@ -45,7 +45,6 @@ def test_key_supported_only_at_its_neutral_value(tmp_path, tiny_models):
 REJECTED_CASES = [  # (config class, model_type, words the message must hold)
     ("JambaConfig", "jamba", "Mamba"),
     ("GraniteMoeHybridConfig", "granitemoehybrid", "Mamba"),
-    ("Qwen3_5MoeTextConfig", "qwen3_5_moe_text", "linear-attention"),
     ("KimiLinearConfig", "kimi_linear", "linear-attention"),
     ("MiniMaxConfig", "minimax", "lightning (linear) attention"),
     ("Lfm2MoeConfig", "lfm2_moe", "short-convolution"),

@@ -1,4 +1,4 @@
-"""Gated DeltaNet (linear-attention) layers and their per-slot recurrent state, as transformers' Qwen3-Next runs them."""
+"""Gated DeltaNet (linear-attention) layers and their per-slot recurrent state, as transformers runs Qwen3-Next."""
 
 from __future__ import annotations
 

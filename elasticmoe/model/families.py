@@ -70,6 +70,8 @@ class Family:
     centred_norms: bool = False  # zero-centred RMSNorms: weight (1 + w), every norm but the linear layers' gated one
     attn_output_gate: bool = False  # q_proj holds [q ; gate] per head: the output is multiplied by sigmoid(gate)
     ignored: tuple[str, ...] = ()  # tensor-name patterns transformers ignores on load (multi-token prediction)
+    text_model: str | None = None  # a multimodal model run as its language model alone: config.text_config, of
+    #                                this model_type (whose `ignored` drops the encoders' weights)
 
 
 FAMILIES: dict[str, Family] = {
@@ -159,6 +161,18 @@ FAMILIES: dict[str, Family] = {
                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_DELTANET),
                          partial_rotary=True, linear_attn="gated_deltanet", centred_norms=True, attn_output_gate=True,
                          ignored=(r"mtp\.",)),
+    # Qwen3.5-MoE's language model: Qwen3-Next's layers, every layer MoE, its top-k always renormalised, a
+    # multimodal rotary whose sections all read the text position (the plain rotary for text); mtp.* and a vision
+    # encoder's model.visual.* weights never loaded (as its ForCausalLM ignores them)
+    "qwen3_5_moe_text": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+                                     "attn_output_gate", "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings",
+                                     *_DELTANET),
+                               norm_topk=True, partial_rotary=True, linear_attn="gated_deltanet", centred_norms=True,
+                               attn_output_gate=True, neutral=(("attn_output_gate", True),),
+                               ignored=(r"mtp\.", r"model\.visual\.")),
+    # Qwen3.5-MoE with its vision encoder: text prompts only, through its language model
+    "qwen3_5_moe": Family(keys=("text_config", "vision_config", "image_token_id", "video_token_id",
+                                "vision_start_token_id", "vision_end_token_id"), text_model="qwen3_5_moe_text"),
     "gpt_oss": Family(keys=("num_local_experts", "swiglu_alpha", "swiglu_limit", "quantization_config",
                             "experts_per_token", "initial_context_length", *_SLIDING), norm_topk=True, attn_sinks=True),
 }
@@ -169,8 +183,6 @@ REJECTED: dict[str, str] = {
     "bamba": "Mamba (state-space) layers",
     "nemotron_h": "Mamba (state-space) layers",
     "granitemoehybrid": "Mamba (state-space) layers",
-    "qwen3_5_moe": "linear-attention (Gated DeltaNet) layers",
-    "qwen3_5_moe_text": "linear-attention (Gated DeltaNet) layers",
     "kimi_linear": "linear-attention (Kimi Delta Attention) layers",
     "bailing_hybrid": "linear-attention layers",
     "minimax": "lightning (linear) attention layers",

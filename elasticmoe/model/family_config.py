@@ -129,6 +129,19 @@ def check_model_type(cfg: Any) -> Family:
     return FAMILIES[model_type]
 
 
+def language_model(cfg: Any, raw: dict[str, Any], fam: Family) -> tuple[Any, dict[str, Any]]:
+    """A multimodal config's language model (config.text_config) and its config.json dict, for a family run on text
+    alone (Family.text_model); its other encoders' weights are left to the text family's `ignored` patterns."""
+    text = getattr(cfg, "text_config", None)
+    if getattr(text, "model_type", None) != fam.text_model:
+        raise ModelSpecError(f"config.text_config.model_type={getattr(text, 'model_type', None)!r}: model_type "
+                             f"{cfg.model_type!r} runs a {fam.text_model!r} language model")
+    if bool(getattr(cfg, "tie_word_embeddings", False)) != bool(getattr(text, "tie_word_embeddings", False)):
+        raise ModelSpecError("config.tie_word_embeddings differs from config.text_config.tie_word_embeddings: which "
+                             "one ties the LM head is not settled")
+    return text, dict(raw.get("text_config") or {})
+
+
 def flat_dbrx(cfg: Any) -> Any:
     """DBRX's nested attn_config / ffn_config as the flat fields the spec reads (a copy of the config)."""
     import copy

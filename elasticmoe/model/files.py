@@ -12,6 +12,7 @@ from typing import Any
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError, load_config
 from elasticmoe.model.names import WeightNames
 from elasticmoe.model.renames import VIEWS
+from elasticmoe.model.family_config import language_model
 from elasticmoe.model.spec import ModelSpec, ModelSpecError, check_config_keys, check_model_type, spec_from_config
 
 
@@ -31,9 +32,13 @@ def _config_and_spec(path: Path) -> tuple[Any, ModelSpec]:
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
         config = load_config(path)
-        check_model_type(config)  # before any weight is read: hybrids and unverified families fail here, by name
+        fam = check_model_type(config)  # before any weight is read: hybrids and unverified families fail here, by name
         check_config_keys(raw, config.model_type)
-        spec = spec_from_config(config)
+        text, text_raw = language_model(config, raw, fam) if fam.text_model else (config, raw)
+        if fam.text_model:
+            check_model_type(text)
+            check_config_keys(text_raw, text.model_type)
+        spec = spec_from_config(text)
     except ModelSpecError as e:
         raise ModelSpecError(f"{config_file}: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
