@@ -15,6 +15,9 @@ from tests.test_families import (
 MISTRAL4_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=4,
                      beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
                      llama_4_scaling_beta=0.1)  # queries scaled up every 4 positions
+# rotary per layer type: full layers rotate half of each head on another base than the sliding ones
+TYPED_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
+              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
 
 QWEN3_5_TEXT = dict(moe_intermediate_size=64, num_experts=8, shared_expert_intermediate_size=64, head_dim=16,
                     linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -87,8 +90,18 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                                              tie_word_embeddings=False),
                     "the language model of a vision-language checkpoint on text alone (model.visual.* ignored, as "
                     "its ForCausalLM ignores it)"),
+    "laguna": ("LagunaConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                                    shared_expert_intermediate_size=48, head_dim=16,
+                                    num_attention_heads_per_layer=[4, 8, 2],
+                                    mlp_layer_types=["dense", "sparse", "sparse"],
+                                    moe_routed_scaling_factor=1.5, moe_router_logit_softcapping=2.0,
+                                    rope_parameters=TYPED_ROPE, **SLIDING3),
+               "query heads per layer, softplus attention output gate per head, rotary per layer type (bases and "
+               "partial factors), soft-capped sigmoid routing with correction bias, shared expert, routed scaling, "
+               "sliding window, per-head q/k norms, dense first layer"),
 }
-MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1"}  # routing biases made non-zero: checked loaded
+# routing biases made non-zero: checked loaded
+MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna"}
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +200,8 @@ README_REJECTED = [
      ("indexer",)),
     ("hyper-connections;", {"deepseek_v4", "glm5_next", "hy_v4"}, ("hyper-connections",)),
     ("mixture-of-attention heads (JetMoE)", {"jetmoe"}, ("mixture-of-attention heads",)),
-    ("per-layer head counts and rotary bases (Step-3.5/3.7, Laguna, Mellum)",
-     {"step3p5", "step3p7", "laguna", "mellum"}, ("per-layer head counts", "per-layer-type rotary bases")),
+    ("per-layer head counts and rotary bases (Step-3.5/3.7, Mellum)",
+     {"step3p5", "step3p7", "mellum"}, ("per-layer head counts", "per-layer-type rotary bases")),
     ("Gemma 4's dense MLP beside the MoE", {"gemma4_text"}, ("dense MLP beside the MoE",)),
     ("Doge's product-key experts", {"doge"}, ("product-key",)),
     ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),

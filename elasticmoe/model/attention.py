@@ -17,20 +17,17 @@ F32 = torch.float32
 
 
 class KVCache:
-    """Per layer: K and V [slots, max_len, kv_heads, d] (GQA) or the latent [slots, max_len, r + rope] (MLA); a
-    linear-attention layer keeps no K/V but its state per slot (`linear`: layer -> DeltaState)."""
+    """Per layer: K and V [slots, max_len, kv_heads, d] (GQA) or the latent [slots, max_len, r + rope] (MLA), at
+    that layer's own shapes (AttentionSpec.layer); a linear-attention layer keeps no K/V but its state per slot
+    (`linear`: layer -> DeltaState)."""
 
     def __init__(self, spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        a = spec.attention
         self.num_slots, self.max_len = num_slots, max_len
-        if a.kind == "mla":
-            shapes = [(num_slots, max_len, a.kv_lora_rank + a.rope_dim)]
-        else:
-            shapes = [(num_slots, max_len, a.num_kv_heads, a.head_dim),
-                      (num_slots, max_len, a.num_kv_heads, a.v_head_dim)]
         kinds = spec.linear.layers if spec.linear else (False,) * spec.num_layers
         self.linear = {i: DeltaState(spec.linear, num_slots, dtype, device) for i, lin in enumerate(kinds) if lin}
-        self.layers = [[] if lin else [torch.zeros(s, dtype=dtype, device=device) for s in shapes] for lin in kinds]
+        self.layers = [[] if lin else [torch.zeros(s, dtype=dtype, device=device)
+                                       for s in _cache_shapes(spec.attention.layer(i), num_slots, max_len)]
+                       for i, lin in enumerate(kinds)]
 
     def clear(self, slot: int, length: int) -> None:
         """Zero positions [0, length) of a slot, and its linear-attention states. Decode rows read their slot up to
@@ -44,9 +41,11 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
-        """K/V bytes a cached token takes (attention layers only: a linear layer's state is per slot)."""
-        attn = spec.num_layers - (sum(spec.linear.layers) if spec.linear else 0)
-        return attn * spec.attention.cache_width * torch.empty(0, dtype=dtype).element_size()
+        """K/V bytes a cached token takes (attention layers only, each at its own width: a linear layer's state is
+        per slot)."""
+        kinds = spec.linear.layers if spec.linear else (False,) * spec.num_layers
+        width = sum(spec.attention.layer(i).cache_width for i, lin in enumerate(kinds) if not lin)
+        return width * torch.empty(0, dtype=dtype).element_size()
 
     @staticmethod
     def bytes_per_slot(spec: ModelSpec, dtype: torch.dtype) -> int:
@@ -56,6 +55,13 @@ class KVCache:
             return 0
         conv, rec = spec.linear.state_floats()
         return sum(spec.linear.layers) * (conv * torch.empty(0, dtype=dtype).element_size() + rec * 4)
+
+
+def _cache_shapes(a: AttentionSpec, num_slots: int, max_len: int) -> list[tuple[int, ...]]:
+    """One layer's cache tensors: the latent (MLA), or K and V."""
+    if a.kind == "mla":
+        return [(num_slots, max_len, a.kv_lora_rank + a.rope_dim)]
+    return [(num_slots, max_len, a.num_kv_heads, a.head_dim), (num_slots, max_len, a.num_kv_heads, a.v_head_dim)]
 
 
 def step_masks(batch: StepBatch, windows: set[int | None]) -> list[dict[int | None, torch.Tensor]]:
@@ -139,7 +145,9 @@ class Attention:
     """One layer's attention weights and forward. Weights: a dict of tensors by role (q, k, v, o, norms...)."""
 
     def __init__(self, spec: AttentionSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
+        spec = spec.layer(layer)  # its own query heads where they differ per layer
         self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
+        self.rope_set = spec.rope_sets[layer] if spec.rope_sets else 0  # its rotary table (per layer type)
         self.window = spec.sliding_window[layer] if spec.sliding_window else None  # mask key, see step_masks
         if spec.chunk and spec.chunk[layer]:
             self.window = ("chunk", spec.chunk[layer])
@@ -147,8 +155,9 @@ class Attention:
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, rotary: Rotary,
                 cos: torch.Tensor, sin: torch.Tensor, masks: list[dict]) -> torch.Tensor:
-        """x [T, H] -> [T, H]; writes this step's keys/values into the cache."""
-        gate = None
+        """x [T, H] -> [T, H]; writes this step's keys/values into the cache. cos / sin: every rotary table's
+        (Rotary.tables), this layer's picked by rope_set."""
+        cos, sin, gate = cos[self.rope_set], sin[self.rope_set], None
         if self.spec.kind == "mla":
             q, kv_new = self._mla_qkv(x, rotary, cos, sin)
             if self.spec.query_scale:  # Mistral 4
@@ -176,12 +185,21 @@ class Attention:
             qq = q[g.rows][:, :, None, :]  # [B, h, 1, d]
             o = attend(qq, kk, vv, m[self.window], self.spec.scaling, causal=False)
             out[g.rows] = o[:, :, 0, :].to(out.dtype)
+        if "gate" in self.w:
+            out = self._gated(out, x)
         out = out.reshape(x.shape[0], -1)  # [T, h * dv]
-        if "gate" in self.w:  # AFMoE: sigmoid gate per output feature
-            out = out * torch.sigmoid(linear(x, self.w["gate"]))
         if gate is not None:  # Qwen3-Next: the gate half of q_proj
             out = out * torch.sigmoid(gate)
         return linear(out, self.w["o"], self.w.get("o_bias"))
+
+    def _gated(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The attention output [T, h, dv] times a gate of x [T, H]: sigmoid per feature (AFMoE), softplus (in
+        float32, rounded to the output's dtype) per head or per feature (Laguna)."""
+        g = linear(x, self.w["gate"])  # [T, h] per head, [T, h * dv] per feature
+        g = torch.sigmoid(g) if self.spec.out_gate == "sigmoid" else F.softplus(g.float()).to(out.dtype)
+        if self.spec.gate_per_head:
+            return out * g[:, :, None]
+        return (out.reshape(x.shape[0], -1) * g).view(out.shape)
 
     def _gqa_qkv(self, x, rotary, cos, sin, positions):
         a, w, t = self.spec, self.w, x.shape[0]

@@ -38,7 +38,8 @@ def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]
     if a.output_gate:  # [q ; gate] per head
         q *= 2
     head = (a.head_dim,)  # per-head q/k norms (HunYuan's after the rotary too); OLMoE's span all heads
-    return {"q": (q, hidden), "k": (k, hidden), "v": (v, hidden), "o": o,
+    gate = (a.num_heads if a.gate_per_head else a.num_heads * a.v_head_dim, hidden)
+    return {"q": (q, hidden), "k": (k, hidden), "v": (v, hidden), "o": o, "gate": gate,
             "q_bias": (q,), "k_bias": (k,), "v_bias": (v,), "o_bias": (hidden,),
             "q_norm": (q,) if a.qk_norm_all_heads else head, "k_norm": (k,) if a.qk_norm_all_heads else head,
             "q_norm_rope": head, "k_norm_rope": head}
@@ -75,17 +76,18 @@ class _Layer:
 
     @staticmethod
     def _attention(model: "DenseModel", i: int, names: LayerNames) -> Attention:
-        a = model.spec.attention
+        a = model.spec.attention.layer(i)
         shapes = attention_shapes(a, model.spec.hidden_size)
         attn = {role: model.load_norm(n, shapes.get(role)) if role in ("q_norm", "k_norm")
                 else model.load(n, shape=shapes.get(role)) for role, n in names.attn.items()}
         q = "q_a" if a.q_lora_rank else "q"
         need = (q, "kv_a", "kv_b", "o") if a.kind == "mla" else ("q", "k", "v", "o")
         need += ("sinks",) if a.sinks else ()
+        need += ("gate",) if a.gate_name != "gate_proj" else ()  # Laguna's g_proj
         for role in need:
             if role not in attn:
                 raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")
-        return Attention(a, i, attn, model.spec.rms_norm_eps)
+        return Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
 
 
 def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet:

@@ -72,6 +72,9 @@ class Family:
     ignored: tuple[str, ...] = ()  # tensor-name patterns transformers ignores on load (multi-token prediction)
     text_model: str | None = None  # a multimodal model run as its language model alone: config.text_config, of
     #                                this model_type (whose `ignored` drops the encoders' weights)
+    # the gate on the attention output (self_attn.g_proj), when its activation is not AFMoE's sigmoid per feature:
+    # "softplus" (Laguna; one value per head or per feature by config.gating)
+    attn_gate: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -175,6 +178,12 @@ FAMILIES: dict[str, Family] = {
                                 "vision_start_token_id", "vision_end_token_id"), text_model="qwen3_5_moe_text"),
     "gpt_oss": Family(keys=("num_local_experts", "swiglu_alpha", "swiglu_limit", "quantization_config",
                             "experts_per_token", "initial_context_length", *_SLIDING), norm_topk=True, attn_sinks=True),
+    # Laguna: rope_parameters per layer type (each its own theta and partial_rotary_factor), query heads per layer
+    "laguna": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "gating",
+                           "num_attention_heads_per_layer", "mlp_layer_types", "moe_routed_scaling_factor",
+                           "moe_apply_router_weight_on_input", "moe_router_logit_softcapping", *_SLIDING),
+                     scoring="sigmoid", norm_topk=True, attn_gate="softplus",
+                     neutral=(("moe_apply_router_weight_on_input", False),)),
 }
 
 # Families whose decoder layers hold more than attention + MLP/MoE, or whose math is not implemented here.
@@ -216,7 +225,6 @@ REJECTED: dict[str, str] = {
     "zaya": "compressed convolutional attention (CCA projections)",
     "doge": "product-key retrieval experts (cross-domain MoE) and dynamic-mask attention",
     "beam": "depth-scaled residual adds, per-head gated attention with a bias and final logit soft-capping",
-    "laguna": "per-layer head counts, a softplus attention output gate and router logit soft-capping",
     "mellum": "Laguna's decoder layers: per-layer head counts and per-layer-type rotary bases",
     "mimo_v2_flash": "attention value rescaling (attention_value_scale), attention sinks with a value head dim "
                      "unlike the q/k one, and per-layer-type rotary bases",

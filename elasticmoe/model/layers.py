@@ -49,28 +49,32 @@ def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin tables for every position up to max_len, built once and kept in float32 (whatever the model's
-    dtype: a rotated head is rounded once, where it is stored or attended, not after each product)."""
+    """cos/sin tables for every position up to max_len, one per rotary table of the model (ModelSpec.rope_tables:
+    one, or one per layer type), built once and kept in float32 (whatever the model's dtype: a rotated head is
+    rounded once, where it is stored or attended, not after each product)."""
 
     def __init__(self, spec: ModelSpec, max_len: int, dtype: torch.dtype, device: torch.device):
         pos = torch.arange(max_len, dtype=torch.float32)
-        freqs = pos[:, None] * spec.rope_inv_freq[None, :]  # [L, R/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [L, R]
-        self.cos = (emb.cos() * spec.rope_scaling).to(device=device)  # [L, R] float32
-        self.sin = (emb.sin() * spec.rope_scaling).to(device=device)
+        self.cos, self.sin = [], []  # per table: [L, R] float32
+        for inv_freq, scale in spec.rope_tables:
+            freqs = pos[:, None] * inv_freq[None, :]  # [L, R/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [L, R]
+            self.cos.append((emb.cos() * scale).to(device=device))
+            self.sin.append((emb.sin() * scale).to(device=device))
         self.interleave = spec.attention.rope_interleave
-        self.dim = spec.attention.rope_dim
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 1, R] (broadcast over heads)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def tables(self, positions: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """positions [T] -> per table: cos, sin [T, 1, R] (broadcast over heads)."""
+        return ([c[positions].unsqueeze(1) for c in self.cos], [s[positions].unsqueeze(1) for s in self.sin])
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first R dims of every head, in float32. x [T, heads, D] -> [T, heads, D] float32."""
+        """Rotate the first R dims of every head (R: the table's width), in float32.
+        x [T, heads, D], cos / sin [T, 1, R] -> [T, heads, D] float32."""
         x = x.float()
-        rot, rest = (x, None) if x.shape[-1] == self.dim else (x[..., : self.dim], x[..., self.dim :])
+        dim = cos.shape[-1]
+        rot, rest = (x, None) if x.shape[-1] == dim else (x[..., :dim], x[..., dim:])
         if self.interleave:  # DeepSeek: pairs (x0, x1), (x2, x3)... rotated, emitted as [evens' ; odds']
-            half = self.dim // 2
+            half = dim // 2
             c, s = cos[..., :half], sin[..., :half]
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
@@ -85,11 +89,13 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick top-k experts per token. router_logits [T, E] float32 -> topk_ids [T, k] int64, topk_weights [T, k] f32.
 
-    softmax or sigmoid scores; optional score-correction bias (affects the choice, not the weights);
-    group-limited routing (keep the best `topk_group` of `n_group` groups); optional renormalisation (its
-    denominator floored at moe.norm_min);
-    the routed scaling factor. PhiMoE: sparsemixer.
+    optional soft-capping of the logits (Laguna); softmax or sigmoid scores; optional score-correction bias
+    (affects the choice, not the weights); group-limited routing (keep the best `topk_group` of `n_group` groups);
+    optional renormalisation (its denominator floored at moe.norm_min); the routed scaling factor.
+    PhiMoE: sparsemixer.
     """
+    if moe.router_softcap > 0:  # Laguna
+        router_logits = torch.tanh(router_logits / moe.router_softcap) * moe.router_softcap
     if moe.scoring == "sparsemixer":
         return sparsemixer(router_logits, moe.jitter_eps)
     scores = router_logits.softmax(-1) if moe.scoring == "softmax" else router_logits.sigmoid()  # [T, E]

@@ -35,6 +35,7 @@ class MoESpec:
     zero_experts: int = 0  # LongCat: router ids num_experts.. are identity experts (weight * x), run in place
     experts_in_out: bool = False  # packed experts stored [E, H, 2I] / [E, I, H] (Llama 4, Aria), square ones too
     norm_min: float = 0.0  # floor of the top-k renormalisation's denominator (Ernie 4.5's moe_norm_min)
+    router_softcap: float = 0.0  # router logits soft-capped to cap * tanh(logits / cap) before scoring (0: none)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -141,7 +142,7 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         scoring=scoring,
         norm_topk_prob=norm,
         routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", "route_scale", "router_scaling_factor",
-                                         default=1.0)),
+                                         "moe_routed_scaling_factor", default=1.0)),
         n_group=n_group,
         topk_group=topk_group,
         group_score=group_score,
@@ -156,7 +157,16 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         zero_experts=int(_get(cfg, "zero_expert_num", default=0)),
         experts_in_out=fam.experts_in_out,
         norm_min=_norm_min(cfg) if model_type == "ernie4_5_moe" else 0.0,
+        router_softcap=_softcap(cfg),
     )
+
+
+def _softcap(cfg: Any) -> float:
+    """moe_router_logit_softcapping (Laguna): 0 (its default) for none, else a positive cap."""
+    cap = _get(cfg, "moe_router_logit_softcapping", default=0.0)
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 0:
+        raise ModelSpecError(f"config.moe_router_logit_softcapping={cap!r}: want 0 (none) or a positive cap")
+    return float(cap)
 
 
 def _norm_min(cfg: Any) -> float:

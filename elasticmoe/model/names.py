@@ -26,14 +26,15 @@ _PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "
 _ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight")
 _ROUTER_BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "router.e_score_correction_bias",
                   "expert_bias", "moe_statics.e_score_correction_bias",
-                  "gate.moe_statics.e_score_correction_bias")  # Ernie 4.5: hub, then transformers' in-memory name
+                  "gate.moe_statics.e_score_correction_bias",  # Ernie 4.5: hub, then transformers' in-memory name
+                  "experts.e_score_correction_bias")  # Laguna's hub name
 _SHARED = ("shared_expert", "shared_experts", "shared_mlp")
 ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
     "q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "o_proj.weight",
     "q_bias": "q_proj.bias", "k_bias": "k_proj.bias", "v_bias": "v_proj.bias", "o_bias": "o_proj.bias",
     "q_norm": "q_norm.weight", "k_norm": "k_norm.weight",
     "q_norm_rope": "query_layernorm.weight", "k_norm_rope": "key_layernorm.weight",  # HunYuan: after rotary
-    "gate": "gate_proj.weight",  # AFMoE: sigmoid gate on the attention output
+    "gate": "gate_proj.weight",  # AFMoE: sigmoid gate on the attention output (Laguna: g_proj, AttentionSpec.gate_name)
     "sinks": "sinks",  # GPT-OSS: per-head attention sink logits
     "q_a": "q_a_proj.weight", "q_a_bias": "q_a_proj.bias", "q_a_norm": "q_a_layernorm.weight", "q_b": "q_b_proj.weight",
     "kv_a": "kv_a_proj_with_mqa.weight", "kv_a_bias": "kv_a_proj_with_mqa.bias",
@@ -213,8 +214,9 @@ class WeightNames:
         prefix = f"{self.root}.{i}."
         sinks = ("sinks", "softmax_offset")  # Flint's checkpoints name its sinks softmax_offset
         lin = self.spec.linear is not None and self.spec.linear.layers[i]  # a linear layer has no self_attn
+        names = {**ATTN, "gate": f"{self.spec.attention.gate_name}.weight"}
         attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in (sinks if role == "sinks" else (s,))))
-                for role, s in ATTN.items() if not lin and (role != "sinks" or self.spec.attention.sinks)}
+                for role, s in names.items() if not lin and (role != "sinks" or self.spec.attention.sinks)}
         attn = {role: n for role, n in attn.items() if n is not None}
         linear = {r: n for r, s in LINEAR.items() if lin and (n := self._first(f"{prefix}linear_attn.{s}"))}
         self._check_biases("attn", [n for role, n in attn.items() if role.endswith("_bias")])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
     longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary,
 )
 from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
+from elasticmoe.model.layer_attention import layer_heads, output_gate, rope_tables, typed_rope
 from elasticmoe.model.moe_spec import MoESpec, moe_from_config  # noqa: F401  (MoESpec: re-exported)
 
 
@@ -45,10 +46,21 @@ class AttentionSpec:
     temperature: tuple[float, float] | None = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
     query_scale: tuple[float, float] | None = None  # Mistral 4 MLA: (original_max_position_embeddings, beta)
     output_gate: bool = False  # Qwen3-Next: q_proj gives [q ; gate] per head, the output times sigmoid(gate)
+    layer_heads: tuple[int, ...] = ()  # per layer: query heads (Laguna); empty = num_heads in every layer
+    rope_sets: tuple[int, ...] = ()  # per layer: its rotary table (ModelSpec.rope_tables, per layer type); empty = 0
+    out_gate: str = "sigmoid"  # activation of the gate on the attention output (self_attn.<gate_name>)
+    gate_name: str = "gate_proj"  # that gate's module: gate_proj (AFMoE), g_proj (Laguna)
+    gate_per_head: bool = False  # that gate: one value per head (Laguna's default), else one per output feature
+
+    def layer(self, i: int) -> "AttentionSpec":
+        """Layer i's attention (its own query heads where they differ per layer)."""
+        if not self.layer_heads or self.layer_heads[i] == self.num_heads:
+            return self
+        return replace(self, num_heads=self.layer_heads[i])
 
     @property
     def cache_width(self) -> int:
-        """Floats cached per token: latent kv + rope key for MLA, K and V heads for GQA."""
+        """Floats cached per token in one layer: latent kv + rope key for MLA, K and V heads for GQA."""
         if self.kind == "mla":
             return self.kv_lora_rank + self.rope_dim
         return self.num_kv_heads * (self.head_dim + self.v_head_dim)
@@ -69,6 +81,8 @@ class ModelSpec:
     moe: MoESpec
     rope_inv_freq: torch.Tensor = field(repr=False, compare=False)  # [rope_dim / 2]
     rope_scaling: float = 1.0  # multiplies cos/sin (attention_factor of YaRN-like ropes)
+    # rotary tables 1.. of a per-layer-type rotary (AttentionSpec.rope_sets), each (inverse frequencies, scale)
+    rope_more: tuple[tuple[torch.Tensor, float], ...] = field(default=(), repr=False, compare=False)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -84,6 +98,11 @@ class ModelSpec:
     linear: DeltaNetSpec | None = None  # linear-attention layers (the others are attention), None: none
     norm_offset: float = 0.0  # added to every norm weight but a linear layer's gated one (zero-centred RMSNorms: 1)
     ignored: tuple[str, ...] = ()  # tensor-name patterns (re.match) transformers ignores on load
+
+    @property
+    def rope_tables(self) -> tuple[tuple[torch.Tensor, float], ...]:
+        """Every rotary table: (inverse frequencies [dims / 2], cos/sin scale); layers pick theirs by rope_sets."""
+        return ((self.rope_inv_freq, self.rope_scaling), *self.rope_more)
 
     def biases_dropped(self, part: str) -> str | None:
         """Why transformers builds the `part` ("attn", "mlp", "lm_head") projections without biases, dropping any
@@ -167,7 +186,7 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
             **(mistral4_query_scale(cfg) if cfg.model_type == "mistral4" else {}),
         )
     head_dim = _get(cfg, "head_dim", default=cfg.hidden_size // heads)
-    rope_dim = int(head_dim * partial_rotary(cfg, fam))
+    rope_dim = int(head_dim * (1.0 if typed_rope(cfg) else partial_rotary(cfg, fam)))
     return AttentionSpec(
         kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
         scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
@@ -175,6 +194,7 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, qk_norm_all_heads=fam.qk_norm_all_heads,
         sinks=fam.attn_sinks, output_gate=fam.attn_output_gate,
         clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
+        layer_heads=layer_heads(cfg, num_layers, kv_heads), **output_gate(cfg, fam.attn_gate),
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
     )
 
@@ -226,7 +246,15 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     attn = _attention(cfg, num_layers, fam, moe.sparse_layers)
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
-    inv_freq, rope_scale = _rope(_with_head_dim(cfg, attn), attn.rope_dim, fam)
+    rope_more: tuple = ()
+    if typed_rope(cfg) is not None:  # one rotary per layer type (Laguna, Mellum)
+        if attn.kind != "gqa":
+            raise ModelSpecError("config.rope_parameters per layer type: only with grouped-query attention")
+        tables, sets = rope_tables(cfg, attn.head_dim, num_layers)
+        (inv_freq, rope_scale), rope_more = tables[0], tuple(tables[1:])
+        attn = replace(attn, rope_sets=sets, rope_dim=2 * len(tables[sets[0]][0]))
+    else:
+        inv_freq, rope_scale = _rope(_with_head_dim(cfg, attn), attn.rope_dim, fam)
     max_pos = _get(cfg, "max_position_embeddings", default=4096)
     if fam.rope_mscale:
         rope_scale, max_pos = mscale_rope(cfg, rope_scale, max_pos)
@@ -243,7 +271,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         rms_norm_eps=fam.norm_eps or float(_get(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
-        attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale,
+        attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale, rope_more=rope_more,
         bos_token_id=_get(cfg, "bos_token_id"), eos_token_ids=eos_ids, pad_token_id=_get(cfg, "pad_token_id"),
         dense_intermediate_size=_get(cfg, "intermediate_size", default=0),
         block=fam.block, norm="rms" if rms_set else fam.norm, embed_scale=embed_scale, moe_out_norm=fam.moe_out_norm,

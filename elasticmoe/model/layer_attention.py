@@ -1,0 +1,87 @@
+"""Attention that differs per layer, read from a config: query heads per layer, rotary per layer type, output gates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from elasticmoe.model.family_config import ModelSpecError, config_get
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# rope types whose tables change with the sequence length or past a context limit: a KV cache cannot follow them
+_MOVING_ROPES = ("dynamic", "longrope")
+
+
+def layer_heads(cfg: Any, num_layers: int, kv_heads: int) -> tuple[int, ...]:
+    """Query heads of each layer from num_attention_heads_per_layer (Laguna); () when the config has none (every
+    layer has num_attention_heads). Each must be a positive multiple of the KV heads (transformers repeats those)."""
+    heads = config_get(cfg, "num_attention_heads_per_layer")
+    if heads is None:
+        return ()
+    if len(heads) != num_layers:
+        raise ModelSpecError(f"config.num_attention_heads_per_layer has {len(heads)} entries for {num_layers} layers")
+    for i, h in enumerate(heads):
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1 or h % kv_heads:
+            raise ModelSpecError(f"config.num_attention_heads_per_layer[{i}]={h!r}: want a positive multiple of "
+                                 f"num_key_value_heads ({kv_heads})")
+    return tuple(heads)
+
+
+def typed_rope(cfg: Any) -> dict[str, dict] | None:
+    """rope_parameters keyed by layer type ({"full_attention": {...}, "sliding_attention": {...}}: Laguna, Mellum),
+    or None when the config has one rotary for every layer."""
+    params = config_get(cfg, "rope_parameters")
+    if not isinstance(params, dict) or not params or not set(params) <= set(LAYER_TYPES):
+        return None
+    return params
+
+
+def rope_tables(cfg: Any, head_dim: int, num_layers: int
+                ) -> tuple[list[tuple[torch.Tensor, float]], tuple[int, ...]]:
+    """Per-layer-type rotary, as transformers' per-type rotary embeddings build it: (the tables, each an inverse
+    frequency [dim / 2] and its cos/sin scale, one per layer type in sorted order) and each layer's table. A type's
+    dims are head_dim * its partial_rotary_factor; its default rope is theta ** (-2i / dim)."""
+    params = typed_rope(cfg)
+    types = list(config_get(cfg, "layer_types") or ["full_attention"] * num_layers)
+    if len(types) != num_layers or set(types) - set(LAYER_TYPES):
+        raise ModelSpecError(f"config.layer_types={types!r}: want {num_layers} of {LAYER_TYPES}")
+    order = sorted(set(types))
+    tables = [_table(cfg, params.get(t), t, head_dim) for t in order]
+    return tables, tuple(order.index(t) for t in types)
+
+
+def _table(cfg: Any, p: dict | None, layer_type: str, head_dim: int) -> tuple[torch.Tensor, float]:
+    """One layer type's inverse frequencies [dim / 2] float32 and cos/sin scale."""
+    where = f"config.rope_parameters.{layer_type}"
+    if not isinstance(p, dict):  # transformers builds no rotary for it, and its layers then fail every forward
+        raise ModelSpecError(f"{where} is missing: layers of that type need a rotary")
+    rope_type = p.get("rope_type", "default")
+    if rope_type in _MOVING_ROPES:
+        raise ModelSpecError(f"{where}.rope_type={rope_type!r} is not supported per layer type")
+    if rope_type == "default":
+        theta = p.get("rope_theta")
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+            raise ModelSpecError(f"{where}.rope_theta={theta!r}: the rotary needs a positive base")
+        dim = int(head_dim * p.get("partial_rotary_factor", 1.0))
+        if dim < 2:
+            raise ModelSpecError(f"{where}.partial_rotary_factor={p.get('partial_rotary_factor')!r}: rotates no dims")
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ModelSpecError(f"{where}.rope_type={rope_type!r} is not supported")
+    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), layer_type=layer_type)
+    return inv.float(), float(scale)
+
+
+def output_gate(cfg: Any, act: str | None) -> dict[str, Any]:
+    """The gate on the attention output of a family that names its activation (Family.attn_gate: self_attn.g_proj),
+    and whether it has one value per head (config.gating true or "per-head", as Laguna reads it) or one per output
+    feature; {} for the others (AFMoE's gate_proj: sigmoid per feature)."""
+    if act is None:
+        return {}
+    gating = config_get(cfg, "gating", default=True)
+    if gating not in (True, False, "per-head", "per-element"):
+        raise ModelSpecError(f"config.gating={gating!r}: want true / 'per-head' or 'per-element'")
+    return dict(out_gate=act, gate_per_head=gating is True or gating == "per-head", gate_name="g_proj")

@@ -1,0 +1,111 @@
+"""Attention that differs per layer (query heads, rotary per layer type, output gates) and router soft-capping:
+Laguna and Mellum against transformers, batched and chunked, and the configs refused naming the field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from tests.test_families import _assert_matches, make_family_checkpoint
+from tests.test_families_more import MORE_CASES
+
+GREEDY = dict(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = ["Hi", "A much longer prompt about the mixture of experts, their heads and their rotary", "Once upon a",
+           "Z", "The quick brown fox jumps over the lazy dog again and again"]
+
+
+@pytest.fixture(scope="module")
+def laguna(tmp_path_factory):
+    return make_family_checkpoint("laguna", tmp_path_factory.mktemp("laguna") / "l", case=MORE_CASES["laguna"])
+
+
+def _transformers_greedy(path, ids: list[int], n: int) -> list[int]:
+    lm = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
+    ref = lm.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=ref.config.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def test_laguna_spec_reads_every_per_layer_field(laguna):
+    """The tiny case makes each per-layer value differ: 4, 8 and 2 query heads; the sliding layers on table 1
+    (10000, every dim), the full one on table 0 (500000, half the dims); softplus gate per head; capped router."""
+    from elasticmoe.model import open_model
+
+    spec = open_model(str(laguna)).spec
+    a = spec.attention
+    assert a.layer_heads == (4, 8, 2) and [a.layer(i).num_heads for i in range(3)] == [4, 8, 2]
+    assert a.rope_sets == (1, 0, 1) and [len(inv) for inv, _ in spec.rope_tables] == [4, 8]
+    assert (a.out_gate, a.gate_per_head, a.gate_name) == ("softplus", True, "g_proj")
+    assert spec.moe.router_softcap == 2.0 and spec.moe.routed_scaling_factor == 1.5
+
+
+def test_laguna_batch_of_different_lengths_and_chunks_equals_transformers_alone(laguna):
+    """Five requests of 1 to 20 tokens in one batch, the long ones prefilled in chunks of at most 8 tokens, decoding
+    together over layers of 4, 8 and 2 heads and two rotaries: each gets transformers' greedy tokens alone."""
+    from elasticmoe import LLM, SamplingParams
+
+    llm = LLM(str(laguna), dtype="float32", max_num_batched_tokens=8, max_num_seqs=4)
+    ids = [llm.encode(p) for p in PROMPTS]
+    assert max(len(i) for i in ids) > 8 and min(len(i) for i in ids) <= 2
+    together = llm.generate(ids, SamplingParams(**GREEDY))
+    for i, out in zip(ids, together):
+        assert out.token_ids == _transformers_greedy(laguna, i, GREEDY["max_tokens"])
+
+
+@pytest.mark.parametrize("gating", ["per-element", False])
+def test_laguna_gate_per_feature_matches_transformers(gating, tmp_path):
+    """config.gating "per-element" (and false, which transformers reads the same way): g_proj has a row per
+    output feature [heads * head_dim, H], each feature its own softplus gate."""
+    from elasticmoe import LLM
+
+    path = make_family_checkpoint("laguna", tmp_path / "l", case=MORE_CASES["laguna"], gating=gating)
+    llm = LLM(str(path), dtype="float32")
+    assert not llm.engine.spec.attention.gate_per_head
+    _assert_matches(llm, path, "laguna")
+
+
+def _edit(src, dst, **changes):
+    """A copy of checkpoint `src` whose config.json has `changes` (None deletes a key)."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return dst
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(num_attention_heads_per_layer=[4, 3, 2]), r"num_attention_heads_per_layer\[1\]=3: want a positive "
+                                                   r"multiple of num_key_value_heads \(2\)"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+     r"config\.rope_parameters\.sliding_attention is missing"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                           "sliding_attention": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}),
+     r"sliding_attention\.rope_type='dynamic' is not supported per layer type"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                           "sliding_attention": {"rope_type": "default", "rope_theta": None}}),
+     r"sliding_attention\.rope_theta=None: the rotary needs a positive base"),
+    (dict(gating="per-channel"), r"config\.gating='per-channel'"),
+    (dict(moe_router_logit_softcapping=-1.0), r"config\.moe_router_logit_softcapping=-1\.0"),
+])
+def test_laguna_config_faults_are_refused_naming_the_field(laguna, tmp_path, changes, match):
+    from elasticmoe.model import ModelSpecError, open_model
+
+    with pytest.raises(ModelSpecError, match=match):
+        open_model(str(_edit(laguna, tmp_path / "bad", **changes)))
+
+
+def test_laguna_heads_the_config_does_not_give_a_layer_fail_the_load_naming_the_tensor(laguna, tmp_path):
+    """A checkpoint of 4, 8, 2 heads read as 4, 4, 4: layer 1's q_proj has the rows of 8 heads, named."""
+    from elasticmoe.model import CheckpointError, open_model
+    from elasticmoe.model.dense import DenseModel
+
+    files = open_model(str(_edit(laguna, tmp_path / "bad", num_attention_heads_per_layer=[4, 4, 4])))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.q_proj\.weight' is \[128, 64\], want "
+                                              r"\[64, 64\]"):
+        DenseModel(files.spec, files.ckpt, files.names, torch.float32, torch.device("cpu"), 64)
