@@ -18,6 +18,7 @@ MISTRAL4_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_
 # rotary per layer type: full layers rotate half of each head on another base than the sliding ones
 TYPED_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+TYPED_BASES = {t: {"rope_type": "default", "rope_theta": p["rope_theta"]} for t, p in TYPED_ROPE.items()}  # Mellum
 
 QWEN3_5_TEXT = dict(moe_intermediate_size=64, num_experts=8, shared_expert_intermediate_size=64, head_dim=16,
                     linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -99,6 +100,11 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                "query heads per layer, softplus attention output gate per head, rotary per layer type (bases and "
                "partial factors), soft-capped sigmoid routing with correction bias, shared expert, routed scaling, "
                "sliding window, per-head q/k norms, dense first layer"),
+    "mellum": ("MellumConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_local_experts=8, head_dim=16,
+                                    mlp_layer_types=["dense", "sparse", "sparse"], rope_parameters=TYPED_BASES,
+                                    num_mtp_layers=1, **SLIDING3),
+               "rotary bases per layer type, sliding window, per-head q/k norms, softmax top-k, dense first layer, "
+               "a declared multi-token-prediction layer (mtp.* weights unused, as in transformers)"),
 }
 # routing biases made non-zero: checked loaded
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna"}
@@ -200,8 +206,8 @@ README_REJECTED = [
      ("indexer",)),
     ("hyper-connections;", {"deepseek_v4", "glm5_next", "hy_v4"}, ("hyper-connections",)),
     ("mixture-of-attention heads (JetMoE)", {"jetmoe"}, ("mixture-of-attention heads",)),
-    ("per-layer head counts and rotary bases (Step-3.5/3.7, Mellum)",
-     {"step3p5", "step3p7", "mellum"}, ("per-layer head counts", "per-layer-type rotary bases")),
+    ("per-layer head counts and rotary bases (Step-3.5/3.7)",
+     {"step3p5", "step3p7"}, ("per-layer head counts", "per-layer-type rotary bases")),
     ("Gemma 4's dense MLP beside the MoE", {"gemma4_text"}, ("dense MLP beside the MoE",)),
     ("Doge's product-key experts", {"doge"}, ("product-key",)),
     ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),

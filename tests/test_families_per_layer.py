@@ -23,6 +23,11 @@ def laguna(tmp_path_factory):
     return make_family_checkpoint("laguna", tmp_path_factory.mktemp("laguna") / "l", case=MORE_CASES["laguna"])
 
 
+@pytest.fixture(scope="module")
+def mellum(tmp_path_factory):
+    return make_family_checkpoint("mellum", tmp_path_factory.mktemp("mellum") / "m", case=MORE_CASES["mellum"])
+
+
 def _transformers_greedy(path, ids: list[int], n: int) -> list[int]:
     lm = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
     ref = lm.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -45,17 +50,21 @@ def test_laguna_spec_reads_every_per_layer_field(laguna):
     assert spec.moe.router_softcap == 2.0 and spec.moe.routed_scaling_factor == 1.5
 
 
-def test_laguna_batch_of_different_lengths_and_chunks_equals_transformers_alone(laguna):
+@pytest.mark.parametrize("family", ["laguna", "mellum"])
+def test_batch_of_different_lengths_and_chunks_equals_transformers_alone(family, request):
     """Five requests of 1 to 20 tokens in one batch, the long ones prefilled in chunks of at most 8 tokens, decoding
-    together over layers of 4, 8 and 2 heads and two rotaries: each gets transformers' greedy tokens alone."""
+    together over two rotaries (Laguna: and layers of 4, 8 and 2 heads): each gets transformers' greedy tokens
+    alone."""
     from elasticmoe import LLM, SamplingParams
 
-    llm = LLM(str(laguna), dtype="float32", max_num_batched_tokens=8, max_num_seqs=4)
+    path = request.getfixturevalue(family)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=8, max_num_seqs=4)
+    assert llm.engine.spec.attention.rope_sets == (1, 0, 1)
     ids = [llm.encode(p) for p in PROMPTS]
     assert max(len(i) for i in ids) > 8 and min(len(i) for i in ids) <= 2
     together = llm.generate(ids, SamplingParams(**GREEDY))
     for i, out in zip(ids, together):
-        assert out.token_ids == _transformers_greedy(laguna, i, GREEDY["max_tokens"])
+        assert out.token_ids == _transformers_greedy(path, i, GREEDY["max_tokens"])
 
 
 @pytest.mark.parametrize("gating", ["per-element", False])
@@ -109,3 +118,31 @@ def test_laguna_heads_the_config_does_not_give_a_layer_fail_the_load_naming_the_
     with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.q_proj\.weight' is \[128, 64\], want "
                                               r"\[64, 64\]"):
         DenseModel(files.spec, files.ckpt, files.names, torch.float32, torch.device("cpu"), 64)
+
+
+def test_mellum_partial_rotary_per_layer_type_is_refused(mellum, tmp_path):
+    """Mellum's attention rotates every head dim: a partial_rotary_factor under 1 makes transformers fail every
+    forward, so it is refused by name (Laguna's honours it)."""
+    from elasticmoe.model import ModelSpecError, open_model
+
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    with pytest.raises(ModelSpecError, match=r"full_attention\.partial_rotary_factor=0\.5: model_type 'mellum' "
+                                             r"rotates every head dim"):
+        open_model(str(_edit(mellum, tmp_path / "bad", rope_parameters=rope)))
+
+
+def test_mellum_mtp_weights_load_only_when_the_config_declares_them(mellum, tmp_path):
+    """Mellum checkpoints keep their prediction layer under mtp.*, which transformers skips: unused when the config
+    declares num_mtp_layers, a tensor nothing consumes (named) when it does not."""
+    from safetensors.torch import load_file, save_file
+
+    from elasticmoe.model import CheckpointError, open_model
+
+    ck = _edit(mellum, tmp_path / "m")
+    extra = {"mtp.layers.0.self_attn.q_proj.weight": torch.ones(64, 64), "mtp.norm.weight": torch.ones(64)}
+    save_file({**extra, **load_file(ck / "model.safetensors")}, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    files = open_model(str(ck))
+    assert files.names.root == "model.layers" and files.names.unused() == []
+    with pytest.raises(CheckpointError, match=r"mtp\.layers\.0\.self_attn\.q_proj\.weight"):
+        open_model(str(_edit(ck, tmp_path / "bad", num_nextn_predict_layers=0)))

@@ -182,8 +182,12 @@ FAMILIES: dict[str, Family] = {
     "laguna": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "gating",
                            "num_attention_heads_per_layer", "mlp_layer_types", "moe_routed_scaling_factor",
                            "moe_apply_router_weight_on_input", "moe_router_logit_softcapping", *_SLIDING),
-                     scoring="sigmoid", norm_topk=True, attn_gate="softplus",
+                     scoring="sigmoid", norm_topk=True, attn_gate="softplus", partial_rotary=True,
                      neutral=(("moe_apply_router_weight_on_input", False),)),
+    # Mellum: Qwen3-MoE attention and router in Laguna's layers (rope_parameters per layer type, mlp_layer_types);
+    # its multi-token-prediction weights (mtp.*, mtp_*layer_types) are unused, as in transformers
+    "mellum": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob",
+                           "mlp_layer_types", "num_mtp_layers", "mtp_layer_types", "mtp_mlp_layer_types", *_SLIDING)),
 }
 
 # Families whose decoder layers hold more than attention + MLP/MoE, or whose math is not implemented here.
@@ -225,7 +229,6 @@ REJECTED: dict[str, str] = {
     "zaya": "compressed convolutional attention (CCA projections)",
     "doge": "product-key retrieval experts (cross-domain MoE) and dynamic-mask attention",
     "beam": "depth-scaled residual adds, per-head gated attention with a bias and final logit soft-capping",
-    "mellum": "Laguna's decoder layers: per-layer head counts and per-layer-type rotary bases",
     "mimo_v2_flash": "attention value rescaling (attention_value_scale), attention sinks with a value head dim "
                      "unlike the q/k one, and per-layer-type rotary bases",
     "kolibri1": "a routing correction bias added to the raw router logits, and GLM-4's four-norm blocks",

@@ -37,16 +37,23 @@ def typed_rope(cfg: Any) -> dict[str, dict] | None:
     return params
 
 
-def rope_tables(cfg: Any, head_dim: int, num_layers: int
+def rope_tables(cfg: Any, head_dim: int, num_layers: int, partial: bool
                 ) -> tuple[list[tuple[torch.Tensor, float]], tuple[int, ...]]:
     """Per-layer-type rotary, as transformers' per-type rotary embeddings build it: (the tables, each an inverse
     frequency [dim / 2] and its cos/sin scale, one per layer type in sorted order) and each layer's table. A type's
-    dims are head_dim * its partial_rotary_factor; its default rope is theta ** (-2i / dim)."""
+    dims are head_dim * its partial_rotary_factor; its default rope is theta ** (-2i / dim). `partial`: the family's
+    attention rotates only those dims (Laguna); else it rotates every dim and transformers fails on a factor < 1
+    (Mellum), refused."""
     params = typed_rope(cfg)
     types = list(config_get(cfg, "layer_types") or ["full_attention"] * num_layers)
     if len(types) != num_layers or set(types) - set(LAYER_TYPES):
         raise ModelSpecError(f"config.layer_types={types!r}: want {num_layers} of {LAYER_TYPES}")
     order = sorted(set(types))
+    for t in order:
+        factor = (params.get(t) or {}).get("partial_rotary_factor", 1.0)
+        if factor != 1.0 and not partial:
+            raise ModelSpecError(f"config.rope_parameters.{t}.partial_rotary_factor={factor}: model_type "
+                                 f"{cfg.model_type!r} rotates every head dim (transformers fails every forward)")
     tables = [_table(cfg, params.get(t), t, head_dim) for t in order]
     return tables, tuple(order.index(t) for t in types)
 

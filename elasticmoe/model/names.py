@@ -113,7 +113,7 @@ class WeightNames:
     def _find_root(ckpt: Checkpoint) -> str:
         for name in ckpt.names():
             m = _LAYER.match(name)
-            if m:
+            if m and not name.startswith("mtp."):  # Mellum's prediction layers (mtp.layers.<i>): not the model's
                 return m.group("root")
         raise CheckpointError(f"{ckpt.path}: no tensors named '...layers.<i>...' in the checkpoint")
 
@@ -248,11 +248,13 @@ class WeightNames:
         return LayerNames(prefix, block, router, bias, shared, shared_gate, dense, attn, norms, logit_bias, linear)
 
     def unused(self) -> list[str]:
-        """Checkpoint tensors the model does not consume (speculative-decoding layers past the last one excepted)."""
+        """Checkpoint tensors the model does not consume (speculative-decoding layers past the last one excepted, and
+        those under mtp. when the config declares such layers: Mellum's, which transformers skips too)."""
         out = []
         for name in self.ckpt.names():
             m = _LAYER.match(name)
             mtp = m is not None and int(m.group("layer")) >= self.spec.num_layers  # bounded in _index_experts
+            mtp = mtp or (self.spec.mtp_layers > 0 and name.startswith("mtp."))
             if name in self.used or _DERIVED.search(name) or mtp:
                 continue
             out.append(name)

@@ -250,7 +250,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     if typed_rope(cfg) is not None:  # one rotary per layer type (Laguna, Mellum)
         if attn.kind != "gqa":
             raise ModelSpecError("config.rope_parameters per layer type: only with grouped-query attention")
-        tables, sets = rope_tables(cfg, attn.head_dim, num_layers)
+        tables, sets = rope_tables(cfg, attn.head_dim, num_layers, fam.partial_rotary)
         (inv_freq, rope_scale), rope_more = tables[0], tuple(tables[1:])
         attn = replace(attn, rope_sets=sets, rope_dim=2 * len(tables[sets[0]][0]))
     else:
