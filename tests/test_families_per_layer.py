@@ -141,7 +141,8 @@ def test_mellum_mtp_weights_load_only_when_the_config_declares_them(mellum, tmp_
 
     ck = _edit(mellum, tmp_path / "m")
     extra = {"mtp.layers.0.self_attn.q_proj.weight": torch.ones(64, 64), "mtp.norm.weight": torch.ones(64)}
-    save_file({**extra, **load_file(ck / "model.safetensors")}, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    save_file({**extra, **load_file(ck / "model.safetensors")}, str(ck / "model.safetensors"),
+              metadata={"format": "pt"})
     files = open_model(str(ck))
     assert files.names.root == "model.layers" and files.names.unused() == []
     with pytest.raises(CheckpointError, match=r"mtp\.layers\.0\.self_attn\.q_proj\.weight"):
