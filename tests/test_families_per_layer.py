@@ -147,3 +147,35 @@ def test_mellum_mtp_weights_load_only_when_the_config_declares_them(mellum, tmp_
     assert files.names.root == "model.layers" and files.names.unused() == []
     with pytest.raises(CheckpointError, match=r"mtp\.layers\.0\.self_attn\.q_proj\.weight"):
         open_model(str(_edit(ck, tmp_path / "bad", num_nextn_predict_layers=0)))
+
+
+@pytest.mark.parametrize("family", ["laguna", "mellum"])
+def test_decode_groups_over_per_layer_heads_and_rotaries_get_solo_tokens(family, request, monkeypatch):
+    """With a decode group ending where a context is over twice its shortest (DECODE_GROUP_MIN 1), requests of 1 to
+    60 tokens joining at different steps and prefilled in chunks of 16 decode in several groups a step, each group's
+    rows over every layer's own heads and rotary table: the tokens they get alone."""
+    import elasticmoe.engine.step_forward as step_forward
+    import elasticmoe.model.batch as batch_mod
+    from elasticmoe import LLM, SamplingParams
+
+    monkeypatch.setattr(batch_mod, "DECODE_GROUP_MIN", 1)
+    groups = []  # decode groups of each step's batch
+
+    def build(chunks, device, _real=batch_mod.build_batch):
+        batch = _real(chunks, device)
+        groups.append(len(batch.decode_groups))
+        return batch
+    monkeypatch.setattr(step_forward, "build_batch", build)
+    llm = LLM(str(request.getfixturevalue(family)), dtype="float32", max_num_seqs=6, max_num_batched_tokens=16)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (1, 60, 3, 30, 7, 12)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    groups.clear()
+    engine, seqs = llm.engine, []
+    while len(seqs) < len(prompts) or engine.has_work():
+        if len(seqs) < len(prompts):
+            seqs.append(engine.add_request(f"r{len(seqs)}", prompts[len(seqs)], params))
+        engine.step()
+    assert max(groups) >= 3, "the decodes of a step were split by their context lengths"
+    assert [s.output_ids for s in seqs] == alone
