@@ -19,17 +19,20 @@ from tests.serving_util import GRPC, app_entry, deploy, handle
 pytestmark = pytest.mark.e2e
 PROMPTS = ["The expert said", "Once upon a time in a land far away", "Mixture"]
 # served parity across structurally different families: softmax router (Mixtral), MLA + sigmoid grouped routing with
-# a correction bias (DeepSeek-V3), sinks + sliding windows + biased clamped-SwiGLU experts (GPT-OSS), a sigmoid-gated
-# shared expert beside softmax routing and a dense layer (Qwen2-MoE); on 2 and 3 shards (1, 2 and 3 shards give
-# identical bf16 tokens: test_bf16_e2e)
-APPS = {"mix2": ("mixtral", 2), "ds3": ("deepseek_v3", 3), "oss2": ("gpt_oss", 2), "qw2": ("qwen2_moe", 2)}
+# a correction bias (DeepSeek-V3), sinks + sliding windows + biased clamped-SwiGLU experts (GPT-OSS), Gated DeltaNet
+# layers whose per-slot state the gateway carries across steps beside gated attention, a sigmoid-gated shared expert
+# and a dense layer (Qwen3-Next); on 2 and 3 shards (1, 2 and 3 shards give identical bf16 tokens: test_bf16_e2e)
+APPS = {"mix2": ("mixtral", 2), "ds3": ("deepseek_v3", 3), "oss2": ("gpt_oss", 2), "qn2": ("qwen3_next", 2)}
 
 
 @pytest.fixture(scope="module")
 def models(tiny_models, tmp_path_factory) -> dict:
     from tests.test_families import make_family_checkpoint
+    from tests.test_families_more import MORE_CASES
 
-    return {**tiny_models, "gpt_oss": make_family_checkpoint("gpt_oss", tmp_path_factory.mktemp("oss") / "m")}
+    return {**tiny_models, "gpt_oss": make_family_checkpoint("gpt_oss", tmp_path_factory.mktemp("oss") / "m"),
+            "qwen3_next": make_family_checkpoint("qwen3_next", tmp_path_factory.mktemp("qn") / "m",
+                                                 case=MORE_CASES["qwen3_next"])}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def _run_concurrently(app: str) -> list[list[int]]:
 def references(models):
     """family -> (LLM.generate tokens, transformers greedy tokens) per prompt."""
     out = {}
-    for fam in ("mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"):
+    for fam in ("mixtral", "deepseek_v3", "gpt_oss", "qwen3_next"):
         llm = LLM(str(models[fam]))
         greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
         ours = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
@@ -262,16 +265,16 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_deleted_app_lets_its_shards_go_at_once(served, ray_cluster, references):
-    """An app dropped from the config (last here: qw2) stops its shards promptly: its controller is going too, so
+    """An app dropped from the config (last here: qn2) stops its shards promptly: its controller is going too, so
     there is nothing to drain to, and a shard must not wait for Serve's 60 s graceful-shutdown kill."""
     from elasticmoe.local_cluster import shard_pids
 
     entries, path = served
-    handle("ExpertShard", "qw2")  # connects this driver
-    pids = set(shard_pids("qw2", count=2).values())
+    handle("ExpertShard", "qn2")  # connects this driver
+    pids = set(shard_pids("qn2", count=2).values())
     assert len(pids) == 2 and all(_alive(p) for p in pids)
     t0 = time.monotonic()
-    deploy(ray_cluster, [e for e in entries if e["name"] != "qw2"], path / "without-qw2.yaml")  # the rest unchanged
+    deploy(ray_cluster, [e for e in entries if e["name"] != "qn2"], path / "without-qn2.yaml")  # the rest unchanged
     while any(_alive(p) for p in pids) and time.monotonic() - t0 < 90:
         time.sleep(0.5)
     assert time.monotonic() - t0 < 30, [p for p in pids if _alive(p)]
