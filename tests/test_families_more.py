@@ -30,6 +30,9 @@ TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attent
                  eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
 TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                    num_position_embeddings=16)
+# DeepSeek sparse attention: each query attends to its 8 best keys (the prompt has 32 tokens), picked by 8 index heads
+DSA = dict(**DSV3_MOE, **MLA, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1,
+           routed_scaling_factor=1.5, index_topk=8, index_head_dim=16, index_n_heads=8)
 
 # model_type -> (transformers config class, tiny fields, what the family exercises); in the README table too.
 MORE_CASES: dict[str, tuple[str, dict, str]] = {
@@ -105,9 +108,12 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                                     num_mtp_layers=1, **SLIDING3),
                "rotary bases per layer type, sliding window, per-head q/k norms, softmax top-k, dense first layer, "
                "a declared multi-token-prediction layer (mtp.* weights unused, as in transformers)"),
+    "deepseek_v32": ("DeepseekV32Config", DSA,
+                     "sparse attention: a lightning indexer (half-split rotary, its own key cache) picks the 8 keys "
+                     "each query attends to; MLA, sigmoid grouped routing with correction bias, dense first layer"),
 }
 # routing biases made non-zero: checked loaded
-MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna"}
+MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32"}
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +207,8 @@ README_REJECTED = [
     ("linear attention (Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
      {"qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
     ("short convolutions (LFM2-MoE, Inkling)", {"lfm2_moe", "inkling"}, ("short-convolution",)),
-    ("sparse-attention indexers (DeepSeek-V3.2 and V4, GLM-MoE-DSA, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
-     {"deepseek_v32", "deepseek_v4", "glm_moe_dsa", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},
+    ("sparse-attention indexers (DeepSeek-V4, GLM-MoE-DSA, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
+     {"deepseek_v4", "glm_moe_dsa", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},
      ("indexer",)),
     ("hyper-connections;", {"deepseek_v4", "glm5_next", "hy_v4"}, ("hyper-connections",)),
     ("mixture-of-attention heads (JetMoE)", {"jetmoe"}, ("mixture-of-attention heads",)),

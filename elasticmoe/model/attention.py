@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.deltanet import DeltaState
+from elasticmoe.model.indexer import Indexer
 from elasticmoe.model.layers import Rotary, rms_norm
 from elasticmoe.model.spec import AttentionSpec, ModelSpec
 
@@ -18,15 +19,18 @@ F32 = torch.float32
 
 class KVCache:
     """Per layer: K and V [slots, max_len, kv_heads, d] (GQA) or the latent [slots, max_len, r + rope] (MLA), at
-    that layer's own shapes (AttentionSpec.layer); a linear-attention layer keeps no K/V but its state per slot
-    (`linear`: layer -> DeltaState)."""
+    that layer's own shapes (AttentionSpec.layer), then, on a layer running a sparse-attention indexer, its keys
+    [slots, max_len, index_head_dim]; a linear-attention layer keeps no K/V but its state per slot (`linear`: layer
+    -> DeltaState)."""
 
     def __init__(self, spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.num_slots, self.max_len = num_slots, max_len
         kinds = spec.linear.layers if spec.linear else (False,) * spec.num_layers
         self.linear = {i: DeltaState(spec.linear, num_slots, dtype, device) for i, lin in enumerate(kinds) if lin}
+        ix = spec.attention.indexer
         self.layers = [[] if lin else [torch.zeros(s, dtype=dtype, device=device)
-                                       for s in _cache_shapes(spec.attention.layer(i), num_slots, max_len)]
+                                       for s in _cache_shapes(spec.attention.layer(i), num_slots, max_len)
+                                       + ([(num_slots, max_len, ix.head_dim)] if ix and ix.own[i] else [])]
                        for i, lin in enumerate(kinds)]
 
     def clear(self, slot: int, length: int) -> None:
@@ -39,13 +43,18 @@ class KVCache:
         for state in self.linear.values():
             state.clear(slot)
 
+    def index_keys(self, layer: int) -> torch.Tensor:
+        """The layer's sparse-attention index keys [slots, max_len, index_head_dim] (after its K/V or latent)."""
+        return self.layers[layer][-1]
+
     @staticmethod
     def bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
-        """K/V bytes a cached token takes (attention layers only, each at its own width: a linear layer's state is
-        per slot)."""
-        kinds = spec.linear.layers if spec.linear else (False,) * spec.num_layers
-        width = sum(spec.attention.layer(i).cache_width for i, lin in enumerate(kinds) if not lin)
-        return width * torch.empty(0, dtype=dtype).element_size()
+        """K/V bytes a cached token takes (attention layers only, each at its own width, with its indexer's keys: a
+        linear layer's state is per slot)."""
+        a, kinds = spec.attention, spec.linear.layers if spec.linear else (False,) * spec.num_layers
+        width = sum(a.layer(i).cache_width for i, lin in enumerate(kinds) if not lin)
+        index = sum(a.indexer.own) * a.indexer.head_dim if a.indexer else 0
+        return (width + index) * torch.empty(0, dtype=dtype).element_size()
 
     @staticmethod
     def bytes_per_slot(spec: ModelSpec, dtype: torch.dtype) -> int:
@@ -148,18 +157,24 @@ class Attention:
         spec = spec.layer(layer)  # its own query heads where they differ per layer
         self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
         self.rope_set = spec.rope_sets[layer] if spec.rope_sets else 0  # its rotary table (per layer type)
+        ix = spec.indexer
+        self.indexer = Indexer(ix, layer, w) if ix and ix.own[layer] else None  # None on a layer sharing picks
         self.window = spec.sliding_window[layer] if spec.sliding_window else None  # mask key, see step_masks
         if spec.chunk and spec.chunk[layer]:
             self.window = ("chunk", spec.chunk[layer])
         self.rope = spec.rope_layers[layer] if spec.rope_layers else True  # False: a NoPE layer
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, rotary: Rotary,
-                cos: torch.Tensor, sin: torch.Tensor, masks: list[dict]) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, masks: list[dict], picks: dict | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes this step's keys/values into the cache. cos / sin: every rotary table's
-        (Rotary.tables), this layer's picked by rope_set."""
-        cos, sin, gate = cos[self.rope_set], sin[self.rope_set], None
+        (Rotary.tables), this layer's picked by rope_set. Sparse attention: `picks` (one per micro-batch) carries the
+        last indexer's keep masks (indexer.Indexer.picks) to the layers that share them."""
+        cos, sin, gate, keep = cos[self.rope_set], sin[self.rope_set], None, None
         if self.spec.kind == "mla":
-            q, kv_new = self._mla_qkv(x, rotary, cos, sin)
+            q, kv_new, q_resid = self._mla_qkv(x, rotary, cos, sin)
+            if self.indexer is not None:
+                picks["keep"] = self.indexer.picks(x, q_resid, batch, cache, rotary, cos, sin)
+            keep = picks["keep"] if self.spec.indexer else None  # [t, L] per prefill chunk, then [B, L] per group
             if self.spec.query_scale:  # Mistral 4
                 q = (q * _position_scale(batch.positions, *self.spec.query_scale)[:, None, None]).to(q.dtype)
             latent = cache.layers[self.layer][0]
@@ -174,16 +189,19 @@ class Attention:
         q = q.float()  # scores, softmax and the weighted sum of values in float32, rounded once into out
         out = x.new_empty(x.shape[0], self.spec.num_heads, self.spec.v_head_dim)  # [T, h, dv]
         attend = partial(_attend_with_sinks, sinks=self.w["sinks"]) if "sinks" in self.w else _sdpa  # GPT-OSS
-        for c in batch.prefill:
+        for i, c in enumerate(batch.prefill):
             kk, vv = (t.float() for t in expand(cache, slice(c.slot, c.slot + 1), c.start + c.length))  # [1, hk, L, d]
             qq = q[c.offset : c.offset + c.length].transpose(0, 1)[None]  # [1, h, t, d]
             mask = _prefill_mask(c.start, c.length, self.window, x.device)
+            if keep is not None:  # the picked keys, causal already
+                mask = keep[i] if mask is None else mask & keep[i]
             o = attend(qq, kk, vv, mask, self.spec.scaling, causal=True)
             out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
-        for g, m in zip(batch.decode_groups, masks):  # rows of similar contexts: padded to the group's longest
+        for j, (g, m) in enumerate(zip(batch.decode_groups, masks)):  # rows of similar contexts: padded to the longest
             kk, vv = (t.float() for t in expand(cache, g.slots, g.max_len))  # [B, hk, L, d]
             qq = q[g.rows][:, :, None, :]  # [B, h, 1, d]
-            o = attend(qq, kk, vv, m[self.window], self.spec.scaling, causal=False)
+            mask = m[self.window] if keep is None else m[self.window] & keep[len(batch.prefill) + j][:, None, None, :]
+            o = attend(qq, kk, vv, mask, self.spec.scaling, causal=False)
             out[g.rows] = o[:, :, 0, :].to(out.dtype)
         if "gate" in self.w:
             out = self._gated(out, x)
@@ -234,8 +252,10 @@ class Attention:
 
     def _mla_qkv(self, x, rotary, cos, sin):
         a, w, t = self.spec, self.w, x.shape[0]
+        q_resid = None  # [T, q_lora_rank]: the normed query bottleneck (the sparse-attention indexer reads it too)
         if "q_a" in w:
-            q = linear(rms_norm(linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], self.eps), w["q_b"])
+            q_resid = rms_norm(linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], self.eps)
+            q = linear(q_resid, w["q_b"])
         else:
             q = linear(x, w["q"])
         q = q.view(t, a.num_heads, a.head_dim)
@@ -250,7 +270,7 @@ class Attention:
         if self.rope:
             q_rot = rotary.apply(q_rot, cos, sin)
             k_rot = rotary.apply(k_rot[:, None, :], cos, sin)[:, 0]
-        return torch.cat((q_pass, q_rot), dim=-1), torch.cat((kv_nope, k_rot), dim=-1)
+        return torch.cat((q_pass, q_rot), dim=-1), torch.cat((kv_nope, k_rot), dim=-1), q_resid
 
     def _mla_expand(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
         a = self.spec

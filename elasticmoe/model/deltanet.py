@@ -97,7 +97,7 @@ class GatedDeltaNet:
     def __init__(self, spec: DeltaNetSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
         self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache, rotary=None, cos=None, sin=None, masks=None
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache, rotary=None, cos=None, sin=None, masks=None, picks=None
                 ) -> torch.Tensor:
         """x [T, H] -> [T, H]; reads and writes its slots' states in cache.linear[layer] (DeltaState)."""
         sp, t = self.spec, x.shape[0]

@@ -15,6 +15,7 @@ from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.dispatch import Dispatcher
+from elasticmoe.model.indexer import ROLES as INDEX_ROLES, index_shapes
 from elasticmoe.model.layers import Rotary, gated_mlp, norm, route
 from elasticmoe.progress import LoadProgress
 from elasticmoe.model.linear_spec import LAYOUTS, LINEAR
@@ -33,6 +34,8 @@ def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]
                   "kv_b": (a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), "o": o}
         if a.q_lora_rank:
             shapes.update(q_a=(a.q_lora_rank, hidden), q_a_norm=(a.q_lora_rank,), q_b=(q, a.q_lora_rank))
+        if a.indexer:
+            shapes.update(index_shapes(a.indexer, hidden, a.q_lora_rank))
         return shapes
     k, v = a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
     if a.output_gate:  # [q ; gate] per head
@@ -65,7 +68,7 @@ class _Layer:
         self.dense = model.load_mlp(names.dense) if names.dense else None
         if self.dense is None and (not self.sparse or model.spec.block == "shortcut"):
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks its dense MLP")
-        f32 = torch.float32  # the router as stored, not rounded to the model's dtype first
+        # the router as stored (float32), not rounded to the model's dtype first
         ids = sp.moe.num_experts + sp.moe.zero_experts  # router rows (LongCat: its identity experts too)
         self.router = load(names.router, f32, (ids, hidden)) if names.router else None  # [E, H]
         self.router_bias = load(names.router_bias, f32, numel=ids).flatten() if names.router_bias else None  # [E]
@@ -78,15 +81,21 @@ class _Layer:
     def _attention(model: "DenseModel", i: int, names: LayerNames) -> Attention:
         a = model.spec.attention.layer(i)
         shapes = attention_shapes(a, model.spec.hidden_size)
+        f32 = torch.float32  # the indexer's head weights, as transformers keeps them
         attn = {role: model.load_norm(n, shapes.get(role)) if role in ("q_norm", "k_norm")
-                else model.load(n, shape=shapes.get(role)) for role, n in names.attn.items()}
+                else model.load(n, f32 if role == "index_weights" else None, shapes.get(role))
+                for role, n in names.attn.items()}
         q = "q_a" if a.q_lora_rank else "q"
         need = (q, "kv_a", "kv_b", "o") if a.kind == "mla" else ("q", "k", "v", "o")
         need += ("sinks",) if a.sinks else ()
         need += ("gate",) if a.gate_name != "gate_proj" else ()  # Laguna's g_proj
+        need += INDEX_ROLES if a.indexer and a.indexer.own[i] else ()
         for role in need:
             if role not in attn:
                 raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")
+        if a.indexer and not a.indexer.own[i] and (extra := sorted(set(INDEX_ROLES) & set(attn))):
+            raise CheckpointError(f"{model.ckpt.path}: layer {i} holds self_attn.{ATTN[extra[0]]}, but config.json "
+                                  "makes it share the previous layer's picks (indexer_types 'shared')")
         return Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
 
 
@@ -124,7 +133,7 @@ class _MicroBatch:
     def __init__(self, model: "DenseModel", batch: StepBatch):
         self.batch = batch
         cos, sin = model.rotary.tables(batch.positions)
-        self.tables = (cos, sin, step_masks(batch, model.windows))
+        self.tables = (cos, sin, step_masks(batch, model.windows), {})  # {}: sparse attention's picks (Attention)
         self.h = model.embed[batch.token_ids]  # [T, H]
         if model.spec.embed_scale != 1.0:
             self.h = self.h * model.spec.embed_scale
@@ -221,7 +230,7 @@ class DenseModel:
         return norm(x, self.spec.norm, w, layer.norms.get(role + "_bias"), self.spec.rms_norm_eps, out_dtype)
 
     def _layer_pre(self, layer: _Layer, h: torch.Tensor, batch: StepBatch, cache: KVCache,
-                   dispatcher: Dispatcher, cos, sin, masks):
+                   dispatcher: Dispatcher, cos, sin, masks, picks=None):
         """Attention, norms, router and expert dispatch of one layer: h [T, H] -> (h, x, pending).
 
         Pre-norm h + attn(norm(h)); post-norm h + norm(attn(h)); sandwich both; parallel h + attn(x) + mlp(x).
@@ -232,7 +241,7 @@ class DenseModel:
         h = h.float()  # [T, H]
         xf = self._norm(layer, "attn_in", h, torch.float32)  # [T, H]
         a = self._norm(layer, "attn_out", layer.attn.forward(xf.to(self.dtype), batch, cache, self.rotary, cos, sin,
-                                                             masks), torch.float32)
+                                                             masks, picks), torch.float32)
         h = h + a * sp.residual_scale if sp.residual_scale != 1.0 else h + a
         if sp.block != "parallel":
             xf = self._norm(layer, "mlp_in", h, torch.float32)

@@ -37,6 +37,8 @@ _DSV3_ROUTER = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size",
 _SLIDING = ("sliding_window", "layer_types", "use_sliding_window")
 _DELTANET = ("layer_types", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
              "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
+# DeepSeek sparse attention: the indexer's shape; every layer's type "indexed_attention"
+_DSA = ("index_topk", "index_head_dim", "index_n_heads", "layer_types", "mlp_layer_types")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class Family:
     # the gate on the attention output (self_attn.g_proj), when its activation is not AFMoE's sigmoid per feature:
     # "softplus" (Laguna; one value per head or per feature by config.gating)
     attn_gate: str | None = None
+    # DeepSeek sparse attention: the rotary layout of the lightning indexer (self_attn.indexer) that picks the keys
+    # each query attends to, "half" (split halves, DeepSeek-V3.2) or "pairs" (GLM-MoE-DSA); None: no indexer
+    indexer_rope: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -92,6 +97,9 @@ FAMILIES: dict[str, Family] = {
                           biases=(("attn", "attention_bias"), ("mlp", "mlp_bias"))),
     "deepseek_v3": Family(keys=(*_MLA_KEYS, "scoring_func", "topk_method", "moe_layer_freq"), scoring="sigmoid",
                           neutral=(("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1))),
+    "deepseek_v32": Family(keys=(*_MLA_KEYS, *_DSA, "scoring_func", "topk_method", "moe_layer_freq"),
+                           scoring="sigmoid", rope_interleave=True, indexer_rope="half",
+                           neutral=(("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1))),
     "glm4_moe_lite": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid", default_rope_partial=True),
     "glm4_moe": Family(keys=(*_DSV3_ROUTER, "use_qk_norm"), scoring="sigmoid", partial_rotary=True),
     "dots1": Family(keys=(*_DSV3_ROUTER, *_SLIDING), scoring="sigmoid"),
@@ -200,7 +208,6 @@ REJECTED: dict[str, str] = {
     "bailing_hybrid": "linear-attention layers",
     "minimax": "lightning (linear) attention layers",
     "lfm2_moe": "short-convolution layers",
-    "deepseek_v32": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
     "glm_moe_dsa": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
     "llama4": "a vision encoder (a multimodal model; its text-only checkpoints are model_type llama4_text)",
     "jetmoe": "mixture-of-attention heads",

@@ -67,13 +67,16 @@ class Rotary:
         """positions [T] -> per table: cos, sin [T, 1, R] (broadcast over heads)."""
         return ([c[positions].unsqueeze(1) for c in self.cos], [s[positions].unsqueeze(1) for s in self.sin])
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first R dims of every head (R: the table's width), in float32.
-        x [T, heads, D], cos / sin [T, 1, R] -> [T, heads, D] float32."""
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool | None = None
+              ) -> torch.Tensor:
+        """Rotate the first R dims of every head (R: the table's width), in float32, pairwise or in halves
+        (`interleave`, default the attention's layout). x [T, heads, D], cos / sin [T, 1, R] -> [T, heads, D]
+        float32."""
         x = x.float()
         dim = cos.shape[-1]
         rot, rest = (x, None) if x.shape[-1] == dim else (x[..., :dim], x[..., dim:])
-        if self.interleave:  # DeepSeek: pairs (x0, x1), (x2, x3)... rotated, emitted as [evens' ; odds']
+        # DeepSeek: pairs (x0, x1), (x2, x3)... rotated, emitted as [evens' ; odds']
+        if self.interleave if interleave is None else interleave:
             half = dim // 2
             c, s = cos[..., :half], sin[..., :half]
             x1, x2 = rot[..., 0::2], rot[..., 1::2]

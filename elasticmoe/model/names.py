@@ -39,6 +39,9 @@ ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
     "q_a": "q_a_proj.weight", "q_a_bias": "q_a_proj.bias", "q_a_norm": "q_a_layernorm.weight", "q_b": "q_b_proj.weight",
     "kv_a": "kv_a_proj_with_mqa.weight", "kv_a_bias": "kv_a_proj_with_mqa.bias",
     "kv_a_norm": "kv_a_layernorm.weight", "kv_b": "kv_b_proj.weight",
+    # DeepSeek sparse attention's lightning indexer (model.indexer); its key LayerNorm's bias is index_norm_b
+    "index_q": "indexer.wq_b.weight", "index_k": "indexer.wk.weight", "index_norm": "indexer.k_norm.weight",
+    "index_norm_b": "indexer.k_norm.bias", "index_weights": "indexer.weights_proj.weight",
 }
 # Norms of one decoder layer by block layout: role -> module name.
 NORMS = {

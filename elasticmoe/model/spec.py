@@ -15,6 +15,7 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
 )
 from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
 from elasticmoe.model.layer_attention import layer_heads, output_gate, rope_tables, typed_rope
+from elasticmoe.model.indexer_spec import IndexerSpec, indexer_spec
 from elasticmoe.model.moe_spec import MoESpec, moe_from_config  # noqa: F401  (MoESpec: re-exported)
 
 
@@ -57,6 +58,7 @@ class AttentionSpec:
         if not self.layer_heads or self.layer_heads[i] == self.num_heads:
             return self
         return replace(self, num_heads=self.layer_heads[i])
+    indexer: IndexerSpec | None = None  # DeepSeek sparse attention: the keys each query attends to, picked
 
     @property
     def cache_width(self) -> int:
@@ -181,10 +183,12 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
             kind="mla", num_heads=heads, num_kv_heads=heads, head_dim=nope + rope, v_head_dim=v,
             scaling=scaling, rope_dim=rope, rope_interleave=bool(interleave), sliding_window=windows,
             rope_layers=rope_layers, q_lora_rank=_get(cfg, "q_lora_rank"), kv_lora_rank=cfg.kv_lora_rank,
-            qk_nope_head_dim=nope,
+            qk_nope_head_dim=nope, indexer=indexer_spec(cfg, fam, num_layers, rope),
             **(longcat_mla_scales(cfg) if cfg.model_type == "longcat_flash" else {}),
             **(mistral4_query_scale(cfg) if cfg.model_type == "mistral4" else {}),
         )
+    if fam.indexer_rope is not None:
+        raise ModelSpecError(f"model_type {cfg.model_type!r}: its sparse-attention indexer needs MLA (kv_lora_rank)")
     head_dim = _get(cfg, "head_dim", default=cfg.hidden_size // heads)
     rope_dim = int(head_dim * (1.0 if typed_rope(cfg) else partial_rotary(cfg, fam)))
     return AttentionSpec(

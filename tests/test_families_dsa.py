@@ -1,0 +1,127 @@
+"""DeepSeek sparse attention (model/indexer.py): the picks matter, chunked and batched requests get transformers'
+tokens, the index keys live in the KV cache, and configs or checkpoints it cannot run are refused by name."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+
+from tests.test_families import PROMPT, _add_tensors, _copy, _rel, make_family_checkpoint
+from tests.test_families_more import MORE_CASES
+
+DSA_FAMILIES = ["deepseek_v32"]
+
+
+@pytest.fixture(scope="module")
+def dsa_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dsa")
+    return {t: make_family_checkpoint(t, root / t, case=MORE_CASES[t]) for t in DSA_FAMILIES}
+
+
+def _reference(path, **config):
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("model_type", DSA_FAMILIES)
+def test_the_picks_change_transformers_logits(model_type, dsa_dirs):
+    """The tiny config's index_topk (8) is under the prompt's 32 tokens: transformers' own logits move far when every
+    key is kept instead (so matching them, test_families_more, needs the picks right), and ours are theirs."""
+    from elasticmoe import LLM
+
+    path = dsa_dirs[model_type]
+    llm = LLM(str(path))
+    ids = llm.encode(PROMPT)
+    assert len(ids) > 3 * MORE_CASES[model_type][1]["index_topk"]
+    with torch.no_grad():
+        sparse = _reference(path)(torch.tensor([ids])).logits[0]
+        dense = _reference(path, index_topk=4096)(torch.tensor([ids])).logits[0]
+    assert _rel(dense, sparse) > 0.1 and (dense.argmax(-1) != sparse.argmax(-1)).sum() > 4
+    assert _rel(llm.logits(ids), sparse) < 1e-4
+
+
+def _greedy_alone(ref, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=ref.config.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("model_type", DSA_FAMILIES)
+def test_chunked_and_batched_requests_get_transformers_tokens(model_type, dsa_dirs):
+    """Six requests of 3 to 45 tokens in one engine, prefilled in chunks of up to 16 tokens beside each other's
+    decodes (the index keys of earlier chunks read from the cache), 12 greedy tokens each: each gets the tokens
+    transformers generates for it alone."""
+    from elasticmoe import LLM, SamplingParams
+
+    path = dsa_dirs[model_type]
+    llm = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=16)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (45, 3, 20, 33, 9, 27)]
+    ref = _reference(path)
+    want = [_greedy_alone(ref, p, 12) for p in prompts]
+    got = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert [o.token_ids for o in got] == want
+
+
+@pytest.mark.parametrize("model_type", DSA_FAMILIES)
+def test_index_keys_are_cached_counted_and_cleared(model_type, dsa_dirs):
+    """Each indexed layer caches one index_head_dim key a token beside its MLA latent: written by a request,
+    counted in bytes_per_token, zeroed with the slot."""
+    from elasticmoe import LLM, SamplingParams
+    from elasticmoe.model.attention import KVCache
+
+    llm = LLM(str(dsa_dirs[model_type]))
+    spec, cache = llm.engine.spec, llm.engine.cache
+    a = spec.attention
+    assert KVCache.bytes_per_token(spec, torch.float32) == 4 * spec.num_layers * (a.cache_width + a.indexer.head_dim)
+    llm.generate([llm.encode(PROMPT)], SamplingParams(max_tokens=4, temperature=0.0))
+    keys = [cache.index_keys(i) for i in range(spec.num_layers)]  # [slots, max_len, index_head_dim]
+    (slot,) = [s for s in range(cache.num_slots) if keys[0][s].any()]
+    assert all(k.shape[-1] == a.indexer.head_dim and k[slot, :30].abs().min() > 0 for k in keys)
+    cache.clear(slot, 40)
+    assert all(not k.any() for k in keys)
+
+
+def _with_config(src, dst, **changes):
+    bad = _copy(src, dst)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return bad
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(index_head_dim=4), r"config\.index_head_dim=4: the indexer rotates its first qk_rope_head_dim \(8\)"),
+    (dict(index_topk=0), r"config\.index_topk=0: the sparse-attention indexer needs a positive integer"),
+    (dict(layer_types=["indexed_attention", "full_attention", "indexed_attention"]),
+     r"config\.layer_types=.*want 3 of 'indexed_attention'"),
+])
+def test_configs_the_indexer_cannot_run_fail_naming_the_field(dsa_dirs, tmp_path, changes, message):
+    from elasticmoe.model import ModelSpecError, open_model
+
+    with pytest.raises(ModelSpecError, match=message):
+        open_model(str(_with_config(dsa_dirs["deepseek_v32"], tmp_path / "c", **changes)))
+
+
+def test_a_missing_or_misshapen_indexer_tensor_fails_naming_it(dsa_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from elasticmoe import LLM
+    from elasticmoe.model import CheckpointError
+
+    ck = _copy(dsa_dirs["deepseek_v32"], tmp_path / "m")
+    tensors = load_file(ck / "model.safetensors")
+    del tensors["model.layers.2.self_attn.indexer.wk.weight"]
+    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"layer 2 lacks self_attn\.indexer\.wk\.weight"):
+        LLM(str(ck))
+    _add_tensors(ck, {"model.layers.2.self_attn.indexer.wk.weight": torch.ones(8, 64)})
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.2\.self_attn\.indexer\.wk\.weight' is \[8, 64\], "
+                                              r"want \[16, 64\]"):
+        LLM(str(ck))
