@@ -13,7 +13,7 @@ import transformers
 from tests.test_families import PROMPT, _add_tensors, _copy, _rel, make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
-DSA_FAMILIES = ["deepseek_v32"]
+DSA_FAMILIES = ["deepseek_v32", "glm_moe_dsa"]
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +72,21 @@ def test_chunked_and_batched_requests_get_transformers_tokens(model_type, dsa_di
 
 @pytest.mark.parametrize("model_type", DSA_FAMILIES)
 def test_index_keys_are_cached_counted_and_cleared(model_type, dsa_dirs):
-    """Each indexed layer caches one index_head_dim key a token beside its MLA latent: written by a request,
-    counted in bytes_per_token, zeroed with the slot."""
+    """Each layer running its own indexer caches one index_head_dim key a token beside its MLA latent (a layer
+    sharing the previous one's picks none): written by a request, counted in bytes_per_token, zeroed with the slot."""
     from elasticmoe import LLM, SamplingParams
     from elasticmoe.model.attention import KVCache
 
     llm = LLM(str(dsa_dirs[model_type]))
     spec, cache = llm.engine.spec, llm.engine.cache
     a = spec.attention
-    assert KVCache.bytes_per_token(spec, torch.float32) == 4 * spec.num_layers * (a.cache_width + a.indexer.head_dim)
+    own = [i for i in range(spec.num_layers) if a.indexer.own[i]]
+    assert own == ([0, 2] if model_type == "glm_moe_dsa" else [0, 1, 2])
+    assert KVCache.bytes_per_token(spec, torch.float32) == 4 * (spec.num_layers * a.cache_width
+                                                                + len(own) * a.indexer.head_dim)
     llm.generate([llm.encode(PROMPT)], SamplingParams(max_tokens=4, temperature=0.0))
-    keys = [cache.index_keys(i) for i in range(spec.num_layers)]  # [slots, max_len, index_head_dim]
+    keys = [cache.index_keys(i) for i in own]  # [slots, max_len, index_head_dim]
+    assert all(len(cache.layers[i]) == 1 for i in range(spec.num_layers) if i not in own)  # the MLA latent alone
     (slot,) = [s for s in range(cache.num_slots) if keys[0][s].any()]
     assert all(k.shape[-1] == a.indexer.head_dim and k[slot, :30].abs().min() > 0 for k in keys)
     cache.clear(slot, 40)
@@ -124,4 +128,23 @@ def test_a_missing_or_misshapen_indexer_tensor_fails_naming_it(dsa_dirs, tmp_pat
     _add_tensors(ck, {"model.layers.2.self_attn.indexer.wk.weight": torch.ones(8, 64)})
     with pytest.raises(CheckpointError, match=r"'model\.layers\.2\.self_attn\.indexer\.wk\.weight' is \[8, 64\], "
                                               r"want \[16, 64\]"):
+        LLM(str(ck))
+
+
+def test_a_shared_indexer_schedule_needs_a_first_full_layer_and_no_shared_weights(dsa_dirs, tmp_path):
+    """GLM-MoE-DSA's "shared" layers reuse the previous layer's picks: a first layer with nothing to reuse fails
+    (transformers fails its first forward), and so do indexer weights on a shared layer (transformers builds none
+    there and would drop them)."""
+    from elasticmoe import LLM
+    from elasticmoe.model import CheckpointError, ModelSpecError, open_model
+
+    src = dsa_dirs["glm_moe_dsa"]
+    assert open_model(str(src)).spec.attention.indexer.own == (True, False, True)
+    bad = _with_config(src, tmp_path / "s", indexer_types=["shared", "full", "full"])
+    with pytest.raises(ModelSpecError, match=r"config\.indexer_types\[0\]='shared': the first layer must run its own"):
+        open_model(str(bad))
+    ck = _copy(src, tmp_path / "w")
+    _add_tensors(ck, {"model.layers.1.self_attn.indexer.wk.weight": torch.ones(16, 64)})
+    with pytest.raises(CheckpointError, match=r"layer 1 holds self_attn\.indexer\.wk\.weight, but config\.json makes "
+                                              r"it share the previous layer's picks"):
         LLM(str(ck))

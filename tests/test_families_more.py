@@ -111,9 +111,12 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
     "deepseek_v32": ("DeepseekV32Config", DSA,
                      "sparse attention: a lightning indexer (half-split rotary, its own key cache) picks the 8 keys "
                      "each query attends to; MLA, sigmoid grouped routing with correction bias, dense first layer"),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", dict(DSA, indexer_types=["full", "shared", "full"]),
+                    "sparse attention: a lightning indexer (pairwise rotary, its own key cache) picks the 8 keys each "
+                    "query attends to, a shared layer reusing the previous layer's picks; MLA, sigmoid routing"),
 }
 # routing biases made non-zero: checked loaded
-MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32"}
+MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa"}
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +210,8 @@ README_REJECTED = [
     ("linear attention (Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
      {"qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
     ("short convolutions (LFM2-MoE, Inkling)", {"lfm2_moe", "inkling"}, ("short-convolution",)),
-    ("sparse-attention indexers (DeepSeek-V4, GLM-MoE-DSA, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
-     {"deepseek_v4", "glm_moe_dsa", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},
+    ("sparse-attention indexers (DeepSeek-V4, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
+     {"deepseek_v4", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},
      ("indexer",)),
     ("hyper-connections;", {"deepseek_v4", "glm5_next", "hy_v4"}, ("hyper-connections",)),
     ("mixture-of-attention heads (JetMoE)", {"jetmoe"}, ("mixture-of-attention heads",)),

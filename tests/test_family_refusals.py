@@ -48,7 +48,6 @@ REJECTED_CASES = [  # (config class, model_type, words the message must hold)
     ("KimiLinearConfig", "kimi_linear", "linear-attention"),
     ("MiniMaxConfig", "minimax", "lightning (linear) attention"),
     ("Lfm2MoeConfig", "lfm2_moe", "short-convolution"),
-    ("GlmMoeDsaConfig", "glm_moe_dsa", "sparse-attention indexer"),
     ("JetMoeConfig", "jetmoe", "mixture-of-attention heads"),
     ("Step3p7Config", "step3p7", "per-layer head counts"),
     ("DeepseekV4Config", "deepseek_v4", "hyper-connections"),

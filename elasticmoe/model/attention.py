@@ -28,9 +28,10 @@ class KVCache:
         kinds = spec.linear.layers if spec.linear else (False,) * spec.num_layers
         self.linear = {i: DeltaState(spec.linear, num_slots, dtype, device) for i, lin in enumerate(kinds) if lin}
         ix = spec.attention.indexer
+        self.indexed = ix.own if ix else (False,) * spec.num_layers  # per layer: index keys kept
         self.layers = [[] if lin else [torch.zeros(s, dtype=dtype, device=device)
                                        for s in _cache_shapes(spec.attention.layer(i), num_slots, max_len)
-                                       + ([(num_slots, max_len, ix.head_dim)] if ix and ix.own[i] else [])]
+                                       + ([(num_slots, max_len, ix.head_dim)] if self.indexed[i] else [])]
                        for i, lin in enumerate(kinds)]
 
     def clear(self, slot: int, length: int) -> None:
@@ -45,6 +46,8 @@ class KVCache:
 
     def index_keys(self, layer: int) -> torch.Tensor:
         """The layer's sparse-attention index keys [slots, max_len, index_head_dim] (after its K/V or latent)."""
+        if not self.indexed[layer]:
+            raise ValueError(f"layer {layer} keeps no index keys (it runs no indexer of its own)")
         return self.layers[layer][-1]
 
     @staticmethod

@@ -100,6 +100,10 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v32": Family(keys=(*_MLA_KEYS, *_DSA, "scoring_func", "topk_method", "moe_layer_freq"),
                            scoring="sigmoid", rope_interleave=True, indexer_rope="half",
                            neutral=(("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1))),
+    # GLM-MoE-DSA: indexer_types ("full" / "shared") lets a layer reuse the previous layer's picks; the schedule
+    # keys are folded into indexer_types by transformers' config (IndexerSpec.own)
+    "glm_moe_dsa": Family(keys=(*_MLA_KEYS, *_DSA, "indexer_types", "index_topk_freq", "index_skip_topk_offset",
+                                "index_topk_pattern"), scoring="sigmoid", rope_interleave=True, indexer_rope="pairs"),
     "glm4_moe_lite": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid", default_rope_partial=True),
     "glm4_moe": Family(keys=(*_DSV3_ROUTER, "use_qk_norm"), scoring="sigmoid", partial_rotary=True),
     "dots1": Family(keys=(*_DSV3_ROUTER, *_SLIDING), scoring="sigmoid"),
@@ -208,7 +212,6 @@ REJECTED: dict[str, str] = {
     "bailing_hybrid": "linear-attention layers",
     "minimax": "lightning (linear) attention layers",
     "lfm2_moe": "short-convolution layers",
-    "glm_moe_dsa": "the DeepSeek sparse-attention indexer (self_attn.indexer), which picks the keys each query sees",
     "llama4": "a vision encoder (a multimodal model; its text-only checkpoints are model_type llama4_text)",
     "jetmoe": "mixture-of-attention heads",
     "nllb_moe": "encoder-decoder layers",
