@@ -148,3 +148,19 @@ def test_a_shared_indexer_schedule_needs_a_first_full_layer_and_no_shared_weight
     with pytest.raises(CheckpointError, match=r"layer 1 holds self_attn\.indexer\.wk\.weight, but config\.json makes "
                                               r"it share the previous layer's picks"):
         LLM(str(ck))
+
+
+@pytest.mark.parametrize("model_type,feature", [
+    ("axk2", "sigmoid-gated RMSNorms"), ("dots3_note_text", "attention output gate"),
+    ("minimax_m3_vl_text", "block-sparse indexer"), ("mistral_large4_text", "KV sharing across layers"),
+])
+def test_families_with_more_than_the_indexer_stay_refused_naming_it(model_type, feature):
+    """Their modeling code holds an indexer and more besides (read in transformers 5.23): now that the indexer runs,
+    the refusal names what else they lack, from the config alone."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from elasticmoe.model import ModelSpecError
+    from elasticmoe.model.spec import check_model_type
+
+    with pytest.raises(ModelSpecError, match=rf"model_type '{model_type}' is not supported: .*{feature}"):
+        check_model_type(CONFIG_MAPPING[model_type]())

@@ -223,13 +223,18 @@ REJECTED: dict[str, str] = {
     "qwen4_exp": "linear-attention (Gated DeltaNet) layers, a sparse-attention indexer and n-gram embeddings",
     "qwen4_exp_text": "linear-attention (Gated DeltaNet) layers, a sparse-attention indexer and n-gram embeddings",
     "hy_v4": "hyper-connections and a sparse-attention indexer",
-    "axk2": "a sparse-attention indexer (self_attn.indexer)",
+    # their sparse-attention indexers sit in attention or blocks that hold more than the DeepSeek-V3.2 indexer
+    "axk2": "low-rank sigmoid-gated RMSNorms and a gated attention output (fused q_gate_proj) around its "
+            "sparse-attention indexer",
     "dots3_note": "a sparse-attention indexer, and vision/audio encoders (a multimodal model)",
-    "dots3_note_text": "a sparse-attention indexer (self_attn.indexer)",
+    "dots3_note_text": "a per-head sigmoid attention output gate (g_proj), a normed rotary key, rescaled latents and "
+                       "per-layer-type rotary and sliding layers around its sparse-attention indexer",
     "minimax_m3_vl": "a sparse-attention indexer, and a vision encoder (a multimodal model)",
-    "minimax_m3_vl_text": "a sparse-attention indexer (self_attn.indexer)",
+    "minimax_m3_vl_text": "a block-sparse indexer (blocks of keys picked per KV head, local blocks always kept) and "
+                          "clamped SwiGLU experts",
     "mistral_large4": "a sparse-attention indexer, and a vision encoder (a multimodal model)",
-    "mistral_large4_text": "a sparse-attention indexer (self_attn.indexer)",
+    "mistral_large4_text": "KV sharing across layers, NoPE layers, a learned log-position softmax scaling and final "
+                           "logit soft-capping around its sparse-attention indexer",
     "inkling": "short-convolution layers and relative-position logits (a multimodal model)",
     "inkling_text": "short-convolution layers and relative-position logits",
     "inkling2": "short-convolution layers, block attention residuals and soft-capped SwiGLU (a multimodal model)",
