@@ -69,6 +69,7 @@ class _Layer:
         if self.dense is None and (not self.sparse or model.spec.block == "shortcut"):
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks its dense MLP")
         # the router as stored (float32), not rounded to the model's dtype first
+        f32 = torch.float32
         ids = sp.moe.num_experts + sp.moe.zero_experts  # router rows (LongCat: its identity experts too)
         self.router = load(names.router, f32, (ids, hidden)) if names.router else None  # [E, H]
         self.router_bias = load(names.router_bias, f32, numel=ids).flatten() if names.router_bias else None  # [E]
