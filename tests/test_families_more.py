@@ -114,9 +114,13 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
     "glm_moe_dsa": ("GlmMoeDsaConfig", dict(DSA, indexer_types=["full", "shared", "full"]),
                     "sparse attention: a lightning indexer (pairwise rotary, its own key cache) picks the 8 keys each "
                     "query attends to, a shared layer reusing the previous layer's picks; MLA, sigmoid routing"),
+    "kolibri1": ("Kolibri1Config", dict(moe_intermediate_size=64, num_experts=8, shared_expert_intermediate_size=64,
+                                        head_dim=16, norm_topk_prob=True, **SLIDING3),
+                 "correction bias on the raw router logits (sigmoid weights), GLM-4's four norms per block, "
+                 "per-head q/k norms, rotary on sliding layers only, ungated shared expert"),
 }
 # routing biases made non-zero: checked loaded
-MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa"}
+MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa", "kolibri1"}
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +227,6 @@ README_REJECTED = [
     ("MiMo-V2-Flash's attention value rescaling", {"mimo_v2_flash"}, ("attention value rescaling",)),
     ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),
     ("Beam's depth-scaled residuals", {"beam"}, ("depth-scaled residual",)),
-    ("Kolibri's correction bias on the raw router logits", {"kolibri1"}, ("raw router logits",)),
     ("block-diffusion decoding (Diffusion Gemma)", {"diffusion_gemma"}, ("block-diffusion",)),
     ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_vl_moe"}, MULTIMODAL),
     ("encoder-decoder and encoder-only models", {"nllb_moe", "switch_transformers", "openai_privacy_filter"},

@@ -50,11 +50,14 @@ class Family:
     norm_topk: bool | None = None  # forced top-k renormalisation (None: config.norm_topk_prob, default True)
     block: str = "pre"  # "pre" | "post" (norm after each sublayer) | "sandwich" (both) | "parallel" (attn + mlp)
     #                     | "shortcut" (LongCat: an even layer's MoE output joins the next layer's residual)
+    #                     | "glm4" (sandwich norms under GLM-4's names: post_self_attn / post_attention / post_mlp)
     norm: str = "rms"  # "rms" | "layer" (mean-subtracted)
     qk_norm_after_rope: bool = False
     qk_norm_all_heads: bool = False  # q_norm / k_norm over the whole q / k projection (OLMoE), not per head
     rope_interleave: bool | None = None  # forced pairwise (complex) rotary layout; None: config.rope_interleave
     nope_full_layers: bool = False  # rotary only on sliding layers (full-attention layers are NoPE)
+    window_required: bool = False  # transformers builds a sliding-window mask every forward: null fails (Kolibri)
+    bias_on_logits: bool = False  # the correction bias joins the raw router logits for the choice (Kolibri)
     attn_sinks: bool = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks)
     rope_mscale: bool = False  # cos/sin scaled by rope_parameters' short_mscale (PhiMoE), see family_config.mscale_rope
     neutral: tuple[tuple[str, object], ...] = ()  # keys supported only at this value
@@ -170,6 +173,11 @@ FAMILIES: dict[str, Family] = {
     "afmoe": Family(keys=("num_experts", "num_shared_experts", "moe_intermediate_size", "num_dense_layers",
                           "route_scale", "global_attn_every_n_layers", "mup_enabled", *_SLIDING),
                     scoring="sigmoid", norm_topk=True, block="sandwich", nope_full_layers=True),
+    # Kolibri: sigmoid weights of the raw logits, chosen by logits + correction bias; rotary on sliding layers only
+    "kolibri1": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size",
+                             "shared_expert_intermediate_size", "norm_topk_prob", "sliding_window", "layer_types"),
+                       scoring="sigmoid", block="glm4", nope_full_layers=True, window_required=True,
+                       bias_on_logits=True, biases=()),
     # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
     # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
     "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
@@ -246,7 +254,6 @@ REJECTED: dict[str, str] = {
     "beam": "depth-scaled residual adds, per-head gated attention with a bias and final logit soft-capping",
     "mimo_v2_flash": "attention value rescaling (attention_value_scale), attention sinks with a value head dim "
                      "unlike the q/k one, and per-layer-type rotary bases",
-    "kolibri1": "a routing correction bias added to the raw router logits, and GLM-4's four-norm blocks",
     "gemma4": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
               "and logit soft-capping (a multimodal model)",
     "gemma4_text": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "

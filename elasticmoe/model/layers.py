@@ -102,7 +102,8 @@ def route(
     if moe.scoring == "sparsemixer":
         return sparsemixer(router_logits, moe.jitter_eps)
     scores = router_logits.softmax(-1) if moe.scoring == "softmax" else router_logits.sigmoid()  # [T, E]
-    choice = scores if correction_bias is None else scores + correction_bias.float()
+    choice = router_logits if moe.bias_on_logits else scores  # Kolibri: the bias joins the raw logits
+    choice = choice if correction_bias is None else choice + correction_bias.float()
     if moe.n_group > 1:
         t, e = choice.shape
         grouped = choice.view(t, moe.n_group, e // moe.n_group)  # [T, G, E/G]

@@ -36,6 +36,7 @@ class MoESpec:
     experts_in_out: bool = False  # packed experts stored [E, H, 2I] / [E, I, H] (Llama 4, Aria), square ones too
     norm_min: float = 0.0  # floor of the top-k renormalisation's denominator (Ernie 4.5's moe_norm_min)
     router_softcap: float = 0.0  # router logits soft-capped to cap * tanh(logits / cap) before scoring (0: none)
+    bias_on_logits: bool = False  # the correction bias joins the raw logits, not the scores, for the choice
 
     @property
     def moe_layers(self) -> list[int]:
@@ -158,6 +159,7 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         experts_in_out=fam.experts_in_out,
         norm_min=_norm_min(cfg) if model_type == "ernie4_5_moe" else 0.0,
         router_softcap=_softcap(cfg),
+        bias_on_logits=fam.bias_on_logits,
     )
 
 

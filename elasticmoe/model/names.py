@@ -49,6 +49,9 @@ NORMS = {
     "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
     "sandwich": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
                  "mlp_in": "pre_mlp_layernorm", "mlp_out": "post_mlp_layernorm"},
+    # GLM-4's four norms (Kolibri: transformers' names, then the hub's post_attn_norm / post_ffn_norm)
+    "glm4": {"attn_in": "input_layernorm", "attn_out": ("post_self_attn_layernorm", "post_attn_norm"),
+             "mlp_in": "post_attention_layernorm", "mlp_out": ("post_mlp_layernorm", "post_ffn_norm")},
     "parallel": {"attn_in": "input_layernorm"},
     "shortcut": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
 }
@@ -224,7 +227,9 @@ class WeightNames:
         linear = {r: n for r, s in LINEAR.items() if lin and (n := self._first(f"{prefix}linear_attn.{s}"))}
         self._check_biases("attn", [n for role, n in attn.items() if role.endswith("_bias")])
         norms: dict[str, str] = {}
-        for role, module in NORMS[self.spec.block].items():
+        for role, modules in NORMS[self.spec.block].items():
+            modules = (modules,) if isinstance(modules, str) else modules  # alternative names, first found
+            module = next((m for m in modules if f"{prefix}{m}.weight" in self.ckpt), modules[0])
             norms[role] = self._need(f"{prefix}{module}.weight")
             if bias := self._first(f"{prefix}{module}.bias"):
                 norms[role + "_bias"] = bias
@@ -241,7 +246,7 @@ class WeightNames:
         if router is None:
             raise CheckpointError(f"{self.ckpt.path}: MoE layer {i} ({block}) has no router weight "
                                   f"({block}gate.weight)")
-        bias = self._first(*(block + b for b in _ROUTER_BIASES))
+        bias = self._first(*(block + b for b in _ROUTER_BIASES), prefix + "moe.router.expert_bias")  # Kolibri's hub
         shared = next((s for s in (self._mlp(f"{block}{n}.") for n in _SHARED) if s), None)
         if shared is None:  # GraniteMoeShared: the shared MLP sits beside the MoE block
             shared = self._mlp(f"{prefix}shared_mlp.")

@@ -164,6 +164,9 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
     heads = cfg.num_attention_heads
     kv_heads = _get(cfg, "num_key_value_heads", default=heads)
     windows = _windows(cfg, num_layers)
+    if fam.window_required and _get(cfg, "sliding_window") is None:
+        raise ModelSpecError(f"config.sliding_window is null: transformers' {cfg.model_type!r} builds a sliding-window "
+                             "mask for every forward and fails without one")
     rope_layers = _rope_layers(cfg, fam, windows, sparse)
     if _get(cfg, "kv_lora_rank") is not None:
         nope, rope, v = (_required(cfg, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
