@@ -118,9 +118,18 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                                         head_dim=16, norm_topk_prob=True, **SLIDING3),
                  "correction bias on the raw router logits (sigmoid weights), GLM-4's four norms per block, "
                  "per-head q/k norms, rotary on sliding layers only, ungated shared expert"),
+    # rms_norm_eps large beside the hidden states' variance: depth scaling only rescales the residual stream, which
+    # its norms undo but for their epsilon (at 1e-6 dropping it moved the logits by 4e-6)
+    "beam": ("BeamConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, head_dim=16,
+                                n_group=2, topk_group=1, routed_scaling_factor=1.5, final_logit_softcapping=2.0,
+                                rms_norm_eps=0.05, mlp_layer_types=["dense", "sparse", "sparse"], **SLIDING3),
+             "depth-scaled residual adds, Gemma-style sandwich norms, sigmoid attention gate with a bias per head, "
+             "rotary per layer type (NoPE full layers, queries scaled with the position), final logit "
+             "soft-capping, sigmoid grouped routing with correction bias, dense first layer"),
 }
 # routing biases made non-zero: checked loaded
-MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa", "kolibri1"}
+MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa", "kolibri1",
+                     "beam"}
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +235,6 @@ README_REJECTED = [
     ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),
     ("MiMo-V2-Flash's attention value rescaling", {"mimo_v2_flash"}, ("attention value rescaling",)),
     ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),
-    ("Beam's depth-scaled residuals", {"beam"}, ("depth-scaled residual",)),
     ("block-diffusion decoding (Diffusion Gemma)", {"diffusion_gemma"}, ("block-diffusion",)),
     ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_vl_moe"}, MULTIMODAL),
     ("encoder-decoder and encoder-only models", {"nllb_moe", "switch_transformers", "openai_privacy_filter"},

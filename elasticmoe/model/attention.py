@@ -215,8 +215,10 @@ class Attention:
 
     def _gated(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The attention output [T, h, dv] times a gate of x [T, H]: sigmoid per feature (AFMoE), softplus (in
-        float32, rounded to the output's dtype) per head or per feature (Laguna)."""
+        float32, rounded to the output's dtype) per head or per feature (Laguna); Beam's adds one bias per head."""
         g = linear(x, self.w["gate"])  # [T, h] per head, [T, h * dv] per feature
+        if "gate_offset" in self.w:  # Beam: self_attn.gate_bias [h], over each head's values
+            g = (g.view(out.shape[0], out.shape[1], -1) + self.w["gate_offset"][:, None]).flatten(1)
         g = torch.sigmoid(g) if self.spec.out_gate == "sigmoid" else F.softplus(g.float()).to(out.dtype)
         if self.spec.gate_per_head:
             return out * g[:, :, None]
@@ -245,6 +247,9 @@ class Attention:
             q, k = rms_norm(q, w["q_norm_rope"], self.eps, F32), rms_norm(k, w["k_norm_rope"], self.eps, F32)
         if a.l2_qk_norm and self.rope:  # Llama 4: weightless per-head norm after the rotary, rotary layers only
             q, k = rms_norm(q, 1.0, self.eps, F32), rms_norm(k, 1.0, self.eps, F32)
+        if a.nope_query_scale and not self.rope:  # Beam NoPE layers: q * (1 + (pos + 1) / p) ** e, in float32
+            p, e = a.nope_query_scale
+            q = q.float() * torch.exp(e * torch.log1p((positions.float() + 1) / p))[:, None, None]
         if a.temperature and not self.rope:  # Llama 4 NoPE layers: queries scaled up with the position
             q = (q * _position_scale(positions + 1, *a.temperature)[:, None, None]).to(q.dtype)
         return q, k, v, gate

@@ -42,7 +42,7 @@ def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]
         q *= 2
     head = (a.head_dim,)  # per-head q/k norms (HunYuan's after the rotary too); OLMoE's span all heads
     gate = (a.num_heads if a.gate_per_head else a.num_heads * a.v_head_dim, hidden)
-    return {"q": (q, hidden), "k": (k, hidden), "v": (v, hidden), "o": o, "gate": gate,
+    return {"q": (q, hidden), "k": (k, hidden), "v": (v, hidden), "o": o, "gate": gate, "gate_offset": (a.num_heads,),
             "q_bias": (q,), "k_bias": (k,), "v_bias": (v,), "o_bias": (hidden,),
             "q_norm": (q,) if a.qk_norm_all_heads else head, "k_norm": (k,) if a.qk_norm_all_heads else head,
             "q_norm_rope": head, "k_norm_rope": head}
@@ -243,7 +243,7 @@ class DenseModel:
         xf = self._norm(layer, "attn_in", h, torch.float32)  # [T, H]
         a = self._norm(layer, "attn_out", layer.attn.forward(xf.to(self.dtype), batch, cache, self.rotary, cos, sin,
                                                              masks, picks), torch.float32)
-        h = h + a * sp.residual_scale if sp.residual_scale != 1.0 else h + a
+        h = self._residual(h, a, 2 * layer.attn.layer + 2)
         if sp.block != "parallel":
             xf = self._norm(layer, "mlp_in", h, torch.float32)
         x = xf.to(self.dtype)  # [T, H]
@@ -278,9 +278,18 @@ class DenseModel:
         else:
             out = pending.wait()
         out = self._norm(layer, "mlp_out", out)
+        return self._residual(h, out, 2 * layer.attn.layer + 3)
+
+    def _residual(self, h: torch.Tensor, out: torch.Tensor, k: int) -> torch.Tensor:
+        """The k-th residual add (1-based; the embeddings are the first): h + out, out scaled by the residual
+        multiplier; depth-scaled (Beam): h * sqrt((k - 1) / k) + out / sqrt(k). h, out [T, H] -> [T, H]."""
+        if self.spec.depth_scaled:
+            return out * (1.0 / math.sqrt(k)) + h * math.sqrt((k - 1) / k)
         return h + out * self.spec.residual_scale if self.spec.residual_scale != 1.0 else h + out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] float32."""
         out = linear(hidden.to(self.lm_head.dtype), self.lm_head, self.lm_head_bias).float()
-        return out * self.spec.logits_scale if self.spec.logits_scale != 1.0 else out
+        out = out * self.spec.logits_scale if self.spec.logits_scale != 1.0 else out
+        cap = self.spec.logit_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap  # in float32, as transformers

@@ -51,6 +51,7 @@ class Family:
     block: str = "pre"  # "pre" | "post" (norm after each sublayer) | "sandwich" (both) | "parallel" (attn + mlp)
     #                     | "shortcut" (LongCat: an even layer's MoE output joins the next layer's residual)
     #                     | "glm4" (sandwich norms under GLM-4's names: post_self_attn / post_attention / post_mlp)
+    #                     | "gemma" (sandwich norms under Gemma's names: post_attention / pre_ / post_feedforward)
     norm: str = "rms"  # "rms" | "layer" (mean-subtracted)
     qk_norm_after_rope: bool = False
     qk_norm_all_heads: bool = False  # q_norm / k_norm over the whole q / k projection (OLMoE), not per head
@@ -58,6 +59,9 @@ class Family:
     nope_full_layers: bool = False  # rotary only on sliding layers (full-attention layers are NoPE)
     window_required: bool = False  # transformers builds a sliding-window mask every forward: null fails (Kolibri)
     bias_on_logits: bool = False  # the correction bias joins the raw router logits for the choice (Kolibri)
+    depth_scaled: bool = False  # residual add k (1-based, two per layer): h * sqrt((k - 1) / k) + out / sqrt(k) (Beam)
+    nope_query_scale: tuple[float, float] | None = None  # NoPE layers' queries * (1 + (pos + 1) / p) ** e (Beam)
+    nope_types: bool = False  # rope_parameters per layer type: a null entry is a NoPE type (Beam), else refused
     attn_sinks: bool = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks)
     rope_mscale: bool = False  # cos/sin scaled by rope_parameters' short_mscale (PhiMoE), see family_config.mscale_rope
     neutral: tuple[tuple[str, object], ...] = ()  # keys supported only at this value
@@ -178,6 +182,12 @@ FAMILIES: dict[str, Family] = {
                              "shared_expert_intermediate_size", "norm_topk_prob", "sliding_window", "layer_types"),
                        scoring="sigmoid", block="glm4", nope_full_layers=True, window_required=True,
                        bias_on_logits=True, biases=()),
+    # Beam: rope_parameters keyed by layer type (null: NoPE), a sigmoid gate per feature with one bias per head
+    "beam": Family(keys=("num_experts", "moe_intermediate_size", "norm_topk_prob", "n_group", "topk_group",
+                         "routed_scaling_factor", "mlp_layer_types", "final_logit_softcapping", "sliding_window",
+                         "layer_types"),
+                   scoring="sigmoid", block="gemma", depth_scaled=True, nope_query_scale=(2048.0, 0.1),
+                   nope_types=True),
     # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
     # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
     "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
@@ -251,7 +261,6 @@ REJECTED: dict[str, str] = {
     "muse_spark_text": "residual gates and centred RMSNorms",
     "zaya": "compressed convolutional attention (CCA projections)",
     "doge": "product-key retrieval experts (cross-domain MoE) and dynamic-mask attention",
-    "beam": "depth-scaled residual adds, per-head gated attention with a bias and final logit soft-capping",
     "mimo_v2_flash": "attention value rescaling (attention_value_scale), attention sinks with a value head dim "
                      "unlike the q/k one, and per-layer-type rotary bases",
     "gemma4": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "

@@ -29,33 +29,40 @@ def layer_heads(cfg: Any, num_layers: int, kv_heads: int) -> tuple[int, ...]:
 
 
 def typed_rope(cfg: Any) -> dict[str, dict] | None:
-    """rope_parameters keyed by layer type ({"full_attention": {...}, "sliding_attention": {...}}: Laguna, Mellum),
-    or None when the config has one rotary for every layer."""
+    """rope_parameters keyed by layer type ({"full_attention": {...}, "sliding_attention": {...}}: Laguna, Mellum;
+    Beam's {"sliding_attention": {...}, "full_attention": null}), or None when the config has one rotary for every
+    layer."""
     params = config_get(cfg, "rope_parameters")
     if not isinstance(params, dict) or not params or not set(params) <= set(LAYER_TYPES):
         return None
     return params
 
 
-def rope_tables(cfg: Any, head_dim: int, num_layers: int, partial: bool
-                ) -> tuple[list[tuple[torch.Tensor, float]], tuple[int, ...]]:
+def rope_tables(cfg: Any, head_dim: int, num_layers: int, partial: bool, nope: bool = False
+                ) -> tuple[list[tuple[torch.Tensor, float]], tuple[int, ...], tuple[bool, ...]]:
     """Per-layer-type rotary, as transformers' per-type rotary embeddings build it: (the tables, each an inverse
-    frequency [dim / 2] and its cos/sin scale, one per layer type in sorted order) and each layer's table. A type's
-    dims are head_dim * its partial_rotary_factor; its default rope is theta ** (-2i / dim). `partial`: the family's
-    attention rotates only those dims (Laguna); else it rotates every dim and transformers fails on a factor < 1
-    (Mellum), refused."""
+    frequency [dim / 2] and its cos/sin scale, one per rotating layer type in sorted order), each layer's table and
+    whether it rotates. A type's dims are head_dim * its partial_rotary_factor; its default rope is
+    theta ** (-2i / dim). `partial`: the family's attention rotates only those dims (Laguna); else it rotates every
+    dim and transformers fails on a factor < 1 (Mellum), refused. `nope`: a type whose entry is null runs without
+    rotary (Beam: its layers get table 0, unused); else a null entry is refused as a missing one."""
     params = typed_rope(cfg)
     types = list(config_get(cfg, "layer_types") or ["full_attention"] * num_layers)
     if len(types) != num_layers or set(types) - set(LAYER_TYPES):
         raise ModelSpecError(f"config.layer_types={types!r}: want {num_layers} of {LAYER_TYPES}")
     order = sorted(set(types))
     for t in order:
-        factor = (params.get(t) or {}).get("partial_rotary_factor", 1.0)
+        if t not in params:  # transformers looks every layer type up: a missing one fails its load
+            raise ModelSpecError(f"config.rope_parameters.{t} is missing: layers of that type need "
+                                 f"{'an entry (null: no rotary)' if nope else 'a rotary'}")
+        factor = (params[t] or {}).get("partial_rotary_factor", 1.0)
         if factor != 1.0 and not partial:
             raise ModelSpecError(f"config.rope_parameters.{t}.partial_rotary_factor={factor}: model_type "
                                  f"{cfg.model_type!r} rotates every head dim (transformers fails every forward)")
-    tables = [_table(cfg, params.get(t), t, head_dim) for t in order]
-    return tables, tuple(order.index(t) for t in types)
+    rotating = [t for t in order if not (nope and params[t] is None)]
+    tables = [_table(cfg, params[t], t, head_dim) for t in rotating] or [(torch.zeros(0), 1.0)]  # all NoPE: none
+    sets = tuple(rotating.index(t) if t in rotating else 0 for t in types)
+    return tables, sets, tuple(t in rotating for t in types)
 
 
 def _table(cfg: Any, p: dict | None, layer_type: str, head_dim: int) -> tuple[torch.Tensor, float]:

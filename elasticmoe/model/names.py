@@ -35,6 +35,7 @@ ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
     "q_norm": "q_norm.weight", "k_norm": "k_norm.weight",
     "q_norm_rope": "query_layernorm.weight", "k_norm_rope": "key_layernorm.weight",  # HunYuan: after rotary
     "gate": "gate_proj.weight",  # AFMoE: sigmoid gate on the attention output (Laguna: g_proj, AttentionSpec.gate_name)
+    "gate_offset": "gate_bias",  # Beam: one bias per head added to that gate (whatever attention_bias says)
     "sinks": "sinks",  # GPT-OSS: per-head attention sink logits
     "q_a": "q_a_proj.weight", "q_a_bias": "q_a_proj.bias", "q_a_norm": "q_a_layernorm.weight", "q_b": "q_b_proj.weight",
     "kv_a": "kv_a_proj_with_mqa.weight", "kv_a_bias": "kv_a_proj_with_mqa.bias",
@@ -52,6 +53,8 @@ NORMS = {
     # GLM-4's four norms (Kolibri: transformers' names, then the hub's post_attn_norm / post_ffn_norm)
     "glm4": {"attn_in": "input_layernorm", "attn_out": ("post_self_attn_layernorm", "post_attn_norm"),
              "mlp_in": "post_attention_layernorm", "mlp_out": ("post_mlp_layernorm", "post_ffn_norm")},
+    "gemma": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
+              "mlp_in": "pre_feedforward_layernorm", "mlp_out": "post_feedforward_layernorm"},
     "parallel": {"attn_in": "input_layernorm"},
     "shortcut": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
 }

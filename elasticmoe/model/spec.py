@@ -52,6 +52,7 @@ class AttentionSpec:
     out_gate: str = "sigmoid"  # activation of the gate on the attention output (self_attn.<gate_name>)
     gate_name: str = "gate_proj"  # that gate's module: gate_proj (AFMoE), g_proj (Laguna)
     gate_per_head: bool = False  # that gate: one value per head (Laguna's default), else one per output feature
+    nope_query_scale: tuple[float, float] | None = None  # Beam NoPE layers: q * (1 + (position + 1) / p) ** e
 
     def layer(self, i: int) -> "AttentionSpec":
         """Layer i's attention (its own query heads where they differ per layer)."""
@@ -95,6 +96,8 @@ class ModelSpec:
     residual_scale: float = 1.0  # multiplies each sublayer's output before the residual add
     logits_scale: float = 1.0  # multiplies the LM-head output
     moe_out_norm: bool = False  # an RMSNorm on each MoE block's output (model.families.Family)
+    depth_scaled: bool = False  # Beam: residual add k = h * sqrt((k - 1) / k) + out / sqrt(k) (model.families.Family)
+    logit_softcap: float | None = None  # final_logit_softcapping: logits = cap * tanh(logits / cap)
     mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
     biases: tuple[tuple[str, str, bool], ...] = (("attn", "attention_bias", True),)  # (part, config flag, its value)
     linear: DeltaNetSpec | None = None  # linear-attention layers (the others are attention), None: none
@@ -199,7 +202,7 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
         scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
         rope_dim=rope_dim, rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, qk_norm_all_heads=fam.qk_norm_all_heads,
-        sinks=fam.attn_sinks, output_gate=fam.attn_output_gate,
+        sinks=fam.attn_sinks, output_gate=fam.attn_output_gate, nope_query_scale=fam.nope_query_scale,
         clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
         layer_heads=layer_heads(cfg, num_layers, kv_heads), **output_gate(cfg, fam.attn_gate),
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
@@ -254,12 +257,12 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
     rope_more: tuple = ()
-    if typed_rope(cfg) is not None:  # one rotary per layer type (Laguna, Mellum)
+    if typed_rope(cfg) is not None:  # one rotary per layer type (Laguna, Mellum; Beam's null types: NoPE)
         if attn.kind != "gqa":
             raise ModelSpecError("config.rope_parameters per layer type: only with grouped-query attention")
-        tables, sets = rope_tables(cfg, attn.head_dim, num_layers, fam.partial_rotary)
+        tables, sets, rotates = rope_tables(cfg, attn.head_dim, num_layers, fam.partial_rotary, fam.nope_types)
         (inv_freq, rope_scale), rope_more = tables[0], tuple(tables[1:])
-        attn = replace(attn, rope_sets=sets, rope_dim=2 * len(tables[sets[0]][0]))
+        attn = replace(attn, rope_sets=sets, rope_dim=2 * len(tables[sets[0]][0]), rope_layers=rotates)
     else:
         inv_freq, rope_scale = _rope(_with_head_dim(cfg, attn), attn.rope_dim, fam)
     max_pos = _get(cfg, "max_position_embeddings", default=4096)
@@ -283,8 +286,17 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         dense_intermediate_size=_get(cfg, "intermediate_size", default=0),
         block=fam.block, norm="rms" if rms_set else fam.norm, embed_scale=embed_scale, moe_out_norm=fam.moe_out_norm,
         residual_scale=float(_get(cfg, "residual_multiplier", default=1.0)), logits_scale=logits_scale,
+        depth_scaled=fam.depth_scaled, logit_softcap=_softcap(cfg),
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
         biases=tuple((part, flag, bool(_get(cfg, flag, default=False))) for part, flag in fam.biases),
         linear=deltanet_from_config(cfg, num_layers, fam), norm_offset=1.0 if fam.centred_norms else 0.0,
         ignored=fam.ignored,
     )
+
+
+def _softcap(cfg: Any) -> float | None:
+    """final_logit_softcapping (null: none); one that is not a positive number fails naming it."""
+    cap = _get(cfg, "final_logit_softcapping")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf):
+        raise ModelSpecError(f"config.final_logit_softcapping={cap!r}: want a finite positive number (null: none)")
+    return None if cap is None else float(cap)
