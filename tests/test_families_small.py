@@ -1,7 +1,10 @@
 """Kolibri and Beam beyond MORE_CASES' one-prompt check: chunked prefill of a batch of prompts of different lengths
-against transformers alone, transformers' in-memory names, the configs they refuse."""
+against transformers alone, transformers' in-memory names, the configs they refuse; what MiMo-V2-Flash and Muse Spark
+still lack."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -140,3 +143,19 @@ def _with_config(src, tmp_path, **changes):
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**cfg, **changes}))
     return ck
+
+
+@pytest.mark.parametrize("model_type,lacks", [
+    ("mimo_v2_flash", "per-layer KV head counts (sliding layers double them)"),
+    ("muse_spark_text", "experts run at a pooled width (moe_hidden_size) with a norm on each expert's output"),
+])
+def test_the_families_still_refused_name_what_they_lack(model_type, lacks):
+    """MiMo-V2-Flash's sliding layers have twice the KV heads of its full ones, Muse Spark's experts run between a
+    pre_expert_proj and a post_expert_proj with a post_expert_norm inside each: the refusals named neither."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from elasticmoe.model import ModelSpecError
+    from elasticmoe.model.spec import check_model_type
+
+    with pytest.raises(ModelSpecError, match=re.escape(lacks)):
+        check_model_type(CONFIG_MAPPING[model_type]())

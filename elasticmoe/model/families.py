@@ -258,11 +258,12 @@ REJECTED: dict[str, str] = {
     "inkling2": "short-convolution layers, block attention residuals and soft-capped SwiGLU (a multimodal model)",
     "inkling2_text": "short-convolution layers, block attention residuals and soft-capped SwiGLU",
     "muse_spark": "residual gates and centred RMSNorms, and vision/audio encoders (a multimodal model)",
-    "muse_spark_text": "residual gates and centred RMSNorms",
+    "muse_spark_text": "residual gates and centred RMSNorms, and experts run at a pooled width (moe_hidden_size) with "
+                       "a norm on each expert's output",
     "zaya": "compressed convolutional attention (CCA projections)",
     "doge": "product-key retrieval experts (cross-domain MoE) and dynamic-mask attention",
-    "mimo_v2_flash": "attention value rescaling (attention_value_scale), attention sinks with a value head dim "
-                     "unlike the q/k one, and per-layer-type rotary bases",
+    "mimo_v2_flash": "attention value rescaling (attention_value_scale), per-layer KV head counts (sliding layers "
+                     "double them) and attention sinks with a value head dim unlike the q/k one",
     "gemma4": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
               "and logit soft-capping (a multimodal model)",
     "gemma4_text": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
