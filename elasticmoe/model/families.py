@@ -188,7 +188,6 @@ FAMILIES: dict[str, Family] = {
                          "layer_types"),
                    scoring="sigmoid", block="gemma", depth_scaled=True, nope_query_scale=(2048.0, 0.1),
                    nope_types=True),
-    # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
     # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
     "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_DELTANET),
@@ -206,6 +205,7 @@ FAMILIES: dict[str, Family] = {
     # Qwen3.5-MoE with its vision encoder: text prompts only, through its language model
     "qwen3_5_moe": Family(keys=("text_config", "vision_config", "image_token_id", "video_token_id",
                                 "vision_start_token_id", "vision_end_token_id"), text_model="qwen3_5_moe_text"),
+    # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
     "gpt_oss": Family(keys=("num_local_experts", "swiglu_alpha", "swiglu_limit", "quantization_config",
                             "experts_per_token", "initial_context_length", *_SLIDING), norm_topk=True, attn_sinks=True),
     # Laguna: rope_parameters per layer type (each its own theta and partial_rotary_factor), query heads per layer
