@@ -106,7 +106,7 @@ class GatedDeltaNet:
         beta = b.sigmoid().float()
         g = -self.w["A_log"].float().exp() * F.softplus(a.float() + self.w["dt_bias"])  # [T, v_heads] log decay
         state: DeltaState = cache.linear[self.layer]
-        out = x.new_empty(t, sp.num_v_heads, sp.head_v_dim)  # [T, v_heads, dv]
+        out = x.new_empty(t, sp.num_v_heads, sp.head_v_dim, dtype=F32)  # [T, v_heads, dv], normed before rounding
         for c in batch.prefill:
             rows = slice(c.offset, c.offset + c.length)
             read, write = state.copies(c.slot, c.start)
@@ -117,11 +117,11 @@ class GatedDeltaNet:
             o, s = _chunked_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[rows].T, beta[rows].T, s0)
             state.rec[c.slot, write] = s
             state.pos[c.slot][write] = c.start + c.length
-            out[rows] = o.transpose(0, 1).to(out.dtype)
+            out[rows] = o.transpose(0, 1)
         decode = [c for c in batch.chunks if c.length == 1]
         if decode:
             self._decode(decode, qkv, g, beta, state, out)
-        return self._output(out, z)
+        return self._output(out, z, x.dtype)
 
     def _decode(self, chunks, qkv, g, beta, state: DeltaState, out: torch.Tensor) -> None:
         """The single-token chunks of the step, batched: one recurrent step each from its slot's state."""
@@ -140,18 +140,19 @@ class GatedDeltaNet:
         state.rec[slots, writes] = s
         for c, (_, w) in zip(chunks, copies):
             state.pos[c.slot][w] = c.start + 1
-        out[rows] = o.to(out.dtype)
+        out[rows] = o
 
     def _conv(self, mixed: torch.Tensor, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv + SiLU of mixed [B, C, L] after the window [B, C, K-1] (None: zeros) -> (out
-        [B, C, L] in mixed's dtype, the new window [B, C, K-1])."""
+        [B, C, L] float32: summed and activated in float32, never rounded, as the delta rule reads it in float32;
+        the new window [B, C, K-1] in mixed's dtype, the inputs as they came)."""
         kern = self.spec.conv_kernel
         if window is None:
             window = mixed.new_zeros(mixed.shape[0], mixed.shape[1], kern - 1)
         full = torch.cat((window.to(mixed.dtype), mixed), dim=-1)  # [B, C, K-1+L]
         w = self.w["conv"]
-        y = F.silu(F.conv1d(full.to(w.dtype), w, groups=mixed.shape[1]))  # [B, C, L]
-        return y.to(mixed.dtype), full[..., full.shape[-1] - (kern - 1):]
+        y = F.silu(F.conv1d(full.float(), w.float(), groups=mixed.shape[1]))  # [B, C, L]
+        return y, full[..., full.shape[-1] - (kern - 1):]
 
     def _qkv(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mixed [N, C] -> q, k [N, v_heads, dk] (l2-normed, q scaled by dk^-0.5, repeated per value head) and
@@ -163,14 +164,12 @@ class GatedDeltaNet:
         q = l2norm(q) * sp.head_k_dim**-0.5
         return q, l2norm(k), v.reshape(n, sp.num_v_heads, sp.head_v_dim).float()
 
-    def _output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Gated RMSNorm (normed in float32, weighted in the model's dtype, times silu(z)) and out_proj.
-        core [T, v_heads, dv], z [T, value_dim] -> [T, H]."""
-        t, dtype = core.shape[0], core.dtype
-        h = core.float()
+    def _output(self, core: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Gated RMSNorm (normed, weighted and gated by silu(z) in float32, rounded once to `dtype`) and out_proj.
+        core [T, v_heads, dv] float32, z [T, value_dim] -> [T, H]."""
+        t, h = core.shape[0], core
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = self.w["norm"] * h.to(dtype)
-        h = (h * F.silu(z.reshape(core.shape).float())).to(dtype)
+        h = (self.w["norm"].float() * h * F.silu(z.reshape(core.shape).float())).to(dtype)
         return linear(h.reshape(t, -1), self.w["out"])
 
 
