@@ -128,8 +128,8 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
              "soft-capping, sigmoid grouped routing with correction bias, dense first layer"),
 }
 # routing biases made non-zero: checked loaded
-MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa", "kolibri1",
-                     "beam"}
+MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa",
+                     "kolibri1", "beam"}
 
 
 @pytest.fixture(scope="module")
