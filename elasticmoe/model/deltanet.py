@@ -124,14 +124,14 @@ class GatedDeltaNet:
         return self._output(out, z, x.dtype)
 
     def _decode(self, chunks, qkv, g, beta, state: DeltaState, out: torch.Tensor) -> None:
-        """The single-token chunks of the step, batched: one recurrent step each from its slot's state."""
+        """The single-token chunks of the step, batched: one recurrent step each from its slot's state. Their rows,
+        slots and copies go to the device in one tensor: a copy from the host waits for the device's queued work."""
         copies = [state.copies(c.slot, c.start) for c in chunks]
-        dev = qkv.device
-        rows = torch.tensor([c.offset for c in chunks], device=dev)
-        slots = torch.tensor([c.slot for c in chunks], device=dev)
-        reads = torch.tensor([r if r is not None else 0 for r, _ in copies], device=dev)
-        writes = torch.tensor([w for _, w in copies], device=dev)
-        fresh = torch.tensor([r is None for r, _ in copies], device=dev)[:, None, None]  # [B, 1, 1]
+        index = torch.tensor([[c.offset for c in chunks], [c.slot for c in chunks],
+                              [-1 if r is None else r for r, _ in copies], [w for _, w in copies]], device=qkv.device)
+        rows, slots, writes = index[0], index[1], index[3]  # [B] each
+        fresh = (index[2] < 0)[:, None, None]  # [B, 1, 1]: a chunk at position 0 starts from zeros
+        reads = index[2].clamp(min=0)
         window = state.conv[slots, reads].masked_fill(fresh, 0)  # [B, C, K-1]
         mixed, state.conv[slots, writes] = self._conv(qkv[rows][:, :, None], window)  # [B, C, 1]
         q, k, v = self._qkv(mixed[:, :, 0])  # [B, h, d]
