@@ -125,3 +125,17 @@ def test_a_decode_step_sends_the_linear_layer_one_host_tensor(dirs, monkeypatch)
     assert out.shape == x.shape and len(made) == 1
     state = engine.cache.linear[layer.layer]
     assert all(s.num_cached + 1 in state.pos[s.slot] for s in seqs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_slots_linear_state_is_counted_as_allocated(dirs, dtype):
+    """KVCache.bytes_per_slot is what the cache holds per slot for the linear layers: both copies of each state."""
+    from elasticmoe.engine.engine import DTYPES
+    from elasticmoe.model.attention import KVCache
+
+    llm = LLM(str(dirs["qwen3_next"]), dtype=dtype, max_num_seqs=3, max_model_len=64)
+    cache, spec = llm.engine.cache, llm.engine.spec
+    held = sum(s.conv.numel() * s.conv.element_size() + s.rec.numel() * s.rec.element_size()
+               for s in cache.linear.values())
+    assert held == 3 * KVCache.bytes_per_slot(spec, DTYPES[dtype])
+    assert held == 3 * sum(s.nbytes_per_slot() for s in cache.linear.values())

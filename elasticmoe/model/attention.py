@@ -61,12 +61,12 @@ class KVCache:
 
     @staticmethod
     def bytes_per_slot(spec: ModelSpec, dtype: torch.dtype) -> int:
-        """Bytes of the linear-attention layers' states a slot takes, whatever its length (conv window in `dtype`,
-        recurrent state in float32)."""
+        """Bytes of the linear-attention layers' states a slot takes, whatever its length: both copies (DeltaState)
+        of the conv window (in `dtype`) and of the recurrent state (float32)."""
         if spec.linear is None:
             return 0
         conv, rec = spec.linear.state_floats()
-        return sum(spec.linear.layers) * (conv * torch.empty(0, dtype=dtype).element_size() + rec * 4)
+        return 2 * sum(spec.linear.layers) * (conv * torch.empty(0, dtype=dtype).element_size() + rec * 4)
 
 
 def _cache_shapes(a: AttentionSpec, num_slots: int, max_len: int) -> list[tuple[int, ...]]:
