@@ -16,7 +16,7 @@ from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBu
 from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.attention import KVCache
-from elasticmoe.model.batch import build_batch
+from elasticmoe.model.batch import build_batch, to_device
 from elasticmoe.model.dense import DenseModel
 from elasticmoe.model.dispatch import Dispatcher, ExpertsUnavailable
 
@@ -166,9 +166,10 @@ class Engine:
         ready = [(i, s, n) for i, (s, n) in enumerate(work) if s.num_cached + n == s.num_tokens]
         seqs = [s for _, s, _ in ready]
         sampled: tuple[list, list, list] = ([], [], [])
-        if ready:
-            rows = torch.tensor([i for i, _, _ in ready], device=self.device)
-            sampled = self._sample(hidden[rows], seqs)  # hidden[rows] [R, H]
+        if len(ready) == len(work):  # every row draws (decodes, last chunks): no index to send to the device
+            sampled = self._sample(hidden, seqs)
+        elif ready:
+            sampled = self._sample(hidden[to_device([i for i, _, _ in ready], self.device)], seqs)  # [R, H]
         for s, n in work:
             if s.num_cached + n < s.num_tokens:  # a prefill chunk short of its last token: nothing to draw
                 s.num_cached += n

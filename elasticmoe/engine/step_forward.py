@@ -10,7 +10,7 @@ import torch
 
 from elasticmoe.engine.scheduler import Sequence
 from elasticmoe.model.attention import KVCache
-from elasticmoe.model.batch import build_batch
+from elasticmoe.model.batch import build_batch, build_batches
 from elasticmoe.model.dense import DenseModel
 from elasticmoe.model.dispatch import Dispatcher, ExpertsUnavailable
 from elasticmoe.model.pipeline import micro_batch_count, split_even
@@ -204,5 +204,5 @@ class StepForward:
         n = micro_batch_count(sum(sizes), len(chunks), self.micro_batches, self.pipeline_min_tokens)
         if not getattr(self.dispatcher, "remote", False) or n < 2:
             return self.model.forward(build_batch(chunks, self.device), self.cache, self.dispatcher)
-        parts = [build_batch(chunks[a:b], self.device) for a, b in split_even(sizes, n)]  # at sequence boundaries
+        parts = build_batches([chunks[a:b] for a, b in split_even(sizes, n)], self.device)  # at sequence boundaries
         return torch.cat(self.model.forward_pipelined(parts, self.cache, self.dispatcher))

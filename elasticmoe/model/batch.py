@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,32 @@ class StepBatch:
         return int(self.token_ids.shape[0])
 
 
-def build_batch(chunks: list[tuple[int, int, list[int]]], device: torch.device) -> StepBatch:
-    """chunks: (slot, start, new token ids) per sequence, in order. Returns the step's StepBatch."""
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as one int64 tensor [n] on `device`, read from an int64 array (a third of torch.tensor's time on
+    a list). For CUDA it is copied to pinned host memory and sent without waiting (non_blocking): a copy from
+    pageable memory waits for the device's queued work, a host sync; the caching host allocator keeps the pinned
+    block until the copy is done."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    host = torch.frombuffer(array("q", values), dtype=torch.int64)  # [n], sharing the array's memory
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One batch's host side: its chunks and decode groups, and its index values in the order of `sizes`: token
+    ids, positions, token slots [T] each, last rows [N], then each group's rows, slots, lens [B] each."""
+
+    chunks: tuple[SeqChunk, ...]
+    groups: tuple[tuple[SeqChunk, ...], ...]
+    values: list[int]
+    sizes: list[int]
+
+
+def _plan(chunks: list[tuple[int, int, list[int]]]) -> _Plan:
+    """The host side of the batch of `chunks` ((slot, start, new token ids) per sequence)."""
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -58,17 +83,38 @@ def build_batch(chunks: list[tuple[int, int, list[int]]], device: torch.device) 
         ids.extend(toks)
         pos.extend(range(start, start + len(toks)))
         slots.extend([slot] * len(toks))
-    prefill = tuple(c for c in out if c.length > 1)
+    groups = group_decodes([c for c in out if c.length == 1])
+    values = ids + pos + slots + [c.offset + c.length - 1 for c in out]
+    sizes = [len(ids)] * 3 + [len(out)]
+    for g in groups:
+        values += [c.offset for c in g] + [c.slot for c in g] + [c.start + 1 for c in g]
+        sizes += [len(g)] * 3
+    return _Plan(tuple(out), tuple(tuple(g) for g in groups), values, sizes)
 
-    def t(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int64, device=device)
 
-    groups = tuple(DecodeGroup(t([c.offset for c in g]), t([c.slot for c in g]), t([c.start + 1 for c in g]),
-                               g[-1].start + 1) for g in group_decodes([c for c in out if c.length == 1]))
-    return StepBatch(
-        token_ids=t(ids), positions=t(pos), token_slots=t(slots), chunks=tuple(out), prefill=prefill,
-        decode_groups=groups, last_rows=t([c.offset + c.length - 1 for c in out]),
-    )
+def _batch(plan: _Plan, packed: torch.Tensor) -> StepBatch:
+    """The StepBatch of `plan` over packed [sum(plan.sizes)] (views of it)."""
+    parts = packed.split(plan.sizes)
+    groups = tuple(DecodeGroup(*parts[4 + 3 * i: 7 + 3 * i], g[-1].start + 1) for i, g in enumerate(plan.groups))
+    return StepBatch(token_ids=parts[0], positions=parts[1], token_slots=parts[2], chunks=plan.chunks,
+                     prefill=tuple(c for c in plan.chunks if c.length > 1), decode_groups=groups, last_rows=parts[3])
+
+
+def build_batches(parts: list[list[tuple[int, int, list[int]]]], device: torch.device) -> list[StepBatch]:
+    """Each part's StepBatch (a step's micro-batches). Their index tensors are views of one tensor sent to `device`
+    in one copy (to_device), not a copy each (four, plus three per decode group, per batch)."""
+    plans = [_plan(chunks) for chunks in parts]
+    packed = to_device([v for p in plans for v in p.values], device)  # [sum of sizes]
+    bounds = [0]
+    for p in plans:
+        bounds.append(bounds[-1] + len(p.values))
+    return [_batch(p, packed[a:b]) for p, a, b in zip(plans, bounds, bounds[1:])]
+
+
+def build_batch(chunks: list[tuple[int, int, list[int]]], device: torch.device) -> StepBatch:
+    """chunks: (slot, start, new token ids) per sequence, in order. Returns the step's StepBatch."""
+    plan = _plan(chunks)
+    return _batch(plan, to_device(plan.values, device))
 
 
 def group_decodes(decode: list[SeqChunk]) -> list[list[SeqChunk]]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
-from elasticmoe.model.batch import StepBatch
+from elasticmoe.model.batch import StepBatch, to_device
 from elasticmoe.model.linear_spec import DeltaNetSpec
 
 F32 = torch.float32
@@ -127,8 +127,9 @@ class GatedDeltaNet:
         """The single-token chunks of the step, batched: one recurrent step each from its slot's state. Their rows,
         slots and copies go to the device in one tensor: a copy from the host waits for the device's queued work."""
         copies = [state.copies(c.slot, c.start) for c in chunks]
-        index = torch.tensor([[c.offset for c in chunks], [c.slot for c in chunks],
-                              [-1 if r is None else r for r, _ in copies], [w for _, w in copies]], device=qkv.device)
+        at = [-1 if r is None else r for r, _ in copies]  # the copy each reads (-1: none)
+        index = to_device([c.offset for c in chunks] + [c.slot for c in chunks] + at + [w for _, w in copies],
+                          qkv.device).view(4, len(chunks))  # [4, B]: one copy (pinned, non-blocking on CUDA)
         rows, slots, writes = index[0], index[1], index[3]  # [B] each
         fresh = (index[2] < 0)[:, None, None]  # [B, 1, 1]: a chunk at position 0 starts from zeros
         reads = index[2].clamp(min=0)
