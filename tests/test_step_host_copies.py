@@ -1,4 +1,4 @@
-"""What an engine step sends from the host to the device: its index tensors in one copy."""
+"""What an engine step sends from the host to the device: its index tensors in one copy, the sampler's in one read."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import elasticmoe.kernels
 import elasticmoe.model.batch as batch_mod
 from elasticmoe import LLM, SamplingParams
+from elasticmoe.engine.sampling import sample
 from elasticmoe.model.batch import SeqChunk, build_batch, group_decodes
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -94,3 +95,18 @@ def test_micro_batches_share_one_copy_and_equal_their_own_batches():
     assert got[0].token_ids.tolist() == [5, 6, 7, 8] and got[0].positions.tolist() == [0, 1, 2, 40]
     assert [g.lens.tolist() for g in got[1].decode_groups] == [[4], [701]] and got[1].last_rows.tolist() == [0, 1, 3]
 
+
+def test_sampling_greedy_rows_reads_the_device_once(monkeypatch):
+    """The greedy tokens and the rows that are not finite came to the host in two reads (each a host sync on
+    CUDA); now one."""
+    logits = torch.randn(5, 32)
+    logits[3, 7] = float("nan")
+    reads: list[int] = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real(self))
+    tokens, _, errors = sample(logits, [GREEDY] * 5, [None] * 5)
+    monkeypatch.undo()
+    assert len(reads) == 1
+    want = logits.argmax(-1).tolist()
+    assert tokens == [t if i != 3 else None for i, t in enumerate(want)]
+    assert [e is not None for e in errors] == [False, False, False, True, False]

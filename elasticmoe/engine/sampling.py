@@ -190,8 +190,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """
     top = logits.argmax(-1)  # [N]; argmax picks a row's NaN (torch ranks NaN above all) or else its +inf
     picked = logits.gather(-1, top.unsqueeze(-1)).squeeze(-1)  # [N]
-    broken = (picked.isnan() | picked.isposinf()).tolist()  # O(N), not a pass over the whole [N, V]
-    greedy = top.tolist()
+    broken = picked.isnan() | picked.isposinf()  # [N] O(N), not a pass over the whole [N, V]
+    greedy, broken = torch.stack((top, broken.long())).tolist()  # one read from the device (a host sync), not two
     tokens: list[int | None] = []
     errors: list[Exception | None] = [None] * len(params)
     for i, p in enumerate(params):
