@@ -30,6 +30,14 @@ TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attent
                  eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
 TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                    num_position_embeddings=16)
+# Qwen3-VL-MoE: a dense first layer, experts' down_proj [E, H, I] not square; M-RoPE sections over 8 frequencies
+QWEN3_VL_TEXT = dict(intermediate_size=128, moe_intermediate_size=48, num_experts=8, head_dim=16, mlp_only_layers=[0],
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
+                                          mrope_interleaved=True))
+# GLM-4.5V: M-RoPE sections over the 4 frequencies of a half-rotated head
+GLM4V_TEXT = dict(DSV3_MOE, intermediate_size=128, head_dim=16, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                       mrope_section=[2, 1, 1]))
 # DeepSeek sparse attention: each query attends to its 8 best keys (the prompt has 32 tokens), picked by 8 index heads
 DSA = dict(**DSV3_MOE, **MLA, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1,
            routed_scaling_factor=1.5, index_topk=8, index_head_dim=16, index_n_heads=8)
@@ -94,6 +102,19 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                                              tie_word_embeddings=False),
                     "the language model of a vision-language checkpoint on text alone (model.visual.* ignored, as "
                     "its ForCausalLM ignores it)"),
+    # text_config.tie_word_embeddings left at its class default (true): the top-level false unties the LM head
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", dict(text_config={**QWEN3_VL_TEXT, **TINY_TEXT},
+                                              vision_config=dict(TINY_VISION, deepstack_visual_indexes=[0]),
+                                              tie_word_embeddings=False),
+                     "the language model of a vision-language checkpoint on text alone: Qwen3-MoE layers, "
+                     "interleaved multimodal rotary sections on text positions, top-k always renormalised, dense "
+                     "first layer (model.visual.* ignored; deepstack inputs come only with images)"),
+    "glm4v_moe": ("Glm4vMoeConfig", dict(text_config={**GLM4V_TEXT, **TINY_TEXT}, tie_word_embeddings=False,
+                                         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                            out_hidden_size=64)),
+                  "the language model of a vision-language checkpoint on text alone: GLM-4-MoE layers (q/k/v "
+                  "biases, no q/k norm), multimodal rotary sections on text positions over a partial rotary, sigmoid "
+                  "grouped routing with correction bias, shared expert, dense first layer (model.visual.* ignored)"),
     "laguna": ("LagunaConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
                                     shared_expert_intermediate_size=48, head_dim=16,
                                     num_attention_heads_per_layer=[4, 8, 2],
@@ -129,7 +150,7 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
 }
 # routing biases made non-zero: checked loaded
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa",
-                     "kolibri1", "beam"}
+                     "kolibri1", "beam", "glm4v_moe"}
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +257,7 @@ README_REJECTED = [
     ("MiMo-V2-Flash's attention value rescaling", {"mimo_v2_flash"}, ("attention value rescaling",)),
     ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),
     ("block-diffusion decoding (Diffusion Gemma)", {"diffusion_gemma"}, ("block-diffusion",)),
-    ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_vl_moe"}, MULTIMODAL),
+    ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_omni_moe"}, MULTIMODAL),
     ("encoder-decoder and encoder-only models", {"nllb_moe", "switch_transformers", "openai_privacy_filter"},
      ("encoder-decoder", "bidirectional encoder")),
 ]

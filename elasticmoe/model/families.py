@@ -81,6 +81,8 @@ class Family:
     ignored: tuple[str, ...] = ()  # tensor-name patterns transformers ignores on load (multi-token prediction)
     text_model: str | None = None  # a multimodal model run as its language model alone: config.text_config, of
     #                                this model_type (whose `ignored` drops the encoders' weights)
+    top_ties_head: bool = False  # the multimodal config's tie_word_embeddings ties the LM head (transformers has no
+    #                              causal LM of the text model_type alone); else it must equal text_config's
     # the gate on the attention output (self_attn.g_proj), when its activation is not AFMoE's sigmoid per feature:
     # "softplus" (Laguna; one value per head or per feature by config.gating)
     attn_gate: str | None = None
@@ -205,6 +207,22 @@ FAMILIES: dict[str, Family] = {
     # Qwen3.5-MoE with its vision encoder: text prompts only, through its language model
     "qwen3_5_moe": Family(keys=("text_config", "vision_config", "image_token_id", "video_token_id",
                                 "vision_start_token_id", "vision_end_token_id"), text_model="qwen3_5_moe_text"),
+    # Qwen3-VL-MoE's language model: Qwen3-MoE's layers with its top-k always renormalised (norm_topk_prob and
+    # sliding_window are read by no code) and a multimodal rotary whose sections all read the text position on text
+    # alone (the plain rotary); deepstack inputs only come with images; the vision encoder's model.visual.* unused
+    "qwen3_vl_moe_text": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob",
+                                      "decoder_sparse_step", "mlp_only_layers", "sliding_window"),
+                                norm_topk=True, ignored=(r"model\.visual\.",)),
+    "qwen3_vl_moe": Family(keys=("text_config", "vision_config", "image_token_id", "video_token_id",
+                                 "vision_start_token_id", "vision_end_token_id"), text_model="qwen3_vl_moe_text",
+                           top_ties_head=True),
+    # GLM-4.5V's language model: GLM-4-MoE's layers (no q/k norm) with a multimodal rotary whose sections all read
+    # the text position on text alone (the plain partial rotary); the vision encoder's model.visual.* unused
+    "glm4v_moe_text": Family(keys=_DSV3_ROUTER, scoring="sigmoid", partial_rotary=True, ignored=(r"model\.visual\.",)),
+    "glm4v_moe": Family(keys=("text_config", "vision_config", "image_token_id", "video_token_id",
+                              "image_start_token_id", "image_end_token_id", "video_start_token_id",
+                              "video_end_token_id"),
+                        text_model="glm4v_moe_text", top_ties_head=True),
     # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
     "gpt_oss": Family(keys=("num_local_experts", "swiglu_alpha", "swiglu_limit", "quantization_config",
                             "experts_per_token", "initial_context_length", *_SLIDING), norm_topk=True, attn_sinks=True),
@@ -273,10 +291,6 @@ REJECTED: dict[str, str] = {
     "aria": "a vision encoder and projector (a multimodal model)",
     "ernie4_5_vl_moe": "modality-split experts (separate text and vision expert groups) and a vision encoder",
     "ernie4_5_vl_moe_text": "modality-split experts (separate text and vision expert groups)",
-    "glm4v_moe": "multimodal rotary (M-RoPE) and a vision encoder (a multimodal model)",
-    "glm4v_moe_text": "multimodal rotary (M-RoPE) sections",
-    "qwen3_vl_moe": "interleaved multimodal rotary (M-RoPE) and a vision encoder with deepstack inputs",
-    "qwen3_vl_moe_text": "interleaved multimodal rotary (M-RoPE) and deepstack visual inputs",
     "qwen3_omni_moe": "a thinker-talker pair with audio and vision encoders (a multimodal model)",
     "qwen3_omni_moe_text": "interleaved multimodal rotary (M-RoPE) sections",
     "step3p7": "per-layer head counts, per-layer rotary bases, gated attention and per-layer clamped SwiGLU "

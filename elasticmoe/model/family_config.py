@@ -136,7 +136,13 @@ def language_model(cfg: Any, raw: dict[str, Any], fam: Family) -> tuple[Any, dic
     if getattr(text, "model_type", None) != fam.text_model:
         raise ModelSpecError(f"config.text_config.model_type={getattr(text, 'model_type', None)!r}: model_type "
                              f"{cfg.model_type!r} runs a {fam.text_model!r} language model")
-    if bool(getattr(cfg, "tie_word_embeddings", False)) != bool(getattr(text, "tie_word_embeddings", False)):
+    tie = bool(getattr(cfg, "tie_word_embeddings", False))
+    if fam.top_ties_head and tie != bool(getattr(text, "tie_word_embeddings", False)):
+        import copy  # the multimodal model's LM head, tied or not by its own config (the text config's flag unread)
+
+        text = copy.copy(text)
+        object.__setattr__(text, "tie_word_embeddings", tie)
+    elif tie != bool(getattr(text, "tie_word_embeddings", False)):
         raise ModelSpecError("config.tie_word_embeddings differs from config.text_config.tie_word_embeddings: which "
                              "one ties the LM head is not settled")
     return text, dict(raw.get("text_config") or {})
