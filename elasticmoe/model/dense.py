@@ -10,42 +10,18 @@ import torch.nn.functional as F
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 
-from elasticmoe.model.attention import Attention, KVCache, step_masks
+from elasticmoe.model.attention import KVCache, step_masks
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
-from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.dispatch import Dispatcher
-from elasticmoe.model.indexer import ROLES as INDEX_ROLES, index_shapes
 from elasticmoe.model.layers import Rotary, gated_mlp, norm, route
 from elasticmoe.progress import LoadProgress
-from elasticmoe.model.linear_spec import LAYOUTS, LINEAR
-from elasticmoe.model.names import ATTN, LayerNames, WeightNames
+from elasticmoe.model.layer_weights import attention_layer, linear_layer
+from elasticmoe.model.names import LayerNames, WeightNames
 from elasticmoe.model.pipeline import ping_pong
-from elasticmoe.model.spec import AttentionSpec, ModelSpec
+from elasticmoe.model.spec import ModelSpec
 
 RouteObserver = Callable[[int, torch.Tensor], None]  # (layer, topk_ids [T, k])
-
-
-def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]]:
-    """The shapes config.json fixes for the attention weights, by role (see names.ATTN); others are not checked."""
-    q, o = a.num_heads * a.head_dim, (hidden, a.num_heads * a.v_head_dim)
-    if a.kind == "mla":
-        shapes = {"q": (q, hidden), "kv_a": (a.kv_lora_rank + a.rope_dim, hidden), "kv_a_norm": (a.kv_lora_rank,),
-                  "kv_b": (a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), "o": o}
-        if a.q_lora_rank:
-            shapes.update(q_a=(a.q_lora_rank, hidden), q_a_norm=(a.q_lora_rank,), q_b=(q, a.q_lora_rank))
-        if a.indexer:
-            shapes.update(index_shapes(a.indexer, hidden, a.q_lora_rank))
-        return shapes
-    k, v = a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
-    if a.output_gate:  # [q ; gate] per head
-        q *= 2
-    head = (a.head_dim,)  # per-head q/k norms (HunYuan's after the rotary too); OLMoE's span all heads
-    gate = (a.num_heads if a.gate_per_head else a.num_heads * a.v_head_dim, hidden)
-    return {"q": (q, hidden), "k": (k, hidden), "v": (v, hidden), "o": o, "gate": gate, "gate_offset": (a.num_heads,),
-            "q_bias": (q,), "k_bias": (k,), "v_bias": (v,), "o_bias": (hidden,),
-            "q_norm": (q,) if a.qk_norm_all_heads else head, "k_norm": (k,) if a.qk_norm_all_heads else head,
-            "q_norm_rope": head, "k_norm_rope": head}
 
 
 def mlp_shapes(ckpt: Checkpoint, names: dict[str, str], hidden: int) -> dict[str, tuple[int, ...]]:
@@ -62,60 +38,19 @@ class _Layer:
         if sp.linear is not None and sp.linear.layers[i]:
             self.attn = linear_layer(model, i, names.linear)
         else:
-            self.attn = self._attention(model, i, names)
+            self.attn = attention_layer(model, i, names)
         self.norms = {role: model.load_norm(n, (hidden,)) for role, n in names.norms.items()}  # attn_in/out, mlp_in/..
         self.sparse = names.block is not None
         self.dense = model.load_mlp(names.dense) if names.dense else None
         if self.dense is None and (not self.sparse or model.spec.block == "shortcut"):
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks its dense MLP")
-        # the router as stored (float32), not rounded to the model's dtype first
-        f32 = torch.float32
+        f32 = torch.float32  # the router as stored, not rounded to the model's dtype first
         ids = sp.moe.num_experts + sp.moe.zero_experts  # router rows (LongCat: its identity experts too)
         self.router = load(names.router, f32, (ids, hidden)) if names.router else None  # [E, H]
         self.router_bias = load(names.router_bias, f32, numel=ids).flatten() if names.router_bias else None  # [E]
         self.router_logit_bias = load(names.router_logit_bias, f32, (ids,)) if names.router_logit_bias else None
         self.shared = model.load_mlp(names.shared) if names.shared else None
         self.shared_gate = load(names.shared_gate, f32, (1, hidden)) if names.shared_gate else None  # [1, H]
-
-
-    @staticmethod
-    def _attention(model: "DenseModel", i: int, names: LayerNames) -> Attention:
-        a = model.spec.attention.layer(i)
-        shapes = attention_shapes(a, model.spec.hidden_size)
-        f32 = torch.float32  # the indexer's head weights, as transformers keeps them
-        attn = {role: model.load_norm(n, shapes.get(role)) if role in ("q_norm", "k_norm")
-                else model.load(n, f32 if role == "index_weights" else None, shapes.get(role))
-                for role, n in names.attn.items()}
-        q = "q_a" if a.q_lora_rank else "q"
-        need = (q, "kv_a", "kv_b", "o") if a.kind == "mla" else ("q", "k", "v", "o")
-        need += ("sinks",) if a.sinks else ()
-        need += ("gate",) if a.gate_name != "gate_proj" else ()  # Laguna's g_proj
-        need += INDEX_ROLES if a.indexer and a.indexer.own[i] else ()
-        for role in need:
-            if role not in attn:
-                raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks self_attn.{ATTN[role]}")
-        if a.indexer and not a.indexer.own[i] and (extra := sorted(set(INDEX_ROLES) & set(attn))):
-            raise CheckpointError(f"{model.ckpt.path}: layer {i} holds self_attn.{ATTN[extra[0]]}, but config.json "
-                                  "makes it share the previous layer's picks (indexer_types 'shared')")
-        return Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
-
-
-def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet:
-    """Layer i's Gated DeltaNet from its linear_attn.* weights (names: role -> tensor), shapes checked."""
-    sp, hidden = model.spec.linear, model.spec.hidden_size
-    kd, vd, nv = sp.key_dim, sp.value_dim, sp.num_v_heads
-    layout = next((roles for roles in LAYOUTS if all(r in names for r in roles)), LAYOUTS[0])
-    shapes = {"qkvz": (2 * kd + 2 * vd, hidden), "ba": (2 * nv, hidden), "qkv": (2 * kd + vd, hidden),
-              "z": (vd, hidden), "b": (nv, hidden), "a": (nv, hidden), "conv": (sp.conv_dim, 1, sp.conv_kernel),
-              "dt_bias": (nv,), "A_log": (nv,), "norm": (sp.head_v_dim,), "out": (hidden, vd)}
-    if both := sorted(names[r] for roles in LAYOUTS if roles != layout for r in roles if r in names):
-        raise CheckpointError(f"{model.ckpt.path}: layer {i} holds both input-projection layouts of linear_attn "
-                              f"(in_proj_qkvz / in_proj_ba or in_proj_qkv, _z, _b, _a): {both[:2]}")
-    for role in (*layout, "conv", "dt_bias", "A_log", "norm", "out"):
-        if role not in names:
-            raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks linear_attn.{LINEAR[role]}")
-    w = {r: model.load(n, shape=shapes[r]) for r, n in names.items()}
-    return GatedDeltaNet(sp, i, flat_projections(w, sp), model.spec.rms_norm_eps)
 
 
 class _PlusIdentity:
