@@ -13,7 +13,7 @@ from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.quant import FP8_DTYPES, QuantError
 
 if TYPE_CHECKING:
-    from elasticmoe.model.names import ExpertRef
+    from elasticmoe.model.expert_names import ExpertRef
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts\.)\d+\.(?P<proj>\w+)\.weight$")
 _PROJS = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}  # Mixtral: w1, w3, w2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
-from elasticmoe.model.names import ExpertRef
+from elasticmoe.model.expert_names import ExpertRef
 from elasticmoe.model.quant import dequant_mxfp4
 from elasticmoe.model.spec import MoESpec
 

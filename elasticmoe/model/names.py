@@ -9,20 +9,11 @@ from typing import Any
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.expert_check import check_expert_dtypes, check_expert_shapes, check_experts
+from elasticmoe.model.expert_names import LAYER, ExpertRef, expert_parts, expert_ref
 from elasticmoe.model.linear_spec import LINEAR
 from elasticmoe.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-_LAYER = re.compile(r"^(?P<root>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")
-# experts.{e}.{gate_proj|w1}.weight  (Qwen / DeepSeek / OLMoE: gate/up/down; Mixtral: w1=gate, w3=up, w2=down)
-_PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\."
-                         r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
-# experts.gate_up_proj [E, 2I, H] + experts.down_proj [E, H, I]  (transformers' in-memory layout, GraniteMoe-like)
-_PACKED = re.compile(r"^(?P<block>.+)\.(?:experts\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?|"
-                     r"(?P<gproj>input_linear|output_linear|experts\.fc1|experts\.fc2)\.weight)$")  # fc1/2: Aria
-# GPT-OSS: experts.{gate_up_proj|down_proj}_{bias|blocks|scales} (biases; MXFP4 weights and their scales)
-_PACKED_EXTRA = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)_(?P<kind>bias|blocks|scales)$")
-_PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight")
 _ROUTER_BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "router.e_score_correction_bias",
                   "expert_bias", "moe_statics.e_score_correction_bias",
@@ -60,21 +51,6 @@ NORMS = {
 }
 # Buffers that hold no weights (rotary caches): present in some checkpoints, consumed by construction.
 _DERIVED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|rotary_emb\.\w+_cached|inv_freq)$")
-
-
-@dataclass(frozen=True)
-class ExpertRef:
-    """Where one (layer, expert)'s weights are: three per-expert tensors, or rows of two packed ones."""
-
-    gate: str | None  # per-expert layout: [I, H]
-    up: str | None  # [I, H]
-    down: str  # per-expert [H, I]; packed: the [E, H, I] (or [E, I, H]) tensor
-    gate_up: str | None = None  # packed: [E, 2I, H] (or [E, H, 2I]); MXFP4: the [E, 2I, H/32, 16] blocks
-    index: int = 0  # row of the packed tensors
-    gate_up_bias: str | None = None  # GPT-OSS: [E, 2I]
-    down_bias: str | None = None  # [E, H]
-    gate_up_scales: str | None = None  # MXFP4 scales [E, 2I, H/32]
-    down_scales: str | None = None  # [E, H, I/32]
 
 
 @dataclass(frozen=True)
@@ -121,72 +97,25 @@ class WeightNames:
     @staticmethod
     def _find_root(ckpt: Checkpoint) -> str:
         for name in ckpt.names():
-            m = _LAYER.match(name)
+            m = LAYER.match(name)
             if m and not name.startswith("mtp."):  # Mellum's prediction layers (mtp.layers.<i>): not the model's
                 return m.group("root")
         raise CheckpointError(f"{ckpt.path}: no tensors named '...layers.<i>...' in the checkpoint")
 
     def _index_experts(self, num_layers: int, num_experts: int) -> None:
-        parts = self._expert_parts(num_layers, num_experts)
+        parts, self.blocks = expert_parts(self.ckpt, self.root, num_layers, num_experts, self.spec.mtp_layers)
         check_experts(self.ckpt, parts, num_experts)
         if over := sorted(k for k in parts if k[1] >= num_experts):
             (layer, e), name = over[0], min(parts[over[0]].values())
             raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is expert {e} of layer {layer}, but "
                                   f"config.json gives it {num_experts} experts")
+        extras_ok = self.spec.moe.expert_act != "silu"
         for (layer, e), p in parts.items():
-            self.experts[(layer, e)] = self._expert_ref(layer, e, p)
+            self.experts[(layer, e)] = expert_ref(self.ckpt.path, layer, e, p, extras_ok, self.spec.model_type)
             self.used.update(p.values())
         if self.spec.moe.expert_act == "silu":
             check_expert_shapes(self.ckpt, self.experts, self.spec.hidden_size, self.spec.moe.intermediate_size)
         check_expert_dtypes(self.ckpt, self.experts)
-
-    def _expert_parts(self, num_layers: int, num_experts: int) -> dict[tuple[int, int], dict[str, str]]:
-        """(layer, expert) -> its tensors by part (gate / up / down, or gate_up_proj / down_proj and their biases and
-        scales: a packed tensor is every expert's), from the checkpoint's names; each MoE layer's block in `blocks`."""
-        parts: dict[tuple[int, int], dict[str, str]] = {}
-        for name in self.ckpt.names():
-            m = _LAYER.match(name)
-            if not m or m.group("root") != self.root:
-                continue
-            if int(m.group("layer")) >= num_layers:
-                if int(m.group("layer")) >= num_layers + self.spec.mtp_layers:
-                    raise CheckpointError(f"{self.ckpt.path}: {name!r} lies past the config's {num_layers} layers")
-                continue
-            layer = int(m.group("layer"))
-            if pm := _PER_EXPERT.match(name):
-                parts.setdefault((layer, int(pm.group("e"))), {})[_PROJ[pm.group("proj")]] = name
-                self.blocks[layer] = pm.group("block") + "."
-            elif px := _PACKED_EXTRA.match(name):
-                key = {"blocks": px.group("proj"), "bias": px.group("proj") + "_bias",
-                       "scales": px.group("proj") + "_scales"}[px.group("kind")]
-                for e in range(num_experts):
-                    parts.setdefault((layer, e), {})[key] = name
-                self.blocks[layer] = px.group("block") + "."
-            elif (pk := _PACKED.match(name)) and pk.group("proj") and len(self.ckpt.shape(name)) != 3:
-                raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is {list(self.ckpt.shape(name))}, but "
-                                      f"packed experts are [experts, out, in] (or [experts, in, out]): 3 dims")
-            elif (pk := _PACKED.match(name)) and len(self.ckpt.shape(name)) == 3:
-                proj = pk.group("proj") or ("gate_up_proj" if pk.group("gproj") in ("input_linear", "experts.fc1")
-                                            else "down_proj")
-                for e in range(num_experts):
-                    parts.setdefault((layer, e), {})[proj] = name
-                self.blocks[layer] = pk.group("block") + "."
-        return parts
-
-    def _expert_ref(self, layer: int, e: int, p: dict[str, str]) -> ExpertRef:
-        """Expert e of the layer from its parts (_expert_parts), which check_experts found complete."""
-        extra = sorted(p[k] for k in p if k.endswith(("_bias", "_scales")))
-        if extra and self.spec.moe.expert_act == "silu":
-            raise CheckpointError(f"{self.ckpt.path}: expert biases / MXFP4 scales {extra[:2]} are only "
-                                  f"understood for GPT-OSS, not model_type {self.spec.model_type!r}")
-        if "gate_up_proj" in p:
-            if "down_proj" not in p:
-                raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed gate_up_proj but no down_proj")
-            return ExpertRef(None, None, p["down_proj"], p["gate_up_proj"], e, p.get("gate_up_proj_bias"),
-                             p.get("down_proj_bias"), p.get("gate_up_proj_scales"), p.get("down_proj_scales"))
-        if "down_proj" in p:  # else all three there (check_experts)
-            raise CheckpointError(f"{self.ckpt.path}: layer {layer} has packed down_proj but no gate_up_proj")
-        return ExpertRef(p["gate"], p["up"], p["down"])
 
     def _first(self, *names: str) -> str | None:
         name = next((n for n in names if n in self.ckpt), None)
@@ -263,7 +192,7 @@ class WeightNames:
         those under mtp. when the config declares such layers: Mellum's, which transformers skips too)."""
         out = []
         for name in self.ckpt.names():
-            m = _LAYER.match(name)
+            m = LAYER.match(name)
             mtp = m is not None and int(m.group("layer")) >= self.spec.num_layers  # bounded in _index_experts
             mtp = mtp or (self.spec.mtp_layers > 0 and name.startswith("mtp."))
             if name in self.used or _DERIVED.search(name) or mtp:
