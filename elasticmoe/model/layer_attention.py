@@ -1,4 +1,4 @@
-"""Attention that differs per layer, read from a config: query heads per layer, rotary per layer type, output gates."""
+"""Attention that differs per layer, read from a config: windows, rotary layers and types, query heads, output gates."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from elasticmoe.model.families import Family
 from elasticmoe.model.family_config import ModelSpecError, config_get
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -99,3 +100,41 @@ def output_gate(cfg: Any, act: str | None) -> dict[str, Any]:
     if gating not in (True, False, "per-head", "per-element"):
         raise ModelSpecError(f"config.gating={gating!r}: want true / 'per-head' or 'per-element'")
     return dict(out_gate=act, gate_per_head=gating is True or gating == "per-head", gate_name="g_proj")
+
+
+def layer_windows(cfg: Any, num_layers: int) -> tuple[int | None, ...]:
+    """Per layer: its sliding window, None for full attention (config.sliding_window on the layer_types' sliding
+    layers, or on every layer without layer_types)."""
+    window = config_get(cfg, "sliding_window")
+    if window is None or config_get(cfg, "use_sliding_window", default=True) is False:
+        return (None,) * num_layers
+    types = config_get(cfg, "layer_types")
+    windows = tuple(window if t == "sliding_attention" else None for t in types) if types else (window,) * num_layers
+    if any(w is not None and w < 1 for w in windows):  # transformers' window mask then keeps no key: it fails
+        raise ModelSpecError(f"config.sliding_window={window}: a sliding layer needs a window of 1 or more tokens "
+                             f"(null, or use_sliding_window: false, for full attention)")
+    return windows
+
+
+def layer_ropes(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse: tuple[bool, ...]) -> tuple[bool, ...]:
+    """Per layer: rotary applied. NoPE families rotate only their sliding layers (all layers without a window);
+    GraniteMoeSWA rotates the layers whose layer_rope_theta is set."""
+    thetas = config_get(cfg, "layer_rope_theta")
+    if thetas is not None:
+        if len(thetas) != len(windows):
+            raise ModelSpecError(f"config.layer_rope_theta has {len(thetas)} entries for {len(windows)} layers")
+        return tuple(bool(t) for t in thetas)
+    if cfg.model_type == "llama4_text":  # no_rope_layers: 1 = rotary, 0 = NoPE
+        return tuple(bool(r) for r in cfg.no_rope_layers)
+    if not fam.nope_full_layers:
+        return (True,) * len(windows)
+    types = config_get(cfg, "layer_types") or ()
+    sliding = [t == "sliding_attention" for t in types] or [w is not None for w in windows]
+    if fam.block == "parallel":  # Cohere2: windowed layers, and dense prefix layers when the prefix pattern is 1
+        force = config_get(cfg, "prefix_dense_sliding_window_pattern", default=None) == 1
+        return tuple(w is not None or (force and not sp) for w, sp in zip(windows, sparse))
+    if cfg.model_type == "flint":  # rotary on the windowed layers only: none without a window
+        return tuple(w is not None for w in windows)
+    if fam.block == "pre" and config_get(cfg, "sliding_window") is None:  # EXAONE: no window, rotary everywhere
+        return (True,) * len(windows)
+    return tuple(sliding)

@@ -14,7 +14,9 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
     longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary,
 )
 from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
-from elasticmoe.model.layer_attention import layer_heads, output_gate, rope_tables, typed_rope
+from elasticmoe.model.layer_attention import (
+    layer_heads, layer_ropes, layer_windows, output_gate, rope_tables, typed_rope,
+)
 from elasticmoe.model.indexer_spec import IndexerSpec, indexer_spec
 from elasticmoe.model.moe_spec import MoESpec, moe_from_config  # noqa: F401  (MoESpec: re-exported)
 
@@ -166,11 +168,11 @@ def _with_head_dim(cfg: Any, attn: AttentionSpec) -> Any:
 def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...]) -> AttentionSpec:
     heads = cfg.num_attention_heads
     kv_heads = _get(cfg, "num_key_value_heads", default=heads)
-    windows = _windows(cfg, num_layers)
+    windows = layer_windows(cfg, num_layers)
     if fam.window_required and _get(cfg, "sliding_window") is None:
         raise ModelSpecError(f"config.sliding_window is null: transformers' {cfg.model_type!r} builds a sliding-window "
                              "mask for every forward and fails without one")
-    rope_layers = _rope_layers(cfg, fam, windows, sparse)
+    rope_layers = layer_ropes(cfg, fam, windows, sparse)
     if _get(cfg, "kv_lora_rank") is not None:
         nope, rope, v = (_required(cfg, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
         scaling = (nope + rope) ** -0.5
@@ -207,42 +209,6 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
         layer_heads=layer_heads(cfg, num_layers, kv_heads), **output_gate(cfg, fam.attn_gate),
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
     )
-
-
-def _windows(cfg: Any, num_layers: int) -> tuple[int | None, ...]:
-    window = _get(cfg, "sliding_window")
-    if window is None or _get(cfg, "use_sliding_window", default=True) is False:
-        return (None,) * num_layers
-    types = _get(cfg, "layer_types")
-    windows = tuple(window if t == "sliding_attention" else None for t in types) if types else (window,) * num_layers
-    if any(w is not None and w < 1 for w in windows):  # transformers' window mask then keeps no key: it fails
-        raise ModelSpecError(f"config.sliding_window={window}: a sliding layer needs a window of 1 or more tokens "
-                             f"(null, or use_sliding_window: false, for full attention)")
-    return windows
-
-
-def _rope_layers(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse: tuple[bool, ...]) -> tuple[bool, ...]:
-    """Per layer: rotary applied. NoPE families rotate only their sliding layers (all layers without a window);
-    GraniteMoeSWA rotates the layers whose layer_rope_theta is set."""
-    thetas = _get(cfg, "layer_rope_theta")
-    if thetas is not None:
-        if len(thetas) != len(windows):
-            raise ModelSpecError(f"config.layer_rope_theta has {len(thetas)} entries for {len(windows)} layers")
-        return tuple(bool(t) for t in thetas)
-    if cfg.model_type == "llama4_text":  # no_rope_layers: 1 = rotary, 0 = NoPE
-        return tuple(bool(r) for r in cfg.no_rope_layers)
-    if not fam.nope_full_layers:
-        return (True,) * len(windows)
-    types = _get(cfg, "layer_types") or ()
-    sliding = [t == "sliding_attention" for t in types] or [w is not None for w in windows]
-    if fam.block == "parallel":  # Cohere2: windowed layers, and dense prefix layers when the prefix pattern is 1
-        force = _get(cfg, "prefix_dense_sliding_window_pattern", default=None) == 1
-        return tuple(w is not None or (force and not sp) for w, sp in zip(windows, sparse))
-    if cfg.model_type == "flint":  # rotary on the windowed layers only: none without a window
-        return tuple(w is not None for w in windows)
-    if fam.block == "pre" and _get(cfg, "sliding_window") is None:  # EXAONE: no window, rotary everywhere
-        return (True,) * len(windows)
-    return tuple(sliding)
 
 
 def spec_from_config(cfg: Any) -> ModelSpec:
