@@ -98,7 +98,9 @@ class Attention:
     """One layer's attention weights and forward. Weights: a dict of tensors by role (q, k, v, o, norms...)."""
 
     def __init__(self, spec: AttentionSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
-        spec = spec.layer(layer)  # its own query heads where they differ per layer
+        self.source = spec.source(layer)  # the layer whose cached keys / values it attends (itself unless shared)
+        self.v_from_k = bool(spec.v_from_k and spec.v_from_k[layer])  # values = the raw keys (no v_proj)
+        spec = spec.layer(layer)  # its own heads and head dim where they differ per layer
         self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
         self.rope_set = spec.rope_sets[layer] if spec.rope_sets else 0  # its rotary table (per layer type)
         ix = spec.indexer
@@ -126,9 +128,10 @@ class Attention:
             expand = self._mla_expand
         else:
             q, k, v, gate = self._gqa_qkv(x, rotary, cos, sin, batch.positions)  # q, k float32; the cache rounds k
-            kc, vc = cache.layers[self.layer]
-            kc[batch.token_slots, batch.positions] = k.to(kc.dtype)
-            vc[batch.token_slots, batch.positions] = v.to(vc.dtype)
+            if k is not None:  # else a layer sharing another's cache (KV sharing), written by that layer
+                kc, vc = cache.layers[self.layer]
+                kc[batch.token_slots, batch.positions] = k.to(kc.dtype)
+                vc[batch.token_slots, batch.positions] = v.to(vc.dtype)
             expand = self._gqa_gather
         q = q.float()  # scores, softmax and the weighted sum of values in float32, rounded once into out
         out = x.new_empty(x.shape[0], self.spec.num_heads, self.spec.v_head_dim)  # [T, h, dv]
@@ -166,28 +169,38 @@ class Attention:
         return (out.reshape(x.shape[0], -1) * g).view(out.shape)
 
     def _gqa_qkv(self, x, rotary, cos, sin, positions):
+        """x [T, H] -> q [T, h, d] float32, this step's k [T, hk, d] and v [T, hk, dv] (None on a layer sharing
+        another's cache: queries only), and the output gate [T, h * d] (Qwen3-Next) or None."""
         a, w, t = self.spec, self.w, x.shape[0]
         q, gate = linear(x, w["q"], w.get("q_bias")), None
         if a.output_gate:  # per head [q ; gate]
             q, gate = q.view(t, a.num_heads, 2 * a.head_dim).chunk(2, dim=-1)
             q, gate = q.reshape(t, -1), gate.reshape(t, -1)
-        k = linear(x, w["k"], w.get("k_bias"))
-        v = linear(x, w["v"], w.get("v_bias"))
+        k = v = None
+        if self.source == self.layer:
+            k = linear(x, w["k"], w.get("k_bias"))
+            v = k if self.v_from_k else linear(x, w["v"], w.get("v_bias"))  # attention_k_eq_v: the raw keys
+
+        def each(f, q, k):  # f(z, "q" / "k") on q, and on k where this layer has keys
+            return f(q, "q"), (None if k is None else f(k, "k"))
+
         if a.clip_qkv is not None:  # DBRX
-            q, k, v = (z.clamp(min=-a.clip_qkv, max=a.clip_qkv) for z in (q, k, v))
-        v = v.view(t, a.num_kv_heads, a.v_head_dim)
+            q, k = each(lambda z, _: z.clamp(min=-a.clip_qkv, max=a.clip_qkv), q, k)
+            v = None if v is None else v.clamp(min=-a.clip_qkv, max=a.clip_qkv)
+        if v is not None:
+            v = v.view(t, a.num_kv_heads, a.v_head_dim)
+            v = rms_norm(v, 1.0, self.eps, F32) if a.v_norm else v  # Gemma 4: a weightless norm per value head
         if "q_norm" in w and w["q_norm"].shape[0] != a.head_dim:  # OLMoE: norm over all heads
-            q, k = rms_norm(q, w["q_norm"], self.eps, F32), rms_norm(k, w["k_norm"], self.eps, F32)
-        q = q.view(t, a.num_heads, a.head_dim)
-        k = k.view(t, a.num_kv_heads, a.head_dim)
+            q, k = each(lambda z, r: rms_norm(z, w[r + "_norm"], self.eps, F32), q, k)
+        q, k = each(lambda z, r: z.view(t, a.num_heads if r == "q" else a.num_kv_heads, a.head_dim), q, k)
         if "q_norm" in w and w["q_norm"].shape[0] == a.head_dim:  # Qwen3: per-head norm
-            q, k = rms_norm(q, w["q_norm"], self.eps, F32), rms_norm(k, w["k_norm"], self.eps, F32)
+            q, k = each(lambda z, r: rms_norm(z, w[r + "_norm"], self.eps, F32), q, k)
         if self.rope:
-            q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+            q, k = each(lambda z, _: rotary.apply(z, cos, sin), q, k)
         if "q_norm_rope" in w:  # HunYuan: per-head norm after the rotary
-            q, k = rms_norm(q, w["q_norm_rope"], self.eps, F32), rms_norm(k, w["k_norm_rope"], self.eps, F32)
+            q, k = each(lambda z, r: rms_norm(z, w[r + "_norm_rope"], self.eps, F32), q, k)
         if a.l2_qk_norm and self.rope:  # Llama 4: weightless per-head norm after the rotary, rotary layers only
-            q, k = rms_norm(q, 1.0, self.eps, F32), rms_norm(k, 1.0, self.eps, F32)
+            q, k = each(lambda z, _: rms_norm(z, 1.0, self.eps, F32), q, k)
         if a.nope_query_scale and not self.rope:  # Beam NoPE layers: q * (1 + (pos + 1) / p) ** e, in float32
             p, e = a.nope_query_scale
             q = q.float() * torch.exp(e * torch.log1p((positions.float() + 1) / p))[:, None, None]

@@ -89,6 +89,8 @@ class Family:
     # DeepSeek sparse attention: the rotary layout of the lightning indexer (self_attn.indexer) that picks the keys
     # each query attends to, "half" (split halves, DeepSeek-V3.2) or "pairs" (GLM-MoE-DSA); None: no indexer
     indexer_rope: str | None = None
+    attn_scale: float | None = None  # softmax scale (None: head_dim ** -0.5)
+    v_norm: bool = False  # a weightless RMSNorm of each value head
 
 
 FAMILIES: dict[str, Family] = {

@@ -12,7 +12,8 @@ class KVCache:
     """Per layer: K and V [slots, max_len, kv_heads, d] (GQA) or the latent [slots, max_len, r + rope] (MLA), at
     that layer's own shapes (AttentionSpec.layer), then, on a layer running a sparse-attention indexer, its keys
     [slots, max_len, index_head_dim]; a linear-attention layer keeps no K/V but its state per slot (`linear`: layer
-    -> DeltaState)."""
+    -> DeltaState). A layer sharing another's keys and values (AttentionSpec.kv_source) holds none: its entry is that
+    layer's tensors."""
 
     def __init__(self, spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.num_slots, self.max_len = num_slots, max_len
@@ -20,17 +21,22 @@ class KVCache:
         self.linear = {i: DeltaState(spec.linear, num_slots, dtype, device) for i, lin in enumerate(kinds) if lin}
         ix = spec.attention.indexer
         self.indexed = ix.own if ix else (False,) * spec.num_layers  # per layer: index keys kept
-        self.layers = [[] if lin else [torch.zeros(s, dtype=dtype, device=device)
-                                       for s in _cache_shapes(spec.attention.layer(i), num_slots, max_len)
-                                       + ([(num_slots, max_len, ix.head_dim)] if self.indexed[i] else [])]
-                       for i, lin in enumerate(kinds)]
+        a, self.layers = spec.attention, []
+        for i, lin in enumerate(kinds):
+            if a.source(i) != i:  # KV sharing: the source's tensors, written by it alone
+                self.layers.append(self.layers[a.source(i)])
+                continue
+            shapes = [] if lin else _cache_shapes(a.layer(i), num_slots, max_len)
+            shapes += [(num_slots, max_len, ix.head_dim)] if self.indexed[i] else []
+            self.layers.append([torch.zeros(s, dtype=dtype, device=device) for s in shapes])
+        self.owned = [i for i in range(spec.num_layers) if a.source(i) == i]  # the layers holding their own
 
     def clear(self, slot: int, length: int) -> None:
         """Zero positions [0, length) of a slot, and its linear-attention states. Decode rows read their slot up to
         the longest row of their group, masked; a masked NaN or inf (left by a request that failed on a numerical
         fault) still poisons the sum."""
-        for layer in self.layers:
-            for t in layer:
+        for i in self.owned:
+            for t in self.layers[i]:
                 t[slot, :length].zero_()
         for state in self.linear.values():
             state.clear(slot)
@@ -44,9 +50,9 @@ class KVCache:
     @staticmethod
     def bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
         """K/V bytes a cached token takes (attention layers only, each at its own width, with its indexer's keys: a
-        linear layer's state is per slot)."""
+        linear layer's state is per slot; none for a layer sharing another's keys and values)."""
         a, kinds = spec.attention, spec.linear.layers if spec.linear else (False,) * spec.num_layers
-        width = sum(a.layer(i).cache_width for i, lin in enumerate(kinds) if not lin)
+        width = sum(a.layer(i).cache_width for i, lin in enumerate(kinds) if not lin and a.source(i) == i)
         index = sum(a.indexer.own) * a.indexer.head_dim if a.indexer else 0
         return (width + index) * torch.empty(0, dtype=dtype).element_size()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from elasticmoe.model.family_config import ModelSpecError, config_get
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # rope types whose tables change with the sequence length or past a context limit: a KV cache cannot follow them
 _MOVING_ROPES = ("dynamic", "longrope")
+PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")  # the per_layer_config overrides the attention follows
 
 
 def layer_heads(cfg: Any, num_layers: int, kv_heads: int) -> tuple[int, ...]:
@@ -29,6 +31,71 @@ def layer_heads(cfg: Any, num_layers: int, kv_heads: int) -> tuple[int, ...]:
     return tuple(heads)
 
 
+def global_view(cfg: Any) -> Any:
+    """`cfg`, or for a heterogeneous config (per_layer_config: Gemma 4) a homogeneous copy holding the global values
+    (transformers raises on reading a per-layer attribute otherwise); per_layer_overrides gives the layers that
+    differ."""
+    if not getattr(cfg, "is_heterogeneous", False):
+        return cfg
+    view = copy.copy(cfg)
+    view.__dict__.pop("_heterogeneity_spec", None)
+    return view
+
+
+def per_layer_overrides(cfg: Any) -> dict[int, dict[str, Any]]:
+    """Layer index -> the config values it overrides (config.per_layer_config); a key the attention does not follow
+    per layer is refused by name."""
+    raw = cfg.to_dict().get("per_layer_config") or {}
+    out = {int(k): dict(v) for k, v in raw.items()}
+    if other := sorted({k for o in out.values() for k in o} - set(PER_LAYER_KEYS)):
+        raise ModelSpecError(f"config.per_layer_config overrides {other}: only {list(PER_LAYER_KEYS)} may vary "
+                             f"per layer here")
+    return out
+
+
+def layer_dims(over: dict[int, dict[str, Any]], num_layers: int, head_dim: int, kv_heads: int, heads: int
+               ) -> tuple[tuple[int, int], ...]:
+    """Per layer (head_dim, num_key_value_heads), where per_layer_config (`over`: per_layer_overrides) makes some
+    differ; () when none does. Each a positive int, the KV heads dividing the query heads (transformers repeats
+    them)."""
+    dims = tuple((o.get("head_dim", head_dim), o.get("num_key_value_heads", kv_heads))
+                 for o in (over.get(i, {}) for i in range(num_layers)))
+    for i, (d, kv) in enumerate(dims):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (d, kv)) or heads % kv:
+            raise ModelSpecError(f"config.per_layer_config[{i}]: head_dim={d!r}, num_key_value_heads={kv!r}: want "
+                                 f"positive ints, the KV heads dividing num_attention_heads ({heads})")
+    return dims if any(d != (head_dim, kv_heads) for d in dims) else ()
+
+
+def kv_sources(cfg: Any, num_layers: int) -> tuple[int, ...]:
+    """Per layer: the layer whose keys and values it attends (itself, or for the last num_kv_shared_layers the last
+    earlier layer of its layer type, as transformers' kv_sharing_modes); () when no layer shares."""
+    shared = int(config_get(cfg, "num_kv_shared_layers", default=0))
+    if not shared:
+        return ()
+    first = num_layers - shared
+    if not 0 < first < num_layers:
+        raise ModelSpecError(f"config.num_kv_shared_layers={shared}: want 0 to {num_layers - 1} (the first layer "
+                             f"computes its own keys and values)")
+    types = list(config_get(cfg, "layer_types", default=None) or ["full_attention"] * num_layers)
+    out = list(range(first))
+    for i in range(first, num_layers):
+        producers = [j for j in range(first) if types[j] == types[i] and types[j] in LAYER_TYPES]
+        if not producers:
+            raise ModelSpecError(f"config.num_kv_shared_layers={shared}: layer {i} ({types[i]}) has no earlier "
+                                 f"attention layer of its type to share keys and values with")
+        out.append(producers[-1])
+    return tuple(out)
+
+
+def v_from_k(cfg: Any, num_layers: int) -> tuple[bool, ...]:
+    """Per layer: its values are its key projection (attention_k_eq_v, on the layers that are not sliding)."""
+    if not config_get(cfg, "attention_k_eq_v", default=False):
+        return ()
+    types = list(config_get(cfg, "layer_types", default=None) or ["full_attention"] * num_layers)
+    return tuple(t != "sliding_attention" for t in types)
+
+
 def typed_rope(cfg: Any) -> dict[str, dict] | None:
     """rope_parameters keyed by layer type ({"full_attention": {...}, "sliding_attention": {...}}: Laguna, Mellum;
     Beam's {"sliding_attention": {...}, "full_attention": null}), or None when the config has one rotary for every
@@ -39,15 +106,17 @@ def typed_rope(cfg: Any) -> dict[str, dict] | None:
     return params
 
 
-def rope_tables(cfg: Any, head_dim: int, num_layers: int, partial: bool, nope: bool = False
+def rope_tables(cfg: Any, head_dims: tuple[int, ...], partial: bool, nope: bool = False
                 ) -> tuple[list[tuple[torch.Tensor, float]], tuple[int, ...], tuple[bool, ...]]:
     """Per-layer-type rotary, as transformers' per-type rotary embeddings build it: (the tables, each an inverse
     frequency [dim / 2] and its cos/sin scale, one per rotating layer type in sorted order), each layer's table and
-    whether it rotates. A type's dims are head_dim * its partial_rotary_factor; its default rope is
-    theta ** (-2i / dim). `partial`: the family's attention rotates only those dims (Laguna); else it rotates every
-    dim and transformers fails on a factor < 1 (Mellum), refused. `nope`: a type whose entry is null runs without
-    rotary (Beam: its layers get table 0, unused); else a null entry is refused as a missing one."""
-    params = typed_rope(cfg)
+    whether it rotates. head_dims: each layer's (one per type: its table is built for it; Gemma 4's full layers have
+    their own). A default rope's dims are head_dim * partial_rotary_factor, theta ** (-2i / dim); other types come
+    from transformers' initialisers (Gemma 4's "proportional": every dim, the unrotated share at frequency 0).
+    `partial`: the family's attention rotates only a table's dims (Laguna); else every dim, and a narrower table is
+    refused (Mellum: transformers fails every forward). `nope`: a type whose entry is null runs without rotary
+    (Beam: its layers get table 0, unused); else a null entry is refused as a missing one."""
+    params, num_layers = typed_rope(cfg), len(head_dims)
     types = list(config_get(cfg, "layer_types") or ["full_attention"] * num_layers)
     if len(types) != num_layers or set(types) - set(LAYER_TYPES):
         raise ModelSpecError(f"config.layer_types={types!r}: want {num_layers} of {LAYER_TYPES}")
@@ -56,12 +125,19 @@ def rope_tables(cfg: Any, head_dim: int, num_layers: int, partial: bool, nope: b
         if t not in params:  # transformers looks every layer type up: a missing one fails its load
             raise ModelSpecError(f"config.rope_parameters.{t} is missing: layers of that type need "
                                  f"{'an entry (null: no rotary)' if nope else 'a rotary'}")
-        factor = (params[t] or {}).get("partial_rotary_factor", 1.0)
-        if factor != 1.0 and not partial:
-            raise ModelSpecError(f"config.rope_parameters.{t}.partial_rotary_factor={factor}: model_type "
+    rotating, tables = [t for t in order if not (nope and params[t] is None)], []
+    for t in rotating:
+        dims = {d for d, lt in zip(head_dims, types) if lt == t}
+        if len(dims) > 1:
+            raise ModelSpecError(f"config.per_layer_config: {t} layers of head dims {sorted(dims)} (their rotary is "
+                                 f"one per layer type)")
+        head_dim = dims.pop()
+        tables.append(_table(cfg, params[t], t, head_dim))
+        if 2 * len(tables[-1][0]) < head_dim and not partial:
+            raise ModelSpecError(f"config.rope_parameters.{t}.partial_rotary_factor="
+                                 f"{(params[t] or {}).get('partial_rotary_factor', 1.0)}: model_type "
                                  f"{cfg.model_type!r} rotates every head dim (transformers fails every forward)")
-    rotating = [t for t in order if not (nope and params[t] is None)]
-    tables = [_table(cfg, params[t], t, head_dim) for t in rotating] or [(torch.zeros(0), 1.0)]  # all NoPE: none
+    tables = tables or [(torch.zeros(0), 1.0)]  # all NoPE: none
     sets = tuple(rotating.index(t) if t in rotating else 0 for t in types)
     return tables, sets, tuple(t in rotating for t in types)
 
@@ -86,7 +162,9 @@ def _table(cfg: Any, p: dict | None, layer_type: str, head_dim: int) -> tuple[to
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ModelSpecError(f"{where}.rope_type={rope_type!r} is not supported")
-    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), layer_type=layer_type)
+    typed = copy.copy(cfg)  # that type's head_dim (Gemma 4: per_layer_config), which the initialisers read
+    typed.__dict__["head_dim"] = head_dim
+    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](typed, torch.device("cpu"), layer_type=layer_type)
     return inv.float(), float(scale)
 
 

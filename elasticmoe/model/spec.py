@@ -15,7 +15,8 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
 )
 from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
 from elasticmoe.model.layer_attention import (
-    layer_heads, layer_ropes, layer_windows, output_gate, rope_tables, typed_rope,
+    global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, output_gate, per_layer_overrides,
+    rope_tables, typed_rope, v_from_k,
 )
 from elasticmoe.model.indexer_spec import IndexerSpec, indexer_spec
 from elasticmoe.model.moe_spec import MoESpec, moe_from_config  # noqa: F401  (MoESpec: re-exported)
@@ -55,13 +56,23 @@ class AttentionSpec:
     gate_name: str = "gate_proj"  # that gate's module: gate_proj (AFMoE), g_proj (Laguna)
     gate_per_head: bool = False  # that gate: one value per head (Laguna's default), else one per output feature
     nope_query_scale: tuple[float, float] | None = None  # Beam NoPE layers: q * (1 + (position + 1) / p) ** e
+    indexer: IndexerSpec | None = None  # DeepSeek sparse attention: the keys each query attends to, picked
+    layer_dims: tuple[tuple[int, int], ...] = ()  # per layer (head_dim, num_kv_heads) (Gemma 4); empty = the same
+    kv_source: tuple[int, ...] = ()  # per layer: the layer whose cached keys / values it attends (KV sharing)
+    v_from_k: tuple[bool, ...] = ()  # per layer: values are the key projection before its norm (no v_proj)
+    v_norm: bool = False  # a weightless RMSNorm of each value head
 
     def layer(self, i: int) -> "AttentionSpec":
-        """Layer i's attention (its own query heads where they differ per layer)."""
-        if not self.layer_heads or self.layer_heads[i] == self.num_heads:
+        """Layer i's attention: its own query heads, head dim and KV heads where they differ per layer."""
+        heads = self.layer_heads[i] if self.layer_heads else self.num_heads
+        head_dim, kv_heads = self.layer_dims[i] if self.layer_dims else (self.head_dim, self.num_kv_heads)
+        if (heads, head_dim, kv_heads) == (self.num_heads, self.head_dim, self.num_kv_heads):
             return self
-        return replace(self, num_heads=self.layer_heads[i])
-    indexer: IndexerSpec | None = None  # DeepSeek sparse attention: the keys each query attends to, picked
+        return replace(self, num_heads=heads, head_dim=head_dim, v_head_dim=head_dim, num_kv_heads=kv_heads)
+
+    def source(self, i: int) -> int:
+        """The layer whose cached keys and values layer i attends (itself unless it shares another's)."""
+        return self.kv_source[i] if self.kv_source else i
 
     @property
     def cache_width(self) -> int:
@@ -165,7 +176,8 @@ def _with_head_dim(cfg: Any, attn: AttentionSpec) -> Any:
     return filled
 
 
-def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...]) -> AttentionSpec:
+def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...],
+               overrides: dict[int, dict[str, Any]]) -> AttentionSpec:
     heads = cfg.num_attention_heads
     kv_heads = _get(cfg, "num_key_value_heads", default=heads)
     windows = layer_windows(cfg, num_layers)
@@ -174,6 +186,9 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
                              "mask for every forward and fails without one")
     rope_layers = layer_ropes(cfg, fam, windows, sparse)
     if _get(cfg, "kv_lora_rank") is not None:
+        if overrides or kv_sources(cfg, num_layers):
+            raise ModelSpecError("config.per_layer_config / num_kv_shared_layers: per-layer shapes and KV sharing "
+                                 "of MLA are not supported")
         nope, rope, v = (_required(cfg, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
         scaling = (nope + rope) ** -0.5
         params = dict(_get(cfg, "rope_parameters", "rope_scaling", default={}) or {})
@@ -201,7 +216,9 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...])
     rope_dim = int(head_dim * (1.0 if typed_rope(cfg) else partial_rotary(cfg, fam)))
     return AttentionSpec(
         kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
-        scaling=_get(cfg, "attention_multiplier", default=head_dim**-0.5),
+        scaling=_get(cfg, "attention_multiplier", default=fam.attn_scale or head_dim**-0.5),
+        layer_dims=layer_dims(overrides, num_layers, head_dim, kv_heads, heads), kv_source=kv_sources(cfg, num_layers),
+        v_from_k=v_from_k(cfg, num_layers), v_norm=fam.v_norm,
         rope_dim=rope_dim, rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, qk_norm_all_heads=fam.qk_norm_all_heads,
         sinks=fam.attn_sinks, output_gate=fam.attn_output_gate, nope_query_scale=fam.nope_query_scale,
@@ -215,18 +232,21 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     """Derive a ModelSpec from a transformers PretrainedConfig; raises ModelSpecError naming the field."""
     model_type = getattr(cfg, "model_type", None)
     fam = check_model_type(cfg)
+    overrides = per_layer_overrides(cfg)  # per_layer_config: the layers whose attention shapes differ (Gemma 4)
+    cfg = global_view(cfg)  # the global values of per-layer attributes
     if model_type == "dbrx":
         cfg = flat_dbrx(cfg)
     num_layers = cfg.num_hidden_layers
     moe = moe_from_config(cfg, num_layers, fam)
-    attn = _attention(cfg, num_layers, fam, moe.sparse_layers)
+    attn = _attention(cfg, num_layers, fam, moe.sparse_layers, overrides)
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
     rope_more: tuple = ()
     if typed_rope(cfg) is not None:  # one rotary per layer type (Laguna, Mellum; Beam's null types: NoPE)
         if attn.kind != "gqa":
             raise ModelSpecError("config.rope_parameters per layer type: only with grouped-query attention")
-        tables, sets, rotates = rope_tables(cfg, attn.head_dim, num_layers, fam.partial_rotary, fam.nope_types)
+        head_dims = tuple(attn.layer(i).head_dim for i in range(num_layers))
+        tables, sets, rotates = rope_tables(cfg, head_dims, fam.partial_rotary, fam.nope_types)
         (inv_freq, rope_scale), rope_more = tables[0], tuple(tables[1:])
         attn = replace(attn, rope_sets=sets, rope_dim=2 * len(tables[sets[0]][0]), rope_layers=rotates)
     else:
