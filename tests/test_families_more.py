@@ -41,6 +41,12 @@ GLM4V_TEXT = dict(DSV3_MOE, intermediate_size=128, head_dim=16, n_group=2, topk_
 # DeepSeek sparse attention: each query attends to its 8 best keys (the prompt has 32 tokens), picked by 8 index heads
 DSA = dict(**DSV3_MOE, **MLA, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1,
            routed_scaling_factor=1.5, index_topk=8, index_head_dim=16, index_n_heads=8)
+GEMMA4 = dict(intermediate_size=96, num_hidden_layers=6, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+              attention_k_eq_v=True, sliding_window=8, layer_types=["sliding_attention", "sliding_attention",
+                                                                    "full_attention"] * 2,
+              num_kv_shared_layers=2, num_experts=8, top_k_experts=2, moe_intermediate_size=48, enable_moe_block=True,
+              hidden_size_per_layer_input=16, vocab_size_per_layer_input=512, final_logit_softcapping=30.0,
+              use_double_wide_mlp=True)  # layers 4 and 5 read layers 3's and 2's keys and values
 
 # model_type -> (transformers config class, tiny fields, what the family exercises); in the README table too.
 MORE_CASES: dict[str, tuple[str, dict, str]] = {
@@ -147,6 +153,11 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
              "depth-scaled residual adds, Gemma-style sandwich norms, sigmoid attention gate with a bias per head, "
              "rotary per layer type (NoPE full layers, queries scaled with the position), final logit "
              "soft-capping, sigmoid grouped routing with correction bias, dense first layer"),
+    "gemma4_text": ("Gemma4TextConfig", GEMMA4, "a dense MLP beside the MoE (each normed), per-layer input embeddings, "
+                    "KV sharing (the last sliding and full layers read earlier ones' caches), per-layer head dims "
+                    "and values = keys on full layers, rotary per layer type (proportional on full layers), "
+                    "sliding window, normed router with per-expert scales, tanh-GELU, double-wide MLPs, layer "
+                    "scalars, logit soft-capping"),
 }
 # routing biases made non-zero: checked loaded
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa",
@@ -251,13 +262,12 @@ README_REJECTED = [
     ("mixture-of-attention heads (JetMoE)", {"jetmoe"}, ("mixture-of-attention heads",)),
     ("per-layer head counts and rotary bases (Step-3.5/3.7)",
      {"step3p5", "step3p7"}, ("per-layer head counts", "per-layer-type rotary bases")),
-    ("Gemma 4's dense MLP beside the MoE", {"gemma4_text"}, ("dense MLP beside the MoE",)),
     ("Doge's product-key experts", {"doge"}, ("product-key",)),
     ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),
     ("MiMo-V2-Flash's attention value rescaling", {"mimo_v2_flash"}, ("attention value rescaling",)),
     ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),
     ("block-diffusion decoding (Diffusion Gemma)", {"diffusion_gemma"}, ("block-diffusion",)),
-    ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_omni_moe"}, MULTIMODAL),
+    ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_omni_moe", "gemma4"}, MULTIMODAL),
     ("encoder-decoder and encoder-only models", {"nllb_moe", "switch_transformers", "openai_privacy_filter"},
      ("encoder-decoder", "bidirectional encoder")),
 ]

@@ -14,7 +14,8 @@ from elasticmoe.model.attention import KVCache, step_masks
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.dispatch import Dispatcher
-from elasticmoe.model.layers import Rotary, gated_mlp, norm, route
+from elasticmoe.model.extras import extra_shapes, normed_router_logits, ple_add, ple_inputs
+from elasticmoe.model.layers import Rotary, act_fn, gated_mlp, norm, route
 from elasticmoe.progress import LoadProgress
 from elasticmoe.model.layer_weights import attention_layer, linear_layer
 from elasticmoe.model.names import LayerNames, WeightNames
@@ -40,9 +41,12 @@ class _Layer:
         else:
             self.attn = attention_layer(model, i, names)
         self.norms = {role: model.load_norm(n, (hidden,)) for role, n in names.norms.items()}  # attn_in/out, mlp_in/..
+        scales = ("layer_scalar", "router_scale", "expert_scale")  # float32; PLE's weights in the model's dtype
+        self.extras = {r: load(n, torch.float32 if r in scales else None, extra_shapes(sp)[r])
+                       for r, n in names.extras.items()}  # (model.extras)
         self.sparse = names.block is not None
         self.dense = model.load_mlp(names.dense) if names.dense else None
-        if self.dense is None and (not self.sparse or model.spec.block == "shortcut"):
+        if self.dense is None and (not self.sparse or sp.block == "shortcut" or sp.moe_beside_mlp):
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks its dense MLP")
         f32 = torch.float32  # the router as stored, not rounded to the model's dtype first
         ids = sp.moe.num_experts + sp.moe.zero_experts  # router rows (LongCat: its identity experts too)
@@ -71,8 +75,13 @@ class _MicroBatch:
         cos, sin = model.rotary.tables(batch.positions)
         self.tables = (cos, sin, step_masks(batch, model.windows), {})  # {}: sparse attention's picks (Attention)
         self.h = model.embed[batch.token_ids]  # [T, H]
-        if model.spec.embed_scale != 1.0:
-            self.h = self.h * model.spec.embed_scale
+        if model.spec.embed_scale != 1.0:  # Gemma: the scale rounded to the model's dtype first, as transformers
+            scale = model.spec.embed_scale
+            self.h = self.h * (torch.tensor(scale, dtype=model.dtype) if model.spec.embed_scale_rounded else scale)
+        self.ple = None  # [T, L, P] per-layer inputs (model.extras)
+        if model.spec.per_layer_input:
+            self.ple = ple_inputs(model.extras, batch.token_ids, self.h, len(model.layers), model.spec.rms_norm_eps,
+                                  model.dtype)
         self.x: torch.Tensor | None = None  # [T, H] the MLP input of the layer in progress
         self.pending = None  # that layer's routed experts, in flight (None for a dense layer)
         self.carried = None  # LongCat: the previous layer's MoE output, added after this layer's MLP
@@ -92,6 +101,8 @@ class DenseModel:
             self.norm_bias = self.load(names.norm_bias, shape=(hidden,)) if names.norm_bias else None
             self.lm_head = self.load(names.lm_head, shape=(vocab, hidden)) if names.lm_head else self.embed  # tied
             self.lm_head_bias = self.load(names.lm_head_bias, shape=(vocab,)) if names.lm_head_bias else None
+            self.extras = {r: self.load(n, shape=extra_shapes(spec)[r])
+                           for r, n in names.extras.items()}  # PLE's table, projection and norm
             progress.step()
             self.layers = []
             for i, n in enumerate(names.layers):
@@ -151,7 +162,7 @@ class DenseModel:
             pending = mb.pending
             if sp.block == "shortcut":  # LongCat: the MoE output joins after the next layer's MLP
                 pending, mb.carried = mb.carried, pending
-            mb.h = self._layer_post(layer, mb.h, mb.x, pending)  # shared experts, then wait for the routed ones
+            mb.h = self._layer_post(layer, mb.h, mb.x, pending, mb.ple)  # shared experts, then the routed ones
             if i == last:
                 h = mb.h if all_tokens else mb.h[mb.batch.last_rows]
                 mb.h = norm(h, sp.norm, self.norm, self.norm_bias, sp.rms_norm_eps)
@@ -184,8 +195,14 @@ class DenseModel:
         x = xf.to(self.dtype)  # [T, H]
         if not layer.sparse:
             return h, x, None
-        logits = F.linear(xf, layer.router, layer.router_logit_bias)  # [T, E]
+        if sp.router_norm:  # Gemma 4: the router reads the residual (model.extras)
+            logits = normed_router_logits(h, layer.router, layer.extras["router_scale"], sp.rms_norm_eps)
+        else:
+            logits = F.linear(xf, layer.router, layer.router_logit_bias)  # [T, E]
         topk_ids, topk_weights = route(logits, sp.moe, layer.router_bias)
+        if "expert_scale" in layer.extras:  # [E]: each expert's scale on its top-k weight
+            topk_weights = topk_weights * layer.extras["expert_scale"][topk_ids]
+        xe = self._norm(layer, "moe_in", h, self.dtype) if "moe_in" in layer.norms else x  # the experts' input
         identity = None
         if sp.moe.zero_experts:  # LongCat: ids >= num_experts are identity experts, computed here
             zero = topk_ids >= sp.moe.num_experts  # [T, k]
@@ -194,17 +211,23 @@ class DenseModel:
         if self.route_observer is not None:
             ids = topk_ids[topk_ids >= 0].view(-1, 1) if identity is not None else topk_ids
             self.route_observer(layer.attn.layer, ids)
-        pending = dispatcher.dispatch(layer.attn.layer, x, topk_ids, topk_weights)
+        pending = dispatcher.dispatch(layer.attn.layer, xe, topk_ids, topk_weights)
         return h, x, pending if identity is None else _PlusIdentity(pending, identity)
 
-    def _layer_post(self, layer: _Layer, h: torch.Tensor, x: torch.Tensor, pending) -> torch.Tensor:
-        """Dense MLP, or shared experts (overlapping the remote experts) plus the routed experts' output."""
+    def _layer_post(self, layer: _Layer, h: torch.Tensor, x: torch.Tensor, pending,
+                    ple: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense MLP, or shared experts (overlapping the remote experts) plus the routed experts' output; then
+        the layer's per-layer input (ple [T, L, P]) and scalar, where it has them."""
+        act = self.spec.mlp_act
         if self.spec.block == "shortcut":  # LongCat: this layer's MLP, plus the previous layer's MoE if carried
-            out = gated_mlp(x, layer.dense) if pending is None else gated_mlp(x, layer.dense) + pending.wait()
+            out = gated_mlp(x, layer.dense, act) if pending is None else gated_mlp(x, layer.dense, act) + pending.wait()
         elif pending is None:
-            out = gated_mlp(x, layer.dense)
+            out = gated_mlp(x, layer.dense, act)
+        elif self.spec.moe_beside_mlp:  # Gemma 4: the dense MLP and the experts, each normed, summed
+            out = self._norm(layer, "dense_out", gated_mlp(x, layer.dense, act), torch.float32) \
+                + self._norm(layer, "moe_out", pending.wait(), torch.float32)
         elif layer.shared is not None:
-            shared = gated_mlp(x, layer.shared).float()  # [T, H]
+            shared = gated_mlp(x, layer.shared, act).float()  # [T, H]
             if layer.shared_gate is not None:  # [1, H]: its dot products in float32
                 shared = torch.sigmoid(F.linear(x.float(), layer.shared_gate)) * shared
             out = pending.wait().float() + shared
@@ -213,7 +236,10 @@ class DenseModel:
         else:
             out = pending.wait()
         out = self._norm(layer, "mlp_out", out)
-        return self._residual(h, out, 2 * layer.attn.layer + 3)
+        h = self._residual(h, out, 2 * layer.attn.layer + 3)
+        if ple is not None:  # PLE: h + norm(proj(act(gate(h)) * this layer's input))
+            h = ple_add(h, layer.extras, ple[:, layer.attn.layer], act_fn(act), self.spec.rms_norm_eps, self.dtype)
+        return h * layer.extras["layer_scalar"] if "layer_scalar" in layer.extras else h
 
     def _residual(self, h: torch.Tensor, out: torch.Tensor, k: int) -> torch.Tensor:
         """The k-th residual add (1-based; the embeddings are the first): h + out, out scaled by the residual

@@ -1,4 +1,4 @@
-"""Expert math beyond gated SiLU, in torch: GPT-OSS's clamped SwiGLU with biases, and MXFP4 weights dequantised."""
+"""Expert math beyond gated SiLU, in torch: gated tanh-GELU, GPT-OSS's clamped SwiGLU, MXFP4 weights dequantised."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.expert_names import ExpertRef
+from elasticmoe.model.layers import act_fn
 from elasticmoe.model.quant import dequant_mxfp4
 from elasticmoe.model.spec import MoESpec
 
@@ -87,4 +88,23 @@ def input_scaled_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
         x = hidden[rows[sel]] * weights[sel, None]  # [n, H]
         gate, up = (x @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
         out.index_add_(0, rows[sel], ((torch.nn.functional.silu(gate) * up) @ w2[e].t()).to(out.dtype))
+    return out
+
+
+def gated_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor, act: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gated experts of another activation than SiLU ("gelu_tanh": Gemma 4): act(x @ gate.T) * (x @ up.T) @ down.T,
+    weighted. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k]
+    -> [T, H] in out_dtype (default hidden's; the weighted sum accumulates in it)."""
+    fn = act_fn(act)
+    t, k = topk_ids.shape
+    out = torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
+    flat = topk_ids.reshape(-1)  # [T * k]
+    rows = torch.arange(t, device=hidden.device).repeat_interleave(k)  # [T * k] token of each pair
+    weights = topk_weights.reshape(-1)
+    for e in flat[flat >= 0].unique().tolist():  # ascending, as transformers accumulates
+        sel = (flat == e).nonzero()[:, 0]
+        gate, up = (hidden[rows[sel]] @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
+        y = (fn(gate) * up) @ w2[e].t()  # [n, H]
+        out.index_add_(0, rows[sel], y.to(out.dtype) * weights[sel, None].to(out.dtype))
     return out

@@ -24,7 +24,7 @@ def write_expert(ckpt: Checkpoint, names: WeightNames, layer: int, expert: int, 
     Weights stored in the rows' dtype go from the file straight into them (CPU); others pass through one
     expert-sized temporary."""
     ref, spec = names.expert(layer, expert), names.spec
-    if spec.moe.expert_act != "silu":
+    if spec.moe.expert_act == "swiglu_clamped":
         weights = expert_math.read_swiglu_expert(ckpt, ref, spec.hidden_size, spec.moe.intermediate_size)
         for dst, t in zip((rows[k] for k in ("w13", "w2", "b13", "b2")), weights):
             dst.copy_(t)

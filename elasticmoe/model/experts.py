@@ -80,7 +80,7 @@ class ExpertStore:
                     "w13_scale": ((n, rows13, cdiv(hidden, bk)), torch.float32),
                     "w2_scale": ((n, cdiv(hidden, bn), cdiv(inter, bk)), torch.float32)}
         shapes = {"w13": ((n, 2 * inter, hidden), self.dtype), "w2": ((n, hidden, inter), self.dtype)}
-        if self.spec.moe.expert_act != "silu":
+        if self.spec.moe.expert_act == "swiglu_clamped":
             shapes.update(b13=((n, 2 * inter), self.dtype), b2=((n, hidden), self.dtype))
         return shapes
 
@@ -253,6 +253,8 @@ class ExpertStore:
         local = le.to_local[topk_ids.long()]  # [T, k]; index E (= -1 wrapped) maps to -1
         if self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
             out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
+        elif self.spec.moe.expert_act == "gelu_tanh":  # Gemma 4: torch (model.expert_math)
+            out = expert_math.gated_moe(hidden, le.w13, le.w2, local, topk_weights, "gelu_tanh", COMBINE_DTYPE)
         elif self.spec.moe.expert_act == "silu":
             out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend, out_dtype=COMBINE_DTYPE,
                             w13_scale=le.w13_scale, w2_scale=le.w2_scale, block_shape=self.block,

@@ -91,6 +91,10 @@ class Family:
     indexer_rope: str | None = None
     attn_scale: float | None = None  # softmax scale (None: head_dim ** -0.5)
     v_norm: bool = False  # a weightless RMSNorm of each value head
+    router_norm: bool = False  # the router reads the residual: weightless RMSNorm * router.scale / sqrt(H)
+    embed_sqrt: bool = False  # embeddings times sqrt(hidden_size), rounded to the model's dtype first
+    moe_beside_mlp: bool = False  # a dense MLP (mlp.*) beside the MoE in each layer, each with its own norms
+    layer_scalar: bool = False  # each layer's output times its layer_scalar (a stored buffer, 1 where absent)
 
 
 FAMILIES: dict[str, Family] = {
@@ -228,6 +232,16 @@ FAMILIES: dict[str, Family] = {
     # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
     "gpt_oss": Family(keys=("num_local_experts", "swiglu_alpha", "swiglu_limit", "quantization_config",
                             "experts_per_token", "initial_context_length", *_SLIDING), norm_topk=True, attn_sinks=True),
+    # Gemma 4 text: Gemma's four norms, a dense MLP beside the MoE, per-layer input embeddings (PLE), KV sharing,
+    # per-layer head dims (per_layer_config), values = keys (attention_k_eq_v), rotary per layer type
+    "gemma4_text": Family(keys=("hidden_activation", "final_logit_softcapping", "use_bidirectional_attention",
+                                "vocab_size_per_layer_input", "hidden_size_per_layer_input", "attention_k_eq_v",
+                                "num_kv_shared_layers", "enable_moe_block", "use_double_wide_mlp", "num_experts",
+                                "top_k_experts", "moe_intermediate_size", "per_layer_config", "global_head_dim",
+                                "num_global_key_value_heads", *_SLIDING),
+                          block="gemma", attn_scale=1.0, v_norm=True, router_norm=True, embed_sqrt=True,
+                          moe_beside_mlp=True, layer_scalar=True,
+                          neutral=(("use_bidirectional_attention", None), ("enable_moe_block", True))),
     # Laguna: rope_parameters per layer type (each its own theta and partial_rotary_factor), query heads per layer
     "laguna": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "gating",
                            "num_attention_heads_per_layer", "mlp_layer_types", "moe_routed_scaling_factor",
@@ -284,10 +298,7 @@ REJECTED: dict[str, str] = {
     "doge": "product-key retrieval experts (cross-domain MoE) and dynamic-mask attention",
     "mimo_v2_flash": "attention value rescaling (attention_value_scale), per-layer KV head counts (sliding layers "
                      "double them) and attention sinks with a value head dim unlike the q/k one",
-    "gemma4": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
-              "and logit soft-capping (a multimodal model)",
-    "gemma4_text": "a dense MLP beside the MoE in each layer, per-layer input embeddings, KV sharing across layers "
-                   "and logit soft-capping",
+    "gemma4": "vision and audio encoders (a multimodal model; its text-only checkpoints are model_type gemma4_text)",
     "diffusion_gemma": "block-diffusion decoding with an encoder (not causal language modelling)",
     "openai_privacy_filter": "bidirectional encoder layers for token classification (not causal language modelling)",
     "aria": "a vision encoder and projector (a multimodal model)",

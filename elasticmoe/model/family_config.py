@@ -167,3 +167,27 @@ def flat_dbrx(cfg: Any) -> Any:
                        ("head_dim", cfg.d_model // cfg.n_heads)):
         object.__setattr__(flat, key, value)
     return flat
+
+
+_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config activation -> the engine's
+
+
+def act_name(cfg: Any) -> str:
+    """The gated MLPs' and experts' activation (hidden_act / hidden_activation, as transformers' ACT2FN reads it) by
+    the engine's name: "silu" or "gelu_tanh"; any other is refused by name."""
+    key = next((k for k in ("hidden_act", "hidden_activation") if config_get(cfg, k) is not None), "hidden_act")
+    act = config_get(cfg, key, default="silu")
+    if act not in _ACTS:
+        raise ModelSpecError(f"config.{key}={act!r}: gated MLPs and experts must use silu or gelu_pytorch_tanh")
+    return _ACTS[act]
+
+
+def per_layer_input(cfg: Any) -> int:
+    """The width per layer of the per-layer input embeddings (hidden_size_per_layer_input; 0: none). Their table
+    must cover the vocabulary (vocab_size_per_layer_input = vocab_size): transformers fails on a token past it."""
+    width = int(config_get(cfg, "hidden_size_per_layer_input", default=0) or 0)
+    rows = config_get(cfg, "vocab_size_per_layer_input", default=cfg.vocab_size)
+    if width and rows != cfg.vocab_size:
+        raise ModelSpecError(f"config.vocab_size_per_layer_input={rows}: want vocab_size ({cfg.vocab_size}), a "
+                             f"per-layer input for every token")
+    return width

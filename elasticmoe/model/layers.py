@@ -38,14 +38,19 @@ def norm(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | 
     return layer_norm(x, weight, bias, eps, out_dtype)
 
 
-def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """silu(x @ gate.T + b) * (x @ up.T + b) @ down.T + b, from gate/up/down or a packed gate_up [2I, H].
-    x [T, H] -> [T, H]."""
+def act_fn(name: str):
+    """A gate activation by the engine's name (family_config.act_name): "silu" or "gelu_tanh"."""
+    return {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[name]
+
+
+def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], act: str = "silu") -> torch.Tensor:
+    """act(x @ gate.T + b) * (x @ up.T + b) @ down.T + b, from gate/up/down or a packed gate_up [2I, H]; act "silu"
+    or "gelu_tanh". x [T, H] -> [T, H]."""
     if "gate_up" in w:
         gate, up = linear(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
     else:
         gate, up = linear(x, w["gate"], w.get("gate_bias")), linear(x, w["up"], w.get("up_bias"))
-    return linear(F.silu(gate) * up, w["down"], w.get("down_bias"))
+    return linear(act_fn(act)(gate) * up, w["down"], w.get("down_bias"))
 
 
 class Rotary:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from elasticmoe.model.families import Family
-from elasticmoe.model.family_config import ModelSpecError, config_get as _get
+from elasticmoe.model.family_config import ModelSpecError, act_name, config_get as _get
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class MoESpec:
     sparse_layers: tuple[bool, ...]  # per layer: MoE (True) or dense MLP (False)
     hidden_act: str = "silu"
     shared_combine: str = "sum"  # routed + shared experts: "sum" | "average"
-    expert_act: str = "silu"  # "silu" (gated SiLU, fused_moe) | "swiglu_clamped" (GPT-OSS, model.expert_math)
+    expert_act: str = "silu"  # "silu" (gated SiLU, fused_moe) | "gelu_tanh" (gated tanh-GELU, model.expert_math)
+    #                           | "swiglu_clamped" (GPT-OSS, model.expert_math)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     jitter_eps: float = 0.0  # sparsemixer: experts within this relative margin of the best share its softmax
@@ -76,7 +77,7 @@ def _expert_counts(cfg: Any, model_type: str) -> tuple[int, int]:
             f"config.json of model_type {model_type!r} has no experts "
             "(none of n_routed_experts / num_local_experts / num_experts): not a Mixture-of-Experts model"
         )
-    top_k = _get(cfg, "num_experts_per_tok", "moe_topk", "top_k", default=None)
+    top_k = _get(cfg, "num_experts_per_tok", "moe_topk", "top_k", "top_k_experts", default=None)
     if not top_k:
         raise ModelSpecError("config.json has no num_experts_per_tok (router top-k)")
     return num_experts, top_k
@@ -111,16 +112,19 @@ def _groups(cfg: Any, model_type: str) -> tuple[int, int, str, bool]:
     return n_group, topk_group, group_score, grouped
 
 
-def _check_expert_act(cfg: Any, model_type: str) -> None:
-    """Experts are gated SiLU MLPs, or GPT-OSS's (MXFP4 when quantised)."""
-    act = _get(cfg, "hidden_act", "hidden_activation", default="silu")
-    if model_type == "gpt_oss":
-        quant = dict(_get(cfg, "quantization_config", default={}) or {})
-        if quant and quant.get("quant_method") != "mxfp4":
-            raise ModelSpecError(f"config.quantization_config.quant_method={quant.get('quant_method')!r}: "
-                                 "only MXFP4 GPT-OSS checkpoints are dequantised on load")
-    elif act not in ("silu", "swish"):
-        raise ModelSpecError(f"config.hidden_act={act!r}: experts must be gated SiLU MLPs")
+def _check_expert_act(cfg: Any, model_type: str) -> str:
+    """The experts' activation: gated SiLU or gated tanh-GELU MLPs (act_name), or GPT-OSS's clamped SwiGLU (MXFP4
+    when quantised)."""
+    if model_type != "gpt_oss":
+        act = act_name(cfg)
+        if act != "silu" and model_type == "llama4_text":  # its input-scaled experts are gated SiLU here
+            raise ModelSpecError(f"config.hidden_act={cfg.hidden_act!r}: Llama 4's experts must be gated SiLU")
+        return act
+    quant = dict(_get(cfg, "quantization_config", default={}) or {})
+    if quant and quant.get("quant_method") != "mxfp4":
+        raise ModelSpecError(f"config.quantization_config.quant_method={quant.get('quant_method')!r}: "
+                             "only MXFP4 GPT-OSS checkpoints are dequantised on load")
+    return "swiglu_clamped"
 
 
 def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
@@ -130,7 +134,7 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
     num_experts, top_k = _expert_counts(cfg, model_type)
     scoring, norm = _scoring(cfg, model_type, fam, top_k)
     n_group, topk_group, group_score, grouped = _groups(cfg, model_type)
-    _check_expert_act(cfg, model_type)
+    act = _check_expert_act(cfg, model_type)
     _check_routing(cfg, num_experts + int(_get(cfg, "zero_expert_num", default=0)), top_k, n_group, topk_group,
                    group_score, grouped)
     combine = _get(cfg, "shared_expert_combination_strategy", default="sum")
@@ -150,7 +154,7 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         sparse_layers=_sparse_layers(cfg, num_layers),
         hidden_act="silu",
         shared_combine=combine,
-        expert_act="swiglu_clamped" if model_type == "gpt_oss" else "silu",
+        expert_act=act,
         swiglu_alpha=float(_get(cfg, "swiglu_alpha", default=1.702)),
         swiglu_limit=float(_get(cfg, "swiglu_limit", default=7.0)),
         jitter_eps=float(_get(cfg, "router_jitter_noise", default=0.0)) if scoring == "sparsemixer" else 0.0,
@@ -183,7 +187,7 @@ def _check_routing(cfg: Any, experts: int, top_k: int, n_group: int, topk_group:
                    grouped: bool) -> None:
     """A top-k the router can pick: at most the experts (of the groups kept, where transformers' router runs its
     group-limited routing: with one group too, where a topk_group of 0 masks every expert and more fail)."""
-    field = next(n for n in ("num_experts_per_tok", "moe_topk", "top_k") if _get(cfg, n) is not None)
+    field = next(n for n in ("num_experts_per_tok", "moe_topk", "top_k", "top_k_experts") if _get(cfg, n) is not None)
     if top_k < 1:  # transformers' top-k then fails every forward
         raise ModelSpecError(f"config.{field}={top_k}: want 1 or more experts per token")
     if n_group < 1:  # transformers splits the experts into n_group groups: it fails every forward

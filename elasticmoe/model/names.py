@@ -10,11 +10,13 @@ from typing import Any
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.expert_check import check_expert_dtypes, check_expert_shapes, check_experts
 from elasticmoe.model.expert_names import LAYER, ExpertRef, expert_parts, expert_ref
+from elasticmoe.model.extras import BESIDE_NORMS, layer_extras, model_extras
 from elasticmoe.model.linear_spec import LINEAR
 from elasticmoe.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-_ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight")
+_ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight",
+            "router.proj.weight")  # Gemma 4: a normed router (model.extras)
 _ROUTER_BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "router.e_score_correction_bias",
                   "expert_bias", "moe_statics.e_score_correction_bias",
                   "gate.moe_statics.e_score_correction_bias",  # Ernie 4.5: hub, then transformers' in-memory name
@@ -68,6 +70,7 @@ class LayerNames:
     norms: dict[str, str] = field(default_factory=dict)  # role (see NORMS) -> weight name; "<role>_bias" -> bias
     router_logit_bias: str | None = None  # GPT-OSS: added to the router logits
     linear: dict[str, str] = field(default_factory=dict)  # a linear-attention layer's: role (see LINEAR) -> name
+    extras: dict[str, str] = field(default_factory=dict)  # role -> name: layer scalar, PLE, router scales (extras)
 
 
 class WeightNames:
@@ -93,6 +96,7 @@ class WeightNames:
                                   "config.tie_word_embeddings is false (transformers would use a random LM head)")
         self.lm_head_bias = self._first("lm_head.bias")
         self._check_biases("lm_head", [self.lm_head_bias] if self.lm_head_bias else [])
+        self.extras = model_extras(base, spec.per_layer_input > 0, self._need)  # PLE's
 
     @staticmethod
     def _find_root(ckpt: Checkpoint) -> str:
@@ -109,11 +113,11 @@ class WeightNames:
             (layer, e), name = over[0], min(parts[over[0]].values())
             raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is expert {e} of layer {layer}, but "
                                   f"config.json gives it {num_experts} experts")
-        extras_ok = self.spec.moe.expert_act != "silu"
+        extras_ok = self.spec.moe.expert_act == "swiglu_clamped"
         for (layer, e), p in parts.items():
             self.experts[(layer, e)] = expert_ref(self.ckpt.path, layer, e, p, extras_ok, self.spec.model_type)
             self.used.update(p.values())
-        if self.spec.moe.expert_act == "silu":
+        if self.spec.moe.expert_act != "swiglu_clamped":
             check_expert_shapes(self.ckpt, self.experts, self.spec.hidden_size, self.spec.moe.intermediate_size)
         check_expert_dtypes(self.ckpt, self.experts)
 
@@ -159,19 +163,21 @@ class WeightNames:
         linear = {r: n for r, s in LINEAR.items() if lin and (n := self._first(f"{prefix}linear_attn.{s}"))}
         self._check_biases("attn", [n for role, n in attn.items() if role.endswith("_bias")])
         norms: dict[str, str] = {}
-        for role, modules in NORMS[self.spec.block].items():
+        block = self.blocks.get(i)
+        beside = BESIDE_NORMS if self.spec.moe_beside_mlp and block is not None else {}
+        for role, modules in [*NORMS[self.spec.block].items(), *beside.items()]:
             modules = (modules,) if isinstance(modules, str) else modules  # alternative names, first found
             module = next((m for m in modules if f"{prefix}{m}.weight" in self.ckpt), modules[0])
             norms[role] = self._need(f"{prefix}{module}.weight")
             if bias := self._first(f"{prefix}{module}.bias"):
                 norms[role + "_bias"] = bias
-        block = self.blocks.get(i)
+        extras = layer_extras(prefix, block, self.spec, self._first, self._need)
         post_mlp = (prefix + "post_mlp_layernorm.weight", prefix + "mlp.post_mlp_layernorm.weight")
         if block is None:
             if self.spec.moe_out_norm:  # A.X-K1 stores it on dense layers too, where transformers ignores it
                 self._first(*post_mlp)
             dense = self._mlp(prefix + "mlp.") or self._mlp(prefix + "feed_forward.")
-            return LayerNames(prefix, None, None, None, None, None, dense, attn, norms, linear=linear)
+            return LayerNames(prefix, None, None, None, None, None, dense, attn, norms, linear=linear, extras=extras)
         if self.spec.moe_out_norm:
             norms["mlp_out"] = self._first(*post_mlp) or self._need(post_mlp[1])
         router = self._first(*(block + r for r in _ROUTERS))
@@ -185,7 +191,10 @@ class WeightNames:
         shared_gate = self._first(block + "shared_expert_gate.weight")
         logit_bias = self._first(block + "router.bias")
         dense = self._mlp(prefix + "feed_forward.") if self.spec.block == "shortcut" else None  # LongCat: both
-        return LayerNames(prefix, block, router, bias, shared, shared_gate, dense, attn, norms, logit_bias, linear)
+        if self.spec.moe_beside_mlp:  # Gemma 4: the layer's dense MLP beside its experts
+            dense = self._mlp(prefix + "mlp.")
+        return LayerNames(prefix, block, router, bias, shared, shared_gate, dense, attn, norms, logit_bias, linear,
+                          extras)
 
     def unused(self) -> list[str]:
         """Checkpoint tensors the model does not consume (speculative-decoding layers past the last one excepted, and

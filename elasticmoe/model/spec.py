@@ -10,8 +10,8 @@ import torch
 
 from elasticmoe.model.families import Family
 from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and the checks: re-exported)
-    ModelSpecError, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
-    longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary,
+    ModelSpecError, act_name, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
+    longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary, per_layer_input,
 )
 from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
 from elasticmoe.model.layer_attention import (
@@ -103,7 +103,7 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     dense_intermediate_size: int = 0
-    block: str = "pre"  # "pre" | "post" | "sandwich" | "parallel" (see model.families.Family)
+    block: str = "pre"  # "pre" | "post" | "sandwich" | "gemma" | "parallel" ... (see model.families.Family)
     norm: str = "rms"  # "rms" | "layer"
     embed_scale: float = 1.0  # multiplies the embeddings
     residual_scale: float = 1.0  # multiplies each sublayer's output before the residual add
@@ -116,6 +116,12 @@ class ModelSpec:
     linear: DeltaNetSpec | None = None  # linear-attention layers (the others are attention), None: none
     norm_offset: float = 0.0  # added to every norm weight but a linear layer's gated one (zero-centred RMSNorms: 1)
     ignored: tuple[str, ...] = ()  # tensor-name patterns (re.match) transformers ignores on load
+    mlp_act: str = "silu"  # the dense MLPs' gate activation: "silu" | "gelu_tanh"
+    embed_scale_rounded: bool = False  # embed_scale rounded to the model's dtype before it multiplies (Gemma)
+    per_layer_input: int = 0  # per-layer input embeddings (PLE): their width per layer, 0 for none (model.extras)
+    router_norm: bool = False  # the router reads the residual: weightless RMSNorm * router.scale / sqrt(H)
+    moe_beside_mlp: bool = False  # a dense MLP beside the MoE in each layer, each with its own norms
+    layer_scalar: bool = False  # each layer's output times its stored layer_scalar (model.extras)
 
     @property
     def rope_tables(self) -> tuple[tuple[torch.Tensor, float], ...]:
@@ -242,7 +248,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
     rope_more: tuple = ()
-    if typed_rope(cfg) is not None:  # one rotary per layer type (Laguna, Mellum; Beam's null types: NoPE)
+    if typed_rope(cfg) is not None:  # one rotary per layer type (Laguna, Mellum, Gemma 4; Beam's nulls: NoPE)
         if attn.kind != "gqa":
             raise ModelSpecError("config.rope_parameters per layer type: only with grouped-query attention")
         head_dims = tuple(attn.layer(i).head_dim for i in range(num_layers))
@@ -258,7 +264,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     eos = _get(cfg, "eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     embed_scale = float(_get(cfg, "embedding_multiplier", default=1.0))
-    if _get(cfg, "mup_enabled", default=False):
+    if _get(cfg, "mup_enabled", default=False) or fam.embed_sqrt:
         embed_scale = cfg.hidden_size**0.5
     logits_scale = float(_get(cfg, "logit_scale", default=1.0)) / float(_get(cfg, "logits_scaling", default=1.0))
     rms_set = model_type == "cohere2_moe" and _get(cfg, "rms_norm_eps") is not None  # its norms: RMSNorms then
@@ -276,7 +282,9 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
         biases=tuple((part, flag, bool(_get(cfg, flag, default=False))) for part, flag in fam.biases),
         linear=deltanet_from_config(cfg, num_layers, fam), norm_offset=1.0 if fam.centred_norms else 0.0,
-        ignored=fam.ignored,
+        ignored=fam.ignored, mlp_act=act_name(cfg), embed_scale_rounded=fam.embed_sqrt,
+        per_layer_input=per_layer_input(cfg), router_norm=fam.router_norm, moe_beside_mlp=fam.moe_beside_mlp,
+        layer_scalar=fam.layer_scalar,
     )
 
 
