@@ -34,6 +34,13 @@ TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, o
 QWEN3_VL_TEXT = dict(intermediate_size=128, moe_intermediate_size=48, num_experts=8, head_dim=16, mlp_only_layers=[0],
                      rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
                                           mrope_interleaved=True))
+# Qwen3-Omni's thinker: Qwen3-VL-MoE's text layers with norm_topk_prob read (false here), an audio encoder beside;
+# the hub's token ids that transformers' generate reads (vision_start_token_id)
+QWEN3_OMNI_TEXT = dict(QWEN3_VL_TEXT, norm_topk_prob=False,
+                       rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
+                                            interleaved=True))
+TINY_AUDIO = dict(num_hidden_layers=1, d_model=32, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=64,
+                  num_mel_bins=16, downsample_hidden_size=8)
 # GLM-4.5V: M-RoPE sections over the 4 frequencies of a half-rotated head
 GLM4V_TEXT = dict(DSV3_MOE, intermediate_size=128, head_dim=16, n_group=2, topk_group=1, routed_scaling_factor=1.5,
                   rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
@@ -115,6 +122,15 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                      "the language model of a vision-language checkpoint on text alone: Qwen3-MoE layers, "
                      "interleaved multimodal rotary sections on text positions, top-k always renormalised, dense "
                      "first layer (model.visual.* ignored; deepstack inputs come only with images)"),
+    "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerConfig",
+                               dict(text_config={**QWEN3_OMNI_TEXT, **TINY_TEXT}, audio_config=TINY_AUDIO,
+                                    vision_config=dict(TINY_VISION, deepstack_visual_indexes=[0]),
+                                    tie_word_embeddings=False, vision_start_token_id=151652,
+                                    vision_end_token_id=151653, audio_end_token_id=151648),
+                               "the thinker's language model of an omni (text, audio, vision) checkpoint on text "
+                               "alone: Qwen3-MoE layers, interleaved multimodal rotary sections on text positions, "
+                               "dense first layer (visual.* and audio_tower.* ignored; deepstack inputs come only with "
+                               "images)"),
     "glm4v_moe": ("Glm4vMoeConfig", dict(text_config={**GLM4V_TEXT, **TINY_TEXT}, tie_word_embeddings=False,
                                          vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                                             out_hidden_size=64)),

@@ -108,3 +108,19 @@ def test_the_readme_says_multimodal_checkpoints_run_on_text_alone():
     start = readme.index("Vision-language checkpoints")
     sentence = readme[start:readme.index(".", readme.index("no images", start))]
     assert {t for t, f in FAMILIES.items() if f.text_model} == {t for t in FAMILIES if f"`{t}`" in sentence}
+
+
+def test_qwen3_omni_thinker_top_level_flag_ties_the_lm_head(tmp_path):
+    """Qwen3-Omni's text config has no tie_word_embeddings field: the thinker's own flag ties its LM head, as in
+    transformers' Qwen3OmniMoeThinkerForConditionalGeneration (no lm_head.weight saved), same logits and tokens."""
+    from safetensors import safe_open
+
+    from elasticmoe import LLM
+
+    ck = make_family_checkpoint("qwen3_omni_moe_thinker", tmp_path / "omni",
+                                case=_case("qwen3_omni_moe_thinker", tie_word_embeddings=True))
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and any(k.startswith("audio_tower.") for k in f.keys())
+    llm = LLM(str(ck), dtype="float32")
+    assert llm.files.spec.tie_word_embeddings
+    _assert_matches(llm, ck, "qwen3_omni_moe_thinker")

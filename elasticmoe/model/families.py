@@ -229,6 +229,18 @@ FAMILIES: dict[str, Family] = {
                               "image_start_token_id", "image_end_token_id", "video_start_token_id",
                               "video_end_token_id"),
                         text_model="glm4v_moe_text", top_ties_head=True),
+    # Qwen3-Omni's thinker language model: Qwen3-MoE's layers (norm_topk_prob honoured; sliding_window read by no
+    # code, so only null) and a multimodal rotary whose sections all read the text position on text alone (the plain
+    # rotary); deepstack inputs only come with images; the vision and audio encoders' weights unused
+    "qwen3_omni_moe_text": Family(keys=("num_experts", "moe_intermediate_size", "norm_topk_prob",
+                                        "decoder_sparse_step", "mlp_only_layers", "sliding_window"),
+                                  neutral=(("sliding_window", None),),
+                                  ignored=(r"(model\.)?visual\.", r"(model\.)?audio_tower\.")),
+    "qwen3_omni_moe_thinker": Family(keys=("text_config", "vision_config", "audio_config", "image_token_id",
+                                           "video_token_id", "audio_token_id", "audio_start_token_id",
+                                           "audio_end_token_id", "vision_start_token_id", "vision_end_token_id",
+                                           "user_token_id", "position_id_per_seconds"),
+                                     text_model="qwen3_omni_moe_text", top_ties_head=True),
     # experts_per_token and initial_context_length: written by OpenAI's checkpoints, read by no transformers code
     "gpt_oss": Family(keys=("num_local_experts", "swiglu_alpha", "swiglu_limit", "quantization_config",
                             "experts_per_token", "initial_context_length", *_SLIDING), norm_topk=True, attn_sinks=True),
@@ -302,10 +314,17 @@ REJECTED: dict[str, str] = {
     "diffusion_gemma": "block-diffusion decoding with an encoder (not causal language modelling)",
     "openai_privacy_filter": "bidirectional encoder layers for token classification (not causal language modelling)",
     "aria": "a vision encoder and projector (a multimodal model)",
-    "ernie4_5_vl_moe": "modality-split experts (separate text and vision expert groups) and a vision encoder",
-    "ernie4_5_vl_moe_text": "modality-split experts (separate text and vision expert groups)",
-    "qwen3_omni_moe": "a thinker-talker pair with audio and vision encoders (a multimodal model)",
-    "qwen3_omni_moe_text": "interleaved multimodal rotary (M-RoPE) sections",
+    # on text only the text expert group runs (its own router and correction-bias row, moe_intermediate_size[0]),
+    # but the hub stores both groups as one list: experts 0..E-1 text, E..2E-1 vision, the router transposed
+    "ernie4_5_vl_moe": "modality-split experts stored as one list (text then vision experts, moe_intermediate_size "
+                       "per group, a transposed router per group, a [2, E] correction bias) that the loader does not "
+                       "split, and a vision encoder",
+    "ernie4_5_vl_moe_text": "modality-split experts stored as one list (text then vision experts, "
+                            "moe_intermediate_size per group, a transposed router per group, a [2, E] correction "
+                            "bias) that the loader does not split",
+    "qwen3_omni_moe": "a thinker-talker pair with audio and vision encoders (a multimodal model; transformers' "
+                      "class only generates, with no forward: its thinker saved alone, qwen3_omni_moe_thinker, is "
+                      "served)",
     "step3p7": "per-layer head counts, per-layer rotary bases, gated attention and per-layer clamped SwiGLU "
                "experts, and a vision encoder (a multimodal model)",
     "step3p5": "per-layer head counts, per-layer rotary bases, gated attention and per-layer clamped SwiGLU experts",
@@ -318,7 +337,6 @@ REJECTED: dict[str, str] = {
     "kimi_k25": "a vision encoder (a multimodal model)",
     "nemo_speechlm": "an audio encoder with a Mamba (state-space) language model",
     "nemotron_h_omni": "Mamba (state-space) layers, and vision/audio encoders",
-    "qwen3_omni_moe_thinker": "audio and vision encoders with interleaved multimodal rotary (M-RoPE)",
     "qwen3_omni_moe_talker_text": "a speech-codec talker conditioned on the thinker's hidden states",
     "vitpose": "a vision pose-estimation model (no language model)",
     "vitpose_backbone": "a vision pose-estimation model (no language model)",
