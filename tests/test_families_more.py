@@ -54,6 +54,16 @@ GEMMA4 = dict(intermediate_size=96, num_hidden_layers=6, head_dim=16, global_hea
               num_kv_shared_layers=2, num_experts=8, top_k_experts=2, moe_intermediate_size=48, enable_moe_block=True,
               hidden_size_per_layer_input=16, vocab_size_per_layer_input=512, final_logit_softcapping=30.0,
               use_double_wide_mlp=True)  # layers 4 and 5 read layers 3's and 2's keys and values
+# MiMo-V2-Flash: sliding layers (1, 2) with 2 KV heads and sinks, full ones with 1 and none; values 16 wide against
+# q/k heads of 24, rescaled by 0.5; full layers rotate half of each head, sliding ones 8 dims (the family's 0.334)
+MIMO = dict(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=8, num_hidden_layers=4,
+            num_key_value_heads=1, head_dim=24, v_head_dim=16, attention_value_scale=0.5, n_group=2, topk_group=1,
+            routed_scaling_factor=1.5, sliding_window=8,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0,
+                                                "partial_rotary_factor": 0.5},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
 
 # model_type -> (transformers config class, tiny fields, what the family exercises); in the README table too.
 MORE_CASES: dict[str, tuple[str, dict, str]] = {
@@ -174,10 +184,15 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                     "and values = keys on full layers, rotary per layer type (proportional on full layers), "
                     "sliding window, normed router with per-expert scales, tanh-GELU, double-wide MLPs, layer "
                     "scalars, logit soft-capping"),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", MIMO, "sliding layers with twice the KV heads and attention sinks (full "
+                      "layers neither), value heads narrower than q/k heads and rescaled (attention_value_scale), "
+                      "partial rotary per layer type, sigmoid grouped routing with correction bias, dense first "
+                      "layer"),
 }
 # routing biases made non-zero: checked loaded
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa",
-                     "kolibri1", "beam", "glm4v_moe"}
+                     "kolibri1", "beam", "glm4v_moe",
+                     "mimo_v2_flash"}
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +295,6 @@ README_REJECTED = [
      {"step3p5", "step3p7"}, ("per-layer head counts", "per-layer-type rotary bases")),
     ("Doge's product-key experts", {"doge"}, ("product-key",)),
     ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),
-    ("MiMo-V2-Flash's attention value rescaling", {"mimo_v2_flash"}, ("attention value rescaling",)),
     ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),
     ("block-diffusion decoding (Diffusion Gemma)", {"diffusion_gemma"}, ("block-diffusion",)),
     ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_omni_moe", "gemma4"}, MULTIMODAL),

@@ -146,7 +146,6 @@ def _with_config(src, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("model_type,lacks", [
-    ("mimo_v2_flash", "per-layer KV head counts (sliding layers double them)"),
     ("muse_spark_text", "experts run at a pooled width (moe_hidden_size) with a norm on each expert's output"),
 ])
 def test_the_families_still_refused_name_what_they_lack(model_type, lacks):

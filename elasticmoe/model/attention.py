@@ -190,6 +190,7 @@ class Attention:
         if v is not None:
             v = v.view(t, a.num_kv_heads, a.v_head_dim)
             v = rms_norm(v, 1.0, self.eps, F32) if a.v_norm else v  # Gemma 4: a weightless norm per value head
+            v = v * a.v_scale if a.v_scale != 1.0 else v  # MiMo-V2-Flash: attention_value_scale, in the model dtype
         if "q_norm" in w and w["q_norm"].shape[0] != a.head_dim:  # OLMoE: norm over all heads
             q, k = each(lambda z, r: rms_norm(z, w[r + "_norm"], self.eps, F32), q, k)
         q, k = each(lambda z, r: z.view(t, a.num_heads if r == "q" else a.num_kv_heads, a.head_dim), q, k)

@@ -62,7 +62,10 @@ class Family:
     depth_scaled: bool = False  # residual add k (1-based, two per layer): h * sqrt((k - 1) / k) + out / sqrt(k) (Beam)
     nope_query_scale: tuple[float, float] | None = None  # NoPE layers' queries * (1 + (pos + 1) / p) ** e (Beam)
     nope_types: bool = False  # rope_parameters per layer type: a null entry is a NoPE type (Beam), else refused
-    attn_sinks: bool = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks)
+    attn_sinks: bool | str = False  # a learned per-head sink logit in every attention softmax (self_attn.sinks);
+    #                                 "sliding": on the sliding layers only (MiMo-V2-Flash)
+    sliding_kv_factor: int = 1  # sliding layers hold this many times num_key_value_heads (MiMo-V2-Flash: 2)
+    rope_partial: float = 1.0  # a per-layer-type rope entry's partial_rotary_factor when it has none (MiMo: 0.334)
     rope_mscale: bool = False  # cos/sin scaled by rope_parameters' short_mscale (PhiMoE), see family_config.mscale_rope
     neutral: tuple[tuple[str, object], ...] = ()  # keys supported only at this value
     moe_out_norm: bool = False  # A.X-K1: an RMSNorm (post_mlp_layernorm) on the MoE block's output
@@ -264,6 +267,13 @@ FAMILIES: dict[str, Family] = {
     # its multi-token-prediction weights (mtp.*, mtp_*layer_types) are unused, as in transformers
     "mellum": Family(keys=("num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob",
                            "mlp_layer_types", "num_mtp_layers", "mtp_layer_types", "mtp_mlp_layer_types", *_SLIDING)),
+    # MiMo-V2-Flash: sliding layers with twice the KV heads and attention sinks, values of their own head dim
+    # (v_head_dim) rescaled (attention_value_scale), partial rotary per layer type, DeepSeek-V3's router unshared
+    "mimo_v2_flash": Family(keys=("n_routed_experts", "moe_intermediate_size", "routed_scaling_factor", "n_group",
+                                  "topk_group", "norm_topk_prob", "mlp_layer_types", "v_head_dim",
+                                  "attention_value_scale", "sliding_window_size", *_SLIDING),
+                            scoring="sigmoid", attn_sinks="sliding", sliding_kv_factor=2, partial_rotary=True,
+                            rope_partial=0.334, ignored=(r"model\.mtp\.",)),
 }
 
 # Families whose decoder layers hold more than attention + MLP/MoE, or whose math is not implemented here.
@@ -308,8 +318,6 @@ REJECTED: dict[str, str] = {
                        "a norm on each expert's output",
     "zaya": "compressed convolutional attention (CCA projections)",
     "doge": "product-key retrieval experts (cross-domain MoE) and dynamic-mask attention",
-    "mimo_v2_flash": "attention value rescaling (attention_value_scale), per-layer KV head counts (sliding layers "
-                     "double them) and attention sinks with a value head dim unlike the q/k one",
     "gemma4": "vision and audio encoders (a multimodal model; its text-only checkpoints are model_type gemma4_text)",
     "diffusion_gemma": "block-diffusion decoding with an encoder (not causal language modelling)",
     "openai_privacy_filter": "bidirectional encoder layers for token classification (not causal language modelling)",

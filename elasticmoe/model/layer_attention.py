@@ -67,6 +67,18 @@ def layer_dims(over: dict[int, dict[str, Any]], num_layers: int, head_dim: int, 
     return dims if any(d != (head_dim, kv_heads) for d in dims) else ()
 
 
+def sliding_overrides(cfg: Any, fam: Family, over: dict[int, dict[str, Any]], num_layers: int, kv_heads: int
+                      ) -> tuple[dict[int, dict[str, Any]], tuple[bool, ...]]:
+    """`over` with the sliding layers' KV heads times Family.sliding_kv_factor (MiMo-V2-Flash: 2), and per layer
+    whether it has attention sinks (Family.attn_sinks "sliding": the sliding layers; () when every layer or none)."""
+    types = list(config_get(cfg, "layer_types", default=None) or ["full_attention"] * num_layers)
+    sliding = [t == "sliding_attention" for t in types]
+    if fam.sliding_kv_factor != 1:
+        over = {i: {"num_key_value_heads": kv_heads * fam.sliding_kv_factor, **over.get(i, {})} if s
+                else over.get(i, {}) for i, s in enumerate(sliding)}
+    return over, tuple(sliding) if fam.attn_sinks == "sliding" else ()
+
+
 def kv_sources(cfg: Any, num_layers: int) -> tuple[int, ...]:
     """Per layer: the layer whose keys and values it attends (itself, or for the last num_kv_shared_layers the last
     earlier layer of its layer type, as transformers' kv_sharing_modes); () when no layer shares."""
@@ -106,7 +118,7 @@ def typed_rope(cfg: Any) -> dict[str, dict] | None:
     return params
 
 
-def rope_tables(cfg: Any, head_dims: tuple[int, ...], partial: bool, nope: bool = False
+def rope_tables(cfg: Any, head_dims: tuple[int, ...], partial: bool, nope: bool = False, factor: float = 1.0
                 ) -> tuple[list[tuple[torch.Tensor, float]], tuple[int, ...], tuple[bool, ...]]:
     """Per-layer-type rotary, as transformers' per-type rotary embeddings build it: (the tables, each an inverse
     frequency [dim / 2] and its cos/sin scale, one per rotating layer type in sorted order), each layer's table and
@@ -114,7 +126,8 @@ def rope_tables(cfg: Any, head_dims: tuple[int, ...], partial: bool, nope: bool 
     their own). A default rope's dims are head_dim * partial_rotary_factor, theta ** (-2i / dim); other types come
     from transformers' initialisers (Gemma 4's "proportional": every dim, the unrotated share at frequency 0).
     `partial`: the family's attention rotates only a table's dims (Laguna); else every dim, and a narrower table is
-    refused (Mellum: transformers fails every forward). `nope`: a type whose entry is null runs without rotary
+    refused (Mellum: transformers fails every forward); `factor`: an entry's partial_rotary_factor when it has none
+    (Family.rope_partial). `nope`: a type whose entry is null runs without rotary
     (Beam: its layers get table 0, unused); else a null entry is refused as a missing one."""
     params, num_layers = typed_rope(cfg), len(head_dims)
     types = list(config_get(cfg, "layer_types") or ["full_attention"] * num_layers)
@@ -132,17 +145,18 @@ def rope_tables(cfg: Any, head_dims: tuple[int, ...], partial: bool, nope: bool 
             raise ModelSpecError(f"config.per_layer_config: {t} layers of head dims {sorted(dims)} (their rotary is "
                                  f"one per layer type)")
         head_dim = dims.pop()
-        tables.append(_table(cfg, params[t], t, head_dim))
+        tables.append(_table(cfg, params[t], t, head_dim, factor))
         if 2 * len(tables[-1][0]) < head_dim and not partial:
             raise ModelSpecError(f"config.rope_parameters.{t}.partial_rotary_factor="
-                                 f"{(params[t] or {}).get('partial_rotary_factor', 1.0)}: model_type "
+                                 f"{(params[t] or {}).get('partial_rotary_factor', factor)}: model_type "
                                  f"{cfg.model_type!r} rotates every head dim (transformers fails every forward)")
     tables = tables or [(torch.zeros(0), 1.0)]  # all NoPE: none
     sets = tuple(rotating.index(t) if t in rotating else 0 for t in types)
     return tables, sets, tuple(t in rotating for t in types)
 
 
-def _table(cfg: Any, p: dict | None, layer_type: str, head_dim: int) -> tuple[torch.Tensor, float]:
+def _table(cfg: Any, p: dict | None, layer_type: str, head_dim: int, factor: float = 1.0
+           ) -> tuple[torch.Tensor, float]:
     """One layer type's inverse frequencies [dim / 2] float32 and cos/sin scale."""
     where = f"config.rope_parameters.{layer_type}"
     if not isinstance(p, dict):  # transformers builds no rotary for it, and its layers then fail every forward
@@ -154,7 +168,7 @@ def _table(cfg: Any, p: dict | None, layer_type: str, head_dim: int) -> tuple[to
         theta = p.get("rope_theta")
         if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
             raise ModelSpecError(f"{where}.rope_theta={theta!r}: the rotary needs a positive base")
-        dim = int(head_dim * p.get("partial_rotary_factor", 1.0))
+        dim = int(head_dim * p.get("partial_rotary_factor", factor))
         if dim < 2:
             raise ModelSpecError(f"{where}.partial_rotary_factor={p.get('partial_rotary_factor')!r}: rotates no dims")
         return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0

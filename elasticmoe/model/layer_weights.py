@@ -55,7 +55,7 @@ def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention
         need = ("q", "o")
     elif a.v_from_k and a.v_from_k[i]:  # attention_k_eq_v: no v_proj
         need = ("q", "k", "o")
-    need += ("sinks",) if a.sinks else ()
+    need += ("sinks",) if a.sinks else ()  # per layer (MiMo-V2-Flash: sliding layers only)
     need += ("gate",) if a.gate_name != "gate_proj" else ()  # Laguna's g_proj
     need += INDEX_ROLES if a.indexer and a.indexer.own[i] else ()
     for role in need:

@@ -154,11 +154,11 @@ class WeightNames:
 
     def _layer(self, i: int) -> LayerNames:
         prefix = f"{self.root}.{i}."
-        sinks = ("sinks", "softmax_offset")  # Flint's checkpoints name its sinks softmax_offset
+        sinks = ("sinks", "softmax_offset", "attention_sink_bias")  # Flint's: softmax_offset; MiMo's hub names
         lin = self.spec.linear is not None and self.spec.linear.layers[i]  # a linear layer has no self_attn
         names = {**ATTN, "gate": f"{self.spec.attention.gate_name}.weight"}
         attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in (sinks if role == "sinks" else (s,))))
-                for role, s in names.items() if not lin and (role != "sinks" or self.spec.attention.sinks)}
+                for role, s in names.items() if not lin and (role != "sinks" or self.spec.attention.layer(i).sinks)}
         attn = {role: n for role, n in attn.items() if n is not None}
         linear = {r: n for r, s in LINEAR.items() if lin and (n := self._first(f"{prefix}linear_attn.{s}"))}
         self._check_biases("attn", [n for role, n in attn.items() if role.endswith("_bias")])

@@ -16,7 +16,7 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
 from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
 from elasticmoe.model.layer_attention import (
     global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, output_gate, per_layer_overrides,
-    rope_tables, typed_rope, v_from_k,
+    rope_tables, sliding_overrides, typed_rope, v_from_k,
 )
 from elasticmoe.model.indexer_spec import IndexerSpec, indexer_spec
 from elasticmoe.model.moe_spec import MoESpec, moe_from_config  # noqa: F401  (MoESpec: re-exported)
@@ -61,14 +61,17 @@ class AttentionSpec:
     kv_source: tuple[int, ...] = ()  # per layer: the layer whose cached keys / values it attends (KV sharing)
     v_from_k: tuple[bool, ...] = ()  # per layer: values are the key projection before its norm (no v_proj)
     v_norm: bool = False  # a weightless RMSNorm of each value head
+    v_scale: float = 1.0  # multiplies the values before they are cached (attention_value_scale: MiMo-V2-Flash)
+    sink_layers: tuple[bool, ...] = ()  # per layer: attention sinks (MiMo-V2-Flash: sliding layers); empty = `sinks`
 
     def layer(self, i: int) -> "AttentionSpec":
-        """Layer i's attention: its own query heads, head dim and KV heads where they differ per layer."""
+        """Layer i's attention: its own query heads, head dim and KV heads where they differ per layer (the value
+        head dim follows the q/k one unless it has its own: v_head_dim), and its sinks."""
         heads = self.layer_heads[i] if self.layer_heads else self.num_heads
         head_dim, kv_heads = self.layer_dims[i] if self.layer_dims else (self.head_dim, self.num_kv_heads)
-        if (heads, head_dim, kv_heads) == (self.num_heads, self.head_dim, self.num_kv_heads):
-            return self
-        return replace(self, num_heads=heads, head_dim=head_dim, v_head_dim=head_dim, num_kv_heads=kv_heads)
+        v_dim = head_dim if self.v_head_dim == self.head_dim else self.v_head_dim
+        sinks = self.sink_layers[i] if self.sink_layers else self.sinks
+        return replace(self, num_heads=heads, head_dim=head_dim, v_head_dim=v_dim, num_kv_heads=kv_heads, sinks=sinks)
 
     def source(self, i: int) -> int:
         """The layer whose cached keys and values layer i attends (itself unless it shares another's)."""
@@ -220,14 +223,17 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...],
         raise ModelSpecError(f"model_type {cfg.model_type!r}: its sparse-attention indexer needs MLA (kv_lora_rank)")
     head_dim = _get(cfg, "head_dim", default=cfg.hidden_size // heads)
     rope_dim = int(head_dim * (1.0 if typed_rope(cfg) else partial_rotary(cfg, fam)))
+    overrides, sink_layers = sliding_overrides(cfg, fam, overrides, num_layers, kv_heads)
     return AttentionSpec(
-        kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
+        kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        v_head_dim=_get(cfg, "v_head_dim", default=head_dim), sink_layers=sink_layers, v_scale=float(_get(
+            cfg, "attention_value_scale", default=1.0)),
         scaling=_get(cfg, "attention_multiplier", default=fam.attn_scale or head_dim**-0.5),
         layer_dims=layer_dims(overrides, num_layers, head_dim, kv_heads, heads), kv_source=kv_sources(cfg, num_layers),
         v_from_k=v_from_k(cfg, num_layers), v_norm=fam.v_norm,
         rope_dim=rope_dim, rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, qk_norm_all_heads=fam.qk_norm_all_heads,
-        sinks=fam.attn_sinks, output_gate=fam.attn_output_gate, nope_query_scale=fam.nope_query_scale,
+        sinks=bool(fam.attn_sinks), output_gate=fam.attn_output_gate, nope_query_scale=fam.nope_query_scale,
         clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
         layer_heads=layer_heads(cfg, num_layers, kv_heads), **output_gate(cfg, fam.attn_gate),
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
@@ -252,7 +258,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         if attn.kind != "gqa":
             raise ModelSpecError("config.rope_parameters per layer type: only with grouped-query attention")
         head_dims = tuple(attn.layer(i).head_dim for i in range(num_layers))
-        tables, sets, rotates = rope_tables(cfg, head_dims, fam.partial_rotary, fam.nope_types)
+        tables, sets, rotates = rope_tables(cfg, head_dims, fam.partial_rotary, fam.nope_types, fam.rope_partial)
         (inv_freq, rope_scale), rope_more = tables[0], tuple(tables[1:])
         attn = replace(attn, rope_sets=sets, rope_dim=2 * len(tables[sets[0]][0]), rope_layers=rotates)
     else:
