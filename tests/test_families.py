@@ -118,6 +118,8 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
                 if not p.any():  # AFMoE initialises its router to zeros: routing would ignore the tokens
                     p.copy_(model.config.initializer_range * torch.randn(p.shape, generator=gen))
                 p.mul_(sharpen)
+            elif "_tower." in name and ((p == 0).all() or (p == 1).all()):  # Gemma 4's encoders: norm_out, scales
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
         if not model.config.tie_word_embeddings:
             model.lm_head.weight.sub_(model.get_input_embeddings().weight)
             model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0

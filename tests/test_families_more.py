@@ -64,6 +64,14 @@ MIMO = dict(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=8, 
             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0,
                                                 "partial_rotary_factor": 0.5},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+# Gemma 4 with tiny vision and audio encoders (their weights unread on text); its image / video / audio placeholder
+# ids are tokens of PROMPT (225 three times, 83, 92 twice), which transformers embeds as the pad token
+GEMMA4_MM = dict(text_config={**TINY_TEXT, **GEMMA4, "use_bidirectional_attention": "vision"},
+                 tie_word_embeddings=False, image_token_id=225, video_token_id=83, audio_token_id=92,
+                 vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=2, head_dim=16, position_embedding_size=64),
+                 audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   subsampling_conv_channels=[8, 4], output_proj_dims=32))
 
 # model_type -> (transformers config class, tiny fields, what the family exercises); in the README table too.
 MORE_CASES: dict[str, tuple[str, dict, str]] = {
@@ -188,6 +196,10 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                       "layers neither), value heads narrower than q/k heads and rescaled (attention_value_scale), "
                       "partial rotary per layer type, sigmoid grouped routing with correction bias, dense first "
                       "layer"),
+    "gemma4": ("Gemma4Config", GEMMA4_MM,
+               "the language model of a vision-language-audio checkpoint on text alone: Gemma 4's layers (as "
+               "gemma4_text), image / video / audio placeholder ids embedded as the pad token (model.vision_tower, "
+               "audio_tower, embed_vision, embed_audio ignored)"),
 }
 # routing biases made non-zero: checked loaded
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa",
@@ -297,7 +309,7 @@ README_REJECTED = [
     ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),
     ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),
     ("block-diffusion decoding (Diffusion Gemma)", {"diffusion_gemma"}, ("block-diffusion",)),
-    ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_omni_moe", "gemma4"}, MULTIMODAL),
+    ("multimodal-only types (vision, audio or M-RoPE)", {"llama4", "aria", "qwen3_omni_moe"}, MULTIMODAL),
     ("encoder-decoder and encoder-only models", {"nllb_moe", "switch_transformers", "openai_privacy_filter"},
      ("encoder-decoder", "bidirectional encoder")),
 ]

@@ -74,13 +74,16 @@ class _MicroBatch:
         self.batch = batch
         cos, sin = model.rotary.tables(batch.positions)
         self.tables = (cos, sin, step_masks(batch, model.windows), {})  # {}: sparse attention's picks (Attention)
-        self.h = model.embed[batch.token_ids]  # [T, H]
+        ids = batch.token_ids  # [T]
+        if model.placeholders is not None:  # a multimodal model's image / audio placeholders: the pad token on text
+            ids = torch.where(torch.isin(ids, model.placeholders), model.spec.pad_token_id, ids)
+        self.h = model.embed[ids]  # [T, H]
         if model.spec.embed_scale != 1.0:  # Gemma: the scale rounded to the model's dtype first, as transformers
             scale = model.spec.embed_scale
             self.h = self.h * (torch.tensor(scale, dtype=model.dtype) if model.spec.embed_scale_rounded else scale)
         self.ple = None  # [T, L, P] per-layer inputs (model.extras)
         if model.spec.per_layer_input:
-            self.ple = ple_inputs(model.extras, batch.token_ids, self.h, len(model.layers), model.spec.rms_norm_eps,
+            self.ple = ple_inputs(model.extras, ids, self.h, len(model.layers), model.spec.rms_norm_eps,
                                   model.dtype)
         self.x: torch.Tensor | None = None  # [T, H] the MLP input of the layer in progress
         self.pending = None  # that layer's routed experts, in flight (None for a dense layer)
@@ -97,6 +100,8 @@ class DenseModel:
                           equal_items=False) as progress:
             vocab, hidden = (spec.vocab_size, spec.hidden_size)
             self.embed = self.load(names.embed, shape=(vocab, hidden))  # [V, H]
+            self.placeholders = (torch.tensor(spec.placeholder_ids, device=device)  # [P] ids embedded as pad
+                                 if spec.placeholder_ids else None)
             self.norm = self.load_norm(names.norm, (hidden,))
             self.norm_bias = self.load(names.norm_bias, shape=(hidden,)) if names.norm_bias else None
             self.lm_head = self.load(names.lm_head, shape=(vocab, hidden)) if names.lm_head else self.embed  # tied

@@ -98,6 +98,10 @@ class Family:
     embed_sqrt: bool = False  # embeddings times sqrt(hidden_size), rounded to the model's dtype first
     moe_beside_mlp: bool = False  # a dense MLP (mlp.*) beside the MoE in each layer, each with its own norms
     layer_scalar: bool = False  # each layer's output times its layer_scalar (a stored buffer, 1 where absent)
+    # a multimodal config's keys of placeholder token ids (images, audio) that transformers embeds as
+    # text_config.pad_token_id (main and per-layer embeddings) before it merges any encoder output: on text too
+    placeholders: tuple[str, ...] = ()
+    text_inert: tuple[tuple[str, object], ...] = ()  # text_config keys at a value that acts only with images
 
 
 FAMILIES: dict[str, Family] = {
@@ -256,7 +260,16 @@ FAMILIES: dict[str, Family] = {
                                 "num_global_key_value_heads", *_SLIDING),
                           block="gemma", attn_scale=1.0, v_norm=True, router_norm=True, embed_sqrt=True,
                           moe_beside_mlp=True, layer_scalar=True,
-                          neutral=(("use_bidirectional_attention", None), ("enable_moe_block", True))),
+                          neutral=(("use_bidirectional_attention", None), ("enable_moe_block", True)),
+                          ignored=(r"model\.(vision_tower|audio_tower|embed_vision|embed_audio)\.",)),
+    # Gemma 4 with its vision and audio encoders: text prompts only, through its language model; an image, video
+    # or audio placeholder id in a prompt is embedded as the pad token (as transformers without pixels or audio);
+    # a text_config's bidirectional attention "vision" covers image tokens only (causal on text)
+    "gemma4": Family(keys=("text_config", "vision_config", "audio_config", "boi_token_id", "eoi_token_id",
+                           "image_token_id", "video_token_id", "boa_token_id", "eoa_token_index", "audio_token_id"),
+                     text_model="gemma4_text", top_ties_head=True,
+                     placeholders=("image_token_id", "video_token_id", "audio_token_id"),
+                     text_inert=(("use_bidirectional_attention", "vision"),)),
     # Laguna: rope_parameters per layer type (each its own theta and partial_rotary_factor), query heads per layer
     "laguna": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "gating",
                            "num_attention_heads_per_layer", "mlp_layer_types", "moe_routed_scaling_factor",
@@ -318,7 +331,6 @@ REJECTED: dict[str, str] = {
                        "a norm on each expert's output",
     "zaya": "compressed convolutional attention (CCA projections)",
     "doge": "product-key retrieval experts (cross-domain MoE) and dynamic-mask attention",
-    "gemma4": "vision and audio encoders (a multimodal model; its text-only checkpoints are model_type gemma4_text)",
     "diffusion_gemma": "block-diffusion decoding with an encoder (not causal language modelling)",
     "openai_privacy_filter": "bidirectional encoder layers for token classification (not causal language modelling)",
     "aria": "a vision encoder and projector (a multimodal model)",

@@ -145,7 +145,18 @@ def language_model(cfg: Any, raw: dict[str, Any], fam: Family) -> tuple[Any, dic
     elif tie != bool(getattr(text, "tie_word_embeddings", False)):
         raise ModelSpecError("config.tie_word_embeddings differs from config.text_config.tie_word_embeddings: which "
                              "one ties the LM head is not settled")
-    return text, dict(raw.get("text_config") or {})
+    text_raw = {k: v for k, v in dict(raw.get("text_config") or {}).items() if (k, v) not in fam.text_inert}
+    return text, text_raw
+
+
+def placeholder_ids(cfg: Any, text: Any, fam: Family) -> tuple[int, ...]:
+    """The multimodal config's placeholder token ids (Family.placeholders) that transformers embeds as
+    text_config.pad_token_id on text; with none of those set: ()."""
+    ids = tuple(sorted({int(v) for k in fam.placeholders if (v := getattr(cfg, k, None)) is not None}))
+    if ids and getattr(text, "pad_token_id", None) is None:
+        raise ModelSpecError(f"config.text_config.pad_token_id is null: model_type {cfg.model_type!r} embeds its "
+                             f"placeholder tokens {list(ids)} as the pad token")
+    return ids
 
 
 def flat_dbrx(cfg: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from typing import Any
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError, load_config
 from elasticmoe.model.names import WeightNames
 from elasticmoe.model.renames import VIEWS
-from elasticmoe.model.family_config import language_model
+from elasticmoe.model.family_config import language_model, placeholder_ids
 from elasticmoe.model.spec import ModelSpec, ModelSpecError, check_config_keys, check_model_type, spec_from_config
 
 
@@ -39,6 +40,8 @@ def _config_and_spec(path: Path) -> tuple[Any, ModelSpec]:
             check_model_type(text)
             check_config_keys(text_raw, text.model_type)
         spec = spec_from_config(text)
+        if fam.placeholders:  # image / audio placeholder ids, embedded as the pad token on text
+            spec = dataclasses.replace(spec, placeholder_ids=placeholder_ids(config, text, fam))
     except ModelSpecError as e:
         raise ModelSpecError(f"{config_file}: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -125,6 +125,7 @@ class ModelSpec:
     router_norm: bool = False  # the router reads the residual: weightless RMSNorm * router.scale / sqrt(H)
     moe_beside_mlp: bool = False  # a dense MLP beside the MoE in each layer, each with its own norms
     layer_scalar: bool = False  # each layer's output times its stored layer_scalar (model.extras)
+    placeholder_ids: tuple[int, ...] = ()  # token ids embedded as pad_token_id (a multimodal model's placeholders)
 
     @property
     def rope_tables(self) -> tuple[tuple[torch.Tensor, float], ...]:
