@@ -59,6 +59,27 @@ class Shards:
             stopped.wait(10)
 
 
+def assert_two_shards_match_in_process(llm, prompts: list[str], max_tokens: int) -> None:
+    """`llm`'s model in an engine whose experts 0-3 sit on one in-process gRPC shard and 4-7 on another: the greedy
+    tokens of `llm` in process, both shards serving and no failover."""
+    from elasticmoe import SamplingParams
+    from elasticmoe.engine.engine import Engine
+
+    shards, d = Shards(llm.files, [list(range(0, 4)), list(range(4, 8))]), GrpcDispatcher(timeout_s=10)
+    try:
+        d.set_table(shards.table({e: [e // 4] for e in range(E)}))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        engine = Engine(llm.files, d, max_num_seqs=4, tokenizer=llm.tokenizer, pipeline_min_tokens=2)
+        seqs = [engine.add_request(f"p{i}", llm.encode(p), params) for i, p in enumerate(prompts)]
+        while engine.has_work():
+            engine.step()
+        assert [s.output_ids for s in seqs] == [o.token_ids for o in llm.generate(prompts, params)]
+        assert set(d.shard_tokens) == {"s0", "s1"} and d.failovers == 0
+    finally:
+        d.close()
+        shards.close()
+
+
 def _inputs(files, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(T, files.spec.hidden_size, generator=g)

@@ -198,6 +198,24 @@ def test_no_family_checkpoint_keeps_init_constants(family_dirs):
     assert {t: trivial_tensors(p) for t, p in family_dirs.items() if trivial_tensors(p)} == {}
 
 
+def assert_batched_chunks_match_transformers_alone(path: Path, prompts: list[str], budget: int,
+                                                  max_tokens: int) -> None:
+    """`prompts` generated together (greedy) with prefills cut into steps of `budget` tokens (the longest prompt
+    must span more than one): each one's tokens are transformers' for that prompt alone."""
+    from elasticmoe import LLM, SamplingParams
+
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=budget)
+    ids = [llm.encode(p) for p in prompts]
+    assert max(len(i) for i in ids) > budget
+    outs = llm.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    for prompt, out in zip(ids, outs):
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                do_sample=False, pad_token_id=ref.config.pad_token_id)[0, len(prompt):].tolist()
+        assert out.token_ids == want, (prompt, out.token_ids, want)
+
+
 def _assert_matches(llm, ref_path: Path, model_type: str) -> None:
     """`llm`'s logits within 1e-4 relative of transformers' (float32) on `ref_path`, and 24 greedy tokens equal."""
     from elasticmoe import SamplingParams

@@ -9,9 +9,8 @@ import json
 
 import pytest
 import torch
-import transformers
 
-from tests.test_families import _copy, make_family_checkpoint
+from tests.test_families import _copy, assert_batched_chunks_match_transformers_alone, make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
 PROMPTS = ["Hi", "The quick brown fox jumps over the lazy dog. Experts and their layers", "Once upon a time", "Z"]
@@ -27,19 +26,7 @@ def test_batch_of_different_lengths_in_chunks_equals_transformers_alone(gemma):
     """Four prompts batched, the long one prefilled in chunks of 16 tokens past the sliding window of 8, and
     decoded together (shared layers reading their sources' caches across steps): each one's greedy tokens are
     transformers' for that prompt alone."""
-    from elasticmoe import LLM, SamplingParams
-
-    llm = LLM(str(gemma), dtype="float32", max_num_batched_tokens=16)
-    ids = [llm.encode(p) for p in PROMPTS]
-    assert max(len(i) for i in ids) > 16
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    together = llm.generate(PROMPTS, params)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(gemma), dtype=torch.float32).eval()
-    for prompt_ids, out in zip(ids, together):
-        with torch.no_grad():
-            want = ref.generate(torch.tensor([prompt_ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                                pad_token_id=ref.config.pad_token_id)[0, len(prompt_ids):].tolist()
-        assert out.token_ids == want
+    assert_batched_chunks_match_transformers_alone(gemma, PROMPTS, budget=16, max_tokens=12)
 
 
 def test_per_layer_shapes_and_rotary_go_through_the_layer_spec(gemma):
@@ -92,37 +79,12 @@ def test_kv_shared_layers_hold_and_count_no_cache(gemma):
 def test_gelu_experts_on_two_grpc_shards_match_in_process(gemma):
     """Gated tanh-GELU experts split over two in-process gRPC shards, their top-k weights scaled per expert by the
     router: the greedy tokens of the in-process model."""
-    from elasticmoe import LLM, SamplingParams
-    from elasticmoe.engine.engine import Engine
-    from elasticmoe.experts.shard_server import start_server
-    from elasticmoe.gateway.dispatcher import GrpcDispatcher
-    from elasticmoe.gateway.routing import RoutingTable
-    from elasticmoe.model.experts import ExpertStore
+    from elasticmoe import LLM
+    from tests.shard_util import assert_two_shards_match_in_process
 
     llm = LLM(str(gemma), dtype="float32")
-    files, layers = llm.files, llm.files.spec.moe.moe_layers
-    assert files.spec.moe.expert_act == "gelu_tanh"
-    servers, shards = [], []
-    for i, held in enumerate((range(0, 4), range(4, 8))):
-        store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-        store.load([(l, e) for l in layers for e in held])
-        server, _, port = start_server(store, f"s{i}")
-        servers.append(server)
-        shards.append({"id": f"s{i}", "address": f"127.0.0.1:{port}"})
-    try:
-        d = GrpcDispatcher(timeout_s=10)
-        d.set_table(RoutingTable.from_dict({"version": 1, "shards": shards,
-                                            "layers": {l: [[(e // 4, 1.0)] for e in range(8)] for l in layers}}))
-        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-        engine = Engine(files, d, max_num_seqs=4, tokenizer=llm.tokenizer, pipeline_min_tokens=2)
-        seqs = [engine.add_request(f"p{i}", llm.encode(p), params) for i, p in enumerate(PROMPTS[:2])]
-        while engine.has_work():
-            engine.step()
-        assert [s.output_ids for s in seqs] == [o.token_ids for o in llm.generate(PROMPTS[:2], params)]
-        assert set(d.shard_tokens) == {"s0", "s1"}
-    finally:
-        for s in servers:
-            s.stop(None)
+    assert llm.files.spec.moe.expert_act == "gelu_tanh"
+    assert_two_shards_match_in_process(llm, PROMPTS[:2], max_tokens=16)
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
-from tests.test_families import make_family_checkpoint
+from tests.test_families import assert_batched_chunks_match_transformers_alone, make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
 PROMPTS = ["Hi", "The quick brown fox jumps over the lazy dog. Experts and their layers", "Once upon a time", "Z"]
@@ -24,19 +23,7 @@ def mimo(tmp_path_factory):
 def test_batch_of_different_lengths_in_chunks_equals_transformers_alone(mimo):
     """Four prompts batched, the long one prefilled in chunks of 16 tokens past the sliding window of 8, decoded
     together: each one's greedy tokens are transformers' for that prompt alone."""
-    from elasticmoe import LLM, SamplingParams
-
-    llm = LLM(str(mimo), dtype="float32", max_num_batched_tokens=16)
-    ids = [llm.encode(p) for p in PROMPTS]
-    assert max(len(i) for i in ids) > 16
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    together = llm.generate(PROMPTS, params)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(mimo), dtype=torch.float32).eval()
-    for prompt_ids, out in zip(ids, together):
-        with torch.no_grad():
-            want = ref.generate(torch.tensor([prompt_ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                                pad_token_id=ref.config.pad_token_id)[0, len(prompt_ids):].tolist()
-        assert out.token_ids == want
+    assert_batched_chunks_match_transformers_alone(mimo, PROMPTS, budget=16, max_tokens=12)
 
 
 def test_sliding_layers_double_kv_heads_and_hold_the_sinks(mimo):

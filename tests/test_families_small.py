@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from tests.test_families import _assert_matches, make_family_checkpoint
+from tests.test_families import _assert_matches, assert_batched_chunks_match_transformers_alone, make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
 SMALL = ["kolibri1", "beam"]  # the families this file covers
@@ -27,19 +27,7 @@ def small_dirs(tmp_path_factory):
 def test_chunked_batch_of_different_lengths_matches_transformers_alone(model_type, small_dirs):
     """Three prompts (2 to 60 tokens) at once, prefilled in steps of at most 8 tokens (chunks past the sliding
     window of 8), 10 greedy tokens each: each equals transformers' greedy tokens for that prompt alone."""
-    from elasticmoe import LLM, SamplingParams
-
-    path = small_dirs[model_type]
-    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=8)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    ids = [llm.encode(p) for p in PROMPTS]
-    assert max(len(i) for i in ids) > 3 * 8
-    outs = llm.generate(ids, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(ids, outs):
-        with torch.no_grad():
-            want = ref.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                                pad_token_id=ref.config.pad_token_id)[0, len(prompt):].tolist()
-        assert out.token_ids == want
+    assert_batched_chunks_match_transformers_alone(small_dirs[model_type], PROMPTS, budget=8, max_tokens=10)
 
 
 def test_kolibri_in_transformers_names_matches(tmp_path):

@@ -94,37 +94,11 @@ def test_mxfp4_bytes_a_header_calls_signed_fail_the_open_naming_them(family_dirs
 
 def test_gpt_oss_experts_on_two_grpc_shards_match_in_process(family_dirs):
     """Biased, clamped experts split over two in-process gRPC shards: the greedy tokens of the in-process model."""
-    from elasticmoe import LLM, SamplingParams
-    from elasticmoe.engine.engine import Engine
-    from elasticmoe.experts.shard_server import start_server
-    from elasticmoe.gateway.dispatcher import GrpcDispatcher
-    from elasticmoe.gateway.routing import RoutingTable
-    from elasticmoe.model.experts import ExpertStore
+    from elasticmoe import LLM
+    from tests.shard_util import assert_two_shards_match_in_process
 
-    llm = LLM(str(family_dirs["gpt_oss"]), dtype="float32")
-    files, layers = llm.files, llm.files.spec.moe.moe_layers
-    servers, shards = [], []
-    for i, held in enumerate((range(0, 4), range(4, 8))):
-        store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
-        store.load([(l, e) for l in layers for e in held])
-        server, _, port = start_server(store, f"s{i}")
-        servers.append(server)
-        shards.append({"id": f"s{i}", "address": f"127.0.0.1:{port}"})
-    try:
-        d = GrpcDispatcher(timeout_s=10)
-        d.set_table(RoutingTable.from_dict({"version": 1, "shards": shards,
-                                            "layers": {l: [[(e // 4, 1.0)] for e in range(8)] for l in layers}}))
-        prompts = [PROMPT, "Once upon a time"]
-        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-        engine = Engine(files, d, max_num_seqs=4, tokenizer=llm.tokenizer, pipeline_min_tokens=2)
-        seqs = [engine.add_request(f"p{i}", llm.encode(p), params) for i, p in enumerate(prompts)]
-        while engine.has_work():
-            engine.step()
-        assert [s.output_ids for s in seqs] == [o.token_ids for o in llm.generate(prompts, params)]
-        assert set(d.shard_tokens) == {"s0", "s1"} and d.failovers == 0
-    finally:
-        for s in servers:
-            s.stop(None)
+    assert_two_shards_match_in_process(LLM(str(family_dirs["gpt_oss"]), dtype="float32"),
+                                       [PROMPT, "Once upon a time"], max_tokens=24)
 
 
 def test_gpt_oss_batch_of_different_lengths_equals_alone(family_dirs):
