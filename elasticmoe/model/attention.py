@@ -150,17 +150,16 @@ class Attention:
             mask = m[self.window] if keep is None else m[self.window] & keep[len(batch.prefill) + j][:, None, None, :]
             o = attend(qq, kk, vv, mask, self.spec.scaling, causal=False)
             out[g.rows] = o[:, :, 0, :].to(out.dtype)
-        if "gate" in self.w:
-            out = self._gated(out, x)
+        if gate is not None or "gate" in self.w:
+            out = self._gated(out, x, gate)
         out = out.reshape(x.shape[0], -1)  # [T, h * dv]
-        if gate is not None:  # Qwen3-Next: the gate half of q_proj
-            out = out * torch.sigmoid(gate)
         return linear(out, self.w["o"], self.w.get("o_bias"))
 
-    def _gated(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The attention output [T, h, dv] times a gate of x [T, H]: sigmoid per feature (AFMoE), softplus (in
-        float32, rounded to the output's dtype) per head or per feature (Laguna); Beam's adds one bias per head."""
-        g = linear(x, self.w["gate"])  # [T, h] per head, [T, h * dv] per feature
+    def _gated(self, out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """The attention output [T, h, dv] times a gate: `gate` (Qwen3-Next: the gate half of q_proj) or one of x
+        [T, H] (self_attn.<gate_name>); sigmoid per feature (Qwen3-Next, AFMoE), softplus (in float32, rounded to
+        the output's dtype) per head or per feature (Laguna); Beam's adds one bias per head."""
+        g = linear(x, self.w["gate"]) if gate is None else gate  # [T, h] per head, [T, h * dv] per feature
         if "gate_offset" in self.w:  # Beam: self_attn.gate_bias [h], over each head's values
             g = (g.view(out.shape[0], out.shape[1], -1) + self.w["gate_offset"][:, None]).flatten(1)
         g = torch.sigmoid(g) if self.spec.out_gate == "sigmoid" else F.softplus(g.float()).to(out.dtype)

@@ -182,7 +182,7 @@ def _table(cfg: Any, p: dict | None, layer_type: str, head_dim: int, factor: flo
     return inv.float(), float(scale)
 
 
-def output_gate(cfg: Any, act: str | None) -> dict[str, Any]:
+def gate_fields(cfg: Any, act: str | None) -> dict[str, Any]:
     """The gate on the attention output of a family that names its activation (Family.attn_gate: self_attn.g_proj),
     and whether it has one value per head (config.gating true or "per-head", as Laguna reads it) or one per output
     feature; {} for the others (AFMoE's gate_proj: sigmoid per feature)."""

@@ -15,7 +15,7 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
 )
 from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
 from elasticmoe.model.layer_attention import (
-    global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, output_gate, per_layer_overrides,
+    gate_fields, global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, per_layer_overrides,
     rope_tables, sliding_overrides, typed_rope, v_from_k,
 )
 from elasticmoe.model.indexer_spec import IndexerSpec, indexer_spec
@@ -236,7 +236,7 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...],
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, qk_norm_all_heads=fam.qk_norm_all_heads,
         sinks=bool(fam.attn_sinks), output_gate=fam.attn_output_gate, nope_query_scale=fam.nope_query_scale,
         clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
-        layer_heads=layer_heads(cfg, num_layers, kv_heads), **output_gate(cfg, fam.attn_gate),
+        layer_heads=layer_heads(cfg, num_layers, kv_heads), **gate_fields(cfg, fam.attn_gate),
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
     )
 
