@@ -42,7 +42,8 @@ class _Layer:
             self.attn = attention_layer(model, i, names)
         self.norms = {role: model.load_norm(n, (hidden,)) for role, n in names.norms.items()}  # attn_in/out, mlp_in/..
         scales = ("layer_scalar", "router_scale", "expert_scale")  # float32; PLE's weights in the model's dtype
-        self.extras = {r: load(n, torch.float32 if r in scales else None, extra_shapes(sp)[r])
+        shapes = extra_shapes(sp)
+        self.extras = {r: load(n, torch.float32 if r in scales else None, shapes[r])
                        for r, n in names.extras.items()}  # (model.extras)
         self.sparse = names.block is not None
         self.dense = model.load_mlp(names.dense) if names.dense else None
@@ -78,9 +79,8 @@ class _MicroBatch:
         if model.placeholders is not None:  # a multimodal model's image / audio placeholders: the pad token on text
             ids = torch.where(torch.isin(ids, model.placeholders), model.spec.pad_token_id, ids)
         self.h = model.embed[ids]  # [T, H]
-        if model.spec.embed_scale != 1.0:  # Gemma: the scale rounded to the model's dtype first, as transformers
-            scale = model.spec.embed_scale
-            self.h = self.h * (torch.tensor(scale, dtype=model.dtype) if model.spec.embed_scale_rounded else scale)
+        if model.embed_scale is not None:
+            self.h = self.h * model.embed_scale
         self.ple = None  # [T, L, P] per-layer inputs (model.extras)
         if model.spec.per_layer_input:
             self.ple = ple_inputs(model.extras, ids, self.h, len(model.layers), model.spec.rms_norm_eps,
@@ -102,11 +102,15 @@ class DenseModel:
             self.embed = self.load(names.embed, shape=(vocab, hidden))  # [V, H]
             self.placeholders = (torch.tensor(spec.placeholder_ids, device=device)  # [P] ids embedded as pad
                                  if spec.placeholder_ids else None)
+            # multiplies the embeddings; Gemma's rounded to the model's dtype first, as transformers (None: 1)
+            self.embed_scale = None if spec.embed_scale == 1.0 else (
+                torch.tensor(spec.embed_scale, dtype=dtype) if spec.embed_scale_rounded else spec.embed_scale)
             self.norm = self.load_norm(names.norm, (hidden,))
             self.norm_bias = self.load(names.norm_bias, shape=(hidden,)) if names.norm_bias else None
             self.lm_head = self.load(names.lm_head, shape=(vocab, hidden)) if names.lm_head else self.embed  # tied
             self.lm_head_bias = self.load(names.lm_head_bias, shape=(vocab,)) if names.lm_head_bias else None
-            self.extras = {r: self.load(n, shape=extra_shapes(spec)[r])
+            shapes = extra_shapes(spec)
+            self.extras = {r: self.load(n, shape=shapes[r])
                            for r, n in names.extras.items()}  # PLE's table, projection and norm
             progress.step()
             self.layers = []
