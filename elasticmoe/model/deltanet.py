@@ -96,6 +96,8 @@ class GatedDeltaNet:
 
     def __init__(self, spec: DeltaNetSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
         self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
+        self.neg_decay = -w["A_log"].float().exp()  # [v_heads]: -exp(A_log), the log decay's rate, once at load
+        self.conv_w = w["conv"].float()  # [C, 1, K]: the conv sums in float32
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache, rotary=None, cos=None, sin=None, masks=None, picks=None
                 ) -> torch.Tensor:
@@ -104,7 +106,7 @@ class GatedDeltaNet:
         qkv, z = linear(x, self.w["qkvz"]).split([sp.conv_dim, sp.value_dim], dim=-1)  # [T, C], [T, value_dim]
         b, a = linear(x, self.w["ba"]).chunk(2, dim=-1)  # [T, v_heads] each
         beta = b.sigmoid().float()
-        g = -self.w["A_log"].float().exp() * F.softplus(a.float() + self.w["dt_bias"])  # [T, v_heads] log decay
+        g = self.neg_decay * F.softplus(a.float() + self.w["dt_bias"])  # [T, v_heads] log decay
         state: DeltaState = cache.linear[self.layer]
         out = x.new_empty(t, sp.num_v_heads, sp.head_v_dim, dtype=F32)  # [T, v_heads, dv], normed before rounding
         for c in batch.prefill:
@@ -151,8 +153,7 @@ class GatedDeltaNet:
         if window is None:
             window = mixed.new_zeros(mixed.shape[0], mixed.shape[1], kern - 1)
         full = torch.cat((window.to(mixed.dtype), mixed), dim=-1)  # [B, C, K-1+L]
-        w = self.w["conv"]
-        y = F.silu(F.conv1d(full.float(), w.float(), groups=mixed.shape[1]))  # [B, C, L]
+        y = F.silu(F.conv1d(full.float(), self.conv_w, groups=mixed.shape[1]))  # [B, C, L]
         return y, full[..., full.shape[-1] - (kern - 1):]
 
     def _qkv(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
