@@ -10,6 +10,8 @@ from typing import Iterable
 
 import numpy as np
 
+from elasticmoe.autoscaler.clocks import wall_minus_monotonic
+
 
 LEFT_KEPT = 4096  # shards forgotten (left the live set) whose ids are kept: one back is not counted from its start
 
@@ -117,7 +119,7 @@ class ScaleDecider:
     def state(self) -> dict:
         """The last change, the warm-up's end and its start as wall-clock times (None: none yet, not started), for
         the controller's record: a restarted controller's monotonic clock is another's."""
-        wall = time.time() - time.monotonic()
+        wall = wall_minus_monotonic(time)
         since = None if self._scale_in_from == math.inf else self._scale_in_from + wall
         return {"last_change": None if self._last_change == -math.inf else self._last_change + wall,
                 "scale_in_from": since, "started": None if since is None else since - self.cooldown_s}
@@ -126,7 +128,7 @@ class ScaleDecider:
         """Take `state()` of the decider this one follows: its cool-down and warm-up go on, not start over, with this
         one's `cooldown_s` (a redeploy may have changed it): a warm-up still running ends this long after its start;
         one over before stays over."""
-        now, mono = time.time(), time.monotonic() - time.time()
+        now, mono = time.time(), -wall_minus_monotonic(time)
         last, since, started = state.get("last_change"), state.get("scale_in_from"), state.get("started")
         last = -math.inf if last is None else float(last) + mono  # all read before any is taken
         if since is not None and started is not None and float(since) > now:

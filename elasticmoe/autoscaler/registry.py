@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from elasticmoe.autoscaler.clocks import wall_minus_monotonic
 from elasticmoe.placement import Placement
 
 
@@ -192,7 +193,7 @@ class Registry:
     def record(self) -> dict:
         """What `restore` needs; the start clocks as wall-clock times (a restarted controller's monotonic clock is
         another's)."""
-        wall = wall_minus_monotonic()
+        wall = wall_minus_monotonic(time)
         return {"version": self.version, "placement": self.placement.to_dict(),
                 "shards": [{"id": s.shard_id, "address": s.address, "position": s.position, "ready": s.ready,
                             "healthy": s.healthy} for s in self.shards.values()],
@@ -216,21 +217,7 @@ class Registry:
                                  f"position is listed twice")
             held[position] = sid
             reg.shards[sid] = ShardInfo(sid, address, position, bool(s["ready"]), bool(s.get("healthy", True)))
-        mono = -wall_minus_monotonic()
+        mono = -wall_minus_monotonic(time)
         reg.unstaffed = {int(p): float(since) + mono for p, since in record.get("unstaffed", {}).items()}
         return reg
 
-
-def wall_minus_monotonic(tries: int = 5) -> float:
-    """time.time() - time.monotonic(), read between two monotonic reads; of `tries` readings the one with the
-    narrowest bracket (a thread preempted between two plain reads shifted every restored clock by the pause)."""
-    best, offset = float("inf"), 0.0
-    for _ in range(tries):
-        m0 = time.monotonic()
-        wall = time.time()
-        m1 = time.monotonic()
-        if m1 - m0 < best:
-            best, offset = m1 - m0, wall - (m0 + m1) / 2
-        if best < 1e-5:
-            break
-    return offset
