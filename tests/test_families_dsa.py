@@ -93,6 +93,62 @@ def test_index_keys_are_cached_counted_and_cleared(model_type, dsa_dirs):
     assert all(not k.any() for k in keys)
 
 
+def test_decode_reads_only_the_picked_latents_and_matches_the_mask(dsa_dirs, monkeypatch):
+    """Four decode rows of 6 to 46 tokens in one group (index_topk 8): each row's attention expands only the 8
+    latents its indexer picked through kv_b (it expanded all 46 of the group's longest context, masking the rest),
+    and gives what masking every unpicked key of the full context gives (float32, 1e-5). The row shorter than
+    topk picks its 6 positions and 2 padded ones, which stay masked (the cache holds zeros there: a zero key
+    attended would move its output); the longer rows pick 8 of their own positions, none padded."""
+    import elasticmoe.model.attention as attention
+    from elasticmoe import LLM, SamplingParams
+
+    llm = LLM(str(dsa_dirs["deepseek_v32"]))
+    engine, topk = llm.engine, llm.engine.spec.attention.indexer.topk
+    rng = random.Random(5)
+    for i, n in enumerate((5, 20, 33, 45)):
+        engine.add_request(f"r{i}", [rng.randrange(3, 512) for _ in range(n)], SamplingParams(max_tokens=2))
+    engine.step()  # the prefills; their first tokens
+    expanded, seen, real_linear, real_group = [], [], attention.linear, attention.Attention.decode_group
+
+    def counted(x, w, bias=None):  # the latents put through kv_b, per call
+        expanded.append(x.shape[0] * x.shape[1] if x.dim() == 3 and w.shape[1] == x.shape[2] else None)
+        return real_linear(x, w, bias)
+
+    def group(self, q, g, mask, cache, picked=None):
+        monkeypatch.setattr(attention, "linear", counted)
+        out = real_group(self, q, g, mask, cache, picked)
+        monkeypatch.setattr(attention, "linear", real_linear)
+        keep = torch.zeros(len(g.lens), g.max_len, dtype=torch.bool)  # [B, L]: the picks as a mask
+        keep = picked if picked.dtype == torch.bool else keep.scatter_(1, picked, True)
+        seen.append((picked, g.lens.tolist(), g.max_len, out, real_group(self, q, g, mask, cache, keep)))
+        return out
+
+    monkeypatch.setattr(attention.Attention, "decode_group", group)
+    engine.step()  # one decode step, the four rows in one group
+    assert len(seen) == engine.spec.num_layers and expanded == [4 * topk] * len(seen)
+    for picked, lens, max_len, gathered, masked in seen:
+        assert lens == [6, 21, 34, 46] and max_len == 46 and picked.shape == (4, topk)
+        assert (gathered - masked).abs().max() < 1e-5
+        assert sorted(picked[0].tolist())[:6] == list(range(6)) and (picked[0] >= 6).sum() == 2
+        for row, n in zip(picked[1:], lens[1:]):
+            assert len(set(row.tolist())) == topk and row.max() < n
+
+
+def test_contexts_within_topk_get_no_picks(dsa_dirs, monkeypatch):
+    """Contexts of no more than index_topk (8) keys keep every key: the indexer gives no picks (None) for their
+    prefill chunks and decode group (contexts of 3 to 7), so no key is picked, gathered or masked
+    beyond causality and length (it gave keep masks holding every key)."""
+    from elasticmoe import LLM, SamplingParams
+    from elasticmoe.model.indexer import Indexer
+
+    llm = LLM(str(dsa_dirs["deepseek_v32"]))
+    seen, real = [], Indexer.picks
+    monkeypatch.setattr(Indexer, "picks", lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    llm.generate([[5, 6, 7], [9, 10, 11, 12, 13]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert len(seen) == 3 * llm.engine.spec.num_layers  # a prefill step and two decode steps
+    assert [len(p) for p in seen] == [2] * 3 + [1] * 6 and all(x is None for p in seen for x in p)
+
+
 def _with_config(src, dst, **changes):
     bad = _copy(src, dst)
     cfg = json.loads((bad / "config.json").read_text())

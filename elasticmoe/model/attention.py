@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
-from elasticmoe.model.batch import StepBatch
+from elasticmoe.model.batch import DecodeGroup, StepBatch
 from elasticmoe.model.indexer import Indexer
 from elasticmoe.model.kv_cache import KVCache  # noqa: F401  (re-exported: the engine's and tests' import)
 from elasticmoe.model.layers import Rotary, rms_norm
@@ -114,46 +114,63 @@ class Attention:
                 cos: torch.Tensor, sin: torch.Tensor, masks: list[dict], picks: dict | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes this step's keys/values into the cache. cos / sin: every rotary table's
         (Rotary.tables), this layer's picked by rope_set. Sparse attention: `picks` (one per micro-batch) carries the
-        last indexer's keep masks (indexer.Indexer.picks) to the layers that share them."""
+        last indexer's picks (indexer.Indexer.picks) to the layers that share them: a decode group's positions
+        [B, k] are gathered (only the picked latents expanded, O(topk) a row), a keep mask [B, L] masks all L."""
         cos, sin, gate, keep = cos[self.rope_set], sin[self.rope_set], None, None
         if self.spec.kind == "mla":
             q, kv_new, q_resid = self._mla_qkv(x, rotary, cos, sin)
             if self.indexer is not None:
                 picks["keep"] = self.indexer.picks(x, q_resid, batch, cache, rotary, cos, sin)
-            keep = picks["keep"] if self.spec.indexer else None  # [t, L] per prefill chunk, then [B, L] per group
+            keep = picks["keep"] if self.spec.indexer else None  # [t, L] per prefill chunk, then [B, k] per group
             if self.spec.query_scale:  # Mistral 4
                 q = (q * _position_scale(batch.positions, *self.spec.query_scale)[:, None, None]).to(q.dtype)
             latent = cache.layers[self.layer][0]
             latent[batch.token_slots, batch.positions] = kv_new.to(latent.dtype)
-            expand = self._mla_expand
         else:
             q, k, v, gate = self._gqa_qkv(x, rotary, cos, sin, batch.positions)  # q, k float32; the cache rounds k
             if k is not None:  # else a layer sharing another's cache (KV sharing), written by that layer
                 kc, vc = cache.layers[self.layer]
                 kc[batch.token_slots, batch.positions] = k.to(kc.dtype)
                 vc[batch.token_slots, batch.positions] = v.to(vc.dtype)
-            expand = self._gqa_gather
         q = q.float()  # scores, softmax and the weighted sum of values in float32, rounded once into out
         out = x.new_empty(x.shape[0], self.spec.num_heads, self.spec.v_head_dim)  # [T, h, dv]
-        attend = partial(_attend_with_sinks, sinks=self.w["sinks"]) if "sinks" in self.w else _sdpa  # GPT-OSS
+        expand, attend = self._readers()
         for i, c in enumerate(batch.prefill):
             kk, vv = (t.float() for t in expand(cache, slice(c.slot, c.slot + 1), c.start + c.length))  # [1, hk, L, d]
             qq = q[c.offset : c.offset + c.length].transpose(0, 1)[None]  # [1, h, t, d]
             mask = _prefill_mask(c.start, c.length, self.window, x.device)
-            if keep is not None:  # the picked keys, causal already
+            if keep is not None and keep[i] is not None:  # the picked keys, causal already
                 mask = keep[i] if mask is None else mask & keep[i]
             o = attend(qq, kk, vv, mask, self.spec.scaling, causal=True)
             out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
         for j, (g, m) in enumerate(zip(batch.decode_groups, masks)):  # rows of similar contexts: padded to the longest
-            kk, vv = (t.float() for t in expand(cache, g.slots, g.max_len))  # [B, hk, L, d]
-            qq = q[g.rows][:, :, None, :]  # [B, h, 1, d]
-            mask = m[self.window] if keep is None else m[self.window] & keep[len(batch.prefill) + j][:, None, None, :]
-            o = attend(qq, kk, vv, mask, self.spec.scaling, causal=False)
-            out[g.rows] = o[:, :, 0, :].to(out.dtype)
+            picked = None if keep is None else keep[len(batch.prefill) + j]
+            out[g.rows] = self.decode_group(q[g.rows], g, m[self.window], cache, picked)
         if gate is not None or "gate" in self.w:
             out = self._gated(out, x, gate)
         out = out.reshape(x.shape[0], -1)  # [T, h * dv]
         return linear(out, self.w["o"], self.w.get("o_bias"))
+
+    def _readers(self):
+        """(expand, attend): the cache reader of this layer's kind and the attention (GPT-OSS: with sinks)."""
+        expand = self._mla_expand if self.spec.kind == "mla" else self._gqa_gather
+        return expand, partial(_attend_with_sinks, sinks=self.w["sinks"]) if "sinks" in self.w else _sdpa
+
+    def decode_group(self, q: torch.Tensor, g: DecodeGroup, mask: torch.Tensor, cache: KVCache,
+                     picked: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode group's attention: q [B, h, d] float32, mask [B, 1, 1, L] (the rows' lengths and window) ->
+        [B, h, dv] float32. Sparse attention's `picked`: positions [B, k] (indexer.Indexer.picks; only those keys
+        are read, and only their latents expanded: O(topk) a row, not O(L)), a keep mask [B, L] (every key read,
+        the unpicked masked), or None (every key kept)."""
+        expand, attend = self._readers()
+        if picked is not None and picked.dtype != torch.bool:
+            kk, vv = self._mla_gather(cache, g.slots, picked)  # [B, h, k, d]
+            mask = mask.gather(3, picked[:, None, None, :])  # a padding row's picks past its length: masked
+        else:
+            kk, vv = expand(cache, g.slots, g.max_len)  # [B, hk, L, d]
+            mask = mask if picked is None else mask & picked[:, None, None, :]
+        o = attend(q[:, :, None, :], kk.float(), vv.float(), mask, self.spec.scaling, causal=False)  # [B, h, 1, dv]
+        return o[:, :, 0, :]
 
     def _gated(self, out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """The attention output [T, h, dv] times a gate: `gate` (Qwen3-Next: the gate half of q_proj) or one of x
@@ -235,8 +252,15 @@ class Attention:
         return torch.cat((q_pass, q_rot), dim=-1), torch.cat((kv_nope, k_rot), dim=-1), q_resid
 
     def _mla_expand(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
+        return self._mla_kv(cache.layers[self.layer][0][slots, :length])  # [B, L, r + rope]
+
+    def _mla_gather(self, cache: KVCache, slots: torch.Tensor, index: torch.Tensor):
+        """The latents at positions index [B, k] of slots [B], expanded: k and v [B, h, k, d]."""
+        return self._mla_kv(cache.layers[self.layer][0][slots[:, None], index])  # [B, k, r + rope]
+
+    def _mla_kv(self, lat: torch.Tensor):
+        """Latents [B, n, r + rope] through kv_b: k [B, h, n, nope + rope], v [B, h, n, dv]."""
         a = self.spec
-        lat = cache.layers[self.layer][0][slots, :length]  # [B, L, r + rope]
         b, n = lat.shape[0], lat.shape[1]
         kv = linear(lat[..., : a.kv_lora_rank], self.w["kv_b"]).view(b, n, a.num_heads, -1)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
