@@ -1,4 +1,5 @@
-"""benchmarks/ without Ray: offline, overlap, balance, transport, rpc_fanout run at toy sizes; every script imports."""
+"""benchmarks/ without Ray: offline, overlap, balance, transport, rpc_fanout, sparse_attention run at toy sizes; every
+script imports."""
 
 from __future__ import annotations
 
@@ -67,6 +68,20 @@ def test_overlap_benchmark_smoke(tmp_path):
             assert s["ratio_vs_sequential"] == pytest.approx(s["median_ms"] / seq, rel=0.02), (name, s)
             if r["delay_ms"] == 0:
                 assert s["exposed_wait_ms"] == 0, (name, s)
+
+
+def test_sparse_attention_benchmark_smoke(tmp_path):
+    """One MLA decode group read both ways at two lengths past topk: each row's times, the speed-up from them, and
+    the gathered output equal to the masked one."""
+    out = tmp_path / "sa.json"
+    _run("sparse_attention.py", "--lengths", "48", "96", "--topk", "16", "--rows", "3", "--heads", "2",
+         "--kv-lora-rank", "16", "--rope", "8", "--nope", "8", "--v-head-dim", "8", "--index-heads", "2",
+         "--index-dim", "8", "--repeats", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["cpu"] and [(r["length"], r["topk"], r["rows"]) for r in report["rows"]] == [(48, 16, 3), (96, 16, 3)]
+    for r in report["rows"]:
+        assert r["mask_ms"] > 0 and r["gather_ms"] > 0 and r["indexer_ms"] > 0, r
+        assert r["speedup"] == pytest.approx(r["mask_ms"] / r["gather_ms"]) and r["max_abs_diff"] < 1e-5, r
 
 
 def test_balance_benchmark_smoke(tmp_path):

@@ -237,6 +237,26 @@ def test_kernels_table():
     assert f"faster than `torch._grouped_mm` in {faster} of {len(summary)}" in (REPO / "README.md").read_text()
 
 
+def test_sparse_attention_table():
+    """Sparse attention at decode: per context length both reads' ms, the gather's speed-up (mask / gather) and the
+    indexer's ms; the outputs' largest difference the prose gives."""
+    rows = _json("sparse_attention.json")["rows"]
+    table = _table("README.md", "| context L | mask ms")
+    assert [int(r[0].replace(",", "")) for r in table] == [r["length"] for r in rows]
+    for (_, mask, gather, speedup, index), r in zip(table, rows):
+        _says(mask, r["mask_ms"])
+        _says(gather, r["gather_ms"])
+        _says(speedup, r["speedup"])
+        _says(index, r["indexer_ms"])
+        assert r["speedup"] == pytest.approx(r["mask_ms"] / r["gather_ms"])
+    text = " ".join((REPO / "README.md").read_text().split())
+    m = re.search(r"The speed-up follows L / topk \((\d+)x and (\d+)x\).*? The outputs agree to (\de-\d+) \(", text)
+    assert m, "the sparse-attention section's sentences moved or changed shape"
+    assert [int(g) for g in m.groups()[:2]] == [r["length"] // r["topk"] for r in rows]
+    worst = max(r["max_abs_diff"] for r in rows)
+    assert float(m.group(3)) == float(f"{worst:.0e}") and worst < 1e-5
+
+
 def _c16(name: str) -> dict[str, dict]:
     """serving JSON rows at concurrency 16 by kind: proxy, port, direct, llm."""
     kinds = {"served:": "proxy", "served-port:": "port", "direct:": "direct", "LLM.generate": "llm"}

@@ -29,6 +29,7 @@ CHECKED = {
     ("README.md", "| | load s | peak anonymous GiB", ""): "test_real_width_tables",
     ("README.md", "| prompt | tokens | elasticmoe bf16", ""): "test_real_width_tables",
     ("README.md", "| tokens | expert latency d", ""): "test_overlap_table",
+    ("README.md", "| context L | mask ms", ""): "test_sparse_attention_table",
     ("benchmarks/KERNELS.md", "| model | T | ours µs", ""): "test_kernels_table",
     ("docs/SECURITY.md", "| payload | unary p50 plaintext / mTLS", ""): "test_mtls_table",
 }
@@ -41,7 +42,7 @@ NOT_RESULTS = {  # tables whose numbers are names, versions, ports or prose, not
     ("docs/SECURITY.md", "| Plane |"): "ports and protections",
     ("docs/SECURITY.md", "| Deployment |"): "certificate set-up",
 }
-DATED = re.compile(r"\b(\d{4}-\d{2}-\d{2})\b")
+DATED = re.compile(r"\b(\d{4}-\d{2}-\d{2})(?:\b|T)")  # machine.stamp(): 2026-12-06T19:22:39+0000
 UNDATED = re.compile(r"not recorded; committed (\d{4}-\d{2}-\d{2}) \(`([0-9a-f]{7,40})`(?:, as `([\w.-]+)`)?\)")
 
 

@@ -1,0 +1,111 @@
+"""DeepSeek sparse attention at decode: one MLA decode step's attention for a group of rows, gathering the picked
+latents (O(topk) a row) against masking the unpicked keys of the whole context (O(L)); table + JSON.
+
+Each row of the group attends its index_topk picks of L cached latents (DeepSeek-V3.2: topk 2048, kv_lora_rank
+512, rope 64, nope and value heads 128) through `Attention.decode_group`, the engine's own decode read: gather
+(positions [B, topk], what the indexer gives) and mask (the same picks as a keep mask [B, L]), in one run, with the
+outputs' largest difference. The indexer's scoring of all L index keys (`indexer.top_keys`, the same for both) is
+timed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+
+from elasticmoe.model.attention import Attention
+from elasticmoe.model.batch import DecodeGroup
+from elasticmoe.model.indexer import top_keys
+from elasticmoe.model.spec import AttentionSpec
+
+OUT = Path(__file__).parent / "results" / "sparse_attention.json"
+
+
+class LatentCache:
+    """The part of a KVCache the decode read uses: layer 0's latent [rows, L, r + rope]."""
+
+    def __init__(self, latent: torch.Tensor):
+        self.layers = [[latent]]
+
+
+def _timed(fn, repeats: int):
+    """(fn()'s result from its first, untimed call, the median ms of `repeats` more)."""
+    out, times = fn(), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times) * 1e3
+
+
+def _attention(a) -> Attention:
+    spec = AttentionSpec(kind="mla", num_heads=a.heads, num_kv_heads=a.heads, head_dim=a.nope + a.rope,
+                         v_head_dim=a.v_head_dim, scaling=(a.nope + a.rope) ** -0.5, rope_dim=a.rope,
+                         kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.nope)
+    kv_b = torch.randn(a.heads * (a.nope + a.v_head_dim), a.kv_lora_rank) * a.kv_lora_rank**-0.5  # [h * (n + v), r]
+    return Attention(spec, 0, {"kv_b": kv_b}, 1e-6)
+
+
+def run_length(attn: Attention, a, length: int) -> dict:
+    """One decode group of a.rows rows, each L = length tokens long: the picks, then both reads timed."""
+    b = a.rows
+    latent = torch.randn(b, length, a.kv_lora_rank + a.rope)  # [B, L, r + rope]
+    g = DecodeGroup(rows=torch.arange(b), slots=torch.arange(b), lens=torch.full((b,), length), max_len=length)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)  # [B, 1, 1, L]: every row's whole context
+    iq, iw = torch.randn(b, a.index_heads, a.index_dim), torch.randn(b, a.index_heads)  # [B, h_ix, D], [B, h_ix]
+    keys = torch.randn(b, length, a.index_dim)  # [B, L, D]
+    valid = mask[:, 0, 0, :]
+    picked, index_ms = _timed(lambda: top_keys(iq, iw, keys, valid, a.topk), a.repeats)  # [B, topk]
+    keep = torch.zeros(b, length, dtype=torch.bool).scatter_(1, picked, True)  # [B, L]
+    q, cache = torch.randn(b, a.heads, a.nope + a.rope), LatentCache(latent)  # [B, h, d]
+    with torch.no_grad():
+        gathered, gather_ms = _timed(lambda: attn.decode_group(q, g, mask, cache, picked), a.repeats)
+        masked, mask_ms = _timed(lambda: attn.decode_group(q, g, mask, cache, keep), a.repeats)
+    return {"length": length, "topk": a.topk, "rows": b, "mask_ms": mask_ms, "gather_ms": gather_ms,
+            "speedup": mask_ms / gather_ms, "indexer_ms": index_ms,
+            "max_abs_diff": float((gathered - masked).abs().max())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384], help="context length L of every row")
+    ap.add_argument("--topk", type=int, default=2048, help="index_topk: keys each row attends")
+    ap.add_argument("--rows", type=int, default=8, help="decode rows in the group")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-lora-rank", type=int, default=512)
+    ap.add_argument("--rope", type=int, default=64, help="qk_rope_head_dim")
+    ap.add_argument("--nope", type=int, default=128, help="qk_nope_head_dim")
+    ap.add_argument("--v-head-dim", type=int, default=128)
+    ap.add_argument("--index-heads", type=int, default=64, help="index_n_heads")
+    ap.add_argument("--index-dim", type=int, default=128, help="index_head_dim")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (median), after one warm-up")
+    ap.add_argument("--json", default=str(OUT))
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    attn, load_before = _attention(a), os.getloadavg()
+    rows = [run_length(attn, a, n) for n in a.lengths]
+    load_after = os.getloadavg()
+    print(f"\nMLA decode attention, {a.rows} rows, {a.heads} heads, kv_lora_rank {a.kv_lora_rank}, rope {a.rope}, "
+          f"topk {a.topk}, fp32, {torch.get_num_threads()} threads, median of {a.repeats}; load average "
+          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(f"{'L':>7}{'mask ms':>10}{'gather ms':>11}{'speed-up':>10}{'indexer ms':>12}{'max |diff|':>12}")
+    for r in rows:
+        print(f"{r['length']:>7}{r['mask_ms']:>10.1f}{r['gather_ms']:>11.1f}{r['speedup']:>9.2f}x"
+              f"{r['indexer_ms']:>12.1f}{r['max_abs_diff']:>12.1e}")
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {**stamp(), "threads": torch.get_num_threads(), "loadavg_before": load_before,
+              "loadavg_after": load_after, "args": vars(a), "rows": rows}
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
