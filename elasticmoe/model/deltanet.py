@@ -50,33 +50,56 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def _chunked_rule(q, k, v, g, beta, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated delta rule over one sequence in blocks of CHUNK tokens (transformers' torch_chunk_gated_delta_rule),
-    all float32, q and k already normed and q scaled. q, k [h, L, dk], v [h, L, dv], g, beta [h, L], state
-    [h, dk, dv] or None -> (out [h, L, dv], final state [h, dk, dv])."""
+def _block_terms(q, k, v, g, beta) -> tuple[torch.Tensor, ...]:
+    """What each block of c tokens computes without its starting state S0 (the gated delta rule unrolled: token i's
+    write u_i = beta_i (v_i - k_i^T S_{i-1} decayed) = fresh_i - per_state_i @ S0, solved for the block at once).
+    q, k [h, N, c, dk], v [h, N, c, dv], g, beta [h, N, c], float32 -> (fresh [h, N, c, dv], per_state [h, N, c, dk],
+    within [h, N, c, c] the block's own reads, q_in [h, N, c, dk] reading S0, k_out [h, N, c, dk] writing the end
+    state, end [h, N, 1, 1] S0's decay over the block)."""
+    c = g.shape[-1]
+    cum = g.cumsum(dim=-1)  # [h, N, c] log decay from the block's start to each token, inclusive
+    later = torch.ones(c, c, dtype=torch.bool, device=g.device).triu(1)
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(later, float("-inf")).exp()  # [h, N, c, c] j <= i
+    # token i's write reads the earlier writes j < i through k_i . k_j: a unit lower-triangular system per block
+    # (the solve reads the strictly lower part; the diagonal is 1 whatever the matrix holds there)
+    reads = (k @ k.transpose(-1, -2)) * decay * beta[..., None]  # [h, N, c, c]
+    rhs = torch.cat((v, k * cum.exp()[..., None]), dim=-1) * beta[..., None]  # [h, N, c, dv + dk]
+    solved = torch.linalg.solve_triangular(reads, rhs, upper=False, unitriangular=True)
+    fresh, per_state = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
+    within = (q @ k.transpose(-1, -2)) * decay  # [h, N, c, c] token i reads writes j <= i
+    k_out = k * (cum[..., -1:] - cum).exp()[..., None]
+    return fresh, per_state, within, q * cum.exp()[..., None], k_out, cum[..., -1].exp()[..., None, None]
+
+
+def chunked_rule(q, k, v, g, beta, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over one sequence in blocks of CHUNK tokens (a last, shorter block as it is, unpadded):
+    each block's terms in a few matmuls and one triangular solve, then the state passed block to block. All float32,
+    q and k already normed and q scaled. q, k [h, L, dk], v [h, L, dv], g, beta [h, L], state [h, dk, dv] or None
+    (zeros) -> (out [h, L, dv], final state [h, dk, dv]); recurrent_rule's result to float32 rounding."""
     h, n, dk = k.shape
-    pad = (CHUNK - n % CHUNK) % CHUNK
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
-    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
-    q, k, k_beta, v_beta = (t.reshape(h, -1, CHUNK, t.shape[-1]) for t in (q, k, k_beta, v_beta))  # [h, N, C, d]
-    g = g.reshape(h, -1, CHUNK).cumsum(dim=-1)  # [h, N, C] log decay from the block's start
-    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
-    decay = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [h, N, C, C]
-    system = (k_beta @ k.transpose(-1, -2)) * decay
-    intra = (q @ k.transpose(-1, -2)) * decay
-    new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    k_cum = torch.linalg.solve_triangular(system, k_beta * g.exp()[..., None], upper=False, unitriangular=True)
-    s = torch.zeros(h, dk, v.shape[-1], dtype=F32, device=q.device) if state is None else state.to(F32)
-    out = torch.zeros_like(new_values)  # [h, N, C, dv]
-    q = q * g.exp()[..., None]
-    k = k * (g[..., -1:] - g).exp()[..., None]
-    block_decay = g[..., -1].exp()[..., None, None]  # [h, N, 1, 1]
-    for i in range(new_values.shape[1]):
-        v_new = new_values[:, i] - k_cum[:, i] @ s
-        out[:, i] = q[:, i] @ s + intra[:, i] @ v_new
-        s = s * block_decay[:, i] + k[:, i].transpose(-1, -2) @ v_new
-    return out.reshape(h, -1, out.shape[-1])[:, :n], s
+    whole = n - n % CHUNK
+    s = q.new_zeros(h, dk, v.shape[-1]) if state is None else state.to(F32)  # [h, dk, dv]
+    out = []
+    for a, b in ((0, whole), (whole, n)):  # the full blocks, then the rest as one shorter block
+        if b > a:
+            c = min(CHUNK, b - a)
+            terms = _block_terms(*(x[:, a:b].unflatten(1, (-1, c)) for x in (q, k, v, g, beta)))  # [h, N, c, ...]
+            for fresh, per_state, within, q_in, k_out, end in zip(*(t.unbind(1) for t in terms)):
+                u = fresh - per_state @ s  # [h, c, dv] each token's write
+                out.append(q_in @ s + within @ u)  # [h, c, dv]
+                s = s * end + k_out.transpose(-1, -2) @ u  # end [h, 1, 1]
+    return torch.cat(out, dim=1), s
+
+
+def recurrent_rule(q, k, v, g, beta, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunked_rule's twin, token by token (the decode path's step): the reference it is tested and timed against.
+    Same arguments and result."""
+    s = q.new_zeros(k.shape[0], k.shape[2], v.shape[2]) if state is None else state.to(F32)  # [h, dk, dv]
+    out = []
+    for i in range(k.shape[1]):
+        o, s = _recurrent_step(q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], s)  # o [h, dv]
+        out.append(o)
+    return torch.stack(out, dim=1), s
 
 
 def _recurrent_step(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +139,7 @@ class GatedDeltaNet:
             mixed, state.conv[c.slot, write] = self._conv(qkv[rows].T[None], window)  # [1, C, L]
             q, k, v = self._qkv(mixed[0].T)  # [L, h, d]
             s0 = state.rec[c.slot, read] if read is not None else None
-            o, s = _chunked_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[rows].T, beta[rows].T, s0)
+            o, s = chunked_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[rows].T, beta[rows].T, s0)
             state.rec[c.slot, write] = s
             state.pos[c.slot][write] = c.start + c.length
             out[rows] = o.transpose(0, 1)
