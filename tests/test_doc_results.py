@@ -4,6 +4,7 @@ date recorded, the commit date from git)."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import re
@@ -42,7 +43,7 @@ NOT_RESULTS = {  # tables whose numbers are names, versions, ports or prose, not
     ("docs/SECURITY.md", "| Plane |"): "ports and protections",
     ("docs/SECURITY.md", "| Deployment |"): "certificate set-up",
 }
-DATED = re.compile(r"\b(\d{4}-\d{2}-\d{2})(?:\b|T)")  # machine.stamp(): 2026-12-06T19:22:39+0000
+DATED = re.compile(r"\b(\d{4}-\d{2}-\d{2})(?![\d-])")  # also machine.stamp()'s ISO 2026-12-06T19:37:07+0000
 UNDATED = re.compile(r"not recorded; committed (\d{4}-\d{2}-\d{2}) \(`([0-9a-f]{7,40})`(?:, as `([\w.-]+)`)?\)")
 
 
@@ -131,6 +132,17 @@ def _run_date(r: dict) -> str | None:
     """The run's date as the JSON records it (machine.stamp's, overlap.py's meta, the GPU run's machine line)."""
     m = DATED.search(r.get("date") or r.get("meta", {}).get("date") or r.get("machine") or "")
     return m and m.group(1)
+
+
+def test_a_stamped_run_date_is_read():
+    """machine.stamp()'s ISO date (2026-12-06T19:37:07+0000) is a run date: the word boundary after the day, which
+    overlap.py's '2026-12-03 12:02:46' has, is not there before the 'T'."""
+    spec = importlib.util.spec_from_file_location("bench_machine", REPO / "benchmarks" / "machine.py")
+    machine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(machine)
+    stamped = machine.stamp()
+    assert _run_date(stamped) == stamped["date"][:10]
+    assert _run_date({"meta": {"date": "2026-12-03 12:02:46"}}) == "2026-12-03"
 
 
 def test_results_list():
