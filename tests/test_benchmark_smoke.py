@@ -292,3 +292,17 @@ def test_rpc_fanout_microbenchmark_smoke(tmp_path):
         assert rows and all(0 < r["p50_us"] <= r["p99_us"] for r in rows.values()), (name, rows)
     for name in ("8 KiB x 1 shard(s)", "8 KiB x 2 shard(s)"):  # CPU per fan-out, the in-loop reference's too
         assert all(r["cpu_us"] > 0 for r in report[name].values()), report[name]
+
+
+def test_deltanet_benchmark_smoke(tmp_path):
+    """benchmarks/deltanet.py at toy heads: a row per length, both methods timed, the speed-up derived from them, the
+    chunked rule's outputs and end state within float32 rounding of the token-by-token twin's."""
+    out = tmp_path / "d.json"
+    _run("deltanet.py", "--tokens", "5", "70", "--k-heads", "2", "--v-heads", "4", "--head-dim", "16", "--repeats",
+         "1", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert [r["tokens"] for r in res["rows"]] == [5, 70] and res["threads"] == 1 and res["cpu"], res
+    for r in res["rows"]:
+        assert r["recurrent_ms"] > 0 and r["chunked_ms"] > 0, r
+        assert r["speedup"] == pytest.approx(r["recurrent_ms"] / r["chunked_ms"]), r
+        assert r["max_abs_diff_out"] < 1e-5 and r["max_abs_diff_state"] < 1e-5, r

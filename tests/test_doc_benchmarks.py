@@ -332,3 +332,28 @@ def test_kernels_split_share():
     _says(f"{m.group(1)} {m.group(2)}", min(rest), max(rest))
     for key, printed in outliers.items():
         _says(printed, 100 * shares[key])
+
+
+DELTANET_HEADER = "| prompt tokens | token by token ms | chunked ms | speed-up |"
+
+
+def test_deltanet_table():
+    """Gated DeltaNet prefill: the table's times and speed-ups, and the set-up and agreement its paragraph gives."""
+    r = _json("deltanet-amd-epyc.json")
+    table = _table("README.md", DELTANET_HEADER)
+    assert [int(row[0]) for row in table] == [x["tokens"] for x in r["rows"]]
+    for (_, rec, chunked, speedup), x in zip(table, r["rows"]):
+        _says(rec, x["recurrent_ms"])
+        _says(chunked, x["chunked_ms"])
+        _says(speedup, x["speedup"])
+    a, text = r["args"], " ".join((REPO / "README.md").read_text().split())
+    assert (f"{a['k_heads']} key heads x {a['head_dim']} repeated to {a['v_heads']} value heads x {a['head_dim']}, "
+            f"float32, {r['threads']} thread, best of {a['repeats']}") in text
+    m = re.search(r"shared \(load average ([\d.]+) before and ([\d.]+) after the run, on 2 vCPUs\)", text)
+    _says(f"{m.group(1)} {m.group(2)}", r["loadavg_before"], r["loadavg_after"])
+    m = re.search(r"which put the wall times ([\d.]+)-([\d.]+)x above them", text)
+    walls = [x[f"{k}_wall_ms"] / x[f"{k}_ms"] for x in r["rows"] for k in ("recurrent", "chunked")]
+    _says(f"{m.group(1)} {m.group(2)}", min(walls), max(walls))
+    m = re.search(r"the chunked outputs and end states within ([\d.]+)e-(\d+) of the twin's", text)
+    worst = max(max(x["max_abs_diff_out"], x["max_abs_diff_state"]) for x in r["rows"])
+    assert worst <= float(f"{m.group(1)}e-{m.group(2)}") < 10 * worst, (m.groups(), worst)
