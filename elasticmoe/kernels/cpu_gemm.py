@@ -190,15 +190,18 @@ def _one_segment(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(1, dtype=torch.int64), torch.tensor([rows], dtype=torch.int64)
 
 
-def maybe_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def maybe_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear(x [M, K], w [N, K], bias) that takes the skinny kernel on CPU (x and w of one dtype) for fp32 with
     M <= MAX_ROWS, and for bf16/fp16 at any M (oneDNN's bf16/fp16 GEMMs on AVX2 are 1.3-6x slower at M = 1-64,
-    H = 2048): fp32 sums and bias, one rounding to x's dtype, and each row's bits independent of the others."""
+    H = 2048): fp32 sums and bias, one rounding to out_dtype (default x's; float32: the kernel's sums unrounded,
+    F.linear's result converted), and each row's bits independent of the others."""
+    out_dtype = out_dtype or x.dtype
     rows_ok = x.dim() == 2 and 0 < x.shape[0] and (x.shape[0] <= MAX_ROWS or x.dtype != torch.float32)
     rows_ok = rows_ok and w.dim() == 2 and x.shape[1] == w.shape[1]  # else F.linear (and its error)
     if rows_ok and usable(x, w):
         out = linear(x, w)  # [M, N] fp32
         if bias is not None:
             out.add_(bias)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+        return out if out_dtype == torch.float32 else out.to(out_dtype)
+    return torch.nn.functional.linear(x, w, bias).to(out_dtype)
