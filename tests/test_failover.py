@@ -187,19 +187,20 @@ def test_dead_copy_fails_over_inside_the_step(files, pair, transport):
 def test_straggler_is_hedged_and_the_first_answer_wins(files, pair, transport):
     layer, inputs = pair.layers[0], _inputs(files, 2)
     ref = _reference(files, layer, *inputs)
-    d = GrpcDispatcher(transport=transport, timeout_s=10, hedge_min_s=0.3)
+    d = GrpcDispatcher(transport=transport, timeout_s=10, hedge_min_s=1.0)
     d.set_table(pair.table(ALL_BOTH))
     for _ in range(5):
         _run(d, layer, inputs)  # round-trip samples for the hedge threshold
-    pair.servicers[0].faults.run_delay_s = 3.0
+    pair.servicers[0].faults.run_delay_s = 4.0
     out, took = _run(d, layer, inputs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert d.hedges >= 1 and took < 2.0, (d.hedges, took)
+    assert d.hedges >= 1 and took < 3.0, (d.hedges, took)
     assert "s0" in d.suspects
     (entry,) = [f for f in d.fault_log if f["straggled"]]
-    assert entry["straggled"] == ["s0"] and not entry["dead"] and 0.3 <= entry["detected_s"] <= entry["done_s"]
-    # the hedge's answer (an idle in-process shard: milliseconds) ends the step, not another hedge delay's wait
-    assert entry["done_s"] - entry["detected_s"] < 0.15, entry
+    assert entry["straggled"] == ["s0"] and not entry["dead"] and 1.0 <= entry["detected_s"] <= entry["done_s"]
+    # the hedge's answer (an idle in-process shard: milliseconds, more on a loaded machine) ends the step, not
+    # another hedge delay's wait (1 s)
+    assert entry["done_s"] - entry["detected_s"] < 0.8, entry
 
 
 def test_a_shard_owing_a_hedged_around_answer_is_not_probed_again(files, pair, transport):
@@ -207,26 +208,28 @@ def test_a_shard_owing_a_hedged_around_answer_is_not_probed_again(files, pair, t
     delay again) until it has answered the call that was hedged around; then it takes its share again."""
     layer, inputs = pair.layers[0], _inputs(files, 4)
     ref = _reference(files, layer, *inputs)
-    d = GrpcDispatcher(transport=transport, timeout_s=10, hedge_min_s=0.2, suspect_s=0.1)
+    # a hedge delay of 1 s: on a loaded machine calls of 0.2 s are hedged too (CI beside the e2e suite)
+    d = GrpcDispatcher(transport=transport, timeout_s=10, hedge_min_s=1.0, suspect_s=0.1)
     d.set_table(pair.table(ALL_BOTH))
     for _ in range(5):
         _run(d, layer, inputs)
-    pair.servicers[0].faults.run_delay_s = 2.0
+    pair.servicers[0].faults.run_delay_s = 4.0
     _run(d, layer, inputs)
     assert d.hedges == 1
-    time.sleep(0.3)  # the suspicion period has passed; the straggling call has not answered
+    time.sleep(0.3)  # the suspicion period has passed; the straggling call has not answered (4 s)
     before = d.shard_tokens.get("s0", 0)
     out, took = _run(d, layer, inputs)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    # not sent to s0 (no hedge, none of its tokens), so not waiting for it (2 s); the count, not a time under the
-    # hedge delay, is the proof: a loaded machine (CI runs the e2e suite beside) can stretch a step past 0.2 s
-    assert d.hedges == 1 and took < 1.5 and d.shard_tokens.get("s0", 0) == before, (d.hedges, took)
+    # not sent to s0 (no hedge, none of its tokens), so not waiting for it (4 s, or a hedge delay and a hedge); the
+    # counts, not a time under the hedge delay, are the proof
+    assert d.hedges == 1 and took < 3.0 and d.shard_tokens.get("s0", 0) == before, (d.hedges, took)
     pair.servicers[0].faults.run_delay_s = 0.0
-    deadline = time.monotonic() + 8
+    deadline = time.monotonic() + 15
     while d.shard_tokens.get("s0", 0) == before and time.monotonic() < deadline:
         _run(d, layer, inputs)  # once the straggler has answered, s0 takes calls again
         time.sleep(0.05)
-    assert d.shard_tokens.get("s0", 0) > before and d.hedges == 1
+    # (no count of hedges here: a call of these steps slower than the hedge delay on a loaded machine is hedged)
+    assert d.shard_tokens.get("s0", 0) > before, d.shard_tokens
 
 
 def test_a_hedged_around_call_that_then_breaks_is_reported(files, pair, transport):
@@ -250,20 +253,22 @@ def test_a_hedged_around_call_that_then_breaks_is_reported(files, pair, transpor
 
 def test_a_re_sent_calls_latency_is_measured_from_its_send(files, pair, transport):
     """The round trip fed to the hedging median is each call's own, from its send: a call re-sent after its first
-    copy ran out its deadline (0.5 s) is noted at its own milliseconds, not at the step's age."""
+    copy ran out its deadline (2 s) is noted at its own milliseconds, not at the step's age."""
     layer, inputs = pair.layers[0], _inputs(files, 4)
     ref = _reference(files, layer, *inputs)
-    d = GrpcDispatcher(transport=transport, timeout_s=0.5, hedge_min_s=30)  # no hedges: only the deadline's failover
+    d = GrpcDispatcher(transport=transport, timeout_s=2.0, hedge_min_s=30)  # no hedges: only the deadline's failover
     d.set_table(pair.table(ALL_BOTH))
-    pair.servicers[0].faults.run_delay_s = 1.5
     try:
+        _run(d, layer, inputs)  # connections open: no first call's set-up (> 0.5 s under load) runs out a deadline
+        d.latency_s.clear()
+        pair.servicers[0].faults.run_delay_s = 4.0
         out, took = _run(d, layer, inputs)
     finally:
         pair.servicers[0].faults.run_delay_s = 0.0
         d.close()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert d.failovers >= 1 and d.hedges == 0 and took >= 0.5, (d.failovers, d.hedges, took)
-    assert d.latency_s and max(d.latency_s) < 0.4, list(d.latency_s)
+    assert d.failovers >= 1 and d.hedges == 0 and took >= 2.0, (d.failovers, d.hedges, took)
+    assert d.latency_s and max(d.latency_s) < 1.5, list(d.latency_s)  # not the step's age (>= 2 s)
 
 
 def test_malformed_and_missing_answers_go_to_another_copy(files, pair, transport):
