@@ -175,16 +175,34 @@ def test_the_first_decision_is_not_held_by_the_cool_down():
     assert decide.desired(2, [1.0, 1.0]) == 4
 
 
-def test_no_scale_in_before_the_cluster_is_up_and_warmed_up():
+class _SteppedClock:
+    """The decider's clock (policy.time), moved only by the test: a thread preempted between two calls on a loaded
+    machine (a real 0.2 s warm-up) would find the warm-up over before the first check."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now + 1.7e9
+
+
+def test_no_scale_in_before_the_cluster_is_up_and_warmed_up(monkeypatch):
     """Idle shards are no reason to scale in before the cluster ran the count it started with (`started`: every
     position of the placement live), nor for a cool-down after that (the warm-up); the floor stays min_shards."""
-    from elasticmoe.autoscaler.policy import ScaleDecider
+    from elasticmoe.autoscaler import policy
 
-    decide = ScaleDecider(min_shards=2, max_shards=16, target_utilization=0.5, cooldown_s=0.2)
+    clock = _SteppedClock()
+    monkeypatch.setattr(policy, "time", clock)
+    decide = policy.ScaleDecider(min_shards=2, max_shards=16, target_utilization=0.5, cooldown_s=30.0)
     assert decide.desired(4, [0.0]) == 4  # 1 of 4 shards up, idle: no request yet
+    clock.now += 100.0
     decide.started()
+    clock.now += 29.9
     assert decide.desired(4, [0.0] * 4) == 4  # up, warming up
-    time.sleep(0.25)
+    clock.now += 0.2
     decide.started()  # again (every stats round says so): the warm-up is not restarted
     assert decide.desired(4, [0.0] * 4) == 3
     decide.cooldown_s = 0.0
