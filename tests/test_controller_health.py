@@ -165,12 +165,28 @@ def test_a_re_home_while_a_shard_loads_keeps_a_live_copy_of_every_expert(model):
     _with_shards(model, "abc", scenario)
 
 
-def test_a_spare_that_fails_every_load_is_retried_with_a_backoff(model):
+class _HeldClock:
+    """The back-offs' clock (backoff.time), moved only by the test: five rounds on a loaded machine can take more
+    than the 2 s the second retry waits, and a third would be due."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_spare_that_fails_every_load_is_retried_with_a_backoff(model, monkeypatch):
     """Every load onto spare c fails. The health round retried the scale out every second (each a load under the
     controller's lock, then its roll back), a grow_failed event each, which pushed every other event out of the
     status. The first retry is the next round, the ones after wait longer each time (2 s, 4 s, ... up to a minute);
     a scale out that works resets it."""
-    import asyncio
+    import time
+
+    from elasticmoe.autoscaler import backoff
+
+    clock = _HeldClock(time.monotonic())
+    monkeypatch.setattr(backoff, "time", clock)
 
     async def scenario(files, a, b, c):
         ctrl = await _quiet(model, a, b)
@@ -181,7 +197,7 @@ def test_a_spare_that_fails_every_load_is_retried_with_a_backoff(model):
         assert ctrl.event_counts["grow_failed"] == 2 and [s.shard_id for s in ctrl.registry.spares()] == ["c"]
         assert (await ctrl.table())["complete"] and c.held() == set()
         c.servicer.faults.fail_loads = 0
-        await asyncio.sleep(2.1)
+        clock.now += 2.1  # the second retry's wait is over
         await ctrl._health_once()
         table = await ctrl.table()
         assert table["complete"] and [x["id"] for x in table["shards"]] == ["a", "b", "c"] and _routed_to(table, "c")
