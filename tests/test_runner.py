@@ -195,28 +195,33 @@ def test_experts_that_stay_unavailable_end_only_the_requests_that_need_them(mode
 
 
 def test_admission_never_waits_for_a_step_and_a_full_gateway_answers_at_once(model, reference):
+    """generate() admits or refuses while the engine thread is held inside a step: the step count is the same
+    before and after both calls: a call that waited for the step would wait until the release (30 s) and see the
+    count move. (Timing the calls against 0.05 s, as before, depended on the thread not being descheduled.)"""
     _, llm = reference
-    disp = FaultyDispatcher(model[2], delay_s=0.1)  # >= 0.2 s per step
+    disp = GatedDispatcher(model[2])
     runner = _runner(model, disp, max_num_seqs=1, max_queue=1)
 
     async def go():
         first = runner.generate("a", llm.encode(PROMPTS[0]), GREEDY)
-        await first.__anext__()  # running: its steps take >= 0.2 s each
-        t0 = time.perf_counter()
+        await first.__anext__()  # running
+        disp.armed = True
+        assert await asyncio.to_thread(disp.entered.wait, 30)  # the engine thread is inside a step, held there
+        steps = runner.stats()["steps"]
         queued = runner.generate("b", llm.encode(PROMPTS[1]), GREEDY)
-        admitted = time.perf_counter() - t0
-        t0 = time.perf_counter()
         with pytest.raises(QueueFull):
             runner.generate("c", llm.encode(PROMPTS[2]), GREEDY)
-        rejected = time.perf_counter() - t0
+        held = runner.stats()["steps"] == steps
+        disp.armed = False
+        disp.release.set()
         await first.aclose()
         await queued.aclose()
-        return admitted, rejected
+        return held
 
     try:
-        admitted, rejected = asyncio.run(go())
-        assert admitted < 0.05 and rejected < 0.05
+        assert asyncio.run(go()), "an admission waited for the step in progress"
     finally:
+        disp.release.set()
         runner.close()
 
 
