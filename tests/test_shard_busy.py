@@ -83,13 +83,22 @@ def test_busy_time_includes_the_stretch_running_now(files):
     """A shard computing without a break (a call always in flight) is busy all along: a read in the middle of the
     stretch counts it up to now, not 0 until it ends."""
     store = _store(files)
+    # each event of the shard's clock (time.perf_counter) bracketed by two readings of the test's: a bound on how
+    # long the sleeps really took, which a loaded machine stretches (0.2 s slept, 0.3 s counted, is right)
+    a0 = time.perf_counter()
     with store.computing():
+        a1 = time.perf_counter()  # the stretch began within [a0, a1]
         time.sleep(0.2)
+        b0 = time.perf_counter()
         mid = store.stats().busy_us
+        b1 = time.perf_counter()
         with store.computing():  # a second call inside the first: still one stretch
             time.sleep(0.1)
+        c0 = time.perf_counter()
+    c1 = time.perf_counter()  # the stretch ended within [c0, c1]
     end = store.stats().busy_us
-    assert 0.2e6 <= mid < 0.3e6 and 0.3e6 <= end < 0.45e6, (mid, end)
+    assert (b0 - a1) * 1e6 - 1 <= mid <= (b1 - a0) * 1e6 + 1 and mid >= 0.2e6, (mid, b0 - a1, b1 - a0)
+    assert (c0 - a1) * 1e6 - 1 <= end <= (c1 - a0) * 1e6 + 1 and end >= 0.3e6, (end, c0 - a1, c1 - a0)
     time.sleep(0.1)
     assert store.stats().busy_us == end  # idle: no more
 
