@@ -50,6 +50,21 @@ def _run(stub, layer: int, timeout: float) -> pb.RunExpertsResponse:
     return stub.RunExperts(req, timeout=timeout)
 
 
+def _until(cond, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _a_place_free(servicer) -> bool:
+    """Whether a LoadExperts / DropExperts would find a place now (one taken and given back at once to see)."""
+    if not servicer._placement_calls.acquire(blocking=False):
+        return False
+    servicer._placement_calls.release()
+    return True
+
+
 def test_health_and_run_experts_answer_while_loads_queue(shard):
     """12 loads at once, each 0.5 s: Health and RunExperts answer at once meanwhile (with 12 callers waiting on the
     lock they found no worker, or gRPC's own concurrency limit refused them); the loads beyond PLACEMENT_CALLS are
@@ -73,17 +88,20 @@ def test_health_and_run_experts_answer_while_loads_queue(shard):
 
 
 def test_a_call_whose_caller_left_while_waiting_changes_nothing(shard):
-    """A load holds the lock 1.5 s; the other PLACEMENT_CALLS - 1 places go to loads whose callers give up after
+    """A load holds the lock 3 s; the other PLACEMENT_CALLS - 1 places go to loads whose callers give up after
     0.3 s: they load nothing (without this, each loaded its experts once the lock was free, experts no one had
     asked for any more), and their places come back, so one of them asked again is taken and loads."""
     stub, servicer, store, (a, b) = shard
-    servicer.faults.load_delay_s = 1.5
+    servicer.faults.load_delay_s = 3.0
     first = stub.LoadExperts.future(_load([(b, 0)]), timeout=30)
-    time.sleep(0.2)
+    _until(servicer._placement.locked, "the first load holds the placement lock")
     gone = [stub.LoadExperts.future(_load([(b, e)]), timeout=0.3) for e in range(1, PLACEMENT_CALLS)]
     for f in gone:
         assert f.exception(timeout=10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    time.sleep(0.3)  # a waiting call sees its caller gone within 0.1 s
+    # a waiting call sees its caller gone within 0.1 s and gives its place back (awaited, not slept for: a loaded
+    # machine takes longer), while the first load still holds the lock (it loads (b, 0) after its 3 s)
+    _until(lambda: _a_place_free(servicer), "a gone call's place given back")
+    assert (b, 0) not in store.held()
     servicer.faults.load_delay_s = 0.0
     assert stub.LoadExperts(_load([(b, 1)]), timeout=10).loaded == 1  # a place was free for it
     assert first.result(timeout=10).loaded == 1
