@@ -85,10 +85,12 @@ def test_a_late_retain_from_another_thread_keeps_the_installed_tables_addresses(
     ref = _reference(files, layer, *inputs)
     d = GrpcDispatcher(transport="unary", timeout_s=5)
     real = d.transport.retain
+    reading, installed = threading.Event(), threading.Event()
 
     def slow_retain(addresses):  # the poller's retain, descheduled after it read the tables
         if threading.current_thread().name == "table-poller":
-            time.sleep(1.0)
+            reading.set()
+            installed.wait(1.0)  # until the newer tables are in use (1 s: this thread holds them off meanwhile)
         real(addresses)
     d.transport.retain = slow_retain
     try:
@@ -97,11 +99,12 @@ def test_a_late_retain_from_another_thread_keeps_the_installed_tables_addresses(
         poller = threading.Thread(target=d.set_table, args=(shards.table({e: [1] for e in range(E)}, 2, alive=[1]),),
                                   name="table-poller")
         poller.start()
-        time.sleep(0.2)  # its addresses (shards 0 and 1) read; its retain not run yet
+        assert reading.wait(10)  # its addresses (shards 0 and 1) read; its retain not run yet
         d.begin_step()  # installs shard 1's table
         d.set_table(shards.table({e: [2] for e in range(E)}, 3, alive=[2]))
         d.begin_step()  # installs shard 2's table
         torch.testing.assert_close(d.dispatch(layer, *inputs).wait(), ref, rtol=1e-5, atol=1e-6)
+        installed.set()  # the poller's retain runs now, after all of the above, unless it had to run before
         poller.join(10)
         assert shards.addresses[2] in d.transport._stubs, list(d.transport._stubs)
         assert set(d.transport._stubs) == {shards.addresses[2]}
