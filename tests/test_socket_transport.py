@@ -218,12 +218,16 @@ def test_graceful_stop_answers_the_frames_running(files, halves):  # noqa: F811
     t = SocketTransport()
     try:
         assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
+        taken = halves.servicers[0].calls
         halves.servicers[0].faults.run_delay_s = 0.5
         running = t.send(address, lambda: _req(files, layer, seed=1), 10)
-        time.sleep(0.2)
-        stopped = halves.servers[0].stop(1.0)
+        deadline = time.monotonic() + 10
+        while halves.servicers[0].calls == taken:  # the shard took the frame: it is running (not a sleep's guess)
+            assert time.monotonic() < deadline, "the shard never took the frame"
+            time.sleep(0.01)
+        stopped = halves.servers[0].stop(3.0)  # its 0.5 s and compute fit the grace on a loaded machine too
         assert running.result(timeout=5).output.data
-        assert stopped.wait(5)
+        assert stopped.wait(10)
         with pytest.raises(grpc.RpcError) as e:
             t.send(address, lambda: _req(files, layer, seed=2), 5).result(timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
