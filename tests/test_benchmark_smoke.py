@@ -33,7 +33,7 @@ def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.Complete
 def test_offline_benchmark_smoke(tmp_path):
     """LLM.generate against transformers generate on one checkpoint: a row per batch, the ratio from the two."""
     out = tmp_path / "offline.json"
-    _run("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "16",
+    _run("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "48",
          "--batches", "1,2", "--repeats", "3", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2], rows
