@@ -98,9 +98,10 @@ def decode_batches(llm, tokens: int, context: int, n: int):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, 400, (context + 1,), generator=g).tolist() for _ in range(tokens)]
     for s, p in enumerate(prompts):
-        llm.engine.model.forward(build_batch([(s, 0, p[:context])], cpu), cache, LocalDispatcher(llm.store))
+        llm.engine.model.forward(build_batch([(s, 0, p[:context])], cpu, cache.table), cache,
+                                 LocalDispatcher(llm.store))
     chunks = [(s, context, [p[context]]) for s, p in enumerate(prompts)]
-    return cache, [build_batch(chunks[a:b], cpu) for a, b in split_even([1] * tokens, n)]
+    return cache, [build_batch(chunks[a:b], cpu, cache.table) for a, b in split_even([1] * tokens, n)]
 
 
 def trace_overlap(llm, disp, cache, parts) -> float:

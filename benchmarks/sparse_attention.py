@@ -23,13 +23,17 @@ from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ 
 from elasticmoe.model.attention import Attention
 from elasticmoe.model.batch import DecodeGroup
 from elasticmoe.model.indexer import top_keys
+from elasticmoe.model.kv_cache import KVCache
 from elasticmoe.model.spec import AttentionSpec
 
 OUT = Path(__file__).parent / "results" / "sparse_attention.json"
 
 
 class LatentCache:
-    """The part of a KVCache the decode read uses: layer 0's latent [rows, L, r + rope]."""
+    """The part of a KVCache the decode read uses: layer 0's latent [rows, L, r + rope] (each row's L positions in
+    one block of L), read as KVCache reads it."""
+
+    read = staticmethod(KVCache.read)
 
     def __init__(self, latent: torch.Tensor):
         self.layers = [[latent]]
@@ -57,7 +61,8 @@ def run_length(attn: Attention, a, length: int) -> dict:
     """One decode group of a.rows rows, each L = length tokens long: the picks, then both reads timed."""
     b = a.rows
     latent = torch.randn(b, length, a.kv_lora_rank + a.rope)  # [B, L, r + rope]
-    g = DecodeGroup(rows=torch.arange(b), slots=torch.arange(b), lens=torch.full((b,), length), max_len=length)
+    g = DecodeGroup(rows=torch.arange(b), slots=torch.arange(b), lens=torch.full((b,), length), max_len=length,
+                    read=torch.arange(b * length).view(b, length))  # [B, L]: row i's block is block i
     mask = torch.ones(b, 1, 1, length, dtype=torch.bool)  # [B, 1, 1, L]: every row's whole context
     iq, iw = torch.randn(b, a.index_heads, a.index_dim), torch.randn(b, a.index_heads)  # [B, h_ix, D], [B, h_ix]
     keys = torch.randn(b, length, a.index_dim)  # [B, L, D]

@@ -121,7 +121,8 @@ def assert_aborted(core: Core, held: list[Sequence], tokens_at_cancel: list[int]
     for s, n in zip(held, tokens_at_cancel):
         assert s.finish_reason == "abort" and len(s.output_ids) <= n + 1, (s.finish_reason, len(s.output_ids), n)
         if s.slot >= 0:
-            assert all(not t[s.slot].any() for layer in engine.cache.layers for t in layer), "its K/V were kept"
+            cache = engine.cache  # the blocks of its slot (the table's row stays until the slot is given again)
+            assert all(not cache.of_slot(t, s.slot).any() for layer in cache.layers for t in layer), "its K/V were kept"
 
 
 def never_ran(core: Core, stage: str, held: list[Sequence]) -> None:

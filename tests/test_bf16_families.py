@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.batch import build_batch
+from elasticmoe.model.kv_cache import KVCache
 from tests.test_bf16 import PROMPT, _hf_logits, _token_errors
 from tests.test_families import make_family_checkpoint
 from tests.test_families_more import MORE_CASES
@@ -86,12 +87,13 @@ def test_delta_net_layer_rounds_once(model_type, wide_dirs):
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         llm = LLM(path, dtype=str(dtype).removeprefix("torch."))
         engine = llm.engine
-        batch = build_batch([(engine.scheduler.free_slots[-1], 0, list(range(3, 112)))], engine.device)
+        cache = KVCache(engine.spec, 1, 112, engine.dtype, engine.device)  # a slot of its own: no engine's pool
+        batch = build_batch([(0, 0, list(range(3, 112)))], engine.device, cache.table)
         for layer in (0, 1):
             with torch.no_grad():
                 want = ref.model.layers[layer].linear_attn(xd.float())[0]  # [T, H]
                 theirs = hf.model.layers[layer].linear_attn(xd)[0].float()
-                ours = engine.model.layers[layer].attn.forward(xd[0], batch, engine.cache).float()
+                ours = engine.model.layers[layer].attn.forward(xd[0], batch, cache).float()
             err = [float(((o - want).abs().amax(-1) / want.abs().max()).median()) for o in (ours, theirs)]
             assert err[0] < 0.95 * err[1], (dtype, layer, err)
 

@@ -76,7 +76,7 @@ def test_ctrl_c_at_each_stage_leaves_nothing_in_the_engine(fresh, llm, stage):  
     for s, (*_, n) in zip(ctrl_c.seqs, ctrl_c.seen):  # aborted where it stood: its step never ran
         assert s.finish_reason == "abort" and len(s.output_ids) == n
         if s.slot >= 0:
-            assert all(not t[s.slot].any() for layer in cache.layers for t in layer), "its K/V were kept"
+            assert all(not cache.of_slot(t, s.slot).any() for layer in cache.layers for t in layer), "its K/V were kept"
     fresh.engine.dispatcher = LocalDispatcher(fresh.store)
     _same_as_alone(fresh, llm)
 

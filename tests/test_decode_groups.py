@@ -19,13 +19,20 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture
 def reads(monkeypatch):
-    """(layer, rows, positions each row reads) of every decode attention read (a prefill chunk's is a slice)."""
+    """(layer, rows, positions each row reads) of every decode attention read (a decode group's read index [B, L],
+    not a prefill chunk's: DecodeGroup.read, not StepBatch.prefill_reads)."""
     seen: list[tuple[int, int, int]] = []
+    batch = [None]  # the batch the attention layer runs
+
+    def forward(self, x, b, *args, _real=Attention.forward, **kwargs):
+        batch[0] = b
+        return _real(self, x, b, *args, **kwargs)
+    monkeypatch.setattr(Attention, "forward", forward)
     for name in ("_gqa_gather", "_mla_expand"):
-        def read(self, cache, slots, length, _real=getattr(Attention, name)):
-            if not isinstance(slots, slice):
-                seen.append((self.layer, len(slots), length))
-            return _real(self, cache, slots, length)
+        def read(self, cache, index, _real=getattr(Attention, name)):
+            if any(index is g.read for g in batch[0].decode_groups):
+                seen.append((self.layer, *index.shape))
+            return _real(self, cache, index)
         monkeypatch.setattr(Attention, name, read)
     return seen
 

@@ -85,10 +85,10 @@ def test_index_keys_are_cached_counted_and_cleared(model_type, dsa_dirs):
     assert KVCache.bytes_per_token(spec, torch.float32) == 4 * (spec.num_layers * a.cache_width
                                                                 + len(own) * a.indexer.head_dim)
     llm.generate([llm.encode(PROMPT)], SamplingParams(max_tokens=4, temperature=0.0))
-    keys = [cache.index_keys(i) for i in own]  # [slots, max_len, index_head_dim]
+    keys = [cache.index_keys(i) for i in own]  # [blocks, block_size, index_head_dim]
     assert all(len(cache.layers[i]) == 1 for i in range(spec.num_layers) if i not in own)  # the MLA latent alone
-    (slot,) = [s for s in range(cache.num_slots) if keys[0][s].any()]
-    assert all(k.shape[-1] == a.indexer.head_dim and k[slot, :30].abs().min() > 0 for k in keys)
+    (slot,) = [s for s in range(cache.num_slots) if cache.of_slot(keys[0], s).any()]
+    assert all(k.shape[-1] == a.indexer.head_dim and cache.of_slot(k, slot)[:30].abs().min() > 0 for k in keys)
     cache.clear(slot, 40)
     assert all(not k.any() for k in keys)
 

@@ -56,7 +56,8 @@ def test_decode_groups_read_the_shared_caches_and_get_solo_tokens(request, monke
 def test_kv_shared_layers_hold_and_count_no_cache(gemma):
     """Layers 4 and 5 read layers 3's and 2's keys and values: their cache entries are those tensors, nothing is
     allocated for them, clearing a slot zeroes what they read, and bytes_per_token counts the four layers that
-    hold one (sliding: 2 kv heads x (16 + 16), full: 1 kv head x (32 + 32) floats)."""
+    hold one (sliding: 2 kv heads x (16 + 16), full: 1 kv head x (32 + 32) floats): 3 slots of 40 positions in blocks
+    of 16, 3 blocks a slot, and the null block."""
     from elasticmoe import LLM
     from elasticmoe.model.attention import KVCache
 
@@ -65,15 +66,15 @@ def test_kv_shared_layers_hold_and_count_no_cache(gemma):
     assert spec.attention.kv_source == (0, 1, 2, 3, 3, 2)
     cache = KVCache(spec, 3, 40, torch.float32, torch.device("cpu"))
     assert cache.layers[4] is cache.layers[3] and cache.layers[5] is cache.layers[2]
-    assert [tuple(t.shape) for t in cache.layers[2]] == [(3, 40, 1, 32)] * 2
+    assert [tuple(t.shape) for t in cache.layers[2]] == [(3 * 3 + 1, 16, 1, 32)] * 2
     assert KVCache.bytes_per_token(spec, torch.float32) == 4 * 64 * 4
     held = {id(t): t.numel() * t.element_size() for layer in cache.layers for t in layer}
-    assert sum(held.values()) == KVCache.bytes_per_token(spec, torch.float32) * 3 * 40
+    assert sum(held.values()) == KVCache.bytes_per_token(spec, torch.float32) * (3 * 3 + 1) * 16
     assert cache.owned == [0, 1, 2, 3]
     for t in cache.layers[5]:
         t.fill_(1.0)
     cache.clear(1, 40)
-    assert all(t[1].abs().sum() == 0 and t[0].abs().sum() > 0 for t in cache.layers[5])
+    assert all(cache.of_slot(t, 1).abs().sum() == 0 and cache.of_slot(t, 0).abs().sum() > 0 for t in cache.layers[5])
 
 
 def test_gelu_experts_on_two_grpc_shards_match_in_process(gemma):

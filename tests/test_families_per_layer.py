@@ -161,8 +161,8 @@ def test_decode_groups_over_per_layer_heads_and_rotaries_get_solo_tokens(family,
     monkeypatch.setattr(batch_mod, "DECODE_GROUP_MIN", 1)
     groups = []  # decode groups of each step's batch
 
-    def build(chunks, device, _real=batch_mod.build_batch):
-        batch = _real(chunks, device)
+    def build(chunks, device, table, _real=batch_mod.build_batch):
+        batch = _real(chunks, device, table)
         groups.append(len(batch.decode_groups))
         return batch
     monkeypatch.setattr(step_forward, "build_batch", build)

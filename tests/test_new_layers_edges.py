@@ -116,7 +116,8 @@ def test_a_decode_step_sends_the_linear_layer_one_host_tensor(dirs, monkeypatch)
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine.step()  # the prefills
     seqs = list(engine.seqs.values())
-    batch = build_batch([(s.slot, s.num_cached, [s.token(s.num_cached)]) for s in seqs], engine.device)
+    batch = build_batch([(s.slot, s.num_cached, [s.token(s.num_cached)]) for s in seqs], engine.device,
+                        engine.cache.table)
     layer = next(x.attn for x in engine.model.layers if isinstance(x.attn, GatedDeltaNet))
     x = torch.randn(len(seqs), engine.spec.hidden_size)
     made = count_host_tensors(monkeypatch)

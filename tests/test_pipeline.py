@@ -63,7 +63,8 @@ def _run(llm, n: int, alone: bool) -> torch.Tensor:
     cache = KVCache(spec, len(PROMPTS), 64, torch.float32, torch.device("cpu"))
     out = []
     for chunks in _steps(llm):
-        parts = [build_batch(chunks[a:b], torch.device("cpu")) for a, b in split_even([len(c[2]) for c in chunks], n)]
+        parts = [build_batch(chunks[a:b], torch.device("cpu"), cache.table)
+                 for a, b in split_even([len(c[2]) for c in chunks], n)]
         if alone:
             out += [model.forward(p, cache, Deferred(llm.store), all_tokens=True) for p in parts]
         else:
@@ -94,9 +95,11 @@ def test_every_dense_stage_overlaps_the_other_micro_batches_calls(n, llms):
     llm = llms["mixtral"]
     model = llm.engine.model
     chunks = _steps(llm)[0]
-    parts = [build_batch(chunks[a:b], torch.device("cpu")) for a, b in split_even([len(c[2]) for c in chunks], n)]
+    cache = KVCache(llm.engine.spec, 8, 64, torch.float32, torch.device("cpu"))
+    parts = [build_batch(chunks[a:b], torch.device("cpu"), cache.table)
+             for a, b in split_even([len(c[2]) for c in chunks], n)]
     d = Deferred(llm.store)
-    model.forward_pipelined(parts, KVCache(llm.engine.spec, 8, 64, torch.float32, torch.device("cpu")), d)
+    model.forward_pipelined(parts, cache, d)
     in_flight, seen = set(), []
     for kind, layer, call in d.log:
         if kind == "dispatch":
@@ -148,7 +151,9 @@ def test_pre_of_next_layer_runs_while_other_micro_batch_experts_compute(llms):
     llm = llms["mixtral"]
     model = llm.engine.model
     chunks = _steps(llm)[0]
-    parts = [build_batch(chunks[a:b], torch.device("cpu")) for a, b in split_even([len(c[2]) for c in chunks], 2)]
+    table = KVCache(llm.engine.spec, 8, 64, torch.float32, torch.device("cpu")).table  # each cache's alike (static)
+    parts = [build_batch(chunks[a:b], torch.device("cpu"), table)
+             for a, b in split_even([len(c[2]) for c in chunks], 2)]
     gated = GatedRemote(llm.store, len(model.layers))
     t0 = time.monotonic()
     out = model.forward_pipelined(parts, KVCache(llm.engine.spec, 8, 64, torch.float32, torch.device("cpu")),

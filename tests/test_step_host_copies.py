@@ -79,19 +79,23 @@ def test_a_partial_prefill_step_sends_the_rows_to_sample_in_one_more_copy(tiny_m
 def test_micro_batches_share_one_copy_and_equal_their_own_batches():
     """build_batches: every part's tensors are views of one copy, equal to the part's own build_batch."""
     from elasticmoe.model.batch import build_batches  # new with it
+    from elasticmoe.model.block_table import BlockTable
+
     parts = [[(0, 0, [5, 6, 7]), (1, 40, [8])], [(2, 700, [9]), (3, 3, [1]), (4, 0, [2, 3])], []]
+    table = BlockTable(5, 44, 16, 5 * 44, torch.device("cpu"), static=True)  # 5 slots of 704 positions
     with pytest.MonkeyPatch.context() as mp:
         made = count_host_tensors(mp)
-        got = build_batches(parts, torch.device("cpu"))
+        got = build_batches(parts, torch.device("cpu"), table)
     assert made == ["frombuffer"]
     for part, b in zip(parts, got):
-        want = build_batch(part, torch.device("cpu"))
+        want = build_batch(part, torch.device("cpu"), table)
         assert (b.chunks, b.prefill) == (want.chunks, want.prefill) and len(b.decode_groups) == len(want.decode_groups)
-        for name in ("token_ids", "positions", "token_slots", "last_rows"):
+        for name in ("token_ids", "positions", "token_slots", "last_rows", "write_index"):
             assert getattr(b, name).tolist() == getattr(want, name).tolist(), name
         for g, w in zip(b.decode_groups, want.decode_groups):
-            assert (g.rows.tolist(), g.slots.tolist(), g.lens.tolist(), g.max_len) == \
-                (w.rows.tolist(), w.slots.tolist(), w.lens.tolist(), w.max_len)
+            assert (g.rows.tolist(), g.slots.tolist(), g.lens.tolist(), g.max_len, g.read.tolist()) == \
+                (w.rows.tolist(), w.slots.tolist(), w.lens.tolist(), w.max_len, w.read.tolist())
+        assert [r.tolist() for r in b.prefill_reads] == [r.tolist() for r in want.prefill_reads]
     assert got[0].token_ids.tolist() == [5, 6, 7, 8] and got[0].positions.tolist() == [0, 1, 2, 40]
     assert [g.lens.tolist() for g in got[1].decode_groups] == [[4], [701]] and got[1].last_rows.tolist() == [0, 1, 3]
 

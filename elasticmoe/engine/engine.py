@@ -322,7 +322,7 @@ class Engine:
         if not self.scheduler.free_slots:
             raise RuntimeError("no free KV-cache slot")
         slot = self.scheduler.free_slots[-1]
-        batch = build_batch([(slot, 0, list(token_ids))], self.device)
+        batch = build_batch([(slot, 0, list(token_ids))], self.device, self.cache.table)
         try:
             hidden = self.model.forward(batch, self.cache, self.dispatcher, all_tokens=True)
             return self.model.logits(hidden)

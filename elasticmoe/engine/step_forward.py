@@ -203,6 +203,7 @@ class StepForward:
         sizes = [len(c[2]) for c in chunks]
         n = micro_batch_count(sum(sizes), len(chunks), self.micro_batches, self.pipeline_min_tokens)
         if not getattr(self.dispatcher, "remote", False) or n < 2:
-            return self.model.forward(build_batch(chunks, self.device), self.cache, self.dispatcher)
-        parts = build_batches([chunks[a:b] for a, b in split_even(sizes, n)], self.device)  # at sequence boundaries
+            return self.model.forward(build_batch(chunks, self.device, self.cache.table), self.cache, self.dispatcher)
+        parts = build_batches([chunks[a:b] for a, b in split_even(sizes, n)], self.device,
+                              self.cache.table)  # at sequence boundaries
         return torch.cat(self.model.forward_pipelined(parts, self.cache, self.dispatcher))

@@ -1,4 +1,4 @@
-"""Attention over a slot-based KV cache: grouped-query attention and DeepSeek's multi-head latent attention."""
+"""Attention over a paged KV cache: grouped-query attention and DeepSeek's multi-head latent attention."""
 
 from __future__ import annotations
 
@@ -124,19 +124,18 @@ class Attention:
             keep = picks["keep"] if self.spec.indexer else None  # [t, L] per prefill chunk, then [B, k] per group
             if self.spec.query_scale:  # Mistral 4
                 q = (q * _position_scale(batch.positions, *self.spec.query_scale)[:, None, None]).to(q.dtype)
-            latent = cache.layers[self.layer][0]
-            latent[batch.token_slots, batch.positions] = kv_new.to(latent.dtype)
+            cache.write(cache.layers[self.layer][0], batch.write_index, kv_new)
         else:
             q, k, v, gate = self._gqa_qkv(x, rotary, cos, sin, batch.positions)  # q, k float32; the cache rounds k
             if k is not None:  # else a layer sharing another's cache (KV sharing), written by that layer
                 kc, vc = cache.layers[self.layer]
-                kc[batch.token_slots, batch.positions] = k.to(kc.dtype)
-                vc[batch.token_slots, batch.positions] = v.to(vc.dtype)
+                cache.write(kc, batch.write_index, k)
+                cache.write(vc, batch.write_index, v)
         q = q.float()  # scores, softmax and the weighted sum of values in float32, rounded once into out
         out = x.new_empty(x.shape[0], self.spec.num_heads, self.spec.v_head_dim)  # [T, h, dv]
         expand, attend = self._readers()
         for i, c in enumerate(batch.prefill):
-            kk, vv = (t.float() for t in expand(cache, slice(c.slot, c.slot + 1), c.start + c.length))  # [1, hk, L, d]
+            kk, vv = (t.float() for t in expand(cache, batch.prefill_reads[i]))  # [1, hk, L, d], L = start + length
             qq = q[c.offset : c.offset + c.length].transpose(0, 1)[None]  # [1, h, t, d]
             mask = _prefill_mask(c.start, c.length, self.window, x.device)
             if keep is not None and keep[i] is not None:  # the picked keys, causal already
@@ -159,15 +158,16 @@ class Attention:
     def decode_group(self, q: torch.Tensor, g: DecodeGroup, mask: torch.Tensor, cache: KVCache,
                      picked: torch.Tensor | None = None) -> torch.Tensor:
         """One decode group's attention: q [B, h, d] float32, mask [B, 1, 1, L] (the rows' lengths and window) ->
-        [B, h, dv] float32. Sparse attention's `picked`: positions [B, k] (indexer.Indexer.picks; only those keys
-        are read, and only their latents expanded: O(topk) a row, not O(L)), a keep mask [B, L] (every key read,
-        the unpicked masked), or None (every key kept)."""
+        [B, h, dv] float32; the rows' cached positions are read at g.read (their flat cache rows [B, L]). Sparse
+        attention's `picked`: positions [B, k] (indexer.Indexer.picks; only those keys are read, and only their
+        latents expanded: O(topk) a row, not O(L)), a keep mask [B, L] (every key read, the unpicked masked), or
+        None (every key kept)."""
         expand, attend = self._readers()
         if picked is not None and picked.dtype != torch.bool:
-            kk, vv = self._mla_gather(cache, g.slots, picked)  # [B, h, k, d]
+            kk, vv = expand(cache, g.read.gather(1, picked))  # [B, h, k, d]: the picked positions' rows
             mask = mask.gather(3, picked[:, None, None, :])  # a padding row's picks past its length: masked
         else:
-            kk, vv = expand(cache, g.slots, g.max_len)  # [B, hk, L, d]
+            kk, vv = expand(cache, g.read)  # [B, hk, L, d]
             mask = mask if picked is None else mask & picked[:, None, None, :]
         o = attend(q[:, :, None, :], kk.float(), vv.float(), mask, self.spec.scaling, causal=False)  # [B, h, 1, dv]
         return o[:, :, 0, :]
@@ -225,9 +225,11 @@ class Attention:
             q = (q * _position_scale(positions + 1, *a.temperature)[:, None, None]).to(q.dtype)
         return q, k, v, gate
 
-    def _gqa_gather(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
+    def _gqa_gather(self, cache: KVCache, index: torch.Tensor):
+        """The cached keys and values at flat rows index [B, L] (StepBatch.prefill_reads, DecodeGroup.read):
+        [B, hk, L, d] and [B, hk, L, dv]."""
         kc, vc = cache.layers[self.layer]
-        return kc[slots, :length].transpose(1, 2), vc[slots, :length].transpose(1, 2)
+        return cache.read(kc, index).transpose(1, 2), cache.read(vc, index).transpose(1, 2)
 
     def _mla_qkv(self, x, rotary, cos, sin):
         a, w, t = self.spec, self.w, x.shape[0]
@@ -251,12 +253,10 @@ class Attention:
             k_rot = rotary.apply(k_rot[:, None, :], cos, sin)[:, 0]
         return torch.cat((q_pass, q_rot), dim=-1), torch.cat((kv_nope, k_rot), dim=-1), q_resid
 
-    def _mla_expand(self, cache: KVCache, slots: torch.Tensor | slice, length: int):
-        return self._mla_kv(cache.layers[self.layer][0][slots, :length])  # [B, L, r + rope]
-
-    def _mla_gather(self, cache: KVCache, slots: torch.Tensor, index: torch.Tensor):
-        """The latents at positions index [B, k] of slots [B], expanded: k and v [B, h, k, d]."""
-        return self._mla_kv(cache.layers[self.layer][0][slots[:, None], index])  # [B, k, r + rope]
+    def _mla_expand(self, cache: KVCache, index: torch.Tensor):
+        """The cached latents at flat rows index [B, n] (a prefill chunk's or a decode group's positions, or a
+        group's picks), expanded: k and v [B, h, n, d]."""
+        return self._mla_kv(cache.read(cache.layers[self.layer][0], index))  # [B, n, r + rope]
 
     def _mla_kv(self, lat: torch.Tensor):
         """Latents [B, n, r + rope] through kv_b: k [B, h, n, nope + rope], v [B, h, n, dv]."""

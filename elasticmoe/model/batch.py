@@ -1,4 +1,4 @@
-"""One engine step's flat token batch: which tokens, at which positions, in which KV-cache slots."""
+"""One engine step's flat token batch: which tokens, at which positions, in which KV-cache slots and blocks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from array import array
 from dataclasses import dataclass
 
 import torch
+
+from elasticmoe.model.block_table import BlockTable
 
 DECODE_GROUP_MIN = 512  # decode rows with contexts up to this long share one group, however their lengths differ
 
@@ -22,18 +24,22 @@ class SeqChunk:
 
 @dataclass(frozen=True)
 class DecodeGroup:
-    """Decode rows attended together: each reads its slot up to the group's longest context, masked past its own."""
+    """Decode rows attended together: each reads its slot up to the group's longest context, masked past its own,
+    at `read`, the flat cache rows of positions [0, max_len) of each row's slot (BlockTable.read_index)."""
 
     rows: torch.Tensor  # [B] flat rows of the single-token chunks
     slots: torch.Tensor  # [B]
     lens: torch.Tensor  # [B] context length including the new token
     max_len: int
+    read: torch.Tensor  # [B, max_len] int64
 
 
 @dataclass(frozen=True)
 class StepBatch:
     """Flat batch of T tokens from N sequences. Decode chunks (length 1) are attended in groups of similar context
-    lengths (`decode_groups`)."""
+    lengths (`decode_groups`). Where the cache holds the tokens (BlockTable): `write_index`, the flat cache row each
+    token's keys go to, and `prefill_reads`, the flat rows each prefill chunk reads ([1, start + length]; a decode
+    group's: DecodeGroup.read), for KVCache.write and KVCache.read."""
 
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
@@ -42,6 +48,8 @@ class StepBatch:
     prefill: tuple[SeqChunk, ...]  # chunks of more than one token, attended one by one
     decode_groups: tuple[DecodeGroup, ...]
     last_rows: torch.Tensor  # [N] flat row of each chunk's last token (where logits are taken)
+    write_index: torch.Tensor  # [T] int64
+    prefill_reads: tuple[torch.Tensor, ...]  # [1, L] per prefill chunk
 
     @property
     def num_tokens(self) -> int:
@@ -72,13 +80,15 @@ class _Plan:
     sizes: list[int]
 
 
-def _plan(chunks: list[tuple[int, int, list[int]]]) -> _Plan:
-    """The host side of the batch of `chunks` ((slot, start, new token ids) per sequence)."""
+def _plan(chunks: list[tuple[int, int, list[int]]], table: BlockTable) -> _Plan:
+    """The host side of the batch of `chunks` ((slot, start, new token ids) per sequence); a chunk past its slot's
+    KV-cache blocks is refused (ValueError)."""
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
     out: list[SeqChunk] = []
     for slot, start, toks in chunks:
+        table.check(slot, start + len(toks))
         out.append(SeqChunk(slot, start, len(toks), len(ids)))
         ids.extend(toks)
         pos.extend(range(start, start + len(toks)))
@@ -92,29 +102,40 @@ def _plan(chunks: list[tuple[int, int, list[int]]]) -> _Plan:
     return _Plan(tuple(out), tuple(tuple(g) for g in groups), values, sizes)
 
 
-def _batch(plan: _Plan, packed: torch.Tensor) -> StepBatch:
-    """The StepBatch of `plan` over packed [sum(plan.sizes)] (views of it)."""
+def _batch(plan: _Plan, packed: torch.Tensor, table: BlockTable) -> StepBatch:
+    """The StepBatch of `plan` over packed [sum(plan.sizes)] (views of it), its cache rows from `table`."""
     parts = packed.split(plan.sizes)
-    groups = tuple(DecodeGroup(*parts[4 + 3 * i: 7 + 3 * i], g[-1].start + 1) for i, g in enumerate(plan.groups))
+    groups = []
+    for i, g in enumerate(plan.groups):
+        rows, slots, lens = parts[4 + 3 * i: 7 + 3 * i]
+        groups.append(DecodeGroup(rows, slots, lens, g[-1].start + 1, table.read_index(slots, g[-1].start + 1)))
+    prefill = tuple(c for c in plan.chunks if c.length > 1)
     return StepBatch(token_ids=parts[0], positions=parts[1], token_slots=parts[2], chunks=plan.chunks,
-                     prefill=tuple(c for c in plan.chunks if c.length > 1), decode_groups=groups, last_rows=parts[3])
+                     prefill=prefill, decode_groups=tuple(groups), last_rows=parts[3],
+                     write_index=table.write_index(parts[2], parts[1]),
+                     prefill_reads=tuple(table.read_index(c.slot, c.start + c.length) for c in prefill))
 
 
-def build_batches(parts: list[list[tuple[int, int, list[int]]]], device: torch.device) -> list[StepBatch]:
+def build_batches(parts: list[list[tuple[int, int, list[int]]]], device: torch.device,
+                  table: BlockTable) -> list[StepBatch]:
     """Each part's StepBatch (a step's micro-batches). Their index tensors are views of one tensor sent to `device`
-    in one copy (to_device), not a copy each (four, plus three per decode group, per batch)."""
-    plans = [_plan(chunks) for chunks in parts]
-    packed = to_device([v for p in plans for v in p.values], device)  # [sum of sizes]
+    in one copy (to_device), not a copy each (four, plus three per decode group, per batch); the block table's rows
+    assigned since the last step (BlockTable.pending) travel in it too, and are written before the cache rows of
+    the tokens are looked up in it (on the device: a write index per token, a read index per chunk and group)."""
+    plans = [_plan(chunks, table) for chunks in parts]
+    sent = dict(table.pending)
     bounds = [0]
     for p in plans:
         bounds.append(bounds[-1] + len(p.values))
-    return [_batch(p, packed[a:b]) for p, a, b in zip(plans, bounds, bounds[1:])]
+    packed = to_device([v for p in plans for v in p.values] + table.update_values(sent), device)  # [sum of sizes]
+    table.apply(packed[bounds[-1]:], sent)
+    return [_batch(p, packed[a:b], table) for p, a, b in zip(plans, bounds, bounds[1:])]
 
 
-def build_batch(chunks: list[tuple[int, int, list[int]]], device: torch.device) -> StepBatch:
-    """chunks: (slot, start, new token ids) per sequence, in order. Returns the step's StepBatch."""
-    plan = _plan(chunks)
-    return _batch(plan, to_device(plan.values, device))
+def build_batch(chunks: list[tuple[int, int, list[int]]], device: torch.device, table: BlockTable) -> StepBatch:
+    """chunks: (slot, start, new token ids) per sequence, in order, their positions in `table`'s blocks. Returns
+    the step's StepBatch."""
+    return build_batches([chunks], device, table)[0]
 
 
 def group_decodes(decode: list[SeqChunk]) -> list[list[SeqChunk]]:

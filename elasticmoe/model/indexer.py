@@ -65,24 +65,24 @@ class Indexer:
         t = x.shape[0]
         k = layer_norm(linear(x, w["index_k"]), w["index_norm"], w["index_norm_b"], ix.eps, F32)  # [T, D]
         k = rotary.apply(k[:, None, :], cos, sin, ix.rope_interleave)[:, 0]
-        store = cache.index_keys(self.layer)  # [slots, max_len, D]
-        store[batch.token_slots, batch.positions] = k.to(store.dtype)
+        store = cache.index_keys(self.layer)  # [blocks, block_size, D]
+        cache.write(store, batch.write_index, k)
         q = linear(q_resid, w["index_q"]).view(t, ix.n_heads, ix.head_dim)
         q = rotary.apply(q, cos, sin, ix.rope_interleave)  # [T, h, D] float32
         hw = F.linear(x.to(F32), w["index_weights"]) * ix.n_heads**-0.5  # [T, h]
         out: list[torch.Tensor | None] = []
-        for c in batch.prefill:
+        for c, index in zip(batch.prefill, batch.prefill_reads):  # index [1, L]
             if c.start + c.length <= ix.topk:
                 out.append(None)
                 continue
             rows = slice(c.offset, c.offset + c.length)
             qpos = torch.arange(c.start, c.start + c.length, device=x.device)[:, None]
             causal = torch.arange(c.start + c.length, device=x.device)[None, :] <= qpos  # [t, L]
-            out.append(pick(q[rows], hw[rows], store[c.slot : c.slot + 1, : c.start + c.length], causal, ix.topk))
+            out.append(pick(q[rows], hw[rows], cache.read(store, index), causal, ix.topk))
         for g in batch.decode_groups:
             if g.max_len <= ix.topk:
                 out.append(None)
                 continue
             valid = torch.arange(g.max_len, device=x.device)[None, :] < g.lens[:, None]  # [B, L]
-            out.append(top_keys(q[g.rows], hw[g.rows], store[g.slots, : g.max_len], valid, ix.topk))  # [B, topk]
+            out.append(top_keys(q[g.rows], hw[g.rows], cache.read(store, g.read), valid, ix.topk))  # [B, topk]
         return out
