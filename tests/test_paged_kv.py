@@ -6,12 +6,40 @@ from __future__ import annotations
 import pytest
 import torch
 
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.kv_blocks import BlockPool
+from elasticmoe.engine.sampling import InvalidRequest
+from elasticmoe.model.attention import KVCache
 from elasticmoe.model.batch import build_batch
 from elasticmoe.model.block_table import BlockTable
+from elasticmoe.model.dispatch import LocalDispatcher
+from elasticmoe.model.tiny import make_tiny_model
+from tests.test_runner import NanDispatcher
+from tests.test_runner_request_faults import zeroing_fails_once
 from tests.test_step_host_copies import count_host_tensors
 
 CPU = torch.device("cpu")
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model("mixtral", tmp_path_factory.mktemp("paged") / "mixtral", layers=2, experts=4)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return LLM(str(tiny))
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _engine(llm: LLM, dispatcher=None, **kw) -> Engine:
+    return Engine(llm.files, dispatcher or LocalDispatcher(llm.store), max_model_len=128, tokenizer=llm.tokenizer,
+                  **kw)
 
 
 def test_the_pool_reserves_all_or_nothing_and_gives_back():
@@ -52,3 +80,143 @@ def test_positions_go_through_the_block_table_in_the_steps_one_copy(monkeypatch)
                                                                           [21, 22, 23, 6, 7, 8, 15]]
     with pytest.raises(ValueError, match="slot 2: positions up to 4 past the 3 its blocks hold"):
         build_batch([(2, 3, [19])], CPU, table)
+
+
+def test_admission_waits_for_blocks_and_proceeds_as_sequences_finish(llm):
+    """A cache of two sequences' worth (10 blocks of 4; each reserves its prompt and max_tokens: 4, 5, 5, 5 blocks),
+    4 requests, room for 4 sequences: never more than 2 run; a waiting one starts in the step after one ends (the
+    first after 4 tokens, the others after 8); all get their tokens alone, and every block is free at the end."""
+    prompts = [_ids(n, seed=n) for n in (9, 10, 11, 12)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 8, 8, 8)]
+    engine = _engine(llm, max_num_seqs=4, kv_cache_tokens=40, kv_block_size=4)
+    pool = engine.scheduler.pool
+    seqs = [engine.add_request(f"r{i}", p, s) for i, (p, s) in enumerate(zip(prompts, params))]
+    running = []
+    while engine.has_work():
+        engine.step()
+        running.append([seqs.index(s) for s in engine.scheduler.running])
+        assert pool.num_free == 10 - sum(len(pool.blocks(s)) for s in engine.scheduler.running)
+    assert running == [[0, 1]] * 3 + [[1]] + [[1, 2]] * 3 + [[2]] + [[2, 3]] * 3 + [[3]] * 4 + [[]]
+    assert [s.output_ids for s in seqs] == [llm.generate([p], s)[0].token_ids for p, s in zip(prompts, params)]
+    assert [s.error for s in seqs] == [None] * 4 and pool.num_free == 10
+
+
+def test_a_request_that_can_never_fit_is_refused_naming_the_limit(llm, tiny):
+    """prompt + max_tokens over limits.kv_cache_tokens (here under max_model_len): refused at once, naming
+    max_tokens and the limit (HTTP 400 / INVALID_ARGUMENT), nothing queued; one that fits exactly runs; an unset
+    max_tokens is cut to the room the cache leaves."""
+    engine = _engine(llm, max_num_seqs=2, kv_cache_tokens=30, kv_block_size=4)
+    with pytest.raises(InvalidRequest, match=r"prompt \(20\) \+ max_tokens \(11\) exceeds the KV cache's 30 tokens "
+                                             r"\(limits.kv_cache_tokens\)") as e:
+        engine.add_request("big", _ids(20, 1), SamplingParams(max_tokens=11))
+    assert e.value.field == "max_tokens" and not engine.has_work() and engine.seqs == {}
+    seq = engine.add_request("fits", _ids(20, 1), SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    assert len(seq.output_ids) == 10 and seq.error is None
+    assert engine.validator.default_max_tokens(20, 16) == 10 and engine.validator.default_max_tokens(20, 4) == 4
+    small = LLM(str(tiny), kv_cache_tokens=24, max_model_len=64)
+    with pytest.raises(InvalidRequest, match="limits.kv_cache_tokens"):
+        small.generate([_ids(20, 2)], SamplingParams(max_tokens=5))
+    assert len(small.generate([_ids(20, 2)])[0].token_ids) <= 4  # the default: within the cache's room
+
+
+def test_the_refusal_is_an_http_400(llm, tiny):
+    """Through the OpenAI door: the refusal is a 400 naming the limit; a request that fits is served."""
+    from elasticmoe.gateway.openai_api import build_openai_app
+    from tests.openai_util import Core, Server, post_json
+
+    core = Core(str(tiny), llm.store, max_num_seqs=2, max_model_len=128, kv_cache_tokens=32)
+    server = Server(build_openai_app(core))
+    try:
+        status, body = post_json(server.url + "/completions", {"model": "mixtral", "prompt": _ids(30, 3),
+                                                                "max_tokens": 8})
+        assert status == 400 and "limits.kv_cache_tokens" in body["error"]["message"], body
+        status, body = post_json(server.url + "/completions", {"model": "mixtral", "prompt": _ids(20, 3),
+                                                                "max_tokens": 8, "temperature": 0})
+        assert status == 200 and body["usage"]["completion_tokens"] == 8, body
+        assert core.runner.stats()["kv_blocks"] == 2
+    finally:
+        server.stop()
+        core.runner.close()
+
+
+def _blocks_zero(engine: Engine, blocks: tuple[int, ...]) -> bool:
+    return all(not t[list(blocks)].any() for i in engine.cache.owned for t in engine.cache.layers[i])
+
+
+def test_blocks_come_back_after_a_finish_an_abort_and_a_failed_step(llm):
+    """Every end gives its blocks back: a request that finished, one aborted mid-decode and one queued behind it,
+    and the requests a step failed (NaN experts: each row fails its own request); the aborted and failed ones'
+    blocks are zeroed (a masked NaN would poison their next owner's sums)."""
+    disp = NanDispatcher(llm.store)
+    engine = _engine(llm, disp, max_num_seqs=4, kv_cache_tokens=64, kv_block_size=4)
+    pool = engine.scheduler.pool
+    done = engine.add_request("done", _ids(6, 1), GREEDY)
+    while engine.has_work():
+        engine.step()
+    assert done.finish_reason == "length" and pool.num_free == 16
+    a, b = (engine.add_request(r, _ids(20, 2), GREEDY) for r in ("a", "b"))  # 7 blocks each, and 2 left free
+    queued = engine.add_request("queued", _ids(20, 3), GREEDY)
+    engine.step()
+    engine.step()
+    taken = pool.blocks(a)
+    assert len(taken) == 7 and pool.num_free == 2 and queued in engine.scheduler.waiting
+    engine.abort("a")
+    engine.abort("queued")
+    assert pool.num_free == 9 and pool.blocks(a) == () and _blocks_zero(engine, taken)
+    disp.poisoned = True
+    c = engine.add_request("c", _ids(5, 4), GREEDY)
+    engine.step()  # b's decode, c's prefill: NaN keys and values written, then both fail
+    disp.poisoned = False
+    assert b.error is not None and c.error is not None and not engine.has_work()
+    rows = engine.cache.table.rows  # (a finished slot's row stays until the slot is given again)
+    assert len(rows[b.slot]) == 7 and len(rows[c.slot]) == 4
+    assert pool.num_free == 16 and _blocks_zero(engine, rows[b.slot] + rows[c.slot])
+
+
+def test_a_held_slot_keeps_its_blocks_until_a_step_zeroes_them(llm):
+    """An abort whose zeroing raised (a device error) holds its slot back, and its blocks with it: given to no one
+    (not free) until the next step zeroes them; then all are free, and the next request gets its tokens alone."""
+    engine = _engine(llm, max_num_seqs=2, kv_cache_tokens=32, kv_block_size=4)
+    zeroed, pool = zeroing_fails_once(engine), engine.scheduler.pool
+    seq = engine.add_request("a", _ids(10, 5), GREEDY)
+    engine.step()
+    blocks = pool.blocks(seq)
+    engine.abort("a")
+    assert list(engine.held_slots) == [seq.slot] == zeroed and pool.blocks(("held", seq.slot)) == blocks
+    assert pool.num_free == 8 - len(blocks)
+    after = engine.add_request("b", _ids(24, 6), GREEDY)  # needs every block: waits for the held ones
+    while engine.has_work():
+        engine.step()
+    assert zeroed == [seq.slot, seq.slot] and engine.held_slots == {} and pool.num_free == 8
+    assert after.output_ids == llm.generate([_ids(24, 6)], GREEDY)[0].token_ids
+
+
+def test_the_cache_allocates_its_blocks_not_slots_times_context(llm):
+    """kv_cache_tokens sizes the cache: 16 slots of 128 tokens with room for 64 tokens hold 4 blocks of 16 (and the
+    null block), not 16 x 128 positions; unset, it is every slot's whole context, as before paging."""
+    spec = llm.engine.spec
+    small = _engine(llm, max_num_seqs=16, kv_cache_tokens=64)
+    full = _engine(llm, max_num_seqs=16)
+    held = {e: sum(t.numel() * t.element_size() for i in e.cache.owned for t in e.cache.layers[i])
+            for e in (small, full)}
+    per = KVCache.bytes_per_token(spec, torch.float32)
+    assert held[small] == (4 + 1) * 16 * per == KVCache.nbytes(spec, torch.float32, 16, 4, 16)
+    assert held[full] == (16 * 8 + 1) * 16 * per and full.scheduler.pool.num_blocks == 16 * 128 // 16
+
+
+def test_a_cache_the_device_cannot_hold_is_refused_naming_the_fields():
+    """make_cache compares the bytes with torch.cuda.mem_get_info on CUDA before allocating (check_fits), and
+    refuses sizes that are not positive integers by name."""
+    from elasticmoe.engine.kv_space import check_fits, num_blocks
+
+    with pytest.raises(ValueError, match=r"the KV cache \(limits.kv_cache_tokens 262144 tokens\) needs 32.00 GiB "
+                                         r"and the device has 20.00 GiB free; lower limits.kv_cache_tokens"):
+        check_fits(32 << 30, 20 << 30, "limits.kv_cache_tokens 262144 tokens")
+    check_fits(20 << 30, 20 << 30, "fits")
+    assert num_blocks(64, 4096, None, 16) == 64 * 256 and num_blocks(64, 4100, None, 16) == 64 * 257
+    assert num_blocks(64, 4096, 65536, 16) == 4096 and num_blocks(64, 4096, 100, 16) == 7
+    for kw, field in (({"kv_block_size": 0}, "kv_block_size"), ({"kv_cache_tokens": 0}, "kv_cache_tokens")):
+        with pytest.raises(ValueError, match=f"{field}: must be a positive integer"):
+            num_blocks(4, 128, kw.get("kv_cache_tokens"), kw.get("kv_block_size", 16))

@@ -1,4 +1,5 @@
-"""Ctrl-C at every bytecode of the scheduler's slot bookkeeping (schedule, finish): no KV slot lost or shared."""
+"""Ctrl-C at every bytecode of the scheduler's slot bookkeeping (schedule, finish): no KV slot or block lost or
+shared."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import sys
 import pytest
 
 from elasticmoe.engine import scheduler as scheduler_module
+from elasticmoe.engine.kv_blocks import BlockPool
 from elasticmoe.engine.sampling import SamplingParams
 from elasticmoe.engine.scheduler import Scheduler, Sequence, Status
 
 SLOTS = 3
+BLOCKS = 2 * SLOTS  # of 4 positions: a sequence's prompt and max_tokens (8 tokens) take 2
 CODES = {f.__code__ for f in vars(Scheduler).values() if callable(f) and getattr(f, "__module__", "") ==
          scheduler_module.__name__}
 
@@ -43,8 +46,8 @@ def _interrupt_at(k: int, call) -> bool:
 
 
 def _scheduler(admitted: int) -> tuple[Scheduler, list[Sequence]]:
-    """SLOTS slots, five queued sequences, the first `admitted` of them running."""
-    sched = Scheduler(max_num_seqs=SLOTS, max_num_batched_tokens=4 * admitted, max_queue=8)
+    """SLOTS slots, blocks for as many sequences, five queued sequences, the first `admitted` of them running."""
+    sched = Scheduler(max_num_seqs=SLOTS, max_num_batched_tokens=4 * admitted, max_queue=8, pool=BlockPool(BLOCKS, 4))
     seqs = [Sequence(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=4)) for i in range(5)]
     for s in seqs:
         sched.add(s)
@@ -54,13 +57,18 @@ def _scheduler(admitted: int) -> tuple[Scheduler, list[Sequence]]:
     return sched, seqs
 
 
-def _check_owners(sched: Scheduler, lost_ok: frozenset = frozenset()) -> None:
-    """Each slot free or held by one running sequence (or, only where said, by none yet); none waits and runs."""
+def _check_owners(sched: Scheduler, lost_ok: frozenset = frozenset(), cut: tuple = ()) -> None:
+    """Each slot free or held by one running sequence (or, only where said, by none yet); none waits and runs.
+    Each block free or reserved by one running sequence (or by a sequence whose finish was `cut` short)."""
     held = [s.slot for s in sched.running]
     assert all(s.status is Status.RUNNING for s in sched.running)
     assert not set(map(id, sched.running)) & set(map(id, sched.waiting))
     assert len(held + sched.free_slots) == len(set(held + sched.free_slots)), (held, sched.free_slots)
     assert set(range(SLOTS)) - set(held) - set(sched.free_slots) <= lost_ok
+    pool = sched.pool
+    assert all(len(pool.blocks(s)) == 2 for s in sched.running)
+    owned = [b for s in [*sched.running, *(s for s in cut if s not in sched.running)] for b in pool.blocks(s)]
+    assert len(owned) == len(set(owned)) and len(owned) + pool.num_free == BLOCKS, (owned, pool.num_free)
 
 
 CASES = {  # name: (sequences running before, the interrupted call)
@@ -94,6 +102,7 @@ def test_an_interrupt_anywhere_then_aborting_all_frees_every_slot(case):
             sched.finish(s, "abort")
         assert sorted(sched.free_slots) == list(range(SLOTS)), (case, k, sched.free_slots)
         assert not sched.running and not sched.waiting and all(s.finished for s in seqs), (case, k)
+        assert sched.pool.num_free == BLOCKS, (case, k)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -101,13 +110,15 @@ def test_an_interrupt_anywhere_then_carrying_on_shares_no_slot(case):
     """An interrupted call, then the engine carries on (schedule, finish): no slot is ever held twice or lost;
     one interrupted finish holds its slot back (from everyone) until that sequence is finished again."""
     for sched, seqs, k in _each_interrupt(case):
-        cut = frozenset(s.slot for s in seqs if s.status is Status.RUNNING and s not in sched.running)
+        cut_seqs = tuple(s for s in seqs if s.status is Status.RUNNING and s not in sched.running)
+        cut = frozenset(s.slot for s in cut_seqs)
         sched.schedule()
-        _check_owners(sched, lost_ok=cut if "finish" in case else frozenset())
+        _check_owners(sched, lost_ok=cut if "finish" in case else frozenset(), cut=cut_seqs)
         while sched.running:  # the rest run to the end, one at a time, and the queue drains into the slots
             sched.finish(sched.running[0], "length")
             sched.schedule()
-            _check_owners(sched, lost_ok=cut if "finish" in case else frozenset())
+            _check_owners(sched, lost_ok=cut if "finish" in case else frozenset(), cut=cut_seqs)
         for s in seqs:
             sched.finish(s, "abort")
         assert sorted(sched.free_slots) == list(range(SLOTS)), (case, k, sched.free_slots)
+        assert sched.pool.num_free == BLOCKS, (case, k)

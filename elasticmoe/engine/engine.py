@@ -10,12 +10,12 @@ import torch
 
 from elasticmoe.engine.checkpoint_defaults import eos_token_ids, generation_config, load_tokenizer
 from elasticmoe.engine.detok import Detokenizer, prompt_context
+from elasticmoe.engine.kv_space import make_cache
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence, Status
 from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBudget
 from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.model import ModelFiles
-from elasticmoe.model.attention import KVCache
 from elasticmoe.model.batch import build_batch, to_device
 from elasticmoe.model.dense import DenseModel
 from elasticmoe.model.dispatch import Dispatcher, ExpertsUnavailable
@@ -32,7 +32,8 @@ class Engine:
                  max_num_seqs: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
                  max_queue: int = 1024, tokenizer: Any = None, pipeline_min_tokens: int = 8,
                  micro_batches: int = 2, limits: RequestLimits | None = None,
-                 retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S):
+                 retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S, kv_cache_tokens: int | None = None,
+                 kv_block_size: int = 16):
         self.files, self.spec = files, files.spec
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -41,9 +42,10 @@ class Engine:
             raise ValueError(f"max_model_len: {max_model_len} is more than the model's context length, {limit}; "
                              f"set max_model_len (served: limits.max_model_len) to at most {limit}")
         self.max_model_len = max_model_len or limit
+        self.cache, pool = make_cache(self.spec, max_num_seqs, self.max_model_len, kv_cache_tokens, kv_block_size,
+                                      self.dtype, self.device)  # before the weights: refused sooner, if at all
         self.model = DenseModel(self.spec, files.ckpt, files.names, self.dtype, self.device, self.max_model_len)
-        self.cache = KVCache(self.spec, max_num_seqs, self.max_model_len, self.dtype, self.device)
-        self.scheduler = Scheduler(max_num_seqs, max(max_num_batched_tokens, 1), max_queue)
+        self.scheduler = Scheduler(max_num_seqs, max(max_num_batched_tokens, 1), max_queue, pool)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(files.ckpt.path)
         self.generation_defaults, gen_eos = generation_config(files.ckpt.path)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -56,10 +58,12 @@ class Engine:
         self.forward = StepForward(self.model, self.cache, dispatcher, self.device, lambda s, e: self.fail(s, e),
                                    TokenBudget(max(max_num_batched_tokens, 1)), retry_backoff_s=retry_backoff_s,
                                    micro_batches=micro_batches, pipeline_min_tokens=pipeline_min_tokens)
-        self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
+        self.kv_cache_tokens = kv_cache_tokens  # None: room for max_num_seqs whole contexts
+        self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits, kv_cache_tokens)
         self.failed_requests = 0  # requests ended by a failure (RequestFailed)
         self.unreported: list[Sequence] = []  # ended by a step that then raised (take_unreported)
-        self.held_slots: dict[int, int] = {}  # slot -> positions to zero: zeroing failed as its request ended
+        self.held_slots: dict[int, int] = {}  # slot -> positions to zero: zeroing failed as its request ended (its
+        # blocks are held too, by ("held", slot) in the pool, until they are zeroed)
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -86,7 +90,7 @@ class Engine:
 
     def set_limits(self, limits: RequestLimits) -> None:
         """Request size limits (e.g. from `AppArgs.limits`), checked at admission."""
-        self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits)
+        self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits, self.kv_cache_tokens)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest naming the field for an unusable prompt or parameters (any thread)."""
@@ -136,6 +140,8 @@ class Engine:
         work = self.scheduler.schedule(self.forward.budget.tokens())
         if not work:
             return []
+        for seq, _ in work:  # a newly admitted sequence's blocks (sent with this step's indices); others: no change
+            self.cache.table.assign(seq.slot, self.scheduler.pool.blocks(seq))
         hidden, work, out = self.forward(work)  # hidden [N, H] for the surviving work; out: the sequences it ended
         try:
             return out + self._advance(hidden, work)
@@ -149,6 +155,7 @@ class Engine:
         for slot, length in list(self.held_slots.items()):
             self.cache.clear(slot, length)
             del self.held_slots[slot]
+            self.scheduler.pool.release(("held", slot))
             self.scheduler.free_slots.append(slot)
 
     def take_unreported(self) -> list[Sequence]:
@@ -280,18 +287,21 @@ class Engine:
         until the next step zeroes it: one request's end never fails (its abort, or its failure, would)."""
         slot = seq.slot if seq.status is Status.RUNNING else None
         if slot is not None:
-            self._zero(slot, min(seq.num_tokens, self.cache.max_len))
+            self._zero(slot, min(seq.num_tokens, self.cache.max_len), seq)
         self.scheduler.finish(seq, reason)
         if slot in self.held_slots and slot in self.scheduler.free_slots:
             self.scheduler.free_slots.remove(slot)
 
-    def _zero(self, slot: int, length: int) -> None:
+    def _zero(self, slot: int, length: int, owner: object) -> None:
         """Zero a slot's first `length` positions; should that raise (a device error), the slot is held back (out of
-        free_slots, if there) until the next step zeroes it, where a failure is the engine's."""
+        free_slots, if there) until the next step zeroes it, where a failure is the engine's, and with it the
+        blocks of `owner` (its sequence), which its end would have freed."""
         try:
             self.cache.clear(slot, length)
         except Exception:  # noqa: BLE001 - retried by the next step (_zero_held)
             log.exception("zeroing KV-cache slot %d failed; it is held back until a step zeroes it", slot)
+            if slot not in self.held_slots:
+                self.scheduler.pool.transfer(owner, ("held", slot))
             self.held_slots[slot] = max(length, self.held_slots.get(slot, 0))
             if slot in self.scheduler.free_slots:
                 self.scheduler.free_slots.remove(slot)
@@ -321,13 +331,18 @@ class Engine:
         self._zero_held()
         if not self.scheduler.free_slots:
             raise RuntimeError("no free KV-cache slot")
-        slot = self.scheduler.free_slots[-1]
-        batch = build_batch([(slot, 0, list(token_ids))], self.device, self.cache.table)
+        slot, pool = self.scheduler.free_slots[-1], self.scheduler.pool
+        if not pool.reserve(owner := ("logits", slot), pool.blocks_for(len(token_ids))):
+            raise RuntimeError(f"no room in the KV cache for {len(token_ids)} tokens: {pool.num_free} of its "
+                               f"{pool.num_blocks} blocks of {pool.block_size} are free")
         try:
+            self.cache.table.assign(slot, pool.blocks(owner))
+            batch = build_batch([(slot, 0, list(token_ids))], self.device, self.cache.table)
             hidden = self.model.forward(batch, self.cache, self.dispatcher, all_tokens=True)
             return self.model.logits(hidden)
         finally:
-            self._zero(slot, min(len(token_ids), self.cache.max_len))
+            self._zero(slot, min(len(token_ids), self.cache.max_len), owner)
+            pool.release(owner)
 
 
 def _drop_tracebacks(error: BaseException) -> None:

@@ -32,13 +32,15 @@ class LLM:
     """A whole MoE model in this process: dense half and every expert, joined by a LocalDispatcher."""
 
     def __init__(self, model: str | os.PathLike, device: str = "cpu", dtype: str = "float32", *, max_num_seqs: int = 16,
-                 max_model_len: int | None = None, max_num_batched_tokens: int = 2048, moe_backend: str = "auto"):
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 2048, moe_backend: str = "auto",
+                 kv_cache_tokens: int | None = None, kv_block_size: int = 16):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device: must be 'cpu' or 'cuda', got {device!r}")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("kv_cache_tokens", kv_cache_tokens),
+                            ("kv_block_size", kv_block_size)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         self.files = open_model(model)
@@ -47,7 +49,8 @@ class LLM:
                                  backend=moe_backend)
         self.engine = Engine(self.files, LocalDispatcher(self.store), dtype=dtype, device=device,
                              max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             max_num_batched_tokens=max_num_batched_tokens, max_queue=1 << 30)
+                             max_num_batched_tokens=max_num_batched_tokens, max_queue=1 << 30,
+                             kv_cache_tokens=kv_cache_tokens, kv_block_size=kv_block_size)
         self.store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))  # once it is valid
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0

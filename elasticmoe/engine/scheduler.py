@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from elasticmoe.engine.detok import Detokenizer
+from elasticmoe.engine.kv_blocks import BlockPool
 from elasticmoe.engine.sampling import PenaltyState, SamplingParams, TokenLogprob
 
 
@@ -71,9 +72,13 @@ class Sequence:
 
 class Scheduler:
     """Picks each step's work: running decodes (all of them while the budget allows), unfinished prefills, then new
-    sequences while slots and the budget last."""
+    sequences while slots, KV-cache blocks and the budget last. `pool`: the KV cache's blocks, of which a sequence
+    is admitted only once it can reserve all it may need (prompt + max_tokens), in arrival order (the first waiting
+    one waits for blocks, those after it too); its end (finish) gives them back. None: no blocks counted."""
 
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int,
+                 pool: BlockPool | None = None):
+        self.pool = pool
         self.max_tokens = max_num_batched_tokens
         self.max_queue = max_queue
         self.num_slots = max_num_seqs  # KV-cache slots, one a sequence: free, a running sequence's, or held back
@@ -108,6 +113,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and self.free_slots and budget > 0:
             seq = self.waiting[0]  # it and its slot stay listed until it runs: a Ctrl-C up to here loses neither
+            if not self._reserve(seq):  # its blocks are its own from here (kept if cut short: finish frees them)
+                break
             seq.slot, seq.status = self.free_slots[-1], Status.RUNNING
             self.running.append(seq)  # the admission: _settle completes it from here
             self._settle()
@@ -117,6 +124,11 @@ class Scheduler:
         for seq, _ in work:
             seq.scheduled_at = self.steps
         return work
+
+    def _reserve(self, seq: Sequence) -> bool:
+        """Reserve the KV-cache blocks of seq's prompt and max_tokens; whether it holds them."""
+        pool = self.pool
+        return pool is None or pool.reserve(seq, pool.blocks_for(len(seq.prompt_ids) + seq.params.max_tokens))
 
     def _decodes(self, budget: int) -> list[Sequence]:
         """The running sequences due a decode, at most `budget` of them (in running order): over the budget, those
@@ -138,9 +150,9 @@ class Scheduler:
                 self.free_slots.pop()
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark done and free its cache slot (for a waiting sequence, just drop it). Its status is set last: a
-        finish cut short (Ctrl-C) is completed by finishing it again, as the engine's abort does, and its slot,
-        until then, is neither free nor anyone's."""
+        """Mark done and free its cache slot and blocks (for a waiting sequence, just drop it). Its status is set
+        last: a finish cut short (Ctrl-C) is completed by finishing it again, as the engine's abort does, and its
+        slot, until then, is neither free nor anyone's."""
         self._settle()
         if seq.finished:
             return
@@ -151,6 +163,8 @@ class Scheduler:
             self.waiting.remove(seq)
         if held or seq.status is Status.RUNNING and self._orphan(seq.slot):  # the latter: a finish cut short
             self.free_slots.append(seq.slot)
+        if self.pool is not None:  # (none held: nothing; the engine's held slot took them, Engine._zero)
+            self.pool.release(seq)
         seq.finish_reason = reason
         seq.status = Status.FINISHED
 

@@ -171,10 +171,13 @@ def _check_extensions(p: Any) -> None:
 
 
 class Validator:
-    """Request-level checks against the model and the limits; cheap, thread-safe (reads only constants)."""
+    """Request-level checks against the model and the limits; cheap, thread-safe (reads only constants).
+    kv_cache_tokens: the KV cache's positions (limits.kv_cache_tokens), where a request's prompt and max_tokens must
+    fit (its blocks are reserved at admission); None: any request within max_model_len fits."""
 
-    def __init__(self, vocab_size: int, max_model_len: int, limits: RequestLimits | None = None):
-        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+    def __init__(self, vocab_size: int, max_model_len: int, limits: RequestLimits | None = None,
+                 kv_cache_tokens: int | None = None):
+        self.vocab_size, self.max_model_len, self.kv_cache_tokens = vocab_size, max_model_len, kv_cache_tokens
         self.limits = limits or RequestLimits()
         lim = self.limits.max_prompt_tokens
         self.max_prompt_tokens = min(lim, max_model_len - 1) if lim is not None else max_model_len - 1
@@ -219,9 +222,11 @@ class Validator:
 
     def default_max_tokens(self, prompt_len: int, cap: int) -> int:
         """The max_tokens of a request that leaves it unset, on every door (vLLM's rule): `cap` (the door's default,
-        or generation_config's max_new_tokens where less) cut to the context the prompt leaves, at least 1 (a prompt
-        that fills the context is refused by `prompt_ids` before this)."""
-        return min(cap, max(1, self.max_model_len - prompt_len))
+        or generation_config's max_new_tokens where less) cut to the context the prompt leaves (and the room it leaves
+        in the KV cache, when that is smaller), at least 1 (a prompt that fills the context is refused by `prompt_ids`
+        before this)."""
+        room = min(self.max_model_len, self.kv_cache_tokens or self.max_model_len)
+        return min(cap, max(1, room - prompt_len))
 
     def request(self, ids: list[int], params: Any) -> None:
         """A queued request as a whole: prompt ids, sampling, the limits and the context length."""
@@ -246,3 +251,7 @@ class Validator:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequest("max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) "
                                                f"exceeds the context length {self.max_model_len}", CONTEXT)
+        if self.kv_cache_tokens is not None and len(ids) + params.max_tokens > self.kv_cache_tokens:
+            raise InvalidRequest("max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the "
+                                               f"KV cache's {self.kv_cache_tokens} tokens (limits.kv_cache_tokens)",
+                                 CONTEXT)

@@ -140,10 +140,12 @@ class EngineRunner:
         request: an operator compares it with the 429s clients saw. request_errors: failures in the engine thread's
         handling of one request (its admission, abort, update or last word), each ending that request only.
         held_slots: KV-cache slots held back until a step zeroes them (their zeroing raised as their request ended),
-        neither free nor running: running + free_slots + held_slots is every slot."""
+        neither free nor running: running + free_slots + held_slots is every slot. kv_blocks, kv_blocks_free: the KV
+        cache's blocks (of limits.kv_block_size positions), and those no running sequence or held slot reserved."""
         sched = self.engine.scheduler
         return {"running": len(sched.running), "waiting": len(sched.waiting), "free_slots": sched.num_free_slots,
-                "held_slots": len(self.engine.held_slots),
+                "held_slots": len(self.engine.held_slots), "kv_blocks": sched.pool.num_blocks,
+                "kv_blocks_free": sched.pool.num_free,
                 "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity, "refused": self.refused,
                 "step_retries": self.engine.step_retries, "failed_requests": self.engine.failed_requests,
                 "request_errors": self.request_errors, "rss_bytes": _rss_bytes()}
