@@ -52,6 +52,12 @@ class Limits(_Strict):
                                "model's context is refused; left unset: 2048, or the model's context if shorter")
     max_queue: int = Field(64, ge=0, description="waiting requests before RESOURCE_EXHAUSTED / HTTP 429")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
+    kv_cache_tokens: int | None = Field(
+        None, ge=1, description="positions the gateway's KV cache holds, shared by the running sequences in blocks of "
+        "kv_block_size: a sequence is admitted once free blocks cover its prompt + max_tokens (reserved whole: no "
+        "preemption), and a request that can never fit is refused (HTTP 400 / INVALID_ARGUMENT); may be less than "
+        "max_model_len; default max_num_seqs x max_model_len (every sequence a whole context, the size before paging)")
+    kv_block_size: int = Field(16, ge=1, le=4096, description="positions a KV-cache block holds")
     micro_batches: int | None = Field(None, ge=1, le=8, description="micro-batches a step is cut into (at sequence "
                                       "boundaries, 4 tokens or more each), so that one's dense work runs while the "
                                       "others' experts are in flight (ping-pong); 1: no pipelining; default 2 on "

@@ -15,6 +15,7 @@ from elasticmoe.model.batch import build_batch
 from elasticmoe.model.block_table import BlockTable
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.tiny import make_tiny_model
+from tests.controller_util import controller, model  # noqa: F401 - fixtures
 from tests.test_runner import NanDispatcher
 from tests.test_runner_request_faults import zeroing_fails_once
 from tests.test_step_host_copies import count_host_tensors
@@ -220,3 +221,48 @@ def test_a_cache_the_device_cannot_hold_is_refused_naming_the_fields():
     for kw, field in (({"kv_block_size": 0}, "kv_block_size"), ({"kv_cache_tokens": 0}, "kv_cache_tokens")):
         with pytest.raises(ValueError, match=f"{field}: must be a positive integer"):
             num_blocks(4, 128, kw.get("kv_cache_tokens"), kw.get("kv_block_size", 16))
+
+
+def test_the_limits_reach_the_gateways_engine(controller):  # noqa: F811
+    """limits.kv_cache_tokens and limits.kv_block_size (AppArgs) size a GatewayCore's cache: its stats count the
+    blocks, and its validator refuses by the limit's name; unset, the cache is every slot's whole context."""
+    from elasticmoe.config import Limits
+    from elasticmoe.gateway.deployment import GatewayCore
+    from tests.controller_util import _args, _LoopHandle
+
+    ctrl, loop = controller
+    limits = {"max_num_seqs": 4, "max_model_len": 64, "kv_cache_tokens": 50, "kv_block_size": 8}
+    core = GatewayCore(_args(ctrl.args.model, num_shards=1, limits=limits), _LoopHandle(ctrl, loop))
+    try:
+        st = core.runner.stats()
+        assert (st["kv_blocks"], st["kv_blocks_free"]) == (7, 7)
+        with pytest.raises(InvalidRequest, match="limits.kv_cache_tokens"):
+            core.runner.engine.validate(_ids(40, 1), SamplingParams(max_tokens=11))
+    finally:
+        core.close()
+    assert Limits().kv_cache_tokens is None and Limits().kv_block_size == 16
+
+
+def test_the_readme_figure_for_mixtral_8x7b(tmp_path):
+    """README: "Mixtral-8x7B in bfloat16 takes 128 KiB of cache a token: 64 sequences x 4096 tokens are 32 GiB of
+    gateway memory, `kv_cache_tokens: 65536` 8 GiB", from its config (transformers' MixtralConfig defaults are
+    Mixtral-8x7B's: 32 layers, 8 KV heads of 128), by the cache's own count."""
+    import json
+
+    from transformers import MixtralConfig
+
+    from elasticmoe.engine.kv_space import num_blocks
+    from elasticmoe.model import read_spec
+    from tests.doc_util import REPO
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert ("Mixtral-8x7B in bfloat16 takes 128 KiB of cache a token: 64 sequences x 4096 tokens are 32 GiB of gateway "
+            "memory, `kv_cache_tokens: 65536` 8 GiB (16 whole contexts") in readme
+    cfg = MixtralConfig()
+    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads) == (32, 8, 128)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "architectures": ["MixtralForCausalLM"]}))
+    spec, bf16 = read_spec(tmp_path), torch.bfloat16
+    assert KVCache.bytes_per_token(spec, bf16) == 128 << 10
+    full = KVCache.nbytes(spec, bf16, 64, num_blocks(64, 4096, None, 16), 16)
+    assert full == (64 * 4096 + 16) * (128 << 10) and round(full / (1 << 30)) == 32
+    assert round(KVCache.nbytes(spec, bf16, 64, num_blocks(64, 4096, 65536, 16), 16) / (1 << 30)) == 8
