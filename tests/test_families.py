@@ -199,12 +199,13 @@ def test_no_family_checkpoint_keeps_init_constants(family_dirs):
 
 
 def assert_batched_chunks_match_transformers_alone(path: Path, prompts: list[str], budget: int,
-                                                  max_tokens: int) -> None:
+                                                  max_tokens: int, **engine_args):
     """`prompts` generated together (greedy) with prefills cut into steps of `budget` tokens (the longest prompt
-    must span more than one): each one's tokens are transformers' for that prompt alone."""
+    must span more than one): each one's tokens are transformers' for that prompt alone. engine_args: LLM's others
+    (e.g. the KV cache's kv_block_size, kv_cache_tokens). Returns the LLM."""
     from elasticmoe import LLM, SamplingParams
 
-    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=budget)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=budget, **engine_args)
     ids = [llm.encode(p) for p in prompts]
     assert max(len(i) for i in ids) > budget
     outs = llm.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
@@ -214,6 +215,7 @@ def assert_batched_chunks_match_transformers_alone(path: Path, prompts: list[str
             want = ref.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                                 do_sample=False, pad_token_id=ref.config.pad_token_id)[0, len(prompt):].tolist()
         assert out.token_ids == want, (prompt, out.token_ids, want)
+    return llm
 
 
 def _assert_matches(llm, ref_path: Path, model_type: str) -> None:

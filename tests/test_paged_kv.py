@@ -16,12 +16,15 @@ from elasticmoe.model.block_table import BlockTable
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.tiny import make_tiny_model
 from tests.controller_util import controller, model  # noqa: F401 - fixtures
+from tests.test_families import assert_batched_chunks_match_transformers_alone, make_family_checkpoint
+from tests.test_families_more import MORE_CASES
 from tests.test_runner import NanDispatcher
 from tests.test_runner_request_faults import zeroing_fails_once
 from tests.test_step_host_copies import count_host_tensors
 
 CPU = torch.device("cpu")
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+PROMPTS = ["Hi", "The quick brown fox jumps over the lazy dog. Experts and their layers", "Once upon a time", "Z"]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,27 @@ def test_positions_go_through_the_block_table_in_the_steps_one_copy(monkeypatch)
                                                                           [21, 22, 23, 6, 7, 8, 15]]
     with pytest.raises(ValueError, match="slot 2: positions up to 4 past the 3 its blocks hold"):
         build_batch([(2, 3, [19])], CPU, table)
+
+
+# block sizes that cut the 7-token prefill chunks and the prompts; a cache too small for all four at once (the
+# long prompt and max_tokens take 10 of its 15 blocks of 5, 16 of its 24 of 3): some wait, blocks are reused
+FAMILIES = {"deepseek_v2": 5, "gpt_oss": 3, "gemma4_text": 5, "deepseek_v32": 3, "qwen3_next": 5}
+CACHE_TOKENS = {5: 75, 3: 72}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_blocks_cutting_chunks_give_transformers_tokens(model_type, tmp_path):
+    """MLA (deepseek_v2), sinks and sliding windows (gpt_oss), KV-shared layers (gemma4_text), the DSA indexer's
+    keys (deepseek_v32), linear beside full attention (qwen3_next): four prompts batched in a cache too small for
+    them all, prefilled in chunks of 7 across blocks of 3 or 5, each gets transformers' tokens for it alone."""
+    path = make_family_checkpoint(model_type, tmp_path / model_type, case=MORE_CASES.get(model_type))
+    bs = FAMILIES[model_type]
+    llm = assert_batched_chunks_match_transformers_alone(path, PROMPTS, budget=7, max_tokens=10, kv_block_size=bs,
+                                                         kv_cache_tokens=CACHE_TOKENS[bs])
+    pool = llm.engine.scheduler.pool
+    assert (pool.block_size, pool.num_blocks, pool.num_free) == (bs, CACHE_TOKENS[bs] // bs, CACHE_TOKENS[bs] // bs)
+    cache = llm.engine.cache
+    assert {t.shape[:2] for i in cache.owned for t in cache.layers[i]} == {(CACHE_TOKENS[bs] // bs + 1, bs)}  # + null
 
 
 def test_admission_waits_for_blocks_and_proceeds_as_sequences_finish(llm):
