@@ -144,7 +144,7 @@ class Attention:
             out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
         for j, (g, m) in enumerate(zip(batch.decode_groups, masks)):  # rows of similar contexts: padded to the longest
             picked = None if keep is None else keep[len(batch.prefill) + j]
-            out[g.rows] = self.decode_group(q[g.rows], g, m[self.window], cache, picked)
+            out[g.rows] = self.decode_group(q[g.rows], g, m[self.window], cache, picked).to(out.dtype)
         if gate is not None or "gate" in self.w:
             out = self._gated(out, x, gate)
         out = out.reshape(x.shape[0], -1)  # [T, h * dv]
