@@ -118,10 +118,16 @@ class GatewayMetrics:
             self._ray["kv"].set(float(kv_usage))
 
     def engine_from(self, scheduler: Any) -> None:
-        """Set the batch gauges from an engine's scheduler: running, waiting, and the share of its slots not free (a
-        running sequence's, or one the engine holds back until it is zeroed: Engine.held_slots, used, not free)."""
+        """Set the batch gauges from an engine's scheduler: running, waiting, and the KV cache's use: the larger of
+        the share of its slots not free (a running sequence's, or one the engine holds back until it is zeroed:
+        Engine.held_slots, used, not free) and the share of its blocks reserved (scheduler.pool; a sequence
+        reserves its prompt's and max_tokens' blocks at admission), whichever stops admission first."""
         total = max(1, scheduler.num_slots)
-        self.engine(len(scheduler.running), len(scheduler.waiting), (total - len(scheduler.free_slots)) / total)
+        usage = (total - len(scheduler.free_slots)) / total
+        pool = getattr(scheduler, "pool", None)
+        if pool is not None:
+            usage = max(usage, (pool.num_blocks - pool.num_free) / pool.num_blocks)
+        self.engine(len(scheduler.running), len(scheduler.waiting), usage)
 
     def copies(self, layer: int, expert: int, n: int) -> None:
         """Set the number of live copies of (layer, expert); O(1) (the layer's sum is kept, not recounted)."""

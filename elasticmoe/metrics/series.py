@@ -8,7 +8,8 @@ TTFT_BOUNDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.
 TPOT_BOUNDS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
 E2E_BOUNDS = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0]
 FANOUT_BOUNDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
-KV_USAGE_HELP = "KV-cache slots not free (a running sequence's, or one held back until it is zeroed) / total slots"
+KV_USAGE_HELP = ("KV-cache use: the larger of slots not free (a running sequence's, or one held back until "
+                 "it is zeroed) / total slots and blocks reserved / total blocks")
 
 
 def ray_metrics() -> dict[str, Any] | None:
