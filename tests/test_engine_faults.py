@@ -57,8 +57,8 @@ def test_a_logits_call_whose_forward_gave_nan_leaves_no_nan_in_its_slot(llm, ref
 def test_a_logits_call_whose_slot_zeroing_raises_holds_the_slot_back(llm, reference):
     """Engine.logits zeroes its slot after the forward; when that raised (a device error), the error went to the
     caller of a forward that had succeeded, and the slot stayed free with the K/V (here a numerical fault's NaN)
-    that its next request read. The slot is now held back, as a request's is as it ends (_release), until the next
-    step zeroes it: the logits come back, and the next request in that slot gets its reference tokens."""
+    that its next request read. The slot is now held back, as a request's is as it ends (Endings.release), until
+    the next step zeroes it: the logits come back, and the next request in that slot gets its reference tokens."""
     disp = NanDispatcher(llm.store)
     engine = Engine(llm.files, disp, max_model_len=128, tokenizer=llm.tokenizer)
     zeroed = zeroing_fails_once(engine)

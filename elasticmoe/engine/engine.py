@@ -10,15 +10,16 @@ import torch
 
 from elasticmoe.engine.checkpoint_defaults import eos_token_ids, generation_config, load_tokenizer
 from elasticmoe.engine.detok import Detokenizer, prompt_context
+from elasticmoe.engine.endings import Endings
 from elasticmoe.engine.kv_space import make_cache
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
-from elasticmoe.engine.scheduler import RequestFailed, Scheduler, Sequence, Status
+from elasticmoe.engine.scheduler import Scheduler, Sequence
 from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBudget
 from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.batch import build_batch, to_device
 from elasticmoe.model.dense import DenseModel
-from elasticmoe.model.dispatch import Dispatcher, ExpertsUnavailable
+from elasticmoe.model.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,10 +61,19 @@ class Engine:
                                    micro_batches=micro_batches, pipeline_min_tokens=pipeline_min_tokens)
         self.kv_cache_tokens = kv_cache_tokens  # None: room for max_num_seqs whole contexts
         self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits, kv_cache_tokens)
-        self.failed_requests = 0  # requests ended by a failure (RequestFailed)
         self.unreported: list[Sequence] = []  # ended by a step that then raised (take_unreported)
-        self.held_slots: dict[int, int] = {}  # slot -> positions to zero: zeroing failed as its request ended (its
-        # blocks are held too, by ("held", slot) in the pool, until they are zeroed)
+        self.endings = Endings(self.scheduler, self.cache, self.seqs)  # abort, fail; slots held back until zeroed
+
+    @property
+    def held_slots(self) -> dict[int, int]:
+        """slot -> positions to zero: zeroing failed as its request ended (its blocks are held too, by
+        ("held", slot) in the pool, until they are zeroed); neither free nor running."""
+        return self.endings.held
+
+    @property
+    def failed_requests(self) -> int:
+        """Requests ended by a failure (RequestFailed)."""
+        return self.endings.failed
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -106,7 +116,7 @@ class Engine:
             skip = params.skip_special_tokens
             detok = Detokenizer(self.tokenizer, params.stop, prompt_context(self.tokenizer, prompt_ids, skip), skip)
         except Exception as e:  # noqa: BLE001 - this request's failure, told as any other's (not a raw error)
-            raise self._failure(request_id, e) from e
+            raise self.endings.failure(request_id, e) from e
         seq = Sequence(request_id, list(prompt_ids), params, detok=detok)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -119,10 +129,8 @@ class Engine:
         return seq
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV-cache slot at once."""
-        seq = self.seqs.pop(request_id, None)
-        if seq is not None:
-            self._release(seq, "abort")
+        """Stop a request and free its KV-cache slot at once (Endings.abort)."""
+        self.endings.abort(request_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -136,7 +144,7 @@ class Engine:
         run in halves at once, a prefill chunk failing so alone in smaller pieces (the step budget lowered to the
         piece that fit, for a while); a row that cannot be sampled ends its own request.
         """
-        self._zero_held()
+        self.endings.zero_held()
         work = self.scheduler.schedule(self.forward.budget.tokens())
         if not work:
             return []
@@ -148,15 +156,6 @@ class Engine:
         except BaseException:  # ended, yet no caller would hear of them: take_unreported() gives them
             self.unreported += out
             raise
-
-    def _zero_held(self) -> None:
-        """Zero the slots held back (their zeroing failed as their request ended) and free them. Failing again, it
-        raises, as the step does: a device that cannot zero its memory is every request's failure, not one's."""
-        for slot, length in list(self.held_slots.items()):
-            self.cache.clear(slot, length)
-            del self.held_slots[slot]
-            self.scheduler.pool.release(("held", slot))
-            self.scheduler.free_slots.append(slot)
 
     def take_unreported(self) -> list[Sequence]:
         """The sequences a step ended (failed) or gave a token before raising, which its caller never got; each is
@@ -253,62 +252,13 @@ class Engine:
             self._finish(seq, "length")
 
     def fail(self, seq: Sequence, error: BaseException) -> None:
-        """End this request only: the client gets UNAVAILABLE / HTTP 503, never the raw internal error. `error` stays
-        (seq.error's cause) without tracebacks, its own and those of the errors it was raised in the handling of:
-        their frames (the step's, the forward's tensors among their locals) hold `seq`, a cycle that only a full
-        garbage collection frees, which a serving process may not run for minutes."""
-        _drop_tracebacks(error)
-        seq.error = self._failure(seq.request_id, error)
-        self._release(seq, "abort")
-        self._forget(seq)
-
-    def _failure(self, request_id: str, error: BaseException) -> RequestFailed:
-        """What the client of a request that failed on `error` is told (counted in failed_requests)."""
-        if isinstance(error, ExpertsUnavailable):  # its `public` cause where it has one (e.g. a message limit)
-            msg = error.public or "some experts are unavailable (every copy failed); retry later"
-        else:
-            msg = "the request could not be served (its part of an engine step failed); retry later"
-            log.error("request %s failed: %r", request_id, error)
-        out = RequestFailed(msg)
-        out.__cause__ = error
-        self.failed_requests += 1
-        return out
-
-    def _forget(self, seq: Sequence) -> None:
-        """Drop `seq` from `seqs` if it is still there: its id may be another request's since (it ended, the id
-        was taken again) while someone held on to it (a late fail)."""
-        if self.seqs.get(seq.request_id) is seq:
-            del self.seqs[seq.request_id]
-
-    def _release(self, seq: Sequence, reason: str) -> None:
-        """End a request that did not finish by itself; the K/V it wrote are zeroed, as they may hold the NaN
-        or inf of a numerical fault that the next request in its slot would read (masked, yet summed). Should the
-        zeroing raise (a device error), the request ends all the same and its slot is held back, given to no one
-        until the next step zeroes it: one request's end never fails (its abort, or its failure, would)."""
-        slot = seq.slot if seq.status is Status.RUNNING else None
-        if slot is not None:
-            self._zero(slot, min(seq.num_tokens, self.cache.max_len), seq)
-        self.scheduler.finish(seq, reason)
-        if slot in self.held_slots and slot in self.scheduler.free_slots:
-            self.scheduler.free_slots.remove(slot)
-
-    def _zero(self, slot: int, length: int, owner: object) -> None:
-        """Zero a slot's first `length` positions; should that raise (a device error), the slot is held back (out of
-        free_slots, if there) until the next step zeroes it, where a failure is the engine's, and with it the
-        blocks of `owner` (its sequence), which its end would have freed."""
-        try:
-            self.cache.clear(slot, length)
-        except Exception:  # noqa: BLE001 - retried by the next step (_zero_held)
-            log.exception("zeroing KV-cache slot %d failed; it is held back until a step zeroes it", slot)
-            if slot not in self.held_slots:
-                self.scheduler.pool.transfer(owner, ("held", slot))
-            self.held_slots[slot] = max(length, self.held_slots.get(slot, 0))
-            if slot in self.scheduler.free_slots:
-                self.scheduler.free_slots.remove(slot)
+        """End this request only: the client gets UNAVAILABLE / HTTP 503, never the raw internal error (Endings.fail;
+        its slot zeroed, or held back until a step zeroes it)."""
+        self.endings.fail(seq, error)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
-        self._forget(seq)
+        self.endings.forget(seq)
         self.detokenize(seq)
 
     def detokenize(self, seq: Sequence) -> str:
@@ -326,9 +276,9 @@ class Engine:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """One full forward of token_ids in a free slot, no sampling: logits [T, V] float32. The slot's K/V are
-        zeroed after it, as `_release` does: a NaN of a numerical fault would poison the slot's next request (should
+        zeroed after it, as an abort's are: a NaN of a numerical fault would poison the slot's next request (should
         the zeroing raise, the slot is held back, as there; slots held back are zeroed first, as a step does)."""
-        self._zero_held()
+        self.endings.zero_held()
         if not self.scheduler.free_slots:
             raise RuntimeError("no free KV-cache slot")
         slot, pool = self.scheduler.free_slots[-1], self.scheduler.pool
@@ -341,16 +291,6 @@ class Engine:
             hidden = self.model.forward(batch, self.cache, self.dispatcher, all_tokens=True)
             return self.model.logits(hidden)
         finally:
-            self._zero(slot, min(len(token_ids), self.cache.max_len), owner)
+            self.endings.zero(slot, min(len(token_ids), self.cache.max_len), owner)
             pool.release(owner)
 
-
-def _drop_tracebacks(error: BaseException) -> None:
-    """Drop the tracebacks of `error` and of every error in its __cause__ and __context__ chains."""
-    todo, seen = [error], set()
-    while todo:
-        e = todo.pop()
-        if e is not None and id(e) not in seen:
-            seen.add(id(e))
-            e.__traceback__ = None
-            todo += [e.__cause__, e.__context__]

@@ -163,7 +163,7 @@ class Scheduler:
             self.waiting.remove(seq)
         if held or seq.status is Status.RUNNING and self._orphan(seq.slot):  # the latter: a finish cut short
             self.free_slots.append(seq.slot)
-        if self.pool is not None:  # (none held: nothing; the engine's held slot took them, Engine._zero)
+        if self.pool is not None:  # (none held: nothing; the engine's held slot took them, Endings.zero)
             self.pool.release(seq)
         seq.finish_reason = reason
         seq.status = Status.FINISHED
