@@ -1,6 +1,6 @@
-"""A step that raises after its forward ran (a device error as its rows are drawn): the requests the forward had
-ended still end for their clients. A real engine over a tiny Mixtral (experts in-process); faults injected into the
-dispatcher seam and the engine's draw."""
+"""A step that raises after its forward ended requests (a device error as its rows are drawn, or as the forward joins
+the rows of its runs): the requests it had ended still end for their clients. A real engine over a tiny Mixtral
+(experts in-process); faults injected into the dispatcher seam, the engine's draw and its forward's joining."""
 
 from __future__ import annotations
 
@@ -86,5 +86,40 @@ def test_a_request_ended_by_a_step_that_then_raised_ends_for_its_client(model, r
         assert short == ref[SHORT]
         assert engine.raised and runner.stats()["admitted"] == 0 and engine.take_unreported() == []
         assert engine.scheduler.num_free_slots == 16 and engine.seqs == {}
+    finally:
+        runner.close()
+
+
+def _join_fails_once(engine: Engine) -> list[int]:
+    """The engine's forward, whose joining of the rows of its runs raises (a device error) once, in the first step
+    that ended a request (failed_requests then, listed)."""
+    real, raised = engine.forward._rows, []
+
+    def rows(parts):
+        if engine.failed_requests and not raised:
+            raised.append(engine.failed_requests)
+            raise RuntimeError("injected: joining the step's rows failed")
+        return real(parts)
+    engine.forward._rows = rows
+    return raised
+
+
+def test_a_request_ended_by_a_forward_that_then_raised_ends_for_its_client(model, reference):  # noqa: F811
+    """The forward runs the step's sequences one by one (the long prompt's experts fail as no retry would mend),
+    ends the long one's request, then raises joining the rows of the runs that succeeded: the step raised from its
+    forward, which no take_unreported() covered. Before, the long one's client waited forever (its place taken);
+    now it gets RequestFailed at once, and the short one, whose run is repeated by the next step, its tokens."""
+    llm, ref = reference
+    disp = LongFails(model[2])
+    disp.tokens = len(llm.encode(LONG))
+    engine = Engine(model[1], disp, max_model_len=64)
+    raised = _join_fails_once(engine)
+    runner = EngineRunner(engine)
+    try:
+        short, long = _both(runner, llm)
+        assert isinstance(long, RequestFailed), long
+        assert short == ref[SHORT] and raised == [1] and engine.failed_requests == 1
+        assert runner.stats()["admitted"] == 0 and engine.take_unreported() == [] and engine.seqs == {}
+        assert engine.scheduler.num_free_slots == 16 and engine.scheduler.pool.num_free == engine.cache.num_blocks
     finally:
         runner.close()

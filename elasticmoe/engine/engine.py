@@ -150,9 +150,13 @@ class Engine:
             return []
         for seq, _ in work:  # a newly admitted sequence's blocks (sent with this step's indices); others: no change
             self.cache.table.assign(seq.slot, self.scheduler.pool.blocks(seq))
-        hidden, work, out = self.forward(work)  # hidden [N, H] for the surviving work; out: the sequences it ended
         try:
-            return out + self._advance(hidden, work)
+            hidden, ran, out = self.forward(work)  # hidden [N, H] for the work that ran; out: the sequences it ended
+        except BaseException:  # past some it ended (finished now: nothing else ends one in a step), unheard of else
+            self.unreported += [seq for seq, _ in work if seq.finished]
+            raise
+        try:
+            return out + self._advance(hidden, ran)
         except BaseException:  # ended, yet no caller would hear of them: take_unreported() gives them
             self.unreported += out
             raise
