@@ -1,5 +1,5 @@
-"""Ctrl-C at every bytecode of the scheduler's slot bookkeeping (schedule, finish): no KV slot or block lost or
-shared."""
+"""Ctrl-C at every bytecode of the scheduler's slot bookkeeping (schedule, finish) and of the engine's freeing of slots
+held back (Endings.zero_held): no KV slot or block lost or shared."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import sys
 
 import pytest
 
+from elasticmoe import LLM
 from elasticmoe.engine import scheduler as scheduler_module
+from elasticmoe.engine.endings import Endings
+from elasticmoe.engine.engine import Engine
 from elasticmoe.engine.kv_blocks import BlockPool
 from elasticmoe.engine.sampling import SamplingParams
 from elasticmoe.engine.scheduler import Scheduler, Sequence, Status
+from elasticmoe.model.dispatch import LocalDispatcher
+from elasticmoe.model.tiny import make_tiny_model
+from tests.test_runner_request_faults import zeroing_fails_once
 
 SLOTS = 3
 BLOCKS = 2 * SLOTS  # of 4 positions: a sequence's prompt and max_tokens (8 tokens) take 2
@@ -18,8 +24,9 @@ CODES = {f.__code__ for f in vars(Scheduler).values() if callable(f) and getattr
          scheduler_module.__name__}
 
 
-def _interrupt_at(k: int, call) -> bool:
-    """Run call() raising KeyboardInterrupt before the k-th bytecode run in a Scheduler method; whether it was."""
+def _interrupt_at(k: int, call, codes: set = CODES) -> bool:
+    """Run call() raising KeyboardInterrupt before the k-th bytecode run in a method of `codes` (the Scheduler's);
+    whether it was."""
     seen = [0]
 
     def opcode(frame, event, arg):
@@ -30,7 +37,7 @@ def _interrupt_at(k: int, call) -> bool:
         return opcode
 
     def calls(frame, event, arg):
-        if frame.f_code not in CODES:
+        if frame.f_code not in codes:
             return None
         frame.f_trace_opcodes = True
         return opcode
@@ -122,3 +129,30 @@ def test_an_interrupt_anywhere_then_carrying_on_shares_no_slot(case):
             sched.finish(s, "abort")
         assert sorted(sched.free_slots) == list(range(SLOTS)), (case, k, sched.free_slots)
         assert sched.pool.num_free == BLOCKS, (case, k)
+
+
+def test_an_interrupt_anywhere_in_freeing_a_held_slot_loses_neither_it_nor_its_blocks(tmp_path):
+    """A slot whose zeroing raised is held back, with its blocks, until the next step zeroes and frees it
+    (Endings.zero_held). A Ctrl-C there after it was unlisted left it neither free nor held, or its blocks owned by
+    a held slot no one would free: lost for good. Now, cut anywhere, each slot is free or held and each block free
+    or held, and the next step completes the freeing."""
+    llm = LLM(str(make_tiny_model("mixtral", tmp_path / "mixtral", layers=2, experts=4)))
+    engine = Engine(llm.files, LocalDispatcher(llm.store), max_num_seqs=SLOTS, max_model_len=32, kv_cache_tokens=32,
+                    kv_block_size=4, tokenizer=llm.tokenizer)
+    sched, pool, real, k = engine.scheduler, engine.scheduler.pool, engine.cache.clear, 0
+    while True:
+        k += 1
+        engine.cache.clear = real
+        zeroed = zeroing_fails_once(engine)
+        engine.logits(list(range(10, 30)))  # its slot's zeroing raises: held back with its 5 blocks
+        assert list(engine.held_slots) == zeroed and pool.num_free == 8 - 5
+        cut = _interrupt_at(k, engine.endings.zero_held, {f.__code__ for f in vars(Endings).values() if callable(f)})
+        held = engine.held_slots
+        assert sorted(set(sched.free_slots) | set(held)) == list(range(SLOTS)), (k, sched.free_slots, held)
+        assert len(sched.free_slots) == len(set(sched.free_slots)), (k, sched.free_slots)
+        assert pool.num_free + sum(len(pool.blocks(("held", s))) for s in held) == 8, (k, pool.num_free, held)
+        assert engine.step() == []  # no work: the step frees what is held
+        assert held == {} and sorted(sched.free_slots) == list(range(SLOTS)) and pool.num_free == 8, k
+        if not cut:
+            break
+    assert k > 20, k

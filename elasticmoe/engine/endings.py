@@ -85,12 +85,14 @@ class Endings:
 
     def zero_held(self) -> None:
         """Zero the slots held back (their zeroing failed as their request ended) and free them. Failing again, it
-        raises, as the step does: a device that cannot zero its memory is every request's failure, not one's."""
+        raises, as the step does: a device that cannot zero its memory is every request's failure, not one's. A slot
+        is unlisted last: a pass cut short (Ctrl-C) is completed by the next, its slot and blocks free or held."""
         for slot, length in list(self.held.items()):
             self.cache.clear(slot, length)
+            self.scheduler.pool.release(("held", slot))  # (again, nothing: release is idempotent)
+            if slot not in self.scheduler.free_slots:
+                self.scheduler.free_slots.append(slot)
             del self.held[slot]
-            self.scheduler.pool.release(("held", slot))
-            self.scheduler.free_slots.append(slot)
 
 
 def _drop_tracebacks(error: BaseException) -> None:
