@@ -28,7 +28,7 @@ def reads(monkeypatch):
         batch[0] = b
         return _real(self, x, b, *args, **kwargs)
     monkeypatch.setattr(Attention, "forward", forward)
-    for name in ("_gqa_gather", "_mla_expand"):
+    for name in ("_gqa_gather", "_mla_latents"):  # MLA: the latents read (expanded or absorbed)
         def read(self, cache, index, _real=getattr(Attention, name)):
             if any(index is g.read for g in batch[0].decode_groups):
                 seen.append((self.layer, *index.shape))

@@ -94,11 +94,12 @@ def test_index_keys_are_cached_counted_and_cleared(model_type, dsa_dirs):
 
 
 def test_decode_reads_only_the_picked_latents_and_matches_the_mask(dsa_dirs, monkeypatch):
-    """Four decode rows of 6 to 46 tokens in one group (index_topk 8): each row's attention expands only the 8
-    latents its indexer picked through kv_b (it expanded all 46 of the group's longest context, masking the rest),
-    and gives what masking every unpicked key of the full context gives (float32, 1e-5). The row shorter than
-    topk picks its 6 positions and 2 padded ones, which stay masked (the cache holds zeros there: a zero key
-    attended would move its output); the longer rows pick 8 of their own positions, none padded."""
+    """Four decode rows of 6 to 46 tokens in one group (index_topk 8): each row's attention reads only the 8
+    latents its indexer picked (it read all 46 of the group's longest context, masking the rest) and expands none
+    through kv_b (absorbed into the query: tests/test_mla_absorbed.py; it expanded the 8), and gives what masking
+    every unpicked key of the full context gives and what expanding the picked latents gives (float32, 1e-5). The
+    row shorter than topk picks its 6 positions and 2 padded ones, which stay masked (the cache holds zeros there:
+    a zero key attended would move its output); the longer rows pick 8 of their own positions, none padded."""
     import elasticmoe.model.attention as attention
     from elasticmoe import LLM, SamplingParams
 
@@ -108,27 +109,30 @@ def test_decode_reads_only_the_picked_latents_and_matches_the_mask(dsa_dirs, mon
     for i, n in enumerate((5, 20, 33, 45)):
         engine.add_request(f"r{i}", [rng.randrange(3, 512) for _ in range(n)], SamplingParams(max_tokens=2))
     engine.step()  # the prefills; their first tokens
-    expanded, seen, real_linear, real_group = [], [], attention.linear, attention.Attention.decode_group
-
-    def counted(x, w, bias=None):  # the latents put through kv_b, per call
-        expanded.append(x.shape[0] * x.shape[1] if x.dim() == 3 and w.shape[1] == x.shape[2] else None)
-        return real_linear(x, w, bias)
+    reads, expanded, seen = [], [], []
+    real_latents, real_kv, real_group = (getattr(attention.Attention, n) for n in
+                                         ("_mla_latents", "_mla_kv", "decode_group"))
 
     def group(self, q, g, mask, cache, picked=None):
-        monkeypatch.setattr(attention, "linear", counted)
+        monkeypatch.setattr(attention.Attention, "_mla_latents",  # the latents read, and put through kv_b, per call
+                            lambda s, c, index: reads.append(tuple(index.shape)) or real_latents(s, c, index))
+        monkeypatch.setattr(attention.Attention, "_mla_kv",
+                            lambda s, lat: expanded.append(tuple(lat.shape)) or real_kv(s, lat))
         out = real_group(self, q, g, mask, cache, picked)
-        monkeypatch.setattr(attention, "linear", real_linear)
+        monkeypatch.setattr(attention.Attention, "_mla_latents", real_latents)
+        monkeypatch.setattr(attention.Attention, "_mla_kv", real_kv)
         keep = torch.zeros(len(g.lens), g.max_len, dtype=torch.bool)  # [B, L]: the picks as a mask
         keep = picked if picked.dtype == torch.bool else keep.scatter_(1, picked, True)
-        seen.append((picked, g.lens.tolist(), g.max_len, out, real_group(self, q, g, mask, cache, keep)))
+        twins = [real_group(self, q, g, mask, cache, keep), real_group(self, q, g, mask, cache, picked, absorb=False)]
+        seen.append((picked, g.lens.tolist(), g.max_len, out, twins))
         return out
 
     monkeypatch.setattr(attention.Attention, "decode_group", group)
     engine.step()  # one decode step, the four rows in one group
-    assert len(seen) == engine.spec.num_layers and expanded == [4 * topk] * len(seen)
-    for picked, lens, max_len, gathered, masked in seen:
+    assert len(seen) == engine.spec.num_layers and reads == [(4, topk)] * len(seen) and expanded == []
+    for picked, lens, max_len, gathered, twins in seen:
         assert lens == [6, 21, 34, 46] and max_len == 46 and picked.shape == (4, topk)
-        assert (gathered - masked).abs().max() < 1e-5
+        assert all((gathered - twin).abs().max() < 1e-5 for twin in twins)
         assert sorted(picked[0].tolist())[:6] == list(range(6)) and (picked[0] >= 6).sum() == 2
         for row, n in zip(picked[1:], lens[1:]):
             assert len(set(row.tolist())) == topk and row.max() < n

@@ -12,6 +12,7 @@ from elasticmoe.model.batch import DecodeGroup, StepBatch
 from elasticmoe.model.indexer import Indexer
 from elasticmoe.model.kv_cache import KVCache  # noqa: F401  (re-exported: the engine's and tests' import)
 from elasticmoe.model.layers import Rotary, rms_norm
+from elasticmoe.model.mla import Absorbed
 from elasticmoe.model.spec import AttentionSpec
 
 F32 = torch.float32
@@ -109,13 +110,18 @@ class Attention:
         if spec.chunk and spec.chunk[layer]:
             self.window = ("chunk", spec.chunk[layer])
         self.rope = spec.rope_layers[layer] if spec.rope_layers else True  # False: a NoPE layer
+        self.absorbed = None  # MLA: kv_b split for decode's absorbed form (mla.Absorbed), once, here
+        if spec.kind == "mla":
+            self.absorbed = Absorbed.of(w["kv_b"], spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim)
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache, rotary: Rotary,
                 cos: torch.Tensor, sin: torch.Tensor, masks: list[dict], picks: dict | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]; writes this step's keys/values into the cache. cos / sin: every rotary table's
         (Rotary.tables), this layer's picked by rope_set. Sparse attention: `picks` (one per micro-batch) carries the
         last indexer's picks (indexer.Indexer.picks) to the layers that share them: a decode group's positions
-        [B, k] are gathered (only the picked latents expanded, O(topk) a row), a keep mask [B, L] masks all L."""
+        [B, k] are gathered (only the picked latents read, O(topk) a row), a keep mask [B, L] masks all L. MLA
+        decode groups attend the cached latents with kv_b absorbed (decode_group); prefill chunks expand them (many
+        queries a key: the expansion is shared)."""
         cos, sin, gate, keep = cos[self.rope_set], sin[self.rope_set], None, None
         if self.spec.kind == "mla":
             q, kv_new, q_resid = self._mla_qkv(x, rotary, cos, sin)
@@ -156,19 +162,24 @@ class Attention:
         return expand, partial(_attend_with_sinks, sinks=self.w["sinks"]) if "sinks" in self.w else _sdpa
 
     def decode_group(self, q: torch.Tensor, g: DecodeGroup, mask: torch.Tensor, cache: KVCache,
-                     picked: torch.Tensor | None = None) -> torch.Tensor:
+                     picked: torch.Tensor | None = None, absorb: bool = True) -> torch.Tensor:
         """One decode group's attention: q [B, h, d] float32, mask [B, 1, 1, L] (the rows' lengths and window) ->
         [B, h, dv] float32; the rows' cached positions are read at g.read (their flat cache rows [B, L]). Sparse
-        attention's `picked`: positions [B, k] (indexer.Indexer.picks; only those keys are read, and only their
-        latents expanded: O(topk) a row, not O(L)), a keep mask [B, L] (every key read, the unpicked masked), or
-        None (every key kept)."""
-        expand, attend = self._readers()
+        attention's `picked`: positions [B, k] (indexer.Indexer.picks; only those keys are read: O(topk) a row, not
+        O(L)), a keep mask [B, L] (every key read, the unpicked masked), or None (every key kept). MLA attends the
+        cached latents themselves, kv_b absorbed into the query and the output (mla.Absorbed); absorb=False expands
+        each latent read through kv_b instead, as prefill chunks do (the twin the tests hold it to)."""
+        index = g.read
         if picked is not None and picked.dtype != torch.bool:
-            kk, vv = expand(cache, g.read.gather(1, picked))  # [B, h, k, d]: the picked positions' rows
+            index = g.read.gather(1, picked)  # [B, k]: the picked positions' rows
             mask = mask.gather(3, picked[:, None, None, :])  # a padding row's picks past its length: masked
-        else:
-            kk, vv = expand(cache, g.read)  # [B, hk, L, d]
-            mask = mask if picked is None else mask & picked[:, None, None, :]
+        elif picked is not None:
+            mask = mask & picked[:, None, None, :]
+        if self.absorbed is not None and absorb:
+            lat = self._mla_latents(cache, index).float()  # [B, n, r + rope]
+            return self.absorbed.attend(q, lat, mask, self.spec.scaling, self.w.get("sinks"))
+        expand, attend = self._readers()
+        kk, vv = expand(cache, index)  # [B, hk, n, d]
         o = attend(q[:, :, None, :], kk.float(), vv.float(), mask, self.spec.scaling, causal=False)  # [B, h, 1, dv]
         return o[:, :, 0, :]
 
@@ -253,10 +264,14 @@ class Attention:
             k_rot = rotary.apply(k_rot[:, None, :], cos, sin)[:, 0]
         return torch.cat((q_pass, q_rot), dim=-1), torch.cat((kv_nope, k_rot), dim=-1), q_resid
 
-    def _mla_expand(self, cache: KVCache, index: torch.Tensor):
+    def _mla_latents(self, cache: KVCache, index: torch.Tensor) -> torch.Tensor:
         """The cached latents at flat rows index [B, n] (a prefill chunk's or a decode group's positions, or a
-        group's picks), expanded: k and v [B, h, n, d]."""
-        return self._mla_kv(cache.read(cache.layers[self.layer][0], index))  # [B, n, r + rope]
+        group's picks): [B, n, r + rope], the normed kv latent then the rotated key."""
+        return cache.read(cache.layers[self.layer][0], index)
+
+    def _mla_expand(self, cache: KVCache, index: torch.Tensor):
+        """The cached latents at flat rows index [B, n], expanded through kv_b: k and v [B, h, n, d]."""
+        return self._mla_kv(self._mla_latents(cache, index))
 
     def _mla_kv(self, lat: torch.Tensor):
         """Latents [B, n, r + rope] through kv_b: k [B, h, n, nope + rope], v [B, h, n, dv]."""
