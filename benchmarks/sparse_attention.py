@@ -5,7 +5,9 @@ Each row of the group attends its index_topk picks of L cached latents (DeepSeek
 512, rope 64, nope and value heads 128) through `Attention.decode_group`, the engine's own decode read: gather
 (positions [B, topk], what the indexer gives) and mask (the same picks as a keep mask [B, L]), in one run, with the
 outputs' largest difference. The indexer's scoring of all L index keys (`indexer.top_keys`, the same for both) is
-timed beside them.
+timed beside them. --form: the decode read as the engine runs it (absorbed: kv_b folded into the query, the
+latents attended as they are) or with every latent read expanded through kv_b (expand; the committed JSON's form,
+measured before decode absorbed kv_b).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class LatentCache:
         self.layers = [[latent]]
 
 
-def _timed(fn, repeats: int):
+def timed(fn, repeats: int):
     """(fn()'s result from its first, untimed call, the median ms of `repeats` more)."""
     out, times = fn(), []
     for _ in range(repeats):
@@ -49,7 +51,8 @@ def _timed(fn, repeats: int):
     return out, statistics.median(times) * 1e3
 
 
-def _attention(a) -> Attention:
+def mla_attention(a) -> Attention:
+    """Layer 0's MLA attention at a's head dims, kv_b random (scaled to keep its products near unit size)."""
     spec = AttentionSpec(kind="mla", num_heads=a.heads, num_kv_heads=a.heads, head_dim=a.nope + a.rope,
                          v_head_dim=a.v_head_dim, scaling=(a.nope + a.rope) ** -0.5, rope_dim=a.rope,
                          kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.nope)
@@ -67,12 +70,13 @@ def run_length(attn: Attention, a, length: int) -> dict:
     iq, iw = torch.randn(b, a.index_heads, a.index_dim), torch.randn(b, a.index_heads)  # [B, h_ix, D], [B, h_ix]
     keys = torch.randn(b, length, a.index_dim)  # [B, L, D]
     valid = mask[:, 0, 0, :]
-    picked, index_ms = _timed(lambda: top_keys(iq, iw, keys, valid, a.topk), a.repeats)  # [B, topk]
+    picked, index_ms = timed(lambda: top_keys(iq, iw, keys, valid, a.topk), a.repeats)  # [B, topk]
     keep = torch.zeros(b, length, dtype=torch.bool).scatter_(1, picked, True)  # [B, L]
     q, cache = torch.randn(b, a.heads, a.nope + a.rope), LatentCache(latent)  # [B, h, d]
     with torch.no_grad():
-        gathered, gather_ms = _timed(lambda: attn.decode_group(q, g, mask, cache, picked), a.repeats)
-        masked, mask_ms = _timed(lambda: attn.decode_group(q, g, mask, cache, keep), a.repeats)
+        absorb = a.form == "absorbed"
+        gathered, gather_ms = timed(lambda: attn.decode_group(q, g, mask, cache, picked, absorb), a.repeats)
+        masked, mask_ms = timed(lambda: attn.decode_group(q, g, mask, cache, keep, absorb), a.repeats)
     return {"length": length, "topk": a.topk, "rows": b, "mask_ms": mask_ms, "gather_ms": gather_ms,
             "speedup": mask_ms / gather_ms, "indexer_ms": index_ms,
             "max_abs_diff": float((gathered - masked).abs().max())}
@@ -91,14 +95,16 @@ def main() -> None:
     ap.add_argument("--index-heads", type=int, default=64, help="index_n_heads")
     ap.add_argument("--index-dim", type=int, default=128, help="index_head_dim")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (median), after one warm-up")
+    ap.add_argument("--form", choices=["absorbed", "expand"], default="absorbed",
+                    help="the MLA decode read: kv_b absorbed (the engine's) or every read latent expanded")
     ap.add_argument("--json", default=str(OUT))
     a = ap.parse_args()
     torch.manual_seed(0)
-    attn, load_before = _attention(a), os.getloadavg()
+    attn, load_before = mla_attention(a), os.getloadavg()
     rows = [run_length(attn, a, n) for n in a.lengths]
     load_after = os.getloadavg()
     print(f"\nMLA decode attention, {a.rows} rows, {a.heads} heads, kv_lora_rank {a.kv_lora_rank}, rope {a.rope}, "
-          f"topk {a.topk}, fp32, {torch.get_num_threads()} threads, median of {a.repeats}; load average "
+          f"topk {a.topk}, {a.form}, fp32, {torch.get_num_threads()} threads, median of {a.repeats}; load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print(f"{'L':>7}{'mask ms':>10}{'gather ms':>11}{'speed-up':>10}{'indexer ms':>12}{'max |diff|':>12}")
     for r in rows:

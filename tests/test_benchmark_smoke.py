@@ -1,5 +1,5 @@
-"""benchmarks/ without Ray: offline, overlap, balance, transport, rpc_fanout, sparse_attention run at toy sizes; every
-script imports."""
+"""benchmarks/ without Ray: offline, overlap, balance, transport, rpc_fanout, sparse_attention, mla_decode run at toy
+sizes; every script imports."""
 
 from __future__ import annotations
 
@@ -70,18 +70,34 @@ def test_overlap_benchmark_smoke(tmp_path):
                 assert s["exposed_wait_ms"] == 0, (name, s)
 
 
-def test_sparse_attention_benchmark_smoke(tmp_path):
-    """One MLA decode group read both ways at two lengths past topk: each row's times, the speed-up from them, and
-    the gathered output equal to the masked one."""
+@pytest.mark.parametrize("form", ["absorbed", "expand"])
+def test_sparse_attention_benchmark_smoke(tmp_path, form):
+    """One MLA decode group read both ways at two lengths past topk, the latents attended with kv_b absorbed (the
+    engine's decode) or expanded: each row's times, the speed-up from them, and the gathered output equal to the
+    masked one."""
     out = tmp_path / "sa.json"
     _run("sparse_attention.py", "--lengths", "48", "96", "--topk", "16", "--rows", "3", "--heads", "2",
          "--kv-lora-rank", "16", "--rope", "8", "--nope", "8", "--v-head-dim", "8", "--index-heads", "2",
-         "--index-dim", "8", "--repeats", "1", "--json", str(out))
+         "--index-dim", "8", "--repeats", "1", "--form", form, "--json", str(out))
     report = json.loads(out.read_text())
     assert report["cpu"] and [(r["length"], r["topk"], r["rows"]) for r in report["rows"]] == [(48, 16, 3), (96, 16, 3)]
+    assert report["args"]["form"] == form
     for r in report["rows"]:
         assert r["mask_ms"] > 0 and r["gather_ms"] > 0 and r["indexer_ms"] > 0, r
         assert r["speedup"] == pytest.approx(r["mask_ms"] / r["gather_ms"]) and r["max_abs_diff"] < 1e-5, r
+
+
+def test_mla_decode_benchmark_smoke(tmp_path):
+    """One MLA decode group read with kv_b absorbed and with every latent expanded, at two lengths: each row's
+    times, the speed-up from them, and the two outputs within float32 rounding of each other."""
+    out = tmp_path / "mla.json"
+    _run("mla_decode.py", "--lengths", "20", "50", "--rows", "3", "--heads", "2", "--kv-lora-rank", "16", "--rope",
+         "8", "--nope", "8", "--v-head-dim", "8", "--repeats", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["cpu"] and [(r["length"], r["rows"]) for r in report["rows"]] == [(20, 3), (50, 3)]
+    for r in report["rows"]:
+        assert r["expand_ms"] > 0 and r["absorbed_ms"] > 0 and r["max_abs"] > 0.1, r
+        assert r["speedup"] == pytest.approx(r["expand_ms"] / r["absorbed_ms"]) and r["max_abs_diff"] < 1e-5, r
 
 
 def test_balance_benchmark_smoke(tmp_path):

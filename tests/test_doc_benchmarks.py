@@ -237,10 +237,41 @@ def test_kernels_table():
     assert f"faster than `torch._grouped_mm` in {faster} of {len(summary)}" in (REPO / "README.md").read_text()
 
 
+MLA_HEADER = "| context L | expand ms | absorbed ms | speed-up |"
+
+
+def test_mla_decode_table():
+    """MLA decode: per context length both reads' ms and the speed-up (expand / absorbed); the set-up, load and the
+    outputs' largest difference the prose gives."""
+    r = _json("mla_decode.json")
+    table, a = _table("README.md", MLA_HEADER), r["args"]
+    assert [int(row[0].replace(",", "")) for row in table] == [x["length"] for x in r["rows"]]
+    for (_, expand, absorbed, speedup), x in zip(table, r["rows"]):
+        _says(expand, x["expand_ms"])
+        _says(absorbed, x["absorbed_ms"])
+        _says(speedup, x["speedup"])
+        assert x["speedup"] == pytest.approx(x["expand_ms"] / x["absorbed_ms"])
+    text = " ".join((REPO / "README.md").read_text().split())
+    assert (f"One decode group of {a['rows']} rows of L tokens each (`Attention.decode_group`, both ways in one run), "
+            f"{a['heads']} heads, kv_lora_rank {a['kv_lora_rank']}, rope {a['rope']}, nope and value heads "
+            f"{a['nope']}, fp32, median of {a['repeats']}") in text and a["nope"] == a["v_head_dim"]
+    m = re.search(r"2 vCPUs, shared machine \(load average ([\d.]+) before and ([\d.]+) after the run; the VM", text)
+    _says(f"{m.group(1)} {m.group(2)}", r["loadavg_before"][0], r["loadavg_after"][0])
+    m = re.search(r"The outputs agree to (\de-\d+) \(the JSON's `max_abs_diff`, outputs up to ([\d.]+)\)", text)
+    worst = max(x["max_abs_diff"] for x in r["rows"])
+    assert float(m.group(1)) == float(f"{worst:.0e}") and worst < 1e-5
+    _says(m.group(2), max(x["max_abs"] for x in r["rows"]))
+
+
 def test_sparse_attention_table():
     """Sparse attention at decode: per context length both reads' ms, the gather's speed-up (mask / gather) and the
-    indexer's ms; the outputs' largest difference the prose gives."""
-    rows = _json("sparse_attention.json")["rows"]
+    indexer's ms; the outputs' largest difference the prose gives; the form measured (every latent expanded: the
+    run predates --form and the absorbed decode) as the prose says."""
+    result = _json("sparse_attention.json")
+    rows = result["rows"]
+    assert result["args"].get("form", "expand") == "expand"
+    assert "with every read latent expanded (`--form expand` runs that form" in " ".join(
+        (REPO / "README.md").read_text().split())
     table = _table("README.md", "| context L | mask ms")
     assert [int(r[0].replace(",", "")) for r in table] == [r["length"] for r in rows]
     for (_, mask, gather, speedup, index), r in zip(table, rows):

@@ -31,6 +31,7 @@ CHECKED = {
     ("README.md", "| prompt | tokens | elasticmoe bf16", ""): "test_real_width_tables",
     ("README.md", "| tokens | expert latency d", ""): "test_overlap_table",
     ("README.md", "| context L | mask ms", ""): "test_sparse_attention_table",
+    ("README.md", bench.MLA_HEADER, ""): "test_mla_decode_table",
     ("README.md", bench.DELTANET_HEADER, ""): "test_deltanet_table",
     ("benchmarks/KERNELS.md", "| model | T | ours µs", ""): "test_kernels_table",
     ("docs/SECURITY.md", "| payload | unary p50 plaintext / mTLS", ""): "test_mtls_table",
