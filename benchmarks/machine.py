@@ -3,9 +3,11 @@ went."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -20,6 +22,16 @@ def cpu_model() -> str:
 def stamp() -> dict:
     """What every result JSON records about its run: the CPU model, the CPU count and the date (local, with offset)."""
     return {"cpu": cpu_model(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_result(path: str, args: dict, result: dict) -> Path:
+    """Write a benchmark's result JSON at `path` (its folder made): stamped (`stamp`), its command-line `args`, then
+    `result`; returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**stamp(), **result, "args": args}, indent=2))
+    print(f"wrote {out}")
+    return out
 
 
 def _role(cmdline: str) -> str | None:

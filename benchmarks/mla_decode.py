@@ -9,12 +9,11 @@ runs, and absorb=False, the expand path prefill chunks keep), with the outputs' 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
-from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import write_result  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 from sparse_attention import LatentCache, mla_attention, timed
 
 from elasticmoe.model.batch import DecodeGroup
@@ -61,12 +60,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['length']:>7}{r['expand_ms']:>11.1f}{r['absorbed_ms']:>13.2f}{r['speedup']:>9.1f}x"
               f"{r['max_abs_diff']:>12.1e}")
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {**stamp(), "threads": torch.get_num_threads(), "loadavg_before": load_before,
-              "loadavg_after": load_after, "args": vars(a), "rows": rows}
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(a.json, vars(a), {"threads": torch.get_num_threads(), "loadavg_before": load_before,
+                                   "loadavg_after": load_after, "rows": rows})
 
 
 if __name__ == "__main__":

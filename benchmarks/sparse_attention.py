@@ -13,14 +13,13 @@ measured before decode absorbed kv_b).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
+from machine import write_result  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 
 from elasticmoe.model.attention import Attention
 from elasticmoe.model.batch import DecodeGroup
@@ -110,12 +109,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['length']:>7}{r['mask_ms']:>10.1f}{r['gather_ms']:>11.1f}{r['speedup']:>9.2f}x"
               f"{r['indexer_ms']:>12.1f}{r['max_abs_diff']:>12.1e}")
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {**stamp(), "threads": torch.get_num_threads(), "loadavg_before": load_before,
-              "loadavg_after": load_after, "args": vars(a), "rows": rows}
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(a.json, vars(a), {"threads": torch.get_num_threads(), "loadavg_before": load_before,
+                                   "loadavg_after": load_after, "rows": rows})
 
 
 if __name__ == "__main__":

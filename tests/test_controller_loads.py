@@ -11,6 +11,7 @@ import pytest
 from elasticmoe.autoscaler.record import GcsRecord
 from tests.controller_util import ControllerImpl, _args, _until, _with_shards
 from tests.controller_util import model  # noqa: F401 - a fixture
+from tests.tracker_util import SteppedTime
 
 
 def test_a_failing_loop_is_logged_counted_and_keeps_running(model, monkeypatch, caplog):
@@ -175,26 +176,12 @@ def test_the_first_decision_is_not_held_by_the_cool_down():
     assert decide.desired(2, [1.0, 1.0]) == 4
 
 
-class _SteppedClock:
-    """The decider's clock (policy.time), moved only by the test: a thread preempted between two calls on a loaded
-    machine (a real 0.2 s warm-up) would find the warm-up over before the first check."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now + 1.7e9
-
-
 def test_no_scale_in_before_the_cluster_is_up_and_warmed_up(monkeypatch):
     """Idle shards are no reason to scale in before the cluster ran the count it started with (`started`: every
     position of the placement live), nor for a cool-down after that (the warm-up); the floor stays min_shards."""
     from elasticmoe.autoscaler import policy
 
-    clock = _SteppedClock()
+    clock = SteppedTime()
     monkeypatch.setattr(policy, "time", clock)
     decide = policy.ScaleDecider(min_shards=2, max_shards=16, target_utilization=0.5, cooldown_s=30.0)
     assert decide.desired(4, [0.0]) == 4  # 1 of 4 shards up, idle: no request yet

@@ -17,6 +17,7 @@ from elasticmoe.autoscaler.policy import ScaleDecider
 from elasticmoe.autoscaler.registry import Change, Registry
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.placement import plan
+from tests.tracker_util import SteppedTime
 
 MOE_LAYERS = [1, 3]
 
@@ -119,21 +120,8 @@ def test_the_clock_offset_ignores_a_reading_preempted_between_its_two_clocks():
     assert abs(wall_minus_monotonic(time) - (time.time() - time.monotonic())) < 1e-2
 
 
-class _Clock:
-    """policy's `time` module, stepped by the test."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now + 1.7e9
-
-
 def test_scale_decisions_stay_in_bounds_and_honour_cool_down_and_warm_up(monkeypatch):
-    clock = _Clock()
+    clock = SteppedTime()
     monkeypatch.setattr(policy, "time", clock)
     rng = np.random.default_rng(23)
     changes = scale_ins = 0

@@ -10,27 +10,17 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from elasticmoe.autoscaler import policy
+from tests.tracker_util import SteppedTime
 
 PROPS = settings(max_examples=int(os.environ.get("ELASTICMOE_PLACEMENT_EXAMPLES", "300")), deadline=None,
                  derandomize=True, suppress_health_check=list(HealthCheck))
 JITTER = 0.1  # the work seen varies by up to this fraction around its mean
 
 
-class _Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now + 1.7e9
-
-
 def _run(monkeypatch, lo: int, hi: int, target: float, work: list[float], start: int) -> list[int]:
     """The counts the decider asks for, one round per cool-down, the live shards following it; `work`: busy
     shards' worth per round."""
-    clock = _Clock()
+    clock = SteppedTime()
     monkeypatch.setattr(policy, "time", clock)
     d = policy.ScaleDecider(lo, hi, target, cooldown_s=30.0)
     d.started()

@@ -1,4 +1,5 @@
-"""The load tracker's test clock (policy's time.monotonic, moved by hand) and a shard's counters."""
+"""The autoscaler's test clocks (policy's time.monotonic, or its whole time module, moved by hand) and a shard's
+counters."""
 
 from __future__ import annotations
 
@@ -14,6 +15,20 @@ class _Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class SteppedTime:
+    """Stands for policy's `time` module, moved only by the test (`now`): a thread preempted between two calls on a
+    loaded machine cannot end a real cool-down or warm-up before the check; the wall clock is `now` + 1.7e9."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now + 1.7e9
 
 
 @pytest.fixture
