@@ -79,7 +79,7 @@ def test_sparse_attention_set_up():
     assert (a["nope"], a["v_head_dim"]) == (128, 128) and r["cpu"] == "AMD EPYC" and r["cpus"] == 2
     assert (f"for a group of {a['rows']} rows of L tokens each, {a['heads']} heads, kv_lora_rank {a['kv_lora_rank']}, "
             f"rope {a['rope']}, nope and value heads 128, index_topk {a['topk']} (DeepSeek-V3.2's), fp32, median of "
-            f"{a['repeats']}, AMD EPYC, 2 vCPUs, shared machine (load average {r['loadavg_before'][0]:.1f} before "
+            f"{a['repeats']}, AMD EPYC, 2 vCPUs, a quiet machine (load average {r['loadavg_before'][0]:.1f} before "
             f"and {r['loadavg_after'][0]:.1f} after the run") in README
     assert f"scoring of all L index keys ({a['index_heads']} heads of {a['index_dim']}, the same for both)" in README
     assert all(row["topk"] == a["topk"] and row["rows"] == a["rows"] for row in r["rows"])
