@@ -8,13 +8,11 @@ runs, and absorb=False, the expand path prefill chunks keep), with the outputs' 
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 
 import torch
 from machine import write_result  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
-from sparse_attention import LatentCache, mla_attention, timed
+from sparse_attention import LatentCache, mla_arguments, run_lengths, timed
 
 from elasticmoe.model.batch import DecodeGroup
 
@@ -38,21 +36,8 @@ def run_length(attn, a, length: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="context length L of every row")
-    ap.add_argument("--rows", type=int, default=8, help="decode rows in the group")
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-lora-rank", type=int, default=512)
-    ap.add_argument("--rope", type=int, default=64, help="qk_rope_head_dim")
-    ap.add_argument("--nope", type=int, default=128, help="qk_nope_head_dim")
-    ap.add_argument("--v-head-dim", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (median), after one warm-up")
-    ap.add_argument("--json", default=str(OUT))
-    a = ap.parse_args()
-    torch.manual_seed(0)
-    attn, load_before = mla_attention(a), os.getloadavg()
-    rows = [run_length(attn, a, n) for n in a.lengths]
-    load_after = os.getloadavg()
+    a = mla_arguments(__doc__, [1024, 4096], OUT).parse_args()
+    rows, load_before, load_after = run_lengths(a, run_length)
     print(f"\nMLA decode attention, {a.rows} rows, {a.heads} heads, kv_lora_rank {a.kv_lora_rank}, rope {a.rope}, "
           f"nope {a.nope}, v {a.v_head_dim}, fp32, {torch.get_num_threads()} threads, median of {a.repeats}; load "
           f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after")

@@ -81,27 +81,39 @@ def run_length(attn: Attention, a, length: int) -> dict:
             "max_abs_diff": float((gathered - masked).abs().max())}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384], help="context length L of every row")
-    ap.add_argument("--topk", type=int, default=2048, help="index_topk: keys each row attends")
+def mla_arguments(doc: str, lengths: list[int], out: Path) -> argparse.ArgumentParser:
+    """The MLA decode benchmarks' shared options: the contexts, the group, the layer's shapes, repeats, the JSON."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--lengths", type=int, nargs="+", default=lengths, help="context length L of every row")
     ap.add_argument("--rows", type=int, default=8, help="decode rows in the group")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-lora-rank", type=int, default=512)
     ap.add_argument("--rope", type=int, default=64, help="qk_rope_head_dim")
     ap.add_argument("--nope", type=int, default=128, help="qk_nope_head_dim")
     ap.add_argument("--v-head-dim", type=int, default=128)
-    ap.add_argument("--index-heads", type=int, default=64, help="index_n_heads")
-    ap.add_argument("--index-dim", type=int, default=128, help="index_head_dim")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (median), after one warm-up")
-    ap.add_argument("--form", choices=["absorbed", "expand"], default="absorbed",
-                    help="the MLA decode read: kv_b absorbed (the engine's) or every read latent expanded")
-    ap.add_argument("--json", default=str(OUT))
-    a = ap.parse_args()
+    ap.add_argument("--json", default=str(out))
+    return ap
+
+
+def run_lengths(a: argparse.Namespace, run_length) -> tuple[list[dict], tuple, tuple]:
+    """One MLA layer built from `a` (seeded), run_length(attention, a, L) for each of a.lengths: (rows, the load
+    average before, after)."""
     torch.manual_seed(0)
     attn, load_before = mla_attention(a), os.getloadavg()
     rows = [run_length(attn, a, n) for n in a.lengths]
-    load_after = os.getloadavg()
+    return rows, load_before, os.getloadavg()
+
+
+def main() -> None:
+    ap = mla_arguments(__doc__, [4096, 16384], OUT)
+    ap.add_argument("--topk", type=int, default=2048, help="index_topk: keys each row attends")
+    ap.add_argument("--index-heads", type=int, default=64, help="index_n_heads")
+    ap.add_argument("--index-dim", type=int, default=128, help="index_head_dim")
+    ap.add_argument("--form", choices=["absorbed", "expand"], default="absorbed",
+                    help="the MLA decode read: kv_b absorbed (the engine's) or every read latent expanded")
+    a = ap.parse_args()
+    rows, load_before, load_after = run_lengths(a, run_length)
     print(f"\nMLA decode attention, {a.rows} rows, {a.heads} heads, kv_lora_rank {a.kv_lora_rank}, rope {a.rope}, "
           f"topk {a.topk}, {a.form}, fp32, {torch.get_num_threads()} threads, median of {a.repeats}; load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
