@@ -45,6 +45,7 @@ class DemoArgs:
     lr: float = 3e-3
     chat_repeats: int = 4  # each chat sample appears this many times in the training set
     seed: int = 0
+    threads: int = 1  # torch's intra-op threads while training: fixed, as a thread count changes the sums' order
     version: int = 1  # bump when the recipe changes in a way the fields above do not show
 
     def key(self) -> str:
@@ -125,19 +126,23 @@ def train(a: DemoArgs = DemoArgs(), show_progress: bool | None = None) -> tuple[
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1)
     order = torch.Generator().manual_seed(a.seed)
-    t0, loss = time.perf_counter(), float("nan")
-    with _progress(a.steps, show_progress) as bar:
-        for _ in range(a.steps):
-            pick = torch.randperm(len(samples), generator=order)[: a.batch]  # [B]
-            out = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick])
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            loss = out.loss.item()
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update(1)
+    t0, loss, threads = time.perf_counter(), float("nan"), torch.get_num_threads()
+    torch.set_num_threads(a.threads)  # the caller's count (a test's, Ray's 1, a big host's) would change the weights
+    try:
+        with _progress(a.steps, show_progress) as bar:
+            for _ in range(a.steps):
+                pick = torch.randperm(len(samples), generator=order)[: a.batch]  # [B]
+                out = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick])
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                loss = out.loss.item()
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update(1)
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     gen = model.generation_config
     gen.bos_token_id, gen.pad_token_id, gen.eos_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id, \
