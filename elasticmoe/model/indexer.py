@@ -11,7 +11,9 @@ from elasticmoe.model.indexer_spec import IndexerSpec
 from elasticmoe.model.layers import Rotary, layer_norm
 
 F32 = torch.float32
-SCORE_BUDGET = 1 << 24  # floats of [rows, heads, keys] scores held at once (64 MiB): queries scored in blocks
+SCORE_BLOCK = 1 << 17  # floats of [rows, keys, heads] products held at once on CPU (512 KiB, about an L2)
+DEVICE_SCORE_BLOCK = 1 << 24  # on an accelerator (64 MiB): few, large products; launches, not caches, cost there
+MIN_KEYS = 256  # keys a block scores at least (fewer queries a block when they have many heads)
 ROLES = ("index_q", "index_k", "index_norm", "index_norm_b", "index_weights")  # names.ATTN; weights in float32
 
 
@@ -21,25 +23,58 @@ def index_shapes(ix: IndexerSpec, hidden: int, q_lora_rank: int) -> dict[str, tu
             "index_norm": (ix.head_dim,), "index_norm_b": (ix.head_dim,), "index_weights": (ix.n_heads, hidden)}
 
 
-def top_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, topk: int) -> torch.Tensor:
+def top_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, topk: int,
+             index: torch.Tensor | None = None) -> torch.Tensor:
     """Each query's `topk` best keys among its valid ones, as transformers picks them: positions [N, min(topk, L)]
     int64 (a query with fewer valid keys gets all of them, the rest of its row invalid positions).
 
-    score[n, l] = sum_h w[n, h] * relu(q[n, h] . keys[l] / sqrt(D)). q [N, h, D], w [N, h] float32,
-    keys [N or 1, L, D], valid [N, L] bool.
+    score[n, l] = sum_h w[n, h] * relu(q[n, h] . keys[l] / sqrt(D)) (`scores`). q [N, h, D], w [N, h] float32,
+    keys [N or 1, L, D] any float dtype, valid [N, L] bool; with index [N or 1, L]: keys is a paged cache tensor
+    [blocks, block_size, D] read at those flat rows (KVCache.read), a block of keys at a time.
     """
-    n, h, d = q.shape
-    length = keys.shape[1]
-    k = min(topk, length)
+    n, h, _ = q.shape
+    k = min(topk, valid.shape[1])
     out = torch.empty(n, k, dtype=torch.int64, device=q.device)
-    rows = max(1, SCORE_BUDGET // max(1, h * length))
+    rows = max(1, min(n, _block(q) // (h * MIN_KEYS)))
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        kk = keys if keys.shape[0] == 1 else keys[a:b]
-        scores = F.relu(torch.matmul(q[a:b], kk.float().transpose(1, 2)) * d**-0.5)  # [n, h, L]
-        index = torch.matmul(w[a:b, None, :], scores)[:, 0]  # [n, L]
-        out[a:b] = index.masked_fill(~valid[a:b], float("-inf")).topk(k, dim=-1).indices
+        s = scores(q[a:b], w[a:b], _rows(keys, a, b) if index is None else keys,
+                   None if index is None else _rows(index, a, b))  # [n, L]
+        out[a:b] = s.masked_fill_(~valid[a:b], float("-inf")).topk(k, dim=-1).indices
     return out
+
+
+def _block(q: torch.Tensor) -> int:
+    """Floats of products a block of the scoring holds, on q's device."""
+    return SCORE_BLOCK if q.device.type == "cpu" else DEVICE_SCORE_BLOCK
+
+
+def _rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Rows a:b of t [N or 1, ...] (all of it when its one row is shared by every query)."""
+    return t if t.shape[0] == 1 else t[a:b]
+
+
+def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """The indexer's scores [N, L] float32: sum_h w[n, h] * relu(q[n, h] . k[l] / sqrt(D)), the 1 / sqrt(D) folded
+    into w (relu(x s) = s relu(x), s > 0). Keys go in spans whose [N, span, h] products stay in cache (relu and the
+    weighted head sum done there), each span converted to float32 (or read from the paged cache, index) alone, so no
+    [N, h, L] product and no float32 copy of all L keys is made. q [N, h, D], w [N, h]; keys and index as top_keys'.
+    """
+    n, h, d = q.shape
+    length = (keys if index is None else index).shape[1]
+    shared = (keys if index is None else index).shape[0] == 1 and n > 1  # one key set for every query (prefill)
+    flat = keys.view(-1, d) if index is not None else None  # [blocks * block_size, D]
+    ws = (w.to(F32) * d**-0.5)[:, :, None]  # [N, h, 1]
+    qt = q.to(F32).reshape(n * h, d).t() if shared else q.to(F32).transpose(1, 2)  # [D, N h] or [N, D, h]
+    out = torch.empty(n, length, 1, dtype=F32, device=q.device)
+    span = max(MIN_KEYS, _block(q) // (n * h))
+    for a in range(0, length, span):
+        b = min(length, a + span)
+        kk = keys[:, a:b] if flat is None else flat.index_select(0, index[:, a:b].reshape(-1)).view(-1, b - a, d)
+        kk = kk.to(F32)  # [N or 1, span, D] (index_select: a third of advanced indexing's time on CPU)
+        s = torch.mm(kk[0], qt).view(b - a, n, h).transpose(0, 1) if shared else torch.bmm(kk, qt)  # [N, span, h]
+        torch.bmm(s.relu_(), ws, out=out[:, a:b])
+    return out[..., 0]
 
 
 def pick(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, topk: int) -> torch.Tensor:
@@ -84,5 +119,5 @@ class Indexer:
                 out.append(None)
                 continue
             valid = torch.arange(g.max_len, device=x.device)[None, :] < g.lens[:, None]  # [B, L]
-            out.append(top_keys(q[g.rows], hw[g.rows], cache.read(store, g.read), valid, ix.topk))  # [B, topk]
+            out.append(top_keys(q[g.rows], hw[g.rows], store, valid, ix.topk, g.read))  # [B, topk], no copy of L keys
         return out
