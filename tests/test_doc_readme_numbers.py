@@ -94,3 +94,23 @@ def test_the_transformers_the_families_are_checked_against_is_the_pinned_one():
     pinned = re.search(r'"transformers==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     said = set(re.findall(r"transformers (\d+\.\d+)\b", README))
     assert said == {pinned.rsplit(".", 1)[0]} and transformers.__version__ == pinned, (said, pinned)
+
+
+def test_the_mla_split_holds_no_float32_copy_on_a_gpu():
+    """"On a GPU it is views of `kv_b` in the model's dtype, nothing held beside it (a float32 copy would be twice
+    `kv_b`'s bytes, 64 MiB a DeepSeek-V3 layer, about 4 GiB over its 61 ...)"; on CPU a float32 copy in bf16/fp16
+    (tests/test_mla_absorbed.py: the same bits either way, the half-precision error under a hundredth of the
+    expand path's)."""
+    import torch
+
+    from elasticmoe.model.mla import Absorbed
+
+    assert "On a GPU it is views of `kv_b` in the model's dtype, nothing held beside it (a float32 copy would be " \
+           "twice `kv_b`'s bytes, 64 MiB a DeepSeek-V3 layer, about 4 GiB over its 61" in README
+    assert "On CPU it is views of `kv_b` in float32, and in bf16/fp16 one float32 copy made at load" in README
+    heads, nope, v, rank, layers = 128, 128, 128, 512, 61  # DeepSeek-V3's config.json
+    kv_b = torch.empty(heads * (nope + v), rank, dtype=torch.bfloat16, device="meta")
+    gpu, cpu = Absorbed.of(kv_b, heads, nope, v), Absorbed.of(kv_b, heads, nope, v, float32_copy=True)
+    assert gpu.w_uk.dtype == gpu.w_uv.dtype == torch.bfloat16 and cpu.w_uk.dtype == torch.float32
+    copy = (cpu.w_uk.numel() + cpu.w_uv.numel()) * 4
+    assert copy == 2 * kv_b.numel() * kv_b.element_size() == 64 << 20 and round(copy * layers / 2**30) == 4

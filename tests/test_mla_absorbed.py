@@ -13,6 +13,7 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.attention import Attention, step_masks
 from elasticmoe.model.batch import DecodeGroup
 from elasticmoe.model.kv_cache import KVCache
+from elasticmoe.model.mla import Absorbed
 from elasticmoe.model.spec import AttentionSpec
 from elasticmoe.model.tiny import make_tiny_model
 from tests.test_families import FAMILY_CASES, make_family_checkpoint
@@ -85,20 +86,46 @@ def test_absorbed_is_the_expand_twin_with_windows_picks_and_sinks(window, sinks,
         assert not got.isnan().any() and (window is None or p is None or not got[2].any())
 
 
+def _on_accelerator(attn: Attention) -> Attention:
+    """attn with the split an accelerator holds (Absorbed.of on any device but the CPU): views of kv_b, its dtype."""
+    attn.absorbed = Absorbed.of(attn.w["kv_b"], H, NOPE, V, float32_copy=False)
+    return attn
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_absorbed_is_closer_to_float32_than_expanding(dtype):
+@pytest.mark.parametrize("copy", [True, False])
+def test_half_precision_absorbed_is_closer_to_float32_than_expanding(dtype, copy):
     """A half-precision layer (kv_b and cached latents in `dtype`) against the float32 decode of the same values:
     expanding rounds every key and value to `dtype` (kv_b's product, maybe_linear), absorbed keeps float32 from
     the cache to the output, so its error is under a hundredth of the expand path's (the model's one rounding,
-    into its output, comes after either)."""
+    into its output, comes after either), with the CPU's float32 copy of kv_b's split (copy) or an accelerator's
+    views of kv_b cast per product."""
     g, cache, q = _group([6, 11, 30, 31], dtype)
     mask = step_masks(SimpleNamespace(decode_groups=(g,)), {None})[0][None]
-    low = _layer(dtype)
+    low = _layer(dtype) if copy else _on_accelerator(_layer(dtype))
     f32 = Attention(low.spec, 0, {"kv_b": low.w["kv_b"].float()}, 1e-6)  # the same values, float32
     want = f32.decode_group(q, g, mask, Latents(cache.layers[0][0].float()), absorb=False)
-    assert low.w["kv_b"].dtype == dtype and low.absorbed.w_uk.dtype == torch.float32
+    assert low.w["kv_b"].dtype == dtype and low.absorbed.w_uk.dtype == (torch.float32 if copy else dtype)
     err = [float((low.decode_group(q, g, mask, cache, absorb=a) - want).abs().max()) for a in (True, False)]
     assert err[1] > 1e-4 and err[0] < err[1] / 100, err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_an_accelerator_holds_no_float32_copy_and_decodes_the_same(dtype):
+    """Off the CPU (the meta device stands in: shapes and dtypes only) the split is kv_b's own storage in its own
+    dtype, so nothing beside kv_b needs memory (a float32 copy was 2x kv_b: 4 GiB over DeepSeek-V3's 61 layers);
+    on the CPU the float32 copy stays for half precision. Both decode a group to the same bits."""
+    meta = Absorbed.of(torch.empty(H * (NOPE + V), R, dtype=dtype, device="meta"), H, NOPE, V)
+    assert meta.w_uk.dtype == meta.w_uv.dtype == dtype and meta.w_uk.device.type == "meta"
+    cpu, accel = _layer(dtype), _on_accelerator(_layer(dtype))
+    kv_b = accel.w["kv_b"]
+    for w in (accel.absorbed.w_uk, accel.absorbed.w_uv):
+        assert w.dtype == dtype and w.untyped_storage().data_ptr() == kv_b.untyped_storage().data_ptr()
+    copied = cpu.absorbed.w_uk.untyped_storage().data_ptr() != cpu.w["kv_b"].untyped_storage().data_ptr()
+    assert cpu.absorbed.w_uk.dtype == torch.float32 and copied == (dtype != torch.float32)
+    g, cache, q = _group([6, 11, 30, 31], dtype)
+    mask = step_masks(SimpleNamespace(decode_groups=(g,)), {None})[0][None]
+    assert torch.equal(accel.decode_group(q, g, mask, cache), cpu.decode_group(q, g, mask, cache))
 
 
 @pytest.fixture(scope="module")
