@@ -4,10 +4,10 @@ latents (O(topk) a row) against masking the unpicked keys of the whole context (
 Each row of the group attends its index_topk picks of L cached latents (DeepSeek-V3.2: topk 2048, kv_lora_rank
 512, rope 64, nope and value heads 128) through `Attention.decode_group`, the engine's own decode read: gather
 (positions [B, topk], what the indexer gives) and mask (the same picks as a keep mask [B, L]), in one run, with the
-outputs' largest difference. The indexer's scoring of all L index keys (`indexer.top_keys`, the same for both) is
-timed beside them. --form: the decode read as the engine runs it (absorbed: kv_b folded into the query, the
-latents attended as they are) or with every latent read expanded through kv_b (expand; the committed JSON's form,
-measured before decode absorbed kv_b).
+outputs' largest difference. The indexer's scoring of all L index keys (`indexer.top_keys`, the same for both,
+reading them from the cache's blocks as the engine does) is timed beside them. --form: the decode read as the
+engine runs it (absorbed: kv_b folded into the query, the latents attended as they are) or with every latent read
+expanded through kv_b (expand; the read before decode absorbed kv_b, which the README's earlier figures measured).
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def run_length(attn: Attention, a, length: int) -> dict:
                     read=torch.arange(b * length).view(b, length))  # [B, L]: row i's block is block i
     mask = torch.ones(b, 1, 1, length, dtype=torch.bool)  # [B, 1, 1, L]: every row's whole context
     iq, iw = torch.randn(b, a.index_heads, a.index_dim), torch.randn(b, a.index_heads)  # [B, h_ix, D], [B, h_ix]
-    keys = torch.randn(b, length, a.index_dim)  # [B, L, D]
+    keys = torch.randn(b, length, a.index_dim)  # [B, L, D]: the index keys' cache, row i's block is block i
     valid = mask[:, 0, 0, :]
-    picked, index_ms = timed(lambda: top_keys(iq, iw, keys, valid, a.topk), a.repeats)  # [B, topk]
+    picked, index_ms = timed(lambda: top_keys(iq, iw, keys, valid, a.topk, g.read), a.repeats)  # [B, topk]
     keep = torch.zeros(b, length, dtype=torch.bool).scatter_(1, picked, True)  # [B, L]
     q, cache = torch.randn(b, a.heads, a.nope + a.rope), LatentCache(latent)  # [B, h, d]
     with torch.no_grad():
