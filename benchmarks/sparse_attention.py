@@ -77,7 +77,7 @@ def run_length(attn: Attention, a, length: int) -> dict:
         gathered, gather_ms = timed(lambda: attn.decode_group(q, g, mask, cache, picked, absorb), a.repeats)
         masked, mask_ms = timed(lambda: attn.decode_group(q, g, mask, cache, keep, absorb), a.repeats)
     return {"length": length, "topk": a.topk, "rows": b, "mask_ms": mask_ms, "gather_ms": gather_ms,
-            "speedup": mask_ms / gather_ms, "indexer_ms": index_ms,
+            "speedup": mask_ms / gather_ms, "indexer_ms": index_ms, "indexer_read": "paged spans",
             "max_abs_diff": float((gathered - masked).abs().max())}
 
 

@@ -83,7 +83,7 @@ def test_sparse_attention_benchmark_smoke(tmp_path, form):
     assert report["cpu"] and [(r["length"], r["topk"], r["rows"]) for r in report["rows"]] == [(48, 16, 3), (96, 16, 3)]
     assert report["args"]["form"] == form
     for r in report["rows"]:
-        assert r["mask_ms"] > 0 and r["gather_ms"] > 0 and r["indexer_ms"] > 0, r
+        assert r["mask_ms"] > 0 and r["gather_ms"] > 0 and r["indexer_ms"] > 0 and r["indexer_read"] == "paged spans"
         assert r["speedup"] == pytest.approx(r["mask_ms"] / r["gather_ms"]) and r["max_abs_diff"] < 1e-5, r
 
 

@@ -286,6 +286,8 @@ def test_sparse_attention_table():
     assert [int(g) for g in m.groups()[:2]] == [r["length"] // r["topk"] for r in rows]
     worst = max(r["max_abs_diff"] for r in rows)
     assert float(m.group(3)) == float(f"{worst:.0e}") and worst < 1e-5
+    # the indexer column from before the scoring went by spans (rows without indexer_read) says so, and only then
+    assert all("indexer_read" in r for r in rows) == ("The indexer column predates its scoring in spans" not in text)
 
 
 def _c16(name: str) -> dict[str, dict]:
