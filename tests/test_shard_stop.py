@@ -24,12 +24,17 @@ from tests.shard_util import E, Shards, _inputs, files  # noqa: F401
 _REQ = ExpertRequest(0, torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1))
 
 
-def _slow_serve(started: threading.Event, finished: threading.Event, seconds: float):
-    """serve(): for each frame, `seconds` of small torch ops (each releases and retakes the GIL), then the echo."""
+def _slow_serve(started: threading.Event, finished: threading.Event, release: threading.Event, seconds: float):
+    """serve(): for each frame, small torch ops (each releases and retakes the GIL) until `release` is set and for
+    `seconds` after, then the echo. Held by an Event, not for a wall-clock time: on a loaded machine the frame's
+    time could run out before the test looked."""
     def serve(requests, put) -> None:
         for r in requests:
             started.set()
-            x, end = torch.randn(64, 64), time.monotonic() + seconds
+            x = torch.randn(64, 64)
+            while not release.is_set():
+                x = x[torch.randperm(64)]
+            end = time.monotonic() + seconds
             while time.monotonic() < end:
                 x = x[torch.randperm(64)]
             finished.set()
@@ -38,18 +43,21 @@ def _slow_serve(started: threading.Event, finished: threading.Event, seconds: fl
 
 
 def test_close_event_waits_for_the_frame_being_computed():
-    started, finished = threading.Event(), threading.Event()
-    listener = frame_listener.FrameListener(_slow_serve(started, finished, 0.6), "127.0.0.1", [0], insecure=True)
+    started, finished, release = threading.Event(), threading.Event(), threading.Event()
+    listener = frame_listener.FrameListener(_slow_serve(started, finished, release, 0.0), "127.0.0.1", [0],
+                                            insecure=True)
     client = socket.create_connection(("127.0.0.1", listener.port))
     try:
         frame_socket.send_parts(client, frames.request_parts(7, _REQ))
         assert started.wait(10)
         done = listener.close()
         assert client.recv(1) == b""  # cut at once: the client sees the end before the frame finishes
-        assert not finished.is_set()
+        assert not done.wait(0.3) and not finished.is_set()  # an Event that did not wait would be set by now
+        release.set()
         assert done.wait(10) and finished.is_set()  # set only once the connection's thread has returned
         assert not listener._threads
     finally:
+        release.set()
         client.close()
 
 
@@ -99,11 +107,12 @@ def test_close_cuts_a_connection_still_in_its_tls_handshake(tmp_path):
         client.close()
 
 _EXITING = """
-    import socket, sys, threading
+    import atexit, socket, sys, threading
     from elasticmoe.rpc import frame_listener, frame_socket, frames
     from tests.test_shard_stop import _REQ, _slow_serve
-    started, finished = threading.Event(), threading.Event()
-    serve = _slow_serve(started, finished, 1.0)
+    started, finished, release = threading.Event(), threading.Event(), threading.Event()
+    atexit.register(release.set)  # runs before the listener's exit hook (registered first): 1 s of frame left
+    serve = _slow_serve(started, finished, release, 1.0)
     def serve_and_tell(requests, put):
         serve(requests, put)
         print("finished" if finished.is_set() else "no frame", flush=True)
@@ -128,62 +137,98 @@ def test_exiting_with_a_frame_in_progress_finishes_it(close):
     assert out.stdout.split() == ["exiting", "finished"], (out.stdout, out.stderr[-2000:])
 
 
-def _in_flight(files, shards: Shards, t, delay_s: float):  # noqa: F811
-    """One call answered, then a second one the shard takes and holds for delay_s: its pending Future (once the
-    shard counted it, or 10 s)."""
+def _hold_next_compute(servicer) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """(entered, release, ended): the shard's next call (unary, stream or socket frame alike: they all compute through
+    _compute) waits once counted (`entered` set) until `release` is set, then computes (`ended` set once it has)."""
+    compute, entered, release, ended = servicer._compute, threading.Event(), threading.Event(), threading.Event()
+
+    def held(request, context):
+        if entered.is_set():
+            return compute(request, context)
+        entered.set()
+        assert release.wait(30), "never released"
+        try:
+            return compute(request, context)
+        finally:
+            ended.set()
+    servicer._compute = held
+    return entered, release, ended
+
+
+def _in_flight(files, shards: Shards, t):  # noqa: F811
+    """One call answered, then a second one the shard takes and holds: (its pending Future, release, ended), once
+    the shard holds it (a wall-clock delay instead raced the stop on a loaded machine: answered before it began,
+    or computed past its grace)."""
     req = ExpertRequest(shards.layers[0], *_inputs(files, 0))
     assert t.send(shards.addresses[0], lambda: req, 10).result(timeout=20).output.data
-    shards.servicers[0].faults.run_delay_s = delay_s
-    pending = t.send(shards.addresses[0], lambda: req, 30)
-    deadline = time.monotonic() + 10
-    while shards.servicers[0].calls < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return pending
+    entered, release, ended = _hold_next_compute(shards.servicers[0])
+    pending = t.send(shards.addresses[0], lambda: req, 60)
+    assert entered.wait(20), "the shard never took the call"
+    return pending, release, ended
 
 
 @pytest.mark.parametrize("kind", ["socket", "stream"])
 def test_shard_stop_event_waits_for_the_frame_being_computed(files, kind):  # noqa: F811
-    """ShardServer.stop(None): the caller's pending call fails at once, both transports' frames alike; the Event is
-    set once the frame being computed has ended (the listener's connection thread or the stream's reading thread)."""
+    """ShardServer.stop(None): the caller's pending call fails at once, both transports' frames alike (while its
+    frame is still held); the Event is set only once the frame being computed has ended (the listener's connection
+    thread or the stream's reading thread)."""
     shards = Shards(files, [list(range(E))])
     t = make_transport(kind, insecure=False)
+    release = threading.Event()
     try:
-        pending = _in_flight(files, shards, t, delay_s=1.5)
-        t0 = time.monotonic()
+        pending, release, ended = _in_flight(files, shards, t)
         stopped = shards.servers[0].stop(None)
         with pytest.raises(grpc.RpcError):
-            pending.result(timeout=5)
-        assert time.monotonic() - t0 < 1.0 and not stopped.is_set()
-        assert stopped.wait(10) and time.monotonic() - t0 > 1.0
+            pending.result(timeout=20)  # its frame is held: failing at all means before the frame ended
+        assert not stopped.wait(0.5) and not ended.is_set()  # an Event that did not wait would be set by now
+        release.set()
+        assert stopped.wait(20) and ended.is_set()
         assert not shards.servicers[0].readers and not shards.servers[0].listener._threads
     finally:
-        shards.servicers[0].faults.run_delay_s = 0.0
+        release.set()
         t.close()
         shards.close()
 
 
+class _Releasing:
+    """The shard's ShardServer as the replica's `server`: its stop() lets the held call go once the stop has begun."""
+
+    def __init__(self, server, release: threading.Event):
+        self.server, self.release = server, release
+
+    def stop(self, grace):
+        stopped = self.server.stop(grace)
+        self.release.set()
+        return stopped
+
+
 @pytest.mark.parametrize("kind", ["unary", "socket"])
-def test_a_stopping_replica_answers_the_call_in_flight_before_it_returns(files, kind):  # noqa: F811
+def test_a_stopping_replica_answers_the_call_in_flight_before_it_returns(files, kind, monkeypatch):  # noqa: F811
     """ExpertShard.__del__ stops its server with a grace period for the calls in flight; Serve kills the process
     once __del__ returns, so it must return only after them: it returned at once (stop() only starts stopping), and
     the call in flight was cut by the kill (its gateway failing over) instead of being answered. The kill here is
-    stop(None) once __del__ has returned."""
+    stop(None) once __del__ has returned. The call is held until the stop has begun (in flight for sure), then
+    computed within a grace long enough for a loaded machine (STOP_GRACE_S, 2 s, was cut there once)."""
+    from elasticmoe.experts import deployment
     from tests.test_controller_restart import ShardImpl, _Replica
 
+    monkeypatch.setattr(deployment, "STOP_GRACE_S", 8.0)
     shards = Shards(files, [list(range(E))])
     t = make_transport(kind, insecure=False)
+    release = threading.Event()
     try:
-        pending = _in_flight(files, shards, t, delay_s=1.0)
-        assert shards.servicers[0].calls == 2 and not pending.done(), "no call in flight when the stop began"
+        pending, release, ended = _in_flight(files, shards, t)
+        assert not pending.done(), "no call in flight when the stop began"
         replica = object.__new__(_Replica)  # not registered: no drain, straight to the server's stop
-        replica.shard_id, replica.server, replica.controller = "s0", shards.servers[0], None
+        replica.shard_id, replica.server, replica.controller = "s0", _Releasing(shards.servers[0], release), None
         replica.registered, replica.stopping, replica._ready_lock = threading.Event(), False, threading.Lock()
         asyncio.run(asyncio.wait_for(ShardImpl.__del__(replica), 30))
+        assert release.is_set() and ended.is_set()  # __del__ returned once the held call had been computed
         shards.servers[0].stop(None)  # as Serve's kill: a call still in flight now is cut, its gateway fails over
         # answered before __del__ returned: its answer on its way, taken by the client's thread when it next runs
         # (at once: not always by the time __del__ returns, on a loaded machine)
         assert pending.result(timeout=10).output.data
     finally:
-        shards.servicers[0].faults.run_delay_s = 0.0
+        release.set()
         t.close()
         shards.close()
