@@ -48,7 +48,9 @@ def test_old_copies_a_busy_shard_refused_to_drop_are_dropped_once_it_is_free(mod
             with _busy(a):
                 new = await ctrl.table(old["version"], "g")  # g runs the new table: the drops go ahead
                 await ctrl.table(new["version"], "g")
-                await asyncio.sleep(3.0)  # the drop (0.5 s after the ack), then health rounds' tries: all refused
+                # the drop (0.5 s after the ack) refused: waited for, not slept on (3 s could pass before it ran)
+                await _until(lambda: ctrl.event_counts.get("drop_failed", 0) == 1, 30, "the refused drop")
+                await asyncio.sleep(1.0)  # health rounds' tries meanwhile: all refused
                 await ctrl.table(new["version"], "g")
                 assert moved <= a.held() and not moved & _assigned(ctrl, a)
             await _until(lambda: not moved & a.held(), 10, "a's old copies dropped")
@@ -75,7 +77,7 @@ def test_extras_a_busy_shard_refused_to_drop_at_its_ready_are_dropped_once_it_is
             await ctrl.ready("b")
             assert extra in b.held()
             await ctrl._health_once()  # its try: refused too
-            await asyncio.sleep(1.5)
+            await _until(lambda: ctrl.event_counts.get("drop_failed", 0) == 1, 30, "the refused drop")  # not slept on
             assert extra in b.held()
         await ctrl._health_once()
         await _until(lambda: extra not in b.held(), 5, "b's extra dropped")
@@ -112,8 +114,8 @@ def test_a_load_that_lands_as_its_caller_gives_up_is_dropped_again(model, answer
             return n
 
         a.store.load = held_answer
-        with pytest.raises(LoadFailed):
-            await ctrl._load_many({a.address: extra}, deadline=time.monotonic() + 0.3)
+        with pytest.raises(LoadFailed):  # 3 s: the load lands first (0.3 s could pass before it reached a, loaded)
+            await ctrl._load_many({a.address: extra}, deadline=time.monotonic() + 3.0)
         assert landed.is_set()
         if answered == "as_its_caller_leaves":
             assert a.held() == before and not ctrl._undropped  # the roll back's drop took them
