@@ -309,7 +309,7 @@ def test_gateway_kill_gives_unavailable_fast_and_a_retry_succeeds(apps):
             for _ in it:
                 pass
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
-    assert time.monotonic() - killed < 5.0
+    assert time.monotonic() - killed < 20.0  # promptly: a stream left hanging would wait for its 300 s deadline
     for c in (client, direct):
         got = _wait(lambda: list(c.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
                                             ignore_eos=True).token_ids), 180, "a retry to succeed")

@@ -277,6 +277,6 @@ def test_a_deleted_app_lets_its_shards_go_at_once(served, ray_cluster, reference
     deploy(ray_cluster, [e for e in entries if e["name"] != "qn2"], path / "without-qn2.yaml")  # the rest unchanged
     while any(_alive(p) for p in pids) and time.monotonic() - t0 < 90:
         time.sleep(0.5)
-    assert time.monotonic() - t0 < 30, [p for p in pids if _alive(p)]
+    assert time.monotonic() - t0 < 45, [p for p in pids if _alive(p)]  # under Serve's 60 s kill; room for a busy host
     assert _greedy("mix2", PROMPTS[0]) == references["mixtral"][0][0]  # the others kept serving, exactly
 
