@@ -11,10 +11,11 @@ from elasticmoe.model.indexer_spec import IndexerSpec
 from elasticmoe.model.layers import Rotary, layer_norm
 
 F32 = torch.float32
-# floats of [rows, keys, heads] products held at once on CPU (2 MiB, a few L2s): as fast as an L2-sized block
-# (75 against 70 ms of one thread at 16,384 keys, 8 rows of 64 heads) in a quarter of the ops, each a parallel
-# region whose threads wait on each other (an L2-sized block ran 4x slower on a loaded 2-CPU machine)
-SCORE_BLOCK = 1 << 19
+# floats of [rows, keys, heads] products held at once on CPU (8 MiB): each op is a parallel region whose threads
+# wait on each other, so fewer, larger ones; A/B against the whole-product scoring at 8 rows of 64 heads, on a
+# 2-CPU machine at load 4-5: 1.0-1.4x (L 4096) and 4.0x (16,384) on one thread, 1.3x and 1.5x on two, where a
+# 2 MiB block ran 0.7-0.8x on two threads
+SCORE_BLOCK = 1 << 21
 DEVICE_SCORE_BLOCK = 1 << 24  # on an accelerator (64 MiB): few, large products; launches, not caches, cost there
 MIN_KEYS = 256  # keys a block scores at least (fewer queries a block when they have many heads)
 ROLES = ("index_q", "index_k", "index_norm", "index_norm_b", "index_weights")  # names.ATTN; weights in float32
