@@ -29,11 +29,11 @@ def zeroing_fails_once(engine: Engine) -> list[int]:
     """The engine's KV cache, whose first zeroing of a slot raises (a device error); returns the slots zeroed."""
     real, calls = engine.cache.clear, []
 
-    def clear(slot: int, length: int) -> None:
+    def clear(slot: int, length: int, blocks=None) -> None:
         calls.append(slot)
         if len(calls) == 1:
             raise RuntimeError("injected: CUDA error: an illegal memory access was encountered")
-        real(slot, length)
+        real(slot, length, blocks)
     engine.cache.clear = clear
     return calls
 

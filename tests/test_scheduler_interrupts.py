@@ -215,3 +215,39 @@ def test_an_interrupt_anywhere_in_the_block_pool_loses_no_block(case):
         if not cut:
             break
     assert k > 10, k
+
+
+def test_a_ctrl_c_before_the_steps_table_assignment_zeroes_no_one_elses_blocks(tmp_path):
+    """A Ctrl-C after the scheduler admitted d (slot 1) and before the step assigned d's blocks to slot 1 left the
+    slot's row naming its last owner's blocks, now b's (slot 0); aborting d then zeroed b's prompt through that row.
+    Now an ending zeroes the blocks the pool has for its owner, and each step assigns every running row."""
+    llm = LLM(str(make_tiny_model("mixtral", tmp_path / "mixtral", layers=2, experts=4)))
+    engine = Engine(llm.files, LocalDispatcher(llm.store), max_num_seqs=2, max_model_len=32, kv_cache_tokens=32,
+                    kv_block_size=4, tokenizer=llm.tokenizer)
+    pool, greedy = engine.scheduler.pool, lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    a = engine.add_request("a", list(range(10, 12)), greedy(2))  # slot 0, 1 block
+    c = engine.add_request("c", list(range(20, 26)), greedy(1))  # slot 1, 2 blocks; ends first
+    while engine.has_work():
+        engine.step()
+    stale = engine.cache.table.rows[c.slot]
+    b_prompt = list(range(30, 40))
+    b = engine.add_request("b", b_prompt, greedy(2))  # a's slot; a's block, then c's two
+    engine.step()
+    assert b.slot == a.slot != c.slot and pool.blocks(b)[1:] == stale
+    real = engine.scheduler.schedule
+
+    def then_ctrl_c(*args):
+        real(*args)
+        raise KeyboardInterrupt
+    engine.scheduler.schedule = then_ctrl_c
+    d = engine.add_request("d", list(range(50, 55)), greedy(3))
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    engine.scheduler.schedule = real
+    assert d.slot == c.slot and engine.cache.table.rows[d.slot] == stale
+    engine.abort("d")
+    cache = engine.cache
+    assert all(cache.layers[i][0][k].abs().sum() > 0 for i in cache.owned for k in pool.blocks(b))
+    while engine.has_work():
+        engine.step()
+    assert b.output_ids == llm.generate([b_prompt], greedy(2))[0].token_ids

@@ -72,9 +72,11 @@ class Endings:
     def zero(self, slot: int, length: int, owner: Hashable) -> None:
         """Zero a slot's first `length` positions; should that raise (a device error), the slot is held back (out of
         free_slots, if there) until the next step zeroes it, where a failure is the engine's, and with it the
-        blocks of `owner` (its sequence), which its end would have freed."""
+        blocks of `owner` (its sequence), which its end would have freed. The blocks zeroed are those the pool
+        has for `owner` (BlockPool.to_zero: not the table's row, which a Ctrl-C before the step's assignment left
+        naming another's), less those others hold or the prefix cache keeps; what `owner` wrote is cached no more."""
         try:
-            self.cache.clear(slot, length)
+            self._clear(slot, length, owner)
         except Exception:  # noqa: BLE001 - retried by the next step (zero_held)
             log.exception("zeroing KV-cache slot %d failed; it is held back until a step zeroes it", slot)
             if slot not in self.held:
@@ -88,11 +90,17 @@ class Endings:
         raises, as the step does: a device that cannot zero its memory is every request's failure, not one's. A slot
         is unlisted last: a pass cut short (Ctrl-C) is completed by the next, its slot and blocks free or held."""
         for slot, length in list(self.held.items()):
-            self.cache.clear(slot, length)
+            self._clear(slot, length, ("held", slot))
             self.scheduler.pool.release(("held", slot))  # (again, nothing: release is idempotent)
             if slot not in self.scheduler.free_slots:
                 self.scheduler.free_slots.append(slot)
             del self.held[slot]
+
+    def _clear(self, slot: int, length: int, owner: Hashable) -> None:
+        """Zero the positions [0, length) that `owner` wrote in its blocks (and the slot's linear states)."""
+        pool = self.scheduler.pool
+        pool.uncache_written(owner)
+        self.cache.clear(slot, length, pool.to_zero(owner, pool.blocks_for(length)))
 
 
 def _drop_tracebacks(error: BaseException) -> None:

@@ -148,8 +148,9 @@ class Engine:
         work = self.scheduler.schedule(self.forward.budget.tokens())
         if not work:
             return []
-        for seq, _ in work:  # a newly admitted sequence's blocks (sent with this step's indices); others: no change
-            self.cache.table.assign(seq.slot, self.scheduler.pool.blocks(seq))
+        pool = self.scheduler.pool
+        for seq in self.scheduler.running:  # a newly admitted one's blocks (sent with this step's indices), also one
+            self.cache.table.assign(seq.slot, pool.blocks(seq))  # admitted by a step cut short; others: no change
         try:
             hidden, ran, out = self.forward(work)  # hidden [N, H] for the work that ran; out: the sequences it ended
         except BaseException:  # past some it ended (finished now: nothing else ends one in a step), unheard of else

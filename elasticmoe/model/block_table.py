@@ -28,12 +28,14 @@ class BlockTable:
         self.pending: dict[int, tuple[int, ...]] = {}
 
     def assign(self, slot: int, blocks: tuple[int, ...]) -> None:
-        """Slot `slot`'s positions live in `blocks` from the next step built (build_batch) on."""
+        """Slot `slot`'s positions live in `blocks` from the next step built (build_batch) on. Again with the same
+        blocks: nothing (pending first, then the host row: one cut short is not taken for done)."""
         if self.rows[slot] is blocks:
             return
         if len(blocks) > self.max_blocks:
             raise ValueError(f"KV-cache slot {slot}: {len(blocks)} blocks; a slot has room for {self.max_blocks}")
-        self.rows[slot] = self.pending[slot] = blocks
+        self.pending[slot] = blocks
+        self.rows[slot] = blocks
 
     def capacity(self, slot: int) -> int:
         """Positions the slot has blocks for."""

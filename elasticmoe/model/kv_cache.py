@@ -54,11 +54,13 @@ class KVCache:
         """Cache tensor t's positions of `slot`, as many as its blocks hold: [capacity, ...] (a copy)."""
         return self.read(t, self.table.read_index(slot, self.table.capacity(slot)))[0]
 
-    def clear(self, slot: int, length: int) -> None:
-        """Zero the slot's blocks holding positions [0, length), and its linear-attention states. Decode rows read
-        their slot up to the longest row of their group, masked; a masked NaN or inf (left by a request that failed
-        on a numerical fault) still poisons the sum."""
-        blocks = self.table.rows[slot][:-(-length // self.block_size)]
+    def clear(self, slot: int, length: int, blocks: list[int] | tuple[int, ...] | None = None) -> None:
+        """Zero the slot's blocks holding positions [0, length) (`blocks`: those blocks, as the engine's pool has
+        them: the table's row may be another's still, or hold blocks shared), and its linear-attention states.
+        Decode rows read their slot up to the longest row of their group, masked; a masked NaN or inf (left by a
+        request that failed on a numerical fault) still poisons the sum."""
+        if blocks is None:
+            blocks = self.table.rows[slot][:-(-length // self.block_size)]
         if blocks:
             index = torch.tensor(blocks, device=self.table.tensor.device)  # [n]
             for i in self.owned:
