@@ -58,6 +58,10 @@ class Limits(_Strict):
         "preemption), and a request that can never fit is refused (HTTP 400 / INVALID_ARGUMENT); may be less than "
         "max_model_len; default max_num_seqs x max_model_len (every sequence a whole context, the size before paging)")
     kv_block_size: int = Field(16, ge=1, le=4096, description="positions a KV-cache block holds")
+    prefix_caching: bool = Field(True, description="a prompt shares the KV-cache blocks of an earlier prompt it "
+                                 "starts with (whole blocks), computing only the rest; cached blocks no running "
+                                 "sequence holds are reused, least recently used first, when a reservation needs "
+                                 "them; always off for models with linear-attention layers (not exact there)")
     micro_batches: int | None = Field(None, ge=1, le=8, description="micro-batches a step is cut into (at sequence "
                                       "boundaries, 4 tokens or more each), so that one's dense work runs while the "
                                       "others' experts are in flight (ping-pong); 1: no pipelining; default 2 on "

@@ -38,7 +38,8 @@ def test_every_untyped_limit_is_settable():
     want = {"micro_batches": 3, "transport": "unary", "failover_s": 7.5, "max_ongoing_requests": 120,
             "max_queued_requests": 1000, "max_stop_strings": 4, "max_stop_len": 64, "max_request_id_len": 128,
             "max_prompt_bytes": 8388608, "max_prompt_tokens": 4000, "max_logprobs": 5, "max_body_bytes": 16777216,
-            "max_stop_token_ids": 8, "max_logit_bias": 300, "kv_cache_tokens": 65536, "kv_block_size": 32}
+            "max_stop_token_ids": 8, "max_logit_bias": 300, "kv_cache_tokens": 65536, "kv_block_size": 32,
+            "prefix_caching": False}
     assert set(want) == set(Limits.model_fields) - set(TYPED), "a new Limits field: add it here"
     raw = _limits_args(want)
     parsed = Limits.model_validate(raw)

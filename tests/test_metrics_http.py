@@ -99,3 +99,25 @@ def test_a_scrape_while_another_loop_counts_a_new_code():
             finally:
                 writer.join()
             assert 'code="X299"' in prometheus_text(m)
+
+
+def test_the_prefix_cache_counters_follow_the_engines_totals():
+    """GatewayMetrics.engine_from (each step's gauges) takes the pool's prefix-cache totals: /metrics exports them
+    as counters, and each later call adds only what they grew."""
+    from elasticmoe.engine.kv_blocks import BlockPool
+    from elasticmoe.engine.prefix_cache import block_keys
+    from elasticmoe.engine.scheduler import Scheduler
+
+    m = GatewayMetrics("off", 2, 4, [1], use_ray=False)
+    pool = BlockPool(8, 4)
+    sched = Scheduler(4, 64, 4, pool, prefix_caching=True)
+    keys = block_keys(list(range(10, 19)), 4)
+    assert pool.reserve("a", 3, keys, query=9)
+    pool.register("a", keys)
+    assert pool.reserve("b", 3, keys, query=9) and pool.hits("b") == 2
+    m.engine_from(sched)
+    got = _series(prometheus_text(m))
+    assert got["elasticmoe_prefix_cache_queries_total"] == 18 and got["elasticmoe_prefix_cache_hits_total"] == 8
+    assert pool.reserve("c", 2, keys[:1], query=5)
+    m.engine_from(sched)
+    assert m.prefix_cache == {"queries": 23, "hits": 12}

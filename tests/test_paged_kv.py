@@ -249,22 +249,24 @@ def test_a_cache_the_device_cannot_hold_is_refused_naming_the_fields():
 
 def test_the_limits_reach_the_gateways_engine(controller):  # noqa: F811
     """limits.kv_cache_tokens and limits.kv_block_size (AppArgs) size a GatewayCore's cache: its stats count the
-    blocks, and its validator refuses by the limit's name; unset, the cache is every slot's whole context."""
+    blocks, and its validator refuses by the limit's name; unset, the cache is every slot's whole context.
+    limits.prefix_caching (default on) reaches its engine."""
     from elasticmoe.config import Limits
     from elasticmoe.gateway.deployment import GatewayCore
     from tests.controller_util import _args, _LoopHandle
 
     ctrl, loop = controller
-    limits = {"max_num_seqs": 4, "max_model_len": 64, "kv_cache_tokens": 50, "kv_block_size": 8}
+    limits = {"max_num_seqs": 4, "max_model_len": 64, "kv_cache_tokens": 50, "kv_block_size": 8,
+              "prefix_caching": False}
     core = GatewayCore(_args(ctrl.args.model, num_shards=1, limits=limits), _LoopHandle(ctrl, loop))
     try:
         st = core.runner.stats()
-        assert (st["kv_blocks"], st["kv_blocks_free"]) == (7, 7)
+        assert (st["kv_blocks"], st["kv_blocks_free"]) == (7, 7) and not core.runner.engine.prefix_caching
         with pytest.raises(InvalidRequest, match="limits.kv_cache_tokens"):
             core.runner.engine.validate(_ids(40, 1), SamplingParams(max_tokens=11))
     finally:
         core.close()
-    assert Limits().kv_cache_tokens is None and Limits().kv_block_size == 16
+    assert Limits().kv_cache_tokens is None and Limits().kv_block_size == 16 and Limits().prefix_caching
 
 
 def test_the_readme_figure_for_mixtral_8x7b(tmp_path):

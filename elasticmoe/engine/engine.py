@@ -12,6 +12,7 @@ from elasticmoe.engine.checkpoint_defaults import eos_token_ids, generation_conf
 from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.endings import Endings
 from elasticmoe.engine.kv_space import make_cache
+from elasticmoe.engine.prefix_cache import inexact_because
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import Scheduler, Sequence
 from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBudget
@@ -27,14 +28,16 @@ __all__ = ["DTYPES", "RETRY_BACKOFF_S", "Engine"]
 
 
 class Engine:
-    """A continuous-batching engine over one DenseModel; experts run wherever the dispatcher sends them."""
+    """A continuous-batching engine over one DenseModel; experts run wherever the dispatcher sends them.
+    prefix_caching: prompts share the cached KV blocks they start with (Scheduler), where that is exact: off for a
+    model with linear-attention layers (prefix_cache.inexact_because)."""
 
     def __init__(self, files: ModelFiles, dispatcher: Dispatcher, *, dtype: str = "float32", device: str = "cpu",
                  max_num_seqs: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
                  max_queue: int = 1024, tokenizer: Any = None, pipeline_min_tokens: int = 8,
                  micro_batches: int = 2, limits: RequestLimits | None = None,
                  retry_backoff_s: tuple[float, ...] = RETRY_BACKOFF_S, kv_cache_tokens: int | None = None,
-                 kv_block_size: int = 16):
+                 kv_block_size: int = 16, prefix_caching: bool = True):
         self.files, self.spec = files, files.spec
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -46,7 +49,11 @@ class Engine:
         self.cache, pool = make_cache(self.spec, max_num_seqs, self.max_model_len, kv_cache_tokens, kv_block_size,
                                       self.dtype, self.device)  # before the weights: refused sooner, if at all
         self.model = DenseModel(self.spec, files.ckpt, files.names, self.dtype, self.device, self.max_model_len)
-        self.scheduler = Scheduler(max_num_seqs, max(max_num_batched_tokens, 1), max_queue, pool)
+        why = prefix_caching and inexact_because(self.spec)
+        if why:
+            log.info("prefix caching is off for %s: %s", files.ckpt.path, why)
+        self.scheduler = Scheduler(max_num_seqs, max(max_num_batched_tokens, 1), max_queue, pool,
+                                   prefix_caching=prefix_caching and not why)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(files.ckpt.path)
         self.generation_defaults, gen_eos = generation_config(files.ckpt.path)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -69,6 +76,11 @@ class Engine:
         """slot -> positions to zero: zeroing failed as its request ended (its blocks are held too, by
         ("held", slot) in the pool, until they are zeroed); neither free nor running."""
         return self.endings.held
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether prompts share cached blocks (asked for, and exact for this model)."""
+        return self.scheduler.prefix_caching
 
     @property
     def failed_requests(self) -> int:
@@ -201,6 +213,8 @@ class Engine:
             if err is not None:
                 raise err
             seq.num_cached += n
+            if not seq.output_ids:  # its prompt ran whole: its blocks may be cached (prefix caching)
+                self.scheduler.written(seq)
             self._append(seq, token, logprob)
         except Exception as e:  # noqa: BLE001 - this row's request only
             self.fail(seq, e)

@@ -1,4 +1,4 @@
-"""The KV cache's block pool: free blocks, the blocks each owner holds, and the cached prompt blocks (prefix caching)."""
+"""The KV cache's block pool: free blocks, each owner's blocks, and the cached prompt blocks (prefix caching)."""
 
 from __future__ import annotations
 

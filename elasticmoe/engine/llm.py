@@ -33,7 +33,7 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike, device: str = "cpu", dtype: str = "float32", *, max_num_seqs: int = 16,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 2048, moe_backend: str = "auto",
-                 kv_cache_tokens: int | None = None, kv_block_size: int = 16):
+                 kv_cache_tokens: int | None = None, kv_block_size: int = 16, prefix_caching: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -50,7 +50,8 @@ class LLM:
         self.engine = Engine(self.files, LocalDispatcher(self.store), dtype=dtype, device=device,
                              max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                              max_num_batched_tokens=max_num_batched_tokens, max_queue=1 << 30,
-                             kv_cache_tokens=kv_cache_tokens, kv_block_size=kv_block_size)
+                             kv_cache_tokens=kv_cache_tokens, kv_block_size=kv_block_size,
+                             prefix_caching=prefix_caching)
         self.store.load((l, e) for l in spec.moe.moe_layers for e in range(spec.moe.num_experts))  # once it is valid
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0

@@ -11,6 +11,7 @@ import torch
 
 from elasticmoe.engine.detok import Detokenizer
 from elasticmoe.engine.kv_blocks import BlockPool
+from elasticmoe.engine.prefix_cache import block_keys
 from elasticmoe.engine.sampling import PenaltyState, SamplingParams, TokenLogprob
 
 
@@ -51,6 +52,8 @@ class Sequence:
     error: RequestFailed | None = None  # set when the engine ended this request on a failure
     text_end: int | None = None  # output tokens the text renders: all but a stop token / EOS that ended it (vLLM)
     scheduled_at: int = -1  # the scheduler's step that last gave it work (decodes over the budget: oldest first)
+    block_keys: list[bytes] | None = None  # prefix caching: its prompt's full blocks' keys (prefix_cache.block_keys)
+    registered: int = 0  # prefix caching: its first blocks that are cached (found so, or registered as written)
 
     @property
     def num_tokens(self) -> int:
@@ -74,11 +77,15 @@ class Scheduler:
     """Picks each step's work: running decodes (all of them while the budget allows), unfinished prefills, then new
     sequences while slots, KV-cache blocks and the budget last. `pool`: the KV cache's blocks, of which a sequence
     is admitted only once it can reserve all it may need (prompt + max_tokens), in arrival order (the first waiting
-    one waits for blocks, those after it too); its end (finish) gives them back. None: no blocks counted."""
+    one waits for blocks, those after it too); its end (finish) gives them back. None: no blocks counted.
+    `prefix_caching`: a sequence shares the cached blocks its prompt starts with (all but its last token at most:
+    one is always run, to draw from) and runs from their end; its own full prompt blocks are cached as its first
+    token is drawn (`written`)."""
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int,
-                 pool: BlockPool | None = None):
+                 pool: BlockPool | None = None, prefix_caching: bool = False):
         self.pool = pool
+        self.prefix_caching = prefix_caching and pool is not None
         self.max_tokens = max_num_batched_tokens
         self.max_queue = max_queue
         self.num_slots = max_num_seqs  # KV-cache slots, one a sequence: free, a running sequence's, or held back
@@ -118,7 +125,7 @@ class Scheduler:
             seq.slot, seq.status = self.free_slots[-1], Status.RUNNING
             self.running.append(seq)  # the admission: _settle completes it from here
             self._settle()
-            n = min(seq.num_tokens, budget)
+            n = min(seq.num_tokens - seq.num_cached, budget)
             work.append((seq, n))
             budget -= n
         for seq, _ in work:
@@ -126,9 +133,32 @@ class Scheduler:
         return work
 
     def _reserve(self, seq: Sequence) -> bool:
-        """Reserve the KV-cache blocks of seq's prompt and max_tokens; whether it holds them."""
+        """Reserve the KV-cache blocks of seq's prompt and max_tokens; whether it holds them. Prefix caching: the
+        cached ones its prompt starts with among them, and its positions in them counted cached (again, as an
+        admission cut short is repeated: the same)."""
         pool = self.pool
-        return pool is None or pool.reserve(seq, pool.blocks_for(len(seq.prompt_ids) + seq.params.max_tokens))
+        if pool is None:
+            return True
+        n, prompt = pool.blocks_for(len(seq.prompt_ids) + seq.params.max_tokens), len(seq.prompt_ids)
+        if not self.prefix_caching:
+            return pool.reserve(seq, n)
+        if seq.block_keys is None:
+            seq.block_keys = block_keys(seq.prompt_ids, pool.block_size)
+        if not pool.reserve(seq, n, seq.block_keys[:(prompt - 1) // pool.block_size], query=prompt):
+            return False
+        seq.registered = pool.hits(seq)
+        seq.num_cached = seq.registered * pool.block_size
+        return True
+
+    def written(self, seq: Sequence) -> None:
+        """seq's prompt ran to its end (its first token drawn: a numerical fault in it would have shown there):
+        cache its full prompt blocks (prefix caching; a repeat does nothing more)."""
+        if not self.prefix_caching:
+            return
+        full = min(seq.num_cached, len(seq.prompt_ids)) // self.pool.block_size
+        if full > seq.registered:
+            self.pool.register(seq, seq.block_keys[seq.registered:full], start=seq.registered)
+            seq.registered = full
 
     def _decodes(self, budget: int) -> list[Sequence]:
         """The running sequences due a decode, at most `budget` of them (in running order): over the budget, those

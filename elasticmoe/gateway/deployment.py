@@ -87,7 +87,8 @@ class GatewayCore:
                         max_num_seqs=lim.max_num_seqs, max_model_len=_max_model_len(lim, files.spec),
                         max_num_batched_tokens=lim.max_num_batched_tokens, max_queue=lim.max_queue,
                         micro_batches=lim.micro_batches or default_micro_batches(self.args.device),
-                        kv_cache_tokens=lim.kv_cache_tokens, kv_block_size=lim.kv_block_size)
+                        kv_cache_tokens=lim.kv_cache_tokens, kv_block_size=lim.kv_block_size,
+                        prefix_caching=lim.prefix_caching)
         self.tokenizer = engine.tokenizer
         spec = files.spec
         self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, spec.moe.num_experts,

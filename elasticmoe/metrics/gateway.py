@@ -52,6 +52,7 @@ class GatewayMetrics:
         self.errors: dict[str, int] = {}
         self.latency_counts = {"ttft": 0, "tpot": 0, "e2e": 0}
         self.gauges: dict[str, float] = {}
+        self.prefix_cache = {"queries": 0, "hits": 0}  # prompt tokens looked up in the prefix cache, found there
         self.expert_copies: dict[tuple[int, int], int] = {}
         self.layer_copies: dict[int, int] = {}  # layer -> sum of its experts' copies (kept with expert_copies)
         self.shards: dict[str, bool] = {}
@@ -127,7 +128,18 @@ class GatewayMetrics:
         pool = getattr(scheduler, "pool", None)
         if pool is not None:
             usage = max(usage, (pool.num_blocks - pool.num_free) / pool.num_blocks)
+            self.prefix_cache_totals(pool.queried_tokens, pool.hit_tokens)
         self.engine(len(scheduler.running), len(scheduler.waiting), usage)
+
+    def prefix_cache_totals(self, queries: int, hits: int) -> None:
+        """The engine's prefix-cache totals (BlockPool.queried_tokens, hit_tokens): the counters go up by what they
+        grew since the last call."""
+        grew = {"queries": queries - self.prefix_cache["queries"], "hits": hits - self.prefix_cache["hits"]}
+        self.prefix_cache = {"queries": queries, "hits": hits}
+        if self._ray:
+            for key, n in grew.items():
+                if n > 0:
+                    self._ray[f"prefix_{key}"].inc(n)
 
     def copies(self, layer: int, expert: int, n: int) -> None:
         """Set the number of live copies of (layer, expert); O(1) (the layer's sum is kept, not recounted)."""

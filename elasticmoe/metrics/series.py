@@ -11,6 +11,9 @@ FANOUT_BOUNDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
 KV_USAGE_HELP = ("KV-cache use: the larger of slots not free (a running sequence's, or one held back until "
                  "it is zeroed) / total slots and blocks reserved / total blocks")
 
+PREFIX_QUERIES_HELP = "Prompt tokens of the requests admitted with prefix caching on (looked up in the cache)"
+PREFIX_HITS_HELP = "Prompt tokens found in the prefix cache at admission (shared, not computed)"
+
 
 def ray_metrics() -> dict[str, Any] | None:
     """Create the Ray metric objects, or None when Ray isn't initialised (unit tests, offline use)."""
@@ -34,6 +37,8 @@ def ray_metrics() -> dict[str, Any] | None:
         "running": Gauge("elasticmoe_running_seqs", "Sequences in the running batch"),
         "queued": Gauge("elasticmoe_queued_seqs", "Requests waiting for a KV-cache slot"),
         "kv": Gauge("elasticmoe_kv_cache_usage", KV_USAGE_HELP),
+        "prefix_queries": Counter("elasticmoe_prefix_cache_queries_total", PREFIX_QUERIES_HELP),
+        "prefix_hits": Counter("elasticmoe_prefix_cache_hits_total", PREFIX_HITS_HELP),
         "expert_tokens": Counter("elasticmoe_expert_tokens_total", "Tokens routed to an expert",
                                  ("layer", "expert")),
         "copies": Gauge("elasticmoe_expert_copies", "Live copies of an expert", ("layer", "expert")),

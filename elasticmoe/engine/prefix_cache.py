@@ -1,0 +1,30 @@
+"""Prefix caching's keys: a prompt's full blocks named by a hash chain, and which models it is exact for."""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from elasticmoe.model.spec import ModelSpec
+
+
+def block_keys(token_ids: list[int], block_size: int) -> list[bytes]:
+    """The key of each full block of `token_ids`: SHA-256 of the previous block's key and this block's ids, so a
+    key names the whole prefix up to its block's end (a cryptographic hash: a crafted prompt cannot take another's
+    cached blocks, as it could with Python's hash). [len(token_ids) // block_size] keys of 32 bytes."""
+    keys, prev = [], b""
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        h = hashlib.sha256(prev)
+        h.update(array("q", token_ids[start:start + block_size]).tobytes())
+        prev = h.digest()
+        keys.append(prev)
+    return keys
+
+
+def inexact_because(spec: ModelSpec) -> str | None:
+    """Why cached blocks would not give a model the positions' exact state (None: they would). A linear-attention
+    layer (Gated DeltaNet) keeps a recurrent state per slot, not per position: a prompt sharing cached blocks would
+    start its state from zeros past them."""
+    if spec.linear is not None and any(spec.linear.layers):
+        return "its linear-attention layers keep a recurrent state per sequence, not per position"
+    return None
