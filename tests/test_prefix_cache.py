@@ -181,3 +181,43 @@ def test_a_small_cache_evicts_cached_blocks_for_a_new_request(checkpoints):
     again, ran = _run(llm, [PROMPTS[0]], together=False)
     assert ran[again[0].request_id] == 32 - 8 + 5 and pool.hit_tokens == 8
     _same(first + second + again, _run(off, [PROMPTS[0], other, PROMPTS[0]], together=False)[0])
+
+
+def test_an_abort_or_a_failure_leaves_the_cache_exact(checkpoints):
+    """b finds a's first 6 blocks cached and writes (and caches) 4 of its own; aborted, its own are uncached and
+    zeroed, a's stay cached and intact. c fails on a numerical fault (NaN experts) before its first token: nothing
+    of it is cached. b's prompt then runs again from a's 6 blocks and gets an uncached engine's tokens."""
+    from elasticmoe.engine.engine import Engine
+    from tests.test_runner import NanDispatcher
+
+    path = checkpoints["mixtral"]
+    off = LLM(str(path), prefix_caching=False, kv_block_size=4, max_model_len=64)
+    disp = NanDispatcher(off.store)
+    engine = Engine(off.files, disp, max_model_len=64, tokenizer=off.tokenizer, kv_block_size=4)
+    pool, cache = engine.scheduler.pool, engine.cache
+    nonzero = lambda blocks: all(cache.layers[i][0][k].abs().sum() > 0 for i in cache.owned for k in blocks)  # noqa
+    tail = torch.randint(3, 400, (16,), generator=torch.Generator().manual_seed(9)).tolist()
+    b_prompt = SHARED[:24] + tail  # 40 tokens: a's first 6 blocks, then 4 of its own
+    a = engine.add_request("a", PROMPTS[0], GREEDY)
+    while engine.has_work():
+        engine.step()
+    assert pool.num_cached == 8
+    b = engine.add_request("b", b_prompt, GREEDY)
+    engine.step()
+    assert pool.hits(b) == 6 and pool.num_cached == 12 and b.output_ids
+    shared, own = pool.blocks(b)[:6], pool.blocks(b)[6:10]
+    engine.abort("b")
+    assert pool.num_cached == 8 and nonzero(shared) and not any(cache.layers[i][0][k].any() for i in cache.owned
+                                                                 for k in own)
+    disp.poisoned = True
+    c = engine.add_request("c", SHARED[:24] + tail[:8] + [5] * 8, GREEDY)
+    engine.step()
+    disp.poisoned = False
+    assert c.error is not None and pool.num_cached == 8 and nonzero(shared)
+    again = engine.add_request("again", b_prompt, GREEDY)
+    while engine.has_work():
+        engine.step()
+    assert pool.hit_tokens == 24 + 24 + 24 and a.error is None
+    (want,) = off.generate([b_prompt], GREEDY)
+    assert again.output_ids == want.token_ids and again.error is None
+    assert max(abs(p.logprob - q.logprob) for p, q in zip(again.logprobs, want.logprobs)) < 1e-4

@@ -223,7 +223,7 @@ def test_a_ctrl_c_before_the_steps_table_assignment_zeroes_no_one_elses_blocks(t
     Now an ending zeroes the blocks the pool has for its owner, and each step assigns every running row."""
     llm = LLM(str(make_tiny_model("mixtral", tmp_path / "mixtral", layers=2, experts=4)))
     engine = Engine(llm.files, LocalDispatcher(llm.store), max_num_seqs=2, max_model_len=32, kv_cache_tokens=32,
-                    kv_block_size=4, tokenizer=llm.tokenizer)
+                    kv_block_size=4, tokenizer=llm.tokenizer, prefix_caching=False)  # blocks in release order
     pool, greedy = engine.scheduler.pool, lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     a = engine.add_request("a", list(range(10, 12)), greedy(2))  # slot 0, 1 block
     c = engine.add_request("c", list(range(20, 26)), greedy(1))  # slot 1, 2 blocks; ends first
