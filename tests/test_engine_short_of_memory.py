@@ -105,9 +105,10 @@ LONG = " ".join(["experts"] * 50)  # 102 tokens
 
 def _lone(model, llm, limit: int, hold_s: float | None = None):  # noqa: F811
     """An engine whose dispatches of more than `limit` tokens are out of memory, LONG's prefill run alone in it:
-    (the sequence, the runs of its first step, the dispatcher, the engine)."""
+    (the sequence, the runs of its first step, the dispatcher, the engine). No prefix caching: LONG again runs
+    its whole prefill."""
     disp = ShortDispatcher(model[2], limit)
-    engine = Engine(model[1], disp, max_model_len=128, retry_backoff_s=BACKOFF)
+    engine = Engine(model[1], disp, max_model_len=128, retry_backoff_s=BACKOFF, prefix_caching=False)
     if hold_s is not None:
         engine.forward.budget.hold_s = hold_s
     seq = engine.add_request("long", llm.encode(LONG), GREEDY)

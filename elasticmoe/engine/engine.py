@@ -12,7 +12,7 @@ from elasticmoe.engine.checkpoint_defaults import eos_token_ids, generation_conf
 from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.endings import Endings
 from elasticmoe.engine.kv_space import make_cache
-from elasticmoe.engine.prefix_cache import inexact_because
+from elasticmoe.engine.prefix_cache import exact_for
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import Scheduler, Sequence
 from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBudget
@@ -30,7 +30,7 @@ __all__ = ["DTYPES", "RETRY_BACKOFF_S", "Engine"]
 class Engine:
     """A continuous-batching engine over one DenseModel; experts run wherever the dispatcher sends them.
     prefix_caching: prompts share the cached KV blocks they start with (Scheduler), where that is exact: off for a
-    model with linear-attention layers (prefix_cache.inexact_because)."""
+    model with linear-attention layers (prefix_cache.exact_for)."""
 
     def __init__(self, files: ModelFiles, dispatcher: Dispatcher, *, dtype: str = "float32", device: str = "cpu",
                  max_num_seqs: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
@@ -49,11 +49,8 @@ class Engine:
         self.cache, pool = make_cache(self.spec, max_num_seqs, self.max_model_len, kv_cache_tokens, kv_block_size,
                                       self.dtype, self.device)  # before the weights: refused sooner, if at all
         self.model = DenseModel(self.spec, files.ckpt, files.names, self.dtype, self.device, self.max_model_len)
-        why = prefix_caching and inexact_because(self.spec)
-        if why:
-            log.info("prefix caching is off for %s: %s", files.ckpt.path, why)
         self.scheduler = Scheduler(max_num_seqs, max(max_num_batched_tokens, 1), max_queue, pool,
-                                   prefix_caching=prefix_caching and not why)
+                                   prefix_caching=prefix_caching and exact_for(self.spec, str(files.ckpt.path)))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(files.ckpt.path)
         self.generation_defaults, gen_eos = generation_config(files.ckpt.path)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)

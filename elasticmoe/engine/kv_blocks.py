@@ -147,6 +147,8 @@ class BlockPool:
                 break
             hit.append(b)
         need = n - len(hit)
+        if need > len(self._free) + len(self._lru):  # (at once: a sequence waiting for blocks asks every step)
+            return None
         fresh = list(islice(reversed(self._free), need))  # the blocks released last come first
         evict: list[int] = []
         if len(fresh) < need:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from array import array
 
 from elasticmoe.model.spec import ModelSpec
+
+log = logging.getLogger("elasticmoe.engine.engine")  # the engine's: its lines under one name
 
 
 def block_keys(token_ids: list[int], block_size: int) -> list[bytes]:
@@ -21,10 +24,12 @@ def block_keys(token_ids: list[int], block_size: int) -> list[bytes]:
     return keys
 
 
-def inexact_because(spec: ModelSpec) -> str | None:
-    """Why cached blocks would not give a model the positions' exact state (None: they would). A linear-attention
-    layer (Gated DeltaNet) keeps a recurrent state per slot, not per position: a prompt sharing cached blocks would
-    start its state from zeros past them."""
+def exact_for(spec: ModelSpec, name: str) -> bool:
+    """Whether cached blocks give the model (`name`, logged where not) the exact state of their positions. Not
+    where a linear-attention layer (Gated DeltaNet) keeps a recurrent state per slot, not per position: a prompt
+    sharing cached blocks would start its state from zeros past them."""
     if spec.linear is not None and any(spec.linear.layers):
-        return "its linear-attention layers keep a recurrent state per sequence, not per position"
-    return None
+        log.info("prefix caching is off for %s: its linear-attention layers keep a recurrent state per sequence, "
+                 "not per position", name)
+        return False
+    return True

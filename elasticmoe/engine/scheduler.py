@@ -52,7 +52,7 @@ class Sequence:
     error: RequestFailed | None = None  # set when the engine ended this request on a failure
     text_end: int | None = None  # output tokens the text renders: all but a stop token / EOS that ended it (vLLM)
     scheduled_at: int = -1  # the scheduler's step that last gave it work (decodes over the budget: oldest first)
-    block_keys: list[bytes] | None = None  # prefix caching: its prompt's full blocks' keys (prefix_cache.block_keys)
+    block_keys: list[bytes] | None = field(default=None, repr=False)  # prefix caching: its full prompt blocks' keys
     registered: int = 0  # prefix caching: its first blocks that are cached (found so, or registered as written)
 
     @property
