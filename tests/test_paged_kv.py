@@ -237,7 +237,8 @@ def test_a_cache_the_device_cannot_hold_is_refused_naming_the_fields():
     from elasticmoe.engine.kv_space import check_fits, num_blocks
 
     with pytest.raises(ValueError, match=r"the KV cache \(limits.kv_cache_tokens 262144 tokens\) needs 32.00 GiB "
-                                         r"and the device has 20.00 GiB free; lower limits.kv_cache_tokens"):
+                                         r"and the dense weights 0.00 GiB, 32.00 GiB in all, and the device has 20.00 "
+                                         r"GiB free; lower limits.kv_cache_tokens"):
         check_fits(32 << 30, 20 << 30, "limits.kv_cache_tokens 262144 tokens")
     check_fits(20 << 30, 20 << 30, "fits")
     assert num_blocks(64, 4096, None, 16) == 64 * 256 and num_blocks(64, 4100, None, 16) == 64 * 257

@@ -20,6 +20,7 @@ from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.batch import build_batch, to_device
 from elasticmoe.model.dense import DenseModel
+from elasticmoe.model.dense_bytes import dense_bytes
 from elasticmoe.model.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ class Engine:
             raise ValueError(f"max_model_len: {max_model_len} is more than the model's context length, {limit}; "
                              f"set max_model_len (served: limits.max_model_len) to at most {limit}")
         self.max_model_len = max_model_len or limit
+        weights = dense_bytes(self.spec, files.ckpt, files.names, self.dtype, self.device, self.max_model_len)
         self.cache, pool = make_cache(self.spec, max_num_seqs, self.max_model_len, kv_cache_tokens, kv_block_size,
-                                      self.dtype, self.device)  # before the weights: refused sooner, if at all
+                                      self.dtype, self.device, weights)  # before the weights, checked with them
         self.model = DenseModel(self.spec, files.ckpt, files.names, self.dtype, self.device, self.max_model_len)
         self.scheduler = Scheduler(max_num_seqs, max(max_num_batched_tokens, 1), max_queue, pool,
                                    prefix_caching=prefix_caching and exact_for(self.spec, str(files.ckpt.path)))

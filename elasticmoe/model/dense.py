@@ -13,6 +13,7 @@ from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.attention import KVCache, step_masks
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+from elasticmoe.model.dense_bytes import F32_EXTRAS
 from elasticmoe.model.dispatch import Dispatcher
 from elasticmoe.model.extras import extra_shapes, normed_router_logits, ple_add, ple_inputs
 from elasticmoe.model.layers import Rotary, act_fn, gated_mlp, norm, route
@@ -41,9 +42,8 @@ class _Layer:
         else:
             self.attn = attention_layer(model, i, names)
         self.norms = {role: model.load_norm(n, (hidden,)) for role, n in names.norms.items()}  # attn_in/out, mlp_in/..
-        scales = ("layer_scalar", "router_scale", "expert_scale")  # float32; PLE's weights in the model's dtype
-        shapes = extra_shapes(sp)
-        self.extras = {r: load(n, torch.float32 if r in scales else None, shapes[r])
+        shapes = extra_shapes(sp)  # the scales in float32 (F32_EXTRAS); PLE's weights in the model's dtype
+        self.extras = {r: load(n, torch.float32 if r in F32_EXTRAS else None, shapes[r])
                        for r, n in names.extras.items()}  # (model.extras)
         self.sparse = names.block is not None
         self.dense = model.load_mlp(names.dense) if names.dense else None

@@ -8,6 +8,7 @@ import torch
 
 from elasticmoe.model.attention import Attention
 from elasticmoe.model.checkpoint import CheckpointError
+from elasticmoe.model.dense_bytes import F32_ATTN, NORMED_ATTN, own_attn
 from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.indexer import ROLES as INDEX_ROLES, index_shapes
 from elasticmoe.model.linear_spec import LAYOUTS, LINEAR
@@ -45,10 +46,9 @@ def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention
     its kind needs present."""
     a = model.spec.attention.layer(i)
     shapes = attention_shapes(a, model.spec.hidden_size)
-    f32 = torch.float32  # the indexer's head weights, as transformers keeps them
-    attn = {role: model.load_norm(n, shapes.get(role)) if role in ("q_norm", "k_norm")
-            else model.load(n, f32 if role == "index_weights" else None, shapes.get(role))
-            for role, n in _own_attn(model, i, names).items()}
+    attn = {role: model.load_norm(n, shapes.get(role)) if role in NORMED_ATTN
+            else model.load(n, torch.float32 if role in F32_ATTN else None, shapes.get(role))
+            for role, n in own_attn(model.spec, model.ckpt, i, names).items()}
     q = "q_a" if a.q_lora_rank else "q"
     need = (q, "kv_a", "kv_b", "o") if a.kind == "mla" else ("q", "k", "v", "o")
     if a.source(i) != i:  # KV sharing: queries only
@@ -65,19 +65,6 @@ def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention
         raise CheckpointError(f"{model.ckpt.path}: layer {i} holds self_attn.{ATTN[extra[0]]}, but config.json "
                               "makes it share the previous layer's picks (indexer_types 'shared')")
     return Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
-
-
-def _own_attn(model: "DenseModel", i: int, names: LayerNames) -> dict[str, str]:
-    """Layer i's attention weights to load, by role: a layer sharing another's keys and values drops its k/v
-    projections and norms, as transformers builds none (it drops them too); a value projection where the values are
-    the keys is refused."""
-    a = model.spec.attention
-    if a.source(i) != i:
-        return {r: n for r, n in names.attn.items() if r not in ("k", "v", "k_bias", "v_bias", "k_norm")}
-    if a.v_from_k and a.v_from_k[i] and "v" in names.attn:
-        raise CheckpointError(f"{model.ckpt.file_of(names.attn['v'])}: {names.attn['v']!r}: layer {i}'s values are "
-                              f"its keys (config.attention_k_eq_v), so it has no v_proj")
-    return dict(names.attn)
 
 
 def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet:

@@ -29,9 +29,14 @@ class Absorbed:
     def of(cls, kv_b: torch.Tensor, heads: int, nope: int, v: int, float32_copy: bool | None = None) -> "Absorbed":
         """The split of kv_b [h * (nope + v), r]; float32_copy: hold it in float32 (default: on CPU only)."""
         if float32_copy is None:
-            float32_copy = kv_b.device.type == "cpu"
+            float32_copy = cls.keeps_float32_copy(kv_b.device)
         w = (kv_b.to(F32) if float32_copy else kv_b).view(heads, nope + v, kv_b.shape[1])  # [h, nope + v, r]
         return cls(w_uk=w[:, :nope], w_uv=w[:, nope:])
+
+    @staticmethod
+    def keeps_float32_copy(device: torch.device | str) -> bool:
+        """Whether `of` holds a float32 copy of a half-precision kv_b on `device` by default: on CPU only."""
+        return torch.device(device).type == "cpu"
 
     def query(self, q: torch.Tensor) -> torch.Tensor:
         """q [B, h, nope + rope] float32 -> [B, h, r + rope]: the nope part through w_uk, the rope part as it is

@@ -1,0 +1,79 @@
+"""What the dense half (DenseModel) holds on its device, in bytes, from config.json and safetensors headers alone."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
+from elasticmoe.model.mla import Absorbed
+from elasticmoe.model.names import LayerNames, WeightNames
+from elasticmoe.model.spec import ModelSpec
+
+F32 = torch.float32
+F32_EXTRAS = ("layer_scalar", "router_scale", "expert_scale")  # a layer's extras kept in float32 (the rest in dtype)
+F32_ATTN = ("index_weights",)  # the indexer's head weights, in float32 as transformers keeps them
+NORMED_ATTN = ("q_norm", "k_norm")  # loaded as norms (DenseModel.load_norm)
+
+
+def own_attn(spec: ModelSpec, ckpt: Checkpoint, i: int, names: LayerNames) -> dict[str, str]:
+    """Layer i's attention weights to load, by role: a layer sharing another's keys and values drops its k/v
+    projections and norms, as transformers builds none (it drops them too); a value projection where the values are
+    the keys is refused."""
+    a = spec.attention
+    if a.source(i) != i:
+        return {r: n for r, n in names.attn.items() if r not in ("k", "v", "k_bias", "v_bias", "k_norm")}
+    if a.v_from_k and a.v_from_k[i] and "v" in names.attn:
+        raise CheckpointError(f"{ckpt.file_of(names.attn['v'])}: {names.attn['v']!r}: layer {i}'s values are "
+                              f"its keys (config.attention_k_eq_v), so it has no v_proj")
+    return dict(names.attn)
+
+
+def dense_bytes(spec: ModelSpec, ckpt: Checkpoint, names: WeightNames, dtype: torch.dtype, device: torch.device,
+                max_len: int) -> int:
+    """The bytes DenseModel(spec, ckpt, names, dtype, device, max_len) allocates on `device`: every dense weight it
+    loads (each in the dtype it loads it in: the model's, or float32 for routers, zero-centred norms and scales), its
+    float32 copies (a linear layer's conv and decay rates; MLA's kv_b where Absorbed keeps one: a half-precision
+    model on CPU) and its rotary tables; a tied LM head once. Shapes from the headers: no weight is read. Left out:
+    a few scalars (embed_scale, the placeholder ids)."""
+    size = _sizer(spec, ckpt, dtype)
+    total = sum(size(n) for n in (names.embed, names.norm_bias, names.lm_head, names.lm_head_bias) if n)
+    total += size(names.norm, norm=True) + sum(size(n) for n in names.extras.values())
+    kv_b_copy = dtype != F32 and Absorbed.keeps_float32_copy(device)
+    total += sum(_layer_bytes(spec, ckpt, i, n, size, kv_b_copy) for i, n in enumerate(names.layers))
+    return total + rotary_bytes(spec, max_len)
+
+
+def rotary_bytes(spec: ModelSpec, max_len: int) -> int:
+    """Rotary's cos and sin tables (layers.Rotary): per table [max_len, 2 * len(inv_freq)] float32 each."""
+    return sum(2 * max_len * 2 * inv_freq.numel() * 4 for inv_freq, _ in spec.rope_tables)
+
+
+def _sizer(spec: ModelSpec, ckpt: Checkpoint, dtype: torch.dtype):
+    """size(name, load_dtype=None, norm=False): the bytes of tensor `name` loaded in load_dtype (default the model's;
+    a norm: float32 where it is zero-centred, spec.norm_offset, else the model's)."""
+    def size(name: str, load_dtype: torch.dtype | None = None, norm: bool = False) -> int:
+        if norm and spec.norm_offset:
+            load_dtype = F32
+        return math.prod(ckpt.shape(name)) * (load_dtype or dtype).itemsize
+    return size
+
+
+def _layer_bytes(spec: ModelSpec, ckpt: Checkpoint, i: int, n: LayerNames, size, kv_b_copy: bool) -> int:
+    """One decoder layer's share of dense_bytes."""
+    if spec.linear is not None and spec.linear.layers[i]:
+        total = sum(size(name) for name in n.linear.values())
+        if size(n.linear["conv"]) != size(n.linear["conv"], F32):  # GatedDeltaNet: conv_w, its float32 copy
+            total += size(n.linear["conv"], F32)
+        total += spec.linear.num_v_heads * 4  # neg_decay [v_heads] float32
+    else:
+        attn = own_attn(spec, ckpt, i, n)
+        total = sum(size(name, F32 if role in F32_ATTN else None, role in NORMED_ATTN) for role, name in attn.items())
+        if kv_b_copy and spec.attention.layer(i).kind == "mla" and "kv_b" in attn:
+            total += size(attn["kv_b"], F32)
+    total += sum(size(name, norm=True) for name in n.norms.values())
+    total += sum(size(name, F32 if role in F32_EXTRAS else None) for role, name in n.extras.items())
+    total += sum(size(name) for mlp in (n.dense, n.shared) if mlp for name in mlp.values())
+    return total + sum(size(name, F32) for name in (n.router, n.router_bias, n.router_logit_bias, n.shared_gate)
+                       if name)
