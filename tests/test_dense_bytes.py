@@ -102,3 +102,19 @@ def test_the_engine_refuses_a_cache_that_fits_only_without_the_weights(tiny_dirs
     with pytest.raises(ValueError, match=r"needs 2.00 GiB and the dense weights 30.00 GiB, 32.00 GiB in all, and the "
                                          r"device has 31.00 GiB free"):
         check_fits(int(2 * GIB), int(31 * GIB), "sizes", int(30 * GIB))
+
+
+def test_a_linear_layer_without_its_conv_is_refused_by_name_not_by_dense_bytes(tmp_path):
+    """dense_bytes runs before the weights load (Engine): a checkpoint missing a linear layer's conv1d still gets the
+    loader's CheckpointError naming it, not a KeyError from the count."""
+    from safetensors.torch import load_file, save_file
+
+    from elasticmoe import LLM
+    from elasticmoe.model import CheckpointError
+
+    path = make_family_checkpoint("qwen3_next", tmp_path / "q", case=MORE_CASES["qwen3_next"])
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.0.linear_attn.conv1d.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"layer 0 lacks linear_attn\.conv1d\.weight"):
+        LLM(str(path))

@@ -64,8 +64,9 @@ def _layer_bytes(spec: ModelSpec, ckpt: Checkpoint, i: int, n: LayerNames, size,
     """One decoder layer's share of dense_bytes."""
     if spec.linear is not None and spec.linear.layers[i]:
         total = sum(size(name) for name in n.linear.values())
-        if size(n.linear["conv"]) != size(n.linear["conv"], F32):  # GatedDeltaNet: conv_w, its float32 copy
-            total += size(n.linear["conv"], F32)
+        conv = n.linear.get("conv")  # absent: refused by name as DenseModel loads the layer (layer_weights)
+        if conv and size(conv) != size(conv, F32):  # GatedDeltaNet: conv_w, its float32 copy
+            total += size(conv, F32)
         total += spec.linear.num_v_heads * 4  # neg_decay [v_heads] float32
     else:
         attn = own_attn(spec, ckpt, i, n)
