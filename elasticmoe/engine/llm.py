@@ -26,6 +26,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str  # "length" | "stop" | "eos" (a request that failed raises instead)
     logprobs: list[TokenLogprob] | None
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache (vLLM's RequestOutput.num_cached_tokens)
 
 
 class LLM:
@@ -103,7 +104,8 @@ class LLM:
             more = f" ({len(failed)} of {len(seqs)} prompts failed)" if len(failed) > 1 else ""
             raise RequestFailed(f"prompt {i} ({s.request_id}) could not be served: {cause!r}{more}") from cause
         return [RequestOutput(s.request_id, s.prompt_ids, s.text, list(s.output_ids), s.finish_reason or "abort",
-                              list(s.logprobs) if s.params.logprobs is not None else None) for s in seqs]
+                              list(s.logprobs) if s.params.logprobs is not None else None, s.cached_tokens)
+                for s in seqs]
 
     @staticmethod
     def _prompt_list(prompts: object) -> list:

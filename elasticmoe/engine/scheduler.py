@@ -54,6 +54,7 @@ class Sequence:
     scheduled_at: int = -1  # the scheduler's step that last gave it work (decodes over the budget: oldest first)
     block_keys: list[bytes] | None = field(default=None, repr=False)  # prefix caching: its full prompt blocks' keys
     registered: int = 0  # prefix caching: its first blocks that are cached (found so, or registered as written)
+    cached_tokens: int = 0  # prefix caching: prompt tokens it took from the cache at admission (usage's cached_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -147,7 +148,7 @@ class Scheduler:
         if not pool.reserve(seq, n, seq.block_keys[:(prompt - 1) // pool.block_size], query=prompt):
             return False
         seq.registered = pool.hits(seq)
-        seq.num_cached = seq.registered * pool.block_size
+        seq.num_cached = seq.cached_tokens = seq.registered * pool.block_size
         return True
 
     def written(self, seq: Sequence) -> None:

@@ -101,7 +101,8 @@ def response(request_id: str, u: Update, text: str, token_ids, logprobs) -> gen.
     msg = gen.GenerateResponse(
         request_id=request_id, text=text, token_ids=list(token_ids),
         finish_reason=FINISH.get(u.finish_reason or "", gen.FINISH_REASON_UNSPECIFIED),
-        usage=gen.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens),
+        usage=gen.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                        cached_tokens=u.cached_tokens),
     )
     msg.logprobs.extend(lp if isinstance(lp, gen.TokenLogprob) else _logprob(lp) for lp in logprobs)
     return msg

@@ -100,10 +100,13 @@ async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
 
 
 def _usage(shapes: list[Shape], updates: list[Update], completion_tokens: list[int]) -> dict:
-    """Usage of a request: each prompt's tokens once (however many its choices), every choice's tokens."""
+    """Usage of a request: each prompt's tokens once (however many its choices), every choice's tokens; of the
+    prompt tokens, those its first choices took from the prefix cache (OpenAI's prompt_tokens_details)."""
     prompt_tokens = sum(u.prompt_tokens for s, u in zip(shapes, updates) if s.first)
+    cached = sum(u.cached_tokens for s, u in zip(shapes, updates) if s.first)
     done = sum(completion_tokens)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def sse(gens: list[Any], shapes: list[Shape], firsts: list[Update], include_usage: bool,

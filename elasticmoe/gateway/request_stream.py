@@ -27,12 +27,14 @@ class Update:
     completion_tokens: int
     delta: str = ""  # new text that can no longer change (partial characters, stop-string prefixes held back);
     # the deltas of a request joined are its final text
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (OpenAI's prompt_tokens_details.cached_tokens)
 
 
 def _merge(old: Update, new: Update) -> Update:
     """Two updates the consumer has not read yet, as one (the stream's buffer never holds more)."""
     return Update(old.token_ids + new.token_ids, old.logprobs + new.logprobs, new.text, new.finished,
-                  new.finish_reason, new.prompt_tokens, new.completion_tokens, old.delta + new.delta)
+                  new.finish_reason, new.prompt_tokens, new.completion_tokens, old.delta + new.delta,
+                  new.cached_tokens)
 
 
 class RequestStream:

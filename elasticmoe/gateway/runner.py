@@ -276,7 +276,8 @@ class EngineRunner:
         lps = seq.logprobs[stream.sent:] if seq.params.logprobs is not None else []
         stream.sent = len(seq.output_ids)
         if not stream.push(Update(tuple(new), tuple(lps), seq.text if seq.finished else "", seq.finished,
-                                  seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), delta)):
+                                  seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), delta,
+                                  seq.cached_tokens)):
             self._abort(seq.request_id)  # its caller's loop is closed: it would run to max_tokens for no one
 
     def close(self) -> None:
