@@ -110,11 +110,12 @@ def test_frames_unread_are_capped_in_bytes_too(files, straggler, monkeypatch):  
 
 def test_a_shard_that_reads_nothing_ends_the_connection_not_the_callers_step(
         files, straggler, monkeypatch):  # noqa: F811
-    """The writer thread waits at most SEND_TIMEOUT_S for room (1 s here, the shard asleep for 8 s per call): then
+    """The writer thread waits at most SEND_TIMEOUT_S for room (4 s here, the shard asleep for 20 s per call): then
     the connection ends and its calls fail UNAVAILABLE (failover's signal), while no send ever held its caller.
     The frames are built and the connection opened before the sends are timed: on a loaded 2-core machine, making
-    three 16 MiB requests and connecting took 1.6 s, which says nothing about a send waiting for room."""
-    monkeypatch.setattr(frame_socket, "SEND_TIMEOUT_S", 1)
+    three 16 MiB requests and connecting took 1.6 s, which says nothing about a send waiting for room. A send that
+    waited for room would hold its caller SEND_TIMEOUT_S; the sends get 3 s (they take milliseconds when quiet)."""
+    monkeypatch.setattr(frame_socket, "SEND_TIMEOUT_S", 4)
     t = SocketTransport()
     try:
         layer = straggler.layers[0]
@@ -122,12 +123,12 @@ def test_a_shard_that_reads_nothing_ends_the_connection_not_the_callers_step(
         small = ExpertRequest(layer, reqs[0].hidden[:4], reqs[0].topk_ids[:4], reqs[0].topk_weights[:4])
         straggler.servicers[0].faults.run_delay_s = 0.0
         assert t.send(straggler.addresses[0], lambda: small, 10).result(timeout=10).output is not None  # connected
-        straggler.servicers[0].faults.run_delay_s = 8.0
+        straggler.servicers[0].faults.run_delay_s = 20.0
         t0 = time.perf_counter()
         futs = [t.send(straggler.addresses[0], lambda r=r: r, 60) for r in reqs]
-        assert time.perf_counter() - t0 < 1.0
+        assert time.perf_counter() - t0 < 3.0
         with pytest.raises(grpc.RpcError) as e:
-            futs[-1].result(timeout=6)
+            futs[-1].result(timeout=15)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
     finally:
         t.close()
