@@ -46,8 +46,8 @@ def test_a_refusal_read_as_retain_closes_the_channel_fails_the_call_at_once(file
         t.retain([])  # the table dropped the shard: its stream half-closed, its channel closed
         go.set()
         t0 = time.monotonic()
-        e = call.exception(timeout=5)  # it waited the call's deadline (30 s)
-        assert time.monotonic() - t0 < 2
+        e = call.exception(timeout=20)  # it waited the call's deadline (30 s)
+        assert time.monotonic() - t0 < 15  # at once; room for a loaded CI host
         assert isinstance(e, grpc.RpcError) and is_oversize(e), e
         assert "takes 0" not in e.details() and "limit not known" in e.details(), e.details()
         assert "larger than max" in e.details(), e.details()  # gRPC's words: both sizes
