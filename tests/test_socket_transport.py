@@ -142,13 +142,14 @@ def test_dead_shard_fails_pending_calls_at_once_and_the_next_send_reconnects(fil
 def test_a_shard_restarted_on_its_address_after_a_while_down_is_reached_at_once(files, halves):  # noqa: F811
     """A shard down for a while (its calls failing 'cannot connect') and started again on the same address (as a
     port range gives it): the next calls reach it within about a second, not after the gRPC channel's reconnect
-    backoff, which had grown meanwhile (1 s, 1.6 s, 2.6 s, ... up to 120 s: the live shard reported dead)."""
+    backoff, which had grown meanwhile (1 s, 1.6 s, 2.6 s, ... up to 120 s: the live shard reported dead). Down
+    30 s, that backoff's next try is 10-16 s away; the 6 s bound leaves a loaded CI host room for the call."""
     layer, address = halves.layers[0], halves.addresses[0]
     t = SocketTransport()
     try:
         assert t.send(address, lambda: _req(files, layer), 5).result(timeout=10).output.data
         assert halves.servers[0].stop(None).wait(10)
-        down = time.monotonic() + 10
+        down = time.monotonic() + 30
         while time.monotonic() < down:  # a gateway's calls meanwhile (each fails over elsewhere)
             with pytest.raises(grpc.RpcError):
                 t.send(address, lambda: _req(files, layer), 5).result(timeout=10)
@@ -157,14 +158,14 @@ def test_a_shard_restarted_on_its_address_after_a_while_down_is_reached_at_once(
         halves.servers[0], halves.servicers[0], _ = start_server(halves.stores[0], "s0", port=port)
         t0 = time.monotonic()
         assert answer_within(t, address, lambda: _req(files, layer), seconds=30).output.data
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 6.0
     finally:
         t.close()
 
 
 def test_dropped_connection_fails_pending_calls_and_the_next_send_reconnects(files, halves):  # noqa: F811
     """The connection alone breaks (the shard lives on): its pending calls fail at once, the next send opens a new
-    connection to the same listener."""
+    connection to the same listener (at once: within 10 s, not at the call's 30 s deadline)."""
     layer, address = halves.layers[0], halves.addresses[0]
     t = SocketTransport()
     try:
@@ -177,8 +178,8 @@ def test_dropped_connection_fails_pending_calls_and_the_next_send_reconnects(fil
         for conn in list(halves.servers[0].listener._conns):
             frame_socket.shutdown(conn)
         with pytest.raises(grpc.RpcError) as e:
-            pending.result(timeout=5)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and time.perf_counter() - t0 < 1.5
+            pending.result(timeout=15)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and time.perf_counter() - t0 < 10.0
         halves.servicers[0].faults.run_delay_s = 0.0
         assert t.send(address, lambda: _req(files, layer, seed=2), 5).result(timeout=10).output.data
         assert first.dead and t._conns[address] is not first
