@@ -152,10 +152,10 @@ def test_stream_straggler_is_hedged(files, pair):  # noqa: F811
         d.set_table(pair.table(ALL_BOTH))
         for _ in range(5):
             _run(d, layer, inputs)
-        pair.servicers[0].faults.run_delay_s = 3.0
+        pair.servicers[0].faults.run_delay_s = 8.0  # hedged at 0.05 s: 5 s is room for a loaded CI host, not 8 s
         out, took = _run(d, layer, inputs)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-        assert d.hedges >= 1 and took < 2.0, (d.hedges, took)
+        assert d.hedges >= 1 and took < 5.0, (d.hedges, took)
         assert "s0" in d.suspects
     finally:
         pair.servicers[0].faults.run_delay_s = 0.0
