@@ -197,15 +197,15 @@ def test_shard_stopped_mid_step_fails_over(files):  # noqa: F811
     try:
         d.set_table(shards.table({e: [0, 1] for e in range(E)}))
         _run(d, layer, inputs)  # both connections open
-        shards.servicers[0].faults.run_delay_s = 5.0
+        shards.servicers[0].faults.run_delay_s = 20.0
         step = d.dispatch(layer, *inputs)
         time.sleep(0.2)
         t0 = time.perf_counter()
         shards.servers[0].stop(None)
         out = step.wait()
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-        took = time.perf_counter() - t0  # not the 30 s deadline nor the 5 s delay (3 s: 2 loaded cores in CI)
-        assert d.failovers >= 1 and d.hedges == 0 and took < 3.0, (d.failovers, d.hedges, took)
+        took = time.perf_counter() - t0  # not the 30 s deadline nor the 20 s delay (10 s: 2 loaded cores in CI)
+        assert d.failovers >= 1 and d.hedges == 0 and took < 10.0, (d.failovers, d.hedges, took)
     finally:
         shards.servicers[0].faults.run_delay_s = 0.0
         d.close()
