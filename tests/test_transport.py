@@ -101,7 +101,7 @@ def test_shard_stopped_mid_stream_fails_over(files, pair):  # noqa: F811
     try:
         d.set_table(pair.table(ALL_BOTH))
         _run(d, layer, inputs)  # both streams open
-        pair.servicers[0].faults.run_delay_s = 5.0  # s0's frames hang in flight...
+        pair.servicers[0].faults.run_delay_s = 20.0  # s0's frames hang in flight...
         step = d.dispatch(layer, *inputs)
         time.sleep(0.2)
         t0 = time.perf_counter()
@@ -109,8 +109,8 @@ def test_shard_stopped_mid_stream_fails_over(files, pair):  # noqa: F811
         out = step.wait()
         took = time.perf_counter() - t0
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-        # not the 30 s deadline, nor the 5 s delay (3 s: the step shares 2 loaded cores with the suite's e2e half)
-        assert d.failovers >= 1 and d.hedges == 0 and took < 3.0, (d.failovers, d.hedges, took)
+        # not the 30 s deadline, nor the 20 s delay (10 s: the step shares 2 loaded cores with the suite's e2e half)
+        assert d.failovers >= 1 and d.hedges == 0 and took < 10.0, (d.failovers, d.hedges, took)
         deadline = time.monotonic() + 5
         while not reported and time.monotonic() < deadline:
             time.sleep(0.01)
