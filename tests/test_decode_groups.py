@@ -81,7 +81,9 @@ def test_requests_in_different_decode_groups_get_their_solo_tokens(family, tiny_
     sliding windows of 8 and sinks for GPT-OSS, chunks of 8 for Llama 4) and get the tokens they get alone."""
     monkeypatch.setattr(batch_mod, "DECODE_GROUP_MIN", 1)
     path = _checkpoint(family, tiny_models, tmp_path)
-    llm = LLM(str(path), max_num_seqs=6, max_num_batched_tokens=24)
+    # no prefix caching: each prompt runs alone first, and cached blocks would skip the chunked prefills whose
+    # staggered ends make the 4 groups
+    llm = LLM(str(path), max_num_seqs=6, max_num_batched_tokens=24, prefix_caching=False)
     prompts = _prompts(llm.engine.spec.vocab_size, [1, 70, 3, 33, 7, 12, 50, 20], seed=1)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     alone = [llm.generate([p], params)[0].token_ids for p in prompts]
