@@ -262,7 +262,8 @@ def test_fuzzed_traffic_never_hurts_neighbours(gateway, reference):
         assert status in (200, 400, 404, 413, 429), (status, text[:300])
         if status != 200:
             err = json.loads(text)["error"]
-            assert err["message"] and (status != 404 or err["code"] == "model_not_found"), err  # 404: a model not served
+            # 404: a model not served
+            assert err["message"] and (status != 404 or err["code"] == "model_not_found"), err
         count(f"http {status}")
 
     with Neighbours(_greedy, reference) as nb:
