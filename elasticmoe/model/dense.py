@@ -13,7 +13,7 @@ from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.attention import KVCache, step_masks
 from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
-from elasticmoe.model.dense_bytes import F32_EXTRAS
+from elasticmoe.model.dense_roles import F32_EXTRAS
 from elasticmoe.model.dispatch import Dispatcher
 from elasticmoe.model.extras import extra_shapes, normed_router_logits, ple_add, ple_inputs
 from elasticmoe.model.layers import Rotary, act_fn, gated_mlp, norm, route

@@ -8,7 +8,7 @@ import torch
 
 from elasticmoe.model.attention import Attention
 from elasticmoe.model.checkpoint import CheckpointError
-from elasticmoe.model.dense_bytes import F32_ATTN, NORMED_ATTN, own_attn
+from elasticmoe.model.dense_roles import F32_ATTN, NORMED_ATTN, own_attn
 from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.indexer import ROLES as INDEX_ROLES, index_shapes
 from elasticmoe.model.linear_spec import LAYOUTS, LINEAR
