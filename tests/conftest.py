@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 GATEWAY_RESOURCE = "elasticmoe_gateway"  # the custom Ray resource of the chart's gateway worker group
+_CPU0 = pytest.StashKey[float]()  # CPU seconds at a test's setup
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +49,23 @@ def pytest_collection_modifyitems(config, items):
     `ray_cluster` starts it has nothing to stop and restart."""
     first = [i for i in items if i.nodeid.startswith("tests/test_wheel.py::") and i.get_closest_marker("e2e")]
     items[:] = first + [i for i in items if i not in first]
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of the children it has waited for (subprocess.run's)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def pytest_runtest_setup(item):
+    item.stash[_CPU0] = _cpu_s()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each test's CPU seconds (setup and call) as a junit property `cpu_s` beside its wall time: a test whose
+    cpu_s is far below its time waits (timeouts, sleeps, Ray), one near it computes (where to cut the suite's time)."""
+    if call.when == "call" and _CPU0 in item.stash:
+        item.user_properties.append(("cpu_s", round(_cpu_s() - item.stash[_CPU0], 2)))
+
+
