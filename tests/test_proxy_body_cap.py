@@ -18,6 +18,7 @@ from elasticmoe import local_cluster as lc
 from elasticmoe.gateway.openai_api import build_openai_app
 from elasticmoe.rpc import serve_http_proxy as shp
 from tests.test_api_keys import KEY, core, path  # noqa: F401
+from tests.test_direct_ingress import reserve  # noqa: F401
 
 WAIT_S = 3.0  # how long a request waits in the proxy for a gateway place
 CHUNK = 1 << 20
@@ -62,23 +63,23 @@ class WaitingProxy:
 
 
 @pytest.fixture
-def proxy(core, monkeypatch):  # noqa: F811
+def proxy(core, monkeypatch, reserve):  # noqa: F811
     """Serve's HTTP server (http_util.start_asgi_http_server) with the middlewares of the proxy callback that
-    local_cluster.ray_env() names, around WaitingProxy; yields (port, the WaitingProxy)."""
+    local_cluster.ray_env() names, around WaitingProxy; yields (port, the WaitingProxy). The port is held
+    (reserve) until the test ends and the server binds it beside the holder with SO_REUSEPORT: a port picked free
+    and closed could be taken by another process first on a busy machine."""
     from ray.serve._private import http_util
     from ray.serve.config import HTTPOptions
 
     monkeypatch.setattr(http_util, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
                         lc.ray_env().get(shp.CALLBACK_ENV))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = reserve()
     options = http_util.configure_http_middlewares(HTTPOptions(host="127.0.0.1", port=port))
     app, loop = WaitingProxy(build_openai_app(core)), asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     _, server = asyncio.run_coroutine_threadsafe(
-        http_util.start_asgi_http_server(app, options, event_loop=loop), loop).result(30)
+        http_util.start_asgi_http_server(app, options, event_loop=loop, enable_so_reuseport=True), loop).result(30)
     yield port, app
     asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
