@@ -232,6 +232,36 @@ def test_a_shard_owing_a_hedged_around_answer_is_not_probed_again(files, pair, t
     assert d.shard_tokens.get("s0", 0) > before, d.shard_tokens
 
 
+def test_a_slow_step_beside_a_stuck_shard_hedges_nothing_and_costs_no_later_step(files, pair, transport):
+    """s0 is paused and owes a hedged-around answer; then s1, the other copy, is slow for one step (a busy host).
+    That step waits for s1: its hedge would go to s0, which does not answer, and would put s1 under suspicion, so
+    that the next steps fell back to both copies and paid a hedge delay each (the served fault test saw 9 hedged
+    steps in 2.3 s of an 8 s pause on a loaded CI host). The later steps go to s1 alone, unhedged. A recently
+    suspected s1 is still chosen before the stuck s0."""
+    layer, inputs = pair.layers[0], _inputs(files, 5)
+    ref = _reference(files, layer, *inputs)
+    d = GrpcDispatcher(transport=transport, timeout_s=20, hedge_min_s=1.0)
+    d.set_table(pair.table(ALL_BOTH))
+    for _ in range(5):
+        _run(d, layer, inputs)
+    pair.servicers[0].faults.run_delay_s = 15.0
+    _run(d, layer, inputs)
+    assert d.hedges == 1 and d.stuck() == {"s0"}, (d.hedges, d.stuck())
+    s0 = d.shard_tokens.get("s0", 0)
+    pair.servicers[1].faults.run_delay_s = 2.5  # past the hedge delay (1 s)
+    out, took = _run(d, layer, inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert d.hedges == 1 and d.shard_tokens.get("s0", 0) == s0 and took >= 2.5, (d.hedges, d.shard_tokens, took)
+    assert "s1" not in d.suspects or time.monotonic() - d.suspects["s1"] > d.suspect_s, d.suspects
+    pair.servicers[1].faults.run_delay_s = 0.0
+    d.suspect("s1", report=False)  # s1 failed or straggled just now: still before s0, which owes an answer
+    for _ in range(3):
+        out, _ = _run(d, layer, inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert d.hedges == 1 and d.shard_tokens.get("s0", 0) == s0, (d.hedges, d.shard_tokens)
+    pair.servicers[0].faults.run_delay_s = 0.0
+
+
 def test_a_hedged_around_call_that_then_breaks_is_reported(files, pair, transport):
     """A straggler's hedge wins the step; when the straggler's connection then breaks (its shard died, it was not
     just slow), the failure is reported to the controller at once, not when the suspicion expires."""

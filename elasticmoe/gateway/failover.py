@@ -38,12 +38,15 @@ class Step:
 
     # ----- routing
     def _route(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(shard_of [T, k], lost [T, k] bool): suspects avoided where another copy exists, `hard` always."""
+        """(shard_of [T, k], lost [T, k] bool): `hard` always avoided; suspects where another copy exists, and where
+        only suspects are left, the shards owing hedged-around answers (stuck) before those that merely straggled."""
         excl = table.index_of(hard)
         shard_of = table.assign(self.layer, ids, excl | self.d.suspected(table), self.d.steps)
         lost = (shard_of < 0) & (ids >= 0)
-        if bool(lost.any()):
-            again = table.assign(self.layer, torch.where(lost, ids, -1), excl, self.d.steps)
+        for fallback in (excl | table.index_of(self.d.stuck()), excl):
+            if not bool(lost.any()):
+                break
+            again = table.assign(self.layer, torch.where(lost, ids, -1), fallback, self.d.steps)
             shard_of = torch.where(lost, again, shard_of)
             lost = (shard_of < 0) & (ids >= 0)
         return shard_of, lost
@@ -225,7 +228,9 @@ class Step:
                 continue  # no other copy in this table: wait for the straggler, its deadline or a newer table
             straggling = [c for c in live[0] if c.output is None]
             slow = {c.shard_id for c in straggling}
-            shard_of, lost = self._route(table, g.ids, g.tried | self.dead | slow)
+            # never onto a shard owing a hedged-around answer: it would not answer, and the straggler (perhaps only
+            # slowed by a busy host) would be suspected in its place, costing the next steps a hedge delay each
+            shard_of, lost = self._route(table, g.ids, g.tried | self.dead | slow | self.d.stuck())
             if bool(lost.any()):
                 g.hedge_tried = (table.epoch, table.version)  # a re-home (controller) may add copies: try that table
                 continue

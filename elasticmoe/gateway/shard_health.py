@@ -63,6 +63,11 @@ class ShardHealth:
         recent = [s for s, t in list(self.suspects.items()) if now - t < self.suspect_s]
         return table.index_of(recent + list(self._stuck))
 
+    def stuck(self) -> set[str]:
+        """Shards owing the answer to a call that was hedged around: not answering (paused, or far behind). A hedge
+        never goes to one, and routing falls back to them only after shards that merely failed or straggled."""
+        return set(self._stuck)
+
     def straggling(self, shard_id: str, future: Future) -> None:
         """A call to `shard_id` was hedged around: the shard stays suspected until that call ends. A call that then
         fails UNAVAILABLE (its connection broke: a dead shard, not a slow one) is reported to the controller at
