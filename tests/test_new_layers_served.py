@@ -45,10 +45,12 @@ class KillingDispatcher(GrpcDispatcher):
         super().__init__(timeout_s=5, **kw)
         self.shards, self.victim, self.at_step, self.at_layer = shards, victim, step, layer
         self.killed = threading.Event()
-        self.before: list[int] = []  # each request's tokens when the shard died (set by the test's loop)
+        self.seqs: list = []  # the test's requests (set by _steps)
+        self.before: list[int] = []  # each request's tokens when the shard died
 
     def dispatch(self, layer, hidden, topk_ids, topk_weights):
         if self.steps == self.at_step and layer == self.at_layer and not self.killed.is_set():
+            self.before = [len(s.output_ids) for s in self.seqs]
             self.shards.servers[self.victim].stop(None).wait(5)
             self.killed.set()
         return super().dispatch(layer, hidden, topk_ids, topk_weights)
@@ -63,11 +65,11 @@ def _served(llm: LLM, shards: Shards, copies: dict[int, list[int]], **kw) -> tup
 
 
 def _steps(engine: Engine, d: KillingDispatcher, seqs: list, until=None) -> None:
-    """Step the engine until it has no work (or `until()`), noting each request's tokens at the step the shard
-    died in (its tokens before it)."""
+    """Step the engine until it has no work (or `until()`); the dispatcher notes each request's tokens as it stops
+    the shard. (This loop noted them when d.steps + 1 == d.at_step, but a step retried before the kill, a call
+    slower than its deadline on a loaded host, begins twice: the count skipped it and nothing was noted.)"""
+    d.seqs = seqs
     while engine.has_work() and not (until and until()):
-        if d.steps + 1 == d.at_step:
-            d.before = [len(s.output_ids) for s in seqs]
         engine.step()
 
 
