@@ -66,7 +66,7 @@ bench-stalls: setup   ## starts its own local Ray: failed streams and longest to
 bench-overload: setup ## starts its own local Ray: 10x capacity for 30 s against a served tiny cluster
 	$(BIN)/python benchmarks/overload.py
 
-fuzz: setup           ## the in-process front-door fuzz tests with 20,000 examples per surface (CI runs 2,000)
+fuzz: setup           ## the in-process front-door fuzz tests with 20,000 examples per surface (CI runs 500, the same ones each run)
 	ELASTICMOE_FUZZ_EXAMPLES=$${ELASTICMOE_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q -ra tests/test_fuzz.py
 
 clean:

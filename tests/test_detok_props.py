@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from elasticmoe.engine.detok import BYTE_RUN_TOKENS, Detokenizer, prompt_context, token_sets
 from elasticmoe.model.tokenizer import CORPUS, make_tokenizer
 
-PROPS = settings(max_examples=int(os.environ.get("ELASTICMOE_DETOK_EXAMPLES", "200")), deadline=None,
+PROPS = settings(max_examples=int(os.environ.get("ELASTICMOE_DETOK_EXAMPLES", "100")), deadline=None,
                  derandomize=os.environ.get("ELASTICMOE_FUZZ_RANDOM") != "1", database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                         HealthCheck.filter_too_much])
