@@ -266,6 +266,8 @@ def test_triton_kernels_compile_for_sm90_without_gpu():
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "compile for sm_90" in proc.stderr and proc.stdout.count("gate_up_kernel") >= 5
     assert proc.stdout.count("align_place_kernel") == 2
+    lines = [line.split(": smem")[0] for line in proc.stdout.splitlines()]  # kernel, types, constexprs, launch
+    assert len(lines) == len(set(lines)) >= 40, [line for line in lines if lines.count(line) > 1]
 
 
 if __name__ == "__main__" and "--triton-child" in sys.argv:

@@ -131,6 +131,18 @@ def small_jobs(dtype: str) -> list[tuple]:
     return jobs
 
 
+def distinct_jobs(jobs: list[tuple]) -> list[tuple]:
+    """The jobs without repeats (same kernel, argument types and hints, constexprs, warps, stages), in order: two
+    bound tiles that tuning.finalize maps to the same FP8 config would compile (and print) the same kernel twice."""
+    seen, out = set(), []
+    for fn, args, consts, warps, stages in jobs:
+        key = (fn.__name__, tuple(sorted(args.items())), tuple(sorted(consts.items())), warps, stages)
+        if key not in seen:
+            seen.add(key)
+            out.append((fn, args, consts, warps, stages))
+    return out
+
+
 def run(arch: int = 90, quick: bool = False) -> list[str]:
     """Compile everything; return one report line per kernel. Raises on compile, smem or spill failure."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -143,13 +155,14 @@ def run(arch: int = 90, quick: bool = False) -> list[str]:
     jobs += gemm_jobs(configs[-1], "float16") + gemm_jobs(fp32, "float32") + small_jobs("bfloat16")
     jobs += fp8_jobs(quick)
     limit, lines = min(SMEM_LIMIT.get(arch, CONSUMER_SMEM), CONSUMER_SMEM), []
-    for fn, args, consts, warps, stages in jobs:
+    for fn, args, consts, warps, stages in distinct_jobs(jobs):
         kernel = compile_kernel(fn, args, consts, arch, warps, stages)
         shared = kernel.metadata.shared
         pipelined = kernel.asm["ttgir"].count("async_copy_global_to_local")
         usage = resource_usage(kernel.asm["cubin"])
         consts = {key: val for key, val in consts.items() if not key.endswith("_ptr")}
-        line = (f"{fn.__name__:<18} {consts} warps={warps} stages={stages}: smem {shared} B, "
+        types = ",".join(sorted({arg[0] for arg in args.values() if isinstance(arg, tuple) and arg[0][0] == "*"}))
+        line = (f"{fn.__name__:<18} {types} {consts} warps={warps} stages={stages}: smem {shared} B, "
                 f"{pipelined} async copies, regs {usage.get('REG', '?')}")
         if usage.get("STACK", 0) or usage.get("LOCAL", 0):
             raise RuntimeError(f"{line}: register spills {usage}")
