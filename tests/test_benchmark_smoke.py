@@ -33,8 +33,10 @@ def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.Complete
 def test_offline_benchmark_smoke(tmp_path):
     """LLM.generate against transformers generate on one checkpoint: a row per batch, the ratio from the two."""
     out = tmp_path / "offline.json"
-    _run("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "48",
-         "--batches", "1,2", "--repeats", "3", "--out", str(out))
+    # 16 new tokens, best of 2: the full run stays ~15 decode steps over the one-token run (decode_tok_s's noise
+    # check), at a quarter of the steps that 48 tokens x 3 repeats took (~390 engine steps, ~10 s CPU)
+    _run("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "16",
+         "--batches", "1,2", "--repeats", "2", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2], rows
     for r in rows:
