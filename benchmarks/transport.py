@@ -20,11 +20,9 @@ import os
 import re
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +41,8 @@ from elasticmoe.rpc.frames import ExpertRequest
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 import rpc_fanout  # benchmarks/rpc_fanout.py
 from rpc_fanout import EchoShard, percentiles
+import socket_echo  # benchmarks/socket_echo.py
+from socket_echo import HEADER as _HEADER, recv_into as _recv_into
 
 RESULTS = Path(__file__).parent / "results"
 H = 4096  # bf16 hidden [tokens, 4096]: 8 KiB per token
@@ -57,43 +57,6 @@ MTLS_SIZES = {"16 KiB": (2, 1000), "64 KiB": (8, 800), "1 MiB": (128, 300), "8 M
 MTLS_MODES = ("unary", "unary-mtls", "stream", "stream-mtls", "frames", "frames-mtls")
 MTLS_KINDS = ("unary", "stream", "frames")
 MTLS_TARGET = 1.10
-_HEADER = struct.Struct("<Q")  # the socket echo's frame: 8-byte little-endian length, then the bytes
-
-
-def _recv_into(conn: socket.socket, view: memoryview) -> None:
-    while view:
-        n = conn.recv_into(view)
-        if n == 0:
-            raise ConnectionError("socket echo: peer closed")
-        view = view[n:]
-
-
-def _echo_conn(conn: socket.socket) -> None:
-    head, buf = bytearray(_HEADER.size), bytearray()
-    with conn:
-        try:
-            while True:
-                _recv_into(conn, memoryview(head))
-                (n,) = _HEADER.unpack(head)
-                if len(buf) < n:
-                    buf = bytearray(n)
-                _recv_into(conn, memoryview(buf)[:n])
-                conn.sendall(head)
-                conn.sendall(memoryview(buf)[:n])
-        except ConnectionError:
-            return
-
-
-def _serve_socket() -> None:
-    lsock = socket.create_server(("127.0.0.1", 0))
-    print(lsock.getsockname()[1], flush=True)
-    threading.Thread(target=lambda: sys.stdin.read() and None or os._exit(0), daemon=True).start()
-    while True:
-        conn, _ = lsock.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=_echo_conn, args=(conn,), daemon=True).start()
-
-
 class SocketFanout:
     """The floor: the payload to every shard's socket echo (length-prefixed), then every echo read back."""
 
@@ -138,13 +101,27 @@ async def _serve_mtls() -> None:
         await server.stop(None)
 
 
-def _spawn(kind: str) -> tuple[subprocess.Popen, str]:
-    """kind: grpc (rpc_fanout's echo shard, unary + raw stream), grpc-default (HTTP/2 tuning off), socket, or mtls
-    (_serve_mtls; the target is "plain_address secure_address")."""
+def _start(kind: str) -> subprocess.Popen:
+    """kind: grpc (rpc_fanout's echo shard, unary + raw stream), grpc-default (HTTP/2 tuning off), socket
+    (socket_echo.py: no torch, no grpc to import), or mtls (_serve_mtls)."""
     env = {"ELASTICMOE_GRPC_HTTP2_TUNING": "0"} if kind == "grpc-default" else {}
-    echo = [sys.executable, str(Path(__file__).with_name("rpc_fanout.py")), "--serve", "--tune-malloc"]
-    proc = rpc_fanout.spawn(echo if kind.startswith("grpc") else [sys.executable, __file__, f"--serve-{kind}"], **env)
-    return proc, " ".join(f"127.0.0.1:{int(port)}" for port in proc.stdout.readline().split())
+    if kind == "socket":
+        cmd = [sys.executable, socket_echo.__file__]
+    elif kind.startswith("grpc"):
+        cmd = [sys.executable, str(Path(__file__).with_name("rpc_fanout.py")), "--serve", "--tune-malloc"]
+    else:
+        cmd = [sys.executable, __file__, f"--serve-{kind}"]
+    return rpc_fanout.spawn(cmd, **env)
+
+
+def _target(proc: subprocess.Popen) -> str:
+    """A started echo's address, once it is up (mtls: "plain_address secure_address")."""
+    return " ".join(f"127.0.0.1:{int(port)}" for port in proc.stdout.readline().split())
+
+
+def _spawn(kind: str) -> tuple[subprocess.Popen, str]:
+    proc = _start(kind)
+    return proc, _target(proc)
 
 
 def _fanout(transport, targets: list[str], req: ExpertRequest, wait_through: bool = True):
@@ -219,7 +196,8 @@ def targets_met(cases: dict) -> dict:
 def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
     load_before = os.getloadavg()  # others' work on the machine inflates every mode's times
     kinds = {"socket": "socket", "unary": "grpc", "stream-default": "grpc-default"}
-    started = {kind: [_spawn(kind) for _ in range(max(shards))] for kind in ("grpc", "grpc-default", "socket")}
+    procs = {kind: [_start(kind) for _ in range(max(shards))] for kind in ("grpc", "grpc-default", "socket")}
+    started = {kind: [(p, _target(p)) for p in ps] for kind, ps in procs.items()}  # started together, then waited
     targets = {m: [t for _, t in started[kinds.get(m, "grpc")]] for m in MODES}  # unary and stream: same shards
     transports = {"unary": UnaryTransport(insecure=True), "stream": StreamTransport(insecure=True),
                   "stream-default": StreamTransport(insecure=True, options=channel_options(http2=False)),
@@ -293,8 +271,9 @@ def first_answers(plain: str, secure: str, n: int = 20) -> dict:
     return {m: percentiles(s) for m, s in samples.items()}
 
 
-def run_mtls(scale: float) -> dict:
-    """The mTLS cost on one shard, with a release's credentials made in a temp dir and read as rpc.tls reads them."""
+def run_mtls(scale: float, sizes: list[str] | None = None) -> dict:
+    """The mTLS cost on one shard, with a release's credentials made in a temp dir and read as rpc.tls reads them;
+    `sizes`: of MTLS_SIZES (default all)."""
     with tempfile.TemporaryDirectory() as d:
         files = tls.local_ca(Path(d))
         env = {tls.ENV_CA: str(files.ca), tls.ENV_CERT: str(files.cert), tls.ENV_KEY: str(files.key)}
@@ -306,7 +285,7 @@ def run_mtls(scale: float) -> dict:
         transports = {m: kinds[m.split("-")[0]](insecure=t == plain) for m, t in targets.items()}
         try:
             cases = {name: _mtls_case(transports, targets, tokens, max(8, int(calls * scale)))
-                     for name, (tokens, calls) in MTLS_SIZES.items()}
+                     for name, (tokens, calls) in ((n, MTLS_SIZES[n]) for n in sizes or MTLS_SIZES)}
             connect = first_answers(plain, secure)
         finally:
             for t in transports.values():
@@ -350,18 +329,18 @@ def _write(res: dict, path: str | None, stem: str, args: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--serve-socket", action="store_true", help="(internal) run one raw TCP socket echo")
     p.add_argument("--serve-mtls", action="store_true", help="(internal) run one echo shard, plaintext + mTLS")
     p.add_argument("--only", choices=("shards", "mtls"), help="run only the shard/size matrix, or only the mTLS cost")
     p.add_argument("--scale", type=float, default=1.0, help="x the calls timed per case")
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
     p.add_argument("--shards", default=",".join(map(str, SHARDS)))
+    p.add_argument("--mtls-sizes", default=",".join(MTLS_SIZES), help="comma-separated, of: " + ", ".join(MTLS_SIZES))
     p.add_argument("--json", help="default: benchmarks/results/transport-<cpu>.json")
     p.add_argument("--mtls-json", help="default: benchmarks/results/transport-mtls-<cpu>.json")
     a = p.parse_args(argv)
-    if a.serve_socket or a.serve_mtls:
+    if a.serve_mtls:
         tune_malloc()
-        _serve_socket() if a.serve_socket else asyncio.run(_serve_mtls())
+        asyncio.run(_serve_mtls())
         return 0
     torch.set_num_threads(1)
     tune_malloc()  # as the gateway and shard deployments do (and the echo shards, --tune-malloc)
@@ -374,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {t['target']}: {t['value']:.2f} {'met' if t['met'] else 'MISSED'}")
         _write(res, a.json, "transport", vars(a))
     if a.only != "shards":
-        res = run_mtls(a.scale)
+        res = run_mtls(a.scale, a.mtls_sizes.split(","))
         print(f"mTLS: {res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, target p50 <= {MTLS_TARGET}x plaintext")
         print(mtls_table(res))
         print("target met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["target_met"].items()))

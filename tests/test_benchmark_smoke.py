@@ -278,11 +278,12 @@ def test_every_benchmark_imports():
 
 
 def test_transport_benchmark_smoke(tmp_path):
-    """A few calls per mode at 16 KiB to 1 and 2 shards, then the mTLS cost: real echo processes over real sockets,
-    gRPC and TLS. Checks that each mode timed its calls and that the ratios and targets were derived from them."""
+    """A few calls per mode at 16 KiB to 1 and 2 shards, then the mTLS cost at 16 KiB: real echo processes over real
+    sockets, gRPC and TLS. Checks that each mode timed its calls and that the ratios and targets were derived from
+    them."""
     shards_json, mtls_json = tmp_path / "t.json", tmp_path / "tm.json"
     _run("transport.py", "--scale", "0.03", "--sizes", "16 KiB", "--shards", "1,2", "--json", str(shards_json),
-         "--mtls-json", str(mtls_json), timeout_s=600)
+         "--mtls-sizes", "16 KiB", "--mtls-json", str(mtls_json), timeout_s=600)
     report = json.loads(shards_json.read_text())
     assert set(report["cases"]) == {"16 KiB x 1", "16 KiB x 2"}, report["cases"].keys()
     for name, case in report["cases"].items():
@@ -293,6 +294,7 @@ def test_transport_benchmark_smoke(tmp_path):
         assert abs(case["frames_vs_socket_p50"] - ratio) < 1e-9, (name, case)
         assert report["targets"][f"{name} frames"]["met"] == (ratio <= 2.0), report["targets"]
     mtls = json.loads(mtls_json.read_text())
+    assert set(mtls["cases"]) == {"16 KiB"}, mtls["cases"].keys()
     assert {"frames", "frames-mtls", "stream", "stream-mtls", "unary", "unary-mtls"} <= set(mtls["cases"]["16 KiB"])
     assert mtls["new_connection"], mtls
 
