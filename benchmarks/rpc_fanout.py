@@ -138,7 +138,7 @@ def in_thread(fn: Callable[[], dict]) -> dict:
     return box[0]
 
 
-def bench_codec(calls: int) -> dict[str, dict[str, float]]:
+def bench_codec(calls: int, warmup: int = 30) -> dict[str, dict[str, float]]:
     """encode / decode / encode+decode (+ protobuf wire round trip) of a [64, 4096] bf16 and fp32 tensor."""
     out: dict[str, dict[str, float]] = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -146,12 +146,12 @@ def bench_codec(calls: int) -> dict[str, dict[str, float]]:
         msg = encode_tensor(t)
         wire = msg.SerializeToString()
         name = f"[64,4096] {str(dtype).removeprefix('torch.')}"
-        out[f"encode {name}"] = timed(lambda: encode_tensor(t), calls)
-        out[f"decode {name}"] = timed(lambda: decode_tensor(msg), calls)
-        out[f"encode+decode {name}"] = timed(lambda: decode_tensor(encode_tensor(t)), calls)
+        out[f"encode {name}"] = timed(lambda: encode_tensor(t), calls, warmup)
+        out[f"decode {name}"] = timed(lambda: decode_tensor(msg), calls, warmup)
+        out[f"encode+decode {name}"] = timed(lambda: decode_tensor(encode_tensor(t)), calls, warmup)
         out[f"encode+serialize+parse+decode {name}"] = timed(
-            lambda: decode_tensor(pb.Tensor.FromString(encode_tensor(t).SerializeToString())), calls)
-        out[f"parse+decode {name}"] = timed(lambda: decode_tensor(pb.Tensor.FromString(wire)), calls)
+            lambda: decode_tensor(pb.Tensor.FromString(encode_tensor(t).SerializeToString())), calls, warmup)
+        out[f"parse+decode {name}"] = timed(lambda: decode_tensor(pb.Tensor.FromString(wire)), calls, warmup)
     return out
 
 
@@ -273,7 +273,8 @@ class OwnLoopFanout:
         pass  # the loop belongs to the engine thread; the benchmark process exits soon after
 
 
-async def _aio_native(targets: list[str], req: pb.RunExpertsRequest, calls: int) -> dict[str, float]:
+async def _aio_native(targets: list[str], req: pb.RunExpertsRequest, calls: int, warmup: int = 30
+                      ) -> dict[str, float]:
     """Reference: the whole fan-out inside one event loop (no cross-thread hand-off); cpu_us as interleaved's,
     over the timed calls only (not the channels' set-up and the warm-up calls)."""
     channels = [grpc.aio.insecure_channel(t, options=channel_options()) for t in targets]
@@ -282,7 +283,7 @@ async def _aio_native(targets: list[str], req: pb.RunExpertsRequest, calls: int)
     async def once() -> None:
         for r in await asyncio.gather(*(s.RunExperts(req, timeout=10) for s in stubs)):
             _output(r)
-    for _ in range(30):
+    for _ in range(warmup):
         await once()
     samples, c0 = [], time.process_time_ns()
     for _ in range(calls):
@@ -319,7 +320,8 @@ def interleaved(fans: dict[str, Callable[[], Wait]], calls: int, warmup: int = 3
                    "cpu_us": cpu[name] / calls / 1e3} for name in fans}
 
 
-def bench_fanout(targets: list[str], req: pb.RunExpertsRequest, calls: int) -> dict[str, dict[str, float]]:
+def bench_fanout(targets: list[str], req: pb.RunExpertsRequest, calls: int, warmup: int = 30
+                 ) -> dict[str, dict[str, float]]:
     """p50... of one fan-out (len(targets) concurrent RunExperts, wait for all) per mechanism."""
     channels = [grpc.insecure_channel(t, options=channel_options()) for t in targets]
     stubs = [pb_grpc.ExpertShardStub(c) for c in channels]
@@ -329,12 +331,12 @@ def bench_fanout(targets: list[str], req: pb.RunExpertsRequest, calls: int) -> d
                     "aio stubs on loop thread": LoopThreadFanout(targets),
                     "aio stubs on engine-owned loop": OwnLoopFanout(targets)})
     fans = {name: (lambda f=f: f.dispatch(req)) for name, f in fanouts.items()}
-    out = in_thread(lambda: interleaved(fans, calls))
+    out = in_thread(lambda: interleaved(fans, calls, warmup))
     for f in fanouts.values():
         f.close()
     for c in channels:
         c.close()
-    out["aio native (in-loop ref.)"] = asyncio.run(_aio_native(targets, req, calls))
+    out["aio native (in-loop ref.)"] = asyncio.run(_aio_native(targets, req, calls, warmup))
     return out
 
 
@@ -354,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/rpc_fanout.py", description=__doc__)
     parser.add_argument("--serve", action="store_true", help="(internal) run one echo server, print its port")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=30, help="untimed calls before each timed set")
     parser.add_argument("--servers", type=int, nargs="+", default=[1, 2, 3], help="fan-out widths to measure")
     parser.add_argument("--kib", type=int, nargs="+", default=[8, 64, 1024],
                         help="payload per call: bf16 hidden [KiB / 8, 4096]")
@@ -366,13 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_until_stdin_closes())
         return 0
     torch.set_num_threads(1)
-    results: dict[str, dict[str, dict[str, float]]] = {"codec": bench_codec(args.calls)}
+    results: dict[str, dict[str, dict[str, float]]] = {"codec": bench_codec(args.calls, args.warmup)}
     procs, targets = spawn_servers(max(args.servers), args.tune_malloc)
     try:
         for kib in args.kib:
             req = make_request(tokens=kib * 1024 // (2 * 4096))
             for n in args.servers:
-                results[f"{kib} KiB x {n} shard(s)"] = bench_fanout(targets[:n], req, args.calls)
+                results[f"{kib} KiB x {n} shard(s)"] = bench_fanout(targets[:n], req, args.calls, args.warmup)
     finally:
         for p in procs:
             p.stdin.close()

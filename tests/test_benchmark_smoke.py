@@ -303,7 +303,7 @@ def test_rpc_fanout_microbenchmark_smoke(tmp_path):
     """`benchmarks/rpc_fanout.py` (the codec and the fan-out strategies, over spawned echo shards): each strategy
     timed its calls at 1 and 2 shards."""
     out = tmp_path / "rf.json"
-    _run("rpc_fanout.py", "--calls", "5", "--servers", "1", "2", "--kib", "8", "--json", str(out))
+    _run("rpc_fanout.py", "--calls", "5", "--warmup", "2", "--servers", "1", "2", "--kib", "8", "--json", str(out))
     report = json.loads(out.read_text())
     machine = report.pop("machine")
     assert machine["cpu"] and machine["cpus"] > 0, machine
