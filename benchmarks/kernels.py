@@ -32,6 +32,7 @@ TOKENS = [1, 16, 64, 256, 1024, 4096]
 SMOKE_MODELS = {"smoke": (16, 64, 96, 2, 8)}
 SMOKE_TOKENS = [1, 16]
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+CPU_RUNS = [3]  # time_us's timed runs on CPU (main sets it from --cpu-runs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print cases, routing and byte counts; no timing")
     p.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)}")
     p.add_argument("--tokens", nargs="*", type=int, default=None)
+    p.add_argument("--cpu-runs", type=int, default=3, help="CPU (smoke): timed runs after the warm-up, best kept")
     p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) | float16 | float32 (smoke default)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
     return p.parse_args(argv)
@@ -82,7 +84,7 @@ def bytes_moved(shape, tokens: int, local_ids: torch.Tensor, elem: int, block_m:
 
 
 def time_us(fn, device: torch.device, graph: bool = False) -> float:
-    """Median us: triton do_bench (L2 flushed) or do_bench_cudagraph on CUDA; best of 3 on CPU."""
+    """Median us: triton do_bench (L2 flushed) or do_bench_cudagraph on CUDA; best of CPU_RUNS (3) on CPU."""
     if device.type == "cuda":
         import triton.testing
 
@@ -91,7 +93,7 @@ def time_us(fn, device: torch.device, graph: bool = False) -> float:
         return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
     fn()
     times = []
-    for _ in range(3):
+    for _ in range(CPU_RUNS[0]):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -350,6 +352,7 @@ def _versions() -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    CPU_RUNS[0] = args.cpu_runs
     models = SMOKE_MODELS if args.smoke else {m: MODELS[m] for m in (args.models or MODELS)}
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
     if args.dry_run:

@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default bfloat16 (float32 smoke: the interpreter's bf16 is wrong)")
     p.add_argument("--quick", action="store_true", help="smaller search space (minutes instead of ~an hour)")
+    p.add_argument("--cpu-runs", type=int, default=2, help="smoke: timed runs per config, the best kept (default 2)")
     p.add_argument("--out-dir", default=None,
                    help="default: $ELASTICMOE_MOE_CONFIG_DIR or $ELASTICMOE_CACHE/moe_configs (searched first)")
     return p.parse_args()
@@ -71,22 +72,22 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _time_us(fn, device: torch.device) -> float:
-    """Median microseconds: CUDA-graph replay on a GPU; on CPU (smoke) the best of 2 plain runs."""
+def _time_us(fn, device: torch.device, cpu_runs: int = 2) -> float:
+    """Median microseconds: CUDA-graph replay on a GPU; on CPU (smoke) the best of `cpu_runs` plain runs."""
     if device.type == "cuda":
         import triton.testing
 
         return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
     best = float("inf")
-    for _ in range(2):
+    for _ in range(cpu_runs):
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
     return 1e6 * best
 
 
-def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda"), limit: int | None = None
-                ) -> tuple[dict, float]:
+def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda"), limit: int | None = None,
+                cpu_runs: int = 2) -> tuple[dict, float]:
     """Fastest correct config for one token count (of the first `limit` candidates) -> (config, microseconds)."""
     from elasticmoe.kernels import tuning
     from elasticmoe.kernels.triton_moe import fused_moe_triton
@@ -104,7 +105,7 @@ def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda"), limit:
             if (out - ref).abs().max() > 2e-2 * ref.abs().max():
                 print(f"  T={tokens} {cfg}: wrong result, skipped", flush=True)
                 continue
-            us = _time_us(lambda: fused_moe_triton(x, w13, w2, ids, weights, config=cfg), device)
+            us = _time_us(lambda: fused_moe_triton(x, w13, w2, ids, weights, config=cfg), device, cpu_runs)
         except Exception as exc:  # noqa: BLE001  out of shared memory / registers on this GPU
             print(f"  T={tokens} {cfg}: {type(exc).__name__}", flush=True)
             continue
@@ -132,7 +133,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("float32" if args.smoke else "bfloat16"))
     table = {}
     for tokens in args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS):
-        cfg, us = tune_tokens(shape, tokens, dtype, args.quick or args.smoke, device, 3 if args.smoke else None)
+        cfg, us = tune_tokens(shape, tokens, dtype, args.quick or args.smoke, device, 3 if args.smoke else None,
+                              args.cpu_runs)
         table[str(tokens)] = cfg
         print(f"T={tokens:>5}: {us:9.1f} us  {cfg}", flush=True)
     name = tuning.config_file_name(num_experts, inter, hidden, dtype, tuning.device_name(device))
