@@ -33,6 +33,7 @@ def run_queued(engine, encode: Callable[[str], list[int]], prompt: str, conc: in
 def _shard(model_dir: str, experts: list[int], threads: int, device: str, dtype: str, ready, stop) -> None:
     """One expert shard as the ExpertShard deployment runs it: `experts` of every MoE layer on `device`, mTLS,
     until `stop`."""
+    dev = torch.device(device)  # a device torch does not know fails here, before the imports below (seconds)
     from elasticmoe.engine.engine import DTYPES
     from elasticmoe.experts.shard_server import start_server
     from elasticmoe.model import open_model
@@ -42,7 +43,7 @@ def _shard(model_dir: str, experts: list[int], threads: int, device: str, dtype:
     tune_malloc()
     torch.set_num_threads(threads)
     files = open_model(model_dir)
-    store = ExpertStore(files.ckpt, files.names, files.spec, DTYPES[dtype], torch.device(device))
+    store = ExpertStore(files.ckpt, files.names, files.spec, DTYPES[dtype], dev)
     store.load([(layer, e) for layer in files.spec.moe.moe_layers for e in experts])
     server, _, port = start_server(store, f"shard-{experts[0]}")
     ready.send(port)
@@ -67,9 +68,9 @@ class DirectCluster:
         num_experts = files.spec.moe.num_experts
         owner = [e * shards // num_experts for e in range(num_experts)]
         ctx = mp.get_context("spawn")
-        self.procs, self.stops, ports = [], [], []
+        self.procs, self.stops, readies, ports = [], [], [], []
         try:
-            for s in range(shards):
+            for s in range(shards):  # all started, then each waited for: their start-ups overlap
                 ready_r, ready_w = ctx.Pipe(duplex=False)
                 stop_r, stop_w = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=_shard, args=(model_dir, [e for e in range(num_experts) if owner[e] == s],
@@ -79,6 +80,8 @@ class DirectCluster:
                 stop_r.close()
                 self.procs.append(p)
                 self.stops.append(stop_w)
+                readies.append(ready_r)
+            for s, (p, ready_r) in enumerate(zip(self.procs, readies)):
                 try:
                     ports.append(ready_r.recv())
                 except EOFError:
