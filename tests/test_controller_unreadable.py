@@ -21,8 +21,10 @@ BROKEN = "model.layers.1.block_sparse_moe.experts.0.w2.weight"  # its file holds
 
 @pytest.fixture
 def sharded(tmp_path):
-    """A tiny checkpoint in many files (one test cuts one short)."""
-    return str(make_tiny_model("mixtral", tmp_path / "m", layers=2, experts=E, max_shard_size="100KB"))
+    """A tiny checkpoint in many files (one test cuts one short), under a long path as a hub snapshot's is (an event's
+    error cut at 300 characters lost the tensor's name after the path in CI's xdist trial, whose paths are longer)."""
+    deep = tmp_path / "models--elasticmoe--tiny-mixtral-unreadable" / "snapshots" / ("0123456789abcdef" * 5) / "m"
+    return str(make_tiny_model("mixtral", deep, layers=2, experts=E, max_shard_size="100KB"))
 
 
 def _cut(files):

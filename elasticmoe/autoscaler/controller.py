@@ -12,7 +12,7 @@ from ray import serve
 
 from elasticmoe.autoscaler.backoff import Backoffs
 from elasticmoe.autoscaler.health import HealthKeeper
-from elasticmoe.autoscaler.moves import LoadFailed, Mover
+from elasticmoe.autoscaler.moves import EVENT_ERROR_CHARS, LoadFailed, Mover
 from elasticmoe.autoscaler.policy import LoadTracker, ScaleDecider
 from elasticmoe.autoscaler.record import FORMAT, GcsRecord
 from elasticmoe.autoscaler.recovery import Recovery, placement_key
@@ -202,7 +202,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         if info.load_error == error:
             return
         info.load_error = error
-        self._event("plan_failed", shard=info.shard_id, error=error[:300])
+        self._event("plan_failed", shard=info.shard_id, error=error[:EVENT_ERROR_CHARS])
         log.error("shard %s cannot load its experts (it tries again with a backoff): %s", info.shard_id, error)
 
     async def _hold_assignment(self, info: ShardInfo) -> None:

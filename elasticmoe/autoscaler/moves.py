@@ -21,6 +21,8 @@ DROP_GRACE_S = 0.5  # after the acks: steps that started on the old table finish
 GATEWAY_TTL_S = 10.0  # a gateway that has not polled for this long is not waited for
 DROP_TIMEOUT_S = 30.0  # a DropExperts call's deadline
 LOAD_TIMEOUT_S = 300.0  # a LoadExperts call's deadline (a change with a deadline of its own: what is left of it)
+# an event's error text: whole paths and tensor names (300 cut a tensor's name after a long checkpoint path)
+EVENT_ERROR_CHARS = 1000
 ROLLBACK_DROP_S = 1.0  # a failed load's roll back drops with at least this long even past the change's deadline
 # (what does not go through waits for the health round's retry: _undropped)
 
@@ -100,7 +102,7 @@ class Mover:
             return
         name = task.get_coro().__qualname__
         self.loop_errors += 1
-        self._event("task_error", task=name, error=str(task.exception())[:200])
+        self._event("task_error", task=name, error=str(task.exception())[:EVENT_ERROR_CHARS])
         log.error("controller task %s failed", name, exc_info=task.exception())
 
     def _event(self, kind: str, **kw) -> None:
@@ -252,7 +254,7 @@ class Mover:
         try:
             moved = await self._load_many(loads, deadline)
         except LoadFailed as e:
-            self._event("load_failed", reason=reason, error=str(e)[:200])
+            self._event("load_failed", reason=reason, error=str(e)[:EVENT_ERROR_CHARS])
             raise
         self.bytes_moved += moved
         self.metrics.rebalance(moved, kind)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from elasticmoe.autoscaler.backoff import Backoffs
-from elasticmoe.autoscaler.moves import ACK_TIMEOUT_S, LoadFailed
+from elasticmoe.autoscaler.moves import ACK_TIMEOUT_S, EVENT_ERROR_CHARS, LoadFailed
 from elasticmoe.autoscaler.registry import Change, ShardInfo
 from elasticmoe.placement import Placement, plan
 from elasticmoe.placement.fit import top_up
@@ -179,13 +179,13 @@ class Replacer:
             await self._apply(Change(current, new, relabel, remove=remove), f"re-home after {why}", kind, deadline)
         except Exception as e:  # noqa: BLE001 - rolled back; the health loop (a drain: `_drain`) tries again
             if strict:
-                self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:300])
+                self._event("rehome_failed", shard=shard_id, why=why, error=str(e)[:EVENT_ERROR_CHARS])
                 if isinstance(e, LoadFailed):
                     raise
                 return None
             self._forget_rehomes(but=name)  # superseded: this one re-homes theirs too
             failing, new = self.backoffs.failed(name, str(e)[:1000], REHOME_BACKOFF_MAX_S)
-            self._event("rehome_failed", shard=shard_id, why=why, error=failing.error[:300], retry_in_s=failing.wait_s)
+            self._event("rehome_failed", shard=shard_id, why=why, error=failing.error[:EVENT_ERROR_CHARS], retry_in_s=failing.wait_s)
             if new:
                 log.error("re-home after %s failed (tried again with a backoff): %s", why, failing.error)
             return None
@@ -235,7 +235,7 @@ class Replacer:
         try:
             await self._apply(change, f"spares join to re-home after {why}", kind)
         except Exception as e:  # noqa: BLE001 - nothing loaded; the health loop tries again
-            self._event("rehome_failed", why=why, error=str(e)[:200])
+            self._event("rehome_failed", why=why, error=str(e)[:EVENT_ERROR_CHARS])
             return False
         return True
 
@@ -304,6 +304,6 @@ class Replacer:
             await self._apply(change, "scale out", "scale_out")
         except Exception as e:  # noqa: BLE001 - the spares stay spares for now
             failing, _ = self.backoffs.failed("scale out", str(e)[:1000], GROW_BACKOFF_MAX_S)
-            self._event("grow_failed", error=failing.error[:300], retry_in_s=failing.wait_s)
+            self._event("grow_failed", error=failing.error[:EVENT_ERROR_CHARS], retry_in_s=failing.wait_s)
             return
         self.backoffs.succeeded("scale out")
