@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# OpenMP threads that finish a parallel region sleep at once instead of spinning: on the 2-core CI host the suite's
+# torch work spun ~45% more CPU than it used (test_families beside one niced busy loop: 29-30 s user CPU unset, 20.5 s
+# PASSIVE, wall 24 vs 22 s), CPU the e2e replicas beside it wait for. Inherited by subprocesses and the test cluster.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 GATEWAY_RESOURCE = "elasticmoe_gateway"  # the custom Ray resource of the chart's gateway worker group
 _CPU0 = pytest.StashKey[float]()  # CPU seconds at a test's setup
 
