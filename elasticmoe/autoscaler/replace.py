@@ -185,7 +185,8 @@ class Replacer:
                 return None
             self._forget_rehomes(but=name)  # superseded: this one re-homes theirs too
             failing, new = self.backoffs.failed(name, str(e)[:1000], REHOME_BACKOFF_MAX_S)
-            self._event("rehome_failed", shard=shard_id, why=why, error=failing.error[:EVENT_ERROR_CHARS], retry_in_s=failing.wait_s)
+            self._event("rehome_failed", shard=shard_id, why=why, error=failing.error[:EVENT_ERROR_CHARS],
+                        retry_in_s=failing.wait_s)
             if new:
                 log.error("re-home after %s failed (tried again with a backoff): %s", why, failing.error)
             return None

@@ -1,4 +1,4 @@
-"""Which dense weights a layer loads and in which dtype: shared by the loader (DenseModel) and its sizer (dense_bytes)."""
+"""Which dense weights a layer loads, in which dtype: shared by the loader (DenseModel) and its sizer (dense_bytes)."""
 
 from __future__ import annotations
 
