@@ -327,6 +327,15 @@ def _write(res: dict, path: str | None, stem: str, args: dict) -> None:
     out.write_text(json.dumps(res, indent=2) + "\n")
 
 
+def _names(p: argparse.ArgumentParser, flag: str, value: str, known: dict) -> list[str]:
+    """A comma-separated option's names, each one of `known`: an unknown one is refused before any echo starts."""
+    names = value.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"{flag}: unknown {unknown}; choose from {', '.join(known)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--serve-mtls", action="store_true", help="(internal) run one echo shard, plaintext + mTLS")
@@ -338,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="default: benchmarks/results/transport-<cpu>.json")
     p.add_argument("--mtls-json", help="default: benchmarks/results/transport-mtls-<cpu>.json")
     a = p.parse_args(argv)
+    sizes, mtls_sizes = _names(p, "--sizes", a.sizes, SIZES), _names(p, "--mtls-sizes", a.mtls_sizes, MTLS_SIZES)
     if a.serve_mtls:
         tune_malloc()
         asyncio.run(_serve_mtls())
@@ -345,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     tune_malloc()  # as the gateway and shard deployments do (and the echo shards, --tune-malloc)
     if a.only != "mtls":
-        res = run(a.scale, a.sizes.split(","), tuple(int(n) for n in a.shards.split(",")))
+        res = run(a.scale, sizes, tuple(int(n) for n in a.shards.split(",")))
         print(f"{res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, http2 tuning {res['http2_tuning']}, "
               f"load average {res['loadavg_before'][0]:.2f} before, {res['loadavg_after'][0]:.2f} after")
         print(table(res))
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {t['target']}: {t['value']:.2f} {'met' if t['met'] else 'MISSED'}")
         _write(res, a.json, "transport", vars(a))
     if a.only != "shards":
-        res = run_mtls(a.scale, a.mtls_sizes.split(","))
+        res = run_mtls(a.scale, mtls_sizes)
         print(f"mTLS: {res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, target p50 <= {MTLS_TARGET}x plaintext")
         print(mtls_table(res))
         print("target met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["target_met"].items()))

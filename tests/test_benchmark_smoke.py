@@ -299,6 +299,15 @@ def test_transport_benchmark_smoke(tmp_path):
     assert mtls["new_connection"], mtls
 
 
+@pytest.mark.parametrize("flag", ["--sizes", "--mtls-sizes"])
+def test_transport_refuses_an_unknown_size_before_starting_anything(flag):
+    """An unknown size name is an argparse error naming the flag and the choices (it was a KeyError traceback after
+    every echo process had started)."""
+    proc = subprocess.run([sys.executable, "transport.py", flag, "16 KiB,3 KiB"], cwd=REPO / "benchmarks",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{flag}: unknown ['3 KiB']; choose from 16 KiB" in proc.stderr, proc.stderr
+
+
 def test_rpc_fanout_microbenchmark_smoke(tmp_path):
     """`benchmarks/rpc_fanout.py` (the codec and the fan-out strategies, over spawned echo shards): each strategy
     timed its calls at 1 and 2 shards."""
