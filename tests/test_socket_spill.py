@@ -74,12 +74,15 @@ def test_sends_to_a_straggler_return_at_once_and_are_answered_in_order(files, in
 
 def test_a_shard_with_frames_unread_refuses_more_as_busy(files, straggler, monkeypatch):  # noqa: F811
     """With SPILL_FRAMES frames already waiting for the shard, one more fails at once as busy (another copy may
-    take it; the gateway's memory stays bounded) while the waiting ones are still answered."""
+    take it; the gateway's memory stays bounded) while the waiting ones are still answered. The frames are built
+    before the sends: built inside them (16 MiB each, on CI's loaded 2-core host) the sends spanned the shard's 1.5 s
+    sleeps, it read frames as fast as they came, and the 5th was queued, not refused."""
     monkeypatch.setattr(socket_conn, "SPILL_FRAMES", 2)
     t = SocketTransport()
     try:
         layer = straggler.layers[0]
-        futs = [t.send(straggler.addresses[0], lambda s=s: _big(files, layer, s), 60) for s in range(5)]
+        reqs = [_big(files, layer, s) for s in range(5)]
+        futs = [t.send(straggler.addresses[0], lambda r=r: r, 60) for r in reqs]
         with pytest.raises(grpc.RpcError) as e:
             futs[-1].result(timeout=1)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and frames.BUSY in e.value.details()
