@@ -7,6 +7,7 @@ once warmed up, as in tests/test_shard_run_memory.py: a frame of BIG tokens rout
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -27,9 +28,13 @@ from tests.shard_util import Shards
 
 E, H = 4, 64
 BIG = 1 << 17  # tokens: hidden [BIG, H] float32 32 MiB in, zeros [BIG, H] float64 64 MiB out, its join 64 MiB more
-# what the shard may map beyond what it has once warmed up: the frame and its answer (~100 MiB) fit, the join does
-# not (~165 MiB); measured on this host, compute fails below ~100 MiB and the join fits from ~160 MiB
-ROOM = 128 << 20
+# One malloc arena, large blocks mmapped (and unmapped when freed), as the other capped tests: without them a thread
+# that found the arena busy mapped another (64 MiB of address space) after the cap, and compute could fail first.
+MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+# What the shard may map beyond what it has once warmed up: the frame and its answer fit, the join does not. Measured
+# on this host with MALLOC: compute fails at 120 MiB, passes from 130, and the join fits from 190; 155 is the middle
+# (CI once failed at 128 without MALLOC: compute ran out first).
+ROOM = 155 << 20
 DEADLINE_S = 15.0  # the calls' deadline: what the frames behind the dead reader waited for before
 
 SHARD = r"""
@@ -73,7 +78,7 @@ def capped(model):
     """(address, layer) of a shard process holding every expert, capped once a stream has brought it a small frame
     and the BIG one, both answered: its threads, their malloc arenas and gRPC's buffers are there before the cap, so
     what the cap leaves is what the next BIG frame, its answer and the join get (one process per test)."""
-    with capped_shard(SHARD, model, ROOM) as shard:
+    with capped_shard(SHARD, model, ROOM, env={**os.environ, **MALLOC}) as shard:
         layer = open_model(model).spec.moe.moe_layers[0]
         t = make_transport("stream", insecure=False)
         assert t.send(shard.address, lambda: _small(layer), 30).result(timeout=60).output is not None
