@@ -54,9 +54,10 @@ class Limits(_Strict):
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens in one engine step")
     kv_cache_tokens: int | None = Field(
         None, ge=1, description="positions the gateway's KV cache holds, shared by the running sequences in blocks of "
-        "kv_block_size: a sequence is admitted once free blocks cover its prompt + max_tokens (reserved whole: no "
-        "preemption), and a request that can never fit is refused (HTTP 400 / INVALID_ARGUMENT); may be less than "
-        "max_model_len; default max_num_seqs x max_model_len (every sequence a whole context, the size before paging)")
+        "kv_block_size: a sequence is admitted once free blocks cover its prompt, gets one more as it grows (the "
+        "newest preempted and later recomputed when they run short), and a request that can never fit is refused "
+        "(HTTP 400 / INVALID_ARGUMENT); may be less than max_model_len; default max_num_seqs x max_model_len (every "
+        "sequence a whole context, the size before paging)")
     kv_block_size: int = Field(16, ge=1, le=4096, description="positions a KV-cache block holds")
     prefix_caching: bool = Field(True, description="a prompt shares the KV-cache blocks of an earlier prompt it "
                                  "starts with (whole blocks), computing only the rest; cached blocks no running "

@@ -1,4 +1,5 @@
-"""The paged KV cache: blocks through a block table, reserved at admission (no preemption), given back on every end;
+"""The paged KV cache: blocks through a block table, a prompt's at admission, one more as a sequence grows (the newest
+preempted where none is free), given back on every end;
 outputs against transformers with blocks that cut chunks; the refusal of a request that can never fit."""
 
 from __future__ import annotations
@@ -108,20 +109,25 @@ def test_blocks_cutting_chunks_give_transformers_tokens(model_type, tmp_path):
 
 
 def test_admission_waits_for_blocks_and_proceeds_as_sequences_finish(llm):
-    """A cache of two sequences' worth (10 blocks of 4; each reserves its prompt and max_tokens: 4, 5, 5, 5 blocks),
-    4 requests, room for 4 sequences: never more than 2 run; a waiting one starts in the step after one ends (the
-    first after 4 tokens, the others after 8); all get their tokens alone, and every block is free at the end."""
+    """A cache of 10 blocks of 4, prompts of 9-12 tokens (3 blocks each), room for 4 sequences: three are admitted
+    (their prompts' 9 blocks), the fourth waits; each holds the blocks of its tokens, one more as they cross a
+    boundary, and when r1's 13th token finds none free the newest, r2, is preempted: back to the front of the
+    queue, before r3, and recomputed once r0 ended. All get their tokens alone; every block is free at the end."""
     prompts = [_ids(n, seed=n) for n in (9, 10, 11, 12)]
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 8, 8, 8)]
     engine = _engine(llm, max_num_seqs=4, kv_cache_tokens=40, kv_block_size=4)
     pool = engine.scheduler.pool
     seqs = [engine.add_request(f"r{i}", p, s) for i, (p, s) in enumerate(zip(prompts, params))]
-    running = []
+    running, waiting = [], []
     while engine.has_work():
         engine.step()
         running.append([seqs.index(s) for s in engine.scheduler.running])
+        waiting.append([seqs.index(s) for s in engine.scheduler.waiting])
+        assert all(len(pool.blocks(s)) == pool.blocks_for(s.num_cached) for s in engine.scheduler.running)  # ran
         assert pool.num_free == 10 - sum(len(pool.blocks(s)) for s in engine.scheduler.running)
-    assert running == [[0, 1]] * 3 + [[1]] + [[1, 2]] * 3 + [[2]] + [[2, 3]] * 3 + [[3]] * 4 + [[]]
+    assert running == [[0, 1, 2]] * 3 + [[1]] + [[1, 2]] * 3 + [[2]] + [[3]] * 7 + [[]]
+    assert waiting == [[3]] * 3 + [[2, 3]] + [[3]] * 4 + [[]] * 8
+    assert [s.preempted for s in seqs] == [0, 0, 1, 0] and engine.scheduler.preemptions == 1
     assert [s.output_ids for s in seqs] == [llm.generate([p], s)[0].token_ids for p, s in zip(prompts, params)]
     assert [s.error for s in seqs] == [None] * 4 and pool.num_free == 10
 
@@ -181,22 +187,22 @@ def test_blocks_come_back_after_a_finish_an_abort_and_a_failed_step(llm):
     while engine.has_work():
         engine.step()
     assert done.finish_reason == "length" and pool.num_free == 16
-    a, b = (engine.add_request(r, _ids(20, 2), GREEDY) for r in ("a", "b"))  # 7 blocks each, and 2 left free
-    queued = engine.add_request("queued", _ids(20, 3), GREEDY)
+    a, b = (engine.add_request(r, _ids(20, 2), GREEDY) for r in ("a", "b"))  # 5 blocks each, then 6 (21 tokens)
+    queued = engine.add_request("queued", _ids(20, 3), GREEDY)  # 5 blocks: 4 left free
     engine.step()
     engine.step()
     taken = pool.blocks(a)
-    assert len(taken) == 7 and pool.num_free == 2 and queued in engine.scheduler.waiting
+    assert len(taken) == 6 and pool.num_free == 4 and queued in engine.scheduler.waiting
     engine.abort("a")
     engine.abort("queued")
-    assert pool.num_free == 9 and pool.blocks(a) == () and _blocks_zero(engine, taken)
+    assert pool.num_free == 10 and pool.blocks(a) == () and _blocks_zero(engine, taken)
     disp.poisoned = True
     c = engine.add_request("c", _ids(5, 4), GREEDY)
     engine.step()  # b's decode, c's prefill: NaN keys and values written, then both fail
     disp.poisoned = False
     assert b.error is not None and c.error is not None and not engine.has_work()
     rows = engine.cache.table.rows  # (a finished slot's row stays until the slot is given again)
-    assert len(rows[b.slot]) == 7 and len(rows[c.slot]) == 4
+    assert len(rows[b.slot]) == 6 and len(rows[c.slot]) == 2
     assert pool.num_free == 16 and _blocks_zero(engine, rows[b.slot] + rows[c.slot])
 
 

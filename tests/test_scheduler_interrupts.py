@@ -19,7 +19,7 @@ from elasticmoe.model.tiny import make_tiny_model
 from tests.test_runner_request_faults import zeroing_fails_once
 
 SLOTS = 3
-BLOCKS = 2 * SLOTS  # of 4 positions: a sequence's prompt and max_tokens (8 tokens) take 2
+BLOCKS = 2 * SLOTS  # of 4 positions: a sequence's prompt takes 1, with 4 tokens drawn 2 (5 drawn: 3, preempting)
 CODES = {f.__code__ for f in vars(Scheduler).values() if callable(f) and getattr(f, "__module__", "") ==
          scheduler_module.__name__}
 
@@ -52,14 +52,18 @@ def _interrupt_at(k: int, call, codes: set = CODES) -> bool:
     return False
 
 
-def _scheduler(admitted: int) -> tuple[Scheduler, list[Sequence]]:
-    """SLOTS slots, blocks for as many sequences, five queued sequences, the first `admitted` of them running."""
+def _scheduler(admitted: int, drawn: int = 0) -> tuple[Scheduler, list[Sequence]]:
+    """SLOTS slots, blocks for as many sequences of 8 tokens, five queued sequences, the first `admitted` of them
+    running, each with `drawn` tokens drawn (due a decode: its next step may need more blocks than are free)."""
     sched = Scheduler(max_num_seqs=SLOTS, max_num_batched_tokens=4 * admitted, max_queue=8, pool=BlockPool(BLOCKS, 4))
-    seqs = [Sequence(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=4)) for i in range(5)]
+    seqs = [Sequence(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=8)) for i in range(5)]
     for s in seqs:
         sched.add(s)
     if admitted:
         assert len(sched.schedule()) == admitted
+    for s in sched.running:
+        s.output_ids += [5] * drawn
+        s.num_cached = s.num_tokens - 1
     sched.max_tokens = 64
     return sched, seqs
 
@@ -73,13 +77,15 @@ def _check_owners(sched: Scheduler, lost_ok: frozenset = frozenset(), cut: tuple
     assert len(held + sched.free_slots) == len(set(held + sched.free_slots)), (held, sched.free_slots)
     assert set(range(SLOTS)) - set(held) - set(sched.free_slots) <= lost_ok
     pool = sched.pool
-    assert all(len(pool.blocks(s)) == 2 for s in sched.running)
+    assert all(len(pool.blocks(s)) == pool.blocks_for(s.num_tokens) for s in sched.running)
+    assert all(s.status is Status.WAITING and not pool.blocks(s) for s in sched.waiting)
     owned = [b for s in [*sched.running, *(s for s in cut if s not in sched.running)] for b in pool.blocks(s)]
     assert len(owned) == len(set(owned)) and len(owned) + pool.num_free == BLOCKS, (owned, pool.num_free)
 
 
-CASES = {  # name: (sequences running before, the interrupted call)
+CASES = {  # name: (sequences running before, the interrupted call[, tokens each has drawn before])
     "schedule admits three": (0, lambda sched, seqs: sched.schedule()),
+    "schedule preempts the newest": (3, lambda sched, seqs: sched.schedule(), 5),
     "schedule admits one more": (2, lambda sched, seqs: sched.schedule()),
     "finish a running one": (3, lambda sched, seqs: sched.finish(seqs[1], "stop")),
     "finish the last admitted": (3, lambda sched, seqs: sched.finish(seqs[2], "stop")),
@@ -90,11 +96,11 @@ CASES = {  # name: (sequences running before, the interrupted call)
 def _each_interrupt(case: str):
     """(scheduler, its sequences, k) after CASES[case]'s call cut short at its k-th bytecode, for every k; the
     call then ran whole, past more than 20 of them."""
-    admitted, call = CASES[case]
+    admitted, call, *drawn = CASES[case]
     k = 0
     while True:
         k += 1
-        sched, seqs = _scheduler(admitted)
+        sched, seqs = _scheduler(admitted, *drawn)
         if not _interrupt_at(k, lambda: call(sched, seqs)):
             break
         yield sched, seqs, k

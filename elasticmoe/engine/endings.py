@@ -69,14 +69,23 @@ class Endings:
         if slot in self.held and slot in self.scheduler.free_slots:
             self.scheduler.free_slots.remove(slot)
 
-    def zero(self, slot: int, length: int, owner: Hashable) -> None:
+    def preempt(self, seq: Sequence) -> bool:
+        """The scheduler preempts running `seq` (Scheduler.on_preempt): zero the K/V it wrote as an abort does (a
+        chunk not yet followed by a draw may hold a numerical fault's NaN, that the blocks' next owner would read
+        masked), less its cached blocks, kept cached (they were registered once a draw after them came out clean,
+        and its recompute may find them); whether its slot is free now (not held back: its zeroing raised)."""
+        self.zero(seq.slot, min(seq.num_tokens, self.cache.max_len), seq, uncache=False)
+        return seq.slot not in self.held
+
+    def zero(self, slot: int, length: int, owner: Hashable, uncache: bool = True) -> None:
         """Zero a slot's first `length` positions; should that raise (a device error), the slot is held back (out of
         free_slots, if there) until the next step zeroes it, where a failure is the engine's, and with it the
         blocks of `owner` (its sequence), which its end would have freed. The blocks zeroed are those the pool
         has for `owner` (BlockPool.to_zero: not the table's row, which a Ctrl-C before the step's assignment left
-        naming another's), less those others hold or the prefix cache keeps; what `owner` wrote is cached no more."""
+        naming another's), less those others hold or the prefix cache keeps; what `owner` wrote is cached no more
+        (`uncache`; a preemption's keep theirs)."""
         try:
-            self._clear(slot, length, owner)
+            self._clear(slot, length, owner, uncache)
         except Exception:  # noqa: BLE001 - retried by the next step (zero_held)
             log.exception("zeroing KV-cache slot %d failed; it is held back until a step zeroes it", slot)
             if slot not in self.held:
@@ -96,10 +105,11 @@ class Endings:
                 self.scheduler.free_slots.append(slot)
             del self.held[slot]
 
-    def _clear(self, slot: int, length: int, owner: Hashable) -> None:
+    def _clear(self, slot: int, length: int, owner: Hashable, uncache: bool = True) -> None:
         """Zero the positions [0, length) that `owner` wrote in its blocks (and the slot's linear states)."""
         pool = self.scheduler.pool
-        pool.uncache_written(owner)
+        if uncache:
+            pool.uncache_written(owner)
         self.cache.clear(slot, length, pool.to_zero(owner, pool.blocks_for(length)))
 
 

@@ -69,6 +69,7 @@ class Engine:
         self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits, kv_cache_tokens)
         self.unreported: list[Sequence] = []  # ended by a step that then raised (take_unreported)
         self.endings = Endings(self.scheduler, self.cache, self.seqs)  # abort, fail; slots held back until zeroed
+        self.scheduler.on_preempt = self.endings.preempt  # a preempted sequence's K/V zeroed as an abort's
 
     @property
     def held_slots(self) -> dict[int, int]:
@@ -212,8 +213,7 @@ class Engine:
             if err is not None:
                 raise err
             seq.num_cached += n
-            if not seq.output_ids:  # its prompt ran whole: its blocks may be cached (prefix caching)
-                self.scheduler.written(seq)
+            self.scheduler.written(seq)  # its prompt ran whole: its blocks may be cached (prefix caching)
             self._append(seq, token, logprob)
         except Exception as e:  # noqa: BLE001 - this row's request only
             self.fail(seq, e)

@@ -9,9 +9,9 @@ _NONE: frozenset = frozenset()
 
 
 class BlockPool:
-    """`num_blocks` blocks of `block_size` cached positions each. An owner reserves at once every block it will
-    need (a sequence: its prompt and max_tokens), so a running sequence never waits for one and none is preempted;
-    `release` gives them back.
+    """`num_blocks` blocks of `block_size` cached positions each. An owner reserves the blocks it needs now (a
+    sequence: its prompt's, at admission) and `grow`s as it needs more (a token crossing a block boundary), keeping
+    those it holds; `release` gives them back (the scheduler preempts a sequence when too few are free to grow).
 
     Prefix caching: a full block of prompt positions, once written, may be `register`ed under its key (the hash
     chain of the prompt's blocks up to it, prefix_cache.block_keys). A reservation given keys first takes the
@@ -83,6 +83,21 @@ class BlockPool:
         if plan is None:
             return False
         self._pending = plan
+        self._apply()
+        return True
+
+    def grow(self, owner: Hashable, n: int) -> bool:
+        """Give `owner` blocks up to n in all, its own kept (in position order, fresh ones after them), unless too
+        few are free (then nothing changes): whether it holds n (or more) now."""
+        self._complete()
+        held = self._owned.get(owner, ())
+        if len(held) >= n:
+            return True
+        plan = self._plan(owner, n - len(held), (), 0)
+        if plan is None:
+            return False
+        _, _, fresh, _, evict, stats = plan
+        self._pending = "reserve", owner, held + fresh, self._hits.get(owner, 0), evict, stats
         self._apply()
         return True
 

@@ -6,6 +6,7 @@ import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -55,6 +56,7 @@ class Sequence:
     block_keys: list[bytes] | None = field(default=None, repr=False)  # prefix caching: its full prompt blocks' keys
     registered: int = 0  # prefix caching: its first blocks that are cached (found so, or registered as written)
     cached_tokens: int = 0  # prefix caching: prompt tokens it took from the cache at admission (usage's cached_tokens)
+    preempted: int = 0  # times it was preempted (its tokens so far recomputed at its next admission)
 
     @property
     def num_tokens(self) -> int:
@@ -77,11 +79,14 @@ class Sequence:
 class Scheduler:
     """Picks each step's work: running decodes (all of them while the budget allows), unfinished prefills, then new
     sequences while slots, KV-cache blocks and the budget last. `pool`: the KV cache's blocks, of which a sequence
-    is admitted only once it can reserve all it may need (prompt + max_tokens), in arrival order (the first waiting
-    one waits for blocks, those after it too); its end (finish) gives them back. None: no blocks counted.
-    `prefix_caching`: a sequence shares the cached blocks its prompt starts with (all but its last token at most:
-    one is always run, to draw from) and runs from their end; its own full prompt blocks are cached as its first
-    token is drawn (`written`)."""
+    is admitted once it can reserve those of its tokens (its prompt), in arrival order (the first waiting one waits
+    for blocks, those after it too); a running one gets one more as its next token crosses a block boundary, and
+    where too few are free the newest running ones are preempted (vLLM's recompute): their blocks and slots given
+    back (`on_preempt(seq)` first: the engine zeroes what it wrote, and says whether its slot is free), they go
+    back to the front of `waiting`, to be admitted again over prompt and outputs. Its end (finish) gives them back.
+    None: no blocks counted. `prefix_caching`: a sequence shares the cached blocks its tokens start with (all but
+    its last token at most: one is always run, to draw from) and runs from their end; its own full prompt blocks
+    are cached as a token is drawn after them (`written`)."""
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int,
                  pool: BlockPool | None = None, prefix_caching: bool = False):
@@ -94,6 +99,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0  # schedule() calls: Sequence.scheduled_at counts in them
+        self.preemptions = 0  # running sequences preempted for blocks (their tokens recomputed later)
+        self.on_preempt: Callable[[Sequence], bool] | None = None  # the engine's: zero it, and is its slot free?
+        self._preempting: Sequence | None = None  # a preemption under way: _settle completes one cut short
 
     def add(self, seq: Sequence, held: int = 0) -> None:
         """Queue `seq`; QueueFull past max_queue waiting beyond the free slots. `held`: slots out of free_slots for
@@ -110,6 +118,7 @@ class Scheduler:
         engine's while it holds one lower, else max_num_batched_tokens)."""
         self._settle()
         self.steps += 1
+        self._grow()
         budget = self.max_tokens if budget is None else budget
         work = [(seq, 1) for seq in self._decodes(budget)]  # decodes first: one token each, never starved by prefills
         budget -= len(work)
@@ -134,26 +143,69 @@ class Scheduler:
         return work
 
     def _reserve(self, seq: Sequence) -> bool:
-        """Reserve the KV-cache blocks of seq's prompt and max_tokens; whether it holds them. Prefix caching: the
-        cached ones its prompt starts with among them, and its positions in them counted cached (again, as an
-        admission cut short is repeated: the same)."""
+        """Reserve the KV-cache blocks of seq's tokens (its prompt; a preempted one's outputs too); whether it holds
+        them. Its positions run from 0, or, prefix caching, from the end of the cached blocks its prompt starts with
+        (among them; counted in its usage and the pool's lookups at its first admission only). Again, as an
+        admission cut short is repeated: the same."""
         pool = self.pool
         if pool is None:
             return True
-        n, prompt = pool.blocks_for(len(seq.prompt_ids) + seq.params.max_tokens), len(seq.prompt_ids)
+        n, prompt, first = pool.blocks_for(seq.num_tokens), len(seq.prompt_ids), not seq.preempted
         if not self.prefix_caching:
-            return pool.reserve(seq, n)
+            if not pool.reserve(seq, n):
+                return False
+            seq.num_cached = 0
+            return True
         if seq.block_keys is None:
             seq.block_keys = block_keys(seq.prompt_ids, pool.block_size)
-        if not pool.reserve(seq, n, seq.block_keys[:(prompt - 1) // pool.block_size], query=prompt):
+        keys = seq.block_keys[:(seq.num_tokens - 1) // pool.block_size]
+        if not pool.reserve(seq, n, keys, query=prompt if first else 0):
             return False
         seq.registered = pool.hits(seq)
-        seq.num_cached = seq.cached_tokens = seq.registered * pool.block_size
+        seq.num_cached = seq.registered * pool.block_size
+        if first:
+            seq.cached_tokens = seq.num_cached
         return True
 
+    def _grow(self) -> None:
+        """Each running sequence, the oldest first, holds the blocks of all its tokens (a decode's next position may
+        cross a block boundary); short of free blocks, the newest running ones are preempted until it does (itself
+        last: never an older one; the oldest always fits, as validation keeps prompt + max_tokens in the cache)."""
+        if self.pool is None:
+            return
+        for seq in list(self.running):
+            while seq.status is Status.RUNNING and not self.pool.grow(seq, self.pool.blocks_for(seq.num_tokens)):
+                self._preempt(self.running[-1])
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preempt a running sequence: recorded first, so that one cut short (Ctrl-C) is completed (_settle)."""
+        self._preempting = seq
+        self._complete_preemption()
+
+    def _complete_preemption(self) -> None:
+        """The preemption of `_preempting`, each part repeatable: out of `running` and first in `waiting`; its K/V
+        zeroed (on_preempt), its blocks and its slot (unless held back, its zeroing having raised) given back; its
+        positions to run again from 0 (its drawn tokens, generator, penalties and detokenizer kept)."""
+        seq = self._preempting
+        if seq in self.running:
+            self.running.remove(seq)
+        if not self.waiting or self.waiting[0] is not seq:
+            self.waiting.appendleft(seq)
+        if seq.status is Status.RUNNING:
+            free = self.on_preempt is None or self.on_preempt(seq)
+            if self.pool is not None:
+                self.pool.release(seq)
+            if free and self._orphan(seq.slot):
+                self.free_slots.append(seq.slot)
+            seq.preempted += 1  # (counted twice where a Ctrl-C cuts in here: no slot or block is)
+            self.preemptions += 1
+            seq.status = Status.WAITING  # last: its slot is its own until here
+        seq.num_cached, seq.slot = 0, -1
+        self._preempting = None
+
     def written(self, seq: Sequence) -> None:
-        """seq's prompt ran to its end (its first token drawn: a numerical fault in it would have shown there):
-        cache its full prompt blocks (prefix caching; a repeat does nothing more)."""
+        """seq drew a token: its prompt ran to its end where num_cached passed it (a numerical fault in it would
+        have shown in the draw): cache its full prompt blocks (prefix caching; a repeat does nothing more)."""
         if not self.prefix_caching:
             return
         full = min(seq.num_cached, len(seq.prompt_ids)) // self.pool.block_size
@@ -171,8 +223,11 @@ class Scheduler:
         return [seq for seq in due if seq in picked]
 
     def _settle(self) -> None:
-        """Complete an admission cut short (Ctrl-C) after its sequence joined `running`: it is still first in
-        `waiting` and its slot still last in `free_slots` (nowhere else can a running one be, or its slot)."""
+        """Complete a preemption cut short (Ctrl-C), then an admission cut short after its sequence joined
+        `running`: it is still first in `waiting` and its slot still last in `free_slots` (nowhere else can a
+        running one be, or its slot)."""
+        if self._preempting is not None:
+            self._complete_preemption()
         if self.running:
             last = self.running[-1]
             if self.waiting and self.waiting[0] is last:

@@ -122,7 +122,7 @@ class GatewayMetrics:
         """Set the batch gauges from an engine's scheduler: running, waiting, and the KV cache's use: the larger of
         the share of its slots not free (a running sequence's, or one the engine holds back until it is zeroed:
         Engine.held_slots, used, not free) and the share of its blocks reserved (scheduler.pool; a sequence
-        reserves its prompt's and max_tokens' blocks at admission), whichever stops admission first."""
+        holds its tokens' blocks), whichever stops admission first."""
         total = max(1, scheduler.num_slots)
         usage = (total - len(scheduler.free_slots)) / total
         pool = getattr(scheduler, "pool", None)
