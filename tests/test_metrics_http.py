@@ -121,3 +121,27 @@ def test_the_prefix_cache_counters_follow_the_engines_totals():
     assert pool.reserve("c", 2, keys[:1], query=5)
     m.engine_from(sched)
     assert m.prefix_cache == {"queries": 23, "hits": 12}
+
+
+def test_the_preemption_counter_follows_the_engines_total():
+    """GatewayMetrics.engine_from takes the scheduler's preemptions: /metrics exports elasticmoe_preemptions_total,
+    and a later call with none more adds nothing."""
+    from elasticmoe.engine.kv_blocks import BlockPool
+    from elasticmoe.engine.sampling import SamplingParams
+    from elasticmoe.engine.scheduler import Scheduler, Sequence
+
+    m = GatewayMetrics("off", 2, 4, [1], use_ray=False)
+    sched = Scheduler(2, 64, 4, BlockPool(2, 4))
+    seqs = [Sequence(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=8)) for i in range(2)]
+    for s in seqs:
+        sched.add(s)
+    assert len(sched.schedule()) == 2  # a block each: the cache is full
+    for s in seqs:
+        s.output_ids.append(5)
+        s.num_cached = 4
+    sched.schedule()  # r0's 5th token needs a block: r1 is preempted
+    assert sched.running == seqs[:1] and sched.preemptions == 1
+    m.engine_from(sched)
+    assert _series(prometheus_text(m))["elasticmoe_preemptions_total"] == 1
+    m.engine_from(sched)
+    assert m.preemptions == 1 and _series(prometheus_text(m))["elasticmoe_preemptions_total"] == 1

@@ -166,7 +166,7 @@ def test_the_refusal_is_an_http_400(llm, tiny):
         status, body = post_json(server.url + "/completions", {"model": "mixtral", "prompt": _ids(20, 3),
                                                                 "max_tokens": 8, "temperature": 0})
         assert status == 200 and body["usage"]["completion_tokens"] == 8, body
-        assert core.runner.stats()["kv_blocks"] == 2
+        assert core.runner.stats()["kv_blocks"] == 2 and core.runner.stats()["preemptions"] == 0
     finally:
         server.stop()
         core.runner.close()

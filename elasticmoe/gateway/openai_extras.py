@@ -14,7 +14,7 @@ from elasticmoe.gateway.openai_messages import ChatMessage, Tool, chat_chars, ch
 from elasticmoe.gateway.openai_protocol import ApiError
 from elasticmoe.gateway.tokenizing import chars_of, tokenized
 from elasticmoe.metrics import KV_USAGE_HELP
-from elasticmoe.metrics.series import PREFIX_HITS_HELP, PREFIX_QUERIES_HELP
+from elasticmoe.metrics.series import PREEMPTIONS_HELP, PREFIX_HITS_HELP, PREFIX_QUERIES_HELP
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -72,6 +72,8 @@ def prometheus_text(metrics: Any) -> str:
     for key, name, doc in (("queries", "elasticmoe_prefix_cache_queries_total", PREFIX_QUERIES_HELP),
                            ("hits", "elasticmoe_prefix_cache_hits_total", PREFIX_HITS_HELP)):
         family(name, "counter", doc, [_line(name, prefix[key])])
+    family("elasticmoe_preemptions_total", "counter", PREEMPTIONS_HELP,
+           [_line("elasticmoe_preemptions_total", metrics.preemptions)])
     if metrics.mode != "off":
         totals = metrics.expert_token_totals()  # [layers, experts]
         if metrics.mode == "per_layer":  # one series a layer, as exported to Ray

@@ -142,12 +142,14 @@ class EngineRunner:
         held_slots: KV-cache slots held back until a step zeroes them (their zeroing raised as their request ended),
         neither free nor running: running + free_slots + held_slots is every slot. kv_blocks, kv_blocks_free: the KV
         cache's blocks (of limits.kv_block_size positions), and those no running sequence or held slot reserved (a
-        cached block no one holds counts free). prefix_cache_queried_tokens, prefix_cache_hit_tokens: the prompt
-        tokens admitted with prefix caching on, and those of them found cached (not computed)."""
+        cached block no one holds counts free); preemptions: running sequences preempted for blocks (recomputed
+        later). prefix_cache_queried_tokens, prefix_cache_hit_tokens: the prompt tokens admitted with prefix caching
+        on, and those of them found cached (not computed)."""
         sched = self.engine.scheduler
         return {"running": len(sched.running), "waiting": len(sched.waiting), "free_slots": sched.num_free_slots,
                 "held_slots": len(self.engine.held_slots), "kv_blocks": sched.pool.num_blocks,
-                "kv_blocks_free": sched.pool.num_free, "prefix_cache_queried_tokens": sched.pool.queried_tokens,
+                "kv_blocks_free": sched.pool.num_free, "preemptions": sched.preemptions,
+                "prefix_cache_queried_tokens": sched.pool.queried_tokens,
                 "prefix_cache_hit_tokens": sched.pool.hit_tokens,
                 "steps": self.engine.steps, "admitted": self._live, "capacity": self.capacity, "refused": self.refused,
                 "step_retries": self.engine.step_retries, "failed_requests": self.engine.failed_requests,

@@ -53,6 +53,7 @@ class GatewayMetrics:
         self.latency_counts = {"ttft": 0, "tpot": 0, "e2e": 0}
         self.gauges: dict[str, float] = {}
         self.prefix_cache = {"queries": 0, "hits": 0}  # prompt tokens looked up in the prefix cache, found there
+        self.preemptions = 0  # running sequences the engine preempted for KV-cache blocks
         self.expert_copies: dict[tuple[int, int], int] = {}
         self.layer_copies: dict[int, int] = {}  # layer -> sum of its experts' copies (kept with expert_copies)
         self.shards: dict[str, bool] = {}
@@ -129,7 +130,14 @@ class GatewayMetrics:
         if pool is not None:
             usage = max(usage, (pool.num_blocks - pool.num_free) / pool.num_blocks)
             self.prefix_cache_totals(pool.queried_tokens, pool.hit_tokens)
+        self.preemption_total(getattr(scheduler, "preemptions", 0))
         self.engine(len(scheduler.running), len(scheduler.waiting), usage)
+
+    def preemption_total(self, total: int) -> None:
+        """The engine's preemptions so far (Scheduler.preemptions): the counter goes up by what it grew."""
+        grew, self.preemptions = total - self.preemptions, total
+        if self._ray and grew > 0:
+            self._ray["preemptions"].inc(grew)
 
     def prefix_cache_totals(self, queries: int, hits: int) -> None:
         """The engine's prefix-cache totals (BlockPool.queried_tokens, hit_tokens): the counters go up by what they

@@ -13,6 +13,7 @@ KV_USAGE_HELP = ("KV-cache use: the larger of slots not free (a running sequence
 
 PREFIX_QUERIES_HELP = "Prompt tokens of the requests admitted with prefix caching on (looked up in the cache)"
 PREFIX_HITS_HELP = "Prompt tokens found in the prefix cache at admission (shared, not computed)"
+PREEMPTIONS_HELP = "Running sequences preempted for KV-cache blocks (their tokens recomputed once readmitted)"
 
 
 def ray_metrics() -> dict[str, Any] | None:
@@ -39,6 +40,7 @@ def ray_metrics() -> dict[str, Any] | None:
         "kv": Gauge("elasticmoe_kv_cache_usage", KV_USAGE_HELP),
         "prefix_queries": Counter("elasticmoe_prefix_cache_queries_total", PREFIX_QUERIES_HELP),
         "prefix_hits": Counter("elasticmoe_prefix_cache_hits_total", PREFIX_HITS_HELP),
+        "preemptions": Counter("elasticmoe_preemptions_total", PREEMPTIONS_HELP),
         "expert_tokens": Counter("elasticmoe_expert_tokens_total", "Tokens routed to an expert",
                                  ("layer", "expert")),
         "copies": Gauge("elasticmoe_expert_copies", "Live copies of an expert", ("layer", "expert")),
