@@ -112,20 +112,20 @@ def test_a_slot_held_back_for_zeroing_is_used_not_free(model, reference):  # noq
 
 
 def test_kv_usage_counts_reserved_blocks_when_they_run_out_before_slots():
-    """With a paged cache, admission stops when blocks run out, slots free or not: one sequence of 8 slots that
-    reserved 6 of 8 blocks reads 0.75 (slots alone: 0.125), and the gauge falls back to 0 when it ends."""
+    """With a paged cache, admission stops when blocks run out, slots free or not: one sequence of 8 slots whose
+    prompt holds 6 of 8 blocks reads 0.75 (slots alone: 0.125), and the gauge falls back to 0 when it ends."""
     from elasticmoe.engine.kv_blocks import BlockPool
     from elasticmoe.engine.sampling import SamplingParams
     from elasticmoe.engine.scheduler import Scheduler, Sequence, Status
 
     metrics = GatewayMetrics("off", 2, 4, [1], use_ray=False)
     sched = Scheduler(8, 64, 4, BlockPool(8, 4))
-    seq = Sequence("a", list(range(10)), SamplingParams(max_tokens=14))  # 24 positions: 6 blocks of 4
+    seq = Sequence("a", list(range(24)), SamplingParams(max_tokens=4))  # a prompt of 24: 6 blocks of 4
     sched.add(seq)
     assert [s for s, _ in sched.schedule()] == [seq] and sched.pool.num_free == 2
     metrics.engine_from(sched)
     assert metrics.gauges == {"running": 1, "queued": 0, "kv_usage": 0.75}
-    b = Sequence("b", list(range(10)), SamplingParams(max_tokens=14))
+    b = Sequence("b", list(range(24)), SamplingParams(max_tokens=4))
     sched.add(b)
     assert all(s is not b for s, _ in sched.schedule()) and b.status is Status.WAITING  # 6 blocks, 2 free: waits
     metrics.engine_from(sched)
