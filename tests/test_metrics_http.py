@@ -123,13 +123,15 @@ def test_the_prefix_cache_counters_follow_the_engines_totals():
     assert m.prefix_cache == {"queries": 23, "hits": 12}
 
 
-def test_the_preemption_counter_follows_the_engines_total():
+def test_the_preemption_counter_follows_the_engines_total(monkeypatch):
     """GatewayMetrics.engine_from takes the scheduler's preemptions: /metrics exports elasticmoe_preemptions_total,
-    and a later call with none more adds nothing."""
+    and a later call with none more adds nothing (blocks to the last: no admission watermark)."""
+    from elasticmoe.engine import scheduler
     from elasticmoe.engine.kv_blocks import BlockPool
     from elasticmoe.engine.sampling import SamplingParams
     from elasticmoe.engine.scheduler import Scheduler, Sequence
 
+    monkeypatch.setattr(scheduler, "WATERMARK", 0)
     m = GatewayMetrics("off", 2, 4, [1], use_ray=False)
     sched = Scheduler(2, 64, 4, BlockPool(2, 4))
     seqs = [Sequence(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=8)) for i in range(2)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from elasticmoe.engine import scheduler
 from elasticmoe.engine.kv_blocks import BlockPool
 from elasticmoe.engine.sampling import SamplingParams
 from elasticmoe.engine.scheduler import Scheduler, Sequence, Status
@@ -41,12 +42,14 @@ def test_the_pool_grows_an_owner_keeping_its_blocks():
 
 
 @pytest.mark.parametrize("caching", [False, True])
-def test_blocks_on_demand_and_the_newest_preempted(caching):
+def test_blocks_on_demand_and_the_newest_preempted(caching, monkeypatch):
     """6 blocks of 4: a and b (prompts of 5: 2 blocks each, where a whole reservation of prompt + max_tokens would
     have taken 6) and c (a prompt of 1: 1 block) run together. At a's and b's 9th token (c's 5th) a takes the
     last free block, and b finds none: c, the newest, is preempted. At their 13th, b is, ahead of c in the queue:
     its blocks and slot given back, its positions to run again from 0 (from its cached first block, prefix
-    caching), its drawn tokens kept. Re-admitted once a ends, b and c are recomputed; all blocks come back."""
+    caching), its drawn tokens kept. Re-admitted once a ends, b and c are recomputed; all blocks come back. (Blocks
+    to the last: no watermark, tested on its own below.)"""
+    monkeypatch.setattr(scheduler, "WATERMARK", 0)
     sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_queue=8, pool=BlockPool(BLOCKS, BS),
                       prefix_caching=caching)
     pool = sched.pool
@@ -81,9 +84,10 @@ def test_blocks_on_demand_and_the_newest_preempted(caching):
     assert pool.num_free == BLOCKS and sorted(sched.free_slots) == [0, 1, 2, 3] and not sched.has_work()
 
 
-def test_no_preemption_to_admit_a_newcomer():
+def test_no_preemption_to_admit_a_newcomer(monkeypatch):
     """The running sequences hold every block: a newcomer waits (however small) and no one is preempted for it;
-    it is admitted once a running one ends."""
+    it is admitted once a running one ends (no watermark)."""
+    monkeypatch.setattr(scheduler, "WATERMARK", 0)
     sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_queue=8, pool=BlockPool(BLOCKS, BS))
     a, b = _seq("a", 9), _seq("b", 9)  # 3 blocks each: 6 until their 13th token
     sched.add(a)
@@ -119,3 +123,46 @@ def test_the_oldest_always_progresses():
                 ended.append(s.request_id)
     assert ended == ["r0", "r1", "r2"] and sched.preemptions > 0
     assert sched.pool.num_free == BLOCKS and sorted(sched.free_slots) == [0, 1, 2]
+
+
+def test_admission_beside_running_ones_leaves_the_watermark_free():
+    """10 blocks of 4 (watermark: 1 block): beside a running (2 blocks), a prompt taking the 8 others waits (it used
+    to be admitted, then preempted at a's next block boundary, its prefill wasted) and one of 7 is admitted; alone,
+    a prompt of all 10 blocks is admitted."""
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_queue=8, pool=BlockPool(10, BS))
+    a, b = _seq("a", 5), _seq("b", 32)
+    sched.add(a)
+    _step(sched)
+    sched.add(b)
+    assert _step(sched) == [(a, 1)] and b.status is Status.WAITING and sched.pool.num_free == 8
+    sched.finish(b, "abort")
+    c = _seq("c", 28)
+    sched.add(c)
+    assert _step(sched) == [(a, 1), (c, 28)] and sched.pool.num_free == 1
+    lone = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_queue=8, pool=BlockPool(10, BS))
+    d = _seq("d", 40)
+    lone.add(d)
+    assert _step(lone) == [(d, 40)] and lone.pool.num_free == 0
+
+
+def test_the_watermark_blocks_no_admission_where_every_sequence_fits_whole():
+    """10 blocks: a (prompt 4, max_tokens 4: 2 blocks at most, both held) and b (prompt 31, max_tokens 1: 8 blocks)
+    fit whole, as in a cache of the default size (every sequence a whole context): b takes the last 8 blocks
+    (the watermark alone kept one free, and b waited for a's end, with nothing ever to grow into)."""
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_queue=8, pool=BlockPool(10, BS))
+    a = Sequence("a", list(range(10, 14)), SamplingParams(max_tokens=4))
+    b = Sequence("b", list(range(10, 41)), SamplingParams(max_tokens=1))
+    sched.add(a)
+    _step(sched)
+    sched.add(b)
+    assert _step(sched) == [(a, 1), (b, 31)] and sched.pool.num_free == 0
+
+
+def test_a_reservation_leaving_too_few_spare_changes_nothing():
+    """reserve(spare=k) takes nothing unless k blocks stay free after it; a cached block it finds no one holds counts
+    as taken from the free ones."""
+    pool = BlockPool(4, BS)
+    assert pool.reserve("a", 1, [b"k0"]) and (pool.register("a", [b"k0"]) or True)
+    pool.release("a")  # k0's block cached, no one holds it: free
+    assert not pool.reserve("b", 3, [b"k0"], spare=2) and pool.blocks("b") == () and pool.num_free == 4
+    assert pool.reserve("b", 3, [b"k0"], spare=1) and pool.hits("b") == 1 and pool.num_free == 1

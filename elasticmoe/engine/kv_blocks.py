@@ -68,18 +68,19 @@ class BlockPool:
         self._complete()
         return len(self._holders.get(block, _NONE))
 
-    def reserve(self, owner: Hashable, n: int, keys: Sequence[bytes] = (), query: int = 0) -> bool:
+    def reserve(self, owner: Hashable, n: int, keys: Sequence[bytes] = (), query: int = 0, spare: int = 0) -> bool:
         """Give `owner` n blocks, the first of them the cached blocks under `keys` as far as they are cached, unless
-        too few are free (then nothing changes): whether it holds them. An owner holding n already keeps them; one
-        holding another number gets n instead (or, too few free, none). `query`: the prompt tokens this lookup is
-        for, counted in queried_tokens (and the blocks found, in hit_tokens)."""
+        too few are free, or fewer than `spare` would be left (then nothing changes): whether it holds them. An
+        owner holding n already keeps them; one holding another number gets n instead (or, too few free, none).
+        `query`: the prompt tokens this lookup is for, counted in queried_tokens (and the blocks found, in
+        hit_tokens)."""
         self._complete()
         held = self._owned.get(owner)
         if held is not None and len(held) == n:
             return True
         if held is not None:
             self.release(owner)
-        plan = self._plan(owner, n, keys, query)
+        plan = self._plan(owner, n, keys, query, spare)
         if plan is None:
             return False
         self._pending = plan
@@ -153,8 +154,9 @@ class BlockPool:
 
     # --- planning and applying a change --------------------------------------------------------------------------
 
-    def _plan(self, owner: Hashable, n: int, keys: Sequence[bytes], query: int) -> tuple | None:
-        """The reservation of n blocks for `owner` (the cached ones under `keys` first), or None: too few free."""
+    def _plan(self, owner: Hashable, n: int, keys: Sequence[bytes], query: int, spare: int = 0) -> tuple | None:
+        """The reservation of n blocks for `owner` (the cached ones under `keys` first), or None: too few free (or
+        fewer than `spare` left free after it)."""
         hit: list[int] = []
         for key in keys[:n]:
             b = self._cached.get(key)
@@ -162,7 +164,8 @@ class BlockPool:
                 break
             hit.append(b)
         need = n - len(hit)
-        if need > len(self._free) + len(self._lru):  # (at once: a sequence waiting for blocks asks every step)
+        taken = need + sum(1 for b in hit if b in self._lru)  # a hit no one held leaves the free ones too
+        if taken + spare > len(self._free) + len(self._lru):  # (at once: a sequence waiting asks every step)
             return None
         fresh = list(islice(reversed(self._free), need))  # the blocks released last come first
         evict: list[int] = []

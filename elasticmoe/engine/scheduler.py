@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -14,6 +15,12 @@ from elasticmoe.engine.detok import Detokenizer
 from elasticmoe.engine.kv_blocks import BlockPool
 from elasticmoe.engine.prefix_cache import block_keys
 from elasticmoe.engine.sampling import PenaltyState, SamplingParams, TokenLogprob
+
+
+# Admission beside running sequences leaves this share of the KV blocks free (at least one; Scheduler._spare), room
+# for them to grow into: admitting up to the last block had the next block boundary preempt the newcomer, its
+# prefill wasted (vLLM's watermark, 1%, likewise)
+WATERMARK = 0.01
 
 
 class QueueFull(RuntimeError):
@@ -151,21 +158,34 @@ class Scheduler:
         if pool is None:
             return True
         n, prompt, first = pool.blocks_for(seq.num_tokens), len(seq.prompt_ids), not seq.preempted
+        spare = self._spare(seq, n)
         if not self.prefix_caching:
-            if not pool.reserve(seq, n):
+            if not pool.reserve(seq, n, spare=spare):
                 return False
             seq.num_cached = 0
             return True
         if seq.block_keys is None:
             seq.block_keys = block_keys(seq.prompt_ids, pool.block_size)
         keys = seq.block_keys[:(seq.num_tokens - 1) // pool.block_size]
-        if not pool.reserve(seq, n, keys, query=prompt if first else 0):
+        if not pool.reserve(seq, n, keys, query=prompt if first else 0, spare=spare):
             return False
         seq.registered = pool.hits(seq)
         seq.num_cached = seq.registered * pool.block_size
         if first:
             seq.cached_tokens = seq.num_cached
         return True
+
+    def _spare(self, seq: Sequence, n: int) -> int:
+        """Blocks the admission of seq (n blocks) leaves free: the watermark, less where the running sequences and
+        seq could never grow into that many more (their prompts and max_tokens: a cache that holds them all whole,
+        as the default does, blocks no admission); none beside no running one (alone, it fits)."""
+        if not self.running:
+            return 0
+        pool = self.pool
+        most = (pool.blocks_for(len(s.prompt_ids) + s.params.max_tokens) for s in self.running)
+        growth = sum(most) - sum(len(pool.blocks(s)) for s in self.running)
+        growth += pool.blocks_for(len(seq.prompt_ids) + seq.params.max_tokens) - n
+        return min(math.ceil(pool.num_blocks * WATERMARK), max(growth, 0))
 
     def _grow(self) -> None:
         """Each running sequence, the oldest first, holds the blocks of all its tokens (a decode's next position may
