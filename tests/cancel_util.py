@@ -60,7 +60,10 @@ class Gate(SlowDispatcher):
 
 def gated(model, **limits) -> tuple[Core, Gate]:
     """A Core (tests/openai_util.py) whose engine steps through a Gate; engine.add_request keys are kept in
-    core.added (the call goes through: a record, not a stand-in)."""
+    core.added (the call goes through: a record, not a stand-in). A KV block holds a whole context (unless given):
+    no sequence grows into another block, so the blocks of an aborted one stay as its abort left them (zero) for
+    assert_aborted to read; growing, a neighbour took them (the pool gives the last freed first) and wrote there."""
+    limits.setdefault("kv_block_size", limits.get("max_model_len", 2048))
     core = Core(*model, **limits)
     gate = Gate(model[1])
     engine = core.runner.engine
