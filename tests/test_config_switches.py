@@ -108,6 +108,26 @@ def test_an_mlp_size_unlike_the_configs_is_refused_naming_the_tensor(tmp_path, k
         open_model(str(ck))
 
 
+def test_without_the_shape_check_open_model_imports_no_modeling_code(tmp_path):
+    """The expert shards and the controller open the model with check_shapes=False: the family's transformers
+    modeling module is not imported (~5 s of CPU in each replica's start, for weights only the gateway loads), and a dense MLP at
+    another size than config.json's opens there (the gateway, which loads it, refuses it: the test above)."""
+    import json
+    import subprocess
+    import sys
+
+    ck = make_family_checkpoint("qwen2_moe", tmp_path / "m", case=CASES["qwen2_moe"], mlp_only_layers=[1])
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    probe = ("import sys; from elasticmoe.model import open_model; open_model(sys.argv[1], check_shapes=sys.argv[2] "
+             "== '1'); print('transformers.models.qwen2_moe.modeling_qwen2_moe' in sys.modules)")
+    run = [sys.executable, "-c", probe, str(ck)]
+    out = subprocess.run(run + ["0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", (out.stdout, out.stderr[-2000:])
+    out = subprocess.run(run + ["1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "config.json makes it [96, 64]" in out.stderr, out.stderr[-2000:]
+
+
 def _per_head_qk_norms(ck) -> None:
     """OLMoE's q_norm / k_norm (over all heads) cut to one head's [head_dim], as a per-head family stores them."""
     from safetensors import safe_open

@@ -54,7 +54,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         self.args = AppArgs.model_validate(args)
         self.epoch = secrets.token_hex(8)  # this instance: its table versions say nothing about another's
         self.weights = weights_id(self.args)  # in its tables and plans: no gateway or shard of other weights follows
-        spec = open_model(self.args.model).spec
+        spec = open_model(self.args.model, check_shapes=False).spec  # (the gateway checks the dense weights)
         self.moe_layers = spec.moe.moe_layers
         self.layer_index = {l: i for i, l in enumerate(self.moe_layers)}
         self.num_experts = spec.moe.num_experts

@@ -55,9 +55,11 @@ def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
     return _config_and_spec(Path(model_dir))[1]
 
 
-def open_model(model: str | os.PathLike) -> ModelFiles:
+def open_model(model: str | os.PathLike, check_shapes: bool = True) -> ModelFiles:
     """Open a checkpoint dir (a str or a path, or `tiny:<family>`): index tensors, derive the spec. Reads no
-    weights."""
+    weights. `check_shapes`: check the dense and shared-expert MLP weights against the model transformers builds
+    (WeightNames.check_mlp_shapes: importing its modeling code is ~5 s of CPU); the expert shards and the
+    controller, which never load those weights, skip it (the gateway, which does, refuses the checkpoint)."""
     model = os.fspath(model)
     if model.startswith("tiny:"):
         from elasticmoe.model.embedded import ensure_tiny_model
@@ -78,5 +80,6 @@ def open_model(model: str | os.PathLike) -> ModelFiles:
         raise CheckpointError(f"{ckpt.path}: layers {dense} hold experts but config.json makes them dense "
                               "(first_k_dense_replace / mlp_only_layers / decoder_sparse_step / mlp_layer_types)")
     names.check_all_used()
-    names.check_mlp_shapes(config)
+    if check_shapes:
+        names.check_mlp_shapes(config)
     return ModelFiles(ckpt, config, spec, names)
