@@ -8,6 +8,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+# A capped process's malloc: one arena, large blocks mmapped (and unmapped when freed). Without it a thread that found
+# the arena busy mapped another (64 MiB of address space) after the cap, and the cap's windows moved run to run.
+MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+
 # The end of a shard script whose server is `server` on `port`: the protocol CappedShard speaks (argv[2]: the room
 # left above the warmed-up size, in bytes)
 CAP_ON_WORD = r"""

@@ -13,13 +13,13 @@ import sys
 
 from elasticmoe.model.oom import CPU_OOM
 from elasticmoe.model.tiny import make_tiny_model
+from tests.capped_shard import MALLOC
 
 H, INTER = 64, 32768  # one expert: w13 [2I, H] + w2 [H, I] bfloat16 = 12 MiB held; its gate [I, H] float32 read: 8 MiB
 ROOM = 16 << 20  # what the process may map beyond what it has: the storage, not the temporary as well
 TEMPORARY = INTER * H * 4
 # one malloc arena and a fixed mmap threshold (as tests/test_shard_load_memory.py): what the cap leaves is what a load
 # gets
-MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 
 SCRIPT = r"""
 import json, resource, sys, threading, torch

@@ -18,7 +18,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import channel_options
-from tests.capped_shard import CAP_ON_WORD, capped_shard
+from tests.capped_shard import CAP_ON_WORD, MALLOC, capped_shard
 
 H, INTER = 64, 32768  # one expert: w13 [2I, H] + w2 [H, I] bfloat16 = 12 MiB held; its gate [I, H] float32 read: 8 MiB
 ROOM = 16 << 20  # what the shard may map beyond what it has once warmed up: the storage, not the temporary as well
@@ -38,7 +38,6 @@ server, _, port = start_server(store, "capped")
 """ + CAP_ON_WORD
 # one malloc arena (a thread's first call in a new one maps 64 MiB of address space) and a fixed mmap threshold (a
 # freed temporary does not leave the next one room in the heap): what the cap leaves is what a load gets
-MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from elasticmoe.model.tiny import make_tiny_model
+from tests.capped_shard import MALLOC
 
 H, INTER, E = 64, 32768, 2  # one layer of 2 float32 experts: w13 [2I, H] + w2 [H, I] = 24 MiB each, 48 MiB stacked
 ROOM = 24 << 20  # what the capped process may map beyond what it has: its threads and calls, not the layer's storage
-MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}  # as tests/test_expert_store_oom.py
 
 SCRIPT = r"""
 import asyncio, json, os, resource, sys, threading, time

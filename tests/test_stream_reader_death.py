@@ -23,14 +23,11 @@ from elasticmoe.model.experts import ExpertStore
 from elasticmoe.rpc import frames
 from elasticmoe.rpc.codec import decode_tensor
 from elasticmoe.rpc.frames import ExpertRequest
-from tests.capped_shard import capped_shard
+from tests.capped_shard import MALLOC, capped_shard
 from tests.shard_util import Shards
 
 E, H = 4, 64
 BIG = 1 << 17  # tokens: hidden [BIG, H] float32 32 MiB in, zeros [BIG, H] float64 64 MiB out, its join 64 MiB more
-# One malloc arena, large blocks mmapped (and unmapped when freed), as the other capped tests: without them a thread
-# that found the arena busy mapped another (64 MiB of address space) after the cap, and compute could fail first.
-MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 # What the shard may map beyond what it has once warmed up: the frame and its answer fit, the join does not. Measured
 # on this host with MALLOC: compute fails at 120 MiB, passes from 130, and the join fits from 190; 155 is the middle
 # (CI once failed at 128 without MALLOC: compute ran out first).
