@@ -129,6 +129,49 @@ def test_without_the_shape_check_open_model_imports_no_modeling_code(tmp_path):
         open_model(str(ck))
 
 
+
+def test_a_restarted_gateway_reads_the_built_shapes_from_the_cache_and_still_refuses(tmp_path, monkeypatch):
+    """The shapes transformers builds from config.json are cached ($ELASTICMOE_CACHE/mlp_shapes, by config, names
+    and transformers' version): another process opening a checkpoint of the same config with the check imports no
+    modeling module (~3 s of CPU in each gateway's start) and still refuses a dense MLP stored at another size."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from elasticmoe.model import CheckpointError, open_model
+
+    monkeypatch.setenv("ELASTICMOE_CACHE", str(tmp_path / "cache"))
+    good = make_family_checkpoint("qwen2_moe", tmp_path / "m", case=CASES["qwen2_moe"], mlp_only_layers=[1])
+    open_model(str(good))  # builds the model on the meta device and caches its shapes
+    assert len(list((tmp_path / "cache" / "mlp_shapes").glob("*.json"))) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in good.iterdir():
+        if f.name != "model.safetensors":
+            (bad / f.name).write_bytes(f.read_bytes())
+    with safe_open(str(good / "model.safetensors"), "pt") as f:  # layer 1's dense MLP cut to 96 of its 128
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    mlp = "model.layers.1.mlp."
+    t.update({mlp + "gate_proj.weight": t[mlp + "gate_proj.weight"][:96].clone(),
+              mlp + "up_proj.weight": t[mlp + "up_proj.weight"][:96].clone(),
+              mlp + "down_proj.weight": t[mlp + "down_proj.weight"][:, :96].clone()})
+    save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    probe = ("import sys; from elasticmoe.model import CheckpointError, open_model\n"
+             "try:\n    open_model(sys.argv[1]); print('opened')\n"
+             "except CheckpointError as e:\n    print('refused:', e)\n"
+             "print('transformers.models.qwen2_moe.modeling_qwen2_moe' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 2, (out.stdout, out.stderr[-2000:])
+    assert "'model.layers.1.mlp.gate_proj.weight' is [96, 64], but config.json makes it [128, 64]" in lines[0]
+    assert lines[1] == "False"  # the cached shapes: no modeling code imported
+    for f in (tmp_path / "cache" / "mlp_shapes").glob("*.json"):
+        f.write_text("{not json")  # a torn cache entry is built again, not trusted
+    with pytest.raises(CheckpointError, match=re.escape("config.json makes it [128, 64]")):
+        open_model(str(bad))
+
 def _per_head_qk_norms(ck) -> None:
     """OLMoE's q_norm / k_norm (over all heads) cut to one head's [head_dim], as a per-head family stores them."""
     from safetensors import safe_open

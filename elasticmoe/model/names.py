@@ -12,6 +12,7 @@ from elasticmoe.model.expert_check import check_expert_dtypes, check_expert_shap
 from elasticmoe.model.expert_names import LAYER, ExpertRef, expert_parts, expert_ref
 from elasticmoe.model.extras import BESIDE_NORMS, layer_extras, model_extras
 from elasticmoe.model.linear_spec import LINEAR
+from elasticmoe.model.mlp_shapes import built_shapes
 from elasticmoe.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -222,18 +223,18 @@ class WeightNames:
         others); their sizes are read from the tensors, so nothing else would catch an intermediate size the config
         does not state. Checked against the model transformers builds on the meta device (no memory); skipped,
         with a warning naming why, where transformers cannot build it."""
+        checked = [n for layer in self.layers for n in [*(layer.dense or {}).values(), *(layer.shared or {}).values()]]
         try:
-            want = _meta_shapes(config)
+            want = built_shapes(config, checked)
         except Exception as e:  # noqa: BLE001 -- the check is an extra; the load goes on without it
             log.warning("%s: dense and shared-expert MLP shapes not checked: transformers cannot build the model "
                         "it describes (%s: %s)", self.ckpt.path / "config.json", type(e).__name__, e)
             return
-        for layer in self.layers:
-            for name in [*(layer.dense or {}).values(), *(layer.shared or {}).values()]:
-                got = self.ckpt.shape(name)
-                if name in want and got != want[name]:
-                    raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is {list(got)}, but config.json "
-                                          f"makes it {list(want[name])} (transformers refuses it)")
+        for name in checked:
+            got = self.ckpt.shape(name)
+            if want[name] is not None and got != want[name]:
+                raise CheckpointError(f"{self.ckpt.file_of(name)}: {name!r} is {list(got)}, but config.json "
+                                      f"makes it {list(want[name])} (transformers refuses it)")
 
     def expert(self, layer: int, expert: int) -> ExpertRef:
         ref = self.experts.get((layer, expert))
@@ -241,16 +242,3 @@ class WeightNames:
             raise CheckpointError(f"{self.ckpt.path}: no weights for expert {expert} of layer {layer}")
         return ref
 
-
-def _meta_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of the transformers model `config` describes, built on the meta device; raises
-    what transformers raises when it cannot build it there."""
-    import torch
-    import transformers
-
-    with torch.device("meta"):
-        try:
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        except ValueError:  # a causal LM outside the Auto mapping (Mistral 4): its class by name
-            model = getattr(transformers, config.architectures[0])._from_config(config)
-    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
