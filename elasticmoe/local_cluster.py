@@ -82,9 +82,10 @@ def _run(args: list[str], timeout: float = 300, check: bool = True) -> subproces
 
 
 def start_ray(num_cpus: int | None = None, port: int = 6379, temp_dir: str | None = None,
-              resources: dict[str, float] | None = None) -> None:
+              resources: dict[str, float] | None = None, log_monitor: bool = True) -> None:
     """`ray start --head` bound to 127.0.0.1 with the dashboard (needed by `serve deploy`) on 127.0.0.1:8265;
-    `resources`: custom Ray resources of the node (what a replica's `resources` asks for)."""
+    `resources`: custom Ray resources of the node (what a replica's `resources` asks for); `log_monitor=False`:
+    no process tails the workers' log files to print them on drivers (they stay in the session's logs/)."""
     args = [_bin("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
             "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--disable-usage-stats",
             f"--metrics-export-port={METRICS_PORT}"]
@@ -94,6 +95,8 @@ def start_ray(num_cpus: int | None = None, port: int = 6379, temp_dir: str | Non
         args.append(f"--resources={json.dumps(resources)}")
     if temp_dir:
         args.append(f"--temp-dir={temp_dir}")
+    if not log_monitor:
+        args.append("--include-log-monitor=false")
     _run(args, timeout=180)
     _wait_dashboard()
 

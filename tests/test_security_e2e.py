@@ -152,6 +152,14 @@ def _frame_answer(host: str, port: int, secure: bool) -> bytes:
             return b""
 
 
+def test_the_test_cluster_runs_without_a_log_monitor(secured):
+    """conftest starts the session's cluster with `--include-log-monitor=false` (nothing reads what it forwards to
+    drivers; it polled every worker's log files, ~45-77 s of CPU an e2e run): no such process, the rest running."""
+    cmds = list(cluster_processes().values())
+    assert any("raylet" in c for c in cmds) and any("ServeReplica" in c for c in cmds), cmds
+    assert not any("log_monitor.py" in c for c in cmds), [c for c in cmds if "log_monitor" in c]
+
+
 def test_shards_speak_mtls_only(secured):
     for address in secured:
         health = _health(address)
