@@ -3,6 +3,7 @@ KubeRay's CRD (../shared/kuberay-crds/) and Serve's schema."""
 
 from __future__ import annotations
 
+import pickle
 from functools import lru_cache
 
 import helm_python as helm  # helm-python-sdk (dev dependency): Helm's Go SDK as a shared library
@@ -23,16 +24,46 @@ def _prod_values() -> dict:
     return helm.values_from_yaml((CHART_DIR / "values-gpu-production.yaml").read_text())
 
 
-def _render(values: dict | None = None) -> dict[str, str]:
-    return _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+_RENDERS: dict[object, dict[str, str]] = {}  # _key(values) -> the chart rendered with them
+_PARSED: dict[str, bytes] = {}  # a rendered manifest -> its documents, pickled
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x PyYAML's own parser
+
+
+def _key(value):
+    """`value` as a hashable, exact key: types kept (1, 1.0, True and "1" differ), dicts by their sorted items."""
+    if isinstance(value, dict):
+        return dict, tuple(sorted(((repr(k), _key(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_key(v) for v in value)
+    return type(value), value
+
+
+def _render(values: dict | None = None, fresh: bool = False) -> dict[str, str]:
+    """The chart rendered with `values`; rendered once per distinct values in a session (the helm test files render
+    the same values over and over, ~0.25 s of CPU each), so the same values give the same generated CA and
+    certificate: `fresh` renders anew. A failed render is not kept: it raises each time."""
+    try:
+        key = _key(values)
+        hash(key)
+    except TypeError:  # a value that is neither a dict, a list nor hashable: render it every time
+        fresh = True
+    if fresh:
+        return _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    if key not in _RENDERS:
+        _RENDERS[key] = _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    return dict(_RENDERS[key])
 
 
 def _objects(rendered: dict[str, str]) -> list[dict]:
+    """The rendered manifests' documents (NOTES.txt aside); each manifest parsed once a session, then a fresh copy
+    each call (callers may change what they get)."""
     objs = []
     for name, text in rendered.items():
         if name.endswith("NOTES.txt"):
             continue
-        objs += [d for d in yaml.safe_load_all(text) if d]
+        if text not in _PARSED:
+            _PARSED[text] = pickle.dumps([d for d in yaml.load_all(text, Loader=_YAML_LOADER) if d])
+        objs += pickle.loads(_PARSED[text])
     return objs
 
 

@@ -69,7 +69,7 @@ def test_generated_certificate_serves_a_real_mtls_shard(tmp_path, monkeypatch):
 
 
 def test_each_install_gets_its_own_ca():
-    ca = lambda: _one(_objects(_render()), "Secret")["data"]["ca.crt"]  # noqa: E731
+    ca = lambda: _one(_objects(_render(fresh=True)), "Secret")["data"]["ca.crt"]  # noqa: E731
     assert ca() != ca()  # `helm template` has no cluster to look the old Secret up in
 
 
