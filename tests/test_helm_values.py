@@ -104,9 +104,14 @@ def test_gpu_values_upgrade_without_downtime(name):
 
 
 def test_drain_command_exists_in_this_ray():
-    out = subprocess.run([sys.executable, "-c", "from ray.scripts.scripts import main; main()", "drain-node",
-                          "--help"], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "DRAIN_NODE_REASON_PREEMPTION" in out and "--deadline-remaining-seconds" in out
+    """`ray drain-node --help` of the `ray` CLI (ray.scripts.scripts:main is its click group), run in-process: a
+    subprocess spent ~2.5 s of CPU importing ray again."""
+    from click.testing import CliRunner
+    from ray.scripts.scripts import cli
+
+    result = CliRunner().invoke(cli, ["drain-node", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "DRAIN_NODE_REASON_PREEMPTION" in result.output and "--deadline-remaining-seconds" in result.output
 
 
 @pytest.mark.parametrize("name", GPU_SETS)
