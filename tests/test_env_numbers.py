@@ -41,19 +41,33 @@ def test_the_byte_limits_name_their_variable(name, raw, read, monkeypatch):
         assert _message_bytes(name, 64 << 20) == read
 
 
+IMPORTS = """
+import os, sys, traceback
+for setting in sys.argv[1:]:  # NAME=VALUE,...: set, then import the shard's server (again where it failed)
+    os.environ.update(kv.split("=", 1) for kv in setting.split(","))
+    try:
+        from elasticmoe.rpc.options import MAX_MESSAGE_BYTES as m
+        from elasticmoe.experts.shard_server import start_server as s
+        print("imported", m, s.__defaults__[-1])
+    except Exception as exc:
+        print("refused", traceback.format_exception_only(exc)[-1].strip())
+"""
+
+
 def test_the_byte_limits_are_read_when_the_code_is_imported():
     """Any process of the cluster reads them on import (elasticmoe.rpc, the shard's server): a bad value stops the
-    import naming the variable; good ones are what the gRPC options and the shard's stream bound use."""
-    for name in LIMITS:
-        env = {**os.environ, name: "²"}
-        run = subprocess.run([sys.executable, "-c", "import elasticmoe.experts.shard_server"], env=env,
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode != 0 and f"{name}='²'" in run.stderr.splitlines()[-1], run.stderr
-    code = ("from elasticmoe.rpc.options import MAX_MESSAGE_BYTES as m; "
-            "from elasticmoe.experts.shard_server import start_server as s; print(m, s.__defaults__[-1])")
-    env = {**os.environ, LIMITS[0]: "1048576", LIMITS[1]: "2097152"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert run.stdout.split() == ["1048576", "2097152"], run.stderr
+    import naming the variable; good ones are what the gRPC options and the shard's stream bound use. One process
+    imports it three times (a failed import leaves elasticmoe.rpc.options unimported, so it reads the variables
+    anew), not three processes each importing torch and grpc (~3 s of CPU each)."""
+    settings = [f"{LIMITS[0]}=²", f"{LIMITS[0]}=1048576,{LIMITS[1]}=²", f"{LIMITS[1]}=2097152"]
+    env = {k: v for k, v in os.environ.items() if k not in LIMITS}
+    run = subprocess.run([sys.executable, "-c", IMPORTS, *settings], env=env, capture_output=True, text=True,
+                         timeout=120)
+    lines = run.stdout.splitlines()
+    assert len(lines) == 3, run.stderr
+    for name, line in zip(LIMITS, lines):
+        assert line.startswith("refused ") and f"{name}='²'" in line, line
+    assert lines[2].split() == ["imported", "1048576", "2097152"], run.stderr
 
 
 @pytest.mark.parametrize("raw", ["20100", "²-20199", "20199-20100", "a-b", "0-10", "20100-70000"])
