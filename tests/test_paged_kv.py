@@ -187,7 +187,8 @@ def test_blocks_come_back_after_a_finish_an_abort_and_a_failed_step(llm):
     while engine.has_work():
         engine.step()
     assert done.finish_reason == "length" and pool.num_free == 16
-    a, b = (engine.add_request(r, _ids(20, 2), GREEDY) for r in ("a", "b"))  # 5 blocks each, then 6 (21 tokens)
+    a, b = (engine.add_request(r, _ids(20, k), GREEDY) for r, k in (("a", 2), ("b", 7)))  # 5 blocks each, then 6
+    # (21 tokens; prompts of their own: one sharing a's would wait for a's prefill, prefix caching)
     queued = engine.add_request("queued", _ids(20, 3), GREEDY)  # 5 blocks: 4 left free
     engine.step()
     engine.step()

@@ -26,7 +26,9 @@ def _step(sched: Scheduler) -> list[tuple[Sequence, int]]:
 
 
 def _seq(name: str, prompt: int) -> Sequence:
-    return Sequence(name, list(range(10, 10 + prompt)), SamplingParams(max_tokens=16))
+    """A prompt of its own (none shares another's prefix: one would wait for the other's prefill, prefix caching)."""
+    start = 10 + 100 * (sum(map(ord, name)) % 9)
+    return Sequence(name, list(range(start, start + prompt)), SamplingParams(max_tokens=16))
 
 
 def test_the_pool_grows_an_owner_keeping_its_blocks():

@@ -137,6 +137,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and self.free_slots and budget > 0:
             seq = self.waiting[0]  # it and its slot stay listed until it runs: a Ctrl-C up to here loses neither
+            if self._prefilled_beside(seq):  # (in arrival order: those after it wait too)
+                break
             if not self._reserve(seq):  # its blocks are its own from here (kept if cut short: finish frees them)
                 break
             seq.slot, seq.status = self.free_slots[-1], Status.RUNNING
@@ -174,6 +176,27 @@ class Scheduler:
         if first:
             seq.cached_tokens = seq.num_cached
         return True
+
+    def _prefilled_beside(self, seq: Sequence) -> bool:
+        """Prefix caching: whether a running sequence is prefilling the prompt blocks seq starts with, not cached yet,
+        and at least half of what seq would run: seq waits for them to be cached (as its first token is drawn)
+        rather than compute them a second time beside it (SGLang's in-batch prefix caching; n > 1 choices, a burst of
+        chats under one system prompt). Only a sequence still prefilling counts: it draws, or leaves `running`."""
+        if not self.prefix_caching or seq.preempted:
+            return False
+        size = self.pool.block_size
+        if seq.block_keys is None:
+            seq.block_keys = block_keys(seq.prompt_ids, size)
+        keys = seq.block_keys[:(seq.num_tokens - 1) // size]  # those it could find cached (one token always runs)
+        for other in self.running:
+            if not keys or other.block_keys is None or other.registered >= min(len(keys), len(other.block_keys)):
+                continue
+            shared = next((i for i, (a, b) in enumerate(zip(keys, other.block_keys)) if a != b),
+                          min(len(keys), len(other.block_keys)))
+            gain = (shared - other.registered) * size  # its tokens that other's prefill will cache
+            if gain > 0 and 2 * gain >= seq.num_tokens - other.registered * size:
+                return True
+        return False
 
     def _spare(self, seq: Sequence, n: int) -> int:
         """Blocks the admission of seq (n blocks) leaves free: the watermark, less where the running sequences and
