@@ -172,6 +172,22 @@ def test_a_restarted_gateway_reads_the_built_shapes_from_the_cache_and_still_ref
     with pytest.raises(CheckpointError, match=re.escape("config.json makes it [128, 64]")):
         open_model(str(bad))
 
+
+def test_a_cached_tiny_model_opens_without_the_modeling_code():
+    """open_model("tiny:<family>") as the expert shards and the controller open it (check_shapes=False): a cached
+    checkpoint imported elasticmoe.model.tiny, and with it every family's transformers modeling code (~5 s of CPU
+    in each replica's start), to make a checkpoint it did not need; now only making one imports it."""
+    import subprocess
+    import sys
+
+    from elasticmoe.model.embedded import ensure_tiny_model
+
+    ensure_tiny_model("mixtral")  # in the cache (made here if absent)
+    probe = ("import sys; from elasticmoe.model import open_model; open_model('tiny:mixtral', check_shapes=False); "
+             "print([m for m in ('elasticmoe.model.tiny', 'transformers.modeling_utils') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+
 def _per_head_qk_norms(ck) -> None:
     """OLMoE's q_norm / k_norm (over all heads) cut to one head's [head_dim], as a per-head family stores them."""
     from safetensors import safe_open

@@ -60,10 +60,18 @@ def ensure_demo_model(show_progress: bool | None = None) -> Path:
 
 def ensure_tiny_model(family: str) -> Path:
     """The tiny checkpoint of `family` (default sizes, seed 0), made atomically if absent; safe across processes.
-    `demo` is the trained demo model (see ensure_demo_model)."""
-    from elasticmoe.model.tiny import make_tiny_model
-
+    `demo` is the trained demo model (see ensure_demo_model). A cached one imports no transformers modeling code
+    (~5 s of CPU: the expert shards and the controller open `tiny:` models without it)."""
     check_tiny_family(family)
     if family == DEMO:
         return ensure_demo_model()
-    return _ensure(f"tiny-{family}", lambda tmp: make_tiny_model(family, tmp))
+    return _ensure(f"tiny-{family}", _make_tiny(family))
+
+
+def _make_tiny(family: str) -> Callable[[Path], object]:
+    """make_tiny_model(family, dir), imported only when a checkpoint is made."""
+    def make(tmp: Path) -> object:
+        from elasticmoe.model.tiny import make_tiny_model
+
+        return make_tiny_model(family, tmp)
+    return make
