@@ -64,7 +64,7 @@ class DirectCluster:
         from elasticmoe.model import open_model
         from elasticmoe.model.pipeline import default_micro_batches
 
-        files = open_model(model_dir)
+        files = open_model(model_dir, check_shapes=False)  # the gateway's shape check once the shards are up
         num_experts = files.spec.moe.num_experts
         owner = [e * shards // num_experts for e in range(num_experts)]
         ctx = mp.get_context("spawn")
@@ -87,6 +87,7 @@ class DirectCluster:
                 except EOFError:
                     p.join(10)
                     raise RuntimeError(f"expert shard {s} exited before it served (exit code {p.exitcode})") from None
+            files.names.check_mlp_shapes(files.config)  # open_model's check (the modeling import, ~5 s CPU)
         except BaseException:
             self._stop_shards()  # the shards already up are not left running
             raise

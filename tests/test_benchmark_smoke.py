@@ -227,17 +227,16 @@ def test_serving_served_row_refuses_a_failed_client():
     assert "ConnectionError('refused')" in proc.stdout, proc.stdout
 
 
-def test_direct_cluster_refuses_a_shard_that_dies_before_serving(tmp_path):
+def test_direct_cluster_refuses_a_shard_that_dies_before_serving():
     """benchmarks/direct.py: a shard process that died before sending its port left recv waiting forever on the
-    write end the parent still held (serving.py hung); now DirectCluster raises, and stops the shards it started."""
-    code = ("import sys, time\n"
-            "from pathlib import Path\n"
-            "from elasticmoe.model.tiny import make_tiny_model\n"
-            "from direct import DirectCluster\n"
-            f"m = make_tiny_model('mixtral', Path({str(tmp_path)!r}) / 'm', layers=1, experts=4, hidden=32, "
-            "intermediate=32, heads=2, kv_heads=1)\n"
+    write end the parent still held (serving.py hung); now DirectCluster raises, and stops the shards it started.
+    The cached tiny:mixtral (no checkpoint made, no transformers modeling imported: the refusal comes first)."""
+    from elasticmoe.model.embedded import ensure_tiny_model
+
+    ensure_tiny_model("mixtral")  # in the cache (made here if absent)
+    code = ("from direct import DirectCluster\n"
             "try:\n"
-            "    DirectCluster(str(m), 1, 'socket', device='no-such-device')\n"
+            "    DirectCluster('tiny:mixtral', 1, 'socket', device='no-such-device')\n"
             "except RuntimeError as e:\n"
             "    print('refused:', e)\n")
     proc = _snippet(code, 180)
