@@ -30,6 +30,51 @@ def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.Complete
     return proc
 
 
+
+TORCH_ONLY = {  # toy runs of the scripts that need torch alone: one process (one torch import) runs them all
+    "sparse_attention-absorbed": ("sparse_attention.py", "--lengths", "48", "96", "--topk", "16", "--rows", "3",
+                                  "--heads", "2", "--kv-lora-rank", "16", "--rope", "8", "--nope", "8",
+                                  "--v-head-dim", "8", "--index-heads", "2", "--index-dim", "8", "--repeats", "1",
+                                  "--form", "absorbed", "--json"),
+    "mla_decode": ("mla_decode.py", "--lengths", "20", "50", "--rows", "3", "--heads", "2", "--kv-lora-rank", "16",
+                   "--rope", "8", "--nope", "8", "--v-head-dim", "8", "--repeats", "1", "--json"),
+    "deltanet": ("deltanet.py", "--tokens", "5", "70", "--k-heads", "2", "--v-heads", "4", "--head-dim", "16",
+                 "--repeats", "1", "--json"),
+}
+TORCH_ONLY["sparse_attention-expand"] = TORCH_ONLY["sparse_attention-absorbed"][:-2] + ("expand", "--json")
+RUN_SCRIPTS = """
+import json, runpy, sys, traceback
+runs, status = json.loads(sys.argv[1]), {}
+for name, argv in runs.items():  # each as `python script.py argv...` runs it (run_name __main__)
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        status[name] = "ok"
+    except SystemExit as e:
+        status[name] = "ok" if e.code in (None, 0) else f"exit {e.code}"
+    except BaseException:
+        status[name] = traceback.format_exc()
+print(json.dumps(status))
+"""
+
+
+@pytest.fixture(scope="module")
+def torch_only_runs(tmp_path_factory) -> dict:
+    """name -> (its status: "ok" or the error, its JSON report), of every TORCH_ONLY run in one process."""
+    out = tmp_path_factory.mktemp("torch_only")
+    runs = {name: [*argv, str(out / f"{name}.json")] for name, argv in TORCH_ONLY.items()}
+    proc = _snippet(RUN_SCRIPTS.replace("sys.argv[1]", repr(json.dumps(runs))), 300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {name: (status[name], (out / f"{name}.json").exists() and json.loads((out / f"{name}.json").read_text()))
+            for name in runs}
+
+
+def _report(runs: dict, name: str) -> dict:
+    status, report = runs[name]
+    assert status == "ok", status
+    return report
+
 def test_offline_benchmark_smoke(tmp_path):
     """LLM.generate against transformers generate on one checkpoint: a row per batch, the ratio from the two."""
     out = tmp_path / "offline.json"
@@ -73,15 +118,11 @@ def test_overlap_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("form", ["absorbed", "expand"])
-def test_sparse_attention_benchmark_smoke(tmp_path, form):
+def test_sparse_attention_benchmark_smoke(torch_only_runs, form):
     """One MLA decode group read both ways at two lengths past topk, the latents attended with kv_b absorbed (the
     engine's decode) or expanded: each row's times, the speed-up from them, and the gathered output equal to the
     masked one."""
-    out = tmp_path / "sa.json"
-    _run("sparse_attention.py", "--lengths", "48", "96", "--topk", "16", "--rows", "3", "--heads", "2",
-         "--kv-lora-rank", "16", "--rope", "8", "--nope", "8", "--v-head-dim", "8", "--index-heads", "2",
-         "--index-dim", "8", "--repeats", "1", "--form", form, "--json", str(out))
-    report = json.loads(out.read_text())
+    report = _report(torch_only_runs, f"sparse_attention-{form}")
     assert report["cpu"] and [(r["length"], r["topk"], r["rows"]) for r in report["rows"]] == [(48, 16, 3), (96, 16, 3)]
     assert report["args"]["form"] == form
     for r in report["rows"]:
@@ -89,13 +130,10 @@ def test_sparse_attention_benchmark_smoke(tmp_path, form):
         assert r["speedup"] == pytest.approx(r["mask_ms"] / r["gather_ms"]) and r["max_abs_diff"] < 1e-5, r
 
 
-def test_mla_decode_benchmark_smoke(tmp_path):
+def test_mla_decode_benchmark_smoke(torch_only_runs):
     """One MLA decode group read with kv_b absorbed and with every latent expanded, at two lengths: each row's
     times, the speed-up from them, and the two outputs within float32 rounding of each other."""
-    out = tmp_path / "mla.json"
-    _run("mla_decode.py", "--lengths", "20", "50", "--rows", "3", "--heads", "2", "--kv-lora-rank", "16", "--rope",
-         "8", "--nope", "8", "--v-head-dim", "8", "--repeats", "1", "--json", str(out))
-    report = json.loads(out.read_text())
+    report = _report(torch_only_runs, "mla_decode")
     assert report["cpu"] and [(r["length"], r["rows"]) for r in report["rows"]] == [(20, 3), (50, 3)]
     for r in report["rows"]:
         assert r["expand_ms"] > 0 and r["absorbed_ms"] > 0 and r["max_abs"] > 0.1, r
@@ -347,13 +385,10 @@ def test_rpc_fanout_microbenchmark_smoke(tmp_path):
         assert all(r["cpu_us"] > 0 for r in report[name].values()), report[name]
 
 
-def test_deltanet_benchmark_smoke(tmp_path):
+def test_deltanet_benchmark_smoke(torch_only_runs):
     """benchmarks/deltanet.py at toy heads: a row per length, both methods timed, the speed-up derived from them, the
     chunked rule's outputs and end state within float32 rounding of the token-by-token twin's."""
-    out = tmp_path / "d.json"
-    _run("deltanet.py", "--tokens", "5", "70", "--k-heads", "2", "--v-heads", "4", "--head-dim", "16", "--repeats",
-         "1", "--json", str(out))
-    res = json.loads(out.read_text())
+    res = _report(torch_only_runs, "deltanet")
     assert [r["tokens"] for r in res["rows"]] == [5, 70] and res["threads"] == 1 and res["cpu"], res
     for r in res["rows"]:
         assert r["recurrent_ms"] > 0 and r["chunked_ms"] > 0, r
