@@ -24,9 +24,9 @@ def test_serving_no_serve_runs_without_ray_or_pydantic(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     out = tmp_path / "serving.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "serving.py", "--no-serve", "--layers", "2", "--tokens", "4",
-                           "--concurrency", "1,2", "--out", str(out)], cwd=REPO / "benchmarks", env=env,
-                          capture_output=True, text=True, timeout=600)
+    args = ["--layers", "2", "--hidden", "64", "--intermediate", "64", "--tokens", "4", "--concurrency", "1,2"]
+    proc = subprocess.run([sys.executable, "serving.py", "--no-serve", *args, "--out", str(out)],
+                          cwd=REPO / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     systems = {(r["system"].split(" ")[0].rstrip(":"), r["concurrency"]) for r in report["rows"]}

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from tests.moe_cases import REPO
@@ -31,7 +33,14 @@ def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.Complete
 
 
 
-TORCH_ONLY = {  # toy runs of the scripts that need torch alone: one process (one torch import) runs them all
+IN_ONE = {  # toy runs in one process: one import of torch and transformers (~2.5 and ~6 CPU-s a process) for all
+    "offline": ("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "16",
+                "--batches", "1,2", "--repeats", "2", "--out"),  # 16 new tokens, best of 2: see the offline test
+    "overlap": ("overlap.py", "--layers", "2", "--hidden", "128", "--intermediate", "64", "--heads", "4",
+                "--kv-heads", "2", "--context", "8", "--tokens", "4", "--delays-ms", "0", "1", "--repeats", "2",
+                "--json"),
+    "balance": ("balance.py", "--layers", "2", "--experts", "16", "--shards", "4", "--slots", "6", "--rounds", "3",
+                "--max-moves", "4", "--out-dir"),  # balance.json in that folder
     "sparse_attention-absorbed": ("sparse_attention.py", "--lengths", "48", "96", "--topk", "16", "--rows", "3",
                                   "--heads", "2", "--kv-lora-rank", "16", "--rope", "8", "--nope", "8",
                                   "--v-head-dim", "8", "--index-heads", "2", "--index-dim", "8", "--repeats", "1",
@@ -41,7 +50,7 @@ TORCH_ONLY = {  # toy runs of the scripts that need torch alone: one process (on
     "deltanet": ("deltanet.py", "--tokens", "5", "70", "--k-heads", "2", "--v-heads", "4", "--head-dim", "16",
                  "--repeats", "1", "--json"),
 }
-TORCH_ONLY["sparse_attention-expand"] = TORCH_ONLY["sparse_attention-absorbed"][:-2] + ("expand", "--json")
+IN_ONE["sparse_attention-expand"] = IN_ONE["sparse_attention-absorbed"][:-2] + ("expand", "--json")
 RUN_SCRIPTS = """
 import json, runpy, sys, traceback
 runs, status = json.loads(sys.argv[1]), {}
@@ -59,30 +68,31 @@ print(json.dumps(status))
 
 
 @pytest.fixture(scope="module")
-def torch_only_runs(tmp_path_factory) -> dict:
-    """name -> (its status: "ok" or the error, its JSON report), of every TORCH_ONLY run in one process."""
-    out = tmp_path_factory.mktemp("torch_only")
-    runs = {name: [*argv, str(out / f"{name}.json")] for name, argv in TORCH_ONLY.items()}
-    proc = _snippet(RUN_SCRIPTS.replace("sys.argv[1]", repr(json.dumps(runs))), 300)
+def runs(tmp_path_factory) -> dict:
+    """name -> (its status: "ok" or the error, its JSON report, its output path), of every IN_ONE run, in one
+    process."""
+    out = tmp_path_factory.mktemp("in_one")
+    todo = {name: [*argv, str(out / (name if argv[-1] == "--out-dir" else f"{name}.json"))]
+            for name, argv in IN_ONE.items()}
+    proc = _snippet(RUN_SCRIPTS.replace("sys.argv[1]", repr(json.dumps(todo))), 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {name: (status[name], (out / f"{name}.json").exists() and json.loads((out / f"{name}.json").read_text()))
-            for name in runs}
+    paths = {name: Path(argv[-1]) for name, argv in todo.items()}  # balance: its --out-dir
+    reports = {name: p / "balance.json" if p.is_dir() else p for name, p in paths.items()}
+    return {name: (status[name], p.exists() and json.loads(p.read_text()), paths[name]) for name, p in reports.items()}
 
 
 def _report(runs: dict, name: str) -> dict:
-    status, report = runs[name]
+    status, report, _ = runs[name]
     assert status == "ok", status
     return report
 
-def test_offline_benchmark_smoke(tmp_path):
+
+def test_offline_benchmark_smoke(runs):
     """LLM.generate against transformers generate on one checkpoint: a row per batch, the ratio from the two."""
-    out = tmp_path / "offline.json"
-    # 16 new tokens, best of 2: the full run stays ~15 decode steps over the one-token run (decode_tok_s's noise
-    # check), at a quarter of the steps that 48 tokens x 3 repeats took (~390 engine steps, ~10 s CPU)
-    _run("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "16",
-         "--batches", "1,2", "--repeats", "2", "--out", str(out))
-    rows = json.loads(out.read_text())["rows"]
+    # 16 new tokens, best of 2 (IN_ONE): the full run stays ~15 decode steps over the one-token run (decode_tok_s's
+    # noise check), at a quarter of the steps that 48 tokens x 3 repeats took (~390 engine steps, ~10 s CPU)
+    rows = _report(runs, "offline")["rows"]
     assert [r["batch"] for r in rows] == [1, 2], rows
     for r in rows:
         assert r["elasticmoe_tok_s"] > 0 and r["transformers_tok_s"] > 0, r
@@ -99,13 +109,10 @@ def test_decode_timing_refuses_a_timing_lost_in_noise():
     assert proc.returncode == 1 and "timing noise exceeds the decode time" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_overlap_benchmark_smoke(tmp_path):
+def test_overlap_benchmark_smoke(runs):
     """The micro-batch schedules with simulated expert latency: every schedule timed per (tokens, delay), the
     ratios against the sequential one, and no wait exposed when calls take no time."""
-    out = tmp_path / "overlap.json"
-    _run("overlap.py", "--layers", "2", "--hidden", "128", "--intermediate", "64", "--heads", "4", "--kv-heads", "2",
-         "--context", "8", "--tokens", "4", "--delays-ms", "0", "1", "--repeats", "2", "--json", str(out))
-    results = json.loads(out.read_text())["results"]
+    results = _report(runs, "overlap")["results"]
     assert [(r["tokens"], r["delay_ms"]) for r in results] == [(4, 0.0), (4, 1.0)], results
     for r in results:
         seq = r["schedules"]["sequential (1)"]["median_ms"]
@@ -118,11 +125,11 @@ def test_overlap_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("form", ["absorbed", "expand"])
-def test_sparse_attention_benchmark_smoke(torch_only_runs, form):
+def test_sparse_attention_benchmark_smoke(runs, form):
     """One MLA decode group read both ways at two lengths past topk, the latents attended with kv_b absorbed (the
     engine's decode) or expanded: each row's times, the speed-up from them, and the gathered output equal to the
     masked one."""
-    report = _report(torch_only_runs, f"sparse_attention-{form}")
+    report = _report(runs, f"sparse_attention-{form}")
     assert report["cpu"] and [(r["length"], r["topk"], r["rows"]) for r in report["rows"]] == [(48, 16, 3), (96, 16, 3)]
     assert report["args"]["form"] == form
     for r in report["rows"]:
@@ -130,24 +137,22 @@ def test_sparse_attention_benchmark_smoke(torch_only_runs, form):
         assert r["speedup"] == pytest.approx(r["mask_ms"] / r["gather_ms"]) and r["max_abs_diff"] < 1e-5, r
 
 
-def test_mla_decode_benchmark_smoke(torch_only_runs):
+def test_mla_decode_benchmark_smoke(runs):
     """One MLA decode group read with kv_b absorbed and with every latent expanded, at two lengths: each row's
     times, the speed-up from them, and the two outputs within float32 rounding of each other."""
-    report = _report(torch_only_runs, "mla_decode")
+    report = _report(runs, "mla_decode")
     assert report["cpu"] and [(r["length"], r["rows"]) for r in report["rows"]] == [(20, 3), (50, 3)]
     for r in report["rows"]:
         assert r["expand_ms"] > 0 and r["absorbed_ms"] > 0 and r["max_abs"] > 0.1, r
         assert r["speedup"] == pytest.approx(r["expand_ms"] / r["absorbed_ms"]) and r["max_abs_diff"] < 1e-5, r
 
 
-def test_balance_benchmark_smoke(tmp_path):
+def test_balance_benchmark_smoke(runs):
     """The rebalancing simulation (drifting Zipf load, then the demo model's learned routing): the planner balances
     at least as well as no replication and moves fewer copies than greedy-from-scratch, within its move budget."""
-    _run("balance.py", "--layers", "2", "--experts", "16", "--shards", "4", "--slots", "6", "--rounds", "3",
-         "--max-moves", "4", "--out-dir", str(tmp_path))
-    report = json.loads((tmp_path / "balance.json").read_text())
+    report = _report(runs, "balance")
     assert report["cpu"], report.keys()
-    assert (tmp_path / "expert_load_heatmap.png").stat().st_size > 0
+    assert (runs["balance"][2] / "expert_load_heatmap.png").stat().st_size > 0
     for summary in (report["summary"], report["demo_model"]["summary"]):
         by = {s["system"]: s for s in summary}
         none, planner, greedy = by["no replication"], by["planner (bounded moves)"], by["greedy from scratch"]
@@ -385,10 +390,10 @@ def test_rpc_fanout_microbenchmark_smoke(tmp_path):
         assert all(r["cpu_us"] > 0 for r in report[name].values()), report[name]
 
 
-def test_deltanet_benchmark_smoke(torch_only_runs):
+def test_deltanet_benchmark_smoke(runs):
     """benchmarks/deltanet.py at toy heads: a row per length, both methods timed, the speed-up derived from them, the
     chunked rule's outputs and end state within float32 rounding of the token-by-token twin's."""
-    res = _report(torch_only_runs, "deltanet")
+    res = _report(runs, "deltanet")
     assert [r["tokens"] for r in res["rows"]] == [5, 70] and res["threads"] == 1 and res["cpu"], res
     for r in res["rows"]:
         assert r["recurrent_ms"] > 0 and r["chunked_ms"] > 0, r
