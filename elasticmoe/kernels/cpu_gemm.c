@@ -13,6 +13,9 @@
 #include <stdint.h>
 
 #define ROWS_PER_ITEM 16 /* weight rows per work item handed to one thread */
+/* Below this many multiply-adds a call runs on the calling thread: waking OpenMP's team and joining it cost
+ * more than the sums (a [1, 64] x [192, 64] product: ~5 us alone, ~0.5 ms of CPU with 2 threads on a busy host) */
+#define MIN_PARALLEL_MACS (1 << 18)
 #ifndef PF_ROWS
 #define PF_ROWS 8 /* software prefetch distance in weight rows: measured best of 2, 4, 8, 16 */
 #endif
@@ -89,11 +92,12 @@ static void block_##S(const WT *w, int64_t K, int64_t n0, int64_t n1, const floa
 void seg_gemm_##S(const float *x, const WT *w, const int64_t *starts, const int64_t *counts, int64_t E,      \
                   int64_t N, int64_t K, float *y, int nthreads) {                                           \
     int64_t per = (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;                                                  \
-    int64_t hit[E > 0 ? E : 1], nhit = 0;                                                                   \
+    int64_t hit[E > 0 ? E : 1], nhit = 0, rows = 0;                                                         \
     for (int64_t e = 0; e < E; e++)                                                                         \
-        if (counts[e] > 0) hit[nhit++] = e;                                                                 \
+        if (counts[e] > 0) hit[nhit++] = e, rows += counts[e];                                              \
     int64_t items = nhit * per;                                                                             \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && items > 1)")      \
+    int par = nthreads > 1 && items > 1 && rows * N * K >= MIN_PARALLEL_MACS;                               \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if (par)")                            \
     for (int64_t it = 0; it < items; it++) {                                                                \
         int64_t e = hit[it / per], n0 = (it % per) * ROWS_PER_ITEM;                                         \
         int64_t n1 = n0 + ROWS_PER_ITEM < N ? n0 + ROWS_PER_ITEM : N;                                       \
