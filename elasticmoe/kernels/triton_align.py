@@ -16,7 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interp
 from .align import check_align_args, max_num_blocks
+
+interp.install()  # under TRITON_INTERPRET=1 only: device-function calls skip re-patching the language
 
 CHUNK = 64  # pairs per count / scatter program: the [CHUNK, CHUNK] rank tile stays in registers
 SCAN_ROWS = 64  # chunk rows per scan step

@@ -18,6 +18,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import interp
+
+interp.install()  # under TRITON_INTERPRET=1 only: device-function calls skip re-patching the language
+
 
 @triton.jit
 def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):

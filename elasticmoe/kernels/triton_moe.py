@@ -24,6 +24,7 @@ import triton
 
 from .align import max_num_blocks
 from .checks import check_count, check_moe_inputs, check_out_dtype
+from .interp import interpreting
 from .triton_align import align_block_size_triton
 from .triton_gemm import down_kernel, gate_up_kernel, topk_sum_kernel
 from .tuning import candidate_configs, check_quant_tiles, get_config
@@ -32,11 +33,6 @@ CHUNK_ENV = "ELASTICMOE_MOE_CHUNK_TOKENS"
 DEFAULT_CHUNK_TOKENS = 4096  # DeepSeek-V3 shard (k=8, H=7168): pair_out <= 0.94 GB whatever the batch
 TOPK_SUM_TILE = 2048  # elements per top-k-sum program: BLOCK_T tokens x BLOCK_H columns
 _warm: set[tuple] = set()
-
-
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    return bool(knobs is not None and knobs.runtime.interpret)
 
 
 def chunk_tokens_default() -> int:
@@ -97,14 +93,14 @@ def fused_moe_triton(
     Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, where bfloat16 is refused: Triton 3.9's
     interpreter computes it wrongly (bf16 runs on a GPU only; the torch backend runs it on CPU).
     """
-    if hidden.device.type != "cuda" and not _interpreting():
+    if hidden.device.type != "cuda" and not interpreting():
         raise RuntimeError("the triton MoE backend needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     if chunk_tokens is not None:
         check_count("chunk_tokens", chunk_tokens)
     if not checked:
         check_out_dtype(out_dtype)
         fp8 = _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8)
-    if _interpreting() and torch.bfloat16 in (hidden.dtype, w13.dtype):
+    if interpreting() and torch.bfloat16 in (hidden.dtype, w13.dtype):
         raise ValueError("bfloat16 MoE inputs under TRITON_INTERPRET=1: the interpreter computes bf16 wrongly; "
                          "bf16 runs on a CUDA GPU only (on CPU use the torch backend, or float16 / float32)")
     num_tokens, hidden_size = hidden.shape
