@@ -42,7 +42,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default bfloat16 (float32 smoke: the interpreter's bf16 is wrong)")
     p.add_argument("--quick", action="store_true", help="smaller search space (minutes instead of ~an hour)")
-    p.add_argument("--cpu-runs", type=int, default=2, help="smoke: timed runs per config, the best kept (default 2)")
+    p.add_argument("--cpu-runs", type=int, default=2,
+                   help="smoke: timed runs per config, the correctness check's the first; the best kept (default 2)")
     p.add_argument("--out-dir", default=None,
                    help="default: $ELASTICMOE_MOE_CONFIG_DIR or $ELASTICMOE_CACHE/moe_configs (searched first)")
     return p.parse_args()
@@ -99,18 +100,30 @@ def tune_tokens(shape, tokens, dtype, quick, device=torch.device("cuda"), limit:
     limit_smem = tuning.smem_limit(str(device))
     fitted = tuning.distinct(tuning.finalize(c, w2.shape[2], x.shape[1], w13.dtype, limit_smem)  # as get_config runs
                              for c in search_space(rows, w13.element_size(), quick, limit_smem))
+    passes = [0]
+
+    def run(cfg):
+        passes[0] += 1
+        return fused_moe_triton(x, w13, w2, ids, weights, config=cfg)
+
     for cfg in fitted[:limit]:
         try:
-            out = fused_moe_triton(x, w13, w2, ids, weights, config=cfg).float()
+            start = time.perf_counter()
+            out = run(cfg).float()
+            check_us = 1e6 * (time.perf_counter() - start)
             if (out - ref).abs().max() > 2e-2 * ref.abs().max():
                 print(f"  T={tokens} {cfg}: wrong result, skipped", flush=True)
                 continue
-            us = _time_us(lambda: fused_moe_triton(x, w13, w2, ids, weights, config=cfg), device, cpu_runs)
+            if device.type == "cuda":
+                us = _time_us(lambda: run(cfg), device)
+            else:  # the interpreter compiles nothing: the check was a timed run too
+                us = min(check_us, _time_us(lambda: run(cfg), device, cpu_runs - 1))
         except Exception as exc:  # noqa: BLE001  out of shared memory / registers on this GPU
             print(f"  T={tokens} {cfg}: {type(exc).__name__}", flush=True)
             continue
         if us < best_us:
             best, best_us = cfg, us
+    print(f"  T={tokens}: {passes[0]} forward passes over {len(fitted[:limit])} configs", flush=True)
     if best is None:
         raise RuntimeError(f"no config compiled and passed for T={tokens}")
     return best, best_us

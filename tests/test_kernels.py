@@ -233,7 +233,7 @@ def test_benchmark_smoke_runs_every_stage(tmp_path):
 
 
 def test_tune_moe_smoke_writes_a_table_the_lookup_uses(tmp_path, monkeypatch):
-    """`benchmarks/tune_moe.py --smoke` (interpreter, 3 configs, 2 token counts, one timed run each) writes a table
+    """`benchmarks/tune_moe.py --smoke` (interpreter, 3 configs, 2 token counts, one run each) writes a table
     under the name tuning looks for, and get_config then returns its configs: the tuning path works before a GPU
     lease."""
     import subprocess
@@ -243,6 +243,8 @@ def test_tune_moe_smoke_writes_a_table_the_lookup_uses(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tune_moe.py"), "--smoke", "--cpu-runs", "1",
                            "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for tokens in (1, 16):  # one pass per config: the interpreter compiles nothing, so the check run is the timed one
+        assert f"T={tokens}: 3 forward passes over 3 configs" in proc.stdout, proc.stdout[-3000:]
     (path,) = tmp_path.iterdir()
     table = json.loads(path.read_text())
     assert set(table) == {"1", "16"} and all(set(c) == set(tuning.CONFIG_KEYS) for c in table.values()), table

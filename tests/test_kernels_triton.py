@@ -36,8 +36,8 @@ TRITON_CASES = {  # name -> (case, dtype name, tolerance)
 ALIGN_CASES = [(1, 1, 1), (37, 8, 3), (130, 8, 3), (9, 130, 3), "skips", "all_skipped"]
 ALIGN_LARGE = {"T1024-E256-k8-bm64": (1024, 256, 8, 64, "random"), "T512-E256-k8-skip-bm16": (512, 256, 8, 16, "skip"),
                "T1-E256-k8-bm16": (1, 256, 8, 16, "random")}  # up to N = 8192 slots
-CHILD_CHECKS = ["lazy_triton_import", "interpreter-patches-once-per-launch", "api-env-forced", "api-default-warns-once", "chunked-equals-unchunked",
-                "chunk-env", "no-compile-after-load", "compile-counter-sees-new-config"] + [
+CHILD_CHECKS = ["lazy_triton_import", "interpreter-patches-once-per-launch", "api-env-forced", "api-default-warns-once",
+                "chunked-equals-unchunked", "chunk-env", "no-compile-after-load", "compile-counter-sees-new-config"] + [
     f"align-{_case_id(c)}-bm{b}" for c in ALIGN_CASES for b in (16, 64)] + [f"align-{n}" for n in ALIGN_LARGE]
 
 
