@@ -15,6 +15,7 @@ from elasticmoe.model.names import WeightNames
 from elasticmoe.model.renames import VIEWS
 from elasticmoe.model.family_config import language_model, placeholder_ids
 from elasticmoe.model.spec import ModelSpec, ModelSpecError, check_config_keys, check_model_type, spec_from_config
+from elasticmoe.model.spec_cache import cached_spec, store_spec
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class ModelFiles:
     """A checkpoint opened for execution: its files, HF config, generic spec and weight names."""
 
     ckpt: Checkpoint
-    config: Any
+    config: Any  # None where the spec came from the cache (open_model without the shape check)
     spec: ModelSpec
     names: WeightNames
 
@@ -46,6 +47,7 @@ def _config_and_spec(path: Path) -> tuple[Any, ModelSpec]:
         raise ModelSpecError(f"{config_file}: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
+    store_spec(config_file, spec)
     return config, spec
 
 
@@ -59,14 +61,17 @@ def open_model(model: str | os.PathLike, check_shapes: bool = True) -> ModelFile
     """Open a checkpoint dir (a str or a path, or `tiny:<family>`): index tensors, derive the spec. Reads no
     weights. `check_shapes`: check the dense and shared-expert MLP weights against the model transformers builds
     (WeightNames.check_mlp_shapes: importing its modeling code is ~5 s of CPU); the expert shards and the
-    controller, which never load those weights, skip it (the gateway, which does, refuses the checkpoint)."""
+    controller, which never load those weights, skip it (the gateway, which does, refuses the checkpoint); without
+    it the spec a process derived before from the same config.json bytes is read from the cache (model.spec_cache:
+    no transformers import, ~3 s of CPU), and `config` is None."""
     model = os.fspath(model)
     if model.startswith("tiny:"):
         from elasticmoe.model.embedded import ensure_tiny_model
 
         model = str(ensure_tiny_model(model[len("tiny:"):]))
     ckpt = Checkpoint(model)
-    config, spec = _config_and_spec(ckpt.path)
+    spec = None if check_shapes else cached_spec(ckpt.path / "config.json")
+    config, spec = (None, spec) if spec is not None else _config_and_spec(ckpt.path)
     views, ignored = VIEWS[spec.model_type](ckpt, spec) if spec.model_type in VIEWS else ({}, set())
     ignored |= {n for n in ckpt.names() if any(re.match(p, n) for p in spec.ignored)}  # as transformers ignores them
     if views or ignored:  # tensors named or laid out unlike the Llama-style checkpoints
