@@ -1,5 +1,5 @@
-"""benchmarks/ without Ray: offline, overlap, balance, transport, rpc_fanout, sparse_attention, mla_decode run at toy
-sizes; every script imports."""
+"""benchmarks/ without Ray: transport and rpc_fanout run at toy sizes, the helpers of the others checked, every
+script imports (the one-process toy runs: test_benchmark_toy_runs.py)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,13 @@ import os
 import subprocess
 import sys
 
-from pathlib import Path
-
 import pytest
 
+from tests.bench_util import snippet
 from tests.moe_cases import REPO
 
 
 MODES = ("socket", "unary", "stream", "stream-default", "frames", "frames-thread")  # transport.py's
-
-
-def _snippet(code: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    """`python -c code` in benchmarks/ (its modules importable as the scripts import them), offline."""
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", capture_output=True, text=True,
-                          timeout=timeout_s, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
 
 
 def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
@@ -32,133 +25,14 @@ def _run(script: str, *args: str, timeout_s: float = 300) -> subprocess.Complete
     return proc
 
 
-
-IN_ONE = {  # toy runs in one process: one import of torch and transformers (~2.5 and ~6 CPU-s a process) for all
-    "offline": ("offline.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--new-tokens", "16",
-                "--batches", "1,2", "--repeats", "2", "--out"),  # 16 new tokens, best of 2: see the offline test
-    "overlap": ("overlap.py", "--layers", "2", "--hidden", "128", "--intermediate", "64", "--heads", "4",
-                "--kv-heads", "2", "--context", "8", "--tokens", "4", "--delays-ms", "0", "1", "--repeats", "2",
-                "--json"),
-    "balance": ("balance.py", "--layers", "2", "--experts", "16", "--shards", "4", "--slots", "6", "--rounds", "3",
-                "--max-moves", "4", "--out-dir"),  # balance.json in that folder
-    "sparse_attention-absorbed": ("sparse_attention.py", "--lengths", "48", "96", "--topk", "16", "--rows", "3",
-                                  "--heads", "2", "--kv-lora-rank", "16", "--rope", "8", "--nope", "8",
-                                  "--v-head-dim", "8", "--index-heads", "2", "--index-dim", "8", "--repeats", "1",
-                                  "--form", "absorbed", "--json"),
-    "mla_decode": ("mla_decode.py", "--lengths", "20", "50", "--rows", "3", "--heads", "2", "--kv-lora-rank", "16",
-                   "--rope", "8", "--nope", "8", "--v-head-dim", "8", "--repeats", "1", "--json"),
-    "deltanet": ("deltanet.py", "--tokens", "5", "70", "--k-heads", "2", "--v-heads", "4", "--head-dim", "16",
-                 "--repeats", "1", "--json"),
-}
-IN_ONE["sparse_attention-expand"] = IN_ONE["sparse_attention-absorbed"][:-2] + ("expand", "--json")
-RUN_SCRIPTS = """
-import json, runpy, sys, traceback
-runs, status = json.loads(sys.argv[1]), {}
-for name, argv in runs.items():  # each as `python script.py argv...` runs it (run_name __main__)
-    sys.argv = argv
-    try:
-        runpy.run_path(argv[0], run_name="__main__")
-        status[name] = "ok"
-    except SystemExit as e:
-        status[name] = "ok" if e.code in (None, 0) else f"exit {e.code}"
-    except BaseException:
-        status[name] = traceback.format_exc()
-print(json.dumps(status))
-"""
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """name -> (its status: "ok" or the error, its JSON report, its output path), of every IN_ONE run, in one
-    process."""
-    out = tmp_path_factory.mktemp("in_one")
-    todo = {name: [*argv, str(out / (name if argv[-1] == "--out-dir" else f"{name}.json"))]
-            for name, argv in IN_ONE.items()}
-    proc = _snippet(RUN_SCRIPTS.replace("sys.argv[1]", repr(json.dumps(todo))), 600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    status = json.loads(proc.stdout.strip().splitlines()[-1])
-    paths = {name: Path(argv[-1]) for name, argv in todo.items()}  # balance: its --out-dir
-    reports = {name: p / "balance.json" if p.is_dir() else p for name, p in paths.items()}
-    return {name: (status[name], p.exists() and json.loads(p.read_text()), paths[name]) for name, p in reports.items()}
-
-
-def _report(runs: dict, name: str) -> dict:
-    status, report, _ = runs[name]
-    assert status == "ok", status
-    return report
-
-
-def test_offline_benchmark_smoke(runs):
-    """LLM.generate against transformers generate on one checkpoint: a row per batch, the ratio from the two."""
-    # 16 new tokens, best of 2 (IN_ONE): the full run stays ~15 decode steps over the one-token run (decode_tok_s's
-    # noise check), at a quarter of the steps that 48 tokens x 3 repeats took (~390 engine steps, ~10 s CPU)
-    rows = _report(runs, "offline")["rows"]
-    assert [r["batch"] for r in rows] == [1, 2], rows
-    for r in rows:
-        assert r["elasticmoe_tok_s"] > 0 and r["transformers_tok_s"] > 0, r
-        assert r["ratio"] == pytest.approx(r["elasticmoe_tok_s"] / r["transformers_tok_s"]), r
-
-
 def test_decode_timing_refuses_a_timing_lost_in_noise():
     """offline.py's and real_width.py's tokens/s: a full run no slower than a one-token run (noise on a loaded
     machine) stops the benchmark with the fix to try, instead of writing a negative or infinite tokens/s."""
     code = ("from decode_timing import decode_tok_s\n"
             "assert decode_tok_s(2, 5, 0.5, 0.1) == 2 * 4 / 0.4\n"
             "decode_tok_s(1, 4, 0.010, 0.012)\n")
-    proc = _snippet(code)
+    proc = snippet(code)
     assert proc.returncode == 1 and "timing noise exceeds the decode time" in proc.stderr, proc.stderr[-2000:]
-
-
-def test_overlap_benchmark_smoke(runs):
-    """The micro-batch schedules with simulated expert latency: every schedule timed per (tokens, delay), the
-    ratios against the sequential one, and no wait exposed when calls take no time."""
-    results = _report(runs, "overlap")["results"]
-    assert [(r["tokens"], r["delay_ms"]) for r in results] == [(4, 0.0), (4, 1.0)], results
-    for r in results:
-        seq = r["schedules"]["sequential (1)"]["median_ms"]
-        assert len(r["schedules"]) >= 3, r
-        for name, s in r["schedules"].items():
-            assert s["median_ms"] > 0 and s["exposed_wait_ms"] >= 0, (name, s)
-            assert s["ratio_vs_sequential"] == pytest.approx(s["median_ms"] / seq, rel=0.02), (name, s)
-            if r["delay_ms"] == 0:
-                assert s["exposed_wait_ms"] == 0, (name, s)
-
-
-@pytest.mark.parametrize("form", ["absorbed", "expand"])
-def test_sparse_attention_benchmark_smoke(runs, form):
-    """One MLA decode group read both ways at two lengths past topk, the latents attended with kv_b absorbed (the
-    engine's decode) or expanded: each row's times, the speed-up from them, and the gathered output equal to the
-    masked one."""
-    report = _report(runs, f"sparse_attention-{form}")
-    assert report["cpu"] and [(r["length"], r["topk"], r["rows"]) for r in report["rows"]] == [(48, 16, 3), (96, 16, 3)]
-    assert report["args"]["form"] == form
-    for r in report["rows"]:
-        assert r["mask_ms"] > 0 and r["gather_ms"] > 0 and r["indexer_ms"] > 0 and r["indexer_read"] == "paged spans"
-        assert r["speedup"] == pytest.approx(r["mask_ms"] / r["gather_ms"]) and r["max_abs_diff"] < 1e-5, r
-
-
-def test_mla_decode_benchmark_smoke(runs):
-    """One MLA decode group read with kv_b absorbed and with every latent expanded, at two lengths: each row's
-    times, the speed-up from them, and the two outputs within float32 rounding of each other."""
-    report = _report(runs, "mla_decode")
-    assert report["cpu"] and [(r["length"], r["rows"]) for r in report["rows"]] == [(20, 3), (50, 3)]
-    for r in report["rows"]:
-        assert r["expand_ms"] > 0 and r["absorbed_ms"] > 0 and r["max_abs"] > 0.1, r
-        assert r["speedup"] == pytest.approx(r["expand_ms"] / r["absorbed_ms"]) and r["max_abs_diff"] < 1e-5, r
-
-
-def test_balance_benchmark_smoke(runs):
-    """The rebalancing simulation (drifting Zipf load, then the demo model's learned routing): the planner balances
-    at least as well as no replication and moves fewer copies than greedy-from-scratch, within its move budget."""
-    report = _report(runs, "balance")
-    assert report["cpu"], report.keys()
-    assert (runs["balance"][2] / "expert_load_heatmap.png").stat().st_size > 0
-    for summary in (report["summary"], report["demo_model"]["summary"]):
-        by = {s["system"]: s for s in summary}
-        none, planner, greedy = by["no replication"], by["planner (bounded moves)"], by["greedy from scratch"]
-        assert none["moved_per_round"] == 0 and 0 < none["balancedness_mean"] <= 1, none
-        assert planner["balancedness_mean"] >= none["balancedness_mean"], (planner, none)
-        assert planner["moved_per_round"] <= min(4, greedy["moved_per_round"]), (planner, greedy)
 
 
 def test_balance_relative_tokens_s_is_the_step_time_over_layers():
@@ -167,7 +41,7 @@ def test_balance_relative_tokens_s_is_the_step_time_over_layers():
     code = ("import numpy as np\n"
             "from balance import relative_tokens_s\n"
             "print(relative_tokens_s(np.array([[1.0, 1.0], [10.0, 0.0]])), relative_tokens_s(np.zeros((2, 2))))\n")
-    proc = _snippet(code)
+    proc = snippet(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rel, idle = map(float, proc.stdout.split())
     assert rel == pytest.approx(6 / 11) and idle == 1.0, proc.stdout
@@ -264,7 +138,7 @@ def test_serving_served_row_refuses_a_failed_client():
             "    serving.bench_served(2, 2, 1, 'port')\n"
             "except RuntimeError as e:\n"
             "    print('refused:', e, '/', repr(e.__cause__))\n")
-    proc = _snippet(code)
+    proc = snippet(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: served-port" in proc.stdout and "1 of 2 clients failed" in proc.stdout, proc.stdout
     assert "ConnectionError('refused')" in proc.stdout, proc.stdout
@@ -282,7 +156,7 @@ def test_direct_cluster_refuses_a_shard_that_dies_before_serving():
             "    DirectCluster('tiny:mixtral', 1, 'socket', device='no-such-device')\n"
             "except RuntimeError as e:\n"
             "    print('refused:', e)\n")
-    proc = _snippet(code, 180)
+    proc = snippet(code, 180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: expert shard 0 exited before it served" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
 
@@ -298,7 +172,7 @@ def test_overload_capacity_counts_the_time_its_requests_took():
             "overload.one = one\n"
             "run = asyncio.run(overload.closed_loop('127.0.0.1:9', 1.0, 2))\n"
             "print(run.done, run.seconds)\n")
-    proc = _snippet(code)
+    proc = snippet(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     done, seconds = proc.stdout.split()
     assert int(done) == 8 and 1.15 < float(seconds) < 1.6, proc.stdout
@@ -362,7 +236,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def transport_refusals() -> dict:
     """flag -> [exit code, stderr] of transport.py's main with an unknown size for it."""
-    proc = _snippet(REFUSALS)
+    proc = snippet(REFUSALS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -388,14 +262,3 @@ def test_rpc_fanout_microbenchmark_smoke(tmp_path):
         assert rows and all(0 < r["p50_us"] <= r["p99_us"] for r in rows.values()), (name, rows)
     for name in ("8 KiB x 1 shard(s)", "8 KiB x 2 shard(s)"):  # CPU per fan-out, the in-loop reference's too
         assert all(r["cpu_us"] > 0 for r in report[name].values()), report[name]
-
-
-def test_deltanet_benchmark_smoke(runs):
-    """benchmarks/deltanet.py at toy heads: a row per length, both methods timed, the speed-up derived from them, the
-    chunked rule's outputs and end state within float32 rounding of the token-by-token twin's."""
-    res = _report(runs, "deltanet")
-    assert [r["tokens"] for r in res["rows"]] == [5, 70] and res["threads"] == 1 and res["cpu"], res
-    for r in res["rows"]:
-        assert r["recurrent_ms"] > 0 and r["chunked_ms"] > 0, r
-        assert r["speedup"] == pytest.approx(r["recurrent_ms"] / r["chunked_ms"]), r
-        assert r["max_abs_diff_out"] < 1e-5 and r["max_abs_diff_state"] < 1e-5, r
