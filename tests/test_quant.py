@@ -62,6 +62,21 @@ def _quantize(plain: Path, out: Path, quant_config: dict) -> tuple[Path, Path, d
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
+@pytest.fixture(scope="module")
+def fp8_224(tmp_path_factory):
+    """layout -> the FP8 copy of a qwen3_moe at hidden 256, intermediate 224 (1.75 blocks), made once a layout for
+    the tests that only open it (one make and quantization, not one a test)."""
+    made = {}
+
+    def get(layout: str = "per-expert") -> Path:
+        if layout not in made:
+            out = tmp_path_factory.mktemp(f"fp8-{layout}")
+            plain = make_tiny_model("qwen3_moe", out / "plain", hidden=256, intermediate=224, layout=layout)
+            made[layout] = _quantize(plain, out, FP8_CONFIG)[0]
+        return made[layout]
+    return get
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
 def test_block_fp8_matches_transformers_dequantized(family, tmp_path):
     """Experts, attention, shared experts and dense MLPs stored as FP8 with 128x128 scales (partial edge blocks:
@@ -239,7 +254,7 @@ def test_mxfp4_dequant_follows_the_spec_for_every_scale_byte():
 
 
 @pytest.mark.parametrize("layout", ["per-expert", "packed"])
-def test_fp8_experts_kept_quantized(layout, tmp_path):
+def test_fp8_experts_kept_quantized(layout, fp8_224):
     """Experts kept in FP8 (what the Triton backend runs on CUDA; here fused_moe's torch backend dequantizes per
     call) hold a quarter of the float32 bytes plus scales, and give the dequantized experts' outputs exactly,
     after a drop and a reload too. intermediate 224 = 1.75 blocks: gate and up scales apart ("split", per-expert
@@ -247,8 +262,7 @@ def test_fp8_experts_kept_quantized(layout, tmp_path):
     from elasticmoe.model import open_model
     from elasticmoe.model.experts import ExpertStore
 
-    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=256, intermediate=224, layout=layout)
-    files = open_model(str(_quantize(plain, tmp_path, FP8_CONFIG)[0]))
+    files = open_model(str(fp8_224(layout)))
     cpu = torch.device("cpu")
     kept = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, cpu, backend="torch", keep_fp8=True)
     deq = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, cpu, backend="torch")
@@ -310,7 +324,7 @@ def test_fp8_experts_kept_run_by_triton_interpreter(tmp_path):
 
 
 @pytest.mark.parametrize("capability,kept", [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])
-def test_fp8_experts_kept_only_where_triton_runs_fp8(capability, kept, tmp_path, monkeypatch):
+def test_fp8_experts_kept_only_where_triton_runs_fp8(capability, kept, fp8_224, monkeypatch):
     """Triton has no float8_e4m3fn before sm_89 (A100, A10, RTX 30xx: "type fp8e4nv not supported in this
     architecture", aot_check --arch 80): there a CUDA store dequantizes FP8 experts on load, and fused_moe's auto
     backend runs FP8 weights with torch, rather than every call failing to compile."""
@@ -319,8 +333,7 @@ def test_fp8_experts_kept_only_where_triton_runs_fp8(capability, kept, tmp_path,
     from elasticmoe.model.experts import ExpertStore
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=256, intermediate=224)
-    files = open_model(str(_quantize(plain, tmp_path, FP8_CONFIG)[0]))
+    files = open_model(str(fp8_224()))
     cuda = torch.device("cuda", 0)  # nothing is allocated: the choice is made from the device alone
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.bfloat16, cuda)
     assert store.keep_fp8 is kept and store.backend == "auto"
@@ -329,7 +342,7 @@ def test_fp8_experts_kept_only_where_triton_runs_fp8(capability, kept, tmp_path,
 
 
 @pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0)])
-def test_triton_asked_for_fp8_before_sm89_refused_clearly(capability, tmp_path, monkeypatch):
+def test_triton_asked_for_fp8_before_sm89_refused_clearly(capability, fp8_224, monkeypatch):
     """backend="triton" (argument, or ELASTICMOE_MOE_BACKEND=triton) with float8_e4m3fn weights on a GPU before
     sm_89 was returned as is, and every fused_moe / warmup_moe call then failed inside Triton's compiler ("type
     fp8e4nv not supported in this architecture"); it is now a ValueError naming the backend and the capability.
@@ -353,8 +366,7 @@ def test_triton_asked_for_fp8_before_sm89_refused_clearly(capability, tmp_path, 
                 call()
         assert resolve_backend("triton", cuda) == "triton"  # float weights: Triton on any CUDA GPU
         assert resolve_backend("torch", cuda, fp8=True) == "torch"
-    plain = make_tiny_model("qwen3_moe", tmp_path / "plain", hidden=256, intermediate=224)
-    files = open_model(str(_quantize(plain, tmp_path, FP8_CONFIG)[0]))
+    files = open_model(str(fp8_224()))
     for backend in ("triton", "auto"):  # env var still forcing triton for "auto"
         store = ExpertStore(files.ckpt, files.names, files.spec, torch.bfloat16, cuda, backend=backend)
         assert store.keep_fp8 is runs
