@@ -52,8 +52,9 @@ class GatewayMetrics:
         self.errors: dict[str, int] = {}
         self.latency_counts = {"ttft": 0, "tpot": 0, "e2e": 0}
         self.gauges: dict[str, float] = {}
-        self.prefix_cache = {"queries": 0, "hits": 0}  # prompt tokens looked up in the prefix cache, found there
-        self.preemptions = 0  # running sequences the engine preempted for KV-cache blocks
+        # the engine's running totals, as the Ray counters of these names count them: prompt tokens looked up in the
+        # prefix cache and found there, running sequences preempted for KV-cache blocks
+        self.totals = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
         self.expert_copies: dict[tuple[int, int], int] = {}
         self.layer_copies: dict[int, int] = {}  # layer -> sum of its experts' copies (kept with expert_copies)
         self.shards: dict[str, bool] = {}
@@ -129,25 +130,25 @@ class GatewayMetrics:
         pool = getattr(scheduler, "pool", None)
         if pool is not None:
             usage = max(usage, (pool.num_blocks - pool.num_free) / pool.num_blocks)
-            self.prefix_cache_totals(pool.queried_tokens, pool.hit_tokens)
-        self.preemption_total(getattr(scheduler, "preemptions", 0))
+            self.engine_totals(prefix_queries=pool.queried_tokens, prefix_hits=pool.hit_tokens)
+        self.engine_totals(preemptions=getattr(scheduler, "preemptions", 0))
         self.engine(len(scheduler.running), len(scheduler.waiting), usage)
 
-    def preemption_total(self, total: int) -> None:
-        """The engine's preemptions so far (Scheduler.preemptions): the counter goes up by what it grew."""
-        grew, self.preemptions = total - self.preemptions, total
-        if self._ray and grew > 0:
-            self._ray["preemptions"].inc(grew)
+    def engine_totals(self, **totals: int) -> None:
+        """The engine's running totals (BlockPool.queried_tokens and hit_tokens, Scheduler.preemptions): each Ray
+        counter goes up by what its total grew since the last call."""
+        for key, total in totals.items():
+            grew, self.totals[key] = total - self.totals[key], total
+            if self._ray and grew > 0:
+                self._ray[key].inc(grew)
 
-    def prefix_cache_totals(self, queries: int, hits: int) -> None:
-        """The engine's prefix-cache totals (BlockPool.queried_tokens, hit_tokens): the counters go up by what they
-        grew since the last call."""
-        grew = {"queries": queries - self.prefix_cache["queries"], "hits": hits - self.prefix_cache["hits"]}
-        self.prefix_cache = {"queries": queries, "hits": hits}
-        if self._ray:
-            for key, n in grew.items():
-                if n > 0:
-                    self._ray[f"prefix_{key}"].inc(n)
+    @property
+    def prefix_cache(self) -> dict[str, int]:
+        return {"queries": self.totals["prefix_queries"], "hits": self.totals["prefix_hits"]}
+
+    @property
+    def preemptions(self) -> int:
+        return self.totals["preemptions"]
 
     def copies(self, layer: int, expert: int, n: int) -> None:
         """Set the number of live copies of (layer, expert); O(1) (the layer's sum is kept, not recounted)."""
