@@ -15,7 +15,7 @@ from elasticmoe.kernels import cpu_gemm
 from elasticmoe.model.layers import gated_mlp
 from tests import test_bf16_families as families
 from tests.cpu_kernel_util import needs_kernel
-from tests.test_bf16 import PROMPT, _hf_logits, _token_errors
+from tests.test_bf16 import PROMPT, _token_errors
 from tests.test_families import make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
@@ -56,9 +56,27 @@ def wide_dirs(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def hf_model():
+    """(path, torch dtype) -> transformers' model of that checkpoint, loaded once for the module's tests (the dense
+    MLP test reads the ones the logits test loaded; a load cost more than the forward)."""
+    models = {}
+
+    def load(path: str, dtype: torch.dtype):
+        if (path, dtype) not in models:
+            models[path, dtype] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        return models[path, dtype]
+    return load
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()  # [T, V]
+
+
 @pytest.mark.parametrize("model_type", list(CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_low_precision_logits_at_least_as_close_as_transformers(model_type, dtype, wide_dirs):
+def test_low_precision_logits_at_least_as_close_as_transformers(model_type, dtype, wide_dirs, hf_model):
     """Per-token median of max|logits - ref| / max|ref| (tests/test_bf16.py) no worse than transformers' own, the
     weights rounded to the dtype before the float32 reference reads them: both runs round them alike, and on these
     random tiny models that shared error outweighs the arithmetic one, deciding which run lands closer by chance.
@@ -69,14 +87,14 @@ def test_low_precision_logits_at_least_as_close_as_transformers(model_type, dtyp
     path = str(wide_dirs[model_type, dtype])
     llm = LLM(path, dtype=dtype)
     ids = llm.encode(PROMPT)  # 109 tokens: past the sliding windows of 8
-    ref = _hf_logits(path, torch.float32, ids)
+    ref = _logits(hf_model(path, torch.float32), ids)
     ours = _token_errors(llm.logits(ids), ref)
-    theirs = _token_errors(_hf_logits(path, getattr(torch, dtype), ids), ref)
+    theirs = _token_errors(_logits(hf_model(path, getattr(torch, dtype)), ids), ref)
     assert float(ours.median()) <= float(theirs.median()), (model_type, dtype, ours.median(), theirs.median())
 
 
 @pytest.mark.parametrize("model_type", ["beam", "mimo_v2_flash"])
-def test_dense_mlp_rounds_once(model_type, wide_dirs):
+def test_dense_mlp_rounds_once(model_type, wide_dirs, hf_model):
     """The dense first layer's MLP on the same low-precision input: transformers' Beam keeps act(gate) * up in
     float32 and rounds it once (its other families round act(gate) and the product too); ours also keeps gate and
     up as the GEMM sums them (float32 on the CPU kernel), so it is strictly closer to the float32 MLP. Before
@@ -85,8 +103,7 @@ def test_dense_mlp_rounds_once(model_type, wide_dirs):
     x = torch.randn(109, WIDE["hidden_size"], generator=torch.Generator().manual_seed(0))  # [T, H]
     for dtype in DTYPES:
         path = str(wide_dirs[model_type, dtype])
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        ref, hf = hf_model(path, torch.float32), hf_model(path, getattr(torch, dtype))
         llm = LLM(path, dtype=dtype)
         layer = llm.engine.model.layers[0]
         assert not layer.sparse
