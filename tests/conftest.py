@@ -52,9 +52,15 @@ def ray_cluster():
 
 def pytest_collection_modifyitems(config, items):
     """The wheel's e2e test first: it runs its own Ray cluster on the fixed ports, so before the session's
-    `ray_cluster` starts it has nothing to stop and restart."""
+    `ray_cluster` starts it has nothing to stop and restart. The modules of tests/wait_bound.py get the marker
+    `waits` (`make test` runs them in a process of their own)."""
+    from tests.wait_bound import WAIT_BOUND
+
     first = [i for i in items if i.nodeid.startswith("tests/test_wheel.py::") and i.get_closest_marker("e2e")]
     items[:] = first + [i for i in items if i not in first]
+    for item in items:
+        if Path(str(item.fspath)).stem in WAIT_BOUND:
+            item.add_marker(pytest.mark.waits)
 
 
 def _cpu_s() -> float:

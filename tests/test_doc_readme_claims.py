@@ -195,7 +195,8 @@ def _recipes() -> dict[str, str]:
 
 def test_the_make_targets_do_what_the_readme_says(monkeypatch):
     """Two commands and Development: `make run` is `elasticmoe demo`; `make test` checks the generated gRPC code,
-    then runs the e2e and the in-process tests as two pytest processes; `make test-fast` is `-m "not e2e"`;
+    then runs the e2e tests, the in-process ones and those that mostly wait (tests/wait_bound.py) as three pytest
+    processes; `make test-fast` is `-m "not e2e"`;
     `make protos` regenerates; `make stop` is `ray stop`; the CPU torch wheel comes from /opt/wheels;
     `make` sets $ELASTICMOE_CACHE to .cache/elasticmoe, and unset it is ~/.cache/elasticmoe."""
     from pathlib import Path
@@ -209,7 +210,11 @@ def test_the_make_targets_do_what_the_readme_says(monkeypatch):
     assert re.search(r"^setup: \$\(VENV\)/\.installed$", make, flags=re.M)
     assert r["run"].strip() == "$(BIN)/elasticmoe demo"
     assert r["test"].splitlines()[0] == "$(BIN)/python -m elasticmoe.rpc.generate --check"
-    assert '-m "not e2e"' in r["test"] and "-m e2e" in r["test"] and "wait $$unit" in r["test"]
+    assert '-m "not e2e and not waits"' in r["test"] and '-m "waits and not e2e"' in r["test"]
+    assert "-m e2e" in r["test"] and "wait $$unit" in r["test"] and "wait $$waits" in r["test"]
+    from tests.wait_bound import WAIT_BOUND  # the third process's modules: each one a test file
+
+    assert WAIT_BOUND and all((REPO / "tests" / f"{m}.py").is_file() for m in WAIT_BOUND)
     assert r["test-fast"].strip() == '$(BIN)/python -m pytest -q -ra -m "not e2e"'
     assert r["protos"].strip() == "$(BIN)/python -m elasticmoe.rpc.generate"
     assert "ray stop" in r["stop"]
