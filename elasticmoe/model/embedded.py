@@ -3,6 +3,7 @@ in a local cache."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -23,6 +24,21 @@ def check_tiny_family(family: str) -> None:
 def cache_dir() -> Path:
     """$ELASTICMOE_CACHE, else ~/.cache/elasticmoe."""
     return Path(os.environ.get("ELASTICMOE_CACHE", Path.home() / ".cache" / "elasticmoe")).expanduser()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a cache file whole: to a temporary file beside it, then renamed into place (readers see the old file
+    or the new one, never half of one; concurrent writers each succeed). Raises OSError (a read-only cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _ensure(name: str, make: Callable[[Path], object]) -> Path:

@@ -63,7 +63,7 @@ def open_model(model: str | os.PathLike, check_shapes: bool = True) -> ModelFile
     (WeightNames.check_mlp_shapes: importing its modeling code is ~5 s of CPU); the expert shards and the
     controller, which never load those weights, skip it (the gateway, which does, refuses the checkpoint); without
     it the spec a process derived before from the same config.json bytes is read from the cache (model.spec_cache:
-    no transformers import, ~3 s of CPU), and `config` is None."""
+    no transformers import, ~1 s of CPU here), and `config` is None."""
     model = os.fspath(model)
     if model.startswith("tiny:"):
         from elasticmoe.model.embedded import ensure_tiny_model

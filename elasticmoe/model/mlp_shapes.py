@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from typing import Any
 
-from elasticmoe.model.embedded import cache_dir
+from elasticmoe.model.embedded import cache_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +30,7 @@ def built_shapes(config: Any, names: list[str]) -> dict[str, tuple[int, ...] | N
     want = _meta_shapes(config)
     shapes = {n: want.get(n) for n in names}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(shapes, f)
-        os.replace(tmp, path)  # readers see the whole file or none
+        write_atomic(path, json.dumps(shapes).encode())
     except OSError as e:  # a read-only cache: the check still ran
         log.debug("MLP shapes not cached at %s: %s", path, e)
     return shapes

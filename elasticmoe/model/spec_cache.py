@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
-import os
 import pickle
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from elasticmoe.model.embedded import cache_dir
+from elasticmoe.model.embedded import cache_dir, write_atomic
 from elasticmoe.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -34,7 +32,7 @@ def _path(config_file: Path) -> Path:
 
 def cached_spec(config_file: Path) -> ModelSpec | None:
     """The spec derived before from these exact config.json bytes, or None. Reading it imports no transformers
-    (~3 s of CPU in each expert shard's and controller's start); a torn or foreign entry is None."""
+    (~1 s of CPU in each expert shard's and controller's start here); a torn or foreign entry is None."""
     try:
         with open(_path(config_file), "rb") as f:
             spec = pickle.load(f)
@@ -47,11 +45,6 @@ def store_spec(config_file: Path, spec: ModelSpec) -> None:
     """Keep the spec derived from config_file (written whole, then renamed into place); a read-only cache keeps
     nothing."""
     try:
-        path = _path(config_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(spec, f)
-        os.replace(tmp, path)
+        write_atomic(_path(config_file), pickle.dumps(spec))
     except OSError as e:
         log.debug("spec of %s not cached: %s", config_file, e)
