@@ -1,9 +1,5 @@
 """Every supported transformers MoE family against transformers itself; the strict loader (rejected families and
-configs: tests/test_family_refusals.py).
-
-`python tests/test_families.py` rewrites the README's table of families from FAMILY_CASES and
-tests/test_model.py's TINY_FAMILIES; test_readme_table_is_generated_from_the_tests keeps them equal.
-"""
+configs: tests/test_family_refusals.py); the README's table of them: tests/test_families_table.py."""
 
 from __future__ import annotations
 
@@ -11,7 +7,6 @@ import dataclasses
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -356,47 +351,3 @@ def test_unknown_math_changing_config_key_fails_naming_it(family_dirs, tmp_path,
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelSpecError, match=rf"config key\(s\) \['{key}'\] of model_type '{model_type}'"):
         open_model(str(bad))
-
-
-def families_table() -> str:
-    """The README's markdown table of supported families, from the families this suite checks."""
-    rows = [(t, TINY_FEATURES[t], "tests/test_model.py") for t in sorted(TINY_FEATURES)]
-    rows += [(t, FAMILY_CASES[t][2], "tests/test_families.py") for t in sorted(FAMILY_CASES)]
-    rows += [(t, c[2], "tests/test_families_more.py") for t, c in sorted(_more_cases().items())]
-    lines = ["| `model_type` | what its test exercises | test |", "| --- | --- | --- |"]
-    lines += [f"| `{t}` | {what} | `{test}` |" for t, what, test in sorted(rows)]
-    return "\n".join(lines)
-
-
-def _more_cases() -> dict[str, tuple]:
-    from tests.test_families_more import MORE_CASES
-
-    return MORE_CASES
-
-
-BEGIN, END = "<!-- families:begin (python tests/test_families.py) -->", "<!-- families:end -->"
-
-
-def test_supported_families_are_exactly_the_tested_ones():
-    from elasticmoe.model.families import FAMILIES
-    from elasticmoe.model.tiny import TINY_FAMILIES
-
-    assert set(TINY_FEATURES) == set(TINY_FAMILIES)
-    tested = set(FAMILY_CASES) | set(_more_cases()) | set(TINY_FAMILIES)
-    # a multimodal case runs its language model's family (saved alone too: tests/test_families_multimodal.py)
-    assert set(FAMILIES) == tested | {FAMILIES[t].text_model for t in tested if FAMILIES[t].text_model}
-
-
-def test_readme_table_is_generated_from_the_tests():
-    readme = (REPO / "README.md").read_text()
-    assert BEGIN in readme and END in readme
-    assert readme.split(BEGIN)[1].split(END)[0].strip() == families_table()
-
-
-if __name__ == "__main__":  # rewrite the README's table
-    sys.path.insert(0, str(REPO))  # tests.test_families_more
-    text = (REPO / "README.md").read_text()
-    if BEGIN not in text:
-        sys.exit(f"README.md has no {BEGIN} marker")
-    head, rest = text.split(BEGIN)
-    (REPO / "README.md").write_text(f"{head}{BEGIN}\n{families_table()}\n{END}{rest.split(END)[1]}")
