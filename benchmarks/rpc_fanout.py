@@ -40,7 +40,7 @@ class EchoShard(pb_grpc.ExpertShardServicer):
         response.compute_us = (time.perf_counter_ns() - t0) // 1000
         return response
 
-    frame_port = 0  # its frame listener's (listen()), told by Health
+    frame_port, frame_unix_path = 0, ""  # its frame listener's port and Unix socket (listen()), told by Health
 
     @staticmethod
     def echo(frame: frames.Request | frames.FrameError) -> list:
@@ -60,13 +60,14 @@ class EchoShard(pb_grpc.ExpertShardServicer):
             put(self.echo(frame))
 
     def listen(self, host: str = HOST, insecure: bool = True) -> FrameListener:
-        """Start a frame listener for this shard on host (any port); Health tells its port."""
+        """Start a frame listener for this shard on host (any port); Health tells its port and Unix socket."""
         listener = FrameListener(self.serve_frames, host, [0], insecure)
-        self.frame_port = listener.port
+        self.frame_port, self.frame_unix_path = listener.port, listener.unix_path
         return listener
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
-        return pb.HealthResponse(ok=True, shard_id=f"echo-{os.getpid()}", frame_port=self.frame_port)
+        return pb.HealthResponse(ok=True, shard_id=f"echo-{os.getpid()}", frame_port=self.frame_port,
+                                 frame_unix_path=self.frame_unix_path)
 
 
 async def start_echo_server(port: int = 0) -> tuple[grpc.aio.Server, int]:

@@ -1,4 +1,4 @@
-"""transport.py's floor: one raw TCP socket echo process (length-prefixed frames), torch- and grpc-free."""
+"""transport.py's floor: one raw TCP (and Unix) socket echo process (length-prefixed frames), torch- and grpc-free."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import threading
 
 from elasticmoe.rpc.options import tune_malloc  # torch-free
+from elasticmoe.rpc.unix_socket import SEND_BUFFER  # torch-free
 
 HEADER = struct.Struct("<Q")  # the socket echo's frame: 8-byte little-endian length, then the bytes
 
@@ -37,17 +38,33 @@ def _echo_conn(conn: socket.socket) -> None:
             return
 
 
-def serve() -> None:
-    """Prints its port, echoes every connection until stdin closes."""
-    lsock = socket.create_server(("127.0.0.1", 0))
-    print(lsock.getsockname()[1], flush=True)
-    threading.Thread(target=lambda: sys.stdin.read() and None or os._exit(0), daemon=True).start()
+def _accept(lsock: socket.socket) -> None:
     while True:
         conn, _ = lsock.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if lsock.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:  # as the frame listener's
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         threading.Thread(target=_echo_conn, args=(conn,), daemon=True).start()
+
+
+def serve(unix: str = "") -> None:
+    """Prints its port (and `unix`, a Unix socket path it listens on too), echoes every connection until stdin
+    closes."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    print(lsock.getsockname()[1], unix, flush=True)
+    if unix:
+        usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        usock.bind(unix)
+        usock.listen(16)
+        threading.Thread(target=_accept, args=(usock,), daemon=True).start()
+    threading.Thread(target=_accept, args=(lsock,), daemon=True).start()
+    sys.stdin.read()  # the parent closes stdin to stop us
+    if unix:
+        os.unlink(unix)
+    os._exit(0)
 
 
 if __name__ == "__main__":
     tune_malloc()  # as every process of the benchmark
-    serve()
+    serve(sys.argv[2] if sys.argv[1:2] == ["--unix"] else "")

@@ -3,8 +3,8 @@ fanned out to 1, 2 and 4 shards (each its own process), over a raw TCP socket ec
 length-prefixed, no codec), the unary gRPC path (gateway.transport.UnaryTransport) and the raw-frame stream
 (StreamTransport), both plaintext to an echo shard (rpc_fanout.EchoShard); also the stream with grpc's default HTTP/2
 and TCP settings on both ends (codec.HTTP2_OPTIONS off: "stream-default"), and the socket transport ("frames":
-SocketTransport, the same frames on one TCP connection to the echo shard's frame listener). glibc malloc tuned
-everywhere, as deployed.
+SocketTransport, the same frames on one TCP connection to the echo shard's frame listener; the same over its Unix
+socket, against a Unix socket echo: transport_unix.py). glibc malloc tuned everywhere, as deployed.
 One caller thread as the gateway's fan-out; modes rotate call by call, so machine noise hits all alike.
 Writes benchmarks/results/transport-<cpu>.json. Then the mTLS cost (--only mtls: that alone): unary, stream, frames,
 plaintext and mTLS (rpc.tls, a CA made in a temp dir) to one echo shard serving both ports, calls rotating;
@@ -38,6 +38,7 @@ from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
 from elasticmoe.rpc.frame_service import add_shard_servicer
 from elasticmoe.rpc.frames import ExpertRequest
+from elasticmoe.rpc.unix_socket import SEND_BUFFER
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 import rpc_fanout  # benchmarks/rpc_fanout.py
 from rpc_fanout import EchoShard, percentiles
@@ -62,10 +63,15 @@ class SocketFanout:
 
     def __init__(self, targets: list[str]):
         self.conns = []
-        for t in targets:
-            host, port = t.rsplit(":", 1)
-            conn = socket.create_connection((host, int(port)))
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for t in targets:  # host:port, or a Unix socket's path
+            if t.startswith("/"):
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)  # as the transport's (unix_socket)
+                conn.connect(t)
+            else:
+                host, port = t.rsplit(":", 1)
+                conn = socket.create_connection((host, int(port)))
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.conns.append(conn)
         self.head, self.buf = bytearray(_HEADER.size), bytearray()
 
@@ -201,7 +207,8 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
     targets = {m: [t for _, t in started[kinds.get(m, "grpc")]] for m in MODES}  # unary and stream: same shards
     transports = {"unary": UnaryTransport(insecure=True), "stream": StreamTransport(insecure=True),
                   "stream-default": StreamTransport(insecure=True, options=channel_options(http2=False)),
-                  "frames": SocketTransport(insecure=True), "frames-thread": SocketTransport(insecure=True)}
+                  "frames": SocketTransport(insecure=True, unix=False),  # TCP, as the floor (Unix: transport_unix.py)
+                  "frames-thread": SocketTransport(insecure=True, unix=False)}
     try:
         cases = {}
         for name in sizes:
@@ -220,7 +227,8 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
             "targets": targets_met(cases),
             "note": "payload = bf16 hidden bytes per shard; each shard and each socket echo its own process on "
                     "127.0.0.1; one caller thread; modes rotate; gb_s = 2 x shards x payload / p50 (both ways); "
-                    "frames = SocketTransport to the echo shards' frame listeners (the unary/stream processes)"}
+                    "frames = SocketTransport to the echo shards' frame listeners (the unary/stream processes), "
+                    "over TCP"}
 
 
 def table(res: dict) -> str:

@@ -215,6 +215,20 @@ def test_transport_benchmark_smoke(tmp_path):
     assert mtls["new_connection"], mtls
 
 
+def test_transport_unix_benchmark_smoke(tmp_path):
+    """A few calls per mode at 16 KiB to 1 and 2 shards: the TCP and Unix socket floors and the socket transport over
+    each (the script itself asserts each transport went over its family), every ratio derived from the timings."""
+    out = tmp_path / "u.json"
+    _run("transport_unix.py", "--scale", "0.03", "--sizes", "16 KiB", "--shards", "1,2", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["cases"]) == {"16 KiB x 1", "16 KiB x 2"}, report["cases"].keys()
+    for name, case in report["cases"].items():
+        for mode in ("socket", "socket-unix", "frames-tcp", "frames-unix"):
+            assert 0 < case[mode]["p50_us"] <= case[mode]["p99_us"], (name, mode, case[mode])
+        assert case["frames-unix_vs_floor_p50"] == case["frames-unix"]["p50_us"] / case["socket-unix"]["p50_us"]
+        assert case["unix_vs_tcp_p50"] == case["frames-unix"]["p50_us"] / case["frames-tcp"]["p50_us"]
+
+
 REFUSALS = """
 import contextlib, io, json, sys
 import transport

@@ -17,7 +17,7 @@ from elasticmoe.experts.shard_server import start_server
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.model.experts import ExpertStore
-from elasticmoe.rpc import frame_socket, frames, tls
+from elasticmoe.rpc import frame_socket, frames, tls, unix_socket
 from tests.shard_util import E, _inputs, _req, answer_within, files, halves  # noqa: F401
 
 
@@ -247,10 +247,12 @@ def test_a_gateway_that_stops_reading_loses_its_connection_after_the_send_timeou
         server.stop(None).wait(10)
 
 
-def test_both_ends_of_a_frame_connection_probe_a_silent_peer_within_a_minute(files):  # noqa: F811
+def test_both_ends_of_a_frame_connection_probe_a_silent_peer_within_a_minute(files, monkeypatch):  # noqa: F811
     """A peer whose host vanished without closing (power, a cut link) sends nothing, not even a reset: only TCP
     keepalive finds it. Both ends' sockets (mTLS, as deployed) probe after 30 s of silence, every 10 s, 3 times: the
-    shard's place and the gateway's pending calls are freed within a minute, not Linux's default 2 h 11 min."""
+    shard's place and the gateway's pending calls are freed within a minute, not Linux's default 2 h 11 min. (TCP:
+    a shard on another host; on this one the Unix socket's peer cannot vanish without the kernel closing it.)"""
+    monkeypatch.setenv(unix_socket.ENV, "0")
     store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
     layer = files.spec.moe.moe_layers[0]
     store.load([(layer, e) for e in range(E)])

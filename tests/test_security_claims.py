@@ -27,7 +27,7 @@ from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import generation_pb2 as gen
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
-from elasticmoe.rpc import tls
+from elasticmoe.rpc import tls, unix_socket
 from elasticmoe.rpc.frame_listener import FrameListener
 from tests.shard_util import E, Shards, _req, files, halves  # noqa: F401
 from tests.test_api_keys import KEY, core, path  # noqa: F401
@@ -146,21 +146,27 @@ def test_control_rpcs_refuse_a_client_without_a_certificate_of_the_ca(files, hal
 
 
 # ----- the socket transport (the default): the shard's frame listener must prove itself too
-def test_the_socket_transport_refuses_a_frame_listener_of_another_ca(files, halves, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("family", ["AF_UNIX", "AF_INET"])
+def test_the_socket_transport_refuses_a_frame_listener_of_another_ca(files, halves, tmp_path, family,
+                                                                   monkeypatch):  # noqa: F811
     """A shard's Health points at a frame listener holding another CA's certificate (what a process on the shard's
-    host could open): the gateway's TLS handshake fails, no frame is sent, and the call fails."""
+    host could open), on its Unix socket or its TCP port: the gateway's TLS handshake fails, no frame is sent, and
+    the call fails."""
+    if family == "AF_INET":
+        monkeypatch.setenv(unix_socket.ENV, "0")  # the gateway connects over TCP (a shard on another host)
     layer, servicer = halves.layers[0], halves.servicers[0]
     other = tls.local_ca(tmp_path / "other")  # its own certificate; it admits our clients (so the refusal is ours)
     impostor = FrameListener(servicer.serve_frames, "127.0.0.1", [0],
                              files=tls.TlsFiles(tls.tls_files().ca, other.cert, other.key))
-    real, servicer.frame_port = servicer.frame_port, impostor.port
+    real = servicer.frame_port, servicer.frame_unix_path
+    servicer.frame_port, servicer.frame_unix_path = impostor.port, impostor.unix_path
     calls, t = servicer.calls, SocketTransport()
     try:
         with pytest.raises(Exception, match="(?i)certificate"):
             t.send(halves.addresses[0], lambda: _req(files, layer), 5).result(timeout=10)
-        assert servicer.calls == calls
+        assert servicer.calls == calls and t.families[halves.addresses[0]] == family
     finally:
-        servicer.frame_port = real
+        servicer.frame_port, servicer.frame_unix_path = real
         t.close()
         impostor.close().wait(10)
 

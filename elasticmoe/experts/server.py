@@ -88,6 +88,7 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
         self._streams = threading.BoundedSemaphore(max_streams)
         self.readers: set[threading.Thread] = set()  # each open RunExpertsStream's reading thread, until it returns
         self.frame_port = 0  # the frame listener's port (Health tells the gateways), 0 while there is none
+        self.frame_unix_path = ""  # and its Unix socket's path on this host ("": none)
         self.max_message_bytes = max_message_bytes  # the largest message taken (Health tells the gateways)
 
     def RunExperts(self, request, context):
@@ -211,7 +212,8 @@ class ExpertServicer(PlacementCalls, pb_grpc.ExpertShardServicer):
 
     def Health(self, request, context):
         return pb.HealthResponse(ok=True, shard_id=self.shard_id, placement_version=self.placement_version,
-                                 frame_port=self.frame_port, max_message_bytes=self.max_message_bytes)
+                                 frame_port=self.frame_port, max_message_bytes=self.max_message_bytes,
+                                 frame_unix_path=self.frame_unix_path)
 
 
 def _failure(request, e: Exception) -> tuple[grpc.StatusCode, str]:

@@ -69,8 +69,8 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
     gateway using the stream transport; more are refused), one per LoadExperts / DropExperts running or waiting (at
     most server.PLACEMENT_CALLS; more are refused) and RESERVED_WORKERS more for Health and stats.
     Beside it, on the same host, a frame listener (rpc.frame_listener; its port in Health.frame_port, from
-    ELASTICMOE_EXPERT_PORT_RANGE when set) serves the same frames through the same code (serve_frames), at most
-    `max_streams` connections, same TLS. Both take messages up to `max_message_bytes`
+    ELASTICMOE_EXPERT_PORT_RANGE when set, and a Unix socket for gateways on this host, Health.frame_unix_path)
+    serves the same frames through the same code (serve_frames), at most `max_streams` connections, same TLS. Both take messages up to `max_message_bytes`
     (ELASTICMOE_GRPC_MAX_MESSAGE_BYTES), which Health announces: a gateway keeps its calls within it. A stream's
     answers not yet sent on (its gateway slow to read) take at most `max_stream_reply_bytes`
     (ELASTICMOE_STREAM_REPLY_BYTES; one answer alone always goes) before its reader waits.
@@ -104,7 +104,7 @@ def start_server(store: ExpertStore, shard_id: str, host: str = "127.0.0.1", por
         server.stop(None)
         raise RuntimeError(f"cannot bind the expert server and its frame listener on {host} (port {port}, "
                            f"ELASTICMOE_EXPERT_PORT_RANGE={os.environ.get('ELASTICMOE_EXPERT_PORT_RANGE')})")
-    servicer.frame_port = listener.port
+    servicer.frame_port, servicer.frame_unix_path = listener.port, listener.unix_path
     server.start()
     log.info("expert shard %s serving on %s:%d, frames on %d (%s)", shard_id, host, bound, listener.port,
              "plaintext" if insecure else "mTLS")

@@ -1,5 +1,5 @@
-"""The socket transport: RunExpertsStream's frames on one plain TCP (mTLS) connection per shard, no gRPC on the path;
-a caller waiting for answers reads them on its own thread."""
+"""The socket transport: RunExpertsStream's frames on one plain TCP (mTLS) connection per shard (a Unix socket to a
+shard on the same host), no gRPC on the path; a caller waiting for answers reads them on its own thread."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from elasticmoe.gateway.socket_conn import _Conn
 from elasticmoe.gateway.socket_reading import _ready
 from elasticmoe.gateway.transport import Build, _Channels, closed_error
 from elasticmoe.rpc import experts_pb2 as pb
-from elasticmoe.rpc import frame_socket, frames, tls
+from elasticmoe.rpc import frame_socket, frames, tls, unix_socket
 from elasticmoe.rpc.tls_socket import SerialTLS
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class _Answer(Future):
 
 
 class SocketTransport(_Channels):
-    """One persistent TCP connection per shard to its frame listener (port from Health, asked at each connect):
+    """One persistent TCP connection per shard to its frame listener (port from Health, asked at each connect; its
+    Unix socket instead where Health names one this process can reach, unless `unix` is False):
     the same frames as StreamTransport's stream, written with sendmsg from the caller's thread and read by the
     thread waiting for them in wait() (else by the connection's own thread). Deadlines per request (a late answer
     is dropped, the connection stays); a broken connection fails all its pending calls at once (UNAVAILABLE) and
@@ -61,8 +62,9 @@ class SocketTransport(_Channels):
 
     ask_limits = False  # Health is asked at each connect (_open)
 
-    def __init__(self, insecure: bool = False, options: list[tuple[str, int]] | None = None):
+    def __init__(self, insecure: bool = False, options: list[tuple[str, int]] | None = None, unix: bool = True):
         super().__init__(insecure, options)
+        self.unix = unix
         self._conns: dict[str, _Conn] = {}
         self._ids = itertools.count(1)
         self._deadlines = Deadlines("socket-deadlines")
@@ -71,6 +73,7 @@ class SocketTransport(_Channels):
         # answers too (their own threads park for socket_reading.PARK_S after a caller's read: up to ~1 s late)
         self._retired: list[_Conn] = []
         self._ctx: ssl.SSLContext | None = None
+        self.families: dict[str, str] = {}  # shard address -> its last connection's socket family (AF_UNIX, AF_INET)
 
     def _conn(self, address: str) -> _Conn:
         c = self._conns.get(address)  # every call's path: the open connection, unless the TLS files are due a look
@@ -97,17 +100,22 @@ class SocketTransport(_Channels):
         self._retired = [c for c in (*self._retired, *conns) if c.pending]
 
     def _open(self, address: str, stub) -> tuple[socket.socket | SerialTLS, int]:
-        """Health (the frame port, the shard's message limit), TCP connect, TLS handshake: the connection's socket
-        and that limit (0: not told; an older shard)."""
+        """Health (the frame port, the shard's message limit), connect (to the listener's Unix socket where this
+        process can reach it, else TCP), TLS handshake: the connection's socket and that limit (0: not told; an older
+        shard)."""
         health = stub.Health(pb.HealthRequest(), timeout=CONNECT_S)
         port, limit = health.frame_port, min(health.max_message_bytes, frames.LIMIT)
         self._limits[address] = limit
         if not port:
             raise ConnectionError(f"shard {address} has no frame listener (Health.frame_port 0)")
-        host = address.rsplit(":", 1)[0].strip("[]")
-        sock = socket.create_connection((host, port), timeout=CONNECT_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        frame_socket.keepalive(sock)  # a shard whose host vanished fails its calls within a minute
+        # a shard on this host: no TCP stack in between (ELASTICMOE_FRAME_UNIX=0 switches it off)
+        sock = unix_socket.connect(health.frame_unix_path, CONNECT_S) if self.unix else None
+        if sock is None:
+            host = address.rsplit(":", 1)[0].strip("[]")
+            sock = socket.create_connection((host, port), timeout=CONNECT_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            frame_socket.keepalive(sock)  # a shard whose host vanished fails its calls within a minute
+        self.families[address] = sock.family.name
         try:
             if not self.insecure:
                 with self._conns_lock:

@@ -145,15 +145,17 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ok", "shard_id", "placement_version", "frame_port", "max_message_bytes")
+    __slots__ = ("ok", "shard_id", "placement_version", "frame_port", "max_message_bytes", "frame_unix_path")
     OK_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     FRAME_PORT_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_UNIX_PATH_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     shard_id: str
     placement_version: int
     frame_port: int
     max_message_bytes: int
-    def __init__(self, ok: _Optional[bool] = ..., shard_id: _Optional[str] = ..., placement_version: _Optional[int] = ..., frame_port: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    frame_unix_path: str
+    def __init__(self, ok: _Optional[bool] = ..., shard_id: _Optional[str] = ..., placement_version: _Optional[int] = ..., frame_port: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., frame_unix_path: _Optional[str] = ...) -> None: ...

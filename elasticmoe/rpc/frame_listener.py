@@ -14,7 +14,7 @@ import time
 import weakref
 from typing import Callable, Iterator
 
-from elasticmoe.rpc import frame_socket, frames, tls
+from elasticmoe.rpc import frame_socket, frames, tls, unix_socket
 from elasticmoe.rpc.frame_gate import ConnectionGate
 from elasticmoe.rpc.frame_socket import FrameReader, hard_close, keepalive, send_parts, send_timeout, shutdown
 from elasticmoe.rpc.options import MAX_MESSAGE_BYTES
@@ -43,7 +43,9 @@ class FrameListener(ConnectionGate):
     or FrameError for one that cannot be read) go to `serve(frames, put)`; put() writes a reply at once.
     A bad length prefix closes that connection only. At most `max_conns` connections at once, and at most
     `max_handshakes` in their TLS handshake (each has HANDSHAKE_S): a new one cuts the oldest, so clients that open TCP
-    and never finish TLS hold neither threads nor descriptors beyond that, and a real client's handshake gets in."""
+    and never finish TLS hold neither threads nor descriptors beyond that, and a real client's handshake gets in.
+    Beside the TCP port, a Unix socket at `unix_path` ("" where there is none: unix_socket.bind) takes the same
+    connections from processes on this host (same TLS, same limits, counted together)."""
 
     def __init__(self, serve: Callable[[Iterator, Put], None], host: str, ports: list[int], insecure: bool = False,
                  files: tls.TlsFiles | None = None, max_conns: int = 16, max_handshakes: int = 16,
@@ -55,6 +57,7 @@ class FrameListener(ConnectionGate):
         self._ctx, self._stamp = None, None
         self.sock = bind(host, ports)
         self.port = self.sock.getsockname()[1]
+        self.unix_sock, self.unix_path = unix_socket.bind()
         self._conns: set[socket.socket] = set()  # connections being served (their TLS sockets once open)
         self._opening: dict[socket.socket, float] = {}  # accepted, handshake not done yet -> when accepted
         self._refusing: set[socket.socket] = set()  # refused (over max_conns), until their clients close
@@ -65,13 +68,16 @@ class FrameListener(ConnectionGate):
         self._closes: list[threading.Event] = []  # each close()'s, until the listener has stopped
         self._timers: list[threading.Timer] = []  # the graceful closes' grace timers
         _open_listeners.add(self)  # until it has stopped (through a close's grace too): the exit hook closes it
-        threading.Thread(target=self._accept, name=f"frames-{self.port}", daemon=True).start()
+        for sock in (self.sock, self.unix_sock):
+            if sock is not None:
+                threading.Thread(target=self._accept, args=(sock,), name=f"frames-{self.port}", daemon=True).start()
 
-    def _accept(self) -> None:
+    def _accept(self, listening: socket.socket) -> None:
+        tcp = listening.family != socket.AF_UNIX
         failing = False
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = listening.accept()
             except OSError as e:
                 if self.closed:
                     return
@@ -84,8 +90,11 @@ class FrameListener(ConnectionGate):
                 time.sleep(ACCEPT_RETRY_S)
                 continue
             failing = False
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            keepalive(conn)  # a gateway whose host vanished frees its place within a minute, not hours
+            if tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keepalive(conn)  # a gateway whose host vanished frees its place within a minute, not hours
+            else:
+                unix_socket.tune(conn)
             send_timeout(conn)
             thread = threading.Thread(target=self._connection, args=(conn,), name="frames-conn", daemon=True)
             with self._lock:
@@ -173,6 +182,9 @@ class FrameListener(ConnectionGate):
             threads = list(self._threads)  # all it will have: none is added once closed
             self._closes.append(done)
         hard_close(self.sock)
+        if self.unix_sock is not None:
+            hard_close(self.unix_sock)
+            unix_socket.unlink(self.unix_path)
 
         def cut() -> None:  # those open when it runs: a graceful close's are still there
             with self._lock:

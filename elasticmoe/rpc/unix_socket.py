@@ -1,0 +1,96 @@
+"""Frame connections between processes on one host over a Unix domain socket instead of loopback TCP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import stat
+import tempfile
+
+log = logging.getLogger(__name__)
+ENV = "ELASTICMOE_FRAME_UNIX"  # "0": no Unix socket (frames over TCP only), on both ends
+MAX_PATH = 100  # sockaddr_un holds 108 bytes on Linux, 104 on macOS: longer paths are not bound
+# a Unix stream socket's writer holds at most its send buffer in flight (Linux's default 208 KiB): a MiB frame then
+# waits on the reader several times; asked for 4 MiB (the kernel caps it at net.core.wmem_max)
+SEND_BUFFER = 4 << 20
+
+
+def tune(sock: socket.socket) -> None:
+    """A connection's send buffer (either end: each writes frames)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    except OSError:
+        pass
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def private_dir() -> str | None:
+    """$TMPDIR/elasticmoe-<uid>, made 0700 if missing; None (and a warning) where it exists and is not a directory
+    of this user's that only this user can enter: another user could otherwise plant or read sockets in it."""
+    path = os.path.join(tempfile.gettempdir(), f"elasticmoe-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        log.warning("no Unix socket for frames: cannot make %s: %s", path, e)
+        return None
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        log.warning("no Unix socket for frames: %s is not a private directory of uid %d (mode %o, owner %d)",
+                    path, os.getuid(), stat.S_IMODE(info.st_mode), info.st_uid)
+        return None
+    return path
+
+
+def bind() -> tuple[socket.socket | None, str]:
+    """A listening Unix socket at a new, unguessable path in private_dir() (each listener its own: a gateway that
+    finds the path reaches this listener and no other), and that path; (None, "") where disabled or not possible."""
+    if not enabled():
+        return None, ""
+    folder = private_dir()
+    if folder is None:
+        return None, ""
+    path = os.path.join(folder, f"frames-{secrets.token_hex(12)}.sock")
+    if len(path.encode()) > MAX_PATH:
+        log.warning("no Unix socket for frames: %s is longer than %d bytes (set TMPDIR shorter)", path, MAX_PATH)
+        return None, ""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        unlink(path)
+        log.warning("no Unix socket for frames: cannot listen on %s: %s", path, e)
+        return None, ""
+    return sock, path
+
+
+def connect(path: str, timeout: float) -> socket.socket | None:
+    """A connection to the listener at `path`; None where disabled, or where this process cannot reach it (another
+    host or container, the listener gone): the caller uses TCP."""
+    if not path or not enabled() or not os.path.isabs(path):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    tune(sock)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

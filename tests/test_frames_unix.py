@@ -1,0 +1,108 @@
+"""Frames to a shard on the same host go over the frame listener's Unix socket (mTLS as over TCP): the same answers as
+over TCP bit for bit, TCP where the socket cannot be reached or is switched off, a private 0700 directory and an
+unguessable 0600 path, removed when the listener closes."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+import pytest
+import torch
+
+from elasticmoe.experts.shard_server import start_server
+from elasticmoe.gateway.socket_transport import SocketTransport
+from elasticmoe.model.experts import ExpertStore
+from elasticmoe.rpc import unix_socket
+from elasticmoe.rpc.codec import decode_tensor
+from elasticmoe.rpc.frame_listener import FrameListener
+from elasticmoe.rpc.frames import ExpertRequest
+from tests.shard_util import E, _inputs, files, halves  # noqa: F401
+
+
+def _request(files, layer: int, dtype: torch.dtype, seed: int) -> ExpertRequest:  # noqa: F811
+    hidden, ids, weights = _inputs(files, seed)
+    return ExpertRequest(layer, hidden.to(dtype), (ids % (E // 2)).to(torch.int32), weights, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unix_answers_equal_tcp_bit_for_bit(files, halves, dtype, monkeypatch):  # noqa: F811
+    """One transport connected over the Unix socket, one over TCP (ELASTICMOE_FRAME_UNIX=0 at its connect), the
+    same requests: the same float64 answers bit for bit, and each kept its family for later calls."""
+    layer, address = halves.layers[0], halves.addresses[0]
+    unix, tcp = SocketTransport(), SocketTransport()
+    try:
+        first = _request(files, layer, dtype, 0)
+        assert unix.send(address, lambda: first, 10).result(timeout=20).output.data
+        monkeypatch.setenv(unix_socket.ENV, "0")
+        assert tcp.send(address, lambda: first, 10).result(timeout=20).output.data
+        monkeypatch.delenv(unix_socket.ENV)
+        assert unix.families[address] == "AF_UNIX" and tcp.families[address] == "AF_INET"
+        for seed in range(1, 4):
+            req = _request(files, layer, dtype, seed)
+            a = decode_tensor(unix.send(address, lambda: req, 10).result(timeout=20).output)
+            b = decode_tensor(tcp.send(address, lambda: req, 10).result(timeout=20).output)
+            assert a.dtype == torch.float64 and torch.equal(a, b)
+        assert unix._conns[address].sock.sock.family.name == "AF_UNIX"  # SerialTLS over the SSLSocket: mTLS
+    finally:
+        unix.close()
+        tcp.close()
+
+
+def test_a_path_this_process_cannot_reach_falls_back_to_tcp(files, halves):  # noqa: F811
+    """Health names a path that does not exist here (a shard in another container or host): the gateway connects
+    over TCP and the call is answered."""
+    layer, address, servicer = halves.layers[0], halves.addresses[0], halves.servicers[0]
+    real = servicer.frame_unix_path
+    servicer.frame_unix_path = os.path.join(os.path.dirname(real), "frames-gone.sock")
+    assert not os.path.exists(servicer.frame_unix_path)
+    t = SocketTransport()
+    try:
+        req = _request(files, layer, torch.float32, 0)
+        assert t.send(address, lambda: req, 10).result(timeout=20).output.data
+        assert t.families[address] == "AF_INET"
+    finally:
+        servicer.frame_unix_path = real
+        t.close()
+
+
+def test_switched_off_on_the_shard_health_names_no_path(files, monkeypatch):  # noqa: F811
+    monkeypatch.setenv(unix_socket.ENV, "0")
+    store = ExpertStore(files.ckpt, files.names, files.spec, torch.float32, torch.device("cpu"))
+    server, servicer, port = start_server(store, "s", insecure=True)
+    try:
+        assert server.listener.unix_sock is None and servicer.frame_unix_path == "" and servicer.frame_port
+    finally:
+        server.stop(None).wait(10)
+
+
+def test_the_socket_is_private_and_removed_at_close(files, halves):  # noqa: F811
+    """0600 in a 0700 directory of this user's, named with 96 random bits; the file is gone once the listener
+    closes (a gateway finding the path reaches this listener and no other)."""
+    listener = FrameListener(halves.servicers[0].serve_frames, "127.0.0.1", [0], insecure=True)
+    path = listener.unix_path
+    folder = os.lstat(os.path.dirname(path))
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600 and stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
+    assert len(os.path.basename(path)) == len("frames-.sock") + 24 and path != halves.servicers[0].frame_unix_path
+    listener.close().wait(10)
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("case", ["group-readable", "a file", "too long"])
+def test_no_unix_socket_where_the_directory_is_not_private(tmp_path, monkeypatch, case):
+    """A directory others can enter (or a file in its place: someone planted it) or a path over sockaddr_un's
+    length: no Unix socket (frames over TCP), nothing bound."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path if case != "too long" else tmp_path / ("d" * 90)))
+    folder = os.path.join(tempfile.gettempdir(), f"elasticmoe-{os.getuid()}")
+    if case == "group-readable":
+        os.mkdir(folder, 0o750)
+        os.chmod(folder, 0o750)
+    elif case == "a file":
+        open(folder, "w").close()
+    else:
+        os.makedirs(tempfile.gettempdir())
+    sock, path = unix_socket.bind()
+    assert sock is None and path == ""
+    assert case == "too long" or not os.path.isdir(folder) or os.listdir(folder) == []
