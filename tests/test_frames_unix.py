@@ -1,11 +1,15 @@
 """Frames to a shard on the same host go over the frame listener's Unix socket (mTLS as over TCP): the same answers as
 over TCP bit for bit, TCP where the socket cannot be reached or is switched off, a private 0700 directory and an
-unguessable 0600 path, removed when the listener closes."""
+unguessable 0600 path, removed when the listener closes or swept once its process died."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -90,11 +94,30 @@ def test_the_socket_is_private_and_removed_at_close(files, halves):  # noqa: F81
     assert not os.path.exists(path)
 
 
+@pytest.fixture
+def short_tmp():
+    """A short temporary directory (pytest's tmp_path is too long for a socket path under it)."""
+    path = tempfile.mkdtemp(prefix="emu-", dir="/tmp")
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_private_directory_of_ones_own_is_used(short_tmp, monkeypatch):
+    """The control for the refusals below: the same temporary directory, made private here, gets a socket."""
+    monkeypatch.setattr(tempfile, "tempdir", short_tmp)
+    sock, path = unix_socket.bind()
+    try:
+        assert sock is not None and os.path.dirname(path) == os.path.join(short_tmp, f"elasticmoe-{os.getuid()}")
+    finally:
+        sock.close()
+        unix_socket.unlink(path)
+
+
 @pytest.mark.parametrize("case", ["group-readable", "a file", "too long"])
-def test_no_unix_socket_where_the_directory_is_not_private(tmp_path, monkeypatch, case):
+def test_no_unix_socket_where_the_directory_is_not_private(short_tmp, monkeypatch, case):
     """A directory others can enter (or a file in its place: someone planted it) or a path over sockaddr_un's
     length: no Unix socket (frames over TCP), nothing bound."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path if case != "too long" else tmp_path / ("d" * 90)))
+    monkeypatch.setattr(tempfile, "tempdir", short_tmp if case != "too long" else os.path.join(short_tmp, "d" * 90))
     folder = os.path.join(tempfile.gettempdir(), f"elasticmoe-{os.getuid()}")
     if case == "group-readable":
         os.mkdir(folder, 0o750)
@@ -106,3 +129,29 @@ def test_no_unix_socket_where_the_directory_is_not_private(tmp_path, monkeypatch
     sock, path = unix_socket.bind()
     assert sock is None and path == ""
     assert case == "too long" or not os.path.isdir(folder) or os.listdir(folder) == []
+
+
+def test_a_killed_listeners_socket_file_is_swept_a_live_ones_kept(short_tmp, monkeypatch):
+    """A process that bound a socket and was killed (SIGKILL: nothing unlinked) leaves its file; the next bind sweeps
+    it (its lock file held by nobody), and leaves a live listener's (this process's) alone."""
+    monkeypatch.setattr(tempfile, "tempdir", short_tmp)
+    live, live_path = unix_socket.bind()
+    code = ("import os, signal, sys, tempfile\n"
+            f"tempfile.tempdir = {short_tmp!r}\n"
+            "from elasticmoe.rpc import unix_socket\n"
+            "sock, path = unix_socket.bind()\n"
+            "print(path, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    dead_path = proc.stdout.strip()
+    assert proc.returncode == -signal.SIGKILL and os.path.exists(dead_path) and dead_path != live_path
+    again, again_path = unix_socket.bind()
+    try:
+        assert not os.path.exists(dead_path) and not os.path.exists(dead_path + ".lock")
+        assert os.path.exists(live_path) and os.path.exists(again_path)
+        assert unix_socket.sweep(os.path.dirname(live_path)) == 0
+    finally:
+        for sock, path in ((live, live_path), (again, again_path)):
+            sock.close()
+            unix_socket.unlink(path)
+    assert os.listdir(os.path.dirname(live_path)) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import logging
 import os
 import secrets
@@ -60,8 +62,10 @@ def bind() -> tuple[socket.socket | None, str]:
     if len(path.encode()) > MAX_PATH:
         log.warning("no Unix socket for frames: %s is longer than %d bytes (set TMPDIR shorter)", path, MAX_PATH)
         return None, ""
+    sweep(folder)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        _hold(path)
         sock.bind(path)
         os.chmod(path, 0o600)
         sock.listen(128)
@@ -71,6 +75,45 @@ def bind() -> tuple[socket.socket | None, str]:
         log.warning("no Unix socket for frames: cannot listen on %s: %s", path, e)
         return None, ""
     return sock, path
+
+
+_held: dict[str, int] = {}  # socket path -> its lock file's descriptor, locked while this process listens there
+
+
+def _hold(path: str) -> None:
+    """Lock `path`.lock for as long as this process lives (or until unlink): the kernel drops the lock when the
+    process dies however it dies, so sweep() can tell a dead listener's socket file from a live one's."""
+    fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    _held[path] = fd
+
+
+def sweep(folder: str) -> int:
+    """Remove the socket files of listeners whose process died without closing them (killed: no unlink ran), those
+    whose lock file nobody holds; how many."""
+    removed = 0
+    for lock in glob.glob(os.path.join(folder, "frames-*.sock.lock")):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its listener is gone
+        except OSError:
+            os.close(fd)
+            continue
+        for name in (lock[:-len(".lock")], lock):
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+        os.close(fd)
+        removed += 1
+    return removed
 
 
 def connect(path: str, timeout: float) -> socket.socket | None:
@@ -90,7 +133,12 @@ def connect(path: str, timeout: float) -> socket.socket | None:
 
 
 def unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    """Remove a listener's socket file and its lock file, and let the lock go."""
+    for name in (path, path + ".lock"):
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
