@@ -81,6 +81,9 @@ def test_three_concurrent_greedy_requests_match(app, served, references):
     ours, theirs = references[fam]
     assert got == ours
     assert got == theirs
+    # the shards run on this host: the gateway's frames went over their Unix sockets (mTLS), not loopback TCP
+    connections = handle("Gateway", app).stats.remote().result()["shard_connections"]
+    assert connections and set(connections.values()) == {"AF_UNIX"}, connections
 
 
 def test_streaming_equals_unary(served):

@@ -213,7 +213,9 @@ class GatewayCore:
                    "failovers": self.dispatcher.failovers, "hedges": self.dispatcher.hedges,
                    "fault_log": list(self.dispatcher.fault_log), "shard_tokens": dict(self.dispatcher.shard_tokens),
                    "expert_tokens_total": int(self.metrics.expert_token_totals().sum()),
-                   "metrics_flush_errors": self.metrics.flush_errors, "hook_errors": self.runner.hook_errors})
+                   "metrics_flush_errors": self.metrics.flush_errors, "hook_errors": self.runner.hook_errors,
+                   # shard address -> the socket family of its frame connection (AF_UNIX on this host, else AF_INET)
+                   "shard_connections": dict(getattr(self.dispatcher.transport, "families", {}))})
         return st
 
     def healthy(self) -> None:
