@@ -199,6 +199,18 @@ def targets_met(cases: dict) -> dict:
     return out
 
 
+def matrix(case, targets: dict[str, list[str]], transports: dict, sizes: list[str], shards: tuple[int, ...],
+           scale: float) -> dict:
+    """case(targets of the first n shards, tokens, calls, transports) for every size and shard count, by name."""
+    cases = {}
+    for name in sizes:
+        tokens, calls = SIZES[name]
+        for n in shards:
+            cases[f"{name} x {n}"] = case({m: t[:n] for m, t in targets.items()}, tokens, max(8, int(calls * scale)),
+                                          transports)
+    return cases
+
+
 def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
     load_before = os.getloadavg()  # others' work on the machine inflates every mode's times
     kinds = {"socket": "socket", "unary": "grpc", "stream-default": "grpc-default"}
@@ -210,12 +222,7 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
                   "frames": SocketTransport(insecure=True, unix=False),  # TCP, as the floor (Unix: transport_unix.py)
                   "frames-thread": SocketTransport(insecure=True, unix=False)}
     try:
-        cases = {}
-        for name in sizes:
-            tokens, calls = SIZES[name]
-            for n in shards:
-                cases[f"{name} x {n}"] = _case({m: t[:n] for m, t in targets.items()}, tokens,
-                                               max(8, int(calls * scale)), transports)
+        cases = matrix(_case, targets, transports, sizes, shards, scale)
     finally:
         for t in transports.values():
             t.close()

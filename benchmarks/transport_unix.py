@@ -20,7 +20,8 @@ from elasticmoe.rpc.codec import tune_malloc
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 import rpc_fanout  # benchmarks/rpc_fanout.py
 import socket_echo  # benchmarks/socket_echo.py
-from transport import SHARDS, SIZES, SocketFanout, _fanout, _names, _request, _start, _target, _write, round_trips
+from transport import (SHARDS, SIZES, SocketFanout, _fanout, _names, _request, _start, _target, _write, matrix,
+                       round_trips)
 
 MODES = ("socket", "socket-unix", "frames-tcp", "frames-unix")
 FLOOR = {"frames-tcp": "socket", "frames-unix": "socket-unix"}  # each transport mode against the floor of its medium
@@ -59,12 +60,7 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
     targets["frames-tcp"] = targets["frames-unix"] = [_target(p) for p in frame_shards]
     transports = {"frames-tcp": SocketTransport(insecure=True, unix=False), "frames-unix": SocketTransport(insecure=True)}
     try:
-        cases = {}
-        for name in sizes:
-            tokens, calls = SIZES[name]
-            for n in shards:
-                cases[f"{name} x {n}"] = _case({m: t[:n] for m, t in targets.items()}, tokens,
-                                               max(8, int(calls * scale)), transports)
+        cases = matrix(_case, targets, transports, sizes, shards, scale)
         families = sorted(set(transports["frames-unix"].families.values()))
         assert families == ["AF_UNIX"] and set(transports["frames-tcp"].families.values()) == {"AF_INET"}, families
     finally:
