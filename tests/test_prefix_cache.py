@@ -1,17 +1,18 @@
 """Prefix caching: the block pool's shared and cached blocks (holders, LRU eviction), then engines with it on and
 off giving the same tokens and logprobs (and transformers' tokens), fewer prefill tokens for a shared prefix, off
-for a linear-attention family, and cached blocks evicted for a new request in a small cache."""
+for a linear-attention family, and cached blocks evicted for a new request in a small cache. (Prompts waiting for a
+prefix prefilled beside them: test_prefix_cache_waits.py; outputs' blocks: test_prefix_cache_outputs.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from elasticmoe import LLM, SamplingParams
+from elasticmoe import LLM
 from elasticmoe.engine.kv_blocks import BlockPool
 from elasticmoe.engine.prefix_cache import block_keys
 from elasticmoe.model.tiny import make_tiny_model
+from tests.prefix_util import GREEDY, PROMPTS, SHARED, run, same, transformers_tokens
 from tests.test_families import make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
@@ -91,44 +92,6 @@ def checkpoints(tmp_path_factory):
             "qwen3_next": make_family_checkpoint("qwen3_next", root / "qwen3_next", case=MORE_CASES.get("qwen3_next"))}
 
 
-SHARED = torch.randint(3, 400, (29,), generator=torch.Generator().manual_seed(7)).tolist()
-PROMPTS = [SHARED + [11, 12, 13], SHARED + [21], SHARED[:20], SHARED]  # 32, 30, 20, 29 tokens
-GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
-
-
-def _run(llm: LLM, prompts: list[list[int]], together: bool) -> tuple[list, dict[str, int]]:
-    """(outputs, prefill and decode tokens each request ran): prompts in one generate call, or one call each."""
-    ran: dict[str, int] = {}
-    sched = llm.engine.scheduler
-    real = sched.schedule
-
-    def counted(*args):
-        work = real(*args)
-        for seq, n in work:
-            ran[seq.request_id] = ran.get(seq.request_id, 0) + n
-        return work
-    sched.schedule = counted
-    try:
-        outs = llm.generate(prompts, GREEDY) if together else [llm.generate([p], GREEDY)[0] for p in prompts]
-    finally:
-        sched.schedule = real
-    return outs, ran
-
-
-def _same(a: list, b: list) -> None:
-    """The same tokens, logprobs within float32 rounding (cached K/V came from other chunk shapes)."""
-    assert [o.token_ids for o in a] == [o.token_ids for o in b]
-    for x, y in zip(a, b):
-        assert max(abs(p.logprob - q.logprob) for p, q in zip(x.logprobs, y.logprobs)) < 1e-4
-
-
-def _transformers(path, prompts: list[list[int]]) -> list[list[int]]:
-    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return [ref.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                             pad_token_id=ref.config.pad_token_id)[0, len(p):].tolist() for p in prompts]
-
-
 @pytest.mark.parametrize("family, bs", [("mixtral", 4), ("deepseek_v2", 5)])
 def test_cached_prefixes_give_the_tokens_of_an_engine_without_them(checkpoints, family, bs):
     """A plain and an MLA family, blocks of 4 or 5: prompts sharing a 20-29 token prefix, in one call (a step
@@ -136,14 +99,14 @@ def test_cached_prefixes_give_the_tokens_of_an_engine_without_them(checkpoints, 
     another, with prefix caching on and off: the same tokens (transformers' for each prompt alone) and logprobs;
     on, each later prompt runs only what its cached whole blocks (all but its last token at most) do not hold."""
     path, kw = checkpoints[family], dict(kv_block_size=bs, max_num_batched_tokens=16, max_model_len=64)
-    want = _transformers(path, PROMPTS)
-    off, ran_off = _run(LLM(str(path), prefix_caching=False, **kw), PROMPTS, together=True)
+    want = transformers_tokens(path, PROMPTS)
+    off, ran_off = run(LLM(str(path), prefix_caching=False, **kw), PROMPTS, together=True)
     assert [o.token_ids for o in off] == want
     assert [ran_off[o.request_id] for o in off] == [len(p) + 5 for p in PROMPTS]
     for together in (True, False):
         llm = LLM(str(path), **kw)
-        on, ran = _run(llm, PROMPTS, together)
-        _same(on, off)
+        on, ran = run(llm, PROMPTS, together)
+        same(on, off)
         full = (len(SHARED) - 1) // bs * bs  # the cached positions a later prompt found (all within SHARED)
         hits = [0] + [min(full, (len(p) - 1) // bs * bs) for p in PROMPTS[1:]]
         assert [ran[o.request_id] for o in on] == [len(p) - h + 5 for p, h in zip(PROMPTS, hits)]
@@ -152,83 +115,41 @@ def test_cached_prefixes_give_the_tokens_of_an_engine_without_them(checkpoints, 
         assert pool.num_free == pool.num_blocks and pool.num_cached > 0
 
 
-
-@pytest.mark.parametrize("caching", [True, False])
-def test_a_prompt_whose_prefix_is_being_prefilled_waits_for_its_blocks(caching):
-    """Blocks of 4: b's 14 tokens start with a's first 12, which a (admitted in the same step) is prefilling and has
-    not cached: b waits a step (in arrival order; those after it too) and then finds them cached, running 2 tokens
-    instead of 14. d, sharing one block of its 16 tokens with a (less than half of what it runs), is admitted
-    beside a. Without prefix caching no one waits."""
-    from elasticmoe.engine.scheduler import Scheduler, Sequence, Status
-
-    shared = list(range(10, 22))
-    a, d, b = (Sequence("a", shared + [50], GREEDY), Sequence("d", shared[:4] + list(range(200, 212)), GREEDY),
-               Sequence("b", shared + [60, 61], GREEDY))
-    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_queue=8, pool=BlockPool(32, 4),
-                      prefix_caching=caching)
-    for seq in (a, d, b):
-        sched.add(seq)
-
-    def step():
-        work = sched.schedule()
-        for seq, n in work:
-            seq.num_cached += n
-            sched.written(seq)
-            seq.output_ids.append(7)
-        return work
-    if not caching:
-        assert step() == [(a, 13), (d, 16), (b, 14)]
-        return
-    assert step() == [(a, 13), (d, 16)] and b.status is Status.WAITING and d.cached_tokens == 0
-    assert step() == [(a, 1), (d, 1), (b, 2)] and b.cached_tokens == 12 and sched.pool.hits(b) == 3
-
-
-def test_same_prefix_prompts_in_one_step_prefill_it_once(checkpoints):
-    """Three copies of a prompt and another one in one call (as OpenAI's n = 3 queues them), a budget they all fit
-    in: the copies wait for the first one's prefill (a step) and run only what its cached blocks do not hold; the
-    same tokens and logprobs as without prefix caching (where each runs it whole)."""
-    path, kw = checkpoints["mixtral"], dict(kv_block_size=4, max_model_len=64)
-    other = torch.randint(3, 400, (20,), generator=torch.Generator().manual_seed(9)).tolist()
-    prompts = [PROMPTS[0]] * 3 + [other]
-    off, ran_off = _run(LLM(str(path), prefix_caching=False, **kw), prompts, together=True)
-    assert [ran_off[o.request_id] for o in off] == [len(p) + 5 for p in prompts]
-    on, ran = _run(LLM(str(path), **kw), prompts, together=True)
-    _same(on, off)
-    assert [ran[o.request_id] for o in on] == [32 + 5, 32 - 28 + 5, 32 - 28 + 5, 20 + 5]
-
 def test_a_linear_attention_family_has_it_off_and_matches_transformers(checkpoints):
     """Qwen3-Next (Gated DeltaNet layers: a recurrent state per slot): prefix caching stays off, asked for or not;
     prompts sharing a prefix, one after another, each get transformers' tokens and run whole."""
     path = checkpoints["qwen3_next"]
     llm = LLM(str(path), kv_block_size=4, max_num_batched_tokens=16, max_model_len=64)
     assert not llm.engine.prefix_caching
-    outs, ran = _run(llm, PROMPTS, together=False)
-    assert [o.token_ids for o in outs] == _transformers(path, PROMPTS)
+    outs, ran = run(llm, PROMPTS, together=False)
+    assert [o.token_ids for o in outs] == transformers_tokens(path, PROMPTS)
     assert [ran[o.request_id] for o in outs] == [len(p) + 5 for p in PROMPTS]
     pool = llm.engine.scheduler.pool
     assert (pool.queried_tokens, pool.hit_tokens, pool.num_cached) == (0, 0, 0)
 
 
 def test_a_small_cache_evicts_cached_blocks_for_a_new_request(checkpoints):
-    """A cache of 16 blocks of 4: the first prompt's 8 cached blocks stay (no one holds them) until a prompt of
-    another prefix needs 14 blocks: some are evicted (the prefix's last blocks first), its tokens are exact, and the
-    first prompt again finds only the blocks left (its start), its tokens exact too."""
+    """A cache of 16 blocks of 4: the first prompt's 9 cached blocks (8 of its prompt, 1 of prompt and outputs) stay
+    (no one holds them) until a prompt of another prefix needs 14 blocks: some are evicted (the prefix's last blocks
+    first), its tokens are exact, and the first prompt again finds only the blocks left (its start), its tokens exact
+    too."""
     path = checkpoints["mixtral"]
     kw = dict(kv_block_size=4, kv_cache_tokens=64, max_model_len=64)
     llm, off = LLM(str(path), **kw), LLM(str(path), prefix_caching=False, **kw)
     other = torch.randint(3, 400, (50,), generator=torch.Generator().manual_seed(8)).tolist()
     pool = llm.engine.scheduler.pool
-    first, _ = _run(llm, [PROMPTS[0]], together=False)
-    assert pool.num_cached == 8 and pool.num_free == 16
-    second, _ = _run(llm, [other], together=False)  # 50 + 6 tokens: 14 blocks, 8 of them free: 6 evicted
-    assert pool.num_cached == 2 + 12  # the first prompt's first two blocks, and the other's 12
-    again, ran = _run(llm, [PROMPTS[0]], together=False)
+    first, _ = run(llm, [PROMPTS[0]], together=False)
+    assert pool.num_cached == 9 and pool.num_free == 16
+    second, _ = run(llm, [other], together=False)  # 50 + 6 tokens: 14 blocks, 7 of them free: 7 evicted
+    assert pool.num_cached == 2 + 13  # the first prompt's first two blocks, and the other's 13 (55 positions)
+    again, ran = run(llm, [PROMPTS[0]], together=False)
     assert ran[again[0].request_id] == 32 - 8 + 5 and pool.hit_tokens == 8
-    _same(first + second + again, _run(off, [PROMPTS[0], other, PROMPTS[0]], together=False)[0])
+    same(first + second + again, run(off, [PROMPTS[0], other, PROMPTS[0]], together=False)[0])
 
 
 def test_an_abort_or_a_failure_leaves_the_cache_exact(checkpoints):
-    """b finds a's first 6 blocks cached and writes (and caches) 4 of its own; aborted, its own are uncached and
+    """b finds a's first 6 blocks cached (of a's 9: its prompt's 8, and one of prompt and outputs) and writes (and
+    caches) 4 of its own; aborted, its own are uncached and
     zeroed, a's stay cached and intact. c fails on a numerical fault (NaN experts) before its first token: nothing
     of it is cached. b's prompt then runs again from a's 6 blocks and gets an uncached engine's tokens."""
     from elasticmoe.engine.engine import Engine
@@ -245,19 +166,19 @@ def test_an_abort_or_a_failure_leaves_the_cache_exact(checkpoints):
     a = engine.add_request("a", PROMPTS[0], GREEDY)
     while engine.has_work():
         engine.step()
-    assert pool.num_cached == 8
+    assert pool.num_cached == 9
     b = engine.add_request("b", b_prompt, GREEDY)
     engine.step()
-    assert pool.hits(b) == 6 and pool.num_cached == 12 and b.output_ids
+    assert pool.hits(b) == 6 and pool.num_cached == 13 and b.output_ids
     shared, own = pool.blocks(b)[:6], pool.blocks(b)[6:10]
     engine.abort("b")
-    assert pool.num_cached == 8 and nonzero(shared) and not any(cache.layers[i][0][k].any() for i in cache.owned
+    assert pool.num_cached == 9 and nonzero(shared) and not any(cache.layers[i][0][k].any() for i in cache.owned
                                                                  for k in own)
     disp.poisoned = True
     c = engine.add_request("c", SHARED[:24] + tail[:8] + [5] * 8, GREEDY)
     engine.step()
     disp.poisoned = False
-    assert c.error is not None and pool.num_cached == 8 and nonzero(shared)
+    assert c.error is not None and pool.num_cached == 9 and nonzero(shared)
     again = engine.add_request("again", b_prompt, GREEDY)
     while engine.has_work():
         engine.step()

@@ -52,11 +52,15 @@ def _interrupt_at(k: int, call, codes: set = CODES) -> bool:
     return False
 
 
-def _scheduler(admitted: int, drawn: int = 0) -> tuple[Scheduler, list[Sequence]]:
+def _scheduler(admitted: int, drawn: int = 0, prompts: list | None = None, prep=None
+               ) -> tuple[Scheduler, list[Sequence]]:
     """SLOTS slots, blocks for as many sequences of 8 tokens, five queued sequences, the first `admitted` of them
-    running, each with `drawn` tokens drawn (due a decode: its next step may need more blocks than are free)."""
-    sched = Scheduler(max_num_seqs=SLOTS, max_num_batched_tokens=4 * admitted, max_queue=8, pool=BlockPool(BLOCKS, 4))
-    seqs = [Sequence(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=8)) for i in range(5)]
+    running, each with `drawn` tokens drawn (due a decode: its next step may need more blocks than are free).
+    `prompts`: theirs, with prefix caching (else [1, 2, 3, 4] each, without); `prep(sched, seqs)` then."""
+    sched = Scheduler(max_num_seqs=SLOTS, max_num_batched_tokens=4 * admitted, max_queue=8, pool=BlockPool(BLOCKS, 4),
+                      prefix_caching=prompts is not None)
+    prompts = prompts or [[1, 2, 3, 4]] * 5
+    seqs = [Sequence(f"r{i}", list(p), SamplingParams(max_tokens=8)) for i, p in enumerate(prompts)]
     for s in seqs:
         sched.add(s)
     if admitted:
@@ -65,7 +69,30 @@ def _scheduler(admitted: int, drawn: int = 0) -> tuple[Scheduler, list[Sequence]
         s.output_ids += [5] * drawn
         s.num_cached = s.num_tokens - 1
     sched.max_tokens = 64
+    if prep is not None:
+        prep(sched, seqs)
     return sched, seqs
+
+
+def _step(sched: Scheduler) -> None:
+    """One engine step: the work counted run; a sequence whose last token ran has its blocks cached and draws."""
+    for s, n in sched.schedule():
+        s.num_cached += n
+        if s.num_cached == s.num_tokens:
+            sched.written(s)
+            s.output_ids.append(100 + len(s.output_ids))
+
+
+def _preempted_then_room(sched: Scheduler, seqs: list[Sequence]) -> None:
+    """Steps until r2, the newest, is preempted (at its 5th token: its one block, of its prompt and 3 outputs, cached
+    and kept), then r0 ends: the next step admits r2 again onto that block. Cached: r0's 3 blocks, r1's and r2's."""
+    while not sched.preemptions:
+        _step(sched)
+    sched.finish(seqs[0], "length")
+    assert list(sched.waiting)[:1] == [seqs[2]] and seqs[2].num_tokens == 5 and sched.pool.num_cached == 5
+
+
+OWN = [list(range(10, 18)), [20], [30], [40], [50]]  # prompts of their own (none shares a block); r0: 2 blocks
 
 
 def _check_owners(sched: Scheduler, lost_ok: frozenset = frozenset(), cut: tuple = ()) -> None:
@@ -83,24 +110,27 @@ def _check_owners(sched: Scheduler, lost_ok: frozenset = frozenset(), cut: tuple
     assert len(owned) == len(set(owned)) and len(owned) + pool.num_free == BLOCKS, (owned, pool.num_free)
 
 
-CASES = {  # name: (sequences running before, the interrupted call[, tokens each has drawn before])
+CASES = {  # name: (sequences running before, the interrupted call[, tokens each has drawn before, their prompts
+    # (prefix caching), what is done first])
     "schedule admits three": (0, lambda sched, seqs: sched.schedule()),
     "schedule preempts the newest": (3, lambda sched, seqs: sched.schedule(), 5),
     "schedule admits one more": (2, lambda sched, seqs: sched.schedule()),
     "finish a running one": (3, lambda sched, seqs: sched.finish(seqs[1], "stop")),
     "finish the last admitted": (3, lambda sched, seqs: sched.finish(seqs[2], "stop")),
     "finish a waiting one": (3, lambda sched, seqs: sched.finish(seqs[4], "abort")),
+    "schedule admits a preempted one onto its cached blocks": (3, lambda sched, seqs: sched.schedule(), 0, OWN,
+                                                               _preempted_then_room),
 }
 
 
 def _each_interrupt(case: str):
     """(scheduler, its sequences, k) after CASES[case]'s call cut short at its k-th bytecode, for every k; the
     call then ran whole, past more than 20 of them."""
-    admitted, call, *drawn = CASES[case]
+    admitted, call, *rest = CASES[case]
     k = 0
     while True:
         k += 1
-        sched, seqs = _scheduler(admitted, *drawn)
+        sched, seqs = _scheduler(admitted, *rest)
         if not _interrupt_at(k, lambda: call(sched, seqs)):
             break
         yield sched, seqs, k
@@ -162,65 +192,6 @@ def test_an_interrupt_anywhere_in_freeing_a_held_slot_loses_neither_it_nor_its_b
         if not cut:
             break
     assert k > 20, k
-
-
-POOL_CODES = {f.__code__ for f in vars(BlockPool).values() if callable(f)}
-KEYS = (b"k0", b"k1", b"k2")
-
-
-def _pool(cached: bool) -> BlockPool:
-    """8 blocks of 4: a holds 0-2, b 3-4, 5-7 free; `cached`: a's cached (its keys KEYS), b shares a's first two
-    and holds 3, and c's two blocks (4, 5, keys x0 x1) are cached, held by no one."""
-    pool = BlockPool(8, 4)
-    assert pool.reserve("a", 3)
-    if not cached:
-        assert pool.reserve("b", 2)
-        return pool
-    pool.register("a", KEYS)
-    assert pool.reserve("b", 3, KEYS[:2], query=9) and pool.blocks("b") == (0, 1, 3)
-    assert pool.reserve("c", 2) and pool.blocks("c") == (4, 5)
-    pool.register("c", (b"x0", b"x1"))
-    pool.release("c")
-    return pool
-
-
-POOL_CASES = {  # name: (cached, the interrupted call, repeated after it as its callers do)
-    "release": (False, lambda pool: pool.release("a")),
-    "reserve": (False, lambda pool: pool.reserve("d", 3)),
-    "transfer": (False, lambda pool: pool.transfer("a", ("held", 0))),
-    "release shared": (True, lambda pool: pool.release("a")),
-    "release the last holder": (True, lambda pool: (pool.release("b"), pool.release("a"))),
-    "reserve evicting": (True, lambda pool: pool.reserve("d", 4)),
-    "reserve sharing": (True, lambda pool: pool.reserve("e", 4, KEYS, query=12)),
-    "transfer shared": (True, lambda pool: pool.transfer("b", ("held", 1))),
-    "register": (True, lambda pool: pool.register("b", (b"y2",), start=2)),
-    "uncache": (True, lambda pool: pool.uncache_written("a")),
-}
-
-
-@pytest.mark.parametrize("case", POOL_CASES)
-def test_an_interrupt_anywhere_in_the_block_pool_loses_no_block(case):
-    """Ctrl-C at each bytecode of a BlockPool change, then the call repeated (Scheduler.finish and its admission
-    repeat theirs; Endings.zero_held its release): every block held by its owners, or free, and each once. A Ctrl-C
-    in release between taking an owner's blocks and freeing them lost them for good."""
-    cached, call = POOL_CASES[case]
-    k = 0
-    while True:
-        k += 1
-        pool = _pool(cached)
-        cut = _interrupt_at(k, lambda: call(pool), POOL_CODES)
-        call(pool)
-        owners = [o for o in ("a", "b", "d", "e", ("held", 0), ("held", 1)) if pool.blocks(o)]
-        held = {b for o in owners for b in pool.blocks(o)}
-        assert pool.num_free + len(held) == 8, (case, k, pool.num_free, held)
-        for b in held:
-            assert pool.refs(b) == sum(b in pool.blocks(o) for o in owners), (case, k, b)
-        for o in owners:
-            pool.release(o)
-        assert pool.num_free == 8 and pool.reserve("all", 8) and sorted(pool.blocks("all")) == list(range(8)), k
-        if not cut:
-            break
-    assert k > 10, k
 
 
 def test_a_ctrl_c_before_the_steps_table_assignment_zeroes_no_one_elses_blocks(tmp_path):

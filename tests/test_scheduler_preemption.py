@@ -48,9 +48,9 @@ def test_blocks_on_demand_and_the_newest_preempted(caching, monkeypatch):
     """6 blocks of 4: a and b (prompts of 5: 2 blocks each, where a whole reservation of prompt + max_tokens would
     have taken 6) and c (a prompt of 1: 1 block) run together. At a's and b's 9th token (c's 5th) a takes the
     last free block, and b finds none: c, the newest, is preempted. At their 13th, b is, ahead of c in the queue:
-    its blocks and slot given back, its positions to run again from 0 (from its cached first block, prefix
-    caching), its drawn tokens kept. Re-admitted once a ends, b and c are recomputed; all blocks come back. (Blocks
-    to the last: no watermark, tested on its own below.)"""
+    its blocks and slot given back, its positions to run again from 0 (prefix caching: from its cached blocks, of
+    its prompt and its outputs, those a's 4th did not evict), its drawn tokens kept. Re-admitted once a ends, b and
+    c are recomputed; all blocks come back. (Blocks to the last: no watermark, tested on its own below.)"""
     monkeypatch.setattr(scheduler, "WATERMARK", 0)
     sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_queue=8, pool=BlockPool(BLOCKS, BS),
                       prefix_caching=caching)
@@ -74,11 +74,12 @@ def test_blocks_on_demand_and_the_newest_preempted(caching, monkeypatch):
     assert sched.running == [a] and list(sched.waiting) == [b, c] and sched.preemptions == 2
     assert (b.status, b.slot, b.num_cached, b.preempted, b.output_ids) == (Status.WAITING, -1, 0, 1, drawn)
     assert slot in sched.free_slots and len(pool.blocks(a)) == 4 and pool.blocks(b) == ()
-    assert pool.num_free == 2  # b's 3 blocks (2 of them, where cached, free but cached) less a's 4th
+    assert pool.num_free == 2  # b's 3 blocks (where cached, free but cached: its last evicted for a) less a's 4th
     sched.finish(a, "length")
-    work = _step(sched)  # b first: all of its 13 tokens run again, less its cached first block
-    hits = BS if caching else 0
+    work = _step(sched)  # b first: all of its 13 tokens run again, less its cached blocks (prompt and outputs)
+    hits = 2 * BS if caching else 0
     assert work[0] == (b, b.num_tokens - 1 - hits) and b.cached_tokens == 0 and b.output_ids == drawn + [108]
+    assert pool.hits(b) == hits // BS
     assert work[1] == (c, 1 + 4) and sched.running == [b, c]
     assert pool.queried_tokens == (11 if caching else 0)  # looked up at first admissions only
     for s in (b, c):

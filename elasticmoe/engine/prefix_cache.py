@@ -1,4 +1,4 @@
-"""Prefix caching's keys: a prompt's full blocks named by a hash chain, and which models it is exact for."""
+"""Prefix caching's keys: a sequence's full blocks named by a hash chain, and which models it is exact for."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from elasticmoe.model.spec import ModelSpec
 log = logging.getLogger("elasticmoe.engine.engine")  # the engine's: its lines under one name
 
 
-def block_keys(token_ids: list[int], block_size: int) -> list[bytes]:
+def block_keys(token_ids: list[int], block_size: int, prev: bytes = b"") -> list[bytes]:
     """The key of each full block of `token_ids`: SHA-256 of the previous block's key and this block's ids, so a
     key names the whole prefix up to its block's end (a cryptographic hash: a crafted prompt cannot take another's
-    cached blocks, as it could with Python's hash). [len(token_ids) // block_size] keys of 32 bytes."""
-    keys, prev = [], b""
+    cached blocks, as it could with Python's hash). [len(token_ids) // block_size] keys of 32 bytes. `prev`: the
+    key of the block before token_ids[0] (the chain continued over a sequence's later tokens), none at its start."""
+    keys = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         h = hashlib.sha256(prev)
         h.update(array("q", token_ids[start:start + block_size]).tobytes())

@@ -30,8 +30,8 @@ class Scheduler:
     back (`on_preempt(seq)` first: the engine zeroes what it wrote, and says whether its slot is free), they go
     back to the front of `waiting`, to be admitted again over prompt and outputs. Its end (finish) gives them back.
     None: no blocks counted. `prefix_caching`: a sequence shares the cached blocks its tokens start with (all but
-    its last token at most: one is always run, to draw from) and runs from their end; its own full prompt blocks
-    are cached as a token is drawn after them (`written`)."""
+    its last token at most: one is always run, to draw from) and runs from their end; its own full blocks, of its
+    prompt and of its outputs, are cached as a token is drawn after them (`written`)."""
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int,
                  pool: BlockPool | None = None, prefix_caching: bool = False):
@@ -91,9 +91,9 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence) -> bool:
         """Reserve the KV-cache blocks of seq's tokens (its prompt; a preempted one's outputs too); whether it holds
-        them. Its positions run from 0, or, prefix caching, from the end of the cached blocks its prompt starts with
-        (among them; counted in its usage and the pool's lookups at its first admission only). Again, as an
-        admission cut short is repeated: the same."""
+        them. Its positions run from 0, or, prefix caching, from the end of the cached blocks its tokens start with
+        (among them; a preempted one's own, of prompt and outputs, where not evicted since; counted in its usage and
+        the pool's lookups at its first admission only). Again, as an admission cut short is repeated: the same."""
         pool = self.pool
         if pool is None:
             return True
@@ -104,9 +104,7 @@ class Scheduler:
                 return False
             seq.num_cached = 0
             return True
-        if seq.block_keys is None:
-            seq.block_keys = block_keys(seq.prompt_ids, pool.block_size)
-        keys = seq.block_keys[:(seq.num_tokens - 1) // pool.block_size]
+        keys = self._keys(seq)
         if not pool.reserve(seq, n, keys, query=prompt if first else 0, spare=spare):
             return False
         seq.registered = pool.hits(seq)
@@ -115,6 +113,22 @@ class Scheduler:
             seq.cached_tokens = seq.num_cached
         return True
 
+    def _keys(self, seq: Sequence) -> list[bytes]:
+        """The keys of the blocks seq may find cached: its full blocks, all but its last token (one always runs)."""
+        size = self.pool.block_size
+        return self._chain(seq, seq.num_tokens // size)[:(seq.num_tokens - 1) // size]
+
+    def _chain(self, seq: Sequence, n: int) -> list[bytes]:
+        """seq.block_keys, the keys of its first n full blocks (n <= num_tokens // block_size) at least: its hash chain
+        continued over its tokens (prompt, then outputs) as far as needed, in one assignment."""
+        keys, size = seq.block_keys or [], self.pool.block_size
+        if len(keys) < n:
+            start, end, p = len(keys) * size, n * size, len(seq.prompt_ids)
+            tokens = seq.prompt_ids[start:end] + seq.output_ids[max(start - p, 0):max(end - p, 0)]
+            keys = keys + block_keys(tokens, size, keys[-1] if keys else b"")
+            seq.block_keys = keys
+        return keys
+
     def _prefilled_beside(self, seq: Sequence) -> bool:
         """Prefix caching: whether a running sequence is prefilling the prompt blocks seq starts with, not cached yet,
         and at least half of what seq would run: seq waits for them to be cached (as its first token is drawn)
@@ -122,10 +136,7 @@ class Scheduler:
         chats under one system prompt). Only a sequence still prefilling counts: it draws, or leaves `running`."""
         if not self.prefix_caching or seq.preempted:
             return False
-        size = self.pool.block_size
-        if seq.block_keys is None:
-            seq.block_keys = block_keys(seq.prompt_ids, size)
-        keys = seq.block_keys[:(seq.num_tokens - 1) // size]  # those it could find cached (one token always runs)
+        size, keys = self.pool.block_size, self._keys(seq)  # those it could find cached
         for other in self.running:
             if not keys or other.block_keys is None or other.registered >= min(len(keys), len(other.block_keys)):
                 continue
@@ -185,13 +196,15 @@ class Scheduler:
         self._preempting = None
 
     def written(self, seq: Sequence) -> None:
-        """seq drew a token: its prompt ran to its end where num_cached passed it (a numerical fault in it would
-        have shown in the draw): cache its full prompt blocks (prefix caching; a repeat does nothing more)."""
+        """seq drew a token: its first num_cached positions' K/V are written (a numerical fault in them would have
+        shown in the draw): cache its full blocks among them, of its prompt and of its outputs (prefix caching, as
+        vLLM's: the next turn of a chat finds this one's answer, a preempted sequence its own blocks; the token just
+        drawn has no K/V yet). A repeat does nothing more."""
         if not self.prefix_caching:
             return
-        full = min(seq.num_cached, len(seq.prompt_ids)) // self.pool.block_size
+        full = seq.num_cached // self.pool.block_size
         if full > seq.registered:
-            self.pool.register(seq, seq.block_keys[seq.registered:full], start=seq.registered)
+            self.pool.register(seq, self._chain(seq, full)[seq.registered:full], start=seq.registered)
             seq.registered = full
 
     def _decodes(self, budget: int) -> list[Sequence]:

@@ -45,7 +45,8 @@ class Sequence:
     error: RequestFailed | None = None  # set when the engine ended this request on a failure
     text_end: int | None = None  # output tokens the text renders: all but a stop token / EOS that ended it (vLLM)
     scheduled_at: int = -1  # the scheduler's step that last gave it work (decodes over the budget: oldest first)
-    block_keys: list[bytes] | None = field(default=None, repr=False)  # prefix caching: its full prompt blocks' keys
+    block_keys: list[bytes] | None = field(default=None, repr=False)  # prefix caching: its blocks' keys so far (of
+    # its prompt, then its outputs: Scheduler._chain)
     registered: int = 0  # prefix caching: its first blocks that are cached (found so, or registered as written)
     cached_tokens: int = 0  # prefix caching: prompt tokens it took from the cache at admission (usage's cached_tokens)
     preempted: int = 0  # times it was preempted (its tokens so far recomputed at its next admission)
