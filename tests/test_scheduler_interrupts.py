@@ -93,6 +93,7 @@ def _preempted_then_room(sched: Scheduler, seqs: list[Sequence]) -> None:
 
 
 OWN = [list(range(10, 18)), [20], [30], [40], [50]]  # prompts of their own (none shares a block); r0: 2 blocks
+PASSING = [list(range(10, 19))] * 2 + [[30, 31, 32, 33], [40, 41, 42, 43], [50, 51, 52, 53]]  # r1 waits for r0
 
 
 def _check_owners(sched: Scheduler, lost_ok: frozenset = frozenset(), cut: tuple = ()) -> None:
@@ -120,6 +121,8 @@ CASES = {  # name: (sequences running before, the interrupted call[, tokens each
     "finish a waiting one": (3, lambda sched, seqs: sched.finish(seqs[4], "abort")),
     "schedule admits a preempted one onto its cached blocks": (3, lambda sched, seqs: sched.schedule(), 0, OWN,
                                                                _preempted_then_room),
+    "schedule admits two from behind one waiting for its prefix": (1, lambda sched, seqs: sched.schedule(), 0,
+                                                                    PASSING),
 }
 
 
@@ -151,7 +154,8 @@ def test_an_interrupt_anywhere_then_aborting_all_frees_every_slot(case):
 @pytest.mark.parametrize("case", CASES)
 def test_an_interrupt_anywhere_then_carrying_on_shares_no_slot(case):
     """An interrupted call, then the engine carries on (schedule, finish): no slot is ever held twice or lost;
-    one interrupted finish holds its slot back (from everyone) until that sequence is finished again."""
+    one interrupted finish holds its slot back (from everyone) until that sequence is finished again. An
+    interrupted schedule loses no sequence: every one runs, and ends."""
     for sched, seqs, k in _each_interrupt(case):
         cut_seqs = tuple(s for s in seqs if s.status is Status.RUNNING and s not in sched.running)
         cut = frozenset(s.slot for s in cut_seqs)
@@ -161,6 +165,8 @@ def test_an_interrupt_anywhere_then_carrying_on_shares_no_slot(case):
             sched.finish(sched.running[0], "length")
             sched.schedule()
             _check_owners(sched, lost_ok=cut if "finish" in case else frozenset(), cut=cut_seqs)
+        if "finish" not in case:  # (a finish cut short leaves its sequence to be finished again)
+            assert not sched.waiting and all(s.finished for s in seqs), (case, k)
         for s in seqs:
             sched.finish(s, "abort")
         assert sorted(sched.free_slots) == list(range(SLOTS)), (case, k, sched.free_slots)

@@ -23,15 +23,16 @@ class QueueFull(RuntimeError):
 
 class Scheduler:
     """Picks each step's work: running decodes (all of them while the budget allows), unfinished prefills, then new
-    sequences while slots, KV-cache blocks and the budget last. `pool`: the KV cache's blocks, of which a sequence
-    is admitted once it can reserve those of its tokens (its prompt), in arrival order (the first waiting one waits
-    for blocks, those after it too); a running one gets one more as its next token crosses a block boundary, and
-    where too few are free the newest running ones are preempted (vLLM's recompute): their blocks and slots given
-    back (`on_preempt(seq)` first: the engine zeroes what it wrote, and says whether its slot is free), they go
-    back to the front of `waiting`, to be admitted again over prompt and outputs. Its end (finish) gives them back.
-    None: no blocks counted. `prefix_caching`: a sequence shares the cached blocks its tokens start with (all but
-    its last token at most: one is always run, to draw from) and runs from their end; its own full blocks, of its
-    prompt and of its outputs, are cached as a token is drawn after them (`written`)."""
+    sequences while slots, KV-cache blocks and the budget last (_admit). `pool`: the KV cache's blocks, of which a
+    sequence is admitted once it can reserve those of its tokens (its prompt), in arrival order (the first waiting
+    one waits for blocks, those after it too); a running one gets one more as its next token crosses a block
+    boundary, and where too few are free the newest running ones are preempted (vLLM's recompute): their blocks and
+    slots given back (`on_preempt(seq)` first: the engine zeroes what it wrote, and says whether its slot is free),
+    they go back to the front of `waiting`, to be admitted again over prompt and outputs. Its end (finish) gives
+    them back. None: no blocks counted. `prefix_caching`: a sequence shares the cached blocks its tokens start with
+    (all but its last token at most: one is always run, to draw from) and runs from their end; its own full blocks,
+    of its prompt and of its outputs, are cached as a token is drawn after them (`written`); one waiting for a
+    prefix that another is prefilling beside it is passed over for a step (_passed_over)."""
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int,
                  pool: BlockPool | None = None, prefix_caching: bool = False):
@@ -73,21 +74,34 @@ class Scheduler:
                 n = min(todo, budget)
                 work.append((seq, n))
                 budget -= n
-        while self.waiting and self.free_slots and budget > 0:
-            seq = self.waiting[0]  # it and its slot stay listed until it runs: a Ctrl-C up to here loses neither
-            if self._prefilled_beside(seq):  # (in arrival order: those after it wait too)
-                break
+        self._admit(work, budget)
+        for seq, _ in work:
+            seq.scheduled_at = self.steps
+        return work
+
+    def _admit(self, work: list[tuple[Sequence, int]], budget: int) -> None:
+        """Admit waiting sequences while slots, blocks and the budget last, in arrival order (their work appended to
+        `work`): the first that cannot reserve its blocks waits, those after it too; one waiting for a prefix being
+        prefilled beside it is passed over (_passed_over), and those after it that share no block with it may go."""
+        passed: set[bytes] = set()  # the first blocks of the sequences passed over
+        i = 0  # waiting[:i]: passed over this step (first in line the next)
+        while i < len(self.waiting) and self.free_slots and budget > 0:
+            seq = self.waiting[i]  # it and its slot stay listed until it runs: a Ctrl-C up to here loses neither
+            if self._passed_over(seq, passed):
+                i += 1
+                continue
+            order = self.waiting
+            if i:  # first, in one assignment (_settle admits waiting[0]); the rest in arrival order
+                self.waiting = deque([seq, *(s for s in order if s is not seq)])
             if not self._reserve(seq):  # its blocks are its own from here (kept if cut short: finish frees them)
-                break
+                self.waiting = order  # (back in its place: unchanged, as nothing else ran)
+                return
             seq.slot, seq.status = self.free_slots[-1], Status.RUNNING
             self.running.append(seq)  # the admission: _settle completes it from here
             self._settle()
             n = min(seq.num_tokens - seq.num_cached, budget)
             work.append((seq, n))
             budget -= n
-        for seq, _ in work:
-            seq.scheduled_at = self.steps
-        return work
 
     def _reserve(self, seq: Sequence) -> bool:
         """Reserve the KV-cache blocks of seq's tokens (its prompt; a preempted one's outputs too); whether it holds
@@ -128,6 +142,20 @@ class Scheduler:
             keys = keys + block_keys(tokens, size, keys[-1] if keys else b"")
             seq.block_keys = keys
         return keys
+
+    def _passed_over(self, seq: Sequence, passed: set[bytes]) -> bool:
+        """Prefix caching: whether waiting seq is passed over this step, as it waits for a prefix being prefilled
+        beside it (_prefilled_beside), or starts as one that does (its first block in `passed`, to which it is
+        added): it keeps its place, and those after it that share no block with it may be admitted before it
+        (SGLang's). No starvation: one admitted ahead of it shares no block with it, so it never waits for one
+        (only for those running before, each prefill finite), and it goes before those that share its prefix."""
+        if not self.prefix_caching:
+            return False
+        keys = self._keys(seq)
+        if not (keys and keys[0] in passed or self._prefilled_beside(seq)):
+            return False
+        passed.add(keys[0])
+        return True
 
     def _prefilled_beside(self, seq: Sequence) -> bool:
         """Prefix caching: whether a running sequence is prefilling the prompt blocks seq starts with, not cached yet,
