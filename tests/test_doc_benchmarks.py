@@ -163,6 +163,22 @@ def test_transport_table():
         _says(row[10], r["frames"]["p50_us"] / r["frames-thread"]["p50_us"])
 
 
+def test_transport_unix_table():
+    """The Unix socket table: each mode's p50 / p99 / GB/s, the transport over each floor of its own medium, Unix over
+    TCP, and the transport over Unix against the TCP floor."""
+    cases = _json("transport-unix-amd-epyc.json")["cases"]
+    table = _table("README.md", "| payload x shards | socket p50 / p99 ms, GB/s | socket-unix")
+    assert [r[0] for r in table] == list(cases)
+    for row in table:
+        r = cases[row[0]]
+        for cell, m in zip(row[1:5], ("socket", "socket-unix", "frames-tcp", "frames-unix")):
+            _says(cell, r[m]["p50_us"] / 1e3, r[m]["p99_us"] / 1e3, r[m]["gb_s"])
+        _says(row[5], r["frames-tcp_vs_floor_p50"])
+        _says(row[6], r["frames-unix_vs_floor_p50"])
+        _says(row[7], r["unix_vs_tcp_p50"])
+        _says(row[8], r["frames-unix_vs_socket_p50"])
+
+
 def test_mtls_table():
     """docs/SECURITY.md's cost table: p50s and their ratio (mTLS p50 / plaintext p50)."""
     cases = _json("transport-mtls-amd-epyc.json")["cases"]
