@@ -263,6 +263,13 @@ class Detokenizer:
                 i = tail.find(s[0], i + 1)
         return best
 
+    def mark_sent(self, chars: int) -> None:
+        """Count the text's first `chars` characters (of the stable text) as handed out by delta(): a resumed stream's
+        client has them already."""
+        self.text  # noqa: B018 - joins the pieces: delta() resumes in the one piece
+        self.sent = chars
+        self._next = (0, chars)
+
     def delta(self, final: bool = False) -> str:
         """The text not handed out yet that can no longer change; final=True: all the rest of `text`."""
         if final:

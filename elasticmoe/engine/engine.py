@@ -13,6 +13,7 @@ from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.endings import Endings
 from elasticmoe.engine.kv_space import make_cache
 from elasticmoe.engine.prefix_cache import exact_for
+from elasticmoe.engine.resume import Resume, check_resume, pay_draws, resume_sequence
 from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
 from elasticmoe.engine.scheduler import Scheduler, Sequence
 from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBudget
@@ -114,16 +115,22 @@ class Engine:
         """Request size limits (e.g. from `AppArgs.limits`), checked at admission."""
         self.validator = Validator(self.spec.vocab_size, self.max_model_len, limits, self.kv_cache_tokens)
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequest naming the field for an unusable prompt or parameters (any thread)."""
+    def validate(self, prompt_ids: list[int], params: SamplingParams, resume: Resume | None = None) -> None:
+        """Raise InvalidRequest naming the field for an unusable prompt, parameters or resume (any thread)."""
         self.validator.request(prompt_ids, params)
+        if resume is not None:
+            check_resume(resume, self.spec.vocab_size, params.max_tokens)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    resume: Resume | None = None) -> Sequence:
         """Queue a request; raises InvalidRequest, QueueFull, or RequestFailed (the tokenizer failed on the prompt's
-        last tokens); nothing is queued then."""
+        last tokens); nothing is queued then. `resume`: a broken stream's received tokens and text, taken as its
+        outputs so far (resume.resume_sequence); admitted as a preempted sequence is, over prompt and outputs."""
         if request_id in self.seqs:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         self.validate(prompt_ids, params)
+        if resume is not None:
+            check_resume(resume, self.spec.vocab_size, params.max_tokens)
         try:
             skip = params.skip_special_tokens
             detok = Detokenizer(self.tokenizer, params.stop, prompt_context(self.tokenizer, prompt_ids, skip), skip)
@@ -132,6 +139,13 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, detok=detok)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if resume is not None and resume.token_ids:
+            try:
+                resume_sequence(seq, resume, self.eos_ids)
+            except InvalidRequest:
+                raise
+            except Exception as e:  # noqa: BLE001 - the tokenizer failed on its tokens: as on the prompt's
+                raise self.endings.failure(request_id, e) from e
         self.seqs[request_id] = seq  # first: abort(request_id) finds it from here on, queued or not
         try:
             self.scheduler.add(seq, held=len(self.held_slots))  # held slots are free by the next step
@@ -221,10 +235,14 @@ class Engine:
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
         """hidden [R, H] of the sequences whose last token ran -> (tokens, logprobs, per-row errors). Should the
-        batch fail after some rows drew, their generators are rewound before the rows are sampled one by one."""
-        states = [(s.generator, s.generator.get_state()) for s in seqs if s.generator is not None]
+        batch fail after some rows drew, their generators are rewound before the rows are sampled one by one. A resumed
+        sequence's generator first makes the draws its given outputs took (resume.pay_draws)."""
+        states: list = []
         try:
-            return sample(self.model.logits(hidden), [s.params for s in seqs], [s.generator for s in seqs],
+            logits = self.model.logits(hidden)  # [R, V]
+            pay_draws(seqs, logits)
+            states = [(s.generator, s.generator.get_state()) for s in seqs if s.generator is not None]
+            return sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                           [self._context(s) for s in seqs])
         except Exception:  # noqa: BLE001 - find the row it belongs to
             log.exception("sampling failed; sampling its %d rows one by one", len(seqs))
@@ -233,7 +251,9 @@ class Engine:
         out: tuple[list, list, list] = ([], [], [])
         for i, s in enumerate(seqs):
             try:
-                tok, lp, err = sample(self.model.logits(hidden[i:i + 1]), [s.params], [s.generator], [self._context(s)])
+                logits = self.model.logits(hidden[i:i + 1])  # [1, V]
+                pay_draws([s], logits)
+                tok, lp, err = sample(logits, [s.params], [s.generator], [self._context(s)])
                 row = (tok[0], lp[0], err[0])
             except Exception as e:  # noqa: BLE001 - this row only
                 row = (None, None, e)

@@ -50,6 +50,7 @@ class Sequence:
     registered: int = 0  # prefix caching: its first blocks that are cached (found so, or registered as written)
     cached_tokens: int = 0  # prefix caching: prompt tokens it took from the cache at admission (usage's cached_tokens)
     preempted: int = 0  # times it was preempted (its tokens so far recomputed at its next admission)
+    draws_owed: int = 0  # a resumed stream's: generator draws its given outputs took, made before its next draw
 
     @property
     def num_tokens(self) -> int:
