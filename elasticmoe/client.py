@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
 from numbers import Real
-from typing import Iterator
-
 import grpc
 
 from elasticmoe.rpc import generation_pb2 as gen
@@ -17,6 +16,9 @@ KEY_ENV = "ELASTICMOE_API_KEY"
 # a call's longest timeout: gRPC's deadline (now + timeout, as int64 nanoseconds) overflowed past some 7e9 s, and the
 # call failed at once with DEADLINE_EXCEEDED
 MAX_TIMEOUT_S = 1e9
+# sleeps before each try to resume a broken stream (GenerationClient.stream): some 16 s in all, for another gateway
+# replica (or Serve's replacement of the dead one) to take it
+RESUME_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def check_api_key(key: str, where: str) -> str:
@@ -65,6 +67,66 @@ def _named(field: str, fn, *args, **kw):
         raise ValueError(f"{field}: {e}") from None
 
 
+class ResumingStream:
+    """GenerationClient.stream's answer: the messages of one GenerateStream call, resumed on a new call where one
+    fails UNAVAILABLE after it delivered some (the request sent again with GenerateRequest.resume: the tokens and the
+    text's characters received), after each sleep of `backoff_s` in turn until a call delivers a message; its
+    messages follow on as the one stream's. Any other error, UNAVAILABLE before a first message, the tries spent or
+    the deadline (`timeout_s` from the start, shared by every call) passed: that call's error is raised. `cancel()`
+    (or dropping it) cancels the call under way; `resumes` counts the calls resumed; other attributes (code(),
+    details(), ...) are the current call's."""
+
+    def __init__(self, stub, request: gen.GenerateRequest, metadata, timeout_s: float, backoff_s: tuple[float, ...]):
+        self._stub, self._request, self._metadata, self._backoff = stub, request, metadata, tuple(backoff_s)
+        self._end = time.monotonic() + timeout_s
+        self._tokens: list[int] = []
+        self._chars, self._tries, self._cancelled, self.resumes = 0, 0, False, 0
+        self._call = stub.GenerateStream(request, metadata=metadata, timeout=timeout_s)
+
+    def __iter__(self) -> "ResumingStream":
+        return self
+
+    def __next__(self) -> gen.GenerateResponse:
+        while True:
+            try:
+                msg = next(self._call)
+            except grpc.RpcError as e:
+                if not self._resumable(e):
+                    raise
+                self._resume()
+                continue
+            self._tokens += msg.token_ids
+            self._chars += len(msg.text)
+            if not self._request.request_id:  # the id the gateway gave it, echoed by the resumed calls too
+                self._request.request_id = msg.request_id
+            self._tries = 0
+            return msg
+
+    def _resumable(self, e: grpc.RpcError) -> bool:
+        return (e.code() == grpc.StatusCode.UNAVAILABLE and bool(self._tokens) and not self._cancelled
+                and self._tries < len(self._backoff) and self._end - time.monotonic() > self._backoff[self._tries])
+
+    def _resume(self) -> None:
+        time.sleep(self._backoff[self._tries])
+        self._tries += 1
+        self.resumes += 1
+        request = gen.GenerateRequest()
+        request.CopyFrom(self._request)
+        request.resume.token_ids.extend(self._tokens)
+        request.resume.text_chars = self._chars
+        self._call = self._stub.GenerateStream(request, metadata=self._metadata,
+                                               timeout=max(self._end - time.monotonic(), 1e-3))
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        return self._call.cancel()
+
+    def __getattr__(self, name: str):
+        if name == "_call":  # not made (its __init__ raised): no recursion
+            raise AttributeError(name)
+        return getattr(self._call, name)
+
+
 class GenerationClient:
     """`GenerationClient("127.0.0.1:9000").generate("Hello", max_tokens=8, temperature=0)`.
 
@@ -75,11 +137,17 @@ class GenerationClient:
     next message) and the server aborts the request, freeing its place in the engine. Errors are grpc.RpcError with
     generation.proto's codes; a value protobuf cannot carry, or a timeout out of range, is a ValueError naming its
     field (an unknown sampling field: TypeError).
+
+    A stream survives the death of the gateway replica serving it: `stream` resumes it on another (ResumingStream),
+    sleeping `resume_backoff_s` before each try (() turns that off). `generate` is not resumed: an UNAVAILABLE
+    answer is raised, to be retried (a greedy or seeded request's answer is the same again).
     """
 
     def __init__(self, address: str = "127.0.0.1:9000", app: str = "elasticmoe", timeout_s: float = 300,
-                 api_key: str | None = None, tls: bool | bytes = False):
+                 api_key: str | None = None, tls: bool | bytes = False,
+                 resume_backoff_s: tuple[float, ...] = RESUME_BACKOFF_S):
         check_timeout(timeout_s, "timeout_s")
+        self.resume_backoff_s = tuple(resume_backoff_s)
         options = channel_options(keepalive_s=None)  # Serve's proxy takes no keepalive pings
         if isinstance(tls, bytes) and not tls.strip():  # falsy: it made a plaintext channel, the key in the clear
             raise ValueError("tls: the root certificates are empty (give the CA's PEM bytes, or True for the "
@@ -104,12 +172,14 @@ class GenerationClient:
         deadline = self._deadline(timeout)
         return self.stub.Generate(make_request(prompt, **kw), metadata=self.metadata, timeout=deadline)
 
-    def stream(self, prompt: str | None = None, timeout: float | None = None, **kw) -> Iterator[gen.GenerateResponse]:
+    def stream(self, prompt: str | None = None, timeout: float | None = None, **kw) -> ResumingStream:
         """The answer's messages as they come; `timeout`: the whole stream's deadline in seconds (None: timeout_s).
         To stop early, call its cancel() or drop it (leave a `for` loop over it: gRPC cancels a call it collects);
-        either aborts the request on the server."""
+        either aborts the request on the server. A call that fails UNAVAILABLE after some messages (its gateway
+        replica died) is resumed where it broke, on whichever replica answers (ResumingStream): the messages go on
+        as one stream's, the same ones as unbroken for a greedy or seeded request."""
         deadline = self._deadline(timeout)
-        return self.stub.GenerateStream(make_request(prompt, **kw), metadata=self.metadata, timeout=deadline)
+        return ResumingStream(self.stub, make_request(prompt, **kw), self.metadata, deadline, self.resume_backoff_s)
 
     def close(self) -> None:
         self.channel.close()

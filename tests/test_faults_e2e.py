@@ -305,10 +305,12 @@ def test_unreplicated_shard_paused_30s_its_requests_complete(apps):
 
 def test_gateway_kill_gives_unavailable_fast_and_a_retry_succeeds(apps):
     """A stream through Serve's proxy and one on the gateway's direct_grpc port are running when the gateway replica
-    is SIGKILLed: both end UNAVAILABLE within seconds; Serve's replacement answers both ways again, exactly."""
+    is SIGKILLed: both end UNAVAILABLE within seconds (the clients told not to resume them); Serve's replacement
+    answers both ways again, exactly."""
     _settled("one")
     pid = handle("Gateway", "one").stats.remote().result()["pid"]
-    client, direct = GenerationClient(GRPC, app="one"), GenerationClient(DIRECT)
+    client = GenerationClient(GRPC, app="one", resume_backoff_s=())
+    direct = GenerationClient(DIRECT, resume_backoff_s=())
     its = [c.stream(PROMPTS[0], max_tokens=200, temperature=0.0, ignore_eos=True) for c in (client, direct)]
     for it in its:
         next(it)
@@ -324,3 +326,26 @@ def test_gateway_kill_gives_unavailable_fast_and_a_retry_succeeds(apps):
         got = _wait(lambda: list(c.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0,
                                             ignore_eos=True).token_ids), 180, "a retry to succeed")
         assert got == apps["one"][PROMPTS[0]]
+
+
+def test_gateway_kill_mid_stream_the_client_resumes_exactly(apps):
+    """A stream through Serve's proxy and one on the direct_grpc port are running when the gateway replica is
+    SIGKILLed: GenerationClient.stream resumes each (GenerateRequest.resume) once a replica answers again, and their
+    messages join to the unbroken greedy answer: tokens, text, finish reason and usage."""
+    _settled("one")
+    pid = handle("Gateway", "one").stats.remote().result()["pid"]
+    patient = dict(timeout_s=600, resume_backoff_s=(1.0,) * 240)  # the replacement's start may take a while
+    clients = [GenerationClient(GRPC, app="one", **patient), GenerationClient(DIRECT, **patient)]
+    kw = dict(max_tokens=200, temperature=0.0, ignore_eos=True)
+    streams = [c.stream(PROMPTS[1], **kw) for c in clients]
+    chunks = [[next(it)] for it in streams]  # each stream under way before the kill
+    _kill(pid)
+    for it, got in zip(streams, chunks):
+        got += list(it)
+        assert it.resumes >= 1, "the kill did not break the stream"
+        assert got[0].finish_reason == 0 and got[-1].finish_reason == 1  # UNSPECIFIED first, LENGTH at the end
+        assert got[-1].usage.completion_tokens == 200
+    [want] = _wait(lambda: [clients[1].generate(PROMPTS[1], **kw)], 180, "the replacement to answer")
+    for got in chunks:
+        assert [t for c in got for t in c.token_ids] == list(want.token_ids)
+        assert "".join(c.text for c in got) == want.text

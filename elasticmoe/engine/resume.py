@@ -46,23 +46,21 @@ def check_resume(resume: Resume, vocab_size: int, max_tokens: int) -> None:
 
 def resume_sequence(seq: Any, resume: Resume, eos_ids: frozenset[int] | set[int]) -> None:
     """Take resume's tokens as seq's outputs so far (a Sequence not yet queued; check_resume passed): its
-    detokenizer advanced over them as the engine advances it token by token (stop strings looked for from
-    min_tokens on), the text marked handed out up to text_chars, and the generator draws they took owed (paid
-    before its next draw, Engine._sample). InvalidRequest where the completion would have ended within them (an
-    EOS, a stop token, a stop string) or the client holds more text than they make."""
+    detokenizer advanced over them token by token (stop strings looked for from min_tokens on, as the engine does;
+    its text is stable at least as early as when it was updated per message), the text marked handed out up to
+    text_chars, and the generator draws they took owed (paid before its next draw, Engine._sample). InvalidRequest
+    where the completion would have ended within them (an EOS, a stop token, a stop string) or the client holds
+    more text than they make."""
     p, out, detok = seq.params, [], seq.detok
     for i, t in enumerate(resume.token_ids):
         if t in p.stop_token_ids or (not p.ignore_eos and t in eos_ids):
-            raise InvalidRequest(f"{TOKENS}[{i}]", f"token {t} ends the completion (EOS or a stop token): a stream "
-                                                  f"that ended there is not resumed")
-        out.append(t)
-        if p.stop:  # as Engine._append: a stop string is looked for as each token comes
-            detok.update(out, search=len(out) >= p.min_tokens)
-            if detok.stop_at is not None:
-                raise InvalidRequest(TOKENS, f"the text of the first {len(out)} contains a stop string: the "
-                                             f"completion ended there")
-    if not p.stop:
-        detok.update(out, search=False)
+            raise InvalidRequest(f"{TOKENS}[{i}]", f"token {t} ends the completion (EOS or a stop token): a "
+                                                  f"stream that ended there is not resumed")
+        out.append(t)  # token by token, as Engine._append (stop strings) or at most as often as messages went out
+        detok.update(out, search=bool(p.stop) and len(out) >= p.min_tokens)  # (text is stable at least as early)
+        if detok.stop_at is not None:
+            raise InvalidRequest(TOKENS, f"the text of the first {len(out)} contains a stop string: the "
+                                         f"completion ended there")
     stable = detok.length - detok.held()  # what deltas can have handed out
     if resume.text_chars > stable:
         raise InvalidRequest(CHARS, f"{resume.text_chars} characters; the {len(out)} tokens make {stable} that a "

@@ -9,7 +9,7 @@ import time
 import grpc
 
 from elasticmoe.gateway.auth import Unauthenticated
-from elasticmoe.gateway.grpc_api import UnaryAnswer, parse_request, readable, response, status_of
+from elasticmoe.gateway.grpc_api import UnaryAnswer, parse_request, readable, response, resume_of, status_of
 from elasticmoe.gateway.tokenizing import tokenized
 from elasticmoe.rpc import generation_pb2_grpc as gen_grpc
 from elasticmoe.rpc.options import answer_bytes
@@ -86,7 +86,8 @@ class GenerationService:
 
     async def start(self, request, grpc_context, at_end: bool = True):
         """Check the key, validate and admit (never waiting for an engine step), then wait for the first update;
-        `at_end`: count the request ok as its last update comes (else: when the caller says, _Timed.finish).
+        `at_end`: count the request ok as its last update comes (else: when the caller says, _Timed.finish), and a
+        stream's: the request may resume a broken stream (GenerateRequest.resume; a unary one may not).
 
         Calls through a deployment handle carry no gRPC context: they come from inside the Ray cluster and are
         not checked for a key."""
@@ -97,8 +98,9 @@ class GenerationService:
             request, engine = readable(request), self.core.runner.engine
             rid, ids, params = await tokenized(len(request.prompt), parse_request, request, self.core.tokenizer,
                                                engine.validator, getattr(engine, "generation_defaults", None))
+            resume = resume_of(request, at_end, engine.validator.max_model_len)
             await self.core.wait_ready()
-            stream = self.core.runner.generate(rid, ids, params)
+            stream = self.core.runner.generate(rid, ids, params, **({"resume": resume} if resume else {}))
             first = await stream.__anext__()
             m.ttft(time.monotonic() - t0)
             return rid, _Timed(stream, first, t0, m, at_end), first

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import grpc
 
+from elasticmoe.engine.resume import Resume
 from elasticmoe.engine.sampling import InvalidRequest, SamplingParams
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed
 from elasticmoe.engine.validation import Validator
@@ -74,6 +75,20 @@ def parse_request(request: gen.GenerateRequest, tokenizer, validator: Validator 
         params = replace(params, max_tokens=check.default_max_tokens(len(ids), params.max_tokens))
     check.request(ids, params)
     return rid or uuid.uuid4().hex, ids, params
+
+
+def resume_of(request: gen.GenerateRequest, streaming: bool, max_model_len: int) -> Resume | None:
+    """The request's ResumeFrom as the engine's Resume (None: unset or empty, a new request); InvalidRequest naming
+    resume on Generate (nothing of a unary answer was received), resume.token_ids past the context (before they are
+    copied). The rest is the engine's to check (Engine.validate, add_request)."""
+    r = request.resume if request.HasField("resume") else None
+    if r is None or not (r.token_ids or r.text_chars):
+        return None
+    if not streaming:
+        raise InvalidRequest("resume", "only GenerateStream resumes a stream (a Generate answer comes whole)")
+    if len(r.token_ids) >= max_model_len:
+        raise InvalidRequest("resume.token_ids", f"{len(r.token_ids)} tokens; the context length is {max_model_len}")
+    return Resume(tuple(r.token_ids), r.text_chars)
 
 
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str, str]:

@@ -13,6 +13,7 @@ import weakref
 from typing import Callable
 
 from elasticmoe.engine.engine import Engine
+from elasticmoe.engine.resume import Resume
 from elasticmoe.engine.sampling import SamplingParams
 from elasticmoe.engine.scheduler import QueueFull, RequestFailed, Sequence
 from elasticmoe.gateway.request_stream import RequestStream, Update
@@ -63,16 +64,18 @@ class EngineRunner:
         self._thread.start()
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 group: object | None = None) -> RequestStream:
+                 group: object | None = None, resume: Resume | None = None) -> RequestStream:
         """Admit a request and return its update stream, at once (no waiting for a step).
 
         Raises InvalidRequest (a bad field) or QueueFull (running + waiting at capacity) before anything is
         queued, and RequestFailed once the runner is closed. `request_id` need not be unique: the engine keys
         requests by an id of its own. The caller must `aclose()` the stream if it stops reading before the end
         (that aborts the request). `group`: an object (weakly referenced) that the choices of one client request
-        share (OpenAI's n): its refusals at capacity count once in stats()["refused"].
+        share (OpenAI's n): its refusals at capacity count once in stats()["refused"]. `resume`: a broken stream's
+        tokens and text (Engine.add_request); its updates carry what follows them, its counts all outputs.
         """
-        self.engine.validate(prompt_ids, params)
+        more = () if resume is None else (resume,)
+        self.engine.validate(prompt_ids, params, *more)
         key = f"{request_id}#{next(self._ids)}"
         stream = RequestStream(self, key, asyncio.get_running_loop())
         ids = list(prompt_ids)
@@ -84,7 +87,7 @@ class EngineRunner:
                 raise QueueFull(f"the gateway is at capacity ({self.capacity} requests running or waiting); "
                                 f"retry later")
             self._live += 1
-            self._post(lambda: self._add(key, ids, params, stream, group))
+            self._post(lambda: self._add(key, ids, params, stream, group, more))
         return stream
 
     def _refusal(self, group: object | None) -> None:
@@ -99,14 +102,14 @@ class EngineRunner:
         self._wake.set()
 
     def _add(self, key: str, prompt_ids: list[int], params: SamplingParams, stream: RequestStream,
-             group: object | None = None) -> None:
+             group: object | None = None, resume: tuple[Resume, ...] = ()) -> None:
         if stream.done or self._closed:  # closed (or the runner closing) before the engine saw it
             self._release()
             if not stream.done:
                 stream.push(RequestFailed(SHUTTING_DOWN))
             return
         try:
-            self.engine.add_request(key, prompt_ids, params)
+            self.engine.add_request(key, prompt_ids, params, *resume)
         except Exception as e:  # noqa: BLE001 - e.g. QueueFull from the scheduler's own bound
             if isinstance(e, QueueFull):  # refused at capacity too: counted as generate() counts its own
                 with self._lock:
@@ -114,6 +117,8 @@ class EngineRunner:
             self._release()
             stream.push(e)
             return
+        if resume:  # a resumed stream's given tokens are its client's already
+            stream.sent = len(resume[0].token_ids)
         self._streams[key] = stream
 
     def _release(self) -> None:

@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65lasticmoe/rpc/generation.proto\x12\relasticmoe.v1\"\x90\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.elasticmoe.v1.SamplingParamsB\t\n\x07_prompt\"\x94\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.elasticmoe.v1.TopLogprob\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.elasticmoe.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.elasticmoe.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.elasticmoe.v1.TokenLogprob*W\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\x32\xae\x01\n\nGeneration\x12K\n\x08Generate\x12\x1e.elasticmoe.v1.GenerateRequest\x1a\x1f.elasticmoe.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.elasticmoe.v1.GenerateRequest\x1a\x1f.elasticmoe.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65lasticmoe/rpc/generation.proto\x12\relasticmoe.v1\"\xbb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.elasticmoe.v1.SamplingParams\x12)\n\x06resume\x18\x05 \x01(\x0b\x32\x19.elasticmoe.v1.ResumeFromB\t\n\x07_prompt\"3\n\nResumeFrom\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_chars\x18\x02 \x01(\x04\"\x94\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.elasticmoe.v1.TopLogprob\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.elasticmoe.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.elasticmoe.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.elasticmoe.v1.TokenLogprob*W\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\x32\xae\x01\n\nGeneration\x12K\n\x08Generate\x12\x1e.elasticmoe.v1.GenerateRequest\x1a\x1f.elasticmoe.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.elasticmoe.v1.GenerateRequest\x1a\x1f.elasticmoe.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'elasticmoe.rpc.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=908
-  _globals['_FINISHREASON']._serialized_end=995
+  _globals['_FINISHREASON']._serialized_start=1004
+  _globals['_FINISHREASON']._serialized_end=1091
   _globals['_GENERATEREQUEST']._serialized_start=51
-  _globals['_GENERATEREQUEST']._serialized_end=195
-  _globals['_SAMPLINGPARAMS']._serialized_start=198
-  _globals['_SAMPLINGPARAMS']._serialized_end=474
-  _globals['_USAGE']._serialized_start=476
-  _globals['_USAGE']._serialized_end=556
-  _globals['_TOPLOGPROB']._serialized_start=558
-  _globals['_TOPLOGPROB']._serialized_end=605
-  _globals['_TOKENLOGPROB']._serialized_start=607
-  _globals['_TOKENLOGPROB']._serialized_end=696
-  _globals['_GENERATERESPONSE']._serialized_start=699
-  _globals['_GENERATERESPONSE']._serialized_end=906
-  _globals['_GENERATION']._serialized_start=998
-  _globals['_GENERATION']._serialized_end=1172
+  _globals['_GENERATEREQUEST']._serialized_end=238
+  _globals['_RESUMEFROM']._serialized_start=240
+  _globals['_RESUMEFROM']._serialized_end=291
+  _globals['_SAMPLINGPARAMS']._serialized_start=294
+  _globals['_SAMPLINGPARAMS']._serialized_end=570
+  _globals['_USAGE']._serialized_start=572
+  _globals['_USAGE']._serialized_end=652
+  _globals['_TOPLOGPROB']._serialized_start=654
+  _globals['_TOPLOGPROB']._serialized_end=701
+  _globals['_TOKENLOGPROB']._serialized_start=703
+  _globals['_TOKENLOGPROB']._serialized_end=792
+  _globals['_GENERATERESPONSE']._serialized_start=795
+  _globals['_GENERATERESPONSE']._serialized_end=1002
+  _globals['_GENERATION']._serialized_start=1094
+  _globals['_GENERATION']._serialized_end=1268
 # @@protoc_insertion_point(module_scope)
