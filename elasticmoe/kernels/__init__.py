@@ -1,6 +1,6 @@
 """Fused Mixture-of-Experts kernels: a torch path (CPU serving) and a Triton path (CUDA), one contract.
 
-Only torch, triton and the stdlib are imported here; triton itself is imported lazily, on the first
+Only torch, numpy, triton and the stdlib are imported here; triton itself is imported lazily, on the first
 call that uses the Triton backend (so TRITON_INTERPRET can still be set by then). Importing the package
 pins Triton's environment (each overridable by setting it first): TRITON_DEFAULT_FP_FUSION=1 (Triton 3.9's
 default, whose flip in 3.10 would otherwise change results and cache keys) and TRITON_CACHE_DIR =

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,7 +101,8 @@ def fused_moe_torch(
         out = _moe_grouped(x, w13, w2, topk_ids, topk_weights, acc)
     else:
         out = _moe_segment(x, w13, w2, topk_ids, topk_weights, acc)
-    return out.to(out_dtype or hidden.dtype)
+    out_dtype = out_dtype or hidden.dtype
+    return out if out.dtype == out_dtype else out.to(out_dtype)  # (Tensor.to costs ~1 us even as a no-op)
 
 
 def _skip_key(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -158,20 +160,34 @@ def _moe_grouped(x, w13, w2, topk_ids, topk_weights, acc=torch.float32) -> torch
 
 def _moe_segment(x, w13, w2, topk_ids, topk_weights, acc=torch.float32) -> torch.Tensor:
     """One mm pair per non-empty expert segment; returns [T, H] in `acc`. One host sync (segment counts)."""
-    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    order, tokens, counts = _segment_order(topk_ids, w13.shape[0])  # [M], [M], E counts
+    rows = x.index_select(0, tokens)  # [M, H]
+    if cpu_gemm.usable(rows, w13) and w2.is_contiguous():
+        y = _segments_skinny(rows, w13, w2, counts)  # [M, H] fp32
+    else:
+        y = _segments_mm(rows, w13, w2, counts)  # [M, H]
+    weights = topk_weights.reshape(-1).index_select(0, order).to(acc)  # [M] (exact: fp16/bf16 -> fp32 -> fp64)
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)  # [T, H]
+    return out.index_add_(0, tokens, torch.mul(y, weights[:, None]))  # the product in acc (y is no wider)
+
+
+def _segment_order(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(order [M] int64: the pair indices (t * k + j) sorted by expert, stably, skipped pairs left out; tokens [M]:
+    order // k; counts: each expert's pairs, E ints). On the CPU in numpy (~8 us for a call's few pairs, where
+    torch's small ops take ~40: this runs per MoE layer and step); elsewhere torch, with one host sync."""
+    top_k = topk_ids.shape[1]
+    if topk_ids.device.type == "cpu":
+        flat = topk_ids.numpy().reshape(-1)  # [N]
+        key = np.minimum(np.maximum(flat, -1), num_experts) % (num_experts + 1)  # [N] as _skip_key
+        order = np.argsort(key, kind="stable")  # [N]
+        counts = np.bincount(key, minlength=num_experts + 1).tolist()
+        order = order[: key.size - counts[num_experts]]  # [M]
+        return torch.from_numpy(order), torch.from_numpy(order // top_k), counts[:num_experts]
     key = _skip_key(topk_ids, num_experts)  # [N]
     order = torch.argsort(key, stable=True)  # [N]
     counts = _expert_counts(key, num_experts + 1).tolist()  # the one host sync
     order = order[: key.numel() - counts[num_experts]]  # [M] drop skipped pairs
-    tokens = order // top_k  # [M]
-    rows = x[tokens]  # [M, H]
-    if cpu_gemm.usable(rows, w13) and w2.is_contiguous():
-        y = _segments_skinny(rows, w13, w2, counts[:num_experts])  # [M, H] fp32
-    else:
-        y = _segments_mm(rows, w13, w2, counts[:num_experts])  # [M, H]
-    weights = topk_weights.reshape(-1)[order].float().to(acc)  # [M]
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)  # [T, H]
-    return out.index_add_(0, tokens, y.to(acc) * weights[:, None])
+    return order, order // top_k, counts[:num_experts]
 
 
 def _segments_mm(rows, w13, w2, counts: list[int]) -> torch.Tensor:
@@ -201,20 +217,21 @@ def _segments_skinny(rows, w13, w2, counts: list[int]) -> torch.Tensor:
     (fp32 rows, sums and activations; one call per projection). fp32: segments of <= cpu_gemm.MAX_ROWS rows
     in the kernel, longer ones in MKL's blocked sgemm."""
     num_rows, inter = rows.shape[0], w2.shape[2]
-    rows = rows.float().contiguous()  # [M, H]
+    rows = rows if rows.dtype == torch.float32 else rows.float()  # [M, H], contiguous (index_select's)
     limit = cpu_gemm.MAX_ROWS if w13.dtype == torch.float32 else num_rows
     ends = list(itertools.accumulate(counts))
     small = [c if c <= limit else 0 for c in counts]
     large = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c > limit]
-    starts_t = torch.tensor([end - c for c, end in zip(counts, ends)], dtype=torch.int64)  # [E]
-    small_t = torch.tensor(small, dtype=torch.int64)  # [E]
+    num_experts = len(counts)
+    segments = torch.tensor([end - c for c, end in zip(counts, ends)] + small, dtype=torch.int64)  # [2E]
+    starts_t, small_t = segments[:num_experts], segments[num_experts:]  # [E] each: in range (a histogram's)
     gate_up = torch.empty(num_rows, w13.shape[1], dtype=torch.float32)  # [M, 2I]
-    cpu_gemm.seg_gemm(rows, w13, starts_t, small_t, gate_up)
+    cpu_gemm.seg_gemm(rows, w13, starts_t, small_t, gate_up, checked=True)
     for e, s, t in large:
         torch.mm(rows[s:t], w13[e].t(), out=gate_up[s:t])
     act = _activate(gate_up, inter)  # [M, I]
     y = torch.empty(num_rows, rows.shape[1], dtype=torch.float32)  # [M, H]
-    cpu_gemm.seg_gemm(act, w2, starts_t, small_t, y)
+    cpu_gemm.seg_gemm(act, w2, starts_t, small_t, y, checked=True)
     for e, s, t in large:
         torch.mm(act[s:t], w2[e].t(), out=y[s:t])
     return y
