@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -276,3 +277,14 @@ def test_rpc_fanout_microbenchmark_smoke(tmp_path):
         assert rows and all(0 < r["p50_us"] <= r["p99_us"] for r in rows.values()), (name, rows)
     for name in ("8 KiB x 1 shard(s)", "8 KiB x 2 shard(s)"):  # CPU per fan-out, the in-loop reference's too
         assert all(r["cpu_us"] > 0 for r in report[name].values()), report[name]
+
+
+def test_shard_call_benchmark_smoke():
+    """`benchmarks/shard_call.py` (one shard's per-call path, in process) at a toy size: the replies' hash, then the
+    call's, the kernel's and the rest's CPU time per call, and each stage's."""
+    out = _run("shard_call.py", "--layers", "2", "--hidden", "64", "--intermediate", "64", "--calls", "20").stdout
+    head, stages = out.strip().splitlines()[-2:]
+    assert head.startswith("replies ") and "us/call p10 / p50: call" in head, out
+    assert stages.startswith("stages p50 us: decode_frame"), out
+    numbers = [float(x) for x in re.findall(r"\d+\.\d+", head + stages)]
+    assert len(numbers) == 12 and all(x >= 0 for x in numbers) and numbers[0] > 0, out
