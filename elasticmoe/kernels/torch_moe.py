@@ -223,7 +223,7 @@ def _segments_skinny(rows, w13, w2, counts: list[int]) -> torch.Tensor:
     small = [c if c <= limit else 0 for c in counts]
     large = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c > limit]
     num_experts = len(counts)
-    segments = torch.tensor([end - c for c, end in zip(counts, ends)] + small, dtype=torch.int64)  # [2E]
+    segments = torch.from_numpy(np.array([end - c for c, end in zip(counts, ends)] + small, dtype=np.int64))  # [2E]
     starts_t, small_t = segments[:num_experts], segments[num_experts:]  # [E] each: in range (a histogram's)
     gate_up = torch.empty(num_rows, w13.shape[1], dtype=torch.float32)  # [M, 2I]
     cpu_gemm.seg_gemm(rows, w13, starts_t, small_t, gate_up, checked=True)
