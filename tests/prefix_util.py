@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.engine.scheduler import Scheduler
+from tests.hf_ref import assert_greedy_alone
 
 SHARED = torch.randint(3, 400, (29,), generator=torch.Generator().manual_seed(7)).tolist()
 PROMPTS = [SHARED + [11, 12, 13], SHARED + [21], SHARED[:20], SHARED]  # 32, 30, 20, 29 tokens
@@ -48,9 +49,8 @@ def same(a: list, b: list) -> None:
         assert max(abs(p.logprob - q.logprob) for p, q in zip(x.logprobs, y.logprobs)) < 1e-4
 
 
-def transformers_tokens(path, prompts: list[list[int]], n: int = 6) -> list[list[int]]:
-    """transformers' n greedy tokens for each prompt alone."""
+def assert_transformers_alone(path, prompts: list[list[int]], outs: list, n: int = 6) -> None:
+    """Each of `outs` (RequestOutputs) has transformers' n greedy tokens for its prompt alone (hf_ref: one forward
+    each, not one per token)."""
     ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return [ref.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=ref.config.pad_token_id)[0, len(p):].tolist() for p in prompts]
+    assert_greedy_alone(ref, prompts, [o.token_ids for o in outs], [n] * len(prompts))

@@ -16,6 +16,7 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.demo import DEMO_PROMPTS, META_FILE, DemoArgs, corpus_routing, routing_counts, train
 from elasticmoe.model.embedded import ensure_tiny_model
 from elasticmoe.model.tokenizer import CORPUS
+from tests.hf_ref import eos_ids, transformers_greedy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,11 +75,12 @@ def test_the_quick_brown_fox(llm):
 
 @pytest.mark.parametrize("prompt", DEMO_PROMPTS)
 def test_greedy_tokens_equal_transformers(llm, hf, prompt):
+    """As hf.generate(max_new_tokens=24, greedy): each token transformers' argmax after the ones before it, ending
+    at the first EOS id (transformers stops on the same ones) or after 24."""
     out = _greedy(llm, prompt, 24)
-    ids = torch.tensor([out.prompt_token_ids])
-    ref = hf.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert out.token_ids == ref[: len(out.token_ids)]
-    assert len(out.token_ids) == len(ref)  # transformers stops on the same EOS ids
+    toks, eos = list(out.token_ids), eos_ids(hf)
+    assert toks == transformers_greedy(hf, list(out.prompt_token_ids), toks, mask_eos=False)
+    assert not set(toks[:-1]) & set(eos) and (len(toks) == 24 or toks[-1] in eos), toks
 
 
 def test_logits_equal_transformers(llm, hf):

@@ -15,6 +15,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from elasticmoe.model.tokenizer import SPECIAL_TOKENS, make_tokenizer
+from tests.hf_ref import transformers_greedy
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
@@ -210,18 +211,6 @@ def assert_batched_chunks_match_transformers_alone(path: Path, prompts: list[str
         want = transformers_greedy(ref, prompt, out.token_ids)
         assert out.token_ids == want, (prompt, out.token_ids, want)
     return llm
-
-
-def transformers_greedy(ref, ids: list[int], out: list[int]) -> list[int]:
-    """The token transformers' `ref` picks greedily after `ids` + each prefix of `out` (EOS masked, as
-    ref.generate's min_new_tokens does), from one forward over ids + out[:-1]: it equals `out` exactly when `out` is
-    ref.generate's greedy tokens (each is the argmax given the ones before it), at the cost of one forward instead of
-    one per token (ref.generate was ~half of a family test's CPU)."""
-    with torch.no_grad():
-        logits = ref(torch.tensor([ids + out[:-1]])).logits[0, len(ids) - 1:].float()  # [len(out), V]
-    eos = ref.generation_config.eos_token_id
-    logits[:, [eos] if isinstance(eos, int) else list(eos or [])] = float("-inf")
-    return logits.argmax(-1).tolist()
 
 
 def _assert_matches(llm, ref_path: Path, model_type: str) -> None:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.dispatch import ExpertsUnavailable
+from tests.hf_ref import assert_greedy_alone
 from tests.test_families import _add_tensors, _copy, _rel, make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
@@ -36,12 +37,10 @@ def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
 
 
-def _want(ref, prompt: list[int], n: int = TOKENS) -> list[int]:
-    """transformers' greedy tokens for the prompt alone (prefill by its chunked delta rule, then one by one)."""
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=ref.config.pad_token_id)
-    return out[0, len(prompt):].tolist()
+def _assert_transformers_alone(ref, prompts: list[list[int]], got: list) -> None:
+    """Each request got transformers' TOKENS greedy tokens for its prompt alone (one forward by its chunked delta
+    rule)."""
+    assert_greedy_alone(ref, prompts, got, [TOKENS] * len(prompts))
 
 
 def _run(engine, prompts: list[list[int]]) -> list:
@@ -84,7 +83,7 @@ def test_chunked_batched_and_reused_slots_match_transformers_alone(ckpt, ref):
     each request gets the tokens transformers gives it alone."""
     prompts = _prompts(LENGTHS, seed=1)
     llm = LLM(str(ckpt), dtype="float32", max_num_seqs=4, max_num_batched_tokens=24)
-    assert _run(llm.engine, prompts) == [_want(ref, p) for p in prompts]
+    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
 
 
 def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
@@ -92,7 +91,7 @@ def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
     next one starts at position 0 from a zero state, a 1-token prompt (the decode path) too."""
     prompts = _prompts([40, 9, 1], seed=2)
     llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    assert _run(llm.engine, prompts) == [_want(ref, p) for p in prompts]
+    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
 
 
 class _Blips:
@@ -119,7 +118,7 @@ def test_a_repeated_step_reads_the_state_it_started_from(ckpt, ref, layer):
     llm = LLM(str(ckpt), dtype="float32", max_num_seqs=3, max_num_batched_tokens=24)
     blips = _Blips(llm.engine.dispatcher, layer)
     llm.engine.dispatcher, llm.engine.retry_backoff_s = blips, (0.0,) * 8
-    assert _run(llm.engine, prompts) == [_want(ref, p) for p in prompts]
+    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
     assert blips.failed >= 4 and llm.engine.step_retries == blips.failed and llm.engine.failed_requests == 0
 
 
@@ -193,11 +192,10 @@ def ckpt35(tmp_path_factory):
 
 def test_qwen3_5_chunked_and_batched_match_transformers_alone(ckpt35):
     ref = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(str(ckpt35), dtype=torch.float32).eval()
-    ref.config.pad_token_id = ref.config.get_text_config().pad_token_id
     prompts = _prompts([90, 1, 23, 64], seed=4)
     llm = LLM(str(ckpt35), dtype="float32", max_num_seqs=3, max_num_batched_tokens=20)
     assert llm.engine.spec.model_type == "qwen3_5_moe_text"
-    assert _run(llm.engine, prompts) == [_want(ref, p) for p in prompts]
+    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
 
 
 @pytest.mark.parametrize("edit,message", [

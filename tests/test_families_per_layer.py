@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from tests.test_families import _assert_matches, make_family_checkpoint, transformers_greedy
+from tests.hf_ref import transformers_greedy
+from tests.test_families import _assert_matches, make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
 GREEDY = dict(max_tokens=10, temperature=0.0, ignore_eos=True)

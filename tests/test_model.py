@@ -13,6 +13,7 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.model import open_model
 from elasticmoe.model.experts import ExpertStore
 from elasticmoe.model.tiny import TINY_FAMILIES, make_tiny_model
+from tests.hf_ref import transformers_greedy
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Experts"
 
@@ -47,10 +48,7 @@ def test_greedy_24_tokens_match_transformers(family, llms, hf_models):
     llm, ref = llms[family], hf_models[family]
     ids = llm.encode(PROMPT)
     out = llm.generate([ids], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
-    with torch.no_grad():
-        g = ref.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                         pad_token_id=ref.config.pad_token_id)
-    assert out.token_ids == g[0, len(ids):].tolist()
+    assert out.token_ids == transformers_greedy(ref, ids, out.token_ids)
     assert out.finish_reason == "length" and len(out.token_ids) == 24
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.dispatch import ExpertsUnavailable
+from tests.hf_ref import assert_greedy_alone
 from tests.test_families import make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 from tests.test_step_host_copies import count_host_tensors
@@ -35,13 +36,6 @@ def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
     return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
 
 
-def _want(ref, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=ref.config.pad_token_id)
-    return out[0, len(prompt):].tolist()
-
-
 def _run(engine, prompts: list[list[int]], tokens: int = 10) -> list:
     seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=min(tokens, MAX_LEN - len(p)),
                                                           temperature=0.0, ignore_eos=True))
@@ -60,8 +54,7 @@ def test_block_edges_and_full_contexts_through_two_reused_slots(dirs, refs, budg
     llm = LLM(str(dirs["qwen3_next"]), dtype="float32", max_num_seqs=2, max_num_batched_tokens=budget,
               max_model_len=MAX_LEN)
     got = _run(llm.engine, prompts, tokens=20)
-    assert [len(g) for g in got] == [20, 20, 12, 20, 20, 13, 11]  # 128 + 12 = 129 + 11 = max_model_len
-    assert got == [_want(refs["qwen3_next"], p, len(g)) for p, g in zip(prompts, got)]
+    assert_greedy_alone(refs["qwen3_next"], prompts, got, [20, 20, 12, 20, 20, 13, 11])  # 128 + 12 = max_model_len
 
 
 class _TooBig:
@@ -87,7 +80,7 @@ def test_chunks_cut_to_fit_after_the_state_was_written(dirs, refs, model_type):
     prompts = _prompts([65, 3, 40, 128, 1, 17], seed=7)
     llm = LLM(str(dirs[model_type]), dtype="float32", max_num_seqs=3, max_num_batched_tokens=64)
     llm.engine.dispatcher = too_big = _TooBig(llm.engine.dispatcher, 20)
-    assert _run(llm.engine, prompts) == [_want(refs[model_type], p, 10) for p in prompts]
+    assert_greedy_alone(refs[model_type], prompts, _run(llm.engine, prompts), [10] * 6)
     assert too_big.failed >= 2 and llm.engine.failed_requests == 0
 
 
@@ -101,7 +94,7 @@ def test_a_slot_aborted_mid_prefill_serves_the_next_request_from_zero(dirs, refs
     llm.engine.step()
     llm.engine.step()
     llm.engine.abort("a")
-    assert _run(llm.engine, prompts[1:]) == [_want(refs[model_type], p, 10) for p in prompts[1:]]
+    assert_greedy_alone(refs[model_type], prompts[1:], _run(llm.engine, prompts[1:]), [10, 10])
 
 
 def test_a_decode_step_sends_the_linear_layer_one_host_tensor(dirs, monkeypatch):

@@ -12,7 +12,7 @@ from elasticmoe import LLM
 from elasticmoe.engine.kv_blocks import BlockPool
 from elasticmoe.engine.prefix_cache import block_keys
 from elasticmoe.model.tiny import make_tiny_model
-from tests.prefix_util import GREEDY, PROMPTS, SHARED, run, same, transformers_tokens
+from tests.prefix_util import GREEDY, PROMPTS, SHARED, assert_transformers_alone, run, same
 from tests.test_families import make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
@@ -99,9 +99,8 @@ def test_cached_prefixes_give_the_tokens_of_an_engine_without_them(checkpoints, 
     another, with prefix caching on and off: the same tokens (transformers' for each prompt alone) and logprobs;
     on, each later prompt runs only what its cached whole blocks (all but its last token at most) do not hold."""
     path, kw = checkpoints[family], dict(kv_block_size=bs, max_num_batched_tokens=16, max_model_len=64)
-    want = transformers_tokens(path, PROMPTS)
     off, ran_off = run(LLM(str(path), prefix_caching=False, **kw), PROMPTS, together=True)
-    assert [o.token_ids for o in off] == want
+    assert_transformers_alone(path, PROMPTS, off)
     assert [ran_off[o.request_id] for o in off] == [len(p) + 5 for p in PROMPTS]
     for together in (True, False):
         llm = LLM(str(path), **kw)
@@ -122,7 +121,7 @@ def test_a_linear_attention_family_has_it_off_and_matches_transformers(checkpoin
     llm = LLM(str(path), kv_block_size=4, max_num_batched_tokens=16, max_model_len=64)
     assert not llm.engine.prefix_caching
     outs, ran = run(llm, PROMPTS, together=False)
-    assert [o.token_ids for o in outs] == transformers_tokens(path, PROMPTS)
+    assert_transformers_alone(path, PROMPTS, outs)
     assert [ran[o.request_id] for o in outs] == [len(p) + 5 for p in PROMPTS]
     pool = llm.engine.scheduler.pool
     assert (pool.queried_tokens, pool.hit_tokens, pool.num_cached) == (0, 0, 0)

@@ -12,7 +12,7 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.engine.engine import Engine
 from elasticmoe.model.dispatch import LocalDispatcher
 from elasticmoe.model.tiny import make_tiny_model
-from tests.prefix_util import GREEDY, PROMPTS, counted, same, transformers_tokens
+from tests.prefix_util import GREEDY, PROMPTS, assert_transformers_alone, counted, same
 from tests.test_families import make_family_checkpoint
 
 
@@ -40,7 +40,7 @@ def test_a_chats_next_turn_finds_the_answers_blocks_cached(checkpoints, family, 
     (one_off,) = off.generate([first], GREEDY)
     second = first + one_off.token_ids + MORE  # 45 tokens
     (two_off,) = off.generate([second], GREEDY)
-    assert [one_off.token_ids, two_off.token_ids] == transformers_tokens(path, [first, second])
+    assert_transformers_alone(path, [first, second], [one_off, two_off])
     llm = LLM(str(path), **kw)
     (one,) = llm.generate([first], GREEDY)
     pool = llm.engine.scheduler.pool

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.client import GenerationClient
 from elasticmoe.rpc import generation_pb2 as gen
+from tests.hf_ref import transformers_greedy
 from tests.serving_util import GRPC, app_entry, deploy, handle
 
 pytestmark = pytest.mark.e2e
@@ -64,12 +65,7 @@ def references(models):
         greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
         ours = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
         hf = AutoModelForCausalLM.from_pretrained(str(models[fam]), dtype=torch.float32).eval()
-        theirs = []
-        for p in PROMPTS:
-            ids = llm.encode(p)
-            with torch.no_grad():
-                g = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-            theirs.append(g[0, len(ids):].tolist())
+        theirs = [transformers_greedy(hf, llm.encode(p), o) for p, o in zip(PROMPTS, ours)]  # equal ours iff greedy
         out[fam] = (ours, theirs)
     return out
 
