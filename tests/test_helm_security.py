@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import re
+import socket
+import threading
 
 import helm_python as helm
 import pytest
@@ -32,8 +34,27 @@ def _env(container: dict) -> dict:
 
 
 # ----- internal mTLS
+def _frame_plane_handshake(files) -> list:
+    """A real mTLS handshake between rpc.tls's Python ssl contexts (the frame listener's and its clients') holding
+    `files`, a round trip through it; the server's certificate's SANs as the client saw it."""
+    from elasticmoe.rpc import tls
+
+    a, b = socket.socketpair()
+    server: dict = {}
+    thread = threading.Thread(target=lambda: server.update(s=tls.server_ssl_context(files).wrap_socket(
+        b, server_side=True)))
+    thread.start()
+    with tls.client_ssl_context(files).wrap_socket(a, server_hostname=tls.SERVER_NAME) as client:
+        thread.join(10)
+        with server["s"]:
+            client.sendall(b"ping")
+            assert server["s"].recv(4) == b"ping" and server["s"].getpeercert()  # the client's, verified
+        return client.getpeercert()["subjectAltName"]
+
+
 def test_generated_certificate_serves_a_real_mtls_shard(tmp_path, monkeypatch):
-    """genCA / genSignedCert output, mounted as the pods mount it, is what rpc.tls needs on both ends."""
+    """The chart's generated CA and certificate (ECDSA P-256), mounted as the pods mount them, are what rpc.tls
+    needs on both ends: a gRPC expert shard and the frame plane's ssl contexts."""
     from elasticmoe.experts.shard_server import start_server
     from elasticmoe.model import open_model
     from elasticmoe.model.experts import ExpertStore
@@ -66,6 +87,7 @@ def test_generated_certificate_serves_a_real_mtls_shard(tmp_path, monkeypatch):
         _refused(tls.channel(f"127.0.0.1:{port}", files=tls.local_ca(tmp_path / "other")))
     finally:
         server.stop(None)
+    assert ("DNS", "elasticmoe-internal") in _frame_plane_handshake(tls.tls_files())
 
 
 def test_each_install_gets_its_own_ca():
@@ -252,20 +274,24 @@ def test_every_pod_runs_with_the_runtime_default_seccomp_profile(which):
 
 
 def test_certificate_sources_are_the_kinds_the_doc_names():
-    """SECURITY.md, "Where the certificates come from": generate makes RSA 2048 (Helm's genCA / genSignedCert), its
-    certificate names `elasticmoe-internal` for server and client auth; cert-manager's is ECDSA with
-    `rotationPolicy: Always`."""
+    """SECURITY.md, "Where the certificates come from": generate makes ECDSA P-256 keys (Helm's genPrivateKey,
+    genCAWithKey / genSignedCertWithKey), a CA of caValidityDays signing a certificate of validityDays that names
+    `elasticmoe-internal` for server and client auth; cert-manager's is ECDSA with `rotationPolicy: Always`."""
     from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     secret = _one(_objects(_render()), "Secret")
     assert secret["metadata"]["name"].endswith("-internal-tls")  # `<fullname>-internal-tls`
-    for name in ("ca.crt", "tls.crt"):
-        key = x509.load_pem_x509_certificate(base64.b64decode(secret["data"][name])).public_key()
-        assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048, name
-    leaf = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
-    assert "elasticmoe-internal" in leaf.extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    ca, leaf = (x509.load_pem_x509_certificate(base64.b64decode(secret["data"][n])) for n in ("ca.crt", "tls.crt"))
+    for cert in (ca, leaf):
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1), cert.subject
+    leaf.verify_directly_issued_by(ca)
+    days = _chart().values["internalTls"]["generate"]
+    assert [(c.not_valid_after_utc - c.not_valid_before_utc).days for c in (ca, leaf)] == [
+        days["caValidityDays"], days["validityDays"]]
+    assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName) == ["elasticmoe-internal", "localhost"]
     usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert {x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usage)
     issuer = {"issuerRef": {"name": "release-ca", "kind": "ClusterIssuer"}}
