@@ -10,7 +10,7 @@ import grpc
 import torch
 
 from elasticmoe.gateway.routing import RoutingTable
-from elasticmoe.gateway.step_groups import Call, Group, by_lacks, only_rows, short_only
+from elasticmoe.gateway.step_groups import Call, Group, by_lacks, by_shard, only_rows, short_only
 from elasticmoe.gateway.transport import is_busy, is_oversize, is_short
 from elasticmoe.rpc.codec import decode_tensor
 
@@ -37,11 +37,16 @@ class Step:
         self.short: dict[str, str] = {}  # shards out of memory for a call of this step -> what they answered
 
     # ----- routing
-    def _route(self, table: RoutingTable, ids: torch.Tensor, hard: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(shard_of [T, k], lost [T, k] bool): `hard` always avoided; suspects where another copy exists, and where
-        only suspects are left, the shards owing hedged-around answers (stuck) before those that merely straggled."""
+    def _route(self, table: RoutingTable, ids: torch.Tensor,
+               hard: set[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(shard_of [T, k], lost [T, k] bool, None where nothing is lost): `hard` always avoided; suspects where
+        another copy exists, and where only suspects are left, the shards owing hedged-around answers (stuck) before
+        those that merely straggled."""
         excl = table.index_of(hard)
-        shard_of = table.assign(self.layer, ids, excl | self.d.suspected(table), self.d.steps)
+        first = excl | self.d.suspected(table)
+        shard_of = table.assign(self.layer, ids, first, self.d.steps)
+        if table.covers(self.layer, first):  # every expert has a live copy: only ids -1 have no shard
+            return shard_of, None
         lost = (shard_of < 0) & (ids >= 0)
         for fallback in (excl | table.index_of(self.d.stuck()), excl):
             if not bool(lost.any()):
@@ -56,17 +61,13 @@ class Step:
         """One call per shard in shard_of [T, k] (-1: none): (the ids it covers [T, k], -1 elsewhere; the call), each
         sent as a `duplicate` (its slots counted as routed demand elsewhere) if so."""
         out = []
-        for s in shard_of.unique().tolist():
-            if s < 0:
-                continue
+        for s, rows, covered in by_shard(shard_of, ids):  # rows [T_s], covered [T, k]
             most = self.d.max_call_rows(self.hidden, ids.shape[1], table.addresses[s])
-            mine = shard_of == s  # [T, k]
-            rows = mine.any(1).nonzero().squeeze(1)  # [T_s]
-            covered = torch.where(mine, ids, -1)  # [T, k]
             for part in [rows] if rows.numel() <= most else rows.split(most):  # each call within the message limit
                 part_ids = covered if part is rows else only_rows(covered, part)  # [T, k]
-                out.append((part_ids, self.d.send(table, self.layer, s, self.hidden, part, covered[part],
-                                                  self.weights[part], duplicate)))
+                out.append((part_ids, self.d.send(table, self.layer, s, self.hidden, part,
+                                                  covered.index_select(0, part), self.weights.index_select(0, part),
+                                                  duplicate)))
         return out
 
     def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str],
@@ -76,7 +77,7 @@ class Step:
         slots already (Group.counted), so the calls are duplicates."""
         now, busy = time.perf_counter(), busy or {}
         shard_of, lost = self._route(table, ids, hard | {s for s, until in busy.items() if until > now})
-        any_lost = bool(lost.any())
+        any_lost = lost is not None and bool(lost.any())
         if any_lost:
             issued = self._issue(table, torch.where(lost, -1, ids), torch.where(lost, -1, shard_of), counted)
         else:
@@ -99,6 +100,8 @@ class Step:
         give it a traceback through this frame (the step) and its callers (the forward's tensors), a cycle through
         c.future that only a full garbage collection frees; and one error object fails all of a broken
         connection's calls, each raise adding the frames of its step to that one traceback."""
+        if not c.done_at:  # a waiter woken before the future's callbacks ran (another thread resolved it)
+            c.done_at = time.perf_counter()
         e = c.future.exception()
         if e is not None:  # any failure of the call but a refusal (busy) is that shard's
             if is_busy(e) or is_oversize(e):
@@ -126,9 +129,9 @@ class Step:
             out = decode_tensor(resp.output, "RunExpertsResponse.output")
         except ValueError as e:
             out, why = None, str(e)
-        else:
-            why = f"shape {list(out.shape)} dtype {out.dtype}, want [{c.rows.numel()}, {self.hidden.shape[1]}]"
         if out is None or out.shape != (c.rows.numel(), self.hidden.shape[1]) or not out.is_floating_point():
+            if out is not None:
+                why = f"shape {list(out.shape)} dtype {out.dtype}, want [{c.rows.numel()}, {self.hidden.shape[1]}]"
             log.warning("shard %s answered layer %d malformed: %s", c.shard_id, self.layer, why)
             g.counted |= not c.duplicate  # it computed (and counted) the group's slots: their re-sends are duplicates
             self._fail(g, attempt, c.shard_id, report=True)
@@ -231,7 +234,7 @@ class Step:
             # never onto a shard owing a hedged-around answer: it would not answer, and the straggler (perhaps only
             # slowed by a busy host) would be suspected in its place, costing the next steps a hedge delay each
             shard_of, lost = self._route(table, g.ids, g.tried | self.dead | slow | self.d.stuck())
-            if bool(lost.any()):
+            if lost is not None and bool(lost.any()):
                 g.hedge_tried = (table.epoch, table.version)  # a re-home (controller) may add copies: try that table
                 continue
             g.hedged = True  # the straggler counts the slots as routed demand if it computes them, the hedge does not

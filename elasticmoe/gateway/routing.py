@@ -43,6 +43,8 @@ class RoutingTable:
     def index_of(self, shard_ids) -> frozenset[int]:
         """Shard indices of this table for a set of shard ids (ids not in the table are ignored)."""
         ids = set(shard_ids)
+        if not ids:  # every step's path: nothing to exclude
+            return frozenset()
         return frozenset(i for i, s in enumerate(self.shards) if s in ids)
 
     def cumulative(self, layer: int, exclude: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +76,7 @@ class RoutingTable:
         step): `step` (the engine's step count) shifts every row's point, so that a batch of one token still
         spreads over the copies from step to step (the same point each step sent every lone token to one copy).
         """
-        sole, copies, cum = self._plan(layer, exclude)
+        sole, copies, cum, _ = self._plan(layer, exclude)
         if sole is not None:  # no expert has two live copies: one lookup (id -1 reads sole's last entry, -1)
             return sole[topk_ids]
         ids = topk_ids.clamp_min(0)
@@ -85,16 +87,23 @@ class RoutingTable:
         shard = copies[ids].gather(-1, pick.unsqueeze(-1)).squeeze(-1)
         return torch.where(topk_ids >= 0, shard, -1)
 
-    def _plan(self, layer: int, exclude: frozenset[int]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def covers(self, layer: int, exclude: frozenset[int] = frozenset()) -> bool:
+        """Whether every expert of `layer` has a live copy outside `exclude`: assign then gives -1 only for id -1."""
+        return self._plan(layer, exclude)[3]
+
+    def _plan(self, layer: int, exclude: frozenset[int]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                                                   bool]:
         """cumulative(layer, exclude) plus sole [E + 1] (each expert's live copy, -1 for none and for id -1) when no
-        expert has two live copies, else None; cached per table (it never changes), a few exclusion sets at most."""
+        expert has two live copies, else None, and covers(); cached per table (it never changes), a few exclusion
+        sets at most."""
         plan = self._plans.get((layer, exclude))
         if plan is None:
             copies, cum = self.cumulative(layer, exclude)
+            live = copies >= 0  # [E, C]
             sole = None
-            if bool(((copies >= 0).sum(1) <= 1).all()):
+            if bool((live.sum(1) <= 1).all()):
                 sole = torch.cat([copies.max(1).values, torch.tensor([-1], dtype=copies.dtype)])
-            plan = (sole, copies, cum)
+            plan = (sole, copies, cum, bool(live.any(1).all()))
             if len(self._plans) < 256:
                 self._plans[(layer, exclude)] = plan
         return plan

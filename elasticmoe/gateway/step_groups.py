@@ -25,6 +25,10 @@ class Call:
         self.output: torch.Tensor | None = None  # [T_s, H] (float64 partial sums) once answered
         self.compute_s = 0.0
 
+    def answered(self, _future: cf.Future) -> None:
+        """The future's done callback, run where the answer landed: the round trip's end."""
+        self.done_at = time.perf_counter()
+
 
 class Group:
     """A set of (token, slot) pairs, ids [T, k] with -1 elsewhere, and the attempts that each cover all of it."""
@@ -48,7 +52,26 @@ class Group:
         self.hedge_tried: tuple[str, int] | None = None
 
     def live(self) -> list[list[Call]]:
+        """The attempts not failed (read only: the group's own list where none failed, the engine's every check)."""
+        if not self.broken:
+            return self.attempts
         return [a for i, a in enumerate(self.attempts) if i not in self.broken]
+
+
+def by_shard(shard_of: torch.Tensor, ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(shard, rows [T_s] ascending, ids [T, k] kept where routed to it, -1 elsewhere) per shard in shard_of [T, k]
+    (-1: none), in shard order: all shards at once, a fixed dozen tensor ops per layer (not seven per shard)."""
+    shards = shard_of.unique()  # [U] ascending: -1 first where some slot goes nowhere
+    listed = shards.tolist()
+    if listed and listed[0] < 0:
+        shards, listed = shards[1:], listed[1:]
+    if not listed:
+        return []
+    mine = shard_of == shards.view(-1, 1, 1)  # [U, T, k]
+    covered = torch.where(mine, ids, -1)  # [U, T, k]
+    present = mine.any(2)  # [U, T]
+    rows = present.nonzero()[:, 1].split(present.sum(1).tolist())  # U x [T_s], each ascending
+    return list(zip(listed, rows, covered.unbind(0)))
 
 
 def only_rows(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
