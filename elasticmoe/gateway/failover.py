@@ -281,7 +281,8 @@ class Step:
         compute, finished = 0.0, self.t0
         for g in self.groups:
             for c in g.winner:
-                out.index_add_(0, c.rows, c.output.to(torch.float64))
+                part = c.output  # [T_s, H]: float64 from our shards (no conversion then)
+                out.index_add_(0, c.rows, part if part.dtype == torch.float64 else part.to(torch.float64))
                 compute, finished = max(compute, c.compute_s), max(finished, c.done_at)
                 self.d.shard_tokens[c.shard_id] = self.d.shard_tokens.get(c.shard_id, 0) + int(c.rows.numel())
         self.d.record(max(0.0, (finished - self.t0) - compute))

@@ -141,7 +141,8 @@ class SocketTransport(_Channels):
         reader thread: a thread wake-up less per answer); the others' threads resolve theirs."""
         end = time.monotonic() + timeout_s
         with self._conns_lock:
-            self._retired = [c for c in self._retired if c.pending]  # answered (or failed): closed or closing
+            if self._retired:
+                self._retired = [c for c in self._retired if c.pending]  # answered (or failed): closed or closing
             conns = [c for c in (*self._conns.values(), *self._retired) if c.pending]
         held: list[_Conn] = []
         try:
