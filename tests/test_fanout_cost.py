@@ -1,5 +1,5 @@
-"""The gateway's fixed cost per MoE layer: grouping a step's slots by shard in one pass (step_groups.by_shard), the
-routing table's covers() shortcut, one Future per call, and a bound on the torch calls of one layer's fan-out."""
+"""The gateway's fixed cost per MoE layer: grouping a step's slots by shard in one numpy pass (step_groups.by_shard),
+the routing table's covers() shortcut, one Future per call, and a bound on the torch calls of one layer's fan-out."""
 
 from __future__ import annotations
 
@@ -34,12 +34,16 @@ def test_by_shard_groups_as_one_shard_at_a_time_did():
     for t, k, shards in itertools.product((1, 2, 16, 300), (1, 2, 8), (1, 2, 5, 40)):
         ids = torch.randint(0, 64, (t, k), generator=g)
         shard_of = torch.randint(-1, shards, (t, k), generator=g)  # -1: a slot with no shard (lost, or id -1)
-        for case in (shard_of, shard_of.clamp_min(0), torch.full_like(shard_of, -1)):
-            got, want = by_shard(case, ids), _per_shard(case, ids)
-            assert [s for s, _, _ in got] == [s for s, _, _ in want], (t, k, shards)
-            for (_, rows, covered), (_, rows0, covered0) in zip(got, want):
+        cases = [(shard_of, ids), (shard_of.clamp_min(0), ids), (torch.full_like(shard_of, -1), ids),
+                 (shard_of, ids.to(torch.int32)), (shard_of.t().contiguous().t(), ids.t().contiguous().t())]
+        for at, wanted in cases:  # int32 ids, column-major views too
+            got, want = by_shard(at, wanted), _per_shard(at, wanted)
+            assert [s for s, *_ in got] == [s for s, _, _ in want], (t, k, shards)
+            for (_, rows, covered, sent), (_, rows0, covered0) in zip(got, want):
                 assert rows.dtype == rows0.dtype and torch.equal(rows, rows0)
-                assert covered.shape == covered0.shape and torch.equal(covered, covered0)
+                assert covered.dtype == covered0.dtype and covered.shape == covered0.shape
+                assert torch.equal(covered, covered0)
+                assert sent.dtype == covered0.dtype and torch.equal(sent, covered0[rows0])  # [T_s, k]
 
 
 def _table(experts: list[list[tuple[int, float]]], n: int = 4) -> RoutingTable:
@@ -96,8 +100,8 @@ class _Calls(TorchFunctionMode):
 
 
 def test_one_layer_over_two_shards_takes_a_bounded_number_of_torch_calls(files):  # noqa: F811
-    """Each torch call of a layer's fan-out costs the engine thread microseconds of Python dispatch; on the served
-    benchmark's shapes a layer made 68 (grouping one shard at a time, advanced indexing), now about 60."""
+    """Each torch call of a layer's fan-out costs the engine thread microseconds of Python dispatch; over two shards
+    a layer made 68 (grouping one shard at a time in torch, advanced indexing), now 45 (attribute reads aside)."""
     shards = Shards(files, [list(range(E // 2)), list(range(E // 2, E))], {0: {"insecure": True},
                                                                           1: {"insecure": True}})
     d = GrpcDispatcher(timeout_s=10, insecure=True, transport="socket")
@@ -111,8 +115,7 @@ def test_one_layer_over_two_shards_takes_a_bounded_number_of_torch_calls(files):
             out = d.dispatch(layer, *inputs).wait()
         assert time.perf_counter() - t0 < 10
         assert torch.allclose(out, _reference(files, layer, *inputs), atol=1e-5)
-        assert sum(calls.names.values()) <= 62, calls.names
-        assert calls.names["unique"] == 1 and calls.names["nonzero"] == 1
+        assert sum(calls.names.values()) <= 52, calls.names
     finally:
         d.close()
         shards.close()

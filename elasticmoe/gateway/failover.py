@@ -61,13 +61,14 @@ class Step:
         """One call per shard in shard_of [T, k] (-1: none): (the ids it covers [T, k], -1 elsewhere; the call), each
         sent as a `duplicate` (its slots counted as routed demand elsewhere) if so."""
         out = []
-        for s, rows, covered in by_shard(shard_of, ids):  # rows [T_s], covered [T, k]
+        for s, rows, covered, sent in by_shard(shard_of, ids):  # rows [T_s], covered [T, k], sent [T_s, k]
             most = self.d.max_call_rows(self.hidden, ids.shape[1], table.addresses[s])
             for part in [rows] if rows.numel() <= most else rows.split(most):  # each call within the message limit
-                part_ids = covered if part is rows else only_rows(covered, part)  # [T, k]
+                whole = part is rows
+                part_ids = covered if whole else only_rows(covered, part)  # [T, k]
                 out.append((part_ids, self.d.send(table, self.layer, s, self.hidden, part,
-                                                  covered.index_select(0, part), self.weights.index_select(0, part),
-                                                  duplicate)))
+                                                  sent if whole else covered.index_select(0, part),
+                                                  self.weights.index_select(0, part), duplicate)))
         return out
 
     def _split(self, table: RoutingTable, ids: torch.Tensor, hard: set[str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from concurrent import futures as cf
 
+import numpy as np
 import torch
 
 from elasticmoe.gateway.routing import RoutingTable
@@ -58,20 +59,28 @@ class Group:
         return [a for i, a in enumerate(self.attempts) if i not in self.broken]
 
 
-def by_shard(shard_of: torch.Tensor, ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(shard, rows [T_s] ascending, ids [T, k] kept where routed to it, -1 elsewhere) per shard in shard_of [T, k]
-    (-1: none), in shard order: all shards at once, a fixed dozen tensor ops per layer (not seven per shard)."""
-    shards = shard_of.unique()  # [U] ascending: -1 first where some slot goes nowhere
-    listed = shards.tolist()
-    if listed and listed[0] < 0:
-        shards, listed = shards[1:], listed[1:]
-    if not listed:
+def by_shard(shard_of: torch.Tensor, ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(shard, rows [T_s] ascending, ids [T, k] kept where routed to it, -1 elsewhere, and those ids' rows [T_s, k])
+    per shard in shard_of [T, k] (-1: none), in shard order: all shards at once, in numpy (CPU tensors' views: at a
+    decode step's sizes, a dozen numpy calls cost a third of the same torch calls, each torch call's dispatch being
+    microseconds of Python)."""
+    at, wanted = shard_of.numpy(), ids.numpy()  # [T, k] each
+    shards = np.unique(at)  # [U] ascending: -1 first where some slot goes nowhere
+    if shards.size and shards[0] < 0:
+        shards = shards[1:]
+    if not shards.size:
         return []
-    mine = shard_of == shards.view(-1, 1, 1)  # [U, T, k]
-    covered = torch.where(mine, ids, -1)  # [U, T, k]
+    mine = at == shards[:, None, None]  # [U, T, k]
     present = mine.any(2)  # [U, T]
-    rows = present.nonzero()[:, 1].split(present.sum(1).tolist())  # U x [T_s], each ascending
-    return list(zip(listed, rows, covered.unbind(0)))
+    rows = present.nonzero()[1]  # every shard's rows, shard by shard, each ascending
+    covered = np.where(mine, wanted, -1)  # [U, T, k]
+    out, start = [], 0
+    for u, (shard, end) in enumerate(zip(shards.tolist(), present.sum(1).cumsum().tolist())):
+        mine_rows = rows[start:end]
+        out.append((shard, torch.from_numpy(mine_rows), torch.from_numpy(covered[u]),
+                    torch.from_numpy(covered[u][mine_rows])))
+        start = end
+    return out
 
 
 def only_rows(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
