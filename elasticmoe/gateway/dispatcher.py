@@ -205,9 +205,8 @@ class GrpcDispatcher(ShardHealth):
                                  table.version, duplicate=duplicate)
 
         # the transport's own Future (no second one chained to it: two fewer lock rounds and wake-ups per call);
-        # call.answered stamps done_at where the answer lands (Step._take stamps it if a waiter got there first)
-        call.future = self.transport.send(table.addresses[shard], build, self.timeout_s)
-        call.future.add_done_callback(call.answered)
+        # its callback stamps done_at where the answer lands (Step._take stamps it if a waiter got there first)
+        call.watch(self.transport.send(table.addresses[shard], build, self.timeout_s))
         return call
 
     def dispatch(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
+import weakref
 from concurrent import futures as cf
 
 import numpy as np
@@ -16,7 +18,7 @@ class Call:
     [T_s, k] (-1 = not this call); `duplicate`: sent marked so (a hedge, or a re-send of slots a shard counted)."""
 
     __slots__ = ("shard_id", "address", "rows", "ids", "duplicate", "future", "sent_at", "done_at", "output",
-                 "compute_s")
+                 "compute_s", "__weakref__")
 
     def __init__(self, shard_id: str, address: str, rows: torch.Tensor, ids: torch.Tensor, duplicate: bool = False):
         self.shard_id, self.address, self.rows, self.ids, self.duplicate = shard_id, address, rows, ids, duplicate
@@ -26,9 +28,19 @@ class Call:
         self.output: torch.Tensor | None = None  # [T_s, H] (float64 partial sums) once answered
         self.compute_s = 0.0
 
-    def answered(self, _future: cf.Future) -> None:
-        """The future's done callback, run where the answer landed: the round trip's end."""
-        self.done_at = time.perf_counter()
+    def watch(self, future: cf.Future) -> None:
+        """Take the transport's `future` as this call's; its done callback stamps done_at where the answer lands (the
+        round trip's end). The callback holds the call weakly: a Future keeps its callbacks once done, and a bound
+        method would make call -> future -> callback -> call a cycle, freed by a full collection only (thousands of
+        calls a second kept that long)."""
+        self.future = future
+        future.add_done_callback(functools.partial(_answered, weakref.ref(self)))
+
+
+def _answered(ref: "weakref.ref[Call]", _future: cf.Future) -> None:
+    call = ref()
+    if call is not None:
+        call.done_at = time.perf_counter()
 
 
 class Group:
