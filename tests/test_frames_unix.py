@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_a_path_this_process_cannot_reach_falls_back_to_tcp(files, halves):  # n
     over TCP and the call is answered."""
     layer, address, servicer = halves.layers[0], halves.addresses[0], halves.servicers[0]
     real = servicer.frame_unix_path
-    servicer.frame_unix_path = os.path.join(os.path.dirname(real), "frames-gone.sock")
+    servicer.frame_unix_path = os.path.join(os.path.dirname(real), "frames-" + "0" * 24 + ".sock")
     assert not os.path.exists(servicer.frame_unix_path)
     t = SocketTransport()
     try:
@@ -155,3 +156,24 @@ def test_a_killed_listeners_socket_file_is_swept_a_live_ones_kept(short_tmp, mon
             sock.close()
             unix_socket.unlink(path)
     assert os.listdir(os.path.dirname(live_path)) == []
+
+
+@pytest.mark.parametrize("case", ["a private directory", "a directory others can enter", "another file name"])
+def test_connect_goes_only_to_a_listeners_socket_in_a_private_directory(short_tmp, case):
+    """Health's path alone never points the gateway's writes at another local socket: a listening socket at a path
+    bind() would not make (a name of another shape, or in a directory others can enter) is not connected to (the
+    gateway uses TCP); the control, the same socket named and placed as bind() does, is."""
+    folder = os.path.join(short_tmp, "d")
+    os.mkdir(folder, 0o700 if case != "a directory others can enter" else 0o755)
+    os.chmod(folder, 0o700 if case != "a directory others can enter" else 0o755)
+    name = "frames-" + "ab" * 12 + ".sock" if case != "another file name" else "docker.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(folder, name))
+    server.listen(1)
+    try:
+        conn = unix_socket.connect(os.path.join(folder, name), 5)
+        assert (conn is not None) == (case == "a private directory")
+        if conn is not None:
+            conn.close()
+    finally:
+        server.close()

@@ -6,6 +6,7 @@ import fcntl
 import glob
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
@@ -17,6 +18,7 @@ MAX_PATH = 100  # sockaddr_un holds 108 bytes on Linux, 104 on macOS: longer pat
 # a Unix stream socket's writer holds at most its send buffer in flight (Linux's default 208 KiB): a MiB frame then
 # waits on the reader several times; asked for 4 MiB (the kernel caps it at net.core.wmem_max)
 SEND_BUFFER = 4 << 20
+NAME = re.compile(r"frames-[0-9a-f]{24}\.sock")  # a listener's socket's file name (bind)
 
 
 def tune(sock: socket.socket) -> None:
@@ -42,12 +44,21 @@ def private_dir() -> str | None:
     except OSError as e:
         log.warning("no Unix socket for frames: cannot make %s: %s", path, e)
         return None
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+    if not _private(path):
+        info = os.lstat(path)
         log.warning("no Unix socket for frames: %s is not a private directory of uid %d (mode %o, owner %d)",
                     path, os.getuid(), stat.S_IMODE(info.st_mode), info.st_uid)
         return None
     return path
+
+
+def _private(folder: str) -> bool:
+    """Whether `folder` is a directory (not a link) of this user's that no one else can enter."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
 def bind() -> tuple[socket.socket | None, str]:
@@ -58,7 +69,7 @@ def bind() -> tuple[socket.socket | None, str]:
     folder = private_dir()
     if folder is None:
         return None, ""
-    path = os.path.join(folder, f"frames-{secrets.token_hex(12)}.sock")
+    path = os.path.join(folder, f"frames-{secrets.token_hex(12)}.sock")  # NAME
     if len(path.encode()) > MAX_PATH:
         log.warning("no Unix socket for frames: %s is longer than %d bytes (set TMPDIR shorter)", path, MAX_PATH)
         return None, ""
@@ -117,10 +128,14 @@ def sweep(folder: str) -> int:
 
 
 def connect(path: str, timeout: float) -> socket.socket | None:
-    """A connection to the listener at `path`; None where disabled, or where this process cannot reach it (another
-    host or container, the listener gone): the caller uses TCP."""
+    """A connection to the listener at `path`; None where disabled, where `path` is not a listener's socket in a
+    private directory of this user's (as bind() makes them), or where this process cannot reach it (another host or
+    container, the listener gone): the caller uses TCP."""
     if not path or not enabled() or not os.path.isabs(path):
         return None
+    folder, name = os.path.split(path)
+    if not NAME.fullmatch(name) or not _private(folder):  # a listener's socket as bind() makes them, and only that:
+        return None  # Health's word alone never points the gateway's writes at another local socket
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     tune(sock)
