@@ -128,9 +128,7 @@ class Engine:
         outputs so far (resume.resume_sequence); admitted as a preempted sequence is, over prompt and outputs."""
         if request_id in self.seqs:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
-        self.validate(prompt_ids, params)
-        if resume is not None:
-            check_resume(resume, self.spec.vocab_size, params.max_tokens)
+        self.validate(prompt_ids, params, resume)
         try:
             skip = params.skip_special_tokens
             detok = Detokenizer(self.tokenizer, params.stop, prompt_context(self.tokenizer, prompt_ids, skip), skip)

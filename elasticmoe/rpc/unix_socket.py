@@ -117,11 +117,7 @@ def sweep(folder: str) -> int:
         except OSError:
             os.close(fd)
             continue
-        for name in (lock[:-len(".lock")], lock):
-            try:
-                os.unlink(name)
-            except OSError:
-                pass
+        unlink(lock[:-len(".lock")])  # (not one of this process's: flock on its lock would have failed)
         os.close(fd)
         removed += 1
     return removed
