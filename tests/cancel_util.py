@@ -70,7 +70,8 @@ def gated(model, **limits) -> tuple[Core, Gate]:
     core.dispatcher = engine.dispatcher = gate
     core.added = []
     add = engine.add_request
-    engine.add_request = lambda key, ids, params: (core.added.append(key), add(key, ids, params))[1]
+    engine.add_request = lambda key, ids, params, resume=None: (core.added.append(key),
+                                                                add(key, ids, params, resume))[1]
     return core, gate
 
 

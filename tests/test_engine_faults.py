@@ -85,7 +85,7 @@ def test_a_seeded_request_beside_a_row_that_breaks_the_batched_sampler_keeps_its
     [alone] = _run(engine, llm, [(PROMPTS[0], seeded)])
     bad = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     object.__setattr__(bad, "logprobs", -1)
-    engine.validate = lambda ids, p: None  # admit the poison (the validator would refuse it)
+    engine.validate = lambda ids, p, resume=None: None  # admit the poison (the validator would refuse it)
     ok, broken = _run(engine, llm, [(PROMPTS[0], seeded), (PROMPTS[1], bad)])
     assert isinstance(broken.error, RequestFailed) and ok.error is None
     assert ok.output_ids == alone.output_ids
@@ -98,7 +98,7 @@ def test_generate_raises_naming_a_prompt_that_could_not_be_served(llm, reference
     clean, and the next call serves the same prompts."""
     bad = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
     object.__setattr__(bad, "temperature", float("nan"))
-    monkeypatch.setattr(llm.engine, "validate", lambda ids, p: None)  # admit the poison
+    monkeypatch.setattr(llm.engine, "validate", lambda ids, p, resume=None: None)  # admit the poison
     with pytest.raises(RequestFailed, match=r"^prompt 1 \(offline-\d+\) could not be served: .*probability") as e:
         llm.generate(PROMPTS[:2], [GREEDY, bad])
     assert e.value.__cause__ is not None

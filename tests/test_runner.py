@@ -127,7 +127,7 @@ def test_a_request_the_sampler_cannot_serve_ends_alone(model, reference):
     ref, llm = reference
     runner = _runner(model, LocalDispatcher(model[2]))
     bad = _poisoned(SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True), temperature=float("nan"))
-    runner.engine.validate = lambda ids, p: None  # admit the poison (the validator would refuse it)
+    runner.engine.validate = lambda ids, p, resume=None: None  # admit the poison (the validator would refuse it)
     try:
         reqs = [(llm.encode(p), GREEDY) for p in PROMPTS] + [(llm.encode("poison"), bad)]
         out = asyncio.run(_all(runner, reqs))

@@ -74,8 +74,7 @@ class EngineRunner:
         share (OpenAI's n): its refusals at capacity count once in stats()["refused"]. `resume`: a broken stream's
         tokens and text (Engine.add_request); its updates carry what follows them, its counts all outputs.
         """
-        more = () if resume is None else (resume,)
-        self.engine.validate(prompt_ids, params, *more)
+        self.engine.validate(prompt_ids, params, resume)
         key = f"{request_id}#{next(self._ids)}"
         stream = RequestStream(self, key, asyncio.get_running_loop())
         ids = list(prompt_ids)
@@ -87,7 +86,7 @@ class EngineRunner:
                 raise QueueFull(f"the gateway is at capacity ({self.capacity} requests running or waiting); "
                                 f"retry later")
             self._live += 1
-            self._post(lambda: self._add(key, ids, params, stream, group, more))
+            self._post(lambda: self._add(key, ids, params, stream, group, resume))
         return stream
 
     def _refusal(self, group: object | None) -> None:
@@ -102,14 +101,14 @@ class EngineRunner:
         self._wake.set()
 
     def _add(self, key: str, prompt_ids: list[int], params: SamplingParams, stream: RequestStream,
-             group: object | None = None, resume: tuple[Resume, ...] = ()) -> None:
+             group: object | None = None, resume: Resume | None = None) -> None:
         if stream.done or self._closed:  # closed (or the runner closing) before the engine saw it
             self._release()
             if not stream.done:
                 stream.push(RequestFailed(SHUTTING_DOWN))
             return
         try:
-            self.engine.add_request(key, prompt_ids, params, *resume)
+            self.engine.add_request(key, prompt_ids, params, resume)
         except Exception as e:  # noqa: BLE001 - e.g. QueueFull from the scheduler's own bound
             if isinstance(e, QueueFull):  # refused at capacity too: counted as generate() counts its own
                 with self._lock:
@@ -117,8 +116,8 @@ class EngineRunner:
             self._release()
             stream.push(e)
             return
-        if resume:  # a resumed stream's given tokens are its client's already
-            stream.sent = len(resume[0].token_ids)
+        if resume is not None:  # a resumed stream's given tokens are its client's already
+            stream.sent = len(resume.token_ids)
         self._streams[key] = stream
 
     def _release(self) -> None:
