@@ -9,7 +9,7 @@ import sys
 import threading
 
 from elasticmoe.rpc.options import tune_malloc  # torch-free
-from elasticmoe.rpc.unix_socket import SEND_BUFFER  # torch-free
+from elasticmoe.rpc.unix_socket import tune  # torch-free
 
 HEADER = struct.Struct("<Q")  # the socket echo's frame: 8-byte little-endian length, then the bytes
 
@@ -44,7 +44,7 @@ def _accept(lsock: socket.socket) -> None:
         if lsock.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:  # as the frame listener's
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            tune(conn)
         threading.Thread(target=_echo_conn, args=(conn,), daemon=True).start()
 
 

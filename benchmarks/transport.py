@@ -38,7 +38,7 @@ from elasticmoe.rpc import tls
 from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
 from elasticmoe.rpc.frame_service import add_shard_servicer
 from elasticmoe.rpc.frames import ExpertRequest
-from elasticmoe.rpc.unix_socket import SEND_BUFFER
+from elasticmoe.rpc.unix_socket import tune
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 import rpc_fanout  # benchmarks/rpc_fanout.py
 from rpc_fanout import EchoShard, percentiles
@@ -66,7 +66,7 @@ class SocketFanout:
         for t in targets:  # host:port, or a Unix socket's path
             if t.startswith("/"):
                 conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)  # as the transport's (unix_socket)
+                tune(conn)  # as the transport's (unix_socket)
                 conn.connect(t)
             else:
                 host, port = t.rsplit(":", 1)
