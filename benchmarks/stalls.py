@@ -183,8 +183,9 @@ def main() -> None:
         lc.stop_ray()
     result = {**stamp(), "settings": {"apps": apps, "streams_per_app": STREAMS, "max_tokens": MAX_TOKENS,
                                       "window_s": WINDOW_S, "gateway_kill_window_s": 40.0}, "rows": rows,
-              "note": "gateway kill: the streams in flight on the killed gateway end with UNAVAILABLE (its KV cache "
-                      "is gone); clients retry; longest gap includes the gateway's restart"}
+              "note": "gateway kill: the streams on the killed gateway break with UNAVAILABLE (its KV cache is "
+                      "gone); GenerationClient.stream resumes them on the replacement; the longest gap includes its "
+                      "restart"}
     OUT.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {OUT}")
 
