@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import torch
@@ -13,10 +11,11 @@ from elasticmoe.engine.detok import Detokenizer, prompt_context
 from elasticmoe.engine.endings import Endings
 from elasticmoe.engine.kv_space import make_cache
 from elasticmoe.engine.prefix_cache import exact_for
-from elasticmoe.engine.resume import Resume, check_resume, pay_draws, resume_sequence
-from elasticmoe.engine.sampling import InvalidRequest, RowContext, SamplingParams, TokenLogprob, sample
+from elasticmoe.engine.resume import Resume, check_resume, resume_sequence
+from elasticmoe.engine.sampling import InvalidRequest, SamplingParams, TokenLogprob
 from elasticmoe.engine.scheduler import Scheduler, Sequence
 from elasticmoe.engine.step_forward import RETRY_BACKOFF_S, StepForward, TokenBudget
+from elasticmoe.engine.step_output import StepOutput, detokenize, text_delta
 from elasticmoe.engine.validation import RequestLimits, Validator, clip
 from elasticmoe.model import ModelFiles
 from elasticmoe.model.batch import build_batch, to_device
@@ -24,7 +23,6 @@ from elasticmoe.model.dense import DenseModel
 from elasticmoe.model.dense_bytes import dense_bytes
 from elasticmoe.model.dispatch import Dispatcher
 
-log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 __all__ = ["DTYPES", "RETRY_BACKOFF_S", "Engine"]
 
@@ -32,7 +30,8 @@ __all__ = ["DTYPES", "RETRY_BACKOFF_S", "Engine"]
 class Engine:
     """A continuous-batching engine over one DenseModel; experts run wherever the dispatcher sends them.
     prefix_caching: prompts share the cached KV blocks they start with (Scheduler), where that is exact: off for a
-    model with linear-attention layers (prefix_cache.exact_for)."""
+    model with linear-attention layers (prefix_cache.exact_for). A step's drawn rows are sampled, appended and
+    finished by `output` (StepOutput)."""
 
     def __init__(self, files: ModelFiles, dispatcher: Dispatcher, *, dtype: str = "float32", device: str = "cpu",
                  max_num_seqs: int = 16, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
@@ -71,6 +70,7 @@ class Engine:
         self.unreported: list[Sequence] = []  # ended by a step that then raised (take_unreported)
         self.endings = Endings(self.scheduler, self.cache, self.seqs)  # abort, fail; slots held back until zeroed
         self.scheduler.on_preempt = self.endings.preempt  # a preempted sequence's K/V zeroed as an abort's
+        self.output = StepOutput(self.model, self.scheduler, self.endings, self.eos_ids, self.max_model_len)
 
     @property
     def held_slots(self) -> dict[int, int]:
@@ -211,7 +211,7 @@ class Engine:
         error: BaseException | None = None
         for (_, s, n), tok, lp, err in zip(ready, *sampled):
             try:
-                self._row(s, n, tok, lp, err)
+                self.output.row(s, n, tok, lp, err)
             except BaseException as e:  # noqa: BLE001 - re-raised once the other rows have their tokens
                 error = error or e
         if error is not None:
@@ -219,95 +219,24 @@ class Engine:
             raise error
         return seqs
 
-    def _row(self, seq: Sequence, n: int, token: int | None, logprob, err: Exception | None) -> None:
-        """One drawn row: its n tokens counted cached as its token is appended, or (an error) its request alone ends."""
-        try:
-            if err is not None:
-                raise err
-            seq.num_cached += n
-            self.scheduler.written(seq)  # its prompt ran whole: its blocks may be cached (prefix caching)
-            self._append(seq, token, logprob)
-        except Exception as e:  # noqa: BLE001 - this row's request only
-            self.fail(seq, e)
-
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
-        """hidden [R, H] of the sequences whose last token ran -> (tokens, logprobs, per-row errors). Should the
-        batch fail after some rows drew, their generators are rewound before the rows are sampled one by one. A resumed
-        sequence's generator first makes the draws its given outputs took (resume.pay_draws)."""
-        states: list = []
-        try:
-            logits = self.model.logits(hidden)  # [R, V]
-            pay_draws(seqs, logits)
-            states = [(s.generator, s.generator.get_state()) for s in seqs if s.generator is not None]
-            return sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                          [self._context(s) for s in seqs])
-        except Exception:  # noqa: BLE001 - find the row it belongs to
-            log.exception("sampling failed; sampling its %d rows one by one", len(seqs))
-        for g, state in states:
-            g.set_state(state)
-        out: tuple[list, list, list] = ([], [], [])
-        for i, s in enumerate(seqs):
-            try:
-                logits = self.model.logits(hidden[i:i + 1])  # [1, V]
-                pay_draws([s], logits)
-                tok, lp, err = sample(logits, [s.params], [s.generator], [self._context(s)])
-                row = (tok[0], lp[0], err[0])
-            except Exception as e:  # noqa: BLE001 - this row only
-                row = (None, None, e)
-            for acc, v in zip(out, row):
-                acc.append(v)
-        return out
-
-    def _context(self, seq: Sequence) -> RowContext | None:
-        """The penalties' view of a sequence; EOS and stop_token_ids banned while it is under min_tokens."""
-        p = seq.params
-        if not p.processes_logits:
-            return None
-        early = len(seq.output_ids) < p.min_tokens
-        banned = tuple(sorted(((set() if p.ignore_eos else self.eos_ids) | set(p.stop_token_ids)))) if early else ()
-        return RowContext(seq.prompt_ids, seq.output_ids, banned, seq.penalty)
-
-    def _append(self, seq: Sequence, token: int, logprob) -> None:
-        seq.output_ids.append(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
-        p = seq.params
-        stop_token, eos = token in p.stop_token_ids, not p.ignore_eos and token in self.eos_ids
-        if stop_token or eos:  # as vLLM: the token that ends the completion is kept, its text is not rendered
-            seq.text_end = len(seq.output_ids) - 1
-        if p.stop:  # stop strings count from min_tokens on (text that came before is not searched)
-            seq.detok.update(seq.text_ids, search=len(seq.output_ids) >= p.min_tokens)
-        if seq.detok.stop_at is not None or stop_token:
-            self._finish(seq, "stop")
-        elif eos:
-            self._finish(seq, "eos")
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
+        """The step's draw (StepOutput.sample): hidden [R, H] of seqs -> (tokens, logprobs, per-row errors)."""
+        return self.output.sample(hidden, seqs)
 
     def fail(self, seq: Sequence, error: BaseException) -> None:
         """End this request only: the client gets UNAVAILABLE / HTTP 503, never the raw internal error (Endings.fail;
         its slot zeroed, or held back until a step zeroes it)."""
         self.endings.fail(seq, error)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
-        self.endings.forget(seq)
-        self.detokenize(seq)
-
     def detokenize(self, seq: Sequence) -> str:
         """Completion text so far (cut before a stop string, once one appears); O(text), see `text_delta`."""
-        seq.detok.update(seq.text_ids, search=False)  # stop strings were looked for as each token came
-        seq.text = seq.detok.text
-        return seq.text
+        return detokenize(seq)
 
     def text_delta(self, seq: Sequence) -> str:
         """The text of `seq` not handed out yet that can no longer change (all the rest once it finished);
         costs a decode of a few recent tokens, whatever the length."""
-        seq.detok.update(seq.text_ids, search=False)
-        return seq.detok.delta(final=seq.finished)
+        return text_delta(seq)
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -48,7 +48,7 @@ def resume_sequence(seq: Any, resume: Resume, eos_ids: frozenset[int] | set[int]
     """Take resume's tokens as seq's outputs so far (a Sequence not yet queued; check_resume passed): its
     detokenizer advanced over them token by token (stop strings looked for from min_tokens on, as the engine does;
     its text is stable at least as early as when it was updated per message), the text marked handed out up to
-    text_chars, and the generator draws they took owed (paid before its next draw, Engine._sample). InvalidRequest
+    text_chars, and the generator draws they took owed (paid before its next draw, StepOutput.sample). InvalidRequest
     where the completion would have ended within them (an EOS, a stop token, a stop string) or the client holds
     more text than they make."""
     p, out, detok = seq.params, [], seq.detok
@@ -56,7 +56,7 @@ def resume_sequence(seq: Any, resume: Resume, eos_ids: frozenset[int] | set[int]
         if t in p.stop_token_ids or (not p.ignore_eos and t in eos_ids):
             raise InvalidRequest(f"{TOKENS}[{i}]", f"token {t} ends the completion (EOS or a stop token): a "
                                                   f"stream that ended there is not resumed")
-        out.append(t)  # token by token, as Engine._append (stop strings) or at most as often as messages went out
+        out.append(t)  # token by token, as StepOutput.append (stop strings) or at most as often as messages went out
         detok.update(out, search=bool(p.stop) and len(out) >= p.min_tokens)  # (text is stable at least as early)
         if detok.stop_at is not None:
             raise InvalidRequest(TOKENS, f"the text of the first {len(out)} contains a stop string: the "
