@@ -1,11 +1,14 @@
-"""What the documentation tests read: the documents, and the code spans and command lines in them."""
+"""What the documentation tests read: the documents, their code spans, command lines and result tables."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 CHART = REPO / "helm" / "elasticmoe"
 MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), CHART / "README.md",
             REPO / "benchmarks" / "KERNELS.md"]
@@ -53,3 +56,34 @@ def _app_arg_model(path: str):
         nested = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
         model = nested[0] if nested else True
     return model
+
+
+def _json(name: str) -> dict:
+    """The committed result JSON benchmarks/results/`name`."""
+    return json.loads((RESULTS / name).read_text())
+
+
+def _table(doc: str, header: str, after: str = "") -> list[list[str]]:
+    """The body rows (cells, `**` dropped) of the first markdown table whose header row starts with `header`,
+    after the first occurrence of `after`."""
+    text = (REPO / doc).read_text()
+    start = text.index(after) if after else 0
+    lines = text[start:].splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("**", "") for c in line.strip().strip("|").split("|")])
+    assert rows, f"{doc}: no rows under {header!r}"
+    return rows
+
+
+def _says(cell: str, *values: float) -> None:
+    """Each number printed in `cell` is the matching value rounded to the printed digits."""
+    printed = NUMBER.findall(cell)
+    assert len(printed) == len(values), f"{cell!r}: {len(printed)} numbers, want {len(values)}"
+    for text, value in zip(printed, values):
+        digits = len(text.split(".")[1]) if "." in text else 0
+        shown = float(text.replace(",", ""))
+        assert abs(shown - value) <= 0.5 * 10 ** -digits + 1e-9, f"{cell!r}: {text} but the JSON says {value!r}"

@@ -1,6 +1,6 @@
 """The README's benchmark set-ups (model shapes, limits, rounds) are those the committed JSON in benchmarks/results/
-records, and the Status table's serving ranges hold the committed runs' figures (tests/test_doc_benchmarks.py checks
-the tables' figures)."""
+records, and the Status table's serving ranges hold the committed runs' figures (tests/test_doc_benchmarks.py and
+test_doc_bench_compute.py check the tables' figures)."""
 
 from __future__ import annotations
 

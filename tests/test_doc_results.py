@@ -10,10 +10,13 @@ import json
 import re
 import subprocess
 
-from tests import test_doc_benchmarks as bench
-from tests.doc_util import REPO
+from tests import test_doc_bench_compute, test_doc_benchmarks
+from tests.doc_util import NUMBER, REPO, RESULTS, _json, _says, _table
+from tests.test_doc_bench_compute import DELTANET_HEADER, MLA_HEADER
+from tests.test_doc_benchmarks import OVERLOAD_HEADER
 
 DOCS = ["README.md", "benchmarks/KERNELS.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+BENCH = (test_doc_benchmarks, test_doc_bench_compute)  # where the tests CHECKED names are (besides this module)
 RESULTS_HEADER = "| result JSON | machine, as the JSON records it | run date |"
 # (doc, header, text before it or "") -> the test that checks every figure of that table
 CHECKED = {
@@ -24,7 +27,7 @@ CHECKED = {
         "test_serving_tables",
     ("README.md", "| system | balancedness min", ""): "test_balance_table",
     ("README.md", "| event | failed streams", ""): "test_stalls_table",
-    ("README.md", bench.OVERLOAD_HEADER, ""): "test_overload_table",  # and its unrecorded columns say so
+    ("README.md", OVERLOAD_HEADER, ""): "test_overload_table",  # and its unrecorded columns say so
     ("README.md", "| payload x shards | socket p50", ""): "test_transport_table",
     ("README.md", "| payload x shards | socket p50 / p99 ms, GB/s | socket-unix", ""): "test_transport_unix_table",
     ("README.md", "| batch | elasticmoe tok/s | transformers tok/s", ""): "test_real_width_tables",
@@ -32,8 +35,8 @@ CHECKED = {
     ("README.md", "| prompt | tokens | elasticmoe bf16", ""): "test_real_width_tables",
     ("README.md", "| tokens | expert latency d", ""): "test_overlap_table",
     ("README.md", "| context L | mask ms", ""): "test_sparse_attention_table",
-    ("README.md", bench.MLA_HEADER, ""): "test_mla_decode_table",
-    ("README.md", bench.DELTANET_HEADER, ""): "test_deltanet_table",
+    ("README.md", MLA_HEADER, ""): "test_mla_decode_table",
+    ("README.md", DELTANET_HEADER, ""): "test_deltanet_table",
     ("benchmarks/KERNELS.md", "| model | T | ours µs", ""): "test_kernels_table",
     ("docs/SECURITY.md", "| payload | unary p50 plaintext / mTLS", ""): "test_mtls_table",
 }
@@ -65,14 +68,19 @@ def _tables(doc: str) -> list[tuple[int, str]]:
     return out
 
 
+def _scanned() -> list[tuple[str, object]]:
+    """The names defined in the modules of BENCH and this one: the tests CHECKED names and their constants."""
+    return [*(item for module in BENCH for item in vars(module).items()), *globals().items()]
+
+
 def _mentions(source: str, text: str) -> bool:
     """Whether a test's source names `text`, itself or as a module constant holding it."""
-    constants = {k for k, v in [*vars(bench).items(), *globals().items()] if k.isupper() and v == text}
+    constants = {k for k, v in _scanned() if k.isupper() and v == text}
     return text in source or any(re.search(rf"\b{k}\b", source) for k in constants)
 
 
 def _located(doc: str, header: str, after: str) -> int:
-    """The line index of the table bench._table reads for (doc, header, after)."""
+    """The line index of the table _table reads for (doc, header, after)."""
     text = (REPO / doc).read_text()
     start = text[:text.index(after)].count("\n") if after else 0
     return next(n for n, line in enumerate(text.splitlines()) if n >= start and line.startswith(header))
@@ -81,8 +89,9 @@ def _located(doc: str, header: str, after: str) -> int:
 def test_every_figure_table_is_checked_or_says_not_recorded():
     """Each table with a digit in its body is read by the test CHECKED names (which must name its header), or is
     introduced as not recorded, or is listed as no results table; no entry is stale and none is claimed twice."""
-    tests = {name: inspect.getsource(fn) for name, fn in [*vars(bench).items(), *globals().items()]
-             if name.startswith("test_") and callable(fn)}
+    named = [(name, fn) for name, fn in _scanned() if name.startswith("test_") and callable(fn)]
+    tests = {name: inspect.getsource(fn) for name, fn in named}
+    assert len(tests) == len(named), "a test name in two of the scanned modules: CHECKED could name either"
     for (doc, header, after), name in CHECKED.items():  # the named test reads that table
         assert _mentions(tests[name], header) and (not after or _mentions(tests[name], after)), (name, header)
     where = {}
@@ -104,14 +113,14 @@ def test_every_figure_table_is_checked_or_says_not_recorded():
 def test_kernels_cpu_table_gives_its_range():
     """KERNELS.md's CPU table (not recorded): the torch path's 1.4-7x over the loop for small or many experts is what
     its rows for 64 and 128 experts give."""
-    table = bench._table("benchmarks/KERNELS.md", "| model (E, H, I, k)")
+    table = _table("benchmarks/KERNELS.md", "| model (E, H, I, k)")
     rows = {r[0]: [float(c) for c in r[1:]] for r in table}
     ratios = [loop / torch for name, torch_us in rows.items() if name.endswith(": torch") and not name.startswith("8,")
               for loop, torch in zip(rows[name.replace(": torch", ": loop")], torch_us)]
     assert len(ratios) == 8
     text = " ".join((REPO / "benchmarks" / "KERNELS.md").read_text().split())
     m = re.search(r"pays off where per-op overhead dominates \(small or many experts\): ([\d.]+)-([\d.]+)x", text)
-    bench._says(f"{m.group(1)} {m.group(2)}", min(ratios), max(ratios))
+    _says(f"{m.group(1)} {m.group(2)}", min(ratios), max(ratios))
 
 
 def _git(*args: str) -> str:
@@ -151,8 +160,8 @@ def test_a_stamped_run_date_is_read():
 def test_results_list():
     """One row per result JSON: its machine as recorded; its run date as recorded, else 'not recorded' with the date
     of the first commit that held the file's bytes as they are now (at that path, or the one named with 'as')."""
-    results = bench.RESULTS
-    rows = bench._table("README.md", RESULTS_HEADER)
+    results = RESULTS
+    rows = _table("README.md", RESULTS_HEADER)
     assert [r[0] for r in rows] == [f"`{p.name}`" for p in sorted(results.glob("*.json"))]
     for name, machine, date in rows:
         path = results / name.strip("`")
@@ -177,11 +186,11 @@ def test_overload_prose():
     """The sentences under the overload table: run 2's figures from overload.json, run 1's from its (not recorded)
     columns, the 1024-call run's from overload-max-ongoing-1024.json; the morning's first run says it is not
     recorded."""
-    rows = bench._table("README.md", bench.OVERLOAD_HEADER)[:-1]  # the figures' rows, not crashes and codes
+    rows = _table("README.md", OVERLOAD_HEADER)[:-1]  # the figures' rows, not crashes and codes
     # a run 1 column's figures in order: capacity, TPOT p99 unloaded, overloaded, rejection p50, p99, memory growth %
-    run1 = {ingress: [float(x) for row in rows for x in bench.NUMBER.findall(row[column])]
+    run1 = {ingress: [float(x) for row in rows for x in NUMBER.findall(row[column])]
             for ingress, column in (("proxy", 2), ("port", 4))}
-    new, old = bench._json("overload.json")["ingresses"], bench._json("overload-max-ongoing-1024.json")["ingresses"]
+    new, old = _json("overload.json")["ingresses"], _json("overload-max-ongoing-1024.json")["ingresses"]
     text = " ".join((REPO / "README.md").read_text().split())
     m = re.search(
         r"two targets are met in both runs \(TPOT p99 ([\d.]+x) and ([\d.]+x) the unloaded run's, memory growth "
@@ -194,18 +203,18 @@ def test_overload_prose():
     assert m, "the Overload section's sentences moved or changed shape"
     g = m.groups()
     (tpot0, tpot1), rej99, memory = run1["proxy"][1:3], run1["proxy"][4], run1["proxy"][5]
-    bench._says(g[0], tpot1 / tpot0)
-    bench._says(g[1], new["proxy"]["tpot_p99_ratio"])
-    bench._says(f"{g[2]} {g[3]}", *sorted((memory, new["proxy"]["gateway_memory_growth"] * 100)))
-    bench._says(f"{g[4]} {g[5]}", *sorted((rej99, new["proxy"]["overload"]["rejection_p99_s"] * 1e3)))
-    bench._says(f"{g[6]} {g[6]}", run1["proxy"][3], new["proxy"]["overload"]["rejection_p50_s"] * 1e3)
+    _says(g[0], tpot1 / tpot0)
+    _says(g[1], new["proxy"]["tpot_p99_ratio"])
+    _says(f"{g[2]} {g[3]}", *sorted((memory, new["proxy"]["gateway_memory_growth"] * 100)))
+    _says(f"{g[4]} {g[5]}", *sorted((rej99, new["proxy"]["overload"]["rejection_p99_s"] * 1e3)))
+    _says(f"{g[6]} {g[6]}", run1["proxy"][3], new["proxy"]["overload"]["rejection_p50_s"] * 1e3)
     assert g[7] == new["proxy"]["overload"]["details"]["RESOURCE_EXHAUSTED"]
-    bench._says(g[8], old["proxy"]["offered_rps"])
-    bench._says(g[9], old["proxy"]["overload"]["rejection_p99_s"])
-    bench._says(g[10], old["proxy"]["overload"]["tpot_p99_s"] / old["proxy"]["unloaded"]["tpot_p99_s"])
+    _says(g[8], old["proxy"]["offered_rps"])
+    _says(g[9], old["proxy"]["overload"]["rejection_p99_s"])
+    _says(g[10], old["proxy"]["overload"]["tpot_p99_s"] / old["proxy"]["unloaded"]["tpot_p99_s"])
     port1 = run1["port"]
-    bench._says(f"{g[11]} {g[12]}", *sorted((port1[2] / port1[1], new["port"]["tpot_p99_ratio"])))
-    bench._says(f"{g[13]} {g[14]}", *sorted((port1[4], new["port"]["overload"]["rejection_p99_s"] * 1e3)))
-    bench._says(f"{g[15]} {g[16]}", *sorted((10 * port1[0], new["port"]["offered_rps"])))
+    _says(f"{g[11]} {g[12]}", *sorted((port1[2] / port1[1], new["port"]["tpot_p99_ratio"])))
+    _says(f"{g[13]} {g[14]}", *sorted((port1[4], new["port"]["overload"]["rejection_p99_s"] * 1e3)))
+    _says(f"{g[15]} {g[16]}", *sorted((10 * port1[0], new["port"]["offered_rps"])))
     assert f"(the gateway's own admission: `{new['port']['overload']['details']['RESOURCE_EXHAUSTED']}`)" in text
     assert f"rejection p99 {g[4]}-{g[5]} ms (target 50)" in text  # the Status table's front-door row
