@@ -136,9 +136,11 @@ def _fanout(transport, targets: list[str], req: ExpertRequest, wait_through: boo
     connection's thread reads them); then every answer's output decoded."""
     def call() -> None:
         futures = [transport.send(t, lambda: req, 60) for t in targets]
-        while wait_through and (undone := [f for f in futures if not f.done()]):
-            transport.wait(undone, 60)
-        cf.wait(futures)  # (done by now when waited for through the transport)
+        if not wait_through:
+            cf.wait(futures)
+        else:  # as the dispatcher's step waits (failover.Step.wait); a cf.wait after it cost ~20 us of the caller's
+            while undone := [f for f in futures if not f.done()]:  # time here at 16 KiB (2026-12-07)
+                transport.wait(undone, 60)
         for f in futures:
             decode_tensor(f.result().output)
     return call
