@@ -230,6 +230,19 @@ def test_transport_unix_benchmark_smoke(tmp_path):
         assert case["unix_vs_tcp_p50"] == case["frames-unix"]["p50_us"] / case["frames-tcp"]["p50_us"]
 
 
+
+def test_transport_ladder_benchmark_smoke(tmp_path):
+    """A few calls per rung at 16 KiB to one echo shard (the script itself checks the echo's bytes): every rung timed,
+    every ratio derived from the timings."""
+    out = tmp_path / "l.json"
+    _run("transport_ladder.py", "--scale", "0.01", "--sizes", "16 KiB", "--json", str(out))
+    case = json.loads(out.read_text())["cases"]["16 KiB"]
+    assert case["payload_bytes"] == 16384 and case["calls"] >= 20, case
+    assert 0 < case["socket"]["p50_us"] <= case["socket"]["p99_us"], case["socket"]
+    for rung in ("frames-raw", "frames-codec", "frames-future", "transport"):
+        assert 0 < case[rung]["p50_us"] <= case[rung]["p99_us"], (rung, case[rung])
+        assert case[f"{rung}_vs_socket_p50"] == case[rung]["p50_us"] / case["socket"]["p50_us"], rung
+
 REFUSALS = """
 import contextlib, io, json, sys
 import transport

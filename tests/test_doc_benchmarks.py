@@ -146,6 +146,20 @@ def test_transport_unix_table():
         _says(row[8], r["frames-unix_vs_socket_p50"])
 
 
+
+def test_transport_ladder_table():
+    """The round trip's rungs: each rung's p50 / p99 and its p50 over the raw socket's."""
+    cases = _json("transport-ladder-amd-epyc.json")["cases"]
+    table = _table("README.md", "| payload | socket p50 / p99 ms | frames-raw")
+    assert [r[0] for r in table] == list(cases)
+    rungs = ("socket", "frames-raw", "frames-codec", "frames-future", "transport")
+    for row in table:
+        r = cases[row[0]]
+        for cell, m in zip(row[1:6], rungs):
+            _says(cell, r[m]["p50_us"] / 1e3, r[m]["p99_us"] / 1e3)
+        for cell, m in zip(row[6:], rungs[1:]):
+            _says(cell, r[f"{m}_vs_socket_p50"])
+
 def test_mtls_table():
     """docs/SECURITY.md's cost table: p50s and their ratio (mTLS p50 / plaintext p50)."""
     cases = _json("transport-mtls-amd-epyc.json")["cases"]

@@ -30,6 +30,7 @@ CHECKED = {
     ("README.md", OVERLOAD_HEADER, ""): "test_overload_table",  # and its unrecorded columns say so
     ("README.md", "| payload x shards | socket p50", ""): "test_transport_table",
     ("README.md", "| payload x shards | socket p50 / p99 ms, GB/s | socket-unix", ""): "test_transport_unix_table",
+    ("README.md", "| payload | socket p50 / p99 ms | frames-raw", ""): "test_transport_ladder_table",
     ("README.md", "| batch | elasticmoe tok/s | transformers tok/s", ""): "test_real_width_tables",
     ("README.md", "| | load s | peak anonymous GiB", ""): "test_real_width_tables",
     ("README.md", "| prompt | tokens | elasticmoe bf16", ""): "test_real_width_tables",
