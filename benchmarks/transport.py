@@ -35,8 +35,9 @@ from elasticmoe.gateway.transport import UnaryTransport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import tls
-from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, decode_tensor, server_options, tune_malloc
+from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, server_options, tune_malloc
 from elasticmoe.rpc.frame_service import add_shard_servicer
+from elasticmoe.rpc.frame_types import as_tensor
 from elasticmoe.rpc.frames import ExpertRequest
 from elasticmoe.rpc.unix_socket import tune
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
@@ -142,7 +143,7 @@ def _fanout(transport, targets: list[str], req: ExpertRequest, wait_through: boo
             while undone := [f for f in futures if not f.done()]:  # time here at 16 KiB (2026-12-07)
                 transport.wait(undone, 60)
         for f in futures:
-            decode_tensor(f.result().output)
+            as_tensor(f.result().output)  # as the dispatcher reads an answer
     return call
 
 

@@ -4,7 +4,8 @@ hidden states (16 and 64 KiB by default) to one echo shard in its own process. R
   frames-raw    request frames built once, written with sendmsg to the echo shard's frame listener, each answer
                 read whole on this thread (FrameReader), nothing decoded: the shard's frame work and the wire
   frames-codec  + the request frame built per call (frames.request_parts), the answer decoded (frames.decode_reply)
-                and its output made a tensor (decode_tensor): a minimal Python frame client
+                and its output made a tensor (frame_types.as_tensor, as the dispatcher does): a minimal Python frame
+                client
   frames-future + a concurrent.futures Future per call, resolved with the answer and read through result()
   transport     the socket transport as the dispatcher uses it (SocketTransport.send, then wait on this thread)
 One caller thread; rungs rotate call by call; glibc malloc tuned everywhere. Writes
@@ -25,7 +26,8 @@ from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frame_socket, frames
-from elasticmoe.rpc.codec import decode_tensor, tune_malloc
+from elasticmoe.rpc.codec import tune_malloc
+from elasticmoe.rpc.frame_types import as_tensor
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 from transport import SIZES, SocketFanout, _fanout, _names, _request, _spawn, _write, round_trips
 
@@ -58,7 +60,7 @@ class FrameClient:
     def codec(self, req: frames.ExpertRequest) -> torch.Tensor:
         self.ids += 1
         self.sock.sendmsg(frames.request_parts(self.ids, req))
-        return decode_tensor(frames.decode_reply(self._answer()).output)
+        return as_tensor(frames.decode_reply(self._answer()).output)
 
     def future(self, req: frames.ExpertRequest) -> torch.Tensor:
         self.ids += 1
@@ -66,7 +68,7 @@ class FrameClient:
         fut.set_running_or_notify_cancel()
         self.sock.sendmsg(frames.request_parts(self.ids, req))
         fut.set_result(frames.decode_reply(self._answer()))
-        return decode_tensor(fut.result().output)
+        return as_tensor(fut.result().output)
 
     def close(self) -> None:
         self.sock.close()

@@ -18,6 +18,7 @@ from elasticmoe.rpc import channel_options, decode_tensor, encode_tensor, server
 from elasticmoe.rpc import experts_pb2 as pb
 from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
 from elasticmoe.rpc import frames, generate
+from elasticmoe.rpc.frame_types import as_tensor
 from elasticmoe.rpc import generation_pb2 as gen
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,8 @@ def test_frame_round_trip(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     assert (reply.id, reply.code, reply.missing, reply.compute_us, reply.placement_version) == (11, 0, [5, 2], 77, 3)
     assert torch.equal(decode_tensor(reply.output), t) and decode_tensor(reply.output).dtype == dtype
     assert pb.ExpertFrame.FromString(wire).frame == wire[8:]  # a plain protobuf message on the wire
+    for got in (as_tensor(req.hidden), as_tensor(reply.output), as_tensor(encode_tensor(t))):  # the hot path's reader
+        assert got.dtype == dtype and got.shape == t.shape and torch.equal(got, t), (got.dtype, got.shape)
 
 
 def test_frame_bfloat16_bits_and_alignment() -> None:

@@ -8,8 +8,7 @@ import torch
 
 from elasticmoe.model.spec import ModelSpec
 from elasticmoe.rpc import experts_pb2 as pb
-from elasticmoe.rpc.codec import DTYPES, decode_tensor
-from elasticmoe.rpc.frame_types import WireTensor
+from elasticmoe.rpc.frame_types import as_tensor
 
 _ID_DTYPES = (torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,8 +37,8 @@ def decode_run(request: pb.RunExpertsRequest, context, spec: ModelSpec, max_rows
     if t > max_rows:
         bad(f"hidden: {t} rows, more than the batched-token limit {max_rows}")
     try:
-        hidden, ids, weights = (_tensor(request.hidden, "hidden"), _tensor(request.topk_ids, "topk_ids"),
-                                _tensor(request.topk_weights, "topk_weights"))
+        hidden, ids, weights = (as_tensor(request.hidden, "hidden"), as_tensor(request.topk_ids, "topk_ids"),
+                                as_tensor(request.topk_weights, "topk_weights"))
     except ValueError as e:
         bad(str(e))
     if hidden.dtype not in _FLOAT_DTYPES or weights.dtype not in _FLOAT_DTYPES or ids.dtype not in _ID_DTYPES:
@@ -57,15 +56,7 @@ def decode_run(request: pb.RunExpertsRequest, context, spec: ModelSpec, max_rows
     return _on(hidden, device, dtype), _on(ids, device), _on(weights, device)
 
 
-def _tensor(msg, field: str) -> torch.Tensor:
-    """codec.decode_tensor, but a frame's tensor (a WireTensor, 2 dims as checked) is read without its checks: the frame
-    decoder proved its dtype, dims and byte count (~2 us less a tensor: this runs per layer and step)."""
-    if type(msg) is not WireTensor:
-        return decode_tensor(msg, field)
-    (rows, cols), dtype = msg.shape, DTYPES[msg.dtype]
-    if not rows or not cols:
-        return torch.empty((rows, cols), dtype=dtype)
-    return torch.frombuffer(msg.data, dtype=dtype).view(rows, cols)
+
 
 
 def _finite_where_routed(weights: torch.Tensor, ids: np.ndarray) -> bool:

@@ -12,7 +12,7 @@ import torch
 from elasticmoe.gateway.routing import RoutingTable
 from elasticmoe.gateway.step_groups import Call, Group, by_lacks, by_shard, only_rows, short_only
 from elasticmoe.gateway.transport import is_busy, is_oversize, is_short
-from elasticmoe.rpc.codec import decode_tensor
+from elasticmoe.rpc.frame_types import as_tensor
 
 if TYPE_CHECKING:
     from elasticmoe.gateway.dispatcher import GrpcDispatcher
@@ -127,7 +127,7 @@ class Step:
             self._fail(g, attempt, None, report=False)
             return
         try:
-            out = decode_tensor(resp.output, "RunExpertsResponse.output")
+            out = as_tensor(resp.output, "RunExpertsResponse.output")
         except ValueError as e:
             out, why = None, str(e)
         if out is None or out.shape != (c.rows.numel(), self.hidden.shape[1]) or not out.is_floating_point():
