@@ -159,6 +159,15 @@ def test_transport_ladder_table():
             _says(cell, r[m]["p50_us"] / 1e3, r[m]["p99_us"] / 1e3)
         for cell, m in zip(row[6:], rungs[1:]):
             _says(cell, r[f"{m}_vs_socket_p50"])
+    lo, hi = _span([c["frames-codec_vs_socket_p50"] for c in cases.values()])  # the minimal client, quoted twice
+    text = " ".join((REPO / "README.md").read_text().split())
+    for quote in (r"a minimal Python frame client, no futures, locks or deadlines, is ([\d.]+)-([\d.]+)x by itself, "
+                  r"`transport-ladder-amd-epyc.json`",
+                  r"A minimal Python frame client, with no futures, locks, deadlines or multiplexing, is already "
+                  r"([\d.]+)-([\d.]+)x the raw socket"):
+        m = re.search(quote, text)
+        assert m, quote
+        _says(f"{m.group(1)} {m.group(2)}", lo, hi)
 
 def test_mtls_table():
     """docs/SECURITY.md's cost table: p50s and their ratio (mTLS p50 / plaintext p50)."""
