@@ -345,6 +345,15 @@ def _write(res: dict, path: str | None, stem: str, args: dict) -> None:
     out.write_text(json.dumps(res, indent=2) + "\n")
 
 
+def report(res: dict, table_text: str, path: str | None, stem: str, args: dict) -> None:
+    """Print a run's machine line and its table, then write its JSON (benchmarks/results/<stem>-<cpu>.json unless
+    `path`): the sibling scripts' (transport_unix.py, transport_ladder.py) ending."""
+    print(f"{res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, load average {res['loadavg_before'][0]:.2f} "
+          f"before, {res['loadavg_after'][0]:.2f} after")
+    print(table_text)
+    _write(res, path, stem, args)
+
+
 def _names(p: argparse.ArgumentParser, flag: str, value: str, known: dict) -> list[str]:
     """A comma-separated option's names, each one of `known`: an unknown one is refused before any echo starts."""
     names = value.split(",")

@@ -29,7 +29,7 @@ from elasticmoe.rpc import frame_socket, frames
 from elasticmoe.rpc.codec import tune_malloc
 from elasticmoe.rpc.frame_types import as_tensor
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
-from transport import SIZES, SocketFanout, _fanout, _names, _request, _spawn, _write, round_trips
+from transport import SIZES, SocketFanout, _fanout, _names, _request, _spawn, report, round_trips
 
 RUNGS = ("socket", "frames-raw", "frames-codec", "frames-future", "transport")
 DEFAULT_SIZES = ("16 KiB", "64 KiB")
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     tune_malloc()
     res = run(a.scale, sizes)
-    print(f"{res['cpu']} ({res['cpus']} CPUs), load average {res['loadavg_before'][0]:.2f} before, "
-          f"{res['loadavg_after'][0]:.2f} after")
-    print(table(res))
-    _write(res, a.json, "transport-ladder", vars(a))
+    report(res, table(res), a.json, "transport-ladder", vars(a))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Frames over the shard's Unix socket against loopback TCP, each next to its own floor, one run: 16 KiB .. 8 MiB of bf16
-hidden states per shard, fanned out to 1, 2 and 4 echo shards (each its own process): a raw socket echo over TCP
+"""Frames over the shard's Unix socket against loopback TCP, each next to its own floor, one run: 16 KiB .. 8 MiB of
+bf16 hidden states per shard, fanned out to 1, 2 and 4 echo shards (each its own process): a raw socket echo over TCP
 ("socket") and over a Unix socket ("socket-unix"), the socket transport over TCP ("frames-tcp", a shard on another
 host) and over the frame listener's Unix socket ("frames-unix", a shard on the gateway's host, as deployed).
 One caller thread; modes rotate call by call; glibc malloc tuned everywhere. Writes
@@ -20,7 +20,7 @@ from elasticmoe.rpc.codec import tune_malloc
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 import rpc_fanout  # benchmarks/rpc_fanout.py
 import socket_echo  # benchmarks/socket_echo.py
-from transport import (SHARDS, SIZES, SocketFanout, _fanout, _names, _request, _start, _target, _write, matrix,
+from transport import (SHARDS, SIZES, SocketFanout, _fanout, _names, _request, _start, _target, matrix, report,
                        round_trips)
 
 MODES = ("socket", "socket-unix", "frames-tcp", "frames-unix")
@@ -58,7 +58,8 @@ def run(scale: float, sizes: list[str], shards: tuple[int, ...]) -> dict:
     lines = [p.stdout.readline().split() for p in echoes]
     targets = {"socket": [f"127.0.0.1:{int(port)}" for port, _ in lines], "socket-unix": [path for _, path in lines]}
     targets["frames-tcp"] = targets["frames-unix"] = [_target(p) for p in frame_shards]
-    transports = {"frames-tcp": SocketTransport(insecure=True, unix=False), "frames-unix": SocketTransport(insecure=True)}
+    transports = {"frames-tcp": SocketTransport(insecure=True, unix=False),
+                  "frames-unix": SocketTransport(insecure=True)}
     try:
         cases = matrix(_case, targets, transports, sizes, shards, scale)
         families = sorted(set(transports["frames-unix"].families.values()))
@@ -100,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     tune_malloc()
     res = run(a.scale, sizes, tuple(int(n) for n in a.shards.split(",")))
-    print(f"{res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, load average {res['loadavg_before'][0]:.2f} "
-          f"before, {res['loadavg_after'][0]:.2f} after")
-    print(table(res))
-    _write(res, a.json, "transport-unix", vars(a))
+    report(res, table(res), a.json, "transport-unix", vars(a))
     return 0
 
 
