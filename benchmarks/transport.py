@@ -8,7 +8,8 @@ socket, against a Unix socket echo: transport_unix.py). glibc malloc tuned every
 One caller thread as the gateway's fan-out; modes rotate call by call, so machine noise hits all alike.
 Writes benchmarks/results/transport-<cpu>.json. Then the mTLS cost (--only mtls: that alone): unary, stream, frames,
 plaintext and mTLS (rpc.tls, a CA made in a temp dir) to one echo shard serving both ports, calls rotating;
-also a fresh connection's first answer (TCP + TLS handshake). Writes benchmarks/results/transport-mtls-<cpu>.json."""
+also a fresh connection's first answer (TCP + TLS handshake): transport_mtls.py. Writes
+benchmarks/results/transport-mtls-<cpu>.json."""
 
 from __future__ import annotations
 
@@ -19,10 +20,8 @@ import json
 import os
 import re
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,17 +31,13 @@ import torch
 from elasticmoe.gateway.socket_transport import SocketTransport
 from elasticmoe.gateway.stream_transport import StreamTransport
 from elasticmoe.gateway.transport import UnaryTransport
-from elasticmoe.rpc import experts_pb2 as pb
-from elasticmoe.rpc import experts_pb2_grpc as pb_grpc
-from elasticmoe.rpc import tls
-from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, server_options, tune_malloc
-from elasticmoe.rpc.frame_service import add_shard_servicer
+from elasticmoe.rpc.codec import HTTP2_TUNING, channel_options, tune_malloc
 from elasticmoe.rpc.frame_types import as_tensor
 from elasticmoe.rpc.frames import ExpertRequest
 from elasticmoe.rpc.unix_socket import tune
 from machine import stamp  # benchmarks/machine.py (run as scripts: benchmarks/ is on sys.path)
 import rpc_fanout  # benchmarks/rpc_fanout.py
-from rpc_fanout import EchoShard, percentiles
+from rpc_fanout import percentiles
 import socket_echo  # benchmarks/socket_echo.py
 from socket_echo import HEADER as _HEADER, recv_into as _recv_into
 
@@ -56,9 +51,9 @@ MODES = ("socket", "unary", "stream", "stream-default", "frames", "frames-thread
 TARGET_MODES = ("stream", "frames")
 # the mTLS comparison: 1 shard; calls per mode (~1.5 min on 2 busy vCPUs); the target for mTLS p50 / plaintext p50
 MTLS_SIZES = {"16 KiB": (2, 1000), "64 KiB": (8, 800), "1 MiB": (128, 300), "8 MiB": (1024, 40)}
-MTLS_MODES = ("unary", "unary-mtls", "stream", "stream-mtls", "frames", "frames-mtls")
-MTLS_KINDS = ("unary", "stream", "frames")
 MTLS_TARGET = 1.10
+
+
 class SocketFanout:
     """The floor: the payload to every shard's socket echo (length-prefixed), then every echo read back."""
 
@@ -91,26 +86,9 @@ class SocketFanout:
             c.close()
 
 
-async def _serve_mtls() -> None:
-    """Echo shards (rpc_fanout.EchoShard, raw-frame stream and frame listener) in one process, a plaintext and an
-    mTLS one: "plain secure"."""
-    servers, ports = [], []
-    for insecure in (True, False):
-        server, shard = grpc.aio.server(options=server_options()), EchoShard()
-        add_shard_servicer(shard, server)
-        ports.append(tls.add_port(server, "127.0.0.1:0", insecure=insecure))
-        shard.listen(insecure=insecure)
-        await server.start()
-        servers.append(server)
-    print(*ports, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # the parent closes stdin to stop us
-    for server in servers:
-        await server.stop(None)
-
-
 def _start(kind: str) -> subprocess.Popen:
     """kind: grpc (rpc_fanout's echo shard, unary + raw stream), grpc-default (HTTP/2 tuning off), socket
-    (socket_echo.py: no torch, no grpc to import), or mtls (_serve_mtls)."""
+    (socket_echo.py: no torch, no grpc to import), or mtls (transport_mtls.serve_mtls)."""
     env = {"ELASTICMOE_GRPC_HTTP2_TUNING": "0"} if kind == "grpc-default" else {}
     if kind == "socket":
         cmd = [sys.executable, socket_echo.__file__]
@@ -139,8 +117,8 @@ def _fanout(transport, targets: list[str], req: ExpertRequest, wait_through: boo
         futures = [transport.send(t, lambda: req, 60) for t in targets]
         if not wait_through:
             cf.wait(futures)
-        else:  # as the dispatcher's step waits (failover.Step.wait); a cf.wait after it cost ~20 us of the caller's
-            while undone := [f for f in futures if not f.done()]:  # time here at 16 KiB (2026-12-07)
+        else:  # as the dispatcher's step waits (failover.Step.wait); a cf.wait after it cost 5-21 us of the
+            while undone := [f for f in futures if not f.done()]:  # caller's time at 16 KiB (2026-12-07, 2 runs)
                 transport.wait(undone, 60)
         for f in futures:
             as_tensor(f.result().output)  # as the dispatcher reads an answer
@@ -256,87 +234,6 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _mtls_case(transports: dict, targets: dict, tokens: int, calls: int) -> dict:
-    """Rotating unary / stream / frames, plaintext / mTLS calls to one shard; mTLS / plaintext latency ratios."""
-    req, payload = _request(tokens)
-    samples: dict[str, list[int]] = {}
-    callers = {m: _fanout(transports[m], [targets[m]], req) for m in MTLS_MODES}
-    r = round_trips(callers, calls, min(20, calls // 4), samples)
-    r.update(payload_bytes=len(payload), calls=calls)
-    for kind in MTLS_KINDS:
-        plain, secure = r[kind], r[f"{kind}-mtls"]
-        r[f"{kind}_mtls_ratio_p50"] = secure["p50_us"] / plain["p50_us"]
-        r[f"{kind}_mtls_ratio_mean"] = secure["mean_us"] / plain["mean_us"]
-        # each mTLS call over the plaintext call of the same rotation (adjacent in time), median
-        r[f"{kind}_mtls_ratio_paired"] = statistics.median(
-            s / p for s, p in zip(samples[f"{kind}-mtls"], samples[kind]))
-    return r
-
-
-def first_answers(plain: str, secure: str, n: int = 20) -> dict:
-    """A fresh channel per call (no shared subchannel): TCP connect, the TLS handshake for mTLS, one Health."""
-    samples: dict[str, list[int]] = {"plaintext": [], "mtls": []}
-    for _ in range(n):
-        for mode, target in (("plaintext", plain), ("mtls", secure)):
-            t0 = time.perf_counter_ns()
-            ch = tls.channel(target, channel_options() + [("grpc.use_local_subchannel_pool", 1)],
-                             insecure=mode == "plaintext")
-            try:
-                pb_grpc.ExpertShardStub(ch).Health(pb.HealthRequest(), timeout=10)
-            finally:
-                ch.close()
-            samples[mode].append(time.perf_counter_ns() - t0)
-    return {m: percentiles(s) for m, s in samples.items()}
-
-
-def run_mtls(scale: float, sizes: list[str] | None = None) -> dict:
-    """The mTLS cost on one shard, with a release's credentials made in a temp dir and read as rpc.tls reads them;
-    `sizes`: of MTLS_SIZES (default all)."""
-    with tempfile.TemporaryDirectory() as d:
-        files = tls.local_ca(Path(d))
-        env = {tls.ENV_CA: str(files.ca), tls.ENV_CERT: str(files.cert), tls.ENV_KEY: str(files.key)}
-        os.environ.update(env)  # the shard's server credentials and the transports' channels (inherited)
-        proc, both = _spawn("mtls")
-        plain, secure = both.split()
-        targets = {m: secure if m.endswith("mtls") else plain for m in MTLS_MODES}
-        kinds = {"unary": UnaryTransport, "stream": StreamTransport, "frames": SocketTransport}
-        transports = {m: kinds[m.split("-")[0]](insecure=t == plain) for m, t in targets.items()}
-        try:
-            cases = {name: _mtls_case(transports, targets, tokens, max(8, int(calls * scale)))
-                     for name, (tokens, calls) in ((n, MTLS_SIZES[n]) for n in sizes or MTLS_SIZES)}
-            connect = first_answers(plain, secure)
-        finally:
-            for t in transports.values():
-                t.close()
-            proc.stdin.close()
-            proc.wait(timeout=30)
-            for k in env:
-                os.environ.pop(k)
-    met = {f"{name} {kind}": r[f"{kind}_mtls_ratio_p50"] <= MTLS_TARGET
-           for name, r in cases.items() for kind in MTLS_KINDS}
-    return {**stamp(), "grpc": grpc.__version__, "loadavg": os.getloadavg(),
-            "target_p50_ratio": MTLS_TARGET,
-            "cases": cases, "target_met": met, "new_connection": connect,
-            "note": "1 echo shard (own process) serving a plaintext and an mTLS port; one caller thread; the four "
-                    "modes rotate call by call; ECDSA P-256 certificates; channels kept open (handshake once); "
-                    "frames = SocketTransport (Python ssl) to the shard's frame listeners, one plaintext, one mTLS"}
-
-
-def mtls_table(res: dict) -> str:
-    """Markdown: plaintext and mTLS p50 per transport and payload, mTLS / plaintext ratios."""
-    lines = ["| payload | " + " | ".join(f"{k} p50 plain / mTLS ms | {k} mTLS / plain p50 (paired, mean)"
-                                        for k in MTLS_KINDS) + " |", "|---" * (1 + 2 * len(MTLS_KINDS)) + "|"]
-    for name, r in res["cases"].items():
-        cells = [f"{r[k]['p50_us'] / 1e3:.2f} / {r[k + '-mtls']['p50_us'] / 1e3:.2f} | {r[k + '_mtls_ratio_p50']:.2f}x"
-                 f" ({r[k + '_mtls_ratio_paired']:.2f}x, {r[k + '_mtls_ratio_mean']:.2f}x)"
-                 for k in MTLS_KINDS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    c = res["new_connection"]
-    lines.append(f"\nfresh connection + first Health p50: plaintext {c['plaintext']['p50_us'] / 1e3:.2f} ms, "
-                 f"mTLS {c['mtls']['p50_us'] / 1e3:.2f} ms")
-    return "\n".join(lines)
-
-
 def _write(res: dict, path: str | None, stem: str, args: dict) -> None:
     res = {**res, "args": args}
     cpu = re.sub(r"[^A-Za-z0-9]+", "-", res["cpu"]).strip("-").lower()
@@ -376,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     sizes, mtls_sizes = _names(p, "--sizes", a.sizes, SIZES), _names(p, "--mtls-sizes", a.mtls_sizes, MTLS_SIZES)
     if a.serve_mtls:
+        from transport_mtls import serve_mtls  # benchmarks/transport_mtls.py (it imports this module)
+
         tune_malloc()
-        asyncio.run(_serve_mtls())
+        asyncio.run(serve_mtls())
         return 0
     torch.set_num_threads(1)
     tune_malloc()  # as the gateway and shard deployments do (and the echo shards, --tune-malloc)
@@ -390,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {t['target']}: {t['value']:.2f} {'met' if t['met'] else 'MISSED'}")
         _write(res, a.json, "transport", vars(a))
     if a.only != "shards":
+        from transport_mtls import mtls_table, run_mtls  # benchmarks/transport_mtls.py (it imports this module)
+
         res = run_mtls(a.scale, mtls_sizes)
         print(f"mTLS: {res['cpu']} ({res['cpus']} CPUs), grpc {res['grpc']}, target p50 <= {MTLS_TARGET}x plaintext")
         print(mtls_table(res))
