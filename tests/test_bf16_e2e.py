@@ -1,4 +1,4 @@
-"""bfloat16 end to end: served greedy tokens equal LLM.generate's on 1, 2 and 3 shards and across a live
+"""bfloat16 end to end: served greedy tokens equal LLM.generate's on 2 and 3 shards and across a live
 re-placement."""
 
 # The experts' weighted sums travel as float64 partials and are combined exactly (model.experts.COMBINE_DTYPE), and each
@@ -27,11 +27,11 @@ AUTO = {"min_shards": 2, "max_shards": 2, "rebalance_interval_s": 3600.0, "max_m
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory) -> dict[str, list[int]]:
-    """Deploy bf16 apps with 1, 2 (re-placeable) and 3 shards; prompt -> LLM.generate's bf16 greedy tokens."""
+    """Deploy bf16 apps with 2 (re-placeable) and 3 shards; prompt -> LLM.generate's bf16 greedy tokens. (A 1-shard
+    app, dropped to save its three replicas' start-up, split no expert's tokens and no layer's experts.)"""
     tmp = tmp_path_factory.mktemp("bf16")
     model = make_skewed_model(tmp / "skew")  # hot experts: a rebalance has load to even out
-    deploy(ray_cluster, [app_entry("bf1", model, 1, dtype="bfloat16"),
-                         app_entry("bf2", model, 2, dtype="bfloat16", autoscaling=AUTO),
+    deploy(ray_cluster, [app_entry("bf2", model, 2, dtype="bfloat16", autoscaling=AUTO),
                          app_entry("bf3", model, 3, dtype="bfloat16")], tmp / "bf16.yaml")
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     bf16, fp32 = LLM(str(model), dtype="bfloat16"), LLM(str(model))
@@ -53,7 +53,7 @@ def _all(app: str) -> dict[str, list[int]]:
     return {p: _greedy(app, p) for p in PROMPTS}  # one at a time, like the reference
 
 
-@pytest.mark.parametrize("app", ["bf1", "bf2", "bf3"])
+@pytest.mark.parametrize("app", ["bf2", "bf3"])
 def test_bf16_tokens_equal_offline_whatever_the_shard_count(app, reference):
     assert _all(app) == reference
 

@@ -22,7 +22,7 @@ PROMPTS = ["The expert said", "Once upon a time in a land far away", "Mixture"]
 # served parity across structurally different families: softmax router (Mixtral), MLA + sigmoid grouped routing with
 # a correction bias (DeepSeek-V3), sinks + sliding windows + biased clamped-SwiGLU experts (GPT-OSS), Gated DeltaNet
 # layers whose per-slot state the gateway carries across steps beside gated attention, a sigmoid-gated shared expert
-# and a dense layer (Qwen3-Next); on 2 and 3 shards (1, 2 and 3 shards give identical bf16 tokens: test_bf16_e2e)
+# and a dense layer (Qwen3-Next); on 2 and 3 shards (2 and 3 shards give identical bf16 tokens: test_bf16_e2e)
 APPS = {"mix2": ("mixtral", 2), "ds3": ("deepseek_v3", 3), "oss2": ("gpt_oss", 2), "qn2": ("qwen3_next", 2)}
 
 
