@@ -27,8 +27,8 @@ AUTO = {"min_shards": 2, "max_shards": 2, "rebalance_interval_s": 3600.0, "max_m
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory) -> dict[str, list[int]]:
-    """Deploy bf16 apps with 2 (re-placeable) and 3 shards; prompt -> LLM.generate's bf16 greedy tokens. (A 1-shard
-    app, dropped to save its three replicas' start-up, split no expert's tokens and no layer's experts.)"""
+    """Deploy bf16 apps with 2 (re-placeable) and 3 shards; prompt -> LLM.generate's bf16 greedy tokens. (No 1-shard
+    app: it would split neither a layer's experts nor an expert's tokens, and its 3 replicas take ~30 s to start.)"""
     tmp = tmp_path_factory.mktemp("bf16")
     model = make_skewed_model(tmp / "skew")  # hot experts: a rebalance has load to even out
     deploy(ray_cluster, [app_entry("bf2", model, 2, dtype="bfloat16", autoscaling=AUTO),
