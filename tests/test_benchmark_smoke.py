@@ -230,7 +230,6 @@ def test_transport_unix_benchmark_smoke(tmp_path):
         assert case["unix_vs_tcp_p50"] == case["frames-unix"]["p50_us"] / case["frames-tcp"]["p50_us"]
 
 
-
 def test_transport_ladder_benchmark_smoke(tmp_path):
     """A few calls per rung at 16 KiB to one echo shard (the script itself checks the echo's bytes): every rung timed,
     every ratio derived from the timings."""
@@ -242,6 +241,7 @@ def test_transport_ladder_benchmark_smoke(tmp_path):
     for rung in ("frames-raw", "frames-codec", "frames-future", "transport"):
         assert 0 < case[rung]["p50_us"] <= case[rung]["p99_us"], (rung, case[rung])
         assert case[f"{rung}_vs_socket_p50"] == case[rung]["p50_us"] / case["socket"]["p50_us"], rung
+
 
 REFUSALS = """
 import contextlib, io, json, sys

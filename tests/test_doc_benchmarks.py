@@ -146,7 +146,6 @@ def test_transport_unix_table():
         _says(row[8], r["frames-unix_vs_socket_p50"])
 
 
-
 def test_transport_ladder_table():
     """The round trip's rungs: each rung's p50 / p99 and its p50 over the raw socket's."""
     cases = _json("transport-ladder-amd-epyc.json")["cases"]
@@ -168,6 +167,7 @@ def test_transport_ladder_table():
         m = re.search(quote, text)
         assert m, quote
         _says(f"{m.group(1)} {m.group(2)}", lo, hi)
+
 
 def test_mtls_table():
     """docs/SECURITY.md's cost table: p50s and their ratio (mTLS p50 / plaintext p50)."""

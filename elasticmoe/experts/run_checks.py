@@ -56,8 +56,6 @@ def decode_run(request: pb.RunExpertsRequest, context, spec: ModelSpec, max_rows
     return _on(hidden, device, dtype), _on(ids, device), _on(weights, device)
 
 
-
-
 def _finite_where_routed(weights: torch.Tensor, ids: np.ndarray) -> bool:
     """Whether weights [T, k] are finite wherever ids [T, k] >= 0 (a -1 slot's weight is ignored)."""
     w = (weights if weights.dtype != torch.bfloat16 else weights.float()).numpy()  # numpy has no bfloat16
