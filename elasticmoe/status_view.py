@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import Any, Callable, TextIO
@@ -208,6 +209,8 @@ def controller(address: str, app: str = "elasticmoe"):
     from ray import serve
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    # Serve's own logger (INFO, its own stderr handler) would print its router's start-up line into a CLI's output
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return serve.get_deployment_handle("Controller", app_name=app)
 
 
