@@ -49,15 +49,16 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
     holdings (Recovery)."""
 
     def __init__(self, args: dict):
-        from elasticmoe.model import open_model
+        from elasticmoe.model.layout import moe_layout
 
         self.args = AppArgs.model_validate(args)
         self.epoch = secrets.token_hex(8)  # this instance: its table versions say nothing about another's
         self.weights = weights_id(self.args)  # in its tables and plans: no gateway or shard of other weights follows
-        spec = open_model(self.args.model, check_shapes=False).spec  # (the gateway checks the dense weights)
-        self.moe_layers = spec.moe.moe_layers
+        # (the gateway checks the whole checkpoint, the shards their experts): no torch where a spec was derived before
+        layout = moe_layout(self.args.model)
+        self.moe_layers = list(layout.moe_layers)
         self.layer_index = {l: i for i, l in enumerate(self.moe_layers)}
-        self.num_experts = spec.moe.num_experts
+        self.num_experts = layout.num_experts
         check_slots(self.args, self.num_experts)  # as the app build does (a tiny:<family> model is known only now)
         auto = self.args.autoscaling
         n, copies = self.args.num_shards, self.args.expert_copies
@@ -76,7 +77,7 @@ class Controller(Mover, StatsKeeper, Recovery, Replacer, HealthKeeper):
         Mover.__init__(self, insecure=self.args.insecure_internal, successor=rec is not None)
         from elasticmoe.metrics import GatewayMetrics
 
-        self.metrics = GatewayMetrics(self.args.expert_metrics, spec.num_layers, self.num_experts, self.moe_layers)
+        self.metrics = GatewayMetrics(self.args.expert_metrics, layout.num_layers, self.num_experts, self.moe_layers)
         self._verdicts, self._wake = {}, asyncio.Event()  # the health rounds' (HealthKeeper)
         self._save()
 

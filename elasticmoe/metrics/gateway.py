@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-import torch
 
 from elasticmoe.metrics.series import ray_metrics
+
+if TYPE_CHECKING:  # imported where routes are counted (a gateway): the controller's replica imports no torch
+    import torch
 
 EXPERT_METRIC_MODES = ("per_expert", "per_layer", "off")
 PLACEMENT_REASONS = ("rebalance", "scale_out", "scale_in", "rehome")  # why a placement change was applied
@@ -228,6 +230,8 @@ class GatewayMetrics:
         """
         if self.mode == "off" or topk_ids.numel() == 0:
             return
+        import torch  # loaded already by whoever made topk_ids
+
         ids = topk_ids.reshape(-1).long()
         if ids.device.type == "cpu" and int(ids.min()) < 0:  # on GPU, checking would sync: ids must be valid
             ids = ids[ids >= 0]
