@@ -1,5 +1,4 @@
-"""A checkpoint's ModelSpec (and its MoE layout, readable without torch) kept on disk, by its config.json, transformers'
-version and this package's model code."""
+"""A checkpoint's ModelSpec and its MoE layout (JSON: read without torch) kept on disk, keyed by config.json and code."""
 
 from __future__ import annotations
 
