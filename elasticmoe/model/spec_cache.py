@@ -1,4 +1,4 @@
-"""A checkpoint's ModelSpec and its MoE layout (JSON: read without torch) kept on disk, keyed by config.json and code."""
+"""A checkpoint's ModelSpec and its MoE layout (JSON: read without torch) kept on disk, keyed by its config and code."""
 
 from __future__ import annotations
 
