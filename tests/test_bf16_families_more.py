@@ -26,6 +26,7 @@ CASES = {  # MORE_CASES' fields, wider, with these changes
     "mimo_v2_flash": dict(num_key_value_heads=1),  # its sliding layers double it
     "gemma4_text": {},
     "gemma4": {},  # WIDE goes into text_config
+    "lfm2_moe": {},
 }
 DTYPES = ("bfloat16", "float16")
 

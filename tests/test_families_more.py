@@ -25,6 +25,9 @@ QWEN3_5_TEXT = dict(moe_intermediate_size=64, num_experts=8, shared_expert_inter
                     linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention", "linear_attention"],
                     rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                          mrope_section=[2, 1, 1], mrope_interleaved=True))
+# LFM2-MoE: short-conv layers around a full-attention one, a dense first layer, routed scaling
+LFM2 = dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_dense_layers=1, conv_L_cache=3,
+            layer_types=["conv", "full_attention", "conv"], routed_scaling_factor=1.5)
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                  num_experts_per_tok=2, max_position_embeddings=2048, initializer_range=0.15, bos_token_id=1,
                  eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
@@ -126,6 +129,10 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                    "Gated DeltaNet layers (conv and recurrent state per slot) beside gated full attention, "
                    "zero-centred RMSNorms, partial rotary, shared expert with a sigmoid gate, dense first layer; "
                    "chunked prefill, batches and retries in tests/test_families_linear.py"),
+    "lfm2_moe": ("Lfm2MoeConfig", LFM2,
+                 "short-convolution layers (their conv window per slot) beside full attention with per-head q/k "
+                 "norms, sigmoid routing with expert bias, top-k sum + 1e-6, routed scaling, dense first layer; "
+                 "chunked prefill, batches and retries in tests/test_families_conv.py"),
     "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_TEXT,
                          "Qwen3-Next's layers with Qwen3.5's separate in_proj_qkv / z / b / a, every layer MoE, "
                          "multimodal rotary sections on text positions"),
@@ -204,7 +211,7 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
 # routing biases made non-zero: checked loaded
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa",
                      "kolibri1", "beam", "glm4v_moe",
-                     "mimo_v2_flash"}
+                     "mimo_v2_flash", "lfm2_moe"}
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +304,7 @@ README_REJECTED = [
      ("Mamba",)),
     ("linear attention (Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
      {"qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
-    ("short convolutions (LFM2-MoE, Inkling)", {"lfm2_moe", "inkling"}, ("short-convolution",)),
+    ("short convolutions with relative-position logits (Inkling)", {"inkling"}, ("short-convolution",)),
     ("sparse-attention indexers (DeepSeek-V4, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
      {"deepseek_v4", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},
      ("indexer",)),

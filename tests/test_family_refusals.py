@@ -47,7 +47,6 @@ REJECTED_CASES = [  # (config class, model_type, words the message must hold)
     ("GraniteMoeHybridConfig", "granitemoehybrid", "Mamba"),
     ("KimiLinearConfig", "kimi_linear", "linear-attention"),
     ("MiniMaxConfig", "minimax", "lightning (linear) attention"),
-    ("Lfm2MoeConfig", "lfm2_moe", "short-convolution"),
     ("JetMoeConfig", "jetmoe", "mixture-of-attention heads"),
     ("Step3p7Config", "step3p7", "per-layer head counts"),
     ("DeepseekV4Config", "deepseek_v4", "hyper-connections"),

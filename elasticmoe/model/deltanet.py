@@ -7,23 +7,24 @@ import torch.nn.functional as F
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
 from elasticmoe.model.batch import StepBatch, to_device
-from elasticmoe.model.linear_spec import DeltaNetSpec
+from elasticmoe.model.linear_spec import DeltaNetSpec, ShortConvSpec
 
 F32 = torch.float32
 CHUNK = 64  # tokens per block of the chunked delta rule (transformers' torch fallback's chunk_size)
 
 
 class DeltaState:
-    """One linear layer's state per KV-cache slot: the conv window [slots, 2, C, K-1] (model dtype, as transformers
-    keeps it) and the recurrent state [slots, 2, v_heads, k_dim, v_dim] (float32), each in two copies with the
-    position they hold (`pos`). A step reads the copy at the position its chunk starts from and writes the other:
-    a step repeated (the engine's retries, halves and pieces) reads the same state again. A chunk starting at 0
-    starts from zeros, whatever a slot's last request left."""
+    """One per-slot-state layer's state per KV-cache slot: the conv window [slots, 2, C, K-1] (model dtype, as
+    transformers keeps it) and, for Gated DeltaNet, the recurrent state [slots, 2, v_heads, k_dim, v_dim] (float32;
+    None for LFM2's short convolutions, spec.rec_shape), each in two copies with the position they hold (`pos`). A
+    step reads the copy at the position its chunk starts from and writes the other: a step repeated (the engine's
+    retries, halves and pieces) reads the same state again. A chunk starting at 0 starts from zeros, whatever a
+    slot's last request left."""
 
-    def __init__(self, spec: DeltaNetSpec, num_slots: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: DeltaNetSpec | ShortConvSpec, num_slots: int, dtype: torch.dtype, device: torch.device):
         self.conv = torch.zeros(num_slots, 2, spec.conv_dim, spec.conv_kernel - 1, dtype=dtype, device=device)
-        self.rec = torch.zeros(num_slots, 2, spec.num_v_heads, spec.head_k_dim, spec.head_v_dim, dtype=F32,
-                               device=device)
+        shape = spec.rec_shape
+        self.rec = None if shape is None else torch.zeros(num_slots, 2, *shape, dtype=F32, device=device)
         self.pos = [[-1, -1] for _ in range(num_slots)]
 
     def copies(self, slot: int, start: int) -> tuple[int | None, int]:
@@ -39,11 +40,13 @@ class DeltaState:
 
     def clear(self, slot: int) -> None:
         self.conv[slot].zero_()
-        self.rec[slot].zero_()
+        if self.rec is not None:
+            self.rec[slot].zero_()
         self.pos[slot] = [-1, -1]
 
     def nbytes_per_slot(self) -> int:
-        return (self.conv[0].numel() * self.conv.element_size() + self.rec[0].numel() * self.rec.element_size())
+        rec = 0 if self.rec is None else self.rec[0].numel() * self.rec.element_size()
+        return self.conv[0].numel() * self.conv.element_size() + rec
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -50,9 +50,12 @@ def _layer_bytes(spec: ModelSpec, ckpt: Checkpoint, i: int, n: LayerNames, size,
     if spec.linear is not None and spec.linear.layers[i]:
         total = sum(size(name) for name in n.linear.values())
         conv = n.linear.get("conv")  # absent: refused by name as DenseModel loads the layer (layer_weights)
-        if conv and size(conv) != size(conv, F32):  # GatedDeltaNet: conv_w, its float32 copy
+        if conv and size(conv) != size(conv, F32):  # conv_w, its float32 copy
             total += size(conv, F32)
-        total += spec.linear.num_v_heads * 4  # neg_decay [v_heads] float32
+        conv_bias = n.linear.get("conv_bias")  # ShortConv: its float32 copy
+        if conv_bias and size(conv_bias) != size(conv_bias, F32):
+            total += size(conv_bias, F32)
+        total += spec.linear.f32_floats * 4  # GatedDeltaNet: neg_decay [v_heads] float32
     else:
         attn = own_attn(spec, ckpt, i, n)
         total = sum(size(name, F32 if role in F32_ATTN else None, role in NORMED_ATTN) for role, name in attn.items())

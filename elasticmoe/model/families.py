@@ -80,7 +80,9 @@ class Family:
     # (part, config flag): the "attn" / "mlp" / "lm_head" projections transformers builds with biases when the flag
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
-    linear_attn: str | None = None  # the kind of config.layer_types' "linear_attention" layers ("gated_deltanet")
+    linear_attn: str | None = None  # the kind of config.layer_types' "linear_attention" layers ("gated_deltanet"),
+    #                                 or "short_conv": LFM2's "conv" layers
+    topk_norm_add: float | None = None  # added to the top-k sum it renormalises by (None: MoESpec.norm_add's default)
     centred_norms: bool = False  # zero-centred RMSNorms: weight (1 + w), every norm but the linear layers' gated one
     attn_output_gate: bool = False  # q_proj holds [q ; gate] per head: the output is multiplied by sigmoid(gate)
     ignored: tuple[str, ...] = ()  # tensor-name patterns transformers ignores on load (multi-token prediction)
@@ -205,6 +207,12 @@ FAMILIES: dict[str, Family] = {
                          "layer_types"),
                    scoring="sigmoid", block="gemma", depth_scaled=True, nope_query_scale=(2048.0, 0.1),
                    nope_types=True),
+    # LFM2-MoE: short-convolution layers (conv) beside full attention with per-head q/k norms (q_layernorm,
+    # k_layernorm), operator_norm / ffn_norm, final embedding_norm; sigmoid routing with expert_bias, a top-k sum + 1e-6
+    "lfm2_moe": Family(keys=("num_experts", "moe_intermediate_size", "num_dense_layers", "use_expert_bias",
+                             "routed_scaling_factor", "norm_topk_prob", "layer_types", "conv_L_cache", "conv_bias",
+                             "norm_eps", "tie_embedding"),
+                       scoring="sigmoid", linear_attn="short_conv", topk_norm_add=1e-6, biases=()),
     # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
     "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_DELTANET),

@@ -12,11 +12,12 @@ from elasticmoe.model.spec import AttentionSpec, ModelSpec
 class KVCache:
     """Per layer: K and V [blocks, block_size, kv_heads, d] (GQA) or the latent [blocks, block_size, r + rope] (MLA),
     at that layer's own shapes (AttentionSpec.layer), then, on a layer running a sparse-attention indexer, its keys
-    [blocks, block_size, index_head_dim]; a linear-attention layer keeps no K/V but its state per slot (`linear`:
-    layer -> DeltaState). A layer sharing another's keys and values (AttentionSpec.kv_source) holds none: its entry is
-    that layer's tensors. Which blocks hold a slot's positions: `table` (BlockTable); the tensors hold `num_blocks`
-    blocks and one more, the table's null block (kept zero). num_blocks None: every slot gets ceil(max_len /
-    block_size) blocks of its own, fixed (the unpaged size; a model driven without an engine's block pool)."""
+    [blocks, block_size, index_head_dim]; a linear-attention or short-conv layer keeps no K/V but its state per slot
+    (`linear`: layer -> DeltaState). A layer sharing another's keys and values (AttentionSpec.kv_source) holds none:
+    its entry is that layer's tensors. Which blocks hold a slot's positions: `table` (BlockTable); the tensors hold
+    `num_blocks` blocks and one more, the table's null block (kept zero). num_blocks None: every slot gets
+    ceil(max_len / block_size) blocks of its own, fixed (the unpaged size; a model driven without an engine's block
+    pool)."""
 
     def __init__(self, spec: ModelSpec, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
                  num_blocks: int | None = None, block_size: int = 16):

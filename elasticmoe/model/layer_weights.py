@@ -1,4 +1,4 @@
-"""One decoder layer's attention weights, shape-checked: grouped-query or MLA (with its indexer), or Gated DeltaNet."""
+"""One decoder layer's attention weights, shape-checked: GQA or MLA (with its indexer), Gated DeltaNet, short conv."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.dense_roles import F32_ATTN, NORMED_ATTN, own_attn
 from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.indexer import ROLES as INDEX_ROLES, index_shapes
-from elasticmoe.model.linear_spec import LAYOUTS, LINEAR
+from elasticmoe.model.linear_spec import LAYOUTS, LINEAR, ShortConvSpec
 from elasticmoe.model.names import ATTN, LayerNames
+from elasticmoe.model.short_conv import ShortConv
 from elasticmoe.model.spec import AttentionSpec
 
 if TYPE_CHECKING:
@@ -67,9 +68,12 @@ def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention
     return Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
 
 
-def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet:
-    """Layer i's Gated DeltaNet from its linear_attn.* weights (names: role -> tensor), shapes checked."""
+def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet | ShortConv:
+    """Layer i's Gated DeltaNet from its linear_attn.* weights (names: role -> tensor), shapes checked; or its
+    short convolution (LFM2's conv.*)."""
     sp, hidden = model.spec.linear, model.spec.hidden_size
+    if isinstance(sp, ShortConvSpec):
+        return short_conv_layer(model, i, names)
     kd, vd, nv = sp.key_dim, sp.value_dim, sp.num_v_heads
     layout = next((roles for roles in LAYOUTS if all(r in names for r in roles)), LAYOUTS[0])
     shapes = {"qkvz": (2 * kd + 2 * vd, hidden), "ba": (2 * nv, hidden), "qkv": (2 * kd + vd, hidden),
@@ -83,3 +87,14 @@ def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDel
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks linear_attn.{LINEAR[role]}")
     w = {r: model.load(n, shape=shapes[r]) for r, n in names.items()}
     return GatedDeltaNet(sp, i, flat_projections(w, sp), model.spec.rms_norm_eps)
+
+
+def short_conv_layer(model: "DenseModel", i: int, names: dict[str, str]) -> ShortConv:
+    """Layer i's short convolution from its conv.* weights (names: role -> tensor), shapes checked."""
+    sp, h = model.spec.linear, model.spec.hidden_size
+    shapes = {"in": (3 * h, h), "in_bias": (3 * h,), "conv": (h, 1, sp.conv_kernel), "conv_bias": (h,),
+              "out": (h, h), "out_bias": (h,)}
+    for role, suffix in sp.weights.items():
+        if role not in names:
+            raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks {suffix}")
+    return ShortConv(sp, i, {r: model.load(n, shape=shapes[r]) for r, n in names.items()})

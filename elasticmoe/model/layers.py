@@ -102,7 +102,7 @@ def route(
 
     optional soft-capping of the logits (Laguna); softmax or sigmoid scores; optional score-correction bias
     (affects the choice, not the weights); group-limited routing (keep the best `topk_group` of `n_group` groups);
-    optional renormalisation (its denominator floored at moe.norm_min); the routed scaling factor.
+    optional renormalisation (its denominator floored at moe.norm_min, plus moe.norm_add); the routed scaling factor.
     PhiMoE: sparsemixer.
     """
     if moe.router_softcap > 0:  # Laguna
@@ -128,7 +128,8 @@ def route(
         denom = topk_weights.sum(-1, keepdim=True)
         if moe.norm_min > 0:  # Ernie 4.5: a floor on the sum, which then shrinks the weights
             denom = denom.clamp(min=moe.norm_min)
-        topk_weights = topk_weights / (denom + 1e-20 if moe.scoring == "sigmoid" else denom)
+        add = moe.norm_add if moe.norm_add is not None else (1e-20 if moe.scoring == "sigmoid" else 0.0)
+        topk_weights = topk_weights / (denom + add if add else denom)
     if moe.routed_scaling_factor != 1.0:
         topk_weights = topk_weights * moe.routed_scaling_factor
     return topk_ids, topk_weights

@@ -1,4 +1,4 @@
-"""The linear-attention (Gated DeltaNet) layers of a ModelSpec, derived from a Hugging Face config."""
+"""The per-slot-state layers of a ModelSpec (Gated DeltaNet, LFM2's short convolutions), derived from a config."""
 
 from __future__ import annotations
 
@@ -36,9 +36,69 @@ class DeltaNetSpec:
         """Channels of the conv: q, k and v."""
         return 2 * self.key_dim + self.value_dim
 
+    @property
+    def rec_shape(self) -> tuple[int, ...] | None:
+        """One sequence's recurrent state: [v_heads, k_dim, v_dim] (float32)."""
+        return self.num_v_heads, self.head_k_dim, self.head_v_dim
+
+    @property
+    def weights(self) -> dict[str, str]:
+        """role -> checkpoint suffix under the layer's prefix."""
+        return {r: f"linear_attn.{s}" for r, s in LINEAR.items()}
+
+    @property
+    def f32_floats(self) -> int:
+        """float32 values the layer derives at load beside its conv's copy: -exp(A_log) [v_heads]."""
+        return self.num_v_heads
+
     def state_floats(self) -> tuple[int, int]:
         """(conv window, recurrent state) values one sequence keeps per layer."""
         return self.conv_dim * (self.conv_kernel - 1), self.num_v_heads * self.head_k_dim * self.head_v_dim
+
+
+@dataclass(frozen=True)
+class ShortConvSpec:
+    """LFM2's short convolutions: in_proj to [B ; C ; x] (H each), B * x through a causal depthwise conv of
+    conv_kernel taps over the sequence, C times its output, out_proj. Its state: the conv window alone."""
+
+    hidden_size: int
+    conv_kernel: int  # conv_L_cache
+    bias: bool  # conv_bias: in_proj, conv and out_proj carry biases
+    layers: tuple[bool, ...]  # per layer: short conv (True) or full attention
+
+    rec_shape = None  # no recurrent state
+    f32_floats = 0
+
+    @property
+    def conv_dim(self) -> int:
+        return self.hidden_size
+
+    @property
+    def weights(self) -> dict[str, str]:
+        """role -> checkpoint suffix under the layer's prefix (biases only where conv_bias makes them)."""
+        names = {"in": "conv.in_proj.weight", "conv": "conv.conv.weight", "out": "conv.out_proj.weight"}
+        if self.bias:
+            names.update(in_bias="conv.in_proj.bias", conv_bias="conv.conv.bias", out_bias="conv.out_proj.bias")
+        return names
+
+    def state_floats(self) -> tuple[int, int]:
+        """(conv window, recurrent state) values one sequence keeps per layer."""
+        return self.conv_dim * (self.conv_kernel - 1), 0
+
+
+def linear_from_config(cfg: Any, num_layers: int, fam: Family) -> DeltaNetSpec | ShortConvSpec | None:
+    """The layers with a per-slot state that config.layer_types names: LFM2's "conv" (Family.linear_attn
+    "short_conv"), else Gated DeltaNet's "linear_attention" (deltanet_from_config)."""
+    if fam.linear_attn != "short_conv":
+        return deltanet_from_config(cfg, num_layers, fam)
+    types = _get(cfg, "layer_types") or ()
+    if len(types) != num_layers or set(types) - {"conv", "full_attention"}:
+        raise ModelSpecError(f"config.layer_types={list(types)!r}: want {num_layers} of conv / full_attention")
+    kernel = getattr(cfg, "conv_L_cache", None)
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1:
+        raise ModelSpecError(f"config.conv_L_cache={kernel!r}: want a positive integer")
+    return ShortConvSpec(hidden_size=cfg.hidden_size, conv_kernel=kernel, bias=bool(_get(cfg, "conv_bias")),
+                         layers=tuple(t == "conv" for t in types))
 
 
 def deltanet_from_config(cfg: Any, num_layers: int, fam: Family) -> DeltaNetSpec | None:
@@ -47,7 +107,7 @@ def deltanet_from_config(cfg: Any, num_layers: int, fam: Family) -> DeltaNetSpec
     types = _get(cfg, "layer_types") or ()
     if "linear_attention" not in types:
         return None
-    if fam.linear_attn != "gated_deltanet":
+    if fam.linear_attn != "gated_deltanet":  # LFM2 included: its layer types are conv / full_attention
         raise ModelSpecError(f"config.layer_types: model_type {cfg.model_type!r} has no linear-attention layers "
                              "elasticmoe runs")
     if len(types) != num_layers or set(types) - set(LAYER_KINDS):

@@ -36,6 +36,8 @@ class MoESpec:
     zero_experts: int = 0  # LongCat: router ids num_experts.. are identity experts (weight * x), run in place
     experts_in_out: bool = False  # packed experts stored [E, H, 2I] / [E, I, H] (Llama 4, Aria), square ones too
     norm_min: float = 0.0  # floor of the top-k renormalisation's denominator (Ernie 4.5's moe_norm_min)
+    router_bias: bool = True  # a stored correction bias is read (LFM2's use_expert_bias false: transformers drops it)
+    norm_add: float | None = None  # added to the top-k sum it divides by (None: 1e-20 for sigmoid, 0; LFM2: 1e-6)
     router_softcap: float = 0.0  # router logits soft-capped to cap * tanh(logits / cap) before scoring (0: none)
     bias_on_logits: bool = False  # the correction bias joins the raw logits, not the scores, for the choice
 
@@ -164,6 +166,8 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         norm_min=_norm_min(cfg) if model_type == "ernie4_5_moe" else 0.0,
         router_softcap=_softcap(cfg),
         bias_on_logits=fam.bias_on_logits,
+        router_bias=bool(_get(cfg, "use_expert_bias", default=True)),
+        norm_add=fam.topk_norm_add,
     )
 
 

@@ -11,7 +11,6 @@ from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.expert_check import check_expert_dtypes, check_expert_shapes, check_experts
 from elasticmoe.model.expert_names import LAYER, ExpertRef, expert_parts, expert_ref
 from elasticmoe.model.extras import BESIDE_NORMS, layer_extras, model_extras
-from elasticmoe.model.linear_spec import LINEAR
 from elasticmoe.model.mlp_shapes import built_shapes
 from elasticmoe.model.spec import ModelSpec
 
@@ -38,9 +37,12 @@ ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
     "index_q": "indexer.wq_b.weight", "index_k": "indexer.wk.weight", "index_norm": "indexer.k_norm.weight",
     "index_norm_b": "indexer.k_norm.bias", "index_weights": "indexer.weights_proj.weight",
 }
-# Norms of one decoder layer by block layout: role -> module name.
+# other names of an ATTN role, tried after its own (LFM2: out_proj, q_layernorm, k_layernorm)
+_ATTN_ALT = {"o": ("out_proj.weight",), "q_norm": ("q_layernorm.weight",), "k_norm": ("k_layernorm.weight",)}
+# Norms of one decoder layer by block layout: role -> module name (a tuple: alternatives, the first found).
 NORMS = {
-    "pre": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
+    "pre": {"attn_in": ("input_layernorm", "operator_norm"),  # LFM2: operator_norm, ffn_norm
+            "mlp_in": ("post_attention_layernorm", "ffn_norm")},
     "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
     "sandwich": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
                  "mlp_in": "pre_mlp_layernorm", "mlp_out": "post_mlp_layernorm"},
@@ -70,7 +72,7 @@ class LayerNames:
     attn: dict[str, str] = field(default_factory=dict)  # role (see ATTN) -> name
     norms: dict[str, str] = field(default_factory=dict)  # role (see NORMS) -> weight name; "<role>_bias" -> bias
     router_logit_bias: str | None = None  # GPT-OSS: added to the router logits
-    linear: dict[str, str] = field(default_factory=dict)  # a linear-attention layer's: role (see LINEAR) -> name
+    linear: dict[str, str] = field(default_factory=dict)  # a per-slot-state layer's: role -> name (its spec's weights)
     extras: dict[str, str] = field(default_factory=dict)  # role -> name: layer scalar, PLE, router scales (extras)
 
 
@@ -89,7 +91,7 @@ class WeightNames:
         self.packed = any(r.gate_up is not None for r in self.experts.values())
         base = self.root.rsplit("layers", 1)[0]  # "model."
         self.embed = self._need(f"{base}embed_tokens.weight")
-        self.norm = self._need(f"{base}norm.weight")
+        self.norm = self._first(f"{base}norm.weight") or self._need(f"{base}embedding_norm.weight")  # LFM2's
         self.norm_bias = self._first(f"{base}norm.bias")
         self.lm_head = self._first("lm_head.weight")
         if self.lm_head is None and not spec.tie_word_embeddings:
@@ -158,10 +160,11 @@ class WeightNames:
         sinks = ("sinks", "softmax_offset", "attention_sink_bias")  # Flint's: softmax_offset; MiMo's hub names
         lin = self.spec.linear is not None and self.spec.linear.layers[i]  # a linear layer has no self_attn
         names = {**ATTN, "gate": f"{self.spec.attention.gate_name}.weight"}
-        attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in (sinks if role == "sinks" else (s,))))
-                for role, s in names.items() if not lin and (role != "sinks" or self.spec.attention.layer(i).sinks)}
+        alts = {**{r: (s, *_ATTN_ALT.get(r, ())) for r, s in names.items()}, "sinks": sinks}  # role -> names
+        attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in alts[role]))
+                for role in names if not lin and (role != "sinks" or self.spec.attention.layer(i).sinks)}
         attn = {role: n for role, n in attn.items() if n is not None}
-        linear = {r: n for r, s in LINEAR.items() if lin and (n := self._first(f"{prefix}linear_attn.{s}"))}
+        linear = {r: n for r, s in self.spec.linear.weights.items() if (n := self._first(prefix + s))} if lin else {}
         self._check_biases("attn", [n for role, n in attn.items() if role.endswith("_bias")])
         norms: dict[str, str] = {}
         block = self.blocks.get(i)
@@ -186,6 +189,9 @@ class WeightNames:
             raise CheckpointError(f"{self.ckpt.path}: MoE layer {i} ({block}) has no router weight "
                                   f"({block}gate.weight)")
         bias = self._first(*(block + b for b in _ROUTER_BIASES), prefix + "moe.router.expert_bias")  # Kolibri's hub
+        if bias is not None and not self.spec.moe.router_bias:  # left unused: check_all_used names it
+            self.used.discard(bias)
+            bias = None
         shared = next((s for s in (self._mlp(f"{block}{n}.") for n in _SHARED) if s), None)
         if shared is None:  # GraniteMoeShared: the shared MLP sits beside the MoE block
             shared = self._mlp(f"{prefix}shared_mlp.")

@@ -11,7 +11,6 @@ REJECTED: dict[str, str] = {
     "kimi_linear": "linear-attention (Kimi Delta Attention) layers",
     "bailing_hybrid": "linear-attention layers",
     "minimax": "lightning (linear) attention layers",
-    "lfm2_moe": "short-convolution layers",
     "llama4": "a vision encoder (a multimodal model; its text-only checkpoints are model_type llama4_text)",
     "jetmoe": "mixture-of-attention heads",
     "nllb_moe": "encoder-decoder layers",

@@ -13,7 +13,7 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
     ModelSpecError, act_name, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
     longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary, per_layer_input,
 )
-from elasticmoe.model.linear_spec import DeltaNetSpec, deltanet_from_config
+from elasticmoe.model.linear_spec import DeltaNetSpec, ShortConvSpec, linear_from_config
 from elasticmoe.model.layer_attention import (
     gate_fields, global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, per_layer_overrides,
     rope_tables, sliding_overrides, typed_rope, v_from_k,
@@ -116,7 +116,7 @@ class ModelSpec:
     logit_softcap: float | None = None  # final_logit_softcapping: logits = cap * tanh(logits / cap)
     mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
     biases: tuple[tuple[str, str, bool], ...] = (("attn", "attention_bias", True),)  # (part, config flag, its value)
-    linear: DeltaNetSpec | None = None  # linear-attention layers (the others are attention), None: none
+    linear: DeltaNetSpec | ShortConvSpec | None = None  # per-slot-state layers (the others attention); None: none
     norm_offset: float = 0.0  # added to every norm weight but a linear layer's gated one (zero-centred RMSNorms: 1)
     ignored: tuple[str, ...] = ()  # tensor-name patterns (re.match) transformers ignores on load
     mlp_act: str = "silu"  # the dense MLPs' gate activation: "silu" | "gelu_tanh"
@@ -277,7 +277,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     rms_set = model_type == "cohere2_moe" and _get(cfg, "rms_norm_eps") is not None  # its norms: RMSNorms then
     return ModelSpec(
         model_type=model_type, num_layers=num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-        rms_norm_eps=fam.norm_eps or float(_get(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
+        rms_norm_eps=fam.norm_eps or float(_get(cfg, "rms_norm_eps", "layer_norm_eps", "norm_eps", default=1e-6)),
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
         attention=attn, moe=moe, rope_inv_freq=inv_freq, rope_scaling=rope_scale, rope_more=rope_more,
@@ -288,7 +288,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         depth_scaled=fam.depth_scaled, logit_softcap=_softcap(cfg),
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
         biases=tuple((part, flag, bool(_get(cfg, flag, default=False))) for part, flag in fam.biases),
-        linear=deltanet_from_config(cfg, num_layers, fam), norm_offset=1.0 if fam.centred_norms else 0.0,
+        linear=linear_from_config(cfg, num_layers, fam), norm_offset=1.0 if fam.centred_norms else 0.0,
         ignored=fam.ignored, mlp_act=act_name(cfg), embed_scale_rounded=fam.embed_sqrt,
         per_layer_input=per_layer_input(cfg), router_norm=fam.router_norm, moe_beside_mlp=fam.moe_beside_mlp,
         layer_scalar=fam.layer_scalar,
