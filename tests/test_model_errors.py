@@ -141,6 +141,19 @@ def test_untied_checkpoint_without_lm_head_names_it(tmp_path, tiny_models):
     assert files.names.lm_head is None
 
 
+def test_checkpoint_without_its_final_norm_names_the_usual_name(tmp_path, tiny_models):
+    """No model.norm.weight (LFM2's embedding_norm.weight is read in its place where stored): the error names
+    model.norm.weight, the tensor this family has."""
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is not in the checkpoint"):
+        open_model(str(bad))
+
+
 @pytest.mark.parametrize("name, shape", [
     ("model.layers.0.block_sparse_moe.gate.weight", (7, 64)),  # a router for 7 of the 8 experts: silently wrong
     ("model.layers.1.input_layernorm.weight", (1,)),  # a norm weight that broadcasts

@@ -16,9 +16,9 @@ class MoELayout:
 def moe_layout(model: str | os.PathLike) -> MoELayout:
     """The layout of `model` (a checkpoint directory, a cached hub repo or `tiny:<family>`), as open_model's spec
     gives it. Where a process derived that spec before from the same config.json bytes (a gateway, a shard, the app
-    build where it reads the spec; model.spec_cache), a JSON read: no torch and no transformers import (~1.6 s of CPU and ~200 MB of memory in a
-    controller replica here). Otherwise it opens the model (importing torch), which raises as open_model does, and
-    keeps the spec for the next."""
+    build where it reads the spec; model.spec_cache), a JSON read: no torch and no transformers import (~1.6 s of
+    CPU and ~200 MB of memory in a controller replica here). Otherwise it opens the model (importing torch), which
+    raises as open_model does, and keeps the spec for the next."""
     from elasticmoe.model.hub import HubError, resolve
     from elasticmoe.model.spec_cache import cached_layout
 

@@ -91,7 +91,9 @@ class WeightNames:
         self.packed = any(r.gate_up is not None for r in self.experts.values())
         base = self.root.rsplit("layers", 1)[0]  # "model."
         self.embed = self._need(f"{base}embed_tokens.weight")
-        self.norm = self._first(f"{base}norm.weight") or self._need(f"{base}embedding_norm.weight")  # LFM2's
+        # LFM2's final norm: embedding_norm; a checkpoint with neither is told the usual name
+        final = (f"{base}norm.weight", f"{base}embedding_norm.weight")
+        self.norm = self._first(*final) or self._need(final[0])
         self.norm_bias = self._first(f"{base}norm.bias")
         self.lm_head = self._first("lm_head.weight")
         if self.lm_head is None and not spec.tie_word_embeddings:
