@@ -12,7 +12,7 @@ export ELASTICMOE_CACHE ?= $(CURDIR)/.cache/elasticmoe
 # The CPU torch wheel lies here on our machines; pip would otherwise fetch a multi-GB CUDA build.
 export PIP_FIND_LINKS ?= /opt/wheels
 
-.PHONY: setup run test test-fast stop protos check-protos bench-offline bench-serving bench-kernels gpu-check bench-balance bench-stalls bench-overload fuzz clean
+.PHONY: setup run test test-fast test-e2e-wires stop protos check-protos bench-offline bench-serving bench-kernels gpu-check bench-balance bench-stalls bench-overload fuzz clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ test: setup           ## the whole suite (CI runs this): e2e tests (one local Ra
 
 test-fast: setup      ## everything but the end-to-end cluster tests
 	$(BIN)/python -m pytest -q -ra -m "not e2e"
+
+test-e2e-wires: setup ## the serving, fault and elasticity e2e tests with every app on each gRPC wire (not the socket)
+	for wire in stream unary; do ELASTICMOE_E2E_TRANSPORT=$$wire $(BIN)/python -m pytest -q -ra -m e2e \
+		tests/test_serving_e2e.py tests/test_faults_e2e.py tests/test_elastic_e2e.py || exit 1; done
 
 stop:                 ## stop the local Ray cluster started by `make run`
 	-$(BIN)/ray stop --force
