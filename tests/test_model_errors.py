@@ -142,8 +142,7 @@ def test_untied_checkpoint_without_lm_head_names_it(tmp_path, tiny_models):
 
 
 def test_checkpoint_without_its_final_norm_names_the_usual_name(tmp_path, tiny_models):
-    """No model.norm.weight (LFM2's embedding_norm.weight is read in its place where stored): the error names
-    model.norm.weight, the tensor this family has."""
+    """No model.norm.weight: the error names it (LFM2 alone reads embedding_norm.weight in its place)."""
     from safetensors.torch import load_file, save_file
 
     bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
@@ -151,6 +150,22 @@ def test_checkpoint_without_its_final_norm_names_the_usual_name(tmp_path, tiny_m
     del tensors["model.norm.weight"]
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="'model.norm.weight' is not in the checkpoint"):
+        open_model(str(bad))
+
+
+@pytest.mark.parametrize("stored, lfm2", [("self_attn.o_proj", "self_attn.out_proj"),
+                                           ("input_layernorm", "operator_norm")])
+def test_another_familys_names_load_in_no_other_family(tmp_path, tiny_models, stored, lfm2):
+    """LFM2's own names (out_proj, operator_norm, ...) are its family's only: a Mixtral checkpoint storing them
+    where transformers' Mixtral looks for o_proj / input_layernorm is refused (transformers would start those
+    weights from random), naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
+    tensors = load_file(bad / "model.safetensors")
+    tensors[f"model.layers.1.{lfm2}.weight"] = tensors.pop(f"model.layers.1.{stored}.weight")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=lfm2.split(".")[-1] + "|" + stored.split(".")[-1]):
         open_model(str(bad))
 
 

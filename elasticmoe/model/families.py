@@ -86,6 +86,9 @@ class Family:
     centred_norms: bool = False  # zero-centred RMSNorms: weight (1 + w), every norm but the linear layers' gated one
     attn_output_gate: bool = False  # q_proj holds [q ; gate] per head: the output is multiplied by sigmoid(gate)
     ignored: tuple[str, ...] = ()  # tensor-name patterns transformers ignores on load (multi-token prediction)
+    # (role, name): this family's own name for a part, in place of the usual one (model.names: attention roles under
+    # self_attn., layer norm roles as modules, "final" the last norm's module); no other family loads these names
+    tensor_names: tuple[tuple[str, str], ...] = ()
     text_model: str | None = None  # a multimodal model run as its language model alone: config.text_config, of
     #                                this model_type (whose `ignored` drops the encoders' weights)
     top_ties_head: bool = False  # the multimodal config's tie_word_embeddings ties the LM head (transformers has no
@@ -212,7 +215,10 @@ FAMILIES: dict[str, Family] = {
     "lfm2_moe": Family(keys=("num_experts", "moe_intermediate_size", "num_dense_layers", "use_expert_bias",
                              "routed_scaling_factor", "norm_topk_prob", "layer_types", "conv_L_cache", "conv_bias",
                              "norm_eps", "tie_embedding"),
-                       scoring="sigmoid", linear_attn="short_conv", topk_norm_add=1e-6, biases=()),
+                       scoring="sigmoid", linear_attn="short_conv", topk_norm_add=1e-6, biases=(),
+                       tensor_names=(("o", "out_proj.weight"), ("q_norm", "q_layernorm.weight"),
+                              ("k_norm", "k_layernorm.weight"), ("attn_in", "operator_norm"), ("mlp_in", "ffn_norm"),
+                              ("final", "embedding_norm"))),
     # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
     "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_DELTANET),

@@ -37,12 +37,10 @@ ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
     "index_q": "indexer.wq_b.weight", "index_k": "indexer.wk.weight", "index_norm": "indexer.k_norm.weight",
     "index_norm_b": "indexer.k_norm.bias", "index_weights": "indexer.weights_proj.weight",
 }
-# other names of an ATTN role, tried after its own (LFM2: out_proj, q_layernorm, k_layernorm)
-_ATTN_ALT = {"o": ("out_proj.weight",), "q_norm": ("q_layernorm.weight",), "k_norm": ("k_layernorm.weight",)}
-# Norms of one decoder layer by block layout: role -> module name (a tuple: alternatives, the first found).
+# Norms of one decoder layer by block layout: role -> module name (a tuple: alternatives, the first found). A
+# family's own names for a role (ModelSpec.names: LFM2's operator_norm, ffn_norm) replace these.
 NORMS = {
-    "pre": {"attn_in": ("input_layernorm", "operator_norm"),  # LFM2: operator_norm, ffn_norm
-            "mlp_in": ("post_attention_layernorm", "ffn_norm")},
+    "pre": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
     "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
     "sandwich": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
                  "mlp_in": "pre_mlp_layernorm", "mlp_out": "post_mlp_layernorm"},
@@ -86,14 +84,13 @@ class WeightNames:
         self.experts: dict[tuple[int, int], ExpertRef] = {}
         self.blocks: dict[int, str] = {}
         self.used: set[str] = set()
+        self.renamed = dict(spec.tensor_names)  # role -> this family's own name for it (LFM2's)
         self._index_experts(spec.num_layers, spec.moe.num_experts)
         self.layers = [self._layer(i) for i in range(spec.num_layers)]
         self.packed = any(r.gate_up is not None for r in self.experts.values())
         base = self.root.rsplit("layers", 1)[0]  # "model."
         self.embed = self._need(f"{base}embed_tokens.weight")
-        # LFM2's final norm: embedding_norm; a checkpoint with neither is told the usual name
-        final = (f"{base}norm.weight", f"{base}embedding_norm.weight")
-        self.norm = self._first(*final) or self._need(final[0])
+        self.norm = self._need(f"{base}{self.renamed.get('final', 'norm')}.weight")
         self.norm_bias = self._first(f"{base}norm.bias")
         self.lm_head = self._first("lm_head.weight")
         if self.lm_head is None and not spec.tie_word_embeddings:
@@ -162,7 +159,7 @@ class WeightNames:
         sinks = ("sinks", "softmax_offset", "attention_sink_bias")  # Flint's: softmax_offset; MiMo's hub names
         lin = self.spec.linear is not None and self.spec.linear.layers[i]  # a linear layer has no self_attn
         names = {**ATTN, "gate": f"{self.spec.attention.gate_name}.weight"}
-        alts = {**{r: (s, *_ATTN_ALT.get(r, ())) for r, s in names.items()}, "sinks": sinks}  # role -> names
+        alts = {**{r: (self.renamed.get(r, s),) for r, s in names.items()}, "sinks": sinks}  # role -> names
         attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in alts[role]))
                 for role in names if not lin and (role != "sinks" or self.spec.attention.layer(i).sinks)}
         attn = {role: n for role, n in attn.items() if n is not None}
@@ -173,6 +170,7 @@ class WeightNames:
         beside = BESIDE_NORMS if self.spec.moe_beside_mlp and block is not None else {}
         for role, modules in [*NORMS[self.spec.block].items(), *beside.items()]:
             modules = (modules,) if isinstance(modules, str) else modules  # alternative names, first found
+            modules = (self.renamed[role],) if role in self.renamed else modules
             module = next((m for m in modules if f"{prefix}{m}.weight" in self.ckpt), modules[0])
             norms[role] = self._need(f"{prefix}{module}.weight")
             if bias := self._first(f"{prefix}{module}.bias"):

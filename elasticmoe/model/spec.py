@@ -119,6 +119,7 @@ class ModelSpec:
     linear: DeltaNetSpec | ShortConvSpec | None = None  # per-slot-state layers (the others attention); None: none
     norm_offset: float = 0.0  # added to every norm weight but a linear layer's gated one (zero-centred RMSNorms: 1)
     ignored: tuple[str, ...] = ()  # tensor-name patterns (re.match) transformers ignores on load
+    tensor_names: tuple[tuple[str, str], ...] = ()  # (role, name): the family's own tensor names (families.Family)
     mlp_act: str = "silu"  # the dense MLPs' gate activation: "silu" | "gelu_tanh"
     embed_scale_rounded: bool = False  # embed_scale rounded to the model's dtype before it multiplies (Gemma)
     per_layer_input: int = 0  # per-layer input embeddings (PLE): their width per layer, 0 for none (model.extras)
@@ -289,7 +290,8 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
         biases=tuple((part, flag, bool(_get(cfg, flag, default=False))) for part, flag in fam.biases),
         linear=linear_from_config(cfg, num_layers, fam), norm_offset=1.0 if fam.centred_norms else 0.0,
-        ignored=fam.ignored, mlp_act=act_name(cfg), embed_scale_rounded=fam.embed_sqrt,
+        ignored=fam.ignored, tensor_names=fam.tensor_names, mlp_act=act_name(cfg),
+        embed_scale_rounded=fam.embed_sqrt,
         per_layer_input=per_layer_input(cfg), router_norm=fam.router_norm, moe_beside_mlp=fam.moe_beside_mlp,
         layer_scalar=fam.layer_scalar,
     )
