@@ -116,7 +116,8 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
                 p.mul_(sharpen)
             elif "_tower." in name and ((p == 0).all() or (p == 1).all()):  # Gemma 4's encoders: norm_out, scales
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
-        if not model.config.tie_word_embeddings:
+        tie = getattr(model.config, "tie_word_embeddings", None)  # Step-3.7's multimodal config has none: its text's
+        if not (tie if tie is not None else model.config.get_text_config().tie_word_embeddings):
             model.lm_head.weight.sub_(model.get_input_embeddings().weight)
             model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0
             if model.lm_head.bias is not None:

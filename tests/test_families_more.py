@@ -33,6 +33,16 @@ TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attent
                  eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
 TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                    num_position_embeddings=16)
+# Step-3.7: sliding layer 1 with 8 query heads, rotary per layer type, clamps on layer 2's experts (routed) and
+# layer 1's shared expert; its vision encoder tiny (unused on text)
+STEP3P5_TEXT = dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, share_expert_dim=48,
+                    head_dim=16, num_sliding_attention_heads=8, sliding_window=4,
+                    layer_types=["full_attention", "sliding_attention", "full_attention"],
+                    mlp_layer_types=["dense", "sparse", "sparse"], rope_theta=[10000.0, 500.0, 10000.0],
+                    partial_rotary_factors=[0.5, 1.0, 0.5], swiglu_limits=[0, 0, 0.05],
+                    swiglu_limits_shared=[0, 0.05, 0], moe_router_scaling_factor=2.5)
+STEP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+                   patch_size=14)
 # Qwen3-VL-MoE: a dense first layer, experts' down_proj [E, H, I] not square; M-RoPE sections over 8 frequencies
 QWEN3_VL_TEXT = dict(intermediate_size=128, moe_intermediate_size=48, num_experts=8, head_dim=16, mlp_only_layers=[0],
                      rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
@@ -203,6 +213,12 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                       "layers neither), value heads narrower than q/k heads and rescaled (attention_value_scale), "
                       "partial rotary per layer type, sigmoid grouped routing with correction bias, dense first "
                       "layer"),
+    "step3p7": ("Step3p7Config", dict(text_config={**STEP3P5_TEXT, **TINY_TEXT}, vision_config=STEP_VISION),
+                "the language model of a vision-language checkpoint on text alone: sliding layers with twice the "
+                "query heads, a sigmoid per-head output gate, rotary per layer type (own theta and partial "
+                "factor), zero-centred norms, sigmoid routing with correction bias and router scaling, ungated "
+                "shared expert, SwiGLU clamped per layer (routed, shared), dense first layer (vision_model.* and "
+                "vit_large_projector ignored)"),
     "gemma4": ("Gemma4Config", GEMMA4_MM,
                "the language model of a vision-language-audio checkpoint on text alone: Gemma 4's layers (as "
                "gemma4_text), image / video / audio placeholder ids embedded as the pad token (model.vision_tower, "
@@ -211,7 +227,7 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
 # routing biases made non-zero: checked loaded
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa",
                      "kolibri1", "beam", "glm4v_moe",
-                     "mimo_v2_flash", "lfm2_moe"}
+                     "mimo_v2_flash", "lfm2_moe", "step3p7"}
 
 
 @pytest.fixture(scope="module")
@@ -310,8 +326,6 @@ README_REJECTED = [
      ("indexer",)),
     ("hyper-connections;", {"deepseek_v4", "glm5_next", "hy_v4"}, ("hyper-connections",)),
     ("mixture-of-attention heads (JetMoE)", {"jetmoe"}, ("mixture-of-attention heads",)),
-    ("per-layer head counts and rotary bases (Step-3.5/3.7)",
-     {"step3p5", "step3p7"}, ("per-layer head counts", "per-layer-type rotary bases")),
     ("Doge's product-key experts", {"doge"}, ("product-key",)),
     ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),
     ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),

@@ -48,7 +48,7 @@ REJECTED_CASES = [  # (config class, model_type, words the message must hold)
     ("KimiLinearConfig", "kimi_linear", "linear-attention"),
     ("MiniMaxConfig", "minimax", "lightning (linear) attention"),
     ("JetMoeConfig", "jetmoe", "mixture-of-attention heads"),
-    ("Step3p7Config", "step3p7", "per-layer head counts"),
+    ("Step3p7TextConfig", "step3p5", "no causal LM of it, only the language model inside 'step3p7'"),
     ("DeepseekV4Config", "deepseek_v4", "hyper-connections"),
 ]
 

@@ -59,6 +59,7 @@ class View:
     stored: str
     rows: tuple[int, int] | None = None
     transpose: bool = False
+    squeeze: bool = False  # one row of a stacked tensor without its first dim (Step-3.7's experts [E, I, H])
 
 
 class Checkpoint:
@@ -169,6 +170,7 @@ class Checkpoint:
         shape = list(self._require(v.stored)["shape"])
         if v.rows is not None:
             shape[0] = v.rows[1] - v.rows[0]
+        shape = shape[1:] if v.squeeze else shape
         return tuple(reversed(shape)) if v.transpose else tuple(shape)
 
     def dtype(self, name: str) -> str:
@@ -201,6 +203,7 @@ class Checkpoint:
                 t = t[slice(*v.rows)] if v.rows is not None else t
             else:
                 t = self._read(v.stored, slice(*v.rows) if v.rows is not None else None)
+            t = t[0] if v.squeeze else t
             t = t.t() if v.transpose else t
             return t if index is None else t[index]
         return self._read(name, index)

@@ -227,16 +227,17 @@ class DenseModel:
                     ple: torch.Tensor | None = None) -> torch.Tensor:
         """Dense MLP, or shared experts (overlapping the remote experts) plus the routed experts' output; then
         the layer's per-layer input (ple [T, L, P]) and scalar, where it has them."""
-        act = self.spec.mlp_act
+        act, lim = self.spec.mlp_act, self.spec.moe.shared_limits
+        lim = lim[layer.attn.layer] if lim else 0.0  # Step-3.7: the shared expert's / dense MLP's SwiGLU clamp
         if self.spec.block == "shortcut":  # LongCat: this layer's MLP, plus the previous layer's MoE if carried
             out = gated_mlp(x, layer.dense, act) if pending is None else gated_mlp(x, layer.dense, act) + pending.wait()
         elif pending is None:
-            out = gated_mlp(x, layer.dense, act)
+            out = gated_mlp(x, layer.dense, act, lim)
         elif self.spec.moe_beside_mlp:  # Gemma 4: the dense MLP and the experts, each normed, summed
             out = self._norm(layer, "dense_out", gated_mlp(x, layer.dense, act), torch.float32) \
                 + self._norm(layer, "moe_out", pending.wait(), torch.float32)
         elif layer.shared is not None:
-            shared = gated_mlp(x, layer.shared, act).float()  # [T, H]
+            shared = gated_mlp(x, layer.shared, act, lim).float()  # [T, H]
             if layer.shared_gate is not None:  # [1, H]: its dot products in float32
                 shared = torch.sigmoid(F.linear(x.float(), layer.shared_gate)) * shared
             out = pending.wait().float() + shared

@@ -92,10 +92,12 @@ def input_scaled_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 
 
 def gated_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor, act: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+              topk_weights: torch.Tensor, act: str, out_dtype: torch.dtype | None = None, limit: float = 0.0
+              ) -> torch.Tensor:
     """Gated experts of another activation than SiLU ("gelu_tanh": Gemma 4): act(x @ gate.T) * (x @ up.T) @ down.T,
     weighted. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k]
-    -> [T, H] in out_dtype (default hidden's; the weighted sum accumulates in it)."""
+    -> [T, H] in out_dtype (default hidden's; the weighted sum accumulates in it). A `limit` L > 0 clamps act(gate)
+    to <= L and up to [-L, L] (Step-3.7's swiglu_limits)."""
     fn = act_fn(act)
     t, k = topk_ids.shape
     out = torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
@@ -105,6 +107,9 @@ def gated_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
     for e in flat[flat >= 0].unique().tolist():  # ascending, as transformers accumulates
         sel = (flat == e).nonzero()[:, 0]
         gate, up = (hidden[rows[sel]] @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
-        y = (fn(gate) * up) @ w2[e].t()  # [n, H]
+        gate = fn(gate)
+        if limit:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        y = (gate * up) @ w2[e].t()  # [n, H]
         out.index_add_(0, rows[sel], y.to(out.dtype) * weights[sel, None].to(out.dtype))
     return out

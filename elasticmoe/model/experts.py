@@ -250,7 +250,10 @@ class ExpertStore:
         if le is None or hidden.shape[0] == 0:
             return torch.zeros_like(hidden, dtype=COMBINE_DTYPE)
         local = _local_ids(le.to_local, topk_ids)  # [T, k]
-        if self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
+        limit = self.spec.moe.swiglu_limits[layer] if self.spec.moe.swiglu_limits else 0.0
+        if limit:  # Step-3.7's clamped SwiGLU on this layer: torch (model.expert_math)
+            out = expert_math.gated_moe(hidden, le.w13, le.w2, local, topk_weights, "silu", COMBINE_DTYPE, limit)
+        elif self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
             out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
         elif self.spec.moe.expert_act == "gelu_tanh":  # Gemma 4: torch (model.expert_math)
             out = expert_math.gated_moe(hidden, le.w13, le.w2, local, topk_weights, "gelu_tanh", COMBINE_DTYPE)

@@ -109,6 +109,8 @@ class Family:
     # text_config.pad_token_id (main and per-layer embeddings) before it merges any encoder output: on text too
     placeholders: tuple[str, ...] = ()
     text_inert: tuple[tuple[str, object], ...] = ()  # text_config keys at a value that acts only with images
+    inner_only: bool = False  # only the language model of a multimodal family (text_model): refused on its own
+    per_layer_heads: bool = False  # per_layer_config may set a layer's num_attention_heads (Step-3.7's sliding layers)
 
 
 FAMILIES: dict[str, Family] = {
@@ -303,4 +305,19 @@ FAMILIES: dict[str, Family] = {
                                   "attention_value_scale", "sliding_window_size", *_SLIDING),
                             scoring="sigmoid", attn_sinks="sliding", sliding_kv_factor=2, partial_rotary=True,
                             rope_partial=0.334, ignored=(r"model\.mtp\.",)),
+    # Step-3.7-Flash's language model (Step3p7TextConfig): sliding layers with their own query heads
+    # (per_layer_config), a sigmoid output gate (self_attn.g_proj), rotary per layer type, zero-centred norms, a
+    # sigmoid router with correction bias and an ungated shared expert, SwiGLU clamped per layer (swiglu_limits /
+    # swiglu_limits_shared); transformers has no causal LM of it alone (inner_only); MTP layers unused
+    "step3p5": Family(keys=("n_routed_experts", "moe_intermediate_size", "share_expert_dim", "gating",
+                            "mlp_layer_types", "num_sliding_attention_heads", "per_layer_config",
+                            "query_pre_attn_scalar", "moe_router_scaling_factor", "swiglu_limits",
+                            "swiglu_limits_shared", "use_bidirectional_attention", "num_nextn_predict_layers",
+                            "mtp_layer_types", "mtp_mlp_layer_types", "mlp_bias", *_SLIDING),
+                      scoring="sigmoid", norm_topk=True, attn_gate="sigmoid", partial_rotary=True, centred_norms=True,
+                      per_layer_heads=True, neutral=(("use_bidirectional_attention", False), ("mlp_bias", False)), inner_only=True,
+                      ignored=(r"vision_model\.", r"vit_large_projector\.")),
+    # Step-3.7-Flash with its vision encoder: text prompts only, through its language model
+    "step3p7": Family(keys=("text_config", "vision_config", "image_token_id", "projector_bias"),
+                      text_model="step3p5"),
 }

@@ -116,8 +116,9 @@ def mentions_experts(d: Any) -> bool:
     return any("expert" in str(k) or "moe" in str(k) or mentions_experts(v) for k, v in d.items())
 
 
-def check_model_type(cfg: Any) -> Family:
-    """The family of `cfg.model_type`; a rejected or unverified family raises ModelSpecError naming what it lacks."""
+def check_model_type(cfg: Any, inner: bool = False) -> Family:
+    """The family of `cfg.model_type`; a rejected or unverified family raises ModelSpecError naming what it lacks, and
+    so does a multimodal family's language model (Family.inner_only) unless `inner` (read as that family's)."""
     model_type = getattr(cfg, "model_type", None)
     if model_type in REJECTED:
         raise ModelSpecError(f"model_type {model_type!r} is not supported: {REJECTED[model_type]}")
@@ -126,7 +127,12 @@ def check_model_type(cfg: Any) -> Family:
     if model_type not in FAMILIES:
         raise ModelSpecError(f"model_type {model_type!r} is not a verified family (its modeling code was not "
                              f"checked against transformers); verified: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+    fam = FAMILIES[model_type]
+    if fam.inner_only and not inner:
+        outer = sorted(k for k, f in FAMILIES.items() if f.text_model == model_type)
+        raise ModelSpecError(f"model_type {model_type!r} is not supported alone: transformers has no causal LM of it, "
+                             f"only the language model inside {', '.join(map(repr, outer))}")
+    return fam
 
 
 def language_model(cfg: Any, raw: dict[str, Any], fam: Family) -> tuple[Any, dict[str, Any]]:

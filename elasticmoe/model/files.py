@@ -38,7 +38,7 @@ def _config_and_spec(path: Path) -> tuple[Any, ModelSpec]:
         check_config_keys(raw, config.model_type)
         text, text_raw = language_model(config, raw, fam) if fam.text_model else (config, raw)
         if fam.text_model:
-            check_model_type(text)
+            check_model_type(text, inner=True)
             check_config_keys(text_raw, text.model_type)
         spec = spec_from_config(text)
         if fam.placeholders:  # image / audio placeholder ids, embedded as the pad token on text

@@ -16,10 +16,13 @@ _MOVING_ROPES = ("dynamic", "longrope")
 PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")  # the per_layer_config overrides the attention follows
 
 
-def layer_heads(cfg: Any, num_layers: int, kv_heads: int) -> tuple[int, ...]:
-    """Query heads of each layer from num_attention_heads_per_layer (Laguna); () when the config has none (every
-    layer has num_attention_heads). Each must be a positive multiple of the KV heads (transformers repeats those)."""
+def layer_heads(cfg: Any, num_layers: int, kv_heads: int, over: dict[int, dict[str, Any]]) -> tuple[int, ...]:
+    """Query heads of each layer from num_attention_heads_per_layer (Laguna) or per_layer_config (`over`, where the
+    family allows it: Step-3.7); () when the config has neither (every layer has num_attention_heads). Each must be a
+    positive multiple of the KV heads (transformers repeats those)."""
     heads = config_get(cfg, "num_attention_heads_per_layer")
+    if heads is None and any("num_attention_heads" in o for o in over.values()):
+        heads = [over.get(i, {}).get("num_attention_heads", cfg.num_attention_heads) for i in range(num_layers)]
     if heads is None:
         return ()
     if len(heads) != num_layers:
@@ -42,13 +45,14 @@ def global_view(cfg: Any) -> Any:
     return view
 
 
-def per_layer_overrides(cfg: Any) -> dict[int, dict[str, Any]]:
+def per_layer_overrides(cfg: Any, fam: Family) -> dict[int, dict[str, Any]]:
     """Layer index -> the config values it overrides (config.per_layer_config); a key the attention does not follow
-    per layer is refused by name."""
+    per layer is refused by name (num_attention_heads followed only where Family.per_layer_heads)."""
     raw = cfg.to_dict().get("per_layer_config") or {}
     out = {int(k): dict(v) for k, v in raw.items()}
-    if other := sorted({k for o in out.values() for k in o} - set(PER_LAYER_KEYS)):
-        raise ModelSpecError(f"config.per_layer_config overrides {other}: only {list(PER_LAYER_KEYS)} may vary "
+    keys = PER_LAYER_KEYS + (("num_attention_heads",) if fam.per_layer_heads else ())
+    if other := sorted({k for o in out.values() for k in o} - set(keys)):
+        raise ModelSpecError(f"config.per_layer_config overrides {other}: only {list(keys)} may vary "
                              f"per layer here")
     return out
 

@@ -43,17 +43,21 @@ def act_fn(name: str):
     return {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[name]
 
 
-def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], act: str = "silu") -> torch.Tensor:
+def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], act: str = "silu", limit: float = 0.0) -> torch.Tensor:
     """act(x @ gate.T + b) * (x @ up.T + b) @ down.T + b, from gate/up/down or a packed gate_up [2I, H]; act "silu"
     or "gelu_tanh". gate and up as the GEMM sums them (float32 on the CPU kernel), the activation and its product
     in float32, rounded once to x's dtype for down (transformers rounds gate, up, act(gate) and the product to it;
-    Beam's MLP only gate and up). x [T, H] -> [T, H]."""
+    Beam's MLP only gate and up). A `limit` L > 0 clamps act(gate) to <= L and up to [-L, L] (Step-3.7).
+    x [T, H] -> [T, H]."""
     f32 = torch.float32
     if "gate_up" in w:
         gate, up = linear(x, w["gate_up"], w.get("gate_up_bias"), f32).chunk(2, dim=-1)  # [T, I] each
     else:
         gate, up = linear(x, w["gate"], w.get("gate_bias"), f32), linear(x, w["up"], w.get("up_bias"), f32)
-    return linear((act_fn(act)(gate) * up).to(x.dtype), w["down"], w.get("down_bias"))
+    gate = act_fn(act)(gate)
+    if limit:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return linear((gate * up).to(x.dtype), w["down"], w.get("down_bias"))
 
 
 class Rotary:

@@ -40,6 +40,10 @@ class MoESpec:
     norm_add: float | None = None  # added to the top-k sum it divides by (None: 1e-20 for sigmoid, 0; LFM2: 1e-6)
     router_softcap: float = 0.0  # router logits soft-capped to cap * tanh(logits / cap) before scoring (0: none)
     bias_on_logits: bool = False  # the correction bias joins the raw logits, not the scores, for the choice
+    # per layer: SwiGLU clamp L of the routed experts (swiglu_limits) and of the shared expert / dense MLP
+    # (swiglu_limits_shared), silu(gate).clamp(max=L) * up.clamp(-L, L); 0 = none; () = none anywhere (Step-3.7)
+    swiglu_limits: tuple[float, ...] = ()
+    shared_limits: tuple[float, ...] = ()
 
     @property
     def moe_layers(self) -> list[int]:
@@ -149,7 +153,8 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         scoring=scoring,
         norm_topk_prob=norm,
         routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", "route_scale", "router_scaling_factor",
-                                         "moe_routed_scaling_factor", default=1.0)),
+                                         "moe_routed_scaling_factor", "moe_router_scaling_factor",
+                                         default=1.0)),
         n_group=n_group,
         topk_group=topk_group,
         group_score=group_score,
@@ -168,7 +173,24 @@ def moe_from_config(cfg: Any, num_layers: int, fam: Family) -> MoESpec:
         bias_on_logits=fam.bias_on_logits,
         router_bias=bool(_get(cfg, "use_expert_bias", default=True)),
         norm_add=fam.topk_norm_add,
+        swiglu_limits=_limits(cfg, "swiglu_limits", num_layers),
+        shared_limits=_limits(cfg, "swiglu_limits_shared", num_layers),
     )
+
+
+def _limits(cfg: Any, key: str, num_layers: int) -> tuple[float, ...]:
+    """Per-layer SwiGLU clamps (Step-3.7): null / 0 entries clamp nothing; () where the config has none or all 0."""
+    raw = _get(cfg, key)
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)) or len(raw) != num_layers:
+        raise ModelSpecError(f"config.{key}={raw!r}: want a list of {num_layers} limits (0 or null: none)")
+    out = []
+    for i, v in enumerate(raw):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            raise ModelSpecError(f"config.{key}[{i}]={v!r}: want 0 or null (no clamp) or a positive limit")
+        out.append(float(v or 0.0))
+    return tuple(out) if any(out) else ()
 
 
 def _softcap(cfg: Any) -> float:

@@ -57,9 +57,6 @@ REJECTED: dict[str, str] = {
     "qwen3_omni_moe": "a thinker-talker pair with audio and vision encoders (a multimodal model; transformers' "
                       "class only generates, with no forward: its thinker saved alone, qwen3_omni_moe_thinker, is "
                       "served)",
-    "step3p7": "per-layer head counts, per-layer rotary bases, gated attention and per-layer clamped SwiGLU "
-               "experts, and a vision encoder (a multimodal model)",
-    "step3p5": "per-layer head counts, per-layer rotary bases, gated attention and per-layer clamped SwiGLU experts",
     "deepseek_ocr2": "vision encoders (an OCR model)",
     "deepseek_ocr2_text": "the decoder of an OCR model, loadable only with its vision encoders",
     "unlimited_ocr_text": "the decoder of an OCR model, loadable only with its vision encoders",

@@ -96,4 +96,32 @@ def _check_packed_rows(ckpt: Checkpoint, name: str, experts: int) -> None:
                               f"hidden] with at least {experts} experts (config n_routed_experts)")
 
 
-VIEWS = {"dbrx": dbrx_views, "longcat_flash": longcat_views}  # model_type -> the views its checkpoints need
+_STEP = re.compile(r"^model\.layers\.(\d+)\.(moe|share_expert)\.(.+)$")
+_STEP_ROUTER = {"gate.weight": "mlp.gate.weight", "router_bias": "mlp.gate.e_score_correction_bias"}
+
+
+def step3p5_views(ckpt: Checkpoint, spec: ModelSpec) -> tuple[dict[str, View], set[str]]:
+    """Step-3.7's language model: moe.gate (router) and moe.router_bias, the experts stacked per projection
+    (moe.{gate,up}_proj [E, I, H], moe.down_proj [E, H, I]: one view per expert) and share_expert.*, exposed as
+    mlp.gate, mlp.gate.e_score_correction_bias, mlp.experts.<e>.* and mlp.shared_expert.*."""
+    views: dict[str, View] = {}
+    for name in ckpt.names():
+        if not (m := _STEP.match(name)):
+            continue
+        layer, part, rest = f"model.layers.{m.group(1)}.", m.group(2), m.group(3)
+        if part == "share_expert":
+            views[f"{layer}mlp.shared_expert.{rest}"] = View(name)
+        elif rest in _STEP_ROUTER:
+            views[layer + _STEP_ROUTER[rest]] = View(name)
+        elif rest in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+            shape = ckpt.shape(name)
+            if len(shape) != 3 or shape[0] != spec.moe.num_experts:
+                raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} is {list(shape)}, want "
+                                      f"[{spec.moe.num_experts} experts, out, in]")
+            for e in range(spec.moe.num_experts):
+                views[f"{layer}mlp.experts.{e}.{rest}"] = View(name, (e, e + 1), squeeze=True)
+    return views, set()
+
+
+VIEWS = {"dbrx": dbrx_views, "longcat_flash": longcat_views,  # model_type -> the views its checkpoints need
+         "step3p5": step3p5_views}

@@ -187,6 +187,14 @@ def _with_head_dim(cfg: Any, attn: AttentionSpec) -> Any:
     return filled
 
 
+def _pre_attn(cfg: Any, fam: Family, head_dim: int) -> float:
+    """The softmax scale's square: query_pre_attn_scalar where the family reads it (Step-3.7), else head_dim."""
+    value = _get(cfg, "query_pre_attn_scalar") if "query_pre_attn_scalar" in fam.keys else None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise ModelSpecError(f"config.query_pre_attn_scalar={value!r}: want a positive number")
+    return head_dim if value is None else value
+
+
 def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...],
                overrides: dict[int, dict[str, Any]]) -> AttentionSpec:
     heads = cfg.num_attention_heads
@@ -230,14 +238,14 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...],
         kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         v_head_dim=_get(cfg, "v_head_dim", default=head_dim), sink_layers=sink_layers, v_scale=float(_get(
             cfg, "attention_value_scale", default=1.0)),
-        scaling=_get(cfg, "attention_multiplier", default=fam.attn_scale or head_dim**-0.5),
+        scaling=_get(cfg, "attention_multiplier", default=fam.attn_scale or _pre_attn(cfg, fam, head_dim) ** -0.5),
         layer_dims=layer_dims(overrides, num_layers, head_dim, kv_heads, heads), kv_source=kv_sources(cfg, num_layers),
         v_from_k=v_from_k(cfg, num_layers), v_norm=fam.v_norm,
         rope_dim=rope_dim, rope_interleave=bool(fam.rope_interleave), sliding_window=windows,
         rope_layers=rope_layers, qk_norm_after_rope=fam.qk_norm_after_rope, qk_norm_all_heads=fam.qk_norm_all_heads,
         sinks=bool(fam.attn_sinks), output_gate=fam.attn_output_gate, nope_query_scale=fam.nope_query_scale,
         clip_qkv=_get(cfg, "clip_qkv") if cfg.model_type == "dbrx" else None,
-        layer_heads=layer_heads(cfg, num_layers, kv_heads), **gate_fields(cfg, fam.attn_gate),
+        layer_heads=layer_heads(cfg, num_layers, kv_heads, overrides), **gate_fields(cfg, fam.attn_gate),
         **(llama4_attention(cfg, num_layers) if cfg.model_type == "llama4_text" else {}),
     )
 
@@ -245,8 +253,8 @@ def _attention(cfg: Any, num_layers: int, fam: Family, sparse: tuple[bool, ...],
 def spec_from_config(cfg: Any) -> ModelSpec:
     """Derive a ModelSpec from a transformers PretrainedConfig; raises ModelSpecError naming the field."""
     model_type = getattr(cfg, "model_type", None)
-    fam = check_model_type(cfg)
-    overrides = per_layer_overrides(cfg)  # per_layer_config: the layers whose attention shapes differ (Gemma 4)
+    fam = check_model_type(cfg, inner=True)  # files.py refuses an inner-only model alone
+    overrides = per_layer_overrides(cfg, fam)  # per_layer_config: the layers whose attention shapes differ (Gemma 4)
     cfg = global_view(cfg)  # the global values of per-layer attributes
     if model_type == "dbrx":
         cfg = flat_dbrx(cfg)
