@@ -315,7 +315,8 @@ FAMILIES: dict[str, Family] = {
                             "swiglu_limits_shared", "use_bidirectional_attention", "num_nextn_predict_layers",
                             "mtp_layer_types", "mtp_mlp_layer_types", "mlp_bias", *_SLIDING),
                       scoring="sigmoid", norm_topk=True, attn_gate="sigmoid", partial_rotary=True, centred_norms=True,
-                      per_layer_heads=True, neutral=(("use_bidirectional_attention", False), ("mlp_bias", False)), inner_only=True,
+                      per_layer_heads=True, neutral=(("use_bidirectional_attention", False), ("mlp_bias", False)),
+                      inner_only=True,
                       ignored=(r"vision_model\.", r"vit_large_projector\.")),
     # Step-3.7-Flash with its vision encoder: text prompts only, through its language model
     "step3p7": Family(keys=("text_config", "vision_config", "image_token_id", "projector_bias"),
