@@ -98,8 +98,9 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
         for name, p in [*model.named_parameters(), *model.named_buffers()]:
             if not p.is_floating_point() or "inv_freq" in name:
                 continue
-            # DBRX norm_1, norm_f; LongCat; ViT norm1; encoders' ln_q / ln_post (Qwen3-Omni)
-            if re.search(r"(norm(_\d|_f|\.\d|\d)?|\.ln_\w+)\.weight$", name):
+            # DBRX norm_1, norm_f; LongCat; ViT norm1; encoders' ln_q / ln_post (Qwen3-Omni); Step-3.7's ViT
+            # layernorm_before / _after
+            if re.search(r"(norm(_\d|_f|\.\d|\d)?|\.ln_\w+|layernorm_\w+)\.weight$", name):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif "correction_bias" in name or name.endswith("expert_bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
