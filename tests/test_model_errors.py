@@ -124,15 +124,21 @@ def test_corrupt_safetensors_header_names_the_file(tmp_path, tiny_models, change
         open_model(str(bad))
 
 
-def test_untied_checkpoint_without_lm_head_names_it(tmp_path, tiny_models):
-    """tie_word_embeddings false and no lm_head.weight: transformers would start from a random LM head, so the
-    load fails naming the tensor instead of silently using the embeddings."""
+def _mixtral_with(tiny_models, tmp_path, change) -> Path:
+    """A copy of the tiny Mixtral whose tensors `change(tensors)` edited in place (written back by safetensors)."""
     from safetensors.torch import load_file, save_file
 
     bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
     tensors = load_file(bad / "model.safetensors")
-    del tensors["lm_head.weight"]
+    change(tensors)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad
+
+
+def test_untied_checkpoint_without_lm_head_names_it(tmp_path, tiny_models):
+    """tie_word_embeddings false and no lm_head.weight: transformers would start from a random LM head, so the
+    load fails naming the tensor instead of silently using the embeddings."""
+    bad = _mixtral_with(tiny_models, tmp_path, lambda t: t.pop("lm_head.weight"))
     with pytest.raises(CheckpointError, match="lm_head.weight.*tie_word_embeddings"):
         open_model(str(bad))
     cfg = json.loads((bad / "config.json").read_text())
@@ -143,12 +149,7 @@ def test_untied_checkpoint_without_lm_head_names_it(tmp_path, tiny_models):
 
 def test_checkpoint_without_its_final_norm_names_the_usual_name(tmp_path, tiny_models):
     """No model.norm.weight: the error names it (LFM2 alone reads embedding_norm.weight in its place)."""
-    from safetensors.torch import load_file, save_file
-
-    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
-    tensors = load_file(bad / "model.safetensors")
-    del tensors["model.norm.weight"]
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = _mixtral_with(tiny_models, tmp_path, lambda t: t.pop("model.norm.weight"))
     with pytest.raises(CheckpointError, match="'model.norm.weight' is not in the checkpoint"):
         open_model(str(bad))
 
@@ -159,12 +160,10 @@ def test_another_familys_names_load_in_no_other_family(tmp_path, tiny_models, st
     """LFM2's own names (out_proj, operator_norm, ...) are its family's only: a Mixtral checkpoint storing them
     where transformers' Mixtral looks for o_proj / input_layernorm is refused (transformers would start those
     weights from random), naming the tensor."""
-    from safetensors.torch import load_file, save_file
+    def rename(t: dict) -> None:
+        t[f"model.layers.1.{lfm2}.weight"] = t.pop(f"model.layers.1.{stored}.weight")
 
-    bad = shutil.copytree(tiny_models["mixtral"], tmp_path / "m")
-    tensors = load_file(bad / "model.safetensors")
-    tensors[f"model.layers.1.{lfm2}.weight"] = tensors.pop(f"model.layers.1.{stored}.weight")
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = _mixtral_with(tiny_models, tmp_path, rename)
     with pytest.raises(CheckpointError, match=lfm2.split(".")[-1] + "|" + stored.split(".")[-1]):
         open_model(str(bad))
 
