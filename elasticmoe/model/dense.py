@@ -46,6 +46,7 @@ class _Layer:
         self.extras = {r: load(n, torch.float32 if r in F32_EXTRAS else None, shapes[r])
                        for r, n in names.extras.items()}  # (model.extras)
         self.sparse = names.block is not None
+        self.mlp_limit = sp.moe.shared_limits[i] if sp.moe.shared_limits else 0.0  # Step-3.7: its MLPs' SwiGLU clamp
         self.dense = model.load_mlp(names.dense) if names.dense else None
         if self.dense is None and (not self.sparse or sp.block == "shortcut" or sp.moe_beside_mlp):
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks its dense MLP")
@@ -227,8 +228,7 @@ class DenseModel:
                     ple: torch.Tensor | None = None) -> torch.Tensor:
         """Dense MLP, or shared experts (overlapping the remote experts) plus the routed experts' output; then
         the layer's per-layer input (ple [T, L, P]) and scalar, where it has them."""
-        act, lim = self.spec.mlp_act, self.spec.moe.shared_limits
-        lim = lim[layer.attn.layer] if lim else 0.0  # Step-3.7: the shared expert's / dense MLP's SwiGLU clamp
+        act, lim = self.spec.mlp_act, layer.mlp_limit
         if self.spec.block == "shortcut":  # LongCat: this layer's MLP, plus the previous layer's MoE if carried
             out = gated_mlp(x, layer.dense, act) if pending is None else gated_mlp(x, layer.dense, act) + pending.wait()
         elif pending is None:

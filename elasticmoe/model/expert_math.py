@@ -6,7 +6,7 @@ import torch
 
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.expert_names import ExpertRef
-from elasticmoe.model.layers import act_fn
+from elasticmoe.model.layers import gated_product
 from elasticmoe.model.quant import dequant_mxfp4
 from elasticmoe.model.spec import MoESpec
 
@@ -98,7 +98,6 @@ def gated_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
     weighted. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k]
     -> [T, H] in out_dtype (default hidden's; the weighted sum accumulates in it). A `limit` L > 0 clamps act(gate)
     to <= L and up to [-L, L] (Step-3.7's swiglu_limits)."""
-    fn = act_fn(act)
     t, k = topk_ids.shape
     out = torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
     flat = topk_ids.reshape(-1)  # [T * k]
@@ -107,9 +106,6 @@ def gated_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
     for e in flat[flat >= 0].unique().tolist():  # ascending, as transformers accumulates
         sel = (flat == e).nonzero()[:, 0]
         gate, up = (hidden[rows[sel]] @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
-        gate = fn(gate)
-        if limit:
-            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-        y = (gate * up) @ w2[e].t()  # [n, H]
+        y = gated_product(gate, up, act, limit) @ w2[e].t()  # [n, H]
         out.index_add_(0, rows[sel], y.to(out.dtype) * weights[sel, None].to(out.dtype))
     return out

@@ -43,6 +43,15 @@ def act_fn(name: str):
     return {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[name]
 
 
+def gated_product(gate: torch.Tensor, up: torch.Tensor, act: str, limit: float = 0.0) -> torch.Tensor:
+    """act(gate) * up, [n, I] each; a `limit` L > 0 clamps act(gate) to <= L and up to [-L, L] first (Step-3.7's
+    SwiGLU clamps)."""
+    gate = act_fn(act)(gate)
+    if limit:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return gate * up
+
+
 def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], act: str = "silu", limit: float = 0.0) -> torch.Tensor:
     """act(x @ gate.T + b) * (x @ up.T + b) @ down.T + b, from gate/up/down or a packed gate_up [2I, H]; act "silu"
     or "gelu_tanh". gate and up as the GEMM sums them (float32 on the CPU kernel), the activation and its product
@@ -54,10 +63,7 @@ def gated_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], act: str = "silu", li
         gate, up = linear(x, w["gate_up"], w.get("gate_up_bias"), f32).chunk(2, dim=-1)  # [T, I] each
     else:
         gate, up = linear(x, w["gate"], w.get("gate_bias"), f32), linear(x, w["up"], w.get("up_bias"), f32)
-    gate = act_fn(act)(gate)
-    if limit:
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    return linear((gate * up).to(x.dtype), w["down"], w.get("down_bias"))
+    return linear(gated_product(gate, up, act, limit).to(x.dtype), w["down"], w.get("down_bias"))
 
 
 class Rotary:

@@ -38,5 +38,6 @@ def moe_layout(model: str | os.PathLike) -> MoELayout:
 
     files = open_model(model, check_shapes=False)
     spec = files.spec
-    store_layout(files.ckpt.path / "config.json", spec)  # (a torn layout beside a kept spec: whole again)
+    if files.config is None:  # the spec came from the cache (a derived one was kept with its layout): write it whole
+        store_layout(files.ckpt.path / "config.json", spec)
     return MoELayout(spec.num_layers, tuple(spec.moe.moe_layers), spec.moe.num_experts)

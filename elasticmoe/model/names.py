@@ -38,7 +38,7 @@ ATTN = {  # role -> checkpoint suffix under "<layer>.self_attn."
     "index_norm_b": "indexer.k_norm.bias", "index_weights": "indexer.weights_proj.weight",
 }
 # Norms of one decoder layer by block layout: role -> module name (a tuple: alternatives, the first found). A
-# family's own names for a role (ModelSpec.names: LFM2's operator_norm, ffn_norm) replace these.
+# family's own names for a role (ModelSpec.tensor_names: LFM2's operator_norm, ffn_norm) replace these.
 NORMS = {
     "pre": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
     "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
