@@ -3,15 +3,14 @@ slots and repeated steps, against transformers alone; memory, and the strict loa
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM, SamplingParams
 from tests.test_families import _add_tensors, _copy, _rel, make_family_checkpoint
-from tests.test_families_linear import GREEDY, _assert_transformers_alone, _Blips, _prompts, _run
+from tests.test_families_linear import (GREEDY, _assert_transformers_alone, _prompts, _run, assert_config_refused,
+                                        assert_retried_steps_exact)
 from tests.test_families_more import LFM2, MORE_CASES
 
 # conv biases, a 4-tap conv (a window of 3: wider than the 2-token chunks below), tied embeddings, no expert bias,
@@ -89,12 +88,7 @@ def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
 def test_a_repeated_step_reads_the_window_it_started_from(ckpt, ref, layer):
     """Steps failing at layer 1's or 2's experts (after conv layer 0, and for layer 2 its own conv, ran) are
     retried: the retry reads the window at the step's start, so every request gets transformers' tokens."""
-    prompts = _prompts([30, 3, 70], seed=3)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=3, max_num_batched_tokens=24)
-    blips = _Blips(llm.engine.dispatcher, layer)
-    llm.engine.dispatcher, llm.engine.retry_backoff_s = blips, (0.0,) * 8
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
-    assert blips.failed >= 4 and llm.engine.step_retries == blips.failed and llm.engine.failed_requests == 0
+    assert_retried_steps_exact(ckpt, ref, layer)
 
 
 def test_the_cache_keeps_no_kv_for_conv_layers_and_counts_their_window(ckpt):
@@ -140,10 +134,4 @@ def test_a_tensor_transformers_would_not_load_fails_the_load(request, tmp_path, 
     ("layer_types", ["conv", "sliding_attention", "conv"], r"config\.layer_types=.*want 3 of conv / full_attention"),
 ])
 def test_impossible_conv_config_fails_naming_the_field(ckpt, tmp_path, key, value, message):
-    from elasticmoe.model import ModelSpecError, open_model
-
-    ck = _copy(ckpt, tmp_path / "c")
-    cfg = json.loads((ck / "config.json").read_text())
-    (ck / "config.json").write_text(json.dumps({**cfg, key: value}))
-    with pytest.raises(ModelSpecError, match=message):
-        open_model(str(ck))
+    assert_config_refused(ckpt, tmp_path, key, value, message)

@@ -114,6 +114,12 @@ def test_a_repeated_step_reads_the_state_it_started_from(ckpt, ref, layer):
     """Steps that fail at layer 1's or 2's experts (after layer 0's, and for layer 2 its own, linear attention ran)
     and are retried: the retry reads the state at the step's start (never the failed attempt's), so every request
     gets transformers' tokens."""
+    assert_retried_steps_exact(ckpt, ref, layer)
+
+
+def assert_retried_steps_exact(ckpt, ref, layer: int) -> None:
+    """Three requests whose steps fail at `layer`'s experts and are retried (also test_families_conv's): each gets
+    transformers' tokens, every failure retried, none failed."""
     prompts = _prompts([30, 3, 70], seed=3)
     llm = LLM(str(ckpt), dtype="float32", max_num_seqs=3, max_num_batched_tokens=24)
     blips = _Blips(llm.engine.dispatcher, layer)
@@ -174,6 +180,12 @@ def test_attention_weights_at_a_linear_layer_fail_the_load(ckpt, tmp_path):
     ("layer_types", ["linear_attention", "sliding_attention", "linear_attention"], r"config\.layer_types=.*want 3 of"),
 ])
 def test_impossible_linear_attention_config_fails_naming_the_field(ckpt, tmp_path, key, value, message):
+    assert_config_refused(ckpt, tmp_path, key, value, message)
+
+
+def assert_config_refused(ckpt, tmp_path, key: str, value, message: str) -> None:
+    """A copy of `ckpt` whose config.json sets `key` to `value` fails its open naming the field (`message`; also
+    test_families_conv's)."""
     from elasticmoe.model import ModelSpecError, open_model
 
     ck = _copy(ckpt, tmp_path / "c")
