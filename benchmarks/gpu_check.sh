@@ -3,7 +3,8 @@
 #   PY=python3 OUT_DIR=/tmp/gpu benchmarks/gpu_check.sh      (make gpu-check runs it with the project's venv)
 # Steps: the machine and versions; the Triton cases on the GPU (bf16, fp32) against the torch reference; the Triton
 # edge cases (tests/test_triton_edges.py: T = 1, k = E, duplicate ids, ragged H / I, bf16 ...) and the float64
-# top-k sum a shard's partial sums need (tests/test_triton_combine.py); FP8 and
+# top-k sum a shard's partial sums need (tests/test_triton_combine.py), the experts' other activations and biases
+# (tests/test_kernels_act.py: GPT-OSS, Gemma 4, Step-3.7); FP8 and
 # staging on CUDA; the ahead-of-time compile check for this GPU's arch; the kernel benchmark, one JSON per model
 # (a step that runs out of time loses only its own model); the serving benchmark without Ray Serve (LLM.generate,
 # transformers and the gateway engine + 2 shard processes, all on the GPU; no Ray needed); with TUNE, tile tuning
@@ -51,7 +52,7 @@ ARCH=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability()
 step triton-cases 240 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_kernels_triton.py \
     -k "cuda or tensors_device or compile_for_sm90"
 step triton-edges 180 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_triton_edges.py \
-    tests/test_triton_combine.py -k cuda
+    tests/test_triton_combine.py tests/test_kernels_act.py -k cuda
 step fp8-staging 120 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_triton_fp8.py tests/test_staging.py -k cuda
 step aot-check 90 "$PY" -m elasticmoe.kernels.aot_check --arch "$ARCH"
 for m in $MODELS; do

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from elasticmoe.model.expert_math import gated_moe
+from elasticmoe.kernels import ExpertAct, fused_moe
 from elasticmoe.model.layers import gated_mlp
 from tests.test_families import make_family_checkpoint
 from tests.test_families_more import MORE_CASES
@@ -42,7 +42,7 @@ def test_step3p7_case_clamps_change_transformers_logits(step_dir):
 
 
 def test_engine_clamps_clip_experts_and_mlps():
-    """expert_math.gated_moe and layers.gated_mlp with a limit L: silu(gate) <= L and up in [-L, L], as transformers'
+    """fused_moe with ExpertAct("silu", L) and layers.gated_mlp with a limit L: silu(gate) <= L and up in [-L, L], as transformers'
     Step-3.7 experts and MLPs; a limit of 0 clamps nothing; the clamp changes the values here."""
     gen = torch.Generator().manual_seed(0)
     x, w13, w2 = (torch.randn(s, generator=gen) for s in ((5, 16), (3, 24, 16), (3, 16, 12)))  # [T, H], [E, 2I, H]
@@ -54,7 +54,7 @@ def test_engine_clamps_clip_experts_and_mlps():
     assert torch.allclose(gated_mlp(x, mlp, "silu", limit), want, atol=1e-5)
     assert (gated_mlp(x, mlp, "silu") - want).abs().max() > 0.1
     assert torch.allclose(gated_mlp(x, mlp, "silu", 0.0), gated_mlp(x, mlp, "silu"))
-    clamped = gated_moe(x, w13, w2, ids, weights, "silu", limit=limit)  # [T, H]
-    assert (clamped - gated_moe(x, w13, w2, ids, weights, "silu")).abs().max() > 0.1
-    assert torch.allclose(gated_moe(x, w13, w2, ids[:, :1], weights[:, :1], "silu", limit=limit), 0.5 * want,
-                          atol=1e-5)
+    clamped = fused_moe(x, w13, w2, ids, weights, act=ExpertAct("silu", limit))  # [T, H]
+    assert (clamped - fused_moe(x, w13, w2, ids, weights)).abs().max() > 0.1
+    assert torch.allclose(fused_moe(x, w13, w2, ids[:, :1], weights[:, :1], act=ExpertAct("silu", limit)),
+                          0.5 * want, atol=1e-5)

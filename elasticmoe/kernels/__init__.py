@@ -19,7 +19,9 @@ def _triton_env() -> None:
 
 _triton_env()
 
+from .act import ExpertAct  # noqa: E402
 from .api import BACKEND_ENV, check_moe_inputs, fused_moe, resolve_backend, warmup_moe  # noqa: E402
 from .reference import fused_moe_reference  # noqa: E402
 
-__all__ = ["BACKEND_ENV", "check_moe_inputs", "fused_moe", "fused_moe_reference", "resolve_backend", "warmup_moe"]
+__all__ = ["BACKEND_ENV", "ExpertAct", "check_moe_inputs", "fused_moe", "fused_moe_reference", "resolve_backend",
+           "warmup_moe"]

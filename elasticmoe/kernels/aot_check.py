@@ -4,7 +4,8 @@ The Triton interpreter accepts code that a GPU will not compile; this runs the r
 TTGIR -> PTX -> cubin with the bundled ptxas), with the argument specialisation the JIT launcher would
 use for real model shapes (16-divisible pointers and model sizes, unit strides as constants; the per-call
 sizes are `do_not_specialize`), for every default tile config and the three alignment kernels, and the
-block-FP8 (W8A16, W8A8) variants. It also checks the shared-memory footprint (defaults must fit the
+block-FP8 (W8A16, W8A8) variants, and the experts' other activations (GPT-OSS's biased SwiGLU, tanh-GELU, a clamped
+SiLU). It also checks the shared-memory footprint (defaults must fit the
 101,376 B of sm_86/89/120 on any target) and that the K loops were software-pipelined.
 
     python -m elasticmoe.kernels.aot_check [--arch 90] [--quick]
@@ -28,8 +29,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import triton_align, triton_gemm
+from .act import SILU, ExpertAct
 from .tuning import CONSUMER_SMEM, DEFAULT_TILES, FP32_CAPS, finalize
 
+# GPT-OSS's biased clamped SwiGLU, Gemma 4's tanh-GELU, Step-3.7's clamped SiLU (fused_moe's act / b13 / b2)
+ACT_VARIANTS = ((ExpertAct("swiglu_oai", 7.0), True), (ExpertAct("gelu_tanh"), False), (ExpertAct("silu", 7.0), False))
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # bytes per block (opt-in max)
 DIV16 = "div16"  # marker: the launcher would see a 16-divisible value
 TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -68,10 +72,12 @@ def _ptr(kind: str):
     return (f"*{kind}", DIV16)
 
 
-def gemm_jobs(config: dict, dtype: str, fp8: str | None = None, group_k: int = 128) -> list[tuple]:
+def gemm_jobs(config: dict, dtype: str, fp8: str | None = None, group_k: int = 128,
+              act: ExpertAct | None = None, bias: bool = False) -> list[tuple]:
     """(kernel, args, constexprs, num_warps, num_stages) for both grouped GEMMs with one tile config.
 
-    dtype: the activations'; fp8: None (weights in dtype), "w8a16" or "w8a8" (block-FP8 weights, 128 x group_k scales).
+    dtype: the activations'; fp8: None (weights in dtype), "w8a16" or "w8a8" (block-FP8 weights, 128 x group_k scales);
+    act, bias: the experts' activation (act.py) and biases, as triton_moe._epilogue passes them.
     """
     t = TRITON_TYPES[dtype]
     tiles = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
@@ -90,9 +96,19 @@ def gemm_jobs(config: dict, dtype: str, fp8: str | None = None, group_k: int = 1
                    stride_xm=("i32", DIV16), stride_xk=1, stride_am=("i32", DIV16), stride_an=1)
     down = dict(common, act_ptr=_ptr(t), w2_ptr=_ptr(w), pair_out_ptr=_ptr("fp32"), topk_weights_ptr=_ptr("fp32"),
                 stride_am=("i32", DIV16), stride_ak=1, stride_pm=("i32", DIV16))
+    act = act or SILU
+    consts13 = dict(tiles, TOP_K=8, ACT=act.code, LIMIT=float(act.limit), ALPHA=float(act.alpha), HAS_BIAS=False)
+    consts2 = dict(tiles, HAS_BIAS=False)
+    for args, consts in ((gate_up, consts13), (down, consts2)):
+        if bias:  # b13 [E, 2I] / b2 [E, H] in the weights' dtype, contiguous
+            args.update(b_ptr=_ptr(t), stride_be=("i32", DIV16))
+            consts.update(HAS_BIAS=True)
+        else:  # what the launcher sees without biases: None and a zero
+            args.update(stride_be=("i32", DIV16))
+            consts.update(b_ptr=None)
     launch = (config["num_warps"], config["num_stages"])
-    return [(triton_gemm.gate_up_kernel, gate_up, dict(tiles, TOP_K=8), *launch),
-            (triton_gemm.down_kernel, down, tiles, *launch)]
+    return [(triton_gemm.gate_up_kernel, gate_up, consts13, *launch),
+            (triton_gemm.down_kernel, down, consts2, *launch)]
 
 
 def fp8_jobs(quick: bool = False) -> list[tuple]:
@@ -154,6 +170,8 @@ def run(arch: int = 90, quick: bool = False) -> list[str]:
         jobs += gemm_jobs(config, "bfloat16")
     jobs += gemm_jobs(configs[-1], "float16") + gemm_jobs(fp32, "float32") + small_jobs("bfloat16")
     jobs += fp8_jobs(quick)
+    for act, bias in ACT_VARIANTS:  # the experts' other activations (Gemma 4, Step-3.7, GPT-OSS) with bf16 weights
+        jobs += gemm_jobs(configs[-1], "bfloat16", act=act, bias=bias)
     limit, lines = min(SMEM_LIMIT.get(arch, CONSUMER_SMEM), CONSUMER_SMEM), []
     for fn, args, consts, warps, stages in distinct_jobs(jobs):
         kernel = compile_kernel(fn, args, consts, arch, warps, stages)

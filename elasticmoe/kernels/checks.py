@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .act import ExpertAct
 from .fp8 import FP8_DTYPE, check_fp8_weights, is_fp8
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,3 +114,27 @@ def _check_all(hidden, w13, w2, topk_ids, topk_weights, w13_scale, w2_scale, blo
             raise ValueError(f"{name} must have a unit last stride (got strides {t.stride()}); "
                              "pass .contiguous()")
     return fp8
+
+
+def check_act(act, b13, b2, w13, w2) -> tuple | None:
+    """Raise ValueError naming the argument unless act is None or an ExpertAct and the biases are both None or
+    b13 [E, 2I], b2 [E, H] floats on w13's device with a unit last stride. Returns (b13, b2), or None without."""
+    if act is not None and not isinstance(act, ExpertAct):
+        raise ValueError(f"act must be a kernels.act.ExpertAct or None, got {type(act).__name__}")
+    if b13 is None and b2 is None:
+        return None
+    if b13 is None or b2 is None:
+        raise ValueError("b13 and b2 come together (the experts' gate/up and down biases): got only "
+                         f"{'b13' if b2 is None else 'b2'}")
+    num_experts, two_i, hidden_size = w13.shape
+    for name, t, want in (("b13", b13, (num_experts, two_i)), ("b2", b2, (num_experts, hidden_size))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} {tuple(t.shape)} must be {list(want)} (w13 {tuple(w13.shape)}, "
+                             f"w2 {tuple(w2.shape)})")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != w13.device:
+            raise ValueError(f"{name} is on {t.device}, the weights on {w13.device}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit last stride (got strides {t.stride()}); pass .contiguous()")
+    return b13, b2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .act import SILU, ExpertAct
+
 
 def fused_moe_reference(
     hidden: torch.Tensor,
@@ -11,13 +13,18 @@ def fused_moe_reference(
     w2: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
+    act: ExpertAct | None = None,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Slow, obviously-correct MoE forward, computed in float64.
 
     hidden [T, H]; w13 [E, 2I, H] (rows :I gate, I: up); w2 [E, H, I];
-    topk_ids [T, k] (-1 or any id outside [0, E) contributes nothing); topk_weights [T, k].
+    topk_ids [T, k] (-1 or any id outside [0, E) contributes nothing); topk_weights [T, k];
+    act: the gated activation (default SiLU, act.py); b13 [E, 2I], b2 [E, H]: biases (both or neither).
     Returns [T, H] in hidden's dtype.
     """
+    act = act or SILU
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     x64 = hidden.double()  # [T, H]
@@ -29,8 +36,7 @@ def fused_moe_reference(
         for j, e in enumerate(row):
             if e < 0 or e >= num_experts:
                 continue
-            gate = x64[t] @ w13_64[e, :inter].T  # [I]
-            up = x64[t] @ w13_64[e, inter:].T  # [I]
-            act = torch.nn.functional.silu(gate) * up  # [I]
-            out[t] += weights64[t, j] * (act @ w2_64[e].T)  # [H]
+            gate_up = x64[t] @ w13_64[e].T + (0.0 if b13 is None else b13[e].double())  # [2I]
+            y = act.apply(gate_up[:inter], gate_up[inter:]) @ w2_64[e].T  # [H]
+            out[t] += weights64[t, j] * (y + (0.0 if b2 is None else b2[e].double()))  # [H]
     return out.to(hidden.dtype)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_gemm
-from .checks import check_moe_inputs, check_out_dtype
+from .act import SILU, ExpertAct
+from .checks import check_act, check_moe_inputs, check_out_dtype
 
 STRATEGIES = ("auto", "bmm", "grouped", "segment")
 # pick_strategy (CUDA torch fallback; CPU measurements, 1 thread, benchmarks/KERNELS.md): the weight gather
@@ -73,8 +74,12 @@ def fused_moe_torch(
     strategy: str = "auto",
     out_dtype: torch.dtype | None = None,
     checked: bool = False,
+    act: ExpertAct | None = None,
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MoE forward with torch ops. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H].
+    act: the gated activation (act.py; default SiLU); bias: (b13 [E, 2I], b2 [E, H]) or None. Another activation
+    than plain SiLU, or biases, run the segment loop with float32 activations (as the Triton kernels compute them).
 
     Expert ids outside [0, E) (in particular -1) contribute nothing. The weighted top-k sum accumulates
     in fp32, or in fp64 when out_dtype is float64 (exact enough that partial sums computed on different
@@ -87,6 +92,7 @@ def fused_moe_torch(
     if not checked:
         check_moe_inputs(hidden, w13, w2, topk_ids, topk_weights)
         check_out_dtype(out_dtype)
+        bias = check_act(act, *(bias or (None, None)), w13, w2)
     if hidden.shape[0] == 0 or topk_ids.shape[1] == 0 or w13.shape[0] == 0:  # nothing routed ("bmm" indexed E = 0)
         return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)  # [T, H]
     x = hidden if hidden.dtype == w13.dtype else hidden.to(w13.dtype)  # [T, H]
@@ -95,7 +101,9 @@ def fused_moe_torch(
     if strategy == "grouped" and not grouped_fits(w13, w2):  # sizes off 16 bytes: the same sums per segment
         strategy = "segment"
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
-    if strategy == "bmm":
+    if bias is not None or not (act or SILU).plain:
+        out = _moe_act_segment(x, w13, w2, topk_ids, topk_weights, acc, act or SILU, bias)
+    elif strategy == "bmm":
         out = _moe_bmm(x, w13, w2, topk_ids, topk_weights, acc)
     elif strategy == "grouped":
         out = _moe_grouped(x, w13, w2, topk_ids, topk_weights, acc)
@@ -235,3 +243,28 @@ def _segments_skinny(rows, w13, w2, counts: list[int]) -> torch.Tensor:
     for e, s, t in large:
         torch.mm(act[s:t], w2[e].t(), out=y[s:t])
     return y
+
+
+def _moe_act_segment(x, w13, w2, topk_ids, topk_weights, acc, act: ExpertAct, bias) -> torch.Tensor:
+    """The segment loop for another activation than plain SiLU or with biases: per non-empty expert, gate/up in
+    float32 (+ b13), act.apply, rounded to x's dtype for the down projection (+ b2); returns [T, H] in `acc`."""
+    order, tokens, counts = _segment_order(topk_ids, w13.shape[0])  # [M], [M], E counts
+    rows = x.index_select(0, tokens)  # [M, H]
+    inter = w2.shape[2]
+    y = torch.empty(rows.shape[0], rows.shape[1], dtype=torch.float32, device=x.device)  # [M, H]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        end = start + count
+        gate_up = torch.mm(rows[start:end], w13[expert].t()).float()  # [c, 2I]
+        if bias is not None:
+            gate_up += bias[0][expert].float()
+        h = act.apply(gate_up[:, :inter], gate_up[:, inter:]).to(x.dtype)  # [c, I]
+        y[start:end] = torch.mm(h, w2[expert].t()).float()  # [c, H]
+        if bias is not None:
+            y[start:end] += bias[1][expert].float()
+        start = end
+    weights = topk_weights.reshape(-1).index_select(0, order).to(acc)  # [M]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)  # [T, H]
+    return out.index_add_(0, tokens, y.to(acc) * weights[:, None])

@@ -88,6 +88,28 @@ def _scaled_dot(a, b, acc, b_scale, a_amax, DOT_PRECISION: tl.constexpr, W_FP8: 
     return out  # one return: the compiler does not stop at a return inside a constexpr branch
 
 
+@triton.jit
+def _gated(g, u, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr):
+    """The experts' activation (kernels.act.ExpertAct) of gate g and up u, fp32 [BM, BN] each. ACT 0: silu(g) * u,
+    1: gelu_tanh(g) * u (0.5 (1 + tanh z) = sigmoid(2 z)), each with act(g) <= LIMIT and |u| <= LIMIT where
+    LIMIT > 0; 2 (GPT-OSS): g <= LIMIT, |u| <= LIMIT, then (u + 1) * g * sigmoid(ALPHA * g)."""
+    if ACT == 2:
+        if LIMIT > 0:
+            g = tl.minimum(g, LIMIT)
+            u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        out = (u + 1.0) * g * tl.sigmoid(ALPHA * g)
+    else:
+        if ACT == 1:
+            a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))  # 2 sqrt(2 / pi)
+        else:
+            a = g * tl.sigmoid(g)
+        if LIMIT > 0:
+            a = tl.minimum(a, LIMIT)
+            u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        out = a * u
+    return out  # one return: the compiler does not stop at a return inside a constexpr branch
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_pid_m"])
 def gate_up_kernel(
     x_ptr, w13_ptr, act_ptr,  # x [T, H], w13 [E, 2I, H], act [B * BLOCK_M, I] (sorted rows), out
@@ -95,12 +117,15 @@ def gate_up_kernel(
     num_pairs, hidden_size, inter, num_pid_m,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_am, stride_an,
     w_scale_ptr, stride_se, stride_sn, stride_sk, up_scale_base,  # w13_scale [E, 2I/GN, H/GK] (fp8 only)
+    b_ptr, stride_be,  # b13 [E, 2I] (HAS_BIAS only)
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_FP8: tl.constexpr = False, A_FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
-    GROUP_K: tl.constexpr = 128,
+    GROUP_K: tl.constexpr = 128, ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 0.0, ALPHA: tl.constexpr = 1.702,
+    HAS_BIAS: tl.constexpr = False,
 ):
-    """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, I + n]) for one [BLOCK_M, BLOCK_N] tile."""
+    """act[slot, n] = act(x[tok] . w13[e, n] (+ b13[e, n]), x[tok] . w13[e, I + n] (+ b13[e, I + n])) for one
+    [BLOCK_M, BLOCK_N] tile; act: _gated (silu(gate) * up by default)."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
         return
@@ -139,7 +164,11 @@ def gate_up_kernel(
         x_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
-    act = acc_g * tl.sigmoid(acc_g) * acc_u  # [BM, BN] fp32
+    if HAS_BIAS:
+        b_row = b_ptr + expert * stride_be + offs_n  # [BN]
+        acc_g += tl.load(b_row, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_row + inter, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    act = _gated(acc_g, acc_u, ACT, LIMIT, ALPHA)  # [BM, BN] fp32
     a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :] * stride_an
     tl.store(a_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -151,12 +180,13 @@ def down_kernel(
     num_pairs, hidden_size, inter, num_pid_m,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_pm,
     w_scale_ptr, stride_se, stride_sn, stride_sk,  # w2_scale [E, H/GN, I/GK] (fp8 only)
+    b_ptr, stride_be,  # b2 [E, H] (HAS_BIAS only)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_FP8: tl.constexpr = False, A_FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
-    GROUP_K: tl.constexpr = 128,
+    GROUP_K: tl.constexpr = 128, HAS_BIAS: tl.constexpr = False,
 ):
-    """pair_out[p, n] = topk_weights[p] * (act[slot] . w2[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
+    """pair_out[p, n] = topk_weights[p] * (act[slot] . w2[e, n] (+ b2[e, n])) for one [BLOCK_M, BLOCK_N] tile."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
         return
@@ -186,6 +216,8 @@ def down_kernel(
         acc = _scaled_dot(a, b, acc, scale, a_amax, DOT_PRECISION, W_FP8, A_FP8, BLOCK_K == GROUP_K)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + expert * stride_be + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     weight = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
     acc = acc * weight[:, None]
     o_ptrs = pair_out_ptr + pairs[:, None].to(tl.int64) * stride_pm + offs_n[None, :]

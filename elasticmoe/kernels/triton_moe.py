@@ -23,7 +23,8 @@ import torch
 import triton
 
 from .align import max_num_blocks
-from .checks import check_count, check_moe_inputs, check_out_dtype
+from .act import ExpertAct
+from .checks import check_act, check_count, check_moe_inputs, check_out_dtype
 from .interp import interpreting
 from .triton_align import align_block_size_triton
 from .triton_gemm import down_kernel, gate_up_kernel, topk_sum_kernel
@@ -80,6 +81,8 @@ def fused_moe_triton(
     fp8: dict | None = None,
     checked: bool = False,
     out_dtype: torch.dtype | None = None,
+    act: ExpertAct | None = None,
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triton MoE forward. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, k] -> [T, H] in out_dtype.
 
@@ -90,6 +93,8 @@ def fused_moe_triton(
     and passes its fp8 dict); else the inputs are checked here, before any launch reads them.
     out_dtype: the result's (default hidden's; checks.OUT_DTYPES): the top-k sum is written in it as summed (in fp32,
     in fp64 for float64), not rounded to hidden's dtype first (a shard's float64 partial sums then add up as one).
+    act: the gated activation (act.py; default SiLU), computed in fp32 in gate_up's epilogue; bias: (b13 [E, 2I],
+    b2 [E, H]) added in fp32 to gate/up before it and to each expert's down product before its weight.
     Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, where bfloat16 is refused: Triton 3.9's
     interpreter computes it wrongly (bf16 runs on a GPU only; the torch backend runs it on CPU).
     """
@@ -100,6 +105,7 @@ def fused_moe_triton(
     if not checked:
         check_out_dtype(out_dtype)
         fp8 = _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8)
+        bias = check_act(act, *(bias or (None, None)), w13, w2)
     if interpreting() and torch.bfloat16 in (hidden.dtype, w13.dtype):
         raise ValueError("bfloat16 MoE inputs under TRITON_INTERPRET=1: the interpreter computes bf16 wrongly; "
                          "bf16 runs on a CUDA GPU only (on CPU use the torch backend, or float16 / float32)")
@@ -115,14 +121,15 @@ def fused_moe_triton(
         launch = launch_options(cfg, act_dtype, fp8)
         x = hidden if hidden.dtype == act_dtype else hidden.to(act_dtype)  # [T, H]
         scales = _scale_args(w13, fp8)
+        epilogue = _epilogue(act, bias)
         ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()  # [T, k]
         weights = topk_weights.to(torch.float32).contiguous()  # [T, k]
         out = torch.empty(num_tokens, hidden_size, dtype=out_dtype or hidden.dtype, device=hidden.device)  # [T, H]
-        act, pair_out = _buffers(chunk, top_k, w13, launch["BLOCK_M"], act_dtype)
+        act_buf, pair_out = _buffers(chunk, top_k, w13, launch["BLOCK_M"], act_dtype)
         for start in range(0, num_tokens, chunk):
             stop = min(num_tokens, start + chunk)
             _forward_chunk(x[start:stop], w13, w2, ids[start:stop], weights[start:stop], launch,
-                           act, pair_out, out[start:stop], scales)
+                           act_buf, pair_out, out[start:stop], scales, epilogue)
     return out
 
 
@@ -135,6 +142,21 @@ def _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8: dict | None) -> d
 
 
 NO_SCALES = ((None, 0, 0, 0, 0), (None, 0, 0, 0))
+PLAIN = (((None, 0), {}), ((None, 0), {}))  # _epilogue(None, None): silu(gate) * up, no biases
+
+
+def _epilogue(act: ExpertAct | None, bias: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+    """((gate_up's bias args, constexprs), (down's bias args, constexprs)) for the activation and biases."""
+    if act is None or act.plain:
+        if bias is None:
+            return PLAIN
+        consts13 = {}
+    else:
+        consts13 = dict(ACT=act.code, LIMIT=float(act.limit), ALPHA=float(act.alpha))
+    if bias is None:
+        return ((None, 0), consts13), ((None, 0), {})
+    b13, b2 = bias
+    return ((b13, b13.stride(0)), dict(consts13, HAS_BIAS=True)), ((b2, b2.stride(0)), {"HAS_BIAS": True})
 
 
 def _scale_args(w13: torch.Tensor, fp8: dict | None) -> tuple[tuple, tuple]:
@@ -163,17 +185,18 @@ def _buffers(chunk: int, top_k: int, w13: torch.Tensor, block_m: int,
     return act, pair_out
 
 
-def _forward_chunk(x, w13, w2, ids, weights, launch, act, pair_out, out, scales=NO_SCALES) -> None:
+def _forward_chunk(x, w13, w2, ids, weights, launch, act, pair_out, out, scales=NO_SCALES, epilogue=PLAIN) -> None:
     """One pass of the pipeline over x [t, H] / ids, weights [t, k]; writes out [t, H]."""
     num_pairs = ids.numel()
     routing = align_block_size_triton(ids, w13.shape[0], launch["BLOCK_M"])  # sorted_ids, expert_ids, num_post
-    gate_up(x, w13, routing, ids.shape[1], launch, act, scales[0])
-    down(act, w2, weights.reshape(-1), routing, num_pairs, launch, pair_out[:num_pairs], scales[1])
+    gate_up(x, w13, routing, ids.shape[1], launch, act, scales[0], epilogue[0])
+    down(act, w2, weights.reshape(-1), routing, num_pairs, launch, pair_out[:num_pairs], scales[1], epilogue[1])
     topk_sum(pair_out[:num_pairs], ids.reshape(-1), w13.shape[0], out)
 
 
-def gate_up(x, w13, routing, top_k, launch, act, scale_args=NO_SCALES[0]) -> torch.Tensor:
-    """act [B * BLOCK_M, I] = silu(gate) * up for every sorted slot (padding rows left unwritten)."""
+def gate_up(x, w13, routing, top_k, launch, act, scale_args=NO_SCALES[0], epilogue=PLAIN[0]) -> torch.Tensor:
+    """act [B * BLOCK_M, I] = silu(gate) * up (or epilogue's activation and bias) for every sorted slot (padding
+    rows left unwritten)."""
     inter = w13.shape[1] // 2
     num_pid_m = routing[1].numel()
     grid = (num_pid_m * triton.cdiv(inter, launch["BLOCK_N"]),)
@@ -181,13 +204,14 @@ def gate_up(x, w13, routing, top_k, launch, act, scale_args=NO_SCALES[0]) -> tor
         x, w13, act, *routing,
         x.shape[0] * top_k, x.shape[1], inter, num_pid_m,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0), act.stride(1),
-        *scale_args, TOP_K=top_k, **launch,
+        *scale_args, *epilogue[0], TOP_K=top_k, **launch, **epilogue[1],
     )
     return act
 
 
-def down(act, w2, weights, routing, num_pairs, launch, pair_out, scale_args=NO_SCALES[1]) -> torch.Tensor:
-    """pair_out [N, H] fp32 = topk_weight * (act @ w2[e]^T) per (token, slot) pair; -1 pairs unwritten."""
+def down(act, w2, weights, routing, num_pairs, launch, pair_out, scale_args=NO_SCALES[1],
+         epilogue=PLAIN[1]) -> torch.Tensor:
+    """pair_out [N, H] fp32 = topk_weight * (act @ w2[e]^T (+ b2[e])) per (token, slot) pair; -1 pairs unwritten."""
     hidden_size, inter = w2.shape[1], w2.shape[2]
     num_pid_m = routing[1].numel()
     grid = (num_pid_m * triton.cdiv(hidden_size, launch["BLOCK_N"]),)
@@ -195,7 +219,7 @@ def down(act, w2, weights, routing, num_pairs, launch, pair_out, scale_args=NO_S
         act, w2, pair_out, weights, *routing,
         num_pairs, hidden_size, inter, num_pid_m,
         act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), pair_out.stride(0),
-        *scale_args, **launch,
+        *scale_args, *epilogue[0], **launch, **epilogue[1],
     )
     return pair_out
 
@@ -217,13 +241,14 @@ def topk_sum(pair_out, ids, num_experts, out) -> torch.Tensor:
 
 def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype: torch.dtype | None = None,
                   id_dtypes=(torch.int64, torch.int32), fp8: dict | None = None,
-                  out_dtype: torch.dtype | None = None) -> int:
+                  out_dtype: torch.dtype | None = None, act: ExpertAct | None = None,
+                  bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
     """Compile every kernel variant a call with these weights can launch; returns the passes run (0: done before).
 
     One 1-token pass per candidate tile config and id dtype: runtime sizes are not specialised on,
     so later batches of any size reuse these compiles. Weights are only read. fp8: as fused_moe_triton's
     (block-FP8 weights need hidden_dtype, the activations' dtype); out_dtype: the calls' (the top-k sum's kernel
-    is compiled per output dtype).
+    is compiled per output dtype); act, bias: as the calls' (each activation is its own compile).
     """
     check_count("top_k", top_k)
     check_out_dtype(out_dtype)
@@ -233,7 +258,7 @@ def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype:
     quant = quant_key(hidden_dtype, fp8)
     configs = candidate_configs(num_experts, w2.shape[2], hidden_size, w13.dtype, device, quant)
     key = (tuple(w13.shape), w13.dtype, hidden_dtype, top_k, str(device), tuple(id_dtypes), quant,
-           out_dtype or hidden_dtype, tuple(tuple(c.items()) for c in configs))
+           out_dtype or hidden_dtype, tuple(tuple(c.items()) for c in configs), act, bias is not None)
     if key in _warm:
         return 0
     runs = 0
@@ -243,7 +268,8 @@ def warmup_triton(w13: torch.Tensor, w2: torch.Tensor, top_k: int, hidden_dtype:
         for cfg in configs:
             for id_dtype in id_dtypes:
                 ids = (torch.arange(top_k, device=device) % num_experts).to(id_dtype)[None]  # [1, k]
-                fused_moe_triton(x, w13, w2, ids, weights, config=cfg, fp8=fp8, out_dtype=out_dtype)
+                fused_moe_triton(x, w13, w2, ids, weights, config=cfg, fp8=fp8, out_dtype=out_dtype, act=act,
+                                 bias=bias)
                 runs += 1
     _warm.add(key)
     return runs

@@ -1,12 +1,12 @@
-"""Expert math beyond gated SiLU, in torch: gated tanh-GELU, GPT-OSS's clamped SwiGLU, MXFP4 weights dequantised."""
+"""Expert math beside fused_moe: each layer's activation, Llama 4's input-scaled experts, GPT-OSS's (MXFP4) weights."""
 
 from __future__ import annotations
 
 import torch
 
+from elasticmoe.kernels import ExpertAct
 from elasticmoe.model.checkpoint import Checkpoint, CheckpointError
 from elasticmoe.model.expert_names import ExpertRef
-from elasticmoe.model.layers import gated_product
 from elasticmoe.model.quant import dequant_mxfp4
 from elasticmoe.model.spec import MoESpec
 
@@ -47,29 +47,13 @@ def read_swiglu_expert(ckpt: Checkpoint, ref: ExpertRef, hidden: int, inter: int
     return w13, w2, torch.cat((b13[0::2], b13[1::2])), b2
 
 
-def swiglu_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor, b2: torch.Tensor,
-               topk_ids: torch.Tensor, topk_weights: torch.Tensor, moe: MoESpec,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Clamped SwiGLU experts with biases: hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I], b2 [E, H],
-    topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k] -> [T, H] in out_dtype (default hidden's,
-    the dtype the weighted sum accumulates in).
-
-    gate <= limit, -limit <= up <= limit, out = (up + 1) * gate * sigmoid(alpha * gate).
-    """
-    t, k = topk_ids.shape
-    out = torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
-    flat = topk_ids.reshape(-1)  # [T * k]
-    rows = torch.arange(t, device=hidden.device).repeat_interleave(k)  # [T * k] token of each pair
-    weights = topk_weights.reshape(-1).to(hidden.dtype).to(out.dtype)
-    for e in flat[flat >= 0].unique().tolist():  # ascending, as transformers accumulates
-        sel = (flat == e).nonzero()[:, 0]
-        x = hidden[rows[sel]]  # [n, H]
-        gate, up = (x @ w13[e].t() + b13[e]).chunk(2, dim=-1)  # [n, I] each
-        gate = gate.clamp(max=moe.swiglu_limit)
-        up = up.clamp(min=-moe.swiglu_limit, max=moe.swiglu_limit)
-        y = ((up + 1) * gate * torch.sigmoid(gate * moe.swiglu_alpha)) @ w2[e].t() + b2[e]  # [n, H]
-        out.index_add_(0, rows[sel], y.to(out.dtype) * weights[sel, None])
-    return out
+def expert_act(moe: MoESpec, layer: int) -> ExpertAct:
+    """The routed experts' activation at `layer` for fused_moe: GPT-OSS's clamped SwiGLU (swiglu_limit, swiglu_alpha),
+    Gemma 4's gated tanh-GELU, or gated SiLU, clamped where Step-3.7's swiglu_limits give the layer a limit."""
+    if moe.expert_act == "swiglu_clamped":
+        return ExpertAct("swiglu_oai", moe.swiglu_limit, moe.swiglu_alpha)
+    limit = moe.swiglu_limits[layer] if moe.swiglu_limits else 0.0
+    return ExpertAct(moe.expert_act, float(limit))
 
 
 def input_scaled_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
@@ -88,24 +72,4 @@ def input_scaled_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
         x = hidden[rows[sel]] * weights[sel, None]  # [n, H]
         gate, up = (x @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
         out.index_add_(0, rows[sel], ((torch.nn.functional.silu(gate) * up) @ w2[e].t()).to(out.dtype))
-    return out
-
-
-def gated_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor, act: str, out_dtype: torch.dtype | None = None, limit: float = 0.0
-              ) -> torch.Tensor:
-    """Gated experts of another activation than SiLU ("gelu_tanh": Gemma 4): act(x @ gate.T) * (x @ up.T) @ down.T,
-    weighted. hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k]
-    -> [T, H] in out_dtype (default hidden's; the weighted sum accumulates in it). A `limit` L > 0 clamps act(gate)
-    to <= L and up to [-L, L] (Step-3.7's swiglu_limits)."""
-    t, k = topk_ids.shape
-    out = torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
-    flat = topk_ids.reshape(-1)  # [T * k]
-    rows = torch.arange(t, device=hidden.device).repeat_interleave(k)  # [T * k] token of each pair
-    weights = topk_weights.reshape(-1)
-    for e in flat[flat >= 0].unique().tolist():  # ascending, as transformers accumulates
-        sel = (flat == e).nonzero()[:, 0]
-        gate, up = (hidden[rows[sel]] @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
-        y = gated_product(gate, up, act, limit) @ w2[e].t()  # [n, H]
-        out.index_add_(0, rows[sel], y.to(out.dtype) * weights[sel, None].to(out.dtype))
     return out

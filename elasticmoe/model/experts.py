@@ -48,6 +48,7 @@ class ExpertStore:
         self.layers: dict[int, LayerExperts] = {}
         self._lock = threading.Lock()  # serialises load/drop; forward reads a snapshot
         self.served = ServedCalls()  # the calls served (count()): GetStats' tokens, calls, compute_us and busy_us
+        self.acts = [expert_math.expert_act(moe, layer) for layer in range(len(moe.sparse_layers))]
 
     def held(self) -> list[tuple[int, int]]:
         return _held(list(self.layers.items()))  # list(): one atomic copy (a load or drop may change the dict)
@@ -216,10 +217,11 @@ class ExpertStore:
         to_local = torch.full((self.spec.moe.num_experts + 1,), -1, dtype=torch.int64, device=self.device)
         to_local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
         le = LayerExperts(global_ids=tuple(ids), to_local=to_local, **{k: t.contiguous() for k, t in parts.items()})
-        if self.spec.moe.expert_act == "silu":  # compile Triton kernels now
+        if not self.spec.moe.input_scaled:  # compile Triton kernels now
             warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype, w13_scale=le.w13_scale,
                        w2_scale=le.w2_scale, block_shape=self.block, split_scales=self.split_scales,
-                       out_dtype=COMBINE_DTYPE)  # forward's: the top-k sum compiles per output dtype
+                       out_dtype=COMBINE_DTYPE,  # forward's: the top-k sum compiles per output dtype
+                       act=self.acts[layer], b13=le.b13, b2=le.b2)
         return le
 
     @staticmethod
@@ -250,21 +252,11 @@ class ExpertStore:
         if le is None or hidden.shape[0] == 0:
             return torch.zeros_like(hidden, dtype=COMBINE_DTYPE)
         local = _local_ids(le.to_local, topk_ids)  # [T, k]
-        limit = self.spec.moe.swiglu_limits[layer] if self.spec.moe.swiglu_limits else 0.0
-        if limit:  # Step-3.7's clamped SwiGLU on this layer: torch (model.expert_math)
-            out = expert_math.gated_moe(hidden, le.w13, le.w2, local, topk_weights, "silu", COMBINE_DTYPE, limit)
-        elif self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
-            out = expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
-        elif self.spec.moe.expert_act == "gelu_tanh":  # Gemma 4: torch (model.expert_math)
-            out = expert_math.gated_moe(hidden, le.w13, le.w2, local, topk_weights, "gelu_tanh", COMBINE_DTYPE)
-        elif self.spec.moe.expert_act == "silu":
-            out = fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend, out_dtype=COMBINE_DTYPE,
-                            w13_scale=le.w13_scale, w2_scale=le.w2_scale, block_shape=self.block,
-                            split_scales=self.split_scales)
-        else:  # GPT-OSS experts: torch (model.expert_math)
-            out = expert_math.swiglu_moe(hidden, le.w13, le.w2, le.b13, le.b2, local, topk_weights, self.spec.moe,
-                                         COMBINE_DTYPE)
-        return out
+        if self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
+            return expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
+        return fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend, out_dtype=COMBINE_DTYPE,
+                         w13_scale=le.w13_scale, w2_scale=le.w2_scale, block_shape=self.block,
+                         split_scales=self.split_scales, act=self.acts[layer], b13=le.b13, b2=le.b2)
 
     def count(self, layer: int, routed: dict[int, int], compute_us: int = 0, duplicate: bool = False) -> None:
         """A call served (for stats): its tokens per expert (see `routed`) and compute_us (ServedCalls.count)."""

@@ -27,8 +27,8 @@ class MoESpec:
     sparse_layers: tuple[bool, ...]  # per layer: MoE (True) or dense MLP (False)
     hidden_act: str = "silu"
     shared_combine: str = "sum"  # routed + shared experts: "sum" | "average"
-    expert_act: str = "silu"  # "silu" (gated SiLU, fused_moe) | "gelu_tanh" (gated tanh-GELU, model.expert_math)
-    #                           | "swiglu_clamped" (GPT-OSS, model.expert_math)
+    expert_act: str = "silu"  # "silu" (gated SiLU) | "gelu_tanh" (gated tanh-GELU) | "swiglu_clamped" (GPT-OSS):
+    #                           fused_moe's activation (expert_math.expert_act), on the torch and Triton backends
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     jitter_eps: float = 0.0  # sparsemixer: experts within this relative margin of the best share its softmax
