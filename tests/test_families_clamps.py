@@ -42,8 +42,8 @@ def test_step3p7_case_clamps_change_transformers_logits(step_dir):
 
 
 def test_engine_clamps_clip_experts_and_mlps():
-    """fused_moe with ExpertAct("silu", L) and layers.gated_mlp with a limit L: silu(gate) <= L and up in [-L, L], as transformers'
-    Step-3.7 experts and MLPs; a limit of 0 clamps nothing; the clamp changes the values here."""
+    """fused_moe with ExpertAct("silu", L) and layers.gated_mlp with a limit L: silu(gate) <= L and up in [-L, L],
+    as transformers' Step-3.7 experts and MLPs; a limit of 0 clamps nothing; the clamp changes the values here."""
     gen = torch.Generator().manual_seed(0)
     x, w13, w2 = (torch.randn(s, generator=gen) for s in ((5, 16), (3, 24, 16), (3, 16, 12)))  # [T, H], [E, 2I, H]
     ids, weights = torch.tensor([[0, 2]] * 5), torch.full((5, 2), 0.5)  # [T, k]
