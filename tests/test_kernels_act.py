@@ -26,9 +26,10 @@ ACTS = {  # name -> (activation, with biases); limits small enough to clip these
     "gelu_tanh-limit-bias": (ExpertAct("gelu_tanh", 0.3), True),
     "swiglu_oai-bias": (ExpertAct("swiglu_oai", 1.0, 1.702), True),
     "silu-bias": (SILU, True),
+    "input_scaled": (ExpertAct(input_scaled=True), False),
 }
 CASES = {"T37-E8-k2": (37, 8, 2), "skips": "skips"}
-STORE_FAMILIES = ("gpt_oss", "gemma4_text", "step3p7")
+STORE_FAMILIES = ("gpt_oss", "gemma4_text", "step3p7", "llama4_text")
 
 
 def _biases(w13: torch.Tensor, seed: int = 1) -> dict:
@@ -51,7 +52,7 @@ def _ref(args, bias: dict, act: ExpertAct) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Triton (child process)
 
 CHILD_NAMES = [f"{a}-{c}-{d}" for a in ACTS for c in CASES for d in ("fp32", "fp16")] + [
-    f"store-{f}" for f in STORE_FAMILIES]
+    f"store-{f}" for f in STORE_FAMILIES] + ["input_scaled-fp8-refused"]
 
 
 def _child_main(device: str) -> None:
@@ -73,10 +74,26 @@ def _child_main(device: str) -> None:
                 tol = TOL_FP32 if dtype == torch.float32 else TOL_FP16 if dtype == torch.float16 else 2e-2
                 err = rel_err(out, ref)
                 results[f"{act_name}-{case_name}-{short}"] = {"ok": err <= tol and out.dtype == dtype, "err": err}
+    results["input_scaled-fp8-refused"] = _fp8_input_scaled_refused(device)
     with tempfile.TemporaryDirectory() as folder:
         for family in STORE_FAMILIES:
             results[f"store-{family}"] = _store_case(family, Path(folder), device)
     print(json.dumps(results))
+
+
+def _fp8_input_scaled_refused(device: str) -> dict:
+    """Block-FP8 weights with input-scaled experts: refused by name before any launch."""
+    from elasticmoe.kernels.triton_moe import fused_moe_triton
+
+    x, w13, w2, ids, weights = (t.to(device) for t in make_inputs(3, 4, 2))
+    fp8 = {"w13_scale": torch.ones(4, 1, 1, device=device), "w2_scale": torch.ones(4, 1, 1, device=device),
+           "block_shape": (128, 128), "act_quant": False}
+    try:
+        fused_moe_triton(x, w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn), ids, weights, fp8=fp8,
+                         act=ExpertAct(input_scaled=True))
+    except ValueError as exc:
+        return {"ok": "input-scaled experts (Llama 4) with block-FP8 weights" in str(exc), "error": str(exc)}
+    return {"ok": False, "error": None}
 
 
 def _store_case(family: str, folder: Path, device: str) -> dict:
@@ -98,8 +115,9 @@ def _store_case(family: str, folder: Path, device: str) -> dict:
         a, b = (s.forward(layer, x.to(dev), ids.to(dev), weights.to(dev)).cpu() for s in stores)
         worst = max(worst, rel_err(b, a))
         acts.add(stores[1].acts[layer])
-    want = {"gpt_oss": "swiglu_oai", "gemma4_text": "gelu_tanh", "step3p7": "silu"}[family]
+    want = {"gpt_oss": "swiglu_oai", "gemma4_text": "gelu_tanh", "step3p7": "silu", "llama4_text": "silu"}[family]
     kinds_ok = {act.kind for act in acts} == {want} and (family != "step3p7" or any(act.limit for act in acts))
+    kinds_ok = kinds_ok and all(act.input_scaled == (family == "llama4_text") for act in acts)
     return {"ok": worst <= TOL_FP32 and kinds_ok, "err": worst, "acts": sorted(map(repr, acts))}
 
 
@@ -133,10 +151,13 @@ def test_each_case_changes_the_result(act_name):
         assert rel_err(_ref(args, bias, ExpertAct(act.kind, 0.0, act.alpha)), ref) > 0.05
     if with_bias:
         assert rel_err(_ref(args, {}, act), ref) > 0.05
+    if act.input_scaled:
+        assert rel_err(_ref(args, bias, ExpertAct(act.kind, act.limit, act.alpha)), ref) > 0.05
 
 
 def test_reference_activations_match_their_formulas():
-    """GPT-OSS's expert (transformers' GptOssExperts, written out per token) and tanh-GELU with a clamp."""
+    """GPT-OSS's expert (transformers' GptOssExperts, written out per token), tanh-GELU with a clamp, and Llama 4's
+    input-scaled experts (each on weight * x, summed unweighted)."""
     (x, w13, w2, ids, weights), bias = _inputs((5, 4, 2), "swiglu_oai-bias", torch.float64)
     inter = w2.shape[2]
     want = torch.zeros_like(x)
@@ -151,6 +172,13 @@ def test_reference_activations_match_their_formulas():
     g = torch.linspace(-4, 4, 101, dtype=torch.float64)
     tanh_gelu = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
     assert torch.allclose(ExpertAct("gelu_tanh", 0.5).apply(g, g), tanh_gelu.clamp(max=0.5) * g.clamp(-0.5, 0.5))
+    want = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(ids[t].tolist()):
+            gate, up = ((weights[t, j] * x[t]) @ w13[e].t()).chunk(2)  # [I] each
+            want[t] += (torch.nn.functional.silu(gate) * up) @ w2[e].t()
+    assert torch.allclose(fused_moe_reference(x, w13, w2, ids, weights, ExpertAct(input_scaled=True)), want,
+                          atol=1e-12)
 
 
 def test_nothing_routed_gives_zeros_with_biases():
@@ -180,6 +208,7 @@ def test_bad_activation_arguments_are_named(kwargs, words):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(kind="relu"), "expert activation 'relu'"), (dict(limit=-1.0), "limit must be >= 0"),
     (dict(limit=float("nan")), "limit must be a finite number"), (dict(alpha=True), "alpha must be a finite"),
+    (dict(input_scaled=1), "input_scaled must be a bool"),
 ])
 def test_bad_expert_act_is_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -17,11 +17,13 @@ class ExpertAct:
 
     silu / gelu_tanh: act(gate) * up; a `limit` L > 0 clamps act(gate) to <= L and up to [-L, L] first (Step-3.7).
     swiglu_oai (GPT-OSS): gate clamped to <= L, up to [-L, L] (L > 0), then (up + 1) * gate * sigmoid(alpha * gate).
+    input_scaled (Llama 4): the routing weight scales the expert's input (rounded to its dtype), not its output.
     """
 
     kind: str = "silu"
     limit: float = 0.0  # 0: no clamp
     alpha: float = 1.702  # swiglu_oai's sigmoid slope
+    input_scaled: bool = False  # expert(w * x), summed unweighted
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -30,6 +32,8 @@ class ExpertAct:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"expert activation {name} must be a finite number, got {value!r}")
+        if not isinstance(self.input_scaled, bool):
+            raise ValueError(f"expert activation input_scaled must be a bool, got {self.input_scaled!r}")
         if self.limit < 0:
             raise ValueError(f"expert activation limit must be >= 0 (0: no clamp), got {self.limit!r}")
 
@@ -39,8 +43,8 @@ class ExpertAct:
 
     @property
     def plain(self) -> bool:
-        """Gated SiLU without a clamp: the fused kernels' default path."""
-        return self.kind == "silu" and not self.limit
+        """Gated SiLU without a clamp on the weighted output: the fused kernels' default path."""
+        return self.kind == "silu" and not self.limit and not self.input_scaled
 
     def apply(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """gate, up [n, I] -> [n, I] in their dtype (compute them in float32 for the kernels' numerics)."""

@@ -5,7 +5,7 @@ TTGIR -> PTX -> cubin with the bundled ptxas), with the argument specialisation 
 use for real model shapes (16-divisible pointers and model sizes, unit strides as constants; the per-call
 sizes are `do_not_specialize`), for every default tile config and the three alignment kernels, and the
 block-FP8 (W8A16, W8A8) variants, and the experts' other activations (GPT-OSS's biased SwiGLU, tanh-GELU, a clamped
-SiLU). It also checks the shared-memory footprint (defaults must fit the
+SiLU, Llama 4's input-scaled experts). It also checks the shared-memory footprint (defaults must fit the
 101,376 B of sm_86/89/120 on any target) and that the K loops were software-pipelined.
 
     python -m elasticmoe.kernels.aot_check [--arch 90] [--quick]
@@ -32,8 +32,9 @@ from . import triton_align, triton_gemm
 from .act import SILU, ExpertAct
 from .tuning import CONSUMER_SMEM, DEFAULT_TILES, FP32_CAPS, finalize
 
-# GPT-OSS's biased clamped SwiGLU, Gemma 4's tanh-GELU, Step-3.7's clamped SiLU (fused_moe's act / b13 / b2)
-ACT_VARIANTS = ((ExpertAct("swiglu_oai", 7.0), True), (ExpertAct("gelu_tanh"), False), (ExpertAct("silu", 7.0), False))
+# GPT-OSS's biased clamped SwiGLU, Gemma 4's tanh-GELU, Step-3.7's clamped SiLU, Llama 4's input-scaled SiLU
+ACT_VARIANTS = ((ExpertAct("swiglu_oai", 7.0), True), (ExpertAct("gelu_tanh"), False), (ExpertAct("silu", 7.0), False),
+                (ExpertAct(input_scaled=True), False))
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # bytes per block (opt-in max)
 DIV16 = "div16"  # marker: the launcher would see a 16-divisible value
 TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -93,12 +94,14 @@ def gemm_jobs(config: dict, dtype: str, fp8: str | None = None, group_k: int = 1
         tiles.update(w_scale_ptr=None)
         common.update(stride_se=("i32", DIV16), stride_sn=("i32", DIV16), stride_sk=("i32", DIV16))
     gate_up = dict(common, x_ptr=_ptr(t), w13_ptr=_ptr(w), act_ptr=_ptr(t), up_scale_base=("i32", DIV16),
+                   topk_weights_ptr=_ptr("fp32"),
                    stride_xm=("i32", DIV16), stride_xk=1, stride_am=("i32", DIV16), stride_an=1)
     down = dict(common, act_ptr=_ptr(t), w2_ptr=_ptr(w), pair_out_ptr=_ptr("fp32"), topk_weights_ptr=_ptr("fp32"),
                 stride_am=("i32", DIV16), stride_ak=1, stride_pm=("i32", DIV16))
     act = act or SILU
-    consts13 = dict(tiles, TOP_K=8, ACT=act.code, LIMIT=float(act.limit), ALPHA=float(act.alpha), HAS_BIAS=False)
-    consts2 = dict(tiles, HAS_BIAS=False)
+    consts13 = dict(tiles, TOP_K=8, ACT=act.code, LIMIT=float(act.limit), ALPHA=float(act.alpha), HAS_BIAS=False,
+                    SCALE_INPUT=act.input_scaled)
+    consts2 = dict(tiles, HAS_BIAS=False, SCALE_INPUT=act.input_scaled)
     for args, consts in ((gate_up, consts13), (down, consts2)):
         if bias:  # b13 [E, 2I] / b2 [E, H] in the weights' dtype, contiguous
             args.update(b_ptr=_ptr(t), stride_be=("i32", DIV16))

@@ -21,7 +21,8 @@ def fused_moe_reference(
 
     hidden [T, H]; w13 [E, 2I, H] (rows :I gate, I: up); w2 [E, H, I];
     topk_ids [T, k] (-1 or any id outside [0, E) contributes nothing); topk_weights [T, k];
-    act: the gated activation (default SiLU, act.py); b13 [E, 2I], b2 [E, H]: biases (both or neither).
+    act: the gated activation (default SiLU, act.py; input_scaled: the weight scales the input instead of the
+    output); b13 [E, 2I], b2 [E, H]: biases (both or neither).
     Returns [T, H] in hidden's dtype.
     """
     act = act or SILU
@@ -36,7 +37,8 @@ def fused_moe_reference(
         for j, e in enumerate(row):
             if e < 0 or e >= num_experts:
                 continue
-            gate_up = x64[t] @ w13_64[e].T + (0.0 if b13 is None else b13[e].double())  # [2I]
+            scale, weight = (weights64[t, j], 1.0) if act.input_scaled else (1.0, weights64[t, j])
+            gate_up = (scale * x64[t]) @ w13_64[e].T + (0.0 if b13 is None else b13[e].double())  # [2I]
             y = act.apply(gate_up[:inter], gate_up[inter:]) @ w2_64[e].T  # [H]
-            out[t] += weights64[t, j] * (y + (0.0 if b2 is None else b2[e].double()))  # [H]
+            out[t] += weight * (y + (0.0 if b2 is None else b2[e].double()))  # [H]
     return out.to(hidden.dtype)

@@ -247,9 +247,14 @@ def _segments_skinny(rows, w13, w2, counts: list[int]) -> torch.Tensor:
 
 def _moe_act_segment(x, w13, w2, topk_ids, topk_weights, acc, act: ExpertAct, bias) -> torch.Tensor:
     """The segment loop for another activation than plain SiLU or with biases: per non-empty expert, gate/up in
-    float32 (+ b13), act.apply, rounded to x's dtype for the down projection (+ b2); returns [T, H] in `acc`."""
+    float32 (+ b13), act.apply, rounded to x's dtype for the down projection (+ b2); returns [T, H] in `acc`.
+    act.input_scaled: the rows are scaled by their weights first (in x's dtype) and summed unweighted."""
     order, tokens, counts = _segment_order(topk_ids, w13.shape[0])  # [M], [M], E counts
     rows = x.index_select(0, tokens)  # [M, H]
+    weights = topk_weights.reshape(-1).index_select(0, order)  # [M]
+    if act.input_scaled:
+        rows = rows * weights.to(x.dtype)[:, None]
+        weights = torch.ones_like(weights)
     inter = w2.shape[2]
     y = torch.empty(rows.shape[0], rows.shape[1], dtype=torch.float32, device=x.device)  # [M, H]
     start = 0
@@ -265,6 +270,5 @@ def _moe_act_segment(x, w13, w2, topk_ids, topk_weights, acc, act: ExpertAct, bi
         if bias is not None:
             y[start:end] += bias[1][expert].float()
         start = end
-    weights = topk_weights.reshape(-1).index_select(0, order).to(acc)  # [M]
     out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)  # [T, H]
-    return out.index_add_(0, tokens, y.to(acc) * weights[:, None])
+    return out.index_add_(0, tokens, y.to(acc) * weights.to(acc)[:, None])

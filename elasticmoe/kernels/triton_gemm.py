@@ -118,14 +118,16 @@ def gate_up_kernel(
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_am, stride_an,
     w_scale_ptr, stride_se, stride_sn, stride_sk, up_scale_base,  # w13_scale [E, 2I/GN, H/GK] (fp8 only)
     b_ptr, stride_be,  # b13 [E, 2I] (HAS_BIAS only)
+    topk_weights_ptr,  # [N] (SCALE_INPUT only)
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_FP8: tl.constexpr = False, A_FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
     GROUP_K: tl.constexpr = 128, ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 0.0, ALPHA: tl.constexpr = 1.702,
-    HAS_BIAS: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False, SCALE_INPUT: tl.constexpr = False,
 ):
     """act[slot, n] = act(x[tok] . w13[e, n] (+ b13[e, n]), x[tok] . w13[e, I + n] (+ b13[e, I + n])) for one
-    [BLOCK_M, BLOCK_N] tile; act: _gated (silu(gate) * up by default)."""
+    [BLOCK_M, BLOCK_N] tile; act: _gated (silu(gate) * up by default). SCALE_INPUT (Llama 4): x[tok] times the pair's
+    routing weight, rounded to x's dtype, in place of x[tok]."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
         return
@@ -145,9 +147,13 @@ def gate_up_kernel(
         us_ptrs = w_scale_ptr + expert * stride_se + ((up_scale_base + offs_n) // GROUP_N) * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SCALE_INPUT:  # the weight as torch multiplies it: in x's dtype
+        w_in = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0).to(x_ptr.dtype.element_ty)  # [BM]
     for k in range(0, tl.cdiv(hidden_size, BLOCK_K)):
         k_ok = offs_k < hidden_size - k * BLOCK_K
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if SCALE_INPUT:
+            a = (a.to(tl.float32) * w_in.to(tl.float32)[:, None]).to(x_ptr.dtype.element_ty)  # [BM, BK]
         g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         gs, us = 1.0, 1.0
@@ -184,9 +190,10 @@ def down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_FP8: tl.constexpr = False, A_FP8: tl.constexpr = False, GROUP_N: tl.constexpr = 128,
-    GROUP_K: tl.constexpr = 128, HAS_BIAS: tl.constexpr = False,
+    GROUP_K: tl.constexpr = 128, HAS_BIAS: tl.constexpr = False, SCALE_INPUT: tl.constexpr = False,
 ):
-    """pair_out[p, n] = topk_weights[p] * (act[slot] . w2[e, n] (+ b2[e, n])) for one [BLOCK_M, BLOCK_N] tile."""
+    """pair_out[p, n] = topk_weights[p] * (act[slot] . w2[e, n] (+ b2[e, n])) for one [BLOCK_M, BLOCK_N] tile;
+    unweighted with SCALE_INPUT (the weight scaled gate_up's input)."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
         return
@@ -218,8 +225,9 @@ def down_kernel(
         b_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    weight = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
-    acc = acc * weight[:, None]
+    if not SCALE_INPUT:
+        weight = tl.load(topk_weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
+        acc = acc * weight[:, None]
     o_ptrs = pair_out_ptr + pairs[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
     tl.store(o_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
 

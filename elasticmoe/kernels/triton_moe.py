@@ -106,6 +106,9 @@ def fused_moe_triton(
         check_out_dtype(out_dtype)
         fp8 = _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8)
         bias = check_act(act, *(bias or (None, None)), w13, w2)
+    if fp8 is not None and act is not None and act.input_scaled:
+        raise ValueError("input-scaled experts (Llama 4) with block-FP8 weights: not in the Triton kernels; "
+                         "dequantize them (keep_fp8=False) or use the torch backend")
     if interpreting() and torch.bfloat16 in (hidden.dtype, w13.dtype):
         raise ValueError("bfloat16 MoE inputs under TRITON_INTERPRET=1: the interpreter computes bf16 wrongly; "
                          "bf16 runs on a CUDA GPU only (on CPU use the torch backend, or float16 / float32)")
@@ -142,7 +145,7 @@ def _checked_fp8(hidden, w13, w2, topk_ids, topk_weights, fp8: dict | None) -> d
 
 
 NO_SCALES = ((None, 0, 0, 0, 0), (None, 0, 0, 0))
-PLAIN = (((None, 0), {}), ((None, 0), {}))  # _epilogue(None, None): silu(gate) * up, no biases
+PLAIN = (((None, 0), {}), ((None, 0), {}))  # _epilogue(None, None): silu(gate) * up, no biases, weighted output
 
 
 def _epilogue(act: ExpertAct | None, bias: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
@@ -152,11 +155,12 @@ def _epilogue(act: ExpertAct | None, bias: tuple[torch.Tensor, torch.Tensor] | N
             return PLAIN
         consts13 = {}
     else:
-        consts13 = dict(ACT=act.code, LIMIT=float(act.limit), ALPHA=float(act.alpha))
+        consts13 = dict(ACT=act.code, LIMIT=float(act.limit), ALPHA=float(act.alpha), SCALE_INPUT=act.input_scaled)
+    consts2 = {"SCALE_INPUT": True} if consts13.get("SCALE_INPUT") else {}
     if bias is None:
-        return ((None, 0), consts13), ((None, 0), {})
+        return ((None, 0), consts13), ((None, 0), consts2)
     b13, b2 = bias
-    return ((b13, b13.stride(0)), dict(consts13, HAS_BIAS=True)), ((b2, b2.stride(0)), {"HAS_BIAS": True})
+    return ((b13, b13.stride(0)), dict(consts13, HAS_BIAS=True)), ((b2, b2.stride(0)), dict(consts2, HAS_BIAS=True))
 
 
 def _scale_args(w13: torch.Tensor, fp8: dict | None) -> tuple[tuple, tuple]:
@@ -189,12 +193,13 @@ def _forward_chunk(x, w13, w2, ids, weights, launch, act, pair_out, out, scales=
     """One pass of the pipeline over x [t, H] / ids, weights [t, k]; writes out [t, H]."""
     num_pairs = ids.numel()
     routing = align_block_size_triton(ids, w13.shape[0], launch["BLOCK_M"])  # sorted_ids, expert_ids, num_post
-    gate_up(x, w13, routing, ids.shape[1], launch, act, scales[0], epilogue[0])
+    gate_up(x, w13, routing, ids.shape[1], launch, act, scales[0], epilogue[0], weights.reshape(-1))
     down(act, w2, weights.reshape(-1), routing, num_pairs, launch, pair_out[:num_pairs], scales[1], epilogue[1])
     topk_sum(pair_out[:num_pairs], ids.reshape(-1), w13.shape[0], out)
 
 
-def gate_up(x, w13, routing, top_k, launch, act, scale_args=NO_SCALES[0], epilogue=PLAIN[0]) -> torch.Tensor:
+def gate_up(x, w13, routing, top_k, launch, act, scale_args=NO_SCALES[0], epilogue=PLAIN[0],
+            weights: torch.Tensor | None = None) -> torch.Tensor:
     """act [B * BLOCK_M, I] = silu(gate) * up (or epilogue's activation and bias) for every sorted slot (padding
     rows left unwritten)."""
     inter = w13.shape[1] // 2
@@ -204,7 +209,7 @@ def gate_up(x, w13, routing, top_k, launch, act, scale_args=NO_SCALES[0], epilog
         x, w13, act, *routing,
         x.shape[0] * top_k, x.shape[1], inter, num_pid_m,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0), act.stride(1),
-        *scale_args, *epilogue[0], TOP_K=top_k, **launch, **epilogue[1],
+        *scale_args, *epilogue[0], weights, TOP_K=top_k, **launch, **epilogue[1],
     )
     return act
 

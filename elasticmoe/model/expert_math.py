@@ -1,4 +1,4 @@
-"""Expert math beside fused_moe: each layer's activation, Llama 4's input-scaled experts, GPT-OSS's (MXFP4) weights."""
+"""Expert math beside fused_moe: each layer's activation (kernels.act.ExpertAct) and GPT-OSS's (MXFP4) weights."""
 
 from __future__ import annotations
 
@@ -49,27 +49,9 @@ def read_swiglu_expert(ckpt: Checkpoint, ref: ExpertRef, hidden: int, inter: int
 
 def expert_act(moe: MoESpec, layer: int) -> ExpertAct:
     """The routed experts' activation at `layer` for fused_moe: GPT-OSS's clamped SwiGLU (swiglu_limit, swiglu_alpha),
-    Gemma 4's gated tanh-GELU, or gated SiLU, clamped where Step-3.7's swiglu_limits give the layer a limit."""
+    Gemma 4's gated tanh-GELU, or gated SiLU, clamped where Step-3.7's swiglu_limits give the layer a limit; Llama 4's
+    routing weights scale the experts' inputs (input_scaled)."""
     if moe.expert_act == "swiglu_clamped":
-        return ExpertAct("swiglu_oai", moe.swiglu_limit, moe.swiglu_alpha)
+        return ExpertAct("swiglu_oai", moe.swiglu_limit, moe.swiglu_alpha, moe.input_scaled)
     limit = moe.swiglu_limits[layer] if moe.swiglu_limits else 0.0
-    return ExpertAct(moe.expert_act, float(limit))
-
-
-def input_scaled_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Llama 4's experts: each runs gated SiLU on its routing weight times the token, outputs summed unweighted.
-    hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k] local ids (-1 = skip), topk_weights [T, k] -> [T, H]
-    in out_dtype (default hidden's; the sum accumulates in it).
-    """
-    t, k = topk_ids.shape
-    out = torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
-    flat = topk_ids.reshape(-1)  # [T * k]
-    rows = torch.arange(t, device=hidden.device).repeat_interleave(k)  # [T * k] token of each pair
-    weights = topk_weights.reshape(-1).to(hidden.dtype)
-    for e in flat[flat >= 0].unique().tolist():
-        sel = (flat == e).nonzero()[:, 0]
-        x = hidden[rows[sel]] * weights[sel, None]  # [n, H]
-        gate, up = (x @ w13[e].t()).chunk(2, dim=-1)  # [n, I] each
-        out.index_add_(0, rows[sel], ((torch.nn.functional.silu(gate) * up) @ w2[e].t()).to(out.dtype))
-    return out
+    return ExpertAct(moe.expert_act, float(limit), input_scaled=moe.input_scaled)

@@ -217,11 +217,10 @@ class ExpertStore:
         to_local = torch.full((self.spec.moe.num_experts + 1,), -1, dtype=torch.int64, device=self.device)
         to_local[torch.tensor(ids, device=self.device)] = torch.arange(len(ids), device=self.device)
         le = LayerExperts(global_ids=tuple(ids), to_local=to_local, **{k: t.contiguous() for k, t in parts.items()})
-        if not self.spec.moe.input_scaled:  # compile Triton kernels now
-            warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype, w13_scale=le.w13_scale,
-                       w2_scale=le.w2_scale, block_shape=self.block, split_scales=self.split_scales,
-                       out_dtype=COMBINE_DTYPE,  # forward's: the top-k sum compiles per output dtype
-                       act=self.acts[layer], b13=le.b13, b2=le.b2)
+        warmup_moe(le.w13, le.w2, self.spec.moe.top_k, self.backend, self.dtype, w13_scale=le.w13_scale,
+                   w2_scale=le.w2_scale, block_shape=self.block, split_scales=self.split_scales,
+                   out_dtype=COMBINE_DTYPE,  # forward's: the top-k sum compiles per output dtype
+                   act=self.acts[layer], b13=le.b13, b2=le.b2)  # compile the Triton kernels now
         return le
 
     @staticmethod
@@ -252,8 +251,6 @@ class ExpertStore:
         if le is None or hidden.shape[0] == 0:
             return torch.zeros_like(hidden, dtype=COMBINE_DTYPE)
         local = _local_ids(le.to_local, topk_ids)  # [T, k]
-        if self.spec.moe.input_scaled:  # Llama 4: weights scale the experts' inputs (model.expert_math)
-            return expert_math.input_scaled_moe(hidden, le.w13, le.w2, local, topk_weights, COMBINE_DTYPE)
         return fused_moe(hidden, le.w13, le.w2, local, topk_weights, backend=self.backend, out_dtype=COMBINE_DTYPE,
                          w13_scale=le.w13_scale, w2_scale=le.w2_scale, block_shape=self.block,
                          split_scales=self.split_scales, act=self.acts[layer], b13=le.b13, b2=le.b2)
