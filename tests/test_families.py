@@ -108,7 +108,7 @@ def _perturb(model: torch.nn.Module, seed: int = 1, sharpen: float = 4.0, expert
                 p.copy_(torch.randn(p.shape, generator=gen))
             elif name.endswith((".bias", "_bias")):
                 p.copy_(0.15 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(("layer_scalar", "router.scale", "per_expert_scale")):  # Gemma 4: ones at init
+            elif name.endswith(("layer_scalar", "router.scale", "per_expert_scale", ".D")):  # Gemma 4, Mamba's D: ones
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
             elif re.search(r"\.(gate|router)(\.gate|\.layer|\.wg|\.proj)?\.weight$", name) and p.dim() == 2 \
                     and p.shape[0] == experts:

@@ -28,6 +28,11 @@ QWEN3_5_TEXT = dict(moe_intermediate_size=64, num_experts=8, shared_expert_inter
 # LFM2-MoE: short-conv layers around a full-attention one, a dense first layer, routed scaling
 LFM2 = dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_dense_layers=1, conv_L_cache=3,
             layer_types=["conv", "full_attention", "conv"], routed_scaling_factor=1.5)
+# GraniteMoeHybrid: Mamba2 layers (8 heads in 2 groups, 16-wide state, 4-tap conv with bias) around a NoPE attention
+# layer; the hub's layer names (mamba / attention), which transformers renames
+GRANITE_HYBRID = dict(**GRANITE, shared_intermediate_size=64, layer_types=["mamba", "attention", "mamba"],
+                      mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4,
+                      mamba_chunk_size=16, position_embedding_type="nope")
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                  num_experts_per_tok=2, max_position_embeddings=2048, initializer_range=0.15, bos_token_id=1,
                  eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
@@ -143,6 +148,10 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                  "short-convolution layers (their conv window per slot) beside full attention with per-head q/k "
                  "norms, sigmoid routing with expert bias, top-k sum + 1e-6, routed scaling, dense first layer; "
                  "chunked prefill, batches and retries in tests/test_families_conv.py"),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", GRANITE_HYBRID,
+                         "Mamba2 layers (conv window and scan state per slot, grouped B / C, gated group RMSNorm) "
+                         "beside NoPE attention, Granite multipliers, packed shared MLP; chunked prefill, batches "
+                         "and retries in tests/test_families_mamba.py"),
     "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_TEXT,
                          "Qwen3-Next's layers with Qwen3.5's separate in_proj_qkv / z / b / a, every layer MoE, "
                          "multimodal rotary sections on text positions"),
@@ -316,8 +325,7 @@ def test_square_packed_experts_stored_in_out_match_transformers(model_type, tmp_
 # of those REJECTED entries, and every entry under that heading, states).
 MULTIMODAL = ("vision", "audio", "M-RoPE", "multimodal", "speech")
 README_REJECTED = [
-    ("Mamba (Jamba, Bamba, Nemotron-H, GraniteMoeHybrid)", {"jamba", "bamba", "nemotron_h", "granitemoehybrid"},
-     ("Mamba",)),
+    ("Mamba (Jamba, Bamba, Nemotron-H)", {"jamba", "bamba", "nemotron_h"}, ("Mamba",)),
     ("linear attention (Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
      {"qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
     ("short convolutions with relative-position logits (Inkling)", {"inkling"}, ("short-convolution",)),

@@ -44,7 +44,6 @@ def test_key_supported_only_at_its_neutral_value(tmp_path, tiny_models):
 
 REJECTED_CASES = [  # (config class, model_type, words the message must hold)
     ("JambaConfig", "jamba", "Mamba"),
-    ("GraniteMoeHybridConfig", "granitemoehybrid", "Mamba"),
     ("KimiLinearConfig", "kimi_linear", "linear-attention"),
     ("MiniMaxConfig", "minimax", "lightning (linear) attention"),
     ("JetMoeConfig", "jetmoe", "mixture-of-attention heads"),

@@ -48,14 +48,14 @@ def _sizer(spec: ModelSpec, ckpt: Checkpoint, dtype: torch.dtype):
 def _layer_bytes(spec: ModelSpec, ckpt: Checkpoint, i: int, n: LayerNames, size, kv_b_copy: bool) -> int:
     """One decoder layer's share of dense_bytes."""
     if spec.linear is not None and spec.linear.layers[i]:
-        total = sum(size(name) for name in n.linear.values())
+        total = sum(size(name, F32 if role in spec.linear.f32_roles else None) for role, name in n.linear.items())
         conv = n.linear.get("conv")  # absent: refused by name as DenseModel loads the layer (layer_weights)
         if conv and size(conv) != size(conv, F32):  # conv_w, its float32 copy
             total += size(conv, F32)
         conv_bias = n.linear.get("conv_bias")  # ShortConv: its float32 copy
         if conv_bias and size(conv_bias) != size(conv_bias, F32):
             total += size(conv_bias, F32)
-        total += spec.linear.f32_floats * 4  # GatedDeltaNet: neg_decay [v_heads] float32
+        total += spec.linear.f32_floats * 4  # GatedDeltaNet: neg_decay [v_heads], Mamba2: -exp(A_log), float32
     else:
         attn = own_attn(spec, ckpt, i, n)
         total = sum(size(name, F32 if role in F32_ATTN else None, role in NORMED_ATTN) for role, name in attn.items())

@@ -39,6 +39,8 @@ _DSV3_ROUTER = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size",
 _SLIDING = ("sliding_window", "layer_types", "use_sliding_window")
 _DELTANET = ("layer_types", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
              "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
+_MAMBA2 = ("layer_types", "layers_block_type", "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_head",
+           "mamba_d_conv", "mamba_expand", "mamba_chunk_size", "mamba_conv_bias", "mamba_proj_bias", "time_step_limit")
 # DeepSeek sparse attention: the indexer's shape; every layer's type "indexed_attention"
 _DSA = ("index_topk", "index_head_dim", "index_n_heads", "layer_types", "mlp_layer_types")
 
@@ -81,7 +83,7 @@ class Family:
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
     linear_attn: str | None = None  # the kind of config.layer_types' "linear_attention" layers ("gated_deltanet"),
-    #                                 or "short_conv": LFM2's "conv" layers
+    #                                 or "short_conv": LFM2's "conv" layers, or "mamba2": Mamba2 mixers
     topk_norm_add: float | None = None  # added to the top-k sum it renormalises by (None: MoESpec.norm_add's default)
     centred_norms: bool = False  # zero-centred RMSNorms: weight (1 + w), every norm but the linear layers' gated one
     attn_output_gate: bool = False  # q_proj holds [q ; gate] per head: the output is multiplied by sigmoid(gate)
@@ -221,6 +223,11 @@ FAMILIES: dict[str, Family] = {
                        tensor_names=(("o", "out_proj.weight"), ("q_norm", "q_layernorm.weight"),
                               ("k_norm", "k_layernorm.weight"), ("attn_in", "operator_norm"), ("mlp_in", "ffn_norm"),
                               ("final", "embedding_norm"))),
+    # GraniteMoeHybrid (Granite 4.0-H): Mamba2 layers beside attention (rotary only where position_embedding_type is
+    # "rope"), each with GraniteMoeShared's MoE + shared MLP and Granite's multipliers
+    "granitemoehybrid": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier",
+                                     "logits_scaling", "attention_multiplier", "shared_intermediate_size",
+                                     "position_embedding_type", *_MAMBA2), norm_topk=True, linear_attn="mamba2"),
     # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
     "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_DELTANET),

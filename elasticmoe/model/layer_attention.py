@@ -220,6 +220,8 @@ def layer_ropes(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse: 
         if len(thetas) != len(windows):
             raise ModelSpecError(f"config.layer_rope_theta has {len(thetas)} entries for {len(windows)} layers")
         return tuple(bool(t) for t in thetas)
+    if "position_embedding_type" in fam.keys:  # GraniteMoeHybrid: rotary only when it is "rope" (null, "nope": NoPE)
+        return (config_get(cfg, "position_embedding_type") == "rope",) * len(windows)
     if cfg.model_type == "llama4_text":  # no_rope_layers: 1 = rotary, 0 = NoPE
         return tuple(bool(r) for r in cfg.no_rope_layers)
     if not fam.nope_full_layers:

@@ -1,4 +1,5 @@
-"""One decoder layer's attention weights, shape-checked: GQA or MLA (with its indexer), Gated DeltaNet, short conv."""
+"""One decoder layer's attention weights, shape-checked: GQA or MLA (with its indexer), Gated DeltaNet, short conv,
+Mamba2."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.dense_roles import F32_ATTN, NORMED_ATTN, own_attn
 from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.indexer import ROLES as INDEX_ROLES, index_shapes
-from elasticmoe.model.linear_spec import LAYOUTS, LINEAR, ShortConvSpec
+from elasticmoe.model.linear_spec import LAYOUTS, LINEAR, Mamba2Spec, ShortConvSpec
+from elasticmoe.model.mamba2 import Mamba2
 from elasticmoe.model.names import ATTN, LayerNames
 from elasticmoe.model.short_conv import ShortConv
 from elasticmoe.model.spec import AttentionSpec
@@ -68,12 +70,14 @@ def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention
     return Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
 
 
-def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet | ShortConv:
+def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet | ShortConv | Mamba2:
     """Layer i's Gated DeltaNet from its linear_attn.* weights (names: role -> tensor), shapes checked; or its
-    short convolution (LFM2's conv.*)."""
+    short convolution (LFM2's conv.*), or its Mamba2 mixer (GraniteMoeHybrid's mamba.*)."""
     sp, hidden = model.spec.linear, model.spec.hidden_size
     if isinstance(sp, ShortConvSpec):
         return short_conv_layer(model, i, names)
+    if isinstance(sp, Mamba2Spec):
+        return mamba2_layer(model, i, names)
     kd, vd, nv = sp.key_dim, sp.value_dim, sp.num_v_heads
     layout = next((roles for roles in LAYOUTS if all(r in names for r in roles)), LAYOUTS[0])
     shapes = {"qkvz": (2 * kd + 2 * vd, hidden), "ba": (2 * nv, hidden), "qkv": (2 * kd + vd, hidden),
@@ -98,3 +102,17 @@ def short_conv_layer(model: "DenseModel", i: int, names: dict[str, str]) -> Shor
         if role not in names:
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks {suffix}")
     return ShortConv(sp, i, {r: model.load(n, shape=shapes[r]) for r, n in names.items()})
+
+
+def mamba2_layer(model: "DenseModel", i: int, names: dict[str, str]) -> Mamba2:
+    """Layer i's Mamba2 mixer from its weights (names: role -> tensor), shapes checked, every role present."""
+    sp, h = model.spec.linear, model.spec.hidden_size
+    proj, heads = 2 * sp.inner + 2 * sp.n_groups * sp.d_state + sp.num_heads, (sp.num_heads,)
+    shapes = {"in": (proj, h), "in_bias": (proj,), "conv": (sp.conv_dim, 1, sp.conv_kernel),
+              "conv_bias": (sp.conv_dim,), "dt_bias": heads, "A_log": heads, "D": heads, "norm": (sp.inner,),
+              "out": (h, sp.inner), "out_bias": (h,)}
+    for role, name in sp.weights.items():
+        if role not in names:
+            raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks {name}")
+    w = {r: model.load(n, torch.float32 if r in sp.f32_roles else None, shapes[r]) for r, n in names.items()}
+    return Mamba2(sp, i, w, model.spec.rms_norm_eps)

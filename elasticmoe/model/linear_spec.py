@@ -1,9 +1,10 @@
-"""The per-slot-state layers of a ModelSpec (Gated DeltaNet, LFM2's short convolutions), derived from a config."""
+"""The per-slot-state layers of a ModelSpec (Gated DeltaNet, LFM2's short convolutions, Mamba2), from a config."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+import math
 
 from elasticmoe.model.families import Family
 from elasticmoe.model.family_config import ModelSpecError, config_get as _get
@@ -22,6 +23,8 @@ class DeltaNetSpec:
     head_v_dim: int
     conv_kernel: int
     layers: tuple[bool, ...]  # per layer: Gated DeltaNet (True) or full attention
+
+    f32_roles = ()  # every weight in the model's dtype
 
     @property
     def key_dim(self) -> int:
@@ -68,6 +71,7 @@ class ShortConvSpec:
 
     rec_shape = None  # no recurrent state
     f32_floats = 0
+    f32_roles = ()  # every weight in the model's dtype
 
     @property
     def conv_dim(self) -> int:
@@ -86,9 +90,92 @@ class ShortConvSpec:
         return self.conv_dim * (self.conv_kernel - 1), 0
 
 
-def linear_from_config(cfg: Any, num_layers: int, fam: Family) -> DeltaNetSpec | ShortConvSpec | None:
+@dataclass(frozen=True)
+class Mamba2Spec:
+    """Mamba2 (state-space) layers: in_proj to [z ; x B C ; dt], a causal depthwise conv + SiLU over [x ; B ; C],
+    the selective scan per head (state [head_dim, d_state], decayed by exp(dt * A), fed dt * x (x) B, read by C, plus
+    D * x), a gated RMSNorm per group, out_proj. Field names are the math's; the config's are read by the builder."""
+
+    num_heads: int
+    head_dim: int
+    d_state: int
+    n_groups: int  # B and C per group of num_heads // n_groups heads; the gated norm per group of channels
+    conv_kernel: int
+    conv_bias: bool  # the conv carries a bias
+    proj_bias: bool  # in_proj and out_proj carry biases
+    dt_limit: tuple[float, float]  # dt clamped to it after the softplus
+    layers: tuple[bool, ...]  # per layer: Mamba2 (True) or full attention
+    prefix: str = "mamba."  # the layer's module, under the decoder layer
+
+    f32_roles = ("dt_bias", "A_log", "D")  # loaded in float32, as the scan reads them
+
+    @property
+    def f32_floats(self) -> int:
+        """float32 values the layer derives at load beside its conv's copy: -exp(A_log) [heads]."""
+        return self.num_heads
+
+    @property
+    def inner(self) -> int:
+        """Channels of x (and z, and the norm): heads * head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv: x, B and C."""
+        return self.inner + 2 * self.n_groups * self.d_state
+
+    @property
+    def rec_shape(self) -> tuple[int, ...]:
+        """One sequence's recurrent state: [heads, head_dim, d_state] (float32)."""
+        return self.num_heads, self.head_dim, self.d_state
+
+    @property
+    def weights(self) -> dict[str, str]:
+        """role -> checkpoint suffix under the layer's prefix (biases only where the config builds them)."""
+        names = {"in": "in_proj.weight", "conv": "conv1d.weight", "dt_bias": "dt_bias", "A_log": "A_log", "D": "D",
+                 "norm": "norm.weight", "out": "out_proj.weight"}
+        names.update({"conv_bias": "conv1d.bias"} if self.conv_bias else {})
+        names.update({"in_bias": "in_proj.bias", "out_bias": "out_proj.bias"} if self.proj_bias else {})
+        return {r: self.prefix + s for r, s in names.items()}
+
+    def state_floats(self) -> tuple[int, int]:
+        """(conv window, recurrent state) values one sequence keeps per layer."""
+        return self.conv_dim * (self.conv_kernel - 1), math.prod(self.rec_shape)
+
+
+def _positive(cfg: Any, key: str) -> int:
+    value = getattr(cfg, key, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelSpecError(f"config.{key}={value!r}: want a positive integer")
+    return value
+
+
+def mamba2_from_config(cfg: Any, num_layers: int) -> Mamba2Spec:
+    """GraniteMoeHybrid's Mamba2 layers (config.layer_types "linear_attention"; the hub's "mamba", which transformers
+    renames): mamba_n_heads, mamba_d_head, mamba_d_state, mamba_n_groups, mamba_d_conv, mamba_conv_bias,
+    mamba_proj_bias, time_step_limit. An impossible shape fails naming the field."""
+    types = _get(cfg, "layer_types") or ()
+    if len(types) != num_layers or set(types) - set(LAYER_KINDS):
+        raise ModelSpecError(f"config.layer_types={list(types)!r}: want {num_layers} of {' / '.join(LAYER_KINDS)}")
+    heads, head_dim, d_state, groups, kernel = (_positive(cfg, k) for k in (
+        "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups", "mamba_d_conv"))
+    if heads % groups:
+        raise ModelSpecError(f"config.mamba_n_groups={groups} does not divide mamba_n_heads={heads}")
+    limit = getattr(cfg, "time_step_limit", None)
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit) or not limit[0] <= limit[1]:
+        shown = list(limit) if isinstance(limit, tuple) else limit
+        raise ModelSpecError(f"config.time_step_limit={shown!r}: want [min, max] (transformers' scan clamps dt to it)")
+    return Mamba2Spec(num_heads=heads, head_dim=head_dim, d_state=d_state, n_groups=groups, conv_kernel=kernel,
+                      conv_bias=bool(_get(cfg, "mamba_conv_bias")), proj_bias=bool(_get(cfg, "mamba_proj_bias")),
+                      dt_limit=(float(limit[0]), float(limit[1])), layers=tuple(t == "linear_attention" for t in types))
+
+
+def linear_from_config(cfg: Any, num_layers: int, fam: Family) -> DeltaNetSpec | ShortConvSpec | Mamba2Spec | None:
     """The layers with a per-slot state that config.layer_types names: LFM2's "conv" (Family.linear_attn
-    "short_conv"), else Gated DeltaNet's "linear_attention" (deltanet_from_config)."""
+    "short_conv"), Mamba2's "linear_attention" ("mamba2"), else Gated DeltaNet's (deltanet_from_config)."""
+    if fam.linear_attn == "mamba2":
+        return mamba2_from_config(cfg, num_layers)
     if fam.linear_attn != "short_conv":
         return deltanet_from_config(cfg, num_layers, fam)
     types = _get(cfg, "layer_types") or ()

@@ -7,7 +7,6 @@ REJECTED: dict[str, str] = {
     "jamba": "Mamba (state-space) layers",
     "bamba": "Mamba (state-space) layers",
     "nemotron_h": "Mamba (state-space) layers",
-    "granitemoehybrid": "Mamba (state-space) layers",
     "kimi_linear": "linear-attention (Kimi Delta Attention) layers",
     "bailing_hybrid": "linear-attention layers",
     "minimax": "lightning (linear) attention layers",

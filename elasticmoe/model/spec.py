@@ -13,7 +13,7 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
     ModelSpecError, act_name, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
     longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary, per_layer_input,
 )
-from elasticmoe.model.linear_spec import DeltaNetSpec, ShortConvSpec, linear_from_config
+from elasticmoe.model.linear_spec import DeltaNetSpec, Mamba2Spec, ShortConvSpec, linear_from_config
 from elasticmoe.model.layer_attention import (
     gate_fields, global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, per_layer_overrides,
     rope_tables, sliding_overrides, typed_rope, v_from_k,
@@ -116,7 +116,7 @@ class ModelSpec:
     logit_softcap: float | None = None  # final_logit_softcapping: logits = cap * tanh(logits / cap)
     mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
     biases: tuple[tuple[str, str, bool], ...] = (("attn", "attention_bias", True),)  # (part, config flag, its value)
-    linear: DeltaNetSpec | ShortConvSpec | None = None  # per-slot-state layers (the others attention); None: none
+    linear: DeltaNetSpec | ShortConvSpec | Mamba2Spec | None = None  # per-slot-state layers (others attention)
     norm_offset: float = 0.0  # added to every norm weight but a linear layer's gated one (zero-centred RMSNorms: 1)
     ignored: tuple[str, ...] = ()  # tensor-name patterns (re.match) transformers ignores on load
     tensor_names: tuple[tuple[str, str], ...] = ()  # (role, name): the family's own tensor names (families.Family)
