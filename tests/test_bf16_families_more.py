@@ -28,6 +28,7 @@ CASES = {  # MORE_CASES' fields, wider, with these changes
     "gemma4": {},  # WIDE goes into text_config
     "lfm2_moe": {},
     "granitemoehybrid": dict(mamba_n_heads=16, mamba_d_head=32),  # heads * head_dim = mamba_expand * hidden
+    "minimax": {},
 }
 DTYPES = ("bfloat16", "float16")
 

@@ -33,6 +33,12 @@ LFM2 = dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_
 GRANITE_HYBRID = dict(**GRANITE, shared_intermediate_size=64, layer_types=["mamba", "attention", "mamba"],
                       mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4,
                       mamba_chunk_size=16, position_embedding_type="nope")
+# MiniMax: lightning layers around a full-attention one, blocks of 8 tokens (prompts cross several), residual factors
+# other than 1 for each sublayer kind
+MINIMAX = dict(intermediate_size=48, num_local_experts=8, head_dim=16, block_size=8,
+               layer_types=["linear_attention", "full_attention", "linear_attention"], full_attn_alpha_factor=0.8,
+               full_attn_beta_factor=1.25, linear_attn_alpha_factor=1.5, linear_attn_beta_factor=0.75,
+               mlp_alpha_factor=0.9, mlp_beta_factor=1.1)
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                  num_experts_per_tok=2, max_position_embeddings=2048, initializer_range=0.15, bos_token_id=1,
                  eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
@@ -152,6 +158,10 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                          "Mamba2 layers (conv window and scan state per slot, grouped B / C, gated group RMSNorm) "
                          "beside NoPE attention, Granite multipliers, packed shared MLP; chunked prefill, batches "
                          "and retries in tests/test_families_mamba.py"),
+    "minimax": ("MiniMaxConfig", MINIMAX,
+                "lightning (linear) attention layers (their recurrent state per slot, blocks of 8 tokens) beside "
+                "full attention, residual adds of the normed input scaled per sublayer kind, softmax top-k; chunked "
+                "prefill, batches and retries in tests/test_families_lightning.py"),
     "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_TEXT,
                          "Qwen3-Next's layers with Qwen3.5's separate in_proj_qkv / z / b / a, every layer MoE, "
                          "multimodal rotary sections on text positions"),
@@ -326,8 +336,8 @@ def test_square_packed_experts_stored_in_out_match_transformers(model_type, tmp_
 MULTIMODAL = ("vision", "audio", "M-RoPE", "multimodal", "speech")
 README_REJECTED = [
     ("Mamba (Jamba, Bamba, Nemotron-H)", {"jamba", "bamba", "nemotron_h"}, ("Mamba",)),
-    ("linear attention (Qwen4-Exp, Kimi-Linear, MiniMax, GLM-5-Next)",
-     {"qwen4_exp", "kimi_linear", "minimax", "glm5_next"}, ("linear",)),
+    ("linear attention (Qwen4-Exp, Kimi-Linear, GLM-5-Next)",
+     {"qwen4_exp", "kimi_linear", "glm5_next"}, ("linear",)),
     ("short convolutions with relative-position logits (Inkling)", {"inkling"}, ("short-convolution",)),
     ("sparse-attention indexers (DeepSeek-V4, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
      {"deepseek_v4", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},

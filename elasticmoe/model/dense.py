@@ -197,9 +197,10 @@ class DenseModel:
         sp = self.spec
         h = h.float()  # [T, H]
         xf = self._norm(layer, "attn_in", h, torch.float32)  # [T, H]
-        a = self._norm(layer, "attn_out", layer.attn.forward(xf.to(self.dtype), batch, cache, self.rotary, cos, sin,
-                                                             masks, picks), torch.float32)
-        h = self._residual(h, a, 2 * layer.attn.layer + 2)
+        xa = xf.to(self.dtype)  # [T, H] the attention's input
+        a = self._norm(layer, "attn_out", layer.attn.forward(xa, batch, cache, self.rotary, cos, sin, masks, picks),
+                       torch.float32)
+        h = self._residual(h, a, 2 * layer.attn.layer + 2, xa)
         if sp.block != "parallel":
             xf = self._norm(layer, "mlp_in", h, torch.float32)
         x = xf.to(self.dtype)  # [T, H]
@@ -246,14 +247,18 @@ class DenseModel:
         else:
             out = pending.wait()
         out = self._norm(layer, "mlp_out", out)
-        h = self._residual(h, out, 2 * layer.attn.layer + 3)
+        h = self._residual(h, out, 2 * layer.attn.layer + 3, x)
         if ple is not None:  # PLE: h + norm(proj(act(gate(h)) * this layer's input))
             h = ple_add(h, layer.extras, ple[:, layer.attn.layer], act_fn(act), self.spec.rms_norm_eps, self.dtype)
         return h * layer.extras["layer_scalar"] if "layer_scalar" in layer.extras else h
 
-    def _residual(self, h: torch.Tensor, out: torch.Tensor, k: int) -> torch.Tensor:
+    def _residual(self, h: torch.Tensor, out: torch.Tensor, k: int, normed: torch.Tensor) -> torch.Tensor:
         """The k-th residual add (1-based; the embeddings are the first): h + out, out scaled by the residual
-        multiplier; depth-scaled (Beam): h * sqrt((k - 1) / k) + out / sqrt(k). h, out [T, H] -> [T, H]."""
+        multiplier; depth-scaled (Beam): h * sqrt((k - 1) / k) + out / sqrt(k); MiniMax: alpha * normed (the
+        sublayer's input, in the model's dtype) + beta * out, by spec.residual_factors. h, out [T, H] -> [T, H]."""
+        if self.spec.residual_factors:
+            alpha, beta = self.spec.residual_factors[k // 2 - 1][2 * (k % 2):][:2]  # k even: attention; odd: MLP
+            return normed.float() * alpha + out.float() * beta
         if self.spec.depth_scaled:
             return out * (1.0 / math.sqrt(k)) + h * math.sqrt((k - 1) / k)
         return h + out * self.spec.residual_scale if self.spec.residual_scale != 1.0 else h + out

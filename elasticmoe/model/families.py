@@ -82,8 +82,8 @@ class Family:
     # (part, config flag): the "attn" / "mlp" / "lm_head" projections transformers builds with biases when the flag
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
-    linear_attn: str | None = None  # the kind of config.layer_types' "linear_attention" layers ("gated_deltanet"),
-    #                                 or "short_conv": LFM2's "conv" layers, or "mamba2": Mamba2 mixers
+    linear_attn: str | None = None  # the kind of config.layer_types' "linear_attention" layers ("gated_deltanet",
+    #                                 "mamba2": Mamba2 mixers, "lightning": MiniMax's), or "short_conv": LFM2's "conv"
     topk_norm_add: float | None = None  # added to the top-k sum it renormalises by (None: MoESpec.norm_add's default)
     centred_norms: bool = False  # zero-centred RMSNorms: weight (1 + w), every norm but the linear layers' gated one
     attn_output_gate: bool = False  # q_proj holds [q ; gate] per head: the output is multiplied by sigmoid(gate)
@@ -228,6 +228,12 @@ FAMILIES: dict[str, Family] = {
     "granitemoehybrid": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier",
                                      "logits_scaling", "attention_multiplier", "shared_intermediate_size",
                                      "position_embedding_type", *_MAMBA2), norm_topk=True, linear_attn="mamba2"),
+    # MiniMax-Text-01: lightning (linear) attention layers beside full attention, residual adds of the normed input
+    # scaled per sublayer kind (alpha / beta factors), Mixtral's router and experts
+    "minimax": Family(keys=("num_local_experts", "block_size", "full_attn_alpha_factor", "full_attn_beta_factor",
+                            "linear_attn_alpha_factor", "linear_attn_beta_factor", "mlp_alpha_factor",
+                            "mlp_beta_factor", "layer_types", "sliding_window"),
+                      norm_topk=True, biases=(), linear_attn="lightning"),
     # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
     "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_DELTANET),

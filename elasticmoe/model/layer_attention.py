@@ -204,7 +204,8 @@ def layer_windows(cfg: Any, num_layers: int) -> tuple[int | None, ...]:
     window = config_get(cfg, "sliding_window")
     if window is None or config_get(cfg, "use_sliding_window", default=True) is False:
         return (None,) * num_layers
-    types = config_get(cfg, "layer_types")
+    # MiniMax: its layer types are full / linear attention, and sliding_window applies to every full one
+    types = config_get(cfg, "layer_types") if cfg.model_type != "minimax" else None
     windows = tuple(window if t == "sliding_attention" else None for t in types) if types else (window,) * num_layers
     if any(w is not None and w < 1 for w in windows):  # transformers' window mask then keeps no key: it fails
         raise ModelSpecError(f"config.sliding_window={window}: a sliding layer needs a window of 1 or more tokens "

@@ -1,5 +1,5 @@
 """One decoder layer's attention weights, shape-checked: GQA or MLA (with its indexer), Gated DeltaNet, short conv,
-Mamba2."""
+Mamba2, lightning attention."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.dense_roles import F32_ATTN, NORMED_ATTN, own_attn
 from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.indexer import ROLES as INDEX_ROLES, index_shapes
+from elasticmoe.model.lightning import Lightning, lightning_layer
+from elasticmoe.model.lightning_spec import LightningSpec
 from elasticmoe.model.linear_spec import LAYOUTS, LINEAR, Mamba2Spec, ShortConvSpec
 from elasticmoe.model.mamba2 import Mamba2
 from elasticmoe.model.names import ATTN, LayerNames
@@ -70,7 +72,8 @@ def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention
     return Attention(model.spec.attention, i, attn, model.spec.rms_norm_eps)
 
 
-def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDeltaNet | ShortConv | Mamba2:
+def linear_layer(model: "DenseModel", i: int,
+                 names: dict[str, str]) -> GatedDeltaNet | ShortConv | Mamba2 | Lightning:
     """Layer i's Gated DeltaNet from its linear_attn.* weights (names: role -> tensor), shapes checked; or its
     short convolution (LFM2's conv.*), or its Mamba2 mixer (GraniteMoeHybrid's mamba.*)."""
     sp, hidden = model.spec.linear, model.spec.hidden_size
@@ -78,6 +81,8 @@ def linear_layer(model: "DenseModel", i: int, names: dict[str, str]) -> GatedDel
         return short_conv_layer(model, i, names)
     if isinstance(sp, Mamba2Spec):
         return mamba2_layer(model, i, names)
+    if isinstance(sp, LightningSpec):  # MiniMax's self_attn.qkv_proj ... (lightning.lightning_layer)
+        return lightning_layer(model, i, names)
     kd, vd, nv = sp.key_dim, sp.value_dim, sp.num_v_heads
     layout = next((roles for roles in LAYOUTS if all(r in names for r in roles)), LAYOUTS[0])
     shapes = {"qkvz": (2 * kd + 2 * vd, hidden), "ba": (2 * nv, hidden), "qkv": (2 * kd + vd, hidden),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
-import math
 
 from elasticmoe.model.families import Family
 from elasticmoe.model.family_config import ModelSpecError, config_get as _get
+from elasticmoe.model.lightning_spec import LightningSpec, lightning_from_config
 
 LAYER_KINDS = ("full_attention", "linear_attention")  # config.layer_types of a family with linear attention
 
@@ -143,6 +144,9 @@ class Mamba2Spec:
         return self.conv_dim * (self.conv_kernel - 1), math.prod(self.rec_shape)
 
 
+LinearSpec = DeltaNetSpec | ShortConvSpec | Mamba2Spec | LightningSpec  # ModelSpec.linear's kinds
+
+
 def _positive(cfg: Any, key: str) -> int:
     value = getattr(cfg, key, None)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -171,11 +175,14 @@ def mamba2_from_config(cfg: Any, num_layers: int) -> Mamba2Spec:
                       dt_limit=(float(limit[0]), float(limit[1])), layers=tuple(t == "linear_attention" for t in types))
 
 
-def linear_from_config(cfg: Any, num_layers: int, fam: Family) -> DeltaNetSpec | ShortConvSpec | Mamba2Spec | None:
+def linear_from_config(cfg: Any, num_layers: int, fam: Family) -> LinearSpec | None:
     """The layers with a per-slot state that config.layer_types names: LFM2's "conv" (Family.linear_attn
-    "short_conv"), Mamba2's "linear_attention" ("mamba2"), else Gated DeltaNet's (deltanet_from_config)."""
+    "short_conv"), Mamba2's "linear_attention" ("mamba2"), MiniMax's lightning "linear_attention" ("lightning"), else
+    Gated DeltaNet's (deltanet_from_config)."""
     if fam.linear_attn == "mamba2":
         return mamba2_from_config(cfg, num_layers)
+    if fam.linear_attn == "lightning":  # MiniMax: its linear_attention layers are lightning attention
+        return lightning_from_config(cfg, num_layers)
     if fam.linear_attn != "short_conv":
         return deltanet_from_config(cfg, num_layers, fam)
     types = _get(cfg, "layer_types") or ()

@@ -9,7 +9,6 @@ REJECTED: dict[str, str] = {
     "nemotron_h": "Mamba (state-space) layers",
     "kimi_linear": "linear-attention (Kimi Delta Attention) layers",
     "bailing_hybrid": "linear-attention layers",
-    "minimax": "lightning (linear) attention layers",
     "llama4": "a vision encoder (a multimodal model; its text-only checkpoints are model_type llama4_text)",
     "jetmoe": "mixture-of-attention heads",
     "nllb_moe": "encoder-decoder layers",

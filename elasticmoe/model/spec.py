@@ -13,7 +13,8 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
     ModelSpecError, act_name, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
     longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary, per_layer_input,
 )
-from elasticmoe.model.linear_spec import DeltaNetSpec, Mamba2Spec, ShortConvSpec, linear_from_config
+from elasticmoe.model.lightning_spec import LightningSpec, residual_factors
+from elasticmoe.model.linear_spec import LinearSpec, linear_from_config
 from elasticmoe.model.layer_attention import (
     gate_fields, global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, per_layer_overrides,
     rope_tables, sliding_overrides, typed_rope, v_from_k,
@@ -116,7 +117,10 @@ class ModelSpec:
     logit_softcap: float | None = None  # final_logit_softcapping: logits = cap * tanh(logits / cap)
     mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (unused, as in transformers)
     biases: tuple[tuple[str, str, bool], ...] = (("attn", "attention_bias", True),)  # (part, config flag, its value)
-    linear: DeltaNetSpec | ShortConvSpec | Mamba2Spec | None = None  # per-slot-state layers (others attention)
+    linear: LinearSpec | None = None  # per-slot-state layers (others attention)
+    # MiniMax, per layer (attention alpha, beta, MLP alpha, beta): each residual add is alpha * the sublayer's
+    # normed input + beta * its output (lightning_spec.residual_factors); empty: h + out
+    residual_factors: tuple[tuple[float, float, float, float], ...] = ()
     norm_offset: float = 0.0  # added to every norm weight but a linear layer's gated one (zero-centred RMSNorms: 1)
     ignored: tuple[str, ...] = ()  # tensor-name patterns (re.match) transformers ignores on load
     tensor_names: tuple[tuple[str, str], ...] = ()  # (role, name): the family's own tensor names (families.Family)
@@ -284,6 +288,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         embed_scale = cfg.hidden_size**0.5
     logits_scale = float(_get(cfg, "logit_scale", default=1.0)) / float(_get(cfg, "logits_scaling", default=1.0))
     rms_set = model_type == "cohere2_moe" and _get(cfg, "rms_norm_eps") is not None  # its norms: RMSNorms then
+    linear = linear_from_config(cfg, num_layers, fam)
     return ModelSpec(
         model_type=model_type, num_layers=num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
         rms_norm_eps=fam.norm_eps or float(_get(cfg, "rms_norm_eps", "layer_norm_eps", "norm_eps", default=1e-6)),
@@ -297,7 +302,8 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         depth_scaled=fam.depth_scaled, logit_softcap=_softcap(cfg),
         mtp_layers=int(_get(cfg, "num_nextn_predict_layers", "num_mtp_layers", default=0)),
         biases=tuple((part, flag, bool(_get(cfg, flag, default=False))) for part, flag in fam.biases),
-        linear=linear_from_config(cfg, num_layers, fam), norm_offset=1.0 if fam.centred_norms else 0.0,
+        linear=linear, norm_offset=1.0 if fam.centred_norms else 0.0,
+        residual_factors=residual_factors(cfg, linear) if isinstance(linear, LightningSpec) else (),
         ignored=fam.ignored, tensor_names=fam.tensor_names, mlp_act=act_name(cfg),
         embed_scale_rounded=fam.embed_sqrt,
         per_layer_input=per_layer_input(cfg), router_norm=fam.router_norm, moe_beside_mlp=fam.moe_beside_mlp,
