@@ -23,6 +23,7 @@ WIDE = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2)  # la
 CASES = {  # MORE_CASES' fields, wider, with these changes
     "kolibri1": {},
     "beam": {},
+    "jetmoe": {},
     "mimo_v2_flash": dict(num_key_value_heads=1),  # its sliding layers double it
     "gemma4_text": {},
     "gemma4": {},  # WIDE goes into text_config

@@ -39,6 +39,8 @@ MINIMAX = dict(intermediate_size=48, num_local_experts=8, head_dim=16, block_siz
                layer_types=["linear_attention", "full_attention", "linear_attention"], full_attn_alpha_factor=0.8,
                full_attn_beta_factor=1.25, linear_attn_alpha_factor=1.5, linear_attn_beta_factor=0.75,
                mlp_alpha_factor=0.9, mlp_beta_factor=1.1)
+# JetMoE: attention experts of 2 KV heads of 24 dims (hidden 64), a final norm eps its layer norms do not share
+JETMOE = dict(intermediate_size=48, num_local_experts=8, kv_channels=24, rms_norm_eps=0.05)
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                  num_experts_per_tok=2, max_position_embeddings=2048, initializer_range=0.15, bos_token_id=1,
                  eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
@@ -139,6 +141,10 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
     "aria_text": ("AriaTextConfig", dict(intermediate_size=48, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=2,
                                          head_dim=16),
                   "softmax over the top-k logits, experts stored [E, H, 2I] (transposed), two shared experts"),
+    "jetmoe": ("JetMoeConfig", JETMOE,
+               "mixture-of-attention heads (routed query / output projections over shared keys and values, an output "
+               "bias), softmax over the top-k router logits, packed experts with an output bias, layer norms at "
+               "their own eps; chunked prefill, batches and retries in tests/test_families_moa.py"),
     "axk1": ("AXK1Config", dict(**DSV3_MOE, **MLA, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2,
                                 topk_group=1, routed_scaling_factor=1.5),
              "MLA, sigmoid routing with correction bias, an RMSNorm on the MoE output, dense first layer"),
@@ -343,7 +349,6 @@ README_REJECTED = [
      {"deepseek_v4", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},
      ("indexer",)),
     ("hyper-connections;", {"deepseek_v4", "glm5_next", "hy_v4"}, ("hyper-connections",)),
-    ("mixture-of-attention heads (JetMoE)", {"jetmoe"}, ("mixture-of-attention heads",)),
     ("Doge's product-key experts", {"doge"}, ("product-key",)),
     ("ZAYA's convolutional attention", {"zaya"}, ("convolutional attention",)),
     ("Muse Spark's residual gates", {"muse_spark_text"}, ("residual gates",)),

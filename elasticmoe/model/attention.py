@@ -137,13 +137,24 @@ class Attention:
                 kc, vc = cache.layers[self.layer]
                 cache.write(kc, batch.write_index, k)
                 cache.write(vc, batch.write_index, v)
+        out = self.attend(q, x.dtype, batch, cache, masks, keep)  # [T, h, dv]
+        if gate is not None or "gate" in self.w:
+            out = self._gated(out, x, gate)
+        out = out.reshape(x.shape[0], -1)  # [T, h * dv]
+        return linear(out, self.w["o"], self.w.get("o_bias"))
+
+    def attend(self, q: torch.Tensor, dtype: torch.dtype, batch: StepBatch, cache: KVCache, masks: list[dict],
+               keep=None) -> torch.Tensor:
+        """Queries q [T, h, d] over the cached keys and values (this step's written already): each prefill chunk
+        causally (windowed), each decode group by its masks; sparse attention's `keep` per chunk / group ->
+        [T, h, dv] in dtype."""
         q = q.float()  # scores, softmax and the weighted sum of values in float32, rounded once into out
-        out = x.new_empty(x.shape[0], self.spec.num_heads, self.spec.v_head_dim)  # [T, h, dv]
+        out = torch.empty(q.shape[0], self.spec.num_heads, self.spec.v_head_dim, dtype=dtype, device=q.device)
         expand, attend = self._readers()
         for i, c in enumerate(batch.prefill):
             kk, vv = (t.float() for t in expand(cache, batch.prefill_reads[i]))  # [1, hk, L, d], L = start + length
             qq = q[c.offset : c.offset + c.length].transpose(0, 1)[None]  # [1, h, t, d]
-            mask = _prefill_mask(c.start, c.length, self.window, x.device)
+            mask = _prefill_mask(c.start, c.length, self.window, q.device)
             if keep is not None and keep[i] is not None:  # the picked keys, causal already
                 mask = keep[i] if mask is None else mask & keep[i]
             o = attend(qq, kk, vv, mask, self.spec.scaling, causal=True)
@@ -151,10 +162,7 @@ class Attention:
         for j, (g, m) in enumerate(zip(batch.decode_groups, masks)):  # rows of similar contexts: padded to the longest
             picked = None if keep is None else keep[len(batch.prefill) + j]
             out[g.rows] = self.decode_group(q[g.rows], g, m[self.window], cache, picked).to(out.dtype)
-        if gate is not None or "gate" in self.w:
-            out = self._gated(out, x, gate)
-        out = out.reshape(x.shape[0], -1)  # [T, h * dv]
-        return linear(out, self.w["o"], self.w.get("o_bias"))
+        return out
 
     def _readers(self):
         """(expand, attend): the cache reader of this layer's kind and the attention (GPT-OSS: with sinks)."""

@@ -184,7 +184,8 @@ class DenseModel:
         w = layer.norms.get(role)
         if w is None:
             return x if out_dtype is None else x.to(out_dtype)
-        return norm(x, self.spec.norm, w, layer.norms.get(role + "_bias"), self.spec.rms_norm_eps, out_dtype)
+        eps = self.spec.layer_norm_eps or self.spec.rms_norm_eps  # JetMoE's layer norms: their own
+        return norm(x, self.spec.norm, w, layer.norms.get(role + "_bias"), eps, out_dtype)
 
     def _layer_pre(self, layer: _Layer, h: torch.Tensor, batch: StepBatch, cache: KVCache,
                    dispatcher: Dispatcher, cos, sin, masks, picks=None):
@@ -246,6 +247,7 @@ class DenseModel:
                 out = out / 2
         else:
             out = pending.wait()
+            out = out + layer.extras["moe_bias"] if "moe_bias" in layer.extras else out  # JetMoE's [H]
         out = self._norm(layer, "mlp_out", out)
         h = self._residual(h, out, 2 * layer.attn.layer + 3, x)
         if ple is not None:  # PLE: h + norm(proj(act(gate(h)) * this layer's input))

@@ -7,7 +7,8 @@ from elasticmoe.model.names import LayerNames
 from elasticmoe.model.spec import ModelSpec
 
 F32_EXTRAS = ("layer_scalar", "router_scale", "expert_scale")  # a layer's extras kept in float32 (the rest in dtype)
-F32_ATTN = ("index_weights",)  # the indexer's head weights, in float32 as transformers keeps them
+F32_ATTN = ("index_weights", "moa_router")  # the indexer's head weights, in float32 as transformers keeps them; the
+#                                             attention experts' router (model.moa), stored precision
 NORMED_ATTN = ("q_norm", "k_norm")  # loaded as norms (DenseModel.load_norm)
 
 

@@ -36,6 +36,8 @@ def layer_extras(prefix: str, block: str | None, spec, find: Find, need: Need) -
         out.update(ple_gate=need(f"{prefix}per_layer_input_gate.weight"),
                    ple_proj=need(f"{prefix}per_layer_projection.weight"),
                    ple_norm=need(f"{prefix}post_per_layer_input_norm.weight"))
+    if block is not None and spec.moe_bias:  # JetMoE: added to the MoE block's output
+        out.update(moe_bias=need(f"{block}bias"))
     if block is not None and spec.router_norm:
         out.update(router_scale=need(f"{block}router.scale"), expert_scale=find(f"{block}router.per_expert_scale"))
     return {role: n for role, n in out.items() if n is not None}
@@ -46,7 +48,7 @@ def extra_shapes(spec) -> dict[str, tuple[int, ...]]:
     h, p, e, n = spec.hidden_size, spec.per_layer_input, spec.moe.num_experts, spec.num_layers
     return {"layer_scalar": (1,), "ple_gate": (p, h), "ple_proj": (h, p), "ple_norm": (h,), "router_scale": (h,),
             "expert_scale": (e,), "ple_embed": (spec.vocab_size, n * p), "ple_model_proj": (n * p, h),
-            "ple_proj_norm": (p,)}
+            "ple_proj_norm": (p,), "moe_bias": (h,)}
 
 
 def ple_inputs(w: dict[str, torch.Tensor], token_ids: torch.Tensor, embeds: torch.Tensor, layers: int,

@@ -113,6 +113,11 @@ class Family:
     text_inert: tuple[tuple[str, object], ...] = ()  # text_config keys at a value that acts only with images
     inner_only: bool = False  # only the language model of a multimodal family (text_model): refused on its own
     per_layer_heads: bool = False  # per_layer_config may set a layer's num_attention_heads (Step-3.7's sliding layers)
+    # JetMoE: mixture-of-attention heads (model.moa: routed query / output projections over shared keys and values),
+    # a bias on the MoE's output (mlp.bias), and decoder-layer norms at this eps whatever rms_norm_eps (final norm's)
+    moa: bool = False
+    moe_bias: bool = False
+    layer_norm_eps: float | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -190,6 +195,9 @@ FAMILIES: dict[str, Family] = {
                     scoring="sigmoid", attn_sinks=True, nope_full_layers=True),
     "aria_text": Family(keys=("moe_num_experts", "moe_topk", "moe_num_shared_experts"), norm_topk=True,
                         experts_in_out=True, biases=(("attn", "attention_bias"), ("mlp", "mlp_bias"))),
+    # JetMoE: attention experts over one kv_proj's keys and values; packed MoE experts with an output bias
+    "jetmoe": Family(keys=("num_local_experts", "kv_channels", "activation_function", "aux_loss_coef"), norm_topk=True,
+                     biases=(), moa=True, moe_bias=True, layer_norm_eps=1e-6),
     "axk1": Family(keys=(*_MLA_KEYS, "mlp_layer_types"), scoring="sigmoid", moe_out_norm=True),
     "cohere2_moe": Family(keys=("num_experts", "num_shared_experts", "shared_expert_combination_strategy",
                                 "expert_selection_fn", "norm_topk_prob", "logit_scale", "layer_norm_eps",

@@ -192,7 +192,8 @@ _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # c
 def act_name(cfg: Any) -> str:
     """The gated MLPs' and experts' activation (hidden_act / hidden_activation, as transformers' ACT2FN reads it) by
     the engine's name: "silu" or "gelu_tanh"; any other is refused by name."""
-    key = next((k for k in ("hidden_act", "hidden_activation") if config_get(cfg, k) is not None), "hidden_act")
+    keys = ("hidden_act", "hidden_activation", "activation_function")  # activation_function: JetMoE's
+    key = next((k for k in keys if config_get(cfg, k) is not None), "hidden_act")
     act = config_get(cfg, key, default="silu")
     if act not in _ACTS:
         raise ModelSpecError(f"config.{key}={act!r}: gated MLPs and experts must use silu or gelu_pytorch_tanh")

@@ -34,6 +34,18 @@ def layer_heads(cfg: Any, num_layers: int, kv_heads: int, over: dict[int, dict[s
     return tuple(heads)
 
 
+def moa_fields(cfg: Any, experts: int) -> dict[str, int]:
+    """JetMoE's attention (AttentionSpec fields): num_local_experts attention experts (as its MoE's), each of
+    num_key_value_heads query heads of kv_channels dims; a token's num_experts_per_tok experts make its query heads
+    (whatever config.num_attention_heads says: transformers' attention never reads it)."""
+    for key, what in (("kv_channels", "the attention head dim"), ("num_key_value_heads", "heads of each expert")):
+        value = config_get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelSpecError(f"config.{key}={value!r}: want a positive integer ({what})")
+    kv_heads = config_get(cfg, "num_key_value_heads")
+    return dict(num_heads=kv_heads * config_get(cfg, "num_experts_per_tok"), moa_experts=experts)
+
+
 def global_view(cfg: Any) -> Any:
     """`cfg`, or for a heterogeneous config (per_layer_config: Gemma 4) a homogeneous copy holding the global values
     (transformers raises on reading a per-layer attribute otherwise); per_layer_overrides gives the layers that

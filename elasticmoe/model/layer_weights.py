@@ -16,6 +16,7 @@ from elasticmoe.model.lightning import Lightning, lightning_layer
 from elasticmoe.model.lightning_spec import LightningSpec
 from elasticmoe.model.linear_spec import LAYOUTS, LINEAR, Mamba2Spec, ShortConvSpec
 from elasticmoe.model.mamba2 import Mamba2
+from elasticmoe.model.moa import moa_layer
 from elasticmoe.model.names import ATTN, LayerNames
 from elasticmoe.model.short_conv import ShortConv
 from elasticmoe.model.spec import AttentionSpec
@@ -46,10 +47,12 @@ def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]
             "q_norm_rope": head, "k_norm_rope": head}
 
 
-def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention:
+def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention:  # or its MoA subclass
     """Layer i's attention from its self_attn.* weights (names.attn: role -> tensor), shapes checked and every role
     its kind needs present."""
     a = model.spec.attention.layer(i)
+    if a.moa_experts:  # JetMoE
+        return moa_layer(model, i, names)
     shapes = attention_shapes(a, model.spec.hidden_size)
     attn = {role: model.load_norm(n, shapes.get(role)) if role in NORMED_ATTN
             else model.load(n, torch.float32 if role in F32_ATTN else None, shapes.get(role))

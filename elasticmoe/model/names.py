@@ -12,6 +12,7 @@ from elasticmoe.model.expert_check import check_expert_dtypes, check_expert_shap
 from elasticmoe.model.expert_names import LAYER, ExpertRef, expert_parts, expert_ref
 from elasticmoe.model.extras import BESIDE_NORMS, layer_extras, model_extras
 from elasticmoe.model.mlp_shapes import built_shapes
+from elasticmoe.model.renames import MOA_NAMES
 from elasticmoe.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,8 @@ class WeightNames:
         prefix = f"{self.root}.{i}."
         sinks = ("sinks", "softmax_offset", "attention_sink_bias")  # Flint's: softmax_offset; MiMo's hub names
         lin = self.spec.linear is not None and self.spec.linear.layers[i]  # a linear layer has no self_attn
-        names = {**ATTN, "gate": f"{self.spec.attention.gate_name}.weight"}
+        moa = {r: view for r, (_, view) in MOA_NAMES.items()} if self.spec.attention.moa_experts else {}  # JetMoE
+        names = {**ATTN, **moa, "gate": f"{self.spec.attention.gate_name}.weight"}
         alts = {**{r: (self.renamed.get(r, s),) for r, s in names.items()}, "sinks": sinks}  # role -> names
         attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in alts[role]))
                 for role in names if not lin and (role != "sinks" or self.spec.attention.layer(i).sinks)}

@@ -10,7 +10,6 @@ REJECTED: dict[str, str] = {
     "kimi_linear": "linear-attention (Kimi Delta Attention) layers",
     "bailing_hybrid": "linear-attention layers",
     "llama4": "a vision encoder (a multimodal model; its text-only checkpoints are model_type llama4_text)",
-    "jetmoe": "mixture-of-attention heads",
     "nllb_moe": "encoder-decoder layers",
     "nllb-moe": "encoder-decoder layers",
     # transformers 5.23 families whose decoder layers hold more than attention + MoE/MLP (by the feature named)

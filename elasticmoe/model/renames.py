@@ -123,5 +123,38 @@ def step3p5_views(ckpt: Checkpoint, spec: ModelSpec) -> tuple[dict[str, View], s
     return views, set()
 
 
+_JETMOE = re.compile(r"^(.*layers\.\d+\.)self_attention\.(.+)$")
+# JetMoE's attention: role -> (its name under self_attention., the view's under self_attn.); the views keep its
+# experts' packed projections from reading as MoE experts (model.expert_names: input_linear / output_linear)
+MOA_NAMES = {"k": ("kv_proj.weight", "k_proj.weight"), "v": ("kv_proj.weight", "v_proj.weight"),
+             "q_experts": ("experts.input_linear.weight", "q_experts.weight"),
+             "o_experts": ("experts.output_linear.weight", "o_experts.weight"),
+             "moa_router": ("experts.router.layer.weight", "router.weight"),
+             "moa_offset": ("experts.bias", "experts_bias")}
+
+
+def jetmoe_views(ckpt: Checkpoint, spec: ModelSpec) -> tuple[dict[str, View], set[str]]:
+    """JetMoE: self_attention.kv_proj [2 hk d, H] as self_attn.k_proj (its first hk d rows) and v_proj (the rest),
+    and the attention experts (self_attention.experts.*) under the names of MOA_NAMES; other self_attention.* tensors
+    keep their names (the load fails naming them: unused)."""
+    a, views = spec.attention, {}
+    width = a.num_kv_heads * a.head_dim
+    stored = {s: v for s, v in MOA_NAMES.values()} | {"kv_proj.weight": None}
+    for name in ckpt.names():
+        m = _JETMOE.match(name)
+        if not m or m.group(2) not in stored:
+            continue
+        attn = f"{m.group(1)}self_attn."
+        if m.group(2) == "kv_proj.weight":
+            if _rows(ckpt, name) != 2 * width:
+                raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} has {_rows(ckpt, name)} rows, want "
+                                      f"{2 * width} (keys then values: 2 x num_key_value_heads x kv_channels)")
+            views[attn + "k_proj.weight"] = View(name, (0, width))
+            views[attn + "v_proj.weight"] = View(name, (width, 2 * width))
+        else:
+            views[attn + stored[m.group(2)]] = View(name)
+    return views, set()
+
+
 VIEWS = {"dbrx": dbrx_views, "longcat_flash": longcat_views,  # model_type -> the views its checkpoints need
-         "step3p5": step3p5_views}
+         "step3p5": step3p5_views, "jetmoe": jetmoe_views}

@@ -16,8 +16,8 @@ from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and 
 from elasticmoe.model.lightning_spec import LightningSpec, residual_factors
 from elasticmoe.model.linear_spec import LinearSpec, linear_from_config
 from elasticmoe.model.layer_attention import (
-    gate_fields, global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, per_layer_overrides,
-    rope_tables, sliding_overrides, typed_rope, v_from_k,
+    gate_fields, global_view, kv_sources, layer_dims, layer_heads, layer_ropes, layer_windows, moa_fields,
+    per_layer_overrides, rope_tables, sliding_overrides, typed_rope, v_from_k,
 )
 from elasticmoe.model.indexer_spec import IndexerSpec, indexer_spec
 from elasticmoe.model.moe_spec import MoESpec, moe_from_config  # noqa: F401  (MoESpec: re-exported)
@@ -64,6 +64,9 @@ class AttentionSpec:
     v_norm: bool = False  # a weightless RMSNorm of each value head
     v_scale: float = 1.0  # multiplies the values before they are cached (attention_value_scale: MiMo-V2-Flash)
     sink_layers: tuple[bool, ...] = ()  # per layer: attention sinks (MiMo-V2-Flash: sliding layers); empty = `sinks`
+    # mixture-of-attention heads (JetMoE, model.moa): this many attention experts, each a query and an output
+    # projection of num_kv_heads heads; a router picks num_heads / num_kv_heads of them per token; 0: none
+    moa_experts: int = 0
 
     def layer(self, i: int) -> "AttentionSpec":
         """Layer i's attention: its own query heads, head dim and KV heads where they differ per layer (the value
@@ -131,6 +134,8 @@ class ModelSpec:
     moe_beside_mlp: bool = False  # a dense MLP beside the MoE in each layer, each with its own norms
     layer_scalar: bool = False  # each layer's output times its stored layer_scalar (model.extras)
     placeholder_ids: tuple[int, ...] = ()  # token ids embedded as pad_token_id (a multimodal model's placeholders)
+    moe_bias: bool = False  # a bias added to each MoE block's output (JetMoE's mlp.bias, model.extras)
+    layer_norm_eps: float | None = None  # the decoder layers' norm eps where not rms_norm_eps (the final norm's)
 
     @property
     def rope_tables(self) -> tuple[tuple[torch.Tensor, float], ...]:
@@ -264,7 +269,8 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         cfg = flat_dbrx(cfg)
     num_layers = cfg.num_hidden_layers
     moe = moe_from_config(cfg, num_layers, fam)
-    attn = _attention(cfg, num_layers, fam, moe.sparse_layers, overrides)
+    moa = moa_fields(cfg, moe.num_experts) if fam.moa else {}  # JetMoE's mixture-of-attention heads
+    attn = replace(_attention(cfg, num_layers, fam, moe.sparse_layers, overrides), **moa)
     if not any(moe.sparse_layers):
         raise ModelSpecError("config.json makes every layer dense (first_k_dense_replace / mlp_only_layers)")
     rope_more: tuple = ()
@@ -307,7 +313,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         ignored=fam.ignored, tensor_names=fam.tensor_names, mlp_act=act_name(cfg),
         embed_scale_rounded=fam.embed_sqrt,
         per_layer_input=per_layer_input(cfg), router_norm=fam.router_norm, moe_beside_mlp=fam.moe_beside_mlp,
-        layer_scalar=fam.layer_scalar,
+        layer_scalar=fam.layer_scalar, moe_bias=fam.moe_bias, layer_norm_eps=fam.layer_norm_eps,
     )
 
 
