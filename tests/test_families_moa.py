@@ -169,3 +169,16 @@ def test_the_query_heads_are_the_experts_heads_whatever_num_attention_heads_says
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 6}))
     assert open_model(str(ck)).spec.attention.num_heads == 4
+
+
+def test_experts_served_on_two_shards_are_the_mlps_only(ckpt):
+    """The expert half gets the MLP's packed experts (mlp.input_linear / output_linear), never the attention
+    experts (the gateway's dense half runs those): served through two in-process gRPC shards (experts 0-3, 4-7),
+    the greedy tokens of the single process, both shards serving."""
+    from tests.shard_util import assert_two_shards_match_in_process
+
+    llm = LLM(str(ckpt), dtype="float32")
+    refs = llm.files.names.experts
+    assert len(refs) == 3 * 8 and {(r.gate_up.split(".", 3)[3], r.down.split(".", 3)[3]) for r in refs.values()} == {
+        ("mlp.input_linear.weight", "mlp.output_linear.weight")}
+    assert_two_shards_match_in_process(llm, ["The quick brown fox", "a b c d e f g h i j k l m n o p"], 8)
