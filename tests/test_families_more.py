@@ -41,6 +41,14 @@ MINIMAX = dict(intermediate_size=48, num_local_experts=8, head_dim=16, block_siz
                mlp_alpha_factor=0.9, mlp_beta_factor=1.1)
 # JetMoE: attention experts of 2 KV heads of 24 dims (hidden 64), a final norm eps its layer norms do not share
 JETMOE = dict(intermediate_size=48, num_local_experts=8, kv_channels=24, rms_norm_eps=0.05)
+# Kimi-Linear: KDA layers (4 heads of 16, a 4-tap conv) around an MLA layer without rotary (q_proj, no q_lora_rank),
+# a dense first layer, DeepSeek-V3's sigmoid router over 2 groups of 4 experts, routed scaling
+KIMI = dict(intermediate_size=128, moe_intermediate_size=64, num_local_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=16, num_key_value_heads=4, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+            linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"])
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                  num_experts_per_tok=2, max_position_embeddings=2048, initializer_range=0.15, bos_token_id=1,
                  eos_token_id=2, pad_token_id=0)  # make_family_checkpoint's fields and tokenizer ids, in text_config
@@ -168,6 +176,11 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                 "lightning (linear) attention layers (their recurrent state per slot, blocks of 8 tokens) beside "
                 "full attention, residual adds of the normed input scaled per sublayer kind, softmax top-k; chunked "
                 "prefill, batches and retries in tests/test_families_lightning.py"),
+    "kimi_linear": ("KimiLinearConfig", KIMI,
+                    "Kimi Delta Attention layers (per-channel gated delta rule, conv and recurrent state per slot) "
+                    "beside MLA layers without rotary, sigmoid routing with correction bias over expert groups, "
+                    "shared expert, dense first layer; chunked prefill, batches and retries in "
+                    "tests/test_families_kda.py"),
     "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", QWEN3_5_TEXT,
                          "Qwen3-Next's layers with Qwen3.5's separate in_proj_qkv / z / b / a, every layer MoE, "
                          "multimodal rotary sections on text positions"),
@@ -252,7 +265,7 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
 # routing biases made non-zero: checked loaded
 MORE_ROUTING_BIAS = {"solar_open", "longcat_flash", "hy_v3", "axk1", "laguna", "deepseek_v32", "glm_moe_dsa",
                      "kolibri1", "beam", "glm4v_moe",
-                     "mimo_v2_flash", "lfm2_moe", "step3p7"}
+                     "mimo_v2_flash", "lfm2_moe", "step3p7", "kimi_linear"}
 
 
 @pytest.fixture(scope="module")
@@ -342,8 +355,7 @@ def test_square_packed_experts_stored_in_out_match_transformers(model_type, tmp_
 MULTIMODAL = ("vision", "audio", "M-RoPE", "multimodal", "speech")
 README_REJECTED = [
     ("Mamba (Jamba, Bamba, Nemotron-H)", {"jamba", "bamba", "nemotron_h"}, ("Mamba",)),
-    ("linear attention (Qwen4-Exp, Kimi-Linear, GLM-5-Next)",
-     {"qwen4_exp", "kimi_linear", "glm5_next"}, ("linear",)),
+    ("linear attention (Qwen4-Exp, GLM-5-Next)", {"qwen4_exp", "glm5_next"}, ("linear",)),
     ("short convolutions with relative-position logits (Inkling)", {"inkling"}, ("short-convolution",)),
     ("sparse-attention indexers (DeepSeek-V4, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",
      {"deepseek_v4", "hy_v4", "axk2", "dots3_note", "mistral_large4", "minimax_m3_vl"},

@@ -74,11 +74,13 @@ def _block_terms(q, k, v, g, beta) -> tuple[torch.Tensor, ...]:
     return fresh, per_state, within, q * cum.exp()[..., None], k_out, cum[..., -1].exp()[..., None, None]
 
 
-def chunked_rule(q, k, v, g, beta, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_rule(q, k, v, g, beta, state: torch.Tensor | None, terms=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over one sequence in blocks of CHUNK tokens (a last, shorter block as it is, unpadded):
     each block's terms in a few matmuls and one triangular solve, then the state passed block to block. All float32,
     q and k already normed and q scaled. q, k [h, L, dk], v [h, L, dv], g, beta [h, L], state [h, dk, dv] or None
-    (zeros) -> (out [h, L, dv], final state [h, dk, dv]); recurrent_rule's result to float32 rounding."""
+    (zeros) -> (out [h, L, dv], final state [h, dk, dv]); recurrent_rule's result to float32 rounding. terms: the
+    blocks' terms (default _block_terms; Kimi Delta Attention's per-channel gate g [h, L, dk]: kda.block_terms)."""
+    terms_of = terms or _block_terms
     h, n, dk = k.shape
     whole = n - n % CHUNK
     s = q.new_zeros(h, dk, v.shape[-1]) if state is None else state.to(F32)  # [h, dk, dv]
@@ -86,11 +88,11 @@ def chunked_rule(q, k, v, g, beta, state: torch.Tensor | None) -> tuple[torch.Te
     for a, b in ((0, whole), (whole, n)):  # the full blocks, then the rest as one shorter block
         if b > a:
             c = min(CHUNK, b - a)
-            terms = _block_terms(*(x[:, a:b].unflatten(1, (-1, c)) for x in (q, k, v, g, beta)))  # [h, N, c, ...]
+            terms = terms_of(*(x[:, a:b].unflatten(1, (-1, c)) for x in (q, k, v, g, beta)))  # [h, N, c, ...]
             for fresh, per_state, within, q_in, k_out, end in zip(*(t.unbind(1) for t in terms)):
                 u = fresh - per_state @ s  # [h, c, dv] each token's write
                 out.append(q_in @ s + within @ u)  # [h, c, dv]
-                s = s * end + k_out.transpose(-1, -2) @ u  # end [h, 1, 1]
+                s = s * end + k_out.transpose(-1, -2) @ u  # end [h, 1, 1] (a per-channel gate's: [h, dk, 1])
     return torch.cat(out, dim=1), s
 
 
@@ -107,8 +109,9 @@ def recurrent_rule(q, k, v, g, beta, state: torch.Tensor | None) -> tuple[torch.
 
 def _recurrent_step(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of each of B sequences (transformers' torch_recurrent_gated_delta_rule), float32.
-    q, k [B, h, dk], v [B, h, dv], g, beta [B, h], state [B, h, dk, dv] -> (out [B, h, dv], new state)."""
-    s = state * g.exp()[..., None, None]
+    q, k [B, h, dk], v [B, h, dv], g, beta [B, h], state [B, h, dk, dv] -> (out [B, h, dv], new state). A
+    per-channel gate (Kimi Delta Attention) g [B, h, dk] decays each key channel's row of the state."""
+    s = state * (g.exp()[..., None, None] if g.dim() == beta.dim() else g.exp()[..., None])
     memory = (s * k[..., None]).sum(dim=-2)  # [B, h, dv]
     s = s + k[..., None] * ((v - memory) * beta[..., None])[..., None, :]
     return (s * q[..., None]).sum(dim=-2), s
@@ -119,6 +122,7 @@ class GatedDeltaNet:
     [2 v_heads, H] (rows b, a), conv [C, 1, K], dt_bias and A_log [v_heads], norm [v_dim], out [H, value_dim]."""
 
     window = None  # no attention mask (DenseModel.windows)
+    block_terms = None  # chunked_rule's default terms (a scalar gate per head)
 
     def __init__(self, spec: DeltaNetSpec, layer: int, w: dict[str, torch.Tensor], eps: float):
         self.spec, self.layer, self.w, self.eps = spec, layer, w, eps
@@ -133,23 +137,27 @@ class GatedDeltaNet:
         b, a = linear(x, self.w["ba"]).chunk(2, dim=-1)  # [T, v_heads] each
         beta = b.sigmoid().float()
         g = self.neg_decay * F.softplus(a.float() + self.w["dt_bias"])  # [T, v_heads] log decay
-        state: DeltaState = cache.linear[self.layer]
         out = x.new_empty(t, sp.num_v_heads, sp.head_v_dim, dtype=F32)  # [T, v_heads, dv], normed before rounding
+        self._run(batch, cache.linear[self.layer], qkv, g, beta, out)
+        return self._output(out, z, x.dtype)
+
+    def _run(self, batch: StepBatch, state: DeltaState, qkv, g, beta, out: torch.Tensor) -> None:
+        """The step's chunks through the conv and the delta rule, each from its slot's state: qkv [T, C], g [T, h]
+        (per channel: [T, h, dk]), beta [T, h] -> out [T, h, dv] float32; the states written to their other copy."""
         for c in batch.prefill:
             rows = slice(c.offset, c.offset + c.length)
             read, write = state.copies(c.slot, c.start)
             window = state.conv[c.slot, read][None] if read is not None else None
             mixed, state.conv[c.slot, write] = self._conv(qkv[rows].T[None], window)  # [1, C, L]
-            q, k, v = self._qkv(mixed[0].T)  # [L, h, d]
+            q, k, v = (t.transpose(0, 1) for t in self._qkv(mixed[0].T))  # [h, L, d]
             s0 = state.rec[c.slot, read] if read is not None else None
-            o, s = chunked_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[rows].T, beta[rows].T, s0)
+            o, s = chunked_rule(q, k, v, g[rows].transpose(0, 1), beta[rows].T, s0, self.block_terms)
             state.rec[c.slot, write] = s
             state.pos[c.slot][write] = c.start + c.length
             out[rows] = o.transpose(0, 1)
         decode = [c for c in batch.chunks if c.length == 1]
         if decode:
             self._decode(decode, qkv, g, beta, state, out)
-        return self._output(out, z, x.dtype)
 
     def _decode(self, chunks, qkv, g, beta, state: DeltaState, out: torch.Tensor) -> None:
         """The single-token chunks of the step, batched: one recurrent step each from its slot's state. Their rows,

@@ -49,16 +49,17 @@ def _layer_bytes(spec: ModelSpec, ckpt: Checkpoint, i: int, n: LayerNames, size,
     """One decoder layer's share of dense_bytes."""
     if spec.linear is not None and spec.linear.layers[i]:
         unkept = getattr(spec.linear, "buffers", ())  # Lightning's buffers: read at load, none kept (f32_floats)
-        f32 = getattr(spec.linear, "f32_roles", ())  # Mamba2's A_log, dt_bias, D: loaded in float32
+        only32 = getattr(spec.linear, "f32_only", ())  # Kimi-Linear: its convs held as one float32 conv alone
+        f32 = (*getattr(spec.linear, "f32_roles", ()), *only32)  # and Mamba2's A_log, dt_bias, D in float32
         total = sum(size(name, F32 if role in f32 else None)
                     for role, name in n.linear.items() if role not in unkept)
         conv = n.linear.get("conv")  # absent: refused by name as DenseModel loads the layer (layer_weights)
-        if conv and size(conv) != size(conv, F32):  # conv_w, its float32 copy
+        if conv and "conv" not in only32 and size(conv) != size(conv, F32):  # conv_w, its float32 copy
             total += size(conv, F32)
         conv_bias = n.linear.get("conv_bias")  # ShortConv: its float32 copy
         if conv_bias and size(conv_bias) != size(conv_bias, F32):
             total += size(conv_bias, F32)
-        total += spec.linear.f32_floats * 4  # GatedDeltaNet: neg_decay [v_heads], Mamba2: -exp(A_log), Lightning: slopes
+        total += spec.linear.f32_floats * 4  # GatedDeltaNet: neg_decay [v_heads]; Mamba2: -exp(A_log); Lightning: slope
     else:
         attn = own_attn(spec, ckpt, i, n)
         total = sum(size(name, F32 if role in F32_ATTN else None, role in NORMED_ATTN) for role, name in attn.items())

@@ -41,6 +41,8 @@ _DELTANET = ("layer_types", "full_attention_interval", "linear_conv_kernel_dim",
              "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
 _MAMBA2 = ("layer_types", "layers_block_type", "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_head",
            "mamba_d_conv", "mamba_expand", "mamba_chunk_size", "mamba_conv_bias", "mamba_proj_bias", "time_step_limit")
+_KIMI_NEUTRAL = {"moe_layer_freq": 1, "mla_use_nope": True, "moe_router_activation_func": "sigmoid",
+                 "use_grouped_topk": True}  # Kimi-Linear's hub keys transformers never reads, at their only value
 # DeepSeek sparse attention: the indexer's shape; every layer's type "indexed_attention"
 _DSA = ("index_topk", "index_head_dim", "index_n_heads", "layer_types", "mlp_layer_types")
 
@@ -61,6 +63,7 @@ class Family:
     qk_norm_all_heads: bool = False  # q_norm / k_norm over the whole q / k projection (OLMoE), not per head
     rope_interleave: bool | None = None  # forced pairwise (complex) rotary layout; None: config.rope_interleave
     nope_full_layers: bool = False  # rotary only on sliding layers (full-attention layers are NoPE)
+    nope: bool = False  # no rotary on any layer (Kimi-Linear's MLA: its rope part of q and k left unrotated)
     window_required: bool = False  # transformers builds a sliding-window mask every forward: null fails (Kolibri)
     bias_on_logits: bool = False  # the correction bias joins the raw router logits for the choice (Kolibri)
     depth_scaled: bool = False  # residual add k (1-based, two per layer): h * sqrt((k - 1) / k) + out / sqrt(k) (Beam)
@@ -83,7 +86,8 @@ class Family:
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
     linear_attn: str | None = None  # the kind of config.layer_types' "linear_attention" layers ("gated_deltanet",
-    #                                 "mamba2": Mamba2 mixers, "lightning": MiniMax's), or "short_conv": LFM2's "conv"
+    #                                 "mamba2": Mamba2 mixers, "lightning": MiniMax's, "kda": Kimi Delta Attention),
+    #                                 or "short_conv": LFM2's "conv" layers
     topk_norm_add: float | None = None  # added to the top-k sum it renormalises by (None: MoESpec.norm_add's default)
     centred_norms: bool = False  # zero-centred RMSNorms: weight (1 + w), every norm but the linear layers' gated one
     attn_output_gate: bool = False  # q_proj holds [q ; gate] per head: the output is multiplied by sigmoid(gate)
@@ -242,6 +246,16 @@ FAMILIES: dict[str, Family] = {
                             "linear_attn_alpha_factor", "linear_attn_beta_factor", "mlp_alpha_factor",
                             "mlp_beta_factor", "layer_types", "sliding_window"),
                       norm_topk=True, biases=(), linear_attn="lightning"),
+    # Kimi-Linear: KDA layers beside MLA without rotary, DeepSeek-V3's router; its keys by transformers' attribute_map
+    # (num_experts_per_token...); the hub's linear_attn_config (1-based layers) and first_k_dense_replace
+    "kimi_linear": Family(keys=(*_MLA_KEYS, "num_experts", "num_local_experts", "num_experts_per_token",
+                                "num_expert_group", "num_shared_experts", "moe_renormalize", "model_max_length",
+                                "layer_types", "mlp_layer_types", "linear_head_dim", "linear_num_heads",
+                                "linear_conv_kernel_dim", "linear_attn_config", *_KIMI_NEUTRAL),
+                          scoring="sigmoid", linear_attn="kda", nope=True, neutral=tuple(_KIMI_NEUTRAL.items()),
+                          nested=(("linear_attn_config", ("full_attn_layers", "kda_layers", "head_dim", "num_heads",
+                                                          "short_conv_kernel_size")),),
+                          tensor_names=(("dense", "block_sparse_moe"),)),
     # Qwen3-Next: Gated DeltaNet layers beside gated full attention; its mtp.* weights are never loaded
     "qwen3_next": Family(keys=("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
                                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", *_DELTANET),

@@ -237,6 +237,8 @@ def layer_ropes(cfg: Any, fam: Family, windows: tuple[int | None, ...], sparse: 
         return (config_get(cfg, "position_embedding_type") == "rope",) * len(windows)
     if cfg.model_type == "llama4_text":  # no_rope_layers: 1 = rotary, 0 = NoPE
         return tuple(bool(r) for r in cfg.no_rope_layers)
+    if fam.nope:  # Kimi-Linear's MLA: no rotary anywhere
+        return (False,) * len(windows)
     if not fam.nope_full_layers:
         return (True,) * len(windows)
     types = config_get(cfg, "layer_types") or ()

@@ -12,6 +12,8 @@ from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.dense_roles import F32_ATTN, NORMED_ATTN, own_attn
 from elasticmoe.model.deltanet import GatedDeltaNet, flat_projections
 from elasticmoe.model.indexer import ROLES as INDEX_ROLES, index_shapes
+from elasticmoe.model.kda import KimiDeltaAttention, kda_layer
+from elasticmoe.model.kda_spec import KDASpec
 from elasticmoe.model.lightning import Lightning, lightning_layer
 from elasticmoe.model.lightning_spec import LightningSpec
 from elasticmoe.model.linear_spec import LAYOUTS, LINEAR, Mamba2Spec, ShortConvSpec
@@ -76,12 +78,15 @@ def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention
 
 
 def linear_layer(model: "DenseModel", i: int,
-                 names: dict[str, str]) -> GatedDeltaNet | ShortConv | Mamba2 | Lightning:
+                 names: dict[str, str]) -> GatedDeltaNet | ShortConv | Mamba2 | Lightning | KimiDeltaAttention:
     """Layer i's Gated DeltaNet from its linear_attn.* weights (names: role -> tensor), shapes checked; or its
-    short convolution (LFM2's conv.*), or its Mamba2 mixer (GraniteMoeHybrid's mamba.*)."""
+    short convolution (LFM2's conv.*), its Mamba2 mixer (GraniteMoeHybrid's mamba.*), lightning attention (MiniMax)
+    or Kimi Delta Attention (kda.kda_layer)."""
     sp, hidden = model.spec.linear, model.spec.hidden_size
     if isinstance(sp, ShortConvSpec):
         return short_conv_layer(model, i, names)
+    if isinstance(sp, KDASpec):  # Kimi-Linear
+        return kda_layer(model, i, names)
     if isinstance(sp, Mamba2Spec):
         return mamba2_layer(model, i, names)
     if isinstance(sp, LightningSpec):  # MiniMax's self_attn.qkv_proj ... (lightning.lightning_layer)

@@ -8,6 +8,7 @@ from typing import Any
 
 from elasticmoe.model.families import Family
 from elasticmoe.model.family_config import ModelSpecError, config_get as _get
+from elasticmoe.model.kda_spec import KDASpec, kda_from_config
 from elasticmoe.model.lightning_spec import LightningSpec, lightning_from_config
 
 LAYER_KINDS = ("full_attention", "linear_attention")  # config.layer_types of a family with linear attention
@@ -144,7 +145,7 @@ class Mamba2Spec:
         return self.conv_dim * (self.conv_kernel - 1), math.prod(self.rec_shape)
 
 
-LinearSpec = DeltaNetSpec | ShortConvSpec | Mamba2Spec | LightningSpec  # ModelSpec.linear's kinds
+LinearSpec = DeltaNetSpec | ShortConvSpec | Mamba2Spec | LightningSpec | KDASpec  # ModelSpec.linear's kinds
 
 
 def _positive(cfg: Any, key: str) -> int:
@@ -177,8 +178,10 @@ def mamba2_from_config(cfg: Any, num_layers: int) -> Mamba2Spec:
 
 def linear_from_config(cfg: Any, num_layers: int, fam: Family) -> LinearSpec | None:
     """The layers with a per-slot state that config.layer_types names: LFM2's "conv" (Family.linear_attn
-    "short_conv"), Mamba2's "linear_attention" ("mamba2"), MiniMax's lightning "linear_attention" ("lightning"), else
-    Gated DeltaNet's (deltanet_from_config)."""
+    "short_conv"), Mamba2's "linear_attention" ("mamba2"), MiniMax's lightning "linear_attention" ("lightning"), Kimi
+    Delta Attention's ("kda"), else Gated DeltaNet's (deltanet_from_config)."""
+    if fam.linear_attn == "kda":
+        return kda_from_config(cfg, num_layers)
     if fam.linear_attn == "mamba2":
         return mamba2_from_config(cfg, num_layers)
     if fam.linear_attn == "lightning":  # MiniMax: its linear_attention layers are lightning attention

@@ -165,7 +165,8 @@ class WeightNames:
         attn = {role: self._first(*(f"{prefix}self_attn.{n}" for n in alts[role]))
                 for role in names if not lin and (role != "sinks" or self.spec.attention.layer(i).sinks)}
         attn = {role: n for role, n in attn.items() if n is not None}
-        linear = {r: n for r, s in self.spec.linear.weights.items() if (n := self._first(prefix + s))} if lin else {}
+        linear = {r: n for r, s in self.spec.linear.weights.items()  # s: a suffix or alternatives (Kimi-Linear's)
+                  if (n := self._first(*(prefix + x for x in ((s,) if isinstance(s, str) else s))))} if lin else {}
         self._check_biases("attn", [n for role, n in attn.items() if role.endswith("_bias")])
         norms: dict[str, str] = {}
         block = self.blocks.get(i)
@@ -183,6 +184,8 @@ class WeightNames:
             if self.spec.moe_out_norm:  # A.X-K1 stores it on dense layers too, where transformers ignores it
                 self._first(*post_mlp)
             dense = self._mlp(prefix + "mlp.") or self._mlp(prefix + "feed_forward.")
+            if dense is None and "dense" in self.renamed:  # Kimi-Linear's hub: block_sparse_moe.gate_proj...
+                dense = self._mlp(f"{prefix}{self.renamed['dense']}.")
             return LayerNames(prefix, None, None, None, None, None, dense, attn, norms, linear=linear, extras=extras)
         if self.spec.moe_out_norm:
             norms["mlp_out"] = self._first(*post_mlp) or self._need(post_mlp[1])

@@ -7,7 +7,6 @@ REJECTED: dict[str, str] = {
     "jamba": "Mamba (state-space) layers",
     "bamba": "Mamba (state-space) layers",
     "nemotron_h": "Mamba (state-space) layers",
-    "kimi_linear": "linear-attention (Kimi Delta Attention) layers",
     "bailing_hybrid": "linear-attention layers",
     "llama4": "a vision encoder (a multimodal model; its text-only checkpoints are model_type llama4_text)",
     "nllb_moe": "encoder-decoder layers",
