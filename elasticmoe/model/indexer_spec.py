@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from elasticmoe.model.families import Family
+from elasticmoe.model.family import Family
 from elasticmoe.model.family_config import ModelSpecError, config_get
 
 INDEXED = "indexed_attention"  # the one layer type of DSA models (config.layer_types)

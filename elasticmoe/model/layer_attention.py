@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from elasticmoe.model.families import Family
+from elasticmoe.model.family import Family
 from elasticmoe.model.family_config import ModelSpecError, config_get
 
 LAYER_TYPES = ("full_attention", "sliding_attention")

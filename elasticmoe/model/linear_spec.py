@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from elasticmoe.model.families import Family
+from elasticmoe.model.family import Family
 from elasticmoe.model.family_config import ModelSpecError, config_get as _get
 from elasticmoe.model.kda_spec import KDASpec, kda_from_config
 from elasticmoe.model.lightning_spec import LightningSpec, lightning_from_config

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from elasticmoe.model.families import Family
+from elasticmoe.model.family import Family
 from elasticmoe.model.family_config import ModelSpecError, act_name, config_get as _get
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from elasticmoe.model.families import Family
+from elasticmoe.model.family import Family
 from elasticmoe.model.family_config import (  # noqa: F401  (ModelSpecError and the checks: re-exported)
     ModelSpecError, act_name, check_config_keys, check_model_type, config_get as _get, flat_dbrx, llama4_attention,
     longcat_mla_scales, longrope_context, mistral4_query_scale, mscale_rope, partial_rotary, per_layer_input,
