@@ -1,4 +1,4 @@
-"""bf16/fp16 numerics of Kolibri, Beam, MiMo-V2-Flash, Gemma 4 (text and multimodal), LFM2-MoE and Kimi-Linear
+"""bf16/fp16 numerics of Kolibri, Beam, MiMo-V2-Flash, Gemma 4 (text and multimodal), LFM2-MoE, Kimi-Linear, Jamba
 against transformers' float32 forward on weights the low precision holds exactly, their dense MLPs, and bf16 serving
 end to end."""
 
@@ -31,6 +31,7 @@ CASES = {  # MORE_CASES' fields, wider, with these changes
     "lfm2_moe": {},
     "granitemoehybrid": dict(mamba_n_heads=16, mamba_d_head=32),  # heads * head_dim = mamba_expand * hidden
     "minimax": {},
+    "jamba": {},  # inner 512 (mamba_expand 2), dt rank 16 (hidden / 16)
     "kimi_linear": dict(num_key_value_heads=8),  # its MLA needs as many as query heads
 }
 DTYPES = ("bfloat16", "float16")

@@ -16,9 +16,9 @@ from tests.test_families_more import MORE_CASES
 MAX_LEN = 96
 SLACK = 16  # bytes dense_bytes leaves out: embed_scale and the placeholder ids (scalars, a few ids)
 # indexer; linear, 1 + w norms; extras; sinks; short conv; Mamba2; lightning (its buffers read, not kept); attention
-# experts (float32 router), MoE output bias; KDA (its convs held as one float32 conv)
+# experts (float32 router), MoE output bias; KDA (its convs held as one float32 conv); Mamba (v1): -exp(A_log)
 FAMILY = ["deepseek_v32", "qwen3_next", "gemma4_text", "gpt_oss", "lfm2_moe", "granitemoehybrid", "minimax", "jetmoe",
-          "kimi_linear"]
+          "kimi_linear", "jamba"]
 
 
 def _held(obj, seen: dict[int, int], visited: set[int]) -> None:

@@ -33,6 +33,10 @@ LFM2 = dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_
 GRANITE_HYBRID = dict(**GRANITE, shared_intermediate_size=64, layer_types=["mamba", "attention", "mamba"],
                       mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4,
                       mamba_chunk_size=16, position_embedding_type="nope")
+# Jamba: Mamba layers (inner 128, 16-wide state, dt rank 4, 4-tap conv with bias) around an attention layer without
+# rotary; MoE on the Mamba layers 0 and 2, a dense MLP on the attention layer
+JAMBA = dict(intermediate_size=48, num_experts=8, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
+             expert_layer_offset=0)
 # MiniMax: lightning layers around a full-attention one, blocks of 8 tokens (prompts cross several), residual factors
 # other than 1 for each sublayer kind
 MINIMAX = dict(intermediate_size=48, num_local_experts=8, head_dim=16, block_size=8,
@@ -172,6 +176,10 @@ MORE_CASES: dict[str, tuple[str, dict, str]] = {
                          "Mamba2 layers (conv window and scan state per slot, grouped B / C, gated group RMSNorm) "
                          "beside NoPE attention, Granite multipliers, packed shared MLP; chunked prefill, batches "
                          "and retries in tests/test_families_mamba.py"),
+    "jamba": ("JambaConfig", JAMBA,
+              "Mamba (v1) layers (conv window and selective-scan state per slot, RMSNorms of dt / B / C) beside "
+              "attention without rotary, softmax top-k unnormalised on every other layer, dense MLP on the rest; "
+              "chunked prefill, batches and retries in tests/test_families_mamba1.py"),
     "minimax": ("MiniMaxConfig", MINIMAX,
                 "lightning (linear) attention layers (their recurrent state per slot, blocks of 8 tokens) beside "
                 "full attention, residual adds of the normed input scaled per sublayer kind, softmax top-k; chunked "
@@ -354,7 +362,7 @@ def test_square_packed_experts_stored_in_out_match_transformers(model_type, tmp_
 # of those REJECTED entries, and every entry under that heading, states).
 MULTIMODAL = ("vision", "audio", "M-RoPE", "multimodal", "speech")
 README_REJECTED = [
-    ("Mamba (Jamba, Bamba, Nemotron-H)", {"jamba", "bamba", "nemotron_h"}, ("Mamba",)),
+    ("Mamba (Bamba, Nemotron-H)", {"bamba", "nemotron_h"}, ("Mamba",)),
     ("linear attention (Qwen4-Exp, GLM-5-Next)", {"qwen4_exp", "glm5_next"}, ("linear",)),
     ("short convolutions with relative-position logits (Inkling)", {"inkling"}, ("short-convolution",)),
     ("sparse-attention indexers (DeepSeek-V4, HY-V4, AXK2, dots3, Mistral-Large-4, MiniMax-M3)",

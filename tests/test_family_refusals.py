@@ -43,7 +43,6 @@ def test_key_supported_only_at_its_neutral_value(tmp_path, tiny_models):
 
 
 REJECTED_CASES = [  # (config class, model_type, words the message must hold)
-    ("JambaConfig", "jamba", "Mamba"),
     ("Step3p7TextConfig", "step3p5", "no causal LM of it, only the language model inside 'step3p7'"),
     ("DeepseekV4Config", "deepseek_v4", "hyper-connections"),
 ]

@@ -1,8 +1,8 @@
 """Qwen3-Next (Gated DeltaNet state per slot), LFM2-MoE (short-conv windows), GraniteMoeHybrid (Mamba2 windows and
-scan states), MiniMax (lightning attention state per slot), Kimi-Linear (KDA state per slot) and DeepSeek-V3.2
-(sparse-attention index keys) served as the gateway serves them: the dense half in an Engine, the experts on two
-in-process gRPC shards; a shard dying mid-step with a replica elsewhere, with none until the controller re-homes its
-experts, and with none at all."""
+scan states), MiniMax (lightning attention state per slot), Kimi-Linear (KDA state per slot), Jamba (Mamba v1
+windows and scan states) and DeepSeek-V3.2 (sparse-attention index keys) served as the gateway serves them: the dense
+half in an Engine, the experts on two in-process gRPC shards; a shard dying mid-step with a replica elsewhere, with
+none until the controller re-homes its experts, and with none at all."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ KILL_STEP = 6  # the engine step whose last MoE layer finds shard 0 gone: some t
 DECODING = 11  # a step of decodes only (every prompt prefilled by step 7)
 
 
-@pytest.fixture(scope="module", params=["qwen3_next", "lfm2_moe", "granitemoehybrid", "minimax", "kimi_linear",
+@pytest.fixture(scope="module", params=["qwen3_next", "lfm2_moe", "granitemoehybrid", "minimax", "kimi_linear", "jamba",
                                                 "deepseek_v32"])
 def family(request, tmp_path_factory):
     """(LLM, prompts, each prompt's greedy tokens from LLM.generate run on it alone)."""

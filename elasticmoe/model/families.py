@@ -139,6 +139,15 @@ FAMILIES: dict[str, Family] = {
     "granitemoehybrid": Family(keys=("num_local_experts", "embedding_multiplier", "residual_multiplier",
                                      "logits_scaling", "attention_multiplier", "shared_intermediate_size",
                                      "position_embedding_type", *_MAMBA2), norm_topk=True, linear_attn="mamba2"),
+    # Jamba: Mamba (v1) layers beside attention without rotary, MoE every expert_layer_period-th layer (a dense MLP
+    # on the rest, both under feed_forward), softmax top-k left unnormalised, pre_ff_layernorm / final_layernorm;
+    # the hub's num_logits_to_keep (which positions get logits, never their values) and the kernel switches
+    "jamba": Family(keys=("num_experts", "num_local_experts", "expert_layer_period", "expert_layer_offset",
+                          "attn_layer_period", "attn_layer_offset", "use_mamba_kernels", "mamba_d_state",
+                          "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias", "mamba_proj_bias",
+                          "use_mambapy", "use_associative_scan", "num_logits_to_keep"),
+                    norm_topk=False, nope=True, biases=(), linear_attn="mamba1",
+                    tensor_names=(("mlp_in", "pre_ff_layernorm"), ("final", "final_layernorm"))),
     # MiniMax-Text-01: lightning (linear) attention layers beside full attention, residual adds of the normed input
     # scaled per sublayer kind (alpha / beta factors), Mixtral's router and experts
     "minimax": Family(keys=("num_local_experts", "block_size", "full_attn_alpha_factor", "full_attn_beta_factor",

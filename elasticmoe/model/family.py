@@ -69,7 +69,8 @@ class Family:
     # is set; a part not listed never has any (biases stored for it are dropped by transformers)
     biases: tuple[tuple[str, str], ...] = (("attn", "attention_bias"),)
     linear_attn: str | None = None  # the kind of config.layer_types' "linear_attention" layers ("gated_deltanet",
-    #                                 "mamba2": Mamba2 mixers, "lightning": MiniMax's, "kda": Kimi Delta Attention),
+    #                                 "mamba2": Mamba2 mixers, "mamba1": Jamba's Mamba, "lightning": MiniMax's, "kda":
+    #                                 Kimi Delta Attention),
     #                                 or "short_conv": LFM2's "conv" layers
     topk_norm_add: float | None = None  # added to the top-k sum it renormalises by (None: MoESpec.norm_add's default)
     centred_norms: bool = False  # zero-centred RMSNorms: weight (1 + w), every norm but the linear layers' gated one

@@ -1,5 +1,5 @@
 """One decoder layer's attention weights, shape-checked: GQA or MLA (with its indexer), Gated DeltaNet, short conv,
-Mamba2, lightning attention."""
+Mamba2, Mamba (v1), lightning attention."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from elasticmoe.model.kda_spec import KDASpec
 from elasticmoe.model.lightning import Lightning, lightning_layer
 from elasticmoe.model.lightning_spec import LightningSpec
 from elasticmoe.model.linear_spec import LAYOUTS, LINEAR, Mamba2Spec, ShortConvSpec
+from elasticmoe.model.mamba1 import Mamba1
+from elasticmoe.model.mamba1_spec import Mamba1Spec
 from elasticmoe.model.mamba2 import Mamba2
 from elasticmoe.model.moa import moa_layer
 from elasticmoe.model.names import ATTN, LayerNames
@@ -78,10 +80,10 @@ def attention_layer(model: "DenseModel", i: int, names: LayerNames) -> Attention
 
 
 def linear_layer(model: "DenseModel", i: int,
-                 names: dict[str, str]) -> GatedDeltaNet | ShortConv | Mamba2 | Lightning | KimiDeltaAttention:
+                 names: dict[str, str]) -> GatedDeltaNet | ShortConv | Mamba2 | Mamba1 | Lightning | KimiDeltaAttention:
     """Layer i's Gated DeltaNet from its linear_attn.* weights (names: role -> tensor), shapes checked; or its
-    short convolution (LFM2's conv.*), its Mamba2 mixer (GraniteMoeHybrid's mamba.*), lightning attention (MiniMax)
-    or Kimi Delta Attention (kda.kda_layer)."""
+    short convolution (LFM2's conv.*), its Mamba2 mixer (GraniteMoeHybrid's mamba.*), Mamba (v1) mixer (Jamba's),
+    lightning attention (MiniMax) or Kimi Delta Attention (kda.kda_layer)."""
     sp, hidden = model.spec.linear, model.spec.hidden_size
     if isinstance(sp, ShortConvSpec):
         return short_conv_layer(model, i, names)
@@ -89,6 +91,8 @@ def linear_layer(model: "DenseModel", i: int,
         return kda_layer(model, i, names)
     if isinstance(sp, Mamba2Spec):
         return mamba2_layer(model, i, names)
+    if isinstance(sp, Mamba1Spec):  # Jamba
+        return mamba1_layer(model, i, names)
     if isinstance(sp, LightningSpec):  # MiniMax's self_attn.qkv_proj ... (lightning.lightning_layer)
         return lightning_layer(model, i, names)
     kd, vd, nv = sp.key_dim, sp.value_dim, sp.num_v_heads
@@ -129,3 +133,14 @@ def mamba2_layer(model: "DenseModel", i: int, names: dict[str, str]) -> Mamba2:
             raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks {name}")
     w = {r: model.load(n, torch.float32 if r in sp.f32_roles else None, shapes[r]) for r, n in names.items()}
     return Mamba2(sp, i, w, model.spec.rms_norm_eps)
+
+
+def mamba1_layer(model: "DenseModel", i: int, names: dict[str, str]) -> Mamba1:
+    """Layer i's Mamba (v1) mixer from its weights (names: role -> tensor), shapes checked, every role present."""
+    sp = model.spec.linear
+    shapes = sp.shapes(model.spec.hidden_size)
+    for role, name in sp.weights.items():
+        if role not in names:
+            raise CheckpointError(f"{model.ckpt.path}: layer {i} lacks {name}")
+    w = {r: model.load(n, torch.float32 if r in sp.f32_roles else None, shapes[r]) for r, n in names.items()}
+    return Mamba1(sp, i, w, model.spec.rms_norm_eps)

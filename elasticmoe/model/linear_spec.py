@@ -1,4 +1,4 @@
-"""The per-slot-state layers of a ModelSpec (Gated DeltaNet, LFM2's short convolutions, Mamba2), from a config."""
+"""The per-slot-state layers of a ModelSpec (Gated DeltaNet, LFM2's short convolutions, Mamba2, ...), from a config."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from elasticmoe.model.family import Family
 from elasticmoe.model.family_config import ModelSpecError, config_get as _get
 from elasticmoe.model.kda_spec import KDASpec, kda_from_config
 from elasticmoe.model.lightning_spec import LightningSpec, lightning_from_config
+from elasticmoe.model.mamba1_spec import Mamba1Spec, mamba1_from_config
 
 LAYER_KINDS = ("full_attention", "linear_attention")  # config.layer_types of a family with linear attention
 
@@ -145,7 +146,8 @@ class Mamba2Spec:
         return self.conv_dim * (self.conv_kernel - 1), math.prod(self.rec_shape)
 
 
-LinearSpec = DeltaNetSpec | ShortConvSpec | Mamba2Spec | LightningSpec | KDASpec  # ModelSpec.linear's kinds
+# ModelSpec.linear's kinds
+LinearSpec = DeltaNetSpec | ShortConvSpec | Mamba2Spec | Mamba1Spec | LightningSpec | KDASpec
 
 
 def _positive(cfg: Any, key: str) -> int:
@@ -178,12 +180,15 @@ def mamba2_from_config(cfg: Any, num_layers: int) -> Mamba2Spec:
 
 def linear_from_config(cfg: Any, num_layers: int, fam: Family) -> LinearSpec | None:
     """The layers with a per-slot state that config.layer_types names: LFM2's "conv" (Family.linear_attn
-    "short_conv"), Mamba2's "linear_attention" ("mamba2"), MiniMax's lightning "linear_attention" ("lightning"), Kimi
-    Delta Attention's ("kda"), else Gated DeltaNet's (deltanet_from_config)."""
+    "short_conv"), Mamba2's "linear_attention" ("mamba2"), Jamba's Mamba ("mamba1", by attn_layer_period / offset),
+    MiniMax's lightning "linear_attention" ("lightning"), Kimi Delta Attention's ("kda"), else Gated DeltaNet's
+    (deltanet_from_config)."""
     if fam.linear_attn == "kda":
         return kda_from_config(cfg, num_layers)
     if fam.linear_attn == "mamba2":
         return mamba2_from_config(cfg, num_layers)
+    if fam.linear_attn == "mamba1":  # Jamba: its layers by attn_layer_period / offset
+        return mamba1_from_config(cfg, num_layers)
     if fam.linear_attn == "lightning":  # MiniMax: its linear_attention layers are lightning attention
         return lightning_from_config(cfg, num_layers)
     if fam.linear_attn != "short_conv":

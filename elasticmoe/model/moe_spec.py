@@ -9,6 +9,7 @@ from typing import Any
 
 from elasticmoe.model.family import Family
 from elasticmoe.model.family_config import ModelSpecError, act_name, config_get as _get
+from elasticmoe.model.mamba1_spec import jamba_sparse_layers
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def _sparse_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
     """Per layer: MoE or dense MLP, by whichever layer-placement fields the family's config has."""
     if cfg.model_type == "llama4_text":
         return tuple(i in set(cfg.moe_layers) for i in range(num_layers))
+    if cfg.model_type == "jamba":  # every expert_layer_period-th layer from expert_layer_offset
+        return jamba_sparse_layers(cfg, num_layers)
     if cfg.model_type == "longcat_flash":  # the first engine layer of each decoder layer holds the MoE
         return tuple(i % 2 == 0 for i in range(num_layers))
     types = _get(cfg, "mlp_layer_types")

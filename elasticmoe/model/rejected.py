@@ -4,7 +4,6 @@ from __future__ import annotations
 
 # Families whose decoder layers hold more than attention + MLP/MoE, or whose math is not implemented here.
 REJECTED: dict[str, str] = {
-    "jamba": "Mamba (state-space) layers",
     "bamba": "Mamba (state-space) layers",
     "nemotron_h": "Mamba (state-space) layers",
     "bailing_hybrid": "linear-attention layers",
