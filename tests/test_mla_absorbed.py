@@ -138,9 +138,9 @@ def mla_dirs(tmp_path_factory):
 @pytest.mark.parametrize("model_type", MLA_FAMILIES)
 def test_every_mla_family_decodes_absorbed_as_expanded(model_type, mla_dirs, monkeypatch):
     """Five requests of 5 to 45 tokens decoding in one group (the shorter rows padded to the longest) through the
-    engine: every layer's decode group, with the family's query and latent scales (LongCat's q_scale / kv_scale,
-    Mistral 4's position scaling), the paged cache (blocks of 4) and DSA's picks (deepseek_v32, glm_moe_dsa: index
-    topk 8, the 6-token row's picks padded past its length), is absorbed and gives the expand path's output
+    engine: every attention layer's decode group, with the family's query and latent scales (LongCat's q_scale /
+    kv_scale, Mistral 4's position scaling), the paged cache (blocks of 4) and DSA's picks (deepseek_v32, glm_moe_dsa:
+    index topk 8, the 6-token row's picks padded past its length), is absorbed and gives the expand path's output
     (float32, 1e-5 of its largest), and reads no latent through kv_b."""
     llm = LLM(str(mla_dirs[model_type]), kv_block_size=4)
     engine, rng = llm.engine, random.Random(5)
@@ -157,7 +157,9 @@ def test_every_mla_family_decodes_absorbed_as_expanded(model_type, mla_dirs, mon
 
     monkeypatch.setattr(Attention, "decode_group", group)
     engine.step()  # one decode step, the five rows in one group
-    assert len(seen) == len(engine.model.layers) and len(expanded) == len(seen)  # every layer MLA; the twins expand
+    linear = engine.spec.linear  # Kimi-Linear: its KDA layers have no decode group
+    mla = [i for i in range(len(engine.model.layers)) if linear is None or not linear.layers[i]]
+    assert mla and len(seen) == len(mla) and len(expanded) == len(seen)  # every attention layer MLA; the twins expand
     sparse = engine.spec.attention.indexer is not None
     for lens, picked, absorbed_expanded, got, want in seen:
         assert lens == [6, 13, 21, 34, 46] and absorbed_expanded == []
