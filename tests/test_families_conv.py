@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from elasticmoe import LLM, SamplingParams
-from tests.test_families import _add_tensors, _copy, _rel, make_family_checkpoint
-from tests.test_families_linear import (GREEDY, _assert_transformers_alone, _prompts, _run, assert_config_refused,
-                                        assert_retried_steps_exact)
+from elasticmoe import LLM
+from tests.slot_state_cases import (assert_abort_zeroes, assert_batched_like_transformers, assert_prompt_in_chunks,
+                                    assert_slot_reused_from_zero, family_fixtures, variant_like_transformers)
+from tests.test_families import _add_tensors, _copy, make_family_checkpoint
+from tests.test_families_linear import assert_config_refused, assert_retried_steps_exact
 from tests.test_families_more import LFM2, MORE_CASES
 
 # conv biases, a 4-tap conv (a window of 3: wider than the 2-token chunks below), tied embeddings, no expert bias,
@@ -19,14 +19,7 @@ BIASED = ("Lfm2MoeConfig", dict(LFM2, conv_bias=True, conv_L_cache=4, use_expert
                                 tie_word_embeddings=True), "")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_family_checkpoint("lfm2_moe", tmp_path_factory.mktemp("conv") / "l", case=MORE_CASES["lfm2_moe"])
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+ckpt, ref = family_fixtures("lfm2_moe", MORE_CASES["lfm2_moe"])
 
 
 @pytest.fixture(scope="module")
@@ -48,40 +41,22 @@ def test_both_layer_kinds_are_built(ckpt):
 def test_prompt_logits_match_transformers_in_one_and_in_chunks(which, request):
     """60 tokens in one prefill and in chunks of 24 and of 2 (shorter than the conv window: each chunk from the
     window the last ones left); logits of the whole prompt within 1e-4."""
-    path = request.getfixturevalue(which)
-    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    ids = _prompts([60])[0]
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids])).logits[0]
-    for budget in (2048, 24, 2):
-        llm = LLM(str(path), dtype="float32", max_num_batched_tokens=budget)
-        seq = llm.engine.add_request("r", ids, SamplingParams(max_tokens=1, temperature=0.0))
-        while llm.engine.has_work():
-            llm.engine.step()
-        assert seq.output_ids == [int(theirs[-1].argmax())]
-    assert _rel(LLM(str(path), dtype="float32").logits(ids), theirs) < 1e-4
+    assert_prompt_in_chunks(request.getfixturevalue(which), 60)
 
 
 def test_biased_variant_batches_match_transformers_alone(biased):
-    ref = AutoModelForCausalLM.from_pretrained(str(biased), dtype=torch.float32).eval()
-    prompts = _prompts([33, 1, 2, 9], seed=5)
-    llm = LLM(str(biased), dtype="float32", max_num_seqs=3, max_num_batched_tokens=7)
+    llm = variant_like_transformers(biased, [33, 1, 2, 9], seed=5, max_num_seqs=3, budget=7)
     assert llm.engine.spec.tie_word_embeddings and llm.engine.spec.linear.bias
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
 
 
 def test_chunked_batched_and_reused_slots_match_transformers_alone(ckpt, ref):
     """Six requests of 1 to 150 tokens through 4 slots, 24 tokens a step: prefills cut in chunks beside other
     requests' decodes, decodes batched, two slots reused (their window from zero again)."""
-    prompts = _prompts([150, 1, 37, 2, 5, 64], seed=1)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=4, max_num_batched_tokens=24)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_batched_like_transformers(ckpt, ref, [150, 1, 37, 2, 5, 64], seed=1, max_num_seqs=4, budget=24)
 
 
 def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
-    prompts = _prompts([40, 9, 1], seed=2)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_slot_reused_from_zero(ckpt, ref)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
@@ -103,15 +78,7 @@ def test_the_cache_keeps_no_kv_for_conv_layers_and_counts_their_window(ckpt):
 
 
 def test_abort_zeroes_the_slots_window(ckpt):
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    engine = llm.engine
-    seq = engine.add_request("r", _prompts([20])[0], GREEDY)
-    engine.step()
-    engine.step()
-    state = engine.cache.linear[0]
-    assert state.conv[seq.slot].abs().sum() > 0 and max(state.pos[seq.slot]) == 21
-    engine.abort("r")
-    assert state.conv.abs().sum() == 0 and state.pos[0] == [-1, -1]
+    assert_abort_zeroes(ckpt, layer=0)
 
 
 @pytest.mark.parametrize("model,tensor,shape", [

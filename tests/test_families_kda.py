@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM
+from tests.slot_state_cases import (LENGTHS, _assert_transformers_alone, _prompts, _run, assert_abort_zeroes,
+                                    assert_slot_reused_from_zero, family_fixtures)
 from tests.test_families import _add_tensors, _copy, _rel, make_family_checkpoint
-from tests.test_families_linear import (GREEDY, LENGTHS, _assert_transformers_alone, _prompts, _run,
-                                        assert_config_refused, assert_retried_steps_exact)
+from tests.test_families_linear import assert_config_refused, assert_retried_steps_exact
 from tests.test_families_more import KIMI, MORE_CASES
 
 # transformers' in-memory names (one stacked conv1d, forget_gate.*, packed experts), a q bottleneck, a 3-tap conv,
@@ -22,14 +23,7 @@ PACKED = ("KimiLinearConfig", dict(KIMI, q_lora_rank=32, linear_conv_kernel_dim=
                                    linear_num_heads=2, linear_head_dim=24), "")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_family_checkpoint("kimi_linear", tmp_path_factory.mktemp("kda") / "k", case=MORE_CASES["kimi_linear"])
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+ckpt, ref = family_fixtures("kimi_linear", MORE_CASES["kimi_linear"])
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +119,7 @@ def test_chunked_batched_and_reused_slots_match_transformers_alone(ckpt, ref):
 
 
 def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
-    prompts = _prompts([40, 9, 1], seed=2)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_slot_reused_from_zero(ckpt, ref)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
@@ -150,15 +142,7 @@ def test_the_cache_keeps_latents_for_the_mla_layer_and_counts_the_kda_state(ckpt
 
 
 def test_abort_zeroes_the_slots_state(ckpt):
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    engine = llm.engine
-    seq = engine.add_request("r", _prompts([20])[0], GREEDY)
-    engine.step()
-    engine.step()
-    state = engine.cache.linear[2]
-    assert state.rec[seq.slot].abs().sum() > 0 and max(state.pos[seq.slot]) == 21
-    engine.abort("r")
-    assert state.rec.abs().sum() == 0 and state.conv.abs().sum() == 0 and state.pos[0] == [-1, -1]
+    assert_abort_zeroes(ckpt, layer=2)
 
 
 @pytest.mark.parametrize("tensor,shape", [

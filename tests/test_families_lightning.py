@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM, SamplingParams
+from tests.slot_state_cases import (_prompts, assert_abort_zeroes, assert_batched_like_transformers,
+                                    assert_slot_reused_from_zero, family_fixtures, variant_like_transformers)
 from tests.test_families import _add_tensors, _copy, _rel, make_family_checkpoint
-from tests.test_families_linear import (GREEDY, _assert_transformers_alone, _prompts, _run, assert_config_refused,
-                                        assert_retried_steps_exact)
+from tests.test_families_linear import assert_config_refused, assert_retried_steps_exact
 from tests.test_families_more import MINIMAX, MORE_CASES
 
 # four layers (two lightning ones before the full one: other slopes), heads of 8 (h d = 32, not the hidden 64),
@@ -24,14 +25,7 @@ VARIANT = ("MiniMaxConfig", dict(MINIMAX, num_hidden_layers=4, head_dim=8, block
 BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_family_checkpoint("minimax", tmp_path_factory.mktemp("lightning") / "m", case=MORE_CASES["minimax"])
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+ckpt, ref = family_fixtures("minimax", MORE_CASES["minimax"])
 
 
 @pytest.fixture(scope="module")
@@ -103,26 +97,19 @@ def test_prompt_logits_match_transformers_in_one_and_in_chunks(which, request):
 
 
 def test_variant_batches_match_transformers_alone(variant):
-    ref = AutoModelForCausalLM.from_pretrained(str(variant), dtype=torch.float32).eval()
-    prompts = _prompts([33, 1, 2, 9, 21], seed=5)
-    llm = LLM(str(variant), dtype="float32", max_num_seqs=3, max_num_batched_tokens=7)
+    llm = variant_like_transformers(variant, [33, 1, 2, 9, 21], seed=5, max_num_seqs=3, budget=7)
     spec = llm.engine.spec
     assert spec.tie_word_embeddings and spec.linear.block_size == 5 and spec.attention.sliding_window[2] == 8
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
 
 
 def test_chunked_batched_and_reused_slots_match_transformers_alone(ckpt, ref):
     """Six requests of 1 to 150 tokens (one exactly a block) through 4 slots, 13 tokens a step: prefills cut across
     blocks beside other requests' decodes, decodes batched, two slots reused (their state from zero again)."""
-    prompts = _prompts([150, 1, 37, 8, 5, 64], seed=1)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=4, max_num_batched_tokens=13)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_batched_like_transformers(ckpt, ref, [150, 1, 37, 8, 5, 64], seed=1, max_num_seqs=4, budget=13)
 
 
 def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
-    prompts = _prompts([40, 9, 1], seed=2)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_slot_reused_from_zero(ckpt, ref)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
@@ -144,15 +131,7 @@ def test_the_cache_keeps_no_kv_for_lightning_layers_and_counts_their_state(ckpt)
 
 
 def test_abort_zeroes_the_slots_state(ckpt):
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    engine = llm.engine
-    seq = engine.add_request("r", _prompts([20])[0], GREEDY)
-    engine.step()
-    engine.step()
-    state = engine.cache.linear[0]
-    assert state.rec[seq.slot].abs().sum() > 0 and max(state.pos[seq.slot]) == 21
-    engine.abort("r")
-    assert state.rec.abs().sum() == 0 and state.pos[0] == [-1, -1]
+    assert_abort_zeroes(ckpt, layer=0)
 
 
 def test_without_stored_buffers_the_slopes_are_transformers_own(ckpt, tmp_path):

@@ -4,50 +4,19 @@ different lengths, reused slots and repeated steps, against transformers alone; 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.dispatch import ExpertsUnavailable
-from tests.hf_ref import assert_greedy_alone
+from tests.slot_state_cases import (LENGTHS, _assert_transformers_alone, _prompts, _run, assert_abort_zeroes,
+                                    assert_batched_like_transformers, assert_slot_reused_from_zero, family_fixtures)
 from tests.test_families import _add_tensors, _copy, _rel, make_family_checkpoint
 from tests.test_families_more import MORE_CASES
 
-TOKENS = 8
-GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
-LENGTHS = [150, 1, 37, 70, 5, 64]  # past the delta rule's 64-token blocks, one token, a block exactly
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_family_checkpoint("qwen3_next", tmp_path_factory.mktemp("linear") / "q", case=MORE_CASES["qwen3_next"])
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-
-
-def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
-
-
-def _assert_transformers_alone(ref, prompts: list[list[int]], got: list) -> None:
-    """Each request got transformers' TOKENS greedy tokens for its prompt alone (one forward by its chunked delta
-    rule)."""
-    assert_greedy_alone(ref, prompts, got, [TOKENS] * len(prompts))
-
-
-def _run(engine, prompts: list[list[int]]) -> list:
-    seqs = [engine.add_request(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
-    while engine.has_work():
-        engine.step()
-    return [s.error or s.output_ids for s in seqs]
+ckpt, ref = family_fixtures("qwen3_next", MORE_CASES["qwen3_next"])
 
 
 def test_both_layer_kinds_are_built(ckpt):
@@ -81,17 +50,13 @@ def test_chunked_batched_and_reused_slots_match_transformers_alone(ckpt, ref):
     """Six requests of 1 to 150 tokens through 4 slots, 24 tokens a step: prefills cut in chunks beside other
     requests' decodes, decodes of different lengths batched, and two slots reused (their state from zero again):
     each request gets the tokens transformers gives it alone."""
-    prompts = _prompts(LENGTHS, seed=1)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=4, max_num_batched_tokens=24)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_batched_like_transformers(ckpt, ref, LENGTHS, seed=1, max_num_seqs=4, budget=24)
 
 
 def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
     """One slot: a request finishes (its state stays in the slot: a finished request's slot is not zeroed), the
     next one starts at position 0 from a zero state, a 1-token prompt (the decode path) too."""
-    prompts = _prompts([40, 9, 1], seed=2)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_slot_reused_from_zero(ckpt, ref)
 
 
 class _Blips:
@@ -145,15 +110,7 @@ def test_the_cache_keeps_no_kv_for_linear_layers_and_counts_their_state(ckpt):
 
 
 def test_abort_zeroes_the_slots_state(ckpt):
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    engine = llm.engine
-    seq = engine.add_request("r", _prompts([20])[0], GREEDY)
-    engine.step()
-    engine.step()
-    state = engine.cache.linear[0]
-    assert state.rec[seq.slot].abs().sum() > 0 and max(state.pos[seq.slot]) == 21
-    engine.abort("r")
-    assert state.rec.abs().sum() == 0 and state.conv.abs().sum() == 0 and state.pos[0] == [-1, -1]
+    assert_abort_zeroes(ckpt, layer=0)
 
 
 def test_multi_token_prediction_weights_are_ignored_as_transformers_ignores_them(ckpt, tmp_path):

@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
-from elasticmoe import LLM, SamplingParams
+from elasticmoe import LLM
+from tests.slot_state_cases import (LENGTHS, _prompts, _run, assert_abort_zeroes, assert_batched_like_transformers,
+                                    assert_prompt_in_chunks, assert_slot_reused_from_zero, family_fixtures,
+                                    variant_like_transformers)
 from tests.test_families import _add_tensors, _copy, _rel, make_family_checkpoint
-from tests.test_families_linear import (LENGTHS, _assert_transformers_alone, _prompts, _run, assert_config_refused,
-                                        assert_retried_steps_exact)
+from tests.test_families_linear import assert_config_refused, assert_retried_steps_exact
 from tests.test_families_more import JAMBA, MORE_CASES
 
 # layers 0, 1 Mamba and 2 attention, every layer MoE; a 3-tap conv without bias (a window of 2, as wide as the
@@ -24,14 +25,7 @@ VARIANT = ("JambaConfig", dict(JAMBA, attn_layer_offset=2, expert_layer_period=1
                                mamba_d_state=8, mamba_dt_rank=6, tie_word_embeddings=True), "")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_family_checkpoint("jamba", tmp_path_factory.mktemp("mamba1") / "j", case=MORE_CASES["jamba"])
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+ckpt, ref = family_fixtures("jamba", MORE_CASES["jamba"])
 
 
 @pytest.fixture(scope="module")
@@ -82,40 +76,22 @@ def test_block_scan_is_the_step_recurrence():
 def test_prompt_logits_match_transformers_in_one_and_in_chunks(which, request):
     """150 tokens (past the scan's 64-token blocks) in one prefill and in chunks of 24 and of 2 (no wider than the
     conv window: each chunk from the window and state the last ones left); logits of the whole prompt within 1e-4."""
-    path = request.getfixturevalue(which)
-    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    ids = _prompts([150])[0]
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids])).logits[0]
-    for budget in (2048, 24, 2):
-        llm = LLM(str(path), dtype="float32", max_num_batched_tokens=budget)
-        seq = llm.engine.add_request("r", ids, SamplingParams(max_tokens=1, temperature=0.0))
-        while llm.engine.has_work():
-            llm.engine.step()
-        assert seq.output_ids == [int(theirs[-1].argmax())]
-    assert _rel(LLM(str(path), dtype="float32").logits(ids), theirs) < 1e-4
+    assert_prompt_in_chunks(request.getfixturevalue(which), 150)
 
 
 def test_variant_batches_match_transformers_alone(variant):
-    ref = AutoModelForCausalLM.from_pretrained(str(variant), dtype=torch.float32).eval()
-    prompts = _prompts([33, 1, 2, 9], seed=5)
-    llm = LLM(str(variant), dtype="float32", max_num_seqs=3, max_num_batched_tokens=7)
+    llm = variant_like_transformers(variant, [33, 1, 2, 9], seed=5, max_num_seqs=3, budget=7)
     assert llm.engine.spec.tie_word_embeddings and llm.engine.spec.linear.proj_bias
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
 
 
 def test_chunked_batched_and_reused_slots_match_transformers_alone(ckpt, ref):
     """Six requests of 1 to 150 tokens through 4 slots, 24 tokens a step: prefills cut in chunks beside other
     requests' decodes, decodes batched, two slots reused (their window and state from zero again)."""
-    prompts = _prompts(LENGTHS, seed=1)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=4, max_num_batched_tokens=24)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_batched_like_transformers(ckpt, ref, LENGTHS, seed=1, max_num_seqs=4, budget=24)
 
 
 def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
-    prompts = _prompts([40, 9, 1], seed=2)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_slot_reused_from_zero(ckpt, ref)
 
 
 def test_a_one_token_prompt_in_a_used_slot_starts_from_zero(ckpt, ref):
@@ -149,15 +125,7 @@ def test_the_cache_keeps_no_kv_for_mamba_layers_and_counts_their_state(ckpt):
 
 
 def test_abort_zeroes_the_slots_state(ckpt):
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    engine = llm.engine
-    seq = engine.add_request("r", _prompts([20])[0], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    engine.step()
-    engine.step()
-    state = engine.cache.linear[0]
-    assert state.rec[seq.slot].abs().sum() > 0 and max(state.pos[seq.slot]) == 21
-    engine.abort("r")
-    assert state.rec.abs().sum() == 0 and state.conv.abs().sum() == 0 and state.pos[0] == [-1, -1]
+    assert_abort_zeroes(ckpt, layer=0)
 
 
 @pytest.mark.parametrize("tensor,shape", [

@@ -10,24 +10,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from elasticmoe import LLM, SamplingParams
-from tests.test_families import _copy, _rel, make_family_checkpoint
-from tests.test_families_linear import (_assert_transformers_alone, _prompts, _run, assert_config_refused,
-                                        assert_retried_steps_exact)
+from elasticmoe import LLM
+from tests.slot_state_cases import (assert_batched_like_transformers, assert_prompt_in_chunks, family_fixtures,
+                                    variant_like_transformers)
+from tests.test_families import _copy, make_family_checkpoint
+from tests.test_families_linear import assert_config_refused, assert_retried_steps_exact
 from tests.test_families_more import JETMOE, MORE_CASES
 
 # 3 attention experts a token (6 query heads over 2 KV heads), tied embeddings, layer and final norm eps alike
 WIDE_K = ("JetMoeConfig", dict(JETMOE, num_experts_per_tok=3, rms_norm_eps=1e-6, tie_word_embeddings=True), "")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_family_checkpoint("jetmoe", tmp_path_factory.mktemp("moa") / "j", case=MORE_CASES["jetmoe"])
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+ckpt, ref = family_fixtures("jetmoe", MORE_CASES["jetmoe"])
 
 
 @pytest.fixture(scope="module")
@@ -71,34 +65,18 @@ def test_the_router_picks_and_weighs_as_transformers(which, request):
 def test_prompt_logits_match_transformers_in_one_and_in_chunks(which, request):
     """60 tokens in one prefill and in chunks of 24 and of 2 (each chunk's queries over the keys cached before);
     logits of the whole prompt within 1e-4, the next token equal."""
-    path = request.getfixturevalue(which)
-    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    ids = _prompts([60])[0]
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids])).logits[0]
-    for budget in (2048, 24, 2):
-        llm = LLM(str(path), dtype="float32", max_num_batched_tokens=budget)
-        seq = llm.engine.add_request("r", ids, SamplingParams(max_tokens=1, temperature=0.0))
-        while llm.engine.has_work():
-            llm.engine.step()
-        assert seq.output_ids == [int(theirs[-1].argmax())]
-    assert _rel(LLM(str(path), dtype="float32").logits(ids), theirs) < 1e-4
+    assert_prompt_in_chunks(request.getfixturevalue(which), 60)
 
 
 def test_chunked_batched_and_reused_slots_match_transformers_alone(ckpt, ref):
     """Six requests of 1 to 150 tokens through 4 slots, 24 tokens a step: prefills cut in chunks beside other
     requests' decodes, decodes of different lengths batched, two slots reused."""
-    prompts = _prompts([150, 1, 37, 2, 5, 64], seed=1)
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=4, max_num_batched_tokens=24)
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
+    assert_batched_like_transformers(ckpt, ref, [150, 1, 37, 2, 5, 64], seed=1, max_num_seqs=4, budget=24)
 
 
 def test_wider_top_k_batches_match_transformers_alone(wide_k):
-    ref = AutoModelForCausalLM.from_pretrained(str(wide_k), dtype=torch.float32).eval()
-    prompts = _prompts([33, 1, 2, 9], seed=5)
-    llm = LLM(str(wide_k), dtype="float32", max_num_seqs=3, max_num_batched_tokens=7)
+    llm = variant_like_transformers(wide_k, [33, 1, 2, 9], seed=5, max_num_seqs=3, budget=7)
     assert llm.engine.spec.tie_word_embeddings and llm.engine.spec.attention.num_heads == 6
-    _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
 
 
 def test_a_repeated_step_gives_transformers_tokens(ckpt, ref):
