@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,21 @@ class DeltaState:
         read = pos.index(start)
         return read, 1 - read
 
+    def decode_slots(self, chunks) -> "DecodeSlots":
+        """The single-token chunks' rows, slots and copies (each from copies()), gone to the device in one tensor: a
+        copy from the host waits for the device's queued work (pinned, non-blocking on CUDA)."""
+        copies = [self.copies(c.slot, c.start) for c in chunks]
+        at = [-1 if r is None else r for r, _ in copies]  # the copy each reads (-1: none)
+        index = to_device([c.offset for c in chunks] + [c.slot for c in chunks] + at + [w for _, w in copies],
+                          self.conv.device).view(4, len(chunks))  # [4, B]
+        return DecodeSlots(chunks, [w for _, w in copies], index[0], index[1], index[2].clamp(min=0), index[3],
+                           index[2] < 0)
+
+    def advanced(self, ds: "DecodeSlots") -> None:
+        """The decoded chunks' written copies hold the position after their token (once their state is written)."""
+        for c, w in zip(ds.chunks, ds.written):
+            self.pos[c.slot][w] = c.start + 1
+
     def clear(self, slot: int) -> None:
         self.conv[slot].zero_()
         if self.rec is not None:
@@ -47,6 +64,28 @@ class DeltaState:
     def nbytes_per_slot(self) -> int:
         rec = 0 if self.rec is None else self.rec[0].numel() * self.rec.element_size()
         return self.conv[0].numel() * self.conv.element_size() + rec
+
+
+@dataclass(frozen=True)
+class DecodeSlots:
+    """A step's single-token chunks as DeltaState.decode_slots places them: rows [B] of the step's tokens, slots [B],
+    reads / writes [B] (the copies read and written), fresh [B] (a chunk at position 0: it reads zeros)."""
+
+    chunks: list
+    written: list[int]
+    rows: torch.Tensor
+    slots: torch.Tensor
+    reads: torch.Tensor
+    writes: torch.Tensor
+    fresh: torch.Tensor
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        """The state each chunk starts from, t [slots, 2, ...] -> [B, ...] (zeros where fresh)."""
+        return t[self.slots, self.reads].masked_fill(self.fresh.view(-1, *(1,) * (t.dim() - 2)), 0)
+
+    def write(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        """value [B, ...] into the copies each chunk writes in t [slots, 2, ...]."""
+        t[self.slots, self.writes] = value
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -160,24 +199,16 @@ class GatedDeltaNet:
             self._decode(decode, qkv, g, beta, state, out)
 
     def _decode(self, chunks, qkv, g, beta, state: DeltaState, out: torch.Tensor) -> None:
-        """The single-token chunks of the step, batched: one recurrent step each from its slot's state. Their rows,
-        slots and copies go to the device in one tensor: a copy from the host waits for the device's queued work."""
-        copies = [state.copies(c.slot, c.start) for c in chunks]
-        at = [-1 if r is None else r for r, _ in copies]  # the copy each reads (-1: none)
-        index = to_device([c.offset for c in chunks] + [c.slot for c in chunks] + at + [w for _, w in copies],
-                          qkv.device).view(4, len(chunks))  # [4, B]: one copy (pinned, non-blocking on CUDA)
-        rows, slots, writes = index[0], index[1], index[3]  # [B] each
-        fresh = (index[2] < 0)[:, None, None]  # [B, 1, 1]: a chunk at position 0 starts from zeros
-        reads = index[2].clamp(min=0)
-        window = state.conv[slots, reads].masked_fill(fresh, 0)  # [B, C, K-1]
-        mixed, state.conv[slots, writes] = self._conv(qkv[rows][:, :, None], window)  # [B, C, 1]
+        """The single-token chunks of the step, batched: one recurrent step each from its slot's state.
+        DeltaState.decode_slots places them."""
+        ds = state.decode_slots(chunks)
+        mixed, window = self._conv(qkv[ds.rows][:, :, None], ds.read(state.conv))  # [B, C, 1], [B, C, K-1]
+        ds.write(state.conv, window)
         q, k, v = self._qkv(mixed[:, :, 0])  # [B, h, d]
-        s0 = state.rec[slots, reads].masked_fill(fresh[..., None], 0)  # [B, h, dk, dv]
-        o, s = _recurrent_step(q, k, v, g[rows], beta[rows], s0)
-        state.rec[slots, writes] = s
-        for c, (_, w) in zip(chunks, copies):
-            state.pos[c.slot][w] = c.start + 1
-        out[rows] = o
+        o, s = _recurrent_step(q, k, v, g[ds.rows], beta[ds.rows], ds.read(state.rec))  # from [B, h, dk, dv]
+        ds.write(state.rec, s)
+        state.advanced(ds)
+        out[ds.rows] = o
 
     def _conv(self, mixed: torch.Tensor, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv + SiLU of mixed [B, C, L] after the window [B, C, K-1] (None: zeros) -> (out

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
-from elasticmoe.model.batch import StepBatch, to_device
+from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.deltanet import DeltaState
 from elasticmoe.model.layers import act_fn
@@ -87,17 +87,12 @@ class Lightning:
 
     def _decode(self, chunks, q, k, v, state: DeltaState, out: torch.Tensor) -> None:
         """The single-token chunks of the step, batched: one recurrent step each from its slot's state (zeros at
-        position 0). Their rows, slots and copies go to the device in one tensor (GatedDeltaNet._decode)."""
-        copies = [state.copies(c.slot, c.start) for c in chunks]
-        at = [-1 if r is None else r for r, _ in copies]  # the copy each reads (-1: none)
-        index = to_device([c.offset for c in chunks] + [c.slot for c in chunks] + at + [w for _, w in copies],
-                          q.device).view(4, len(chunks))  # [4, B]
-        rows, slots, writes = index[0], index[1], index[3]  # [B] each
-        fresh = (index[2] < 0)[:, None, None, None]  # [B, 1, 1, 1]
-        s0 = state.rec[slots, index[2].clamp(min=0)].masked_fill(fresh, 0)  # [B, h, d, d]
-        o, state.rec[slots, writes] = recurrent(q[rows], k[rows], v[rows], self.slope, s0)
-        for c, (_, w) in zip(chunks, copies):
-            state.pos[c.slot][w] = c.start + 1
+        position 0). DeltaState.decode_slots places them."""
+        ds = state.decode_slots(chunks)
+        rows = ds.rows
+        o, s = recurrent(q[rows], k[rows], v[rows], self.slope, ds.read(state.rec))  # from [B, h, d, d]
+        ds.write(state.rec, s)
+        state.advanced(ds)
         out[rows] = o
 
     def _output(self, core: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
-from elasticmoe.model.batch import StepBatch, to_device
+from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.deltanet import DeltaState
 from elasticmoe.model.layers import act_fn
 from elasticmoe.model.mamba1_spec import Mamba1Spec
@@ -77,24 +77,17 @@ class Mamba1:
         return linear(out, self.w["out"], self.w.get("out_bias"))
 
     def _decode(self, chunks, xs, state: DeltaState, y: torch.Tensor, dtype: torch.dtype) -> None:
-        """The single-token chunks of the step, batched: one scan step each from its slot's state; their rows, slots
-        and copies go to the device in one tensor (Mamba2._decode)."""
-        copies = [state.copies(ch.slot, ch.start) for ch in chunks]
-        at = [-1 if r is None else r for r, _ in copies]  # the copy each reads (-1: none)
-        index = to_device([ch.offset for ch in chunks] + [ch.slot for ch in chunks] + at + [w for _, w in copies],
-                          xs.device).view(4, len(chunks))  # [4, B]
-        rows, slots, writes = index[0], index[1], index[3]  # [B] each
-        fresh = (index[2] < 0)[:, None, None]  # [B, 1, 1]: a chunk at position 0 starts from zeros
-        reads = index[2].clamp(min=0)
-        window = state.conv[slots, reads].masked_fill(fresh, 0)  # [B, inner, K-1]
-        mixed, state.conv[slots, writes] = self._conv(xs[rows][:, :, None], window)  # [B, inner, 1]
+        """The single-token chunks of the step, batched: one scan step each from its slot's state
+        (DeltaState.decode_slots places them)."""
+        ds = state.decode_slots(chunks)
+        mixed, window = self._conv(xs[ds.rows][:, :, None], ds.read(state.conv))  # [B, inner, 1], [B, inner, K-1]
+        ds.write(state.conv, window)
         u = mixed[:, :, 0].to(dtype)  # [B, inner]
         dt, b, c = self._params(u)
-        s0 = state.rec[slots, reads].masked_fill(fresh, 0)  # [B, inner, d_state]
-        out, state.rec[slots, writes] = scan_step(u.float(), dt, self.neg_a, b, c, s0)
-        for ch, (_, w) in zip(chunks, copies):
-            state.pos[ch.slot][w] = ch.start + 1
-        y[rows] = out + self.w["D"] * u.float()
+        out, s = scan_step(u.float(), dt, self.neg_a, b, c, ds.read(state.rec))  # from [B, inner, d_state]
+        ds.write(state.rec, s)
+        state.advanced(ds)
+        y[ds.rows] = out + self.w["D"] * u.float()
 
     def _conv(self, x: torch.Tensor, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv (+ bias) and the activation of x [B, C, L] after the window [B, C, K-1] (None:

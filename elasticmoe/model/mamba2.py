@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
-from elasticmoe.model.batch import StepBatch, to_device
+from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.deltanet import DeltaState
 from elasticmoe.model.linear_spec import Mamba2Spec
 
@@ -97,22 +97,16 @@ class Mamba2:
         return self._output(y, z, x.dtype)
 
     def _decode(self, chunks, xbc, dt, state: DeltaState, y: torch.Tensor, dtype: torch.dtype) -> None:
-        """The single-token chunks of the step, batched: one scan step each from its slot's state; their rows, slots
-        and copies go to the device in one tensor (GatedDeltaNet._decode)."""
-        copies = [state.copies(ch.slot, ch.start) for ch in chunks]
-        at = [-1 if r is None else r for r, _ in copies]  # the copy each reads (-1: none)
-        index = to_device([ch.offset for ch in chunks] + [ch.slot for ch in chunks] + at + [w for _, w in copies],
-                          xbc.device).view(4, len(chunks))  # [4, B]
-        rows, slots, writes = index[0], index[1], index[3]  # [B] each
-        fresh = (index[2] < 0)[:, None, None]  # [B, 1, 1]: a chunk at position 0 starts from zeros
-        reads = index[2].clamp(min=0)
-        window = state.conv[slots, reads].masked_fill(fresh, 0)  # [B, C, K-1]
-        mixed, state.conv[slots, writes] = self._conv(xbc[rows][:, :, None], window)  # [B, C, 1]
+        """The single-token chunks of the step, batched: one scan step each from its slot's state
+        (DeltaState.decode_slots places them)."""
+        ds = state.decode_slots(chunks)
+        rows = ds.rows
+        mixed, window = self._conv(xbc[rows][:, :, None], ds.read(state.conv))  # [B, C, 1], [B, C, K-1]
+        ds.write(state.conv, window)
         xs, b, c = self._split(mixed[:, :, 0].to(dtype))  # [B, heads, p], [B, heads, n] x2
-        s0 = state.rec[slots, reads].masked_fill(fresh[..., None], 0)  # [B, heads, p, n]
-        out, state.rec[slots, writes] = scan_step(xs, dt[rows], self.neg_a, b, c, s0)
-        for ch, (_, w) in zip(chunks, copies):
-            state.pos[ch.slot][w] = ch.start + 1
+        out, s = scan_step(xs, dt[rows], self.neg_a, b, c, ds.read(state.rec))  # from [B, heads, p, n]
+        ds.write(state.rec, s)
+        state.advanced(ds)
         y[rows] = out + self.d[:, None] * xs
 
     def _conv(self, xbc: torch.Tensor, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

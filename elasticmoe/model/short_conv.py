@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from elasticmoe.kernels.cpu_gemm import maybe_linear as linear
-from elasticmoe.model.batch import StepBatch, to_device
+from elasticmoe.model.batch import StepBatch
 from elasticmoe.model.deltanet import DeltaState
 from elasticmoe.model.linear_spec import ShortConvSpec
 
@@ -42,19 +42,13 @@ class ShortConv:
         return linear(c * y, self.w["out"], self.w.get("out_bias"))
 
     def _decode(self, chunks, bx: torch.Tensor, state: DeltaState, y: torch.Tensor) -> None:
-        """The single-token chunks of the step, batched, each from its slot's window; their rows, slots and copies
-        go to the device in one tensor (GatedDeltaNet._decode)."""
-        copies = [state.copies(ch.slot, ch.start) for ch in chunks]
-        at = [-1 if r is None else r for r, _ in copies]  # the copy each reads (-1: none)
-        index = to_device([ch.offset for ch in chunks] + [ch.slot for ch in chunks] + at + [w for _, w in copies],
-                          bx.device).view(4, len(chunks))  # [4, B]
-        rows, slots, writes = index[0], index[1], index[3]  # [B] each
-        fresh = (index[2] < 0)[:, None, None]  # [B, 1, 1]: a chunk at position 0 starts from zeros
-        window = state.conv[slots, index[2].clamp(min=0)].masked_fill(fresh, 0)  # [B, H, K-1]
-        out, state.conv[slots, writes] = self._conv(bx[rows][:, :, None], window)  # [B, H, 1]
-        for ch, (_, w) in zip(chunks, copies):
-            state.pos[ch.slot][w] = ch.start + 1
-        y[rows] = out[:, :, 0]
+        """The single-token chunks of the step, batched, each from its slot's window (DeltaState.decode_slots places
+        them)."""
+        ds = state.decode_slots(chunks)
+        out, window = self._conv(bx[ds.rows][:, :, None], ds.read(state.conv))  # [B, H, 1], [B, H, K-1]
+        ds.write(state.conv, window)
+        state.advanced(ds)
+        y[ds.rows] = out[:, :, 0]
 
     def _conv(self, bx: torch.Tensor, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv of bx [B, H, L] after the window [B, H, K-1] (None: zeros) -> (out [B, H, L] in
