@@ -198,16 +198,21 @@ def _segment_order(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     return order, order // top_k, counts[:num_experts]
 
 
+def _spans(counts: list[int]):
+    """(expert, start, end) of each non-empty segment of expert-sorted rows, counts: each expert's rows."""
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            yield expert, start, start + count
+            start += count
+
+
 def _segments_mm(rows, w13, w2, counts: list[int]) -> torch.Tensor:
     """Expert-sorted rows [M, H] -> [M, H] with one torch mm pair per non-empty segment."""
     inter = w2.shape[2]
     y = torch.empty(rows.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)  # [M, H]
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        end = start + count
-        if count <= WEIGHT_MAJOR_MAX_ROWS and rows.device.type == "cpu":
+    for expert, start, end in _spans(counts):
+        if end - start <= WEIGHT_MAJOR_MAX_ROWS and rows.device.type == "cpu":
             # few rows: weight-major products stream the weight faster in MKL, and fastest when the
             # thin operand is column-major, hence the activation transposed into [c, I] rows
             gate_up = torch.mm(w13[expert], rows[start:end].t())  # [2I, c]
@@ -216,7 +221,6 @@ def _segments_mm(rows, w13, w2, counts: list[int]) -> torch.Tensor:
         else:
             gate_up = torch.mm(rows[start:end], w13[expert].t())  # [c, 2I]
             torch.mm(_activate(gate_up, inter), w2[expert].t(), out=y[start:end])  # [c, H]
-        start = end
     return y
 
 
@@ -257,11 +261,7 @@ def _moe_act_segment(x, w13, w2, topk_ids, topk_weights, acc, act: ExpertAct, bi
         weights = torch.ones_like(weights)
     inter = w2.shape[2]
     y = torch.empty(rows.shape[0], rows.shape[1], dtype=torch.float32, device=x.device)  # [M, H]
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        end = start + count
+    for expert, start, end in _spans(counts):
         gate_up = torch.mm(rows[start:end], w13[expert].t()).float()  # [c, 2I]
         if bias is not None:
             gate_up += bias[0][expert].float()
@@ -269,6 +269,5 @@ def _moe_act_segment(x, w13, w2, topk_ids, topk_weights, acc, act: ExpertAct, bi
         y[start:end] = torch.mm(h, w2[expert].t()).float()  # [c, H]
         if bias is not None:
             y[start:end] += bias[1][expert].float()
-        start = end
     out = torch.zeros(x.shape[0], x.shape[1], dtype=acc, device=x.device)  # [T, H]
     return out.index_add_(0, tokens, y.to(acc) * weights.to(acc)[:, None])
