@@ -104,3 +104,13 @@ def variant_like_transformers(path, lengths: list[int], seed: int, max_num_seqs:
     llm = LLM(str(path), dtype="float32", max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
     _assert_transformers_alone(ref, prompts, _run(llm.engine, prompts))
     return llm
+
+
+def assert_used_slot_one_token_from_zero(ckpt, ref) -> None:
+    """A finished request leaves its window and state in the slot; a 1-token forward there (the decode path, a chunk
+    at 0) reads zeros: its logits are transformers' for that token alone, within 1e-4."""
+    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
+    _run(llm.engine, _prompts([30], seed=6))
+    assert all(s.rec.abs().sum() > 0 and s.conv.abs().sum() > 0 for s in llm.engine.cache.linear.values())
+    with torch.no_grad():
+        assert _rel(llm.logits([77]), ref(torch.tensor([[77]])).logits[0]) < 1e-4

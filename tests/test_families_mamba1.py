@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from elasticmoe import LLM
-from tests.slot_state_cases import (LENGTHS, _prompts, _run, assert_abort_zeroes, assert_batched_like_transformers,
-                                    assert_prompt_in_chunks, assert_slot_reused_from_zero, family_fixtures,
-                                    variant_like_transformers)
+from tests.slot_state_cases import (LENGTHS, assert_abort_zeroes, assert_batched_like_transformers,
+                                    assert_prompt_in_chunks, assert_slot_reused_from_zero,
+                                    assert_used_slot_one_token_from_zero, family_fixtures, variant_like_transformers)
 from tests.test_families import _add_tensors, _copy, _rel, make_family_checkpoint
 from tests.test_families_linear import assert_config_refused, assert_retried_steps_exact
 from tests.test_families_more import JAMBA, MORE_CASES
@@ -95,13 +95,7 @@ def test_a_slot_reused_after_a_finished_request_starts_from_zero(ckpt, ref):
 
 
 def test_a_one_token_prompt_in_a_used_slot_starts_from_zero(ckpt, ref):
-    """A finished request leaves its state in the slot; a 1-token forward there (the decode path, a chunk at 0)
-    reads zeros: its logits are transformers' for that token alone, within 1e-4."""
-    llm = LLM(str(ckpt), dtype="float32", max_num_seqs=1)
-    _run(llm.engine, _prompts([30], seed=6))
-    assert all(s.rec.abs().sum() > 0 and s.conv.abs().sum() > 0 for s in llm.engine.cache.linear.values())
-    with torch.no_grad():
-        assert _rel(llm.logits([77]), ref(torch.tensor([[77]])).logits[0]) < 1e-4
+    assert_used_slot_one_token_from_zero(ckpt, ref)
 
 
 @pytest.mark.parametrize("layer", [0, 2])
